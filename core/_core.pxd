@@ -1,0 +1,13 @@
+# Declarations of fenghuo's compiled core, one part per file, included in
+# dependency order (as asyncpg's protocol.pxd).
+cimport cython
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from debug cimport CORE_DEBUG
+from hton cimport *
+
+include "consts.pxi"
+include "codec.pxd"
+include "ring.pxd"
+include "metrics.pxd"
+include "hub.pxd"

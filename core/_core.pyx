@@ -1,0 +1,10 @@
+# fenghuo's compiled core: one extension, its parts included in dependency
+# order.  Declarations are in _core.pxd (and the part .pxd files it includes).
+
+cimport cython
+
+include "clock.pxi"
+include "codec.pyx"
+include "ring.pyx"
+include "metrics.pyx"
+include "hub.pyx"

@@ -1,0 +1,94 @@
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef class Channel:
+    cdef readonly str name
+    cdef readonly bytes key          # UTF-8 name: registry key and wire bytes
+    cdef readonly int kind
+    cdef public uint64_t seq         # last sequence number assigned
+    cdef readonly Ring ring
+    cdef readonly set subscribers    # Connections of this process receiving it
+    cdef dict _dedupe                # sender NUL idempotency-key -> (seq, ts_us)
+    cdef public object info          # control-plane data (group record, ...)
+
+
+cdef class Bus:
+    # The routing seam: every publish leaves a connection through ``submit``
+    # and every sequenced frame reaches connections through ``deliver``.
+    cdef readonly Hub hub
+    cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
+                    PublishView* v, double t_recv) except -1
+    cpdef deliver(self, Channel ch, bytes frame)
+
+
+cdef class LocalBus(Bus):
+    pass
+
+
+cdef class Hub:
+    cdef readonly dict channels      # bytes -> Channel
+    cdef readonly set connections
+    cdef readonly Metrics metrics
+    cdef public Bus bus
+    cdef list _dirty
+    cdef bint _flush_scheduled
+    cdef object _loop
+    cdef object _flush_cb
+    cdef bytearray _arena
+    cdef char* _arena_ptr
+    cdef Py_ssize_t _arena_size
+    cdef double* _lat
+    cdef Py_ssize_t _lat_len
+    cdef Py_ssize_t _lat_cap
+    cdef readonly Py_ssize_t max_frame
+    cdef readonly Py_ssize_t ring_capacity
+    cdef readonly Py_ssize_t max_pending_bytes
+    cdef readonly Py_ssize_t compress_threshold
+    cdef readonly Py_ssize_t dedupe_window
+    cdef readonly double rate
+    cdef readonly double burst
+
+    cpdef Channel channel(self, str name, int kind=*)
+    cdef int _note_latency(self, double t_recv) except -1
+    cdef int mark_dirty(self, Connection c) except -1
+    cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
+                      PublishView* v, double t_recv) except -1
+    cpdef int fan_out(self, Channel ch, bytes frame) except -1
+
+
+cdef class Connection:
+    cdef readonly Hub hub
+    cdef public object transport
+    cdef public str user
+    cdef public bytes user_key
+    cdef public str device
+    cdef public bint authenticated
+    cdef readonly bint closing
+    cdef bint _paused
+    cdef bint _dirty
+    cdef bint _pinged
+    # receive state: only a partial frame is kept, outside the shared arena
+    cdef char* _partial
+    cdef Py_ssize_t _partial_len
+    cdef Py_ssize_t _partial_cap
+    cdef bint _large
+    cdef Py_ssize_t _arena_base
+    # send state: frames queued this tick (None when idle)
+    cdef list _outq
+    cdef Py_ssize_t _out_bytes
+    cdef Channel _last_channel
+    cdef double _tokens
+    cdef double _refilled_at
+    cdef public double last_rx
+    cdef public double connected_at
+    cdef public dict subscriptions   # Channel -> reference count
+    cdef public object grants
+
+    cdef int enqueue(self, bytes frame) except -1
+    cdef int flush(self) except -1
+    cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
+    cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1
+    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1
+    cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1
+    cdef void _drop_partial(self) noexcept
+    cdef int _slow_consumer(self) except -1

@@ -1,0 +1,582 @@
+# The hot path: connections decode frames in place from one receive arena
+# shared by the whole process, publishes are sequenced and encoded once, and
+# the one frame object is queued on every subscriber; queues are written out
+# once per connection per loop iteration.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.list cimport PyList_GET_SIZE, PyList_GET_ITEM
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_WRITE, PyBUF_READ
+from libc.string cimport memcpy, memcmp
+
+import asyncio
+import logging
+
+_log = logging.getLogger("fenghuo.core")
+
+cdef enum:
+    # One recv() fills at most this much; larger frames get a buffer of their
+    # own while they arrive (Connection._large).
+    DEFAULT_ARENA_SIZE = 256 * 1024
+    # How many bytes of a PING body are echoed in its PONG.
+    PING_ECHO_LIMIT = 64
+    # A slow consumer that does not drain its last bytes is cut after this long.
+    SLOW_CONSUMER_ABORT_S = 2
+
+
+@cython.final
+cdef class Channel:
+    """One ordered stream: its sequence counter, its ring, its local subscribers."""
+
+    def __cinit__(self, str name, int kind, Py_ssize_t ring_capacity):
+        self.name = name
+        self.key = name.encode("utf-8")
+        self.kind = kind
+        self.seq = 0
+        self.ring = Ring(ring_capacity)
+        self.subscribers = set()
+        self._dedupe = {}
+        self.info = None
+
+    def __repr__(self):
+        return f"Channel({self.name!r}, seq={self.seq}, subscribers={len(self.subscribers)})"
+
+
+cdef class Bus:
+    """Where delivery leaves the node-local fan-out.
+
+    ``submit`` takes a publish from a local connection to whoever sequences its
+    channel; ``deliver`` takes a sequenced MESSAGE frame to every connection
+    that should receive it.  :class:`LocalBus` does both in this process; a
+    multi-worker or multi-node bus replaces it without touching the hub.
+    """
+
+    def __cinit__(self, Hub hub):
+        self.hub = hub
+
+    cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
+                    PublishView* v, double t_recv) except -1:
+        raise NotImplementedError
+
+    cpdef deliver(self, Channel ch, bytes frame):
+        raise NotImplementedError
+
+
+@cython.final
+cdef class LocalBus(Bus):
+    """Every channel is sequenced here and every subscriber is local."""
+
+    cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
+                    PublishView* v, double t_recv) except -1:
+        return self.hub.sequence(ch, origin, request_id, v, t_recv)
+
+    cpdef deliver(self, Channel ch, bytes frame):
+        self.hub.fan_out(ch, frame)
+
+
+@cython.final
+cdef class Hub:
+    """Process-wide state of the hot path: channels, arena, flush scheduling."""
+
+    def __cinit__(self, *, Py_ssize_t max_frame=1 << 20, Py_ssize_t ring_capacity=1024,
+                  Py_ssize_t max_pending_bytes=8 << 20, Py_ssize_t compress_threshold=4096,
+                  Py_ssize_t dedupe_window=4096, double rate=20000.0, double burst=40000.0,
+                  Py_ssize_t arena_size=DEFAULT_ARENA_SIZE, loop=None):
+        if max_frame < HEADER_SIZE or arena_size < HEADER_SIZE:
+            raise ValueError("max_frame and arena_size must hold at least a header")
+        self.channels = {}
+        self.connections = set()
+        self.metrics = Metrics()
+        self.bus = LocalBus(self)
+        self._dirty = []
+        self._flush_scheduled = False
+        self._loop = loop
+        self._flush_cb = self.flush
+        self._arena = bytearray(arena_size)
+        self._arena_ptr = PyByteArray_AS_STRING(self._arena)
+        self._arena_size = arena_size
+        self._lat = NULL
+        self._lat_len = 0
+        self._lat_cap = 0
+        self.max_frame = max_frame
+        self.ring_capacity = ring_capacity
+        self.max_pending_bytes = max_pending_bytes
+        self.compress_threshold = compress_threshold
+        self.dedupe_window = dedupe_window
+        self.rate = rate
+        self.burst = burst
+
+    def __dealloc__(self):
+        PyMem_Free(self._lat)
+
+    cpdef Channel channel(self, str name, int kind=ChannelKind.ORG_UNIT):
+        """The channel called ``name``, created empty on first use."""
+        key = name.encode("utf-8")
+        ch = self.channels.get(key)
+        if ch is None:
+            ch = Channel(name, kind, self.ring_capacity)
+            self.channels[key] = ch
+        return <Channel>ch
+
+    def find(self, str name):
+        """The channel called ``name`` or None."""
+        return self.channels.get(name.encode("utf-8"))
+
+    cdef int mark_dirty(self, Connection c) except -1:
+        self._dirty.append(c)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush_cb)
+        return 0
+
+    def flush(self):
+        """Write every queued frame: one write per connection per loop iteration."""
+        cdef list dirty = self._dirty
+        cdef Connection c
+        cdef double now
+        cdef Py_ssize_t i
+        self._dirty = []
+        self._flush_scheduled = False
+        for c in dirty:
+            c.flush()
+        if self._lat_len:
+            now = monotonic()
+            for i in range(self._lat_len):
+                self.metrics.observe_latency(now - self._lat[i])
+            self._lat_len = 0
+
+    cdef int _note_latency(self, double t_recv) except -1:
+        cdef double* grown
+        if self._lat_len == self._lat_cap:
+            grown = <double*>PyMem_Realloc(self._lat, (self._lat_cap * 2 + 64) * sizeof(double))
+            if grown == NULL:
+                raise MemoryError()
+            self._lat = grown
+            self._lat_cap = self._lat_cap * 2 + 64
+        self._lat[self._lat_len] = t_recv
+        self._lat_len += 1
+        return 0
+
+    cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
+                      PublishView* v, double t_recv) except -1:
+        """Give the publish its seq, keep it in the ring, deliver it, ack it."""
+        cdef bytes dedupe_key = None
+        cdef object seen
+        cdef uint64_t seq, ts
+        cdef bytes frame, body
+        cdef char* p
+        cdef bytes sender = origin.user_key
+        if v.key_len:
+            dedupe_key = sender + b"\x00" + PyBytes_FromStringAndSize(v.key, v.key_len)
+            seen = ch._dedupe.get(dedupe_key)
+            if seen is not None:
+                self.metrics.duplicates += 1
+                origin.enqueue(build_ack(request_id, seen[0], seen[1], AckStatus.DUPLICATE,
+                                         PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key)))
+                return 0
+        seq = ch.seq + 1
+        ts = wall_us()
+        frame = build_message(seq, ts, v.content_type,
+                              PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key),
+                              PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender),
+                              v.key, v.key_len, v.meta, v.meta_len, v.payload, v.payload_len)
+        if self.compress_threshold and PyBytes_GET_SIZE(frame) - HEADER_SIZE >= self.compress_threshold:
+            body, flags = compress_body(frame[HEADER_SIZE:], self.compress_threshold)
+            if flags:
+                frame = new_frame(FrameType.MESSAGE, flags, 0, PyBytes_GET_SIZE(body), &p)
+                memcpy(p, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        ch.seq = seq
+        ch.ring.push(seq, frame)
+        if dedupe_key is not None:
+            ch._dedupe[dedupe_key] = (seq, ts)
+            if len(ch._dedupe) > self.dedupe_window:
+                del ch._dedupe[next(iter(ch._dedupe))]
+        self.metrics.publishes += 1
+        self.bus.deliver(ch, frame)
+        origin.enqueue(build_ack(request_id, seq, ts, AckStatus.ACCEPTED,
+                                 PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key)))
+        self._note_latency(t_recv)
+        return 0
+
+    cpdef int fan_out(self, Channel ch, bytes frame) except -1:
+        """Queue ``frame`` on every local subscriber of ``ch``."""
+        cdef Connection c
+        for c in ch.subscribers:
+            c.enqueue(frame)
+        self.metrics.deliveries += len(ch.subscribers)
+        return 0
+
+    def publish_event(self, Channel ch, str sender, bytes payload,
+                      int content_type=ContentType.EVENT, bytes meta=b""):
+        """Sequence and deliver a server-originated message (group events, ...)."""
+        cdef bytes snd = sender.encode("utf-8")
+        cdef uint64_t seq = ch.seq + 1
+        frame = build_message(seq, wall_us(), <uint8_t>content_type,
+                              PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key),
+                              PyBytes_AS_STRING(snd), PyBytes_GET_SIZE(snd),
+                              NULL, 0, PyBytes_AS_STRING(meta), PyBytes_GET_SIZE(meta),
+                              PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        ch.seq = seq
+        ch.ring.push(seq, frame)
+        self.metrics.publishes += 1
+        self.bus.deliver(ch, frame)
+        return seq
+
+    def sweep(self, double handshake_timeout, double ping_interval, double idle_timeout):
+        """Enforce timeouts: HELLO deadline, PING when quiet, close when idle.
+
+        Called a few times per ``ping_interval`` by the server; one pass over
+        the connections in C, so it stays cheap at hundreds of thousands.
+        """
+        cdef Connection c
+        cdef double now = monotonic()
+        cdef list expired = []
+        cdef list quiet = []
+        for c in self.connections:
+            if c.closing:
+                continue
+            if not c.authenticated:
+                if now - c.connected_at > handshake_timeout:
+                    expired.append((c, ErrorCode.HELLO_TIMEOUT, "no HELLO within the handshake timeout"))
+            elif now - c.last_rx > idle_timeout:
+                expired.append((c, ErrorCode.IDLE_TIMEOUT, "no frame within the idle timeout"))
+            elif now - c.last_rx > ping_interval and not c._pinged:
+                quiet.append(c)
+        for c in quiet:
+            c._pinged = True
+            c.enqueue(_PING_FRAME)
+        for c, code, text in expired:
+            c.close_with_error(code, text)
+        return len(expired)
+
+
+cdef bytes _PING_FRAME = encode_frame(FrameType.PING)
+
+
+cdef class Connection:
+    """One client connection as an ``asyncio.BufferedProtocol``.
+
+    The server subclasses it (``fenghuo.server.session.Session``) to supply the
+    control plane: ``on_hello``, ``on_control``, ``resolve_publish``,
+    ``on_open``, ``on_close``.  Everything per message stays here, in C.
+    """
+
+    def __cinit__(self, Hub hub, *args, **kwargs):
+        self.hub = hub
+        self.transport = None
+        self.user = None
+        self.user_key = b""
+        self.device = None
+        self.authenticated = False
+        self.closing = False
+        self._paused = False
+        self._dirty = False
+        self._pinged = False
+        self._partial = NULL
+        self._partial_len = 0
+        self._partial_cap = 0
+        self._large = False
+        self._arena_base = 0
+        self._outq = None
+        self._out_bytes = 0
+        self._last_channel = None
+        self._tokens = hub.burst
+        self._refilled_at = monotonic()
+        self.last_rx = self._refilled_at
+        self.connected_at = self._refilled_at
+        self.subscriptions = {}
+        self.grants = None
+
+    def __dealloc__(self):
+        PyMem_Free(self._partial)
+        self._partial = NULL
+
+    # ------------------------------------------------------------ control plane
+    # Overridden by the server; the defaults refuse politely.
+
+    def on_open(self):
+        pass
+
+    def on_close(self, exc):
+        pass
+
+    def on_hello(self, uint32_t request_id, bytes body):
+        raise ProtocolError(ErrorCode.TOKEN_INVALID, "this endpoint accepts no HELLO")
+
+    def on_control(self, int ftype, uint32_t request_id, bytes body):
+        raise ProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE, "frame type not handled", False)
+
+    def resolve_publish(self, bytes channel):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "publishing is not allowed", False)
+
+    # ------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.hub.connections.add(self)
+        self.on_open()
+
+    def connection_lost(self, exc):
+        self.closing = True
+        self._drop_partial()
+        self._outq = None
+        self._out_bytes = 0
+        self._last_channel = None
+        self.hub.connections.discard(self)
+        self.on_close(exc)
+        self.transport = None
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self._paused = True
+
+    def resume_writing(self):
+        self._paused = False
+        if self._outq is not None and not self._dirty:
+            self._dirty = True
+            self.hub.mark_dirty(self)
+
+    def get_buffer(self, Py_ssize_t hint):
+        cdef Hub hub = self.hub
+        if self._large:
+            # A frame larger than the arena is read straight into its own buffer.
+            return PyMemoryView_FromMemory(self._partial + self._partial_len,
+                                           self._partial_cap - self._partial_len, PyBUF_WRITE)
+        if self._partial_len == 0:
+            self._arena_base = 0
+            return hub._arena
+        # Put the partial frame back in front of where the next bytes will land.
+        memcpy(hub._arena_ptr, self._partial, self._partial_len)
+        self._arena_base = self._partial_len
+        self._drop_partial()
+        return PyMemoryView_FromMemory(hub._arena_ptr + self._arena_base,
+                                       hub._arena_size - self._arena_base, PyBUF_WRITE)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef Hub hub = self.hub
+        cdef double now = monotonic()
+        hub.metrics.bytes_in += nbytes
+        self.last_rx = now
+        self._pinged = False
+        # Refill the flood bucket once per read, not once per frame.
+        self._tokens = min(hub.burst, self._tokens + (now - self._refilled_at) * hub.rate)
+        self._refilled_at = now
+        if self._large:
+            self._partial_len += nbytes
+            if self._partial_len < self._partial_cap:
+                return
+            self._large = False
+            try:
+                # The buffer holds exactly one frame: nothing is left to keep.
+                self._consume(self._partial, self._partial_len)
+            finally:
+                self._drop_partial()
+            return
+        self._consume(hub._arena_ptr, self._arena_base + nbytes)
+
+    cdef int _consume(self, const char* data, Py_ssize_t avail) except -1:
+        """Dispatch every complete frame in ``data``; keep the partial tail."""
+        cdef Py_ssize_t pos = 0, span
+        cdef int err = 0
+        while not self.closing:
+            span = frame_span(data + pos, avail - pos, self.hub.max_frame, &err)
+            if span == 0:
+                break
+            if span < 0:
+                self._protocol_error(frame_error(err), 0)
+                return 0
+            self._tokens -= 1.0
+            if self._tokens < 0.0:
+                self.hub.metrics.rate_limited += 1
+                self.close_with_error(ErrorCode.RATE_LIMITED,
+                                      "frame rate above the connection's limit")
+                return 0
+            self._dispatch(data + pos, span)
+            pos += span
+        if pos < avail and not self.closing:
+            self._keep_partial(data + pos, avail - pos)
+        return 0
+
+    cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t frame_size = 0, cap = n
+        if n >= 4:
+            frame_size = <Py_ssize_t>unpack_u32(data) + 4
+            if frame_size > self.hub._arena_size:
+                cap = frame_size
+        self._drop_partial()
+        self._partial = <char*>PyMem_Malloc(cap)
+        if self._partial == NULL:
+            raise MemoryError()
+        memcpy(self._partial, data, n)
+        self._partial_len = n
+        self._partial_cap = cap
+        self._large = cap > n
+        return 0
+
+    cdef void _drop_partial(self) noexcept:
+        PyMem_Free(self._partial)
+        self._partial = NULL
+        self._partial_len = 0
+        self._partial_cap = 0
+        self._large = False
+
+    cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1:
+        cdef FrameHeader h
+        cdef const char* body = frame + HEADER_SIZE
+        cdef Py_ssize_t n = span - HEADER_SIZE
+        cdef bytes inflated
+        read_header(frame, &h)
+        self.hub.metrics.frames_in += 1
+        try:
+            if h.flags & FrameFlag.COMPRESSED:
+                inflated = decompress_body(PyMemoryView_FromMemory(<char*>body, n, PyBUF_READ),
+                                           self.hub.max_frame)
+                body = PyBytes_AS_STRING(inflated)
+                n = PyBytes_GET_SIZE(inflated)
+            if h.type == FrameType.PUBLISH and self.authenticated:
+                self._publish(h.request_id, body, n)
+            elif h.type == FrameType.PING:
+                self.enqueue(encode_frame(FrameType.PONG,
+                                          PyBytes_FromStringAndSize(body, min(n, <Py_ssize_t>PING_ECHO_LIMIT)),
+                                          h.request_id))
+            elif h.type == FrameType.PONG:
+                pass
+            elif not self.authenticated:
+                if h.type != FrameType.HELLO:
+                    raise ProtocolError(ErrorCode.HELLO_REQUIRED, "the first frame must be HELLO")
+                self.on_hello(h.request_id, PyBytes_FromStringAndSize(body, n))
+            elif h.type == FrameType.HELLO:
+                raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "HELLO was already accepted", False)
+            elif h.type in (FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.RECEIPT,
+                            FrameType.GROUP, FrameType.PRESENCE):
+                self.on_control(h.type, h.request_id, PyBytes_FromStringAndSize(body, n))
+            else:
+                raise ProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE,
+                                    f"unknown frame type 0x{h.type:02x}", False)
+        except ProtocolError as exc:
+            self._protocol_error(exc, h.request_id)
+        except Exception:
+            _log.exception("frame handler failed", extra={"user": self.user, "type": h.type})
+            self.send_error(ErrorCode.INTERNAL, "internal error", h.request_id)
+        return 0
+
+    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1:
+        cdef PublishView v
+        cdef Channel ch
+        if view_publish(body, n, &v) < 0:
+            raise ProtocolError(ErrorCode.MALFORMED_BODY, "PUBLISH body is malformed", False)
+        if ContentType.BINARY < v.content_type < CONTENT_TYPE_APP_MIN:
+            raise ProtocolError(ErrorCode.MALFORMED_BODY,
+                                f"content type {v.content_type} is reserved", False)
+        ch = self._last_channel
+        # Fast path: a connection publishing to the channel it used last skips
+        # the registry and the permission check (both cached on first use).
+        if (ch is None or PyBytes_GET_SIZE(ch.key) != v.channel_len
+                or memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) != 0):
+            ch = self.resolve_publish(PyBytes_FromStringAndSize(v.channel, v.channel_len))
+            self._last_channel = ch
+        self.hub.bus.submit(ch, self, request_id, &v, self.last_rx)
+        return 0
+
+    def forget_publish_cache(self):
+        """Drop the cached publish permission (after a membership change)."""
+        self._last_channel = None
+
+    def _protocol_error(self, exc, uint32_t request_id):
+        if exc.fatal:
+            self.close_with_error(exc.code, exc.message, request_id)
+        else:
+            self.send_error(exc.code, exc.message, request_id)
+
+    # ------------------------------------------------------------ outbound
+
+    cdef int enqueue(self, bytes frame) except -1:
+        if self.closing:
+            return 0
+        if self._out_bytes + PyBytes_GET_SIZE(frame) > self.hub.max_pending_bytes:
+            return self._slow_consumer()
+        if self._outq is None:
+            self._outq = [frame]
+        else:
+            self._outq.append(frame)
+        self._out_bytes += PyBytes_GET_SIZE(frame)
+        if not self._dirty and not self._paused:
+            self._dirty = True
+            self.hub.mark_dirty(self)
+        return 0
+
+    cdef int flush(self) except -1:
+        cdef list q = self._outq
+        self._dirty = False
+        if q is None or self.closing or self._paused:
+            return 0
+        self._outq = None
+        self.hub.metrics.frames_out += PyList_GET_SIZE(q)
+        self.hub.metrics.bytes_out += self._out_bytes
+        self.hub.metrics.writes += 1
+        self._out_bytes = 0
+        if PyList_GET_SIZE(q) == 1:
+            self.transport.write(<object>PyList_GET_ITEM(q, 0))
+        else:
+            self.transport.writelines(q)
+        return 0
+
+    cdef int _slow_consumer(self) except -1:
+        # Policy (docs/PROTOCOL.md, "Slow consumers"): a connection whose
+        # unsent frames exceed max_pending_bytes is told SLOW_CONSUMER and
+        # closed; it reconnects and catches up by seq, so nothing is lost.
+        self.hub.metrics.slow_consumers += 1
+        self._outq = None
+        self._out_bytes = 0
+        if self.transport is None:
+            return 0
+        self.close_with_error(ErrorCode.SLOW_CONSUMER,
+                              "outbound queue exceeded its limit; reconnect and resume")
+        loop = self.hub._loop or asyncio.get_running_loop()
+        loop.call_later(SLOW_CONSUMER_ABORT_S, self.transport.abort)
+        return 0
+
+    def send(self, bytes frame):
+        """Queue an encoded frame for this connection (written this loop iteration)."""
+        self.enqueue(frame)
+
+    def send_error(self, int code, str message, uint32_t request_id=0):
+        """Tell the client about a non-fatal error; the connection stays open."""
+        self.hub.metrics.count_error(code)
+        self.enqueue(encode_error(code, message, request_id))
+
+    def close_with_error(self, int code, str message, uint32_t request_id=0):
+        """Send ERROR after whatever is queued, then close the connection."""
+        if self.closing or self.transport is None:
+            return
+        self.hub.metrics.count_error(code)
+        self.flush()
+        self.closing = True
+        self.transport.write(encode_error(code, message, request_id))
+        self.transport.close()
+
+    def close(self, bytes last_frame=None):
+        """Flush, optionally send ``last_frame`` (GOAWAY), and close."""
+        if self.closing or self.transport is None:
+            return
+        self.flush()
+        self.closing = True
+        if last_frame is not None:
+            self.transport.write(last_frame)
+        self.transport.close()
+
+    @property
+    def pending_bytes(self):
+        """Bytes queued and not yet handed to the transport."""
+        return self._out_bytes
+
+    @property
+    def partial_bytes(self):
+        """Bytes of an incomplete inbound frame held for this connection."""
+        return self._partial_len

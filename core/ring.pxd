@@ -1,0 +1,18 @@
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint64_t
+
+
+cdef class Ring:
+    # The last ``capacity`` frames of one channel, indexed by sequence number.
+    # Slots grow by doubling up to ``capacity`` so a quiet channel stays small.
+    cdef PyObject** _slots
+    cdef Py_ssize_t _allocated
+    cdef readonly Py_ssize_t capacity
+    cdef readonly uint64_t first    # seq of the oldest frame held; 0 when empty
+    cdef readonly uint64_t last     # seq of the newest frame held; 0 when empty
+
+    cdef int _grow(self) except -1
+    cdef int push(self, uint64_t seq, bytes frame) except -1
+    cdef object get(self, uint64_t seq)
+    cpdef list since(self, uint64_t after)
+    cpdef void clear(self)

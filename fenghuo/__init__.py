@@ -1,0 +1,1 @@
+"""fenghuo: an instant-messaging relay."""

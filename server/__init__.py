@@ -1,0 +1,1 @@
+"""fenghuo server: the relay process (Python orchestration over fenghuo.core)."""

@@ -1,0 +1,71 @@
+"""Build of fenghuo's compiled core.
+
+One extension, ``fenghuo.core._core``, built from ``core/_core.pyx`` which
+includes the parts (codec, ring, connection, fan-out), as asyncpg's protocol
+does.  The source folders ``core/`` and ``server/`` install as
+``fenghuo.core`` and ``fenghuo.server``: nothing bare lands in site-packages.
+
+Switches (environment, so they also reach ``pip install``):
+
+* ``FENGHUO_DEBUG=1``   compile invariant checks in (``CORE_DEBUG``), line
+  tracing, and write the ``cython -a`` annotation next to the sources.
+* ``FENGHUO_ANNOTATE=1`` write the annotation only.
+
+``python setup.py build_ext --inplace`` (or ``make build``) builds in place
+for development; ``pip install .`` builds and installs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FENGHUO_DEBUG", "") not in ("", "0")
+ANNOTATE = DEBUG or os.environ.get("FENGHUO_ANNOTATE", "") not in ("", "0")
+
+# Compiler directives live here and nowhere else.
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": DEBUG,
+    "embedsignature": True,
+    "linetrace": DEBUG,
+}
+
+
+def extensions() -> list[Extension]:
+    from Cython.Build import cythonize
+
+    macros = [("CORE_DEBUG", "1" if DEBUG else "0")]
+    if DEBUG:
+        macros.append(("CYTHON_TRACE_NOGIL", "1"))
+    ext = Extension(
+        "fenghuo.core._core",
+        sources=["core/_core.pyx"],
+        include_dirs=["core"],
+        define_macros=macros,
+        extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
+    )
+    return cythonize(
+        [ext],
+        include_path=["core"],
+        compiler_directives=DIRECTIVES,
+        annotate=ANNOTATE,
+        force=DEBUG,
+    )
+
+
+setup(
+    packages=["fenghuo", "fenghuo.core", "fenghuo.server"],
+    package_dir={
+        "fenghuo": "fenghuo",
+        "fenghuo.core": "core",
+        "fenghuo.server": "server",
+    },
+    package_data={"fenghuo.core": ["*.pyi", "py.typed"], "fenghuo": ["py.typed"]},
+    ext_modules=extensions(),
+    zip_safe=False,
+)
