@@ -1,0 +1,153 @@
+"""The ``fenghuo`` command: serve, token, listen, send."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Sequence
+
+import orjson
+
+DEFAULT_SERVER = "tcp://127.0.0.1:7700"
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=os.environ.get("FENGHUO_SERVER", DEFAULT_SERVER),
+                   help=f"relay address [FENGHUO_SERVER, default {DEFAULT_SERVER}]")
+    p.add_argument("--token", default=os.environ.get("FENGHUO_TOKEN"),
+                   help="access token from `fenghuo token` [FENGHUO_TOKEN]")
+    p.add_argument("--user", help="mint a token for this user instead (needs the secret)")
+    p.add_argument("--secret", default=os.environ.get("FENGHUO_SECRET"),
+                   help="signing secret [FENGHUO_SECRET; default: the dev secret in --data-dir]")
+    p.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"),
+                   help="where the server keeps its dev secret [FENGHUO_DATA_DIR]")
+
+
+def _token(args: argparse.Namespace, channels: Sequence[str] = ()) -> str:
+    from fenghuo.tokens import issue_token, resolve_secret
+
+    if args.token:
+        return args.token
+    if not args.user:
+        raise SystemExit("fenghuo: pass --token, or --user (with --secret or a dev secret)")
+    secret, _ = resolve_secret(args.secret, args.data_dir)
+    return issue_token(secret, args.user, channels=list(channels))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fenghuo.server import config
+    from fenghuo.server.main import run
+
+    return run(config.load(vars(args)))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from fenghuo.tokens import issue_token, resolve_secret
+
+    secret, _ = resolve_secret(args.secret, args.data_dir)
+    print(issue_token(secret, args.user, ttl=args.ttl, channels=args.channels,
+                      read=args.read, roles=args.roles))
+    return 0
+
+
+def _format(message, as_json: bool) -> str:
+    if as_json:
+        return orjson.dumps({"channel": message.channel, "seq": message.seq,
+                             "sender": message.sender, "ts_us": message.ts_us,
+                             "content_type": message.content_type, "text": message.text}).decode()
+    return f"[{message.channel} #{message.seq}] {message.sender}: {message.text}"
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    import fenghuo
+
+    async with fenghuo.connect(args.server, token=_token(args, args.channel)) as client:
+        for channel in args.channel:
+            await client.subscribe(channel)
+        print(f"listening as {client.user} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        count = 0
+        async for message in client.messages():
+            print(_format(message, args.json), flush=True)
+            count += 1
+            if args.count and count >= args.count:
+                break
+    return 0
+
+
+async def _send(args: argparse.Namespace) -> int:
+    import fenghuo
+
+    text = " ".join(args.text)
+    channels = [args.channel] if args.channel else []
+    async with fenghuo.connect(args.server, token=_token(args, channels), reconnect=False) as client:
+        if args.to:
+            ack = await client.send(args.to, text)
+        else:
+            ack = await client.publish(args.channel, text)
+    print(f"sent {ack.channel} #{ack.seq}")
+    return 0
+
+
+def _run_client(coro_fn):
+    def run(args: argparse.Namespace) -> int:
+        import uvloop
+
+        from fenghuo.client import FenghuoError
+
+        try:
+            return uvloop.run(coro_fn(args))
+        except KeyboardInterrupt:
+            return 130
+        except (FenghuoError, OSError, asyncio.TimeoutError) as exc:
+            print(f"fenghuo: {exc}", file=sys.stderr)
+            return 1
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    from fenghuo.server import config
+
+    root = argparse.ArgumentParser(prog="fenghuo", description="fenghuo instant-messaging relay")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the relay")
+    config.add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="print a signed token for USER")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds of validity")
+    token.add_argument("--channels", nargs="*", default=[], metavar="PATTERN",
+                       help="channels (NATS wildcards) the user may subscribe and publish to")
+    token.add_argument("--read", nargs="*", default=[], metavar="PATTERN",
+                       help="channels the user may only subscribe to")
+    token.add_argument("--roles", nargs="*", default=[], help="roles, e.g. admin")
+    token.add_argument("--secret", default=os.environ.get("FENGHUO_SECRET"))
+    token.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
+    token.set_defaults(func=cmd_token)
+
+    listen = sub.add_parser("listen", help="print messages as they arrive")
+    _client_arguments(listen)
+    listen.add_argument("--channel", action="append", default=[],
+                        help="also subscribe to this channel (repeatable)")
+    listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    listen.set_defaults(func=_run_client(_listen))
+
+    send = sub.add_parser("send", help="send one message and wait for its ack")
+    _client_arguments(send)
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", help="user to message directly")
+    target.add_argument("--channel", help="channel to publish to")
+    send.add_argument("text", nargs="+")
+    send.set_defaults(func=_run_client(_send))
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    func = args.__dict__.pop("func")
+    args.__dict__.pop("command")
+    return func(args)

@@ -1,0 +1,484 @@
+"""asyncio client of protocol v1, over the same compiled codec as the server.
+
+Three ways to consume, as in asyncpg and nats.py::
+
+    async with fenghuo.connect("tcp://127.0.0.1:7700", token=token) as client:
+        ack = await client.send("bob", "hello")
+        async for message in client.messages():
+            ...
+
+    client.on_message(callback)     # sync or async callbacks
+
+The client reconnects with jittered exponential backoff and resumes: it sends
+its last seq per channel, re-subscribes, and re-sends unacknowledged publishes
+under their idempotency keys, so the application sees each message once, in
+order, and each publish is sequenced once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import secrets
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator
+from urllib.parse import urlsplit
+
+import orjson
+
+from fenghuo.channels import direct_channel
+from fenghuo.protocol import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_PORT,
+    Ack,
+    ContentType,
+    ErrorCode,
+    Frame,
+    FrameReader,
+    FrameType,
+    Message,
+    ProtocolError,
+    Receipt,
+    ReceiptKind,
+    decode_ack,
+    decode_error,
+    decode_json,
+    decode_message,
+    decode_receipt_event,
+    encode_frame,
+    encode_json,
+    encode_publish,
+    encode_receipt,
+)
+from fenghuo.tokens import issue_token
+
+log = logging.getLogger("fenghuo.client")
+
+Callback = Callable[[Any], Any]
+# Errors after which reconnecting cannot help.
+_TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED}
+
+
+class FenghuoError(Exception):
+    """An ERROR frame from the server: ``code`` is in docs/PROTOCOL.md."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(FenghuoError):
+    """The request could not complete: the connection dropped before its reply."""
+
+    def __init__(self, message: str = "connection lost") -> None:
+        super().__init__(0, message)
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """``tcp://host:port``, ``host:port`` or ``host`` -> ``(host, port)``."""
+    parts = urlsplit(server if "://" in server else f"tcp://{server}")
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT
+
+
+def _payload(data: str | bytes | dict | list, content_type: int | None) -> tuple[bytes, int]:
+    if isinstance(data, str):
+        return data.encode(), ContentType.TEXT if content_type is None else content_type
+    if isinstance(data, (dict, list)):
+        return orjson.dumps(data), ContentType.CARD if content_type is None else content_type
+    return bytes(data), ContentType.BINARY if content_type is None else content_type
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.reader = FrameReader(client.max_frame)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except ProtocolError as exc:
+            log.error("server sent a malformed stream: %s", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for frame in frames:
+            self.client._on_frame(self, frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._on_lost(self, exc)
+
+
+class Client:
+    """One logical session: survives reconnects until :meth:`close`."""
+
+    def __init__(self, server: str = f"tcp://127.0.0.1:{DEFAULT_PORT}", *,
+                 token: str | None = None, user: str | None = None, secret: str | None = None,
+                 channels: tuple[str, ...] = (), device: str | None = None,
+                 reconnect: bool = True, max_backoff: float = 5.0,
+                 connect_timeout: float = 10.0, compress_threshold: int = 4096,
+                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if token is None:
+            if user is None or secret is None:
+                raise ValueError("pass token=, or user= and secret= to mint one")
+            token = issue_token(secret, user, channels=channels)
+        self.host, self.port = parse_server(server)
+        self.token = token
+        self.device = device or "py-" + secrets.token_hex(4)
+        self.reconnect = reconnect
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self.compress_threshold = compress_threshold
+        self.max_frame = max_frame
+        self.user: str | None = None
+        self.epoch: str | None = None
+        self.welcome: dict[str, Any] = {}
+        #: last seq seen per channel; sent on reconnect so the server resumes there
+        self.positions: dict[str, int] = {}
+        self._proto: _Protocol | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+        self._terminal: FenghuoError | None = None
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._unacked: OrderedDict[int, bytes] = OrderedDict()
+        self._subscriptions: set[str] = set()
+        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._reconnector: asyncio.Task[None] | None = None
+        self._reconnect_after = 0.0
+        self._hello_id = 0
+
+    # ------------------------------------------------------------ connection
+
+    async def connect(self) -> Client:
+        await self._connect_once()
+        return self
+
+    async def _connect_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: _Protocol(self), self.host, self.port),
+            self.connect_timeout)
+        self._proto = proto
+        self._hello_id = rid = self._request_id()
+        welcome = loop.create_future()
+        self._pending[rid] = welcome
+        hello = {"token": self.token, "device": self.device, "client": "fenghuo-python/0.1",
+                 "epoch": self.epoch, "positions": dict(self.positions) if self.epoch else None}
+        transport.write(encode_json(FrameType.HELLO, hello, rid))
+        try:
+            await asyncio.wait_for(welcome, self.connect_timeout)
+        except BaseException:
+            transport.abort()
+            raise
+        # Resume: re-subscribe, then re-send what the server never acknowledged,
+        # in order, under the same idempotency keys.
+        for name in sorted(self._subscriptions):
+            self._write(encode_json(FrameType.SUBSCRIBE, {
+                "channel": name, "positions": self.positions}, self._request_id()))
+        for frame in self._unacked.values():
+            self._write(frame)
+        self._connected.set()
+
+    def _on_welcome(self, body: dict[str, Any]) -> None:
+        if self.epoch is not None and body.get("epoch") != self.epoch:
+            # The server restarted without its state: old positions mean nothing now.
+            self.positions.clear()
+        self.epoch = body.get("epoch")
+        self.user = body.get("user")
+        self.welcome = body
+
+    def _on_lost(self, proto: _Protocol, exc: Exception | None) -> None:
+        if proto is not self._proto:
+            return
+        self._proto = None
+        self._connected.clear()
+        for rid, fut in list(self._pending.items()):
+            if rid not in self._unacked and not fut.done():
+                fut.set_exception(ConnectionLost())
+                del self._pending[rid]
+        if self._closed or not self.reconnect or self._terminal is not None:
+            self._fail_all(self._terminal or ConnectionLost("connection closed"))
+            return
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        delay = self._reconnect_after
+        self._reconnect_after = 0.0
+        while not self._closed:
+            # Full jitter (AWS architecture blog): spread a reconnect storm out.
+            await asyncio.sleep(delay + random.uniform(0, min(self.max_backoff, 0.05 * 2 ** attempt)))
+            try:
+                await self._connect_once()
+                log.info("reconnected", extra={"user": self.user, "attempt": attempt})
+                return
+            except FenghuoError as exc:
+                if exc.code in _TERMINAL:
+                    self._terminal = exc
+                    self._fail_all(exc)
+                    return
+            except (OSError, asyncio.TimeoutError):
+                pass
+            attempt += 1
+            delay = 0.0
+
+    def _fail_all(self, exc: Exception) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+        self._unacked.clear()
+        self._inbox.put_nowait(None)
+
+    async def close(self) -> None:
+        """Close for good: no reconnect; ``messages()`` ends."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self._fail_all(ConnectionLost("client closed"))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    # ------------------------------------------------------------ frames in
+
+    def _on_frame(self, proto: _Protocol, frame: Frame) -> None:
+        ftype = frame.type
+        if ftype == FrameType.MESSAGE:
+            self._on_message(decode_message(frame.body))
+        elif ftype == FrameType.ACK:
+            ack = decode_ack(frame.body)
+            self._unacked.pop(frame.request_id, None)
+            self._resolve(frame.request_id, ack)
+        elif ftype in (FrameType.RESULT, FrameType.WELCOME):
+            body = decode_json(frame.body)
+            if ftype == FrameType.WELCOME:
+                self._on_welcome(body)
+            self._resolve(frame.request_id, body)
+        elif ftype == FrameType.ERROR:
+            self._on_error(frame)
+        elif ftype == FrameType.RECEIPT_EVENT:
+            self._emit("receipt", decode_receipt_event(frame.body))
+        elif ftype == FrameType.PRESENCE_EVENT:
+            self._emit("presence", decode_json(frame.body))
+        elif ftype == FrameType.GAP:
+            self._emit("gap", decode_json(frame.body))
+        elif ftype == FrameType.PING:
+            if proto.transport is not None:
+                proto.transport.write(encode_frame(FrameType.PONG, frame.body, frame.request_id))
+        elif ftype == FrameType.GOAWAY:
+            self._reconnect_after = decode_json(frame.body).get("reconnect_after_ms", 0) / 1000
+
+    def _on_message(self, message: Message) -> None:
+        # Catch-up and live delivery may overlap after a reconnect: the seq decides.
+        if message.seq <= self.positions.get(message.channel, 0):
+            return
+        self.positions[message.channel] = message.seq
+        self._inbox.put_nowait(message)
+        self._emit("message", message)
+
+    def _on_error(self, frame: Frame) -> None:
+        code, text = decode_error(frame.body)
+        error = FenghuoError(code, text)
+        if frame.request_id and frame.request_id in self._pending:
+            self._unacked.pop(frame.request_id, None)
+            fut = self._pending.pop(frame.request_id)
+            if not fut.done():
+                fut.set_exception(error)
+            if frame.request_id != self._hello_id:
+                return
+        if code in _TERMINAL:
+            self._terminal = error
+        log.warning("server error %s: %s", code, text)
+        self._emit("error", error)
+
+    def _resolve(self, request_id: int, value: Any) -> None:
+        fut = self._pending.pop(request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def _emit(self, kind: str, value: Any) -> None:
+        for callback in self._callbacks.get(kind, ()):
+            result = callback(value)
+            if inspect.isawaitable(result):
+                asyncio.ensure_future(result)
+
+    # ------------------------------------------------------------ frames out
+
+    def _request_id(self) -> int:
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        return self._next_id
+
+    def _write(self, frame: bytes) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.write(frame)
+
+    async def _request(self, ftype: int, body: dict[str, Any]) -> dict[str, Any]:
+        if self._terminal is not None:
+            raise self._terminal
+        await self._connected.wait()
+        rid = self._request_id()
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._write(encode_json(ftype, body, rid))
+        return await fut
+
+    # ------------------------------------------------------------ public API
+
+    def on_message(self, callback: Callable[[Message], Any]) -> None:
+        """Call ``callback(message)`` for each new message (sync or async)."""
+        self._callbacks.setdefault("message", []).append(callback)
+
+    def on_receipt(self, callback: Callable[[Receipt], Any]) -> None:
+        """Call ``callback(receipt)`` when a recipient marks our message delivered or read."""
+        self._callbacks.setdefault("receipt", []).append(callback)
+
+    def on_presence(self, callback: Callable[[dict], Any]) -> None:
+        self._callbacks.setdefault("presence", []).append(callback)
+
+    def on_gap(self, callback: Callable[[dict], Any]) -> None:
+        """Called when catch-up could not reach back far enough (messages were missed)."""
+        self._callbacks.setdefault("gap", []).append(callback)
+
+    def on_error(self, callback: Callable[[FenghuoError], Any]) -> None:
+        self._callbacks.setdefault("error", []).append(callback)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every new message, in order per channel, until :meth:`close`."""
+        while True:
+            message = await self._inbox.get()
+            if message is None:
+                return
+            yield message
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        message = await asyncio.wait_for(self._inbox.get(), timeout)
+        if message is None:
+            raise ConnectionLost("client closed")
+        return message
+
+    async def publish(self, channel: str, data: str | bytes | dict | list, *,
+                      content_type: int | None = None, meta: dict | bytes | None = None,
+                      key: str | bytes | None = None) -> Ack:
+        """Publish to ``channel``; returns the server's ack with the assigned seq.
+
+        ``key`` makes retries safe: the server sequences a key once and answers
+        a repeat with the original seq.  One is generated when not given.
+        """
+        if self._terminal is not None:
+            raise self._terminal
+        payload, ctype = _payload(data, content_type)
+        meta_bytes = orjson.dumps(meta) if isinstance(meta, dict) else (meta or b"")
+        key_bytes = key.encode() if isinstance(key, str) else (key or secrets.token_bytes(12).hex().encode())
+        rid = self._request_id()
+        frame = encode_publish(channel, payload, ctype, meta_bytes, key_bytes, rid,
+                               self.compress_threshold)
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._unacked[rid] = frame
+        if self.connected:
+            self._write(frame)
+        return await fut
+
+    async def send(self, to: str, data: str | bytes | dict | list, **kwargs: Any) -> Ack:
+        """Publish to the direct channel of this user and ``to``."""
+        if self.user is None:
+            await self._connected.wait()
+        return await self.publish(direct_channel(self.user, to), data, **kwargs)  # type: ignore[arg-type]
+
+    async def subscribe(self, channel: str) -> dict[str, Any]:
+        """Receive ``channel`` (and, for ``org.*``, what is published above it)."""
+        result = await self._request(FrameType.SUBSCRIBE, {"channel": channel,
+                                                           "positions": self.positions})
+        if channel.startswith("org"):
+            self._subscriptions.add(channel)
+        return result
+
+    async def unsubscribe(self, channel: str) -> dict[str, Any]:
+        self._subscriptions.discard(channel)
+        return await self._request(FrameType.UNSUBSCRIBE, {"channel": channel})
+
+    async def mark_delivered(self, channel: str, seq: int) -> None:
+        await self._receipt(channel, seq, ReceiptKind.DELIVERED)
+
+    async def mark_read(self, channel: str, seq: int) -> None:
+        await self._receipt(channel, seq, ReceiptKind.READ)
+
+    async def _receipt(self, channel: str, seq: int, kind: int) -> None:
+        await self._connected.wait()
+        self._write(encode_receipt(channel, seq, kind))
+
+    async def presence(self, users: list[str]) -> dict[str, dict]:
+        return (await self._request(FrameType.PRESENCE, {"op": "query", "users": users}))["users"]
+
+    async def watch_presence(self, users: list[str]) -> dict[str, dict]:
+        """Current presence of ``users``; changes arrive at :meth:`on_presence` callbacks."""
+        return (await self._request(FrameType.PRESENCE, {"op": "subscribe", "users": users}))["users"]
+
+    async def create_group(self, group: str, members: list[str] = (), title: str = "") -> dict:  # type: ignore[assignment]
+        return await self._request(FrameType.GROUP, {"op": "create", "group": group,
+                                                     "members": list(members), "title": title})
+
+    async def add_members(self, group: str, users: list[str], role: str = "member") -> dict:
+        return await self._request(FrameType.GROUP, {"op": "add", "group": group,
+                                                     "users": users, "role": role})
+
+    async def remove_members(self, group: str, users: list[str]) -> dict:
+        return await self._request(FrameType.GROUP, {"op": "remove", "group": group, "users": users})
+
+    async def leave_group(self, group: str) -> dict:
+        return await self._request(FrameType.GROUP, {"op": "leave", "group": group})
+
+    async def set_role(self, group: str, user: str, role: str) -> dict:
+        return await self._request(FrameType.GROUP, {"op": "role", "group": group,
+                                                     "user": user, "role": role})
+
+    async def list_groups(self) -> list[dict]:
+        return (await self._request(FrameType.GROUP, {"op": "list"}))["groups"]
+
+    async def group_members(self, group: str) -> dict[str, str]:
+        return (await self._request(FrameType.GROUP, {"op": "members", "group": group}))["members"]
+
+
+class _Connector:
+    """What :func:`connect` returns: ``await`` it or use it with ``async with``."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._client.connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._client.connect()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()
+
+
+def connect(server: str = f"tcp://127.0.0.1:{DEFAULT_PORT}", **kwargs: Any) -> _Connector:
+    """Connect and authenticate; see :class:`Client` for the options."""
+    return _Connector(Client(server, **kwargs))

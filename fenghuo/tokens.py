@@ -1,0 +1,129 @@
+"""Signed access tokens: HS256 JWTs (PyJWT), issued by ``fenghuo token``.
+
+Claims (docs/PROTOCOL.md, "Tokens"):
+
+``sub``    user id
+``exp``    expiry (seconds since the epoch); ``iat`` issue time
+``chan``   channel patterns the user may subscribe to and publish on
+``read``   channel patterns the user may only subscribe to
+``roles``  roles; ``admin`` may subscribe and publish anywhere (backends, bots)
+
+Direct and group channels need no pattern: participants and members may use them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from dataclasses import dataclass
+
+import jwt
+
+from fenghuo.channels import is_pattern, is_user_id, pattern_matches
+
+ALGORITHM = "HS256"
+DEFAULT_TTL = 24 * 3600
+ADMIN = "admin"
+
+
+class TokenError(ValueError):
+    """Raised for a token that does not verify; ``expired`` tells the two cases apart."""
+
+    def __init__(self, message: str, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """What a verified token allows."""
+
+    user: str
+    channels: tuple[str, ...] = ()
+    read: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    expires: float = 0.0
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.roles
+
+    def can_publish(self, channel: str) -> bool:
+        return self.is_admin or any(pattern_matches(p, channel) for p in self.channels)
+
+    def can_subscribe(self, channel: str) -> bool:
+        return self.can_publish(channel) or any(pattern_matches(p, channel) for p in self.read)
+
+    def auto_subscriptions(self) -> tuple[str, ...]:
+        """Concrete (wildcard-free) channels of the token: subscribed at HELLO."""
+        return tuple(p for p in (*self.channels, *self.read) if not is_pattern(p))
+
+
+def issue_token(
+    secret: str,
+    user: str,
+    *,
+    ttl: float = DEFAULT_TTL,
+    channels: list[str] | tuple[str, ...] = (),
+    read: list[str] | tuple[str, ...] = (),
+    roles: list[str] | tuple[str, ...] = (),
+    now: float | None = None,
+) -> str:
+    """A signed token for ``user`` valid for ``ttl`` seconds."""
+    if not is_user_id(user):
+        raise ValueError(f"invalid user id {user!r}: 1-64 of A-Z a-z 0-9 _ . @ + -")
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": user, "iat": issued, "exp": issued + int(ttl),
+              "chan": list(channels), "read": list(read), "roles": list(roles)}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def verify_token(secret: str, token: str, *, leeway: float = 5.0) -> Grants:
+    """The grants of a valid token; :class:`TokenError` otherwise."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], leeway=leeway,
+                            options={"require": ["sub", "exp"]})
+    except jwt.ExpiredSignatureError as exc:
+        raise TokenError("token has expired", expired=True) from exc
+    except jwt.PyJWTError as exc:
+        raise TokenError(f"token is invalid: {exc}") from exc
+    user = claims["sub"]
+    if not isinstance(user, str) or not is_user_id(user):
+        raise TokenError("token subject is not a valid user id")
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = claims.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TokenError(f"token claim {key!r} must be a list of strings")
+        return tuple(value)
+
+    return Grants(user=user, channels=strings("chan"), read=strings("read"),
+                  roles=strings("roles"), expires=float(claims["exp"]))
+
+
+DEV_SECRET_FILE = "dev-secret"
+
+
+def resolve_secret(secret: str | None, data_dir: str | os.PathLike[str], *,
+                   create: bool = False) -> tuple[str, bool]:
+    """The signing secret: ``secret`` if given, else the dev secret under ``data_dir``.
+
+    With ``create``, a missing dev secret is generated and stored (mode 0600)
+    so tokens survive restarts; returns ``(secret, generated)``.
+    """
+    if secret:
+        return secret, False
+    path = Path(data_dir) / DEV_SECRET_FILE
+    if path.exists():
+        return path.read_text().strip(), False
+    if not create:
+        raise TokenError(f"no secret: pass --secret, set FENGHUO_SECRET, or start the "
+                         f"server once with --data-dir {data_dir} to generate {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True

@@ -1,0 +1,122 @@
+"""Settings of ``fenghuo serve``: one table, four sources.
+
+Precedence, lowest to highest: built-in default < TOML file (``--config``,
+top-level keys or a ``[server]`` table) < environment (``FENGHUO_<NAME>``) <
+command-line flag.  The README's configuration table is generated from
+:data:`OPTIONS` (``python -m fenghuo.server.config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "FENGHUO_" + self.name.upper()
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = _opt(7700, "TCP port of the client protocol")
+    metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz (0 disables)")
+    data_dir: str = _opt("./data", "directory for state (the generated dev secret lives here)")
+    secret: str = _opt("", "HS256 secret that signs tokens; generated and printed when empty")
+    max_frame: int = _opt(1 << 20, "largest frame accepted, bytes (header included)")
+    ring_size: int = _opt(1024, "messages kept per channel for catch-up after a disconnect")
+    max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
+    compress_threshold: int = _opt(4096, "LZ4-compress MESSAGE bodies of at least this many bytes (0: never)")
+    dedupe_window: int = _opt(4096, "idempotency keys remembered per channel")
+    rate: float = _opt(20000.0, "frames per second a connection may send (token bucket refill)")
+    burst: float = _opt(40000.0, "frames a connection may send at once (token bucket size)")
+    handshake_timeout: float = _opt(10.0, "seconds a new connection has to send HELLO")
+    ping_interval: float = _opt(25.0, "seconds of silence before the server sends PING")
+    idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
+    drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave")
+    backlog: int = _opt(4096, "listen backlog")
+    log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt("json", "json (one object per line) or text")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(f.name, f.default, f.metadata["help"]) for f in fields(Settings)
+)
+
+
+def _coerce(option: Option, value: Any, source: str) -> Any:
+    kind = type(option.default)
+    try:
+        if kind is bool:
+            return str(value).lower() in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {option.name} must be {kind.__name__}, got {value!r}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; absent flags stay None so lower sources show through."""
+    parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
+    for option in OPTIONS:
+        parser.add_argument(option.flag, dest=option.name, default=None,
+                            type=type(option.default), help=f"{option.help} [{option.env}]")
+
+
+def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         config_file: str | None = None) -> Settings:
+    """Settings from defaults, then ``config_file``, then ``env``, then ``args``."""
+    args = dict(args or {})
+    env = os.environ if env is None else env
+    config_file = config_file or args.pop("config", None) or env.get("FENGHUO_CONFIG")
+    values: dict[str, Any] = {}
+    known = {o.name: o for o in OPTIONS}
+    if config_file:
+        with open(config_file, "rb") as f:
+            table = tomllib.load(f)
+        table = table.get("server", table)
+        for key, value in table.items():
+            option = known.get(key.replace("-", "_"))
+            if option is None:
+                raise ValueError(f"{config_file}: unknown setting {key!r}")
+            values[option.name] = _coerce(option, value, config_file)
+    for option in OPTIONS:
+        if option.env in env:
+            values[option.name] = _coerce(option, env[option.env], option.env)
+        if args.get(option.name) is not None:
+            values[option.name] = _coerce(option, args[option.name], option.flag)
+    return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The configuration table of the README."""
+    rows = ["| flag | environment | TOML key | default | meaning |", "|---|---|---|---|---|"]
+    for o in OPTIONS:
+        rows.append(f"| `{o.flag}` | `{o.env}` | `{o.name}` | `{o.default!r}` | {o.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,145 @@
+"""Groups: members and roles (owner, admin, member), and the rules of changing them.
+
+Pure state and rules, no I/O: :class:`fenghuo.server.relay.Relay` applies the
+results (subscriptions, join/leave events in the group channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fenghuo.channels import group_channel, is_user_id, InvalidChannel
+from fenghuo.core import ErrorCode, ProtocolError
+
+OWNER, ADMIN, MEMBER = "owner", "admin", "member"
+ASSIGNABLE = (ADMIN, MEMBER)
+MAX_MEMBERS_PER_CALL = 10_000
+
+
+def _refuse(code: int, message: str) -> ProtocolError:
+    return ProtocolError(code, message, False)
+
+
+@dataclass(slots=True)
+class Group:
+    id: str
+    owner: str
+    title: str = ""
+    members: dict[str, str] = field(default_factory=dict)   # user -> role
+
+    @property
+    def channel(self) -> str:
+        return group_channel(self.id)
+
+    def role_of(self, user: str) -> str | None:
+        return self.members.get(user)
+
+    def describe(self) -> dict:
+        return {"group": self.id, "channel": self.channel, "title": self.title,
+                "owner": self.owner, "members": len(self.members)}
+
+
+class GroupRegistry:
+    def __init__(self) -> None:
+        self.groups: dict[str, Group] = {}
+        self.by_user: dict[str, set[str]] = {}
+
+    def _get(self, group_id: str) -> Group:
+        group = self.groups.get(group_id)
+        if group is None:
+            raise _refuse(ErrorCode.NOT_FOUND, f"no group {group_id!r}")
+        return group
+
+    def _manager(self, actor: str, group_id: str) -> Group:
+        group = self._get(group_id)
+        if group.role_of(actor) not in (OWNER, ADMIN):
+            raise _refuse(ErrorCode.FORBIDDEN, "only the owner or an admin may change members")
+        return group
+
+    def member_group(self, actor: str, group_id: str) -> Group:
+        group = self._get(group_id)
+        if actor not in group.members:
+            raise _refuse(ErrorCode.FORBIDDEN, f"not a member of {group_id!r}")
+        return group
+
+    @staticmethod
+    def _check_users(users: object) -> list[str]:
+        if not isinstance(users, list) or len(users) > MAX_MEMBERS_PER_CALL or not all(
+            isinstance(u, str) and is_user_id(u) for u in users
+        ):
+            raise _refuse(ErrorCode.MALFORMED_BODY,
+                          f"users must be a list of at most {MAX_MEMBERS_PER_CALL} user ids")
+        return list(dict.fromkeys(users))
+
+    def _join(self, group: Group, user: str, role: str) -> None:
+        group.members[user] = role
+        self.by_user.setdefault(user, set()).add(group.id)
+
+    def _part(self, group: Group, user: str) -> None:
+        del group.members[user]
+        ids = self.by_user.get(user)
+        if ids is not None:
+            ids.discard(group.id)
+            if not ids:
+                del self.by_user[user]
+
+    def create(self, actor: str, group_id: str, members: object = (), title: str = "") -> Group:
+        try:
+            group_channel(group_id)
+        except InvalidChannel as exc:
+            raise _refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        if group_id in self.groups:
+            raise _refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
+        users = self._check_users(list(members))
+        group = Group(group_id, actor, str(title)[:200])
+        self.groups[group_id] = group
+        self._join(group, actor, OWNER)
+        for user in users:
+            if user != actor:
+                self._join(group, user, MEMBER)
+        return group
+
+    def add(self, actor: str, group_id: str, users: object, role: str = MEMBER) -> list[str]:
+        group = self._manager(actor, group_id)
+        if role not in ASSIGNABLE:
+            raise _refuse(ErrorCode.MALFORMED_BODY, "role must be admin or member")
+        if role == ADMIN and group.role_of(actor) != OWNER:
+            raise _refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
+        added = [u for u in self._check_users(users) if u not in group.members]
+        for user in added:
+            self._join(group, user, role)
+        return added
+
+    def remove(self, actor: str, group_id: str, users: object) -> list[str]:
+        group = self._manager(actor, group_id)
+        targets = [u for u in self._check_users(users) if u in group.members]
+        for user in targets:
+            if group.members[user] == OWNER:
+                raise _refuse(ErrorCode.FORBIDDEN, "the owner cannot be removed")
+            if group.members[user] == ADMIN and group.role_of(actor) != OWNER:
+                raise _refuse(ErrorCode.FORBIDDEN, "only the owner may remove an admin")
+        for user in targets:
+            self._part(group, user)
+        return targets
+
+    def leave(self, actor: str, group_id: str) -> None:
+        group = self.member_group(actor, group_id)
+        if group.owner == actor:
+            raise _refuse(ErrorCode.CONFLICT, "the owner cannot leave; hand ownership over first")
+        self._part(group, actor)
+
+    def set_role(self, actor: str, group_id: str, user: str, role: str) -> None:
+        group = self._get(group_id)
+        if group.role_of(actor) != OWNER:
+            raise _refuse(ErrorCode.FORBIDDEN, "only the owner may change roles")
+        if user not in group.members:
+            raise _refuse(ErrorCode.NOT_FOUND, f"{user!r} is not a member")
+        if role == OWNER:
+            group.members[actor] = ADMIN
+            group.owner = user
+        elif role not in ASSIGNABLE or user == actor:
+            raise _refuse(ErrorCode.MALFORMED_BODY, "role must be owner, admin or member")
+        group.members[user] = role
+
+    def of_user(self, user: str) -> list[Group]:
+        return [self.groups[g] for g in sorted(self.by_user.get(user, ()))]

@@ -1,0 +1,100 @@
+"""``/metrics`` (Prometheus text format 0.0.4) and ``/healthz`` over plain HTTP/1.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+if TYPE_CHECKING:
+    from fenghuo.server.relay import Relay
+
+log = logging.getLogger("fenghuo.metrics")
+
+_COUNTERS = (
+    ("frames_in", "fenghuo_frames_received_total", "Frames received from clients."),
+    ("bytes_in", "fenghuo_bytes_received_total", "Bytes received from clients."),
+    ("frames_out", "fenghuo_frames_sent_total", "Frames written to clients."),
+    ("bytes_out", "fenghuo_bytes_sent_total", "Bytes written to clients."),
+    ("writes", "fenghuo_writes_total", "Coalesced writes (at most one per connection per loop iteration)."),
+    ("publishes", "fenghuo_messages_published_total", "Messages sequenced."),
+    ("duplicates", "fenghuo_publish_duplicates_total", "Publishes answered from the idempotency window."),
+    ("deliveries", "fenghuo_deliveries_total", "Message frames queued to subscribers."),
+    ("slow_consumers", "fenghuo_slow_consumer_disconnects_total", "Connections cut for exceeding max_pending."),
+    ("rate_limited", "fenghuo_rate_limited_disconnects_total", "Connections cut for exceeding the frame rate."),
+)
+
+
+def render(relay: Relay) -> str:
+    snap = relay.hub.metrics.snapshot()
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("fenghuo_connections", "gauge", "Open client connections.")
+    out.append(f"fenghuo_connections {len(relay.hub.connections)}")
+    family("fenghuo_users_online", "gauge", "Users with at least one authenticated connection.")
+    out.append(f"fenghuo_users_online {len(relay.users)}")
+    family("fenghuo_channels", "gauge", "Channels held in memory.")
+    out.append(f"fenghuo_channels {len(relay.hub.channels)}")
+    family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
+    out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
+    for key, name, help_ in _COUNTERS:
+        family(name, "counter", help_)
+        out.append(f"{name} {snap[key]}")
+    family("fenghuo_errors_total", "counter", "ERROR frames sent, by protocol error code.")
+    for code, count in sorted(snap["errors"].items()):
+        out.append(f'fenghuo_errors_total{{code="{code}"}} {count}')
+    name = "fenghuo_publish_to_deliver_seconds"
+    family(name, "histogram",
+           "From a PUBLISH read off the socket to its frames handed to the kernel.")
+    cumulative = 0
+    for bound, count in zip(snap["latency_bounds"], snap["latency_counts"]):
+        cumulative += count
+        out.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+    out.append(f'{name}_bucket{{le="+Inf"}} {snap["latency_count"]}')
+    out.append(f"{name}_sum {snap['latency_sum']:.9f}")
+    out.append(f"{name}_count {snap['latency_count']}")
+    return "\n".join(out) + "\n"
+
+
+def health(relay: Relay) -> tuple[int, bytes]:
+    status = "draining" if relay.shutting_down else "ok"
+    body = orjson.dumps({"status": status, "epoch": relay.epoch,
+                         "connections": len(relay.hub.connections),
+                         "uptime": round(time.time() - relay.started_at, 3)})
+    return (503 if relay.shutting_down else 200), body
+
+
+async def _handle(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        path = request.split(b" ", 2)[1].split(b"?", 1)[0] if request.count(b" ") >= 2 else b""
+        if path == b"/metrics":
+            status, ctype, body = 200, "text/plain; version=0.0.4", render(relay).encode()
+        elif path in (b"/healthz", b"/health"):
+            status, body = health(relay)
+            ctype = "application/json"
+        else:
+            status, ctype, body = 404, "text/plain", b"not found\n"
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def start(relay: Relay, host: str, port: int) -> asyncio.AbstractServer:
+    server = await asyncio.start_server(lambda r, w: _handle(relay, r, w), host, port,
+                                        reuse_address=True)
+    log.info("metrics listening", extra={"host": host, "port": server.sockets[0].getsockname()[1]})
+    return server

@@ -1,0 +1,266 @@
+"""One client connection's control plane: HELLO and the JSON-bodied requests.
+
+The compiled :class:`fenghuo.core.Connection` decodes frames and handles
+PUBLISH, PING and PONG in C; everything else arrives here as
+``on_hello`` / ``on_control``.  Handlers raise :class:`ProtocolError` to answer
+with ERROR; non-fatal ones leave the connection open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Callable
+
+from fenghuo.channels import InvalidChannel, is_user_id, parse_channel
+from fenghuo.core import (
+    ChannelKind,
+    Connection,
+    ErrorCode,
+    FrameType,
+    Hub,
+    ProtocolError,
+    ReceiptKind,
+    decode_receipt,
+    encode_receipt_event,
+)
+from fenghuo.protocol import decode_json, encode_json
+from fenghuo.server.relay import Relay, message_sender, refuse
+from fenghuo.tokens import TokenError, verify_token
+
+log = logging.getLogger("fenghuo.session")
+SERVER_NAME = "fenghuo/0.1"
+
+
+def _fatal(exc: ProtocolError) -> ProtocolError:
+    return ProtocolError(exc.code, exc.message, True)
+
+
+def _user_list(body: dict[str, Any], limit: int = 10_000) -> list[str]:
+    users = body.get("users")
+    if not isinstance(users, list) or len(users) > limit or not all(
+        isinstance(u, str) and is_user_id(u) for u in users
+    ):
+        raise refuse(ErrorCode.MALFORMED_BODY, f"users must be a list of at most {limit} user ids")
+    return users
+
+
+def _positions(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in value.items()
+    ):
+        raise refuse(ErrorCode.MALFORMED_BODY, "positions must map channel names to seqs >= 0")
+    return value
+
+
+class Session(Connection, asyncio.BufferedProtocol):
+    __slots__ = ("relay", "explicit", "positions", "watching")
+
+    def __init__(self, hub: Hub, relay: Relay) -> None:
+        self.relay = relay
+        self.explicit: set[str] = set()          # org channels subscribed by name
+        self.positions: dict[str, int] | None = None
+        self.watching: set[str] = set()          # users whose presence we follow
+
+    def reply(self, request_id: int, result: dict[str, Any]) -> None:
+        self.send(encode_json(FrameType.RESULT, result, request_id))
+
+    # ------------------------------------------------------------ lifecycle
+
+    def on_close(self, exc: BaseException | None) -> None:
+        self.relay.detach(self)
+        if self.authenticated:
+            log.debug("disconnected", extra={"user": self.user, "device": self.device})
+
+    def on_hello(self, request_id: int, body: bytes) -> None:
+        relay = self.relay
+        if relay.shutting_down:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
+        try:
+            hello = decode_json(body, "HELLO")
+            positions = _positions(hello.get("positions"))
+        except ProtocolError as exc:
+            raise _fatal(exc) from None
+        token = hello.get("token")
+        if not isinstance(token, str):
+            raise ProtocolError(ErrorCode.TOKEN_INVALID, "HELLO carries no token")
+        try:
+            grants = verify_token(relay.secret, token)
+        except TokenError as exc:
+            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
+            raise ProtocolError(code, str(exc)) from None
+        device = hello.get("device") or "d-" + secrets.token_hex(4)
+        if not isinstance(device, str) or not is_user_id(device):
+            raise ProtocolError(ErrorCode.MALFORMED_BODY, "device must be 1-64 id characters")
+        if positions is not None and hello.get("epoch") != relay.epoch:
+            positions = {}   # the server restarted: every position refers to a past epoch
+        self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
+        self.grants = grants
+        self.authenticated = True
+        self.positions = positions
+        relay.attach(self)
+        self.send(encode_json(FrameType.WELCOME, {
+            "user": self.user, "device": device, "epoch": relay.epoch, "server": SERVER_NAME,
+            "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
+            "channels": {ch.name: ch.seq for ch in self.subscriptions},
+        }, request_id))
+        if positions is not None:
+            for ch in list(self.subscriptions):
+                relay.catch_up(self, ch, positions.get(ch.name, 0))
+        log.debug("connected", extra={"user": self.user, "device": device})
+
+    def resolve_publish(self, channel: bytes):
+        return self.relay.publish_channel(self, channel)
+
+    def on_control(self, ftype: int, request_id: int, body: bytes) -> None:
+        handler = _HANDLERS[ftype]
+        if ftype == FrameType.RECEIPT:
+            handler(self, request_id, body)
+        else:
+            handler(self, request_id, decode_json(body))
+
+    # ------------------------------------------------------------ subscriptions
+
+    def _subscribe(self, request_id: int, body: dict[str, Any]) -> None:
+        name = body.get("channel")
+        if not isinstance(name, str):
+            raise refuse(ErrorCode.MALFORMED_BODY, "SUBSCRIBE needs a channel")
+        positions = _positions(body.get("positions"))
+        if positions is None:
+            positions = self.positions
+        try:
+            cn = parse_channel(name)
+        except InvalidChannel as exc:
+            raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        if cn.kind == ChannelKind.ORG_UNIT:
+            if not self.grants.can_subscribe(name):
+                raise refuse(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {name!r}")
+            chain = self.relay.subscribe_org(self, name)
+        else:
+            chain = [self.relay.readable(self, name)]
+        self.reply(request_id, {"channel": name, "channels": {ch.name: ch.seq for ch in chain}})
+        if positions is not None:
+            for ch in chain:
+                if ch.name in positions:
+                    self.relay.catch_up(self, ch, positions[ch.name])
+
+    def _unsubscribe(self, request_id: int, body: dict[str, Any]) -> None:
+        name = body.get("channel")
+        if not isinstance(name, str):
+            raise refuse(ErrorCode.MALFORMED_BODY, "UNSUBSCRIBE needs a channel")
+        self.relay.unsubscribe_org(self, name)
+        self.reply(request_id, {"channel": name})
+
+    # ------------------------------------------------------------ receipts
+
+    def _receipt(self, request_id: int, body: bytes) -> None:
+        receipt = decode_receipt(body)
+        if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ):
+            raise refuse(ErrorCode.MALFORMED_BODY, "receipt kind must be 1 (delivered) or 2 (read)")
+        ch = self.relay.readable(self, receipt.channel)
+        forwarded = 0
+        try:
+            frame = ch.ring[receipt.seq]
+        except KeyError:
+            frame = None
+        if frame is not None:
+            sender = message_sender(frame)
+            if sender != self.user:
+                event = encode_receipt_event(ch.name, receipt.seq, receipt.kind, self.user)
+                forwarded = self.relay.send_to_user(sender, event)
+        elif request_id:
+            raise refuse(ErrorCode.NOT_FOUND, f"seq {receipt.seq} is not held for {ch.name!r}")
+        if request_id:
+            self.reply(request_id, {"channel": ch.name, "seq": receipt.seq, "forwarded": forwarded})
+
+    # ------------------------------------------------------------ groups
+
+    def _group(self, request_id: int, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        group_id = body.get("group")
+        if op != "list" and not isinstance(group_id, str):
+            raise refuse(ErrorCode.MALFORMED_BODY, "GROUP needs a group id")
+        relay, groups, me = self.relay, self.relay.groups, self.user
+        if op == "create":
+            group = groups.create(me, group_id, body.get("members") or [], body.get("title", ""))
+            ch = relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+            ch.info = group
+            for user in group.members:
+                relay.join(user, ch)
+            relay.group_event(group, {"event": "created", "by": me, "users": list(group.members)})
+            self.reply(request_id, {**group.describe(), "seq": ch.seq})
+        elif op == "add":
+            role = body.get("role", "member")
+            added = groups.add(me, group_id, body.get("users"), role)
+            group = groups.groups[group_id]
+            ch = relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+            for user in added:
+                relay.join(user, ch)
+            if added:
+                relay.group_event(group, {"event": "join", "by": me, "users": added, "role": role})
+            self.reply(request_id, {"group": group_id, "added": added})
+        elif op == "leave":
+            group = groups.member_group(me, group_id)
+            groups.leave(me, group_id)
+            self._announce_parting(group, [me])
+            self.reply(request_id, {"group": group_id, "removed": [me]})
+        elif op == "remove":
+            users = groups.remove(me, group_id, body.get("users"))
+            self._announce_parting(groups.groups[group_id], users)
+            self.reply(request_id, {"group": group_id, "removed": users})
+        elif op == "role":
+            user, role = body.get("user"), body.get("role")
+            if not isinstance(user, str) or not isinstance(role, str):
+                raise refuse(ErrorCode.MALFORMED_BODY, "role needs user and role")
+            groups.set_role(me, group_id, user, role)
+            group = groups.groups[group_id]
+            relay.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
+            self.reply(request_id, {"group": group_id, "user": user, "role": role})
+        elif op == "list":
+            self.reply(request_id, {"groups": [
+                {**g.describe(), "role": g.members[me]} for g in groups.of_user(me)]})
+        elif op == "members":
+            group = groups.member_group(me, group_id)
+            self.reply(request_id, {"group": group_id, "members": group.members})
+        else:
+            raise refuse(ErrorCode.MALFORMED_BODY,
+                         "op must be create, add, remove, leave, role, list or members")
+
+    def _announce_parting(self, group, users: list[str]) -> None:
+        if not users:
+            return
+        # Announce before parting, so the leavers receive their own leave event.
+        ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        self.relay.group_event(group, {"event": "leave", "by": self.user, "users": users})
+        for user in users:
+            self.relay.part(user, ch)
+
+    # ------------------------------------------------------------ presence
+
+    def _presence(self, request_id: int, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        users = _user_list(body)
+        relay = self.relay
+        if op == "subscribe":
+            for user in users:
+                relay.watchers.setdefault(user, set()).add(self)
+                self.watching.add(user)
+        elif op == "unsubscribe":
+            for user in users:
+                relay.watchers.get(user, set()).discard(self)
+                self.watching.discard(user)
+        elif op != "query":
+            raise refuse(ErrorCode.MALFORMED_BODY, "op must be query, subscribe or unsubscribe")
+        self.reply(request_id, {"users": {u: relay.presence_of(u) for u in users}})
+
+
+_HANDLERS: dict[int, Callable[..., None]] = {
+    FrameType.SUBSCRIBE: Session._subscribe,
+    FrameType.UNSUBSCRIBE: Session._unsubscribe,
+    FrameType.RECEIPT: Session._receipt,
+    FrameType.GROUP: Session._group,
+    FrameType.PRESENCE: Session._presence,
+}
