@@ -65,7 +65,8 @@ setup(
         "fenghuo.core": "core",
         "fenghuo.server": "server",
     },
-    package_data={"fenghuo.core": ["*.pyi", "py.typed"], "fenghuo": ["py.typed"]},
+    package_data={"fenghuo.core": ["*.pyi", "*.pxd", "*.pxi", "*.h", "py.typed"],
+                  "fenghuo": ["py.typed"]},
     ext_modules=extensions(),
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""The ``fenghuo`` command: serve, token, listen, send."""
+"""The ``fenghuo`` command: serve, token, listen, send, chat."""
 
 from __future__ import annotations
 
@@ -90,6 +90,22 @@ async def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _chat(args: argparse.Namespace) -> int:
+    import fenghuo
+
+    loop = asyncio.get_running_loop()
+    async with fenghuo.connect(args.server, token=_token(args)) as client:
+        channel = fenghuo.direct_channel(client.user, args.to)
+        client.on_message(lambda m: m.channel == channel and m.sender != client.user
+                          and print(f"{m.sender}: {m.text}", flush=True))
+        print(f"chatting with {args.to} as {client.user}; type a line and press Enter "
+              "(Ctrl-D to quit)", file=sys.stderr, flush=True)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            if line.strip():
+                await client.publish(channel, line.rstrip("\n"))
+    return 0
+
+
 def _run_client(coro_fn):
     def run(args: argparse.Namespace) -> int:
         import uvloop
@@ -135,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
     listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
     listen.set_defaults(func=_run_client(_listen))
+
+    chat = sub.add_parser("chat", help="interactive direct chat: lines you type go to --to")
+    _client_arguments(chat)
+    chat.add_argument("--to", required=True, help="user to chat with")
+    chat.set_defaults(func=_run_client(_chat))
 
     send = sub.add_parser("send", help="send one message and wait for its ack")
     _client_arguments(send)

@@ -205,7 +205,9 @@ class Client:
                 fut.set_exception(ConnectionLost())
                 del self._pending[rid]
         if self._closed or not self.reconnect or self._terminal is not None:
-            self._fail_all(self._terminal or ConnectionLost("connection closed"))
+            # For good: later requests must fail at once instead of waiting forever.
+            self._terminal = self._terminal or ConnectionLost("connection closed")
+            self._fail_all(self._terminal)
             return
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
@@ -244,6 +246,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._connected.clear()
         if self._reconnector is not None:
             self._reconnector.cancel()
         if self._proto is not None and self._proto.transport is not None:
@@ -336,9 +339,15 @@ class Client:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.write(frame)
 
-    async def _request(self, ftype: int, body: dict[str, Any]) -> dict[str, Any]:
+    def _check_usable(self) -> None:
+        # Raise now: after close() or a terminal error nothing would ever answer.
         if self._terminal is not None:
             raise self._terminal
+        if self._closed:
+            raise ConnectionLost("client closed")
+
+    async def _request(self, ftype: int, body: dict[str, Any]) -> dict[str, Any]:
+        self._check_usable()
         await self._connected.wait()
         rid = self._request_id()
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -371,12 +380,14 @@ class Client:
         while True:
             message = await self._inbox.get()
             if message is None:
+                self._inbox.put_nowait(None)   # leave the end mark for other readers
                 return
             yield message
 
     async def next_message(self, timeout: float | None = None) -> Message:
         message = await asyncio.wait_for(self._inbox.get(), timeout)
         if message is None:
+            self._inbox.put_nowait(None)   # every later call must fail too, not wait
             raise ConnectionLost("client closed")
         return message
 
@@ -388,8 +399,7 @@ class Client:
         ``key`` makes retries safe: the server sequences a key once and answers
         a repeat with the original seq.  One is generated when not given.
         """
-        if self._terminal is not None:
-            raise self._terminal
+        self._check_usable()
         payload, ctype = _payload(data, content_type)
         meta_bytes = orjson.dumps(meta) if isinstance(meta, dict) else (meta or b"")
         key_bytes = key.encode() if isinstance(key, str) else (key or secrets.token_bytes(12).hex().encode())
@@ -406,6 +416,7 @@ class Client:
     async def send(self, to: str, data: str | bytes | dict | list, **kwargs: Any) -> Ack:
         """Publish to the direct channel of this user and ``to``."""
         if self.user is None:
+            self._check_usable()
             await self._connected.wait()
         return await self.publish(direct_channel(self.user, to), data, **kwargs)  # type: ignore[arg-type]
 
@@ -428,6 +439,7 @@ class Client:
         await self._receipt(channel, seq, ReceiptKind.READ)
 
     async def _receipt(self, channel: str, seq: int, kind: int) -> None:
+        self._check_usable()
         await self._connected.wait()
         self._write(encode_receipt(channel, seq, kind))
 

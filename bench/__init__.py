@@ -1,0 +1,1 @@
+"""fenghuo's benchmarks: ``python -m bench run SCENARIO`` (see bench/README.md)."""

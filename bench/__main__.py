@@ -1,0 +1,90 @@
+"""``python -m bench run SCENARIO``: start a relay, drive it, print the figures.
+
+The relay runs as a real ``fenghuo serve`` subprocess pinned to CPU 0; the
+generator runs in this process pinned to CPU 1 (on a machine with two cores
+each gets its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import uvloop
+
+from bench import loadgen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def start_relay(data_dir: str, secret: str, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port), "--metrics-port", "0",
+           "--data-dir", data_dir, "--secret", secret, "--rate", "1e12", "--burst", "1e12",
+           "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: _pin(0), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("relay did not start")
+
+
+SCENARIOS = {
+    "one-to-one": lambda a, port, secret: loadgen.one_to_one(
+        "127.0.0.1", port, secret, pairs=a.pairs, payload=a.payload, duration=a.duration),
+    "fan-out": lambda a, port, secret: loadgen.fan_out(
+        "127.0.0.1", port, secret, members=a.members, payload=a.payload, duration=a.duration),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one scenario against a fresh relay")
+    run.add_argument("scenario", choices=sorted(SCENARIOS))
+    run.add_argument("--pairs", type=int, default=100)
+    run.add_argument("--members", type=int, default=100)
+    run.add_argument("--payload", type=int, default=64)
+    run.add_argument("--duration", type=float, default=5.0)
+    run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    secret = secrets.token_urlsafe(32)
+    with TemporaryDirectory() as data_dir:
+        proc, port = start_relay(data_dir, secret)
+        try:
+            _pin(1)
+            result = uvloop.run(SCENARIOS[args.scenario](args, port, secret))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print(result.line())
+    if args.json:
+        Path(args.json).write_text(json.dumps(vars(result), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

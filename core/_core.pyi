@@ -1,0 +1,253 @@
+# Type stub of the compiled core (core/_core.pyx), for editors and mypy.
+import asyncio
+import enum
+from typing import Any
+
+FRAME_HEADER_SIZE: int
+WIRE_VERSION: int
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    PING = 0x02
+    PONG = 0x03
+    PUBLISH = 0x10
+    SUBSCRIBE = 0x11
+    UNSUBSCRIBE = 0x12
+    RECEIPT = 0x13
+    GROUP = 0x20
+    PRESENCE = 0x21
+    WELCOME = 0x81
+    RESULT = 0x82
+    ERROR = 0x83
+    MESSAGE = 0x90
+    ACK = 0x91
+    RECEIPT_EVENT = 0x92
+    PRESENCE_EVENT = 0x93
+    GAP = 0x94
+    GOAWAY = 0x95
+
+class FrameFlag(enum.IntEnum):
+    COMPRESSED = 0x0001
+    KNOWN_FLAGS = 0x0001
+
+class ContentType(enum.IntEnum):
+    TEXT = 0
+    IMAGE = 1
+    VOICE = 2
+    FILE = 3
+    CARD = 4
+    EVENT = 5
+    BINARY = 6
+
+class ReceiptKind(enum.IntEnum):
+    DELIVERED = 1
+    READ = 2
+
+class AckStatus(enum.IntEnum):
+    ACCEPTED = 0
+    DUPLICATE = 1
+
+class ChannelKind(enum.IntEnum):
+    DIRECT_CHAT = 1
+    GROUP_CHAT = 2
+    ORG_UNIT = 3
+
+class ErrorCode(enum.IntEnum):
+    INTERNAL = 100
+    MALFORMED_FRAME = 101
+    FRAME_TOO_LARGE = 102
+    UNSUPPORTED_VERSION = 103
+    UNKNOWN_FRAME_TYPE = 104
+    BAD_FLAGS = 105
+    DECOMPRESSION_FAILED = 106
+    MALFORMED_BODY = 107
+    HELLO_REQUIRED = 110
+    HELLO_TIMEOUT = 111
+    ALREADY_AUTHENTICATED = 112
+    TOKEN_INVALID = 120
+    TOKEN_EXPIRED = 121
+    FORBIDDEN = 130
+    NOT_FOUND = 131
+    INVALID_CHANNEL = 132
+    CONFLICT = 133
+    RATE_LIMITED = 140
+    SLOW_CONSUMER = 141
+    IDLE_TIMEOUT = 142
+    SHUTTING_DOWN = 150
+
+class ProtocolError(Exception):
+    code: int
+    message: str
+    fatal: bool
+    def __init__(self, code: int, message: str, fatal: bool = True) -> None: ...
+
+def frame_error(err: int) -> ProtocolError: ...
+
+class Frame:
+    @property
+    def type(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def request_id(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...
+
+class FrameReader:
+    def __init__(self, max_frame: int = ...) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]: ...
+    @property
+    def buffered(self) -> int: ...
+
+class Message:
+    channel: str
+    seq: int
+    ts_us: int
+    sender: str
+    key: bytes
+    content_type: int
+    meta: bytes
+    payload: bytes
+    @property
+    def text(self) -> str: ...
+
+class Ack:
+    channel: str
+    seq: int
+    ts_us: int
+    status: int
+    @property
+    def duplicate(self) -> bool: ...
+
+class Receipt:
+    channel: str
+    seq: int
+    kind: int
+    user: str | None
+
+class Publish:
+    channel: str
+    key: bytes
+    content_type: int
+    meta: bytes
+    payload: bytes
+
+def encode_frame(ftype: int, body: bytes = b"", request_id: int = 0, flags: int = 0) -> bytes: ...
+def compress_body(body: bytes, threshold: int) -> tuple[bytes, int]: ...
+def decompress_body(body: bytes | memoryview, max_size: int) -> bytes: ...
+def encode_publish(channel: str, payload: bytes, content_type: int = ..., meta: bytes = b"",
+                   key: bytes = b"", request_id: int = 0, compress_threshold: int = 0) -> bytes: ...
+def encode_message(channel: str, seq: int, ts_us: int, sender: str, payload: bytes,
+                   content_type: int = ..., meta: bytes = b"", key: bytes = b"") -> bytes: ...
+def encode_ack(request_id: int, channel: str, seq: int, ts_us: int, status: int = ...) -> bytes: ...
+def encode_receipt(channel: str, seq: int, kind: int, request_id: int = 0) -> bytes: ...
+def encode_receipt_event(channel: str, seq: int, kind: int, user: str) -> bytes: ...
+def encode_error(code: int, message: str, request_id: int = 0) -> bytes: ...
+def decode_publish(body: bytes) -> Publish: ...
+def decode_message(body: bytes) -> Message: ...
+def decode_ack(body: bytes) -> Ack: ...
+def decode_receipt(body: bytes) -> Receipt: ...
+def decode_receipt_event(body: bytes) -> Receipt: ...
+def decode_error(body: bytes) -> tuple[int, str]: ...
+
+class Ring:
+    capacity: int
+    first: int
+    last: int
+    def __init__(self, capacity: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, seq: int) -> bytes: ...
+    def append(self, seq: int, frame: bytes) -> None: ...
+    def since(self, after: int) -> list[bytes]: ...
+    def resume_from(self, seq: int) -> list[bytes] | None: ...
+    def clear(self) -> None: ...
+
+class Metrics:
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    writes: int
+    publishes: int
+    duplicates: int
+    deliveries: int
+    slow_consumers: int
+    rate_limited: int
+    def record_error(self, code: int) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+class Channel:
+    name: str
+    key: bytes
+    kind: int
+    seq: int
+    ring: Ring
+    subscribers: set[Connection]
+    info: Any
+    def __init__(self, name: str, kind: int, ring_capacity: int) -> None: ...
+
+class Bus:
+    hub: Hub
+    def __init__(self, hub: Hub) -> None: ...
+    def deliver(self, ch: Channel, frame: bytes) -> None: ...
+
+class LocalBus(Bus): ...
+
+class Hub:
+    channels: dict[bytes, Channel]
+    connections: set[Connection]
+    metrics: Metrics
+    bus: Bus
+    max_frame: int
+    ring_capacity: int
+    max_pending_bytes: int
+    compress_threshold: int
+    dedupe_window: int
+    rate: float
+    burst: float
+    def __init__(self, *, max_frame: int = ..., ring_capacity: int = ...,
+                 max_pending_bytes: int = ..., compress_threshold: int = ...,
+                 dedupe_window: int = ..., rate: float = ..., burst: float = ...,
+                 arena_size: int = ..., loop: asyncio.AbstractEventLoop | None = None) -> None: ...
+    def channel(self, name: str, kind: int = ...) -> Channel: ...
+    def find(self, name: str) -> Channel | None: ...
+    def flush(self) -> None: ...
+    def fan_out(self, ch: Channel, frame: bytes) -> int: ...
+    def publish_event(self, ch: Channel, sender: str, payload: bytes,
+                      content_type: int = ..., meta: bytes = b"") -> int: ...
+    def sweep(self, handshake_timeout: float, ping_interval: float, idle_timeout: float) -> int: ...
+
+class Connection:
+    hub: Hub
+    transport: asyncio.Transport | None
+    user: str | None
+    user_key: bytes
+    device: str | None
+    authenticated: bool
+    closing: bool
+    last_rx: float
+    connected_at: float
+    subscriptions: dict[Channel, int]
+    grants: Any
+    def __init__(self, hub: Hub, *args: Any, **kwargs: Any) -> None: ...
+    def on_open(self) -> None: ...
+    def on_close(self, exc: BaseException | None) -> None: ...
+    def on_hello(self, request_id: int, body: bytes) -> None: ...
+    def on_control(self, ftype: int, request_id: int, body: bytes) -> None: ...
+    def resolve_publish(self, channel: bytes) -> Channel: ...
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def connection_lost(self, exc: BaseException | None) -> None: ...
+    def eof_received(self) -> bool: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+    def get_buffer(self, hint: int) -> memoryview | bytearray: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    def forget_publish_cache(self) -> None: ...
+    def send(self, frame: bytes) -> None: ...
+    def send_error(self, code: int, message: str, request_id: int = 0) -> None: ...
+    def close_with_error(self, code: int, message: str, request_id: int = 0) -> None: ...
+    def close(self, last_frame: bytes | None = None) -> None: ...
+    @property
+    def pending_bytes(self) -> int: ...
+    @property
+    def partial_bytes(self) -> int: ...

@@ -1,0 +1,200 @@
+"""Speaking (and breaking) protocol v1 by hand, for the adversity and lifecycle tests.
+
+:class:`RawConnection` is a bare TCP connection whose inbound bytes are decoded
+as they arrive, so a test sees every frame the server managed to send even
+when the connection then ends in a reset: ``asyncio.StreamReader`` raises the
+reset before handing out bytes it already holds.  A frame read at the end of
+the stream is ``None`` (EOF or reset alike: the server closed it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any
+
+import orjson
+
+from fenghuo.core import FrameReader, FrameType, ProtocolError, decode_error
+from fenghuo.protocol import encode_json
+
+TIMEOUT = 5.0
+_NAMES = {int(t): t.name for t in FrameType}
+
+
+def header(length: int, ftype: int, *, version: int = 1, flags: int = 0,
+           request_id: int = 0) -> bytes:
+    """A frame header with any field set to anything, valid or not."""
+    return struct.pack(">IBBHI", length, version, ftype, flags, request_id)
+
+
+def describe(frame: Any) -> str:
+    if frame is None:
+        return "end of stream"
+    text = f"{_NAMES.get(frame.type, hex(frame.type))} rid={frame.request_id}"
+    if frame.type == FrameType.ERROR:
+        text += " %r" % (decode_error(frame.body),)
+    return text
+
+
+class RawConnection(asyncio.Protocol):
+    """One bare connection: ``write`` anything, read back decoded frames."""
+
+    def __init__(self, max_frame: int = 64 << 20) -> None:
+        self.decoder = FrameReader(max_frame)
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:  # the server broke framing: a test failure
+            self.frames.put_nowait(exc)
+            self.transport.abort()
+            return
+        for frame in frames:
+            self.frames.put_nowait(frame)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.frames.put_nowait(None)
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def trickle(self, data: bytes, chunk: int, pause: float = 0.001) -> None:
+        """Write ``data`` ``chunk`` bytes at a time, each its own segment."""
+        for i in range(0, len(data), chunk):
+            self.write(data[i:i + chunk])
+            await asyncio.sleep(pause)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.lost.done()
+
+    # ------------------------------------------------------------ reading
+
+    async def frame(self, timeout: float = TIMEOUT):
+        """The next frame, or None once the server has closed the connection."""
+        item = await asyncio.wait_for(self.frames.get(), timeout)
+        if isinstance(item, Exception):
+            raise AssertionError(f"server sent a malformed stream: {item}")
+        if item is None:
+            self.frames.put_nowait(None)  # stays at the end
+        return item
+
+    async def expect(self, ftype: int, timeout: float = TIMEOUT):
+        frame = await self.frame(timeout)
+        assert frame is not None and frame.type == ftype, (
+            f"expected {_NAMES.get(ftype, hex(ftype))}, got {describe(frame)}")
+        return frame
+
+    async def expect_json(self, ftype: int, timeout: float = TIMEOUT) -> dict:
+        return orjson.loads((await self.expect(ftype, timeout)).body)
+
+    async def expect_error(self, code: int, request_id: int | None = None,
+                           timeout: float = TIMEOUT) -> str:
+        """The text of the next frame, which must be ERROR ``code``."""
+        frame = await self.expect(FrameType.ERROR, timeout)
+        got, text = decode_error(frame.body)
+        assert got == code, f"expected error {code}, got {got} {text!r}"
+        assert text, "an ERROR must explain itself"
+        if request_id is not None:
+            assert frame.request_id == request_id
+        return text
+
+    async def expect_closed(self, timeout: float = TIMEOUT) -> None:
+        frame = await self.frame(timeout)
+        assert frame is None, f"expected the server to close, got {describe(frame)}"
+
+    async def expect_silence(self, seconds: float = 0.2) -> None:
+        """Nothing arrives and the connection stays open for ``seconds``."""
+        try:
+            frame = await asyncio.wait_for(self.frames.get(), seconds)
+        except asyncio.TimeoutError:
+            return
+        raise AssertionError(f"expected silence, got {describe(frame)}")
+
+    async def hello(self, token: str, request_id: int = 1, **extra: Any) -> dict:
+        self.write(encode_json(FrameType.HELLO, {"token": token, **extra}, request_id))
+        welcome = await self.expect(FrameType.WELCOME)
+        assert welcome.request_id == request_id
+        return orjson.loads(welcome.body)
+
+
+async def open_raw(relay: Any, *, rcvbuf: int | None = None) -> RawConnection:
+    """A bare connection to ``relay``; ``rcvbuf`` shrinks its kernel receive buffer."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    if rcvbuf is not None:
+        # Before connect, so the window the server sees is small from the start.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (relay.host, relay.port)), TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    _, proto = await loop.create_connection(RawConnection, sock=sock)
+    return proto
+
+
+async def authed_raw(relay: Any, user: str, *, rcvbuf: int | None = None,
+                     **claims: Any) -> RawConnection:
+    """A bare connection that has said HELLO as ``user`` and read WELCOME."""
+    conn = await open_raw(relay, rcvbuf=rcvbuf)
+    await conn.hello(relay.token(user, **claims))
+    return conn
+
+
+# ---------------------------------------------------------------- HTTP
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    assert int(headers["content-length"]) == len(body)
+    return status, headers, body
+
+
+async def metrics(relay: Any) -> dict[str, float]:
+    """``/metrics`` as ``{sample name with labels: value}``."""
+    status, headers, body = await http_get(relay.host, relay.metrics_port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def error_count(samples: dict[str, float], code: int) -> float:
+    return samples.get(f'fenghuo_errors_total{{code="{code}"}}', 0.0)

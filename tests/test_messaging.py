@@ -1,0 +1,394 @@
+"""Direct messages, ordering, idempotency, receipts, content, and the client API.
+
+Every test runs against a real ``fenghuo serve`` subprocess over TCP, through
+the Python client (``relay`` fixture in conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import orjson
+import pytest
+
+import fenghuo
+from fenghuo import ContentType, ErrorCode, FenghuoError, ReceiptKind
+from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, encode_json
+from conftest import raw_connection, read_frame
+
+QUIET = 0.3   # how long "nothing more arrives" is watched for
+
+
+async def collect(client: fenghuo.Client, n: int, timeout: float = 5.0) -> list[fenghuo.Message]:
+    """The next ``n`` messages of ``client``, each awaited for at most ``timeout``."""
+    return [await client.next_message(timeout=timeout) for _ in range(n)]
+
+
+async def assert_silent(client: fenghuo.Client, wait: float = QUIET) -> None:
+    """Nothing more arrives at ``client`` within ``wait`` seconds."""
+    with pytest.raises(asyncio.TimeoutError):
+        extra = await client.next_message(timeout=wait)
+        pytest.fail(f"unexpected message {extra!r}")
+
+
+def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:
+    return [(m.channel, m.seq, m.sender, m.text) for m in messages]
+
+
+# ---------------------------------------------------------------- direct messages
+
+
+async def test_direct_messages_both_ways_reach_every_device_with_gap_free_seqs(relay):
+    alice_phone = await relay.connect("alice")
+    alice_laptop = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    dm = "dm:alice:bob"
+
+    acks = [await alice_phone.send("bob", "hi bob"),
+            await bob.send("alice", "hi alice"),
+            await alice_laptop.send("bob", "from the laptop"),
+            await bob.send("alice", "both of you?"),
+            await alice_phone.send("bob", "yes")]
+    assert [(a.channel, a.seq, a.duplicate) for a in acks] == [(dm, s, False) for s in range(1, 6)]
+    assert all(a.ts_us > 0 for a in acks)
+
+    expected = [(dm, 1, "alice", "hi bob"), (dm, 2, "bob", "hi alice"),
+                (dm, 3, "alice", "from the laptop"), (dm, 4, "bob", "both of you?"),
+                (dm, 5, "alice", "yes")]
+    # Every device of both participants, the sending device included, sees the
+    # whole conversation once, in seq order.
+    for device in (alice_phone, alice_laptop, bob):
+        assert summary(await collect(device, 5)) == expected
+        await assert_silent(device, 0.1)
+
+
+async def test_direct_channel_name_is_the_same_from_either_side(relay):
+    alice = await relay.connect("alice")
+    zed = await relay.connect("zed")
+    assert (await zed.send("alice", "z first")).channel == "dm:alice:zed"
+    assert (await alice.send("zed", "a second")).channel == "dm:alice:zed"
+    assert fenghuo.direct_channel("zed", "alice") == "dm:alice:zed"
+    assert [m.seq for m in await collect(alice, 2)] == [1, 2]
+
+
+async def test_a_third_user_cannot_publish_to_someone_elses_direct_channel(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    mallory = await relay.connect("mallory")
+    await alice.send("bob", "private")
+    with pytest.raises(FenghuoError) as info:
+        await mallory.publish("dm:alice:bob", "let me in")
+    assert info.value.code == ErrorCode.FORBIDDEN
+    with pytest.raises(FenghuoError) as info:
+        await mallory.subscribe("dm:alice:bob")
+    assert info.value.code == ErrorCode.FORBIDDEN
+    assert summary(await collect(bob, 1)) == [("dm:alice:bob", 1, "alice", "private")]
+    await assert_silent(bob)
+    await assert_silent(mallory, 0.05)
+
+
+async def test_a_user_offline_at_the_first_message_receives_later_ones_after_connecting(relay):
+    alice = await relay.connect("alice")
+    await alice.send("bob", "before bob ever connected")
+    bob = await relay.connect("bob")
+    assert bob.welcome["channels"] == {"dm:alice:bob": 1}
+    await alice.send("bob", "now")
+    assert summary(await collect(bob, 1)) == [("dm:alice:bob", 2, "alice", "now")]
+
+
+# ---------------------------------------------------------------- ordering
+
+
+async def test_concurrent_senders_to_one_group_are_seen_in_one_order_by_everyone(relay):
+    senders = [await relay.connect(f"s{k}") for k in range(4)]
+    watchers = [await relay.connect("w0"), await relay.connect("w1")]
+    created = await senders[0].create_group("busy", ["s1", "s2", "s3", "w0", "w1"])
+    assert created["seq"] == 1   # the "created" event is the group's first message
+    per_sender = 500
+
+    async def send_all(k: int, client: fenghuo.Client) -> list[int]:
+        # Pipelined: all 500 are written before the first ack comes back.
+        acks = await asyncio.gather(*(client.publish("group:busy", f"s{k}:{i}")
+                                      for i in range(per_sender)))
+        return [a.seq for a in acks]
+
+    ack_seqs = await asyncio.gather(*(send_all(k, c) for k, c in enumerate(senders)))
+    total = 1 + 4 * per_sender
+    # Each sender's acks follow its send order; together they cover 2..total once.
+    for seqs in ack_seqs:
+        assert seqs == sorted(seqs)
+    assert sorted(s for seqs in ack_seqs for s in seqs) == list(range(2, total + 1))
+
+    views = []
+    for receiver in (*senders, *watchers):
+        messages = await collect(receiver, total, timeout=10)
+        assert [m.seq for m in messages] == list(range(1, total + 1))
+        assert messages[0].content_type == ContentType.EVENT
+        views.append([(m.seq, m.sender, m.text) for m in messages])
+        for k in range(4):
+            mine = [m.text for m in messages if m.sender == f"s{k}"][1 if k == 0 else 0:]
+            assert mine == [f"s{k}:{i}" for i in range(per_sender)]
+    # Everyone saw the same interleaving, and it agrees with the acks.
+    assert all(v == views[0] for v in views)
+    by_seq = {seq: text for seq, _, text in views[0]}
+    for k, seqs in enumerate(ack_seqs):
+        assert [by_seq[s] for s in seqs] == [f"s{k}:{i}" for i in range(per_sender)]
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+async def test_a_retried_publish_with_the_same_key_is_sequenced_once(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    first = await alice.send("bob", "pay 10 EUR", key="transfer-42")
+    again = await alice.send("bob", "pay 10 EUR", key="transfer-42")
+    assert (first.seq, first.duplicate) == (1, False)
+    assert (again.channel, again.seq, again.ts_us, again.duplicate) == (
+        first.channel, 1, first.ts_us, True)
+    # A different key is a different message; the key travels with the message.
+    other = await alice.send("bob", "pay 10 EUR", key=b"transfer-43")
+    assert (other.seq, other.duplicate) == (2, False)
+    got = await collect(bob, 2)
+    assert [(m.seq, m.text, m.key) for m in got] == [
+        (1, "pay 10 EUR", b"transfer-42"), (2, "pay 10 EUR", b"transfer-43")]
+    await assert_silent(bob)
+
+
+async def test_idempotency_keys_are_per_sender(relay):
+    alice = await relay.connect("alice", channels=("org.news",))
+    bob = await relay.connect("bob", channels=("org.news",))
+    a = await alice.publish("org.news", "from alice", key="k")
+    b = await bob.publish("org.news", "from bob", key="k")
+    assert [(a.seq, a.duplicate), (b.seq, b.duplicate)] == [(1, False), (2, False)]
+
+
+# ---------------------------------------------------------------- receipts
+
+
+async def test_delivered_and_read_receipts_reach_every_device_of_the_sender(relay):
+    alice = await relay.connect("alice")
+    alice_tablet = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
+    tablet_receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
+    alice.on_receipt(receipts.put_nowait)
+
+    async def on_tablet(receipt: fenghuo.Receipt) -> None:   # async callbacks work too
+        await tablet_receipts.put(receipt)
+    alice_tablet.on_receipt(on_tablet)
+    bob_receipts: list[fenghuo.Receipt] = []
+    bob.on_receipt(bob_receipts.append)
+
+    await alice.send("bob", "did you get this?")
+    message = await bob.next_message(timeout=5)
+    await bob.mark_delivered(message.channel, message.seq)
+    await bob.mark_read(message.channel, message.seq)
+
+    def fields(r: fenghuo.Receipt) -> tuple:
+        return (r.channel, r.seq, r.kind, r.user)
+    want = [("dm:alice:bob", 1, ReceiptKind.DELIVERED, "bob"),
+            ("dm:alice:bob", 1, ReceiptKind.READ, "bob")]
+    for queue in (receipts, tablet_receipts):
+        got = [await asyncio.wait_for(queue.get(), 5) for _ in range(2)]
+        assert [fields(r) for r in got] == want
+    # Marking one's own message tells nobody.
+    await alice.mark_read("dm:alice:bob", 1)
+    await asyncio.sleep(QUIET)
+    assert receipts.empty() and tablet_receipts.empty() and bob_receipts == []
+
+
+async def test_receipts_in_a_group_go_to_the_sender_only(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    carol = await relay.connect("carol")
+    seen: dict[str, list] = {"alice": [], "bob": [], "carol": []}
+    got_one = asyncio.Event()
+    for name, client in (("alice", alice), ("bob", bob), ("carol", carol)):
+        client.on_receipt(lambda r, name=name: (seen[name].append(
+            (r.channel, r.seq, r.kind, r.user)), got_one.set()))
+    await alice.create_group("trio", ["bob", "carol"])
+    ack = await bob.publish("group:trio", "lunch?")
+    assert ack.seq == 2
+    await carol.mark_read("group:trio", 2)
+    await asyncio.wait_for(got_one.wait(), 5)
+    await asyncio.sleep(QUIET)
+    assert seen == {"alice": [], "bob": [("group:trio", 2, ReceiptKind.READ, "carol")],
+                    "carol": []}
+
+
+async def test_a_receipt_on_a_large_compressed_message_names_its_sender(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
+    alice.on_receipt(receipts.put_nowait)
+    await alice.send("bob", "long " * 5000)   # kept compressed in the server's ring
+    message = await bob.next_message(timeout=5)
+    await bob.mark_read(message.channel, message.seq)
+    r = await asyncio.wait_for(receipts.get(), 5)
+    assert (r.channel, r.seq, r.kind, r.user) == ("dm:alice:bob", 1, ReceiptKind.READ, "bob")
+
+
+# ---------------------------------------------------------------- content and metadata
+
+
+async def test_content_types_and_metadata_arrive_as_sent(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    card = {"title": "Order #7", "items": [{"sku": "A1", "qty": 2}], "total": 12.5, "ok": True}
+    image_meta = {"mime": "image/png", "width": 640, "height": 480, "sha256": "ab" * 32}
+    raw_meta = bytes(range(256)) + b"\x00\xff\x00"
+
+    await alice.send("bob", "plain text, 中文, émoji 🔥")
+    await alice.send("bob", card)
+    await alice.send("bob", "https://cdn.example/img/7.png", content_type=ContentType.IMAGE,
+                     meta=image_meta)
+    await alice.send("bob", b"\x00\x01binary\xff", meta=raw_meta)
+    await alice.send("bob", b"app-defined", content_type=200)
+    text, card_msg, image, binary, custom = await collect(bob, 5)
+
+    assert (text.content_type, text.text, text.meta) == (
+        ContentType.TEXT, "plain text, 中文, émoji 🔥", b"")
+    assert card_msg.content_type == ContentType.CARD and orjson.loads(card_msg.payload) == card
+    assert image.content_type == ContentType.IMAGE
+    assert image.text == "https://cdn.example/img/7.png"
+    assert orjson.loads(image.meta) == image_meta
+    assert (binary.content_type, binary.payload, binary.meta) == (
+        ContentType.BINARY, b"\x00\x01binary\xff", raw_meta)
+    assert (custom.content_type, custom.payload) == (200, b"app-defined")
+
+
+async def test_a_reserved_content_type_is_refused_and_the_connection_stays(relay):
+    alice = await relay.connect("alice")
+    with pytest.raises(FenghuoError) as info:
+        await alice.send("bob", b"x", content_type=7)
+    assert info.value.code == ErrorCode.MALFORMED_BODY
+    assert (await alice.send("bob", "still here")).seq == 1
+
+
+async def test_a_payload_above_the_compress_threshold_is_compressed_on_the_wire(relay):
+    alice = await relay.connect("alice")
+    reader, writer = await raw_connection(relay)
+    try:
+        writer.write(encode_json(FrameType.HELLO, {"token": relay.token("bob"), "device": "raw"}, 1))
+        welcome = await read_frame(reader)
+        assert (welcome.type, decode_json(welcome.body)["user"]) == (FrameType.WELCOME, "bob")
+        small, large = "tiny", "repeat after me. " * 600   # 10 200 bytes, compressible
+        await alice.send("bob", small)
+        await alice.send("bob", large)
+        frames = [await read_frame(reader), await read_frame(reader)]
+    finally:
+        writer.close()
+    assert [f.type for f in frames] == [FrameType.MESSAGE, FrameType.MESSAGE]
+    assert [bool(f.flags & FrameFlag.COMPRESSED) for f in frames] == [False, True]
+    # read_frame has already inflated the body.
+    assert [decode_message(f.body).text for f in frames] == [small, large]
+
+
+@pytest.mark.parametrize("size", [4096, 600_000])
+async def test_large_payloads_arrive_intact(relay, size):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    noise = os.urandom(size)                          # incompressible: sent as is
+    prose = (b"The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
+    await alice.send("bob", noise)
+    await bob.send("alice", prose, meta={"name": "fox.txt"})
+    got = await collect(bob, 2, timeout=10)
+    assert [(m.seq, len(m.payload)) for m in got] == [(1, size), (2, size)]
+    assert got[0].payload == noise and got[1].payload == prose
+    assert orjson.loads(got[1].meta) == {"name": "fox.txt"}
+
+
+async def test_frames_larger_than_the_receive_arena_mixed_with_small_ones_in_one_stream(relay):
+    # Pipelined, so big frames (> the server's 256 KiB receive arena) arrive
+    # split across reads and glued to the small frames around them.
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    payloads = [b"a", os.urandom(600_000), b"b", os.urandom(300_000), os.urandom(700_000), b"c"]
+    acks = await asyncio.gather(*(alice.send("bob", p) for p in payloads))
+    assert [a.seq for a in acks] == [1, 2, 3, 4, 5, 6]
+    got = await collect(bob, 6, timeout=10)
+    assert [m.seq for m in got] == [1, 2, 3, 4, 5, 6]
+    assert [m.payload == p for m, p in zip(got, payloads)] == [True] * 6
+
+
+# ---------------------------------------------------------------- client API
+
+
+async def test_connect_as_an_async_context_manager(relay):
+    token = relay.token("alice")
+    async with fenghuo.connect(relay.server, token=token) as alice:
+        assert alice.connected and alice.user == "alice"
+        assert alice.welcome["user"] == "alice" and alice.welcome["epoch"] == alice.epoch
+        ack = await alice.send("bob", "from a context manager")
+        assert ack.seq == 1
+        echo = await alice.next_message(timeout=5)   # her own message, as every device sees it
+        assert (echo.seq, echo.sender, echo.text) == (1, "alice", "from a context manager")
+    assert not alice.connected
+    # Closed for good: reads end and requests fail at once instead of waiting forever.
+    for _ in range(2):
+        with pytest.raises(fenghuo.ConnectionLost):
+            await alice.next_message(timeout=1)
+    with pytest.raises(fenghuo.ConnectionLost):
+        await asyncio.wait_for(alice.send("bob", "too late"), 1)
+    with pytest.raises(fenghuo.ConnectionLost):
+        await asyncio.wait_for(alice.presence(["bob"]), 1)
+    assert [m async for m in alice.messages()] == []
+
+
+async def test_connect_by_user_and_secret_and_by_await(relay):
+    alice = await fenghuo.connect(relay.server, user="alice", secret=relay.secret)
+    relay.clients.append(alice)
+    assert alice.user == "alice"
+
+
+async def test_async_for_over_messages_ends_on_close(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    for i in range(3):
+        await alice.send("bob", f"m{i}")
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for message in bob.messages():
+            seen.append(message.text)
+            if len(seen) == 3:
+                await bob.close()
+    await asyncio.wait_for(consume(), 5)   # the loop ends by itself after close()
+    assert seen == ["m0", "m1", "m2"]
+
+
+async def test_on_message_callbacks_sync_and_async(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    sync_seen: list[tuple[int, str]] = []
+    async_seen: list[tuple[int, str]] = []
+    done = asyncio.Event()
+
+    def on_sync(message: fenghuo.Message) -> None:
+        sync_seen.append((message.seq, message.text))
+
+    async def on_async(message: fenghuo.Message) -> None:
+        await asyncio.sleep(0)
+        async_seen.append((message.seq, message.text))
+        if len(async_seen) == 3:
+            done.set()
+    bob.on_message(on_sync)
+    bob.on_message(on_async)
+    for i in range(3):
+        await alice.send("bob", f"m{i}")
+    await asyncio.wait_for(done.wait(), 5)
+    want = [(1, "m0"), (2, "m1"), (3, "m2")]
+    assert sync_seen == want and sorted(async_seen) == want
+    # Callbacks do not consume: the same messages are still in the inbox.
+    assert [(m.seq, m.text) for m in await collect(bob, 3)] == want
+
+
+async def test_an_invalid_token_is_refused_at_connect(relay):
+    client = fenghuo.Client(relay.server, token=fenghuo.issue_token("not-the-relay-secret-" * 2, "eve"),
+                            reconnect=False)
+    relay.clients.append(client)
+    with pytest.raises(FenghuoError) as info:
+        await client.connect()
+    assert info.value.code == ErrorCode.TOKEN_INVALID
