@@ -38,7 +38,7 @@ def _pin(cpu: int) -> None:
 def start_relay(data_dir: str, secret: str, *extra: str) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port), "--metrics-port", "0",
-           "--data-dir", data_dir, "--secret", secret, "--rate", "1e12", "--burst", "1e12",
+           "--data-dir", data_dir, f"--secret={secret}", "--rate", "1e12", "--burst", "1e12",
            "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, preexec_fn=lambda: _pin(0), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15

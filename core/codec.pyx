@@ -178,6 +178,18 @@ cdef inline bytes _utf8(str s, Py_ssize_t limit, str field):
     return b
 
 
+cdef inline bytes _channel(str channel):
+    cdef bytes b = _utf8(channel, 255, "channel")
+    if not b:
+        raise ValueError("channel must not be empty")
+    return b
+
+
+cdef inline _check_range(int value, int top, str field):
+    if not 0 <= value <= top:
+        raise ValueError(f"{field} must be between 0 and {top}")
+
+
 cdef inline str _text(const char* p, Py_ssize_t n, str field):
     try:
         return PyUnicode_DecodeUTF8(p, n, NULL)
@@ -196,6 +208,8 @@ def encode_frame(int ftype, bytes body=b"", uint32_t request_id=0, int flags=0):
     cdef char* p
     if not 0 <= ftype <= 0xFF:
         raise ValueError("frame type must fit in a byte")
+    if not 0 <= flags <= 0xFFFF:
+        raise ValueError("flags must fit in 16 bits")
     frame = new_frame(<uint8_t>ftype, <uint16_t>flags, request_id, len(body), &p)
     memcpy(p, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
     return frame
@@ -269,7 +283,7 @@ def encode_message(str channel, uint64_t seq, uint64_t ts_us, str sender,
                    bytes payload, int content_type=ContentType.TEXT,
                    bytes meta=b"", bytes key=b""):
     """A MESSAGE frame as the server sends it (used by tests and tools)."""
-    cdef bytes ch = _utf8(channel, 255, "channel")
+    cdef bytes ch = _channel(channel)
     cdef bytes snd = _utf8(sender, 255, "sender")
     if len(key) > 255 or len(meta) > 0xFFFF or not 0 <= content_type <= 0xFF:
         raise ValueError("key, metadata or content type out of range")
@@ -281,14 +295,16 @@ def encode_message(str channel, uint64_t seq, uint64_t ts_us, str sender,
 
 def encode_ack(uint32_t request_id, str channel, uint64_t seq, uint64_t ts_us,
                int status=AckStatus.ACCEPTED):
-    cdef bytes ch = _utf8(channel, 255, "channel")
+    cdef bytes ch = _channel(channel)
+    _check_range(status, 0xFF, "status")
     return build_ack(request_id, seq, ts_us, <uint8_t>status, PyBytes_AS_STRING(ch), len(ch))
 
 
 def encode_receipt(str channel, uint64_t seq, int kind, uint32_t request_id=0):
-    """A RECEIPT frame: ``kind`` (DELIVERED or READ) for everything up to ``seq``."""
-    cdef bytes ch = _utf8(channel, 255, "channel")
+    """A RECEIPT frame: message ``seq`` of ``channel`` was delivered or read (``kind``)."""
+    cdef bytes ch = _channel(channel)
     cdef char* p
+    _check_range(kind, 0xFF, "kind")
     frame = new_frame(FrameType.RECEIPT, 0, request_id, RECEIPT_FIXED + len(ch), &p)
     pack_u64(p, seq)
     p[8] = <char>kind
@@ -298,9 +314,10 @@ def encode_receipt(str channel, uint64_t seq, int kind, uint32_t request_id=0):
 
 
 def encode_receipt_event(str channel, uint64_t seq, int kind, str user):
-    cdef bytes ch = _utf8(channel, 255, "channel")
+    cdef bytes ch = _channel(channel)
     cdef bytes u = _utf8(user, 255, "user")
     cdef char* p
+    _check_range(kind, 0xFF, "kind")
     frame = new_frame(FrameType.RECEIPT_EVENT, 0, 0,
                       RECEIPT_EVENT_FIXED + len(ch) + len(u), &p)
     pack_u64(p, seq)
@@ -313,8 +330,10 @@ def encode_receipt_event(str channel, uint64_t seq, int kind, str user):
 
 
 cpdef bytes encode_error(int code, str message, uint32_t request_id=0):
-    cdef bytes text = message.encode("utf-8")[:1024]
+    # Cut by characters, not bytes, so the text stays valid UTF-8 (<= 1024 bytes).
+    cdef bytes text = message[:256].encode("utf-8")
     cdef char* p
+    _check_range(code, 0xFFFF, "code")
     frame = new_frame(FrameType.ERROR, 0, request_id, ERROR_FIXED + len(text), &p)
     pack_u16(p, <uint16_t>code)
     memcpy(p + ERROR_FIXED, PyBytes_AS_STRING(text), len(text))
@@ -503,6 +522,8 @@ cdef class FrameReader:
             while True:
                 span = frame_span(base + pos, avail - pos, self._max_frame, &err)
                 if span < 0:
+                    if out:
+                        break   # hand out the frames before it; the next feed raises
                     raise frame_error(err)
                 if span == 0:
                     break
@@ -513,7 +534,12 @@ cdef class FrameReader:
                 f.request_id = h.request_id
                 f.body = PyBytes_FromStringAndSize(base + pos + HEADER_SIZE, span - HEADER_SIZE)
                 if h.flags & FrameFlag.COMPRESSED:
-                    f.body = decompress_body(f.body, self._max_frame)
+                    try:
+                        f.body = decompress_body(f.body, self._max_frame - HEADER_SIZE)
+                    except ProtocolError:
+                        if out:
+                            break
+                        raise
                 out.append(f)
                 pos += span
         finally:

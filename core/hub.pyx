@@ -352,9 +352,10 @@ cdef class Connection:
             self._arena_base = 0
             return hub._arena
         # Put the partial frame back in front of where the next bytes will land.
+        # It stays in its own buffer too until buffer_updated: the read that
+        # follows may find nothing (EAGAIN) and another connection reuse the arena.
         memcpy(hub._arena_ptr, self._partial, self._partial_len)
         self._arena_base = self._partial_len
-        self._drop_partial()
         return PyMemoryView_FromMemory(hub._arena_ptr + self._arena_base,
                                        hub._arena_size - self._arena_base, PyBUF_WRITE)
 
@@ -378,6 +379,8 @@ cdef class Connection:
             finally:
                 self._drop_partial()
             return
+        if self._arena_base:
+            self._drop_partial()
         self._consume(hub._arena_ptr, self._arena_base + nbytes)
 
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1:
@@ -389,6 +392,7 @@ cdef class Connection:
             if span == 0:
                 break
             if span < 0:
+                # Request id 0: a header that fails validation carries no trustworthy id.
                 self._protocol_error(frame_error(err), 0)
                 return 0
             self._tokens -= 1.0
@@ -436,7 +440,7 @@ cdef class Connection:
         try:
             if h.flags & FrameFlag.COMPRESSED:
                 inflated = decompress_body(PyMemoryView_FromMemory(<char*>body, n, PyBUF_READ),
-                                           self.hub.max_frame)
+                                           self.hub.max_frame - HEADER_SIZE)
                 body = PyBytes_AS_STRING(inflated)
                 n = PyBytes_GET_SIZE(inflated)
             if h.type == FrameType.PUBLISH and self.authenticated:
@@ -474,6 +478,15 @@ cdef class Connection:
         if ContentType.BINARY < v.content_type < CONTENT_TYPE_APP_MIN:
             raise ProtocolError(ErrorCode.MALFORMED_BODY,
                                 f"content type {v.content_type} is reserved", False)
+        if v.content_type == ContentType.EVENT:
+            # Events (group joins and leaves) are written by the server alone.
+            raise ProtocolError(ErrorCode.FORBIDDEN, "content type EVENT is reserved for the server",
+                                False)
+        if (HEADER_SIZE + MESSAGE_FIXED + v.channel_len + PyBytes_GET_SIZE(self.user_key)
+                + v.key_len + v.meta_len + v.payload_len > self.hub.max_frame):
+            # The MESSAGE carries the sender too; past max_frame no client could take it.
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                                "the message would exceed the maximum frame size", False)
         ch = self._last_channel
         # Fast path: a connection publishing to the channel it used last skips
         # the registry and the permission check (both cached on first use).
@@ -499,7 +512,11 @@ cdef class Connection:
     cdef int enqueue(self, bytes frame) except -1:
         if self.closing:
             return 0
-        if self._out_bytes + PyBytes_GET_SIZE(frame) > self.hub.max_pending_bytes:
+        # Only bytes queued while the transport is paused (the kernel and uvloop
+        # buffers are full past the high-water mark) count against the limit:
+        # what one loop iteration queues for a reader that keeps up is written
+        # out at the end of that iteration.
+        if self._paused and self._out_bytes + PyBytes_GET_SIZE(frame) > self.hub.max_pending_bytes:
             return self._slow_consumer()
         if self._outq is None:
             self._outq = [frame]

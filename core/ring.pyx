@@ -38,8 +38,10 @@ cdef class Ring:
             raise MemoryError()
         if self.last:
             s = self.first
-            while s <= self.last:
+            while True:
                 slots[s % new_size] = self._slots[s % self._allocated]
+                if s == self.last:
+                    break
                 s += 1
         PyMem_Free(self._slots)
         self._slots = slots
@@ -48,6 +50,8 @@ cdef class Ring:
 
     cdef int push(self, uint64_t seq, bytes frame) except -1:
         cdef Py_ssize_t i
+        if seq == 0:
+            raise ValueError("ring seqs start at 1")
         if self.last and seq != self.last + 1:
             raise ValueError(f"ring expects seq {self.last + 1}, got {seq}")
         if self.last == 0:
@@ -83,8 +87,10 @@ cdef class Ring:
         if self.last == 0 or after >= self.last:
             return out
         s = max(after + 1, self.first)
-        while s <= self.last:
+        while True:
             out.append(<object>self._slots[s % self._allocated])
+            if s == self.last:
+                break
             s += 1
         return out
 
@@ -99,7 +105,9 @@ cdef class Ring:
     def __len__(self):
         return 0 if self.last == 0 else <Py_ssize_t>(self.last - self.first + 1)
 
-    def __getitem__(self, uint64_t seq):
+    def __getitem__(self, seq):
+        if not 0 <= seq <= 0xFFFFFFFFFFFFFFFF:
+            raise KeyError(seq)
         frame = self.get(seq)
         if frame is None:
             raise KeyError(seq)

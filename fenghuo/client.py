@@ -59,6 +59,11 @@ log = logging.getLogger("fenghuo.client")
 Callback = Callable[[Any], Any]
 # Errors after which reconnecting cannot help.
 _TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED}
+# Refusals of a HELLO that a later attempt may not get; any other refusal of
+# the same HELLO would repeat forever.
+_HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED}
+# A connection that drops sooner than this after WELCOME does not reset the backoff.
+_STABLE_AFTER_S = 1.0
 
 
 class FenghuoError(Exception):
@@ -151,9 +156,13 @@ class Client:
         self._subscriptions: set[str] = set()
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._callbacks: dict[str, list[Callback]] = {}
+        self._callback_tasks: set[asyncio.Future[Any]] = set()   # referenced until done
         self._reconnector: asyncio.Task[None] | None = None
         self._reconnect_after = 0.0
         self._hello_id = 0
+        self._watching: set[str] = set()
+        self._welcomed_at = 0.0
+        self._flaps = 0
 
     # ------------------------------------------------------------ connection
 
@@ -178,19 +187,29 @@ class Client:
         except BaseException:
             transport.abort()
             raise
+        if self._proto is not proto:
+            # Lost after WELCOME arrived but before we got here: _on_lost has run
+            # (and started no reconnector, this attempt being one); retry.
+            raise ConnectionLost()
         # Resume: re-subscribe, then re-send what the server never acknowledged,
         # in order, under the same idempotency keys.
         for name in sorted(self._subscriptions):
             self._write(encode_json(FrameType.SUBSCRIBE, {
                 "channel": name, "positions": self.positions}, self._request_id()))
+        if self._watching:
+            self._write(encode_json(FrameType.PRESENCE, {
+                "op": "subscribe", "users": sorted(self._watching)}, self._request_id()))
         for frame in self._unacked.values():
             self._write(frame)
+        self._welcomed_at = loop.time()
         self._connected.set()
 
     def _on_welcome(self, body: dict[str, Any]) -> None:
         if self.epoch is not None and body.get("epoch") != self.epoch:
             # The server restarted without its state: old positions mean nothing now.
             self.positions.clear()
+        elif self.epoch is None:
+            self._start_at(body.get("channels"))
         self.epoch = body.get("epoch")
         self.user = body.get("user")
         self.welcome = body
@@ -200,6 +219,9 @@ class Client:
             return
         self._proto = None
         self._connected.clear()
+        loop = asyncio.get_running_loop()
+        lived = loop.time() - self._welcomed_at if self._welcomed_at else 0.0
+        self._flaps = 0 if lived >= _STABLE_AFTER_S else self._flaps + 1
         for rid, fut in list(self._pending.items()):
             if rid not in self._unacked and not fut.done():
                 fut.set_exception(ConnectionLost())
@@ -213,7 +235,7 @@ class Client:
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
-        attempt = 0
+        attempt = self._flaps
         delay = self._reconnect_after
         self._reconnect_after = 0.0
         while not self._closed:
@@ -223,10 +245,9 @@ class Client:
                 await self._connect_once()
                 log.info("reconnected", extra={"user": self.user, "attempt": attempt})
                 return
-            except FenghuoError as exc:
-                if exc.code in _TERMINAL:
-                    self._terminal = exc
-                    self._fail_all(exc)
+            except FenghuoError:
+                if self._terminal is not None:
+                    self._fail_all(self._terminal)
                     return
             except (OSError, asyncio.TimeoutError):
                 pass
@@ -313,6 +334,8 @@ class Client:
                 fut.set_exception(error)
             if frame.request_id != self._hello_id:
                 return
+            if code not in _HELLO_RETRYABLE:
+                self._terminal = error
         if code in _TERMINAL:
             self._terminal = error
         log.warning("server error %s: %s", code, text)
@@ -325,9 +348,22 @@ class Client:
 
     def _emit(self, kind: str, value: Any) -> None:
         for callback in self._callbacks.get(kind, ()):
-            result = callback(value)
+            # An application bug must cost neither the other callbacks nor the
+            # connection: an exception out of data_received aborts the transport.
+            try:
+                result = callback(value)
+            except Exception:
+                log.exception("%s callback failed", kind)
+                continue
             if inspect.isawaitable(result):
-                asyncio.ensure_future(result)
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_done)
+
+    def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("async callback failed", exc_info=task.exception())
 
     # ------------------------------------------------------------ frames out
 
@@ -406,6 +442,12 @@ class Client:
         rid = self._request_id()
         frame = encode_publish(channel, payload, ctype, meta_bytes, key_bytes, rid,
                                self.compress_threshold)
+        # The server cuts a connection for an oversized frame without a request
+        # id, so resending it on reconnect would loop forever: refuse it here.
+        limit = self.welcome.get("max_frame", self.max_frame)
+        if len(frame) > limit:
+            raise FenghuoError(ErrorCode.FRAME_TOO_LARGE,
+                               f"PUBLISH of {len(frame)} bytes exceeds the {limit}-byte frame limit")
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self._unacked[rid] = frame
@@ -426,7 +468,16 @@ class Client:
                                                            "positions": self.positions})
         if channel.startswith("org"):
             self._subscriptions.add(channel)
+        self._start_at(result.get("channels"))
         return result
+
+    def _start_at(self, heads: dict[str, int] | None) -> None:
+        # A channel's position starts at its head when we first subscribe: what
+        # came before is history, not news.  Without a position the server
+        # either replays the whole ring at resume (HELLO) or skips the channel
+        # (SUBSCRIBE), losing what was published there while we were away.
+        for name, seq in (heads or {}).items():
+            self.positions.setdefault(name, seq)
 
     async def unsubscribe(self, channel: str) -> dict[str, Any]:
         self._subscriptions.discard(channel)
@@ -447,8 +498,17 @@ class Client:
         return (await self._request(FrameType.PRESENCE, {"op": "query", "users": users}))["users"]
 
     async def watch_presence(self, users: list[str]) -> dict[str, dict]:
-        """Current presence of ``users``; changes arrive at :meth:`on_presence` callbacks."""
-        return (await self._request(FrameType.PRESENCE, {"op": "subscribe", "users": users}))["users"]
+        """Current presence of ``users``; changes arrive at :meth:`on_presence` callbacks.
+
+        The watch survives reconnects until :meth:`unwatch_presence`.
+        """
+        result = await self._request(FrameType.PRESENCE, {"op": "subscribe", "users": users})
+        self._watching.update(users)
+        return result["users"]
+
+    async def unwatch_presence(self, users: list[str]) -> dict[str, dict]:
+        self._watching.difference_update(users)
+        return (await self._request(FrameType.PRESENCE, {"op": "unsubscribe", "users": users}))["users"]
 
     async def create_group(self, group: str, members: list[str] = (), title: str = "") -> dict:  # type: ignore[assignment]
         return await self._request(FrameType.GROUP, {"op": "create", "group": group,

@@ -69,6 +69,8 @@ OPTIONS: tuple[Option, ...] = tuple(
 
 def _coerce(option: Option, value: Any, source: str) -> Any:
     kind = type(option.default)
+    if (kind in (int, float) and isinstance(value, bool)) or (kind is int and isinstance(value, float)):
+        raise ValueError(f"{source}: {option.name} must be {kind.__name__}, got {value!r}")
     try:
         if kind is bool:
             return str(value).lower() in ("1", "true", "yes", "on")
@@ -96,8 +98,10 @@ def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = 
     if config_file:
         with open(config_file, "rb") as f:
             table = tomllib.load(f)
-        table = table.get("server", table)
-        for key, value in table.items():
+        server = table.pop("server", {})
+        if not isinstance(server, dict):
+            raise ValueError(f"{config_file}: [server] must be a table")
+        for key, value in [*table.items(), *server.items()]:
             option = known.get(key.replace("-", "_"))
             if option is None:
                 raise ValueError(f"{config_file}: unknown setting {key!r}")

@@ -90,8 +90,10 @@ class GroupRegistry:
             raise _refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
         if group_id in self.groups:
             raise _refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
-        users = self._check_users(list(members))
-        group = Group(group_id, actor, str(title)[:200])
+        # Only a list (or the default tuple) is a member list: list() of a number
+        # would fail as an internal error, and of a string would split it into letters.
+        users = self._check_users(list(members) if isinstance(members, (list, tuple)) else members)
+        group = Group(group_id, actor, str(title or "")[:200])
         self.groups[group_id] = group
         self._join(group, actor, OWNER)
         for user in users:

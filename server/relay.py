@@ -4,7 +4,8 @@ Per-message work happens in :mod:`fenghuo.core`; this module decides who is
 subscribed to what and keeps the indexes that decision needs:
 
 * ``users``: user id -> online sessions (devices) in this process
-* ``memberships``: user id -> direct and group channels the user belongs to
+* ``memberships``: user id -> direct and group channels the user belongs to,
+  each with its seq when the user joined (catch-up never reaches before it)
 * ``watchers``: user id -> sessions watching that user's presence
 """
 
@@ -73,7 +74,7 @@ class Relay:
         )
         self.groups = GroupRegistry()
         self.users: dict[str, set[Session]] = {}
-        self.memberships: dict[str, set[Channel]] = {}
+        self.memberships: dict[str, dict[Channel, int]] = {}
         self.watchers: dict[str, set[Session]] = {}
         self.started_at = time.time()
         self.shutting_down = False
@@ -208,14 +209,14 @@ class Relay:
 
     def join(self, user: str, ch: Channel) -> None:
         """Make ``user`` a member of a direct or group channel, on every device."""
-        self.memberships.setdefault(user, set()).add(ch)
+        self.memberships.setdefault(user, {}).setdefault(ch, ch.seq)
         for session in self.users.get(user, ()):
             self.subscribe(session, ch)
 
     def part(self, user: str, ch: Channel) -> None:
         channels = self.memberships.get(user)
         if channels is not None:
-            channels.discard(ch)
+            channels.pop(ch, None)
         for session in self.users.get(user, ()):
             self.unsubscribe(session, ch, entirely=True)
             session.forget_publish_cache()
@@ -228,6 +229,9 @@ class Relay:
         Returns False, after sending GAP, when the ring no longer reaches back
         to ``after + 1``; the frames it still holds follow the GAP.
         """
+        # A member added while away must not get what was said before the join
+        # (one added while online never does); seqs up to it are not "missed".
+        after = max(after, self.memberships.get(session.user, {}).get(ch, 0))
         frames = ch.ring.resume_from(after)
         recovered = frames is not None
         if not recovered:

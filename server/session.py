@@ -143,9 +143,10 @@ class Session(Connection, asyncio.BufferedProtocol):
             chain = [self.relay.readable(self, name)]
         self.reply(request_id, {"channel": name, "channels": {ch.name: ch.seq for ch in chain}})
         if positions is not None:
+            # The HELLO rule: a channel missing from the positions is replayed
+            # from the start of its ring (what was said there while we were away).
             for ch in chain:
-                if ch.name in positions:
-                    self.relay.catch_up(self, ch, positions[ch.name])
+                self.relay.catch_up(self, ch, positions.get(ch.name, 0))
 
     def _unsubscribe(self, request_id: int, body: dict[str, Any]) -> None:
         name = body.get("channel")

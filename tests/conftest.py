@@ -86,7 +86,7 @@ def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
     log_path = tmp_path / f"relay-{port}.log"
     cmd = [sys.executable, "-m", "fenghuo", "serve", "--host", host, "--port", str(port),
            "--metrics-port", str(metrics_port), "--data-dir", str(data_dir),
-           "--secret", secret, "--log-level", "debug", *flags]
+           f"--secret={secret}", "--log-level", "debug", *flags]
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})

@@ -15,8 +15,9 @@ import struct
 from typing import Any
 
 import orjson
+import pytest
 
-from fenghuo.core import FrameReader, FrameType, ProtocolError, decode_error
+from fenghuo.core import FrameReader, FrameType, ProtocolError, decode_ack, decode_error
 from fenghuo.protocol import encode_json
 
 TIMEOUT = 5.0
@@ -103,11 +104,28 @@ class RawConnection(asyncio.Protocol):
             self.frames.put_nowait(None)  # stays at the end
         return item
 
-    async def expect(self, ftype: int, timeout: float = TIMEOUT):
+    async def expect(self, ftype: int, timeout: float = TIMEOUT, *,
+                     request_id: int | None = None):
         frame = await self.frame(timeout)
         assert frame is not None and frame.type == ftype, (
             f"expected {_NAMES.get(ftype, hex(ftype))}, got {describe(frame)}")
+        if request_id is not None:
+            assert frame.request_id == request_id, (
+                f"expected rid={request_id}, got {describe(frame)}")
         return frame
+
+    async def expect_ack(self, request_id: int, timeout: float = TIMEOUT):
+        """The ACK of ``request_id``, passing over the MESSAGEs fanned out before it
+        (a publisher subscribed to its own channel gets its message first)."""
+        while True:
+            frame = await self.frame(timeout)
+            if frame is not None and frame.type == FrameType.MESSAGE:
+                continue
+            assert frame is not None and frame.type == FrameType.ACK, (
+                f"expected ACK rid={request_id}, got {describe(frame)}")
+            assert frame.request_id == request_id, (
+                f"expected ACK rid={request_id}, got {describe(frame)}")
+            return decode_ack(frame.body)
 
     async def expect_json(self, ftype: int, timeout: float = TIMEOUT) -> dict:
         return orjson.loads((await self.expect(ftype, timeout)).body)
@@ -198,3 +216,86 @@ async def metrics(relay: Any) -> dict[str, float]:
 
 def error_count(samples: dict[str, float], code: int) -> float:
     return samples.get(f'fenghuo_errors_total{{code="{code}"}}', 0.0)
+
+
+# ---------------------------------------------------------------- bystanders
+
+class Bystander:
+    """bob, connected before an attack, receiving alice's direct messages.
+
+    Messages go out before, during and after the attack; :meth:`verify` checks
+    that bob got every one, exactly once, in order, with the seqs alice's acks
+    promised, and that neither of them lost its connection on the way (the
+    client would otherwise hide a reconnect behind its resume).
+    """
+
+    CHANNEL = "dm:alice:bob"
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        self.sent: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, before: int = 3) -> "Bystander":
+        self.alice = await self.relay.connect("alice")
+        self.bob = await self.relay.connect("bob")
+        self._links = (self.alice._proto, self.bob._proto)
+        await self.send("before", before)
+        return self
+
+    async def send(self, label: str, n: int, pause: float = 0.0) -> None:
+        for i in range(n):
+            text = f"{label}-{i}"
+            ack = await asyncio.wait_for(self.alice.send("bob", text), TIMEOUT)
+            self.sent.append(text)
+            assert (ack.channel, ack.seq) == (self.CHANNEL, len(self.sent))
+            if pause:
+                await asyncio.sleep(pause)
+
+    def during(self, n: int = 5, pause: float = 0.01) -> None:
+        """Keep alice publishing, paced, while the test goes on with its attack."""
+        self._tasks.append(asyncio.create_task(self.send("during", n, pause)))
+
+    async def verify(self, after: int = 3) -> None:
+        for task in self._tasks:
+            await asyncio.wait_for(task, TIMEOUT)
+        self._tasks.clear()
+        await self.send("after", after)
+        got = [await self.bob.next_message(timeout=TIMEOUT) for _ in self.sent]
+        assert [(m.channel, m.seq, m.sender, m.text) for m in got] == [
+            (self.CHANNEL, seq, "alice", text) for seq, text in enumerate(self.sent, 1)]
+        assert (self.alice._proto, self.bob._proto) == self._links, "a bystander was disconnected"
+        with pytest.raises(asyncio.TimeoutError):
+            extra = await self.bob.next_message(timeout=0.05)
+            raise AssertionError(f"bob received an unexpected message: {extra}")
+
+
+async def wait_for_metric(relay: Any, name: str, predicate, timeout: float = TIMEOUT) -> dict:
+    """Poll ``/metrics`` until ``predicate(value of name)`` holds; the samples."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        samples = await metrics(relay)
+        if predicate(samples.get(name, 0.0)):
+            return samples
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{name} = {samples.get(name)} never satisfied the condition")
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- fixtures
+# Imported by the test modules that use them (pytest finds fixtures by name
+# in a test module's namespace).
+
+@pytest.fixture
+async def relay_with(relay_factory):
+    """``relay_factory`` whose Python clients are closed at teardown (their
+    reconnect loops must not outlive the test's event loop)."""
+    made: list = []
+
+    def make(*flags: str, **kwargs: Any):
+        relay = relay_factory(*flags, **kwargs)
+        made.append(relay)
+        return relay
+
+    yield make
+    await asyncio.gather(*(c.close() for r in made for c in r.clients), return_exceptions=True)

@@ -1,0 +1,182 @@
+"""The compiled core is the one in use, and the package installs under ``fenghuo`` only.
+
+These fail when the tests would otherwise pass against something else: a
+stray pure-Python ``_core.py``, a pyximport shim, an extension left over from
+older sources, or bare ``core``/``server`` packages leaking into site-packages.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.metadata
+import inspect
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import fenghuo
+import fenghuo.core
+import fenghuo.core._core as _core
+
+Py_TPFLAGS_HEAPTYPE = 1 << 9
+EXTENSION_TYPES = ["Ack", "Bus", "Channel", "Connection", "Frame", "FrameReader", "Hub",
+                   "LocalBus", "Message", "Metrics", "Publish", "Receipt", "Ring"]
+COMPILED_FUNCTIONS = ["compress_body", "decompress_body", "decode_ack", "decode_error",
+                      "decode_message", "decode_publish", "decode_receipt", "decode_receipt_event",
+                      "encode_ack", "encode_error", "encode_frame", "encode_message",
+                      "encode_publish", "encode_receipt", "encode_receipt_event", "frame_error"]
+COMPILED_CALLABLE_TYPES = {"cython_function_or_method", "method_descriptor",
+                           "builtin_function_or_method"}
+
+
+def test_core_module_is_an_extension_module():
+    path = Path(_core.__file__)
+    assert any(path.name.endswith(s) for s in importlib.machinery.EXTENSION_SUFFIXES), path
+    assert path.name.startswith("_core.")
+    assert isinstance(_core.__loader__, importlib.machinery.ExtensionFileLoader)
+    assert isinstance(_core.__spec__.loader, importlib.machinery.ExtensionFileLoader)
+    assert _core.__spec__.origin == _core.__file__
+    assert _core.__name__ == "fenghuo.core._core"
+
+
+def test_no_python_shadow_of_the_extension():
+    for folder in map(Path, fenghuo.core.__path__):
+        assert not (folder / "_core.py").exists(), folder
+        assert not list(folder.glob("__pycache__/_core.*.pyc")), folder
+    assert "pyximport" not in sys.modules
+    assert not any(type(f).__module__.startswith("pyximport") for f in sys.meta_path)
+
+
+@pytest.mark.parametrize("name", EXTENSION_TYPES)
+def test_classes_are_static_extension_types(name):
+    cls = getattr(fenghuo.core, name)
+    assert cls is getattr(_core, name)
+    assert cls.__module__ == "fenghuo.core._core"
+    assert not cls.__flags__ & Py_TPFLAGS_HEAPTYPE, f"{name} is a heap type (a Python class)"
+    assert "__dict__" not in cls.__dict__, f"{name} instances have a __dict__"
+
+
+@pytest.mark.parametrize("name", COMPILED_FUNCTIONS)
+def test_functions_are_compiled(name):
+    fn = getattr(fenghuo.core, name)
+    assert fn is getattr(_core, name)
+    assert not isinstance(fn, types.FunctionType) and not inspect.isfunction(fn)
+    assert type(fn).__name__ in COMPILED_CALLABLE_TYPES
+
+
+@pytest.mark.parametrize("owner,method", [
+    ("FrameReader", "feed"), ("Ring", "append"), ("Ring", "since"), ("Ring", "resume_from"),
+    ("Ring", "clear"), ("Hub", "channel"), ("Hub", "flush"), ("Hub", "publish_event"),
+    ("Connection", "buffer_updated"), ("Connection", "get_buffer"), ("Connection", "send"),
+    ("Metrics", "snapshot")])
+def test_methods_are_compiled(owner, method):
+    fn = getattr(getattr(fenghuo.core, owner), method)
+    assert not isinstance(fn, types.FunctionType), f"{owner}.{method} is a Python function"
+    assert type(fn).__name__ in COMPILED_CALLABLE_TYPES
+
+
+def test_cdef_attributes_are_slots_of_the_type():
+    # cdef readonly/public attributes are getset descriptors, not properties or instance dicts.
+    for cls, attr in [("Ring", "first"), ("Ring", "capacity"), ("Frame", "body"),
+                      ("Channel", "seq"), ("Hub", "max_frame"), ("Message", "payload")]:
+        descr = getattr(fenghuo.core, cls).__dict__[attr]
+        assert type(descr).__name__ == "getset_descriptor", (cls, attr, type(descr))
+    reader = fenghuo.core.FrameReader()
+    with pytest.raises(AttributeError):
+        reader.anything = 1
+
+
+def test_enums_and_constants_come_from_the_extension():
+    for name in ["AckStatus", "ChannelKind", "ContentType", "ErrorCode", "FrameFlag",
+                 "FrameType", "ReceiptKind", "FRAME_HEADER_SIZE", "WIRE_VERSION", "ProtocolError"]:
+        assert getattr(fenghuo.core, name) is getattr(_core, name)
+    assert fenghuo.core.ProtocolError.__module__ == "fenghuo.core._core"
+
+
+def _pxi_enums(text: str) -> dict[str, dict[str, int]]:
+    enums: dict[str, dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        head = re.match(r"cpdef enum (\w+):", line)
+        if head:
+            current = enums.setdefault(head.group(1), {})
+            continue
+        if current is None:
+            continue
+        member = re.match(r"\s+(\w+) = (0x[0-9A-Fa-f]+|\d+)", line)
+        if member:
+            current[member.group(1)] = int(member.group(2), 0)
+        elif line and not line[0].isspace():
+            current = None
+    return enums
+
+
+def _source_dir() -> Path | None:
+    folder = Path(_core.__file__).parent
+    return folder if (folder / "_core.pyx").exists() else None
+
+
+def test_enum_values_match_the_sources():
+    """An extension built from older consts.pxi would disagree here."""
+    folder = _source_dir()
+    if folder is None:
+        pytest.skip("installed without sources")
+    enums = _pxi_enums((folder / "consts.pxi").read_text())
+    assert {"FrameType", "ErrorCode", "FrameFlag", "ContentType", "ChannelKind"} <= set(enums)
+    for enum_name, members in enums.items():
+        compiled = getattr(_core, enum_name)
+        assert {name: int(m) for name, m in compiled.__members__.items()} == members, enum_name
+
+
+def test_extension_is_not_older_than_its_sources():
+    """After editing core/*.pyx the extension must be rebuilt (``make build``)."""
+    folder = _source_dir()
+    if folder is None:
+        pytest.skip("installed without sources")
+    built = os.stat(_core.__file__).st_mtime
+    sources = [p for ext in ("*.pyx", "*.pxd", "*.pxi", "*.h") for p in folder.glob(ext)]
+    stale = sorted(p.name for p in sources if p.stat().st_mtime > built)
+    assert sources and not stale, f"rebuild the extension: newer than it: {stale}"
+
+
+def test_package_exports_the_extension():
+    for name in [n for n in dir(fenghuo.core) if not n.startswith("_")]:
+        value = getattr(fenghuo.core, name)
+        if isinstance(value, types.ModuleType):
+            continue
+        assert getattr(_core, name) is value, name
+
+
+CHILD = r"""
+import importlib.util, sys
+found = {name: importlib.util.find_spec(name) is not None for name in ("core", "server")}
+import fenghuo.core, fenghuo.server, fenghuo.server.config
+print(found["core"], found["server"], fenghuo.server.config.__name__)
+"""
+
+
+def test_installs_under_the_fenghuo_namespace_only(tmp_path):
+    # A child in an empty directory: the checkout must not be on sys.path by accident.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False", "fenghuo.server.config"]
+
+
+@pytest.mark.parametrize("bare", ["core", "server"])
+def test_bare_packages_do_not_import(tmp_path, bare):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    proc = subprocess.run([sys.executable, "-c", f"import {bare}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "ModuleNotFoundError" in proc.stderr
+
+
+def test_version_matches_the_installed_distribution():
+    assert importlib.metadata.version("fenghuo") == fenghuo.__version__

@@ -1,0 +1,292 @@
+"""docs/PROTOCOL.md and the code in step.
+
+* Every enum of ``core/consts.pxi`` has a table in the document (marked
+  ``<!-- enum: Name -->``) listing exactly its members with the same values;
+  the members are taken both from the compiled extension and from the
+  ``consts.pxi`` source, so adding a code there without documenting it fails
+  here even before a rebuild.
+* The fixed sizes (``<!-- consts -->``) and the server defaults
+  (``<!-- settings -->``) match the code.
+* Every ```` ```hex ```` example is exactly one frame that ``FrameReader``
+  decodes, whose body decodes with the codec, and whose annotations (type,
+  length, request id, flags) say what the bytes say.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import fenghuo.core as core
+from fenghuo.core import (
+    FRAME_HEADER_SIZE,
+    WIRE_VERSION,
+    AckStatus,
+    ChannelKind,
+    ContentType,
+    ErrorCode,
+    FrameFlag,
+    FrameReader,
+    FrameType,
+    ReceiptKind,
+    decode_ack,
+    decode_error,
+    decode_message,
+    decode_publish,
+    decode_receipt,
+    decode_receipt_event,
+    frame_error,
+)
+from fenghuo.protocol import decode_json
+from fenghuo.server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "PROTOCOL.md"
+
+# The wire enums (and ChannelKind, documented with the channel grammar).
+ENUMS = {e.__name__: e for e in (FrameType, FrameFlag, ContentType, ReceiptKind, AckStatus,
+                                 ErrorCode, ChannelKind)}
+# Members that are masks or aliases rather than values of their own.
+NOT_DOCUMENTED_AS_ROWS = {("FrameFlag", "KNOWN_FLAGS")}
+
+JSON_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE,
+              FrameType.RESULT, FrameType.GROUP, FrameType.PRESENCE, FrameType.PRESENCE_EVENT,
+              FrameType.GAP, FrameType.GOAWAY}
+BINARY_DECODERS = {
+    FrameType.PUBLISH: decode_publish,
+    FrameType.MESSAGE: decode_message,
+    FrameType.ACK: decode_ack,
+    FrameType.RECEIPT: decode_receipt,
+    FrameType.RECEIPT_EVENT: decode_receipt_event,
+    FrameType.ERROR: decode_error,
+}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def doc_text() -> str:
+    assert DOC.is_file(), f"{DOC} is missing"
+    return DOC.read_text(encoding="utf-8")
+
+
+def _consts_path() -> Path | None:
+    for candidate in (ROOT / "core" / "consts.pxi",
+                      Path(core.__file__).resolve().parent / "consts.pxi"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def consts_source() -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """``({enum name: {member: value}}, {constant: value})`` parsed from consts.pxi."""
+    path = _consts_path()
+    assert path is not None, "core/consts.pxi not found in the checkout or next to fenghuo.core"
+    enums: dict[str, dict[str, int]] = {}
+    constants: dict[str, int] = {}
+    current: dict[str, int] | None = None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line:
+            continue
+        if not raw[0].isspace():
+            m = re.fullmatch(r"cpdef enum (\w+):", line)
+            if m:
+                current = enums.setdefault(m.group(1), {})
+            elif re.fullmatch(r"cdef enum:", line):
+                current = constants
+            else:
+                current = None
+            continue
+        m = re.fullmatch(r"\s+(\w+)\s*=\s*(.+)", line)
+        if m and current is not None:
+            current[m.group(1)] = int(eval(m.group(2), {"__builtins__": {}}))  # literals: 1, 0x01, 8 << 20
+    return enums, constants
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("**", "").strip("`").strip()
+
+
+def marked_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Tables preceded by ``<!-- marker -->``, as lists of {header: cell}."""
+    lines = text.splitlines()
+    tables: dict[str, list[dict[str, str]]] = {}
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"\s*<!--\s*(.+?)\s*-->\s*", line)
+        if not m:
+            continue
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        rows = []
+        while j < len(lines) and lines[j].lstrip().startswith("|"):
+            rows.append([c for c in lines[j].strip().strip("|").split("|")])
+            j += 1
+        assert len(rows) >= 2, f"marker {m.group(1)!r} is not followed by a table"
+        header = [_cell(c) for c in rows[0]]
+        body = [dict(zip(header, (_cell(c) for c in row))) for row in rows[2:]]
+        assert m.group(1) not in tables, f"marker {m.group(1)!r} appears twice"
+        tables[m.group(1)] = body
+    return tables
+
+
+def _int(text: str) -> int:
+    return int(text.replace("_", "").replace(",", ""), 0)
+
+
+def hex_blocks(text: str) -> list[str]:
+    return re.findall(r"^```hex[ \t]*\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def block_bytes(block: str) -> bytes:
+    return bytes.fromhex(" ".join(line.split("#", 1)[0] for line in block.splitlines()))
+
+
+# ---------------------------------------------------------------- enums
+
+
+def expected_members(name: str) -> dict[str, int]:
+    enum = ENUMS[name]
+    members = {k: int(v) for k, v in enum.__members__.items()}
+    source, _ = consts_source()
+    for k, v in source.get(name, {}).items():
+        members.setdefault(k, v)
+    return {k: v for k, v in members.items() if (name, k) not in NOT_DOCUMENTED_AS_ROWS}
+
+
+def test_every_enum_of_consts_pxi_is_checked_here():
+    source, _ = consts_source()
+    assert set(source) <= set(ENUMS), (
+        f"consts.pxi defines enums {sorted(set(source) - set(ENUMS))} that neither this test "
+        "nor docs/PROTOCOL.md covers: document them and add them to ENUMS")
+
+
+def test_compiled_enums_match_consts_pxi():
+    source, _ = consts_source()
+    for name, members in source.items():
+        if name not in ENUMS:
+            continue    # reported by test_every_enum_of_consts_pxi_is_checked_here
+        compiled = {k: int(v) for k, v in ENUMS[name].__members__.items()}
+        differing = {k: (v, compiled.get(k)) for k, v in members.items() if compiled.get(k) != v}
+        assert not differing, f"{name}: consts.pxi vs built extension (rebuild?): {differing}"
+
+
+@pytest.mark.parametrize("name", sorted(ENUMS))
+def test_enum_table_matches_code(name):
+    tables = marked_tables(doc_text())
+    key = f"enum: {name}"
+    assert key in tables, f"docs/PROTOCOL.md has no table marked <!-- {key} -->"
+    documented: dict[str, int] = {}
+    for row in tables[key]:
+        assert "Name" in row and "Value" in row, f"{key}: table needs Value and Name columns"
+        assert row["Name"] not in documented, f"{key}: {row['Name']} documented twice"
+        documented[row["Name"]] = _int(row["Value"])
+    expected = expected_members(name)
+    missing = sorted(set(expected) - set(documented))
+    extra = sorted(set(documented) - set(expected))
+    wrong = {k: (documented[k], expected[k]) for k in set(expected) & set(documented)
+             if documented[k] != expected[k]}
+    assert not missing, f"{name}: undocumented members {missing}"
+    assert not extra, f"{name}: documented but not in the code {extra}"
+    assert not wrong, f"{name}: documented value != code value: {wrong}"
+
+
+def test_error_table_says_fatal_or_not():
+    rows = {r["Name"]: r for r in marked_tables(doc_text())["enum: ErrorCode"]}
+    for name, row in rows.items():
+        assert "Fatal" in row and row["Fatal"], f"{name}: no Fatal column"
+    # Framing errors come from frame_error(), which is always fatal.
+    for code in (ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE,
+                 ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BAD_FLAGS):
+        assert frame_error(code).fatal
+        assert rows[code.name]["Fatal"].lower().startswith("yes"), code.name
+
+
+# ---------------------------------------------------------------- constants, settings
+
+
+def test_constants_table_matches_consts_pxi():
+    _, constants = consts_source()
+    rows = marked_tables(doc_text()).get("consts")
+    assert rows is not None, "docs/PROTOCOL.md has no table marked <!-- consts -->"
+    documented = {r["Constant"]: _int(r["Value"]) for r in rows}
+    assert documented == constants
+    assert documented["HEADER_SIZE"] == FRAME_HEADER_SIZE
+    assert documented["PROTOCOL_VERSION"] == WIRE_VERSION
+
+
+def test_settings_table_matches_defaults():
+    rows = marked_tables(doc_text()).get("settings")
+    assert rows, "docs/PROTOCOL.md has no table marked <!-- settings -->"
+    defaults = Settings()
+    for row in rows:
+        name = row["Setting"]
+        assert hasattr(defaults, name), f"no setting {name!r}"
+        value = getattr(defaults, name)
+        assert type(value)(row["Default"]) == value, f"{name}: doc {row['Default']} != {value!r}"
+
+
+# ---------------------------------------------------------------- hex examples
+
+BLOCKS = hex_blocks(DOC.read_text(encoding="utf-8")) if DOC.is_file() else []
+
+
+def _decode(block: str):
+    data = block_bytes(block)
+    reader = FrameReader()
+    frames = reader.feed(data)
+    assert len(frames) == 1 and reader.buffered == 0, (
+        f"expected exactly one complete frame, got {len(frames)} and {reader.buffered} "
+        "bytes left over")
+    return data, frames[0]
+
+
+def test_doc_has_hex_examples():
+    assert BLOCKS, "docs/PROTOCOL.md has no ```hex examples"
+    types = set()
+    compressed = False
+    for block in BLOCKS:
+        _, frame = _decode(block)
+        types.add(frame.type)
+        compressed |= bool(frame.flags & FrameFlag.COMPRESSED)
+    for required in (FrameType.HELLO, FrameType.PUBLISH, FrameType.ACK, FrameType.MESSAGE,
+                     FrameType.ERROR):
+        assert required in types, f"no hex example of {required.name}"
+    assert compressed, "no hex example of a compressed frame"
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_hex_example_decodes(index):
+    block = BLOCKS[index]
+    data, frame = _decode(block)
+    ftype = FrameType(frame.type)
+
+    notes = "\n".join(line.split("#", 1)[1] for line in block.splitlines() if "#" in line)
+    m = re.search(r"type = 0x([0-9a-fA-F]{2}) (\w+)", notes)
+    assert m, "annotate the type as 'type = 0xNN NAME'"
+    assert (int(m.group(1), 16), m.group(2)) == (frame.type, ftype.name)
+    m = re.search(r"length = (\d+)", notes)
+    assert m and int(m.group(1)) == len(data) - 4, "length annotation"
+    m = re.search(r"request id = (\d+)", notes)
+    assert m and int(m.group(1)) == frame.request_id, "request id annotation"
+    m = re.search(r"flags = ([^\n]*)", notes)
+    assert m and ("COMPRESSED" in m.group(1)) == bool(frame.flags & FrameFlag.COMPRESSED)
+
+    body = frame.body
+    if ftype in JSON_TYPES:
+        assert isinstance(decode_json(body), dict)
+    elif ftype in BINARY_DECODERS:
+        decoded = BINARY_DECODERS[ftype](body)
+        if ftype == FrameType.ERROR:
+            assert decoded[0] in {int(c) for c in ErrorCode}
+        elif ftype in (FrameType.PUBLISH, FrameType.MESSAGE):
+            assert decoded.content_type in {int(c) for c in ContentType} or decoded.content_type >= 128
+        elif ftype == FrameType.ACK:
+            assert decoded.status in {int(s) for s in AckStatus}
+        else:
+            assert decoded.kind in {int(k) for k in ReceiptKind}
+    else:
+        assert ftype in (FrameType.PING, FrameType.PONG)

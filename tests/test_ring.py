@@ -1,0 +1,363 @@
+"""The per-channel catch-up ring (core/ring.pyx) and the hub's channel registry."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fenghuo.core import ChannelKind, ContentType, FrameReader, FrameType, Hub, Channel, Ring, decode_message
+
+U64_MAX = 2**64 - 1
+
+
+def frame(seq: int) -> bytes:
+    """A fresh, uncached bytes object (refcounts of constants are meaningless)."""
+    return bytes(bytearray(b"frame-%d" % seq))
+
+
+def append_all(ring: Ring, frames: list[bytes], start: int = 1) -> None:
+    """Append without leaving a loop variable behind that would skew refcounts."""
+    for s, f in enumerate(frames, start):
+        ring.append(s, f)
+
+
+def filled(capacity: int, first: int, last: int) -> tuple[Ring, dict[int, bytes]]:
+    ring = Ring(capacity)
+    frames = {s: frame(s) for s in range(first, last + 1)}
+    for s, f in frames.items():
+        ring.append(s, f)
+    return ring, frames
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_empty_ring():
+    ring = Ring(8)
+    assert (len(ring), ring.first, ring.last, ring.capacity) == (0, 0, 0, 8)
+    assert ring.since(0) == []
+    assert ring.resume_from(0) == []
+    assert ring.resume_from(12345) == []
+    with pytest.raises(KeyError):
+        ring[1]
+    with pytest.raises(KeyError):
+        ring[0]
+
+
+@pytest.mark.parametrize("capacity", [0, -1])
+def test_capacity_must_be_positive(capacity):
+    with pytest.raises(ValueError):
+        Ring(capacity)
+
+
+def test_append_get_since():
+    ring, frames = filled(16, 1, 5)
+    assert (len(ring), ring.first, ring.last) == (5, 1, 5)
+    for s in range(1, 6):
+        assert ring[s] is frames[s]
+    for missing in (0, 6, 100):
+        with pytest.raises(KeyError):
+            ring[missing]
+    assert ring.since(0) == [frames[s] for s in range(1, 6)]
+    assert ring.since(2) == [frames[3], frames[4], frames[5]]
+    assert ring.since(4) == [frames[5]]
+    assert ring.since(5) == []
+    assert ring.since(U64_MAX) == []
+
+
+def test_since_and_replay_hand_out_the_same_objects():
+    ring, frames = filled(4, 1, 3)
+    assert all(a is b for a, b in zip(ring.since(0), (frames[1], frames[2], frames[3])))
+    assert all(a is b for a, b in zip(ring.resume_from(1), (frames[2], frames[3])))
+
+
+def test_resume_from_covered_and_not_covered():
+    ring, frames = filled(4, 1, 10)           # holds 7..10
+    assert (ring.first, ring.last, len(ring)) == (7, 10, 4)
+    assert ring.resume_from(6) == [frames[s] for s in (7, 8, 9, 10)]   # 7 = 6 + 1 is held
+    assert ring.resume_from(8) == [frames[9], frames[10]]
+    assert ring.resume_from(5) is None        # 6 fell off
+    assert ring.resume_from(0) is None
+    assert ring.resume_from(10) == []         # up to date
+    assert ring.resume_from(11) == []         # ahead of the ring: nothing to send
+    assert ring.since(0) == [frames[s] for s in (7, 8, 9, 10)]   # since() never says None
+
+
+def test_out_of_order_seq_raises():
+    ring, _ = filled(8, 1, 3)
+    for bad in (1, 3, 5, 100):
+        with pytest.raises(ValueError, match="expects seq 4"):
+            ring.append(bad, b"x")
+    assert (ring.first, ring.last, len(ring)) == (1, 3, 3)
+    ring.append(4, b"four")
+    assert ring[4] == b"four"
+
+
+def test_append_rejects_non_bytes():
+    ring = Ring(4)
+    with pytest.raises(TypeError):
+        ring.append(1, bytearray(b"x"))
+    with pytest.raises(TypeError):
+        ring.append(1, "x")
+    with pytest.raises(OverflowError):
+        ring.append(-1, b"x")
+    assert len(ring) == 0
+
+
+def test_seq_zero_is_rejected():
+    ring = Ring(64)
+    with pytest.raises(ValueError):
+        ring.append(0, frame(0))
+
+
+def test_start_at_arbitrary_seq():
+    ring, frames = filled(5, 1000, 1003)
+    assert (ring.first, ring.last, len(ring)) == (1000, 1003, 4)
+    assert ring[1000] is frames[1000]
+    with pytest.raises(KeyError):
+        ring[999]
+    assert ring.resume_from(999) == [frames[s] for s in range(1000, 1004)]
+    assert ring.resume_from(998) is None
+    assert ring.since(1001) == [frames[1002], frames[1003]]
+
+
+def test_start_near_u64_max():
+    ring = Ring(3)
+    top = U64_MAX - 1                     # see test_since_reaching_u64_max for U64_MAX itself
+    for s in range(top - 4, top + 1):
+        ring.append(s, frame(s))
+    assert (ring.first, ring.last, len(ring)) == (top - 2, top, 3)
+    assert ring.since(top - 1) == [frame(top)]
+    assert ring.since(0) == [frame(s) for s in range(top - 2, top + 1)]
+    assert ring.resume_from(top - 3) == ring.since(0)
+    assert ring.resume_from(top - 4) is None
+
+
+SINCE_AT_U64_MAX = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (1 << 29, 1 << 29))
+from fenghuo.core import Ring
+M = 2**64 - 1
+ring = Ring(3)
+for s in range(M - 2, M + 1):
+    ring.append(s, b"f%d" % (s - M + 2))
+assert ring.since(0) == [b"f0", b"f1", b"f2"], ring.since(0)
+assert ring.resume_from(M - 1) == [b"f2"]
+print("ok")
+"""
+
+
+def test_since_reaching_u64_max():
+    # In a child with a 512 MiB address-space cap: the bug would otherwise eat all memory.
+    try:
+        proc = subprocess.run([sys.executable, "-c", SINCE_AT_U64_MAX], capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("since() did not return")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_getitem_covers_the_whole_u64_range():
+    ring = Ring(2)
+    ring.append(2**63 + 5, b"high")
+    assert ring.since(0) == [b"high"]
+    assert ring[2**63 + 5] == b"high"
+
+
+# ---------------------------------------------------------------- growth and wrap-around
+
+
+@pytest.mark.parametrize("count", [7, 8, 9, 15, 16, 17, 33, 100])
+def test_growth_across_doubling_boundaries_keeps_everything(count):
+    ring, frames = filled(1024, 1, count)
+    assert (ring.first, ring.last, len(ring)) == (1, count, count)
+    assert ring.since(0) == [frames[s] for s in range(1, count + 1)]
+    assert all(ring[s] is frames[s] for s in frames)
+
+
+@pytest.mark.parametrize("start", [1, 7, 8, 1000, 2**40 + 3])
+@pytest.mark.parametrize("capacity", [1, 2, 3, 8, 9, 10, 16, 17, 100])
+def test_wrap_around_at_capacity(capacity, start):
+    count = capacity * 3 + 5
+    ring, frames = filled(capacity, start, start + count - 1)
+    last = start + count - 1
+    first = last - capacity + 1
+    assert (ring.first, ring.last, len(ring), ring.capacity) == (first, last, capacity, capacity)
+    assert ring.since(0) == [frames[s] for s in range(first, last + 1)]
+    assert ring.resume_from(first - 1) == ring.since(0)
+    assert ring.resume_from(first - 2) is None
+    with pytest.raises(KeyError):
+        ring[first - 1]
+
+
+def test_capacity_one():
+    ring = Ring(1)
+    a, b, c = frame(1), frame(2), frame(3)
+    ring.append(1, a)
+    assert (ring.first, ring.last, len(ring), ring[1]) == (1, 1, 1, a)
+    ring.append(2, b)
+    assert (ring.first, ring.last, len(ring)) == (2, 2, 1)
+    assert ring[2] is b and ring.since(0) == [b]
+    with pytest.raises(KeyError):
+        ring[1]
+    ring.append(3, c)
+    assert ring.resume_from(2) == [c]
+    assert ring.resume_from(1) is None
+
+
+def test_clear_then_restart_anywhere():
+    ring, _ = filled(8, 1, 20)
+    ring.clear()
+    assert (len(ring), ring.first, ring.last) == (0, 0, 0)
+    assert ring.since(0) == [] and ring.resume_from(5) == []
+    with pytest.raises(KeyError):
+        ring[20]
+    again, _ = filled(8, 500, 503)   # fresh reference for comparison
+    for s in range(500, 504):
+        ring.append(s, frame(s))
+    assert (ring.first, ring.last, len(ring)) == (500, 503, 4)
+    assert ring.since(0) == again.since(0)
+    ring.clear()
+    ring.append(3, b"low")           # a cleared ring may restart below where it was
+    assert (ring.first, ring.last, ring[3]) == (3, 3, b"low")
+
+
+# ---------------------------------------------------------------- model-based property
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 2**48), st.integers(0, 130), st.data())
+def test_property_matches_a_bounded_deque(capacity, start, count, data):
+    ring = Ring(capacity)
+    model: deque[tuple[int, bytes]] = deque(maxlen=capacity)
+    for s in range(start, start + count):
+        f = frame(s)
+        ring.append(s, f)
+        model.append((s, f))
+    assert len(ring) == len(model)
+    if not model:
+        assert (ring.first, ring.last) == (0, 0)
+        return
+    first, last = model[0][0], model[-1][0]
+    assert (ring.first, ring.last) == (first, last)
+    held = dict(model)
+    for probe in data.draw(st.lists(st.integers(max(0, first - 3), last + 3), max_size=10)):
+        if probe in held:
+            assert ring[probe] is held[probe]
+        else:
+            with pytest.raises(KeyError):
+                ring[probe]
+        expected = [f for s, f in model if s > probe]
+        assert ring.since(probe) == expected
+        if probe >= last:
+            assert ring.resume_from(probe) == []
+        elif probe + 1 >= first:
+            assert ring.resume_from(probe) == expected
+        else:
+            assert ring.resume_from(probe) is None
+
+
+# ---------------------------------------------------------------- references
+
+
+def test_no_leaked_references_after_clear():
+    frames = [frame(s) for s in range(1, 41)]
+    base = [sys.getrefcount(f) for f in frames]
+    ring = Ring(64)
+    append_all(ring, frames)
+    assert [sys.getrefcount(f) for f in frames] == [b + 1 for b in base]
+    got = ring.since(0) + [ring[s] for s in range(1, 41)] + ring.resume_from(5)
+    del got
+    assert [sys.getrefcount(f) for f in frames] == [b + 1 for b in base]
+    ring.clear()
+    assert [sys.getrefcount(f) for f in frames] == base
+
+
+def test_no_leaked_references_after_delete():
+    frames = [frame(s) for s in range(1, 41)]
+    base = [sys.getrefcount(f) for f in frames]
+    ring = Ring(25)
+    append_all(ring, frames)
+    del ring
+    gc.collect()
+    assert [sys.getrefcount(f) for f in frames] == base
+
+
+def test_frames_falling_off_are_released():
+    frames = [frame(s) for s in range(1, 101)]
+    base = [sys.getrefcount(f) for f in frames]
+    ring = Ring(10)
+    append_all(ring, frames)
+    now = [sys.getrefcount(f) for f in frames]
+    assert now[:90] == base[:90]                       # fell off: released
+    assert now[90:] == [b + 1 for b in base[90:]]      # held: one reference each
+    ring.clear()
+    assert [sys.getrefcount(f) for f in frames] == base
+
+
+def test_rejected_append_takes_no_reference():
+    f = frame(9)
+    base = sys.getrefcount(f)
+    ring, _ = filled(4, 1, 2)
+    with pytest.raises(ValueError):
+        ring.append(9, f)
+    assert sys.getrefcount(f) == base
+
+
+# ---------------------------------------------------------------- the hub's channels
+
+
+def test_hub_channel_registry_without_a_loop():
+    hub = Hub(ring_capacity=3)
+    assert hub.find("org.east") is None
+    ch = hub.channel("org.east")
+    assert isinstance(ch, Channel)
+    assert (ch.name, ch.key, ch.kind, ch.seq, ch.subscribers, ch.info) == (
+        "org.east", b"org.east", ChannelKind.ORG_UNIT, 0, set(), None)
+    assert ch.ring.capacity == 3 and len(ch.ring) == 0
+    assert hub.channel("org.east") is ch
+    assert hub.channel("org.east", ChannelKind.GROUP_CHAT).kind == ChannelKind.ORG_UNIT   # first use decides
+    assert hub.find("org.east") is ch
+    assert hub.channels == {b"org.east": ch}
+    dm = hub.channel("dm:a:b", ChannelKind.DIRECT_CHAT)
+    assert dm.kind == ChannelKind.DIRECT_CHAT and dm is not ch
+    uni = hub.channel("群:烽火")
+    assert uni.key == "群:烽火".encode() and hub.find("群:烽火") is uni
+    assert "群:烽火" in repr(uni) and "seq=0" in repr(uni)
+
+
+def test_hub_rejects_limits_below_a_header():
+    with pytest.raises(ValueError):
+        Hub(max_frame=11)
+    with pytest.raises(ValueError):
+        Hub(arena_size=4)
+
+
+def test_hub_settings_are_exposed():
+    hub = Hub(max_frame=4096, ring_capacity=7, max_pending_bytes=1000, compress_threshold=0,
+              dedupe_window=9, rate=5.0, burst=6.0)
+    assert (hub.max_frame, hub.ring_capacity, hub.max_pending_bytes, hub.compress_threshold,
+            hub.dedupe_window, hub.rate, hub.burst) == (4096, 7, 1000, 0, 9, 5.0, 6.0)
+
+
+def test_publish_event_sequences_into_the_ring():
+    hub = Hub(ring_capacity=2)
+    ch = hub.channel("group:g1", ChannelKind.GROUP_CHAT)
+    seqs = [hub.publish_event(ch, "system", b'{"event":"%d"}' % i, meta=b"m") for i in range(3)]
+    assert seqs == [1, 2, 3] and ch.seq == 3
+    assert (ch.ring.first, ch.ring.last) == (2, 3)
+    assert hub.metrics.snapshot()["publishes"] == 3
+    reader = FrameReader()
+    frames = reader.feed(b"".join(ch.ring.since(0)))
+    assert [f.type for f in frames] == [FrameType.MESSAGE] * 2
+    messages = [decode_message(f.body) for f in frames]
+    assert [(m.channel, m.seq, m.sender, m.content_type, m.meta, m.payload) for m in messages] == [
+        ("group:g1", 2, "system", ContentType.EVENT, b"m", b'{"event":"1"}'),
+        ("group:g1", 3, "system", ContentType.EVENT, b"m", b'{"event":"2"}')]
+    assert all(m.ts_us > 0 for m in messages)
