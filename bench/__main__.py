@@ -8,7 +8,6 @@ each gets its own).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import secrets

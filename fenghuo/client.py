@@ -23,7 +23,7 @@ import logging
 import random
 import secrets
 from collections import OrderedDict
-from typing import Any, AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, AsyncIterator, Callable, Generator
 from urllib.parse import urlsplit
 
 import orjson

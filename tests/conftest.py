@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -107,8 +107,13 @@ def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
 
 
 @pytest.fixture
-def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    """Start relays with extra flags: ``relay_factory("--ring-size", "8")``."""
+async def relay_factory(tmp_path: Path) -> AsyncIterator[Callable[..., RelayProcess]]:
+    """Start relays with extra flags: ``relay_factory("--ring-size", "8")``.
+
+    At teardown the Python clients made through them are closed (their
+    reconnect loops must not outlive the test's event loop), then the relays
+    are stopped.
+    """
     started: list[RelayProcess] = []
 
     def factory(*flags: str, **kwargs: Any) -> RelayProcess:
@@ -117,16 +122,17 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
         return relay
 
     yield factory
+    await asyncio.gather(*(c.close() for r in started for c in r.clients),
+                         return_exceptions=True)
     for relay in started:
         relay.stop()
 
 
 @pytest.fixture
 async def relay(relay_factory: Callable[..., RelayProcess]) -> AsyncIterator[RelayProcess]:
-    """A relay with default settings; clients made through it are closed afterwards."""
+    """A relay with default settings."""
     r = relay_factory()
     yield r
-    await asyncio.gather(*(c.close() for c in r.clients), return_exceptions=True)
     assert r.proc.poll() is None, f"relay died during the test:\n{r.log()}"
 
 

@@ -285,17 +285,3 @@ async def wait_for_metric(relay: Any, name: str, predicate, timeout: float = TIM
 # ---------------------------------------------------------------- fixtures
 # Imported by the test modules that use them (pytest finds fixtures by name
 # in a test module's namespace).
-
-@pytest.fixture
-async def relay_with(relay_factory):
-    """``relay_factory`` whose Python clients are closed at teardown (their
-    reconnect loops must not outlive the test's event loop)."""
-    made: list = []
-
-    def make(*flags: str, **kwargs: Any):
-        relay = relay_factory(*flags, **kwargs)
-        made.append(relay)
-        return relay
-
-    yield make
-    await asyncio.gather(*(c.close() for r in made for c in r.clients), return_exceptions=True)

@@ -30,7 +30,7 @@ from fenghuo.protocol import (
     encode_receipt,
 )
 from fenghuo.tokens import issue_token
-from rawwire import (  # noqa: F401  (relay_with is a fixture)
+from rawwire import (
     Bystander,
     authed_raw,
     error_count,
@@ -38,7 +38,6 @@ from rawwire import (  # noqa: F401  (relay_with is a fixture)
     metrics,
     open_raw,
     wait_for_metric,
-    relay_with,
 )
 
 MAX_FRAME = 1 << 20          # the default --max-frame
@@ -421,8 +420,8 @@ async def test_valid_compressed_publish_is_accepted(relay, size):
 
 # ================================================================ flood
 
-async def test_frame_flood_is_rate_limited_and_cut(relay_with):
-    relay = relay_with("--rate", "100", "--burst", "200")
+async def test_frame_flood_is_rate_limited_and_cut(relay_factory):
+    relay = relay_factory("--rate", "100", "--burst", "200")
     bystander = await Bystander(relay).start()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -449,8 +448,8 @@ async def test_frame_flood_is_rate_limited_and_cut(relay_with):
     assert relay.proc.poll() is None
 
 
-async def test_burst_within_the_bucket_is_served_in_full(relay_with):
-    relay = relay_with("--rate", "100", "--burst", "200")
+async def test_burst_within_the_bucket_is_served_in_full(relay_factory):
+    relay = relay_factory("--rate", "100", "--burst", "200")
     conn = await authed_raw(relay, "mallory")
     conn.write(b"".join(encode_frame(FrameType.PING, b"", i) for i in range(1, 151)))
     for i in range(1, 151):
@@ -461,8 +460,8 @@ async def test_burst_within_the_bucket_is_served_in_full(relay_with):
 
 # ================================================================ slow consumer
 
-async def test_slow_consumer_is_cut_and_nobody_else_loses_anything(relay_with):
-    relay = relay_with("--max-pending", "200000")
+async def test_slow_consumer_is_cut_and_nobody_else_loses_anything(relay_factory):
+    relay = relay_factory("--max-pending", "200000")
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
     # carol joins the group, then never reads; a small receive window makes
@@ -517,8 +516,8 @@ async def test_slow_consumer_is_cut_and_nobody_else_loses_anything(relay_with):
 # handed over at the next flush, however much it is.
 
 
-async def test_burst_fan_out_does_not_cut_a_fast_reader(relay_with):
-    relay = relay_with("--max-pending", "200000")
+async def test_burst_fan_out_does_not_cut_a_fast_reader(relay_factory):
+    relay = relay_factory("--max-pending", "200000")
     bob = await authed_raw(relay, "bob", read=("org",))
     # A bot (admin: may publish anywhere, subscribed to nothing) with a long
     # name, so that each MESSAGE is about 5 times its PUBLISH.
@@ -534,8 +533,8 @@ async def test_burst_fan_out_does_not_cut_a_fast_reader(relay_with):
         await conn.expect_ack(i)
 
 
-async def test_catch_up_larger_than_max_pending_is_delivered(relay_with):
-    relay = relay_with("--max-pending", "200000")
+async def test_catch_up_larger_than_max_pending_is_delivered(relay_factory):
+    relay = relay_factory("--max-pending", "200000")
     alice = await relay.connect("alice")
     bob = await authed_raw(relay, "bob")
     welcome = await alice.send("bob", "hello")
@@ -644,8 +643,8 @@ async def test_partial_frame_survives_a_read_that_fills_the_arena(relay):
     assert [len(m.payload) for m in got] == [len(a) - 12 - 5 - 12, 1000]
 
 
-async def test_max_frame_is_the_exact_limit(relay_with):
-    relay = relay_with("--max-frame", "65536")
+async def test_max_frame_is_the_exact_limit(relay_factory):
+    relay = relay_factory("--max-frame", "65536")
     conn = await authed_raw(relay, "alice")
     # A frame of exactly --max-frame bytes (header included) is fine...
     body = os.urandom(65536 - 12)
@@ -684,8 +683,8 @@ async def test_publish_near_max_frame_is_delivered_or_refused_never_poison(relay
     assert bob._proto is link, "bob's client had to drop its connection"
 
 
-async def test_python_client_refuses_a_publish_over_max_frame(relay_with):
-    relay = relay_with("--max-frame", "65536")
+async def test_python_client_refuses_a_publish_over_max_frame(relay_factory):
+    relay = relay_factory("--max-frame", "65536")
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
     link = alice._proto

@@ -9,18 +9,7 @@ import pytest
 
 import fenghuo
 from fenghuo import ContentType, ErrorCode, FenghuoError
-
-QUIET = 0.3
-
-
-async def collect(client: fenghuo.Client, n: int, timeout: float = 5.0) -> list[fenghuo.Message]:
-    return [await client.next_message(timeout=timeout) for _ in range(n)]
-
-
-async def assert_silent(client: fenghuo.Client, wait: float = QUIET) -> None:
-    with pytest.raises(asyncio.TimeoutError):
-        extra = await client.next_message(timeout=wait)
-        pytest.fail(f"unexpected message {extra!r}")
+from clients import assert_silent, collect
 
 
 async def refused(awaitable, code: int) -> FenghuoError:

@@ -18,7 +18,7 @@ import pytest
 
 from fenghuo.core import ErrorCode, FrameType
 from fenghuo.protocol import encode_frame, encode_json, encode_publish
-from rawwire import (  # noqa: F401  (relay_with is a fixture)
+from rawwire import (
     TIMEOUT,
     authed_raw,
     error_count,
@@ -27,14 +27,13 @@ from rawwire import (  # noqa: F401  (relay_with is a fixture)
     metrics,
     open_raw,
     wait_for_metric,
-    relay_with,
 )
 
 
 # ================================================================ handshake timeout
 
-async def test_silent_connection_gets_hello_timeout(relay_with):
-    relay = relay_with("--handshake-timeout", "0.5")
+async def test_silent_connection_gets_hello_timeout(relay_factory):
+    relay = relay_factory("--handshake-timeout", "0.5")
     alice = await relay.connect("alice")
     conn = await open_raw(relay)
     await conn.expect_silence(0.2)          # not before its time
@@ -46,8 +45,8 @@ async def test_silent_connection_gets_hello_timeout(relay_with):
     assert (await alice.send("bob", "still here")).seq == 1
 
 
-async def test_pings_do_not_stand_in_for_hello(relay_with):
-    relay = relay_with("--handshake-timeout", "0.5")
+async def test_pings_do_not_stand_in_for_hello(relay_factory):
+    relay = relay_factory("--handshake-timeout", "0.5")
     conn = await open_raw(relay)
     pongs = 0
     while True:
@@ -63,8 +62,8 @@ async def test_pings_do_not_stand_in_for_hello(relay_with):
     assert pongs >= 3
 
 
-async def test_hello_trickled_slower_than_the_deadline_gets_hello_timeout(relay_with):
-    relay = relay_with("--handshake-timeout", "0.5")
+async def test_hello_trickled_slower_than_the_deadline_gets_hello_timeout(relay_factory):
+    relay = relay_factory("--handshake-timeout", "0.5")
     conn = await open_raw(relay)
     hello = encode_json(FrameType.HELLO, {"token": relay.token("mallory")}, 1)
     trickle = asyncio.create_task(conn.trickle(hello, 1, pause=0.05))
@@ -81,8 +80,8 @@ async def test_hello_trickled_slower_than_the_deadline_gets_hello_timeout(relay_
 HEARTBEAT = ("--ping-interval", "0.3", "--idle-timeout", "1")
 
 
-async def test_server_pings_a_quiet_connection_and_pong_keeps_it_open(relay_with):
-    relay = relay_with(*HEARTBEAT)
+async def test_server_pings_a_quiet_connection_and_pong_keeps_it_open(relay_factory):
+    relay = relay_factory(*HEARTBEAT)
     conn = await authed_raw(relay, "mallory")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2.0            # twice the idle timeout
@@ -96,8 +95,8 @@ async def test_server_pings_a_quiet_connection_and_pong_keeps_it_open(relay_with
     assert (await conn.expect_ack(9)).seq == 1
 
 
-async def test_unanswered_ping_leads_to_idle_timeout(relay_with):
-    relay = relay_with(*HEARTBEAT)
+async def test_unanswered_ping_leads_to_idle_timeout(relay_factory):
+    relay = relay_factory(*HEARTBEAT)
     conn = await authed_raw(relay, "mallory")
     # One PING per silence, then the cut: nothing else in between.
     await conn.expect(FrameType.PING)
@@ -106,8 +105,8 @@ async def test_unanswered_ping_leads_to_idle_timeout(relay_with):
     assert error_count(await metrics(relay), ErrorCode.IDLE_TIMEOUT) == 1
 
 
-async def test_any_traffic_counts_as_alive(relay_with):
-    relay = relay_with(*HEARTBEAT)
+async def test_any_traffic_counts_as_alive(relay_factory):
+    relay = relay_factory(*HEARTBEAT)
     conn = await authed_raw(relay, "mallory")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2.0
@@ -120,8 +119,8 @@ async def test_any_traffic_counts_as_alive(relay_with):
     await conn.expect_silence(0.1)  # and so the server never needed to PING
 
 
-async def test_python_client_answers_pings_and_stays_connected(relay_with):
-    relay = relay_with(*HEARTBEAT)
+async def test_python_client_answers_pings_and_stays_connected(relay_factory):
+    relay = relay_factory(*HEARTBEAT)
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
     links = (alice._proto, bob._proto)
@@ -142,8 +141,8 @@ async def _wait_exit(relay, timeout: float) -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_shutdown_sends_goaway_closes_and_exits_0(relay_with, sig):
-    relay = relay_with("--drain-timeout", "3")
+async def test_shutdown_sends_goaway_closes_and_exits_0(relay_factory, sig):
+    relay = relay_factory("--drain-timeout", "3")
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
     carol = await authed_raw(relay, "carol")
@@ -169,8 +168,8 @@ async def test_shutdown_sends_goaway_closes_and_exits_0(relay_with, sig):
     assert '"shutting down"' in log and '"left_behind":0' in log
 
 
-async def test_stuck_client_cannot_hold_shutdown_past_the_drain_timeout(relay_with):
-    relay = relay_with("--drain-timeout", "1.5", "--max-pending", str(64 << 20))
+async def test_stuck_client_cannot_hold_shutdown_past_the_drain_timeout(relay_factory):
+    relay = relay_factory("--drain-timeout", "1.5", "--max-pending", str(64 << 20))
     alice = await relay.connect("alice")
     # carol never reads: 6 MiB is more than the kernel buffers between her and
     # the server hold (tcp_wmem caps the server's side at 4 MiB by default),

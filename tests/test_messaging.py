@@ -16,20 +16,7 @@ import fenghuo
 from fenghuo import ContentType, ErrorCode, FenghuoError, ReceiptKind
 from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, encode_json
 from conftest import raw_connection, read_frame
-
-QUIET = 0.3   # how long "nothing more arrives" is watched for
-
-
-async def collect(client: fenghuo.Client, n: int, timeout: float = 5.0) -> list[fenghuo.Message]:
-    """The next ``n`` messages of ``client``, each awaited for at most ``timeout``."""
-    return [await client.next_message(timeout=timeout) for _ in range(n)]
-
-
-async def assert_silent(client: fenghuo.Client, wait: float = QUIET) -> None:
-    """Nothing more arrives at ``client`` within ``wait`` seconds."""
-    with pytest.raises(asyncio.TimeoutError):
-        extra = await client.next_message(timeout=wait)
-        pytest.fail(f"unexpected message {extra!r}")
+from clients import QUIET, assert_silent, collect
 
 
 def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:

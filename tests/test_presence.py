@@ -8,8 +8,8 @@ import pytest
 
 import fenghuo
 from fenghuo import ErrorCode, FenghuoError
+from clients import QUIET
 
-QUIET = 0.3
 OFFLINE = {"online": False, "devices": 0}
 
 

@@ -15,12 +15,7 @@ import pytest
 import fenghuo
 from fenghuo import ContentType, ErrorCode
 from fenghuo.protocol import FrameType
-
-QUIET = 0.3
-
-
-async def collect(client: fenghuo.Client, n: int, timeout: float = 5.0) -> list[fenghuo.Message]:
-    return [await client.next_message(timeout=timeout) for _ in range(n)]
+from clients import QUIET, collect
 
 
 def hold_reconnect(client: fenghuo.Client) -> asyncio.Event:

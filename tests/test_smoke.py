@@ -1,6 +1,5 @@
 """The README's two-terminal chat, through the Python client."""
 
-import asyncio
 
 
 async def test_direct_message_reaches_the_other_user(relay):

@@ -1,0 +1,23 @@
+"""Helpers for tests that drive the Python client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import fenghuo
+
+QUIET = 0.3   # how long "nothing more arrives" is watched for
+
+
+async def collect(client: fenghuo.Client, n: int, timeout: float = 5.0) -> list[fenghuo.Message]:
+    """The next ``n`` messages of ``client``, each awaited for at most ``timeout``."""
+    return [await client.next_message(timeout=timeout) for _ in range(n)]
+
+
+async def assert_silent(client: fenghuo.Client, wait: float = QUIET) -> None:
+    """Nothing more arrives at ``client`` within ``wait`` seconds."""
+    with pytest.raises(asyncio.TimeoutError):
+        extra = await client.next_message(timeout=wait)
+        pytest.fail(f"unexpected message {extra!r}")
