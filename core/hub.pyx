@@ -191,6 +191,8 @@ cdef class Hub:
                 memcpy(p, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
         ch.seq = seq
         ch.ring.push(seq, frame)
+        if CORE_DEBUG:
+            assert ch.ring.last == ch.seq, "ring and channel disagree on the head"
         if dedupe_key is not None:
             ch._dedupe[dedupe_key] = (seq, ts)
             if len(ch._dedupe) > self.dedupe_window:
@@ -403,6 +405,8 @@ cdef class Connection:
                 return 0
             self._dispatch(data + pos, span)
             pos += span
+        if CORE_DEBUG:
+            assert pos <= avail, "consumed past the data"
         if pos < avail and not self.closing:
             self._keep_partial(data + pos, avail - pos)
         return 0
@@ -421,6 +425,8 @@ cdef class Connection:
         self._partial_len = n
         self._partial_cap = cap
         self._large = cap > n
+        if CORE_DEBUG:
+            assert n < self.hub.max_frame and (not self._large or cap <= self.hub.max_frame)
         return 0
 
     cdef void _drop_partial(self) noexcept:
@@ -523,6 +529,8 @@ cdef class Connection:
         else:
             self._outq.append(frame)
         self._out_bytes += PyBytes_GET_SIZE(frame)
+        if CORE_DEBUG:
+            assert self._out_bytes == sum(len(f) for f in self._outq), "queue size drifted"
         if not self._dirty and not self._paused:
             self._dirty = True
             self.hub.mark_dirty(self)
