@@ -52,10 +52,12 @@ def start_relay(data_dir: str, secret: str, *extra: str) -> tuple[subprocess.Pop
 
 
 SCENARIOS = {
-    "one-to-one": lambda a, port, secret: loadgen.one_to_one(
+    "one-to-one": lambda a, relay, port, secret: loadgen.one_to_one(
         "127.0.0.1", port, secret, pairs=a.pairs, payload=a.payload, duration=a.duration),
-    "fan-out": lambda a, port, secret: loadgen.fan_out(
+    "fan-out": lambda a, relay, port, secret: loadgen.fan_out(
         "127.0.0.1", port, secret, members=a.members, payload=a.payload, duration=a.duration),
+    "idle": lambda a, relay, port, secret: loadgen.idle_connections(
+        "127.0.0.1", port, secret, relay.pid, connections=a.connections),
 }
 
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--members", type=int, default=100)
     run.add_argument("--payload", type=int, default=64)
     run.add_argument("--duration", type=float, default=5.0)
+    run.add_argument("--connections", type=int, default=5000, help="idle: how many")
     run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     args = parser.parse_args(argv)
     secret = secrets.token_urlsafe(32)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, port = start_relay(data_dir, secret)
         try:
             _pin(1)
-            result = uvloop.run(SCENARIOS[args.scenario](args, port, secret))
+            result = uvloop.run(SCENARIOS[args.scenario](args, proc, port, secret))
         finally:
             proc.terminate()
             proc.wait(10)

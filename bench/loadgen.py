@@ -181,3 +181,45 @@ async def fan_out(host: str, port: int, secret: str, *, members: int = 100, payl
         p.transport.close()
     return Result(f"group fan-out ({members} members)", deliveries, publishes, elapsed,
                   members + 1, payload)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@dataclass
+class IdleResult:
+    connections: int
+    bytes_per_connection: float
+    connects_per_s: float
+
+    def line(self) -> str:
+        return (f"idle: {self.connections:,} authenticated connections, "
+                f"{self.bytes_per_connection:,.0f} bytes of relay RSS each, "
+                f"{self.connects_per_s:,.0f} connects+HELLO/s")
+
+
+async def idle_connections(host: str, port: int, secret: str, relay_pid: int, *,
+                           connections: int = 5000, concurrency: int = 200) -> IdleResult:
+    """Open ``connections`` authenticated connections that then stay silent."""
+    token = issue_token(secret, "idle")
+    before = _rss(relay_pid)
+    opened: list[_Counting] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            opened.append(await _open(host, port, _Counting(token)))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(connections)))
+    elapsed = time.perf_counter() - t0
+    await asyncio.sleep(1.0)
+    per_connection = (_rss(relay_pid) - before) / connections
+    for p in opened:
+        p.transport.close()
+    return IdleResult(connections, per_connection, connections / elapsed)
