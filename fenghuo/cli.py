@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tomllib
 from typing import Sequence
 
 import orjson
@@ -40,7 +41,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fenghuo.server import config
     from fenghuo.server.main import run
 
-    return run(config.load(vars(args)))
+    try:
+        settings = config.load(vars(args))
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        print(f"fenghuo: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
