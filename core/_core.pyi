@@ -14,6 +14,7 @@ class FrameType(enum.IntEnum):
     SUBSCRIBE = 0x11
     UNSUBSCRIBE = 0x12
     RECEIPT = 0x13
+    HISTORY = 0x14
     GROUP = 0x20
     PRESENCE = 0x21
     WELCOME = 0x81
@@ -25,6 +26,7 @@ class FrameType(enum.IntEnum):
     PRESENCE_EVENT = 0x93
     GAP = 0x94
     GOAWAY = 0x95
+    HISTORY_PAGE = 0x96
 
 class FrameFlag(enum.IntEnum):
     COMPRESSED = 0x0001

@@ -28,6 +28,7 @@ cpdef enum FrameType:
     SUBSCRIBE = 0x11
     UNSUBSCRIBE = 0x12
     RECEIPT = 0x13
+    HISTORY = 0x14
     GROUP = 0x20
     PRESENCE = 0x21
     # server -> client
@@ -40,6 +41,7 @@ cpdef enum FrameType:
     PRESENCE_EVENT = 0x93
     GAP = 0x94
     GOAWAY = 0x95
+    HISTORY_PAGE = 0x96
 
 
 cpdef enum FrameFlag:

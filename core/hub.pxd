@@ -47,6 +47,12 @@ cdef class Hub:
     cdef readonly Py_ssize_t dedupe_window
     cdef readonly double rate
     cdef readonly double burst
+    # Durable storage (None: memory only).  ``store.append`` takes records
+    # (channel, seq, ts_us, sender, dedupe, frame, release); with
+    # ``durable_acks`` ring, delivery and ack wait for ``release``.
+    cdef public object store
+    cdef public bint durable_acks
+    cdef public object channel_loader
 
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1
@@ -54,6 +60,10 @@ cdef class Hub:
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1
     cpdef int fan_out(self, Channel ch, bytes frame) except -1
+    cdef int _commit(self, Channel ch, uint64_t seq, uint64_t ts, str sender, bytes dedupe_key,
+                     bytes frame, Connection origin, bytes ack, double t_recv) except -1
+    cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,
+                          bytes ack, double t_recv) except -1
 
 
 cdef class Connection:
@@ -67,6 +77,8 @@ cdef class Connection:
     cdef bint _paused
     cdef bint _dirty
     cdef bint _pinged
+    cdef bint _reading_stopped
+    cdef Py_ssize_t _unreleased      # own publishes waiting for the disk
     # receive state: only a partial frame is kept, outside the shared arena
     cdef char* _partial
     cdef Py_ssize_t _partial_len
@@ -85,6 +97,7 @@ cdef class Connection:
     cdef public object grants
 
     cdef int enqueue(self, bytes frame) except -1
+    cdef int reply(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
     cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1

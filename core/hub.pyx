@@ -107,17 +107,31 @@ cdef class Hub:
         self.dedupe_window = dedupe_window
         self.rate = rate
         self.burst = burst
+        self.store = None
+        self.durable_acks = False
+        self.channel_loader = None
 
     def __dealloc__(self):
         PyMem_Free(self._lat)
 
     cpdef Channel channel(self, str name, int kind=ChannelKind.ORG_UNIT):
         """The channel called ``name``, created empty on first use."""
+        cdef Channel made
         key = name.encode("utf-8")
         ch = self.channels.get(key)
         if ch is None:
-            ch = Channel(name, kind, self.ring_capacity)
-            self.channels[key] = ch
+            made = Channel(name, kind, self.ring_capacity)
+            if self.channel_loader is not None:
+                # A channel with a past: continue its seqs, refill its ring and
+                # its idempotency window from the store.
+                recent, keys = self.channel_loader(name)
+                for seq, frame in recent:
+                    made.ring.push(seq, frame)
+                    made.seq = seq
+                for dedupe_key, seq, ts in keys:
+                    made._dedupe[dedupe_key] = (seq, ts)
+            self.channels[key] = made
+            return made
         return <Channel>ch
 
     def find(self, str name):
@@ -167,7 +181,7 @@ cdef class Hub:
         cdef bytes dedupe_key = None
         cdef object seen
         cdef uint64_t seq, ts
-        cdef bytes frame, body
+        cdef bytes frame, body, ack
         cdef char* p
         cdef bytes sender = origin.user_key
         if v.key_len:
@@ -175,8 +189,14 @@ cdef class Hub:
             seen = ch._dedupe.get(dedupe_key)
             if seen is not None:
                 self.metrics.duplicates += 1
-                origin.enqueue(build_ack(request_id, seen[0], seen[1], AckStatus.DUPLICATE,
-                                         PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key)))
+                ack = build_ack(request_id, seen[0], seen[1], AckStatus.DUPLICATE,
+                                PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
+                if self.durable_acks and <uint64_t>seen[0] > ch.ring.last:
+                    # The original is not on disk yet: neither is this answer.
+                    origin._unreleased += 1
+                    self.store.append((None, 0, 0, None, None, None, (None, 0, None, origin, ack, 0.0)))
+                else:
+                    origin.reply(ack)
                 return 0
         seq = ch.seq + 1
         ts = wall_us()
@@ -190,19 +210,62 @@ cdef class Hub:
                 frame = new_frame(FrameType.MESSAGE, flags, 0, PyBytes_GET_SIZE(body), &p)
                 memcpy(p, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
         ch.seq = seq
-        ch.ring.push(seq, frame)
-        if CORE_DEBUG:
-            assert ch.ring.last == ch.seq, "ring and channel disagree on the head"
         if dedupe_key is not None:
             ch._dedupe[dedupe_key] = (seq, ts)
             if len(ch._dedupe) > self.dedupe_window:
                 del ch._dedupe[next(iter(ch._dedupe))]
+        ack = build_ack(request_id, seq, ts, AckStatus.ACCEPTED,
+                        PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
+        return self._commit(ch, seq, ts, origin.user, dedupe_key, frame, origin, ack, t_recv)
+
+    cdef int _commit(self, Channel ch, uint64_t seq, uint64_t ts, str sender, bytes dedupe_key,
+                     bytes frame, Connection origin, bytes ack, double t_recv) except -1:
+        """Store the sequenced message and publish it now or once it is on disk."""
         self.metrics.publishes += 1
-        self.bus.deliver(ch, frame)
-        origin.enqueue(build_ack(request_id, seq, ts, AckStatus.ACCEPTED,
-                                 PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key)))
-        self._note_latency(t_recv)
+        if self.store is None:
+            return self._publish_now(ch, seq, frame, origin, ack, t_recv)
+        if self.durable_acks:
+            if origin is not None:
+                origin._unreleased += 1
+            self.store.append((ch.name, seq, ts, sender, dedupe_key, frame,
+                               (ch, seq, frame, origin, ack, t_recv)))
+            return 0
+        self.store.append((ch.name, seq, ts, sender, dedupe_key, frame, None))
+        return self._publish_now(ch, seq, frame, origin, ack, t_recv)
+
+    cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,
+                          bytes ack, double t_recv) except -1:
+        if ch is not None:
+            ch.ring.push(seq, frame)
+            if CORE_DEBUG:
+                assert ch.ring.last == seq, "ring out of order"
+            self.bus.deliver(ch, frame)
+        if origin is not None and ack is not None:
+            origin.enqueue(ack)
+        if t_recv:
+            self._note_latency(t_recv)
         return 0
+
+    def release(self, list batch):
+        """Publish what waited for its batch to reach the disk (``durable_acks``)."""
+        cdef tuple record, held
+        for record in batch:
+            held = record[6] if len(record) == 7 else None
+            if held is None:
+                continue
+            if held[0] is None and held[2] is not None:
+                held[2]()     # an action that waited its turn (see after_store)
+                continue
+            if held[3] is not None:
+                (<Connection>held[3])._unreleased -= 1
+            self._publish_now(held[0], held[1], held[2], held[3], held[4], held[5])
+
+    def after_store(self, action):
+        """Call ``action()`` once everything sequenced before now has been released."""
+        if self.store is None or not self.durable_acks:
+            action()
+        else:
+            self.store.append((None, 0, 0, None, None, None, (None, 0, action, None, None, 0.0)))
 
     cpdef int fan_out(self, Channel ch, bytes frame) except -1:
         """Queue ``frame`` on every local subscriber of ``ch``."""
@@ -217,15 +280,14 @@ cdef class Hub:
         """Sequence and deliver a server-originated message (group events, ...)."""
         cdef bytes snd = sender.encode("utf-8")
         cdef uint64_t seq = ch.seq + 1
-        frame = build_message(seq, wall_us(), <uint8_t>content_type,
+        cdef uint64_t ts = wall_us()
+        frame = build_message(seq, ts, <uint8_t>content_type,
                               PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key),
                               PyBytes_AS_STRING(snd), PyBytes_GET_SIZE(snd),
                               NULL, 0, PyBytes_AS_STRING(meta), PyBytes_GET_SIZE(meta),
                               PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
         ch.seq = seq
-        ch.ring.push(seq, frame)
-        self.metrics.publishes += 1
-        self.bus.deliver(ch, frame)
+        self._commit(ch, seq, ts, sender, None, frame, None, None, 0.0)
         return seq
 
     def sweep(self, double handshake_timeout, double ping_interval, double idle_timeout):
@@ -278,6 +340,8 @@ cdef class Connection:
         self._paused = False
         self._dirty = False
         self._pinged = False
+        self._reading_stopped = False
+        self._unreleased = 0
         self._partial = NULL
         self._partial_len = 0
         self._partial_cap = 0
@@ -389,7 +453,7 @@ cdef class Connection:
         """Dispatch every complete frame in ``data``; keep the partial tail."""
         cdef Py_ssize_t pos = 0, span
         cdef int err = 0
-        while not self.closing:
+        while not self.closing and not self._reading_stopped:
             span = frame_span(data + pos, avail - pos, self.hub.max_frame, &err)
             if span == 0:
                 break
@@ -407,7 +471,7 @@ cdef class Connection:
             pos += span
         if CORE_DEBUG:
             assert pos <= avail, "consumed past the data"
-        if pos < avail and not self.closing:
+        if pos < avail and not self.closing and not self._reading_stopped:
             self._keep_partial(data + pos, avail - pos)
         return 0
 
@@ -452,7 +516,7 @@ cdef class Connection:
             if h.type == FrameType.PUBLISH and self.authenticated:
                 self._publish(h.request_id, body, n)
             elif h.type == FrameType.PING:
-                self.enqueue(encode_frame(FrameType.PONG,
+                self.reply(encode_frame(FrameType.PONG,
                                           PyBytes_FromStringAndSize(body, min(n, <Py_ssize_t>PING_ECHO_LIMIT)),
                                           h.request_id))
             elif h.type == FrameType.PONG:
@@ -464,7 +528,7 @@ cdef class Connection:
             elif h.type == FrameType.HELLO:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "HELLO was already accepted", False)
             elif h.type in (FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.RECEIPT,
-                            FrameType.GROUP, FrameType.PRESENCE):
+                            FrameType.HISTORY, FrameType.GROUP, FrameType.PRESENCE):
                 self.on_control(h.type, h.request_id, PyBytes_FromStringAndSize(body, n))
             else:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE,
@@ -561,29 +625,59 @@ cdef class Connection:
         self._out_bytes = 0
         if self.transport is None:
             return 0
-        self.close_with_error(ErrorCode.SLOW_CONSUMER,
-                              "outbound queue exceeded its limit; reconnect and resume")
+        self.hub.metrics.count_error(ErrorCode.SLOW_CONSUMER)
+        self.finish_close(encode_error(ErrorCode.SLOW_CONSUMER,
+                                       "outbound queue exceeded its limit; reconnect and resume"))
         loop = self.hub._loop or asyncio.get_running_loop()
         loop.call_later(SLOW_CONSUMER_ABORT_S, self.transport.abort)
         return 0
+
+    cdef int reply(self, bytes frame) except -1:
+        # Replies keep request order: behind this connection's own publishes
+        # still waiting for the disk, a reply waits too.
+        if self._unreleased:
+            self.hub.after_store(lambda: self.enqueue(frame))
+            return 0
+        return self.enqueue(frame)
 
     def send(self, bytes frame):
         """Queue an encoded frame for this connection (written this loop iteration)."""
         self.enqueue(frame)
 
+    def send_reply(self, bytes frame):
+        """Queue the answer to one of this connection's requests, in request order."""
+        self.reply(frame)
+
     def send_error(self, int code, str message, uint32_t request_id=0):
         """Tell the client about a non-fatal error; the connection stays open."""
         self.hub.metrics.count_error(code)
-        self.enqueue(encode_error(code, message, request_id))
+        self.reply(encode_error(code, message, request_id))
 
     def close_with_error(self, int code, str message, uint32_t request_id=0):
-        """Send ERROR after whatever is queued, then close the connection."""
-        if self.closing or self.transport is None:
+        """Send ERROR after whatever is owed, then close the connection.
+
+        Under ``durable_acks`` the acks of publishes that came before the
+        offence are still on their way to the disk: reading stops now, and the
+        error and the close wait until those acks have been sent.
+        """
+        if self.closing or self.transport is None or self._reading_stopped:
             return
         self.hub.metrics.count_error(code)
+        self._reading_stopped = True
+        try:
+            self.transport.pause_reading()
+        except RuntimeError:
+            pass    # already closing
+        error = encode_error(code, message, request_id)
+        self.hub.after_store(lambda: self.finish_close(error))
+
+    def finish_close(self, bytes last_frame):
+        """Flush, write ``last_frame``, close."""
+        if self.closing or self.transport is None:
+            return
         self.flush()
         self.closing = True
-        self.transport.write(encode_error(code, message, request_id))
+        self.transport.write(last_frame)
         self.transport.close()
 
     def close(self, bytes last_frame=None):

@@ -82,6 +82,11 @@ class ConnectionLost(FenghuoError):
         super().__init__(0, message)
 
 
+def _same_store(old: str, new: str | None) -> bool:
+    """Epochs of a durable relay are ``<store id>.<boot id>``: the same data, restarted?"""
+    return new is not None and "." in old and old.split(".")[0] == new.split(".")[0]
+
+
 def parse_server(server: str) -> tuple[str, int]:
     """``tcp://host:port``, ``host:port`` or ``host`` -> ``(host, port)``."""
     parts = urlsplit(server if "://" in server else f"tcp://{server}")
@@ -205,11 +210,17 @@ class Client:
         self._connected.set()
 
     def _on_welcome(self, body: dict[str, Any]) -> None:
+        heads = body.get("channels") or {}
         if self.epoch is not None and body.get("epoch") != self.epoch:
-            # The server restarted without its state: old positions mean nothing now.
-            self.positions.clear()
+            if body.get("durable") and _same_store(self.epoch, body.get("epoch")):
+                # The server restarted over its store: positions stay valid,
+                # except past a head (messages it never made durable).
+                self._cap_at(heads)
+            else:
+                # It restarted without its state: old positions mean nothing now.
+                self.positions.clear()
         elif self.epoch is None:
-            self._start_at(body.get("channels"))
+            self._start_at(heads)
         self.epoch = body.get("epoch")
         self.user = body.get("user")
         self.welcome = body
@@ -297,6 +308,8 @@ class Client:
             ack = decode_ack(frame.body)
             self._unacked.pop(frame.request_id, None)
             self._resolve(frame.request_id, ack)
+        elif ftype == FrameType.HISTORY_PAGE:
+            self._resolve(frame.request_id, frame.body)
         elif ftype in (FrameType.RESULT, FrameType.WELCOME):
             body = decode_json(frame.body)
             if ftype == FrameType.WELCOME:
@@ -468,20 +481,46 @@ class Client:
                                                            "positions": self.positions})
         if channel.startswith("org"):
             self._subscriptions.add(channel)
+        self._cap_at(result.get("channels") or {})
         self._start_at(result.get("channels"))
         return result
 
+    def _cap_at(self, heads: dict[str, int]) -> None:
+        # A position past the server's head names messages the server lost
+        # (fsync=batch|off crash): what it numbers next must not be skipped.
+        for name, head in heads.items():
+            if self.positions.get(name, 0) > head:
+                self.positions[name] = head
+
     def _start_at(self, heads: dict[str, int] | None) -> None:
-        # A channel's position starts at its head when we first subscribe: what
-        # came before is history, not news.  Without a position the server
-        # either replays the whole ring at resume (HELLO) or skips the channel
-        # (SUBSCRIBE), losing what was published there while we were away.
+        # A channel's position starts at its head when we first receive it: what
+        # came before is history, not news.  (A channel without a position is
+        # replayed from the start at resume: right for one created while away.)
         for name, seq in (heads or {}).items():
             self.positions.setdefault(name, seq)
 
     async def unsubscribe(self, channel: str) -> dict[str, Any]:
         self._subscriptions.discard(channel)
         return await self._request(FrameType.UNSUBSCRIBE, {"channel": channel})
+
+    async def history(self, channel: str, *, before: int | None = None, after: int | None = None,
+                      since_us: int | None = None, until_us: int | None = None,
+                      limit: int = 100) -> list[Message]:
+        """A page of ``channel``'s past messages, oldest first.
+
+        ``after=s``: the first ``limit`` messages after seq ``s`` (paging forward);
+        ``before=s`` (or nothing: the latest): the last ``limit`` before ``s``;
+        ``since_us``/``until_us``: by server timestamp.  A page stops early at
+        the frame size limit: ask again from its last seq.  History does not go
+        through :meth:`messages` and does not move positions.
+        """
+        body = {"channel": channel, "limit": limit}
+        for key, value in (("before", before), ("after", after), ("since_us", since_us),
+                           ("until_us", until_us)):
+            if value is not None:
+                body[key] = value
+        page = await self._request(FrameType.HISTORY, body)
+        return [decode_message(frame.body) for frame in FrameReader(self.max_frame).feed(page)]
 
     async def mark_delivered(self, channel: str, seq: int) -> None:
         await self._receipt(channel, seq, ReceiptKind.DELIVERED)

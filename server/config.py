@@ -40,8 +40,11 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = _opt(7700, "TCP port of the client protocol")
     metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz (0 disables)")
-    data_dir: str = _opt("./data", "directory for state (the generated dev secret lives here)")
+    data_dir: str = _opt("./data", "directory for the message store and the generated dev secret")
     secret: str = _opt("", "HS256 secret that signs tokens; generated and printed when empty")
+    store: str = _opt("sqlite", "sqlite (durable, in --data-dir) or memory (nothing survives a restart)")
+    fsync: str = _opt("always", "always: ack after the batch is on disk; batch: ack at once, sync "
+                                "per batch; off: ack at once, no sync (see Delivery guarantees)")
     max_frame: int = _opt(1 << 20, "largest frame accepted, bytes (header included)")
     ring_size: int = _opt(1024, "messages kept per channel for catch-up after a disconnect")
     max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
@@ -60,6 +63,12 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("store", ("sqlite", "memory")), ("fsync", ("always", "batch", "off")),
+                              ("log_format", ("json", "text"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
 
 
 OPTIONS: tuple[Option, ...] = tuple(

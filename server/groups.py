@@ -34,6 +34,10 @@ class Group:
     def role_of(self, user: str) -> str | None:
         return self.members.get(user)
 
+    def record(self) -> dict:
+        """What the store keeps of the group."""
+        return {"id": self.id, "owner": self.owner, "title": self.title, "members": self.members}
+
     def describe(self) -> dict:
         return {"group": self.id, "channel": self.channel, "title": self.title,
                 "owner": self.owner, "members": len(self.members)}
@@ -142,6 +146,14 @@ class GroupRegistry:
         elif role not in ASSIGNABLE or user == actor:
             raise _refuse(ErrorCode.MALFORMED_BODY, "role must be owner, admin or member")
         group.members[user] = role
+
+    def restore(self, record: dict) -> Group:
+        """Re-create a group from :meth:`Group.record` (at start-up)."""
+        group = Group(record["id"], record["owner"], record.get("title", ""))
+        self.groups[group.id] = group
+        for user, role in record["members"].items():
+            self._join(group, user, role)
+        return group
 
     def of_user(self, user: str) -> list[Group]:
         return [self.groups[g] for g in sorted(self.by_user.get(user, ()))]

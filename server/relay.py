@@ -29,6 +29,7 @@ from fenghuo.core import (
     FrameFlag,
     FrameType,
     Hub,
+    Message,
     ProtocolError,
     decode_message,
     decompress_body,
@@ -36,6 +37,7 @@ from fenghuo.core import (
 from fenghuo.protocol import encode_json
 from fenghuo.server.config import Settings
 from fenghuo.server.groups import Group, GroupRegistry
+from fenghuo.server.store import SQLiteStore
 
 if TYPE_CHECKING:
     from fenghuo.server.session import Session
@@ -43,26 +45,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("fenghuo.relay")
 
 
+# Frames per store read during catch-up.
+STORE_PAGE = 1000
+# How many 10 ms waits catch-up allows the store's writer to catch up with the ring.
+STORE_LAG_WAITS = 300
+
+
 def refuse(code: int, message: str) -> ProtocolError:
     """A non-fatal protocol error: the client gets ERROR, the connection stays."""
     return ProtocolError(code, message, False)
 
 
-def message_sender(frame: bytes) -> str:
-    """The sender recorded in an encoded MESSAGE frame."""
+def decode_frame_message(frame: bytes) -> Message:
+    """The MESSAGE in an encoded frame (compressed or not)."""
     body = frame[FRAME_HEADER_SIZE:]
     if int.from_bytes(frame[6:8], "big") & FrameFlag.COMPRESSED:
         body = decompress_body(body, 1 << 30)
-    return decode_message(body).sender
+    return decode_message(body)
+
+
+def message_sender(frame: bytes) -> str:
+    return decode_frame_message(frame).sender
+
+
+def message_seq(frame: bytes) -> int:
+    return decode_frame_message(frame).seq
+
+
+def message_time(frame: bytes) -> int:
+    return decode_frame_message(frame).ts_us
 
 
 class Relay:
     def __init__(self, settings: Settings, secret: str) -> None:
         self.settings = settings
         self.secret = secret
-        # Sequence numbers restart with the process (no durable store yet):
-        # clients compare epochs to know their positions no longer apply.
-        self.epoch = secrets.token_hex(8)
         self.hub = Hub(
             max_frame=settings.max_frame,
             ring_capacity=settings.ring_size,
@@ -78,15 +95,81 @@ class Relay:
         self.watchers: dict[str, set[Session]] = {}
         self.started_at = time.time()
         self.shutting_down = False
+        #: set by SIGTERM/SIGINT (see main.serve) or by a store failure
+        self.stop_requested = asyncio.Event()
+        self.store: SQLiteStore | None = None
+        if settings.store == "sqlite":
+            self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size)
+            # The epoch names this process's view of the data: with a store the
+            # seqs continue across restarts and clients keep their positions.
+            self.epoch = f"{self.store.identity()}.{secrets.token_hex(4)}"
+            self._load()
+        else:
+            # Seqs restart with the process: a new epoch tells clients their
+            # positions no longer apply.
+            self.epoch = secrets.token_hex(8)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
+    @property
+    def durable(self) -> bool:
+        return self.store is not None
+
+    def _load(self) -> None:
+        """Rebuild memberships from the store; channels load their seqs on first touch."""
+        store = self.store
+        assert store is not None
+        window = self.settings.dedupe_window
+        self.hub.store = store
+        self.hub.durable_acks = store.durable_acks
+        self.hub.channel_loader = lambda name: (store.recent(name), store.dedupe_keys(name, window))
+        for record in store.load_groups():
+            group = self.groups.restore(record)
+            ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+            ch.info = group
+            for user in group.members:
+                self.memberships.setdefault(user, {})[ch] = record.get("joined", {}).get(user, 0)
+        for name in store.direct_channels():
+            cn = parse_channel(name)
+            ch = self.hub.channel(name, ChannelKind.DIRECT_CHAT)
+            ch.info = cn
+            for user in cn.participants:
+                self.memberships.setdefault(user, {})[ch] = 0
+
+    def save_group(self, group: Group) -> None:
+        """Persist ``group`` (members, roles and when each joined), ordered with its messages."""
+        if self.store is None:
+            return
+        ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        joined = {u: self.memberships.get(u, {}).get(ch, 0) for u in group.members}
+        self.store.save_group(group.id, {**group.record(), "joined": joined})
+
+    def _on_batch(self, batch: list | None) -> None:
+        if batch is None:
+            log.critical("store failed: the relay can no longer persist messages; shutting down")
+            self.stop_requested.set()
+            return
+        self.hub.release(batch)
+        assert self.store is not None
+        self.store.written(len(batch))
+
+    def _store_pressure(self, high: bool) -> None:
+        """Stop reading from every client while the store's writer is far behind."""
+        log.debug("store backlog %s: %s reading", self.store.backlog if self.store else 0,
+                    "pausing" if high else "resuming")
+        for conn in self.hub.connections:
+            if conn.transport is not None and not conn.closing:
+                (conn.transport.pause_reading if high else conn.transport.resume_reading)()
+
     async def start(self) -> None:
         from fenghuo.server.session import Session
 
         loop = asyncio.get_running_loop()
+        if self.store is not None:
+            self.store.on_pressure = self._store_pressure
+            self.store.start(loop, self._on_batch)
         self._server = await loop.create_server(
             lambda: Session(self.hub, self),
             self.settings.host, self.settings.port,
@@ -100,6 +183,20 @@ class Relay:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    async def _answer_what_is_owed(self) -> None:
+        """Stop reading from clients and let acks waiting for the disk go out."""
+        for conn in list(self.hub.connections):
+            if conn.transport is not None and not conn.closing:
+                conn.transport.pause_reading()
+        if self.store is None:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self.hub.after_store(lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, self.settings.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("store did not drain within the drain timeout")
 
     async def _sweep_forever(self) -> None:
         s = self.settings
@@ -116,18 +213,22 @@ class Relay:
         log.info("shutting down", extra={"connections": len(self.hub.connections)})
         if self._server is not None:
             self._server.close()
+        await self._answer_what_is_owed()
         goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})
         for conn in list(self.hub.connections):
             conn.close(goaway)
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.hub.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for conn in list(self.hub.connections):
+        left_behind = list(self.hub.connections)
+        for conn in left_behind:
             if conn.transport is not None:
                 conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        log.info("stopped", extra={"left_behind": len(self.hub.connections)})
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        log.info("stopped", extra={"left_behind": len(left_behind)})
 
     # ------------------------------------------------------------ sessions
 
@@ -214,26 +315,44 @@ class Relay:
             self.subscribe(session, ch)
 
     def part(self, user: str, ch: Channel) -> None:
+        """End ``user``'s membership: no more publishing now; no more receiving once
+        what was sequenced before (their own leave event included) has gone out."""
         channels = self.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
-        for session in self.users.get(user, ()):
-            self.unsubscribe(session, ch, entirely=True)
+        sessions = list(self.users.get(user, ()))
+        for session in sessions:
             session.forget_publish_cache()
+
+        def unsubscribe() -> None:
+            if ch in self.memberships.get(user, {}):
+                return          # re-added meanwhile
+            for session in sessions:
+                self.unsubscribe(session, ch, entirely=True)
+        self.hub.after_store(unsubscribe)
 
     # ------------------------------------------------------------ catch-up
 
     def catch_up(self, session: Session, ch: Channel, after: int) -> bool:
         """Queue what ``session`` missed in ``ch`` after seq ``after``.
 
-        Returns False, after sending GAP, when the ring no longer reaches back
-        to ``after + 1``; the frames it still holds follow the GAP.
+        From the ring when it reaches back to ``after + 1``; else from the
+        store (asynchronously, see :meth:`_catch_up_from_store`); else, with
+        no store, GAP and what the ring still holds.  Returns False for a GAP.
         """
         # A member added while away must not get what was said before the join
         # (one added while online never does); seqs up to it are not "missed".
         after = max(after, self.memberships.get(session.user, {}).get(ch, 0))
         frames = ch.ring.resume_from(after)
         recovered = frames is not None
+        if not recovered and self.store is not None:
+            # Live frames of ``ch`` must not overtake the stored ones: the
+            # session leaves the channel's fan-out until the two have met.
+            ch.subscribers.discard(session)
+            task = asyncio.get_running_loop().create_task(self._catch_up_from_store(session, ch, after))
+            session.background.add(task)
+            task.add_done_callback(session.background.discard)
+            return True
         if not recovered:
             session.send(encode_json(FrameType.GAP, {
                 "channel": ch.name, "after": after, "first": ch.ring.first, "head": ch.seq}))
@@ -241,6 +360,35 @@ class Relay:
         for frame in frames:
             session.send(frame)
         return recovered
+
+    async def _catch_up_from_store(self, session: Session, ch: Channel, after: int) -> None:
+        assert self.store is not None
+        waits = 0
+        try:
+            while not session.closing:
+                first = ch.ring.first if ch.ring.first else ch.seq + 1
+                if after + 1 >= first:
+                    break
+                frames = await self.store.read(ch.name, after, first, STORE_PAGE)
+                if frames:
+                    for frame in frames:
+                        session.send(frame)
+                    after += len(frames)     # seqs are contiguous in the store
+                    waits = 0
+                    continue
+                # Under fsync=batch|off the ring may run ahead of the writer.
+                waits += 1
+                if waits > STORE_LAG_WAITS:
+                    session.send(encode_json(FrameType.GAP, {
+                        "channel": ch.name, "after": after, "first": first, "head": ch.seq}))
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            # Synchronous from here: the ring tail, then live, with nothing between.
+            if not session.closing and ch in session.subscriptions:
+                for frame in ch.ring.since(after):
+                    session.send(frame)
+                ch.subscribers.add(session)
 
     # ------------------------------------------------------------ publishing
 
@@ -265,6 +413,48 @@ class Relay:
         if not session.grants.can_publish(cn.name):
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
         return self.hub.channel(cn.name, ChannelKind.ORG_UNIT)
+
+    def history_channel(self, session: Session, name: str) -> Channel:
+        """The channel ``name`` if ``session`` may read its history.
+
+        Membership, not the time of joining, decides: an advisor added to a
+        conversation reads it from the start.
+        """
+        try:
+            cn = parse_channel(name)
+        except InvalidChannel as exc:
+            raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        if cn.kind == ChannelKind.DIRECT_CHAT:
+            allowed = session.user in cn.participants
+        elif cn.kind == ChannelKind.GROUP_CHAT:
+            group = self.groups.groups.get(cn.group)
+            allowed = group is not None and session.user in group.members
+        else:
+            allowed = session.grants.can_subscribe(name)
+        if not allowed:
+            raise refuse(ErrorCode.FORBIDDEN, f"not allowed to read {name!r}")
+        return self.hub.channel(name, cn.kind)
+
+    async def history(self, ch: Channel, limit: int, before: int | None, after: int | None,
+                      since_us: int | None, until_us: int | None) -> list[bytes]:
+        """A page of ``ch``'s messages, oldest first: from the ring where it reaches, else the store."""
+        if since_us is not None or until_us is not None:
+            since, until = since_us or 0, until_us or (1 << 63)
+            if self.store is not None:
+                return await self.store.read_by_time(ch.name, since, until, limit)
+            return [f for f in ch.ring.since(0) if since <= message_time(f) < until][:limit]
+        if after is not None:
+            low, high = after, ch.ring.last + 1
+            ring = ch.ring.resume_from(after)
+            if ring is not None or self.store is None:
+                return (ring or ch.ring.since(after))[:limit]
+            return await self.store.read(ch.name, low, high, limit)
+        high = min(before or ch.ring.last + 1, ch.ring.last + 1)
+        low = max(0, high - 1 - limit)
+        ring = ch.ring.resume_from(low)
+        if ring is not None or self.store is None:
+            return [f for f in (ring or ch.ring.since(low)) if message_seq(f) < high][-limit:]
+        return await self.store.read_latest(ch.name, high, limit)
 
     def readable(self, session: Session, name: str) -> Channel:
         """The existing channel ``name`` if ``session`` may read it."""

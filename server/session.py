@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from fenghuo.channels import InvalidChannel, is_user_id, parse_channel
 from fenghuo.core import (
+    FRAME_HEADER_SIZE,
     ChannelKind,
     Connection,
     ErrorCode,
@@ -23,6 +24,7 @@ from fenghuo.core import (
     ProtocolError,
     ReceiptKind,
     decode_receipt,
+    encode_frame,
     encode_receipt_event,
 )
 from fenghuo.protocol import decode_json, encode_json
@@ -31,6 +33,8 @@ from fenghuo.tokens import TokenError, verify_token
 
 log = logging.getLogger("fenghuo.session")
 SERVER_NAME = "fenghuo/0.1"
+HISTORY_DEFAULT = 100
+HISTORY_MAX = 1000
 
 
 def _fatal(exc: ProtocolError) -> ProtocolError:
@@ -57,16 +61,17 @@ def _positions(value: Any) -> dict[str, int] | None:
 
 
 class Session(Connection, asyncio.BufferedProtocol):
-    __slots__ = ("relay", "explicit", "positions", "watching")
+    __slots__ = ("relay", "explicit", "positions", "watching", "background")
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay
         self.explicit: set[str] = set()          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
         self.watching: set[str] = set()          # users whose presence we follow
+        self.background: set[asyncio.Task[None]] = set()   # store reads in flight
 
     def reply(self, request_id: int, result: dict[str, Any]) -> None:
-        self.send(encode_json(FrameType.RESULT, result, request_id))
+        self.send_reply(encode_json(FrameType.RESULT, result, request_id))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -95,15 +100,16 @@ class Session(Connection, asyncio.BufferedProtocol):
         device = hello.get("device") or "d-" + secrets.token_hex(4)
         if not isinstance(device, str) or not is_user_id(device):
             raise ProtocolError(ErrorCode.MALFORMED_BODY, "device must be 1-64 id characters")
-        if positions is not None and hello.get("epoch") != relay.epoch:
-            positions = {}   # the server restarted: every position refers to a past epoch
+        if positions is not None and not relay.durable and hello.get("epoch") != relay.epoch:
+            positions = {}   # a memory-only server restarted: old positions mean nothing
         self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
         self.grants = grants
         self.authenticated = True
         self.positions = positions
         relay.attach(self)
         self.send(encode_json(FrameType.WELCOME, {
-            "user": self.user, "device": device, "epoch": relay.epoch, "server": SERVER_NAME,
+            "user": self.user, "device": device, "epoch": relay.epoch, "durable": relay.durable,
+            "server": SERVER_NAME,
             "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
             "channels": {ch.name: ch.seq for ch in self.subscriptions},
         }, request_id))
@@ -177,6 +183,39 @@ class Session(Connection, asyncio.BufferedProtocol):
         if request_id:
             self.reply(request_id, {"channel": ch.name, "seq": receipt.seq, "forwarded": forwarded})
 
+    # ------------------------------------------------------------ history
+
+    def _history(self, request_id: int, body: dict[str, Any]) -> None:
+        name = body.get("channel")
+        limit = body.get("limit", HISTORY_DEFAULT)
+        bounds = {k: body.get(k) for k in ("before", "after", "since_us", "until_us")}
+        if (not isinstance(name, str) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_MAX
+                or not all(v is None or (isinstance(v, int) and v >= 0) for v in bounds.values())):
+            raise refuse(ErrorCode.MALFORMED_BODY,
+                         f"HISTORY needs a channel, a limit of 1..{HISTORY_MAX} and seqs/times >= 0")
+        ch = self.relay.history_channel(self, name)
+        task = asyncio.get_running_loop().create_task(
+            self._send_history(request_id, ch, limit, **bounds))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _send_history(self, request_id: int, ch, limit: int, before: int | None,
+                            after: int | None, since_us: int | None, until_us: int | None) -> None:
+        try:
+            frames = await self.relay.history(ch, limit, before, after, since_us, until_us)
+        except Exception:
+            log.exception("history read failed", extra={"channel": ch.name})
+            self.send_error(ErrorCode.INTERNAL, "history is unavailable", request_id)
+            return
+        budget = self.relay.settings.max_frame - FRAME_HEADER_SIZE
+        taken, size = [], 0
+        for frame in frames:
+            if size + len(frame) > budget:
+                break     # the client pages on from the last seq it got
+            taken.append(frame)
+            size += len(frame)
+        self.send_reply(encode_frame(FrameType.HISTORY_PAGE, b"".join(taken), request_id))
+
     # ------------------------------------------------------------ groups
 
     def _group(self, request_id: int, body: dict[str, Any]) -> None:
@@ -191,6 +230,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             ch.info = group
             for user in group.members:
                 relay.join(user, ch)
+            relay.save_group(group)
             relay.group_event(group, {"event": "created", "by": me, "users": list(group.members)})
             self.reply(request_id, {**group.describe(), "seq": ch.seq})
         elif op == "add":
@@ -200,6 +240,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             ch = relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
             for user in added:
                 relay.join(user, ch)
+            relay.save_group(group)
             if added:
                 relay.group_event(group, {"event": "join", "by": me, "users": added, "role": role})
             self.reply(request_id, {"group": group_id, "added": added})
@@ -218,6 +259,7 @@ class Session(Connection, asyncio.BufferedProtocol):
                 raise refuse(ErrorCode.MALFORMED_BODY, "role needs user and role")
             groups.set_role(me, group_id, user, role)
             group = groups.groups[group_id]
+            relay.save_group(group)
             relay.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
             self.reply(request_id, {"group": group_id, "user": user, "role": role})
         elif op == "list":
@@ -238,6 +280,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.relay.group_event(group, {"event": "leave", "by": self.user, "users": users})
         for user in users:
             self.relay.part(user, ch)
+        self.relay.save_group(group)
 
     # ------------------------------------------------------------ presence
 
@@ -262,6 +305,7 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.SUBSCRIBE: Session._subscribe,
     FrameType.UNSUBSCRIBE: Session._unsubscribe,
     FrameType.RECEIPT: Session._receipt,
+    FrameType.HISTORY: Session._history,
     FrameType.GROUP: Session._group,
     FrameType.PRESENCE: Session._presence,
 }

@@ -15,7 +15,7 @@ import pytest
 import fenghuo
 from fenghuo import ContentType, ErrorCode
 from fenghuo.protocol import FrameType
-from clients import QUIET, collect
+from clients import QUIET, assert_silent, collect
 
 
 def hold_reconnect(client: fenghuo.Client) -> asyncio.Event:
@@ -248,8 +248,31 @@ async def test_a_member_added_while_away_resumes_from_the_join_not_from_before_i
         await bob.next_message(timeout=0.05)
 
 
-async def test_missing_more_than_the_ring_reports_a_gap(relay_factory):
+async def test_missing_more_than_the_ring_is_recovered_from_the_store(relay_factory):
     relay = relay_factory("--ring-size", "4")
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    gaps: asyncio.Queue[dict] = asyncio.Queue()
+    bob.on_gap(gaps.put_nowait)
+    gate = hold_reconnect(bob)
+    await alice.send("bob", "m1")
+    assert [m.seq for m in await collect(bob, 1)] == [1]
+    cut(bob)
+    await wait_disconnected(bob)
+    for i in range(2, 2502):
+        await alice.send("bob", f"m{i}")
+    gate.set()
+    # Live messages keep coming while the store pages are read.
+    live = asyncio.ensure_future(asyncio.gather(*(alice.send("bob", f"m{i}") for i in range(2502, 2602))))
+    got = await collect(bob, 2600)
+    assert [(m.seq, m.text) for m in got] == [(i, f"m{i}") for i in range(2, 2602)]
+    await live
+    await assert_silent(bob)
+    assert gaps.empty()
+
+
+async def test_missing_more_than_the_ring_reports_a_gap_without_a_store(relay_factory):
+    relay = relay_factory("--ring-size", "4", "--store", "memory")
     try:
         alice = await relay.connect("alice")
         bob = await relay.connect("bob")

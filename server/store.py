@@ -1,0 +1,275 @@
+"""Durable storage: SQLite in WAL mode, written by one thread with group commit.
+
+The event loop never waits on a write: :meth:`SQLiteStore.append` puts the
+record on a queue; the writer thread takes everything queued, writes it in one
+transaction, commits (one sync per batch under ``fsync=always|batch``) and
+hands the batch back to the loop with ``call_soon_threadsafe``.  What the hub
+deferred for that batch (under ``always``: ring, delivery, ack) is released
+there, in order.
+
+Reads that may be large (history pages, catch-up beyond the ring) run on a
+reader thread with its own connection; WAL lets it read while the writer
+writes.  Reads that are small and needed synchronously (a channel's head and
+recent frames when it is first touched) use the loop's own connection.
+
+``Store`` is the seam a cluster engine replaces later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import orjson
+
+log = logging.getLogger("fenghuo.store")
+
+FSYNC_MODES = ("always", "batch", "off")
+DB_FILE = "fenghuo.db"
+# Records per transaction at most: bounds a batch's latency under a flood.
+MAX_BATCH = 8192
+# Records queued for the writer beyond which the relay stops reading from
+# clients (under fsync=batch|off nothing else holds publishers back), and
+# below which it reads again.
+BACKLOG_HIGH = 50_000
+BACKLOG_LOW = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    ts_us   INTEGER NOT NULL,
+    sender  TEXT NOT NULL,
+    dedupe  BLOB,
+    frame   BLOB NOT NULL,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_by_time ON messages (channel, ts_us);
+CREATE TABLE IF NOT EXISTS groups (
+    id      TEXT PRIMARY KEY,
+    record  BLOB NOT NULL
+);
+"""
+
+
+class Store(Protocol):
+    """What the relay needs from storage (SQLite now; a cluster engine later)."""
+
+    durable_acks: bool
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None: ...
+    def append(self, record: tuple) -> None: ...
+    def recent(self, channel: str) -> list[tuple[int, bytes]]: ...
+    def dedupe_keys(self, channel: str, limit: int) -> list[tuple[bytes, int, int]]: ...
+    async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]: ...
+    async def read_by_time(self, channel: str, since_us: int, until_us: int,
+                           limit: int) -> list[bytes]: ...
+    def save_group(self, group_id: str, record: dict[str, Any]) -> None: ...
+    def load_groups(self) -> list[dict[str, Any]]: ...
+    def direct_channels(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+class _Stop:
+    """Queue sentinel: the writer finishes what came before it and exits."""
+
+
+class SQLiteStore:
+    """The embedded default store: one file ``fenghuo.db`` under the data dir."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], fsync: str = "always",
+                 ring_size: int = 1024) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}")
+        self.path = Path(data_dir) / DB_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        # Under "always" nothing leaves the relay (ring, fan-out, ack) before
+        # its batch is on disk; otherwise it leaves at once and the batch follows.
+        self.durable_acks = fsync == "always"
+        self.ring_size = ring_size
+        self._queue: queue.SimpleQueue[tuple | _Stop] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-store-read")
+        self._local = threading.local()
+        self._conn = self._connect()
+        self._conn.executescript(_SCHEMA)
+        self.failure: BaseException | None = None
+        #: records appended and not yet handed back (touched by the loop thread only)
+        self.backlog = 0
+        self.on_pressure: Callable[[bool], None] = lambda high: None
+        self._pressed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL syncs the WAL at every commit (one commit per batch); NORMAL only
+        # at checkpoints: committed data survives a process crash, not power loss.
+        conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'off' else 'FULL'}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    # ------------------------------------------------------------ identity
+
+    def identity(self) -> str:
+        """A random id made when the store was created: the relay's epoch prefix."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is None:
+            store_id = os.urandom(6).hex()
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id,))
+            return store_id
+        return row[0]
+
+    # ------------------------------------------------------------ writing
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None:
+        self._writer = threading.Thread(target=self._write_forever, args=(loop, on_batch),
+                                        name="fenghuo-store-write", daemon=True)
+        self._writer.start()
+
+    def append(self, record: tuple) -> None:
+        """Queue ``record``; records are written, and handed back, in this order.
+
+        A message record is ``(channel, seq, ts_us, sender, dedupe, frame, release)``;
+        ``channel`` None makes a record that only travels the queue (a release
+        that must wait for everything before it).
+        """
+        self._queue.put(record)
+        self.backlog += 1
+        if self.backlog > BACKLOG_HIGH and not self._pressed:
+            self._pressed = True
+            self.on_pressure(True)
+
+    def written(self, count: int) -> None:
+        """The writer handed back ``count`` records (called on the loop thread)."""
+        self.backlog -= count
+        if self._pressed and self.backlog < BACKLOG_LOW:
+            self._pressed = False
+            self.on_pressure(False)
+
+    def save_group(self, group_id: str, record: dict[str, Any]) -> None:
+        self.append(("group", group_id, orjson.dumps(record)))
+
+    def _write_forever(self, loop: asyncio.AbstractEventLoop,
+                       on_batch: Callable[[list], None]) -> None:
+        conn = self._connect()
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if isinstance(batch[-1], _Stop):
+                batch.pop()
+                stop = True
+            try:
+                self._write_batch(conn, batch)
+            except BaseException as exc:   # a full disk, a broken file: stop accepting
+                self.failure = exc
+                log.critical("store write failed; the relay stops sequencing", exc_info=exc)
+                loop.call_soon_threadsafe(on_batch, None)
+                return
+            if batch:
+                loop.call_soon_threadsafe(on_batch, batch)
+        conn.close()
+
+    @staticmethod
+    def _write_batch(conn: sqlite3.Connection, batch: list) -> None:
+        messages = [r[:6] for r in batch if len(r) == 7 and r[0] is not None]
+        groups = [(r[1], r[2]) for r in batch if r[0] == "group"]
+        if not messages and not groups:
+            return
+        conn.execute("BEGIN")
+        if messages:
+            conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", messages)
+        if groups:
+            conn.executemany("INSERT OR REPLACE INTO groups (id, record) VALUES (?, ?)", groups)
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Write what is queued, then stop the threads."""
+        if self._writer is not None and self._writer.is_alive():
+            self._queue.put(_Stop())
+            self._writer.join(30)
+        self._reader.shutdown(wait=True)
+        self._conn.close()
+
+    # ------------------------------------------------------------ reading
+
+    def recent(self, channel: str) -> list[tuple[int, bytes]]:
+        """The channel's most recent ``(seq, frame)``s, oldest first: its ring at first touch."""
+        rows = self._conn.execute(
+            "SELECT seq, frame FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT ?",
+            (channel, self.ring_size)).fetchall()
+        return [(seq, bytes(frame)) for seq, frame in reversed(rows)]
+
+    def dedupe_keys(self, channel: str, limit: int) -> list[tuple[bytes, int, int]]:
+        """The most recent idempotency keys of ``channel``: ``(key, seq, ts_us)``, oldest first."""
+        rows = self._conn.execute(
+            "SELECT dedupe, seq, ts_us FROM messages WHERE channel = ? AND dedupe IS NOT NULL"
+            " ORDER BY seq DESC LIMIT ?", (channel, limit)).fetchall()
+        return [(bytes(k), s, t) for k, s, t in reversed(rows)]
+
+    async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
+        """Frames with ``after < seq < before``: the oldest ``limit`` of them."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read, channel, after, before, limit)
+
+    def _read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
+        rows = self._reader_conn().execute(
+            "SELECT frame FROM messages WHERE channel = ? AND seq > ? AND seq < ?"
+            " ORDER BY seq LIMIT ?", (channel, after, before, limit)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    async def read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
+        """The ``limit`` frames just below ``before``, oldest first (paging backwards)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read_latest, channel, before, limit)
+
+    def _read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
+        rows = self._reader_conn().execute(
+            "SELECT frame FROM messages WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (channel, before, limit)).fetchall()
+        return [bytes(r[0]) for r in reversed(rows)]
+
+    async def read_by_time(self, channel: str, since_us: int, until_us: int,
+                           limit: int) -> list[bytes]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read_by_time, channel, since_us, until_us, limit)
+
+    def _read_by_time(self, channel: str, since_us: int, until_us: int,
+                      limit: int) -> list[bytes]:
+        rows = self._reader_conn().execute(
+            "SELECT frame FROM messages WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
+            " ORDER BY seq LIMIT ?", (channel, since_us, until_us, limit)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def load_groups(self) -> list[dict[str, Any]]:
+        return [orjson.loads(r[0]) for r in self._conn.execute("SELECT record FROM groups")]
+
+    def direct_channels(self) -> list[str]:
+        return [r[0] for r in self._conn.execute(
+            "SELECT DISTINCT channel FROM messages WHERE channel LIKE 'dm:%'")]
+
+    def all_rows(self, channel: str) -> Iterable[tuple[int, int, str, bytes]]:
+        """Every stored message of ``channel``: ``(seq, ts_us, sender, frame)`` (export, tests)."""
+        return self._conn.execute(
+            "SELECT seq, ts_us, sender, frame FROM messages WHERE channel = ? ORDER BY seq",
+            (channel,))
