@@ -79,10 +79,12 @@ class RelayProcess:
 
 
 def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
-                env: dict[str, str] | None = None, timeout: float = 15.0) -> RelayProcess:
+                env: dict[str, str] | None = None, timeout: float = 15.0,
+                data_dir: Path | None = None, secret: str | None = None) -> RelayProcess:
+    """Start ``fenghuo serve``; pass ``data_dir`` and ``secret`` of an earlier one to restart it."""
     port, metrics_port = free_port(host), free_port(host)
-    secret = secrets.token_urlsafe(32)
-    data_dir = tmp_path / f"data-{port}"
+    secret = secret or secrets.token_urlsafe(32)
+    data_dir = data_dir or tmp_path / f"data-{port}"
     log_path = tmp_path / f"relay-{port}.log"
     cmd = [sys.executable, "-m", "fenghuo", "serve", "--host", host, "--port", str(port),
            "--metrics-port", str(metrics_port), "--data-dir", str(data_dir),

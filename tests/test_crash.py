@@ -38,7 +38,7 @@ def stored_messages(db_path) -> dict[str, list[tuple[int, str, str]]]:
 
 async def test_acked_messages_survive_repeated_kill_9(tmp_path):
     data_dir = tmp_path / "data"
-    first = start_relay(tmp_path, f"--data-dir={data_dir}", "--fsync", "always")
+    first = start_relay(tmp_path, "--fsync", "always", data_dir=data_dir)
     secret = first.secret
     relays: list[RelayProcess] = [first]
 
@@ -85,8 +85,7 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
         await asyncio.sleep(rng.uniform(0.15, 0.5))
         relays[-1].signal(signal.SIGKILL)
         relays[-1].proc.wait()
-        relay = start_relay(tmp_path, f"--data-dir={data_dir}", f"--secret={secret}",
-                            "--fsync", "always")
+        relay = start_relay(tmp_path, "--fsync", "always", data_dir=data_dir, secret=secret)
         relays.append(relay)
         for client in senders + receivers:
             client.port = relay.port

@@ -1,0 +1,152 @@
+"""The durable store as users meet it: restarts, offline delivery, history."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+import fenghuo
+from clients import assert_silent, collect
+from conftest import start_relay
+from fenghuo import ErrorCode, FenghuoError
+
+
+def restart(tmp_path, relay, *flags: str):
+    """Stop ``relay`` cleanly and start it again over the same data directory."""
+    assert relay.stop() == 0
+    return start_relay(tmp_path, *flags, data_dir=relay.data_dir, secret=relay.secret)
+
+
+async def test_seqs_groups_and_conversations_continue_after_a_restart(relay_factory, tmp_path):
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    await alice.create_group("ops", members=["bob"])
+    for i in range(3):
+        await alice.send("bob", f"dm{i}")
+        await alice.publish("group:ops", f"g{i}")
+    await alice.close()
+
+    again = restart(tmp_path, relay)
+    try:
+        bob = fenghuo.Client(again.server, token=again.token("bob"))
+        await bob.connect()
+        # Memberships came back from the store: WELCOME lists both channels at their heads.
+        assert bob.welcome["channels"] == {"dm:alice:bob": 3, "group:ops": 4}
+        assert bob.welcome["durable"] is True
+        assert (await bob.group_members("ops")) == {"alice": "owner", "bob": "member"}
+        ack = await bob.send("alice", "after restart")
+        assert ack.seq == 4                       # continues, no gap, no reuse
+        ack = await bob.publish("group:ops", "g-after")
+        assert ack.seq == 5
+        await bob.close()
+    finally:
+        again.stop()
+
+
+async def test_an_offline_user_gets_everything_after_a_restart_then_live(relay_factory, tmp_path):
+    relay = relay_factory("--ring-size", "8")
+    alice = await relay.connect("alice")
+    bob = fenghuo.Client(relay.server, token=relay.token("bob"), max_backoff=0.2)
+    await bob.connect()
+    await alice.send("bob", "hello")
+    assert [m.seq for m in await collect(bob, 1)] == [1]
+    await bob.close()                        # bob goes offline, keeping his positions
+    positions, epoch = dict(bob.positions), bob.epoch
+    for i in range(2, 102):                  # far more than the ring holds
+        await alice.send("bob", f"m{i}")
+    await alice.close()
+
+    again = restart(tmp_path, relay, "--ring-size", "8")
+    try:
+        back = fenghuo.Client(again.server, token=again.token("bob"))
+        back.positions, back.epoch = positions, epoch     # a client app restoring its state
+        await back.connect()
+        got = await collect(back, 100)
+        assert [(m.seq, m.text) for m in got] == [(i, f"m{i}") for i in range(2, 102)]
+        sender = fenghuo.Client(again.server, token=again.token("alice"))
+        await sender.connect()
+        await sender.send("bob", "live")
+        assert [(m.seq, m.text) for m in await collect(back, 1)] == [(102, "live")]
+        await assert_silent(back)
+        await asyncio.gather(back.close(), sender.close())
+    finally:
+        again.stop()
+
+
+async def test_a_retry_after_a_restart_is_still_recognised(relay_factory, tmp_path):
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    first = await alice.send("bob", "once", key="order-17")
+    await alice.close()
+    again = restart(tmp_path, relay)
+    try:
+        alice = fenghuo.Client(again.server, token=again.token("alice"))
+        await alice.connect()
+        retry = await alice.send("bob", "once", key="order-17")
+        assert (retry.seq, retry.duplicate) == (first.seq, True)
+        await alice.close()
+    finally:
+        again.stop()
+
+
+async def test_history_pages_forward_backward_and_by_time(relay_factory):
+    relay = relay_factory("--ring-size", "16")
+    alice = await relay.connect("alice")
+    stamps = []
+    for i in range(1, 101):
+        ack = await alice.send("bob", f"m{i}")
+        stamps.append(ack.ts_us)
+    channel = "dm:alice:bob"
+
+    latest = await alice.history(channel, limit=10)
+    assert [m.seq for m in latest] == list(range(91, 101))           # from the ring
+    older = await alice.history(channel, before=latest[0].seq, limit=30)
+    assert [m.seq for m in older] == list(range(61, 91))              # ring, then store
+    oldest = await alice.history(channel, after=0, limit=25)
+    assert [(m.seq, m.text) for m in oldest] == [(i, f"m{i}") for i in range(1, 26)]
+    forward = await alice.history(channel, after=25, limit=1000)
+    assert [m.seq for m in forward] == list(range(26, 101))
+    window = await alice.history(channel, since_us=stamps[39], until_us=stamps[49])
+    assert [m.seq for m in window] == list(range(40, 50))
+    # History moves no position and does not enter the live stream.
+    assert alice.positions.get(channel) == 100
+
+
+async def test_history_follows_membership_not_join_time(relay_factory):
+    relay = relay_factory()
+    bot = await relay.connect("bot")
+    await bot.create_group("case42", members=["client"])
+    for i in range(5):
+        await bot.publish("group:case42", f"q{i}")
+    advisor = await relay.connect("advisor")
+    with pytest.raises(FenghuoError) as info:
+        await advisor.history("group:case42")
+    assert info.value.code == ErrorCode.FORBIDDEN
+    await bot.add_members("case42", ["advisor"])
+    texts = [m.text for m in await advisor.history("group:case42") if m.sender == "bot"
+             and m.content_type == fenghuo.ContentType.TEXT]
+    assert texts == [f"q{i}" for i in range(5)]          # the whole conversation
+
+
+async def test_history_of_a_memory_relay_comes_from_the_ring(relay_factory):
+    relay = relay_factory("--store", "memory", "--ring-size", "8")
+    alice = await relay.connect("alice")
+    for i in range(1, 21):
+        await alice.send("bob", f"m{i}")
+    got = await alice.history("dm:alice:bob", after=0, limit=100)
+    assert [m.seq for m in got] == list(range(13, 21))
+
+
+async def test_fsync_modes_all_store_every_message(relay_factory):
+    for mode in ("always", "batch", "off"):
+        relay = relay_factory("--fsync", mode)
+        alice = await relay.connect("alice")
+        acks = [await alice.send("bob", f"{mode}{i}") for i in range(50)]
+        assert [a.seq for a in acks] == list(range(1, 51))
+        await alice.close()
+        assert relay.stop() == 0                  # a clean stop writes what is queued
+        with sqlite3.connect(relay.data_dir / "fenghuo.db") as db:
+            (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
+        assert count == 50, mode
