@@ -15,6 +15,7 @@ class FrameType(enum.IntEnum):
     UNSUBSCRIBE = 0x12
     RECEIPT = 0x13
     HISTORY = 0x14
+    CURSOR = 0x15
     GROUP = 0x20
     PRESENCE = 0x21
     WELCOME = 0x81

@@ -29,6 +29,7 @@ cpdef enum FrameType:
     UNSUBSCRIBE = 0x12
     RECEIPT = 0x13
     HISTORY = 0x14
+    CURSOR = 0x15
     GROUP = 0x20
     PRESENCE = 0x21
     # server -> client

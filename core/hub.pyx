@@ -528,7 +528,8 @@ cdef class Connection:
             elif h.type == FrameType.HELLO:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "HELLO was already accepted", False)
             elif h.type in (FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.RECEIPT,
-                            FrameType.HISTORY, FrameType.GROUP, FrameType.PRESENCE):
+                            FrameType.HISTORY, FrameType.CURSOR, FrameType.GROUP,
+                            FrameType.PRESENCE):
                 self.on_control(h.type, h.request_id, PyBytes_FromStringAndSize(body, n))
             else:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE,

@@ -64,6 +64,8 @@ _TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_R
 _HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED}
 # A connection that drops sooner than this after WELCOME does not reset the backoff.
 _STABLE_AFTER_S = 1.0
+# How often this device's positions are stored on the relay (when they moved).
+CURSOR_SYNC_S = 0.5
 
 
 class FenghuoError(Exception):
@@ -133,7 +135,7 @@ class Client:
                  channels: tuple[str, ...] = (), device: str | None = None,
                  reconnect: bool = True, max_backoff: float = 5.0,
                  connect_timeout: float = 10.0, compress_threshold: int = 4096,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, sync_cursors: bool = True) -> None:
         if token is None:
             if user is None or secret is None:
                 raise ValueError("pass token=, or user= and secret= to mint one")
@@ -146,6 +148,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.compress_threshold = compress_threshold
         self.max_frame = max_frame
+        self.sync_cursors = sync_cursors
         self.user: str | None = None
         self.epoch: str | None = None
         self.welcome: dict[str, Any] = {}
@@ -166,6 +169,8 @@ class Client:
         self._reconnect_after = 0.0
         self._hello_id = 0
         self._watching: set[str] = set()
+        self._cursor_changes: dict[str, int] = {}
+        self._cursor_timer: asyncio.TimerHandle | None = None
         self._welcomed_at = 0.0
         self._flaps = 0
 
@@ -220,7 +225,12 @@ class Client:
                 # It restarted without its state: old positions mean nothing now.
                 self.positions.clear()
         elif self.epoch is None:
-            self._start_at(heads)
+            if body.get("resumed"):
+                # The relay resumed this device from its stored cursors; the
+                # channels it has none for are replayed: they are news.
+                self.positions.update(body["resumed"])
+            else:
+                self._start_at(heads)
         self.epoch = body.get("epoch")
         self.user = body.get("user")
         self.welcome = body
@@ -273,10 +283,20 @@ class Client:
         self._unacked.clear()
         self._inbox.put_nowait(None)
 
+    def _flush_cursors(self) -> None:
+        self._cursor_timer = None
+        if self._cursor_changes and self.connected:
+            self._write(encode_json(FrameType.CURSOR, {"op": "sync",
+                                                       "positions": self._cursor_changes}))
+            self._cursor_changes = {}
+
     async def close(self) -> None:
         """Close for good: no reconnect; ``messages()`` ends."""
         if self._closed:
             return
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+        self._flush_cursors()
         self._closed = True
         self._connected.clear()
         if self._reconnector is not None:
@@ -334,6 +354,11 @@ class Client:
         if message.seq <= self.positions.get(message.channel, 0):
             return
         self.positions[message.channel] = message.seq
+        if self.sync_cursors:
+            self._cursor_changes[message.channel] = message.seq
+            if self._cursor_timer is None:
+                self._cursor_timer = asyncio.get_running_loop().call_later(
+                    CURSOR_SYNC_S, self._flush_cursors)
         self._inbox.put_nowait(message)
         self._emit("message", message)
 
@@ -521,6 +546,25 @@ class Client:
                 body[key] = value
         page = await self._request(FrameType.HISTORY, body)
         return [decode_message(frame.body) for frame in FrameReader(self.max_frame).feed(page)]
+
+    async def sync_cursors_now(self) -> int:
+        """Store this device's positions on the relay now (they are also synced
+        every ``CURSOR_SYNC_S`` seconds and on close); returns how many were kept."""
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+            self._cursor_timer = None
+        changes, self._cursor_changes = self._cursor_changes, {}
+        result = await self._request(FrameType.CURSOR, {"op": "sync", "positions": changes})
+        return result["saved"]
+
+    async def unread(self) -> dict[str, int]:
+        """Unread messages per channel: the same on every device of this user."""
+        return (await self._request(FrameType.CURSOR, {"op": "unread"}))["unread"]
+
+    async def readers(self, channel: str, seq: int) -> dict[str, Any]:
+        """``{"read": x, "members": n}``: how many have read message ``seq`` of ``channel``."""
+        return await self._request(FrameType.CURSOR, {"op": "readers", "channel": channel,
+                                                      "seq": seq})
 
     async def mark_delivered(self, channel: str, seq: int) -> None:
         await self._receipt(channel, seq, ReceiptKind.DELIVERED)

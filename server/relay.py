@@ -36,6 +36,7 @@ from fenghuo.core import (
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server.config import Settings
+from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.groups import Group, GroupRegistry
 from fenghuo.server.store import SQLiteStore
 
@@ -98,6 +99,7 @@ class Relay:
         #: set by SIGTERM/SIGINT (see main.serve) or by a store failure
         self.stop_requested = asyncio.Event()
         self.store: SQLiteStore | None = None
+        self.reads = ReadCursors()
         if settings.store == "sqlite":
             self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size)
             # The epoch names this process's view of the data: with a store the
@@ -131,6 +133,8 @@ class Relay:
             ch.info = group
             for user in group.members:
                 self.memberships.setdefault(user, {})[ch] = record.get("joined", {}).get(user, 0)
+        for channel, user, seq in store.read_cursors():
+            self.reads.advance(channel, user, seq)
         for name in store.direct_channels():
             cn = parse_channel(name)
             ch = self.hub.channel(name, ChannelKind.DIRECT_CHAT)
@@ -323,6 +327,7 @@ class Relay:
         sessions = list(self.users.get(user, ()))
         for session in sessions:
             session.forget_publish_cache()
+        self.reads.forget(ch.name, user)
 
         def unsubscribe() -> None:
             if ch in self.memberships.get(user, {}):
@@ -462,6 +467,25 @@ class Relay:
         if ch is None or ch not in session.subscriptions:
             raise refuse(ErrorCode.FORBIDDEN, f"not subscribed to {name!r}")
         return ch
+
+    def mark_read(self, user: str, ch: Channel, seq: int) -> None:
+        """Advance ``user``'s read cursor of ``ch`` (never past its head), and keep it."""
+        seq = min(seq, ch.seq)
+        if self.reads.advance(ch.name, user, seq) and self.store is not None:
+            self.store.save_read_cursor(ch.name, user, seq)
+
+    def unread(self, user: str, ch: Channel) -> int:
+        """Messages of ``ch`` after both ``user``'s read cursor and their joining."""
+        start = max(self.reads.get(ch.name, user), self.memberships.get(user, {}).get(ch, 0))
+        return max(0, ch.seq - start)
+
+    def members_of(self, ch: Channel) -> int | None:
+        """How many users belong to a direct or group channel (None for org channels)."""
+        if ch.kind == ChannelKind.DIRECT_CHAT:
+            return 2
+        if ch.kind == ChannelKind.GROUP_CHAT and ch.info is not None:
+            return len(ch.info.members)
+        return None
 
     def send_to_user(self, user: str, frame: bytes) -> int:
         devices = self.users.get(user, ())

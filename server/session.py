@@ -102,6 +102,11 @@ class Session(Connection, asyncio.BufferedProtocol):
             raise ProtocolError(ErrorCode.MALFORMED_BODY, "device must be 1-64 id characters")
         if positions is not None and not relay.durable and hello.get("epoch") != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
+        resumed = None
+        if positions is None and relay.store is not None:
+            # A device that kept no state (an app restart): resume where it last synced.
+            resumed = relay.store.device_cursors(grants.user, device) or None
+            positions = resumed
         self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
         self.grants = grants
         self.authenticated = True
@@ -112,6 +117,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             "server": SERVER_NAME,
             "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
             "channels": {ch.name: ch.seq for ch in self.subscriptions},
+            **({"resumed": resumed} if resumed else {}),
         }, request_id))
         if positions is not None:
             for ch in list(self.subscriptions):
@@ -168,6 +174,9 @@ class Session(Connection, asyncio.BufferedProtocol):
         if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ):
             raise refuse(ErrorCode.MALFORMED_BODY, "receipt kind must be 1 (delivered) or 2 (read)")
         ch = self.relay.readable(self, receipt.channel)
+        if receipt.kind == ReceiptKind.READ:
+            # Reading is per user, whatever the device: every device's unread count follows.
+            self.relay.mark_read(self.user, ch, receipt.seq)
         forwarded = 0
         try:
             frame = ch.ring[receipt.seq]
@@ -182,6 +191,32 @@ class Session(Connection, asyncio.BufferedProtocol):
             raise refuse(ErrorCode.NOT_FOUND, f"seq {receipt.seq} is not held for {ch.name!r}")
         if request_id:
             self.reply(request_id, {"channel": ch.name, "seq": receipt.seq, "forwarded": forwarded})
+
+    # ------------------------------------------------------------ cursors
+
+    def _cursor(self, request_id: int, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        relay = self.relay
+        if op == "sync":
+            positions = _positions(body.get("positions")) or {}
+            kept = {name: min(seq, ch.seq) for name, seq in positions.items()
+                    if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
+            if relay.store is not None and kept:
+                relay.store.save_device_cursors(self.user, self.device, kept)
+            result: dict[str, Any] = {"saved": len(kept)}
+        elif op == "unread":
+            result = {"unread": {ch.name: relay.unread(self.user, ch) for ch in self.subscriptions}}
+        elif op == "readers":
+            name, seq = body.get("channel"), body.get("seq")
+            if not isinstance(name, str) or not isinstance(seq, int):
+                raise refuse(ErrorCode.MALFORMED_BODY, "readers needs a channel and a seq")
+            ch = relay.readable(self, name)
+            result = {"channel": name, "seq": seq, "read": relay.reads.readers(name, seq),
+                      "members": relay.members_of(ch)}
+        else:
+            raise refuse(ErrorCode.MALFORMED_BODY, "op must be sync, unread or readers")
+        if request_id:
+            self.reply(request_id, result)
 
     # ------------------------------------------------------------ history
 
@@ -306,6 +341,7 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.UNSUBSCRIBE: Session._unsubscribe,
     FrameType.RECEIPT: Session._receipt,
     FrameType.HISTORY: Session._history,
+    FrameType.CURSOR: Session._cursor,
     FrameType.GROUP: Session._group,
     FrameType.PRESENCE: Session._presence,
 }

@@ -57,6 +57,19 @@ CREATE TABLE IF NOT EXISTS groups (
     id      TEXT PRIMARY KEY,
     record  BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS device_cursors (
+    user    TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (user, device, channel)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS read_cursors (
+    channel TEXT NOT NULL,
+    user    TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (channel, user)
+) WITHOUT ROWID;
 """
 
 
@@ -73,6 +86,15 @@ class Store(Protocol):
     async def read_by_time(self, channel: str, since_us: int, until_us: int,
                            limit: int) -> list[bytes]: ...
     def save_group(self, group_id: str, record: dict[str, Any]) -> None: ...
+    def device_cursors(self, user: str, device: str) -> dict[str, int]:
+        """Where ``device`` of ``user`` last said it had got to, per channel."""
+        return dict(self._conn.execute(
+            "SELECT channel, seq FROM device_cursors WHERE user = ? AND device = ?", (user, device)))
+
+    def read_cursors(self) -> list[tuple[str, str, int]]:
+        """Every ``(channel, user, seq)`` read cursor (loaded once at start-up)."""
+        return self._conn.execute("SELECT channel, user, seq FROM read_cursors").fetchall()
+
     def load_groups(self) -> list[dict[str, Any]]: ...
     def direct_channels(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -164,6 +186,12 @@ class SQLiteStore:
     def save_group(self, group_id: str, record: dict[str, Any]) -> None:
         self.append(("group", group_id, orjson.dumps(record)))
 
+    def save_device_cursors(self, user: str, device: str, positions: dict[str, int]) -> None:
+        self.append(("cursors", user, device, positions))
+
+    def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
+        self.append(("read", channel, user, seq))
+
     def _write_forever(self, loop: asyncio.AbstractEventLoop,
                        on_batch: Callable[[list], None]) -> None:
         conn = self._connect()
@@ -193,7 +221,10 @@ class SQLiteStore:
     def _write_batch(conn: sqlite3.Connection, batch: list) -> None:
         messages = [r[:6] for r in batch if len(r) == 7 and r[0] is not None]
         groups = [(r[1], r[2]) for r in batch if r[0] == "group"]
-        if not messages and not groups:
+        cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
+                   for channel, seq in r[3].items()]
+        reads = [r[1:] for r in batch if r[0] == "read"]
+        if not (messages or groups or cursors or reads):
             return
         conn.execute("BEGIN")
         if messages:
@@ -201,6 +232,12 @@ class SQLiteStore:
                              " VALUES (?, ?, ?, ?, ?, ?)", messages)
         if groups:
             conn.executemany("INSERT OR REPLACE INTO groups (id, record) VALUES (?, ?)", groups)
+        if cursors:
+            conn.executemany("INSERT OR REPLACE INTO device_cursors (user, device, channel, seq)"
+                             " VALUES (?, ?, ?, ?)", cursors)
+        if reads:
+            conn.executemany("INSERT OR REPLACE INTO read_cursors (channel, user, seq)"
+                             " VALUES (?, ?, ?)", reads)
         conn.execute("COMMIT")
 
     def close(self) -> None:
@@ -260,6 +297,15 @@ class SQLiteStore:
             "SELECT frame FROM messages WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
             " ORDER BY seq LIMIT ?", (channel, since_us, until_us, limit)).fetchall()
         return [bytes(r[0]) for r in rows]
+
+    def device_cursors(self, user: str, device: str) -> dict[str, int]:
+        """Where ``device`` of ``user`` last said it had got to, per channel."""
+        return dict(self._conn.execute(
+            "SELECT channel, seq FROM device_cursors WHERE user = ? AND device = ?", (user, device)))
+
+    def read_cursors(self) -> list[tuple[str, str, int]]:
+        """Every ``(channel, user, seq)`` read cursor (loaded once at start-up)."""
+        return self._conn.execute("SELECT channel, user, seq FROM read_cursors").fetchall()
 
     def load_groups(self) -> list[dict[str, Any]]:
         return [orjson.loads(r[0]) for r in self._conn.execute("SELECT record FROM groups")]

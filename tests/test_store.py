@@ -150,3 +150,75 @@ async def test_fsync_modes_all_store_every_message(relay_factory):
         with sqlite3.connect(relay.data_dir / "fenghuo.db") as db:
             (count,) = db.execute("SELECT count(*) FROM messages").fetchone()
         assert count == 50, mode
+
+
+async def test_a_device_that_lost_its_state_resumes_from_its_stored_cursor(relay):
+    alice = await relay.connect("alice")
+    phone = await relay.connect("bob", device="phone")
+    for i in range(1, 4):
+        await alice.send("bob", f"m{i}")
+    assert [m.seq for m in await collect(phone, 3)] == [1, 2, 3]
+    assert await phone.sync_cursors_now() == 1
+    await phone.close()
+    for i in range(4, 7):
+        await alice.send("bob", f"m{i}")
+    # The app restarts with no memory of its positions, same device id.
+    again = await relay.connect("bob", device="phone")
+    assert again.welcome["resumed"] == {"dm:alice:bob": 3}
+    assert [(m.seq, m.text) for m in await collect(again, 3)] == [(i, f"m{i}") for i in range(4, 7)]
+    await assert_silent(again)
+    # A brand-new device starts live.
+    tablet = await relay.connect("bob", device="tablet")
+    assert "resumed" not in tablet.welcome
+    await assert_silent(tablet)
+
+
+async def test_unread_counts_are_the_same_on_every_device(relay):
+    alice = await relay.connect("alice")
+    phone = await relay.connect("bob", device="phone")
+    laptop = await relay.connect("bob", device="laptop")
+    for i in range(5):
+        await alice.send("bob", f"m{i}")
+    await collect(phone, 5)
+    assert await phone.unread() == await laptop.unread() == {"dm:alice:bob": 5}
+    await phone.mark_read("dm:alice:bob", 3)
+    await phone.readers("dm:alice:bob", 3)          # a round trip: the receipt was handled
+    assert await phone.unread() == await laptop.unread() == {"dm:alice:bob": 2}
+    await laptop.mark_read("dm:alice:bob", 1)       # never backwards
+    assert await laptop.unread() == {"dm:alice:bob": 2}
+
+
+async def test_group_read_counts_with_many_members(relay):
+    owner = await relay.connect("owner")
+    members = [f"m{i:03d}" for i in range(120)]
+    await owner.create_group("town", members=members)
+    ack = await owner.publish("group:town", "fee reminder: due Friday")
+    clients = await asyncio.gather(*(relay.connect(u, sync_cursors=False) for u in members[:60]))
+    for c in clients:
+        await c.mark_read("group:town", ack.seq)
+    await asyncio.gather(*(c.unread() for c in clients))      # every receipt handled
+    assert await owner.readers("group:town", ack.seq) == {
+        "channel": "group:town", "seq": ack.seq, "read": 60, "members": 121}
+    assert (await owner.readers("group:town", ack.seq + 1))["read"] == 0
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_read_cursors_and_device_cursors_survive_a_restart(relay_factory, tmp_path):
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob", device="phone")
+    for i in range(4):
+        await alice.send("bob", f"m{i}")
+    await collect(bob, 4)
+    await bob.mark_read("dm:alice:bob", 2)
+    await bob.sync_cursors_now()
+    await asyncio.gather(alice.close(), bob.close())
+    again = restart(tmp_path, relay)
+    try:
+        bob = fenghuo.Client(again.server, token=again.token("bob"), device="phone")
+        await bob.connect()
+        assert bob.welcome["resumed"] == {"dm:alice:bob": 4}
+        assert await bob.unread() == {"dm:alice:bob": 2}
+        await bob.close()
+    finally:
+        again.stop()
