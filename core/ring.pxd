@@ -16,3 +16,4 @@ cdef class Ring:
     cdef object get(self, uint64_t seq)
     cpdef list since(self, uint64_t after)
     cpdef void clear(self)
+    cpdef void trim(self, uint64_t keep_from)

@@ -102,6 +102,20 @@ cdef class Ring:
         self.first = 0
         self.last = 0
 
+    cpdef void trim(self, uint64_t keep_from):
+        """Drop the frames with seq < ``keep_from`` (retention)."""
+        cdef Py_ssize_t i
+        if self.last == 0:
+            return
+        if keep_from > self.last:
+            self.clear()
+            return
+        while self.first < keep_from:
+            i = self.first % self._allocated
+            Py_XDECREF(self._slots[i])
+            self._slots[i] = NULL
+            self.first += 1
+
     def __len__(self):
         return 0 if self.last == 0 else <Py_ssize_t>(self.last - self.first + 1)
 

@@ -1,4 +1,4 @@
-"""The ``fenghuo`` command: serve, token, listen, send, chat."""
+"""The ``fenghuo`` command: serve, token, listen, send, chat, export."""
 
 from __future__ import annotations
 
@@ -55,6 +55,30 @@ def cmd_token(args: argparse.Namespace) -> int:
     secret, _ = resolve_secret(args.secret, args.data_dir)
     print(issue_token(secret, args.user, ttl=args.ttl, channels=args.channels,
                       read=args.read, roles=args.roles))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fenghuo.server.export import export, verify
+
+    if args.verify:
+        try:
+            summary = verify(args.verify)
+        except (OSError, ValueError) as exc:
+            print(f"fenghuo: {exc}", file=sys.stderr)
+            return 1
+        print(f"ok: {summary['messages']} messages, sha256 {summary['sha256']}")
+        return 0
+    if not (args.channel or args.user):
+        print("fenghuo: export needs --channel or --user (or --verify FILE)", file=sys.stderr)
+        return 2
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
+    try:
+        summary = export(args.data_dir, out, channel=args.channel, user=args.user)
+    finally:
+        if args.out:
+            out.close()
+    print(f"exported {summary['messages']} messages, sha256 {summary['sha256']}", file=sys.stderr)
     return 0
 
 
@@ -157,6 +181,15 @@ def parser() -> argparse.ArgumentParser:
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
     listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
     listen.set_defaults(func=_run_client(_listen))
+
+    exp = sub.add_parser("export", help="write a channel's or a user's messages as JSON lines")
+    scope = exp.add_mutually_exclusive_group()
+    scope.add_argument("--channel", help="every stored message of this channel")
+    scope.add_argument("--user", help="this user's conversations and what they said")
+    scope.add_argument("--verify", metavar="FILE", help="check an export against its summary")
+    exp.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
+    exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.set_defaults(func=cmd_export)
 
     chat = sub.add_parser("chat", help="interactive direct chat: lines you type go to --to")
     _client_arguments(chat)

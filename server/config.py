@@ -45,6 +45,9 @@ class Settings:
     store: str = _opt("sqlite", "sqlite (durable, in --data-dir) or memory (nothing survives a restart)")
     fsync: str = _opt("always", "always: ack after the batch is on disk; batch: ack at once, sync "
                                 "per batch; off: ack at once, no sync (see Delivery guarantees)")
+    retention: str = _opt("", "how long messages are kept, by channel prefix: e.g. "
+                              "'dm:=365d,org.=30d,*=forever' (default: forever)")
+    retention_interval: float = _opt(3600.0, "seconds between two runs of the retention job")
     max_frame: int = _opt(1 << 20, "largest frame accepted, bytes (header included)")
     ring_size: int = _opt(1024, "messages kept per channel for catch-up after a disconnect")
     max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
@@ -69,6 +72,8 @@ class Settings:
                               ("log_format", ("json", "text"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+        from fenghuo.server.retention import parse_rules
+        parse_rules(self.retention)
 
 
 OPTIONS: tuple[Option, ...] = tuple(

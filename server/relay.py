@@ -21,21 +21,18 @@ import orjson
 
 from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.core import (
-    FRAME_HEADER_SIZE,
     Channel,
     ChannelKind,
     ContentType,
     ErrorCode,
-    FrameFlag,
     FrameType,
     Hub,
-    Message,
     ProtocolError,
-    decode_message,
-    decompress_body,
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server.config import Settings
+from fenghuo.server import retention
+from fenghuo.server.frames import message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.groups import Group, GroupRegistry
 from fenghuo.server.store import SQLiteStore
@@ -55,26 +52,6 @@ STORE_LAG_WAITS = 300
 def refuse(code: int, message: str) -> ProtocolError:
     """A non-fatal protocol error: the client gets ERROR, the connection stays."""
     return ProtocolError(code, message, False)
-
-
-def decode_frame_message(frame: bytes) -> Message:
-    """The MESSAGE in an encoded frame (compressed or not)."""
-    body = frame[FRAME_HEADER_SIZE:]
-    if int.from_bytes(frame[6:8], "big") & FrameFlag.COMPRESSED:
-        body = decompress_body(body, 1 << 30)
-    return decode_message(body)
-
-
-def message_sender(frame: bytes) -> str:
-    return decode_frame_message(frame).sender
-
-
-def message_seq(frame: bytes) -> int:
-    return decode_frame_message(frame).seq
-
-
-def message_time(frame: bytes) -> int:
-    return decode_frame_message(frame).ts_us
 
 
 class Relay:
@@ -112,6 +89,7 @@ class Relay:
             self.epoch = secrets.token_hex(8)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -174,6 +152,11 @@ class Relay:
         if self.store is not None:
             self.store.on_pressure = self._store_pressure
             self.store.start(loop, self._on_batch)
+            rules = retention.parse_rules(self.settings.retention)
+            if any(rule.seconds is not None for rule in rules):
+                self._retention = asyncio.create_task(retention.run_forever(
+                    self.store, rules, self.settings.retention_interval,
+                    lambda: list(self.hub.channels.values())), name="fenghuo-retention")
         self._server = await loop.create_server(
             lambda: Session(self.hub, self),
             self.settings.host, self.settings.port,
@@ -228,8 +211,9 @@ class Relay:
         for conn in left_behind:
             if conn.transport is not None:
                 conn.transport.abort()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._retention):
+            if task is not None:
+                task.cancel()
         if self.store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         log.info("stopped", extra={"left_behind": len(left_behind)})
@@ -374,16 +358,23 @@ class Relay:
                 first = ch.ring.first if ch.ring.first else ch.seq + 1
                 if after + 1 >= first:
                     break
-                frames = await self.store.read(ch.name, after, first, STORE_PAGE)
-                if frames:
-                    for frame in frames:
+                rows = await self.store.read_with_seqs(ch.name, after, first, STORE_PAGE)
+                if rows:
+                    if rows[0][0] > after + 1:
+                        # Retention removed the start of what was missed: say so.
+                        session.send(encode_json(FrameType.GAP, {
+                            "channel": ch.name, "after": after, "first": rows[0][0],
+                            "head": ch.seq}))
+                    for _, frame in rows:
                         session.send(frame)
-                    after += len(frames)     # seqs are contiguous in the store
+                    after = rows[-1][0]
                     waits = 0
                     continue
-                # Under fsync=batch|off the ring may run ahead of the writer.
+                # Under fsync=batch|off the ring may run ahead of the writer;
+                # under always the store holds everything the ring dropped,
+                # so nothing there means retention removed it.
                 waits += 1
-                if waits > STORE_LAG_WAITS:
+                if waits > STORE_LAG_WAITS or self.store.durable_acks:
                     session.send(encode_json(FrameType.GAP, {
                         "channel": ch.name, "after": after, "first": first, "head": ch.seq}))
                     break

@@ -28,7 +28,8 @@ from fenghuo.core import (
     encode_receipt_event,
 )
 from fenghuo.protocol import decode_json, encode_json
-from fenghuo.server.relay import Relay, message_sender, refuse
+from fenghuo.server.frames import message_sender
+from fenghuo.server.relay import Relay, refuse
 from fenghuo.tokens import TokenError, verify_token
 
 log = logging.getLogger("fenghuo.session")

@@ -192,6 +192,11 @@ class SQLiteStore:
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
         self.append(("read", channel, user, seq))
 
+    def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
+        """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
+        except channels under one of ``keep_prefixes`` (they have rules of their own)."""
+        self.append(("expire", prefix, cutoff_us, keep_prefixes))
+
     def _write_forever(self, loop: asyncio.AbstractEventLoop,
                        on_batch: Callable[[list], None]) -> None:
         conn = self._connect()
@@ -224,7 +229,8 @@ class SQLiteStore:
         cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
                    for channel, seq in r[3].items()]
         reads = [r[1:] for r in batch if r[0] == "read"]
-        if not (messages or groups or cursors or reads):
+        expiries = [r[1:] for r in batch if r[0] == "expire"]
+        if not (messages or groups or cursors or reads or expiries):
             return
         conn.execute("BEGIN")
         if messages:
@@ -238,6 +244,14 @@ class SQLiteStore:
         if reads:
             conn.executemany("INSERT OR REPLACE INTO read_cursors (channel, user, seq)"
                              " VALUES (?, ?, ?)", reads)
+        for prefix, cutoff_us, keep_prefixes in expiries:
+            # The most specific rule wins: longer prefixes with their own rule are kept out.
+            query = "DELETE FROM messages WHERE substr(channel, 1, ?) = ? AND ts_us < ?"
+            params: list = [len(prefix), prefix, cutoff_us]
+            for other in keep_prefixes:
+                query += " AND substr(channel, 1, ?) != ?"
+                params += [len(other), other]
+            conn.execute(query, params)
         conn.execute("COMMIT")
 
     def close(self) -> None:
@@ -266,14 +280,20 @@ class SQLiteStore:
 
     async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
         """Frames with ``after < seq < before``: the oldest ``limit`` of them."""
+        rows = await self.read_with_seqs(channel, after, before, limit)
+        return [frame for _, frame in rows]
+
+    async def read_with_seqs(self, channel: str, after: int, before: int,
+                             limit: int) -> list[tuple[int, bytes]]:
+        """``(seq, frame)`` with ``after < seq < before``: the oldest ``limit`` of them."""
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._read, channel, after, before, limit)
 
-    def _read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
+    def _read(self, channel: str, after: int, before: int, limit: int) -> list[tuple[int, bytes]]:
         rows = self._reader_conn().execute(
-            "SELECT frame FROM messages WHERE channel = ? AND seq > ? AND seq < ?"
+            "SELECT seq, frame FROM messages WHERE channel = ? AND seq > ? AND seq < ?"
             " ORDER BY seq LIMIT ?", (channel, after, before, limit)).fetchall()
-        return [bytes(r[0]) for r in rows]
+        return [(seq, bytes(frame)) for seq, frame in rows]
 
     async def read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
         """The ``limit`` frames just below ``before``, oldest first (paging backwards)."""

@@ -361,3 +361,20 @@ def test_publish_event_sequences_into_the_ring():
         ("group:g1", 2, "system", ContentType.EVENT, b"m", b'{"event":"1"}'),
         ("group:g1", 3, "system", ContentType.EVENT, b"m", b'{"event":"2"}')]
     assert all(m.ts_us > 0 for m in messages)
+
+
+def test_trim_drops_the_oldest_frames_and_their_references():
+    frames = [bytes([i]) * 40 for i in range(10)]       # distinct objects, countable refs
+    base = [sys.getrefcount(f) for f in frames]
+    ring = Ring(16)
+    for seq, frame in enumerate(frames, 1):
+        ring.append(seq, frame)
+    del frame
+    ring.trim(4)
+    assert (ring.first, ring.last, len(ring)) == (4, 10, 7)
+    assert ring.since(0) == frames[3:]
+    assert ring.resume_from(2) is None                     # seqs 1-3 are gone now
+    assert [sys.getrefcount(f) for f in frames][:3] == base[:3]
+    ring.trim(11)                                          # past the head: empty
+    assert len(ring) == 0 and ring.since(0) == []
+    assert [sys.getrefcount(f) for f in frames] == base

@@ -1,0 +1,93 @@
+"""Retention: how long stored messages are kept, per channel prefix.
+
+Rules are written ``PREFIX=AGE`` separated by commas, e.g.
+``dm:=365d,group:=90d,org.news=30d,*=forever``: a channel follows the rule
+with the longest prefix it starts with (``*`` is every channel); AGE is a
+number with ``s``, ``m``, ``h`` or ``d``, or ``forever``.  Without a rule a
+channel is kept forever.  A background job applies the rules every
+``retention_interval`` seconds, through the store's writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from fenghuo.core import Channel
+from fenghuo.server.frames import message_time
+
+if TYPE_CHECKING:
+    from fenghuo.server.store import SQLiteStore
+
+log = logging.getLogger("fenghuo.retention")
+_AGE = re.compile(r"(\d+)([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    prefix: str              # "" for every channel
+    seconds: float | None    # None: forever
+
+
+def parse_rules(text: str) -> list[Rule]:
+    rules: list[Rule] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        prefix, sep, age = part.rpartition("=")
+        if not sep:
+            raise ValueError(f"retention rule {part!r} is not PREFIX=AGE")
+        prefix = "" if prefix == "*" else prefix
+        if age == "forever":
+            rules.append(Rule(prefix, None))
+            continue
+        match = _AGE.fullmatch(age)
+        if match is None:
+            raise ValueError(f"retention age {age!r} is not like 30d, 12h, 15m, 60s or forever")
+        rules.append(Rule(prefix, int(match.group(1)) * _UNIT[match.group(2)]))
+    if len({r.prefix for r in rules}) != len(rules):
+        raise ValueError("retention names a prefix twice")
+    return rules
+
+
+def rule_for(rules: list[Rule], channel: str) -> Rule | None:
+    """The rule with the longest prefix of ``channel``."""
+    matching = [r for r in rules if channel.startswith(r.prefix)]
+    return max(matching, key=lambda r: len(r.prefix)) if matching else None
+
+
+def apply(store: SQLiteStore, rules: list[Rule], channels: Iterable[Channel] = (),
+          now: float | None = None) -> int:
+    """Expire what the rules say: in the store, and in the rings of ``channels``."""
+    now = time.time() if now is None else now
+    queued = 0
+    for rule in rules:
+        if rule.seconds is None:
+            continue
+        more_specific = [r.prefix for r in rules
+                         if r.prefix != rule.prefix and r.prefix.startswith(rule.prefix)]
+        store.expire(rule.prefix, int((now - rule.seconds) * 1_000_000), more_specific)
+        queued += 1
+    for ch in channels:
+        rule = rule_for(rules, ch.name)
+        if rule is None or rule.seconds is None:
+            continue
+        cutoff = int((now - rule.seconds) * 1_000_000)
+        keep = ch.ring.first
+        for frame in ch.ring.since(0):
+            if message_time(frame) >= cutoff:
+                break
+            keep += 1
+        ch.ring.trim(keep)
+    return queued
+
+
+async def run_forever(store: SQLiteStore, rules: list[Rule], interval: float,
+                      channels: Callable[[], Iterable[Channel]]) -> None:
+    while True:
+        queued = apply(store, rules, channels())
+        log.debug("retention applied", extra={"rules": queued})
+        await asyncio.sleep(interval)

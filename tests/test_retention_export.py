@@ -1,0 +1,79 @@
+"""Retention (per channel prefix, by a background job) and compliance export."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import time
+
+import orjson
+
+from conftest import RelayProcess
+
+
+def stored_seqs(relay: RelayProcess, channel: str) -> list[int]:
+    with sqlite3.connect(relay.data_dir / "fenghuo.db") as db:
+        return [s for (s,) in db.execute(
+            "SELECT seq FROM messages WHERE channel = ? ORDER BY seq", (channel,))]
+
+
+async def test_retention_deletes_only_what_its_rules_say(relay_factory):
+    relay = relay_factory("--retention", "*=2s,group:keep=forever", "--retention-interval", "0.2")
+    alice = await relay.connect("alice")
+    await alice.create_group("keep", members=["bob"])
+    for i in range(3):
+        await alice.send("bob", f"old{i}")
+        await alice.publish("group:keep", f"old{i}")
+    await asyncio.sleep(2.2)
+    fresh = await alice.send("bob", "fresh")
+    deadline = time.monotonic() + 10
+    while stored_seqs(relay, "dm:alice:bob") != [fresh.seq] and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert stored_seqs(relay, "dm:alice:bob") == [4]                 # expired, the fresh one kept
+    assert stored_seqs(relay, "group:keep") == [1, 2, 3, 4]          # its own rule: forever
+    assert [m.seq for m in await alice.history("dm:alice:bob", after=0)] == [4]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fenghuo", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_export_is_complete_and_tamper_evident(relay_factory, tmp_path):
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    await alice.create_group("ops", members=["bob", "carol"])
+    for i in range(30):
+        await alice.publish("group:ops", f"g{i}")
+        await alice.send("bob", f"d{i}")
+    await alice.send("carol", "not bob's")
+    out = tmp_path / "ops.jsonl"
+
+    run = run_cli("export", "--channel", "group:ops", "--data-dir", str(relay.data_dir),
+                  "--out", str(out))            # while the relay runs
+    assert run.returncode == 0, run.stderr
+    *lines, last = out.read_bytes().splitlines()
+    messages = [orjson.loads(line) for line in lines]
+    summary = orjson.loads(last)["summary"]
+    assert [m["seq"] for m in messages] == list(range(1, 32))      # the created event, then 30
+    assert [m["text"] for m in messages[1:]] == [f"g{i}" for i in range(30)]
+    assert summary["messages"] == 31
+    assert summary["channels"] == {"group:ops": {"first": 1, "last": 31, "count": 31,
+                                                 "contiguous": True}}
+    assert run_cli("export", "--verify", str(out)).returncode == 0
+
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_bytes(out.read_bytes().replace(b'"g7"', b'"g8"', 1))
+    assert run_cli("export", "--verify", str(tampered)).returncode == 1
+    truncated = tmp_path / "truncated.jsonl"
+    truncated.write_bytes(b"\n".join(out.read_bytes().splitlines()[:-1]) + b"\n")
+    assert run_cli("export", "--verify", str(truncated)).returncode == 1
+
+    user = tmp_path / "bob.jsonl"
+    assert run_cli("export", "--user", "bob", "--data-dir", str(relay.data_dir),
+                   "--out", str(user)).returncode == 0
+    summary = orjson.loads(user.read_bytes().splitlines()[-1])["summary"]
+    assert set(summary["channels"]) == {"dm:alice:bob", "group:ops"}
+    assert summary["messages"] == 30 + 31
