@@ -222,3 +222,22 @@ async def test_read_cursors_and_device_cursors_survive_a_restart(relay_factory, 
         await bob.close()
     finally:
         again.stop()
+
+
+async def test_all_devices_of_a_user_offline_then_back_each_get_everything_once(relay):
+    alice = await relay.connect("alice")
+    phone = await relay.connect("bob", device="phone")
+    laptop = await relay.connect("bob", device="laptop")
+    await alice.send("bob", "m1")
+    for device in (phone, laptop):
+        assert [m.seq for m in await collect(device, 1)] == [1]
+    await phone.sync_cursors_now()
+    await laptop.sync_cursors_now()
+    await asyncio.gather(phone.close(), laptop.close())        # bob is offline everywhere
+    for i in range(2, 30):
+        await alice.send("bob", f"m{i}")
+    back = [await relay.connect("bob", device=d) for d in ("phone", "laptop")]
+    for device in back:
+        got = await collect(device, 28)
+        assert [(m.seq, m.text) for m in got] == [(i, f"m{i}") for i in range(2, 30)]
+        await assert_silent(device)
