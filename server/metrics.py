@@ -54,7 +54,8 @@ def render(relay: Relay) -> str:
     family(name, "histogram",
            "From a PUBLISH read off the socket to its frames handed to the kernel.")
     cumulative = 0
-    for bound, count in zip(snap["latency_bounds"], snap["latency_counts"]):
+    # The last count is the +Inf bucket, written below from the total.
+    for bound, count in zip(snap["latency_bounds"], snap["latency_counts"][:-1], strict=True):
         cumulative += count
         out.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
     out.append(f'{name}_bucket{{le="+Inf"}} {snap["latency_count"]}')

@@ -36,7 +36,7 @@ async def test_a_full_disk_stops_the_relay_and_every_ack_is_on_disk(tmp_path, ti
     await alice.connect()
     acked: dict[int, bytes] = {}
     refused = None
-    for i in range(400):                           # 400 x 16 KiB cannot fit in 1 MiB
+    for _ in range(400):                           # 400 x 16 KiB cannot fit in 1 MiB
         payload = os.urandom(16 * 1024)
         try:
             ack = await asyncio.wait_for(alice.send("bob", payload), 15)

@@ -386,7 +386,8 @@ def test_options_table():
 
 
 def test_settings_are_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().port = 1   # type: ignore[misc]
     assert config.Settings is Settings
 
