@@ -135,7 +135,8 @@ class Client:
                  channels: tuple[str, ...] = (), device: str | None = None,
                  reconnect: bool = True, max_backoff: float = 5.0,
                  connect_timeout: float = 10.0, compress_threshold: int = 4096,
-                 max_frame: int = DEFAULT_MAX_FRAME, sync_cursors: bool = True) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, sync_cursors: bool = True,
+                 sync_from_start: bool = False) -> None:
         if token is None:
             if user is None or secret is None:
                 raise ValueError("pass token=, or user= and secret= to mint one")
@@ -149,6 +150,8 @@ class Client:
         self.compress_threshold = compress_threshold
         self.max_frame = max_frame
         self.sync_cursors = sync_cursors
+        #: a new device that wants every stored message of its channels, not just live ones
+        self.sync_from_start = sync_from_start
         self.user: str | None = None
         self.epoch: str | None = None
         self.welcome: dict[str, Any] = {}
@@ -189,8 +192,12 @@ class Client:
         self._hello_id = rid = self._request_id()
         welcome = loop.create_future()
         self._pending[rid] = welcome
+        if self.epoch:
+            positions: dict[str, int] | None = dict(self.positions)
+        else:
+            positions = {} if self.sync_from_start else None
         hello = {"token": self.token, "device": self.device, "client": "fenghuo-python/0.1",
-                 "epoch": self.epoch, "positions": dict(self.positions) if self.epoch else None}
+                 "epoch": self.epoch, "positions": positions}
         transport.write(encode_json(FrameType.HELLO, hello, rid))
         try:
             await asyncio.wait_for(welcome, self.connect_timeout)
@@ -225,7 +232,9 @@ class Client:
                 # It restarted without its state: old positions mean nothing now.
                 self.positions.clear()
         elif self.epoch is None:
-            if body.get("resumed"):
+            if self.sync_from_start:
+                pass    # every channel is replayed from its start: take it all
+            elif body.get("resumed"):
                 # The relay resumed this device from its stored cursors; the
                 # channels it has none for are replayed: they are news.
                 self.positions.update(body["resumed"])

@@ -241,3 +241,20 @@ async def test_all_devices_of_a_user_offline_then_back_each_get_everything_once(
         got = await collect(device, 28)
         assert [(m.seq, m.text) for m in got] == [(i, f"m{i}") for i in range(2, 30)]
         await assert_silent(device)
+
+
+async def test_a_new_device_syncs_from_zero(relay_factory):
+    relay = relay_factory("--ring-size", "8")
+    alice = await relay.connect("alice")
+    await alice.create_group("team", members=["bob"])
+    for i in range(1, 41):                       # far more than the ring: the store serves
+        await alice.send("bob", f"d{i}")
+        await alice.publish("group:team", f"g{i}")
+    tablet = await relay.connect("bob", device="tablet", sync_from_start=True)
+    got: dict[str, list[int]] = {}
+    for m in await collect(tablet, 40 + 41):     # the group also has its "created" event
+        got.setdefault(m.channel, []).append(m.seq)
+    assert got == {"dm:alice:bob": list(range(1, 41)), "group:team": list(range(1, 42))}
+    await alice.send("bob", "live")
+    assert [(m.seq, m.text) for m in await collect(tablet, 1)] == [(41, "live")]
+    await assert_silent(tablet)
