@@ -47,6 +47,8 @@ log = logging.getLogger("fenghuo.relay")
 STORE_PAGE = 1000
 # How many 10 ms waits catch-up allows the store's writer to catch up with the ring.
 STORE_LAG_WAITS = 300
+# Bytes of catch-up a session may have unsent before the next page is read.
+CATCH_UP_BUFFER = 1 << 20
 
 
 def refuse(code: int, message: str) -> ProtocolError:
@@ -350,6 +352,15 @@ class Relay:
             session.send(frame)
         return recovered
 
+    @staticmethod
+    async def _drained(session: Session) -> None:
+        """Wait until ``session`` has taken most of what was sent: a long absence is
+        replayed page by page as the client reads, not queued all at once."""
+        while (not session.closing and session.transport is not None
+               and session.pending_bytes + session.transport.get_write_buffer_size()
+               > CATCH_UP_BUFFER):
+            await asyncio.sleep(0.005)
+
     async def _catch_up_from_store(self, session: Session, ch: Channel, after: int) -> None:
         assert self.store is not None
         waits = 0
@@ -369,6 +380,7 @@ class Relay:
                         session.send(frame)
                     after = rows[-1][0]
                     waits = 0
+                    await self._drained(session)
                     continue
                 # Under fsync=batch|off the ring may run ahead of the writer;
                 # under always the store holds everything the ring dropped,
