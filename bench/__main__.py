@@ -37,12 +37,18 @@ def _pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def start_relay(data_dir: str, secret: str, *extra: str) -> tuple[subprocess.Popen, int, int]:
+def start_relay(data_dir: str, secret: str, *extra: str,
+                target: str = "fenghuo") -> tuple[subprocess.Popen, int, int]:
     port, metrics_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port),
-           "--metrics-port", str(metrics_port),
-           "--data-dir", data_dir, f"--secret={secret}", "--rate", "1e12", "--burst", "1e12",
-           "--log-level", "warning", *extra]
+    if target == "asyncio":
+        cmd = [sys.executable, "-m", "bench.peers.asyncio_relay", "--port", str(port),
+               f"--secret={secret}"]
+        metrics_port = 0
+    else:
+        cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port),
+               "--metrics-port", str(metrics_port),
+               "--data-dir", data_dir, f"--secret={secret}", "--rate", "1e12", "--burst", "1e12",
+               "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, preexec_fn=lambda: _pin(0), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -91,16 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--duration", type=float, default=5.0)
     run.add_argument("--connections", type=int, default=5000, help="idle: how many")
     run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    run.add_argument("--target", choices=("fenghuo", "asyncio"), default="fenghuo",
+                     help="the relay to drive: fenghuo, or the plain-asyncio baseline peer")
     run.add_argument("--relay", default="", metavar="FLAGS",
                      help='extra `fenghuo serve` flags, e.g. "--fsync batch" or "--store memory"')
     args = parser.parse_args(argv)
     secret = secrets.token_urlsafe(32)
     with TemporaryDirectory() as data_dir:
-        proc, port, metrics_port = start_relay(data_dir, secret, *shlex.split(args.relay))
+        proc, port, metrics_port = start_relay(data_dir, secret, *shlex.split(args.relay),
+                                               target=args.target)
         try:
             _pin(1)
             result = uvloop.run(SCENARIOS[args.scenario](args, proc, port, secret))
-            latency = server_latency(metrics_port)
+            latency = server_latency(metrics_port) if metrics_port else {}
         finally:
             proc.terminate()
             proc.wait(10)

@@ -15,6 +15,10 @@ ROOT = Path(__file__).parent.parent
      r"one-to-one \(2 pairs\): [\d,]+ deliveries/s, [\d,]+ publishes/s"),
     (["fan-out", "--members", "5", "--duration", "0.5"],
      r"group fan-out \(5 members\): [\d,]+ deliveries/s"),
+    (["one-to-one", "--pairs", "2", "--duration", "0.5", "--target", "asyncio"],
+     r"one-to-one \(2 pairs\): [\d,]+ deliveries/s"),
+    (["fan-out", "--members", "5", "--duration", "0.5", "--target", "asyncio"],
+     r"group fan-out \(5 members\): [\d,]+ deliveries/s"),
     (["idle", "--connections", "50"],
      r"idle: 50 authenticated connections, -?[\d,]+ bytes of relay RSS each"),
 ])
