@@ -627,7 +627,7 @@ cdef class Connection:
         if self.transport is None:
             return 0
         self.hub.metrics.count_error(ErrorCode.SLOW_CONSUMER)
-        self.finish_close(encode_error(ErrorCode.SLOW_CONSUMER,
+        self.close(encode_error(ErrorCode.SLOW_CONSUMER,
                                        "outbound queue exceeded its limit; reconnect and resume"))
         loop = self.hub._loop or asyncio.get_running_loop()
         loop.call_later(SLOW_CONSUMER_ABORT_S, self.transport.abort)
@@ -670,19 +670,10 @@ cdef class Connection:
         except RuntimeError:
             pass    # already closing
         error = encode_error(code, message, request_id)
-        self.hub.after_store(lambda: self.finish_close(error))
-
-    def finish_close(self, bytes last_frame):
-        """Flush, write ``last_frame``, close."""
-        if self.closing or self.transport is None:
-            return
-        self.flush()
-        self.closing = True
-        self.transport.write(last_frame)
-        self.transport.close()
+        self.hub.after_store(lambda: self.close(error))
 
     def close(self, bytes last_frame=None):
-        """Flush, optionally send ``last_frame`` (GOAWAY), and close."""
+        """Flush, optionally send ``last_frame`` (ERROR, GOAWAY), and close."""
         if self.closing or self.transport is None:
             return
         self.flush()
