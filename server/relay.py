@@ -142,10 +142,14 @@ class Relay:
     def _store_pressure(self, high: bool) -> None:
         """Stop reading from every client while the store's writer is far behind."""
         log.debug("store backlog %s: %s reading", self.store.backlog if self.store else 0,
-                    "pausing" if high else "resuming")
+                  "pausing" if high else "resuming")
+        self._set_reading(not high)
+
+    def _set_reading(self, on: bool) -> None:
+        """Resume or pause reading on every open client connection."""
         for conn in self.hub.connections:
             if conn.transport is not None and not conn.closing:
-                (conn.transport.pause_reading if high else conn.transport.resume_reading)()
+                (conn.transport.resume_reading if on else conn.transport.pause_reading)()
 
     async def start(self) -> None:
         from fenghuo.server.session import Session
@@ -175,9 +179,7 @@ class Relay:
 
     async def _answer_what_is_owed(self) -> None:
         """Stop reading from clients and let acks waiting for the disk go out."""
-        for conn in list(self.hub.connections):
-            if conn.transport is not None and not conn.closing:
-                conn.transport.pause_reading()
+        self._set_reading(False)
         if self.store is None:
             return
         done = asyncio.get_running_loop().create_future()
