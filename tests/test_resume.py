@@ -15,7 +15,7 @@ import pytest
 import fenghuo
 from fenghuo import ContentType, ErrorCode
 from fenghuo.protocol import FrameType
-from clients import QUIET, assert_silent, collect
+from clients import assert_silent, collect
 
 
 def hold_reconnect(client: fenghuo.Client) -> asyncio.Event:
@@ -63,8 +63,7 @@ async def test_a_cut_connection_resumes_from_the_ring_exactly_once(relay):
     await alice.send("bob", "m11")
     got = await collect(bob, 8)
     assert [(m.seq, m.text) for m in got] == [(i, f"m{i}") for i in range(4, 12)]
-    with pytest.raises(asyncio.TimeoutError):
-        await bob.next_message(timeout=QUIET)
+    await assert_silent(bob)
     assert bob.positions == {"dm:alice:bob": 11}
 
 
@@ -93,8 +92,7 @@ async def test_repeated_cuts_under_a_steady_stream_lose_and_repeat_nothing(relay
     assert seen == list(range(1, total + 1))
     inbox = await collect(bob, total)
     assert [(m.seq, m.text) for m in inbox] == [(i + 1, f"m{i}") for i in range(total)]
-    with pytest.raises(asyncio.TimeoutError):
-        await bob.next_message(timeout=QUIET)
+    await assert_silent(bob)
 
 
 async def test_a_connection_lost_right_after_welcome_is_retried(relay):
@@ -140,8 +138,7 @@ async def test_publishes_made_while_disconnected_are_delivered_once_after_reconn
     got = await collect(alice, 3)
     assert [(m.seq, m.sender, m.text) for m in got] == [
         (1, "bob", "offline 0"), (2, "bob", "offline 1"), (3, "bob", "offline 2")]
-    with pytest.raises(asyncio.TimeoutError):
-        await alice.next_message(timeout=QUIET)
+    await assert_silent(alice)
     # bob's own devices (this one) see them once too.
     assert [m.seq for m in await collect(bob, 3)] == [1, 2, 3]
 
@@ -159,13 +156,11 @@ async def test_a_publish_whose_ack_was_lost_is_retried_and_answered_as_duplicate
         cut(bob)   # the ack is lost with the connection
         ack = await asyncio.wait_for(sending, 5)
         assert (ack.seq, ack.duplicate) == (i, True)
-    with pytest.raises(asyncio.TimeoutError):
-        await alice.next_message(timeout=QUIET)
+    await assert_silent(alice)
     # bob's own copies, unread when cut, come back by catch-up: once each.
     assert [(m.seq, m.text) for m in await collect(bob, 3)] == [
         (i, f"retry {i}") for i in range(1, 4)]
-    with pytest.raises(asyncio.TimeoutError):
-        await bob.next_message(timeout=QUIET)
+    await assert_silent(bob)
 
 
 async def test_org_subscriptions_are_restored_and_resumed_after_reconnect(relay):
@@ -189,8 +184,7 @@ async def test_org_subscriptions_are_restored_and_resumed_after_reconnect(relay)
         ("org.east", 2, "while away"), ("org.east", 3, "after")]
     assert [(m.channel, m.seq, m.text) for m in got if m.channel == "org"] == [
         ("org", 1, "root while away")]
-    with pytest.raises(asyncio.TimeoutError):
-        await region.next_message(timeout=QUIET)
+    await assert_silent(region)
 
 
 async def test_history_from_before_subscribing_is_not_replayed_after_a_reconnect(relay):
@@ -212,8 +206,7 @@ async def test_history_from_before_subscribing_is_not_replayed_after_a_reconnect
         ("org", 3, "while away"), ("org", 4, "after")]
     assert [(m.channel, m.seq, m.text) for m in got if m.channel == "org.east"] == [
         ("org.east", 1, "east while away")]
-    with pytest.raises(asyncio.TimeoutError):
-        await store.next_message(timeout=QUIET)
+    await assert_silent(store)
 
 
 async def test_a_member_added_while_away_resumes_from_the_join_not_from_before_it(relay):
@@ -242,8 +235,7 @@ async def test_a_member_added_while_away_resumes_from_the_join_not_from_before_i
                                                         "positions": {"group:g": 0}})
     assert result == {"channel": "group:g", "channels": {"group:g": 5}}
     assert [m.seq for m in await collect(carol, 1)] == [5]   # her join, and nothing older
-    with pytest.raises(asyncio.TimeoutError):
-        await carol.next_message(timeout=QUIET)
+    await assert_silent(carol)
     with pytest.raises(asyncio.TimeoutError):
         await bob.next_message(timeout=0.05)
 
