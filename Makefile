@@ -1,6 +1,7 @@
 # Development entry points (uvloop's Makefile is the model).
 #   make serve   create .venv, build the Cython core, start the relay
-#   make test    the same environment plus test dependencies; the whole suite
+#   make test    the same environment plus test dependencies and the benchmark
+#                peers (nats-server, redis-server); the whole suite
 #   make build   rebuild the extension in place after editing core/*.pyx
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test build debug annotate clean
+.PHONY: serve test build peers debug annotate clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +23,11 @@ build: $(VENV)/.installed
 serve: build
 	$(BIN)/fenghuo serve $(ARGS)
 
-test: build
+test: build peers
 	$(BIN)/python -m pytest $(ARGS)
+
+peers:
+	bash bench/peers/install.sh
 
 debug: $(VENV)/.installed
 	FENGHUO_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
@@ -33,4 +37,4 @@ annotate: $(VENV)/.installed
 	@echo "open core/_core.html"
 
 clean:
-	rm -rf build core/*.c core/*.so core/*.html *.egg-info
+	rm -rf build core/*.c core/*.so core/*.html bench/*.c bench/*.so *.egg-info

@@ -12,17 +12,24 @@ Switches (environment, so they also reach ``pip install``):
 * ``FENGHUO_ANNOTATE=1`` write the annotation only.
 
 ``python setup.py build_ext --inplace`` (or ``make build``) builds in place
-for development; ``pip install .`` builds and installs.
+for development; ``pip install .`` builds and installs.  In-place and
+editable builds also compile the benchmark generator ``bench._gen``: it is
+part of the source tree, not of the installed package.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
 DEBUG = os.environ.get("FENGHUO_DEBUG", "") not in ("", "0")
 ANNOTATE = DEBUG or os.environ.get("FENGHUO_ANNOTATE", "") not in ("", "0")
+
+# The generator is built only where the sources stay: ``build_ext --inplace``
+# and editable installs.
+IN_TREE = any(arg in ("--inplace", "-i", "editable_wheel", "develop") for arg in sys.argv)
 
 # Compiler directives live here and nowhere else.
 DIRECTIVES = {
@@ -49,8 +56,12 @@ def extensions() -> list[Extension]:
         define_macros=macros,
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
+    modules = [ext]
+    if IN_TREE:
+        modules.append(Extension("bench._gen", sources=["bench/_gen.pyx"],
+                                 extra_compile_args=["-O2"]))
     return cythonize(
-        [ext],
+        modules,
         include_path=["core"],
         compiler_directives=DIRECTIVES,
         annotate=ANNOTATE,

@@ -1,126 +1,224 @@
-"""``python -m bench run SCENARIO``: start a relay, drive it, print the figures.
+"""``python -m bench``: run benchmark scenarios against fenghuo and its peers.
 
-The relay runs as a real ``fenghuo serve`` subprocess pinned to CPU 0; the
-generator runs in this process pinned to CPU 1 (on a machine with two cores
-each gets its own).
+    python -m bench run SCENARIO [--target T] [options]   one scenario, one target
+    python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
+    python -m bench plot DIR                              redraw a suite's plots and table
+    python -m bench global [options]                      global delivery (bench/geo.py)
+
+Every server runs as its own process pinned to CPU 0; the generator runs in
+this process pinned to CPU 1 (on a machine with two cores each has its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
 import secrets
-import socket
+import shlex
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import uvloop
 
 from bench import loadgen
+from bench.targets import GENERATOR_CPU, AsyncioBaseline, Echo, Fenghuo, Target, pin
+
+TARGETS = ("fenghuo", "asyncio", "nats", "redis", "echo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = ()) -> Target:
+    """A target by name; pub/sub peers are installed first if missing."""
+    if name == "fenghuo":
+        return Fenghuo(secret, relay_flags)
+    if name == "asyncio":
+        return AsyncioBaseline(secret)
+    if name == "echo":
+        return Echo()
+    from bench.peers import ensure_installed
+    ensure_installed()
+    if name == "nats":
+        from bench.peers.nats import Nats
+        return Nats()
+    if name == "redis":
+        from bench.peers.redis import Redis
+        return Redis()
+    raise ValueError(f"unknown target {name!r}")
 
 
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > cpu:
-        os.sched_setaffinity(0, {cpu})
-
-
-def start_relay(data_dir: str, secret: str, *extra: str,
-                target: str = "fenghuo") -> tuple[subprocess.Popen, int, int]:
-    port, metrics_port = _free_port(), _free_port()
-    if target == "asyncio":
-        cmd = [sys.executable, "-m", "bench.peers.asyncio_relay", "--port", str(port),
-               f"--secret={secret}"]
-        metrics_port = 0
-    else:
-        cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port),
-               "--metrics-port", str(metrics_port),
-               "--data-dir", data_dir, f"--secret={secret}", "--rate", "1e12", "--burst", "1e12",
-               "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, preexec_fn=lambda: _pin(0), stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port, metrics_port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("relay did not start")
+def start_relay(data_dir: str, secret: str, *flags: str) -> tuple[subprocess.Popen, int, int]:
+    """A ``fenghuo serve`` pinned to CPU 0: (process, port, metrics port)."""
+    relay = Fenghuo(secret, flags)
+    relay.start(Path(data_dir))
+    assert relay.proc is not None
+    return relay.proc, relay.port, relay.metrics_port
 
 
 def server_latency(metrics_port: int) -> dict[str, float]:
-    """p50/p99/p99.9 of ``fenghuo_publish_to_deliver_seconds``, as bucket upper bounds."""
+    """fenghuo's own publish-to-deliver p50/p99/p99.9 (ms, histogram bucket upper bounds)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     buckets = [(float(m.group(1)), int(m.group(2))) for m in re.finditer(
-        r'^fenghuo_publish_to_deliver_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.M)]
+        r'^fenghuo_publish_to_deliver_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.MULTILINE)]
     total = buckets[-1][1] if buckets else 0
     if not total:
         return {}
-    return {name: next(le for le, count in buckets if count >= q * total)
-            for name, q in (("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999))}
+    return {name: 1000 * next(le for le, count in buckets if count >= q * total)
+            for name, q in (("50", 0.5), ("99", 0.99), ("99.9", 0.999))}
 
 
-SCENARIOS = {
-    "one-to-one": lambda a, relay, port, secret: loadgen.one_to_one(
-        "127.0.0.1", port, secret, pairs=a.pairs, payload=a.payload, duration=a.duration,
-        window=a.window),
-    "fan-out": lambda a, relay, port, secret: loadgen.fan_out(
-        "127.0.0.1", port, secret, members=a.members, payload=a.payload, duration=a.duration),
-    "idle": lambda a, relay, port, secret: loadgen.idle_connections(
-        "127.0.0.1", port, secret, relay.pid, connections=a.connections),
-}
+class Progress:
+    """One status line on a terminal (rewritten in place), plain lines elsewhere."""
+
+    def __init__(self, total: int = 1) -> None:
+        self.total, self.done, self.label = total, 0, ""
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.label = label
+        self._show("starting", final=not self.tty)
+
+    def __call__(self, status: str) -> None:
+        if self.tty:
+            self._show(status, final=False)
+
+    def finish(self, line: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        print(line, flush=True)
+
+    def _show(self, status: str, *, final: bool) -> None:
+        elapsed = time.monotonic() - self.started
+        text = f"[{self.done}/{self.total} {elapsed:5.0f}s] {self.label}: {status}"
+        sys.stderr.write(text + "\n" if final else "\r\033[K" + text[:200])
+        sys.stderr.flush()
+
+
+Scenario = Callable[[Target, Progress], Any]
+
+
+def run_on(target: Target, scenario: Scenario, progress: Progress) -> loadgen.Result:
+    """Start ``target``, run ``scenario`` against it, stop it."""
+    with TemporaryDirectory(prefix=f"bench-{target.name}-") as workdir:
+        target.start(Path(workdir))
+        try:
+            result = uvloop.run(scenario(target, progress))
+            if isinstance(target, Fenghuo):
+                result.extra["relay_p_ms"] = server_latency(target.metrics_port)
+                result.extra["relay_flags"] = " ".join(target.relay_flags)
+        finally:
+            target.stop()
+    return result
+
+
+def scenario_from_args(a: argparse.Namespace) -> tuple[str, Scenario]:
+    if a.scenario in ("one-to-one", "many-to-many", "latency"):
+        pairs = a.pairs or (1 if a.scenario == "one-to-one" else
+                            1000 if a.scenario == "many-to-many" else 100)
+        rate = a.rate if a.scenario == "latency" else None
+        return a.scenario, lambda t, p: loadgen.pairs_run(
+            t, pairs=pairs, payload=a.payload, window=a.window, rate=rate,
+            warmup=a.warmup, duration=a.duration, progress=p)
+    if a.scenario == "fan-out":
+        return a.scenario, lambda t, p: loadgen.fan_out_run(
+            t, members=a.members, payload=a.payload, window=a.window,
+            warmup=a.warmup, duration=a.duration, progress=p)
+    return a.scenario, lambda t, p: loadgen.connections_run(
+        t, connections=a.connections, progress=p)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    pin(GENERATOR_CPU)
+    target = make_target(a.target, secrets.token_urlsafe(32), tuple(shlex.split(a.relay)))
+    name, scenario = scenario_from_args(a)
+    progress = Progress()
+    progress.step(f"{a.target} {name}")
+    result = run_on(target, scenario, progress)
+    progress.finish(result.line())
+    if result.extra.get("relay_p_ms"):
+        print("relay publish-to-deliver (server histogram, bucket upper bounds): " + ", ".join(
+            f"p{q} <= {v:g} ms" for q, v in result.extra["relay_p_ms"].items()))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def cmd_suite(a: argparse.Namespace) -> int:
+    from bench import report, suite
+    pin(GENERATOR_CPU)
+    plan = suite.plan(quick=a.quick, targets=a.targets.split(","))
+    out = Path(a.out) if a.out else report.default_dir(quick=a.quick)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(len(plan))
+    results = []
+    for item in plan:
+        progress.step(item.label)
+        target = make_target(item.target, secrets.token_urlsafe(32), item.relay_flags)
+        result = run_on(target, item.scenario, progress)
+        result.scenario = item.name
+        result.extra["group"] = item.group
+        results.append(result)
+        progress.finish(result.line())
+    doc = report.write(out, results, quick=a.quick)
+    print(f"\nresults in {out}/ (results.json, results.md, plots)\n")
+    print(doc)
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from bench import report
+    out = Path(a.dir)
+    print(report.redraw(out))
+    return 0
+
+
+def cmd_global(argv: list[str]) -> int:
+    from bench import geo
+    return geo.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["global"]:
+        return cmd_global(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one scenario against a fresh relay")
-    run.add_argument("scenario", choices=sorted(SCENARIOS))
-    run.add_argument("--pairs", type=int, default=100)
-    run.add_argument("--members", type=int, default=100)
-    run.add_argument("--payload", type=int, default=64)
-    run.add_argument("--window", type=int, default=256,
-                     help="one-to-one: publishes in flight per sender")
-    run.add_argument("--duration", type=float, default=5.0)
-    run.add_argument("--connections", type=int, default=5000, help="idle: how many")
-    run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    run.add_argument("--target", choices=("fenghuo", "asyncio"), default="fenghuo",
-                     help="the relay to drive: fenghuo, or the plain-asyncio baseline peer")
+    run = sub.add_parser("run", help="one scenario against one target")
+    run.add_argument("scenario", choices=("one-to-one", "many-to-many", "fan-out", "latency",
+                                          "connections"))
+    run.add_argument("--target", choices=TARGETS, default="fenghuo")
     run.add_argument("--relay", default="", metavar="FLAGS",
                      help='extra `fenghuo serve` flags, e.g. "--fsync batch" or "--store memory"')
+    run.add_argument("--pairs", type=int, default=0,
+                     help="publisher/subscriber pairs (default 1, 1000, 100 for latency)")
+    run.add_argument("--members", type=int, default=100, help="fan-out: group size")
+    run.add_argument("--rate", type=float, default=10_000, help="latency: messages/s offered in all")
+    run.add_argument("--payload", type=int, default=64, help="payload bytes (>= 8: the stamp)")
+    run.add_argument("--window", type=int, default=64, help="publishes in flight per publisher")
+    run.add_argument("--warmup", type=float, default=1.0)
+    run.add_argument("--duration", type=float, default=5.0)
+    run.add_argument("--connections", type=int, default=5000, help="connections: how many")
+    run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    run.set_defaults(func=cmd_run)
+    suite_p = sub.add_parser("suite", help="every scenario on every target: JSON, table, plots")
+    suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    suite_p.add_argument("--targets", default="fenghuo,asyncio,nats,redis")
+    suite_p.add_argument("--out", help="results folder (default bench/results/DATE-MACHINE)")
+    suite_p.set_defaults(func=cmd_suite)
+    plot = sub.add_parser("plot", help="redraw the plots and table of a results folder")
+    plot.add_argument("dir")
+    plot.set_defaults(func=cmd_plot)
+    sub.add_parser("global", help="global delivery through simulated regions (see bench/geo.py)")
     args = parser.parse_args(argv)
-    secret = secrets.token_urlsafe(32)
-    with TemporaryDirectory() as data_dir:
-        proc, port, metrics_port = start_relay(data_dir, secret, *shlex.split(args.relay),
-                                               target=args.target)
-        try:
-            _pin(1)
-            result = uvloop.run(SCENARIOS[args.scenario](args, proc, port, secret))
-            latency = server_latency(metrics_port) if metrics_port else {}
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    print(result.line())
-    if latency:
-        print("relay publish-to-deliver (server histogram, bucket upper bounds): "
-              + ", ".join(f"{q} <= {v * 1000:g} ms" for q, v in latency.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps({**vars(result), "relay_latency_s": latency},
-                                              indent=2) + "\n")
-    return 0
+    return args.func(args)
 
 
 if __name__ == "__main__":

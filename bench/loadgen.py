@@ -1,189 +1,261 @@
-"""Load generator for fenghuo's macro benchmarks.
+"""Scenarios of the macro benchmarks, the same for every target.
 
-It is built not to be the bottleneck: every PUBLISH is pre-encoded once, a
-sender writes a whole window of them in one call, and receivers count
-deliveries by bytes (every MESSAGE of a run has the same size), so there is
-no per-message Python work on the generator side after the handshake.
+Each scenario builds its links through a ``Target`` (handshakes in Python,
+before the clock starts), hands them to the compiled generator
+(``bench._gen``), and measures over a fixed interval after a warm-up:
+
+* throughput: every publisher keeps a window of publishes in flight;
+* fixed rate: a ``Pacer`` offers a set number of messages per second and
+  every subscriber records publish-to-deliver latency from the stamps;
+* connections: idle authenticated links, the server's memory per link and
+  the connect rate.
+
+Every result also says how many bytes per second the generator itself moved
+(in and out), so a run can be compared with the generator's ceiling measured
+against the trivial echo target.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from fenghuo.core import FrameReader, FrameType, encode_message, encode_publish, encode_ack
-from fenghuo.protocol import encode_json
-from fenghuo.tokens import issue_token
+import numpy as np
 
+from bench._gen import Link, Pacer, Recorder
+from bench.targets import Echo, Target
 
-class _Counting(asyncio.Protocol):
-    """Authenticates with HELLO, then counts bytes (and thus fixed-size frames)."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self.reader: FrameReader | None = FrameReader()
-        self.welcomed = asyncio.get_running_loop().create_future()
-        self.bytes = 0
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(encode_json(FrameType.HELLO, {"token": self.token}, 1))
-
-    def data_received(self, data: bytes) -> None:
-        if self.reader is None:
-            self.bytes += len(data)
-            self.on_bytes()
-            return
-        for frame in self.reader.feed(data):
-            if frame.type == FrameType.ERROR:
-                self.welcomed.set_exception(RuntimeError(f"server error: {frame.body!r}"))
-                return
-            if frame.type in (FrameType.WELCOME, FrameType.RESULT):
-                self.on_reply(frame)
-        if self.reader is not None and self.reader.buffered:
-            raise RuntimeError("bench protocol expects replies to end on a frame boundary")
-
-    def on_reply(self, frame) -> None:
-        if frame.type == FrameType.WELCOME:
-            self.reader = None
-            self.welcomed.set_result(None)
-
-    def on_bytes(self) -> None:
-        pass
-
-
-class _Sender(_Counting):
-    """Keeps up to two batches of publishes in flight.
-
-    A sender is a member of the channel it publishes to, so per publish it
-    receives its ACK and its own MESSAGE: ``reply_size`` bytes in all.
-    """
-
-    def __init__(self, token: str, batch: bytes, batch_len: int, reply_size: int) -> None:
-        super().__init__(token)
-        self.batch = batch
-        self.batch_len = batch_len
-        self.reply_size = reply_size
-        self.sent = 0
-        self.running = False
-
-    def start(self) -> None:
-        self.running = True
-        assert self.transport is not None
-        self.transport.write(self.batch + self.batch)
-        self.sent += 2 * self.batch_len
-
-    def on_bytes(self) -> None:
-        acked = self.bytes // self.reply_size
-        if self.running and self.sent - acked <= self.batch_len:
-            assert self.transport is not None
-            self.transport.write(self.batch)
-            self.sent += self.batch_len
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+Progress = Callable[[str], None]
 
 
 @dataclass
 class Result:
+    """One scenario on one target; JSON-ready."""
+
     scenario: str
-    deliveries_per_s: float
-    publishes_per_s: float
-    seconds: float
-    connections: int
-    payload: int
+    target: str
+    params: dict[str, Any]
+    seconds: float = 0.0
+    publishes_per_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    generator_bytes_per_s: float = 0.0
+    offered_per_s: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
     def line(self) -> str:
-        return (f"{self.scenario}: {self.deliveries_per_s:,.0f} deliveries/s, "
-                f"{self.publishes_per_s:,.0f} publishes/s over {self.seconds:.1f} s "
-                f"({self.connections} connections, {self.payload}-byte payloads)")
+        parts = [f"{self.target} {self.scenario}"]
+        if self.deliveries_per_s:
+            parts.append(f"{self.deliveries_per_s:,.0f} deliveries/s, "
+                         f"{self.publishes_per_s:,.0f} publishes/s")
+        if self.offered_per_s:
+            parts.append(f"offered {self.offered_per_s:,.0f}/s")
+        if self.latency_ms:
+            parts.append("latency " + " ".join(f"p{k}={v:.3f}ms" for k, v in self.latency_ms.items()))
+        for key, value in self.extra.items():
+            if isinstance(value, (int, float)):
+                parts.append(f"{key}={value:,.1f}")
+        return ": ".join(parts[:1]) + ": " + ", ".join(parts[1:])
 
 
-async def _open(host: str, port: int, proto: _Counting) -> _Counting:
-    loop = asyncio.get_running_loop()
-    await loop.create_connection(lambda: proto, host, port)
-    await proto.welcomed
-    return proto
-
-
-async def _measure(receivers: list[_Counting], senders: list[_Sender], message_size: int,
-                   warmup: float, duration: float) -> tuple[float, float, float]:
-    for s in senders:
-        s.start()
-    await asyncio.sleep(warmup)
-    r0 = sum(r.bytes for r in receivers)
-    a0 = sum(s.bytes for s in senders)
-    t0 = time.perf_counter()
-    await asyncio.sleep(duration)
-    elapsed = time.perf_counter() - t0
-    r1 = sum(r.bytes for r in receivers)
-    a1 = sum(s.bytes for s in senders)
-    for s in senders:
-        s.running = False
-    deliveries = (r1 - r0) / message_size / elapsed
-    publishes = (a1 - a0) / senders[0].reply_size / elapsed
-    return deliveries, publishes, elapsed
+def percentiles_ms(samples_ns: np.ndarray) -> dict[str, float]:
+    if not len(samples_ns):
+        return {}
+    values = np.percentile(samples_ns, PERCENTILES) / 1e6
+    return {f"{p:g}": round(float(v), 4) for p, v in zip(PERCENTILES, values)} | {
+        "max": round(float(samples_ns.max()) / 1e6, 4)}
 
 
 def _user(prefix: str, i: int) -> str:
     return f"{prefix}{i:06d}"   # fixed width: every frame of a run has one size
 
 
-async def one_to_one(host: str, port: int, secret: str, *, pairs: int = 100,
-                     payload: int = 64, window: int = 256, warmup: float = 1.0,
-                     duration: float = 5.0) -> Result:
-    """``pairs`` senders, each publishing to its own receiver's direct channel."""
-    body = b"x" * payload
-    receivers, senders = [], []
-    message_size = ack_size = 0
+@dataclass
+class _Setup:
+    publishers: list[Link] = field(default_factory=list)
+    subscribers: list[Link] = field(default_factory=list)
+    publish_size: int = 0
+    delivery_size: int = 0
+
+    @property
+    def links(self) -> list[Link]:
+        return self.publishers + self.subscribers
+
+    def counters(self) -> tuple[int, int, int]:
+        """(publishes, delivered bytes, generator bytes in+out) so far."""
+        published = sum(p.published for p in self.publishers)
+        delivered = sum(s.received for s in self.subscribers)
+        moved = sum(link.received for link in self.links) + published * self.publish_size
+        return published, delivered, moved
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+async def _link(target: Target, user: str, subscribe: tuple[str, ...], frame_size: int,
+                stamp_at: int, recorder: Recorder | None) -> Link:
+    stream = await target.connect(user, subscribe)
+    link = Link(frame_size, stamp_at, recorder)
+    link.attach(stream)
+    return link
+
+
+async def build_pairs(target: Target, pairs: int, payload: int, window: int,
+                      recorder: Recorder | None) -> _Setup:
+    """``pairs`` publishers, each to its own subscriber on a direct channel.
+
+    Against the echo target a publisher's link is also its subscriber.
+    """
+    setup = _Setup()
     for i in range(pairs):
         a, b = _user("a", i), _user("b", i)
-        channel = f"dm:{a}:{b}"
-        frame = encode_publish(channel, body)
-        message_size = len(encode_message(channel, 1, 0, a, body))
-        ack_size = len(encode_ack(0, channel, 1, 0))
-        receivers.append(await _open(host, port, _Counting(issue_token(secret, b))))
-        senders.append(await _open(host, port, _Sender(issue_token(secret, a), frame * window,
-                                                       window, ack_size + message_size)))
-    deliveries, publishes, elapsed = await _measure(receivers, senders, message_size, warmup, duration)
-    for p in receivers + senders:
-        p.transport.close()
-    return Result(f"one-to-one ({pairs} pairs)", deliveries, publishes, elapsed, 2 * pairs, payload)
+        channel = target.direct(a, b)
+        wire = target.wire(channel, a, payload, subscribers=1)
+        setup.publish_size, setup.delivery_size = len(wire.publish), wire.delivery_size
+        publisher = await _link(target, a, (), wire.delivery_size, wire.delivery_stamp,
+                                recorder if isinstance(target, Echo) else None)
+        if isinstance(target, Echo):
+            setup.subscribers.append(publisher)
+        else:
+            setup.subscribers.append(await _link(target, b, (channel,), wire.delivery_size,
+                                                 wire.delivery_stamp, recorder))
+        setup.publishers.append(publisher.publisher(
+            wire.publish, wire.publish_stamp, window, wire.reply_per_publish,
+            wire.batch_trailer, wire.trailer_reply))
+    return setup
 
 
-async def fan_out(host: str, port: int, secret: str, *, members: int = 100, payload: int = 64,
-                  window: int = 64, warmup: float = 1.0, duration: float = 5.0) -> Result:
-    """One publisher to a group of ``members`` online members (each a connection)."""
-    body = b"x" * payload
+async def build_group(target: Target, members: int, payload: int, window: int,
+                      recorder: Recorder | None, progress: Progress) -> _Setup:
+    """One publisher to a group of ``members`` subscribers, one link each."""
     owner = _user("o", 0)
-    group = f"bench{members}"
-    channel = f"group:{group}"
+    channel = target.group(f"bench{members}")
     users = [_user("m", i) for i in range(members)]
-    loop = asyncio.get_running_loop()
-    setup = _Counting(issue_token(secret, owner))
-    await _open(host, port, setup)
-    created = loop.create_future()
-    setup.reader = FrameReader()
-    setup.on_reply = lambda frame: created.done() or created.set_result(frame)  # type: ignore[method-assign]
-    setup.transport.write(encode_json(FrameType.GROUP, {"op": "create", "group": group,
-                                                       "members": users}, 2))
-    reply = await asyncio.wait_for(created, 30)
-    if reply.type != FrameType.RESULT:
-        raise RuntimeError(f"group create failed: {reply.body!r}")
-    setup.transport.close()
-    receivers = [await _open(host, port, _Counting(issue_token(secret, u))) for u in users]
-    message_size = len(encode_message(channel, 1, 0, owner, body))
-    ack_size = len(encode_ack(0, channel, 1, 0))
-    sender = await _open(host, port, _Sender(issue_token(secret, owner),
-                                             encode_publish(channel, body) * window, window,
-                                             ack_size + message_size))
-    deliveries, publishes, elapsed = await _measure(receivers, [sender], message_size, warmup, duration)
-    for p in receivers + [sender]:
-        p.transport.close()
-    return Result(f"group fan-out ({members} members)", deliveries, publishes, elapsed,
-                  members + 1, payload)
+    await target.create_group(channel, owner, users)
+    wire = target.wire(channel, owner, payload, subscribers=members)
+    setup = _Setup(publish_size=len(wire.publish), delivery_size=wire.delivery_size)
+    for i, user in enumerate(users):
+        setup.subscribers.append(await _link(target, user, (channel,), wire.delivery_size,
+                                             wire.delivery_stamp, recorder))
+        if i % 1000 == 999:
+            progress(f"{i + 1:,}/{members:,} members connected")
+    publisher = await _link(target, owner, (), 0, 0, None)
+    setup.publishers.append(publisher.publisher(
+        wire.publish, wire.publish_stamp, window, wire.reply_per_publish,
+        wire.batch_trailer, wire.trailer_reply))
+    return setup
 
 
-def _rss(pid: int) -> int:
+async def measure_throughput(setup: _Setup, warmup: float, duration: float,
+                             progress: Progress) -> tuple[float, float, float, float]:
+    """(seconds, publishes/s, deliveries/s, generator bytes/s) over ``duration``."""
+    for publisher in setup.publishers:
+        publisher.start()
+    await asyncio.sleep(warmup)
+    p0, d0, m0 = setup.counters()
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(min(left, 0.5))
+        elapsed = time.perf_counter() - t0
+        progress(f"{(setup.counters()[1] - d0) / setup.delivery_size / elapsed:,.0f} deliveries/s")
+    p1, d1, m1 = setup.counters()
+    elapsed = time.perf_counter() - t0
+    for publisher in setup.publishers:
+        publisher.stop()
+    return (elapsed, (p1 - p0) / elapsed, (d1 - d0) / setup.delivery_size / elapsed,
+            (m1 - m0) / elapsed)
+
+
+async def measure_latency(setup: _Setup, recorder: Recorder, rate: float, warmup: float,
+                          duration: float, progress: Progress) -> tuple[float, float, float, float]:
+    """Offer ``rate`` messages/s in all; record latency after the warm-up."""
+    pacer = Pacer(setup.publishers, rate / len(setup.publishers))
+
+    async def pace() -> None:
+        # The generator has its own core: spinning through the loop (instead
+        # of a millisecond timer) writes each message within microseconds of
+        # when it is due, so the generator adds no timer latency of its own.
+        while pacer.running:
+            pacer.tick()
+            await asyncio.sleep(0)
+
+    recorder.active = False
+    pacer.begin()
+    pacing = asyncio.create_task(pace())
+    await asyncio.sleep(warmup)
+    recorder.clear()
+    recorder.active = True
+    p0, d0, m0 = setup.counters()
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(min(left, 0.5))
+        progress(f"offered {rate:,.0f}/s, {len(recorder):,} latency samples")
+    recorder.active = False
+    p1, d1, m1 = setup.counters()
+    elapsed = time.perf_counter() - t0
+    pacer.running = False
+    await pacing
+    return (elapsed, (p1 - p0) / elapsed, (d1 - d0) / setup.delivery_size / elapsed,
+            (m1 - m0) / elapsed)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: int = 64,
+                    rate: float | None = None, warmup: float = 1.0, duration: float = 5.0,
+                    progress: Progress = _quiet) -> Result:
+    """One-to-one (``pairs=1``) or many-to-many; throughput, or latency at ``rate``."""
+    name = "one-to-one" if pairs == 1 else "many-to-many"
+    params: dict[str, Any] = {"pairs": pairs, "payload": payload}
+    recorder = Recorder() if rate else None
+    setup = await build_pairs(target, pairs, payload, window, recorder)
+    try:
+        if rate:
+            name = f"latency @ {rate:,.0f}/s"
+            params["rate"] = rate
+            seconds, pub, dlv, moved = await measure_latency(setup, recorder, rate, warmup,
+                                                             duration, progress)
+        else:
+            params["window"] = window
+            seconds, pub, dlv, moved = await measure_throughput(setup, warmup, duration, progress)
+    finally:
+        setup.close()
+    result = Result(name, target.name, params, seconds, pub, dlv, moved, rate)
+    if recorder is not None:
+        samples = recorder.array()
+        result.latency_ms = percentiles_ms(samples)
+        result.latency_samples = len(samples)
+        result.extra["cdf"] = cdf_points(samples)
+    return result
+
+
+async def fan_out_run(target: Target, *, members: int, payload: int = 64, window: int = 16,
+                      warmup: float = 1.0, duration: float = 5.0,
+                      progress: Progress = _quiet) -> Result:
+    setup = await build_group(target, members, payload, window, None, progress)
+    try:
+        seconds, pub, dlv, moved = await measure_throughput(setup, warmup, duration, progress)
+    finally:
+        setup.close()
+    return Result(f"fan-out {members:,}", target.name,
+                  {"members": members, "payload": payload, "window": window},
+                  seconds, pub, dlv, moved)
+
+
+def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -191,35 +263,44 @@ def _rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-@dataclass
-class IdleResult:
-    connections: int
-    bytes_per_connection: float
-    connects_per_s: float
-
-    def line(self) -> str:
-        return (f"idle: {self.connections:,} authenticated connections, "
-                f"{self.bytes_per_connection:,.0f} bytes of relay RSS each, "
-                f"{self.connects_per_s:,.0f} connects+HELLO/s")
-
-
-async def idle_connections(host: str, port: int, secret: str, relay_pid: int, *,
-                           connections: int = 5000, concurrency: int = 200) -> IdleResult:
-    """Open ``connections`` authenticated connections that then stay silent."""
-    token = issue_token(secret, "idle")
-    before = _rss(relay_pid)
-    opened: list[_Counting] = []
+async def connections_run(target: Target, *, connections: int, concurrency: int = 200,
+                          checkpoints: int = 5, progress: Progress = _quiet) -> Result:
+    """Open ``connections`` authenticated idle links; sample server RSS as they grow."""
+    base = rss_bytes(target.pid)
+    opened: list[Link] = []
     gate = asyncio.Semaphore(concurrency)
+    marks = {round(connections * (i + 1) / checkpoints) for i in range(checkpoints)}
+    curve: list[tuple[int, int]] = [(0, base)]
 
-    async def one() -> None:
+    async def one(i: int) -> None:
         async with gate:
-            opened.append(await _open(host, port, _Counting(token)))
+            opened.append(await _link(target, _user("i", i), (), 0, 0, None))
+            if len(opened) in marks:
+                curve.append((len(opened), rss_bytes(target.pid)))
+                progress(f"{len(opened):,}/{connections:,} connected")
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(connections)))
-    elapsed = time.perf_counter() - t0
-    await asyncio.sleep(1.0)
-    per_connection = (_rss(relay_pid) - before) / connections
-    for p in opened:
-        p.transport.close()
-    return IdleResult(connections, per_connection, connections / elapsed)
+    try:
+        await asyncio.gather(*(one(i) for i in range(connections)))
+        elapsed = time.perf_counter() - t0
+        await asyncio.sleep(1.0)   # let the server settle before the last sample
+        settled = rss_bytes(target.pid)
+    finally:
+        for link in opened:
+            link.close()
+    curve.append((connections, settled))
+    return Result(f"connections {connections:,}", target.name,
+                  {"connections": connections, "concurrency": concurrency}, elapsed,
+                  extra={"bytes_per_connection": (settled - base) / connections,
+                         "connects_per_s": connections / elapsed,
+                         "rss_curve": sorted(set(curve))})
+
+
+def cdf_points(samples_ns: np.ndarray, points: int = 200) -> list[tuple[float, float]]:
+    """(latency ms, fraction) pairs for plotting, dense in the tail."""
+    if not len(samples_ns):
+        return []
+    tail = 1 - np.logspace(0, -4, points)            # 0 .. 0.9999, denser towards 1
+    quantiles = np.append(tail, 1.0)
+    values = np.quantile(samples_ns, quantiles) / 1e6
+    return [(round(float(v), 4), round(float(q), 6)) for v, q in zip(values, quantiles)]

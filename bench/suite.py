@@ -1,0 +1,92 @@
+"""The suite's plan: which scenario runs on which target, in what order.
+
+The generator's ceiling (the echo target) is measured first, so every later
+result can say how close it came to it.  fenghuo is compared with the
+pub/sub peers on its in-memory store, since neither peer persists anything;
+the durable store is measured on its own, at every ``--fsync`` setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench import loadgen
+
+FENGHUO_VS_PEERS = ("--store", "memory")
+FSYNC_MODES = ("always", "batch", "off")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    warmup: float
+    duration: float
+    pairs: int                  # many-to-many
+    latency_pairs: int
+    rates: tuple[float, ...]
+    fan_out: tuple[int, ...]
+    connections: int
+
+
+FULL = Sizes(warmup=1.0, duration=5.0, pairs=1000, latency_pairs=100,
+             rates=(10_000, 50_000), fan_out=(100, 1000, 10_000), connections=15_000)
+QUICK = Sizes(warmup=0.2, duration=0.5, pairs=10, latency_pairs=10,
+              rates=(1_000,), fan_out=(10, 100), connections=200)
+
+
+@dataclass(frozen=True)
+class Item:
+    group: str
+    target: str
+    relay_flags: tuple[str, ...]
+    name: str
+    scenario: Callable[..., Any]
+
+    @property
+    def label(self) -> str:
+        flags = f" ({' '.join(self.relay_flags)})" if self.relay_flags else ""
+        return f"{self.target}{flags} {self.name}"
+
+
+def _pairs(s: Sizes, pairs: int, rate: float | None = None):
+    return lambda target, progress: loadgen.pairs_run(
+        target, pairs=pairs, rate=rate, warmup=s.warmup, duration=s.duration, progress=progress)
+
+
+def _fan_out(s: Sizes, members: int):
+    return lambda target, progress: loadgen.fan_out_run(
+        target, members=members, warmup=s.warmup, duration=s.duration, progress=progress)
+
+
+def _connections(s: Sizes):
+    return lambda target, progress: loadgen.connections_run(
+        target, connections=s.connections, progress=progress)
+
+
+def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
+    yield "throughput", "one-to-one", _pairs(s, 1)
+    yield "throughput", f"many-to-many {s.pairs}", _pairs(s, s.pairs)
+    if fan_out:
+        for members in s.fan_out:
+            yield "fan-out", f"fan-out {members}", _fan_out(s, members)
+    for rate in s.rates:
+        yield "latency", f"latency @ {rate:,.0f}/s", _pairs(s, s.latency_pairs, rate)
+    if connections:
+        yield "connections", f"{s.connections} connections", _connections(s)
+
+
+def plan(*, quick: bool, targets: list[str]) -> list[Item]:
+    """Echo ceiling, then every scenario per target, then fenghuo's store modes."""
+    s = QUICK if quick else FULL
+    items = [Item("ceiling", "echo", (), name, fn)
+             for _, name, fn in _scenarios(s, fan_out=False, connections=False)]
+    for target in targets:
+        flags = FENGHUO_VS_PEERS if target == "fenghuo" else ()
+        items += [Item(group, target, flags, name, fn) for group, name, fn in _scenarios(s)]
+    if "fenghuo" in targets:
+        for mode in FSYNC_MODES:
+            items += [Item("store", "fenghuo", ("--fsync", mode), name, fn)
+                      for group, name, fn in _scenarios(s, fan_out=False, connections=False)
+                      if name != "one-to-one"]
+    return items

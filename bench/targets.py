@@ -1,0 +1,291 @@
+"""The relays a benchmark can drive, each behind one small interface.
+
+The generator (``bench/_gen.pyx``) never parses a protocol while it measures:
+a run is built so that every frame of one kind has one size, the send stamp
+sits at a fixed offset, and each link carries only the frames the run
+counts.  A ``Target`` supplies exactly that: a server process, links that are
+already authenticated and subscribed, and the byte layout (``Wire``) of a
+publish and of a delivery for one channel.
+
+Handshakes use asyncio streams; once a link is quiet its stream is handed to
+the compiled generator (``Link.attach``), which takes the transport over with
+``transport.set_protocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from fenghuo.core import (
+    FrameReader,
+    FrameType,
+    encode_ack,
+    encode_message,
+    encode_publish,
+)
+
+from fenghuo.protocol import decode_json, encode_json
+from fenghuo.tokens import issue_token
+
+STAMP_SIZE = 8
+"""The send stamp: CLOCK_MONOTONIC nanoseconds, u64 big-endian, in the payload."""
+
+RELAY_CPU, GENERATOR_CPU = 0, 1
+
+
+def pin(cpu: int) -> None:
+    """Pin the calling process to ``cpu`` where the machine has it."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float = 15.0) -> None:
+    """Block until ``host:port`` accepts, or fail with the process's fate."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout:g} s")
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Byte layout of one channel's traffic in a run.
+
+    ``publish`` is one complete publish frame whose payload holds the stamp
+    at ``publish_stamp``; a subscriber receives frames of ``delivery_size``
+    bytes with the stamp at ``delivery_stamp``.  The publisher's link brings
+    back ``reply_per_publish`` bytes per publish (an ack, its own echo), and
+    ``trailer_reply`` bytes for each ``batch_trailer`` written after a batch
+    (NATS has no per-publish ack, so a batch ends with PING and waits for
+    PONG).
+    """
+
+    publish: bytes
+    publish_stamp: int
+    delivery_size: int
+    delivery_stamp: int
+    reply_per_publish: int
+    batch_trailer: bytes = b""
+    trailer_reply: int = 0
+
+
+class Target(ABC):
+    """A relay under test: a server process plus how to talk to it."""
+
+    name: str
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @abstractmethod
+    def start(self, workdir: Path) -> None:
+        """Start the server (pinned to ``RELAY_CPU``) and wait until it listens."""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _spawn(self, cmd: list[str], **kwargs) -> None:
+        # preexec_fn is safe here: the generator spawns servers before it has threads.
+        self.proc = subprocess.Popen(cmd, preexec_fn=lambda: pin(RELAY_CPU),  # noqa: PLW1509
+                                     stdout=subprocess.DEVNULL, **kwargs)
+        wait_listening(self.proc, self.host, self.port)
+
+    @abstractmethod
+    def direct(self, a: str, b: str) -> str:
+        """The channel on which ``a`` sends to ``b``."""
+
+    @abstractmethod
+    def group(self, name: str) -> str:
+        """The channel of a group called ``name``."""
+
+    async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
+        """Make ``members`` receive ``channel`` (pub/sub peers need nothing)."""
+
+    @abstractmethod
+    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
+                      source: str | None = None) -> asyncio.StreamWriter:
+        """An authenticated link for ``user`` receiving ``subscribe``; quiet on return.
+
+        Returns ``handed_over(reader, writer)``.
+        """
+
+    @abstractmethod
+    def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
+        """The byte layout of ``sender`` publishing ``payload``-byte messages on ``channel``.
+
+        ``subscribers`` is how many links receive the channel (Redis's reply
+        to PUBLISH is that count).
+        """
+
+
+async def open_stream(host: str, port: int, source: str | None):
+    return await asyncio.open_connection(
+        host, port, local_addr=(source, 0) if source else None)
+
+
+def handed_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
+    """The stream, checked to hold no unread bytes, ready for ``Link.attach``.
+
+    The writer itself is handed on, not just its transport: a StreamWriter
+    closes its transport when it is garbage-collected.
+    """
+    if reader._buffer:
+        raise RuntimeError(f"{len(reader._buffer)} unread bytes at hand-over")
+    return writer
+
+
+class FenghuoWire(Target):
+    """fenghuo's protocol v1: shared by fenghuo itself and the asyncio baseline."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def direct(self, a: str, b: str) -> str:
+        return f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
+
+    def group(self, name: str) -> str:
+        return f"group:{name}"
+
+    async def _request(self, reader, writer, ftype: int, body: dict, rid: int) -> dict:
+        writer.write(encode_json(ftype, body, rid))
+        frames = FrameReader()
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 30)
+            if not chunk:
+                raise ConnectionError(f"{self.name} closed during {FrameType(ftype).name}")
+            for frame in frames.feed(chunk):
+                if frame.type == FrameType.ERROR:
+                    raise RuntimeError(f"{self.name} refused {FrameType(ftype).name}: {frame.body!r}")
+                if frame.request_id == rid:
+                    if frames.buffered:
+                        raise RuntimeError("bytes after the reply during setup")
+                    return decode_json(frame.body)
+
+    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
+                      source: str | None = None) -> asyncio.StreamWriter:
+        reader, writer = await open_stream(self.host, self.port, source)
+        await self._request(reader, writer, FrameType.HELLO,
+                            {"token": issue_token(self.secret, user)}, 1)
+        # Members receive their direct and group channels without subscribing.
+        org = [c for c in subscribe if not c.startswith(("dm:", "group:"))]
+        for rid, channel in enumerate(org, 2):
+            await self._request(reader, writer, FrameType.SUBSCRIBE, {"channel": channel}, rid)
+        return handed_over(reader, writer)
+
+    async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
+        reader, writer = await open_stream(self.host, self.port, None)
+        await self._request(reader, writer, FrameType.HELLO,
+                            {"token": issue_token(self.secret, owner)}, 1)
+        await self._request(reader, writer, FrameType.GROUP,
+                            {"op": "create", "group": channel.removeprefix("group:"),
+                             "members": members}, 2)
+        writer.close()
+
+    def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
+        body = bytes(payload)
+        publish = encode_publish(channel, body)
+        delivery = len(encode_message(channel, 1, 0, sender, body))
+        # The sender is a member of its channel: per publish its ACK and its own MESSAGE.
+        return Wire(publish, len(publish) - STAMP_SIZE, delivery, delivery - STAMP_SIZE,
+                    len(encode_ack(0, channel, 1, 0)) + delivery)
+
+
+class Fenghuo(FenghuoWire):
+    """``fenghuo serve`` with the flood limits lifted and ``relay_flags`` added."""
+
+    name = "fenghuo"
+
+    def __init__(self, secret: str, relay_flags: tuple[str, ...] = ()) -> None:
+        super().__init__(secret)
+        self.relay_flags = relay_flags
+        self.metrics_port = 0
+
+    def start(self, workdir: Path) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self._spawn([sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
+                     "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
+                     f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
+                     "--log-level", "warning", *self.relay_flags])
+
+
+class AsyncioBaseline(FenghuoWire):
+    """The plain-asyncio baseline peer (``bench/peers/asyncio_relay.py``)."""
+
+    name = "asyncio"
+
+    def start(self, workdir: Path) -> None:
+        self.port = free_port()
+        self._spawn([sys.executable, "-m", "bench.peers.asyncio_relay",
+                     "--port", str(self.port), f"--secret={self.secret}"])
+
+
+class Echo(Target):
+    """A trivial echo server: the generator's own ceiling.
+
+    A publish comes straight back to its publisher, so the publisher's link
+    is also where deliveries are counted and stamped.
+    """
+
+    name = "echo"
+
+    def start(self, workdir: Path) -> None:
+        self.port = free_port()
+        self._spawn([sys.executable, "-m", "bench.peers.echo", "--port", str(self.port)])
+
+    def direct(self, a: str, b: str) -> str:
+        return f"{a}.{b}"
+
+    def group(self, name: str) -> str:
+        return name
+
+    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
+                      source: str | None = None) -> asyncio.StreamWriter:
+        reader, writer = await open_stream(self.host, self.port, source)
+        return handed_over(reader, writer)
+
+    def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
+        publish = encode_publish(channel, bytes(payload))
+        stamp = len(publish) - STAMP_SIZE
+        return Wire(publish, stamp, len(publish), stamp, len(publish))
+
+
+def peer_binary(name: str) -> str | None:
+    """Path of a peer server binary (``nats-server``, ``redis-server``) or None."""
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
