@@ -181,6 +181,9 @@ class WireClient:
                     self._dispatch(frame)
         except (OSError, ProtocolError, FenghuoError) as exc:
             self._lose(exc)
+        except Exception as exc:  # a callback's bug: report it rather than go deaf silently
+            self._lose(exc)
+            raise
 
     def _dispatch(self, frame: Frame) -> None:
         ftype = frame.type

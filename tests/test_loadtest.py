@@ -84,7 +84,7 @@ def assert_every_scenario_ran(out: Path, result: subprocess.CompletedProcess) ->
 @pytest.mark.timeout(120)
 def test_headless_run_reports_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    result = run_loadtest(out, "--users", "15", "--spawn-rate", "15", "--time", "6s")
+    result = run_loadtest(out, "--users", "15", "--spawn-rate", "15", "--time", "8s")
     summary = assert_every_scenario_ran(out, result)
     # The retail head office asked the relay who had read its announcements.
     assert summary.readers["expected"] > 0 and summary.readers["read"] > 0
@@ -94,7 +94,7 @@ def test_headless_run_reports_every_scenario(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_distributed_run_with_two_workers(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    result = run_loadtest(out, "--users", "30", "--spawn-rate", "30", "--time", "7s",
+    result = run_loadtest(out, "--users", "30", "--spawn-rate", "30", "--time", "8s",
                           "--workers", "2")
     assert_every_scenario_ran(out, result)
     command = (out / "command.txt").read_text()
