@@ -1,4 +1,5 @@
-"""fenghuo's compiled core (Cython): frame codec, rings, connections, fan-out.
+"""fenghuo's compiled core (Cython): frame codec, rings, connections, fan-out,
+shared-memory rings between worker processes.
 
 Everything here comes from the one extension ``fenghuo.core._core``; there is
 no pure-Python fallback, so importing this package fails loudly if the
@@ -27,6 +28,7 @@ from fenghuo.core._core import (  # noqa: F401
     Receipt,
     ReceiptKind,
     Ring,
+    ShmRing,
     compress_body,
     decode_ack,
     decode_error,

@@ -9,5 +9,6 @@ from hton cimport *
 include "consts.pxi"
 include "codec.pxd"
 include "ring.pxd"
+include "shm.pxd"
 include "metrics.pxd"
 include "hub.pxd"

@@ -6,5 +6,6 @@ cimport cython
 include "clock.pxi"
 include "codec.pyx"
 include "ring.pyx"
+include "shm.pyx"
 include "metrics.pyx"
 include "hub.pyx"
