@@ -1,0 +1,524 @@
+"""``python -m bench.geo``: delivery between simulated regions of the world, through one relay.
+
+A real ``fenghuo serve`` (pinned to CPU 0) stands in one region; clients stand
+in four.  Each client region reaches the relay through its own latency proxy
+(:mod:`bench.netem`, on its own loopback address 127.0.0.x) with that
+region's one-way delay and jitter to the relay's region, drawn independently
+per direction.  For every ordered pair of regions A -> B (A -> A included),
+a client in A publishes to a client in B over their direct channel at a
+fixed rate, and a client of B that was offline reconnects to fetch a message
+stored meanwhile.  Reported per pair:
+
+* publish-to-deliver latency: send time in the payload, receive time at B,
+  one process and one clock (:data:`bench.netem.clock`);
+* relay overhead: that latency minus the delays the proxies *really* applied
+  to the bytes of this message on the uplink (A's PUBLISH) and the downlink
+  (B's MESSAGE), read from their per-chunk records;
+* connect-to-first-delivery: from starting B's connect to receiving the
+  stored message (TCP handshake round trip, HELLO, WELCOME, catch-up).
+
+Targets (issue 4): end-to-end p99 < 600 ms for every pair, relay overhead
+p99 < 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import secrets
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import orjson
+import uvloop
+
+import fenghuo
+from bench.__main__ import start_relay
+from bench.netem import (
+    ChunkRecord,
+    Direction,
+    LinkProfile,
+    ProxiedConnection,
+    Proxy,
+    clock,
+)
+from bench.targets import GENERATOR_CPU, pin
+from fenghuo.protocol import (
+    FrameReader,
+    FrameType,
+    decode_json,
+    decode_message,
+    decode_publish,
+)
+
+REGIONS = ("shanghai", "frankfurt", "virginia", "sydney")
+
+# One-way delay floor and jitter in ms between regions: half the typical
+# round-trip times of public measurements, rounded (AWS inter-region averages
+# such as Frankfurt-Virginia ~89 ms and Virginia-Sydney ~200-230 ms RTT;
+# WonderNetwork city-to-city pings for Shanghai, whose cross-border paths
+# vary most, hence the larger jitter).  Same region: a metro hop.  Access
+# networks (Wi-Fi, 4G) are not modelled; add them with --last-mile.
+_ONE_WAY_MS: dict[frozenset[str], tuple[float, float]] = {
+    frozenset({"shanghai", "frankfurt"}): (110, 10),
+    frozenset({"shanghai", "virginia"}): (120, 10),
+    frozenset({"shanghai", "sydney"}): (65, 8),
+    frozenset({"frankfurt", "virginia"}): (45, 3),
+    frozenset({"frankfurt", "sydney"}): (145, 6),
+    frozenset({"virginia", "sydney"}): (100, 5),
+}
+_SAME_REGION_MS = (2.0, 1.0)
+
+TARGET_E2E_P99_S = 0.600
+TARGET_OVERHEAD_P99_S = 0.010
+_QUICK = {"messages": 20, "rate": 50.0, "catchup": 2, "scale": 0.1}
+_FULL = {"messages": 200, "rate": 20.0, "catchup": 5, "scale": 1.0}
+# How long a message may take beyond its injected delays before it counts as lost.
+_GRACE_S = 10.0
+
+
+def one_way(a: str, b: str) -> LinkProfile:
+    """The one-way link between regions ``a`` and ``b`` (the same both ways)."""
+    delay_ms, jitter_ms = _SAME_REGION_MS if a == b else _ONE_WAY_MS[frozenset({a, b})]
+    return LinkProfile(delay_ms / 1000, jitter_ms / 1000)
+
+
+def _device(role: str, src: str, dst: str) -> str:
+    return f"{role}-{src}-{dst}"
+
+
+def _user(role: str, src: str, dst: str) -> str:
+    return f"{role}.{src}.{dst}"
+
+
+# ====================================================================== wire records
+
+Spot = tuple[Direction, int]    # a direction of one connection, and a byte offset in it
+
+
+@dataclass
+class Wire:
+    """Where each frame of interest crossed the proxies, read by taps on every connection.
+
+    A frame is held for the delay of the chunk that completed it (a relay
+    cannot act on a frame before its last byte), so each frame is located by
+    the offset of that chunk's last byte.
+    """
+
+    publishes: dict[str, Spot] = field(default_factory=dict)              # message id
+    deliveries: dict[tuple[str, str], Spot] = field(default_factory=dict)  # (device, id)
+    hellos: dict[str, Spot] = field(default_factory=dict)                 # device: latest
+
+    def watch(self, conn: ProxiedConnection) -> None:
+        """Set the taps of a new connection (``Proxy(on_connection=...)``)."""
+        device = [""]     # learnt from its HELLO, before any MESSAGE can come down
+        up, down = FrameReader(), FrameReader()
+
+        def on_uplink(chunk: bytes, offset: int) -> None:
+            spot = (conn.uplink, offset + len(chunk) - 1)
+            for frame in up.feed(chunk):
+                if frame.type == FrameType.HELLO:
+                    device[0] = decode_json(frame.body)["device"]
+                    self.hellos[device[0]] = spot
+                elif frame.type == FrameType.PUBLISH:
+                    message_id = _message_id(decode_publish(frame.body).payload)
+                    if message_id is not None:
+                        self.publishes[message_id] = spot
+
+        def on_downlink(chunk: bytes, offset: int) -> None:
+            spot = (conn.downlink, offset + len(chunk) - 1)
+            for frame in down.feed(chunk):
+                if frame.type == FrameType.MESSAGE:
+                    message_id = _message_id(decode_message(frame.body).payload)
+                    if message_id is not None:
+                        self.deliveries[(device[0], message_id)] = spot
+
+        conn.uplink.tap = on_uplink
+        conn.downlink.tap = on_downlink
+
+    @staticmethod
+    def record(spot: Spot) -> ChunkRecord:
+        direction, offset = spot
+        return direction.record_of_byte(offset)
+
+    def delay(self, spot: Spot) -> float:
+        return self.record(spot).delay_s
+
+
+def _payload(message_id: str) -> dict[str, object]:
+    return {"id": message_id, "sent": clock()}
+
+
+def _message_id(payload: bytes) -> str | None:
+    """The id in a payload of this benchmark; None for any other payload.
+
+    Taps run inside the proxies' data path, where an exception would cut the
+    connection, so a stranger payload is skipped rather than raised on.
+    """
+    try:
+        return orjson.loads(payload)["id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+# ====================================================================== one pair
+
+@dataclass
+class Pair:
+    """Publisher in ``src``, receiver in ``dst``, and what was measured between them."""
+
+    src: str
+    dst: str
+    sender: fenghuo.Client
+    receiver: fenghuo.Client
+    #: (message id, sent at, received at, seq) in arrival order
+    received: list[tuple[str, float, float, int]] = field(default_factory=list)
+    #: per catch-up trial: (connect-to-first-delivery, injected delay in it)
+    catchups: list[tuple[float, float]] = field(default_factory=list)
+    sent: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.src} -> {self.dst}"
+
+    def on_message(self, message: fenghuo.Message) -> None:
+        body = orjson.loads(message.payload)
+        self.received.append((body["id"], body["sent"], clock(), message.seq))
+
+
+@dataclass
+class World:
+    """The relay, one proxy per client region, and the taps on all of them."""
+
+    relay_port: int
+    secret: str
+    relay_region: str
+    scale: float
+    last_mile_s: float
+    wire: Wire = field(default_factory=Wire)
+    proxies: dict[str, Proxy] = field(default_factory=dict)
+
+    def link(self, region: str) -> LinkProfile:
+        base = one_way(region, self.relay_region).scaled(self.scale)
+        return LinkProfile(base.delay_s + self.last_mile_s, base.jitter_s)
+
+    async def open(self, seed: int) -> None:
+        for index, region in enumerate(REGIONS):
+            self.proxies[region] = await Proxy(
+                (f"127.0.0.{index + 2}", 0), ("127.0.0.1", self.relay_port), self.link(region),
+                seed=seed + index, handshake=True, on_connection=self.wire.watch).start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(proxy.close() for proxy in self.proxies.values()))
+
+    def client(self, region: str, user: str, device: str) -> fenghuo.Client:
+        """A client placed in ``region``; it does not reconnect (a reconnect would resend)."""
+        host, port = self.proxies[region].address
+        return fenghuo.Client(f"tcp://{host}:{port}", user=user, secret=self.secret,
+                              device=device, reconnect=False)
+
+
+async def _sleep_until(instant: float) -> None:
+    await asyncio.sleep(max(0.0, instant - clock()))
+
+
+async def _publish_at_rate(pair: Pair, messages: int, rate: float, phase: float) -> None:
+    """Publish ``messages`` at a fixed rate (not waiting for acks), then await every ack.
+
+    ``phase`` (0..1) shifts this pair's schedule within one period, so that
+    the pairs together offer an evenly spaced load instead of bursts.
+    """
+    receiver_user = _user("r", pair.src, pair.dst)
+    acks = []
+    started = clock() + phase / rate
+    for index in range(messages):
+        await _sleep_until(started + index / rate)
+        acks.append(asyncio.ensure_future(
+            pair.sender.send(receiver_user, _payload(f"{pair.name}#{index}"))))
+        pair.sent += 1
+    try:
+        await asyncio.wait_for(asyncio.gather(*acks), _GRACE_S)
+    except (TimeoutError, fenghuo.FenghuoError) as exc:
+        # What did arrive is still measured; the delivery verdict shows the rest.
+        print(f"geo: publishing {pair.name} failed: {exc!r}", file=sys.stderr)
+
+
+async def _await_deliveries(pair: Pair, deadline: float) -> None:
+    while len(pair.received) < pair.sent and clock() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _catch_up_once(world: World, pair: Pair, trial: int, timeout: float) -> None:
+    """B is offline while A publishes; time B's connect until that message arrives."""
+    message_id = f"{pair.name}@{trial}"
+    await pair.sender.send(_user("r", pair.src, pair.dst), _payload(message_id))
+    device = _device("r", pair.src, pair.dst)
+    receiver = world.client(pair.dst, _user("r", pair.src, pair.dst), device)
+    arrived: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def on_message(message: fenghuo.Message) -> None:
+        if not arrived.done() and _message_id(message.payload) == message_id:
+            arrived.set_result(clock())
+
+    receiver.on_message(on_message)
+    started = clock()
+    try:
+        await receiver.connect()
+        elapsed = await asyncio.wait_for(arrived, timeout) - started
+        injected = (world.wire.delay(world.wire.hellos[device])
+                    + world.wire.delay(world.wire.deliveries[(device, message_id)]))
+        pair.catchups.append((elapsed, injected))
+        await receiver.sync_cursors_now()      # the next trial resumes after this message
+    except (TimeoutError, OSError, fenghuo.FenghuoError) as exc:
+        # Counted as a missing trial (the delivery verdict fails); the run goes on.
+        print(f"geo: catch-up {message_id} failed: {exc!r}", file=sys.stderr)
+    finally:
+        await receiver.close()
+
+
+async def _run_pair(world: World, pair: Pair, args: argparse.Namespace, phase: float) -> None:
+    await _publish_at_rate(pair, args.messages, args.rate, phase)
+    await _await_deliveries(pair, clock() + _GRACE_S)
+    # The receiver's device keeps its position on the relay, so that when it
+    # comes back it is resumed from there: catch-up of what it missed.
+    await pair.receiver.sync_cursors_now()
+    await pair.receiver.close()
+    for trial in range(args.catchup):
+        await _catch_up_once(world, pair, trial, _GRACE_S)
+
+
+async def _progress(pairs: list[Pair], expected: int, catchups: int) -> None:
+    interactive = sys.stderr.isatty()
+    while True:
+        delivered = sum(len(p.received) for p in pairs)
+        caught = sum(len(p.catchups) for p in pairs)
+        line = (f"geo: {delivered}/{expected} live deliveries, "
+                f"{caught}/{catchups} catch-up trials")
+        print(f"\r{line}" if interactive else line, end="" if interactive else "\n",
+              file=sys.stderr, flush=True)
+        await asyncio.sleep(0.5 if interactive else 2.0)
+
+
+async def measure(relay_port: int, secret: str, args: argparse.Namespace) -> list[dict]:
+    """Run every pair against the relay at ``relay_port``; one result dict per pair."""
+    world = World(relay_port, secret, args.relay_region, args.scale, args.last_mile / 1000)
+    await world.open(args.seed)
+    pairs: list[Pair] = []
+    try:
+        for src, dst in itertools.product(REGIONS, REGIONS):
+            sender = world.client(src, _user("s", src, dst), _device("s", src, dst))
+            receiver = world.client(dst, _user("r", src, dst), _device("r", src, dst))
+            pairs.append(Pair(src, dst, sender, receiver))
+            receiver.on_message(pairs[-1].on_message)
+        await asyncio.gather(*(c.connect() for p in pairs for c in (p.sender, p.receiver)))
+        progress = asyncio.ensure_future(_progress(
+            pairs, len(pairs) * args.messages, len(pairs) * args.catchup))
+        try:
+            await asyncio.gather(*(_run_pair(world, pair, args, index / len(pairs))
+                                   for index, pair in enumerate(pairs)))
+        finally:
+            progress.cancel()
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+        return [_pair_result(world, pair) for pair in pairs]
+    finally:
+        await asyncio.gather(*(c.close() for p in pairs for c in (p.sender, p.receiver)))
+        await world.close()
+
+
+# ====================================================================== figures
+
+def _summary(values_s: list[float], quantiles: tuple[str, ...] = ("p50", "p99", "p99.9")
+             ) -> dict[str, float | None]:
+    """Milliseconds: min, the quantiles (nearest rank, rounding up), max."""
+    if not values_s:
+        return {"min": None, **{q: None for q in quantiles}, "max": None}
+    ms = np.asarray(values_s) * 1000
+    out = {"min": float(ms.min())}
+    for q in quantiles:
+        out[q] = float(np.percentile(ms, float(q[1:]), method="higher"))
+    out["max"] = float(ms.max())
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _pair_result(world: World, pair: Pair) -> dict:
+    ids = [message_id for message_id, *_ in pair.received]
+    expected = [f"{pair.name}#{i}" for i in range(pair.sent)]
+    receiver_device = _device("r", pair.src, pair.dst)
+    latencies, injected, turnarounds = [], [], []
+    for message_id, sent, received, _ in pair.received:
+        up = world.wire.record(world.wire.publishes[message_id])
+        down = world.wire.record(world.wire.deliveries[(receiver_device, message_id)])
+        latencies.append(received - sent)
+        injected.append(up.delay_s + down.delay_s)
+        # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
+        # the relay and two loopback hops, without the clients' share.
+        turnarounds.append(down.arrived_at - up.released_at)
+    seqs = [seq for *_, seq in pair.received]
+    up, down = world.link(pair.src), world.link(pair.dst)
+    return {
+        "from": pair.src, "to": pair.dst,
+        "nominal_one_way_ms": {"uplink": round(up.delay_s * 1000, 3),
+                               "downlink": round(down.delay_s * 1000, 3),
+                               "uplink_jitter": round(up.jitter_s * 1000, 3),
+                               "downlink_jitter": round(down.jitter_s * 1000, 3)},
+        "sent": pair.sent,
+        "delivered": len(set(ids)),
+        "duplicates": len(ids) - len(set(ids)),
+        "in_order": ids == expected[:len(ids)] and seqs == sorted(seqs),
+        "latency_ms": _summary(latencies),
+        "injected_ms": _summary(injected),
+        "overhead_ms": _summary([lat - inj for lat, inj in zip(latencies, injected)]),
+        "relay_turnaround_ms": _summary(turnarounds),
+        "catchup": {
+            "trials": len(pair.catchups),
+            "connect_to_first_delivery_ms": _summary([e for e, _ in pair.catchups], ("p50",)),
+            "overhead_ms": _summary([e - i for e, i in pair.catchups], ("p50",)),
+        },
+    }
+
+
+def _verdicts(pairs: list[dict], catchup_trials: int) -> dict[str, dict]:
+    def worst(path: tuple[str, str]) -> dict:
+        def value(p: dict) -> float:
+            ms = p[path[0]][path[1]]
+            return float("inf") if ms is None else ms
+
+        pair = max(pairs, key=value)
+        return {"pair": f"{pair['from']} -> {pair['to']}", "ms": pair[path[0]][path[1]]}
+
+    complete = all(p["delivered"] == p["sent"] and not p["duplicates"] and p["in_order"]
+                   and p["catchup"]["trials"] == catchup_trials for p in pairs)
+    e2e, overhead = worst(("latency_ms", "p99")), worst(("overhead_ms", "p99"))
+    return {
+        "delivery": {"ok": complete},
+        "e2e_p99": {"ok": e2e["ms"] is not None and e2e["ms"] < TARGET_E2E_P99_S * 1000,
+                    "worst": e2e},
+        "overhead_p99": {"ok": overhead["ms"] is not None
+                         and overhead["ms"] < TARGET_OVERHEAD_P99_S * 1000, "worst": overhead},
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+_COLUMNS = ("from → to", "one-way up + down", "delivered", "e2e p50", "e2e p99", "e2e p99.9",
+            "overhead p50", "overhead p99", "overhead p99.9", "relay turnaround p50 / p99",
+            "connect→first delivery p50 / max")
+
+
+def markdown_table(pairs: list[dict]) -> str:
+    """One row per pair; times in ms."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|---" + "|---:" * (len(_COLUMNS) - 1) + "|"]
+    for p in pairs:
+        link, lat, over = p["nominal_one_way_ms"], p["latency_ms"], p["overhead_ms"]
+        turn = p["relay_turnaround_ms"]
+        catchup = p["catchup"]["connect_to_first_delivery_ms"]
+        cells = [f"{p['from']} → {p['to']}", f"{link['uplink']:g} + {link['downlink']:g}",
+                 f"{p['delivered']}/{p['sent']}",
+                 *(_fmt(lat[q]) for q in ("p50", "p99", "p99.9")),
+                 *(_fmt(over[q]) for q in ("p50", "p99", "p99.9")),
+                 f"{_fmt(turn['p50'])} / {_fmt(turn['p99'])}",
+                 f"{_fmt(catchup['p50'])} / {_fmt(catchup['max'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_lines(verdicts: dict[str, dict], pair_count: int) -> list[str]:
+    """One line per target: PASS or FAIL, and the worst pair."""
+    def line(what: str, verdict: dict) -> str:
+        text = f"verdict: {what}: {'PASS' if verdict['ok'] else 'FAIL'}"
+        if "worst" in verdict:
+            text += f" (worst {verdict['worst']['pair']}: {_fmt(verdict['worst']['ms'])} ms)"
+        return text
+
+    return [
+        line(f"delivery (every message once and in order, every catch-up trial) in all "
+             f"{pair_count} pairs", verdicts["delivery"]),
+        line(f"end-to-end p99 < {TARGET_E2E_P99_S * 1000:g} ms in every pair",
+             verdicts["e2e_p99"]),
+        line(f"relay overhead p99 < {TARGET_OVERHEAD_P99_S * 1000:g} ms in every pair",
+             verdicts["overhead_p99"]),
+    ]
+
+
+# ====================================================================== command
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.geo",
+        description="publish-to-deliver latency and relay overhead between simulated regions")
+    parser.add_argument("--relay-region", choices=REGIONS, default="frankfurt")
+    parser.add_argument("--messages", type=int, help=f"per pair (default {_FULL['messages']})")
+    parser.add_argument("--rate", type=float, help=f"messages/s per pair (default {_FULL['rate']:g})")
+    parser.add_argument("--catchup", type=int,
+                        help=f"connect-to-first-delivery trials per pair (default {_FULL['catchup']})")
+    parser.add_argument("--scale", type=float,
+                        help="multiply every injected delay and jitter (default 1)")
+    parser.add_argument("--last-mile", type=float, default=0.0, metavar="MS",
+                        help="extra one-way delay of every client's access network")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: " + ", ".join(f"--{k} {v:g}" for k, v in _QUICK.items()))
+    parser.add_argument("--seed", type=int, default=1, help="of the jitter samples")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--relay", default="", metavar="FLAGS",
+                        help='extra `fenghuo serve` flags, e.g. "--fsync batch"')
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a target is missed (CI)")
+    return parser
+
+
+def _machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the global-delivery measurement; 0 when it completed (with ``--check``: and passed)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    for name, default in (_QUICK if args.quick else _FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    secret = secrets.token_urlsafe(32)
+    with TemporaryDirectory() as data_dir:
+        proc, port, _ = start_relay(data_dir, secret, *shlex.split(args.relay))
+        try:
+            pin(GENERATOR_CPU)
+            pairs = uvloop.run(measure(port, secret, args))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    verdicts = _verdicts(pairs, args.catchup)
+    print(f"relay in {args.relay_region}; {args.messages} messages per pair at "
+          f"{args.rate:g}/s; delays x{args.scale:g}; times in ms")
+    print(markdown_table(pairs))
+    for line in verdict_lines(verdicts, len(pairs)):
+        print(line)
+    if args.json:
+        result = {"command": shlex.join(["python", "-m", "bench.geo", *argv]),
+                  "machine": _machine(), "relay_region": args.relay_region,
+                  "messages": args.messages, "rate": args.rate, "catchup_trials": args.catchup,
+                  "scale": args.scale, "last_mile_ms": args.last_mile,
+                  "targets_ms": {"e2e_p99": TARGET_E2E_P99_S * 1000,
+                                 "overhead_p99": TARGET_OVERHEAD_P99_S * 1000},
+                  "pairs": pairs, "verdicts": verdicts}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not verdicts["delivery"]["ok"]:
+        return 1
+    if args.check and not (verdicts["e2e_p99"]["ok"] and verdicts["overhead_p99"]["ok"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
