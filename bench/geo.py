@@ -313,8 +313,24 @@ async def _progress(pairs: list[Pair], expected: int, catchups: int) -> None:
         await asyncio.sleep(0.5 if interactive else 2.0)
 
 
-async def measure(relay_port: int, secret: str, args: argparse.Namespace) -> list[dict]:
-    """Run every pair against the relay at ``relay_port``; one result dict per pair."""
+_LAG_PROBE_S = 0.010
+
+
+async def _watch_loop_lag(lags: list[float]) -> None:
+    """How late a 10 ms sleep wakes, again and again: this process's own stalls."""
+    while True:
+        asleep = clock()
+        await asyncio.sleep(_LAG_PROBE_S)
+        lags.append(clock() - asleep - _LAG_PROBE_S)
+
+
+async def measure(relay_port: int, secret: str, args: argparse.Namespace
+                  ) -> tuple[list[dict], dict[str, float | None]]:
+    """Run every pair against the relay at ``relay_port``.
+
+    Returns one result dict per pair, and how late this process's event loop
+    woke while measuring (ms): its stalls land in the figures too.
+    """
     world = World(relay_port, secret, args.relay_region, args.scale, args.last_mile / 1000)
     await world.open(args.seed)
     pairs: list[Pair] = []
@@ -325,16 +341,19 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace) -> lis
             pairs.append(Pair(src, dst, sender, receiver))
             receiver.on_message(pairs[-1].on_message)
         await asyncio.gather(*(c.connect() for p in pairs for c in (p.sender, p.receiver)))
-        progress = asyncio.ensure_future(_progress(
-            pairs, len(pairs) * args.messages, len(pairs) * args.catchup))
+        lags: list[float] = []
+        watchers = [asyncio.ensure_future(_progress(
+            pairs, len(pairs) * args.messages, len(pairs) * args.catchup)),
+            asyncio.ensure_future(_watch_loop_lag(lags))]
         try:
             await asyncio.gather(*(_run_pair(world, pair, args, index / len(pairs))
                                    for index, pair in enumerate(pairs)))
         finally:
-            progress.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             if sys.stderr.isatty():
                 print(file=sys.stderr)
-        return [_pair_result(world, pair) for pair in pairs]
+        return [_pair_result(world, pair) for pair in pairs], _summary(lags)
     finally:
         await asyncio.gather(*(c.close() for p in pairs for c in (p.sender, p.receiver)))
         await world.close()
@@ -500,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, port, metrics_port = start_relay(data_dir, secret, *shlex.split(args.relay))
         try:
             pin(GENERATOR_CPU)
-            pairs = uvloop.run(measure(port, secret, args))
+            pairs, loop_lag = uvloop.run(measure(port, secret, args))
             relay_histogram = server_latency(metrics_port)
         finally:
             proc.terminate()
@@ -509,10 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"relay in {args.relay_region}; {args.messages} messages per pair at "
           f"{args.rate:g}/s; delays x{args.scale:g}; times in ms")
     print(markdown_table(pairs))
+    # The relay's own view and this process's lag tell whose stalls the tails are.
     if relay_histogram:
-        # The relay's own view tells its stalls from those of this process.
         print("relay's own publish-to-deliver, all pairs (server histogram, bucket upper "
               "bounds): " + ", ".join(f"p{q} <= {ms:g} ms" for q, ms in relay_histogram.items()))
+    print(f"this process's event-loop lag: p99 {_fmt(loop_lag['p99'])} ms, "
+          f"max {_fmt(loop_lag['max'])} ms")
     for line in verdict_lines(verdicts, len(pairs)):
         print(line)
     if args.json:
@@ -523,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                   "targets_ms": {"e2e_p99": TARGET_E2E_P99_S * 1000,
                                  "overhead_p99": TARGET_OVERHEAD_P99_S * 1000},
                   "pairs": pairs, "relay_histogram_ms": relay_histogram,
+                  "loop_lag_ms": loop_lag,
                   "verdicts": verdicts}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not verdicts["delivery"]["ok"]:
