@@ -16,7 +16,6 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import IO
 
+from bench.targets import free_port
 from loadtest.report import Summary
 
 HERE = Path(__file__).resolve().parent
@@ -82,13 +82,6 @@ def start_relay(data_dir: str, secret: str, flags: list[str], log: IO[bytes]) ->
         stop(proc)
         raise RuntimeError(f"the relay did not start (exit status {proc.poll()}); see {log.name}")
     return proc, found[0]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (for the Locust master)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def locust_commands(args: argparse.Namespace, host: str, out: Path) -> tuple[list[str], list[list[str]]]:

@@ -21,13 +21,8 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 
 import fenghuo
+from bench.targets import free_port
 from fenghuo.tokens import issue_token
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
