@@ -31,6 +31,7 @@ from bench import loadgen
 from bench.targets import GENERATOR_CPU, AsyncioBaseline, Echo, Fenghuo, Target, pin
 
 TARGETS = ("fenghuo", "asyncio", "nats", "redis", "echo")
+ALL_PEERS = "fenghuo,asyncio,nats,redis"
 
 
 def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = ()) -> Target:
@@ -166,7 +167,9 @@ def cmd_suite(a: argparse.Namespace) -> int:
         result.extra["group"] = item.group
         results.append(result)
         progress.finish(result.line())
-    doc = report.write(out, results, quick=a.quick)
+    command = " ".join(["python -m bench suite", *(["--quick"] if a.quick else []),
+                        *([f"--targets {a.targets}"] if a.targets != ALL_PEERS else [])])
+    doc = report.write(out, results, quick=a.quick, command=command)
     print(f"\nresults in {out}/ (results.json, results.md, plots)\n")
     print(doc)
     return 0
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     suite_p = sub.add_parser("suite", help="every scenario on every target: JSON, table, plots")
     suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    suite_p.add_argument("--targets", default="fenghuo,asyncio,nats,redis")
+    suite_p.add_argument("--targets", default=ALL_PEERS,
+                         help="comma-separated, from fenghuo,asyncio,nats,redis")
     suite_p.add_argument("--out", help="results folder (default bench/results/DATE-MACHINE)")
     suite_p.set_defaults(func=cmd_suite)
     plot = sub.add_parser("plot", help="redraw the plots and table of a results folder")

@@ -243,11 +243,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write(out: Path, results: list[Result], *, quick: bool) -> str:
+def write(out: Path, results: list[Result], *, quick: bool, command: str) -> str:
     """Write every file of a suite run into ``out``; return the markdown."""
     ceiling = max((r.generator_bytes_per_s for r in results if r.target == "echo"), default=0.0)
     doc = {"date": dt.date.today().isoformat(), "quick": quick, "machine": machine(),
-           "command": "python -m bench suite" + (" --quick" if quick else ""),
+           "command": command,
            "generator_ceiling_bytes_per_s": ceiling,
            "results": [r.to_json() for r in results]}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")

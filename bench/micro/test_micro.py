@@ -13,7 +13,6 @@ import struct
 
 import orjson
 import pytest
-
 from fenghuo.core import (
     Connection,
     FrameReader,
