@@ -187,13 +187,11 @@ def cmd_global(argv: list[str]) -> int:
     return geo.main(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["global"]:
-        return cmd_global(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``python -m bench`` command line (``global`` has its own, in bench/geo.py)."""
+    cli = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = cli.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one scenario against one target")
     run.add_argument("scenario", choices=("one-to-one", "many-to-many", "fan-out", "latency",
                                           "connections"))
@@ -221,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("dir")
     plot.set_defaults(func=cmd_plot)
     sub.add_parser("global", help="global delivery through simulated regions (see bench/geo.py)")
-    args = parser.parse_args(argv)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["global"]:
+        return cmd_global(argv[1:])
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

@@ -29,3 +29,41 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert commands == ["make serve", "make test"]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == "make test"
+
+
+def _documented(prefix: str) -> list[str]:
+    """Every ``python -m PREFIX ...`` command the READMEs show (code blocks and spans)."""
+    found = []
+    for doc in ("README.md", "bench/README.md", "loadtest/README.md"):
+        text = (ROOT / doc).read_text()
+        snippets = re.findall(r"```(?:sh)?\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
+        for snippet in snippets:
+            for line in snippet.splitlines():
+                m = re.search(rf"python -m {re.escape(prefix)} (.*?)(?:\s+#.*)?$", line)
+                if m:
+                    found.append(m.group(1).strip())
+    return found
+
+
+def test_every_bench_and_loadtest_command_in_the_docs_parses():
+    """No figure without a command that still runs: each documented command line is valid."""
+    import shlex
+
+    from bench import geo
+    from bench.__main__ import parser as bench_parser
+    from loadtest.__main__ import parser as loadtest_parser
+
+    bench_commands = _documented("bench")
+    assert any(c.startswith("suite") for c in bench_commands)
+    for command in bench_commands:
+        args = shlex.split(command.replace("DATE-MACHINE", "x"))
+        if args[0] == "global":
+            geo._parser().parse_args(args[1:])
+        else:
+            bench_parser().parse_args(args)
+    for command in _documented("bench.geo"):
+        geo._parser().parse_args(shlex.split(command))
+    loadtest_commands = _documented("loadtest")
+    assert loadtest_commands
+    for command in loadtest_commands:
+        loadtest_parser().parse_args(shlex.split(command))
