@@ -1,0 +1,402 @@
+"""Several workers on one node: start them, wire the mesh, restart the dead, stop them all.
+
+:class:`Supervisor` makes one :class:`~fenghuo.core.ShmRing` per ordered pair
+of workers and starts worker ``k`` as ``worker_cmd + argv + worker_args(k)``
+with ``FENGHUO_WORKER``/``FENGHUO_MESH`` in its environment and exactly its
+rings' descriptors passed (``server/mesh.py`` reads them).  It holds every
+descriptor for the whole run, so a ring's contents survive the death of
+either worker on it, and a restarted worker (``generation`` + 1) attaches the
+same rings.
+
+One small event loop does everything: each child's exit arrives through a
+pidfd registered with ``add_reader`` (no SIGCHLD handler, no watcher thread),
+signals through ``add_signal_handler``, restarts through ``call_later``, and
+``/healthz`` and ``/metrics`` are served with asyncio streams.
+
+Metrics convention: with ``metrics_port`` P the supervisor serves P, and
+worker ``k`` is told (``FENGHUO_METRICS_PORT``) to serve its own on
+``P + 1 + k``; the supervisor's ``/metrics`` merges them, each sample labelled
+``worker="k"``, with its own gauges.  With P = 0 the workers serve none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+import uvloop
+from fenghuo.core import ShmRing
+from fenghuo.server.mesh import worker_env
+
+log = logging.getLogger("fenghuo.supervisor")
+
+DEFAULT_RING_CAPACITY = 4 << 20       # max_record 2 MiB: a 1 MiB frame with room for routing
+DEFAULT_DRAIN_TIMEOUT = 15.0
+DEFAULT_WORKER_CMD = (sys.executable, "-m", "fenghuo", "serve")
+KILL_WAIT = 5.0                       # after SIGKILL, for the kernel to reap
+SCRAPE_TIMEOUT = 2.0
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl     # looked up here, not in the child
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before restarting a worker: ``initial`` doubling to ``maximum``.
+
+    A worker that stayed up ``reset_after`` seconds starts again from
+    ``initial``: it crashed once, not in a loop.
+    """
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    reset_after: float = 30.0
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    generation: int = -1
+    proc: subprocess.Popen | None = None
+    pidfd: int = -1
+    started_at: float = 0.0
+    returncode: int | None = None
+    restarts: int = 0
+    next_delay: float = 0.0
+    restart: asyncio.TimerHandle | None = None
+    exited: asyncio.Future[int] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.returncode is None
+
+
+@dataclass(eq=False)
+class Supervisor:
+    """Starts and keeps ``workers`` worker processes sharing a mesh of rings.
+
+    ``worker_args(k)`` adds per-worker arguments (a distinct port in tests,
+    say); ``worker_cmd`` replaces ``fenghuo serve`` (tests run a small mesh
+    program).  Workers' stdout and stderr are the supervisor's.
+    """
+
+    ring_capacity: int = DEFAULT_RING_CAPACITY
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    worker_cmd: Sequence[str] = DEFAULT_WORKER_CMD
+    worker_args: Callable[[int], list[str]] = lambda index: []
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def run(self, argv_for_workers: list[str], workers: int,
+            env: Mapping[str, str] | None = None) -> int:
+        """Run until SIGTERM or SIGINT; 0 if every worker's last exit was 0, else 1.
+
+        A second SIGTERM/SIGINT while stopping kills the workers at once.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        return uvloop.run(_Run(self, list(argv_for_workers), workers,
+                               dict(os.environ if env is None else env)).main())
+
+    def worker_metrics_port(self, index: int) -> int:
+        """Where worker ``index`` serves its own /metrics: ``metrics_port + 1 + index`` (0: none)."""
+        return self.metrics_port + 1 + index if self.metrics_port else 0
+
+
+class _Run:
+    """One run of a :class:`Supervisor`: its rings, its workers, its loop."""
+
+    def __init__(self, config: Supervisor, argv: list[str], count: int,
+                 env: dict[str, str]) -> None:
+        self.config = config
+        self.argv = argv
+        self.env = env
+        self.workers = [_Worker(k, next_delay=config.backoff.initial) for k in range(count)]
+        self.rings = {(i, j): ShmRing.create(config.ring_capacity)
+                      for i in range(count) for j in range(count) if i != j}
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
+
+    async def main(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, stop_requested)
+        http = None
+        try:
+            if self.config.metrics_port:
+                http = await asyncio.start_server(self._serve_http, self.config.metrics_host,
+                                                  self.config.metrics_port, reuse_address=True)
+            log.info("supervisor started", extra={
+                "workers": len(self.workers), "ring_capacity": self.config.ring_capacity,
+                "rings": len(self.rings), "metrics_port": self.config.metrics_port})
+            for worker in self.workers:
+                self._spawn(worker)
+            await stop_requested.wait()
+            await self._stop_all()
+        finally:
+            if http is not None:
+                http.close()
+            for ring in self.rings.values():
+                ring.close()
+        return 0 if all(w.returncode == 0 for w in self.workers) else 1
+
+    def _on_signal(self, stop_requested: asyncio.Event) -> None:
+        if self.stopping:                 # asked twice: do not wait for the drain
+            log.warning("second stop signal: killing the workers")
+            self._signal_running(signal.SIGKILL)
+        stop_requested.set()
+
+    # ------------------------------------------------------------ workers
+
+    def _spawn(self, worker: _Worker) -> None:
+        worker.restart = None
+        worker.generation += 1
+        mesh_env, fds = worker_env(worker.index, len(self.workers), worker.generation, self.rings)
+        env = {**self.env, **mesh_env,
+               "FENGHUO_METRICS_PORT": str(self.config.worker_metrics_port(worker.index))}
+        argv = [*self.config.worker_cmd, *self.argv, *self.config.worker_args(worker.index)]
+        try:
+            # The loop's only other threads are libuv's idle resolver pool.
+            proc = subprocess.Popen(argv, env=env, pass_fds=fds,
+                                    preexec_fn=_die_with(os.getpid()))  # noqa: PLW1509
+        except OSError as exc:
+            log.error("worker failed to start", extra={"worker": worker.index, "error": str(exc)})
+            worker.proc, worker.returncode = None, 127
+            self._schedule_restart(worker)
+            return
+        worker.proc, worker.pidfd, worker.returncode = proc, os.pidfd_open(proc.pid), None
+        worker.started_at = self.loop.time()
+        worker.exited = self.loop.create_future()
+        self.loop.add_reader(worker.pidfd, self._on_exit, worker)
+        log.info("worker started", extra={"worker": worker.index, "pid": proc.pid,
+                                          "generation": worker.generation})
+
+    def _on_exit(self, worker: _Worker) -> None:
+        assert worker.proc is not None and worker.exited is not None
+        self.loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        worker.pidfd = -1
+        worker.returncode = worker.proc.wait()      # the pidfd is readable: it has exited
+        worker.exited.set_result(worker.returncode)
+        if self.stopping:
+            return
+        log.warning("worker exited", extra={"worker": worker.index, "pid": worker.proc.pid,
+                                            "generation": worker.generation,
+                                            "returncode": worker.returncode})
+        if self.loop.time() - worker.started_at >= self.config.backoff.reset_after:
+            worker.next_delay = self.config.backoff.initial
+        self._schedule_restart(worker)
+
+    def _schedule_restart(self, worker: _Worker) -> None:
+        """Start it again after the backoff, whatever its exit code.
+
+        Even a clean exit is restarted: while a worker is missing nobody
+        drains its inbound rings, and every peer sending to it stalls.
+        """
+        if self.stopping:
+            return
+        delay = worker.next_delay
+        worker.next_delay = min(delay * 2, self.config.backoff.maximum)
+        worker.restarts += 1
+        worker.restart = self.loop.call_later(delay, self._spawn, worker)
+
+    def _signal_running(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            if worker.running:
+                assert worker.proc is not None
+                worker.proc.send_signal(sig)
+
+    async def _stop_all(self) -> None:
+        """SIGTERM every worker, SIGKILL what is left after the drain timeout."""
+        self.stopping = True
+        for worker in self.workers:
+            if worker.restart is not None:
+                worker.restart.cancel()
+                worker.restart = None
+        log.info("stopping workers", extra={"drain_timeout": self.config.drain_timeout})
+        self._signal_running(signal.SIGTERM)
+        if not await self._all_exited(self.config.drain_timeout):
+            log.warning("workers still running after the drain timeout: killing them",
+                        extra={"workers": [w.index for w in self.workers if w.running]})
+            self._signal_running(signal.SIGKILL)
+            await self._all_exited(KILL_WAIT)
+
+    async def _all_exited(self, timeout: float) -> bool:
+        pending = [w.exited for w in self.workers if w.running and w.exited is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        return not any(w.running for w in self.workers)
+
+    # ------------------------------------------------------------ /healthz and /metrics
+
+    async def _serve_http(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            path = request.split(b" ", 2)[1].split(b"?", 1)[0] if request.count(b" ") >= 2 else b""
+            if path == b"/metrics":
+                status, ctype, body = 200, "text/plain; version=0.0.4", await self._metrics()
+            elif path in (b"/healthz", b"/health"):
+                status, body = await self._health()
+                ctype = "application/json"
+            else:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _health(self) -> tuple[int, bytes]:
+        """200 only while every worker runs (and, with worker metrics, says it is healthy).
+
+        A process that is alive may not listen yet (it is still starting) or
+        no longer (it drains); with worker metrics on, its own /healthz tells.
+        """
+        ready = await self._scrape_workers("/healthz")
+        checked = bool(self.config.metrics_port)
+        healthy = not self.stopping and all(
+            w.running and (not checked or w.index in ready) for w in self.workers)
+        status = "stopping" if self.stopping else "ok" if healthy else "degraded"
+        body = orjson.dumps({"status": status, "workers": [
+            {"index": w.index, "running": w.running, "generation": w.generation,
+             "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
+             **({"healthy": w.index in ready} if checked else {})}
+            for w in self.workers]})
+        return (200 if healthy else 503), body
+
+    async def _scrape_workers(self, path: str) -> dict[int, str]:
+        """``GET path`` from every running worker's metrics port: the 200 answers by worker."""
+        if not self.config.metrics_port:
+            return {}
+        running = [w for w in self.workers if w.running]
+        bodies = await asyncio.gather(*(
+            scrape(self.config.metrics_host, self.config.worker_metrics_port(w.index), path)
+            for w in running))
+        return {w.index: body for w, body in zip(running, bodies, strict=True)
+                if body is not None}
+
+    async def _metrics(self) -> bytes:
+        scraped = await self._scrape_workers("/metrics")
+        lines = self._own_metrics(scraped) + merge_worker_metrics(scraped)
+        return ("\n".join(lines) + "\n").encode()
+
+    def _own_metrics(self, scraped: Mapping[int, str]) -> list[str]:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str, samples: list[tuple[str, object]]) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            out.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        workers = self.workers
+        family("fenghuo_supervisor_workers", "gauge", "Workers the supervisor keeps.",
+               [("", len(workers))])
+        family("fenghuo_supervisor_workers_running", "gauge", "Worker processes alive.",
+               [("", sum(w.running for w in workers))])
+        family("fenghuo_supervisor_restarts_total", "counter", "Worker restarts, by worker.",
+               [(f'{{worker="{w.index}"}}', w.restarts) for w in workers])
+        family("fenghuo_supervisor_worker_generation", "gauge",
+               "Generation of each worker (restarts so far, the current process included).",
+               [(f'{{worker="{w.index}"}}', w.generation) for w in workers])
+        family("fenghuo_supervisor_worker_scraped", "gauge",
+               "1 if the worker's own /metrics answered this scrape.",
+               [(f'{{worker="{w.index}"}}', int(w.index in scraped)) for w in workers])
+        family("fenghuo_mesh_ring_used_bytes", "gauge",
+               "Bytes in the ring from one worker to another, not yet drained.",
+               [(f'{{from="{i}",to="{j}"}}', ring.used) for (i, j), ring in self.rings.items()])
+        family("fenghuo_mesh_ring_capacity_bytes", "gauge", "Capacity of each mesh ring.",
+               [("", self.config.ring_capacity)])
+        return out
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """Child-side setup: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Without it a killed supervisor leaves workers serving with no one to
+    restart them or drain a dead peer's rings.  The ``getppid`` check covers
+    a supervisor that died between fork and ``prctl``.
+    """
+    def preexec() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+    return preexec
+
+
+async def scrape(host: str, port: int, path: str = "/metrics",
+                 timeout: float = SCRAPE_TIMEOUT) -> str | None:
+    """The body of ``GET path`` from ``host:port``; None unless it answers 200 in time."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+                             f"Connection: close\r\n\r\n".encode())
+                response = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None
+    head, _, body = response.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?(\s.*)$")
+
+
+@dataclass
+class _Family:
+    help: str | None = None
+    type: str | None = None
+    samples: list[str] = field(default_factory=list)
+
+
+def merge_worker_metrics(texts: Mapping[int, str]) -> list[str]:
+    """The workers' Prometheus texts as one: every family once, every sample ``worker="k"``.
+
+    The text format wants each family's lines in one group under a single
+    HELP/TYPE, so the workers' texts are regrouped, not concatenated.
+    """
+    families: dict[str, _Family] = {}
+    for worker, text in texts.items():
+        current = ""
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(None, 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    current = parts[2]
+                    family = families.setdefault(current, _Family())
+                    if parts[1] == "HELP":
+                        family.help = family.help or line
+                    else:
+                        family.type = family.type or line
+                continue
+            match = _SAMPLE.match(line)
+            if match is None:
+                continue
+            name, labels, rest = match.groups()
+            # _bucket, _sum, _count belong to the family announced above them.
+            key = current if current and name.startswith(current) else name
+            inner = f'worker="{worker}"' + (f",{labels}" if labels else "")
+            families.setdefault(key, _Family()).samples.append(f"{name}{{{inner}}}{rest}")
+    out: list[str] = []
+    for family in families.values():
+        out.extend(line for line in (family.help, family.type) if line is not None)
+        out.extend(family.samples)
+    return out

@@ -1,0 +1,161 @@
+"""The supervisor (server/supervisor.py) as a real process: stop, kill, restart, health and metrics.
+
+Workers are the small mesh program of ``tests/mesh_worker.py`` or real
+``fenghuo serve`` processes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from fenghuo.server.supervisor import merge_worker_metrics
+from mesh_worker import Supervised, alive
+
+import fenghuo
+from bench.targets import free_port
+from fenghuo.tokens import issue_token
+
+WAIT = 30.0
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def until(condition, what: str, timeout: float = WAIT):
+    """Poll ``condition`` (bounded) until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)
+    return value
+
+
+def free_port_block(count: int) -> int:
+    """A port P with P .. P + count - 1 all free (the supervisor's metrics convention)."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {count} free ports")
+
+
+def test_sigterm_stops_every_worker_and_the_supervisor_exits_0(tmp_path):
+    with Supervised(tmp_path, 3, worker_flags=["--records=10"]) as mesh:
+        for k in range(3):
+            mesh.file(f"result-{k}-0.json")           # each has its SIGTERM handler
+        pids = mesh.worker_pids()
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        assert mesh.stop() == 0
+        assert not any(alive(pid) for pid in pids)
+        assert "worker exited" not in mesh.log(), "a stopping worker is not restarted"
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_drain_timeout(tmp_path):
+    with Supervised(tmp_path, 2, drain_timeout=1.0,
+                    worker_flags=["--records=10", "--ignore-sigterm=1"]) as mesh:
+        for k in range(2):
+            mesh.file(f"result-{k}-0.json")
+        pids = mesh.worker_pids()
+        started = time.monotonic()
+        assert mesh.stop() == 1, "a worker killed at the drain timeout is not a clean stop"
+        assert time.monotonic() - started >= 1.0
+        assert not any(alive(pid) for pid in pids)
+        assert "killing them" in mesh.log()
+
+
+def test_a_crashing_worker_is_restarted_with_doubling_delays_until_stopped(tmp_path):
+    backoff = {"initial": 0.2, "maximum": 0.8}
+    with Supervised(tmp_path, 2, backoff=backoff, worker_flags=["--crash=3"]) as mesh:
+        starts = [mesh.file(f"started-0-{g}.json")["time"] for g in range(4)]
+        assert mesh.stop() == 1, "the workers' last exit was 3"
+        generations = len(list(mesh.dir.glob("started-0-*.json")))
+        time.sleep(0.3)
+        assert len(list(mesh.dir.glob("started-0-*.json"))) == generations, \
+            "no restart after the stop"
+        assert not any(alive(pid) for pid in mesh.worker_pids())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(gap >= delay for gap, delay in zip(gaps, (0.2, 0.4, 0.8), strict=True)), gaps
+
+
+def test_metrics_merge_regroups_families_and_labels_every_sample():
+    worker_text = ("# HELP up_total Ups.\n# TYPE up_total counter\nup_total 3\n"
+                   "# HELP lat Latency.\n# TYPE lat histogram\n"
+                   'lat_bucket{le="0.1"} 1\nlat_bucket{le="+Inf"} 2\nlat_sum 0.3\nlat_count 2\n')
+    merged = merge_worker_metrics({0: worker_text, 1: worker_text.replace(" 3\n", " 5\n")})
+    assert merged == [
+        "# HELP up_total Ups.", "# TYPE up_total counter",
+        'up_total{worker="0"} 3', 'up_total{worker="1"} 5',
+        "# HELP lat Latency.", "# TYPE lat histogram",
+        'lat_bucket{worker="0",le="0.1"} 1', 'lat_bucket{worker="0",le="+Inf"} 2',
+        'lat_sum{worker="0"} 0.3', 'lat_count{worker="0"} 2',
+        'lat_bucket{worker="1",le="0.1"} 1', 'lat_bucket{worker="1",le="+Inf"} 2',
+        'lat_sum{worker="1"} 0.3', 'lat_count{worker="1"} 2']
+
+
+def health(port: int) -> tuple[int, dict]:
+    """The supervisor's /healthz; (0, {}) while it does not listen yet."""
+    try:
+        status, body = http_get(port, "/healthz")
+    except OSError:
+        return 0, {}
+    return status, json.loads(body)
+
+
+async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp_path):
+    # fenghuo serve does not yet listen with SO_REUSEPORT, so each worker gets
+    # its own client port here; the metrics ports follow the convention.
+    metrics_port = free_port_block(3)
+    ports = [free_port(), free_port()]
+    secret = "supervisor-test-secret-of-32-bytes-or-more"
+    per_worker = [["--port", str(ports[k]), "--data-dir", str(tmp_path / f"data-{k}"),
+                   "--store", "memory", f"--secret={secret}"] for k in range(2)]
+    with Supervised(tmp_path, 2, metrics_port=metrics_port, per_worker_args=per_worker,
+                    worker_cmd=[sys.executable, "-m", "fenghuo", "serve"]) as sup:
+        body = until(lambda: (h := health(metrics_port))[0] == 200 and h[1], "healthy")
+        assert [(w["generation"], w["healthy"]) for w in body["workers"]] == [(0, True)] * 2
+        client = await fenghuo.connect(f"tcp://127.0.0.1:{ports[1]}",
+                                       token=issue_token(secret, "ana"), reconnect=False)
+        try:
+            status, text = http_get(metrics_port, "/metrics")
+        finally:
+            await client.close()
+        assert status == 200
+        lines = text.splitlines()
+        assert 'fenghuo_connections{worker="0"} 0' in lines
+        assert 'fenghuo_connections{worker="1"} 1' in lines
+        assert lines.count("# TYPE fenghuo_connections gauge") == 1
+        assert 'fenghuo_supervisor_workers_running 2' in lines
+        assert 'fenghuo_supervisor_worker_scraped{worker="1"} 1' in lines
+        assert any(line.startswith('fenghuo_publish_to_deliver_seconds_bucket{worker="1",le=')
+                   for line in lines)
+        assert 'fenghuo_mesh_ring_used_bytes{from="0",to="1"} 0' in lines
+
+        os.kill(body["workers"][1]["pid"], signal.SIGKILL)
+        body = until(lambda: (h := health(metrics_port))[0] == 200
+                     and h[1]["workers"][1]["generation"] == 1 and h[1], "restarted")
+        assert body["workers"][1]["restarts"] == 1 and body["workers"][0]["restarts"] == 0
+        status, text = until(lambda: (m := http_get(metrics_port, "/metrics"))[1].count(
+            'fenghuo_connections{worker="') == 2 and m, "the new worker scraped")
+        assert 'fenghuo_supervisor_restarts_total{worker="1"} 1' in text.splitlines()
+        pids = [w["pid"] for w in body["workers"]]
+        assert sup.stop() == 0
+    assert not any(alive(pid) for pid in pids)
