@@ -20,6 +20,8 @@ cdef struct PublishView:
     Py_ssize_t meta_len
     const char* payload
     Py_ssize_t payload_len
+    const char* body                 # the whole PUBLISH body (forwarded between workers)
+    Py_ssize_t body_len
 
 
 cdef Py_ssize_t frame_span(const char* p, Py_ssize_t avail,

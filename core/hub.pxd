@@ -10,6 +10,7 @@ cdef class Channel:
     cdef readonly set subscribers    # Connections of this process receiving it
     cdef dict _dedupe                # sender NUL idempotency-key -> (seq, ts_us)
     cdef public object info          # control-plane data (group record, ...)
+    cdef public int owner            # worker that sequences it (-1: not yet known)
 
 
 cdef class Bus:
@@ -23,6 +24,14 @@ cdef class Bus:
 
 cdef class LocalBus(Bus):
     pass
+
+
+cdef class MeshBus(Bus):
+    cdef readonly int index
+    cdef object _owner_of
+    cdef object _forward
+    cdef object _broadcast
+    cdef inline int owner(self, Channel ch) except -2
 
 
 cdef class Hub:
@@ -68,6 +77,10 @@ cdef class Hub:
 
 cdef class Connection:
     cdef readonly Hub hub
+    cdef readonly uint64_t id         # unique in this process: how other workers name it
+    # Set while requests forwarded to other workers are unanswered: takes the
+    # replies that must wait for them (see MeshBus).
+    cdef public object hold_reply
     cdef public object transport
     cdef public str user
     cdef public bytes user_key
@@ -98,6 +111,7 @@ cdef class Connection:
 
     cdef int enqueue(self, bytes frame) except -1
     cdef int reply(self, bytes frame) except -1
+    cdef int _reply_in_order(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
     cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1
@@ -105,3 +119,7 @@ cdef class Connection:
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1
     cdef void _drop_partial(self) noexcept
     cdef int _slow_consumer(self) except -1
+
+
+cdef class RemoteOrigin(Connection):
+    cdef object _sink

@@ -26,6 +26,9 @@ cdef enum:
     SLOW_CONSUMER_ABORT_S = 2
 
 
+cdef uint64_t _connection_ids = 0
+
+
 @cython.final
 cdef class Channel:
     """One ordered stream: its sequence counter, its ring, its local subscribers."""
@@ -37,6 +40,7 @@ cdef class Channel:
         self.seq = 0
         self.ring = Ring(ring_capacity)
         self.subscribers = set()
+        self.owner = -1
         self._dedupe = {}
         self.info = None
 
@@ -53,7 +57,7 @@ cdef class Bus:
     multi-worker or multi-node bus replaces it without touching the hub.
     """
 
-    def __cinit__(self, Hub hub):
+    def __cinit__(self, Hub hub, *args, **kwargs):
         self.hub = hub
 
     cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
@@ -74,6 +78,49 @@ cdef class LocalBus(Bus):
 
     cpdef deliver(self, Channel ch, bytes frame):
         self.hub.fan_out(ch, frame)
+
+
+@cython.final
+cdef class MeshBus(Bus):
+    """Channels are sequenced by their owning worker; every worker fans out.
+
+    A publish to a channel this worker owns is sequenced here; any other is
+    handed to ``forward(owner, channel, origin, request_id, body, t_recv)`` for the
+    mesh to carry to its owner, which answers through a
+    :class:`RemoteOrigin`.  What this worker sequences reaches its own
+    subscribers and ``broadcast(channel, frame)``: the other workers apply it to
+    their replica of the channel (:meth:`Hub.apply_replica`).
+    """
+
+    def __init__(self, Hub hub, int index, owner_of, forward, broadcast):
+        self.index = index
+        self._owner_of = owner_of
+        self._forward = forward
+        self._broadcast = broadcast
+
+    cdef inline int owner(self, Channel ch) except -2:
+        if ch.owner < 0:
+            ch.owner = self._owner_of(ch.name)
+        return ch.owner
+
+    def owns(self, Channel ch):
+        """Whether this worker sequences ``ch``."""
+        return self.owner(ch) == self.index
+
+    cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
+                    PublishView* v, double t_recv) except -1:
+        cdef int owner = self.owner(ch)
+        if owner == self.index:
+            return self.hub.sequence(ch, origin, request_id, v, t_recv)
+        self._forward(owner, ch, origin, request_id,
+                      PyBytes_FromStringAndSize(v.body, v.body_len), t_recv)
+        return 0
+
+    cpdef deliver(self, Channel ch, bytes frame):
+        if CORE_DEBUG:
+            assert self.owner(ch) == self.index, "only a channel's owner sequences it"
+        self.hub.fan_out(ch, frame)
+        self._broadcast(ch, frame)
 
 
 @cython.final
@@ -275,6 +322,22 @@ cdef class Hub:
         self.metrics.deliveries += len(ch.subscribers)
         return 0
 
+    def sequence_forwarded(self, Channel ch, Connection origin, uint32_t request_id, bytes body,
+                           double t_recv):
+        """Sequence a publish another worker forwarded (this worker owns ``ch``)."""
+        cdef PublishView v
+        if view_publish(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), &v) < 0:
+            raise ProtocolError(ErrorCode.MALFORMED_BODY, "forwarded PUBLISH body is malformed", False)
+        self.sequence(ch, origin, request_id, &v, t_recv)
+
+    def apply_replica(self, Channel ch, uint64_t seq, bytes frame):
+        """Take a frame the owner of ``ch`` sequenced: into the ring, out to subscribers."""
+        if CORE_DEBUG:
+            assert seq > ch.seq, "replica frames arrive in seq order"
+        ch.ring.push(seq, frame)
+        ch.seq = seq
+        self.fan_out(ch, frame)
+
     def publish_event(self, Channel ch, str sender, bytes payload,
                       int content_type=ContentType.EVENT, bytes meta=b""):
         """Sequence and deliver a server-originated message (group events, ...)."""
@@ -330,6 +393,10 @@ cdef class Connection:
     """
 
     def __cinit__(self, Hub hub, *args, **kwargs):
+        global _connection_ids
+        _connection_ids += 1
+        self.id = _connection_ids
+        self.hold_reply = None
         self.hub = hub
         self.transport = None
         self.user = None
@@ -634,6 +701,12 @@ cdef class Connection:
         return 0
 
     cdef int reply(self, bytes frame) except -1:
+        if self.hold_reply is not None:
+            self.hold_reply(frame)      # behind requests another worker has not answered
+            return 0
+        return self._reply_in_order(frame)
+
+    cdef int _reply_in_order(self, bytes frame) except -1:
         # Replies keep request order: behind this connection's own publishes
         # still waiting for the disk, a reply waits too.
         if self._unreleased:
@@ -648,6 +721,10 @@ cdef class Connection:
     def send_reply(self, bytes frame):
         """Queue the answer to one of this connection's requests, in request order."""
         self.reply(frame)
+
+    def release_reply(self, bytes frame):
+        """Send a reply ``hold_reply`` took, now that what it waited for is answered."""
+        self._reply_in_order(frame)
 
     def send_error(self, int code, str message, uint32_t request_id=0):
         """Tell the client about a non-fatal error; the connection stays open."""
@@ -691,3 +768,23 @@ cdef class Connection:
     def partial_bytes(self):
         """Bytes of an incomplete inbound frame held for this connection."""
         return self._partial_len
+
+
+@cython.final
+cdef class RemoteOrigin(Connection):
+    """A client connection of another worker, as the owner of a channel sees it.
+
+    Forwarded publishes are sequenced with it as their origin, so dedupe,
+    acks and reply order work as for a local connection; every frame it is
+    given goes to ``sink(frame)``, which carries it back over the mesh.
+    """
+
+    def __init__(self, Hub hub, str user, sink):
+        self.user = user
+        self.user_key = user.encode("utf-8")
+        self.authenticated = True
+        self._sink = sink
+
+    cdef int enqueue(self, bytes frame) except -1:
+        self._sink(frame)
+        return 0
