@@ -60,6 +60,8 @@ class Settings:
     idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
     drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave")
     backlog: int = _opt(4096, "listen backlog")
+    workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT) and the store; "
+                           "0 = one per core")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("json", "json (one object per line) or text")
 

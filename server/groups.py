@@ -155,5 +155,16 @@ class GroupRegistry:
             self._join(group, user, role)
         return group
 
+    def replace(self, record: dict) -> tuple[Group, list[str], list[str]]:
+        """Take ``record`` as the group's new state (from its owning worker):
+        the group, the users added and the users removed."""
+        old = self.groups.get(record["id"])
+        before = dict(old.members) if old is not None else {}
+        for user in before:
+            self._part(old, user)
+        group = self.restore(record)
+        return (group, [u for u in group.members if u not in before],
+                [u for u in before if u not in group.members])
+
     def of_user(self, user: str) -> list[Group]:
         return [self.groups[g] for g in sorted(self.by_user.get(user, ()))]

@@ -1,9 +1,16 @@
-"""``fenghuo serve``: run one relay process until SIGTERM or SIGINT."""
+"""``fenghuo serve``: run the relay until SIGTERM or SIGINT.
+
+With ``--workers 1`` this process is the relay.  With more, it becomes the
+supervisor (server/supervisor.py) of that many worker processes, each this
+same command with ``FENGHUO_WORKER`` set, joined by the mesh (server/mesh.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
 import sys
 
@@ -11,23 +18,27 @@ import uvloop
 
 from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
+from fenghuo.server.mesh import WorkerSpec
 from fenghuo.server.relay import Relay
 from fenghuo.tokens import resolve_secret
 
 log = logging.getLogger("fenghuo.serve")
 
 
-async def serve(settings: Settings, secret: str) -> int:
+async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None) -> int:
     relay = Relay(settings, secret)
-    await relay.start()
+    await relay.start(spec)
     metrics_server = None
-    if settings.metrics_port:
-        metrics_server = await metrics.start(relay, settings.host, settings.metrics_port)
+    # A worker's metrics port is its supervisor's choice (metrics port + 1 + index).
+    metrics_port = int(os.environ.get("FENGHUO_METRICS_PORT", "0")) if spec else settings.metrics_port
+    if metrics_port:
+        metrics_server = await metrics.start(relay, settings.host, metrics_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop_requested.set)
-    print(f"fenghuo listening on {settings.host}:{relay.port}"
-          + (f", metrics on :{settings.metrics_port}" if metrics_server else ""), flush=True)
+    who = f"worker {spec.index} of {spec.count} " if spec else ""
+    print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
+          + (f", metrics on :{metrics_port}" if metrics_server else ""), flush=True)
     await relay.stop_requested.wait()
     await relay.shutdown()
     if metrics_server is not None:
@@ -38,9 +49,28 @@ async def serve(settings: Settings, secret: str) -> int:
 
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)
-    secret, generated = resolve_secret(settings.secret, settings.data_dir, create=True)
+    spec = WorkerSpec.from_env()
+    secret, generated = resolve_secret(settings.secret, settings.data_dir, create=spec is None)
     if generated:
         print(f"fenghuo: no secret given; generated a dev secret in "
               f"{settings.data_path / 'dev-secret'}:\n  {secret}\n"
               f"  (set --secret or FENGHUO_SECRET in production)", file=sys.stderr, flush=True)
-    return uvloop.run(serve(settings, secret))
+    workers = settings.workers or os.cpu_count() or 1
+    if spec is None and workers > 1:
+        return supervise(settings, secret, workers)
+    return uvloop.run(serve(settings, secret, spec))
+
+
+def supervise(settings: Settings, secret: str, workers: int) -> int:
+    """Run ``workers`` copies of this command as workers, until SIGTERM or SIGINT."""
+    from fenghuo.server.supervisor import Supervisor
+
+    # Every worker gets the secret resolved here (no race on a dev secret) and
+    # one boot id, so clients see one epoch whichever worker they reach.
+    env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": secrets.token_hex(4)}
+    argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
+    capacity = 1 << max(22, (2 * settings.max_frame + 4096).bit_length())
+    print(f"fenghuo supervising {workers} workers on {settings.host}:{settings.port}", flush=True)
+    return Supervisor(ring_capacity=capacity, drain_timeout=settings.drain_timeout + 5,
+                      metrics_port=settings.metrics_port,
+                      metrics_host=settings.host).run(argv, workers, env)

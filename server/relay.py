@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -23,21 +24,26 @@ from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.core import (
     Channel,
     ChannelKind,
+    Connection,
     ContentType,
     ErrorCode,
     FrameType,
     Hub,
     ProtocolError,
+    ReceiptKind,
+    encode_receipt_event,
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server.config import Settings
 from fenghuo.server import retention
-from fenghuo.server.frames import message_seq, message_time
+from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.groups import Group, GroupRegistry
 from fenghuo.server.store import SQLiteStore
 
 if TYPE_CHECKING:
+    from fenghuo.server.cluster import Cluster
+    from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.session import Session
 
 log = logging.getLogger("fenghuo.relay")
@@ -83,12 +89,14 @@ class Relay:
             self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size)
             # The epoch names this process's view of the data: with a store the
             # seqs continue across restarts and clients keep their positions.
-            self.epoch = f"{self.store.identity()}.{secrets.token_hex(4)}"
+            self.epoch = f"{self.store.identity()}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
             self._load()
         else:
             # Seqs restart with the process: a new epoch tells clients their
             # positions no longer apply.
-            self.epoch = secrets.token_hex(8)
+            self.epoch = os.environ.get("FENGHUO_BOOT") or secrets.token_hex(8)
+        #: this worker's side of the mesh when the relay runs as several workers
+        self.cluster: Cluster | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -123,12 +131,34 @@ class Relay:
                 self.memberships.setdefault(user, {})[ch] = 0
 
     def save_group(self, group: Group) -> None:
-        """Persist ``group`` (members, roles and when each joined), ordered with its messages."""
-        if self.store is None:
-            return
+        """Persist ``group`` (members, roles and when each joined), ordered with its
+        messages, and give it to the other workers."""
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         joined = {u: self.memberships.get(u, {}).get(ch, 0) for u in group.members}
-        self.store.save_group(group.id, {**group.record(), "joined": joined})
+        record = {**group.record(), "joined": joined}
+        if self.store is not None:
+            self.store.save_group(group.id, record)
+        if self.cluster is not None:
+            self.cluster.share("group", record=record, seq=ch.seq)
+
+    def apply_group(self, record: dict, seq: int) -> None:
+        """A group as its owning worker changed it, when its channel was at ``seq``.
+
+        New members join here at once; leavers part once this replica has
+        passed ``seq``, so they still receive their own leave event.
+        """
+        group, added, removed = self.groups.replace(record)
+        ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        ch.info = group
+        for user in added:
+            self.join(user, ch)
+            self.memberships[user][ch] = record["joined"].get(user, 0)
+        assert self.cluster is not None
+        for user in removed:
+            if ch.seq >= seq:
+                self.part_here(user, ch)
+            else:
+                self.cluster.pending_parts.append((ch, seq, user))
 
     def _on_batch(self, batch: list | None) -> None:
         if batch is None:
@@ -143,18 +173,23 @@ class Relay:
         """Stop reading from every client while the store's writer is far behind."""
         log.debug("store backlog %s: %s reading", self.store.backlog if self.store else 0,
                   "pausing" if high else "resuming")
-        self._set_reading(not high)
+        self.set_reading(not high)
 
-    def _set_reading(self, on: bool) -> None:
+    def set_reading(self, on: bool) -> None:
         """Resume or pause reading on every open client connection."""
         for conn in self.hub.connections:
             if conn.transport is not None and not conn.closing:
                 (conn.transport.resume_reading if on else conn.transport.pause_reading)()
 
-    async def start(self) -> None:
+    async def start(self, spec: WorkerSpec | None = None) -> None:
+        """Listen; as worker ``spec.index`` of several when ``spec`` is given."""
+        from fenghuo.server.cluster import Cluster
         from fenghuo.server.session import Session
 
         loop = asyncio.get_running_loop()
+        if spec is not None:
+            self.cluster = Cluster(self, spec)
+            self.cluster.start()
         if self.store is not None:
             self.store.on_pressure = self._store_pressure
             self.store.start(loop, self._on_batch)
@@ -167,6 +202,8 @@ class Relay:
             lambda: Session(self.hub, self),
             self.settings.host, self.settings.port,
             backlog=self.settings.backlog, reuse_address=True,
+            # Several workers accept on one port; the kernel spreads connections.
+            reuse_port=spec is not None,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
@@ -179,7 +216,7 @@ class Relay:
 
     async def _answer_what_is_owed(self) -> None:
         """Stop reading from clients and let acks waiting for the disk go out."""
-        self._set_reading(False)
+        self.set_reading(False)
         if self.store is None:
             return
         done = asyncio.get_running_loop().create_future()
@@ -218,6 +255,8 @@ class Relay:
         for task in (self._sweeper, self._retention):
             if task is not None:
                 task.cancel()
+        if self.cluster is not None:
+            await self.cluster.stop(self.settings.drain_timeout)
         if self.store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         log.info("stopped", extra={"left_behind": len(left_behind)})
@@ -237,6 +276,8 @@ class Relay:
                 continue
             if cn.kind == ChannelKind.ORG_UNIT:
                 self.subscribe_org(session, name)
+        if self.cluster is not None:
+            self.cluster.attached(session)
         self.presence_changed(session.user)
 
     def detach(self, session: Session) -> None:
@@ -256,6 +297,8 @@ class Relay:
             devices.discard(session)
             if not devices:
                 del self.users[session.user]
+        if self.cluster is not None:
+            self.cluster.detached(session)
         self.presence_changed(session.user)
 
     # ------------------------------------------------------------ subscriptions
@@ -309,6 +352,10 @@ class Relay:
     def part(self, user: str, ch: Channel) -> None:
         """End ``user``'s membership: no more publishing now; no more receiving once
         what was sequenced before (their own leave event included) has gone out."""
+        self.part_here(user, ch)
+
+    def part_here(self, user: str, ch: Channel) -> None:
+        """:meth:`part` for this process's sessions of ``user``."""
         channels = self.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
@@ -411,18 +458,28 @@ class Relay:
         if cn.kind == ChannelKind.DIRECT_CHAT:
             if session.user not in cn.participants:
                 raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is not in {cn.name!r}")
-            ch = self.hub.channel(cn.name, ChannelKind.DIRECT_CHAT)
-            if ch.info is None:
-                ch.info = cn
-                for user in cn.participants:
-                    self.join(user, ch)
-            return ch
+            return self.ensure_channel(cn.name)
         if cn.kind == ChannelKind.GROUP_CHAT:
             self.groups.member_group(session.user, cn.group)
             return self.hub.channel(cn.name, ChannelKind.GROUP_CHAT)
         if not session.grants.can_publish(cn.name):
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
         return self.hub.channel(cn.name, ChannelKind.ORG_UNIT)
+
+    def ensure_channel(self, name: str) -> Channel:
+        """The channel ``name`` (valid by construction), with a direct channel's
+        participants made members the first time it is seen."""
+        ch = self.hub.find(name)
+        if ch is not None:
+            return ch
+        cn = parse_channel(name)
+        ch = self.hub.channel(cn.name, cn.kind)
+        if cn.kind == ChannelKind.DIRECT_CHAT:
+            ch.info = cn
+            for user in cn.participants:
+                self.join(user, ch)
+                self.memberships[user][ch] = 0      # a direct chat has no "before"
+        return ch
 
     def history_channel(self, session: Session, name: str) -> Channel:
         """The channel ``name`` if ``session`` may read its history.
@@ -476,8 +533,11 @@ class Relay:
     def mark_read(self, user: str, ch: Channel, seq: int) -> None:
         """Advance ``user``'s read cursor of ``ch`` (never past its head), and keep it."""
         seq = min(seq, ch.seq)
-        if self.reads.advance(ch.name, user, seq) and self.store is not None:
-            self.store.save_read_cursor(ch.name, user, seq)
+        if self.reads.advance(ch.name, user, seq):
+            if self.store is not None:
+                self.store.save_read_cursor(ch.name, user, seq)
+            if self.cluster is not None:
+                self.cluster.share("read", channel=ch.name, user=user, seq=seq)
 
     def unread(self, user: str, ch: Channel) -> int:
         """Messages of ``ch`` after both ``user``'s read cursor and their joining."""
@@ -493,12 +553,106 @@ class Relay:
         return None
 
     def send_to_user(self, user: str, frame: bytes) -> int:
+        """Send ``frame`` to every device of ``user``; how many there are."""
         devices = self.users.get(user, ())
         for session in devices:
             session.send(frame)
-        return len(devices)
+        remote = self.cluster.send_to_user(user, frame) if self.cluster is not None else 0
+        return len(devices) + remote
+
+    # ------------------------------------------------------------ receipts
+
+    def receipt(self, user: str, ch: Channel, seq: int, kind: int, answer: bool) -> dict:
+        """``user`` received or read ``seq`` of ``ch``: move the read cursor, tell the sender."""
+        if kind == ReceiptKind.READ:
+            # Reading is per user, whatever the device: every device's unread count follows.
+            self.mark_read(user, ch, seq)
+        forwarded = 0
+        try:
+            frame = ch.ring[seq]
+        except KeyError:
+            if answer:
+                raise refuse(ErrorCode.NOT_FOUND, f"seq {seq} is not held for {ch.name!r}") from None
+            return {}
+        sender = message_sender(frame)
+        if sender != user:
+            forwarded = self.send_to_user(sender, encode_receipt_event(ch.name, seq, kind, user))
+        return {"channel": ch.name, "seq": seq, "forwarded": forwarded}
 
     # ------------------------------------------------------------ groups
+
+    def group_op(self, me: str, body: dict) -> dict:
+        """Run one GROUP request of user ``me``; the RESULT body."""
+        op = body.get("op")
+        group_id = body.get("group")
+        if op != "list" and not isinstance(group_id, str):
+            raise refuse(ErrorCode.MALFORMED_BODY, "GROUP needs a group id")
+        groups = self.groups
+        if op == "create":
+            group = groups.create(me, group_id, body.get("members") or [], body.get("title", ""))
+            ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+            ch.info = group
+            for user in group.members:
+                self.join(user, ch)
+            self.save_group(group)
+            self.group_event(group, {"event": "created", "by": me, "users": list(group.members)})
+            return {**group.describe(), "seq": ch.seq}
+        if op == "add":
+            role = body.get("role", "member")
+            added = groups.add(me, group_id, body.get("users"), role)
+            group = groups.groups[group_id]
+            ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+            for user in added:
+                self.join(user, ch)
+            self.save_group(group)
+            if added:
+                self.group_event(group, {"event": "join", "by": me, "users": added, "role": role})
+            return {"group": group_id, "added": added}
+        if op == "leave":
+            group = groups.member_group(me, group_id)
+            groups.leave(me, group_id)
+            self._announce_parting(me, group, [me])
+            return {"group": group_id, "removed": [me]}
+        if op == "remove":
+            users = groups.remove(me, group_id, body.get("users"))
+            self._announce_parting(me, groups.groups[group_id], users)
+            return {"group": group_id, "removed": users}
+        if op == "role":
+            user, role = body.get("user"), body.get("role")
+            if not isinstance(user, str) or not isinstance(role, str):
+                raise refuse(ErrorCode.MALFORMED_BODY, "role needs user and role")
+            groups.set_role(me, group_id, user, role)
+            group = groups.groups[group_id]
+            self.save_group(group)
+            self.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
+            return {"group": group_id, "user": user, "role": role}
+        if op == "list":
+            return {"groups": [{**g.describe(), "role": g.members[me]} for g in groups.of_user(me)]}
+        if op == "members":
+            group = groups.member_group(me, group_id)
+            return {"group": group_id, "members": group.members}
+        raise refuse(ErrorCode.MALFORMED_BODY,
+                     "op must be create, add, remove, leave, role, list or members")
+
+    def _announce_parting(self, me: str, group: Group, users: list[str]) -> None:
+        if not users:
+            return
+        # Announce before parting, so the leavers receive their own leave event.
+        ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        self.group_event(group, {"event": "leave", "by": me, "users": users})
+        for user in users:
+            self.part(user, ch)
+        self.save_group(group)
+
+    def serve_forwarded(self, origin: Connection, body: dict) -> dict:
+        """Run a request another worker forwarded to this channel's owner."""
+        op = body["what"]
+        if op == "group":
+            return self.group_op(origin.user, body["request"])
+        if op == "receipt":
+            return self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
+                                body["kind"], bool(body["rid"]))
+        raise refuse(ErrorCode.MALFORMED_BODY, f"unknown forwarded request {op!r}")
 
     def group_event(self, group: Group, event: dict) -> None:
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
@@ -509,6 +663,8 @@ class Relay:
 
     def presence_of(self, user: str) -> dict:
         devices = len(self.users.get(user, ()))
+        if self.cluster is not None:
+            devices += self.cluster.remote_presence(user)
         return {"online": devices > 0, "devices": devices}
 
     def presence_changed(self, user: str) -> None:

@@ -13,7 +13,7 @@ import logging
 import secrets
 from typing import Any, Callable
 
-from fenghuo.channels import InvalidChannel, is_user_id, parse_channel
+from fenghuo.channels import InvalidChannel, group_channel, is_user_id, parse_channel
 from fenghuo.core import (
     FRAME_HEADER_SIZE,
     ChannelKind,
@@ -25,10 +25,8 @@ from fenghuo.core import (
     ReceiptKind,
     decode_receipt,
     encode_frame,
-    encode_receipt_event,
 )
 from fenghuo.protocol import decode_json, encode_json
-from fenghuo.server.frames import message_sender
 from fenghuo.server.relay import Relay, refuse
 from fenghuo.tokens import TokenError, verify_token
 
@@ -175,23 +173,14 @@ class Session(Connection, asyncio.BufferedProtocol):
         if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ):
             raise refuse(ErrorCode.MALFORMED_BODY, "receipt kind must be 1 (delivered) or 2 (read)")
         ch = self.relay.readable(self, receipt.channel)
-        if receipt.kind == ReceiptKind.READ:
-            # Reading is per user, whatever the device: every device's unread count follows.
-            self.relay.mark_read(self.user, ch, receipt.seq)
-        forwarded = 0
-        try:
-            frame = ch.ring[receipt.seq]
-        except KeyError:
-            frame = None
-        if frame is not None:
-            sender = message_sender(frame)
-            if sender != self.user:
-                event = encode_receipt_event(ch.name, receipt.seq, receipt.kind, self.user)
-                forwarded = self.relay.send_to_user(sender, event)
-        elif request_id:
-            raise refuse(ErrorCode.NOT_FOUND, f"seq {receipt.seq} is not held for {ch.name!r}")
+        cluster = self.relay.cluster
+        if cluster is not None and not cluster.owns(ch.name):
+            cluster.forward_request(cluster.owner_of(ch.name), self, request_id, "receipt",
+                                    channel=ch.name, seq=receipt.seq, kind=receipt.kind)
+            return
+        result = self.relay.receipt(self.user, ch, receipt.seq, receipt.kind, bool(request_id))
         if request_id:
-            self.reply(request_id, {"channel": ch.name, "seq": receipt.seq, "forwarded": forwarded})
+            self.reply(request_id, result)
 
     # ------------------------------------------------------------ cursors
 
@@ -255,68 +244,15 @@ class Session(Connection, asyncio.BufferedProtocol):
     # ------------------------------------------------------------ groups
 
     def _group(self, request_id: int, body: dict[str, Any]) -> None:
-        op = body.get("op")
-        group_id = body.get("group")
-        if op != "list" and not isinstance(group_id, str):
-            raise refuse(ErrorCode.MALFORMED_BODY, "GROUP needs a group id")
-        relay, groups, me = self.relay, self.relay.groups, self.user
-        if op == "create":
-            group = groups.create(me, group_id, body.get("members") or [], body.get("title", ""))
-            ch = relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
-            ch.info = group
-            for user in group.members:
-                relay.join(user, ch)
-            relay.save_group(group)
-            relay.group_event(group, {"event": "created", "by": me, "users": list(group.members)})
-            self.reply(request_id, {**group.describe(), "seq": ch.seq})
-        elif op == "add":
-            role = body.get("role", "member")
-            added = groups.add(me, group_id, body.get("users"), role)
-            group = groups.groups[group_id]
-            ch = relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
-            for user in added:
-                relay.join(user, ch)
-            relay.save_group(group)
-            if added:
-                relay.group_event(group, {"event": "join", "by": me, "users": added, "role": role})
-            self.reply(request_id, {"group": group_id, "added": added})
-        elif op == "leave":
-            group = groups.member_group(me, group_id)
-            groups.leave(me, group_id)
-            self._announce_parting(group, [me])
-            self.reply(request_id, {"group": group_id, "removed": [me]})
-        elif op == "remove":
-            users = groups.remove(me, group_id, body.get("users"))
-            self._announce_parting(groups.groups[group_id], users)
-            self.reply(request_id, {"group": group_id, "removed": users})
-        elif op == "role":
-            user, role = body.get("user"), body.get("role")
-            if not isinstance(user, str) or not isinstance(role, str):
-                raise refuse(ErrorCode.MALFORMED_BODY, "role needs user and role")
-            groups.set_role(me, group_id, user, role)
-            group = groups.groups[group_id]
-            relay.save_group(group)
-            relay.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
-            self.reply(request_id, {"group": group_id, "user": user, "role": role})
-        elif op == "list":
-            self.reply(request_id, {"groups": [
-                {**g.describe(), "role": g.members[me]} for g in groups.of_user(me)]})
-        elif op == "members":
-            group = groups.member_group(me, group_id)
-            self.reply(request_id, {"group": group_id, "members": group.members})
-        else:
-            raise refuse(ErrorCode.MALFORMED_BODY,
-                         "op must be create, add, remove, leave, role, list or members")
-
-    def _announce_parting(self, group, users: list[str]) -> None:
-        if not users:
-            return
-        # Announce before parting, so the leavers receive their own leave event.
-        ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
-        self.relay.group_event(group, {"event": "leave", "by": self.user, "users": users})
-        for user in users:
-            self.relay.part(user, ch)
-        self.relay.save_group(group)
+        op, group_id = body.get("op"), body.get("group")
+        cluster = self.relay.cluster
+        if cluster is not None and op not in ("list", "members") and isinstance(group_id, str):
+            # Changes are made where the group's channel is sequenced.
+            owner = cluster.owner_of(group_channel(group_id))
+            if owner != cluster.index:
+                cluster.forward_request(owner, self, request_id, "group", request=body)
+                return
+        self.reply(request_id, self.relay.group_op(self.user, body))
 
     # ------------------------------------------------------------ presence
 

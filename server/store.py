@@ -149,12 +149,10 @@ class SQLiteStore:
 
     def identity(self) -> str:
         """A random id made when the store was created: the relay's epoch prefix."""
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-        if row is None:
-            store_id = os.urandom(6).hex()
-            self._conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (store_id,))
-            return store_id
-        return row[0]
+        # Several workers may open a new store at once: the first id written wins.
+        self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                           (os.urandom(6).hex(),))
+        return self._conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
 
     # ------------------------------------------------------------ writing
 

@@ -1,0 +1,107 @@
+"""What the workers of one node say to each other over the mesh.
+
+Every channel has one owning worker (``owner_of``): it alone gives the
+channel's seqs, keeps its idempotency window and writes its messages to the
+store, so a channel's order is one process's order whatever worker its
+publishers are on.  Every other worker keeps a replica of the channel (its
+ring and seq, fed by the owner's broadcasts) for its own subscribers and
+catch-up.
+
+A record is one kind byte and a body:
+
+========  ==================================================================
+``M``     a sequenced MESSAGE frame, broadcast by the channel's owner, with
+          its seq and channel name ahead (the frame may be compressed)
+``P``     a publish forwarded to the owner: connection id, request id,
+          receive time, sender, channel, the PUBLISH body
+``A``     the answer (ACK or ERROR) to a forwarded publish: connection id,
+          frame
+``F``     a frame for one connection (a reply to a forwarded request)
+``U``     every frame of a user's sessions: user, frame (receipt events)
+``H``     a worker's first record on each ring: index, generation
+``C``     control, JSON: presence, groups, read cursors, forwarded requests
+========  ==================================================================
+
+Per-message records (``M``, ``P``, ``A``) have fixed binary headers; control
+records are JSON, read rarely.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import orjson
+
+MESSAGE, PUBLISH, ANSWER, FRAME, USER, HELLO, CONTROL = (ord(c) for c in "MPAFUHC")
+
+_MESSAGE = struct.Struct("<BQH")      # kind, seq, len(channel)
+_PUBLISH = struct.Struct("<BQIdHH")    # kind, connection id, request id, t_recv, len(sender), len(channel)
+_TO_CONNECTION = struct.Struct("<BQ")  # kind, connection id
+_HELLO = struct.Struct("<BHI")         # kind, index, generation
+_USER = struct.Struct("<BH")           # kind, len(user)
+
+
+def owner_of(channel: str, workers: int) -> int:
+    """The worker that sequences ``channel`` (stable across restarts and processes)."""
+    return zlib.crc32(channel.encode("utf-8")) % workers
+
+
+def message(channel: bytes, seq: int, frame: bytes) -> bytes:
+    return _MESSAGE.pack(MESSAGE, seq, len(channel)) + channel + frame
+
+
+def read_message(record: bytes) -> tuple[str, int, bytes]:
+    """(channel, seq, MESSAGE frame) of an ``M`` record."""
+    _, seq, n = _MESSAGE.unpack_from(record)
+    start = _MESSAGE.size
+    return record[start:start + n].decode("utf-8"), seq, record[start + n:]
+
+
+def publish(connection: int, request_id: int, t_recv: float, sender: bytes, channel: bytes,
+            body: bytes) -> bytes:
+    return (_PUBLISH.pack(PUBLISH, connection, request_id, t_recv, len(sender), len(channel))
+            + sender + channel + body)
+
+
+def read_publish(record: bytes) -> tuple[int, int, float, str, str, bytes]:
+    """(connection id, request id, t_recv, sender, channel, PUBLISH body) of a ``P`` record."""
+    _, connection, request_id, t_recv, n, m = _PUBLISH.unpack_from(record)
+    start = _PUBLISH.size
+    return (connection, request_id, t_recv, record[start:start + n].decode("utf-8"),
+            record[start + n:start + n + m].decode("utf-8"), record[start + n + m:])
+
+
+def to_connection(kind: int, connection: int, frame: bytes) -> bytes:
+    return _TO_CONNECTION.pack(kind, connection) + frame
+
+
+def read_to_connection(record: bytes) -> tuple[int, bytes]:
+    return _TO_CONNECTION.unpack_from(record)[1], record[_TO_CONNECTION.size:]
+
+
+def to_user(user: str, frame: bytes) -> bytes:
+    name = user.encode("utf-8")
+    return _USER.pack(USER, len(name)) + name + frame
+
+
+def read_to_user(record: bytes) -> tuple[str, bytes]:
+    n = _USER.unpack_from(record)[1]
+    return record[_USER.size:_USER.size + n].decode("utf-8"), record[_USER.size + n:]
+
+
+def hello(index: int, generation: int) -> bytes:
+    return _HELLO.pack(HELLO, index, generation)
+
+
+def read_hello(record: bytes) -> tuple[int, int]:
+    return _HELLO.unpack_from(record)[1:]
+
+
+def control(op: str, **fields: Any) -> bytes:
+    return b"C" + orjson.dumps({"op": op, **fields})
+
+
+def read_control(record: bytes) -> dict[str, Any]:
+    return orjson.loads(record[1:])
