@@ -62,14 +62,24 @@ def _positions(value: Any) -> dict[str, int] | None:
 
 
 class Session(Connection, asyncio.BufferedProtocol):
-    __slots__ = ("relay", "explicit", "positions", "watching", "background")
+    # Slots, and containers created on first use: most connections never
+    # subscribe by name, watch presence or read the store, and an empty set
+    # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
+    __slots__ = ("background", "explicit", "positions", "relay", "watching")
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay
-        self.explicit: set[str] = set()          # org channels subscribed by name
+        self.explicit: set[str] | None = None          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
-        self.watching: set[str] = set()          # users whose presence we follow
-        self.background: set[asyncio.Task[None]] = set()   # store reads in flight
+        self.watching: set[str] | None = None          # users whose presence we follow
+        self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to ``task``, work done for this session, until it is done."""
+        if self.background is None:
+            self.background = set()
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def reply(self, request_id: int, result: dict[str, Any]) -> None:
         self.send_reply(encode_json(FrameType.RESULT, result, request_id))
@@ -230,10 +240,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             raise refuse(ErrorCode.MALFORMED_BODY,
                          f"HISTORY needs a channel, a limit of 1..{HISTORY_MAX} and seqs/times >= 0")
         ch = self.relay.history_channel(self, name)
-        task = asyncio.get_running_loop().create_task(
-            self._send_history(request_id, ch, limit, **bounds))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.track(asyncio.get_running_loop().create_task(
+            self._send_history(request_id, ch, limit, **bounds)))
 
     async def _send_history(self, request_id: int, ch, limit: int, before: int | None,
                             after: int | None, since_us: int | None, until_us: int | None) -> None:
@@ -325,13 +333,16 @@ class Session(Connection, asyncio.BufferedProtocol):
         users = _user_list(body)
         relay = self.relay
         if op == "subscribe":
+            if self.watching is None:
+                self.watching = set()
             for user in users:
                 relay.watchers.setdefault(user, set()).add(self)
                 self.watching.add(user)
         elif op == "unsubscribe":
             for user in users:
                 relay.watchers.get(user, set()).discard(self)
-                self.watching.discard(user)
+                if self.watching is not None:
+                    self.watching.discard(user)
         elif op != "query":
             raise refuse(ErrorCode.MALFORMED_BODY, "op must be query, subscribe or unsubscribe")
         self.reply(request_id, {"users": {u: relay.presence_of(u) for u in users}})
