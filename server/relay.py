@@ -30,6 +30,7 @@ from fenghuo.core import (
     ProtocolError,
 )
 from fenghuo.protocol import encode_json
+from fenghuo.server.admission import Admission
 from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_seq, message_time
@@ -69,6 +70,7 @@ class Relay:
             rate=settings.rate,
             burst=settings.burst,
         )
+        self.admission = Admission(settings, self.hub)
         self.groups = GroupRegistry()
         # A tuple, not a set: nearly every user has one or two devices online,
         # and a 1-tuple is a quarter of an empty set's size.
@@ -166,13 +168,23 @@ class Relay:
                     self.store, rules, self.settings.retention_interval,
                     lambda: list(self.hub.channels.values())), name="fenghuo-retention")
         self._server = await loop.create_server(
-            lambda: Session(self.hub, self),
+            self.admission.protocol_factory(lambda: Session(self.hub, self)),
             self.settings.host, self.settings.port,
             backlog=self.settings.backlog, reuse_address=True,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
-                                     "epoch": self.epoch})
+                                     "epoch": self.epoch, "backlog": self.backlog,
+                                     "max_connections": self.admission.max_connections})
+
+    @property
+    def backlog(self) -> int:
+        """The effective listen backlog: the kernel caps the asked one at net.core.somaxconn."""
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                return min(self.settings.backlog, int(f.read()))
+        except (OSError, ValueError):
+            return self.settings.backlog
 
     @property
     def port(self) -> int:
@@ -197,6 +209,7 @@ class Relay:
         while True:
             await asyncio.sleep(interval)
             self.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
+            self.admission.sweep()
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
@@ -206,6 +219,7 @@ class Relay:
         log.info("shutting down", extra={"connections": len(self.hub.connections)})
         if self._server is not None:
             self._server.close()
+        self.admission.abort_lingering()
         await self._answer_what_is_owed()
         goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})
         for conn in list(self.hub.connections):

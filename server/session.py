@@ -86,7 +86,12 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ lifecycle
 
+    def on_open(self) -> None:
+        self.relay.admission.handshake_started()
+
     def on_close(self, exc: BaseException | None) -> None:
+        if not self.authenticated:
+            self.relay.admission.handshake_ended()
         self.relay.detach(self)
         if self.authenticated:
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
@@ -95,6 +100,11 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay = self.relay
         if relay.shutting_down:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
+        # Before the body is parsed and the token verified: in a storm,
+        # refusing must cost far less than admitting.
+        retry_after_ms = relay.admission.admit_hello()
+        if retry_after_ms:
+            raise relay.admission.hello_refusal(retry_after_ms)
         try:
             hello = decode_json(body, "HELLO")
             positions = _positions(hello.get("positions"))
@@ -121,6 +131,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
         self.grants = grants
         self.authenticated = True
+        relay.admission.handshake_ended()
         self.positions = positions
         relay.attach(self)
         self.send(encode_json(FrameType.WELCOME, {
