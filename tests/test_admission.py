@@ -70,7 +70,8 @@ async def start_storm(relay, index: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, str(STORM), relay.host, str(relay.port), f"127.0.0.{2 + index}",
         relay.secret, str(index * PER_PROCESS), str(PER_PROCESS), "--deadline", "25",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        limit=1 << 24)   # the report lists every refusal on one line
 
 
 async def test_a_storm_is_refused_with_advice_everyone_gets_in_and_bystanders_are_served(
