@@ -78,6 +78,7 @@ class ErrorCode(enum.IntEnum):
     SLOW_CONSUMER = 141
     IDLE_TIMEOUT = 142
     SHUTTING_DOWN = 150
+    TRY_AGAIN = 151
 
 class ProtocolError(Exception):
     code: int

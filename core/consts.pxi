@@ -92,6 +92,7 @@ cpdef enum ErrorCode:
     SLOW_CONSUMER = 141
     IDLE_TIMEOUT = 142
     SHUTTING_DOWN = 150
+    TRY_AGAIN = 151
 
 
 # Not on the wire: how the hub treats a channel (see fenghuo/channels.py).

@@ -747,6 +747,12 @@ cdef class Connection:
         except RuntimeError:
             pass    # already closing
         error = encode_error(code, message, request_id)
+        if not self.authenticated:
+            # Nothing of its own can be on its way to the disk: close now
+            # rather than after the store's next batch (a refused HELLO in a
+            # connection storm must stay cheap).
+            self.close(error)
+            return
         self.hub.after_store(lambda: self.close(error))
 
     def close(self, bytes last_frame=None):

@@ -51,6 +51,7 @@ from fenghuo.protocol import (
     encode_json,
     encode_publish,
     encode_receipt,
+    try_again_delay,
 )
 from fenghuo.tokens import issue_token
 
@@ -61,7 +62,8 @@ Callback = Callable[[Any], Any]
 _TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED}
 # Refusals of a HELLO that a later attempt may not get; any other refusal of
 # the same HELLO would repeat forever.
-_HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED}
+_HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED,
+                    ErrorCode.TRY_AGAIN}
 # A connection that drops sooner than this after WELCOME does not reset the backoff.
 _STABLE_AFTER_S = 1.0
 # How often this device's positions are stored on the relay (when they moved).
@@ -170,6 +172,10 @@ class Client:
         self._callback_tasks: set[asyncio.Future[Any]] = set()   # referenced until done
         self._reconnector: asyncio.Task[None] | None = None
         self._reconnect_after = 0.0
+        # Seconds the server asked us to wait (TRY_AGAIN), jitter included;
+        # None when the last attempt was not refused that way.
+        self._told_to_wait: float | None = None
+        self._connecting = False
         self._hello_id = 0
         self._watching: set[str] = set()
         self._cursor_changes: dict[str, int] = {}
@@ -180,8 +186,28 @@ class Client:
     # ------------------------------------------------------------ connection
 
     async def connect(self) -> Client:
-        await self._connect_once()
-        return self
+        """Connect and authenticate.
+
+        A server admitting a connection storm refuses with ``TRY_AGAIN`` and a
+        wait; with ``reconnect`` on (the default) this waits as told, jitter
+        included, and tries again until it is admitted.  Any other failure
+        raises, and leaves no reconnect attempt running.
+        """
+        self._connecting = True
+        try:
+            while True:
+                self._told_to_wait = None
+                try:
+                    await self._connect_once()
+                    return self
+                except FenghuoError:
+                    wait = self._told_to_wait
+                    if wait is None or not self.reconnect or self._closed:
+                        raise
+                log.info("server busy: trying again", extra={"wait_s": round(wait, 3)})
+                await asyncio.sleep(wait)
+        finally:
+            self._connecting = False
 
     async def _connect_once(self) -> None:
         loop = asyncio.get_running_loop()
@@ -261,6 +287,8 @@ class Client:
             self._terminal = self._terminal or ConnectionLost("connection closed")
             self._fail_all(self._terminal)
             return
+        if self._connecting:
+            return      # connect() is still in charge: it retries or raises
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
@@ -271,6 +299,7 @@ class Client:
         while not self._closed:
             # Full jitter (AWS architecture blog): spread a reconnect storm out.
             await asyncio.sleep(delay + random.uniform(0, min(self.max_backoff, 0.05 * 2 ** attempt)))
+            self._told_to_wait = None
             try:
                 await self._connect_once()
                 log.info("reconnected", extra={"user": self.user, "attempt": attempt})
@@ -279,8 +308,13 @@ class Client:
                 if self._terminal is not None:
                     self._fail_all(self._terminal)
                     return
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
+            if self._told_to_wait is not None:
+                # Refused by admission, not failed: the server's wait replaces
+                # the backoff, and the backoff does not grow.
+                delay = self._told_to_wait
+                continue
             attempt += 1
             delay = 0.0
 
@@ -374,6 +408,10 @@ class Client:
     def _on_error(self, frame: Frame) -> None:
         code, text = decode_error(frame.body)
         error = FenghuoError(code, text)
+        if code == ErrorCode.TRY_AGAIN:
+            # Refused by admission (a connection storm): the close follows;
+            # the next attempt waits retry_after_ms plus jitter, never less.
+            self._told_to_wait = try_again_delay(text)
         if frame.request_id and frame.request_id in self._pending:
             self._unacked.pop(frame.request_id, None)
             fut = self._pending.pop(frame.request_id)

@@ -7,6 +7,7 @@ object (orjson) and go through :func:`encode_json` / :func:`decode_json`.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -41,6 +42,8 @@ from fenghuo.core import (  # noqa: F401  (re-exported: the client's one import)
 
 DEFAULT_PORT = 7700
 DEFAULT_MAX_FRAME = 1 << 20
+# What a client waits after a TRY_AGAIN whose advice it cannot read.
+TRY_AGAIN_DEFAULT_MS = 1000.0
 
 
 def encode_json(ftype: int, obj: Any, request_id: int = 0, compress_threshold: int = 0) -> bytes:
@@ -58,3 +61,34 @@ def decode_json(body: bytes, what: str = "body") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.MALFORMED_BODY, f"{what} must be a JSON object", False)
     return obj
+
+
+def try_again_message(reason: str, retry_after_ms: int) -> str:
+    """The message of an ERROR ``TRY_AGAIN``: why the server refused, and when to come back.
+
+    A JSON object (docs/PROTOCOL.md, "Connection storms"): ``reason``,
+    ``retry_after_ms`` and ``jitter_ms``.  A client waits ``retry_after_ms``
+    plus a uniformly random share of ``jitter_ms``.
+    """
+    return orjson.dumps({"reason": reason, "retry_after_ms": retry_after_ms,
+                         "jitter_ms": retry_after_ms}).decode()
+
+
+def encode_try_again(reason: str, retry_after_ms: int, request_id: int = 0) -> bytes:
+    """The ERROR ``TRY_AGAIN`` frame of :func:`try_again_message`."""
+    return encode_error(ErrorCode.TRY_AGAIN, try_again_message(reason, retry_after_ms), request_id)
+
+
+def try_again_delay(message: str) -> float:
+    """Seconds to wait before reconnecting after ``TRY_AGAIN`` with ``message``.
+
+    ``retry_after_ms + uniform(0, jitter_ms)``; a message that does not parse
+    (another server) gets the documented default of one second, times uniform(1, 2).
+    """
+    try:
+        advice = orjson.loads(message)
+        wait_ms = float(advice["retry_after_ms"])
+        jitter_ms = float(advice.get("jitter_ms", wait_ms))
+    except (AttributeError, KeyError, TypeError, ValueError):   # JSONDecodeError is a ValueError
+        wait_ms = jitter_ms = TRY_AGAIN_DEFAULT_MS
+    return (max(0.0, wait_ms) + random.uniform(0.0, max(0.0, jitter_ms))) / 1000

@@ -59,7 +59,14 @@ class Settings:
     ping_interval: float = _opt(25.0, "seconds of silence before the server sends PING")
     idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
     drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave")
-    backlog: int = _opt(4096, "listen backlog")
+    backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
+    max_connections: int = _opt(0, "open client connections; beyond it a new one is refused with "
+                                   "TRY_AGAIN (0: the open-file limit less 256)")
+    max_handshakes: int = _opt(2048, "connections accepted and not yet past HELLO; beyond it a new "
+                                     "one is refused with TRY_AGAIN at once (0: no limit)")
+    admit_rate: float = _opt(0.0, "HELLOs admitted per second (token bucket refill); a HELLO "
+                                  "above it is refused with TRY_AGAIN (0: no limit)")
+    admit_burst: float = _opt(1000.0, "HELLOs admitted at once (token bucket size)")
     workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT) and the store; "
                            "0 = one per core")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -74,6 +81,11 @@ class Settings:
                               ("log_format", ("json", "text"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+        for name in ("max_connections", "max_handshakes", "admit_rate", "admit_burst"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.admit_rate and self.admit_burst < 1:
+            raise ValueError("admit_burst must be >= 1 when admit_rate is set")
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
 

@@ -38,6 +38,8 @@ def render(relay: Relay) -> str:
 
     family("fenghuo_connections", "gauge", "Open client connections.")
     out.append(f"fenghuo_connections {len(relay.hub.connections)}")
+    family("fenghuo_handshakes", "gauge", "Connections accepted and not yet past HELLO.")
+    out.append(f"fenghuo_handshakes {relay.admission.handshaking}")
     family("fenghuo_users_online", "gauge", "Users with at least one authenticated connection.")
     out.append(f"fenghuo_users_online {len(relay.users)}")
     family("fenghuo_channels", "gauge", "Channels held in memory.")

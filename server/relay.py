@@ -34,6 +34,7 @@ from fenghuo.core import (
     encode_receipt_event,
 )
 from fenghuo.protocol import encode_json
+from fenghuo.server.admission import Admission
 from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
@@ -75,8 +76,11 @@ class Relay:
             rate=settings.rate,
             burst=settings.burst,
         )
+        self.admission = Admission(settings, self.hub)
         self.groups = GroupRegistry()
-        self.users: dict[str, set[Session]] = {}
+        # A tuple, not a set: nearly every user has one or two devices online,
+        # and a 1-tuple is a quarter of an empty set's size.
+        self.users: dict[str, tuple[Session, ...]] = {}
         self.memberships: dict[str, dict[Channel, int]] = {}
         self.watchers: dict[str, set[Session]] = {}
         self.started_at = time.time()
@@ -199,7 +203,7 @@ class Relay:
                     self.store, rules, self.settings.retention_interval,
                     lambda: list(self.hub.channels.values())), name="fenghuo-retention")
         self._server = await loop.create_server(
-            lambda: Session(self.hub, self),
+            self.admission.protocol_factory(lambda: Session(self.hub, self)),
             self.settings.host, self.settings.port,
             backlog=self.settings.backlog, reuse_address=True,
             # Several workers accept on one port; the kernel spreads connections.
@@ -207,7 +211,17 @@ class Relay:
         )
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
-                                     "epoch": self.epoch})
+                                     "epoch": self.epoch, "backlog": self.backlog,
+                                     "max_connections": self.admission.max_connections})
+
+    @property
+    def backlog(self) -> int:
+        """The effective listen backlog: the kernel caps the asked one at net.core.somaxconn."""
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                return min(self.settings.backlog, int(f.read()))
+        except (OSError, ValueError):
+            return self.settings.backlog
 
     @property
     def port(self) -> int:
@@ -232,6 +246,7 @@ class Relay:
         while True:
             await asyncio.sleep(interval)
             self.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
+            self.admission.sweep()
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
@@ -241,6 +256,7 @@ class Relay:
         log.info("shutting down", extra={"connections": len(self.hub.connections)})
         if self._server is not None:
             self._server.close()
+        self.admission.abort_lingering()
         await self._answer_what_is_owed()
         goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})
         for conn in list(self.hub.connections):
@@ -265,8 +281,7 @@ class Relay:
 
     def attach(self, session: Session) -> None:
         """Register an authenticated session and subscribe it to what it belongs to."""
-        devices = self.users.setdefault(session.user, set())
-        devices.add(session)
+        self.users[session.user] = (*self.users.get(session.user, ()), session)
         for ch in self.memberships.get(session.user, ()):
             self.subscribe(session, ch)
         for name in session.grants.auto_subscriptions():
@@ -284,7 +299,7 @@ class Relay:
         for ch in session.subscriptions:
             ch.subscribers.discard(session)
         session.subscriptions.clear()
-        for user in session.watching:
+        for user in session.watching or ():
             watchers = self.watchers.get(user)
             if watchers is not None:
                 watchers.discard(session)
@@ -292,11 +307,11 @@ class Relay:
                     del self.watchers[user]
         if session.user is None or not session.authenticated:
             return
-        devices = self.users.get(session.user)
-        if devices is not None:
-            devices.discard(session)
-            if not devices:
-                del self.users[session.user]
+        others = tuple(s for s in self.users.get(session.user, ()) if s is not session)
+        if others:
+            self.users[session.user] = others
+        else:
+            self.users.pop(session.user, None)
         if self.cluster is not None:
             self.cluster.detached(session)
         self.presence_changed(session.user)
@@ -328,7 +343,9 @@ class Relay:
         return [self.hub.channel(n, ChannelKind.ORG_UNIT) for n in (*cn.ancestors, name)]
 
     def subscribe_org(self, session: Session, name: str) -> list[Channel]:
-        if name in session.explicit:
+        if session.explicit is None:
+            session.explicit = set()
+        elif name in session.explicit:
             return self.org_chain(name)
         session.explicit.add(name)
         chain = self.org_chain(name)
@@ -337,7 +354,7 @@ class Relay:
         return chain
 
     def unsubscribe_org(self, session: Session, name: str) -> None:
-        if name not in session.explicit:
+        if session.explicit is None or name not in session.explicit:
             raise refuse(ErrorCode.NOT_FOUND, f"not subscribed to {name!r}")
         session.explicit.discard(name)
         for ch in self.org_chain(name):
@@ -359,7 +376,7 @@ class Relay:
         channels = self.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
-        sessions = list(self.users.get(user, ()))
+        sessions = self.users.get(user, ())   # a tuple: a snapshot already
         for session in sessions:
             session.forget_publish_cache()
         self.reads.forget(ch.name, user)
@@ -390,8 +407,7 @@ class Relay:
             # session leaves the channel's fan-out until the two have met.
             ch.subscribers.discard(session)
             task = asyncio.get_running_loop().create_task(self._catch_up_from_store(session, ch, after))
-            session.background.add(task)
-            task.add_done_callback(session.background.discard)
+            session.track(task)
             return True
         if not recovered:
             session.send(encode_json(FrameType.GAP, {

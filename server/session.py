@@ -60,21 +60,36 @@ def _positions(value: Any) -> dict[str, int] | None:
 
 
 class Session(Connection, asyncio.BufferedProtocol):
-    __slots__ = ("relay", "explicit", "positions", "watching", "background")
+    # Slots, and containers created on first use: most connections never
+    # subscribe by name, watch presence or read the store, and an empty set
+    # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
+    __slots__ = ("background", "explicit", "positions", "relay", "watching")
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay
-        self.explicit: set[str] = set()          # org channels subscribed by name
+        self.explicit: set[str] | None = None          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
-        self.watching: set[str] = set()          # users whose presence we follow
-        self.background: set[asyncio.Task[None]] = set()   # store reads in flight
+        self.watching: set[str] | None = None          # users whose presence we follow
+        self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Hold a reference to ``task``, work done for this session, until it is done."""
+        if self.background is None:
+            self.background = set()
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def reply(self, request_id: int, result: dict[str, Any]) -> None:
         self.send_reply(encode_json(FrameType.RESULT, result, request_id))
 
     # ------------------------------------------------------------ lifecycle
 
+    def on_open(self) -> None:
+        self.relay.admission.handshake_started()
+
     def on_close(self, exc: BaseException | None) -> None:
+        if not self.authenticated:
+            self.relay.admission.handshake_ended()
         self.relay.detach(self)
         if self.authenticated:
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
@@ -83,6 +98,11 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay = self.relay
         if relay.shutting_down:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
+        # Before the body is parsed and the token verified: in a storm,
+        # refusing must cost far less than admitting.
+        retry_after_ms = relay.admission.admit_hello()
+        if retry_after_ms:
+            raise relay.admission.hello_refusal(retry_after_ms)
         try:
             hello = decode_json(body, "HELLO")
             positions = _positions(hello.get("positions"))
@@ -109,6 +129,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
         self.grants = grants
         self.authenticated = True
+        relay.admission.handshake_ended()
         self.positions = positions
         relay.attach(self)
         self.send(encode_json(FrameType.WELCOME, {
@@ -219,10 +240,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             raise refuse(ErrorCode.MALFORMED_BODY,
                          f"HISTORY needs a channel, a limit of 1..{HISTORY_MAX} and seqs/times >= 0")
         ch = self.relay.history_channel(self, name)
-        task = asyncio.get_running_loop().create_task(
-            self._send_history(request_id, ch, limit, **bounds))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        self.track(asyncio.get_running_loop().create_task(
+            self._send_history(request_id, ch, limit, **bounds)))
 
     async def _send_history(self, request_id: int, ch, limit: int, before: int | None,
                             after: int | None, since_us: int | None, until_us: int | None) -> None:
@@ -261,13 +280,16 @@ class Session(Connection, asyncio.BufferedProtocol):
         users = _user_list(body)
         relay = self.relay
         if op == "subscribe":
+            if self.watching is None:
+                self.watching = set()
             for user in users:
                 relay.watchers.setdefault(user, set()).add(self)
                 self.watching.add(user)
         elif op == "unsubscribe":
             for user in users:
                 relay.watchers.get(user, set()).discard(self)
-                self.watching.discard(user)
+                if self.watching is not None:
+                    self.watching.discard(user)
         elif op != "query":
             raise refuse(ErrorCode.MALFORMED_BODY, "op must be query, subscribe or unsubscribe")
         self.reply(request_id, {"users": {u: relay.presence_of(u) for u in users}})

@@ -1,0 +1,208 @@
+"""Admission under a connection storm (docs/PROTOCOL.md, "Connection storms").
+
+A real relay with small limits meets thousands of raw connections at once from
+several processes and source addresses (tests/storm.py): the ones it cannot
+take now are refused with TRY_AGAIN and a retry_after_ms, nobody meets any
+other error, everyone who retries as told gets in, and a conversation going
+on before the storm goes on through it, in order, losing nothing.  The Python
+client follows the advice; --max-connections refuses past the limit and
+admits again once connections leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from fenghuo.core import ErrorCode, FrameType, encode_frame
+from fenghuo.server.admission import (
+    MIN_RETRY_MS,
+    REASON_CONNECTIONS,
+    REASON_HANDSHAKES,
+    REASON_RATE,
+)
+from rawwire import (
+    Bystander,
+    authed_raw,
+    error_count,
+    metrics,
+    open_raw,
+    wait_for_metric,
+)
+
+from fenghuo.client import FenghuoError
+from fenghuo.protocol import try_again_delay
+
+STORM = Path(__file__).with_name("storm.py")
+STORM_HELLO_ID = 7            # the request id tests/storm.py gives its HELLOs
+PROCESSES, PER_PROCESS = 3, 1000
+PATIENCE = 20.0               # seconds a client here waits to be admitted
+
+
+def advice(error: FenghuoError) -> dict:
+    """The JSON a TRY_AGAIN carries."""
+    assert error.code == ErrorCode.TRY_AGAIN
+    body = orjson.loads(error.message)
+    assert body["retry_after_ms"] >= MIN_RETRY_MS and body["jitter_ms"] == body["retry_after_ms"]
+    return body
+
+
+class ErrorLog:
+    """The ERRORs a client reports, with the loop time each arrived."""
+
+    def __init__(self, client) -> None:
+        self.seen: list[tuple[float, FenghuoError]] = []
+        client.on_error(lambda e: self.seen.append((asyncio.get_running_loop().time(), e)))
+
+    async def wait_for(self, n: int) -> None:
+        for _ in range(int(PATIENCE / 0.02)):
+            if len(self.seen) >= n:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{len(self.seen)} errors, expected {n}")
+
+
+async def start_storm(relay, index: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(STORM), relay.host, str(relay.port), f"127.0.0.{2 + index}",
+        relay.secret, str(index * PER_PROCESS), str(PER_PROCESS), "--deadline", "25",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        limit=1 << 24)   # the report lists every refusal on one line
+
+
+async def test_a_storm_is_refused_with_advice_everyone_gets_in_and_bystanders_are_served(
+        relay_factory):
+    relay = relay_factory("--store", "memory", "--max-handshakes", "100",
+                          "--admit-rate", "1000", "--admit-burst", "50")
+    bystander = await Bystander(relay).start()
+    storms = [await start_storm(relay, i) for i in range(PROCESSES)]
+    try:
+        reports = asyncio.ensure_future(asyncio.gather(*(s.stdout.readline() for s in storms)))
+        published_during = 0
+        while not reports.done():
+            # alice keeps talking to bob all through the storm.
+            await bystander.send("storm", 1)
+            published_during += 1
+        results = [orjson.loads(line) for line in await reports]
+        samples = await metrics(relay)
+    finally:
+        for storm in storms:
+            if storm.stdin is not None:
+                storm.stdin.close()
+        for storm in storms:
+            try:
+                await asyncio.wait_for(storm.wait(), 10)
+            except TimeoutError:
+                storm.kill()
+                await storm.wait()
+
+    refusals = [r for result in results for r in result["refusals"]]
+    assert [result["other"] for result in results] == [[]] * PROCESSES, "nothing but TRY_AGAIN"
+    # Everyone who retried as told got in, and all were held at once.
+    assert [result["admitted"] for result in results] == [PER_PROCESS] * PROCESSES
+    total = PROCESSES * PER_PROCESS + 2
+    assert samples["fenghuo_connections"] == total
+    assert samples["fenghuo_users_online"] == total
+    assert samples["fenghuo_handshakes"] == 0
+    # The limits were reached, and every refusal said why and when to come back.
+    assert len(refusals) >= PER_PROCESS
+    assert error_count(samples, ErrorCode.TRY_AGAIN) == len(refusals)
+    for request_id, reason, retry_after_ms, jitter_ms in refusals:
+        assert (request_id, reason) in {(0, REASON_HANDSHAKES), (STORM_HELLO_ID, REASON_RATE)}
+        assert retry_after_ms >= MIN_RETRY_MS and jitter_ms == retry_after_ms
+    # Refusals book successive admission slots: the advice spreads the comeback.
+    assert len({r[2] for r in refusals}) > 10
+    # The conversation went on during the storm, in order, nothing lost.
+    assert published_during > 0
+    await bystander.verify()
+
+
+async def test_a_hello_above_the_rate_is_refused_before_its_token_is_read(relay_factory):
+    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1")
+    await authed_raw(relay, "first")            # takes the one token
+    late = await open_raw(relay)
+    late.write(encode_frame(FrameType.HELLO, b"{", 5))   # not even JSON, let alone a token
+    text = await late.expect_error(ErrorCode.TRY_AGAIN, request_id=5)
+    assert orjson.loads(text)["reason"] == REASON_RATE
+    await late.expect_closed()
+
+
+async def test_the_client_waits_as_told_then_connects(relay_factory):
+    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1")
+    await relay.connect("first")                 # takes the one token
+    second = relay.client("second")
+    errors = ErrorLog(second)
+    await asyncio.wait_for(second.connect(), PATIENCE)
+    admitted_at = asyncio.get_running_loop().time()
+    refused_at, refusal = errors.seen[0]
+    wait_ms = advice(refusal)["retry_after_ms"]
+    assert advice(refusal)["reason"] == REASON_RATE
+    # It came back no sooner than told (the lower bound the protocol sets) and
+    # a refusal is no authentication failure: the client works.
+    assert admitted_at - refused_at >= wait_ms / 1000
+    ack = await second.send("first", "made it")
+    assert ack.seq == 1
+    assert error_count(await metrics(relay), ErrorCode.TRY_AGAIN) == len(errors.seen)
+
+
+async def test_a_reconnecting_client_follows_refusals_at_accept(relay_factory):
+    relay = relay_factory("--store", "memory", "--max-handshakes", "1")
+    alice = await relay.connect("alice")
+    link = alice._proto
+    squatter = await open_raw(relay)             # holds the one handshake slot, says nothing
+    await wait_for_metric(relay, "fenghuo_handshakes", lambda v: v == 1)
+    errors = ErrorLog(alice)
+    alice._proto.transport.abort()               # the network drops alice
+    await errors.wait_for(3)
+    assert not alice.connected
+    squatter.close()
+    await alice.wait_connected(PATIENCE)
+    assert alice._proto is not link
+    refusals = [(t, advice(e)) for t, e in errors.seen]
+    assert {a["reason"] for _, a in refusals} == {REASON_HANDSHAKES}
+    # Each attempt came at least retry_after_ms after the refusal before it.
+    for (refused_at, told), (next_at, _) in itertools.pairwise(refusals):
+        assert next_at - refused_at >= told["retry_after_ms"] / 1000
+    assert (await alice.send("bob", "back")).seq == 1
+
+
+async def test_max_connections_refuses_past_the_limit_and_admits_again(relay_factory):
+    relay = relay_factory("--store", "memory", "--max-connections", "3")
+    held = [await authed_raw(relay, user) for user in ("ann", "ben", "cat")]
+    extra = await open_raw(relay)
+    text = await extra.expect_error(ErrorCode.TRY_AGAIN, request_id=0)
+    assert orjson.loads(text)["reason"] == REASON_CONNECTIONS
+    await extra.expect_closed()
+    # A client trying meanwhile keeps trying, as told, and gets in once one leaves.
+    late = relay.client("dan")
+    errors = ErrorLog(late)
+    joining = asyncio.ensure_future(late.connect())
+    await errors.wait_for(1)
+    assert advice(errors.seen[0][1])["reason"] == REASON_CONNECTIONS
+    assert not joining.done()
+    held.pop().close()
+    await asyncio.wait_for(joining, PATIENCE)
+    assert (await late.send("ann", "in")).seq == 1
+    samples = await metrics(relay)
+    assert samples["fenghuo_connections"] == 3
+
+
+def test_the_advised_wait_is_retry_after_plus_up_to_jitter():
+    waits = [try_again_delay('{"reason":"x","retry_after_ms":500,"jitter_ms":300}')
+             for _ in range(200)]
+    assert all(0.5 <= w <= 0.8 for w in waits)
+    assert max(waits) - min(waits) > 0.1          # spread, not one instant
+    # Advice that does not parse: the documented one second times uniform(1, 2).
+    assert all(1.0 <= try_again_delay("server busy") <= 2.0 for _ in range(50))
+
+
+@pytest.mark.parametrize("flag", ["--max-connections", "--max-handshakes", "--admit-rate",
+                                  "--admit-burst"])
+def test_negative_limits_are_refused(tmp_path, flag):
+    from conftest import start_relay
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        start_relay(tmp_path, flag, "-1")
