@@ -135,6 +135,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.send(encode_json(FrameType.WELCOME, {
             "user": self.user, "device": device, "epoch": relay.epoch, "durable": relay.durable,
             "server": SERVER_NAME,
+            **({"worker": relay.cluster.index} if relay.cluster is not None else {}),
             "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
             "channels": {ch.name: ch.seq for ch in self.subscriptions},
             **({"resumed": resumed} if resumed else {}),

@@ -1,0 +1,212 @@
+"""Several workers (``fenghuo serve --workers N``) behave as one relay.
+
+Real supervisor, real worker processes sharing the port and the store; the
+kernel decides which worker a connection lands on, WELCOME says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import fenghuo
+from bench.targets import Fenghuo
+from conftest import RelayProcess, start_relay
+from fenghuo.core import ContentType
+
+WORKERS = 3
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The supervisor's live children (its workers), from /proc."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if int(ppid) == supervisor and state != "Z":
+                pids.add(int(entry.name))
+    return pids
+
+
+def listening(relay: RelayProcess) -> int:
+    """How many times a worker has announced it is listening (restarts included)."""
+    return relay.log_path.read_text().count(f" of {WORKERS} listening on ")
+
+
+async def clients_on_every_worker(relay: RelayProcess, users: list[str],
+                                  **kwargs) -> dict[str, fenghuo.Client]:
+    """Connected clients for ``users``; more connections are tried until every
+    worker holds at least one of them (the kernel spreads them at random)."""
+    clients: dict[str, fenghuo.Client] = {}
+    for user in users:
+        clients[user] = await relay.client(user, **kwargs).connect()
+    for _ in range(50):
+        seen = {c.welcome["worker"] for c in clients.values()}
+        if seen == set(range(WORKERS)):
+            return clients
+        # Reconnect one client from the most crowded worker and hope for another.
+        crowded = max(seen, key=lambda w: sum(c.welcome["worker"] == w for c in clients.values()))
+        user = next(u for u, c in clients.items() if c.welcome["worker"] == crowded)
+        await clients[user].close()
+        clients[user] = await relay.client(user, **kwargs).connect()
+    pytest.fail(f"connections never reached every worker: {seen}")
+
+
+@pytest.fixture
+def workers_relay(tmp_path):
+    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", "0")
+    # The port answers as soon as one worker listens; wait for all of them.
+    deadline = time.monotonic() + 15
+    while listening(relay) < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield relay
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(30) == 0, relay.log_path.read_text()[-3000:]
+
+
+async def test_a_group_spread_over_workers_gets_every_message_in_one_gap_free_order(workers_relay):
+    users = [f"member{i:02d}" for i in range(9)]
+    clients = await clients_on_every_worker(workers_relay, users)
+    got: dict[str, list] = defaultdict(list)
+    for user, client in clients.items():
+        client.on_message(lambda m, user=user: got[user].append(m))
+    await clients[users[0]].create_group("spread", members=users)
+
+    per_publisher = 40
+
+    async def publish(user: str) -> list[int]:
+        return [(await clients[user].publish("group:spread", f"{user} {k}")).seq
+                for k in range(per_publisher)]
+
+    acked = await asyncio.gather(*(publish(u) for u in users))
+    total = 1 + per_publisher * len(users)        # the "created" event, then every message
+    deadline = time.monotonic() + 10
+    while any(len(got[u]) < total for u in users) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+    reference = [(m.seq, m.sender, m.payload) for m in got[users[0]]]
+    assert [seq for seq, _, _ in reference] == list(range(1, total + 1)), "seqs gap-free"
+    for user in users:
+        # One order for everybody, whichever worker they are on.
+        assert [(m.seq, m.sender, m.payload) for m in got[user]] == reference, user
+    assert got[users[0]][0].content_type == ContentType.EVENT     # "created"
+    messages = reference[1:]
+    for user, seqs in zip(users, acked):
+        mine = [seq for seq, sender, _ in messages if sender == user]
+        assert seqs == mine, "acks name the seqs the publisher's messages got, in its order"
+        payloads = [p for _, sender, p in messages if sender == user]
+        assert payloads == [f"{user} {k}".encode() for k in range(per_publisher)]
+    for client in clients.values():
+        await client.close()
+
+
+async def test_direct_chat_presence_and_receipts_cross_workers(workers_relay):
+    users = ["ann", "bob", "cat", "dan"]
+    clients = await clients_on_every_worker(workers_relay, users)
+    ann, bob = clients["ann"], clients["bob"]
+    presence = await ann.presence(users)
+    assert all(presence[u]["online"] for u in users)
+
+    sent = [await ann.send("bob", f"hello {k}") for k in range(20)]
+    received = [await bob.next_message(timeout=5) for _ in range(20)]
+    assert [m.seq for m in received] == [a.seq for a in sent] == list(range(1, 21))
+    receipts: list = []
+    ann.on_receipt(receipts.append)
+    await bob.mark_read(received[-1].channel, received[-1].seq)
+    deadline = time.monotonic() + 5
+    while not receipts and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert receipts and receipts[0].seq == 20 and receipts[0].user == "bob"
+    assert (await bob.unread())[received[-1].channel] == 0
+
+    await bob.close()
+    await asyncio.sleep(0.3)
+    assert not (await clients["cat"].presence(["bob"]))["bob"]["online"]
+    for user in ("ann", "cat", "dan"):
+        await clients[user].close()
+
+
+async def test_a_few_thousand_connections_spread_over_the_workers(workers_relay):
+    wire = Fenghuo(workers_relay.secret)   # the bench's handshake, without its server
+    wire.port = workers_relay.port
+    streams = await asyncio.gather(*(wire.connect(f"idle{i:05d}") for i in range(2000)))
+    watcher = await workers_relay.client("watcher").connect()
+    presence = await watcher.presence([f"idle{i:05d}" for i in range(0, 2000, 50)])
+    assert all(p["online"] for p in presence.values())
+    speaker = await workers_relay.client("speaker").connect()
+    await speaker.send("watcher", "still served")
+    assert (await watcher.next_message(timeout=5)).payload == b"still served"
+    for stream in streams:
+        stream.close()
+    await watcher.close()
+    await speaker.close()
+
+
+async def test_a_killed_worker_is_restarted_and_no_acked_message_is_lost(workers_relay):
+    users = [f"p{i}" for i in range(6)]
+    clients = await clients_on_every_worker(workers_relay, users)
+    reader = await workers_relay.client("reader").connect()
+    await clients[users[0]].create_group("durable", members=[*users, "reader"])
+    acked: dict[str, set[int]] = defaultdict(set)
+    stop = asyncio.Event()
+
+    async def publish(user: str) -> None:
+        k = 0
+        while not stop.is_set():
+            key = f"{user}-{k}"
+            try:
+                ack = await asyncio.wait_for(
+                    clients[user].publish("group:durable", key, key=key), 10)
+            except (fenghuo.FenghuoError, fenghuo.ConnectionLost, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+                continue          # same key again: the relay answers a repeat with its seq
+            acked[user].add(ack.seq)
+            k += 1
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(publish(u)) for u in users]
+    await asyncio.sleep(1.0)
+    acked_before_kill = sum(len(s) for s in acked.values())
+    before = worker_pids(workers_relay.proc.pid)
+    victim = next(iter(before))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    after = before
+    while (len(after) < WORKERS or victim in after) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        after = worker_pids(workers_relay.proc.pid)
+    assert victim not in after and len(after) == WORKERS, "the supervisor restarted the worker"
+    while listening(workers_relay) < WORKERS + 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+    every_ack = set().union(*acked.values())
+    assert acked_before_kill > 0 and len(every_ack) > acked_before_kill, "publishing went on"
+    assert len(every_ack) == sum(len(s) for s in acked.values()), "no seq acked twice"
+    # The history holds every acked message exactly once, in one gap-free order.
+    history = []
+    after_seq = 0
+    while True:
+        page = await reader.history("group:durable", after=after_seq, limit=1000)
+        if not page:
+            break
+        history += page
+        after_seq = page[-1].seq
+    seqs = [m.seq for m in history]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert every_ack <= set(seqs)
+    keys = [m.payload for m in history if m.content_type != ContentType.EVENT]
+    assert len(keys) == len(set(keys)), "no message stored twice"
+    for client in [*clients.values(), reader]:
+        await client.close()
