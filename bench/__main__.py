@@ -4,6 +4,7 @@
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
+    python -m bench scale [options]                       200,000 connections (bench/scale.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -219,6 +220,11 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("dir")
     plot.set_defaults(func=cmd_plot)
     sub.add_parser("global", help="global delivery through simulated regions (see bench/geo.py)")
+    from bench import scale
+    scale_p = sub.add_parser("scale", help="200,000 connections over several workers and "
+                                           "generators, under live load (see bench/scale.py)")
+    scale.add_arguments(scale_p)
+    scale_p.set_defaults(func=scale.cmd_scale)
     return cli
 
 

@@ -16,24 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fenghuo.core import (
+    ErrorCode,
     FrameReader,
     FrameType,
+    decode_error,
     encode_ack,
     encode_message,
     encode_publish,
 )
 
-from fenghuo.protocol import decode_json, encode_json
+from fenghuo.protocol import decode_json, encode_json, try_again_delay
 from fenghuo.tokens import issue_token
 
 STAMP_SIZE = 8
@@ -54,6 +60,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports (a supervisor's metrics port and its workers').
+
+    Looked for below the ephemeral range: there the kernel hands out no
+    port by itself, so a busy machine's outgoing connections neither occupy
+    the block nor take a port of it before the servers bind.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        base = random.randrange(10_000, max(10_001, low - count))
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
 def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float = 15.0) -> None:
     """Block until ``host:port`` accepts, or fail with the process's fate."""
     deadline = time.monotonic() + timeout
@@ -67,6 +98,30 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float 
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout:g} s")
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
+    """Block until ``url`` answers 200 (a supervisor: every worker up), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before healthy")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:          # URLError and HTTPError (503 while starting) included
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s")
+
+
+class TryAgain(Exception):
+    """The relay refused a connection with ``TRY_AGAIN``; come back after ``delay`` seconds."""
+
+    def __init__(self, delay: float, advice: str) -> None:
+        super().__init__(advice)
+        self.delay = delay
 
 
 @dataclass(frozen=True)
@@ -119,9 +174,10 @@ class Target(ABC):
                 self.proc.kill()
                 self.proc.wait()
 
-    def _spawn(self, cmd: list[str], **kwargs) -> None:
+    def _spawn(self, cmd: list[str], preexec: Callable[[], None] = lambda: pin(RELAY_CPU),
+               **kwargs) -> None:
         # preexec_fn is safe here: the generator spawns servers before it has threads.
-        self.proc = subprocess.Popen(cmd, preexec_fn=lambda: pin(RELAY_CPU),  # noqa: PLW1509
+        self.proc = subprocess.Popen(cmd, preexec_fn=preexec,  # noqa: PLW1509
                                      stdout=subprocess.DEVNULL, **kwargs)
         wait_listening(self.proc, self.host, self.port)
 
@@ -191,6 +247,9 @@ class FenghuoWire(Target):
                 raise ConnectionError(f"{self.name} closed during {FrameType(ftype).name}")
             for frame in frames.feed(chunk):
                 if frame.type == FrameType.ERROR:
+                    code, text = decode_error(frame.body)
+                    if code == ErrorCode.TRY_AGAIN:
+                        raise TryAgain(try_again_delay(text), text)
                     raise RuntimeError(f"{self.name} refused {FrameType(ftype).name}: {frame.body!r}")
                 if frame.request_id == rid:
                     if frames.buffered:
@@ -200,22 +259,28 @@ class FenghuoWire(Target):
     async def connect(self, user: str, subscribe: tuple[str, ...] = (),
                       source: str | None = None) -> asyncio.StreamWriter:
         reader, writer = await open_stream(self.host, self.port, source)
-        await self._request(reader, writer, FrameType.HELLO,
-                            {"token": issue_token(self.secret, user)}, 1)
-        # Members receive their direct and group channels without subscribing.
-        org = [c for c in subscribe if not c.startswith(("dm:", "group:"))]
-        for rid, channel in enumerate(org, 2):
-            await self._request(reader, writer, FrameType.SUBSCRIBE, {"channel": channel}, rid)
-        return handed_over(reader, writer)
+        try:
+            await self._request(reader, writer, FrameType.HELLO,
+                                {"token": issue_token(self.secret, user)}, 1)
+            # Members receive their direct and group channels without subscribing.
+            org = [c for c in subscribe if not c.startswith(("dm:", "group:"))]
+            for rid, channel in enumerate(org, 2):
+                await self._request(reader, writer, FrameType.SUBSCRIBE, {"channel": channel}, rid)
+            return handed_over(reader, writer)
+        except BaseException:
+            writer.close()       # refused or failed: do not leave the socket to the collector
+            raise
 
     async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
         reader, writer = await open_stream(self.host, self.port, None)
-        await self._request(reader, writer, FrameType.HELLO,
-                            {"token": issue_token(self.secret, owner)}, 1)
-        await self._request(reader, writer, FrameType.GROUP,
-                            {"op": "create", "group": channel.removeprefix("group:"),
-                             "members": members}, 2)
-        writer.close()
+        try:
+            await self._request(reader, writer, FrameType.HELLO,
+                                {"token": issue_token(self.secret, owner)}, 1)
+            await self._request(reader, writer, FrameType.GROUP,
+                                {"op": "create", "group": channel.removeprefix("group:"),
+                                 "members": members}, 2)
+        finally:
+            writer.close()
 
     def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
         body = bytes(payload)
@@ -227,21 +292,58 @@ class FenghuoWire(Target):
 
 
 class Fenghuo(FenghuoWire):
-    """``fenghuo serve`` with the flood limits lifted and ``relay_flags`` added."""
+    """``fenghuo serve`` with the flood limits lifted and ``relay_flags`` added.
+
+    With ``workers`` > 1 it is a supervisor of that many worker processes:
+    they are not pinned (they share the machine's cores with each other, and
+    the kernel places them better than one fixed CPU would), its metrics port
+    is followed by one free port per worker (``metrics_port + 1 + k``), its
+    log goes to ``workdir/relay.log``, it gets its own process group, and
+    ``start`` returns once its ``/healthz`` says every worker is up.
+    """
 
     name = "fenghuo"
 
-    def __init__(self, secret: str, relay_flags: tuple[str, ...] = ()) -> None:
+    def __init__(self, secret: str, relay_flags: tuple[str, ...] = (), workers: int = 1) -> None:
         super().__init__(secret)
         self.relay_flags = relay_flags
         self.metrics_port = 0
+        self.workers = workers
 
     def start(self, workdir: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self._spawn([sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
-                     "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
-                     f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
-                     "--log-level", "warning", *self.relay_flags])
+        self.port = free_port()
+        self.metrics_port = free_ports(self.workers + 1) if self.workers > 1 else free_port()
+        cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
+               f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
+               "--log-level", "warning", *self.relay_flags]
+        if self.workers == 1:
+            self._spawn(cmd)
+            return
+        # The supervisor gets SIGTERM if this process dies (its workers get it from it).
+        from fenghuo.server.supervisor import _die_with
+        with open(workdir / "relay.log", "ab") as log:
+            self._spawn([*cmd, "--workers", str(self.workers)], preexec=_die_with(os.getpid()),
+                        stderr=log, start_new_session=True)
+        assert self.proc is not None
+        wait_healthy(self.proc, f"http://{self.host}:{self.metrics_port}/healthz")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM (a supervisor drains its workers), then SIGKILL whatever is left of its group."""
+        if self.workers == 1 or self.proc is None:
+            super().stop()
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass                 # the group is gone: every worker has exited
+        self.proc.wait()
 
 
 class AsyncioBaseline(FenghuoWire):
