@@ -6,7 +6,8 @@ address ``127.0.0.(2+i)`` so that no generator runs short of ephemeral ports,
 and each holding at most ``MAX_PER_GENERATOR`` connections, under the
 20,000-file limit of a process.  Every connection is an authenticated user,
 member of its direct channel with its generator's publisher (the "bot") and
-of one group of ``--group-size`` users, created before the members connect.
+of one group of ``--group-size`` users from every generator, created (each
+by one bot) before any member connects.
 A connection refused with ``TRY_AGAIN`` waits as told and tries again.
 
 Once every user is connected the bots publish at fixed rates, direct
@@ -14,7 +15,7 @@ messages to their own users and messages to their groups, and every
 subscriber records publish-to-deliver latency (``bench/_gen.pyx``).  The
 parent reports what the *server* holds (the workers' open sockets, from
 ``/proc``, and their ``fenghuo_connections``), the connect rate, the
-workers' RSS growth per connection, refusals, deliveries/s and the latency
+workers' private memory per connection, refusals, deliveries/s and the latency
 percentiles over every sample of every generator.
 
 Parent and children talk in JSON lines: the child reads its spec and then
@@ -88,10 +89,18 @@ class Plan:
         n, g = self.connections, self.generators
         return range(generator * n // g, (generator + 1) * n // g)
 
-    def groups(self, generator: int) -> list[range]:
-        """The generator's users in groups of at most ``group_size``."""
-        users = self.users(generator)
-        return [users[k:k + self.group_size] for k in range(0, len(users), self.group_size)]
+    def groups(self, generator: int) -> dict[int, range]:
+        """The groups generator ``generator``'s bot owns: group number -> its members.
+
+        Users are dealt round the groups (user ``n`` is in group ``n % count``)
+        and groups round the bots, so every group has members in every
+        generator: a group message is read by all of them at once, and the
+        spread of its deliveries is the relay's fan-out, not one generator
+        reading a thousand sockets in turn.
+        """
+        count = math.ceil(self.connections / self.group_size)
+        return {k: range(k, self.connections, count)
+                for k in range(generator, count, self.generators)}
 
 
 # Every id has one length, and a group's channel name the length of a direct
@@ -109,11 +118,10 @@ def source_address(generator: int) -> str:
     return f"127.0.0.{FIRST_SOURCE + generator}"
 
 
-def group_channel(target: Fenghuo, generator: int, k: int) -> str:
-    """Group ``k`` of a generator, named to the length of a direct channel."""
+def group_channel(target: Fenghuo, k: int) -> str:
+    """Group ``k``, named to the length of a direct channel."""
     length = len(target.direct(bot_id(0), user_id(0))) - len(target.group(""))
-    prefix = f"g{generator:04d}n"
-    return target.group(prefix + str(k).zfill(length - len(prefix)))
+    return target.group("g" + str(k).zfill(length - 1))
 
 
 def delivery_wires(target: Fenghuo, plan: Plan, generator: int) -> tuple[list[Wire], list[Wire]]:
@@ -121,8 +129,8 @@ def delivery_wires(target: Fenghuo, plan: Plan, generator: int) -> tuple[list[Wi
     bot = bot_id(generator)
     direct = [target.wire(target.direct(bot, user_id(n)), bot, plan.payload)
               for n in plan.users(generator)]
-    groups = [target.wire(group_channel(target, generator, k), bot, plan.payload)
-              for k in range(len(plan.groups(generator)))]
+    groups = [target.wire(group_channel(target, k), bot, plan.payload)
+              for k in plan.groups(generator)]
     sizes = {(w.delivery_size, w.delivery_stamp) for w in direct + groups}
     if len(sizes) != 1:
         raise AssertionError(f"deliveries of more than one layout: {sizes}")
@@ -168,8 +176,8 @@ class Generator:
     async def create_groups(self) -> None:
         """Every group with its members, before any member is online."""
         bot = bot_id(self.index)
-        for k, users in enumerate(self.plan.groups(self.index)):
-            channel = group_channel(self.target, self.index, k)
+        for k, users in self.plan.groups(self.index).items():
+            channel = group_channel(self.target, k)
             await self._retrying(lambda c=channel, u=users: self.target.create_group(
                 c, bot, [user_id(n) for n in u]))
 
@@ -283,7 +291,7 @@ class Generator:
                 pacer.running = False
             await asyncio.gather(*tasks)
         await asyncio.sleep(1.0)       # what is on its way arrives, to account for every message
-        sizes = [len(users) for users in self.plan.groups(self.index)]
+        sizes = [len(users) for users in self.plan.groups(self.index).values()]
         expected = (sum(link.published for link in direct)
                     + sum(link.published * size for link, size in zip(groups, sizes)))
         samples = self.outdir / f"samples-{self.index}.npy"
@@ -353,7 +361,7 @@ async def child_main() -> int:
         replies, direct, groups = await generator.connect_bot()
         links = [replies, *generator.members]
         emit("connected", connected=len(generator.members), seconds=seconds,
-             **asdict(generator.stats))
+             rss=rss_bytes(os.getpid()), **asdict(generator.stats))
         if await queue.get() != "load":
             return 0
         emit("done", **await generator.load(direct, groups))
@@ -429,7 +437,9 @@ def http_get(port: int, path: str) -> str:
 
 
 def worker_pids(relay: Fenghuo) -> list[int]:
-    """The running workers' pids, from the supervisor's ``/healthz``."""
+    """The running workers' pids, from the supervisor's ``/healthz`` (one worker: itself)."""
+    if relay.workers == 1:
+        return [relay.pid]
     health = json.loads(http_get(relay.metrics_port, "/healthz"))
     return [w["pid"] for w in health["workers"] if w["running"]]
 
@@ -446,6 +456,20 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def private_bytes(pid: int) -> int:
+    """Anonymous resident memory of ``pid`` (``RssAnon``): its own heap, not the shared rings.
+
+    A worker's RSS also counts the pages of the mesh rings it has touched,
+    shared with every other worker and growing as traffic wraps the rings;
+    what a connection costs a worker is in its private memory.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
 def kernel_tcp_bytes() -> int:
     """Memory the kernel holds for TCP sockets (``/proc/net/sockstat``, pages)."""
     text = Path("/proc/net/sockstat").read_text()
@@ -460,6 +484,7 @@ class ServerSample:
     pids: list[int]
     sockets: list[int]
     rss: list[int]
+    private: list[int]
     supervisor_rss: int
     kernel_tcp: int
     connections_metric: int
@@ -469,7 +494,7 @@ class ServerSample:
         pids = worker_pids(relay)
         metrics = http_get(relay.metrics_port, "/metrics")
         return cls(pids, [open_sockets(p) for p in pids], [rss_bytes(p) for p in pids],
-                   rss_bytes(relay.pid), kernel_tcp_bytes(),
+                   [private_bytes(p) for p in pids], rss_bytes(relay.pid), kernel_tcp_bytes(),
                    int(metric_sum(metrics, "fenghuo_connections")))
 
 
@@ -599,13 +624,17 @@ class Run:
 
     def memory(self, before: ServerSample, after: ServerSample) -> dict[str, Any]:
         held = max(1, sum(after.sockets) - sum(before.sockets))
-        workers = sum(after.rss) - sum(before.rss)
+        private = sum(after.private) - sum(before.private)
         return {
+            "bytes_per_connection": round(private / held),
+            "rss_bytes_per_connection": round((sum(after.rss) - sum(before.rss)) / held),
+            "workers_private_before": sum(before.private),
+            "workers_private_after": sum(after.private),
             "workers_rss_before": sum(before.rss), "workers_rss_after": sum(after.rss),
-            "bytes_per_connection": round(workers / held),
             "supervisor_rss_before": before.supervisor_rss,
             "supervisor_rss_after": after.supervisor_rss,
             "kernel_tcp_bytes_before": before.kernel_tcp, "kernel_tcp_bytes_after": after.kernel_tcp,
+            "generator_rss_max": max(c.events["connected"]["rss"] for c in self.children),
         }
 
     def load_figures(self) -> dict[str, Any]:
@@ -680,11 +709,13 @@ def summary(result: dict[str, Any]) -> str:
          f"{c['server_connections_metric']:,}; after the load {c['server_sockets_after_load']:,})"),
         (f"connect: {c['connect_seconds']:.1f} s, {c['connects_per_s']:,.0f}/s, "
          f"{c['refusals']:,} TRY_AGAIN, {c['connect_errors']:,} errors, {c['failed']:,} failed"),
-        (f"memory: workers {m['bytes_per_connection']:,} B/connection "
-         f"({m['workers_rss_before'] / mib:,.0f} -> {m['workers_rss_after'] / mib:,.0f} MiB), "
+        (f"memory: workers {m['bytes_per_connection']:,} B/connection private "
+         f"({m['workers_private_before'] / mib:,.0f} -> {m['workers_private_after'] / mib:,.0f} MiB; "
+         f"RSS {m['rss_bytes_per_connection']:,} B/connection with the shared rings), "
          f"supervisor {m['supervisor_rss_before'] / mib:,.0f} -> "
          f"{m['supervisor_rss_after'] / mib:,.0f} MiB, kernel TCP "
-         f"{m['kernel_tcp_bytes_before'] / mib:,.0f} -> {m['kernel_tcp_bytes_after'] / mib:,.0f} MiB"),
+         f"{m['kernel_tcp_bytes_before'] / mib:,.0f} -> {m['kernel_tcp_bytes_after'] / mib:,.0f} MiB, "
+         f"largest generator {m['generator_rss_max'] / mib:,.0f} MiB"),
         (f"load: {load['deliveries_per_s']:,.0f} deliveries/s ({load['published']:,} published in "
          f"{load['seconds']:.1f} s), delivered {load['total_delivered']:,} of "
          f"{load['total_expected']:,} expected, {load['links_closed']} links closed"),
