@@ -13,8 +13,9 @@ A connection refused with ``TRY_AGAIN`` waits as told and tries again.
 Once every user is connected the bots publish at fixed rates, direct
 messages to their own users and messages to their groups, and every
 subscriber records publish-to-deliver latency (``bench/_gen.pyx``).  The
-parent reports what the *server* holds (the workers' open sockets, from
-``/proc``, and their ``fenghuo_connections``), the connect rate, the
+parent reports what the *server* holds (the established connections on
+the relay's port that are open files of its workers, from ``/proc``, and
+their ``fenghuo_connections``), the connect rate, the
 workers' private memory per connection, refusals, deliveries/s and the latency
 percentiles over every sample of every generator.
 
@@ -261,6 +262,15 @@ class Generator:
     def received(self) -> int:
         return sum(link.received for link in self.members)
 
+    async def quiet(self, still: float = 1.0, longest: float = 15.0) -> None:
+        """Wait until nothing has arrived for ``still`` seconds (at most ``longest``)."""
+        last, quiet_since = self.received(), time.monotonic()
+        give_up = quiet_since + longest
+        while time.monotonic() - quiet_since < still and time.monotonic() < give_up:
+            await asyncio.sleep(0.25)
+            if (now := self.received()) != last:
+                last, quiet_since = now, time.monotonic()
+
     async def load(self, direct: list[Link], groups: list[Link]) -> dict[str, Any]:
         """Publish at the fixed rates; measure after the warm-up; the run's figures."""
         per_generator = self.plan.generators
@@ -290,7 +300,7 @@ class Generator:
             for pacer, _ in pacers:
                 pacer.running = False
             await asyncio.gather(*tasks)
-        await asyncio.sleep(1.0)       # what is on its way arrives, to account for every message
+        await self.quiet()             # what is on its way arrives, to account for every message
         sizes = [len(users) for users in self.plan.groups(self.index).values()]
         expected = (sum(link.published for link in direct)
                     + sum(link.published * size for link, size in zip(groups, sizes)))
@@ -444,15 +454,27 @@ def worker_pids(relay: Fenghuo) -> list[int]:
     return [w["pid"] for w in health["workers"] if w["running"]]
 
 
-def open_sockets(pid: int) -> int:
-    """Sockets among the open files of ``pid``."""
-    fds = Path(f"/proc/{pid}/fd")
+def established_on(port: int) -> set[int]:
+    """Inodes of the ESTABLISHED TCP sockets whose local port is ``port`` (the server's ends)."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def client_connections(pid: int, inodes: set[int]) -> int:
+    """How many of ``inodes`` are open files of ``pid``: the connections that process holds."""
     count = 0
-    for fd in fds.iterdir():
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            count += os.readlink(fd).startswith("socket:")
+            target = os.readlink(fd)
         except OSError:
-            pass                 # closed while we looked
+            continue             # closed while we looked
+        count += target.startswith("socket:[") and int(target[8:-1]) in inodes
     return count
 
 
@@ -493,7 +515,8 @@ class ServerSample:
     def take(cls, relay: Fenghuo) -> ServerSample:
         pids = worker_pids(relay)
         metrics = http_get(relay.metrics_port, "/metrics")
-        return cls(pids, [open_sockets(p) for p in pids], [rss_bytes(p) for p in pids],
+        inodes = established_on(relay.port)
+        return cls(pids, [client_connections(p, inodes) for p in pids], [rss_bytes(p) for p in pids],
                    [private_bytes(p) for p in pids], rss_bytes(relay.pid), kernel_tcp_bytes(),
                    int(metric_sum(metrics, "fenghuo_connections")))
 
@@ -598,7 +621,7 @@ class Run:
             child.send("load")
         await self.until("done", plan.warmup + plan.duration + 120, self.loading)
         final = ServerSample.take(self.relay)
-        connections["server_sockets_after_load"] = sum(final.sockets) - sum(before.sockets)
+        connections["server_sockets_after_load"] = sum(final.sockets)
         return {"connections": connections, "memory": self.memory(before, after),
                 "load": self.load_figures(),
                 "processes": {"supervisor": self.relay.pid, "workers": before.pids,
@@ -610,8 +633,9 @@ class Run:
         return {
             "requested": self.plan.connections, "connected_by_generators": members,
             "bots": self.plan.generators,
-            "server_sockets": sum(after.sockets) - sum(before.sockets),
-            "server_sockets_by_worker": [a - b for a, b in zip(after.sockets, before.sockets)],
+            "server_sockets_before": sum(before.sockets),
+            "server_sockets": sum(after.sockets),
+            "server_sockets_by_worker": after.sockets,
             "server_connections_metric": after.connections_metric,
             "connect_seconds": round(seconds, 3),
             "connects_per_s": round(members / seconds, 1),
@@ -623,7 +647,7 @@ class Run:
         }
 
     def memory(self, before: ServerSample, after: ServerSample) -> dict[str, Any]:
-        held = max(1, sum(after.sockets) - sum(before.sockets))
+        held = max(1, sum(after.sockets) - sum(before.sockets))   # before: none
         private = sum(after.private) - sum(before.private)
         return {
             "bytes_per_connection": round(private / held),
@@ -678,6 +702,9 @@ def kill_group(pid: int) -> None:
 
 def check_machine(plan: Plan, workers: int) -> dict[str, Any]:
     """The limits a run must fit in; raises with advice when it cannot."""
+    if workers < 1 or plan.generators < 1 or plan.connections < plan.generators:
+        raise SystemExit("--workers and --generators must be at least 1, "
+                         "--connections at least --generators")
     per_generator = math.ceil(plan.connections / plan.generators)
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())

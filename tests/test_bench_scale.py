@@ -1,9 +1,10 @@
 """``python -m bench scale`` end to end, small: 3,000 connections, 3 workers, 2 generators.
 
 What it measures is not judged; that it measures it is: the server side
-holds every connection, messages reach the subscribers with latency
-samples, every message offered is accounted for, and nothing it started
-outlives it.
+holds every connection (the relay's handshake limit is lowered so that
+some are refused with TRY_AGAIN and must come back), messages reach the
+subscribers with latency samples, every message offered is accounted for,
+and nothing it started outlives it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_scale_run_holds_every_connection_delivers_and_leaves_nothing_behind(tmp
     run = subprocess.run(
         [sys.executable, "-m", "bench", "scale", "--connections", str(CONNECTIONS),
          "--workers", str(WORKERS), "--generators", str(GENERATORS), "--duration", "2",
-         "--warmup", "0.5", "--group-size", "500", "--json", str(out)],
+         "--warmup", "0.5", "--group-size", "500", "--relay", "--max-handshakes 100",
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
     result = json.loads(out.read_text())
@@ -45,6 +47,7 @@ def test_scale_run_holds_every_connection_delivers_and_leaves_nothing_behind(tmp
     assert all(n > 0 for n in held["server_sockets_by_worker"]), "every worker holds some"
     assert held["server_sockets_after_load"] == CONNECTIONS + GENERATORS
     assert held["failed"] == 0 and held["connects_per_s"] > 0
+    assert held["refusals"] > 0, "1,000 handshakes in flight against 3 x 100: some were refused"
 
     load = result["load"]
     assert load["delivered"] > 0 and load["deliveries_per_s"] > 0
