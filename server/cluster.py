@@ -18,10 +18,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fenghuo.core import Connection, ErrorCode, FrameType, MeshBus, RemoteOrigin, encode_error
-from fenghuo.protocol import encode_json
+from fenghuo.core import (
+    Connection,
+    ErrorCode,
+    FrameType,
+    MeshBus,
+    RemoteOrigin,
+    encode_error,
+)
 from fenghuo.server import routing
 from fenghuo.server.mesh import Mesh, WorkerSpec
+
+from fenghuo.protocol import encode_json
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -289,7 +297,7 @@ class Cluster:
         rid = body["rid"]
         try:
             result = self.relay.serve_forwarded(origin, body)
-        except Exception as exc:   # noqa: BLE001 - every failure is answered, none kills the worker
+        except Exception as exc:
             code = getattr(exc, "code", ErrorCode.INTERNAL)
             message = getattr(exc, "message", "internal error")
             if code == ErrorCode.INTERNAL:

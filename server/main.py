@@ -15,11 +15,11 @@ import signal
 import sys
 
 import uvloop
-
 from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec
 from fenghuo.server.relay import Relay
+
 from fenghuo.tokens import resolve_secret
 
 log = logging.getLogger("fenghuo.serve")

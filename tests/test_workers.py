@@ -14,11 +14,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import RelayProcess, start_relay
+from fenghuo.core import ContentType
 
 import fenghuo
 from bench.targets import Fenghuo
-from conftest import RelayProcess, start_relay
-from fenghuo.core import ContentType
 
 WORKERS = 3
 
@@ -166,7 +166,7 @@ async def test_a_killed_worker_is_restarted_and_no_acked_message_is_lost(workers
             try:
                 ack = await asyncio.wait_for(
                     clients[user].publish("group:durable", key, key=key), 10)
-            except (fenghuo.FenghuoError, fenghuo.ConnectionLost, asyncio.TimeoutError):
+            except (TimeoutError, fenghuo.FenghuoError, fenghuo.ConnectionLost):
                 await asyncio.sleep(0.05)
                 continue          # same key again: the relay answers a repeat with its seq
             acked[user].add(ack.seq)
