@@ -66,6 +66,8 @@ class Cluster:
                            self._broadcast_message)
         self.sessions: dict[int, Session] = {}            # connection id -> session
         self.forwarded: dict[int, _Forwarded] = {}        # connection id -> pending
+        # Connection id -> workers holding a RemoteOrigin for it (told when it closes).
+        self.origins_at: dict[int, set[int]] = {}
         self.remote: dict[tuple[int, int], RemoteOrigin] = {}
         self.remote_devices: dict[str, dict[int, int]] = {}
         self.peer_generations: dict[int, int] = {}
@@ -108,10 +110,9 @@ class Cluster:
 
     def detached(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        pending = self.forwarded.pop(session.id, None)
-        if pending is not None:
-            for owner in pending.waiting:
-                self.mesh.send(owner, routing.control("closed", connection=session.id))
+        self.forwarded.pop(session.id, None)
+        for owner in self.origins_at.pop(session.id, ()):
+            self.mesh.send(owner, routing.control("closed", connection=session.id))
         if session.user is not None:
             self._share_presence(session.user)
 
@@ -126,6 +127,7 @@ class Cluster:
         return pending
 
     def _expect_answer(self, owner: int, origin: Connection, request_id: int) -> None:
+        self.origins_at.setdefault(origin.id, set()).add(owner)
         pending = self._pending(origin)
         pending.waiting.setdefault(owner, deque()).append((pending.next_ticket, request_id))
         pending.next_ticket += 1
@@ -141,6 +143,8 @@ class Cluster:
         """Have the owner run ``op`` for ``session``; its answer comes back in order."""
         if request_id:
             self._expect_answer(owner, session, request_id)
+        else:
+            self.origins_at.setdefault(session.id, set()).add(owner)
         self.mesh.send(owner, routing.control("serve", what=op, connection=session.id,
                                               user=session.user, rid=request_id, **fields))
 

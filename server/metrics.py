@@ -44,6 +44,14 @@ def render(relay: Relay) -> str:
     out.append(f"fenghuo_users_online {len(relay.users)}")
     family("fenghuo_channels", "gauge", "Channels held in memory.")
     out.append(f"fenghuo_channels {len(relay.hub.channels)}")
+    if relay.cluster is not None:
+        cluster = relay.cluster
+        family("fenghuo_remote_origins", "gauge",
+               "Other workers' connections this worker has answered for (as a channel owner).")
+        out.append(f"fenghuo_remote_origins {len(cluster.remote)}")
+        family("fenghuo_forwarded_waiting", "gauge",
+               "Local connections with requests forwarded to other workers and unanswered.")
+        out.append(f"fenghuo_forwarded_waiting {len(cluster.forwarded)}")
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

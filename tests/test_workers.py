@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from conftest import RelayProcess, start_relay
+from fenghuo.channels import direct_channel
 from fenghuo.core import ContentType
+from fenghuo.server.routing import owner_of
 
 import fenghuo
-from bench.targets import Fenghuo
+from bench.targets import Fenghuo, free_ports
 
 WORKERS = 3
 
@@ -35,6 +39,13 @@ def worker_pids(supervisor: int) -> set[int]:
             if int(ppid) == supervisor and state != "Z":
                 pids.add(int(entry.name))
     return pids
+
+
+def worker_gauge(relay: RelayProcess, worker: int, name: str) -> float:
+    """A gauge from worker ``worker``'s own /metrics."""
+    url = f"http://127.0.0.1:{relay.metrics_port + 1 + worker}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
 def listening(relay: RelayProcess) -> int:
@@ -63,7 +74,10 @@ async def clients_on_every_worker(relay: RelayProcess, users: list[str],
 
 @pytest.fixture
 def workers_relay(tmp_path):
-    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", "0")
+    # Worker k serves its own /metrics on the supervisor's port + 1 + k.
+    metrics = free_ports(WORKERS + 1)
+    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", str(metrics))
+    relay.metrics_port = metrics
     # The port answers as soon as one worker listens; wait for all of them.
     deadline = time.monotonic() + 15
     while listening(relay) < WORKERS and time.monotonic() < deadline:
@@ -110,13 +124,17 @@ async def test_a_group_spread_over_workers_gets_every_message_in_one_gap_free_or
 
 
 async def test_direct_chat_presence_and_receipts_cross_workers(workers_relay):
-    users = ["ann", "bob", "cat", "dan"]
-    clients = await clients_on_every_worker(workers_relay, users)
-    ann, bob = clients["ann"], clients["bob"]
+    clients = await clients_on_every_worker(workers_relay, ["ann", "cat", "dan"])
+    ann = clients["ann"]
+    # Someone whose chat with ann another worker than ann's sequences.
+    bob_name = next(name for name in (f"bob{i}" for i in range(100))
+                    if owner_of(direct_channel("ann", name), WORKERS) != ann.welcome["worker"])
+    bob = clients[bob_name] = await workers_relay.client(bob_name).connect()
+    users = list(clients)
     presence = await ann.presence(users)
     assert all(presence[u]["online"] for u in users)
 
-    sent = [await ann.send("bob", f"hello {k}") for k in range(20)]
+    sent = [await ann.send(bob_name, f"hello {k}") for k in range(20)]
     received = [await bob.next_message(timeout=5) for _ in range(20)]
     assert [m.seq for m in received] == [a.seq for a in sent] == list(range(1, 21))
     receipts: list = []
@@ -125,14 +143,24 @@ async def test_direct_chat_presence_and_receipts_cross_workers(workers_relay):
     deadline = time.monotonic() + 5
     while not receipts and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    assert receipts and receipts[0].seq == 20 and receipts[0].user == "bob"
+    assert receipts and receipts[0].seq == 20 and receipts[0].user == bob_name
+    owner = owner_of(received[-1].channel, WORKERS)
+    assert worker_gauge(workers_relay, owner, "fenghuo_remote_origins") >= 1, "ann's publishes went there"
     assert (await bob.unread())[received[-1].channel] == 0
 
     await bob.close()
     await asyncio.sleep(0.3)
-    assert not (await clients["cat"].presence(["bob"]))["bob"]["online"]
+    assert not (await clients["cat"].presence([bob_name]))[bob_name]["online"]
     for user in ("ann", "cat", "dan"):
         await clients[user].close()
+    # What owners kept for other workers' connections goes with those connections.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+            worker_gauge(workers_relay, w, "fenghuo_remote_origins") for w in range(WORKERS)):
+        await asyncio.sleep(0.05)
+    for w in range(WORKERS):
+        assert worker_gauge(workers_relay, w, "fenghuo_remote_origins") == 0
+        assert worker_gauge(workers_relay, w, "fenghuo_forwarded_waiting") == 0
 
 
 async def test_a_few_thousand_connections_spread_over_the_workers(workers_relay):
