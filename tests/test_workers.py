@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 from conftest import RelayProcess, start_relay
-from fenghuo.channels import direct_channel
 from fenghuo.core import ContentType
 from fenghuo.server.routing import owner_of
 
 import fenghuo
 from bench.targets import Fenghuo, free_ports
+from fenghuo.channels import direct_channel
 
 WORKERS = 3
 
@@ -45,7 +45,7 @@ def worker_gauge(relay: RelayProcess, worker: int, name: str) -> float:
     """A gauge from worker ``worker``'s own /metrics."""
     url = f"http://127.0.0.1:{relay.metrics_port + 1 + worker}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
 
 
 def listening(relay: RelayProcess) -> int:
