@@ -86,6 +86,7 @@ class Plan:
     connections: int
     generators: int
     group_size: int = 1000
+    direct_chats: int = 256
     dm_rate: float = 2000.0
     group_rate: float = 10.0
     payload: int = 16
@@ -98,6 +99,19 @@ class Plan:
         """Global indexes of the users generator ``generator`` connects."""
         n, g = self.connections, self.generators
         return range(generator * n // g, (generator + 1) * n // g)
+
+    def direct_chats_of(self, generator: int) -> range:
+        """The users its bot writes to: ``direct_chats`` of them, spread over its users.
+
+        A fixed set, each chat written to again and again, as in a chat
+        service whose conversations already exist: the first message of a
+        direct chat creates the channel on every worker, a cost the warm-up
+        pays (each chat gets a message every ``direct_chats / (dm_rate /
+        generators)`` seconds, 1.5 s by default).  A small set also keeps the
+        Pacer's ticks cheap: it visits every link it paces at every tick.
+        """
+        users = self.users(generator)
+        return users[::max(1, len(users) // self.direct_chats)][:self.direct_chats]
 
     def groups(self, generator: int) -> dict[int, range]:
         """The groups generator ``generator``'s bot owns: group number -> its members.
@@ -139,7 +153,7 @@ def delivery_wires(target: Fenghuo, plan: Plan, generator: int) -> tuple[list[Wi
     """The bot's wires to each of its users (direct) and each of its groups."""
     bot = bot_id(generator)
     direct = [target.wire(target.direct(bot, user_id(n)), bot, plan.payload)
-              for n in plan.users(generator)]
+              for n in plan.direct_chats_of(generator)]
     groups = [target.wire(group_channel(target, k), bot, plan.payload)
               for k in plan.groups(generator)]
     sizes = {(w.delivery_size, w.delivery_stamp) for w in direct + groups}
@@ -176,7 +190,7 @@ class Generator:
         self.target.port = spec["port"]            # started by the parent
         self.sources = source_addresses(self.index, len(self.plan.users(self.index)))
         self.direct_wires, self.group_wires = delivery_wires(self.target, self.plan, self.index)
-        self.wire = self.direct_wires[0]
+        self.wire = (self.direct_wires + self.group_wires)[0]
         self.recorder = Recorder(1 << 20)
         self.recorder.active = False
         self.members: list[Link] = []
@@ -256,19 +270,8 @@ class Generator:
             channels.append(link)
         replies = Link()
         replies.attach(stream)
-        direct = channels[:len(self.direct_wires)]
-        return replies, self._spread(direct), channels[len(self.direct_wires):]
-
-    def _spread(self, direct: list[Link]) -> list[Link]:
-        """The direct channels paced in a run: about one message each, spread over the users.
-
-        A Pacer visits every one of its links at every tick; giving it only
-        the links that will publish during the run keeps a tick cheap.
-        """
-        rate = self.plan.dm_rate / self.plan.generators
-        wanted = max(1, math.ceil(rate * (self.plan.warmup + self.plan.duration)))
-        step = max(1, len(direct) // wanted)
-        return direct[::step][:wanted]
+        split = len(self.direct_wires)
+        return replies, channels[:split], channels[split:]
 
     def received(self) -> int:
         return sum(link.received for link in self.members)
@@ -291,7 +294,6 @@ class Generator:
                   ((direct, self.plan.dm_rate), (groups, self.plan.group_rate))
                   if links and rate > 0]
         pacers = [(Pacer(links, rate / len(links)), rate) for links, rate in pacing]
-        self.start_bytes = self.received()
         tasks = [asyncio.create_task(pace(pacer, rate)) for pacer, rate in pacers]
         try:
             await asyncio.sleep(self.plan.warmup)
@@ -381,6 +383,9 @@ async def child_main() -> int:
         seconds = await generator.connect_members()
         replies, direct, groups = await generator.connect_bot()
         links = [replies, *generator.members]
+        # Counted from here: no bot publishes before every generator is connected,
+        # while the first bots told to start may publish before this one is told.
+        generator.start_bytes = generator.received()
         emit("connected", connected=len(generator.members), seconds=seconds,
              rss=rss_bytes(os.getpid()), **asdict(generator.stats))
         if await queue.get() != "load":
@@ -799,8 +804,8 @@ def cmd_scale(a: argparse.Namespace) -> int:
 
 def scale(a: argparse.Namespace) -> int:
     """``cmd_scale`` without the handling of Ctrl-C."""
-    plan = Plan(a.connections, a.generators, a.group_size, a.dm_rate, a.group_rate, a.payload,
-                a.warmup, a.duration, a.concurrency, a.connect_timeout)
+    plan = Plan(a.connections, a.generators, a.group_size, a.direct_chats, a.dm_rate,
+                a.group_rate, a.payload, a.warmup, a.duration, a.concurrency, a.connect_timeout)
     machine = check_machine(plan, a.workers)
     status = Status()
     flags = (*RELAY_FLAGS, "--store", a.store, *shlex.split(a.relay))
@@ -847,6 +852,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     p.add_argument("--store", choices=("memory", "sqlite"), default="memory")
     p.add_argument("--group-size", type=int, default=1000, help="members per group")
+    p.add_argument("--direct-chats", type=int, default=256,
+                   help="users each bot writes direct messages to, in turn")
     p.add_argument("--dm-rate", type=float, default=2000.0,
                    help="direct messages per second, all bots together")
     p.add_argument("--group-rate", type=float, default=10.0,
