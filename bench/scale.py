@@ -2,8 +2,8 @@
 
 One ``fenghuo serve --workers W`` and ``G`` load-generator processes (this
 module run with ``--child``), each binding its connections to its own source
-address ``127.0.0.(2+i)`` so that no generator runs short of ephemeral ports,
-and each holding at most ``MAX_PER_GENERATOR`` connections, under the
+addresses ``127.0.k.(2+i)`` (``PER_SOURCE`` each) so that none runs short of
+ephemeral ports, and each holding at most ``MAX_PER_GENERATOR`` connections, under the
 20,000-file limit of a process.  Every connection is an authenticated user,
 member of its direct channel with its generator's publisher (the "bot") and
 of one group of ``--group-size`` users from every generator, created (each
@@ -11,8 +11,9 @@ by one bot) before any member connects.
 A connection refused with ``TRY_AGAIN`` waits as told and tries again.
 
 Once every user is connected the bots publish at fixed rates, direct
-messages to their own users and messages to their groups, and every
-subscriber records publish-to-deliver latency (``bench/_gen.pyx``).  The
+messages to some of their own users and messages to their groups, and every
+subscriber records publish-to-deliver latency (``bench/_gen.pyx``), direct
+and group deliveries apart.  The
 parent reports what the *server* holds (the established connections on
 the relay's port that are open files of its workers, from ``/proc``, and
 their ``fenghuo_connections``), the connect rate, the
@@ -51,6 +52,7 @@ import uvloop
 from fenghuo.server.supervisor import _die_with
 
 from bench._gen import Link, Pacer, Recorder, monotonic_ns
+from bench.geo import _watch_loop_lag
 from bench.loadgen import PERCENTILES, percentiles_ms, rss_bytes
 from bench.targets import Fenghuo, TryAgain, Wire
 
@@ -100,8 +102,24 @@ class Plan:
         n, g = self.connections, self.generators
         return range(generator * n // g, (generator + 1) * n // g)
 
-    def direct_chats_of(self, generator: int) -> range:
-        """The users its bot writes to: ``direct_chats`` of them, spread over its users.
+    @property
+    def group_count(self) -> int:
+        return math.ceil(self.connections / self.group_size)
+
+    @property
+    def quiet_groups(self) -> int:
+        """Groups ``0 .. quiet_groups - 1`` get no messages: their members get direct ones.
+
+        So every delivery's kind is known from who receives it, and latency
+        is reported for direct and for group messages apart (a group message
+        is a thousand deliveries; its spread is not a direct message's).
+        """
+        wanted = math.ceil(self.direct_chats * self.generators / self.group_size)
+        return min(wanted if self.dm_rate > 0 else 0,
+                   self.group_count - (1 if self.group_rate > 0 else 0))
+
+    def direct_chats_of(self, generator: int) -> list[int]:
+        """The users its bot writes to: ``direct_chats`` of its users in the quiet groups.
 
         A fixed set, each chat written to again and again, as in a chat
         service whose conversations already exist: the first message of a
@@ -110,8 +128,8 @@ class Plan:
         generators)`` seconds, 1.5 s by default).  A small set also keeps the
         Pacer's ticks cheap: it visits every link it paces at every tick.
         """
-        users = self.users(generator)
-        return users[::max(1, len(users) // self.direct_chats)][:self.direct_chats]
+        quiet = [n for n in self.users(generator) if n % self.group_count < self.quiet_groups]
+        return quiet[:self.direct_chats]
 
     def groups(self, generator: int) -> dict[int, range]:
         """The groups generator ``generator``'s bot owns: group number -> its members.
@@ -122,9 +140,14 @@ class Plan:
         spread of its deliveries is the relay's fan-out, not one generator
         reading a thousand sockets in turn.
         """
-        count = math.ceil(self.connections / self.group_size)
+        count = self.group_count
         return {k: range(k, self.connections, count)
                 for k in range(generator, count, self.generators)}
+
+    def loud_groups(self, generator: int) -> dict[int, range]:
+        """The groups its bot writes to (not the quiet ones)."""
+        return {k: users for k, users in self.groups(generator).items()
+                if k >= self.quiet_groups}
 
 
 # Every id has one length, and a group's channel name the length of a direct
@@ -155,7 +178,7 @@ def delivery_wires(target: Fenghuo, plan: Plan, generator: int) -> tuple[list[Wi
     direct = [target.wire(target.direct(bot, user_id(n)), bot, plan.payload)
               for n in plan.direct_chats_of(generator)]
     groups = [target.wire(group_channel(target, k), bot, plan.payload)
-              for k in plan.groups(generator)]
+              for k in plan.loud_groups(generator)]
     sizes = {(w.delivery_size, w.delivery_stamp) for w in direct + groups}
     if len(sizes) != 1:
         raise AssertionError(f"deliveries of more than one layout: {sizes}")
@@ -191,8 +214,10 @@ class Generator:
         self.sources = source_addresses(self.index, len(self.plan.users(self.index)))
         self.direct_wires, self.group_wires = delivery_wires(self.target, self.plan, self.index)
         self.wire = (self.direct_wires + self.group_wires)[0]
-        self.recorder = Recorder(1 << 20)
-        self.recorder.active = False
+        self.direct_users = set(self.plan.direct_chats_of(self.index))
+        self.recorders = {"direct": Recorder(1 << 16), "group": Recorder(1 << 20)}
+        for recorder in self.recorders.values():
+            recorder.active = False
         self.members: list[Link] = []
         self.start_bytes = 0
         self.stats = ConnectStats()
@@ -236,7 +261,8 @@ class Generator:
             source = self.sources[n % len(self.sources)]
             stream = await self._retrying(lambda: self.target.connect(user_id(n), (), source))
             if stream is not None:
-                link = Link(self.wire.delivery_size, self.wire.delivery_stamp, self.recorder)
+                kind = "direct" if n in self.direct_users else "group"
+                link = Link(self.wire.delivery_size, self.wire.delivery_stamp, self.recorders[kind])
                 link.attach(stream)
                 self.members.append(link)
 
@@ -287,6 +313,13 @@ class Generator:
                  // self.wire.delivery_size)
             await asyncio.sleep(0.5)
 
+    def record(self, active: bool) -> None:
+        """Start (from no samples) or stop recording latency."""
+        for recorder in self.recorders.values():
+            if active:
+                recorder.clear()
+            recorder.active = active
+
     async def load(self, direct: list[Link], groups: list[Link]) -> dict[str, Any]:
         """Publish at the fixed rates; measure after the warm-up; the run's figures."""
         per_generator = self.plan.generators
@@ -297,17 +330,19 @@ class Generator:
         tasks = [asyncio.create_task(pace(pacer, rate)) for pacer, rate in pacers]
         try:
             await asyncio.sleep(self.plan.warmup)
-            self.recorder.clear()
-            self.recorder.active = True
+            self.record(True)
+            lags: list[float] = []
+            watching = asyncio.create_task(_watch_loop_lag(lags))
             window_bytes = self.received()
             published = sum(link.published for link in direct + groups)
             started = time.perf_counter()
             deadline = started + self.plan.duration
             while (left := deadline - time.perf_counter()) > 0:
                 await asyncio.sleep(min(left, 0.5))
-                emit("loading", samples=len(self.recorder),
+                emit("loading", samples=sum(map(len, self.recorders.values())),
                      delivered=(self.received() - window_bytes) // self.wire.delivery_size)
-            self.recorder.active = False
+            self.record(False)
+            watching.cancel()
             seconds = time.perf_counter() - started
             delivered = (self.received() - window_bytes) // self.wire.delivery_size
             published = sum(link.published for link in direct + groups) - published
@@ -315,13 +350,15 @@ class Generator:
             for pacer, _ in pacers:
                 pacer.running = False
             await asyncio.gather(*tasks)
-        sizes = [len(users) for users in self.plan.groups(self.index).values()]
+        sizes = [len(users) for users in self.plan.loud_groups(self.index).values()]
         expected = (sum(link.published for link in direct)
                     + sum(link.published * size for link, size in zip(groups, sizes)))
-        samples = self.outdir / f"samples-{self.index}.npy"
-        np.save(samples, self.recorder.array())
+        samples = {}
+        for kind, recorder in self.recorders.items():
+            samples[kind] = str(self.outdir / f"samples-{self.index}-{kind}.npy")
+            np.save(samples[kind], recorder.array())
         return {"seconds": seconds, "published": published, "delivered": delivered,
-                "total_expected": expected, "samples": str(samples),
+                "total_expected": expected, "samples": samples, "loop_lags": lags,
                 "closed": sum(link.closed for link in self.members)}
 
 
@@ -694,7 +731,9 @@ class Run:
 
     def load_figures(self) -> dict[str, Any]:
         done = [c.events["done"] for c in self.children]
-        samples = np.concatenate([np.load(d["samples"]) for d in done])
+        by_kind = {kind: np.concatenate([np.load(d["samples"][kind]) for d in done])
+                   for kind in ("direct", "group")}
+        samples = np.concatenate(list(by_kind.values()))
         seconds = max(d["seconds"] for d in done)
         delivered = sum(d["delivered"] for d in done)
         return {
@@ -706,6 +745,11 @@ class Run:
             "total_delivered": int(self.total("received", "total_delivered")),
             "links_closed": sum(d["closed"] for d in done),
             "latency_samples": len(samples), "latency_ms": percentiles_ms(samples),
+            **{f"latency_ms_{kind}": percentiles_ms(s) for kind, s in by_kind.items()},
+            **{f"latency_samples_{kind}": len(s) for kind, s in by_kind.items()},
+            # How late a 10 ms sleep woke in the generators: their own stalls.
+            "generator_loop_lag_ms": percentiles_ms(np.array(
+                [lag for d in done for lag in d["loop_lags"]]) * 1e9),
             "relay_latency_ms": relay_latency(http_get(self.relay.metrics_port, "/metrics")),
         }
 
@@ -777,9 +821,14 @@ def summary(result: dict[str, Any]) -> str:
         (f"load: {load['deliveries_per_s']:,.0f} deliveries/s ({load['published']:,} published in "
          f"{load['seconds']:.1f} s), delivered {load['total_delivered']:,} of "
          f"{load['total_expected']:,} expected, {load['links_closed']} links closed"),
-        "publish-to-deliver: " + (" ".join(f"p{k}={v:.2f}ms" for k, v in load["latency_ms"].items())
-                                  or "no samples") + f" ({load['latency_samples']:,} samples)",
+        *(f"publish-to-deliver, {what}: " + (" ".join(
+            f"p{k}={v:.2f}ms" for k, v in load[f"latency_ms{key}"].items()) or "no samples")
+          + f" ({load[f'latency_samples{key}']:,} samples)"
+          for what, key in (("all", ""), ("direct", "_direct"), ("group", "_group"))),
     ]
+    if load["generator_loop_lag_ms"]:
+        lines.append("generators' event-loop lag: " + " ".join(
+            f"p{k}={v:.2f}ms" for k, v in load["generator_loop_lag_ms"].items()))
     if load["relay_latency_ms"]:
         lines.append("relay's histogram (bucket upper bounds): " + " ".join(
             f"p{k}<={v:g}ms" for k, v in load["relay_latency_ms"].items()))

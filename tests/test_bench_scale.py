@@ -53,11 +53,15 @@ def test_scale_run_holds_every_connection_delivers_and_leaves_nothing_behind(tmp
     assert load["delivered"] > 0 and load["deliveries_per_s"] > 0
     assert load["latency_samples"] > 0 and set(load["latency_ms"]) >= {"50", "90", "99", "99.9"}
     assert 0 < load["latency_ms"]["50"] <= load["latency_ms"]["99"]
+    # Direct and group deliveries are told apart by who receives them.
+    assert load["latency_samples_direct"] > 0 and load["latency_samples_group"] > 0
+    assert (load["latency_samples_direct"] + load["latency_samples_group"]
+            == load["latency_samples"])
     # Every message the bots published reached every member it was meant for.
     assert load["total_delivered"] == load["total_expected"] > 0
     assert load["links_closed"] == 0
     assert result["memory"]["bytes_per_connection"] > 0
-    assert "connections:" in run.stdout and "publish-to-deliver: p50=" in run.stdout
+    assert "connections:" in run.stdout and "publish-to-deliver, all: p50=" in run.stdout
 
     started = result["processes"]
     pids = [started["supervisor"], *started["workers"], *started["generators"]]
