@@ -353,12 +353,15 @@ class Generator:
         sizes = [len(users) for users in self.plan.loud_groups(self.index).values()]
         expected = (sum(link.published for link in direct)
                     + sum(link.published * size for link, size in zip(groups, sizes)))
+        # Samples go to files: a JSON line of them would outgrow the parent's reader.
         samples = {}
         for kind, recorder in self.recorders.items():
             samples[kind] = str(self.outdir / f"samples-{self.index}-{kind}.npy")
             np.save(samples[kind], recorder.array())
+        loop_lags = str(self.outdir / f"loop-lags-{self.index}.npy")
+        np.save(loop_lags, (np.array(lags) * 1e9).astype(np.int64))
         return {"seconds": seconds, "published": published, "delivered": delivered,
-                "total_expected": expected, "samples": samples, "loop_lags": lags,
+                "total_expected": expected, "samples": samples, "loop_lags": loop_lags,
                 "closed": sum(link.closed for link in self.members)}
 
 
@@ -414,7 +417,7 @@ async def child_main() -> int:
     links: list[Link] = []
     try:
         await generator.create_groups()
-        emit("ready", groups=len(generator.group_wires))
+        emit("ready", groups=len(generator.plan.groups(generator.index)))
         if await queue.get() != "connect":
             return 0
         seconds = await generator.connect_members()
@@ -453,6 +456,7 @@ class Child:
     proc: asyncio.subprocess.Process
     log: Path
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reading: asyncio.Task | None = None
 
     async def pump(self) -> None:
         """Keep the latest event of each kind."""
@@ -466,6 +470,9 @@ class Child:
         self.proc.stdin.write(json.dumps({"cmd": cmd}).encode() + b"\n")
 
     def check_alive(self) -> None:
+        """Raise if the generator has exited, or its events can no longer be read."""
+        if self.reading is not None and self.reading.done() and self.reading.exception():
+            raise RuntimeError(f"generator {self.index}'s events: {self.reading.exception()!r}")
         if self.proc.returncode is not None:
             tail = self.log.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"generator {self.index} exited with {self.proc.returncode}:\n{tail}")
@@ -605,7 +612,6 @@ class Run:
     def __init__(self, plan: Plan, relay: Fenghuo, workdir: Path, status: Status) -> None:
         self.plan, self.relay, self.workdir, self.status = plan, relay, workdir, status
         self.children: list[Child] = []
-        self.pumps: list[asyncio.Task] = []
 
     async def spawn(self) -> None:
         for index in range(self.plan.generators):
@@ -617,14 +623,14 @@ class Run:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                     # Its own session: a Ctrl-C reaches the parent only, which stops
                     # everything in order; PDEATHSIG covers a parent killed outright.
-                    start_new_session=True, preexec_fn=_die_with(os.getpid()))
+                    start_new_session=True, preexec_fn=_die_with(os.getpid()), limit=1 << 20)
             child = Child(index, proc, log)
             spec = {"plan": asdict(self.plan), "index": index, "port": self.relay.port,
                     "secret": self.relay.secret, "outdir": str(self.workdir)}
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(spec).encode() + b"\n")
             self.children.append(child)
-            self.pumps.append(asyncio.create_task(child.pump()))
+            child.reading = asyncio.create_task(child.pump())
 
     async def until(self, event: str, timeout: float, show) -> None:
         """Wait until every generator has sent ``event``, showing progress."""
@@ -748,8 +754,8 @@ class Run:
             **{f"latency_ms_{kind}": percentiles_ms(s) for kind, s in by_kind.items()},
             **{f"latency_samples_{kind}": len(s) for kind, s in by_kind.items()},
             # How late a 10 ms sleep woke in the generators: their own stalls.
-            "generator_loop_lag_ms": percentiles_ms(np.array(
-                [lag for d in done for lag in d["loop_lags"]]) * 1e9),
+            "generator_loop_lag_ms": percentiles_ms(
+                np.concatenate([np.load(d["loop_lags"]) for d in done])),
             "relay_latency_ms": relay_latency(http_get(self.relay.metrics_port, "/metrics")),
         }
 
@@ -764,8 +770,9 @@ class Run:
             except TimeoutError:
                 kill_group(child.proc.pid)
                 await child.proc.wait()
-        for pump in self.pumps:
-            pump.cancel()
+        for child in self.children:
+            if child.reading is not None:
+                child.reading.cancel()
 
 
 def kill_group(pid: int) -> None:
