@@ -17,7 +17,6 @@ import json
 import re
 import secrets
 import shlex
-import subprocess
 import sys
 import time
 import urllib.request
@@ -52,14 +51,6 @@ def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = ()) -> Ta
         from bench.peers.redis import Redis
         return Redis()
     raise ValueError(f"unknown target {name!r}")
-
-
-def start_relay(data_dir: str, secret: str, *flags: str) -> tuple[subprocess.Popen, int, int]:
-    """A ``fenghuo serve`` pinned to CPU 0: (process, port, metrics port)."""
-    relay = Fenghuo(secret, flags)
-    relay.start(Path(data_dir))
-    assert relay.proc is not None
-    return relay.proc, relay.port, relay.metrics_port
 
 
 def server_latency(metrics_port: int) -> dict[str, float]:

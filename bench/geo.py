@@ -41,7 +41,7 @@ import orjson
 import uvloop
 
 import fenghuo
-from bench.__main__ import server_latency, start_relay
+from bench.__main__ import server_latency
 from bench.netem import (
     ChunkRecord,
     Direction,
@@ -50,7 +50,7 @@ from bench.netem import (
     Proxy,
     clock,
 )
-from bench.targets import GENERATOR_CPU, pin
+from bench.targets import GENERATOR_CPU, Fenghuo, pin
 from fenghuo.protocol import (
     FrameReader,
     FrameType,
@@ -516,14 +516,14 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, default)
     secret = secrets.token_urlsafe(32)
     with TemporaryDirectory() as data_dir:
-        proc, port, metrics_port = start_relay(data_dir, secret, *shlex.split(args.relay))
+        relay = Fenghuo(secret, tuple(shlex.split(args.relay)))
+        relay.start(Path(data_dir))
         try:
             pin(GENERATOR_CPU)
-            pairs, loop_lag = uvloop.run(measure(port, secret, args))
-            relay_histogram = server_latency(metrics_port)
+            pairs, loop_lag = uvloop.run(measure(relay.port, secret, args))
+            relay_histogram = server_latency(relay.metrics_port)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            relay.stop()
     verdicts = _verdicts(pairs, args.catchup)
     print(f"relay in {args.relay_region}; {args.messages} messages per pair at "
           f"{args.rate:g}/s; delays x{args.scale:g}; times in ms")
