@@ -316,7 +316,7 @@ async def _progress(pairs: list[Pair], expected: int, catchups: int) -> None:
 _LAG_PROBE_S = 0.010
 
 
-async def _watch_loop_lag(lags: list[float]) -> None:
+async def watch_loop_lag(lags: list[float]) -> None:
     """How late a 10 ms sleep wakes, again and again: this process's own stalls."""
     while True:
         asleep = clock()
@@ -344,7 +344,7 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace
         lags: list[float] = []
         watchers = [asyncio.ensure_future(_progress(
             pairs, len(pairs) * args.messages, len(pairs) * args.catchup)),
-            asyncio.ensure_future(_watch_loop_lag(lags))]
+            asyncio.ensure_future(watch_loop_lag(lags))]
         try:
             await asyncio.gather(*(_run_pair(world, pair, args, index / len(pairs))
                                    for index, pair in enumerate(pairs)))

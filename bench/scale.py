@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 import uvloop
-from fenghuo.server.supervisor import _die_with
+from fenghuo.server.supervisor import die_with
 
 from bench._gen import Link, Pacer, Recorder, monotonic_ns
-from bench.geo import _watch_loop_lag
+from bench.geo import watch_loop_lag
 from bench.loadgen import PERCENTILES, percentiles_ms, rss_bytes
 from bench.targets import Fenghuo, TryAgain, Wire
 
@@ -332,7 +332,7 @@ class Generator:
             await asyncio.sleep(self.plan.warmup)
             self.record(True)
             lags: list[float] = []
-            watching = asyncio.create_task(_watch_loop_lag(lags))
+            watching = asyncio.create_task(watch_loop_lag(lags))
             window_bytes = self.received()
             published = sum(link.published for link in direct + groups)
             started = time.perf_counter()
@@ -623,7 +623,7 @@ class Run:
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                     # Its own session: a Ctrl-C reaches the parent only, which stops
                     # everything in order; PDEATHSIG covers a parent killed outright.
-                    start_new_session=True, preexec_fn=_die_with(os.getpid()), limit=1 << 20)
+                    start_new_session=True, preexec_fn=die_with(os.getpid()), limit=1 << 20)
             child = Child(index, proc, log)
             spec = {"plan": asdict(self.plan), "index": index, "port": self.relay.port,
                     "secret": self.relay.secret, "outdir": str(self.workdir)}

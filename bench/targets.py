@@ -343,9 +343,9 @@ class Fenghuo(FenghuoWire):
             self._spawn(cmd)
             return
         # The supervisor gets SIGTERM if this process dies (its workers get it from it).
-        from fenghuo.server.supervisor import _die_with
+        from fenghuo.server.supervisor import die_with
         with open(workdir / "relay.log", "ab") as log:
-            self._spawn([*cmd, "--workers", str(self.workers)], preexec=_die_with(os.getpid()),
+            self._spawn([*cmd, "--workers", str(self.workers)], preexec=die_with(os.getpid()),
                         stderr=log, start_new_session=True)
         assert self.proc is not None
         wait_healthy(self.proc, f"http://{self.host}:{self.metrics_port}/healthz")

@@ -169,7 +169,7 @@ class _Run:
         try:
             # The loop's only other threads are libuv's idle resolver pool.
             proc = subprocess.Popen(argv, env=env, pass_fds=fds,
-                                    preexec_fn=_die_with(os.getpid()))  # noqa: PLW1509
+                                    preexec_fn=die_with(os.getpid()))  # noqa: PLW1509
         except OSError as exc:
             log.error("worker failed to start", extra={"worker": worker.index, "error": str(exc)})
             worker.proc, worker.returncode = None, 127
@@ -325,7 +325,7 @@ class _Run:
         return out
 
 
-def _die_with(parent_pid: int) -> Callable[[], None]:
+def die_with(parent_pid: int) -> Callable[[], None]:
     """Child-side setup: get SIGTERM when the supervisor dies, even by SIGKILL.
 
     Without it a killed supervisor leaves workers serving with no one to
