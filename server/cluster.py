@@ -6,19 +6,28 @@ worker owns the channel, else forwarded.  This module does the rest:
 * carries forwarded publishes and requests to the owner and their answers
   back, holding a connection's later replies until the forwarded requests
   before them are answered;
-* applies what owners broadcast: MESSAGE frames to replica channels, group
-  records, read cursors, presence;
-* when a peer restarts, answers what was forwarded to it and lost.
+* keeps replicas of the channels its own sessions need, and only those: a
+  worker asks a channel's owner for it (*interest*) when a session here first
+  subscribes, and a session starts receiving it once the replica has caught
+  up (*ready*); an owner sends a channel's messages only to the workers that
+  asked;
+* applies what owners share with every worker: group records, read cursors,
+  presence, new direct chats;
+* when a peer restarts, answers what was forwarded to it and lost, and asks
+  it again for the channels it owns.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fenghuo.core import (
+    Channel,
+    ChannelKind,
     Connection,
     ErrorCode,
     FrameType,
@@ -27,6 +36,7 @@ from fenghuo.core import (
     encode_error,
 )
 from fenghuo.server import routing
+from fenghuo.server.frames import message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
 
 from fenghuo.protocol import encode_json
@@ -41,13 +51,28 @@ LOST_TO_RESTART = ("the worker that owns this channel restarted before answering
                    "retry (an idempotency key makes a publish safe to retry)")
 
 
+# The "owner" of a session's gates in :attr:`_Forwarded.waiting`: this worker.
+HERE = -1
+
+
+@dataclass
+class _Gate:
+    """A reply (WELCOME, a SUBSCRIBE's RESULT) that waits until channels are ready here."""
+
+    ticket: int
+    channels: tuple[Channel, ...] = ()
+    open: Callable[[], None] | None = None       # None until the gate's channels are known
+
+
 @dataclass
 class _Forwarded:
-    """A session's requests that wait for other workers' answers."""
+    """A session's requests that wait: for other workers' answers, or for
+    channels to be ready here (its gates)."""
 
     next_ticket: int = 0
     waiting: dict[int, deque[tuple[int, int]]] = field(default_factory=dict)  # owner -> (ticket, rid)
     held: deque[tuple[int, bytes]] = field(default_factory=deque)           # (last ticket before, reply)
+    gates: deque[_Gate] = field(default_factory=deque)
 
     def oldest(self) -> int | None:
         tickets = [q[0][0] for q in self.waiting.values() if q]
@@ -72,10 +97,13 @@ class Cluster:
         self.remote_devices: dict[str, dict[int, int]] = {}
         self.peer_generations: dict[int, int] = {}
         self.pending_parts: list[tuple[Any, int, str]] = []   # (channel, seq, user)
-        # Per replica channel, the last seq fanned out here.  A replica created
-        # from the store may already hold a frame when its broadcast arrives:
-        # it is in the ring but nobody here has been sent it yet.
-        self.delivered: dict[Any, int] = {}
+        # Owner side: channel -> the other workers that asked for its messages.
+        self.interested: dict[Channel, set[int]] = {}
+        # Replica side: channels whose owner sends them here, caught up; and
+        # channels asked for, with what waits for them to be ready.
+        self.ready_here: set[Channel] = set()
+        self.warming: dict[Channel, list[Callable[[], None]]] = {}
+        self.replica_messages = 0                        # MESSAGE records applied here
 
     # ------------------------------------------------------------ lifecycle
 
@@ -116,6 +144,99 @@ class Cluster:
         if session.user is not None:
             self._share_presence(session.user)
 
+    # ------------------------------------------------------------ interest
+
+    def ready(self, ch: Channel) -> bool:
+        """Whether ``ch`` is complete here: owned here, or a replica fed by its owner."""
+        return ch in self.ready_here or self.bus.owns(ch)
+
+    def when_ready(self, ch: Channel, action: Callable[[], None]) -> None:
+        """Run ``action`` once ``ch`` is ready here, asking its owner for it if need be."""
+        if self.ready(ch):
+            action()
+            return
+        waiting = self.warming.get(ch)
+        if waiting is None:
+            waiting = self.warming[ch] = []
+            self._ask_owner(ch)
+        waiting.append(action)
+
+    def _ask_owner(self, ch: Channel) -> None:
+        # The owner answers with the frames after our seq, then "warm"; its
+        # live messages follow on the same ring, so nothing falls between.
+        self.mesh.send(self.owner_of(ch.name),
+                       routing.control("interest", channel=ch.name, after=ch.seq))
+
+    def _interest(self, source: int, name: str, after: int) -> None:
+        """Owner side: from now on worker ``source`` gets ``name``'s messages."""
+        ch = self.relay.ensure_channel(name)
+        self.interested.setdefault(ch, set()).add(source)
+        # The ring holds what has been delivered; seqs after it (waiting for
+        # the disk) reach ``source`` as live messages, now that it asked.
+        for frame in ch.ring.since(after):
+            self.mesh.send(source, routing.message(ch.key, message_seq(frame), frame))
+        self.mesh.send(source, routing.control("warm", channel=name, head=ch.ring.last))
+
+    def _warm(self, name: str, head: int) -> None:
+        """Replica side: the owner sent all it holds of ``name``; live messages follow."""
+        ch = self.relay.ensure_channel(name)
+        if head and ch.seq != head:
+            # What the owner's ring no longer held (the store has it), or a
+            # replica left ahead by an owner that restarted without a store.
+            # (0: nothing delivered yet, or a ring retention emptied.)
+            ch.ring.clear()
+            ch.seq = head
+        self.ready_here.add(ch)
+        for action in self.warming.pop(ch, ()):
+            action()
+
+    def created(self, ch: Channel) -> None:
+        """A channel appeared here; a direct chat's owner tells every worker, so a
+        participant online anywhere is subscribed (and its worker asks for it)."""
+        if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
+            self.share("direct", channel=ch.name)
+
+    # ------------------------------------------------------------ gates
+
+    def gate(self, session: Session) -> None:
+        """Hold ``session``'s replies and deliveries until :meth:`open_gate`'s channels are ready."""
+        pending = self._pending(session)
+        pending.waiting.setdefault(HERE, deque()).append((pending.next_ticket, 0))
+        pending.gates.append(_Gate(pending.next_ticket))
+        pending.next_ticket += 1
+
+    def gated(self, session: Session) -> bool:
+        pending = self.forwarded.get(session.id)
+        return pending is not None and bool(pending.gates)
+
+    def open_gate(self, session: Session, channels: tuple[Channel, ...],
+                  open_: Callable[[], None]) -> None:
+        """Run ``open_`` (the reply, then catch-up) once ``channels`` are ready here
+        and the gates before this one have opened; later replies wait for it."""
+        pending = self.forwarded[session.id]
+        gate = pending.gates[-1]
+        gate.channels, gate.open = channels, open_
+        for ch in channels:
+            if not self.ready(ch):
+                self.when_ready(ch, lambda: self._open_gates(session))
+        self._open_gates(session)
+
+    def _open_gates(self, session: Session) -> None:
+        pending = self.forwarded.get(session.id)
+        if pending is None or session.closing:
+            return                                   # the client left meanwhile
+        opened = False
+        while (pending.gates and pending.gates[0].open is not None
+               and all(self.ready(ch) for ch in pending.gates[0].channels)):
+            gate = pending.gates.popleft()
+            pending.waiting[HERE].popleft()
+            gate.open()
+            opened = True
+        if opened:
+            if not pending.gates:
+                self.relay.go_live_ready(session)
+            self._release_held(session, pending)
+
     # ------------------------------------------------------------ forwarding
 
     def _pending(self, origin: Connection) -> _Forwarded:
@@ -155,10 +276,18 @@ class Cluster:
         if session is None or pending is None:
             return                                  # the client left meanwhile
         queue = pending.waiting.get(source)
-        if queue:
-            queue.popleft()
-        session.send(frame)
+        ticket = queue.popleft()[0] if queue else pending.next_ticket
+        self._send_answer(session, pending, ticket, frame)
         self._release_held(session, pending)
+
+    @staticmethod
+    def _send_answer(session: Session, pending: _Forwarded, ticket: int, frame: bytes) -> None:
+        # Answers of different owners may pass each other (PROTOCOL.md §1), but
+        # none passes a gate before it: WELCOME is a client's first frame.
+        if pending.gates and pending.gates[0].ticket < ticket:
+            bisect.insort(pending.held, (ticket - 1, frame), key=lambda held: held[0])
+        else:
+            session.send(frame)
 
     def _release_held(self, session: Session, pending: _Forwarded) -> None:
         oldest = pending.oldest()
@@ -180,8 +309,13 @@ class Cluster:
 
     # ------------------------------------------------------------ broadcasting
 
-    def _broadcast_message(self, ch: Any, frame: bytes) -> None:
-        self.mesh.broadcast(routing.message(ch.key, ch.ring.last, frame))
+    def _broadcast_message(self, ch: Channel, frame: bytes) -> None:
+        """Owner side: a message just sequenced here, to the workers that asked for it."""
+        peers = self.interested.get(ch)
+        if peers:
+            record = routing.message(ch.key, ch.ring.last, frame)
+            for peer in peers:
+                self.mesh.send(peer, record)
 
     def share(self, op: str, **fields: Any) -> None:
         """Tell every other worker about a change of shared state."""
@@ -224,18 +358,17 @@ class Cluster:
 
     def _apply_message(self, name: str, seq: int, frame: bytes) -> None:
         ch = self.relay.ensure_channel(name)
-        if seq <= self.delivered.get(ch, seq - 1):
-            return                                   # a second copy (a restarted owner)
-        self.delivered[ch] = seq
         if seq <= ch.seq:
-            self.relay.hub.fan_out(ch, frame)        # the ring has it from the store
-        else:
-            if ch.seq and seq != ch.seq + 1:
-                # The owner restarted and lost broadcasts it had not pushed; the
-                # store has them, the ring must not pretend to.
+            return                                   # a second copy (a restarted owner)
+        if ch.seq and seq != ch.seq + 1:
+            # Catching up past what the owner's ring still held, or an owner
+            # that restarted and lost messages it had not sent: the store has
+            # them, the ring must not pretend to.
+            if ch not in self.warming:
                 log.warning("replica gap", extra={"channel": name, "have": ch.seq, "got": seq})
-                ch.ring.clear()
-            self.relay.hub.apply_replica(ch, seq, frame)
+            ch.ring.clear()
+        self.relay.hub.apply_replica(ch, seq, frame)
+        self.replica_messages += 1
         if self.pending_parts:
             self._run_parts()
 
@@ -257,11 +390,26 @@ class Cluster:
             del self.remote[key]
         for connection, pending in list(self.forwarded.items()):
             session = self.sessions.get(connection)
-            for _, rid in pending.waiting.pop(peer, ()):
+            for ticket, rid in pending.waiting.pop(peer, ()):
                 if session is not None:
-                    session.send(encode_error(ErrorCode.INTERNAL, LOST_TO_RESTART, rid))
+                    self._send_answer(session, pending, ticket,
+                                      encode_error(ErrorCode.INTERNAL, LOST_TO_RESTART, rid))
             if session is not None:
                 self._release_held(session, pending)
+        self._renew_interest(peer)
+
+    def _renew_interest(self, peer: int) -> None:
+        """A restarted ``peer`` knows nothing of who asked it for what, nor (without
+        a store) of the direct chats it owned: ask again, tell again."""
+        for peers in self.interested.values():
+            peers.discard(peer)
+        for ch in [*self.ready_here, *self.warming]:
+            if self.owner_of(ch.name) == peer:
+                self._ask_owner(ch)
+        if self.relay.store is None:
+            for ch in list(self.relay.hub.channels.values()):
+                if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
+                    self.mesh.send(peer, routing.control("direct", channel=ch.name))
 
     def remote_devices_drop(self, peer: int) -> None:
         for user in [u for u, d in self.remote_devices.items() if peer in d]:
@@ -290,6 +438,12 @@ class Cluster:
             relay.reads.advance(body["channel"], body["user"], body["seq"])
         elif op == "closed":
             self.remote.pop((source, body["connection"]), None)
+        elif op == "interest":
+            self._interest(source, body["channel"], body["after"])
+        elif op == "warm":
+            self._warm(body["channel"], body["head"])
+        elif op == "direct":
+            relay.ensure_channel(body["channel"])
         elif op == "serve":
             self._serve(source, body)
         else:

@@ -52,6 +52,12 @@ def render(relay: Relay) -> str:
         family("fenghuo_forwarded_waiting", "gauge",
                "Local connections with requests forwarded to other workers and unanswered.")
         out.append(f"fenghuo_forwarded_waiting {len(cluster.forwarded)}")
+        family("fenghuo_replica_channels", "gauge",
+               "Channels other workers own that this worker receives (its sessions asked).")
+        out.append(f"fenghuo_replica_channels {len(cluster.ready_here)}")
+        family("fenghuo_replica_messages_total", "counter",
+               "Messages other workers sequenced and sent here for this worker's sessions.")
+        out.append(f"fenghuo_replica_messages_total {cluster.replica_messages}")
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import orjson
 
@@ -159,7 +159,7 @@ class Relay:
             self.memberships[user][ch] = record["joined"].get(user, 0)
         assert self.cluster is not None
         for user in removed:
-            if ch.seq >= seq:
+            if ch.seq >= seq or not self.cluster.ready(ch):
                 self.part_here(user, ch)
             else:
                 self.cluster.pending_parts.append((ch, seq, user))
@@ -318,24 +318,82 @@ class Relay:
 
     # ------------------------------------------------------------ subscriptions
 
-    @staticmethod
-    def subscribe(session: Session, ch: Channel) -> None:
-        """Reference-counted: a channel reached two ways is received once."""
+    def subscribe(self, session: Session, ch: Channel) -> None:
+        """Reference-counted: a channel reached two ways is received once.
+
+        With several workers a channel not yet ready here (see
+        :meth:`Cluster.when_ready`), or any channel of a session whose reply is
+        still held (a gate), goes live later, in :meth:`go_live`.
+        """
         count = session.subscriptions.get(ch, 0)
         session.subscriptions[ch] = count + 1
-        if count == 0:
+        if count:
+            return
+        cluster = self.cluster
+        if cluster is None or (cluster.ready(ch) and not cluster.gated(session)):
             ch.subscribers.add(session)
+            return
+        if session.pending_live is None:
+            session.pending_live = set()
+        session.pending_live.add(ch)
+        if not cluster.ready(ch):
+            cluster.when_ready(ch, lambda: self._ready_later(session))
 
-    @staticmethod
-    def unsubscribe(session: Session, ch: Channel, *, entirely: bool = False) -> None:
+    def _ready_later(self, session: Session) -> None:
+        assert self.cluster is not None
+        if not session.closing and not self.cluster.gated(session):
+            self.go_live_ready(session)
+
+    def unsubscribe(self, session: Session, ch: Channel, *, entirely: bool = False) -> None:
         count = session.subscriptions.get(ch, 0)
         if count == 0:
             return
         if count == 1 or entirely:
             del session.subscriptions[ch]
             ch.subscribers.discard(session)
+            if session.pending_live is not None:
+                session.pending_live.discard(ch)
         else:
             session.subscriptions[ch] = count - 1
+
+    def when_live(self, session: Session, channels: tuple[Channel, ...],
+                  open_: Callable[[], None]) -> None:
+        """Run ``open_`` (a reply, then :meth:`go_live`) once ``channels`` can be
+        delivered here; at once with one worker.  :meth:`hold` came first."""
+        if self.cluster is None:
+            open_()
+        else:
+            self.cluster.open_gate(session, channels, open_)
+
+    def hold(self, session: Session) -> None:
+        """Hold ``session``'s replies and new subscriptions until :meth:`when_live` opens."""
+        if self.cluster is not None:
+            self.cluster.gate(session)
+
+    def go_live(self, session: Session, channels: Iterable[Channel],
+                positions: dict[str, int] | None) -> None:
+        """Deliver ``channels`` to ``session``: what it missed after ``positions``
+        (none when None), then live."""
+        waiting = session.pending_live
+        cluster = self.cluster
+        for ch in channels:
+            if ch not in session.subscriptions or (cluster is not None and not cluster.ready(ch)):
+                continue
+            if waiting is not None and ch in waiting:
+                waiting.discard(ch)
+                ch.subscribers.add(session)
+            if positions is not None:
+                        self.catch_up(session, ch, positions.get(ch.name, 0))
+
+    def go_live_ready(self, session: Session) -> None:
+        """Deliver the channels ``session`` joined while they were not ready here:
+        from its position, or from when it joined."""
+        waiting = session.pending_live
+        if not waiting:
+            return
+        assert self.cluster is not None
+        ready = [ch for ch in waiting if self.cluster.ready(ch)]
+        self.go_live(session, ready, session.positions or {})
 
     def org_chain(self, name: str) -> list[Channel]:
         """``name`` and its ancestors, root first: what a subscriber of ``name`` receives."""
@@ -493,8 +551,10 @@ class Relay:
         if cn.kind == ChannelKind.DIRECT_CHAT:
             ch.info = cn
             for user in cn.participants:
+                self.memberships.setdefault(user, {})[ch] = 0   # a direct chat has no "before"
                 self.join(user, ch)
-                self.memberships[user][ch] = 0      # a direct chat has no "before"
+        if self.cluster is not None:
+            self.cluster.created(ch)
         return ch
 
     def history_channel(self, session: Session, name: str) -> Channel:
@@ -521,6 +581,7 @@ class Relay:
     async def history(self, ch: Channel, limit: int, before: int | None, after: int | None,
                       since_us: int | None, until_us: int | None) -> list[bytes]:
         """A page of ``ch``'s messages, oldest first: from the ring where it reaches, else the store."""
+        await self.ready(ch)
         if since_us is not None or until_us is not None:
             since, until = since_us or 0, until_us or (1 << 63)
             if self.store is not None:
@@ -538,6 +599,14 @@ class Relay:
         if ring is not None or self.store is None:
             return [f for f in (ring or ch.ring.since(low)) if message_seq(f) < high][-limit:]
         return await self.store.read_latest(ch.name, high, limit)
+
+    async def ready(self, ch: Channel) -> None:
+        """Wait until ``ch`` is complete in this process (a replica another worker feeds)."""
+        if self.cluster is None or self.cluster.ready(ch):
+            return
+        done = asyncio.get_running_loop().create_future()
+        self.cluster.when_ready(ch, lambda: done.done() or done.set_result(None))
+        await done
 
     def readable(self, session: Session, name: str) -> Channel:
         """The existing channel ``name`` if ``session`` may read it."""

@@ -3,14 +3,18 @@
 Every channel has one owning worker (``owner_of``): it alone gives the
 channel's seqs, keeps its idempotency window and writes its messages to the
 store, so a channel's order is one process's order whatever worker its
-publishers are on.  Every other worker keeps a replica of the channel (its
-ring and seq, fed by the owner's broadcasts) for its own subscribers and
-catch-up.
+publishers are on.  A worker whose sessions need a channel it does not own
+asks the owner for it once (control ``interest``, with the last seq it
+holds); the owner answers with the frames after that seq and ``warm``, and
+from then on sends it every message of the channel.  That worker's replica
+(ring and seq) serves its own subscribers and catch-up; a worker none of
+whose sessions ever needed a channel receives none of its messages.
 
 A record is one kind byte and a body:
 
 ========  ==================================================================
-``M``     a sequenced MESSAGE frame, broadcast by the channel's owner, with
+``M``     a sequenced MESSAGE frame, sent by the channel's owner to the
+          workers that asked for the channel, with
           its seq and channel name ahead (the frame may be compressed)
 ``P``     a publish forwarded to the owner: connection id, request id,
           receive time, sender, channel, the PUBLISH body
@@ -19,7 +23,8 @@ A record is one kind byte and a body:
 ``F``     a frame for one connection (a reply to a forwarded request)
 ``U``     every frame of a user's sessions: user, frame (receipt events)
 ``H``     a worker's first record on each ring: index, generation
-``C``     control, JSON: presence, groups, read cursors, forwarded requests
+``C``     control, JSON: presence, groups, read cursors, new direct chats,
+          interest and warm, forwarded requests
 ========  ==================================================================
 
 Per-message records (``M``, ``P``, ``A``) have fixed binary headers; control

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from fenghuo.channels import InvalidChannel, group_channel, is_user_id, parse_channel
 from fenghuo.core import (
     FRAME_HEADER_SIZE,
+    Channel,
     ChannelKind,
     Connection,
     ErrorCode,
@@ -63,12 +64,14 @@ class Session(Connection, asyncio.BufferedProtocol):
     # Slots, and containers created on first use: most connections never
     # subscribe by name, watch presence or read the store, and an empty set
     # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
-    __slots__ = ("background", "explicit", "positions", "relay", "watching")
+    __slots__ = ("background", "explicit", "pending_live", "positions", "relay", "watching")
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay
         self.explicit: set[str] | None = None          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
+        # Subscribed channels not yet delivered (several workers: Relay.subscribe).
+        self.pending_live: set[Channel] | None = None
         self.watching: set[str] | None = None          # users whose presence we follow
         self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
 
@@ -131,19 +134,25 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.authenticated = True
         relay.admission.handshake_ended()
         self.positions = positions
+        relay.hold(self)
         relay.attach(self)
+        channels = tuple(self.subscriptions)
+        relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed))
+
+    def _welcome(self, request_id: int, channels: tuple[Channel, ...],
+                 resumed: dict[str, int] | None) -> None:
+        """WELCOME, then what was missed, then live: once ``channels`` are ready here."""
+        relay = self.relay
         self.send(encode_json(FrameType.WELCOME, {
-            "user": self.user, "device": device, "epoch": relay.epoch, "durable": relay.durable,
-            "server": SERVER_NAME,
+            "user": self.user, "device": self.device, "epoch": relay.epoch,
+            "durable": relay.durable, "server": SERVER_NAME,
             **({"worker": relay.cluster.index} if relay.cluster is not None else {}),
             "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
-            "channels": {ch.name: ch.seq for ch in self.subscriptions},
+            "channels": {ch.name: ch.seq for ch in channels},
             **({"resumed": resumed} if resumed else {}),
         }, request_id))
-        if positions is not None:
-            for ch in list(self.subscriptions):
-                relay.catch_up(self, ch, positions.get(ch.name, 0))
-        log.debug("connected", extra={"user": self.user, "device": device})
+        relay.go_live(self, channels, self.positions)
+        log.debug("connected", extra={"user": self.user, "device": self.device})
 
     def resolve_publish(self, channel: bytes):
         return self.relay.publish_channel(self, channel)
@@ -171,15 +180,21 @@ class Session(Connection, asyncio.BufferedProtocol):
         if cn.kind == ChannelKind.ORG_UNIT:
             if not self.grants.can_subscribe(name):
                 raise refuse(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {name!r}")
+            self.relay.hold(self)
             chain = self.relay.subscribe_org(self, name)
         else:
             chain = [self.relay.readable(self, name)]
-        self.reply(request_id, {"channel": name, "channels": {ch.name: ch.seq for ch in chain}})
-        if positions is not None:
-            # The HELLO rule: a channel missing from the positions is replayed
-            # from the start of its ring (what was said there while we were away).
-            for ch in chain:
-                self.relay.catch_up(self, ch, positions.get(ch.name, 0))
+            self.relay.hold(self)
+        self.relay.when_live(self, tuple(chain),
+                             lambda: self._subscribed(request_id, name, chain, positions))
+
+    def _subscribed(self, request_id: int, name: str, chain: list[Channel],
+                    positions: dict[str, int] | None) -> None:
+        # The HELLO rule: a channel missing from the positions is replayed
+        # from the start of its ring (what was said there while we were away).
+        self.release_reply(encode_json(FrameType.RESULT, {
+            "channel": name, "channels": {ch.name: ch.seq for ch in chain}}, request_id))
+        self.relay.go_live(self, chain, positions)
 
     def _unsubscribe(self, request_id: int, body: dict[str, Any]) -> None:
         name = body.get("channel")

@@ -238,3 +238,118 @@ async def test_a_killed_worker_is_restarted_and_no_acked_message_is_lost(workers
     assert len(keys) == len(set(keys)), "no message stored twice"
     for client in [*clients.values(), reader]:
         await client.close()
+
+
+# ---------------------------------------------------------------- interest
+# A worker receives a channel's messages only once one of its sessions needs
+# the channel, and a session that needs it there first gets what it missed.
+
+
+async def connect_on(relay: RelayProcess, user: str, workers: set[int],
+                     **kwargs) -> fenghuo.Client:
+    """``user`` connected to one of ``workers`` (the kernel picks; retry until it does)."""
+    for _ in range(60):
+        client = await relay.client(user, **kwargs).connect()
+        if client.welcome["worker"] in workers:
+            return client
+        await client.close()
+    pytest.fail(f"{user} never landed on a worker of {workers}")
+
+
+def name_owned_by(prefix: str, worker: int, channel=lambda name: name) -> str:
+    """The first ``prefix<k>`` whose channel ``channel(name)`` worker ``worker`` owns."""
+    return next(name for name in (f"{prefix}{k}" for k in range(1000))
+                if owner_of(channel(name), WORKERS) == worker)
+
+
+async def group_owned_by_the_worker_of(relay: RelayProcess, user: str, prefix: str,
+                                       members: list[str]) -> tuple[fenghuo.Client, int, str]:
+    """``user`` connected, and a group it created that its own worker owns."""
+    client = await relay.client(user).connect()
+    here = client.welcome["worker"]
+    group = name_owned_by(prefix, here, lambda name: f"group:{name}")
+    await client.create_group(group, members=[user, *members])
+    return client, here, group
+
+
+async def test_a_direct_chat_reaches_only_the_workers_its_participants_are_on(workers_relay):
+    ann = await workers_relay.client("ann").connect()
+    here = ann.welcome["worker"]
+    # A partner whose chat with ann ann's worker owns, connected on another worker:
+    # the third worker has no part in the chat.
+    bob_name = name_owned_by("bob", here, lambda name: direct_channel("ann", name))
+    bob = await connect_on(workers_relay, bob_name, set(range(WORKERS)) - {here})
+    third = (set(range(WORKERS)) - {here, bob.welcome["worker"]}).pop()
+
+    sent = [await ann.send(bob_name, f"hello {k}") for k in range(20)]
+    received = [await bob.next_message(timeout=5) for _ in range(20)]
+    assert [m.seq for m in received] == [a.seq for a in sent] == list(range(1, 21))
+    reply = await bob.send("ann", "hi ann")
+    assert reply.seq == 21
+    # ann is a participant too: her own messages come back to her, then bob's.
+    assert [(await ann.next_message(timeout=5)).seq for _ in range(21)] == list(range(1, 22))
+
+    def replicated(worker: int) -> float:
+        return worker_gauge(workers_relay, worker, "fenghuo_replica_messages_total")
+    assert replicated(bob.welcome["worker"]) == 21, "bob's worker got every message once"
+    assert replicated(third) == 0, "the worker with no participant got none"
+    assert worker_gauge(workers_relay, third, "fenghuo_replica_channels") == 0
+    await ann.close()
+    await bob.close()
+
+
+async def test_a_session_on_a_worker_new_to_its_group_gets_what_it_missed_then_live(workers_relay):
+    # The group's owner is the speaker's worker; the late member lands on another,
+    # which has never received the group's messages.
+    speaker, here, group = await group_owned_by_the_worker_of(
+        workers_relay, "speaker", "late", ["member"])
+    early = [(await speaker.publish(f"group:{group}", f"early {k}")).seq for k in range(5)]
+    assert early == [2, 3, 4, 5, 6]                         # after the "created" event
+
+    member = await connect_on(workers_relay, "member", set(range(WORKERS)) - {here},
+                              sync_from_start=True)
+    assert member.welcome["channels"][f"group:{group}"] == 6, "WELCOME has the owner's head"
+    caught_up = [await member.next_message(timeout=5) for _ in range(6)]
+    assert [m.seq for m in caught_up] == [1, 2, 3, 4, 5, 6]
+    assert [m.payload for m in caught_up[1:]] == [f"early {k}".encode() for k in range(5)]
+    live = [(await speaker.publish(f"group:{group}", f"live {k}")).seq for k in range(5)]
+    got = [await member.next_message(timeout=5) for _ in range(5)]
+    assert [m.seq for m in got] == live == [7, 8, 9, 10, 11]
+    await speaker.close()
+    await member.close()
+
+
+async def test_a_member_added_on_a_worker_new_to_the_group_gets_nothing_from_before(workers_relay):
+    owner_client, here, group = await group_owned_by_the_worker_of(
+        workers_relay, "boss", "added", [])
+    newcomer = await connect_on(workers_relay, "newcomer", set(range(WORKERS)) - {here})
+    for k in range(5):
+        await owner_client.publish(f"group:{group}", f"before {k}")
+    await owner_client.add_members(group, ["newcomer"])
+    after = await owner_client.publish(f"group:{group}", "after")
+    first = await newcomer.next_message(timeout=5)
+    assert first.content_type == ContentType.EVENT and b'"join"' in first.payload
+    second = await newcomer.next_message(timeout=5)
+    assert (second.seq, second.payload) == (after.seq, b"after")
+    assert first.seq == after.seq - 1
+    await owner_client.close()
+    await newcomer.close()
+
+
+async def test_history_and_subscribe_on_a_worker_new_to_an_org_channel(workers_relay):
+    channel = name_owned_by("org.acme.region", 0)
+    head_office = await connect_on(workers_relay, "hq", {0}, channels=(channel,))
+    for k in range(4):
+        await head_office.publish(channel, f"notice {k}")
+    reader = await connect_on(workers_relay, "store1", {1, 2}, channels=(channel,))
+    page = await reader.history(channel, after=0, limit=10)
+    assert [m.payload for m in page] == [f"notice {k}".encode() for k in range(4)]
+    other = await connect_on(workers_relay, "store2", {1, 2} - {reader.welcome["worker"]},
+                             channels=(channel,))
+    result = await other.subscribe(channel)
+    assert result["channels"][channel] == 4
+    live = await head_office.publish(channel, "notice 4")
+    got = await other.next_message(timeout=5)
+    assert (got.seq, got.payload) == (live.seq, b"notice 4") == (5, b"notice 4")
+    for client in (head_office, reader, other):
+        await client.close()
