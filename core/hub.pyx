@@ -88,8 +88,9 @@ cdef class MeshBus(Bus):
     handed to ``forward(owner, channel, origin, request_id, body, t_recv)`` for the
     mesh to carry to its owner, which answers through a
     :class:`RemoteOrigin`.  What this worker sequences reaches its own
-    subscribers and ``broadcast(channel, frame)``: the other workers apply it to
-    their replica of the channel (:meth:`Hub.apply_replica`).
+    subscribers and ``broadcast(channel, frame)``, which sends it to the other
+    workers that asked for the channel; they apply it to their replica
+    (:meth:`Hub.apply_replica`).
     """
 
     def __init__(self, Hub hub, int index, owner_of, forward, broadcast):
