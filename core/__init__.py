@@ -1,5 +1,6 @@
 """fenghuo's compiled core (Cython): frame codec, rings, connections, fan-out,
-shared-memory rings between worker processes.
+shared-memory rings between worker processes, the table of other workers'
+presence.
 
 Everything here comes from the one extension ``fenghuo.core._core``; there is
 no pure-Python fallback, so importing this package fails loudly if the
@@ -24,6 +25,7 @@ from fenghuo.core._core import (  # noqa: F401
     MeshBus,
     Message,
     Metrics,
+    PresenceTable,
     ProtocolError,
     Publish,
     Receipt,
