@@ -32,6 +32,7 @@ from fenghuo.core import (
     ErrorCode,
     FrameType,
     MeshBus,
+    PresenceTable,
     RemoteOrigin,
     encode_error,
 )
@@ -94,7 +95,8 @@ class Cluster:
         # Connection id -> workers holding a RemoteOrigin for it (told when it closes).
         self.origins_at: dict[int, set[int]] = {}
         self.remote: dict[tuple[int, int], RemoteOrigin] = {}
-        self.remote_devices: dict[str, dict[int, int]] = {}
+        # (user, worker) -> that worker's devices of the user, in C memory.
+        self.remote_devices = PresenceTable()
         self.peer_generations: dict[int, int] = {}
         self.pending_parts: list[tuple[Any, int, str]] = []   # (channel, seq, user)
         # Owner side: channel -> the other workers that asked for its messages.
@@ -324,13 +326,13 @@ class Cluster:
     def send_to_user(self, user: str, frame: bytes) -> int:
         """Devices of ``user`` on other workers that get ``frame``."""
         self.mesh.broadcast(routing.to_user(user, frame))
-        return sum(self.remote_devices.get(user, {}).values())
+        return self.remote_devices.total(user)
 
     def _share_presence(self, user: str) -> None:
         self.share("presence", user=user, devices=len(self.relay.users.get(user, ())))
 
     def remote_presence(self, user: str) -> int:
-        return sum(self.remote_devices.get(user, {}).values())
+        return self.remote_devices.total(user)
 
     # ------------------------------------------------------------ receiving
 
@@ -412,25 +414,18 @@ class Cluster:
                     self.mesh.send(peer, routing.control("direct", channel=ch.name))
 
     def remote_devices_drop(self, peer: int) -> None:
-        for user in [u for u, d in self.remote_devices.items() if peer in d]:
-            del self.remote_devices[user][peer]
-            if not self.remote_devices[user]:
-                del self.remote_devices[user]
+        # The table keeps digests, not user ids; a presence event only
+        # matters to a watched user, so those are the ones to look up.
+        changed = [u for u in self.relay.watchers if self.remote_devices.devices(u, peer)]
+        self.remote_devices.drop_peer(peer)
+        for user in changed:
             self.relay.presence_changed(user)
 
     def _control(self, source: int, body: dict[str, Any]) -> None:
         op = body["op"]
         relay = self.relay
         if op == "presence":
-            devices = self.remote_devices.setdefault(body["user"], {})
-            before = sum(devices.values())
-            if body["devices"]:
-                devices[source] = body["devices"]
-            else:
-                devices.pop(source, None)
-                if not devices:
-                    del self.remote_devices[body["user"]]
-            if before != self.remote_presence(body["user"]):
+            if self.remote_devices.set(body["user"], source, body["devices"]) != body["devices"]:
                 relay.presence_changed(body["user"])
         elif op == "group":
             relay.apply_group(body["record"], body["seq"])

@@ -7,10 +7,12 @@ kernel decides which worker a connection lands on, WELCOME says which.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +53,25 @@ def worker_gauge(relay: RelayProcess, worker: int, name: str) -> float:
 def listening(relay: RelayProcess) -> int:
     """How many times a worker has announced it is listening (restarts included)."""
     return relay.log_path.read_text().count(f" of {WORKERS} listening on ")
+
+
+def worker_pid(relay: RelayProcess, worker: int) -> int:
+    """Worker ``worker``'s pid, from the supervisor's /healthz (503 while degraded)."""
+    url = f"http://127.0.0.1:{relay.metrics_port}/healthz"
+    try:
+        body = urllib.request.urlopen(url, timeout=5).read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    return next(w["pid"] for w in json.loads(body)["workers"] if w["index"] == worker)
+
+
+async def until_presence(client: fenghuo.Client, user: str, online: bool, devices: int) -> None:
+    """Wait until ``client``'s worker reports ``user`` so (presence records travel)."""
+    expected = {"online": online, "devices": devices}
+    deadline = time.monotonic() + 5
+    while (await client.presence([user]))[user] != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert (await client.presence([user]))[user] == expected
 
 
 async def clients_on_every_worker(relay: RelayProcess, users: list[str],
@@ -237,6 +258,47 @@ async def test_a_killed_worker_is_restarted_and_no_acked_message_is_lost(workers
     keys = [m.payload for m in history if m.content_type != ContentType.EVENT]
     assert len(keys) == len(set(keys)), "no message stored twice"
     for client in [*clients.values(), reader]:
+        await client.close()
+
+
+async def test_a_users_devices_on_every_worker_add_up_for_a_watcher(workers_relay):
+    watcher = await workers_relay.connect("watcher")
+    bobs: list[fenghuo.Client] = []
+    while {b.welcome["worker"] for b in bobs} != set(range(WORKERS)) and len(bobs) < 40:
+        bobs.append(await workers_relay.connect("bob"))
+    assert {b.welcome["worker"] for b in bobs} == set(range(WORKERS))
+    await until_presence(watcher, "bob", True, len(bobs))
+    # Every count the watcher's worker keeps of the others is exact, down to none.
+    while bobs:
+        await bobs.pop().close()
+        await until_presence(watcher, "bob", bool(bobs), len(bobs))
+    await watcher.close()
+
+
+async def test_users_of_a_killed_worker_go_offline_for_watchers_on_the_others(workers_relay):
+    users = [f"r{i}" for i in range(WORKERS)]
+    clients = await clients_on_every_worker(workers_relay, users, reconnect=False)
+    watcher = await workers_relay.connect("watcher")
+    victim = next(w for w in range(WORKERS) if w != watcher.welcome["worker"])
+    gone = {u for u, c in clients.items() if c.welcome["worker"] == victim}
+    for user in users:
+        await until_presence(watcher, user, True, 1)
+    events: list[dict] = []
+    watcher.on_presence(events.append)
+    await watcher.watch_presence(users)
+
+    os.kill(worker_pid(workers_relay, victim), signal.SIGKILL)
+    # Nobody told the others that its devices left; its successor's first
+    # record says it restarted, and they forget what it held.
+    deadline = time.monotonic() + 15
+    while {e["user"] for e in events if not e["online"]} != gone and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert {e["user"] for e in events if not e["online"]} == gone
+    presence = await watcher.presence(users)
+    assert {u for u, p in presence.items() if p["online"]} == set(users) - gone
+    while listening(workers_relay) < WORKERS + 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for client in [*clients.values(), watcher]:
         await client.close()
 
 
