@@ -43,6 +43,10 @@ cdef enum:
     PRESENCE_MIN_LOAD = 20
     PRESENCE_SHRINK_TO_LOAD = 50
 
+# Copying a ready hasher costs less than making one: blake2b's constructor
+# parses a dozen keyword arguments on every call.
+cdef object _BLAKE2B_16 = _blake2b(digest_size=PRESENCE_DIGEST_SIZE)
+
 # The home slot is ((digest_head >> 32) * capacity) >> 32: at most 2**32 slots.
 cdef Py_ssize_t PRESENCE_MAX_CAPACITY = <Py_ssize_t>1 << 32
 
@@ -89,8 +93,9 @@ cdef class PresenceTable:
     cdef int _digest(self, str user, uint64_t* head, uint64_t* tail) except -1:
         if user is None:
             raise TypeError("user must be a str, not None")
-        cdef bytes digest = _blake2b(user.encode("utf-8"),
-                                     digest_size=PRESENCE_DIGEST_SIZE).digest()
+        hasher = _BLAKE2B_16.copy()
+        hasher.update(user.encode("utf-8"))
+        cdef bytes digest = hasher.digest()
         cdef const char* raw = PyBytes_AS_STRING(digest)
         memcpy(head, raw, 8)
         memcpy(tail, raw + 8, 8)
