@@ -2,13 +2,15 @@
 # others' presence records (server/cluster.py), in C memory.
 #
 # Key.  An entry is keyed by (128-bit BLAKE2b digest of the user id, worker).
-# The digest is computed once per call, by hashlib (the one Python allocation
-# of an update).  A 64-bit hash would let two of a few million users share a
-# count with odds near 1e-7 per table; 128 bits of a cryptographic hash bring
-# that to about 1e-26 even for user ids chosen to collide, which is exact for
-# any practical purpose, and keeping digests instead of the ids themselves
-# keeps every entry the same 24 bytes, with no arena of strings to compact.
-# The price: the table cannot give user ids back (see ``drop_peer``).
+# The digest is computed once per call, by hashlib: its hasher, the UTF-8
+# bytes and the digest are the only Python objects an update makes.  Why 128
+# bits: among four million online users a 64-bit hash gives two of them one
+# count with odds of about 4e-7 at any moment, and more over a long run of
+# churn; 128 bits bring that to about 2e-26, and a cryptographic hash keeps
+# it there for user ids chosen to collide (finding a pair costs ~2**64
+# hashes).  Digests rather than the ids themselves keep every entry the same
+# 24 bytes, with no arena of strings to compact after deletions.  The price:
+# the table cannot give user ids back (see ``drop_peer``).
 #
 # Layout.  One array of 24-byte slots (presence.pxd), Robin Hood linear
 # probing: the home slot of an entry comes from its digest alone, not from the
