@@ -105,6 +105,10 @@ class Cluster:
         # channels asked for, with what waits for them to be ready.
         self.ready_here: set[Channel] = set()
         self.warming: dict[Channel, list[Callable[[], None]]] = {}
+        # Replicas let go of (see sweep) until the owner confirms, with what
+        # already wants them back; and since when a replica has had nobody here.
+        self.cooling: dict[Channel, list[Callable[[], None]]] = {}
+        self.idle_since: dict[Channel, float] = {}
         self.replica_messages = 0                        # MESSAGE records applied here
 
     # ------------------------------------------------------------ lifecycle
@@ -157,6 +161,9 @@ class Cluster:
         if self.ready(ch):
             action()
             return
+        if ch in self.cooling:
+            self.cooling[ch].append(action)          # asked again once the owner let go
+            return
         waiting = self.warming.get(ch)
         if waiting is None:
             waiting = self.warming[ch] = []
@@ -191,6 +198,47 @@ class Cluster:
         self.ready_here.add(ch)
         for action in self.warming.pop(ch, ()):
             action()
+
+    def sweep(self, now: float) -> None:
+        """Let go of the replicas no session here has needed for ``replica_idle`` seconds.
+
+        Interest would otherwise only grow: a client reconnects to whichever
+        worker the kernel picks, and over a day every worker would receive
+        nearly every channel.
+        """
+        limit = self.relay.settings.replica_idle
+        for ch in list(self.ready_here):
+            if ch.subscribers or self.relay.catching_up.get(ch):
+                self.idle_since.pop(ch, None)
+            elif now - self.idle_since.setdefault(ch, now) >= limit:
+                self._let_go(ch)
+
+    def _let_go(self, ch: Channel) -> None:
+        self.ready_here.discard(ch)
+        self.idle_since.pop(ch, None)
+        self.cooling[ch] = []
+        # Asked again, the owner sends its whole ring: a replica never holds
+        # a ring with a hole in it.
+        ch.ring.clear()
+        ch.seq = 0
+        self.mesh.send(self.owner_of(ch.name), routing.control("uninterest", channel=ch.name))
+
+    def _uninterest(self, source: int, name: str) -> None:
+        """Owner side: ``source`` no longer gets ``name``; "cold" follows its last message."""
+        ch = self.relay.hub.find(name)
+        peers = self.interested.get(ch) if ch is not None else None
+        if peers is not None:
+            peers.discard(source)
+            if not peers:
+                del self.interested[ch]
+        self.mesh.send(source, routing.control("cold", channel=name))
+
+    def _cold(self, ch: Channel) -> None:
+        """Replica side: no message of ``ch`` is on its way any more."""
+        waiting = self.cooling.pop(ch, None)
+        if waiting:
+            self.warming[ch] = waiting
+            self._ask_owner(ch)
 
     def created(self, ch: Channel) -> None:
         """A channel appeared here; a direct chat's owner tells every worker, so a
@@ -360,8 +408,8 @@ class Cluster:
 
     def _apply_message(self, name: str, seq: int, frame: bytes) -> None:
         ch = self.relay.ensure_channel(name)
-        if seq <= ch.seq:
-            return                                   # a second copy (a restarted owner)
+        if seq <= ch.seq or (ch not in self.ready_here and ch not in self.warming):
+            return               # a second copy (a restarted owner), or let go of
         if ch.seq and seq != ch.seq + 1:
             # Catching up past what the owner's ring still held, or an owner
             # that restarted and lost messages it had not sent: the store has
@@ -408,6 +456,8 @@ class Cluster:
         for ch in [*self.ready_here, *self.warming]:
             if self.owner_of(ch.name) == peer:
                 self._ask_owner(ch)
+        for ch in [ch for ch in self.cooling if self.owner_of(ch.name) == peer]:
+            self._cold(ch)                           # its "cold" will never come
         if self.relay.store is None:
             for ch in list(self.relay.hub.channels.values()):
                 if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
@@ -437,6 +487,10 @@ class Cluster:
             self._interest(source, body["channel"], body["after"])
         elif op == "warm":
             self._warm(body["channel"], body["head"])
+        elif op == "uninterest":
+            self._uninterest(source, body["channel"])
+        elif op == "cold":
+            self._cold(relay.ensure_channel(body["channel"]))
         elif op == "direct":
             relay.ensure_channel(body["channel"])
         elif op == "serve":

@@ -69,6 +69,8 @@ class Settings:
     admit_burst: float = _opt(1000.0, "HELLOs admitted at once (token bucket size)")
     workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT) and the store; "
                            "0 = one per core")
+    replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
+                                     "owns after the last of its sessions needing it left")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("json", "json (one object per line) or text")
 

@@ -89,6 +89,9 @@ class Relay:
         self.stop_requested = asyncio.Event()
         self.store: SQLiteStore | None = None
         self.reads = ReadCursors()
+        # Channels with sessions reading their past from the store: those
+        # sessions are out of the channel's subscribers meanwhile.
+        self.catching_up: dict[Channel, int] = {}
         if settings.store == "sqlite":
             self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size)
             # The epoch names this process's view of the data: with a store the
@@ -199,8 +202,10 @@ class Relay:
             self.store.start(loop, self._on_batch)
             rules = retention.parse_rules(self.settings.retention)
             if any(rule.seconds is not None for rule in rules):
+                # One worker deletes from the shared store; each trims its own rings.
+                expires = self.cluster is None or self.cluster.index == 0
                 self._retention = asyncio.create_task(retention.run_forever(
-                    self.store, rules, self.settings.retention_interval,
+                    self.store if expires else None, rules, self.settings.retention_interval,
                     lambda: list(self.hub.channels.values())), name="fenghuo-retention")
         self._server = await loop.create_server(
             self.admission.protocol_factory(lambda: Session(self.hub, self)),
@@ -247,6 +252,8 @@ class Relay:
             await asyncio.sleep(interval)
             self.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
             self.admission.sweep()
+            if self.cluster is not None:
+                self.cluster.sweep(time.monotonic())
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
@@ -377,7 +384,14 @@ class Relay:
         waiting = session.pending_live
         cluster = self.cluster
         for ch in channels:
-            if ch not in session.subscriptions or (cluster is not None and not cluster.ready(ch)):
+            if ch not in session.subscriptions:
+                continue
+            if cluster is not None and not cluster.ready(ch):
+                # Let go of meanwhile (Cluster.sweep): live once it is back.
+                if waiting is None:
+                    waiting = session.pending_live = set()
+                waiting.add(ch)
+                cluster.when_ready(ch, lambda: self._ready_later(session))
                 continue
             if waiting is not None and ch in waiting:
                 waiting.discard(ch)
@@ -487,6 +501,7 @@ class Relay:
     async def _catch_up_from_store(self, session: Session, ch: Channel, after: int) -> None:
         assert self.store is not None
         waits = 0
+        self.catching_up[ch] = self.catching_up.get(ch, 0) + 1
         try:
             while not session.closing:
                 first = ch.ring.first if ch.ring.first else ch.seq + 1
@@ -515,6 +530,9 @@ class Relay:
                     break
                 await asyncio.sleep(0.01)
         finally:
+            left = self.catching_up.pop(ch) - 1
+            if left:
+                self.catching_up[ch] = left
             # Synchronous from here: the ring tail, then live, with nothing between.
             if not session.closing and ch in session.subscriptions:
                 for frame in ch.ring.since(after):

@@ -59,13 +59,14 @@ def rule_for(rules: list[Rule], channel: str) -> Rule | None:
     return max(matching, key=lambda r: len(r.prefix)) if matching else None
 
 
-def apply(store: SQLiteStore, rules: list[Rule], channels: Iterable[Channel] = (),
+def apply(store: SQLiteStore | None, rules: list[Rule], channels: Iterable[Channel] = (),
           now: float | None = None) -> int:
-    """Expire what the rules say: in the store, and in the rings of ``channels``."""
+    """Expire what the rules say: in the store (unless None: another worker
+    does it), and in the rings of ``channels``."""
     now = time.time() if now is None else now
     queued = 0
     for rule in rules:
-        if rule.seconds is None:
+        if rule.seconds is None or store is None:
             continue
         more_specific = [r.prefix for r in rules
                          if r.prefix != rule.prefix and r.prefix.startswith(rule.prefix)]
@@ -85,7 +86,7 @@ def apply(store: SQLiteStore, rules: list[Rule], channels: Iterable[Channel] = (
     return queued
 
 
-async def run_forever(store: SQLiteStore, rules: list[Rule], interval: float,
+async def run_forever(store: SQLiteStore | None, rules: list[Rule], interval: float,
                       channels: Callable[[], Iterable[Channel]]) -> None:
     while True:
         queued = apply(store, rules, channels())

@@ -93,11 +93,12 @@ async def clients_on_every_worker(relay: RelayProcess, users: list[str],
     pytest.fail(f"connections never reached every worker: {seen}")
 
 
-@pytest.fixture
-def workers_relay(tmp_path):
+def serve_workers(tmp_path: Path, *flags: str):
+    """A relay of WORKERS workers, every one listening; stopped gracefully after."""
     # Worker k serves its own /metrics on the supervisor's port + 1 + k.
     metrics = free_ports(WORKERS + 1)
-    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", str(metrics))
+    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", str(metrics),
+                        *flags)
     relay.metrics_port = metrics
     # The port answers as soon as one worker listens; wait for all of them.
     deadline = time.monotonic() + 15
@@ -106,6 +107,18 @@ def workers_relay(tmp_path):
     yield relay
     relay.proc.send_signal(signal.SIGTERM)
     assert relay.proc.wait(30) == 0, relay.log_path.read_text()[-3000:]
+
+
+@pytest.fixture
+def workers_relay(tmp_path):
+    yield from serve_workers(tmp_path)
+
+
+@pytest.fixture
+def forgetful_relay(tmp_path):
+    # Replicas nobody needs are let go of after a third of a second.
+    yield from serve_workers(tmp_path, "--replica-idle", "0.3", "--ping-interval", "1",
+                             "--store", "memory")
 
 
 async def test_a_group_spread_over_workers_gets_every_message_in_one_gap_free_order(workers_relay):
@@ -415,3 +428,42 @@ async def test_history_and_subscribe_on_a_worker_new_to_an_org_channel(workers_r
     assert (got.seq, got.payload) == (live.seq, b"notice 4") == (5, b"notice 4")
     for client in (head_office, reader, other):
         await client.close()
+
+
+async def test_a_worker_lets_go_of_a_chat_nobody_there_needs_and_asks_again_later(forgetful_relay):
+    relay = forgetful_relay
+    ann = await relay.client("ann").connect()
+    here = ann.welcome["worker"]
+    bob_name = name_owned_by("bob", here, lambda name: direct_channel("ann", name))
+    away = set(range(WORKERS)) - {here}
+    bob = await connect_on(relay, bob_name, away, sync_from_start=True)
+    there = bob.welcome["worker"]
+    chat = direct_channel("ann", bob_name)
+    for k in range(3):
+        await ann.send(bob_name, f"first {k}")
+    assert [(await bob.next_message(timeout=5)).seq for _ in range(3)] == [1, 2, 3]
+    assert worker_gauge(relay, there, "fenghuo_replica_channels") == 1
+    await bob.close()
+
+    # Nobody on bob's worker needs the chat now: after --replica-idle it is let go.
+    deadline = time.monotonic() + 10
+    while worker_gauge(relay, there, "fenghuo_replica_channels") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert worker_gauge(relay, there, "fenghuo_replica_channels") == 0
+    received = worker_gauge(relay, there, "fenghuo_replica_messages_total")
+    for k in range(3):
+        await ann.send(bob_name, f"while away {k}")
+    await asyncio.sleep(0.3)
+    assert worker_gauge(relay, there, "fenghuo_replica_messages_total") == received, \
+        "messages no longer go to a worker that let the chat go"
+
+    # Back on that worker: asked again, the owner's whole ring comes back, then live.
+    bob = await connect_on(relay, bob_name, {there}, sync_from_start=True)
+    assert bob.welcome["channels"][chat] == 6
+    missed = [await bob.next_message(timeout=5) for _ in range(6)]
+    assert [m.seq for m in missed] == [1, 2, 3, 4, 5, 6]
+    live = await ann.send(bob_name, "welcome back")
+    got = await bob.next_message(timeout=5)
+    assert (got.seq, got.payload) == (live.seq, b"welcome back") == (7, b"welcome back")
+    await ann.close()
+    await bob.close()
