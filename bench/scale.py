@@ -96,6 +96,7 @@ class Plan:
     duration: float = 30.0
     concurrency: int = 500
     connect_timeout: float = 900.0
+    generator_sched: str = "batch"
 
     def users(self, generator: int) -> range:
         """Global indexes of the users generator ``generator`` connects."""
@@ -410,6 +411,11 @@ async def child_main() -> int:
     """A generator: spec on the first stdin line, then commands until ``close`` or EOF."""
     stdin = await commands()
     generator = Generator(json.loads(await stdin.readline()))
+    if generator.plan.generator_sched == "batch":
+        # Never preempt on waking: a relay worker writing a group message to
+        # its sockets finishes the burst before the generators it woke run,
+        # as it would if its clients were other machines, not on its cores.
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     queue: asyncio.Queue[str] = asyncio.Queue()
     main = asyncio.current_task()
     assert main is not None
@@ -417,7 +423,8 @@ async def child_main() -> int:
     links: list[Link] = []
     try:
         await generator.create_groups()
-        emit("ready", groups=len(generator.plan.groups(generator.index)))
+        emit("ready", groups=len(generator.plan.groups(generator.index)),
+             sched="batch" if os.sched_getscheduler(0) == os.SCHED_BATCH else "normal")
         if await queue.get() != "connect":
             return 0
         seconds = await generator.connect_members()
@@ -718,6 +725,7 @@ class Run:
             "failed": int(self.total("connected", "failed")),
             "last_errors": sorted({c.events["connected"]["last_error"] for c in self.children}
                                   - {""}),
+            "generator_sched": sorted({c.events["ready"]["sched"] for c in self.children}),
         }
 
     def memory(self, before: ServerSample, after: ServerSample) -> dict[str, Any]:
@@ -827,7 +835,8 @@ def summary(result: dict[str, Any]) -> str:
          f"largest generator {m['generator_rss_max'] / mib:,.0f} MiB"),
         (f"load: {load['deliveries_per_s']:,.0f} deliveries/s ({load['published']:,} published in "
          f"{load['seconds']:.1f} s), delivered {load['total_delivered']:,} of "
-         f"{load['total_expected']:,} expected, {load['links_closed']} links closed"),
+         f"{load['total_expected']:,} expected, {load['links_closed']} links closed; "
+         f"generators scheduled {result['params']['generator_sched']}"),
         *(f"publish-to-deliver, {what}: " + (" ".join(
             f"p{k}={v:.2f}ms" for k, v in load[f"latency_ms{key}"].items()) or "no samples")
           + f" ({load[f'latency_samples{key}']:,} samples)"
@@ -861,7 +870,8 @@ def cmd_scale(a: argparse.Namespace) -> int:
 def scale(a: argparse.Namespace) -> int:
     """``cmd_scale`` without the handling of Ctrl-C."""
     plan = Plan(a.connections, a.generators, a.group_size, a.direct_chats, a.dm_rate,
-                a.group_rate, a.payload, a.warmup, a.duration, a.concurrency, a.connect_timeout)
+                a.group_rate, a.payload, a.warmup, a.duration, a.concurrency, a.connect_timeout,
+                a.generator_sched)
     machine = check_machine(plan, a.workers)
     status = Status()
     flags = (*RELAY_FLAGS, "--store", a.store, *shlex.split(a.relay))
@@ -919,6 +929,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="handshakes in flight per generator")
     p.add_argument("--connect-timeout", type=float, default=900.0,
                    help="seconds a generator keeps trying to connect its users")
+    p.add_argument("--generator-sched", choices=("batch", "normal"), default="batch",
+                   help="the generators' scheduling policy: batch (SCHED_BATCH: they never "
+                        "preempt the relay when a delivery wakes them) or normal")
     p.add_argument("--relay", default="", metavar="FLAGS", help="extra `fenghuo serve` flags")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 

@@ -47,6 +47,7 @@ def test_scale_run_holds_every_connection_delivers_and_leaves_nothing_behind(tmp
     assert all(n > 0 for n in held["server_sockets_by_worker"]), "every worker holds some"
     assert held["server_sockets_after_load"] == CONNECTIONS + GENERATORS
     assert held["failed"] == 0 and held["connects_per_s"] > 0
+    assert held["generator_sched"] == ["batch"], "the generators asked not to preempt the relay"
     assert held["refusals"] > 0, "1,000 handshakes in flight against 3 x 100: some were refused"
 
     load = result["load"]
