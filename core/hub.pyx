@@ -289,7 +289,12 @@ cdef class Hub:
                 assert ch.ring.last == seq, "ring out of order"
             self.bus.deliver(ch, frame)
         if origin is not None and ack is not None:
-            origin.enqueue(ack)
+            if origin.hold_reply is not None:
+                # Behind a reply another worker has not given yet (a forwarded
+                # request, a SUBSCRIBE waiting for its channel): request order.
+                origin.hold_reply(ack)
+            else:
+                origin.enqueue(ack)
         if t_recv:
             self._note_latency(t_recv)
         return 0
