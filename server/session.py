@@ -282,8 +282,12 @@ class Session(Connection, asyncio.BufferedProtocol):
         op, group_id = body.get("op"), body.get("group")
         cluster = self.relay.cluster
         if cluster is not None and op not in ("list", "members") and isinstance(group_id, str):
-            # Changes are made where the group's channel is sequenced.
-            owner = cluster.owner_of(group_channel(group_id))
+            # Changes are made where the group's channel is sequenced; an
+            # invalid id has none, and group_op below refuses it here.
+            try:
+                owner = cluster.owner_of(group_channel(group_id))
+            except InvalidChannel:
+                owner = cluster.index
             if owner != cluster.index:
                 cluster.forward_request(owner, self, request_id, "group", request=body)
                 return
