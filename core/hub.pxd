@@ -81,6 +81,7 @@ cdef class Connection:
     # Set while requests forwarded to other workers are unanswered: takes the
     # replies that must wait for them (see MeshBus).
     cdef public object hold_reply
+    cdef bytes _last_words            # the ERROR held behind them: the close follows it
     cdef public object transport
     cdef public str user
     cdef public bytes user_key

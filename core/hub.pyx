@@ -725,6 +725,9 @@ cdef class Connection:
 
     def release_reply(self, bytes frame):
         """Send a reply ``hold_reply`` took, now that what it waited for is answered."""
+        if frame is self._last_words:
+            self.hub.after_store(lambda: self.close(frame))
+            return
         self._reply_in_order(frame)
 
     def send_error(self, int code, str message, uint32_t request_id=0):
@@ -753,6 +756,12 @@ cdef class Connection:
             # rather than after the store's next batch (a refused HELLO in a
             # connection storm must stay cheap).
             self.close(error)
+            return
+        if self.hold_reply is not None:
+            # Requests forwarded to other workers are unanswered yet: the
+            # error waits behind their answers, and the close behind it.
+            self._last_words = error
+            self.hold_reply(error)
             return
         self.hub.after_store(lambda: self.close(error))
 
