@@ -19,6 +19,7 @@ from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec
 from fenghuo.server.relay import Relay
+from fenghuo.server.supervisor import EXIT_STOP_RELAY
 
 from fenghuo.tokens import resolve_secret
 
@@ -43,8 +44,11 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     await relay.shutdown()
     if metrics_server is not None:
         metrics_server.close()
-    # A store failure is not a clean stop: let a supervisor see it.
-    return 1 if relay.store is not None and relay.store.failure is not None else 0
+    if relay.store is None or relay.store.failure is None:
+        return 0
+    # A store failure is not a clean stop: let a supervisor see it (ours stops
+    # the relay rather than restart a worker into the same full disk).
+    return EXIT_STOP_RELAY if spec is not None else 1
 
 
 def run(settings: Settings) -> int:

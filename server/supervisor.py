@@ -43,6 +43,10 @@ DEFAULT_RING_CAPACITY = 4 << 20       # max_record 2 MiB: a 1 MiB frame with roo
 DEFAULT_DRAIN_TIMEOUT = 15.0
 DEFAULT_WORKER_CMD = (sys.executable, "-m", "fenghuo", "serve")
 KILL_WAIT = 5.0                       # after SIGKILL, for the kernel to reap
+# A worker's exit status for "a restart cannot help" (its store failed: the
+# disk is full or the file broken, for every worker alike): the supervisor
+# then stops the relay, as one process would stop.  EX_IOERR of sysexits.h.
+EXIT_STOP_RELAY = 74
 SCRAPE_TIMEOUT = 2.0
 
 _PR_SET_PDEATHSIG = 1
@@ -126,10 +130,11 @@ class _Run:
                       for i in range(count) for j in range(count) if i != j}
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
+        self.stop_requested: asyncio.Event       # made in main(), on that loop
 
     async def main(self) -> int:
         self.loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
+        self.stop_requested = stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, stop_requested)
         http = None
@@ -190,6 +195,11 @@ class _Run:
         worker.returncode = worker.proc.wait()      # the pidfd is readable: it has exited
         worker.exited.set_result(worker.returncode)
         if self.stopping:
+            return
+        if worker.returncode == EXIT_STOP_RELAY:
+            log.critical("worker cannot go on: stopping every worker",
+                         extra={"worker": worker.index, "pid": worker.proc.pid})
+            self.stop_requested.set()
             return
         log.warning("worker exited", extra={"worker": worker.index, "pid": worker.proc.pid,
                                             "generation": worker.generation,
