@@ -29,7 +29,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -131,9 +131,11 @@ class _Run:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
         self.stop_requested: asyncio.Event       # made in main(), on that loop
+        self.started_at = 0.0
 
     async def main(self) -> int:
         self.loop = asyncio.get_running_loop()
+        self.started_at = self.loop.time()
         self.stop_requested = stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, stop_requested)
@@ -283,12 +285,14 @@ class _Run:
         checked = bool(self.config.metrics_port)
         healthy = not self.stopping and all(
             w.running and (not checked or w.index in ready) for w in self.workers)
-        status = "stopping" if self.stopping else "ok" if healthy else "degraded"
-        body = orjson.dumps({"status": status, "workers": [
-            {"index": w.index, "running": w.running, "generation": w.generation,
-             "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
-             **({"healthy": w.index in ready} if checked else {})}
-            for w in self.workers]})
+        status = "draining" if self.stopping else "ok" if healthy else "degraded"
+        body = orjson.dumps({
+            "status": status, **_relay_health(ready.values()),
+            "uptime": round(self.loop.time() - self.started_at, 3), "workers": [
+                {"index": w.index, "running": w.running, "generation": w.generation,
+                 "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
+                 **({"healthy": w.index in ready} if checked else {})}
+                for w in self.workers]})
         return (200 if healthy else 503), body
 
     async def _scrape_workers(self, path: str) -> dict[int, str]:
@@ -333,6 +337,24 @@ class _Run:
         family("fenghuo_mesh_ring_capacity_bytes", "gauge", "Capacity of each mesh ring.",
                [("", self.config.ring_capacity)])
         return out
+
+
+def _relay_health(answers: Iterable[str]) -> dict[str, object]:
+    """What one relay's ``/healthz`` says, for the workers' answers together.
+
+    So a health check reads the same fields whatever the number of workers:
+    the epoch (one for all of them) and the connections (their sum).
+    """
+    bodies = []
+    for answer in answers:
+        try:
+            body = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            continue          # not a worker's answer: someone else holds its port
+        if isinstance(body, dict):
+            bodies.append(body)
+    return {"epoch": next((b["epoch"] for b in bodies if "epoch" in b), None),
+            "connections": sum(b.get("connections", 0) for b in bodies)}
 
 
 def die_with(parent_pid: int) -> Callable[[], None]:

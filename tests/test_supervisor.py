@@ -147,6 +147,10 @@ async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp
                                        token=issue_token(secret, "ana"), reconnect=False)
         try:
             status, text = http_get(metrics_port, "/metrics")
+            # The fields of one relay's /healthz, for both workers (here each
+            # has its own store, hence its own epoch: the first is shown).
+            summary = health(metrics_port)[1]
+            assert summary["connections"] == 1 and isinstance(summary["epoch"], str)
         finally:
             await client.close()
         assert status == 200
