@@ -212,6 +212,10 @@ class Session(Connection, asyncio.BufferedProtocol):
         ch = self.relay.readable(self, receipt.channel)
         cluster = self.relay.cluster
         if cluster is not None and not cluster.owns(ch.name):
+            if receipt.kind == ReceiptKind.READ:
+                # The owner moves the read cursor and shares it; the replica
+                # here moves now, so this connection's next request sees it.
+                self.relay.reads.advance(ch.name, self.user, min(receipt.seq, ch.seq))
             cluster.forward_request(cluster.owner_of(ch.name), self, request_id, "receipt",
                                     channel=ch.name, seq=receipt.seq, kind=receipt.kind)
             return
