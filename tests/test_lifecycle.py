@@ -15,9 +15,7 @@ import struct
 
 import orjson
 import pytest
-
 from fenghuo.core import ErrorCode, FrameType
-from fenghuo.protocol import encode_frame, encode_json, encode_publish
 from rawwire import (
     TIMEOUT,
     authed_raw,
@@ -29,6 +27,7 @@ from rawwire import (
     wait_for_metric,
 )
 
+from fenghuo.protocol import encode_frame, encode_json, encode_publish
 
 # ================================================================ handshake timeout
 
@@ -200,7 +199,10 @@ async def test_stuck_client_cannot_hold_shutdown_past_the_drain_timeout(relay_fa
 
 # ================================================================ metrics and health
 
-_SAMPLE = re.compile(r'^[a-z_]+(\{[a-z]+="[^"]*"\})? -?[0-9.e+-]+$|^[a-z_]+\{le="\+Inf"\} [0-9]+$')
+# Labels as a supervisor writes them too: worker="k" first, then the sample's own.
+_LABEL = r'[a-z]+="[^"]*"'
+_SAMPLE = re.compile(rf'^[a-z_]+(\{{{_LABEL}(,{_LABEL})*\}})? -?[0-9.e+-]+$'
+                     rf'|^[a-z_]+\{{({_LABEL},)*le="\+Inf"\}} [0-9]+$')
 
 
 async def test_metrics_count_what_happened(relay):
