@@ -186,6 +186,25 @@ async def authed_raw(relay: Any, user: str, *, rcvbuf: int | None = None,
     return conn
 
 
+async def authed_on_every_worker(relay: Any, user: str) -> list[RawConnection]:
+    """Connections of ``user`` (each past WELCOME), at least one on every worker.
+
+    The kernel spreads connections over the workers at random: more are
+    opened until WELCOME has named each worker, then one per worker is kept.
+    """
+    kept: dict[int, RawConnection] = {}
+    for _ in range(20 * relay.workers):
+        conn = await open_raw(relay)
+        worker = (await conn.hello(relay.token(user))).get("worker", 0)
+        if worker in kept:
+            conn.close()
+        else:
+            kept[worker] = conn
+        if len(kept) == relay.workers:
+            return list(kept.values())
+    raise AssertionError(f"connections reached only workers {sorted(kept)}")
+
+
 # ---------------------------------------------------------------- HTTP
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
