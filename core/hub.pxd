@@ -66,6 +66,7 @@ cdef class Hub:
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1
     cdef int mark_dirty(self, Connection c) except -1
+    cdef int _schedule_flush(self) except -1
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1
     cpdef int fan_out(self, Channel ch, bytes frame) except -1

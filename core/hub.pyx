@@ -188,6 +188,9 @@ cdef class Hub:
 
     cdef int mark_dirty(self, Connection c) except -1:
         self._dirty.append(c)
+        return self._schedule_flush()
+
+    cdef int _schedule_flush(self) except -1:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._loop is None:
@@ -221,7 +224,9 @@ cdef class Hub:
             self._lat_cap = self._lat_cap * 2 + 64
         self._lat[self._lat_len] = t_recv
         self._lat_len += 1
-        return 0
+        # An owner whose publish leaves only through the mesh (no subscriber
+        # here) dirties no connection: the sample must not wait for one.
+        return self._schedule_flush()
 
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1:

@@ -507,3 +507,22 @@ def test_a_busy_port_stops_the_supervisor_at_once(tmp_path):
         assert proc.wait(15) == 1
     log = (tmp_path / "serve.log").read_text()
     assert "cannot listen on 127.0.0.1:" in log and "worker started" not in log, log
+
+
+async def test_an_owner_with_no_subscriber_of_its_own_still_times_what_it_sequences(
+        workers_relay):
+    ann = await workers_relay.client("ann").connect()
+    # A chat another worker owns, with nobody connected there: the ack and
+    # the message leave the owner through the mesh alone.
+    peer = next(name for name in (f"offline{i}" for i in range(100))
+                if owner_of(direct_channel("ann", name), WORKERS) != ann.welcome["worker"])
+    owner = owner_of(direct_channel("ann", peer), WORKERS)
+    name = "fenghuo_publish_to_deliver_seconds_count"
+    before = worker_gauge(workers_relay, owner, name)
+    for k in range(3):
+        await ann.send(peer, f"into the void {k}")
+    deadline = time.monotonic() + 5
+    while worker_gauge(workers_relay, owner, name) < before + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert worker_gauge(workers_relay, owner, name) == before + 3
+    await ann.close()
