@@ -314,11 +314,13 @@ class FenghuoWire(Target):
 
 
 class Fenghuo(FenghuoWire):
-    """``fenghuo serve`` with the flood limits lifted and ``relay_flags`` added.
+    """``fenghuo serve --workers W`` with the flood limits lifted and ``relay_flags`` added.
 
-    With ``workers`` > 1 it is a supervisor of that many worker processes:
-    they are not pinned (they share the machine's cores with each other, and
-    the kernel places them better than one fixed CPU would), its metrics port
+    ``workers`` is always passed, the server's own default being one per
+    core: with 1 it is one process, pinned like every peer.  With more it is
+    a supervisor of that many worker processes: they are not pinned (they
+    share the machine's cores with each other, and the kernel places them
+    better than one fixed CPU would), its metrics port
     is followed by one free port per worker (``metrics_port + 1 + k``), its
     log goes to ``workdir/relay.log``, it gets its own process group, and
     ``start`` returns once its ``/healthz`` says every worker is up.
@@ -338,14 +340,14 @@ class Fenghuo(FenghuoWire):
         cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
                f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
-               "--log-level", "warning", *self.relay_flags]
+               "--log-level", "warning", "--workers", str(self.workers), *self.relay_flags]
         if self.workers == 1:
             self._spawn(cmd)
             return
         # The supervisor gets SIGTERM if this process dies (its workers get it from it).
         from fenghuo.server.supervisor import die_with
         with open(workdir / "relay.log", "ab") as log:
-            self._spawn([*cmd, "--workers", str(self.workers)], preexec=die_with(os.getpid()),
+            self._spawn(cmd, preexec=die_with(os.getpid()),
                         stderr=log, start_new_session=True)
         assert self.proc is not None
         wait_healthy(self.proc, f"http://{self.host}:{self.metrics_port}/healthz")

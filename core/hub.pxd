@@ -66,6 +66,7 @@ cdef class Hub:
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1
     cdef int mark_dirty(self, Connection c) except -1
+    cdef int _schedule_flush(self) except -1
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1
     cpdef int fan_out(self, Channel ch, bytes frame) except -1
@@ -81,6 +82,7 @@ cdef class Connection:
     # Set while requests forwarded to other workers are unanswered: takes the
     # replies that must wait for them (see MeshBus).
     cdef public object hold_reply
+    cdef bytes _last_words            # the ERROR held behind them: the close follows it
     cdef public object transport
     cdef public str user
     cdef public bytes user_key

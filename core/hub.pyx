@@ -188,6 +188,9 @@ cdef class Hub:
 
     cdef int mark_dirty(self, Connection c) except -1:
         self._dirty.append(c)
+        return self._schedule_flush()
+
+    cdef int _schedule_flush(self) except -1:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._loop is None:
@@ -221,7 +224,9 @@ cdef class Hub:
             self._lat_cap = self._lat_cap * 2 + 64
         self._lat[self._lat_len] = t_recv
         self._lat_len += 1
-        return 0
+        # An owner whose publish leaves only through the mesh (no subscriber
+        # here) dirties no connection: the sample must not wait for one.
+        return self._schedule_flush()
 
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1:
@@ -730,6 +735,9 @@ cdef class Connection:
 
     def release_reply(self, bytes frame):
         """Send a reply ``hold_reply`` took, now that what it waited for is answered."""
+        if frame is self._last_words:
+            self.hub.after_store(lambda: self.close(frame))
+            return
         self._reply_in_order(frame)
 
     def send_error(self, int code, str message, uint32_t request_id=0):
@@ -758,6 +766,12 @@ cdef class Connection:
             # rather than after the store's next batch (a refused HELLO in a
             # connection storm must stay cheap).
             self.close(error)
+            return
+        if self.hold_reply is not None:
+            # Requests forwarded to other workers are unanswered yet: the
+            # error waits behind their answers, and the close behind it.
+            self._last_words = error
+            self.hold_reply(error)
             return
         self.hub.after_store(lambda: self.close(error))
 

@@ -55,7 +55,8 @@ def checked_timespan(timespan: str) -> str:
 def start_relay(data_dir: str, secret: str, flags: list[str], log: IO[bytes]) -> tuple[subprocess.Popen, int]:
     """``fenghuo serve`` on a port the kernel picks; returns it once it listens.
 
-    The relay prints ``fenghuo listening on HOST:PORT`` on stdout when ready;
+    The relay prints ``fenghuo listening on HOST:PORT`` on stdout when ready
+    (each of several workers ``fenghuo worker K of N listening on HOST:PORT``);
     its logs (stderr), and anything else it prints, go to ``log``.
     """
     cmd = [sys.executable, "-m", "fenghuo", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -69,7 +70,9 @@ def start_relay(data_dir: str, secret: str, flags: list[str], log: IO[bytes]) ->
     def copy_stdout() -> None:
         # Also keeps draining the pipe after the line we wait for, so the relay never blocks on it.
         for line in proc.stdout:  # type: ignore[union-attr]
-            match = re.match(rb"fenghuo listening on [^:]+:(\d+)", line)
+            # One process says "fenghuo listening on", a worker of several
+            # "fenghuo worker K of N listening on": the first one listening will do.
+            match = re.match(rb"fenghuo (?:worker \d+ of \d+ )?listening on [^:]+:(\d+)", line)
             if match and not found:
                 found.append(int(match.group(1)))
                 ready.set()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +61,15 @@ class Settings:
     idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
     drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave")
     backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
-    max_connections: int = _opt(0, "open client connections; beyond it a new one is refused with "
-                                   "TRY_AGAIN (0: the open-file limit less 256)")
-    max_handshakes: int = _opt(2048, "connections accepted and not yet past HELLO; beyond it a new "
-                                     "one is refused with TRY_AGAIN at once (0: no limit)")
-    admit_rate: float = _opt(0.0, "HELLOs admitted per second (token bucket refill); a HELLO "
-                                  "above it is refused with TRY_AGAIN (0: no limit)")
-    admit_burst: float = _opt(1000.0, "HELLOs admitted at once (token bucket size)")
-    workers: int = _opt(1, "worker processes sharing the port (SO_REUSEPORT) and the store; "
-                           "0 = one per core")
+    max_connections: int = _opt(0, "open client connections per worker; beyond it a new one is "
+                                   "refused with TRY_AGAIN (0: the open-file limit less 256)")
+    max_handshakes: int = _opt(2048, "connections per worker accepted and not yet past HELLO; beyond "
+                                     "it a new one is refused with TRY_AGAIN at once (0: no limit)")
+    admit_rate: float = _opt(0.0, "HELLOs a worker admits per second (token bucket refill); a "
+                                  "HELLO above it is refused with TRY_AGAIN (0: no limit)")
+    admit_burst: float = _opt(1000.0, "HELLOs a worker admits at once (token bucket size)")
+    workers: int = _opt(0, "worker processes sharing the port (SO_REUSEPORT) and the store "
+                           "(0: one per core; 1: a single process, no supervisor)")
     replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
                                      "owns after the last of its sessions needing it left")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -83,7 +84,7 @@ class Settings:
                               ("log_format", ("json", "text"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
-        for name in ("max_connections", "max_handshakes", "admit_rate", "admit_burst"):
+        for name in ("max_connections", "max_handshakes", "admit_rate", "admit_burst", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.admit_rate and self.admit_burst < 1:

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 
 import uvloop
@@ -19,6 +20,7 @@ from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec
 from fenghuo.server.relay import Relay
+from fenghuo.server.supervisor import EXIT_STOP_RELAY
 
 from fenghuo.tokens import resolve_secret
 
@@ -43,8 +45,11 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     await relay.shutdown()
     if metrics_server is not None:
         metrics_server.close()
-    # A store failure is not a clean stop: let a supervisor see it.
-    return 1 if relay.store is not None and relay.store.failure is not None else 0
+    if relay.store is None or relay.store.failure is None:
+        return 0
+    # A store failure is not a clean stop: let a supervisor see it (ours stops
+    # the relay rather than restart a worker into the same full disk).
+    return EXIT_STOP_RELAY if spec is not None else 1
 
 
 def run(settings: Settings) -> int:
@@ -70,7 +75,40 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
     env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": secrets.token_hex(4)}
     argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
     capacity = 1 << max(22, (2 * settings.max_frame + 4096).bit_length())
-    print(f"fenghuo supervising {workers} workers on {settings.host}:{settings.port}", flush=True)
-    return Supervisor(ring_capacity=capacity, drain_timeout=settings.drain_timeout + 5,
-                      metrics_port=settings.metrics_port,
-                      metrics_host=settings.host).run(argv, workers, env)
+    try:
+        holder = hold_port(settings.host, settings.port)
+    except OSError as exc:
+        print(f"fenghuo: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+              file=sys.stderr, flush=True)
+        return 1
+    with holder:
+        port = holder.getsockname()[1]
+        print(f"fenghuo supervising {workers} workers on {settings.host}:{port}"
+              + (f", metrics on :{settings.metrics_port}" if settings.metrics_port else ""),
+              flush=True)
+        # Last on the command line, so it overrides any --port 0 before it.
+        return Supervisor(ring_capacity=capacity, drain_timeout=settings.drain_timeout + 5,
+                          metrics_port=settings.metrics_port, metrics_host=settings.host,
+                          ).run([*argv, "--port", str(port)], workers, env)
+
+
+def hold_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``(host, port)`` with SO_REUSEPORT that never listens.
+
+    Port 0 is resolved here, once, so that every worker binds the same port.
+    Held for the supervisor's whole life, it keeps the port for the workers
+    (a busy port fails here, not in a restart loop; no other program and no
+    outgoing connection takes it while every worker is down); not listening,
+    it is handed no connection.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock

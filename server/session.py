@@ -212,6 +212,10 @@ class Session(Connection, asyncio.BufferedProtocol):
         ch = self.relay.readable(self, receipt.channel)
         cluster = self.relay.cluster
         if cluster is not None and not cluster.owns(ch.name):
+            if receipt.kind == ReceiptKind.READ:
+                # The owner moves the read cursor and shares it; the replica
+                # here moves now, so this connection's next request sees it.
+                self.relay.reads.advance(ch.name, self.user, min(receipt.seq, ch.seq))
             cluster.forward_request(cluster.owner_of(ch.name), self, request_id, "receipt",
                                     channel=ch.name, seq=receipt.seq, kind=receipt.kind)
             return
@@ -282,8 +286,12 @@ class Session(Connection, asyncio.BufferedProtocol):
         op, group_id = body.get("op"), body.get("group")
         cluster = self.relay.cluster
         if cluster is not None and op not in ("list", "members") and isinstance(group_id, str):
-            # Changes are made where the group's channel is sequenced.
-            owner = cluster.owner_of(group_channel(group_id))
+            # Changes are made where the group's channel is sequenced; an
+            # invalid id has none, and group_op below refuses it here.
+            try:
+                owner = cluster.owner_of(group_channel(group_id))
+            except InvalidChannel:
+                owner = cluster.index
             if owner != cluster.index:
                 cluster.forward_request(owner, self, request_id, "group", request=body)
                 return

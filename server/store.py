@@ -23,9 +23,11 @@ import os
 import queue
 import sqlite3
 import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -104,6 +106,25 @@ class _Stop:
     """Queue sentinel: the writer finishes what came before it and exits."""
 
 
+def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the file's lock.
+
+    Turning a new file to WAL takes an exclusive lock, and SQLite refuses it
+    at once ("database is locked"), without waiting out the busy timeout,
+    while another connection holds a lock: several workers opening a new
+    store together meet this (a few opens in a hundred on two cores).
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore:
     """The embedded default store: one file ``fenghuo.db`` under the data dir."""
 
@@ -132,7 +153,7 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(conn)
         # FULL syncs the WAL at every commit (one commit per batch); NORMAL only
         # at checkpoints: committed data survives a process crash, not power loss.
         conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'off' else 'FULL'}")

@@ -29,7 +29,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -43,6 +43,10 @@ DEFAULT_RING_CAPACITY = 4 << 20       # max_record 2 MiB: a 1 MiB frame with roo
 DEFAULT_DRAIN_TIMEOUT = 15.0
 DEFAULT_WORKER_CMD = (sys.executable, "-m", "fenghuo", "serve")
 KILL_WAIT = 5.0                       # after SIGKILL, for the kernel to reap
+# A worker's exit status for "a restart cannot help" (its store failed: the
+# disk is full or the file broken, for every worker alike): the supervisor
+# then stops the relay, as one process would stop.  EX_IOERR of sysexits.h.
+EXIT_STOP_RELAY = 74
 SCRAPE_TIMEOUT = 2.0
 
 _PR_SET_PDEATHSIG = 1
@@ -126,10 +130,13 @@ class _Run:
                       for i in range(count) for j in range(count) if i != j}
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
+        self.stop_requested: asyncio.Event       # made in main(), on that loop
+        self.started_at = 0.0
 
     async def main(self) -> int:
         self.loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
+        self.started_at = self.loop.time()
+        self.stop_requested = stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, stop_requested)
         http = None
@@ -190,6 +197,11 @@ class _Run:
         worker.returncode = worker.proc.wait()      # the pidfd is readable: it has exited
         worker.exited.set_result(worker.returncode)
         if self.stopping:
+            return
+        if worker.returncode == EXIT_STOP_RELAY:
+            log.critical("worker cannot go on: stopping every worker",
+                         extra={"worker": worker.index, "pid": worker.proc.pid})
+            self.stop_requested.set()
             return
         log.warning("worker exited", extra={"worker": worker.index, "pid": worker.proc.pid,
                                             "generation": worker.generation,
@@ -273,12 +285,14 @@ class _Run:
         checked = bool(self.config.metrics_port)
         healthy = not self.stopping and all(
             w.running and (not checked or w.index in ready) for w in self.workers)
-        status = "stopping" if self.stopping else "ok" if healthy else "degraded"
-        body = orjson.dumps({"status": status, "workers": [
-            {"index": w.index, "running": w.running, "generation": w.generation,
-             "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
-             **({"healthy": w.index in ready} if checked else {})}
-            for w in self.workers]})
+        status = "draining" if self.stopping else "ok" if healthy else "degraded"
+        body = orjson.dumps({
+            "status": status, **_relay_health(ready.values()),
+            "uptime": round(self.loop.time() - self.started_at, 3), "workers": [
+                {"index": w.index, "running": w.running, "generation": w.generation,
+                 "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
+                 **({"healthy": w.index in ready} if checked else {})}
+                for w in self.workers]})
         return (200 if healthy else 503), body
 
     async def _scrape_workers(self, path: str) -> dict[int, str]:
@@ -323,6 +337,24 @@ class _Run:
         family("fenghuo_mesh_ring_capacity_bytes", "gauge", "Capacity of each mesh ring.",
                [("", self.config.ring_capacity)])
         return out
+
+
+def _relay_health(answers: Iterable[str]) -> dict[str, object]:
+    """What one relay's ``/healthz`` says, for the workers' answers together.
+
+    So a health check reads the same fields whatever the number of workers:
+    the epoch (one for all of them) and the connections (their sum).
+    """
+    bodies = []
+    for answer in answers:
+        try:
+            body = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            continue          # not a worker's answer: someone else holds its port
+        if isinstance(body, dict):
+            bodies.append(body)
+    return {"epoch": next((b["epoch"] for b in bodies if "epoch" in b), None),
+            "connections": sum(b.get("connections", 0) for b in bodies)}
 
 
 def die_with(parent_pid: int) -> Callable[[], None]:

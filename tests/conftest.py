@@ -10,19 +10,22 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
+from fenghuo.server.supervisor import die_with
 
 import fenghuo
-from bench.targets import free_port
+from bench.targets import free_port, free_ports, wait_healthy, wait_listening
 from fenghuo.tokens import issue_token
+
+STOP_TIMEOUT = 20.0     # a supervisor gives its workers the drain timeout + 5 s
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RelayProcess:
     secret: str
     data_dir: Path
     log_path: Path
+    workers: int                # 1: ``proc`` is the relay; more: ``proc`` is their supervisor
     clients: list = field(default_factory=list)
 
     @property
@@ -62,45 +66,84 @@ class RelayProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, SIGKILL after ``timeout``; its exit status once none of its processes is left."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        self.kill()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """``kill -9`` of the relay: all its processes (a supervisor and its workers) at once."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (left := group_members(self.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not left, f"processes of the relay outlived SIGKILL: {left}"
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except OSError:
+                continue
+            if int(pgrp) == pgid and state != "Z":
+                pids.append(int(entry.name))
+    return pids
 
 
 def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
-                env: dict[str, str] | None = None, timeout: float = 15.0,
-                data_dir: Path | None = None, secret: str | None = None) -> RelayProcess:
-    """Start ``fenghuo serve``; pass ``data_dir`` and ``secret`` of an earlier one to restart it."""
-    port, metrics_port = free_port(host), free_port(host)
+                env: dict[str, str] | None = None, timeout: float = 30.0,
+                data_dir: Path | None = None, secret: str | None = None,
+                workers: int | None = None) -> RelayProcess:
+    """Start ``fenghuo serve``; pass ``data_dir`` and ``secret`` of an earlier one to restart it.
+
+    ``workers`` None keeps the server's default (one per core).  It returns
+    once the relay accepts: with several workers, once the supervisor's
+    ``/healthz`` says every one of them does.  The relay gets a process
+    group of its own (:meth:`RelayProcess.kill` takes all its processes) and
+    SIGTERM should this process die.
+    """
+    count = workers or os.cpu_count() or 1
+    port = free_port(host)
+    # Worker k serves its own /metrics on the supervisor's metrics port + 1 + k.
+    metrics_port = free_ports(count + 1, host) if count > 1 else free_port(host)
     secret = secret or secrets.token_urlsafe(32)
     data_dir = data_dir or tmp_path / f"data-{port}"
     log_path = tmp_path / f"relay-{port}.log"
     cmd = [sys.executable, "-m", "fenghuo", "serve", "--host", host, "--port", str(port),
            "--metrics-port", str(metrics_port), "--data-dir", str(data_dir),
-           f"--secret={secret}", "--log-level", "debug", *flags]
-    log_file = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-    log_file.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        raise RuntimeError(f"relay did not start:\n{log_path.read_text()}")
-    return RelayProcess(proc, host, port, metrics_port, secret, data_dir, log_path)
+           f"--secret={secret}", "--log-level", "debug",
+           *(("--workers", str(workers)) if workers is not None else ()), *flags]
+    with open(log_path, "wb") as log_file:
+        # preexec_fn is safe: the test process starts relays from its main thread.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True,
+                                preexec_fn=die_with(os.getpid()))  # noqa: PLW1509
+    relay = RelayProcess(proc, host, port, metrics_port, secret, data_dir, log_path, count)
+    try:
+        if count > 1:
+            wait_healthy(proc, f"http://{host}:{metrics_port}/healthz", timeout)
+        else:
+            wait_listening(proc, host, port, timeout)
+    except RuntimeError:
+        exited = proc.poll()
+        relay.kill()
+        why = "did not start" if exited is None else f"exited with {exited}"
+        raise RuntimeError(f"relay {why}:\n{log_path.read_text()}") from None
+    return relay
 
 
 @pytest.fixture
@@ -131,6 +174,8 @@ async def relay(relay_factory: Callable[..., RelayProcess]) -> AsyncIterator[Rel
     r = relay_factory()
     yield r
     assert r.proc.poll() is None, f"relay died during the test:\n{r.log()}"
+    # A supervisor restarts a dead worker, which would hide the death.
+    assert "worker exited" not in r.log(), f"a worker died during the test:\n{r.log()}"
 
 
 async def raw_connection(relay: RelayProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -10,14 +10,15 @@ the stream is ``None`` (EOF or reset alike: the server closed it).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 from typing import Any
 
 import orjson
 import pytest
-
 from fenghuo.core import FrameReader, FrameType, ProtocolError, decode_ack, decode_error
+
 from fenghuo.protocol import encode_json
 
 TIMEOUT = 5.0
@@ -35,7 +36,7 @@ def describe(frame: Any) -> str:
         return "end of stream"
     text = f"{_NAMES.get(frame.type, hex(frame.type))} rid={frame.request_id}"
     if frame.type == FrameType.ERROR:
-        text += " %r" % (decode_error(frame.body),)
+        text += f" {decode_error(frame.body)!r}"
     return text
 
 
@@ -149,7 +150,7 @@ class RawConnection(asyncio.Protocol):
         """Nothing arrives and the connection stays open for ``seconds``."""
         try:
             frame = await asyncio.wait_for(self.frames.get(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise AssertionError(f"expected silence, got {describe(frame)}")
 
@@ -185,6 +186,25 @@ async def authed_raw(relay: Any, user: str, *, rcvbuf: int | None = None,
     return conn
 
 
+async def authed_on_every_worker(relay: Any, user: str) -> list[RawConnection]:
+    """Connections of ``user`` (each past WELCOME), at least one on every worker.
+
+    The kernel spreads connections over the workers at random: more are
+    opened until WELCOME has named each worker, then one per worker is kept.
+    """
+    kept: dict[int, RawConnection] = {}
+    for _ in range(20 * relay.workers):
+        conn = await open_raw(relay)
+        worker = (await conn.hello(relay.token(user))).get("worker", 0)
+        if worker in kept:
+            conn.close()
+        else:
+            kept[worker] = conn
+        if len(kept) == relay.workers:
+            return list(kept.values())
+    raise AssertionError(f"connections reached only workers {sorted(kept)}")
+
+
 # ---------------------------------------------------------------- HTTP
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -202,15 +222,24 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str]
     return status, headers, body
 
 
+_WORKER_LABEL = re.compile(r'worker="\d+",?')
+
+
 async def metrics(relay: Any) -> dict[str, float]:
-    """``/metrics`` as ``{sample name with labels: value}``."""
+    """``/metrics`` as ``{sample name with labels: value}``, the relay's as a whole.
+
+    A supervisor labels each worker's samples ``worker="k"``; they are summed
+    here over that label, which is what one process counting everything
+    would say (connections, counters, histogram buckets all add up).
+    """
     status, headers, body = await http_get(relay.host, relay.metrics_port, "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    samples = {}
+    samples: dict[str, float] = {}
     for line in body.decode().splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+            name = _WORKER_LABEL.sub("", name).replace("{}", "")
+            samples[name] = samples.get(name, 0.0) + float(value)
     return samples
 
 
@@ -236,7 +265,7 @@ class Bystander:
         self.sent: list[str] = []
         self._tasks: list[asyncio.Task] = []
 
-    async def start(self, before: int = 3) -> "Bystander":
+    async def start(self, before: int = 3) -> Bystander:
         self.alice = await self.relay.connect("alice")
         self.bob = await self.relay.connect("bob")
         self._links = (self.alice._proto, self.bob._proto)

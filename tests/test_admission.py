@@ -122,7 +122,9 @@ async def test_a_storm_is_refused_with_advice_everyone_gets_in_and_bystanders_ar
 
 
 async def test_a_hello_above_the_rate_is_refused_before_its_token_is_read(relay_factory):
-    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1")
+    # Admission limits are per worker process: one makes "the one token" exact.
+    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1",
+                          workers=1)
     await authed_raw(relay, "first")            # takes the one token
     late = await open_raw(relay)
     late.write(encode_frame(FrameType.HELLO, b"{", 5))   # not even JSON, let alone a token
@@ -132,7 +134,9 @@ async def test_a_hello_above_the_rate_is_refused_before_its_token_is_read(relay_
 
 
 async def test_the_client_waits_as_told_then_connects(relay_factory):
-    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1")
+    # Admission limits are per worker process: one makes "the one token" exact.
+    relay = relay_factory("--store", "memory", "--admit-rate", "1", "--admit-burst", "1",
+                          workers=1)
     await relay.connect("first")                 # takes the one token
     second = relay.client("second")
     errors = ErrorLog(second)
@@ -150,7 +154,8 @@ async def test_the_client_waits_as_told_then_connects(relay_factory):
 
 
 async def test_a_reconnecting_client_follows_refusals_at_accept(relay_factory):
-    relay = relay_factory("--store", "memory", "--max-handshakes", "1")
+    # Admission limits are per worker process: one makes "the one slot" exact.
+    relay = relay_factory("--store", "memory", "--max-handshakes", "1", workers=1)
     alice = await relay.connect("alice")
     link = alice._proto
     squatter = await open_raw(relay)             # holds the one handshake slot, says nothing
@@ -171,7 +176,8 @@ async def test_a_reconnecting_client_follows_refusals_at_accept(relay_factory):
 
 
 async def test_max_connections_refuses_past_the_limit_and_admits_again(relay_factory):
-    relay = relay_factory("--store", "memory", "--max-connections", "3")
+    # Admission limits are per worker process: one makes the limit of 3 exact.
+    relay = relay_factory("--store", "memory", "--max-connections", "3", workers=1)
     held = [await authed_raw(relay, user) for user in ("ann", "ben", "cat")]
     extra = await open_raw(relay)
     text = await extra.expect_error(ErrorCode.TRY_AGAIN, request_id=0)

@@ -15,11 +15,10 @@ import struct
 
 import orjson
 import pytest
-
 from fenghuo.core import ErrorCode, FrameType
-from fenghuo.protocol import encode_frame, encode_json, encode_publish
 from rawwire import (
     TIMEOUT,
+    authed_on_every_worker,
     authed_raw,
     error_count,
     header,
@@ -29,6 +28,7 @@ from rawwire import (
     wait_for_metric,
 )
 
+from fenghuo.protocol import encode_frame, encode_json, encode_publish
 
 # ================================================================ handshake timeout
 
@@ -145,19 +145,19 @@ async def test_shutdown_sends_goaway_closes_and_exits_0(relay_factory, sig):
     relay = relay_factory("--drain-timeout", "3")
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
-    carol = await authed_raw(relay, "carol")
+    carols = await authed_on_every_worker(relay, "carol")
     stranger = await open_raw(relay)            # connected, no HELLO yet
     acks = [await alice.send("bob", f"m{i}") for i in range(5)]
     assert [a.seq for a in acks] == [1, 2, 3, 4, 5]
     relay.signal(sig)
 
-    for conn in (carol, stranger):
+    for conn in (*carols, stranger):
         goaway = await conn.expect(FrameType.GOAWAY)
         assert goaway.type == 0x95
         body = orjson.loads(goaway.body)
         assert body["reason"] == "shutdown" and body["reconnect_after_ms"] >= 0
         await conn.expect_closed()
-    # The listener closed before the first GOAWAY went out.
+    # Each worker closed its listener before its first GOAWAY went out.
     with pytest.raises(ConnectionRefusedError):
         await open_raw(relay)
     assert await _wait_exit(relay, 3 + TIMEOUT) == 0
@@ -178,10 +178,11 @@ async def test_stuck_client_cannot_hold_shutdown_past_the_drain_timeout(relay_fa
     carol.transport.pause_reading()
     for _ in range(96):
         await alice.send("carol", os.urandom(64 * 1024))
-    other = await authed_raw(relay, "dave")
+    others = await authed_on_every_worker(relay, "dave")
     relay.signal(signal.SIGTERM)
-    await other.expect(FrameType.GOAWAY)
-    await other.expect_closed()
+    for other in others:                        # every worker has begun to drain
+        await other.expect(FrameType.GOAWAY)
+        await other.expect_closed()
 
     # Draining: still up for the stuck one, refusing newcomers, unhealthy.
     assert relay.proc.poll() is None
@@ -200,7 +201,10 @@ async def test_stuck_client_cannot_hold_shutdown_past_the_drain_timeout(relay_fa
 
 # ================================================================ metrics and health
 
-_SAMPLE = re.compile(r'^[a-z_]+(\{[a-z]+="[^"]*"\})? -?[0-9.e+-]+$|^[a-z_]+\{le="\+Inf"\} [0-9]+$')
+# Labels as a supervisor writes them too: worker="k" first, then the sample's own.
+_LABEL = r'[a-z]+="[^"]*"'
+_SAMPLE = re.compile(rf'^[a-z_]+(\{{{_LABEL}(,{_LABEL})*\}})? -?[0-9.e+-]+$'
+                     rf'|^[a-z_]+\{{({_LABEL},)*le="\+Inf"\}} [0-9]+$')
 
 
 async def test_metrics_count_what_happened(relay):

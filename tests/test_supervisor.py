@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from fenghuo.server.supervisor import merge_worker_metrics
+from fenghuo.server.supervisor import EXIT_STOP_RELAY, merge_worker_metrics
 from mesh_worker import Supervised, alive
 
 import fenghuo
@@ -96,6 +96,17 @@ def test_a_crashing_worker_is_restarted_with_doubling_delays_until_stopped(tmp_p
     assert all(gap >= delay for gap, delay in zip(gaps, (0.2, 0.4, 0.8), strict=True)), gaps
 
 
+def test_a_worker_that_cannot_go_on_stops_the_others_and_the_supervisor_exits_1(tmp_path):
+    # Worker 0 exits as a worker whose store failed does; worker 1 just waits.
+    with Supervised(tmp_path, 2, per_worker_args=[[f"--crash={EXIT_STOP_RELAY}"],
+                                                  ["--stall=1-0"]]) as mesh:
+        survivor = mesh.file("started-1-0.json")["pid"]
+        assert mesh.proc.wait(WAIT) == 1, mesh.log()
+        assert not alive(survivor)
+        assert not list(mesh.dir.glob("started-0-1.json")), "not restarted"
+        assert "worker cannot go on" in mesh.log()
+
+
 def test_metrics_merge_regroups_families_and_labels_every_sample():
     worker_text = ("# HELP up_total Ups.\n# TYPE up_total counter\nup_total 3\n"
                    "# HELP lat Latency.\n# TYPE lat histogram\n"
@@ -136,6 +147,10 @@ async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp
                                        token=issue_token(secret, "ana"), reconnect=False)
         try:
             status, text = http_get(metrics_port, "/metrics")
+            # The fields of one relay's /healthz, for both workers (here each
+            # has its own store, hence its own epoch: the first is shown).
+            summary = health(metrics_port)[1]
+            assert summary["connections"] == 1 and isinstance(summary["epoch"], str)
         finally:
             await client.close()
         assert status == 200

@@ -283,6 +283,12 @@ def test_defaults():
     assert (s.host, s.port, s.metrics_port, s.max_frame, s.ring_size, s.rate) == (
         "127.0.0.1", 7700, 7701, 1 << 20, 1024, 20000.0)
     assert s.data_path == Path("./data")
+    assert s.workers == 0            # one per core; 1 is a single process
+
+
+def test_a_negative_worker_count_is_refused():
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        load({"workers": -1}, env={})
 
 
 def test_load_reads_the_process_environment_by_default(monkeypatch):

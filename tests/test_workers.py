@@ -11,6 +11,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,10 +26,11 @@ from fenghuo.core import ContentType
 from fenghuo.server.routing import owner_of
 
 import fenghuo
-from bench.targets import Fenghuo, free_ports
+from bench.targets import Fenghuo, free_ports, wait_healthy
 from fenghuo.channels import direct_channel
 
 WORKERS = 3
+SECRET = "workers-test-secret-of-32-bytes-or-more"
 
 
 def worker_pids(supervisor: int) -> set[int]:
@@ -95,15 +99,7 @@ async def clients_on_every_worker(relay: RelayProcess, users: list[str],
 
 def serve_workers(tmp_path: Path, *flags: str):
     """A relay of WORKERS workers, every one listening; stopped gracefully after."""
-    # Worker k serves its own /metrics on the supervisor's port + 1 + k.
-    metrics = free_ports(WORKERS + 1)
-    relay = start_relay(tmp_path, "--workers", str(WORKERS), "--metrics-port", str(metrics),
-                        *flags)
-    relay.metrics_port = metrics
-    # The port answers as soon as one worker listens; wait for all of them.
-    deadline = time.monotonic() + 15
-    while listening(relay) < WORKERS and time.monotonic() < deadline:
-        time.sleep(0.05)
+    relay = start_relay(tmp_path, *flags, workers=WORKERS)
     yield relay
     relay.proc.send_signal(signal.SIGTERM)
     assert relay.proc.wait(30) == 0, relay.log_path.read_text()[-3000:]
@@ -467,3 +463,66 @@ async def test_a_worker_lets_go_of_a_chat_nobody_there_needs_and_asks_again_late
     assert (got.seq, got.payload) == (live.seq, b"welcome back") == (7, b"welcome back")
     await ann.close()
     await bob.close()
+
+
+def serve(tmp_path: Path, *flags: str) -> subprocess.Popen:
+    """``fenghuo serve --workers WORKERS`` with ``flags``, its output in ``tmp_path/serve.log``."""
+    with open(tmp_path / "serve.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fenghuo", "serve", "--workers", str(WORKERS),
+             "--data-dir", str(tmp_path / "data"), f"--secret={SECRET}", *flags],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def test_port_0_is_one_port_that_every_worker_accepts_on(tmp_path):
+    metrics = free_ports(WORKERS + 1)
+    proc = serve(tmp_path, "--port", "0", "--metrics-port", str(metrics))
+    relay = RelayProcess(proc, "127.0.0.1", 0, metrics, SECRET, tmp_path / "data",
+                         tmp_path / "serve.log", WORKERS)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{metrics}/healthz")
+        # The supervisor resolved it once and says which; every worker took it.
+        printed = re.search(rf"fenghuo supervising {WORKERS} workers on 127\.0\.0\.1:(\d+), "
+                            rf"metrics on :{metrics}\n", relay.log())
+        assert printed, relay.log()
+        relay.port = int(printed.group(1))
+        assert relay.port != 0
+        listening_on = re.findall(rf"fenghuo worker \d of {WORKERS} listening on 127\.0\.0\.1:(\d+)",
+                                  relay.log())
+        assert listening_on == [str(relay.port)] * WORKERS
+        clients = await clients_on_every_worker(relay, ["ann", "bob", "cat"])
+        await clients["ann"].send("bob", "through port 0")
+        assert (await clients["bob"].next_message(timeout=5)).text == "through port 0"
+        for client in clients.values():
+            await client.close()
+    finally:
+        assert relay.stop() == 0, relay.log()
+
+
+def test_a_busy_port_stops_the_supervisor_at_once(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = serve(tmp_path, "--port", str(taken.getsockname()[1]), "--metrics-port", "0")
+        assert proc.wait(15) == 1
+    log = (tmp_path / "serve.log").read_text()
+    assert "cannot listen on 127.0.0.1:" in log and "worker started" not in log, log
+
+
+async def test_an_owner_with_no_subscriber_of_its_own_still_times_what_it_sequences(
+        workers_relay):
+    ann = await workers_relay.client("ann").connect()
+    # A chat another worker owns, with nobody connected there: the ack and
+    # the message leave the owner through the mesh alone.
+    peer = next(name for name in (f"offline{i}" for i in range(100))
+                if owner_of(direct_channel("ann", name), WORKERS) != ann.welcome["worker"])
+    owner = owner_of(direct_channel("ann", peer), WORKERS)
+    name = "fenghuo_publish_to_deliver_seconds_count"
+    before = worker_gauge(workers_relay, owner, name)
+    for k in range(3):
+        await ann.send(peer, f"into the void {k}")
+    deadline = time.monotonic() + 5
+    while worker_gauge(workers_relay, owner, name) < before + 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert worker_gauge(workers_relay, owner, name) == before + 3
+    await ann.close()
