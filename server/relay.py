@@ -341,13 +341,20 @@ class Relay:
             ch.subscribers.add(session)
             return
         if session.pending_live is None:
-            session.pending_live = set()
-        session.pending_live.add(ch)
-        if not cluster.ready(ch):
-            cluster.when_ready(ch, lambda: self._ready_later(session))
+            session.pending_live = {}
+        # Where the subscription takes effect: now if the channel is complete
+        # here, else when it becomes so.
+        if cluster.ready(ch):
+            session.pending_live[ch] = ch.seq
+        else:
+            session.pending_live[ch] = None
+            cluster.when_ready(ch, lambda: self._ready_later(session, ch))
 
-    def _ready_later(self, session: Session) -> None:
+    def _ready_later(self, session: Session, ch: Channel) -> None:
         assert self.cluster is not None
+        waiting = session.pending_live
+        if waiting is not None and ch in waiting and waiting[ch] is None:
+            waiting[ch] = ch.seq
         if not session.closing and not self.cluster.gated(session):
             self.go_live_ready(session)
 
@@ -359,7 +366,7 @@ class Relay:
             del session.subscriptions[ch]
             ch.subscribers.discard(session)
             if session.pending_live is not None:
-                session.pending_live.discard(ch)
+                session.pending_live.pop(ch, None)
         else:
             session.subscriptions[ch] = count - 1
 
@@ -380,7 +387,8 @@ class Relay:
     def go_live(self, session: Session, channels: Iterable[Channel],
                 positions: dict[str, int] | None) -> None:
         """Deliver ``channels`` to ``session``: what it missed after ``positions``
-        (none when None), then live."""
+        (or, without positions, what came since its subscription took effect
+        while it waited), then live."""
         waiting = session.pending_live
         cluster = self.cluster
         for ch in channels:
@@ -389,15 +397,18 @@ class Relay:
             if cluster is not None and not cluster.ready(ch):
                 # Let go of meanwhile (Cluster.sweep): live once it is back.
                 if waiting is None:
-                    waiting = session.pending_live = set()
-                waiting.add(ch)
-                cluster.when_ready(ch, lambda: self._ready_later(session))
+                    waiting = session.pending_live = {}
+                waiting[ch] = None
+                cluster.when_ready(ch, lambda ch=ch: self._ready_later(session, ch))
                 continue
+            since = None
             if waiting is not None and ch in waiting:
-                waiting.discard(ch)
+                since = waiting.pop(ch)
                 ch.subscribers.add(session)
             if positions is not None:
-                        self.catch_up(session, ch, positions.get(ch.name, 0))
+                self.catch_up(session, ch, positions.get(ch.name, 0))
+            elif since is not None and since < ch.seq:
+                self.catch_up(session, ch, since)
 
     def go_live_ready(self, session: Session) -> None:
         """Deliver the channels ``session`` joined while they were not ready here:

@@ -70,8 +70,9 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.relay = relay
         self.explicit: set[str] | None = None          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
-        # Subscribed channels not yet delivered (several workers: Relay.subscribe).
-        self.pending_live: set[Channel] | None = None
+        # Subscribed channels not yet delivered (several workers: Relay.subscribe),
+        # with the seq the subscription took effect after (None: not yet).
+        self.pending_live: dict[Channel, int | None] | None = None
         self.watching: set[str] | None = None          # users whose presence we follow
         self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
 

@@ -564,8 +564,11 @@ async def test_catch_up_larger_than_max_pending_is_delivered(relay_factory):
 # ================================================================ pipelining and framing edge cases
 
 async def test_pipelined_handshake_and_requests_are_processed_in_order(relay_factory):
-    # One process: under several workers the SUBSCRIBE's RESULT, held until
-    # "org" is ready from its owner, is overtaken by later ACKs (a known bug).
+    # One process. Under several workers, a SUBSCRIBE whose channel another
+    # worker owns waits for it, and replies held meanwhile come out in the
+    # order they were made, not the order of their requests: an ACK made once
+    # its publish is on disk can follow a later PING's PONG, and the catch-up
+    # can precede a RESULT waiting for the disk (a known bug; see the note).
     relay = relay_factory(workers=1)
     bob = await relay.connect("bob", read=("org.news",))
     conn = await open_raw(relay)
