@@ -427,7 +427,7 @@ class Cluster:
         if due:
             self.pending_parts = [p for p in self.pending_parts if p[0].seq < p[1]]
             for ch, _, user in due:
-                self.relay.part_here(user, ch)
+                self.relay.part(user, ch)
 
     def _peer_started(self, peer: int, generation: int) -> None:
         known = self.peer_generations.get(peer)

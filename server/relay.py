@@ -163,7 +163,7 @@ class Relay:
         assert self.cluster is not None
         for user in removed:
             if ch.seq >= seq or not self.cluster.ready(ch):
-                self.part_here(user, ch)
+                self.part(user, ch)
             else:
                 self.cluster.pending_parts.append((ch, seq, user))
 
@@ -337,14 +337,16 @@ class Relay:
         if count:
             return
         cluster = self.cluster
-        if cluster is None or (cluster.ready(ch) and not cluster.gated(session)):
+        ready = cluster is None or cluster.ready(ch)
+        if ready and (cluster is None or not cluster.gated(session)):
             ch.subscribers.add(session)
             return
+        assert cluster is not None
         if session.pending_live is None:
             session.pending_live = {}
         # Where the subscription takes effect: now if the channel is complete
         # here, else when it becomes so.
-        if cluster.ready(ch):
+        if ready:
             session.pending_live[ch] = ch.seq
         else:
             session.pending_live[ch] = None
@@ -450,12 +452,8 @@ class Relay:
             self.subscribe(session, ch)
 
     def part(self, user: str, ch: Channel) -> None:
-        """End ``user``'s membership: no more publishing now; no more receiving once
-        what was sequenced before (their own leave event included) has gone out."""
-        self.part_here(user, ch)
-
-    def part_here(self, user: str, ch: Channel) -> None:
-        """:meth:`part` for this process's sessions of ``user``."""
+        """End ``user``'s membership here: no more publishing now; no more receiving
+        once what was sequenced before (their own leave event included) has gone out."""
         channels = self.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
