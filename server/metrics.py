@@ -22,7 +22,7 @@ _COUNTERS = (
     ("writes", "fenghuo_writes_total", "Coalesced writes (at most one per connection per loop iteration)."),
     ("publishes", "fenghuo_messages_published_total", "Messages sequenced."),
     ("duplicates", "fenghuo_publish_duplicates_total", "Publishes answered from the idempotency window."),
-    ("deliveries", "fenghuo_deliveries_total", "Message frames queued to subscribers."),
+    ("deliveries", "fenghuo_deliveries_total", "Message frames queued to subscribers, live or caught up."),
     ("slow_consumers", "fenghuo_slow_consumer_disconnects_total", "Connections cut for exceeding max_pending."),
     ("rate_limited", "fenghuo_rate_limited_disconnects_total", "Connections cut for exceeding the frame rate."),
 )

@@ -494,9 +494,15 @@ class Relay:
             session.send(encode_json(FrameType.GAP, {
                 "channel": ch.name, "after": after, "first": ch.ring.first, "head": ch.seq}))
             frames = ch.ring.since(after)
+        self._send_missed(session, frames)
+        return recovered
+
+    def _send_missed(self, session: Session, frames: list[bytes]) -> None:
+        """Catch-up: ``frames`` to ``session``, counted as deliveries like live ones
+        (under several workers a session's first messages often come this way)."""
         for frame in frames:
             session.send(frame)
-        return recovered
+        self.hub.metrics.deliveries += len(frames)
 
     @staticmethod
     async def _drained(session: Session) -> None:
@@ -523,8 +529,7 @@ class Relay:
                         session.send(encode_json(FrameType.GAP, {
                             "channel": ch.name, "after": after, "first": rows[0][0],
                             "head": ch.seq}))
-                    for _, frame in rows:
-                        session.send(frame)
+                    self._send_missed(session, [frame for _, frame in rows])
                     after = rows[-1][0]
                     waits = 0
                     await self._drained(session)
@@ -544,8 +549,7 @@ class Relay:
                 self.catching_up[ch] = left
             # Synchronous from here: the ring tail, then live, with nothing between.
             if not session.closing and ch in session.subscriptions:
-                for frame in ch.ring.since(after):
-                    session.send(frame)
+                self._send_missed(session, ch.ring.since(after))
                 ch.subscribers.add(session)
 
     # ------------------------------------------------------------ publishing

@@ -207,6 +207,19 @@ _SAMPLE = re.compile(rf'^[a-z_]+(\{{{_LABEL}(,{_LABEL})*\}})? -?[0-9.e+-]+$'
                      rf'|^[a-z_]+\{{({_LABEL},)*le="\+Inf"\}} [0-9]+$')
 
 
+async def test_deliveries_count_messages_caught_up_on_reconnect(relay):
+    alice = await relay.connect("alice")
+    for i in range(3):
+        await alice.send("bob", f"while away {i}")
+    for _ in range(3):
+        await alice.next_message(timeout=TIMEOUT)        # her own device's copies
+    bob = await relay.client("bob", sync_from_start=True).connect()
+    assert [(await bob.next_message(timeout=TIMEOUT)).seq for _ in range(3)] == [1, 2, 3]
+    # Three live copies to alice, three caught up by bob: six frames queued.
+    samples = await wait_for_metric(relay, "fenghuo_deliveries_total", lambda v: v >= 6)
+    assert samples["fenghuo_deliveries_total"] == 6
+
+
 async def test_metrics_count_what_happened(relay):
     alice = await relay.connect("alice")
     bob = await relay.connect("bob")
