@@ -503,14 +503,16 @@ class Cluster:
         origin = self._origin(source, body["connection"], body["user"])
         rid = body["rid"]
         try:
-            result = self.relay.serve_forwarded(origin, body)
+            answer = encode_json(FrameType.RESULT, self.relay.serve_forwarded(origin, body), rid)
         except Exception as exc:
             code = getattr(exc, "code", ErrorCode.INTERNAL)
             message = getattr(exc, "message", "internal error")
             if code == ErrorCode.INTERNAL:
                 log.exception("forwarded request failed", extra={"op": body["what"]})
-            if rid:
-                origin.send_reply(encode_error(code, message, rid))
-            return
+            answer = encode_error(code, message, rid)
         if rid:
-            origin.send_reply(encode_json(FrameType.RESULT, result, rid))
+            # Once what the request sequenced (a GROUP change's event) is
+            # released, i.e. sent to the replicas ahead of this answer, so a
+            # HISTORY read through the origin sees it.  Every answer waits its
+            # turn, so answers to one origin keep their order.
+            self.relay.hub.after_store(lambda: origin.send_reply(answer))

@@ -238,12 +238,17 @@ class Relay:
         self.set_reading(False)
         if self.store is None:
             return
-        done = asyncio.get_running_loop().create_future()
-        self.hub.after_store(lambda: done.done() or done.set_result(None))
         try:
-            await asyncio.wait_for(done, self.settings.drain_timeout)
+            await asyncio.wait_for(self.released(), self.settings.drain_timeout)
         except asyncio.TimeoutError:
             log.warning("store did not drain within the drain timeout")
+
+    async def released(self) -> None:
+        """Wait until everything sequenced before now is released: on disk and in its ring
+        (at once unless acks wait for the disk, ``--fsync always``)."""
+        done = asyncio.get_running_loop().create_future()
+        self.hub.after_store(lambda: done.done() or done.set_result(None))
+        await done
 
     async def _sweep_forever(self) -> None:
         s = self.settings
@@ -611,8 +616,16 @@ class Relay:
 
     async def history(self, ch: Channel, limit: int, before: int | None, after: int | None,
                       since_us: int | None, until_us: int | None) -> list[bytes]:
-        """A page of ``ch``'s messages, oldest first: from the ring where it reaches, else the store."""
+        """A page of ``ch``'s messages, oldest first: from the ring where it reaches, else the store.
+
+        Read-your-writes: it includes every message sequenced in ``ch`` here
+        before the request, also those still on their way to the disk (a
+        GROUP change's event is answered with its seq as soon as it is
+        sequenced; a PUBLISH only once it is released).
+        """
         await self.ready(ch)
+        if ch.ring.last < ch.seq:
+            await self.released()
         if since_us is not None or until_us is not None:
             since, until = since_us or 0, until_us or (1 << 63)
             if self.store is not None:
