@@ -83,6 +83,13 @@ async def work(args: list[str]) -> int:
     write_json(out / f"started-{me}.json", {"pid": os.getpid(), "time": time.time(),
                                              "count": spec.count, "peers": spec.peers})
     if "crash" in flags:
+        # --crash-when=NAME: crash only once another worker has written NAME, so a
+        # test can see a sibling start before the supervisor stops it.
+        deadline = time.monotonic() + 30
+        while "crash-when" in flags and not (out / flags["crash-when"]).exists():
+            if time.monotonic() > deadline:
+                return 99
+            await asyncio.sleep(0.02)
         return int(flags["crash"])
     stop = asyncio.Event()
     if flags.get("ignore-sigterm"):

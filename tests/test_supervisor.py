@@ -97,8 +97,10 @@ def test_a_crashing_worker_is_restarted_with_doubling_delays_until_stopped(tmp_p
 
 
 def test_a_worker_that_cannot_go_on_stops_the_others_and_the_supervisor_exits_1(tmp_path):
-    # Worker 0 exits as a worker whose store failed does; worker 1 just waits.
-    with Supervised(tmp_path, 2, per_worker_args=[[f"--crash={EXIT_STOP_RELAY}"],
+    # Worker 0 exits as a worker whose store failed does, once worker 1 has
+    # started (else the supervisor may stop worker 1 before it says so); worker 1 waits.
+    with Supervised(tmp_path, 2, per_worker_args=[[f"--crash={EXIT_STOP_RELAY}",
+                                                   "--crash-when=started-1-0.json"],
                                                   ["--stall=1-0"]]) as mesh:
         survivor = mesh.file("started-1-0.json")["pid"]
         assert mesh.proc.wait(WAIT) == 1, mesh.log()
