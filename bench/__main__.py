@@ -5,6 +5,8 @@
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
     python -m bench scale [options]                       200,000 connections (bench/scale.py)
+    python -m bench storm [options]                       a reconnect storm (bench/crowd.py)
+    python -m bench devices [options]                     one user's devices leaving at once (bench/crowd.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -216,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
                                            "generators, under live load (see bench/scale.py)")
     scale.add_arguments(scale_p)
     scale_p.set_defaults(func=scale.cmd_scale)
+    from bench import crowd
+    crowd.add_commands(sub)
     return cli
 
 

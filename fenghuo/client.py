@@ -59,7 +59,10 @@ log = logging.getLogger("fenghuo.client")
 
 Callback = Callable[[Any], Any]
 # Errors after which reconnecting cannot help.
-_TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED}
+# DEVICE_REPLACED: another connection of this device took over; reconnecting
+# would take it back, and two clients would take turns for ever.
+_TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED,
+             ErrorCode.DEVICE_REPLACED}
 # Refusals of a HELLO that a later attempt may not get; any other refusal of
 # the same HELLO would repeat forever.
 _HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED,

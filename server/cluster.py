@@ -140,6 +140,8 @@ class Cluster:
 
     def attached(self, session: Session) -> None:
         self.sessions[session.id] = session
+        # The newer connection of a device replaces an older one on any worker.
+        self.share("device", user=session.user, device=session.device, hello_at=session.hello_at)
         self._share_presence(session.user)
 
     def detached(self, session: Session) -> None:
@@ -377,7 +379,7 @@ class Cluster:
         return self.remote_devices.total(user)
 
     def _share_presence(self, user: str) -> None:
-        self.share("presence", user=user, devices=len(self.relay.users.get(user, ())))
+        self.share("presence", user=user, devices=self.relay.users.count(user))
 
     def remote_presence(self, user: str) -> int:
         return self.remote_devices.total(user)
@@ -397,7 +399,7 @@ class Cluster:
             self._answer(source, *routing.read_to_connection(record))
         elif kind == routing.USER:
             user, frame = routing.read_to_user(record)
-            for session in self.relay.users.get(user, ()):
+            for session in self.relay.users.of(user):
                 session.send(frame)
         elif kind == routing.HELLO:
             self._peer_started(*routing.read_hello(record))
@@ -477,6 +479,8 @@ class Cluster:
         if op == "presence":
             if self.remote_devices.set(body["user"], source, body["devices"]) != body["devices"]:
                 relay.presence_changed(body["user"])
+        elif op == "device":
+            relay.device_connected(body["user"], body["device"], body["hello_at"])
         elif op == "group":
             relay.apply_group(body["record"], body["seq"])
         elif op == "read":

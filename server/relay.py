@@ -3,7 +3,7 @@
 Per-message work happens in :mod:`fenghuo.core`; this module decides who is
 subscribed to what and keeps the indexes that decision needs:
 
-* ``users``: user id -> online sessions (devices) in this process
+* ``users``: user id -> online sessions in this process, one per device id
 * ``memberships``: user id -> direct and group channels the user belongs to,
   each with its seq when the user joined (catch-up never reaches before it)
 * ``watchers``: user id -> sessions watching that user's presence
@@ -39,6 +39,7 @@ from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
+from fenghuo.server.devices import Devices
 from fenghuo.server.groups import Group, GroupRegistry
 from fenghuo.server.store import SQLiteStore
 
@@ -78,9 +79,7 @@ class Relay:
         )
         self.admission = Admission(settings, self.hub)
         self.groups = GroupRegistry()
-        # A tuple, not a set: nearly every user has one or two devices online,
-        # and a 1-tuple is a quarter of an empty set's size.
-        self.users: dict[str, tuple[Session, ...]] = {}
+        self.users = Devices()
         self.memberships: dict[str, dict[Channel, int]] = {}
         self.watchers: dict[str, set[Session]] = {}
         self.started_at = time.time()
@@ -292,8 +291,14 @@ class Relay:
     # ------------------------------------------------------------ sessions
 
     def attach(self, session: Session) -> None:
-        """Register an authenticated session and subscribe it to what it belongs to."""
-        self.users[session.user] = (*self.users.get(session.user, ()), session)
+        """Register an authenticated session and subscribe it to what it belongs to.
+
+        An older connection of the same user and device is closed with
+        DEVICE_REPLACED (docs/PROTOCOL.md §3.2): the newer one replaces it.
+        """
+        replaced = self.users.add(session)
+        if replaced is not None:
+            self.replace(replaced)
         for ch in self.memberships.get(session.user, ()):
             self.subscribe(session, ch)
         for name in session.grants.auto_subscriptions():
@@ -319,14 +324,24 @@ class Relay:
                     del self.watchers[user]
         if session.user is None or not session.authenticated:
             return
-        others = tuple(s for s in self.users.get(session.user, ()) if s is not session)
-        if others:
-            self.users[session.user] = others
-        else:
-            self.users.pop(session.user, None)
+        counted = self.users.remove(session)     # False once replaced: counted no more
         if self.cluster is not None:
             self.cluster.detached(session)
-        self.presence_changed(session.user)
+        if counted:
+            self.presence_changed(session.user)
+
+    def replace(self, older: Session) -> None:
+        """Close ``older``, whose device has connected again (here or on another worker)."""
+        self.users.remove(older)
+        older.close_with_error(ErrorCode.DEVICE_REPLACED,
+                               f"device {older.device!r} connected again: this connection is replaced")
+
+    def device_connected(self, user: str, device: str, hello_at: float) -> None:
+        """Another worker admitted ``user``'s ``device`` at ``hello_at``: an older session here is replaced."""
+        for session in self.users.of(user):
+            if session.device == device and session.hello_at < hello_at:
+                self.replace(session)
+                self.presence_changed(user)
 
     # ------------------------------------------------------------ subscriptions
 
@@ -453,7 +468,7 @@ class Relay:
     def join(self, user: str, ch: Channel) -> None:
         """Make ``user`` a member of a direct or group channel, on every device."""
         self.memberships.setdefault(user, {}).setdefault(ch, ch.seq)
-        for session in self.users.get(user, ()):
+        for session in self.users.of(user):
             self.subscribe(session, ch)
 
     def part(self, user: str, ch: Channel) -> None:
@@ -462,7 +477,7 @@ class Relay:
         channels = self.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
-        sessions = self.users.get(user, ())   # a tuple: a snapshot already
+        sessions = self.users.of(user)   # a snapshot
         for session in sessions:
             session.forget_publish_cache()
         self.reads.forget(ch.name, user)
@@ -683,7 +698,7 @@ class Relay:
 
     def send_to_user(self, user: str, frame: bytes) -> int:
         """Send ``frame`` to every device of ``user``; how many there are."""
-        devices = self.users.get(user, ())
+        devices = self.users.of(user)
         for session in devices:
             session.send(frame)
         remote = self.cluster.send_to_user(user, frame) if self.cluster is not None else 0
@@ -791,7 +806,7 @@ class Relay:
     # ------------------------------------------------------------ presence
 
     def presence_of(self, user: str) -> dict:
-        devices = len(self.users.get(user, ()))
+        devices = self.users.count(user)
         if self.cluster is not None:
             devices += self.cluster.remote_presence(user)
         return {"online": devices > 0, "devices": devices}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import Any, Callable
 
 from fenghuo.channels import InvalidChannel, group_channel, is_user_id, parse_channel
@@ -64,7 +65,8 @@ class Session(Connection, asyncio.BufferedProtocol):
     # Slots, and containers created on first use: most connections never
     # subscribe by name, watch presence or read the store, and an empty set
     # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
-    __slots__ = ("background", "explicit", "pending_live", "positions", "relay", "watching")
+    __slots__ = ("background", "explicit", "hello_at", "pending_live", "positions", "relay",
+                 "watching")
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay
@@ -75,6 +77,8 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.pending_live: dict[Channel, int | None] | None = None
         self.watching: set[str] | None = None          # users whose presence we follow
         self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
+        #: time.monotonic() of the accepted HELLO: of two connections of one device, the later wins
+        self.hello_at = 0.0
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Hold a reference to ``task``, work done for this session, until it is done."""
@@ -133,6 +137,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
         self.grants = grants
         self.authenticated = True
+        self.hello_at = time.monotonic()
         relay.admission.handshake_ended()
         self.positions = positions
         relay.hold(self)

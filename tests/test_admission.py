@@ -1,7 +1,7 @@
 """Admission under a connection storm (docs/PROTOCOL.md, "Connection storms").
 
 A real relay with small limits meets thousands of raw connections at once from
-several processes and source addresses (tests/storm.py): the ones it cannot
+several processes and source addresses (bench/storm.py): the ones it cannot
 take now are refused with TRY_AGAIN and a retry_after_ms, nobody meets any
 other error, everyone who retries as told gets in, and a conversation going
 on before the storm goes on through it, in order, losing nothing.  The Python
@@ -37,8 +37,8 @@ from rawwire import (
 from fenghuo.client import FenghuoError
 from fenghuo.protocol import try_again_delay
 
-STORM = Path(__file__).with_name("storm.py")
-STORM_HELLO_ID = 7            # the request id tests/storm.py gives its HELLOs
+STORM = Path(__file__).parent.parent / "bench" / "storm.py"
+STORM_HELLO_ID = 7            # the request id bench/storm.py gives its HELLOs
 PROCESSES, PER_PROCESS = 3, 1000
 PATIENCE = 20.0               # seconds a client here waits to be admitted
 

@@ -1,8 +1,10 @@
-"""A connection storm from one process: ``python tests/storm.py HOST PORT SOURCE SECRET FIRST COUNT``.
+"""A connection storm from one process: ``python bench/storm.py HOST PORT SOURCE SECRET FIRST COUNT``.
 
 Opens ``COUNT`` raw connections at once from the address ``SOURCE``
 (127.0.0.x: each source address has its own ephemeral ports), users
-``s<FIRST>`` .. ``s<FIRST+COUNT-1>``, each sending HELLO.  A connection
+``s<FIRST>`` .. ``s<FIRST+COUNT-1>`` with device ``d``, or with ``--user U``
+all of them user ``U`` with devices ``d<FIRST>`` .. ``d<FIRST+COUNT-1>``
+(one user's many devices), each sending HELLO.  A connection
 refused with ``TRY_AGAIN`` is closed and retried after the wait the refusal
 asks for (:func:`fenghuo.protocol.try_again_delay`), as a client must.  Once
 every connection is authenticated, one JSON line reports what happened::
@@ -62,10 +64,10 @@ async def first_frame(reader: asyncio.StreamReader, timeout: float):
             return frames[0]
 
 
-async def admit(host: str, port: int, source: str, user: str, secret: str,
+async def admit(host: str, port: int, source: str, user: str, device: str, secret: str,
                 outcome: Outcome, timeout: float) -> None:
-    """Connect as ``user`` until WELCOME, following every TRY_AGAIN."""
-    hello = encode_json(FrameType.HELLO, {"token": issue_token(secret, user), "device": "d"},
+    """Connect as ``user`` on ``device`` until WELCOME, following every TRY_AGAIN."""
+    hello = encode_json(FrameType.HELLO, {"token": issue_token(secret, user), "device": device},
                         HELLO_ID)
     while True:
         try:
@@ -106,11 +108,13 @@ async def main() -> None:
         parser.add_argument(name)
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a first frame")
+    parser.add_argument("--user", help="one user for every connection, each its own device")
     a = parser.parse_args()
     outcome = Outcome()
     first, count = int(a.first), int(a.count)
-    storm = asyncio.gather(*(admit(a.host, int(a.port), a.source, f"s{i}", a.secret, outcome,
-                                   a.timeout) for i in range(first, first + count)))
+    storm = asyncio.gather(*(
+        admit(a.host, int(a.port), a.source, *((a.user, f"d{i}") if a.user else (f"s{i}", "d")),
+              a.secret, outcome, a.timeout) for i in range(first, first + count)))
     try:
         await asyncio.wait_for(storm, a.deadline)
     except TimeoutError:

@@ -1,0 +1,86 @@
+"""One user's devices (docs/PROTOCOL.md §3.2): a newer connection with the
+device id of a live one replaces it (the older gets DEVICE_REPLACED and is
+closed), on one worker and across the workers of the default deployment; and
+a user's many connections come and go with their device count right."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fenghuo import ErrorCode
+from fenghuo.client import ConnectionLost
+
+DEVICES = 4
+TRIES = 40           # with several workers, until one pair has landed on two workers
+MANY = 120
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
+async def test_a_newer_connection_of_a_device_replaces_the_older(relay_factory, workers):
+    relay = relay_factory(workers=workers)
+    bob = await relay.connect("bob")
+    crossed = False
+    for k in range(TRIES):
+        if k >= DEVICES and (relay.workers == 1 or crossed):
+            break
+        device = f"phone{k}"
+        older = await relay.connect("alice", device=device)
+        errors = []
+        older.on_error(errors.append)
+        newer = await relay.connect("alice", device=device)
+        crossed = crossed or older.welcome.get("worker") != newer.welcome.get("worker")
+        await until(lambda: errors and not older.connected)
+        assert [e.code for e in errors] == [ErrorCode.DEVICE_REPLACED], errors
+        ack = await bob.send("alice", f"to {device}")
+        message = await newer.next_message(timeout=5)
+        assert (message.seq, message.payload) == (ack.seq, f"to {device}".encode())
+        with pytest.raises(ConnectionLost):     # nothing for it: it is closed for good
+            await older.next_message(timeout=1)
+        assert not older.connected      # the reference client does not take the device back
+        assert (await bob.presence(["alice"]))["alice"]["devices"] == 1
+        await newer.close()
+        await older.close()
+    assert crossed or relay.workers == 1
+    # Different devices of one user do not replace each other.
+    first = await relay.connect("alice", device="laptop")
+    second = await relay.connect("alice", device="tablet")
+    await bob.send("alice", "both")
+    assert (await first.next_message(timeout=5)).payload == b"both"
+    assert (await second.next_message(timeout=5)).payload == b"both"
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
+async def test_many_devices_of_one_user_come_and_go(relay_factory, workers):
+    relay = relay_factory(workers=workers)
+    bob = await relay.connect("bob")
+
+    async def devices() -> int:
+        return (await bob.presence(["alice"]))["alice"]["devices"]
+
+    clients = await asyncio.gather(*(relay.connect("alice", device=f"d{i}") for i in range(MANY)))
+    assert await devices() == MANY
+    await bob.send("alice", "all")
+    for client in clients:
+        assert (await client.next_message(timeout=5)).payload == b"all"
+    await asyncio.gather(*(c.close() for c in clients[::2]))
+    for _ in range(250):
+        if await devices() == MANY // 2:
+            break
+        await asyncio.sleep(0.02)
+    assert await devices() == MANY // 2
+    await asyncio.gather(*(c.close() for c in clients[1::2]))
+    for _ in range(250):
+        if await devices() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await bob.presence(["alice"]))["alice"] == {"online": False, "devices": 0}
