@@ -179,7 +179,9 @@ async def storm_once(relay: Fenghuo, clients: int, processes: int) -> dict[str, 
     crowd = await gather_crowd(relay, clients, processes, None)
     cpu = cpu_seconds(pids) - before
     await crowd.close()
+    waits = sorted(r[2] for report in crowd.reports for r in report["refusals"]) or [0]
     return {"clients": clients, "admitted": crowd.admitted, "refusals": crowd.refusals,
+            "retry_after_ms": {"p50": waits[len(waits) // 2], "max": waits[-1]},
             "refusals_per_client": round(crowd.refusals / clients, 2),
             "all_admitted_s": round(max(r["done"] for r in crowd.reports), 2),
             "relay_cpu_s": round(cpu, 2), "other": crowd.other[:5]}

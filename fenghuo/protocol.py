@@ -44,6 +44,9 @@ DEFAULT_PORT = 7700
 DEFAULT_MAX_FRAME = 1 << 20
 # What a client waits after a TRY_AGAIN whose advice it cannot read.
 TRY_AGAIN_DEFAULT_MS = 1000.0
+# jitter_ms of a TRY_AGAIN: retry_after_ms / DIVISOR, at least MIN (see try_again_message).
+TRY_AGAIN_JITTER_DIVISOR = 4
+TRY_AGAIN_MIN_JITTER_MS = 100
 
 
 def encode_json(ftype: int, obj: Any, request_id: int = 0, compress_threshold: int = 0) -> bytes:
@@ -68,10 +71,15 @@ def try_again_message(reason: str, retry_after_ms: int) -> str:
 
     A JSON object (docs/PROTOCOL.md, "Connection storms"): ``reason``,
     ``retry_after_ms`` and ``jitter_ms``.  A client waits ``retry_after_ms``
-    plus a uniformly random share of ``jitter_ms``.
+    plus a uniformly random share of ``jitter_ms``.  The server books every
+    refused client its own slot, so the jitter only needs to blur slots
+    rounded together: a quarter of the wait (at least TRY_AGAIN_MIN_JITTER_MS).
+    A jitter as long as the wait would spread the returns over up to twice
+    the time the relay needs to admit them all, leaving it idle meanwhile.
     """
+    jitter_ms = max(TRY_AGAIN_MIN_JITTER_MS, retry_after_ms // TRY_AGAIN_JITTER_DIVISOR)
     return orjson.dumps({"reason": reason, "retry_after_ms": retry_after_ms,
-                         "jitter_ms": retry_after_ms}).decode()
+                         "jitter_ms": jitter_ms}).decode()
 
 
 def encode_try_again(reason: str, retry_after_ms: int, request_id: int = 0) -> bytes:

@@ -35,7 +35,7 @@ from rawwire import (
 )
 
 from fenghuo.client import FenghuoError
-from fenghuo.protocol import try_again_delay
+from fenghuo.protocol import TRY_AGAIN_JITTER_DIVISOR, TRY_AGAIN_MIN_JITTER_MS, try_again_delay
 
 STORM = Path(__file__).parent.parent / "bench" / "storm.py"
 STORM_HELLO_ID = 7            # the request id bench/storm.py gives its HELLOs
@@ -43,11 +43,17 @@ PROCESSES, PER_PROCESS = 3, 1000
 PATIENCE = 20.0               # seconds a client here waits to be admitted
 
 
+def jitter_for(retry_after_ms: int) -> int:
+    """The jitter_ms PROTOCOL §6.12 gives a wait: a quarter of it, at least 100 ms."""
+    return max(TRY_AGAIN_MIN_JITTER_MS, retry_after_ms // TRY_AGAIN_JITTER_DIVISOR)
+
+
 def advice(error: FenghuoError) -> dict:
     """The JSON a TRY_AGAIN carries."""
     assert error.code == ErrorCode.TRY_AGAIN
     body = orjson.loads(error.message)
-    assert body["retry_after_ms"] >= MIN_RETRY_MS and body["jitter_ms"] == body["retry_after_ms"]
+    assert body["retry_after_ms"] >= MIN_RETRY_MS
+    assert body["jitter_ms"] == jitter_for(body["retry_after_ms"])
     return body
 
 
@@ -113,7 +119,7 @@ async def test_a_storm_is_refused_with_advice_everyone_gets_in_and_bystanders_ar
     assert error_count(samples, ErrorCode.TRY_AGAIN) == len(refusals)
     for request_id, reason, retry_after_ms, jitter_ms in refusals:
         assert (request_id, reason) in {(0, REASON_HANDSHAKES), (STORM_HELLO_ID, REASON_RATE)}
-        assert retry_after_ms >= MIN_RETRY_MS and jitter_ms == retry_after_ms
+        assert retry_after_ms >= MIN_RETRY_MS and jitter_ms == jitter_for(retry_after_ms)
     # Refusals book successive admission slots: the advice spreads the comeback.
     assert len({r[2] for r in refusals}) > 10
     # The conversation went on during the storm, in order, nothing lost.
@@ -195,6 +201,35 @@ async def test_max_connections_refuses_past_the_limit_and_admits_again(relay_fac
     assert (await late.send("ann", "in")).seq == 1
     samples = await metrics(relay)
     assert samples["fenghuo_connections"] == 3
+
+
+async def refusals_behind(relay, queued: int, refused: int) -> list[int]:
+    """retry_after_ms of ``refused`` connections made while ``queued`` others sit in handshake."""
+    squatters = [await open_raw(relay) for _ in range(queued)]     # connect, say nothing
+    await wait_for_metric(relay, "fenghuo_handshakes", lambda v: v == queued)
+    waits = []
+    for _ in range(refused):
+        late = await open_raw(relay)
+        advice_ = orjson.loads(await late.expect_error(ErrorCode.TRY_AGAIN, request_id=0))
+        assert advice_["reason"] == REASON_HANDSHAKES
+        assert advice_["jitter_ms"] == jitter_for(advice_["retry_after_ms"])
+        waits.append(advice_["retry_after_ms"])
+        late.close()
+    for squatter in squatters:
+        squatter.close()
+    return waits
+
+
+async def test_the_advised_wait_grows_with_the_handshake_queue(relay_factory):
+    # Without --admit-rate the wait is the queue ahead (handshakes in progress,
+    # then those told to come back before) over the rate handshakes leave it.
+    short = relay_factory("--store", "memory", "--max-handshakes", "10", workers=1)
+    long = relay_factory("--store", "memory", "--max-handshakes", "1000", workers=1)
+    behind_short = await refusals_behind(short, 10, 40)
+    behind_long = await refusals_behind(long, 1000, 40)
+    assert behind_short[0] == MIN_RETRY_MS         # a few handshakes ahead: the shortest wait
+    assert min(behind_long) > 2 * MIN_RETRY_MS     # a thousand ahead: the time they take
+    assert max(behind_short) < min(behind_long)
 
 
 def test_the_advised_wait_is_retry_after_plus_up_to_jitter():
