@@ -10,6 +10,10 @@
 * Every ```` ```hex ```` example is exactly one frame that ``FrameReader``
   decodes, whose body decodes with the codec, and whose annotations (type,
   length, request id, flags) say what the bytes say.
+* Frame types are named wherever the text lists them (contents, request ids,
+  body encodings, RESULT), as the frame type table says.
+* The WELCOME and SUBSCRIBE examples are what a real relay answers when
+  their story is replayed against it.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ ENUMS = {e.__name__: e for e in (FrameType, FrameFlag, ContentType, ReceiptKind,
 NOT_DOCUMENTED_AS_ROWS = {("FrameFlag", "KNOWN_FLAGS")}
 
 JSON_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE,
-              FrameType.RESULT, FrameType.GROUP, FrameType.PRESENCE, FrameType.PRESENCE_EVENT,
-              FrameType.GAP, FrameType.GOAWAY}
+              FrameType.RESULT, FrameType.HISTORY, FrameType.CURSOR, FrameType.GROUP,
+              FrameType.PRESENCE, FrameType.PRESENCE_EVENT, FrameType.GAP, FrameType.GOAWAY}
 BINARY_DECODERS = {
     FrameType.PUBLISH: decode_publish,
     FrameType.MESSAGE: decode_message,
@@ -290,3 +294,102 @@ def test_hex_example_decodes(index):
             assert decoded.kind in {int(k) for k in ReceiptKind}
     else:
         assert ftype in (FrameType.PING, FrameType.PONG)
+
+
+# ---------------------------------------------------------------- frame types named where they belong
+
+
+def frame_rows() -> list[dict[str, str]]:
+    return marked_tables(doc_text())["enum: FrameType"]
+
+
+def section(heading: str) -> str:
+    """The text of the section whose heading starts with ``heading`` (up to the next heading)."""
+    text = doc_text()
+    m = re.search(rf"^#+ {re.escape(heading)}.*?$(.*?)(?=^#+ )", text, flags=re.S | re.M)
+    assert m, f"no section {heading!r}"
+    return m.group(1)
+
+
+def named(text: str) -> set[FrameType]:
+    """The frame types ``text`` names (``HISTORY`` is not ``HISTORY_PAGE``)."""
+    return {t for t in FrameType if re.search(rf"(?<![\w]){t.name}(?![\w])", text)}
+
+
+def test_json_types_here_are_the_tables():
+    assert JSON_TYPES == {FrameType[row["Name"]] for row in frame_rows() if row["Body"] == "JSON"}
+
+
+def test_contents_name_every_frame_type():
+    text = doc_text()
+    contents = text[text.index("Contents:"):text.index("Notation:")]
+    assert named(contents) == set(FrameType)
+
+
+@pytest.mark.parametrize("bullet, body", [("Binary bodies", "binary"), ("JSON bodies", "JSON"),
+                                          ("Frames bodies", "frames"), ("Opaque bodies", "opaque")])
+def test_body_encodings_list_the_frame_types_of_the_table(bullet, body):
+    m = re.search(rf"^- \*\*{bullet}\*\*(.*?)(?=^- |\Z)", section("2.5 "), flags=re.S | re.M)
+    assert m, f"§2.5 has no bullet {bullet!r}"
+    assert named(m.group(1)) == {FrameType[r["Name"]] for r in frame_rows() if r["Body"] == body}
+
+
+def test_request_ids_name_every_frame_type():
+    assert named(section("2.4 ")) == set(FrameType)
+
+
+def test_result_names_every_request_it_answers():
+    answered = {FrameType[r["Name"]] for r in frame_rows()
+                if r["Direction"] == "C→S" and "RESULT" in r["Reply / purpose"]}
+    assert answered and named(section("3.10 ")) - {FrameType.RESULT, FrameType.HISTORY,
+                                                   FrameType.HISTORY_PAGE} == answered
+
+
+# ---------------------------------------------------------------- examples against a real relay
+
+
+def example_json(heading: str) -> list[dict]:
+    """The ```json bodies of the worked example under ``heading``, in order."""
+    import orjson
+    return [orjson.loads(b) for b in re.findall(r"^```json\n(.*?)\n```", section(heading),
+                                                 flags=re.S | re.M)]
+
+
+async def test_welcome_and_subscribe_examples_are_what_the_relay_says(relay_factory):
+    # §7.2 and §7.8 replayed: org.east at seq 12 when alice says HELLO, then
+    # org.east at 14 and org.east.store42 at 3 when she subscribes.
+    from rawwire import authed_raw, open_raw
+    import orjson
+    from fenghuo.core import encode_publish
+    from fenghuo.protocol import encode_json
+
+    relay = relay_factory(workers=1)          # several workers add "worker" (§3.3)
+    bot = await authed_raw(relay, "bot", roles=("admin",))
+    rid = 0
+
+    async def publish(channel: str, count: int) -> None:
+        nonlocal rid
+        for _ in range(count):
+            rid += 1
+            bot.write(encode_publish(channel, b"x", request_id=rid))
+            await bot.expect_ack(rid)
+
+    await publish("org.east", 12)
+    [welcome_doc] = example_json("7.2 ")
+    alice = await open_raw(relay)
+    welcome = await alice.hello(relay.token("alice", read=("org.east",), channels=("org.east.>",)),
+                                device="phone-1")
+    assert re.fullmatch(r"[0-9a-f]{12}\.[0-9a-f]{8}", welcome["epoch"])   # a durable relay's
+    assert re.fullmatch(r"[0-9a-f]{12}\.[0-9a-f]{8}", welcome_doc["epoch"])
+    assert {**welcome, "epoch": welcome_doc["epoch"]} == welcome_doc
+    assert list(welcome) == list(welcome_doc)          # the same fields, in the same order
+
+    await publish("org.east", 2)
+    await publish("org.east.store42", 3)
+    request, result_doc = example_json("7.8 ")
+    alice.write(encode_json(FrameType.SUBSCRIBE, request, 2))
+    frame = await alice.frame()
+    while frame is not None and frame.type == FrameType.MESSAGE:    # org.east 13 and 14, live
+        frame = await alice.frame()
+    assert (frame.type, frame.request_id) == (FrameType.RESULT, 2)
+    assert orjson.loads(frame.body) == result_doc
