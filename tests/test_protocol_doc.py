@@ -393,3 +393,87 @@ async def test_welcome_and_subscribe_examples_are_what_the_relay_says(relay_fact
         frame = await alice.frame()
     assert (frame.type, frame.request_id) == (FrameType.RESULT, 2)
     assert orjson.loads(frame.body) == result_doc
+
+
+# ---------------------------------------------------------------- statements of the text, on a relay
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_the_epoch_rule_of_hello_is_a_memory_relays(relay_factory, store):
+    # §3.2 / §6.6: a durable relay keeps positions whatever the epoch sent with
+    # them; a memory relay replaces them by {} when the epoch is not its own.
+    from rawwire import authed_raw, open_raw
+    from fenghuo.core import encode_publish
+
+    relay = relay_factory("--store", store, workers=1)
+    alice = await authed_raw(relay, "alice")
+    for rid in (1, 2, 3):
+        alice.write(encode_publish("dm:alice:bob", b"m%d" % rid, request_id=rid))
+        await alice.expect_ack(rid)
+    bob = await open_raw(relay)
+    await bob.hello(relay.token("bob"), epoch="not-this-relays", positions={"dm:alice:bob": 2})
+    seqs = []
+    while len(seqs) < (1 if store == "sqlite" else 3):
+        seqs.append(decode_message((await bob.expect(FrameType.MESSAGE)).body).seq)
+    assert seqs == ([3] if store == "sqlite" else [1, 2, 3])
+    await bob.expect_silence()
+
+
+async def test_null_is_absent_for_optional_fields_but_history_limit_and_group_role(relay):
+    # §2.5, "null and absent fields": what the server does today.
+    import orjson
+    from rawwire import authed_raw
+    from fenghuo.protocol import encode_json
+
+    alice = await authed_raw(relay, "alice")
+
+    async def ask(ftype: int, body: dict, rid: int):
+        alice.write(encode_json(ftype, body, rid))
+        frame = await alice.frame()
+        while frame is not None and frame.type == FrameType.MESSAGE:   # group events, either side
+            frame = await alice.frame()
+        assert frame is not None and frame.request_id == rid
+        return frame
+
+    created = await ask(FrameType.GROUP, {"op": "create", "group": "g", "members": None,
+                                          "title": None}, 1)
+    assert created.type == FrameType.RESULT
+    assert (orjson.loads(created.body)["title"], orjson.loads(created.body)["members"]) == ("", 1)
+    page = await ask(FrameType.HISTORY, {"channel": "group:g", "after": None, "before": None,
+                                         "since_us": None}, 2)
+    assert page.type == FrameType.HISTORY_PAGE
+    assert [decode_message(f.body).seq for f in FrameReader().feed(page.body)] == [1]
+    for rid, ftype, body in ((3, FrameType.HISTORY, {"channel": "group:g", "limit": None}),
+                             (4, FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"],
+                                                   "role": None})):
+        refused = await ask(ftype, body, rid)
+        assert refused.type == FrameType.ERROR
+        assert decode_error(refused.body)[0] == ErrorCode.MALFORMED_BODY
+
+
+async def test_token_header_secret_and_lifetime_are_as_stated(relay_factory):
+    # §5.6: only `alg` (HS256) is checked in the header; no minimum secret
+    # length is enforced; `fenghuo token` issues 24-hour tokens.
+    import time
+    import warnings
+
+    import jwt
+    import orjson
+    from rawwire import open_raw
+    from fenghuo.protocol import encode_json
+    from fenghuo.tokens import issue_token
+
+    relay = relay_factory("--secret", "k", workers=1)   # one byte: accepted (PyJWT warns)
+    claims = {"sub": "alice", "exp": int(time.time()) + 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # InsecureKeyLengthWarning
+        odd_header = jwt.encode(claims, "k", algorithm="HS256", headers={"typ": "X", "kid": "1"})
+        other_alg = jwt.encode(claims, "k" * 64, algorithm="HS512")
+        issued = issue_token("k", "alice")
+    welcome = await (await open_raw(relay)).hello(odd_header, device="d1")
+    assert welcome["user"] == "alice"
+    refused = await open_raw(relay)
+    refused.write(encode_json(FrameType.HELLO, {"token": other_alg}, 1))
+    await refused.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+    payload = orjson.loads(jwt.utils.base64url_decode(issued.split(".")[1]))
+    assert payload["exp"] - payload["iat"] == 24 * 3600
