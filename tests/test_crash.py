@@ -56,7 +56,6 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
     # Each sender talks to its own receiver; all of them also write to one group.
     senders = [await connect(f"s{i}").connect() for i in range(SENDERS)]
     receivers = [await connect(f"r{i}").connect() for i in range(SENDERS)]
-    await senders[0].create_group("all", members=[c.user for c in senders + receivers])
     channels = {f"dm:r{i}:s{i}" for i in range(SENDERS)} | {"group:all"}
     acked: dict[str, list[tuple[int, str]]] = {c: [] for c in channels}   # channel -> (seq, text)
     seen: dict[str, dict[str, list[tuple[int, str]]]] = {
@@ -64,6 +63,9 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
     for r in receivers:
         r.on_message(lambda m, who=r.user: seen[who].setdefault(m.channel, []).append(
             (m.seq, m.text)))
+    # After the handlers: the group's "created" event may reach a member
+    # before the creator's RESULT does.
+    await senders[0].create_group("all", members=[c.user for c in senders + receivers])
     running = True
 
     async def send_forever(client: fenghuo.Client, i: int) -> int:
