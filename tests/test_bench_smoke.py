@@ -104,3 +104,20 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     for png in ("latency_cdf.png", "fan_out.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "results in" in run.stdout
+
+
+def test_devices_closes_one_users_connections_and_as_many_users(tmp_path):
+    run = bench("devices", "--connections", "200", "--processes", "2")
+    figures = {m.group(1): json.loads(m.group(2))
+               for m in re.finditer(r"^\s*(one user|distinct users): (\{.*\})$", run.stdout, re.M)}
+    assert set(figures) == {"one user", "distinct users"}
+    for result in figures.values():
+        assert result["connections"] == 200 and result["close_cpu_s"] >= 0
+    assert re.search(r"closing 200 connections of one user costs [\d.]+x", run.stdout)
+
+
+def test_storm_admits_everyone_and_counts_refusals(tmp_path):
+    run = bench("storm", "--clients", "300", "--processes", "2", "--relay", "--max-handshakes 20")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["admitted"] == 300 and result["other"] == []
+    assert result["refusals"] > 0 and result["retry_after_ms"]["max"] >= 100
