@@ -56,6 +56,13 @@ class Devices:
             (self._by_user[user],) = held.values()
         return True
 
+    def find(self, user: str, device: str) -> Session | None:
+        """``user``'s session of ``device`` here, if any."""
+        held = self._by_user.get(user)
+        if isinstance(held, dict):
+            return held.get(device)
+        return held if held is not None and held.device == device else None
+
     def of(self, user: str) -> tuple[Session, ...]:
         """``user``'s sessions here, a snapshot (safe to iterate while sessions come and go)."""
         held = self._by_user.get(user)

@@ -338,10 +338,10 @@ class Relay:
 
     def device_connected(self, user: str, device: str, hello_at: float) -> None:
         """Another worker admitted ``user``'s ``device`` at ``hello_at``: an older session here is replaced."""
-        for session in self.users.of(user):
-            if session.device == device and session.hello_at < hello_at:
-                self.replace(session)
-                self.presence_changed(user)
+        session = self.users.find(user, device)
+        if session is not None and session.hello_at < hello_at:
+            self.replace(session)
+            self.presence_changed(user)
 
     # ------------------------------------------------------------ subscriptions
 
