@@ -477,3 +477,12 @@ async def test_token_header_secret_and_lifetime_are_as_stated(relay_factory):
     await refused.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
     payload = orjson.loads(jwt.utils.base64url_decode(issued.split(".")[1]))
     assert payload["exp"] - payload["iat"] == 24 * 3600
+
+
+def test_try_again_example_is_what_the_server_writes():
+    # §7.15 against the one function that writes the message (fenghuo.protocol).
+    import orjson
+    from fenghuo.protocol import try_again_message
+
+    [example] = example_json("7.15 ")
+    assert example == orjson.loads(try_again_message(example["reason"], example["retry_after_ms"]))
