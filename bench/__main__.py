@@ -148,7 +148,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_suite(a: argparse.Namespace) -> int:
     from bench import report, suite
     pin(GENERATOR_CPU)
-    plan = suite.plan(quick=a.quick, targets=a.targets.split(","))
+    groups = tuple(a.groups.split(",")) if a.groups else suite.GROUPS
+    unknown = set(groups) - set(suite.GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown --groups {','.join(sorted(unknown))}: "
+                         f"choose from {','.join(suite.GROUPS)}")
+    plan = suite.plan(quick=a.quick, targets=a.targets.split(","), groups=groups)
     out = Path(a.out) if a.out else report.default_dir(quick=a.quick)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(plan))
@@ -162,7 +167,8 @@ def cmd_suite(a: argparse.Namespace) -> int:
         results.append(result)
         progress.finish(result.line())
     command = " ".join(["python -m bench suite", *(["--quick"] if a.quick else []),
-                        *([f"--targets {a.targets}"] if a.targets != ALL_PEERS else [])])
+                        *([f"--targets {a.targets}"] if a.targets != ALL_PEERS else []),
+                        *([f"--groups {a.groups}"] if a.groups else [])])
     doc = report.write(out, results, quick=a.quick, command=command)
     print(f"\nresults in {out}/ (results.json, results.md, plots)\n")
     print(doc)
@@ -207,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
     suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     suite_p.add_argument("--targets", default=ALL_PEERS,
                          help="comma-separated, from fenghuo,asyncio,nats,redis")
+    suite_p.add_argument("--groups", default="",
+                         help="comma-separated, only these of ceiling,throughput,fan-out,"
+                              "latency,connections,store (default all)")
     suite_p.add_argument("--out", help="results folder (default bench/results/DATE-MACHINE)")
     suite_p.set_defaults(func=cmd_suite)
     plot = sub.add_parser("plot", help="redraw the plots and table of a results folder")

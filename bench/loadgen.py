@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench._gen import Link, Pacer, Recorder
-from bench.targets import Echo, Target
+from bench.targets import Echo, Opened, Target, handed_over
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 Progress = Callable[[str], None]
@@ -102,9 +102,9 @@ class _Setup:
             link.close()
 
 
-# Links opened at once while a run is set up.  nats-server answers a new
-# client only after its first keep-alive PING, about 2 s in (see
-# bench/peers/nats.py), so links must be opened concurrently.
+# Links opened at once while a run is set up.  A nats-server link is quiet
+# only after its first keep-alive PING, about 2 s in (``Nats.settle``), so
+# links must be opened concurrently.
 CONNECT_CONCURRENCY = 1000
 
 
@@ -290,15 +290,19 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
 
     Links are opened ``CONNECT_CONCURRENCY`` at a time: a storm, as after a
     server restart, so the connect rate is the server's accept-and-handshake
-    rate (for nats-server it is bounded by its 2 s first PING instead).
+    rate.  A connect is timed as the peer's own client makes it
+    (``Target.open``); waiting for what a server sends unasked later
+    (nats-server's first keep-alive PING, ``Target.settle``) is not part of
+    it, and happens before the last memory sample.
     """
     base = rss_bytes(target.pid)
     curve: list[tuple[int, int]] = [(0, base)]
-    opened: list[Link] = []
+    opened: list[Opened] = []
+    links: list[Link] = []
     step = max(1, connections // checkpoints)
 
-    async def one(i: int) -> Link:
-        link = await _link(target, _user("i", i), (), 0, 0, None)
+    async def one(i: int) -> Opened:
+        link = await target.open(_user("i", i), ())
         opened.append(link)
         if len(opened) % step == 0:
             curve.append((len(opened), rss_bytes(target.pid)))
@@ -308,11 +312,15 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
     try:
         await _gather([lambda i=i: one(i) for i in range(connections)], progress, "idle links")
         elapsed = time.perf_counter() - t0
+        await asyncio.gather(*(target.settle(link) for link in opened))
+        for link in opened:
+            links.append(Link(0, 0, None))
+            links[-1].attach(handed_over(link.reader, link.writer))
         await asyncio.sleep(1.0)   # let the server settle before the last sample
         settled = rss_bytes(target.pid)
     finally:
         for link in opened:
-            link.close()
+            link.writer.close()
     curve.append((connections, settled))
     return Result(f"connections {connections:,}", target.name,
                   {"connections": connections, "concurrency": CONNECT_CONCURRENCY}, elapsed,

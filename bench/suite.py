@@ -79,8 +79,15 @@ def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
         yield "connections", f"{s.connections} connections", _connections(s)
 
 
-def plan(*, quick: bool, targets: list[str]) -> list[Item]:
-    """Echo ceiling, then every scenario per target, then fenghuo's store modes."""
+GROUPS = ("ceiling", "throughput", "fan-out", "latency", "connections", "store")
+
+
+def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -> list[Item]:
+    """Echo ceiling, then every scenario per target, then fenghuo's store modes.
+
+    ``groups`` keeps only those groups' items (``--groups connections`` runs
+    just the connect and memory scenario, every target side by side).
+    """
     s = QUICK if quick else FULL
     items = [Item("ceiling", "echo", (), name, fn)
              for _, name, fn in _scenarios(s, fan_out=False, connections=False)]
@@ -92,4 +99,4 @@ def plan(*, quick: bool, targets: list[str]) -> list[Item]:
             items += [Item("store", "fenghuo", ("--fsync", mode), name, fn)
                       for group, name, fn in _scenarios(s, fan_out=False, connections=False)
                       if name != "one-to-one"]
-    return items
+    return [item for item in items if item.group in groups]

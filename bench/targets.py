@@ -146,6 +146,19 @@ class Wire:
     trailer_reply: int = 0
 
 
+@dataclass
+class Opened:
+    """A link whose handshake is done (``Target.open``), not yet handed to the generator.
+
+    ``quiet`` is False while the server still owes the link an unsolicited
+    frame, which ``Target.settle`` waits for and answers.
+    """
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    quiet: bool = True
+
+
 class Target(ABC):
     """A relay under test: a server process plus how to talk to it."""
 
@@ -193,12 +206,31 @@ class Target(ABC):
         """Make ``members`` receive ``channel`` (pub/sub peers need nothing)."""
 
     @abstractmethod
+    async def open(self, user: str, subscribe: tuple[str, ...] = (),
+                   source: str | None = None) -> Opened:
+        """An authenticated link for ``user`` receiving ``subscribe``, opened as the
+        peer's own client library opens one: the handshake's round trip is done
+        and the link may publish.  This is the connect the ``connections``
+        scenario times.
+        """
+
+    async def settle(self, link: Opened) -> None:
+        """Return once the server will send nothing unasked on ``link``.
+
+        Most servers never do; nats-server owes every new client a first
+        keep-alive PING (``bench/peers/nats.py``).
+        """
+
     async def connect(self, user: str, subscribe: tuple[str, ...] = (),
                       source: str | None = None) -> asyncio.StreamWriter:
-        """An authenticated link for ``user`` receiving ``subscribe``; quiet on return.
-
-        Returns ``handed_over(reader, writer)``.
-        """
+        """``open`` then ``settle``: a link quiet on return, for ``Link.attach``."""
+        link = await self.open(user, subscribe, source)
+        try:
+            await self.settle(link)
+        except BaseException:
+            link.writer.close()  # do not leave the socket to the collector
+            raise
+        return handed_over(link.reader, link.writer)
 
     @abstractmethod
     def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
@@ -278,8 +310,8 @@ class FenghuoWire(Target):
                         raise RuntimeError("bytes after the reply during setup")
                     return decode_json(frame.body)
 
-    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
-                      source: str | None = None) -> asyncio.StreamWriter:
+    async def open(self, user: str, subscribe: tuple[str, ...] = (),
+                   source: str | None = None) -> Opened:
         reader, writer = await open_stream(self.host, self.port, source)
         try:
             await self._request(reader, writer, FrameType.HELLO,
@@ -288,7 +320,7 @@ class FenghuoWire(Target):
             org = [c for c in subscribe if not c.startswith(("dm:", "group:"))]
             for rid, channel in enumerate(org, 2):
                 await self._request(reader, writer, FrameType.SUBSCRIBE, {"channel": channel}, rid)
-            return handed_over(reader, writer)
+            return Opened(reader, writer)
         except BaseException:
             writer.close()       # refused or failed: do not leave the socket to the collector
             raise
@@ -400,10 +432,9 @@ class Echo(Target):
     def group(self, name: str) -> str:
         return name
 
-    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
-                      source: str | None = None) -> asyncio.StreamWriter:
-        reader, writer = await open_stream(self.host, self.port, source)
-        return handed_over(reader, writer)
+    async def open(self, user: str, subscribe: tuple[str, ...] = (),
+                   source: str | None = None) -> Opened:
+        return Opened(*await open_stream(self.host, self.port, source))
 
     def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
         publish = encode_publish(channel, bytes(payload))

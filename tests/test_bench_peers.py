@@ -21,7 +21,7 @@ from bench.peers import INSTALL
 from bench.peers.nats import Nats
 from bench.peers.pubsub import PubSubPeer
 from bench.peers.redis import Redis
-from bench.targets import STAMP_SIZE, Wire, peer_binary
+from bench.targets import STAMP_SIZE, Wire, handed_over, peer_binary
 
 STAMP = struct.Struct(">Q")
 PAYLOAD = 64
@@ -135,6 +135,35 @@ async def test_links_stay_quiet_after_connect(peer: PubSubPeer) -> None:
         peer.connect("quiet-sub", (peer.direct("a", "b"),)), peer.connect("quiet-pub"))]
     await asyncio.sleep(FIRST_NATS_PING_S + 0.3)
     assert [bytes(link.data) for link in links] == [b"", b""]
+    for link in links:
+        link.close()
+
+
+async def test_open_is_a_clients_connect_and_settle_answers_what_comes_later(
+        peer: PubSubPeer) -> None:
+    """``open`` returns after the handshake's own round trip, as a client library's
+    connect does, without waiting for nats-server's first keep-alive PING (the
+    ``connections`` scenario times ``open``); ``settle`` then takes and answers
+    that PING, and the link stays quiet.
+    """
+    channel = peer.direct("open-a", "open-b")
+    sub, pub = await asyncio.gather(peer.open("open-a", (channel,)), peer.open("open-b"))
+    # Ready on return: a publish reaches the subscriber before anything was settled.
+    wire = peer.wire(channel, "open-b", PAYLOAD, subscribers=1)
+    pub.writer.write(stamped_batch(wire, [42]))
+    delivery = await asyncio.wait_for(sub.reader.readexactly(wire.delivery_size), 10)
+    assert STAMP.unpack_from(delivery, wire.delivery_stamp)[0] == 42
+    reply = await asyncio.wait_for(
+        pub.reader.readexactly(wire.reply_per_publish + wire.trailer_reply), 10)
+    # nats-server's PING is owed, not yet come (it comes at 2 s at the earliest).
+    assert [sub.quiet, pub.quiet] == [peer.name != "nats"] * 2
+    await asyncio.gather(peer.settle(sub), peer.settle(pub))
+    assert sub.quiet and pub.quiet
+    links = [Collector(handed_over(link.reader, link.writer)) for link in (sub, pub)]
+    await asyncio.sleep(FIRST_NATS_PING_S + 0.3)
+    assert [bytes(link.data) for link in links] == [b"", b""]
+    assert not any(link.lost for link in links)
+    assert reply == {"nats": b"PONG\r\n", "redis": b":1\r\n"}[peer.name]
     for link in links:
         link.close()
 

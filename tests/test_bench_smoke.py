@@ -106,6 +106,25 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     assert "results in" in run.stdout
 
 
+def test_suite_groups_runs_only_those_groups_every_target_side_by_side(tmp_path):
+    """``--groups connections``: the connect and memory scenario of each target, nothing else."""
+    out = tmp_path / "suite"
+    bench("suite", "--quick", "--targets", "fenghuo,nats,redis", "--groups", "connections",
+          "--out", str(out))
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["target"], r["extra"]["group"]) for r in doc["results"]] == [
+        ("fenghuo", "connections"), ("nats", "connections"), ("redis", "connections")]
+    assert all(r["extra"]["connects_per_s"] > 0 for r in doc["results"])
+    assert "--groups connections" in doc["command"]
+
+
+def test_suite_refuses_an_unknown_group(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench", "suite", "--quick", "--groups", "conections",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode != 0 and "unknown --groups conections" in run.stderr
+
+
 def test_devices_closes_one_users_connections_and_as_many_users(tmp_path):
     run = bench("devices", "--connections", "200", "--processes", "2")
     figures = {m.group(1): json.loads(m.group(2))

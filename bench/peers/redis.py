@@ -14,7 +14,7 @@ import asyncio
 from pathlib import Path
 
 from bench.peers.pubsub import SETUP_TIMEOUT, PubSubPeer, crlf_wire, payload_body
-from bench.targets import Wire, free_port, handed_over, open_stream
+from bench.targets import Opened, Wire, free_port, open_stream
 
 MAX_CLIENTS = 19000
 """Below this machine's 20,000 open files: redis keeps 32 descriptors for itself."""
@@ -58,9 +58,14 @@ class Redis(PubSubPeer):
     def group(self, name: str) -> str:
         return f"group:{name}"
 
-    async def connect(self, user: str, subscribe: tuple[str, ...] = (),
-                      source: str | None = None) -> asyncio.StreamWriter:
-        """A subscriber of ``subscribe``, or with none a publisher; quiet on return."""
+    async def open(self, user: str, subscribe: tuple[str, ...] = (),
+                   source: str | None = None) -> Opened:
+        """A subscriber of ``subscribe``, or with none a publisher; quiet on return.
+
+        One round trip, the least a client needs to know it was admitted;
+        redis-server sends nothing unasked afterwards, so ``settle`` has
+        nothing to wait for.
+        """
         reader, writer = await open_stream(self.host, self.port, source)
         channels = [c.encode() for c in dict.fromkeys(subscribe)]
         if channels:
@@ -82,7 +87,7 @@ class Redis(PubSubPeer):
         if reply != expected:
             writer.close()
             raise ConnectionError(f"redis-server answered {reply[:200]!r}, not {expected[:200]!r}")
-        return handed_over(reader, writer)
+        return Opened(reader, writer)
 
     def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
         """``PUBLISH`` commands; deliveries are ``message`` pushes.
