@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import tomllib
@@ -24,6 +25,10 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
                    help="signing secret [FENGHUO_SECRET; default: the dev secret in --data-dir]")
     p.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"),
                    help="where the server keeps its dev secret [FENGHUO_DATA_DIR]")
+    p.add_argument("--device", default=os.environ.get("FENGHUO_DEVICE"),
+                   help="device id (default: a new random one each run); the relay keeps a "
+                        "named device's positions, so its next run catches up what it missed "
+                        "[FENGHUO_DEVICE]")
 
 
 def _token(args: argparse.Namespace, channels: Sequence[str] = ()) -> str:
@@ -93,7 +98,8 @@ def _format(message, as_json: bool) -> str:
 async def _listen(args: argparse.Namespace) -> int:
     import fenghuo
 
-    async with fenghuo.connect(args.server, token=_token(args, args.channel)) as client:
+    async with fenghuo.connect(args.server, token=_token(args, args.channel), device=args.device,
+                               sync_from_start=args.from_start) as client:
         for channel in args.channel:
             await client.subscribe(channel)
         print(f"listening as {client.user} (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -111,7 +117,8 @@ async def _send(args: argparse.Namespace) -> int:
 
     text = " ".join(args.text)
     channels = [args.channel] if args.channel else []
-    async with fenghuo.connect(args.server, token=_token(args, channels), reconnect=False) as client:
+    async with fenghuo.connect(args.server, token=_token(args, channels), device=args.device,
+                               reconnect=False) as client:
         if args.to:
             ack = await client.send(args.to, text)
         else:
@@ -124,7 +131,7 @@ async def _chat(args: argparse.Namespace) -> int:
     import fenghuo
 
     loop = asyncio.get_running_loop()
-    async with fenghuo.connect(args.server, token=_token(args)) as client:
+    async with fenghuo.connect(args.server, token=_token(args), device=args.device) as client:
         channel = fenghuo.direct_channel(client.user, args.to)
         client.on_message(lambda m: m.channel == channel and m.sender != client.user
                           and print(f"{m.sender}: {m.text}", flush=True))
@@ -140,16 +147,25 @@ def _run_client(coro_fn):
     def run(args: argparse.Namespace) -> int:
         import uvloop
 
-        from fenghuo.client import FenghuoError
-
-        try:
-            return uvloop.run(coro_fn(args))
-        except KeyboardInterrupt:
-            return 130
-        except (FenghuoError, OSError, asyncio.TimeoutError) as exc:
-            print(f"fenghuo: {exc}", file=sys.stderr)
-            return 1
+        return uvloop.run(coro_fn(args))
     return run
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input or environment can cause: reported in one line, never a traceback.
+
+    ValueError covers bad ids, ports and tokens (TokenError); the key-length
+    warning of a too-short secret is raised as an error by :func:`main`.
+    """
+    import sqlite3
+
+    from jwt.exceptions import PyJWTError
+    from jwt.warnings import InsecureKeyLengthWarning
+
+    from fenghuo.client import FenghuoError
+
+    return (FenghuoError, OSError, TimeoutError, ValueError, PyJWTError, sqlite3.Error,
+            InsecureKeyLengthWarning)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -180,6 +196,10 @@ def parser() -> argparse.ArgumentParser:
                         help="also subscribe to this channel (repeatable)")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
     listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    listen.add_argument("--from-start", action="store_true",
+                        help="first print every stored message of the channels, then live ones "
+                             "(default: live only, or, for a --device the relay knows, from "
+                             "where it left off)")
     listen.set_defaults(func=_run_client(_listen))
 
     exp = sub.add_parser("export", help="write a channel's or a user's messages as JSON lines")
@@ -207,7 +227,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: 0 on success; a user error is one line on stderr and status 1.
+
+    (argparse's own usage errors exit with 2, KeyboardInterrupt with 130.)
+    """
+    import warnings
+
+    from jwt.warnings import InsecureKeyLengthWarning
+
     args = parser().parse_args(argv)
+    # A server error that ends the command is reported below, in one line;
+    # the client's own warning of it would be a second.
+    logging.getLogger("fenghuo.client").setLevel(logging.ERROR)
     func = args.__dict__.pop("func")
     args.__dict__.pop("command")
-    return func(args)
+    errors = _user_errors()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InsecureKeyLengthWarning)
+            return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except errors as exc:
+        print(f"fenghuo: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

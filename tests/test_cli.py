@@ -130,3 +130,30 @@ async def test_send_to_an_unreachable_server_fails_cleanly(relay_factory):
                                      f"--secret={relay.secret}", "--to", "bob", "hello")
     assert (rc, out) == (1, "")
     assert err.startswith("fenghuo: ") and "Traceback" not in err
+
+
+async def test_every_user_error_is_one_line_and_a_nonzero_status(relay, tmp_path):
+    """A bad token, secret, id, address or folder: one line on stderr, status 1, no traceback."""
+    server = ("--server", relay.server)
+    secret = f"--secret={relay.secret}"
+    missing = str(tmp_path / "missing")
+    cases = {
+        "bad user id": ("token", "bad/user", secret),
+        "secret too short": ("token", "bob", "--secret=short"),
+        "no secret at all": ("token", "bob", "--data-dir", missing),
+        "no secret for --user": ("send", *server, "--user", "alice", "--data-dir", missing,
+                                 "--to", "bob", "hi"),
+        "malformed token": ("send", *server, "--token", "garbage", "--to", "bob", "hi"),
+        "token of another secret": ("send", *server, "--user", "alice", "--secret=" + "w" * 40,
+                                    "--to", "bob", "hi"),
+        "listen with a malformed token": ("listen", *server, "--token", "garbage"),
+        "bad recipient": ("send", *server, "--user", "alice", secret, "--to", "bo b", "hi"),
+        "port is not a number": ("send", "--server", "tcp://127.0.0.1:port", "--token", "x",
+                                 "--to", "bob", "hi"),
+        "export of a missing store": ("export", "--channel", "dm:a:b", "--data-dir", missing),
+    }
+    for what, args in cases.items():
+        rc, out, err = await fenghuo_cli(*args)
+        assert rc == 1 and out == "", (what, rc, out, err)
+        assert err.startswith("fenghuo: ") and err.count("\n") == 1, (what, err)
+        assert "Traceback" not in err, (what, err)
