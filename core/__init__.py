@@ -49,5 +49,6 @@ from fenghuo.core._core import (  # noqa: F401
     encode_receipt,
     encode_receipt_event,
     frame_error,
+    json_nesting,
 )
 from fenghuo.core._core import FRAME_HEADER_SIZE, WIRE_VERSION  # noqa: F401

@@ -252,6 +252,37 @@ def decompress_body(body, Py_ssize_t max_size):
     return out
 
 
+def json_nesting(body, Py_ssize_t limit):
+    """How deep ``body`` (JSON text) nests its arrays and objects, counting stops
+    at ``limit + 1``: the control bodies' depth limit (docs/PROTOCOL.md §2.5),
+    checked before any parser recurses.  Brackets inside strings do not count;
+    malformed text is the parser's to refuse."""
+    cdef const unsigned char[::1] view = body
+    cdef Py_ssize_t i, n = view.shape[0], depth = 0, deepest = 0
+    cdef bint in_string = False, escaped = False
+    cdef unsigned char c
+    for i in range(n):
+        c = view[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 92:           # backslash
+                escaped = True
+            elif c == 34:           # closing quote
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91 or c == 123:   # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif c == 93 or c == 125:   # ] }
+            depth -= 1
+    return deepest
+
+
 def encode_publish(str channel, bytes payload, int content_type=ContentType.TEXT,
                    bytes meta=b"", bytes key=b"", uint32_t request_id=0,
                    Py_ssize_t compress_threshold=0):
@@ -537,7 +568,7 @@ cdef class FrameReader:
                 f.body = PyBytes_FromStringAndSize(base + pos + HEADER_SIZE, span - HEADER_SIZE)
                 if h.flags & FrameFlag.COMPRESSED:
                     try:
-                        f.body = decompress_body(f.body, self._max_frame - HEADER_SIZE)
+                        f.body = decompress_body(f.body, self._max_frame)   # §2.3
                     except ProtocolError:
                         if out:
                             break

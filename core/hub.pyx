@@ -587,8 +587,9 @@ cdef class Connection:
         self.hub.metrics.frames_in += 1
         try:
             if h.flags & FrameFlag.COMPRESSED:
+                # §2.3: the inflated body may be as large as max_frame itself.
                 inflated = decompress_body(PyMemoryView_FromMemory(<char*>body, n, PyBUF_READ),
-                                           self.hub.max_frame - HEADER_SIZE)
+                                           self.hub.max_frame)
                 body = PyBytes_AS_STRING(inflated)
                 n = PyBytes_GET_SIZE(inflated)
             if h.type == FrameType.PUBLISH and self.authenticated:

@@ -80,9 +80,26 @@ def issue_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
+# Claims that are times: integers (seconds since the epoch), docs/PROTOCOL.md §5.6.
+# PyJWT itself takes "exp": "1796..." (it calls int() on it) and a float.
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _check_claim_types(claims: dict) -> None:
+    """Refuse claims of the wrong JSON type before PyJWT interprets them."""
+    for key in TIME_CLAIMS:
+        if key in claims and type(claims[key]) is not int:     # bool is an int subclass
+            raise TokenError(f"token claim {key!r} must be an integer")
+    if not isinstance(claims.get("sub"), str):
+        raise TokenError("token claim 'sub' must be a string")
+
+
 def verify_token(secret: str, token: str, *, leeway: float = 5.0) -> Grants:
     """The grants of a valid token; :class:`TokenError` otherwise."""
     try:
+        # Types first, from the payload as sent: PyJWT would judge a string
+        # or boolean `exp` by its own coercions.
+        _check_claim_types(jwt.decode(token, options={"verify_signature": False}))
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], leeway=leeway,
                             options={"require": ["sub", "exp"]})
     except jwt.ExpiredSignatureError as exc:
@@ -90,7 +107,7 @@ def verify_token(secret: str, token: str, *, leeway: float = 5.0) -> Grants:
     except jwt.PyJWTError as exc:
         raise TokenError(f"token is invalid: {exc}") from exc
     user = claims["sub"]
-    if not isinstance(user, str) or not is_user_id(user):
+    if not is_user_id(user):
         raise TokenError("token subject is not a valid user id")
 
     def strings(key: str) -> tuple[str, ...]:

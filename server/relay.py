@@ -40,7 +40,21 @@ from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.devices import Devices
-from fenghuo.server.groups import Group, GroupRegistry
+from fenghuo.server.groups import MEMBER, Group, GroupRegistry
+from fenghuo.server.schemas import (
+    HISTORY_DEFAULT,
+    INT64_MAX,
+    GroupAdd,
+    GroupCreate,
+    GroupLeave,
+    GroupList,
+    GroupMembers,
+    GroupRemove,
+    GroupRequest,
+    GroupRole,
+    History,
+    from_builtins,
+)
 from fenghuo.server.store import SQLiteStore
 
 if TYPE_CHECKING:
@@ -629,8 +643,7 @@ class Relay:
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to read {name!r}")
         return self.hub.channel(name, cn.kind)
 
-    async def history(self, ch: Channel, limit: int, before: int | None, after: int | None,
-                      since_us: int | None, until_us: int | None) -> list[bytes]:
+    async def history(self, ch: Channel, request: History) -> list[bytes]:
         """A page of ``ch``'s messages, oldest first: from the ring where it reaches, else the store.
 
         Read-your-writes: it includes every message sequenced in ``ch`` here
@@ -641,8 +654,12 @@ class Relay:
         await self.ready(ch)
         if ch.ring.last < ch.seq:
             await self.released()
-        if since_us is not None or until_us is not None:
-            since, until = since_us or 0, until_us or (1 << 63)
+        limit, before, after = request.limit or HISTORY_DEFAULT, request.before, request.after
+        if request.since_us is not None or request.until_us is not None:
+            # Either bound may be absent (§3.15a); an absent one is the widest
+            # an SQLite INTEGER holds (1 << 63 overflowed it: issue 10 item 5).
+            since = 0 if request.since_us is None else request.since_us
+            until = INT64_MAX if request.until_us is None else request.until_us
             if self.store is not None:
                 return await self.store.read_by_time(ch.name, since, until, limit)
             return [f for f in ch.ring.since(0) if since <= message_time(f) < until][:limit]
@@ -652,7 +669,7 @@ class Relay:
             if ring is not None or self.store is None:
                 return (ring or ch.ring.since(after))[:limit]
             return await self.store.read(ch.name, low, high, limit)
-        high = min(before or ch.ring.last + 1, ch.ring.last + 1)
+        high = ch.ring.last + 1 if before is None else min(before, ch.ring.last + 1)
         low = max(0, high - 1 - limit)
         ring = ch.ring.resume_from(low)
         if ring is not None or self.store is None:
@@ -725,58 +742,53 @@ class Relay:
 
     # ------------------------------------------------------------ groups
 
-    def group_op(self, me: str, body: dict) -> dict:
+    def group_op(self, me: str, request: GroupRequest) -> dict:
         """Run one GROUP request of user ``me``; the RESULT body."""
-        op = body.get("op")
-        group_id = body.get("group")
-        if op != "list" and not isinstance(group_id, str):
-            raise refuse(ErrorCode.MALFORMED_BODY, "GROUP needs a group id")
         groups = self.groups
-        if op == "create":
-            group = groups.create(me, group_id, body.get("members") or [], body.get("title", ""))
-            ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
-            ch.info = group
-            for user in group.members:
-                self.join(user, ch)
-            self.save_group(group)
-            self.group_event(group, {"event": "created", "by": me, "users": list(group.members)})
-            return {**group.describe(), "seq": ch.seq}
-        if op == "add":
-            role = body.get("role", "member")
-            added = groups.add(me, group_id, body.get("users"), role)
-            group = groups.groups[group_id]
-            ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
-            for user in added:
-                self.join(user, ch)
-            self.save_group(group)
-            if added:
-                self.group_event(group, {"event": "join", "by": me, "users": added, "role": role})
-            return {"group": group_id, "added": added}
-        if op == "leave":
-            group = groups.member_group(me, group_id)
-            groups.leave(me, group_id)
-            self._announce_parting(me, group, [me])
-            return {"group": group_id, "removed": [me]}
-        if op == "remove":
-            users = groups.remove(me, group_id, body.get("users"))
-            self._announce_parting(me, groups.groups[group_id], users)
-            return {"group": group_id, "removed": users}
-        if op == "role":
-            user, role = body.get("user"), body.get("role")
-            if not isinstance(user, str) or not isinstance(role, str):
-                raise refuse(ErrorCode.MALFORMED_BODY, "role needs user and role")
-            groups.set_role(me, group_id, user, role)
-            group = groups.groups[group_id]
-            self.save_group(group)
-            self.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
-            return {"group": group_id, "user": user, "role": role}
-        if op == "list":
-            return {"groups": [{**g.describe(), "role": g.members[me]} for g in groups.of_user(me)]}
-        if op == "members":
-            group = groups.member_group(me, group_id)
-            return {"group": group_id, "members": group.members}
-        raise refuse(ErrorCode.MALFORMED_BODY,
-                     "op must be create, add, remove, leave, role, list or members")
+        match request:
+            case GroupCreate(group=group_id, members=members, title=title):
+                group = groups.create(me, group_id, members or [], title or "")
+                ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+                ch.info = group
+                for user in group.members:
+                    self.join(user, ch)
+                self.save_group(group)
+                self.group_event(group, {"event": "created", "by": me,
+                                         "users": list(group.members)})
+                return {**group.describe(), "seq": ch.seq}
+            case GroupAdd(group=group_id, users=users, role=role):
+                role = role or MEMBER
+                added = groups.add(me, group_id, users, role)
+                group = groups.groups[group_id]
+                ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+                for user in added:
+                    self.join(user, ch)
+                self.save_group(group)
+                if added:
+                    self.group_event(group, {"event": "join", "by": me, "users": added,
+                                             "role": role})
+                return {"group": group_id, "added": added}
+            case GroupLeave(group=group_id):
+                group = groups.member_group(me, group_id)
+                groups.leave(me, group_id)
+                self._announce_parting(me, group, [me])
+                return {"group": group_id, "removed": [me]}
+            case GroupRemove(group=group_id, users=users):
+                removed = groups.remove(me, group_id, users)
+                self._announce_parting(me, groups.groups[group_id], removed)
+                return {"group": group_id, "removed": removed}
+            case GroupRole(group=group_id, user=user, role=role):
+                groups.set_role(me, group_id, user, role)
+                group = groups.groups[group_id]
+                self.save_group(group)
+                self.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
+                return {"group": group_id, "user": user, "role": role}
+            case GroupList():
+                return {"groups": [{**g.describe(), "role": g.members[me]}
+                                   for g in groups.of_user(me)]}
+            case GroupMembers(group=group_id):
+                return {"group": group_id, "members": groups.member_group(me, group_id).members}
+        raise AssertionError(f"no GROUP op for {request!r}")   # the schema admits no other
 
     def _announce_parting(self, me: str, group: Group, users: list[str]) -> None:
         if not users:
@@ -792,7 +804,7 @@ class Relay:
         """Run a request another worker forwarded to this channel's owner."""
         op = body["what"]
         if op == "group":
-            return self.group_op(origin.user, body["request"])
+            return self.group_op(origin.user, from_builtins(FrameType.GROUP, body["request"]))
         if op == "receipt":
             return self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
                                 body["kind"], bool(body["rid"]))

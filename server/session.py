@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import Any, Callable
 
-from fenghuo.channels import InvalidChannel, group_channel, is_user_id, parse_channel
+from fenghuo.channels import InvalidChannel, group_channel, parse_channel
 from fenghuo.core import (
     FRAME_HEADER_SIZE,
     Channel,
@@ -28,37 +28,29 @@ from fenghuo.core import (
     decode_receipt,
     encode_frame,
 )
-from fenghuo.protocol import decode_json, encode_json
+from fenghuo.protocol import encode_json
+from fenghuo.server import schemas
 from fenghuo.server.relay import Relay, refuse
+from fenghuo.server.schemas import (
+    CursorReaders,
+    CursorSync,
+    CursorUnread,
+    GroupList,
+    GroupMembers,
+    History,
+    PresenceSubscribe,
+    PresenceUnsubscribe,
+    Subscribe,
+    Unsubscribe,
+)
 from fenghuo.tokens import TokenError, verify_token
 
 log = logging.getLogger("fenghuo.session")
 SERVER_NAME = "fenghuo/0.1"
-HISTORY_DEFAULT = 100
-HISTORY_MAX = 1000
 
 
 def _fatal(exc: ProtocolError) -> ProtocolError:
     return ProtocolError(exc.code, exc.message, True)
-
-
-def _user_list(body: dict[str, Any], limit: int = 10_000) -> list[str]:
-    users = body.get("users")
-    if not isinstance(users, list) or len(users) > limit or not all(
-        isinstance(u, str) and is_user_id(u) for u in users
-    ):
-        raise refuse(ErrorCode.MALFORMED_BODY, f"users must be a list of at most {limit} user ids")
-    return users
-
-
-def _positions(value: Any) -> dict[str, int] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in value.items()
-    ):
-        raise refuse(ErrorCode.MALFORMED_BODY, "positions must map channel names to seqs >= 0")
-    return value
 
 
 class Session(Connection, asyncio.BufferedProtocol):
@@ -112,11 +104,10 @@ class Session(Connection, asyncio.BufferedProtocol):
         if retry_after_ms:
             raise relay.admission.hello_refusal(retry_after_ms)
         try:
-            hello = decode_json(body, "HELLO")
-            positions = _positions(hello.get("positions"))
+            hello = schemas.decode_body(FrameType.HELLO, body)
         except ProtocolError as exc:
             raise _fatal(exc) from None
-        token = hello.get("token")
+        token, positions = hello.token, hello.positions
         if not isinstance(token, str):
             raise ProtocolError(ErrorCode.TOKEN_INVALID, "HELLO carries no token")
         try:
@@ -124,10 +115,8 @@ class Session(Connection, asyncio.BufferedProtocol):
         except TokenError as exc:
             code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
             raise ProtocolError(code, str(exc)) from None
-        device = hello.get("device") or "d-" + secrets.token_hex(4)
-        if not isinstance(device, str) or not is_user_id(device):
-            raise ProtocolError(ErrorCode.MALFORMED_BODY, "device must be 1-64 id characters")
-        if positions is not None and not relay.durable and hello.get("epoch") != relay.epoch:
+        device = hello.device or "d-" + secrets.token_hex(4)
+        if positions is not None and not relay.durable and hello.epoch != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
         resumed = None
         if positions is None and relay.store is not None:
@@ -164,19 +153,18 @@ class Session(Connection, asyncio.BufferedProtocol):
         return self.relay.publish_channel(self, channel)
 
     def on_control(self, ftype: int, request_id: int, body: bytes) -> None:
+        # Decoded and validated here, once: handlers (and the workers a
+        # request is forwarded to) only see bodies that fit their schema.
         handler = _HANDLERS[ftype]
         if ftype == FrameType.RECEIPT:
             handler(self, request_id, body)
         else:
-            handler(self, request_id, decode_json(body))
+            handler(self, request_id, schemas.decode_body(ftype, body))
 
     # ------------------------------------------------------------ subscriptions
 
-    def _subscribe(self, request_id: int, body: dict[str, Any]) -> None:
-        name = body.get("channel")
-        if not isinstance(name, str):
-            raise refuse(ErrorCode.MALFORMED_BODY, "SUBSCRIBE needs a channel")
-        positions = _positions(body.get("positions"))
+    def _subscribe(self, request_id: int, body: Subscribe) -> None:
+        name, positions = body.channel, body.positions
         if positions is None:
             positions = self.positions
         try:
@@ -202,12 +190,9 @@ class Session(Connection, asyncio.BufferedProtocol):
             "channel": name, "channels": {ch.name: ch.seq for ch in chain}}, request_id))
         self.relay.go_live(self, chain, positions)
 
-    def _unsubscribe(self, request_id: int, body: dict[str, Any]) -> None:
-        name = body.get("channel")
-        if not isinstance(name, str):
-            raise refuse(ErrorCode.MALFORMED_BODY, "UNSUBSCRIBE needs a channel")
-        self.relay.unsubscribe_org(self, name)
-        self.reply(request_id, {"channel": name})
+    def _unsubscribe(self, request_id: int, body: Unsubscribe) -> None:
+        self.relay.unsubscribe_org(self, body.channel)
+        self.reply(request_id, {"channel": body.channel})
 
     # ------------------------------------------------------------ receipts
 
@@ -231,48 +216,35 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ cursors
 
-    def _cursor(self, request_id: int, body: dict[str, Any]) -> None:
-        op = body.get("op")
+    def _cursor(self, request_id: int, body: schemas.CursorRequest) -> None:
         relay = self.relay
-        if op == "sync":
-            positions = _positions(body.get("positions")) or {}
-            kept = {name: min(seq, ch.seq) for name, seq in positions.items()
-                    if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
-            if relay.store is not None and kept:
-                relay.store.save_device_cursors(self.user, self.device, kept)
-            result: dict[str, Any] = {"saved": len(kept)}
-        elif op == "unread":
-            result = {"unread": {ch.name: relay.unread(self.user, ch) for ch in self.subscriptions}}
-        elif op == "readers":
-            name, seq = body.get("channel"), body.get("seq")
-            if not isinstance(name, str) or not isinstance(seq, int):
-                raise refuse(ErrorCode.MALFORMED_BODY, "readers needs a channel and a seq")
-            ch = relay.readable(self, name)
-            result = {"channel": name, "seq": seq, "read": relay.reads.readers(name, seq),
-                      "members": relay.members_of(ch)}
-        else:
-            raise refuse(ErrorCode.MALFORMED_BODY, "op must be sync, unread or readers")
+        result: dict[str, Any]
+        match body:
+            case CursorSync(positions=positions):
+                kept = {name: min(seq, ch.seq) for name, seq in (positions or {}).items()
+                        if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
+                if relay.store is not None and kept:
+                    relay.store.save_device_cursors(self.user, self.device, kept)
+                result = {"saved": len(kept)}
+            case CursorUnread():
+                result = {"unread": {ch.name: relay.unread(self.user, ch)
+                                     for ch in self.subscriptions}}
+            case CursorReaders(channel=name, seq=seq):
+                ch = relay.readable(self, name)
+                result = {"channel": name, "seq": seq, "read": relay.reads.readers(name, seq),
+                          "members": relay.members_of(ch)}
         if request_id:
             self.reply(request_id, result)
 
     # ------------------------------------------------------------ history
 
-    def _history(self, request_id: int, body: dict[str, Any]) -> None:
-        name = body.get("channel")
-        limit = body.get("limit", HISTORY_DEFAULT)
-        bounds = {k: body.get(k) for k in ("before", "after", "since_us", "until_us")}
-        if (not isinstance(name, str) or not isinstance(limit, int) or not 1 <= limit <= HISTORY_MAX
-                or not all(v is None or (isinstance(v, int) and v >= 0) for v in bounds.values())):
-            raise refuse(ErrorCode.MALFORMED_BODY,
-                         f"HISTORY needs a channel, a limit of 1..{HISTORY_MAX} and seqs/times >= 0")
-        ch = self.relay.history_channel(self, name)
-        self.track(asyncio.get_running_loop().create_task(
-            self._send_history(request_id, ch, limit, **bounds)))
+    def _history(self, request_id: int, body: History) -> None:
+        ch = self.relay.history_channel(self, body.channel)
+        self.track(asyncio.get_running_loop().create_task(self._send_history(request_id, ch, body)))
 
-    async def _send_history(self, request_id: int, ch, limit: int, before: int | None,
-                            after: int | None, since_us: int | None, until_us: int | None) -> None:
+    async def _send_history(self, request_id: int, ch: Channel, body: History) -> None:
         try:
-            frames = await self.relay.history(ch, limit, before, after, since_us, until_us)
+            frames = await self.relay.history(ch, body)
         except Exception:
             log.exception("history read failed", extra={"channel": ch.name})
             self.send_error(ErrorCode.INTERNAL, "history is unavailable", request_id)
@@ -288,10 +260,10 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ groups
 
-    def _group(self, request_id: int, body: dict[str, Any]) -> None:
-        op, group_id = body.get("op"), body.get("group")
+    def _group(self, request_id: int, body: schemas.GroupRequest) -> None:
         cluster = self.relay.cluster
-        if cluster is not None and op not in ("list", "members") and isinstance(group_id, str):
+        if cluster is not None and not isinstance(body, (GroupList, GroupMembers)):
+            group_id = body.group
             # Changes are made where the group's channel is sequenced; an
             # invalid id has none, and group_op below refuses it here.
             try:
@@ -299,29 +271,27 @@ class Session(Connection, asyncio.BufferedProtocol):
             except InvalidChannel:
                 owner = cluster.index
             if owner != cluster.index:
-                cluster.forward_request(owner, self, request_id, "group", request=body)
+                cluster.forward_request(owner, self, request_id, "group",
+                                        request=schemas.to_builtins(body))
                 return
         self.reply(request_id, self.relay.group_op(self.user, body))
 
     # ------------------------------------------------------------ presence
 
-    def _presence(self, request_id: int, body: dict[str, Any]) -> None:
-        op = body.get("op")
-        users = _user_list(body)
+    def _presence(self, request_id: int, body: schemas.PresenceRequest) -> None:
+        users = body.users
         relay = self.relay
-        if op == "subscribe":
+        if isinstance(body, PresenceSubscribe):
             if self.watching is None:
                 self.watching = set()
             for user in users:
                 relay.watchers.setdefault(user, set()).add(self)
                 self.watching.add(user)
-        elif op == "unsubscribe":
+        elif isinstance(body, PresenceUnsubscribe):
             for user in users:
                 relay.watchers.get(user, set()).discard(self)
                 if self.watching is not None:
                     self.watching.discard(user)
-        elif op != "query":
-            raise refuse(ErrorCode.MALFORMED_BODY, "op must be query, subscribe or unsubscribe")
         self.reply(request_id, {"users": {u: relay.presence_of(u) for u in users}})
 
 

@@ -29,7 +29,8 @@ EXTENSION_TYPES = ["Ack", "Bus", "Channel", "Connection", "Frame", "FrameReader"
 COMPILED_FUNCTIONS = ["compress_body", "decompress_body", "decode_ack", "decode_error",
                       "decode_message", "decode_publish", "decode_receipt", "decode_receipt_event",
                       "encode_ack", "encode_error", "encode_frame", "encode_message",
-                      "encode_publish", "encode_receipt", "encode_receipt_event", "frame_error"]
+                      "encode_publish", "encode_receipt", "encode_receipt_event", "frame_error",
+                      "json_nesting"]
 COMPILED_CALLABLE_TYPES = {"cython_function_or_method", "method_descriptor",
                            "builtin_function_or_method"}
 

@@ -419,8 +419,8 @@ async def test_the_epoch_rule_of_hello_is_a_memory_relays(relay_factory, store):
     await bob.expect_silence()
 
 
-async def test_null_is_absent_for_optional_fields_but_history_limit_and_group_role(relay):
-    # §2.5, "null and absent fields": what the server does today.
+async def test_null_is_absent_for_optional_fields(relay):
+    # §2.5, "null and absent fields": for every optional field, null is absent.
     import orjson
     from rawwire import authed_raw
     from fenghuo.protocol import encode_json
@@ -443,12 +443,13 @@ async def test_null_is_absent_for_optional_fields_but_history_limit_and_group_ro
                                          "since_us": None}, 2)
     assert page.type == FrameType.HISTORY_PAGE
     assert [decode_message(f.body).seq for f in FrameReader().feed(page.body)] == [1]
-    for rid, ftype, body in ((3, FrameType.HISTORY, {"channel": "group:g", "limit": None}),
-                             (4, FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"],
-                                                   "role": None})):
-        refused = await ask(ftype, body, rid)
-        assert refused.type == FrameType.ERROR
-        assert decode_error(refused.body)[0] == ErrorCode.MALFORMED_BODY
+    page = await ask(FrameType.HISTORY, {"channel": "group:g", "limit": None}, 3)
+    assert page.type == FrameType.HISTORY_PAGE
+    added = await ask(FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"], "role": None}, 4)
+    assert orjson.loads(added.body) == {"group": "g", "added": ["bob"]}
+    refused = await ask(FrameType.GROUP, {"op": "members", "group": None}, 5)   # required
+    assert refused.type == FrameType.ERROR
+    assert decode_error(refused.body)[0] == ErrorCode.MALFORMED_BODY
 
 
 async def test_token_header_secret_and_lifetime_are_as_stated(relay_factory):

@@ -1,0 +1,266 @@
+"""The one declared schema of every JSON body a client sends (docs/PROTOCOL.md §2.5, §3).
+
+Each body is a msgspec ``Struct`` (ops of CURSOR, GROUP and PRESENCE: a
+union tagged by ``op``).  :func:`decode_body` parses and validates in one
+pass, in C, where the frame is received (:class:`Session`), so a handler, and
+a request forwarded to another worker, only ever sees a valid body.  The
+rules, stated in §2.5:
+
+* types are exact: ``true`` is not an integer, ``1.0`` is not one either;
+  integers are ``0 .. 2^63-1`` (SQLite's INTEGER, and what every seq fits in);
+* for an optional field ``null`` means absent; a required field that is
+  ``null`` or missing is refused;
+* fields the schema does not name are ignored (§1.3: fields may be added
+  within v1), but they count towards the nesting limit of ``MAX_DEPTH``;
+* a body is as large as its frame allows (``max_frame`` after inflation):
+  a HELLO's ``positions`` legitimately grows with the user's channels.
+
+A refusal is ``MALFORMED_BODY`` whose text names the field and what it must
+be; the texts are built once, from the schema, never from the client's bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import msgspec
+from msgspec import Meta, Struct
+
+from fenghuo.channels import MAX_CHANNEL_BYTES, USER_ID
+from fenghuo.core import ErrorCode, FrameType, ProtocolError, json_nesting
+
+INT64_MAX = (1 << 63) - 1
+# Every legal body nests two levels (an object holding an object or a list);
+# 32 leaves room for fields added later and stays far below the parsers' own
+# recursion limits (orjson re-encodes at most 254 levels: issue 10 item 13).
+MAX_DEPTH = 32
+MAX_USERS = 10_000
+HISTORY_MAX = 1000
+HISTORY_DEFAULT = 100
+
+_USER_ID = rf"^(?:{USER_ID.pattern})\Z"
+
+Seq = Annotated[int, Meta(ge=0, le=INT64_MAX, description="an integer 0..2^63-1")]
+Limit = Annotated[int, Meta(ge=1, le=HISTORY_MAX, description=f"an integer 1..{HISTORY_MAX}")]
+ChannelName = Annotated[str, Meta(min_length=1, max_length=MAX_CHANNEL_BYTES,
+                                  description="a channel name (a string of 1-255 characters)")]
+Positions = Annotated[dict[ChannelName, Seq], Meta(
+    description="an object of channel name (1-255 characters) -> integer 0..2^63-1")]
+UserId = Annotated[str, Meta(pattern=_USER_ID)]
+DeviceId = Annotated[str, Meta(pattern=rf"^(?:{USER_ID.pattern})?\Z", description=(
+    'a device id (1-64 of A-Z a-z 0-9 _ . @ + -, or "" to be given one)'))]
+Users = Annotated[list[UserId], Meta(max_length=MAX_USERS, description=(
+    f"a list of at most {MAX_USERS} user ids (1-64 of A-Z a-z 0-9 _ . @ + -)"))]
+Text = Annotated[str, Meta(description="a string")]
+GroupId = Annotated[str, Meta(description="a group id (a string)")]
+
+
+class Body(Struct, frozen=True):
+    """A validated request body."""
+
+
+class Tagged(Body, frozen=True, tag_field="op"):
+    """A request body whose ``op`` picks its fields."""
+
+
+# ---------------------------------------------------------------- HELLO, subscriptions
+
+
+class Hello(Body, frozen=True):
+    # Not typed here: a missing or non-string token is TOKEN_INVALID (§3.2),
+    # which the session says after this schema passed.
+    token: Any = None
+    device: DeviceId | None = None
+    positions: Positions | None = None
+    epoch: Text | None = None
+    client: Text | None = None
+
+
+class Subscribe(Body, frozen=True):
+    channel: ChannelName
+    positions: Positions | None = None
+
+
+class Unsubscribe(Body, frozen=True):
+    channel: ChannelName
+
+
+class History(Body, frozen=True):
+    channel: ChannelName
+    after: Seq | None = None
+    before: Seq | None = None
+    since_us: Seq | None = None
+    until_us: Seq | None = None
+    limit: Limit | None = None
+
+
+# ---------------------------------------------------------------- CURSOR
+
+
+class CursorSync(Tagged, frozen=True, tag="sync"):
+    positions: Positions | None = None
+
+
+class CursorUnread(Tagged, frozen=True, tag="unread"):
+    pass
+
+
+class CursorReaders(Tagged, frozen=True, tag="readers"):
+    channel: ChannelName
+    seq: Seq
+
+
+# ---------------------------------------------------------------- GROUP
+
+
+class GroupCreate(Tagged, frozen=True, tag="create"):
+    group: GroupId
+    members: Users | None = None
+    title: Text | None = None
+
+
+class GroupAdd(Tagged, frozen=True, tag="add"):
+    group: GroupId
+    users: Users
+    role: Annotated[Literal["member", "admin"], Meta(description='"member" or "admin"')] | None \
+        = None
+
+
+class GroupRemove(Tagged, frozen=True, tag="remove"):
+    group: GroupId
+    users: Users
+
+
+class GroupLeave(Tagged, frozen=True, tag="leave"):
+    group: GroupId
+
+
+class GroupRole(Tagged, frozen=True, tag="role"):
+    group: GroupId
+    user: Annotated[str, Meta(description="a user id (a string)")]
+    role: Annotated[Literal["admin", "member", "owner"],
+                    Meta(description='"admin", "member" or "owner"')]
+
+
+class GroupList(Tagged, frozen=True, tag="list"):
+    pass
+
+
+class GroupMembers(Tagged, frozen=True, tag="members"):
+    group: GroupId
+
+
+# ---------------------------------------------------------------- PRESENCE
+
+
+class PresenceQuery(Tagged, frozen=True, tag="query"):
+    users: Users
+
+
+class PresenceSubscribe(Tagged, frozen=True, tag="subscribe"):
+    users: Users
+
+
+class PresenceUnsubscribe(Tagged, frozen=True, tag="unsubscribe"):
+    users: Users
+
+
+CursorRequest = Union[CursorSync, CursorUnread, CursorReaders]
+GroupRequest = Union[GroupCreate, GroupAdd, GroupRemove, GroupLeave, GroupRole, GroupList,
+                     GroupMembers]
+PresenceRequest = Union[PresenceQuery, PresenceSubscribe, PresenceUnsubscribe]
+
+
+# ---------------------------------------------------------------- decoding and refusals
+
+
+def _described(tp: Any) -> str:
+    """What a field of type ``tp`` must be, from its ``Meta(description=...)``."""
+    if get_origin(tp) is Union:
+        tp = next(arg for arg in get_args(tp) if arg is not type(None))
+    for meta in get_args(tp)[1:] if get_origin(tp) is Annotated else ():
+        if isinstance(meta, Meta) and meta.description:
+            return meta.description
+    return getattr(tp, "__name__", str(tp))
+
+
+# The field a msgspec error is about: "... - at `$.users[3]`", "... `key` in `$.positions`",
+# "Object missing required field `channel`".
+_FIELD = re.compile(r"`\$\.(\w+)|missing required field `(\w+)`")
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """How one frame type's body is decoded, and the texts it is refused with."""
+
+    what: str
+    decoder: msgspec.json.Decoder
+    texts: dict[str, str]      # field -> refusal text; "" for the body as a whole
+
+    def refuse(self, error: str) -> ProtocolError:
+        m = _FIELD.search(error)
+        field = (m.group(1) or m.group(2)) if m else ""
+        return ProtocolError(ErrorCode.MALFORMED_BODY, self.texts.get(field, self.texts[""]),
+                             False)
+
+
+def _schema(what: str, tp: Any) -> Schema:
+    variants = get_args(tp) if get_origin(tp) is Union else (tp,)
+    # field -> {what it must be: [ops whose field it is]}
+    musts: dict[str, dict[str, list[str]]] = {}
+    for cls in variants:
+        op = cls.__struct_config__.tag
+        for f in msgspec.structs.fields(cls):
+            must = _described(f.type) + (" (required)" if f.required else "")
+            musts.setdefault(f.name, {}).setdefault(must, []).append(op)
+    texts = {"": f"{what} body must be a JSON object (UTF-8) nested at most {MAX_DEPTH} deep"}
+    for name, by_must in musts.items():
+        if len(by_must) == 1:
+            texts[name] = f"{what}: `{name}` must be {next(iter(by_must))}"
+        else:
+            texts[name] = f"{what}: `{name}` must be " + "; ".join(
+                f"{must} for op {'/'.join(ops)}" for must, ops in by_must.items())
+    if len(variants) > 1:
+        ops = ", ".join(cls.__struct_config__.tag for cls in variants)
+        texts["op"] = f"{what}: `op` must be one of {ops} (required)"
+    return Schema(what, msgspec.json.Decoder(tp), texts)
+
+
+SCHEMAS: dict[int, Schema] = {
+    FrameType.HELLO: _schema("HELLO", Hello),
+    FrameType.SUBSCRIBE: _schema("SUBSCRIBE", Subscribe),
+    FrameType.UNSUBSCRIBE: _schema("UNSUBSCRIBE", Unsubscribe),
+    FrameType.HISTORY: _schema("HISTORY", History),
+    FrameType.CURSOR: _schema("CURSOR", CursorRequest),
+    FrameType.GROUP: _schema("GROUP", GroupRequest),
+    FrameType.PRESENCE: _schema("PRESENCE", PresenceRequest),
+}
+
+
+def decode_body(ftype: int, body: bytes) -> Any:
+    """The validated body of a ``ftype`` frame; MALFORMED_BODY (non-fatal) if it is not one."""
+    schema = SCHEMAS[ftype]
+    if json_nesting(body, MAX_DEPTH) > MAX_DEPTH:
+        raise ProtocolError(ErrorCode.MALFORMED_BODY, schema.texts[""], False)
+    try:
+        return schema.decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise schema.refuse(str(exc)) from None
+    except msgspec.DecodeError:
+        raise ProtocolError(ErrorCode.MALFORMED_BODY, schema.texts[""], False) from None
+
+
+def to_builtins(body: Body) -> dict[str, Any]:
+    """``body`` as plain JSON-able data (to forward it to another worker)."""
+    return msgspec.to_builtins(body)
+
+
+def from_builtins(ftype: int, data: Any) -> Any:
+    """A body forwarded by another worker, validated again by the same schema."""
+    schema = SCHEMAS[ftype]
+    try:
+        return msgspec.convert(data, schema.decoder.type)
+    except msgspec.ValidationError as exc:
+        raise schema.refuse(str(exc)) from None

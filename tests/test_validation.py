@@ -1,0 +1,199 @@
+"""Bodies, tokens and sizes a client written from the spec alone sends (issue 10 items 5-8).
+
+Every test drives a real relay over TCP; the default ``relay`` fixture is the
+default deployment (one worker per core).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import jwt
+import lz4.block
+import orjson
+import pytest
+from rawwire import authed_raw, open_raw
+
+from fenghuo.core import (
+    ErrorCode,
+    FrameFlag,
+    FrameReader,
+    FrameType,
+    decode_error,
+    decode_message,
+    encode_frame,
+    encode_publish,
+)
+from fenghuo.protocol import encode_json
+from fenghuo.server.schemas import MAX_DEPTH
+
+
+async def answer(conn, rid: int):
+    """The reply to request ``rid``, past the MESSAGEs (events) that may come first."""
+    frame = await conn.frame()
+    while frame is not None and frame.type == FrameType.MESSAGE:
+        frame = await conn.frame()
+    assert frame is not None and frame.request_id == rid, frame
+    return frame
+
+
+async def refused(conn, ftype: int, body: bytes | dict, rid: int) -> str:
+    conn.write(encode_frame(ftype, body if isinstance(body, bytes) else orjson.dumps(body), rid))
+    frame = await answer(conn, rid)
+    assert frame.type == FrameType.ERROR, frame
+    code, text = decode_error(frame.body)
+    assert code == ErrorCode.MALFORMED_BODY, (code, text)
+    return text
+
+
+# ---------------------------------------------------------------- item 5
+
+
+@pytest.mark.parametrize("bounds", [{"since_us": 1}, {"until_us": 1 << 62}, {"since_us": 0, "until_us": 1 << 62}])
+async def test_history_by_time_with_either_bound_alone(relay, bounds):
+    alice = await authed_raw(relay, "alice")
+    for rid in (1, 2):
+        alice.write(encode_publish("dm:alice:bob", b"m%d" % rid, request_id=rid))
+        await alice.expect_ack(rid)
+    alice.write(encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", **bounds}, 9))
+    page = await answer(alice, 9)
+    assert page.type == FrameType.HISTORY_PAGE, decode_error(page.body)
+    assert [decode_message(f.body).payload for f in FrameReader().feed(page.body)] == [b"m1", b"m2"]
+    assert "Traceback" not in relay.log()
+
+
+# ---------------------------------------------------------------- item 6
+
+WRONG_TYPES = [
+    (FrameType.SUBSCRIBE, {"channel": "dm:alice:bob", "positions": {"dm:alice:bob": True}}, "positions"),
+    (FrameType.SUBSCRIBE, {"channel": "dm:alice:bob", "positions": True}, "positions"),
+    *((FrameType.HISTORY, {"channel": "dm:alice:bob", field: True}, field)
+      for field in ("limit", "after", "before", "since_us", "until_us")),
+    (FrameType.HISTORY, {"channel": "dm:alice:bob", "limit": 0}, "limit"),
+    (FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 1 << 63}, "after"),
+    *((FrameType.CURSOR, {"op": "readers", "channel": "dm:alice:bob", "seq": seq}, "seq")
+      for seq in (True, -1, -9223372036854775808, 1.5)),
+    (FrameType.CURSOR, {"op": "sync", "positions": {"": 1}}, "positions"),
+    (FrameType.CURSOR, {"op": "rewind"}, "op"),
+    *((FrameType.GROUP, {"op": "create", "group": "g", "title": title}, "title")
+      for title in (5, [], {}, True)),
+    (FrameType.GROUP, {"op": "create", "group": "g", "members": {}}, "members"),
+    (FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"], "role": "owner"}, "role"),
+    (FrameType.GROUP, {"op": "role", "group": "g", "user": "bob"}, "role"),
+    (FrameType.PRESENCE, {"op": "query", "users": [True]}, "users"),
+    (FrameType.UNSUBSCRIBE, {"channel": None}, "channel"),
+]
+
+
+@pytest.mark.parametrize("ftype, body, field", WRONG_TYPES,
+                         ids=[f"{FrameType(t).name}-{f}-{i}" for i, (t, _, f) in enumerate(WRONG_TYPES)])
+async def test_a_wrong_type_is_malformed_body_naming_the_field(relay, ftype, body, field):
+    alice = await authed_raw(relay, "alice")
+    text = await refused(alice, ftype, body, 7)
+    assert f"`{field}` must be" in text
+    # Nothing happened, and the connection goes on.
+    alice.write(encode_frame(FrameType.PING, b"", 8))
+    assert (await alice.expect(FrameType.PONG)).request_id == 8
+    if ftype == FrameType.GROUP:
+        alice.write(encode_json(FrameType.GROUP, {"op": "list"}, 9))
+        assert orjson.loads((await answer(alice, 9)).body) == {"groups": []}
+
+
+async def test_hello_positions_of_the_wrong_type_is_fatal_malformed_body(relay):
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": relay.token("alice"),
+                                             "positions": {"dm:alice:bob": True}}, 1))
+    text = await conn.expect_error(ErrorCode.MALFORMED_BODY, request_id=1)
+    assert "`positions` must be" in text
+    await conn.expect_closed()
+
+
+async def test_null_is_absent_for_every_optional_field(relay):
+    alice = await authed_raw(relay, "alice")
+    alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": "g", "members": None,
+                                              "title": None}, 1))
+    assert orjson.loads((await answer(alice, 1)).body)["title"] == ""
+    alice.write(encode_json(FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"],
+                                              "role": None}, 2))
+    assert orjson.loads((await answer(alice, 2)).body) == {"group": "g", "added": ["bob"]}
+    alice.write(encode_json(FrameType.HISTORY, {"channel": "group:g", "limit": None, "after": None,
+                                                "before": None, "since_us": None,
+                                                "until_us": None}, 3))
+    page = await answer(alice, 3)
+    assert page.type == FrameType.HISTORY_PAGE
+    assert len(FrameReader().feed(page.body)) == 2          # created, join
+    # A required field may not be null.
+    assert "`group` must be" in await refused(alice, FrameType.GROUP, {"op": "leave", "group": None}, 4)
+
+
+async def test_unknown_fields_are_ignored_up_to_the_nesting_limit(relay):
+    alice = await authed_raw(relay, "alice")
+    # The body object is level 1: an unknown field may nest MAX_DEPTH - 1 more.
+    deep = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
+    alice.write(encode_frame(FrameType.GROUP, b'{"op":"create","group":"g","x":' + deep + b"}", 1))
+    assert (await answer(alice, 1)).type == FrameType.RESULT
+    too_deep = b'{"op":"create","group":"h","x":[' + deep + b"]}"
+    assert "nested at most" in await refused(alice, FrameType.GROUP, too_deep, 2)
+    # Brackets inside strings are text, not nesting.
+    alice.write(encode_frame(FrameType.GROUP, orjson.dumps(
+        {"op": "create", "group": "i", "title": "[" * 100}), 3))
+    assert orjson.loads((await answer(alice, 3)).body)["title"] == "[" * 100
+
+
+async def test_a_valid_group_request_with_deep_unknown_fields_is_answered_on_every_worker(relay):
+    # Under several workers a GROUP change is forwarded to its channel's owner:
+    # it goes as its schema's fields, never as the client's bytes (issue 10 item 13).
+    alice = await authed_raw(relay, "alice")
+    deep = b"{\"a\":" * (MAX_DEPTH - 1) + b"1" + b"}" * (MAX_DEPTH - 1)
+    for rid, group in enumerate("abcdefgh", start=1):
+        alice.write(encode_frame(FrameType.GROUP, b'{"op":"create","group":"%s","x":%s}'
+                                 % (group.encode(), deep), rid))
+        assert (await answer(alice, rid)).type == FrameType.RESULT
+    alice.write(encode_frame(FrameType.PING, b"", 99))
+    assert (await alice.expect(FrameType.PONG)).request_id == 99
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe", b'{"channel": "\xff"}', b"[]", b'{"channel":"x"} 1', b""])
+async def test_bodies_that_are_not_a_json_object_are_malformed_body(relay, body):
+    alice = await authed_raw(relay, "alice")
+    assert "must be a JSON object" in await refused(alice, FrameType.SUBSCRIBE, body, 5)
+
+
+# ---------------------------------------------------------------- item 7
+
+
+@pytest.mark.parametrize("claims", [
+    {"sub": "eve", "exp": str(int(time.time()) + 3600)},
+    {"sub": "eve", "exp": float(int(time.time()) + 3600)},
+    {"sub": "eve", "exp": True},
+    {"sub": "eve", "exp": int(time.time()) + 3600, "nbf": "0"},
+    {"sub": "eve", "exp": int(time.time()) + 3600, "iat": [1]},
+    {"sub": ["eve"], "exp": int(time.time()) + 3600},
+], ids=["exp-string", "exp-float", "exp-bool", "nbf-string", "iat-list", "sub-list"])
+async def test_token_claims_of_the_wrong_type_are_token_invalid(relay, claims):
+    token = jwt.encode(claims, relay.secret, algorithm="HS256")
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": token}, 1))
+    text = await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+    assert "must be" in text
+    await conn.expect_closed()
+
+
+# ---------------------------------------------------------------- item 8
+
+
+def compressed_ping(size: int, rid: int) -> bytes:
+    body = struct.pack(">I", size) + lz4.block.compress(b"p" * size, store_size=False)
+    return encode_frame(FrameType.PING, body, rid, FrameFlag.COMPRESSED)
+
+
+async def test_a_compressed_body_of_exactly_max_frame_is_accepted(relay_factory):
+    relay = relay_factory("--max-frame", "65536", workers=1)
+    conn = await open_raw(relay)
+    conn.write(compressed_ping(65536, 1))
+    pong = await conn.expect(FrameType.PONG, request_id=1)
+    assert pong.body == b"p" * 64
+    conn.write(compressed_ping(65537, 2))
+    await conn.expect_error(ErrorCode.FRAME_TOO_LARGE, request_id=2)
+    await conn.expect_closed()
