@@ -41,12 +41,17 @@ log = logging.getLogger("fenghuo.supervisor")
 
 DEFAULT_RING_CAPACITY = 4 << 20       # max_record 2 MiB: a 1 MiB frame with room for routing
 DEFAULT_DRAIN_TIMEOUT = 15.0
-DEFAULT_WORKER_CMD = (sys.executable, "-m", "fenghuo", "serve")
+# -P: ``-m`` would otherwise put the working folder first on sys.path, and
+# run from a source checkout its ``fenghuo/`` folder (without the compiled
+# core) would shadow the installed package in every worker.
+DEFAULT_WORKER_CMD = (sys.executable, "-P", "-m", "fenghuo", "serve")
 KILL_WAIT = 5.0                       # after SIGKILL, for the kernel to reap
 # A worker's exit status for "a restart cannot help" (its store failed: the
 # disk is full or the file broken, for every worker alike): the supervisor
 # then stops the relay, as one process would stop.  EX_IOERR of sysexits.h.
 EXIT_STOP_RELAY = 74
+# The supervisor's status when a worker kept dying at start-up (see Backoff).
+EXIT_WORKERS_FAIL_TO_START = 3
 SCRAPE_TIMEOUT = 2.0
 
 _PR_SET_PDEATHSIG = 1
@@ -59,11 +64,19 @@ class Backoff:
 
     A worker that stayed up ``reset_after`` seconds starts again from
     ``initial``: it crashed once, not in a loop.
+
+    A worker that exits less than ``startup`` seconds after it was started
+    failed to start; ``give_up_after`` such failures in a row of one worker
+    (a missing module, a bad setting, a port another program holds: what a
+    restart cannot mend) stop the relay with
+    :data:`EXIT_WORKERS_FAIL_TO_START` rather than restart it forever.
     """
 
     initial: float = 0.1
     maximum: float = 5.0
     reset_after: float = 30.0
+    startup: float = 10.0
+    give_up_after: int = 5
 
 
 @dataclass(eq=False)
@@ -75,6 +88,7 @@ class _Worker:
     started_at: float = 0.0
     returncode: int | None = None
     restarts: int = 0
+    failed_starts: int = 0          # exits within Backoff.startup, in a row
     next_delay: float = 0.0
     restart: asyncio.TimerHandle | None = None
     exited: asyncio.Future[int] | None = None
@@ -129,6 +143,7 @@ class _Run:
         self.rings = {(i, j): ShmRing.create(config.ring_capacity)
                       for i in range(count) for j in range(count) if i != j}
         self.stopping = False
+        self.gave_up = False
         self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
         self.stop_requested: asyncio.Event       # made in main(), on that loop
         self.started_at = 0.0
@@ -156,6 +171,8 @@ class _Run:
                 http.close()
             for ring in self.rings.values():
                 ring.close()
+        if self.gave_up:
+            return EXIT_WORKERS_FAIL_TO_START
         return 0 if all(w.returncode == 0 for w in self.workers) else 1
 
     def _on_signal(self, stop_requested: asyncio.Event) -> None:
@@ -180,7 +197,7 @@ class _Run:
         except OSError as exc:
             log.error("worker failed to start", extra={"worker": worker.index, "error": str(exc)})
             worker.proc, worker.returncode = None, 127
-            self._schedule_restart(worker)
+            self._restart_or_give_up(worker, lived=0.0)
             return
         worker.proc, worker.pidfd, worker.returncode = proc, os.pidfd_open(proc.pid), None
         worker.started_at = self.loop.time()
@@ -206,9 +223,29 @@ class _Run:
         log.warning("worker exited", extra={"worker": worker.index, "pid": worker.proc.pid,
                                             "generation": worker.generation,
                                             "returncode": worker.returncode})
-        if self.loop.time() - worker.started_at >= self.config.backoff.reset_after:
-            worker.next_delay = self.config.backoff.initial
+        self._restart_or_give_up(worker, self.loop.time() - worker.started_at)
+
+    def _restart_or_give_up(self, worker: _Worker, lived: float) -> None:
+        backoff = self.config.backoff
+        if lived >= backoff.reset_after:
+            worker.next_delay = backoff.initial
+        worker.failed_starts = worker.failed_starts + 1 if lived < backoff.startup else 0
+        if worker.failed_starts >= backoff.give_up_after:
+            self._give_up(worker)
+            return
         self._schedule_restart(worker)
+
+    def _give_up(self, worker: _Worker) -> None:
+        """Stop the relay: this worker died at start-up too often for a restart to help."""
+        log.critical("worker keeps failing at start-up: stopping the relay", extra={
+            "worker": worker.index, "failed_starts": worker.failed_starts,
+            "returncode": worker.returncode})
+        print(f"fenghuo: worker {worker.index} exited {worker.failed_starts} times in a row "
+              f"within {self.config.backoff.startup:g} s of starting (last status "
+              f"{worker.returncode}); giving up (its own error is above)",
+              file=sys.stderr, flush=True)
+        self.gave_up = True
+        self.stop_requested.set()
 
     def _schedule_restart(self, worker: _Worker) -> None:
         """Start it again after the backoff, whatever its exit code.

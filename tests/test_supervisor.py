@@ -15,7 +15,8 @@ import socket
 import sys
 import time
 
-from fenghuo.server.supervisor import EXIT_STOP_RELAY, merge_worker_metrics
+from fenghuo.server.supervisor import (EXIT_STOP_RELAY, EXIT_WORKERS_FAIL_TO_START,
+                                        merge_worker_metrics)
 from mesh_worker import Supervised, alive
 
 import fenghuo
@@ -83,7 +84,7 @@ def test_a_worker_ignoring_sigterm_is_killed_after_the_drain_timeout(tmp_path):
 
 
 def test_a_crashing_worker_is_restarted_with_doubling_delays_until_stopped(tmp_path):
-    backoff = {"initial": 0.2, "maximum": 0.8}
+    backoff = {"initial": 0.2, "maximum": 0.8, "give_up_after": 100}
     with Supervised(tmp_path, 2, backoff=backoff, worker_flags=["--crash=3"]) as mesh:
         starts = [mesh.file(f"started-0-{g}.json")["time"] for g in range(4)]
         assert mesh.stop() == 1, "the workers' last exit was 3"
@@ -94,6 +95,17 @@ def test_a_crashing_worker_is_restarted_with_doubling_delays_until_stopped(tmp_p
         assert not any(alive(pid) for pid in mesh.worker_pids())
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert all(gap >= delay for gap, delay in zip(gaps, (0.2, 0.4, 0.8), strict=True)), gaps
+
+
+def test_workers_dying_at_start_up_again_and_again_stop_the_relay_with_status_3(tmp_path):
+    backoff = {"initial": 0.05, "maximum": 0.2}     # startup 10 s, give_up_after 5: defaults
+    with Supervised(tmp_path, 2, backoff=backoff, worker_flags=["--crash=1"]) as mesh:
+        assert mesh.proc.wait(WAIT) == EXIT_WORKERS_FAIL_TO_START, mesh.log()
+        assert len(list(mesh.dir.glob("started-0-*.json"))) <= 5
+        assert not any(alive(pid) for pid in mesh.worker_pids())
+    # One line for the person at the terminal, besides the structured log.
+    lines = [line for line in mesh.log().splitlines() if line.startswith("fenghuo: ")]
+    assert len(lines) == 1 and "5 times in a row" in lines[0] and "giving up" in lines[0], lines
 
 
 def test_a_worker_that_cannot_go_on_stops_the_others_and_the_supervisor_exits_1(tmp_path):
