@@ -17,11 +17,28 @@ from pathlib import Path
 from typing import Any
 
 
+#: ``zero`` of a number that may not be 0: ``fenghuo serve`` refuses it at start-up.
+REFUSED = None
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str
     default: Any
     help: str
+    #: for a number: what 0 means, or REFUSED (None); negatives are always refused
+    zero: str | None = REFUSED
+
+    @property
+    def numeric(self) -> bool:
+        return type(self.default) in (int, float)
+
+    @property
+    def documentation(self) -> str:
+        """The help with the meaning of 0 spelled out, for every number."""
+        if not self.numeric:
+            return self.help
+        return f"{self.help} ({'0: ' + self.zero if self.zero else 'must be above 0'})"
 
     @property
     def flag(self) -> str:
@@ -32,15 +49,15 @@ class Option:
         return "FENGHUO_" + self.name.upper()
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, zero: str | None = REFUSED) -> Any:
+    return field(default=default, metadata={"help": help, "zero": zero})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
-    port: int = _opt(7700, "TCP port of the client protocol")
-    metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz (0 disables)")
+    port: int = _opt(7700, "TCP port of the client protocol", zero="any free port, chosen at start-up")
+    metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz", zero="no metrics server")
     data_dir: str = _opt("./data", "directory for the message store and the generated dev secret")
     secret: str = _opt("", "HS256 secret that signs tokens; generated and printed when empty")
     store: str = _opt("sqlite", "sqlite (durable, in --data-dir) or memory (nothing survives a restart)")
@@ -52,26 +69,30 @@ class Settings:
     max_frame: int = _opt(1 << 20, "largest frame accepted, bytes (header included)")
     ring_size: int = _opt(1024, "messages kept per channel for catch-up after a disconnect")
     max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
-    compress_threshold: int = _opt(4096, "LZ4-compress MESSAGE bodies of at least this many bytes (0: never)")
+    compress_threshold: int = _opt(4096, "LZ4-compress MESSAGE bodies of at least this many bytes",
+                                   zero="never compress")
     dedupe_window: int = _opt(4096, "idempotency keys remembered per channel")
     rate: float = _opt(20000.0, "frames per second a connection may send (token bucket refill)")
     burst: float = _opt(40000.0, "frames a connection may send at once (token bucket size)")
     handshake_timeout: float = _opt(10.0, "seconds a new connection has to send HELLO")
     ping_interval: float = _opt(25.0, "seconds of silence before the server sends PING")
     idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
-    drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave")
+    drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave",
+                                zero="do not wait")
     backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
     max_connections: int = _opt(0, "open client connections per worker; beyond it a new one is "
-                                   "refused with TRY_AGAIN (0: the open-file limit less 256)")
+                                   "refused with TRY_AGAIN", zero="the open-file limit less 256")
     max_handshakes: int = _opt(2048, "connections per worker accepted and not yet past HELLO; beyond "
-                                     "it a new one is refused with TRY_AGAIN at once (0: no limit)")
+                                     "it a new one is refused with TRY_AGAIN at once", zero="no limit")
     admit_rate: float = _opt(0.0, "HELLOs a worker admits per second (token bucket refill); a "
-                                  "HELLO above it is refused with TRY_AGAIN (0: no limit)")
+                                  "HELLO above it is refused with TRY_AGAIN", zero="no limit")
     admit_burst: float = _opt(1000.0, "HELLOs a worker admits at once (token bucket size)")
     workers: int = _opt(0, "worker processes sharing the port (SO_REUSEPORT) and the store "
-                           "(0: one per core; 1: a single process, no supervisor)")
+                           "(1: a single process, no supervisor)",
+                           zero="one per core")
     replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
-                                     "owns after the last of its sessions needing it left")
+                                     "owns after the last of its sessions needing it left",
+                               zero="let go at once")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("json", "json (one object per line) or text")
 
@@ -84,17 +105,19 @@ class Settings:
                               ("log_format", ("json", "text"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
-        for name in ("max_connections", "max_handshakes", "admit_rate", "admit_burst", "workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if option.numeric and (value < 0 or (value == 0 and option.zero is REFUSED)):
+                raise ValueError(f"{option.flag} must be {'>= 0' if option.zero else 'above 0'}"
+                                 f", not {value:g}")
         if self.admit_rate and self.admit_burst < 1:
-            raise ValueError("admit_burst must be >= 1 when admit_rate is set")
+            raise ValueError("--admit-burst must be >= 1 when --admit-rate is set")
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
 
 
 OPTIONS: tuple[Option, ...] = tuple(
-    Option(f.name, f.default, f.metadata["help"]) for f in fields(Settings)
+    Option(f.name, f.default, f.metadata["help"], f.metadata["zero"]) for f in fields(Settings)
 )
 
 
@@ -115,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     for option in OPTIONS:
         parser.add_argument(option.flag, dest=option.name, default=None,
-                            type=type(option.default), help=f"{option.help} [{option.env}]")
+                            type=type(option.default), help=f"{option.documentation} [{option.env}]")
 
 
 def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
@@ -149,7 +172,7 @@ def markdown_table() -> str:
     """The configuration table of the README."""
     rows = ["| flag | environment | TOML key | default | meaning |", "|---|---|---|---|---|"]
     for o in OPTIONS:
-        rows.append(f"| `{o.flag}` | `{o.env}` | `{o.name}` | `{o.default!r}` | {o.help} |")
+        rows.append(f"| `{o.flag}` | `{o.env}` | `{o.name}` | `{o.default!r}` | {o.documentation} |")
     return "\n".join(rows)
 
 
