@@ -68,3 +68,61 @@ def test_every_bench_and_loadtest_command_in_the_docs_parses():
     assert loadtest_commands
     for command in loadtest_commands:
         loadtest_parser().parse_args(shlex.split(command))
+
+
+def _script_example() -> list[tuple[str, str | None]]:
+    """The README's ``send``/``listen`` example: each command with the output it promises."""
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", README, re.S) if "fenghuo listen" in b)
+    lines = []
+    for line in block.strip().splitlines():
+        command, _, comment = line.partition("#")
+        promised = re.search(r'prints "(.*)"', comment)
+        lines.append((command.strip(), promised.group(1) if promised else None))
+    return lines
+
+
+async def test_the_send_and_listen_example_runs_as_written(relay, tmp_path):
+    """Line by line in one shell, against a fresh relay: every promised output, every time.
+
+    The relay's address and secret come from the environment, as the CLI
+    reads them (the example talks to the default address and the dev secret).
+    """
+    import asyncio
+    import os
+    import shlex
+    import sys
+
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "bin").symlink_to(Path(sys.executable).parent)
+    example = _script_example()
+    assert [promised is not None for _, promised in example] == [False, True, True]
+    script = ["set -e"] + [f"{command} > out-{n}" if promised else command
+                           for n, (command, promised) in enumerate(example)]
+    env = {**os.environ, "FENGHUO_SERVER": relay.server, "FENGHUO_SECRET": relay.secret}
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", "\n".join(script), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (shlex.join(script), err.decode())
+    for n, (command, promised) in enumerate(example):
+        if promised is not None:
+            assert (tmp_path / f"out-{n}").read_text() == promised + "\n", command
+
+
+async def test_a_named_device_catches_up_what_it_missed_between_two_runs(relay):
+    """``--device NAME``, as the README describes it: a second run prints what came meanwhile."""
+    from test_cli import fenghuo_cli
+
+    server = ("--server", relay.server)
+    dave = ("--token", relay.token("dave"), "--device", "dave-script")
+    alice = ("--user", "alice", f"--secret={relay.secret}")
+    assert (await fenghuo_cli("send", *server, *alice, "--to", "dave", "one"))[:2] == (
+        0, "sent dm:alice:dave #1\n")
+    rc, out, _ = await fenghuo_cli("listen", *server, *dave, "--from-start", "--count", "1")
+    assert (rc, out) == (0, "[dm:alice:dave #1] alice: one\n")
+    # Sent while no listener runs: the next run of the same device prints them.
+    for n, text in ((2, "two"), (3, "three")):
+        assert (await fenghuo_cli("send", *server, *alice, "--to", "dave", text))[:2] == (
+            0, f"sent dm:alice:dave #{n}\n")
+    rc, out, _ = await fenghuo_cli("listen", *server, *dave, "--count", "2")
+    assert (rc, out) == (0, "[dm:alice:dave #2] alice: two\n[dm:alice:dave #3] alice: three\n")
