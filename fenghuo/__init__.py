@@ -9,12 +9,12 @@ The client API::
 """
 
 from fenghuo.channels import direct_channel, group_channel
-from fenghuo.client import Client, ConnectionLost, FenghuoError, connect
+from fenghuo.client import Client, ConnectionLost, FenghuoError, SlowConsumer, connect
 from fenghuo.core import Ack, ContentType, ErrorCode, Message, Receipt, ReceiptKind
 from fenghuo.tokens import issue_token
 
 __version__ = "0.1.0"
 __all__ = [
     "Ack", "Client", "ConnectionLost", "ContentType", "ErrorCode", "FenghuoError", "Message",
-    "Receipt", "ReceiptKind", "connect", "direct_channel", "group_channel", "issue_token",
+    "Receipt", "ReceiptKind", "SlowConsumer", "connect", "direct_channel", "group_channel", "issue_token",
 ]

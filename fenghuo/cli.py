@@ -131,7 +131,9 @@ async def _chat(args: argparse.Namespace) -> int:
     import fenghuo
 
     loop = asyncio.get_running_loop()
-    async with fenghuo.connect(args.server, token=_token(args), device=args.device) as client:
+    # Callbacks only: no inbox that nobody reads and that would grow for ever.
+    async with fenghuo.connect(args.server, token=_token(args), device=args.device,
+                               pending_messages=0) as client:
         channel = fenghuo.direct_channel(client.user, args.to)
         client.on_message(lambda m: m.channel == channel and m.sender != client.user
                           and print(f"{m.sender}: {m.text}", flush=True))

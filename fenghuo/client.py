@@ -71,6 +71,13 @@ _HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_
 _STABLE_AFTER_S = 1.0
 # How often this device's positions are stored on the relay (when they moved).
 CURSOR_SYNC_S = 0.5
+# What the inbox of messages()/next_message() holds before it drops new
+# messages (SlowConsumer), as nats.py does per subscription (512 Ki messages
+# and 128 MiB: nats/aio/subscription.py, DEFAULT_SUB_PENDING_*).  A choice,
+# not a measurement: a reader that keeps up never nears 64 Ki messages, and
+# 64 MiB caps what one that stopped reading costs the process.
+DEFAULT_PENDING_MESSAGES = 64 * 1024
+DEFAULT_PENDING_BYTES = 64 << 20
 
 
 class FenghuoError(Exception):
@@ -87,6 +94,20 @@ class ConnectionLost(FenghuoError):
 
     def __init__(self, message: str = "connection lost") -> None:
         super().__init__(0, message)
+
+
+class SlowConsumer(FenghuoError):
+    """Given to ``on_error`` callbacks when the inbox is full and drops a message.
+
+    Once per episode: the next one comes after the inbox had room again.
+    ``channel`` and ``seq`` name the first message dropped.
+    """
+
+    def __init__(self, channel: str, seq: int, limit: str) -> None:
+        super().__init__(0, f"slow consumer: inbox full ({limit}), dropping messages from "
+                            f"{channel} #{seq} on (callbacks still get them)")
+        self.channel = channel
+        self.seq = seq
 
 
 def _same_store(old: str, new: str | None) -> bool:
@@ -141,7 +162,19 @@ class Client:
                  reconnect: bool = True, max_backoff: float = 5.0,
                  connect_timeout: float = 10.0, compress_threshold: int = 4096,
                  max_frame: int = DEFAULT_MAX_FRAME, sync_cursors: bool = True,
-                 sync_from_start: bool = False) -> None:
+                 sync_from_start: bool = False,
+                 pending_messages: int = DEFAULT_PENDING_MESSAGES,
+                 pending_bytes: int = DEFAULT_PENDING_BYTES) -> None:
+        """``pending_messages``/``pending_bytes`` bound the inbox that :meth:`messages`
+        and :meth:`next_message` read (payload bytes); when either is reached a
+        new message is not queued: :attr:`dropped` counts it, ``on_error``
+        callbacks get a :class:`SlowConsumer` once per episode, and
+        ``on_message`` callbacks and :attr:`positions` see it as usual.
+        ``pending_messages=0``: no inbox at all, for clients that only use
+        callbacks (``fenghuo chat``); :meth:`messages` then raises ValueError.
+        """
+        if pending_messages < 0 or pending_bytes < 1:
+            raise ValueError("pending_messages must be >= 0 and pending_bytes >= 1")
         if token is None:
             if user is None or secret is None:
                 raise ValueError("pass token=, or user= and secret= to mint one")
@@ -170,7 +203,14 @@ class Client:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._unacked: OrderedDict[int, bytes] = OrderedDict()
         self._subscriptions: set[str] = set()
+        # Unbounded as a queue so the end mark always fits; bounded by _queue().
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.pending_messages = pending_messages
+        self.pending_bytes = pending_bytes
+        self._inbox_bytes = 0
+        self._slow = False              # in a slow-consumer episode: dropping
+        #: messages the inbox dropped because it was full (callbacks got them)
+        self.dropped = 0
         self._callbacks: dict[str, list[Callback]] = {}
         self._callback_tasks: set[asyncio.Future[Any]] = set()   # referenced until done
         self._reconnector: asyncio.Task[None] | None = None
@@ -405,8 +445,37 @@ class Client:
             if self._cursor_timer is None:
                 self._cursor_timer = asyncio.get_running_loop().call_later(
                     CURSOR_SYNC_S, self._flush_cursors)
-        self._inbox.put_nowait(message)
+        if self.pending_messages:
+            self._queue(message)
         self._emit("message", message)
+
+    def _queue(self, message: Message) -> None:
+        size = len(message.payload)
+        full = ("messages" if self._inbox.qsize() >= self.pending_messages else
+                "bytes" if self._inbox_bytes + size > self.pending_bytes else None)
+        if full is None:
+            self._slow = False
+            self._inbox_bytes += size
+            self._inbox.put_nowait(message)
+            return
+        self.dropped += 1
+        if not self._slow:
+            self._slow = True
+            limit = (f"{self.pending_messages} messages" if full == "messages"
+                     else f"{self.pending_bytes} bytes")
+            error = SlowConsumer(message.channel, message.seq, limit)
+            log.warning("%s", error)
+            self._emit("error", error)
+
+    async def _take(self, timeout: float | None = None) -> Message | None:
+        if not self.pending_messages:
+            raise ValueError("this client keeps no inbox (pending_messages=0): use on_message")
+        message = await asyncio.wait_for(self._inbox.get(), timeout)
+        if message is None:
+            self._inbox.put_nowait(None)   # leave the end mark: later readers must end too
+        else:
+            self._inbox_bytes -= len(message.payload)
+        return message
 
     def _on_error(self, frame: Frame) -> None:
         code, text = decode_error(frame.body)
@@ -500,18 +569,17 @@ class Client:
         self._callbacks.setdefault("error", []).append(callback)
 
     async def messages(self) -> AsyncIterator[Message]:
-        """Every new message, in order per channel, until :meth:`close`."""
-        while True:
-            message = await self._inbox.get()
-            if message is None:
-                self._inbox.put_nowait(None)   # leave the end mark for other readers
-                return
+        """Every new message, in order per channel, until :meth:`close`.
+
+        Messages wait in a bounded inbox (``pending_messages``,
+        ``pending_bytes``): a reader that falls that far behind loses the
+        newest ones (see :class:`SlowConsumer`); ``history()`` fetches them.
+        """
+        while (message := await self._take()) is not None:
             yield message
 
     async def next_message(self, timeout: float | None = None) -> Message:
-        message = await asyncio.wait_for(self._inbox.get(), timeout)
-        if message is None:
-            self._inbox.put_nowait(None)   # every later call must fail too, not wait
+        if (message := await self._take(timeout)) is None:
             raise ConnectionLost("client closed")
         return message
 

@@ -407,3 +407,62 @@ async def test_a_failing_callback_is_logged_and_does_not_break_the_connection(re
     logged = sorted(str(r.exc_info[1]) for r in caplog.records
                     if r.name == "fenghuo.client" and r.exc_info)
     assert logged == ["application bug", "async application bug"]
+
+
+# ---------------------------------------------------------------- the client's bounded inbox
+
+async def _received_by_callback(client: fenghuo.Client, sender: fenghuo.Client, texts: list[str],
+                                seen: list[fenghuo.Message]) -> None:
+    """Send ``texts`` to ``client`` and wait until its on_message callback has seen them all."""
+    want = len(seen) + len(texts)
+    for text in texts:
+        await sender.send(client.user, text)
+    for _ in range(500):
+        if len(seen) >= want:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"callback saw {len(seen)} of {want}")
+
+
+async def test_a_full_inbox_drops_new_messages_tells_once_per_episode_and_callbacks_see_all(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob", pending_messages=5)
+    seen: list[fenghuo.Message] = []
+    errors: list[FenghuoError] = []
+    bob.on_message(seen.append)
+    bob.on_error(errors.append)
+    await _received_by_callback(bob, alice, [f"m{i}" for i in range(1, 13)], seen)
+    assert [m.seq for m in seen] == list(range(1, 13))
+    assert bob.dropped == 7 and bob.positions["dm:alice:bob"] == 12
+    assert len(errors) == 1 and isinstance(errors[0], fenghuo.SlowConsumer)
+    assert (errors[0].channel, errors[0].seq) == ("dm:alice:bob", 6)
+    assert [(await bob.next_message(1)).seq for _ in range(5)] == [1, 2, 3, 4, 5]
+    # Read empty, the inbox takes messages again; overflowing again is a new episode.
+    await _received_by_callback(bob, alice, [f"n{i}" for i in range(6)], seen)
+    assert [(await bob.next_message(1)).text for _ in range(5)] == [f"n{i}" for i in range(5)]
+    assert bob.dropped == 8 and [e.seq for e in errors] == [6, 18]
+    with pytest.raises(asyncio.TimeoutError):
+        await bob.next_message(0.2)
+
+
+async def test_the_inbox_is_bounded_in_bytes_too(relay):
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob", pending_bytes=100)
+    seen: list[fenghuo.Message] = []
+    bob.on_message(seen.append)
+    await _received_by_callback(bob, alice, ["a" * 40, "b" * 40, "c" * 40, "d" * 10], seen)
+    # the third would make 120 bytes: dropped; the fourth fits (90)
+    assert [(await bob.next_message(1)).text[0] for _ in range(3)] == ["a", "b", "d"]
+    assert bob.dropped == 1
+
+
+async def test_a_callbacks_only_client_keeps_no_inbox(relay):
+    """What ``fenghuo chat`` runs: nothing piles up behind its callback."""
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob", pending_messages=0)
+    seen: list[fenghuo.Message] = []
+    bob.on_message(seen.append)
+    await _received_by_callback(bob, alice, [f"m{i}" for i in range(50)], seen)
+    assert bob.dropped == 0 and bob._inbox.qsize() == 0
+    with pytest.raises(ValueError, match="no inbox"):
+        await bob.next_message(0.1)
