@@ -31,6 +31,7 @@ from fenghuo.core._core import (  # noqa: F401
     Receipt,
     ReceiptKind,
     RemoteOrigin,
+    Reply,
     Ring,
     ShmRing,
     compress_body,

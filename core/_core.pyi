@@ -80,6 +80,7 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 142
     SHUTTING_DOWN = 150
     TRY_AGAIN = 151
+    REQUEST_TIMEOUT = 152
 
 class ProtocolError(Exception):
     code: int
@@ -286,6 +287,13 @@ class Hub:
                       content_type: int = ..., meta: bytes = b"") -> int: ...
     def sweep(self, handshake_timeout: float, ping_interval: float, idle_timeout: float) -> int: ...
 
+class Reply:
+    """One reply's place in its connection's request order."""
+
+    content: bytes | Callable[[], None] | None
+    ready: bool
+
+
 class Connection:
     hub: Hub
     transport: asyncio.Transport | None
@@ -299,8 +307,11 @@ class Connection:
     subscriptions: dict[Channel, int]
     grants: Any
     id: int
-    hold_reply: Callable[[bytes], None] | None
     def __init__(self, hub: Hub, *args: Any, **kwargs: Any) -> None: ...
+    def reserve_reply(self) -> Reply: ...
+    def fill_reply(self, slot: Reply, content: bytes | Callable[[], None]) -> None: ...
+    @property
+    def replies_awaited(self) -> int: ...
     def release_reply(self, frame: bytes) -> None: ...
     def on_open(self) -> None: ...
     def on_close(self, exc: BaseException | None) -> None: ...

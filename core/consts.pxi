@@ -94,6 +94,7 @@ cpdef enum ErrorCode:
     IDLE_TIMEOUT = 142
     SHUTTING_DOWN = 150
     TRY_AGAIN = 151
+    REQUEST_TIMEOUT = 152
 
 
 # Not on the wire: how the hub treats a channel (see fenghuo/channels.py).

@@ -73,15 +73,21 @@ cdef class Hub:
     cdef int _commit(self, Channel ch, uint64_t seq, uint64_t ts, str sender, bytes dedupe_key,
                      bytes frame, Connection origin, bytes ack, double t_recv) except -1
     cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,
-                          bytes ack, double t_recv) except -1
+                          bytes ack, double t_recv, Reply slot=*, bint stored=*) except -1
+
+
+cdef class Reply:
+    cdef public object content        # a frame, or an action run in its turn; None while awaited
+    cdef public bint ready
 
 
 cdef class Connection:
     cdef readonly Hub hub
     cdef readonly uint64_t id         # unique in this process: how other workers name it
-    # Set while requests forwarded to other workers are unanswered: takes the
-    # replies that must wait for them (see MeshBus).
-    cdef public object hold_reply
+    # The reply sequencer: replies in request order behind one that is awaited
+    # (a store read, another worker's answer, a channel to be ready); None
+    # while nothing is awaited, which is nearly always.
+    cdef object _replies              # deque of Reply, or None
     cdef bytes _last_words            # the ERROR held behind them: the close follows it
     cdef public object transport
     cdef public str user
@@ -93,7 +99,7 @@ cdef class Connection:
     cdef bint _dirty
     cdef bint _pinged
     cdef bint _reading_stopped
-    cdef Py_ssize_t _unreleased      # own publishes waiting for the disk
+    cdef Py_ssize_t _unreleased      # own replies waiting for the disk without a Reply slot
     # receive state: only a partial frame is kept, outside the shared arena
     cdef char* _partial
     cdef Py_ssize_t _partial_len
@@ -113,7 +119,12 @@ cdef class Connection:
 
     cdef int enqueue(self, bytes frame) except -1
     cdef int reply(self, bytes frame) except -1
+    cdef Reply _reserve(self)
+    cdef Reply _await_disk(self)
+    cdef int _fill(self, Reply slot, object content) except -1
+    cdef int _release(self) except -1
     cdef int _reply_in_order(self, bytes frame) except -1
+    cdef int _enqueue_released(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
     cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1

@@ -13,6 +13,7 @@ from libc.string cimport memcpy, memcmp
 
 import asyncio
 import logging
+from collections import deque
 
 _log = logging.getLogger("fenghuo.core")
 
@@ -246,8 +247,8 @@ cdef class Hub:
                                 PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
                 if self.durable_acks and <uint64_t>seen[0] > ch.ring.last:
                     # The original is not on disk yet: neither is this answer.
-                    origin._unreleased += 1
-                    self.store.append((None, 0, 0, None, None, None, (None, 0, None, origin, ack, 0.0)))
+                    self.store.append((None, 0, 0, None, None, None,
+                                       (None, 0, None, origin, ack, 0.0, origin._await_disk())))
                 else:
                     origin.reply(ack)
                 return 0
@@ -277,29 +278,32 @@ cdef class Hub:
         self.metrics.publishes += 1
         if self.store is None:
             return self._publish_now(ch, seq, frame, origin, ack, t_recv)
+        cdef Reply slot = None
         if self.durable_acks:
             if origin is not None:
-                origin._unreleased += 1
+                slot = origin._await_disk()
             self.store.append((ch.name, seq, ts, sender, dedupe_key, frame,
-                               (ch, seq, frame, origin, ack, t_recv)))
+                               (ch, seq, frame, origin, ack, t_recv, slot)))
             return 0
         self.store.append((ch.name, seq, ts, sender, dedupe_key, frame, None))
         return self._publish_now(ch, seq, frame, origin, ack, t_recv)
 
     cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,
-                          bytes ack, double t_recv) except -1:
+                          bytes ack, double t_recv, Reply slot=None, bint stored=False) except -1:
         if ch is not None:
             ch.ring.push(seq, frame)
             if CORE_DEBUG:
                 assert ch.ring.last == seq, "ring out of order"
             self.bus.deliver(ch, frame)
         if origin is not None and ack is not None:
-            if origin.hold_reply is not None:
-                # Behind a reply another worker has not given yet (a forwarded
-                # request, a SUBSCRIBE waiting for its channel): request order.
-                origin.hold_reply(ack)
-            else:
+            if slot is not None:
+                origin._fill(slot, ack)
+            elif stored:
+                # Sequenced before any reply now awaited (else it would have
+                # a slot), and after every reply released before it: its turn.
                 origin.enqueue(ack)
+            else:
+                origin.reply(ack)
         if t_recv:
             self._note_latency(t_recv)
         return 0
@@ -314,9 +318,9 @@ cdef class Hub:
             if held[0] is None and held[2] is not None:
                 held[2]()     # an action that waited its turn (see after_store)
                 continue
-            if held[3] is not None:
+            if held[3] is not None and held[6] is None:
                 (<Connection>held[3])._unreleased -= 1
-            self._publish_now(held[0], held[1], held[2], held[3], held[4], held[5])
+            self._publish_now(held[0], held[1], held[2], held[3], held[4], held[5], held[6], True)
 
     def after_store(self, action):
         """Call ``action()`` once everything sequenced before now has been released."""
@@ -395,6 +399,16 @@ cdef class Hub:
 cdef bytes _PING_FRAME = encode_frame(FrameType.PING)
 
 
+@cython.final
+@cython.freelist(64)
+cdef class Reply:
+    """One reply's place in its connection's request order (see Connection.reserve_reply)."""
+
+    def __cinit__(self):
+        self.content = None
+        self.ready = False
+
+
 cdef class Connection:
     """One client connection as an ``asyncio.BufferedProtocol``.
 
@@ -407,7 +421,7 @@ cdef class Connection:
         global _connection_ids
         _connection_ids += 1
         self.id = _connection_ids
-        self.hold_reply = None
+        self._replies = None
         self.hub = hub
         self.transport = None
         self.user = None
@@ -467,6 +481,7 @@ cdef class Connection:
     def connection_lost(self, exc):
         self.closing = True
         self._drop_partial()
+        self._replies = None
         self._outq = None
         self._out_bytes = 0
         self._last_channel = None
@@ -712,19 +727,105 @@ cdef class Connection:
         loop.call_later(SLOW_CONSUMER_ABORT_S, self.transport.abort)
         return 0
 
+    # ------------------------------------------------------------ reply order
+    # Replies go out in request order (PROTOCOL.md §1.1).  Most are made at
+    # once, while their request is handled, and go straight to the queue.  A
+    # reply that comes later (a store read, another worker's answer, a channel
+    # to be ready here) first reserves its place (``reserve_reply``); while
+    # one is reserved, every later reply queues behind it, and ``fill_reply``
+    # releases whatever has become first in line.
+
     cdef int reply(self, bytes frame) except -1:
-        if self.hold_reply is not None:
-            self.hold_reply(frame)      # behind requests another worker has not answered
+        cdef Reply slot
+        if self._replies is not None:
+            slot = Reply.__new__(Reply)
+            slot.content = frame
+            slot.ready = True
+            self._replies.append(slot)
             return 0
         return self._reply_in_order(frame)
 
+    cdef Reply _reserve(self):
+        cdef Reply slot = Reply.__new__(Reply)
+        if self._replies is None:
+            self._replies = deque()
+        self._replies.append(slot)
+        return slot
+
+    cdef int _fill(self, Reply slot, object content) except -1:
+        if slot.ready:
+            return 0                    # answered already (it timed out): the late answer is dropped
+        slot.content = content
+        slot.ready = True
+        return self._release()
+
+    cdef int _release(self) except -1:
+        cdef Reply slot
+        cdef object q = self._replies
+        while q is not None and q and (<Reply>q[0]).ready:
+            slot = q.popleft()
+            if isinstance(slot.content, bytes):
+                if slot.content is self._last_words:
+                    self._replies = None
+                    error = slot.content
+                    self.hub.after_store(lambda: self.close(error))
+                    return 0
+                self._reply_in_order(slot.content)
+            elif self._unreleased:
+                # Its turn comes once what was owed before it has left the disk queue.
+                self._unreleased += 1
+                self.hub.after_store(lambda action=slot.content: self._run_released(action))
+            else:
+                slot.content()          # a gate opening: WELCOME or RESULT, then catch-up
+            q = self._replies
+        if q is not None and not q:
+            self._replies = None
+        return 0
+
+    cdef Reply _await_disk(self):
+        """Keep the place of an ACK that waits for the disk (``durable_acks``).
+
+        Behind an awaited reply it takes a slot of its own; else it precedes
+        every reply made from now on, which wait for it (``_unreleased``).
+        """
+        if self._replies is not None:
+            return self._reserve()
+        self._unreleased += 1
+        return None
+
     cdef int _reply_in_order(self, bytes frame) except -1:
-        # Replies keep request order: behind this connection's own publishes
-        # still waiting for the disk, a reply waits too.
+        # Behind this connection's own publishes still waiting for the disk
+        # (those made while no reply was awaited: the others have slots), a
+        # reply waits too, and counts as one of them until it goes.
         if self._unreleased:
-            self.hub.after_store(lambda: self.enqueue(frame))
+            self._unreleased += 1
+            self.hub.after_store(lambda: self._enqueue_released(frame))
             return 0
         return self.enqueue(frame)
+
+    cdef int _enqueue_released(self, bytes frame) except -1:
+        self._unreleased -= 1
+        return self.enqueue(frame)
+
+    def _run_released(self, action):
+        self._unreleased -= 1
+        action()
+
+    def reserve_reply(self):
+        """Reserve the place of a reply that will come later; fill it with :meth:`fill_reply`."""
+        return self._reserve()
+
+    def fill_reply(self, Reply slot, object content):
+        """Give ``slot`` its reply (a frame, or an action that sends it in its turn).
+
+        A slot already filled (a timeout answered it) ignores later answers.
+        """
+        self._fill(slot, content)
+
+    @property
+    def replies_awaited(self):
+        """Replies reserved and not yet filled."""
+        return 0 if self._replies is None else sum(1 for r in self._replies if not (<Reply>r).ready)
 
     def send(self, bytes frame):
         """Queue an encoded frame for this connection (written this loop iteration)."""
@@ -735,11 +836,9 @@ cdef class Connection:
         self.reply(frame)
 
     def release_reply(self, bytes frame):
-        """Send a reply ``hold_reply`` took, now that what it waited for is answered."""
-        if frame is self._last_words:
-            self.hub.after_store(lambda: self.close(frame))
-            return
-        self._reply_in_order(frame)
+        """Send a reply whose turn has come: from an action given to :meth:`fill_reply`,
+        which runs once every reply before it has gone."""
+        self.enqueue(frame)
 
     def send_error(self, int code, str message, uint32_t request_id=0):
         """Tell the client about a non-fatal error; the connection stays open."""
@@ -768,11 +867,11 @@ cdef class Connection:
             # connection storm must stay cheap).
             self.close(error)
             return
-        if self.hold_reply is not None:
-            # Requests forwarded to other workers are unanswered yet: the
-            # error waits behind their answers, and the close behind it.
+        if self._replies is not None:
+            # Replies before it are awaited: the error waits behind them,
+            # and the close behind it.
             self._last_words = error
-            self.hold_reply(error)
+            self.reply(error)
             return
         self.hub.after_store(lambda: self.close(error))
 
@@ -780,6 +879,10 @@ cdef class Connection:
         """Flush, optionally send ``last_frame`` (ERROR, GOAWAY), and close."""
         if self.closing or self.transport is None:
             return
+        # Everything answered goes out before the close, even to a reader
+        # that is behind (the transport holds it, within max_pending, and
+        # closes once it is written): PROTOCOL.md §4, "What fatal means".
+        self._paused = False
         self.flush()
         self.closing = True
         if last_frame is not None:

@@ -19,8 +19,8 @@ worker owns the channel, else forwarded.  This module does the rest:
 
 from __future__ import annotations
 
-import bisect
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -33,7 +33,9 @@ from fenghuo.core import (
     FrameType,
     MeshBus,
     PresenceTable,
+    ProtocolError,
     RemoteOrigin,
+    Reply,
     encode_error,
 )
 from fenghuo.server import routing
@@ -60,24 +62,34 @@ HERE = -1
 class _Gate:
     """A reply (WELCOME, a SUBSCRIBE's RESULT) that waits until channels are ready here."""
 
-    ticket: int
+    slot: Reply                                  # its place in the session's reply order
     channels: tuple[Channel, ...] = ()
     open: Callable[[], None] | None = None       # None until the gate's channels are known
+    given: bool = False                          # its channels are ready: it opens in its turn
+
+
+@dataclass
+class _Awaited:
+    """A request forwarded to another worker, awaiting that worker's answer."""
+
+    slot: Reply                                  # its place in the session's reply order
+    request_id: int
+    deadline: float                              # monotonic; then REQUEST_TIMEOUT
 
 
 @dataclass
 class _Forwarded:
     """A session's requests that wait: for other workers' answers, or for
-    channels to be ready here (its gates)."""
+    channels to be ready here (its gates).  The session's reply sequencer
+    keeps every reply in request order behind them."""
 
-    next_ticket: int = 0
-    waiting: dict[int, deque[tuple[int, int]]] = field(default_factory=dict)  # owner -> (ticket, rid)
-    held: deque[tuple[int, bytes]] = field(default_factory=deque)           # (last ticket before, reply)
+    # Owner -> requests forwarded to it, in the order sent: one owner answers
+    # a connection's requests in that order, so its next answer is the first's.
+    waiting: dict[int, deque[_Awaited]] = field(default_factory=dict)
     gates: deque[_Gate] = field(default_factory=deque)
 
-    def oldest(self) -> int | None:
-        tickets = [q[0][0] for q in self.waiting.values() if q]
-        return min(tickets) if tickets else None
+    def idle(self) -> bool:
+        return not self.gates and not any(self.waiting.values())
 
 
 class Cluster:
@@ -252,10 +264,7 @@ class Cluster:
 
     def gate(self, session: Session) -> None:
         """Hold ``session``'s replies and deliveries until :meth:`open_gate`'s channels are ready."""
-        pending = self._pending(session)
-        pending.waiting.setdefault(HERE, deque()).append((pending.next_ticket, 0))
-        pending.gates.append(_Gate(pending.next_ticket))
-        pending.next_ticket += 1
+        self._pending(session).gates.append(_Gate(session.reserve_reply()))
 
     def gated(self, session: Session) -> bool:
         pending = self.forwarded.get(session.id)
@@ -264,7 +273,7 @@ class Cluster:
     def open_gate(self, session: Session, channels: tuple[Channel, ...],
                   open_: Callable[[], None]) -> None:
         """Run ``open_`` (the reply, then catch-up) once ``channels`` are ready here
-        and the gates before this one have opened; later replies wait for it."""
+        and the replies before this one have gone; later replies wait for it."""
         pending = self.forwarded[session.id]
         gate = pending.gates[-1]
         gate.channels, gate.open = channels, open_
@@ -277,17 +286,25 @@ class Cluster:
         pending = self.forwarded.get(session.id)
         if pending is None or session.closing:
             return                                   # the client left meanwhile
-        opened = False
-        while (pending.gates and pending.gates[0].open is not None
-               and all(self.ready(ch) for ch in pending.gates[0].channels)):
-            gate = pending.gates.popleft()
-            pending.waiting[HERE].popleft()
-            gate.open()
-            opened = True
-        if opened:
-            if not pending.gates:
-                self.relay.go_live_ready(session)
-            self._release_held(session, pending)
+        for gate in list(pending.gates):
+            if (not gate.given and gate.open is not None
+                    and all(self.ready(ch) for ch in gate.channels)):
+                gate.given = True
+                session.fill_reply(gate.slot, lambda gate=gate: self._pass(session, gate))
+
+    def _pass(self, session: Session, gate: _Gate) -> None:
+        """``gate``'s turn in ``session``'s reply order: open it."""
+        pending = self.forwarded[session.id]
+        pending.gates.remove(gate)                   # the first: gates pass in order
+        assert gate.open is not None
+        gate.open()
+        if not pending.gates:
+            self.relay.go_live_ready(session)
+        self._forget_if_idle(session, pending)
+
+    def _forget_if_idle(self, session: Session, pending: _Forwarded) -> None:
+        if pending.idle() and self.forwarded.get(session.id) is pending:
+            del self.forwarded[session.id]
 
     # ------------------------------------------------------------ forwarding
 
@@ -295,15 +312,13 @@ class Cluster:
         pending = self.forwarded.get(origin.id)
         if pending is None:
             pending = self.forwarded[origin.id] = _Forwarded()
-        if origin.hold_reply is None:
-            origin.hold_reply = lambda frame, p=pending: p.held.append((p.next_ticket - 1, frame))
         return pending
 
     def _expect_answer(self, owner: int, origin: Connection, request_id: int) -> None:
         self.origins_at.setdefault(origin.id, set()).add(owner)
-        pending = self._pending(origin)
-        pending.waiting.setdefault(owner, deque()).append((pending.next_ticket, request_id))
-        pending.next_ticket += 1
+        deadline = time.monotonic() + self.relay.settings.request_timeout
+        self._pending(origin).waiting.setdefault(owner, deque()).append(
+            _Awaited(origin.reserve_reply(), request_id, deadline))
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:
@@ -313,41 +328,56 @@ class Cluster:
 
     def forward_request(self, owner: int, session: Session, request_id: int, op: str,
                         **fields: Any) -> None:
-        """Have the owner run ``op`` for ``session``; its answer comes back in order."""
+        """Have the owner run ``op`` for ``session``; its answer comes back in order.
+
+        A request that cannot be encoded for the owner is refused here at once
+        (MALFORMED_BODY): nothing waits for an answer that cannot come.
+        """
+        try:
+            record = routing.control("serve", what=op, connection=session.id,
+                                     user=session.user, rid=request_id, **fields)
+        except routing.EncodeError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED_BODY,
+                                f"request cannot be forwarded to the channel's owner: {exc}",
+                                False) from None
         if request_id:
             self._expect_answer(owner, session, request_id)
         else:
             self.origins_at.setdefault(session.id, set()).add(owner)
-        self.mesh.send(owner, routing.control("serve", what=op, connection=session.id,
-                                              user=session.user, rid=request_id, **fields))
+        self.mesh.send(owner, record)
 
     def _answer(self, source: int, connection: int, frame: bytes) -> None:
-        """A forwarded request's answer: send it, then the replies it held up."""
+        """A forwarded request's answer: into its place in the session's reply order."""
         session = self.sessions.get(connection)
         pending = self.forwarded.get(connection)
         if session is None or pending is None:
             return                                  # the client left meanwhile
         queue = pending.waiting.get(source)
-        ticket = queue.popleft()[0] if queue else pending.next_ticket
-        self._send_answer(session, pending, ticket, frame)
-        self._release_held(session, pending)
+        if not queue:
+            return                                  # answered already: it timed out
+        session.fill_reply(queue.popleft().slot, frame)   # a slot that timed out ignores it
+        self._forget_if_idle(session, pending)
 
-    @staticmethod
-    def _send_answer(session: Session, pending: _Forwarded, ticket: int, frame: bytes) -> None:
-        # Answers of different owners may pass each other (PROTOCOL.md §1), but
-        # none passes a gate before it: WELCOME is a client's first frame.
-        if pending.gates and pending.gates[0].ticket < ticket:
-            bisect.insort(pending.held, (ticket - 1, frame), key=lambda held: held[0])
-        else:
-            session.send(frame)
+    def expire(self, now: float) -> None:
+        """Answer REQUEST_TIMEOUT to forwarded requests past their deadline.
 
-    def _release_held(self, session: Session, pending: _Forwarded) -> None:
-        oldest = pending.oldest()
-        while pending.held and (oldest is None or pending.held[0][0] < oldest):
-            session.release_reply(pending.held.popleft()[1])
-        if oldest is None and not pending.held:
-            session.hold_reply = None
-            del self.forwarded[session.id]
+        The request stays in its owner's queue, so that the owner's late
+        answer, when it comes, is matched to it and dropped.
+        """
+        for connection, pending in self.forwarded.items():
+            session = self.sessions.get(connection)
+            if session is None:
+                continue
+            for owner, queue in pending.waiting.items():
+                for awaited in queue:
+                    if awaited.deadline > now:
+                        break                       # sent in order: the rest are younger
+                    if not awaited.slot.ready:
+                        self.relay.hub.metrics.record_error(ErrorCode.REQUEST_TIMEOUT)
+                        session.fill_reply(awaited.slot, encode_error(
+                            ErrorCode.REQUEST_TIMEOUT,
+                            f"worker {owner} did not answer within "
+                            f"{self.relay.settings.request_timeout:g} s; retry", awaited.request_id))
 
     def _origin(self, source: int, connection: int, user: str) -> RemoteOrigin:
         key = (source, connection)
@@ -442,12 +472,12 @@ class Cluster:
             del self.remote[key]
         for connection, pending in list(self.forwarded.items()):
             session = self.sessions.get(connection)
-            for ticket, rid in pending.waiting.pop(peer, ()):
+            for awaited in pending.waiting.pop(peer, ()):
                 if session is not None:
-                    self._send_answer(session, pending, ticket,
-                                      encode_error(ErrorCode.INTERNAL, LOST_TO_RESTART, rid))
+                    session.fill_reply(awaited.slot, encode_error(
+                        ErrorCode.INTERNAL, LOST_TO_RESTART, awaited.request_id))
             if session is not None:
-                self._release_held(session, pending)
+                self._forget_if_idle(session, pending)
         self._renew_interest(peer)
 
     def _renew_interest(self, peer: int) -> None:

@@ -90,6 +90,9 @@ class Settings:
     workers: int = _opt(0, "worker processes sharing the port (SO_REUSEPORT) and the store "
                            "(1: a single process, no supervisor)",
                            zero="one per core")
+    request_timeout: float = _opt(5.0, "seconds a request another worker answers (a publish, GROUP "
+                                       "change or RECEIPT forwarded to its channel's owner) may wait; "
+                                       "then it is answered REQUEST_TIMEOUT")
     replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
                                      "owns after the last of its sessions needing it left",
                                zero="let go at once")

@@ -265,13 +265,16 @@ class Relay:
 
     async def _sweep_forever(self) -> None:
         s = self.settings
-        interval = max(0.05, min(s.handshake_timeout, s.ping_interval, s.idle_timeout) / 4)
+        interval = max(0.05, min(s.handshake_timeout, s.ping_interval, s.idle_timeout,
+                                 s.request_timeout) / 4)
         while True:
             await asyncio.sleep(interval)
             self.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
             self.admission.sweep()
             if self.cluster is not None:
-                self.cluster.sweep(time.monotonic())
+                now = time.monotonic()
+                self.cluster.sweep(now)
+                self.cluster.expire(now)
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""

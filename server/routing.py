@@ -104,6 +104,11 @@ def read_hello(record: bytes) -> tuple[int, int]:
     return _HELLO.unpack_from(record)[1:]
 
 
+# What :func:`control` raises for fields it cannot encode (nesting deeper
+# than orjson's 255 levels, which its decoder, at 1024, lets through).
+EncodeError = orjson.JSONEncodeError
+
+
 def control(op: str, **fields: Any) -> bytes:
     return b"C" + orjson.dumps({"op": op, **fields})
 

@@ -25,7 +25,9 @@ from fenghuo.core import (
     Hub,
     ProtocolError,
     ReceiptKind,
+    Reply,
     decode_receipt,
+    encode_error,
     encode_frame,
 )
 from fenghuo.protocol import encode_json
@@ -240,14 +242,20 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def _history(self, request_id: int, body: History) -> None:
         ch = self.relay.history_channel(self, body.channel)
-        self.track(asyncio.get_running_loop().create_task(self._send_history(request_id, ch, body)))
+        # The page comes after a store read: its place in the reply order is kept.
+        slot = self.reserve_reply()
+        self.track(asyncio.get_running_loop().create_task(
+            self._send_history(slot, request_id, ch, body)))
 
-    async def _send_history(self, request_id: int, ch: Channel, body: History) -> None:
+    async def _send_history(self, slot: Reply, request_id: int, ch: Channel,
+                            body: History) -> None:
         try:
             frames = await self.relay.history(ch, body)
         except Exception:
             log.exception("history read failed", extra={"channel": ch.name})
-            self.send_error(ErrorCode.INTERNAL, "history is unavailable", request_id)
+            self.hub.metrics.record_error(ErrorCode.INTERNAL)
+            self.fill_reply(slot, encode_error(ErrorCode.INTERNAL, "history is unavailable",
+                                               request_id))
             return
         budget = self.relay.settings.max_frame - FRAME_HEADER_SIZE
         taken, size = [], 0
@@ -256,7 +264,7 @@ class Session(Connection, asyncio.BufferedProtocol):
                 break     # the client pages on from the last seq it got
             taken.append(frame)
             size += len(frame)
-        self.send_reply(encode_frame(FrameType.HISTORY_PAGE, b"".join(taken), request_id))
+        self.fill_reply(slot, encode_frame(FrameType.HISTORY_PAGE, b"".join(taken), request_id))
 
     # ------------------------------------------------------------ groups
 

@@ -10,9 +10,12 @@ the stream is ``None`` (EOF or reset alike: the server closed it).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import struct
+import urllib.error
+import urllib.request
 from typing import Any
 
 import orjson
@@ -223,6 +226,16 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str]
 
 
 _WORKER_LABEL = re.compile(r'worker="\d+",?')
+
+
+def worker_pid(relay: Any, worker: int) -> int:
+    """Worker ``worker``'s pid, from the supervisor's /healthz (503 while degraded)."""
+    url = f"http://127.0.0.1:{relay.metrics_port}/healthz"
+    try:
+        body = urllib.request.urlopen(url, timeout=5).read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    return next(w["pid"] for w in json.loads(body)["workers"] if w["index"] == worker)
 
 
 async def metrics(relay: Any) -> dict[str, float]:

@@ -43,6 +43,16 @@ from fenghuo.protocol import (
 from fenghuo.tokens import issue_token
 
 MAX_FRAME = 1 << 20          # the default --max-frame
+
+
+@pytest.fixture(params=[1, None], ids=["one-process", "default-workers"])
+def relay_factory(relay_factory, request):
+    """Every test here runs against one process and against the default
+    deployment (one worker per core), which is what users run."""
+    def factory(*flags, **kwargs):
+        kwargs.setdefault("workers", request.param)
+        return relay_factory(*flags, **kwargs)
+    return factory
 FRAMING_CODES = {ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE,
                  ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BAD_FLAGS}
 
@@ -563,13 +573,9 @@ async def test_catch_up_larger_than_max_pending_is_delivered(relay_factory):
 
 # ================================================================ pipelining and framing edge cases
 
-async def test_pipelined_handshake_and_requests_are_processed_in_order(relay_factory):
-    # One process. Under several workers, a SUBSCRIBE whose channel another
-    # worker owns waits for it, and replies held meanwhile come out in the
-    # order they were made, not the order of their requests: an ACK made once
-    # its publish is on disk can follow a later PING's PONG, and the catch-up
-    # can precede a RESULT waiting for the disk (a known bug; see the note).
-    relay = relay_factory(workers=1)
+async def test_pipelined_handshake_and_requests_are_processed_in_order(relay):
+    # Under several workers a SUBSCRIBE whose channel another worker owns
+    # waits for it; the replies behind it still come out in request order.
     bob = await relay.connect("bob", read=("org.news",))
     conn = await open_raw(relay)
     token = relay.token("anna", channels=("org.news",))

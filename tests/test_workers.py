@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import RelayProcess, start_relay
+from rawwire import worker_pid
 from fenghuo.core import ContentType
 from fenghuo.server.routing import owner_of
 
@@ -57,16 +58,6 @@ def worker_gauge(relay: RelayProcess, worker: int, name: str) -> float:
 def listening(relay: RelayProcess) -> int:
     """How many times a worker has announced it is listening (restarts included)."""
     return relay.log_path.read_text().count(f" of {WORKERS} listening on ")
-
-
-def worker_pid(relay: RelayProcess, worker: int) -> int:
-    """Worker ``worker``'s pid, from the supervisor's /healthz (503 while degraded)."""
-    url = f"http://127.0.0.1:{relay.metrics_port}/healthz"
-    try:
-        body = urllib.request.urlopen(url, timeout=5).read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-    return next(w["pid"] for w in json.loads(body)["workers"] if w["index"] == worker)
 
 
 async def until_presence(client: fenghuo.Client, user: str, online: bool, devices: int) -> None:

@@ -1,0 +1,149 @@
+"""Replies come back in request order, and nothing a connection waits for wedges it.
+
+PROTOCOL.md §1.1: replies come back in request order, whatever answers them
+(this process at once, a store read, another worker).  §4: a fatal error is
+written after everything answered before it.  Each test drives a real relay
+over real TCP, against one process and against the default deployment (one
+worker per core), unless it needs several workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import orjson
+import pytest
+from fenghuo.core import ErrorCode, FrameType
+from fenghuo.server.routing import owner_of
+from rawwire import authed_raw, open_raw, worker_pid
+
+from fenghuo.protocol import encode_frame, encode_json, encode_publish
+
+WORKERS = [pytest.param(1, id="one-process"), pytest.param(None, id="default-workers")]
+
+
+def several(relay) -> None:
+    if relay.workers < 2:
+        pytest.skip("needs several workers (one per core): this machine has one core")
+
+
+async def on_worker(relay, user: str, want) -> tuple[object, dict]:
+    """A raw connection of ``user`` whose WELCOME satisfies ``want(welcome)``."""
+    for _ in range(60):
+        conn = await open_raw(relay)
+        welcome = await conn.hello(relay.token(user))
+        if want(welcome):
+            return conn, welcome
+        conn.close()
+    pytest.fail(f"{user} never landed on a suitable worker")
+
+
+def owned_elsewhere(relay, worker: int, channel) -> str:
+    """The first ``channel(k)`` that a worker other than ``worker`` owns."""
+    return next(name for name in (channel(k) for k in range(1000))
+                if owner_of(name, relay.workers) != worker)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_history_then_ping_in_one_write_come_back_in_that_order(relay_factory, workers):
+    relay = relay_factory(workers=workers)
+    bob = await relay.connect("bob")
+    alice = await relay.connect("alice")
+    for i in range(3):
+        await alice.send("bob", f"m{i}")
+    conn = await authed_raw(relay, "bob")
+    for round_ in range(5):
+        base = 10 * round_
+        conn.write(encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 0}, base + 9)
+                   + encode_frame(FrameType.PING, b"p", base + 10)
+                   + encode_publish("dm:alice:bob", b"x", request_id=base + 11)
+                   + encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 1},
+                                 base + 12)
+                   + encode_frame(FrameType.PING, b"q", base + 13))
+        replies = []
+        while len(replies) < 5:
+            frame = await conn.frame()
+            assert frame is not None, "connection closed"
+            if frame.type != FrameType.MESSAGE:
+                replies.append((frame.type, frame.request_id))
+        assert replies == [(FrameType.HISTORY_PAGE, base + 9), (FrameType.PONG, base + 10),
+                           (FrameType.ACK, base + 11), (FrameType.HISTORY_PAGE, base + 12),
+                           (FrameType.PONG, base + 13)]
+    await bob.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_factory, workers):
+    # HELLO and 40,999 PINGs in one write against the 40,000-frame bucket:
+    # every PING the bucket admitted is answered, then RATE_LIMITED, then the close.
+    relay = relay_factory(workers=workers)
+    conn = await open_raw(relay)
+    pings = b"".join(encode_frame(FrameType.PING, b"", i) for i in range(1, 41_000))
+    conn.write(encode_json(FrameType.HELLO, {"token": relay.token("mallory")}, 50_000) + pings)
+    assert (await conn.expect(FrameType.WELCOME)).request_id == 50_000
+    expected = 1
+    while True:
+        frame = await conn.frame(timeout=20)
+        assert frame is not None, f"closed after PONG {expected - 1} without an ERROR"
+        if frame.type == FrameType.ERROR:
+            break
+        assert (frame.type, frame.request_id) == (FrameType.PONG, expected)
+        expected += 1
+    answered = expected - 1
+    # The bucket holds 40,000 frames and refills as the reads go on: at least
+    # 39,999 PINGs were admitted, and every one of them was answered.
+    assert 39_999 <= answered < 40_999
+    await conn.expect_closed()
+
+
+async def test_a_request_that_cannot_be_forwarded_is_refused_at_once(relay):
+    several(relay)
+    conn, welcome = await on_worker(relay, "mallory", lambda w: True)
+    here = welcome["worker"]
+    group = owned_elsewhere(relay, here, lambda k: f"g{k}")
+    assert owner_of(f"group:{group}", relay.workers) != here
+    # 400 levels: orjson decodes up to 1,024 and encodes up to 255.
+    nested = b"[" * 400 + b'"mallory"' + b"]" * 400
+    body = b'{"op":"add","group":"' + group.encode() + b'","users":' + nested + b"}"
+    conn.write(encode_frame(FrameType.GROUP, body, 7) + encode_frame(FrameType.PING, b"after", 8))
+    await conn.expect_error(ErrorCode.MALFORMED_BODY, request_id=7, timeout=2)
+    pong = await conn.expect(FrameType.PONG, timeout=2)
+    assert (pong.request_id, pong.body) == (8, b"after")
+    # And the connection keeps working for requests that are forwarded.
+    conn.write(encode_json(FrameType.GROUP, {"op": "create", "group": group,
+                                             "members": ["mallory"]}, 9)
+               + encode_frame(FrameType.PING, b"", 10))
+    result = await conn.expect(FrameType.RESULT, timeout=5)
+    assert result.request_id == 9 and orjson.loads(result.body)["group"] == group
+    assert (await conn.expect(FrameType.PONG, timeout=2)).request_id == 10
+    assert "frame handler failed" not in relay.log()
+
+
+async def test_a_forwarded_request_the_owner_never_answers_times_out(relay_factory):
+    relay = relay_factory("--request-timeout", "1")
+    several(relay)
+    conn, welcome = await on_worker(relay, "mallory", lambda w: True)
+    here = welcome["worker"]
+    channel = owned_elsewhere(relay, here, lambda k: f"dm:mallory:zed{k}")
+    owner = owner_of(channel, relay.workers)
+    pid = worker_pid(relay, owner)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        conn.write(encode_publish(channel, b"into the void", request_id=21)
+                   + encode_frame(FrameType.PING, b"behind it", 22))
+        # Held behind the unanswered publish, then released by its timeout
+        # (1 s, checked every quarter of it).
+        error = await conn.expect_error(ErrorCode.REQUEST_TIMEOUT, request_id=21, timeout=4)
+        assert error is not None
+        pong = await conn.expect(FrameType.PONG, timeout=1)
+        assert (pong.request_id, pong.body) == (22, b"behind it")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The owner's late ACK is not passed on: request 21 was answered once.
+    conn.write(encode_frame(FrameType.PING, b"", 23))
+    frame = await conn.frame()
+    while frame.type == FrameType.MESSAGE:
+        frame = await conn.frame()
+    assert (frame.type, frame.request_id) == (FrameType.PONG, 23)
