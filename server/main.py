@@ -87,9 +87,20 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
               + (f", metrics on :{settings.metrics_port}" if settings.metrics_port else ""),
               flush=True)
         # Last on the command line, so it overrides any --port 0 before it.
-        return Supervisor(ring_capacity=capacity, drain_timeout=settings.drain_timeout + 5,
+        return Supervisor(ring_capacity=capacity, drain_timeout=supervisor_drain_timeout(settings),
                           metrics_port=settings.metrics_port, metrics_host=settings.host,
                           ).run([*argv, "--port", str(port)], workers, env)
+
+
+def supervisor_drain_timeout(settings: Settings) -> float:
+    """Seconds the supervisor lets its workers drain before SIGKILL.
+
+    5 s beyond a worker's own ``drain_timeout``: a worker also closes its
+    store and its mesh after its clients have left.  A service manager's
+    stop timeout must exceed this plus the supervisor's ``KILL_WAIT``
+    (deploy/systemd/fenghuo.service).
+    """
+    return settings.drain_timeout + 5
 
 
 def hold_port(host: str, port: int) -> socket.socket:

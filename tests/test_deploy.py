@@ -1,0 +1,242 @@
+"""The operations kit: the Grafana dashboard, the systemd unit and the Dockerfile.
+
+Grafana, systemd and docker do not run here, so each file is checked
+against the real thing it depends on: the dashboard's queries against the
+``/metrics`` of a real relay (a supervisor with two workers, so the
+supervisor's and the mesh's metrics are there too), the unit's stop timeout
+against the relay's drain timeout, and the Dockerfile's install by running
+its pip commands on a copy of its build context.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from clients import collect
+from conftest import RelayProcess
+
+import fenghuo
+from bench.targets import free_port, wait_healthy
+from fenghuo.server.config import OPTIONS, Settings
+from fenghuo.server.main import supervisor_drain_timeout
+from fenghuo.server.supervisor import KILL_WAIT, scrape
+
+ROOT = Path(__file__).parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "fenghuo.json"
+UNIT = ROOT / "deploy" / "systemd" / "fenghuo.service"
+DOCKERFILE = ROOT / "Dockerfile"
+
+METRIC = re.compile(r"\bfenghuo_[a-zA-Z0-9_]+")
+GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
+SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s")
+SCRAPE_LABELS = {"instance", "job"}
+"""Labels Prometheus adds at scrape time; the relay never exports them."""
+
+
+# ------------------------------------------------------------------ dashboard
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets and variable queries."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in board["panels"] for target in panel.get("targets", [])]
+    exprs += [var["definition"] for var in board["templating"]["list"] if var["type"] == "query"]
+    return exprs
+
+
+def exported(text: str) -> dict[str, set[str]]:
+    """Sample names in a Prometheus text exposition, each with the label names it carries."""
+    samples: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if line.startswith("#") or match is None:
+            continue
+        name, labels = match.groups()
+        samples.setdefault(name, set()).update(re.findall(r'(\w+)="', labels or ""))
+    return samples
+
+
+def test_dashboard_is_one_grafana_board_with_unique_panels_each_querying() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    graphs = [panel for panel in board["panels"] if panel["type"] != "row"]
+    assert graphs and all(panel.get("targets") for panel in graphs)
+    for query in dashboard_queries():
+        assert METRIC.search(query), f"queries no fenghuo metric: {query}"
+
+
+async def test_every_metric_and_label_the_dashboard_queries_is_exported(
+        relay_factory: Callable[..., RelayProcess]) -> None:
+    relay = relay_factory(workers=2)
+    # Traffic, so that every family has samples: a delivery (the latency
+    # histogram) and an ERROR frame (errors by code).
+    alice, bob = await relay.connect("alice"), await relay.connect("bob")
+    await alice.send("bob", "hello")
+    await collect(bob, 1)
+    with pytest.raises(fenghuo.FenghuoError):
+        await fenghuo.connect(relay.server, token="not-a-token", reconnect=False)
+    text = await scrape(relay.host, relay.metrics_port)
+    assert text is not None
+    samples = exported(text)
+
+    for query in dashboard_queries():
+        names = set(METRIC.findall(query))
+        missing = names - set(samples)
+        assert not missing, f"{query}\n  queries {sorted(missing)}, not in /metrics"
+        carried = set().union(*(samples[name] for name in names)) | SCRAPE_LABELS
+        for grouping in GROUPING.findall(query):
+            labels = {label.strip() for label in grouping.split(",") if label.strip()}
+            assert labels <= carried, f"{query}\n  groups by {sorted(labels - carried)}"
+
+
+# ------------------------------------------------------------------ systemd
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment, method-assign]  # keys are case-sensitive
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_unit_stops_after_the_relay_has_drained_and_restarts_on_failure() -> None:
+    service = unit()["Service"]
+    # The supervisor (KillMode=mixed: the only one to get SIGTERM) waits this
+    # long for its workers, SIGKILLs them and waits again.
+    drained = supervisor_drain_timeout(Settings()) + KILL_WAIT
+    assert float(service["TimeoutStopSec"]) > drained
+    assert service["KillMode"] == "mixed"
+    assert service["Restart"] == "on-failure"
+    assert int(service["LimitNOFILE"]) >= 500_000
+
+
+def test_unit_runs_as_its_own_user_with_its_data_dir_and_known_settings() -> None:
+    service = unit()["Service"]
+    assert service["User"] not in ("", "root") and service["Group"] == service["User"]
+    env = dict(pair.split("=", 1) for pair in shlex.split(service["Environment"]))
+    known = {option.env for option in OPTIONS}
+    assert set(env) <= known
+    assert env["FENGHUO_DATA_DIR"] == f"/var/lib/{service['StateDirectory']}"
+    command = shlex.split(service["ExecStart"])
+    assert command[0].endswith("/bin/fenghuo") and command[1] == "serve"
+    from fenghuo.cli import parser
+    parser().parse_args(command[1:])
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze") or pytest.skip("needs systemd-analyze")
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text())
+    run = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    # The one complaint allowed: the virtualenv is not installed on this machine.
+    complaints = [line for line in (run.stdout + run.stderr).splitlines()
+                  if line.strip() and "/opt/fenghuo/bin/fenghuo is not executable" not in line]
+    assert not complaints, complaints
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+def instructions(stage: int) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile's ``stage``-th FROM, continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        word, _, rest = line.strip().partition(" ")
+        if word.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((word.upper(), rest.strip()))
+    return stages[stage]
+
+
+def test_image_exposes_the_default_ports_and_keeps_the_data_dir_in_a_volume() -> None:
+    run = dict(instructions(1))
+    defaults = Settings()
+    ports = {getattr(defaults, o.name) for o in OPTIONS
+             if (o.name == "port" or o.name.endswith("_port")) and getattr(defaults, o.name)}
+    assert set(map(int, run["EXPOSE"].split())) == ports
+    env = dict(pair.split("=", 1) for pair in shlex.split(run["ENV"]))
+    assert {k for k in env if k.startswith("FENGHUO_")} <= {o.env for o in OPTIONS}
+    assert env["FENGHUO_HOST"] == "0.0.0.0"
+    assert run["VOLUME"] == env["FENGHUO_DATA_DIR"] == run["WORKDIR"]
+    assert run["USER"] not in ("root", "0")
+    assert f"--home-dir {run['VOLUME']}" in run["RUN"] and run["RUN"].split()[-1] == run["USER"]
+    assert json.loads(run["ENTRYPOINT"]) == ["fenghuo", "serve"]
+    assert run["FROM"] == "python:3.11-slim"
+
+
+def build_context(into: Path) -> None:
+    """The build stage's COPY sources, as docker would send them (.dockerignore applied)."""
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+
+    def skip(directory: str, names: list[str]) -> list[str]:
+        rel = Path(directory).relative_to(ROOT)
+        return [n for n in names if any(fnmatch.fnmatch(str(rel / n), p)
+                                        or fnmatch.fnmatch(n, p.removeprefix("**/")) for p in ignored)]
+
+    into.mkdir(parents=True, exist_ok=True)
+    for word, args in instructions(0):
+        if word != "COPY":
+            continue
+        *sources, dest = args.split()
+        for source in sources:
+            target = into / (source if dest == "./" else dest)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, ignore=skip)
+            else:
+                shutil.copy2(ROOT / source, target)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_image_install_commands_give_a_relay_its_healthcheck_passes(tmp_path: Path) -> None:
+    """The build stage's RUN commands, on a copy of its context: the real ``pip install .``."""
+    src, venv = tmp_path / "src", tmp_path / "venv"
+    build_context(src)
+    runs = [args for word, args in instructions(0) if word == "RUN"]
+    installing = [cmd for cmd in runs if "/opt/fenghuo" in cmd]
+    assert [cmd for cmd in runs if cmd not in installing] == [
+        next(cmd for cmd in runs if cmd.startswith("apt-get update"))], "a RUN this test skips"
+    assert any("pip install" in cmd and cmd.rstrip().endswith(" .") for cmd in installing)
+    for cmd in installing:
+        # The image's python is 3.11, as is this one.
+        line = cmd.replace("/opt/fenghuo", str(venv)).replace("python -m venv", f"{sys.executable} -m venv")
+        done = subprocess.run(line, shell=True, cwd=src, capture_output=True, text=True,
+                              timeout=800, check=False)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+
+    run = dict(instructions(1))
+    port, metrics_port = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)},
+           **dict(pair.split("=", 1) for pair in shlex.split(run["ENV"]) if pair.startswith("FENGHUO_")),
+           "FENGHUO_HOST": "127.0.0.1", "FENGHUO_PORT": str(port),
+           "FENGHUO_METRICS_PORT": str(metrics_port), "FENGHUO_DATA_DIR": str(tmp_path / "data"),
+           "FENGHUO_WORKERS": "2"}
+    command = json.loads(run["ENTRYPOINT"])
+    proc = subprocess.Popen([str(venv / "bin" / command[0]), *command[1:]], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    healthcheck = json.loads(run["HEALTHCHECK"].split(" CMD ", 1)[1])
+    check = [str(venv / "bin" / healthcheck[0]), *healthcheck[1:]]
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{metrics_port}/healthz")
+        healthy = subprocess.run(check, env=env, cwd=tmp_path, capture_output=True, timeout=30)
+        assert healthy.returncode == 0, healthy.stderr
+    finally:
+        proc.terminate()
+        proc.wait(supervisor_drain_timeout(Settings()) + KILL_WAIT + 5)
+    stopped = subprocess.run(check, env=env, cwd=tmp_path, capture_output=True, timeout=30)
+    assert stopped.returncode != 0
