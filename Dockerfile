@@ -14,7 +14,8 @@ COPY core core
 COPY server server
 COPY fenghuo fenghuo
 RUN python -m venv /opt/fenghuo
-RUN /opt/fenghuo/bin/pip install --no-cache-dir .
+# pip's cache stays in this stage; the image gets the virtualenv only.
+RUN /opt/fenghuo/bin/pip install -q .
 
 FROM python:3.11-slim
 COPY --from=build /opt/fenghuo /opt/fenghuo

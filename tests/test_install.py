@@ -19,6 +19,8 @@ from conftest import STOP_TIMEOUT
 
 ROOT = Path(__file__).parent.parent
 INSTALL_TIMEOUT = 600        # compiling the core takes about a minute on this machine
+PIP_INSTALL = ("install", "-q", ".")
+"""The pip arguments of a real install, the Dockerfile's too (tests/test_deploy.py)."""
 
 
 def project_copy(dest: Path) -> Path:
@@ -42,7 +44,7 @@ def test_pip_install_then_serve_in_the_project_folder_listens_and_answers(tmp_pa
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # Dependencies and build requirements come from pip's cache and the
     # configured indexes, as for a user: nothing of this venv is borrowed.
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "."], cwd=project, check=True,
+    subprocess.run([str(venv / "bin" / "pip"), *PIP_INSTALL], cwd=project, check=True,
                    timeout=INSTALL_TIMEOUT)
     fenghuo = str(venv / "bin" / "fenghuo")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
