@@ -1,6 +1,6 @@
 """Fuzzing the control plane over real TCP (issue 10 items 6 and 14).
 
-Hypothesis draws batches of JSON request bodies, valid ones and mutated ones
+Hypothesis draws batches of request bodies (JSON, and RECEIPT's binary one), valid ones and mutated ones
 (a field of the wrong type or out of range, a required field missing, an
 unknown ``op``, unknown fields, nesting past the limit, text that is not JSON
 or not UTF-8), for every frame type with a JSON body, HELLO included.  Each
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from dataclasses import dataclass
 
 import orjson
@@ -200,6 +201,24 @@ def requests(draw) -> Request:
     return Request(ftype, dumps(obj), valid)
 
 
+@st.composite
+def receipts(draw) -> Request:
+    """RECEIPT's binary body (§3.11): valid, or truncated, of an unknown kind, not UTF-8."""
+    channel = draw(channels).encode()
+    seq, kind = draw(st.integers(0, (1 << 64) - 1) | st.integers(0, 5)), draw(st.sampled_from([1, 2]))
+    good = struct.pack(">QBB", seq, kind, len(channel)) + channel
+    match draw(st.sampled_from(["valid", "valid", "kind", "cut", "utf8"])):
+        case "valid":
+            return Request(FrameType.RECEIPT, good, True)
+        case "kind":
+            bad_kind = draw(st.sampled_from([0, 3, 9, 255]))
+            return Request(FrameType.RECEIPT, good[:8] + bytes([bad_kind]) + good[9:], False)
+        case "cut":
+            return Request(FrameType.RECEIPT, good[:draw(st.integers(0, len(good) - 1))], False)
+        case _:
+            return Request(FrameType.RECEIPT, good[:10] + b"\xff" * len(channel), False)
+
+
 # ---------------------------------------------------------------- a connection, by hand
 
 
@@ -284,7 +303,7 @@ def say_hello(relay: RelayProcess, hello: tuple[bool, dict]) -> Wire:
 
 
 @FUZZ
-@given(hello=hello_bodies(), batch=st.lists(requests(), min_size=1, max_size=25))
+@given(hello=hello_bodies(), batch=st.lists(requests() | receipts(), min_size=1, max_size=25))
 def test_every_control_body_is_answered_as_documented(deployment, hello, batch):
     wire = say_hello(deployment, hello)
     try:
@@ -318,7 +337,7 @@ def test_every_control_body_is_answered_as_documented(deployment, hello, batch):
             else:
                 assert request.valid, (request, reply.type, reply.body[:200])
                 expected = (FrameType.HISTORY_PAGE if request.ftype == FrameType.HISTORY
-                            else FrameType.RESULT)
+                            else FrameType.RESULT)   # RECEIPT too: its request id is not 0
                 assert reply.type == expected, (request, reply.type)
     finally:
         wire.close()

@@ -154,7 +154,8 @@ async def test_a_valid_group_request_with_deep_unknown_fields_is_answered_on_eve
     assert (await alice.expect(FrameType.PONG)).request_id == 99
 
 
-@pytest.mark.parametrize("body", [b"\xff\xfe", b'{"channel": "\xff"}', b"[]", b'{"channel":"x"} 1', b""])
+@pytest.mark.parametrize("body", [b"\xff\xfe", b'{"channel": "\xff"}', b'{"channel": "org.\\ud800"}',
+                                  b"[]", b'{"channel":"x"} 1', b""])
 async def test_bodies_that_are_not_a_json_object_are_malformed_body(relay, body):
     alice = await authed_raw(relay, "alice")
     assert "must be a JSON object" in await refused(alice, FrameType.SUBSCRIBE, body, 5)
