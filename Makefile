@@ -1,27 +1,40 @@
 # Development entry points (uvloop's Makefile is the model).
-#   make serve   create .venv, build the Cython core, start the relay
-#   make test    the same environment plus test dependencies and the benchmark
-#                peers (nats-server, redis-server); the whole suite
-#   make build   rebuild the extension in place after editing core/*.pyx
+#   make serve   create .venv with what the relay needs (no test or benchmark
+#                packages), build the Cython core once, start the relay
+#   make test    the same plus the test extras, the benchmark's load generator
+#                (bench/_gen) and the benchmark peers (nats-server,
+#                redis-server); the whole suite
+#   make build   rebuild the extension (and the generator) in place after
+#                editing core/*.pyx; installs the test extras, which have Cython
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# What the editable install compiles: serving rebuilds when one of them changed.
+CORE_SOURCES := $(wildcard core/*.pyx core/*.pxd core/*.pxi core/*.h)
 
 .PHONY: serve test build peers debug annotate clean
 
-$(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+# The package and its runtime dependencies; `pip install -e .` compiles the
+# core in place (in pip's isolated build environment, so no Cython in .venv).
+$(VENV)/.installed: pyproject.toml setup.py $(CORE_SOURCES)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# The test extras; the package is installed already and up to date, so this
+# adds packages and compiles nothing.
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-build: $(VENV)/.installed
-	$(BIN)/python setup.py -q build_ext --inplace
-
-serve: build
+serve: $(VENV)/.installed
 	$(BIN)/fenghuo serve $(ARGS)
+
+build: $(VENV)/.test-installed
+	$(BIN)/python setup.py -q build_ext --inplace
 
 test: build peers
 	$(BIN)/python -m pytest $(ARGS)
@@ -29,10 +42,10 @@ test: build peers
 peers:
 	bash bench/peers/install.sh
 
-debug: $(VENV)/.installed
+debug: $(VENV)/.test-installed
 	FENGHUO_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
 
-annotate: $(VENV)/.installed
+annotate: $(VENV)/.test-installed
 	FENGHUO_ANNOTATE=1 $(BIN)/python setup.py -q build_ext --inplace --force
 	@echo "open core/_core.html"
 

@@ -12,9 +12,11 @@ Switches (environment, so they also reach ``pip install``):
 * ``FENGHUO_ANNOTATE=1`` write the annotation only.
 
 ``python setup.py build_ext --inplace`` (or ``make build``) builds in place
-for development; ``pip install .`` builds and installs.  In-place and
-editable builds also compile the benchmark generator ``bench._gen``: it is
-part of the source tree, not of the installed package.
+for development; ``pip install .`` builds and installs; ``pip install -e .``
+(``make serve``) builds the core in place too.  Only ``build_ext --inplace``
+(``make build``, ``make test``) also compiles the benchmark's load generator
+``bench._gen``: it is part of the source tree, not of the installed package,
+and serving does not need it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("FENGHUO_DEBUG", "") not in ("", "0")
 ANNOTATE = DEBUG or os.environ.get("FENGHUO_ANNOTATE", "") not in ("", "0")
 
-# The generator is built only where the sources stay: ``build_ext --inplace``
-# and editable installs.
-IN_TREE = any(arg in ("--inplace", "-i", "editable_wheel", "develop") for arg in sys.argv)
+# The generator is built only when asked for, where the sources stay:
+# ``build_ext --inplace``, not an editable install (``make serve``).
+IN_TREE = "build_ext" in sys.argv and any(arg in ("--inplace", "-i") for arg in sys.argv)
 
 # Compiler directives live here and nowhere else.
 DIRECTIVES = {
