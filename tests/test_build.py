@@ -181,3 +181,22 @@ def test_bare_packages_do_not_import(tmp_path, bare):
 
 def test_version_matches_the_installed_distribution():
     assert importlib.metadata.version("fenghuo") == fenghuo.__version__
+
+
+def test_the_relay_and_the_cli_need_only_the_runtime_dependencies():
+    """What ``make serve`` installs is enough: no test or benchmark package is imported."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    extras_only = {re.split(r"[<>=\[ ]", d)[0].lower()
+                   for deps in project["optional-dependencies"].values() for d in deps} - runtime
+    assert "numpy" in extras_only and "numpy" not in runtime
+    code = ("import sys, fenghuo, fenghuo.cli, fenghuo.server.main, fenghuo.server.relay, "
+            "fenghuo.server.supervisor, fenghuo.server.export; fenghuo.cli.parser(); "
+            "print(' '.join(sorted({m.split('.')[0].lower() for m in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-P", "-c", code], capture_output=True,
+                                text=True, check=True).stdout.split())
+    names = {"pyjwt": "jwt", "pytest-timeout": "pytest_timeout", "pytest-benchmark":
+             "pytest_benchmark", "pytest-asyncio": "pytest_asyncio"}
+    assert not loaded & {names.get(n, n) for n in extras_only}, loaded & extras_only
