@@ -2,6 +2,7 @@
 
     python -m bench run SCENARIO [--target T] [options]   one scenario, one target
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
+    python -m bench keys [--windows W,...]                keyed vs unkeyed publishing, per window
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
     python -m bench scale [options]                       200,000 connections (bench/scale.py)
@@ -120,7 +121,7 @@ def scenario_from_args(a: argparse.Namespace) -> tuple[str, Scenario]:
         rate = a.rate if a.scenario == "latency" else None
         return a.scenario, lambda t, p: loadgen.pairs_run(
             t, pairs=pairs, payload=a.payload, window=a.window, rate=rate,
-            warmup=a.warmup, duration=a.duration, progress=p)
+            warmup=a.warmup, duration=a.duration, progress=p, keyed=a.keyed)
     if a.scenario == "fan-out":
         return a.scenario, lambda t, p: loadgen.fan_out_run(
             t, members=a.members, payload=a.payload, window=a.window,
@@ -175,6 +176,28 @@ def cmd_suite(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(a: argparse.Namespace) -> int:
+    """The suite's idempotency-key table alone: keyed and unkeyed, one window after another."""
+    from bench import report, suite
+    pin(GENERATOR_CPU)
+    sizes = suite.Sizes(warmup=a.warmup, duration=a.duration, pairs=0, latency_pairs=0,
+                        rates=(), fan_out=(), connections=0)
+    plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")))
+    progress = Progress(len(plan))
+    results = []
+    for item in plan:
+        progress.step(item.label)
+        result = run_on(make_target("fenghuo", secrets.token_urlsafe(32), item.relay_flags),
+                        item.scenario, progress)
+        result.scenario = item.name
+        result.extra["group"] = item.group
+        results.append(result)
+        progress.finish(result.line())
+    print()
+    print(report.keys_table([r.to_json() for r in results]))
+    return 0
+
+
 def cmd_plot(a: argparse.Namespace) -> int:
     from bench import report
     out = Path(a.dir)
@@ -207,8 +230,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=float, default=1.0)
     run.add_argument("--duration", type=float, default=5.0)
     run.add_argument("--connections", type=int, default=5000, help="connections: how many")
+    run.add_argument("--keyed", action="store_true",
+                     help="a new idempotency key on every publish (fenghuo's protocol only)")
     run.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     run.set_defaults(func=cmd_run)
+    keys = sub.add_parser("keys", help="fenghuo one-to-one with and without idempotency keys, "
+                                       "per --dedupe-window: the suite's keys table alone")
+    keys.add_argument("--windows", default="256,4096,16384,65536",
+                      help="comma-separated --dedupe-window sizes")
+    keys.add_argument("--warmup", type=float, default=1.0)
+    keys.add_argument("--duration", type=float, default=5.0)
+    keys.set_defaults(func=cmd_keys)
     suite_p = sub.add_parser("suite", help="every scenario on every target: JSON, table, plots")
     suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     suite_p.add_argument("--targets", default=ALL_PEERS,

@@ -115,6 +115,8 @@ cdef class Link:
     # publishing
     cdef bytes template
     cdef Py_ssize_t template_stamp
+    cdef Py_ssize_t template_key    # offset of an 8-byte counter made unique per publish (-1: none)
+    cdef uint64_t keys_made
     cdef bytes batch
     cdef Py_ssize_t window
     cdef uint64_t batch_reply, batches
@@ -123,6 +125,7 @@ cdef class Link:
 
     def __cinit__(self):
         self.carry = NULL
+        self.template_key = -1
 
     def __init__(self, Py_ssize_t frame_size=0, Py_ssize_t stamp_at=0, Recorder recorder=None):
         if recorder is not None and (frame_size < stamp_at + 8 or stamp_at < 0):
@@ -139,17 +142,23 @@ cdef class Link:
         free(self.carry)
 
     def publisher(self, bytes template, Py_ssize_t stamp_at, Py_ssize_t window=0,
-                  Py_ssize_t reply_per_publish=0, bytes trailer=b"", Py_ssize_t trailer_reply=0):
+                  Py_ssize_t reply_per_publish=0, bytes trailer=b"", Py_ssize_t trailer_reply=0,
+                  Py_ssize_t key_at=-1):
         """Make this link publish copies of ``template`` (stamp at ``stamp_at``).
 
         With ``window`` > 0, ``start()`` keeps two batches of ``window``
         publishes (plus ``trailer``) in flight, writing the next batch when
-        the replies to all but the last have arrived.
+        the replies to all but the last have arrived.  With ``key_at`` >= 0
+        the 8 bytes there (an idempotency key) are a counter, new for every
+        publish of the link.
         """
         if stamp_at < 0 or stamp_at + 8 > PyBytes_GET_SIZE(template):
             raise ValueError("the stamp must lie inside the template")
+        if key_at >= 0 and key_at + 8 > PyBytes_GET_SIZE(template):
+            raise ValueError("the key must lie inside the template")
         self.template = template
         self.template_stamp = stamp_at
+        self.template_key = key_at
         self.window = window
         if window:
             self.batch = template * window + trailer
@@ -235,7 +244,18 @@ cdef class Link:
         self.windowed = False
 
     cdef int _write_batch(self) except -1:
-        self.transport.write(self.batch)
+        cdef bytes out = self.batch
+        cdef char* p
+        cdef Py_ssize_t i, size
+        if self.template_key >= 0:
+            # A fresh copy: the transport may still hold the previous batch.
+            out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self.batch), PyBytes_GET_SIZE(self.batch))
+            p = PyBytes_AS_STRING(out) + self.template_key
+            size = PyBytes_GET_SIZE(self.template)
+            for i in range(self.window):
+                self.keys_made += 1
+                store_be64(p + i * size, self.keys_made)
+        self.transport.write(out)
         self.batches += 1
         self.published += self.window
         return 0
@@ -250,6 +270,9 @@ cdef class Link:
         for i in range(count):
             memcpy(p, t, size)
             store_be64(p + self.template_stamp, first + <uint64_t>i * interval)
+            if self.template_key >= 0:
+                self.keys_made += 1
+                store_be64(p + self.template_key, self.keys_made)
             p += size
         self.transport.write(out)
         self.published += count

@@ -133,6 +133,8 @@ def markdown(doc: dict[str, Any]) -> str:
            _connect_rates(results), "",
            "## Durable store (fenghuo, SQLite, per `--fsync`)", "",
            _store(results), "",
+           "## Idempotency keys (fenghuo one-to-one, `--store memory`, per `--dedupe-window`)", "",
+           keys_table(results), "",
            "## Generator", "",
            (f"Ceiling (echo target, bytes in+out per second): {_si(ceiling)}B/s. "
             "Each row: the generator's own traffic as a share of that ceiling; "
@@ -169,6 +171,24 @@ def _store(results: list[dict]) -> str:
         rows.append([r["extra"]["relay_flags"], r["scenario"], f"{r['deliveries_per_s']:,.0f}",
                      f"{lat['50']:.3f}" if lat else "–", f"{lat['99']:.3f}" if lat else "–"])
     return _table(["flags", "scenario", "deliveries/s", "p50 ms", "p99 ms"], rows)
+
+
+def keys_table(results: list[dict]) -> str:
+    """Keyed beside unkeyed publishing per window: the cost of an idempotency key."""
+    rows = []
+    runs = [r for r in results if r["extra"].get("group") == "keys"]
+    for flags in dict.fromkeys(r["extra"]["relay_flags"] for r in runs):
+        plain = next((r for r in runs if r["extra"]["relay_flags"] == flags
+                      and not r["params"].get("keyed")), None)
+        keyed = next((r for r in runs if r["extra"]["relay_flags"] == flags
+                      and r["params"].get("keyed")), None)
+        plain_v = plain["publishes_per_s"] if plain else None
+        keyed_v = keyed["publishes_per_s"] if keyed else None
+        window = flags.split("--dedupe-window")[-1].strip()
+        rows.append([window, _cell(plain_v), _cell(keyed_v),
+                     f"{keyed_v / plain_v:.2f}" if plain_v and keyed_v else "–"])
+    return _table(["--dedupe-window", "unkeyed publishes/s", "keyed publishes/s",
+                   "keyed ÷ unkeyed"], rows)
 
 
 def _generator(results: list[dict], ceiling: float) -> str:

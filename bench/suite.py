@@ -16,6 +16,9 @@ from bench import loadgen
 
 FENGHUO_VS_PEERS = ("--store", "memory")
 FSYNC_MODES = ("always", "batch", "off")
+# Idempotency windows (--dedupe-window, keys per channel) at which keyed and
+# unkeyed publishing are compared: from small to sixteen times the default.
+DEDUPE_WINDOWS = (256, 4096, 16384, 65536)
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,10 @@ class Item:
         return f"{self.target}{flags} {self.name}"
 
 
-def _pairs(s: Sizes, pairs: int, rate: float | None = None):
+def _pairs(s: Sizes, pairs: int, rate: float | None = None, keyed: bool = False):
     return lambda target, progress: loadgen.pairs_run(
-        target, pairs=pairs, rate=rate, warmup=s.warmup, duration=s.duration, progress=progress)
+        target, pairs=pairs, rate=rate, warmup=s.warmup, duration=s.duration, progress=progress,
+        keyed=keyed)
 
 
 def _fan_out(s: Sizes, members: int):
@@ -79,7 +83,21 @@ def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
         yield "connections", f"{s.connections} connections", _connections(s)
 
 
-GROUPS = ("ceiling", "throughput", "fan-out", "latency", "connections", "store")
+def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS) -> list[Item]:
+    """fenghuo one-to-one without keys and with a new key per publish, per window size.
+
+    The two runs of a window are next to each other in time, so their ratio
+    is as little disturbed by the machine's other load as one run allows.
+    """
+    items = []
+    for window in windows:
+        flags = (*FENGHUO_VS_PEERS, "--dedupe-window", str(window))
+        items += [Item("keys", "fenghuo", flags, "one-to-one", _pairs(s, 1)),
+                  Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True))]
+    return items
+
+
+GROUPS = ("ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys")
 
 
 def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -> list[Item]:
@@ -99,4 +117,5 @@ def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -
             items += [Item("store", "fenghuo", ("--fsync", mode), name, fn)
                       for group, name, fn in _scenarios(s, fan_out=False, connections=False)
                       if name != "one-to-one"]
+        items += keys_plan(s)
     return [item for item in items if item.group in groups]

@@ -144,6 +144,7 @@ class Wire:
     reply_per_publish: int
     batch_trailer: bytes = b""
     trailer_reply: int = 0
+    publish_key: int = -1       # offset of an 8-byte idempotency key made unique per publish
 
 
 @dataclass
@@ -336,13 +337,18 @@ class FenghuoWire(Target):
         finally:
             writer.close()
 
-    def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1) -> Wire:
+    def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1,
+             keyed: bool = False) -> Wire:
+        """As :meth:`Target.wire`; ``keyed`` gives every publish an 8-byte idempotency key
+        of its own (the generator counts it up), as the Python client does."""
         body = bytes(payload)
-        publish = encode_publish(channel, body)
-        delivery = len(encode_message(channel, 1, 0, sender, body))
+        key = b"\xa5" * STAMP_SIZE if keyed else b""
+        publish = encode_publish(channel, body, key=key)
+        delivery = len(encode_message(channel, 1, 0, sender, body, key=key))
         # The sender is a member of its channel: per publish its ACK and its own MESSAGE.
         return Wire(publish, len(publish) - STAMP_SIZE, delivery, delivery - STAMP_SIZE,
-                    len(encode_ack(0, channel, 1, 0)) + delivery)
+                    len(encode_ack(0, channel, 1, 0)) + delivery,
+                    publish_key=publish.find(key) if keyed else -1)
 
 
 class Fenghuo(FenghuoWire):
