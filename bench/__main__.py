@@ -2,7 +2,7 @@
 
     python -m bench run SCENARIO [--target T] [options]   one scenario, one target
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
-    python -m bench keys [--windows W,...]                keyed vs unkeyed publishing, per window
+    python -m bench keys [--windows W,...] [--repeat N]   keyed vs unkeyed publishing, per window
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
     python -m bench scale [options]                       200,000 connections (bench/scale.py)
@@ -182,7 +182,7 @@ def cmd_keys(a: argparse.Namespace) -> int:
     pin(GENERATOR_CPU)
     sizes = suite.Sizes(warmup=a.warmup, duration=a.duration, pairs=0, latency_pairs=0,
                         rates=(), fan_out=(), connections=0)
-    plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")))
+    plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")), a.repeat)
     progress = Progress(len(plan))
     results = []
     for item in plan:
@@ -238,6 +238,8 @@ def parser() -> argparse.ArgumentParser:
                                        "per --dedupe-window: the suite's keys table alone")
     keys.add_argument("--windows", default="256,4096,16384,65536",
                       help="comma-separated --dedupe-window sizes")
+    keys.add_argument("--repeat", type=int, default=3,
+                      help="runs of each, alternating; the best of each counts")
     keys.add_argument("--warmup", type=float, default=1.0)
     keys.add_argument("--duration", type=float, default=5.0)
     keys.set_defaults(func=cmd_keys)

@@ -174,16 +174,18 @@ def _store(results: list[dict]) -> str:
 
 
 def keys_table(results: list[dict]) -> str:
-    """Keyed beside unkeyed publishing per window: the cost of an idempotency key."""
+    """Keyed beside unkeyed publishing per window: the cost of an idempotency key.
+
+    With several runs of each, the best of each counts: the machine's other
+    load only ever makes a run slower.
+    """
     rows = []
     runs = [r for r in results if r["extra"].get("group") == "keys"]
     for flags in dict.fromkeys(r["extra"]["relay_flags"] for r in runs):
-        plain = next((r for r in runs if r["extra"]["relay_flags"] == flags
-                      and not r["params"].get("keyed")), None)
-        keyed = next((r for r in runs if r["extra"]["relay_flags"] == flags
-                      and r["params"].get("keyed")), None)
-        plain_v = plain["publishes_per_s"] if plain else None
-        keyed_v = keyed["publishes_per_s"] if keyed else None
+        plain_v = max((r["publishes_per_s"] for r in runs if r["extra"]["relay_flags"] == flags
+                       and not r["params"].get("keyed")), default=None)
+        keyed_v = max((r["publishes_per_s"] for r in runs if r["extra"]["relay_flags"] == flags
+                       and r["params"].get("keyed")), default=None)
         window = flags.split("--dedupe-window")[-1].strip()
         rows.append([window, _cell(plain_v), _cell(keyed_v),
                      f"{keyed_v / plain_v:.2f}" if plain_v and keyed_v else "–"])

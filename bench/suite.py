@@ -83,17 +83,18 @@ def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
         yield "connections", f"{s.connections} connections", _connections(s)
 
 
-def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS) -> list[Item]:
+def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS, repeat: int = 1) -> list[Item]:
     """fenghuo one-to-one without keys and with a new key per publish, per window size.
 
-    The two runs of a window are next to each other in time, so their ratio
-    is as little disturbed by the machine's other load as one run allows.
+    The runs of a window alternate, unkeyed then keyed, ``repeat`` times, so
+    their ratio is as little disturbed by the machine's other load as the
+    run allows (the table takes the best of each).
     """
     items = []
     for window in windows:
         flags = (*FENGHUO_VS_PEERS, "--dedupe-window", str(window))
         items += [Item("keys", "fenghuo", flags, "one-to-one", _pairs(s, 1)),
-                  Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True))]
+                  Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True))] * repeat
     return items
 
 

@@ -15,6 +15,7 @@ from fenghuo.core._core import (  # noqa: F401
     ChannelKind,
     Connection,
     ContentType,
+    DedupeWindow,
     ErrorCode,
     Frame,
     FrameFlag,

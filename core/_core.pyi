@@ -1,7 +1,7 @@
 # Type stub of the compiled core (core/_core.pyx), for editors and mypy.
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Self
 
 FRAME_HEADER_SIZE: int
@@ -233,6 +233,17 @@ class Metrics:
     def record_error(self, code: int) -> None: ...
     def snapshot(self) -> dict[str, Any]: ...
 
+class DedupeWindow:
+    """One channel's idempotency keys of the last ``span_us`` µs, at most ``max_keys``."""
+
+    max_keys: int
+    span_us: int
+    evicted_early_us: int
+    def __init__(self, max_keys: int, span_us: int) -> None: ...
+    def __len__(self) -> int: ...
+    def load(self, keys: Iterable[tuple[bytes, int, int]]) -> None: ...
+    def find(self, key: bytes) -> tuple[int, int] | None: ...
+
 class Channel:
     name: str
     key: bytes
@@ -240,9 +251,11 @@ class Channel:
     seq: int
     ring: Ring
     subscribers: set[Connection]
+    dedupe: DedupeWindow
     info: Any
     owner: int
-    def __init__(self, name: str, kind: int, ring_capacity: int) -> None: ...
+    def __init__(self, name: str, kind: int, ring_capacity: int, dedupe_window: int = ...,
+                 dedupe_span: float = ...) -> None: ...
 
 class Bus:
     hub: Hub
@@ -270,11 +283,17 @@ class Hub:
     max_pending_bytes: int
     compress_threshold: int
     dedupe_window: int
+    dedupe_span: float
     rate: float
     burst: float
+    store: Any
+    durable_acks: bool
+    channel_loader: Callable[[str], tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]]]] | None
+    key_lookup: Callable[[str, bytes, int], tuple[int, int] | None] | None
     def __init__(self, *, max_frame: int = ..., ring_capacity: int = ...,
                  max_pending_bytes: int = ..., compress_threshold: int = ...,
-                 dedupe_window: int = ..., rate: float = ..., burst: float = ...,
+                 dedupe_window: int = ..., dedupe_span: float = ...,
+                 rate: float = ..., burst: float = ...,
                  arena_size: int = ..., loop: asyncio.AbstractEventLoop | None = None) -> None: ...
     def channel(self, name: str, kind: int = ...) -> Channel: ...
     def find(self, name: str) -> Channel | None: ...

@@ -8,7 +8,7 @@ cdef class Channel:
     cdef public uint64_t seq         # last sequence number assigned
     cdef readonly Ring ring
     cdef readonly set subscribers    # Connections of this process receiving it
-    cdef dict _dedupe                # sender NUL idempotency-key -> (seq, ts_us)
+    cdef readonly DedupeWindow dedupe  # sender NUL idempotency key -> (seq, ts_us)
     cdef public object info          # control-plane data (group record, ...)
     cdef public int owner            # worker that sequences it (-1: not yet known)
 
@@ -54,6 +54,7 @@ cdef class Hub:
     cdef readonly Py_ssize_t max_pending_bytes
     cdef readonly Py_ssize_t compress_threshold
     cdef readonly Py_ssize_t dedupe_window
+    cdef readonly double dedupe_span
     cdef readonly double rate
     cdef readonly double burst
     # Durable storage (None: memory only).  ``store.append`` takes records
@@ -62,6 +63,10 @@ cdef class Hub:
     cdef public object store
     cdef public bint durable_acks
     cdef public object channel_loader
+    # ``key_lookup(channel, key, since_us)``: (seq, ts_us) of a key the store
+    # holds from ``since_us`` on, or None; asked only for a key that may have
+    # left a full window before its span was over.
+    cdef public object key_lookup
 
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1
@@ -70,6 +75,8 @@ cdef class Hub:
     cdef int sequence(self, Channel ch, Connection origin, uint32_t request_id,
                       PublishView* v, double t_recv) except -1
     cpdef int fan_out(self, Channel ch, bytes frame) except -1
+    cdef int _seen(self, Channel ch, bytes sender, PublishView* v, uint64_t now_us,
+                   uint64_t* seq, uint64_t* ts) except -1
     cdef int _commit(self, Channel ch, uint64_t seq, uint64_t ts, str sender, bytes dedupe_key,
                      bytes frame, Connection origin, bytes ack, double t_recv) except -1
     cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,

@@ -34,7 +34,8 @@ cdef uint64_t _connection_ids = 0
 cdef class Channel:
     """One ordered stream: its sequence counter, its ring, its local subscribers."""
 
-    def __cinit__(self, str name, int kind, Py_ssize_t ring_capacity):
+    def __cinit__(self, str name, int kind, Py_ssize_t ring_capacity,
+                  Py_ssize_t dedupe_window=4096, double dedupe_span=120.0):
         self.name = name
         self.key = name.encode("utf-8")
         self.kind = kind
@@ -42,7 +43,7 @@ cdef class Channel:
         self.ring = Ring(ring_capacity)
         self.subscribers = set()
         self.owner = -1
-        self._dedupe = {}
+        self.dedupe = DedupeWindow(dedupe_window, <uint64_t>(dedupe_span * 1e6))
         self.info = None
 
     def __repr__(self):
@@ -131,7 +132,8 @@ cdef class Hub:
 
     def __cinit__(self, *, Py_ssize_t max_frame=1 << 20, Py_ssize_t ring_capacity=1024,
                   Py_ssize_t max_pending_bytes=8 << 20, Py_ssize_t compress_threshold=4096,
-                  Py_ssize_t dedupe_window=4096, double rate=20000.0, double burst=40000.0,
+                  Py_ssize_t dedupe_window=4096, double dedupe_span=120.0,
+                  double rate=20000.0, double burst=40000.0,
                   Py_ssize_t arena_size=DEFAULT_ARENA_SIZE, loop=None):
         if max_frame < HEADER_SIZE or arena_size < HEADER_SIZE:
             raise ValueError("max_frame and arena_size must hold at least a header")
@@ -154,11 +156,13 @@ cdef class Hub:
         self.max_pending_bytes = max_pending_bytes
         self.compress_threshold = compress_threshold
         self.dedupe_window = dedupe_window
+        self.dedupe_span = dedupe_span
         self.rate = rate
         self.burst = burst
         self.store = None
         self.durable_acks = False
         self.channel_loader = None
+        self.key_lookup = None
 
     def __dealloc__(self):
         PyMem_Free(self._lat)
@@ -169,7 +173,7 @@ cdef class Hub:
         key = name.encode("utf-8")
         ch = self.channels.get(key)
         if ch is None:
-            made = Channel(name, kind, self.ring_capacity)
+            made = Channel(name, kind, self.ring_capacity, self.dedupe_window, self.dedupe_span)
             if self.channel_loader is not None:
                 # A channel with a past: continue its seqs, refill its ring and
                 # its idempotency window from the store.
@@ -177,8 +181,7 @@ cdef class Hub:
                 for seq, frame in recent:
                     made.ring.push(seq, frame)
                     made.seq = seq
-                for dedupe_key, seq, ts in keys:
-                    made._dedupe[dedupe_key] = (seq, ts)
+                made.dedupe.load(keys)
             self.channels[key] = made
             return made
         return <Channel>ch
@@ -233,27 +236,23 @@ cdef class Hub:
                       PublishView* v, double t_recv) except -1:
         """Give the publish its seq, keep it in the ring, deliver it, ack it."""
         cdef bytes dedupe_key = None
-        cdef object seen
-        cdef uint64_t seq, ts
+        cdef uint64_t seq, ts, seen_seq, seen_ts
         cdef bytes frame, body, ack
         cdef char* p
         cdef bytes sender = origin.user_key
-        if v.key_len:
-            dedupe_key = sender + b"\x00" + PyBytes_FromStringAndSize(v.key, v.key_len)
-            seen = ch._dedupe.get(dedupe_key)
-            if seen is not None:
-                self.metrics.duplicates += 1
-                ack = build_ack(request_id, seen[0], seen[1], AckStatus.DUPLICATE,
-                                PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
-                if self.durable_acks and <uint64_t>seen[0] > ch.ring.last:
-                    # The original is not on disk yet: neither is this answer.
-                    self.store.append((None, 0, 0, None, None, None,
-                                       (None, 0, None, origin, ack, 0.0, origin._await_disk())))
-                else:
-                    origin.reply(ack)
-                return 0
-        seq = ch.seq + 1
         ts = wall_us()
+        if v.key_len and self._seen(ch, sender, v, ts, &seen_seq, &seen_ts):
+            self.metrics.duplicates += 1
+            ack = build_ack(request_id, seen_seq, seen_ts, AckStatus.DUPLICATE,
+                            PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
+            if self.durable_acks and seen_seq > ch.ring.last:
+                # The original is not on disk yet: neither is this answer.
+                self.store.append((None, 0, 0, None, None, None,
+                                   (None, 0, None, origin, ack, 0.0, origin._await_disk())))
+            else:
+                origin.reply(ack)
+            return 0
+        seq = ch.seq + 1
         frame = build_message(seq, ts, v.content_type,
                               PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key),
                               PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender),
@@ -264,13 +263,33 @@ cdef class Hub:
                 frame = new_frame(FrameType.MESSAGE, flags, 0, PyBytes_GET_SIZE(body), &p)
                 memcpy(p, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
         ch.seq = seq
-        if dedupe_key is not None:
-            ch._dedupe[dedupe_key] = (seq, ts)
-            if len(ch._dedupe) > self.dedupe_window:
-                del ch._dedupe[next(iter(ch._dedupe))]
+        if v.key_len:
+            if self.store is not None:
+                dedupe_key = ch.dedupe.pending_key()
+            ch.dedupe.accept(seq, ts)
         ack = build_ack(request_id, seq, ts, AckStatus.ACCEPTED,
                         PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
         return self._commit(ch, seq, ts, origin.user, dedupe_key, frame, origin, ack, t_recv)
+
+    cdef int _seen(self, Channel ch, bytes sender, PublishView* v, uint64_t now_us,
+                   uint64_t* seq, uint64_t* ts) except -1:
+        """1 (and the original's seq and time) if this sender's key was accepted on ``ch``.
+
+        The window answers for the keys of its span it still holds; a key that
+        a full window gave up before its span was over is asked of the store.
+        """
+        cdef DedupeWindow window = ch.dedupe
+        if window.lookup(PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender), v.key, v.key_len,
+                         now_us, seq, ts):
+            return 1
+        if self.key_lookup is None or window.evicted_early_us + window.span_us < now_us:
+            return 0
+        found = self.key_lookup(ch.name, window.pending_key(), now_us - window.span_us)
+        if found is None:
+            return 0
+        seq[0] = found[0]
+        ts[0] = found[1]
+        return 1
 
     cdef int _commit(self, Channel ch, uint64_t seq, uint64_t ts, str sender, bytes dedupe_key,
                      bytes frame, Connection origin, bytes ack, double t_recv) except -1:

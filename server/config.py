@@ -71,7 +71,10 @@ class Settings:
     max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
     compress_threshold: int = _opt(4096, "LZ4-compress MESSAGE bodies of at least this many bytes",
                                    zero="never compress")
-    dedupe_window: int = _opt(4096, "idempotency keys remembered per channel")
+    dedupe_span: float = _opt(120.0, "seconds an idempotency key is remembered on its channel "
+                                     "after its publish was accepted (see Delivery guarantees)")
+    dedupe_window: int = _opt(65536, "idempotency keys held in memory per channel at most; with "
+                                     "--store sqlite older keys of the span are looked up on disk")
     rate: float = _opt(20000.0, "frames per second a connection may send (token bucket refill)")
     burst: float = _opt(40000.0, "frames a connection may send at once (token bucket size)")
     handshake_timeout: float = _opt(10.0, "seconds a new connection has to send HELLO")

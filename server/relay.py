@@ -88,6 +88,7 @@ class Relay:
             max_pending_bytes=settings.max_pending,
             compress_threshold=settings.compress_threshold,
             dedupe_window=settings.dedupe_window,
+            dedupe_span=settings.dedupe_span,
             rate=settings.rate,
             burst=settings.burst,
         )
@@ -131,10 +132,14 @@ class Relay:
         """Rebuild memberships from the store; channels load their seqs on first touch."""
         store = self.store
         assert store is not None
-        window = self.settings.dedupe_window
+        keys, span_us = self.settings.dedupe_window, int(self.settings.dedupe_span * 1e6)
         self.hub.store = store
         self.hub.durable_acks = store.durable_acks
-        self.hub.channel_loader = lambda name: (store.recent(name), store.dedupe_keys(name, window))
+        # A channel's dedupe window comes back with it: what was acked before
+        # a crash is still answered DUPLICATE when its sender retries.
+        self.hub.channel_loader = lambda name: (
+            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us, keys))
+        self.hub.key_lookup = store.find_key
         for record in store.load_groups():
             group = self.groups.restore(record)
             ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)

@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (channel, ts_us);
+-- A retried publish whose key a full dedupe window gave up is looked up here.
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL;
 CREATE TABLE IF NOT EXISTS groups (
     id      TEXT PRIMARY KEY,
     record  BLOB NOT NULL
@@ -83,7 +85,8 @@ class Store(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None: ...
     def append(self, record: tuple) -> None: ...
     def recent(self, channel: str) -> list[tuple[int, bytes]]: ...
-    def dedupe_keys(self, channel: str, limit: int) -> list[tuple[bytes, int, int]]: ...
+    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]: ...
+    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None: ...
     async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]: ...
     async def read_by_time(self, channel: str, since_us: int, until_us: int,
                            limit: int) -> list[bytes]: ...
@@ -290,12 +293,21 @@ class SQLiteStore:
             (channel, self.ring_size)).fetchall()
         return [(seq, bytes(frame)) for seq, frame in reversed(rows)]
 
-    def dedupe_keys(self, channel: str, limit: int) -> list[tuple[bytes, int, int]]:
-        """The most recent idempotency keys of ``channel``: ``(key, seq, ts_us)``, oldest first."""
+    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]:
+        """``channel``'s idempotency keys from ``since_us`` on, the newest ``limit`` of them:
+        ``(key, seq, ts_us)``, oldest first (its dedupe window after a restart)."""
         rows = self._conn.execute(
-            "SELECT dedupe, seq, ts_us FROM messages WHERE channel = ? AND dedupe IS NOT NULL"
-            " ORDER BY seq DESC LIMIT ?", (channel, limit)).fetchall()
+            "SELECT dedupe, seq, ts_us FROM messages WHERE channel = ? AND ts_us >= ?"
+            " AND dedupe IS NOT NULL ORDER BY seq DESC LIMIT ?", (channel, since_us, limit)).fetchall()
         return [(bytes(k), s, t) for k, s, t in reversed(rows)]
+
+    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None:
+        """``(seq, ts_us)`` of the message stored under ``key`` on ``channel`` from
+        ``since_us`` on, or None: the window's answer for a key it had to give up."""
+        row = self._conn.execute(
+            "SELECT seq, ts_us FROM messages WHERE channel = ? AND dedupe = ? AND ts_us >= ?",
+            (channel, key, since_us)).fetchone()
+        return (row[0], row[1]) if row else None
 
     async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
         """Frames with ``after < seq < before``: the oldest ``limit`` of them."""

@@ -144,6 +144,42 @@ async def test_a_retried_publish_with_the_same_key_is_sequenced_once(relay):
     await assert_silent(bob)
 
 
+async def _send_keyed(client, count: int, prefix: str = "k"):
+    return [await client.send("bob", f"m{i}", key=f"{prefix}{i}") for i in range(count)]
+
+
+async def test_a_key_a_full_window_gave_up_is_answered_from_the_store(relay_factory):
+    # 16 keys in memory, 200 published: with the SQLite store a retry of the
+    # first is still found (on disk) within --dedupe-span.
+    relay = relay_factory("--dedupe-window", "16")
+    alice = await relay.connect("alice")
+    acks = await _send_keyed(alice, 200)
+    again = await alice.send("bob", "m0", key="k0")
+    assert (again.seq, again.ts_us, again.duplicate) == (acks[0].seq, acks[0].ts_us, True)
+    assert (await alice.send("bob", "new", key="k-new")).seq == 201
+
+
+async def test_without_a_store_the_window_holds_its_last_dedupe_window_keys(relay_factory):
+    relay = relay_factory("--store", "memory", "--dedupe-window", "16")
+    alice = await relay.connect("alice")
+    await _send_keyed(alice, 200)
+    kept = await alice.send("bob", "m199", key="k184")
+    assert (kept.seq, kept.duplicate) == (185, True)
+    gone = await alice.send("bob", "m0", key="k0")
+    assert (gone.seq, gone.duplicate) == (201, False)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_a_key_is_forgotten_once_its_dedupe_span_is_over(relay_factory, store):
+    relay = relay_factory("--store", store, "--dedupe-span", "0.5")
+    alice = await relay.connect("alice")
+    first = await alice.send("bob", "once", key="k")
+    assert (await alice.send("bob", "once", key="k")).duplicate
+    await asyncio.sleep(0.7)
+    later = await alice.send("bob", "twice", key="k")
+    assert (later.seq, later.duplicate) == (first.seq + 1, False)
+
+
 async def test_idempotency_keys_are_per_sender(relay):
     alice = await relay.connect("alice", channels=("org.news",))
     bob = await relay.connect("bob", channels=("org.news",))

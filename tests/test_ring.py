@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fenghuo.core import ChannelKind, ContentType, FrameReader, FrameType, Hub, Channel, Ring, decode_message
+from fenghuo.core import (ChannelKind, ContentType, DedupeWindow, FrameReader, FrameType, Hub, Channel,
+                          Ring, decode_message)
 
 U64_MAX = 2**64 - 1
 
@@ -341,9 +342,12 @@ def test_hub_rejects_limits_below_a_header():
 
 def test_hub_settings_are_exposed():
     hub = Hub(max_frame=4096, ring_capacity=7, max_pending_bytes=1000, compress_threshold=0,
-              dedupe_window=9, rate=5.0, burst=6.0)
+              dedupe_window=9, dedupe_span=3.5, rate=5.0, burst=6.0)
     assert (hub.max_frame, hub.ring_capacity, hub.max_pending_bytes, hub.compress_threshold,
-            hub.dedupe_window, hub.rate, hub.burst) == (4096, 7, 1000, 0, 9, 5.0, 6.0)
+            hub.dedupe_window, hub.dedupe_span, hub.rate, hub.burst) == (
+        4096, 7, 1000, 0, 9, 3.5, 5.0, 6.0)
+    assert (hub.channel("org.x").dedupe.max_keys, hub.channel("org.x").dedupe.span_us) == (
+        9, 3_500_000)
 
 
 def test_publish_event_sequences_into_the_ring():
@@ -378,3 +382,23 @@ def test_trim_drops_the_oldest_frames_and_their_references():
     ring.trim(11)                                          # past the head: empty
     assert len(ring) == 0 and ring.since(0) == []
     assert [sys.getrefcount(f) for f in frames] == base
+
+
+def test_dedupe_window_keeps_the_newest_keys_and_finds_each_after_many_evictions():
+    # Against a plain model: insertion order, at most max_keys, every key found
+    # until it is the oldest over the bound (eviction rewires the probe chains).
+    import random
+    rng = random.Random(3)
+    window = DedupeWindow(300, 10**12)
+    model: list[tuple[bytes, int, int]] = []
+    for seq in range(1, 20_001):
+        key = b"u%d\x00" % rng.randrange(5) + rng.randbytes(rng.randrange(1, 12))
+        if any(k == key for k, _, _ in model[-300:]):
+            continue
+        window.load([(key, seq, seq * 10)])
+        model = (model + [(key, seq, seq * 10)])[-300:]
+        if seq % 997 == 0:
+            assert len(window) == len(model)
+            assert all(window.find(k) == (s, t) for k, s, t in model)
+    assert window.find(b"never") is None
+    assert window.evicted_early_us > 0

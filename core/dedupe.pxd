@@ -1,0 +1,42 @@
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef struct DedupeEntry:
+    Py_hash_t hash
+    uint64_t seq
+    uint64_t ts_us
+    char* key                        # PyMem_Malloc'd: sender NUL idempotency key
+    Py_ssize_t key_len
+
+
+cdef class DedupeWindow:
+    # One channel's idempotency window: the keys accepted in the last
+    # ``span_us`` microseconds of message time, at most ``max_keys`` of them.
+    # Insertion order is a ring (the oldest leaves first, in O(1)); lookups go
+    # through an open-addressing table of ring positions.
+    cdef DedupeEntry* _ring
+    cdef Py_ssize_t _ring_cap         # a power of two, grown by doubling
+    cdef uint64_t _head               # number of the oldest entry held
+    cdef uint64_t _tail               # number the next entry gets
+    cdef int64_t* _table              # entry numbers; -1: empty slot
+    cdef Py_ssize_t _table_mask
+    # The key looked up last and not found: ``accept`` files it.
+    cdef char* _pending
+    cdef Py_ssize_t _pending_len
+    cdef Py_hash_t _pending_hash
+    cdef readonly Py_ssize_t max_keys
+    cdef readonly uint64_t span_us
+    # Newest message time of a key pushed out by ``max_keys`` before its
+    # span was over (0: none): keys from then back may only be in the store.
+    cdef readonly uint64_t evicted_early_us
+
+    cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                    Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
+    cdef bytes pending_key(self)
+    cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1
+    cdef int _insert(self, char* key, Py_ssize_t key_len, Py_hash_t h,
+                     uint64_t seq, uint64_t ts_us) except -1
+    cdef int _grow(self) except -1
+    cdef void _evict_oldest(self) noexcept
+    cdef void _expire(self, uint64_t now_us) noexcept
+    cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept
