@@ -45,6 +45,19 @@ def test_throughput_scenarios_deliver_what_they_publish(target, scenario, extra,
     assert re.search(rf"{target} {scenario}: [\d,]+ deliveries/s", run.stdout)
 
 
+def test_keys_compares_keyed_and_unkeyed_publishing_per_window():
+    run = bench("keys", "--windows", "16", "--repeat", "1", *TINY)
+    # Every keyed publish had a key of its own: none was answered DUPLICATE,
+    # so the keyed run delivered what it published, like the unkeyed one.
+    lines = re.findall(r"one-to-one(?: keyed)?: ([\d,]+) deliveries/s, ([\d,]+) publishes/s",
+                       run.stdout)
+    assert len(lines) == 2, run.stdout
+    for delivered, published in lines:
+        assert 0 < int(delivered.replace(",", "")) <= 1.05 * int(published.replace(",", ""))
+    row = re.search(r"^\| 16 \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?\| ([\d.]+) \|$", run.stdout, re.M)
+    assert row, run.stdout
+
+
 @pytest.mark.parametrize("target", ["fenghuo", "asyncio"])
 def test_fan_out_delivers_to_every_member(target, tmp_path):
     out = tmp_path / "result.json"
@@ -93,7 +106,7 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     targets = {r["target"] for r in doc["results"]}
     assert targets == {"echo", "fenghuo", "asyncio", "nats", "redis"}
     groups = {r["extra"]["group"] for r in doc["results"]}
-    assert groups == {"ceiling", "throughput", "fan-out", "latency", "connections", "store"}
+    assert groups == {"ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys"}
     for r in doc["results"]:
         if r["extra"]["group"] in ("throughput", "fan-out"):
             assert r["deliveries_per_s"] > 0, r
@@ -101,6 +114,7 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
             assert r["latency_samples"] > 0 and r["extra"]["cdf"], r
     table = (out / "results.md").read_text()
     assert "× nats" in table and "× redis" in table and "× asyncio" in table
+    assert "keyed ÷ unkeyed" in table
     for png in ("latency_cdf.png", "fan_out.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "results in" in run.stdout
