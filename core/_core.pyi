@@ -17,6 +17,7 @@ class FrameType(enum.IntEnum):
     RECEIPT = 0x13
     HISTORY = 0x14
     CURSOR = 0x15
+    REFRESH = 0x16
     GROUP = 0x20
     PRESENCE = 0x21
     WELCOME = 0x81
@@ -71,6 +72,7 @@ class ErrorCode(enum.IntEnum):
     DEVICE_REPLACED = 113
     TOKEN_INVALID = 120
     TOKEN_EXPIRED = 121
+    TOKEN_REVOKED = 122
     FORBIDDEN = 130
     NOT_FOUND = 131
     INVALID_CHANNEL = 132

@@ -30,6 +30,7 @@ cpdef enum FrameType:
     RECEIPT = 0x13
     HISTORY = 0x14
     CURSOR = 0x15
+    REFRESH = 0x16
     GROUP = 0x20
     PRESENCE = 0x21
     # server -> client
@@ -85,6 +86,7 @@ cpdef enum ErrorCode:
     DEVICE_REPLACED = 113
     TOKEN_INVALID = 120
     TOKEN_EXPIRED = 121
+    TOKEN_REVOKED = 122
     FORBIDDEN = 130
     NOT_FOUND = 131
     INVALID_CHANNEL = 132

@@ -22,8 +22,11 @@ import inspect
 import logging
 import random
 import secrets
+import ssl
+import time
 from collections import OrderedDict
-from typing import Any, AsyncIterator, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator
 from urllib.parse import urlsplit
 
 import orjson
@@ -61,8 +64,9 @@ Callback = Callable[[Any], Any]
 # Errors after which reconnecting cannot help.
 # DEVICE_REPLACED: another connection of this device took over; reconnecting
 # would take it back, and two clients would take turns for ever.
-_TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.HELLO_REQUIRED,
-             ErrorCode.DEVICE_REPLACED}
+# TOKEN_EXPIRED is one of them only without a token provider to ask for a new token.
+_TERMINAL = {ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED, ErrorCode.TOKEN_REVOKED,
+             ErrorCode.HELLO_REQUIRED, ErrorCode.DEVICE_REPLACED}
 # Refusals of a HELLO that a later attempt may not get; any other refusal of
 # the same HELLO would repeat forever.
 _HELLO_RETRYABLE = {ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.RATE_LIMITED,
@@ -78,6 +82,14 @@ CURSOR_SYNC_S = 0.5
 # 64 MiB caps what one that stopped reading costs the process.
 DEFAULT_PENDING_MESSAGES = 64 * 1024
 DEFAULT_PENDING_BYTES = 64 << 20
+
+# Share of a token's remaining lifetime (from WELCOME or the last REFRESH) after
+# which the client asks its token provider for a new one (docs/PROTOCOL.md §5.7).
+REFRESH_AT = 0.8
+# Wait before asking again after a failed refresh, at most (seconds).
+REFRESH_RETRY_S = 30.0
+
+TokenProvider = Callable[[], "str | Awaitable[str]"]
 
 
 class FenghuoError(Exception):
@@ -115,10 +127,45 @@ def _same_store(old: str, new: str | None) -> bool:
     return new is not None and "." in old and old.split(".")[0] == new.split(".")[0]
 
 
-def parse_server(server: str) -> tuple[str, int]:
-    """``tcp://host:port``, ``host:port`` or ``host`` -> ``(host, port)``."""
+SCHEMES = ("tcp", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Where a relay listens: ``scheme`` is ``tcp`` (plaintext) or ``tls``."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "tls"
+
+
+def parse_server(server: str) -> ServerAddress:
+    """``tcp://host:port``, ``tls://host:port``, ``host:port`` or ``host``.
+
+    A bare address is plaintext; any scheme but ``tcp`` and ``tls`` is a
+    :class:`ValueError`, never a silent plaintext connection (docs/PROTOCOL.md §1.1).
+    """
     parts = urlsplit(server if "://" in server else f"tcp://{server}")
-    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"unsupported server URL {server!r}: the scheme must be tcp:// or tls://")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise ValueError(f"bad server URL {server!r}: {exc}") from None
+    return ServerAddress(parts.scheme, parts.hostname or "127.0.0.1", port)
+
+
+def client_tls_context(ca: str | None = None, cert: str | None = None,
+                       key: str | None = None) -> ssl.SSLContext:
+    """Verification on (the system CAs, or only ``ca``), with an optional client certificate."""
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def _payload(data: str | bytes | dict | list, content_type: int | None) -> tuple[bytes, int]:
@@ -164,7 +211,10 @@ class Client:
                  max_frame: int = DEFAULT_MAX_FRAME, sync_cursors: bool = True,
                  sync_from_start: bool = False,
                  pending_messages: int = DEFAULT_PENDING_MESSAGES,
-                 pending_bytes: int = DEFAULT_PENDING_BYTES) -> None:
+                 pending_bytes: int = DEFAULT_PENDING_BYTES, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 token_provider: TokenProvider | None = None) -> None:
         """``pending_messages``/``pending_bytes`` bound the inbox that :meth:`messages`
         and :meth:`next_message` read (payload bytes); when either is reached a
         new message is not queued: :attr:`dropped` counts it, ``on_error``
@@ -172,15 +222,32 @@ class Client:
         ``on_message`` callbacks and :attr:`positions` see it as usual.
         ``pending_messages=0``: no inbox at all, for clients that only use
         callbacks (``fenghuo chat``); :meth:`messages` then raises ValueError.
+
+        ``tls_ca``/``tls_cert``/``tls_key`` (or a ready ``tls`` context) apply to a
+        ``tls://`` server; ``token_provider`` (sync or async) is asked for a new
+        token before the current one expires (REFRESH) and after TOKEN_EXPIRED.
         """
         if pending_messages < 0 or pending_bytes < 1:
             raise ValueError("pending_messages must be >= 0 and pending_bytes >= 1")
-        if token is None:
+        self.address = parse_server(server)
+        self.host, self.port = self.address.host, self.address.port
+        #: the TLS context of a ``tls://`` server; None for ``tcp://``
+        self.tls: ssl.SSLContext | None = None
+        if self.address.tls:
+            self.tls = tls or client_tls_context(tls_ca, tls_cert, tls_key)
+        elif tls is not None or tls_ca or tls_cert:
+            raise ValueError(f"TLS options need a tls:// server URL, not {server!r}")
+        #: called (sync or async) for a new token before the current one expires,
+        #: and to reconnect after TOKEN_EXPIRED; None: the token is used until it fails
+        self.token_provider = token_provider
+        self._token_stale = token is None and token_provider is not None
+        if token is None and token_provider is None:
             if user is None or secret is None:
-                raise ValueError("pass token=, or user= and secret= to mint one")
+                raise ValueError("pass token=, token_provider=, or user= and secret= to mint one")
             token = issue_token(secret, user, channels=channels)
-        self.host, self.port = parse_server(server)
-        self.token = token
+        self.token = token or ""
+        self._refresher: asyncio.TimerHandle | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self.device = device or "py-" + secrets.token_hex(4)
         self.reconnect = reconnect
         self.max_backoff = max_backoff
@@ -254,8 +321,11 @@ class Client:
 
     async def _connect_once(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._token_stale:
+            self.token = await self._fetch_token()
+            self._token_stale = False
         transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(self), self.host, self.port),
+            loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.tls),
             self.connect_timeout)
         self._proto = proto
         self._hello_id = rid = self._request_id()
@@ -312,6 +382,57 @@ class Client:
         self.epoch = body.get("epoch")
         self.user = body.get("user")
         self.welcome = body
+        self._schedule_refresh(body.get("expires"))
+
+    # ------------------------------------------------------------ token lifetime
+
+    async def _fetch_token(self) -> str:
+        assert self.token_provider is not None
+        token = self.token_provider()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str):
+            raise TypeError("the token provider must return a token (a string)")
+        return token
+
+    def _schedule_refresh(self, expires: Any, share: float = REFRESH_AT) -> None:
+        """Ask for a new token when ``share`` of the time left before ``expires`` has passed."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        if self.token_provider is None or not isinstance(expires, (int, float)) or self._closed:
+            return
+        left = max(0.0, expires - time.time())
+        self._refresher = asyncio.get_running_loop().call_later(
+            left * share, self._start_refresh, expires)
+
+    def _start_refresh(self, expires: float) -> None:
+        self._refresher = None
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_for(expires))
+
+    async def _refresh_for(self, expires: float) -> None:
+        try:
+            result = await self.refresh()
+        except Exception as exc:      # provider or server refused: try again before expiry
+            log.warning("token refresh failed: %s", exc)
+            left = expires - time.time()
+            if left > 0 and not self._closed:
+                self._refresher = asyncio.get_running_loop().call_later(
+                    min(REFRESH_RETRY_S, left / 4), self._start_refresh, expires)
+            return
+        self._schedule_refresh(result.get("expires"))
+
+    async def refresh(self, token: str | None = None) -> dict[str, Any]:
+        """Replace this connection's token (REFRESH): ``token``, or one from the provider.
+
+        Returns the server's RESULT (``{"user", "expires"}``); the new token is
+        also the one used for later reconnects.
+        """
+        token = token if token is not None else await self._fetch_token()
+        result = await self._request(FrameType.REFRESH, {"token": token})
+        self.token = token
+        return result
 
     def _on_lost(self, proto: _Protocol, exc: Exception | None) -> None:
         if proto is not self._proto:
@@ -385,6 +506,10 @@ class Client:
         self._flush_cursors()
         self._closed = True
         self._connected.clear()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._reconnector is not None:
             self._reconnector.cancel()
         if self._proto is not None and self._proto.transport is not None:
@@ -491,12 +616,19 @@ class Client:
                 fut.set_exception(error)
             if frame.request_id != self._hello_id:
                 return
-            if code not in _HELLO_RETRYABLE:
+            if code not in _HELLO_RETRYABLE and not self._renewable(code):
                 self._terminal = error
-        if code in _TERMINAL:
+        if code in _TERMINAL and not self._renewable(code):
             self._terminal = error
         log.warning("server error %s: %s", code, text)
         self._emit("error", error)
+
+    def _renewable(self, code: int) -> bool:
+        """TOKEN_EXPIRED with a provider: reconnect with a new token (PROTOCOL §4)."""
+        if code == ErrorCode.TOKEN_EXPIRED and self.token_provider is not None:
+            self._token_stale = True
+            return True
+        return False
 
     def _resolve(self, request_id: int, value: Any) -> None:
         fut = self._pending.pop(request_id, None)

@@ -144,7 +144,8 @@ class FenghuoUser(User):
         """Connect and authenticate, reporting ``CONNECT``; False (after a pause) on failure."""
         started = time.perf_counter()
         try:
-            host, port = parse_server(self.host or "")
+            address = parse_server(self.host or "")
+            host, port = address.host, address.port
             token = issue_token(signing_secret(), self.user_id, **self.grants())
             wire = WireClient(host, port, token, on_message=self._on_message,
                               on_receipt=self._on_receipt, on_lost=self._on_lost)

@@ -58,8 +58,16 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = _opt(7700, "TCP port of the client protocol", zero="any free port, chosen at start-up")
     metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz", zero="no metrics server")
+    tls_cert: str = _opt("", "PEM certificate chain: the client port speaks only TLS (reloaded "
+                             "on SIGHUP)")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (empty: in the certificate file)")
+    tls_client_ca: str = _opt("", "PEM CA file: with --tls-cert, require client certificates "
+                                  "signed by it (mutual TLS)")
     data_dir: str = _opt("./data", "directory for the message store and the generated dev secret")
-    secret: str = _opt("", "HS256 secret that signs tokens; generated and printed when empty")
+    secret: str = _opt("", "HS256 secret that signs tokens; generated and printed when empty "
+                           "(visible in `ps`: prefer --secret-file or the environment)")
+    secret_file: str = _opt("", "file holding the secret, or several as lines 'KID SECRET' "
+                                "(rotation: the first signs, all verify)")
     store: str = _opt("sqlite", "sqlite (durable, in --data-dir) or memory (nothing survives a restart)")
     fsync: str = _opt("always", "always: ack after the batch is on disk; batch: ack at once, sync "
                                 "per batch; off: ack at once, no sync (see Delivery guarantees)")
@@ -80,6 +88,11 @@ class Settings:
     handshake_timeout: float = _opt(10.0, "seconds a new connection has to send HELLO")
     ping_interval: float = _opt(25.0, "seconds of silence before the server sends PING")
     idle_timeout: float = _opt(75.0, "seconds of silence before the server closes the connection")
+    token_grace: float = _opt(30.0, "seconds a connection may outlive its token's exp without "
+                                    "a REFRESH before it is closed with TOKEN_EXPIRED",
+                              zero="closed at exp")
+    revocation_interval: float = _opt(1.0, "seconds between two reads of new token revocations "
+                                           "from the store")
     drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave",
                                 zero="do not wait")
     backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
@@ -116,6 +129,8 @@ class Settings:
             if option.numeric and (value < 0 or (value == 0 and option.zero is REFUSED)):
                 raise ValueError(f"{option.flag} must be {'>= 0' if option.zero else 'above 0'}"
                                  f", not {value:g}")
+        if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
+            raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         if self.admit_rate and self.admit_burst < 1:
             raise ValueError("--admit-burst must be >= 1 when --admit-rate is set")
         from fenghuo.server.retention import parse_rules

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 
 import uvloop
@@ -21,8 +22,9 @@ from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec
 from fenghuo.server.relay import Relay
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
+from fenghuo.server.tls import ServerTLS
 
-from fenghuo.tokens import resolve_secret
+from fenghuo.tokens import TokenError, resolve_secret
 
 log = logging.getLogger("fenghuo.serve")
 
@@ -38,6 +40,8 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop_requested.set)
+    if relay.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
     print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
           + (f", metrics on :{metrics_port}" if metrics_server else ""), flush=True)
@@ -55,7 +59,21 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)
     spec = WorkerSpec.from_env()
-    secret, generated = resolve_secret(settings.secret, settings.data_dir, create=spec is None)
+    # SIGHUP reloads certificates once serve() listens; until then (and
+    # without TLS) it must not end the process as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        ServerTLS.from_settings(settings)     # a bad certificate: one line, before any worker
+    except (OSError, ssl.SSLError) as exc:
+        print(f"fenghuo: cannot use the TLS certificate {settings.tls_cert}: {exc}",
+              file=sys.stderr, flush=True)
+        return 2
+    try:
+        secret, generated = resolve_secret(settings.secret, settings.data_dir, create=spec is None,
+                                           secret_file=settings.secret_file)
+    except TokenError as exc:
+        print(f"fenghuo: {exc}", file=sys.stderr, flush=True)
+        return 2
     if generated:
         print(f"fenghuo: no secret given; generated a dev secret in "
               f"{settings.data_path / 'dev-secret'}:\n  {secret}\n"

@@ -56,6 +56,9 @@ from fenghuo.server.schemas import (
     from_builtins,
 )
 from fenghuo.server.store import SQLiteStore
+from fenghuo.server.revocations import Revocations
+from fenghuo.server.tls import ServerTLS
+from fenghuo.server.tokenwatch import TokenWatch
 
 if TYPE_CHECKING:
     from fenghuo.server.cluster import Cluster
@@ -116,10 +119,17 @@ class Relay:
             # Seqs restart with the process: a new epoch tells clients their
             # positions no longer apply.
             self.epoch = os.environ.get("FENGHUO_BOOT") or secrets.token_hex(8)
+        #: expiry and revocation of the tokens of live connections (revocations need the store)
+        self.tokens = TokenWatch(settings.token_grace,
+                                 Revocations(settings.data_dir) if self.store is not None else None)
+        #: the client port's TLS (None: plaintext); its files are read here, so
+        #: a bad certificate stops the start, not the first handshake
+        self.tls = ServerTLS.from_settings(settings)
         #: this worker's side of the mesh when the relay runs as several workers
         self.cluster: Cluster | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._revoker: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -229,10 +239,14 @@ class Relay:
             self.admission.protocol_factory(lambda: Session(self.hub, self)),
             self.settings.host, self.settings.port,
             backlog=self.settings.backlog, reuse_address=True,
+            ssl=self.tls.context if self.tls is not None else None,
+            ssl_handshake_timeout=self.settings.handshake_timeout if self.tls is not None else None,
             # Several workers accept on one port; the kernel spreads connections.
             reuse_port=spec is not None,
         )
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
+        if self.tokens.revocations is not None:
+            self._revoker = asyncio.create_task(self._revoke_forever(), name="fenghuo-revocations")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
                                      "epoch": self.epoch, "backlog": self.backlog,
                                      "max_connections": self.admission.max_connections})
@@ -275,11 +289,20 @@ class Relay:
         while True:
             await asyncio.sleep(interval)
             self.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
+            self.tokens.close_expired()
             self.admission.sweep()
             if self.cluster is not None:
                 now = time.monotonic()
                 self.cluster.sweep(now)
                 self.cluster.expire(now)
+
+    async def _revoke_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.revocation_interval)
+            try:
+                self.tokens.close_revoked(self.hub.connections)
+            except Exception:   # a busy or broken store: revocations wait for the next round
+                log.exception("reading token revocations failed")
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
@@ -301,7 +324,7 @@ class Relay:
         for conn in left_behind:
             if conn.transport is not None:
                 conn.transport.abort()
-        for task in (self._sweeper, self._retention):
+        for task in (self._sweeper, self._retention, self._revoker):
             if task is not None:
                 task.cancel()
         if self.cluster is not None:

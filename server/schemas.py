@@ -78,6 +78,10 @@ class Hello(Body, frozen=True):
     client: Text | None = None
 
 
+class Refresh(Body, frozen=True):
+    token: Annotated[str, Meta(description="a token (a string)")]
+
+
 class Subscribe(Body, frozen=True):
     channel: ChannelName
     positions: Positions | None = None
@@ -236,6 +240,7 @@ SCHEMAS: dict[int, Schema] = {
     FrameType.CURSOR: _schema("CURSOR", CursorRequest),
     FrameType.GROUP: _schema("GROUP", GroupRequest),
     FrameType.PRESENCE: _schema("PRESENCE", PresenceRequest),
+    FrameType.REFRESH: _schema("REFRESH", Refresh),
 }
 
 

@@ -42,10 +42,11 @@ from fenghuo.server.schemas import (
     History,
     PresenceSubscribe,
     PresenceUnsubscribe,
+    Refresh,
     Subscribe,
     Unsubscribe,
 )
-from fenghuo.tokens import TokenError, verify_token
+from fenghuo.tokens import Grants, TokenError, verify_token
 
 log = logging.getLogger("fenghuo.session")
 SERVER_NAME = "fenghuo/0.1"
@@ -109,14 +110,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             hello = schemas.decode_body(FrameType.HELLO, body)
         except ProtocolError as exc:
             raise _fatal(exc) from None
-        token, positions = hello.token, hello.positions
-        if not isinstance(token, str):
-            raise ProtocolError(ErrorCode.TOKEN_INVALID, "HELLO carries no token")
-        try:
-            grants = verify_token(relay.secret, token)
-        except TokenError as exc:
-            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
-            raise ProtocolError(code, str(exc)) from None
+        grants = self._verify(hello.token, "HELLO")
+        positions = hello.positions
         device = hello.device or "d-" + secrets.token_hex(4)
         if positions is not None and not relay.durable and hello.epoch != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
@@ -129,12 +124,39 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.grants = grants
         self.authenticated = True
         self.hello_at = time.monotonic()
+        relay.tokens.watch(self)
         relay.admission.handshake_ended()
         self.positions = positions
         relay.hold(self)
         relay.attach(self)
         channels = tuple(self.subscriptions)
         relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed))
+
+    def _verify(self, token: Any, what: str) -> Grants:
+        """The grants of a HELLO's or REFRESH's token; fatal errors (REFRESH makes them not)."""
+        if not isinstance(token, str):
+            raise ProtocolError(ErrorCode.TOKEN_INVALID, f"{what} carries no token")
+        try:
+            grants = verify_token(self.relay.secret, token)
+        except TokenError as exc:
+            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
+            raise ProtocolError(code, str(exc)) from None
+        if self.relay.tokens.is_revoked(grants):
+            raise ProtocolError(ErrorCode.TOKEN_REVOKED, "token revoked")
+        return grants
+
+    def _refresh(self, request_id: int, body: Refresh) -> None:
+        """REFRESH: the same user's new token replaces the current one (PROTOCOL §3.15c)."""
+        try:
+            grants = self._verify(body.token, "REFRESH")
+        except ProtocolError as exc:
+            raise refuse(exc.code, exc.message) from None
+        if grants.user != self.user:
+            raise refuse(ErrorCode.TOKEN_INVALID,
+                         f"REFRESH token is for {grants.user!r}, not {self.user!r}")
+        self.grants = grants
+        self.relay.tokens.watch(self)
+        self.reply(request_id, {"user": self.user, "expires": int(grants.expires)})
 
     def _welcome(self, request_id: int, channels: tuple[Channel, ...],
                  resumed: dict[str, int] | None) -> None:
@@ -145,6 +167,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             "durable": relay.durable, "server": SERVER_NAME,
             **({"worker": relay.cluster.index} if relay.cluster is not None else {}),
             "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
+            "expires": int(self.grants.expires), "token_grace": relay.settings.token_grace,
             "channels": {ch.name: ch.seq for ch in channels},
             **({"resumed": resumed} if resumed else {}),
         }, request_id))
@@ -311,4 +334,5 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.CURSOR: Session._cursor,
     FrameType.GROUP: Session._group,
     FrameType.PRESENCE: Session._presence,
+    FrameType.REFRESH: Session._refresh,
 }

@@ -154,6 +154,8 @@ class _Run:
         self.stop_requested = stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, stop_requested)
+        # Certificate reload: every worker reads its files again.
+        self.loop.add_signal_handler(signal.SIGHUP, self._signal_running, signal.SIGHUP)
         http = None
         try:
             if self.config.metrics_port:

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ ENUMS = {e.__name__: e for e in (FrameType, FrameFlag, ContentType, ReceiptKind,
 NOT_DOCUMENTED_AS_ROWS = {("FrameFlag", "KNOWN_FLAGS")}
 
 JSON_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE,
-              FrameType.RESULT, FrameType.HISTORY, FrameType.CURSOR, FrameType.GROUP,
+              FrameType.RESULT, FrameType.HISTORY, FrameType.CURSOR, FrameType.REFRESH,
+              FrameType.GROUP,
               FrameType.PRESENCE, FrameType.PRESENCE_EVENT, FrameType.GAP, FrameType.GOAWAY}
 BINARY_DECODERS = {
     FrameType.PUBLISH: decode_publish,
@@ -381,7 +383,8 @@ async def test_welcome_and_subscribe_examples_are_what_the_relay_says(relay_fact
                                 device="phone-1")
     assert re.fullmatch(r"[0-9a-f]{12}\.[0-9a-f]{8}", welcome["epoch"])   # a durable relay's
     assert re.fullmatch(r"[0-9a-f]{12}\.[0-9a-f]{8}", welcome_doc["epoch"])
-    assert {**welcome, "epoch": welcome_doc["epoch"]} == welcome_doc
+    assert welcome["expires"] > time.time()                 # the token's exp: a day from now
+    assert {**welcome, "epoch": welcome_doc["epoch"], "expires": welcome_doc["expires"]} == welcome_doc
     assert list(welcome) == list(welcome_doc)          # the same fields, in the same order
 
     await publish("org.east", 2)
@@ -453,7 +456,7 @@ async def test_null_is_absent_for_optional_fields(relay):
 
 
 async def test_token_header_secret_and_lifetime_are_as_stated(relay_factory):
-    # §5.6: only `alg` (HS256) is checked in the header; no minimum secret
+    # §5.6: only `alg` (HS256) and `kid` are checked in the header; no minimum secret
     # length is enforced; `fenghuo token` issues 24-hour tokens.
     import time
     import warnings
@@ -468,11 +471,18 @@ async def test_token_header_secret_and_lifetime_are_as_stated(relay_factory):
     claims = {"sub": "alice", "exp": int(time.time()) + 60}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # InsecureKeyLengthWarning
-        odd_header = jwt.encode(claims, "k", algorithm="HS256", headers={"typ": "X", "kid": "1"})
+        odd_header = jwt.encode(claims, "k", algorithm="HS256", headers={"typ": "X"})
         other_alg = jwt.encode(claims, "k" * 64, algorithm="HS512")
         issued = issue_token("k", "alice")
     welcome = await (await open_raw(relay)).hello(odd_header, device="d1")
     assert welcome["user"] == "alice"
+    # A `kid` selects a key: one the relay does not hold is refused.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unknown_kid = jwt.encode(claims, "k", algorithm="HS256", headers={"kid": "1"})
+    refused = await open_raw(relay)
+    refused.write(encode_json(FrameType.HELLO, {"token": unknown_kid}, 1))
+    await refused.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
     refused = await open_raw(relay)
     refused.write(encode_json(FrameType.HELLO, {"token": other_alg}, 1))
     await refused.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)

@@ -145,13 +145,13 @@ def test_is_pattern():
 
 def test_issue_verify_round_trip():
     token = issue_token(SECRET, "alice", ttl=600, channels=["org.>", "org"], read=("group:g1",),
-                        roles=["ops"], now=1_000_000)
+                        roles=["ops"], now=1_000_000, jti="t1")
     grants = verify_token(SECRET, token, leeway=10**10)
     assert grants == Grants(user="alice", channels=("org.>", "org"), read=("group:g1",),
-                            roles=("ops",), expires=1_000_600.0)
+                            roles=("ops",), expires=1_000_600.0, jti="t1", issued=1_000_000.0)
     claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
     assert claims == {"sub": "alice", "iat": 1_000_000, "exp": 1_000_600, "chan": ["org.>", "org"],
-                      "read": ["group:g1"], "roles": ["ops"]}
+                      "read": ["group:g1"], "roles": ["ops"], "jti": "t1"}
 
 
 def test_default_token_is_valid_now():

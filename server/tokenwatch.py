@@ -1,0 +1,58 @@
+"""Tokens of live connections: close them when they expire or are revoked.
+
+docs/PROTOCOL.md §5.7.  A connection is closed with ``TOKEN_EXPIRED`` once its
+token's ``exp`` plus ``token_grace`` has passed without a REFRESH, and with
+``TOKEN_REVOKED`` once a revocation read from the store covers its token.
+Deadlines sit in a heap, so a sweep costs only the connections due; an entry
+left by a REFRESH or a close is recognised as stale and dropped when due.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import TYPE_CHECKING, Iterable
+
+from fenghuo.core import ErrorCode
+from fenghuo.server.revocations import Revocations
+from fenghuo.tokens import Grants
+
+if TYPE_CHECKING:
+    from fenghuo.server.session import Session
+
+
+class TokenWatch:
+    def __init__(self, grace: float, revocations: Revocations | None) -> None:
+        self.grace = grace
+        self.revocations = revocations
+        self._due: list[tuple[float, int, Session]] = []
+        self._order = itertools.count()      # ties never compare sessions
+
+    def deadline(self, session: Session) -> float:
+        return session.grants.expires + self.grace
+
+    def watch(self, session: Session) -> None:
+        """Track ``session``'s current token (after HELLO and after each REFRESH)."""
+        heapq.heappush(self._due, (self.deadline(session), next(self._order), session))
+
+    def is_revoked(self, grants: Grants) -> bool:
+        return self.revocations is not None and self.revocations.revoked(grants)
+
+    def close_expired(self) -> None:
+        """Close the connections whose token's deadline passed (the relay's timer sweep)."""
+        now = time.time()
+        due = self._due
+        while due and due[0][0] <= now:
+            when, _, session = heapq.heappop(due)
+            if session.closing or not session.authenticated or self.deadline(session) != when:
+                continue   # closed, or refreshed since: its new deadline has its own entry
+            session.close_with_error(ErrorCode.TOKEN_EXPIRED,
+                                     "token expired: REFRESH it, or reconnect with a new one")
+
+    def close_revoked(self, sessions: Iterable[Session]) -> None:
+        """Read new revocations; if any came, close the revoked among ``sessions``."""
+        if self.revocations is not None and self.revocations.poll():
+            for session in list(sessions):
+                if not session.closing and session.authenticated and self.is_revoked(session.grants):
+                    session.close_with_error(ErrorCode.TOKEN_REVOKED, "token revoked")

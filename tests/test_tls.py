@@ -1,0 +1,164 @@
+"""TLS on the client port, and ``tls://`` in the client and the CLI, against real relays.
+
+Certificates come from a CA made in the test (tests/certs.py).  The relays run
+the default deployment (one worker per core) unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+
+import pytest
+
+import fenghuo
+from tests.certs import CA
+from tests.clients import collect
+from tests.test_cli import fenghuo_cli
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca = CA.create(tmp_path / "pki")
+    cert, key = ca.issue("server")
+    return ca, cert, key
+
+
+def tls_url(relay) -> str:
+    return f"tls://localhost:{relay.port}"
+
+
+def tls_relay(relay_factory, cert, key, *flags: str, **kwargs):
+    return relay_factory("--tls-cert", str(cert), "--tls-key", str(key), *flags, **kwargs)
+
+
+async def test_a_direct_message_over_tls_with_the_default_deployment(relay_factory, pki):
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key)
+    alice = fenghuo.Client(tls_url(relay), token=relay.token("alice"), tls_ca=str(ca.cert))
+    bob = fenghuo.Client(tls_url(relay), token=relay.token("bob"), tls_ca=str(ca.cert))
+    relay.clients += [alice, bob]
+    await alice.connect()
+    await bob.connect()
+    ack = await alice.send("bob", "over tls")
+    (message,) = await collect(bob, 1)
+    assert (message.sender, message.text, message.seq) == ("alice", "over tls", ack.seq)
+
+
+async def test_a_server_certificate_from_another_ca_is_refused(relay_factory, pki, tmp_path):
+    _, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, workers=1)
+    stranger = CA.create(tmp_path / "other", "stranger")
+    client = fenghuo.Client(tls_url(relay), token=relay.token("alice"), tls_ca=str(stranger.cert),
+                            reconnect=False)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await client.connect()
+    # Without a CA option the system CAs are used, which do not know ours either.
+    client = fenghuo.Client(tls_url(relay), token=relay.token("alice"), reconnect=False)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await client.connect()
+
+
+async def test_a_plaintext_client_gets_nothing_from_a_tls_port(relay_factory, pki):
+    _, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, workers=1)
+    client = fenghuo.Client(relay.server, token=relay.token("alice"), reconnect=False,
+                            connect_timeout=3)
+    with pytest.raises((fenghuo.FenghuoError, OSError, asyncio.TimeoutError)):
+        await client.connect()
+    assert client.user is None
+
+
+async def test_tls_url_never_falls_back_to_plaintext(relay):
+    client = fenghuo.Client(f"tls://{relay.host}:{relay.port}", token=relay.token("alice"),
+                            reconnect=False, connect_timeout=3)
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.TimeoutError)):
+        await client.connect()
+    assert client.user is None
+    rc, out, err = await fenghuo_cli("send", "--server", f"tls://{relay.host}:{relay.port}",
+                                     "--user", "alice", f"--secret={relay.secret}",
+                                     "--to", "bob", "secret text")
+    assert rc == 1 and out == ""
+    assert err.startswith("fenghuo: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:7700", "http://127.0.0.1:7700", "tls+x://h:1"])
+async def test_an_unsupported_scheme_is_a_one_line_error(relay, url):
+    with pytest.raises(ValueError, match="tcp:// or tls://"):
+        fenghuo.Client(url, token=relay.token("alice"))
+    rc, out, err = await fenghuo_cli("send", "--server", url, "--user", "alice",
+                                     f"--secret={relay.secret}", "--to", "bob", "x")
+    assert (rc, out) == (1, "")
+    assert err.startswith("fenghuo: unsupported server URL") and err.count("\n") == 1
+
+
+async def test_the_cli_sends_over_tls_with_its_ca_option(relay_factory, pki):
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key)
+    rc, out, err = await fenghuo_cli("send", "--server", tls_url(relay), "--tls-ca", str(ca.cert),
+                                     "--user", "alice", f"--secret={relay.secret}",
+                                     "--to", "bob", "hi")
+    assert (rc, out) == (0, "sent dm:alice:bob #1\n"), err
+
+
+async def test_mutual_tls_refuses_a_client_without_a_certificate(relay_factory, pki):
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, "--tls-client-ca", str(ca.cert))
+    anonymous = fenghuo.Client(tls_url(relay), token=relay.token("alice"), tls_ca=str(ca.cert),
+                               reconnect=False, connect_timeout=5)
+    with pytest.raises((ssl.SSLError, ConnectionError, fenghuo.ConnectionLost)):
+        await anonymous.connect()
+    assert anonymous.user is None
+    client_cert, client_key = ca.issue("device-1", server=False)
+    client = fenghuo.Client(tls_url(relay), token=relay.token("alice"), tls_ca=str(ca.cert),
+                            tls_cert=str(client_cert), tls_key=str(client_key))
+    relay.clients.append(client)
+    await client.connect()
+    assert client.user == "alice"
+
+
+
+
+async def test_sighup_reloads_the_certificate_in_every_worker(relay_factory, pki, tmp_path):
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, workers=2)
+    held = fenghuo.Client(tls_url(relay), token=relay.token("carol"), tls_ca=str(ca.cert))
+    relay.clients.append(held)
+    await held.connect()
+    # A new CA signs a new certificate, written over the files the relay was started with.
+    new_ca = CA.create(tmp_path / "next", "next-ca")
+    new_cert, new_key = new_ca.issue("server-2")
+    cert.write_bytes(new_cert.read_bytes())
+    key.write_bytes(new_key.read_bytes())
+    relay.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while relay.log().count("TLS certificate reloaded") < 2:
+        assert time.monotonic() < deadline, relay.log()
+        await asyncio.sleep(0.05)
+    # Every worker now presents the new certificate: seen from both worker indexes.
+    seen: set[int] = set()
+    for _ in range(40):
+        client = fenghuo.Client(tls_url(relay), token=relay.token("dave"),
+                                tls_ca=str(new_ca.cert), reconnect=False)
+        await client.connect()
+        seen.add(client.welcome["worker"])
+        await client.close()
+        if seen == {0, 1}:
+            break
+    assert seen == {0, 1}
+    # The old CA no longer verifies a new connection, and the open one still works.
+    stale = fenghuo.Client(tls_url(relay), token=relay.token("erin"), tls_ca=str(ca.cert),
+                           reconnect=False)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await stale.connect()
+    assert (await held.send("dave", "still here")).seq == 1
+    assert relay.proc.poll() is None and "worker exited" not in relay.log()
+
+
+async def test_a_bad_certificate_stops_the_start_with_one_line(tmp_path):
+    rc, out, err = await fenghuo_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"),
+                                     "--tls-cert", str(tmp_path / "missing.pem"))
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("fenghuo: cannot use the TLS certificate")

@@ -1,0 +1,187 @@
+"""Token lifetime on live connections: expiry, REFRESH, revocation, key rotation.
+
+docs/PROTOCOL.md §3.15c and §5.7, against real relays in the default
+deployment (one worker per core).  ``--handshake-timeout 2`` makes the timer
+sweep run every 0.5 s, so expiry fires within a second of its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+import fenghuo
+from fenghuo.core import ErrorCode, FrameType
+from fenghuo.protocol import encode_json
+from fenghuo.tokens import issue_token
+from tests.conftest import group_members
+from tests.rawwire import authed_on_every_worker, open_raw
+from tests.test_cli import fenghuo_cli
+
+FAST_SWEEP = ("--handshake-timeout", "2", "--token-grace", "1")
+
+
+async def test_welcome_reports_expiry_and_an_expired_connection_is_closed(relay_factory):
+    relay = relay_factory(*FAST_SWEEP)
+    exp = int(time.time()) + 2
+    conn = await open_raw(relay)
+    welcome = await conn.hello(relay.token("alice", now=exp - 3600, ttl=3600))
+    assert welcome["expires"] == exp and welcome["token_grace"] == 1.0
+    # Open until exp + grace (3 s from now), then TOKEN_EXPIRED with request id 0, and closed.
+    await conn.expect_silence(1.5)
+    frame = await conn.expect(FrameType.ERROR, timeout=5, request_id=0)
+    assert frame.body[:2] == int(ErrorCode.TOKEN_EXPIRED).to_bytes(2, "big")
+    assert time.time() >= exp + 1
+    await conn.expect_closed()
+
+
+async def test_refresh_keeps_the_connection_and_replaces_the_deadline(relay_factory):
+    relay = relay_factory(*FAST_SWEEP)
+    now = int(time.time())
+    conns = await authed_on_every_worker(relay, "alice")   # a REFRESH on each worker
+    for i, conn in enumerate(conns):
+        conn.write(encode_json(FrameType.REFRESH, {"token": relay.token("alice", ttl=2)}, 7))
+        # fresh deadline in 3 s; then REFRESH again with a long token
+        result = orjson.loads((await conn.expect(FrameType.RESULT, request_id=7)).body)
+        assert result["user"] == "alice" and result["expires"] in (now + 2, now + 3)
+        conn.write(encode_json(FrameType.REFRESH, {"token": relay.token("alice", ttl=600)}, 8))
+        result = orjson.loads((await conn.expect(FrameType.RESULT, request_id=8)).body)
+        assert result["expires"] >= now + 600
+    # The first tokens of these connections were day-long; the 2 s ones were
+    # replaced: nothing closes them in 4 s.
+    for conn in conns:
+        await conn.expect_silence(4 / len(conns))
+        conn.write(encode_json(FrameType.PING, {}, 9))
+        await conn.expect(FrameType.PONG, request_id=9)
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"[]", ErrorCode.MALFORMED_BODY),
+    (b'{"token": 5}', ErrorCode.MALFORMED_BODY),
+    (b'{"token": "not-a-jwt"}', ErrorCode.TOKEN_INVALID),
+    ("other-user", ErrorCode.TOKEN_INVALID),
+    ("expired", ErrorCode.TOKEN_EXPIRED),
+])
+async def test_a_refused_refresh_is_not_fatal(relay, body, code):
+    if body == "other-user":
+        body = orjson.dumps({"token": relay.token("mallory")})
+    elif body == "expired":
+        body = orjson.dumps({"token": relay.token("alice", now=time.time() - 7200, ttl=60)})
+    conn = await open_raw(relay)
+    welcome = await conn.hello(relay.token("alice"))
+    from fenghuo.core import encode_frame
+    conn.write(encode_frame(FrameType.REFRESH, body, 4))
+    await conn.expect_error(code, request_id=4)
+    conn.write(encode_frame(FrameType.PING, b"", 5))
+    await conn.expect(FrameType.PONG, request_id=5)
+    assert welcome["user"] == "alice"
+
+
+async def test_refresh_before_hello_is_hello_required(relay):
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.REFRESH, {"token": relay.token("alice")}, 3))
+    await conn.expect_error(ErrorCode.HELLO_REQUIRED, request_id=3)
+    await conn.expect_closed()
+
+
+async def test_the_client_refreshes_through_its_token_provider(relay_factory):
+    relay = relay_factory(*FAST_SWEEP)
+    issued: list[str] = []
+
+    async def provider() -> str:
+        issued.append(token := relay.token("alice", ttl=3))
+        return token
+
+    alice = fenghuo.Client(relay.server, token_provider=provider)
+    relay.clients.append(alice)
+    await alice.connect()
+    await asyncio.sleep(7)       # two 3 s tokens expire meanwhile, each refreshed at 80 %
+    assert len(issued) >= 3 and alice.connected
+    assert alice.token == issued[-1]
+    assert (await alice.send("bob", "still me")).seq == 1
+
+
+async def test_without_a_provider_an_expired_client_stops(relay_factory):
+    relay = relay_factory(*FAST_SWEEP)
+    alice = fenghuo.Client(relay.server, token=relay.token("alice", ttl=1))
+    relay.clients.append(alice)
+    errors: list[fenghuo.FenghuoError] = []
+    alice.on_error(errors.append)
+    await alice.connect()
+    deadline = time.monotonic() + 8
+    while not errors and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert [e.code for e in errors] == [ErrorCode.TOKEN_EXPIRED]
+    with pytest.raises(fenghuo.FenghuoError):
+        await alice.send("bob", "x")
+
+
+async def test_revoking_a_token_closes_its_connections_and_refuses_its_hello(relay):
+    token = relay.token("alice")
+    other = relay.token("alice")
+    conns = []
+    for _ in range(2 * relay.workers):
+        conn = await open_raw(relay)
+        await conn.hello(token)
+        conns.append(conn)
+    spared = await open_raw(relay)
+    await spared.hello(other)
+    rc, _, err = await fenghuo_cli("revoke", "--token", token, "--data-dir", str(relay.data_dir),
+                                   f"--secret={relay.secret}")
+    assert rc == 0, err
+    for conn in conns:
+        await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
+        await conn.expect_closed()
+    again = await open_raw(relay)
+    again.write(encode_json(FrameType.HELLO, {"token": token}, 1))
+    await again.expect_error(ErrorCode.TOKEN_REVOKED, request_id=1)
+    # Another token of the same user is untouched.
+    spared.write(encode_json(FrameType.PING, {}, 2))
+    await spared.expect(FrameType.PONG, request_id=2)
+    # A REFRESH to the revoked token is refused, not fatal.
+    spared.write(encode_json(FrameType.REFRESH, {"token": token}, 3))
+    await spared.expect_error(ErrorCode.TOKEN_REVOKED, request_id=3)
+
+
+async def test_revoking_a_user_survives_a_restart_and_spares_later_tokens(relay_factory, tmp_path):
+    relay = relay_factory()
+    before = int(time.time())
+    old = relay.token("bob", now=before - 10)
+    conn = await open_raw(relay)
+    await conn.hello(old)
+    rc, _, err = await fenghuo_cli("revoke", "--user", "bob", "--before", str(before),
+                                   "--data-dir", str(relay.data_dir))
+    assert rc == 0, err
+    await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
+    relay.stop()
+    relay = relay_factory(data_dir=relay.data_dir, secret=relay.secret)
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": old}, 1))
+    await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=1)
+    conn = await open_raw(relay)
+    assert (await conn.hello(relay.token("bob", now=before)))["user"] == "bob"
+
+
+async def test_two_secrets_are_valid_at_once_and_stay_out_of_ps(relay_factory, tmp_path: Path):
+    new, old = "n" * 40, "o" * 40
+    keys = tmp_path / "keys"
+    keys.write_text(f"# rotation\nk2 {new}\nk1 {old}\n")
+    relay = relay_factory("--secret=", "--secret-file", str(keys))
+    for signer in (f"k1 {old}", f"k2 {new}", old):     # kid k1, kid k2, no kid
+        conn = await open_raw(relay)
+        assert (await conn.hello(issue_token(signer, "carol")))["user"] == "carol"
+    # The CLI signs with the first key, and a kid the relay does not know is refused.
+    rc, out, err = await fenghuo_cli("token", "dave", "--secret-file", str(keys))
+    assert rc == 0, err
+    conn = await open_raw(relay)
+    assert (await conn.hello(out.strip()))["user"] == "dave"
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": issue_token(f"k9 {new}", "eve")}, 1))
+    assert "unknown key id" in await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+    for pid in group_members(relay.proc.pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert new.encode() not in cmdline and old.encode() not in cmdline
