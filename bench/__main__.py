@@ -8,6 +8,7 @@
     python -m bench scale [options]                       200,000 connections (bench/scale.py)
     python -m bench storm [options]                       a reconnect storm (bench/crowd.py)
     python -m bench devices [options]                     one user's devices leaving at once (bench/crowd.py)
+    python -m bench hostile [options]                     bad requests pipelined with good ones (bench/hostile.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -263,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
     scale_p.set_defaults(func=scale.cmd_scale)
     from bench import crowd
     crowd.add_commands(sub)
+    from bench import hostile
+    hostile.add_command(sub)
     return cli
 
 

@@ -154,3 +154,12 @@ def test_storm_admits_everyone_and_counts_refusals(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["admitted"] == 300 and result["other"] == []
     assert result["refusals"] > 0 and result["retry_after_ms"]["max"] >= 100
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_hostile_answers_everything_in_order_and_the_canary_loses_nothing(workers):
+    run = bench("hostile", "--workers", workers, "--seconds", "2", "--connections", "2")
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["answered"] == result["sent"] > 0 and result["unanswered"] == 0
+    assert (result["wedged"], result["out_of_order"], result["canary_lost"]) == (0, 0, 0)
+    assert result["canary"]["acked"] > 0
