@@ -74,14 +74,24 @@ async def test_history_then_ping_in_one_write_come_back_in_that_order(relay_fact
     await bob.close()
 
 
+@pytest.mark.parametrize("reader", ["prompt", "slow"])
 @pytest.mark.parametrize("workers", WORKERS)
-async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_factory, workers):
+async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_factory, workers,
+                                                                         reader):
     # HELLO and 40,999 PINGs in one write against the 40,000-frame bucket:
-    # every PING the bucket admitted is answered, then RATE_LIMITED, then the close.
+    # every PING the bucket admitted is answered, then RATE_LIMITED, then the
+    # close. A slow reader (4 KiB receive buffer, not reading for a second)
+    # leaves the server with replies to write and PINGs it never read when it
+    # closes: the close must not be a reset that throws the replies away.
     relay = relay_factory(workers=workers)
-    conn = await open_raw(relay)
+    conn = await open_raw(relay, rcvbuf=4096 if reader == "slow" else None)
+    if reader == "slow":
+        conn.transport.pause_reading()
     pings = b"".join(encode_frame(FrameType.PING, b"", i) for i in range(1, 41_000))
     conn.write(encode_json(FrameType.HELLO, {"token": relay.token("mallory")}, 50_000) + pings)
+    if reader == "slow":
+        await asyncio.sleep(1.0)
+        conn.transport.resume_reading()
     assert (await conn.expect(FrameType.WELCOME)).request_id == 50_000
     expected = 1
     while True:
