@@ -112,6 +112,21 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from fenghuo.api import Api, ApiError
+
+    try:
+        result = Api(args.url, args.key).call(args.method, orjson.loads(args.body))
+    except orjson.JSONDecodeError:
+        print("fenghuo: the body must be a JSON object", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"fenghuo: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result).decode())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fenghuo.server.export import export, verify
 
@@ -267,6 +282,15 @@ def parser() -> argparse.ArgumentParser:
                              "(default: live only, or, for a --device the relay knows, from "
                              "where it left off)")
     listen.set_defaults(func=_run_client(_listen))
+
+    api = sub.add_parser("api", help="call the server API (docs/API.md): METHOD 'JSON BODY'")
+    api.add_argument("method")
+    api.add_argument("body", nargs="?", default="{}")
+    api.add_argument("--url", default=os.environ.get("FENGHUO_API_URL", "http://127.0.0.1:7702"),
+                     help="the API's address [FENGHUO_API_URL]")
+    api.add_argument("--key", default=os.environ.get("FENGHUO_API_KEY", ""),
+                     help="an API key [FENGHUO_API_KEY]")
+    api.set_defaults(func=cmd_api)
 
     exp = sub.add_parser("export", help="write a channel's or a user's messages as JSON lines")
     scope = exp.add_mutually_exclusive_group()

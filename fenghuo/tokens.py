@@ -6,7 +6,8 @@ Claims (docs/PROTOCOL.md, "Tokens"):
 ``exp``    expiry (seconds since the epoch); ``iat`` issue time
 ``chan``   channel patterns the user may subscribe to and publish on
 ``read``   channel patterns the user may only subscribe to
-``roles``  roles; ``admin`` may subscribe and publish anywhere (backends, bots)
+``roles``  roles; ``admin`` may subscribe and publish anywhere (backends, bots);
+           ``service`` marks the server API's own sessions (server/api.py)
 ``jti``    token id, the handle of revocation
 ``presence`` true: may see every user's presence, not only of users sharing a channel
 
@@ -37,6 +38,8 @@ DEFAULT_TTL = 24 * 3600
 #: seconds a token's ``exp`` may be past and still verify (clock skew)
 LEEWAY = 5.0
 ADMIN = "admin"
+#: the role of the server API's own sessions (server/api.py), which no client token gets
+SERVICE = "service"
 
 
 class TokenError(ValueError):
@@ -65,6 +68,10 @@ class Grants:
     @property
     def is_admin(self) -> bool:
         return ADMIN in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        return SERVICE in self.roles
 
     def can_publish(self, channel: str) -> bool:
         return self.is_admin or any(pattern_matches(p, channel) for p in self.channels)

@@ -515,6 +515,8 @@ class Cluster:
             relay.apply_group(body["record"], body["seq"])
         elif op == "read":
             relay.reads.advance(body["channel"], body["user"], body["seq"])
+        elif op == "disconnect":
+            relay.disconnect_user(body["user"], share=False)
         elif op == "closed":
             self.remote.pop((source, body["connection"]), None)
         elif op == "interest":

@@ -112,6 +112,13 @@ class Settings:
     replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
                                      "owns after the last of its sessions needing it left",
                                zero="let go at once")
+    api_port: int = _opt(0, "HTTP port of the server API for backends, docs/API.md (served by "
+                            "worker 0 under several workers)", zero="no server API")
+    api_host: str = _opt("127.0.0.1", "address the server API listens on")
+    api_key_file: str = _opt("", "file of the server API's keys: one key, or sha256:<hex> of one, "
+                                 "a line (required with --api-port)")
+    api_timeout: float = _opt(10.0, "seconds an API call may take before it is answered 504")
+    api_max_body: int = _opt(4 << 20, "largest API request body, bytes (413 beyond)")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("json", "json (one object per line) or text")
 
@@ -133,6 +140,8 @@ class Settings:
             raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         if self.admit_rate and self.admit_burst < 1:
             raise ValueError("--admit-burst must be >= 1 when --admit-rate is set")
+        if self.api_port and not self.api_key_file:
+            raise ValueError("--api-port needs --api-key-file: the server API takes no request without a key")
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
 

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from fenghuo.server.session import Session
 
 
+#: the device of the server API's sessions (server/api.py): they act for a user
+#: without that user being online, so they are not counted, and only a token
+#: with the ``service`` role may use it (server/session.py).
+SERVICE_DEVICE = "fenghuo-api"
+
+
 class Devices:
     """user id -> the user's sessions in this process, at most one per device id."""
 
@@ -71,10 +77,13 @@ class Devices:
         return tuple(held.values()) if isinstance(held, dict) else (held,)
 
     def count(self, user: str) -> int:
+        """``user``'s devices online here, the server API's session not counted."""
         held = self._by_user.get(user)
         if held is None:
             return 0
-        return len(held) if isinstance(held, dict) else 1
+        if isinstance(held, dict):
+            return len(held) - (SERVICE_DEVICE in held)
+        return int(held.device != SERVICE_DEVICE)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._by_user)

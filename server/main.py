@@ -37,6 +37,13 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     metrics_port = int(os.environ.get("FENGHUO_METRICS_PORT", "0")) if spec else settings.metrics_port
     if metrics_port:
         metrics_server = await metrics.start(relay, settings.host, metrics_port)
+    api = None
+    # One process serves the API: the relay itself, or worker 0 of several.
+    if settings.api_port and (spec is None or spec.index == 0):
+        from fenghuo.server.api import Api, load_key_hashes
+        api = Api(relay, secret, load_key_hashes(settings.api_key_file))
+        relay.api = api
+        await api.start(settings.api_host, settings.api_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop_requested.set)
@@ -44,8 +51,11 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
     print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
-          + (f", metrics on :{metrics_port}" if metrics_server else ""), flush=True)
+          + (f", metrics on :{metrics_port}" if metrics_server else "")
+          + (f", API on {settings.api_host}:{settings.api_port}" if api else ""), flush=True)
     await relay.stop_requested.wait()
+    if api is not None:
+        await api.stop()
     await relay.shutdown()
     if metrics_server is not None:
         metrics_server.close()

@@ -58,6 +58,17 @@ def render(relay: Relay) -> str:
         family("fenghuo_replica_messages_total", "counter",
                "Messages other workers sequenced and sent here for this worker's sessions.")
         out.append(f"fenghuo_replica_messages_total {cluster.replica_messages}")
+    if relay.api is not None:
+        stats = relay.api.stats
+        family("fenghuo_api_requests_total", "counter", "Server API calls with a valid key, by method.")
+        for method, count in sorted(stats.requests.items()):
+            out.append(f'fenghuo_api_requests_total{{method="{method}"}} {count}')
+        family("fenghuo_api_unauthorized_total", "counter",
+               "Server API calls refused 401 for a wrong or missing key.")
+        out.append(f"fenghuo_api_unauthorized_total {stats.unauthorized}")
+        family("fenghuo_api_errors_total", "counter", "Server API error answers, by protocol error code.")
+        for code, count in sorted(stats.errors.items()):
+            out.append(f'fenghuo_api_errors_total{{code="{code}"}} {count}')
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

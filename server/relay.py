@@ -39,7 +39,7 @@ from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
-from fenghuo.server.devices import Devices
+from fenghuo.server.devices import SERVICE_DEVICE, Devices
 from fenghuo.server.groups import MEMBER, Group, GroupRegistry
 from fenghuo.server.schemas import (
     HISTORY_DEFAULT,
@@ -61,6 +61,7 @@ from fenghuo.server.tls import ServerTLS
 from fenghuo.server.tokenwatch import TokenWatch
 
 if TYPE_CHECKING:
+    from fenghuo.server.api import Api
     from fenghuo.server.cluster import Cluster
     from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.session import Session
@@ -127,6 +128,8 @@ class Relay:
         self.tls = ServerTLS.from_settings(settings)
         #: this worker's side of the mesh when the relay runs as several workers
         self.cluster: Cluster | None = None
+        #: the server API, when this process serves it (server/main.py)
+        self.api: Api | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
@@ -380,6 +383,18 @@ class Relay:
         self.users.remove(older)
         older.close_with_error(ErrorCode.DEVICE_REPLACED,
                                f"device {older.device!r} connected again: this connection is replaced")
+
+    def disconnect_user(self, user: str, share: bool = True) -> int:
+        """Close ``user``'s connections here (and, with ``share``, on the other workers)
+        with a fatal FORBIDDEN; the server API's own session stays.  How many closed here."""
+        closed = 0
+        for session in self.users.of(user):
+            if session.device != SERVICE_DEVICE:
+                session.close_with_error(ErrorCode.FORBIDDEN, "disconnected by the server API")
+                closed += 1
+        if share and self.cluster is not None:
+            self.cluster.share("disconnect", user=user)
+        return closed
 
     def device_connected(self, user: str, device: str, hello_at: float) -> None:
         """Another worker admitted ``user``'s ``device`` at ``hello_at``: an older session here is replaced."""

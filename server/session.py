@@ -32,6 +32,7 @@ from fenghuo.core import (
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server import schemas
+from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.relay import Relay, refuse
 from fenghuo.server.schemas import (
     CursorReaders,
@@ -113,6 +114,8 @@ class Session(Connection, asyncio.BufferedProtocol):
         grants = self._verify(hello.token, "HELLO")
         positions = hello.positions
         device = hello.device or "d-" + secrets.token_hex(4)
+        if device == SERVICE_DEVICE and not grants.is_service:
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"device id {device!r} is reserved for the server API")
         if positions is not None and not relay.durable and hello.epoch != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
         resumed = None

@@ -41,6 +41,12 @@ class RelayProcess:
     log_path: Path
     workers: int                # 1: ``proc`` is the relay; more: ``proc`` is their supervisor
     clients: list = field(default_factory=list)
+    api_port: int = 0           # the server API's port (``start_relay(api=True)``)
+    api_key: str = ""
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
 
     @property
     def server(self) -> str:
@@ -107,14 +113,15 @@ def group_members(pgid: int) -> list[int]:
 def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
                 env: dict[str, str] | None = None, timeout: float = 30.0,
                 data_dir: Path | None = None, secret: str | None = None,
-                workers: int | None = None) -> RelayProcess:
+                workers: int | None = None, api: bool = False) -> RelayProcess:
     """Start ``fenghuo serve``; pass ``data_dir`` and ``secret`` of an earlier one to restart it.
 
     ``workers`` None keeps the server's default (one per core).  It returns
     once the relay accepts: with several workers, once the supervisor's
     ``/healthz`` says every one of them does.  The relay gets a process
     group of its own (:meth:`RelayProcess.kill` takes all its processes) and
-    SIGTERM should this process die.
+    SIGTERM should this process die.  ``api`` turns on the server API with
+    one key (``relay.api_url``, ``relay.api_key``).
     """
     count = workers or os.cpu_count() or 1
     port = free_port(host)
@@ -127,17 +134,26 @@ def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
            "--metrics-port", str(metrics_port), "--data-dir", str(data_dir),
            f"--secret={secret}", "--log-level", "debug",
            *(("--workers", str(workers)) if workers is not None else ()), *flags]
+    api_port, api_key = 0, ""
+    if api:
+        api_port, api_key = free_port(host), secrets.token_urlsafe(24)
+        key_file = tmp_path / f"api-keys-{port}"
+        key_file.write_text(f"# one key a line\n{api_key}\n")
+        cmd += ["--api-port", str(api_port), "--api-key-file", str(key_file)]
     with open(log_path, "wb") as log_file:
         # preexec_fn is safe: the test process starts relays from its main thread.
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True,
                                 preexec_fn=die_with(os.getpid()))  # noqa: PLW1509
-    relay = RelayProcess(proc, host, port, metrics_port, secret, data_dir, log_path, count)
+    relay = RelayProcess(proc, host, port, metrics_port, secret, data_dir, log_path, count,
+                         api_port=api_port, api_key=api_key)
     try:
         if count > 1:
             wait_healthy(proc, f"http://{host}:{metrics_port}/healthz", timeout)
         else:
             wait_listening(proc, host, port, timeout)
+        if api_port:
+            wait_listening(proc, host, api_port, timeout)
     except RuntimeError:
         exited = proc.poll()
         relay.kill()

@@ -1,0 +1,143 @@
+"""Client of the relay's server API (docs/API.md): :class:`Api` (blocking) and :class:`AsyncApi`.
+
+    api = Api("http://127.0.0.1:7702", key="...")
+    api.publish("org.acme.news", "hello", idempotency_key="n-1")   # {"channel", "seq", ...}
+
+Every method posts to ``/api/<method>`` and returns the answer's JSON
+object, or raises :class:`ApiError` with the protocol's error code.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+R = TypeVar("R")
+
+
+class ApiError(Exception):
+    """An error answer: ``code`` and ``name`` from docs/PROTOCOL.md §4, ``status`` the HTTP one."""
+
+    def __init__(self, status: int, code: int, name: str, message: str) -> None:
+        super().__init__(f"{status} [{code} {name}] {message}")
+        self.status, self.code, self.name, self.message = status, code, name, message
+
+
+def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _answer(status: int, raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(status, 0, "HTTP", raw[:200].decode("utf-8", "replace")) from None
+    if status != 200:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        raise ApiError(status, err.get("code", 0), err.get("name", "HTTP"), err.get("message", ""))
+    return body
+
+
+class _Methods(Generic[R]):
+    """The API's methods, once for both clients: each is one :meth:`call`."""
+
+    def call(self, method: str, body: dict[str, Any]) -> R:
+        raise NotImplementedError
+
+    def publish(self, channel: str, data: str | dict | list | None = None, *,
+                data_b64: str | None = None, content_type: int | None = None,
+                meta: dict | None = None, idempotency_key: str | None = None,
+                sender: str | None = None) -> R:
+        return self.call("publish", _drop_none({
+            "channel": channel, "data": data, "data_b64": data_b64, "content_type": content_type,
+            "meta": meta, "idempotency_key": idempotency_key, "sender": sender}))
+
+    def batch_publish(self, items: list[dict[str, Any]]) -> R:
+        return self.call("batch_publish", {"items": items})
+
+    def group_create(self, group: str, owner: str, members: list[str] = (),  # type: ignore[assignment]
+                     title: str = "") -> R:
+        return self.call("group_create", {"group": group, "owner": owner,
+                                          "members": list(members), "title": title})
+
+    def group_add(self, group: str, by: str, users: list[str], role: str = "member") -> R:
+        return self.call("group_add", {"group": group, "by": by, "users": users, "role": role})
+
+    def group_remove(self, group: str, by: str, users: list[str]) -> R:
+        return self.call("group_remove", {"group": group, "by": by, "users": users})
+
+    def group_list(self, user: str) -> R:
+        return self.call("group_list", {"user": user})
+
+    def group_members(self, group: str, user: str) -> R:
+        return self.call("group_members", {"group": group, "user": user})
+
+    def presence(self, users: list[str]) -> R:
+        return self.call("presence", {"users": users})
+
+    def history(self, channel: str, *, user: str | None = None, limit: int | None = None,
+                before: int | None = None, after: int | None = None) -> R:
+        return self.call("history", _drop_none({"channel": channel, "user": user, "limit": limit,
+                                                "before": before, "after": after}))
+
+    def disconnect(self, user: str) -> R:
+        return self.call("disconnect", {"user": user})
+
+    def token(self, user: str, *, ttl: int | None = None, channels: list[str] | None = None,
+              read: list[str] | None = None, roles: list[str] | None = None) -> R:
+        return self.call("token", _drop_none({"user": user, "ttl": ttl, "channels": channels,
+                                              "read": read, "roles": roles}))
+
+
+class Api(_Methods[dict[str, Any]]):
+    """Blocking client (urllib: nothing to install)."""
+
+    def __init__(self, url: str, key: str, timeout: float = 15.0) -> None:
+        self.url, self.key, self.timeout = url.rstrip("/"), key, timeout
+
+    def call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/api/{method}", data=orjson.dumps(body), method="POST",
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return _answer(response.status, response.read())
+        except urllib.error.HTTPError as exc:
+            return _answer(exc.code, exc.read())
+
+
+class AsyncApi(_Methods[Awaitable[dict[str, Any]]]):
+    """asyncio client (aiohttp); ``async with AsyncApi(url, key) as api:`` closes its session."""
+
+    def __init__(self, url: str, key: str, timeout: float = 15.0) -> None:
+        self.url, self.key, self.timeout = url.rstrip("/"), key, timeout
+        self._session: Any = None
+
+    async def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.key}"},
+                timeout=aiohttp.ClientTimeout(total=self.timeout))
+        async with self._session.post(f"{self.url}/api/{method}", data=orjson.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as response:
+            return _answer(response.status, await response.read())
+
+    def call(self, method: str, body: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        return self._call(method, body)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> AsyncApi:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,200 @@
+"""The server API (docs/API.md) against a real relay over real HTTP, under one worker and the default."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from fenghuo import ErrorCode, FenghuoError
+from fenghuo.api import Api, ApiError, AsyncApi
+from fenghuo.channels import group_channel
+from fenghuo.server.api import METHODS
+from fenghuo.server.devices import SERVICE_DEVICE
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+NEWS = "org.acme.news"
+
+
+@pytest.fixture(params=[1, None], ids=["workers-1", "workers-default"])
+async def api_relay(request, relay_factory):
+    relay = relay_factory("--api-max-body", "65536", api=True, workers=request.param)
+    yield relay
+    assert relay.proc.poll() is None, f"relay died during the test:\n{relay.log()}"
+    assert "worker exited" not in relay.log(), f"a worker died:\n{relay.log()}"
+
+
+async def refused(call, status: int, code: int) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        await call
+    assert (info.value.status, info.value.code) == (status, code), info.value
+    assert info.value.name == ErrorCode(code).name
+    return info.value
+
+
+def post(relay, method: str, raw: bytes, key: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{relay.api_url}/api/{method}", data=raw, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def metrics_of_api_process(relay) -> str:
+    # Several workers: worker 0 serves the API, its metrics on the supervisor's port + 1.
+    port = relay.metrics_port + (1 if relay.workers > 1 else 0)
+    with urllib.request.urlopen(f"http://{relay.host}:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+async def test_publish_reaches_a_tcp_client_in_order_and_retries_dedupe(api_relay):
+    bob = await api_relay.connect("bob", read=(NEWS,), reconnect=False)
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        acks = [await api.publish(NEWS, f"n{i}", idempotency_key=f"k{i}") for i in range(20)]
+        batch = await api.batch_publish([{"channel": NEWS, "data": {"i": i}, "meta": {"m": i}}
+                                         for i in range(20, 30)])
+        again = await api.publish(NEWS, "n3 resent", idempotency_key="k3")
+    seqs = [a["seq"] for a in acks] + [r["seq"] for r in batch["results"]]
+    assert seqs == list(range(seqs[0], seqs[0] + 30))
+    assert again == {**acks[3], "duplicate": True}
+    got = [await bob.next_message(timeout=10) for _ in range(30)]
+    assert [m.seq for m in got] == seqs
+    assert [m.text for m in got[:20]] == [f"n{i}" for i in range(20)]
+    assert orjson.loads(got[25].payload) == {"i": 25} and orjson.loads(got[25].meta) == {"m": 25}
+    assert all(m.sender == "fenghuo-api" for m in got)
+    with pytest.raises(asyncio.TimeoutError):   # the duplicate was not delivered again
+        await bob.next_message(timeout=0.5)
+
+
+async def test_groups_history_presence_and_tokens(api_relay):
+    api = AsyncApi(api_relay.api_url, api_relay.api_key)
+    try:
+        created = await api.group_create("g1", "alice", ["bob"], "fees")
+        assert created["group"] == "g1"
+        bob = await api_relay.connect("bob", reconnect=False)
+        await api.group_add("g1", "alice", ["carol"])
+        assert [g["group"] for g in (await api.group_list("carol"))["groups"]] == ["g1"]
+        assert set((await api.group_members("g1", "alice"))["members"]) == {"alice", "bob", "carol"}
+        await api.group_remove("g1", "alice", ["carol"])
+        assert (await api.group_list("carol"))["groups"] == []
+        ack = await api.publish(group_channel("g1"), "rent is due", sender="alice")
+        while (m := await bob.next_message(timeout=10)).seq < ack["seq"]:
+            pass
+        assert (m.text, m.sender) == ("rent is due", "alice")
+        page = await api.history(group_channel("g1"), user="bob", limit=10)
+        assert page["messages"][-1]["data"] == "rent is due"
+        assert page["messages"][-1]["seq"] == ack["seq"]
+        await refused(api.history(group_channel("g1"), user="carol"), 403, ErrorCode.FORBIDDEN)
+        # alice has no connection of her own: the API acting as her does not make her online.
+        users = (await api.presence(["alice", "bob", "nobody"]))["users"]
+        assert users == {"alice": {"online": False, "devices": 0},
+                         "bob": {"online": True, "devices": 1},
+                         "nobody": {"online": False, "devices": 0}}
+        issued = await api.token("dave", channels=[NEWS], ttl=600)
+        async with AsyncApi(api_relay.api_url, api_relay.api_key):
+            pass
+        import fenghuo
+        dave = fenghuo.Client(api_relay.server, token=issued["token"], reconnect=False)
+        api_relay.clients.append(dave)
+        await dave.connect()
+        assert dave.user == "dave"
+        await refused(api.token("eve", roles=["service"]), 400, ErrorCode.MALFORMED_BODY)
+    finally:
+        await api.close()
+
+
+async def test_disconnect_closes_every_connection_of_the_user(api_relay):
+    phones = [await api_relay.connect("bob", device=f"phone{i}", reconnect=False) for i in range(3)]
+    other = await api_relay.connect("carol", reconnect=False)
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        await api.publish("org.acme", "x", sender="bob")     # the API's own session as bob
+        await api.disconnect("bob")
+        for phone in phones:
+            for _ in range(100):
+                if not phone.connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert not phone.connected
+        assert (await api.presence(["bob"]))["users"]["bob"]["online"] is False
+        assert other.connected
+        # The API's session as bob was kept: it still publishes.
+        assert (await api.publish("org.acme", "y", sender="bob"))["seq"] >= 1
+
+
+async def test_reserved_device_id_is_refused_to_client_tokens(api_relay):
+    client = api_relay.client("mallory", device=SERVICE_DEVICE, reconnect=False)
+    with pytest.raises(FenghuoError) as info:
+        await client.connect()
+    assert info.value.code == ErrorCode.FORBIDDEN
+
+
+async def test_keys_bodies_and_the_openapi_document(api_relay):
+    assert post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', None)[0] == 401
+    status, body = post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', "wrong")
+    assert (status, body["error"]["code"], body["error"]["name"]) == (401, 120, "TOKEN_INVALID")
+    assert "fenghuo_api_unauthorized_total 2" in metrics_of_api_process(api_relay)
+    key = api_relay.api_key
+    cases = [
+        ("publish", b"{not json", 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"data":"x"}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"org.a","data":"x","colour":1}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"org.a","data":"x","content_type":5}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"org.a"}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"no such kind","data":"x"}', 400, ErrorCode.INVALID_CHANNEL),
+        ("publish", b'{"channel":"dm:a:b","data":"x"}', 403, ErrorCode.FORBIDDEN),
+        ("presence", b'{"users":["bad id!"]}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", orjson.dumps({"channel": "org.a", "data": "x" * 70000}), 413,
+         ErrorCode.FRAME_TOO_LARGE),
+        ("no_such_method", b"{}", 404, ErrorCode.NOT_FOUND),
+    ]
+    for method, raw, status, code in cases:
+        got = post(api_relay, method, raw, key)
+        assert (got[0], got[1]["error"]["code"]) == (status, code), (method, raw[:60], got)
+    # A bad request costs no one else: the relay still publishes.
+    assert Api(api_relay.api_url, key).publish("org.a", "still here")["seq"] >= 1
+    with urllib.request.urlopen(f"{api_relay.api_url}/api/openapi.json", timeout=10) as response:
+        served = orjson.loads(response.read())
+    assert served == orjson.loads((DOCS / "openapi.json").read_bytes()), \
+        "docs/openapi.json is stale: python -m fenghuo.server.api > docs/openapi.json"
+    assert {p.removeprefix("/api/") for p in served["paths"]} == set(METHODS)
+
+
+def test_the_readme_curl_commands_work_as_written(api_relay):
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("### From a backend: the server API over HTTP", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    lines = block.splitlines()
+    assert lines[1].startswith(".venv/bin/fenghuo serve --api-port 7702 --api-key-file api-keys")
+    # The relay is the test's: its port and key stand in for the README's.
+    script = "\n".join(lines[2:]).replace("7702", str(api_relay.api_port)) \
+        .replace("dev-api-key", api_relay.api_key)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
+    answers = [orjson.loads(line) for line in out.replace("}{", "}\n{").splitlines()]
+    first, retry, group, in_group, page, presence, token, refused_ = answers
+    assert (first["seq"], first["duplicate"], retry["seq"], retry["duplicate"]) == (1, False, 1, True)
+    assert group["group"] == "flat-12" and in_group["channel"] == "group:flat-12"
+    assert [m["data"] for m in page["messages"]] == ["rent is due"]
+    assert presence == {"users": {"tenant1": {"online": False, "devices": 0}}}
+    assert token["user"] == "tenant1" and token["token"].count(".") == 2
+    assert refused_["error"]["code"] == ErrorCode.TOKEN_INVALID
+
+
+def test_the_cli_calls_the_api(api_relay):
+    run = [sys.executable, "-m", "fenghuo", "api", "--url", api_relay.api_url]
+    ok = subprocess.run([*run, "--key", api_relay.api_key, "publish",
+                         '{"channel": "org.cli", "data": "from the shell"}'],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and orjson.loads(ok.stdout)["seq"] == 1, ok.stderr
+    bad = subprocess.run([*run, "--key", "wrong", "presence", '{"users": ["a"]}'],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "TOKEN_INVALID" in bad.stderr
