@@ -26,16 +26,32 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import msgspec
 import orjson
 from aiohttp import web
+from msgspec import Meta
 
 from fenghuo.client import Client, ConnectionLost, FenghuoError
-from fenghuo.core import ContentType, ErrorCode, Message
-from fenghuo.server.apischema import SchemaError, check
+from fenghuo.core import ContentType, ErrorCode, Message, ProtocolError
+from fenghuo.server.schemas import (
+    _USER_ID,
+    HISTORY_DEFAULT,
+    Body,
+    ChannelName,
+    GroupId,
+    Limit,
+    Schema,
+    Seq,
+    Text,
+    UserId,
+    Users,
+    declare,
+    decode_with,
+)
 from fenghuo.server.devices import SERVICE_DEVICE
-from fenghuo.tokens import SERVICE, issue_token
+from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -57,59 +73,116 @@ HTTP_STATUS: dict[int, int] = {
 }
 
 # ---------------------------------------------------------------- schemas
+# Declared with server/schemas.py's types and checked by its decoder, like the
+# protocol's bodies; unlike them an unknown field is refused: a misspelt
+# idempotency_key must not quietly make a publish non-idempotent.
 
-USER = {"type": "string", "pattern": r"[A-Za-z0-9_.@+\-]{1,64}",
-        "description": "a user id: 1-64 of A-Z a-z 0-9 _ . @ + -"}
-USERS = {"type": "array", "items": USER, "minItems": 1, "maxItems": 1000}
-CHANNEL = {"type": "string", "minLength": 1, "maxLength": 255,
-           "description": "a channel name (docs/PROTOCOL.md §5)"}
-GROUP = {"type": "string", "pattern": r"[A-Za-z0-9_\-]{1,64}", "description": "a group id"}
-PUBLISH = {
-    "type": "object", "additionalProperties": False, "required": ["channel"],
-    "properties": {
-        "channel": CHANNEL,
-        "data": {"type": ["string", "object", "array"],
-                 "description": "a string (content type TEXT) or JSON (CARD)"},
-        "data_b64": {"type": "string", "maxLength": 1 << 22,
-                     "description": "binary payload, base64 (content type BINARY); instead of data"},
-        "content_type": {"type": "integer", "minimum": 0, "maximum": 255,
-                         "not": {"enum": [ContentType.EVENT]},
-                         "description": "docs/PROTOCOL.md §3.15; EVENT (5) is the server's"},
-        "meta": {"type": "object", "description": "JSON metadata carried with the message"},
-        "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 128,
-                            "description": "a retry with the same sender, channel and key is "
-                                           "answered with the first seq, not sequenced again"},
-        "sender": {**USER, "description": "the user the message is from (default fenghuo-api); "
-                                          "the relay's rules for that user apply"},
-    },
-}
+
+class Call(Body, frozen=True, forbid_unknown_fields=True):
+    """A validated API request body."""
+
+
+Sender = Annotated[str, Meta(pattern=_USER_ID, description="a user id (1-64 of A-Z a-z 0-9 _ . @ + -)")]
+SomeUsers = Annotated[list[UserId], Meta(min_length=1, max_length=1000, description=(
+    "a list of 1-1000 user ids (1-64 of A-Z a-z 0-9 _ . @ + -)"))]
+Patterns = Annotated[list[Annotated[str, Meta(max_length=255)]], Meta(
+    max_length=256, description="a list of at most 256 channel patterns (docs/PROTOCOL.md §5.2)")]
+
+
+class PublishCall(Call, frozen=True):
+    channel: ChannelName
+    data: Annotated[str | dict[str, Any] | list[Any], Meta(
+        description="a string (content type TEXT) or JSON (CARD)")] | None = None
+    data_b64: Annotated[str, Meta(description="binary payload in base64 (BINARY), instead of data")] \
+        | None = None
+    content_type: Annotated[int, Meta(ge=0, le=255, description=(
+        "an integer 0..255 (docs/PROTOCOL.md §3.15)"))] | None = None
+    meta: Annotated[dict[str, Any], Meta(description="a JSON object")] | None = None
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=128, description=(
+        "a string of 1-128 characters"))] | None = None
+    sender: Sender | None = None
+
+
+class BatchPublishCall(Call, frozen=True):
+    items: Annotated[list[PublishCall], Meta(min_length=1, max_length=1000, description=(
+        "a list of 1-1000 publish bodies"))]
+
+
+class GroupCreateCall(Call, frozen=True):
+    group: GroupId
+    owner: Sender
+    members: Users | None = None
+    title: Text | None = None
+
+
+class GroupAddCall(Call, frozen=True):
+    group: GroupId
+    by: Sender
+    users: SomeUsers
+    role: Annotated[Literal["member", "admin"], Meta(description='"member" or "admin"')] | None = None
+
+
+class GroupRemoveCall(Call, frozen=True):
+    group: GroupId
+    by: Sender
+    users: SomeUsers
+
+
+class UserCall(Call, frozen=True):
+    user: Sender
+
+
+class GroupMembersCall(Call, frozen=True):
+    group: GroupId
+    user: Sender
+
+
+class PresenceCall(Call, frozen=True):
+    users: SomeUsers
+
+
+class HistoryCall(Call, frozen=True):
+    channel: ChannelName
+    user: Sender | None = None
+    limit: Limit | None = None
+    before: Seq | None = None
+    after: Seq | None = None
+
+
+class TokenCall(Call, frozen=True):
+    user: Sender
+    ttl: Annotated[int, Meta(ge=1, le=366 * 86400, description="seconds, 1..366 days")] | None = None
+    channels: Patterns | None = None
+    read: Patterns | None = None
+    roles: Patterns | None = None
+
+
+OBJECT: dict[str, Any] = {"type": "object"}
 PUBLISHED = {"type": "object", "properties": {
-    "channel": CHANNEL, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
+    "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
     "duplicate": {"type": "boolean"}}}
+ERROR_BODY = {"type": "object", "properties": {
+    "code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
+    "name": {"type": "string"}, "message": {"type": "string"}}}
 MESSAGE = {"type": "object", "properties": {
-    "channel": CHANNEL, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
-    "sender": USER, "content_type": {"type": "integer"}, "key": {"type": "string"},
+    "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
+    "sender": {"type": "string"}, "content_type": {"type": "integer"}, "key": {"type": "string"},
     "data": {"description": "TEXT as a string, CARD and EVENT as JSON"},
     "data_b64": {"type": "string", "description": "any other payload, base64"},
     "meta": {"type": "object"}}}
-ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "properties": {
-        "code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
-        "name": {"type": "string"}, "message": {"type": "string"}}}}}
-
-
-def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
-    return {"type": "object", "additionalProperties": False, "required": required,
-            "properties": properties}
 
 
 @dataclass(frozen=True, slots=True)
 class Method:
     name: str
     summary: str
-    request: dict[str, Any]
+    request: type[Call]
     response: dict[str, Any]
-    run: Callable[[Api, dict[str, Any]], Awaitable[dict[str, Any]]]
+    run: Callable[[Api, Any], Awaitable[dict[str, Any]]]
+    schema: Schema = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schema", declare(self.name, self.request))
 
 
 # ---------------------------------------------------------------- keys
@@ -242,15 +315,15 @@ class Api:
             if method is None:
                 raise ApiError(ErrorCode.NOT_FOUND, f"no API method {name!r}", 404)
             self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
-            body = await self._body(request)
-            check(body, method.request)
+            try:
+                body = decode_with(method.schema, await self._body(request) or b"{}")
+            except ProtocolError as exc:
+                raise ApiError(exc.code, exc.message) from None
             result = await asyncio.wait_for(method.run(self, body),
                                             self.relay.settings.api_timeout)
             return _json(200, result)
         except ApiError as exc:
             return self._error(exc)
-        except SchemaError as exc:
-            return self._error(ApiError(ErrorCode.MALFORMED_BODY, str(exc)))
         except FenghuoError as exc:
             if isinstance(exc, ConnectionLost):
                 return self._error(ApiError(ErrorCode.TRY_AGAIN, "the relay session was lost: retry"))
@@ -263,16 +336,12 @@ class Api:
             log.exception("api call failed", extra={"method": name})
             return self._error(ApiError(ErrorCode.INTERNAL, "internal error"))
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> bytes:
         try:
-            raw = await request.read()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(ErrorCode.FRAME_TOO_LARGE, "the body exceeds "
                            f"{self.relay.settings.api_max_body} bytes (--api-max-body)") from None
-        try:
-            return orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            raise ApiError(ErrorCode.MALFORMED_BODY, "the body is not valid JSON") from None
 
     def _error(self, exc: ApiError) -> web.Response:
         self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
@@ -308,35 +377,35 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 # ---------------------------------------------------------------- methods
 
 
-def _payload(body: dict[str, Any]) -> tuple[bytes | str | dict | list, int | None]:
-    if "data_b64" in body:
-        if "data" in body:
-            raise ApiError(ErrorCode.MALFORMED_BODY, "give data or data_b64, not both")
+def _payload(body: PublishCall) -> str | bytes | dict | list:
+    if body.data_b64 is not None:
+        if body.data is not None:
+            raise ApiError(ErrorCode.MALFORMED_BODY, "publish: give `data` or `data_b64`, not both")
         try:
-            return base64.b64decode(body["data_b64"], validate=True), body.get("content_type")
+            return base64.b64decode(body.data_b64, validate=True)
         except ValueError:
-            raise ApiError(ErrorCode.MALFORMED_BODY, "data_b64 is not valid base64") from None
-    if "data" not in body:
-        raise ApiError(ErrorCode.MALFORMED_BODY, "body.data or body.data_b64 is required")
-    return body["data"], body.get("content_type")
+            raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `data_b64` is not base64") from None
+    if body.data is None:
+        raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `data` or `data_b64` is required")
+    return body.data
 
 
-async def publish(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    data, content_type = _payload(body)
-    client = await api.backends.as_user(body.get("sender", API_USER))
-    ack = await client.publish(body["channel"], data, content_type=content_type,
-                               meta=body.get("meta"), key=body.get("idempotency_key"))
+async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
+    data = _payload(body)
+    client = await api.backends.as_user(body.sender or API_USER)
+    ack = await client.publish(body.channel, data, content_type=body.content_type,
+                               meta=body.meta, key=body.idempotency_key)
     return {"channel": ack.channel, "seq": ack.seq, "ts_us": ack.ts_us, "duplicate": ack.duplicate}
 
 
-async def batch_publish(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+async def batch_publish(api: Api, body: BatchPublishCall) -> dict[str, Any]:
     # Started in order: publishes of one sender go out on one connection in
     # list order, so those to one channel are sequenced in list order.
-    tasks = [asyncio.ensure_future(_one(api, item)) for item in body["items"]]
+    tasks = [asyncio.ensure_future(_one(api, item)) for item in body.items]
     return {"results": await asyncio.gather(*tasks)}
 
 
-async def _one(api: Api, item: dict[str, Any]) -> dict[str, Any]:
+async def _one(api: Api, item: PublishCall) -> dict[str, Any]:
     try:
         return await publish(api, item)
     except ApiError as exc:
@@ -345,40 +414,40 @@ async def _one(api: Api, item: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"code": exc.code, "name": _code_name(exc.code), "message": exc.message}}
 
 
-async def group_create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body["owner"])
-    return await client.create_group(body["group"], body.get("members", []), body.get("title", ""))
+async def group_create(api: Api, body: GroupCreateCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.owner)
+    return await client.create_group(body.group, body.members or [], body.title or "")
 
 
-async def group_add(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body["by"])
-    return await client.add_members(body["group"], body["users"], body.get("role", "member"))
+async def group_add(api: Api, body: GroupAddCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.by)
+    return await client.add_members(body.group, body.users, body.role or "member")
 
 
-async def group_remove(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body["by"])
-    return await client.remove_members(body["group"], body["users"])
+async def group_remove(api: Api, body: GroupRemoveCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.by)
+    return await client.remove_members(body.group, body.users)
 
 
-async def group_list(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body["user"])
-    return {"user": body["user"], "groups": await client.list_groups()}
+async def group_list(api: Api, body: UserCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.user)
+    return {"user": body.user, "groups": await client.list_groups()}
 
 
-async def group_members(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body["user"])
-    return {"group": body["group"], "members": await client.group_members(body["group"])}
+async def group_members(api: Api, body: GroupMembersCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.user)
+    return {"group": body.group, "members": await client.group_members(body.group)}
 
 
-async def presence(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    return {"users": {user: api.relay.presence_of(user) for user in body["users"]}}
+async def presence(api: Api, body: PresenceCall) -> dict[str, Any]:
+    return {"users": {user: api.relay.presence_of(user) for user in body.users}}
 
 
-async def history(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    client = await api.backends.as_user(body.get("user", API_USER))
-    bounds = {k: body[k] for k in ("before", "after") if k in body}
-    messages = await client.history(body["channel"], limit=body.get("limit", 100), **bounds)
-    return {"channel": body["channel"], "messages": [message_json(m) for m in messages]}
+async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.user or API_USER)
+    messages = await client.history(body.channel, limit=body.limit or HISTORY_DEFAULT,
+                                    before=body.before, after=body.after)
+    return {"channel": body.channel, "messages": [message_json(m) for m in messages]}
 
 
 def message_json(m: Message) -> dict[str, Any]:
@@ -401,71 +470,62 @@ def message_json(m: Message) -> dict[str, Any]:
     return out
 
 
-async def disconnect(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    closed = api.relay.disconnect_user(body["user"])
-    return {"user": body["user"], "closed_here": closed}
+async def disconnect(api: Api, body: UserCall) -> dict[str, Any]:
+    closed = api.relay.disconnect_user(body.user)
+    return {"user": body.user, "closed_here": closed}
 
 
-async def token(api: Api, body: dict[str, Any]) -> dict[str, Any]:
-    ttl = body.get("ttl", 24 * 3600)
-    issued = issue_token(api.secret, body["user"], ttl=ttl, channels=body.get("channels", []),
-                         read=body.get("read", []), roles=body.get("roles", []))
-    return {"user": body["user"], "token": issued, "expires": int(time.time()) + ttl}
+async def token(api: Api, body: TokenCall) -> dict[str, Any]:
+    if SERVICE in (body.roles or ()):
+        raise ApiError(ErrorCode.FORBIDDEN, f"token: the role {SERVICE!r} is the server API's own")
+    ttl = body.ttl or DEFAULT_TTL
+    issued = issue_token(api.secret, body.user, ttl=ttl, channels=body.channels or [],
+                         read=body.read or [], roles=body.roles or [])
+    return {"user": body.user, "token": issued, "expires": int(time.time()) + ttl}
 
 
-PATTERNS = {"type": "array", "maxItems": 256, "items": {"type": "string", "maxLength": 255}}
-ROLES = {"type": "array", "maxItems": 256, "items": {"type": "string", "maxLength": 64,
-                                                     "not": {"enum": [SERVICE]}}}
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("publish", "Publish one message to a channel, as PUBLISH from `sender` would.",
-           PUBLISH, PUBLISHED, publish),
+           PublishCall, PUBLISHED, publish),
     Method("batch_publish", "Publish up to 1000 messages; one result (or error) per item, in order.",
-           _obj(["items"], items={"type": "array", "items": PUBLISH, "minItems": 1, "maxItems": 1000}),
-           {"type": "object", "properties": {"results": {"type": "array", "items": {
-               "oneOf": [PUBLISHED, ERROR["properties"]["error"]]}}}}, batch_publish),
+           BatchPublishCall, {"type": "object", "properties": {"results": {
+               "type": "array", "items": {"oneOf": [PUBLISHED, {"type": "object", "properties": {
+                   "error": ERROR_BODY}}]}}}}, batch_publish),
     Method("group_create", "Create a group owned by `owner` with `members`.",
-           _obj(["group", "owner"], group=GROUP, owner=USER,
-                members={**USERS, "minItems": 0}, title={"type": "string", "maxLength": 256}),
-           {"type": "object"}, group_create),
+           GroupCreateCall, OBJECT, group_create),
     Method("group_add", "Add `users` to a group, as `by` (its owner or an admin).",
-           _obj(["group", "by", "users"], group=GROUP, by=USER, users=USERS,
-                role={"type": "string", "enum": ["member", "admin"]}),
-           {"type": "object"}, group_add),
+           GroupAddCall, OBJECT, group_add),
     Method("group_remove", "Remove `users` from a group, as `by`.",
-           _obj(["group", "by", "users"], group=GROUP, by=USER, users=USERS),
-           {"type": "object"}, group_remove),
-    Method("group_list", "The groups `user` belongs to, with their role.",
-           _obj(["user"], user=USER), {"type": "object"}, group_list),
+           GroupRemoveCall, OBJECT, group_remove),
+    Method("group_list", "The groups `user` belongs to, with their role.", UserCall, OBJECT,
+           group_list),
     Method("group_members", "A group's members and their roles, as seen by member `user`.",
-           _obj(["group", "user"], group=GROUP, user=USER), {"type": "object"}, group_members),
+           GroupMembersCall, OBJECT, group_members),
     Method("presence", "Whether each user is online, and on how many devices (all workers).",
-           _obj(["users"], users=USERS), {"type": "object"}, presence),
+           PresenceCall, OBJECT, presence),
     Method("history", "A page of a channel's messages, oldest first, as read by `user` "
                       "(default fenghuo-api, an admin: any org channel).",
-           _obj(["channel"], channel=CHANNEL, user=USER,
-                limit={"type": "integer", "minimum": 1, "maximum": 1000},
-                before={"type": "integer", "minimum": 0}, after={"type": "integer", "minimum": 0}),
-           {"type": "object", "properties": {"channel": CHANNEL,
-                                             "messages": {"type": "array", "items": MESSAGE}}},
+           HistoryCall, {"type": "object", "properties": {
+               "channel": {"type": "string"}, "messages": {"type": "array", "items": MESSAGE}}},
            history),
     Method("disconnect", "Close every connection of `user` on every worker (ERROR 130, fatal).",
-           _obj(["user"], user=USER), {"type": "object"}, disconnect),
-    Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).",
-           _obj(["user"], user=USER, ttl={"type": "integer", "minimum": 1, "maximum": 366 * 86400},
-                channels=PATTERNS, read=PATTERNS, roles=ROLES),
-           {"type": "object"}, token),
+           UserCall, OBJECT, disconnect),
+    Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall, OBJECT,
+           token),
 )}
 
 
 def openapi() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the API, from :data:`METHODS` (committed as docs/openapi.json)."""
+    refs, components = msgspec.json.schema_components(
+        [m.request for m in METHODS.values()], ref_template="#/components/schemas/{name}")
     error = {"description": "error: code and name from docs/PROTOCOL.md §4",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     paths = {}
-    for m in METHODS.values():
+    for m, ref in zip(METHODS.values(), refs, strict=True):
         paths[f"/api/{m.name}"] = {"post": {
             "operationId": m.name, "summary": m.summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": m.request}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
             "responses": {"200": {"description": "done",
                                   "content": {"application/json": {"schema": m.response}}},
                           **{str(s): error for s in (400, 401, 403, 404, 409, 413, 500, 503, 504)}},
@@ -478,7 +538,8 @@ def openapi() -> dict[str, Any]:
         "security": [{"apiKey": []}],
         "paths": paths,
         "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
-                       "schemas": {"Error": ERROR}},
+                       "schemas": {**components, "Error": {"type": "object", "required": ["error"],
+                                                           "properties": {"error": ERROR_BODY}}}},
     }
 
 

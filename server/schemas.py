@@ -193,6 +193,8 @@ def _described(tp: Any) -> str:
 # The field a msgspec error is about: "... - at `$.users[3]`", "... `key` in `$.positions`",
 # "Object missing required field `channel`".
 _FIELD = re.compile(r"`\$\.(\w+)|missing required field `(\w+)`")
+# A schema that forbids unknown fields (the server API's) says which one it met.
+_UNKNOWN = re.compile(r"unknown field `([^`]{0,64})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +206,18 @@ class Schema:
     texts: dict[str, str]      # field -> refusal text; "" for the body as a whole
 
     def refuse(self, error: str) -> ProtocolError:
+        unknown = _UNKNOWN.search(error)
+        if unknown:
+            return ProtocolError(ErrorCode.MALFORMED_BODY,
+                                 f"{self.what}: `{unknown.group(1)}` is not a known field", False)
         m = _FIELD.search(error)
         field = (m.group(1) or m.group(2)) if m else ""
         return ProtocolError(ErrorCode.MALFORMED_BODY, self.texts.get(field, self.texts[""]),
                              False)
 
 
-def _schema(what: str, tp: Any) -> Schema:
+def declare(what: str, tp: Any) -> Schema:
+    """The :class:`Schema` of bodies of type ``tp`` (a Struct, or a union tagged by ``op``)."""
     variants = get_args(tp) if get_origin(tp) is Union else (tp,)
     # field -> {what it must be: [ops whose field it is]}
     musts: dict[str, dict[str, list[str]]] = {}
@@ -233,20 +240,24 @@ def _schema(what: str, tp: Any) -> Schema:
 
 
 SCHEMAS: dict[int, Schema] = {
-    FrameType.HELLO: _schema("HELLO", Hello),
-    FrameType.SUBSCRIBE: _schema("SUBSCRIBE", Subscribe),
-    FrameType.UNSUBSCRIBE: _schema("UNSUBSCRIBE", Unsubscribe),
-    FrameType.HISTORY: _schema("HISTORY", History),
-    FrameType.CURSOR: _schema("CURSOR", CursorRequest),
-    FrameType.GROUP: _schema("GROUP", GroupRequest),
-    FrameType.PRESENCE: _schema("PRESENCE", PresenceRequest),
-    FrameType.REFRESH: _schema("REFRESH", Refresh),
+    FrameType.HELLO: declare("HELLO", Hello),
+    FrameType.SUBSCRIBE: declare("SUBSCRIBE", Subscribe),
+    FrameType.UNSUBSCRIBE: declare("UNSUBSCRIBE", Unsubscribe),
+    FrameType.HISTORY: declare("HISTORY", History),
+    FrameType.CURSOR: declare("CURSOR", CursorRequest),
+    FrameType.GROUP: declare("GROUP", GroupRequest),
+    FrameType.PRESENCE: declare("PRESENCE", PresenceRequest),
+    FrameType.REFRESH: declare("REFRESH", Refresh),
 }
 
 
 def decode_body(ftype: int, body: bytes) -> Any:
     """The validated body of a ``ftype`` frame; MALFORMED_BODY (non-fatal) if it is not one."""
-    schema = SCHEMAS[ftype]
+    return decode_with(SCHEMAS[ftype], body)
+
+
+def decode_with(schema: Schema, body: bytes) -> Any:
+    """``body`` decoded and validated by ``schema``; MALFORMED_BODY (non-fatal) if it fails."""
     if json_nesting(body, MAX_DEPTH) > MAX_DEPTH:
         raise ProtocolError(ErrorCode.MALFORMED_BODY, schema.texts[""], False)
     try:

@@ -108,7 +108,7 @@ async def test_groups_history_presence_and_tokens(api_relay):
         api_relay.clients.append(dave)
         await dave.connect()
         assert dave.user == "dave"
-        await refused(api.token("eve", roles=["service"]), 400, ErrorCode.MALFORMED_BODY)
+        await refused(api.token("eve", roles=["service"]), 403, ErrorCode.FORBIDDEN)
     finally:
         await api.close()
 
@@ -148,7 +148,12 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
         ("publish", b"{not json", 400, ErrorCode.MALFORMED_BODY),
         ("publish", b'{"data":"x"}', 400, ErrorCode.MALFORMED_BODY),
         ("publish", b'{"channel":"org.a","data":"x","colour":1}', 400, ErrorCode.MALFORMED_BODY),
-        ("publish", b'{"channel":"org.a","data":"x","content_type":5}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"org.a","data":"x","content_type":5}', 403, ErrorCode.FORBIDDEN),
+        ("publish", b'{"channel":"org.a","data":"x","content_type":300}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b'{"channel":"org.a","data":"x","idempotency_key":null}', 200, None),
+        ("presence", b'{"users":[]}', 400, ErrorCode.MALFORMED_BODY),
+        ("history", b'{"channel":"org.a","limit":1001}', 400, ErrorCode.MALFORMED_BODY),
+        ("publish", b"[" * 40 + b"]" * 40, 400, ErrorCode.MALFORMED_BODY),
         ("publish", b'{"channel":"org.a"}', 400, ErrorCode.MALFORMED_BODY),
         ("publish", b'{"channel":"no such kind","data":"x"}', 400, ErrorCode.INVALID_CHANNEL),
         ("publish", b'{"channel":"dm:a:b","data":"x"}', 403, ErrorCode.FORBIDDEN),
@@ -159,7 +164,9 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
     ]
     for method, raw, status, code in cases:
         got = post(api_relay, method, raw, key)
-        assert (got[0], got[1]["error"]["code"]) == (status, code), (method, raw[:60], got)
+        assert (got[0], got[1].get("error", {}).get("code")) == (status, code), (method, raw[:60], got)
+    unknown = post(api_relay, "publish", b'{"channel":"org.a","data":"x","idempotency_kee":"k"}', key)
+    assert unknown[1]["error"]["message"] == "publish: `idempotency_kee` is not a known field"
     # A bad request costs no one else: the relay still publishes.
     assert Api(api_relay.api_url, key).publish("org.a", "still here")["seq"] >= 1
     with urllib.request.urlopen(f"{api_relay.api_url}/api/openapi.json", timeout=10) as response:
