@@ -225,13 +225,6 @@ def key_allowed(header: str | None, hashes: tuple[bytes, ...]) -> bool:
 # ---------------------------------------------------------------- sessions
 
 
-class _BackendClient(Client):
-    """A client session the API acts through: what its user receives is not kept."""
-
-    def _on_message(self, message: Message) -> None:
-        return None
-
-
 @dataclass
 class Backends:
     """One client session per user the API acts as, over loopback to this relay."""
@@ -249,7 +242,9 @@ class Backends:
             entry = None
         if entry is None:
             token = issue_token(self.secret, user, ttl=SESSION_TOKEN_TTL, roles=["admin", SERVICE])
-            client = _BackendClient(self.server, token=token, device=SERVICE_DEVICE, sync_cursors=False)
+            # What the user receives is not kept: no inbox, no cursor sync.
+            client = Client(self.server, token=token, device=SERVICE_DEVICE, sync_cursors=False,
+                            pending_messages=0)
             entry = self.sessions[user] = (now, asyncio.ensure_future(client.connect()))
             while len(self.sessions) > MAX_BACKEND_SESSIONS:
                 self._drop(next(iter(self.sessions)))

@@ -163,3 +163,10 @@ def test_hostile_answers_everything_in_order_and_the_canary_loses_nothing(worker
     assert result["answered"] == result["sent"] > 0 and result["unanswered"] == 0
     assert (result["wedged"], result["out_of_order"], result["canary_lost"]) == (0, 0, 0)
     assert result["canary"]["acked"] > 0
+
+
+def test_api_bench_measures_both_paths_in_one_run():
+    out = bench("api", "--count", "20", "--concurrency", "4").stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
+    assert set(rows) == {"protocol", "api"} and all(float(v[0]) > 0 for v in rows.values()), out
+    assert "api/protocol: throughput x" in out
