@@ -59,6 +59,7 @@ from fenghuo.server.store import SQLiteStore
 from fenghuo.server.revocations import Revocations
 from fenghuo.server.tls import ServerTLS
 from fenghuo.server.tokenwatch import TokenWatch
+from fenghuo.tokens import Grants
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
@@ -869,10 +870,28 @@ class Relay:
             devices += self.cluster.remote_presence(user)
         return {"online": devices > 0, "devices": devices}
 
+    def shares_channel(self, user: str, other: str) -> bool:
+        """Do ``user`` and ``other`` both belong to a direct or group channel?"""
+        mine, theirs = self.memberships.get(user, {}), self.memberships.get(other, {})
+        if len(theirs) < len(mine):
+            mine, theirs = theirs, mine
+        return any(ch in theirs for ch in mine)
+
+    def sees_presence(self, grants: Grants, user: str) -> bool:
+        """PROTOCOL §3.17: oneself, users sharing a channel, or anyone with the ``presence`` claim."""
+        return grants.sees_all_presence or grants.user == user or self.shares_channel(grants.user, user)
+
+    def visible_presence(self, grants: Grants, user: str) -> dict:
+        if self.sees_presence(grants, user):
+            return self.presence_of(user)
+        return {"online": False, "devices": 0, "hidden": True}
+
     def presence_changed(self, user: str) -> None:
         watchers = self.watchers.get(user)
         if not watchers:
             return
         frame = encode_json(FrameType.PRESENCE_EVENT, {"user": user, **self.presence_of(user)})
         for session in watchers:
-            session.send(frame)
+            # Checked at each event: a watch outlives the shared channel that allowed it.
+            if self.sees_presence(session.grants, user):
+                session.send(frame)

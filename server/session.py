@@ -326,7 +326,7 @@ class Session(Connection, asyncio.BufferedProtocol):
                 relay.watchers.get(user, set()).discard(self)
                 if self.watching is not None:
                     self.watching.discard(user)
-        self.reply(request_id, {"users": {u: relay.presence_of(u) for u in users}})
+        self.reply(request_id, {"users": {u: relay.visible_presence(self.grants, u) for u in users}})
 
 
 _HANDLERS: dict[int, Callable[..., None]] = {

@@ -56,10 +56,12 @@ class RelayProcess:
         return issue_token(self.secret, user, **claims)
 
     def client(self, user: str, *, channels: tuple[str, ...] = (), read: tuple[str, ...] = (),
-               roles: tuple[str, ...] = (), **kwargs: Any) -> fenghuo.Client:
-        """A client for ``user`` (not yet connected: ``await c.connect()``)."""
+               roles: tuple[str, ...] = (), presence: bool = False,
+               **kwargs: Any) -> fenghuo.Client:
+        """A client for ``user`` (not yet connected: ``await c.connect()``);
+        ``presence``: its token may see every user's presence."""
         client = fenghuo.Client(self.server, token=self.token(
-            user, channels=channels, read=read, roles=roles), **kwargs)
+            user, channels=channels, read=read, roles=roles, presence=presence), **kwargs)
         self.clients.append(client)
         return client
 

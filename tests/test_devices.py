@@ -62,7 +62,7 @@ async def test_a_newer_connection_of_a_device_replaces_the_older(relay_factory, 
 @pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
 async def test_many_devices_of_one_user_come_and_go(relay_factory, workers):
     relay = relay_factory(workers=workers)
-    bob = await relay.connect("bob")
+    bob = await relay.connect("bob", presence=True)   # sees alice without a shared channel
 
     async def devices() -> int:
         return (await bob.presence(["alice"]))["alice"]["devices"]

@@ -145,7 +145,7 @@ async def test_a_group_spread_over_workers_gets_every_message_in_one_gap_free_or
 
 
 async def test_direct_chat_presence_and_receipts_cross_workers(workers_relay):
-    clients = await clients_on_every_worker(workers_relay, ["ann", "cat", "dan"])
+    clients = await clients_on_every_worker(workers_relay, ["ann", "cat", "dan"], presence=True)
     ann = clients["ann"]
     # Someone whose chat with ann another worker than ann's sequences.
     bob_name = next(name for name in (f"bob{i}" for i in range(100))
@@ -188,7 +188,7 @@ async def test_a_few_thousand_connections_spread_over_the_workers(workers_relay)
     wire = Fenghuo(workers_relay.secret)   # the bench's handshake, without its server
     wire.port = workers_relay.port
     streams = await asyncio.gather(*(wire.connect(f"idle{i:05d}") for i in range(2000)))
-    watcher = await workers_relay.client("watcher").connect()
+    watcher = await workers_relay.client("watcher", presence=True).connect()
     presence = await watcher.presence([f"idle{i:05d}" for i in range(0, 2000, 50)])
     assert all(p["online"] for p in presence.values())
     speaker = await workers_relay.client("speaker").connect()
@@ -262,7 +262,7 @@ async def test_a_killed_worker_is_restarted_and_no_acked_message_is_lost(workers
 
 
 async def test_a_users_devices_on_every_worker_add_up_for_a_watcher(workers_relay):
-    watcher = await workers_relay.connect("watcher")
+    watcher = await workers_relay.connect("watcher", presence=True)
     bobs: list[fenghuo.Client] = []
     while {b.welcome["worker"] for b in bobs} != set(range(WORKERS)) and len(bobs) < 40:
         bobs.append(await workers_relay.connect("bob"))
@@ -278,7 +278,7 @@ async def test_a_users_devices_on_every_worker_add_up_for_a_watcher(workers_rela
 async def test_users_of_a_killed_worker_go_offline_for_watchers_on_the_others(workers_relay):
     users = [f"r{i}" for i in range(WORKERS)]
     clients = await clients_on_every_worker(workers_relay, users, reconnect=False)
-    watcher = await workers_relay.connect("watcher")
+    watcher = await workers_relay.connect("watcher", presence=True)
     victim = next(w for w in range(WORKERS) if w != watcher.welcome["worker"])
     gone = {u for u, c in clients.items() if c.welcome["worker"] == victim}
     for user in users:
