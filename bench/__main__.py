@@ -10,6 +10,7 @@
     python -m bench devices [options]                     one user's devices leaving at once (bench/crowd.py)
     python -m bench hostile [options]                     bad requests pipelined with good ones (bench/hostile.py)
     python -m bench api [options]                         server API publish against protocol publish (bench/api.py)
+    python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -269,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     hostile.add_command(sub)
     from bench import api
     api.add_commands(sub)
+    from bench import tls
+    tls.add_command(sub)
     return cli
 
 

@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -246,7 +247,7 @@ class Target(ABC):
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
-async def open_stream(host: str, port: int, source: str | None):
+async def open_stream(host: str, port: int, source: str | None, tls: ssl.SSLContext | None = None):
     """A stream to ``host:port``, from the address ``source`` if given.
 
     Bound to ``source`` with IP_BIND_ADDRESS_NO_PORT, so the port is chosen
@@ -256,7 +257,7 @@ async def open_stream(host: str, port: int, source: str | None):
     12 source addresses the generators spent most of their time in bind).
     """
     if not source:
-        return await asyncio.open_connection(host, port)
+        return await asyncio.open_connection(host, port, ssl=tls)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
@@ -266,7 +267,8 @@ async def open_stream(host: str, port: int, source: str | None):
     except BaseException:
         sock.close()
         raise
-    return await asyncio.open_connection(sock=sock)
+    return await asyncio.open_connection(sock=sock, ssl=tls,
+                                         server_hostname=host if tls is not None else None)
 
 
 def handed_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
@@ -286,6 +288,8 @@ class FenghuoWire(Target):
     def __init__(self, secret: str) -> None:
         super().__init__()
         self.secret = secret
+        #: the client TLS context when the server speaks TLS
+        self.tls: ssl.SSLContext | None = None
 
     def direct(self, a: str, b: str) -> str:
         return f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
@@ -313,7 +317,7 @@ class FenghuoWire(Target):
 
     async def open(self, user: str, subscribe: tuple[str, ...] = (),
                    source: str | None = None) -> Opened:
-        reader, writer = await open_stream(self.host, self.port, source)
+        reader, writer = await open_stream(self.host, self.port, source, self.tls)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, user)}, 1)
@@ -327,7 +331,7 @@ class FenghuoWire(Target):
             raise
 
     async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
-        reader, writer = await open_stream(self.host, self.port, None)
+        reader, writer = await open_stream(self.host, self.port, None, self.tls)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, owner)}, 1)
@@ -366,11 +370,26 @@ class Fenghuo(FenghuoWire):
 
     name = "fenghuo"
 
-    def __init__(self, secret: str, relay_flags: tuple[str, ...] = (), workers: int = 1) -> None:
+    def __init__(self, secret: str, relay_flags: tuple[str, ...] = (), workers: int = 1,
+                 tls: bool = False) -> None:
         super().__init__(secret)
         self.relay_flags = relay_flags
         self.metrics_port = 0
         self.workers = workers
+        #: serve TLS with a self-signed certificate made in the workdir (``bench tls``)
+        self.use_tls = tls
+        if tls:
+            self.name = "fenghuo-tls"
+
+    def _tls_flags(self, workdir: Path) -> tuple[str, ...]:
+        """A self-signed P-256 certificate for 127.0.0.1, trusted by this generator."""
+        cert, key = workdir / "tls.pem", workdir / "tls.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                        "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        self.tls = ssl.create_default_context(cafile=str(cert))
+        return ("--tls-cert", str(cert), "--tls-key", str(key))
 
     def start(self, workdir: Path) -> None:
         self.port = free_port()
@@ -378,7 +397,8 @@ class Fenghuo(FenghuoWire):
         cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
                f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
-               "--log-level", "warning", "--workers", str(self.workers), *self.relay_flags]
+               "--log-level", "warning", "--workers", str(self.workers), *self.relay_flags,
+               *(self._tls_flags(workdir) if self.use_tls else ())]
         if self.workers == 1:
             self._spawn(cmd)
             return
