@@ -170,3 +170,13 @@ def test_api_bench_measures_both_paths_in_one_run():
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
     assert set(rows) == {"protocol", "api"} and all(float(v[0]) > 0 for v in rows.values()), out
     assert "api/protocol: throughput x" in out
+def test_tls_runs_every_scenario_over_tcp_and_tls_with_ratios():
+    run = bench("tls", "--members", "10", "--connections", "50", "--pairs", "2", "--rate", "200",
+                "--warmup", "0.2", "--duration", "0.5", "--repeat", "1")
+    out = run.stdout
+    assert out.count("fenghuo-tls ") == 4 and "fenghuo connections 50" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "scenario" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| one-to-one", "| fan-out 10", "| latency 2 pairs @ 200/s", "| 50 connections"]
+    for row in rows:    # both transports delivered: every TLS / TCP ratio is above 0
+        assert float(row.split(" | ")[4]) > 0
