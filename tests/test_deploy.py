@@ -119,6 +119,8 @@ def test_unit_stops_after_the_relay_has_drained_and_restarts_on_failure() -> Non
     assert service["KillMode"] == "mixed"
     assert service["Restart"] == "on-failure"
     assert int(service["LimitNOFILE"]) >= 500_000
+    # The supervisor passes SIGHUP to its workers: they reload their TLS certificates.
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_unit_runs_as_its_own_user_with_its_data_dir_and_known_settings() -> None:
