@@ -8,7 +8,7 @@ batch goes out in one write on one connection, followed by a PING, to a real
 relay: once with ``--workers 1`` and once as the default deployment (one
 worker per core, where GROUP changes are forwarded to their channel's owner).
 
-What the spec says must hold (docs/PROTOCOL.md §2.5 "Validation", §4):
+What the spec says must hold (docs/PROTOCOL.md §1.1, §2.5 "Validation", §4):
 every request is answered exactly once, in request order, and the PING
 after it last; a valid body never gets MALFORMED_BODY; an invalid one always
 does; nobody ever gets INTERNAL.  The oracle below is written from the spec's
@@ -312,17 +312,16 @@ def test_every_control_body_is_answered_as_documented(deployment, hello, batch):
         ping_rid = first_rid + len(batch)
         wire.send(out + encode_frame(FrameType.PING, b"end", ping_rid))
         replies = wire.replies(len(batch) + 1)
+        # Each request answered once, in request order (§1.1), the PING last.
+        # Known defect left to the reply sequencer's owner: a SUBSCRIBE's
+        # RESULT can pass an earlier HISTORY's page (seen with one worker), so
+        # HISTORY pages are checked for presence here, not for their place.
         rids = [f.request_id for f in replies]
-        assert sorted(rids) == list(range(first_rid, ping_rid + 1)), (rids, batch)   # once each
-        # Request order (§1.1), the PING last. Until the per-connection reply
-        # sequencer (issue 10 item 3) lands, HISTORY is answered from a task of
-        # its own and may be passed by later replies, and under several workers
-        # a forwarded request's answer may be passed too; the PING stays last.
+        assert sorted(rids) == list(range(first_rid, ping_rid + 1)), (rids, batch)
         history = {first_rid + i for i, r in enumerate(batch) if r.ftype == FrameType.HISTORY}
         kept = [rid for rid in rids if rid not in history]
-        if deployment.workers == 1:
-            assert kept == sorted(kept), ([(f.request_id, f.type) for f in replies], batch)
-        assert kept[-1] == ping_rid, ([(f.request_id, f.type) for f in replies], batch)
+        assert kept == sorted(kept) and rids[-1] == ping_rid, (
+            [(f.request_id, f.type) for f in replies], batch)
         by_rid = {f.request_id: f for f in replies}
         assert by_rid[ping_rid].type == FrameType.PONG
         for i, request in enumerate(batch):

@@ -198,3 +198,14 @@ async def test_a_compressed_body_of_exactly_max_frame_is_accepted(relay_factory)
     conn.write(compressed_ping(65537, 2))
     await conn.expect_error(ErrorCode.FRAME_TOO_LARGE, request_id=2)
     await conn.expect_closed()
+
+
+async def test_a_token_with_a_crit_header_or_alg_none_is_token_invalid(relay):
+    claims = {"sub": "eve", "exp": int(time.time()) + 3600}
+    crit = jwt.encode(claims, relay.secret, algorithm="HS256", headers={"crit": ["x"], "x": 1})
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    for token in (crit, unsigned):
+        conn = await open_raw(relay)
+        conn.write(encode_json(FrameType.HELLO, {"token": token}, 1))
+        await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+        await conn.expect_closed()
