@@ -9,7 +9,7 @@ import os
 import sys
 import tomllib
 import warnings
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import orjson
 
@@ -229,10 +229,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             InsecureKeyLengthWarning)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (with where to read more), status 2 as argparse has it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     from fenghuo.server import config
 
-    root = argparse.ArgumentParser(prog="fenghuo", description="fenghuo instant-messaging relay")
+    root = _Parser(prog="fenghuo", description="fenghuo instant-messaging relay")
     sub = root.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the relay")

@@ -157,3 +157,11 @@ async def test_every_user_error_is_one_line_and_a_nonzero_status(relay, tmp_path
         assert rc == 1 and out == "", (what, rc, out, err)
         assert err.startswith("fenghuo: ") and err.count("\n") == 1, (what, err)
         assert "Traceback" not in err, (what, err)
+
+
+async def test_a_usage_error_is_one_line_and_status_2():
+    for args in (("token", "bob", "--ttl", "soon"), ("send", "--to"), ("serve", "--port", "x"),
+                 ()):
+        rc, out, err = await fenghuo_cli(*args)
+        assert (rc, out) == (2, ""), (args, err)
+        assert err.startswith("fenghuo") and err.count("\n") == 1 and "--help)" in err, (args, err)
