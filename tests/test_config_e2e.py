@@ -81,7 +81,7 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
     zeros = [o for o in _numbers() if o.zero is not None]
     assert {o.name for o in zeros} == {
         "port", "metrics_port", "compress_threshold", "drain_timeout", "max_connections",
-        "max_handshakes", "admit_rate", "workers", "replica_idle", "token_grace"}, \
+        "max_handshakes", "admit_rate", "workers", "replica_idle", "token_grace", "api_port"}, \
         "a new 0: test it here"
     secret = "s" * 40
     flags = [arg for o in zeros for arg in (o.flag, "0")]
