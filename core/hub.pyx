@@ -352,6 +352,14 @@ cdef class Hub:
         if self.store is None or not self.durable_acks:
             action()
         else:
+            self.after_commit(action)
+
+    def after_commit(self, action):
+        """Call ``action()`` once everything queued for the store before now is
+        committed, whatever ``--fsync`` says (a reply promising a saved state)."""
+        if self.store is None:
+            action()
+        else:
             self.store.append((None, 0, 0, None, None, None, (None, 0, action, None, None, 0.0)))
 
     cpdef int fan_out(self, Channel ch, bytes frame) except -1:

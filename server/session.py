@@ -253,6 +253,12 @@ class Session(Connection, asyncio.BufferedProtocol):
                         if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
                 if relay.store is not None and kept:
                     relay.store.save_device_cursors(self.user, self.device, kept)
+                    if request_id:
+                        # "saved" means a HELLO of this device, on any worker, resumes from it.
+                        slot = self.reserve_reply()
+                        answer = encode_json(FrameType.RESULT, {"saved": len(kept)}, request_id)
+                        relay.hub.after_commit(lambda: self.fill_reply(slot, answer))
+                    return
                 result = {"saved": len(kept)}
             case CursorUnread():
                 result = {"unread": {ch.name: relay.unread(self.user, ch)
