@@ -18,8 +18,10 @@ against the trivial echo target.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -180,13 +182,26 @@ async def build_group(target: Target, members: int, payload: int, window: int,
     return _Setup([publisher], subscribers, len(wire.publish), wire.delivery_size)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure_throughput(setup: _Setup, warmup: float, duration: float,
-                             progress: Progress) -> tuple[float, float, float, float]:
-    """(seconds, publishes/s, deliveries/s, generator bytes/s) over ``duration``."""
+                             progress: Progress, cpu: dict[str, float] | None = None,
+                             pid: int = 0) -> tuple[float, float, float, float]:
+    """(seconds, publishes/s, deliveries/s, generator bytes/s) over ``duration``.
+
+    Given ``cpu`` and the server's ``pid``, also puts the server's CPU time
+    per publish over the same interval in ``cpu["us_per_publish"]``: unlike
+    throughput it hardly moves when other processes share the machine.
+    """
     for publisher in setup.publishers:
         publisher.start()
     await asyncio.sleep(warmup)
     p0, d0, m0 = setup.counters()
+    c0 = cpu_seconds(pid) if pid else 0.0
     t0 = time.perf_counter()
     deadline = t0 + duration
     while (left := deadline - time.perf_counter()) > 0:
@@ -195,6 +210,8 @@ async def measure_throughput(setup: _Setup, warmup: float, duration: float,
         progress(f"{(setup.counters()[1] - d0) / setup.delivery_size / elapsed:,.0f} deliveries/s")
     p1, d1, m1 = setup.counters()
     elapsed = time.perf_counter() - t0
+    if pid and cpu is not None and p1 > p0:
+        cpu["us_per_publish"] = (cpu_seconds(pid) - c0) / (p1 - p0) * 1e6
     for publisher in setup.publishers:
         publisher.stop()
     return (elapsed, (p1 - p0) / elapsed, (d1 - d0) / setup.delivery_size / elapsed,
@@ -249,6 +266,7 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
     name = "one-to-one" if pairs == 1 else "many-to-many"
     params: dict[str, Any] = {"pairs": pairs, "payload": payload, "keyed": keyed}
     recorder = Recorder() if rate else None
+    cpu: dict[str, float] = {}
     setup = await build_pairs(target, pairs, payload, window, recorder, progress, keyed)
     try:
         if rate:
@@ -258,10 +276,13 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
                                                              duration, progress)
         else:
             params["window"] = window
-            seconds, pub, dlv, moved = await measure_throughput(setup, warmup, duration, progress)
+            seconds, pub, dlv, moved = await measure_throughput(
+                setup, warmup, duration, progress, cpu, target.proc.pid if target.proc else 0)
     finally:
         setup.close()
     result = Result(name, target.name, params, seconds, pub, dlv, moved, rate)
+    if cpu:
+        result.extra["server_cpu_us_per_publish"] = cpu["us_per_publish"]
     if recorder is not None:
         samples = recorder.array()
         result.latency_ms = percentiles_ms(samples)

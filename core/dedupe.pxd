@@ -1,12 +1,25 @@
 from libc.stdint cimport int64_t, uint64_t
 
 
+cdef enum:
+    # Keys (sender NUL key) up to this long live in their entry: no malloc,
+    # no free, and eviction reads the ring in order.  The Python client's
+    # keys are 24 bytes, so a sender name of up to 39 bytes fits.
+    DEDUPE_INLINE_KEY = 64
+
+
 cdef struct DedupeEntry:
     Py_hash_t hash
     uint64_t seq
     uint64_t ts_us
-    char* key                        # PyMem_Malloc'd: sender NUL idempotency key
     Py_ssize_t key_len
+    char* heap_key                   # PyMem_Malloc'd when key_len > DEDUPE_INLINE_KEY, else NULL
+    char inline_key[DEDUPE_INLINE_KEY]
+
+
+cdef struct DedupeSlot:
+    int64_t n                        # entry number; -1: empty
+    Py_hash_t hash                   # its key's hash: probing and eviction stay in the table
 
 
 cdef class DedupeWindow:
@@ -18,10 +31,11 @@ cdef class DedupeWindow:
     cdef Py_ssize_t _ring_cap         # a power of two, grown by doubling
     cdef uint64_t _head               # number of the oldest entry held
     cdef uint64_t _tail               # number the next entry gets
-    cdef int64_t* _table              # entry numbers; -1: empty slot
+    cdef DedupeSlot* _table
     cdef Py_ssize_t _table_mask
     # The key looked up last and not found: ``accept`` files it.
-    cdef char* _pending
+    cdef char* _pending               # _pending_inline, or PyMem_Malloc'd if longer
+    cdef char _pending_inline[DEDUPE_INLINE_KEY]
     cdef Py_ssize_t _pending_len
     cdef Py_hash_t _pending_hash
     cdef readonly Py_ssize_t max_keys
@@ -34,9 +48,10 @@ cdef class DedupeWindow:
                     Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1
-    cdef int _insert(self, char* key, Py_ssize_t key_len, Py_hash_t h,
+    cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
                      uint64_t seq, uint64_t ts_us) except -1
     cdef int _grow(self) except -1
+    cdef void _drop_pending(self) noexcept
     cdef void _evict_oldest(self) noexcept
     cdef void _expire(self, uint64_t now_us) noexcept
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept

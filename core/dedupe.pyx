@@ -19,6 +19,10 @@ cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
 
 
+cdef inline const char* entry_key(DedupeEntry* e) noexcept:
+    return e.heap_key if e.heap_key != NULL else e.inline_key
+
+
 @cython.final
 cdef class DedupeWindow:
     """Keys of the last ``span_us`` µs of one channel, at most ``max_keys``: key -> (seq, ts_us)."""
@@ -34,11 +38,11 @@ cdef class DedupeWindow:
 
     def __dealloc__(self):
         while self._head != self._tail:
-            PyMem_Free(self._ring[self._head & (self._ring_cap - 1)].key)
+            PyMem_Free(self._ring[self._head & (self._ring_cap - 1)].heap_key)
             self._head += 1
         PyMem_Free(self._ring)
         PyMem_Free(self._table)
-        PyMem_Free(self._pending)
+        self._drop_pending()
 
     def __len__(self):
         return self._tail - self._head
@@ -46,15 +50,8 @@ cdef class DedupeWindow:
     def load(self, keys) -> None:
         """File ``(key, seq, ts_us)`` records from the store, oldest first (a restart)."""
         cdef bytes key
-        cdef char* copy
-        cdef Py_ssize_t n
         for key, seq, ts_us in keys:
-            n = len(key)
-            copy = <char*>PyMem_Malloc(n)
-            if copy == NULL:
-                raise MemoryError()
-            memcpy(copy, <const char*>key, n)
-            self._insert(copy, n, _Py_HashBytes(copy, n), seq, ts_us)
+            self._insert(key, len(key), _Py_HashBytes(<const char*>key, len(key)), seq, ts_us)
 
     def find(self, bytes key):
         """``(seq, ts_us)`` under ``key`` (sender NUL idempotency key), or None."""
@@ -62,7 +59,7 @@ cdef class DedupeWindow:
         cdef DedupeEntry* e
         if slot < 0:
             return None
-        e = &self._ring[self._table[slot] & (self._ring_cap - 1)]
+        e = &self._ring[self._table[slot].n & (self._ring_cap - 1)]
         return e.seq, e.ts_us
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
@@ -72,10 +69,13 @@ cdef class DedupeWindow:
         cdef Py_ssize_t slot
         cdef DedupeEntry* e
         self._expire(now_us)
-        PyMem_Free(self._pending)
-        self._pending = <char*>PyMem_Malloc(n)
-        if self._pending == NULL:
-            raise MemoryError()
+        self._drop_pending()
+        if n > DEDUPE_INLINE_KEY:
+            self._pending = <char*>PyMem_Malloc(n)
+            if self._pending == NULL:
+                raise MemoryError()
+        else:
+            self._pending = self._pending_inline
         memcpy(self._pending, sender, sender_len)
         self._pending[sender_len] = 0
         memcpy(self._pending + sender_len + 1, key, key_len)
@@ -84,7 +84,7 @@ cdef class DedupeWindow:
         slot = self._slot_of(self._pending, n, self._pending_hash)
         if slot < 0:
             return 0
-        e = &self._ring[self._table[slot] & (self._ring_cap - 1)]
+        e = &self._ring[self._table[slot].n & (self._ring_cap - 1)]
         seq[0] = e.seq
         ts_us[0] = e.ts_us
         return 1
@@ -95,16 +95,23 @@ cdef class DedupeWindow:
 
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1:
         """File the pending key under the seq and time its publish was given."""
-        cdef char* key = self._pending
-        if key == NULL:
+        if self._pending == NULL:
             raise RuntimeError("accept without a missed lookup")
-        self._pending = NULL
-        return self._insert(key, self._pending_len, self._pending_hash, seq, ts_us)
+        try:
+            return self._insert(self._pending, self._pending_len, self._pending_hash, seq, ts_us)
+        finally:
+            self._drop_pending()
 
-    cdef int _insert(self, char* key, Py_ssize_t key_len, Py_hash_t h,
+    cdef void _drop_pending(self) noexcept:
+        if self._pending != NULL and self._pending != self._pending_inline:
+            PyMem_Free(self._pending)
+        self._pending = NULL
+
+    cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
                      uint64_t seq, uint64_t ts_us) except -1:
-        # Takes ``key`` over (frees it on failure).
+        # Files a copy of ``key``.
         cdef DedupeEntry* e
+        cdef char* heap = NULL
         cdef Py_ssize_t i
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             e = &self._ring[self._head & (self._ring_cap - 1)]
@@ -112,21 +119,25 @@ cdef class DedupeWindow:
                 self.evicted_early_us = e.ts_us
             self._evict_oldest()
         if <Py_ssize_t>(self._tail - self._head) == self._ring_cap:
-            try:
-                self._grow()
-            except MemoryError:
-                PyMem_Free(key)
-                raise
+            self._grow()
+        if key_len > DEDUPE_INLINE_KEY:
+            heap = <char*>PyMem_Malloc(key_len)
+            if heap == NULL:
+                raise MemoryError()
+            memcpy(heap, key, key_len)
         e = &self._ring[self._tail & (self._ring_cap - 1)]
         e.hash = h
         e.seq = seq
         e.ts_us = ts_us
-        e.key = key
         e.key_len = key_len
+        e.heap_key = heap
+        if heap == NULL:
+            memcpy(e.inline_key, key, key_len)
         i = <Py_ssize_t>(<uint64_t>h) & self._table_mask
-        while self._table[i] >= 0:
+        while self._table[i].n >= 0:
             i = (i + 1) & self._table_mask
-        self._table[i] = <int64_t>self._tail
+        self._table[i].n = <int64_t>self._tail
+        self._table[i].hash = h
         self._tail += 1
         return 0
 
@@ -134,21 +145,22 @@ cdef class DedupeWindow:
         # Entries move to their place in the larger ring; the table is rebuilt.
         cdef Py_ssize_t cap = self._ring_cap * 2 if self._ring_cap else DEDUPE_INITIAL_ENTRIES
         cdef DedupeEntry* ring = <DedupeEntry*>PyMem_Malloc(cap * sizeof(DedupeEntry))
-        cdef int64_t* table = <int64_t*>PyMem_Malloc(2 * cap * sizeof(int64_t))
+        cdef DedupeSlot* table = <DedupeSlot*>PyMem_Malloc(2 * cap * sizeof(DedupeSlot))
         cdef uint64_t n
         cdef Py_ssize_t i, mask = 2 * cap - 1
         if ring == NULL or table == NULL:
             PyMem_Free(ring)
             PyMem_Free(table)
             raise MemoryError()
-        memset(table, 0xFF, 2 * cap * sizeof(int64_t))     # every slot -1
+        memset(table, 0xFF, 2 * cap * sizeof(DedupeSlot))     # every slot's n is -1
         n = self._head
         while n != self._tail:
             ring[n & (cap - 1)] = self._ring[n & (self._ring_cap - 1)]
             i = <Py_ssize_t>(<uint64_t>ring[n & (cap - 1)].hash) & mask
-            while table[i] >= 0:
+            while table[i].n >= 0:
                 i = (i + 1) & mask
-            table[i] = <int64_t>n
+            table[i].n = <int64_t>n
+            table[i].hash = ring[n & (cap - 1)].hash
             n += 1
         PyMem_Free(self._ring)
         PyMem_Free(self._table)
@@ -160,18 +172,19 @@ cdef class DedupeWindow:
 
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept:
         cdef Py_ssize_t i
-        cdef int64_t n
+        cdef DedupeSlot* slot
         cdef DedupeEntry* e
         if self._table == NULL:
             return -1
         i = <Py_ssize_t>(<uint64_t>h) & self._table_mask
         while True:
-            n = self._table[i]
-            if n < 0:
+            slot = &self._table[i]
+            if slot.n < 0:
                 return -1
-            e = &self._ring[n & (self._ring_cap - 1)]
-            if e.hash == h and e.key_len == key_len and memcmp(e.key, key, key_len) == 0:
-                return i
+            if slot.hash == h:
+                e = &self._ring[slot.n & (self._ring_cap - 1)]
+                if e.key_len == key_len and memcmp(entry_key(e), key, key_len) == 0:
+                    return i
             i = (i + 1) & self._table_mask
 
     cdef void _evict_oldest(self) noexcept:
@@ -180,22 +193,22 @@ cdef class DedupeWindow:
         cdef Py_ssize_t mask = self._table_mask
         cdef Py_ssize_t i = <Py_ssize_t>(<uint64_t>e.hash) & mask
         cdef Py_ssize_t j, home
-        while self._table[i] != <int64_t>self._head:
+        while self._table[i].n != <int64_t>self._head:
             i = (i + 1) & mask
         j = i
         while True:
             j = (j + 1) & mask
-            if self._table[j] < 0:
+            if self._table[j].n < 0:
                 break
-            home = <Py_ssize_t>(<uint64_t>self._ring[self._table[j] & (self._ring_cap - 1)].hash) & mask
+            home = <Py_ssize_t>(<uint64_t>self._table[j].hash) & mask
             # The entry at j may fill the hole at i unless its home lies in (i, j].
             if (i <= j and i < home <= j) or (i > j and (home > i or home <= j)):
                 continue
             self._table[i] = self._table[j]
             i = j
-        self._table[i] = -1
-        PyMem_Free(e.key)
-        e.key = NULL
+        self._table[i].n = -1
+        PyMem_Free(e.heap_key)
+        e.heap_key = NULL
         self._head += 1
 
     cdef void _expire(self, uint64_t now_us) noexcept:
