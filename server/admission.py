@@ -129,6 +129,19 @@ class Admission:
             return make_session()
         return new_protocol
 
+    def refusal_frame(self) -> bytes | None:
+        """The TRY_AGAIN frame a new connection is refused with now, or None to admit it.
+
+        For transports whose connections are made outside ``protocol_factory``
+        (the WebSocket gateway): the same limits, the same frame.
+        """
+        reason = self._refusal_reason()
+        if reason is None:
+            return None
+        self.hub.metrics.record_error(ErrorCode.TRY_AGAIN)
+        self.log_refusal()
+        return self._refusals[reason]._current_frame()
+
     def _refusal_reason(self) -> str | None:
         if self.max_connections and len(self.hub.connections) + self._accepted_unmade >= self.max_connections:
             return REASON_CONNECTIONS

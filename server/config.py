@@ -57,6 +57,12 @@ def _opt(default: Any, help: str, zero: str | None = REFUSED) -> Any:
 class Settings:
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = _opt(7700, "TCP port of the client protocol", zero="any free port, chosen at start-up")
+    ws_port: int = _opt(0, "WebSocket port: the same protocol in binary WebSocket messages",
+                        zero="off")
+    ws_origins: str = _opt("", "comma-separated Origin values a browser page may connect from "
+                               "(empty: any; e.g. 'https://chat.example.com')")
+    ws_demo: bool = _opt(False, "serve the browser demo at GET / on the WebSocket port "
+                                "(a development aid, not for production)")
     metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz", zero="no metrics server")
     tls_cert: str = _opt("", "PEM certificate chain: the client port speaks only TLS (reloaded "
                              "on SIGHUP)")
@@ -167,6 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per option; absent flags stay None so lower sources show through."""
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file")
     for option in OPTIONS:
+        if isinstance(option.default, bool):
+            parser.add_argument(option.flag, dest=option.name, default=None, action="store_true",
+                                help=f"{option.documentation} [{option.env}]")
+            continue
         parser.add_argument(option.flag, dest=option.name, default=None,
                             type=type(option.default), help=f"{option.documentation} [{option.env}]")
 

@@ -51,6 +51,7 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
     print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
+          + (f", websocket on :{relay.ws_port}" if relay.ws_port else "")
           + (f", metrics on :{metrics_port}" if metrics_server else "")
           + (f", API on {settings.api_host}:{settings.api_port}" if api else ""), flush=True)
     await relay.stop_requested.wait()
@@ -103,21 +104,31 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
     env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": secrets.token_hex(4)}
     argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
     capacity = 1 << max(22, (2 * settings.max_frame + 4096).bit_length())
+    holders: list[socket.socket] = []
+    # The WebSocket port is shared by the workers exactly as the TCP port is.
+    for wanted in (settings.port, *((settings.ws_port,) if settings.ws_port else ())):
+        try:
+            holders.append(hold_port(settings.host, wanted))
+        except OSError as exc:
+            print(f"fenghuo: cannot listen on {settings.host}:{wanted}: {exc.strerror}",
+                  file=sys.stderr, flush=True)
+            for holder in holders:
+                holder.close()
+            return 1
+    port, *ws = [holder.getsockname()[1] for holder in holders]
     try:
-        holder = hold_port(settings.host, settings.port)
-    except OSError as exc:
-        print(f"fenghuo: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-              file=sys.stderr, flush=True)
-        return 1
-    with holder:
-        port = holder.getsockname()[1]
         print(f"fenghuo supervising {workers} workers on {settings.host}:{port}"
+              + (f", websocket on :{ws[0]}" if ws else "")
               + (f", metrics on :{settings.metrics_port}" if settings.metrics_port else ""),
               flush=True)
-        # Last on the command line, so it overrides any --port 0 before it.
+        # Last on the command line, so they override any --port 0 before them.
+        resolved = ["--port", str(port), *(("--ws-port", str(ws[0])) if ws else ())]
         return Supervisor(ring_capacity=capacity, drain_timeout=supervisor_drain_timeout(settings),
                           metrics_port=settings.metrics_port, metrics_host=settings.host,
-                          ).run([*argv, "--port", str(port)], workers, env)
+                          ).run([*argv, *resolved], workers, env)
+    finally:
+        for holder in holders:
+            holder.close()
 
 
 def supervisor_drain_timeout(settings: Settings) -> float:

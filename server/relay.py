@@ -132,6 +132,7 @@ class Relay:
         #: the server API, when this process serves it (server/main.py)
         self.api: Api | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._ws_server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -248,10 +249,16 @@ class Relay:
             # Several workers accept on one port; the kernel spreads connections.
             reuse_port=spec is not None,
         )
+        if self.settings.ws_port:
+            from fenghuo.server import gateway
+            self._ws_server = await gateway.start(
+                self, lambda: Session(self.hub, self),
+                reuse_port=spec is not None)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         if self.tokens.revocations is not None:
             self._revoker = asyncio.create_task(self._revoke_forever(), name="fenghuo-revocations")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
+                                     "ws_port": self.ws_port,
                                      "epoch": self.epoch, "backlog": self.backlog,
                                      "max_connections": self.admission.max_connections})
 
@@ -268,6 +275,13 @@ class Relay:
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def ws_port(self) -> int | None:
+        """The WebSocket port listened on, None when the gateway is off."""
+        if self._ws_server is None:
+            return None
+        return self._ws_server.sockets[0].getsockname()[1]
 
     async def _answer_what_is_owed(self) -> None:
         """Stop reading from clients and let acks waiting for the disk go out."""
@@ -314,8 +328,9 @@ class Relay:
             return
         self.shutting_down = True
         log.info("shutting down", extra={"connections": len(self.hub.connections)})
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
         self.admission.abort_lingering()
         await self._answer_what_is_owed()
         goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})

@@ -1,0 +1,203 @@
+"""The WebSocket gateway: protocol v1 frames in binary WebSocket messages.
+
+A WebSocket connection is one more way to reach a :class:`Session`: the
+gateway hands the payload of every binary message to the session exactly as
+TCP hands it the bytes it read (``get_buffer`` / ``buffer_updated``), and the
+session writes to a :class:`WsTransport`, which sends each write as one binary
+message.  Sessions, limits, errors, the idle timeout and GOAWAY are therefore
+the TCP ones, from the same code.  WebSocket framing, masking and the HTTP
+upgrade are picows' (Cython; docs/DESIGN.md, "WebSocket gateway").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+if TYPE_CHECKING:
+    from fenghuo.server.relay import Relay
+    from fenghuo.server.session import Session
+
+log = logging.getLogger("fenghuo.gateway")
+DEMO_DIR = Path(__file__).resolve().parent.parent / "clients"
+# What the demo page may load: its page, its script and the client module.
+DEMO_FILES = {
+    "/": ("demo/index.html", "text/html; charset=utf-8"),
+    "/demo.js": ("demo/demo.js", "text/javascript; charset=utf-8"),
+    "/fenghuo.js": ("js/fenghuo.js", "text/javascript; charset=utf-8"),
+}
+
+
+class WsTransport:
+    """The asyncio-transport face a Session writes to, over one WebSocket."""
+
+    __slots__ = ("ws", "tcp")
+
+    def __init__(self, ws: WSTransport) -> None:
+        self.ws = ws
+        self.tcp: asyncio.Transport = ws.underlying_transport
+
+    def write(self, data: bytes) -> None:
+        self.ws.send(WSMsgType.BINARY, data)
+
+    def writelines(self, frames: list[bytes]) -> None:
+        # One message for what one loop iteration queued: one WebSocket header
+        # and one write instead of one per frame.
+        self.ws.send(WSMsgType.BINARY, b"".join(frames))
+
+    def close(self) -> None:
+        if not self.ws.is_close_frame_sent:
+            self.ws.send_close(WSCloseCode.OK)
+        self.ws.disconnect(graceful=True)
+
+    def abort(self) -> None:
+        self.ws.disconnect(graceful=False)
+
+    def pause_reading(self) -> None:
+        self.tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.tcp.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self.tcp.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self.tcp.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.tcp.get_extra_info(name, default)
+
+    def write_eof(self) -> None:
+        self.close()
+
+
+class SessionListener(WSListener):  # type: ignore[misc]
+    """Feeds one WebSocket's binary messages to its Session, as one byte stream."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.session.connection_made(WsTransport(transport))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.BINARY or kind == WSMsgType.CONTINUATION:
+            self._feed(frame.get_payload_as_memoryview())
+        elif kind == WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect(graceful=True)
+        elif kind == WSMsgType.TEXT:
+            # Frames are binary; a text message is a client speaking another protocol.
+            transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"binary messages only")
+            transport.disconnect(graceful=True)
+        # PING is answered by picows (auto pong); PONG needs nothing.
+
+    def _feed(self, payload: memoryview) -> None:
+        session = self.session
+        pos, end = 0, len(payload)
+        while pos < end and not session.closing:
+            buf = session.get_buffer(end - pos)
+            n = min(len(buf), end - pos)
+            buf[:n] = payload[pos:pos + n]
+            session.buffer_updated(n)
+            pos += n
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.session.connection_lost(None)
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()
+
+
+class RefusalListener(WSListener):  # type: ignore[misc]
+    """Says TRY_AGAIN (the frame a refused TCP connection gets) and closes."""
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        transport.send(WSMsgType.BINARY, self.frame)
+        transport.send_close(WSCloseCode.TRY_AGAIN_LATER)
+        transport.disconnect(graceful=True)
+
+
+def _origin_allowed(request: WSUpgradeRequest, origins: frozenset[str]) -> bool:
+    # No list: any origin.  A request without Origin is not from a browser
+    # page (browsers always send it on a WebSocket upgrade): no page to refuse.
+    origin = request.headers.get("Origin")
+    return not origins or origin is None or origin in origins
+
+
+def _demo_page(path: str) -> WSUpgradeResponse | None:
+    entry = DEMO_FILES.get(path.split("?", 1)[0])
+    if entry is None:
+        return None
+    name, content_type = entry
+    try:
+        body = (DEMO_DIR / name).read_bytes()
+    except OSError:
+        return None
+    return WSUpgradeResponse.create_ok_response(
+        body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def listener_factory(relay: Relay, make_session: Callable[[], Session]
+                     ) -> Callable[[WSUpgradeRequest], Any]:
+    settings = relay.settings
+    origins = frozenset(o.strip() for o in settings.ws_origins.split(",") if o.strip())
+
+    def factory(request: WSUpgradeRequest) -> Any:
+        path = request.path.decode("latin-1") if isinstance(request.path, bytes) else request.path
+        upgrade = (request.headers.get("Upgrade") or "").lower() == "websocket"
+        if not upgrade:
+            page = _demo_page(path) if settings.ws_demo else None
+            if page is None:
+                page = WSUpgradeResponse.create_error_response(HTTPStatus.NOT_FOUND, b"not found\n")
+            return WSUpgradeResponseWithListener(page, None)
+        if not _origin_allowed(request, origins):
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+                HTTPStatus.FORBIDDEN, b"origin not allowed\n"), None)
+        refusal = relay.admission.refusal_frame()
+        if refusal is not None:
+            return RefusalListener(refusal)
+        return SessionListener(make_session())
+    return factory
+
+
+async def start(relay: Relay, make_session: Callable[[], Session], *,
+                reuse_port: bool) -> asyncio.Server:
+    """Listen for WebSocket clients on ``--ws-port``."""
+    settings = relay.settings
+    return await ws_create_server(
+        listener_factory(relay, make_session), settings.host, settings.ws_port,
+        # A WebSocket frame may carry several protocol frames, but never more
+        # bytes than the largest protocol frame accepted.
+        max_frame_size=settings.max_frame,
+        websocket_handshake_timeout=settings.handshake_timeout,
+        # Liveness is the protocol's own PING and idle timeout, as on TCP.
+        enable_auto_ping=False,
+        logger_name="fenghuo.gateway.ws",
+        backlog=settings.backlog, reuse_address=True, reuse_port=reuse_port,
+    )

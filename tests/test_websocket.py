@@ -1,0 +1,194 @@
+"""The WebSocket gateway (docs/PROTOCOL.md §2.1): the TCP protocol in binary WebSocket messages.
+
+A real relay with ``--ws-port``, a real WebSocket client (picows): the same
+HELLO, the same frames, the same errors as over TCP; a frame may span
+messages and a message may carry several frames; origins outside
+``--ws-origins`` are refused at the upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from bench.targets import free_port, wait_listening
+from fenghuo.core import ErrorCode, FrameReader, FrameType, decode_ack, decode_error, decode_message
+from fenghuo.protocol import encode_json, encode_publish
+
+TIMEOUT = 5.0
+
+
+class WsClient(WSListener):
+    """Frames decoded from every binary message, in order; None once closed."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameReader()
+        self.frames: asyncio.Queue[Any] = asyncio.Queue()
+        self.messages = 0
+        self.close_code: int | None = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.BINARY:
+            self.messages += 1
+            for f in self.decoder.feed(frame.get_payload_as_bytes()):
+                self.frames.put_nowait(f)
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.close_code = frame.get_close_code()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.frames.put_nowait(None)
+
+    async def next(self) -> Any:
+        return await asyncio.wait_for(self.frames.get(), TIMEOUT)
+
+    async def next_of(self, ftype: int) -> Any:
+        """The next frame of type ``ftype``, skipping others (the sender's own MESSAGE)."""
+        frame = await self.next()
+        while frame is not None and frame.type != ftype:
+            frame = await self.next()
+        return frame
+
+
+async def ws_open(url: str, **kwargs: Any) -> tuple[WSTransport, WsClient]:
+    return await ws_connect(WsClient, url, **kwargs)
+
+
+def hello(token: str, rid: int = 1) -> bytes:
+    return encode_json(FrameType.HELLO, {"token": token, "device": "ws1"}, rid)
+
+
+def start_ws_relay(relay_factory: Any, *flags: str, **kwargs: Any) -> Any:
+    """A relay with the gateway on; ``relay.ws_url`` once its WebSocket port accepts."""
+    port = free_port("127.0.0.1")
+    relay = relay_factory("--ws-port", str(port), *flags, **kwargs)
+    wait_listening(relay.proc, "127.0.0.1", port, TIMEOUT)
+    relay.ws_url = f"ws://127.0.0.1:{port}/"
+    return relay
+
+
+@pytest.fixture
+def ws_relay(relay_factory):
+    return start_ws_relay(relay_factory, "--ws-origins", "https://chat.example")
+
+
+async def test_hello_publish_and_receive_over_websocket(ws_relay) -> None:
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(ws_relay.token("alice")))
+    welcome = await c.next()
+    assert welcome.type == FrameType.WELCOME
+    # A TCP client in the same conversation sees what the WebSocket one sends.
+    bob = await ws_relay.connect("bob")
+    ws.send(WSMsgType.BINARY, encode_publish("dm:alice:bob", b"hi over ws", key=b"k1", request_id=2))
+    ack = await c.next_of(FrameType.ACK)
+    assert ack.request_id == 2
+    got = await asyncio.wait_for(bob.next_message(), TIMEOUT)
+    assert got.payload == b"hi over ws" and got.sender == "alice"
+    # And the reverse direction.
+    await bob.publish("dm:alice:bob", b"hi back")
+    frame = await c.next_of(FrameType.MESSAGE)
+    while decode_message(frame.body).sender != "bob":
+        frame = await c.next_of(FrameType.MESSAGE)
+    assert decode_message(frame.body).payload == b"hi back"
+    ws.disconnect()
+
+
+async def test_frames_may_span_messages_and_share_them(ws_relay) -> None:
+    ws, c = await ws_open(ws_relay.ws_url)
+    data = hello(ws_relay.token("alice")) + b"".join(
+        encode_publish("dm:alice:bob", b"m%d" % i, request_id=10 + i) for i in range(3))
+    # Cut at odd places: inside the first header, inside a body, on a boundary.
+    cuts = [0, 3, 20, len(data) - 7, len(data)]
+    for a, b in zip(cuts, cuts[1:]):
+        ws.send(WSMsgType.BINARY, data[a:b])
+    assert (await c.next()).type == FrameType.WELCOME
+    acks = [await c.next_of(FrameType.ACK) for _ in range(3)]
+    assert [(a.request_id, decode_ack(a.body).seq) for a in acks] == [(10, 1), (11, 2), (12, 3)]
+    ws.disconnect()
+
+
+async def test_errors_are_the_tcp_ones(ws_relay) -> None:
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, encode_json(FrameType.SUBSCRIBE, {"channel": "org.x"}, 5))
+    error = await c.next()
+    assert error.type == FrameType.ERROR
+    assert decode_error(error.body)[0] == ErrorCode.HELLO_REQUIRED
+    assert await c.next() is None       # fatal before HELLO: closed, as on TCP
+
+
+async def test_bad_token_is_refused_like_tcp(ws_relay) -> None:
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello("not-a-token"))
+    error = await c.next()
+    assert decode_error(error.body)[0] == ErrorCode.TOKEN_INVALID
+
+
+async def test_text_message_closes_with_1003(ws_relay) -> None:
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.TEXT, b'{"type":"hello"}')
+    assert await c.next() is None
+    assert c.close_code == 1003
+
+
+async def test_origin_outside_the_list_is_refused(ws_relay) -> None:
+    from picows import WSInvalidStatusError
+    with pytest.raises(WSInvalidStatusError) as info:
+        await ws_open(ws_relay.ws_url, extra_headers={"Origin": "https://evil.example"})
+    assert "403" in str(info.value)
+    ws, c = await ws_open(ws_relay.ws_url, extra_headers={"Origin": "https://chat.example"})
+    ws.send(WSMsgType.BINARY, hello(ws_relay.token("alice")))
+    assert (await c.next()).type == FrameType.WELCOME
+    ws.disconnect()
+
+
+async def test_demo_is_off_unless_asked(ws_relay) -> None:
+    url = ws_relay.ws_url.replace("ws://", "http://")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        await asyncio.to_thread(urllib.request.urlopen, url, timeout=TIMEOUT)
+    assert info.value.code == 404
+
+
+async def test_shutdown_says_goaway_over_websocket(relay_factory) -> None:
+    relay = start_ws_relay(relay_factory, workers=1)
+    ws, c = await ws_open(relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(relay.token("alice")))
+    assert (await c.next()).type == FrameType.WELCOME
+    relay.signal(15)
+    frame = await c.next()
+    assert frame.type == FrameType.GOAWAY
+    assert await c.next() is None
+
+
+async def test_over_the_handshake_limit_a_websocket_gets_try_again(relay_factory) -> None:
+    relay = start_ws_relay(relay_factory, "--max-handshakes", "1", workers=1)
+    first, _ = await ws_open(relay.ws_url)          # accepted, not yet past HELLO
+    await asyncio.sleep(0.2)
+    ws, c = await ws_open(relay.ws_url)
+    error = await c.next()
+    assert decode_error(error.body)[0] == ErrorCode.TRY_AGAIN
+    assert await c.next() is None
+    assert c.close_code == 1013
+    first.disconnect()
+
+
+def test_ws_settings_from_flag_env_and_toml(tmp_path) -> None:
+    import argparse
+
+    from fenghuo.server import config
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    args = vars(parser.parse_args(["--ws-port", "7780", "--ws-demo"]))
+    assert config.load(args, env={}).ws_port == 7780
+    assert config.load(args, env={}).ws_demo is True
+    assert config.load(vars(parser.parse_args([])), env={}).ws_demo is False
+    assert config.load({}, env={"FENGHUO_WS_DEMO": "0", "FENGHUO_WS_PORT": "7781"}).ws_port == 7781
+    assert config.load({}, env={"FENGHUO_WS_DEMO": "0"}).ws_demo is False
+    toml = tmp_path / "f.toml"
+    toml.write_text('[server]\nws_port = 7782\nws_origins = "https://a.example"\nws_demo = true\n')
+    s = config.load({}, env={}, config_file=str(toml))
+    assert (s.ws_port, s.ws_origins, s.ws_demo) == (7782, "https://a.example", True)
