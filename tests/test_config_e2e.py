@@ -81,8 +81,8 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
     zeros = [o for o in _numbers() if o.zero is not None]
     assert {o.name for o in zeros} == {
         "port", "metrics_port", "compress_threshold", "drain_timeout", "max_connections",
-        "max_handshakes", "admit_rate", "workers", "replica_idle", "token_grace", "api_port"}, \
-        "a new 0: test it here"
+        "max_handshakes", "admit_rate", "workers", "replica_idle", "token_grace", "api_port",
+        "ws_port"}, "a new 0: test it here"
     secret = "s" * 40
     flags = [arg for o in zeros for arg in (o.flag, "0")]
     proc = subprocess.Popen([sys.executable, "-m", "fenghuo", "serve", *flags, f"--secret={secret}",
@@ -99,6 +99,7 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
         match = re.fullmatch(shape, first)
         assert match and int(match.group(1)) > 0, first
         assert "metrics on" not in first                           # metrics port 0: none
+        assert "websocket on" not in first                         # ws port 0: no gateway
         port = int(match.group(1))
         await asyncio.to_thread(wait_listening, proc, "127.0.0.1", port, 30)
         server = f"tcp://127.0.0.1:{port}"
