@@ -190,6 +190,8 @@ async def start(relay: Relay, make_session: Callable[[], Session], *,
                 reuse_port: bool) -> asyncio.Server:
     """Listen for WebSocket clients on ``--ws-port``."""
     settings = relay.settings
+    # picows logs every accept and disconnect at INFO: the session logs its own.
+    logging.getLogger("picows").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     return await ws_create_server(
         listener_factory(relay, make_session), settings.host, settings.ws_port,
         # A WebSocket frame may carry several protocol frames, but never more
