@@ -14,7 +14,7 @@ ARGS ?=
 # What the editable install compiles: serving rebuilds when one of them changed.
 CORE_SOURCES := $(wildcard core/*.pyx core/*.pxd core/*.pxi core/*.h)
 
-.PHONY: serve test build peers debug annotate clean
+.PHONY: serve test build peers chromium debug annotate clean
 
 # The package and its runtime dependencies; `pip install -e .` compiles the
 # core in place (in pip's isolated build environment, so no Cython in .venv).
@@ -36,11 +36,16 @@ serve: $(VENV)/.installed
 build: $(VENV)/.test-installed
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build peers
+test: build peers chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 peers:
 	bash bench/peers/install.sh
+
+# Debian's chromium for the browser demo's test (Playwright drives it; it
+# downloads no browser of its own).
+chromium:
+	bash scripts/install_chromium.sh
 
 debug: $(VENV)/.test-installed
 	FENGHUO_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force

@@ -703,6 +703,10 @@ class Relay:
             allowed = session.grants.can_subscribe(name)
         if not allowed:
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to read {name!r}")
+        if cn.kind == ChannelKind.DIRECT_CHAT:
+            # Made as a first publish makes it, participants joined: a bare
+            # channel left here would take that publish and deliver it to no one.
+            return self.ensure_channel(name)
         return self.hub.channel(name, cn.kind)
 
     async def history(self, ch: Channel, request: History) -> list[bytes]:

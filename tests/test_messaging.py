@@ -502,3 +502,14 @@ async def test_a_callbacks_only_client_keeps_no_inbox(relay):
     assert bob.dropped == 0 and bob._inbox.qsize() == 0
     with pytest.raises(ValueError, match="no inbox"):
         await bob.next_message(0.1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_history_of_a_direct_chat_not_started_yet_does_not_swallow_its_first_message(
+        relay_factory, workers):
+    relay = relay_factory(workers=workers)
+    alice, bob = await relay.connect("alice"), await relay.connect("bob")
+    assert await alice.history("dm:alice:bob") == []
+    ack = await alice.send("bob", "first")
+    got = await asyncio.wait_for(bob.next_message(), 5)
+    assert (got.seq, got.text) == (ack.seq, "first")

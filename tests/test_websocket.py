@@ -152,6 +152,15 @@ async def test_demo_is_off_unless_asked(ws_relay) -> None:
     assert info.value.code == 404
 
 
+async def test_demo_page_is_served_when_asked(relay_factory) -> None:
+    relay = start_ws_relay(relay_factory, "--ws-demo", workers=1)
+    base = relay.ws_url.replace("ws://", "http://").rstrip("/")
+    for path, marker in (("/", b"<html"), ("/fenghuo.js", b"export class"), ("/demo.js", b"import")):
+        with await asyncio.to_thread(urllib.request.urlopen, f"{base}{path}",
+                                     timeout=TIMEOUT) as resp:
+            assert marker in resp.read()
+
+
 async def test_shutdown_says_goaway_over_websocket(relay_factory) -> None:
     relay = start_ws_relay(relay_factory, workers=1)
     ws, c = await ws_open(relay.ws_url)
