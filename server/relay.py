@@ -473,7 +473,8 @@ class Relay:
         """Run ``open_`` (a reply, then :meth:`go_live`) once ``channels`` can be
         delivered here; at once with one worker.  :meth:`hold` came first."""
         if self.cluster is None:
-            open_()
+            # In its turn: behind a reply still awaited (a HISTORY page) it waits.
+            session.fill_reply(session.reserve_reply(), open_)
         else:
             self.cluster.open_gate(session, channels, open_)
 

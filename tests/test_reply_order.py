@@ -74,6 +74,32 @@ async def test_history_then_ping_in_one_write_come_back_in_that_order(relay_fact
     await bob.close()
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_history_then_subscribe_in_one_write_come_back_in_that_order(relay_factory, workers):
+    # Found by test_fuzz: with one worker the SUBSCRIBE's RESULT overtook the page.
+    relay = relay_factory(workers=workers)
+    bob = await relay.connect("bob")
+    alice = await relay.connect("alice")
+    await alice.create_group("g1", members=["bob"])
+    await alice.send("bob", "m0")
+    conn = await authed_raw(relay, "bob")
+    for round_ in range(5):
+        base = 10 * round_
+        conn.write(encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 0}, base + 1)
+                   + encode_json(FrameType.SUBSCRIBE, {"channel": "group:g1"}, base + 2)
+                   + encode_frame(FrameType.PING, b"p", base + 3))
+        replies = []
+        while len(replies) < 3:
+            frame = await conn.frame()
+            assert frame is not None, "connection closed"
+            if frame.type != FrameType.MESSAGE:
+                replies.append((frame.type, frame.request_id))
+        assert replies == [(FrameType.HISTORY_PAGE, base + 1), (FrameType.RESULT, base + 2),
+                           (FrameType.PONG, base + 3)]
+    await bob.close()
+    await alice.close()
+
+
 @pytest.mark.parametrize("reader", ["prompt", "slow"])
 @pytest.mark.parametrize("workers", WORKERS)
 async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_factory, workers,
