@@ -338,6 +338,13 @@ class Relay:
             conn.close(goaway)
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.hub.connections and time.monotonic() < deadline:
+            for conn in list(self.hub.connections):
+                transport = conn.transport
+                if (transport is not None and not transport.is_closing()
+                        and transport.get_write_buffer_size() == 0):
+                    # GOAWAY and the FIN after it are written: lingering for
+                    # the client's own close would only hold the shutdown up.
+                    transport.close()
             await asyncio.sleep(0.05)
         left_behind = list(self.hub.connections)
         for conn in left_behind:
