@@ -384,7 +384,7 @@ def test_toml_values_of_the_wrong_type_are_refused(tmp_path, text):
 
 def test_options_table():
     names = [o.name for o in OPTIONS]
-    assert names[:3] == ["host", "port", "metrics_port"] and len(names) == len(set(names))
+    assert names[:2] == ["host", "port"] and len(names) == len(set(names))
     by_name = {o.name: o for o in OPTIONS}
     assert (by_name["max_frame"].flag, by_name["max_frame"].env) == ("--max-frame", "FENGHUO_MAX_FRAME")
     table = markdown_table().splitlines()
