@@ -215,6 +215,7 @@ def cmd_global(argv: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The ``python -m bench`` command line (``global`` has its own, in bench/geo.py)."""
+    from bench.options import add_scenario_options
     cli = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = cli.add_subparsers(dest="command", required=True)
@@ -224,15 +225,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--target", choices=TARGETS, default="fenghuo")
     run.add_argument("--relay", default="", metavar="FLAGS",
                      help='extra `fenghuo serve` flags, e.g. "--fsync batch" or "--store memory"')
-    run.add_argument("--pairs", type=int, default=0,
-                     help="publisher/subscriber pairs (default 1, 1000, 100 for latency)")
-    run.add_argument("--members", type=int, default=100, help="fan-out: group size")
-    run.add_argument("--rate", type=float, default=10_000, help="latency: messages/s offered in all")
+    add_scenario_options(run, members=100, pairs=0,
+                         pairs_help="publisher/subscriber pairs (default 1, 1000, 100 for latency)")
     run.add_argument("--payload", type=int, default=64, help="payload bytes (>= 8: the stamp)")
     run.add_argument("--window", type=int, default=64, help="publishes in flight per publisher")
-    run.add_argument("--warmup", type=float, default=1.0)
-    run.add_argument("--duration", type=float, default=5.0)
-    run.add_argument("--connections", type=int, default=5000, help="connections: how many")
     run.add_argument("--keyed", action="store_true",
                      help="a new idempotency key on every publish (fenghuo's protocol only)")
     run.add_argument("--json", metavar="FILE", help="also write the result as JSON")

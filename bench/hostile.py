@@ -38,7 +38,6 @@ import uvloop
 from bench.targets import Fenghuo
 from fenghuo.core import FrameReader, FrameType, decode_ack, decode_error, decode_message
 from fenghuo.protocol import encode_frame, encode_json, encode_publish
-from fenghuo.tokens import issue_token
 
 CANARY_RATE = 100.0          # canary messages per second
 NEST = 400                   # levels of the deeply nested bodies
@@ -92,21 +91,6 @@ class Tally:
     errors: dict[int, int] = field(default_factory=dict)
 
 
-async def _hello(relay: Fenghuo, user: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(relay.host, relay.port)
-    writer.write(encode_json(FrameType.HELLO, {"token": issue_token(relay.secret, user)}, 1))
-    frames = FrameReader()
-    while True:
-        chunk = await asyncio.wait_for(reader.read(65536), 10)
-        if not chunk:
-            raise ConnectionError(f"{user}: closed before WELCOME")
-        for frame in frames.feed(chunk):
-            if frame.type == FrameType.WELCOME:
-                return reader, writer
-            if frame.type == FrameType.ERROR:
-                raise ConnectionError(f"{user}: {decode_error(frame.body)}")
-
-
 async def hostile(relay: Fenghuo, index: int, batch: int, wedge_after: float,
                   until: float, tally: Tally) -> None:
     """One hostile client: batches in one write each, a fresh connection after a wedge."""
@@ -120,7 +104,8 @@ async def _one_connection(relay: Fenghuo, me: str, rng: random.Random, batch: in
                           wedge_after: float, until: float, tally: Tally) -> bool:
     """Send batches on one connection until ``until``; True if it wedged."""
     builders = [*BAD.values(), *GOOD.values()]
-    reader, writer = await _hello(relay, me)
+    link = await relay.open(me)
+    reader, writer = link.reader, link.writer
     frames, rid, last, expected = FrameReader(), 1, 1, 0
     try:
         while time.monotonic() < until:
@@ -160,8 +145,9 @@ async def _one_connection(relay: Fenghuo, me: str, rng: random.Random, batch: in
 
 async def canary(relay: Fenghuo, until: float) -> dict[str, int]:
     """alice sends bob CANARY_RATE messages/s; what was acked and what bob got."""
-    alice_reader, alice = await _hello(relay, "canary-a")
-    bob_reader, bob = await _hello(relay, "canary-b")
+    alice_link, bob_link = await relay.open("canary-a"), await relay.open("canary-b")
+    alice_reader, alice = alice_link.reader, alice_link.writer
+    bob_reader, bob = bob_link.reader, bob_link.writer
     acked: set[bytes] = set()
     received: set[bytes] = set()
 

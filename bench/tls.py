@@ -13,6 +13,7 @@ import argparse
 import secrets
 
 from bench import loadgen
+from bench.options import add_scenario_options
 from bench.suite import FENGHUO_VS_PEERS
 from bench.targets import GENERATOR_CPU, Fenghuo, pin
 
@@ -62,11 +63,6 @@ def cmd_tls(a: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     p = sub.add_parser("tls", help="fenghuo over TLS beside plain TCP: throughput, p99, connect rate")
-    p.add_argument("--members", type=int, default=1000, help="fan-out: group size")
-    p.add_argument("--connections", type=int, default=5000, help="connect rate: how many")
-    p.add_argument("--pairs", type=int, default=100, help="latency: publisher/subscriber pairs")
-    p.add_argument("--rate", type=float, default=10_000, help="latency: messages/s offered in all")
-    p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--duration", type=float, default=5.0)
+    add_scenario_options(p, members=1000, pairs=100)
     p.add_argument("--repeat", type=int, default=2, help="alternating runs of each; best counts")
     p.set_defaults(func=cmd_tls)

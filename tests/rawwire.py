@@ -108,6 +108,23 @@ class RawConnection(asyncio.Protocol):
             self.frames.put_nowait(None)  # stays at the end
         return item
 
+    async def reply(self, timeout: float = TIMEOUT):
+        """The next frame that is not a MESSAGE (fan-out and group events may come
+        before a reply), or None once the server has closed the connection."""
+        frame = await self.frame(timeout)
+        while frame is not None and frame.type == FrameType.MESSAGE:
+            frame = await self.frame(timeout)
+        return frame
+
+    async def replies(self, count: int, timeout: float = TIMEOUT) -> list:
+        """The next ``count`` replies (MESSAGEs passed over); the connection must stay open."""
+        out = []
+        for _ in range(count):
+            frame = await self.reply(timeout)
+            assert frame is not None, f"connection closed after {len(out)} of {count} replies"
+            out.append(frame)
+        return out
+
     async def expect(self, ftype: int, timeout: float = TIMEOUT, *,
                      request_id: int | None = None):
         frame = await self.frame(timeout)
@@ -121,15 +138,12 @@ class RawConnection(asyncio.Protocol):
     async def expect_ack(self, request_id: int, timeout: float = TIMEOUT):
         """The ACK of ``request_id``, passing over the MESSAGEs fanned out before it
         (a publisher subscribed to its own channel gets its message first)."""
-        while True:
-            frame = await self.frame(timeout)
-            if frame is not None and frame.type == FrameType.MESSAGE:
-                continue
-            assert frame is not None and frame.type == FrameType.ACK, (
-                f"expected ACK rid={request_id}, got {describe(frame)}")
-            assert frame.request_id == request_id, (
-                f"expected ACK rid={request_id}, got {describe(frame)}")
-            return decode_ack(frame.body)
+        frame = await self.reply(timeout)
+        assert frame is not None and frame.type == FrameType.ACK, (
+            f"expected ACK rid={request_id}, got {describe(frame)}")
+        assert frame.request_id == request_id, (
+            f"expected ACK rid={request_id}, got {describe(frame)}")
+        return decode_ack(frame.body)
 
     async def expect_json(self, ftype: int, timeout: float = TIMEOUT) -> dict:
         return orjson.loads((await self.expect(ftype, timeout)).body)

@@ -62,12 +62,7 @@ async def test_history_then_ping_in_one_write_come_back_in_that_order(relay_fact
                    + encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 1},
                                  base + 12)
                    + encode_frame(FrameType.PING, b"q", base + 13))
-        replies = []
-        while len(replies) < 5:
-            frame = await conn.frame()
-            assert frame is not None, "connection closed"
-            if frame.type != FrameType.MESSAGE:
-                replies.append((frame.type, frame.request_id))
+        replies = [(f.type, f.request_id) for f in await conn.replies(5)]
         assert replies == [(FrameType.HISTORY_PAGE, base + 9), (FrameType.PONG, base + 10),
                            (FrameType.ACK, base + 11), (FrameType.HISTORY_PAGE, base + 12),
                            (FrameType.PONG, base + 13)]
@@ -88,12 +83,7 @@ async def test_history_then_subscribe_in_one_write_come_back_in_that_order(relay
         conn.write(encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", "after": 0}, base + 1)
                    + encode_json(FrameType.SUBSCRIBE, {"channel": "group:g1"}, base + 2)
                    + encode_frame(FrameType.PING, b"p", base + 3))
-        replies = []
-        while len(replies) < 3:
-            frame = await conn.frame()
-            assert frame is not None, "connection closed"
-            if frame.type != FrameType.MESSAGE:
-                replies.append((frame.type, frame.request_id))
+        replies = [(f.type, f.request_id) for f in await conn.replies(3)]
         assert replies == [(FrameType.HISTORY_PAGE, base + 1), (FrameType.RESULT, base + 2),
                            (FrameType.PONG, base + 3)]
     await bob.close()
@@ -151,11 +141,7 @@ async def test_a_request_that_cannot_be_forwarded_is_refused_at_once(relay):
     conn.write(encode_json(FrameType.GROUP, {"op": "create", "group": group,
                                              "members": ["mallory"]}, 9)
                + encode_frame(FrameType.PING, b"", 10))
-    replies = []
-    while len(replies) < 2:
-        frame = await conn.frame(timeout=5)
-        if frame.type != FrameType.MESSAGE:          # the group's "created" event
-            replies.append(frame)
+    replies = await conn.replies(2, timeout=5)      # past the group's "created" event
     assert [(f.type, f.request_id) for f in replies] == [(FrameType.RESULT, 9), (FrameType.PONG, 10)]
     assert orjson.loads(replies[0].body)["group"] == group
     assert "frame handler failed" not in relay.log()
@@ -183,7 +169,5 @@ async def test_a_forwarded_request_the_owner_never_answers_times_out(relay_facto
         os.kill(pid, signal.SIGCONT)
     # The owner's late ACK is not passed on: request 21 was answered once.
     conn.write(encode_frame(FrameType.PING, b"", 23))
-    frame = await conn.frame()
-    while frame.type == FrameType.MESSAGE:
-        frame = await conn.frame()
+    frame = await conn.reply()
     assert (frame.type, frame.request_id) == (FrameType.PONG, 23)

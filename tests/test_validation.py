@@ -31,9 +31,7 @@ from fenghuo.server.schemas import MAX_DEPTH
 
 async def answer(conn, rid: int):
     """The reply to request ``rid``, past the MESSAGEs (events) that may come first."""
-    frame = await conn.frame()
-    while frame is not None and frame.type == FrameType.MESSAGE:
-        frame = await conn.frame()
+    frame = await conn.reply()
     assert frame is not None and frame.request_id == rid, frame
     return frame
 
