@@ -84,6 +84,13 @@ class _Methods(Generic[R]):
         return self.call("history", _drop_none({"channel": channel, "user": user, "limit": limit,
                                                 "before": before, "after": after}))
 
+    def message_status(self, channel: str, seq: int, *, filter: str | None = None,
+                       limit: int | None = None) -> R:
+        """Per-recipient status of message ``seq`` of ``channel``; ``filter``:
+        "all", "not_delivered" or "not_read" (who has not read a group message)."""
+        return self.call("message_status", _drop_none({"channel": channel, "seq": seq,
+                                                       "filter": filter, "limit": limit}))
+
     def disconnect(self, user: str) -> R:
         return self.call("disconnect", {"user": user})
 

@@ -33,14 +33,17 @@ import orjson
 from aiohttp import web
 from msgspec import Meta
 
+from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.client import Client, ConnectionLost, FenghuoError
-from fenghuo.core import ContentType, ErrorCode, Message, ProtocolError
+from fenghuo.core import ChannelKind, ContentType, ErrorCode, Message, ProtocolError
 from fenghuo.server.schemas import (
     _USER_ID,
     HISTORY_DEFAULT,
+    INT64_MAX,
     Body,
     ChannelName,
     GroupId,
+    History,
     Limit,
     Schema,
     Seq,
@@ -50,7 +53,9 @@ from fenghuo.server.schemas import (
     declare,
     decode_with,
 )
+from fenghuo.server import status
 from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.server.frames import message_sender, message_seq
 from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
 
 if TYPE_CHECKING:
@@ -64,6 +69,8 @@ API_USER = "fenghuo-api"
 MAX_BACKEND_SESSIONS = 256
 # A backend session's token lives this long; the session is renewed at half of it.
 SESSION_TOKEN_TTL = 24 * 3600
+# Recipients message_status lists at most (its counts always cover them all).
+STATUS_LIST_MAX = 100_000
 
 HTTP_STATUS: dict[int, int] = {
     ErrorCode.MALFORMED_BODY: 400, ErrorCode.INVALID_CHANNEL: 400,
@@ -149,6 +156,15 @@ class HistoryCall(Call, frozen=True):
     after: Seq | None = None
 
 
+class StatusCall(Call, frozen=True):
+    channel: ChannelName
+    seq: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+    filter: Annotated[Literal["all", "not_delivered", "not_read"], Meta(description=(
+        '"all" (default), "not_delivered" or "not_read": which recipients to list'))] | None = None
+    limit: Annotated[int, Meta(ge=1, le=STATUS_LIST_MAX, description=(
+        f"an integer 1..{STATUS_LIST_MAX}: recipients listed at most (default 1000)"))] | None = None
+
+
 class TokenCall(Call, frozen=True):
     user: Sender
     ttl: Annotated[int, Meta(ge=1, le=366 * 86400, description="seconds, 1..366 days")] | None = None
@@ -161,6 +177,16 @@ OBJECT: dict[str, Any] = {"type": "object"}
 PUBLISHED = {"type": "object", "properties": {
     "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
     "duplicate": {"type": "boolean"}}}
+STATUS = {"type": "object", "properties": {
+    "channel": {"type": "string"}, "seq": {"type": "integer"}, "sender": {"type": "string"},
+    "recipients": {"type": ["integer", "null"], "description": "null for an org channel"},
+    "counts": {"type": "object", "properties": {
+        k: {"type": "integer"} for k in ("sent", "delivered", "read", "escalated")}},
+    "users": {"type": "array", "items": {"type": "object", "properties": {
+        "user": {"type": "string"},
+        "status": {"type": "string", "enum": ["sent", "delivered", "read"]},
+        "escalated": {"type": "array", "items": {"type": "integer"}}}}},
+    "truncated": {"type": "boolean"}}}
 ERROR_BODY = {"type": "object", "properties": {
     "code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
     "name": {"type": "string"}, "message": {"type": "string"}}}
@@ -465,6 +491,22 @@ def message_json(m: Message) -> dict[str, Any]:
     return out
 
 
+async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
+    relay = api.relay
+    try:
+        cn = parse_channel(body.channel)
+    except InvalidChannel as exc:
+        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+    if cn.kind == ChannelKind.GROUP_CHAT and cn.group not in relay.groups.groups:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
+    ch = relay.ensure_channel(cn.name)
+    frames = await relay.history(ch, History(channel=cn.name, after=body.seq - 1, limit=1))
+    if not frames or message_seq(frames[0]) != body.seq:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
+    return status.message_status(relay, ch, body.seq, message_sender(frames[0]), escalations={},
+                                 wanted=body.filter or "all", limit=body.limit or 1000).json()
+
+
 async def disconnect(api: Api, body: UserCall) -> dict[str, Any]:
     closed = api.relay.disconnect_user(body.user)
     return {"user": body.user, "closed_here": closed}
@@ -503,6 +545,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            HistoryCall, {"type": "object", "properties": {
                "channel": {"type": "string"}, "messages": {"type": "array", "items": MESSAGE}}},
            history),
+    Method("message_status", "Per-recipient status of one message (sent, delivered, read) "
+                             "and its counts, from the recipients' cursors.",
+           StatusCall, STATUS, message_status),
     Method("disconnect", "Close every connection of `user` on every worker (ERROR 130, fatal).",
            UserCall, OBJECT, disconnect),
     Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall, OBJECT,

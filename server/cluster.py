@@ -515,6 +515,10 @@ class Cluster:
             relay.apply_group(body["record"], body["seq"])
         elif op == "read":
             relay.reads.advance(body["channel"], body["user"], body["seq"])
+            relay.delivered.advance(body["channel"], body["user"], body["seq"])
+        elif op == "delivered":
+            for name, seq in body["positions"].items():
+                relay.delivered.advance(name, body["user"], seq)
         elif op == "disconnect":
             relay.disconnect_user(body["user"], share=False)
         elif op == "closed":

@@ -1,5 +1,7 @@
-"""Read cursors: how far each user has read each channel.
+"""Cursors: how far each user has read (or received) each channel.
 
+The relay keeps two sets: read cursors and delivery cursors; together they
+are the per-recipient status of every message (server/status.py).
 One entry per user per channel, never one per message.  Per channel the
 cursors are also kept sorted, so "how many members have read message s" is a
 binary search, cheap for a group of 100,000.

@@ -69,6 +69,13 @@ def render(relay: Relay) -> str:
         family("fenghuo_api_errors_total", "counter", "Server API error answers, by protocol error code.")
         for code, count in sorted(stats.errors.items()):
             out.append(f'fenghuo_api_errors_total{{code="{code}"}} {count}')
+    progress = relay.progress
+    family("fenghuo_status_delivered_total", "counter", "Messages that reached a device of a user, "
+           "summed over users: delivery cursors moved by CURSOR sync and receipts (5 to 9 counts 4).")
+    out.append(f"fenghuo_status_delivered_total {progress.delivered}")
+    family("fenghuo_status_read_total", "counter",
+           "Messages read, summed over users: read cursors moved by READ receipts.")
+    out.append(f"fenghuo_status_read_total {progress.read}")
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

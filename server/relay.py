@@ -39,6 +39,7 @@ from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.cursors import ReadCursors
+from fenghuo.server.status import Progress
 from fenghuo.server.devices import SERVICE_DEVICE, Devices
 from fenghuo.server.groups import MEMBER, Group, GroupRegistry
 from fenghuo.server.schemas import (
@@ -108,6 +109,9 @@ class Relay:
         self.stop_requested = asyncio.Event()
         self.store: SQLiteStore | None = None
         self.reads = ReadCursors()
+        #: how far each user's devices have received each channel (CURSOR sync, receipts)
+        self.delivered = ReadCursors()
+        self.progress = Progress()
         # Channels with sessions reading their past from the store: those
         # sessions are out of the channel's subscribers meanwhile.
         self.catching_up: dict[Channel, int] = {}
@@ -163,6 +167,8 @@ class Relay:
                 self.memberships.setdefault(user, {})[ch] = record.get("joined", {}).get(user, 0)
         for channel, user, seq in store.read_cursors():
             self.reads.advance(channel, user, seq)
+        for channel, user, seq in store.delivered_cursors():
+            self.delivered.advance(channel, user, seq)
         for name in store.direct_channels():
             cn = parse_channel(name)
             ch = self.hub.channel(name, ChannelKind.DIRECT_CHAT)
@@ -565,6 +571,7 @@ class Relay:
         for session in sessions:
             session.forget_publish_cache()
         self.reads.forget(ch.name, user)
+        self.delivered.forget(ch.name, user)
 
         def unsubscribe() -> None:
             if ch in self.memberships.get(user, {}):
@@ -768,11 +775,32 @@ class Relay:
     def mark_read(self, user: str, ch: Channel, seq: int) -> None:
         """Advance ``user``'s read cursor of ``ch`` (never past its head), and keep it."""
         seq = min(seq, ch.seq)
+        old = self.reads.get(ch.name, user)
         if self.reads.advance(ch.name, user, seq):
+            self.progress.read += seq - old
+            # What was read has arrived: the other workers advance both on "read".
+            self._advance_delivered(ch.name, user, seq)
             if self.store is not None:
                 self.store.save_read_cursor(ch.name, user, seq)
             if self.cluster is not None:
                 self.cluster.share("read", channel=ch.name, user=user, seq=seq)
+
+    def mark_delivered(self, user: str, positions: dict[str, int]) -> None:
+        """``user``'s devices have received these channels up to these seqs (capped at
+        the heads by the caller): advance the delivery cursors, keep and share them."""
+        moved = {name: seq for name, seq in positions.items()
+                 if self._advance_delivered(name, user, seq)}
+        if moved and self.cluster is not None:
+            self.cluster.share("delivered", user=user, positions=moved)
+
+    def _advance_delivered(self, name: str, user: str, seq: int) -> bool:
+        old = self.delivered.get(name, user)
+        if not self.delivered.advance(name, user, seq):
+            return False
+        self.progress.delivered += seq - old
+        if self.store is not None:
+            self.store.save_delivered_cursor(name, user, seq)
+        return True
 
     def unread(self, user: str, ch: Channel) -> int:
         """Messages of ``ch`` after both ``user``'s read cursor and their joining."""
@@ -802,6 +830,8 @@ class Relay:
         if kind == ReceiptKind.READ:
             # Reading is per user, whatever the device: every device's unread count follows.
             self.mark_read(user, ch, seq)
+        else:
+            self.mark_delivered(user, {ch.name: min(seq, ch.seq)})
         forwarded = 0
         try:
             frame = ch.ring[seq]

@@ -251,6 +251,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             case CursorSync(positions=positions):
                 kept = {name: min(seq, ch.seq) for name, seq in (positions or {}).items()
                         if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
+                # What a device says it received is delivered (per-message status).
+                relay.mark_delivered(self.user, kept)
                 if relay.store is not None and kept:
                     relay.store.save_device_cursors(self.user, self.device, kept)
                     if request_id:

@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS read_cursors (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, user)
 ) WITHOUT ROWID;
+-- How far each user's messages have reached any of their devices, per channel:
+-- with read_cursors, the per-recipient status of every message (server/status.py).
+CREATE TABLE IF NOT EXISTS delivered_cursors (
+    channel TEXT NOT NULL,
+    user    TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (channel, user)
+) WITHOUT ROWID;
 """
 
 
@@ -214,6 +222,9 @@ class SQLiteStore:
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
         self.append(("read", channel, user, seq))
 
+    def save_delivered_cursor(self, channel: str, user: str, seq: int) -> None:
+        self.append(("delivered", channel, user, seq))
+
     def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
         """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
         except channels under one of ``keep_prefixes`` (they have rules of their own)."""
@@ -251,8 +262,9 @@ class SQLiteStore:
         cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
                    for channel, seq in r[3].items()]
         reads = [r[1:] for r in batch if r[0] == "read"]
+        delivered = [r[1:] for r in batch if r[0] == "delivered"]
         expiries = [r[1:] for r in batch if r[0] == "expire"]
-        if not (messages or groups or cursors or reads or expiries):
+        if not (messages or groups or cursors or reads or delivered or expiries):
             return
         conn.execute("BEGIN")
         if messages:
@@ -266,6 +278,11 @@ class SQLiteStore:
         if reads:
             conn.executemany("INSERT OR REPLACE INTO read_cursors (channel, user, seq)"
                              " VALUES (?, ?, ?)", reads)
+        if delivered:
+            # Several workers write it (each for the syncs of its own sessions): never backwards.
+            conn.executemany("INSERT INTO delivered_cursors (channel, user, seq) VALUES (?, ?, ?)"
+                             " ON CONFLICT (channel, user) DO UPDATE SET seq = max(seq, excluded.seq)",
+                             delivered)
         for prefix, cutoff_us, keep_prefixes in expiries:
             # The most specific rule wins: longer prefixes with their own rule are kept out.
             query = "DELETE FROM messages WHERE substr(channel, 1, ?) = ? AND ts_us < ?"
@@ -357,6 +374,10 @@ class SQLiteStore:
     def read_cursors(self) -> list[tuple[str, str, int]]:
         """Every ``(channel, user, seq)`` read cursor (loaded once at start-up)."""
         return self._conn.execute("SELECT channel, user, seq FROM read_cursors").fetchall()
+
+    def delivered_cursors(self) -> list[tuple[str, str, int]]:
+        """Every ``(channel, user, seq)`` delivery cursor (loaded once at start-up)."""
+        return self._conn.execute("SELECT channel, user, seq FROM delivered_cursors").fetchall()
 
     def load_groups(self) -> list[dict[str, Any]]:
         return [orjson.loads(r[0]) for r in self._conn.execute("SELECT record FROM groups")]

@@ -1,0 +1,116 @@
+"""Per-message, per-recipient status (sent, delivered, read, escalated), from positions.
+
+No record is kept per member per message: a recipient has read message
+``seq`` of a channel iff their read cursor there is ``>= seq``, and has it on
+a device iff their delivery cursor is (server/cursors.py; a device's CURSOR
+sync and DELIVERED receipts move the delivery cursor, READ receipts both).
+Escalations are the exception, kept per (message, recipient, step) only for
+those who were escalated (server/timers.py).
+
+Recipients: the other participant of a direct channel; the members of a group
+who had joined before the message (its sender aside), as the group is now.
+An org channel has no member list: only its counts are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from fenghuo.core import ChannelKind
+
+if TYPE_CHECKING:
+    from fenghuo.core import Channel
+    from fenghuo.server.relay import Relay
+
+State = Literal["sent", "delivered", "read"]
+#: what ``filter`` may ask for: every recipient, or those not yet at a state
+FILTERS = ("all", "not_delivered", "not_read")
+
+
+@dataclass
+class Progress:
+    """Counters for /metrics: messages that reached a state, summed over users
+    (a cursor moving from 5 to 9 counts 4), and escalations fired."""
+
+    delivered: int = 0
+    read: int = 0
+    escalated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientStatus:
+    user: str
+    status: State
+    #: the policy steps (0-based) an escalation fired for, in order
+    escalated: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class MessageStatus:
+    channel: str
+    seq: int
+    sender: str
+    #: how many recipients (None: an org channel, whose readers are not listed)
+    recipients: int | None
+    delivered: int = 0
+    read: int = 0
+    escalated: int = 0
+    users: list[RecipientStatus] = field(default_factory=list)
+    truncated: bool = False
+
+    def json(self) -> dict:
+        counts = {"delivered": self.delivered, "read": self.read, "escalated": self.escalated}
+        if self.recipients is not None:
+            counts["sent"] = self.recipients - self.delivered
+        return {"channel": self.channel, "seq": self.seq, "sender": self.sender,
+                "recipients": self.recipients, "counts": counts,
+                "users": [{"user": u.user, "status": u.status, "escalated": list(u.escalated)}
+                          for u in self.users],
+                "truncated": self.truncated}
+
+
+def recipients(relay: Relay, ch: Channel, seq: int, sender: str) -> list[str] | None:
+    """Who message ``seq`` of ``ch`` was for, sorted (None for an org channel)."""
+    if ch.kind == ChannelKind.DIRECT_CHAT:
+        return sorted(u for u in ch.info.participants if u != sender) or [sender]
+    if ch.kind == ChannelKind.GROUP_CHAT and ch.info is not None:
+        return sorted(u for u in ch.info.members if u != sender
+                      and relay.memberships.get(u, {}).get(ch, 0) < seq)
+    return None
+
+
+def state_of(relay: Relay, channel: str, user: str, seq: int) -> State:
+    if relay.reads.get(channel, user) >= seq:
+        return "read"
+    return "delivered" if relay.delivered.get(channel, user) >= seq else "sent"
+
+
+def message_status(relay: Relay, ch: Channel, seq: int, sender: str, *,
+                   escalations: dict[str, tuple[int, ...]], wanted: str = "all",
+                   limit: int = 1000) -> MessageStatus:
+    """The status of message ``seq`` of ``ch`` (sent by ``sender``) for each recipient;
+    ``users`` lists those matching ``wanted`` (one of :data:`FILTERS`), at most ``limit``."""
+    users = recipients(relay, ch, seq, sender)
+    if users is None:
+        # Every cursor at or past seq, but the sender's own.
+        own_read = relay.reads.get(ch.name, sender) >= seq
+        own_delivered = relay.delivered.get(ch.name, sender) >= seq
+        return MessageStatus(ch.name, seq, sender, None,
+                             delivered=relay.delivered.readers(ch.name, seq) - own_delivered,
+                             read=relay.reads.readers(ch.name, seq) - own_read,
+                             escalated=len(escalations))
+    out = MessageStatus(ch.name, seq, sender, len(users))
+    for user in users:
+        state = state_of(relay, ch.name, user, seq)
+        steps = escalations.get(user, ())
+        out.read += state == "read"
+        out.delivered += state != "sent"
+        out.escalated += bool(steps)
+        if wanted == "not_read" and state == "read" or wanted == "not_delivered" and state != "sent":
+            continue
+        if len(out.users) == limit:
+            out.truncated = True
+            continue
+        out.users.append(RecipientStatus(user, state, steps))
+    return out
