@@ -64,8 +64,8 @@ class Settings:
     ws_demo: bool = _opt(False, "serve the browser demo at GET / on the WebSocket port "
                                 "(a development aid, not for production)")
     metrics_port: int = _opt(7701, "HTTP port of /metrics and /healthz", zero="no metrics server")
-    tls_cert: str = _opt("", "PEM certificate chain: the client port speaks only TLS (reloaded "
-                             "on SIGHUP)")
+    tls_cert: str = _opt("", "PEM certificate chain: the client port (and the WebSocket port, "
+                             "as wss://) speaks only TLS (reloaded on SIGHUP)")
     tls_key: str = _opt("", "PEM private key of --tls-cert (empty: in the certificate file)")
     tls_client_ca: str = _opt("", "PEM CA file: with --tls-cert, require client certificates "
                                   "signed by it (mutual TLS)")

@@ -188,8 +188,14 @@ def listener_factory(relay: Relay, make_session: Callable[[], Session]
 
 async def start(relay: Relay, make_session: Callable[[], Session], *,
                 reuse_port: bool) -> asyncio.Server:
-    """Listen for WebSocket clients on ``--ws-port``."""
+    """Listen for WebSocket clients on ``--ws-port``: ``wss://`` when the relay has TLS.
+
+    The TLS context is the client port's (:class:`ServerTLS`): the same
+    certificate, the same client-certificate check, and a SIGHUP reload of it
+    applies to both ports at once.
+    """
     settings = relay.settings
+    tls = relay.tls
     # picows logs every accept and disconnect at INFO: the session logs its own.
     logging.getLogger("picows").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     return await ws_create_server(
@@ -202,4 +208,11 @@ async def start(relay: Relay, make_session: Callable[[], Session], *,
         enable_auto_ping=False,
         logger_name="fenghuo.gateway.ws",
         backlog=settings.backlog, reuse_address=True, reuse_port=reuse_port,
+        ssl=tls.context if tls is not None else None,
+        ssl_handshake_timeout=settings.handshake_timeout if tls is not None else None,
+        # TLS is uvloop's, as on the client port: aiofastnet 1.2's (picows'
+        # default when installed) reports a peer closing mid-handshake with an
+        # exception class instead of an instance, which logs a broken error
+        # line for every plaintext client on the port (tests/test_wss.py).
+        use_aiofastnet=False if tls is not None else None,
     )
