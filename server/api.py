@@ -35,7 +35,7 @@ from msgspec import Meta
 
 from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.client import Client, ConnectionLost, FenghuoError
-from fenghuo.core import ChannelKind, ContentType, ErrorCode, Message, ProtocolError
+from fenghuo.core import ChannelKind, ErrorCode, ProtocolError
 from fenghuo.server.schemas import (
     _USER_ID,
     HISTORY_DEFAULT,
@@ -55,7 +55,7 @@ from fenghuo.server.schemas import (
 )
 from fenghuo.server import status
 from fenghuo.server.devices import SERVICE_DEVICE
-from fenghuo.server.frames import message_sender, message_seq
+from fenghuo.server.frames import message_json, message_sender, message_seq
 from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
 
 if TYPE_CHECKING:
@@ -469,26 +469,6 @@ async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
     messages = await client.history(body.channel, limit=body.limit or HISTORY_DEFAULT,
                                     before=body.before, after=body.after)
     return {"channel": body.channel, "messages": [message_json(m) for m in messages]}
-
-
-def message_json(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"channel": m.channel, "seq": m.seq, "ts_us": m.ts_us, "sender": m.sender,
-                           "content_type": m.content_type, "key": m.key.decode("utf-8", "replace")}
-    try:
-        if m.content_type == ContentType.TEXT:
-            out["data"] = m.payload.decode("utf-8")
-        elif m.content_type in (ContentType.CARD, ContentType.EVENT):
-            out["data"] = orjson.loads(m.payload)
-        else:
-            raise ValueError
-    except ValueError:
-        out["data_b64"] = base64.b64encode(m.payload).decode()
-    if m.meta:
-        try:
-            out["meta"] = orjson.loads(m.meta)
-        except orjson.JSONDecodeError:
-            out["meta_b64"] = base64.b64encode(m.meta).decode()
-    return out
 
 
 async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:

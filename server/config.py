@@ -125,6 +125,16 @@ class Settings:
                                  "a line (required with --api-port)")
     api_timeout: float = _opt(10.0, "seconds an API call may take before it is answered 504")
     api_max_body: int = _opt(4 << 20, "largest API request body, bytes (413 beyond)")
+    webhooks: str = _opt("", "TOML file of webhook endpoints ([[endpoint]] name, url, secrets, "
+                             "events, channels; docs/API.md, Webhooks); needs --store sqlite")
+    webhook_timeout: float = _opt(10.0, "seconds a webhook request may take, connecting and "
+                                        "reading the answer included; then it is retried")
+    webhook_concurrency: int = _opt(8, "webhook requests in flight per endpoint at most (one per "
+                                       "channel: a channel's events go in order)")
+    webhook_retry_max: float = _opt(600.0, "longest wait between two attempts at a webhook event "
+                                           "(waits start at 1 s and double, with jitter)")
+    webhook_max_age: float = _opt(259200.0, "seconds a webhook event is retried; then it is a "
+                                            "dead letter, kept and replayable through the API")
     log_level: str = _opt("info", "debug, info, warning or error")
     log_format: str = _opt("json", "json (one object per line) or text")
 
@@ -148,6 +158,8 @@ class Settings:
             raise ValueError("--admit-burst must be >= 1 when --admit-rate is set")
         if self.api_port and not self.api_key_file:
             raise ValueError("--api-port needs --api-key-file: the server API takes no request without a key")
+        if self.webhooks and self.store != "sqlite":
+            raise ValueError("--webhooks needs --store sqlite: the outbox is a table of the store")
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
 

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from fenghuo.core import FRAME_HEADER_SIZE, FrameFlag, Message, decode_message, decompress_body
+import base64
+from typing import Any
+
+import orjson
+
+from fenghuo.core import (
+    FRAME_HEADER_SIZE,
+    ContentType,
+    FrameFlag,
+    Message,
+    decode_message,
+    decompress_body,
+)
 
 
 def decode_frame_message(frame: bytes) -> Message:
@@ -23,3 +35,24 @@ def message_seq(frame: bytes) -> int:
 
 def message_time(frame: bytes) -> int:
     return decode_frame_message(frame).ts_us
+
+
+def message_json(m: Message) -> dict[str, Any]:
+    """A message as the server API and webhooks show it (docs/API.md, history)."""
+    out: dict[str, Any] = {"channel": m.channel, "seq": m.seq, "ts_us": m.ts_us, "sender": m.sender,
+                           "content_type": m.content_type, "key": m.key.decode("utf-8", "replace")}
+    try:
+        if m.content_type == ContentType.TEXT:
+            out["data"] = m.payload.decode("utf-8")
+        elif m.content_type in (ContentType.CARD, ContentType.EVENT):
+            out["data"] = orjson.loads(m.payload)
+        else:
+            raise ValueError
+    except ValueError:
+        out["data_b64"] = base64.b64encode(m.payload).decode()
+    if m.meta:
+        try:
+            out["meta"] = orjson.loads(m.meta)
+        except orjson.JSONDecodeError:
+            out["meta_b64"] = base64.b64encode(m.meta).decode()
+    return out

@@ -56,6 +56,7 @@ from fenghuo.server.schemas import (
     History,
     from_builtins,
 )
+from fenghuo.server.outbox import Outbox, WebhookEvent, load_endpoints
 from fenghuo.server.store import SQLiteStore
 from fenghuo.server.revocations import Revocations
 from fenghuo.server.tls import ServerTLS
@@ -115,8 +116,11 @@ class Relay:
         # Channels with sessions reading their past from the store: those
         # sessions are out of the channel's subscribers meanwhile.
         self.catching_up: dict[Channel, int] = {}
+        #: the webhook endpoints (empty without --webhooks)
+        self.endpoints = load_endpoints(settings.webhooks) if settings.webhooks else ()
         if settings.store == "sqlite":
-            self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size)
+            self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size,
+                                     Outbox(self.endpoints) if self.endpoints else None)
             # The epoch names this process's view of the data: with a store the
             # seqs continue across restarts and clients keep their positions.
             self.epoch = f"{self.store.identity()}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
@@ -175,6 +179,16 @@ class Relay:
             ch.info = cn
             for user in cn.participants:
                 self.memberships.setdefault(user, {})[ch] = 0
+
+    def emit(self, event: WebhookEvent) -> None:
+        """Tell the webhook endpoints whose filters accept it (server/outbox.py).
+
+        Call it right after queueing what the event describes: the event is
+        written in the same store transaction.  Nothing happens without
+        ``--webhooks``.
+        """
+        if self.store is not None:
+            self.store.emit(event)
 
     def save_group(self, group: Group) -> None:
         """Persist ``group`` (members, roles and when each joined), ordered with its
@@ -388,6 +402,7 @@ class Relay:
         if self.cluster is not None:
             self.cluster.attached(session)
         self.presence_changed(session.user)
+        self._emit_presence(session)
 
     def detach(self, session: Session) -> None:
         for ch in session.subscriptions:
@@ -406,6 +421,14 @@ class Relay:
             self.cluster.detached(session)
         if counted:
             self.presence_changed(session.user)
+            self._emit_presence(session)
+
+    def _emit_presence(self, session: Session) -> None:
+        """presence.changed, from the worker where the device came or went."""
+        if session.device != SERVICE_DEVICE and self.endpoints:
+            user = session.user
+            self.emit(WebhookEvent("presence.changed", "", {"user": user, **self.presence_of(user)},
+                                   stream=f"user:{user}"))
 
     def replace(self, older: Session) -> None:
         """Close ``older``, whose device has connected again (here or on another worker)."""
@@ -832,6 +855,8 @@ class Relay:
             self.mark_read(user, ch, seq)
         else:
             self.mark_delivered(user, {ch.name: min(seq, ch.seq)})
+        self.emit(WebhookEvent("message.read" if kind == ReceiptKind.READ else "message.delivered",
+                               ch.name, {"channel": ch.name, "seq": seq, "user": user}))
         forwarded = 0
         try:
             frame = ch.ring[seq]

@@ -31,6 +31,17 @@ from typing import Any, Protocol
 
 import orjson
 
+from fenghuo.server.outbox import (
+    OUTBOX_SCHEMA,
+    Delivered,
+    EndpointState,
+    Failed,
+    Outbox,
+    OutboxRecord,
+    Replay,
+    WebhookEvent,
+)
+
 log = logging.getLogger("fenghuo.store")
 
 FSYNC_MODES = ("always", "batch", "off")
@@ -82,7 +93,7 @@ CREATE TABLE IF NOT EXISTS delivered_cursors (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, user)
 ) WITHOUT ROWID;
-"""
+""" + OUTBOX_SCHEMA
 
 
 class Store(Protocol):
@@ -140,7 +151,7 @@ class SQLiteStore:
     """The embedded default store: one file ``fenghuo.db`` under the data dir."""
 
     def __init__(self, data_dir: str | os.PathLike[str], fsync: str = "always",
-                 ring_size: int = 1024) -> None:
+                 ring_size: int = 1024, outbox: Outbox | None = None) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}")
         self.path = Path(data_dir) / DB_FILE
@@ -150,7 +161,11 @@ class SQLiteStore:
         # its batch is on disk; otherwise it leaves at once and the batch follows.
         self.durable_acks = fsync == "always"
         self.ring_size = ring_size
-        self._queue: queue.SimpleQueue[tuple | _Stop] = queue.SimpleQueue()
+        #: the webhook endpoints' filters (None: no webhooks, no outbox rows)
+        self.outbox = outbox
+        self._queue: queue.SimpleQueue[tuple | OutboxRecord | _Stop] = queue.SimpleQueue()
+        # A record taken beyond MAX_BATCH, first of the next batch (see _next_batch).
+        self._carry: tuple | None = None
         self._writer: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-store-read")
         self._local = threading.local()
@@ -206,6 +221,16 @@ class SQLiteStore:
             self._pressed = True
             self.on_pressure(True)
 
+    def emit(self, record: OutboxRecord) -> None:
+        """Queue a webhook event (or the sender's note about one) for the writer.
+
+        An event is written in the transaction of the record queued just before
+        it (the message or state it describes), never in a later one.  Typed
+        records are not handed back to the loop and not counted in ``backlog``.
+        """
+        if self.outbox is not None:
+            self._queue.put(record)
+
     def written(self, count: int) -> None:
         """The writer handed back ``count`` records (called on the loop thread)."""
         self.backlog -= count
@@ -235,17 +260,15 @@ class SQLiteStore:
         conn = self._connect()
         stop = False
         while not stop:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._next_batch()
             if isinstance(batch[-1], _Stop):
                 batch.pop()
                 stop = True
+            typed = [r for r in batch if r.__class__ is not tuple]
+            if typed:
+                batch = [r for r in batch if r.__class__ is tuple]
             try:
-                self._write_batch(conn, batch)
+                self._write_batch(conn, batch, typed)
             except BaseException as exc:   # a full disk, a broken file: stop accepting
                 self.failure = exc
                 log.critical("store write failed; the relay stops sequencing", exc_info=exc)
@@ -255,8 +278,25 @@ class SQLiteStore:
                 loop.call_soon_threadsafe(on_batch, batch)
         conn.close()
 
-    @staticmethod
-    def _write_batch(conn: sqlite3.Connection, batch: list) -> None:
+    def _next_batch(self) -> list:
+        """Everything queued, up to MAX_BATCH records and the typed records that follow them.
+
+        Beyond MAX_BATCH only typed records (webhook events) are still taken,
+        so an event always shares the transaction of the record before it.
+        """
+        first, self._carry = self._carry, None
+        batch: list = [first if first is not None else self._queue.get()]
+        while True:
+            try:
+                record = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+            if len(batch) >= MAX_BATCH and record.__class__ is tuple:
+                self._carry = record
+                return batch
+            batch.append(record)
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: list, typed: list | None = None) -> None:
         messages = [r[:6] for r in batch if len(r) == 7 and r[0] is not None]
         groups = [(r[1], r[2]) for r in batch if r[0] == "group"]
         cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
@@ -264,9 +304,11 @@ class SQLiteStore:
         reads = [r[1:] for r in batch if r[0] == "read"]
         delivered = [r[1:] for r in batch if r[0] == "delivered"]
         expiries = [r[1:] for r in batch if r[0] == "expire"]
-        if not (messages or groups or cursors or reads or delivered or expiries):
+        if not (messages or groups or cursors or reads or delivered or expiries or typed):
             return
         conn.execute("BEGIN")
+        if self.outbox is not None:
+            self._write_outbox(conn, messages, typed or ())
         if messages:
             conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
                              " VALUES (?, ?, ?, ?, ?, ?)", messages)
@@ -292,6 +334,41 @@ class SQLiteStore:
                 params += [len(other), other]
             conn.execute(query, params)
         conn.execute("COMMIT")
+
+    def _write_outbox(self, conn: sqlite3.Connection, messages: list, typed: Iterable) -> None:
+        """The outbox rows of this transaction: its messages' events, the events emitted
+        with them, and what the sender learnt (server/outbox.py)."""
+        outbox = self.outbox
+        assert outbox is not None
+        events = [e for channel, seq, _, _, _, frame in messages
+                  for e in outbox.message_events(channel, seq, frame)]
+        for record in typed:
+            if isinstance(record, WebhookEvent):
+                events.append(record)
+            elif isinstance(record, Delivered):
+                conn.executemany("DELETE FROM webhook_outbox WHERE id = ?", [(i,) for i in record.ids])
+            elif isinstance(record, Failed):
+                conn.execute("UPDATE webhook_outbox SET attempts = ?, next_us = ?, last_error = ?,"
+                             " dead = ? WHERE id = ?", (record.attempts, record.next_us,
+                                                        record.error, int(record.dead), record.id))
+            elif isinstance(record, Replay):
+                now = time.time_ns() // 1000
+                for i in record.ids:
+                    conn.execute("INSERT INTO webhook_outbox (endpoint, stream, event_id, type, payload,"
+                                 " created_us) SELECT endpoint, stream, event_id, type, payload, ?"
+                                 " FROM webhook_outbox WHERE id = ? AND dead = 1", (now, i))
+                    conn.execute("DELETE FROM webhook_outbox WHERE id = ? AND dead = 1", (i,))
+            elif isinstance(record, EndpointState):
+                if record.disabled:
+                    conn.execute("INSERT OR REPLACE INTO webhook_endpoints (name, disabled_us, reason)"
+                                 " VALUES (?, ?, ?)", (record.name, time.time_ns() // 1000,
+                                                       record.reason))
+                else:
+                    conn.execute("DELETE FROM webhook_endpoints WHERE name = ?", (record.name,))
+        rows = [row for e in events for row in outbox.rows(e)]
+        if rows:
+            conn.executemany("INSERT INTO webhook_outbox (endpoint, stream, event_id, type, payload,"
+                             " created_us) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         """Write what is queued, then stop the threads."""

@@ -1,0 +1,216 @@
+"""The webhook outbox: events written to the store in the transaction of what they describe.
+
+Anything in the relay that wants a backend told of something calls
+``relay.emit(WebhookEvent(type, channel, data))`` (or ``store.emit``) right
+after queueing the record it describes (a message, a read cursor, a timer's
+state): the store's writer puts the event, one row per endpoint whose filter
+accepts it, into ``webhook_outbox`` in the same transaction as the records
+queued around it, and never splits an event from the record queued just
+before it (server/store.py).  A message's own events (``message.created``,
+and ``member.joined`` / ``member.left`` for a group's join and leave events)
+are made by the writer itself from the message record, so publishing costs
+the event loop nothing more.
+
+The sender (server/webhooks.py) reads the rows back, delivers them and
+records what happened through the same writer (:class:`Delivered`,
+:class:`Failed`, :class:`Replay`, :class:`EndpointState`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fenghuo.core import ContentType
+from fenghuo.server.frames import decode_frame_message, message_json
+from fenghuo.webhooks import secret_key
+
+#: every event type the relay sends (docs/API.md, "Webhooks")
+EVENT_TYPES = frozenset({
+    "message.created", "message.delivered", "message.read", "member.joined", "member.left",
+    "presence.changed", "escalation", "scheduled.sent",
+})
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the sender reads on from the last
+    endpoint   TEXT NOT NULL,
+    stream     TEXT NOT NULL,      -- delivered in order within (endpoint, stream): the channel
+    event_id   TEXT NOT NULL,      -- webhook-id, the same on every attempt
+    type       TEXT NOT NULL,
+    payload    BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_us    INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    dead       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_by_endpoint ON webhook_outbox (endpoint, dead, id);
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    name        TEXT PRIMARY KEY,
+    disabled_us INTEGER NOT NULL,
+    reason      TEXT NOT NULL
+);
+"""
+
+# A group event's "event" field -> the webhook event it makes (docs/PROTOCOL.md §3.16).
+_MEMBER_EVENTS = {"created": "member.joined", "join": "member.joined", "leave": "member.left"}
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """Something to tell the backends: ``data`` becomes the payload's ``data``.
+
+    ``channel`` is what endpoint filters match by prefix and what orders
+    delivery: events of one channel reach an endpoint in the order they were
+    emitted (use the channel of the message the event is about; ``""`` for
+    none).
+    """
+
+    type: str
+    channel: str
+    data: dict[str, Any]
+    ts_us: int = 0      # 0: now
+    #: the ordering key when it is not the channel (presence: ``user:<id>``)
+    stream: str = ""
+
+    def payload(self) -> bytes:
+        ts = self.ts_us or time.time_ns() // 1000
+        stamp = datetime.fromtimestamp(ts / 1e6, timezone.utc).isoformat(timespec="microseconds")
+        return orjson.dumps({"type": self.type, "timestamp": stamp.replace("+00:00", "Z"),
+                             "data": self.data})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One receiver of webhooks and what it wants (the ``--webhooks`` file)."""
+
+    name: str
+    url: str
+    secrets: tuple[str, ...]
+    #: event types it receives; empty: all
+    events: frozenset[str] = frozenset()
+    #: channel prefixes it receives; empty: all
+    channels: tuple[str, ...] = ()
+    keys: tuple[bytes, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook endpoint {self.name!r}: url must be http:// or https://")
+        if not self.secrets:
+            raise ValueError(f"webhook endpoint {self.name!r}: at least one secret is required")
+        unknown = self.events - EVENT_TYPES
+        if unknown:
+            raise ValueError(f"webhook endpoint {self.name!r}: unknown event types {sorted(unknown)}"
+                             f" (known: {', '.join(sorted(EVENT_TYPES))})")
+        try:
+            object.__setattr__(self, "keys", tuple(secret_key(s) for s in self.secrets))
+        except ValueError as exc:
+            raise ValueError(f"webhook endpoint {self.name!r}: {exc}") from None
+
+    def wants(self, event_type: str, channel: str) -> bool:
+        return ((not self.events or event_type in self.events)
+                and (not self.channels or channel.startswith(self.channels)))
+
+
+def load_endpoints(path: str) -> tuple[Endpoint, ...]:
+    """The endpoints of a TOML file: ``[[endpoint]]`` tables with name, url, secrets, events, channels."""
+    if not Path(path).is_file():
+        raise ValueError(f"--webhooks: no such file {path!r}")
+    with open(path, "rb") as f:
+        table = tomllib.load(f)
+    unknown = set(table) - {"endpoint"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}: use [[endpoint]] tables")
+    endpoints = []
+    for n, entry in enumerate(table.get("endpoint", []), 1):
+        extra = set(entry) - {"name", "url", "secrets", "events", "channels"}
+        if extra or "name" not in entry or "url" not in entry:
+            raise ValueError(f"{path}: endpoint {n} needs name, url and secrets; unknown: {sorted(extra)}")
+        endpoints.append(Endpoint(str(entry["name"]), str(entry["url"]),
+                                  tuple(entry.get("secrets", ())), frozenset(entry.get("events", ())),
+                                  tuple(entry.get("channels", ()))))
+    names = [e.name for e in endpoints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: endpoint names must be unique")
+    return tuple(endpoints)
+
+
+# ---------------------------------------------------------------- writer records
+# What the sender asks the store's writer to record (typed, ordered with everything else).
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    id: int
+    attempts: int
+    next_us: int
+    error: str
+    dead: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Dead letters back into their endpoint's queue (same webhook-id, at the end)."""
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    name: str
+    disabled: bool
+    reason: str = ""
+
+
+OutboxRecord = WebhookEvent | Delivered | Failed | Replay | EndpointState
+
+
+class Outbox:
+    """The store writer's side: which rows an event makes (runs on the writer thread)."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self.endpoints = endpoints
+        wanted = [e.events or EVENT_TYPES for e in endpoints]
+        self.messages_wanted = any("message.created" in w for w in wanted)
+        self.members_wanted = any(w & {"member.joined", "member.left"} for w in wanted)
+
+    def rows(self, event: WebhookEvent) -> list[tuple]:
+        """``(endpoint, stream, event_id, type, payload, created_us)`` per endpoint that wants it."""
+        targets = [e.name for e in self.endpoints if e.wants(event.type, event.channel)]
+        if not targets:
+            return []
+        payload, event_id = event.payload(), "msg_" + secrets.token_urlsafe(18)
+        now = time.time_ns() // 1000
+        stream = event.stream or event.channel
+        return [(name, stream, event_id, event.type, payload, now) for name in targets]
+
+    def message_events(self, channel: str, seq: int, frame: bytes) -> list[WebhookEvent]:
+        """The events a stored message makes: message.created, and member.* for group changes."""
+        if not (self.messages_wanted or self.members_wanted):
+            return []
+        m = decode_frame_message(frame)
+        out = []
+        if self.messages_wanted:
+            out.append(WebhookEvent("message.created", channel, message_json(m), m.ts_us))
+        if self.members_wanted and m.content_type == ContentType.EVENT:
+            change = orjson.loads(m.payload)
+            kind = _MEMBER_EVENTS.get(change.get("event", ""))
+            if kind is not None:
+                out.append(WebhookEvent(kind, channel, {
+                    "channel": channel, "group": channel.partition(":")[2], "seq": seq,
+                    "users": change.get("users", []), "by": change.get("by"),
+                    "role": change.get("role")}, m.ts_us))
+        return out
+
