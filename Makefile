@@ -6,6 +6,8 @@
 #                redis-server); the whole suite
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
+#   make lint    ruff over the tree (part of `make test`); `make typecheck` runs
+#                mypy (scripts/typecheck.sh), not yet part of `make test`
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ ARGS ?=
 # What the editable install compiles: serving rebuilds when one of them changed.
 CORE_SOURCES := $(wildcard core/*.pyx core/*.pxd core/*.pxi core/*.h)
 
-.PHONY: serve test build peers chromium debug annotate clean
+.PHONY: serve test build lint typecheck peers chromium debug annotate clean
 
 # The package and its runtime dependencies; `pip install -e .` compiles the
 # core in place (in pip's isolated build environment, so no Cython in .venv).
@@ -36,8 +38,14 @@ serve: $(VENV)/.installed
 build: $(VENV)/.test-installed
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build peers chromium
+test: build lint peers chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.test-installed
+	bash scripts/typecheck.sh
 
 peers:
 	bash bench/peers/install.sh

@@ -30,9 +30,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
-import orjson
 import uvloop
 
 from bench.targets import Fenghuo

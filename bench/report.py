@@ -183,7 +183,7 @@ def keys_table(results: list[dict]) -> str:
     rows = []
     runs = [r for r in results if r["extra"].get("group") == "keys"]
     for flags in dict.fromkeys(r["extra"]["relay_flags"] for r in runs):
-        def best(keyed: bool, value, pick):
+        def best(keyed: bool, value, pick, flags=flags):
             return pick((value(r) for r in runs if r["extra"]["relay_flags"] == flags
                          and bool(r["params"].get("keyed")) == keyed and value(r)), default=None)
 

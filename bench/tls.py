@@ -52,7 +52,7 @@ def cmd_tls(a: argparse.Namespace) -> int:
                 if tls not in best or value > best[tls][0]:
                     best[tls] = (value, p99)
         rows.append((name, metric, best[False], best[True]))
-    print(f"\n| scenario | metric | TCP | TLS | TLS / TCP | p99 TCP ms | p99 TLS ms | p99 TLS / TCP |")
+    print("\n| scenario | metric | TCP | TLS | TLS / TCP | p99 TCP ms | p99 TLS ms | p99 TLS / TCP |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, metric, (tcp, tcp99), (tls, tls99) in rows:
         ratio99 = f"{tls99 / tcp99:.2f}" if tcp99 and tls99 else "-"

@@ -9,7 +9,8 @@ import os
 import sys
 import tomllib
 import warnings
-from typing import NoReturn, Sequence
+from typing import NoReturn
+from collections.abc import Sequence
 
 import orjson
 

@@ -26,7 +26,8 @@ import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Generator
+from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from urllib.parse import urlsplit
 
 import orjson

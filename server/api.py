@@ -349,7 +349,7 @@ class Api:
             if isinstance(exc, ConnectionLost):
                 return self._error(ApiError(ErrorCode.TRY_AGAIN, "the relay session was lost: retry"))
             return self._error(ApiError(exc.code, exc.message))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._error(ApiError(ErrorCode.TRY_AGAIN, "the relay did not answer within "
                                         f"{self.relay.settings.api_timeout:g} s: retry (with the "
                                         "same idempotency key for a publish)", 504))

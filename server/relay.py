@@ -16,7 +16,8 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 import orjson
 
@@ -310,7 +311,7 @@ class Relay:
             return
         try:
             await asyncio.wait_for(self.released(), self.settings.drain_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("store did not drain within the drain timeout")
 
     async def released(self) -> None:

@@ -15,7 +15,8 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 from fenghuo.core import Channel
 from fenghuo.server.frames import message_time

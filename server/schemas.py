@@ -22,6 +22,7 @@ be; the texts are built once, from the schema, never from the client's bytes.
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -171,18 +172,22 @@ class PresenceUnsubscribe(Tagged, frozen=True, tag="unsubscribe"):
     users: Users
 
 
-CursorRequest = Union[CursorSync, CursorUnread, CursorReaders]
-GroupRequest = Union[GroupCreate, GroupAdd, GroupRemove, GroupLeave, GroupRole, GroupList,
-                     GroupMembers]
-PresenceRequest = Union[PresenceQuery, PresenceSubscribe, PresenceUnsubscribe]
+CursorRequest = CursorSync | CursorUnread | CursorReaders
+GroupRequest = GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupRole | GroupList | GroupMembers
+PresenceRequest = PresenceQuery | PresenceSubscribe | PresenceUnsubscribe
 
 
 # ---------------------------------------------------------------- decoding and refusals
 
 
+def _is_union(tp: Any) -> bool:
+    """``Union[A, B]`` and ``A | B`` alike (their origins differ)."""
+    return get_origin(tp) in (Union, types.UnionType)
+
+
 def _described(tp: Any) -> str:
     """What a field of type ``tp`` must be, from its ``Meta(description=...)``."""
-    if get_origin(tp) is Union:
+    if _is_union(tp):
         tp = next(arg for arg in get_args(tp) if arg is not type(None))
     for meta in get_args(tp)[1:] if get_origin(tp) is Annotated else ():
         if isinstance(meta, Meta) and meta.description:
@@ -218,7 +223,7 @@ class Schema:
 
 def declare(what: str, tp: Any) -> Schema:
     """The :class:`Schema` of bodies of type ``tp`` (a Struct, or a union tagged by ``op``)."""
-    variants = get_args(tp) if get_origin(tp) is Union else (tp,)
+    variants = get_args(tp) if _is_union(tp) else (tp,)
     # field -> {what it must be: [ops whose field it is]}
     musts: dict[str, dict[str, list[str]]] = {}
     for cls in variants:

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from fenghuo.channels import InvalidChannel, group_channel, parse_channel
 from fenghuo.core import (

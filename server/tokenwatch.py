@@ -12,7 +12,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from fenghuo.core import ErrorCode
 from fenghuo.server.revocations import Revocations

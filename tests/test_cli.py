@@ -19,7 +19,7 @@ async def fenghuo_cli(*args: str, timeout: float = 15.0) -> tuple[int, str, str]
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise

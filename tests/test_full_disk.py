@@ -40,7 +40,7 @@ async def test_a_full_disk_stops_the_relay_and_every_ack_is_on_disk(tmp_path, ti
         payload = os.urandom(16 * 1024)
         try:
             ack = await asyncio.wait_for(alice.send("bob", payload), 15)
-        except (fenghuo.FenghuoError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, fenghuo.FenghuoError) as exc:
             refused = exc
             break
         acked[ack.seq] = payload

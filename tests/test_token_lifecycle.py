@@ -43,7 +43,7 @@ async def test_refresh_keeps_the_connection_and_replaces_the_deadline(relay_fact
     relay = relay_factory(*FAST_SWEEP)
     now = int(time.time())
     conns = await authed_on_every_worker(relay, "alice")   # a REFRESH on each worker
-    for i, conn in enumerate(conns):
+    for conn in conns:
         conn.write(encode_json(FrameType.REFRESH, {"token": relay.token("alice", ttl=2)}, 7))
         # fresh deadline in 3 s; then REFRESH again with a long token
         result = orjson.loads((await conn.expect(FrameType.RESULT, request_id=7)).body)

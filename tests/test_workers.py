@@ -7,7 +7,6 @@ kernel decides which worker a connection lands on, WELCOME says which.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# mypy over the installed package's names. The source tree maps folders to
+# packages (setup.py package_dir: server/ -> fenghuo.server, core/ ->
+# fenghuo.core), which mypy cannot follow, so check a shadow tree of symlinks
+# laid out as the installed package is.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+shadow="$(mktemp -d)"
+trap 'rm -rf "$shadow"' EXIT
+mkdir "$shadow/fenghuo"
+for f in "$root"/fenghuo/*; do ln -s "$f" "$shadow/fenghuo/"; done
+ln -s "$root/server" "$shadow/fenghuo/server"
+ln -s "$root/core" "$shadow/fenghuo/core"
+cd "$shadow"
+"${MYPY:-$root/.venv/bin/mypy}" --config-file "$root/pyproject.toml" -p fenghuo "$@" \
+    | sed "s#^fenghuo/server/#server/#; s#^fenghuo/core/#core/#"
