@@ -22,7 +22,7 @@ import secrets
 import time
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ class WebhookEvent:
 
     def payload(self) -> bytes:
         ts = self.ts_us or time.time_ns() // 1000
-        stamp = datetime.fromtimestamp(ts / 1e6, timezone.utc).isoformat(timespec="microseconds")
+        stamp = datetime.fromtimestamp(ts / 1e6, UTC).isoformat(timespec="microseconds")
         return orjson.dumps({"type": self.type, "timestamp": stamp.replace("+00:00", "Z"),
                              "data": self.data})
 

@@ -21,3 +21,14 @@ async def assert_silent(client: fenghuo.Client, wait: float = QUIET) -> None:
     with pytest.raises(asyncio.TimeoutError):
         extra = await client.next_message(timeout=wait)
         pytest.fail(f"unexpected message {extra!r}")
+
+
+async def refused(call, status: int, code: int):
+    """The server API's refusal of ``call``: HTTP ``status``, protocol error ``code``."""
+    from fenghuo.api import ApiError
+
+    with pytest.raises(ApiError) as info:
+        await call
+    assert (info.value.status, info.value.code) == (status, code), info.value
+    assert info.value.name == fenghuo.ErrorCode(code).name
+    return info.value

@@ -196,6 +196,16 @@ async def relay(relay_factory: Callable[..., RelayProcess]) -> AsyncIterator[Rel
     assert "worker exited" not in r.log(), f"a worker died during the test:\n{r.log()}"
 
 
+@pytest.fixture(params=[1, None], ids=["workers-1", "workers-default"])
+async def api_relay(request: pytest.FixtureRequest,
+                    relay_factory: Callable[..., RelayProcess]) -> AsyncIterator[RelayProcess]:
+    """A relay with its server API on (docs/API.md), under one worker and the default."""
+    relay = relay_factory("--api-max-body", "65536", api=True, workers=request.param)
+    yield relay
+    assert relay.proc.poll() is None, f"relay died during the test:\n{relay.log()}"
+    assert "worker exited" not in relay.log(), f"a worker died:\n{relay.log()}"
+
+
 async def raw_connection(relay: RelayProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A bare TCP connection, for speaking (or breaking) the protocol by hand."""
     return await asyncio.open_connection(relay.host, relay.port)

@@ -13,29 +13,14 @@ import orjson
 import pytest
 
 from fenghuo import ErrorCode, FenghuoError
-from fenghuo.api import Api, ApiError, AsyncApi
+from fenghuo.api import Api, AsyncApi
 from fenghuo.channels import group_channel
 from fenghuo.server.api import METHODS
 from fenghuo.server.devices import SERVICE_DEVICE
+from clients import refused
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NEWS = "org.acme.news"
-
-
-@pytest.fixture(params=[1, None], ids=["workers-1", "workers-default"])
-async def api_relay(request, relay_factory):
-    relay = relay_factory("--api-max-body", "65536", api=True, workers=request.param)
-    yield relay
-    assert relay.proc.poll() is None, f"relay died during the test:\n{relay.log()}"
-    assert "worker exited" not in relay.log(), f"a worker died:\n{relay.log()}"
-
-
-async def refused(call, status: int, code: int) -> ApiError:
-    with pytest.raises(ApiError) as info:
-        await call
-    assert (info.value.status, info.value.code) == (status, code), info.value
-    assert info.value.name == ErrorCode(code).name
-    return info.value
 
 
 def post(relay, method: str, raw: bytes, key: str | None) -> tuple[int, dict]:

@@ -11,7 +11,7 @@ import pytest
 from fenghuo import ErrorCode
 from fenghuo.api import AsyncApi
 from fenghuo.channels import direct_channel, group_channel
-from test_api import api_relay, refused  # noqa: F401  (the fixture, shared)
+from clients import refused
 
 
 async def until(check, what: str, timeout: float = 10.0):

@@ -3,7 +3,6 @@ against a real relay process and a real HTTP receiver (an aiohttp server in this
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 
