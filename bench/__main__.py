@@ -11,6 +11,7 @@
     python -m bench hostile [options]                     bad requests pipelined with good ones (bench/hostile.py)
     python -m bench api [options]                         server API publish against protocol publish (bench/api.py)
     python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
+    python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -268,6 +269,8 @@ def parser() -> argparse.ArgumentParser:
     api.add_commands(sub)
     from bench import tls
     tls.add_command(sub)
+    from bench import mask
+    mask.add_commands(sub)
     return cli
 
 

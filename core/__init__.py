@@ -23,6 +23,7 @@ from fenghuo.core._core import (  # noqa: F401
     FrameType,
     Hub,
     LocalBus,
+    MaskRules,
     MeshBus,
     Message,
     Metrics,
@@ -53,4 +54,4 @@ from fenghuo.core._core import (  # noqa: F401
     frame_error,
     json_nesting,
 )
-from fenghuo.core._core import FRAME_HEADER_SIZE, WIRE_VERSION  # noqa: F401
+from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, WIRE_VERSION  # noqa: F401

@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Self
 
 FRAME_HEADER_SIZE: int
+#: built-in masking detectors by name: their bit in MaskRules.detectors
+DETECTORS: dict[str, int]
 WIRE_VERSION: int
 
 class FrameType(enum.IntEnum):
@@ -256,6 +258,7 @@ class Channel:
     dedupe: DedupeWindow
     info: Any
     owner: int
+    mask: MaskRules | None
     def __init__(self, name: str, kind: int, ring_capacity: int, dedupe_window: int = ...,
                  dedupe_span: float = ...) -> None: ...
 
@@ -292,6 +295,7 @@ class Hub:
     durable_acks: bool
     channel_loader: Callable[[str], tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]]]] | None
     key_lookup: Callable[[str, bytes, int], tuple[int, int] | None] | None
+    masker: Callable[[str], MaskRules | None] | None
     def __init__(self, *, max_frame: int = ..., ring_capacity: int = ...,
                  max_pending_bytes: int = ..., compress_threshold: int = ...,
                  dedupe_window: int = ..., dedupe_span: float = ...,
@@ -365,3 +369,15 @@ class RemoteOrigin(Connection):
     """Another worker's client connection, as a channel's owner sees it."""
 
     def __init__(self, hub: Hub, user: str, sink: Callable[[bytes], None]) -> None: ...
+
+class MaskRules:
+    """One masking rule's detectors and patterns, and its counters (core/mask.pyx)."""
+    prefix: str
+    detectors: int
+    regexes: tuple[tuple[str, Any], ...]
+    masked: int
+    scanned: int
+    skipped: int
+    def __init__(self, prefix: str, detectors: int, regexes: tuple[tuple[str, Any], ...] = ()) -> None: ...
+    def mask(self, content_type: int, payload: bytes) -> bytes | None: ...
+    def counts(self) -> dict[str, int]: ...

@@ -11,6 +11,7 @@ cdef class Channel:
     cdef readonly DedupeWindow dedupe  # sender NUL idempotency key -> (seq, ts_us)
     cdef public object info          # control-plane data (group record, ...)
     cdef public int owner            # worker that sequences it (-1: not yet known)
+    cdef public MaskRules mask       # redaction its publishes get (None: none, nearly always)
 
 
 cdef class Bus:
@@ -67,6 +68,8 @@ cdef class Hub:
     # holds from ``since_us`` on, or None; asked only for a key that may have
     # left a full window before its span was over.
     cdef public object key_lookup
+    # ``masker(name)``: the MaskRules of a channel made now, or None (asked once per channel).
+    cdef public object masker
 
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1

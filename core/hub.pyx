@@ -49,6 +49,7 @@ cdef class Channel:
         self.ring = Ring(ring_capacity)
         self.subscribers = set()
         self.owner = -1
+        self.mask = None
         self.dedupe = DedupeWindow(dedupe_window, <uint64_t>(dedupe_span * 1e6))
         self.info = None
 
@@ -169,6 +170,7 @@ cdef class Hub:
         self.durable_acks = False
         self.channel_loader = None
         self.key_lookup = None
+        self.masker = None
 
     def __dealloc__(self):
         PyMem_Free(self._lat)
@@ -180,6 +182,8 @@ cdef class Hub:
         ch = self.channels.get(key)
         if ch is None:
             made = Channel(name, kind, self.ring_capacity, self.dedupe_window, self.dedupe_span)
+            if self.masker is not None:
+                made.mask = self.masker(name)
             if self.channel_loader is not None:
                 # A channel with a past: continue its seqs, refill its ring and
                 # its idempotency window from the store.
@@ -246,6 +250,9 @@ cdef class Hub:
         cdef bytes frame, body, ack
         cdef char* p
         cdef bytes sender = origin.user_key
+        cdef const char* payload = v.payload
+        cdef Py_ssize_t payload_len = v.payload_len
+        cdef bytes masked
         ts = wall_us()
         if v.key_len and self._seen(ch, sender, v, ts, &seen_seq, &seen_ts):
             self.metrics.duplicates += 1
@@ -258,11 +265,17 @@ cdef class Hub:
             else:
                 origin.reply(ack)
             return 0
+        if ch.mask is not None:
+            # Once per message, here where it is sequenced: what is built,
+            # kept, stored and delivered below is the masked payload only.
+            masked = ch.mask.apply(v.content_type, payload, payload_len)
+            if masked is not None:
+                payload, payload_len = PyBytes_AS_STRING(masked), PyBytes_GET_SIZE(masked)
         seq = ch.seq + 1
         frame = build_message(seq, ts, v.content_type,
                               PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key),
                               PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender),
-                              v.key, v.key_len, v.meta, v.meta_len, v.payload, v.payload_len)
+                              v.key, v.key_len, v.meta, v.meta_len, payload, payload_len)
         if self.compress_threshold and PyBytes_GET_SIZE(frame) - HEADER_SIZE >= self.compress_threshold:
             body, flags = compress_body(frame[HEADER_SIZE:], self.compress_threshold)
             if flags:

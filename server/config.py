@@ -80,6 +80,9 @@ class Settings:
     retention: str = _opt("", "how long messages are kept, by channel prefix: e.g. "
                               "'dm:=365d,org.=30d,*=forever' (default: forever)")
     retention_interval: float = _opt(3600.0, "seconds between two runs of the retention job")
+    mask: str = _opt("", "masking rules, JSON: channel prefix -> detectors (card, cn_id, phone, "
+                         "{name, regex}), e.g. '{\"dm:\": [\"card\", \"cn_id\", \"phone\"]}'; "
+                         "in TOML a [mask] table (see Masking)")
     max_frame: int = _opt(1 << 20, "largest frame accepted, bytes (header included)")
     ring_size: int = _opt(1024, "messages kept per channel for catch-up after a disconnect")
     max_pending: int = _opt(8 << 20, "unsent bytes per connection before it is cut as a slow consumer")
@@ -162,6 +165,8 @@ class Settings:
             raise ValueError("--webhooks needs --store sqlite: the outbox is a table of the store")
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
+        from fenghuo.server.masking import parse_rules as parse_mask
+        parse_mask(self.mask)
 
 
 OPTIONS: tuple[Option, ...] = tuple(
@@ -211,6 +216,9 @@ def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = 
             option = known.get(key.replace("-", "_"))
             if option is None:
                 raise ValueError(f"{config_file}: unknown setting {key!r}")
+            if option.name == "mask":          # a table of rules: the JSON --mask takes
+                from fenghuo.server.masking import from_toml
+                value = from_toml(value)
             values[option.name] = _coerce(option, value, config_file)
     for option in OPTIONS:
         if option.env in env:

@@ -76,6 +76,7 @@ def render(relay: Relay) -> str:
     family("fenghuo_status_read_total", "counter",
            "Messages read, summed over users: read cursors moved by READ receipts.")
     out.append(f"fenghuo_status_read_total {progress.read}")
+    out += relay.masking.metrics()
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

@@ -43,6 +43,7 @@ from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
 from fenghuo.server.devices import SERVICE_DEVICE, Devices
 from fenghuo.server.groups import MEMBER, Group, GroupRegistry
+from fenghuo.server.masking import Masking
 from fenghuo.server.schemas import (
     HISTORY_DEFAULT,
     INT64_MAX,
@@ -101,6 +102,10 @@ class Relay:
             burst=settings.burst,
         )
         self.admission = Admission(settings, self.hub)
+        self.masking = Masking(settings.mask)
+        if self.masking.rules:
+            # Asked once per channel as it is made (also those _load makes).
+            self.hub.masker = self.masking.for_channel
         self.groups = GroupRegistry()
         self.users = Devices()
         self.memberships: dict[str, dict[Channel, int]] = {}

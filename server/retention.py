@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from collections.abc import Callable, Iterable
 
 from fenghuo.core import Channel
@@ -54,8 +54,16 @@ def parse_rules(text: str) -> list[Rule]:
     return rules
 
 
-def rule_for(rules: list[Rule], channel: str) -> Rule | None:
-    """The rule with the longest prefix of ``channel``."""
+class Prefixed(Protocol):
+    @property
+    def prefix(self) -> str: ...
+
+
+R = TypeVar("R", bound=Prefixed)
+
+
+def rule_for(rules: Iterable[R], channel: str) -> R | None:
+    """The rule with the longest prefix of ``channel`` (retention's, masking's)."""
     matching = [r for r in rules if channel.startswith(r.prefix)]
     return max(matching, key=lambda r: len(r.prefix)) if matching else None
 
