@@ -4,6 +4,7 @@
 #   make test    the same plus the test extras, the benchmark's load generator
 #                (bench/_gen) and the benchmark peers (nats-server,
 #                redis-server); the whole suite
+#   make cluster 3 nats-servers with JetStream on loopback (README, Cluster)
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
 #   make lint    ruff over the tree (part of `make test`); `make typecheck` runs
@@ -16,7 +17,7 @@ ARGS ?=
 # What the editable install compiles: serving rebuilds when one of them changed.
 CORE_SOURCES := $(wildcard core/*.pyx core/*.pxd core/*.pxi core/*.h)
 
-.PHONY: serve test build lint typecheck peers chromium debug annotate clean
+.PHONY: serve test build lint typecheck peers chromium cluster debug annotate clean
 
 # The package and its runtime dependencies; `pip install -e .` compiles the
 # core in place (in pip's isolated build environment, so no Cython in .venv).
@@ -49,6 +50,11 @@ typecheck: $(VENV)/.test-installed
 
 peers:
 	bash bench/peers/install.sh
+
+# A local cluster on loopback: 3 nats-servers with JetStream and fenghuo
+# nodes on them (scripts/nats_cluster.py; ARGS="--nodes 3"); Ctrl-C stops it.
+cluster: $(VENV)/.test-installed peers
+	$(BIN)/python scripts/nats_cluster.py $(ARGS)
 
 # Debian's chromium for the browser demo's test (Playwright drives it; it
 # downloads no browser of its own).

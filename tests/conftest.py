@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from fenghuo.server.supervisor import die_with
 
 import fenghuo
 from bench.targets import free_port, free_ports, wait_healthy, wait_listening
+from scripts.nats_cluster import NatsCluster
 from fenghuo.tokens import issue_token
 
 STOP_TIMEOUT = 20.0     # a supervisor gives its workers the drain timeout + 5 s
@@ -204,6 +205,14 @@ async def api_relay(request: pytest.FixtureRequest,
     yield relay
     assert relay.proc.poll() is None, f"relay died during the test:\n{relay.log()}"
     assert "worker exited" not in relay.log(), f"a worker died:\n{relay.log()}"
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-servers with JetStream on loopback (scripts/nats_cluster.py), stopped after."""
+    cluster = NatsCluster.start(tmp_path / "nats")
+    yield cluster
+    cluster.stop()
 
 
 async def raw_connection(relay: RelayProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

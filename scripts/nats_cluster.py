@@ -1,0 +1,180 @@
+"""A local NATS cluster with JetStream on loopback: the engine under a fenghuo cluster.
+
+Used by the tests' fixtures and by ``make cluster``::
+
+    python scripts/nats_cluster.py                 # 3 nats-servers, Ctrl-C stops them
+
+Every server gets free loopback ports (client, cluster route, monitoring)
+and a JetStream store directory under one temporary folder, removed at
+stop.  A stop is SIGTERM (nats-server flushes its store), then SIGKILL after
+a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.targets import free_port, peer_binary  # noqa: E402
+
+CLUSTER_NAME = "fenghuo"
+# Starting three servers and electing JetStream's meta leader takes about a
+# second on the 2-core development machine; 30 s leaves room for a busy one.
+READY_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+
+
+@dataclass
+class NatsServer:
+    """One nats-server of the cluster."""
+
+    name: str
+    host: str
+    port: int            # clients
+    route_port: int      # the other servers of the cluster
+    http_port: int       # monitoring: /healthz, /jsz
+    store_dir: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def config(self, routes: list[str]) -> str:
+        return json.dumps({
+            "server_name": self.name, "host": self.host, "port": self.port,
+            "http_port": self.http_port,
+            "jetstream": {"store_dir": str(self.store_dir),
+                          "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
+            "cluster": {"name": CLUSTER_NAME, "host": self.host, "port": self.route_port,
+                        "routes": routes},
+        }, indent=2)
+
+    def start(self, binary: str, routes: list[str]) -> None:
+        conf = self.store_dir.parent / f"{self.name}.conf"
+        conf.write_text(self.config(routes))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy(self) -> bool:
+        """JetStream is up here and this server knows the meta leader (``/healthz``)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/healthz",
+                                        timeout=1) as r:
+                return r.status == 200 and json.load(r).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def kill(self) -> None:
+        """``kill -9``: what a crash looks like to the others."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` nats-servers with JetStream, routed to each other, under ``base``."""
+
+    base: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    servers: list[NatsServer] = field(default_factory=list)
+    _own_base: bool = False
+
+    @classmethod
+    def start(cls, base: Path | None = None, size: int = 3, host: str = "127.0.0.1",
+              timeout: float = READY_TIMEOUT) -> NatsCluster:
+        binary = peer_binary("nats-server")
+        if binary is None:
+            raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
+        own = base is None
+        cluster = cls(Path(tempfile.mkdtemp(prefix="fenghuo-nats-")) if base is None else base,
+                      size, host, _own_base=own)
+        cluster.base.mkdir(parents=True, exist_ok=True)
+        for i in range(size):
+            store = cluster.base / f"n{i}"
+            store.mkdir(exist_ok=True)
+            cluster.servers.append(NatsServer(
+                f"n{i}", host, free_port(host), free_port(host), free_port(host), store,
+                cluster.base / f"n{i}.log"))
+        routes = [f"nats://{host}:{s.route_port}" for s in cluster.servers]
+        try:
+            for server in cluster.servers:
+                server.start(binary, routes)
+            cluster.wait_ready(timeout)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url_list(self) -> str:
+        """The form ``--cluster`` takes: ``nats://h:p,nats://h:p,...``."""
+        return ",".join(self.urls)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        running = [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+        while not all(s.healthy() for s in running):
+            for s in running:
+                if s.proc is not None and s.proc.poll() is not None:
+                    raise RuntimeError(f"nats-server {s.name} exited:\n{s.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                logs = "\n".join(s.log_path.read_text(errors="replace") for s in running)
+                raise RuntimeError(f"NATS cluster not ready within {timeout:g} s:\n{logs}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self._own_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", type=int, default=3, help="nats-servers (default 3)")
+    args = parser.parse_args(argv)
+    cluster = NatsCluster.start(size=args.servers)
+    try:
+        print(f"NATS cluster: {cluster.url_list} (stores under {cluster.base})", flush=True)
+        print("Ctrl-C stops it", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())
