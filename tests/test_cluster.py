@@ -7,7 +7,6 @@ Real processes only: three nats-servers with JetStream on loopback
 from __future__ import annotations
 
 import nats
-import pytest
 
 from scripts.nats_cluster import NatsCluster
 
