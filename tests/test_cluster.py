@@ -6,7 +6,11 @@ Real processes only: three nats-servers with JetStream on loopback
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import nats
+import nats.errors
 
 from scripts.nats_cluster import NatsCluster
 
@@ -22,7 +26,17 @@ async def test_nats_cluster_keeps_an_r3_stream_through_a_server_kill(nats_cluste
     nats_cluster.servers[0].kill()
     nc = await nats.connect(nats_cluster.urls[1])
     try:
-        msg = await nc.jetstream().get_msg("FIXTURE", seq=ack.seq)
+        # If the killed server led the stream, the other two elect a leader
+        # first (a few seconds at most); reads fail meanwhile.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                msg = await nc.jetstream().get_msg("FIXTURE", seq=ack.seq)
+                break
+            except nats.errors.Error:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
         assert msg.data == b"kept"
     finally:
         await nc.close()
