@@ -7,8 +7,8 @@
 #   make cluster 3 nats-servers with JetStream on loopback (README, Cluster)
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
-#   make lint    ruff over the tree (part of `make test`); `make typecheck` runs
-#                mypy (scripts/typecheck.sh), not yet part of `make test`
+#   make lint    ruff over the tree; `make typecheck` mypy over server/ and
+#                fenghuo/ (scripts/typecheck.sh); both are part of `make test`
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
 VENV ?= .venv
@@ -39,7 +39,7 @@ serve: $(VENV)/.installed
 build: $(VENV)/.test-installed
 	$(BIN)/python setup.py -q build_ext --inplace
 
-test: build lint peers chromium
+test: build lint typecheck peers chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.test-installed

@@ -368,7 +368,8 @@ class Connection:
 class RemoteOrigin(Connection):
     """Another worker's client connection, as a channel's owner sees it."""
 
-    def __init__(self, hub: Hub, user: str, sink: Callable[[bytes], None]) -> None: ...
+    user: str      # the remote client's, fixed at construction
+    def __init__(self, hub: Hub, user: str, sink: Callable[[bytes], object]) -> None: ...
 
 class MaskRules:
     """One masking rule's detectors and patterns, and its counters (core/mask.pyx)."""

@@ -672,11 +672,12 @@ class Client:
         if self._closed:
             raise ConnectionLost("client closed")
 
-    async def _request(self, ftype: int, body: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, ftype: int, body: dict[str, Any]) -> Any:
+        """The reply: a RESULT's decoded JSON, a HISTORY_PAGE's frames as bytes."""
         self._check_usable()
         await self._connected.wait()
         rid = self._request_id()
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self._write(encode_json(ftype, body, rid))
         return await fut

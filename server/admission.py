@@ -30,7 +30,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fenghuo.core import ErrorCode, Hub, ProtocolError
 from fenghuo.server.config import Settings
@@ -108,8 +108,8 @@ class Admission:
         self._logged_at = 0.0
         # Refused transports waiting for their client to close, in two
         # generations: a sweep aborts what is still open in the older one.
-        self._lingering: deque[asyncio.BaseTransport] = deque()
-        self._lingering_old: deque[asyncio.BaseTransport] = deque()
+        self._lingering: deque[asyncio.Transport] = deque()
+        self._lingering_old: deque[asyncio.Transport] = deque()
         self._refusals = {
             REASON_CONNECTIONS: _Refusal(self, REASON_CONNECTIONS),
             REASON_HANDSHAKES: _Refusal(self, REASON_HANDSHAKES),
@@ -219,7 +219,7 @@ class Admission:
 
     # ------------------------------------------------------------ upkeep
 
-    def linger(self, transport: asyncio.BaseTransport) -> None:
+    def linger(self, transport: asyncio.Transport) -> None:
         """Keep a refused transport until its client closes or two sweeps pass."""
         lingering = self._lingering
         # Clients close in about the order they were refused: dropping the
@@ -266,13 +266,14 @@ class _Refusal(asyncio.Protocol):
         return self._frame
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)   # a stream server's transport
         self.admission.hub.metrics.record_error(ErrorCode.TRY_AGAIN)
         self.admission.log_refusal()
-        transport.write(self._current_frame())  # type: ignore[attr-defined]
+        tcp.write(self._current_frame())
         # FIN after the ERROR; what the client sent (its HELLO) is read and
         # dropped until it closes, or the next sweep closes for it.
-        transport.write_eof()  # type: ignore[attr-defined]
-        self.admission.linger(transport)
+        tcp.write_eof()
+        self.admission.linger(tcp)
 
     def data_received(self, data: bytes) -> None:
         pass

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from functools import partial
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
@@ -242,7 +243,7 @@ class Cluster:
         """Owner side: ``source`` no longer gets ``name``; "cold" follows its last message."""
         ch = self.relay.hub.find(name)
         peers = self.interested.get(ch) if ch is not None else None
-        if peers is not None:
+        if ch is not None and peers is not None:
             peers.discard(source)
             if not peers:
                 del self.interested[ch]
@@ -291,7 +292,7 @@ class Cluster:
             if (not gate.given and gate.open is not None
                     and all(self.ready(ch) for ch in gate.channels)):
                 gate.given = True
-                session.fill_reply(gate.slot, lambda gate=gate: self._pass(session, gate))
+                session.fill_reply(gate.slot, partial(self._pass, session, gate))
 
     def _pass(self, session: Session, gate: _Gate) -> None:
         """``gate``'s turn in ``session``'s reply order: open it."""

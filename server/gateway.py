@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Iterable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,19 +44,20 @@ DEMO_FILES = {
 }
 
 
-class WsTransport:
+class WsTransport(asyncio.Transport):
     """The asyncio-transport face a Session writes to, over one WebSocket."""
 
     __slots__ = ("ws", "tcp")
 
     def __init__(self, ws: WSTransport) -> None:
+        super().__init__()
         self.ws = ws
         self.tcp: asyncio.Transport = ws.underlying_transport
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.ws.send(WSMsgType.BINARY, data)
 
-    def writelines(self, frames: list[bytes]) -> None:
+    def writelines(self, frames: Iterable[bytes | bytearray | memoryview]) -> None:
         # One message for what one loop iteration queued: one WebSocket header
         # and one write instead of one per frame.
         self.ws.send(WSMsgType.BINARY, b"".join(frames))
@@ -88,7 +89,7 @@ class WsTransport:
         self.close()
 
 
-class SessionListener(WSListener):  # type: ignore[misc]
+class SessionListener(WSListener):
     """Feeds one WebSocket's binary messages to its Session, as one byte stream."""
 
     def __init__(self, session: Session) -> None:
@@ -131,7 +132,7 @@ class SessionListener(WSListener):  # type: ignore[misc]
         self.session.resume_writing()
 
 
-class RefusalListener(WSListener):  # type: ignore[misc]
+class RefusalListener(WSListener):
     """Says TRY_AGAIN (the frame a refused TCP connection gets) and closes."""
 
     def __init__(self, frame: bytes) -> None:

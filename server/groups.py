@@ -148,8 +148,9 @@ class GroupRegistry:
         the group, the users added and the users removed."""
         old = self.groups.get(record["id"])
         before = dict(old.members) if old is not None else {}
-        for user in before:
-            self._part(old, user)
+        if old is not None:
+            for user in before:
+                self._part(old, user)
         group = self.restore(record)
         return (group, [u for u in group.members if u not in before],
                 [u for u in before if u not in group.members])

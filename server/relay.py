@@ -16,7 +16,8 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, cast
 from collections.abc import Callable, Iterable
 
 import orjson
@@ -25,13 +26,13 @@ from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.core import (
     Channel,
     ChannelKind,
-    Connection,
     ContentType,
     ErrorCode,
     FrameType,
     Hub,
     ProtocolError,
     ReceiptKind,
+    RemoteOrigin,
     encode_receipt_event,
 )
 from fenghuo.protocol import encode_json
@@ -85,6 +86,12 @@ CATCH_UP_BUFFER = 1 << 20
 def refuse(code: int, message: str) -> ProtocolError:
     """A non-fatal protocol error: the client gets ERROR, the connection stays."""
     return ProtocolError(code, message, False)
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    """Resolve ``done`` unless it already is (a waiter that gave up cancelled it)."""
+    if not done.done():
+        done.set_result(None)
 
 
 class Relay:
@@ -145,8 +152,8 @@ class Relay:
         self.cluster: Cluster | None = None
         #: the server API, when this process serves it (server/main.py)
         self.api: Api | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._ws_server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
+        self._ws_server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
@@ -322,8 +329,8 @@ class Relay:
     async def released(self) -> None:
         """Wait until everything sequenced before now is released: on disk and in its ring
         (at once unless acks wait for the disk, ``--fsync always``)."""
-        done = asyncio.get_running_loop().create_future()
-        self.hub.after_store(lambda: done.done() or done.set_result(None))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.hub.after_store(lambda: _settle(done))
         await done
 
     async def _sweep_forever(self) -> None:
@@ -344,7 +351,8 @@ class Relay:
         while True:
             await asyncio.sleep(self.settings.revocation_interval)
             try:
-                self.tokens.close_revoked(self.hub.connections)
+                # The relay's hub holds nothing but the Sessions it made.
+                self.tokens.close_revoked(cast("set[Session]", self.hub.connections))
             except Exception:   # a busy or broken store: revocations wait for the next round
                 log.exception("reading token revocations failed")
 
@@ -540,7 +548,7 @@ class Relay:
                 if waiting is None:
                     waiting = session.pending_live = {}
                 waiting[ch] = None
-                cluster.when_ready(ch, lambda ch=ch: self._ready_later(session, ch))
+                cluster.when_ready(ch, partial(self._ready_later, session, ch))
                 continue
             since = None
             if waiting is not None and ch in waiting:
@@ -623,14 +631,14 @@ class Relay:
         after = max(after, self.memberships.get(session.user, {}).get(ch, 0))
         frames = ch.ring.resume_from(after)
         recovered = frames is not None
-        if not recovered and self.store is not None:
+        if frames is None and self.store is not None:
             # Live frames of ``ch`` must not overtake the stored ones: the
             # session leaves the channel's fan-out until the two have met.
             ch.subscribers.discard(session)
             task = asyncio.get_running_loop().create_task(self._catch_up_from_store(session, ch, after))
             session.track(task)
             return True
-        if not recovered:
+        if frames is None:
             session.send(encode_json(FrameType.GAP, {
                 "channel": ch.name, "after": after, "first": ch.ring.first, "head": ch.seq}))
             frames = ch.ring.since(after)
@@ -790,8 +798,8 @@ class Relay:
         """Wait until ``ch`` is complete in this process (a replica another worker feeds)."""
         if self.cluster is None or self.cluster.ready(ch):
             return
-        done = asyncio.get_running_loop().create_future()
-        self.cluster.when_ready(ch, lambda: done.done() or done.set_result(None))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.cluster.when_ready(ch, lambda: _settle(done))
         await done
 
     def readable(self, session: Session, name: str) -> Channel:
@@ -892,8 +900,7 @@ class Relay:
                                          "users": list(group.members)})
                 return {**group.describe(), "seq": ch.seq}
             case GroupAdd(group=group_id, users=users, role=role):
-                role = role or MEMBER
-                added = groups.add(me, group_id, users, role)
+                added = groups.add(me, group_id, users, role or MEMBER)
                 group = groups.groups[group_id]
                 ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
                 for user in added:
@@ -935,7 +942,7 @@ class Relay:
             self.part(user, ch)
         self.save_group(group)
 
-    def serve_forwarded(self, origin: Connection, body: dict) -> dict:
+    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> dict:
         """Run a request another worker forwarded to this channel's owner."""
         op = body["what"]
         if op == "group":

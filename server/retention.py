@@ -82,10 +82,10 @@ def apply(store: SQLiteStore | None, rules: list[Rule], channels: Iterable[Chann
         store.expire(rule.prefix, int((now - rule.seconds) * 1_000_000), more_specific)
         queued += 1
     for ch in channels:
-        rule = rule_for(rules, ch.name)
-        if rule is None or rule.seconds is None:
+        found = rule_for(rules, ch.name)
+        if found is None or found.seconds is None:
             continue
-        cutoff = int((now - rule.seconds) * 1_000_000)
+        cutoff = int((now - found.seconds) * 1_000_000)
         keep = ch.ring.first
         for frame in ch.ring.since(0):
             if message_time(frame) >= cutoff:

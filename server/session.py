@@ -64,6 +64,10 @@ class Session(Connection, asyncio.BufferedProtocol):
     # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
     __slots__ = ("background", "explicit", "hello_at", "pending_live", "positions", "relay",
                  "watching")
+    # Set by HELLO (None before it, in core/hub.pyx); the core hands a session
+    # nothing but its HELLO until then, so every handler here sees them set.
+    user: str
+    device: str
 
     def __init__(self, hub: Hub, relay: Relay) -> None:
         self.relay = relay

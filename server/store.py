@@ -101,7 +101,7 @@ class Store(Protocol):
 
     durable_acks: bool
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None: ...
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list | None], None]) -> None: ...
     def append(self, record: tuple) -> None: ...
     def recent(self, channel: str) -> list[tuple[int, bytes]]: ...
     def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]: ...
@@ -110,15 +110,8 @@ class Store(Protocol):
     async def read_by_time(self, channel: str, since_us: int, until_us: int,
                            limit: int) -> list[bytes]: ...
     def save_group(self, group_id: str, record: dict[str, Any]) -> None: ...
-    def device_cursors(self, user: str, device: str) -> dict[str, int]:
-        """Where ``device`` of ``user`` last said it had got to, per channel."""
-        return dict(self._conn.execute(
-            "SELECT channel, seq FROM device_cursors WHERE user = ? AND device = ?", (user, device)))
-
-    def read_cursors(self) -> list[tuple[str, str, int]]:
-        """Every ``(channel, user, seq)`` read cursor (loaded once at start-up)."""
-        return self._conn.execute("SELECT channel, user, seq FROM read_cursors").fetchall()
-
+    def device_cursors(self, user: str, device: str) -> dict[str, int]: ...
+    def read_cursors(self) -> list[tuple[str, str, int]]: ...
     def load_groups(self) -> list[dict[str, Any]]: ...
     def direct_channels(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -203,7 +196,7 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ writing
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list | None], None]) -> None:
         self._writer = threading.Thread(target=self._write_forever, args=(loop, on_batch),
                                         name="fenghuo-store-write", daemon=True)
         self._writer.start()
@@ -256,7 +249,7 @@ class SQLiteStore:
         self.append(("expire", prefix, cutoff_us, keep_prefixes))
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop,
-                       on_batch: Callable[[list], None]) -> None:
+                       on_batch: Callable[[list | None], None]) -> None:
         conn = self._connect()
         stop = False
         while not stop:
