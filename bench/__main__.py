@@ -12,6 +12,7 @@
     python -m bench api [options]                         server API publish against protocol publish (bench/api.py)
     python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
     python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
+    python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -271,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     tls.add_command(sub)
     from bench import mask
     mask.add_commands(sub)
+    from bench import tail
+    tail.add_command(sub)
     return cli
 
 
@@ -279,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["global"]:
         return cmd_global(argv[1:])
     args = parser().parse_args(argv)
+    args.command_line = " ".join(["python -m bench", *argv])
     return args.func(args)
 
 

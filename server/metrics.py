@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from fenghuo.server.stalls import BOUNDS, Histogram
+
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
 
@@ -96,7 +98,30 @@ def render(relay: Relay) -> str:
     out.append(f'{name}_bucket{{le="+Inf"}} {snap["latency_count"]}')
     out.append(f"{name}_sum {snap['latency_sum']:.9f}")
     out.append(f"{name}_count {snap['latency_count']}")
+    family("fenghuo_gc_frozen_objects", "gauge",
+           "Objects the cyclic collector no longer examines (gc.freeze: startup and survivors of full collections).")
+    out.append(f"fenghuo_gc_frozen_objects {relay.collector.frozen()}")
+    _histogram(out, "fenghuo_event_loop_lag_seconds",
+               "How late a timer set 10 ms ahead fired, sampled every 10 ms: the loop's stalls.",
+               [("", relay.loop_lag.histogram)])
+    _histogram(out, "fenghuo_gc_pause_seconds", "Garbage collections, by generation, and how long each took.",
+               [(f'generation="{g}"', h) for g, h in enumerate(relay.collector.by_generation)])
     return "\n".join(out) + "\n"
+
+
+def _histogram(out: list[str], name: str, help_: str, series: list[tuple[str, Histogram]]) -> None:
+    out.append(f"# HELP {name} {help_}")
+    out.append(f"# TYPE {name} histogram")
+    for labels, h in series:
+        sep = "," if labels else ""
+        cumulative = 0
+        for bound, count in zip((*BOUNDS, "+Inf"), h.counts, strict=True):
+            cumulative += count
+            le = bound if isinstance(bound, str) else f"{bound:g}"
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {cumulative}')
+        braces = f"{{{labels}}}" if labels else ""
+        out.append(f"{name}_sum{braces} {h.sum:.9f}")
+        out.append(f"{name}_count{braces} {cumulative}")
 
 
 def health(relay: Relay) -> tuple[int, bytes]:

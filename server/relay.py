@@ -62,6 +62,7 @@ from fenghuo.server.schemas import (
 from fenghuo.server.outbox import Outbox, WebhookEvent, load_endpoints
 from fenghuo.server.store import SQLiteStore
 from fenghuo.server.revocations import Revocations
+from fenghuo.server.stalls import Collector, LoopLag
 from fenghuo.server.tls import ServerTLS
 from fenghuo.server.tokenwatch import TokenWatch
 from fenghuo.tokens import Grants
@@ -157,6 +158,9 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
+        #: what holds the loop up, for /metrics: its lag and the collector's pauses
+        self.loop_lag = LoopLag()
+        self.collector = Collector()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -288,6 +292,8 @@ class Relay:
                 self, lambda: Session(self.hub, self),
                 reuse_port=spec is not None)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
+        self.loop_lag.start()
+        self.collector.start()
         if self.tokens.revocations is not None:
             self._revoker = asyncio.create_task(self._revoke_forever(), name="fenghuo-revocations")
         log.info("listening", extra={"host": self.settings.host, "port": self.port,
@@ -387,6 +393,8 @@ class Relay:
         for task in (self._sweeper, self._retention, self._revoker):
             if task is not None:
                 task.cancel()
+        self.loop_lag.stop()
+        self.collector.stop()
         if self.cluster is not None:
             await self.cluster.stop(self.settings.drain_timeout)
         if self.store is not None:

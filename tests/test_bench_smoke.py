@@ -181,3 +181,19 @@ def test_tls_runs_every_scenario_over_tcp_and_tls_with_ratios():
         "| one-to-one", "| fan-out 10", "| latency 2 pairs @ 200/s", "| 50 connections"]
     for row in rows:    # both transports delivered: every TLS / TCP ratio is above 0
         assert float(row.split(" | ")[4]) > 0
+
+
+def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
+    out = tmp_path / "tail.json"
+    run = bench("tail", "--rates", "200,400", "--rounds", "1", "--warmup", "0.2", "--duration", "0.5",
+                "--json", str(out))
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["target"], r["rate"]) for r in runs] == [
+        (t, rate) for rate in (200, 400) for t in ("fenghuo-1", "fenghuo", "nats")]
+    for r in runs:
+        assert r["deliveries_per_s"] > 0 and set(r["latency_ms"]) >= {"50", "99", "99.9"}
+        if r["target"].startswith("fenghuo"):   # the relay's own lag samples, every worker's
+            assert r["relay"]["lag_count"] > 0 and "gc_count" in r["relay"], r
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "target" not in line]
+    assert [row.split(" | ")[1] for row in rows] == ["fenghuo-1", "fenghuo", "nats"] * 2
+    assert all(row.split(" | ")[5] == "1.00" for row in rows if " nats " in row)   # nats ÷ nats

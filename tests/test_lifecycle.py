@@ -303,6 +303,23 @@ async def test_metrics_exposition_format(relay):
     assert families["fenghuo_publish_to_deliver_seconds"] == "histogram"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_every_worker_keeps_the_collector_off_its_startup_state(relay_factory, workers):
+    """gc.freeze() once started (server/stalls.py): a full collection then skips what startup
+    made; the loop's lag and the collector's pauses are counted for /metrics."""
+    relay = relay_factory(workers=workers)
+    await relay.connect("alice")
+    await asyncio.sleep(0.1)                     # a few 10 ms lag samples
+    _, _, body = await http_get(relay.host, relay.metrics_port, "/metrics")
+    frozen = re.findall(r"^fenghuo_gc_frozen_objects(?:\{[^}]*\})? (\S+)$", body.decode(), re.M)
+    assert len(frozen) == workers and all(float(n) > 1000 for n in frozen), frozen
+    samples = await metrics(relay)
+    assert samples['fenghuo_event_loop_lag_seconds_bucket{le="+Inf"}'] >= workers * 3
+    assert samples["fenghuo_event_loop_lag_seconds_count"] >= workers * 3
+    for generation in range(3):
+        assert f'fenghuo_gc_pause_seconds_count{{generation="{generation}"}}' in samples
+
+
 async def test_healthz_and_unknown_paths(relay):
     alice = await relay.connect("alice")
     for path in ("/healthz", "/health", "/healthz?verbose=1"):
