@@ -80,7 +80,8 @@ def cmd_tail(a: argparse.Namespace) -> int:
                 progress.step(f"round {round_ + 1} {name} @ {rate:,.0f}/s")
                 stalls: dict[str, Any] = {}
 
-                async def scenario(t: Target, p: Progress, rate: float = rate) -> loadgen.Result:
+                async def scenario(t: Target, p: Progress, rate: float = rate,
+                                   stalls: dict[str, Any] = stalls) -> loadgen.Result:
                     result = await loadgen.pairs_run(t, pairs=1, rate=rate, warmup=a.warmup,
                                                      duration=a.duration, progress=p)
                     if isinstance(t, Fenghuo):
