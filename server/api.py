@@ -35,7 +35,7 @@ from msgspec import Meta
 
 from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.client import Client, ConnectionLost, FenghuoError
-from fenghuo.core import ChannelKind, ErrorCode, ProtocolError
+from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
 from fenghuo.server.schemas import (
     _USER_ID,
     HISTORY_DEFAULT,
@@ -56,6 +56,16 @@ from fenghuo.server.schemas import (
 from fenghuo.server import status
 from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.frames import message_json, message_sender, message_seq
+from fenghuo.server.timers import (
+    CONFIRM_PATIENCE,
+    SCHEDULE_KEY_PREFIX,
+    SEND,
+    NewTimer,
+    Timer,
+    Timers,
+    TimerTable,
+    now_us,
+)
 from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
 
 if TYPE_CHECKING:
@@ -69,6 +79,8 @@ API_USER = "fenghuo-api"
 MAX_BACKEND_SESSIONS = 256
 # A backend session's token lives this long; the session is renewed at half of it.
 SESSION_TOKEN_TTL = 24 * 3600
+# How far ahead a message may be scheduled.
+MAX_SCHEDULE_AHEAD_S = 366 * 86400
 # Recipients message_status lists at most (its counts always cover them all).
 STATUS_LIST_MAX = 100_000
 
@@ -108,6 +120,8 @@ class PublishCall(Call, frozen=True):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=128, description=(
         "a string of 1-128 characters"))] | None = None
     sender: Sender | None = None
+    send_at: Annotated[float, Meta(ge=0, description=(
+        "Unix time in seconds (fractions allowed): publish then, not now"))] | None = None
 
 
 class BatchPublishCall(Call, frozen=True):
@@ -165,6 +179,16 @@ class StatusCall(Call, frozen=True):
         f"an integer 1..{STATUS_LIST_MAX}: recipients listed at most (default 1000)"))] | None = None
 
 
+class ScheduledListCall(Call, frozen=True):
+    after: Annotated[int, Meta(ge=0, le=INT64_MAX, description=(
+        "list the scheduled messages with an id above this (default 0)"))] | None = None
+    limit: Limit | None = None
+
+
+class ScheduledCancelCall(Call, frozen=True):
+    id: Annotated[int, Meta(ge=1, le=INT64_MAX, description="a scheduled message's id")]
+
+
 class TokenCall(Call, frozen=True):
     user: Sender
     ttl: Annotated[int, Meta(ge=1, le=366 * 86400, description="seconds, 1..366 days")] | None = None
@@ -177,6 +201,9 @@ OBJECT: dict[str, Any] = {"type": "object"}
 PUBLISHED = {"type": "object", "properties": {
     "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
     "duplicate": {"type": "boolean"}}}
+SCHEDULED = {"type": "object", "properties": {
+    "channel": {"type": "string"}, "scheduled": {"type": "integer", "description": "its id"},
+    "send_at": {"type": "number"}, "duplicate": {"type": "boolean"}}}
 STATUS = {"type": "object", "properties": {
     "channel": {"type": "string"}, "seq": {"type": "integer"}, "sender": {"type": "string"},
     "recipients": {"type": ["integer", "null"], "description": "null for an org channel"},
@@ -315,6 +342,8 @@ class Api:
         loopback = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
         self.backends = Backends(f"tcp://{loopback}:{relay.port}", secret)
         self.runner: web.AppRunner | None = None
+        #: scheduled messages, fired by this process (server/timers.py)
+        self.timers = Timers(TimerTable(relay.store), {SEND: self._fire_scheduled})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.relay.settings.api_max_body)
@@ -370,6 +399,7 @@ class Api:
                                             "message": exc.message}})
 
     async def start(self, host: str, port: int) -> int:
+        await self.timers.start()
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
@@ -379,9 +409,55 @@ class Api:
         return bound
 
     async def stop(self) -> None:
+        await self.timers.stop()
         await self.backends.close()
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+    async def _fire_scheduled(self, timers: list[Timer]) -> list[int]:
+        """Publish due scheduled messages; the ids done with (sent, or refused for good)."""
+        calls = [(t, msgspec.json.decode(t.body, type=PublishCall)) for t in timers]
+        keys = {t.id: _fire_key(t, call) for t, call in calls}
+        already = await self.timers.table.stored(list(keys.values()))
+        done: list[int] = []
+
+        async def fire(t: Timer, call: PublishCall) -> None:
+            channel, dedupe = keys[t.id]
+            if (channel, dedupe) in already:
+                self.timers.stats.recovered += 1     # sent before a crash cut the fire short
+                done.append(t.id)
+                return
+            key = dedupe.split(b"\0", 1)[1].decode()
+            try:
+                await publish(self, msgspec.structs.replace(call, idempotency_key=key))
+            except (ApiError, FenghuoError) as exc:
+                if isinstance(exc, ConnectionLost) or exc.code in (ErrorCode.TRY_AGAIN,
+                                                                    ErrorCode.SHUTTING_DOWN):
+                    raise
+                log.warning("scheduled message refused", extra={"id": t.id, "code": exc.code})
+                self.timers.stats.failed[SEND] = self.timers.stats.failed.get(SEND, 0) + 1
+            done.append(t.id)
+
+        await asyncio.gather(*(fire(t, call) for t, call in calls))
+        store = self.relay.store
+        if store is None or store.durable_acks:
+            return done
+        # Acked before it is on disk (--fsync batch|off): the row goes once the message is there.
+        waiting = {keys[i] for i in done}
+        deadline = time.monotonic() + CONFIRM_PATIENCE
+        while waiting and time.monotonic() < deadline:
+            waiting -= await self.timers.table.stored(list(waiting))
+            if waiting:
+                await asyncio.sleep(0.02)
+        return [i for i in done if keys[i] not in waiting]
+
+
+def _fire_key(t: Timer, call: PublishCall) -> tuple[str, bytes]:
+    """``(channel, dedupe)`` of a scheduled message as the store files it: sender NUL key."""
+    key = call.idempotency_key or f"{SCHEDULE_KEY_PREFIX}{t.id}"
+    channel = parse_channel(call.channel).name
+    return channel, f"{call.sender or API_USER}\0{key}".encode()
 
 
 def _code_name(code: int) -> str:
@@ -412,6 +488,12 @@ def _payload(body: PublishCall) -> str | bytes | dict | list:
 
 
 async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
+    if body.send_at is not None:
+        (answer,) = await schedule(api, [body])
+        if "error" in answer:
+            error = answer["error"]
+            raise ApiError(error["code"], error["message"])
+        return answer
     data = _payload(body)
     client = await api.backends.as_user(body.sender or API_USER)
     ack = await client.publish(body.channel, data, content_type=body.content_type,
@@ -422,8 +504,88 @@ async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
 async def batch_publish(api: Api, body: BatchPublishCall) -> dict[str, Any]:
     # Started in order: publishes of one sender go out on one connection in
     # list order, so those to one channel are sequenced in list order.
-    tasks = [asyncio.ensure_future(_one(api, item)) for item in body.items]
-    return {"results": await asyncio.gather(*tasks)}
+    tasks = [asyncio.ensure_future(_one(api, item)) for item in body.items if item.send_at is None]
+    # The scheduled ones are stored in one transaction.
+    later = iter(await schedule(api, [item for item in body.items if item.send_at is not None]))
+    now = iter(await asyncio.gather(*tasks))
+    return {"results": [next(later) if item.send_at is not None else next(now)
+                        for item in body.items]}
+
+
+async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
+    """Store ``items`` (each with ``send_at``) as timers; an answer or an error for each."""
+    answers: list[dict[str, Any]] = []
+    timers: list[NewTimer] = []
+    horizon = now_us() + MAX_SCHEDULE_AHEAD_S * 1_000_000
+    for item in items:
+        try:
+            channel = _schedulable(api, item)
+            due = int(item.send_at * 1e6)
+            if due > horizon:
+                raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
+                               f"{MAX_SCHEDULE_AHEAD_S // 86400} days ahead")
+        except ApiError as exc:
+            answers.append({"error": {"code": exc.code, "name": _code_name(exc.code),
+                                      "message": exc.message}})
+            continue
+        sender = item.sender or API_USER
+        unique = None if item.idempotency_key is None else \
+            f"{SEND}\0{sender}\0{channel}\0{item.idempotency_key}"
+        body = msgspec.structs.replace(item, send_at=None, channel=channel)
+        timers.append(NewTimer(due, SEND, msgspec.json.encode(body), unique))
+        answers.append({"channel": channel, "send_at": due / 1e6})
+    added = iter(await api.timers.add(timers))
+    for answer in answers:
+        if "error" not in answer:
+            a = next(added)
+            answer.update(scheduled=a.id, duplicate=a.duplicate)
+    return answers
+
+
+# What a PUBLISH may carry (PROTOCOL §3.15): EVENT (5) is the server's, 7-127 are reserved.
+_SCHEDULABLE_TYPES = frozenset(ContentType) - {ContentType.EVENT} | frozenset(range(128, 256))
+
+
+def _schedulable(api: Api, item: PublishCall) -> str:
+    """The channel ``item`` goes to, if its sender may publish it there now (checked
+    again when it fires, as any publish is)."""
+    _payload(item)
+    if item.content_type is not None and item.content_type not in _SCHEDULABLE_TYPES:
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"publish: content type {item.content_type} "
+                       "cannot be scheduled: 0-4, 6 and 128-255 can (PROTOCOL §3.15)")
+    try:
+        cn = parse_channel(item.channel)
+    except InvalidChannel as exc:
+        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+    sender = item.sender or API_USER
+    if cn.kind == ChannelKind.DIRECT_CHAT and sender not in cn.participants:
+        raise ApiError(ErrorCode.FORBIDDEN, f"{sender!r} is not in {cn.name!r}")
+    if cn.kind == ChannelKind.GROUP_CHAT:
+        try:
+            api.relay.groups.member_group(sender, cn.group)
+        except ProtocolError as exc:
+            raise ApiError(exc.code, exc.message) from None
+    return cn.name
+
+
+async def scheduled_list(api: Api, body: ScheduledListCall) -> dict[str, Any]:
+    timers = await api.timers.table.listed(SEND, body.after or 0, body.limit or HISTORY_DEFAULT)
+    out = []
+    for t in timers:
+        call = msgspec.json.decode(t.body, type=PublishCall)
+        out.append({"id": t.id, "send_at": t.due_us / 1e6,
+                    **{k: v for k, v in msgspec.structs.asdict(call).items() if v is not None}})
+    return {"scheduled": out}
+
+
+async def scheduled_cancel(api: Api, body: ScheduledCancelCall) -> dict[str, Any]:
+    cancelled = await api.timers.cancel(body.id, SEND)
+    if cancelled is None:
+        raise ApiError(ErrorCode.CONFLICT, f"scheduled message {body.id} is being sent")
+    if not cancelled:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no scheduled message {body.id} (sent, cancelled "
+                       "or never made)")
+    return {"id": body.id, "cancelled": True}
 
 
 async def _one(api: Api, item: PublishCall) -> dict[str, Any]:
@@ -502,8 +664,9 @@ async def token(api: Api, body: TokenCall) -> dict[str, Any]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("publish", "Publish one message to a channel, as PUBLISH from `sender` would.",
-           PublishCall, PUBLISHED, publish),
+    Method("publish", "Publish one message to a channel, as PUBLISH from `sender` would; "
+                      "with `send_at`, store it and publish it then.",
+           PublishCall, {"oneOf": [PUBLISHED, SCHEDULED]}, publish),
     Method("batch_publish", "Publish up to 1000 messages; one result (or error) per item, in order.",
            BatchPublishCall, {"type": "object", "properties": {"results": {
                "type": "array", "items": {"oneOf": [PUBLISHED, {"type": "object", "properties": {
@@ -525,6 +688,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            HistoryCall, {"type": "object", "properties": {
                "channel": {"type": "string"}, "messages": {"type": "array", "items": MESSAGE}}},
            history),
+    Method("scheduled_list", "Scheduled messages not yet sent, by id.",
+           ScheduledListCall, {"type": "object", "properties": {"scheduled": {
+               "type": "array", "items": {"type": "object"}}}}, scheduled_list),
+    Method("scheduled_cancel", "Cancel a scheduled message before it is sent.",
+           ScheduledCancelCall, {"type": "object", "properties": {
+               "id": {"type": "integer"}, "cancelled": {"type": "boolean"}}}, scheduled_cancel),
     Method("message_status", "Per-recipient status of one message (sent, delivered, read) "
                              "and its counts, from the recipients' cursors.",
            StatusCall, STATUS, message_status),

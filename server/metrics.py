@@ -79,6 +79,21 @@ def render(relay: Relay) -> str:
            "Messages read, summed over users: read cursors moved by READ receipts.")
     out.append(f"fenghuo_status_read_total {progress.read}")
     out += relay.masking.metrics()
+    if relay.api is not None:
+        timers = relay.api.timers
+        family("fenghuo_timers_pending", "gauge",
+               "Scheduled messages and escalation steps waiting for their time (the API's process).")
+        out.append(f"fenghuo_timers_pending {len(timers.pending)}")
+        family("fenghuo_timers_fired_total", "counter", "Timers fired, by kind.")
+        for kind, count in sorted(timers.stats.fired.items()):
+            out.append(f'fenghuo_timers_fired_total{{kind="{kind}"}} {count}')
+        family("fenghuo_timers_failed_total", "counter",
+               "Fired timers whose publish was refused for good (logged), by kind.")
+        for kind, count in sorted(timers.stats.failed.items()):
+            out.append(f'fenghuo_timers_failed_total{{kind="{kind}"}} {count}')
+        family("fenghuo_timers_recovered_total", "counter",
+               "Scheduled messages found already sent when fired again after a crash (not resent).")
+        out.append(f"fenghuo_timers_recovered_total {timers.stats.recovered}")
     family("fenghuo_uptime_seconds", "gauge", "Seconds since the relay started.")
     out.append(f"fenghuo_uptime_seconds {time.time() - relay.started_at:.3f}")
     for key, name, help_ in _COUNTERS:

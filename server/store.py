@@ -54,7 +54,7 @@ MAX_BATCH = 8192
 BACKLOG_HIGH = 50_000
 BACKLOG_LOW = 10_000
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     channel TEXT NOT NULL,
@@ -87,6 +87,15 @@ CREATE TABLE IF NOT EXISTS read_cursors (
 ) WITHOUT ROWID;
 -- How far each user's messages have reached any of their devices, per channel:
 -- with read_cursors, the per-recipient status of every message (server/status.py).
+-- Scheduled messages and escalations: the API's process fires them (server/timers.py).
+-- AUTOINCREMENT: an id is never given twice, as a fired message's key derives from it.
+CREATE TABLE IF NOT EXISTS timers (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    due_us     INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    unique_key TEXT UNIQUE,
+    body       BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS delivered_cursors (
     channel TEXT NOT NULL,
     user    TEXT NOT NULL,
@@ -163,7 +172,7 @@ class SQLiteStore:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-store-read")
         self._local = threading.local()
         self._conn = self._connect()
-        self._conn.executescript(_SCHEMA)
+        self._conn.executescript(SCHEMA)
         self.failure: BaseException | None = None
         #: records appended and not yet handed back (touched by the loop thread only)
         self.backlog = 0
@@ -178,6 +187,10 @@ class SQLiteStore:
         conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'off' else 'FULL'}")
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection to the store's file, set up as the store's own."""
+        return self._connect()
 
     def _reader_conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

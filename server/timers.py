@@ -1,0 +1,264 @@
+"""Durable timers of the server API: scheduled messages (``send_at``).
+
+Owned by the process that serves the API (the relay under ``--workers 1``,
+worker 0 of several): scheduling is an API call, and a fire is a publish
+through the API's own session (server/api.py), forwarded to the channel's
+owning worker like any other, so it is sequenced (seq and ``ts_us``) when it
+fires.  One owner: no two workers can fire the same timer.
+
+Rows live in the store's file (table ``timers``, server/store.py), written
+through this module's own connection on one thread, so the event loop never
+waits for a commit.  In memory the owner keeps only ``(due, id)`` per
+pending timer in a heap; a timer's body is read when it fires.  Under
+``--store memory`` the table is an in-memory SQLite database: timers are
+kept while the process lives, and lost with it, like the messages.
+
+Exactly once, even if the relay dies as it fires: the fire publishes under an
+idempotency key derived from the timer (the caller's own key, else
+``fenghuo-sched-<id>``), and deletes the row only once the message is in the
+store.  Before publishing, a timer whose key is already in the store's
+messages (a fire the relay died in the middle of) is only deleted.  So a row
+outlives its message by at most one restart, and a message never has two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fenghuo.server.store import SCHEMA, SQLiteStore
+
+log = logging.getLogger("fenghuo.timers")
+
+SEND = "send"
+#: the idempotency key of a scheduled message published without one
+SCHEDULE_KEY_PREFIX = "fenghuo-sched-"
+# Timers taken out of the heap per fire batch: one read and one delete
+# transaction each, whatever the number of timers due at once.
+FIRE_BATCH = 1000
+# How long a fire under --fsync batch|off waits for its message to reach the
+# store before leaving the row to the next start (which finds the message).
+CONFIRM_PATIENCE = 5.0
+# A fire that failed (the relay's session lost, a busy store) is tried again after this.
+RETRY_US = 1_000_000
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class NewTimer:
+    due_us: int
+    kind: str
+    body: bytes
+    #: a retried request with the same unique key gets the same timer
+    unique_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    id: int
+    due_us: int
+    kind: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    id: int
+    duplicate: bool
+
+
+class TimerTable:
+    """The ``timers`` table, on one connection used by one thread."""
+
+    def __init__(self, store: SQLiteStore | None) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-timers")
+        self.durable = store is not None
+        if store is not None:
+            self._conn = store.connect()
+        else:
+            self._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            self._conn.executescript(SCHEMA)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def add(self, timers: list[NewTimer]) -> Awaitable[list[Added]]:
+        return self._run(self._add, timers)
+
+    def _add(self, timers: list[NewTimer]) -> list[Added]:
+        out = []
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for t in timers:
+                if t.unique_key is not None:
+                    row = conn.execute("SELECT id FROM timers WHERE unique_key = ?",
+                                       (t.unique_key,)).fetchone()
+                    if row is not None:
+                        out.append(Added(row[0], True))
+                        continue
+                cur = conn.execute("INSERT INTO timers (due_us, kind, unique_key, body)"
+                                   " VALUES (?, ?, ?, ?)", (t.due_us, t.kind, t.unique_key, t.body))
+                out.append(Added(cur.lastrowid, False))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return out
+
+    def pending(self) -> Awaitable[list[tuple[int, int]]]:
+        """Every ``(due_us, id)``."""
+        return self._run(lambda: self._conn.execute("SELECT due_us, id FROM timers").fetchall())
+
+    def get(self, ids: list[int]) -> Awaitable[list[Timer]]:
+        return self._run(self._get, ids)
+
+    def _get(self, ids: list[int]) -> list[Timer]:
+        marks = ",".join("?" * len(ids))
+        rows = self._conn.execute(f"SELECT id, due_us, kind, body FROM timers WHERE id IN ({marks})",
+                                  ids).fetchall()
+        return [Timer(i, d, k, bytes(b)) for i, d, k, b in rows]
+
+    def stored(self, keys: list[tuple[str, bytes]]) -> Awaitable[set[tuple[str, bytes]]]:
+        """Which ``(channel, dedupe)`` are in the store's messages (dedupe: sender NUL key)."""
+        return self._run(self._stored, keys)
+
+    def _stored(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
+        return {k for k in keys if self._conn.execute(
+            "SELECT 1 FROM messages WHERE channel = ? AND dedupe = ?", k).fetchone()}
+
+    def delete(self, ids: Iterable[int], kind: str | None = None) -> Awaitable[int]:
+        """Delete the timers ``ids`` (only of ``kind`` if given); how many were there."""
+        return self._run(self._delete, list(ids), kind)
+
+    def _delete(self, ids: list[int], kind: str | None) -> int:
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        query = f"DELETE FROM timers WHERE id IN ({marks})"
+        if kind is not None:
+            query += " AND kind = ?"
+            ids = [*ids, kind]
+        return self._conn.execute(query, ids).rowcount
+
+    def listed(self, kind: str, after: int, limit: int) -> Awaitable[list[Timer]]:
+        return self._run(lambda: [Timer(i, d, k, bytes(b)) for i, d, k, b in self._conn.execute(
+            "SELECT id, due_us, kind, body FROM timers WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+            (kind, after, limit))])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._conn.close()
+
+
+@dataclass
+class TimerStats:
+    fired: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    #: fires skipped because their message was already in the store (a fire a crash cut short)
+    recovered: int = 0
+
+
+#: what a fire does with a batch of due timers of one kind; the ids it is done with
+Firer = Callable[[list[Timer]], Awaitable[list[int]]]
+
+
+class Timers:
+    """The heap of pending timers and the task that fires them on time."""
+
+    def __init__(self, table: TimerTable, firers: dict[str, Firer]) -> None:
+        self.table = table
+        self.firers = firers
+        self.stats = TimerStats()
+        self._heap: list[tuple[int, int]] = []
+        #: id -> due_us of every pending timer (cancelled ones leave the heap lazily)
+        self.pending: dict[int, int] = {}
+        #: timers being fired: too late to cancel
+        self.firing: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._fires: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        for due, timer_id in await self.table.pending():
+            self._push(timer_id, due)
+        self._task = asyncio.create_task(self._run(), name="fenghuo-timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._fires:
+            await asyncio.wait(self._fires, timeout=5)
+        await asyncio.get_running_loop().run_in_executor(None, self.table.close)
+
+    async def add(self, timers: list[NewTimer]) -> list[Added]:
+        added = await self.table.add(timers)
+        for t, a in zip(timers, added, strict=True):
+            if not a.duplicate:
+                self._push(a.id, t.due_us)
+        return added
+
+    def _push(self, timer_id: int, due_us: int) -> None:
+        self.pending[timer_id] = due_us
+        if not self._heap or due_us < self._heap[0][0]:
+            self._wake.set()
+        heapq.heappush(self._heap, (due_us, timer_id))
+
+    async def cancel(self, timer_id: int, kind: str) -> bool | None:
+        """True if cancelled, False if no such pending timer, None if it is firing."""
+        if timer_id in self.firing:
+            return None
+        if not await self.table.delete([timer_id], kind):
+            return False
+        self.pending.pop(timer_id, None)
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            now = now_us()
+            due: list[int] = []
+            while self._heap and self._heap[0][0] <= now and len(due) < FIRE_BATCH:
+                _, timer_id = heapq.heappop(self._heap)
+                if self.pending.pop(timer_id, None) is not None:
+                    due.append(timer_id)
+            if due:
+                self.firing.update(due)
+                task = asyncio.create_task(self._fire(due))
+                self._fires.add(task)
+                task.add_done_callback(self._fires.discard)
+                continue
+            self._wake.clear()
+            delay = (self._heap[0][0] - now) / 1e6 if self._heap else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _fire(self, ids: list[int]) -> None:
+        try:
+            timers = await self.table.get(ids)
+            by_kind: dict[str, list[Timer]] = {}
+            for t in timers:
+                by_kind.setdefault(t.kind, []).append(t)
+            done: list[int] = []
+            for kind, batch in by_kind.items():
+                done += await self.firers[kind](batch)
+                self.stats.fired[kind] = self.stats.fired.get(kind, 0) + len(batch)
+            await self.table.delete(done)
+        except Exception:
+            # Tried again in a second; a timer whose message was sent is then only deleted.
+            log.exception("firing timers failed", extra={"timers": len(ids)})
+            for timer_id in ids:
+                self._push(timer_id, now_us() + RETRY_US)
+        finally:
+            self.firing.difference_update(ids)

@@ -1,0 +1,121 @@
+"""Scheduled messages (docs/API.md publish `send_at`) over real HTTP against a real relay:
+fired once at their time, listed and cancelled, kept across a restart and a kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from fenghuo import ErrorCode
+from fenghuo.api import AsyncApi
+from fenghuo.channels import group_channel
+from clients import assert_silent, refused
+
+NEWS = "org.acme.news"
+# The idempotency window forgets at once: only the timers' own check keeps a fire single.
+SPAN = ("--dedupe-span", "0.001")
+
+
+async def history_texts(api: AsyncApi, channel: str, user: str | None = None) -> list[str]:
+    page = await api.history(channel, user=user, limit=1000)
+    return [m["data"] for m in page["messages"]]
+
+
+async def test_fires_once_at_its_time_lists_and_cancels(api_relay):
+    bob = await api_relay.connect("bob", read=(NEWS,), reconnect=False)
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        now = await api.publish(NEWS, "now")          # the channel's seq before the fire
+        at = time.time() + 1.5
+        first = await api.publish(NEWS, "fee reminder", send_at=at, idempotency_key="fee-3")
+        again = await api.publish(NEWS, "fee reminder", send_at=at, idempotency_key="fee-3")
+        assert first["duplicate"] is False and again == {**first, "duplicate": True}
+        dropped = await api.publish(NEWS, "never", send_at=at + 0.5)
+        listed = (await api.scheduled_list())["scheduled"]
+        assert [(s["id"], s["data"]) for s in listed] == [
+            (first["scheduled"], "fee reminder"), (dropped["scheduled"], "never")]
+        assert listed[0]["send_at"] == pytest.approx(at, abs=1e-6)
+        assert await api.scheduled_cancel(dropped["scheduled"]) == {
+            "id": dropped["scheduled"], "cancelled": True}
+        await refused(api.scheduled_cancel(dropped["scheduled"]), 404, ErrorCode.NOT_FOUND)
+
+        assert (await bob.next_message(timeout=10)).text == "now"
+        m = await bob.next_message(timeout=10)
+        # Sequenced when it fired: after what was published before, at (not before) its time.
+        assert (m.text, m.seq, m.sender) == ("fee reminder", now["seq"] + 1, "fenghuo-api")
+        assert at * 1e6 <= m.ts_us < (at + 5) * 1e6
+        await assert_silent(bob, 1.5)                 # neither the duplicate nor the cancelled
+        assert (await api.scheduled_list())["scheduled"] == []
+        await refused(api.scheduled_cancel(first["scheduled"]), 404, ErrorCode.NOT_FOUND)
+        assert await history_texts(api, NEWS) == ["now", "fee reminder"]
+
+
+async def test_refused_when_scheduled_not_when_fired(api_relay):
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        later = time.time() + 60
+        await refused(api.publish("dm:ann:ben", "x", sender="eve", send_at=later), 403,
+                      ErrorCode.FORBIDDEN)
+        await refused(api.publish(group_channel("none"), "x", sender="eve", send_at=later), 404,
+                      ErrorCode.NOT_FOUND)
+        await refused(api.publish("bad name", "x", send_at=later), 400, ErrorCode.INVALID_CHANNEL)
+        await refused(api.publish(NEWS, "x", send_at=later, content_type=5), 400,
+                      ErrorCode.MALFORMED_BODY)
+        await refused(api.publish(NEWS, "x", send_at=later + 400 * 86400), 400,
+                      ErrorCode.MALFORMED_BODY)
+        await refused(api.publish(NEWS, "x", send_at=-1), 400, ErrorCode.MALFORMED_BODY)
+        batch = await api.batch_publish([
+            {"channel": NEWS, "data": "a"},
+            {"channel": "dm:ann:ben", "data": "b", "send_at": later},
+            {"channel": NEWS, "data": "c", "send_at": later}])
+        a, b, c = batch["results"]
+        assert a["seq"] >= 1 and b["error"]["code"] == ErrorCode.FORBIDDEN and c["scheduled"] >= 1
+        assert [s["data"] for s in (await api.scheduled_list())["scheduled"]] == ["c"]
+
+
+async def test_a_scheduled_message_survives_a_restart(relay_factory):
+    relay = relay_factory(api=True, workers=1)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        at = time.time() + 3
+        await api.publish(NEWS, "after the restart", send_at=at)
+    relay.stop()
+    again = relay_factory(api=True, workers=1, data_dir=relay.data_dir, secret=relay.secret)
+    async with AsyncApi(again.api_url, again.api_key) as api:
+        assert [s["data"] for s in (await api.scheduled_list())["scheduled"]] == ["after the restart"]
+        while not await history_texts(api, NEWS):
+            assert time.time() < at + 10, "not fired"
+            await asyncio.sleep(0.1)
+        assert time.time() >= at
+        assert (await api.history(NEWS))["messages"][0]["ts_us"] >= at * 1e6
+        assert await history_texts(api, NEWS) == ["after the restart"]
+        assert (await api.scheduled_list())["scheduled"] == []
+
+
+@pytest.mark.parametrize("fsync", ["always", "off"])
+async def test_sent_exactly_once_when_killed_as_it_fires(relay_factory, fsync):
+    """kill -9 while a run of scheduled messages fires, then restart: each is in the
+    channel exactly once (bounded: three kills, 40 messages each)."""
+    relay = relay_factory("--fsync", fsync, *SPAN, api=True, workers=1)
+    data_dir, secret = relay.data_dir, relay.secret
+    expected: list[str] = []
+    for round_ in range(3):
+        async with AsyncApi(relay.api_url, relay.api_key) as api:
+            start = time.time() + 1.0
+            items = [{"channel": NEWS, "data": f"r{round_}-{i}", "send_at": start + i * 0.005}
+                     for i in range(40)]
+            # Half with the caller's own key, half keyed by their schedule id.
+            for i, item in enumerate(items):
+                if i % 2:
+                    item["idempotency_key"] = f"k{round_}-{i}"
+            await api.batch_publish(items)
+            expected += [item["data"] for item in items]
+        await asyncio.sleep(max(0.0, start + 0.1 + round_ * 0.04 - time.time()))
+        relay.kill()
+        relay = relay_factory("--fsync", fsync, *SPAN, api=True, workers=1, data_dir=data_dir,
+                              secret=secret)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        deadline = time.time() + 20
+        while (await api.scheduled_list())["scheduled"] and time.time() < deadline:
+            await asyncio.sleep(0.1)
+        texts = await history_texts(api, NEWS)
+    assert sorted(texts) == sorted(expected), "a scheduled message was lost or sent twice"
