@@ -241,7 +241,7 @@ class Timers:
             delay = (self._heap[0][0] - now) / 1e6 if self._heap else None
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _fire(self, ids: list[int]) -> None:
