@@ -520,6 +520,7 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
     for item in items:
         try:
             channel = _schedulable(api, item)
+            assert item.send_at is not None
             due = int(item.send_at * 1e6)
             if due > horizon:
                 raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "

@@ -109,6 +109,7 @@ class TimerTable:
                         continue
                 cur = conn.execute("INSERT INTO timers (due_us, kind, unique_key, body)"
                                    " VALUES (?, ?, ?, ?)", (t.due_us, t.kind, t.unique_key, t.body))
+                assert cur.lastrowid is not None
                 out.append(Added(cur.lastrowid, False))
             conn.execute("COMMIT")
         except BaseException:
@@ -146,10 +147,11 @@ class TimerTable:
             return 0
         marks = ",".join("?" * len(ids))
         query = f"DELETE FROM timers WHERE id IN ({marks})"
+        params: list[int | str] = [*ids]
         if kind is not None:
             query += " AND kind = ?"
-            ids = [*ids, kind]
-        return self._conn.execute(query, ids).rowcount
+            params.append(kind)
+        return self._conn.execute(query, params).rowcount
 
     def listed(self, kind: str, after: int, limit: int) -> Awaitable[list[Timer]]:
         return self._run(lambda: [Timer(i, d, k, bytes(b)) for i, d, k, b in self._conn.execute(
