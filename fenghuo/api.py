@@ -51,13 +51,15 @@ class _Methods(Generic[R]):
     def publish(self, channel: str, data: str | dict | list | None = None, *,
                 data_b64: str | None = None, content_type: int | None = None,
                 meta: dict | None = None, idempotency_key: str | None = None,
-                sender: str | None = None, send_at: float | None = None) -> R:
+                sender: str | None = None, send_at: float | None = None,
+                escalate: list[dict[str, Any]] | None = None) -> R:
         """Publish now, or with ``send_at`` (Unix seconds) at that time: the answer is then
-        ``{"channel", "scheduled": id, "send_at", "duplicate"}``."""
+        ``{"channel", "scheduled": id, "send_at", "duplicate"}``.  ``escalate``: the
+        delivery policy, steps ``{"if_not": "delivered"|"read", "after_s": s}``."""
         return self.call("publish", _drop_none({
             "channel": channel, "data": data, "data_b64": data_b64, "content_type": content_type,
             "meta": meta, "idempotency_key": idempotency_key, "sender": sender,
-            "send_at": send_at}))
+            "send_at": send_at, "escalate": escalate}))
 
     def scheduled_list(self, *, after: int | None = None, limit: int | None = None) -> R:
         return self.call("scheduled_list", _drop_none({"after": after, "limit": limit}))

@@ -33,6 +33,7 @@ import orjson
 from aiohttp import web
 from msgspec import Meta
 
+from fenghuo.channels import ChannelName as ParsedChannel
 from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.client import Client, ConnectionLost, FenghuoError
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
@@ -53,14 +54,17 @@ from fenghuo.server.schemas import (
     declare,
     decode_with,
 )
-from fenghuo.server import status
+from fenghuo.server import escalation, status
 from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.frames import message_json, message_sender, message_seq
+from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.timers import (
     CONFIRM_PATIENCE,
+    ESCALATE,
     SCHEDULE_KEY_PREFIX,
     SEND,
     NewTimer,
+    Outcome,
     Timer,
     Timers,
     TimerTable,
@@ -122,6 +126,7 @@ class PublishCall(Call, frozen=True):
     sender: Sender | None = None
     send_at: Annotated[float, Meta(ge=0, description=(
         "Unix time in seconds (fractions allowed): publish then, not now"))] | None = None
+    escalate: escalation.Steps | None = None
 
 
 class BatchPublishCall(Call, frozen=True):
@@ -343,7 +348,9 @@ class Api:
         self.backends = Backends(f"tcp://{loopback}:{relay.port}", secret)
         self.runner: web.AppRunner | None = None
         #: scheduled messages, fired by this process (server/timers.py)
-        self.timers = Timers(TimerTable(relay.store), {SEND: self._fire_scheduled})
+        self.timers: Timers = Timers(TimerTable(relay.store), {
+            SEND: self._fire_scheduled,
+            ESCALATE: lambda batch, outcome: escalation.fire(relay, self.timers, batch, outcome)})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.relay.settings.api_max_body)
@@ -415,42 +422,64 @@ class Api:
             await self.runner.cleanup()
 
 
-    async def _fire_scheduled(self, timers: list[Timer]) -> list[int]:
-        """Publish due scheduled messages; the ids done with (sent, or refused for good)."""
+    async def _fire_scheduled(self, timers: list[Timer], outcome: Outcome) -> None:
+        """Publish due scheduled messages; note those done with (sent, or refused for good)."""
         calls = [(t, msgspec.json.decode(t.body, type=PublishCall)) for t in timers]
         keys = {t.id: _fire_key(t, call) for t, call in calls}
         already = await self.timers.table.stored(list(keys.values()))
-        done: list[int] = []
+        sent: dict[int, tuple[PublishCall, int, int]] = {}     # id -> (call, seq, ts_us)
 
         async def fire(t: Timer, call: PublishCall) -> None:
             channel, dedupe = keys[t.id]
             if (channel, dedupe) in already:
-                self.timers.stats.recovered += 1     # sent before a crash cut the fire short
-                done.append(t.id)
+                # Sent before a crash cut the fire short: its policy is armed again
+                # (a no-op if it was), its row and event are still owed.
+                self.timers.stats.recovered += 1
+                seq, ts_us = already[channel, dedupe]
+                if call.escalate:
+                    await escalation.start(self.timers, channel, seq, ts_us,
+                                           call.sender or API_USER, call.escalate)
+                sent[t.id] = (call, seq, ts_us)
                 return
             key = dedupe.split(b"\0", 1)[1].decode()
             try:
-                await publish(self, msgspec.structs.replace(call, idempotency_key=key))
+                ack = await publish(self, msgspec.structs.replace(call, idempotency_key=key))
             except (ApiError, FenghuoError) as exc:
                 if isinstance(exc, ConnectionLost) or exc.code in (ErrorCode.TRY_AGAIN,
                                                                     ErrorCode.SHUTTING_DOWN):
                     raise
                 log.warning("scheduled message refused", extra={"id": t.id, "code": exc.code})
                 self.timers.stats.failed[SEND] = self.timers.stats.failed.get(SEND, 0) + 1
-            done.append(t.id)
+                outcome.done.append(t.id)
+                return
+            sent[t.id] = (call, ack["seq"], ack["ts_us"])
 
         await asyncio.gather(*(fire(t, call) for t, call in calls))
+        stored = await self._confirm_stored({i: keys[i] for i in sent})
+        for t, _ in calls:
+            if t.id not in stored:
+                continue
+            call, seq, ts_us = sent[t.id]
+            outcome.done.append(t.id)
+            outcome.events.append(WebhookEvent("scheduled.sent", call.channel, {
+                "id": t.id, "channel": call.channel, "seq": seq, "ts_us": ts_us,
+                "sender": call.sender or API_USER, "send_at": t.due_us / 1e6,
+                "idempotency_key": keys[t.id][1].split(b"\0", 1)[1].decode()}))
+
+    async def _confirm_stored(self, keys: dict[int, tuple[str, bytes]]) -> set[int]:
+        """Which of the timers ``keys`` have their message in the store: all of them at
+        once under --fsync always (the ACK follows the commit), otherwise those found
+        within :data:`CONFIRM_PATIENCE` (the others' rows stay for the next start)."""
         store = self.relay.store
         if store is None or store.durable_acks:
-            return done
-        # Acked before it is on disk (--fsync batch|off): the row goes once the message is there.
-        waiting = {keys[i] for i in done}
+            return set(keys)
+        waiting = set(keys.values())
         deadline = time.monotonic() + CONFIRM_PATIENCE
         while waiting and time.monotonic() < deadline:
-            waiting -= await self.timers.table.stored(list(waiting))
+            waiting -= (await self.timers.table.stored(list(waiting))).keys()
             if waiting:
                 await asyncio.sleep(0.02)
-        return [i for i in done if keys[i] not in waiting]
+        return {i for i, k in keys.items() if k not in waiting}
 
 
 def _fire_key(t: Timer, call: PublishCall) -> tuple[str, bytes]:
@@ -495,10 +524,32 @@ async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
             raise ApiError(error["code"], error["message"])
         return answer
     data = _payload(body)
-    client = await api.backends.as_user(body.sender or API_USER)
+    if body.escalate:
+        _check_policy(body.escalate, _channel(body.channel))
+    sender = body.sender or API_USER
+    client = await api.backends.as_user(sender)
     ack = await client.publish(body.channel, data, content_type=body.content_type,
                                meta=body.meta, key=body.idempotency_key)
+    if body.escalate:
+        # Answered once armed: a publish retried after an error (same key) arms it then.
+        await escalation.start(api.timers, ack.channel, ack.seq, ack.ts_us, sender, body.escalate)
     return {"channel": ack.channel, "seq": ack.seq, "ts_us": ack.ts_us, "duplicate": ack.duplicate}
+
+
+def _channel(name: str) -> ParsedChannel:
+    try:
+        return parse_channel(name)
+    except InvalidChannel as exc:
+        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+
+
+def _check_policy(steps: list[escalation.Step], cn: ParsedChannel) -> None:
+    if cn.kind not in (ChannelKind.DIRECT_CHAT, ChannelKind.GROUP_CHAT):
+        raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `escalate` needs a direct or group "
+                       "channel (an org channel has no recipients to escalate)")
+    why = escalation.check(steps)
+    if why is not None:
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"publish: {why}")
 
 
 async def batch_publish(api: Api, body: BatchPublishCall) -> dict[str, Any]:
@@ -554,10 +605,9 @@ def _schedulable(api: Api, item: PublishCall) -> str:
     if item.content_type is not None and item.content_type not in _SCHEDULABLE_TYPES:
         raise ApiError(ErrorCode.MALFORMED_BODY, f"publish: content type {item.content_type} "
                        "cannot be scheduled: 0-4, 6 and 128-255 can (PROTOCOL §3.15)")
-    try:
-        cn = parse_channel(item.channel)
-    except InvalidChannel as exc:
-        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+    cn = _channel(item.channel)
+    if item.escalate:
+        _check_policy(item.escalate, cn)
     sender = item.sender or API_USER
     if cn.kind == ChannelKind.DIRECT_CHAT and sender not in cn.participants:
         raise ApiError(ErrorCode.FORBIDDEN, f"{sender!r} is not in {cn.name!r}")
@@ -636,17 +686,15 @@ async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
 
 async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
     relay = api.relay
-    try:
-        cn = parse_channel(body.channel)
-    except InvalidChannel as exc:
-        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+    cn = _channel(body.channel)
     if cn.kind == ChannelKind.GROUP_CHAT and cn.group not in relay.groups.groups:
         raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
     ch = relay.ensure_channel(cn.name)
     frames = await relay.history(ch, History(channel=cn.name, after=body.seq - 1, limit=1))
     if not frames or message_seq(frames[0]) != body.seq:
         raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
-    return status.message_status(relay, ch, body.seq, message_sender(frames[0]), escalations={},
+    escalated = await api.timers.table.escalated(ch.name, body.seq)
+    return status.message_status(relay, ch, body.seq, message_sender(frames[0]), escalations=escalated,
                                  wanted=body.filter or "all", limit=body.limit or 1000).json()
 
 

@@ -78,6 +78,9 @@ def render(relay: Relay) -> str:
     family("fenghuo_status_read_total", "counter",
            "Messages read, summed over users: read cursors moved by READ receipts.")
     out.append(f"fenghuo_status_read_total {progress.read}")
+    family("fenghuo_status_escalated_total", "counter",
+           "Escalations fired: one per recipient per step of a delivery policy.")
+    out.append(f"fenghuo_status_escalated_total {progress.escalated}")
     out += relay.masking.metrics()
     if relay.api is not None:
         timers = relay.api.timers

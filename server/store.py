@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS timers (
     unique_key TEXT UNIQUE,
     body       BLOB NOT NULL
 );
+-- Who an escalation step fired for: only those, never a row per recipient per message.
+CREATE TABLE IF NOT EXISTS escalations (
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    user    TEXT NOT NULL,
+    step    INTEGER NOT NULL,
+    PRIMARY KEY (channel, seq, user, step)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS delivered_cursors (
     channel TEXT NOT NULL,
     user    TEXT NOT NULL,
@@ -256,6 +264,11 @@ class SQLiteStore:
     def save_delivered_cursor(self, channel: str, user: str, seq: int) -> None:
         self.append(("delivered", channel, user, seq))
 
+    def timers_done(self, ids: list[int], escalated: list[tuple[str, int, str, int]]) -> None:
+        """Delete fired timers and file ``(channel, seq, user, step)`` escalations, in one
+        transaction with the webhook events emitted right after (server/timers.py)."""
+        self.append(("timers_done", ids, escalated))
+
     def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
         """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
         except channels under one of ``keep_prefixes`` (they have rules of their own)."""
@@ -310,7 +323,8 @@ class SQLiteStore:
         reads = [r[1:] for r in batch if r[0] == "read"]
         delivered = [r[1:] for r in batch if r[0] == "delivered"]
         expiries = [r[1:] for r in batch if r[0] == "expire"]
-        if not (messages or groups or cursors or reads or delivered or expiries or typed):
+        fired = [r for r in batch if r[0] == "timers_done"]
+        if not (messages or groups or cursors or reads or delivered or expiries or fired or typed):
             return
         conn.execute("BEGIN")
         if self.outbox is not None:
@@ -331,6 +345,10 @@ class SQLiteStore:
             conn.executemany("INSERT INTO delivered_cursors (channel, user, seq) VALUES (?, ?, ?)"
                              " ON CONFLICT (channel, user) DO UPDATE SET seq = max(seq, excluded.seq)",
                              delivered)
+        for _, ids, escalated in fired:
+            conn.executemany("DELETE FROM timers WHERE id = ?", [(i,) for i in ids])
+            conn.executemany("INSERT OR IGNORE INTO escalations (channel, seq, user, step)"
+                             " VALUES (?, ?, ?, ?)", escalated)
         for prefix, cutoff_us, keep_prefixes in expiries:
             # The most specific rule wins: longer prefixes with their own rule are kept out.
             query = "DELETE FROM messages WHERE substr(channel, 1, ?) = ? AND ts_us < ?"

@@ -33,11 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.store import SCHEMA, SQLiteStore
 
 log = logging.getLogger("fenghuo.timers")
 
 SEND = "send"
+ESCALATE = "escalate"
 #: the idempotency key of a scheduled message published without one
 SCHEDULE_KEY_PREFIX = "fenghuo-sched-"
 # Timers taken out of the heap per fire batch: one read and one delete
@@ -77,12 +79,22 @@ class Added:
     duplicate: bool
 
 
+@dataclass
+class Outcome:
+    """What firing a batch of timers came to, written in one store transaction."""
+
+    done: list[int] = field(default_factory=list)
+    #: ``(channel, seq, user, step)`` of each escalation fired
+    escalated: list[tuple[str, int, str, int]] = field(default_factory=list)
+    events: list[WebhookEvent] = field(default_factory=list)
+
+
 class TimerTable:
     """The ``timers`` table, on one connection used by one thread."""
 
     def __init__(self, store: SQLiteStore | None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-timers")
-        self.durable = store is not None
+        self.store = store
         if store is not None:
             self._conn = store.connect()
         else:
@@ -130,13 +142,45 @@ class TimerTable:
                                   ids).fetchall()
         return [Timer(i, d, k, bytes(b)) for i, d, k, b in rows]
 
-    def stored(self, keys: list[tuple[str, bytes]]) -> Awaitable[set[tuple[str, bytes]]]:
-        """Which ``(channel, dedupe)`` are in the store's messages (dedupe: sender NUL key)."""
+    def stored(self, keys: list[tuple[str, bytes]]
+               ) -> Awaitable[dict[tuple[str, bytes], tuple[int, int]]]:
+        """``(seq, ts_us)`` of those ``(channel, dedupe)`` in the store's messages
+        (dedupe: sender NUL key)."""
         return self._run(self._stored, keys)
 
-    def _stored(self, keys: list[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
-        return {k for k in keys if self._conn.execute(
-            "SELECT 1 FROM messages WHERE channel = ? AND dedupe = ?", k).fetchone()}
+    def _stored(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], tuple[int, int]]:
+        found = {}
+        for k in keys:
+            row = self._conn.execute("SELECT seq, ts_us FROM messages WHERE channel = ? AND dedupe = ?",
+                                     k).fetchone()
+            if row is not None:
+                found[k] = (row[0], row[1])
+        return found
+
+    def escalated(self, channel: str, seq: int) -> Awaitable[dict[str, tuple[int, ...]]]:
+        """user -> the steps an escalation fired for, of message ``seq`` of ``channel``."""
+        return self._run(self._escalated, channel, seq)
+
+    def _escalated(self, channel: str, seq: int) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for user, step in self._conn.execute(
+                "SELECT user, step FROM escalations WHERE channel = ? AND seq = ? ORDER BY step",
+                (channel, seq)):
+            out[user] = (*out.get(user, ()), step)
+        return out
+
+    async def finish(self, outcome: Outcome) -> None:
+        """Delete the fired timers, file the escalations: through the store's writer, in one
+        transaction with the webhook events; in memory (no webhooks) on this connection."""
+        if self.store is not None:
+            self.store.timers_done(outcome.done, outcome.escalated)
+            for event in outcome.events:
+                self.store.emit(event)
+            return
+        await self.delete(outcome.done)
+        await self._run(lambda: self._conn.executemany(
+            "INSERT OR IGNORE INTO escalations (channel, seq, user, step) VALUES (?, ?, ?, ?)",
+            outcome.escalated))
 
     def delete(self, ids: Iterable[int], kind: str | None = None) -> Awaitable[int]:
         """Delete the timers ``ids`` (only of ``kind`` if given); how many were there."""
@@ -171,8 +215,8 @@ class TimerStats:
     recovered: int = 0
 
 
-#: what a fire does with a batch of due timers of one kind; the ids it is done with
-Firer = Callable[[list[Timer]], Awaitable[list[int]]]
+#: what a fire does with a batch of due timers of one kind: notes in the outcome what is done
+Firer = Callable[[list[Timer], Outcome], Awaitable[None]]
 
 
 class Timers:
@@ -252,11 +296,11 @@ class Timers:
             by_kind: dict[str, list[Timer]] = {}
             for t in timers:
                 by_kind.setdefault(t.kind, []).append(t)
-            done: list[int] = []
+            outcome = Outcome()
             for kind, batch in by_kind.items():
-                done += await self.firers[kind](batch)
+                await self.firers[kind](batch, outcome)
                 self.stats.fired[kind] = self.stats.fired.get(kind, 0) + len(batch)
-            await self.table.delete(done)
+            await self.table.finish(outcome)
         except Exception:
             # Tried again in a second; a timer whose message was sent is then only deleted.
             log.exception("firing timers failed", extra={"timers": len(ids)})
