@@ -13,6 +13,7 @@
     python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
     python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
     python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
+    python -m bench schedule [options]                    scheduled messages: firing lateness, memory per timer (bench/schedule.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -274,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
     mask.add_commands(sub)
     from bench import tail
     tail.add_command(sub)
+    from bench import schedule
+    schedule.add_commands(sub)
     return cli
 
 

@@ -6,7 +6,10 @@ events are read from the store's outbox, where the relay writes them."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -94,3 +97,20 @@ async def test_a_read_in_time_cancels_and_a_scheduled_message_carries_its_policy
         assert events(relay, "escalation") == []
         status = await api.message_status(dm, m.seq)
         assert status["users"] == [{"user": "dora", "status": "read", "escalated": []}]
+
+
+def test_the_readme_commands_work_as_written(api_relay):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Scheduled messages and escalation", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    script = block.replace("7702", str(api_relay.api_port)).replace("dev-api-key", api_relay.api_key)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
+    answers = [orjson.loads(line) for line in out.replace("}{", "}\n{").splitlines()]
+    scheduled, listed, page, group, published, status = answers
+    assert scheduled["scheduled"] >= 1 and scheduled["duplicate"] is False
+    assert [s["data"] for s in listed["scheduled"]] == ["fees are due"]
+    assert [m["data"] for m in page["messages"]] == ["fees are due"]
+    assert group["group"] == "flat-14" and published["seq"] == 2
+    assert status["counts"] == {"sent": 2, "delivered": 0, "read": 0, "escalated": 2}
+    assert [(u["user"], u["escalated"]) for u in status["users"]] == [
+        ("tenant1", [0]), ("tenant2", [0])]

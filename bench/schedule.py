@@ -1,0 +1,155 @@
+"""``python -m bench schedule``: scheduled-message firing accuracy, and memory per pending timer.
+
+Lateness: one relay (``--workers 1``, the SQLite store with ``--fsync
+always``, pinned like every target, the API on) is given ``--pending``
+(100,000) scheduled messages due an hour from now, which stay pending
+throughout, then ``--fired`` more due a few seconds from now, ``--spacing``
+apart.  A subscriber receives those; a message's lateness is its ``ts_us``
+(the relay's clock when it was sequenced) minus its ``send_at``, and, for
+information, its arrival at the subscriber minus ``send_at``.
+
+Memory: what a pending timer costs its owner is its heap entry and its
+``pending`` entry (the body stays in the store).  Measured in this process
+with tracemalloc over ``--pending`` escalation timers pushed into a real
+:class:`Timers`, and, as a cross-check, the relay's RSS before and after the
+pending scheduled messages were stored (which adds SQLite's page cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import shlex
+import time
+import tracemalloc
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import orjson
+import uvloop
+
+from bench.targets import GENERATOR_CPU, Fenghuo, free_port, pin, wait_listening
+
+CHANNEL = "org.bench.schedule"
+BATCH = 1000        # the API's batch_publish limit
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schedule", help="scheduled messages: firing lateness with many pending, "
+                                        "memory per pending timer (bench/schedule.py)")
+    p.add_argument("--pending", type=int, default=100_000, help="timers pending throughout")
+    p.add_argument("--fired", type=int, default=1000, help="scheduled messages measured as they fire")
+    p.add_argument("--spacing", type=float, default=0.005, help="seconds between their send_at")
+    p.add_argument("--relay", default="", metavar="FLAGS", help="extra `fenghuo serve` flags")
+    p.set_defaults(func=cmd_schedule)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+    return {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1], "min": ordered[0]}
+
+
+async def _schedule(api, items: list[dict]) -> None:
+    for i in range(0, len(items), BATCH):
+        answer = await api.batch_publish(items[i:i + BATCH])
+        bad = [r for r in answer["results"] if "error" in r]
+        if bad:
+            raise RuntimeError(f"scheduling refused: {bad[0]}")
+
+
+async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespace) -> dict:
+    import fenghuo
+    from fenghuo.api import AsyncApi
+
+    assert target.proc is not None
+    async with AsyncApi(api_url, key, timeout=120) as api:
+        await api.publish(CHANNEL, "warm-up")            # the API's session is made on first use
+        rss_before = _rss_kib(target.proc.pid)
+        later = time.time() + 3600
+        started = time.perf_counter()
+        await _schedule(api, [{"channel": CHANNEL, "data": f"p{i}", "send_at": later + i * 1e-3}
+                              for i in range(a.pending)])
+        store_s = time.perf_counter() - started
+        await asyncio.sleep(1.0)
+        rss_after = _rss_kib(target.proc.pid)
+        client = fenghuo.Client(f"tcp://127.0.0.1:{target.port}", user="bench-sub",
+                                secret=target.secret, channels=(CHANNEL,), reconnect=False)
+        await client.connect()
+        try:
+            first = time.time() + 3.0
+            due = {f"f{i}": first + i * a.spacing for i in range(a.fired)}
+            await _schedule(api, [{"channel": CHANNEL, "data": name, "send_at": at}
+                                  for name, at in due.items()])
+            sequenced, arrived = [], []
+            while len(sequenced) < a.fired:
+                m = await client.next_message(timeout=first + a.fired * a.spacing + 30 - time.time())
+                got = time.time()
+                if m.text in due:
+                    sequenced.append(m.ts_us / 1e6 - due[m.text])
+                    arrived.append(got - due[m.text])
+        finally:
+            await client.close()
+        pending = len((await api.scheduled_list(limit=1))["scheduled"])
+    return {"sequenced": _percentiles(sequenced), "arrived": _percentiles(arrived),
+            "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) * 1024 / a.pending,
+            "still_pending": pending}
+
+
+async def _timer_memory(count: int) -> float:
+    """Bytes per pending timer in the owner's memory: heap entry and ``pending`` entry."""
+    from fenghuo.server.timers import Timers, TimerTable
+
+    timers = Timers(TimerTable(None), {})
+    due = time.time_ns() // 1000 + 3_600_000_000
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(1, count + 1):
+        timers._push(1_000_000 + i, due + i * 1000)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    await asyncio.get_running_loop().run_in_executor(None, timers.table.close)
+    return used / count
+
+
+def cmd_schedule(a: argparse.Namespace) -> int:
+    with TemporaryDirectory(prefix="bench-schedule-") as tmp:
+        key, api_port = secrets.token_urlsafe(24), free_port()
+        (Path(tmp) / "keys").write_text(key + "\n")
+        target = Fenghuo(secrets.token_urlsafe(32), (
+            *shlex.split(a.relay), "--api-port", str(api_port), "--api-key-file",
+            str(Path(tmp) / "keys"), "--api-timeout", "120"))
+        target.start(Path(tmp))
+        try:
+            assert target.proc is not None
+            wait_listening(target.proc, "127.0.0.1", api_port)
+            pin(GENERATOR_CPU)
+            result = uvloop.run(_lateness(target, f"http://127.0.0.1:{api_port}", key, a))
+        finally:
+            target.stop()
+    per_timer = uvloop.run(_timer_memory(a.pending))
+    seq, arr = result["sequenced"], result["arrived"]
+    print(f"{a.pending} scheduled messages pending (stored in {result['store_s']:.1f} s, "
+          f"{BATCH} per call); {a.fired} fired {a.spacing * 1000:g} ms apart")
+    print(f"{'lateness ms':24} {'p50':>8} {'p99':>8} {'max':>8} {'min':>8}")
+    for name, r in (("sequenced - send_at", seq), ("received - send_at", arr)):
+        print(f"{name:24} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f} {r['max'] * 1000:8.2f} "
+              f"{r['min'] * 1000:8.2f}")
+    print(f"memory per pending timer: {per_timer:.0f} B in the owner's heap and index "
+          f"(tracemalloc, {a.pending} escalation timers); relay RSS grew "
+          f"{result['rss_per_timer_b']:.0f} B per pending scheduled message (with SQLite's cache)")
+    print(orjson.dumps({"sequenced_ms": {k: v * 1000 for k, v in seq.items()},
+                        "received_ms": {k: v * 1000 for k, v in arr.items()},
+                        "bytes_per_pending_timer": per_timer,
+                        "rss_bytes_per_pending_scheduled": result["rss_per_timer_b"]}).decode())
+    return 0
