@@ -102,6 +102,23 @@ class _Methods(Generic[R]):
         return self.call("message_status", _drop_none({"channel": channel, "seq": seq,
                                                        "filter": filter, "limit": limit}))
 
+    def webhook_endpoints(self) -> R:
+        return self.call("webhook_endpoints", {})
+
+    def webhook_enable(self, endpoint: str) -> R:
+        return self.call("webhook_enable", {"endpoint": endpoint})
+
+    def webhook_dead_letters(self, endpoint: str, *, after: int | None = None,
+                             limit: int | None = None) -> R:
+        return self.call("webhook_dead_letters", _drop_none({"endpoint": endpoint, "after": after,
+                                                             "limit": limit}))
+
+    def webhook_replay(self, endpoint: str, ids: list[int] | None = None, *,
+                       limit: int | None = None) -> R:
+        """Send dead letters again: ``ids``, or the oldest ``limit`` of the endpoint."""
+        return self.call("webhook_replay", _drop_none({"endpoint": endpoint, "ids": ids,
+                                                       "limit": limit}))
+
     def disconnect(self, user: str) -> R:
         return self.call("disconnect", {"user": user})
 

@@ -74,6 +74,7 @@ from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
+    from fenghuo.server.webhooks import WebhookSender
 
 log = logging.getLogger("fenghuo.api")
 
@@ -192,6 +193,32 @@ class ScheduledListCall(Call, frozen=True):
 
 class ScheduledCancelCall(Call, frozen=True):
     id: Annotated[int, Meta(ge=1, le=INT64_MAX, description="a scheduled message's id")]
+
+
+EndpointName = Annotated[str, Meta(max_length=255, description="a webhook endpoint's name (--webhooks)")]
+
+
+class NoFields(Call, frozen=True):
+    """A call without arguments: ``{}``."""
+
+
+class EndpointCall(Call, frozen=True):
+    endpoint: EndpointName
+
+
+class DeadLettersCall(Call, frozen=True):
+    endpoint: EndpointName
+    after: Annotated[int, Meta(ge=0, le=INT64_MAX, description="list dead letters with a larger id "
+                                                             "(paging; default 0)")] | None = None
+    limit: Limit | None = None
+
+
+class ReplayCall(Call, frozen=True):
+    endpoint: EndpointName
+    ids: Annotated[list[Annotated[int, Meta(ge=1, le=INT64_MAX)]], Meta(
+        min_length=1, max_length=1000, description="dead letter ids (default: the oldest `limit`)")] \
+        | None = None
+    limit: Limit | None = None
 
 
 class TokenCall(Call, frozen=True):
@@ -698,6 +725,35 @@ async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
                                  wanted=body.filter or "all", limit=body.limit or 1000).json()
 
 
+def _sender(api: Api, endpoint: str | None = None) -> WebhookSender:
+    sender = api.relay.webhooks
+    if sender is None:
+        raise ApiError(ErrorCode.NOT_FOUND, "no webhooks are configured (--webhooks)")
+    if endpoint is not None and endpoint not in sender.queues:
+        raise ApiError(ErrorCode.NOT_FOUND, f"no webhook endpoint {endpoint!r}")
+    return sender
+
+
+async def webhook_endpoints(api: Api, body: NoFields) -> dict[str, Any]:
+    return {"endpoints": await _sender(api).describe()}
+
+
+async def webhook_enable(api: Api, body: EndpointCall) -> dict[str, Any]:
+    return {"endpoint": body.endpoint, "enabled": _sender(api, body.endpoint).enable(body.endpoint)}
+
+
+async def webhook_dead_letters(api: Api, body: DeadLettersCall) -> dict[str, Any]:
+    letters = await _sender(api, body.endpoint).dead_letters(
+        body.endpoint, body.after or 0, body.limit or HISTORY_DEFAULT)
+    return {"endpoint": body.endpoint, "dead_letters": letters}
+
+
+async def webhook_replay(api: Api, body: ReplayCall) -> dict[str, Any]:
+    replayed = await _sender(api, body.endpoint).replay(body.endpoint, body.ids,
+                                                        body.limit or HISTORY_DEFAULT)
+    return {"endpoint": body.endpoint, "replayed": replayed}
+
+
 async def disconnect(api: Api, body: UserCall) -> dict[str, Any]:
     closed = api.relay.disconnect_user(body.user)
     return {"user": body.user, "closed_here": closed}
@@ -746,6 +802,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("message_status", "Per-recipient status of one message (sent, delivered, read) "
                              "and its counts, from the recipients' cursors.",
            StatusCall, STATUS, message_status),
+    Method("webhook_endpoints", "The webhook endpoints, whether each is disabled (410), and "
+                                "its pending and dead-letter counts.", NoFields, OBJECT,
+           webhook_endpoints),
+    Method("webhook_enable", "Send to an endpoint a 410 disabled again (what is pending follows).",
+           EndpointCall, OBJECT, webhook_enable),
+    Method("webhook_dead_letters", "An endpoint's dead letters, oldest first: events given up "
+                                   "after --webhook-max-age.", DeadLettersCall, OBJECT,
+           webhook_dead_letters),
+    Method("webhook_replay", "Send dead letters again (same webhook-id), after what is pending.",
+           ReplayCall, OBJECT, webhook_replay),
     Method("disconnect", "Close every connection of `user` on every worker (ERROR 130, fatal).",
            UserCall, OBJECT, disconnect),
     Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall, OBJECT,

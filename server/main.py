@@ -44,6 +44,11 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         api = Api(relay, secret, load_key_hashes(settings.api_key_file))
         relay.api = api
         await api.start(settings.api_host, settings.api_port)
+    # One process sends webhooks, the same one: the rows of every worker are in the shared store.
+    if relay.endpoints and relay.store is not None and (spec is None or spec.index == 0):
+        from fenghuo.server.webhooks import WebhookSender
+        relay.webhooks = WebhookSender(settings, relay.store, relay.endpoints)
+        await relay.webhooks.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop_requested.set)
@@ -57,6 +62,8 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     await relay.stop_requested.wait()
     if api is not None:
         await api.stop()
+    if relay.webhooks is not None:
+        await relay.webhooks.stop()
     await relay.shutdown()
     if metrics_server is not None:
         metrics_server.close()

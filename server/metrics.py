@@ -71,6 +71,10 @@ def render(relay: Relay) -> str:
         family("fenghuo_api_errors_total", "counter", "Server API error answers, by protocol error code.")
         for code, count in sorted(stats.errors.items()):
             out.append(f'fenghuo_api_errors_total{{code="{code}"}} {count}')
+    if relay.webhooks is not None:
+        for name, kind, help_, values in relay.webhooks.metrics():
+            family(name, kind, help_)
+            out.extend(f'{name}{{endpoint="{endpoint}"}} {value}' for endpoint, value in values)
     progress = relay.progress
     family("fenghuo_status_delivered_total", "counter", "Messages that reached a device of a user, "
            "summed over users: delivery cursors moved by CURSOR sync and receipts (5 to 9 counts 4).")

@@ -69,6 +69,7 @@ from fenghuo.tokens import Grants
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
+    from fenghuo.server.webhooks import WebhookSender
     from fenghuo.server.cluster import Cluster
     from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.session import Session
@@ -153,6 +154,8 @@ class Relay:
         self.cluster: Cluster | None = None
         #: the server API, when this process serves it (server/main.py)
         self.api: Api | None = None
+        #: the webhook sender, when this process sends (server/main.py)
+        self.webhooks: WebhookSender | None = None
         self._server: asyncio.Server | None = None
         self._ws_server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None

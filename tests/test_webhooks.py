@@ -3,11 +3,18 @@ against a real relay process and a real HTTP receiver (an aiohttp server in this
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
 import pytest
+from aiohttp import web
 
+from bench.targets import free_port
 from fenghuo.server.store import DB_FILE
 from fenghuo.webhooks import (
     WebhookVerificationError,
@@ -87,7 +94,6 @@ async def test_a_message_and_its_event_are_written_together(relay_factory, tmp_p
     rows = [r for r in outbox_rows(relay.data_dir) if r[2] == "message.created"]
     assert [(r[0], r[1]) for r in rows] == [("all", "org.acme.news"), ("acme", "org.acme.news"),
                                             ("all", "org.other")]
-    import orjson
     payload = orjson.loads(rows[0][4])
     assert payload["type"] == "message.created"
     assert payload["data"]["seq"] == ack.seq and payload["data"]["data"] == "hello"
@@ -101,3 +107,413 @@ async def test_webhooks_need_the_sqlite_store(tmp_path):
                             {"name": "a", "url": "http://127.0.0.1:9/", "secrets": [new_secret()]})
     with pytest.raises(RuntimeError, match="needs --store sqlite"):
         start_relay(tmp_path, "--webhooks", hooks, "--store", "memory", workers=1)
+
+
+# ---------------------------------------------------------------- a real receiver
+
+
+class Receiver:
+    """An aiohttp server in the test process that records every request it gets.
+
+    ``answer`` decides each answer (default 204); ``stop``/``start`` take it
+    down and bring it back on the same port.
+    """
+
+    def __init__(self, secret: str | None = None) -> None:
+        self.secret = secret or new_secret()
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.answer: Callable[[web.Request, bytes], Awaitable[web.StreamResponse]] | None = None
+        self.port = free_port()
+        self.arrived = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def endpoint(self, name: str, **filters: list[str]) -> dict:
+        return {"name": name, "url": self.url, "secrets": [self.secret], **filters}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(({**headers, ":path": request.path_qs}, body, time.monotonic()))
+        self.arrived.set()
+        if self.answer is not None:
+            return await self.answer(request, body)
+        return web.Response(status=204)
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # Handlers still running at stop (a hanging one) are cut after 0.5 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def events(self) -> list[dict]:
+        """Every request's verified payload, with its webhook-id (as ``id``), in arrival order."""
+        return [{**verify(self.secret, h, body), "id": h["webhook-id"]} for h, body, _ in self.requests]
+
+    def unique(self, type_: str | None = None) -> list[dict]:
+        """Events by first arrival, each id once (delivery is at least once)."""
+        seen, out = set(), []
+        for event in self.events():
+            if event["id"] not in seen and (type_ is None or event["type"] == type_):
+                seen.add(event["id"])
+                out.append(event)
+        return out
+
+    async def wait_for(self, count: int, type_: str | None = "message.created",
+                       timeout: float = 30.0) -> list[dict]:
+        """Wait until ``count`` distinct events (of ``type_``) arrived; them."""
+        deadline = time.monotonic() + timeout
+        while len(got := self.unique(type_)) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(got)} of {count} {type_} events arrived: {got[-3:]}"
+            self.arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), min(left, 0.5))
+        return got
+
+
+@pytest.fixture
+async def receivers():
+    made: list[Receiver] = []
+
+    def make(secret: str | None = None) -> Receiver:
+        made.append(Receiver(secret))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.stop()
+
+
+def by_channel(events: list[dict]) -> dict[str, list[int]]:
+    seqs: dict[str, list[int]] = {}
+    for e in events:
+        seqs.setdefault(e["data"]["channel"], []).append(e["data"]["seq"])
+    return seqs
+
+
+@pytest.fixture(params=[1, None], ids=["workers-1", "workers-default"])
+def workers(request):
+    return request.param
+
+
+async def test_every_event_type_arrives_signed_and_in_order(relay_factory, receivers, tmp_path, workers):
+    """Messages of several channels (owned by different workers under the default), a group's
+    joins and leaves, read and delivered receipts and presence: each verifies, each channel in seq order."""
+    receiver = await receivers().start()
+    hooks = write_endpoints(tmp_path / "hooks.toml", receiver.endpoint("app"))
+    relay = relay_factory("--webhooks", hooks, workers=workers)
+    alice = await relay.connect("alice", channels=("org.>",))
+    bob = await relay.connect("bob")
+    channels = [f"org.acme.c{i}" for i in range(4)] + ["dm:alice:bob"]
+    for n in range(40):
+        await alice.publish(channels[n % len(channels)], f"m{n}")
+    await alice.create_group("flat12", ["bob"])
+    await alice.add_members("flat12", ["carol"])
+    await alice.remove_members("flat12", ["carol"])
+    await bob.mark_delivered("dm:alice:bob", 1)
+    await bob.mark_read("dm:alice:bob", 2)
+    await bob.close()
+
+    created = await receiver.wait_for(40 + 3)     # the group's three events are messages too
+    for channel, seqs in by_channel(created).items():
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), (channel, seqs)
+    assert [e["data"]["data"] for e in created if e["data"]["channel"] == "org.acme.c1"] == [
+        f"m{n}" for n in range(1, 40, 5)]
+    joined = await receiver.wait_for(2, "member.joined")
+    assert [sorted(e["data"]["users"]) for e in joined] == [["alice", "bob"], ["carol"]]
+    left = await receiver.wait_for(1, "member.left")
+    assert left[0]["data"] == {"channel": "group:flat12", "group": "flat12", "seq": 3,
+                               "users": ["carol"], "by": "alice", "role": None}
+    assert (await receiver.wait_for(1, "message.read"))[0]["data"] == {
+        "channel": "dm:alice:bob", "seq": 2, "user": "bob"}
+    assert (await receiver.wait_for(1, "message.delivered"))[0]["data"]["seq"] == 1
+    presence = [e["data"] for e in await receiver.wait_for(3, "presence.changed")]
+    bobs = [p for p in presence if p["user"] == "bob"]
+    assert bobs[0]["online"] is True and bobs[-1] == {"user": "bob", "online": False, "devices": 0}
+
+
+async def test_filters_by_event_type_and_channel_prefix(relay_factory, receivers, tmp_path):
+    everything, acme_reads = receivers(), receivers()
+    await everything.start()
+    await acme_reads.start()
+    hooks = write_endpoints(tmp_path / "hooks.toml", everything.endpoint("all"),
+                            acme_reads.endpoint("acme", events=["message.created"],
+                                                channels=["org.acme."]))
+    relay = relay_factory("--webhooks", hooks)
+    alice = await relay.connect("alice", channels=("org.>",))
+    for channel in ("org.acme.a", "org.other", "org.acme.b", "org.acmeish"):
+        await alice.publish(channel, channel)
+    await everything.wait_for(4)
+    await alice.close()
+    await everything.wait_for(2, "presence.changed")
+    got = await acme_reads.wait_for(2)
+    # Two channels, two streams: no order between them.
+    assert sorted(e["data"]["channel"] for e in got) == ["org.acme.a", "org.acme.b"]
+    await asyncio.sleep(0.5)
+    assert {e["type"] for e in acme_reads.events()} == {"message.created"}
+    assert len(acme_reads.unique()) == 2
+
+
+# ---------------------------------------------------------------- retries and failures
+
+
+def api_of(relay):
+    from fenghuo.api import AsyncApi
+    return AsyncApi(relay.api_url, relay.api_key)
+
+
+def always(status: int):
+    """A receiver's answer: ``status`` to every request."""
+    async def answer(request: web.Request, body: bytes) -> web.Response:
+        return web.Response(status=status)
+    return answer
+
+
+def created_hooks(tmp_path: Path, receiver: Receiver) -> str:
+    """A ``--webhooks`` file: ``receiver`` as endpoint "app", for message.created."""
+    return write_endpoints(tmp_path / "hooks.toml", receiver.endpoint("app", events=["message.created"]))
+
+
+async def publish_numbered(client, channels: list[str], count: int) -> None:
+    for n in range(count):
+        await client.publish(channels[n % len(channels)], f"m{n}")
+
+
+async def test_a_receiver_down_then_up_gets_everything_in_order(relay_factory, receivers, tmp_path):
+    receiver = receivers()      # not started: connections are refused
+    hooks = created_hooks(tmp_path, receiver)
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.5")
+    alice = await relay.connect("alice", channels=("org.>",))
+    channels = ["org.a", "org.b", "org.c"]
+    await publish_numbered(alice, channels, 60)
+    await asyncio.sleep(2)      # several failed attempts per stream
+    assert outbox_rows(relay.data_dir), "nothing pending while the receiver is down"
+    await receiver.start()
+    got = await receiver.wait_for(60)
+    for channel, seqs in by_channel(got).items():
+        assert seqs == list(range(1, 21)), channel
+    await asyncio.sleep(0.3)
+    assert outbox_rows(relay.data_dir) == []    # delivered rows are deleted
+
+
+async def test_410_disables_the_endpoint_until_enabled_through_the_api(relay_factory, receivers, tmp_path):
+    receiver = receivers()
+
+    receiver.answer = always(410)
+    await receiver.start()
+    hooks = created_hooks(tmp_path, receiver)
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.2", api=True)
+    alice = await relay.connect("alice", channels=("org.>",))
+    await publish_numbered(alice, ["org.a"], 5)
+    await receiver.wait_for(1)
+    async with api_of(relay) as api:
+        for _ in range(50):
+            (state,) = (await api.webhook_endpoints())["endpoints"]
+            if state["disabled"]:
+                break
+            await asyncio.sleep(0.1)
+        assert state["disabled"] and "410" in state["disabled_reason"]
+        await asyncio.sleep(1.0)
+        assert len(receiver.requests) == 1      # nothing more is sent to a disabled endpoint
+        assert (await api.webhook_endpoints())["endpoints"][0]["pending"] == 5
+        receiver.answer = None
+        assert (await api.webhook_enable("app"))["enabled"] is True
+        got = await receiver.wait_for(5)
+    assert [e["data"]["seq"] for e in got] == [1, 2, 3, 4, 5]
+
+
+async def test_429_retry_after_is_honoured(relay_factory, receivers, tmp_path):
+    """Retry-After: 2 from a 429 holds the endpoint back 2 s, though backoff alone would wait 0.2 s."""
+    receiver = receivers()
+    answers = iter([web.Response(status=429, headers={"Retry-After": "2"})])
+
+    async def limited(request, body):
+        return next(answers, web.Response(status=204))
+
+    receiver.answer = limited
+    await receiver.start()
+    hooks = created_hooks(tmp_path, receiver)
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.2")
+    alice = await relay.connect("alice", channels=("org.>",))
+    await alice.publish("org.a", "first")
+    await receiver.wait_for(1)
+    refused_at = receiver.requests[0][2]
+    await alice.publish("org.b", "second")
+    await alice.publish("org.c", "third")
+    got = await receiver.wait_for(3)
+    assert sorted(e["data"]["data"] for e in got) == ["first", "second", "third"]
+    later = [t - refused_at for _, _, t in receiver.requests[1:]]
+    # No request at all (on any channel) within the 2 s the receiver asked for.
+    assert len(later) == 3 and min(later) >= 1.9, later
+
+
+async def test_kill_9_and_restart_delivers_what_was_pending(relay_factory, receivers, tmp_path):
+    """Acked messages whose events were not delivered yet are delivered after a kill -9, with
+    the webhook-id they had: at least once, never lost."""
+    receiver = receivers()
+
+    receiver.answer = always(503)
+    await receiver.start()
+    hooks = created_hooks(tmp_path, receiver)
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.3")
+    alice = await relay.connect("alice", channels=("org.>",))
+    await publish_numbered(alice, ["org.a", "org.b"], 30)
+    await receiver.wait_for(2)      # both streams' heads were tried (and refused)
+    tried = {e["id"] for e in receiver.unique()}
+    await alice.close()
+    relay.kill()
+    receiver.answer = None
+    restarted = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.3",
+                              data_dir=relay.data_dir, secret=relay.secret)
+    got = await receiver.wait_for(30)
+    assert by_channel(got) == {"org.a": list(range(1, 16)), "org.b": list(range(1, 16))}
+    assert tried <= {e["id"] for e in got}      # the ids refused before the kill came again
+    assert restarted.proc.poll() is None
+
+
+async def test_dead_letters_are_listed_and_replayed_with_their_id(relay_factory, receivers, tmp_path):
+    receiver = receivers()
+
+    receiver.answer = always(500)
+    await receiver.start()
+    hooks = created_hooks(tmp_path, receiver)
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.2",
+                          "--webhook-max-age", "1", api=True)
+    alice = await relay.connect("alice", channels=("org.>",))
+    await publish_numbered(alice, ["org.a"], 3)
+    async with api_of(relay) as api:
+        for _ in range(100):
+            letters = (await api.webhook_dead_letters("app"))["dead_letters"]
+            if len(letters) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert [orjson.loads(d["payload"])["data"]["seq"] for d in letters] == [1, 2, 3]
+        assert letters[0]["last_error"] == "HTTP 500" and letters[0]["attempts"] >= 1
+        receiver.answer = None
+        before = len(receiver.requests)
+        assert (await api.webhook_replay("app", [letters[0]["id"]]))["replayed"] == 1
+        await arrivals(receiver, before, {letters[0]["event_id"]})
+        for _ in range(50):     # the replay is recorded by the store's writer
+            if len((await api.webhook_dead_letters("app"))["dead_letters"]) == 2:
+                break
+            await asyncio.sleep(0.1)
+        before = len(receiver.requests)
+        assert (await api.webhook_replay("app"))["replayed"] == 2
+        await arrivals(receiver, before, {d["event_id"] for d in letters[1:]})
+        assert (await api.webhook_endpoints())["endpoints"][0]["dead"] == 0
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await api.webhook_dead_letters("nope")
+
+
+async def arrivals(receiver: Receiver, since: int, ids: set[str], timeout: float = 10.0) -> None:
+    """Wait until every webhook-id of ``ids`` arrived after request number ``since``."""
+    deadline = time.monotonic() + timeout
+    while not ids <= {h["webhook-id"] for h, _, _ in receiver.requests[since:]}:
+        assert time.monotonic() < deadline, f"{ids} did not all arrive again"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_hostile_endpoint_does_not_hold_up_another(relay_factory, receivers, tmp_path):
+    """Slow (never answers within the timeout), huge (an endless body) and redirecting endpoints
+    beside a good one: the good one gets every event while the others are still being tried,
+    and the redirect is not followed (it points at the good receiver)."""
+    good, slow, huge, redirect = (receivers() for _ in range(4))
+
+    async def hang(request, body):
+        await asyncio.sleep(60)
+        return web.Response(status=204)
+
+    async def endless(request, body):
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):        # 6.5 GB if anyone read it all
+                await response.write(chunk)
+        return response
+
+    async def elsewhere(request, body):
+        raise web.HTTPFound(good.url + "?followed=1")
+
+    slow.answer, huge.answer, redirect.answer = hang, endless, elsewhere
+    for r in (good, slow, huge, redirect):
+        await r.start()
+    only = {"events": ["message.created"]}
+    hooks = write_endpoints(tmp_path / "hooks.toml", good.endpoint("good", **only),
+                            slow.endpoint("slow", **only), huge.endpoint("huge", **only),
+                            redirect.endpoint("redirect", **only))
+    relay = relay_factory("--webhooks", hooks, "--webhook-timeout", "30", "--webhook-retry-max", "0.5")
+    alice = await relay.connect("alice", channels=("org.>",))
+    channels = [f"org.c{i}" for i in range(10)]
+    started = time.monotonic()
+    await publish_numbered(alice, channels, 40)
+    await good.wait_for(40, timeout=25)
+    # Long before the slow endpoint's first request could time out.
+    assert time.monotonic() - started < 25
+    assert not [h for h, _, _ in good.requests if "followed" in h[":path"]]
+    assert len(good.requests) == 40
+    assert len(slow.requests) >= 8 and len(huge.requests) >= 1 and len(redirect.requests) >= 1
+    assert relay.proc.poll() is None
+
+
+async def test_the_readme_receiver_works_as_written(relay_factory, tmp_path):
+    """The README's receiver and commands, line by line (the relay is the test's, started with
+    the hooks.toml the README's lines wrote; the receiver's port is a free one)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from bench.targets import wait_listening
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Webhooks: a receiver that verifies signatures", 1)[1].split("\n### ", 1)[0]
+    receiver_py = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    lines = re.search(r"```sh\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    assert lines[3].split("#")[0].strip() == ".venv/bin/fenghuo serve --webhooks hooks.toml &"
+    port = free_port()
+    lines = [line.replace("8080", str(port)) for line in lines]
+    # The whole environment: its python finds its site-packages from pyvenv.cfg beside bin/.
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    (tmp_path / "receiver.py").write_text(receiver_py)
+
+    def sh(line: str, **env: str) -> str:
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, **env})
+        assert done.returncode == 0, (line, done.stderr)
+        return done.stdout
+
+    sh(lines[0])
+    sh(lines[1])
+    relay = relay_factory("--webhooks", str(tmp_path / "hooks.toml"))
+    command = lines[2].split("#")[0].strip().removesuffix("&")
+    with open(tmp_path / "receiver.out", "w") as out:
+        receiver = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path, stdout=out,
+                                    stderr=subprocess.STDOUT)
+    try:
+        wait_listening(receiver, "127.0.0.1", port, 30)
+        send, promised = lines[4].split("#", 1)
+        sh(send, FENGHUO_SERVER=relay.server, FENGHUO_SECRET=relay.secret)
+        expected = re.search(r'prints "(.*)"', promised).group(1)
+        deadline = time.monotonic() + 20
+        while expected not in (tmp_path / "receiver.out").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "receiver.out").read_text()
+            await asyncio.sleep(0.1)
+        curl, promised = lines[5].split("#", 1)
+        assert sh(curl).strip() == re.search(r'prints "(.*)"', promised).group(1)
+    finally:
+        receiver.send_signal(signal.SIGTERM)
+        receiver.wait(10)
