@@ -129,8 +129,7 @@ class WebhookSender:
         self._requests: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        for name, disabled_us, reason in await self._query(
-                "SELECT name, disabled_us, reason FROM webhook_endpoints", ()):
+        for name, reason in await self._query("SELECT name, reason FROM webhook_endpoints", ()):
             if name in self.queues:
                 self.queues[name].disabled = reason
         # No global limit: each endpoint is bounded by its own concurrency, so a
@@ -169,7 +168,7 @@ class WebhookSender:
             q.wake.clear()
             try:
                 await asyncio.wait_for(q.wake.wait(), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _fill(self, q: EndpointQueue) -> None:
@@ -212,7 +211,7 @@ class WebhookSender:
                 if not response.content.at_eof():
                     response.close()    # the rest is not read: the connection is not reused
                 return Outcome(response.status, "", retry_after(response.headers.get("Retry-After")))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Outcome(None, f"no answer within {self.settings.webhook_timeout:g} s")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])

@@ -500,9 +500,7 @@ async def test_the_readme_receiver_works_as_written(relay_factory, tmp_path):
     sh(lines[1])
     relay = relay_factory("--webhooks", str(tmp_path / "hooks.toml"))
     command = lines[2].split("#")[0].strip().removesuffix("&")
-    with open(tmp_path / "receiver.out", "w") as out:
-        receiver = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path, stdout=out,
-                                    stderr=subprocess.STDOUT)
+    receiver = subprocess.Popen(["bash", "-c", f"exec {command} > receiver.out 2>&1"], cwd=tmp_path)
     try:
         wait_listening(receiver, "127.0.0.1", port, 30)
         send, promised = lines[4].split("#", 1)
