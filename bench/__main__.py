@@ -10,6 +10,7 @@
     python -m bench devices [options]                     one user's devices leaving at once (bench/crowd.py)
     python -m bench hostile [options]                     bad requests pipelined with good ones (bench/hostile.py)
     python -m bench api [options]                         server API publish against protocol publish (bench/api.py)
+    python -m bench webhooks [options]                    webhook events/s and the outbox's cost to publishing (bench/webhooks.py)
     python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
     python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
     python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
@@ -269,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     hostile.add_command(sub)
     from bench import api
     api.add_commands(sub)
+    from bench import webhooks
+    webhooks.add_commands(sub)
     from bench import tls
     tls.add_command(sub)
     from bench import mask

@@ -18,7 +18,9 @@ records what happened through the same writer (:class:`Delivered`,
 
 from __future__ import annotations
 
-import secrets
+import functools
+import itertools
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -83,9 +85,18 @@ class WebhookEvent:
 
     def payload(self) -> bytes:
         ts = self.ts_us or time.time_ns() // 1000
-        stamp = datetime.fromtimestamp(ts / 1e6, UTC).isoformat(timespec="microseconds")
-        return orjson.dumps({"type": self.type, "timestamp": stamp.replace("+00:00", "Z"),
-                             "data": self.data})
+        return orjson.dumps({"type": self.type, "timestamp": iso_time(ts), "data": self.data})
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def iso_time(ts_us: int) -> str:
+    """``2026-12-04T15:20:01.123456Z``; the second's part is formatted once per second
+    (datetime formatting was a third of an event's cost on the writer thread)."""
+    return f"{_iso_second(ts_us // 1_000_000)}.{ts_us % 1_000_000:06d}Z"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +193,10 @@ class Outbox:
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.endpoints = endpoints
+        # Event ids: random per process start, then a counter (os.urandom per event
+        # cost a system call, 3.5 us, on the writer thread).
+        self._id_prefix = "msg_" + os.urandom(8).hex()
+        self._ids = itertools.count(1)
         wanted = [e.events or EVENT_TYPES for e in endpoints]
         self.messages_wanted = any("message.created" in w for w in wanted)
         self.members_wanted = any(w & {"member.joined", "member.left"} for w in wanted)
@@ -191,7 +206,7 @@ class Outbox:
         targets = [e.name for e in self.endpoints if e.wants(event.type, event.channel)]
         if not targets:
             return []
-        payload, event_id = event.payload(), "msg_" + secrets.token_urlsafe(18)
+        payload, event_id = event.payload(), f"{self._id_prefix}{next(self._ids):x}"
         now = time.time_ns() // 1000
         stream = event.stream or event.channel
         return [(name, stream, event_id, event.type, payload, now) for name in targets]

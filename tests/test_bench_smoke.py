@@ -197,3 +197,14 @@ def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "target" not in line]
     assert [row.split(" | ")[1] for row in rows] == ["fenghuo-1", "fenghuo", "nats"] * 2
     assert all(row.split(" | ")[5] == "1.00" for row in rows if " nats " in row)   # nats ÷ nats
+
+
+def test_webhooks_bench_compares_publishing_with_and_without_and_drains_the_outbox():
+    out = bench("webhooks", "--count", "50", "--channels", "4", "--concurrency", "4", "--repeat", "1").stdout
+    rows = {line[:18].strip(): line[18:].split() for line in out.splitlines()[1:4]}
+    assert set(rows) == {"without webhooks", "with webhooks", "outbox writes only"}, out
+    assert all(float(v[0]) > 0 for v in rows.values()), out
+    assert "with webhooks/without: throughput x" in out
+    assert "outbox writes only/without: throughput x" in out
+    drained = re.search(r"outbox drain: (\d+) events in [\d.]+ s = (\d+) events/s", out)
+    assert drained and int(drained.group(1)) >= 50 and int(drained.group(2)) > 0, out
