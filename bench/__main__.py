@@ -12,6 +12,7 @@
     python -m bench api [options]                         server API publish against protocol publish (bench/api.py)
     python -m bench webhooks [options]                    webhook events/s and the outbox's cost to publishing (bench/webhooks.py)
     python -m bench tls [options]                         the same scenarios over TLS beside TCP (bench/tls.py)
+    python -m bench ws [options]                          the same over WebSocket beside TCP; JS client beside Python (bench/tls.py)
     python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
     python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
     python -m bench schedule [options]                    scheduled messages: firing lateness, memory per timer (bench/schedule.py)

@@ -297,6 +297,10 @@ class FenghuoWire(Target):
     def group(self, name: str) -> str:
         return f"group:{name}"
 
+    async def _stream(self, source: str | None):
+        """A new connection's ``(reader, writer)``: TCP, or TLS when ``self.tls`` is set."""
+        return await open_stream(self.host, self.port, source, self.tls)
+
     async def _request(self, reader, writer, ftype: int, body: dict, rid: int) -> dict:
         writer.write(encode_json(ftype, body, rid))
         frames = FrameReader()
@@ -317,7 +321,7 @@ class FenghuoWire(Target):
 
     async def open(self, user: str, subscribe: tuple[str, ...] = (),
                    source: str | None = None) -> Opened:
-        reader, writer = await open_stream(self.host, self.port, source, self.tls)
+        reader, writer = await self._stream(source)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, user)}, 1)
@@ -331,7 +335,7 @@ class FenghuoWire(Target):
             raise
 
     async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
-        reader, writer = await open_stream(self.host, self.port, None, self.tls)
+        reader, writer = await self._stream(None)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, owner)}, 1)
@@ -371,15 +375,26 @@ class Fenghuo(FenghuoWire):
     name = "fenghuo"
 
     def __init__(self, secret: str, relay_flags: tuple[str, ...] = (), workers: int = 1,
-                 tls: bool = False) -> None:
+                 tls: bool = False, ws: bool = False, gateway: bool = False) -> None:
         super().__init__(secret)
         self.relay_flags = relay_flags
         self.metrics_port = 0
         self.workers = workers
         #: serve TLS with a self-signed certificate made in the workdir (``bench tls``)
         self.use_tls = tls
-        if tls:
-            self.name = "fenghuo-tls"
+        #: the gateway's port when it is served (``gateway``, or ``ws``: the links
+        #: are WebSockets to it, ``bench ws``)
+        self.ws_port = 0
+        self.use_ws = ws
+        self.gateway = gateway or ws
+        self.name = "fenghuo" + ("-tls" if tls else "") + ("-ws" if ws else "")
+
+    async def _stream(self, source: str | None):
+        if not self.use_ws:
+            return await super()._stream(source)
+        from bench.ws_stream import open_ws_stream
+        scheme = "wss" if self.tls is not None else "ws"
+        return await open_ws_stream(f"{scheme}://{self.host}:{self.ws_port}/", self.tls)
 
     def _tls_flags(self, workdir: Path) -> tuple[str, ...]:
         """A self-signed P-256 certificate for 127.0.0.1, trusted by this generator."""
@@ -399,8 +414,13 @@ class Fenghuo(FenghuoWire):
                f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
                "--log-level", "warning", "--workers", str(self.workers), *self.relay_flags,
                *(self._tls_flags(workdir) if self.use_tls else ())]
+        if self.gateway:
+            self.ws_port = free_port()
+            cmd += ["--ws-port", str(self.ws_port)]
         if self.workers == 1:
             self._spawn(cmd)
+            if self.gateway:
+                wait_listening(self.proc, self.host, self.ws_port)
             return
         # The supervisor gets SIGTERM if this process dies (its workers get it from it).
         from fenghuo.server.supervisor import die_with

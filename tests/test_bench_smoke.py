@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,34 @@ def test_tls_runs_every_scenario_over_tcp_and_tls_with_ratios():
         "| one-to-one", "| fan-out 10", "| latency 2 pairs @ 200/s", "| 50 connections"]
     for row in rows:    # both transports delivered: every TLS / TCP ratio is above 0
         assert float(row.split(" | ")[4]) > 0
+
+
+def _rows(out: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table whose header row starts with ``header``."""
+    lines = out[out.index(header):].splitlines()
+    table = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+
+
+def test_ws_runs_every_scenario_over_tcp_and_websocket_and_both_clients():
+    run = bench("ws", "--members", "10", "--connections", "50", "--pairs", "2", "--rate", "200",
+                "--warmup", "0.2", "--duration", "0.5", "--repeat", "1",
+                "--messages", "300", "--window", "8")
+    out = run.stdout
+    assert out.count("fenghuo-ws ") == 4 and "fenghuo connections 50" in out
+    rows = _rows(out, "| scenario | metric | TCP | WS | WS / TCP |")
+    assert [r[0] for r in rows] == ["one-to-one", "fan-out 10", "latency 2 pairs @ 200/s",
+                                    "50 connections"]
+    for row in rows:    # both transports delivered: every WS / TCP ratio is above 0
+        assert len(row) == 10 and float(row[4]) > 0
+    latency = rows[2]   # percentiles from the stamps on both transports
+    assert all(float(cell) > 0 for cell in latency[5:9])
+    clients = _rows(out, "| client | transport |")
+    assert [r[:2] for r in clients] == [["Python (fenghuo.Client)", "TCP"],
+                                        ["JavaScript (node, fenghuo.js)", "WebSocket"]]
+    assert float(clients[0][2].replace(",", "")) > 0
+    if shutil.which("node"):
+        assert float(clients[1][3]) > 0
 
 
 def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
