@@ -122,6 +122,12 @@ class _Methods(Generic[R]):
     def disconnect(self, user: str) -> R:
         return self.call("disconnect", {"user": user})
 
+    def revoke(self, *, jti: str | None = None, exp: int | None = None, token: str | None = None,
+               user: str | None = None, before: float | None = None) -> R:
+        """Revoke one token (``jti`` with ``exp``, or ``token``) or ``user``'s tokens issued before ``before``."""
+        return self.call("revoke", _drop_none({"jti": jti, "exp": exp, "token": token,
+                                               "user": user, "before": before}))
+
     def token(self, user: str, *, ttl: int | None = None, channels: list[str] | None = None,
               read: list[str] | None = None, roles: list[str] | None = None) -> R:
         return self.call("token", _drop_none({"user": user, "ttl": ttl, "channels": channels,

@@ -88,28 +88,19 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    from fenghuo.server.revocations import revoke
-    from fenghuo.tokens import resolve_secret, verify_token
+    from fenghuo.server.revocations import Revocation, revoke
+    from fenghuo.tokens import resolve_secret
 
-    jti, until = args.jti, args.exp
-    if args.token:
-        # The token names its own jti and exp (expired tokens need no revoking).
-        secret, _ = resolve_secret(args.secret, args.data_dir, secret_file=args.secret_file)
-        grants = verify_token(secret, args.token)
-        if not grants.jti:
-            print("fenghuo: the token has no jti: revoke its --user instead", file=sys.stderr)
-            return 1
-        jti, until = grants.jti, grants.expires
-    if jti is not None and until is None:
-        print("fenghuo: --jti needs --exp (the token's exp), or pass --token", file=sys.stderr)
-        return 2
-    if (jti is None) == (args.user is None):
-        print("fenghuo: revoke one of --jti, --token or --user", file=sys.stderr)
-        return 2
-    revoke(args.data_dir, jti=jti, until=until, user=args.user, before=args.before)
-    what = f"token {jti}" if jti else f"tokens of {args.user} issued before " \
-                                       f"{args.before or 'now'}"
-    print(f"revoked {what}", file=sys.stderr)
+    try:
+        secret = resolve_secret(args.secret, args.data_dir, secret_file=args.secret_file)[0] \
+            if args.token else ""
+        revocation = Revocation.of(secret, jti=args.jti, exp=args.exp, token=args.token,
+                                   user=args.user, before=args.before)
+    except ValueError as exc:       # TokenError included
+        print(f"fenghuo: {exc}", file=sys.stderr)
+        return 2 if args.token is None else 1
+    revoke(args.data_dir, revocation)
+    print(f"revoked {revocation.describe()}", file=sys.stderr)
     return 0
 
 

@@ -54,10 +54,11 @@ from fenghuo.server.schemas import (
     declare,
     decode_with,
 )
-from fenghuo.server import escalation, status
+from fenghuo.server import escalation, revocations, status
 from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.frames import message_json, message_sender, message_seq
 from fenghuo.server.outbox import WebhookEvent
+from fenghuo.server.revocations import Revocation
 from fenghuo.server.timers import (
     CONFIRM_PATIENCE,
     ESCALATE,
@@ -70,7 +71,7 @@ from fenghuo.server.timers import (
     TimerTable,
     now_us,
 )
-from fenghuo.tokens import DEFAULT_TTL, SERVICE, issue_token
+from fenghuo.tokens import DEFAULT_TTL, SERVICE, TokenError, issue_token
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -219,6 +220,20 @@ class ReplayCall(Call, frozen=True):
         min_length=1, max_length=1000, description="dead letter ids (default: the oldest `limit`)")] \
         | None = None
     limit: Limit | None = None
+
+
+class RevokeCall(Call, frozen=True):
+    jti: Annotated[str, Meta(min_length=1, max_length=256, description=(
+        "a token id (the jti claim); with exp"))] | None = None
+    exp: Annotated[int, Meta(ge=0, description=(
+        "with jti: the token's exp (seconds since the epoch); the revocation is forgotten after it"
+    ))] | None = None
+    token: Annotated[str, Meta(max_length=8192, description=(
+        "a token: its jti and exp are read from it"))] | None = None
+    user: Sender | None = None
+    before: Annotated[float, Meta(ge=0, description=(
+        "with user: tokens issued (iat) before this time, seconds since the epoch (default now)"
+    ))] | None = None
 
 
 class TokenCall(Call, frozen=True):
@@ -378,6 +393,10 @@ class Api:
         self.timers: Timers = Timers(TimerTable(relay.store), {
             SEND: self._fire_scheduled,
             ESCALATE: lambda batch, outcome: escalation.fire(relay, self.timers, batch, outcome)})
+
+    def use_secret(self, secret: str) -> None:
+        """Sign with ``secret``'s first key from now on (the secret file reloaded on SIGHUP)."""
+        self.secret = self.backends.secret = secret
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.relay.settings.api_max_body)
@@ -759,6 +778,28 @@ async def disconnect(api: Api, body: UserCall) -> dict[str, Any]:
     return {"user": body.user, "closed_here": closed}
 
 
+async def revoke(api: Api, body: RevokeCall) -> dict[str, Any]:
+    """What ``fenghuo revoke`` does: a row in the store's revocations, read by every worker."""
+    relay = api.relay
+    watch = relay.tokens
+    if watch.revocations is None:
+        raise ApiError(ErrorCode.CONFLICT, "revoke: revocations are kept in the store, and this "
+                                           "relay runs without one (--store memory)")
+    try:
+        revocation = Revocation.of(relay.secret, jti=body.jti, exp=body.exp, token=body.token,
+                                   user=body.user, before=body.before)
+    except TokenError as exc:
+        raise ApiError(ErrorCode.TOKEN_INVALID, f"revoke: {exc}") from None
+    except ValueError as exc:
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"revoke: {exc}") from None
+    # SQLite may wait for the store's writer (busy_timeout): not on the event loop.
+    await asyncio.to_thread(revocations.revoke, relay.settings.data_dir, revocation)
+    # This worker applies it now; the others at their next read (revocation_interval).
+    closed = watch.close_revoked(relay.hub.connections)
+    return {"revoked": revocation.describe(), "jti": revocation.jti, "user": revocation.user,
+            "closed_here": closed}
+
+
 async def token(api: Api, body: TokenCall) -> dict[str, Any]:
     if SERVICE in (body.roles or ()):
         raise ApiError(ErrorCode.FORBIDDEN, f"token: the role {SERVICE!r} is the server API's own")
@@ -816,6 +857,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            UserCall, OBJECT, disconnect),
     Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall, OBJECT,
            token),
+    Method("revoke", "Revoke a token (`jti` with `exp`, or the `token` itself) or every token "
+                     "of `user` issued before `before`, as `fenghuo revoke` does: its "
+                     "connections get ERROR 122 TOKEN_REVOKED (docs/PROTOCOL.md §5.7).",
+           RevokeCall, OBJECT, revoke),
 )}
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import sys
+from typing import TYPE_CHECKING
 
 import uvloop
 from fenghuo.server import logs, metrics
@@ -24,7 +25,10 @@ from fenghuo.server.relay import Relay
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
 from fenghuo.server.tls import ServerTLS
 
-from fenghuo.tokens import TokenError, resolve_secret
+from fenghuo.tokens import TokenError, keyring, resolve_secret
+
+if TYPE_CHECKING:
+    from fenghuo.server.api import Api
 
 log = logging.getLogger("fenghuo.serve")
 
@@ -52,8 +56,7 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop_requested.set)
-    if relay.tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
+    loop.add_signal_handler(signal.SIGHUP, reload, relay, api)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
     print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
           + (f", websocket on :{relay.ws_port}" if relay.ws_port else "")
@@ -74,11 +77,31 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     return EXIT_STOP_RELAY if spec is not None else 1
 
 
+def reload(relay: Relay, api: Api | None) -> None:
+    """SIGHUP: read the TLS certificate and the secret file again; either keeps the old on failure."""
+    if relay.tls is not None:
+        relay.tls.reload()
+    path = relay.settings.secret_file
+    if not path:
+        return
+    try:
+        secret, _ = resolve_secret(None, relay.settings.data_dir, secret_file=path)
+    except TokenError as exc:
+        log.error("secret file reload failed; keeping the current keys",
+                  extra={"file": path, "error": str(exc)})
+        return
+    # New HELLOs and REFRESHes verify against the new keys; sessions past HELLO are kept.
+    relay.secret = secret
+    if api is not None:
+        api.use_secret(secret)
+    log.info("secret file reloaded", extra={"file": path, "keys": [k.kid for k in keyring(secret)]})
+
+
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)
     spec = WorkerSpec.from_env()
-    # SIGHUP reloads certificates once serve() listens; until then (and
-    # without TLS) it must not end the process as its default action would.
+    # SIGHUP reloads certificates and the secret file once serve() listens;
+    # until then it must not end the process as its default action would.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         ServerTLS.from_settings(settings)     # a bad certificate: one line, before any worker
@@ -87,7 +110,11 @@ def run(settings: Settings) -> int:
               file=sys.stderr, flush=True)
         return 2
     try:
-        secret, generated = resolve_secret(settings.secret, settings.data_dir, create=spec is None,
+        # A worker reads a secret file itself rather than take the secret its
+        # supervisor read at start: a worker restarted after a SIGHUP rotation
+        # must get the keys in force, not the first ones.
+        from_env = None if spec is not None and settings.secret_file else settings.secret
+        secret, generated = resolve_secret(from_env, settings.data_dir, create=spec is None,
                                            secret_file=settings.secret_file)
     except TokenError as exc:
         print(f"fenghuo: {exc}", file=sys.stderr, flush=True)

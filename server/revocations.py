@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fenghuo.server.store import DB_FILE
-from fenghuo.tokens import LEEWAY, Grants
+from fenghuo.tokens import LEEWAY, Grants, verify_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revocations (
@@ -36,17 +37,49 @@ def _connect(data_dir: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def revoke(data_dir: str | Path, *, jti: str | None = None, until: float | None = None,
-           user: str | None = None, before: float | None = None) -> None:
-    """Store one revocation: ``jti`` (with its token's ``until`` = exp) or ``user`` (``before``)."""
-    if (jti is None) == (user is None):
-        raise ValueError("revoke a jti or a user")
-    if jti is not None and until is None:
-        raise ValueError("revoking a jti needs the token's exp")
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One revocation: a token id until its token's exp, or a user's tokens issued before a time."""
+
+    jti: str | None = None
+    until: float | None = None
+    user: str | None = None
+    before: float | None = None
+
+    @classmethod
+    def of(cls, secret: str, *, jti: str | None = None, exp: float | None = None,
+           token: str | None = None, user: str | None = None,
+           before: float | None = None) -> Revocation:
+        """What ``fenghuo revoke`` and the API's ``revoke`` are asked, checked.
+
+        A ``token`` names its own jti and exp (verified with ``secret``: an
+        expired one needs no revoking).  :class:`ValueError` (a
+        :class:`TokenError` for the token) says what is wrong, in one line.
+        """
+        if sum(x is not None for x in (jti, token, user)) != 1:
+            raise ValueError("revoke one of a jti, a token or a user")
+        if token is not None:
+            grants = verify_token(secret, token)
+            if not grants.jti:
+                raise ValueError("the token has no jti: revoke its user instead")
+            jti, exp = grants.jti, grants.expires
+        if jti is not None:
+            if exp is None:
+                raise ValueError("revoking a jti needs its token's exp (or pass the token)")
+            return cls(jti=jti, until=exp)
+        return cls(user=user, before=before if before is not None else time.time())
+
+    def describe(self) -> str:
+        return (f"token {self.jti}" if self.jti is not None
+                else f"tokens of {self.user} issued before {self.before:.0f}")
+
+
+def revoke(data_dir: str | Path, revocation: Revocation) -> None:
+    """Store ``revocation``: every worker applies it at its next read (``Revocations.poll``)."""
     conn = _connect(data_dir)
     try:
         conn.execute("INSERT INTO revocations (jti, user, before, until) VALUES (?, ?, ?, ?)",
-                     (jti, user, None if user is None else (before or time.time()), until))
+                     (revocation.jti, revocation.user, revocation.before, revocation.until))
     finally:
         conn.close()
 

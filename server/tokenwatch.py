@@ -12,10 +12,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import TYPE_CHECKING
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
-from fenghuo.core import ErrorCode
+from fenghuo.core import Connection, ErrorCode
 from fenghuo.server.revocations import Revocations
 from fenghuo.tokens import Grants
 
@@ -51,9 +51,13 @@ class TokenWatch:
             session.close_with_error(ErrorCode.TOKEN_EXPIRED,
                                      "token expired: REFRESH it, or reconnect with a new one")
 
-    def close_revoked(self, sessions: Iterable[Session]) -> None:
-        """Read new revocations; if any came, close the revoked among ``sessions``."""
+    def close_revoked(self, connections: Iterable[Connection]) -> int:
+        """Read new revocations; if any came, close the revoked among ``connections``
+        (the hub's, all of them Sessions); how many."""
+        closed = 0
         if self.revocations is not None and self.revocations.poll():
-            for session in list(sessions):
+            for session in cast("list[Session]", list(connections)):
                 if not session.closing and session.authenticated and self.is_revoked(session.grants):
                     session.close_with_error(ErrorCode.TOKEN_REVOKED, "token revoked")
+                    closed += 1
+        return closed

@@ -203,8 +203,9 @@ async def authed_raw(relay: Any, user: str, *, rcvbuf: int | None = None,
     return conn
 
 
-async def authed_on_every_worker(relay: Any, user: str) -> list[RawConnection]:
-    """Connections of ``user`` (each past WELCOME), at least one on every worker.
+async def authed_on_every_worker(relay: Any, user: str, token: str | None = None
+                                 ) -> list[RawConnection]:
+    """Connections of ``user`` (each past WELCOME, with ``token`` if given), one on every worker.
 
     The kernel spreads connections over the workers at random: more are
     opened until WELCOME has named each worker, then one per worker is kept.
@@ -212,7 +213,7 @@ async def authed_on_every_worker(relay: Any, user: str) -> list[RawConnection]:
     kept: dict[int, RawConnection] = {}
     for _ in range(20 * relay.workers):
         conn = await open_raw(relay)
-        worker = (await conn.hello(relay.token(user))).get("worker", 0)
+        worker = (await conn.hello(token or relay.token(user))).get("worker", 0)
         if worker in kept:
             conn.close()
         else:

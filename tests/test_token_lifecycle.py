@@ -8,6 +8,7 @@ sweep run every 0.5 s, so expiry fires within a second of its deadline.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import pytest
 import fenghuo
 from fenghuo.core import ErrorCode, FrameType
 from fenghuo.protocol import encode_json
-from fenghuo.tokens import issue_token
+from fenghuo.api import AsyncApi
+from fenghuo.tokens import issue_token, verify_token
+from tests.clients import refused
 from tests.conftest import group_members
 from tests.rawwire import authed_on_every_worker, open_raw
 from tests.test_cli import fenghuo_cli
@@ -120,6 +123,19 @@ async def test_without_a_provider_an_expired_client_stops(relay_factory):
         await alice.send("bob", "x")
 
 
+async def revoked_everywhere(relay, token: str, conns: list, spared) -> None:
+    """``conns`` (with ``token``) are closed TOKEN_REVOKED, a new HELLO with it is refused,
+    and ``spared``, the same user with another token, is untouched."""
+    for conn in conns:
+        await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
+        await conn.expect_closed()
+    again = await open_raw(relay)
+    again.write(encode_json(FrameType.HELLO, {"token": token}, 1))
+    await again.expect_error(ErrorCode.TOKEN_REVOKED, request_id=1)
+    spared.write(encode_json(FrameType.PING, {}, 2))
+    await spared.expect(FrameType.PONG, request_id=2)
+
+
 async def test_revoking_a_token_closes_its_connections_and_refuses_its_hello(relay):
     token = relay.token("alice")
     other = relay.token("alice")
@@ -133,15 +149,7 @@ async def test_revoking_a_token_closes_its_connections_and_refuses_its_hello(rel
     rc, _, err = await fenghuo_cli("revoke", "--token", token, "--data-dir", str(relay.data_dir),
                                    f"--secret={relay.secret}")
     assert rc == 0, err
-    for conn in conns:
-        await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
-        await conn.expect_closed()
-    again = await open_raw(relay)
-    again.write(encode_json(FrameType.HELLO, {"token": token}, 1))
-    await again.expect_error(ErrorCode.TOKEN_REVOKED, request_id=1)
-    # Another token of the same user is untouched.
-    spared.write(encode_json(FrameType.PING, {}, 2))
-    await spared.expect(FrameType.PONG, request_id=2)
+    await revoked_everywhere(relay, token, conns, spared)
     # A REFRESH to the revoked token is refused, not fatal.
     spared.write(encode_json(FrameType.REFRESH, {"token": token}, 3))
     await spared.expect_error(ErrorCode.TOKEN_REVOKED, request_id=3)
@@ -185,3 +193,76 @@ async def test_two_secrets_are_valid_at_once_and_stay_out_of_ps(relay_factory, t
     for pid in group_members(relay.proc.pid):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         assert new.encode() not in cmdline and old.encode() not in cmdline
+
+
+async def test_the_api_revokes_a_token_or_a_user_like_the_cli(relay_factory):
+    relay = relay_factory(api=True)
+    token, other = relay.token("alice"), relay.token("alice")
+    conns = await authed_on_every_worker(relay, "alice", token)
+    spared = await open_raw(relay)
+    await spared.hello(other)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        answer = await api.revoke(token=token)
+        assert answer["jti"] and answer["user"] is None and answer["closed_here"] >= 1
+        # Every worker closes its connections with the token (the API's at once).
+        await revoked_everywhere(relay, token, conns, spared)
+        # Every token of a user issued before now.
+        bobs = await authed_on_every_worker(relay, "bob")
+        answer = await api.revoke(user="bob")
+        assert answer["user"] == "bob" and answer["jti"] is None
+        for conn in bobs:
+            await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
+        await spared.expect_silence(0.5)       # alice's other token: untouched
+        # By jti and exp, for a token the caller no longer holds.
+        carol = relay.token("carol")
+        carols = await authed_on_every_worker(relay, "carol", carol)
+        grants = verify_token(relay.secret, carol)
+        await api.revoke(jti=grants.jti, exp=int(grants.expires))
+        for conn in carols:
+            await conn.expect_error(ErrorCode.TOKEN_REVOKED, request_id=0, timeout=5)
+        # What cannot be revoked is refused with the reason.
+        await refused(api.revoke(), 400, ErrorCode.MALFORMED_BODY)
+        await refused(api.revoke(jti="x"), 400, ErrorCode.MALFORMED_BODY)
+        await refused(api.revoke(jti="x", exp=1, user="bob"), 400, ErrorCode.MALFORMED_BODY)
+        await refused(api.revoke(token="not-a-token"), 401, ErrorCode.TOKEN_INVALID)
+    memory = relay_factory("--store", "memory", api=True, workers=1)
+    async with AsyncApi(memory.api_url, memory.api_key) as api:
+        await refused(api.revoke(user="bob"), 409, ErrorCode.CONFLICT)
+
+
+async def wait_logged(relay, text: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while relay.log().count(text) < count:
+        assert time.monotonic() < deadline, relay.log()[-3000:]
+        await asyncio.sleep(0.05)
+
+
+async def test_sighup_reloads_the_secret_file_in_every_worker(relay_factory, tmp_path: Path):
+    old, new = "o" * 40, "n" * 40
+    keys = tmp_path / "keys"
+    keys.write_text(f"k1 {old}\n")
+    relay = relay_factory("--secret=", "--secret-file", str(keys), workers=2)
+    held = await authed_on_every_worker(relay, "carol", issue_token(f"k1 {old}", "carol"))
+    # k2 is unknown until the reload.
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": issue_token(f"k2 {new}", "dave")}, 1))
+    assert "unknown key id" in await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+    # Rotate: k2 in, k1 out.
+    keys.write_text(f"k2 {new}\n")
+    relay.signal(signal.SIGHUP)
+    await wait_logged(relay, "secret file reloaded", 2)
+    await authed_on_every_worker(relay, "dave", issue_token(f"k2 {new}", "dave"))
+    for _ in range(2 * relay.workers):
+        conn = await open_raw(relay)
+        conn.write(encode_json(FrameType.HELLO, {"token": issue_token(f"k1 {old}", "erin")}, 1))
+        assert "unknown key id" in await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
+    # Connections past HELLO with a k1 token are kept.
+    for conn in held:
+        conn.write(encode_json(FrameType.PING, {}, 5))
+        await conn.expect(FrameType.PONG, request_id=5)
+    # A file with no key: logged, and the keys in force are kept.
+    keys.write_text("# nothing yet\n")
+    relay.signal(signal.SIGHUP)
+    await wait_logged(relay, "secret file reload failed", 2)
+    await authed_on_every_worker(relay, "dave", issue_token(f"k2 {new}", "dave"))
+    assert relay.proc.poll() is None and "worker exited" not in relay.log()
