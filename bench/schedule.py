@@ -1,6 +1,7 @@
 """``python -m bench schedule``: scheduled-message firing accuracy, and memory per pending timer.
 
-Lateness: one relay (``--workers 1``, the SQLite store with ``--fsync
+Lateness: the same fires on a fresh relay with no other timer pending, then
+on one with ``--pending``, in one run (their ratio is printed).  Each is one relay (``--workers 1``, the SQLite store with ``--fsync
 always``, pinned like every target, the API on) is given ``--pending``
 (100,000) scheduled messages due an hour from now, which stay pending
 throughout, then ``--fired`` more due a few seconds from now, ``--spacing``
@@ -68,7 +69,8 @@ async def _schedule(api, items: list[dict]) -> None:
             raise RuntimeError(f"scheduling refused: {bad[0]}")
 
 
-async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespace) -> dict:
+async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespace,
+                   pending: int) -> dict:
     import fenghuo
     from fenghuo.api import AsyncApi
 
@@ -79,7 +81,7 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
         later = time.time() + 3600
         started = time.perf_counter()
         await _schedule(api, [{"channel": CHANNEL, "data": f"p{i}", "send_at": later + i * 1e-3}
-                              for i in range(a.pending)])
+                              for i in range(pending)])
         store_s = time.perf_counter() - started
         await asyncio.sleep(1.0)
         rss_after = _rss_kib(target.proc.pid)
@@ -100,10 +102,8 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
                     arrived.append(got - due[m.text])
         finally:
             await client.close()
-        pending = len((await api.scheduled_list(limit=1))["scheduled"])
     return {"sequenced": _percentiles(sequenced), "arrived": _percentiles(arrived),
-            "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) * 1024 / a.pending,
-            "still_pending": pending}
+            "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) * 1024 / max(1, pending)}
 
 
 async def _timer_memory(count: int) -> float:
@@ -122,7 +122,7 @@ async def _timer_memory(count: int) -> float:
     return used / count
 
 
-def cmd_schedule(a: argparse.Namespace) -> int:
+def _with_relay(a: argparse.Namespace, pending: int) -> dict:
     with TemporaryDirectory(prefix="bench-schedule-") as tmp:
         key, api_port = secrets.token_urlsafe(24), free_port()
         (Path(tmp) / "keys").write_text(key + "\n")
@@ -134,22 +134,36 @@ def cmd_schedule(a: argparse.Namespace) -> int:
             assert target.proc is not None
             wait_listening(target.proc, "127.0.0.1", api_port)
             pin(GENERATOR_CPU)
-            result = uvloop.run(_lateness(target, f"http://127.0.0.1:{api_port}", key, a))
+            return uvloop.run(_lateness(target, f"http://127.0.0.1:{api_port}", key, a, pending))
         finally:
             target.stop()
+
+
+def cmd_schedule(a: argparse.Namespace) -> int:
+    # The same fires with nothing else pending, on a fresh relay in the same run: the ratio
+    # says what the pending timers cost.
+    runs = {0: _with_relay(a, 0), a.pending: _with_relay(a, a.pending)}
     per_timer = uvloop.run(_timer_memory(a.pending))
-    seq, arr = result["sequenced"], result["arrived"]
-    print(f"{a.pending} scheduled messages pending (stored in {result['store_s']:.1f} s, "
-          f"{BATCH} per call); {a.fired} fired {a.spacing * 1000:g} ms apart")
-    print(f"{'lateness ms':24} {'p50':>8} {'p99':>8} {'max':>8} {'min':>8}")
-    for name, r in (("sequenced - send_at", seq), ("received - send_at", arr)):
-        print(f"{name:24} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f} {r['max'] * 1000:8.2f} "
-              f"{r['min'] * 1000:8.2f}")
+    print(f"{a.fired} scheduled messages fired {a.spacing * 1000:g} ms apart, with 0 and with "
+          f"{a.pending} pending (stored in {runs[a.pending]['store_s']:.1f} s, {BATCH} per call)")
+    print(f"{'lateness ms':38} {'p50':>8} {'p99':>8} {'max':>8} {'min':>8}")
+    for pending, result in runs.items():
+        for name in ("sequenced", "arrived"):
+            r = result[name]
+            label = f"{name} - send_at, {pending} pending"
+            print(f"{label:38} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f} "
+                  f"{r['max'] * 1000:8.2f} {r['min'] * 1000:8.2f}")
+    base, loaded = runs[0]["sequenced"], runs[a.pending]["sequenced"]
+    print(f"{a.pending} pending / 0 pending (sequenced): p50 x{loaded['p50'] / base['p50']:.2f}, "
+          f"p99 x{loaded['p99'] / base['p99']:.2f}")
     print(f"memory per pending timer: {per_timer:.0f} B in the owner's heap and index "
           f"(tracemalloc, {a.pending} escalation timers); relay RSS grew "
-          f"{result['rss_per_timer_b']:.0f} B per pending scheduled message (with SQLite's cache)")
-    print(orjson.dumps({"sequenced_ms": {k: v * 1000 for k, v in seq.items()},
-                        "received_ms": {k: v * 1000 for k, v in arr.items()},
-                        "bytes_per_pending_timer": per_timer,
-                        "rss_bytes_per_pending_scheduled": result["rss_per_timer_b"]}).decode())
+          f"{runs[a.pending]['rss_per_timer_b']:.0f} B per pending scheduled message "
+          "(with SQLite's cache)")
+    print(orjson.dumps({str(p): {"sequenced_ms": {k: v * 1000 for k, v in r["sequenced"].items()},
+                                 "received_ms": {k: v * 1000 for k, v in r["arrived"].items()}}
+                        for p, r in runs.items()}
+                       | {"bytes_per_pending_timer": per_timer,
+                          "rss_bytes_per_pending_scheduled": runs[a.pending]["rss_per_timer_b"]}
+                       ).decode())
     return 0

@@ -119,3 +119,14 @@ async def test_sent_exactly_once_when_killed_as_it_fires(relay_factory, fsync):
             await asyncio.sleep(0.1)
         texts = await history_texts(api, NEWS)
     assert sorted(texts) == sorted(expected), "a scheduled message was lost or sent twice"
+
+
+async def test_the_memory_store_fires_them_while_it_lives(relay_factory):
+    relay = relay_factory("--store", "memory", api=True, workers=1)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        await api.publish(NEWS, "in memory", send_at=time.time() + 0.5)
+        assert len((await api.scheduled_list())["scheduled"]) == 1
+        while not await history_texts(api, NEWS):
+            await asyncio.sleep(0.1)
+        assert await history_texts(api, NEWS) == ["in memory"]
+        assert (await api.scheduled_list())["scheduled"] == []
