@@ -426,10 +426,11 @@ async def arrivals(receiver: Receiver, since: int, ids: set[str], timeout: float
 
 
 async def test_a_hostile_endpoint_does_not_hold_up_another(relay_factory, receivers, tmp_path):
-    """Slow (never answers within the timeout), huge (an endless body) and redirecting endpoints
-    beside a good one: the good one gets every event while the others are still being tried,
-    and the redirect is not followed (it points at the good receiver)."""
-    good, slow, huge, redirect = (receivers() for _ in range(4))
+    """Slow (never answers within the timeout), huge (an endless body), redirecting and
+    TLS-failing (https:// to a plain HTTP server) endpoints beside a good one: the good one
+    gets every event while the others are still being tried, and the redirect is not
+    followed (it points at the good receiver)."""
+    good, slow, huge, redirect, plain = (receivers() for _ in range(5))
 
     async def hang(request, body):
         await asyncio.sleep(60)
@@ -448,13 +449,15 @@ async def test_a_hostile_endpoint_does_not_hold_up_another(relay_factory, receiv
         raise web.HTTPFound(good.url + "?followed=1")
 
     slow.answer, huge.answer, redirect.answer = hang, endless, elsewhere
-    for r in (good, slow, huge, redirect):
+    for r in (good, slow, huge, redirect, plain):
         await r.start()
     only = {"events": ["message.created"]}
+    tls = {**plain.endpoint("tls", **only), "url": plain.url.replace("http://", "https://")}
     hooks = write_endpoints(tmp_path / "hooks.toml", good.endpoint("good", **only),
                             slow.endpoint("slow", **only), huge.endpoint("huge", **only),
-                            redirect.endpoint("redirect", **only))
-    relay = relay_factory("--webhooks", hooks, "--webhook-timeout", "30", "--webhook-retry-max", "0.5")
+                            redirect.endpoint("redirect", **only), tls)
+    relay = relay_factory("--webhooks", hooks, "--webhook-timeout", "30", "--webhook-retry-max", "0.5",
+                          api=True)
     alice = await relay.connect("alice", channels=("org.>",))
     channels = [f"org.c{i}" for i in range(10)]
     started = time.monotonic()
@@ -465,6 +468,12 @@ async def test_a_hostile_endpoint_does_not_hold_up_another(relay_factory, receiv
     assert not [h for h, _, _ in good.requests if "followed" in h[":path"]]
     assert len(good.requests) == 40
     assert len(slow.requests) >= 8 and len(huge.requests) >= 1 and len(redirect.requests) >= 1
+    assert plain.requests == []     # a TLS handshake against plain HTTP never makes a request
+    async with api_of(relay) as api:
+        state = {e["name"]: e for e in (await api.webhook_endpoints())["endpoints"]}
+    assert state["good"]["delivered"] == 40 and state["huge"]["delivered"] >= 1    # 64 KiB read, then 200 counts
+    for failing in ("tls", "redirect"):
+        assert state[failing]["delivered"] == 0 and state[failing]["failed_attempts"] >= 1, state[failing]
     assert relay.proc.poll() is None
 
 
