@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fenghuo.webhooks")
 
-# How often the outbox is read again for rows: other workers' writers add them
-# without telling this process, so this is the extra latency of their events.
+# How often the outbox is read again for new rows: writers add them without
+# telling the sender, so this is the extra latency of an event.
 POLL_INTERVAL = 0.05
 # Rows of one endpoint held in memory at most, and read per query.  A window of
 # rows lets streams that are not stuck overtake one that is; beyond it a stuck
@@ -91,6 +91,8 @@ class EndpointQueue:
     due: list[tuple[float, int, str]] = field(default_factory=list)
     loaded: int = 0
     cursor: int = 0             # the highest row id read so far
+    filled_at: float = 0.0      # monotonic time of the last read of the outbox
+    more: bool = True           # that read was a full page: more rows wait
     in_flight: int = 0
     disabled: str | None = None     # why, when a 410 disabled it
     paused_until: float = 0.0       # a 429's Retry-After
@@ -154,7 +156,10 @@ class WebhookSender:
         while True:
             try:
                 if q.disabled is None:
-                    if q.loaded <= WINDOW - PAGE:
+                    # Read again once per POLL_INTERVAL, not at every wake-up (every
+                    # answered request wakes this loop), unless the last page was full.
+                    if q.loaded <= WINDOW - PAGE and (
+                            q.more or time.monotonic() - q.filled_at >= POLL_INTERVAL):
                         await self._fill(q)
                     self._start_due(q)
             except asyncio.CancelledError:
@@ -176,6 +181,7 @@ class WebhookSender:
             "SELECT id, stream, event_id, type, payload, created_us, attempts, next_us"
             " FROM webhook_outbox WHERE endpoint = ? AND dead = 0 AND id > ? ORDER BY id LIMIT ?",
             (q.endpoint.name, q.cursor, PAGE))
+        q.filled_at, q.more = time.monotonic(), len(rows) == PAGE
         for id_, stream, event_id, type_, payload, created_us, attempts, next_us in rows:
             q.add(Row(id_, stream, event_id, type_, bytes(payload), created_us, attempts, next_us / 1e6))
 
