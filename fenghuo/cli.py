@@ -119,23 +119,31 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from fenghuo.server.export import export, verify
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fenghuo.server.keyfile import new_line
+    print(new_line(args.kid))
+    return 0
 
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fenghuo.server import keyfile
+    from fenghuo.server.export import KEY_FILE, export, verify
+
+    key_file = args.signing_key_file or os.path.join(args.data_dir, KEY_FILE)
     if args.verify:
         try:
-            summary = verify(args.verify)
+            summary = verify(args.verify, keyfile.load(key_file))
         except (OSError, ValueError) as exc:
             print(f"fenghuo: {exc}", file=sys.stderr)
             return 1
-        print(f"ok: {summary['messages']} messages, sha256 {summary['sha256']}")
+        print(f"ok: {summary['messages']} messages, sha256 {summary['sha256']}, signature verified")
         return 0
     if not (args.channel or args.user):
         print("fenghuo: export needs --channel or --user (or --verify FILE)", file=sys.stderr)
         return 2
     out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
-        summary = export(args.data_dir, out, channel=args.channel, user=args.user)
+        summary = export(args.data_dir, out, key_file, channel=args.channel, user=args.user)
     finally:
         if args.out:
             out.close()
@@ -298,6 +306,14 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--verify", metavar="FILE", help="check an export against its summary")
     exp.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
     exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.add_argument("--signing-key-file", metavar="FILE",
+                     help="keys that sign exports and check them, lines 'KID KEY' (the first "
+                          "signs); default --data-dir/export-signing.key, made at the first export")
+
+    keygen = sub.add_parser("keygen", help="print a new key line for a key file "
+                                           "(--store-key-file, --signing-key-file)")
+    keygen.add_argument("--kid", help="the key's id (default: random)")
+    keygen.set_defaults(func=cmd_keygen)
     exp.set_defaults(func=cmd_export)
 
     chat = sub.add_parser("chat", help="interactive direct chat: lines you type go to --to")

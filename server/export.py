@@ -1,10 +1,15 @@
 """``fenghuo export``: a channel's or a user's messages as JSON lines, for compliance.
 
-Every line but the last is one message, in channel then seq order.  The last
-line is a summary: how many messages, each channel's first and last seq, and
-the SHA-256 of all the message lines before it.  :func:`verify` recomputes
-both, so a reader can tell the file is complete and unaltered; a channel
-whose seqs are not contiguous is reported as not complete.
+Every line but the last two is one message, in channel then seq order.
+Then a summary: how many messages, each channel's first and last seq, and
+the SHA-256 of all the message lines before it.  The last line signs
+everything before it: HMAC-SHA256 with the current key of the relay's
+export signing key file (server/keyfile.py) and that key's id.
+:func:`verify` checks the signature with the same key file, then recomputes
+the summary, so a reader can tell the file is complete and unaltered; a
+channel whose seqs are not contiguous is reported as not complete.  The
+SHA-256 alone proves nothing against whoever edits the file, since it can be
+recomputed; the signature cannot be without the key.
 
 It reads the SQLite file directly (WAL lets it run beside a live relay).
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import sqlite3
 import time
 from pathlib import Path
@@ -22,6 +28,8 @@ import orjson
 
 from fenghuo.core import ContentType
 from fenghuo.server.frames import decode_frame_message
+from fenghuo.server import keyfile
+from fenghuo.server.keyfile import KeyRing
 from fenghuo.server.store import DB_FILE
 
 _TEXT_TYPES = {ContentType.TEXT, ContentType.CARD, ContentType.EVENT}
@@ -53,13 +61,27 @@ def _line(frame: bytes) -> dict[str, Any]:
     return entry
 
 
-def export(data_dir: str | Path, out: IO[bytes], *, channel: str | None = None,
-           user: str | None = None) -> dict[str, Any]:
-    """Write the export to ``out``; returns its summary."""
+SIGNATURE_ALG = "HMAC-SHA256"
+#: the signing key file under the data dir when none is named
+KEY_FILE = "export-signing.key"
+
+
+def _mac(key: bytes, signed: bytes) -> str:
+    return hmac.new(key, signed, hashlib.sha256).hexdigest()
+
+
+def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *,
+           channel: str | None = None, user: str | None = None) -> dict[str, Any]:
+    """Write the export to ``out``, signed with the current key of ``signing_key_file``
+    (made if there is none); returns its summary."""
     db = sqlite3.connect(f"file:{Path(data_dir) / DB_FILE}?mode=ro", uri=True)
     try:
+        db.execute("SELECT 1 FROM messages LIMIT 1")     # no store: fail before making a key
+        signing = keyfile.load_or_create(signing_key_file)
         channels = [channel] if channel else _user_channels(db, user or "")
-        digest, count, ranges = hashlib.sha256(), 0, {}
+        # ``signed`` sees every byte written: the signature covers the summary too.
+        digest, signed, count, ranges = hashlib.sha256(), hmac.new(
+            signing.key(signing.current), digestmod=hashlib.sha256), 0, {}
         for name in channels:
             query = "SELECT seq, frame FROM messages WHERE channel = ?"
             params: tuple = (name,)
@@ -70,6 +92,7 @@ def export(data_dir: str | Path, out: IO[bytes], *, channel: str | None = None,
             for seq, frame in db.execute(query + " ORDER BY seq", params):
                 line = orjson.dumps(_line(bytes(frame))) + b"\n"
                 digest.update(line)
+                signed.update(line)
                 out.write(line)
                 seqs.append(seq)
                 count += 1
@@ -81,15 +104,30 @@ def export(data_dir: str | Path, out: IO[bytes], *, channel: str | None = None,
     summary = {"messages": count, "sha256": digest.hexdigest(), "channels": ranges,
                "exported_at_us": int(time.time() * 1_000_000),
                "scope": {"channel": channel} if channel else {"user": user}}
-    out.write(orjson.dumps({"summary": summary}) + b"\n")
+    line = orjson.dumps({"summary": summary}) + b"\n"
+    signed.update(line)
+    out.write(line)
+    out.write(orjson.dumps({"signature": {"alg": SIGNATURE_ALG, "kid": signing.current,
+                                          "mac": signed.hexdigest()}}) + b"\n")
     return summary
 
 
-def verify(path: str | Path) -> dict[str, Any]:
-    """Check an export against its summary; returns the summary, raises ValueError if it fails."""
+def verify(path: str | Path, keys: KeyRing) -> dict[str, Any]:
+    """Check an export's signature with ``keys``, then its summary; returns the summary,
+    raises ValueError if either fails."""
     digest, count, lines = hashlib.sha256(), 0, Path(path).read_bytes().splitlines(keepends=True)
-    if not lines:
-        raise ValueError("empty export")
+    if len(lines) < 2:
+        raise ValueError("empty export, or no summary and signature")
+    *lines, signature_line = lines
+    try:
+        signature = orjson.loads(signature_line).get("signature")
+    except (orjson.JSONDecodeError, AttributeError):
+        signature = None
+    if not isinstance(signature, dict) or signature.get("alg") != SIGNATURE_ALG:
+        raise ValueError("the last line is not a signature: the export is unsigned or truncated")
+    expected = _mac(keys.key(str(signature.get("kid"))), b"".join(lines))
+    if not hmac.compare_digest(expected, str(signature.get("mac"))):
+        raise ValueError("the signature does not match: the export was altered")
     *messages, last = lines
     summary = orjson.loads(last).get("summary")
     if summary is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +55,7 @@ async def test_export_is_complete_and_tamper_evident(relay_factory, tmp_path):
     run = run_cli("export", "--channel", "group:ops", "--data-dir", str(relay.data_dir),
                   "--out", str(out))            # while the relay runs
     assert run.returncode == 0, run.stderr
-    *lines, last = out.read_bytes().splitlines()
+    *lines, last, _signature = out.read_bytes().splitlines()
     messages = [orjson.loads(line) for line in lines]
     summary = orjson.loads(last)["summary"]
     assert [m["seq"] for m in messages] == list(range(1, 32))      # the created event, then 30
@@ -62,18 +63,59 @@ async def test_export_is_complete_and_tamper_evident(relay_factory, tmp_path):
     assert summary["messages"] == 31
     assert summary["channels"] == {"group:ops": {"first": 1, "last": 31, "count": 31,
                                                  "contiguous": True}}
-    assert run_cli("export", "--verify", str(out)).returncode == 0
+    verify = ("export", "--data-dir", str(relay.data_dir), "--verify")
+    assert run_cli(*verify, str(out)).returncode == 0
 
     tampered = tmp_path / "tampered.jsonl"
     tampered.write_bytes(out.read_bytes().replace(b'"g7"', b'"g8"', 1))
-    assert run_cli("export", "--verify", str(tampered)).returncode == 1
+    assert run_cli(*verify, str(tampered)).returncode == 1
     truncated = tmp_path / "truncated.jsonl"
-    truncated.write_bytes(b"\n".join(out.read_bytes().splitlines()[:-1]) + b"\n")
-    assert run_cli("export", "--verify", str(truncated)).returncode == 1
+    truncated.write_bytes(b"\n".join(out.read_bytes().splitlines()[:-2]) + b"\n")
+    assert run_cli(*verify, str(truncated)).returncode == 1
 
     user = tmp_path / "bob.jsonl"
     assert run_cli("export", "--user", "bob", "--data-dir", str(relay.data_dir),
                    "--out", str(user)).returncode == 0
-    summary = orjson.loads(user.read_bytes().splitlines()[-1])["summary"]
+    summary = orjson.loads(user.read_bytes().splitlines()[-2])["summary"]
     assert set(summary["channels"]) == {"dm:alice:bob", "group:ops"}
     assert summary["messages"] == 30 + 31
+
+
+async def test_a_hand_edited_export_fails_verify_even_with_its_checksum_recomputed(relay_factory,
+                                                                                   tmp_path):
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    for i in range(5):
+        await alice.send("bob", f"pay {i}00 yuan")
+    await alice.history("dm:alice:bob", limit=1)           # on disk (fsync always)
+    keys = tmp_path / "signing.keys"
+    keys.write_text(run_cli("keygen", "--kid", "2026a").stdout)
+    out = tmp_path / "dm.jsonl"
+    base = ("export", "--data-dir", str(relay.data_dir), "--signing-key-file", str(keys))
+    assert run_cli(*base, "--channel", "dm:alice:bob", "--out", str(out)).returncode == 0
+    ok = run_cli(*base, "--verify", str(out))
+    assert ok.returncode == 0 and "signature verified" in ok.stdout, ok.stderr
+
+    # Edit one message, then recompute the summary's SHA-256 as a forger would.
+    *messages, summary_line, signature_line = out.read_bytes().splitlines(keepends=True)
+    messages[2] = messages[2].replace(b"pay 200 yuan", b"pay 900 yuan")
+    summary = orjson.loads(summary_line)
+    summary["summary"]["sha256"] = hashlib.sha256(b"".join(messages)).hexdigest()
+    forged = tmp_path / "forged.jsonl"
+    forged.write_bytes(b"".join(messages) + orjson.dumps(summary) + b"\n" + signature_line)
+    failed = run_cli(*base, "--verify", str(forged))
+    assert failed.returncode == 1 and "signature does not match" in failed.stderr
+    # Without the signature line it is refused as unsigned.
+    forged.write_bytes(b"".join(messages) + orjson.dumps(summary) + b"\n")
+    failed = run_cli(*base, "--verify", str(forged))
+    assert failed.returncode == 1 and "unsigned" in failed.stderr
+
+    # Rotation: a new key first signs new exports; the old one still verifies old ones.
+    keys.write_text(run_cli("keygen", "--kid", "2026b").stdout + keys.read_text())
+    assert run_cli(*base, "--verify", str(out)).returncode == 0
+    newer = tmp_path / "newer.jsonl"
+    assert run_cli(*base, "--channel", "dm:alice:bob", "--out", str(newer)).returncode == 0
+    assert orjson.loads(newer.read_bytes().splitlines()[-1])["signature"]["kid"] == "2026b"
+    keys.write_text(keys.read_text().splitlines()[0] + "\n")   # the old key dropped
+    failed = run_cli(*base, "--verify", str(out))
+    assert failed.returncode == 1 and "'2026a' is not in the key file" in failed.stderr
