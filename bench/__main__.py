@@ -16,6 +16,7 @@
     python -m bench mask [options]                        masking: ns per KB, masked against plain channel (bench/mask.py)
     python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
     python -m bench schedule [options]                    scheduled messages: firing lateness, memory per timer (bench/schedule.py)
+    python -m bench atrest [options]                      durable store without and with encryption at rest (bench/atrest.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -281,6 +282,8 @@ def parser() -> argparse.ArgumentParser:
     tail.add_command(sub)
     from bench import schedule
     schedule.add_commands(sub)
+    from bench import atrest
+    atrest.add_commands(sub)
     return cli
 
 

@@ -143,7 +143,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
-        summary = export(args.data_dir, out, key_file, channel=args.channel, user=args.user)
+        store_keys = keyfile.load(args.store_key_file) if args.store_key_file else None
+        summary = export(args.data_dir, out, key_file, channel=args.channel, user=args.user,
+                         store_keys=store_keys)
     finally:
         if args.out:
             out.close()
@@ -306,6 +308,10 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--verify", metavar="FILE", help="check an export against its summary")
     exp.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
     exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.add_argument("--store-key-file", metavar="FILE",
+                     default=os.environ.get("FENGHUO_STORE_KEY_FILE") or None,
+                     help="the relay's --store-key-file, to read messages stored encrypted "
+                          "[FENGHUO_STORE_KEY_FILE]")
     exp.add_argument("--signing-key-file", metavar="FILE",
                      help="keys that sign exports and check them, lines 'KID KEY' (the first "
                           "signs); default --data-dir/export-signing.key, made at the first export")

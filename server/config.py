@@ -75,6 +75,9 @@ class Settings:
     secret_file: str = _opt("", "file holding the secret, or several as lines 'KID SECRET' "
                                 "(rotation: the first signs, all verify)")
     store: str = _opt("sqlite", "sqlite (durable, in --data-dir) or memory (nothing survives a restart)")
+    store_key_file: str = _opt("", "encrypt stored messages with AES-256-GCM: key file, lines "
+                                   "'KID KEY' from `fenghuo keygen` (the first encrypts, all "
+                                   "decrypt); see Encryption at rest")
     fsync: str = _opt("always", "always: ack after the batch is on disk; batch: ack at once, sync "
                                 "per batch; off: ack at once, no sync (see Delivery guarantees)")
     retention: str = _opt("", "how long messages are kept, by channel prefix: e.g. "
@@ -167,6 +170,11 @@ class Settings:
         parse_rules(self.retention)
         from fenghuo.server.masking import parse_rules as parse_mask
         parse_mask(self.mask)
+        if self.store_key_file and self.store != "sqlite":
+            raise ValueError("--store-key-file encrypts the sqlite store: it needs --store sqlite")
+        if self.store_key_file:
+            from fenghuo.server.keyfile import load as load_keys
+            load_keys(self.store_key_file)      # a bad key file stops the start, not the first write
 
 
 OPTIONS: tuple[Option, ...] = tuple(

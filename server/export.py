@@ -29,6 +29,7 @@ import orjson
 from fenghuo.core import ContentType
 from fenghuo.server.frames import decode_frame_message
 from fenghuo.server import keyfile
+from fenghuo.server.atrest import FrameCipher, frame_of
 from fenghuo.server.keyfile import KeyRing
 from fenghuo.server.store import DB_FILE
 
@@ -71,26 +72,32 @@ def _mac(key: bytes, signed: bytes) -> str:
 
 
 def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *,
-           channel: str | None = None, user: str | None = None) -> dict[str, Any]:
+           channel: str | None = None, user: str | None = None,
+           store_keys: KeyRing | None = None) -> dict[str, Any]:
     """Write the export to ``out``, signed with the current key of ``signing_key_file``
-    (made if there is none); returns its summary."""
+    (made if there is none); returns its summary.  ``store_keys`` open the
+    messages the relay stored encrypted (``--store-key-file``)."""
     db = sqlite3.connect(f"file:{Path(data_dir) / DB_FILE}?mode=ro", uri=True)
     try:
         db.execute("SELECT 1 FROM messages LIMIT 1")     # no store: fail before making a key
         signing = keyfile.load_or_create(signing_key_file)
+        cipher = FrameCipher(store_keys) if store_keys is not None else None
+        # A store last opened by a relay older than encryption at rest has no key_id.
+        key_id = "key_id" if any(c[1] == "key_id" for c in db.execute(
+            "PRAGMA table_info(messages)")) else "NULL"
         channels = [channel] if channel else _user_channels(db, user or "")
         # ``signed`` sees every byte written: the signature covers the summary too.
         digest, signed, count, ranges = hashlib.sha256(), hmac.new(
             signing.key(signing.current), digestmod=hashlib.sha256), 0, {}
         for name in channels:
-            query = "SELECT seq, frame FROM messages WHERE channel = ?"
+            query = f"SELECT seq, frame, {key_id} FROM messages WHERE channel = ?"
             params: tuple = (name,)
             if user and not channel and name.startswith("org"):
                 query += " AND sender = ?"          # org channels: only what the user said
                 params += (user,)
             seqs = []
-            for seq, frame in db.execute(query + " ORDER BY seq", params):
-                line = orjson.dumps(_line(bytes(frame))) + b"\n"
+            for seq, frame, kid in db.execute(query + " ORDER BY seq", params):
+                line = orjson.dumps(_line(frame_of(cipher, name, seq, frame, kid))) + b"\n"
                 digest.update(line)
                 signed.update(line)
                 out.write(line)

@@ -44,6 +44,8 @@ from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
 from fenghuo.server.devices import SERVICE_DEVICE, Devices
 from fenghuo.server.groups import MEMBER, Group, GroupRegistry
+from fenghuo.server import keyfile
+from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.masking import Masking
 from fenghuo.server.schemas import (
     HISTORY_DEFAULT,
@@ -135,7 +137,9 @@ class Relay:
         self.endpoints = load_endpoints(settings.webhooks) if settings.webhooks else ()
         if settings.store == "sqlite":
             self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size,
-                                     Outbox(self.endpoints) if self.endpoints else None)
+                                     Outbox(self.endpoints) if self.endpoints else None,
+                                     FrameCipher(keyfile.load(settings.store_key_file))
+                                     if settings.store_key_file else None)
             # The epoch names this process's view of the data: with a store the
             # seqs continue across restarts and clients keep their positions.
             self.epoch = f"{self.store.identity()}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"

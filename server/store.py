@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from fenghuo.server import atrest
+from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.outbox import (
     OUTBOX_SCHEMA,
     Delivered,
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS messages (
     sender  TEXT NOT NULL,
     dedupe  BLOB,
     frame   BLOB NOT NULL,
+    key_id  TEXT,               -- frame sealed with this key (server/atrest.py); NULL: plaintext
     PRIMARY KEY (channel, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (channel, ts_us);
@@ -161,7 +164,8 @@ class SQLiteStore:
     """The embedded default store: one file ``fenghuo.db`` under the data dir."""
 
     def __init__(self, data_dir: str | os.PathLike[str], fsync: str = "always",
-                 ring_size: int = 1024, outbox: Outbox | None = None) -> None:
+                 ring_size: int = 1024, outbox: Outbox | None = None,
+                 cipher: FrameCipher | None = None) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}")
         self.path = Path(data_dir) / DB_FILE
@@ -181,6 +185,9 @@ class SQLiteStore:
         self._local = threading.local()
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
+        #: seals frames as they are written, opens them as they are read (None: plaintext)
+        self.cipher = cipher
+        atrest.prepare(self._conn, cipher)
         self.failure: BaseException | None = None
         #: records appended and not yet handed back (touched by the loop thread only)
         self.backlog = 0
@@ -329,7 +336,10 @@ class SQLiteStore:
         conn.execute("BEGIN")
         if self.outbox is not None:
             self._write_outbox(conn, messages, typed or ())
-        if messages:
+        if messages and self.cipher is not None:
+            conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame,"
+                             " key_id) VALUES (?, ?, ?, ?, ?, ?, ?)", self.cipher.seal_rows(messages))
+        elif messages:
             conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
                              " VALUES (?, ?, ?, ?, ?, ?)", messages)
         if groups:
@@ -407,9 +417,15 @@ class SQLiteStore:
     def recent(self, channel: str) -> list[tuple[int, bytes]]:
         """The channel's most recent ``(seq, frame)``s, oldest first: its ring at first touch."""
         rows = self._conn.execute(
-            "SELECT seq, frame FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT ?",
+            "SELECT seq, frame, key_id FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT ?",
             (channel, self.ring_size)).fetchall()
-        return [(seq, bytes(frame)) for seq, frame in reversed(rows)]
+        return self._frames(channel, reversed(rows))
+
+    def _frames(self, channel: str, rows: Iterable[tuple[int, bytes, str | None]]
+                ) -> list[tuple[int, bytes]]:
+        """``(seq, frame)`` of ``(seq, stored frame, key_id)`` rows: sealed ones opened."""
+        cipher = self.cipher
+        return [(seq, atrest.frame_of(cipher, channel, seq, frame, kid)) for seq, frame, kid in rows]
 
     def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]:
         """``channel``'s idempotency keys from ``since_us`` on, the newest ``limit`` of them:
@@ -440,9 +456,9 @@ class SQLiteStore:
 
     def _read(self, channel: str, after: int, before: int, limit: int) -> list[tuple[int, bytes]]:
         rows = self._reader_conn().execute(
-            "SELECT seq, frame FROM messages WHERE channel = ? AND seq > ? AND seq < ?"
+            "SELECT seq, frame, key_id FROM messages WHERE channel = ? AND seq > ? AND seq < ?"
             " ORDER BY seq LIMIT ?", (channel, after, before, limit)).fetchall()
-        return [(seq, bytes(frame)) for seq, frame in rows]
+        return self._frames(channel, rows)
 
     async def read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
         """The ``limit`` frames just below ``before``, oldest first (paging backwards)."""
@@ -451,9 +467,9 @@ class SQLiteStore:
 
     def _read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
         rows = self._reader_conn().execute(
-            "SELECT frame FROM messages WHERE channel = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (channel, before, limit)).fetchall()
-        return [bytes(r[0]) for r in reversed(rows)]
+            "SELECT seq, frame, key_id FROM messages WHERE channel = ? AND seq < ?"
+            " ORDER BY seq DESC LIMIT ?", (channel, before, limit)).fetchall()
+        return [frame for _, frame in self._frames(channel, reversed(rows))]
 
     async def read_by_time(self, channel: str, since_us: int, until_us: int,
                            limit: int) -> list[bytes]:
@@ -463,9 +479,9 @@ class SQLiteStore:
     def _read_by_time(self, channel: str, since_us: int, until_us: int,
                       limit: int) -> list[bytes]:
         rows = self._reader_conn().execute(
-            "SELECT frame FROM messages WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
+            "SELECT seq, frame, key_id FROM messages WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
             " ORDER BY seq LIMIT ?", (channel, since_us, until_us, limit)).fetchall()
-        return [bytes(r[0]) for r in rows]
+        return [frame for _, frame in self._frames(channel, rows)]
 
     def device_cursors(self, user: str, device: str) -> dict[str, int]:
         """Where ``device`` of ``user`` last said it had got to, per channel."""
@@ -489,6 +505,7 @@ class SQLiteStore:
 
     def all_rows(self, channel: str) -> Iterable[tuple[int, int, str, bytes]]:
         """Every stored message of ``channel``: ``(seq, ts_us, sender, frame)`` (export, tests)."""
-        return self._conn.execute(
-            "SELECT seq, ts_us, sender, frame FROM messages WHERE channel = ? ORDER BY seq",
-            (channel,))
+        return [(seq, ts, sender, atrest.frame_of(self.cipher, channel, seq, frame, kid))
+                for seq, ts, sender, frame, kid in self._conn.execute(
+                    "SELECT seq, ts_us, sender, frame, key_id FROM messages WHERE channel = ?"
+                    " ORDER BY seq", (channel,))]
