@@ -493,3 +493,32 @@ def test_try_again_example_is_what_the_server_writes():
 
     [example] = example_json("7.15 ")
     assert example == orjson.loads(try_again_message(example["reason"], example["retry_after_ms"]))
+
+
+async def test_refresh_example_is_what_the_relay_says(relay):
+    # §7.16: the REFRESH's token is alice's as stated, each hex block carries its
+    # JSON exactly, and a relay answers a REFRESH with a RESULT of those fields.
+    import jwt
+    import orjson
+    from rawwire import open_raw
+    from fenghuo.protocol import encode_json
+
+    request, result = example_json("7.16 ")
+    blocks = hex_blocks(section("7.16 "))
+    for block, body in zip(blocks, (request, result), strict=True):
+        assert _decode(block)[1].body == orjson.dumps(body)
+    claims = jwt.decode(request["token"], "example-secret-do-not-use-in-production",
+                        algorithms=["HS256"], options={"verify_exp": False})
+    [hello] = example_json("7.1 ")[:1]
+    first = jwt.decode(hello["token"], options={"verify_signature": False})
+    assert {**claims, "iat": first["iat"], "exp": first["exp"]} == first   # same user and claims
+    assert (claims["iat"], claims["exp"]) == (1700080000, result["expires"])
+    conn = await open_raw(relay)
+    await conn.hello(relay.token("alice"))
+    token = relay.token("alice")
+    conn.write(encode_json(FrameType.REFRESH, {"token": token}, 7))
+    frame = await conn.expect(FrameType.RESULT, request_id=7)
+    answer = orjson.loads(frame.body)
+    assert list(answer) == list(result)               # the same fields, in the same order
+    assert answer == {"user": "alice", "expires": jwt.decode(
+        token, options={"verify_signature": False})["exp"]}
