@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -35,22 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import cpu_seconds
 from bench.scale import worker_pids
 from bench.targets import Fenghuo
 
 STORM = Path(__file__).with_name("storm.py")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Seconds a generator waits for everyone to be admitted before it reports anyway.
 DEADLINE = 120.0
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of ``pids`` so far (from /proc/PID/stat)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
-    return total / CLK_TCK
 
 
 def open_connections(relay: Fenghuo) -> int:
@@ -134,17 +124,17 @@ async def until_closed(relay: Fenghuo, timeout: float = 300.0) -> None:
 async def devices_once(relay: Fenghuo, connections: int, processes: int,
                        user: str | None) -> dict[str, Any]:
     pids = worker_pids(relay)
-    before = cpu_seconds(pids)
+    before = cpu_seconds(*pids)
     crowd = await gather_crowd(relay, connections, processes, user)
-    opened = cpu_seconds(pids)
+    opened = cpu_seconds(*pids)
     if crowd.admitted != connections:
         await crowd.close()
         raise RuntimeError(f"{crowd.admitted} of {connections} admitted: {crowd.other[:5]}")
     await asyncio.sleep(1.0)      # let the relay go quiet before the timed close
-    quiet = cpu_seconds(pids)
+    quiet = cpu_seconds(*pids)
     await crowd.close()
     await until_closed(relay)
-    closed = cpu_seconds(pids)
+    closed = cpu_seconds(*pids)
     return {"connections": connections, "open_cpu_s": round(opened - before, 3),
             "close_cpu_s": round(closed - quiet, 3),
             # Connections that met something else first (HELLO_TIMEOUT in
@@ -178,9 +168,9 @@ def cmd_devices(a: argparse.Namespace) -> int:
 
 async def storm_once(relay: Fenghuo, clients: int, processes: int) -> dict[str, Any]:
     pids = worker_pids(relay)
-    before = cpu_seconds(pids)
+    before = cpu_seconds(*pids)
     crowd = await gather_crowd(relay, clients, processes, None)
-    cpu = cpu_seconds(pids) - before
+    cpu = cpu_seconds(*pids) - before
     await crowd.close()
     waits = sorted(r[2] for report in crowd.reports for r in report["refusals"]) or [0]
     return {"clients": clients, "admitted": crowd.admitted, "refusals": crowd.refusals,

@@ -182,10 +182,13 @@ async def build_group(target: Target, members: int, payload: int, window: int,
     return _Setup([publisher], subscribers, len(wire.publish), wire.delivery_size)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time process ``pid`` has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes ``pids`` have used so far (/proc/PID/stat)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def measure_throughput(setup: _Setup, warmup: float, duration: float,
@@ -336,10 +339,16 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
             curve.append((len(opened), rss_bytes(target.pid)))
         return link
 
+    # The server's CPU per connect, which the machine's other load hardly
+    # moves (unlike the rate): single-process servers only, as a supervisor's
+    # pid does not account for its workers.
+    single = getattr(target, "workers", 1) == 1
+    c0 = cpu_seconds(target.pid) if single else 0.0
     t0 = time.perf_counter()
     try:
         await _gather([lambda i=i: one(i) for i in range(connections)], progress, "idle links")
         elapsed = time.perf_counter() - t0
+        cpu_per_connect = (cpu_seconds(target.pid) - c0) / connections * 1e6 if single else None
         await asyncio.gather(*(target.settle(link) for link in opened))
         for link in opened:
             links.append(Link(0, 0, None))
@@ -354,7 +363,8 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
                   {"connections": connections, "concurrency": CONNECT_CONCURRENCY}, elapsed,
                   extra={"bytes_per_connection": (settled - base) / connections,
                          "connects_per_s": connections / elapsed,
-                         "rss_curve": sorted(dict(curve).items())})
+                         "rss_curve": sorted(dict(curve).items())}
+                  | ({"server_cpu_us_per_connect": cpu_per_connect} if cpu_per_connect else {}))
 
 
 def cdf_points(samples_ns: np.ndarray, points: int = 200) -> list[tuple[float, float]]:

@@ -10,9 +10,12 @@ messages before, during and after it) keeps being served and loses nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import os
 import random
 import struct
+import time
 
 import lz4.block
 import orjson
@@ -78,7 +81,49 @@ def _hello(body):
     return build
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forged(header: dict, claims: dict | None = None, *, sign: bool = True):
+    """A token with this header and claims, signed HS256 with the relay's secret
+    (so only what the test changed is wrong), or unsigned."""
+    def build(relay) -> dict:
+        body = {"sub": "alice", "exp": int(time.time()) + 600, **(claims or {})}
+        signed = f"{_b64(orjson.dumps(header))}.{_b64(orjson.dumps(body))}"
+        mac = hmac.digest(relay.secret.encode(), signed.encode(), "sha256") if sign else b""
+        return {"token": f"{signed}.{_b64(mac)}"}
+    return _hello(build)
+
+
+HS256 = {"alg": "HS256", "typ": "JWT"}
+
+
+def _as_mallory(token: str) -> str:
+    """``token`` with its subject changed and its signature kept."""
+    header, payload, signature = token.split(".")
+    claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return f"{header}.{_b64(orjson.dumps({**claims, 'sub': 'mallory'}))}.{signature}"
+
 HANDSHAKE_ATTACKS = [
+    pytest.param(_forged({"alg": "none"}, sign=False), ErrorCode.TOKEN_INVALID, id="alg-none"),
+    pytest.param(_forged({"alg": "HS512"}), ErrorCode.TOKEN_INVALID, id="alg-hs512"),
+    pytest.param(_forged({**HS256, "crit": ["exp"]}), ErrorCode.TOKEN_INVALID, id="crit-header"),
+    pytest.param(_forged({**HS256, "kid": 7}), ErrorCode.TOKEN_INVALID, id="kid-not-a-string"),
+    pytest.param(_forged(HS256, {"aud": "someone"}), ErrorCode.TOKEN_INVALID, id="audience"),
+    pytest.param(_forged(HS256, {"nbf": int(time.time()) + 600}), ErrorCode.TOKEN_INVALID,
+                 id="not-yet-valid"),
+    pytest.param(_forged(HS256, {"iat": int(time.time()) + 600}), ErrorCode.TOKEN_INVALID,
+                 id="issued-in-the-future"),
+    pytest.param(_forged(HS256, {"exp": None}), ErrorCode.TOKEN_INVALID, id="exp-null"),
+    pytest.param(_hello(lambda r: {"token": r.token("alice").rsplit(".", 1)[0]}),
+                 ErrorCode.TOKEN_INVALID, id="two-segments"),
+    pytest.param(_hello(lambda r: {"token": r.token("alice") + "!*"}),
+                 ErrorCode.TOKEN_INVALID, id="signature-not-base64url"),
+    pytest.param(_hello(lambda r: {"token": r.token("alice") + "="}),
+                 ErrorCode.TOKEN_INVALID, id="signature-padded"),
+    pytest.param(_hello(lambda r: {"token": _as_mallory(r.token("alice"))}),
+                 ErrorCode.TOKEN_INVALID, id="payload-tampered"),
     pytest.param(lambda r: encode_publish("dm:alice:bob", b"sneaky", request_id=41),
                  ErrorCode.HELLO_REQUIRED, id="publish-before-hello"),
     pytest.param(lambda r: encode_json(FrameType.SUBSCRIBE, {"channel": "org"}, 41),
@@ -115,6 +160,15 @@ async def test_hostile_handshake_is_refused_and_closed(relay, build, code):
     await conn.expect_error(code, request_id=41)
     await conn.expect_closed()
     await bystander.verify()
+
+
+async def test_a_token_forged_as_the_attacks_are_but_valid_is_welcome(relay):
+    # The control for the forged-token attacks above: built the same way,
+    # with nothing wrong, it passes, so each of them fails for its own fault.
+    conn = await open_raw(relay)
+    conn.write(_forged(HS256)(relay))
+    welcome = await conn.expect(FrameType.WELCOME, request_id=41)
+    assert orjson.loads(welcome.body)["user"] == "alice"
 
 
 async def test_ping_is_answered_before_hello_and_hello_still_works(relay):
