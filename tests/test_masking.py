@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from clients import collect
+from test_webhooks import Receiver, created_hooks
 from fenghuo.core import ContentType, MaskRules
 from fenghuo.server.masking import parse_rules
 
@@ -140,3 +141,19 @@ def test_a_bad_rule_stops_the_start(tmp_path, bad, message):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert re.search(re.escape(message), run.stderr), run.stderr
+
+
+async def test_a_webhook_gets_the_masked_text_only(relay_factory, tmp_path):
+    receiver = await Receiver().start()
+    try:
+        relay = relay_factory("--mask", RULES, "--webhooks", created_hooks(tmp_path, receiver))
+        alice = await relay.connect("alice")
+        await alice.send("bob", SECRET_TEXT)
+        await alice.send("bob", {"pan": f"card {CARD}"})
+        events = await receiver.wait_for(2)
+    finally:
+        await receiver.stop()
+    assert [e["data"]["data"] for e in events] == [MASKED_TEXT, {"pan": "card **** **** **** 1111"}]
+    raw = b"".join(body for _, body, _ in receiver.requests)
+    for original in (CARD, CN_ID, PHONE, "ACCT-123456"):
+        assert original.encode() not in raw
