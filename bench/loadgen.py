@@ -198,13 +198,16 @@ async def measure_throughput(setup: _Setup, warmup: float, duration: float,
 
     Given ``cpu`` and the server's ``pid``, also puts the server's CPU time
     per publish over the same interval in ``cpu["us_per_publish"]``: unlike
-    throughput it hardly moves when other processes share the machine.
+    throughput it hardly moves when other processes share the machine.  And
+    the busy fraction of each side (``relay_busy``, ``generator_busy``: CPU
+    seconds per second of the interval), which says which one limits the run.
     """
     for publisher in setup.publishers:
         publisher.start()
     await asyncio.sleep(warmup)
     p0, d0, m0 = setup.counters()
     c0 = cpu_seconds(pid) if pid else 0.0
+    g0 = time.process_time()
     t0 = time.perf_counter()
     deadline = t0 + duration
     while (left := deadline - time.perf_counter()) > 0:
@@ -214,7 +217,10 @@ async def measure_throughput(setup: _Setup, warmup: float, duration: float,
     p1, d1, m1 = setup.counters()
     elapsed = time.perf_counter() - t0
     if pid and cpu is not None and p1 > p0:
-        cpu["us_per_publish"] = (cpu_seconds(pid) - c0) / (p1 - p0) * 1e6
+        relay = cpu_seconds(pid) - c0
+        cpu["us_per_publish"] = relay / (p1 - p0) * 1e6
+        cpu["relay_busy"] = relay / elapsed
+        cpu["generator_busy"] = (time.process_time() - g0) / elapsed
     for publisher in setup.publishers:
         publisher.stop()
     return (elapsed, (p1 - p0) / elapsed, (d1 - d0) / setup.delivery_size / elapsed,
@@ -284,8 +290,7 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
     finally:
         setup.close()
     result = Result(name, target.name, params, seconds, pub, dlv, moved, rate)
-    if cpu:
-        result.extra["server_cpu_us_per_publish"] = cpu["us_per_publish"]
+    _add_cpu(result, cpu)
     if recorder is not None:
         samples = recorder.array()
         result.latency_ms = percentiles_ms(samples)
@@ -294,17 +299,29 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
     return result
 
 
+def _add_cpu(result: Result, cpu: dict[str, float]) -> None:
+    """The relay's CPU per publish and both sides' busy fractions, when measured."""
+    if cpu:
+        result.extra["server_cpu_us_per_publish"] = cpu["us_per_publish"]
+        result.extra["relay_busy"] = cpu["relay_busy"]
+        result.extra["generator_busy"] = cpu["generator_busy"]
+
+
 async def fan_out_run(target: Target, *, members: int, payload: int = 64, window: int = 16,
                       warmup: float = 1.0, duration: float = 5.0,
                       progress: Progress = _quiet) -> Result:
     setup = await build_group(target, members, payload, window, None, progress)
+    cpu: dict[str, float] = {}
     try:
-        seconds, pub, dlv, moved = await measure_throughput(setup, warmup, duration, progress)
+        seconds, pub, dlv, moved = await measure_throughput(
+            setup, warmup, duration, progress, cpu, target.proc.pid if target.proc else 0)
     finally:
         setup.close()
-    return Result(f"fan-out {members:,}", target.name,
-                  {"members": members, "payload": payload, "window": window},
-                  seconds, pub, dlv, moved)
+    result = Result(f"fan-out {members:,}", target.name,
+                    {"members": members, "payload": payload, "window": window},
+                    seconds, pub, dlv, moved)
+    _add_cpu(result, cpu)
+    return result
 
 
 def rss_bytes(pid: int) -> int:

@@ -211,9 +211,11 @@ def test_ws_runs_every_scenario_over_tcp_and_websocket_and_both_clients():
     assert [r[0] for r in rows] == ["one-to-one", "fan-out 10", "latency 2 pairs @ 200/s",
                                     "50 connections"]
     for row in rows:    # both transports delivered: every WS / TCP ratio is above 0
-        assert len(row) == 10 and float(row[4]) > 0
+        assert len(row) == 13 and float(row[4]) > 0
     latency = rows[2]   # percentiles from the stamps on both transports
     assert all(float(cell) > 0 for cell in latency[5:9])
+    for row in rows[:2]:    # the relay's CPU per publish on both, for the throughput runs
+        assert float(row[10]) > 0 and float(row[11]) > 0 and float(row[12]) > 0
     clients = _rows(out, "| client | transport |")
     assert [r[:2] for r in clients] == [["Python (fenghuo.Client)", "TCP"],
                                         ["JavaScript (node, fenghuo.js)", "WebSocket"]]
