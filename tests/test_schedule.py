@@ -12,6 +12,7 @@ from fenghuo import ErrorCode
 from fenghuo.api import AsyncApi
 from fenghuo.channels import group_channel
 from clients import assert_silent, refused
+from test_api import metrics_of_api_process
 
 NEWS = "org.acme.news"
 # The idempotency window forgets at once: only the timers' own check keeps a fire single.
@@ -49,6 +50,9 @@ async def test_fires_once_at_its_time_lists_and_cancels(api_relay):
         assert (await api.scheduled_list())["scheduled"] == []
         await refused(api.scheduled_cancel(first["scheduled"]), 404, ErrorCode.NOT_FOUND)
         assert await history_texts(api, NEWS) == ["now", "fee reminder"]
+    metrics = metrics_of_api_process(api_relay)
+    assert 'fenghuo_timers_fired_total{kind="send"} 1' in metrics, metrics
+    assert "fenghuo_timers_pending 0" in metrics
 
 
 async def test_refused_when_scheduled_not_when_fired(api_relay):
