@@ -9,6 +9,10 @@ and seq, so a sealed frame moved to another row does not open.  Nonces are
 random: one key should seal well under 2**32 rows (rotate before; the key
 file keeps old keys readable, server/keyfile.py).
 
+The webhook outbox's payloads (which carry message text) are sealed the
+same way, the key id inside the blob (``seal_blob``), bound to the row's
+endpoint and event id.
+
 What stays in clear, because the store's queries need it: each row's
 channel, seq, time, sender and idempotency key, and the group records and
 cursors.  The frame (payload, metadata, all of it) is sealed.
@@ -26,6 +30,8 @@ from fenghuo.server.keyfile import KeyRing
 NONCE_BYTES = 12
 #: bytes a sealed frame adds to its plaintext: the nonce and GCM's tag
 OVERHEAD = NONCE_BYTES + 16
+# First byte of a sealed blob; a plaintext one is JSON, which never starts with it.
+BLOB_MARK = 0x01
 # A meta row marks a store that has held sealed rows: opening it without a key is refused.
 _META = "sealed_with_key_ids"
 
@@ -45,22 +51,53 @@ class FrameCipher:
     def _aad(channel: str, seq: int) -> bytes:
         return channel.encode() + struct.pack(">Q", seq)
 
-    def seal(self, channel: str, seq: int, frame: bytes) -> bytes:
+    def _encrypt(self, data: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + self._seal(nonce, frame, self._aad(channel, seq))
+        return nonce + self._seal(nonce, data, aad)
 
-    def unseal(self, channel: str, seq: int, key_id: str, sealed: bytes) -> bytes:
+    def _decrypt(self, key_id: str, sealed: bytes, aad: bytes) -> bytes:
         try:
             aesgcm = self._aesgcm[key_id]
         except KeyError:
             self.keys.key(key_id)            # raises: names the missing key
             raise
-        return aesgcm.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], self._aad(channel, seq))
+        return aesgcm.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+
+    def seal(self, channel: str, seq: int, frame: bytes) -> bytes:
+        return self._encrypt(frame, self._aad(channel, seq))
+
+    def unseal(self, channel: str, seq: int, key_id: str, sealed: bytes) -> bytes:
+        return self._decrypt(key_id, sealed, self._aad(channel, seq))
+
+    def seal_blob(self, data: bytes, aad: bytes) -> bytes:
+        """``data`` sealed with its key id inside: ``0x01, len(kid), kid, nonce, ciphertext``
+        (for rows without a key_id column: the webhook outbox's payloads)."""
+        kid = self.current.encode()
+        return bytes((BLOB_MARK, len(kid))) + kid + self._encrypt(data, aad)
+
+    def unseal_blob(self, blob: bytes, aad: bytes) -> bytes:
+        end = 2 + blob[1]
+        return self._decrypt(blob[2:end].decode(), blob[end:], aad)
 
     def seal_rows(self, rows: Iterable[tuple]) -> list[tuple]:
         """``(channel, seq, ts_us, sender, dedupe, frame)`` rows as stored: frame sealed, key id added."""
         kid = self.current
         return [(c, s, t, snd, d, self.seal(c, s, f), kid) for c, s, t, snd, d, f in rows]
+
+
+def blob_of(cipher: FrameCipher | None, blob: bytes, aad: bytes) -> bytes:
+    """A stored blob (see ``seal_blob``), opened when it is sealed; a JSON one as it is."""
+    blob = bytes(blob)
+    if not blob or blob[0] != BLOB_MARK:
+        return blob
+    if cipher is None:
+        raise ValueError("a stored webhook payload is encrypted: give --store-key-file")
+    return cipher.unseal_blob(blob, aad)
+
+
+def outbox_aad(endpoint: str, event_id: str) -> bytes:
+    """What binds a sealed outbox payload to its row (a replayed row keeps both)."""
+    return f"{endpoint}\0{event_id}".encode()
 
 
 def frame_of(cipher: FrameCipher | None, channel: str, seq: int, frame: bytes,

@@ -400,6 +400,10 @@ class SQLiteStore:
                 else:
                     conn.execute("DELETE FROM webhook_endpoints WHERE name = ?", (record.name,))
         rows = [row for e in events for row in outbox.rows(e)]
+        if rows and self.cipher is not None:
+            rows = [(endpoint, stream, event_id, type_, self.cipher.seal_blob(
+                payload, atrest.outbox_aad(endpoint, event_id)), created)
+                for endpoint, stream, event_id, type_, payload, created in rows]
         if rows:
             conn.executemany("INSERT INTO webhook_outbox (endpoint, stream, event_id, type, payload,"
                              " created_us) VALUES (?, ?, ?, ?, ?, ?)", rows)

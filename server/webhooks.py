@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from fenghuo import webhooks
+from fenghuo.server.atrest import blob_of, outbox_aad
 from fenghuo.server.outbox import Delivered, Endpoint, EndpointState, Failed, Replay
 
 if TYPE_CHECKING:
@@ -182,8 +183,10 @@ class WebhookSender:
             " FROM webhook_outbox WHERE endpoint = ? AND dead = 0 AND id > ? ORDER BY id LIMIT ?",
             (q.endpoint.name, q.cursor, PAGE))
         q.filled_at, q.more = time.monotonic(), len(rows) == PAGE
+        cipher, name = self.store.cipher, q.endpoint.name
         for id_, stream, event_id, type_, payload, created_us, attempts, next_us in rows:
-            q.add(Row(id_, stream, event_id, type_, bytes(payload), created_us, attempts, next_us / 1e6))
+            q.add(Row(id_, stream, event_id, type_, blob_of(cipher, payload, outbox_aad(name, event_id)),
+                      created_us, attempts, next_us / 1e6))
 
     def _start_due(self, q: EndpointQueue) -> None:
         now = time.time()
@@ -308,7 +311,7 @@ class WebhookSender:
             (name, after, limit))
         return [{"id": id_, "event_id": event_id, "type": type_, "channel": stream,
                  "attempts": attempts, "last_error": error, "created_us": created_us,
-                 "payload": bytes(payload).decode()}
+                 "payload": blob_of(self.store.cipher, payload, outbox_aad(name, event_id)).decode()}
                 for id_, event_id, type_, stream, attempts, error, created_us, payload in rows]
 
     async def replay(self, name: str, ids: list[int] | None, limit: int) -> int:

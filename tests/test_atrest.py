@@ -13,6 +13,7 @@ import orjson
 
 from clients import collect
 from test_retention_export import run_cli
+from test_webhooks import Receiver, created_hooks, outbox_rows
 
 RING = "4"     # small: history and catch-up must come from the store
 
@@ -106,3 +107,24 @@ def test_a_bad_key_file_stops_the_start(tmp_path):
     assert run.returncode != 0 and "key 'k1' must be 32 bytes, not 5" in run.stderr
 
 
+
+
+async def test_webhook_outbox_rows_are_sealed_too(relay_factory, tmp_path):
+    keys = tmp_path / "store.keys"
+    keys.write_text(key_line("k1"))
+    phrase = f"secret-{secrets.token_hex(8)}"
+    receiver = Receiver()          # not started yet: the events wait in the outbox
+    try:
+        relay = relay_factory("--store-key-file", str(keys), "--webhooks",
+                              created_hooks(tmp_path, receiver), "--webhook-retry-max", "0.5")
+        alice = await relay.connect("alice")
+        for i in range(3):
+            await alice.send("bob", f"{phrase} {i}")
+        await alice.history("dm:alice:bob", limit=1)          # committed (fsync always)
+        assert len(outbox_rows(relay.data_dir)) == 3
+        assert phrase.encode() not in stored_bytes(relay)
+        await receiver.start()
+        events = await receiver.wait_for(3)
+        assert [e["data"]["data"] for e in events] == [f"{phrase} {i}" for i in range(3)]
+    finally:
+        await receiver.stop()
