@@ -49,6 +49,7 @@ class ContentType(enum.IntEnum):
 class ReceiptKind(enum.IntEnum):
     DELIVERED = 1
     READ = 2
+    CLICKED = 3
 
 class AckStatus(enum.IntEnum):
     ACCEPTED = 0
@@ -135,6 +136,7 @@ class Receipt:
     seq: int
     kind: int
     user: str | None
+    link: str
 
 class Publish:
     channel: str
@@ -152,7 +154,7 @@ def encode_publish(channel: str, payload: bytes, content_type: int = ..., meta: 
 def encode_message(channel: str, seq: int, ts_us: int, sender: str, payload: bytes,
                    content_type: int = ..., meta: bytes = b"", key: bytes = b"") -> bytes: ...
 def encode_ack(request_id: int, channel: str, seq: int, ts_us: int, status: int = ...) -> bytes: ...
-def encode_receipt(channel: str, seq: int, kind: int, request_id: int = 0) -> bytes: ...
+def encode_receipt(channel: str, seq: int, kind: int, request_id: int = 0, link: str = "") -> bytes: ...
 def encode_receipt_event(channel: str, seq: int, kind: int, user: str) -> bytes: ...
 def encode_error(code: int, message: str, request_id: int = 0) -> bytes: ...
 def decode_publish(body: bytes) -> Publish: ...

@@ -333,16 +333,23 @@ def encode_ack(uint32_t request_id, str channel, uint64_t seq, uint64_t ts_us,
     return build_ack(request_id, seq, ts_us, <uint8_t>status, PyBytes_AS_STRING(ch), len(ch))
 
 
-def encode_receipt(str channel, uint64_t seq, int kind, uint32_t request_id=0):
-    """A RECEIPT frame: message ``seq`` of ``channel`` was delivered or read (``kind``)."""
+def encode_receipt(str channel, uint64_t seq, int kind, uint32_t request_id=0, str link=""):
+    """A RECEIPT frame: message ``seq`` of ``channel`` was delivered, read or (with
+    ``link``, the id of the link followed) clicked (``kind``)."""
     cdef bytes ch = _channel(channel)
+    cdef bytes ln = _utf8(link, 255, "link")
+    cdef Py_ssize_t tail = 1 + len(ln) if kind == ReceiptKind.CLICKED else 0
     cdef char* p
     _check_range(kind, 0xFF, "kind")
-    frame = new_frame(FrameType.RECEIPT, 0, request_id, RECEIPT_FIXED + len(ch), &p)
+    frame = new_frame(FrameType.RECEIPT, 0, request_id, RECEIPT_FIXED + len(ch) + tail, &p)
     pack_u64(p, seq)
     p[8] = <char>kind
     p[9] = <char>len(ch)
     memcpy(p + RECEIPT_FIXED, PyBytes_AS_STRING(ch), len(ch))
+    if tail:
+        # CLICKED carries the link id after the channel (PROTOCOL §3.11).
+        p[RECEIPT_FIXED + len(ch)] = <char>len(ln)
+        memcpy(p + RECEIPT_FIXED + len(ch) + 1, PyBytes_AS_STRING(ln), len(ln))
     return frame
 
 
@@ -414,9 +421,11 @@ cdef class Receipt:
     cdef readonly uint64_t seq
     cdef readonly int kind
     cdef readonly str user    # set on RECEIPT_EVENT: who delivered/read
+    cdef readonly str link    # set on a CLICKED RECEIPT: the link followed ("" otherwise)
 
     def __repr__(self):
-        return f"Receipt(channel={self.channel!r}, seq={self.seq}, kind={self.kind}, user={self.user!r})"
+        return (f"Receipt(channel={self.channel!r}, seq={self.seq}, kind={self.kind}, "
+                f"user={self.user!r}, link={self.link!r})")
 
 
 cdef class Publish:
@@ -489,10 +498,16 @@ def decode_receipt(bytes body):
     if n < RECEIPT_FIXED or RECEIPT_FIXED + <uint8_t>p[9] > n:
         raise _short_body("RECEIPT")
     cdef Receipt r = Receipt.__new__(Receipt)
+    cdef Py_ssize_t end = RECEIPT_FIXED + <uint8_t>p[9]
     r.seq = unpack_u64(p)
     r.kind = <uint8_t>p[8]
     r.channel = _text(p + RECEIPT_FIXED, <uint8_t>p[9], "channel")
     r.user = None
+    r.link = ""
+    if r.kind == ReceiptKind.CLICKED:
+        if end >= n or end + 1 + <uint8_t>p[end] > n:
+            raise _short_body("RECEIPT")
+        r.link = _text(p + end + 1, <uint8_t>p[end], "link")
     return r
 
 
@@ -506,6 +521,7 @@ def decode_receipt_event(bytes body):
     r.kind = <uint8_t>p[8]
     r.channel = _text(p + RECEIPT_EVENT_FIXED, <uint8_t>p[9], "channel")
     r.user = _text(p + RECEIPT_EVENT_FIXED + <uint8_t>p[9], <uint8_t>p[10], "user")
+    r.link = ""
     return r
 
 

@@ -64,6 +64,7 @@ cpdef enum ContentType:
 cpdef enum ReceiptKind:
     DELIVERED = 1
     READ = 2
+    CLICKED = 3
 
 
 cpdef enum AckStatus:

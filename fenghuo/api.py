@@ -96,11 +96,13 @@ class _Methods(Generic[R]):
                                                 "before": before, "after": after}))
 
     def message_status(self, channel: str, seq: int, *, filter: str | None = None,
-                       limit: int | None = None) -> R:
-        """Per-recipient status of message ``seq`` of ``channel``; ``filter``:
-        "all", "not_delivered" or "not_read" (who has not read a group message)."""
+                       limit: int | None = None, users: list[str] | None = None) -> R:
+        """Per-recipient status of message ``seq`` of ``channel`` (sent, delivered, read,
+        clicked); ``filter``: "all", "not_delivered", "not_read" (who has not read it) or
+        "not_clicked"; ``users`` names the recipients (an org channel's readers)."""
         return self.call("message_status", _drop_none({"channel": channel, "seq": seq,
-                                                       "filter": filter, "limit": limit}))
+                                                       "filter": filter, "limit": limit,
+                                                       "users": users}))
 
     def webhook_endpoints(self) -> R:
         return self.call("webhook_endpoints", {})

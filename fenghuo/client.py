@@ -674,12 +674,16 @@ class Client:
 
     async def _request(self, ftype: int, body: dict[str, Any]) -> Any:
         """The reply: a RESULT's decoded JSON, a HISTORY_PAGE's frames as bytes."""
+        return await self._request_with(lambda rid: encode_json(ftype, body, rid))
+
+    async def _request_with(self, encode: Callable[[int], bytes]) -> Any:
+        """Send the frame ``encode(request_id)`` makes; its reply (as :meth:`_request`)."""
         self._check_usable()
         await self._connected.wait()
         rid = self._request_id()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._write(encode_json(ftype, body, rid))
+        self._write(encode(rid))
         return await fut
 
     # ------------------------------------------------------------ public API
@@ -823,6 +827,12 @@ class Client:
 
     async def mark_read(self, channel: str, seq: int) -> None:
         await self._receipt(channel, seq, ReceiptKind.READ)
+
+    async def click(self, channel: str, seq: int, link: str) -> dict[str, Any]:
+        """Report that this user followed link ``link`` (an id of 1-64 bytes the app
+        gave it) of message ``seq``; ``{"first": bool, ...}`` (PROTOCOL §3.11)."""
+        return await self._request_with(
+            lambda rid: encode_receipt(channel, seq, ReceiptKind.CLICKED, rid, link))
 
     async def _receipt(self, channel: str, seq: int, kind: int) -> None:
         self._check_usable()

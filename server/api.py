@@ -180,10 +180,14 @@ class HistoryCall(Call, frozen=True):
 class StatusCall(Call, frozen=True):
     channel: ChannelName
     seq: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
-    filter: Annotated[Literal["all", "not_delivered", "not_read"], Meta(description=(
-        '"all" (default), "not_delivered" or "not_read": which recipients to list'))] | None = None
+    filter: Annotated[Literal["all", "not_delivered", "not_read", "not_clicked"], Meta(description=(
+        '"all" (default), "not_delivered", "not_read" or "not_clicked": which recipients to list'
+    ))] | None = None
     limit: Annotated[int, Meta(ge=1, le=STATUS_LIST_MAX, description=(
         f"an integer 1..{STATUS_LIST_MAX}: recipients listed at most (default 1000)"))] | None = None
+    users: Annotated[list[Sender], Meta(min_length=1, max_length=STATUS_LIST_MAX, description=(
+        "the recipients to report on instead of the channel's own (an org channel has no "
+        "member list: name its readers, e.g. every store under the prefix)"))] | None = None
 
 
 class ScheduledListCall(Call, frozen=True):
@@ -255,11 +259,14 @@ STATUS = {"type": "object", "properties": {
     "channel": {"type": "string"}, "seq": {"type": "integer"}, "sender": {"type": "string"},
     "recipients": {"type": ["integer", "null"], "description": "null for an org channel"},
     "counts": {"type": "object", "properties": {
-        k: {"type": "integer"} for k in ("sent", "delivered", "read", "escalated")}},
+        k: {"type": "integer"} for k in ("sent", "delivered", "read", "escalated", "clicked")}},
+    "links": {"type": "object", "additionalProperties": {"type": "integer"},
+              "description": "link id -> recipients who followed it"},
     "users": {"type": "array", "items": {"type": "object", "properties": {
         "user": {"type": "string"},
         "status": {"type": "string", "enum": ["sent", "delivered", "read"]},
-        "escalated": {"type": "array", "items": {"type": "integer"}}}}},
+        "escalated": {"type": "array", "items": {"type": "integer"}},
+        "clicked": {"type": "array", "items": {"type": "string"}}}}},
     "truncated": {"type": "boolean"}}}
 ERROR_BODY = {"type": "object", "properties": {
     "code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
@@ -741,7 +748,8 @@ async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
         raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
     escalated = await api.timers.table.escalated(ch.name, body.seq)
     return status.message_status(relay, ch, body.seq, message_sender(frames[0]), escalations=escalated,
-                                 wanted=body.filter or "all", limit=body.limit or 1000).json()
+                                 wanted=body.filter or "all", limit=body.limit or 1000,
+                                 among=body.users).json()
 
 
 def _sender(api: Api, endpoint: str | None = None) -> WebhookSender:
@@ -840,8 +848,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("scheduled_cancel", "Cancel a scheduled message before it is sent.",
            ScheduledCancelCall, {"type": "object", "properties": {
                "id": {"type": "integer"}, "cancelled": {"type": "boolean"}}}, scheduled_cancel),
-    Method("message_status", "Per-recipient status of one message (sent, delivered, read) "
-                             "and its counts, from the recipients' cursors.",
+    Method("message_status", "Per-recipient status of one message (sent, delivered, read, "
+                             "clicked) and its counts, from the recipients' cursors and clicks.",
            StatusCall, STATUS, message_status),
     Method("webhook_endpoints", "The webhook endpoints, whether each is disabled (410), and "
                                 "its pending and dead-letter counts.", NoFields, OBJECT,

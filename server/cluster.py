@@ -41,6 +41,7 @@ from fenghuo.core import (
     encode_error,
 )
 from fenghuo.server import routing
+from fenghuo.server.clicks import Click
 from fenghuo.server.frames import message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
 
@@ -521,6 +522,9 @@ class Cluster:
         elif op == "delivered":
             for name, seq in body["positions"].items():
                 relay.delivered.advance(name, body["user"], seq)
+        elif op == "click":
+            relay.clicks.add(Click(body["channel"], body["seq"], body["link"], body["user"],
+                                   body["ts_us"]))
         elif op == "disconnect":
             relay.disconnect_user(body["user"], share=False)
         elif op == "closed":

@@ -85,6 +85,11 @@ def render(relay: Relay) -> str:
     family("fenghuo_status_escalated_total", "counter",
            "Escalations fired: one per recipient per step of a delivery policy.")
     out.append(f"fenghuo_status_escalated_total {progress.escalated}")
+    family("fenghuo_status_clicked_total", "counter",
+           "First clicks: a user following a link of a message for the first time (CLICKED receipts).")
+    out.append(f"fenghuo_status_clicked_total {progress.clicked}")
+    family("fenghuo_status_clicks_total", "counter", "CLICKED receipts accepted, repeats included.")
+    out.append(f"fenghuo_status_clicks_total {progress.clicks}")
     out += relay.masking.metrics()
     if relay.api is not None:
         timers = relay.api.timers

@@ -36,7 +36,8 @@ from fenghuo.webhooks import secret_key
 
 #: every event type the relay sends (docs/API.md, "Webhooks")
 EVENT_TYPES = frozenset({
-    "message.created", "message.delivered", "message.read", "member.joined", "member.left",
+    "message.created", "message.delivered", "message.read", "message.clicked",
+    "member.joined", "member.left",
     "presence.changed", "escalation", "scheduled.sent",
 })
 

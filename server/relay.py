@@ -40,6 +40,7 @@ from fenghuo.server.admission import Admission
 from fenghuo.server.config import Settings
 from fenghuo.server import retention
 from fenghuo.server.frames import message_sender, message_seq, message_time
+from fenghuo.server.clicks import Click, Clicks
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
 from fenghuo.server.devices import SERVICE_DEVICE, Devices
@@ -129,6 +130,8 @@ class Relay:
         self.reads = ReadCursors()
         #: how far each user's devices have received each channel (CURSOR sync, receipts)
         self.delivered = ReadCursors()
+        #: who followed which link of which message (CLICKED receipts)
+        self.clicks = Clicks()
         self.progress = Progress()
         # Channels with sessions reading their past from the store: those
         # sessions are out of the channel's subscribers meanwhile.
@@ -197,6 +200,8 @@ class Relay:
             self.reads.advance(channel, user, seq)
         for channel, user, seq in store.delivered_cursors():
             self.delivered.advance(channel, user, seq)
+        for click in store.clicks():
+            self.clicks.add(click)
         for name in store.direct_channels():
             cn = parse_channel(name)
             ch = self.hub.channel(name, ChannelKind.DIRECT_CHAT)
@@ -897,6 +902,25 @@ class Relay:
         if sender != user:
             forwarded = self.send_to_user(sender, encode_receipt_event(ch.name, seq, kind, user))
         return {"channel": ch.name, "seq": seq, "forwarded": forwarded}
+
+    def click(self, user: str, ch: Channel, seq: int, link: str) -> dict:
+        """``user`` followed link ``link`` of message ``seq`` of ``ch``: count it, keep the
+        first click of each user on each link, and tell the webhooks about that one."""
+        if not 1 <= seq <= ch.seq:
+            raise refuse(ErrorCode.NOT_FOUND, f"no message {seq} in {ch.name!r}")
+        self.progress.clicks += 1
+        click = Click(ch.name, seq, link, user, time.time_ns() // 1000)
+        first = self.clicks.add(click)
+        if first:
+            self.progress.clicked += 1
+            if self.store is not None:
+                self.store.save_click(click)
+            self.emit(WebhookEvent("message.clicked", ch.name,
+                                   {"channel": ch.name, "seq": seq, "user": user, "link": link}))
+            if self.cluster is not None:
+                self.cluster.share("click", channel=ch.name, seq=seq, link=link, user=user,
+                                   ts_us=click.ts_us)
+        return {"channel": ch.name, "seq": seq, "link": link, "first": first}
 
     # ------------------------------------------------------------ groups
 

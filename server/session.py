@@ -25,6 +25,7 @@ from fenghuo.core import (
     FrameType,
     Hub,
     ProtocolError,
+    Receipt,
     ReceiptKind,
     Reply,
     decode_receipt,
@@ -33,6 +34,7 @@ from fenghuo.core import (
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server import schemas
+from fenghuo.server.clicks import LINK_MAX
 from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.relay import Relay, refuse
 from fenghuo.server.schemas import (
@@ -231,9 +233,13 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def _receipt(self, request_id: int, body: bytes) -> None:
         receipt = decode_receipt(body)
-        if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ):
-            raise refuse(ErrorCode.MALFORMED_BODY, "receipt kind must be 1 (delivered) or 2 (read)")
+        if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ, ReceiptKind.CLICKED):
+            raise refuse(ErrorCode.MALFORMED_BODY,
+                         "receipt kind must be 1 (delivered), 2 (read) or 3 (clicked)")
         ch = self.relay.readable(self, receipt.channel)
+        if receipt.kind == ReceiptKind.CLICKED:
+            self._click(request_id, ch, receipt)
+            return
         cluster = self.relay.cluster
         if cluster is not None and not cluster.owns(ch.name):
             if receipt.kind == ReceiptKind.READ:
@@ -244,6 +250,15 @@ class Session(Connection, asyncio.BufferedProtocol):
                                     channel=ch.name, seq=receipt.seq, kind=receipt.kind)
             return
         result = self.relay.receipt(self.user, ch, receipt.seq, receipt.kind, bool(request_id))
+        if request_id:
+            self.reply(request_id, result)
+
+    def _click(self, request_id: int, ch: Channel, receipt: Receipt) -> None:
+        # Any worker records a click (it is not ordered with the channel's
+        # messages) and shares it: no forwarding to the channel's owner.
+        if not 1 <= len(receipt.link.encode()) <= LINK_MAX:
+            raise refuse(ErrorCode.MALFORMED_BODY, f"a click's link id is 1 to {LINK_MAX} bytes")
+        result = self.relay.click(self.user, ch, receipt.seq, receipt.link)
         if request_id:
             self.reply(request_id, result)
 

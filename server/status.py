@@ -5,7 +5,8 @@ No record is kept per member per message: a recipient has read message
 a device iff their delivery cursor is (server/cursors.py; a device's CURSOR
 sync and DELIVERED receipts move the delivery cursor, READ receipts both).
 Escalations are the exception, kept per (message, recipient, step) only for
-those who were escalated (server/timers.py).
+those who were escalated (server/timers.py), and so are clicks, kept per
+(message, link, user) only for those who clicked (server/clicks.py).
 
 Recipients: the other participant of a direct channel; the members of a group
 who had joined before the message (its sender aside), as the group is now.
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 State = Literal["sent", "delivered", "read"]
 #: what ``filter`` may ask for: every recipient, or those not yet at a state
-FILTERS = ("all", "not_delivered", "not_read")
+FILTERS = ("all", "not_delivered", "not_read", "not_clicked")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Progress:
     delivered: int = 0
     read: int = 0
     escalated: int = 0
+    #: first clicks of a user on a link of a message, and every click
+    clicked: int = 0
+    clicks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,8 @@ class RecipientStatus:
     status: State
     #: the policy steps (0-based) an escalation fired for, in order
     escalated: tuple[int, ...] = ()
+    #: the links of the message this recipient followed, sorted
+    clicked: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -56,17 +62,22 @@ class MessageStatus:
     delivered: int = 0
     read: int = 0
     escalated: int = 0
+    #: recipients who followed at least one link
+    clicked: int = 0
+    #: link id -> how many recipients followed it
+    links: dict[str, int] = field(default_factory=dict)
     users: list[RecipientStatus] = field(default_factory=list)
     truncated: bool = False
 
     def json(self) -> dict:
-        counts = {"delivered": self.delivered, "read": self.read, "escalated": self.escalated}
+        counts = {"delivered": self.delivered, "read": self.read, "escalated": self.escalated,
+                  "clicked": self.clicked}
         if self.recipients is not None:
             counts["sent"] = self.recipients - self.delivered
         return {"channel": self.channel, "seq": self.seq, "sender": self.sender,
-                "recipients": self.recipients, "counts": counts,
-                "users": [{"user": u.user, "status": u.status, "escalated": list(u.escalated)}
-                          for u in self.users],
+                "recipients": self.recipients, "counts": counts, "links": self.links,
+                "users": [{"user": u.user, "status": u.status, "escalated": list(u.escalated),
+                           "clicked": list(u.clicked)} for u in self.users],
                 "truncated": self.truncated}
 
 
@@ -88,10 +99,12 @@ def state_of(relay: Relay, channel: str, user: str, seq: int) -> State:
 
 def message_status(relay: Relay, ch: Channel, seq: int, sender: str, *,
                    escalations: dict[str, tuple[int, ...]], wanted: str = "all",
-                   limit: int = 1000) -> MessageStatus:
+                   limit: int = 1000, among: list[str] | None = None) -> MessageStatus:
     """The status of message ``seq`` of ``ch`` (sent by ``sender``) for each recipient;
-    ``users`` lists those matching ``wanted`` (one of :data:`FILTERS`), at most ``limit``."""
-    users = recipients(relay, ch, seq, sender)
+    ``users`` lists those matching ``wanted`` (one of :data:`FILTERS`), at most ``limit``.
+    ``among`` names the recipients instead (an org channel's stores, say)."""
+    users = sorted(set(among)) if among is not None else recipients(relay, ch, seq, sender)
+    clicks = relay.clicks.by_user(ch.name, seq)
     if users is None:
         # Every cursor at or past seq, but the sender's own.
         own_read = relay.reads.get(ch.name, sender) >= seq
@@ -99,18 +112,35 @@ def message_status(relay: Relay, ch: Channel, seq: int, sender: str, *,
         return MessageStatus(ch.name, seq, sender, None,
                              delivered=relay.delivered.readers(ch.name, seq) - own_delivered,
                              read=relay.reads.readers(ch.name, seq) - own_read,
-                             escalated=len(escalations))
+                             escalated=len(escalations),
+                             clicked=len(clicks.keys() - {sender}),
+                             links={link: len(who - {sender}) for link, who
+                                    in sorted(relay.clicks.links(ch.name, seq).items())})
     out = MessageStatus(ch.name, seq, sender, len(users))
     for user in users:
         state = state_of(relay, ch.name, user, seq)
         steps = escalations.get(user, ())
+        followed = tuple(clicks.get(user, ()))
         out.read += state == "read"
         out.delivered += state != "sent"
         out.escalated += bool(steps)
-        if wanted == "not_read" and state == "read" or wanted == "not_delivered" and state != "sent":
+        out.clicked += bool(followed)
+        for link in followed:
+            out.links[link] = out.links.get(link, 0) + 1
+        if _excluded(wanted, state, followed):
             continue
         if len(out.users) == limit:
             out.truncated = True
             continue
-        out.users.append(RecipientStatus(user, state, steps))
+        out.users.append(RecipientStatus(user, state, steps, followed))
+    out.links = dict(sorted(out.links.items()))
     return out
+
+
+def _excluded(wanted: str, state: State, followed: tuple[str, ...]) -> bool:
+    """Is a recipient at ``state`` who followed ``followed`` left out of ``users`` by ``wanted``?"""
+    if wanted == "not_read":
+        return state == "read"
+    if wanted == "not_delivered":
+        return state != "sent"
+    return wanted == "not_clicked" and bool(followed)

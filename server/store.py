@@ -33,6 +33,7 @@ import orjson
 
 from fenghuo.server import atrest
 from fenghuo.server.atrest import FrameCipher
+from fenghuo.server.clicks import Click
 from fenghuo.server.outbox import (
     OUTBOX_SCHEMA,
     Delivered,
@@ -112,6 +113,15 @@ CREATE TABLE IF NOT EXISTS delivered_cursors (
     user    TEXT NOT NULL,
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, user)
+) WITHOUT ROWID;
+-- A user's first click on a link of a message (server/clicks.py): rare, so a row each.
+CREATE TABLE IF NOT EXISTS clicks (
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    link    TEXT NOT NULL,
+    user    TEXT NOT NULL,
+    ts_us   INTEGER NOT NULL,
+    PRIMARY KEY (channel, seq, link, user)
 ) WITHOUT ROWID;
 """ + OUTBOX_SCHEMA
 
@@ -276,6 +286,9 @@ class SQLiteStore:
         transaction with the webhook events emitted right after (server/timers.py)."""
         self.append(("timers_done", ids, escalated))
 
+    def save_click(self, click: Click) -> None:
+        self.append(("click", click.channel, click.seq, click.link, click.user, click.ts_us))
+
     def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
         """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
         except channels under one of ``keep_prefixes`` (they have rules of their own)."""
@@ -329,9 +342,10 @@ class SQLiteStore:
                    for channel, seq in r[3].items()]
         reads = [r[1:] for r in batch if r[0] == "read"]
         delivered = [r[1:] for r in batch if r[0] == "delivered"]
+        clicks = [r[1:] for r in batch if r[0] == "click"]
         expiries = [r[1:] for r in batch if r[0] == "expire"]
         fired = [r for r in batch if r[0] == "timers_done"]
-        if not (messages or groups or cursors or reads or delivered or expiries or fired or typed):
+        if not (messages or groups or cursors or reads or delivered or clicks or expiries or fired or typed):
             return
         conn.execute("BEGIN")
         if self.outbox is not None:
@@ -359,6 +373,10 @@ class SQLiteStore:
             conn.executemany("DELETE FROM timers WHERE id = ?", [(i,) for i in ids])
             conn.executemany("INSERT OR IGNORE INTO escalations (channel, seq, user, step)"
                              " VALUES (?, ?, ?, ?)", escalated)
+        if clicks:
+            # Several workers may record the same first click: the earliest row stays.
+            conn.executemany("INSERT OR IGNORE INTO clicks (channel, seq, link, user, ts_us)"
+                             " VALUES (?, ?, ?, ?, ?)", clicks)
         for prefix, cutoff_us, keep_prefixes in expiries:
             # The most specific rule wins: longer prefixes with their own rule are kept out.
             query = "DELETE FROM messages WHERE substr(channel, 1, ?) = ? AND ts_us < ?"
@@ -499,6 +517,11 @@ class SQLiteStore:
     def delivered_cursors(self) -> list[tuple[str, str, int]]:
         """Every ``(channel, user, seq)`` delivery cursor (loaded once at start-up)."""
         return self._conn.execute("SELECT channel, user, seq FROM delivered_cursors").fetchall()
+
+    def clicks(self) -> list[Click]:
+        """Every first click (loaded once at start-up)."""
+        return [Click(*row) for row in self._conn.execute(
+            "SELECT channel, seq, link, user, ts_us FROM clicks")]
 
     def load_groups(self) -> list[dict[str, Any]]:
         return [orjson.loads(r[0]) for r in self._conn.execute("SELECT record FROM groups")]

@@ -66,9 +66,9 @@ async def test_escalates_who_did_not_read_and_not_who_did(hooked):
             ("carol", 0, "delivered", "sent"), ("carol", 1, "read", "sent")]
         assert {(e["channel"], e["seq"], e["sender"]) for e in fired} == {(ch, seq, "office")}
         status = await api.message_status(ch, seq)
-        assert status["counts"] == {"sent": 1, "delivered": 1, "read": 1, "escalated": 1}
-        assert status["users"] == [{"user": "bob", "status": "read", "escalated": []},
-                                   {"user": "carol", "status": "sent", "escalated": [0, 1]}]
+        assert status["counts"] == {"sent": 1, "delivered": 1, "read": 1, "escalated": 1, "clicked": 0}
+        assert status["users"] == [{"user": "bob", "status": "read", "escalated": [], "clicked": []},
+                                   {"user": "carol", "status": "sent", "escalated": [0, 1], "clicked": []}]
         await asyncio.sleep(1.0)
         assert len(events(receiver, "escalation")) == 2     # the chain has ended
         await refused(api.publish("org.acme.news", "x", escalate=POLICY), 400,
@@ -97,7 +97,7 @@ async def test_a_read_in_time_cancels_and_a_scheduled_message_carries_its_policy
         await asyncio.sleep(2.5)                        # past the step's deadline
         assert events(receiver, "escalation") == []
         status = await api.message_status(dm, m.seq)
-        assert status["users"] == [{"user": "dora", "status": "read", "escalated": []}]
+        assert status["users"] == [{"user": "dora", "status": "read", "escalated": [], "clicked": []}]
 
 
 def test_the_readme_commands_work_as_written(api_relay):
@@ -112,6 +112,6 @@ def test_the_readme_commands_work_as_written(api_relay):
     assert [s["data"] for s in listed["scheduled"]] == ["fees are due"]
     assert [m["data"] for m in page["messages"]] == ["fees are due"]
     assert group["group"] == "flat-14" and published["seq"] == 2
-    assert status["counts"] == {"sent": 2, "delivered": 0, "read": 0, "escalated": 2}
+    assert status["counts"] == {"sent": 2, "delivered": 0, "read": 0, "escalated": 2, "clicked": 0}
     assert [(u["user"], u["escalated"]) for u in status["users"]] == [
         ("tenant1", [0]), ("tenant2", [0])]

@@ -45,7 +45,7 @@ async def test_group_status_moves_as_members_receive_and_read(api_relay):
 
         first = await api.message_status(ch, seq)
         assert first["sender"] == "office" and first["recipients"] == 3
-        assert first["counts"] == {"sent": 3, "delivered": 0, "read": 0, "escalated": 0}
+        assert first["counts"] == {"sent": 3, "delivered": 0, "read": 0, "escalated": 0, "clicked": 0}
         assert [(u["user"], u["status"]) for u in first["users"]] == [
             ("bob", "sent"), ("carol", "sent"), ("dave", "sent")]
 
@@ -53,7 +53,7 @@ async def test_group_status_moves_as_members_receive_and_read(api_relay):
             pass
         await bob.sync_cursors_now()          # bob's device says it has it: delivered
         got = await until(lambda: _counts(api, ch, seq, delivered=1), "bob delivered")
-        assert got["counts"] == {"sent": 2, "delivered": 1, "read": 0, "escalated": 0}
+        assert got["counts"] == {"sent": 2, "delivered": 1, "read": 0, "escalated": 0, "clicked": 0}
 
         await bob.mark_read(ch, seq)
         await until(lambda: _counts(api, ch, seq, read=1), "bob read")
@@ -61,7 +61,7 @@ async def test_group_status_moves_as_members_receive_and_read(api_relay):
             pass
         await carol.mark_delivered(ch, seq)   # a DELIVERED receipt moves it too
         got = await until(lambda: _counts(api, ch, seq, delivered=2), "carol delivered")
-        assert got["counts"] == {"sent": 1, "delivered": 2, "read": 1, "escalated": 0}
+        assert got["counts"] == {"sent": 1, "delivered": 2, "read": 1, "escalated": 0, "clicked": 0}
 
         # Who has not read it: carol (has it) and dave (offline, never got it).
         unread = await api.message_status(ch, seq, filter="not_read")
@@ -94,13 +94,13 @@ async def test_direct_status_survives_a_restart(relay_factory, tmp_path):
         assert (await ben.next_message(timeout=10)).seq == seq
         await ben.mark_read(ch, seq)
         got = await until(lambda: _counts(api, ch, seq, read=1), "ben read")
-        assert got["users"] == [{"user": "ben", "status": "read", "escalated": []}]
+        assert got["users"] == [{"user": "ben", "status": "read", "escalated": [], "clicked": []}]
         await ben.close()
     relay.stop()
     again = relay_factory(api=True, workers=1, data_dir=relay.data_dir, secret=relay.secret)
     async with AsyncApi(again.api_url, again.api_key) as api:
         after = await api.message_status(ch, seq)
-    assert after["counts"] == {"sent": 0, "delivered": 1, "read": 1, "escalated": 0}
+    assert after["counts"] == {"sent": 0, "delivered": 1, "read": 1, "escalated": 0, "clicked": 0}
 
 
 async def _counts(api, ch: str, seq: int, **want: int):
