@@ -271,8 +271,11 @@ class _Refusal(asyncio.Protocol):
         self.admission.log_refusal()
         tcp.write(self._current_frame())
         # FIN after the ERROR; what the client sent (its HELLO) is read and
-        # dropped until it closes, or the next sweep closes for it.
-        tcp.write_eof()
+        # dropped until it closes, or the next sweep closes for it.  TLS has
+        # no half-close (its transport raises NotImplementedError): there the
+        # draining alone keeps a reset from destroying the ERROR.
+        if tcp.can_write_eof():
+            tcp.write_eof()
         self.admission.linger(tcp)
 
     def data_received(self, data: bytes) -> None:

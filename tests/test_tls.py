@@ -162,3 +162,28 @@ async def test_a_bad_certificate_stops_the_start_with_one_line(tmp_path):
                                      "--tls-cert", str(tmp_path / "missing.pem"))
     assert rc == 2 and "Traceback" not in err
     assert err.startswith("fenghuo: cannot use the TLS certificate")
+
+
+async def test_over_the_handshake_limit_a_tls_client_gets_try_again(relay_factory, pki):
+    # The refusal is written inside TLS, which has no half-close: the relay
+    # drains until the client closes (PROTOCOL §6.12), without an error of its own.
+    from fenghuo.core import ErrorCode, FrameReader, FrameType, decode_error
+
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, "--max-handshakes", "1", workers=1)
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    _, first = await asyncio.open_connection("127.0.0.1", relay.port, ssl=context)
+    await asyncio.sleep(0.2)              # past its TLS handshake, not past HELLO
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port, ssl=context)
+    frames = FrameReader()
+    got: list = []
+    while not got:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, "closed before the ERROR"
+        got = frames.feed(chunk)
+    (frame,) = got
+    assert frame.type == FrameType.ERROR
+    assert decode_error(frame.body)[0] == ErrorCode.TRY_AGAIN
+    writer.close()
+    first.close()
+    assert "NotImplementedError" not in relay.log() and "Traceback" not in relay.log()
