@@ -48,6 +48,8 @@ FIRE_BATCH = 1000
 # How long a fire under --fsync batch|off waits for its message to reach the
 # store before leaving the row to the next start (which finds the message).
 CONFIRM_PATIENCE = 5.0
+# Cancelled timers the heap may hold (beyond twice the pending ones) before it is rebuilt.
+COMPACT_SLACK = 1024
 # A fire that failed (the relay's session lost, a busy store) is tried again after this.
 RETRY_US = 1_000_000
 
@@ -267,6 +269,10 @@ class Timers:
         if not await self.table.delete([timer_id], kind):
             return False
         self.pending.pop(timer_id, None)
+        if len(self._heap) > 2 * len(self.pending) + COMPACT_SLACK:
+            # Cancelled entries leave the heap only when due: rebuilt, it holds the pending ones.
+            self._heap = [(due, i) for i, due in self.pending.items()]
+            heapq.heapify(self._heap)
         return True
 
     async def _run(self) -> None:

@@ -134,3 +134,23 @@ async def test_the_memory_store_fires_them_while_it_lives(relay_factory):
             await asyncio.sleep(0.1)
         assert await history_texts(api, NEWS) == ["in memory"]
         assert (await api.scheduled_list())["scheduled"] == []
+
+
+async def test_many_cancelled_then_the_rest_fire(relay_factory):
+    """Cancelling most of many scheduled messages (the owner's heap is rebuilt on the way)
+    leaves exactly the others to fire."""
+    relay = relay_factory("--fsync", "off", api=True, workers=1)    # quick cancels
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        at = time.time() + 10
+        items = [{"channel": NEWS, "data": f"m{i}", "send_at": at + i * 1e-3} for i in range(1100)]
+        ids = [r["scheduled"] for part in (items[:1000], items[1000:])
+               for r in (await api.batch_publish(part))["results"]]
+        kept = ids[::100]
+        for i in ids:
+            if i not in kept:
+                assert (await api.scheduled_cancel(i))["cancelled"]
+        while len(await history_texts(api, NEWS)) < len(kept):
+            assert time.time() < at + 20, "not fired"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert await history_texts(api, NEWS) == [f"m{i}" for i in range(0, 1100, 100)]
