@@ -4,7 +4,7 @@
 #   make test    the same plus the test extras, the benchmark's load generator
 #                (bench/_gen) and the benchmark peers (nats-server,
 #                redis-server); the whole suite
-#   make cluster 3 nats-servers with JetStream on loopback (README, Cluster)
+#   make cluster 3 nats-servers with JetStream and 3 fenghuo nodes on loopback
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
 #   make lint    ruff over the tree; `make typecheck` mypy over server/ and
@@ -51,10 +51,11 @@ typecheck: $(VENV)/.test-installed
 peers:
 	bash bench/peers/install.sh
 
-# A local cluster on loopback: 3 nats-servers with JetStream and fenghuo
-# nodes on them (scripts/nats_cluster.py; ARGS="--nodes 3"); Ctrl-C stops it.
+# A local cluster on loopback: 3 nats-servers with JetStream and 3 fenghuo
+# nodes on them (scripts/nats_cluster.py; ARGS="--nodes 0" for NATS alone);
+# Ctrl-C stops it.
 cluster: $(VENV)/.test-installed peers
-	$(BIN)/python scripts/nats_cluster.py $(ARGS)
+	$(BIN)/python scripts/nats_cluster.py --nodes 3 $(ARGS)
 
 # Debian's chromium for the browser demo's test (Playwright drives it; it
 # downloads no browser of its own).

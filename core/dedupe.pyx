@@ -53,6 +53,13 @@ cdef class DedupeWindow:
         for key, seq, ts_us in keys:
             self._insert(key, len(key), _Py_HashBytes(<const char*>key, len(key)), seq, ts_us)
 
+    def clear(self) -> None:
+        """Forget every key: a cluster node that lost a channel's ownership reloads
+        the window from the engine's stream, where only stored publishes are."""
+        while self._head != self._tail:
+            self._evict_oldest()
+        self.evicted_early_us = 0
+
     def find(self, bytes key):
         """``(seq, ts_us)`` under ``key`` (sender NUL idempotency key), or None."""
         cdef Py_ssize_t slot = self._slot_of(key, len(key), _Py_HashBytes(<const char*>key, len(key)))

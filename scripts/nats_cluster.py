@@ -3,6 +3,8 @@
 Used by the tests' fixtures and by ``make cluster``::
 
     python scripts/nats_cluster.py                 # 3 nats-servers, Ctrl-C stops them
+    python scripts/nats_cluster.py --nodes 3       # ... and 3 fenghuo nodes on them
+                                                   # (clients: 7400-7402, metrics: 7410-7412)
 
 Every server gets free loopback ports (client, cluster route, monitoring)
 and a JetStream store directory under one temporary folder, removed at
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,12 +32,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.targets import free_port, peer_binary  # noqa: E402
+from fenghuo.server.supervisor import die_with  # noqa: E402
 
 CLUSTER_NAME = "fenghuo"
 # Starting three servers and electing JetStream's meta leader takes about a
 # second on the 2-core development machine; 30 s leaves room for a busy one.
 READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0
+# The local cluster's token secret unless FENGHUO_SECRET says otherwise (32
+# bytes: HS256 wants no shorter); `fenghuo chat` needs the same one.
+DEV_SECRET = "local-cluster-dev-secret-32bytes"
 
 
 @dataclass
@@ -163,17 +170,51 @@ class NatsCluster:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=int, default=3, help="nats-servers (default 3)")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="fenghuo nodes to start on the cluster (default 0)")
+    parser.add_argument("--port", type=int, default=7400,
+                        help="the first fenghuo node's client port; node k listens on port + k")
+    parser.add_argument("--secret", default=os.environ.get("FENGHUO_SECRET", DEV_SECRET),
+                        help=f"the nodes' token secret (default: $FENGHUO_SECRET or {DEV_SECRET})")
     args = parser.parse_args(argv)
     cluster = NatsCluster.start(size=args.servers)
+    nodes: list[subprocess.Popen] = []
     try:
         print(f"NATS cluster: {cluster.url_list} (stores under {cluster.base})", flush=True)
-        print("Ctrl-C stops it", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        for k in range(args.nodes):
+            port = args.port + k
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "fenghuo", "serve", "--workers", "1", "--port", str(port),
+                 "--metrics-port", str(port + 10), "--data-dir", str(cluster.base / f"node{k}"),
+                 "--cluster", cluster.url_list, "--node", f"node{k}",
+                 f"--secret={args.secret}"],
+                # SIGTERM to the node should this script die without stopping it.
+                preexec_fn=die_with(os.getpid())))  # noqa: PLW1509
+            print(f"fenghuo node{k}: tcp://127.0.0.1:{port} (metrics, /healthz: :{port + 10})",
+                  flush=True)
+        print("Ctrl-C stops everything", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.wait(20)
+            except subprocess.TimeoutExpired:
+                node.kill()
         cluster.stop()
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # SIGTERM and SIGINT alike stop the nodes, then the servers.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main())

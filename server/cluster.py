@@ -98,11 +98,13 @@ class _Forwarded:
 class Cluster:
     """This worker's side of the mesh, attached to its :class:`Relay`."""
 
-    def __init__(self, relay: Relay, spec: WorkerSpec) -> None:
+    def __init__(self, relay: Relay, index: int, count: int, generation: int) -> None:
         self.relay = relay
-        self.index, self.count = spec.index, spec.count
-        self.generation = spec.generation
-        self.mesh = Mesh(spec, self._on_record, on_pressure=self._on_pressure)
+        self.index, self.count = index, count
+        self.generation = generation
+        #: what carries records to the others: the workers' shared-memory
+        #: mesh, or a cluster's nodes over NATS (server/node_cluster.py)
+        self.mesh: Any = None
         self.bus = MeshBus(relay.hub, self.index, self.owner_of, self._forward_publish,
                            self._broadcast_message)
         self.sessions: dict[int, Session] = {}            # connection id -> session
@@ -125,6 +127,13 @@ class Cluster:
         self.cooling: dict[Channel, list[Callable[[], None]]] = {}
         self.idle_since: dict[Channel, float] = {}
         self.replica_messages = 0                        # MESSAGE records applied here
+
+    @classmethod
+    def of_worker(cls, relay: Relay, spec: WorkerSpec) -> Cluster:
+        """Worker ``spec.index`` of several on one host, joined by shared-memory rings."""
+        cluster = cls(relay, spec.index, spec.count, spec.generation)
+        cluster.mesh = Mesh(spec, cluster._on_record, on_pressure=cluster._on_pressure)
+        return cluster
 
     # ------------------------------------------------------------ lifecycle
 

@@ -9,7 +9,10 @@ command-line flag.  The README's configuration table is generated from
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -124,6 +127,14 @@ class Settings:
     replica_idle: float = _opt(60.0, "seconds a worker keeps receiving a channel another worker "
                                      "owns after the last of its sessions needing it left",
                                zero="let go at once")
+    cluster: str = _opt("", "comma-separated NATS URLs (nats://h1:4222,nats://h2:4222) of a NATS "
+                            "cluster with JetStream: this relay becomes one node of a "
+                            "cluster of relays (docs/DESIGN.md, Cluster; empty: a single node)")
+    node: str = _opt("", "this node's name in the cluster: letters, digits, '-' and '_', unique "
+                         "per cluster (empty: the host name)")
+    region: str = _opt("default", "this node's region: letters, digits, '-' and '_'")
+    cluster_lease: float = _opt(3.0, "seconds without a heartbeat after which a node is dead "
+                                     "and its channels are taken over by others")
     api_port: int = _opt(0, "HTTP port of the server API for backends, docs/API.md (served by "
                             "worker 0 under several workers)", zero="no server API")
     api_host: str = _opt("127.0.0.1", "address the server API listens on")
@@ -166,6 +177,7 @@ class Settings:
             raise ValueError("--api-port needs --api-key-file: the server API takes no request without a key")
         if self.webhooks and self.store != "sqlite":
             raise ValueError("--webhooks needs --store sqlite: the outbox is a table of the store")
+        self._check_cluster()
         from fenghuo.server.retention import parse_rules
         parse_rules(self.retention)
         from fenghuo.server.masking import parse_rules as parse_mask
@@ -175,6 +187,45 @@ class Settings:
         if self.store_key_file:
             from fenghuo.server.keyfile import load as load_keys
             load_keys(self.store_key_file)      # a bad key file stops the start, not the first write
+
+
+    def _check_cluster(self) -> None:
+        for name in ("node", "region"):
+            value = getattr(self, name)
+            if value and not NAME.fullmatch(value):
+                raise ValueError(f"--{name} may hold only letters, digits, '-' and '_', not {value!r}")
+        if not self.cluster:
+            return
+        for url in self.cluster_urls:
+            if not URL.fullmatch(url):
+                raise ValueError(f"--cluster takes nats://host:port URLs separated by commas, "
+                                 f"not {url!r}")
+        if importlib.util.find_spec("nats") is None:
+            raise ValueError("--cluster needs the nats-py package: pip install 'fenghuo[cluster]'")
+        if self.workers > 1:
+            raise ValueError("--cluster runs one worker per node for now: use --workers 1 "
+                             "(several workers per cluster node are not built yet)")
+        if self.store != "sqlite":
+            raise ValueError("--cluster needs --store sqlite: groups and cursors are kept "
+                             "there, messages in JetStream")
+        if self.webhooks:
+            raise ValueError("--webhooks is not built for --cluster yet")
+        if self.fsync != "always":
+            raise ValueError("--cluster acks a publish once JetStream holds it: "
+                             "--fsync must be always")
+
+    @property
+    def cluster_urls(self) -> list[str]:
+        return [u.strip() for u in self.cluster.split(",") if u.strip()]
+
+    @property
+    def node_name(self) -> str:
+        """``--node``, or the host name made fit for a NATS subject."""
+        return self.node or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+URL = re.compile(r"(nats|tls)://[^,\s/]+:\d+")
 
 
 OPTIONS: tuple[Option, ...] = tuple(

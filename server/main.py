@@ -123,7 +123,8 @@ def run(settings: Settings) -> int:
         print(f"fenghuo: no secret given; generated a dev secret in "
               f"{settings.data_path / 'dev-secret'}:\n  {secret}\n"
               f"  (set --secret or FENGHUO_SECRET in production)", file=sys.stderr, flush=True)
-    workers = settings.workers or os.cpu_count() or 1
+    # A cluster node is one process for now (Settings refuses --workers N > 1).
+    workers = 1 if settings.cluster else settings.workers or os.cpu_count() or 1
     if spec is None and workers > 1:
         return supervise(settings, secret, workers)
     return uvloop.run(serve(settings, secret, spec))

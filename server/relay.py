@@ -138,7 +138,16 @@ class Relay:
         self.catching_up: dict[Channel, int] = {}
         #: the webhook endpoints (empty without --webhooks)
         self.endpoints = load_endpoints(settings.webhooks) if settings.webhooks else ()
-        if settings.store == "sqlite":
+        if settings.cluster:
+            from fenghuo.server.cluster_store import ClusterStore
+            # Messages live in JetStream; the epoch comes with the cluster's id (start).
+            self.store = ClusterStore(settings.data_dir, settings.ring_size)
+            self.epoch = ""
+            self._load()
+            # A channel's past comes from its owner or the stream, asynchronously.
+            self.hub.channel_loader = None
+            self.hub.key_lookup = None
+        elif settings.store == "sqlite":
             self.store = SQLiteStore(settings.data_dir, settings.fsync, settings.ring_size,
                                      Outbox(self.endpoints) if self.endpoints else None,
                                      FrameCipher(keyfile.load(settings.store_key_file))
@@ -277,8 +286,14 @@ class Relay:
 
         loop = asyncio.get_running_loop()
         if spec is not None:
-            self.cluster = Cluster(self, spec)
+            self.cluster = Cluster.of_worker(self, spec)
             self.cluster.start()
+        elif self.settings.cluster:
+            from fenghuo.server.node_cluster import NodeCluster
+            self.cluster = node = await NodeCluster.join(self)
+            # One store id for the whole cluster: a client moving between
+            # nodes keeps its positions (PROTOCOL §6.6).
+            self.epoch = f"{node.cluster_id}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
         if self.store is not None:
             self.store.on_pressure = self._store_pressure
             self.store.start(loop, self._on_batch)

@@ -7,12 +7,27 @@ Real processes only: three nats-servers with JetStream on loopback
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
+
+from pathlib import Path
 
 import nats
 import nats.errors
+import pytest
 
+import fenghuo
+from fenghuo.client import FenghuoError
+from fenghuo.core import ErrorCode, encode_message
+from fenghuo.server.config import load
+from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.jetstream import Engine, Fenced
 from scripts.nats_cluster import NatsCluster
+from conftest import RelayProcess, start_relay
 
 
 async def test_nats_cluster_keeps_an_r3_stream_through_a_server_kill(nats_cluster: NatsCluster):
@@ -50,3 +65,262 @@ def test_nats_cluster_stop_ends_every_server(tmp_path):
     cluster.stop()
     assert all(p is not None and p.poll() is not None for p in procs)
     assert not base.exists()
+
+
+# ---------------------------------------------------------------- nodes
+
+LEASE = "1.5"      # --cluster-lease: a killed node is found dead 1.5 s after its last heartbeat
+SECRET = "cluster-test-secret-" + "x" * 16
+
+
+def start_node(tmp_path: Path, nats: NatsCluster, name: str, *flags: str) -> RelayProcess:
+    return start_relay(tmp_path, "--cluster", nats.url_list, "--node", name,
+                       "--cluster-lease", LEASE, *flags, workers=1, secret=SECRET)
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, nats_cluster: NatsCluster):
+    """Start fenghuo nodes on the NATS cluster: ``nodes("n0", "n1")``; stopped after."""
+    started: list[RelayProcess] = []
+
+    def start(*names: str, flags: tuple[str, ...] = ()) -> list[RelayProcess]:
+        new = [start_node(tmp_path, nats_cluster, name, *flags) for name in names]
+        started.extend(new)
+        return new
+
+    yield start
+    await asyncio.gather(*(c.close() for n in started for c in n.clients), return_exceptions=True)
+    for node in started:
+        node.stop()
+
+
+RETRYABLE = (ErrorCode.INTERNAL, ErrorCode.REQUEST_TIMEOUT)
+
+
+async def publish_surely(client: fenghuo.Client, channel: str, data: str, key: str,
+                         deadline: float) -> fenghuo.Ack:
+    """Publish until acked, retrying under the same idempotency key (PROTOCOL: INTERNAL
+    and REQUEST_TIMEOUT from a cluster say "retry")."""
+    while True:
+        try:
+            return await client.publish(channel, data, key=key)
+        except FenghuoError as exc:
+            if exc.code not in RETRYABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def messages_of(client: fenghuo.Client, channel: str, count: int,
+                      timeout: float = 15.0) -> list[fenghuo.Message]:
+    """The next ``count`` messages of ``channel`` at ``client`` (others are skipped)."""
+    got: list[fenghuo.Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        message = await client.next_message(timeout=max(0.1, deadline - time.monotonic()))
+        if message.channel == channel:
+            got.append(message)
+    return got
+
+
+async def test_direct_and_group_messages_have_one_order_across_nodes(nodes):
+    """Publishers on three nodes, one channel: every member sees the same
+    gap-free seqs with the same messages, whichever node sequences it."""
+    n0, n1, n2 = nodes("n0", "n1", "n2")
+    alice, bob, carol = (await n0.connect("alice"), await n1.connect("bob"),
+                         await n2.connect("carol"))
+    created = await alice.create_group("trio", ["bob", "carol"])
+    group = "group:trio"
+    firsts = {}
+    for c in (bob, carol):       # their nodes know the group once its first event is there
+        firsts[c.user] = await messages_of(c, group, 1)
+    per = 15
+    await asyncio.gather(*(
+        c.publish(group, f"{c.user}-{i}") for c in (alice, bob, carol) for i in range(per)))
+    dm = await asyncio.gather(*(
+        c.send(to, f"{c.user}-dm-{i}") for c, to in ((alice, "bob"), (bob, "alice"))
+        for i in range(per)))
+    total = created["seq"] + 3 * per
+    seen = {}
+    for c in (alice, bob, carol):
+        got = firsts.get(c.user, []) + await messages_of(c, group, total - len(firsts.get(c.user, [])))
+        assert [m.seq for m in got] == list(range(1, total + 1))
+        seen[c.user] = [(m.seq, m.payload) for m in got]
+    assert seen["alice"] == seen["bob"] == seen["carol"]
+    payloads = sorted(p for _, p in seen["alice"][created["seq"]:])
+    assert payloads == sorted(f"{u}-{i}".encode() for u in ("alice", "bob", "carol")
+                              for i in range(per))
+    assert sorted(a.seq for a in dm) == list(range(1, 2 * per + 1))
+    for c in (alice, bob):
+        got = await messages_of(c, "dm:alice:bob", 2 * per)
+        assert [m.seq for m in got] == list(range(1, 2 * per + 1))
+
+
+async def test_history_and_catch_up_on_a_node_that_never_saw_them(nodes):
+    """Messages sent while their receiver was away, caught up on a node started
+    after them, with rings too small to hold them: served from the stream."""
+    flags = ("--ring-size", "2")
+    n0, n1 = nodes("n0", "n1", flags=flags)
+    alice = await n0.connect("alice")
+    bob = await n1.connect("bob")
+    await alice.send("bob", "m0")
+    assert (await messages_of(bob, "dm:alice:bob", 1))[0].seq == 1
+    await bob.close()
+    acks = [await alice.send("bob", f"m{i}") for i in range(1, 6)]
+    assert [a.seq for a in acks] == list(range(2, 7))
+    (n2,) = nodes("n2", flags=flags)
+    # The same device moves to a node that never saw the chat: its positions
+    # and epoch go with it, as the client's reconnect to another node does.
+    moved = n2.client("bob")
+    moved.positions, moved.epoch = dict(bob.positions), bob.epoch
+    await moved.connect()
+    got = await messages_of(moved, "dm:alice:bob", 5)
+    assert [(m.seq, m.payload) for m in got] == [(i, f"m{i - 1}".encode()) for i in range(2, 7)]
+    page = await moved.history("dm:alice:bob", limit=10)
+    assert [m.seq for m in page] == list(range(1, 7))
+    older = await moved.history("dm:alice:bob", before=4, limit=2)
+    assert [m.seq for m in older] == [2, 3]
+    first = await moved.history("dm:alice:bob", after=0, limit=3)
+    assert [m.payload for m in first] == [b"m0", b"m1", b"m2"]
+
+
+async def test_owner_killed_another_node_sequences_on(nodes):
+    """kill -9 of the node sequencing a channel under load: another node takes
+    it over within a bounded time, seqs continue with no gap and no reuse, and
+    every acked message is stored once."""
+    n0, n1, n2 = nodes("n0", "n1", "n2")
+    alice = await n0.connect("alice")
+    bob = await n1.connect("bob", reconnect=False)
+    carol = await n2.connect("carol", reconnect=False)
+    await alice.create_group("crew", ["bob", "carol"])      # n0 sequences group:crew
+    group = "group:crew"
+    for c in (bob, carol):       # their nodes know the group once its first event is there
+        await messages_of(c, group, 1)
+    acked: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    async def publisher(client: fenghuo.Client) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"{client.user}-{i}"
+            ack = await publish_surely(client, group, key, key, time.monotonic() + 30)
+            acked[key] = ack.seq
+            i += 1
+
+    tasks = [asyncio.create_task(publisher(c)) for c in (bob, carol)]
+    await asyncio.sleep(1.0)
+    before = len(acked)
+    n0.kill()
+    killed = time.monotonic()
+    while len(acked) <= before + 2 and time.monotonic() - killed < 20:
+        await asyncio.sleep(0.05)
+    resumed = time.monotonic() - killed
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert len(acked) > before + 2, "no publish was acked after the owner died"
+    # Bounded: the lease (1.5 s) plus a claim and a tail read, with room for a busy machine.
+    assert resumed < 15
+    seqs = sorted(acked.values())
+    assert len(set(seqs)) == len(seqs), "a seq was given twice"
+    stored: list[tuple[int, str]] = []
+    while page := await bob.history(group, after=stored[-1][0] if stored else 0, limit=100):
+        stored += [(m.seq, m.payload.decode()) for m in page]
+    assert [s for s, _ in stored] == list(range(1, len(stored) + 1))
+    texts = [p for _, p in stored if not p.startswith("{")]
+    assert len(texts) == len(set(texts)), "a message was stored twice"
+    by_key = {p: s for s, p in stored}
+    assert all(by_key.get(key) == seq for key, seq in acked.items())
+
+
+async def test_the_stream_refuses_a_deposed_owners_append(nats_cluster: NatsCluster):
+    """The fence itself, on the real engine: once a new owner has appended
+    after reading the channel's tail, the old owner's next append (expecting
+    the tail it knew) is refused, and the stream keeps one gap-free order."""
+    old = await Engine.connect(nats_cluster.urls, "old-owner")
+    new = await Engine.connect(nats_cluster.urls[1:], "new-owner")
+    name = "dm:x:y"
+
+    def frame(seq: int, who: str) -> bytes:
+        return encode_message(name, seq, 1, who, who.encode())
+    try:
+        at = await old.append(name, 1, frame(1, "old"), 0)
+        tail = await new.last(name)
+        assert tail is not None and tail.seq == 1
+        await new.append(name, 2, frame(2, "new"), tail.stream_seq)
+        with pytest.raises(Fenced):
+            await old.append(name, 2, frame(2, "old"), at)
+        stored = await new.read(name, 0, 100, 10)
+        assert [(m.seq, decode_frame_message(m.frame).sender) for m in stored] == [
+            (1, "old"), (2, "new")]
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
+    """SIGSTOP of the owner past its lease: another node takes the channel
+    over; resumed, the old owner steps down (its watch of the claims, or the
+    stream refusing its append) and its client's publishes go to the new
+    owner: one gap-free order, no seq twice."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    bob = await n1.connect("bob")
+    await alice.create_group("pair", ["bob"])               # n0 sequences group:pair
+    group = "group:pair"
+    acks = [await alice.publish(group, "before")]
+    n0.signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        acks.append(await publish_surely(bob, group, "while-stopped", "b-1", deadline))
+    finally:
+        n0.signal(signal.SIGCONT)
+    for i in range(5):
+        acks.append(await publish_surely(alice, group, f"after-{i}", f"a-{i}",
+                                         time.monotonic() + 30))
+    seqs = [a.seq for a in acks]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    page = await bob.history(group, limit=100)
+    assert [m.seq for m in page] == list(range(1, len(page) + 1))
+    assert [m.payload for m in page][-7:] == [b"before", b"while-stopped",
+                                             *(f"after-{i}".encode() for i in range(5))]
+    assert '"stepped down"' in n0.log() or "stepped down" in n0.log()
+
+
+def test_cluster_options_from_flag_env_and_toml(tmp_path):
+    toml = tmp_path / "node.toml"
+    toml.write_text('[server]\ncluster = "nats://10.0.0.1:4222,nats://10.0.0.2:4222"\n'
+                    'region = "eu"\n')
+    settings = load({"node": "fra-1"}, env={"FENGHUO_CLUSTER_LEASE": "2.5"},
+                    config_file=str(toml))
+    assert settings.cluster_urls == ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+    assert (settings.node_name, settings.region, settings.cluster_lease) == ("fra-1", "eu", 2.5)
+    assert load({}, env={}).cluster == ""            # without --cluster: a single node
+
+
+@pytest.mark.parametrize("flags, error", [
+    (("--workers", "2"), "--cluster runs one worker per node for now: use --workers 1"),
+    (("--node", "a.b"), "--node may hold only letters, digits, '-' and '_'"),
+    (("--store", "memory"), "--cluster needs --store sqlite"),
+])
+def test_cluster_combinations_not_built_are_refused(tmp_path, flags, error):
+    done = subprocess.run([sys.executable, "-m", "fenghuo", "serve", "--cluster",
+                           "nats://127.0.0.1:4222", "--data-dir", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert error in done.stderr
+
+
+def test_a_cluster_url_must_be_nats():
+    with pytest.raises(ValueError, match="--cluster takes nats://host:port URLs"):
+        load({"cluster": "http://x:1"}, env={})
+
+
+async def test_healthz_tells_the_node_s_cluster_state(nodes):
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    await alice.send("bob", "hi")                   # n0 claims dm:alice:bob
+    with urllib.request.urlopen(f"http://127.0.0.1:{n0.metrics_port}/healthz", timeout=5) as r:
+        state = json.load(r)["cluster"]
+    assert (state["node"], state["region"], state["engine_connected"]) == ("n0", "default", True)
+    assert state["channels_owned"] == 1 and state["appended"] == 1
+    assert "n1" in state["peers"]

@@ -1,0 +1,239 @@
+"""The store of a cluster node: messages in JetStream, the rest in local SQLite.
+
+The hub hands every record to :meth:`ClusterStore.append` as it does to
+:class:`SQLiteStore` and gets records back, in append order, once they are
+kept (``durable_acks``: ring, delivery and ack wait for that).  A message
+record is kept when JetStream has acknowledged it on its replicas; every
+other record (group records, cursors, actions waiting their turn) when
+SQLite has committed it.  One channel's appends go to JetStream one at a
+time, each expecting the stream sequence of the one before
+(:meth:`Engine.append`): the cost of fencing is one JetStream round trip per
+message per channel; channels proceed side by side.
+
+An append the stream refuses (another node wrote the channel: this node was
+deposed) fails with every append queued behind it on that channel; their
+publishers are answered ERROR ``INTERNAL`` ("retry": an idempotency key
+makes the retry safe) and ``on_fenced(channel)`` lets the node step down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fenghuo.core import ErrorCode, encode_error
+from fenghuo.server.jetstream import Engine, Fenced, Stored
+from fenghuo.server.store import BACKLOG_HIGH, SQLiteStore
+
+log = logging.getLogger("fenghuo.cluster_store")
+
+# Attempts of one append whose answer did not come (a NATS server died, a
+# stream leader is being elected: a few seconds), before it is failed.
+APPEND_ATTEMPTS = 4
+DEPOSED = ("this node no longer sequences the channel (another node took it over); "
+           "retry (an idempotency key makes a publish safe to retry)")
+
+
+def _request_id(frame: bytes | None) -> int:
+    return int.from_bytes(frame[8:12], "big") if frame else 0
+
+
+@dataclass
+class _Entry:
+    record: tuple
+    done: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _ChannelLog:
+    """One owned channel's appends, one in flight at a time."""
+
+    name: str
+    last: int                                  # stream sequence of its last stored message
+    queue: deque[_Entry] = field(default_factory=deque)
+    running: bool = False
+    fenced: bool = False
+
+
+class ClusterStore(SQLiteStore):
+    def __init__(self, data_dir: str, ring_size: int) -> None:
+        super().__init__(data_dir, "always", ring_size)
+        self.engine: Engine | None = None
+        self.on_fenced: Callable[[str], None] = lambda channel: None
+        self._order: deque[_Entry] = deque()
+        self._local_entries: deque[_Entry] = deque()
+        self._logs: dict[str, _ChannelLog] = {}
+        self._on_batch: Callable[[list | None], None] | None = None
+        self.appended = 0                      # messages JetStream acknowledged
+        self.refused = 0                       # appends fenced off
+
+    # ------------------------------------------------------------ owning
+
+    def own(self, channel: str, last: int) -> None:
+        """This node sequences ``channel`` from now on; its last stored message
+        is at stream sequence ``last``."""
+        self._logs[channel] = _ChannelLog(channel, last)
+
+    def disown(self, channel: str) -> None:
+        log_ = self._logs.pop(channel, None)
+        if log_ is not None:
+            log_.fenced = True
+            self._fail(log_)
+
+    def owns(self, channel: str) -> bool:
+        return channel in self._logs
+
+    @property
+    def owned(self) -> int:
+        return len(self._logs)
+
+    # ------------------------------------------------------------ writing
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None:
+        self._on_batch = on_batch  # type: ignore[assignment]  # None stops the relay
+        super().start(loop, self._local_batch)
+
+    def append(self, record: tuple) -> None:
+        entry = _Entry(record)
+        self._order.append(entry)
+        self.backlog += 1
+        if self.backlog > BACKLOG_HIGH and not self._pressed:
+            self._pressed = True
+            self.on_pressure(True)
+        if len(record) == 7 and record[0] is not None:
+            log_ = self._logs.get(record[0])
+            if log_ is None or log_.fenced:
+                # Not sequenced by this node (any more): refused, in its turn,
+                # once the hub is done with the publish that made it.
+                entry.done = entry.failed = True
+                asyncio.get_running_loop().call_soon(self._release)
+                return
+            log_.queue.append(entry)
+            if not log_.running:
+                log_.running = True
+                asyncio.get_running_loop().create_task(self._append_all(log_))
+        else:
+            self._local_entries.append(entry)
+            self._queue.put(record)
+
+    def _local_batch(self, batch: list | None) -> None:
+        """SQLite committed ``batch`` (its records in our append order)."""
+        if batch is None:
+            assert self._on_batch is not None
+            self._on_batch(None)
+            return
+        for _ in batch:
+            self._local_entries.popleft().done = True
+        self._release()
+
+    async def _append_all(self, log_: _ChannelLog) -> None:
+        assert self.engine is not None
+        try:
+            while log_.queue and not log_.fenced:
+                entry = log_.queue[0]
+                channel, seq, frame = entry.record[0], entry.record[1], entry.record[5]
+                try:
+                    log_.last = await self._append(channel, seq, frame, log_.last)
+                except Fenced as exc:
+                    self.refused += 1
+                    log.warning("append refused: deposed", extra={"channel": channel,
+                                                                  "error": str(exc)})
+                    self._fenced(log_)
+                    return
+                except Exception as exc:
+                    log.error("append failed", extra={"channel": channel, "error": str(exc)})
+                    self._fenced(log_)
+                    return
+                self.appended += 1
+                log_.queue.popleft()
+                entry.done = True
+                self._release()
+        finally:
+            log_.running = False
+
+    async def _append(self, channel: str, seq: int, frame: bytes, expected: int) -> int:
+        assert self.engine is not None
+        for attempt in range(APPEND_ATTEMPTS):
+            try:
+                return await self.engine.append(channel, seq, frame, expected)
+            except Fenced:
+                raise
+            except Exception:
+                # The same Nats-Msg-Id: if the first try was stored, this one
+                # is answered as its duplicate, with its stream sequence.
+                if attempt == APPEND_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _fenced(self, log_: _ChannelLog) -> None:
+        log_.fenced = True
+        if self._logs.get(log_.name) is log_:
+            del self._logs[log_.name]
+        self._fail(log_)
+        self.on_fenced(log_.name)
+
+    def _fail(self, log_: _ChannelLog) -> None:
+        while log_.queue:
+            entry = log_.queue.popleft()
+            entry.done = entry.failed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Hand back, in append order, every record whose predecessors are all kept."""
+        out = []
+        while self._order and self._order[0].done:
+            entry = self._order.popleft()
+            out.append(self._refusal(entry.record) if entry.failed else entry.record)
+        if out:
+            assert self._on_batch is not None
+            self._on_batch(out)
+
+    @staticmethod
+    def _refusal(record: tuple) -> tuple:
+        """The record of a message not stored: no ring, no delivery, ERROR to its publisher."""
+        held = record[6]
+        if held is None:
+            return (*record[:6], None)
+        _ch, _seq, _frame, origin, ack, t_recv, slot = held
+        error = (encode_error(ErrorCode.INTERNAL, DEPOSED, _request_id(ack))
+                 if origin is not None and ack is not None else None)
+        return (*record[:6], (None, 0, None, origin, error, t_recv, slot))
+
+    # ------------------------------------------------------------ reading
+
+    def recent(self, channel: str) -> list[tuple[int, bytes]]:
+        return []          # a channel's state comes from its owner or the stream, not here
+
+    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]:
+        return []
+
+    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None:
+        return None
+
+    def direct_channels(self) -> list[str]:
+        return []          # read from the stream once connected (NodeCluster.open)
+
+    async def read_with_seqs(self, channel: str, after: int, before: int,
+                             limit: int) -> list[tuple[int, bytes]]:
+        assert self.engine is not None
+        return [(m.seq, m.frame) for m in await self.engine.read(channel, after, before, limit)]
+
+    async def read_latest(self, channel: str, before: int, limit: int) -> list[bytes]:
+        rows = await self.read_with_seqs(channel, max(0, before - 1 - limit), before, limit)
+        return [frame for _, frame in rows[-limit:]]
+
+    async def read_by_time(self, channel: str, since_us: int, until_us: int,
+                           limit: int) -> list[bytes]:
+        assert self.engine is not None
+        from fenghuo.server.frames import message_time
+
+        def ts(m: Stored) -> int:
+            return message_time(m.frame)
+        # ``after`` is exclusive: the first message at or after since_us.
+        rows = await self.engine.read(channel, since_us - 1, until_us, limit, key=ts)
+        return [m.frame for m in rows]

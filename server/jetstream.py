@@ -1,0 +1,249 @@
+"""NATS JetStream as a fenghuo cluster uses it: one stream of every channel's
+messages, and KV buckets (docs/DESIGN.md, Cluster).
+
+* Stream ``FENGHUO``: a channel's MESSAGE frames, in seq order, on the
+  subject ``fh.msg.<token>`` (``token``: the channel name in unpadded
+  base64url, since names hold ``:`` and ``.``).  Replicated on 3 servers
+  when the NATS cluster has them.
+* KV ``fenghuo_owners``: channel token -> the node sequencing it and its
+  epoch (:mod:`fenghuo.server.ownership`).
+* KV ``fenghuo_meta``: the cluster's id (the store id half of the epoch
+  every node reports in WELCOME) and the node names' indexes.
+
+Appends are fenced: each carries ``Nats-Expected-Last-Subject-Sequence``,
+the stream sequence of the channel's previous message as its owner knows
+it, so an append by anyone who missed a write of another is refused
+(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<seq>``, so an append
+retried after a lost acknowledgement is not stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
+
+from fenghuo.server.frames import decode_frame_message
+
+log = logging.getLogger("fenghuo.jetstream")
+T = TypeVar("T")
+
+STREAM = "FENGHUO"
+SUBJECT = "fh.msg."
+OWNERS = "fenghuo_owners"
+META = "fenghuo_meta"
+# JetStream's error code for a refused Nats-Expected-Last-Subject-Sequence.
+WRONG_LAST_SEQUENCE = 10071
+# Seconds one JetStream API call may take; a stream leader election after a
+# server's death takes a few (nats-server's default election timeout).
+API_TIMEOUT = 5.0
+# Seconds the engine's stream and buckets may take to be made at start (the
+# meta leader is elected when the servers have met).
+SETUP_PATIENCE = 30.0
+
+
+def token(channel: str) -> str:
+    """``channel`` as one subject token and KV key: unpadded base64url."""
+    return base64.urlsafe_b64encode(channel.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def channel_of(tok: str) -> str:
+    return base64.urlsafe_b64decode(tok + "=" * (-len(tok) % 4)).decode("utf-8")
+
+
+def subject(channel: str) -> str:
+    return SUBJECT + token(channel)
+
+
+class Fenced(Exception):
+    """The stream refused an append: the channel was written by another node since."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One message as the stream holds it."""
+
+    seq: int              # the channel's seq (in the frame)
+    stream_seq: int       # JetStream's sequence in the stream
+    frame: bytes
+
+
+def _stored(raw: RawStreamMsg) -> Stored:
+    assert raw.data is not None and raw.seq is not None
+    return Stored(decode_frame_message(raw.data).seq, raw.seq, raw.data)
+
+
+class Engine:
+    """A node's connection to NATS and JetStream."""
+
+    def __init__(self, nc: nats.NATS, replicas: int) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=API_TIMEOUT)
+        self.replicas = replicas
+
+    @classmethod
+    async def connect(cls, urls: list[str], name: str,
+                      on_reconnect: Callable[[], None] | None = None) -> Engine:
+        async def reconnected() -> None:
+            log.warning("reconnected to NATS", extra={"server": str(nc.connected_url)})
+            if on_reconnect is not None:
+                on_reconnect()
+
+        async def disconnected() -> None:
+            log.warning("disconnected from NATS")
+
+        nc = await nats.connect(urls, name=name, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.5, reconnected_cb=reconnected,
+                                disconnected_cb=disconnected)
+        engine = cls(nc, 3)
+        await engine._setup()
+        return engine
+
+    async def _setup(self) -> None:
+        """Make the stream and the buckets (idempotent)."""
+        await self.patiently(lambda: self._make(self.replicas))
+
+    async def patiently(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, retried while JetStream is not ready yet: the meta leader
+        being elected, a bucket just made by another node not yet answering."""
+        deadline = asyncio.get_running_loop().time() + SETUP_PATIENCE
+        while True:
+            try:
+                return await step()
+            except nats.js.errors.APIError as exc:
+                if "replicas" in str(exc).lower() and self.replicas > 1:
+                    # A single nats-server (development): no replication to ask for.
+                    log.warning("JetStream cannot replicate here; using one replica",
+                                extra={"error": str(exc)})
+                    self.replicas = 1
+                    continue
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.NoStreamResponseError,
+                    nats.js.errors.ServiceUnavailableError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
+    async def _make(self, replicas: int) -> None:
+        config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=replicas,
+                              storage=StorageType.FILE, allow_direct=True,
+                              # Nats-Msg-Id dedupe: covers an append retried after a lost ack.
+                              duplicate_window=120.0)
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if "already in use" not in str(exc):
+                raise
+        for bucket in (OWNERS, META):
+            await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
+                                                          replicas=replicas))
+
+    async def cluster_id(self) -> str:
+        """12 hex digits made by the first node ever to ask: the cluster's store id."""
+        kv = await self.js.key_value(META)
+        try:
+            await kv.create("cluster-id", secrets.token_hex(6).encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        return bytes((await kv.get("cluster-id")).value or b"").decode()
+
+    async def node_index(self, name: str, preferred: int, limit: int) -> int:
+        """A small number naming node ``name`` in mesh records, the same at every start."""
+        kv = await self.js.key_value(META)
+        for i in range(limit):
+            index = (preferred + i) % limit
+            key = f"index.{index}"
+            try:
+                await kv.create(key, name.encode())
+                return index
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if (await kv.get(key)).value == name.encode():
+                    return index
+        raise RuntimeError(f"no node index left for {name!r}")
+
+    async def close(self) -> None:
+        try:
+            await self.nc.drain()
+        except (TimeoutError, nats.errors.Error):
+            await self.nc.close()
+
+    # ------------------------------------------------------------ writing
+
+    async def append(self, channel: str, seq: int, frame: bytes, expected: int) -> int:
+        """Store ``frame`` (seq ``seq`` of ``channel``) if the channel's last stored
+        message is still at stream sequence ``expected`` (0: none); its stream sequence."""
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(expected),
+                   "Nats-Msg-Id": f"{token(channel)}.{seq}"}
+        try:
+            ack = await self.js.publish(subject(channel), frame, headers=headers,
+                                        timeout=API_TIMEOUT)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Fenced(f"{channel}: {exc.description}") from None
+            raise
+        return ack.seq
+
+    # ------------------------------------------------------------ reading
+
+    async def _next(self, channel: str, stream_seq: int) -> Stored | None:
+        """The channel's first message at stream sequence ``stream_seq`` or after it."""
+        try:
+            raw = await self.js.get_msg(STREAM, seq=max(1, stream_seq), next=True,
+                                        subject=subject(channel))
+        except nats.js.errors.NotFoundError:
+            return None
+        return _stored(raw)
+
+    async def last(self, channel: str) -> Stored | None:
+        try:
+            raw = await self.js.get_last_msg(STREAM, subject(channel))
+        except nats.js.errors.NotFoundError:
+            return None
+        return _stored(raw)
+
+    async def _first_after(self, channel: str, after: int,
+                           key: Callable[[Stored], int] = lambda m: m.seq) -> int:
+        """The stream sequence from which the channel's messages have ``key`` > ``after``:
+        a binary search over the stream, one direct read per step."""
+        info = await self.js.stream_info(STREAM)
+        low, high = info.state.first_seq, info.state.last_seq + 1
+        while low < high:
+            mid = (low + high) // 2
+            found = await self._next(channel, mid)
+            if found is None:
+                high = mid
+            elif key(found) <= after:
+                low = found.stream_seq + 1
+            else:
+                high = mid
+        return low
+
+    async def read(self, channel: str, after: int, before: int, limit: int,
+                   key: Callable[[Stored], int] = lambda m: m.seq) -> list[Stored]:
+        """The channel's messages with ``after < key < before``, the oldest ``limit``."""
+        out: list[Stored] = []
+        at = await self._first_after(channel, after, key)
+        while len(out) < limit:
+            found = await self._next(channel, at)
+            if found is None or key(found) >= before:
+                break
+            out.append(found)
+            at = found.stream_seq + 1
+        return out
+
+    async def channels(self, prefix: str) -> list[str]:
+        """Names of the channels starting with ``prefix`` that have messages."""
+        info = await self.js.stream_info(STREAM, subjects_filter=SUBJECT + ">")
+        names = (channel_of(s[len(SUBJECT):]) for s in (info.state.subjects or {}))
+        return [n for n in names if n.startswith(prefix)]

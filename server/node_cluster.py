@@ -1,0 +1,406 @@
+"""A relay as one node of a cluster over NATS JetStream (docs/DESIGN.md, Cluster).
+
+The nodes are joined exactly as the workers of one host are
+(:class:`~fenghuo.server.cluster.Cluster`: forwarded publishes and
+requests, replicas fed by interest, gates, shared groups and presence), over
+NATS instead of shared memory (:class:`~fenghuo.server.nodes.NatsMesh`).
+What differs is who owns a channel and where its messages are kept:
+
+* **Ownership is claimed, not computed.**  A channel's owner is the node
+  holding its claim in the ``fenghuo_owners`` KV bucket
+  (:mod:`fenghuo.server.ownership`), taken by compare-and-set with a new
+  epoch when there is no live claimant.  A node that needs a channel whose
+  owner it does not know (a publish, a subscriber) claims it or learns the
+  claimant; meanwhile what was asked waits in the session's reply order.
+* **The stream is the store.**  The owner appends each message to the
+  channel's subject with the expected last subject sequence
+  (:mod:`fenghuo.server.cluster_store`) and acks once JetStream has it on
+  its replicas.  Taking a channel over, a node reads its tail from the
+  stream (seq, ring, idempotency keys).  Catch-up and history beyond a
+  node's ring read the stream.
+* **Fencing.**  A deposed owner's next append is refused by the stream; it
+  answers the publishers concerned ERROR ``INTERNAL`` (retry), forgets what
+  it had sequenced and not stored, and becomes a replica of the new owner.
+  It also steps down as soon as its watch of the bucket shows another
+  node's claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fenghuo.channels import group_channel
+from fenghuo.core import Channel, ChannelKind, Connection, ErrorCode, encode_error
+from fenghuo.server import routing
+from fenghuo.server.cluster import Cluster, _Awaited
+from fenghuo.server.cluster_store import ClusterStore
+from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.jetstream import Engine, Stored
+from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
+from fenghuo.server.ownership import Claim, Ownership
+
+if TYPE_CHECKING:
+    from fenghuo.server.relay import Relay
+
+log = logging.getLogger("fenghuo.node")
+
+# Owner of a channel nobody is known to sequence yet: what it is asked waits
+# until a claim says (MeshBus caches any non-negative owner in ``ch.owner``,
+# which is reset to -1 whenever a claim changes).
+UNKNOWN = 0xFFFF
+# Node indexes (mesh records carry them as u16; UNKNOWN is above them).
+MAX_NODES = 4096
+# Seconds between two attempts to resolve a channel's owner after a failure
+# (no JetStream quorum, NATS unreachable).
+RESOLVE_RETRY = 0.5
+NOT_OWNER = ("this node does not sequence the channel (its owner changed); "
+             "retry (an idempotency key makes a publish safe to retry)")
+LOST_WITH_NODE = ("the node that sequences this channel died before answering; "
+                  "retry (an idempotency key makes a publish safe to retry)")
+
+
+@dataclass
+class _Parked:
+    """A request for a channel whose owner is being found."""
+
+    connection: int
+    awaited: _Awaited | None          # its place in the session's reply order
+    record: bytes                     # the mesh record to send the owner
+
+
+class NodeCluster(Cluster):
+    """This node's side of the cluster, attached to its :class:`Relay`."""
+
+    def __init__(self, relay: Relay, index: int, engine: Engine, cluster_id: str) -> None:
+        super().__init__(relay, index, 0, boot_id())
+        s = relay.settings
+        self.name, self.region = s.node_name, s.region
+        self.engine = engine
+        self.cluster_id = cluster_id
+        assert isinstance(relay.store, ClusterStore)
+        self.store: ClusterStore = relay.store
+        self.store.engine = engine
+        self.store.on_fenced = self.step_down
+        #: channels whose owner is being found (claimed, or read)
+        self.resolving: set[str] = set()
+        #: requests waiting for their channel's owner to be found
+        self.parked: dict[str, list[_Parked]] = {}
+        #: nodes that asked for a channel while this node was taking it over
+        self.deferred_interest: dict[str, list[tuple[int, int]]] = {}
+        self.failovers = 0                   # channels taken over from a dead or deposed node
+        self.liveness = Liveness(engine.nc, index, self.name, s.region, self.generation,
+                                 s.cluster_lease, self._on_peer, self._peer_lost)
+        self.mesh = NatsMesh(engine.nc, index, self._on_record, self.liveness.live_peers)
+        self.ownership = Ownership(engine, index, self.liveness.alive, self._on_claim)
+
+    @classmethod
+    async def join(cls, relay: Relay) -> NodeCluster:
+        """Connect to NATS, take this node's index, start heartbeats and the claims' watch."""
+        name = relay.settings.node_name
+        engine = await Engine.connect(relay.settings.cluster_urls, f"fenghuo-{name}")
+        index = await engine.patiently(lambda: engine.node_index(
+            name, zlib.crc32(name.encode()) % MAX_NODES, MAX_NODES))
+        self = cls(relay, index, engine, await engine.patiently(engine.cluster_id))
+        relay.hub.bus = self.bus
+        await self.mesh.open()
+        await self.liveness.start()
+        await self.ownership.start()
+        for channel in await engine.channels("dm:"):
+            relay.ensure_channel(channel)
+        log.info("joined the cluster", extra={"node": name, "index": index,
+                                             "region": self.region,
+                                             "cluster_id": self.cluster_id})
+        return self
+
+    def start(self) -> None:
+        """Started by :meth:`join`."""
+
+    async def stop(self, timeout: float) -> None:
+        self.ownership.stop()
+        await self.liveness.stop()
+        await self.mesh.flush(timeout)
+        self.mesh.close()
+        await self.engine.close()
+
+    # ------------------------------------------------------------ owners
+
+    def owner_of(self, channel: str) -> int:
+        if self.store.owns(channel):
+            return self.index
+        owner = self.ownership.owner(channel)
+        return UNKNOWN if owner is None or owner == self.index else owner
+
+    def _reset_owner(self, name: str) -> Channel | None:
+        ch = self.relay.hub.find(name)
+        if ch is not None:
+            ch.owner = -1
+        return ch
+
+    def _resolve(self, name: str) -> None:
+        """Find (or become) ``name``'s owner, then send it what waits."""
+        if name not in self.resolving:
+            self.resolving.add(name)
+            asyncio.get_running_loop().create_task(self._resolve_async(name))
+
+    async def _resolve_async(self, name: str) -> None:
+        try:
+            while True:
+                try:
+                    claim = await self.ownership.claim(name)
+                    if claim.node == self.index and not self.store.owns(name):
+                        await self._take(name, claim)
+                    break
+                except Exception as exc:
+                    log.warning("cannot resolve a channel's owner", extra={"channel": name,
+                                                                         "error": str(exc)})
+                    await asyncio.sleep(RESOLVE_RETRY)
+        finally:
+            self.resolving.discard(name)
+        self._resolved(name)
+
+    async def _take(self, name: str, claim: Claim) -> None:
+        """This node now sequences ``name``: continue from the stream's tail."""
+        last = await self.engine.last(name)
+        ring = self.relay.settings.ring_size
+        tail = [] if last is None else await self.engine.read(
+            name, max(0, last.seq - ring), last.seq + 1, ring)
+        current = self.ownership.claims.get(name)
+        if current is not None and current.revision > claim.revision:
+            return                                   # taken from us meanwhile
+        ch = self.relay.ensure_channel(name)
+        self._continue_from(ch, tail)
+        self.store.own(name, 0 if last is None else last.stream_seq)
+        self.ready_here.discard(ch)
+        self.failovers += claim.epoch > 1
+        log.info("sequencing a channel", extra={"channel": name, "epoch": claim.epoch,
+                                                "seq": ch.seq})
+
+    def _continue_from(self, ch: Channel, tail: list[Stored]) -> None:
+        """Bring ``ch`` up to the stream's tail: ring, seq and idempotency window."""
+        hub = self.relay.hub
+        for stored in tail:
+            if stored.seq <= ch.seq:
+                continue
+            if ch.seq and stored.seq != ch.seq + 1:
+                ch.ring.clear()                      # the store has what lies between
+            hub.apply_replica(ch, stored.seq, stored.frame)
+        since = time.time_ns() // 1000 - int(self.relay.settings.dedupe_span * 1e6)
+        keys = []
+        for stored in tail:
+            message = decode_frame_message(stored.frame)
+            if message.key and message.ts_us >= since:
+                keys.append((message.sender.encode() + b"\0" + message.key, message.seq,
+                             message.ts_us))
+        ch.dedupe.clear()
+        ch.dedupe.load(keys)
+
+    def _resolved(self, name: str) -> None:
+        ch = self._reset_owner(name)
+        owner = self.owner_of(name)
+        if owner == UNKNOWN:
+            if self.parked.get(name) or (ch is not None and ch in self.warming):
+                asyncio.get_running_loop().call_later(RESOLVE_RETRY, self._resolve, name)
+            return
+        for parked in self.parked.pop(name, ()):
+            self._unpark(parked, owner)
+        for source, after in self.deferred_interest.pop(name, ()):
+            self._interest(source, name, after)
+        if ch is not None and ch in self.warming:
+            if owner == self.index:
+                for action in self.warming.pop(ch):
+                    action()
+            else:
+                self.mesh.send(owner, routing.control("interest", channel=name, after=ch.seq))
+
+    def step_down(self, name: str) -> None:
+        """``name`` is sequenced by another node now: become its replica here."""
+        self.store.disown(name)
+        ch = self._reset_owner(name)
+        if ch is None:
+            return
+        # What was sequenced and not stored is forgotten: the ring holds
+        # only what the stream acknowledged.
+        ch.seq = ch.ring.last
+        ch.dedupe.clear()
+        self.interested.pop(ch, None)
+        log.warning("stepped down", extra={"channel": name, "seq": ch.seq})
+        if ch.subscribers or ch in self.ready_here:
+            self._rewarm(ch)
+
+    def _rewarm(self, ch: Channel) -> None:
+        """Ask ``ch``'s (new) owner for it again, from this replica's seq."""
+        self.ready_here.discard(ch)
+        self.warming.setdefault(ch, [])
+        self._ask_owner(ch)
+
+    def _ask_owner(self, ch: Channel) -> None:
+        owner = self.owner_of(ch.name)
+        log.debug("asking for a channel", extra={"channel": ch.name, "owner": owner})
+        if owner == UNKNOWN:
+            self._resolve(ch.name)
+        elif owner == self.index:
+            self._resolved(ch.name)
+        else:
+            self.mesh.send(owner, routing.control("interest", channel=ch.name, after=ch.seq))
+
+    def _on_claim(self, name: str, old: Claim | None, new: Claim) -> None:
+        """The claims' watch: ``name`` has a new claim."""
+        ch = self._reset_owner(name)
+        if new.node == self.index:
+            return
+        if self.store.owns(name):
+            self.step_down(name)
+        elif ch is not None and (ch in self.ready_here or ch in self.warming) \
+                and (old is None or old.node != new.node) and name not in self.resolving:
+            self._rewarm(ch)
+
+    # ------------------------------------------------------------ forwarding
+
+    def _park(self, name: str, origin: Connection, request_id: int, record: bytes,
+              answered: bool) -> None:
+        awaited = None
+        if answered:
+            self._expect_answer(UNKNOWN, origin, request_id)
+            awaited = self.forwarded[origin.id].waiting[UNKNOWN][-1]
+        self.parked.setdefault(name, []).append(_Parked(origin.id, awaited, record))
+        self._resolve(name)
+
+    def _unpark(self, parked: _Parked, owner: int) -> None:
+        if parked.awaited is not None:
+            pending = self.forwarded.get(parked.connection)
+            if pending is None:
+                return                                # the client left meanwhile
+            waiting = pending.waiting.get(UNKNOWN)
+            if waiting is None or parked.awaited not in waiting:
+                return                                # answered already (timed out)
+            waiting.remove(parked.awaited)
+            pending.waiting.setdefault(owner, deque()).append(parked.awaited)
+        self.origins_at.setdefault(parked.connection, set()).add(owner)
+        # To this node too (over NATS, once): the owner's answer comes back
+        # the way every forwarded answer does.
+        self.mesh.send(owner, parked.record)
+
+    def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
+                         body: bytes, t_recv: float) -> None:
+        if owner == UNKNOWN:
+            ch.owner = -1
+            self._park(ch.name, origin, request_id, routing.publish(
+                origin.id, request_id, t_recv, origin.user_key, ch.key, body), True)
+            return
+        super()._forward_publish(owner, ch, origin, request_id, body, t_recv)
+
+    def forward_request(self, owner: int, session: Any, request_id: int, op: str,
+                        **fields: Any) -> None:
+        if owner != UNKNOWN:
+            super().forward_request(owner, session, request_id, op, **fields)
+            return
+        record = routing.control("serve", what=op, connection=session.id,
+                                 user=session.user, rid=request_id, **fields)
+        self._park(self._request_channel(fields), session, request_id, record, bool(request_id))
+
+    @staticmethod
+    def _request_channel(body: dict[str, Any]) -> str:
+        if "channel" in body:
+            return body["channel"]
+        return group_channel(body["request"]["group"])
+
+    def _on_record(self, source: int, record: bytes) -> None:
+        kind = record[0]
+        if kind == routing.PUBLISH:
+            connection, rid, _t, sender, channel, _body = routing.read_publish(record)
+            if not self.store.owns(channel):
+                # Sequencing it here would move this replica's seq past its owner's.
+                self._refuse(source, connection, sender, rid, True)
+                return
+        elif kind == routing.CONTROL:
+            body = routing.read_control(record)
+            if body["op"] == "serve" and not self.store.owns(self._request_channel(body)):
+                self._refuse(source, body["connection"], body["user"], body["rid"],
+                             bool(body["rid"]))
+                return
+        super()._on_record(source, record)
+
+    def _refuse(self, source: int, connection: int, user: str, rid: int, answered: bool) -> None:
+        if answered:
+            self._origin(source, connection, user).send_reply(
+                encode_error(ErrorCode.INTERNAL, NOT_OWNER, rid))
+
+    def _interest(self, source: int, name: str, after: int) -> None:
+        log.debug("interest", extra={"channel": name, "source": source, "after": after,
+                                     "owned": self.store.owns(name)})
+        if self.store.owns(name):
+            super()._interest(source, name, after)
+        elif name in self.resolving:
+            self.deferred_interest.setdefault(name, []).append((source, after))
+        # else: asked of a node that no longer owns it; the asker's watch of
+        # the claims sends it to the owner.
+
+    def _let_go(self, ch: Channel) -> None:
+        if self.owner_of(ch.name) != UNKNOWN:
+            super()._let_go(ch)
+            return
+        # Nobody to tell: the replica just empties.
+        self.ready_here.discard(ch)
+        self.idle_since.pop(ch, None)
+        ch.ring.clear()
+        ch.seq = 0
+
+    def created(self, ch: Channel) -> None:
+        # The creator does not know the owner yet: it tells every node, so a
+        # participant online anywhere is subscribed.
+        if ch.kind == ChannelKind.DIRECT_CHAT:
+            self.share("direct", channel=ch.name)
+
+    # ------------------------------------------------------------ nodes
+
+    def _on_peer(self, peer: Peer, restarted: bool) -> None:
+        log.info("node seen", extra={"node": peer.name, "index": peer.index,
+                                     "region": peer.region, "restarted": restarted})
+        if restarted:
+            self._peer_started(peer.index, peer.boot)
+        else:
+            self.peer_generations[peer.index] = peer.boot
+
+    def _peer_lost(self, peer: Peer) -> None:
+        """``peer`` missed its lease: what it owed is answered, what it owned is claimed."""
+        log.warning("node lost", extra={"node": peer.name, "index": peer.index})
+        self.peer_generations.pop(peer.index, None)
+        self.remote_devices_drop(peer.index)
+        for key in [k for k in self.remote if k[0] == peer.index]:
+            del self.remote[key]
+        for connection, pending in list(self.forwarded.items()):
+            session = self.sessions.get(connection)
+            for awaited in pending.waiting.pop(peer.index, ()):
+                if session is not None:
+                    session.fill_reply(awaited.slot, encode_error(
+                        ErrorCode.INTERNAL, LOST_WITH_NODE, awaited.request_id))
+            if session is not None:
+                self._forget_if_idle(session, pending)
+        for peers in self.interested.values():
+            peers.discard(peer.index)
+        for ch in [ch for ch in self.cooling if self.owner_of(ch.name) in (peer.index, UNKNOWN)]:
+            self._cold(ch)                           # its "cold" will never come
+        for name, claim in list(self.ownership.claims.items()):
+            if claim.node != peer.index:
+                continue
+            held = self._reset_owner(name)
+            if held is not None and (held in self.ready_here or held in self.warming
+                                     or held.subscribers):
+                self._rewarm(held)
+
+    def status(self) -> dict[str, Any]:
+        """The node's cluster state, for /healthz."""
+        return {"node": self.name, "index": self.index, "region": self.region,
+                "cluster_id": self.cluster_id,
+                "engine_connected": self.engine.nc.is_connected,
+                "peers": {p.name: p.region for p in self.liveness.peers.values()
+                          if self.liveness.alive(p.index)},
+                "channels_owned": self.store.owned,
+                "appended": self.store.appended, "refused": self.store.refused,
+                "failovers": self.failovers}
