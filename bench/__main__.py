@@ -2,7 +2,8 @@
 
     python -m bench run SCENARIO [--target T] [options]   one scenario, one target
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
-    python -m bench keys [--windows W,...] [--repeat N]   keyed vs unkeyed publishing, per window
+    python -m bench keys [--windows W,...] [--deployments one,default] [--repeat N]
+                                                          keyed vs unkeyed publishing, per window
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
     python -m bench scale [options]                       200,000 connections (bench/scale.py)
@@ -46,10 +47,12 @@ TARGETS = ("fenghuo", "asyncio", "nats", "redis", "echo")
 ALL_PEERS = "fenghuo,asyncio,nats,redis"
 
 
-def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = ()) -> Target:
-    """A target by name; pub/sub peers are installed first if missing."""
+def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = (),
+                workers: int = 1) -> Target:
+    """A target by name (fenghuo with ``workers`` processes); pub/sub peers are
+    installed first if missing."""
     if name == "fenghuo":
-        return Fenghuo(secret, relay_flags)
+        return Fenghuo(secret, relay_flags, workers)
     if name == "asyncio":
         return AsyncioBaseline(secret)
     if name == "echo":
@@ -118,6 +121,7 @@ def run_on(target: Target, scenario: Scenario, progress: Progress) -> loadgen.Re
             if isinstance(target, Fenghuo):
                 result.extra["relay_p_ms"] = server_latency(target.metrics_port)
                 result.extra["relay_flags"] = " ".join(target.relay_flags)
+                result.params["workers"] = target.workers
         finally:
             target.stop()
     return result
@@ -170,10 +174,12 @@ def cmd_suite(a: argparse.Namespace) -> int:
     results = []
     for item in plan:
         progress.step(item.label)
-        target = make_target(item.target, secrets.token_urlsafe(32), item.relay_flags)
+        target = make_target(item.target, secrets.token_urlsafe(32), item.relay_flags,
+                             item.workers)
         result = run_on(target, item.scenario, progress)
         result.scenario = item.name
         result.extra["group"] = item.group
+        result.extra["deployment"] = item.deployment
         results.append(result)
         progress.finish(result.line())
     command = " ".join(["python -m bench suite", *(["--quick"] if a.quick else []),
@@ -191,15 +197,22 @@ def cmd_keys(a: argparse.Namespace) -> int:
     pin(GENERATOR_CPU)
     sizes = suite.Sizes(warmup=a.warmup, duration=a.duration, pairs=0, latency_pairs=0,
                         rates=(), fan_out=(), connections=0)
-    plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")), a.repeat)
+    unknown = set(a.deployments.split(",")) - set(suite.DEPLOYMENTS)
+    if unknown:
+        raise SystemExit(f"unknown --deployments {','.join(sorted(unknown))}: "
+                         f"choose from {','.join(suite.DEPLOYMENTS)}")
+    deployments = tuple(suite.DEPLOYMENTS[d] for d in a.deployments.split(","))
+    plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")), a.repeat,
+                           deployments)
     progress = Progress(len(plan))
     results = []
     for item in plan:
         progress.step(item.label)
-        result = run_on(make_target("fenghuo", secrets.token_urlsafe(32), item.relay_flags),
-                        item.scenario, progress)
+        result = run_on(make_target("fenghuo", secrets.token_urlsafe(32), item.relay_flags,
+                                    item.workers), item.scenario, progress)
         result.scenario = item.name
         result.extra["group"] = item.group
+        result.extra["deployment"] = item.deployment
         results.append(result)
         progress.finish(result.line())
     print()
@@ -243,6 +256,9 @@ def parser() -> argparse.ArgumentParser:
                                        "per --dedupe-window: the suite's keys table alone")
     keys.add_argument("--windows", default="256,4096,16384,65536",
                       help="comma-separated --dedupe-window sizes")
+    keys.add_argument("--deployments", default="one,default",
+                      help="one: --workers 1 --store memory; default: one worker per core, "
+                           "the durable SQLite store, --fsync always")
     keys.add_argument("--repeat", type=int, default=3,
                       help="runs of each, alternating; the best of each counts")
     keys.add_argument("--warmup", type=float, default=1.0)

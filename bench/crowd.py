@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import cpu_seconds
-from bench.scale import worker_pids
 from bench.targets import Fenghuo
 
 STORM = Path(__file__).with_name("storm.py")
@@ -123,7 +122,7 @@ async def until_closed(relay: Fenghuo, timeout: float = 300.0) -> None:
 
 async def devices_once(relay: Fenghuo, connections: int, processes: int,
                        user: str | None) -> dict[str, Any]:
-    pids = worker_pids(relay)
+    pids = relay.worker_pids()
     before = cpu_seconds(*pids)
     crowd = await gather_crowd(relay, connections, processes, user)
     opened = cpu_seconds(*pids)
@@ -167,7 +166,7 @@ def cmd_devices(a: argparse.Namespace) -> int:
 
 
 async def storm_once(relay: Fenghuo, clients: int, processes: int) -> dict[str, Any]:
-    pids = worker_pids(relay)
+    pids = relay.worker_pids()
     before = cpu_seconds(*pids)
     crowd = await gather_crowd(relay, clients, processes, None)
     cpu = cpu_seconds(*pids) - before

@@ -193,10 +193,10 @@ def cpu_seconds(*pids: int) -> float:
 
 async def measure_throughput(setup: _Setup, warmup: float, duration: float,
                              progress: Progress, cpu: dict[str, float] | None = None,
-                             pid: int = 0) -> tuple[float, float, float, float]:
+                             pids: list[int] | None = None) -> tuple[float, float, float, float]:
     """(seconds, publishes/s, deliveries/s, generator bytes/s) over ``duration``.
 
-    Given ``cpu`` and the server's ``pid``, also puts the server's CPU time
+    Given ``cpu`` and the server's ``pids``, also puts the server's CPU time
     per publish over the same interval in ``cpu["us_per_publish"]``: unlike
     throughput it hardly moves when other processes share the machine.  And
     the busy fraction of each side (``relay_busy``, ``generator_busy``: CPU
@@ -206,7 +206,7 @@ async def measure_throughput(setup: _Setup, warmup: float, duration: float,
         publisher.start()
     await asyncio.sleep(warmup)
     p0, d0, m0 = setup.counters()
-    c0 = cpu_seconds(pid) if pid else 0.0
+    c0 = cpu_seconds(*pids) if pids else 0.0
     g0 = time.process_time()
     t0 = time.perf_counter()
     deadline = t0 + duration
@@ -216,8 +216,8 @@ async def measure_throughput(setup: _Setup, warmup: float, duration: float,
         progress(f"{(setup.counters()[1] - d0) / setup.delivery_size / elapsed:,.0f} deliveries/s")
     p1, d1, m1 = setup.counters()
     elapsed = time.perf_counter() - t0
-    if pid and cpu is not None and p1 > p0:
-        relay = cpu_seconds(pid) - c0
+    if pids and cpu is not None and p1 > p0:
+        relay = cpu_seconds(*pids) - c0
         cpu["us_per_publish"] = relay / (p1 - p0) * 1e6
         cpu["relay_busy"] = relay / elapsed
         cpu["generator_busy"] = (time.process_time() - g0) / elapsed
@@ -286,7 +286,7 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
         else:
             params["window"] = window
             seconds, pub, dlv, moved = await measure_throughput(
-                setup, warmup, duration, progress, cpu, target.proc.pid if target.proc else 0)
+                setup, warmup, duration, progress, cpu, target.server_pids() if target.proc else None)
     finally:
         setup.close()
     result = Result(name, target.name, params, seconds, pub, dlv, moved, rate)
@@ -314,7 +314,7 @@ async def fan_out_run(target: Target, *, members: int, payload: int = 64, window
     cpu: dict[str, float] = {}
     try:
         seconds, pub, dlv, moved = await measure_throughput(
-            setup, warmup, duration, progress, cpu, target.proc.pid if target.proc else 0)
+            setup, warmup, duration, progress, cpu, target.server_pids() if target.proc else None)
     finally:
         setup.close()
     result = Result(f"fan-out {members:,}", target.name,

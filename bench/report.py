@@ -133,7 +133,11 @@ def markdown(doc: dict[str, Any]) -> str:
            _connect_rates(results), "",
            "## Durable store (fenghuo, SQLite, per `--fsync`)", "",
            _store(results), "",
-           "## Idempotency keys (fenghuo one-to-one, `--store memory`, per `--dedupe-window`)", "",
+           "## Deployments (fenghuo as `--workers 1 --store memory` and as `fenghuo serve` "
+           "with no flags: one worker per core, SQLite, `--fsync always`)", "",
+           deployments_table(results), "",
+           "## Idempotency keys (fenghuo one-to-one, per deployment and `--dedupe-window`; "
+           "every window: `python -m bench keys`)", "",
            keys_table(results), "",
            "## Generator", "",
            (f"Ceiling (echo target, bytes in+out per second): {_si(ceiling)}B/s. "
@@ -173,33 +177,61 @@ def _store(results: list[dict]) -> str:
     return _table(["flags", "scenario", "deliveries/s", "p50 ms", "p99 ms"], rows)
 
 
+def _keyed_pair(runs: list[dict], value, pick) -> tuple[float | None, float | None]:
+    """The best ``value`` of the unkeyed runs and of the keyed runs among ``runs``."""
+    return tuple(pick((value(r) for r in runs if bool(r["params"].get("keyed")) == keyed
+                       and value(r)), default=None) for keyed in (False, True))
+
+
+def _over(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "–"
+
+
+def _cpu(r: dict) -> float | None:
+    return r["extra"].get("server_cpu_us_per_publish")
+
+
 def keys_table(results: list[dict]) -> str:
-    """Keyed beside unkeyed publishing per window: the cost of an idempotency key.
+    """Keyed beside unkeyed publishing per deployment and window: the cost of a key.
 
     With several runs of each, the best of each counts: the machine's other
-    load only ever makes a run slower.  The relay's CPU time per publish is
-    the steadier measure of what a key costs on a shared machine.
+    load only ever makes a run slower.  The relay's CPU time per publish
+    (summed over a supervisor and its workers) is the steadier measure of
+    what a key costs on a shared machine.
     """
     rows = []
     runs = [r for r in results if r["extra"].get("group") == "keys"]
-    for flags in dict.fromkeys(r["extra"]["relay_flags"] for r in runs):
-        def best(keyed: bool, value, pick, flags=flags):
-            return pick((value(r) for r in runs if r["extra"]["relay_flags"] == flags
-                         and bool(r["params"].get("keyed")) == keyed and value(r)), default=None)
-
-        def cpu(r):
-            return r["extra"].get("server_cpu_us_per_publish")
-
-        plain_v, keyed_v = (best(k, lambda r: r["publishes_per_s"], max) for k in (False, True))
-        plain_c, keyed_c = (best(k, cpu, min) for k in (False, True))
+    for deployment, flags in dict.fromkeys((r["extra"].get("deployment", ""),
+                                            r["extra"]["relay_flags"]) for r in runs):
+        mine = [r for r in runs if r["extra"].get("deployment", "") == deployment
+                and r["extra"]["relay_flags"] == flags]
+        plain_v, keyed_v = _keyed_pair(mine, lambda r: r["publishes_per_s"], max)
+        plain_c, keyed_c = _keyed_pair(mine, _cpu, min)
         window = flags.split("--dedupe-window")[-1].strip()
-        rows.append([window, _cell(plain_v), _cell(keyed_v),
-                     f"{keyed_v / plain_v:.2f}" if plain_v and keyed_v else "–",
+        rows.append([deployment or "–", window, _cell(plain_v), _cell(keyed_v), _over(keyed_v, plain_v),
                      f"{plain_c:.2f}" if plain_c else "–", f"{keyed_c:.2f}" if keyed_c else "–",
-                     f"{keyed_c / plain_c:.2f}" if plain_c and keyed_c else "–"])
-    return _table(["--dedupe-window", "unkeyed publishes/s", "keyed publishes/s",
+                     _over(keyed_c, plain_c)])
+    return _table(["deployment", "--dedupe-window", "unkeyed publishes/s", "keyed publishes/s",
                    "keyed ÷ unkeyed", "relay µs CPU/publish, unkeyed", "keyed",
                    "keyed ÷ unkeyed (CPU)"], rows)
+
+
+def deployments_table(results: list[dict]) -> str:
+    """fenghuo as one worker and as the default deployment, keyed beside unkeyed."""
+    rows = []
+    runs = [r for r in results if r["extra"].get("group") == "deployments"]
+    for deployment, scenario in dict.fromkeys(
+            (r["extra"]["deployment"], r["scenario"].removesuffix(" keyed")) for r in runs):
+        mine = [r for r in runs if r["extra"]["deployment"] == deployment
+                and r["scenario"].removesuffix(" keyed") == scenario]
+        plain_v, keyed_v = _keyed_pair(mine, lambda r: r["deliveries_per_s"], max)
+        plain_c, keyed_c = _keyed_pair(mine, _cpu, min)
+        rows.append([deployment, f"{mine[0]['params'].get('workers', 1)}", scenario,
+                     _cell(plain_v), _cell(keyed_v), _over(keyed_v, plain_v),
+                     f"{plain_c:.2f}" if plain_c else "–", f"{keyed_c:.2f}" if keyed_c else "–"])
+    return _table(["deployment", "workers", "scenario", "unkeyed deliveries/s",
+                   "keyed deliveries/s", "keyed ÷ unkeyed", "relay µs CPU/publish, unkeyed",
+                   "keyed"], rows)
 
 
 def _generator(results: list[dict], ceiling: float) -> str:

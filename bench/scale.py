@@ -517,14 +517,6 @@ def http_get(port: int, path: str) -> str:
         return answer.read().decode()
 
 
-def worker_pids(relay: Fenghuo) -> list[int]:
-    """The running workers' pids, from the supervisor's ``/healthz`` (one worker: itself)."""
-    if relay.workers == 1:
-        return [relay.pid]
-    health = json.loads(http_get(relay.metrics_port, "/healthz"))
-    return [w["pid"] for w in health["workers"] if w["running"]]
-
-
 def established_on(port: int) -> set[int]:
     """Inodes of the ESTABLISHED TCP sockets whose local port is ``port`` (the server's ends)."""
     inodes = set()
@@ -584,7 +576,7 @@ class ServerSample:
 
     @classmethod
     def take(cls, relay: Fenghuo) -> ServerSample:
-        pids = worker_pids(relay)
+        pids = relay.worker_pids()
         metrics = http_get(relay.metrics_port, "/metrics")
         inodes = established_on(relay.port)
         return cls(pids, [client_connections(p, inodes) for p in pids], [rss_bytes(p) for p in pids],

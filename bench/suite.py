@@ -8,6 +8,7 @@ the durable store is measured on its own, at every ``--fsync`` setting.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,22 @@ FSYNC_MODES = ("always", "batch", "off")
 # Idempotency windows (--dedupe-window, keys per channel) at which keyed and
 # unkeyed publishing are compared: from small to sixteen times the default.
 DEDUPE_WINDOWS = (256, 4096, 16384, 65536)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How fenghuo is started for a row: its worker processes and its flags."""
+    name: str
+    workers: int
+    flags: tuple[str, ...]
+
+
+# One process on the in-memory store: the closest to the peers.
+ONE_WORKER = Deployment("1 worker, memory", 1, ("--workers", "1", *FENGHUO_VS_PEERS))
+# What `fenghuo serve` runs with no flags: one worker per core (a supervisor),
+# the durable SQLite store, --fsync always.
+DEFAULT = Deployment("default", os.cpu_count() or 1, ())
+DEPLOYMENTS = {"one": ONE_WORKER, "default": DEFAULT}
 
 
 @dataclass(frozen=True)
@@ -48,11 +65,14 @@ class Item:
     relay_flags: tuple[str, ...]
     name: str
     scenario: Callable[..., Any]
+    workers: int = 1
+    deployment: str = ""
 
     @property
     def label(self) -> str:
-        flags = f" ({' '.join(self.relay_flags)})" if self.relay_flags else ""
-        return f"{self.target}{flags} {self.name}"
+        flags = " ".join((*(() if self.workers == 1 else (f"--workers {self.workers}",)),
+                          *self.relay_flags))
+        return f"{self.target}{f' ({flags})' if flags else ''} {self.name}"
 
 
 def _pairs(s: Sizes, pairs: int, rate: float | None = None, keyed: bool = False):
@@ -83,22 +103,38 @@ def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
         yield "connections", f"{s.connections} connections", _connections(s)
 
 
-def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS, repeat: int = 1) -> list[Item]:
-    """fenghuo one-to-one without keys and with a new key per publish, per window size.
+def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS, repeat: int = 1,
+              deployments: tuple[Deployment, ...] = (ONE_WORKER, DEFAULT)) -> list[Item]:
+    """fenghuo one-to-one without keys and with a new key per publish, per
+    deployment and window size.
 
     The runs of a window alternate, unkeyed then keyed, ``repeat`` times, so
     their ratio is as little disturbed by the machine's other load as the
     run allows (the table takes the best of each).
     """
     items = []
-    for window in windows:
-        flags = (*FENGHUO_VS_PEERS, "--dedupe-window", str(window))
-        items += [Item("keys", "fenghuo", flags, "one-to-one", _pairs(s, 1)),
-                  Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True))] * repeat
+    for d in deployments:
+        for window in windows:
+            flags = (*d.flags, "--dedupe-window", str(window))
+            items += [Item("keys", "fenghuo", flags, "one-to-one", _pairs(s, 1), d.workers, d.name),
+                      Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True),
+                           d.workers, d.name)] * repeat
     return items
 
 
-GROUPS = ("ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys")
+def deployments_plan(s: Sizes) -> list[Item]:
+    """fenghuo one-to-one and many-to-many as one worker and as the default
+    deployment, each without keys and with a new key on every publish (the
+    Python client always sends one)."""
+    return [Item("deployments", "fenghuo", d.flags, f"{name}{' keyed' if keyed else ''}",
+                 _pairs(s, pairs, keyed=keyed), d.workers, d.name)
+            for d in (ONE_WORKER, DEFAULT)
+            for name, pairs in (("one-to-one", 1), (f"many-to-many {s.pairs}", s.pairs))
+            for keyed in (False, True)]
+
+
+GROUPS = ("ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys",
+          "deployments")
 
 
 def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -> list[Item]:
@@ -118,5 +154,7 @@ def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -
             items += [Item("store", "fenghuo", ("--fsync", mode), name, fn)
                       for group, name, fn in _scenarios(s, fan_out=False, connections=False)
                       if name != "one-to-one"]
-        items += keys_plan(s)
+        items += deployments_plan(s)
+        # The default window only: every window is `python -m bench keys`.
+        items += keys_plan(s, (65536,))
     return [item for item in items if item.group in groups]

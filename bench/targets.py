@@ -15,6 +15,7 @@ the compiled generator (``Link.attach``), which takes the transport over with
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -175,6 +176,10 @@ class Target(ABC):
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def server_pids(self) -> list[int]:
+        """Every process whose CPU time is the server's (the one process here)."""
+        return [self.pid]
 
     @abstractmethod
     def start(self, workdir: Path) -> None:
@@ -429,6 +434,19 @@ class Fenghuo(FenghuoWire):
                         stderr=log, start_new_session=True)
         assert self.proc is not None
         wait_healthy(self.proc, f"http://{self.host}:{self.metrics_port}/healthz")
+
+    def worker_pids(self) -> list[int]:
+        """The running workers' pids, from the supervisor's ``/healthz`` (one worker: itself)."""
+        if self.workers == 1:
+            return [self.pid]
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/healthz",
+                                    timeout=10) as answer:
+            health = json.loads(answer.read())
+        return [w["pid"] for w in health["workers"] if w["running"]]
+
+    def server_pids(self) -> list[int]:
+        """The workers and, with several, their supervisor."""
+        return self.worker_pids() if self.workers == 1 else [self.pid, *self.worker_pids()]
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM (a supervisor drains its workers), then SIGKILL whatever is left of its group."""

@@ -52,12 +52,14 @@ def test_keys_compares_keyed_and_unkeyed_publishing_per_window():
     # so the keyed run delivered what it published, like the unkeyed one.
     lines = re.findall(r"one-to-one(?: keyed)?: ([\d,]+) deliveries/s, ([\d,]+) publishes/s",
                        run.stdout)
-    assert len(lines) == 2, run.stdout
+    assert len(lines) == 4, run.stdout          # both deployments, unkeyed and keyed
     for delivered, published in lines:
         assert 0 < int(delivered.replace(",", "")) <= 1.05 * int(published.replace(",", ""))
-    # unkeyed, keyed, their ratio; the relay's CPU per publish follows.
-    row = re.search(r"^\| 16 \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?\| ([\d.]+) \|", run.stdout, re.M)
-    assert row, run.stdout
+    # Per deployment: unkeyed, keyed, their ratio; the relay's CPU per publish follows.
+    for deployment in ("1 worker, memory", "default"):
+        row = re.search(rf"^\| {deployment} \| 16 \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?\| ([\d.]+) \|",
+                        run.stdout, re.M)
+        assert row, run.stdout
 
 
 @pytest.mark.parametrize("target", ["fenghuo", "asyncio"])
@@ -108,7 +110,8 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     targets = {r["target"] for r in doc["results"]}
     assert targets == {"echo", "fenghuo", "asyncio", "nats", "redis"}
     groups = {r["extra"]["group"] for r in doc["results"]}
-    assert groups == {"ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys"}
+    assert groups == {"ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys",
+                      "deployments"}
     for r in doc["results"]:
         if r["extra"]["group"] in ("throughput", "fan-out"):
             assert r["deliveries_per_s"] > 0, r
@@ -117,6 +120,11 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     table = (out / "results.md").read_text()
     assert "× nats" in table and "× redis" in table and "× asyncio" in table
     assert "keyed ÷ unkeyed" in table
+    # fenghuo as one worker and as the default deployment, keyed beside unkeyed.
+    for deployment in ("1 worker, memory", "default"):
+        for scenario in ("one-to-one", "many-to-many 10"):
+            assert re.search(rf"^\| {deployment} \| \d+ \| {scenario} \| [\d.]+ [kM]? ?\| [\d.]+ [kM]? ?\|",
+                             table, re.M), table
     for png in ("latency_cdf.png", "fan_out.png", "memory.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "results in" in run.stdout
