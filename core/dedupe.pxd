@@ -1,4 +1,4 @@
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef enum:
@@ -6,6 +6,8 @@ cdef enum:
     # no free, and eviction reads the ring in order.  The Python client's
     # keys are 24 bytes, so a sender name of up to 39 bytes fits.
     DEDUPE_INLINE_KEY = 64
+    # Ring positions fit a table slot's 32 bits (its table is twice the ring).
+    DEDUPE_MAX_KEYS = 1 << 30
 
 
 cdef struct DedupeEntry:
@@ -18,8 +20,13 @@ cdef struct DedupeEntry:
 
 
 cdef struct DedupeSlot:
-    int64_t n                        # entry number; -1: empty
-    Py_hash_t hash                   # its key's hash: probing and eviction stay in the table
+    # 8 bytes, so that the table of the default window (65,536 keys, 131,072
+    # slots) is 1 MiB, not 2: a keyed publish makes two random accesses to it
+    # (its lookup, the oldest key's eviction), perf found them the window's
+    # cost at that size.
+    uint32_t pos                     # 1 + the entry's index in the ring; 0: empty
+    uint32_t tag                     # its key's hash folded to 32 bits: the home slot and a
+                                     # first comparison, so probing stays in the table
 
 
 cdef class DedupeWindow:

@@ -9,11 +9,15 @@
 # seed), so a sender cannot choose keys that collide.
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memcmp, memset
 
 cdef extern from "Python.h":
     Py_hash_t _Py_HashBytes(const void* src, Py_ssize_t length)
+
+cdef extern from *:
+    # GCC and Clang: ask for a cache line now, use it later.
+    void __builtin_prefetch(const void* p) noexcept nogil
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
@@ -23,13 +27,17 @@ cdef inline const char* entry_key(DedupeEntry* e) noexcept:
     return e.heap_key if e.heap_key != NULL else e.inline_key
 
 
+cdef inline uint32_t hash_tag(Py_hash_t h) noexcept:
+    return <uint32_t>((<uint64_t>h) ^ ((<uint64_t>h) >> 32))
+
+
 @cython.final
 cdef class DedupeWindow:
     """Keys of the last ``span_us`` µs of one channel, at most ``max_keys``: key -> (seq, ts_us)."""
 
     def __cinit__(self, Py_ssize_t max_keys, uint64_t span_us):
-        if max_keys < 1:
-            raise ValueError("a dedupe window holds at least one key")
+        if not 1 <= max_keys <= DEDUPE_MAX_KEYS:
+            raise ValueError(f"a dedupe window holds 1 to {DEDUPE_MAX_KEYS} keys")
         self.max_keys = max_keys
         self.span_us = span_us
         self._ring = NULL
@@ -48,10 +56,22 @@ cdef class DedupeWindow:
         return self._tail - self._head
 
     def load(self, keys) -> None:
-        """File ``(key, seq, ts_us)`` records from the store, oldest first (a restart)."""
+        """File ``(key, seq, ts_us)`` records from the store, oldest first (a restart).
+
+        ``max_keys`` of them fill the window: older keys of the span may be
+        on disk only, so keys from the oldest loaded one back count as
+        given up early (they are asked of the store).
+        """
         cdef bytes key
+        cdef Py_ssize_t loaded = 0
+        cdef uint64_t oldest = 0
         for key, seq, ts_us in keys:
             self._insert(key, len(key), _Py_HashBytes(<const char*>key, len(key)), seq, ts_us)
+            if not loaded:
+                oldest = ts_us
+            loaded += 1
+        if loaded >= self.max_keys and oldest > self.evicted_early_us:
+            self.evicted_early_us = oldest
 
     def clear(self) -> None:
         """Forget every key: a cluster node that lost a channel's ownership reloads
@@ -66,7 +86,7 @@ cdef class DedupeWindow:
         cdef DedupeEntry* e
         if slot < 0:
             return None
-        e = &self._ring[self._table[slot].n & (self._ring_cap - 1)]
+        e = &self._ring[self._table[slot].pos - 1]
         return e.seq, e.ts_us
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
@@ -91,7 +111,7 @@ cdef class DedupeWindow:
         slot = self._slot_of(self._pending, n, self._pending_hash)
         if slot < 0:
             return 0
-        e = &self._ring[self._table[slot].n & (self._ring_cap - 1)]
+        e = &self._ring[self._table[slot].pos - 1]
         seq[0] = e.seq
         ts_us[0] = e.ts_us
         return 1
@@ -140,12 +160,17 @@ cdef class DedupeWindow:
         e.heap_key = heap
         if heap == NULL:
             memcpy(e.inline_key, key, key_len)
-        i = <Py_ssize_t>(<uint64_t>h) & self._table_mask
-        while self._table[i].n >= 0:
+        i = hash_tag(h) & self._table_mask
+        while self._table[i].pos:
             i = (i + 1) & self._table_mask
-        self._table[i].n = <int64_t>self._tail
-        self._table[i].hash = h
+        self._table[i].pos = <uint32_t>(self._tail & (self._ring_cap - 1)) + 1
+        self._table[i].tag = hash_tag(h)
         self._tail += 1
+        # The next key to leave is known now: fetch its slot while the
+        # reply goes out, not when the next publish needs it.
+        if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
+            __builtin_prefetch(&self._table[
+                hash_tag(self._ring[self._head & (self._ring_cap - 1)].hash) & self._table_mask])
         return 0
 
     cdef int _grow(self) except -1:
@@ -159,15 +184,15 @@ cdef class DedupeWindow:
             PyMem_Free(ring)
             PyMem_Free(table)
             raise MemoryError()
-        memset(table, 0xFF, 2 * cap * sizeof(DedupeSlot))     # every slot's n is -1
+        memset(table, 0, 2 * cap * sizeof(DedupeSlot))        # every slot empty
         n = self._head
         while n != self._tail:
             ring[n & (cap - 1)] = self._ring[n & (self._ring_cap - 1)]
-            i = <Py_ssize_t>(<uint64_t>ring[n & (cap - 1)].hash) & mask
-            while table[i].n >= 0:
+            i = hash_tag(ring[n & (cap - 1)].hash) & mask
+            while table[i].pos:
                 i = (i + 1) & mask
-            table[i].n = <int64_t>n
-            table[i].hash = ring[n & (cap - 1)].hash
+            table[i].pos = <uint32_t>(n & (cap - 1)) + 1
+            table[i].tag = hash_tag(ring[n & (cap - 1)].hash)
             n += 1
         PyMem_Free(self._ring)
         PyMem_Free(self._table)
@@ -181,39 +206,41 @@ cdef class DedupeWindow:
         cdef Py_ssize_t i
         cdef DedupeSlot* slot
         cdef DedupeEntry* e
+        cdef uint32_t tag = hash_tag(h)
         if self._table == NULL:
             return -1
-        i = <Py_ssize_t>(<uint64_t>h) & self._table_mask
+        i = tag & self._table_mask
         while True:
             slot = &self._table[i]
-            if slot.n < 0:
+            if not slot.pos:
                 return -1
-            if slot.hash == h:
-                e = &self._ring[slot.n & (self._ring_cap - 1)]
-                if e.key_len == key_len and memcmp(entry_key(e), key, key_len) == 0:
+            if slot.tag == tag:
+                e = &self._ring[slot.pos - 1]
+                if e.hash == h and e.key_len == key_len and memcmp(entry_key(e), key, key_len) == 0:
                     return i
             i = (i + 1) & self._table_mask
 
     cdef void _evict_oldest(self) noexcept:
         # Backward-shift deletion keeps linear probing free of tombstones.
-        cdef DedupeEntry* e = &self._ring[self._head & (self._ring_cap - 1)]
+        cdef uint32_t pos = <uint32_t>(self._head & (self._ring_cap - 1)) + 1
+        cdef DedupeEntry* e = &self._ring[pos - 1]
         cdef Py_ssize_t mask = self._table_mask
-        cdef Py_ssize_t i = <Py_ssize_t>(<uint64_t>e.hash) & mask
+        cdef Py_ssize_t i = hash_tag(e.hash) & mask
         cdef Py_ssize_t j, home
-        while self._table[i].n != <int64_t>self._head:
+        while self._table[i].pos != pos:
             i = (i + 1) & mask
         j = i
         while True:
             j = (j + 1) & mask
-            if self._table[j].n < 0:
+            if not self._table[j].pos:
                 break
-            home = <Py_ssize_t>(<uint64_t>self._table[j].hash) & mask
+            home = self._table[j].tag & mask
             # The entry at j may fill the hole at i unless its home lies in (i, j].
             if (i <= j and i < home <= j) or (i > j and (home > i or home <= j)):
                 continue
             self._table[i] = self._table[j]
             i = j
-        self._table[i].n = -1
+        self._table[i].pos = 0
         PyMem_Free(e.heap_key)
         e.heap_key = NULL
         self._head += 1

@@ -169,6 +169,8 @@ class Settings:
             if option.numeric and (value < 0 or (value == 0 and option.zero is REFUSED)):
                 raise ValueError(f"{option.flag} must be {'>= 0' if option.zero else 'above 0'}"
                                  f", not {value:g}")
+        if self.dedupe_window > 1 << 30:        # DEDUPE_MAX_KEYS (core/dedupe.pxd)
+            raise ValueError(f"--dedupe-window must be at most {1 << 30}, not {self.dedupe_window}")
         if (self.tls_key or self.tls_client_ca) and not self.tls_cert:
             raise ValueError("--tls-key and --tls-client-ca need --tls-cert")
         if self.admit_rate and self.admit_burst < 1:

@@ -460,8 +460,13 @@ class SQLiteStore:
     def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None:
         """``(seq, ts_us)`` of the message stored under ``key`` on ``channel`` from
         ``since_us`` on, or None: the window's answer for a key it had to give up."""
+        # INDEXED BY: left to itself SQLite's planner takes messages_by_time
+        # for the ts_us bound and reads every message of the span on the
+        # channel: 1.5 ms of relay CPU per keyed publish at 20,000 publishes/s
+        # (`python -m bench keys`, default deployment, window 4096).
         row = self._conn.execute(
-            "SELECT seq, ts_us FROM messages WHERE channel = ? AND dedupe = ? AND ts_us >= ?",
+            "SELECT seq, ts_us FROM messages INDEXED BY messages_by_key"
+            " WHERE channel = ? AND dedupe = ? AND ts_us >= ?",
             (channel, key, since_us)).fetchone()
         return (row[0], row[1]) if row else None
 

@@ -159,6 +159,22 @@ async def test_a_key_a_full_window_gave_up_is_answered_from_the_store(relay_fact
     assert (await alice.send("bob", "new", key="k-new")).seq == 201
 
 
+async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(relay_factory):
+    # A restart reloads the newest 16 keys of the span; the 24 older ones are
+    # on disk only, and a retry of one is still the original.
+    relay = relay_factory("--dedupe-window", "16", workers=1)
+    alice = await relay.connect("alice")
+    acks = await _send_keyed(alice, 40)
+    await alice.close()
+    relay.stop()
+    again = relay_factory("--dedupe-window", "16", workers=1, data_dir=relay.data_dir,
+                          secret=relay.secret)
+    alice = await again.connect("alice")
+    retry = await alice.send("bob", "m0", key="k0")
+    assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[0].seq, acks[0].ts_us, True)
+    assert (await alice.send("bob", "new", key="k-new")).seq == 41
+
+
 async def test_without_a_store_the_window_holds_its_last_dedupe_window_keys(relay_factory):
     relay = relay_factory("--store", "memory", "--dedupe-window", "16")
     alice = await relay.connect("alice")

@@ -322,3 +322,32 @@ def test_workers_opening_a_new_store_together_all_open_it(tmp_path):
         worker.join(60)
     assert [worker.exitcode for worker in workers] == [0] * processes
     assert failures.empty(), failures.get()
+
+
+def _lookup_steps(tmp_path: Path, messages: int) -> int:
+    """SQLite VM steps of one ``find_key`` on a channel of ``messages`` keyed
+    messages, all within the span."""
+    store = SQLiteStore(tmp_path / str(messages))
+    with sqlite3.connect(store.path) as db:
+        db.executemany("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                       " VALUES ('dm:a:b', ?, ?, 'a', ?, x'00')",
+                       ((n, 10**9 + n, b"a\x00k%d" % n) for n in range(1, messages + 1)))
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._conn.set_progress_handler(step, 1)
+    assert store.find_key("dm:a:b", b"a\x00k1", 10**9) == (1, 10**9 + 1)
+    assert store.find_key("dm:a:b", b"a\x00never", 10**9) is None
+    store.close()
+    return steps
+
+
+def test_a_retried_key_is_looked_up_through_the_key_index(tmp_path):
+    # A key a full window gave up is looked up on every keyed publish of a
+    # busy channel: the lookup must go through messages_by_key, not read every
+    # message of the span (SQLite's planner chose messages_by_time on its own).
+    assert _lookup_steps(tmp_path, 20_000) < 2 * _lookup_steps(tmp_path, 20)

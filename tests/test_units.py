@@ -292,6 +292,11 @@ def test_a_negative_worker_count_is_refused():
         load({"workers": -1}, env={})
 
 
+def test_a_dedupe_window_too_large_for_its_table_is_refused_at_start():
+    with pytest.raises(ValueError, match="--dedupe-window must be at most 1073741824"):
+        load({"dedupe_window": (1 << 30) + 1}, env={})
+
+
 def test_load_reads_the_process_environment_by_default(monkeypatch):
     monkeypatch.setenv("FENGHUO_RING_SIZE", "77")
     assert load({}).ring_size == 77
