@@ -233,6 +233,7 @@ class Metrics:
     writes: int
     publishes: int
     duplicates: int
+    key_lookups: int
     deliveries: int
     slow_consumers: int
     rate_limited: int

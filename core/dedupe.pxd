@@ -29,6 +29,25 @@ cdef struct DedupeSlot:
                                      # first comparison, so probing stays in the table
 
 
+cdef enum:
+    # Generations of the given-up filter at most: two at a steady rate (the
+    # current one and the one before, each a span long); more while the
+    # rate grows past what the current one was sized for.
+    DEDUPE_FILTER_GENERATIONS = 4
+
+
+cdef struct KeyFilter:
+    # One generation of a Bloom filter over the hashes of keys a full window
+    # gave up before their span was over: three bits in one 64-bit word per
+    # key (one memory access to add or test).
+    uint64_t* words
+    uint64_t mask                    # words - 1 (a power of two)
+    Py_ssize_t count                 # keys added
+    Py_ssize_t capacity              # keys it was sized for (about 13-26 bits each)
+    uint64_t start_us                # it took keys given up from start_us
+    uint64_t end_us                  # until end_us (0: it still takes them)
+
+
 cdef class DedupeWindow:
     # One channel's idempotency window: the keys accepted in the last
     # ``span_us`` microseconds of message time, at most ``max_keys`` of them.
@@ -50,9 +69,18 @@ cdef class DedupeWindow:
     # Newest message time of a key pushed out by ``max_keys`` before its
     # span was over (0: none): keys from then back may only be in the store.
     cdef readonly uint64_t evicted_early_us
+    # With a store (``keep_given_up``): the keys given up early, so that a
+    # miss asks the store only for a key that may be there, not for every
+    # new key of a busy channel.  Until ``unknown_until_us`` (a restart that
+    # reloaded a full window) every miss asks it.
+    cdef public bint keep_given_up
+    cdef KeyFilter _gens[DEDUPE_FILTER_GENERATIONS]
+    cdef int _ngens
+    cdef uint64_t _unknown_until_us
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
                     Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
+    cdef bint given_up(self, uint64_t now_us) noexcept
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1
     cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
@@ -61,4 +89,6 @@ cdef class DedupeWindow:
     cdef void _drop_pending(self) noexcept
     cdef void _evict_oldest(self) noexcept
     cdef void _expire(self, uint64_t now_us) noexcept
+    cdef int _give_up(self, Py_hash_t h, uint64_t evicted_ts_us, uint64_t now_us) except -1
+    cdef int _new_generation(self, uint64_t evicted_ts_us, uint64_t now_us) except -1
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept

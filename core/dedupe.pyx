@@ -8,9 +8,9 @@
 # hashed with CPython's own bytes hash (SipHash with the process's random
 # seed), so a sender cannot choose keys that collide.
 
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.mem cimport PyMem_Malloc, PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memcmp, memset
+from libc.string cimport memcpy, memcmp, memmove, memset
 
 cdef extern from "Python.h":
     Py_hash_t _Py_HashBytes(const void* src, Py_ssize_t length)
@@ -21,6 +21,21 @@ cdef extern from *:
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
+    # A filter generation is sized for the keys its channel gives up in one
+    # span at the rate measured so far, times 3/2, within these bounds (the
+    # upper: 16 M keys, at most 16 MiB a generation).
+    FILTER_MIN_KEYS = 1024
+    FILTER_MAX_KEYS = 1 << 24
+
+
+cdef inline uint64_t filter_bits(Py_hash_t h) noexcept:
+    # Three bits of a word from the hash's low 18 bits; the word from the bits above.
+    cdef uint64_t u = <uint64_t>h
+    return (1ULL << (u & 63)) | (1ULL << ((u >> 6) & 63)) | (1ULL << ((u >> 12) & 63))
+
+
+cdef inline uint64_t filter_word(KeyFilter* f, Py_hash_t h) noexcept:
+    return ((<uint64_t>h) >> 18) & f.mask
 
 
 cdef inline const char* entry_key(DedupeEntry* e) noexcept:
@@ -51,6 +66,8 @@ cdef class DedupeWindow:
         PyMem_Free(self._ring)
         PyMem_Free(self._table)
         self._drop_pending()
+        for i in range(self._ngens):
+            PyMem_Free(self._gens[i].words)
 
     def __len__(self):
         return self._tail - self._head
@@ -70,8 +87,10 @@ cdef class DedupeWindow:
             if not loaded:
                 oldest = ts_us
             loaded += 1
-        if loaded >= self.max_keys and oldest > self.evicted_early_us:
-            self.evicted_early_us = oldest
+        if loaded >= self.max_keys:
+            if oldest > self.evicted_early_us:
+                self.evicted_early_us = oldest
+            self._unknown_until_us = oldest + self.span_us
 
     def clear(self) -> None:
         """Forget every key: a cluster node that lost a channel's ownership reloads
@@ -116,6 +135,22 @@ cdef class DedupeWindow:
         ts_us[0] = e.ts_us
         return 1
 
+    cdef bint given_up(self, uint64_t now_us) noexcept:
+        """Whether the key ``lookup`` missed may have been given up early (then ask the store)."""
+        cdef int g
+        cdef KeyFilter* f
+        cdef uint64_t bits
+        if not self.keep_given_up:
+            return self.evicted_early_us + self.span_us >= now_us
+        if now_us <= self._unknown_until_us:
+            return True
+        bits = filter_bits(self._pending_hash)
+        for g in range(self._ngens):
+            f = &self._gens[g]
+            if f.words[filter_word(f, self._pending_hash)] & bits == bits:
+                return True
+        return False
+
     cdef bytes pending_key(self):
         """The key ``lookup`` did not find, as bytes (for the store)."""
         return PyBytes_FromStringAndSize(self._pending, self._pending_len)
@@ -142,8 +177,11 @@ cdef class DedupeWindow:
         cdef Py_ssize_t i
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             e = &self._ring[self._head & (self._ring_cap - 1)]
-            if e.ts_us + self.span_us > ts_us and e.ts_us > self.evicted_early_us:
-                self.evicted_early_us = e.ts_us
+            if e.ts_us + self.span_us > ts_us:
+                if e.ts_us > self.evicted_early_us:
+                    self.evicted_early_us = e.ts_us
+                if self.keep_given_up:
+                    self._give_up(e.hash, e.ts_us, ts_us)
             self._evict_oldest()
         if <Py_ssize_t>(self._tail - self._head) == self._ring_cap:
             self._grow()
@@ -249,3 +287,53 @@ cdef class DedupeWindow:
         while self._head != self._tail and \
                 self._ring[self._head & (self._ring_cap - 1)].ts_us + self.span_us < now_us:
             self._evict_oldest()
+
+    cdef int _give_up(self, Py_hash_t h, uint64_t evicted_ts_us, uint64_t now_us) except -1:
+        # Files the hash of a key leaving before its span is over.
+        cdef KeyFilter* f = &self._gens[self._ngens - 1] if self._ngens else NULL
+        if f == NULL or now_us >= f.start_us + self.span_us or f.count >= f.capacity:
+            self._new_generation(evicted_ts_us, now_us)
+            f = &self._gens[self._ngens - 1]
+        f.words[filter_word(f, h)] |= filter_bits(h)
+        f.count += 1
+        return 0
+
+    cdef int _new_generation(self, uint64_t evicted_ts_us, uint64_t now_us) except -1:
+        # A generation that stopped taking keys at end_us holds keys of
+        # message time before end_us: once end_us + span is past, none of
+        # them is in its span any more, and it goes.
+        cdef KeyFilter* last
+        cdef Py_ssize_t keys, words = 1
+        cdef uint64_t* bits
+        while self._ngens and self._gens[0].end_us and self._gens[0].end_us + self.span_us < now_us:
+            PyMem_Free(self._gens[0].words)
+            self._ngens -= 1
+            memmove(&self._gens[0], &self._gens[1], self._ngens * sizeof(KeyFilter))
+        if self._ngens == DEDUPE_FILTER_GENERATIONS:
+            # Every generation still holds keys of the span: the last one
+            # takes more than it was sized for (more stores asked, none missed).
+            self._gens[self._ngens - 1].capacity = PY_SSIZE_T_MAX
+            return 0
+        # Keys given up per span at the rate so far: from the generation
+        # before, else from the window (max_keys covered now - evicted_ts_us).
+        last = &self._gens[self._ngens - 1] if self._ngens else NULL
+        if last != NULL and now_us > last.start_us:
+            keys = <Py_ssize_t>(<double>last.count * self.span_us / (now_us - last.start_us))
+        else:
+            keys = <Py_ssize_t>(<double>self.max_keys * self.span_us / max(now_us - evicted_ts_us, <uint64_t>1))
+        keys = min(max(keys + keys // 2, FILTER_MIN_KEYS), FILTER_MAX_KEYS)
+        while words * 5 < keys:          # 64 bits a word: 13-26 bits a key
+            words *= 2
+        bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
+        if bits == NULL:
+            raise MemoryError()
+        if last != NULL:
+            last.end_us = now_us
+        self._gens[self._ngens].words = bits
+        self._gens[self._ngens].mask = words - 1
+        self._gens[self._ngens].count = 0
+        self._gens[self._ngens].capacity = keys
+        self._gens[self._ngens].start_us = now_us
+        self._gens[self._ngens].end_us = 0
+        self._ngens += 1
+        return 0

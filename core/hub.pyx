@@ -182,6 +182,7 @@ cdef class Hub:
         ch = self.channels.get(key)
         if ch is None:
             made = Channel(name, kind, self.ring_capacity, self.dedupe_window, self.dedupe_span)
+            made.dedupe.keep_given_up = self.key_lookup is not None
             if self.masker is not None:
                 made.mask = self.masker(name)
             if self.channel_loader is not None:
@@ -301,8 +302,9 @@ cdef class Hub:
         if window.lookup(PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender), v.key, v.key_len,
                          now_us, seq, ts):
             return 1
-        if self.key_lookup is None or window.evicted_early_us + window.span_us < now_us:
+        if self.key_lookup is None or not window.given_up(now_us):
             return 0
+        self.metrics.key_lookups += 1
         found = self.key_lookup(ch.name, window.pending_key(), now_us - window.span_us)
         if found is None:
             return 0

@@ -16,6 +16,7 @@ cdef class Metrics:
     cdef public uint64_t writes
     cdef public uint64_t publishes
     cdef public uint64_t duplicates
+    cdef public uint64_t key_lookups
     cdef public uint64_t deliveries
     cdef public uint64_t slow_consumers
     cdef public uint64_t rate_limited

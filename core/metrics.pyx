@@ -44,6 +44,7 @@ cdef class Metrics:
             "writes": self.writes,
             "publishes": self.publishes,
             "duplicates": self.duplicates,
+            "key_lookups": self.key_lookups,
             "deliveries": self.deliveries,
             "slow_consumers": self.slow_consumers,
             "rate_limited": self.rate_limited,

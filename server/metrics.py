@@ -24,6 +24,8 @@ _COUNTERS = (
     ("writes", "fenghuo_writes_total", "Coalesced writes (at most one per connection per loop iteration)."),
     ("publishes", "fenghuo_messages_published_total", "Messages sequenced."),
     ("duplicates", "fenghuo_publish_duplicates_total", "Publishes answered from the idempotency window."),
+    ("key_lookups", "fenghuo_publish_key_lookups_total",
+     "Idempotency keys asked of the store: ones a full window may have given up before their span was over."),
     ("deliveries", "fenghuo_deliveries_total", "Message frames queued to subscribers, live or caught up."),
     ("slow_consumers", "fenghuo_slow_consumer_disconnects_total", "Connections cut for exceeding max_pending."),
     ("rate_limited", "fenghuo_rate_limited_disconnects_total", "Connections cut for exceeding the frame rate."),

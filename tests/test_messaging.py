@@ -17,6 +17,7 @@ from fenghuo import ContentType, ErrorCode, FenghuoError, ReceiptKind
 from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, encode_json
 from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
+from rawwire import metrics
 
 
 def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:
@@ -173,6 +174,27 @@ async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(rel
     retry = await alice.send("bob", "m0", key="k0")
     assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[0].seq, acks[0].ts_us, True)
     assert (await alice.send("bob", "new", key="k-new")).seq == 41
+
+
+async def test_keys_a_full_window_gave_up_are_all_found_while_its_filter_turns_over(relay_factory):
+    # Window 16, span 1.5 s: thousands of keys over 3.5 s leave the window
+    # early; the filter that sends their retries to the store starts a new
+    # generation every span and drops the old.  A retry of any key of the
+    # last 0.7 s is still the original, and new keys seldom ask the store.
+    relay = relay_factory("--dedupe-window", "16", "--dedupe-span", "1.5", workers=1)
+    alice = await relay.connect("alice")
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[str, fenghuo.Ack, float]] = []
+    start = loop.time()
+    while loop.time() - start < 3.5:
+        keys = [f"k{len(sent) + i}" for i in range(50)]
+        acks = await asyncio.gather(*(alice.send("bob", "m", key=k) for k in keys))
+        sent += [(k, a, loop.time()) for k, a in zip(keys, acks)]
+    recent = [(k, a) for k, a, t in sent if loop.time() - t < 0.7]
+    assert len(sent) > 1000 and recent
+    assert (await metrics(relay))["fenghuo_publish_key_lookups_total"] < len(sent) / 20
+    retries = await asyncio.gather(*(alice.send("bob", "m", key=k) for k, _ in recent))
+    assert [(r.seq, r.duplicate) for r in retries] == [(a.seq, True) for _, a in recent]
 
 
 async def test_without_a_store_the_window_holds_its_last_dedupe_window_keys(relay_factory):

@@ -569,7 +569,8 @@ def test_metrics_snapshot():
     assert len(snap["latency_bounds"]) == 15 and len(snap["latency_counts"]) == 16
     assert snap["latency_bounds"] == sorted(snap["latency_bounds"])
     assert all(snap[k] == 0 for k in ("frames_in", "bytes_in", "frames_out", "bytes_out", "writes",
-                                      "publishes", "duplicates", "deliveries", "slow_consumers",
+                                      "publishes", "duplicates", "key_lookups", "deliveries",
+                                      "slow_consumers",
                                       "rate_limited"))
     for code in (ErrorCode.FORBIDDEN, ErrorCode.FORBIDDEN, ErrorCode.INTERNAL, 199, 99, 200, -5):
         m.record_error(code)
