@@ -303,11 +303,11 @@ class SQLiteStore:
             if isinstance(batch[-1], _Stop):
                 batch.pop()
                 stop = True
-            typed = [r for r in batch if r.__class__ is not tuple]
-            if typed:
+            ordered = batch
+            if any(r.__class__ is not tuple for r in batch):
                 batch = [r for r in batch if r.__class__ is tuple]
             try:
-                self._write_batch(conn, batch, typed)
+                self._write_batch(conn, batch, ordered)
             except BaseException as exc:   # a full disk, a broken file: stop accepting
                 self.failure = exc
                 log.critical("store write failed; the relay stops sequencing", exc_info=exc)
@@ -335,7 +335,9 @@ class SQLiteStore:
                 return batch
             batch.append(record)
 
-    def _write_batch(self, conn: sqlite3.Connection, batch: list, typed: list | None = None) -> None:
+    def _write_batch(self, conn: sqlite3.Connection, batch: list, ordered: list | None = None) -> None:
+        """Write ``batch`` in one transaction; ``ordered`` is the batch as queued, typed
+        records (webhook events, the sender's notes) included."""
         messages = [r[:6] for r in batch if len(r) == 7 and r[0] is not None]
         groups = [(r[1], r[2]) for r in batch if r[0] == "group"]
         cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
@@ -345,11 +347,12 @@ class SQLiteStore:
         clicks = [r[1:] for r in batch if r[0] == "click"]
         expiries = [r[1:] for r in batch if r[0] == "expire"]
         fired = [r for r in batch if r[0] == "timers_done"]
-        if not (messages or groups or cursors or reads or delivered or clicks or expiries or fired or typed):
+        if not (messages or groups or cursors or reads or delivered or clicks or expiries or fired
+                or (ordered is not None and len(ordered) > len(batch))):
             return
         conn.execute("BEGIN")
         if self.outbox is not None:
-            self._write_outbox(conn, messages, typed or ())
+            self._write_outbox(conn, batch if ordered is None else ordered)
         if messages and self.cipher is not None:
             conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame,"
                              " key_id) VALUES (?, ?, ?, ?, ?, ?, ?)", self.cipher.seal_rows(messages))
@@ -387,16 +390,19 @@ class SQLiteStore:
             conn.execute(query, params)
         conn.execute("COMMIT")
 
-    def _write_outbox(self, conn: sqlite3.Connection, messages: list, typed: Iterable) -> None:
-        """The outbox rows of this transaction: its messages' events, the events emitted
-        with them, and what the sender learnt (server/outbox.py)."""
+    def _write_outbox(self, conn: sqlite3.Connection, ordered: list) -> None:
+        """The outbox rows of this transaction, in queue order (so a stream's events keep
+        the order they were emitted in): messages' events, emitted events, and what the
+        sender learnt (server/outbox.py)."""
         outbox = self.outbox
         assert outbox is not None
-        events = [e for channel, seq, _, _, _, frame in messages
-                  for e in outbox.message_events(channel, seq, frame)]
-        for record in typed:
-            if isinstance(record, WebhookEvent):
-                events.append(record)
+        rows: list[tuple] = []
+        for record in ordered:
+            if record.__class__ is tuple:
+                if len(record) == 7 and record[0] is not None:
+                    rows += outbox.message_rows(record[0], record[1], record[5])
+            elif isinstance(record, WebhookEvent):
+                rows += outbox.rows(record)
             elif isinstance(record, Delivered):
                 conn.executemany("DELETE FROM webhook_outbox WHERE id = ?", [(i,) for i in record.ids])
             elif isinstance(record, Failed):
@@ -407,7 +413,7 @@ class SQLiteStore:
                 now = time.time_ns() // 1000
                 for i in record.ids:
                     conn.execute("INSERT INTO webhook_outbox (endpoint, stream, event_id, type, payload,"
-                                 " created_us) SELECT endpoint, stream, event_id, type, payload, ?"
+                                 " seq, created_us) SELECT endpoint, stream, event_id, type, payload, seq, ?"
                                  " FROM webhook_outbox WHERE id = ? AND dead = 1", (now, i))
                     conn.execute("DELETE FROM webhook_outbox WHERE id = ? AND dead = 1", (i,))
             elif isinstance(record, EndpointState):
@@ -417,14 +423,14 @@ class SQLiteStore:
                                                        record.reason))
                 else:
                     conn.execute("DELETE FROM webhook_endpoints WHERE name = ?", (record.name,))
-        rows = [row for e in events for row in outbox.rows(e)]
         if rows and self.cipher is not None:
-            rows = [(endpoint, stream, event_id, type_, self.cipher.seal_blob(
-                payload, atrest.outbox_aad(endpoint, event_id)), created)
-                for endpoint, stream, event_id, type_, payload, created in rows]
+            # A message.created row holds no payload: its message is sealed in messages.
+            rows = [(endpoint, stream, event_id, type_, None if payload is None else self.cipher.seal_blob(
+                payload, atrest.outbox_aad(endpoint, event_id)), created, seq)
+                for endpoint, stream, event_id, type_, payload, created, seq in rows]
         if rows:
             conn.executemany("INSERT INTO webhook_outbox (endpoint, stream, event_id, type, payload,"
-                             " created_us) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                             " created_us, seq) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         """Write what is queued, then stop the threads."""

@@ -27,8 +27,15 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from fenghuo import webhooks
-from fenghuo.server.atrest import blob_of, outbox_aad
-from fenghuo.server.outbox import Delivered, Endpoint, EndpointState, Failed, Replay
+from fenghuo.server import atrest
+from fenghuo.server.outbox import (
+    Delivered,
+    Endpoint,
+    EndpointState,
+    Failed,
+    Replay,
+    message_created,
+)
 
 if TYPE_CHECKING:
     from fenghuo.server.config import Settings
@@ -50,6 +57,11 @@ RESPONSE_LIMIT = 64 << 10
 # The first retry waits about this long; each next one twice as long, up to --webhook-retry-max.
 RETRY_FIRST = 1.0
 USER_AGENT = "fenghuo-webhooks/1"
+# An outbox row's payload: stored, or (message.created) made from the message
+# it names (server/outbox.py), which the same transaction stored.
+PAYLOAD = "o.endpoint, o.payload, o.seq, m.frame, m.key_id"
+FROM_OUTBOX = ("FROM webhook_outbox o LEFT JOIN messages m"
+               " ON o.payload IS NULL AND m.channel = o.stream AND m.seq = o.seq")
 
 
 @dataclass(slots=True)
@@ -179,14 +191,12 @@ class WebhookSender:
 
     async def _fill(self, q: EndpointQueue) -> None:
         rows = await self._query(
-            "SELECT id, stream, event_id, type, payload, created_us, attempts, next_us"
-            " FROM webhook_outbox WHERE endpoint = ? AND dead = 0 AND id > ? ORDER BY id LIMIT ?",
-            (q.endpoint.name, q.cursor, PAGE))
+            f"SELECT o.id, o.stream, o.event_id, o.type, o.created_us, o.attempts, o.next_us, {PAYLOAD}"
+            f" {FROM_OUTBOX} WHERE o.endpoint = ? AND o.dead = 0 AND o.id > ? ORDER BY o.id LIMIT ?",
+            (q.endpoint.name, q.cursor, PAGE), with_payload=True)
         q.filled_at, q.more = time.monotonic(), len(rows) == PAGE
-        cipher, name = self.store.cipher, q.endpoint.name
-        for id_, stream, event_id, type_, payload, created_us, attempts, next_us in rows:
-            q.add(Row(id_, stream, event_id, type_, blob_of(cipher, payload, outbox_aad(name, event_id)),
-                      created_us, attempts, next_us / 1e6))
+        for id_, stream, event_id, type_, created_us, attempts, next_us, payload in rows:
+            q.add(Row(id_, stream, event_id, type_, payload, created_us, attempts, next_us / 1e6))
 
     def _start_due(self, q: EndpointQueue) -> None:
         now = time.time()
@@ -278,10 +288,26 @@ class WebhookSender:
 
     # ------------------------------------------------------------ the API's view
 
-    async def _query(self, sql: str, params: tuple) -> list[tuple]:
+    async def _query(self, sql: str, params: tuple, with_payload: bool = False) -> list[tuple]:
+        """Rows of ``sql`` read on the store's reader thread; ``with_payload``: the last
+        five columns (PAYLOAD; the second and third are the stream and the event id)
+        become the payload to send, made there too (sealed ones opened: --store-key-file)."""
         store = self.store
-        return await asyncio.get_running_loop().run_in_executor(
-            store._reader, lambda: store._reader_conn().execute(sql, params).fetchall())
+
+        def payload(stream: str, event_id: str, endpoint: str, stored: bytes | None, seq: int,
+                    frame: bytes | None, key_id: str | None) -> bytes:
+            if stored is not None:
+                return atrest.blob_of(store.cipher, stored, atrest.outbox_aad(endpoint, event_id))
+            return message_created(stream, seq, None if frame is None else
+                                   atrest.frame_of(store.cipher, stream, seq, frame, key_id))
+
+        def read() -> list[tuple]:
+            rows = store._reader_conn().execute(sql, params).fetchall()
+            if not with_payload:
+                return rows
+            return [(*r[:-5], payload(r[1], r[2], *r[-5:])) for r in rows]
+
+        return await asyncio.get_running_loop().run_in_executor(store._reader, read)
 
     async def describe(self) -> list[dict[str, Any]]:
         counts: dict[tuple[str, int], int] = {
@@ -306,13 +332,13 @@ class WebhookSender:
 
     async def dead_letters(self, name: str, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self._query(
-            "SELECT id, event_id, type, stream, attempts, last_error, created_us, payload"
-            " FROM webhook_outbox WHERE endpoint = ? AND dead = 1 AND id > ? ORDER BY id LIMIT ?",
-            (name, after, limit))
+            f"SELECT o.id, o.stream, o.event_id, o.type, o.attempts, o.last_error, o.created_us, {PAYLOAD}"
+            f" {FROM_OUTBOX} WHERE o.endpoint = ? AND o.dead = 1 AND o.id > ? ORDER BY o.id LIMIT ?",
+            (name, after, limit), with_payload=True)
         return [{"id": id_, "event_id": event_id, "type": type_, "channel": stream,
                  "attempts": attempts, "last_error": error, "created_us": created_us,
-                 "payload": blob_of(self.store.cipher, payload, outbox_aad(name, event_id)).decode()}
-                for id_, event_id, type_, stream, attempts, error, created_us, payload in rows]
+                 "payload": payload.decode()}
+                for id_, stream, event_id, type_, attempts, error, created_us, payload in rows]
 
     async def replay(self, name: str, ids: list[int] | None, limit: int) -> int:
         """Dead letters of ``name`` (``ids``, or the oldest ``limit``) sent again, after what is pending."""

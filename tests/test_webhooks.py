@@ -42,7 +42,7 @@ def write_endpoints(path: Path, *endpoints: dict) -> str:
 def outbox_rows(data_dir: Path) -> list[tuple]:
     conn = sqlite3.connect(data_dir / DB_FILE)
     try:
-        return conn.execute("SELECT endpoint, stream, type, event_id, payload, dead"
+        return conn.execute("SELECT endpoint, stream, type, event_id, payload, seq, dead"
                             " FROM webhook_outbox ORDER BY id").fetchall()
     finally:
         conn.close()
@@ -94,9 +94,15 @@ async def test_a_message_and_its_event_are_written_together(relay_factory, tmp_p
     rows = [r for r in outbox_rows(relay.data_dir) if r[2] == "message.created"]
     assert [(r[0], r[1]) for r in rows] == [("all", "org.acme.news"), ("acme", "org.acme.news"),
                                             ("all", "org.other")]
-    payload = orjson.loads(rows[0][4])
-    assert payload["type"] == "message.created"
-    assert payload["data"]["seq"] == ack.seq and payload["data"]["data"] == "hello"
+    # A message.created names its message, stored by the same transaction; the sender
+    # makes the payload from it.
+    assert (rows[0][4], rows[0][5]) == (None, ack.seq)
+    conn = sqlite3.connect(relay.data_dir / DB_FILE)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM messages WHERE channel = ? AND seq = ?",
+                            ("org.acme.news", ack.seq)).fetchone() == (1,)
+    finally:
+        conn.close()
     # One event, one id, whatever the number of endpoints that get it.
     assert rows[0][3] == rows[1][3] != rows[2][3]
 
@@ -524,3 +530,39 @@ async def test_the_readme_receiver_works_as_written(relay_factory, tmp_path):
     finally:
         receiver.send_signal(signal.SIGTERM)
         receiver.wait(10)
+
+
+async def test_a_message_retention_deleted_before_its_event_was_read_is_sent_as_removed(
+        relay_factory, receivers, tmp_path):
+    """message.created payloads are made from the stored message when the sender reads the
+    row (DESIGN, Webhooks): one that retention deleted before is still sent, as
+    {channel, seq, removed}.  A 410 keeps the sender from reading meanwhile."""
+    receiver = receivers()
+    receiver.answer = always(410)
+    await receiver.start()
+    relay = relay_factory("--webhooks", created_hooks(tmp_path, receiver), "--webhook-retry-max", "0.3",
+                          "--retention", "org.short=1s", "--retention-interval", "0.2", api=True)
+    alice = await relay.connect("alice", channels=("org.>",))
+    await alice.publish("org.keep", "kept")
+    async with api_of(relay) as api:
+        for _ in range(100):
+            if (await api.webhook_endpoints())["endpoints"][0]["disabled"]:
+                break
+            await asyncio.sleep(0.1)
+        ack = await alice.publish("org.short", "soon gone")
+        conn = sqlite3.connect(relay.data_dir / DB_FILE)
+        try:
+            for _ in range(100):
+                if conn.execute("SELECT COUNT(*) FROM messages WHERE channel = 'org.short'"
+                                ).fetchone() == (0,):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("retention did not delete the message")
+        finally:
+            conn.close()
+        receiver.answer = None
+        await api.webhook_enable("app")
+        got = await receiver.wait_for(2)
+    assert got[0]["data"]["data"] == "kept"
+    assert got[1]["data"] == {"channel": "org.short", "seq": ack.seq, "removed": True}
