@@ -81,6 +81,12 @@ class _Methods(Generic[R]):
     def group_remove(self, group: str, by: str, users: list[str]) -> R:
         return self.call("group_remove", {"group": group, "by": by, "users": users})
 
+    def handoff(self, group: str, by: str, to: str, *, remove: list[str] | None = None,
+                note: str | None = None) -> R:
+        """Hand conversation ``group`` over from a bot to ``to`` (docs/API.md handoff)."""
+        return self.call("handoff", _drop_none({"group": group, "by": by, "to": to,
+                                                "remove": remove, "note": note}))
+
     def group_list(self, user: str) -> R:
         return self.call("group_list", {"user": user})
 

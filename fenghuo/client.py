@@ -873,6 +873,13 @@ class Client:
         return await self._request(FrameType.GROUP, {"op": "role", "group": group,
                                                      "user": user, "role": role})
 
+    async def handoff(self, group: str, to: str, *, remove: list[str] | None = None,
+                      note: str = "") -> dict:
+        """Hand the conversation ``group`` over to ``to`` (an owner's or admin's request):
+        ``to`` joins, a ``handoff`` event is posted, ``remove`` (the bot) leave."""
+        return await self._request(FrameType.GROUP, {"op": "handoff", "group": group, "to": to,
+                                                     "remove": remove or [], "note": note})
+
     async def list_groups(self) -> list[dict]:
         return (await self._request(FrameType.GROUP, {"op": "list"}))["groups"]
 

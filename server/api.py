@@ -150,6 +150,14 @@ class GroupAddCall(Call, frozen=True):
     role: Annotated[Literal["member", "admin"], Meta(description='"member" or "admin"')] | None = None
 
 
+class HandoffCall(Call, frozen=True):
+    group: GroupId
+    by: Sender
+    to: Sender
+    remove: Users | None = None
+    note: Text | None = None
+
+
 class GroupRemoveCall(Call, frozen=True):
     group: GroupId
     by: Sender
@@ -711,6 +719,11 @@ async def group_add(api: Api, body: GroupAddCall) -> dict[str, Any]:
     return await client.add_members(body.group, body.users, body.role or "member")
 
 
+async def handoff(api: Api, body: HandoffCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.by)
+    return await client.handoff(body.group, body.to, remove=body.remove, note=body.note or "")
+
+
 async def group_remove(api: Api, body: GroupRemoveCall) -> dict[str, Any]:
     client = await api.backends.as_user(body.by)
     return await client.remove_members(body.group, body.users)
@@ -829,6 +842,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            GroupCreateCall, OBJECT, group_create),
     Method("group_add", "Add `users` to a group, as `by` (its owner or an admin).",
            GroupAddCall, OBJECT, group_add),
+    Method("handoff", "Hand a conversation (a group) over to `to`, as `by` (its owner or an "
+                      "admin): `to` joins, a handoff event is posted, `remove` (the bot) leave.",
+           HandoffCall, OBJECT, handoff),
     Method("group_remove", "Remove `users` from a group, as `by`.",
            GroupRemoveCall, OBJECT, group_remove),
     Method("group_list", "The groups `user` belongs to, with their role.", UserCall, OBJECT,

@@ -52,6 +52,7 @@ from fenghuo.server.schemas import (
     HISTORY_DEFAULT,
     INT64_MAX,
     GroupAdd,
+    GroupHandoff,
     GroupCreate,
     GroupLeave,
     GroupList,
@@ -979,12 +980,34 @@ class Relay:
                 self.save_group(group)
                 self.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
                 return {"group": group_id, "user": user, "role": role}
+            case GroupHandoff(group=group_id, to=to, remove=remove, note=note):
+                return self._handoff(me, group_id, to, remove or [], note or "")
             case GroupList():
                 return {"groups": [{**g.describe(), "role": g.members[me]}
                                    for g in groups.of_user(me)]}
             case GroupMembers(group=group_id):
                 return {"group": group_id, "members": groups.member_group(me, group_id).members}
         raise AssertionError(f"no GROUP op for {request!r}")   # the schema admits no other
+
+    def _handoff(self, me: str, group_id: str, to: str, remove: list[str], note: str) -> dict:
+        """Hand a conversation over to ``to`` (a bot to an advisor, PROTOCOL §3.16): add them,
+        say so in the stream, then remove ``remove`` (the bot).  ``to`` is a member from
+        here on and reads the conversation from seq 1 with HISTORY."""
+        if to in remove:
+            raise refuse(ErrorCode.MALFORMED_BODY, "handoff: 'to' is also in 'remove'")
+        added = self.groups.add(me, group_id, [to])
+        group = self.groups.groups[group_id]
+        ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        if added:
+            self.join(to, ch)
+            self.save_group(group)
+            self.group_event(group, {"event": "join", "by": me, "users": added, "role": MEMBER})
+        self.group_event(group, {"event": "handoff", "by": me, "to": to, "from": remove,
+                                 "note": note})
+        seq = ch.seq
+        removed = self.groups.remove(me, group_id, remove) if remove else []
+        self._announce_parting(me, group, removed)
+        return {"group": group_id, "to": to, "added": bool(added), "seq": seq, "removed": removed}
 
     def _announce_parting(self, me: str, group: Group, users: list[str]) -> None:
         if not users:

@@ -149,6 +149,13 @@ class GroupRole(Tagged, frozen=True, tag="role"):
                     Meta(description='"admin", "member" or "owner"')]
 
 
+class GroupHandoff(Tagged, frozen=True, tag="handoff"):
+    group: GroupId
+    to: UserId
+    remove: Users | None = None
+    note: Text | None = None
+
+
 class GroupList(Tagged, frozen=True, tag="list"):
     pass
 
@@ -173,7 +180,8 @@ class PresenceUnsubscribe(Tagged, frozen=True, tag="unsubscribe"):
 
 
 CursorRequest = CursorSync | CursorUnread | CursorReaders
-GroupRequest = GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupRole | GroupList | GroupMembers
+GroupRequest = (GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupRole | GroupHandoff
+                | GroupList | GroupMembers)
 PresenceRequest = PresenceQuery | PresenceSubscribe | PresenceUnsubscribe
 
 
