@@ -28,7 +28,7 @@ export const ErrorCode = Object.freeze({
 });
 
 /** Receipt kinds (§3.13), content types (§3.15), ack status (§3.14), flags (§2.3). */
-export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2 });
+export const ReceiptKind = Object.freeze({ DELIVERED: 1, READ: 2, CLICKED: 3 });
 export const ContentType = Object.freeze({
   TEXT: 0, IMAGE: 1, VOICE: 2, FILE: 3, CARD: 4, EVENT: 5, BINARY: 6,
 });
