@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from fenghuo.server.session import Session
 
 log = logging.getLogger("fenghuo.gateway")
+# The read buffer each WebSocket starts with (picows does not go below 2048).
+WS_READ_BUFFER = 2048
 DEMO_DIR = Path(__file__).resolve().parent.parent / "clients"
 # What the demo page may load: its page, its script and the client module.
 DEMO_FILES = {
@@ -204,6 +206,10 @@ async def start(relay: Relay, make_session: Callable[[], Session], *,
         # A WebSocket frame may carry several protocol frames, but never more
         # bytes than the largest protocol frame accepted.
         max_frame_size=settings.max_frame,
+        # picows' smallest read buffer; it doubles for a larger message.  Its
+        # default, 16 KiB per connection, was most of a WebSocket connection's
+        # memory (python -m bench ws, connections: figures in bench/README).
+        read_buffer_init_size=WS_READ_BUFFER,
         websocket_handshake_timeout=settings.handshake_timeout,
         # Liveness is the protocol's own PING and idle timeout, as on TCP.
         enable_auto_ping=False,
