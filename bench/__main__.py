@@ -71,8 +71,8 @@ def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = (),
 def server_latency(metrics_port: int) -> dict[str, float]:
     """fenghuo's own publish-to-deliver p50/p99/p99.9 (ms, histogram bucket upper bounds)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    buckets = [(float(m.group(1)), int(m.group(2))) for m in re.finditer(
-        r'^fenghuo_publish_to_deliver_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.MULTILINE)]
+    buckets = [(float(m.group(1)), int(float(m.group(2)))) for m in re.finditer(
+        r'^fenghuo_publish_to_deliver_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.MULTILINE)]
     total = buckets[-1][1] if buckets else 0
     if not total:
         return {}

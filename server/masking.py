@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from fenghuo.core import DETECTORS, MaskRules
 from fenghuo.server.retention import rule_for
@@ -99,26 +102,22 @@ class Masking:
         rule = rule_for(self.rules, name)
         return rule.rules if rule is not None else None
 
-    def metrics(self) -> list[str]:
+    def collect(self) -> Iterator[Metric]:
         """The masking families of /metrics (none without rules)."""
         if not self.rules:
-            return []
-        out = ["# HELP fenghuo_mask_hits_total Numbers or patterns masked, by rule prefix and detector.",
-               "# TYPE fenghuo_mask_hits_total counter"]
+            return
+        hits = CounterMetricFamily("fenghuo_mask_hits", "Numbers or patterns masked, by rule prefix "
+                                   "and detector.", labels=("prefix", "detector"))
         for rule in self.rules:
-            for detector, hits in rule.rules.counts().items():
-                out.append(f'fenghuo_mask_hits_total{{prefix="{_label(rule.prefix)}",'
-                           f'detector="{detector}"}} {hits}')
+            for detector, count in rule.rules.counts().items():
+                hits.add_metric((rule.prefix, detector), count)
+        yield hits
         for name, attr, help_ in (
-                ("fenghuo_mask_masked_messages_total", "masked", "Messages changed by masking."),
-                ("fenghuo_mask_scanned_messages_total", "scanned", "Text messages masking looked at."),
-                ("fenghuo_mask_skipped_messages_total", "skipped",
+                ("fenghuo_mask_masked_messages", "masked", "Messages changed by masking."),
+                ("fenghuo_mask_scanned_messages", "scanned", "Text messages masking looked at."),
+                ("fenghuo_mask_skipped_messages", "skipped",
                  "Messages on a masked channel passed through untouched: not text.")):
-            out += [f"# HELP {name} {help_} By rule prefix.", f"# TYPE {name} counter"]
-            out += [f'{name}{{prefix="{_label(r.prefix)}"}} {getattr(r.rules, attr)}'
-                    for r in self.rules]
-        return out
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            family = CounterMetricFamily(name, f"{help_} By rule prefix.", labels=("prefix",))
+            for r in self.rules:
+                family.add_metric((r.prefix,), getattr(r.rules, attr))
+            yield family

@@ -11,12 +11,12 @@ same rings.
 One small event loop does everything: each child's exit arrives through a
 pidfd registered with ``add_reader`` (no SIGCHLD handler, no watcher thread),
 signals through ``add_signal_handler``, restarts through ``call_later``, and
-``/healthz`` and ``/metrics`` are served with asyncio streams.
+``/healthz`` and ``/metrics`` are served by ``server/httpd.py``.
 
 Metrics convention: with ``metrics_port`` P the supervisor serves P, and
 worker ``k`` is told (``FENGHUO_METRICS_PORT``) to serve its own on
-``P + 1 + k``; the supervisor's ``/metrics`` merges them, each sample labelled
-``worker="k"``, with its own gauges.  With P = 0 the workers serve none.
+``P + 1 + k``; the supervisor's ``/metrics`` merges them (prometheus-client's
+parser), each sample labelled ``worker="k"``, with its own gauges.  With P = 0 the workers serve none.
 """
 
 from __future__ import annotations
@@ -25,16 +25,20 @@ import asyncio
 import ctypes
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
 import uvloop
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
 from fenghuo.core import ShmRing
+from fenghuo.server import httpd, metrics
 from fenghuo.server.mesh import worker_env
 
 log = logging.getLogger("fenghuo.supervisor")
@@ -52,7 +56,6 @@ KILL_WAIT = 5.0                       # after SIGKILL, for the kernel to reap
 EXIT_STOP_RELAY = 74
 # The supervisor's status when a worker kept dying at start-up (see Backoff).
 EXIT_WORKERS_FAIL_TO_START = 3
-SCRAPE_TIMEOUT = 2.0
 
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl     # looked up here, not in the child
@@ -159,8 +162,8 @@ class _Run:
         http = None
         try:
             if self.config.metrics_port:
-                http = await asyncio.start_server(self._serve_http, self.config.metrics_host,
-                                                  self.config.metrics_port, reuse_address=True)
+                http = await httpd.start(self.config.metrics_host, self.config.metrics_port, {
+                    "/metrics": self._metrics, "/healthz": self._healthz, "/health": self._healthz})
             log.info("supervisor started", extra={
                 "workers": len(self.workers), "ring_capacity": self.config.ring_capacity,
                 "rings": len(self.rings), "metrics_port": self.config.metrics_port})
@@ -291,30 +294,7 @@ class _Run:
 
     # ------------------------------------------------------------ /healthz and /metrics
 
-    async def _serve_http(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            path = request.split(b" ", 2)[1].split(b"?", 1)[0] if request.count(b" ") >= 2 else b""
-            if path == b"/metrics":
-                status, ctype, body = 200, "text/plain; version=0.0.4", await self._metrics()
-            elif path in (b"/healthz", b"/health"):
-                status, body = await self._health()
-                ctype = "application/json"
-            else:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                         + body)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def _health(self) -> tuple[int, bytes]:
+    async def _healthz(self) -> httpd.Response:
         """200 only while every worker runs (and, with worker metrics, says it is healthy).
 
         A process that is alive may not listen yet (it is still starting) or
@@ -332,7 +312,7 @@ class _Run:
                  "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
                  **({"healthy": w.index in ready} if checked else {})}
                 for w in self.workers]})
-        return (200 if healthy else 503), body
+        return httpd.json_response(200 if healthy else 503, body)
 
     async def _scrape_workers(self, path: str) -> dict[int, str]:
         """``GET path`` from every running worker's metrics port: the 200 answers by worker."""
@@ -340,42 +320,38 @@ class _Run:
             return {}
         running = [w for w in self.workers if w.running]
         bodies = await asyncio.gather(*(
-            scrape(self.config.metrics_host, self.config.worker_metrics_port(w.index), path)
+            httpd.scrape(self.config.metrics_host, self.config.worker_metrics_port(w.index), path)
             for w in running))
         return {w.index: body for w, body in zip(running, bodies, strict=True)
                 if body is not None}
 
-    async def _metrics(self) -> bytes:
+    async def _metrics(self) -> httpd.Response:
         scraped = await self._scrape_workers("/metrics")
-        lines = self._own_metrics(scraped) + merge_worker_metrics(scraped)
-        return ("\n".join(lines) + "\n").encode()
+        return httpd.metrics_response(Families([*self._own_metrics(scraped),
+                                               *merge_worker_metrics(scraped)]))
 
-    def _own_metrics(self, scraped: Mapping[int, str]) -> list[str]:
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_: str, samples: list[tuple[str, object]]) -> None:
-            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            out.extend(f"{name}{labels} {value}" for labels, value in samples)
-
+    def _own_metrics(self, scraped: Mapping[int, str]) -> Iterator[Metric]:
         workers = self.workers
-        family("fenghuo_supervisor_workers", "gauge", "Workers the supervisor keeps.",
-               [("", len(workers))])
-        family("fenghuo_supervisor_workers_running", "gauge", "Worker processes alive.",
-               [("", sum(w.running for w in workers))])
-        family("fenghuo_supervisor_restarts_total", "counter", "Worker restarts, by worker.",
-               [(f'{{worker="{w.index}"}}', w.restarts) for w in workers])
-        family("fenghuo_supervisor_worker_generation", "gauge",
-               "Generation of each worker (restarts so far, the current process included).",
-               [(f'{{worker="{w.index}"}}', w.generation) for w in workers])
-        family("fenghuo_supervisor_worker_scraped", "gauge",
-               "1 if the worker's own /metrics answered this scrape.",
-               [(f'{{worker="{w.index}"}}', int(w.index in scraped)) for w in workers])
-        family("fenghuo_mesh_ring_used_bytes", "gauge",
-               "Bytes in the ring from one worker to another, not yet drained.",
-               [(f'{{from="{i}",to="{j}"}}', ring.used) for (i, j), ring in self.rings.items()])
-        family("fenghuo_mesh_ring_capacity_bytes", "gauge", "Capacity of each mesh ring.",
-               [("", self.config.ring_capacity)])
-        return out
+        yield metrics.build_info()
+        yield metrics.gauge("fenghuo_supervisor_workers", "Workers the supervisor keeps.", len(workers))
+        yield metrics.gauge("fenghuo_supervisor_workers_running", "Worker processes alive.",
+                            sum(w.running for w in workers))
+        yield per_worker(CounterMetricFamily, "fenghuo_supervisor_restarts",
+                         "Worker restarts, by worker.", {w.index: w.restarts for w in workers})
+        yield per_worker(GaugeMetricFamily, "fenghuo_supervisor_worker_generation",
+                         "Generation of each worker (restarts so far, the current process included).",
+                         {w.index: w.generation for w in workers})
+        yield per_worker(GaugeMetricFamily, "fenghuo_supervisor_worker_scraped",
+                         "1 if the worker's own /metrics answered this scrape.",
+                         {w.index: int(w.index in scraped) for w in workers})
+        used = GaugeMetricFamily("fenghuo_mesh_ring_used_bytes",
+                                 "Bytes in the ring from one worker to another, not yet drained.",
+                                 labels=("from", "to"))
+        for (i, j), ring in self.rings.items():
+            used.add_metric((str(i), str(j)), ring.used)
+        yield used
+        yield metrics.gauge("fenghuo_mesh_ring_capacity_bytes", "Capacity of each mesh ring.",
+                            self.config.ring_capacity)
 
 
 def _relay_health(answers: Iterable[str]) -> dict[str, object]:
@@ -410,64 +386,50 @@ def die_with(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-async def scrape(host: str, port: int, path: str = "/metrics",
-                 timeout: float = SCRAPE_TIMEOUT) -> str | None:
-    """The body of ``GET path`` from ``host:port``; None unless it answers 200 in time."""
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
-                             f"Connection: close\r\n\r\n".encode())
-                response = await reader.read()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError):
-        return None
-    head, _, body = response.partition(b"\r\n\r\n")
-    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
+def per_worker(kind: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, help_: str,
+               values: Mapping[int, float]) -> Metric:
+    family = kind(name, help_, labels=("worker",))
+    for worker, value in values.items():
+        family.add_metric((str(worker),), value)
+    return family
 
 
-_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?(\s.*)$")
+@dataclass(frozen=True)
+class Families:
+    """Metric families already made, as a collector for ``generate_latest``."""
+
+    families: list[Metric]
+
+    def collect(self) -> Iterator[Metric]:
+        # One family once: the supervisor's and its workers' fenghuo_build_info share a name.
+        merged: dict[str, Metric] = {}
+        for family in self.families:
+            if family.name in merged:
+                merged[family.name].samples.extend(family.samples)
+            else:
+                merged[family.name] = family
+        yield from merged.values()
 
 
-@dataclass
-class _Family:
-    help: str | None = None
-    type: str | None = None
-    samples: list[str] = field(default_factory=list)
+def merge_worker_metrics(texts: Mapping[int, str]) -> list[Metric]:
+    """The workers' Prometheus texts as families: each once, every sample labelled ``worker="k"``.
 
-
-def merge_worker_metrics(texts: Mapping[int, str]) -> list[str]:
-    """The workers' Prometheus texts as one: every family once, every sample ``worker="k"``.
-
-    The text format wants each family's lines in one group under a single
-    HELP/TYPE, so the workers' texts are regrouped, not concatenated.
+    Read with prometheus-client's parser, so the text format's rules (one
+    HELP/TYPE per family, its samples together) hold for the merged text.
+    A body that does not parse is left out: not a worker's answer (someone
+    else holds its port).
     """
-    families: dict[str, _Family] = {}
+    families: dict[str, Metric] = {}
     for worker, text in texts.items():
-        current = ""
-        for line in text.splitlines():
-            if line.startswith("#"):
-                parts = line.split(None, 3)
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    current = parts[2]
-                    family = families.setdefault(current, _Family())
-                    if parts[1] == "HELP":
-                        family.help = family.help or line
-                    else:
-                        family.type = family.type or line
-                continue
-            match = _SAMPLE.match(line)
-            if match is None:
-                continue
-            name, labels, rest = match.groups()
-            # _bucket, _sum, _count belong to the family announced above them.
-            key = current if current and name.startswith(current) else name
-            inner = f'worker="{worker}"' + (f",{labels}" if labels else "")
-            families.setdefault(key, _Family()).samples.append(f"{name}{{{inner}}}{rest}")
-    out: list[str] = []
-    for family in families.values():
-        out.extend(line for line in (family.help, family.type) if line is not None)
-        out.extend(family.samples)
-    return out
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except ValueError:
+            continue
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation,
+                                                        family.type, family.unit)
+            merged.samples.extend(sample._replace(labels={"worker": str(worker), **sample.labels})
+                                  for sample in family.samples)
+    return list(families.values())

@@ -240,7 +240,8 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, dict[str, str]
     return status, headers, body
 
 
-_WORKER_LABEL = re.compile(r'worker="\d+",?')
+# prometheus-client writes labels sorted by name: worker="k" first or last.
+_WORKER_LABEL = re.compile(r'worker="\d+",?|,worker="\d+"')
 
 
 def worker_pid(relay: Any, worker: int) -> int:

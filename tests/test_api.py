@@ -127,7 +127,7 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
     assert post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', None)[0] == 401
     status, body = post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', "wrong")
     assert (status, body["error"]["code"], body["error"]["name"]) == (401, 120, "TOKEN_INVALID")
-    assert "fenghuo_api_unauthorized_total 2" in metrics_of_api_process(api_relay)
+    assert "fenghuo_api_unauthorized_total 2.0" in metrics_of_api_process(api_relay)
     key = api_relay.api_key
     cases = [
         ("publish", b"{not json", 400, ErrorCode.MALFORMED_BODY),

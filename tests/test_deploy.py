@@ -31,7 +31,8 @@ from test_install import PIP_INSTALL
 import fenghuo
 from fenghuo.server.config import OPTIONS, Settings
 from fenghuo.server.main import supervisor_drain_timeout
-from fenghuo.server.supervisor import KILL_WAIT, scrape
+from fenghuo.server.httpd import scrape
+from fenghuo.server.supervisor import KILL_WAIT
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "fenghuo.json"

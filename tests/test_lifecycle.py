@@ -273,14 +273,14 @@ async def test_metrics_count_what_happened(relay):
         await odd.expect(FrameType.PONG, request_id=i)
     after = await metrics(relay)
     assert after["fenghuo_frames_received_total"] == before + 5
-    assert after["fenghuo_bytes_received_total"] == samples["fenghuo_bytes_received_total"] + 5 * 12
+    assert after["fenghuo_received_bytes_total"] == samples["fenghuo_received_bytes_total"] + 5 * 12
 
 
 async def test_metrics_exposition_format(relay):
     await relay.connect("alice")
     status, headers, body = await http_get(relay.host, relay.metrics_port, "/metrics")
     assert status == 200
-    assert headers["content-type"] == "text/plain; version=0.0.4"
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = body.decode()
     assert text.endswith("\n")
     families = {}
@@ -301,6 +301,16 @@ async def test_metrics_exposition_format(relay):
                     "fenghuo_rate_limited_disconnects_total"):
         assert families[counter] == "counter"
     assert families["fenghuo_publish_to_deliver_seconds"] == "histogram"
+    # Prometheus' naming conventions (prometheus.io/docs/practices/naming): one
+    # prefix, counters end _total, a base unit is the last word before it.
+    assert "fenghuo_build_info" in families and re.search(
+        r'^fenghuo_build_info\{python="[^"]+",version="[^"]+"\} 1\.0$', text, re.M)
+    for family, kind in families.items():
+        assert re.fullmatch(r"fenghuo_[a-z0-9_]+", family), family
+        assert family.endswith("_total") == (kind == "counter"), family
+        for unit in ("seconds", "bytes"):
+            if f"_{unit}" in family:
+                assert family.removesuffix("_total").endswith(f"_{unit}"), f"{unit} not last: {family}"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -282,13 +282,13 @@ async def test_a_long_absence_is_replayed_as_the_client_reads(relay_factory):
     first = await alice.send("bob", "hello")
     payload = b"x" * 4096
     await asyncio.gather(*(alice.send("bob", payload) for _ in range(4000)))   # ~16 MiB missed
-    sent_before = (await metrics(relay))["fenghuo_bytes_sent_total"]
+    sent_before = (await metrics(relay))["fenghuo_sent_bytes_total"]
     bob = await open_raw(relay, rcvbuf=32 * 1024)
     await bob.hello(relay.token("bob"), epoch=alice.epoch, positions={"dm:alice:bob": first.seq})
     bob.transport.pause_reading()             # then bob stops reading
     await asyncio.sleep(1.0)
     # Page by page as the client reads: far from everything was handed to the socket.
-    sent = (await metrics(relay))["fenghuo_bytes_sent_total"] - sent_before
+    sent = (await metrics(relay))["fenghuo_sent_bytes_total"] - sent_before
     assert sent < 8 << 20, sent
     bob.transport.resume_reading()
     seqs = [decode_message((await bob.expect(FrameType.MESSAGE)).body).seq for _ in range(4000)]

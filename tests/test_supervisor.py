@@ -15,8 +15,10 @@ import socket
 import sys
 import time
 
+from prometheus_client.exposition import generate_latest
+
 from fenghuo.server.supervisor import (EXIT_STOP_RELAY, EXIT_WORKERS_FAIL_TO_START,
-                                        merge_worker_metrics)
+                                        Families, merge_worker_metrics)
 from mesh_worker import Supervised, alive
 
 import fenghuo
@@ -125,15 +127,17 @@ def test_metrics_merge_regroups_families_and_labels_every_sample():
     worker_text = ("# HELP up_total Ups.\n# TYPE up_total counter\nup_total 3\n"
                    "# HELP lat Latency.\n# TYPE lat histogram\n"
                    'lat_bucket{le="0.1"} 1\nlat_bucket{le="+Inf"} 2\nlat_sum 0.3\nlat_count 2\n')
-    merged = merge_worker_metrics({0: worker_text, 1: worker_text.replace(" 3\n", " 5\n")})
-    assert merged == [
+    merged = merge_worker_metrics({0: worker_text, 1: worker_text.replace(" 3\n", " 5\n"),
+                                   2: "<html>someone else's port</html>"})
+    # prometheus-client writes floats and sorts labels by name.
+    assert generate_latest(Families(merged)).decode().splitlines() == [
         "# HELP up_total Ups.", "# TYPE up_total counter",
-        'up_total{worker="0"} 3', 'up_total{worker="1"} 5',
+        'up_total{worker="0"} 3.0', 'up_total{worker="1"} 5.0',
         "# HELP lat Latency.", "# TYPE lat histogram",
-        'lat_bucket{worker="0",le="0.1"} 1', 'lat_bucket{worker="0",le="+Inf"} 2',
-        'lat_sum{worker="0"} 0.3', 'lat_count{worker="0"} 2',
-        'lat_bucket{worker="1",le="0.1"} 1', 'lat_bucket{worker="1",le="+Inf"} 2',
-        'lat_sum{worker="1"} 0.3', 'lat_count{worker="1"} 2']
+        'lat_bucket{le="0.1",worker="0"} 1.0', 'lat_bucket{le="+Inf",worker="0"} 2.0',
+        'lat_sum{worker="0"} 0.3', 'lat_count{worker="0"} 2.0',
+        'lat_bucket{le="0.1",worker="1"} 1.0', 'lat_bucket{le="+Inf",worker="1"} 2.0',
+        'lat_sum{worker="1"} 0.3', 'lat_count{worker="1"} 2.0']
 
 
 def health(port: int) -> tuple[int, dict]:
@@ -169,14 +173,14 @@ async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp
             await client.close()
         assert status == 200
         lines = text.splitlines()
-        assert 'fenghuo_connections{worker="0"} 0' in lines
-        assert 'fenghuo_connections{worker="1"} 1' in lines
+        assert 'fenghuo_connections{worker="0"} 0.0' in lines
+        assert 'fenghuo_connections{worker="1"} 1.0' in lines
         assert lines.count("# TYPE fenghuo_connections gauge") == 1
-        assert 'fenghuo_supervisor_workers_running 2' in lines
-        assert 'fenghuo_supervisor_worker_scraped{worker="1"} 1' in lines
-        assert any(line.startswith('fenghuo_publish_to_deliver_seconds_bucket{worker="1",le=')
+        assert 'fenghuo_supervisor_workers_running 2.0' in lines
+        assert 'fenghuo_supervisor_worker_scraped{worker="1"} 1.0' in lines
+        assert any(line.startswith('fenghuo_publish_to_deliver_seconds_bucket{le=') and 'worker="1"' in line
                    for line in lines)
-        assert 'fenghuo_mesh_ring_used_bytes{from="0",to="1"} 0' in lines
+        assert 'fenghuo_mesh_ring_used_bytes{from="0",to="1"} 0.0' in lines
 
         os.kill(body["workers"][1]["pid"], signal.SIGKILL)
         body = until(lambda: (h := health(metrics_port))[0] == 200
@@ -184,7 +188,7 @@ async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp
         assert body["workers"][1]["restarts"] == 1 and body["workers"][0]["restarts"] == 0
         status, text = until(lambda: (m := http_get(metrics_port, "/metrics"))[1].count(
             'fenghuo_connections{worker="') == 2 and m, "the new worker scraped")
-        assert 'fenghuo_supervisor_restarts_total{worker="1"} 1' in text.splitlines()
+        assert 'fenghuo_supervisor_restarts_total{worker="1"} 1.0' in text.splitlines()
         pids = [w["pid"] for w in body["workers"]]
         assert sup.stop() == 0
     assert not any(alive(pid) for pid in pids)
