@@ -87,8 +87,23 @@ class _Methods(Generic[R]):
         return self.call("handoff", _drop_none({"group": group, "by": by, "to": to,
                                                 "remove": remove, "note": note}))
 
+    def group_role(self, group: str, by: str, user: str, role: str) -> R:
+        return self.call("group_role", {"group": group, "by": by, "user": user, "role": role})
+
     def group_list(self, user: str) -> R:
         return self.call("group_list", {"user": user})
+
+    def unread(self, user: str) -> R:
+        """Unread messages per channel for ``user``."""
+        return self.call("unread", {"user": user})
+
+    def mark_read(self, user: str, channel: str, seq: int) -> R:
+        """Mark message ``seq`` of ``channel`` (and all before it) read for ``user``."""
+        return self.call("mark_read", {"user": user, "channel": channel, "seq": seq})
+
+    def channel_info(self, channel: str) -> R:
+        """A channel's kind, head seq and last message time (and a group's details)."""
+        return self.call("channel_info", {"channel": channel})
 
     def group_members(self, group: str, user: str) -> R:
         return self.call("group_members", {"group": group, "user": user})

@@ -822,11 +822,18 @@ class Client:
         return await self._request(FrameType.CURSOR, {"op": "readers", "channel": channel,
                                                       "seq": seq})
 
-    async def mark_delivered(self, channel: str, seq: int) -> None:
-        await self._receipt(channel, seq, ReceiptKind.DELIVERED)
+    async def mark_delivered(self, channel: str, seq: int, *, confirm: bool = False) -> dict | None:
+        """Tell the relay (and the sender) message ``seq`` of ``channel`` arrived; see :meth:`mark_read`."""
+        return await self._receipt(channel, seq, ReceiptKind.DELIVERED, confirm)
 
-    async def mark_read(self, channel: str, seq: int) -> None:
-        await self._receipt(channel, seq, ReceiptKind.READ)
+    async def mark_read(self, channel: str, seq: int, *, confirm: bool = False) -> dict | None:
+        """Mark message ``seq`` of ``channel`` (and all before it) read.
+
+        By default the receipt is sent and not answered (PROTOCOL §3.11, request
+        id 0); with ``confirm`` it carries a request id and this returns the
+        relay's RESULT, or raises (``NOT_FOUND`` for a message it no longer holds).
+        """
+        return await self._receipt(channel, seq, ReceiptKind.READ, confirm)
 
     async def click(self, channel: str, seq: int, link: str) -> dict[str, Any]:
         """Report that this user followed link ``link`` (an id of 1-64 bytes the app
@@ -834,10 +841,13 @@ class Client:
         return await self._request_with(
             lambda rid: encode_receipt(channel, seq, ReceiptKind.CLICKED, rid, link))
 
-    async def _receipt(self, channel: str, seq: int, kind: int) -> None:
+    async def _receipt(self, channel: str, seq: int, kind: int, confirm: bool) -> dict | None:
+        if confirm:
+            return await self._request_with(lambda rid: encode_receipt(channel, seq, kind, rid))
         self._check_usable()
         await self._connected.wait()
         self._write(encode_receipt(channel, seq, kind))
+        return None
 
     async def presence(self, users: list[str]) -> dict[str, dict]:
         return (await self._request(FrameType.PRESENCE, {"op": "query", "users": users}))["users"]

@@ -168,6 +168,24 @@ class UserCall(Call, frozen=True):
     user: Sender
 
 
+class GroupRoleCall(Call, frozen=True):
+    group: GroupId
+    by: Sender
+    user: Sender
+    role: Annotated[Literal["member", "admin", "owner"], Meta(
+        description='"member", "admin" or "owner" (hands ownership over)')]
+
+
+class ReadCall(Call, frozen=True):
+    user: Sender
+    channel: ChannelName
+    seq: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+
+
+class ChannelCall(Call, frozen=True):
+    channel: ChannelName
+
+
 class GroupMembersCall(Call, frozen=True):
     group: GroupId
     user: Sender
@@ -729,6 +747,44 @@ async def group_remove(api: Api, body: GroupRemoveCall) -> dict[str, Any]:
     return await client.remove_members(body.group, body.users)
 
 
+async def group_role(api: Api, body: GroupRoleCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.by)
+    return await client.set_role(body.group, body.user, body.role)
+
+
+async def unread(api: Api, body: UserCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.user)
+    return {"user": body.user, "unread": await client.unread()}
+
+
+async def mark_read(api: Api, body: ReadCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.user)
+    result = await client.mark_read(body.channel, body.seq, confirm=True)
+    return {"user": body.user, **(result or {})}
+
+
+async def channel_info(api: Api, body: ChannelCall) -> dict[str, Any]:
+    cn = _channel(body.channel)
+    info: dict[str, Any] = {"channel": cn.name, "kind": ChannelKind(cn.kind).name.lower()}
+    reader = API_USER            # an admin: reads any org channel
+    if cn.kind == ChannelKind.GROUP_CHAT:
+        group = api.relay.groups.groups.get(cn.group)
+        if group is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
+        info.update(group.describe())
+        reader = group.owner
+    elif cn.kind == ChannelKind.DIRECT_CHAT:
+        reader = cn.participants[0]
+    # The head from the channel's own history (its owner's, under several
+    # workers), as this worker's copy may be behind or not held at all; read
+    # as someone who may (direct and group chats admit only their people).
+    client = await api.backends.as_user(reader)
+    latest = await client.history(cn.name, limit=1)
+    info["head"] = latest[-1].seq if latest else 0
+    info["last_ts_us"] = latest[-1].ts_us if latest else None
+    return info
+
+
 async def group_list(api: Api, body: UserCall) -> dict[str, Any]:
     client = await api.backends.as_user(body.user)
     return {"user": body.user, "groups": await client.list_groups()}
@@ -847,6 +903,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            HandoffCall, OBJECT, handoff),
     Method("group_remove", "Remove `users` from a group, as `by`.",
            GroupRemoveCall, OBJECT, group_remove),
+    Method("group_role", "Change a member's role, as `by` (the owner); `owner` hands "
+                         "ownership over (the old owner becomes admin).", GroupRoleCall, OBJECT,
+           group_role),
     Method("group_list", "The groups `user` belongs to, with their role.", UserCall, OBJECT,
            group_list),
     Method("group_members", "A group's members and their roles, as seen by member `user`.",
@@ -864,6 +923,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("scheduled_cancel", "Cancel a scheduled message before it is sent.",
            ScheduledCancelCall, {"type": "object", "properties": {
                "id": {"type": "integer"}, "cancelled": {"type": "boolean"}}}, scheduled_cancel),
+    Method("unread", "Unread messages per channel for `user` (the same on all its devices), "
+                     "from its server-kept read cursors.", UserCall, OBJECT, unread),
+    Method("mark_read", "Mark message `seq` of `channel` (and all before it) read for `user`, "
+                        "as a confirmed READ receipt: the sender's devices are told.",
+           ReadCall, OBJECT, mark_read),
+    Method("channel_info", "A channel's kind, its head seq and last message time; for a group "
+                           "also its title, owner and member count.", ChannelCall, OBJECT,
+           channel_info),
     Method("message_status", "Per-recipient status of one message (sent, delivered, read, "
                              "clicked) and its counts, from the recipients' cursors and clicks.",
            StatusCall, STATUS, message_status),

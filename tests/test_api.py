@@ -98,6 +98,44 @@ async def test_groups_history_presence_and_tokens(api_relay):
         await api.close()
 
 
+async def test_roles_read_state_and_channel_info(api_relay):
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        await api.group_create("g2", "alice", ["bob", "carol"], "rent")
+        channel = group_channel("g2")
+        assert (await api.channel_info(channel))["head"] == 1      # the "created" event
+        assert await api.group_role("g2", "alice", "bob", "admin") == {
+            "group": "g2", "user": "bob", "role": "admin"}
+        assert (await api.group_members("g2", "carol"))["members"]["bob"] == "admin"
+        await refused(api.group_role("g2", "carol", "bob", "member"), 403, ErrorCode.FORBIDDEN)
+        # bob, online, is told when carol reads alice's message through the API.
+        bob = await api_relay.connect("bob", reconnect=False)
+        receipts = []
+        bob.on_receipt(receipts.append)
+        sent = [await api.publish(channel, f"bill {i}", sender="bob") for i in range(3)]
+        info = await api.channel_info(channel)
+        assert (info["kind"], info["head"], info["owner"], info["members"], info["title"]) == (
+            "group_chat", sent[-1]["seq"], "alice", 3, "rent")
+        assert info["last_ts_us"] == sent[-1]["ts_us"]
+        assert (await api.unread("carol"))["unread"][channel] == 5   # created, role, 3 bills
+        read = await api.mark_read("carol", channel, sent[1]["seq"])
+        # Told: bob's own connection and the API's session acting as bob.
+        assert (read["user"], read["channel"], read["seq"], read["forwarded"]) == (
+            "carol", channel, sent[1]["seq"], 2)
+        assert (await api.unread("carol"))["unread"][channel] == 1
+        while not receipts:
+            await asyncio.sleep(0.05)
+        assert (receipts[0].seq, receipts[0].user) == (sent[1]["seq"], "carol")
+        # Read state never moves backwards, and outsiders are refused.
+        await api.mark_read("carol", channel, sent[0]["seq"])
+        assert (await api.unread("carol"))["unread"][channel] == 1
+        await refused(api.mark_read("mallory", channel, 1), 403, ErrorCode.FORBIDDEN)
+        await refused(api.channel_info(group_channel("nope")), 404, ErrorCode.NOT_FOUND)
+        direct = await api.channel_info("dm:alice:bob")
+        assert (direct["kind"], direct["head"], direct["last_ts_us"]) == ("direct_chat", 0, None)
+        org = await api.publish(NEWS, "hello stores")
+        assert (await api.channel_info(NEWS))["head"] == org["seq"]
+
+
 async def test_disconnect_closes_every_connection_of_the_user(api_relay):
     phones = [await api_relay.connect("bob", device=f"phone{i}", reconnect=False) for i in range(3)]
     other = await api_relay.connect("carol", reconnect=False)
