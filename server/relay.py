@@ -889,12 +889,14 @@ class Relay:
         return None
 
     def send_to_user(self, user: str, frame: bytes) -> int:
-        """Send ``frame`` to every device of ``user``; how many there are."""
+        """Send ``frame`` to every device of ``user``; how many there are, not counting
+        the server API's own sessions (as presence does not: other workers know
+        only the count presence shares)."""
         devices = self.users.of(user)
         for session in devices:
             session.send(frame)
         remote = self.cluster.send_to_user(user, frame) if self.cluster is not None else 0
-        return len(devices) + remote
+        return sum(1 for s in devices if s.device != SERVICE_DEVICE) + remote
 
     # ------------------------------------------------------------ receipts
 
