@@ -1,0 +1,67 @@
+"""examples/ (examples/README.md) run against a real relay, bounded in time, so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fenghuo.webhooks import new_secret
+from test_webhooks import write_endpoints
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def example_relay(relay_factory, tmp_path):
+    secret = new_secret()
+    (tmp_path / "hook-secret").write_text(secret + "\n")
+    sms_port = free_port()
+    hooks = write_endpoints(tmp_path / "hooks.toml",
+                            {"name": "sms", "url": f"http://127.0.0.1:{sms_port}/sms",
+                             "secrets": [secret], "events": ["escalation"]})
+    relay = relay_factory("--webhooks", hooks, api=True)
+    env = {**os.environ, "FENGHUO_API": relay.api_url, "FENGHUO_API_KEY": relay.api_key,
+           "FENGHUO_SERVER": relay.server, "SMS_PORT": str(sms_port),
+           "HOOK_SECRET_FILE": str(tmp_path / "hook-secret")}
+    return relay, env
+
+
+def run(script: str, env: dict) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_retail(example_relay):
+    out = run("retail.py", example_relay[1])
+    assert "store-east-1 received: Spring sale from Monday" in out
+    assert "'clicked': 1" in out and "{'poster': 1}" in out
+    assert "stores that have not read it: ['store-east-2', 'store-west-1']" in out
+
+
+def test_bank(example_relay):
+    out = run("bank.py", example_relay[1])
+    assert "bankbot:  I have blocked the card." in out
+    assert "removed ['bankbot']" in out
+    assert "customer   card" in out and "customer   yes please, a person" in out
+    assert "customer got: Hello, I am Li." in out
+
+
+def test_estate(example_relay):
+    out = run("estate.py", example_relay[1])
+    assert "resident-a got the bill:" in out and '"total":182.5' in out
+    assert "SMS to resident-b: you have an unread bill" in out
+    assert "SMS to resident-a" not in out
+    assert "resident-a: Payment of 182.5 CNY received" in out
