@@ -111,6 +111,10 @@ class RelayCollector(Collector):
                       "by READ receipts.", progress.read)
         yield counter("fenghuo_status_escalated", "Escalations fired: one per recipient per step of a "
                       "delivery policy.", progress.escalated)
+        yield counter("fenghuo_status_clicked", "First clicks: a user following a link of a message "
+                      "for the first time (CLICKED receipts).", progress.clicked)
+        yield counter("fenghuo_status_clicks", "CLICKED receipts accepted, repeats included.",
+                      progress.clicks)
         yield from relay.masking.collect()
         yield from self._timers()
         for key, name, help_ in _COUNTERS:
