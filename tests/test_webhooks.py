@@ -320,7 +320,8 @@ async def test_410_disables_the_endpoint_until_enabled_through_the_api(relay_fac
     receiver.answer = always(410)
     await receiver.start()
     hooks = created_hooks(tmp_path, receiver)
-    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.2", api=True)
+    # One worker: its /metrics is the sender's.
+    relay = relay_factory("--webhooks", hooks, "--webhook-retry-max", "0.2", api=True, workers=1)
     alice = await relay.connect("alice", channels=("org.>",))
     await publish_numbered(alice, ["org.a"], 5)
     await receiver.wait_for(1)
@@ -338,6 +339,19 @@ async def test_410_disables_the_endpoint_until_enabled_through_the_api(relay_fac
         assert (await api.webhook_enable("app"))["enabled"] is True
         got = await receiver.wait_for(5)
     assert [e["data"]["seq"] for e in got] == [1, 2, 3, 4, 5]
+    for _ in range(50):     # counted once the relay has read each 2xx
+        text = metrics_text(relay)
+        if 'fenghuo_webhook_delivered_total{endpoint="app"} 5.0' in text:
+            break
+        await asyncio.sleep(0.1)
+    assert 'fenghuo_webhook_delivered_total{endpoint="app"} 5.0' in text, text
+    assert 'fenghuo_webhook_endpoint_disabled{endpoint="app"} 0.0' in text
+
+
+def metrics_text(relay) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{relay.host}:{relay.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
 
 
 async def test_429_retry_after_is_honoured(relay_factory, receivers, tmp_path):
