@@ -580,3 +580,18 @@ async def test_a_message_retention_deleted_before_its_event_was_read_is_sent_as_
         got = await receiver.wait_for(2)
     assert got[0]["data"]["data"] == "kept"
     assert got[1]["data"] == {"channel": "org.short", "seq": ack.seq, "removed": True}
+
+
+async def test_every_secret_of_an_endpoint_signs_so_a_receiver_can_rotate(relay_factory, receivers, tmp_path):
+    old, new = new_secret(), new_secret()
+    receiver = receivers(new)       # a receiver that already moved to the new secret
+    await receiver.start()
+    hooks = write_endpoints(tmp_path / "hooks.toml",
+                            {**receiver.endpoint("app", events=["message.created"]), "secrets": [old, new]})
+    relay = relay_factory("--webhooks", hooks)
+    alice = await relay.connect("alice", channels=("org.>",))
+    await alice.publish("org.rotating", "signed twice")
+    (event,) = await receiver.wait_for(1)       # verified with the new secret alone
+    headers, body, _ = receiver.requests[0]
+    assert headers["webhook-signature"].count("v1,") == 2
+    assert verify(old, headers, body)["data"]["data"] == "signed twice"
