@@ -43,8 +43,10 @@ import uvloop
 from bench import loadgen
 from bench.targets import GENERATOR_CPU, AsyncioBaseline, Echo, Fenghuo, Target, pin
 
-TARGETS = ("fenghuo", "asyncio", "nats", "redis", "echo")
-ALL_PEERS = "fenghuo,asyncio,nats,redis"
+# fenghuo-tls and fenghuo-ws: fenghuo itself over TLS (a self-signed
+# certificate, TLS 1.3) and over WebSocket (picows links to --ws-port).
+TARGETS = ("fenghuo", "fenghuo-tls", "fenghuo-ws", "asyncio", "nats", "redis", "echo")
+ALL_PEERS = "fenghuo,fenghuo-tls,fenghuo-ws,asyncio,nats,redis"
 
 
 def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = (),
@@ -53,6 +55,10 @@ def make_target(name: str, secret: str, relay_flags: tuple[str, ...] = (),
     installed first if missing."""
     if name == "fenghuo":
         return Fenghuo(secret, relay_flags, workers)
+    if name == "fenghuo-tls":
+        return Fenghuo(secret, relay_flags, workers, tls=True)
+    if name == "fenghuo-ws":
+        return Fenghuo(secret, relay_flags, workers, ws=True)
     if name == "asyncio":
         return AsyncioBaseline(secret)
     if name == "echo":
@@ -267,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     suite_p = sub.add_parser("suite", help="every scenario on every target: JSON, table, plots")
     suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     suite_p.add_argument("--targets", default=ALL_PEERS,
-                         help="comma-separated, from fenghuo,asyncio,nats,redis")
+                         help="comma-separated, from fenghuo,fenghuo-tls,fenghuo-ws,asyncio,nats,redis")
     suite_p.add_argument("--groups", default="",
                          help="comma-separated, only these of ceiling,throughput,fan-out,"
                               "latency,connections,store (default all)")

@@ -21,7 +21,9 @@ from bench.loadgen import Result
 from bench.targets import peer_binary
 
 RESULTS = Path(__file__).with_name("results")
-PEERS = ("asyncio", "nats", "redis")
+#: columns beside fenghuo: itself over TLS and WebSocket (ratio: TCP ÷ that
+#: transport), then the peers
+PEERS = ("fenghuo-tls", "fenghuo-ws", "asyncio", "nats", "redis")
 
 
 def machine() -> dict[str, Any]:
@@ -117,7 +119,10 @@ def markdown(doc: dict[str, Any]) -> str:
            (f"Command: `{doc['command']}`. Servers on CPU 0, generator on CPU 1. 64-byte payloads. "
             "fenghuo runs `--store memory` against the peers (neither peer persists); "
             "the durable store has its own table. Ratios: how many times better fenghuo is "
-            "(throughput fenghuo ÷ peer; latency and memory peer ÷ fenghuo); below 1 fenghuo is behind."),
+            "(throughput fenghuo ÷ peer; latency and memory peer ÷ fenghuo); below 1 fenghuo is behind. "
+            "`fenghuo-tls` and `fenghuo-ws` are fenghuo itself over TLS 1.3 and over WebSocket "
+            "(the same relay flags): their ratios are what plain TCP gains over that transport "
+            "(`python -m bench tls` and `python -m bench ws` compare them alone, with repeats)."),
            "",
            "## Throughput (deliveries/s)", "",
            _comparison(results, "throughput", lambda r: r["deliveries_per_s"], "/s"), "",

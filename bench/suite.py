@@ -147,7 +147,7 @@ def plan(*, quick: bool, targets: list[str], groups: tuple[str, ...] = GROUPS) -
     items = [Item("ceiling", "echo", (), name, fn)
              for _, name, fn in _scenarios(s, fan_out=False, connections=False)]
     for target in targets:
-        flags = FENGHUO_VS_PEERS if target == "fenghuo" else ()
+        flags = FENGHUO_VS_PEERS if target.startswith("fenghuo") else ()
         items += [Item(group, target, flags, name, fn) for group, name, fn in _scenarios(s)]
     if "fenghuo" in targets:
         for mode in FSYNC_MODES:

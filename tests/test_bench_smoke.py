@@ -108,7 +108,7 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
     assert doc["quick"] and doc["machine"]["cores"] >= 1
     assert doc["generator_ceiling_bytes_per_s"] > 0
     targets = {r["target"] for r in doc["results"]}
-    assert targets == {"echo", "fenghuo", "asyncio", "nats", "redis"}
+    assert targets == {"echo", "fenghuo", "fenghuo-tls", "fenghuo-ws", "asyncio", "nats", "redis"}
     groups = {r["extra"]["group"] for r in doc["results"]}
     assert groups == {"ceiling", "throughput", "fan-out", "latency", "connections", "store", "keys",
                       "deployments"}
@@ -119,6 +119,7 @@ def test_quick_suite_writes_json_table_and_plots(tmp_path):
             assert r["latency_samples"] > 0 and r["extra"]["cdf"], r
     table = (out / "results.md").read_text()
     assert "× nats" in table and "× redis" in table and "× asyncio" in table
+    assert "× fenghuo-tls" in table and "× fenghuo-ws" in table
     assert "keyed ÷ unkeyed" in table
     # fenghuo as one worker and as the default deployment, keyed beside unkeyed.
     for deployment in ("1 worker, memory", "default"):
