@@ -42,7 +42,7 @@ from fenghuo.core import (
 )
 from fenghuo.server import routing
 from fenghuo.server.clicks import Click
-from fenghuo.server.frames import message_seq
+from fenghuo.server.frames import frame_request_id, message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
 
 from fenghuo.protocol import encode_json
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fenghuo.cluster")
 
+LOST_IN_TRANSIT = ("the request or its answer was lost on the way to the channel's owner; "
+                   "retry (an idempotency key makes a publish safe to retry)")
 LOST_TO_RESTART = ("the worker that owns this channel restarted before answering; "
                    "retry (an idempotency key makes a publish safe to retry)")
 
@@ -365,6 +367,14 @@ class Cluster:
         if session is None or pending is None:
             return                                  # the client left meanwhile
         queue = pending.waiting.get(source)
+        rid = frame_request_id(frame)
+        # An owner answers in request order, so requests before this answer's
+        # were answered or lost on the way (records between cluster nodes can
+        # be, over a NATS reconnect; between workers never).
+        while queue and queue[0].request_id != rid:
+            lost = queue.popleft()
+            session.fill_reply(lost.slot, encode_error(ErrorCode.INTERNAL, LOST_IN_TRANSIT,
+                                                       lost.request_id))
         if not queue:
             return                                  # answered already: it timed out
         session.fill_reply(queue.popleft().slot, frame)   # a slot that timed out ignores it

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fenghuo.core import ErrorCode, encode_error
+from fenghuo.server.frames import frame_request_id
 from fenghuo.server.jetstream import Engine, Fenced, Stored
 from fenghuo.server.store import BACKLOG_HIGH, SQLiteStore
 
@@ -35,10 +36,6 @@ log = logging.getLogger("fenghuo.cluster_store")
 APPEND_ATTEMPTS = 4
 DEPOSED = ("this node no longer sequences the channel (another node took it over); "
            "retry (an idempotency key makes a publish safe to retry)")
-
-
-def _request_id(frame: bytes | None) -> int:
-    return int.from_bytes(frame[8:12], "big") if frame else 0
 
 
 @dataclass
@@ -200,7 +197,7 @@ class ClusterStore(SQLiteStore):
         if held is None:
             return (*record[:6], None)
         _ch, _seq, _frame, origin, ack, t_recv, slot = held
-        error = (encode_error(ErrorCode.INTERNAL, DEPOSED, _request_id(ack))
+        error = (encode_error(ErrorCode.INTERNAL, DEPOSED, frame_request_id(ack))
                  if origin is not None and ack is not None else None)
         return (*record[:6], (None, 0, None, origin, error, t_recv, slot))
 

@@ -56,3 +56,8 @@ def message_json(m: Message) -> dict[str, Any]:
         except orjson.JSONDecodeError:
             out["meta_b64"] = base64.b64encode(m.meta).decode()
     return out
+
+
+def frame_request_id(frame: bytes | None) -> int:
+    """The request id in a frame's header (0 for none)."""
+    return int.from_bytes(frame[8:12], "big") if frame else 0

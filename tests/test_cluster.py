@@ -324,3 +324,59 @@ async def test_healthz_tells_the_node_s_cluster_state(nodes):
     assert (state["node"], state["region"], state["engine_connected"]) == ("n0", "default", True)
     assert state["channels_owned"] == 1 and state["appended"] == 1
     assert "n1" in state["peers"]
+
+
+async def test_presence_across_nodes_and_a_dead_node_s_users_go_offline(nodes):
+    n0, n1 = nodes("n0", "n1")
+    ops = await n0.connect("ops", presence=True)
+    await n1.connect("bob", reconnect=False)
+    deadline = time.monotonic() + 10
+    while not (await ops.presence(["bob"]))["bob"]["online"]:
+        assert time.monotonic() < deadline, "bob on n1 never seen online from n0"
+        await asyncio.sleep(0.1)
+    n1.kill()
+    killed = time.monotonic()
+    while (await ops.presence(["bob"]))["bob"]["online"]:
+        # The lease (1.5 s) and a heartbeat period, with room for a busy machine.
+        assert time.monotonic() - killed < 15, "bob still online 15 s after his node died"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_nats_server_killed_under_load_loses_no_acked_message(nodes, nats_cluster):
+    """kill -9 of one of the three nats-servers while publishers on two nodes
+    write one channel: every acked message is stored once, in one gap-free
+    order, and a receiver on a third node gets each once, in order."""
+    n0, n1, n2 = nodes("n0", "n1", "n2")
+    alice = await n0.connect("alice")
+    bob, carol = await n1.connect("bob"), await n2.connect("carol")
+    await alice.create_group("load", ["bob", "carol"])
+    group = "group:load"
+    for c in (bob, carol):
+        await messages_of(c, group, 1)
+    acked: dict[str, int] = {}
+    stop = asyncio.Event()
+
+    async def publisher(client: fenghuo.Client) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"{client.user}-{i}"
+            acked[key] = (await publish_surely(client, group, key, key,
+                                               time.monotonic() + 30)).seq
+            i += 1
+
+    tasks = [asyncio.create_task(publisher(c)) for c in (alice, bob)]
+    await asyncio.sleep(1.0)
+    nats_cluster.servers[0].kill()
+    await asyncio.sleep(3.0)
+    stop.set()
+    await asyncio.gather(*tasks)
+    head = max(acked.values())
+    stored: list[tuple[int, str]] = []
+    while page := await carol.history(group, after=stored[-1][0] if stored else 0, limit=100):
+        stored += [(m.seq, m.payload.decode()) for m in page]
+    assert [s for s, _ in stored] == list(range(1, len(stored) + 1))
+    by_key = {p: s for s, p in stored}
+    assert len(by_key) == len(stored)
+    assert all(by_key.get(key) == seq for key, seq in acked.items())
+    got = await messages_of(carol, group, head - 1, timeout=30)
+    assert [m.seq for m in got] == list(range(2, head + 1))
