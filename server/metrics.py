@@ -192,9 +192,12 @@ class RelayCollector(Collector):
 
 def health(relay: Relay) -> httpd.Response:
     status = "draining" if relay.shutting_down else "ok"
+    # A cluster node tells its cluster state: engine, peers, channels owned.
+    node = getattr(relay.cluster, "status", None)
     body = orjson.dumps({"status": status, "epoch": relay.epoch,
                          "connections": len(relay.hub.connections),
-                         "uptime": round(time.time() - relay.started_at, 3)})
+                         "uptime": round(time.time() - relay.started_at, 3),
+                         **({"cluster": node()} if node is not None else {})})
     return httpd.json_response(503 if relay.shutting_down else 200, body)
 
 
