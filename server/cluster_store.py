@@ -51,6 +51,7 @@ class _ChannelLog:
 
     name: str
     last: int                                  # stream sequence of its last stored message
+    epoch: int                                 # of this node's claim
     queue: deque[_Entry] = field(default_factory=deque)
     running: bool = False
     fenced: bool = False
@@ -70,10 +71,10 @@ class ClusterStore(SQLiteStore):
 
     # ------------------------------------------------------------ owning
 
-    def own(self, channel: str, last: int) -> None:
-        """This node sequences ``channel`` from now on; its last stored message
-        is at stream sequence ``last``."""
-        self._logs[channel] = _ChannelLog(channel, last)
+    def own(self, channel: str, last: int, epoch: int) -> None:
+        """This node sequences ``channel`` from now on (claim ``epoch``); its last
+        stored message is at stream sequence ``last``."""
+        self._logs[channel] = _ChannelLog(channel, last, epoch)
 
     def disown(self, channel: str) -> None:
         log_ = self._logs.pop(channel, None)
@@ -134,7 +135,7 @@ class ClusterStore(SQLiteStore):
                 entry = log_.queue[0]
                 channel, seq, frame = entry.record[0], entry.record[1], entry.record[5]
                 try:
-                    log_.last = await self._append(channel, seq, frame, log_.last)
+                    log_.last = await self._append(channel, seq, frame, log_.last, log_.epoch)
                 except Fenced as exc:
                     self.refused += 1
                     log.warning("append refused: deposed", extra={"channel": channel,
@@ -152,11 +153,12 @@ class ClusterStore(SQLiteStore):
         finally:
             log_.running = False
 
-    async def _append(self, channel: str, seq: int, frame: bytes, expected: int) -> int:
+    async def _append(self, channel: str, seq: int, frame: bytes, expected: int,
+                      epoch: int) -> int:
         assert self.engine is not None
         for attempt in range(APPEND_ATTEMPTS):
             try:
-                return await self.engine.append(channel, seq, frame, expected)
+                return await self.engine.append(channel, seq, frame, expected, epoch)
             except Fenced:
                 raise
             except Exception:

@@ -13,8 +13,10 @@ messages, and KV buckets (docs/DESIGN.md, Cluster).
 Appends are fenced: each carries ``Nats-Expected-Last-Subject-Sequence``,
 the stream sequence of the channel's previous message as its owner knows
 it, so an append by anyone who missed a write of another is refused
-(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<seq>``, so an append
-retried after a lost acknowledgement is not stored twice.
+(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<epoch>.<seq>``, so an append
+retried after a lost acknowledgement is not stored twice (the epoch in
+the id keeps an old owner's append from passing as a duplicate of the new
+owner's same seq).
 """
 
 from __future__ import annotations
@@ -180,11 +182,18 @@ class Engine:
 
     # ------------------------------------------------------------ writing
 
-    async def append(self, channel: str, seq: int, frame: bytes, expected: int) -> int:
-        """Store ``frame`` (seq ``seq`` of ``channel``) if the channel's last stored
-        message is still at stream sequence ``expected`` (0: none); its stream sequence."""
+    async def append(self, channel: str, seq: int, frame: bytes, expected: int,
+                     epoch: int) -> int:
+        """Store ``frame`` (seq ``seq`` of ``channel``, sequenced by its owner of
+        ``epoch``) if the channel's last stored message is still at stream
+        sequence ``expected`` (0: none); its stream sequence.
+
+        The message id names the epoch: JetStream answers a known id as a
+        duplicate before it checks the expected sequence, so an id without
+        it would let a deposed owner's seq pass as the new owner's.
+        """
         headers = {"Nats-Expected-Last-Subject-Sequence": str(expected),
-                   "Nats-Msg-Id": f"{token(channel)}.{seq}"}
+                   "Nats-Msg-Id": f"{token(channel)}.{epoch}.{seq}"}
         try:
             ack = await self.js.publish(subject(channel), frame, headers=headers,
                                         timeout=API_TIMEOUT)

@@ -175,7 +175,7 @@ class NodeCluster(Cluster):
             return                                   # taken from us meanwhile
         ch = self.relay.ensure_channel(name)
         self._continue_from(ch, tail)
-        self.store.own(name, 0 if last is None else last.stream_seq)
+        self.store.own(name, 0 if last is None else last.stream_seq, claim.epoch)
         self.ready_here.discard(ch)
         self.failovers += claim.epoch > 1
         log.info("sequencing a channel", extra={"channel": name, "epoch": claim.epoch,

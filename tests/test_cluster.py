@@ -243,12 +243,13 @@ async def test_the_stream_refuses_a_deposed_owners_append(nats_cluster: NatsClus
     def frame(seq: int, who: str) -> bytes:
         return encode_message(name, seq, 1, who, who.encode())
     try:
-        at = await old.append(name, 1, frame(1, "old"), 0)
+        at = await old.append(name, 1, frame(1, "old"), 0, epoch=1)
         tail = await new.last(name)
         assert tail is not None and tail.seq == 1
-        await new.append(name, 2, frame(2, "new"), tail.stream_seq)
+        await new.append(name, 2, frame(2, "new"), tail.stream_seq, epoch=2)
+        # The same seq from the old epoch: refused, not taken for a duplicate.
         with pytest.raises(Fenced):
-            await old.append(name, 2, frame(2, "old"), at)
+            await old.append(name, 2, frame(2, "old"), at, epoch=1)
         stored = await new.read(name, 0, 100, 10)
         assert [(m.seq, decode_frame_message(m.frame).sender) for m in stored] == [
             (1, "old"), (2, "new")]
@@ -340,43 +341,3 @@ async def test_presence_across_nodes_and_a_dead_node_s_users_go_offline(nodes):
         # The lease (1.5 s) and a heartbeat period, with room for a busy machine.
         assert time.monotonic() - killed < 15, "bob still online 15 s after his node died"
         await asyncio.sleep(0.1)
-
-
-async def test_a_nats_server_killed_under_load_loses_no_acked_message(nodes, nats_cluster):
-    """kill -9 of one of the three nats-servers while publishers on two nodes
-    write one channel: every acked message is stored once, in one gap-free
-    order, and a receiver on a third node gets each once, in order."""
-    n0, n1, n2 = nodes("n0", "n1", "n2")
-    alice = await n0.connect("alice")
-    bob, carol = await n1.connect("bob"), await n2.connect("carol")
-    await alice.create_group("load", ["bob", "carol"])
-    group = "group:load"
-    for c in (bob, carol):
-        await messages_of(c, group, 1)
-    acked: dict[str, int] = {}
-    stop = asyncio.Event()
-
-    async def publisher(client: fenghuo.Client) -> None:
-        i = 0
-        while not stop.is_set():
-            key = f"{client.user}-{i}"
-            acked[key] = (await publish_surely(client, group, key, key,
-                                               time.monotonic() + 30)).seq
-            i += 1
-
-    tasks = [asyncio.create_task(publisher(c)) for c in (alice, bob)]
-    await asyncio.sleep(1.0)
-    nats_cluster.servers[0].kill()
-    await asyncio.sleep(3.0)
-    stop.set()
-    await asyncio.gather(*tasks)
-    head = max(acked.values())
-    stored: list[tuple[int, str]] = []
-    while page := await carol.history(group, after=stored[-1][0] if stored else 0, limit=100):
-        stored += [(m.seq, m.payload.decode()) for m in page]
-    assert [s for s, _ in stored] == list(range(1, len(stored) + 1))
-    by_key = {p: s for s, p in stored}
-    assert len(by_key) == len(stored)
-    assert all(by_key.get(key) == seq for key, seq in acked.items())
-    got = await messages_of(carol, group, head - 1, timeout=30)
-    assert [m.seq for m in got] == list(range(2, head + 1))
