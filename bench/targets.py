@@ -295,6 +295,10 @@ class FenghuoWire(Target):
         self.secret = secret
         #: the client TLS context when the server speaks TLS
         self.tls: ssl.SSLContext | None = None
+        #: group channel -> the seq of its "created" event (``create_group``):
+        #: a member's HELLO says it has that far, so the relay owes the new link
+        #: no catch-up (which could arrive with the WELCOME, before the hand-over)
+        self.heads: dict[str, int] = {}
 
     def direct(self, a: str, b: str) -> str:
         return f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
@@ -328,8 +332,11 @@ class FenghuoWire(Target):
                    source: str | None = None) -> Opened:
         reader, writer = await self._stream(source)
         try:
-            await self._request(reader, writer, FrameType.HELLO,
-                                {"token": issue_token(self.secret, user)}, 1)
+            hello: dict = {"token": issue_token(self.secret, user)}
+            known = {c: self.heads[c] for c in subscribe if c in self.heads}
+            if known:
+                hello["positions"] = known
+            await self._request(reader, writer, FrameType.HELLO, hello, 1)
             # Members receive their direct and group channels without subscribing.
             org = [c for c in subscribe if not c.startswith(("dm:", "group:"))]
             for rid, channel in enumerate(org, 2):
@@ -344,9 +351,11 @@ class FenghuoWire(Target):
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, owner)}, 1)
-            await self._request(reader, writer, FrameType.GROUP,
-                                {"op": "create", "group": channel.removeprefix("group:"),
-                                 "members": members}, 2)
+            created = await self._request(reader, writer, FrameType.GROUP,
+                                          {"op": "create", "group": channel.removeprefix("group:"),
+                                           "members": members}, 2)
+            if "seq" in created:        # fenghuo's (the asyncio baseline keeps no seqs)
+                self.heads[channel] = created["seq"]
         finally:
             writer.close()
 
