@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 import uvloop
 
+from bench.options import add_publish_options
 from bench.targets import GENERATOR_CPU, Fenghuo, free_port, pin, wait_listening
 
 CHANNEL = "org.bench.api"
@@ -31,9 +32,7 @@ CHANNEL = "org.bench.api"
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("api", help="server API publish against protocol publish (bench/api.py)")
-    p.add_argument("--count", type=int, default=2000, help="publishes per measurement")
-    p.add_argument("--concurrency", type=int, default=64, help="publishes in flight for throughput")
-    p.add_argument("--payload", type=int, default=64, help="payload bytes")
+    add_publish_options(p, count=2000)
     p.add_argument("--relay", default="--store memory", metavar="FLAGS",
                    help="extra `fenghuo serve` flags (default: --store memory)")
     p.set_defaults(func=cmd_api)

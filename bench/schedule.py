@@ -30,6 +30,7 @@ from tempfile import TemporaryDirectory
 import orjson
 import uvloop
 
+from bench.loadgen import rss_bytes
 from bench.targets import GENERATOR_CPU, Fenghuo, free_port, pin, wait_listening
 
 CHANNEL = "org.bench.schedule"
@@ -44,13 +45,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, default=0.005, help="seconds between their send_at")
     p.add_argument("--relay", default="", metavar="FLAGS", help="extra `fenghuo serve` flags")
     p.set_defaults(func=cmd_schedule)
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -77,14 +71,14 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
     assert target.proc is not None
     async with AsyncApi(api_url, key, timeout=120) as api:
         await api.publish(CHANNEL, "warm-up")            # the API's session is made on first use
-        rss_before = _rss_kib(target.proc.pid)
+        rss_before = rss_bytes(target.proc.pid)
         later = time.time() + 3600
         started = time.perf_counter()
         await _schedule(api, [{"channel": CHANNEL, "data": f"p{i}", "send_at": later + i * 1e-3}
                               for i in range(pending)])
         store_s = time.perf_counter() - started
         await asyncio.sleep(1.0)
-        rss_after = _rss_kib(target.proc.pid)
+        rss_after = rss_bytes(target.proc.pid)
         client = fenghuo.Client(f"tcp://127.0.0.1:{target.port}", user="bench-sub",
                                 secret=target.secret, channels=(CHANNEL,), reconnect=False)
         await client.connect()
@@ -103,7 +97,7 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
         finally:
             await client.close()
     return {"sequenced": _percentiles(sequenced), "arrived": _percentiles(arrived),
-            "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) * 1024 / max(1, pending)}
+            "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) / max(1, pending)}
 
 
 async def _timer_memory(count: int) -> float:

@@ -38,16 +38,15 @@ import uvloop
 from aiohttp import web
 
 from bench.api import _measure
+from bench.options import add_publish_options
 from bench.targets import GENERATOR_CPU, Fenghuo, free_port, pin, wait_listening
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("webhooks", help="webhook events/s out of the outbox and the outbox's cost "
                                         "to publish throughput (bench/webhooks.py)")
-    p.add_argument("--count", type=int, default=10000, help="publishes per measurement")
+    add_publish_options(p, count=10000)
     p.add_argument("--channels", type=int, default=64, help="org channels the publishes go to")
-    p.add_argument("--concurrency", type=int, default=64, help="publishes in flight")
-    p.add_argument("--payload", type=int, default=64, help="payload bytes")
     p.add_argument("--repeat", type=int, default=3, help="alternating runs; the best of each is shown")
     p.add_argument("--relay", default="", metavar="FLAGS",
                    help="extra `fenghuo serve` flags for both relays (e.g. '--fsync batch')")
