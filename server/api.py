@@ -775,9 +775,11 @@ async def channel_info(api: Api, body: ChannelCall) -> dict[str, Any]:
         reader = group.owner
     elif cn.kind == ChannelKind.DIRECT_CHAT:
         reader = cn.participants[0]
-    # The head from the channel's own history (its owner's, under several
-    # workers), as this worker's copy may be behind or not held at all; read
-    # as someone who may (direct and group chats admit only their people).
+    # The head through a HISTORY on a session of someone who may read the
+    # channel (direct and group chats admit only their people): the API's own
+    # session of a user reads its own writes there (PROTOCOL §3.15a), which
+    # this worker's copy of the channel, read directly, did not (tried: a
+    # group's head read 0 just after the API created it, default deployment).
     client = await api.backends.as_user(reader)
     latest = await client.history(cn.name, limit=1)
     info["head"] = latest[-1].seq if latest else 0

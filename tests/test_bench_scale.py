@@ -51,7 +51,6 @@ def test_scale_run_holds_every_connection_delivers_and_leaves_nothing_behind(tmp
     # Whether some of the 1,000 handshakes are refused depends on how fast the
     # workers verify them (none were once HELLO got faster): a speed, so not
     # asserted here. test_admission refuses a storm deterministically (--admit-rate).
-    assert held["refusals"] >= 0
 
     load = result["load"]
     assert load["delivered"] > 0 and load["deliveries_per_s"] > 0
