@@ -78,8 +78,9 @@ class ErrorLog:
 
 async def start_storm(relay, index: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, str(STORM), relay.host, str(relay.port), f"127.0.0.{2 + index}",
-        relay.secret, str(index * PER_PROCESS), str(PER_PROCESS), "--deadline", str(STORM_DEADLINE),
+        sys.executable, str(STORM), "--deadline", str(STORM_DEADLINE),
+        "--", relay.host, str(relay.port), f"127.0.0.{2 + index}",   # "--": a secret may start with "-"
+        relay.secret, str(index * PER_PROCESS), str(PER_PROCESS),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         limit=1 << 24)   # the report lists every refusal on one line
 
