@@ -169,7 +169,8 @@ def client_tls_context(ca: str | None = None, cert: str | None = None,
     return context
 
 
-def _payload(data: str | bytes | dict | list, content_type: int | None) -> tuple[bytes, int]:
+def encode_payload(data: str | bytes | dict | list, content_type: int | None) -> tuple[bytes, int]:
+    """A message's payload bytes and content type: a str is TEXT, JSON is CARD, bytes BINARY."""
     if isinstance(data, str):
         return data.encode(), ContentType.TEXT if content_type is None else content_type
     if isinstance(data, (dict, list)):
@@ -730,7 +731,7 @@ class Client:
         a repeat with the original seq.  One is generated when not given.
         """
         self._check_usable()
-        payload, ctype = _payload(data, content_type)
+        payload, ctype = encode_payload(data, content_type)
         meta_bytes = orjson.dumps(meta) if isinstance(meta, dict) else (meta or b"")
         key_bytes = key.encode() if isinstance(key, str) else (key or secrets.token_bytes(12).hex().encode())
         rid = self._request_id()

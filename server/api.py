@@ -35,7 +35,7 @@ from msgspec import Meta
 
 from fenghuo.channels import ChannelName as ParsedChannel
 from fenghuo.channels import InvalidChannel, parse_channel
-from fenghuo.client import Client, ConnectionLost, FenghuoError
+from fenghuo.client import Client, ConnectionLost, FenghuoError, encode_payload
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
 from fenghuo.server.schemas import (
     _USER_ID,
@@ -662,7 +662,7 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
         sender = item.sender or API_USER
         unique = None if item.idempotency_key is None else \
             f"{SEND}\0{sender}\0{channel}\0{item.idempotency_key}"
-        body = msgspec.structs.replace(item, send_at=None, channel=channel)
+        body = _masked(api, msgspec.structs.replace(item, send_at=None, channel=channel))
         timers.append(NewTimer(due, SEND, msgspec.json.encode(body), unique))
         answers.append({"channel": channel, "send_at": due / 1e6})
     added = iter(await api.timers.add(timers))
@@ -671,6 +671,25 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
             a = next(added)
             answer.update(scheduled=a.id, duplicate=a.duplicate)
     return answers
+
+
+def _masked(api: Api, call: PublishCall) -> PublishCall:
+    """``call`` with its payload masked by its channel's rule (PROTOCOL §5.8), in the shape
+    it came in.  A scheduled message is masked when it is accepted, so its timer row never
+    holds the unmasked text; masked again when it fires, it finds nothing more."""
+    rules = api.relay.masking.for_channel(call.channel)
+    if rules is None:
+        return call
+    data = _payload(call)
+    payload, content_type = encode_payload(data, call.content_type)
+    masked = rules.mask(content_type, payload)
+    if masked is None:
+        return call
+    if isinstance(data, bytes):
+        return msgspec.structs.replace(call, data_b64=base64.b64encode(masked).decode())
+    if isinstance(data, str):
+        return msgspec.structs.replace(call, data=masked.decode())
+    return msgspec.structs.replace(call, data=orjson.loads(masked))
 
 
 # What a PUBLISH may carry (PROTOCOL §3.15): EVENT (5) is the server's, 7-127 are reserved.

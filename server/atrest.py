@@ -11,7 +11,9 @@ file keeps old keys readable, server/keyfile.py).
 
 The webhook outbox's payloads (which carry message text) are sealed the
 same way, the key id inside the blob (``seal_blob``), bound to the row's
-endpoint and event id.
+endpoint and event id; so are the bodies of the API's timers (a scheduled
+message's text until it is sent, server/timers.py), bound to the timer's kind
+(the row id, which would bind it to its row, is only known after the insert).
 
 What stays in clear, because the store's queries need it: each row's
 channel, seq, time, sender and idempotency key, and the group records and
@@ -98,6 +100,11 @@ def blob_of(cipher: FrameCipher | None, blob: bytes, aad: bytes) -> bytes:
 def outbox_aad(endpoint: str, event_id: str) -> bytes:
     """What binds a sealed outbox payload to its row (a replayed row keeps both)."""
     return f"{endpoint}\0{event_id}".encode()
+
+
+def timer_aad(kind: str) -> bytes:
+    """What binds a sealed timer body to its kind of timer."""
+    return f"timer\0{kind}".encode()
 
 
 def frame_of(cipher: FrameCipher | None, channel: str, seq: int, frame: bytes,

@@ -8,7 +8,9 @@ fires.  One owner: no two workers can fire the same timer.
 
 Rows live in the store's file (table ``timers``, server/store.py), written
 through this module's own connection on one thread, so the event loop never
-waits for a commit.  In memory the owner keeps only ``(due, id)`` per
+waits for a commit.  Under ``--store-key-file`` a row's body is sealed like a
+stored message (server/atrest.py): a scheduled message's text is never in
+the file in clear, and it was masked when the API accepted it.  In memory the owner keeps only ``(due, id)`` per
 pending timer in a heap; a timer's body is read when it fires.  Under
 ``--store memory`` the table is an in-memory SQLite database: timers are
 kept while the process lives, and lost with it, like the messages.
@@ -33,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from fenghuo.server import atrest
 from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.store import SCHEMA, SQLiteStore
 
@@ -122,7 +125,8 @@ class TimerTable:
                         out.append(Added(row[0], True))
                         continue
                 cur = conn.execute("INSERT INTO timers (due_us, kind, unique_key, body)"
-                                   " VALUES (?, ?, ?, ?)", (t.due_us, t.kind, t.unique_key, t.body))
+                                   " VALUES (?, ?, ?, ?)", (t.due_us, t.kind, t.unique_key,
+                                                            self._seal(t.kind, t.body)))
                 assert cur.lastrowid is not None
                 out.append(Added(cur.lastrowid, False))
             conn.execute("COMMIT")
@@ -142,7 +146,16 @@ class TimerTable:
         marks = ",".join("?" * len(ids))
         rows = self._conn.execute(f"SELECT id, due_us, kind, body FROM timers WHERE id IN ({marks})",
                                   ids).fetchall()
-        return [Timer(i, d, k, bytes(b)) for i, d, k, b in rows]
+        return [self._timer(*row) for row in rows]
+
+    def _seal(self, kind: str, body: bytes) -> bytes:
+        cipher = self.store.cipher if self.store is not None else None
+        return body if cipher is None else cipher.seal_blob(body, atrest.timer_aad(kind))
+
+    def _timer(self, timer_id: int, due_us: int, kind: str, body: bytes) -> Timer:
+        """A row as a Timer, its body opened if it is sealed."""
+        cipher = self.store.cipher if self.store is not None else None
+        return Timer(timer_id, due_us, kind, atrest.blob_of(cipher, body, atrest.timer_aad(kind)))
 
     def stored(self, keys: list[tuple[str, bytes]]
                ) -> Awaitable[dict[tuple[str, bytes], tuple[int, int]]]:
@@ -200,7 +213,7 @@ class TimerTable:
         return self._conn.execute(query, params).rowcount
 
     def listed(self, kind: str, after: int, limit: int) -> Awaitable[list[Timer]]:
-        return self._run(lambda: [Timer(i, d, k, bytes(b)) for i, d, k, b in self._conn.execute(
+        return self._run(lambda: [self._timer(*row) for row in self._conn.execute(
             "SELECT id, due_us, kind, body FROM timers WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
             (kind, after, limit))])
 

@@ -8,6 +8,7 @@ import secrets
 import sqlite3
 import subprocess
 import sys
+import time
 
 import orjson
 
@@ -128,3 +129,31 @@ async def test_webhook_outbox_rows_are_sealed_too(relay_factory, tmp_path):
         assert [e["data"]["data"] for e in events] == [f"{phrase} {i}" for i in range(3)]
     finally:
         await receiver.stop()
+
+
+async def test_a_scheduled_message_is_masked_and_sealed_until_it_fires(relay_factory, tmp_path):
+    """A send_at body waits in the timers table: masked when accepted, sealed at rest."""
+    from fenghuo.api import AsyncApi
+    from test_masking import CARD, RULES
+
+    keys = tmp_path / "store.keys"
+    keys.write_text(key_line("k1"))
+    phrase = f"secret-{secrets.token_hex(8)}"
+    relay = relay_factory("--store-key-file", str(keys), "--mask", RULES, workers=1, api=True)
+    bob = await relay.connect("bob", reconnect=False)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        later = await api.publish("dm:alice:bob", f"{phrase} pay with {CARD}", sender="alice",
+                                  send_at=time.time() + 3600)
+        soon = await api.publish("dm:alice:bob", {"note": phrase, "card": CARD}, sender="alice",
+                                 send_at=time.time() + 1)
+        listed = {s["id"]: s["data"] for s in (await api.scheduled_list())["scheduled"]}
+        assert listed == {later["scheduled"]: f"{phrase} pay with **** **** **** 1111",
+                          soon["scheduled"]: {"note": phrase, "card": "**** **** **** 1111"}}
+        disk = stored_bytes(relay)
+        assert CARD.encode() not in disk, "a scheduled card number is on disk"
+        assert phrase.encode() not in disk, "a scheduled message's text is on disk in clear"
+        fired = await bob.next_message(timeout=10)
+        assert orjson.loads(fired.payload) == {"note": phrase, "card": "**** **** **** 1111"}
+    await bob.close()
+    relay.stop()
+    assert phrase.encode() not in stored_bytes(relay) and CARD.encode() not in stored_bytes(relay)
