@@ -36,6 +36,7 @@ from fenghuo.core import (
     FrameReader,
     FrameType,
     decode_error,
+    decode_message,
     encode_ack,
     encode_message,
     encode_publish,
@@ -347,13 +348,37 @@ class FenghuoWire(Target):
             raise
 
     async def create_group(self, channel: str, owner: str, members: list[str]) -> None:
+        """Create the group, and return once its "created" event has reached the owner.
+
+        The relay answers GROUP before it delivers the event (a durable relay
+        delivers once the event is committed), so a member linking in that
+        interval would be sent the event live, whatever its HELLO's
+        positions, and hold it unread at the hand-over (CI on bc9466c: 308
+        bytes).  Once the owner's link has it, every member already has it too.
+        """
         reader, writer = await self._stream(None)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, owner)}, 1)
-            created = await self._request(reader, writer, FrameType.GROUP,
-                                          {"op": "create", "group": channel.removeprefix("group:"),
-                                           "members": members}, 2)
+            writer.write(encode_json(FrameType.GROUP, {"op": "create",
+                                                       "group": channel.removeprefix("group:"),
+                                                       "members": members}, 2))
+            created: dict | None = None
+            delivered = 0                   # the highest seq of ``channel`` the owner received
+            frames = FrameReader()
+            while created is None or ("seq" in created and delivered < created["seq"]):
+                chunk = await asyncio.wait_for(reader.read(65536), 30)
+                if not chunk:
+                    raise ConnectionError(f"{self.name} closed during GROUP")
+                for frame in frames.feed(chunk):
+                    if frame.type == FrameType.ERROR:
+                        raise RuntimeError(f"{self.name} refused GROUP: {frame.body!r}")
+                    if frame.type == FrameType.MESSAGE:
+                        message = decode_message(frame.body)
+                        if message.channel == channel:
+                            delivered = max(delivered, message.seq)
+                    elif frame.request_id == 2:
+                        created = decode_json(frame.body)
             if "seq" in created:        # fenghuo's (the asyncio baseline keeps no seqs)
                 self.heads[channel] = created["seq"]
         finally:
