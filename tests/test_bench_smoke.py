@@ -100,6 +100,7 @@ def test_fenghuo_run_also_reports_the_relays_own_histogram(tmp_path):
     assert re.search(r"relay publish-to-deliver \(server histogram.*\): p50 <= [\d.]+ ms", run.stdout)
 
 
+@pytest.mark.timeout(600)    # the bench's own bound; the default 120 s was hit at load average 7
 def test_quick_suite_writes_json_table_and_plots(tmp_path):
     """The CI smoke of the whole suite: every target, every scenario, tiny sizes."""
     out = tmp_path / "suite"
