@@ -304,7 +304,7 @@ class Relay:
                 expires = self.cluster is None or self.cluster.index == 0
                 self._retention = asyncio.create_task(retention.run_forever(
                     self.store if expires else None, rules, self.settings.retention_interval,
-                    lambda: list(self.hub.channels.values())), name="fenghuo-retention")
+                    lambda: list(self.hub.channels.values()), self.clicks), name="fenghuo-retention")
         self._server = await loop.create_server(
             self.admission.protocol_factory(lambda: Session(self.hub, self)),
             self.settings.host, self.settings.port,

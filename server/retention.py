@@ -5,7 +5,9 @@ Rules are written ``PREFIX=AGE`` separated by commas, e.g.
 with the longest prefix it starts with (``*`` is every channel); AGE is a
 number with ``s``, ``m``, ``h`` or ``d``, or ``forever``.  Without a rule a
 channel is kept forever.  A background job applies the rules every
-``retention_interval`` seconds, through the store's writer.
+``retention_interval`` seconds, through the store's writer.  Click records
+(server/clicks.py) follow the same rules: a message's clicks are deleted
+from the store with it, and dropped from memory once older than the age.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fenghuo.core import Channel
 from fenghuo.server.frames import message_time
 
 if TYPE_CHECKING:
+    from fenghuo.server.clicks import Clicks
     from fenghuo.server.store import SQLiteStore
 
 log = logging.getLogger("fenghuo.retention")
@@ -68,11 +71,21 @@ def rule_for(rules: Iterable[R], channel: str) -> R | None:
     return max(matching, key=lambda r: len(r.prefix)) if matching else None
 
 
+def cutoff_us(rules: list[Rule], channel: str, now: float) -> int | None:
+    """The time before which ``channel``'s records go (None: kept forever)."""
+    found = rule_for(rules, channel)
+    if found is None or found.seconds is None:
+        return None
+    return int((now - found.seconds) * 1_000_000)
+
+
 def apply(store: SQLiteStore | None, rules: list[Rule], channels: Iterable[Channel] = (),
-          now: float | None = None) -> int:
+          now: float | None = None, clicks: Clicks | None = None) -> int:
     """Expire what the rules say: in the store (unless None: another worker
-    does it), and in the rings of ``channels``."""
+    does it), in the rings of ``channels`` and in ``clicks``."""
     now = time.time() if now is None else now
+    if clicks is not None:
+        clicks.expire(lambda channel: cutoff_us(rules, channel, now))
     queued = 0
     for rule in rules:
         if rule.seconds is None or store is None:
@@ -82,10 +95,9 @@ def apply(store: SQLiteStore | None, rules: list[Rule], channels: Iterable[Chann
         store.expire(rule.prefix, int((now - rule.seconds) * 1_000_000), more_specific)
         queued += 1
     for ch in channels:
-        found = rule_for(rules, ch.name)
-        if found is None or found.seconds is None:
+        cutoff = cutoff_us(rules, ch.name, now)
+        if cutoff is None:
             continue
-        cutoff = int((now - found.seconds) * 1_000_000)
         keep = ch.ring.first
         for frame in ch.ring.since(0):
             if message_time(frame) >= cutoff:
@@ -96,8 +108,8 @@ def apply(store: SQLiteStore | None, rules: list[Rule], channels: Iterable[Chann
 
 
 async def run_forever(store: SQLiteStore | None, rules: list[Rule], interval: float,
-                      channels: Callable[[], Iterable[Channel]]) -> None:
+                      channels: Callable[[], Iterable[Channel]], clicks: Clicks) -> None:
     while True:
-        queued = apply(store, rules, channels())
+        queued = apply(store, rules, channels(), clicks=clicks)
         log.debug("retention applied", extra={"rules": queued})
         await asyncio.sleep(interval)

@@ -114,7 +114,7 @@ def message_status(relay: Relay, ch: Channel, seq: int, sender: str, *,
                              read=relay.reads.readers(ch.name, seq) - own_read,
                              escalated=len(escalations),
                              clicked=len(clicks.keys() - {sender}),
-                             links={link: len(who - {sender}) for link, who
+                             links={link: len(who.keys() - {sender}) for link, who
                                     in sorted(relay.clicks.links(ch.name, seq).items())})
     out = MessageStatus(ch.name, seq, sender, len(users))
     for user in users:

@@ -291,7 +291,8 @@ class SQLiteStore:
 
     def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
         """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
-        except channels under one of ``keep_prefixes`` (they have rules of their own)."""
+        and their clicks, except channels under one of ``keep_prefixes`` (they have rules
+        of their own)."""
         self.append(("expire", prefix, cutoff_us, keep_prefixes))
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop,
@@ -382,12 +383,16 @@ class SQLiteStore:
                              " VALUES (?, ?, ?, ?, ?)", clicks)
         for prefix, cutoff_us, keep_prefixes in expiries:
             # The most specific rule wins: longer prefixes with their own rule are kept out.
-            query = "DELETE FROM messages WHERE substr(channel, 1, ?) = ? AND ts_us < ?"
-            params: list = [len(prefix), prefix, cutoff_us]
+            where = "substr(channel, 1, ?) = ?"
+            params: list = [len(prefix), prefix]
             for other in keep_prefixes:
-                query += " AND substr(channel, 1, ?) != ?"
+                where += " AND substr(channel, 1, ?) != ?"
                 params += [len(other), other]
-            conn.execute(query, params)
+            # A message's clicks go with it, as do those of a message already gone.
+            conn.execute(f"DELETE FROM clicks WHERE {where} AND NOT EXISTS (SELECT 1 FROM messages m"
+                         " WHERE m.channel = clicks.channel AND m.seq = clicks.seq AND m.ts_us >= ?)",
+                         [*params, cutoff_us])
+            conn.execute(f"DELETE FROM messages WHERE {where} AND ts_us < ?", [*params, cutoff_us])
         conn.execute("COMMIT")
 
     def _write_outbox(self, conn: sqlite3.Connection, ordered: list) -> None:

@@ -4,7 +4,9 @@ a real relay, under one worker and the default."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 
 import orjson
 import pytest
@@ -13,6 +15,7 @@ from fenghuo import ErrorCode, FenghuoError
 from fenghuo.api import AsyncApi
 from fenghuo.channels import group_channel
 from fenghuo.server.store import DB_FILE
+from clients import refused
 from test_status import supervisor_metric, until
 from test_webhooks import outbox_rows, write_endpoints
 from fenghuo.webhooks import new_secret
@@ -117,3 +120,32 @@ async def test_clicks_survive_a_restart_and_reach_the_outbox(relay_factory, tmp_
         got = await api.message_status(ch, seq, filter="not_clicked")
     assert got["counts"]["clicked"] == 1 and got["links"] == {"pay": 1}
     assert [u["user"] for u in got["users"]] == ["ben"]
+
+
+async def test_clicks_go_with_their_messages_under_retention(relay_factory):
+    """--retention applies to click records as to messages (PROTOCOL §3.11a)."""
+    relay = relay_factory("--retention", "*=2s,group:keep=forever", "--retention-interval", "0.2",
+                          api=True)
+    alice = await relay.connect("alice", reconnect=False)
+    bob = await relay.connect("bob", reconnect=False)
+    await alice.create_group("keep", members=["bob"])
+    old = await alice.send("bob", "old offer")
+    kept = await alice.publish("group:keep", "kept offer")
+    await bob.click("dm:alice:bob", old.seq, "offer")
+    await bob.click("group:keep", kept.seq, "offer")
+    await asyncio.sleep(2.2)
+    fresh = await alice.send("bob", "fresh offer")
+    await bob.click("dm:alice:bob", fresh.seq, "offer")
+
+    def clicks() -> list[tuple]:
+        with sqlite3.connect(relay.data_dir / DB_FILE) as conn:
+            return conn.execute("SELECT channel, seq FROM clicks ORDER BY channel, seq").fetchall()
+    wanted = [("dm:alice:bob", fresh.seq), ("group:keep", kept.seq)]
+    deadline = time.monotonic() + 10
+    while clicks() != wanted and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert clicks() == wanted
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        await refused(api.message_status("dm:alice:bob", old.seq), 404, ErrorCode.NOT_FOUND)
+        assert (await api.message_status("group:keep", kept.seq))["links"] == {"offer": 1}
+        assert (await api.message_status("dm:alice:bob", fresh.seq))["links"] == {"offer": 1}

@@ -578,3 +578,16 @@ def test_metrics_snapshot():
     snap = m.snapshot()
     assert snap["errors"] == {130: 2, 100: 1, 199: 1}
     assert snap["publishes"] == 3
+
+
+def test_retention_drops_old_clicks_from_memory():
+    from fenghuo.server import retention
+    from fenghuo.server.clicks import Click, Clicks
+
+    clicks = Clicks()
+    now = 1_000_000.0
+    for channel, age in (("dm:a:b", 10), ("dm:a:b", 1), ("group:keep", 10)):
+        clicks.add(Click(channel, 1, "pay", f"u{age}", int((now - age) * 1e6)))
+    retention.apply(None, retention.parse_rules("*=5s,group:keep=forever"), now=now, clicks=clicks)
+    assert clicks.links("dm:a:b", 1) == {"pay": {"u1": int((now - 1) * 1e6)}}
+    assert set(clicks.links("group:keep", 1)["pay"]) == {"u10"}
