@@ -145,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         store_keys = keyfile.load(args.store_key_file) if args.store_key_file else None
         summary = export(args.data_dir, out, key_file, channel=args.channel, user=args.user,
-                         store_keys=store_keys)
+                         store_keys=store_keys, with_status=args.status)
     finally:
         if args.out:
             out.close()
@@ -308,6 +308,10 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--verify", metavar="FILE", help="check an export against its summary")
     exp.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
     exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.add_argument("--status", action="store_true",
+                     help="give each message its per-recipient status at export time (sent, "
+                          "delivered, read, escalated steps, clicked links), as the API's "
+                          "message_status does")
     exp.add_argument("--store-key-file", metavar="FILE",
                      default=os.environ.get("FENGHUO_STORE_KEY_FILE") or None,
                      help="the relay's --store-key-file, to read messages stored encrypted "

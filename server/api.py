@@ -837,7 +837,8 @@ async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
     if not frames or message_seq(frames[0]) != body.seq:
         raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
     escalated = await api.timers.table.escalated(ch.name, body.seq)
-    return status.message_status(relay, ch, body.seq, message_sender(frames[0]), escalations=escalated,
+    return status.message_status(relay, ch, status.joined(relay, ch), body.seq,
+                                 message_sender(frames[0]), escalations=escalated,
                                  wanted=body.filter or "all", limit=body.limit or 1000,
                                  among=body.users).json()
 

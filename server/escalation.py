@@ -86,7 +86,7 @@ async def fire(relay: Relay, timers: Timers, batch: list[Timer], outcome: Outcom
         p = msgspec.json.decode(t.body, type=Pending)
         step = p.steps[p.step]
         ch = relay.ensure_channel(p.channel)
-        users = status.recipients(relay, ch, p.seq, p.sender) or []
+        users = status.recipients(ch.kind, status.joined(relay, ch), p.seq, p.sender) or []
         states = {u: status.state_of(relay, p.channel, u, p.seq) for u in users}
         for user, state in states.items():
             if state == "read" or step.if_not == "delivered" and state == "delivered":

@@ -12,6 +12,12 @@ SHA-256 alone proves nothing against whoever edits the file, since it can be
 recomputed; the signature cannot be without the key.
 
 It reads the SQLite file directly (WAL lets it run beside a live relay).
+
+With ``--status`` each message line also carries its per-recipient status
+(sent, delivered, read, escalated steps, clicked links) as of the export,
+computed by server/status.py, as the API's message_status is, from the
+cursors, escalations and clicks the store holds.  Positions the relay has
+not yet written (its store writer batches them) are not in it.
 """
 
 from __future__ import annotations
@@ -21,17 +27,22 @@ import hashlib
 import hmac
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from fenghuo.core import ContentType
+from fenghuo.channels import parse_channel
+from fenghuo.core import ChannelKind, ContentType
+from fenghuo.server.clicks import Click, Clicks
+from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.frames import decode_frame_message
-from fenghuo.server import keyfile
+from fenghuo.server import keyfile, status
 from fenghuo.server.atrest import FrameCipher, frame_of
 from fenghuo.server.keyfile import KeyRing
 from fenghuo.server.store import DB_FILE
+from fenghuo.server.timers import escalated
 
 _TEXT_TYPES = {ContentType.TEXT, ContentType.CARD, ContentType.EVENT}
 
@@ -45,6 +56,52 @@ def _user_channels(db: sqlite3.Connection, user: str) -> list[str]:
     sent = [name for (name,) in db.execute(
         "SELECT DISTINCT channel FROM messages WHERE sender = ? AND channel LIKE 'org%'", (user,))]
     return sorted(set(direct) | set(groups) | set(sent))
+
+
+@dataclass(slots=True)
+class StoredPositions:
+    """One channel's read and delivery cursors and clicks as the store holds them
+    (:class:`fenghuo.server.status.Positions`)."""
+
+    reads: ReadCursors = field(default_factory=ReadCursors)
+    delivered: ReadCursors = field(default_factory=ReadCursors)
+    clicks: Clicks = field(default_factory=Clicks)
+
+
+@dataclass(slots=True)
+class ChannelStatus:
+    """What ``--status`` needs of one channel to give each of its messages' status."""
+
+    ref: status.ChannelRef
+    #: user -> seq when they joined (None: an org channel)
+    members: dict[str, int] | None
+    at: StoredPositions
+    escalations: dict[int, dict[str, tuple[int, ...]]]
+
+    def of(self, seq: int, sender: str) -> dict[str, Any]:
+        """Message ``seq``'s per-recipient status, as message_status answers it (docs/API.md)."""
+        got = status.message_status(self.at, self.ref, self.members, seq, sender,
+                                    escalations=self.escalations.get(seq, {}), limit=None).json()
+        return {k: got[k] for k in ("recipients", "counts", "links", "users")}
+
+
+def _channel_status(db: sqlite3.Connection, name: str) -> ChannelStatus:
+    kind = parse_channel(name).kind
+    members: dict[str, int] | None = None
+    if kind == ChannelKind.DIRECT_CHAT:
+        members = dict.fromkeys(parse_channel(name).participants, 0)
+    elif kind == ChannelKind.GROUP_CHAT:
+        row = db.execute("SELECT record FROM groups WHERE id = ?", (name.partition(":")[2],)).fetchone()
+        record = orjson.loads(row[0]) if row is not None else {"members": {}}
+        members = {u: record.get("joined", {}).get(u, 0) for u in record["members"]}
+    at = StoredPositions()
+    for cursors, table in ((at.reads, "read_cursors"), (at.delivered, "delivered_cursors")):
+        for user, seq in db.execute(f"SELECT user, seq FROM {table} WHERE channel = ?", (name,)):
+            cursors.advance(name, user, seq)
+    for seq, link, user, ts_us in db.execute(
+            "SELECT seq, link, user, ts_us FROM clicks WHERE channel = ?", (name,)):
+        at.clicks.add(Click(name, seq, link, user, ts_us))
+    return ChannelStatus(status.ChannelRef(name, kind), members, at, escalated(db, name))
 
 
 def _line(frame: bytes) -> dict[str, Any]:
@@ -73,10 +130,11 @@ def _mac(key: bytes, signed: bytes) -> str:
 
 def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *,
            channel: str | None = None, user: str | None = None,
-           store_keys: KeyRing | None = None) -> dict[str, Any]:
+           store_keys: KeyRing | None = None, with_status: bool = False) -> dict[str, Any]:
     """Write the export to ``out``, signed with the current key of ``signing_key_file``
     (made if there is none); returns its summary.  ``store_keys`` open the
-    messages the relay stored encrypted (``--store-key-file``)."""
+    messages the relay stored encrypted (``--store-key-file``).  ``with_status``:
+    each message line also gives its per-recipient status at export time."""
     db = sqlite3.connect(f"file:{Path(data_dir) / DB_FILE}?mode=ro", uri=True)
     try:
         db.execute("SELECT 1 FROM messages LIMIT 1")     # no store: fail before making a key
@@ -96,8 +154,12 @@ def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *
                 query += " AND sender = ?"          # org channels: only what the user said
                 params += (user,)
             seqs = []
+            statuses = _channel_status(db, name) if with_status else None
             for seq, frame, kid in db.execute(query + " ORDER BY seq", params):
-                line = orjson.dumps(_line(frame_of(cipher, name, seq, frame, kid))) + b"\n"
+                entry = _line(frame_of(cipher, name, seq, frame, kid))
+                if statuses is not None:
+                    entry["status"] = statuses.of(seq, entry["sender"])
+                line = orjson.dumps(entry) + b"\n"
                 digest.update(line)
                 signed.update(line)
                 out.write(line)
@@ -110,7 +172,8 @@ def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *
         db.close()
     summary = {"messages": count, "sha256": digest.hexdigest(), "channels": ranges,
                "exported_at_us": int(time.time() * 1_000_000),
-               "scope": {"channel": channel} if channel else {"user": user}}
+               "scope": {"channel": channel} if channel else {"user": user},
+               "recipient_status": with_status}
     line = orjson.dumps({"summary": summary}) + b"\n"
     signed.update(line)
     out.write(line)

@@ -11,17 +11,23 @@ those who were escalated (server/timers.py), and so are clicks, kept per
 Recipients: the other participant of a direct channel; the members of a group
 who had joined before the message (its sender aside), as the group is now.
 An org channel has no member list: only its counts are given.
+
+The same computation serves the API (the relay's live positions) and
+``fenghuo export --status`` (the positions the store holds).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from fenghuo.core import ChannelKind
 
 if TYPE_CHECKING:
     from fenghuo.core import Channel
+    from fenghuo.server.clicks import Clicks
+    from fenghuo.server.cursors import ReadCursors
     from fenghuo.server.relay import Relay
 
 State = Literal["sent", "delivered", "read"]
@@ -81,44 +87,74 @@ class MessageStatus:
                 "truncated": self.truncated}
 
 
-def recipients(relay: Relay, ch: Channel, seq: int, sender: str) -> list[str] | None:
-    """Who message ``seq`` of ``ch`` was for, sorted (None for an org channel)."""
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    """A channel by name and kind, where no live :class:`Channel` is at hand (an export)."""
+
+    name: str
+    kind: int
+
+
+class Positions(Protocol):
+    """Where status is read from: the relay itself (live), or an export's load of the
+    store (server/export.py)."""
+
+    reads: ReadCursors
+    delivered: ReadCursors
+    clicks: Clicks
+
+
+def joined(relay: Relay, ch: Channel) -> dict[str, int] | None:
+    """user -> the channel's seq when they joined (0: from its start) of a direct or
+    group channel; None for an org channel, which has no member list."""
     if ch.kind == ChannelKind.DIRECT_CHAT:
-        return sorted(u for u in ch.info.participants if u != sender) or [sender]
+        return dict.fromkeys(ch.info.participants, 0)
     if ch.kind == ChannelKind.GROUP_CHAT and ch.info is not None:
-        return sorted(u for u in ch.info.members if u != sender
-                      and relay.memberships.get(u, {}).get(ch, 0) < seq)
+        return {u: relay.memberships.get(u, {}).get(ch, 0) for u in ch.info.members}
     return None
 
 
-def state_of(relay: Relay, channel: str, user: str, seq: int) -> State:
-    if relay.reads.get(channel, user) >= seq:
+def recipients(kind: int, members: Mapping[str, int] | None, seq: int,
+               sender: str) -> list[str] | None:
+    """Who message ``seq`` was for, sorted: the members (:func:`joined`) who joined
+    before it, but its sender (who is the one recipient of a direct note to self)."""
+    if members is None:
+        return None
+    others = sorted(u for u, joined in members.items() if u != sender and joined < seq)
+    if not others and kind == ChannelKind.DIRECT_CHAT:
+        return [sender]
+    return others
+
+
+def state_of(at: Positions, channel: str, user: str, seq: int) -> State:
+    if at.reads.get(channel, user) >= seq:
         return "read"
-    return "delivered" if relay.delivered.get(channel, user) >= seq else "sent"
+    return "delivered" if at.delivered.get(channel, user) >= seq else "sent"
 
 
-def message_status(relay: Relay, ch: Channel, seq: int, sender: str, *,
-                   escalations: dict[str, tuple[int, ...]], wanted: str = "all",
-                   limit: int = 1000, among: list[str] | None = None) -> MessageStatus:
-    """The status of message ``seq`` of ``ch`` (sent by ``sender``) for each recipient;
-    ``users`` lists those matching ``wanted`` (one of :data:`FILTERS`), at most ``limit``.
-    ``among`` names the recipients instead (an org channel's stores, say)."""
-    users = sorted(set(among)) if among is not None else recipients(relay, ch, seq, sender)
-    clicks = relay.clicks.by_user(ch.name, seq)
+def message_status(at: Positions, ch: Channel | ChannelRef, members: Mapping[str, int] | None,
+                   seq: int, sender: str, *, escalations: dict[str, tuple[int, ...]], wanted: str = "all",
+                   limit: int | None = 1000, among: list[str] | None = None) -> MessageStatus:
+    """The status of message ``seq`` of ``channel`` (sent by ``sender``) for each recipient;
+    ``users`` lists those matching ``wanted`` (one of :data:`FILTERS`), at most ``limit``
+    (None: all).  ``among`` names the recipients instead (an org channel's stores, say)."""
+    channel = ch.name
+    users = sorted(set(among)) if among is not None else recipients(ch.kind, members, seq, sender)
+    clicks = at.clicks.by_user(channel, seq)
     if users is None:
         # Every cursor at or past seq, but the sender's own.
-        own_read = relay.reads.get(ch.name, sender) >= seq
-        own_delivered = relay.delivered.get(ch.name, sender) >= seq
-        return MessageStatus(ch.name, seq, sender, None,
-                             delivered=relay.delivered.readers(ch.name, seq) - own_delivered,
-                             read=relay.reads.readers(ch.name, seq) - own_read,
+        own_read = at.reads.get(channel, sender) >= seq
+        own_delivered = at.delivered.get(channel, sender) >= seq
+        return MessageStatus(channel, seq, sender, None,
+                             delivered=at.delivered.readers(channel, seq) - own_delivered,
+                             read=at.reads.readers(channel, seq) - own_read,
                              escalated=len(escalations),
                              clicked=len(clicks.keys() - {sender}),
                              links={link: len(who.keys() - {sender}) for link, who
-                                    in sorted(relay.clicks.links(ch.name, seq).items())})
-    out = MessageStatus(ch.name, seq, sender, len(users))
+                                    in sorted(at.clicks.links(channel, seq).items())})
+    out = MessageStatus(channel, seq, sender, len(users))
     for user in users:
-        state = state_of(relay, ch.name, user, seq)
+        state = state_of(at, channel, user, seq)
         steps = escalations.get(user, ())
         followed = tuple(clicks.get(user, ()))
         out.read += state == "read"

@@ -177,12 +177,7 @@ class TimerTable:
         return self._run(self._escalated, channel, seq)
 
     def _escalated(self, channel: str, seq: int) -> dict[str, tuple[int, ...]]:
-        out: dict[str, tuple[int, ...]] = {}
-        for user, step in self._conn.execute(
-                "SELECT user, step FROM escalations WHERE channel = ? AND seq = ? ORDER BY step",
-                (channel, seq)):
-            out[user] = (*out.get(user, ()), step)
-        return out
+        return escalated(self._conn, channel, seq).get(seq, {})
 
     async def finish(self, outcome: Outcome) -> None:
         """Delete the fired timers, file the escalations: through the store's writer, in one
@@ -327,3 +322,18 @@ class Timers:
                 self._push(timer_id, now_us() + RETRY_US)
         finally:
             self.firing.difference_update(ids)
+
+
+def escalated(conn: sqlite3.Connection, channel: str,
+              seq: int | None = None) -> dict[int, dict[str, tuple[int, ...]]]:
+    """seq -> user -> the steps an escalation fired for, of message ``seq`` of
+    ``channel`` (None: of all its messages)."""
+    query = "SELECT seq, user, step FROM escalations WHERE channel = ?"
+    params: tuple[str | int, ...] = (channel,)
+    if seq is not None:
+        query, params = query + " AND seq = ?", (channel, seq)
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for at, user, step in conn.execute(query + " ORDER BY seq, step", params):
+        users = out.setdefault(at, {})
+        users[user] = (*users.get(user, ()), step)
+    return out

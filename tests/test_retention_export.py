@@ -11,6 +11,8 @@ import time
 
 import orjson
 
+from fenghuo.api import AsyncApi
+from fenghuo.channels import group_channel
 from conftest import RelayProcess
 
 
@@ -119,3 +121,78 @@ async def test_a_hand_edited_export_fails_verify_even_with_its_checksum_recomput
     keys.write_text(keys.read_text().splitlines()[0] + "\n")   # the old key dropped
     failed = run_cli(*base, "--verify", str(out))
     assert failed.returncode == 1 and "'2026a' is not in the key file" in failed.stderr
+
+
+async def test_export_status_gives_each_message_its_recipients_status(relay_factory, tmp_path):
+    """``fenghuo export --status``: each message line carries the per-recipient status the
+    API's message_status gives (sent, delivered, read, escalated steps, clicks), from the
+    store, while the relay runs; the export still verifies."""
+    relay = relay_factory(api=True)        # the default deployment: one worker per core
+    ch = group_channel("flat-3")
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        await api.group_create("flat-3", "office", ["bob", "carol", "dave"])
+        bob = await relay.connect("bob", reconnect=False)
+        carol = await relay.connect("carol", reconnect=False, sync_cursors=False)
+        bill = (await api.publish(ch, "April bill", sender="office",
+                                  escalate=[{"if_not": "delivered", "after_s": 0.5}]))["seq"]
+        note = (await api.publish(ch, "water off on Monday", sender="office"))["seq"]
+        for member in (bob, carol):
+            while (await member.next_message(timeout=10)).seq < note:
+                pass
+        await bob.mark_read(ch, bill)               # bob read the bill, not the note
+        await bob.click(ch, bill, "pay")
+        await carol.mark_delivered(ch, note)        # carol has both, read neither
+        # dave never came online: escalated for the bill once its 0.5 s passed.
+        expected = {
+            bill: {"counts": {"sent": 1, "delivered": 2, "read": 1, "escalated": 1, "clicked": 1},
+                   "users": [("bob", "read", [], ["pay"]), ("carol", "delivered", [], []),
+                             ("dave", "sent", [0], [])]},
+            note: {"counts": {"sent": 1, "delivered": 2, "read": 0, "escalated": 0, "clicked": 0},
+                   "users": [("bob", "delivered", [], []), ("carol", "delivered", [], []),
+                             ("dave", "sent", [], [])]}}
+        for seq, want in expected.items():
+            live = await _until_status(api, ch, seq, want["counts"])
+            assert _users(live) == want["users"]
+        # A member added now was no recipient of either.
+        await api.group_add("flat-3", "office", ["erin"])
+
+        out = tmp_path / "flat-3.jsonl"
+        deadline = time.monotonic() + 15       # cursors reach the store in the writer's batches
+        while True:
+            run = run_cli("export", "--channel", ch, "--status", "--data-dir",
+                          str(relay.data_dir), "--out", str(out))
+            assert run.returncode == 0, run.stderr
+            lines = [orjson.loads(line) for line in out.read_bytes().splitlines()[:-2]]
+            exported = {m["seq"]: m["status"] for m in lines}
+            if all(exported[seq]["counts"] == want["counts"] for seq, want in expected.items()):
+                break
+            assert time.monotonic() < deadline, exported
+            await asyncio.sleep(0.3)
+        for seq, want in expected.items():
+            assert exported[seq]["recipients"] == 3
+            assert _users(exported[seq]) == want["users"]
+            assert exported[seq]["links"] == ({"pay": 1} if seq == bill else {})
+            live = await api.message_status(ch, seq)
+            assert {k: live[k] for k in exported[seq]} == exported[seq]
+        created = await api.message_status(ch, 1)     # the group's created event
+        assert {k: created[k] for k in exported[1]} == exported[1]
+        summary = orjson.loads(out.read_bytes().splitlines()[-2])["summary"]
+        assert summary["recipient_status"] is True
+        assert run_cli("export", "--data-dir", str(relay.data_dir), "--verify",
+                       str(out)).returncode == 0
+        plain = tmp_path / "plain.jsonl"
+        assert run_cli("export", "--channel", ch, "--data-dir", str(relay.data_dir),
+                       "--out", str(plain)).returncode == 0
+        assert all("status" not in orjson.loads(line) for line in plain.read_bytes().splitlines())
+
+
+async def _until_status(api, ch: str, seq: int, counts: dict, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (got := await api.message_status(ch, seq))["counts"] != counts:
+        assert time.monotonic() < deadline, got
+        await asyncio.sleep(0.1)
+    return got
+
+
+def _users(status: dict) -> list[tuple]:
+    return [(u["user"], u["status"], u["escalated"], u["clicked"]) for u in status["users"]]
