@@ -39,6 +39,8 @@ def _answer(status: int, raw: bytes) -> dict[str, Any]:
     if status != 200:
         err = body.get("error", {}) if isinstance(body, dict) else {}
         raise ApiError(status, err.get("code", 0), err.get("name", "HTTP"), err.get("message", ""))
+    if not isinstance(body, dict):
+        raise ApiError(status, 0, "HTTP", f"a {type(body).__name__} where an object belongs")
     return body
 
 
@@ -48,9 +50,9 @@ class _Methods(Generic[R]):
     def call(self, method: str, body: dict[str, Any]) -> R:
         raise NotImplementedError
 
-    def publish(self, channel: str, data: str | dict | list | None = None, *,
+    def publish(self, channel: str, data: str | dict[str, Any] | list[Any] | None = None, *,
                 data_b64: str | None = None, content_type: int | None = None,
-                meta: dict | None = None, idempotency_key: str | None = None,
+                meta: dict[str, Any] | None = None, idempotency_key: str | None = None,
                 sender: str | None = None, send_at: float | None = None,
                 escalate: list[dict[str, Any]] | None = None) -> R:
         """Publish now, or with ``send_at`` (Unix seconds) at that time: the answer is then

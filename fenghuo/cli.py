@@ -9,10 +9,14 @@ import os
 import sys
 import tomllib
 import warnings
-from typing import NoReturn
-from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Coroutine, Sequence
 
 import orjson
+
+if TYPE_CHECKING:
+    from fenghuo.client import _Connector
+    from fenghuo.protocol import Message
 
 DEFAULT_SERVER = "tcp://127.0.0.1:7700"
 
@@ -43,7 +47,7 @@ def _client_arguments(p: argparse.ArgumentParser) -> None:
                    help="private key of --tls-cert, if not in the same file [FENGHUO_TLS_KEY]")
 
 
-def _connect(args: argparse.Namespace, token: str, **kwargs):
+def _connect(args: argparse.Namespace, token: str, **kwargs: Any) -> _Connector:
     import fenghuo
 
     return fenghuo.connect(args.server, token=token, tls_ca=args.tls_ca,
@@ -54,7 +58,8 @@ def _token(args: argparse.Namespace, channels: Sequence[str] = ()) -> str:
     from fenghuo.tokens import issue_token, resolve_secret
 
     if args.token:
-        return args.token
+        token: str = args.token
+        return token
     if not args.user:
         raise SystemExit("fenghuo: pass --token, or --user (with --secret or a dev secret)")
     secret, _ = resolve_secret(args.secret, args.data_dir, secret_file=args.secret_file)
@@ -153,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format(message, as_json: bool) -> str:
+def _format(message: Message, as_json: bool) -> str:
     if as_json:
         return orjson.dumps({"channel": message.channel, "seq": message.seq,
                              "sender": message.sender, "ts_us": message.ts_us,
@@ -195,8 +200,10 @@ async def _chat(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     # Callbacks only: no inbox that nobody reads and that would grow for ever.
     async with _connect(args, _token(args), device=args.device, pending_messages=0) as client:
-        channel = fenghuo.direct_channel(client.user, args.to)
-        client.on_message(lambda m: m.channel == channel and m.sender != client.user
+        me = client.user
+        assert me is not None           # the WELCOME named it before connect returned
+        channel = fenghuo.direct_channel(me, args.to)
+        client.on_message(lambda m: m.channel == channel and m.sender != me
                           and print(f"{m.sender}: {m.text}", flush=True))
         print(f"chatting with {args.to} as {client.user}; type a line and press Enter "
               "(Ctrl-D to quit)", file=sys.stderr, flush=True)
@@ -206,11 +213,13 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_client(coro_fn):
+def _run_client(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+                ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import uvloop
 
-        return uvloop.run(coro_fn(args))
+        code: int = uvloop.run(coro_fn(args))
+        return code
     return run
 
 
@@ -354,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A server error that ends the command is reported below, in one line;
     # the client's own warning of it would be a second.
     logging.getLogger("fenghuo.client").setLevel(logging.ERROR)
-    func = args.__dict__.pop("func")
+    func: Callable[[argparse.Namespace], int] = args.__dict__.pop("func")
     args.__dict__.pop("command")
     errors = _user_errors()
     try:

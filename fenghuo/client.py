@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from urllib.parse import urlsplit
 
 import orjson
@@ -169,7 +169,7 @@ def client_tls_context(ca: str | None = None, cert: str | None = None,
     return context
 
 
-def encode_payload(data: str | bytes | dict | list, content_type: int | None) -> tuple[bytes, int]:
+def encode_payload(data: str | bytes | dict[str, Any] | list[Any], content_type: int | None) -> tuple[bytes, int]:
     """A message's payload bytes and content type: a str is TEXT, JSON is CARD, bytes BINARY."""
     if isinstance(data, str):
         return data.encode(), ContentType.TEXT if content_type is None else content_type
@@ -673,12 +673,14 @@ class Client:
         if self._closed:
             raise ConnectionLost("client closed")
 
-    async def _request(self, ftype: int, body: dict[str, Any]) -> Any:
-        """The reply: a RESULT's decoded JSON, a HISTORY_PAGE's frames as bytes."""
-        return await self._request_with(lambda rid: encode_json(ftype, body, rid))
+    async def _request(self, ftype: int, body: dict[str, Any]) -> dict[str, Any]:
+        """The RESULT's decoded JSON (HISTORY, whose reply is frames, uses :meth:`_request_with`)."""
+        result: dict[str, Any] = await self._request_with(lambda rid: encode_json(ftype, body, rid))
+        return result
 
     async def _request_with(self, encode: Callable[[int], bytes]) -> Any:
-        """Send the frame ``encode(request_id)`` makes; its reply (as :meth:`_request`)."""
+        """Send the frame ``encode(request_id)`` makes; its reply: a RESULT's decoded
+        JSON, a HISTORY_PAGE's frames as bytes."""
         self._check_usable()
         await self._connected.wait()
         rid = self._request_id()
@@ -697,10 +699,10 @@ class Client:
         """Call ``callback(receipt)`` when a recipient marks our message delivered or read."""
         self._callbacks.setdefault("receipt", []).append(callback)
 
-    def on_presence(self, callback: Callable[[dict], Any]) -> None:
+    def on_presence(self, callback: Callable[[dict[str, Any]], Any]) -> None:
         self._callbacks.setdefault("presence", []).append(callback)
 
-    def on_gap(self, callback: Callable[[dict], Any]) -> None:
+    def on_gap(self, callback: Callable[[dict[str, Any]], Any]) -> None:
         """Called when catch-up could not reach back far enough (messages were missed)."""
         self._callbacks.setdefault("gap", []).append(callback)
 
@@ -722,8 +724,8 @@ class Client:
             raise ConnectionLost("client closed")
         return message
 
-    async def publish(self, channel: str, data: str | bytes | dict | list, *,
-                      content_type: int | None = None, meta: dict | bytes | None = None,
+    async def publish(self, channel: str, data: str | bytes | dict[str, Any] | list[Any], *,
+                      content_type: int | None = None, meta: dict[str, Any] | bytes | None = None,
                       key: str | bytes | None = None) -> Ack:
         """Publish to ``channel``; returns the server's ack with the assigned seq.
 
@@ -750,7 +752,7 @@ class Client:
             self._write(frame)
         return await fut
 
-    async def send(self, to: str, data: str | bytes | dict | list, **kwargs: Any) -> Ack:
+    async def send(self, to: str, data: str | bytes | dict[str, Any] | list[Any], **kwargs: Any) -> Ack:
         """Publish to the direct channel of this user and ``to``."""
         if self.user is None:
             self._check_usable()
@@ -801,7 +803,7 @@ class Client:
                            ("until_us", until_us)):
             if value is not None:
                 body[key] = value
-        page = await self._request(FrameType.HISTORY, body)
+        page: bytes = await self._request_with(lambda rid: encode_json(FrameType.HISTORY, body, rid))
         return [decode_message(frame.body) for frame in FrameReader(self.max_frame).feed(page)]
 
     async def sync_cursors_now(self) -> int:
@@ -812,22 +814,24 @@ class Client:
             self._cursor_timer = None
         changes, self._cursor_changes = self._cursor_changes, {}
         result = await self._request(FrameType.CURSOR, {"op": "sync", "positions": changes})
-        return result["saved"]
+        saved: int = result["saved"]
+        return saved
 
     async def unread(self) -> dict[str, int]:
         """Unread messages per channel: the same on every device of this user."""
-        return (await self._request(FrameType.CURSOR, {"op": "unread"}))["unread"]
+        unread: dict[str, int] = (await self._request(FrameType.CURSOR, {"op": "unread"}))["unread"]
+        return unread
 
     async def readers(self, channel: str, seq: int) -> dict[str, Any]:
         """``{"read": x, "members": n}``: how many have read message ``seq`` of ``channel``."""
         return await self._request(FrameType.CURSOR, {"op": "readers", "channel": channel,
                                                       "seq": seq})
 
-    async def mark_delivered(self, channel: str, seq: int, *, confirm: bool = False) -> dict | None:
+    async def mark_delivered(self, channel: str, seq: int, *, confirm: bool = False) -> dict[str, Any] | None:
         """Tell the relay (and the sender) message ``seq`` of ``channel`` arrived; see :meth:`mark_read`."""
         return await self._receipt(channel, seq, ReceiptKind.DELIVERED, confirm)
 
-    async def mark_read(self, channel: str, seq: int, *, confirm: bool = False) -> dict | None:
+    async def mark_read(self, channel: str, seq: int, *, confirm: bool = False) -> dict[str, Any] | None:
         """Mark message ``seq`` of ``channel`` (and all before it) read.
 
         By default the receipt is sent and not answered (PROTOCOL §3.11, request
@@ -839,63 +843,74 @@ class Client:
     async def click(self, channel: str, seq: int, link: str) -> dict[str, Any]:
         """Report that this user followed link ``link`` (an id of 1-64 bytes the app
         gave it) of message ``seq``; ``{"first": bool, ...}`` (PROTOCOL §3.11)."""
-        return await self._request_with(
+        result: dict[str, Any] = await self._request_with(
             lambda rid: encode_receipt(channel, seq, ReceiptKind.CLICKED, rid, link))
+        return result
 
-    async def _receipt(self, channel: str, seq: int, kind: int, confirm: bool) -> dict | None:
+    async def _receipt(self, channel: str, seq: int, kind: int, confirm: bool) -> dict[str, Any] | None:
         if confirm:
-            return await self._request_with(lambda rid: encode_receipt(channel, seq, kind, rid))
+            result: dict[str, Any] = await self._request_with(
+                lambda rid: encode_receipt(channel, seq, kind, rid))
+            return result
         self._check_usable()
         await self._connected.wait()
         self._write(encode_receipt(channel, seq, kind))
         return None
 
-    async def presence(self, users: list[str]) -> dict[str, dict]:
-        return (await self._request(FrameType.PRESENCE, {"op": "query", "users": users}))["users"]
+    async def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        result = await self._request(FrameType.PRESENCE, {"op": "query", "users": users})
+        presence: dict[str, dict[str, Any]] = result["users"]
+        return presence
 
-    async def watch_presence(self, users: list[str]) -> dict[str, dict]:
+    async def watch_presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
         """Current presence of ``users``; changes arrive at :meth:`on_presence` callbacks.
 
         The watch survives reconnects until :meth:`unwatch_presence`.
         """
         result = await self._request(FrameType.PRESENCE, {"op": "subscribe", "users": users})
         self._watching.update(users)
-        return result["users"]
+        presence: dict[str, dict[str, Any]] = result["users"]
+        return presence
 
-    async def unwatch_presence(self, users: list[str]) -> dict[str, dict]:
+    async def unwatch_presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
         self._watching.difference_update(users)
-        return (await self._request(FrameType.PRESENCE, {"op": "unsubscribe", "users": users}))["users"]
+        result = await self._request(FrameType.PRESENCE, {"op": "unsubscribe", "users": users})
+        presence: dict[str, dict[str, Any]] = result["users"]
+        return presence
 
-    async def create_group(self, group: str, members: list[str] = (), title: str = "") -> dict:  # type: ignore[assignment]
+    async def create_group(self, group: str, members: Sequence[str] = (), title: str = "") -> dict[str, Any]:
         return await self._request(FrameType.GROUP, {"op": "create", "group": group,
                                                      "members": list(members), "title": title})
 
-    async def add_members(self, group: str, users: list[str], role: str = "member") -> dict:
+    async def add_members(self, group: str, users: list[str], role: str = "member") -> dict[str, Any]:
         return await self._request(FrameType.GROUP, {"op": "add", "group": group,
                                                      "users": users, "role": role})
 
-    async def remove_members(self, group: str, users: list[str]) -> dict:
+    async def remove_members(self, group: str, users: list[str]) -> dict[str, Any]:
         return await self._request(FrameType.GROUP, {"op": "remove", "group": group, "users": users})
 
-    async def leave_group(self, group: str) -> dict:
+    async def leave_group(self, group: str) -> dict[str, Any]:
         return await self._request(FrameType.GROUP, {"op": "leave", "group": group})
 
-    async def set_role(self, group: str, user: str, role: str) -> dict:
+    async def set_role(self, group: str, user: str, role: str) -> dict[str, Any]:
         return await self._request(FrameType.GROUP, {"op": "role", "group": group,
                                                      "user": user, "role": role})
 
     async def handoff(self, group: str, to: str, *, remove: list[str] | None = None,
-                      note: str = "") -> dict:
+                      note: str = "") -> dict[str, Any]:
         """Hand the conversation ``group`` over to ``to`` (an owner's or admin's request):
         ``to`` joins, a ``handoff`` event is posted, ``remove`` (the bot) leave."""
         return await self._request(FrameType.GROUP, {"op": "handoff", "group": group, "to": to,
                                                      "remove": remove or [], "note": note})
 
-    async def list_groups(self) -> list[dict]:
-        return (await self._request(FrameType.GROUP, {"op": "list"}))["groups"]
+    async def list_groups(self) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = (await self._request(FrameType.GROUP, {"op": "list"}))["groups"]
+        return groups
 
     async def group_members(self, group: str) -> dict[str, str]:
-        return (await self._request(FrameType.GROUP, {"op": "members", "group": group}))["members"]
+        result = await self._request(FrameType.GROUP, {"op": "members", "group": group})
+        members: dict[str, str] = result["members"]
+        return members
 
 
 class _Connector:

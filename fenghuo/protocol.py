@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from fenghuo.core import (  # noqa: F401  (re-exported: the client's one import)
+from fenghuo.core import (  # re-exported (__all__): the client's one import
     FRAME_HEADER_SIZE,
     WIRE_VERSION,
     Ack,
@@ -100,3 +100,41 @@ def try_again_delay(message: str) -> float:
     except (AttributeError, KeyError, TypeError, ValueError):   # JSONDecodeError is a ValueError
         wait_ms = jitter_ms = TRY_AGAIN_DEFAULT_MS
     return (max(0.0, wait_ms) + random.uniform(0.0, max(0.0, jitter_ms))) / 1000
+
+__all__ = [
+    "Ack",
+    "AckStatus",
+    "ContentType",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_PORT",
+    "ErrorCode",
+    "FRAME_HEADER_SIZE",
+    "Frame",
+    "FrameFlag",
+    "FrameReader",
+    "FrameType",
+    "Message",
+    "ProtocolError",
+    "Receipt",
+    "ReceiptKind",
+    "TRY_AGAIN_DEFAULT_MS",
+    "TRY_AGAIN_JITTER_DIVISOR",
+    "TRY_AGAIN_MIN_JITTER_MS",
+    "WIRE_VERSION",
+    "compress_body",
+    "decode_ack",
+    "decode_error",
+    "decode_json",
+    "decode_message",
+    "decode_publish",
+    "decode_receipt",
+    "decode_receipt_event",
+    "encode_error",
+    "encode_frame",
+    "encode_json",
+    "encode_publish",
+    "encode_receipt",
+    "encode_try_again",
+    "try_again_delay",
+    "try_again_message",
+]

@@ -30,6 +30,7 @@ import secrets
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 import orjson
@@ -144,7 +145,7 @@ def issue_token(
 TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
-def _check_claim_types(claims: dict) -> None:
+def _check_claim_types(claims: dict[str, Any]) -> None:
     """Refuse claims of the wrong JSON type before PyJWT interprets them."""
     for key in TIME_CLAIMS:
         if key in claims and type(claims[key]) is not int:     # bool is an int subclass
@@ -203,7 +204,7 @@ def _header_kid(segment: str) -> str | None:
     return kid
 
 
-def _claims(secret: str, token: str, leeway: float) -> dict:
+def _claims(secret: str, token: str, leeway: float) -> dict[str, Any]:
     """The verified claims, with the key the header's ``kid`` names, or any key without one.
 
     HS256 by hand (RFC 7515, 7519): a connect storm verifies thousands of
