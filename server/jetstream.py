@@ -91,14 +91,14 @@ class Engine:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT)
         self.replicas = replicas
+        #: called once reconnected to NATS (core NATS records sent meanwhile may be lost)
+        self.on_reconnect: Callable[[], None] = lambda: None
 
     @classmethod
-    async def connect(cls, urls: list[str], name: str,
-                      on_reconnect: Callable[[], None] | None = None) -> Engine:
+    async def connect(cls, urls: list[str], name: str) -> Engine:
         async def reconnected() -> None:
             log.warning("reconnected to NATS", extra={"server": str(nc.connected_url)})
-            if on_reconnect is not None:
-                on_reconnect()
+            engine.on_reconnect()
 
         async def disconnected() -> None:
             log.warning("disconnected from NATS")

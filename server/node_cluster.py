@@ -32,7 +32,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fenghuo.channels import group_channel
@@ -44,6 +44,7 @@ from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.jetstream import Engine, Stored
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
+from fenghuo.server.relay import STORE_PAGE
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -61,6 +62,11 @@ MAX_NODES = 4096
 RESOLVE_RETRY = 0.5
 NOT_OWNER = ("this node does not sequence the channel (its owner changed); "
              "retry (an idempotency key makes a publish safe to retry)")
+# Attempts to read a replica's hole from the stream that bring nothing (no
+# JetStream quorum, a leader being elected: a few seconds) before the replica
+# gives up on it and its live sessions miss the hole (catch-up by position
+# and history still have it).
+HOLE_READS = 20
 LOST_WITH_NODE = ("the node that sequences this channel died before answering; "
                   "retry (an idempotency key makes a publish safe to retry)")
 
@@ -72,6 +78,16 @@ class _Parked:
     connection: int
     awaited: _Awaited | None          # its place in the session's reply order
     record: bytes                     # the mesh record to send the owner
+
+
+@dataclass
+class _Hole:
+    """Seqs a replica misses (core NATS lost their records), being read from the
+    stream; what arrives from the owner meanwhile waits behind them."""
+
+    until: int                                       # the first seq not missing
+    held: dict[int, bytes] = field(default_factory=dict)   # seq -> frame, after the hole
+    reads: int = 0                                   # stream reads that brought nothing
 
 
 class NodeCluster(Cluster):
@@ -94,6 +110,9 @@ class NodeCluster(Cluster):
         #: nodes that asked for a channel while this node was taking it over
         self.deferred_interest: dict[str, list[tuple[int, int]]] = {}
         self.failovers = 0                   # channels taken over from a dead or deposed node
+        #: replicas' holes being filled from the stream
+        self.holes: dict[Channel, _Hole] = {}
+        self.holes_filled = 0                # messages read from the stream into a hole
         self.liveness = Liveness(engine.nc, index, self.name, s.region, self.generation,
                                  s.cluster_lease, self._on_peer, self._peer_lost)
         self.mesh = NatsMesh(engine.nc, index, self._on_record, self.liveness.live_peers)
@@ -107,6 +126,7 @@ class NodeCluster(Cluster):
         index = await engine.patiently(lambda: engine.node_index(
             name, zlib.crc32(name.encode()) % MAX_NODES, MAX_NODES))
         self = cls(relay, index, engine, await engine.patiently(engine.cluster_id))
+        engine.on_reconnect = self._reconnected
         relay.hub.bus = self.bus
         await self.mesh.open()
         await self.liveness.start()
@@ -357,6 +377,100 @@ class NodeCluster(Cluster):
         if ch.kind == ChannelKind.DIRECT_CHAT:
             self.share("direct", channel=ch.name)
 
+    # ------------------------------------------------------------ holes
+
+    def _apply_message(self, name: str, seq: int, frame: bytes) -> None:
+        """A message from ``name``'s owner.  Core NATS may lose records (a
+        nats-server died, this node reconnected): a ready replica that sees
+        a seq past the next one reads the missing ones from the stream and
+        gives them to its live sessions first, in order; what comes
+        meanwhile waits behind them."""
+        ch = self.relay.hub.find(name)
+        if ch is not None and ch in self.ready_here and not self.store.owns(name):
+            hole = self.holes.get(ch)
+            if hole is not None:
+                if seq > ch.seq:
+                    hole.held[seq] = frame
+                return
+            if ch.seq and seq > ch.seq + 1:
+                self._fill(ch, _Hole(seq, {seq: frame}))
+                return
+        elif ch is not None:
+            self._abandon(ch)
+        super()._apply_message(name, seq, frame)
+
+    def _fill(self, ch: Channel, hole: _Hole) -> None:
+        log.warning("replica gap: reading it from the stream",
+                    extra={"channel": ch.name, "have": ch.seq, "next": hole.until})
+        self.holes[ch] = hole
+        asyncio.get_running_loop().create_task(self._fill_async(ch, hole))
+
+    async def _fill_async(self, ch: Channel, hole: _Hole) -> None:
+        apply = super()._apply_message
+        while self.holes.get(ch) is hole:
+            if ch not in self.ready_here or self.store.owns(ch.name):
+                break                                # let go of, rewarmed, or owned here
+            if hole.until > ch.seq + 1:
+                if hole.reads >= HOLE_READS:
+                    log.error("replica gap not filled: its live sessions miss it",
+                              extra={"channel": ch.name, "have": ch.seq, "next": hole.until})
+                    break
+                try:
+                    rows = await self.engine.read(ch.name, ch.seq, hole.until,
+                                                  min(STORE_PAGE, hole.until - ch.seq - 1))
+                except Exception as exc:
+                    log.warning("cannot read a replica gap", extra={"channel": ch.name,
+                                                                    "error": str(exc)})
+                    rows = []
+                if self.holes.get(ch) is not hole:
+                    return                           # abandoned meanwhile
+                got = [r for r in rows if r.seq > ch.seq]
+                if not got or got[0].seq != ch.seq + 1:
+                    hole.reads += 1
+                    await asyncio.sleep(RESOLVE_RETRY)
+                    continue
+                for stored in got:
+                    if stored.seq == ch.seq + 1:
+                        apply(ch.name, stored.seq, stored.frame)
+                        self.holes_filled += 1
+                continue
+            # The hole is filled: what waited behind it, up to the next hole.
+            for seq in sorted(hole.held):
+                if seq > ch.seq + 1:
+                    hole.until = seq
+                    break
+                apply(ch.name, seq, hole.held.pop(seq))
+            else:
+                del self.holes[ch]
+                return
+        self._abandon(ch)
+
+    def _abandon(self, ch: Channel) -> None:
+        """Stop filling ``ch``'s hole (the replica was let go of, rewarmed, or owned
+        here): what waited is applied as without it."""
+        hole = self.holes.pop(ch, None)
+        if hole is not None:
+            for seq in sorted(hole.held):
+                super()._apply_message(ch.name, seq, hole.held[seq])
+
+    def _reconnected(self) -> None:
+        """Back on NATS: a replica's last messages may have been lost with no later
+        one to show the hole, so each live replica compares its seq with the stream."""
+        for ch in list(self.ready_here):
+            if ch.subscribers and ch not in self.holes and not self.store.owns(ch.name):
+                asyncio.get_running_loop().create_task(self._check_tail(ch))
+
+    async def _check_tail(self, ch: Channel) -> None:
+        try:
+            last = await self.engine.last(ch.name)
+        except Exception as exc:
+            log.warning("cannot read a replica's tail", extra={"channel": ch.name,
+                                                               "error": str(exc)})
+            return
+        if (last is not None and last.seq > ch.seq and ch.seq and ch not in self.holes
+                and ch in self.ready_here and not self.store.owns(ch.name)):
+            self._fill(ch, _Hole(last.seq + 1))
+
     # ------------------------------------------------------------ nodes
 
     def _on_peer(self, peer: Peer, restarted: bool) -> None:
@@ -403,4 +517,4 @@ class NodeCluster(Cluster):
                           if self.liveness.alive(p.index)},
                 "channels_owned": self.store.owned,
                 "appended": self.store.appended, "refused": self.store.refused,
-                "failovers": self.failovers}
+                "failovers": self.failovers, "holes_filled": self.holes_filled}
