@@ -143,7 +143,8 @@ class Settings:
     api_timeout: float = _opt(10.0, "seconds an API call may take before it is answered 504")
     api_max_body: int = _opt(4 << 20, "largest API request body, bytes (413 beyond)")
     webhooks: str = _opt("", "TOML file of webhook endpoints ([[endpoint]] name, url, secrets, "
-                             "events, channels; docs/API.md, Webhooks); needs --store sqlite")
+                             "events, channels; docs/API.md, Webhooks; urls, secrets and filters "
+                             "reloaded on SIGHUP); needs --store sqlite")
     webhook_timeout: float = _opt(10.0, "seconds a webhook request may take, connecting and "
                                         "reading the answer included; then it is retried")
     webhook_concurrency: int = _opt(8, "webhook requests in flight per endpoint at most (one per "

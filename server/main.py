@@ -21,6 +21,7 @@ import uvloop
 from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec
+from fenghuo.server.outbox import reload_endpoints
 from fenghuo.server.relay import Relay
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
 from fenghuo.server.tls import ServerTLS
@@ -78,9 +79,15 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
 
 
 def reload(relay: Relay, api: Api | None) -> None:
-    """SIGHUP: read the TLS certificate and the secret file again; either keeps the old on failure."""
+    """SIGHUP: read the TLS certificate, the secret file and the webhooks file again;
+    each keeps what it had on failure."""
     if relay.tls is not None:
         relay.tls.reload()
+    _reload_secret(relay, api)
+    _reload_webhooks(relay)
+
+
+def _reload_secret(relay: Relay, api: Api | None) -> None:
     path = relay.settings.secret_file
     if not path:
         return
@@ -95,6 +102,22 @@ def reload(relay: Relay, api: Api | None) -> None:
     if api is not None:
         api.use_secret(secret)
     log.info("secret file reloaded", extra={"file": path, "keys": [k.kid for k in keyring(secret)]})
+
+
+def _reload_webhooks(relay: Relay) -> None:
+    """Rotate a webhook secret (or change a url or filter) without a restart."""
+    path = relay.settings.webhooks
+    if not path:
+        return
+    try:
+        endpoints = reload_endpoints(path, relay.endpoints)
+    except (OSError, ValueError) as exc:     # a TOML syntax error is a ValueError
+        log.error("webhooks file reload failed; keeping the current endpoints",
+                  extra={"file": path, "error": str(exc)})
+        return
+    relay.use_endpoints(endpoints)
+    log.info("webhooks file reloaded", extra={"file": path,
+                                              "endpoints": [e.name for e in endpoints]})
 
 
 def run(settings: Settings) -> int:

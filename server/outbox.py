@@ -156,6 +156,18 @@ def load_endpoints(path: str) -> tuple[Endpoint, ...]:
     return tuple(endpoints)
 
 
+def reload_endpoints(path: str, current: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    """The endpoints of ``path`` read again (SIGHUP): each one's url, secrets and filters
+    may change, not which endpoints there are (the sender runs one loop per endpoint
+    from the start, and the outbox holds their rows): ValueError then."""
+    endpoints = load_endpoints(path)
+    before, after = {e.name for e in current}, {e.name for e in endpoints}
+    if before != after:
+        raise ValueError(f"{path}: adding or removing endpoints needs a restart (added "
+                         f"{sorted(after - before)}, removed {sorted(before - after)})")
+    return endpoints
+
+
 # ---------------------------------------------------------------- writer records
 # What the sender asks the store's writer to record (typed, ordered with everything else).
 
@@ -194,14 +206,20 @@ class Outbox:
     """The store writer's side: which rows an event makes (runs on the writer thread)."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
-        self.endpoints = endpoints
         # Event ids: random per process start, then a counter (os.urandom per event
         # cost a system call, 3.5 us, on the writer thread).
         self._id_prefix = "msg_" + os.urandom(8).hex()
         self._ids = itertools.count(1)
+        self.use(endpoints)
+
+    def use(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """Filter by ``endpoints`` from now on (SIGHUP).  Called on the event loop while
+        the writer thread reads these: each is replaced whole, and an event filed
+        meanwhile by the old filters is one the file said was wanted a moment ago."""
         wanted = [e.events or EVENT_TYPES for e in endpoints]
         self.messages_wanted = any("message.created" in w for w in wanted)
         self.members_wanted = any(w & {"member.joined", "member.left"} for w in wanted)
+        self.endpoints = endpoints
 
     def rows(self, event: WebhookEvent) -> list[tuple]:
         """``(endpoint, stream, event_id, type, payload, created_us, seq)`` per endpoint that wants it."""

@@ -63,7 +63,7 @@ from fenghuo.server.schemas import (
     History,
     from_builtins,
 )
-from fenghuo.server.outbox import Outbox, WebhookEvent, load_endpoints
+from fenghuo.server.outbox import Endpoint, Outbox, WebhookEvent, load_endpoints
 from fenghuo.server.store import SQLiteStore
 from fenghuo.server.revocations import Revocations
 from fenghuo.server.stalls import Collector, LoopLag
@@ -228,6 +228,15 @@ class Relay:
         """
         if self.store is not None:
             self.store.emit(event)
+
+    def use_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """The webhook endpoints read again (SIGHUP; their names unchanged): the store's
+        writer files events by their filters, the sender signs with their secrets."""
+        self.endpoints = endpoints
+        if self.store is not None and self.store.outbox is not None:
+            self.store.outbox.use(endpoints)
+        if self.webhooks is not None:
+            self.webhooks.use(endpoints)
 
     def save_group(self, group: Group) -> None:
         """Persist ``group`` (members, roles and when each joined), ordered with its

@@ -143,6 +143,12 @@ class WebhookSender:
         self._tasks: list[asyncio.Task[None]] = []
         self._requests: set[asyncio.Task[None]] = set()
 
+    def use(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """Send to these (the same names: url, secrets, filters read again on SIGHUP) from
+        the next request on; one in flight finishes as it began."""
+        for endpoint in endpoints:
+            self.queues[endpoint.name].endpoint = endpoint
+
     async def start(self) -> None:
         for name, reason in await self._query("SELECT name, reason FROM webhook_endpoints", ()):
             if name in self.queues:

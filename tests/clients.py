@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -32,3 +33,11 @@ async def refused(call, status: int, code: int):
     assert (info.value.status, info.value.code) == (status, code), info.value
     assert info.value.name == fenghuo.ErrorCode(code).name
     return info.value
+
+
+async def wait_logged(relay, text: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the relay's log holds ``text`` ``count`` times (once per worker, say)."""
+    deadline = time.monotonic() + timeout
+    while relay.log().count(text) < count:
+        assert time.monotonic() < deadline, relay.log()[-3000:]
+        await asyncio.sleep(0.05)

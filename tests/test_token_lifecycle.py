@@ -20,7 +20,7 @@ from fenghuo.core import ErrorCode, FrameType
 from fenghuo.protocol import encode_json
 from fenghuo.api import AsyncApi
 from fenghuo.tokens import issue_token, verify_token
-from tests.clients import refused
+from tests.clients import refused, wait_logged
 from tests.conftest import group_members
 from tests.rawwire import authed_on_every_worker, open_raw
 from tests.test_cli import fenghuo_cli
@@ -228,13 +228,6 @@ async def test_the_api_revokes_a_token_or_a_user_like_the_cli(relay_factory):
     memory = relay_factory("--store", "memory", api=True, workers=1)
     async with AsyncApi(memory.api_url, memory.api_key) as api:
         await refused(api.revoke(user="bob"), 409, ErrorCode.CONFLICT)
-
-
-async def wait_logged(relay, text: str, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while relay.log().count(text) < count:
-        assert time.monotonic() < deadline, relay.log()[-3000:]
-        await asyncio.sleep(0.05)
 
 
 async def test_sighup_reloads_the_secret_file_in_every_worker(relay_factory, tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from bench.targets import free_port
+from clients import wait_logged
 from fenghuo.server.store import DB_FILE
 from fenghuo.webhooks import (
     WebhookVerificationError,
@@ -595,3 +597,65 @@ async def test_every_secret_of_an_endpoint_signs_so_a_receiver_can_rotate(relay_
     headers, body, _ = receiver.requests[0]
     assert headers["webhook-signature"].count("v1,") == 2
     assert verify(old, headers, body)["data"]["data"] == "signed twice"
+
+
+async def test_sighup_rotates_an_endpoint_s_secret_and_filters_without_a_restart(
+        relay_factory, receivers, tmp_path, workers):
+    """Edit the --webhooks file and send SIGHUP: every worker files events by the new
+    filters and the sender signs with the new secrets (docs/API.md, "Webhooks");
+    adding or removing an endpoint is refused, logged, and the endpoints in force stay."""
+    old, new = new_secret(), new_secret()
+    receiver = receivers(old)
+    await receiver.start()
+    hooks = tmp_path / "hooks.toml"
+    endpoint = receiver.endpoint("app", events=["message.created"], channels=["org.a"])
+    write_endpoints(hooks, endpoint)
+    relay = relay_factory("--webhooks", str(hooks), workers=workers)
+    count = relay.workers
+    alice = await relay.connect("alice", channels=("org.>",))
+
+    def signed(text: str) -> tuple[dict, bytes]:
+        """The request that carried the message ``text``."""
+        for h, body, _ in receiver.requests:
+            if orjson.loads(body)["data"].get("data") == text:
+                return h, body
+        raise AssertionError(f"no event for {text!r}")
+
+    await alice.publish("org.a.news", "one")
+    await receiver.wait_for(1)
+    assert verify(old, *signed("one"))["data"]["data"] == "one"
+
+    # Step 1: the new secret first, the old kept; org.b instead of org.a.
+    write_endpoints(hooks, {**endpoint, "secrets": [new, old], "channels": ["org.b"]})
+    relay.signal(signal.SIGHUP)
+    await wait_logged(relay, "webhooks file reloaded", count)
+    await alice.publish("org.a.news", "filtered out")
+    await alice.publish("org.b.news", "two")
+    receiver.secret = [new, old]     # the receiver accepts both while it rotates
+    await receiver.wait_for(2)
+    h, body = signed("two")
+    assert h["webhook-signature"].count("v1,") == 2
+    assert verify(new, h, body)["data"]["data"] == verify(old, h, body)["data"]["data"] == "two"
+
+    # Step 2: the old secret gone.
+    write_endpoints(hooks, {**endpoint, "secrets": [new], "channels": ["org.b"]})
+    relay.signal(signal.SIGHUP)
+    await wait_logged(relay, "webhooks file reloaded", 2 * count)
+    await alice.publish("org.b.news", "three")
+    await receiver.wait_for(3)
+    h, body = signed("three")
+    assert verify(new, h, body)["data"]["data"] == "three"
+    with pytest.raises(WebhookVerificationError):
+        verify(old, h, body)
+
+    # A second endpoint needs a restart: refused, and "app" goes on as it was.
+    write_endpoints(hooks, {**endpoint, "secrets": [new], "channels": ["org.b"]},
+                    {**endpoint, "name": "other"})
+    relay.signal(signal.SIGHUP)
+    await wait_logged(relay, "webhooks file reload failed", count)
+    await alice.publish("org.b.news", "four")
+    await receiver.wait_for(4)
+    assert verify(new, *signed("four"))["data"]["data"] == "four"
+    assert [e["data"]["data"] for e in receiver.unique("message.created")] == [
+        "one", "two", "three", "four"]
+    assert relay.proc.poll() is None and "worker exited" not in relay.log()
