@@ -226,6 +226,23 @@ async def test_idempotency_keys_are_per_sender(relay):
     assert [(a.seq, a.duplicate), (b.seq, b.duplicate)] == [(1, False), (2, False)]
 
 
+async def test_the_clients_own_keys_are_unique_and_sort_in_publish_order(relay):
+    # Keys the client makes itself (PROTOCOL §6.2): 24 hex characters, the
+    # time then random bits, so a sender's keys reach the store's key index
+    # in order (bench/micro/test_store_keys.py) and never repeat.
+    alice = await relay.connect("alice")
+    bob = await relay.connect("bob")
+    for i in range(40):
+        await alice.send("bob", f"m{i}")
+        if i % 10 == 9:
+            await asyncio.sleep(0.002)          # later milliseconds too
+    keys = [m.key for m in await collect(bob, 40)]
+    assert all(len(k) == 24 and int(k, 16) >= 0 for k in keys)
+    assert len(set(keys)) == 40
+    stamps = [int(k[:12], 16) for k in keys]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]
+
+
 # ---------------------------------------------------------------- receipts
 
 

@@ -1,0 +1,61 @@
+"""Micro benchmark: the durable store's work per message, by the order of its idempotency keys.
+
+Run: ``python -m pytest bench/micro/test_store_keys.py --benchmark-enable``
+(bench/README.md "Idempotency keys").
+
+The store (server/store.py) indexes a keyed message by channel and key
+(``messages_by_key``), so that a key a full dedupe window gave up is still
+found.  Where a new key lands in that index depends on the key alone: the
+reference client's keys (``fenghuo.client.new_key``: the time, then random
+bits) land next to the sender's previous key, random keys anywhere in it.
+Each round writes one transaction of 64 messages (a loop tick's worth of
+one publisher with 64 in flight) into a store that already holds
+``FILLED`` keyed messages of the channel, as the real writer thread does,
+with ``fsync=off`` so that the disk's sync time does not drown the CPU's work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+from fenghuo.client import new_key
+from fenghuo.server.store import SQLiteStore
+
+BATCH = 64
+FILLED = 200_000
+CHANNEL = "dm:user-000001:user-000002"
+SENDER = "user-000001"
+FRAME = bytes(120)
+
+KEYS: dict[str, Callable[[], bytes] | None] = {
+    "none": None,
+    "time-ordered (new_key)": new_key,
+    "random": lambda: secrets.token_bytes(12).hex().encode(),
+}
+
+
+def _records(seqs: Iterator[int], make_key: Callable[[], bytes] | None) -> list[tuple]:
+    return [(CHANNEL, seq, 1_700_000_000_000_000 + seq, SENDER,
+             None if make_key is None else SENDER.encode() + b"\0" + make_key(), FRAME, None)
+            for seq in itertools.islice(seqs, BATCH)]
+
+
+@pytest.mark.parametrize("keys", list(KEYS))
+def test_store_batch(benchmark, tmp_path, keys: str) -> None:
+    benchmark.group = "store: one transaction of 64 messages, by key order"
+    benchmark.extra_info.update(messages=BATCH, filled=FILLED)
+    store = SQLiteStore(tmp_path, fsync="off")
+    conn = store.connect()
+    seqs = itertools.count(1)
+    make_key = KEYS[keys]
+    try:
+        for _ in range(FILLED // BATCH):
+            store._write_batch(conn, _records(seqs, make_key))
+        benchmark.pedantic(store._write_batch, setup=lambda: ((conn, _records(seqs, make_key)), {}),
+                           rounds=2000, warmup_rounds=100)
+    finally:
+        conn.close()
+        store.close()
