@@ -109,6 +109,10 @@ class NodeCluster(Cluster):
         self.parked: dict[str, list[_Parked]] = {}
         #: nodes that asked for a channel while this node was taking it over
         self.deferred_interest: dict[str, list[tuple[int, int]]] = {}
+        #: publishes and requests other nodes forwarded for a channel this node
+        #: is claiming or taking over: served (or refused) once that is settled
+        self.deferred_records: dict[str, list[tuple[int, bytes]]] = {}
+        self.forwards_deferred = 0           # such records (the race to own a new channel)
         self.failovers = 0                   # channels taken over from a dead or deposed node
         #: replicas' holes being filled from the stream
         self.holes: dict[Channel, _Hole] = {}
@@ -224,11 +228,14 @@ class NodeCluster(Cluster):
         ch = self._reset_owner(name)
         owner = self.owner_of(name)
         if owner == UNKNOWN:
-            if self.parked.get(name) or (ch is not None and ch in self.warming):
+            if (self.parked.get(name) or self.deferred_records.get(name)
+                    or (ch is not None and ch in self.warming)):
                 asyncio.get_running_loop().call_later(RESOLVE_RETRY, self._resolve, name)
             return
         for parked in self.parked.pop(name, ()):
             self._unpark(parked, owner)
+        for source, record in self.deferred_records.pop(name, ()):
+            self._on_record(source, record)      # served if this node won, else refused
         for source, after in self.deferred_interest.pop(name, ()):
             self._interest(source, name, after)
         if ch is not None and ch in self.warming:
@@ -335,16 +342,29 @@ class NodeCluster(Cluster):
         if kind == routing.PUBLISH:
             connection, rid, _t, sender, channel, _body = routing.read_publish(record)
             if not self.store.owns(channel):
-                # Sequencing it here would move this replica's seq past its owner's.
-                self._refuse(source, connection, sender, rid, True)
+                if not self._defer(channel, source, record):
+                    # Sequencing it here would move this replica's seq past its owner's.
+                    self._refuse(source, connection, sender, rid, True)
                 return
         elif kind == routing.CONTROL:
             body = routing.read_control(record)
-            if body["op"] == "serve" and not self.store.owns(self._request_channel(body)):
-                self._refuse(source, body["connection"], body["user"], body["rid"],
-                             bool(body["rid"]))
+            if body["op"] == "serve" and not self.store.owns(channel := self._request_channel(body)):
+                if not self._defer(channel, source, record):
+                    self._refuse(source, body["connection"], body["user"], body["rid"],
+                                 bool(body["rid"]))
                 return
         super()._on_record(source, record)
+
+    def _defer(self, channel: str, source: int, record: bytes) -> bool:
+        """Hold a record forwarded for ``channel`` while this node claims it or
+        takes it over.  Two nodes' first publishes on a new channel race to own
+        it; the loser forwards to the winner at once, which may still be reading
+        the channel's tail: it serves the record once it sequences the channel."""
+        if channel not in self.resolving:
+            return False
+        self.deferred_records.setdefault(channel, []).append((source, record))
+        self.forwards_deferred += 1
+        return True
 
     def _refuse(self, source: int, connection: int, user: str, rid: int, answered: bool) -> None:
         if answered:
@@ -517,4 +537,5 @@ class NodeCluster(Cluster):
                           if self.liveness.alive(p.index)},
                 "channels_owned": self.store.owned,
                 "appended": self.store.appended, "refused": self.store.refused,
-                "failovers": self.failovers, "holes_filled": self.holes_filled}
+                "failovers": self.failovers, "holes_filled": self.holes_filled,
+                "forwards_deferred": self.forwards_deferred}

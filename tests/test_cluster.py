@@ -142,12 +142,10 @@ async def test_direct_and_group_messages_have_one_order_across_nodes(nodes):
     await asyncio.gather(*(
         c.publish(group, f"{c.user}-{i}") for c in (alice, bob, carol) for i in range(per)))
     # The direct channel is new: its first publishes on two nodes race to own
-    # it, and the loser answers INTERNAL "retry" (DESIGN, Cluster): retried
-    # under the same key, as a client should.
-    deadline = time.monotonic() + 30
+    # it; the loser forwards to the winner (DESIGN, Cluster), so each is
+    # acked once, with nothing to retry.
     dm = await asyncio.gather(*(
-        publish_surely(c, "dm:alice:bob", f"{c.user}-dm-{i}", f"{c.user}-dm-{i}", deadline)
-        for c in (alice, bob) for i in range(per)))
+        c.publish("dm:alice:bob", f"{c.user}-dm-{i}") for c in (alice, bob) for i in range(per)))
     total = created["seq"] + 3 * per
     seen = {}
     for c in (alice, bob, carol):
@@ -162,6 +160,24 @@ async def test_direct_and_group_messages_have_one_order_across_nodes(nodes):
     for c in (alice, bob):
         got = await messages_of(c, "dm:alice:bob", 2 * per)
         assert [m.seq for m in got] == list(range(1, 2 * per + 1))
+
+
+async def test_first_publishes_racing_from_two_nodes_are_each_acked_once(nodes):
+    """New channels published on from two nodes at the same moment: the two
+    race to own each, the loser forwards its publish to the winner (which may
+    still be reading the channel's tail), and each publish is acked once, with
+    no error to retry (PROTOCOL §6.6): every channel gets seqs 1 and 2."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice", channels=("org.race.>",))
+    bob = await n1.connect("bob", channels=("org.race.>",))
+    names = [f"org.race.c{k}" for k in range(30)]
+    acks = await asyncio.gather(*(c.publish(name, c.user) for name in names
+                                  for c in (alice, bob)))
+    assert [sorted((acks[2 * k].seq, acks[2 * k + 1].seq)) for k in range(len(names))] == [
+        [1, 2]] * len(names)
+    for name in names:
+        page = await alice.history(name, limit=10)
+        assert sorted(m.payload for m in page) == [b"alice", b"bob"]
 
 
 async def test_history_and_catch_up_on_a_node_that_never_saw_them(nodes):
