@@ -84,10 +84,25 @@ class _Methods(Generic[R]):
         return self.call("group_remove", {"group": group, "by": by, "users": users})
 
     def handoff(self, group: str, by: str, to: str, *, remove: list[str] | None = None,
-                note: str | None = None) -> R:
+                silence: list[str] | None = None, note: str | None = None) -> R:
         """Hand conversation ``group`` over from a bot to ``to`` (docs/API.md handoff)."""
         return self.call("handoff", _drop_none({"group": group, "by": by, "to": to,
-                                                "remove": remove, "note": note}))
+                                                "remove": remove, "silence": silence,
+                                                "note": note}))
+
+    def queue(self, group: str, by: str, *, remove: list[str] | None = None,
+              silence: list[str] | None = None, note: str | None = None) -> R:
+        """Put conversation ``group`` in the queue for an advisor (docs/API.md queue)."""
+        return self.call("queue", _drop_none({"group": group, "by": by, "remove": remove,
+                                              "silence": silence, "note": note}))
+
+    def queue_list(self) -> R:
+        """The conversations waiting for an advisor, longest waiting first."""
+        return self.call("queue_list", {})
+
+    def queue_take(self, advisor: str, group: str | None = None) -> R:
+        """Take a waiting conversation for ``advisor`` (the longest waiting without ``group``)."""
+        return self.call("queue_take", _drop_none({"advisor": advisor, "group": group}))
 
     def group_role(self, group: str, by: str, user: str, role: str) -> R:
         return self.call("group_role", {"group": group, "by": by, "user": user, "role": role})

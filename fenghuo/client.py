@@ -911,11 +911,33 @@ class Client:
                                                      "user": user, "role": role})
 
     async def handoff(self, group: str, to: str, *, remove: list[str] | None = None,
-                      note: str = "") -> dict[str, Any]:
-        """Hand the conversation ``group`` over to ``to`` (an owner's or admin's request):
-        ``to`` joins, a ``handoff`` event is posted, ``remove`` (the bot) leave."""
+                      silence: list[str] | None = None, note: str = "") -> dict[str, Any]:
+        """Hand the conversation ``group`` over to ``to`` (an owner's, admin's or service
+        user's request): ``to`` joins, ``silence`` (the bot) become readers, a ``handoff``
+        event is posted, ``remove`` leave."""
         return await self._request(FrameType.GROUP, {"op": "handoff", "group": group, "to": to,
-                                                     "remove": remove or [], "note": note})
+                                                     "remove": remove or [],
+                                                     "silence": silence or [], "note": note})
+
+    async def queue_for_advisor(self, group: str, *, remove: list[str] | None = None,
+                                silence: list[str] | None = None, note: str = "") -> dict[str, Any]:
+        """Put conversation ``group`` in the queue for an advisor; the advisor who takes it
+        gets it handed off with ``remove`` and ``silence`` (PROTOCOL §3.16a)."""
+        return await self._request(FrameType.GROUP, {"op": "queue", "group": group,
+                                                     "remove": remove or [],
+                                                     "silence": silence or [], "note": note})
+
+    async def take_conversation(self, group: str | None = None, *, attempts: int = 5) -> dict[str, Any]:
+        """Take a waiting conversation (the longest waiting without ``group``) as an advisor:
+        it is handed off to us.  Without ``group`` a CONFLICT (another advisor took the
+        one we were given) is tried again, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            try:
+                return await self._request(FrameType.GROUP, {"op": "take", "group": group})
+            except FenghuoError as exc:
+                if group is not None or exc.code != ErrorCode.CONFLICT or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def list_groups(self) -> list[dict[str, Any]]:
         groups: list[dict[str, Any]] = (await self._request(FrameType.GROUP, {"op": "list"}))["groups"]

@@ -6,8 +6,12 @@ Claims (docs/PROTOCOL.md, "Tokens"):
 ``exp``    expiry (seconds since the epoch); ``iat`` issue time
 ``chan``   channel patterns the user may subscribe to and publish on
 ``read``   channel patterns the user may only subscribe to
-``roles``  roles; ``admin`` may subscribe and publish anywhere (backends, bots);
-           ``service`` marks the server API's own sessions (server/api.py)
+``roles``  roles; ``admin`` may subscribe and publish anywhere (backends);
+           ``service`` makes a service user (a bot): it acts only in the
+           conversations (groups) it is assigned to, where it may also hand
+           the conversation off or queue it for an advisor (PROTOCOL §5.6a);
+           ``advisor`` may take the next conversation waiting for an advisor;
+           ``api`` marks the server API's own sessions (server/api.py)
 ``jti``    token id, the handle of revocation
 ``presence`` true: may see every user's presence, not only of users sharing a channel
 
@@ -42,8 +46,12 @@ DEFAULT_TTL = 24 * 3600
 #: seconds a token's ``exp`` may be past and still verify (clock skew)
 LEEWAY = 5.0
 ADMIN = "admin"
-#: the role of the server API's own sessions (server/api.py), which no client token gets
+#: a service user (a bot), confined to the groups it belongs to (PROTOCOL §5.6a)
 SERVICE = "service"
+#: may take conversations waiting for an advisor (GROUP op ``take``)
+ADVISOR = "advisor"
+#: the role of the server API's own sessions (server/api.py), which no client token gets
+API_ROLE = "api"
 
 
 class TokenError(ValueError):
@@ -76,6 +84,14 @@ class Grants:
     @property
     def is_service(self) -> bool:
         return SERVICE in self.roles
+
+    @property
+    def is_advisor(self) -> bool:
+        return ADVISOR in self.roles or self.is_admin
+
+    @property
+    def is_api(self) -> bool:
+        return API_ROLE in self.roles
 
     def can_publish(self, channel: str) -> bool:
         return self.is_admin or any(pattern_matches(p, channel) for p in self.channels)
@@ -129,6 +145,9 @@ def issue_token(
     """A signed token for ``user`` valid for ``ttl`` seconds, with a random ``jti``."""
     if not is_user_id(user):
         raise ValueError(f"invalid user id {user!r}: 1-64 of A-Z a-z 0-9 _ . @ + -")
+    why = _service_conflict(roles, channels, read)
+    if why:
+        raise ValueError(why)
     issued = int(time.time() if now is None else now)
     claims = {"sub": user, "iat": issued, "exp": issued + int(ttl),
               "chan": list(channels), "read": list(read), "roles": list(roles),
@@ -138,6 +157,15 @@ def issue_token(
     key = keyring(secret)[0]
     headers = {"kid": key.kid} if key.kid else None
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers=headers)
+
+
+def _service_conflict(roles: list[str] | tuple[str, ...], channels: list[str] | tuple[str, ...],
+                      read: list[str] | tuple[str, ...]) -> str:
+    """Why a token's claims cannot go together ("" if they can): a service user acts only
+    in the groups it belongs to, so it has no org patterns and is no admin."""
+    if SERVICE in roles and (ADMIN in roles or channels or read):
+        return "a service token carries no 'chan' or 'read' patterns and no 'admin' role"
+    return ""
 
 
 # Claims that are times: integers (seconds since the epoch), docs/PROTOCOL.md §5.6.
@@ -263,12 +291,16 @@ def verify_token(secret: str, token: str, *, leeway: float = LEEWAY) -> Grants:
             raise TokenError(f"token claim {key!r} must be a list of strings")
         return tuple(value)
 
+    roles, channels, read = strings("roles"), strings("chan"), strings("read")
+    why = _service_conflict(roles, channels, read)
+    if why:
+        raise TokenError(f"token is invalid: {why}")
     jti, issued, presence = claims.get("jti", ""), claims.get("iat", 0), claims.get("presence", False)
     if not isinstance(jti, str) or not isinstance(presence, bool) or isinstance(issued, bool) \
             or not isinstance(issued, (int, float)):
         raise TokenError("token claims jti (string), iat (number), presence (boolean) have wrong types")
-    return Grants(user=user, channels=strings("chan"), read=strings("read"),
-                  roles=strings("roles"), expires=float(claims["exp"]), jti=jti,
+    return Grants(user=user, channels=channels, read=read,
+                  roles=roles, expires=float(claims["exp"]), jti=jti,
                   issued=float(issued), sees_all_presence=presence)
 
 

@@ -71,7 +71,7 @@ from fenghuo.server.timers import (
     TimerTable,
     now_us,
 )
-from fenghuo.tokens import DEFAULT_TTL, SERVICE, TokenError, issue_token
+from fenghuo.tokens import API_ROLE, DEFAULT_TTL, TokenError, issue_token
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -155,7 +155,21 @@ class HandoffCall(Call, frozen=True):
     by: Sender
     to: Sender
     remove: Users | None = None
+    silence: Users | None = None
     note: Text | None = None
+
+
+class QueueCall(Call, frozen=True):
+    group: GroupId
+    by: Sender
+    remove: Users | None = None
+    silence: Users | None = None
+    note: Text | None = None
+
+
+class TakeCall(Call, frozen=True):
+    advisor: Sender
+    group: GroupId | None = None
 
 
 class GroupRemoveCall(Call, frozen=True):
@@ -374,7 +388,7 @@ class Backends:
             self._drop(user)
             entry = None
         if entry is None:
-            token = issue_token(self.secret, user, ttl=SESSION_TOKEN_TTL, roles=["admin", SERVICE])
+            token = issue_token(self.secret, user, ttl=SESSION_TOKEN_TTL, roles=["admin", API_ROLE])
             # What the user receives is not kept: no inbox, no cursor sync.
             client = Client(self.server, token=token, device=SERVICE_DEVICE, sync_cursors=False,
                             pending_messages=0)
@@ -758,7 +772,27 @@ async def group_add(api: Api, body: GroupAddCall) -> dict[str, Any]:
 
 async def handoff(api: Api, body: HandoffCall) -> dict[str, Any]:
     client = await api.backends.as_user(body.by)
-    return await client.handoff(body.group, body.to, remove=body.remove, note=body.note or "")
+    return await client.handoff(body.group, body.to, remove=body.remove, silence=body.silence,
+                                note=body.note or "")
+
+
+async def queue(api: Api, body: QueueCall) -> dict[str, Any]:
+    client = await api.backends.as_user(body.by)
+    return await client.queue_for_advisor(body.group, remove=body.remove, silence=body.silence,
+                                          note=body.note or "")
+
+
+async def queue_take(api: Api, body: TakeCall) -> dict[str, Any]:
+    # The API's sessions are admins, and an admin may take (PROTOCOL §5.6a).
+    client = await api.backends.as_user(body.advisor)
+    return await client.take_conversation(body.group)
+
+
+async def queue_list(api: Api, body: NoFields) -> dict[str, Any]:
+    # This worker's copy of every group: the queue as the groups' owners last shared it.
+    return {"waiting": [{**g.describe(), "queued_at": g.queued.at_us / 1e6, "by": g.queued.by,
+                         "note": g.queued.note}
+                        for g in api.relay.groups.waiting() if g.queued is not None]}
 
 
 async def group_remove(api: Api, body: GroupRemoveCall) -> dict[str, Any]:
@@ -900,11 +934,14 @@ async def revoke(api: Api, body: RevokeCall) -> dict[str, Any]:
 
 
 async def token(api: Api, body: TokenCall) -> dict[str, Any]:
-    if SERVICE in (body.roles or ()):
-        raise ApiError(ErrorCode.FORBIDDEN, f"token: the role {SERVICE!r} is the server API's own")
+    if API_ROLE in (body.roles or ()):
+        raise ApiError(ErrorCode.FORBIDDEN, f"token: the role {API_ROLE!r} is the server API's own")
     ttl = body.ttl or DEFAULT_TTL
-    issued = issue_token(api.secret, body.user, ttl=ttl, channels=body.channels or [],
-                         read=body.read or [], roles=body.roles or [])
+    try:
+        issued = issue_token(api.secret, body.user, ttl=ttl, channels=body.channels or [],
+                             read=body.read or [], roles=body.roles or [])
+    except ValueError as exc:
+        raise ApiError(ErrorCode.MALFORMED_BODY, f"token: {exc}") from None
     return {"user": body.user, "token": issued, "expires": int(time.time()) + ttl}
 
 
@@ -921,8 +958,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("group_add", "Add `users` to a group, as `by` (its owner or an admin).",
            GroupAddCall, OBJECT, group_add),
     Method("handoff", "Hand a conversation (a group) over to `to`, as `by` (its owner or an "
-                      "admin): `to` joins, a handoff event is posted, `remove` (the bot) leave.",
+                      "admin): `to` joins, `silence` (the bot) become readers, a handoff event "
+                      "is posted, `remove` leave.",
            HandoffCall, OBJECT, handoff),
+    Method("queue", "Put a conversation (a group) in the queue for an advisor, as `by` (its "
+                    "owner or an admin); taking it hands it off with `remove` and `silence`.",
+           QueueCall, OBJECT, queue),
+    Method("queue_list", "The conversations waiting for an advisor, longest waiting first.",
+           NoFields, OBJECT, queue_list),
+    Method("queue_take", "Take a waiting conversation (the longest waiting without `group`) "
+                         "for `advisor`: it is handed off to them.", TakeCall, OBJECT, queue_take),
     Method("group_remove", "Remove `users` from a group, as `by`.",
            GroupRemoveCall, OBJECT, group_remove),
     Method("group_role", "Change a member's role, as `by` (the owner); `owner` hands "

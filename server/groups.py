@@ -1,4 +1,9 @@
-"""Groups: members and roles (owner, admin, member), and the rules of changing them.
+"""Groups: members and roles (owner, admin, member, reader), and the rules of changing them.
+
+A ``reader`` receives the group and reads its history but may not publish: a
+bot silenced by a hand-off.  A group may wait in the queue of conversations
+for an advisor (``Group.queued``); the queue is every group's replica on
+every worker, so any worker can say which one waited longest.
 
 Pure state and rules, no I/O: :class:`fenghuo.server.relay.Relay` applies the
 results (subscriptions, join/leave events in the group channel).  Arguments
@@ -13,7 +18,39 @@ from dataclasses import dataclass, field
 from fenghuo.channels import group_channel, InvalidChannel
 from fenghuo.core import ErrorCode, ProtocolError
 
-OWNER, ADMIN, MEMBER = "owner", "admin", "member"
+OWNER, ADMIN, MEMBER, READER = "owner", "admin", "member", "reader"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks for a GROUP op, with what their token allows beyond membership
+    (PROTOCOL §5.6a): carried to the group's owning worker with the request."""
+
+    user: str
+    #: a service user (a bot): only the ops of its own conversations
+    service: bool = False
+    #: may take a conversation waiting for an advisor
+    advisor: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A conversation in the queue for an advisor: what taking it will do."""
+
+    at_us: int
+    by: str
+    note: str = ""
+    remove: tuple[str, ...] = ()
+    silence: tuple[str, ...] = ()
+
+    def record(self) -> dict:
+        return {"at_us": self.at_us, "by": self.by, "note": self.note,
+                "remove": list(self.remove), "silence": list(self.silence)}
+
+    @classmethod
+    def of(cls, record: dict) -> Waiting:
+        return cls(record["at_us"], record["by"], record.get("note", ""),
+                   tuple(record.get("remove", ())), tuple(record.get("silence", ())))
 
 
 def _refuse(code: int, message: str) -> ProtocolError:
@@ -26,6 +63,8 @@ class Group:
     owner: str
     title: str = ""
     members: dict[str, str] = field(default_factory=dict)   # user -> role
+    #: in the queue for an advisor since (None: not waiting)
+    queued: Waiting | None = None
 
     @property
     def channel(self) -> str:
@@ -36,7 +75,10 @@ class Group:
 
     def record(self) -> dict:
         """What the store keeps of the group."""
-        return {"id": self.id, "owner": self.owner, "title": self.title, "members": self.members}
+        record = {"id": self.id, "owner": self.owner, "title": self.title, "members": self.members}
+        if self.queued is not None:
+            record["queued"] = self.queued.record()
+        return record
 
     def describe(self) -> dict:
         return {"group": self.id, "channel": self.channel, "title": self.title,
@@ -66,11 +108,11 @@ class GroupRegistry:
             raise _refuse(ErrorCode.FORBIDDEN, f"not a member of {group_id!r}")
         return group
 
-    def _join(self, group: Group, user: str, role: str) -> None:
+    def join(self, group: Group, user: str, role: str) -> None:
         group.members[user] = role
         self.by_user.setdefault(user, set()).add(group.id)
 
-    def _part(self, group: Group, user: str) -> None:
+    def part(self, group: Group, user: str) -> None:
         del group.members[user]
         ids = self.by_user.get(user)
         if ids is not None:
@@ -88,10 +130,10 @@ class GroupRegistry:
             raise _refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
         group = Group(group_id, actor, title[:200])
         self.groups[group_id] = group
-        self._join(group, actor, OWNER)
+        self.join(group, actor, OWNER)
         for user in dict.fromkeys(members):
             if user != actor:
-                self._join(group, user, MEMBER)
+                self.join(group, user, MEMBER)
         return group
 
     def add(self, actor: str, group_id: str, users: list[str], role: str = MEMBER) -> list[str]:
@@ -100,26 +142,61 @@ class GroupRegistry:
             raise _refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
         added = [u for u in dict.fromkeys(users) if u not in group.members]
         for user in added:
-            self._join(group, user, role)
+            self.join(group, user, role)
         return added
 
     def remove(self, actor: str, group_id: str, users: list[str]) -> list[str]:
         group = self._manager(actor, group_id)
+        targets = self._removable(group, actor, users, "removed")
+        for user in targets:
+            self.part(group, user)
+        return targets
+
+    @staticmethod
+    def _removable(group: Group, actor: str, users: list[str] | tuple[str, ...],
+                   what: str) -> list[str]:
+        """The members of ``users`` that ``actor`` (owner or admin) may take out (remove
+        or silence); FORBIDDEN for the owner, and for an admin unless ``actor`` owns it."""
         targets = [u for u in dict.fromkeys(users) if u in group.members]
         for user in targets:
             if group.members[user] == OWNER:
-                raise _refuse(ErrorCode.FORBIDDEN, "the owner cannot be removed")
+                raise _refuse(ErrorCode.FORBIDDEN, f"the owner cannot be {what}")
             if group.members[user] == ADMIN and group.role_of(actor) != OWNER:
-                raise _refuse(ErrorCode.FORBIDDEN, "only the owner may remove an admin")
-        for user in targets:
-            self._part(group, user)
+                raise _refuse(ErrorCode.FORBIDDEN, f"only the owner may have an admin {what}")
         return targets
+
+    def hands_off(self, actor: Actor, group_id: str, remove: list[str] | tuple[str, ...],
+                  silence: list[str] | tuple[str, ...]) -> Group:
+        """The group, if ``actor`` may hand it off or queue it, taking ``remove`` and
+        ``silence`` out of the conversation: its owner or an admin (the rules of
+        ``remove``), or a service user that belongs to it and takes out only itself."""
+        if actor.service:
+            group = self.member_group(actor.user, group_id)
+            if any(u != actor.user for u in (*remove, *silence)):
+                raise _refuse(ErrorCode.FORBIDDEN, "a service user may remove or silence only itself")
+            return group
+        group = self._manager(actor.user, group_id)
+        self._removable(group, actor.user, remove, "removed")
+        self._removable(group, actor.user, silence, "silenced")
+        return group
+
+    def silence(self, group: Group, users: list[str] | tuple[str, ...]) -> list[str]:
+        """Make ``users`` (members, checked by :meth:`hands_off`) readers; those that were not."""
+        silenced = [u for u in dict.fromkeys(users) if group.members.get(u) not in (None, READER)]
+        for user in silenced:
+            group.members[user] = READER
+        return silenced
+
+    def waiting(self) -> list[Group]:
+        """The groups in the queue for an advisor, longest waiting first."""
+        return sorted((g for g in self.groups.values() if g.queued is not None),
+                      key=lambda g: (g.queued.at_us, g.id))   # type: ignore[union-attr]
 
     def leave(self, actor: str, group_id: str) -> None:
         group = self.member_group(actor, group_id)
         if group.owner == actor:
             raise _refuse(ErrorCode.CONFLICT, "the owner cannot leave; hand ownership over first")
-        self._part(group, actor)
+        self.part(group, actor)
 
     def set_role(self, actor: str, group_id: str, user: str, role: str) -> None:
         group = self._get(group_id)
@@ -138,9 +215,11 @@ class GroupRegistry:
     def restore(self, record: dict) -> Group:
         """Re-create a group from :meth:`Group.record` (at start-up)."""
         group = Group(record["id"], record["owner"], record.get("title", ""))
+        if record.get("queued"):
+            group.queued = Waiting.of(record["queued"])
         self.groups[group.id] = group
         for user, role in record["members"].items():
-            self._join(group, user, role)
+            self.join(group, user, role)
         return group
 
     def replace(self, record: dict) -> tuple[Group, list[str], list[str]]:
@@ -150,7 +229,7 @@ class GroupRegistry:
         before = dict(old.members) if old is not None else {}
         if old is not None:
             for user in before:
-                self._part(old, user)
+                self.part(old, user)
         group = self.restore(record)
         return (group, [u for u in group.members if u not in before],
                 [u for u in before if u not in group.members])

@@ -44,7 +44,7 @@ from fenghuo.server.clicks import Click, Clicks
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
 from fenghuo.server.devices import SERVICE_DEVICE, Devices
-from fenghuo.server.groups import MEMBER, Group, GroupRegistry
+from fenghuo.server.groups import MEMBER, READER, Actor, Group, GroupRegistry, Waiting
 from fenghuo.server import keyfile
 from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.masking import Masking
@@ -57,9 +57,11 @@ from fenghuo.server.schemas import (
     GroupLeave,
     GroupList,
     GroupMembers,
+    GroupQueue,
     GroupRemove,
     GroupRequest,
     GroupRole,
+    GroupTake,
     History,
     from_builtins,
 )
@@ -87,6 +89,9 @@ STORE_PAGE = 1000
 STORE_LAG_WAITS = 300
 # Bytes of catch-up a session may have unsent before the next page is read.
 CATCH_UP_BUFFER = 1 << 20
+#: what a service user may ask of GROUP (PROTOCOL §5.6a): nothing that makes groups or
+#: changes who is in one, beyond taking itself out by a hand-off
+SERVICE_GROUP_OPS = (GroupLeave, GroupList, GroupMembers, GroupHandoff, GroupQueue)
 
 
 def refuse(code: int, message: str) -> ProtocolError:
@@ -258,6 +263,9 @@ class Relay:
         group, added, removed = self.groups.replace(record)
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         ch.info = group
+        for user, role in group.members.items():
+            if role == READER:
+                self.forget_publish(user)     # silenced: a cached permission must not outlive it
         for user in added:
             self.join(user, ch)
             self.memberships[user][ch] = record["joined"].get(user, 0)
@@ -523,6 +531,8 @@ class Relay:
         :meth:`Cluster.when_ready`), or any channel of a session whose reply is
         still held (a gate), goes live later, in :meth:`go_live`.
         """
+        if ch.kind == ChannelKind.DIRECT_CHAT and session.grants.is_service:
+            return      # a service user receives only its conversations (groups): §5.6a
         count = session.subscriptions.get(ch, 0)
         session.subscriptions[ch] = count + 1
         if count:
@@ -650,8 +660,7 @@ class Relay:
         if channels is not None:
             channels.pop(ch, None)
         sessions = self.users.of(user)   # a snapshot
-        for session in sessions:
-            session.forget_publish_cache()
+        self.forget_publish(user)
         self.reads.forget(ch.name, user)
         self.delivered.forget(ch.name, user)
 
@@ -753,16 +762,27 @@ class Relay:
             cn = parse_channel(raw.decode("utf-8"))
         except (UnicodeDecodeError, InvalidChannel) as exc:
             raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        self._confine(session, cn.kind, cn.name)
         if cn.kind == ChannelKind.DIRECT_CHAT:
             if session.user not in cn.participants:
                 raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is not in {cn.name!r}")
             return self.ensure_channel(cn.name)
         if cn.kind == ChannelKind.GROUP_CHAT:
-            self.groups.member_group(session.user, cn.group)
+            group = self.groups.member_group(session.user, cn.group)
+            if group.role_of(session.user) == READER:
+                raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is a reader of {cn.name!r} "
+                             "(silenced by a hand-off): it may not publish there")
             return self.hub.channel(cn.name, ChannelKind.GROUP_CHAT)
         if not session.grants.can_publish(cn.name):
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
         return self.hub.channel(cn.name, ChannelKind.ORG_UNIT)
+
+    @staticmethod
+    def _confine(session: Session, kind: int, name: str) -> None:
+        """A service user publishes and reads only in groups (PROTOCOL §5.6a)."""
+        if kind != ChannelKind.GROUP_CHAT and session.grants.is_service:
+            raise refuse(ErrorCode.FORBIDDEN, f"a service user acts only in the conversations "
+                         f"(groups) it belongs to, not in {name!r}")
 
     def ensure_channel(self, name: str) -> Channel:
         """The channel ``name`` (valid by construction), with a direct channel's
@@ -791,6 +811,7 @@ class Relay:
             cn = parse_channel(name)
         except InvalidChannel as exc:
             raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        self._confine(session, cn.kind, name)
         if cn.kind == ChannelKind.DIRECT_CHAT:
             allowed = session.user in cn.participants
         elif cn.kind == ChannelKind.GROUP_CHAT:
@@ -951,9 +972,13 @@ class Relay:
 
     # ------------------------------------------------------------ groups
 
-    def group_op(self, me: str, request: GroupRequest) -> dict:
-        """Run one GROUP request of user ``me``; the RESULT body."""
+    def group_op(self, actor: Actor, request: GroupRequest) -> dict:
+        """Run one GROUP request of ``actor``; the RESULT body."""
         groups = self.groups
+        me = actor.user
+        if actor.service and not isinstance(request, SERVICE_GROUP_OPS):
+            raise refuse(ErrorCode.FORBIDDEN, "a service user acts only in the conversations it "
+                         "belongs to: GROUP ops leave, list, members, handoff and queue")
         match request:
             case GroupCreate(group=group_id, members=members, title=title):
                 group = groups.create(me, group_id, members or [], title or "")
@@ -987,12 +1012,21 @@ class Relay:
                 return {"group": group_id, "removed": removed}
             case GroupRole(group=group_id, user=user, role=role):
                 groups.set_role(me, group_id, user, role)
+                self.forget_publish(user)
                 group = groups.groups[group_id]
                 self.save_group(group)
                 self.group_event(group, {"event": "role", "by": me, "user": user, "role": role})
                 return {"group": group_id, "user": user, "role": role}
-            case GroupHandoff(group=group_id, to=to, remove=remove, note=note):
-                return self._handoff(me, group_id, to, remove or [], note or "")
+            case GroupHandoff(group=group_id, to=to, remove=remove, silence=silence, note=note):
+                remove, silence = remove or [], silence or []
+                if to in remove or to in silence:
+                    raise refuse(ErrorCode.MALFORMED_BODY, "handoff: 'to' is also in 'remove' or 'silence'")
+                group = groups.hands_off(actor, group_id, remove, silence)
+                return self._hand_over(me, group, to, remove, silence, note or "")
+            case GroupQueue(group=group_id, remove=remove, silence=silence, note=note):
+                return self._queue(actor, group_id, remove or [], silence or [], note or "")
+            case GroupTake(group=group_id):
+                return self._take(actor, group_id)
             case GroupList():
                 return {"groups": [{**g.describe(), "role": g.members[me]}
                                    for g in groups.of_user(me)]}
@@ -1000,25 +1034,69 @@ class Relay:
                 return {"group": group_id, "members": groups.member_group(me, group_id).members}
         raise AssertionError(f"no GROUP op for {request!r}")   # the schema admits no other
 
-    def _handoff(self, me: str, group_id: str, to: str, remove: list[str], note: str) -> dict:
-        """Hand a conversation over to ``to`` (a bot to an advisor, PROTOCOL §3.16): add them,
-        say so in the stream, then remove ``remove`` (the bot).  ``to`` is a member from
-        here on and reads the conversation from seq 1 with HISTORY."""
-        if to in remove:
-            raise refuse(ErrorCode.MALFORMED_BODY, "handoff: 'to' is also in 'remove'")
-        added = self.groups.add(me, group_id, [to])
-        group = self.groups.groups[group_id]
+    def _hand_over(self, me: str, group: Group, to: str, remove: list[str] | tuple[str, ...],
+                   silence: list[str] | tuple[str, ...], note: str) -> dict:
+        """Hand a conversation over to ``to`` (a bot to an advisor, PROTOCOL §3.16), the
+        request allowed (:meth:`GroupRegistry.hands_off`, or a waiting one taken): add them,
+        make ``silence`` readers, say so in the stream, then remove ``remove``.  ``to`` is
+        a member from here on and reads the conversation from seq 1 with HISTORY."""
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        added = to not in group.members
         if added:
+            self.groups.join(group, to, MEMBER)
             self.join(to, ch)
-            self.save_group(group)
-            self.group_event(group, {"event": "join", "by": me, "users": added, "role": MEMBER})
-        self.group_event(group, {"event": "handoff", "by": me, "to": to, "from": remove,
-                                 "note": note})
+            self.group_event(group, {"event": "join", "by": me, "users": [to], "role": MEMBER})
+        elif group.members[to] == READER:
+            group.members[to] = MEMBER     # a silenced member handed the conversation speaks again
+        silenced = self.groups.silence(group, silence)
+        for user in silenced:
+            self.forget_publish(user)
+        group.queued = None                # handed off: no longer waiting for an advisor
+        self.save_group(group)
+        self.group_event(group, {"event": "handoff", "by": me, "to": to, "from": list(remove),
+                                 "silenced": silenced, "note": note})
         seq = ch.seq
-        removed = self.groups.remove(me, group_id, remove) if remove else []
+        removed = [u for u in dict.fromkeys(remove) if u in group.members]
+        for user in removed:
+            self.groups.part(group, user)
         self._announce_parting(me, group, removed)
-        return {"group": group_id, "to": to, "added": bool(added), "seq": seq, "removed": removed}
+        return {"group": group.id, "to": to, "added": added, "seq": seq, "removed": removed,
+                "silenced": silenced}
+
+    def _queue(self, actor: Actor, group_id: str, remove: list[str], silence: list[str],
+               note: str) -> dict:
+        """Put conversation ``group_id`` in the queue for an advisor (PROTOCOL §3.16a)."""
+        group = self.groups.hands_off(actor, group_id, remove, silence)
+        already = group.queued is not None
+        if not already:
+            group.queued = Waiting(time.time_ns() // 1000, actor.user, note, tuple(remove),
+                                   tuple(silence))
+            self.save_group(group)
+            self.group_event(group, {"event": "queued", "by": actor.user, "note": note})
+        assert group.queued is not None
+        return {"group": group_id, "queued_at": group.queued.at_us / 1e6, "by": group.queued.by,
+                "already": already}
+
+    def _take(self, actor: Actor, group_id: str | None) -> dict:
+        """Hand the waiting conversation ``group_id`` over to ``actor``, an advisor."""
+        if not actor.advisor:
+            raise refuse(ErrorCode.FORBIDDEN, "only an advisor (token role 'advisor') may take "
+                         "a waiting conversation")
+        if group_id is None:
+            raise refuse(ErrorCode.NOT_FOUND, "no conversation is waiting for an advisor")
+        group = self.groups.groups.get(group_id)
+        if group is None or group.queued is None:
+            raise refuse(ErrorCode.CONFLICT, f"{group_id!r} is not waiting for an advisor "
+                         "(another advisor took it): take again")
+        waiting = group.queued
+        result = self._hand_over(actor.user, group, actor.user, waiting.remove, waiting.silence,
+                                 waiting.note)
+        return {**result, "queued_at": waiting.at_us / 1e6, "queued_by": waiting.by}
+
+    def forget_publish(self, user: str) -> None:
+        """Drop ``user``'s cached publish permissions here (their role or membership changed)."""
+        for session in self.users.of(user):
+            session.forget_publish_cache()
 
     def _announce_parting(self, me: str, group: Group, users: list[str]) -> None:
         if not users:
@@ -1034,7 +1112,8 @@ class Relay:
         """Run a request another worker forwarded to this channel's owner."""
         op = body["what"]
         if op == "group":
-            return self.group_op(origin.user, from_builtins(FrameType.GROUP, body["request"]))
+            actor = Actor(origin.user, bool(body.get("service")), bool(body.get("advisor")))
+            return self.group_op(actor, from_builtins(FrameType.GROUP, body["request"]))
         if op == "receipt":
             return self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
                                 body["kind"], bool(body["rid"]))

@@ -145,15 +145,32 @@ class GroupLeave(Tagged, frozen=True, tag="leave"):
 class GroupRole(Tagged, frozen=True, tag="role"):
     group: GroupId
     user: Annotated[str, Meta(description="a user id (a string)")]
-    role: Annotated[Literal["admin", "member", "owner"],
-                    Meta(description='"admin", "member" or "owner"')]
+    role: Annotated[Literal["admin", "member", "owner", "reader"],
+                    Meta(description='"admin", "member", "owner" or "reader"')]
 
 
 class GroupHandoff(Tagged, frozen=True, tag="handoff"):
     group: GroupId
     to: UserId
     remove: Users | None = None
+    #: members who stay as readers: they receive the conversation but may not post
+    silence: Users | None = None
     note: Text | None = None
+
+
+class GroupQueue(Tagged, frozen=True, tag="queue"):
+    """Put a conversation in the queue for an advisor; taking it hands it off."""
+
+    group: GroupId
+    remove: Users | None = None
+    silence: Users | None = None
+    note: Text | None = None
+
+
+class GroupTake(Tagged, frozen=True, tag="take"):
+    """Take a waiting conversation (the longest waiting without ``group``)."""
+
+    group: GroupId | None = None
 
 
 class GroupList(Tagged, frozen=True, tag="list"):
@@ -181,7 +198,7 @@ class PresenceUnsubscribe(Tagged, frozen=True, tag="unsubscribe"):
 
 CursorRequest = CursorSync | CursorUnread | CursorReaders
 GroupRequest = (GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupRole | GroupHandoff
-                | GroupList | GroupMembers)
+                | GroupQueue | GroupTake | GroupList | GroupMembers)
 PresenceRequest = PresenceQuery | PresenceSubscribe | PresenceUnsubscribe
 
 

@@ -36,6 +36,7 @@ from fenghuo.protocol import encode_json
 from fenghuo.server import schemas
 from fenghuo.server.clicks import LINK_MAX
 from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.server.groups import Actor
 from fenghuo.server.relay import Relay, refuse
 from fenghuo.server.schemas import (
     CursorReaders,
@@ -43,6 +44,7 @@ from fenghuo.server.schemas import (
     CursorUnread,
     GroupList,
     GroupMembers,
+    GroupTake,
     History,
     PresenceSubscribe,
     PresenceUnsubscribe,
@@ -121,7 +123,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         grants = self._verify(hello.token, "HELLO")
         positions = hello.positions
         device = hello.device or "d-" + secrets.token_hex(4)
-        if device == SERVICE_DEVICE and not grants.is_service:
+        if device == SERVICE_DEVICE and not grants.is_api:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"device id {device!r} is reserved for the server API")
         if positions is not None and not relay.durable and hello.epoch != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
@@ -324,7 +326,14 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def _group(self, request_id: int, body: schemas.GroupRequest) -> None:
         cluster = self.relay.cluster
-        if cluster is not None and not isinstance(body, (GroupList, GroupMembers)):
+        actor = Actor(self.user, self.grants.is_service, self.grants.is_advisor)
+        if isinstance(body, GroupTake) and body.group is None and actor.advisor and not actor.service:
+            # The longest waiting by this worker's copy of the groups; its owner
+            # answers CONFLICT if another advisor took it meanwhile.
+            waiting = self.relay.groups.waiting()
+            body = GroupTake(group=waiting[0].id if waiting else None)
+        if cluster is not None and not isinstance(body, (GroupList, GroupMembers)) \
+                and body.group is not None:
             group_id = body.group
             # Changes are made where the group's channel is sequenced; an
             # invalid id has none, and group_op below refuses it here.
@@ -334,9 +343,10 @@ class Session(Connection, asyncio.BufferedProtocol):
                 owner = cluster.index
             if owner != cluster.index:
                 cluster.forward_request(owner, self, request_id, "group",
-                                        request=schemas.to_builtins(body))
+                                        request=schemas.to_builtins(body),
+                                        service=actor.service, advisor=actor.advisor)
                 return
-        self.reply(request_id, self.relay.group_op(self.user, body))
+        self.reply(request_id, self.relay.group_op(actor, body))
 
     # ------------------------------------------------------------ presence
 

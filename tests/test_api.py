@@ -93,7 +93,7 @@ async def test_groups_history_presence_and_tokens(api_relay):
         api_relay.clients.append(dave)
         await dave.connect()
         assert dave.user == "dave"
-        await refused(api.token("eve", roles=["service"]), 403, ErrorCode.FORBIDDEN)
+        await refused(api.token("eve", roles=["api"]), 403, ErrorCode.FORBIDDEN)
     finally:
         await api.close()
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
+import fenghuo
+
 from fenghuo import ContentType, ErrorCode, FenghuoError
 from fenghuo.api import AsyncApi
 from fenghuo.channels import group_channel
+from clients import refused
+from test_status import until
 
 
 async def _events(client, upto: int) -> list[dict]:
@@ -37,7 +41,7 @@ async def test_bot_hands_over_and_the_advisor_reads_everything(api_relay):
         events = await _events(cust, handed["seq"] + 1)
         assert [e["event"] for e in events][-3:] == ["join", "handoff", "leave"]
         assert events[-2] == {"event": "handoff", "by": "bank", "to": "advisor", "from": ["bot"],
-                              "note": "card swallowed"}
+                              "silenced": [], "note": "card swallowed"}
 
         # The advisor, just added, reads the whole conversation at once.
         advisor = await api_relay.connect("advisor", reconnect=False)
@@ -74,3 +78,99 @@ async def test_handoff_is_refused_to_non_managers_and_bad_requests(api_relay):
         assert handed["removed"] == [] and handed["added"] is True
         again = await api.handoff("chat-2", "bot", "advisor")
         assert again["added"] is False and again["seq"] == handed["seq"] + 1
+
+
+async def _fails(call, code: int) -> None:
+    with pytest.raises(FenghuoError) as info:
+        await call
+    assert info.value.code == code, info.value
+
+
+async def test_a_service_user_acts_only_in_its_conversations_and_silences_itself(api_relay):
+    """PROTOCOL §5.6a: a bot's token role "service"; §3.16 handoff with `silence`."""
+    ch = group_channel("svc-1")
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        await api.group_create("svc-1", "bank", ["cust", "bot"])
+        await api.group_create("other", "bank", ["cust"])
+        await refused(api.token("bot", roles=["service"], channels=["org.bank.>"]), 400,
+                      ErrorCode.MALFORMED_BODY)
+        bot = await api_relay.connect("bot", roles=("service",), reconnect=False)
+        cust = await api_relay.connect("cust", reconnect=False)
+        await cust.publish(ch, "my card was swallowed")
+        await bot.publish(ch, "I can block it.")
+
+        # Nothing outside the groups it belongs to, and no changing who is in one.
+        for call in (bot.send("cust", "hello"), bot.publish("org.bank.news", "hi"),
+                     bot.history("dm:bot:cust", after=0), bot.publish(group_channel("other"), "x"),
+                     bot.create_group("mine", ["cust"]), bot.add_members("svc-1", ["eve"]),
+                     bot.remove_members("svc-1", ["cust"]), bot.set_role("svc-1", "cust", "reader"),
+                     bot.handoff("svc-1", "advisor", remove=["cust"]),
+                     bot.handoff("svc-1", "advisor", silence=["cust"]),
+                     bot.take_conversation("svc-1")):
+            await _fails(call, ErrorCode.FORBIDDEN)
+        # An ordinary member may not hand off; the service user may, taking out only itself.
+        await _fails(cust.handoff("svc-1", "advisor", silence=["bot"]), ErrorCode.FORBIDDEN)
+        await cust.send("bot", "a direct message the bot never receives")
+        handed = await bot.handoff("svc-1", "advisor", silence=["bot"], note="wants a person")
+        assert (handed["added"], handed["removed"], handed["silenced"]) == (True, [], ["bot"])
+        events = await _events(cust, handed["seq"])
+        assert events[-1] == {"event": "handoff", "by": "bot", "to": "advisor", "from": [],
+                              "silenced": ["bot"], "note": "wants a person"}
+
+        # Silenced: a reader. It still receives the conversation and reads its history.
+        await _fails(bot.publish(ch, "still here?"), ErrorCode.FORBIDDEN)
+        advisor = await api_relay.connect("advisor", reconnect=False)
+        await advisor.publish(ch, "Hello, I am Li")
+        got = [await bot.next_message(timeout=10)]
+        while got[-1].sender != "advisor":
+            got.append(await bot.next_message(timeout=10))
+        assert {m.channel for m in got} == {ch} and got[-1].text == "Hello, I am Li"
+        assert [x.text for x in await bot.history(ch, after=0) if x.content_type == ContentType.TEXT] \
+            == ["my card was swallowed", "I can block it.", "Hello, I am Li"]
+        assert (await api.group_members("svc-1", "bank"))["members"]["bot"] == "reader"
+        # The owner gives it its voice back.
+        await api.group_role("svc-1", "bank", "bot", "member")
+        await bot.publish(ch, "back")
+
+
+async def test_a_queue_of_conversations_waiting_for_an_advisor(api_relay):
+    """PROTOCOL §3.16a: a bot queues its conversation, an advisor takes the next one."""
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        bot = fenghuo.Client(api_relay.server, reconnect=False,
+                             token=(await api.token("bot", roles=["service"]))["token"])
+        api_relay.clients.append(bot)
+        await bot.connect()
+        for chat, customer in (("q-1", "cust1"), ("q-2", "cust2")):
+            await api.group_create(chat, "bank", [customer, "bot"])
+            await api.publish(group_channel(chat), f"{customer} needs help", sender=customer)
+        first = await bot.queue_for_advisor("q-1", silence=["bot"], note="card blocked")
+        assert first["already"] is False and first["by"] == "bot"
+        assert (await bot.queue_for_advisor("q-1"))["already"] is True     # keeps its place
+        await api.queue("q-2", "bank", remove=["bot"], note="loan")
+        waiting = await until(lambda: _waiting(api, 2), "two waiting")
+        assert [(w["group"], w["by"], w["note"]) for w in waiting["waiting"]] == [
+            ("q-1", "bot", "card blocked"), ("q-2", "bank", "loan")]
+
+        cust = await api_relay.connect("cust1", reconnect=False)
+        await _fails(cust.take_conversation(), ErrorCode.FORBIDDEN)          # not an advisor
+        await _fails(cust.queue_for_advisor("q-1"), ErrorCode.FORBIDDEN)     # nor a manager
+        li = await api_relay.connect("li", roles=("advisor",), reconnect=False)
+        taken = await li.take_conversation()
+        assert (taken["group"], taken["to"], taken["silenced"], taken["queued_by"]) == (
+            "q-1", "li", ["bot"], "bot")
+        page = await li.history(group_channel("q-1"), after=0)
+        assert "cust1 needs help" in [m.text for m in page if m.content_type == ContentType.TEXT]
+        await _fails(bot.publish(group_channel("q-1"), "x"), ErrorCode.FORBIDDEN)
+        await _fails(li.take_conversation("q-1"), ErrorCode.CONFLICT)       # taken already
+        await until(lambda: _waiting(api, 1), "q-1 taken")
+
+        wang = await api.queue_take("wang")
+        assert (wang["group"], wang["to"], wang["removed"]) == ("q-2", "wang", ["bot"])
+        await until(lambda: _waiting(api, 0), "q-2 taken")
+        await refused(api.queue_take("wang"), 404, ErrorCode.NOT_FOUND)
+        await _fails(li.take_conversation(), ErrorCode.NOT_FOUND)
+
+
+async def _waiting(api: AsyncApi, count: int) -> dict | None:
+    listed = await api.queue_list()
+    return listed if len(listed["waiting"]) == count else None
