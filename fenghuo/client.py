@@ -930,13 +930,15 @@ class Client:
     async def take_conversation(self, group: str | None = None, *, attempts: int = 5) -> dict[str, Any]:
         """Take a waiting conversation (the longest waiting without ``group``) as an advisor:
         it is handed off to us.  Without ``group`` a CONFLICT (another advisor took the
-        one we were given) is tried again, up to ``attempts`` times."""
+        one we were given) is tried again, up to ``attempts`` times, after a pause that
+        grows (50 ms, 100 ms, ...: the worker that offered it learns it was taken)."""
         for attempt in range(attempts):
             try:
                 return await self._request(FrameType.GROUP, {"op": "take", "group": group})
             except FenghuoError as exc:
                 if group is not None or exc.code != ErrorCode.CONFLICT or attempt == attempts - 1:
                     raise
+            await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
     async def list_groups(self) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ from fenghuo.webhooks import new_secret
 from test_webhooks import write_endpoints
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: the masking rule examples/README.md starts the relay with
+MASK = '{"group:chat-": ["card", "cn_id", "phone"]}'
 
 
 def free_port() -> int:
@@ -30,9 +32,10 @@ def example_relay(relay_factory, tmp_path):
     hooks = write_endpoints(tmp_path / "hooks.toml",
                             {"name": "sms", "url": f"http://127.0.0.1:{sms_port}/sms",
                              "secrets": [secret], "events": ["escalation"]})
-    relay = relay_factory("--webhooks", hooks, api=True)
+    relay = relay_factory("--webhooks", hooks, "--mask", MASK, api=True)
     env = {**os.environ, "FENGHUO_API": relay.api_url, "FENGHUO_API_KEY": relay.api_key,
-           "FENGHUO_SERVER": relay.server, "SMS_PORT": str(sms_port),
+           "FENGHUO_SERVER": relay.server, "FENGHUO_DATA_DIR": str(relay.data_dir),
+           "SMS_PORT": str(sms_port),
            "HOOK_SECRET_FILE": str(tmp_path / "hook-secret")}
     return relay, env
 
@@ -53,10 +56,18 @@ def test_retail(example_relay):
 
 def test_bank(example_relay):
     out = run("bank.py", example_relay[1])
+    assert "bankbot sees: card **** **** **** 1111 was swallowed" in out
     assert "bankbot:  I have blocked the card." in out
-    assert "removed ['bankbot']" in out
-    assert "customer   card" in out and "customer   yes please, a person" in out
+    assert "bankbot may not leave its conversations: a service user acts only" in out
+    assert "waiting for an advisor: [(True, 'bankbot', 'card blocked; wants a person')]" in out
+    assert "silenced ['bankbot']" in out
+    assert "bankbot is now a reader:" in out
+    assert "customer   card **** **** **** 1111" in out and "customer   yes please, a person" in out
     assert "customer got: Hello, I am Li." in out
+    assert "bankbot, reading along, got: Hello, I am Li." in out
+    assert "card number in clear: False" in out
+    assert "signature verified" in out
+    assert "4111 1111 1111 1111" not in out
 
 
 def test_estate(example_relay):
