@@ -1041,6 +1041,7 @@ class Relay:
         make ``silence`` readers, say so in the stream, then remove ``remove``.  ``to`` is
         a member from here on and reads the conversation from seq 1 with HISTORY."""
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        note = self.masked_text(group.channel, note)
         added = to not in group.members
         if added:
             self.groups.join(group, to, MEMBER)
@@ -1067,6 +1068,7 @@ class Relay:
                note: str) -> dict:
         """Put conversation ``group_id`` in the queue for an advisor (PROTOCOL §3.16a)."""
         group = self.groups.hands_off(actor, group_id, remove, silence)
+        note = self.masked_text(group.channel, note)
         already = group.queued is not None
         if not already:
             group.queued = Waiting(time.time_ns() // 1000, actor.user, note, tuple(remove),
@@ -1092,6 +1094,14 @@ class Relay:
         result = self._hand_over(actor.user, group, actor.user, waiting.remove, waiting.silence,
                                  waiting.note)
         return {**result, "queued_at": waiting.at_us / 1e6, "queued_by": waiting.by}
+
+    def masked_text(self, channel: str, text: str) -> str:
+        """``text`` a user wrote that goes into an event of ``channel`` (a hand-off's note),
+        masked as a TEXT message there would be (PROTOCOL §5.8): events are not masked
+        when sequenced, and nothing unmasked may reach the store."""
+        rules = self.masking.for_channel(channel) if text else None
+        masked = rules.mask(ContentType.TEXT, text.encode()) if rules is not None else None
+        return text if masked is None else masked.decode()
 
     def forget_publish(self, user: str) -> None:
         """Drop ``user``'s cached publish permissions here (their role or membership changed)."""

@@ -158,3 +158,21 @@ async def test_a_webhook_gets_the_masked_text_only(relay_factory, tmp_path):
     raw = b"".join(body for _, body, _ in receiver.requests)
     for original in (CARD, CN_ID, PHONE, "ACCT-123456"):
         assert original.encode() not in raw
+
+
+async def test_a_hand_off_note_is_masked_in_its_event_and_the_store(relay_factory):
+    """The one user text a server EVENT carries (§3.16 handoff and queue `note`) is masked."""
+    relay = relay_factory("--mask", orjson.dumps({"group:": ["card"]}).decode(), workers=1)
+    alice = await relay.connect("alice", reconnect=False)
+    await alice.create_group("desk", members=["bob"])
+    queued = await alice.queue_for_advisor("desk", note=f"card {CARD} swallowed")
+    handed = await alice.handoff("desk", "carol", note=f"card {CARD} blocked")
+    events = [orjson.loads(m.payload) for m in await alice.history("group:desk", after=0)
+              if m.content_type == ContentType.EVENT]
+    notes = [e["note"] for e in events if "note" in e]
+    assert notes == ["card **** **** **** 1111 swallowed", "card **** **** **** 1111 blocked"]
+    assert queued["already"] is False and handed["seq"] > 0
+    await alice.close()
+    relay.stop()
+    disk = b"".join(p.read_bytes() for p in relay.data_dir.glob("fenghuo.db*"))
+    assert CARD.encode() not in disk
