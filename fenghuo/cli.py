@@ -124,6 +124,27 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    try:
+        from fenghuo.server import cluster_status
+    except ImportError as exc:
+        print(f"fenghuo: cluster status needs nats-py (pip install 'fenghuo[cluster]'): {exc}",
+              file=sys.stderr)
+        return 1
+    urls = [u.strip() for u in args.cluster.split(",") if u.strip()]
+    if not urls:
+        print("fenghuo: pass --cluster nats://host:port,... [FENGHUO_CLUSTER]", file=sys.stderr)
+        return 2
+    try:
+        status = asyncio.run(cluster_status.read(urls, args.lease))
+    except (OSError, TimeoutError) as exc:
+        print(f"fenghuo: cannot read the cluster's state from {args.cluster}: "
+              f"{_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(status.json()).decode() if args.json else status.text(args.channels))
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from fenghuo.server.keyfile import new_line
     print(new_line(args.kid))
@@ -329,6 +350,21 @@ def parser() -> argparse.ArgumentParser:
                      help="keys that sign exports and check them, lines 'KID KEY' (the first "
                           "signs); default --data-dir/export-signing.key, made at the first export")
 
+    cluster = sub.add_parser("cluster", help="a cluster of nodes on NATS JetStream")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    status = cluster_sub.add_parser(
+        "status", help="what each node owns and whether it is alive, read from NATS")
+    status.add_argument("--cluster", default=os.environ.get("FENGHUO_CLUSTER", ""),
+                        help="the nodes' NATS URLs, nats://h1:4222,... [FENGHUO_CLUSTER]")
+    status.add_argument("--lease", type=float,
+                        default=float(os.environ.get("FENGHUO_CLUSTER_LEASE", "3.0")),
+                        help="the nodes' --cluster-lease: how long to listen for heartbeats; a "
+                             "node not heard within it is not alive [FENGHUO_CLUSTER_LEASE]")
+    status.add_argument("--channels", action="store_true",
+                        help="also list every channel with the node that sequences it")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_cluster_status)
+
     keygen = sub.add_parser("keygen", help="print a new key line for a key file "
                                            "(--store-key-file, --signing-key-file)")
     keygen.add_argument("--kid", help="the key's id (default: random)")
@@ -365,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("fenghuo.client").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace], int] = args.__dict__.pop("func")
     args.__dict__.pop("command")
+    args.__dict__.pop("cluster_command", None)
     errors = _user_errors()
     try:
         with warnings.catch_warnings():

@@ -13,7 +13,7 @@ import asyncio
 import platform
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -26,6 +26,8 @@ from fenghuo.server import httpd
 from fenghuo.server.stalls import BOUNDS
 
 if TYPE_CHECKING:
+    # Not at run time: it needs nats-py, which only a cluster node has.
+    from fenghuo.server.node_cluster import NodeCluster
     from fenghuo.server.relay import Relay
 
 # (Metrics.snapshot() key, metric name without _total, help)
@@ -138,6 +140,37 @@ class RelayCollector(Collector):
                     "receives (its sessions asked).", len(cluster.ready_here))
         yield counter("fenghuo_replica_messages", "Messages other workers sequenced and sent here "
                       "for this worker's sessions.", cluster.replica_messages)
+        if getattr(cluster, "engine", None) is not None:    # a node of a NATS cluster
+            yield from self._node(cast("NodeCluster", cluster))
+
+    @staticmethod
+    def _node(node: NodeCluster) -> Iterator[Metric]:
+        """A cluster node's state (docs/DESIGN.md, Cluster: operations)."""
+        yield gauge("fenghuo_cluster_engine_connected", "1 while the node is connected to NATS "
+                    "(JetStream and the other nodes), else 0.", int(node.engine.nc.is_connected))
+        yield gauge("fenghuo_cluster_peers_alive", "Other nodes heard from within the lease.",
+                    sum(node.liveness.alive(i) for i in node.liveness.peers))
+        yield gauge("fenghuo_cluster_channels_owned", "Channels this node sequences.",
+                    node.store.owned)
+        yield counter("fenghuo_cluster_appends", "Messages JetStream acknowledged from this "
+                      "node.", node.store.appended)
+        yield counter("fenghuo_cluster_appends_refused", "Appends the stream refused: this node "
+                      "had been deposed (fencing).", node.store.refused)
+        yield counter("fenghuo_cluster_failovers", "Channels this node took over from a dead or "
+                      "deposed node (claim epoch above 1).", node.failovers)
+        yield counter("fenghuo_cluster_forwarded_publishes", "Publishes of this node's clients sent "
+                      "to the node sequencing their channel.", node.forwarded_publishes)
+        yield counter("fenghuo_cluster_forwards_deferred", "Publishes and requests other nodes "
+                      "forwarded while this node was still claiming or taking over their "
+                      "channel, served once it did.", node.forwards_deferred)
+        yield counter("fenghuo_cluster_replica_holes_filled", "Messages lost on the way from "
+                      "their owner (core NATS) and read from the stream instead.",
+                      node.holes_filled)
+        lag = node.replica_lag
+        yield histogram("fenghuo_cluster_replica_lag_seconds", "From a message's sequencing on "
+                        "the node that owns its channel (its ts) to its arrival at this node's "
+                        "replica: the JetStream append and the hop (wall clocks: includes the "
+                        "hosts' skew).", BOUNDS, [((), lag.counts, lag.sum)])
 
     def _api(self) -> Iterator[Metric]:
         api = self.relay.api

@@ -40,11 +40,12 @@ from fenghuo.core import Channel, ChannelKind, Connection, ErrorCode, encode_err
 from fenghuo.server import routing
 from fenghuo.server.cluster import Cluster, _Awaited
 from fenghuo.server.cluster_store import ClusterStore
-from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.frames import decode_frame_message, message_time
 from fenghuo.server.jetstream import Engine, Stored
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.relay import STORE_PAGE
+from fenghuo.server.stalls import Histogram
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -117,6 +118,9 @@ class NodeCluster(Cluster):
         #: replicas' holes being filled from the stream
         self.holes: dict[Channel, _Hole] = {}
         self.holes_filled = 0                # messages read from the stream into a hole
+        self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
+        #: from a message's sequencing at its owner (its ts) to its arrival here
+        self.replica_lag = Histogram()
         self.liveness = Liveness(engine.nc, index, self.name, s.region, self.generation,
                                  s.cluster_lease, self._on_peer, self._peer_lost)
         self.mesh = NatsMesh(engine.nc, index, self._on_record, self.liveness.live_peers)
@@ -309,6 +313,8 @@ class NodeCluster(Cluster):
             waiting.remove(parked.awaited)
             pending.waiting.setdefault(owner, deque()).append(parked.awaited)
         self.origins_at.setdefault(parked.connection, set()).add(owner)
+        if owner != self.index and parked.record[0] == routing.PUBLISH:
+            self.forwarded_publishes += 1
         # To this node too (over NATS, once): the owner's answer comes back
         # the way every forwarded answer does.
         self.mesh.send(owner, parked.record)
@@ -320,6 +326,7 @@ class NodeCluster(Cluster):
             self._park(ch.name, origin, request_id, routing.publish(
                 origin.id, request_id, t_recv, origin.user_key, ch.key, body), True)
             return
+        self.forwarded_publishes += 1
         super()._forward_publish(owner, ch, origin, request_id, body, t_recv)
 
     def forward_request(self, owner: int, session: Any, request_id: int, op: str,
@@ -405,6 +412,8 @@ class NodeCluster(Cluster):
         a seq past the next one reads the missing ones from the stream and
         gives them to its live sessions first, in order; what comes
         meanwhile waits behind them."""
+        # Wall clocks of two hosts: the lag includes their skew (NTP: ~1 ms).
+        self.replica_lag.observe(max(0.0, time.time() - message_time(frame) / 1e6))
         ch = self.relay.hub.find(name)
         if ch is not None and ch in self.ready_here and not self.store.owns(name):
             hole = self.holes.get(ch)
@@ -538,4 +547,5 @@ class NodeCluster(Cluster):
                 "channels_owned": self.store.owned,
                 "appended": self.store.appended, "refused": self.store.refused,
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
-                "forwards_deferred": self.forwards_deferred}
+                "forwards_deferred": self.forwards_deferred,
+                "forwarded_publishes": self.forwarded_publishes}

@@ -38,7 +38,7 @@ class Claim:
     revision: int
 
 
-def _parse(value: bytes | None, revision: int) -> Claim | None:
+def parse_claim(value: bytes | None, revision: int) -> Claim | None:
     if not value:
         return None
     body = orjson.loads(value)
@@ -77,7 +77,7 @@ class Ownership:
                 self._learn(entry)
 
     def _learn(self, entry) -> None:
-        claim = _parse(entry.value, entry.revision or 0)
+        claim = parse_claim(entry.value, entry.revision or 0)
         if claim is None:
             return
         name = channel_of(entry.key)
@@ -105,7 +105,7 @@ class Ownership:
         while True:
             try:
                 entry = await self._kv.get(key)
-                present = _parse(entry.value, entry.revision or 0)
+                present = parse_claim(entry.value, entry.revision or 0)
             except nats.js.errors.KeyNotFoundError:
                 entry, present = None, None
             if present is not None and present.node != self.me and self.alive(present.node):

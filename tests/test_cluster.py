@@ -28,7 +28,8 @@ from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.jetstream import STREAM, Engine, Fenced
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
-from rawwire import authed_raw
+from rawwire import authed_raw, metrics, wait_for_metric
+from bench.targets import free_port
 
 
 async def test_nats_cluster_keeps_an_r3_stream_through_a_server_kill(nats_cluster: NatsCluster):
@@ -450,3 +451,79 @@ async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_ge
     missing = sorted(set(range(1, head + 1)) - set(received))
     assert received == list(range(1, head + 1)), f"missing live: {missing[:20]}"
     assert not carol.is_closed
+
+
+def cluster_status(nats_cluster: NatsCluster, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fenghuo", "cluster", "status", "--cluster",
+                           nats_cluster.url_list, "--lease", LEASE, *flags],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_cluster_status_tells_what_each_node_owns_and_whether_it_is_alive(
+        nodes, nats_cluster: NatsCluster):
+    """``fenghuo cluster status`` reads the claims and the heartbeats from NATS:
+    a dead node is shown with what it still holds, until a live one needs it."""
+    n0, n1 = nodes("n0", "n1")
+    # Nobody on the other node is in these channels: it has no reason to claim them.
+    alice = await n0.connect("alice")
+    await alice.send("carol", "hi")                        # n0 claims dm:alice:carol
+    bob = await n1.connect("bob", reconnect=False)
+    await bob.create_group("pair", ["dave"])               # n1 claims group:pair
+    done = await asyncio.to_thread(cluster_status, nats_cluster, "--json")
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)
+    by_name = {n["name"]: n for n in state["nodes"]}
+    assert (by_name["n0"]["alive"], by_name["n0"]["channels"]) == (True, {"dm:alice:carol": 1})
+    assert (by_name["n1"]["alive"], by_name["n1"]["channels"]) == (True, {"group:pair": 1})
+    assert by_name["n0"]["region"] == "default"
+    n1.kill()
+    await asyncio.sleep(float(LEASE))                      # its last heartbeat is a lease old
+    done = await asyncio.to_thread(cluster_status, nats_cluster, "--channels")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].endswith(": 2 nodes, 1 alive (heard within 1.5 s)")
+    assert any(line.split()[:5] == ["n0", str(by_name["n0"]["index"]), "default", "yes", "1"]
+               for line in lines)
+    assert any(line.split()[:5] == ["n1", str(by_name["n1"]["index"]), "-", "NO", "1"]
+               for line in lines)
+    assert "  group:pair  n1  epoch 1" in lines
+
+
+def test_cluster_status_without_nats_says_so_in_one_line(tmp_path):
+    port = free_port("127.0.0.1")                          # nobody listens there
+    done = subprocess.run([sys.executable, "-m", "fenghuo", "cluster", "status", "--cluster",
+                           f"nats://127.0.0.1:{port}", "--lease", "0.1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"fenghuo: cannot read the cluster's state from "
+                                  f"nats://127.0.0.1:{port}: ")
+    assert len(done.stderr.splitlines()) == 1
+
+
+async def test_metrics_tell_the_node_s_cluster_state(nodes):
+    """/metrics of a node: engine, peers, channels owned, appends, forwarded
+    publishes, the replica's lag; failovers once a dead node's channel is taken."""
+    n0, n1 = nodes("n0", "n1")
+    bob = await n1.connect("bob")
+    for i in range(3):
+        await bob.send("alice", f"m{i}")                   # n1 claims dm:alice:bob
+    alice = await n0.connect("alice")
+    await alice.send("bob", "back")                        # forwarded from n0 to n1
+    # n0's replica of the chat (alice is a member) gets all four.
+    await wait_for_metric(n0, "fenghuo_cluster_replica_lag_seconds_count", lambda v: v >= 4, 15)
+    on0, on1 = await metrics(n0), await metrics(n1)
+    assert on0["fenghuo_cluster_engine_connected"] == on1["fenghuo_cluster_engine_connected"] == 1
+    assert on0["fenghuo_cluster_peers_alive"] == 1
+    assert (on0["fenghuo_cluster_channels_owned"], on1["fenghuo_cluster_channels_owned"]) == (0, 1)
+    assert on1["fenghuo_cluster_appends_total"] == 4
+    assert on0["fenghuo_cluster_forwarded_publishes_total"] == 1
+    assert on1["fenghuo_cluster_forwarded_publishes_total"] == 0
+    assert on0["fenghuo_cluster_replica_lag_seconds_count"] == 4
+    assert on0["fenghuo_cluster_appends_refused_total"] == 0
+    assert on0["fenghuo_cluster_failovers_total"] == 0
+    n1.kill()
+    await publish_surely(alice, "dm:alice:bob", "after", "after", time.monotonic() + 30)
+    on0 = await metrics(n0)
+    assert on0["fenghuo_cluster_failovers_total"] == 1
+    assert on0["fenghuo_cluster_channels_owned"] == 1
+    assert on0["fenghuo_cluster_peers_alive"] == 0
