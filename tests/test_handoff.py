@@ -192,3 +192,23 @@ async def _none_waiting_for(advisor) -> bool:
 async def _waiting(api: AsyncApi, count: int) -> dict | None:
     listed = await api.queue_list()
     return listed if len(listed["waiting"]) == count else None
+
+
+async def test_the_queue_and_a_silenced_bot_survive_a_restart(relay_factory):
+    relay = relay_factory(api=True, workers=1)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        await api.group_create("wait-1", "bank", ["cust", "bot"])
+        await api.group_create("quiet", "bank", ["cust", "bot"])
+        await api.queue("wait-1", "bank", silence=["bot"], note="after hours")
+        await api.handoff("quiet", "bank", "li", silence=["bot"])
+    relay.stop()
+    again = relay_factory(api=True, workers=1, data_dir=relay.data_dir, secret=relay.secret)
+    async with AsyncApi(again.api_url, again.api_key) as api:
+        waiting = (await api.queue_list())["waiting"]
+        assert [(w["group"], w["by"], w["note"]) for w in waiting] == [("wait-1", "bank", "after hours")]
+        bot = await again.connect("bot", roles=("service",), reconnect=False)
+        await _fails(bot.publish(group_channel("quiet"), "x"), ErrorCode.FORBIDDEN)
+        taken = await api.queue_take("wang")
+        assert (taken["group"], taken["silenced"]) == ("wait-1", ["bot"])
+        await _fails(bot.publish(group_channel("wait-1"), "x"), ErrorCode.FORBIDDEN)
+        assert (await api.queue_list())["waiting"] == []
