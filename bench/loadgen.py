@@ -324,6 +324,20 @@ async def fan_out_run(target: Target, *, members: int, payload: int = 64, window
     return result
 
 
+def runqueue_wait_s(pid: int, *, loop_thread_only: bool = False) -> float:
+    """Seconds the threads of ``pid`` (or only its main thread, which runs the event
+    loop) have spent runnable but waiting for a CPU, from the kernel's schedstat
+    (second field, ns): time a pinned process lost to others."""
+    total = 0
+    for task in [str(pid)] if loop_thread_only else os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            continue            # a thread that ended meanwhile
+    return total / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -9,6 +9,12 @@ apart.  A subscriber receives those; a message's lateness is its ``ts_us``
 (the relay's clock when it was sequenced) minus its ``send_at``, and, for
 information, its arrival at the subscriber minus ``send_at``.
 
+What held the relay while the fires were due, measured alongside: its
+threads' run-queue wait (``/proc/<pid>/task/*/schedstat``: runnable, not
+running, as other processes had its pinned CPU), its event-loop lag and GC
+pauses (its ``/metrics``), and for each run of fires later than 50 ms, how
+long its event-loop thread waited for a CPU meanwhile (sampled every 10 ms).
+
 Memory: what a pending timer costs its owner is its heap entry and its
 ``pending`` entry (the body stays in the store).  Measured in this process
 with tracemalloc over ``--pending`` escalation timers pushed into a real
@@ -30,7 +36,8 @@ from tempfile import TemporaryDirectory
 import orjson
 import uvloop
 
-from bench.loadgen import rss_bytes
+from bench.loadgen import rss_bytes, runqueue_wait_s
+from bench.tail import relay_stalls, stall_buckets
 from bench.targets import GENERATOR_CPU, Fenghuo, free_port, pin, wait_listening
 
 CHANNEL = "org.bench.schedule"
@@ -87,17 +94,74 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
             due = {f"f{i}": first + i * a.spacing for i in range(a.fired)}
             await _schedule(api, [{"channel": CHANNEL, "data": name, "send_at": at}
                                   for name, at in due.items()])
-            sequenced, arrived = [], []
+            # What else held the relay during the fires: the CPU taken by other
+            # processes (it is pinned), its own loop stalls and collections.
+            stalls_before = stall_buckets(target.metrics_port)
+            waited_before = runqueue_wait_s(target.proc.pid)
+            waits = asyncio.ensure_future(_sample_waits(target.proc.pid))
+            sequenced, arrived, dues = [], [], []
             while len(sequenced) < a.fired:
                 m = await client.next_message(timeout=first + a.fired * a.spacing + 30 - time.time())
                 got = time.time()
                 if m.text in due:
                     sequenced.append(m.ts_us / 1e6 - due[m.text])
                     arrived.append(got - due[m.text])
+                    dues.append(due[m.text])
+            waits.cancel()
+            samples = await waits
+            window = {"runqueue_wait_ms": 1000 * (runqueue_wait_s(target.proc.pid) - waited_before),
+                      **relay_stalls(target.metrics_port, since=stalls_before)}
         finally:
             await client.close()
+    spans = [{"first": i, "count": n, "worst_ms": round(worst, 1),
+              "loop_waited_for_cpu_ms": round(1000 * _waited(samples, dues[i] - LATE,
+                                                               dues[i + n - 1] + worst / 1000), 1)}
+             for i, n, worst in _late_spans(sequenced)]
     return {"sequenced": _percentiles(sequenced), "arrived": _percentiles(arrived),
+            "late_spans": spans, "window": window,
             "store_s": store_s, "rss_per_timer_b": (rss_after - rss_before) / max(1, pending)}
+
+
+LATE = 0.050    # seconds: half the 100 ms target
+SAMPLE_EVERY = 0.010
+
+
+async def _sample_waits(pid: int) -> list[tuple[float, float]]:
+    """``(wall time, the relay's event-loop thread's run-queue wait so far)`` every
+    :data:`SAMPLE_EVERY` until cancelled: when a fire was late, whether the loop was
+    waiting for a CPU."""
+    samples: list[tuple[float, float]] = []
+    try:
+        while True:
+            samples.append((time.time(), runqueue_wait_s(pid, loop_thread_only=True)))
+            await asyncio.sleep(SAMPLE_EVERY)
+    except asyncio.CancelledError:
+        return samples
+
+
+def _waited(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds the relay's loop thread spent waiting for a CPU from ``start`` to ``end``, widened to
+    the samples around them (a sampler held up itself leaves a gap: it is bridged, not
+    read as no wait)."""
+    before = [w for t, w in samples if t <= start] or [samples[0][1]]
+    after = [w for t, w in samples if t >= end] or [samples[-1][1]]
+    return after[0] - before[-1]
+
+
+def _late_spans(lateness: list[float]) -> list[tuple[int, int, float]]:
+    """Runs of consecutive fires later than :data:`LATE`, in firing order:
+    ``(first index, how many, worst ms)``.  One long run is one stall that held
+    every fire due meanwhile; scattered ones are a slow path."""
+    spans: list[tuple[int, int, float]] = []
+    for i, late in enumerate(lateness):
+        if late <= LATE:
+            continue
+        if spans and spans[-1][0] + spans[-1][1] == i:
+            start, n, worst = spans[-1]
+            spans[-1] = (start, n + 1, max(worst, late * 1000))
+        else:
+            spans.append((i, 1, late * 1000))
+    return spans
 
 
 async def _timer_memory(count: int) -> float:
@@ -147,6 +211,13 @@ def cmd_schedule(a: argparse.Namespace) -> int:
             label = f"{name} - send_at, {pending} pending"
             print(f"{label:38} {r['p50'] * 1000:8.2f} {r['p99'] * 1000:8.2f} "
                   f"{r['max'] * 1000:8.2f} {r['min'] * 1000:8.2f}")
+    for pending, result in runs.items():
+        w = result["window"]
+        print(f"during the fires, {pending} pending: relay waited {w['runqueue_wait_ms']:.1f} ms "
+              f"for a CPU; loop lag worst bucket {w.get('lag_max_le_ms', 0):g} ms "
+              f"({w.get('lag_over_1ms', 0)} samples over 1 ms); GC pauses {w.get('gc_count', 0)}, "
+              f"worst bucket {w.get('gc_max_le_ms', 0):g} ms; runs of fires later than "
+              f"{LATE * 1000:g} ms: {result['late_spans'] or 'none'}")
     base, loaded = runs[0]["sequenced"], runs[a.pending]["sequenced"]
     print(f"{a.pending} pending / 0 pending (sequenced): p50 x{loaded['p50'] / base['p50']:.2f}, "
           f"p99 x{loaded['p99'] / base['p99']:.2f}")
@@ -155,7 +226,8 @@ def cmd_schedule(a: argparse.Namespace) -> int:
           f"{runs[a.pending]['rss_per_timer_b']:.0f} B per pending scheduled message "
           "(with SQLite's cache)")
     print(orjson.dumps({str(p): {"sequenced_ms": {k: v * 1000 for k, v in r["sequenced"].items()},
-                                 "received_ms": {k: v * 1000 for k, v in r["arrived"].items()}}
+                                 "received_ms": {k: v * 1000 for k, v in r["arrived"].items()},
+                                 "window": r["window"], "late_spans": r["late_spans"]}
                         for p, r in runs.items()}
                        | {"bytes_per_pending_timer": per_timer,
                           "rss_bytes_per_pending_scheduled": runs[a.pending]["rss_per_timer_b"]}

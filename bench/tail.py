@@ -43,17 +43,31 @@ def _targets(names: list[str], secret: str) -> list[tuple[str, Target]]:
     return out
 
 
-def relay_stalls(metrics_port: int) -> dict[str, Any]:
-    """The relay's event-loop lag (max bucket reached) and GC pauses, summed over workers."""
+STALL_FAMILIES = (("fenghuo_event_loop_lag_seconds", "lag"), ("fenghuo_gc_pause_seconds", "gc"))
+
+
+def stall_buckets(metrics_port: int) -> dict[str, dict[float, float]]:
+    """The relay's event-loop lag and GC pause histograms (cumulative per bound), summed
+    over workers: ``{"lag": {le: count}, "gc": {...}}``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    out: dict[str, Any] = {}
-    for family, key in (("fenghuo_event_loop_lag_seconds", "lag"),
-                        ("fenghuo_gc_pause_seconds", "gc")):
-        buckets: dict[float, float] = {}
+    out: dict[str, dict[float, float]] = {}
+    for family, key in STALL_FAMILIES:
+        buckets = out.setdefault(key, {})
         for m in re.finditer(rf'^{family}_bucket\{{(?:[^}}]*,)?le="([^"]+)"[^}}]*\}} (\S+)$', text,
                              re.MULTILINE):
             le = float(m.group(1))
             buckets[le] = buckets.get(le, 0) + float(m.group(2))
+    return out
+
+
+def relay_stalls(metrics_port: int, since: dict[str, dict[float, float]] | None = None
+                 ) -> dict[str, Any]:
+    """The relay's event-loop lag (max bucket reached) and GC pauses, summed over workers;
+    ``since``: only what came after that :func:`stall_buckets` snapshot."""
+    out: dict[str, Any] = {}
+    for key, now in stall_buckets(metrics_port).items():
+        before = (since or {}).get(key, {})
+        buckets = {le: n - before.get(le, 0) for le, n in now.items()}
         if not buckets:
             continue
         ordered = sorted(buckets.items())

@@ -189,7 +189,13 @@ def test_schedule_bench_fires_every_message_with_and_without_pending_timers():
         lateness = result[pending]["sequenced_ms"]
         # Never before its time (the relay's clock sequenced it at or after send_at).
         assert 0 <= lateness["min"] <= lateness["p50"] <= lateness["max"], out
+        # What held the relay meanwhile: its CPU wait and its loop's lag, sampled
+        # every 10 ms by the relay through the 3 s before the first fire.
+        window = result[pending]["window"]
+        assert window["runqueue_wait_ms"] >= 0 and window["lag_count"] >= 100, window
+        assert all(span["count"] >= 1 for span in result[pending]["late_spans"]), out
     assert result["bytes_per_pending_timer"] > 0 and "500 pending / 0 pending" in out
+    assert out.count("during the fires") == 2, out
 
 
 def test_tls_runs_every_scenario_over_tcp_and_tls_with_ratios():
