@@ -150,8 +150,13 @@ def scenario_from_args(a: argparse.Namespace) -> tuple[str, Scenario]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from bench import suite
     pin(GENERATOR_CPU)
-    target = make_target(a.target, secrets.token_urlsafe(32), tuple(shlex.split(a.relay)))
+    flags, workers = tuple(shlex.split(a.relay)), 1
+    if a.deployment:
+        deployment = suite.DEPLOYMENTS[a.deployment]
+        flags, workers = (*deployment.flags, *flags), deployment.workers
+    target = make_target(a.target, secrets.token_urlsafe(32), flags, workers)
     name, scenario = scenario_from_args(a)
     progress = Progress()
     progress.step(f"{a.target} {name}")
@@ -250,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--target", choices=TARGETS, default="fenghuo")
     run.add_argument("--relay", default="", metavar="FLAGS",
                      help='extra `fenghuo serve` flags, e.g. "--fsync batch" or "--store memory"')
+    run.add_argument("--deployment", choices=("one", "default"),
+                     help="fenghuo as the suite's deployments group starts it (--relay flags "
+                          "added after): one: --workers 1 --store memory; default: one "
+                          "worker per core, unpinned, the durable SQLite store")
     add_scenario_options(run, members=100, pairs=0,
                          pairs_help="publisher/subscriber pairs (default 1, 1000, 100 for latency)")
     run.add_argument("--payload", type=int, default=64, help="payload bytes (>= 8: the stamp)")

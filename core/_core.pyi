@@ -1,6 +1,7 @@
 # Type stub of the compiled core (core/_core.pyx), for editors and mypy.
 import asyncio
 import enum
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Self
 
@@ -281,6 +282,8 @@ class MeshBus(Bus):
                  forward: Callable[[int, Channel, Connection, int, bytes, float], None],
                  broadcast: Callable[[Channel, bytes], None]) -> None: ...
     def owns(self, ch: Channel) -> bool: ...
+    def use_outlets(self, outlets: list[MeshOutlet | None], interested: dict[Channel, set[int]],
+                    expect: Callable[[int, Connection, int], None]) -> None: ...
 
 class Hub:
     channels: dict[bytes, Channel]
@@ -373,7 +376,68 @@ class RemoteOrigin(Connection):
     """Another worker's client connection, as a channel's owner sees it."""
 
     user: str      # the remote client's, fixed at construction
-    def __init__(self, hub: Hub, user: str, sink: Callable[[bytes], object]) -> None: ...
+    def __init__(self, hub: Hub, user: str, sink: Callable[[bytes], object],
+                 outlet: MeshOutlet | None = None, remote: int = 0) -> None: ...
+
+# Records between workers (core/mesh.pyx; server/routing.py tells the kinds).
+
+class ReplicaMessage:
+    """An M record: a MESSAGE frame of ``channel`` that its owner gave seq ``seq``."""
+    channel: str
+    seq: int
+    frame: bytes
+
+class ForwardedPublish:
+    """A P record: a publish of another worker's connection, for the channel's owner."""
+    connection: int
+    request_id: int
+    t_recv: float
+    sender: str
+    channel: str
+    body: bytes
+
+class ConnectionFrame:
+    """An A or F record: a frame for one connection of the receiving worker."""
+    kind: int
+    connection: int
+    frame: bytes
+
+def encode_mesh_message(channel: bytes, seq: int, frame: bytes) -> bytes: ...
+def encode_mesh_publish(connection: int, request_id: int, t_recv: float, sender: bytes,
+                        channel: bytes, body: bytes) -> bytes: ...
+def encode_mesh_to_connection(kind: int, connection: int, frame: bytes) -> bytes: ...
+def read_mesh_message(record: bytes) -> ReplicaMessage: ...
+def read_mesh_publish(record: bytes) -> ForwardedPublish: ...
+def read_mesh_to_connection(record: bytes) -> ConnectionFrame: ...
+
+class MeshOutlet:
+    """The ring to worker ``dest`` and the backlog of records waiting for space in it."""
+    dest: int
+    ring: ShmRing
+    backlog: deque[bytes]
+    backlog_bytes: int
+    waiting: bool
+    sent: int
+    overflow: Callable[[MeshOutlet, bytes], None] | None
+    def __init__(self, dest: int, ring: ShmRing) -> None: ...
+    def send(self, record: bytes) -> bool: ...
+
+class MeshReceiver:
+    """Drains inbound rings: M and P records applied in C, the rest to ``on_record``."""
+    hub: Hub | None
+    on_record: Callable[[int, bytes], None]
+    ready: set[Channel]
+    watch: list[Any]
+    origins: dict[tuple[int, int], RemoteOrigin]
+    received: int
+    applied: int
+    sequenced: int
+    handed_over: int
+    handler_errors: int
+    def __init__(self, hub: Hub | None, on_record: Callable[[int, bytes], None],
+                 ready: set[Channel] | None = None, watch: list[Any] | None = None,
+                 origins: dict[tuple[int, int], RemoteOrigin] | None = None) -> None: ...
+    def drain(self, ring: ShmRing, source: int, limit: int) -> int: ...
 
 class MaskRules:
     """One masking rule's detectors and patterns, and its counters (core/mask.pyx)."""

@@ -32,6 +32,12 @@ cdef class MeshBus(Bus):
     cdef object _owner_of
     cdef object _forward
     cdef object _broadcast
+    # With shared-memory rings (use_outlets): MeshOutlet per worker (None for
+    # this one), channel -> workers that asked for it, and what a forwarded
+    # publish books before it leaves (its reply's place).
+    cdef list _outlets
+    cdef dict _interested
+    cdef object _expect
     cdef inline int owner(self, Channel ch) except -2
 
 
@@ -146,3 +152,5 @@ cdef class Connection:
 
 cdef class RemoteOrigin(Connection):
     cdef object _sink
+    cdef object _outlet               # a MeshOutlet: frames go back as A records in C
+    cdef uint64_t _remote             # the connection's id at its own worker

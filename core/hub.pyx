@@ -99,7 +99,13 @@ cdef class MeshBus(Bus):
     :class:`RemoteOrigin`.  What this worker sequences reaches its own
     subscribers and ``broadcast(channel, frame)``, which sends it to the other
     workers that asked for the channel; they apply it to their replica
-    (:meth:`Hub.apply_replica`).
+    (:meth:`Hub.apply_replica`, or :class:`MeshReceiver` in C).
+
+    Between the workers of one node (:meth:`use_outlets`) both are done here,
+    in C, straight into the shared-memory rings: a forwarded publish books
+    its reply's place through ``expect(owner, origin, request_id)`` and goes
+    to its owner as a P record; a sequenced message goes to every worker in
+    ``interested[channel]`` as an M record.
     """
 
     def __init__(self, Hub hub, int index, owner_of, forward, broadcast):
@@ -107,6 +113,15 @@ cdef class MeshBus(Bus):
         self._owner_of = owner_of
         self._forward = forward
         self._broadcast = broadcast
+        self._outlets = None
+        self._interested = None
+        self._expect = None
+
+    def use_outlets(self, list outlets, dict interested, expect):
+        """Send through ``outlets[worker]`` (MeshOutlet) instead of ``forward``/``broadcast``."""
+        self._outlets = outlets
+        self._interested = interested
+        self._expect = expect
 
     cdef inline int owner(self, Channel ch) except -2:
         if ch.owner < 0:
@@ -122,15 +137,28 @@ cdef class MeshBus(Bus):
         cdef int owner = self.owner(ch)
         if owner == self.index:
             return self.hub.sequence(ch, origin, request_id, v, t_recv)
-        self._forward(owner, ch, origin, request_id,
-                      PyBytes_FromStringAndSize(v.body, v.body_len), t_recv)
+        if self._outlets is None:
+            self._forward(owner, ch, origin, request_id,
+                          PyBytes_FromStringAndSize(v.body, v.body_len), t_recv)
+            return 0
+        self._expect(owner, origin, request_id)
+        (<MeshOutlet>self._outlets[owner]).send_publish(origin.id, request_id, t_recv,
+                                                        origin.user_key, ch.key,
+                                                        v.body, v.body_len)
         return 0
 
     cpdef deliver(self, Channel ch, bytes frame):
+        cdef object peers
         if CORE_DEBUG:
             assert self.owner(ch) == self.index, "only a channel's owner sequences it"
         self.hub.fan_out(ch, frame)
-        self._broadcast(ch, frame)
+        if self._outlets is None:
+            self._broadcast(ch, frame)
+            return
+        peers = self._interested.get(ch)
+        if peers:
+            for peer in peers:
+                (<MeshOutlet>self._outlets[peer]).send_message(ch.key, ch.ring.last, frame)
 
 
 @cython.final
@@ -971,15 +999,22 @@ cdef class RemoteOrigin(Connection):
 
     Forwarded publishes are sequenced with it as their origin, so dedupe,
     acks and reply order work as for a local connection; every frame it is
-    given goes to ``sink(frame)``, which carries it back over the mesh.
+    given goes to ``sink(frame)``, which carries it back over the mesh; with
+    ``outlet`` (a :class:`MeshOutlet` to the connection's worker) it goes
+    there in C instead, as an A record for connection ``remote``.
     """
 
-    def __init__(self, Hub hub, str user, sink):
+    def __init__(self, Hub hub, str user, sink, MeshOutlet outlet=None, uint64_t remote=0):
         self.user = user
         self.user_key = user.encode("utf-8")
         self.authenticated = True
         self._sink = sink
+        self._outlet = outlet
+        self._remote = remote
 
     cdef int enqueue(self, bytes frame) except -1:
+        if self._outlet is not None:
+            (<MeshOutlet>self._outlet).send_to_connection(MESH_ANSWER, self._remote, frame)
+            return 0
         self._sink(frame)
         return 0

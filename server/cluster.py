@@ -34,9 +34,11 @@ from fenghuo.core import (
     ErrorCode,
     FrameType,
     MeshBus,
+    MeshReceiver,
     PresenceTable,
     ProtocolError,
     RemoteOrigin,
+    ReplicaMessage,
     Reply,
     encode_error,
 )
@@ -117,7 +119,9 @@ class Cluster:
         # (user, worker) -> that worker's devices of the user, in C memory.
         self.remote_devices = PresenceTable()
         self.peer_generations: dict[int, int] = {}
-        self.pending_parts: list[tuple[Any, int, str]] = []   # (channel, seq, user)
+        # (channel, seq, user); shared with the compiled receiver, which hands
+        # every message record to _on_record while it is not empty.
+        self.pending_parts: list[tuple[Any, int, str]] = []
         # Owner side: channel -> the other workers that asked for its messages.
         self.interested: dict[Channel, set[int]] = {}
         # Replica side: channels whose owner sends them here, caught up; and
@@ -128,13 +132,22 @@ class Cluster:
         # already wants them back; and since when a replica has had nobody here.
         self.cooling: dict[Channel, list[Callable[[], None]]] = {}
         self.idle_since: dict[Channel, float] = {}
-        self.replica_messages = 0                        # MESSAGE records applied here
+        self.replica_applied = 0                         # M records _on_record applied
+        self.receiver: MeshReceiver | None = None        # between workers: the compiled one
 
     @classmethod
     def of_worker(cls, relay: Relay, spec: WorkerSpec) -> Cluster:
         """Worker ``spec.index`` of several on one host, joined by shared-memory rings."""
         cluster = cls(relay, spec.index, spec.count, spec.generation)
-        cluster.mesh = Mesh(spec, cluster._on_record, on_pressure=cluster._on_pressure)
+        # Message records (M, P) are applied in C, the rest reach _on_record;
+        # the receiver shares the state that decides which (see MeshReceiver).
+        receiver = MeshReceiver(relay.hub, cluster._on_record, cluster.ready_here,
+                                cluster.pending_parts, cluster.remote)
+        cluster.receiver = receiver
+        cluster.mesh = Mesh(spec, cluster._on_record, on_pressure=cluster._on_pressure,
+                            receiver=receiver)
+        cluster.bus.use_outlets(cluster.mesh.outlets(), cluster.interested,
+                                cluster._expect_answer)
         return cluster
 
     # ------------------------------------------------------------ lifecycle
@@ -151,6 +164,11 @@ class Cluster:
         lost = self.mesh.close()
         if lost:
             log.warning("mesh records not delivered at stop", extra={"records": lost})
+
+    @property
+    def replica_messages(self) -> int:
+        """Message records applied to replicas here, in C or by :meth:`_on_record`."""
+        return self.replica_applied + (self.receiver.applied if self.receiver else 0)
 
     def owner_of(self, channel: str) -> int:
         return routing.owner_of(channel, self.count)
@@ -405,10 +423,13 @@ class Cluster:
         key = (source, connection)
         origin = self.remote.get(key)
         if origin is None:
+            # Between workers the answers go back in C (an A record pushed
+            # straight into the ring); between nodes through the sink.
             origin = self.remote[key] = RemoteOrigin(
                 self.relay.hub, user,
                 lambda frame: self.mesh.send(source, routing.to_connection(
-                    routing.ANSWER, connection, frame)))
+                    routing.ANSWER, connection, frame)),
+                self.mesh.outlet(source), connection)
         return origin
 
     # ------------------------------------------------------------ broadcasting
@@ -439,16 +460,20 @@ class Cluster:
     # ------------------------------------------------------------ receiving
 
     def _on_record(self, source: int, record: bytes) -> None:
+        """A record the compiled receiver did not take (between workers: every
+        control, and a message record it cannot apply as it stands), or any
+        record between nodes."""
         kind = record[0]
         if kind == routing.MESSAGE:
-            self._apply_message(*routing.read_message(record))
+            self._apply_message(routing.read_message(record))
         elif kind == routing.PUBLISH:
-            connection, rid, t_recv, sender, channel, body = routing.read_publish(record)
-            ch = self.relay.ensure_channel(channel)
-            origin = self._origin(source, connection, sender)
-            self.relay.hub.sequence_forwarded(ch, origin, rid, body, t_recv)
+            p = routing.read_publish(record)
+            ch = self.relay.ensure_channel(p.channel)
+            origin = self._origin(source, p.connection, p.sender)
+            self.relay.hub.sequence_forwarded(ch, origin, p.request_id, p.body, p.t_recv)
         elif kind == routing.ANSWER:
-            self._answer(source, *routing.read_to_connection(record))
+            answer = routing.read_to_connection(record)
+            self._answer(source, answer.connection, answer.frame)
         elif kind == routing.USER:
             user, frame = routing.read_to_user(record)
             for session in self.relay.users.of(user):
@@ -460,7 +485,8 @@ class Cluster:
         else:
             log.error("unknown mesh record", extra={"kind": kind, "source": source})
 
-    def _apply_message(self, name: str, seq: int, frame: bytes) -> None:
+    def _apply_message(self, m: ReplicaMessage) -> None:
+        name, seq = m.channel, m.seq
         ch = self.relay.ensure_channel(name)
         if seq <= ch.seq or (ch not in self.ready_here and ch not in self.warming):
             return               # a second copy (a restarted owner), or let go of
@@ -471,15 +497,16 @@ class Cluster:
             if ch not in self.warming:
                 log.warning("replica gap", extra={"channel": name, "have": ch.seq, "got": seq})
             ch.ring.clear()
-        self.relay.hub.apply_replica(ch, seq, frame)
-        self.replica_messages += 1
+        self.relay.hub.apply_replica(ch, seq, m.frame)
+        self.replica_applied += 1
         if self.pending_parts:
             self._run_parts()
 
     def _run_parts(self) -> None:
         due = [p for p in self.pending_parts if p[0].seq >= p[1]]
         if due:
-            self.pending_parts = [p for p in self.pending_parts if p[0].seq < p[1]]
+            # In place: the compiled receiver holds this list.
+            self.pending_parts[:] = [p for p in self.pending_parts if p[0].seq < p[1]]
             for ch, _, user in due:
                 self.relay.part(user, ch)
 

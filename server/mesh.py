@@ -15,7 +15,12 @@ learns its place from two environment variables, written by
 
 :class:`Mesh` plugs the rings into the worker's event loop.  Records are
 opaque bytes here: what they mean (forwarded publishes, sequenced MESSAGE
-frames, a restarted worker's hello) is the routing layer's business.
+frames, a restarted worker's hello) is the routing layer's business.  The
+per-record work is compiled: a :class:`~fenghuo.core.MeshReceiver` drains
+each ring (the cluster's applies message records in C, a plain one hands
+every record to ``on_record``), and each destination's
+:class:`~fenghuo.core.MeshOutlet` pushes into its ring, keeping the backlog
+this module pushes as space comes.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 
 import orjson
-from fenghuo.core import ShmRing
+from fenghuo.core import MeshOutlet, MeshReceiver, ShmRing
 
 log = logging.getLogger("fenghuo.mesh")
 
@@ -126,21 +130,14 @@ class _Inbox:
     scheduled: bool = False               # a drain continuation is queued with call_soon
 
 
-@dataclass(eq=False)
-class _Outbox:
-    dest: int
-    ring: ShmRing
-    backlog: deque[bytes] = field(default_factory=deque)
-    backlog_bytes: int = 0
-    waiting: bool = False                 # space_fd is registered with the loop
-
-
 class Mesh:
     """Inbound rings drained into ``on_record``; outbound sends that never drop.
 
     ``on_record(source_worker, record)`` runs on the loop for every record, in
-    each source's order.  An exception it raises is logged and the next
-    record is handled: one bad record must not stall a peer's stream.
+    each source's order, or ``receiver`` drains the rings (it takes what it
+    can in C and gives the rest to its own ``on_record``).  An exception
+    from a record's handling is logged and the next record is handled: one
+    bad record must not stall a peer's stream.
 
     ``send`` pushes straight into the ring when it can.  When the ring is full
     (the peer is slow, or dead and about to be restarted) the record joins
@@ -153,9 +150,10 @@ class Mesh:
 
     def __init__(self, spec: WorkerSpec, on_record: RecordHandler, *,
                  on_pressure: PressureHandler | None = None, burst: int = DEFAULT_BURST,
-                 high_water: int | None = None, low_water: int | None = None) -> None:
+                 high_water: int | None = None, low_water: int | None = None,
+                 receiver: MeshReceiver | None = None) -> None:
         self.spec = spec
-        self.on_record = on_record
+        self.receiver = MeshReceiver(None, on_record) if receiver is None else receiver
         self.on_pressure = on_pressure
         self.burst = burst
         capacity = min((r.capacity for r in spec.outbound.values()), default=0)
@@ -163,15 +161,36 @@ class Mesh:
         self.high_water = capacity if high_water is None else high_water
         self.low_water = self.high_water // 4 if low_water is None else low_water
         self.under_pressure = False
-        self.received = 0                 # records handed to on_record
-        self.sent = 0                     # records pushed into a ring
         self.queued = 0                   # records that had to wait in a backlog
-        self.handler_errors = 0
         self._inboxes = [_Inbox(i, ring) for i, ring in spec.inbound.items()]
-        self._outboxes = {j: _Outbox(j, ring) for j, ring in spec.outbound.items()}
+        self._outboxes = {j: MeshOutlet(j, ring) for j, ring in spec.outbound.items()}
+        for out in self._outboxes.values():
+            out.overflow = self._enqueue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._all_pushed = asyncio.Event()
         self._all_pushed.set()
+
+    @property
+    def received(self) -> int:
+        """Records drained from the rings."""
+        return self.receiver.received
+
+    @property
+    def handler_errors(self) -> int:
+        return self.receiver.handler_errors
+
+    @property
+    def sent(self) -> int:
+        """Records pushed into a ring."""
+        return sum(out.sent for out in self._outboxes.values())
+
+    def outlet(self, dest: int) -> MeshOutlet:
+        """The sending end to worker ``dest``."""
+        return self._outboxes[dest]
+
+    def outlets(self) -> list[MeshOutlet | None]:
+        """The outlet to each worker by index (None for this one), for the compiled senders."""
+        return [self._outboxes.get(j) for j in range(self.spec.count)]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -230,22 +249,12 @@ class Mesh:
         inbox.scheduled = False
         if self._loop is None:
             return
-        records = inbox.ring.drain(self.burst)
-        for record in records:
-            self._deliver(inbox.source, record)
+        drained = self.receiver.drain(inbox.ring, inbox.source, self.burst)
         # A full burst: more is likely there, and the consumer stays awake (no
         # wake-ups written) until it arms.  arm() False: data came meanwhile.
-        if self._loop is not None and (len(records) == self.burst or not inbox.ring.arm()):
+        if self._loop is not None and (drained == self.burst or not inbox.ring.arm()):
             inbox.scheduled = True
             self._loop.call_soon(self._drain, inbox)
-
-    def _deliver(self, source: int, record: bytes) -> None:
-        self.received += 1
-        try:
-            self.on_record(source, record)
-        except Exception:
-            self.handler_errors += 1
-            log.exception("mesh record handler failed", extra={"source": source})
 
     # ------------------------------------------------------------ sending
 
@@ -256,15 +265,7 @@ class Mesh:
         be pushed, in order).  Raises ValueError for a record larger than the
         ring's ``max_record``, which could never be pushed.
         """
-        out = self._outboxes[dest]
-        if len(record) > out.ring.max_record:
-            raise ValueError(f"record of {len(record)} bytes: the ring to worker {dest} "
-                             f"takes at most {out.ring.max_record}")
-        if not out.backlog and out.ring.push_bytes(record):
-            self.sent += 1
-            return True
-        self._enqueue(out, bytes(record))
-        return False
+        return self._outboxes[dest].send(record)
 
     def broadcast(self, record: bytes) -> bool:
         """Send ``record`` to every other worker; True if all went straight into rings."""
@@ -280,7 +281,7 @@ class Mesh:
     def backlog_bytes(self, dest: int) -> int:
         return self._outboxes[dest].backlog_bytes
 
-    def _enqueue(self, out: _Outbox, record: bytes) -> None:
+    def _enqueue(self, out: MeshOutlet, record: bytes) -> None:
         out.backlog.append(record)
         out.backlog_bytes += len(record)
         self.queued += 1
@@ -293,11 +294,11 @@ class Mesh:
             self._push_backlog(out)       # arm_space, or push if space came meanwhile
         self._check_pressure()
 
-    def _on_space(self, out: _Outbox) -> None:
+    def _on_space(self, out: MeshOutlet) -> None:
         out.ring.ack_space()
         self._push_backlog(out)
 
-    def _push_backlog(self, out: _Outbox) -> None:
+    def _push_backlog(self, out: MeshOutlet) -> None:
         """Push the backlog in order until it is empty or the ring is full and armed."""
         while True:
             while out.backlog:
@@ -306,7 +307,7 @@ class Mesh:
                     break
                 for _ in range(pushed):
                     out.backlog_bytes -= len(out.backlog.popleft())
-                self.sent += pushed
+                out.sent += pushed
             if not out.backlog:
                 self._stop_waiting(out)
                 break
@@ -314,7 +315,7 @@ class Mesh:
                 break
         self._check_pressure()
 
-    def _stop_waiting(self, out: _Outbox) -> None:
+    def _stop_waiting(self, out: MeshOutlet) -> None:
         if self._loop is not None:
             self._loop.remove_reader(out.ring.space_fd)
         out.waiting = False

@@ -347,11 +347,11 @@ class NodeCluster(Cluster):
     def _on_record(self, source: int, record: bytes) -> None:
         kind = record[0]
         if kind == routing.PUBLISH:
-            connection, rid, _t, sender, channel, _body = routing.read_publish(record)
-            if not self.store.owns(channel):
-                if not self._defer(channel, source, record):
+            p = routing.read_publish(record)
+            if not self.store.owns(p.channel):
+                if not self._defer(p.channel, source, record):
                     # Sequencing it here would move this replica's seq past its owner's.
-                    self._refuse(source, connection, sender, rid, True)
+                    self._refuse(source, p.connection, p.sender, p.request_id, True)
                 return
         elif kind == routing.CONTROL:
             body = routing.read_control(record)

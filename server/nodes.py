@@ -185,6 +185,10 @@ class NatsMesh:
         self._wake.set()
         return True
 
+    def outlet(self, dest: int) -> None:
+        """No compiled sender between nodes: records go through :meth:`send`."""
+        return None
+
     def broadcast(self, record: bytes) -> bool:
         for peer in self.peers():
             self.send(peer, record)

@@ -27,8 +27,11 @@ A record is one kind byte and a body:
           interest and warm, forwarded requests
 ========  ==================================================================
 
-Per-message records (``M``, ``P``, ``A``) have fixed binary headers; control
-records are JSON, read rarely.
+Per-message records (``M``, ``P``, ``A``) have fixed binary heads, written
+and read in C (core/mesh.pyx, heads in core/mesh.h): a worker applies the M
+and P records it drains without a Python call, and hands the rest, and any
+it cannot take in C, to :meth:`Cluster._on_record`.  Control records are
+JSON, read rarely.
 """
 
 from __future__ import annotations
@@ -38,52 +41,29 @@ import zlib
 from typing import Any
 
 import orjson
+from fenghuo import core
 
 MESSAGE, PUBLISH, ANSWER, FRAME, USER, HELLO, CONTROL = (ord(c) for c in "MPAFUHC")
 
-_MESSAGE = struct.Struct("<BQH")      # kind, seq, len(channel)
-_PUBLISH = struct.Struct("<BQIdHH")    # kind, connection id, request id, t_recv, len(sender), len(channel)
-_TO_CONNECTION = struct.Struct("<BQ")  # kind, connection id
 _HELLO = struct.Struct("<BHI")         # kind, index, generation
 _USER = struct.Struct("<BH")           # kind, len(user)
+
+# The per-message records, one definition each (core/mesh.pyx):
+# message(channel, seq, frame) -> M; read_message(M) -> ReplicaMessage;
+# publish(connection, request_id, t_recv, sender, channel, body) -> P;
+# read_publish(P) -> ForwardedPublish; to_connection(kind, connection, frame)
+# -> A or F; read_to_connection(A or F) -> ConnectionFrame.
+message = core.encode_mesh_message
+read_message = core.read_mesh_message
+publish = core.encode_mesh_publish
+read_publish = core.read_mesh_publish
+to_connection = core.encode_mesh_to_connection
+read_to_connection = core.read_mesh_to_connection
 
 
 def owner_of(channel: str, workers: int) -> int:
     """The worker that sequences ``channel`` (stable across restarts and processes)."""
     return zlib.crc32(channel.encode("utf-8")) % workers
-
-
-def message(channel: bytes, seq: int, frame: bytes) -> bytes:
-    return _MESSAGE.pack(MESSAGE, seq, len(channel)) + channel + frame
-
-
-def read_message(record: bytes) -> tuple[str, int, bytes]:
-    """(channel, seq, MESSAGE frame) of an ``M`` record."""
-    _, seq, n = _MESSAGE.unpack_from(record)
-    start = _MESSAGE.size
-    return record[start:start + n].decode("utf-8"), seq, record[start + n:]
-
-
-def publish(connection: int, request_id: int, t_recv: float, sender: bytes, channel: bytes,
-            body: bytes) -> bytes:
-    return (_PUBLISH.pack(PUBLISH, connection, request_id, t_recv, len(sender), len(channel))
-            + sender + channel + body)
-
-
-def read_publish(record: bytes) -> tuple[int, int, float, str, str, bytes]:
-    """(connection id, request id, t_recv, sender, channel, PUBLISH body) of a ``P`` record."""
-    _, connection, request_id, t_recv, n, m = _PUBLISH.unpack_from(record)
-    start = _PUBLISH.size
-    return (connection, request_id, t_recv, record[start:start + n].decode("utf-8"),
-            record[start + n:start + n + m].decode("utf-8"), record[start + n + m:])
-
-
-def to_connection(kind: int, connection: int, frame: bytes) -> bytes:
-    return _TO_CONNECTION.pack(kind, connection) + frame
-
-
-def read_to_connection(record: bytes) -> tuple[int, bytes]:
-    return _TO_CONNECTION.unpack_from(record)[1], record[_TO_CONNECTION.size:]
 
 
 def to_user(user: str, frame: bytes) -> bytes:

@@ -349,12 +349,51 @@ async def test_a_direct_chat_reaches_only_the_workers_its_participants_are_on(wo
     assert reply.seq == 21
     # ann is a participant too: her own messages come back to her, then bob's.
     assert [(await ann.next_message(timeout=5)).seq for _ in range(21)] == list(range(1, 22))
+    # So is bob: his own reply reaching him means his worker's replica has it
+    # (reading the count before raced the owner's record to that worker).
+    assert (await bob.next_message(timeout=5)).seq == 21
 
     def replicated(worker: int) -> float:
         return worker_gauge(workers_relay, worker, "fenghuo_replica_messages_total")
     assert replicated(bob.welcome["worker"]) == 21, "bob's worker got every message once"
     assert replicated(third) == 0, "the worker with no participant got none"
     assert worker_gauge(workers_relay, third, "fenghuo_replica_channels") == 0
+    await ann.close()
+    await bob.close()
+
+
+def mesh_records(relay: RelayProcess, worker: int, handling: str) -> float:
+    return worker_gauge(relay, worker, f'fenghuo_mesh_records_total{{handling="{handling}"}}')
+
+
+async def test_message_records_between_workers_are_handled_in_c_not_per_record_in_python(
+        workers_relay):
+    # ann on one worker publishes to her chat with bob, which a second worker
+    # owns (P records to it, sequenced there), bob on the third (M records to
+    # his replica): neither worker hands those records to Python.
+    ann = await workers_relay.client("ann").connect()
+    here = ann.welcome["worker"]
+    owner = (here + 1) % WORKERS
+    third = (here + 2) % WORKERS
+    bob_name = name_owned_by("bob", owner, lambda name: direct_channel("ann", name))
+    bob = await connect_on(workers_relay, bob_name, {third})
+    await ann.send(bob_name, "warm up")            # interest, warm: control records
+    assert (await bob.next_message(timeout=5)).seq == 1
+    before = {(w, h): mesh_records(workers_relay, w, h)
+              for w in (owner, third) for h in ("compiled", "handed_over")}
+
+    count = 200
+    acks = await asyncio.gather(*(ann.send(bob_name, f"m{k}") for k in range(count)))
+    received = [await bob.next_message(timeout=5) for _ in range(count)]
+    assert sorted(a.seq for a in acks) == [m.seq for m in received] == list(range(2, count + 2))
+    assert sorted(m.payload for m in received) == sorted(f"m{k}".encode() for k in range(count))
+
+    def grew(worker: int, handling: str) -> float:
+        return mesh_records(workers_relay, worker, handling) - before[worker, handling]
+    assert grew(owner, "compiled") >= count, "the owner sequenced the forwarded publishes in C"
+    assert grew(third, "compiled") >= count, "bob's worker applied the messages in C"
+    for worker in (owner, third):
+        assert grew(worker, "handed_over") < count // 4, "no Python call per message record"
     await ann.close()
     await bob.close()
 
