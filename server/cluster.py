@@ -38,7 +38,6 @@ from fenghuo.core import (
     PresenceTable,
     ProtocolError,
     RemoteOrigin,
-    ReplicaMessage,
     Reply,
     encode_error,
 )
@@ -465,7 +464,8 @@ class Cluster:
         record between nodes."""
         kind = record[0]
         if kind == routing.MESSAGE:
-            self._apply_message(routing.read_message(record))
+            m = routing.read_message(record)
+            self._apply_message(m.channel, m.seq, m.frame)
         elif kind == routing.PUBLISH:
             p = routing.read_publish(record)
             ch = self.relay.ensure_channel(p.channel)
@@ -485,8 +485,7 @@ class Cluster:
         else:
             log.error("unknown mesh record", extra={"kind": kind, "source": source})
 
-    def _apply_message(self, m: ReplicaMessage) -> None:
-        name, seq = m.channel, m.seq
+    def _apply_message(self, name: str, seq: int, frame: bytes) -> None:
         ch = self.relay.ensure_channel(name)
         if seq <= ch.seq or (ch not in self.ready_here and ch not in self.warming):
             return               # a second copy (a restarted owner), or let go of
@@ -497,7 +496,7 @@ class Cluster:
             if ch not in self.warming:
                 log.warning("replica gap", extra={"channel": name, "have": ch.seq, "got": seq})
             ch.ring.clear()
-        self.relay.hub.apply_replica(ch, seq, m.frame)
+        self.relay.hub.apply_replica(ch, seq, frame)
         self.replica_applied += 1
         if self.pending_parts:
             self._run_parts()
