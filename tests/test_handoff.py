@@ -212,3 +212,16 @@ async def test_the_queue_and_a_silenced_bot_survive_a_restart(relay_factory):
         assert (taken["group"], taken["silenced"]) == ("wait-1", ["bot"])
         await _fails(bot.publish(group_channel("wait-1"), "x"), ErrorCode.FORBIDDEN)
         assert (await api.queue_list())["waiting"] == []
+
+
+async def test_a_refused_handoff_changes_nothing(relay):
+    """PROTOCOL §3.16: the request is checked whole; the owner can be neither removed nor silenced."""
+    bank = await relay.connect("bank", reconnect=False)
+    await bank.create_group("whole", members=["cust"])
+    await bank.add_members("whole", ["helper"], role="admin")
+    helper = await relay.connect("helper", reconnect=False)
+    for kwargs in ({"remove": ["bank"]}, {"silence": ["bank"]}):
+        await _fails(helper.handoff("whole", "advisor", **kwargs), ErrorCode.FORBIDDEN)
+    assert "advisor" not in await bank.group_members("whole")
+    events = [orjson.loads(m.payload)["event"] for m in await bank.history("group:whole", after=0)]
+    assert events == ["created", "join"]
