@@ -32,7 +32,6 @@ from fenghuo.core import (
     ChannelKind,
     Connection,
     ErrorCode,
-    FrameType,
     MeshBus,
     MeshReceiver,
     PresenceTable,
@@ -45,8 +44,6 @@ from fenghuo.server import routing
 from fenghuo.server.clicks import Click
 from fenghuo.server.frames import frame_request_id, message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
-
-from fenghuo.protocol import encode_json
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -293,20 +290,26 @@ class Cluster:
 
     # ------------------------------------------------------------ gates
 
-    def gate(self, session: Session) -> None:
+    def gate(self, session: Session) -> _Gate:
         """Hold ``session``'s replies and deliveries until :meth:`open_gate`'s channels are ready."""
-        self._pending(session).gates.append(_Gate(session.reserve_reply()))
+        gate = _Gate(session.reserve_reply())
+        self._pending(session).gates.append(gate)
+        return gate
 
     def gated(self, session: Session) -> bool:
         pending = self.forwarded.get(session.id)
         return pending is not None and bool(pending.gates)
 
     def open_gate(self, session: Session, channels: tuple[Channel, ...],
-                  open_: Callable[[], None]) -> None:
+                  open_: Callable[[], None], gate: _Gate | None = None) -> None:
         """Run ``open_`` (the reply, then catch-up) once ``channels`` are ready here
-        and the replies before this one have gone; later replies wait for it."""
-        pending = self.forwarded[session.id]
-        gate = pending.gates[-1]
+        and the replies before this one have gone; later replies wait for it.
+        ``gate``: the one :meth:`gate` made for it (default: the last one made)."""
+        pending = self.forwarded.get(session.id)
+        if pending is None or session.closing:
+            return                                   # the client left meanwhile
+        if gate is None:
+            gate = pending.gates[-1]
         gate.channels, gate.open = channels, open_
         for ch in channels:
             if not self.ready(ch):
@@ -440,6 +443,10 @@ class Cluster:
             record = routing.message(ch.key, ch.ring.last, frame)
             for peer in peers:
                 self.mesh.send(peer, record)
+
+    def group_saved(self, record: dict[str, Any]) -> None:
+        """A group changed here (server/relay.py, save_group): the other workers apply it."""
+        self.share("group", record=record, seq=record["seq"])
 
     def share(self, op: str, **fields: Any) -> None:
         """Tell every other worker about a change of shared state."""
@@ -594,16 +601,17 @@ class Cluster:
         origin = self._origin(source, body["connection"], body["user"])
         rid = body["rid"]
         try:
-            answer = encode_json(FrameType.RESULT, self.relay.serve_forwarded(origin, body), rid)
+            answer = self.relay.serve_forwarded(origin, body)
         except Exception as exc:
             code = getattr(exc, "code", ErrorCode.INTERNAL)
             message = getattr(exc, "message", "internal error")
             if code == ErrorCode.INTERNAL:
                 log.exception("forwarded request failed", extra={"op": body["what"]})
-            answer = encode_error(code, message, rid)
+            error = encode_error(code, message, rid)
+            answer = lambda _rid: error  # noqa: E731
         if rid:
             # Once what the request sequenced (a GROUP change's event) is
             # released, i.e. sent to the replicas ahead of this answer, so a
             # HISTORY read through the origin sees it.  Every answer waits its
             # turn, so answers to one origin keep their order.
-            self.relay.hub.after_store(lambda: origin.send_reply(answer))
+            self.relay.hub.after_store(lambda: origin.send_reply(answer(rid)))

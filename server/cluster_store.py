@@ -3,9 +3,12 @@
 The hub hands every record to :meth:`ClusterStore.append` as it does to
 :class:`SQLiteStore` and gets records back, in append order, once they are
 kept (``durable_acks``: ring, delivery and ack wait for that).  A message
-record is kept when JetStream has acknowledged it on its replicas; every
-other record (group records, cursors, actions waiting their turn) when
-SQLite has committed it.  One channel's appends go to JetStream one at a
+record is kept when JetStream has acknowledged it on its replicas; a group
+record or a device's synced positions when their KV bucket has them
+(:mod:`fenghuo.server.cluster_state`); every other record (clicks, timers,
+actions waiting their turn) when SQLite has committed it.  Read and
+delivery cursors go to their bucket without holding the order: they only
+move forward, and the nodes alive learn them at once over the mesh.  One channel's appends go to JetStream one at a
 time, each expecting the stream sequence of the one before
 (:meth:`Engine.append`): the cost of fencing is one JetStream round trip per
 message per channel; channels proceed side by side.
@@ -21,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from fenghuo.core import ErrorCode, encode_error
+from fenghuo.server.cluster_state import DELIVERED, READ, SharedState
 from fenghuo.server.frames import frame_request_id
 from fenghuo.server.jetstream import Engine, Fenced, Stored
 from fenghuo.server.store import BACKLOG_HIGH, SQLiteStore
@@ -61,6 +66,9 @@ class ClusterStore(SQLiteStore):
     def __init__(self, data_dir: str, ring_size: int) -> None:
         super().__init__(data_dir, "always", ring_size)
         self.engine: Engine | None = None
+        self.state: SharedState | None = None
+        #: a group's record is in its bucket (revision) or was refused (None)
+        self.on_group_saved: Callable[[dict, int | None], None] = lambda record, revision: None
         self.on_fenced: Callable[[str], None] = lambda channel: None
         self._order: deque[_Entry] = deque()
         self._local_entries: deque[_Entry] = deque()
@@ -117,6 +125,57 @@ class ClusterStore(SQLiteStore):
         else:
             self._local_entries.append(entry)
             self._queue.put(record)
+
+    # ------------------------------------------------------------ shared state
+
+    def save_group(self, group_id: str, record: dict) -> asyncio.Future[bool]:
+        """Write the group's record to its bucket (compare-and-set); the future says
+        whether it was taken, and is settled before the record's turn in the order."""
+        assert self.state is not None
+        state = self.state
+        taken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def write() -> None:
+            revision = None
+            try:
+                revision = await state.save_group(record)
+            finally:
+                taken.set_result(revision is not None)
+            self.on_group_saved(record, revision)
+        self._kept_after(("group", group_id), write())
+        return taken
+
+    def save_device_cursors(self, user: str, device: str, positions: dict[str, int]) -> None:
+        assert self.state is not None
+        state = self.state
+
+        async def write() -> None:
+            if not await state.save_device(user, device, positions):
+                log.warning("device positions not saved", extra={"user": user})
+        self._kept_after(("cursors", user, device), write())
+
+    def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
+        assert self.state is not None
+        self.state.save_cursor(READ, channel, user, seq)
+
+    def save_delivered_cursor(self, channel: str, user: str, seq: int) -> None:
+        assert self.state is not None
+        self.state.save_cursor(DELIVERED, channel, user, seq)
+
+    def _kept_after(self, record: tuple, write: Coroutine[Any, Any, None]) -> None:
+        """Hold ``record``'s place in the order until ``write`` is done."""
+        entry = _Entry(record)
+        self._order.append(entry)
+        self.backlog += 1
+
+        async def run() -> None:
+            try:
+                await write
+            except Exception as exc:
+                log.error("KV write failed", extra={"record": record[0], "error": str(exc)})
+            entry.done = True
+            self._release()
+        asyncio.get_running_loop().create_task(run())
 
     def _local_batch(self, batch: list | None) -> None:
         """SQLite committed ``batch`` (its records in our append order)."""

@@ -13,6 +13,7 @@ user ids are valid, roles are ones the op allows.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from fenghuo.channels import group_channel, InvalidChannel
@@ -65,6 +66,10 @@ class Group:
     members: dict[str, str] = field(default_factory=dict)   # user -> role
     #: in the queue for an advisor since (None: not waiting)
     queued: Waiting | None = None
+    #: changes so far, and the id of the last one (made at random): a cluster
+    #: writes a change only over the very record it was made from
+    version: int = 0
+    change: str = ""
 
     @property
     def channel(self) -> str:
@@ -75,10 +80,26 @@ class Group:
 
     def record(self) -> dict:
         """What the store keeps of the group."""
-        record = {"id": self.id, "owner": self.owner, "title": self.title, "members": self.members}
+        record = {"id": self.id, "owner": self.owner, "title": self.title,
+                  "members": dict(self.members), "version": self.version, "change": self.change}
         if self.queued is not None:
             record["queued"] = self.queued.record()
         return record
+
+    def changed(self) -> str:
+        """Count a change made here; the id of the change it was made over."""
+        after, self.change = self.change, secrets.token_hex(8)
+        self.version += 1
+        return after
+
+    def newer_than(self, record: dict) -> bool:
+        """Whether this group already is ``record``, or a later change of this node's.
+
+        Two nodes may make a change of the same version over the same record
+        (the group's bucket keeps one of them): the other one is taken.
+        """
+        return (self.change == record.get("change", "")
+                or self.version > record.get("version", 0))
 
     def describe(self) -> dict:
         return {"group": self.id, "channel": self.channel, "title": self.title,
@@ -214,7 +235,8 @@ class GroupRegistry:
 
     def restore(self, record: dict) -> Group:
         """Re-create a group from :meth:`Group.record` (at start-up)."""
-        group = Group(record["id"], record["owner"], record.get("title", ""))
+        group = Group(record["id"], record["owner"], record.get("title", ""),
+                      version=record.get("version", 0), change=record.get("change", ""))
         if record.get("queued"):
             group.queued = Waiting.of(record["queued"])
         self.groups[group.id] = group

@@ -9,6 +9,9 @@ messages, and KV buckets (docs/DESIGN.md, Cluster).
   epoch (:mod:`fenghuo.server.ownership`).
 * KV ``fenghuo_meta``: the cluster's id (the store id half of the epoch
   every node reports in WELCOME) and the node names' indexes.
+* KV ``fenghuo_groups``, ``fenghuo_cursors``, ``fenghuo_devices``: groups,
+  read and delivery cursors, devices' synced positions
+  (:mod:`fenghuo.server.cluster_state`).
 
 Appends are fenced: each carries ``Nats-Expected-Last-Subject-Sequence``,
 the stream sequence of the channel's previous message as its owner knows
@@ -33,6 +36,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 
 from fenghuo.server.frames import decode_frame_message
 
@@ -43,6 +47,9 @@ STREAM = "FENGHUO"
 SUBJECT = "fh.msg."
 OWNERS = "fenghuo_owners"
 META = "fenghuo_meta"
+GROUPS = "fenghuo_groups"
+CURSORS = "fenghuo_cursors"
+DEVICES = "fenghuo_devices"
 # JetStream's error code for a refused Nats-Expected-Last-Subject-Sequence.
 WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
@@ -64,6 +71,26 @@ def channel_of(tok: str) -> str:
 
 def subject(channel: str) -> str:
     return SUBJECT + token(channel)
+
+
+async def watch_bucket(kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
+                       name: str) -> asyncio.Task[None]:
+    """``learn`` every present entry of ``kv`` (back when they are all learned),
+    then, in the task returned, every change for as long as it runs."""
+    watcher = await kv.watchall()
+    # The watch first replays every present key, then an empty marker.
+    while (entry := await watcher.updates(timeout=30)) is not None:
+        learn(entry)
+
+    async def follow() -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=60)
+            except nats.errors.TimeoutError:
+                continue
+            if entry is not None:
+                learn(entry)
+    return asyncio.create_task(follow(), name=name)
 
 
 class Fenced(Exception):
@@ -147,7 +174,7 @@ class Engine:
         except nats.js.errors.BadRequestError as exc:
             if "already in use" not in str(exc):
                 raise
-        for bucket in (OWNERS, META):
+        for bucket in (OWNERS, META, GROUPS, CURSORS, DEVICES):
             await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
                                                           replicas=replicas))
 

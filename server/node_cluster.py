@@ -35,10 +35,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fenghuo.channels import group_channel
+from fenghuo.channels import GROUP_PREFIX, group_channel
 from fenghuo.core import Channel, ChannelKind, Connection, ErrorCode, encode_error
 from fenghuo.server import routing
 from fenghuo.server.cluster import Cluster, _Awaited
+from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, message_time
 from fenghuo.server.jetstream import Engine, Stored
@@ -125,6 +126,10 @@ class NodeCluster(Cluster):
                                  s.cluster_lease, self._on_peer, self._peer_lost)
         self.mesh = NatsMesh(engine.nc, index, self._on_record, self.liveness.live_peers)
         self.ownership = Ownership(engine, index, self.liveness.alive, self._on_claim)
+        #: groups and cursors, in KV buckets every node reads (server/cluster_state.py)
+        self.state = SharedState(engine, self._group_learned, self._cursor_learned)
+        self.store.state = self.state
+        self.store.on_group_saved = self._group_stored
 
     @classmethod
     async def join(cls, relay: Relay) -> NodeCluster:
@@ -141,6 +146,10 @@ class NodeCluster(Cluster):
         await self.ownership.start()
         for channel in await engine.channels("dm:"):
             relay.ensure_channel(channel)
+        # Every group and cursor the cluster has, before a client is served;
+        # from here on the buckets' watches apply what other nodes change.
+        relay.cluster, relay.shared_state = self, self.state
+        await self.state.open()
         log.info("joined the cluster", extra={"node": name, "index": index,
                                              "region": self.region,
                                              "cluster_id": self.cluster_id})
@@ -151,6 +160,7 @@ class NodeCluster(Cluster):
 
     async def stop(self, timeout: float) -> None:
         self.ownership.stop()
+        self.state.stop()
         await self.liveness.stop()
         await self.mesh.flush(timeout)
         self.mesh.close()
@@ -499,6 +509,48 @@ class NodeCluster(Cluster):
         if (last is not None and last.seq > ch.seq and ch.seq and ch not in self.holes
                 and ch in self.ready_here and not self.store.owns(ch.name)):
             self._fill(ch, _Hole(last.seq + 1))
+
+    # ------------------------------------------------------------ shared state
+
+    def group_saved(self, record: dict[str, Any]) -> None:
+        """Shared once its bucket has it (:meth:`_group_stored`), with its revision."""
+
+    def _group_stored(self, record: dict[str, Any], revision: int | None) -> None:
+        """The store wrote a group change of this node (before its event is released)."""
+        if revision is not None:
+            # Ahead of the change's event on every node's queue: a member who
+            # receives the event can publish to the group there.
+            self.share("group", record=record, revision=revision)
+            return
+        # Another node changed the group meanwhile, so it sequences the
+        # group's channel now: the bucket's record stands, whatever this node
+        # made of the group since, and this node is a replica.
+        self.step_down(group_channel(record["id"]))
+        current = self.state.group_record(record["id"])
+        held = self.relay.groups.groups.get(record["id"])
+        if current is not None and held is not None:
+            held.version, held.change = 0, ""
+            self.relay.apply_group(current, current.get("seq", 0))
+
+    def _group_learned(self, record: dict[str, Any]) -> None:
+        """A group record from the bucket (its watch) or from the node that wrote it."""
+        self.relay.apply_group(record, record.get("seq", 0))
+
+    def _cursor_learned(self, kind: str, channel: str, user: str, seq: int) -> None:
+        relay = self.relay
+        if channel.startswith(GROUP_PREFIX):
+            ch = relay.hub.find(channel)
+            if ch is None or ch not in relay.memberships.get(user, {}):
+                return                   # a cursor of a member who left: not counted
+        (relay.reads if kind == READ else relay.delivered).advance(channel, user, seq)
+        if kind == READ:
+            relay.delivered.advance(channel, user, seq)
+
+    def _control(self, source: int, body: dict[str, Any]) -> None:
+        if body["op"] == "group":
+            self.state.learn_group({**body["record"], "revision": body["revision"]})
+            return
+        super()._control(source, body)
 
     # ------------------------------------------------------------ nodes
 

@@ -21,12 +21,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nats.errors
 import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import OWNERS, Engine, channel_of, token
+from fenghuo.server.jetstream import OWNERS, Engine, channel_of, token, watch_bucket
 
 log = logging.getLogger("fenghuo.ownership")
 
@@ -61,20 +60,7 @@ class Ownership:
 
     async def start(self) -> None:
         self._kv = await self.engine.js.key_value(OWNERS)
-        watcher = await self._kv.watchall()
-        # The watch first replays every present claim, then an empty marker.
-        while (entry := await watcher.updates(timeout=30)) is not None:
-            self._learn(entry)
-        self._watch = asyncio.create_task(self._follow(watcher), name="fenghuo-owners")
-
-    async def _follow(self, watcher) -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=60)
-            except nats.errors.TimeoutError:
-                continue
-            if entry is not None:
-                self._learn(entry)
+        self._watch = await watch_bucket(self._kv, self._learn, "fenghuo-owners")
 
     def _learn(self, entry) -> None:
         claim = parse_claim(entry.value, entry.revision or 0)

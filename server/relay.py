@@ -33,6 +33,7 @@ from fenghuo.core import (
     ProtocolError,
     ReceiptKind,
     RemoteOrigin,
+    encode_error,
     encode_receipt_event,
 )
 from fenghuo.protocol import encode_json
@@ -76,7 +77,8 @@ from fenghuo.tokens import Grants
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
     from fenghuo.server.webhooks import WebhookSender
-    from fenghuo.server.cluster import Cluster
+    from fenghuo.server.cluster import Cluster, _Gate
+    from fenghuo.server.cluster_state import SharedState
     from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.session import Session
 
@@ -92,6 +94,13 @@ CATCH_UP_BUFFER = 1 << 20
 #: what a service user may ask of GROUP (PROTOCOL §5.6a): nothing that makes groups or
 #: changes who is in one, beyond taking itself out by a hand-off
 SERVICE_GROUP_OPS = (GroupLeave, GroupList, GroupMembers, GroupHandoff, GroupQueue)
+
+
+GROUP_CHANGED_ELSEWHERE = ("the group was changed through another node meanwhile, and this "
+                           "change was not made; retry")
+#: a request's RESULT or ERROR for its request id, decided once what it
+#: changed is stored (server/cluster.py, _serve)
+Answer = Callable[[int], bytes]
 
 
 def refuse(code: int, message: str) -> ProtocolError:
@@ -174,6 +183,10 @@ class Relay:
         self.tls = ServerTLS.from_settings(settings)
         #: this worker's side of the mesh when the relay runs as several workers
         self.cluster: Cluster | None = None
+        #: a cluster node's KV buckets of groups and cursors (server/cluster_state.py)
+        self.shared_state: SharedState | None = None
+        # The writes of the GROUP request being run (group_request), in a cluster.
+        self._group_writes: list[asyncio.Future[bool]] | None = None
         #: the server API, when this process serves it (server/main.py)
         self.api: Api | None = None
         #: the webhook sender, when this process sends (server/main.py)
@@ -247,12 +260,18 @@ class Relay:
         """Persist ``group`` (members, roles and when each joined), ordered with its
         messages, and give it to the other workers."""
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        after = group.changed()
         joined = {u: self.memberships.get(u, {}).get(ch, 0) for u in group.members}
-        record = {**group.record(), "joined": joined}
+        # ``seq``: the channel's head at the change; leavers part elsewhere once
+        # their replica has passed it (apply_group).  ``after``: the change it
+        # was made over (a cluster's bucket takes it only over that one).
+        record = {**group.record(), "joined": joined, "seq": ch.seq, "after": after}
         if self.store is not None:
-            self.store.save_group(group.id, record)
+            written = self.store.save_group(group.id, record)
+            if written is not None and self._group_writes is not None:
+                self._group_writes.append(written)
         if self.cluster is not None:
-            self.cluster.share("group", record=record, seq=ch.seq)
+            self.cluster.group_saved(record)
 
     def apply_group(self, record: dict, seq: int) -> None:
         """A group as its owning worker changed it, when its channel was at ``seq``.
@@ -260,6 +279,9 @@ class Relay:
         New members join here at once; leavers part once this replica has
         passed ``seq``, so they still receive their own leave event.
         """
+        held = self.groups.groups.get(record["id"])
+        if held is not None and held.newer_than(record):
+            return                   # this change, or a later one, is here already
         group, added, removed = self.groups.replace(record)
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         ch.info = group
@@ -574,19 +596,19 @@ class Relay:
             session.subscriptions[ch] = count - 1
 
     def when_live(self, session: Session, channels: tuple[Channel, ...],
-                  open_: Callable[[], None]) -> None:
+                  open_: Callable[[], None], held: _Gate | None = None) -> None:
         """Run ``open_`` (a reply, then :meth:`go_live`) once ``channels`` can be
-        delivered here; at once with one worker.  :meth:`hold` came first."""
+        delivered here; at once with one worker.  :meth:`hold` came first
+        (``held``: what it returned, when other holds may have come since)."""
         if self.cluster is None:
             # In its turn: behind a reply still awaited (a HISTORY page) it waits.
             session.fill_reply(session.reserve_reply(), open_)
         else:
-            self.cluster.open_gate(session, channels, open_)
+            self.cluster.open_gate(session, channels, open_, held)
 
-    def hold(self, session: Session) -> None:
+    def hold(self, session: Session) -> _Gate | None:
         """Hold ``session``'s replies and new subscriptions until :meth:`when_live` opens."""
-        if self.cluster is not None:
-            self.cluster.gate(session)
+        return self.cluster.gate(session) if self.cluster is not None else None
 
     def go_live(self, session: Session, channels: Iterable[Channel],
                 positions: dict[str, int] | None) -> None:
@@ -1118,16 +1140,36 @@ class Relay:
             self.part(user, ch)
         self.save_group(group)
 
-    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> dict:
-        """Run a request another worker forwarded to this channel's owner."""
+    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> Answer:
+        """Run a request another worker forwarded to this channel's owner; its answer
+        (sent once what it sequenced is released)."""
         op = body["what"]
         if op == "group":
             actor = Actor(origin.user, bool(body.get("service")), bool(body.get("advisor")))
-            return self.group_op(actor, from_builtins(FrameType.GROUP, body["request"]))
+            return self.group_request(actor, from_builtins(FrameType.GROUP, body["request"]))
         if op == "receipt":
-            return self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
-                                body["kind"], bool(body["rid"]))
+            result = self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
+                                  body["kind"], bool(body["rid"]))
+            return lambda rid: encode_json(FrameType.RESULT, result, rid)
         raise refuse(ErrorCode.MALFORMED_BODY, f"unknown forwarded request {op!r}")
+
+    def group_request(self, actor: Actor, request: GroupRequest) -> Answer:
+        """Run GROUP ``request`` of ``actor``: its RESULT, or, in a cluster, ERROR
+        ``INTERNAL`` if the group's bucket refused the change (another node changed
+        the group meanwhile: the bucket's record stands).  Asked for once the
+        change is stored (``after_store``)."""
+        writes: list[asyncio.Future[bool]] = []
+        self._group_writes = writes
+        try:
+            result = self.group_op(actor, request)
+        finally:
+            self._group_writes = None
+
+        def answer(rid: int) -> bytes:
+            if all(w.done() and w.result() for w in writes):
+                return encode_json(FrameType.RESULT, result, rid)
+            return encode_error(ErrorCode.INTERNAL, GROUP_CHANGED_ELSEWHERE, rid)
+        return answer
 
     def group_event(self, group: Group, event: dict) -> None:
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)

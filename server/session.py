@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from fenghuo.channels import InvalidChannel, group_channel, parse_channel
@@ -53,6 +53,9 @@ from fenghuo.server.schemas import (
     Unsubscribe,
 )
 from fenghuo.tokens import Grants, TokenError, verify_token
+
+if TYPE_CHECKING:
+    from fenghuo.server.cluster import _Gate
 
 log = logging.getLogger("fenghuo.session")
 SERVER_NAME = "fenghuo/0.1"
@@ -128,7 +131,8 @@ class Session(Connection, asyncio.BufferedProtocol):
         if positions is not None and not relay.durable and hello.epoch != relay.epoch:
             positions = {}   # a memory-only server restarted: old positions mean nothing
         resumed = None
-        if positions is None and relay.store is not None:
+        shared = relay.shared_state
+        if positions is None and relay.store is not None and shared is None:
             # A device that kept no state (an app restart): resume where it last synced.
             resumed = relay.store.device_cursors(grants.user, device) or None
             positions = resumed
@@ -139,10 +143,31 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay.tokens.watch(self)
         relay.admission.handshake_ended()
         self.positions = positions
-        relay.hold(self)
+        held = relay.hold(self)
         relay.attach(self)
         channels = tuple(self.subscriptions)
+        if positions is None and shared is not None:
+            # A cluster keeps the synced positions in a KV bucket, read from
+            # its leader: synced on any node, resumed on this one.
+            self.track(asyncio.get_running_loop().create_task(
+                self._resume_synced(request_id, channels, held)))
+            return
         relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed))
+
+    async def _resume_synced(self, request_id: int, channels: tuple[Channel, ...],
+                             held: _Gate | None) -> None:
+        relay = self.relay
+        assert relay.shared_state is not None
+        try:
+            resumed = await relay.shared_state.device_positions(self.user, self.device) or None
+        except Exception as exc:
+            # Without them the device is treated as new: what its rings hold.
+            log.warning("synced positions not read", extra={"user": self.user,
+                                                             "error": str(exc)})
+            resumed = None
+        self.positions = resumed
+        relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed),
+                        held)
 
     def _verify(self, token: Any, what: str) -> Grants:
         """The grants of a HELLO's or REFRESH's token; fatal errors (REFRESH makes them not)."""
@@ -346,6 +371,12 @@ class Session(Connection, asyncio.BufferedProtocol):
                                         request=schemas.to_builtins(body),
                                         service=actor.service, advisor=actor.advisor)
                 return
+            # Answered as a forwarded change is: once stored (in a cluster's
+            # bucket, which every node reads), and only if the bucket took it.
+            answer = self.relay.group_request(actor, body)
+            slot = self.reserve_reply()
+            self.relay.hub.after_store(lambda: self.fill_reply(slot, answer(request_id)))
+            return
         self.reply(request_id, self.relay.group_op(actor, body))
 
     # ------------------------------------------------------------ presence

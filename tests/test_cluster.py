@@ -527,3 +527,139 @@ async def test_metrics_tell_the_node_s_cluster_state(nodes):
     assert on0["fenghuo_cluster_failovers_total"] == 1
     assert on0["fenghuo_cluster_channels_owned"] == 1
     assert on0["fenghuo_cluster_peers_alive"] == 0
+
+
+# ---------------------------------------------------------------- shared state
+
+async def until(check, timeout: float = 10.0, every: float = 0.1):
+    """``await check()`` until it returns something true (its value), for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := await check()):
+        assert time.monotonic() < deadline, f"{check} still false after {timeout} s"
+        await asyncio.sleep(every)
+    return value
+
+
+async def test_a_group_made_before_a_node_started_is_known_there_with_its_roles(nodes):
+    """Groups live in a KV bucket every node watches: a node started after the
+    group was made knows it (members, roles), and a role changed through one
+    node is seen on another before the change's event arrives there."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    await alice.create_group("early", ["bob", "carol"], title="made early")
+    await alice.publish("group:early", "before n2")
+    (n2,) = nodes("n2")
+    carol = await n2.connect("carol")
+    assert "group:early" in carol.welcome["channels"]
+    assert [g["group"] for g in await carol.list_groups()] == ["early"]
+    assert await carol.group_members("early") == {"alice": "owner", "bob": "member",
+                                                   "carol": "member"}
+    ack = await carol.publish("group:early", "from n2")
+    page = await carol.history("group:early", limit=10)
+    assert [m.payload for m in page][-2:] == [b"before n2", b"from n2"]
+    assert page[-1].seq == ack.seq
+    # The owner changes a role through another node; the event reaches carol
+    # on n2, and n2 knows the change by then.
+    owner_on_n1 = await n1.connect("alice")
+    await owner_on_n1.set_role("early", "bob", "admin")
+    while True:
+        message = (await messages_of(carol, "group:early", 1))[0]
+        if b'"role"' in message.payload:
+            break
+    assert (await carol.group_members("early"))["bob"] == "admin"
+    # bob, admin now, adds dave from n2: the owner node checks bob's new role.
+    bob = await n2.connect("bob")
+    assert (await bob.add_members("early", ["dave"]))["added"] == ["dave"]
+    (n3,) = nodes("n3")
+    dave = await n3.connect("dave")
+    assert await dave.group_members("early") == {"alice": "owner", "bob": "admin",
+                                                  "carol": "member", "dave": "member"}
+
+
+async def test_a_device_synced_on_one_node_resumes_on_another(nodes):
+    """A device's synced positions are kept in a KV bucket: it syncs on n0,
+    comes back with no positions (an app restart) on n1, and resumes there."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    bob = await n0.connect("bob", device="phone")
+    for i in range(3):
+        await alice.send("bob", f"m{i}")
+    assert [m.seq for m in await messages_of(bob, "dm:alice:bob", 3)] == [1, 2, 3]
+    assert await bob.sync_cursors_now() == 1
+    await bob.close()
+    for i in range(3, 5):
+        await alice.send("bob", f"m{i}")
+    again = await n1.connect("bob", device="phone")          # no epoch: positions null
+    assert again.welcome.get("resumed") == {"dm:alice:bob": 3}
+    got = await messages_of(again, "dm:alice:bob", 2)
+    assert [(m.seq, m.payload) for m in got] == [(4, b"m3"), (5, b"m4")]
+
+
+async def test_read_counts_are_the_same_on_every_node(nodes):
+    """Read cursors live in a KV bucket every node watches: unread counts and
+    "x of N read" agree on every node, including one started afterwards."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    bob = await n1.connect("bob")
+    carol = await n1.connect("carol")
+    await alice.create_group("news", ["bob", "carol"])
+    acks = [await alice.publish("group:news", f"n{i}") for i in range(3)]
+    head = acks[-1].seq
+    await messages_of(bob, "group:news", head)
+    await bob.mark_read("group:news", head, confirm=True)
+    await carol.mark_read("group:news", acks[0].seq, confirm=True)
+    expected = {"read": 2, "members": 3}
+
+    async def readers_agree(client):
+        got = await client.readers("group:news", acks[0].seq)
+        return {k: got[k] for k in expected} == expected
+    await until(lambda: readers_agree(alice))
+    await until(lambda: readers_agree(carol))
+    (n2,) = nodes("n2")
+    late_bob, late_carol = await n2.connect("bob"), await n2.connect("carol")
+    assert (await late_bob.unread())["group:news"] == 0
+    assert (await late_carol.unread())["group:news"] == head - acks[0].seq
+    assert (await carol.unread())["group:news"] == head - acks[0].seq
+    assert await readers_agree(late_carol)
+    at_head = await late_bob.readers("group:news", head)
+    assert at_head["read"] == (await alice.readers("group:news", head))["read"]
+
+
+async def test_group_changes_through_two_owners_lose_none(nodes):
+    """The group's owner node is stopped past its lease with a change waiting in
+    its socket; another node takes the group over and makes a change of its
+    own; resumed, the old owner's change is either refused (INTERNAL, the
+    bucket's compare-and-set) or made on top of the other: a change answered
+    RESULT is never lost, and every node ends with the same members."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    await alice.create_group("g", ["bob"])                   # n0 sequences group:g
+    on_n1 = await n1.connect("alice")
+    n0.signal(signal.SIGSTOP)
+    try:
+        waiting = asyncio.create_task(alice.add_members("g", ["carol"]))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await on_n1.add_members("g", ["dave"])
+                break
+            except FenghuoError as exc:
+                if exc.code not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+    finally:
+        n0.signal(signal.SIGCONT)
+    try:
+        carol_added = (await asyncio.wait_for(waiting, 30))["added"] == ["carol"]
+    except FenghuoError as exc:
+        assert exc.code == ErrorCode.INTERNAL and "retry" in exc.message
+        carol_added = False
+    expected = {"alice": "owner", "bob": "member", "dave": "member",
+                **({"carol": "member"} if carol_added else {})}
+
+    async def members_are(client):
+        return await client.group_members("g") == expected
+    await until(lambda: members_are(on_n1), timeout=15)
+    await until(lambda: members_are(alice), timeout=15)
+    (n2,) = nodes("n2")
+    assert await (await n2.connect("bob")).group_members("g") == expected

@@ -1,0 +1,290 @@
+"""What a cluster's nodes share besides messages: groups and cursors, in KV buckets
+(docs/DESIGN.md, Cluster, "Where state lives").
+
+* ``fenghuo_groups``: group id token -> the group's record (members, roles,
+  when each joined, ``version``).  Written by the node sequencing the
+  group's channel, by compare-and-set on the entry's revision: a change
+  made from a stale record (another node changed the group meanwhile) is
+  refused, never written over the other.  Watched by every node: a node
+  started later, or one that was down, knows every group.
+* ``fenghuo_cursors``: ``r.<channel>.<user>`` (read) and
+  ``d.<channel>.<user>`` (delivered) -> seq, never moved backwards (a
+  compare-and-set that finds a higher seq keeps it).  Watched by every node,
+  so unread counts and "x of N read" are the same on any node.
+* ``fenghuo_devices``: ``<user>.<device>`` -> ``{channel: seq}``, a device's
+  synced positions (CURSOR sync).  Read when the device says HELLO without
+  positions, on whichever node it reaches: not watched.
+
+Keys are made of :func:`~fenghuo.server.jetstream.token` s (base64url), as
+channel names and user ids hold characters KV keys may not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nats.js.errors
+import orjson
+from nats.js.kv import KeyValue
+
+from fenghuo.server.jetstream import (CURSORS, DEVICES, GROUPS, Engine, channel_of, token,
+                                      watch_bucket)
+
+log = logging.getLogger("fenghuo.cluster_state")
+
+# Attempts of one KV write whose answer did not come (a NATS server died, a
+# stream leader is being elected: a few seconds), as for a message append.
+WRITE_ATTEMPTS = 4
+READ, DELIVERED = "r", "d"
+
+
+class Conflict(Exception):
+    """A compare-and-set found a value the change was not made from."""
+
+
+#: what a write does to a key's present value (None: absent): the new value,
+#: None to leave it as it is, or :class:`Conflict`
+Merge = Callable[[bytes | None], bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A key's value as this node last saw it, and the KV revision that holds it."""
+
+    value: bytes
+    revision: int
+
+
+@dataclass(slots=True)
+class _Write:
+    merge: Merge
+    done: asyncio.Future[bool]
+
+
+class Bucket:
+    """One KV bucket: what this node knows of its keys, and compare-and-set writes.
+
+    Writes to one key go one at a time, the changes that arrive meanwhile
+    merged into the next one (a burst of READ receipts is one write).  A
+    write starts from the revision this node knows and, refused, reads the
+    present value and merges again; a merge that raises :class:`Conflict`
+    fails its change.
+    """
+
+    def __init__(self, engine: Engine, name: str,
+                 on_change: Callable[[str, bytes, int], None] | None = None) -> None:
+        self.engine, self.name = engine, name
+        self.on_change = on_change           # (key, value, revision) seen by the watch
+        self.known: dict[str, Known] = {}
+        self._kv: KeyValue | None = None
+        self._queued: dict[str, list[_Write]] = {}
+        self._watch: asyncio.Task[None] | None = None
+
+    async def open(self, watch: bool) -> None:
+        self._kv = await self.engine.js.key_value(self.name)
+        if not watch:
+            return
+        self._watch = await watch_bucket(self._kv, self._learn, f"fenghuo-{self.name}")
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _learn(self, entry) -> None:
+        if not entry.value:
+            return                           # a deletion
+        self.learn(entry.key, entry.value, entry.revision or 0)
+
+    def learn(self, key: str, value: bytes, revision: int) -> bool:
+        """Take ``value`` at ``revision`` for ``key`` unless a later one is known."""
+        held = self.known.get(key)
+        if held is not None and held.revision >= revision:
+            return False
+        self.known[key] = Known(value, revision)
+        if self.on_change is not None:
+            self.on_change(key, value, revision)
+        return True
+
+    async def get(self, key: str) -> bytes | None:
+        """``key``'s present value, from the stream's leader (not this node's copy)."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value
+
+    def change(self, key: str, merge: Merge) -> asyncio.Future[bool]:
+        """Write ``merge(present value)`` to ``key``; the future says whether it was
+        written (False: a :class:`Conflict`, or the engine did not answer)."""
+        done = asyncio.get_running_loop().create_future()
+        queued = self._queued.get(key)
+        if queued is None:
+            self._queued[key] = [_Write(merge, done)]
+            asyncio.get_running_loop().create_task(self._write_all(key))
+        else:
+            queued.append(_Write(merge, done))
+        return done
+
+    async def _write_all(self, key: str) -> None:
+        while writes := self._queued.get(key):
+            self._queued[key] = []
+            results = await self._write(key, writes)
+            for write, ok in zip(writes, results):
+                if not write.done.done():
+                    write.done.set_result(ok)
+        self._queued.pop(key, None)
+
+    async def _write(self, key: str, writes: list[_Write]) -> list[bool]:
+        assert self._kv is not None
+        for attempt in range(WRITE_ATTEMPTS):
+            held = self.known.get(key)
+            value = held.value if held is not None else None
+            results = []
+            for write in writes:
+                try:
+                    merged = write.merge(value)
+                except Conflict:
+                    results.append(False)
+                    continue
+                results.append(True)
+                value = merged if merged is not None else value
+            if value is None or (held is not None and value == held.value):
+                return results               # nothing to write
+            try:
+                revision = await self._kv.update(key, value,
+                                                 last=held.revision if held else 0)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await self._refresh(key)     # another node wrote it: merge again
+                continue
+            except Exception as exc:
+                log.warning("KV write failed", extra={"bucket": self.name, "error": str(exc)})
+                await asyncio.sleep(0.5 * (attempt + 1))
+                continue
+            held = self.known.get(key)
+            if held is None or held.revision < revision:
+                self.known[key] = Known(value, revision)
+            return results
+        return [False] * len(writes)
+
+    async def _refresh(self, key: str) -> None:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            self.known.pop(key, None)
+            return
+        if entry.value:
+            self.learn(key, entry.value, entry.revision or 0)
+
+
+def cursor_key(kind: str, channel: str, user: str) -> str:
+    return f"{kind}.{token(channel)}.{token(user)}"
+
+
+def device_key(user: str, device: str) -> str:
+    return f"{token(user)}.{token(device)}"
+
+
+def _advance_to(seq: int) -> Merge:
+    """A cursor moves forward only."""
+    def merge(present: bytes | None) -> bytes | None:
+        return str(seq).encode() if present is None or int(present) < seq else None
+    return merge
+
+
+def _positions(positions: dict[str, int]) -> Merge:
+    """A device's synced positions: these channels' replace the ones it had."""
+    def merge(present: bytes | None) -> bytes:
+        held = orjson.loads(present) if present else {}
+        return orjson.dumps({**held, **positions})
+    return merge
+
+
+def _group(record: dict) -> Merge:
+    """A group's new record, made over the change ``record["after"]``: refused
+    if the bucket holds another (a change another node made meanwhile would be
+    lost, or this one was made over a change of this node's that was refused)."""
+    def merge(present: bytes | None) -> bytes | None:
+        held = orjson.loads(present) if present else {}
+        if held.get("change") == record["change"]:
+            return None                      # written already (an answer lost, retried)
+        if held.get("change", "") != record["after"]:
+            raise Conflict(record["id"])
+        return orjson.dumps(record)
+    return merge
+
+
+class SharedState:
+    """The three buckets, between the engine and the relay's state.
+
+    ``on_group(record)``, ``on_cursor(kind, channel, user, seq)``: a change
+    another node made (or one of this node's, seen again), applied by the
+    relay.
+    """
+
+    def __init__(self, engine: Engine, on_group: Callable[[dict], None],
+                 on_cursor: Callable[[str, str, str, int], None]) -> None:
+        self._on_group, self._on_cursor = on_group, on_cursor
+        self.groups = Bucket(engine, GROUPS, self._group_changed)
+        self.cursors = Bucket(engine, CURSORS, self._cursor_changed)
+        self.devices = Bucket(engine, DEVICES)
+        self.conflicts = 0                   # group changes refused by compare-and-set
+
+    async def open(self) -> None:
+        """Learn every group, then every cursor (a cursor's group decides whether it counts)."""
+        await self.groups.open(watch=True)
+        await self.cursors.open(watch=True)
+        await self.devices.open(watch=False)
+
+    def stop(self) -> None:
+        self.groups.stop()
+        self.cursors.stop()
+
+    def _group_changed(self, key: str, value: bytes, revision: int) -> None:
+        self._on_group({**orjson.loads(value), "revision": revision})
+
+    def _cursor_changed(self, key: str, value: bytes, revision: int) -> None:
+        kind, channel, user = key.split(".")
+        self._on_cursor(kind, channel_of(channel), channel_of(user), int(value))
+
+    # ------------------------------------------------------------ groups
+
+    def learn_group(self, record: dict) -> bool:
+        """A group record another node shared after writing it (revision inside):
+        False if this node has it, or a later one, already."""
+        return self.groups.learn(token(record["id"]), orjson.dumps(
+            {k: v for k, v in record.items() if k != "revision"}), record["revision"])
+
+    async def save_group(self, record: dict) -> int | None:
+        """Write a group's record (made over the change ``after``); its revision,
+        or None when another node changed the group meanwhile."""
+        key = token(record["id"])
+        if not await self.groups.change(key, _group(record)):
+            self.conflicts += 1
+            log.warning("group change refused: changed on another node meanwhile",
+                        extra={"group": record["id"], "version": record["version"]})
+            return None
+        return self.groups.known[key].revision
+
+    def group_record(self, group_id: str) -> dict | None:
+        """The group's record as the bucket last held it here."""
+        held = self.groups.known.get(token(group_id))
+        return None if held is None else {**orjson.loads(held.value), "revision": held.revision}
+
+    # ------------------------------------------------------------ cursors
+
+    def save_cursor(self, kind: str, channel: str, user: str, seq: int) -> asyncio.Future[bool]:
+        return self.cursors.change(cursor_key(kind, channel, user), _advance_to(seq))
+
+    def save_device(self, user: str, device: str,
+                    positions: dict[str, int]) -> asyncio.Future[bool]:
+        return self.devices.change(device_key(user, device), _positions(positions))
+
+    async def device_positions(self, user: str, device: str) -> dict[str, int]:
+        """Where ``device`` of ``user`` last synced to, on any node."""
+        value = await self.devices.get(device_key(user, device))
+        return orjson.loads(value) if value else {}
