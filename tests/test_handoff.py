@@ -3,6 +3,8 @@ docs/API.md handoff), over real TCP and HTTP against a real relay, one worker an
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -161,7 +163,8 @@ async def test_a_queue_of_conversations_waiting_for_an_advisor(api_relay):
             "q-1", "li", ["bot"], "bot")
         page = await li.history(group_channel("q-1"), after=0)
         assert "cust1 needs help" in [m.text for m in page if m.content_type == ContentType.TEXT]
-        await _fails(bot.publish(group_channel("q-1"), "x"), ErrorCode.FORBIDDEN)
+        # The bot's worker may learn of the change a live delivery after li's (§3.16).
+        await until(lambda: _refused(bot.publish(group_channel("q-1"), "x")), "bot silenced")
         await _fails(li.take_conversation("q-1"), ErrorCode.CONFLICT)       # taken already
         await until(lambda: _waiting(api, 1), "q-1 taken")
 
@@ -170,6 +173,15 @@ async def test_a_queue_of_conversations_waiting_for_an_advisor(api_relay):
         await until(lambda: _waiting(api, 0), "q-2 taken")
         await refused(api.queue_take("wang"), 404, ErrorCode.NOT_FOUND)
         await until(lambda: _none_waiting_for(li), "li's worker sees an empty queue")
+
+
+async def _refused(call) -> bool:
+    try:
+        await call
+    except FenghuoError as exc:
+        assert exc.code == ErrorCode.FORBIDDEN, exc
+        return True
+    return False
 
 
 async def _take(advisor) -> dict | None:
@@ -225,3 +237,18 @@ async def test_a_refused_handoff_changes_nothing(relay):
     assert "advisor" not in await bank.group_members("whole")
     events = [orjson.loads(m.payload)["event"] for m in await bank.history("group:whole", after=0)]
     assert events == ["created", "join"]
+
+
+async def test_a_service_token_with_org_patterns_is_refused_at_hello(relay):
+    """PROTOCOL §5.6a: a service token carries no chan/read patterns and no admin role."""
+    import jwt
+    now = int(time.time())
+    for extra in ({"chan": ["org.bank"]}, {"read": ["org.bank"]}, {"roles": ["service", "admin"]}):
+        claims = {"sub": "bot", "iat": now, "exp": now + 60, "roles": ["service"], **extra}
+        client = fenghuo.Client(relay.server, token=jwt.encode(claims, relay.secret, "HS256"),
+                                reconnect=False)
+        with pytest.raises(FenghuoError) as info:
+            await client.connect()
+        assert info.value.code == ErrorCode.TOKEN_INVALID
+        assert "a service token carries no" in info.value.message
+        await client.close()
