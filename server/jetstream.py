@@ -228,7 +228,22 @@ class Engine:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise Fenced(f"{channel}: {exc.description}") from None
             raise
+        if ack.duplicate and not await self._holds(ack.seq, frame):
+            # The id was stored before, for another message: this node once
+            # gave seq ``seq`` of this epoch to something else and its view of
+            # the channel went back since.  Acking would ack a message the
+            # stream does not hold; refused like a deposed owner's append.
+            raise Fenced(f"{channel}: message id of seq {seq} (epoch {epoch}) already names "
+                         f"another message (stream sequence {ack.seq})")
         return ack.seq
+
+    async def _holds(self, stream_seq: int, frame: bytes) -> bool:
+        """Whether the stream's message at ``stream_seq`` is ``frame``."""
+        try:
+            raw = await self.js.get_msg(STREAM, seq=stream_seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        return raw.data == frame
 
     # ------------------------------------------------------------ reading
 

@@ -388,6 +388,15 @@ class NodeCluster(Cluster):
             self._origin(source, connection, user).send_reply(
                 encode_error(ErrorCode.INTERNAL, NOT_OWNER, rid))
 
+    def _warm(self, name: str, head: int) -> None:
+        if self.store.owns(name):
+            # From a node that sequenced the channel before this one (asked
+            # before it was deposed): its head must not move this owner's seq.
+            log.warning("warm from a former owner ignored", extra={"channel": name,
+                                                                   "head": head})
+            return
+        super()._warm(name, head)
+
     def _interest(self, source: int, name: str, after: int) -> None:
         log.debug("interest", extra={"channel": name, "source": source, "after": after,
                                      "owned": self.store.owns(name)})
