@@ -2,7 +2,7 @@
 
     python -m bench run SCENARIO [--target T] [options]   one scenario, one target
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
-    python -m bench keys [--windows W,...] [--deployments one,default] [--repeat N]
+    python -m bench keys [--windows W,...] [--deployments one,default] [--keys counted,random] [--repeat N]
                                                           keyed vs unkeyed publishing, per window
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
@@ -213,8 +213,11 @@ def cmd_keys(a: argparse.Namespace) -> int:
         raise SystemExit(f"unknown --deployments {','.join(sorted(unknown))}: "
                          f"choose from {','.join(suite.DEPLOYMENTS)}")
     deployments = tuple(suite.DEPLOYMENTS[d] for d in a.deployments.split(","))
+    orders = tuple(a.keys.split(","))
+    if set(orders) - set(suite.KEY_ORDERS):
+        raise SystemExit(f"unknown --keys {a.keys}: choose from {','.join(suite.KEY_ORDERS)}")
     plan = suite.keys_plan(sizes, tuple(int(w) for w in a.windows.split(",")), a.repeat,
-                           deployments)
+                           deployments, orders)
     progress = Progress(len(plan))
     results = []
     for item in plan:
@@ -274,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     keys.add_argument("--deployments", default="one,default",
                       help="one: --workers 1 --store memory; default: one worker per core, "
                            "the durable SQLite store, --fsync always")
+    keys.add_argument("--keys", default="counted",
+                      help="comma-separated key orders: counted (a sender's keys grow, as the "
+                           "Python client's), random (unique, in no order)")
     keys.add_argument("--repeat", type=int, default=3,
                       help="runs of each, alternating; the best of each counts")
     keys.add_argument("--warmup", type=float, default=1.0)

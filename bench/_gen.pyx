@@ -39,6 +39,14 @@ cdef inline void store_be64(char* p, uint64_t v) noexcept nogil:
         p[i] = <char>((v >> (56 - 8 * i)) & 0xFF)
 
 
+cdef inline uint64_t scatter64(uint64_t x) noexcept nogil:
+    # splitmix64's finaliser: a bijection, so distinct counts stay distinct
+    # keys, in no order (as random keys are).
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL
+    return x ^ (x >> 31)
+
+
 cdef inline uint64_t load_be64(const char* p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int i
@@ -117,6 +125,7 @@ cdef class Link:
     cdef Py_ssize_t template_stamp
     cdef Py_ssize_t template_key    # offset of an 8-byte counter made unique per publish (-1: none)
     cdef uint64_t keys_made
+    cdef bint keys_scattered         # keys in no order (scatter64 of the count), not counted up
     cdef bytes batch
     cdef Py_ssize_t window
     cdef uint64_t batch_reply, batches
@@ -143,14 +152,15 @@ cdef class Link:
 
     def publisher(self, bytes template, Py_ssize_t stamp_at, Py_ssize_t window=0,
                   Py_ssize_t reply_per_publish=0, bytes trailer=b"", Py_ssize_t trailer_reply=0,
-                  Py_ssize_t key_at=-1):
+                  Py_ssize_t key_at=-1, bint random_keys=False):
         """Make this link publish copies of ``template`` (stamp at ``stamp_at``).
 
         With ``window`` > 0, ``start()`` keeps two batches of ``window``
         publishes (plus ``trailer``) in flight, writing the next batch when
         the replies to all but the last have arrived.  With ``key_at`` >= 0
         the 8 bytes there (an idempotency key) are a counter, new for every
-        publish of the link.
+        publish of the link; with ``random_keys`` that count scattered, so
+        that keys are unique but in no order, as random keys are.
         """
         if stamp_at < 0 or stamp_at + 8 > PyBytes_GET_SIZE(template):
             raise ValueError("the stamp must lie inside the template")
@@ -159,6 +169,7 @@ cdef class Link:
         self.template = template
         self.template_stamp = stamp_at
         self.template_key = key_at
+        self.keys_scattered = random_keys
         self.window = window
         if window:
             self.batch = template * window + trailer
@@ -243,6 +254,9 @@ cdef class Link:
     def stop(self) -> None:
         self.windowed = False
 
+    cdef inline uint64_t _key(self) noexcept:
+        return scatter64(self.keys_made) if self.keys_scattered else self.keys_made
+
     cdef int _write_batch(self) except -1:
         cdef bytes out = self.batch
         cdef char* p
@@ -254,7 +268,7 @@ cdef class Link:
             size = PyBytes_GET_SIZE(self.template)
             for i in range(self.window):
                 self.keys_made += 1
-                store_be64(p + i * size, self.keys_made)
+                store_be64(p + i * size, self._key())
         self.transport.write(out)
         self.batches += 1
         self.published += self.window
@@ -272,7 +286,7 @@ cdef class Link:
             store_be64(p + self.template_stamp, first + <uint64_t>i * interval)
             if self.template_key >= 0:
                 self.keys_made += 1
-                store_be64(p + self.template_key, self.keys_made)
+                store_be64(p + self.template_key, self._key())
             p += size
         self.transport.write(out)
         self.published += count

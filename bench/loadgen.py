@@ -137,15 +137,16 @@ async def _gather(openers: list, progress: Progress, what: str) -> list:
 
 async def build_pairs(target: Target, pairs: int, payload: int, window: int,
                       recorder: Recorder | None, progress: Progress = lambda _: None,
-                      keyed: bool = False) -> _Setup:
+                      keyed: bool = False, random_keys: bool = False) -> _Setup:
     """``pairs`` publishers, each to its own subscriber on a direct channel.
 
     Against the echo target a publisher's link is also its subscriber.
-    ``keyed`` (fenghuo's protocol only) puts a new idempotency key on every publish.
+    ``keyed`` (fenghuo's protocol only) puts a new idempotency key on every publish,
+    in no order with ``random_keys``.
     """
     echo = isinstance(target, Echo)
     names = [(_user("a", i), _user("b", i)) for i in range(pairs)]
-    key_arg = {"keyed": True} if keyed else {}
+    key_arg = {"keyed": True, "random_keys": random_keys} if keyed else {}
     wires = [target.wire(target.direct(a, b), a, payload, subscribers=1, **key_arg)
              for a, b in names]
     wire = wires[0]
@@ -161,7 +162,7 @@ async def build_pairs(target: Target, pairs: int, payload: int, window: int,
             progress, "subscribers")
     for link, w in zip(publishers, wires):
         link.publisher(w.publish, w.publish_stamp, window, w.reply_per_publish,
-                       w.batch_trailer, w.trailer_reply, w.publish_key)
+                       w.batch_trailer, w.trailer_reply, w.publish_key, w.random_keys)
     return _Setup(publishers, subscribers, len(wire.publish), wire.delivery_size)
 
 
@@ -267,16 +268,20 @@ def _quiet(_: str) -> None:
 
 async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: int = 64,
                     rate: float | None = None, warmup: float = 1.0, duration: float = 5.0,
-                    progress: Progress = _quiet, keyed: bool = False) -> Result:
+                    progress: Progress = _quiet, keyed: bool = False,
+                    random_keys: bool = False) -> Result:
     """One-to-one (``pairs=1``) or many-to-many; throughput, or latency at ``rate``.
 
-    ``keyed``: every publish carries an idempotency key of its own.
+    ``keyed``: every publish carries an idempotency key of its own (in no
+    order with ``random_keys``).
     """
     name = "one-to-one" if pairs == 1 else "many-to-many"
-    params: dict[str, Any] = {"pairs": pairs, "payload": payload, "keyed": keyed}
+    params: dict[str, Any] = {"pairs": pairs, "payload": payload, "keyed": keyed,
+                              **({"random_keys": True} if keyed and random_keys else {})}
     recorder = Recorder() if rate else None
     cpu: dict[str, float] = {}
-    setup = await build_pairs(target, pairs, payload, window, recorder, progress, keyed)
+    setup = await build_pairs(target, pairs, payload, window, recorder, progress, keyed,
+                              random_keys)
     try:
         if rate:
             name = f"latency @ {rate:,.0f}/s"

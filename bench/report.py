@@ -203,6 +203,10 @@ def keys_table(results: list[dict]) -> str:
     load only ever makes a run slower.  The relay's CPU time per publish
     (summed over a supervisor and its workers) is the steadier measure of
     what a key costs on a shared machine.
+    Keys counted up and random keys (``random_keys``) are rows of their
+    own beside the same unkeyed runs.  The last column is the spread: the
+    CPU ratio of each round (a keyed run over the unkeyed run just before
+    it), lowest to highest.
     """
     rows = []
     runs = [r for r in results if r["extra"].get("group") == "keys"]
@@ -210,15 +214,25 @@ def keys_table(results: list[dict]) -> str:
                                             r["extra"]["relay_flags"]) for r in runs):
         mine = [r for r in runs if r["extra"].get("deployment", "") == deployment
                 and r["extra"]["relay_flags"] == flags]
-        plain_v, keyed_v = _keyed_pair(mine, lambda r: r["publishes_per_s"], max)
-        plain_c, keyed_c = _keyed_pair(mine, _cpu, min)
         window = flags.split("--dedupe-window")[-1].strip()
-        rows.append([deployment or "–", window, _cell(plain_v), _cell(keyed_v), _over(keyed_v, plain_v),
-                     f"{plain_c:.2f}" if plain_c else "–", f"{keyed_c:.2f}" if keyed_c else "–",
-                     _over(keyed_c, plain_c)])
-    return _table(["deployment", "--dedupe-window", "unkeyed publishes/s", "keyed publishes/s",
-                   "keyed ÷ unkeyed", "relay µs CPU/publish, unkeyed", "keyed",
-                   "keyed ÷ unkeyed (CPU)"], rows)
+        for order in dict.fromkeys(_key_order(r) for r in mine if r["params"].get("keyed")):
+            pairs = [r for r in mine if not r["params"].get("keyed") or _key_order(r) == order]
+            plain_v, keyed_v = _keyed_pair(pairs, lambda r: r["publishes_per_s"], max)
+            plain_c, keyed_c = _keyed_pair(pairs, _cpu, min)
+            rounds = sorted(k / p for p, k in zip(
+                [_cpu(r) for r in pairs if not r["params"].get("keyed")],
+                [_cpu(r) for r in pairs if r["params"].get("keyed")]) if p and k)
+            rows.append([deployment or "–", window, order, _cell(plain_v), _cell(keyed_v),
+                         _over(keyed_v, plain_v), f"{plain_c:.2f}" if plain_c else "–",
+                         f"{keyed_c:.2f}" if keyed_c else "–", _over(keyed_c, plain_c),
+                         f"{rounds[0]:.2f}–{rounds[-1]:.2f}" if rounds else "–"])
+    return _table(["deployment", "--dedupe-window", "keys", "unkeyed publishes/s",
+                   "keyed publishes/s", "keyed ÷ unkeyed", "relay µs CPU/publish, unkeyed",
+                   "keyed", "keyed ÷ unkeyed (CPU)", "(CPU) each round"], rows)
+
+
+def _key_order(r: dict) -> str:
+    return "random" if r["params"].get("random_keys") else "counted"
 
 
 def deployments_table(results: list[dict]) -> str:

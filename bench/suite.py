@@ -75,10 +75,11 @@ class Item:
         return f"{self.target}{f' ({flags})' if flags else ''} {self.name}"
 
 
-def _pairs(s: Sizes, pairs: int, rate: float | None = None, keyed: bool = False):
+def _pairs(s: Sizes, pairs: int, rate: float | None = None, keyed: bool = False,
+           random_keys: bool = False):
     return lambda target, progress: loadgen.pairs_run(
         target, pairs=pairs, rate=rate, warmup=s.warmup, duration=s.duration, progress=progress,
-        keyed=keyed)
+        keyed=keyed, random_keys=random_keys)
 
 
 def _fan_out(s: Sizes, members: int):
@@ -103,10 +104,15 @@ def _scenarios(s: Sizes, *, fan_out: bool = True, connections: bool = True):
         yield "connections", f"{s.connections} connections", _connections(s)
 
 
+KEY_ORDERS = ("counted", "random")
+
+
 def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS, repeat: int = 1,
-              deployments: tuple[Deployment, ...] = (ONE_WORKER, DEFAULT)) -> list[Item]:
+              deployments: tuple[Deployment, ...] = (ONE_WORKER, DEFAULT),
+              orders: tuple[str, ...] = ("counted",)) -> list[Item]:
     """fenghuo one-to-one without keys and with a new key per publish, per
-    deployment and window size.
+    deployment and window size; the keys counted up (a sender's keys grow,
+    as the Python client's do) and/or ``random`` (unique, in no order).
 
     The runs of a window alternate, unkeyed then keyed, ``repeat`` times, so
     their ratio is as little disturbed by the machine's other load as the
@@ -117,8 +123,10 @@ def keys_plan(s: Sizes, windows: tuple[int, ...] = DEDUPE_WINDOWS, repeat: int =
         for window in windows:
             flags = (*d.flags, "--dedupe-window", str(window))
             items += [Item("keys", "fenghuo", flags, "one-to-one", _pairs(s, 1), d.workers, d.name),
-                      Item("keys", "fenghuo", flags, "one-to-one keyed", _pairs(s, 1, keyed=True),
-                           d.workers, d.name)] * repeat
+                      *(Item("keys", "fenghuo", flags,
+                             f"one-to-one keyed{' random' if order == 'random' else ''}",
+                             _pairs(s, 1, keyed=True, random_keys=order == "random"),
+                             d.workers, d.name) for order in orders)] * repeat
     return items
 
 

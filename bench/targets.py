@@ -148,6 +148,7 @@ class Wire:
     batch_trailer: bytes = b""
     trailer_reply: int = 0
     publish_key: int = -1       # offset of an 8-byte idempotency key made unique per publish
+    random_keys: bool = False   # those keys in no order (else counted up)
 
 
 @dataclass
@@ -385,9 +386,11 @@ class FenghuoWire(Target):
             writer.close()
 
     def wire(self, channel: str, sender: str, payload: int, subscribers: int = 1,
-             keyed: bool = False) -> Wire:
+             keyed: bool = False, random_keys: bool = False) -> Wire:
         """As :meth:`Target.wire`; ``keyed`` gives every publish an 8-byte idempotency key
-        of its own (the generator counts it up), as the Python client does."""
+        of its own: the generator counts it up, so a sender's keys grow as the
+        Python client's do (milliseconds first), or with ``random_keys``
+        scatters the count (unique keys in no order, as random ones)."""
         body = bytes(payload)
         key = b"\xa5" * STAMP_SIZE if keyed else b""
         publish = encode_publish(channel, body, key=key)
@@ -395,7 +398,7 @@ class FenghuoWire(Target):
         # The sender is a member of its channel: per publish its ACK and its own MESSAGE.
         return Wire(publish, len(publish) - STAMP_SIZE, delivery, delivery - STAMP_SIZE,
                     len(encode_ack(0, channel, 1, 0)) + delivery,
-                    publish_key=publish.find(key) if keyed else -1)
+                    publish_key=publish.find(key) if keyed else -1, random_keys=random_keys)
 
 
 class Fenghuo(FenghuoWire):

@@ -47,19 +47,20 @@ def test_throughput_scenarios_deliver_what_they_publish(target, scenario, extra,
 
 
 def test_keys_compares_keyed_and_unkeyed_publishing_per_window():
-    run = bench("keys", "--windows", "16", "--repeat", "1", *TINY)
-    # Every keyed publish had a key of its own: none was answered DUPLICATE,
-    # so the keyed run delivered what it published, like the unkeyed one.
-    lines = re.findall(r"one-to-one(?: keyed)?: ([\d,]+) deliveries/s, ([\d,]+) publishes/s",
+    run = bench("keys", "--windows", "16", "--repeat", "1", "--keys", "counted,random", *TINY)
+    # Every keyed publish had a key of its own, counted up or scattered: none
+    # was answered DUPLICATE, so the keyed runs delivered what they published.
+    lines = re.findall(r"one-to-one(?: keyed(?: random)?)?: ([\d,]+) deliveries/s, ([\d,]+) publishes/s",
                        run.stdout)
-    assert len(lines) == 4, run.stdout          # both deployments, unkeyed and keyed
+    assert len(lines) == 6, run.stdout          # both deployments: unkeyed, two key orders
     for delivered, published in lines:
         assert 0 < int(delivered.replace(",", "")) <= 1.05 * int(published.replace(",", ""))
-    # Per deployment: unkeyed, keyed, their ratio; the relay's CPU per publish follows.
+    # Per deployment and key order: unkeyed, keyed, their ratio; the relay's CPU per publish follows.
     for deployment in ("1 worker, memory", "default"):
-        row = re.search(rf"^\| {deployment} \| 16 \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?\| ([\d.]+) \|",
-                        run.stdout, re.M)
-        assert row, run.stdout
+        for order in ("counted", "random"):
+            row = re.search(rf"^\| {deployment} \| 16 \| {order} \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?"
+                            rf"\| ([\d.]+) \|", run.stdout, re.M)
+            assert row, run.stdout
 
 
 @pytest.mark.parametrize("target", ["fenghuo", "asyncio"])
