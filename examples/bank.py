@@ -54,6 +54,10 @@ async def main() -> None:
         advisor = await connect(bank, "advisor-li", roles=["advisor"])
         taken = await until(lambda: take(advisor))
         print(f"advisor-li took it (handoff event seq {taken['seq']}), silenced {taken['silenced']}")
+        # The bot learns it from the stream: the handoff event (its worker then knows too).
+        while (m := await bot.next_message(timeout=10)).seq < taken["seq"]:
+            pass
+        print(f"bankbot sees the event: {m.text}")
         try:
             await bot.publish(channel, "anything else?")
         except fenghuo.FenghuoError as exc:

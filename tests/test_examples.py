@@ -61,6 +61,7 @@ def test_bank(example_relay):
     assert "bankbot may not leave its conversations: a service user acts only" in out
     assert "waiting for an advisor: [(True, 'bankbot', 'card blocked; wants a person')]" in out
     assert "silenced ['bankbot']" in out
+    assert "bankbot sees the event: {\"event\":\"handoff\"" in out
     assert "bankbot is now a reader:" in out
     assert "customer   card **** **** **** 1111" in out and "customer   yes please, a person" in out
     assert "customer got: Hello, I am Li." in out
