@@ -70,6 +70,8 @@ class ClusterStore(SQLiteStore):
         #: a group's record is in its bucket (revision) or was refused (None)
         self.on_group_saved: Callable[[dict, int | None], None] = lambda record, revision: None
         self.on_fenced: Callable[[str], None] = lambda channel: None
+        #: whether retention purges the stream from this node now
+        self.expires: Callable[[], bool] = lambda: False
         self._order: deque[_Entry] = deque()
         self._local_entries: deque[_Entry] = deque()
         self._logs: dict[str, _ChannelLog] = {}
@@ -161,6 +163,23 @@ class ClusterStore(SQLiteStore):
     def save_delivered_cursor(self, channel: str, user: str, seq: int) -> None:
         assert self.state is not None
         self.state.save_cursor(DELIVERED, channel, user, seq)
+
+    def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
+        """Retention: purge the stream's old messages, if this node is the one that
+        does it (``expires()``: one live node, not all of them), beside the
+        store's own expiry (clicks)."""
+        super().expire(prefix, cutoff_us, keep_prefixes)
+        if self.engine is None or not self.expires():
+            return
+        engine = self.engine
+
+        async def purge() -> None:
+            try:
+                await engine.expire(prefix, cutoff_us, keep_prefixes)
+            except Exception as exc:
+                log.warning("retention: stream not purged", extra={"prefix": prefix,
+                                                                   "error": str(exc)})
+        asyncio.get_running_loop().create_task(purge())
 
     def _kept_after(self, record: tuple, write: Coroutine[Any, Any, None]) -> None:
         """Hold ``record``'s place in the order until ``write`` is done."""

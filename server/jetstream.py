@@ -38,7 +38,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
-from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.frames import decode_frame_message, message_time
 
 log = logging.getLogger("fenghuo.jetstream")
 T = TypeVar("T")
@@ -104,6 +104,10 @@ class Stored:
     seq: int              # the channel's seq (in the frame)
     stream_seq: int       # JetStream's sequence in the stream
     frame: bytes
+
+
+def _sent_at(stored: Stored) -> int:
+    return message_time(stored.frame)
 
 
 def _stored(raw: RawStreamMsg) -> Stored:
@@ -292,6 +296,28 @@ class Engine:
             out.append(found)
             at = found.stream_seq + 1
         return out
+
+    async def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> int:
+        """Purge the messages of the channels starting with ``prefix`` (not those under
+        ``keep_prefixes``) sent before ``cutoff_us``; how many channels lost some.
+
+        A channel's last message stays, however old: a node taking the channel
+        over continues its seqs from it (with none, they would start again at 1).
+        """
+        purged = 0
+        for name in await self.channels(prefix):
+            if any(name.startswith(other) for other in keep_prefixes):
+                continue
+            first, last = await self._next(name, 0), await self.last(name)
+            if first is None or last is None:
+                continue
+            kept = await self._first_after(name, cutoff_us - 1, key=_sent_at)
+            upto = min(kept, last.stream_seq)
+            if upto > first.stream_seq:
+                # Every message of the subject below stream sequence ``upto``.
+                await self.js.purge_stream(STREAM, subject=subject(name), seq=upto)
+                purged += 1
+        return purged
 
     async def channels(self, prefix: str) -> list[str]:
         """Names of the channels starting with ``prefix`` that have messages."""

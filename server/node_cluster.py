@@ -130,6 +130,9 @@ class NodeCluster(Cluster):
         self.state = SharedState(engine, self._group_learned, self._cursor_learned)
         self.store.state = self.state
         self.store.on_group_saved = self._group_stored
+        # Retention purges the stream from one node: the live one with the lowest index.
+        self.store.expires = lambda: self.index <= min(self.liveness.live_peers(),
+                                                       default=self.index)
 
     @classmethod
     async def join(cls, relay: Relay) -> NodeCluster:

@@ -340,7 +340,10 @@ class Relay:
             rules = retention.parse_rules(self.settings.retention)
             if any(rule.seconds is not None for rule in rules):
                 # One worker deletes from the shared store; each trims its own rings.
-                expires = self.cluster is None or self.cluster.index == 0
+                # A cluster node's store purges the stream when it is the one to
+                # (server/cluster_store.py), and always deletes its own clicks.
+                expires = self.cluster is None or self.cluster.index == 0 \
+                    or self.shared_state is not None
                 self._retention = asyncio.create_task(retention.run_forever(
                     self.store if expires else None, rules, self.settings.retention_interval,
                     lambda: list(self.hub.channels.values()), self.clicks), name="fenghuo-retention")

@@ -687,3 +687,36 @@ async def test_group_changes_through_two_owners_lose_none(nodes):
     await until(lambda: members_are(alice), timeout=15)
     (n2,) = nodes("n2")
     assert await (await n2.connect("bob")).group_members("g") == expected
+
+
+async def test_retention_purges_the_stream_and_seqs_go_on(nodes):
+    """--retention deletes old messages from the stream, where a node reads
+    history beyond its ring; a channel's last message stays, so a node that
+    takes the channel over after its owner died continues its seqs."""
+    flags = ("--retention", "dm:=2s,group:keep=forever", "--retention-interval", "0.2",
+             "--ring-size", "2")
+    n0, n1 = nodes("n0", "n1", flags=flags)
+    alice = await n0.connect("alice")
+    await alice.create_group("keep", ["bob"])
+    for i in range(3):
+        await alice.send("bob", f"old-{i}")
+        await alice.publish("group:keep", f"kept-{i}")
+    await asyncio.sleep(2.5)                       # older than the dm: rule's age
+    await alice.send("bob", "new")                 # seq 4
+    bob = await n1.connect("bob", reconnect=False)
+
+    async def dm_history() -> list[bytes]:
+        return [m.payload for m in await bob.history("dm:alice:bob", after=0, limit=10)]
+    await until(lambda: _equals(dm_history, [b"new"]), timeout=15)
+    kept = await bob.history("group:keep", after=0, limit=10)
+    assert [m.payload for m in kept][-3:] == [b"kept-0", b"kept-1", b"kept-2"]
+    # The last message past its age too: the stream keeps it (the rings do
+    # not), and a node taking the channel over reads its seq there.
+    await asyncio.sleep(2.5)
+    n0.kill()                                      # n0 sequenced dm:alice:bob
+    ack = await publish_surely(bob, "dm:alice:bob", "after", "after-1", time.monotonic() + 30)
+    assert ack.seq == 5
+
+
+async def _equals(read, expected) -> bool:
+    return await read() == expected
