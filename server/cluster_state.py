@@ -30,8 +30,7 @@ import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import (CURSORS, DEVICES, GROUPS, Engine, channel_of, token,
-                                      watch_bucket)
+from fenghuo.server.jetstream import CURSORS, DEVICES, GROUPS, Engine, channel_of, token
 
 log = logging.getLogger("fenghuo.cluster_state")
 
@@ -87,7 +86,7 @@ class Bucket:
         self._kv = await self.engine.js.key_value(self.name)
         if not watch:
             return
-        self._watch = await watch_bucket(self._kv, self._learn, f"fenghuo-{self.name}")
+        self._watch = await self.engine.watch(self._kv, self._learn, f"fenghuo-{self.name}")
 
     def stop(self) -> None:
         if self._watch is not None:

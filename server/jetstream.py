@@ -168,6 +168,14 @@ class Engine:
                     raise
             await asyncio.sleep(0.2)
 
+    async def watch(self, kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
+                    name: str) -> asyncio.Task[None]:
+        """:func:`watch_bucket`, retried while its consumer is not found yet: over
+        slow routes nats-py's consumer_info answered 404 "consumer not found" the
+        moment after making it (and unsubscribed), and a node of
+        `bench cluster --parts regions` exited at start."""
+        return await self.patiently(lambda: watch_bucket(kv, learn, name))
+
     async def _make(self, replicas: int) -> None:
         config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=replicas,
                               storage=StorageType.FILE, allow_direct=True,

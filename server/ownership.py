@@ -25,7 +25,7 @@ import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import OWNERS, Engine, channel_of, token, watch_bucket
+from fenghuo.server.jetstream import OWNERS, Engine, channel_of, token
 
 log = logging.getLogger("fenghuo.ownership")
 
@@ -60,7 +60,7 @@ class Ownership:
 
     async def start(self) -> None:
         self._kv = await self.engine.js.key_value(OWNERS)
-        self._watch = await watch_bucket(self._kv, self._learn, "fenghuo-owners")
+        self._watch = await self.engine.watch(self._kv, self._learn, "fenghuo-owners")
 
     def _learn(self, entry) -> None:
         claim = parse_claim(entry.value, entry.revision or 0)
