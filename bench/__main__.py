@@ -18,6 +18,7 @@
     python -m bench tail [options]                        one-to-one p50/p99/p99.9 at fixed rates beside nats-server (bench/tail.py)
     python -m bench schedule [options]                    scheduled messages: firing lateness, memory per timer (bench/schedule.py)
     python -m bench atrest [options]                      durable store without and with encryption at rest (bench/atrest.py)
+    python -m bench cluster [options]                     the cluster path beside one node and nats-server (bench/cluster.py)
 
 Every server runs as its own process pinned to CPU 0; the generator runs in
 this process pinned to CPU 1 (on a machine with two cores each has its own).
@@ -321,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
     schedule.add_commands(sub)
     from bench import atrest
     atrest.add_commands(sub)
+    from bench import cluster
+    cluster.add_command(sub)
     return cli
 
 

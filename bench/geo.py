@@ -225,6 +225,14 @@ class World:
     async def close(self) -> None:
         await asyncio.gather(*(proxy.close() for proxy in self.proxies.values()))
 
+    async def before_results(self) -> None:
+        """Learn what the figures need once the messages are through (a cluster: placement)."""
+
+    def between_nodes_s(self, src: str, dst: str) -> float:
+        """Delay injected between relay nodes on the way from ``src`` to ``dst``: none here
+        (one relay); a cluster across regions adds its inter-region hops."""
+        return 0.0
+
     def client(self, region: str, user: str, device: str) -> fenghuo.Client:
         """A client placed in ``region``; it does not reconnect (a reconnect would resend)."""
         host, port = self.proxies[region].address
@@ -332,6 +340,12 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace
     woke while measuring (ms): its stalls land in the figures too.
     """
     world = World(relay_port, secret, args.relay_region, args.scale, args.last_mile / 1000)
+    return await measure_world(world, args)
+
+
+async def measure_world(world: World, args: argparse.Namespace
+                        ) -> tuple[list[dict], dict[str, float | None]]:
+    """:func:`measure` in a ``world`` of proxies to one relay or to a node per region."""
     await world.open(args.seed)
     pairs: list[Pair] = []
     try:
@@ -353,6 +367,7 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace
                 watcher.cancel()
             if sys.stderr.isatty():
                 print(file=sys.stderr)
+        await world.before_results()
         return [_pair_result(world, pair) for pair in pairs], _summary(lags)
     finally:
         await asyncio.gather(*(c.close() for p in pairs for c in (p.sender, p.receiver)))
@@ -379,11 +394,12 @@ def _pair_result(world: World, pair: Pair) -> dict:
     expected = [f"{pair.name}#{i}" for i in range(pair.sent)]
     receiver_device = _device("r", pair.src, pair.dst)
     latencies, injected, turnarounds = [], [], []
+    between = world.between_nodes_s(pair.src, pair.dst)
     for message_id, sent, received, _ in pair.received:
         up = world.wire.record(world.wire.publishes[message_id])
         down = world.wire.record(world.wire.deliveries[(receiver_device, message_id)])
         latencies.append(received - sent)
-        injected.append(up.delay_s + down.delay_s)
+        injected.append(up.delay_s + down.delay_s + between)
         # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
         # the relay and two loopback hops, without the clients' share.
         turnarounds.append(down.arrived_at - up.released_at)
@@ -393,13 +409,23 @@ def _pair_result(world: World, pair: Pair) -> dict:
         "from": pair.src, "to": pair.dst,
         "nominal_one_way_ms": {"uplink": round(up.delay_s * 1000, 3),
                                "downlink": round(down.delay_s * 1000, 3),
+                               "between_nodes": round(between * 1000, 3),
                                "uplink_jitter": round(up.jitter_s * 1000, 3),
                                "downlink_jitter": round(down.jitter_s * 1000, 3)},
         "sent": pair.sent,
         "delivered": len(set(ids)),
         "duplicates": len(ids) - len(set(ids)),
         "in_order": ids == expected[:len(ids)] and seqs == sorted(seqs),
+        # Which order failed, when one did: delivery in seq order (PROTOCOL
+        # §6.3), or seqs given in the publisher's sending order (one connection).
+        "delivered_in_seq_order": seqs == sorted(seqs),
+        "sequenced_in_send_order": [i for _, i in sorted(zip(seqs, ids))] == expected[:len(ids)],
         "latency_ms": _summary(latencies),
+        # Without the pair's first message, which may pay for setting its path
+        # up (in a cluster: claiming the channel, a forward's first hop).
+        "latency_after_first_ms": _summary(latencies[1:]),
+        "overhead_after_first_ms": _summary([lat - inj for lat, inj in
+                                             zip(latencies[1:], injected[1:])]),
         "injected_ms": _summary(injected),
         "overhead_ms": _summary([lat - inj for lat, inj in zip(latencies, injected)]),
         "relay_turnaround_ms": _summary(turnarounds),
@@ -448,7 +474,9 @@ def markdown_table(pairs: list[dict]) -> str:
         link, lat, over = p["nominal_one_way_ms"], p["latency_ms"], p["overhead_ms"]
         turn = p["relay_turnaround_ms"]
         catchup = p["catchup"]["connect_to_first_delivery_ms"]
-        cells = [f"{p['from']} → {p['to']}", f"{link['uplink']:g} + {link['downlink']:g}",
+        # A cluster's inter-region hops between the two client links (bench/cluster_regions.py).
+        between = f" + {link['between_nodes']:g}" if link.get("between_nodes") else ""
+        cells = [f"{p['from']} → {p['to']}", f"{link['uplink']:g}{between} + {link['downlink']:g}",
                  f"{p['delivered']}/{p['sent']}",
                  *(_fmt(lat[q]) for q in ("p50", "p99", "p99.9")),
                  *(_fmt(over[q]) for q in ("p50", "p99", "p99.9")),

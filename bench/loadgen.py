@@ -276,32 +276,46 @@ async def pairs_run(target: Target, *, pairs: int, payload: int = 64, window: in
     order with ``random_keys``).
     """
     name = "one-to-one" if pairs == 1 else "many-to-many"
+    if rate:
+        name = f"latency @ {rate:,.0f}/s"
     params: dict[str, Any] = {"pairs": pairs, "payload": payload, "keyed": keyed,
                               **({"random_keys": True} if keyed and random_keys else {})}
     recorder = Recorder() if rate else None
-    cpu: dict[str, float] = {}
     setup = await build_pairs(target, pairs, payload, window, recorder, progress, keyed,
                               random_keys)
+    return await _measure(target, setup, name, params, window, rate, recorder, warmup,
+                          duration, progress)
+
+
+async def _measure(target: Target, setup: _Setup, name: str, params: dict[str, Any], window: int,
+                   rate: float | None, recorder: Recorder | None, warmup: float, duration: float,
+                   progress: Progress) -> Result:
+    """Measure ``setup`` (then close it): throughput with ``window`` publishes in
+    flight, or latency with ``rate`` messages/s offered."""
+    cpu: dict[str, float] = {}
     try:
         if rate:
-            name = f"latency @ {rate:,.0f}/s"
             params["rate"] = rate
-            seconds, pub, dlv, moved = await measure_latency(setup, recorder, rate, warmup,
-                                                             duration, progress)
+            timing = await measure_latency(setup, recorder, rate, warmup, duration, progress)
         else:
             params["window"] = window
-            seconds, pub, dlv, moved = await measure_throughput(
+            timing = await measure_throughput(
                 setup, warmup, duration, progress, cpu, target.server_pids() if target.proc else None)
     finally:
         setup.close()
-    result = Result(name, target.name, params, seconds, pub, dlv, moved, rate)
+    result = Result(name, target.name, params, *timing, rate)
     _add_cpu(result, cpu)
+    _add_latency(result, recorder)
+    return result
+
+
+def _add_latency(result: Result, recorder: Recorder | None) -> None:
+    """The recorded publish-to-deliver percentiles and CDF, when latency was measured."""
     if recorder is not None:
         samples = recorder.array()
         result.latency_ms = percentiles_ms(samples)
         result.latency_samples = len(samples)
         result.extra["cdf"] = cdf_points(samples)
-    return result
 
 
 def _add_cpu(result: Result, cpu: dict[str, float]) -> None:
@@ -313,20 +327,15 @@ def _add_cpu(result: Result, cpu: dict[str, float]) -> None:
 
 
 async def fan_out_run(target: Target, *, members: int, payload: int = 64, window: int = 16,
-                      warmup: float = 1.0, duration: float = 5.0,
+                      rate: float | None = None, warmup: float = 1.0, duration: float = 5.0,
                       progress: Progress = _quiet) -> Result:
-    setup = await build_group(target, members, payload, window, None, progress)
-    cpu: dict[str, float] = {}
-    try:
-        seconds, pub, dlv, moved = await measure_throughput(
-            setup, warmup, duration, progress, cpu, target.server_pids() if target.proc else None)
-    finally:
-        setup.close()
-    result = Result(f"fan-out {members:,}", target.name,
-                    {"members": members, "payload": payload, "window": window},
-                    seconds, pub, dlv, moved)
-    _add_cpu(result, cpu)
-    return result
+    """One publisher to ``members``: throughput, or at ``rate`` publishes/s every
+    member's publish-to-deliver latency."""
+    recorder = Recorder() if rate else None
+    setup = await build_group(target, members, payload, window, recorder, progress)
+    name = f"fan-out {members:,}" + (f" @ {rate:,.0f}/s" if rate else "")
+    return await _measure(target, setup, name, {"members": members, "payload": payload},
+                          window, rate, recorder, warmup, duration, progress)
 
 
 def runqueue_wait_s(pid: int, *, loop_thread_only: bool = False) -> float:

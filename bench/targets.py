@@ -169,6 +169,9 @@ class Target(ABC):
 
     name: str
     host = "127.0.0.1"
+    #: seconds the server may take to listen (a cluster node across slow
+    #: routes sets up its stream and buckets first)
+    start_timeout = 15.0
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -201,7 +204,7 @@ class Target(ABC):
         # preexec_fn is safe here: the generator spawns servers before it has threads.
         self.proc = subprocess.Popen(cmd, preexec_fn=preexec,  # noqa: PLW1509
                                      stdout=subprocess.DEVNULL, **kwargs)
-        wait_listening(self.proc, self.host, self.port)
+        wait_listening(self.proc, self.host, self.port, self.start_timeout)
 
     @abstractmethod
     def direct(self, a: str, b: str) -> str:
@@ -308,9 +311,13 @@ class FenghuoWire(Target):
     def group(self, name: str) -> str:
         return f"group:{name}"
 
-    async def _stream(self, source: str | None):
-        """A new connection's ``(reader, writer)``: TCP, or TLS when ``self.tls`` is set."""
-        return await open_stream(self.host, self.port, source, self.tls)
+    def address_of(self, user: str) -> tuple[str, int]:
+        """Where ``user`` connects: the one server here; a cluster places users on its nodes."""
+        return self.host, self.port
+
+    async def _stream(self, source: str | None, user: str = ""):
+        """A new connection's ``(reader, writer)`` for ``user``: TCP, or TLS when ``self.tls`` is set."""
+        return await open_stream(*self.address_of(user), source, self.tls)
 
     async def _request(self, reader, writer, ftype: int, body: dict, rid: int) -> dict:
         writer.write(encode_json(ftype, body, rid))
@@ -332,7 +339,7 @@ class FenghuoWire(Target):
 
     async def open(self, user: str, subscribe: tuple[str, ...] = (),
                    source: str | None = None) -> Opened:
-        reader, writer = await self._stream(source)
+        reader, writer = await self._stream(source, user)
         try:
             hello: dict = {"token": issue_token(self.secret, user)}
             known = {c: self.heads[c] for c in subscribe if c in self.heads}
@@ -357,7 +364,7 @@ class FenghuoWire(Target):
         positions, and hold it unread at the hand-over (CI on bc9466c: 308
         bytes).  Once the owner's link has it, every member already has it too.
         """
-        reader, writer = await self._stream(None)
+        reader, writer = await self._stream(None, owner)
         try:
             await self._request(reader, writer, FrameType.HELLO,
                                 {"token": issue_token(self.secret, owner)}, 1)
@@ -431,9 +438,9 @@ class Fenghuo(FenghuoWire):
         self.gateway = gateway or ws
         self.name = "fenghuo" + ("-tls" if tls else "") + ("-ws" if ws else "")
 
-    async def _stream(self, source: str | None):
+    async def _stream(self, source: str | None, user: str = ""):
         if not self.use_ws:
-            return await super()._stream(source)
+            return await super()._stream(source, user)
         from bench.ws_stream import open_ws_stream
         scheme = "wss" if self.tls is not None else "ws"
         return await open_ws_stream(f"{scheme}://{self.host}:{self.ws_port}/", self.tls)

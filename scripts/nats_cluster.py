@@ -71,12 +71,16 @@ class NatsServer:
                         "routes": routes},
         }, indent=2)
 
-    def start(self, binary: str, routes: list[str]) -> None:
+    def start(self, binary: str, routes: list[str], cpu: int | None = None) -> None:
+        """Start it; with ``cpu``, pinned there (every thread: set before exec)."""
         conf = self.store_dir.parent / f"{self.name}.conf"
         conf.write_text(self.config(routes))
+        pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            # preexec_fn is safe: servers are started before the caller has threads.
+            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,  # noqa: PLW1509
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=pin)
 
     def healthy(self) -> bool:
         """JetStream is up here and this server knows the meta leader (``/healthz``)."""
@@ -115,7 +119,8 @@ class NatsCluster:
 
     @classmethod
     def start(cls, base: Path | None = None, size: int = 3, host: str = "127.0.0.1",
-              timeout: float = READY_TIMEOUT) -> NatsCluster:
+              timeout: float = READY_TIMEOUT, cpu: int | None = None) -> NatsCluster:
+        """Start ``size`` servers and wait for JetStream; ``cpu`` pins them (the benches)."""
         binary = peer_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
@@ -132,7 +137,7 @@ class NatsCluster:
         routes = [f"nats://{host}:{s.route_port}" for s in cluster.servers]
         try:
             for server in cluster.servers:
-                server.start(binary, routes)
+                server.start(binary, routes, cpu)
             cluster.wait_ready(timeout)
         except BaseException:
             cluster.stop()

@@ -1,0 +1,90 @@
+"""``python -m bench cluster`` end to end at tiny sizes (tests/test_bench_smoke.py's pattern).
+
+What it measures is not judged here; that it measures it is: every
+scenario ran on every target of the run, every message offered was
+delivered and counted, latency samples are real stamps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.peers import ensure_installed
+from test_bench_smoke import bench
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nats_server_installed():
+    ensure_installed()
+
+
+def test_paths_run_every_scenario_on_one_node_the_cluster_and_nats(tmp_path):
+    out = tmp_path / "cluster.json"
+    run = bench("cluster", "--quick", "--parts", "paths",
+                "--targets", "single,cluster-same,cluster-cross,nats", "--json", str(out),
+                timeout=400)
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python -m bench cluster --quick")
+    rows = doc["paths"]
+    assert [r["scenario"].split(",")[0].split(" @")[0] for r in rows] == [
+        "one-to-one", "one-to-one latency", "fan-out 5", "fan-out 5 latency"]
+    for row in rows:
+        assert list(row["results"]) == ["single", "cluster-same", "cluster-cross", "nats"]
+        for target, r in row["results"].items():
+            members = r["params"].get("members", 1)
+            assert r["publishes_per_s"] > 0, (row["scenario"], target)
+            # Every publish reached every receiver: deliveries keep up with
+            # publishes (windows in flight at the interval's edges aside).
+            assert 0.8 * members * r["publishes_per_s"] <= r["deliveries_per_s"] \
+                <= 1.05 * members * r["publishes_per_s"] + 50, (row["scenario"], target, r)
+            if r["offered_per_s"]:
+                # Each delivery gave a latency sample from its stamp (a link
+                # whose frames were misaligned would read garbage: hours).
+                expected = r["offered_per_s"] * members * r["seconds"]
+                assert 0.8 * expected <= r["latency_samples"] <= 1.2 * expected + 50, r
+                assert r["latency_ms"]["max"] < r["seconds"] * 1000 + 60_000, r
+    # One line per scenario in the ratio table, the cluster's ratios in it.
+    assert "| scenario | single | cluster-same | cluster-cross | nats |" in run.stdout
+    assert run.stdout.count("\n| one-to-one") == 2 and run.stdout.count("\n| fan-out 5") == 2
+
+
+def test_failover_counts_every_acked_message_across_an_owner_s_kill(tmp_path):
+    """kill -9 of the node sequencing the busy group: the bench counts what was
+    acked, stored and received (it exits 1 if any acked message was lost or
+    duplicated, which ``bench`` fails on)."""
+    out = tmp_path / "failover.json"
+    bench("cluster", "--parts", "failover", "--failover-victims", "node",
+          "--failover-rate", "40", "--failover-before", "1", "--failover-after", "2",
+          "--json", str(out), timeout=300)
+    (event,) = json.loads(out.read_text())["failover"]
+    assert event["victim"] == "node"
+    assert event["acked"] == event["published"] > 0
+    assert event["stored"] >= event["acked"]           # the group's own events aside
+    assert event["lost_acked_not_stored"] == event["stored_twice"] == 0
+    assert event["stored_seqs_gap_free"]
+    assert len(event["receivers"]) == 3
+    for receiver in event["receivers"].values():
+        assert receiver == {"acked_not_received": 0, "duplicates": 0, "in_seq_order": True}
+    assert event["sequenced_again_after_s"] is not None
+
+
+def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
+    """Four regions, a node and a nats-server each, routes through delay proxies:
+    every pair's messages and catch-up trials arrive and are counted."""
+    out = tmp_path / "regions.json"
+    run = bench("cluster", "--parts", "regions", "--regions-messages", "3",
+                "--regions-rate", "2", "--regions-catchup", "1", "--regions-scale", "0.1",
+                "--json", str(out), timeout=300)
+    regions = json.loads(out.read_text())["regions"]
+    assert len(regions["pairs"]) == 16
+    assert regions["verdicts"]["delivery"]["ok"]
+    for pair in regions["pairs"]:
+        assert pair["sent"] == pair["delivered"] == 3 and pair["duplicates"] == 0
+        assert pair["catchup"]["trials"] == 1
+        # The cluster's path between the nodes is counted in the injected delay.
+        assert pair["nominal_one_way_ms"]["between_nodes"] > 0
+    assert regions["stream_leader"] in ("shanghai", "frankfurt", "virginia", "sydney")
+    assert len(regions["owners"]) == 16
+    assert "verdict: end-to-end p99 < 600 ms in every pair" in run.stdout
