@@ -237,9 +237,16 @@ class Engine:
             ack = await self.js.publish(subject(channel), frame, headers=headers,
                                         timeout=API_TIMEOUT)
         except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise Fenced(f"{channel}: {exc.description}") from None
-            raise
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            # A retry whose first try was stored (its answer lost with a
+            # nats-server) expects what is no longer the last: JetStream
+            # checks that before the id.  Only that try can have stored this
+            # very frame as the channel's last message.
+            last = await self.last(channel)
+            if last is not None and last.frame == frame:
+                return last.stream_seq
+            raise Fenced(f"{channel}: {exc.description}") from None
         if ack.duplicate and not await self._holds(ack.seq, frame):
             # The id was stored before, for another message: this node once
             # gave seq ``seq`` of this epoch to something else and its view of

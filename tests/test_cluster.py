@@ -284,26 +284,45 @@ async def test_the_stream_refuses_a_deposed_owners_append(nats_cluster: NatsClus
         await new.close()
 
 
-async def test_an_append_whose_id_names_another_message_is_refused(nats_cluster: NatsCluster):
+@pytest.fixture
+async def owner(nats_cluster: NatsCluster):
+    """An engine connection appending as a channel's owner would."""
+    engine = await Engine.connect(nats_cluster.urls, "owner")
+    yield engine
+    await engine.close()
+
+
+async def test_an_append_whose_id_names_another_message_is_refused(owner: Engine):
     """JetStream answers a known Nats-Msg-Id as a duplicate: an owner whose
     view of a channel's seqs went back while its expected stream sequence
     stayed right, giving seq 2 of its epoch to a second message, must not take
     that answer for an ack of the second one (it would be acked and never
     stored).  The same message again is still answered as its duplicate."""
-    engine = await Engine.connect(nats_cluster.urls, "owner")
     name = "dm:p:q"
-    try:
-        at = await engine.append(name, 1, encode_message(name, 1, 1, "p", b"one"), 0, epoch=1)
-        first = encode_message(name, 2, 2, "p", b"two")
-        stored = await engine.append(name, 2, first, at, epoch=1)
-        # The expected sequence is right (the stream's last), the id is known.
-        assert await engine.append(name, 2, first, stored, epoch=1) == stored  # its duplicate
-        with pytest.raises(Fenced, match="already names another message"):
-            await engine.append(name, 2, encode_message(name, 2, 3, "p", b"other"), stored,
-                                epoch=1)
-        assert [m.frame for m in await engine.read(name, 0, 100, 10)][-1] == first
-    finally:
-        await engine.close()
+    at = await owner.append(name, 1, encode_message(name, 1, 1, "p", b"one"), 0, epoch=1)
+    first = encode_message(name, 2, 2, "p", b"two")
+    stored = await owner.append(name, 2, first, at, epoch=1)
+    # The expected sequence is right (the stream's last), the id is known.
+    assert await owner.append(name, 2, first, stored, epoch=1) == stored  # its duplicate
+    with pytest.raises(Fenced, match="already names another message"):
+        await owner.append(name, 2, encode_message(name, 2, 3, "p", b"other"), stored, epoch=1)
+    assert [m.frame for m in await owner.read(name, 0, 100, 10)][-1] == first
+
+
+async def test_an_append_retried_after_its_answer_was_lost_is_acked_once(owner: Engine):
+    """An append stored whose answer was lost (a nats-server died) is tried
+    again expecting the sequence before it, which is no longer the last:
+    JetStream refuses it ("wrong last sequence") before it looks at the id.
+    The stream's last message is that very frame, so it is acked with its
+    sequence, stored once, and the owner is not taken for deposed."""
+    name = "dm:r:s"
+    at = await owner.append(name, 1, encode_message(name, 1, 1, "r", b"one"), 0, epoch=1)
+    frame = encode_message(name, 2, 2, "r", b"two")
+    stored = await owner.append(name, 2, frame, at, epoch=1)
+    assert await owner.append(name, 2, frame, at, epoch=1) == stored
+    with pytest.raises(Fenced, match="wrong last sequence"):           # another message
+        await owner.append(name, 2, encode_message(name, 2, 3, "r", b"x"), at, epoch=1)
+    assert [m.seq for m in await owner.read(name, 0, 100, 10)] == [1, 2]
 
 
 async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
