@@ -336,6 +336,9 @@ async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
     await alice.create_group("pair", ["bob"])               # n0 sequences group:pair
     group = "group:pair"
     acks = [await alice.publish(group, "before")]
+    # n1 knows the group (and holds its replica) once both messages reach bob:
+    # before that, his publish is refused NOT_FOUND (DESIGN, limits).
+    await messages_of(bob, group, 2)
     n0.signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 30
