@@ -1,6 +1,8 @@
 # Development entry points (uvloop's Makefile is the model).
 #   make serve   create .venv with what the relay needs (no test or benchmark
-#                packages), build the Cython core once, start the relay
+#                packages; SQLite's headers through apt-get when missing,
+#                scripts/install_build_deps.sh), build the Cython core once,
+#                start the relay
 #   make test    the same plus the test extras, the benchmark's load generator
 #                (bench/_gen) and the benchmark peers (nats-server,
 #                redis-server); the whole suite
@@ -22,6 +24,7 @@ CORE_SOURCES := $(wildcard core/*.pyx core/*.pxd core/*.pxi core/*.h)
 # The package and its runtime dependencies; `pip install -e .` compiles the
 # core in place (in pip's isolated build environment, so no Cython in .venv).
 $(VENV)/.installed: pyproject.toml setup.py $(CORE_SOURCES)
+	bash scripts/install_build_deps.sh
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q -e .

@@ -56,6 +56,9 @@ def extensions() -> list[Extension]:
         sources=["core/_core.pyx"],
         include_dirs=["core"],
         define_macros=macros,
+        # The store's writer (core/writer.pyx) calls SQLite's C API: the
+        # system library, libsqlite3-dev to build (scripts/install_build_deps.sh).
+        libraries=["sqlite3"],
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
     modules = [ext]

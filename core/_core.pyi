@@ -318,7 +318,7 @@ class Hub:
     def publish_event(self, ch: Channel, sender: str, payload: bytes,
                       content_type: int = ..., meta: bytes = b"") -> int: ...
     def sweep(self, handshake_timeout: float, ping_interval: float, idle_timeout: float) -> int: ...
-    def release(self, batch: list[Any]) -> None: ...
+    def release(self, batch: list[Record]) -> None: ...
     def after_store(self, action: Callable[[], object]) -> None: ...
     def after_commit(self, action: Callable[[], object]) -> None: ...
 
@@ -450,3 +450,91 @@ class MaskRules:
     def __init__(self, prefix: str, detectors: int, regexes: tuple[tuple[str, Any], ...] = ()) -> None: ...
     def mask(self, content_type: int, payload: bytes) -> bytes | None: ...
     def counts(self) -> dict[str, int]: ...
+
+# The store's records (core/records.pyx): queued by the hub and server/store.py,
+# written by the writer matching on type, handed back to Hub.release in order.
+class Record: ...
+
+class Sequenced(Record):
+    """A sequenced message: its row and what waits for it."""
+
+    ch: Channel
+    seq: int
+    ts_us: int
+    sender: str
+    dedupe: bytes | None
+    frame: bytes
+    held: bool
+    origin: Connection | None
+    ack: bytes | None
+    t_recv: float
+    slot: Reply | None
+    def __init__(self, ch: Channel, seq: int, ts_us: int, sender: str, dedupe: bytes | None,
+                 frame: bytes) -> None: ...
+    @property
+    def channel(self) -> str: ...
+
+class HeldReply(Record):
+    origin: Connection | None
+    reply: bytes | None
+    slot: Reply | None
+    t_recv: float
+    def __init__(self, origin: Connection | None, reply: bytes | None, slot: Reply | None,
+                 t_recv: float = 0.0) -> None: ...
+
+class Turn(Record):
+    action: Callable[[], object]
+    def __init__(self, action: Callable[[], object]) -> None: ...
+
+class GroupSave(Record):
+    group_id: str
+    record: bytes
+    def __init__(self, group_id: str, record: bytes) -> None: ...
+
+class DeviceCursors(Record):
+    user: str
+    device: str
+    positions: dict[str, int]
+    def __init__(self, user: str, device: str, positions: dict[str, int]) -> None: ...
+
+class ReadCursor(Record):
+    channel: str
+    user: str
+    seq: int
+    def __init__(self, channel: str, user: str, seq: int) -> None: ...
+
+class DeliveredCursor(Record):
+    channel: str
+    user: str
+    seq: int
+    def __init__(self, channel: str, user: str, seq: int) -> None: ...
+
+class ClickSave(Record):
+    click: Any
+    def __init__(self, click: Any) -> None: ...
+
+class TimersDone(Record):
+    ids: list[int]
+    escalated: list[tuple[str, int, str, int]]
+    def __init__(self, ids: list[int], escalated: list[tuple[str, int, str, int]]) -> None: ...
+
+class Expiry(Record):
+    prefix: str
+    cutoff_us: int
+    keep_prefixes: list[str]
+    def __init__(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None: ...
+
+class SQLiteWriter:
+    """The store's writing connection (SQLite C API) and its queue (core/writer.pyx)."""
+
+    path: str
+    queued: int
+    def __init__(self, path: object, full_sync: bool, busy_timeout_ms: int = 5000) -> None: ...
+    def push(self, record: object) -> None: ...
+    def stop(self) -> None: ...
+    def take(self, limit: int) -> list[Any] | None: ...
+    def write(self, ordered: list[Any], cipher: Any, writes: dict[type, Callable[[SQLiteWriter, Any], None]],
+              outbox: Callable[[SQLiteWriter, list[Any]], None] | None) -> list[Record]: ...
+    def execute(self, sql: str, params: Iterable[object] = ()) -> None: ...
+    def executemany(self, sql: str, rows: Iterable[Iterable[object]]) -> None: ...
+    def close(self) -> None: ...

@@ -64,9 +64,9 @@ cdef class Hub:
     cdef readonly double dedupe_span
     cdef readonly double rate
     cdef readonly double burst
-    # Durable storage (None: memory only).  ``store.append`` takes records
-    # (channel, seq, ts_us, sender, dedupe, frame, release); with
-    # ``durable_acks`` ring, delivery and ack wait for ``release``.
+    # Durable storage (None: memory only).  ``store.append`` takes Records
+    # (core/records.pxd) and hands every one back to ``release`` once
+    # committed; with ``durable_acks`` ring, delivery and ack wait for that.
     cdef public object store
     cdef public bint durable_acks
     cdef public object channel_loader

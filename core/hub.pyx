@@ -289,8 +289,7 @@ cdef class Hub:
                             PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
             if self.durable_acks and seen_seq > ch.ring.last:
                 # The original is not on disk yet: neither is this answer.
-                self.store.append((None, 0, 0, None, None, None,
-                                   (None, 0, None, origin, ack, 0.0, origin._await_disk())))
+                self.store.append(held_reply(origin, ack, origin._await_disk(), 0.0))
             else:
                 origin.reply(ack)
             return 0
@@ -350,10 +349,11 @@ cdef class Hub:
         if self.durable_acks:
             if origin is not None:
                 slot = origin._await_disk()
-            self.store.append((ch.name, seq, ts, sender, dedupe_key, frame,
-                               (ch, seq, frame, origin, ack, t_recv, slot)))
+            self.store.append(sequenced(ch, seq, ts, sender, dedupe_key, frame, True,
+                                        origin, ack, t_recv, slot))
             return 0
-        self.store.append((ch.name, seq, ts, sender, dedupe_key, frame, None))
+        self.store.append(sequenced(ch, seq, ts, sender, dedupe_key, frame, False,
+                                    None, None, 0.0, None))
         return self._publish_now(ch, seq, frame, origin, ack, t_recv)
 
     cdef int _publish_now(self, Channel ch, uint64_t seq, bytes frame, Connection origin,
@@ -377,18 +377,25 @@ cdef class Hub:
         return 0
 
     def release(self, list batch):
-        """Publish what waited for its batch to reach the disk (``durable_acks``)."""
-        cdef tuple record, held
+        """Publish what waited for its batch to reach the disk (``durable_acks``):
+        the store hands back every Record it was given, in order."""
+        cdef Sequenced m
+        cdef HeldReply h
         for record in batch:
-            held = record[6] if len(record) == 7 else None
-            if held is None:
-                continue
-            if held[0] is None and held[2] is not None:
-                held[2]()     # an action that waited its turn (see after_store)
-                continue
-            if held[3] is not None and held[6] is None:
-                (<Connection>held[3])._unreleased -= 1
-            self._publish_now(held[0], held[1], held[2], held[3], held[4], held[5], held[6], True)
+            if type(record) is Sequenced:
+                m = <Sequenced>record
+                if not m.held:
+                    continue
+                if m.origin is not None and m.slot is None:
+                    m.origin._unreleased -= 1
+                self._publish_now(m.ch, m.seq, m.frame, m.origin, m.ack, m.t_recv, m.slot, True)
+            elif type(record) is HeldReply:
+                h = <HeldReply>record
+                if h.origin is not None and h.slot is None:
+                    h.origin._unreleased -= 1
+                self._publish_now(None, 0, None, h.origin, h.reply, h.t_recv, h.slot, True)
+            elif type(record) is Turn:
+                (<Turn>record).action()    # an action that waited its turn (see after_store)
 
     def after_store(self, action):
         """Call ``action()`` once everything sequenced before now has been released."""
@@ -403,7 +410,7 @@ cdef class Hub:
         if self.store is None:
             action()
         else:
-            self.store.append((None, 0, 0, None, None, None, (None, 0, action, None, None, 0.0)))
+            self.store.append(Turn(action))
 
     cpdef int fan_out(self, Channel ch, bytes frame) except -1:
         """Queue ``frame`` on every local subscriber of ``ch``."""

@@ -28,7 +28,9 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from fenghuo.core import ErrorCode, encode_error
+import orjson
+
+from fenghuo.core import DeviceCursors, ErrorCode, GroupSave, HeldReply, Record, Sequenced, encode_error
 from fenghuo.server.cluster_state import DELIVERED, READ, SharedState
 from fenghuo.server.frames import frame_request_id
 from fenghuo.server.jetstream import Engine, Fenced, Stored
@@ -45,7 +47,7 @@ DEPOSED = ("this node no longer sequences the channel (another node took it over
 
 @dataclass
 class _Entry:
-    record: tuple
+    record: Record
     done: bool = False
     failed: bool = False
 
@@ -75,7 +77,7 @@ class ClusterStore(SQLiteStore):
         self._order: deque[_Entry] = deque()
         self._local_entries: deque[_Entry] = deque()
         self._logs: dict[str, _ChannelLog] = {}
-        self._on_batch: Callable[[list | None], None] | None = None
+        self._on_batch: Callable[[list[Record] | None], None] | None = None
         self.appended = 0                      # messages JetStream acknowledged
         self.refused = 0                       # appends fenced off
 
@@ -101,19 +103,20 @@ class ClusterStore(SQLiteStore):
 
     # ------------------------------------------------------------ writing
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list], None]) -> None:
-        self._on_batch = on_batch  # type: ignore[assignment]  # None stops the relay
+    def start(self, loop: asyncio.AbstractEventLoop,
+              on_batch: Callable[[list[Record] | None], None]) -> None:
+        self._on_batch = on_batch
         super().start(loop, self._local_batch)
 
-    def append(self, record: tuple) -> None:
+    def append(self, record: Record) -> None:
         entry = _Entry(record)
         self._order.append(entry)
         self.backlog += 1
         if self.backlog > BACKLOG_HIGH and not self._pressed:
             self._pressed = True
             self.on_pressure(True)
-        if len(record) == 7 and record[0] is not None:
-            log_ = self._logs.get(record[0])
+        if isinstance(record, Sequenced):
+            log_ = self._logs.get(record.channel)
             if log_ is None or log_.fenced:
                 # Not sequenced by this node (any more): refused, in its turn,
                 # once the hub is done with the publish that made it.
@@ -126,7 +129,7 @@ class ClusterStore(SQLiteStore):
                 asyncio.get_running_loop().create_task(self._append_all(log_))
         else:
             self._local_entries.append(entry)
-            self._queue.put(record)
+            self._writer.push(record)
 
     # ------------------------------------------------------------ shared state
 
@@ -144,7 +147,7 @@ class ClusterStore(SQLiteStore):
             finally:
                 taken.set_result(revision is not None)
             self.on_group_saved(record, revision)
-        self._kept_after(("group", group_id), write())
+        self._kept_after(GroupSave(group_id, orjson.dumps(record)), write())
         return taken
 
     def save_device_cursors(self, user: str, device: str, positions: dict[str, int]) -> None:
@@ -154,7 +157,7 @@ class ClusterStore(SQLiteStore):
         async def write() -> None:
             if not await state.save_device(user, device, positions):
                 log.warning("device positions not saved", extra={"user": user})
-        self._kept_after(("cursors", user, device), write())
+        self._kept_after(DeviceCursors(user, device, positions), write())
 
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
         assert self.state is not None
@@ -181,7 +184,7 @@ class ClusterStore(SQLiteStore):
                                                                    "error": str(exc)})
         asyncio.get_running_loop().create_task(purge())
 
-    def _kept_after(self, record: tuple, write: Coroutine[Any, Any, None]) -> None:
+    def _kept_after(self, record: Record, write: Coroutine[Any, Any, None]) -> None:
         """Hold ``record``'s place in the order until ``write`` is done."""
         entry = _Entry(record)
         self._order.append(entry)
@@ -191,12 +194,12 @@ class ClusterStore(SQLiteStore):
             try:
                 await write
             except Exception as exc:
-                log.error("KV write failed", extra={"record": record[0], "error": str(exc)})
+                log.error("KV write failed", extra={"record": type(record).__name__, "error": str(exc)})
             entry.done = True
             self._release()
         asyncio.get_running_loop().create_task(run())
 
-    def _local_batch(self, batch: list | None) -> None:
+    def _local_batch(self, batch: list[Record] | None) -> None:
         """SQLite committed ``batch`` (its records in our append order)."""
         if batch is None:
             assert self._on_batch is not None
@@ -211,7 +214,9 @@ class ClusterStore(SQLiteStore):
         try:
             while log_.queue and not log_.fenced:
                 entry = log_.queue[0]
-                channel, seq, frame = entry.record[0], entry.record[1], entry.record[5]
+                record = entry.record
+                assert isinstance(record, Sequenced)
+                channel, seq, frame = record.channel, record.seq, record.frame
                 try:
                     log_.last = await self._append(channel, seq, frame, log_.last, log_.epoch)
                 except Fenced as exc:
@@ -271,15 +276,15 @@ class ClusterStore(SQLiteStore):
             self._on_batch(out)
 
     @staticmethod
-    def _refusal(record: tuple) -> tuple:
+    def _refusal(record: Record) -> Record:
         """The record of a message not stored: no ring, no delivery, ERROR to its publisher."""
-        held = record[6]
-        if held is None:
-            return (*record[:6], None)
-        _ch, _seq, _frame, origin, ack, t_recv, slot = held
+        assert isinstance(record, Sequenced)
+        if not record.held:
+            return HeldReply(None, None, None)       # nothing waited for it
+        origin, ack = record.origin, record.ack
         error = (encode_error(ErrorCode.INTERNAL, DEPOSED, frame_request_id(ack))
                  if origin is not None and ack is not None else None)
-        return (*record[:6], (None, 0, None, origin, error, t_recv, slot))
+        return HeldReply(origin, error, record.slot, record.t_recv)
 
     # ------------------------------------------------------------ reading
 

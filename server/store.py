@@ -1,11 +1,14 @@
 """Durable storage: SQLite in WAL mode, written by one thread with group commit.
 
-The event loop never waits on a write: :meth:`SQLiteStore.append` puts the
-record on a queue; the writer thread takes everything queued, writes it in one
-transaction, commits (one sync per batch under ``fsync=always|batch``) and
-hands the batch back to the loop with ``call_soon_threadsafe``.  What the hub
-deferred for that batch (under ``always``: ring, delivery, ack) is released
-there, in order.
+The event loop never waits on a write: :meth:`SQLiteStore.append` puts a typed
+record (core/records.pyx) on the writer's queue; the writer thread takes
+everything queued and writes it in one transaction through the compiled
+writer (core/writer.pyx: SQLite's C API, prepared statements, the GIL released
+while SQLite works), commits (one sync per batch under ``fsync=always|batch``)
+and hands the batch's records back to the loop with ``call_soon_threadsafe``.
+What the hub deferred for that batch (under ``always``: ring, delivery, ack)
+is released there, in order.  Messages are inserted by the writer itself;
+every other record is written by its entry in ``_WRITES``, matched on type.
 
 Reads that may be large (history pages, catch-up beyond the ring) run on a
 reader thread with its own connection; WAL lets it read while the writer
@@ -20,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -31,6 +33,18 @@ from typing import Any, Protocol
 
 import orjson
 
+from fenghuo.core import (
+    ClickSave,
+    DeliveredCursor,
+    DeviceCursors,
+    Expiry,
+    GroupSave,
+    ReadCursor,
+    Record,
+    Sequenced,
+    SQLiteWriter,
+    TimersDone,
+)
 from fenghuo.server import atrest
 from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.clicks import Click
@@ -131,8 +145,9 @@ class Store(Protocol):
 
     durable_acks: bool
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list | None], None]) -> None: ...
-    def append(self, record: tuple) -> None: ...
+    def start(self, loop: asyncio.AbstractEventLoop,
+              on_batch: Callable[[list[Record] | None], None]) -> None: ...
+    def append(self, record: Record) -> None: ...
     def recent(self, channel: str) -> list[tuple[int, bytes]]: ...
     def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]: ...
     def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None: ...
@@ -146,10 +161,6 @@ class Store(Protocol):
     def load_groups(self) -> list[dict[str, Any]]: ...
     def direct_channels(self) -> list[str]: ...
     def close(self) -> None: ...
-
-
-class _Stop:
-    """Queue sentinel: the writer finishes what came before it and exits."""
 
 
 def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:
@@ -188,14 +199,13 @@ class SQLiteStore:
         self.ring_size = ring_size
         #: the webhook endpoints' filters (None: no webhooks, no outbox rows)
         self.outbox = outbox
-        self._queue: queue.SimpleQueue[tuple | OutboxRecord | _Stop] = queue.SimpleQueue()
-        # A record taken beyond MAX_BATCH, first of the next batch (see _next_batch).
-        self._carry: tuple | None = None
-        self._writer: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-store-read")
         self._local = threading.local()
         self._conn = self._connect()
         self._conn.executescript(SCHEMA)
+        #: the writing connection and its queue (records and webhook records, in order)
+        self._writer = SQLiteWriter(self.path, full_sync=fsync != "off")
         #: seals frames as they are written, opens them as they are read (None: plaintext)
         self.cipher = cipher
         atrest.prepare(self._conn, cipher)
@@ -235,19 +245,19 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ writing
 
-    def start(self, loop: asyncio.AbstractEventLoop, on_batch: Callable[[list | None], None]) -> None:
-        self._writer = threading.Thread(target=self._write_forever, args=(loop, on_batch),
+    def start(self, loop: asyncio.AbstractEventLoop,
+              on_batch: Callable[[list[Record] | None], None]) -> None:
+        self._thread = threading.Thread(target=self._write_forever, args=(loop, on_batch),
                                         name="fenghuo-store-write", daemon=True)
-        self._writer.start()
+        self._thread.start()
 
-    def append(self, record: tuple) -> None:
+    def append(self, record: Record) -> None:
         """Queue ``record``; records are written, and handed back, in this order.
 
-        A message record is ``(channel, seq, ts_us, sender, dedupe, frame, release)``;
-        ``channel`` None makes a record that only travels the queue (a release
-        that must wait for everything before it).
+        A HeldReply or a Turn only travels the queue (a reply or an action
+        that must wait for everything before it): nothing of it is written.
         """
-        self._queue.put(record)
+        self._writer.push(record)
         self.backlog += 1
         if self.backlog > BACKLOG_HIGH and not self._pressed:
             self._pressed = True
@@ -261,7 +271,7 @@ class SQLiteStore:
         records are not handed back to the loop and not counted in ``backlog``.
         """
         if self.outbox is not None:
-            self._queue.put(record)
+            self._writer.push(record)
 
     def written(self, count: int) -> None:
         """The writer handed back ``count`` records (called on the loop thread)."""
@@ -271,133 +281,48 @@ class SQLiteStore:
             self.on_pressure(False)
 
     def save_group(self, group_id: str, record: dict[str, Any]) -> asyncio.Future[bool] | None:
-        self.append(("group", group_id, orjson.dumps(record)))
+        self.append(GroupSave(group_id, orjson.dumps(record)))
         return None
 
     def save_device_cursors(self, user: str, device: str, positions: dict[str, int]) -> None:
-        self.append(("cursors", user, device, positions))
+        self.append(DeviceCursors(user, device, positions))
 
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
-        self.append(("read", channel, user, seq))
+        self.append(ReadCursor(channel, user, seq))
 
     def save_delivered_cursor(self, channel: str, user: str, seq: int) -> None:
-        self.append(("delivered", channel, user, seq))
+        self.append(DeliveredCursor(channel, user, seq))
 
     def timers_done(self, ids: list[int], escalated: list[tuple[str, int, str, int]]) -> None:
         """Delete fired timers and file ``(channel, seq, user, step)`` escalations, in one
         transaction with the webhook events emitted right after (server/timers.py)."""
-        self.append(("timers_done", ids, escalated))
+        self.append(TimersDone(list(ids), list(escalated)))
 
     def save_click(self, click: Click) -> None:
-        self.append(("click", click.channel, click.seq, click.link, click.user, click.ts_us))
+        self.append(ClickSave(click))
 
     def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None:
         """Delete messages of channels starting with ``prefix`` older than ``cutoff_us``,
         and their clicks, except channels under one of ``keep_prefixes`` (they have rules
         of their own)."""
-        self.append(("expire", prefix, cutoff_us, keep_prefixes))
+        self.append(Expiry(prefix, cutoff_us, list(keep_prefixes)))
 
     def _write_forever(self, loop: asyncio.AbstractEventLoop,
-                       on_batch: Callable[[list | None], None]) -> None:
-        conn = self._connect()
-        stop = False
-        while not stop:
-            batch = self._next_batch()
-            if isinstance(batch[-1], _Stop):
-                batch.pop()
-                stop = True
-            ordered = batch
-            if any(r.__class__ is not tuple for r in batch):
-                batch = [r for r in batch if r.__class__ is tuple]
+                       on_batch: Callable[[list[Record] | None], None]) -> None:
+        writer = self._writer
+        outbox = None if self.outbox is None else self._write_outbox
+        while (batch := writer.take(MAX_BATCH)) is not None:
             try:
-                self._write_batch(conn, batch, ordered)
+                records = writer.write(batch, self.cipher, _WRITES, outbox)
             except BaseException as exc:   # a full disk, a broken file: stop accepting
                 self.failure = exc
                 log.critical("store write failed; the relay stops sequencing", exc_info=exc)
                 loop.call_soon_threadsafe(on_batch, None)
                 return
-            if batch:
-                loop.call_soon_threadsafe(on_batch, batch)
-        conn.close()
+            if records:
+                loop.call_soon_threadsafe(on_batch, records)
 
-    def _next_batch(self) -> list:
-        """Everything queued, up to MAX_BATCH records and the typed records that follow them.
-
-        Beyond MAX_BATCH only typed records (webhook events) are still taken,
-        so an event always shares the transaction of the record before it.
-        """
-        first, self._carry = self._carry, None
-        batch: list = [first if first is not None else self._queue.get()]
-        while True:
-            try:
-                record = self._queue.get_nowait()
-            except queue.Empty:
-                return batch
-            if len(batch) >= MAX_BATCH and record.__class__ is tuple:
-                self._carry = record
-                return batch
-            batch.append(record)
-
-    def _write_batch(self, conn: sqlite3.Connection, batch: list, ordered: list | None = None) -> None:
-        """Write ``batch`` in one transaction; ``ordered`` is the batch as queued, typed
-        records (webhook events, the sender's notes) included."""
-        messages = [r[:6] for r in batch if len(r) == 7 and r[0] is not None]
-        groups = [(r[1], r[2]) for r in batch if r[0] == "group"]
-        cursors = [(r[1], r[2], channel, seq) for r in batch if r[0] == "cursors"
-                   for channel, seq in r[3].items()]
-        reads = [r[1:] for r in batch if r[0] == "read"]
-        delivered = [r[1:] for r in batch if r[0] == "delivered"]
-        clicks = [r[1:] for r in batch if r[0] == "click"]
-        expiries = [r[1:] for r in batch if r[0] == "expire"]
-        fired = [r for r in batch if r[0] == "timers_done"]
-        if not (messages or groups or cursors or reads or delivered or clicks or expiries or fired
-                or (ordered is not None and len(ordered) > len(batch))):
-            return
-        conn.execute("BEGIN")
-        if self.outbox is not None:
-            self._write_outbox(conn, batch if ordered is None else ordered)
-        if messages and self.cipher is not None:
-            conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame,"
-                             " key_id) VALUES (?, ?, ?, ?, ?, ?, ?)", self.cipher.seal_rows(messages))
-        elif messages:
-            conn.executemany("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
-                             " VALUES (?, ?, ?, ?, ?, ?)", messages)
-        if groups:
-            conn.executemany("INSERT OR REPLACE INTO groups (id, record) VALUES (?, ?)", groups)
-        if cursors:
-            conn.executemany("INSERT OR REPLACE INTO device_cursors (user, device, channel, seq)"
-                             " VALUES (?, ?, ?, ?)", cursors)
-        if reads:
-            conn.executemany("INSERT OR REPLACE INTO read_cursors (channel, user, seq)"
-                             " VALUES (?, ?, ?)", reads)
-        if delivered:
-            # Several workers write it (each for the syncs of its own sessions): never backwards.
-            conn.executemany("INSERT INTO delivered_cursors (channel, user, seq) VALUES (?, ?, ?)"
-                             " ON CONFLICT (channel, user) DO UPDATE SET seq = max(seq, excluded.seq)",
-                             delivered)
-        for _, ids, escalated in fired:
-            conn.executemany("DELETE FROM timers WHERE id = ?", [(i,) for i in ids])
-            conn.executemany("INSERT OR IGNORE INTO escalations (channel, seq, user, step)"
-                             " VALUES (?, ?, ?, ?)", escalated)
-        if clicks:
-            # Several workers may record the same first click: the earliest row stays.
-            conn.executemany("INSERT OR IGNORE INTO clicks (channel, seq, link, user, ts_us)"
-                             " VALUES (?, ?, ?, ?, ?)", clicks)
-        for prefix, cutoff_us, keep_prefixes in expiries:
-            # The most specific rule wins: longer prefixes with their own rule are kept out.
-            where = "substr(channel, 1, ?) = ?"
-            params: list = [len(prefix), prefix]
-            for other in keep_prefixes:
-                where += " AND substr(channel, 1, ?) != ?"
-                params += [len(other), other]
-            # A message's clicks go with it, as do those of a message already gone.
-            conn.execute(f"DELETE FROM clicks WHERE {where} AND NOT EXISTS (SELECT 1 FROM messages m"
-                         " WHERE m.channel = clicks.channel AND m.seq = clicks.seq AND m.ts_us >= ?)",
-                         [*params, cutoff_us])
-            conn.execute(f"DELETE FROM messages WHERE {where} AND ts_us < ?", [*params, cutoff_us])
-        conn.execute("COMMIT")
-
-    def _write_outbox(self, conn: sqlite3.Connection, ordered: list) -> None:
+    def _write_outbox(self, conn: SQLiteWriter, ordered: list) -> None:
         """The outbox rows of this transaction, in queue order (so a stream's events keep
         the order they were emitted in): messages' events, emitted events, and what the
         sender learnt (server/outbox.py)."""
@@ -405,9 +330,8 @@ class SQLiteStore:
         assert outbox is not None
         rows: list[tuple] = []
         for record in ordered:
-            if record.__class__ is tuple:
-                if len(record) == 7 and record[0] is not None:
-                    rows += outbox.message_rows(record[0], record[1], record[5])
+            if isinstance(record, Sequenced):
+                rows += outbox.message_rows(record.channel, record.seq, record.frame)
             elif isinstance(record, WebhookEvent):
                 rows += outbox.rows(record)
             elif isinstance(record, Delivered):
@@ -441,9 +365,11 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Write what is queued, then stop the threads."""
-        if self._writer is not None and self._writer.is_alive():
-            self._queue.put(_Stop())
-            self._writer.join(30)
+        if self._thread is not None and self._thread.is_alive():
+            self._writer.stop()
+            self._thread.join(30)
+        if self._thread is None or not self._thread.is_alive():
+            self._writer.close()
         self._reader.shutdown(wait=True)
         self._conn.close()
 
@@ -554,3 +480,66 @@ class SQLiteStore:
                 for seq, ts, sender, frame, kid in self._conn.execute(
                     "SELECT seq, ts_us, sender, frame, key_id FROM messages WHERE channel = ?"
                     " ORDER BY seq", (channel,))]
+
+
+# ---------------------------------------------------------------- the writes
+
+def _write_group(w: SQLiteWriter, r: GroupSave) -> None:
+    w.execute("INSERT OR REPLACE INTO groups (id, record) VALUES (?, ?)", (r.group_id, r.record))
+
+
+def _write_device_cursors(w: SQLiteWriter, r: DeviceCursors) -> None:
+    w.executemany("INSERT OR REPLACE INTO device_cursors (user, device, channel, seq)"
+                  " VALUES (?, ?, ?, ?)",
+                  [(r.user, r.device, channel, seq) for channel, seq in r.positions.items()])
+
+
+def _write_read_cursor(w: SQLiteWriter, r: ReadCursor) -> None:
+    w.execute("INSERT OR REPLACE INTO read_cursors (channel, user, seq) VALUES (?, ?, ?)",
+              (r.channel, r.user, r.seq))
+
+
+def _write_delivered_cursor(w: SQLiteWriter, r: DeliveredCursor) -> None:
+    # Several workers write it (each for the syncs of its own sessions): never backwards.
+    w.execute("INSERT INTO delivered_cursors (channel, user, seq) VALUES (?, ?, ?)"
+              " ON CONFLICT (channel, user) DO UPDATE SET seq = max(seq, excluded.seq)",
+              (r.channel, r.user, r.seq))
+
+
+def _write_timers_done(w: SQLiteWriter, r: TimersDone) -> None:
+    w.executemany("DELETE FROM timers WHERE id = ?", [(i,) for i in r.ids])
+    w.executemany("INSERT OR IGNORE INTO escalations (channel, seq, user, step)"
+                  " VALUES (?, ?, ?, ?)", r.escalated)
+
+
+def _write_click(w: SQLiteWriter, r: ClickSave) -> None:
+    # Several workers may record the same first click: the earliest row stays.
+    c: Click = r.click
+    w.execute("INSERT OR IGNORE INTO clicks (channel, seq, link, user, ts_us) VALUES (?, ?, ?, ?, ?)",
+              (c.channel, c.seq, c.link, c.user, c.ts_us))
+
+
+def _write_expiry(w: SQLiteWriter, r: Expiry) -> None:
+    # The most specific rule wins: longer prefixes with their own rule are kept out.
+    where = "substr(channel, 1, ?) = ?"
+    params: list = [len(r.prefix), r.prefix]
+    for other in r.keep_prefixes:
+        where += " AND substr(channel, 1, ?) != ?"
+        params += [len(other), other]
+    # A message's clicks go with it, as do those of a message already gone.
+    w.execute(f"DELETE FROM clicks WHERE {where} AND NOT EXISTS (SELECT 1 FROM messages m"
+              " WHERE m.channel = clicks.channel AND m.seq = clicks.seq AND m.ts_us >= ?)",
+              [*params, r.cutoff_us])
+    w.execute(f"DELETE FROM messages WHERE {where} AND ts_us < ?", [*params, r.cutoff_us])
+
+
+#: how each record other than a message is written (messages: SQLiteWriter itself)
+_WRITES: dict[type, Callable[[SQLiteWriter, Any], None]] = {
+    GroupSave: _write_group,
+    DeviceCursors: _write_device_cursors,
+    ReadCursor: _write_read_cursor,
+    DeliveredCursor: _write_delivered_cursor,
+    TimersDone: _write_timers_done,
+    ClickSave: _write_click,
+    Expiry: _write_expiry,
+}

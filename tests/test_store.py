@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from clients import assert_silent, collect
 from conftest import start_relay
-from fenghuo.server.store import SQLiteStore
+from rawwire import authed_raw
+from fenghuo.core import FrameType, encode_frame, encode_message
+from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.store import DB_FILE, SCHEMA, SQLiteStore
 
 import fenghuo
 from fenghuo import ErrorCode, FenghuoError
@@ -356,3 +359,56 @@ def test_a_retried_key_is_looked_up_through_the_key_index(tmp_path):
     # busy channel: the lookup must go through messages_by_key, not read every
     # message of the span (SQLite's planner chose messages_by_time on its own).
     assert _lookup_steps(tmp_path, 20_000) < 2 * _lookup_steps(tmp_path, 20)
+
+
+async def test_a_store_file_written_with_plain_sqlite_is_served_and_continued(tmp_path):
+    # The compiled writer keeps the file format: a store whose rows another
+    # SQLite library wrote (as the pure-Python writer did) is served and
+    # continued, and what the relay adds reads back the same way.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    before = encode_message("dm:alice:bob", 1, 1_700_000_000_000_000, "alice", b"from before")
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                   " VALUES ('dm:alice:bob', 1, 1700000000000000, 'alice', NULL, ?)", (before,))
+    db.close()
+    relay = start_relay(tmp_path, data_dir=data_dir)
+    try:
+        bob = await relay.connect("bob", sync_from_start=True)
+        assert [(m.seq, m.text) for m in await collect(bob, 1)] == [(1, "from before")]
+        assert (await bob.send("alice", "after")).seq == 2
+        await bob.close()
+    finally:
+        assert relay.stop() == 0
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        rows = db.execute("SELECT seq, sender, dedupe IS NOT NULL, key_id, frame FROM messages"
+                          " WHERE channel = 'dm:alice:bob' ORDER BY seq").fetchall()
+    db.close()
+    assert [row[:4] for row in rows] == [(1, "alice", 0, None), (2, "bob", 1, None)]
+    assert decode_frame_message(bytes(rows[1][4])).payload == b"after"
+
+
+async def test_others_are_served_while_the_writer_waits_for_the_file(relay_factory):
+    # The store's writer waits on SQLite (here for a lock another process
+    # holds on the file) without the interpreter's lock: the event loop goes
+    # on serving everyone while a publish waits for the disk.  One worker, so
+    # carol's connection is served by the loop whose writer waits.
+    relay = relay_factory("--workers", "1")
+    carol = await authed_raw(relay, "carol")
+    alice = await relay.connect("alice")
+    holder = sqlite3.connect(relay.data_dir / DB_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        sending = asyncio.ensure_future(alice.send("bob", "waits for the file"))
+        await asyncio.sleep(0.3)                  # the writer has taken it and waits for the lock
+        carol.write(encode_frame(FrameType.PING, b"still here?"))
+        # Well within the writer's 5 s busy timeout, after which the relay would stop.
+        await carol.expect(FrameType.PONG, timeout=3)
+        assert not sending.done()                 # still not on disk, so not acked
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert (await asyncio.wait_for(sending, 10)).seq == 1
+    await alice.close()
+    carol.close()

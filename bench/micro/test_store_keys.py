@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from fenghuo.client import new_key
+from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
 from fenghuo.server.store import SQLiteStore
 
 BATCH = 64
@@ -37,9 +38,9 @@ KEYS: dict[str, Callable[[], bytes] | None] = {
 }
 
 
-def _records(seqs: Iterator[int], make_key: Callable[[], bytes] | None) -> list[tuple]:
-    return [(CHANNEL, seq, 1_700_000_000_000_000 + seq, SENDER,
-             None if make_key is None else SENDER.encode() + b"\0" + make_key(), FRAME, None)
+def _records(ch: Channel, seqs: Iterator[int], make_key: Callable[[], bytes] | None) -> list[Sequenced]:
+    return [Sequenced(ch, seq, 1_700_000_000_000_000 + seq, SENDER,
+                      None if make_key is None else SENDER.encode() + b"\0" + make_key(), FRAME)
             for seq in itertools.islice(seqs, BATCH)]
 
 
@@ -48,14 +49,18 @@ def test_store_batch(benchmark, tmp_path, keys: str) -> None:
     benchmark.group = "store: one transaction of 64 messages, by key order"
     benchmark.extra_info.update(messages=BATCH, filled=FILLED)
     store = SQLiteStore(tmp_path, fsync="off")
-    conn = store.connect()
+    writer = SQLiteWriter(store.path, full_sync=False)
+    ch = Channel(CHANNEL, ChannelKind.DIRECT_CHAT, 16)
     seqs = itertools.count(1)
     make_key = KEYS[keys]
+
+    def write(batch: list[Sequenced]) -> None:
+        writer.write(batch, None, {}, None)
     try:
         for _ in range(FILLED // BATCH):
-            store._write_batch(conn, _records(seqs, make_key))
-        benchmark.pedantic(store._write_batch, setup=lambda: ((conn, _records(seqs, make_key)), {}),
+            write(_records(ch, seqs, make_key))
+        benchmark.pedantic(write, setup=lambda: ((_records(ch, seqs, make_key),), {}),
                            rounds=2000, warmup_rounds=100)
     finally:
-        conn.close()
+        writer.close()
         store.close()

@@ -1,0 +1,41 @@
+# The store's writer: one SQLite connection driven through the C API
+# (core/writer.pyx).
+
+cdef struct MessageRow:
+    const char* channel
+    Py_ssize_t channel_len
+    int64_t seq
+    int64_t ts_us
+    const char* sender
+    Py_ssize_t sender_len
+    const char* dedupe              # NULL: no idempotency key
+    Py_ssize_t dedupe_len
+    const char* frame
+    Py_ssize_t frame_len
+
+
+cdef class _Statement:
+    cdef sqlite3_stmt* stmt
+    cdef int params
+
+
+@cython.final
+cdef class SQLiteWriter:
+    cdef sqlite3* db
+    cdef readonly str path
+    cdef dict _statements             # SQL -> _Statement, prepared once
+    cdef _Statement _insert_message
+    cdef _Statement _begin
+    cdef _Statement _commit
+    cdef _Statement _rollback
+    # The queue: the loop appends under the GIL; the writer takes the list.
+    cdef list _pending
+    cdef PyThread_type_lock _wake     # held while nobody waits to be woken
+    cdef bint _waiting
+    cdef bint _stopped
+
+    cdef int _check(self, int rc) except -1
+    cdef _Statement _prepare(self, str sql)
+    cdef int _bind(self, _Statement st, object params) except -1
+    cdef int _run(self, _Statement st) except -1
+    cdef int _insert_messages(self, list messages, list sealed, str key_id) except -1
