@@ -27,27 +27,8 @@ if have_header; then
   exit 0
 fi
 
-command -v apt-get >/dev/null 2>&1 ||
-  fail "$HEADER missing and this system has no apt-get: install SQLite's development headers with its package manager"
-
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 ||
-    fail "$HEADER missing; installing $PACKAGE needs root and there is no sudo"
-  as_root=(sudo)
-  # Without a terminal nobody can type a password: fail instead of hanging.
-  [ -t 0 ] || as_root+=(-n)
-fi
-
-apt() {
-  ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get -y -qq "$@" >/dev/null
-}
-
-echo "installing $PACKAGE with apt-get"
-if ! apt install --no-install-recommends "$PACKAGE"; then
-  # A fresh machine or container has no package lists yet.
-  apt update || fail "apt-get update failed"
-  apt install --no-install-recommends "$PACKAGE" || fail "apt-get install $PACKAGE failed"
-fi
+# shellcheck source=apt.sh
+. "$(dirname "$0")/apt.sh"
+apt_install "$HEADER" "$PACKAGE"
 have_header || fail "apt-get installed $PACKAGE but $HEADER is still not found"
 echo "installed $PACKAGE"

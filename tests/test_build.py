@@ -12,12 +12,14 @@ import importlib.metadata
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from test_bench_peers import fake_tools
 
 import fenghuo
 import fenghuo.core
@@ -200,3 +202,35 @@ def test_the_relay_and_the_cli_need_only_the_runtime_dependencies():
     names = {"pyjwt": "jwt", "pytest-timeout": "pytest_timeout", "pytest-benchmark":
              "pytest_benchmark", "pytest-asyncio": "pytest_asyncio"}
     assert not loaded & {names.get(n, n) for n in extras_only}, loaded & extras_only
+
+
+# --- scripts/install_build_deps.sh: SQLite's headers for core/writer.pyx -------------------
+
+BUILD_DEPS = Path(__file__).parent.parent / "scripts" / "install_build_deps.sh"
+
+
+def test_build_deps_change_nothing_when_the_sqlite_headers_are_there(tmp_path: Path) -> None:
+    log = tmp_path / "calls"
+    run = subprocess.run(["bash", str(BUILD_DEPS)], check=False, capture_output=True, text=True,
+                         timeout=60, env=fake_tools(tmp_path, log))
+    assert run.returncode == 0, run.stderr
+    assert not log.exists(), log.read_text()
+
+
+def test_build_deps_ask_apt_for_libsqlite3_dev_on_a_machine_without_it(tmp_path: Path) -> None:
+    """/usr/include emptied in a private mount namespace; apt-get 'succeeds' but installs nothing."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], check=False,
+                                         capture_output=True).returncode:
+        pytest.skip("needs unshare with user and mount namespaces")
+    empty = tmp_path / "include"
+    empty.mkdir()
+    log = tmp_path / "calls"
+    run = subprocess.run(
+        [unshare, "-rm", "sh", "-c", 'mount --bind "$0" /usr/include && exec bash "$1"', empty,
+         BUILD_DEPS], check=False, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL, env=fake_tools(tmp_path, log))
+    assert run.returncode != 0
+    assert "apt-get installed libsqlite3-dev but sqlite3.h is still not found" in run.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].endswith("apt-get -y -qq install --no-install-recommends libsqlite3-dev")

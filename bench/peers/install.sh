@@ -36,37 +36,17 @@ if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 
-command -v apt-get >/dev/null 2>&1 ||
-  fail "${missing[*]} missing and this system has no apt-get: install them with its package manager"
-
-as_root=()
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 ||
-    fail "${missing[*]} missing; installing needs root and there is no sudo"
-  as_root=(sudo)
-  # Without a terminal nobody can type a password: fail instead of hanging.
-  [ -t 0 ] || as_root+=(-n)
-fi
-
-apt() {
-  ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get -y -qq "$@" >/dev/null
-}
+# shellcheck source=../../scripts/apt.sh
+. "$(dirname "$0")/../../scripts/apt.sh"
+apt_install "${missing[*]}" "${missing[@]}"
 
 stop_service() {
   if [ -d /run/systemd/system ]; then
-    ${as_root[@]+"${as_root[@]}"} systemctl disable --now "$1" >/dev/null 2>&1 || true
+    as_root systemctl disable --now "$1" >/dev/null 2>&1 || true
   elif command -v service >/dev/null 2>&1; then
-    ${as_root[@]+"${as_root[@]}"} service "$1" stop >/dev/null 2>&1 || true
+    as_root service "$1" stop >/dev/null 2>&1 || true
   fi
 }
-
-echo "installing ${missing[*]} with apt-get"
-if ! apt install --no-install-recommends "${missing[@]}"; then
-  # A fresh machine or container has no package lists yet.
-  apt update || fail "apt-get update failed"
-  apt install --no-install-recommends "${missing[@]}" ||
-    fail "apt-get install ${missing[*]} failed"
-fi
 
 # The packages start their services (redis on 6379, nats on 4222): nothing
 # here uses them, and they would take CPU and memory from the runs.
