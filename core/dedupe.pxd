@@ -41,6 +41,8 @@ cdef struct KeyFilter:
     # gave up before their span was over: three bits in one 64-bit word per
     # key (one memory access to add or test).
     uint64_t* words
+    void* mapping                    # words' mmap (huge pages), NULL: PyMem_Calloc'd
+    size_t mapped                    # its length
     uint64_t mask                    # words - 1 (a power of two)
     Py_ssize_t count                 # keys added
     Py_ssize_t capacity              # keys it was sized for (about 13-26 bits each)
@@ -91,4 +93,5 @@ cdef class DedupeWindow:
     cdef void _expire(self, uint64_t now_us) noexcept
     cdef int _give_up(self, Py_hash_t h, uint64_t evicted_ts_us, uint64_t now_us) except -1
     cdef int _new_generation(self, uint64_t evicted_ts_us, uint64_t now_us) except -1
+    cdef void _free_generation(self, int g) noexcept
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept

@@ -197,6 +197,20 @@ async def test_keys_a_full_window_gave_up_are_all_found_while_its_filter_turns_o
     assert [(r.seq, r.duplicate) for r in retries] == [(a.seq, True) for _, a in recent]
 
 
+async def test_keys_given_up_in_a_burst_are_found_through_a_filter_sized_for_millions(relay_factory):
+    # Window 16, the default 120 s span, 400 keys at once: the window gives
+    # keys up within milliseconds, and the filter's first generation is sized
+    # for a span's keys at that rate (the larger ones are mapped on huge
+    # pages, core/dedupe.pyx).  Every retry is still the original.
+    relay = relay_factory("--dedupe-window", "16", workers=1)
+    alice = await relay.connect("alice")
+    keys = [f"burst-{i}" for i in range(400)]
+    acks = await asyncio.gather(*(alice.send("bob", "m", key=k) for k in keys))
+    retries = await asyncio.gather(*(alice.send("bob", "m", key=k) for k in keys))
+    assert [(r.seq, r.duplicate) for r in retries] == [(a.seq, True) for a in acks]
+    assert (await alice.send("bob", "new", key="after")).seq == 401
+
+
 async def test_without_a_store_the_window_holds_its_last_dedupe_window_keys(relay_factory):
     relay = relay_factory("--store", "memory", "--dedupe-window", "16")
     alice = await relay.connect("alice")
