@@ -10,6 +10,7 @@ extension was not built.
 from fenghuo.core._core import (
     Ack,
     AckStatus,
+    AwaitedAnswer,
     Bus,
     Channel,
     ChannelKind,
@@ -22,6 +23,7 @@ from fenghuo.core._core import (
     DeviceCursors,
     ErrorCode,
     Expiry,
+    Forwarded,
     ForwardedPublish,
     Frame,
     FrameFlag,
@@ -82,6 +84,7 @@ from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, WIRE_VERSION
 __all__ = [
     "Ack",
     "AckStatus",
+    "AwaitedAnswer",
     "Bus",
     "Channel",
     "ChannelKind",
@@ -96,6 +99,7 @@ __all__ = [
     "ErrorCode",
     "Expiry",
     "FRAME_HEADER_SIZE",
+    "Forwarded",
     "ForwardedPublish",
     "Frame",
     "FrameFlag",

@@ -410,6 +410,20 @@ def read_mesh_message(record: bytes) -> ReplicaMessage: ...
 def read_mesh_publish(record: bytes) -> ForwardedPublish: ...
 def read_mesh_to_connection(record: bytes) -> ConnectionFrame: ...
 
+class AwaitedAnswer:
+    """A request forwarded to another worker or node, awaiting its answer in ``slot``."""
+    slot: Reply
+    request_id: int
+    deadline: float
+    def __init__(self, slot: Reply, request_id: int, deadline: float) -> None: ...
+
+class Forwarded:
+    """A session's requests waiting for other workers' answers, or for its gates."""
+    waiting: dict[int, deque[AwaitedAnswer]]
+    gates: deque[Any]
+    def __init__(self) -> None: ...
+    def idle(self) -> bool: ...
+
 class MeshOutlet:
     """The ring to worker ``dest`` and the backlog of records waiting for space in it."""
     dest: int
@@ -429,14 +443,19 @@ class MeshReceiver:
     ready: set[Channel]
     watch: list[Any]
     origins: dict[tuple[int, int], RemoteOrigin]
+    sessions: dict[int, Any]            # connection id -> Connection (a subclass: Session)
+    forwarded: dict[int, Forwarded]
     received: int
     applied: int
     sequenced: int
+    answered: int
     handed_over: int
     handler_errors: int
     def __init__(self, hub: Hub | None, on_record: Callable[[int, bytes], None],
                  ready: set[Channel] | None = None, watch: list[Any] | None = None,
-                 origins: dict[tuple[int, int], RemoteOrigin] | None = None) -> None: ...
+                 origins: dict[tuple[int, int], RemoteOrigin] | None = None,
+                 sessions: dict[int, Any] | None = None,
+                 forwarded: dict[int, Forwarded] | None = None) -> None: ...
     def drain(self, ring: ShmRing, source: int, limit: int) -> int: ...
 
 class MaskRules:

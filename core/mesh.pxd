@@ -56,6 +56,23 @@ cdef class ConnectionFrame:
 
 
 @cython.final
+cdef class AwaitedAnswer:
+    # A request forwarded to another worker, awaiting that worker's answer.
+    cdef readonly Reply slot              # its place in the session's reply order
+    cdef readonly uint32_t request_id
+    cdef readonly double deadline         # monotonic; then REQUEST_TIMEOUT
+
+
+@cython.final
+cdef class Forwarded:
+    # A session's requests that wait: for other workers' answers, or for
+    # channels to be ready here (its gates, server/cluster.py).
+    cdef readonly dict waiting            # owner -> deque of AwaitedAnswer, in the order sent
+    cdef readonly object gates            # deque of the session's gates
+    cpdef bint idle(self) except -1
+
+
+@cython.final
 cdef class MeshOutlet:
     # This worker's sending end of the ring to one other worker.  Pushes go
     # straight into the ring; what does not fit waits in ``backlog``, which
@@ -89,10 +106,13 @@ cdef class MeshReceiver:
     cdef readonly set ready               # Channels whose replica is complete here
     cdef readonly list watch              # non-empty: every M record goes to on_record
     cdef readonly dict origins            # (source, connection id) -> RemoteOrigin
+    cdef readonly dict sessions           # connection id -> this worker's Connection
+    cdef readonly dict forwarded          # connection id -> Forwarded
     cdef Channel _last                    # the channel of the last M or P record
     cdef readonly uint64_t received       # records drained
     cdef readonly uint64_t applied        # M records applied to a replica here
     cdef readonly uint64_t sequenced      # P records sequenced here
+    cdef readonly uint64_t answered       # A records put in their reply's place here
     cdef readonly uint64_t handed_over    # records given to on_record
     cdef readonly uint64_t handler_errors
 
@@ -100,5 +120,6 @@ cdef class MeshReceiver:
     cdef int _handle(self, int source, const char* rec, Py_ssize_t n) except -1
     cdef int _apply(self, const char* rec, Py_ssize_t n) except -1
     cdef int _sequence(self, int source, const char* rec, Py_ssize_t n) except -1
+    cdef int _answer(self, int source, const char* rec, Py_ssize_t n) except -1
     cdef Channel _channel(self, const char* name, Py_ssize_t n)
     cdef int _hand_over(self, int source, const char* rec, Py_ssize_t n) except -1

@@ -12,9 +12,10 @@
 #
 # Receiving: MeshReceiver.drain reads each record in place (peek/release)
 # and applies M records to the channel's replica and its local subscribers,
-# and sequences P records, without a Python call; a record it cannot take in
-# C (a replica still warming up, a gap, a channel or an origin this worker
-# has not seen yet, every control record) is copied out and handed to
+# sequences P records and puts A answers in their reply's place, without a
+# Python call; a record it cannot take in C (a replica still warming up, a
+# gap, a channel or an origin this worker has not seen yet, an answer behind
+# lost ones, every control record) is copied out and handed to
 # ``on_record``, which does what the Python side always did with it.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -196,6 +197,42 @@ cdef class ConnectionFrame:
         return f"ConnectionFrame({chr(self.kind)!r}, connection={self.connection})"
 
 
+# ---------------------------------------------------------------- answers awaited
+
+@cython.final
+cdef class AwaitedAnswer:
+    """A request forwarded to worker or node ``owner``, awaiting its answer in ``slot``."""
+
+    def __init__(self, Reply slot, uint32_t request_id, double deadline):
+        self.slot = slot
+        self.request_id = request_id
+        self.deadline = deadline
+
+    def __repr__(self):
+        return f"AwaitedAnswer(request_id={self.request_id}, ready={self.slot.ready})"
+
+
+@cython.final
+cdef class Forwarded:
+    """A session's requests that wait: for other workers' answers (``waiting``:
+    owner -> its AwaitedAnswers in the order sent; one owner answers a
+    connection's requests in that order, so its next answer is the first's),
+    or for channels to be ready here (``gates``).  The session's reply
+    sequencer keeps every reply in request order behind them."""
+
+    def __init__(self):
+        self.waiting = {}
+        self.gates = _deque()
+
+    cpdef bint idle(self) except -1:
+        if self.gates:
+            return False
+        for queue in self.waiting.values():
+            if queue:
+                return False
+        return True
+
+
 # ---------------------------------------------------------------- sending
 
 @cython.final
@@ -295,22 +332,29 @@ cdef class MeshReceiver:
       to its local subscribers, while ``watch`` is empty;
     * a P record from a connection already in ``origins`` to a channel this
       worker has is sequenced here, its ACK going back through the origin;
+    * an A record answering the first request its connection awaits from
+      that worker (``forwarded``) fills that request's place in the
+      connection's reply order (``sessions``);
     * any other record, and these when a condition fails, is copied out and
       given to ``on_record``, which handles it as it always did (a gap, a
       replica warming up, the first publish of a connection, controls).
 
-    ``ready``, ``watch`` and ``origins`` are the cluster's own objects, shared
+    ``ready``, ``watch``, ``origins``, ``sessions`` and ``forwarded`` are the
+    cluster's own objects, shared
     (server/cluster.py keeps them up to date).  An exception from a record's
     handling is logged and counted, and the next record is handled: one bad
     record must not stall a peer's stream.
     """
 
-    def __cinit__(self, Hub hub, on_record, set ready=None, list watch=None, dict origins=None):
+    def __cinit__(self, Hub hub, on_record, set ready=None, list watch=None, dict origins=None,
+                  dict sessions=None, dict forwarded=None):
         self.hub = hub
         self.on_record = on_record
         self.ready = set() if ready is None else ready
         self.watch = [] if watch is None else watch
         self.origins = {} if origins is None else origins
+        self.sessions = {} if sessions is None else sessions
+        self.forwarded = {} if forwarded is None else forwarded
         self._last = None
 
     cpdef Py_ssize_t drain(self, ShmRing ring, int source, Py_ssize_t limit) except -1:
@@ -340,6 +384,9 @@ cdef class MeshReceiver:
                     return 0
             elif kind == MESH_PUBLISH:
                 if self._sequence(source, rec, n):
+                    return 0
+            elif kind == MESH_ANSWER:
+                if self._answer(source, rec, n):
                     return 0
         return self._hand_over(source, rec, n)
 
@@ -405,6 +452,41 @@ cdef class MeshReceiver:
         self.sequenced += 1
         return 1
 
+    cdef int _answer(self, int source, const char* rec, Py_ssize_t n) except -1:
+        """An A record into its reply's place: 1, or 0 for on_record to decide
+        (the client left, or requests before this one were lost or timed out)."""
+        cdef mesh_connection_head h
+        cdef FrameHeader fh
+        cdef PyObject* session
+        cdef PyObject* found
+        cdef Forwarded pending
+        cdef AwaitedAnswer first
+        cdef Py_ssize_t start = sizeof(h)
+        if n < start + HEADER_SIZE:
+            return 0
+        memcpy(&h, rec, sizeof(h))
+        connection = h.connection
+        session = PyDict_GetItem(self.sessions, connection)
+        found = PyDict_GetItem(self.forwarded, connection)
+        if session == NULL or found == NULL:
+            return 0
+        pending = <Forwarded>found
+        found = PyDict_GetItem(pending.waiting, source)
+        if found == NULL or not <object>found:
+            return 0
+        queue = <object>found
+        first = <AwaitedAnswer>queue[0]
+        read_header(rec + start, &fh)
+        if first.request_id != fh.request_id:
+            return 0
+        queue.popleft()
+        # A slot that timed out is filled already and ignores the answer.
+        (<Connection>session)._fill(first.slot, PyBytes_FromStringAndSize(rec + start, n - start))
+        if pending.idle() and PyDict_GetItem(self.forwarded, connection) == <PyObject*>pending:
+            del self.forwarded[connection]
+        self.answered += 1
+        return 1
+
     cdef int _hand_over(self, int source, const char* rec, Py_ssize_t n) except -1:
         self.handed_over += 1
         self.on_record(source, PyBytes_FromStringAndSize(rec, n))
@@ -412,4 +494,5 @@ cdef class MeshReceiver:
 
     def __repr__(self):
         return (f"MeshReceiver(received={self.received}, applied={self.applied}, "
-                f"sequenced={self.sequenced}, handed_over={self.handed_over})")
+                f"sequenced={self.sequenced}, answered={self.answered}, "
+                f"handed_over={self.handed_over})")

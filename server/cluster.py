@@ -23,15 +23,17 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from fenghuo.core import (
+    AwaitedAnswer,
     Channel,
     ChannelKind,
     Connection,
     ErrorCode,
+    Forwarded,
     MeshBus,
     MeshReceiver,
     PresenceTable,
@@ -57,7 +59,7 @@ LOST_TO_RESTART = ("the worker that owns this channel restarted before answering
                    "retry (an idempotency key makes a publish safe to retry)")
 
 
-# The "owner" of a session's gates in :attr:`_Forwarded.waiting`: this worker.
+# The "owner" of a session's gates in :attr:`Forwarded.waiting`: this worker.
 HERE = -1
 
 
@@ -69,30 +71,6 @@ class _Gate:
     channels: tuple[Channel, ...] = ()
     open: Callable[[], None] | None = None       # None until the gate's channels are known
     given: bool = False                          # its channels are ready: it opens in its turn
-
-
-@dataclass
-class _Awaited:
-    """A request forwarded to another worker, awaiting that worker's answer."""
-
-    slot: Reply                                  # its place in the session's reply order
-    request_id: int
-    deadline: float                              # monotonic; then REQUEST_TIMEOUT
-
-
-@dataclass
-class _Forwarded:
-    """A session's requests that wait: for other workers' answers, or for
-    channels to be ready here (its gates).  The session's reply sequencer
-    keeps every reply in request order behind them."""
-
-    # Owner -> requests forwarded to it, in the order sent: one owner answers
-    # a connection's requests in that order, so its next answer is the first's.
-    waiting: dict[int, deque[_Awaited]] = field(default_factory=dict)
-    gates: deque[_Gate] = field(default_factory=deque)
-
-    def idle(self) -> bool:
-        return not self.gates and not any(self.waiting.values())
 
 
 class Cluster:
@@ -108,7 +86,7 @@ class Cluster:
         self.bus = MeshBus(relay.hub, self.index, self.owner_of, self._forward_publish,
                            self._broadcast_message)
         self.sessions: dict[int, Session] = {}            # connection id -> session
-        self.forwarded: dict[int, _Forwarded] = {}        # connection id -> pending
+        self.forwarded: dict[int, Forwarded] = {}        # connection id -> pending
         # Connection id -> workers holding a RemoteOrigin for it (told when it closes).
         self.origins_at: dict[int, set[int]] = {}
         self.remote: dict[tuple[int, int], RemoteOrigin] = {}
@@ -135,10 +113,11 @@ class Cluster:
     def of_worker(cls, relay: Relay, spec: WorkerSpec) -> Cluster:
         """Worker ``spec.index`` of several on one host, joined by shared-memory rings."""
         cluster = cls(relay, spec.index, spec.count, spec.generation)
-        # Message records (M, P) are applied in C, the rest reach _on_record;
+        # Message records (M, P, A) are applied in C, the rest reach _on_record;
         # the receiver shares the state that decides which (see MeshReceiver).
         receiver = MeshReceiver(relay.hub, cluster._on_record, cluster.ready_here,
-                                cluster.pending_parts, cluster.remote)
+                                cluster.pending_parts, cluster.remote, cluster.sessions,
+                                cluster.forwarded)
         cluster.receiver = receiver
         cluster.mesh = Mesh(spec, cluster._on_record, on_pressure=cluster._on_pressure,
                             receiver=receiver)
@@ -336,23 +315,23 @@ class Cluster:
             self.relay.go_live_ready(session)
         self._forget_if_idle(session, pending)
 
-    def _forget_if_idle(self, session: Session, pending: _Forwarded) -> None:
+    def _forget_if_idle(self, session: Session, pending: Forwarded) -> None:
         if pending.idle() and self.forwarded.get(session.id) is pending:
             del self.forwarded[session.id]
 
     # ------------------------------------------------------------ forwarding
 
-    def _pending(self, origin: Connection) -> _Forwarded:
+    def _pending(self, origin: Connection) -> Forwarded:
         pending = self.forwarded.get(origin.id)
         if pending is None:
-            pending = self.forwarded[origin.id] = _Forwarded()
+            pending = self.forwarded[origin.id] = Forwarded()
         return pending
 
     def _expect_answer(self, owner: int, origin: Connection, request_id: int) -> None:
         self.origins_at.setdefault(origin.id, set()).add(owner)
         deadline = time.monotonic() + self.relay.settings.request_timeout
         self._pending(origin).waiting.setdefault(owner, deque()).append(
-            _Awaited(origin.reserve_reply(), request_id, deadline))
+            AwaitedAnswer(origin.reserve_reply(), request_id, deadline))
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:

@@ -142,11 +142,12 @@ class RelayCollector(Collector):
                       "for this worker's sessions.", cluster.replica_messages)
         receiver = cluster.receiver
         if receiver is not None:
-            # compiled: M and P records taken in C; handed_over: every other
-            # record (controls, answers) and those C could not take as they stood.
+            # compiled: M, P and A records taken in C; handed_over: every other
+            # record (controls) and those C could not take as they stood.
             yield labelled_counter("fenghuo_mesh_records", "Records drained from the other "
                                    "workers' rings, by where they were handled.", "handling",
-                                   [("compiled", receiver.applied + receiver.sequenced),
+                                   [("compiled", receiver.applied + receiver.sequenced
+                                                  + receiver.answered),
                                     ("handed_over", receiver.handed_over)])
         if getattr(cluster, "engine", None) is not None:    # a node of a NATS cluster
             yield from self._node(cast("NodeCluster", cluster))

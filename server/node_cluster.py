@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fenghuo.channels import GROUP_PREFIX, group_channel
-from fenghuo.core import Channel, ChannelKind, Connection, ErrorCode, encode_error
+from fenghuo.core import AwaitedAnswer, Channel, ChannelKind, Connection, ErrorCode, encode_error
 from fenghuo.server import routing
-from fenghuo.server.cluster import Cluster, _Awaited
+from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, message_time
@@ -78,7 +78,7 @@ class _Parked:
     """A request for a channel whose owner is being found."""
 
     connection: int
-    awaited: _Awaited | None          # its place in the session's reply order
+    awaited: AwaitedAnswer | None     # its place in the session's reply order
     record: bytes                     # the mesh record to send the owner
 
 
