@@ -23,6 +23,7 @@ class FrameType(enum.IntEnum):
     REFRESH = 0x16
     GROUP = 0x20
     PRESENCE = 0x21
+    SCHEDULE = 0x22
     WELCOME = 0x81
     RESULT = 0x82
     ERROR = 0x83

@@ -33,6 +33,7 @@ cpdef enum FrameType:
     REFRESH = 0x16
     GROUP = 0x20
     PRESENCE = 0x21
+    SCHEDULE = 0x22
     # server -> client
     WELCOME = 0x81
     RESULT = 0x82

@@ -708,7 +708,7 @@ cdef class Connection:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "HELLO was already accepted", False)
             elif h.type in (FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.RECEIPT,
                             FrameType.HISTORY, FrameType.CURSOR, FrameType.GROUP,
-                            FrameType.PRESENCE, FrameType.REFRESH):
+                            FrameType.PRESENCE, FrameType.REFRESH, FrameType.SCHEDULE):
                 self.on_control(h.type, h.request_id, PyBytes_FromStringAndSize(body, n))
             else:
                 raise ProtocolError(ErrorCode.UNKNOWN_FRAME_TYPE,

@@ -18,6 +18,7 @@ order, and each publish is sequenced once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import random
@@ -129,6 +130,17 @@ def _same_store(old: str, new: str | None) -> bool:
 
 
 SCHEMES = ("tcp", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A message the relay keeps to publish at ``send_at`` (SCHEDULE, PROTOCOL §3.17a)."""
+
+    id: int
+    channel: str
+    send_at: float
+    #: the key was scheduled before: ``id`` is that message's
+    duplicate: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,6 +812,44 @@ class Client:
     async def unsubscribe(self, channel: str) -> dict[str, Any]:
         self._subscriptions.discard(channel)
         return await self._request(FrameType.UNSUBSCRIBE, {"channel": channel})
+
+    async def schedule(self, channel: str, data: str | bytes | dict[str, Any] | list[Any],
+                       send_at: float, *, content_type: int | None = None,
+                       meta: dict[str, Any] | None = None, key: str | None = None) -> Scheduled:
+        """Have the relay publish to ``channel`` at ``send_at`` (Unix seconds) as this user.
+
+        Checked now as a publish is (FORBIDDEN, INVALID_CHANNEL, NOT_FOUND); ``key``
+        makes a retry return the same scheduled message (one is generated when not given).
+        """
+        body: dict[str, Any] = {"op": "publish", "channel": channel, "send_at": send_at,
+                                "key": key or new_key().decode()}
+        if isinstance(data, bytes):
+            body["data_b64"] = base64.b64encode(data).decode()
+        else:
+            body["data"] = data
+        if content_type is not None:
+            body["content_type"] = content_type
+        if meta is not None:
+            body["meta"] = meta
+        result = await self._request(FrameType.SCHEDULE, body)
+        return Scheduled(result["scheduled"], result["channel"], result["send_at"],
+                         result["duplicate"])
+
+    async def scheduled(self, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """This user's scheduled messages not yet sent, by id (those with an id above
+        ``after``; at most ``limit``, default 100): each ``{"id", "send_at", "channel",
+        "data" or "data_b64", ...}`` as PROTOCOL §3.17a lists them."""
+        body: dict[str, Any] = {"op": "list", "after": after}
+        if limit is not None:
+            body["limit"] = limit
+        result = await self._request(FrameType.SCHEDULE, body)
+        listed: list[dict[str, Any]] = result["scheduled"]
+        return listed
+
+    async def cancel_scheduled(self, scheduled_id: int) -> None:
+        """Cancel one of this user's scheduled messages; NOT_FOUND if it was sent, cancelled,
+        never made or is another user's, CONFLICT if it is being sent."""
+        await self._request(FrameType.SCHEDULE, {"op": "cancel", "id": scheduled_id})
 
     async def history(self, channel: str, *, before: int | None = None, after: int | None = None,
                       since_us: int | None = None, until_us: int | None = None,

@@ -10,7 +10,9 @@ the relay's view of every worker, a user's disconnection (shared with the
 other workers) and token issue.
 
 Served by one process: the relay itself under ``--workers 1``, worker 0
-under several (server/main.py).
+under several (server/main.py).  That process has an :class:`Api` even
+without ``--api-port``: its timers serve the protocol's SCHEDULE too
+(server/scheduling.py), through the same :func:`schedule`.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ MAX_BACKEND_SESSIONS = 256
 SESSION_TOKEN_TTL = 24 * 3600
 # How far ahead a message may be scheduled.
 MAX_SCHEDULE_AHEAD_S = 366 * 86400
+# How far in the past a send_at may be (it is then sent at once): the clock skew a
+# backend or a device may have; five minutes, the tolerance the Standard Webhooks
+# spec gives timestamps.  Further back is a mistake, not skew.
+MAX_SCHEDULE_BEHIND_S = 300
 # Recipients message_status lists at most (its counts always cover them all).
 STATUS_LIST_MAX = 100_000
 
@@ -432,9 +438,9 @@ class Api:
         self.secret = secret
         self.key_hashes = key_hashes
         self.stats = ApiStats()
-        host = relay.settings.host
-        loopback = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-        self.backends = Backends(f"tcp://{loopback}:{relay.port}", secret)
+        # Made before the relay listens (a SCHEDULE may come at once); its sessions'
+        # address is known once it does (start).
+        self.backends = Backends("", secret)
         self.runner: web.AppRunner | None = None
         #: scheduled messages, fired by this process (server/timers.py)
         self.timers: Timers = Timers(TimerTable(relay.store), {
@@ -498,8 +504,15 @@ class Api:
         return _json(exc.status, {"error": {"code": exc.code, "name": _code_name(exc.code),
                                             "message": exc.message}})
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str | None = None, port: int = 0) -> int | None:
+        """Fire the timers; serve HTTP on ``host:port`` too unless ``port`` is 0 (no server
+        API: the timers still serve SCHEDULE, PROTOCOL §3.17a)."""
+        host = self.relay.settings.host
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+        self.backends.server = f"tcp://{loopback}:{self.relay.port}"
         await self.timers.start()
+        if not port:
+            return None
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
@@ -660,7 +673,8 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
     """Store ``items`` (each with ``send_at``) as timers; an answer or an error for each."""
     answers: list[dict[str, Any]] = []
     timers: list[NewTimer] = []
-    horizon = now_us() + MAX_SCHEDULE_AHEAD_S * 1_000_000
+    now = now_us()
+    horizon = now + MAX_SCHEDULE_AHEAD_S * 1_000_000
     for item in items:
         try:
             channel = _schedulable(api, item)
@@ -669,6 +683,9 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
             if due > horizon:
                 raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
                                f"{MAX_SCHEDULE_AHEAD_S // 86400} days ahead")
+            if due < now - MAX_SCHEDULE_BEHIND_S * 1_000_000:
+                raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
+                               f"{MAX_SCHEDULE_BEHIND_S} s in the past")
         except ApiError as exc:
             answers.append({"error": {"code": exc.code, "name": _code_name(exc.code),
                                       "message": exc.message}})
@@ -732,23 +749,53 @@ def _schedulable(api: Api, item: PublishCall) -> str:
 
 
 async def scheduled_list(api: Api, body: ScheduledListCall) -> dict[str, Any]:
-    timers = await api.timers.table.listed(SEND, body.after or 0, body.limit or HISTORY_DEFAULT)
-    out = []
-    for t in timers:
-        call = msgspec.json.decode(t.body, type=PublishCall)
-        out.append({"id": t.id, "send_at": t.due_us / 1e6,
-                    **{k: v for k, v in msgspec.structs.asdict(call).items() if v is not None}})
-    return {"scheduled": out}
+    return {"scheduled": await pending_scheduled(api, body.after or 0,
+                                                 body.limit or HISTORY_DEFAULT)}
+
+
+async def pending_scheduled(api: Api, after: int, limit: int,
+                            sender: str | None = None) -> list[dict[str, Any]]:
+    """Up to ``limit`` scheduled messages with an id above ``after``, by id: of ``sender``
+    only if given (the protocol's SCHEDULE list: its pages are read until enough are his)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < limit:
+        timers = await api.timers.table.listed(SEND, after, limit)
+        for t in timers:
+            call = msgspec.json.decode(t.body, type=PublishCall)
+            if sender is None or (call.sender or API_USER) == sender:
+                out.append({"id": t.id, "send_at": t.due_us / 1e6,
+                            **{k: v for k, v in msgspec.structs.asdict(call).items()
+                               if v is not None}})
+        if len(timers) < limit:
+            break
+        after = timers[-1].id
+    return out[:limit]
 
 
 async def scheduled_cancel(api: Api, body: ScheduledCancelCall) -> dict[str, Any]:
-    cancelled = await api.timers.cancel(body.id, SEND)
+    return await cancel_scheduled(api, body.id)
+
+
+async def cancel_scheduled(api: Api, timer_id: int, sender: str | None = None) -> dict[str, Any]:
+    """Cancel scheduled message ``timer_id`` (only if ``sender``'s, when given: another's
+    is NOT_FOUND, as if it did not exist)."""
+    if sender is not None:
+        # A row outlives its fire until the message is stored: one being sent is found here.
+        timers = await api.timers.table.get([timer_id])
+        if not timers or timers[0].kind != SEND or (msgspec.json.decode(
+                timers[0].body, type=PublishCall).sender or API_USER) != sender:
+            raise _not_scheduled(timer_id)
+    cancelled = await api.timers.cancel(timer_id, SEND)
     if cancelled is None:
-        raise ApiError(ErrorCode.CONFLICT, f"scheduled message {body.id} is being sent")
+        raise ApiError(ErrorCode.CONFLICT, f"scheduled message {timer_id} is being sent")
     if not cancelled:
-        raise ApiError(ErrorCode.NOT_FOUND, f"no scheduled message {body.id} (sent, cancelled "
-                       "or never made)")
-    return {"id": body.id, "cancelled": True}
+        raise _not_scheduled(timer_id)
+    return {"id": timer_id, "cancelled": True}
+
+
+def _not_scheduled(timer_id: int) -> ApiError:
+    return ApiError(ErrorCode.NOT_FOUND, f"no scheduled message {timer_id} (sent, cancelled "
+                    "or never made)")
 
 
 async def _one(api: Api, item: PublishCall) -> dict[str, Any]:

@@ -19,13 +19,14 @@ worker owns the channel, else forwarded.  This module does the rest:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
 from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fenghuo.core import (
     AwaitedAnswer,
@@ -34,6 +35,7 @@ from fenghuo.core import (
     Connection,
     ErrorCode,
     Forwarded,
+    FrameType,
     MeshBus,
     MeshReceiver,
     PresenceTable,
@@ -46,6 +48,7 @@ from fenghuo.server import routing
 from fenghuo.server.clicks import Click
 from fenghuo.server.frames import frame_request_id, message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
+from fenghuo.protocol import encode_json
 
 if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
@@ -61,6 +64,15 @@ LOST_TO_RESTART = ("the worker that owns this channel restarted before answering
 
 # The "owner" of a session's gates in :attr:`Forwarded.waiting`: this worker.
 HERE = -1
+
+
+def _refusal(exc: Exception, rid: int, what: str) -> bytes:
+    """The ERROR answering a forwarded request that raised ``exc``."""
+    code = getattr(exc, "code", ErrorCode.INTERNAL)
+    message = getattr(exc, "message", "internal error")
+    if code == ErrorCode.INTERNAL:
+        log.exception("forwarded request failed", extra={"op": what}, exc_info=exc)
+    return encode_error(code, message, rid)
 
 
 @dataclass
@@ -108,6 +120,7 @@ class Cluster:
         self.idle_since: dict[Channel, float] = {}
         self.replica_applied = 0                         # M records _on_record applied
         self.receiver: MeshReceiver | None = None        # between workers: the compiled one
+        self._serving: set[asyncio.Future[None]] = set()  # forwarded requests answered later
 
     @classmethod
     def of_worker(cls, relay: Relay, spec: WorkerSpec) -> Cluster:
@@ -575,18 +588,37 @@ class Cluster:
         else:
             log.error("unknown mesh control", extra={"op": op, "source": source})
 
+    def _serve_later(self, origin: RemoteOrigin, rid: int, result: Awaitable[dict[str, Any]],
+                     what: str) -> None:
+        slot = origin.reserve_reply() if rid else None
+
+        async def answer() -> None:
+            try:
+                frame = encode_json(FrameType.RESULT, await result, rid)
+            except Exception as exc:
+                frame = _refusal(exc, rid, what)
+            if slot is not None:
+                origin.fill_reply(slot, frame)
+
+        task = asyncio.ensure_future(answer())
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
     def _serve(self, source: int, body: dict[str, Any]) -> None:
         """Run a request another worker forwarded here, answering through its origin."""
         origin = self._origin(source, body["connection"], body["user"])
         rid = body["rid"]
         try:
             answer = self.relay.serve_forwarded(origin, body)
+            if not callable(answer):
+                # Answered later (SCHEDULE waits for the timers' table): its slot is
+                # taken in the turn a direct answer would be sent in, so it keeps its
+                # place among this origin's answers.
+                later, what = answer, body["what"]
+                self.relay.hub.after_store(lambda: self._serve_later(origin, rid, later, what))
+                return
         except Exception as exc:
-            code = getattr(exc, "code", ErrorCode.INTERNAL)
-            message = getattr(exc, "message", "internal error")
-            if code == ErrorCode.INTERNAL:
-                log.exception("forwarded request failed", extra={"op": body["what"]})
-            error = encode_error(code, message, rid)
+            error = _refusal(exc, rid, body["what"])
             answer = lambda _rid: error  # noqa: E731
         if rid:
             # Once what the request sequenced (a GROUP change's event) is

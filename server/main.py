@@ -36,18 +36,22 @@ log = logging.getLogger("fenghuo.serve")
 
 async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None) -> int:
     relay = Relay(settings, secret)
+    api = None
+    # One process serves the API and fires the scheduled messages (of the API and of
+    # SCHEDULE, which the other workers forward to it): the relay itself, or worker 0.
+    # Made before the relay listens, so a SCHEDULE finds it from the first connection.
+    if spec is None or spec.index == 0:
+        from fenghuo.server.api import Api, load_key_hashes
+        api = Api(relay, secret, load_key_hashes(settings.api_key_file) if settings.api_port
+                  else ())
+        relay.api = api
     await relay.start(spec)
     metrics_server = None
     # A worker's metrics port is its supervisor's choice (metrics port + 1 + index).
     metrics_port = int(os.environ.get("FENGHUO_METRICS_PORT", "0")) if spec else settings.metrics_port
     if metrics_port:
         metrics_server = await metrics.start(relay, settings.host, metrics_port)
-    api = None
-    # One process serves the API: the relay itself, or worker 0 of several.
-    if settings.api_port and (spec is None or spec.index == 0):
-        from fenghuo.server.api import Api, load_key_hashes
-        api = Api(relay, secret, load_key_hashes(settings.api_key_file))
-        relay.api = api
+    if api is not None:
         await api.start(settings.api_host, settings.api_port)
     # One process sends webhooks, the same one: the rows of every worker are in the shared store.
     if relay.endpoints and relay.store is not None and (spec is None or spec.index == 0):
@@ -62,7 +66,7 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
           + (f", websocket on :{relay.ws_port}" if relay.ws_port else "")
           + (f", metrics on :{metrics_port}" if metrics_server else "")
-          + (f", API on {settings.api_host}:{settings.api_port}" if api else ""), flush=True)
+          + (f", API on {settings.api_host}:{settings.api_port}" if settings.api_port and api else ""), flush=True)
     await relay.stop_requested.wait()
     if api is not None:
         await api.stop()

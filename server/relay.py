@@ -18,7 +18,7 @@ import secrets
 import time
 from functools import partial
 from typing import TYPE_CHECKING, cast
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
 
@@ -39,7 +39,7 @@ from fenghuo.core import (
 from fenghuo.protocol import encode_json
 from fenghuo.server.admission import Admission
 from fenghuo.server.config import Settings
-from fenghuo.server import retention
+from fenghuo.server import retention, scheduling
 from fenghuo.server.frames import message_sender, message_seq, message_time
 from fenghuo.server.clicks import Click, Clicks
 from fenghuo.server.cursors import ReadCursors
@@ -1143,9 +1143,10 @@ class Relay:
             self.part(user, ch)
         self.save_group(group)
 
-    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> Answer:
+    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> Answer | Awaitable[dict]:
         """Run a request another worker forwarded to this channel's owner; its answer
-        (sent once what it sequenced is released)."""
+        (sent once what it sequenced is released), or what will be its RESULT (SCHEDULE,
+        answered once the timers' table has)."""
         op = body["what"]
         if op == "group":
             actor = Actor(origin.user, bool(body.get("service")), bool(body.get("advisor")))
@@ -1154,6 +1155,10 @@ class Relay:
             result = self.receipt(origin.user, self.ensure_channel(body["channel"]), body["seq"],
                                   body["kind"], bool(body["rid"]))
             return lambda rid: encode_json(FrameType.RESULT, result, rid)
+        if op == "schedule" and self.api is not None:
+            # Checked by the origin as for a PUBLISH; answered once the timers answer.
+            return scheduling.serve(self.api, origin.user,
+                                    from_builtins(FrameType.SCHEDULE, body["request"]))
         raise refuse(ErrorCode.MALFORMED_BODY, f"unknown forwarded request {op!r}")
 
     def group_request(self, actor: Actor, request: GroupRequest) -> Answer:

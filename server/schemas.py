@@ -1,6 +1,6 @@
 """The one declared schema of every JSON body a client sends (docs/PROTOCOL.md §2.5, §3).
 
-Each body is a msgspec ``Struct`` (ops of CURSOR, GROUP and PRESENCE: a
+Each body is a msgspec ``Struct`` (ops of CURSOR, GROUP, PRESENCE and SCHEDULE: a
 union tagged by ``op``).  :func:`decode_body` parses and validates in one
 pass, in C, where the frame is received (:class:`Session`), so a handler, and
 a request forwarded to another worker, only ever sees a valid body.  The
@@ -196,10 +196,36 @@ class PresenceUnsubscribe(Tagged, frozen=True, tag="unsubscribe"):
     users: Users
 
 
+# ---------------------------------------------------------------- SCHEDULE
+
+
+class SchedulePublish(Tagged, frozen=True, tag="publish"):
+    channel: ChannelName
+    send_at: Annotated[float, Meta(ge=0, description=(
+        "a number, Unix time in seconds (fractions allowed)"))]
+    data: Annotated[str | dict[str, Any] | list[Any], Meta(
+        description="a string (content type TEXT) or JSON (CARD)")] | None = None
+    data_b64: Annotated[str, Meta(description="a string, the binary payload in base64")] | None = None
+    content_type: Annotated[int, Meta(ge=0, le=255, description="an integer 0..255")] | None = None
+    meta: Annotated[dict[str, Any], Meta(description="a JSON object")] | None = None
+    key: Annotated[str, Meta(min_length=1, max_length=128, description=(
+        "a string of 1-128 characters"))] | None = None
+
+
+class ScheduleList(Tagged, frozen=True, tag="list"):
+    after: Annotated[int, Meta(ge=0, le=INT64_MAX, description="an integer 0..2^63-1")] | None = None
+    limit: Limit | None = None
+
+
+class ScheduleCancel(Tagged, frozen=True, tag="cancel"):
+    id: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+
+
 CursorRequest = CursorSync | CursorUnread | CursorReaders
 GroupRequest = (GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupRole | GroupHandoff
                 | GroupQueue | GroupTake | GroupList | GroupMembers)
 PresenceRequest = PresenceQuery | PresenceSubscribe | PresenceUnsubscribe
+ScheduleRequest = SchedulePublish | ScheduleList | ScheduleCancel
 
 
 # ---------------------------------------------------------------- decoding and refusals
@@ -278,6 +304,7 @@ SCHEMAS: dict[int, Schema] = {
     FrameType.GROUP: declare("GROUP", GroupRequest),
     FrameType.PRESENCE: declare("PRESENCE", PresenceRequest),
     FrameType.REFRESH: declare("REFRESH", Refresh),
+    FrameType.SCHEDULE: declare("SCHEDULE", ScheduleRequest),
 }
 
 

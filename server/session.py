@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fenghuo.channels import InvalidChannel, group_channel, parse_channel
 from fenghuo.core import (
@@ -21,6 +21,7 @@ from fenghuo.core import (
     Channel,
     ChannelKind,
     Connection,
+    ContentType,
     ErrorCode,
     FrameType,
     Hub,
@@ -33,7 +34,7 @@ from fenghuo.core import (
     encode_frame,
 )
 from fenghuo.protocol import encode_json
-from fenghuo.server import schemas
+from fenghuo.server import scheduling, schemas
 from fenghuo.server.clicks import LINK_MAX
 from fenghuo.server.devices import SERVICE_DEVICE
 from fenghuo.server.groups import Actor
@@ -49,6 +50,7 @@ from fenghuo.server.schemas import (
     PresenceSubscribe,
     PresenceUnsubscribe,
     Refresh,
+    SchedulePublish,
     Subscribe,
     Unsubscribe,
 )
@@ -397,6 +399,41 @@ class Session(Connection, asyncio.BufferedProtocol):
                     self.watching.discard(user)
         self.reply(request_id, {"users": {u: relay.visible_presence(self.grants, u) for u in users}})
 
+    # ------------------------------------------------------------ scheduled messages
+
+    def _schedule(self, request_id: int, body: schemas.ScheduleRequest) -> None:
+        relay = self.relay
+        if isinstance(body, SchedulePublish):
+            # PUBLISH's checks, here where the token is (PROTOCOL §3.5 step 2, §3.17a).
+            if body.content_type == ContentType.EVENT:
+                raise refuse(ErrorCode.FORBIDDEN, "SCHEDULE: content type EVENT (5) is "
+                             "written by the server")
+            relay.publish_channel(self, body.channel.encode())
+        api = relay.api
+        if api is None:
+            # The timers are worker 0's: it answers in this connection's reply order.
+            if relay.cluster is None:
+                raise refuse(ErrorCode.INTERNAL, "no scheduler in this relay")
+            relay.cluster.forward_request(0, self, request_id, "schedule",
+                                          request=schemas.to_builtins(body))
+            return
+        slot = self.reserve_reply()
+        self.track(asyncio.get_running_loop().create_task(
+            self._scheduled(slot, request_id, scheduling.serve(api, self.user, body))))
+
+    async def _scheduled(self, slot: Reply, request_id: int,
+                         answer: Awaitable[dict[str, Any]]) -> None:
+        try:
+            frame = encode_json(FrameType.RESULT, await answer, request_id)
+        except ProtocolError as exc:
+            self.hub.metrics.record_error(exc.code)
+            frame = encode_error(exc.code, exc.message, request_id)
+        except Exception:
+            log.exception("SCHEDULE failed", extra={"user": self.user})
+            self.hub.metrics.record_error(ErrorCode.INTERNAL)
+            frame = encode_error(ErrorCode.INTERNAL, "internal error", request_id)
+        self.fill_reply(slot, frame)
+
 
 _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.SUBSCRIBE: Session._subscribe,
@@ -407,4 +444,5 @@ _HANDLERS: dict[int, Callable[..., None]] = {
     FrameType.GROUP: Session._group,
     FrameType.PRESENCE: Session._presence,
     FrameType.REFRESH: Session._refresh,
+    FrameType.SCHEDULE: Session._schedule,
 }

@@ -1,7 +1,9 @@
 """Durable timers of the server API: scheduled messages (``send_at``).
 
 Owned by the process that serves the API (the relay under ``--workers 1``,
-worker 0 of several): scheduling is an API call, and a fire is a publish
+worker 0 of several, with or without ``--api-port``): scheduling is an API
+call or a client's SCHEDULE (server/scheduling.py, through the API's same
+path; other workers forward it here), and a fire is a publish
 through the API's own session (server/api.py), forwarded to the channel's
 owning worker like any other, so it is sequenced (seq and ``ts_us``) when it
 fires.  One owner: no two workers can fire the same timer.

@@ -59,7 +59,8 @@ NOT_DOCUMENTED_AS_ROWS = {("FrameFlag", "KNOWN_FLAGS")}
 JSON_TYPES = {FrameType.HELLO, FrameType.WELCOME, FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE,
               FrameType.RESULT, FrameType.HISTORY, FrameType.CURSOR, FrameType.REFRESH,
               FrameType.GROUP,
-              FrameType.PRESENCE, FrameType.PRESENCE_EVENT, FrameType.GAP, FrameType.GOAWAY}
+              FrameType.PRESENCE, FrameType.SCHEDULE, FrameType.PRESENCE_EVENT, FrameType.GAP,
+              FrameType.GOAWAY}
 BINARY_DECODERS = {
     FrameType.PUBLISH: decode_publish,
     FrameType.MESSAGE: decode_message,

@@ -68,6 +68,9 @@ async def test_refused_when_scheduled_not_when_fired(api_relay):
         await refused(api.publish(NEWS, "x", send_at=later + 400 * 86400), 400,
                       ErrorCode.MALFORMED_BODY)
         await refused(api.publish(NEWS, "x", send_at=-1), 400, ErrorCode.MALFORMED_BODY)
+        skewed = await refused(api.publish(NEWS, "x", send_at=time.time() - 3600), 400,
+                               ErrorCode.MALFORMED_BODY)
+        assert skewed.message == "publish: `send_at` is more than 300 s in the past"
         batch = await api.batch_publish([
             {"channel": NEWS, "data": "a"},
             {"channel": "dm:ann:ben", "data": "b", "send_at": later},

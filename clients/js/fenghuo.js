@@ -11,7 +11,7 @@
 /** Frame types (PROTOCOL §3.1). */
 export const FrameType = Object.freeze({
   HELLO: 0x01, PING: 0x02, PONG: 0x03, PUBLISH: 0x10, SUBSCRIBE: 0x11, UNSUBSCRIBE: 0x12,
-  RECEIPT: 0x13, HISTORY: 0x14, CURSOR: 0x15, REFRESH: 0x16, GROUP: 0x20, PRESENCE: 0x21,
+  RECEIPT: 0x13, HISTORY: 0x14, CURSOR: 0x15, REFRESH: 0x16, GROUP: 0x20, PRESENCE: 0x21, SCHEDULE: 0x22,
   WELCOME: 0x81, RESULT: 0x82, ERROR: 0x83, MESSAGE: 0x90, ACK: 0x91, RECEIPT_EVENT: 0x92,
   PRESENCE_EVENT: 0x93, GAP: 0x94, GOAWAY: 0x95, HISTORY_PAGE: 0x96,
 });
@@ -470,7 +470,7 @@ export class Client {
    * @returns {Promise<Ack>}
    */
   publish(channel, data, o = {}) {
-    const key = utf8.encode(o.key ?? `${this.device}-${Date.now().toString(36)}-${++this.keySeq}`);
+    const key = utf8.encode(o.key ?? this._newKey());
     let payload, contentType = o.contentType;
     if (data instanceof Uint8Array) { payload = data; contentType ??= ContentType.BINARY; }
     else if (typeof data === "string") { payload = utf8.encode(data); contentType ??= ContentType.TEXT; }
@@ -478,6 +478,30 @@ export class Client {
     const meta = o.meta ? utf8.encode(JSON.stringify(o.meta)) : undefined;
     return this._send((rid) => encodePublish(channel, payload, { contentType, key, meta, requestId: rid }), true);
   }
+
+  /** A new idempotency key: this device's, time-ordered. */
+  _newKey() { return `${this.device}-${Date.now().toString(36)}-${++this.keySeq}`; }
+
+  /**
+   * Have the relay publish to `channel` at `sendAt` (Unix seconds) as this user
+   * (SCHEDULE, PROTOCOL §3.17a); resolves with {channel, send_at, scheduled, duplicate}.
+   * @param {string} channel @param {string | Uint8Array | object} data @param {number} sendAt
+   * @param {{key?: string, contentType?: number, meta?: object}} [o]
+   */
+  schedule(channel, data, sendAt, o = {}) {
+    const body = { op: "publish", channel, send_at: sendAt, key: o.key ?? this._newKey() };
+    if (data instanceof Uint8Array) body.data_b64 = btoa(String.fromCharCode(...data));
+    else body.data = data;
+    if (o.contentType !== undefined) body.content_type = o.contentType;
+    if (o.meta) body.meta = o.meta;
+    return this.request(FrameType.SCHEDULE, body);
+  }
+
+  /** This user's scheduled messages not yet sent, by id. @param {{after?: number, limit?: number}} [o] */
+  async scheduled(o = {}) { return (await this.request(FrameType.SCHEDULE, { op: "list", ...o })).scheduled; }
+
+  /** Cancel one of this user's scheduled messages. @param {number} id */
+  cancelScheduled(id) { return this.request(FrameType.SCHEDULE, { op: "cancel", id }); }
 
   /** Send to another user's direct channel. @param {string} user @param {string | Uint8Array | object} data */
   send(user, data, o = {}) {

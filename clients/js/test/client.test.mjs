@@ -68,6 +68,30 @@ test("history pages, receipts and unread counts", async () => {
   assert.equal((await bob.unread())[ch], 0);
 });
 
+test("a scheduled message fires once at its time; listed and cancelled by its owner (SCHEDULE)", async () => {
+  const [a, b] = [`a${uid()}`, `b${uid()}`];
+  const alice = await connect(a), bob = await connect(b);
+  const ch = `dm:${[a, b].sort().join(":")}`;
+  const at = Date.now() / 1000 + 1.5;
+  const got = next(bob, "message", (m) => m.sender === a, 10000);
+  const s = await alice.schedule(ch, "fee reminder", at, { key: "fee-1" });
+  assert.equal(s.channel, ch);
+  assert.equal(s.duplicate, false);
+  assert.equal((await alice.schedule(ch, "fee reminder", at, { key: "fee-1" })).duplicate, true);
+  const dropped = await alice.schedule(ch, new Uint8Array([0, 1, 2]), at + 60);
+  assert.deepEqual((await alice.scheduled()).map((x) => [x.id, x.data ?? x.data_b64]),
+                   [[s.scheduled, "fee reminder"], [dropped.scheduled, "AAEC"]]);
+  assert.deepEqual(await bob.scheduled(), []);
+  await assert.rejects(bob.cancelScheduled(dropped.scheduled), (e) => e.code === ErrorCode.NOT_FOUND);
+  assert.deepEqual(await alice.cancelScheduled(dropped.scheduled), { id: dropped.scheduled, cancelled: true });
+  const m = await got;
+  assert.equal(m.text, "fee reminder");
+  assert.ok(m.tsUs >= at * 1e6, `${m.tsUs} before ${at}`);
+  assert.deepEqual(await alice.scheduled(), []);
+  await assert.rejects(alice.schedule(ch, "x", Date.now() / 1000 - 3600),
+                       (e) => e.code === ErrorCode.MALFORMED_BODY);
+});
+
 test("presence of a user sharing a channel", async () => {
   const [a, b] = [`a${uid()}`, `b${uid()}`];
   const alice = await connect(a);

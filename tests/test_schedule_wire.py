@@ -1,0 +1,179 @@
+"""SCHEDULE over the protocol (docs/PROTOCOL.md §3.17a) against a real relay over real TCP,
+under one worker and the default (the timers are worker 0's: a client elsewhere is
+forwarded): fired once at its time, listed and cancelled by its owner only, refused as a
+PUBLISH would be, kept across a restart, masked and sealed while it waits."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import orjson
+import pytest
+
+import fenghuo
+from fenghuo import ErrorCode, direct_channel, group_channel
+from clients import assert_silent
+
+WORKERS = [1, None]
+DM = direct_channel("ann", "bob")
+NEWS = "org.acme.news"
+
+
+async def not_on_worker_0(relay, user: str, **kwargs) -> fenghuo.Client:
+    """A client of ``user`` on a worker other than the timers' owner when there are several
+    (so its SCHEDULE requests are forwarded), on the only one otherwise."""
+    for _ in range(60):
+        client = await relay.connect(user, reconnect=False, **kwargs)
+        if relay.workers == 1 or client.welcome["worker"] != 0:
+            return client
+        await client.close()
+    pytest.fail(f"{user} never landed on a worker other than 0")
+
+
+async def wire_refused(call, code: int, text: str | None = None) -> fenghuo.FenghuoError:
+    with pytest.raises(fenghuo.FenghuoError) as info:
+        await call
+    assert info.value.code == code, info.value
+    if text is not None:
+        assert info.value.message == text
+    return info.value
+
+
+@pytest.mark.parametrize("workers", WORKERS, ids=["workers-1", "workers-default"])
+async def test_fires_once_at_its_time_listed_and_cancelled_by_its_owner_only(relay_factory,
+                                                                              workers):
+    relay = relay_factory(workers=workers)
+    ann = await not_on_worker_0(relay, "ann")
+    bob = await relay.connect("bob", reconnect=False)
+    now = await ann.publish(DM, "now")
+    at = time.time() + 1.5
+    first = await ann.schedule(DM, "fee reminder", at, key="fee-3")
+    again = await ann.schedule(DM, "fee reminder", at, key="fee-3")
+    assert (first.channel, first.duplicate) == (DM, False)
+    assert first.send_at == pytest.approx(at, abs=1e-6)
+    assert again == fenghuo.client.Scheduled(first.id, DM, first.send_at, True)
+    dropped = await ann.schedule(DM, b"\x00never", at + 0.5, meta={"k": 1})
+    listed = await ann.scheduled()
+    assert [(s["id"], s.get("data"), s.get("data_b64")) for s in listed] == [
+        (first.id, "fee reminder", None), (dropped.id, None, "AG5ldmVy")]
+    assert listed[0]["key"] == "fee-3" and listed[1]["meta"] == {"k": 1}
+    assert listed[0]["channel"] == DM and listed[0]["send_at"] == pytest.approx(at, abs=1e-6)
+    assert await ann.scheduled(after=first.id) == listed[1:]
+
+    # bob is in the channel but the messages are ann's: he neither sees nor cancels them.
+    assert await bob.scheduled() == []
+    await wire_refused(bob.cancel_scheduled(dropped.id), ErrorCode.NOT_FOUND)
+    await ann.cancel_scheduled(dropped.id)
+    await wire_refused(ann.cancel_scheduled(dropped.id), ErrorCode.NOT_FOUND)
+
+    assert (await bob.next_message(timeout=10)).text == "now"
+    m = await bob.next_message(timeout=10)
+    # Sequenced when it fired, after what was published before, at (not before) its time.
+    assert (m.text, m.seq, m.sender) == ("fee reminder", now.seq + 1, "ann")
+    assert at * 1e6 <= m.ts_us < (at + 5) * 1e6
+    await assert_silent(bob, 1.5)                 # neither the duplicate nor the cancelled
+    assert await ann.scheduled() == []
+    await wire_refused(ann.cancel_scheduled(first.id), ErrorCode.NOT_FOUND)
+    assert [h.text for h in await ann.history(DM)] == ["now", "fee reminder"]
+
+
+@pytest.mark.parametrize("workers", WORKERS, ids=["workers-1", "workers-default"])
+async def test_refused_as_a_publish_is_and_bad_input_with_the_documented_texts(relay_factory,
+                                                                               workers):
+    relay = relay_factory(workers=workers)
+    ann = await not_on_worker_0(relay, "ann", channels=("org.acme.*",))
+    later = time.time() + 60
+    await wire_refused(ann.schedule("dm:bob:cy", "x", later), ErrorCode.FORBIDDEN)
+    await wire_refused(ann.schedule("org.other.news", "x", later), ErrorCode.FORBIDDEN)
+    await wire_refused(ann.schedule(group_channel("none"), "x", later), ErrorCode.NOT_FOUND)
+    await wire_refused(ann.schedule("bad name", "x", later), ErrorCode.INVALID_CHANNEL)
+    await wire_refused(ann.schedule(NEWS, "x", later, content_type=5), ErrorCode.FORBIDDEN,
+                       "SCHEDULE: content type EVENT (5) is written by the server")
+    await wire_refused(ann.schedule(NEWS, "x", later, content_type=9), ErrorCode.MALFORMED_BODY,
+                       "SCHEDULE: content type 9 cannot be scheduled: 0-4, 6 and 128-255 can "
+                       "(PROTOCOL §3.15)")
+    await wire_refused(ann.schedule(NEWS, "x", time.time() + 400 * 86400),
+                       ErrorCode.MALFORMED_BODY, "SCHEDULE: `send_at` is more than 366 days ahead")
+    await wire_refused(ann.schedule(NEWS, "x", time.time() - 3600), ErrorCode.MALFORMED_BODY,
+                       "SCHEDULE: `send_at` is more than 300 s in the past")
+    raw = ann._request
+    await wire_refused(raw(fenghuo.core.FrameType.SCHEDULE, {
+        "op": "publish", "channel": NEWS, "data": "x", "send_at": "tomorrow"}),
+        ErrorCode.MALFORMED_BODY,
+        "SCHEDULE: `send_at` must be a number, Unix time in seconds (fractions allowed) (required)")
+    await wire_refused(raw(fenghuo.core.FrameType.SCHEDULE, {
+        "op": "publish", "channel": NEWS, "send_at": later}), ErrorCode.MALFORMED_BODY,
+        "SCHEDULE: `data` or `data_b64` is required")
+    await wire_refused(raw(fenghuo.core.FrameType.SCHEDULE, {"op": "later"}),
+                       ErrorCode.MALFORMED_BODY,
+                       "SCHEDULE: `op` must be one of publish, list, cancel (required)")
+    await wire_refused(raw(fenghuo.core.FrameType.SCHEDULE, {"op": "cancel", "id": 0}),
+                       ErrorCode.MALFORMED_BODY, "SCHEDULE: `id` must be an integer 1..2^63-1 "
+                       "(required)")
+    # A service user (a bot) is confined to its groups, as for PUBLISH (§5.6a).
+    bot = await relay.connect("bot", roles=("service",), reconnect=False)
+    await wire_refused(bot.schedule(direct_channel("bot", "ann"), "x", later), ErrorCode.FORBIDDEN)
+    # All non-fatal: the connection goes on, and a little skew in the past is sent at once.
+    sub = await relay.connect("cy", read=(NEWS,), reconnect=False)
+    soon = await ann.schedule(NEWS, "skewed", time.time() - 5)
+    m = await sub.next_message(timeout=10)
+    assert (m.text, m.sender, m.channel) == ("skewed", "ann", NEWS)
+    assert (await ann.publish(NEWS, "still here")).seq == m.seq + 1
+    assert soon.id >= 1 and await ann.scheduled() == []
+
+
+@pytest.mark.parametrize("workers", WORKERS, ids=["workers-1", "workers-default"])
+async def test_a_scheduled_message_survives_a_restart(relay_factory, workers):
+    relay = relay_factory(workers=workers)
+    ann = await not_on_worker_0(relay, "ann")
+    at = time.time() + 4
+    made = await ann.schedule(DM, "after the restart", at)
+    await ann.close()
+    relay.stop()
+    again = relay_factory(workers=workers, data_dir=relay.data_dir, secret=relay.secret)
+    bob = await again.connect("bob", reconnect=False)
+    ann = await not_on_worker_0(again, "ann")
+    assert [(s["id"], s["data"]) for s in await ann.scheduled()] == [
+        (made.id, "after the restart")]
+    m = await bob.next_message(timeout=15)
+    assert (m.text, m.sender) == ("after the restart", "ann") and m.ts_us >= at * 1e6
+    await assert_silent(bob, 1.0)
+    assert [h.text for h in await bob.history(DM)] == ["after the restart"]
+    assert await ann.scheduled() == []
+
+
+async def test_masked_and_sealed_while_it_waits(relay_factory, tmp_path):
+    from test_atrest import key_line, stored_bytes
+    from test_masking import CARD, RULES
+
+    keys = tmp_path / "store.keys"
+    keys.write_text(key_line("k1"))
+    phrase = f"secret-{secrets.token_hex(8)}"
+    relay = relay_factory("--store-key-file", str(keys), "--mask", RULES)
+    alice = await not_on_worker_0(relay, "alice")
+    bob = await relay.connect("bob", reconnect=False)
+    dm = direct_channel("alice", "bob")
+    await alice.schedule(dm, {"note": phrase, "card": CARD}, time.time() + 1.5)
+    assert [s["data"] for s in await alice.scheduled()] == [
+        {"note": phrase, "card": "**** **** **** 1111"}]
+    disk = stored_bytes(relay)
+    assert CARD.encode() not in disk and phrase.encode() not in disk
+    fired = await bob.next_message(timeout=10)
+    assert orjson.loads(fired.payload) == {"note": phrase, "card": "**** **** **** 1111"}
+
+
+async def test_the_schedule_example_is_what_the_relay_says(relay_factory):
+    """PROTOCOL §7.17's request, at a time still ahead, answers a RESULT of the example's shape."""
+    from test_protocol_doc import example_json
+
+    request, answer = example_json("7.17 ")
+    relay = relay_factory(workers=1)
+    alice = await relay.connect("alice", reconnect=False)
+    got = await alice._request(fenghuo.core.FrameType.SCHEDULE,
+                               {**request, "send_at": time.time() + 3600})
+    assert list(got) == list(answer)
+    assert (got["channel"], got["duplicate"]) == (answer["channel"], False)
+    again = await alice._request(fenghuo.core.FrameType.SCHEDULE,
+                                 {**request, "send_at": got["send_at"]})
+    assert again == {**got, "duplicate": True}
