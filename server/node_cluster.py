@@ -334,7 +334,10 @@ class NodeCluster(Cluster):
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:
-        if owner == UNKNOWN:
+        if owner == UNKNOWN or ch.name in self.parked:
+            # Behind what is parked for the channel even when the owner is known:
+            # the claims' watch may name it before this node's own lookup
+            # answers, and a later publish must not overtake a parked one (§6.3).
             ch.owner = -1
             self._park(ch.name, origin, request_id, routing.publish(
                 origin.id, request_id, t_recv, origin.user_key, ch.key, body), True)
@@ -344,8 +347,8 @@ class NodeCluster(Cluster):
 
     def forward_request(self, owner: int, session: Any, request_id: int, op: str,
                         **fields: Any) -> None:
-        if owner != UNKNOWN:
-            super().forward_request(owner, session, request_id, op, **fields)
+        if owner != UNKNOWN and not (self.parked and self._request_channel(fields) in self.parked):
+            super().forward_request(owner, session, request_id, op, **fields)  # as _forward_publish
             return
         record = routing.control("serve", what=op, connection=session.id,
                                  user=session.user, rid=request_id, **fields)

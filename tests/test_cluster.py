@@ -29,7 +29,7 @@ from fenghuo.server.jetstream import STREAM, Engine, Fenced
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
 from rawwire import authed_raw, metrics, wait_for_metric
-from bench.targets import free_port
+from bench.targets import free_port, wait_listening
 
 
 async def test_nats_cluster_keeps_an_r3_stream_through_a_server_kill(nats_cluster: NatsCluster):
@@ -84,12 +84,13 @@ def start_node(tmp_path: Path, urls: list[str], name: str, *flags: str) -> Relay
 async def nodes(tmp_path: Path, nats_cluster: NatsCluster):
     """Start fenghuo nodes on the NATS cluster: ``nodes("n0", "n1")``; stopped after.
     ``servers`` names the nats-servers they are given (default: all three; a
-    node learns the others from the first it reaches, as NATS clients do)."""
+    node learns the others from the first it reaches, as NATS clients do), or
+    ``urls`` their addresses outright (a delay proxy's)."""
     started: list[RelayProcess] = []
 
-    def start(*names: str, flags: tuple[str, ...] = (),
-              servers: list[NatsServer] | None = None) -> list[RelayProcess]:
-        urls = [s.url for s in servers] if servers else nats_cluster.urls
+    def start(*names: str, flags: tuple[str, ...] = (), servers: list[NatsServer] | None = None,
+              urls: list[str] | None = None) -> list[RelayProcess]:
+        urls = urls or ([s.url for s in servers] if servers else nats_cluster.urls)
         new = [start_node(tmp_path, urls, name, *flags) for name in names]
         started.extend(new)
         return new
@@ -179,6 +180,39 @@ async def test_first_publishes_racing_from_two_nodes_are_each_acked_once(nodes):
     for name in names:
         page = await alice.history(name, limit=10)
         assert sorted(m.payload for m in page) == [b"alice", b"bob"]
+
+
+async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_owner(
+        nodes, nats_cluster: NatsCluster):
+    """A node far from NATS (150 ms each way, as between regions) gets publishes
+    on a channel another node has just claimed: the first waits (parked) while
+    the node asks who owns it; the claims' watch can name the owner before that
+    answer, and publishes sent then must not overtake the parked ones (PROTOCOL
+    §6.3; \`bench cluster --parts regions\` saw seqs out of send order)."""
+    nats = nats_cluster.servers[0]
+    port = free_port()
+    # Its own process: starting a node blocks this loop, which must not stall the link.
+    far = subprocess.Popen([sys.executable, "-m", "bench.netem", "--listen", f"127.0.0.1:{port}",
+                            "--upstream", f"{nats.host}:{nats.port}", "--delay", "150ms"],
+                           cwd=Path(__file__).parent.parent)
+    try:
+        wait_listening(far, "127.0.0.1", port)
+        (n0,) = nodes("n0", servers=[nats])
+        (n1,) = nodes("n1", urls=[f"nats://127.0.0.1:{port}"])
+        alice = await n0.connect("alice", channels=("org.far.>",))
+        bob = await n1.connect("bob", channels=("org.far.>",))
+        for k in range(3):
+            name = f"org.far.c{k}"
+            await alice.publish(name, "alice")           # n0 sequences it
+            sending = []
+            for i in range(12):                          # over the watch's arrival
+                sending.append(asyncio.ensure_future(bob.publish(name, str(i))))
+                await asyncio.sleep(0.04)
+            seqs = [ack.seq for ack in await asyncio.gather(*sending)]
+            assert seqs == list(range(2, 14)), (name, seqs)
+    finally:
+        far.terminate()
+        far.wait(10)
 
 
 async def test_history_and_catch_up_on_a_node_that_never_saw_them(nodes):
