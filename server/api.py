@@ -517,7 +517,7 @@ class Api:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()
-        bound = self.runner.addresses[0][1]
+        bound: int = self.runner.addresses[0][1]
         log.info("api listening", extra={"host": host, "port": bound, "keys": len(self.key_hashes)})
         return bound
 
@@ -609,7 +609,7 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 # ---------------------------------------------------------------- methods
 
 
-def _payload(body: PublishCall) -> str | bytes | dict | list:
+def _payload(body: PublishCall) -> str | bytes | dict[str, Any] | list[Any]:
     if body.data_b64 is not None:
         if body.data is not None:
             raise ApiError(ErrorCode.MALFORMED_BODY, "publish: give `data` or `data_b64`, not both")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+from typing import Any
 from collections.abc import Iterable
 
 from fenghuo.server.keyfile import KeyRing
@@ -81,7 +82,7 @@ class FrameCipher:
         end = 2 + blob[1]
         return self._decrypt(blob[2:end].decode(), blob[end:], aad)
 
-    def seal_rows(self, rows: Iterable[tuple]) -> list[tuple]:
+    def seal_rows(self, rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """``(channel, seq, ts_us, sender, dedupe, frame)`` rows as stored: frame sealed, key id added."""
         kid = self.current
         return [(c, s, t, snd, d, self.seal(c, s, f), kid) for c, s, t, snd, d, f in rows]

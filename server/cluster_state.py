@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +93,7 @@ class Bucket:
         if self._watch is not None:
             self._watch.cancel()
 
-    def _learn(self, entry) -> None:
+    def _learn(self, entry: KeyValue.Entry) -> None:
         if not entry.value:
             return                           # a deletion
         self.learn(entry.key, entry.value, entry.revision or 0)
@@ -203,7 +204,7 @@ def _positions(positions: dict[str, int]) -> Merge:
     return merge
 
 
-def _group(record: dict) -> Merge:
+def _group(record: dict[str, Any]) -> Merge:
     """A group's new record, made over the change ``record["after"]``: refused
     if the bucket holds another (a change another node made meanwhile would be
     lost, or this one was made over a change of this node's that was refused)."""
@@ -225,7 +226,7 @@ class SharedState:
     relay.
     """
 
-    def __init__(self, engine: Engine, on_group: Callable[[dict], None],
+    def __init__(self, engine: Engine, on_group: Callable[[dict[str, Any]], None],
                  on_cursor: Callable[[str, str, str, int], None]) -> None:
         self._on_group, self._on_cursor = on_group, on_cursor
         self.groups = Bucket(engine, GROUPS, self._group_changed)
@@ -252,13 +253,13 @@ class SharedState:
 
     # ------------------------------------------------------------ groups
 
-    def learn_group(self, record: dict) -> bool:
+    def learn_group(self, record: dict[str, Any]) -> bool:
         """A group record another node shared after writing it (revision inside):
         False if this node has it, or a later one, already."""
         return self.groups.learn(token(record["id"]), orjson.dumps(
             {k: v for k, v in record.items() if k != "revision"}), record["revision"])
 
-    async def save_group(self, record: dict) -> int | None:
+    async def save_group(self, record: dict[str, Any]) -> int | None:
         """Write a group's record (made over the change ``after``); its revision,
         or None when another node changed the group meanwhile."""
         key = token(record["id"])
@@ -269,7 +270,7 @@ class SharedState:
             return None
         return self.groups.known[key].revision
 
-    def group_record(self, group_id: str) -> dict | None:
+    def group_record(self, group_id: str) -> dict[str, Any] | None:
         """The group's record as the bucket last held it here."""
         held = self.groups.known.get(token(group_id))
         return None if held is None else {**orjson.loads(held.value), "revision": held.revision}

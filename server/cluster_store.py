@@ -70,7 +70,7 @@ class ClusterStore(SQLiteStore):
         self.engine: Engine | None = None
         self.state: SharedState | None = None
         #: a group's record is in its bucket (revision) or was refused (None)
-        self.on_group_saved: Callable[[dict, int | None], None] = lambda record, revision: None
+        self.on_group_saved: Callable[[dict[str, Any], int | None], None] = lambda record, revision: None
         self.on_fenced: Callable[[str], None] = lambda channel: None
         #: whether retention purges the stream from this node now
         self.expires: Callable[[], bool] = lambda: False
@@ -133,7 +133,7 @@ class ClusterStore(SQLiteStore):
 
     # ------------------------------------------------------------ shared state
 
-    def save_group(self, group_id: str, record: dict) -> asyncio.Future[bool]:
+    def save_group(self, group_id: str, record: dict[str, Any]) -> asyncio.Future[bool]:
         """Write the group's record to its bucket (compare-and-set); the future says
         whether it was taken, and is settled before the record's turn in the order."""
         assert self.state is not None

@@ -149,7 +149,7 @@ def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *
             signing.key(signing.current), digestmod=hashlib.sha256), 0, {}
         for name in channels:
             query = f"SELECT seq, frame, {key_id} FROM messages WHERE channel = ?"
-            params: tuple = (name,)
+            params: tuple[Any, ...] = (name,)
             if user and not channel and name.startswith("org"):
                 query += " AND sender = ?"          # org channels: only what the user said
                 params += (user,)
@@ -199,7 +199,7 @@ def verify(path: str | Path, keys: KeyRing) -> dict[str, Any]:
     if not hmac.compare_digest(expected, str(signature.get("mac"))):
         raise ValueError("the signature does not match: the export was altered")
     *messages, last = lines
-    summary = orjson.loads(last).get("summary")
+    summary: dict[str, Any] | None = orjson.loads(last).get("summary")
     if summary is None:
         raise ValueError("the last line is not a summary: the export is truncated")
     for line in messages:

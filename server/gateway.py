@@ -162,8 +162,9 @@ def _demo_page(path: str) -> WSUpgradeResponse | None:
         body = (DEMO_DIR / name).read_bytes()
     except OSError:
         return None
-    return WSUpgradeResponse.create_ok_response(
+    response: WSUpgradeResponse = WSUpgradeResponse.create_ok_response(
         body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+    return response
 
 
 def listener_factory(relay: Relay, make_session: Callable[[], Session]

@@ -14,6 +14,7 @@ user ids are valid, roles are ones the op allows.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 from dataclasses import dataclass, field
 
 from fenghuo.channels import group_channel, InvalidChannel
@@ -44,12 +45,12 @@ class Waiting:
     remove: tuple[str, ...] = ()
     silence: tuple[str, ...] = ()
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return {"at_us": self.at_us, "by": self.by, "note": self.note,
                 "remove": list(self.remove), "silence": list(self.silence)}
 
     @classmethod
-    def of(cls, record: dict) -> Waiting:
+    def of(cls, record: dict[str, Any]) -> Waiting:
         return cls(record["at_us"], record["by"], record.get("note", ""),
                    tuple(record.get("remove", ())), tuple(record.get("silence", ())))
 
@@ -78,7 +79,7 @@ class Group:
     def role_of(self, user: str) -> str | None:
         return self.members.get(user)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """What the store keeps of the group."""
         record = {"id": self.id, "owner": self.owner, "title": self.title,
                   "members": dict(self.members), "version": self.version, "change": self.change}
@@ -92,16 +93,16 @@ class Group:
         self.version += 1
         return after
 
-    def newer_than(self, record: dict) -> bool:
+    def newer_than(self, record: dict[str, Any]) -> bool:
         """Whether this group already is ``record``, or a later change of this node's.
 
         Two nodes may make a change of the same version over the same record
         (the group's bucket keeps one of them): the other one is taken.
         """
-        return (self.change == record.get("change", "")
-                or self.version > record.get("version", 0))
+        return bool(self.change == record.get("change", "")
+                    or self.version > record.get("version", 0))
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"group": self.id, "channel": self.channel, "title": self.title,
                 "owner": self.owner, "members": len(self.members)}
 
@@ -233,7 +234,7 @@ class GroupRegistry:
                           "the owner changes its own role only by handing ownership over")
         group.members[user] = role
 
-    def restore(self, record: dict) -> Group:
+    def restore(self, record: dict[str, Any]) -> Group:
         """Re-create a group from :meth:`Group.record` (at start-up)."""
         group = Group(record["id"], record["owner"], record.get("title", ""),
                       version=record.get("version", 0), change=record.get("change", ""))
@@ -244,7 +245,7 @@ class GroupRegistry:
             self.join(group, user, role)
         return group
 
-    def replace(self, record: dict) -> tuple[Group, list[str], list[str]]:
+    def replace(self, record: dict[str, Any]) -> tuple[Group, list[str], list[str]]:
         """Take ``record`` as the group's new state (from its owning worker):
         the group, the users added and the users removed."""
         old = self.groups.get(record["id"])

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
@@ -118,7 +119,7 @@ def _stored(raw: RawStreamMsg) -> Stored:
 class Engine:
     """A node's connection to NATS and JetStream."""
 
-    def __init__(self, nc: nats.NATS, replicas: int) -> None:
+    def __init__(self, nc: nats.aio.client.Client, replicas: int) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT)
         self.replicas = replicas
@@ -254,7 +255,8 @@ class Engine:
             # stream does not hold; refused like a deposed owner's append.
             raise Fenced(f"{channel}: message id of seq {seq} (epoch {epoch}) already names "
                          f"another message (stream sequence {ack.seq})")
-        return ack.seq
+        stored: int = ack.seq
+        return stored
 
     async def _holds(self, stream_seq: int, frame: bytes) -> bool:
         """Whether the stream's message at ``stream_seq`` is ``frame``."""
@@ -262,7 +264,7 @@ class Engine:
             raw = await self.js.get_msg(STREAM, seq=stream_seq)
         except nats.js.errors.NotFoundError:
             return False
-        return raw.data == frame
+        return bool(raw.data == frame)
 
     # ------------------------------------------------------------ reading
 
@@ -287,7 +289,8 @@ class Engine:
         """The stream sequence from which the channel's messages have ``key`` > ``after``:
         a binary search over the stream, one direct read per step."""
         info = await self.js.stream_info(STREAM)
-        low, high = info.state.first_seq, info.state.last_seq + 1
+        low: int = info.state.first_seq
+        high: int = info.state.last_seq + 1
         while low < high:
             mid = (low + high) // 2
             found = await self._next(channel, mid)

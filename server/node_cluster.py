@@ -357,7 +357,8 @@ class NodeCluster(Cluster):
     @staticmethod
     def _request_channel(body: dict[str, Any]) -> str:
         if "channel" in body:
-            return body["channel"]
+            channel: str = body["channel"]
+            return channel
         return group_channel(body["request"]["group"])
 
     def _on_record(self, source: int, record: bytes) -> None:

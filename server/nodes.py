@@ -28,6 +28,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nats.aio.client
+import nats.aio.msg
+import nats.aio.subscription
 import nats.errors
 import orjson
 
@@ -50,7 +53,8 @@ class Peer:
 class Liveness:
     """Heartbeats out, heartbeats in: which nodes are alive."""
 
-    def __init__(self, nc, me: int, name: str, region: str, boot: int, lease: float,
+    def __init__(self, nc: nats.aio.client.Client, me: int, name: str, region: str, boot: int,
+                 lease: float,
                  on_peer: Callable[[Peer, bool], None], on_lost: Callable[[Peer], None]) -> None:
         self.nc = nc
         self.me, self.name, self.region, self.boot = me, name, region, boot
@@ -60,7 +64,7 @@ class Liveness:
         self.peers: dict[int, Peer] = {}
         self.started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
-        self._sub = None
+        self._sub: nats.aio.subscription.Subscription | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(HEARTBEAT, cb=self._on_heartbeat)
@@ -94,7 +98,7 @@ class Liveness:
             for peer in self.dead():
                 self.on_lost(peer)
 
-    async def _on_heartbeat(self, msg) -> None:
+    async def _on_heartbeat(self, msg: nats.aio.msg.Msg) -> None:
         body = orjson.loads(msg.data)
         index = body["index"]
         if index == self.me:
@@ -146,7 +150,7 @@ class Liveness:
 class NatsMesh:
     """Records between nodes over core NATS, in send order per destination."""
 
-    def __init__(self, nc, me: int, on_record: Callable[[int, bytes], None],
+    def __init__(self, nc: nats.aio.client.Client, me: int, on_record: Callable[[int, bytes], None],
                  peers: Callable[[], list[int]]) -> None:
         self.nc = nc
         self.me = me
@@ -160,7 +164,7 @@ class NatsMesh:
         self._idle = asyncio.Event()
         self._idle.set()
         self._pump: asyncio.Task[None] | None = None
-        self._sub = None
+        self._sub: nats.aio.subscription.Subscription | None = None
 
     async def open(self) -> None:
         self._sub = await self.nc.subscribe(NODE_SUBJECT + str(self.me), cb=self._on_msg)
@@ -169,7 +173,7 @@ class NatsMesh:
     def start(self) -> None:
         """The shared-memory mesh's start; this one started in :meth:`open`."""
 
-    async def _on_msg(self, msg) -> None:
+    async def _on_msg(self, msg: nats.aio.msg.Msg) -> None:
         data = msg.data
         (source,) = _SOURCE.unpack_from(data)
         self.received += 1
@@ -213,7 +217,8 @@ class NatsMesh:
     async def flush(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-            await self.nc.flush(timeout)
+            # nats-py annotates an int; it hands the timeout to asyncio.wait_for.
+            await self.nc.flush(timeout)  # type: ignore[arg-type]
         except (TimeoutError, nats.errors.Error):
             return False
         return True

@@ -221,7 +221,7 @@ class Outbox:
         self.members_wanted = any(w & {"member.joined", "member.left"} for w in wanted)
         self.endpoints = endpoints
 
-    def rows(self, event: WebhookEvent) -> list[tuple]:
+    def rows(self, event: WebhookEvent) -> list[tuple[Any, ...]]:
         """``(endpoint, stream, event_id, type, payload, created_us, seq)`` per endpoint that wants it."""
         targets = [e.name for e in self.endpoints if e.wants(event.type, event.channel)]
         if not targets:
@@ -231,7 +231,7 @@ class Outbox:
         stream = event.stream or event.channel
         return [(name, stream, event_id, event.type, payload, now, None) for name in targets]
 
-    def message_rows(self, channel: str, seq: int, frame: bytes) -> list[tuple]:
+    def message_rows(self, channel: str, seq: int, frame: bytes) -> list[tuple[Any, ...]]:
         """The rows a stored message makes: message.created, and member.* for a group's changes.
 
         A message.created row holds no payload, only the message's seq: the

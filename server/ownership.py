@@ -62,7 +62,7 @@ class Ownership:
         self._kv = await self.engine.js.key_value(OWNERS)
         self._watch = await self.engine.watch(self._kv, self._learn, "fenghuo-owners")
 
-    def _learn(self, entry) -> None:
+    def _learn(self, entry: KeyValue.Entry) -> None:
         claim = parse_claim(entry.value, entry.revision or 0)
         if claim is None:
             return
@@ -95,6 +95,7 @@ class Ownership:
             except nats.js.errors.KeyNotFoundError:
                 entry, present = None, None
             if present is not None and present.node != self.me and self.alive(present.node):
+                assert entry is not None                # present came from it
                 self._learn(entry)
                 return present
             epoch = 1 if present is None else present.epoch + 1

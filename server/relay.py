@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import Any, TYPE_CHECKING, cast
 from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
@@ -273,7 +273,7 @@ class Relay:
         if self.cluster is not None:
             self.cluster.group_saved(record)
 
-    def apply_group(self, record: dict, seq: int) -> None:
+    def apply_group(self, record: dict[str, Any], seq: int) -> None:
         """A group as its owning worker changed it, when its channel was at ``seq``.
 
         New members join here at once; leavers part once this replica has
@@ -298,7 +298,7 @@ class Relay:
             else:
                 self.cluster.pending_parts.append((ch, seq, user))
 
-    def _on_batch(self, batch: list | None) -> None:
+    def _on_batch(self, batch: list[Any] | None) -> None:
         if batch is None:
             log.critical("store failed: the relay can no longer persist messages; shutting down")
             self.stop_requested.set()
@@ -383,14 +383,16 @@ class Relay:
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def ws_port(self) -> int | None:
         """The WebSocket port listened on, None when the gateway is off."""
         if self._ws_server is None:
             return None
-        return self._ws_server.sockets[0].getsockname()[1]
+        port: int = self._ws_server.sockets[0].getsockname()[1]
+        return port
 
     async def _answer_what_is_owed(self) -> None:
         """Stop reading from clients and let acks waiting for the disk go out."""
@@ -955,7 +957,7 @@ class Relay:
 
     # ------------------------------------------------------------ receipts
 
-    def receipt(self, user: str, ch: Channel, seq: int, kind: int, answer: bool) -> dict:
+    def receipt(self, user: str, ch: Channel, seq: int, kind: int, answer: bool) -> dict[str, Any]:
         """``user`` received or read ``seq`` of ``ch``: move the read cursor, tell the sender."""
         if kind == ReceiptKind.READ:
             # Reading is per user, whatever the device: every device's unread count follows.
@@ -976,7 +978,7 @@ class Relay:
             forwarded = self.send_to_user(sender, encode_receipt_event(ch.name, seq, kind, user))
         return {"channel": ch.name, "seq": seq, "forwarded": forwarded}
 
-    def click(self, user: str, ch: Channel, seq: int, link: str) -> dict:
+    def click(self, user: str, ch: Channel, seq: int, link: str) -> dict[str, Any]:
         """``user`` followed link ``link`` of message ``seq`` of ``ch``: count it, keep the
         first click of each user on each link, and tell the webhooks about that one."""
         if not 1 <= seq <= ch.seq:
@@ -997,7 +999,7 @@ class Relay:
 
     # ------------------------------------------------------------ groups
 
-    def group_op(self, actor: Actor, request: GroupRequest) -> dict:
+    def group_op(self, actor: Actor, request: GroupRequest) -> dict[str, Any]:
         """Run one GROUP request of ``actor``; the RESULT body."""
         groups = self.groups
         me = actor.user
@@ -1060,7 +1062,7 @@ class Relay:
         raise AssertionError(f"no GROUP op for {request!r}")   # the schema admits no other
 
     def _hand_over(self, me: str, group: Group, to: str, remove: list[str] | tuple[str, ...],
-                   silence: list[str] | tuple[str, ...], note: str) -> dict:
+                   silence: list[str] | tuple[str, ...], note: str) -> dict[str, Any]:
         """Hand a conversation over to ``to`` (a bot to an advisor, PROTOCOL §3.16), the
         request allowed (:meth:`GroupRegistry.hands_off`, or a waiting one taken): add them,
         make ``silence`` readers, say so in the stream, then remove ``remove``.  ``to`` is
@@ -1090,7 +1092,7 @@ class Relay:
                 "silenced": silenced}
 
     def _queue(self, actor: Actor, group_id: str, remove: list[str], silence: list[str],
-               note: str) -> dict:
+               note: str) -> dict[str, Any]:
         """Put conversation ``group_id`` in the queue for an advisor (PROTOCOL §3.16a)."""
         group = self.groups.hands_off(actor, group_id, remove, silence)
         note = self.masked_text(group.channel, note)
@@ -1104,7 +1106,7 @@ class Relay:
         return {"group": group_id, "queued_at": group.queued.at_us / 1e6, "by": group.queued.by,
                 "already": already}
 
-    def _take(self, actor: Actor, group_id: str | None) -> dict:
+    def _take(self, actor: Actor, group_id: str | None) -> dict[str, Any]:
         """Hand the waiting conversation ``group_id`` over to ``actor``, an advisor."""
         if not actor.advisor:
             raise refuse(ErrorCode.FORBIDDEN, "only an advisor (token role 'advisor') may take "
@@ -1143,7 +1145,7 @@ class Relay:
             self.part(user, ch)
         self.save_group(group)
 
-    def serve_forwarded(self, origin: RemoteOrigin, body: dict) -> Answer | Awaitable[dict]:
+    def serve_forwarded(self, origin: RemoteOrigin, body: dict[str, Any]) -> Answer | Awaitable[dict[str, Any]]:
         """Run a request another worker forwarded to this channel's owner; its answer
         (sent once what it sequenced is released), or what will be its RESULT (SCHEDULE,
         answered once the timers' table has)."""
@@ -1179,14 +1181,14 @@ class Relay:
             return encode_error(ErrorCode.INTERNAL, GROUP_CHANGED_ELSEWHERE, rid)
         return answer
 
-    def group_event(self, group: Group, event: dict) -> None:
+    def group_event(self, group: Group, event: dict[str, Any]) -> None:
         ch = self.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         self.hub.publish_event(ch, event.get("by", group.owner), orjson.dumps(event),
                                ContentType.EVENT)
 
     # ------------------------------------------------------------ presence
 
-    def presence_of(self, user: str) -> dict:
+    def presence_of(self, user: str) -> dict[str, Any]:
         devices = self.users.count(user)
         if self.cluster is not None:
             devices += self.cluster.remote_presence(user)
@@ -1203,7 +1205,7 @@ class Relay:
         """PROTOCOL §3.17: oneself, users sharing a channel, or anyone with the ``presence`` claim."""
         return grants.sees_all_presence or grants.user == user or self.shares_channel(grants.user, user)
 
-    def visible_presence(self, grants: Grants, user: str) -> dict:
+    def visible_presence(self, grants: Grants, user: str) -> dict[str, Any]:
         if self.sees_presence(grants, user):
             return self.presence_of(user)
         return {"online": False, "devices": 0, "hidden": True}

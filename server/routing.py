@@ -94,4 +94,5 @@ def control(op: str, **fields: Any) -> bytes:
 
 
 def read_control(record: bytes) -> dict[str, Any]:
-    return orjson.loads(record[1:])
+    body: dict[str, Any] = orjson.loads(record[1:])
+    return body

@@ -258,7 +258,7 @@ class Schema:
     """How one frame type's body is decoded, and the texts it is refused with."""
 
     what: str
-    decoder: msgspec.json.Decoder
+    decoder: msgspec.json.Decoder[Any]
     texts: dict[str, str]      # field -> refusal text; "" for the body as a whole
 
     def refuse(self, error: str) -> ProtocolError:
@@ -327,7 +327,8 @@ def decode_with(schema: Schema, body: bytes) -> Any:
 
 def to_builtins(body: Body) -> dict[str, Any]:
     """``body`` as plain JSON-able data (to forward it to another worker)."""
-    return msgspec.to_builtins(body)
+    builtins: dict[str, Any] = msgspec.to_builtins(body)
+    return builtins
 
 
 def from_builtins(ftype: int, data: Any) -> Any:

@@ -213,7 +213,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay.go_live(self, channels, self.positions)
         log.debug("connected", extra={"user": self.user, "device": self.device})
 
-    def resolve_publish(self, channel: bytes):
+    def resolve_publish(self, channel: bytes) -> Channel:
         return self.relay.publish_channel(self, channel)
 
     def on_control(self, ftype: int, request_id: int, body: bytes) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Any, Literal, Protocol, TYPE_CHECKING
 
 from fenghuo.core import ChannelKind
 
@@ -75,7 +75,7 @@ class MessageStatus:
     users: list[RecipientStatus] = field(default_factory=list)
     truncated: bool = False
 
-    def json(self) -> dict:
+    def json(self) -> dict[str, Any]:
         counts = {"delivered": self.delivered, "read": self.read, "escalated": self.escalated,
                   "clicked": self.clicked}
         if self.recipients is not None:

@@ -241,7 +241,8 @@ class SQLiteStore:
         # Several workers may open a new store at once: the first id written wins.
         self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
                            (os.urandom(6).hex(),))
-        return self._conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+        (store_id,) = self._conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        return str(store_id)
 
     # ------------------------------------------------------------ writing
 
@@ -322,13 +323,13 @@ class SQLiteStore:
             if records:
                 loop.call_soon_threadsafe(on_batch, records)
 
-    def _write_outbox(self, conn: SQLiteWriter, ordered: list) -> None:
+    def _write_outbox(self, conn: SQLiteWriter, ordered: list[Any]) -> None:
         """The outbox rows of this transaction, in queue order (so a stream's events keep
         the order they were emitted in): messages' events, emitted events, and what the
         sender learnt (server/outbox.py)."""
         outbox = self.outbox
         assert outbox is not None
-        rows: list[tuple] = []
+        rows: list[tuple[Any, ...]] = []
         for record in ordered:
             if isinstance(record, Sequenced):
                 rows += outbox.message_rows(record.channel, record.seq, record.frame)
@@ -522,7 +523,7 @@ def _write_click(w: SQLiteWriter, r: ClickSave) -> None:
 def _write_expiry(w: SQLiteWriter, r: Expiry) -> None:
     # The most specific rule wins: longer prefixes with their own rule are kept out.
     where = "substr(channel, 1, ?) = ?"
-    params: list = [len(r.prefix), r.prefix]
+    params: list[Any] = [len(r.prefix), r.prefix]
     for other in r.keep_prefixes:
         where += " AND substr(channel, 1, ?) != ?"
         params += [len(other), other]

@@ -86,7 +86,7 @@ class Backoff:
 class _Worker:
     index: int
     generation: int = -1
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     started_at: float = 0.0
     returncode: int | None = None

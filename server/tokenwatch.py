@@ -31,7 +31,8 @@ class TokenWatch:
         self._order = itertools.count()      # ties never compare sessions
 
     def deadline(self, session: Session) -> float:
-        return session.grants.expires + self.grace
+        expires: float = session.grants.expires
+        return expires + self.grace
 
     def watch(self, session: Session) -> None:
         """Track ``session``'s current token (after HELLO and after each REFRESH)."""

@@ -294,7 +294,7 @@ class WebhookSender:
 
     # ------------------------------------------------------------ the API's view
 
-    async def _query(self, sql: str, params: tuple, with_payload: bool = False) -> list[tuple]:
+    async def _query(self, sql: str, params: tuple[Any, ...], with_payload: bool = False) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` read on the store's reader thread; ``with_payload``: the last
         five columns (PAYLOAD; the second and third are the stream and the event id)
         become the payload to send, made there too (sealed ones opened: --store-key-file)."""
@@ -307,7 +307,7 @@ class WebhookSender:
             return message_created(stream, seq, None if frame is None else
                                    atrest.frame_of(store.cipher, stream, seq, frame, key_id))
 
-        def read() -> list[tuple]:
+        def read() -> list[tuple[Any, ...]]:
             rows = store._reader_conn().execute(sql, params).fetchall()
             if not with_payload:
                 return rows
