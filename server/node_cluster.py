@@ -120,6 +120,9 @@ class NodeCluster(Cluster):
         self.holes: dict[Channel, _Hole] = {}
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
+        # node index -> its boot when it missed its lease here: seen again with
+        # that boot, it is the same process and is asked to ask again
+        self.lost_peers: dict[int, int] = {}
         #: from a message's sequencing at its owner (its ts) to its arrival here
         self.replica_lag = Histogram()
         self.liveness = Liveness(engine.nc, index, self.name, s.region, self.generation,
@@ -566,6 +569,14 @@ class NodeCluster(Cluster):
         if body["op"] == "group":
             self.state.learn_group({**body["record"], "revision": body["revision"]})
             return
+        if body["op"] == "ask_again":
+            # ``source`` found this node dead and forgot what it asked for: ask
+            # again from each replica's seq (the owner's catch-up fills what
+            # was sent meanwhile).
+            for ch in [*self.ready_here, *self.warming]:
+                if self.owner_of(ch.name) == source:
+                    self._rewarm(ch)
+            return
         super()._control(source, body)
 
     # ------------------------------------------------------------ nodes
@@ -576,11 +587,17 @@ class NodeCluster(Cluster):
         if restarted:
             self._peer_started(peer.index, peer.boot)
         else:
+            if peer.boot == self.lost_peers.pop(peer.index, None):
+                # Back from a lost lease, the same process (_peer_lost forgot
+                # what it asked for): it need not have found this node dead,
+                # so it would never be sent its channels again.
+                self.mesh.send(peer.index, routing.control("ask_again"))
             self.peer_generations[peer.index] = peer.boot
 
     def _peer_lost(self, peer: Peer) -> None:
         """``peer`` missed its lease: what it owed is answered, what it owned is claimed."""
         log.warning("node lost", extra={"node": peer.name, "index": peer.index})
+        self.lost_peers[peer.index] = peer.boot
         self.peer_generations.pop(peer.index, None)
         self.remote_devices_drop(peer.index)
         for key in [k for k in self.remote if k[0] == peer.index]:

@@ -359,6 +359,31 @@ async def test_an_append_retried_after_its_answer_was_lost_is_acked_once(owner: 
     assert [m.seq for m in await owner.read(name, 0, 100, 10)] == [1, 2]
 
 
+async def test_a_replica_node_found_dead_and_back_gets_its_channels_live_again(nodes):
+    """The owner's node misses a replica node's heartbeats past the lease (here
+    SIGSTOP; under a nats-server's death, their reconnects) and forgets what it
+    asked for; the replica, resumed, need not have found the owner dead. The
+    owner has it ask again, so its receiver gets the next messages live
+    (\`bench cluster --parts failover\`: 800 of 800 missed on two replicas)."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    bob = await n1.connect("bob")
+    await alice.create_group("pair", ["bob"])               # n0 sequences group:pair
+    group = "group:pair"
+    await alice.publish(group, "before")
+    await messages_of(bob, group, 2)
+    n1.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(float(LEASE) * 2.5)             # n0: "node lost"
+    finally:
+        n1.signal(signal.SIGCONT)
+    await asyncio.sleep(float(LEASE) * 2)                   # n0: "node seen" again
+    for i in range(3):
+        await alice.publish(group, f"after-{i}")
+    got = await messages_of(bob, group, 3, timeout=10)
+    assert [m.payload for m in got] == [b"after-0", b"after-1", b"after-2"]
+
+
 async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
     """SIGSTOP of the owner past its lease: another node takes the channel
     over; resumed, the old owner steps down (its watch of the claims, or the
