@@ -73,7 +73,8 @@ test("a scheduled message fires once at its time; listed and cancelled by its ow
   const alice = await connect(a), bob = await connect(b);
   const ch = `dm:${[a, b].sort().join(":")}`;
   const at = Date.now() / 1000 + 1.5;
-  const got = next(bob, "message", (m) => m.sender === a, 10000);
+  // 30 s: the CI on 49cadbb missed it within 10 s once, over wss (passed over ws in the same run).
+  const got = next(bob, "message", (m) => m.sender === a, 30000);
   const s = await alice.schedule(ch, "fee reminder", at, { key: "fee-1" });
   assert.equal(s.channel, ch);
   assert.equal(s.duplicate, false);
