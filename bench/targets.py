@@ -27,12 +27,13 @@ import sys
 import time
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fenghuo.core import (
     ErrorCode,
+    Frame,
     FrameReader,
     FrameType,
     decode_error,
@@ -319,23 +320,28 @@ class FenghuoWire(Target):
         """A new connection's ``(reader, writer)`` for ``user``: TCP, or TLS when ``self.tls`` is set."""
         return await open_stream(*self.address_of(user), source, self.tls)
 
-    async def _request(self, reader, writer, ftype: int, body: dict, rid: int) -> dict:
-        writer.write(encode_json(ftype, body, rid))
-        frames = FrameReader()
+    async def _frames(self, reader, frames: FrameReader, what: str) -> AsyncIterator[Frame]:
+        """The frames arriving on ``reader`` during setup step ``what``, for as long as asked."""
         while True:
             chunk = await asyncio.wait_for(reader.read(65536), 30)
             if not chunk:
-                raise ConnectionError(f"{self.name} closed during {FrameType(ftype).name}")
+                raise ConnectionError(f"{self.name} closed during {what}")
             for frame in frames.feed(chunk):
-                if frame.type == FrameType.ERROR:
-                    code, text = decode_error(frame.body)
-                    if code == ErrorCode.TRY_AGAIN:
-                        raise TryAgain(try_again_delay(text), text)
-                    raise RuntimeError(f"{self.name} refused {FrameType(ftype).name}: {frame.body!r}")
-                if frame.request_id == rid:
-                    if frames.buffered:
-                        raise RuntimeError("bytes after the reply during setup")
-                    return decode_json(frame.body)
+                yield frame
+
+    async def _request(self, reader, writer, ftype: int, body: dict, rid: int) -> dict:
+        writer.write(encode_json(ftype, body, rid))
+        frames = FrameReader()
+        async for frame in self._frames(reader, frames, FrameType(ftype).name):
+            if frame.type == FrameType.ERROR:
+                code, text = decode_error(frame.body)
+                if code == ErrorCode.TRY_AGAIN:
+                    raise TryAgain(try_again_delay(text), text)
+                raise RuntimeError(f"{self.name} refused {FrameType(ftype).name}: {frame.body!r}")
+            if frame.request_id == rid:
+                if frames.buffered:
+                    raise RuntimeError("bytes after the reply during setup")
+                return decode_json(frame.body)
 
     async def open(self, user: str, subscribe: tuple[str, ...] = (),
                    source: str | None = None) -> Opened:
@@ -373,20 +379,18 @@ class FenghuoWire(Target):
                                                        "members": members}, 2))
             created: dict | None = None
             delivered = 0                   # the highest seq of ``channel`` the owner received
-            frames = FrameReader()
-            while created is None or ("seq" in created and delivered < created["seq"]):
-                chunk = await asyncio.wait_for(reader.read(65536), 30)
-                if not chunk:
-                    raise ConnectionError(f"{self.name} closed during GROUP")
-                for frame in frames.feed(chunk):
-                    if frame.type == FrameType.ERROR:
-                        raise RuntimeError(f"{self.name} refused GROUP: {frame.body!r}")
-                    if frame.type == FrameType.MESSAGE:
-                        message = decode_message(frame.body)
-                        if message.channel == channel:
-                            delivered = max(delivered, message.seq)
-                    elif frame.request_id == 2:
-                        created = decode_json(frame.body)
+            async for frame in self._frames(reader, FrameReader(), "GROUP"):
+                if frame.type == FrameType.ERROR:
+                    raise RuntimeError(f"{self.name} refused GROUP: {frame.body!r}")
+                if frame.type == FrameType.MESSAGE:
+                    message = decode_message(frame.body)
+                    if message.channel == channel:
+                        delivered = max(delivered, message.seq)
+                elif frame.request_id == 2:
+                    created = decode_json(frame.body)
+                if created is not None and delivered >= created.get("seq", 0):
+                    break
+            assert created is not None
             if "seq" in created:        # fenghuo's (the asyncio baseline keeps no seqs)
                 self.heads[channel] = created["seq"]
         finally:
