@@ -188,7 +188,7 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
     on a channel another node has just claimed: the first waits (parked) while
     the node asks who owns it; the claims' watch can name the owner before that
     answer, and publishes sent then must not overtake the parked ones (PROTOCOL
-    §6.3; \`bench cluster --parts regions\` saw seqs out of send order)."""
+    §6.3; `bench cluster --parts regions` saw seqs out of send order)."""
     nats = nats_cluster.servers[0]
     port = free_port()
     # Its own process: starting a node blocks this loop, which must not stall the link.
@@ -364,7 +364,7 @@ async def test_a_replica_node_found_dead_and_back_gets_its_channels_live_again(n
     SIGSTOP; under a nats-server's death, their reconnects) and forgets what it
     asked for; the replica, resumed, need not have found the owner dead. The
     owner has it ask again, so its receiver gets the next messages live
-    (\`bench cluster --parts failover\`: 800 of 800 missed on two replicas)."""
+    (`bench cluster --parts failover`: 800 of 800 missed on two replicas)."""
     n0, n1 = nodes("n0", "n1")
     alice = await n0.connect("alice")
     bob = await n1.connect("bob")
