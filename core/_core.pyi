@@ -403,6 +403,16 @@ class ConnectionFrame:
     connection: int
     frame: bytes
 
+class MeshKind(enum.IntEnum):
+    """A mesh record's kind byte (core/mesh.h)."""
+    MESSAGE = 0x4D
+    PUBLISH = 0x50
+    ANSWER = 0x41
+    FRAME = 0x46
+    USER = 0x55
+    HELLO = 0x48
+    CONTROL = 0x43
+
 def encode_mesh_message(channel: bytes, seq: int, frame: bytes) -> bytes: ...
 def encode_mesh_publish(connection: int, request_id: int, t_recv: float, sender: bytes,
                         channel: bytes, body: bytes) -> bytes: ...

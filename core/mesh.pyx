@@ -26,10 +26,23 @@ from cpython.object cimport PyObject
 from cpython.set cimport PySet_Contains
 from libc.string cimport memcpy, memcmp
 
+import enum as _enum
 import logging as _logging
 from collections import deque as _deque
 
 _mesh_log = _logging.getLogger("fenghuo.mesh")
+
+
+class MeshKind(_enum.IntEnum):
+    """A mesh record's kind byte, for the Python side (server/routing.py reads
+    and writes the records C leaves to it); the values are core/mesh.h's."""
+    MESSAGE = MESH_MESSAGE
+    PUBLISH = MESH_PUBLISH
+    ANSWER = MESH_ANSWER
+    FRAME = MESH_FRAME
+    USER = MESH_USER
+    HELLO = MESH_HELLO
+    CONTROL = MESH_CONTROL
 
 cdef enum:
     # A record's head with its channel and sender names (each < 2**16) fits in

@@ -43,8 +43,13 @@ from typing import Any
 import orjson
 from fenghuo import core
 
-MESSAGE, PUBLISH, ANSWER, FRAME, USER, HELLO, CONTROL = (ord(c) for c in "MPAFUHC")
+# Plain ints (compared with a record's first byte per record); defined once, in core/mesh.h.
+MESSAGE, PUBLISH, ANSWER, FRAME, USER, HELLO, CONTROL = (
+    int(kind) for kind in (core.MeshKind.MESSAGE, core.MeshKind.PUBLISH, core.MeshKind.ANSWER,
+                           core.MeshKind.FRAME, core.MeshKind.USER, core.MeshKind.HELLO,
+                           core.MeshKind.CONTROL))
 
+_CONTROL_HEAD = bytes((CONTROL,))
 _HELLO = struct.Struct("<BHI")         # kind, index, generation
 _USER = struct.Struct("<BH")           # kind, len(user)
 
@@ -90,7 +95,7 @@ EncodeError = orjson.JSONEncodeError
 
 
 def control(op: str, **fields: Any) -> bytes:
-    return b"C" + orjson.dumps({"op": op, **fields})
+    return _CONTROL_HEAD + orjson.dumps({"op": op, **fields})
 
 
 def read_control(record: bytes) -> dict[str, Any]:
