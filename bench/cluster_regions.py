@@ -185,10 +185,11 @@ class Stretched:
             node.start_timeout = NODE_START_S
             (self.base / f"node-{region}").mkdir()
             self.nodes[region] = node
-            # One after another: four nodes making the stream and buckets at once
-            # across the regions failed to join (KV create: no response from
-            # stream, for longer than a node's setup waits).
-            await asyncio.to_thread(node.start, self.base / f"node-{region}")
+        # All at once, as an operator starts them: the first node makes the
+        # stream and buckets while the others wait for them to answer
+        # (Engine.patiently).
+        await asyncio.gather(*(asyncio.to_thread(node.start, self.base / f"node-{region}")
+                               for region, node in self.nodes.items()))
 
     async def check_routes(self) -> None:
         """Every pair of servers routed, through one of its two proxies: none directly."""

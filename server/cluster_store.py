@@ -8,10 +8,18 @@ record or a device's synced positions when their KV bucket has them
 (:mod:`fenghuo.server.cluster_state`); every other record (clicks, timers,
 actions waiting their turn) when SQLite has committed it.  Read and
 delivery cursors go to their bucket without holding the order: they only
-move forward, and the nodes alive learn them at once over the mesh.  One channel's appends go to JetStream one at a
-time, each expecting the stream sequence of the one before
-(:meth:`Engine.append`): the cost of fencing is one JetStream round trip per
-message per channel; channels proceed side by side.
+move forward, and the nodes alive learn them at once over the mesh.
+
+One channel's appends go to JetStream one at a time, each expecting the
+stream sequence of the one before (:meth:`Engine.append`), and each holds
+every message of the channel sequenced since the previous one was sent (a
+group commit, up to :data:`BATCH_MESSAGES` / :data:`BATCH_BYTES`): one
+JetStream round trip per channel carries as many messages as arrived during
+the last, and the publishers are acked, in seq order, once it is stored.
+Appends cannot overlap: the stream sequence the next must expect is known
+only from the answer to the one before (JetStream numbers the whole
+stream), and an append without it would not be fenced.  Channels proceed
+side by side.
 
 An append the stream refuses (another node wrote the channel: this node was
 deposed) fails with every append queued behind it on that channel; their
@@ -22,6 +30,7 @@ makes the retry safe) and ``on_fenced(channel)`` lets the node step down.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -41,6 +50,11 @@ log = logging.getLogger("fenghuo.cluster_store")
 # Attempts of one append whose answer did not come (a NATS server died, a
 # stream leader is being elected: a few seconds), before it is failed.
 APPEND_ATTEMPTS = 4
+# One append holds at most this many messages and bytes (of frames): well
+# under NATS's max_payload (1 MiB by default), and a read of one message from
+# the stream (history, a replica's hole) fetches no more than this.
+BATCH_MESSAGES = 256
+BATCH_BYTES = 64 * 1024
 DEPOSED = ("this node no longer sequences the channel (another node took it over); "
            "retry (an idempotency key makes a publish safe to retry)")
 
@@ -54,7 +68,7 @@ class _Entry:
 
 @dataclass
 class _ChannelLog:
-    """One owned channel's appends, one in flight at a time."""
+    """One owned channel's appends, one in flight at a time (holding many messages)."""
 
     name: str
     last: int                                  # stream sequence of its last stored message
@@ -62,6 +76,23 @@ class _ChannelLog:
     queue: deque[_Entry] = field(default_factory=deque)
     running: bool = False
     fenced: bool = False
+
+
+def _batch(queue: deque[_Entry]) -> tuple[int, int, bytes]:
+    """The next append of a channel's queue: the seq of its first message, how
+    many of the queue's first messages it holds (consecutive seqs), their frames."""
+    first = queue[0].record
+    assert isinstance(first, Sequenced)
+    frames = [first.frame]
+    size = len(first.frame)
+    for entry in itertools.islice(queue, 1, BATCH_MESSAGES):
+        record = entry.record
+        assert isinstance(record, Sequenced)
+        if record.seq != first.seq + len(frames) or size + len(record.frame) > BATCH_BYTES:
+            break
+        frames.append(record.frame)
+        size += len(record.frame)
+    return first.seq, len(frames), b"".join(frames)
 
 
 class ClusterStore(SQLiteStore):
@@ -79,6 +110,7 @@ class ClusterStore(SQLiteStore):
         self._logs: dict[str, _ChannelLog] = {}
         self._on_batch: Callable[[list[Record] | None], None] | None = None
         self.appended = 0                      # messages JetStream acknowledged
+        self.appends = 0                       # stream messages holding them
         self.refused = 0                       # appends fenced off
 
     # ------------------------------------------------------------ owning
@@ -211,14 +243,12 @@ class ClusterStore(SQLiteStore):
 
     async def _append_all(self, log_: _ChannelLog) -> None:
         assert self.engine is not None
+        channel = log_.name
         try:
             while log_.queue and not log_.fenced:
-                entry = log_.queue[0]
-                record = entry.record
-                assert isinstance(record, Sequenced)
-                channel, seq, frame = record.channel, record.seq, record.frame
+                first, count, data = _batch(log_.queue)
                 try:
-                    log_.last = await self._append(channel, seq, frame, log_.last, log_.epoch)
+                    log_.last = await self._append(channel, first, data, log_.last, log_.epoch)
                 except Fenced as exc:
                     self.refused += 1
                     log.warning("append refused: deposed", extra={"channel": channel,
@@ -229,9 +259,12 @@ class ClusterStore(SQLiteStore):
                     log.error("append failed", extra={"channel": channel, "error": str(exc)})
                     self._fenced(log_)
                     return
-                self.appended += 1
-                log_.queue.popleft()
-                entry.done = True
+                self.appended += count
+                self.appends += 1
+                if log_.fenced:
+                    return          # disowned meanwhile: its entries were refused (_fail)
+                for _ in range(count):
+                    log_.queue.popleft().done = True
                 self._release()
         finally:
             log_.running = False

@@ -13,10 +13,16 @@ messages, and KV buckets (docs/DESIGN.md, Cluster).
   read and delivery cursors, devices' synced positions
   (:mod:`fenghuo.server.cluster_state`).
 
+A stream message holds one or more consecutive MESSAGE frames of its
+channel, concatenated (each frame is its own length and bytes, PROTOCOL §2.1):
+the owner stores what its publishers sent while its previous append was in
+flight as one append (a group commit, :mod:`fenghuo.server.cluster_store`).
+
 Appends are fenced: each carries ``Nats-Expected-Last-Subject-Sequence``,
 the stream sequence of the channel's previous message as its owner knows
 it, so an append by anyone who missed a write of another is refused
-(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<epoch>.<seq>``, so an append
+(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<epoch>.<seq>`` (the seq of its
+first frame), so an append
 retried after a lost acknowledgement is not stored twice (the epoch in
 the id keeps an old owner's append from passing as a duplicate of the new
 owner's same seq).
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,9 +63,16 @@ WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
 # server's death takes a few (nats-server's default election timeout).
 API_TIMEOUT = 5.0
-# Seconds the engine's stream and buckets may take to be made at start (the
-# meta leader is elected when the servers have met).
-SETUP_PATIENCE = 30.0
+# Seconds the engine's stream and buckets may take to be made and answer at
+# start: the meta leader is elected when the servers have met, then each new
+# stream's own leader; nodes started at once across regions (250-600 ms
+# between servers) saw "no response from stream" for longer than 30 s.
+SETUP_PATIENCE = 120.0
+# Seconds between two tries of a start-up step: doubling from the first to
+# the last, each with up to half again at random, so nodes started at once
+# do not ask the meta leader in step.
+SETUP_RETRY_FIRST = 0.2
+SETUP_RETRY_LAST = 3.0
 
 
 def token(channel: str) -> str:
@@ -111,9 +125,21 @@ def _sent_at(stored: Stored) -> int:
     return message_time(stored.frame)
 
 
-def _stored(raw: RawStreamMsg) -> Stored:
+def split_frames(data: bytes) -> list[bytes]:
+    """The frames one stream message holds: each is its ``length`` field (u32,
+    the bytes after it) and those bytes."""
+    frames, at = [], 0
+    while at < len(data):
+        end = at + 4 + int.from_bytes(data[at:at + 4], "big")
+        frames.append(data[at:end])
+        at = end
+    return frames
+
+
+def _stored(raw: RawStreamMsg) -> list[Stored]:
+    """The messages of one stream message, in seq order (never empty)."""
     assert raw.data is not None and raw.seq is not None
-    return Stored(decode_frame_message(raw.data).seq, raw.seq, raw.data)
+    return [Stored(decode_frame_message(f).seq, raw.seq, f) for f in split_frames(raw.data)]
 
 
 class Engine:
@@ -150,6 +176,7 @@ class Engine:
         """``step()``, retried while JetStream is not ready yet: the meta leader
         being elected, a bucket just made by another node not yet answering."""
         deadline = asyncio.get_running_loop().time() + SETUP_PATIENCE
+        pause = SETUP_RETRY_FIRST
         while True:
             try:
                 return await step()
@@ -167,7 +194,9 @@ class Engine:
                     nats.js.errors.ServiceUnavailableError):
                 if asyncio.get_running_loop().time() > deadline:
                     raise
-            await asyncio.sleep(0.2)
+            log.info("JetStream not ready yet; trying again", extra={"pause": round(pause, 2)})
+            await asyncio.sleep(pause * (1 + random.random() / 2))
+            pause = min(pause * 2, SETUP_RETRY_LAST)
 
     async def watch(self, kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
                     name: str) -> asyncio.Task[None]:
@@ -178,18 +207,32 @@ class Engine:
         return await self.patiently(lambda: watch_bucket(kv, learn, name))
 
     async def _make(self, replicas: int) -> None:
+        """Make what is not there yet: a node started after the first only looks
+        (nodes started at once all asking the meta leader to make six streams
+        across regions kept it from answering)."""
         config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=replicas,
                               storage=StorageType.FILE, allow_direct=True,
                               # Nats-Msg-Id dedupe: covers an append retried after a lost ack.
                               duplicate_window=120.0)
-        try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if "already in use" not in str(exc):
-                raise
+        if not await self._exists(STREAM):
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if "already in use" not in str(exc):
+                    raise
         for bucket in (OWNERS, META, GROUPS, CURSORS, DEVICES):
-            await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
-                                                          replicas=replicas))
+            if not await self._exists(f"KV_{bucket}"):
+                await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
+                                                              replicas=replicas))
+            # Made (by this node or another) and answering: its stream has a leader.
+            await self.js.key_value(bucket)
+
+    async def _exists(self, stream: str) -> bool:
+        try:
+            await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def cluster_id(self) -> str:
         """12 hex digits made by the first node ever to ask: the cluster's store id."""
@@ -224,9 +267,11 @@ class Engine:
 
     async def append(self, channel: str, seq: int, frame: bytes, expected: int,
                      epoch: int) -> int:
-        """Store ``frame`` (seq ``seq`` of ``channel``, sequenced by its owner of
-        ``epoch``) if the channel's last stored message is still at stream
-        sequence ``expected`` (0: none); its stream sequence.
+        """Store ``frame`` (one MESSAGE frame of ``channel`` with seq ``seq``, or
+        several of consecutive seqs from ``seq`` on, concatenated; sequenced by
+        the channel's owner of ``epoch``) as one stream message if the channel's
+        last stored message is still at stream sequence ``expected`` (0: none);
+        its stream sequence.
 
         The message id names the epoch: JetStream answers a known id as a
         duplicate before it checks the expected sequence, so an id without
@@ -244,9 +289,10 @@ class Engine:
             # nats-server) expects what is no longer the last: JetStream
             # checks that before the id.  Only that try can have stored this
             # very frame as the channel's last message.
-            last = await self.last(channel)
-            if last is not None and last.frame == frame:
-                return last.stream_seq
+            last = await self._last_raw(channel)
+            if last is not None and last.data == frame:
+                assert last.seq is not None
+                return last.seq
             raise Fenced(f"{channel}: {exc.description}") from None
         if ack.duplicate and not await self._holds(ack.seq, frame):
             # The id was stored before, for another message: this node once
@@ -268,8 +314,9 @@ class Engine:
 
     # ------------------------------------------------------------ reading
 
-    async def _next(self, channel: str, stream_seq: int) -> Stored | None:
-        """The channel's first message at stream sequence ``stream_seq`` or after it."""
+    async def _next(self, channel: str, stream_seq: int) -> list[Stored] | None:
+        """The messages of the channel's first stream message at stream sequence
+        ``stream_seq`` or after it."""
         try:
             raw = await self.js.get_msg(STREAM, seq=max(1, stream_seq), next=True,
                                         subject=subject(channel))
@@ -277,16 +324,20 @@ class Engine:
             return None
         return _stored(raw)
 
-    async def last(self, channel: str) -> Stored | None:
+    async def _last_raw(self, channel: str) -> RawStreamMsg | None:
         try:
-            raw = await self.js.get_last_msg(STREAM, subject(channel))
+            return await self.js.get_last_msg(STREAM, subject(channel))
         except nats.js.errors.NotFoundError:
             return None
-        return _stored(raw)
+
+    async def last(self, channel: str) -> Stored | None:
+        raw = await self._last_raw(channel)
+        return None if raw is None else _stored(raw)[-1]
 
     async def _first_after(self, channel: str, after: int,
                            key: Callable[[Stored], int] = lambda m: m.seq) -> int:
-        """The stream sequence from which the channel's messages have ``key`` > ``after``:
+        """A stream sequence from which the channel's stream messages hold every
+        message with ``key`` > ``after`` (the first may also hold some before):
         a binary search over the stream, one direct read per step."""
         info = await self.js.stream_info(STREAM)
         low: int = info.state.first_seq
@@ -296,8 +347,8 @@ class Engine:
             found = await self._next(channel, mid)
             if found is None:
                 high = mid
-            elif key(found) <= after:
-                low = found.stream_seq + 1
+            elif key(found[-1]) <= after:
+                low = found[0].stream_seq + 1
             else:
                 high = mid
         return low
@@ -309,10 +360,15 @@ class Engine:
         at = await self._first_after(channel, after, key)
         while len(out) < limit:
             found = await self._next(channel, at)
-            if found is None or key(found) >= before:
+            if found is None:
                 break
-            out.append(found)
-            at = found.stream_seq + 1
+            for message in found:
+                if key(message) <= after:
+                    continue
+                if key(message) >= before or len(out) == limit:
+                    return out
+                out.append(message)
+            at = found[0].stream_seq + 1
         return out
 
     async def expire(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> int:
@@ -331,7 +387,7 @@ class Engine:
                 continue
             kept = await self._first_after(name, cutoff_us - 1, key=_sent_at)
             upto = min(kept, last.stream_seq)
-            if upto > first.stream_seq:
+            if upto > first[0].stream_seq:
                 # Every message of the subject below stream sequence ``upto``.
                 await self.js.purge_stream(STREAM, subject=subject(name), seq=upto)
                 purged += 1

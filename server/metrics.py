@@ -163,6 +163,9 @@ class RelayCollector(Collector):
                     node.store.owned)
         yield counter("fenghuo_cluster_appends", "Messages JetStream acknowledged from this "
                       "node.", node.store.appended)
+        yield counter("fenghuo_cluster_stream_appends", "Stream appends (round trips) that stored "
+                      "them: one holds every message of its channel sequenced while the one "
+                      "before was in flight.", node.store.appends)
         yield counter("fenghuo_cluster_appends_refused", "Appends the stream refused: this node "
                       "had been deposed (fencing).", node.store.refused)
         yield counter("fenghuo_cluster_failovers", "Channels this node took over from a dead or "

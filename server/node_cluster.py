@@ -150,7 +150,7 @@ class NodeCluster(Cluster):
         await self.mesh.open()
         await self.liveness.start()
         await self.ownership.start()
-        for channel in await engine.channels("dm:"):
+        for channel in await engine.patiently(lambda: engine.channels("dm:")):
             relay.ensure_channel(channel)
         # Every group and cursor the cluster has, before a client is served;
         # from here on the buckets' watches apply what other nodes change.
@@ -630,7 +630,8 @@ class NodeCluster(Cluster):
                 "peers": {p.name: p.region for p in self.liveness.peers.values()
                           if self.liveness.alive(p.index)},
                 "channels_owned": self.store.owned,
-                "appended": self.store.appended, "refused": self.store.refused,
+                "appended": self.store.appended, "appends": self.store.appends,
+                "refused": self.store.refused,
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes}
