@@ -26,9 +26,7 @@ Direct and group channels need no pattern: participants and members may use them
 
 from __future__ import annotations
 
-import binascii
 import functools
-import hmac
 import os
 import secrets
 import time
@@ -40,6 +38,7 @@ import jwt
 import orjson
 
 from fenghuo.channels import is_pattern, is_user_id, pattern_matches
+from fenghuo.core import HS256Key, b64url_decode
 
 ALGORITHM = "HS256"
 DEFAULT_TTL = 24 * 3600
@@ -110,9 +109,12 @@ class Key:
     secret: str
     #: the HMAC key: the secret's UTF-8 bytes
     material: bytes = field(init=False, repr=False)
+    #: the same key with its HMAC pads hashed once (``keyring`` is cached, so once a secret)
+    hs256: HS256Key = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "material", self.secret.encode())
+        object.__setattr__(self, "hs256", HS256Key(self.material))
 
 
 @functools.lru_cache(maxsize=8)
@@ -189,24 +191,11 @@ _HEADERS: dict[str, str | None] = {}
 _HEADERS_MAX = 256
 
 
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
-def _base64url(segment: str) -> bytes:
-    """A JWS segment's bytes: base64url without padding (RFC 7515 §2), strictly:
-    any other character is an error, not skipped (a lenient decoder would
-    accept a signature with junk appended)."""
-    if "+" in segment or "/" in segment or "=" in segment:   # base64's, or padding
-        raise ValueError("not base64url")
-    data = segment.encode("ascii").translate(_FROM_URLSAFE)
-    return binascii.a2b_base64(data + b"=" * (-len(data) % 4), strict_mode=True)
-
-
 def _segment_json(segment: str, what: str) -> object:
     """A JWS segment's JSON."""
     try:
-        return orjson.loads(_base64url(segment))
-    except (ValueError, orjson.JSONDecodeError) as exc:   # binascii.Error is a ValueError
+        return orjson.loads(b64url_decode(segment))
+    except (ValueError, orjson.JSONDecodeError) as exc:
         raise TokenError(f"token is invalid: its {what} is not base64url JSON") from exc
 
 
@@ -238,7 +227,8 @@ def _claims(secret: str, token: str, leeway: float) -> dict[str, Any]:
     HS256 by hand (RFC 7515, 7519): a connect storm verifies thousands of
     tokens a second, and PyJWT's decode (three per token: header, unverified
     types, then verified) was 85 % of a HELLO's time.  The same checks, in
-    the order PROTOCOL §5.6 gives them.
+    the order PROTOCOL §5.6 gives them; base64url and the HMAC (each key's
+    pads hashed once) in C, core/token.pyx.
     """
     if not isinstance(token, str):
         raise TokenError("token is invalid: not a string")
@@ -257,12 +247,13 @@ def _claims(secret: str, token: str, leeway: float) -> dict[str, Any]:
         if not keys:
             raise TokenError(f"token is signed with an unknown key id {kid!r}")
     try:
-        sent = _base64url(signature)
-    except ValueError as exc:   # UnicodeEncodeError and binascii.Error are ValueErrors
+        sent = b64url_decode(signature)
+    except ValueError as exc:
         raise TokenError("token is invalid: its signature is not base64url") from exc
-    signed = f"{header}.{payload}".encode()
-    if not any(hmac.compare_digest(hmac.digest(key.material, signed, "sha256"), sent)
-               for key in keys):
+    for key in keys:
+        if key.hs256.verify(header, payload, sent):
+            break
+    else:
         raise TokenError("token is invalid: signature verification failed")
     for claim in ("sub", "exp"):
         if claim not in claims:
@@ -278,20 +269,23 @@ def _claims(secret: str, token: str, leeway: float) -> dict[str, Any]:
     return claims
 
 
+def _strings(claims: dict[str, Any], key: str) -> tuple[str, ...]:
+    """A claim that is a list of strings (absent or false: none)."""
+    value = claims.get(key)
+    if not value:
+        return ()
+    if type(value) is not list or not all(type(v) is str for v in value):
+        raise TokenError(f"token claim {key!r} must be a list of strings")
+    return tuple(value)
+
+
 def verify_token(secret: str, token: str, *, leeway: float = LEEWAY) -> Grants:
     """The grants of a valid token; :class:`TokenError` otherwise."""
     claims = _claims(secret, token, leeway)
     user = claims["sub"]
     if not is_user_id(user):
         raise TokenError("token subject is not a valid user id")
-
-    def strings(key: str) -> tuple[str, ...]:
-        value = claims.get(key) or []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TokenError(f"token claim {key!r} must be a list of strings")
-        return tuple(value)
-
-    roles, channels, read = strings("roles"), strings("chan"), strings("read")
+    roles, channels, read = _strings(claims, "roles"), _strings(claims, "chan"), _strings(claims, "read")
     why = _service_conflict(roles, channels, read)
     if why:
         raise TokenError(f"token is invalid: {why}")

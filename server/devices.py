@@ -11,6 +11,8 @@ one it replaces (docs/PROTOCOL.md §3.2).
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,18 @@ if TYPE_CHECKING:
 #: without that user being online, so they are not counted, and only a token
 #: with the ``service`` role may use it (server/session.py).
 SERVICE_DEVICE = "fenghuo-api"
+
+# Device ids for a HELLO that names none (PROTOCOL §3.2: "d-" + 8 hex digits).
+# They need to differ, not to be secret: a generator seeded once from the
+# system's randomness, not a getrandom() call per connection (secrets.token_hex
+# was a system call on every HELLO of a connect storm).
+_device_ids = random.Random()
+os.register_at_fork(after_in_child=_device_ids.seed)     # a forked child draws its own
+
+
+def new_device_id() -> str:
+    """A device id for a connection that named none."""
+    return f"d-{_device_ids.getrandbits(32):08x}"
 
 
 class Devices:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,7 @@ from fenghuo.core import (
 from fenghuo.protocol import encode_json
 from fenghuo.server import scheduling, schemas
 from fenghuo.server.clicks import LINK_MAX
-from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.server.devices import SERVICE_DEVICE, new_device_id
 from fenghuo.server.groups import Actor
 from fenghuo.server.relay import Relay, refuse
 from fenghuo.server.schemas import (
@@ -127,7 +126,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             raise _fatal(exc) from None
         grants = self._verify(hello.token, "HELLO")
         positions = hello.positions
-        device = hello.device or "d-" + secrets.token_hex(4)
+        device = hello.device or new_device_id()
         if device == SERVICE_DEVICE and not grants.is_api:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"device id {device!r} is reserved for the server API")
         if positions is not None and not relay.durable and hello.epoch != relay.epoch:

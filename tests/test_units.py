@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import hmac
 import json
 import stat
 import time
@@ -22,7 +24,8 @@ from fenghuo.channels import (
     parse_channel,
     pattern_matches,
 )
-from fenghuo.core import ChannelKind, ErrorCode, FrameType, Metrics, ProtocolError
+from fenghuo.core import (ChannelKind, ErrorCode, FrameType, HS256Key, Metrics, ProtocolError,
+                          b64url_decode)
 from fenghuo.server import config
 from fenghuo.server.config import OPTIONS, Settings, add_arguments, load, markdown_table
 from fenghuo.server.groups import ADMIN, MEMBER, OWNER, GroupRegistry
@@ -196,6 +199,44 @@ def test_tampered_token():
         with pytest.raises(TokenError) as info:
             verify_token(SECRET, forged)
         assert info.value.expired is False
+
+
+def test_hs256_key_is_hmac_sha256():
+    """core/token.pyx's HMAC, its key's pads hashed once, against hashlib's, over
+    keys and messages on each side of SHA-256's block boundaries."""
+    for key_len in (0, 1, 31, 32, 63, 64, 65, 100, 200):
+        key = bytes((7 * i + key_len) & 0xFF for i in range(key_len))
+        hs = HS256Key(key)
+        for n in (*range(0, 130), 183, 250, 1000):
+            message = bytes((i * 13 + n) & 0xFF for i in range(n))
+            assert hs.digest(message) == hmac.new(key, message, hashlib.sha256).digest(), (key_len, n)
+
+
+def test_hs256_key_verifies_a_signing_input():
+    hs = HS256Key(b"k" * 40)
+    mac = hmac.new(b"k" * 40, b"head.body", hashlib.sha256).digest()
+    assert hs.verify("head", "body", mac)
+    assert not hs.verify("head", "bod", mac) and not hs.verify("hea", "dbody", mac)
+    assert not hs.verify("head", "body", mac[:-1] + bytes([mac[-1] ^ 1]))
+    assert not hs.verify("head", "body", mac[:31]) and not hs.verify("head", "body", mac + b"\0")
+
+
+def test_b64url_decode_is_strict():
+    for n in range(40):
+        data = bytes((i * 37 + n) & 0xFF for i in range(n))
+        text = base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        assert b64url_decode(text) == data
+    for bad in ("QQ==", "QUI=", "ab+c", "ab/c", "ab c", "abc\n", "Q", "QUJDQ", "é", "QUJ\u00e9"):
+        with pytest.raises(ValueError):
+            b64url_decode(bad)
+    assert b64url_decode("QR") == b"A"            # unused low bits are not checked (as binascii)
+
+
+def test_a_secret_longer_than_a_block_signs_and_verifies():
+    long_secret = "s" * 100                        # HMAC hashes a key longer than 64 bytes first
+    assert verify_token(long_secret, issue_token(long_secret, "alice")).user == "alice"
+    with pytest.raises(TokenError):
+        verify_token("s" * 99, issue_token(long_secret, "alice"))
 
 
 def test_other_algorithm_refused():
