@@ -10,12 +10,21 @@ ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 
 
+def fenced(text: str, *languages: str) -> list[str]:
+    """The bodies of the fenced code blocks of ``text`` in ``languages`` ("" is a bare fence).
+
+    Blocks are read from their opening fence to their closing one, so the prose between
+    a block in another language and the next block is never taken for code."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)
+            if lang in languages]
+
+
 def test_configuration_table_is_generated_from_the_code():
     assert markdown_table() in README
 
 
 def test_every_command_the_readme_runs_exists():
-    code = "\n".join(re.findall(r"```(?:sh)?\n(.*?)```", README, re.S))
+    code = "\n".join(fenced(README, "", "sh"))
     used = set(re.findall(r"(?:^|\s|\()(?:\.venv/bin/)?fenghuo (\w+)", code))
     available = set(parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     assert {"chat", "token", "listen", "send"} <= used
@@ -24,7 +33,7 @@ def test_every_command_the_readme_runs_exists():
 
 def test_ci_runs_exactly_the_readme_test_command():
     quick_start = README.split("## Quick start", 1)[1].split("###", 1)[0]
-    commands = [line.split("#")[0].strip() for block in re.findall(r"```sh\n(.*?)```", quick_start, re.S)
+    commands = [line.split("#")[0].strip() for block in fenced(quick_start, "sh")
                 for line in block.splitlines()]
     assert commands == ["make serve", "make test"]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
@@ -36,7 +45,7 @@ def _documented(prefix: str) -> list[str]:
     found = []
     for doc in ("README.md", "bench/README.md", "loadtest/README.md"):
         text = (ROOT / doc).read_text()
-        snippets = re.findall(r"```(?:sh)?\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
+        snippets = fenced(text, "", "sh") + re.findall(r"`([^`\n]+)`", text)
         for snippet in snippets:
             for line in snippet.splitlines():
                 m = re.search(rf"python -m {re.escape(prefix)} (.*?)(?:\s+#.*)?$", line)
@@ -72,7 +81,7 @@ def test_every_bench_and_loadtest_command_in_the_docs_parses():
 
 def _script_example() -> list[tuple[str, str | None]]:
     """The README's ``send``/``listen`` example: each command with the output it promises."""
-    block = next(b for b in re.findall(r"```sh\n(.*?)```", README, re.S) if "fenghuo listen" in b)
+    block = next(b for b in fenced(README, "sh") if "fenghuo listen" in b)
     lines = []
     for line in block.strip().splitlines():
         command, _, comment = line.partition("#")
