@@ -352,9 +352,9 @@ class Client:
         if self._token_stale:
             self.token = await self._fetch_token()
             self._token_stale = False
-        transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(self), self.host, self.port, ssl=self.tls),
-            self.connect_timeout)
+        transport, proto = await asyncio.wait_for(self._open(lambda: _Protocol(self)),
+                                                  self.connect_timeout)
+        assert isinstance(proto, _Protocol)
         self._proto = proto
         self._hello_id = rid = self._request_id()
         welcome = loop.create_future()
@@ -387,6 +387,13 @@ class Client:
             self._write(frame)
         self._welcomed_at = loop.time()
         self._connected.set()
+
+    async def _open(self, protocol: Callable[[], asyncio.Protocol]
+                    ) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """A connection to the server: TCP, with TLS for a ``tls://`` URL.  (The
+        server API's sessions are opened inside the relay instead, server/api.py.)"""
+        return await asyncio.get_running_loop().create_connection(
+            protocol, self.host, self.port, ssl=self.tls)
 
     def _on_welcome(self, body: dict[str, Any]) -> None:
         heads = body.get("channels") or {}

@@ -2,8 +2,8 @@
 
 One delivery path: the API holds no second copy of sequencing, dedupe,
 storage, permissions or fan-out.  It acts through :class:`Backends`, client
-sessions of this relay over loopback TCP that speak the protocol like any
-other client, so a publish here is a PUBLISH frame there, forwarded to its
+sessions of this relay (opened inside it, server/backends.py) that speak the
+protocol like any other client, so a publish here is a PUBLISH frame there, forwarded to its
 channel's owning worker like any other (docs/DESIGN.md, "Server API").  Only
 what the protocol has no frame for is done in-process: presence, which reads
 the relay's view of every worker, a user's disconnection (shared with the
@@ -24,7 +24,6 @@ import hmac
 import logging
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from msgspec import Meta
 
 from fenghuo.channels import ChannelName as ParsedChannel
 from fenghuo.channels import InvalidChannel, parse_channel
-from fenghuo.client import Client, ConnectionLost, FenghuoError, encode_payload
+from fenghuo.client import ConnectionLost, FenghuoError, encode_payload
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
 from fenghuo.server.schemas import (
     _USER_ID,
@@ -57,7 +56,7 @@ from fenghuo.server.schemas import (
     decode_with,
 )
 from fenghuo.server import escalation, revocations, status
-from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.server.backends import Backends
 from fenghuo.server.frames import message_json, message_sender, message_seq
 from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.revocations import Revocation
@@ -83,10 +82,6 @@ log = logging.getLogger("fenghuo.api")
 
 #: the user the API reads presence and org-channel history as, when no user is named
 API_USER = "fenghuo-api"
-# Users the API keeps a session for at once; the least recently used is closed beyond it.
-MAX_BACKEND_SESSIONS = 256
-# A backend session's token lives this long; the session is renewed at half of it.
-SESSION_TOKEN_TTL = 24 * 3600
 # How far ahead a message may be scheduled.
 MAX_SCHEDULE_AHEAD_S = 366 * 86400
 # How far in the past a send_at may be (it is then sent at once): the clock skew a
@@ -375,46 +370,6 @@ def key_allowed(header: str | None, hashes: tuple[bytes, ...]) -> bool:
     return sum(hmac.compare_digest(digest, h) for h in hashes) > 0
 
 
-# ---------------------------------------------------------------- sessions
-
-
-@dataclass
-class Backends:
-    """One client session per user the API acts as, over loopback to this relay."""
-
-    server: str
-    secret: str
-    sessions: OrderedDict[str, tuple[float, asyncio.Task[Client]]] = field(default_factory=OrderedDict)
-
-    async def as_user(self, user: str) -> Client:
-        entry = self.sessions.get(user)
-        now = time.monotonic()
-        if entry is not None and (now - entry[0] > SESSION_TOKEN_TTL / 2 or entry[1].done()
-                                  and (entry[1].exception() is not None or entry[1].result()._closed)):
-            self._drop(user)
-            entry = None
-        if entry is None:
-            token = issue_token(self.secret, user, ttl=SESSION_TOKEN_TTL, roles=["admin", API_ROLE])
-            # What the user receives is not kept: no inbox, no cursor sync.
-            client = Client(self.server, token=token, device=SERVICE_DEVICE, sync_cursors=False,
-                            pending_messages=0)
-            entry = self.sessions[user] = (now, asyncio.ensure_future(client.connect()))
-            while len(self.sessions) > MAX_BACKEND_SESSIONS:
-                self._drop(next(iter(self.sessions)))
-        self.sessions.move_to_end(user)
-        return await asyncio.shield(entry[1])
-
-    def _drop(self, user: str) -> None:
-        _, task = self.sessions.pop(user)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() is not None
-                               or asyncio.ensure_future(t.result().close()))
-
-    async def close(self) -> None:
-        for user in list(self.sessions):
-            self._drop(user)
-        await asyncio.sleep(0)
-
-
 # ---------------------------------------------------------------- the API
 
 
@@ -438,9 +393,8 @@ class Api:
         self.secret = secret
         self.key_hashes = key_hashes
         self.stats = ApiStats()
-        # Made before the relay listens (a SCHEDULE may come at once); its sessions'
-        # address is known once it does (start).
-        self.backends = Backends("", secret)
+        # Made before the relay listens (a SCHEDULE may come at once).
+        self.backends = Backends(relay, secret)
         self.runner: web.AppRunner | None = None
         #: scheduled messages, fired by this process (server/timers.py)
         self.timers: Timers = Timers(TimerTable(relay.store), {
@@ -507,9 +461,6 @@ class Api:
     async def start(self, host: str | None = None, port: int = 0) -> int | None:
         """Fire the timers; serve HTTP on ``host:port`` too unless ``port`` is 0 (no server
         API: the timers still serve SCHEDULE, PROTOCOL §3.17a)."""
-        host = self.relay.settings.host
-        loopback = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-        self.backends.server = f"tcp://{loopback}:{self.relay.port}"
         await self.timers.start()
         if not port:
             return None

@@ -228,3 +228,21 @@ def test_the_cli_calls_the_api(api_relay):
     bad = subprocess.run([*run, "--key", "wrong", "presence", '{"users": ["a"]}'],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "TOKEN_INVALID" in bad.stderr
+
+
+async def test_the_api_listens_on_api_host_not_on_host(relay_factory, tmp_path):
+    """``--api-host`` is where the API listens, whatever ``--host`` the clients use."""
+    from bench.targets import free_port, wait_listening
+
+    key = "k" * 32
+    (tmp_path / "keys").write_text(key + "\n")
+    port = free_port("127.0.0.2")
+    relay = relay_factory("--api-host", "127.0.0.2", "--api-port", str(port),
+                          "--api-key-file", str(tmp_path / "keys"), workers=1)
+    wait_listening(relay.proc, "127.0.0.2", port, 10)
+    bob = await relay.connect("bob")
+    async with AsyncApi(f"http://127.0.0.2:{port}", key) as api:
+        await api.publish("dm:ann:bob", "from the api host", sender="ann")
+    assert (await bob.next_message(timeout=10)).text == "from the api host"
+    with pytest.raises(OSError):
+        await asyncio.open_connection(relay.host, port)

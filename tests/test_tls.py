@@ -14,6 +14,7 @@ import time
 import pytest
 
 import fenghuo
+from fenghuo.api import AsyncApi
 from tests.certs import CA
 from tests.clients import collect
 from tests.test_cli import fenghuo_cli
@@ -119,6 +120,34 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(relay_factory, 
     assert client.user == "alice"
 
 
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+async def test_scheduled_and_api_messages_are_delivered_on_a_tls_relay(relay_factory, pki,
+                                                                       mutual):
+    """What the relay publishes itself (a SCHEDULE fired, an API publish) goes through the
+    API's own sessions: on a relay whose client port speaks only TLS (and asks clients
+    for a certificate) they reach their recipient as any message does."""
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key,
+                      *(("--tls-client-ca", str(ca.cert)) if mutual else ()), api=True)
+    device_cert, device_key = ca.issue("device-1", server=False) if mutual else (None, None)
+    ann, bob = (fenghuo.Client(tls_url(relay), token=relay.token(user), tls_ca=str(ca.cert),
+                               tls_cert=device_cert and str(device_cert),
+                               tls_key=device_key and str(device_key)) for user in ("ann", "bob"))
+    relay.clients += [ann, bob]
+    await ann.connect()
+    await bob.connect()
+    at = time.time() + 0.5
+    scheduled = await ann.schedule("dm:ann:bob", "fee reminder", at)
+    (fired,) = await collect(bob, 1, timeout=15)
+    assert (fired.sender, fired.text, fired.channel) == ("ann", "fee reminder", scheduled.channel)
+    assert fired.ts_us >= at * 1e6
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        sent = await api.publish("dm:ann:bob", "paid, thank you", sender="ann")
+    (confirmed,) = await collect(bob, 1, timeout=15)
+    assert (confirmed.text, confirmed.seq) == ("paid, thank you", sent["seq"])
+    assert "firing timers failed" not in relay.log()
 
 
 async def test_sighup_reloads_the_certificate_in_every_worker(relay_factory, pki, tmp_path):
