@@ -119,12 +119,19 @@ class Admission:
 
     def protocol_factory(self, make_session: Callable[[], Session]) -> Callable[[], asyncio.BaseProtocol]:
         """The server's protocol factory: a Session, or a shared refusal."""
+        # The loop is looked up once: on Python 3.11 asyncio.get_running_loop()
+        # makes a getpid() system call, once per connection in a slow storm.
+        loop: asyncio.AbstractEventLoop | None = None
+
         def new_protocol() -> asyncio.BaseProtocol:
+            nonlocal loop
             reason = self._refusal_reason()
             if reason is not None:
                 return self._refusals[reason]
             if not self._accepted_unmade:
-                asyncio.get_running_loop().call_soon(self._burst_made)
+                if loop is None:
+                    loop = asyncio.get_running_loop()
+                loop.call_soon(self._burst_made)
             self._accepted_unmade += 1
             return make_session()
         return new_protocol
