@@ -1,0 +1,146 @@
+"""Every publish reaches every receiver under the default deployment, counted one by one.
+
+Real supervisor and worker processes (``--workers 2``, as on this 2-core
+machine), real TCP connections speaking the protocol by hand so a publisher
+can write thousands of PUBLISH frames at once, the way the benchmark's
+generator does; the subscriber side counts every MESSAGE and checks its seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+from conftest import RelayProcess, start_relay
+from rawwire import RawConnection, open_raw
+from fenghuo.core import FrameType, decode_message, encode_publish
+from fenghuo.server.routing import owner_of
+
+from fenghuo.channels import direct_channel
+
+WORKERS = 2
+BURST = 4000          # well past a channel's ring (1,024): a late replica could not catch up
+
+
+@pytest.fixture
+def relay(tmp_path):
+    # The in-memory store: a message a receiver missed is gone, not in history.
+    relay = start_relay(tmp_path, "--store", "memory", workers=WORKERS)
+    yield relay
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(30) == 0, relay.log()[-3000:]
+
+
+async def raw_on(relay: RelayProcess, user: str, worker: int, **claims) -> RawConnection:
+    """``user`` past WELCOME on worker ``worker`` (the kernel picks; retry until it does)."""
+    for _ in range(60):
+        conn = await open_raw(relay)
+        if (await conn.hello(relay.token(user, **claims))).get("worker") == worker:
+            return conn
+        conn.close()
+    pytest.fail(f"{user} never landed on worker {worker}")
+
+
+async def seen_online(relay: RelayProcess, user: str, worker: int) -> None:
+    """Wait until worker ``worker`` knows ``user`` is online (presence records travel)."""
+    for _ in range(60):
+        watcher = await relay.client("watcher", presence=True).connect()
+        if watcher.welcome["worker"] == worker:
+            break
+        await watcher.close()
+    else:
+        pytest.fail(f"no watcher landed on worker {worker}")
+    deadline = time.monotonic() + 5
+    while (await watcher.presence([user]))[user]["devices"] < 1:
+        assert time.monotonic() < deadline, f"worker {worker} never saw {user} online"
+        await asyncio.sleep(0.02)
+    await watcher.close()
+
+
+async def messages(conn: RawConnection, count: int, timeout: float = 20.0) -> list[int]:
+    """The seqs of the next ``count`` MESSAGEs; any other frame fails the test."""
+    seqs: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(seqs) < count:
+        frame = await conn.frame(max(deadline - time.monotonic(), 0.01))
+        assert frame is not None, f"connection closed after {len(seqs)} of {count} messages"
+        assert frame.type == FrameType.MESSAGE, (
+            f"after {len(seqs)} messages: {FrameType(frame.type).name} {frame.body[:200]!r}")
+        seqs.append(decode_message(frame.body).seq)
+    return seqs
+
+
+def partner_owned_by(user: str, owner: int) -> str:
+    return next(name for name in (f"bob{k}" for k in range(1000))
+                if owner_of(direct_channel(user, name), WORKERS) == owner)
+
+
+async def test_a_participant_online_on_another_worker_gets_a_new_chat_from_its_first_message(
+        relay):
+    # bob is connected before the chat exists, on the worker that does not
+    # own it; ann, on the owner, floods the new chat with BURST publishes in
+    # one write.  bob must receive every one of them, live, in order: a
+    # single worker subscribes him at the first publish, and so must two.
+    owner, other = 0, 1
+    bob = partner_owned_by("ann", owner)
+    channel = direct_channel("ann", bob)
+    bob_conn = await raw_on(relay, bob, other)
+    await seen_online(relay, bob, owner)
+    ann = await raw_on(relay, "ann", owner)
+    ann.write(b"".join(encode_publish(channel, f"m{k}".encode(), request_id=k + 1)
+                       for k in range(BURST)))
+    assert await messages(bob_conn, BURST) == list(range(1, BURST + 1))
+    await bob_conn.expect_silence(0.2)
+    acks = [f for f in await ann.replies(BURST, timeout=20)]
+    assert [f.type for f in acks] == [FrameType.ACK] * BURST
+    ann.close()
+    bob_conn.close()
+
+
+async def test_many_pairs_flooding_new_chats_across_workers_lose_no_delivery(relay):
+    # The benchmark's many-to-many, counted: PAIRS publishers on the owner
+    # of their chat and their partners on the other worker, every publisher
+    # writing its whole burst at once.  Every MESSAGE reaches its partner.
+    pairs, burst = 20, 1500
+    owner, other = 0, 1
+    names = [next(f"p{i}x{k}" for k in range(1000)
+                  if owner_of(direct_channel(f"a{i}", f"p{i}x{k}"), WORKERS) == owner)
+             for i in range(pairs)]
+    partners = [await raw_on(relay, name, other) for name in names]
+    for name in names:
+        await seen_online(relay, name, owner)
+    publishers = [await raw_on(relay, f"a{i}", owner) for i in range(pairs)]
+    for i, (pub, name) in enumerate(zip(publishers, names)):
+        channel = direct_channel(f"a{i}", name)
+        pub.write(b"".join(encode_publish(channel, b"x" * 64, request_id=k + 1)
+                           for k in range(burst)))
+    received = await asyncio.gather(*(messages(p, burst, timeout=60) for p in partners))
+    assert all(seqs == list(range(1, burst + 1)) for seqs in received), [
+        (names[i], len(s), s[:3]) for i, s in enumerate(received) if s != list(range(1, burst + 1))]
+    for conn in [*partners, *publishers]:
+        conn.close()
+
+
+def replica_messages(relay: RelayProcess, worker: int) -> float:
+    url = f"http://127.0.0.1:{relay.metrics_port + 1 + worker}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return float(re.search(r"^fenghuo_replica_messages_total (\S+)$", text, re.MULTILINE).group(1))
+
+
+async def test_a_new_chat_with_no_participant_on_the_other_worker_is_not_sent_there(relay):
+    # The chat is announced to the other worker, which holds no participant
+    # of it: it does not become one of the chat's receivers.
+    owner, other = 0, 1
+    bob = partner_owned_by("ann", owner)
+    ann = await raw_on(relay, "ann", owner)
+    bob_conn = await raw_on(relay, bob, owner)
+    ann.write(b"".join(encode_publish(direct_channel("ann", bob), b"hi", request_id=k + 1)
+                       for k in range(50)))
+    assert await messages(bob_conn, 50) == list(range(1, 51))
+    assert replica_messages(relay, other) == 0
+    ann.close()
+    bob_conn.close()
