@@ -118,6 +118,9 @@ class Cluster:
         # already wants them back; and since when a replica has had nobody here.
         self.cooling: dict[Channel, list[Callable[[], None]]] = {}
         self.idle_since: dict[Channel, float] = {}
+        # Direct chats announced with this worker among their receivers, until
+        # created here: the head the owner sends them from (see _direct).
+        self.announced: dict[str, int] = {}
         self.replica_applied = 0                         # M records _on_record applied
         self.receiver: MeshReceiver | None = None        # between workers: the compiled one
         self._serving: set[asyncio.Future[None]] = set()  # forwarded requests answered later
@@ -275,10 +278,48 @@ class Cluster:
             self._ask_owner(ch)
 
     def created(self, ch: Channel) -> None:
-        """A channel appeared here; a direct chat's owner tells every worker, so a
-        participant online anywhere is subscribed (and its worker asks for it)."""
-        if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
-            self.share("direct", channel=ch.name)
+        """A channel appeared here (before its participants join it); a direct
+        chat's owner tells every worker, so a participant online anywhere is
+        subscribed, and a worker its owner made a receiver is ready at once."""
+        if ch.kind != ChannelKind.DIRECT_CHAT:
+            return
+        head = self.announced.pop(ch.name, None)
+        if head is not None:
+            self._warm(ch.name, head)
+        elif self.bus.owns(ch):
+            self._announce_direct(ch)
+
+    def _announce_direct(self, ch: Channel) -> None:
+        """Owner side: the workers where a participant is online receive the new
+        chat from now on, without asking.
+
+        Asking (``interest``) after this announcement would race the
+        publisher: a sender flooding the chat from its first message had
+        filled the owner's ring past what the late replica could catch up
+        from, and a participant online before the chat existed got a GAP (the
+        messages lost, with the in-memory store).  Their live messages follow
+        this record on the same ring, so such a replica is complete from
+        ``head``.  Workers with no participant online are told too, and ask
+        as before if one comes.
+        """
+        participants = ch.info.participants
+        receivers = [w for w in range(self.count) if w != self.index
+                     and any(self.remote_devices.devices(u, w) for u in participants)]
+        if receivers:
+            self.interested.setdefault(ch, set()).update(receivers)
+        self.share("direct", channel=ch.name, receivers=receivers, head=ch.ring.last)
+
+    def _direct(self, name: str, receivers: list[int], head: int) -> None:
+        """Replica side: a direct chat announced by its owner (``receivers``:
+        the workers it already sends the chat to, from ``head`` on)."""
+        if self.index in receivers:
+            ch = self.relay.hub.find(name)
+            if ch is None:
+                self.announced[name] = head       # ready in created(), before anyone joins
+            elif not (ch in self.ready_here or ch in self.warming or ch in self.cooling):
+                self._warm(name, head)
+            # else asked already: the owner's answer and live records agree by seq
+        self.relay.ensure_channel(name)
 
     # ------------------------------------------------------------ gates
 
@@ -582,7 +623,7 @@ class Cluster:
         elif op == "cold":
             self._cold(relay.ensure_channel(body["channel"]))
         elif op == "direct":
-            relay.ensure_channel(body["channel"])
+            self._direct(body["channel"], body.get("receivers", []), body.get("head", 0))
         elif op == "serve":
             self._serve(source, body)
         else:

@@ -821,11 +821,12 @@ class Relay:
         ch = self.hub.channel(cn.name, cn.kind)
         if cn.kind == ChannelKind.DIRECT_CHAT:
             ch.info = cn
+        if self.cluster is not None:
+            self.cluster.created(ch)        # before the joins: they may ask for the channel
+        if cn.kind == ChannelKind.DIRECT_CHAT:
             for user in cn.participants:
                 self.memberships.setdefault(user, {})[ch] = 0   # a direct chat has no "before"
                 self.join(user, ch)
-        if self.cluster is not None:
-            self.cluster.created(ch)
         return ch
 
     def history_channel(self, session: Session, name: str) -> Channel:

@@ -356,7 +356,10 @@ async def test_a_direct_chat_reaches_only_the_workers_its_participants_are_on(wo
 
     def replicated(worker: int) -> float:
         return worker_gauge(workers_relay, worker, "fenghuo_replica_messages_total")
-    assert replicated(bob.welcome["worker"]) == 21, "bob's worker got every message once"
+    # Every message once, through the mesh; but a replica made after the
+    # owner stored the first message reads it from the store (the shared
+    # SQLite file) and skips the owner's copy of it (seen once under load).
+    assert 20 <= replicated(bob.welcome["worker"]) <= 21, "bob's worker got every message once"
     assert replicated(third) == 0, "the worker with no participant got none"
     assert worker_gauge(workers_relay, third, "fenghuo_replica_channels") == 0
     await ann.close()
