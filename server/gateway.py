@@ -87,6 +87,11 @@ class WsTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.tcp.get_extra_info(name, default)
 
+    def can_write_eof(self) -> bool:
+        # No half-close in WebSocket: a session closing on an error sends its
+        # last frame and then the close handshake (close), as a TLS one does.
+        return False
+
     def write_eof(self) -> None:
         self.close()
 

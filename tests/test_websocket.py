@@ -118,6 +118,10 @@ async def test_errors_are_the_tcp_ones(ws_relay) -> None:
     assert error.type == FrameType.ERROR
     assert decode_error(error.body)[0] == ErrorCode.HELLO_REQUIRED
     assert await c.next() is None       # fatal before HELLO: closed, as on TCP
+    # Closed by the close handshake (no half-close in WebSocket), without a traceback.
+    assert c.close_code == 1000
+    log = ws_relay.log()
+    assert "Traceback" not in log and "NotImplementedError" not in log, log[-3000:]
 
 
 async def test_bad_token_is_refused_like_tcp(ws_relay) -> None:
