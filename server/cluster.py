@@ -123,6 +123,8 @@ class Cluster:
         self.announced: dict[str, int] = {}
         self.replica_applied = 0                         # M records _on_record applied
         self.receiver: MeshReceiver | None = None        # between workers: the compiled one
+        #: the worker keeping the timers, which SCHEDULE is forwarded to (server/main.py)
+        self.scheduler = 0
         self._serving: set[asyncio.Future[None]] = set()  # forwarded requests answered later
 
     @classmethod

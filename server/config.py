@@ -205,9 +205,6 @@ class Settings:
                                  f"not {url!r}")
         if importlib.util.find_spec("nats") is None:
             raise ValueError("--cluster needs the nats-py package: pip install 'fenghuo[cluster]'")
-        if self.workers > 1:
-            raise ValueError("--cluster runs one worker per node for now: use --workers 1 "
-                             "(several workers per cluster node are not built yet)")
         if self.store != "sqlite":
             raise ValueError("--cluster needs --store sqlite: groups and cursors are kept "
                              "there, messages in JetStream")

@@ -150,8 +150,7 @@ def run(settings: Settings) -> int:
         print(f"fenghuo: no secret given; generated a dev secret in "
               f"{settings.data_path / 'dev-secret'}:\n  {secret}\n"
               f"  (set --secret or FENGHUO_SECRET in production)", file=sys.stderr, flush=True)
-    # A cluster node is one process for now (Settings refuses --workers N > 1).
-    workers = 1 if settings.cluster else settings.workers or os.cpu_count() or 1
+    workers = settings.workers or os.cpu_count() or 1
     if spec is None and workers > 1:
         return supervise(settings, secret, workers)
     return uvloop.run(serve(settings, secret, spec))
@@ -165,7 +164,9 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
     # one boot id, so clients see one epoch whichever worker they reach.
     env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": secrets.token_hex(4)}
     argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
-    capacity = 1 << max(22, (2 * settings.max_frame + 4096).bit_length())
+    # A cluster's workers reach each other over NATS (DESIGN, "Several workers per
+    # node"): their rings carry nothing, so they take one page, not 4 MiB each.
+    capacity = 4096 if settings.cluster else 1 << max(22, (2 * settings.max_frame + 4096).bit_length())
     holders: list[socket.socket] = []
     # The WebSocket port is shared by the workers exactly as the TCP port is.
     for wanted in (settings.port, *((settings.ws_port,) if settings.ws_port else ())):

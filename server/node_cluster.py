@@ -49,6 +49,7 @@ from fenghuo.server.relay import STORE_PAGE
 from fenghuo.server.stalls import Histogram
 
 if TYPE_CHECKING:
+    from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.relay import Relay
 
 log = logging.getLogger("fenghuo.node")
@@ -95,10 +96,12 @@ class _Hole:
 class NodeCluster(Cluster):
     """This node's side of the cluster, attached to its :class:`Relay`."""
 
-    def __init__(self, relay: Relay, index: int, engine: Engine, cluster_id: str) -> None:
+    def __init__(self, relay: Relay, index: int, engine: Engine, cluster_id: str,
+                 name: str) -> None:
         super().__init__(relay, index, 0, boot_id())
         s = relay.settings
-        self.name, self.region = s.node_name, s.region
+        #: this participant's name: the node's, or ``<node>/<worker>`` under several workers
+        self.name, self.region = name, s.region
         self.engine = engine
         self.cluster_id = cluster_id
         assert isinstance(relay.store, ClusterStore)
@@ -138,13 +141,21 @@ class NodeCluster(Cluster):
                                                        default=self.index)
 
     @classmethod
-    async def join(cls, relay: Relay) -> NodeCluster:
-        """Connect to NATS, take this node's index, start heartbeats and the claims' watch."""
-        name = relay.settings.node_name
+    async def join(cls, relay: Relay, spec: WorkerSpec | None = None) -> NodeCluster:
+        """Connect to NATS, take this participant's index, start heartbeats and the
+        claims' watch.  Each worker of a node is a participant of its own
+        (``<node>/<worker>``): the workers of a node are joined over NATS as the
+        nodes are, not over their shared-memory rings (DESIGN, "Several workers
+        per node")."""
+        worker = None if spec is None else spec.index
+        name = participant(relay.settings.node_name, worker)
         engine = await Engine.connect(relay.settings.cluster_urls, f"fenghuo-{name}")
-        index = await engine.patiently(lambda: engine.node_index(
-            name, zlib.crc32(name.encode()) % MAX_NODES, MAX_NODES))
-        self = cls(relay, index, engine, await engine.patiently(engine.cluster_id))
+        index = await engine.patiently(lambda: _index_of(engine, name))
+        self = cls(relay, index, engine, await engine.patiently(engine.cluster_id), name)
+        if worker:
+            # Worker 0 of this node keeps its timers (server/main.py): SCHEDULE goes there.
+            first = participant(relay.settings.node_name, 0)
+            self.scheduler = await engine.patiently(lambda: _index_of(engine, first))
         engine.on_reconnect = self._reconnected
         relay.hub.bus = self.bus
         await self.mesh.open()
@@ -350,19 +361,23 @@ class NodeCluster(Cluster):
 
     def forward_request(self, owner: int, session: Any, request_id: int, op: str,
                         **fields: Any) -> None:
-        if owner != UNKNOWN and not (self.parked and self._request_channel(fields) in self.parked):
+        channel = self._request_channel(fields)
+        if channel is None or (owner != UNKNOWN and channel not in self.parked):
             super().forward_request(owner, session, request_id, op, **fields)  # as _forward_publish
             return
         record = routing.control("serve", what=op, connection=session.id,
                                  user=session.user, rid=request_id, **fields)
-        self._park(self._request_channel(fields), session, request_id, record, bool(request_id))
+        self._park(channel, session, request_id, record, bool(request_id))
 
     @staticmethod
-    def _request_channel(body: dict[str, Any]) -> str:
+    def _request_channel(body: dict[str, Any]) -> str | None:
+        """The channel a forwarded request is about (its owner runs it); None for
+        SCHEDULE, which goes to the node's timers, not to a channel's owner."""
         if "channel" in body:
             channel: str = body["channel"]
             return channel
-        return group_channel(body["request"]["group"])
+        group = body["request"].get("group")
+        return None if group is None else group_channel(group)
 
     def _on_record(self, source: int, record: bytes) -> None:
         kind = record[0]
@@ -375,7 +390,8 @@ class NodeCluster(Cluster):
                 return
         elif kind == routing.CONTROL:
             body = routing.read_control(record)
-            if body["op"] == "serve" and not self.store.owns(channel := self._request_channel(body)):
+            channel = self._request_channel(body) if body["op"] == "serve" else None
+            if channel is not None and not self.store.owns(channel):
                 if not self._defer(channel, source, record):
                     self._refuse(source, body["connection"], body["user"], body["rid"],
                                  bool(body["rid"]))
@@ -635,3 +651,14 @@ class NodeCluster(Cluster):
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes}
+
+
+def participant(node: str, worker: int | None) -> str:
+    """The cluster name of worker ``worker`` of node ``node``: the node's own name
+    for a node of one process, ``<node>/<worker>`` under several workers ('/' is
+    not allowed in ``--node``, so no node's name is another's worker)."""
+    return node if worker is None else f"{node}/{worker}"
+
+
+async def _index_of(engine: Engine, name: str) -> int:
+    return await engine.node_index(name, zlib.crc32(name.encode()) % MAX_NODES, MAX_NODES)

@@ -325,15 +325,16 @@ class Relay:
         from fenghuo.server.session import Session
 
         loop = asyncio.get_running_loop()
-        if spec is not None:
-            self.cluster = Cluster.of_worker(self, spec)
-            self.cluster.start()
-        elif self.settings.cluster:
+        if self.settings.cluster:
+            # Each worker of a node is a participant of the cluster (DESIGN, Cluster).
             from fenghuo.server.node_cluster import NodeCluster
-            self.cluster = node = await NodeCluster.join(self)
+            self.cluster = node = await NodeCluster.join(self, spec)
             # One store id for the whole cluster: a client moving between
             # nodes keeps its positions (PROTOCOL §6.6).
             self.epoch = f"{node.cluster_id}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
+        elif spec is not None:
+            self.cluster = Cluster.of_worker(self, spec)
+            self.cluster.start()
         if self.store is not None:
             self.store.on_pressure = self._store_pressure
             self.store.start(loop, self._on_batch)

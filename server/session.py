@@ -413,7 +413,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             # The timers are worker 0's: it answers in this connection's reply order.
             if relay.cluster is None:
                 raise refuse(ErrorCode.INTERNAL, "no scheduler in this relay")
-            relay.cluster.forward_request(0, self, request_id, "schedule",
+            relay.cluster.forward_request(relay.cluster.scheduler, self, request_id, "schedule",
                                           request=schemas.to_builtins(body))
             return
         slot = self.reserve_reply()

@@ -215,6 +215,15 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
         far.wait(10)
 
 
+async def send_while_away(alice: fenghuo.Client, bob: fenghuo.Client) -> None:
+    """``m0`` from alice to bob, received; bob leaves; ``m1``-``m5`` (seqs 2-6) while he is away."""
+    await alice.send("bob", "m0")
+    assert (await messages_of(bob, "dm:alice:bob", 1))[0].seq == 1
+    await bob.close()
+    acks = [await alice.send("bob", f"m{i}") for i in range(1, 6)]
+    assert [a.seq for a in acks] == list(range(2, 7))
+
+
 async def test_history_and_catch_up_on_a_node_that_never_saw_them(nodes):
     """Messages sent while their receiver was away, caught up on a node started
     after them, with rings too small to hold them: served from the stream."""
@@ -222,11 +231,7 @@ async def test_history_and_catch_up_on_a_node_that_never_saw_them(nodes):
     n0, n1 = nodes("n0", "n1", flags=flags)
     alice = await n0.connect("alice")
     bob = await n1.connect("bob")
-    await alice.send("bob", "m0")
-    assert (await messages_of(bob, "dm:alice:bob", 1))[0].seq == 1
-    await bob.close()
-    acks = [await alice.send("bob", f"m{i}") for i in range(1, 6)]
-    assert [a.seq for a in acks] == list(range(2, 7))
+    await send_while_away(alice, bob)
     (n2,) = nodes("n2", flags=flags)
     # The same device moves to a node that never saw the chat: its positions
     # and epoch go with it, as the client's reconnect to another node does.
@@ -539,7 +544,6 @@ def test_cluster_options_from_flag_env_and_toml(tmp_path):
 
 
 @pytest.mark.parametrize("flags, error", [
-    (("--workers", "2"), "--cluster runs one worker per node for now: use --workers 1"),
     (("--node", "a.b"), "--node may hold only letters, digits, '-' and '_'"),
     (("--store", "memory"), "--cluster needs --store sqlite"),
 ])
