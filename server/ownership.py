@@ -88,6 +88,16 @@ class Ownership:
         """The live claim of ``channel``: another live node's, or a new one of this node's."""
         assert self._kv is not None
         key = token(channel)
+        if channel not in self.claims:
+            # Nobody has claimed it as far as the watch knows (a new channel):
+            # claim it outright, without asking first (across regions the
+            # read is one more round trip before a channel's first message).
+            try:
+                return self._won(channel, None, 1,
+                                 await self._kv.create(key, orjson.dumps({"node": self.me,
+                                                                          "epoch": 1})))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass                            # claimed meanwhile: read it below
         while True:
             try:
                 entry = await self._kv.get(key)
@@ -107,13 +117,17 @@ class Ownership:
                     revision = await self._kv.update(key, value, last=present.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue                        # another node moved first: read it
-            if present is not None and present.node != self.me:
-                self.taken += 1
-                log.warning("took over a channel", extra={"channel": channel,
-                                                          "from_node": present.node,
-                                                          "epoch": epoch})
-            claim = Claim(self.me, epoch, revision)
-            old = self.claims.get(channel)
-            if old is None or old.revision < revision:
-                self.claims[channel] = claim
-            return claim
+            return self._won(channel, present, epoch, revision)
+
+    def _won(self, channel: str, present: Claim | None, epoch: int, revision: int) -> Claim:
+        """This node's claim of ``channel`` (epoch ``epoch``) was taken, replacing ``present``."""
+        if present is not None and present.node != self.me:
+            self.taken += 1
+            log.warning("took over a channel", extra={"channel": channel,
+                                                      "from_node": present.node,
+                                                      "epoch": epoch})
+        claim = Claim(self.me, epoch, revision)
+        old = self.claims.get(channel)
+        if old is None or old.revision < revision:
+            self.claims[channel] = claim
+        return claim
