@@ -82,6 +82,8 @@ cdef class DedupeWindow:
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
                     Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
+    cdef void prefetch(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                       Py_ssize_t key_len) noexcept
     cdef bint given_up(self, uint64_t now_us) noexcept
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1

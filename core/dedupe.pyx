@@ -143,6 +143,26 @@ cdef class DedupeWindow:
         ts_us[0] = e.ts_us
         return 1
 
+    cdef void prefetch(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                       Py_ssize_t key_len) noexcept:
+        """Start loading the table slot a ``lookup`` of this key will read first.
+
+        The connection calls it for the next keyed PUBLISH in its read buffer
+        while it handles the one before, so that the slot's cache miss
+        overlaps a publish's work instead of stalling the lookup (perf, `bench
+        keys` one worker, window 65,536: the lookup's first load of its slot
+        was 91 % of ``_slot_of``, 13.6 % of the relay's samples).  A hint
+        only: the key is hashed again by ``lookup``.
+        """
+        cdef char composed[DEDUPE_INLINE_KEY]
+        cdef Py_ssize_t n = sender_len + 1 + key_len
+        if self._table == NULL or n > DEDUPE_INLINE_KEY:
+            return
+        memcpy(composed, sender, sender_len)
+        composed[sender_len] = 0
+        memcpy(composed + sender_len + 1, key, key_len)
+        __builtin_prefetch(&self._table[hash_tag(_Py_HashBytes(composed, n)) & self._table_mask])
+
     cdef bint given_up(self, uint64_t now_us) noexcept:
         """Whether the key ``lookup`` missed may have been given up early (then ask the store)."""
         cdef int g

@@ -143,6 +143,7 @@ cdef class Connection:
     cdef int _enqueue_released(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
+    cdef void _prefetch_key(self, const char* p, Py_ssize_t avail) noexcept
     cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1
     cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1

@@ -645,6 +645,8 @@ cdef class Connection:
                 self.close_with_error(ErrorCode.RATE_LIMITED,
                                       "frame rate above the connection's limit")
                 return 0
+            if pos + span < avail:
+                self._prefetch_key(data + pos + span, avail - pos - span)
             self._dispatch(data + pos, span)
             pos += span
         if CORE_DEBUG:
@@ -652,6 +654,30 @@ cdef class Connection:
         if pos < avail and not self.closing and not self._reading_stopped:
             self._keep_partial(data + pos, avail - pos)
         return 0
+
+    cdef void _prefetch_key(self, const char* p, Py_ssize_t avail) noexcept:
+        # The frame after the one about to be handled: if it is complete and a
+        # keyed PUBLISH on the channel this connection published to last, its
+        # dedupe slot is fetched now (DedupeWindow.prefetch).
+        cdef Channel ch = self._last_channel
+        cdef FrameHeader h
+        cdef PublishView v
+        cdef Py_ssize_t span
+        cdef int err = 0
+        if ch is None or not self.authenticated:
+            return
+        span = frame_span(p, avail, self.hub.max_frame, &err)
+        if span <= 0:
+            return
+        read_header(p, &h)
+        if h.type != FrameType.PUBLISH or h.flags & FrameFlag.COMPRESSED:
+            return
+        if view_publish(p + HEADER_SIZE, span - HEADER_SIZE, &v) < 0 or v.key_len == 0:
+            return
+        if (PyBytes_GET_SIZE(ch.key) == v.channel_len
+                and memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) == 0):
+            ch.dedupe.prefetch(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
+                               v.key, v.key_len)
 
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1:
         cdef Py_ssize_t frame_size = 0, cap = n

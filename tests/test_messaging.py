@@ -14,10 +14,11 @@ import pytest
 
 import fenghuo
 from fenghuo import ContentType, ErrorCode, FenghuoError, ReceiptKind
+from fenghuo.core import encode_publish
 from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, encode_json
 from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
-from rawwire import metrics
+from rawwire import authed_raw, metrics
 
 
 def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:
@@ -230,6 +231,39 @@ async def test_a_key_is_forgotten_once_its_dedupe_span_is_over(relay_factory, st
     await asyncio.sleep(0.7)
     later = await alice.send("bob", "twice", key="k")
     assert (later.seq, later.duplicate) == (first.seq + 1, False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_keyed_publishes_in_one_write_are_each_checked_against_the_one_before(
+        relay_factory, workers):
+    # One read holds them all, so each keyed PUBLISH has its dedupe slot
+    # fetched while the one before it is handled (Connection._prefetch_key):
+    # a retry right behind its original, a key too long to be fetched ahead,
+    # a publish on another channel between, and keys that differ only in
+    # their last byte are each answered as if they had come one at a time.
+    relay = relay_factory("--dedupe-window", "64", workers=workers)
+    alice = await authed_raw(relay, "alice")
+    long_key = b"L" * 80
+    plan = []       # (channel, key) per request id 1..n
+    for i in range(100):
+        key = f"key-{i:03d}".encode()
+        plan += [("dm:alice:bob", key), ("dm:alice:bob", key)]
+        if i % 10 == 0:
+            plan += [("dm:alice:bob", long_key + key), ("dm:alice:carol", key),
+                     ("dm:alice:bob", long_key + key)]
+    alice.write(b"".join(encode_publish(ch, b"m", key=key, request_id=rid)
+                         for rid, (ch, key) in enumerate(plan, 1)))
+    first: dict[tuple[str, bytes], int] = {}
+    seqs = {"dm:alice:bob": 0, "dm:alice:carol": 0}
+    for rid, (ch, key) in enumerate(plan, 1):
+        ack = await alice.expect_ack(rid)
+        if (ch, key) in first:
+            assert (ack.seq, ack.duplicate) == (first[ch, key], True), (rid, ch, key)
+        else:
+            seqs[ch] += 1
+            first[ch, key] = ack.seq
+            assert (ack.channel, ack.seq, ack.duplicate) == (ch, seqs[ch], False), (rid, ch, key)
+    alice.close()
 
 
 async def test_idempotency_keys_are_per_sender(relay):
