@@ -409,7 +409,7 @@ class Cluster:
             raise ProtocolError(ErrorCode.MALFORMED_BODY,
                                 f"request cannot be forwarded to the channel's owner: {exc}",
                                 False) from None
-        if request_id:
+        if routing.answered(op, request_id):
             self._expect_answer(owner, session, request_id)
         else:
             self.origins_at.setdefault(session.id, set()).add(owner)
@@ -633,15 +633,14 @@ class Cluster:
 
     def _serve_later(self, origin: RemoteOrigin, rid: int, result: Awaitable[dict[str, Any]],
                      what: str) -> None:
-        slot = origin.reserve_reply() if rid else None
+        slot = origin.reserve_reply()
 
         async def answer() -> None:
             try:
                 frame = encode_json(FrameType.RESULT, await result, rid)
             except Exception as exc:
                 frame = _refusal(exc, rid, what)
-            if slot is not None:
-                origin.fill_reply(slot, frame)
+            origin.fill_reply(slot, frame)
 
         task = asyncio.ensure_future(answer())
         self._serving.add(task)
@@ -663,7 +662,7 @@ class Cluster:
         except Exception as exc:
             error = _refusal(exc, rid, body["what"])
             answer = lambda _rid: error  # noqa: E731
-        if rid:
+        if routing.answered(body["what"], rid):
             # Once what the request sequenced (a GROUP change's event) is
             # released, i.e. sent to the replicas ahead of this answer, so a
             # HISTORY read through the origin sees it.  Every answer waits its

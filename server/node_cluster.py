@@ -382,7 +382,7 @@ class NodeCluster(Cluster):
             return
         record = routing.control("serve", what=op, connection=session.id,
                                  user=session.user, rid=request_id, **fields)
-        self._park(channel, session, request_id, record, bool(request_id))
+        self._park(channel, session, request_id, record, routing.answered(op, request_id))
 
     @staticmethod
     def _request_channel(body: dict[str, Any]) -> str | None:
@@ -409,7 +409,7 @@ class NodeCluster(Cluster):
             if channel is not None and not self.store.owns(channel):
                 if not self._defer(channel, source, record):
                     self._refuse(source, body["connection"], body["user"], body["rid"],
-                                 bool(body["rid"]))
+                                 routing.answered(body["what"], body["rid"]))
                 return
         super()._on_record(source, record)
 

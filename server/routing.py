@@ -101,3 +101,10 @@ def control(op: str, **fields: Any) -> bytes:
 def read_control(record: bytes) -> dict[str, Any]:
     body: dict[str, Any] = orjson.loads(record[1:])
     return body
+
+
+def answered(what: str, rid: int) -> bool:
+    """Does a request forwarded to another worker or node get an answer?  As one run
+    where its connection is: every one does, with its request id, 0 included, except a
+    RECEIPT with id 0 (fire-and-forget, docs/PROTOCOL.md §2.4)."""
+    return rid != 0 or what != "receipt"

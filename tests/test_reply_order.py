@@ -15,11 +15,11 @@ import signal
 
 import orjson
 import pytest
-from fenghuo.core import ErrorCode, FrameType
+from fenghuo.core import ErrorCode, FrameType, ReceiptKind, decode_error
 from fenghuo.server.routing import owner_of
 from rawwire import authed_raw, open_raw, worker_pid
 
-from fenghuo.protocol import encode_frame, encode_json, encode_publish
+from fenghuo.protocol import encode_frame, encode_json, encode_publish, encode_receipt
 
 WORKERS = [pytest.param(1, id="one-process"), pytest.param(None, id="default-workers")]
 
@@ -171,3 +171,48 @@ async def test_a_forwarded_request_the_owner_never_answers_times_out(relay_facto
     conn.write(encode_frame(FrameType.PING, b"", 23))
     frame = await conn.reply()
     assert (frame.type, frame.request_id) == (FrameType.PONG, 23)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+async def test_requests_with_id_0_are_answered_wherever_they_run(relay_factory, workers):
+    """§2.4: a PUBLISH, GROUP or SCHEDULE sent with request id 0 is answered (ACK, RESULT
+    or ERROR, id 0) whether its worker runs it or forwards it (a channel or group another
+    worker owns, the timers on worker 0); a RECEIPT with id 0 is answered by neither."""
+    relay = relay_factory(workers=workers)
+    conn, welcome = await on_worker(relay, "mallory",
+                                    lambda w: relay.workers == 1 or w["worker"] != 0)
+    here = welcome.get("worker", 0)
+
+    def first(names, owned: bool) -> str:
+        # One process: everything is local.
+        return next(n for n in names
+                    if relay.workers == 1 or (owner_of(n, relay.workers) == here) == owned)
+    local = first((f"group:g{k}" for k in range(1000)), True).removeprefix("group:")
+    remote = first((f"group:h{k}" for k in range(1000)), False).removeprefix("group:")
+    dm = first((f"dm:mallory:zed{k}" for k in range(1000)), False)
+
+    async def replies_until_pong(*frames: bytes) -> list:
+        conn.write(b"".join((*frames, encode_frame(FrameType.PING, b"", 9))))
+        replies = [await conn.reply(timeout=10)]
+        while replies[-1].type != FrameType.PONG:
+            replies.append(await conn.reply(timeout=10))
+        return replies
+
+    replies = await replies_until_pong(
+        encode_publish(dm, b"hi", request_id=0),
+        encode_json(FrameType.GROUP, {"op": "create", "group": local}, 0),
+        encode_json(FrameType.GROUP, {"op": "create", "group": remote}, 0),
+        encode_json(FrameType.GROUP, {"op": "members", "group": "nobody-has-it"}, 0),
+        encode_json(FrameType.SCHEDULE, {"op": "list"}, 0),
+        encode_json(FrameType.SCHEDULE, {"op": "cancel", "id": 999}, 0))
+    assert [(f.type, f.request_id) for f in replies] == [
+        (FrameType.ACK, 0), (FrameType.RESULT, 0), (FrameType.RESULT, 0), (FrameType.ERROR, 0),
+        (FrameType.RESULT, 0), (FrameType.ERROR, 0), (FrameType.PONG, 9)]
+    assert [orjson.loads(f.body)["group"] for f in replies[1:3]] == [local, remote]
+    assert orjson.loads(replies[4].body) == {"scheduled": []}
+    assert [decode_error(replies[i].body)[0] for i in (3, 5)] == [ErrorCode.NOT_FOUND] * 2
+    # Each group's "created" event is its seq 1; read receipts with id 0 are not answered.
+    replies = await replies_until_pong(
+        encode_receipt(f"group:{local}", 1, ReceiptKind.READ, 0),
+        encode_receipt(f"group:{remote}", 1, ReceiptKind.READ, 0))
+    assert [(f.type, f.request_id) for f in replies] == [(FrameType.PONG, 9)]
