@@ -167,11 +167,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (args.channel or args.user):
         print("fenghuo: export needs --channel or --user (or --verify FILE)", file=sys.stderr)
         return 2
+    cluster = [u.strip() for u in args.cluster.split(",") if u.strip()]
+    if cluster and args.status:
+        print("fenghuo: export --status is not built for --cluster yet", file=sys.stderr)
+        return 2
     out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
         store_keys = keyfile.load(args.store_key_file) if args.store_key_file else None
         summary = export(args.data_dir, out, key_file, channel=args.channel, user=args.user,
-                         store_keys=store_keys, with_status=args.status)
+                         store_keys=store_keys, with_status=args.status, cluster=cluster)
+    except (OSError, TimeoutError) as exc:
+        if not cluster:
+            raise
+        print(f"fenghuo: cannot read the cluster's stream from {args.cluster}: "
+              f"{exc or type(exc).__name__}", file=sys.stderr)
+        return 1
     finally:
         if args.out:
             out.close()
@@ -338,6 +348,9 @@ def parser() -> argparse.ArgumentParser:
     scope.add_argument("--verify", metavar="FILE", help="check an export against its summary")
     exp.add_argument("--data-dir", default=os.environ.get("FENGHUO_DATA_DIR", "./data"))
     exp.add_argument("--out", help="file to write (default: standard output)")
+    exp.add_argument("--cluster", default=os.environ.get("FENGHUO_CLUSTER", ""),
+                     help="a cluster node's NATS URLs, nats://h1:4222,...: its messages are in "
+                          "the cluster's stream, not in --data-dir [FENGHUO_CLUSTER]")
     exp.add_argument("--status", action="store_true",
                      help="give each message its per-recipient status at export time (sent, "
                           "delivered, read, escalated steps, clicked links), as the API's "

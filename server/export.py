@@ -11,7 +11,9 @@ channel whose seqs are not contiguous is reported as not complete.  The
 SHA-256 alone proves nothing against whoever edits the file, since it can be
 recomputed; the signature cannot be without the key.
 
-It reads the SQLite file directly (WAL lets it run beside a live relay).
+It reads the SQLite file directly (WAL lets it run beside a live relay); on
+a cluster node (``--cluster``), the cluster's stream and group bucket
+instead (server/cluster_export.py): a node's SQLite holds no message.
 
 With ``--status`` each message line also carries its per-recipient status
 (sent, delivered, read, escalated steps, clicked links) as of the export,
@@ -29,6 +31,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 import orjson
@@ -130,11 +133,24 @@ def _mac(key: bytes, signed: bytes) -> str:
 
 def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *,
            channel: str | None = None, user: str | None = None,
-           store_keys: KeyRing | None = None, with_status: bool = False) -> dict[str, Any]:
+           store_keys: KeyRing | None = None, with_status: bool = False,
+           cluster: list[str] | None = None) -> dict[str, Any]:
     """Write the export to ``out``, signed with the current key of ``signing_key_file``
     (made if there is none); returns its summary.  ``store_keys`` open the
     messages the relay stored encrypted (``--store-key-file``).  ``with_status``:
-    each message line also gives its per-recipient status at export time."""
+    each message line also gives its per-recipient status at export time.
+    ``cluster``: the NATS URLs of a cluster, whose stream holds the messages
+    (server/cluster_export.py) rather than the SQLite file under ``data_dir``."""
+    if cluster:
+        if with_status:
+            raise ValueError("--status is not built for --cluster: the recipients' "
+                             "cursors are in the cluster's KV buckets, not read by export yet")
+        import asyncio
+
+        from fenghuo.server import cluster_export
+        held = asyncio.run(cluster_export.read(cluster, channel, user))
+        signing = keyfile.load_or_create(signing_key_file)
+        return _write(out, signing, held, None, channel, user)
     db = sqlite3.connect(f"file:{Path(data_dir) / DB_FILE}?mode=ro", uri=True)
     try:
         db.execute("SELECT 1 FROM messages LIMIT 1")     # no store: fail before making a key
@@ -144,36 +160,52 @@ def export(data_dir: str | Path, out: IO[bytes], signing_key_file: str | Path, *
         key_id = "key_id" if any(c[1] == "key_id" for c in db.execute(
             "PRAGMA table_info(messages)")) else "NULL"
         channels = [channel] if channel else _user_channels(db, user or "")
-        # ``signed`` sees every byte written: the signature covers the summary too.
-        digest, signed, count, ranges = hashlib.sha256(), hmac.new(
-            signing.key(signing.current), digestmod=hashlib.sha256), 0, {}
-        for name in channels:
-            query = f"SELECT seq, frame, {key_id} FROM messages WHERE channel = ?"
-            params: tuple[Any, ...] = (name,)
-            if user and not channel and name.startswith("org"):
-                query += " AND sender = ?"          # org channels: only what the user said
-                params += (user,)
-            seqs = []
-            statuses = _channel_status(db, name) if with_status else None
-            for seq, frame, kid in db.execute(query + " ORDER BY seq", params):
-                entry = _line(frame_of(cipher, name, seq, frame, kid))
-                if statuses is not None:
-                    entry["status"] = statuses.of(seq, entry["sender"])
-                line = orjson.dumps(entry) + b"\n"
-                digest.update(line)
-                signed.update(line)
-                out.write(line)
-                seqs.append(seq)
-                count += 1
-            if seqs:
-                ranges[name] = {"first": seqs[0], "last": seqs[-1], "count": len(seqs),
-                                "contiguous": seqs[-1] - seqs[0] + 1 == len(seqs)}
+        return _write(out, signing, {name: _rows(db, cipher, key_id, name) for name in channels},
+                      db if with_status else None, channel, user)
     finally:
         db.close()
+
+
+def _rows(db: sqlite3.Connection, cipher: FrameCipher | None, key_id: str,
+          name: str) -> Iterator[tuple[int, bytes]]:
+    """A channel's stored (seq, frame)s in seq order, read as they are written out."""
+    for seq, frame, kid in db.execute(f"SELECT seq, frame, {key_id} FROM messages "
+                                      "WHERE channel = ? ORDER BY seq", (name,)):
+        yield seq, frame_of(cipher, name, seq, frame, kid)
+
+
+def _write(out: IO[bytes], signing: KeyRing, held: Mapping[str, Iterable[tuple[int, bytes]]],
+           db: sqlite3.Connection | None, channel: str | None,
+           user: str | None) -> dict[str, Any]:
+    """Write the lines of ``held`` (channel -> its (seq, frame)s), the summary and the
+    signature; with ``db``, each line's per-recipient status from that store."""
+    # ``signed`` sees every byte written: the signature covers the summary too.
+    digest, signed, count, ranges = hashlib.sha256(), hmac.new(
+        signing.key(signing.current), digestmod=hashlib.sha256), 0, {}
+    for name, rows in held.items():
+        # Organisation channels of a user's export: only what the user said.
+        only = user if user and not channel and name.startswith("org") else None
+        seqs = []
+        statuses = _channel_status(db, name) if db is not None else None
+        for seq, frame in rows:
+            entry = _line(frame)
+            if only is not None and entry["sender"] != only:
+                continue
+            if statuses is not None:
+                entry["status"] = statuses.of(seq, entry["sender"])
+            line = orjson.dumps(entry) + b"\n"
+            digest.update(line)
+            signed.update(line)
+            out.write(line)
+            seqs.append(seq)
+            count += 1
+        if seqs:
+            ranges[name] = {"first": seqs[0], "last": seqs[-1], "count": len(seqs),
+                            "contiguous": seqs[-1] - seqs[0] + 1 == len(seqs)}
     summary = {"messages": count, "sha256": digest.hexdigest(), "channels": ranges,
                "exported_at_us": int(time.time() * 1_000_000),
                "scope": {"channel": channel} if channel else {"user": user},
-               "recipient_status": with_status}
+               "recipient_status": db is not None}
     line = orjson.dumps({"summary": summary}) + b"\n"
     signed.update(line)
     out.write(line)
