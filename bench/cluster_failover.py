@@ -26,6 +26,9 @@ until acked and the stream is read back through history.  Reported:
   twice (must be 0); the stored seqs gap-free;
 * time until the channel is sequenced again: from the kill to the first
   ack of a publish first sent after it (only a live owner can give one);
+  for the nats-server, also the time until the stream has a leader again
+  (JetStream's own election, ``$JS.API.STREAM.INFO`` polled every 50 ms:
+  the part of the wait that is nats-server's, 4-9 s in 2.9);
 * publish-to-deliver p50/p99 (first send to arrival, retries included)
   before the kill and during the event (messages first sent from the kill
   until one second after the channel was sequenced again).
@@ -45,6 +48,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import nats
+import nats.errors
 import numpy as np
 import orjson
 import uvloop
@@ -100,6 +104,8 @@ class Event:
     published: list[Published] = field(default_factory=list)
     receivers: list[Receiver] = field(default_factory=list)
     killed_at: float = 0.0
+    #: when the stream named a live leader again (the nats-server victim only)
+    leader_at: float | None = None
     #: (seq, payload) as the stream holds the channel, and as HISTORY on node 1 serves it
     stored: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[tuple[int, bytes]] = field(default_factory=list)
@@ -142,6 +148,26 @@ async def _stream_leader(cluster: FenghuoCluster) -> str:
         info = await nc.jetstream().stream_info("FENGHUO")
         assert info.cluster is not None and info.cluster.leader
         return info.cluster.leader
+    finally:
+        await nc.close()
+
+
+async def _leader_elected(cluster: FenghuoCluster, event: Event, killed: str) -> None:
+    """Poll the stream's info until a leader other than ``killed`` answers it."""
+    assert cluster.nats is not None
+    alive = [s.url for s in cluster.nats.servers if s.name != killed]
+    nc = await nats.connect(alive)
+    try:
+        js = nc.jetstream(timeout=0.5)
+        while clock() < event.killed_at + RETRY_FOR_S:
+            try:
+                info = await js.stream_info("FENGHUO")
+                if info.cluster is not None and info.cluster.leader not in (None, killed):
+                    event.leader_at = clock()
+                    return
+            except nats.errors.Error:
+                pass
+            await asyncio.sleep(0.05)
     finally:
         await nc.close()
 
@@ -219,6 +245,7 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
             event.killed_at = clock()
             server.kill()
             event.victim = f"nats ({leader}, the stream leader)"
+            loads.append(asyncio.ensure_future(_leader_elected(cluster, event, leader)))
         await asyncio.gather(*loads)
         acked = {p.key for p in event.published if p.seq is not None}
         deadline = clock() + DRAIN_S
@@ -280,6 +307,8 @@ def summarize(event: Event) -> dict[str, Any]:
             "in_seq_order": r.seqs == sorted(r.seqs),
         } for r in event.receivers},
         "sequenced_again_after_s": None if recovered_s is None else round(recovered_s, 3),
+        "stream_leader_again_after_s": (None if event.leader_at is None
+                                        else round(event.leader_at - event.killed_at, 3)),
         "latency_before_ms": _ms(before),
         "latency_during_ms": _ms(during),
     }
@@ -295,7 +324,7 @@ def ok(s: dict[str, Any]) -> bool:
 def table(summaries: list[dict[str, Any]]) -> str:
     cols = ("killed", "acked / published", "lost (acked, not stored)", "not received (per receiver)",
             "duplicates at the app", "stored gap-free", "acked, not in history on node 1",
-            "sequenced again after",
+            "sequenced again after", "stream led again after",
             "p50 / p99 before", "p50 / p99 during")
     lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
     for s in summaries:
@@ -309,6 +338,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
             "yes" if s["stored_seqs_gap_free"] else "NO",
             str(s["acked_not_in_history_on_node_1"]),
             "-" if again is None else f"{again:.2f} s",
+            "-" if (led := s["stream_leader_again_after_s"]) is None else f"{led:.2f} s",
             f"{b['p50']} / {b['p99']} ms", f"{d['p50']} / {d['p99']} ms"]) + " |")
     return "\n".join(lines)
 

@@ -575,15 +575,20 @@ class Cluster:
         a store) of the direct chats it owned: ask again, tell again."""
         for peers in self.interested.values():
             peers.discard(peer)
-        for ch in [*self.ready_here, *self.warming]:
-            if self.owner_of(ch.name) == peer:
-                self._ask_owner(ch)
+        self._ask_again(peer)
         for ch in [ch for ch in self.cooling if self.owner_of(ch.name) == peer]:
             self._cold(ch)                           # its "cold" will never come
         if self.relay.store is None:
             for ch in list(self.relay.hub.channels.values()):
                 if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
                     self.mesh.send(peer, routing.control("direct", channel=ch.name))
+
+    def _ask_again(self, peer: int) -> None:
+        """Ask ``peer`` again for every channel it feeds here, from each replica's
+        seq: it forgot who asked (a restart; between nodes, a lost lease)."""
+        for ch in [*self.ready_here, *self.warming]:
+            if self.owner_of(ch.name) == peer:
+                self._ask_owner(ch)
 
     def remote_devices_drop(self, peer: int) -> None:
         # The table keeps digests, not user ids; a presence event only

@@ -42,14 +42,18 @@ import orjson
 from fenghuo.core import DeviceCursors, ErrorCode, GroupSave, HeldReply, Record, Sequenced, encode_error
 from fenghuo.server.cluster_state import DELIVERED, READ, SharedState
 from fenghuo.server.frames import frame_request_id
-from fenghuo.server.jetstream import Engine, Fenced, Stored
+from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Fenced, Stored
 from fenghuo.server.store import BACKLOG_HIGH, SQLiteStore
 
 log = logging.getLogger("fenghuo.cluster_store")
 
-# Attempts of one append whose answer did not come (a NATS server died, a
-# stream leader is being elected: a few seconds), before it is failed.
-APPEND_ATTEMPTS = 4
+# Seconds one try of an append waits for JetStream's answer.  An answer lost
+# with a nats-server (the stream leader killed with the append on its way)
+# is tried again after this, not after API_TIMEOUT: the new leader takes the
+# retry as soon as it is elected.  A retry is safe (the same Nats-Msg-Id).
+APPEND_TRY = 1.0
+# Seconds between two tries refused at once (no stream leader yet).
+APPEND_RETRY = 0.2
 # One append holds at most this many messages and bytes (of frames): well
 # under NATS's max_payload (1 MiB by default), and a read of one message from
 # the stream (history, a replica's hole) fetches no more than this.
@@ -271,19 +275,27 @@ class ClusterStore(SQLiteStore):
 
     async def _append(self, channel: str, seq: int, frame: bytes, expected: int,
                       epoch: int) -> int:
+        """One append, tried again while JetStream cannot answer it, for as long
+        as a stream leader's election may take (ELECTION_PATIENCE).  Failed
+        sooner, the owner stepped down in the middle of every election (4-9 s
+        in nats-server 2.9) and forgot who asked for the channel."""
         assert self.engine is not None
-        for attempt in range(APPEND_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ELECTION_PATIENCE
+        while True:
             try:
-                return await self.engine.append(channel, seq, frame, expected, epoch)
+                return await self.engine.append(channel, seq, frame, expected, epoch,
+                                                timeout=APPEND_TRY)
             except Fenced:
                 raise
-            except Exception:
-                # The same Nats-Msg-Id: if the first try was stored, this one
+            except Exception as exc:
+                # The same Nats-Msg-Id: if an earlier try was stored, this one
                 # is answered as its duplicate, with its stream sequence.
-                if attempt == APPEND_ATTEMPTS - 1:
+                if loop.time() > deadline:
                     raise
-                await asyncio.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
+                log.debug("append tried again", extra={"channel": channel, "seq": seq,
+                                                       "error": str(exc) or type(exc).__name__})
+                await asyncio.sleep(APPEND_RETRY)
 
     def _fenced(self, log_: _ChannelLog) -> None:
         log_.fenced = True

@@ -73,6 +73,17 @@ SETUP_PATIENCE = 120.0
 # do not ask the meta leader in step.
 SETUP_RETRY_FIRST = 0.2
 SETUP_RETRY_LAST = 3.0
+# Seconds a write or read the stream must answer is retried while it cannot
+# (its leader's nats-server died): a follower of nats-server 2.9 waits 4-9 s
+# for a lost leader before it campaigns (raft.go, minElectionTimeoutDefault ..
+# maxElectionTimeoutDefault), so 20 s covers one full wait, a second round of
+# election and the answer (nats.go's publish retry chose 20 s for the same).
+ELECTION_PATIENCE = 20.0
+# What JetStream answers while it cannot serve a stream or bucket (no leader
+# yet, a server gone, a reconnect): tried again, unlike a refusal.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError)
 
 
 def token(channel: str) -> str:
@@ -189,9 +200,7 @@ class Engine:
                     continue
                 if asyncio.get_running_loop().time() > deadline:
                     raise
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.js.errors.NoStreamResponseError,
-                    nats.js.errors.ServiceUnavailableError):
+            except UNAVAILABLE:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
             log.info("JetStream not ready yet; trying again", extra={"pause": round(pause, 2)})
@@ -266,7 +275,7 @@ class Engine:
     # ------------------------------------------------------------ writing
 
     async def append(self, channel: str, seq: int, frame: bytes, expected: int,
-                     epoch: int) -> int:
+                     epoch: int, timeout: float = API_TIMEOUT) -> int:
         """Store ``frame`` (one MESSAGE frame of ``channel`` with seq ``seq``, or
         several of consecutive seqs from ``seq`` on, concatenated; sequenced by
         the channel's owner of ``epoch``) as one stream message if the channel's
@@ -281,7 +290,7 @@ class Engine:
                    "Nats-Msg-Id": f"{token(channel)}.{epoch}.{seq}"}
         try:
             ack = await self.js.publish(subject(channel), frame, headers=headers,
-                                        timeout=API_TIMEOUT)
+                                        timeout=timeout)
         except nats.js.errors.APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise

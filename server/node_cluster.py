@@ -42,7 +42,7 @@ from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, message_time
-from fenghuo.server.jetstream import Engine, Stored
+from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.relay import STORE_PAGE
@@ -65,11 +65,6 @@ MAX_NODES = 4096
 RESOLVE_RETRY = 0.5
 NOT_OWNER = ("this node does not sequence the channel (its owner changed); "
              "retry (an idempotency key makes a publish safe to retry)")
-# Attempts to read a replica's hole from the stream that bring nothing (no
-# JetStream quorum, a leader being elected: a few seconds) before the replica
-# gives up on it and its live sessions miss the hole (catch-up by position
-# and history still have it).
-HOLE_READS = 20
 LOST_WITH_NODE = ("the node that sequences this channel died before answering; "
                   "retry (an idempotency key makes a publish safe to retry)")
 
@@ -90,7 +85,7 @@ class _Hole:
 
     until: int                                       # the first seq not missing
     held: dict[int, bytes] = field(default_factory=dict)   # seq -> frame, after the hole
-    reads: int = 0                                   # stream reads that brought nothing
+    progress: float = 0.0                            # loop time of the last read that brought some
 
 
 class NodeCluster(Cluster):
@@ -323,14 +318,21 @@ class NodeCluster(Cluster):
             self.mesh.send(owner, routing.control("interest", channel=ch.name, after=ch.seq))
 
     def _on_claim(self, name: str, old: Claim | None, new: Claim) -> None:
-        """The claims' watch: ``name`` has a new claim."""
+        """The claims' watch: ``name`` has a new claim.
+
+        A new epoch of another node, even of the same node as before, is
+        asked again: an owner that stepped down (an append failed, its watch
+        showed another's claim) forgot who asked for the channel, and it
+        sends nothing to a replica that does not ask again, however soon it
+        takes the channel back (``bench cluster --parts failover``, the stream
+        leader killed: 798 of 800 messages missed live on both replicas)."""
         ch = self._reset_owner(name)
         if new.node == self.index:
             return
         if self.store.owns(name):
             self.step_down(name)
         elif ch is not None and (ch in self.ready_here or ch in self.warming) \
-                and (old is None or old.node != new.node) and name not in self.resolving:
+                and (old is None or old.epoch != new.epoch) and name not in self.resolving:
             self._rewarm(ch)
 
     # ------------------------------------------------------------ forwarding
@@ -496,11 +498,16 @@ class NodeCluster(Cluster):
 
     async def _fill_async(self, ch: Channel, hole: _Hole) -> None:
         apply = super()._apply_message
+        loop = asyncio.get_running_loop()
+        hole.progress = loop.time()
         while self.holes.get(ch) is hole:
             if ch not in self.ready_here or self.store.owns(ch.name):
                 break                                # let go of, rewarmed, or owned here
             if hole.until > ch.seq + 1:
-                if hole.reads >= HOLE_READS:
+                # No read brought anything for as long as a stream leader's
+                # election may take (no JetStream quorum?): the live sessions
+                # miss the hole (catch-up by position and history have it).
+                if loop.time() - hole.progress > ELECTION_PATIENCE:
                     log.error("replica gap not filled: its live sessions miss it",
                               extra={"channel": ch.name, "have": ch.seq, "next": hole.until})
                     break
@@ -515,9 +522,9 @@ class NodeCluster(Cluster):
                     return                           # abandoned meanwhile
                 got = [r for r in rows if r.seq > ch.seq]
                 if not got or got[0].seq != ch.seq + 1:
-                    hole.reads += 1
                     await asyncio.sleep(RESOLVE_RETRY)
                     continue
+                hole.progress = loop.time()
                 for stored in got:
                     if stored.seq == ch.seq + 1:
                         apply(ch.name, stored.seq, stored.frame)
@@ -550,12 +557,20 @@ class NodeCluster(Cluster):
                 asyncio.get_running_loop().create_task(self._check_tail(ch))
 
     async def _check_tail(self, ch: Channel) -> None:
-        try:
-            last = await self.engine.last(ch.name)
-        except Exception as exc:
-            log.warning("cannot read a replica's tail", extra={"channel": ch.name,
-                                                               "error": str(exc)})
-            return
+        # Right after a reconnect the stream may have no leader yet (its
+        # nats-server is the one that died): read as long as a hole would be.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ELECTION_PATIENCE
+        while True:
+            try:
+                last = await self.engine.last(ch.name)
+                break
+            except Exception as exc:
+                if loop.time() > deadline:
+                    log.warning("cannot read a replica's tail", extra={"channel": ch.name,
+                                                                       "error": str(exc)})
+                    return
+                await asyncio.sleep(RESOLVE_RETRY)
         if (last is not None and last.seq > ch.seq and ch.seq and ch not in self.holes
                 and ch in self.ready_here and not self.store.owns(ch.name)):
             self._fill(ch, _Hole(last.seq + 1))
@@ -604,9 +619,7 @@ class NodeCluster(Cluster):
             # ``source`` found this node dead and forgot what it asked for: ask
             # again from each replica's seq (the owner's catch-up fills what
             # was sent meanwhile).
-            for ch in [*self.ready_here, *self.warming]:
-                if self.owner_of(ch.name) == source:
-                    self._rewarm(ch)
+            self._ask_again(source)
             return
         super()._control(source, body)
 
