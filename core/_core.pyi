@@ -429,9 +429,9 @@ class AwaitedAnswer:
     def __init__(self, slot: Reply, request_id: int, deadline: float) -> None: ...
 
 class Forwarded:
-    """A session's requests waiting for other workers' answers, or for its gates."""
+    """A session's requests waiting for other workers' answers, or for its held replies."""
     waiting: dict[int, deque[AwaitedAnswer]]
-    gates: deque[Any]
+    holds: deque[Any]
     def __init__(self) -> None: ...
     def idle(self) -> bool: ...
 

@@ -887,7 +887,7 @@ cdef class Connection:
                 self._unreleased += 1
                 self.hub.after_store(lambda action=slot.content: self._run_released(action))
             else:
-                slot.content()          # a gate opening: WELCOME or RESULT, then catch-up
+                slot.content()          # a held reply: WELCOME or RESULT, then catch-up
             q = self._replies
         if q is not None and not q:
             self._replies = None

@@ -66,9 +66,9 @@ cdef class AwaitedAnswer:
 @cython.final
 cdef class Forwarded:
     # A session's requests that wait: for other workers' answers, or for
-    # channels to be ready here (its gates, server/cluster.py).
+    # channels to be ready here (its holds, server/subscriptions.py).
     cdef readonly dict waiting            # owner -> deque of AwaitedAnswer, in the order sent
-    cdef readonly object gates            # deque of the session's gates
+    cdef readonly object holds            # deque of the session's held replies
     cpdef bint idle(self) except -1
 
 

@@ -230,15 +230,15 @@ cdef class Forwarded:
     """A session's requests that wait: for other workers' answers (``waiting``:
     owner -> its AwaitedAnswers in the order sent; one owner answers a
     connection's requests in that order, so its next answer is the first's),
-    or for channels to be ready here (``gates``).  The session's reply
+    or for channels to be ready here (``holds``).  The session's reply
     sequencer keeps every reply in request order behind them."""
 
     def __init__(self):
         self.waiting = {}
-        self.gates = _deque()
+        self.holds = _deque()
 
     cpdef bint idle(self) except -1:
-        if self.gates:
+        if self.holds:
             return False
         for queue in self.waiting.values():
             if queue:

@@ -57,6 +57,7 @@ from fenghuo.server.schemas import (
 )
 from fenghuo.server import escalation, revocations, status
 from fenghuo.server.backends import Backends
+from fenghuo.server.history import read as read_history
 from fenghuo.server.frames import message_json, message_sender, message_seq
 from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.revocations import Revocation
@@ -397,7 +398,7 @@ class Api:
         self.backends = Backends(relay, secret)
         self.runner: web.AppRunner | None = None
         #: scheduled messages, fired by this process (server/timers.py)
-        self.timers: Timers = Timers(TimerTable(relay.store), {
+        self.timers: Timers = Timers(TimerTable(relay.sqlite), {
             SEND: self._fire_scheduled,
             ESCALATE: lambda batch, outcome: escalation.fire(relay, self.timers, batch, outcome)})
 
@@ -849,7 +850,7 @@ async def group_members(api: Api, body: GroupMembersCall) -> dict[str, Any]:
 
 
 async def presence(api: Api, body: PresenceCall) -> dict[str, Any]:
-    return {"users": {user: api.relay.presence_of(user) for user in body.users}}
+    return {"users": {user: api.relay.presence.of(user) for user in body.users}}
 
 
 async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
@@ -865,7 +866,7 @@ async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
     if cn.kind == ChannelKind.GROUP_CHAT and cn.group not in relay.groups.groups:
         raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
     ch = relay.ensure_channel(cn.name)
-    frames = await relay.history(ch, History(channel=cn.name, after=body.seq - 1, limit=1))
+    frames = await read_history(relay, ch, History(channel=cn.name, after=body.seq - 1, limit=1))
     if not frames or message_seq(frames[0]) != body.seq:
         raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
     escalated = await api.timers.table.escalated(ch.name, body.seq)

@@ -24,7 +24,6 @@ import logging
 import time
 from collections import deque
 from functools import partial
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
 
@@ -41,13 +40,13 @@ from fenghuo.core import (
     PresenceTable,
     ProtocolError,
     RemoteOrigin,
-    Reply,
     encode_error,
 )
 from fenghuo.server import routing
 from fenghuo.server.clicks import Click
 from fenghuo.server.frames import frame_request_id, message_seq
 from fenghuo.server.mesh import Mesh, WorkerSpec
+from fenghuo.server.subscriptions import Hold
 from fenghuo.protocol import encode_json
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ LOST_TO_RESTART = ("the worker that owns this channel restarted before answering
                    "retry (an idempotency key makes a publish safe to retry)")
 
 
-# The "owner" of a session's gates in :attr:`Forwarded.waiting`: this worker.
+# The "owner" of a session's holds in :attr:`Forwarded.waiting`: this worker.
 HERE = -1
 
 
@@ -73,16 +72,6 @@ def _refusal(exc: Exception, rid: int, what: str) -> bytes:
     if code == ErrorCode.INTERNAL:
         log.exception("forwarded request failed", extra={"op": what}, exc_info=exc)
     return encode_error(code, message, rid)
-
-
-@dataclass
-class _Gate:
-    """A reply (WELCOME, a SUBSCRIBE's RESULT) that waits until channels are ready here."""
-
-    slot: Reply                                  # its place in the session's reply order
-    channels: tuple[Channel, ...] = ()
-    open: Callable[[], None] | None = None       # None until the gate's channels are known
-    given: bool = False                          # its channels are ready: it opens in its turn
 
 
 class Cluster:
@@ -171,7 +160,7 @@ class Cluster:
 
     def _on_pressure(self, high: bool) -> None:
         # A peer far behind: stop taking work from clients, as for the store.
-        self.relay.set_reading(not high)
+        self.relay.node.set_reading(not high)
 
     # ------------------------------------------------------------ sessions
 
@@ -247,7 +236,7 @@ class Cluster:
         """
         limit = self.relay.settings.replica_idle
         for ch in list(self.ready_here):
-            if ch.subscribers or self.relay.catching_up.get(ch):
+            if ch.subscribers or self.relay.subs.catching_up.get(ch):
                 self.idle_since.pop(ch, None)
             elif now - self.idle_since.setdefault(ch, now) >= limit:
                 self._let_go(ch)
@@ -323,52 +312,54 @@ class Cluster:
             # else asked already: the owner's answer and live records agree by seq
         self.relay.ensure_channel(name)
 
-    # ------------------------------------------------------------ gates
+    # ------------------------------------------------------------ holds
 
-    def gate(self, session: Session) -> _Gate:
-        """Hold ``session``'s replies and deliveries until :meth:`open_gate`'s channels are ready."""
-        gate = _Gate(session.reserve_reply())
-        self._pending(session).gates.append(gate)
-        return gate
+    def hold(self, session: Session) -> Hold:
+        """Hold ``session``'s next reply and new subscriptions (Subscriptions.hold)."""
+        hold = Hold(session.reserve_reply())
+        self._pending(session).holds.append(hold)
+        return hold
 
-    def gated(self, session: Session) -> bool:
+    def holding(self, session: Session) -> bool:
+        """Whether a reply of ``session`` is held: its new subscriptions wait."""
         pending = self.forwarded.get(session.id)
-        return pending is not None and bool(pending.gates)
+        return pending is not None and bool(pending.holds)
 
-    def open_gate(self, session: Session, channels: tuple[Channel, ...],
-                  open_: Callable[[], None], gate: _Gate | None = None) -> None:
-        """Run ``open_`` (the reply, then catch-up) once ``channels`` are ready here
+    def live_when_ready(self, session: Session, channels: tuple[Channel, ...],
+                        reply: Callable[[], None], hold: Hold | None = None) -> None:
+        """Run ``reply`` (the reply, then catch-up) once ``channels`` are ready here
         and the replies before this one have gone; later replies wait for it.
-        ``gate``: the one :meth:`gate` made for it (default: the last one made)."""
+        ``hold``: the one :meth:`hold` made for it (default: the last one made)."""
         pending = self.forwarded.get(session.id)
         if pending is None or session.closing:
             return                                   # the client left meanwhile
-        if gate is None:
-            gate = pending.gates[-1]
-        gate.channels, gate.open = channels, open_
+        if hold is None:
+            hold = pending.holds[-1]
+        hold.channels, hold.reply = channels, reply
         for ch in channels:
             if not self.ready(ch):
-                self.when_ready(ch, lambda: self._open_gates(session))
-        self._open_gates(session)
+                self.when_ready(ch, lambda: self._holds_due(session))
+        self._holds_due(session)
 
-    def _open_gates(self, session: Session) -> None:
+    def _holds_due(self, session: Session) -> None:
+        """Give every hold whose channels are all ready its turn in the reply order."""
         pending = self.forwarded.get(session.id)
         if pending is None or session.closing:
             return                                   # the client left meanwhile
-        for gate in list(pending.gates):
-            if (not gate.given and gate.open is not None
-                    and all(self.ready(ch) for ch in gate.channels)):
-                gate.given = True
-                session.fill_reply(gate.slot, partial(self._pass, session, gate))
+        for hold in list(pending.holds):
+            if (not hold.due and hold.reply is not None
+                    and all(self.ready(ch) for ch in hold.channels)):
+                hold.due = True
+                session.fill_reply(hold.slot, partial(self._hold_turn, session, hold))
 
-    def _pass(self, session: Session, gate: _Gate) -> None:
-        """``gate``'s turn in ``session``'s reply order: open it."""
+    def _hold_turn(self, session: Session, hold: Hold) -> None:
+        """``hold``'s turn in ``session``'s reply order: its reply goes."""
         pending = self.forwarded[session.id]
-        pending.gates.remove(gate)                   # the first: gates pass in order
-        assert gate.open is not None
-        gate.open()
-        if not pending.gates:
-            self.relay.go_live_ready(session)
+        pending.holds.remove(hold)                   # the first: holds go in order
+        assert hold.reply is not None
+        hold.reply()
+        if not pending.holds:
+            self.relay.subs.go_live_waiting(session)
         self._forget_if_idle(session, pending)
 
     def _forget_if_idle(self, session: Session, pending: Forwarded) -> None:
@@ -480,7 +471,7 @@ class Cluster:
                 self.mesh.send(peer, record)
 
     def group_saved(self, record: dict[str, Any]) -> None:
-        """A group changed here (server/relay.py, save_group): the other workers apply it."""
+        """A group changed here (server/group_ops.py, GroupOps.save): the other workers apply it."""
         self.share("group", record=record, seq=record["seq"])
 
     def share(self, op: str, **fields: Any) -> None:
@@ -549,7 +540,7 @@ class Cluster:
             # In place: the compiled receiver holds this list.
             self.pending_parts[:] = [p for p in self.pending_parts if p[0].seq < p[1]]
             for ch, _, user in due:
-                self.relay.part(user, ch)
+                self.relay.subs.part(user, ch)
 
     def _peer_started(self, peer: int, generation: int) -> None:
         known = self.peer_generations.get(peer)
@@ -593,21 +584,21 @@ class Cluster:
     def remote_devices_drop(self, peer: int) -> None:
         # The table keeps digests, not user ids; a presence event only
         # matters to a watched user, so those are the ones to look up.
-        changed = [u for u in self.relay.watchers if self.remote_devices.devices(u, peer)]
+        changed = [u for u in self.relay.presence.watchers if self.remote_devices.devices(u, peer)]
         self.remote_devices.drop_peer(peer)
         for user in changed:
-            self.relay.presence_changed(user)
+            self.relay.presence.changed(user)
 
     def _control(self, source: int, body: dict[str, Any]) -> None:
         op = body["op"]
         relay = self.relay
         if op == "presence":
             if self.remote_devices.set(body["user"], source, body["devices"]) != body["devices"]:
-                relay.presence_changed(body["user"])
+                relay.presence.changed(body["user"])
         elif op == "device":
             relay.device_connected(body["user"], body["device"], body["hello_at"])
         elif op == "group":
-            relay.apply_group(body["record"], body["seq"])
+            relay.group_ops.apply(body["record"], body["seq"])
         elif op == "read":
             relay.reads.advance(body["channel"], body["user"], body["seq"])
             relay.delivered.advance(body["channel"], body["user"], body["seq"])

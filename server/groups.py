@@ -18,7 +18,8 @@ from typing import Any
 from dataclasses import dataclass, field
 
 from fenghuo.channels import group_channel, InvalidChannel
-from fenghuo.core import ErrorCode, ProtocolError
+from fenghuo.core import ErrorCode
+from fenghuo.server.access import refuse
 
 OWNER, ADMIN, MEMBER, READER = "owner", "admin", "member", "reader"
 
@@ -55,10 +56,6 @@ class Waiting:
                    tuple(record.get("remove", ())), tuple(record.get("silence", ())))
 
 
-def _refuse(code: int, message: str) -> ProtocolError:
-    return ProtocolError(code, message, False)
-
-
 @dataclass(slots=True)
 class Group:
     id: str
@@ -78,6 +75,10 @@ class Group:
 
     def role_of(self, user: str) -> str | None:
         return self.members.get(user)
+
+    def is_reader(self, user: str) -> bool:
+        """Silenced by a hand-off: ``user`` reads the conversation and may not publish."""
+        return self.members.get(user) == READER
 
     def record(self) -> dict[str, Any]:
         """What the store keeps of the group."""
@@ -115,19 +116,19 @@ class GroupRegistry:
     def _get(self, group_id: str) -> Group:
         group = self.groups.get(group_id)
         if group is None:
-            raise _refuse(ErrorCode.NOT_FOUND, f"no group {group_id!r}")
+            raise refuse(ErrorCode.NOT_FOUND, f"no group {group_id!r}")
         return group
 
     def _manager(self, actor: str, group_id: str) -> Group:
         group = self._get(group_id)
         if group.role_of(actor) not in (OWNER, ADMIN):
-            raise _refuse(ErrorCode.FORBIDDEN, "only the owner or an admin may change members")
+            raise refuse(ErrorCode.FORBIDDEN, "only the owner or an admin may change members")
         return group
 
     def member_group(self, actor: str, group_id: str) -> Group:
         group = self._get(group_id)
         if actor not in group.members:
-            raise _refuse(ErrorCode.FORBIDDEN, f"not a member of {group_id!r}")
+            raise refuse(ErrorCode.FORBIDDEN, f"not a member of {group_id!r}")
         return group
 
     def join(self, group: Group, user: str, role: str) -> None:
@@ -147,9 +148,9 @@ class GroupRegistry:
         try:
             group_channel(group_id)
         except InvalidChannel as exc:
-            raise _refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+            raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
         if group_id in self.groups:
-            raise _refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
+            raise refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
         group = Group(group_id, actor, title[:200])
         self.groups[group_id] = group
         self.join(group, actor, OWNER)
@@ -161,7 +162,7 @@ class GroupRegistry:
     def add(self, actor: str, group_id: str, users: list[str], role: str = MEMBER) -> list[str]:
         group = self._manager(actor, group_id)
         if role == ADMIN and group.role_of(actor) != OWNER:
-            raise _refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
+            raise refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
         added = [u for u in dict.fromkeys(users) if u not in group.members]
         for user in added:
             self.join(group, user, role)
@@ -182,9 +183,9 @@ class GroupRegistry:
         targets = [u for u in dict.fromkeys(users) if u in group.members]
         for user in targets:
             if group.members[user] == OWNER:
-                raise _refuse(ErrorCode.FORBIDDEN, f"the owner cannot be {what}")
+                raise refuse(ErrorCode.FORBIDDEN, f"the owner cannot be {what}")
             if group.members[user] == ADMIN and group.role_of(actor) != OWNER:
-                raise _refuse(ErrorCode.FORBIDDEN, f"only the owner may have an admin {what}")
+                raise refuse(ErrorCode.FORBIDDEN, f"only the owner may have an admin {what}")
         return targets
 
     def hands_off(self, actor: Actor, group_id: str, remove: list[str] | tuple[str, ...],
@@ -195,7 +196,7 @@ class GroupRegistry:
         if actor.service:
             group = self.member_group(actor.user, group_id)
             if any(u != actor.user for u in (*remove, *silence)):
-                raise _refuse(ErrorCode.FORBIDDEN, "a service user may remove or silence only itself")
+                raise refuse(ErrorCode.FORBIDDEN, "a service user may remove or silence only itself")
             return group
         group = self._manager(actor.user, group_id)
         self._removable(group, actor.user, remove, "removed")
@@ -217,20 +218,20 @@ class GroupRegistry:
     def leave(self, actor: str, group_id: str) -> None:
         group = self.member_group(actor, group_id)
         if group.owner == actor:
-            raise _refuse(ErrorCode.CONFLICT, "the owner cannot leave; hand ownership over first")
+            raise refuse(ErrorCode.CONFLICT, "the owner cannot leave; hand ownership over first")
         self.part(group, actor)
 
     def set_role(self, actor: str, group_id: str, user: str, role: str) -> None:
         group = self._get(group_id)
         if group.role_of(actor) != OWNER:
-            raise _refuse(ErrorCode.FORBIDDEN, "only the owner may change roles")
+            raise refuse(ErrorCode.FORBIDDEN, "only the owner may change roles")
         if user not in group.members:
-            raise _refuse(ErrorCode.NOT_FOUND, f"{user!r} is not a member")
+            raise refuse(ErrorCode.NOT_FOUND, f"{user!r} is not a member")
         if role == OWNER:
             group.members[actor] = ADMIN
             group.owner = user
         elif user == actor:
-            raise _refuse(ErrorCode.MALFORMED_BODY,
+            raise refuse(ErrorCode.MALFORMED_BODY,
                           "the owner changes its own role only by handing ownership over")
         group.members[user] = role
 

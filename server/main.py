@@ -45,7 +45,7 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         api = Api(relay, secret, load_key_hashes(settings.api_key_file) if settings.api_port
                   else ())
         relay.api = api
-    await relay.start(spec)
+    await relay.node.start(spec)
     metrics_server = None
     # A worker's metrics port is its supervisor's choice (metrics port + 1 + index).
     metrics_port = int(os.environ.get("FENGHUO_METRICS_PORT", "0")) if spec else settings.metrics_port
@@ -54,25 +54,25 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
     if api is not None:
         await api.start(settings.api_host, settings.api_port)
     # One process sends webhooks, the same one: the rows of every worker are in the shared store.
-    if relay.endpoints and relay.store is not None and (spec is None or spec.index == 0):
+    if relay.endpoints and relay.sqlite is not None and (spec is None or spec.index == 0):
         from fenghuo.server.webhooks import WebhookSender
-        relay.webhooks = WebhookSender(settings, relay.store, relay.endpoints)
+        relay.webhooks = WebhookSender(settings, relay.sqlite, relay.endpoints)
         await relay.webhooks.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, relay.stop_requested.set)
+        loop.add_signal_handler(sig, relay.node.stop_requested.set)
     loop.add_signal_handler(signal.SIGHUP, reload, relay, api)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
-    print(f"fenghuo {who}listening on {settings.host}:{relay.port}"
-          + (f", websocket on :{relay.ws_port}" if relay.ws_port else "")
+    print(f"fenghuo {who}listening on {settings.host}:{relay.node.port}"
+          + (f", websocket on :{relay.node.ws_port}" if relay.node.ws_port else "")
           + (f", metrics on :{metrics_port}" if metrics_server else "")
           + (f", API on {settings.api_host}:{settings.api_port}" if settings.api_port and api else ""), flush=True)
-    await relay.stop_requested.wait()
+    await relay.node.stop_requested.wait()
     if api is not None:
         await api.stop()
     if relay.webhooks is not None:
         await relay.webhooks.stop()
-    await relay.shutdown()
+    await relay.node.shutdown()
     if metrics_server is not None:
         metrics_server.close()
     if relay.store is None or relay.store.failure is None:

@@ -23,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from fenghuo import __version__
 from fenghuo.server import httpd
+from fenghuo.server.cluster import Cluster
 from fenghuo.server.stalls import BOUNDS
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class RelayCollector(Collector):
         snap = relay.hub.metrics.snapshot()
         yield build_info()
         yield gauge("fenghuo_start_time_seconds", "When the relay started, in seconds since the epoch.",
-                    relay.started_at)
+                    relay.node.started_at)
         yield gauge("fenghuo_connections", "Open client connections.", len(relay.hub.connections))
         yield gauge("fenghuo_handshakes", "Connections accepted and not yet past HELLO.",
                     relay.admission.handshaking)
@@ -130,8 +131,8 @@ class RelayCollector(Collector):
 
     def _cluster(self) -> Iterator[Metric]:
         cluster = self.relay.cluster
-        if cluster is None:
-            return
+        if not isinstance(cluster, Cluster):
+            return                # alone (None): no mesh to count
         yield gauge("fenghuo_remote_origins", "Other workers' connections this worker has answered "
                     "for (as a channel owner).", len(cluster.remote))
         yield gauge("fenghuo_forwarded_waiting", "Local connections with requests forwarded to other "
@@ -223,27 +224,27 @@ class RelayCollector(Collector):
 
     def _stalls(self) -> Iterator[Metric]:
         relay = self.relay
-        lag = relay.loop_lag.histogram
+        lag = relay.node.loop_lag.histogram
         yield gauge("fenghuo_gc_frozen_objects", "Objects the cyclic collector no longer examines "
-                    "(gc.freeze: startup and survivors of full collections).", relay.collector.frozen())
+                    "(gc.freeze: startup and survivors of full collections).", relay.node.collector.frozen())
         yield histogram("fenghuo_event_loop_lag_seconds", "How late a timer set 10 ms ahead fired, "
                         "sampled every 10 ms: the loop's stalls.", BOUNDS,
                         [((), lag.counts, lag.sum)])
         yield histogram("fenghuo_gc_pause_seconds", "Garbage collections, by generation, and how "
                         "long each took.", BOUNDS,
-                        [((str(g),), h.counts, h.sum) for g, h in enumerate(relay.collector.by_generation)],
+                        [((str(g),), h.counts, h.sum) for g, h in enumerate(relay.node.collector.by_generation)],
                         labels=("generation",))
 
 
 def health(relay: Relay) -> httpd.Response:
-    status = "draining" if relay.shutting_down else "ok"
+    status = "draining" if relay.node.shutting_down else "ok"
     # A cluster node tells its cluster state: engine, peers, channels owned.
     node = getattr(relay.cluster, "status", None)
     body = orjson.dumps({"status": status, "epoch": relay.epoch,
                          "connections": len(relay.hub.connections),
-                         "uptime": round(time.time() - relay.started_at, 3),
+                         "uptime": round(time.time() - relay.node.started_at, 3),
                          **({"cluster": node()} if node is not None else {})})
-    return httpd.json_response(503 if relay.shutting_down else 200, body)
+    return httpd.json_response(503 if relay.node.shutting_down else 200, body)
 
 
 async def start(relay: Relay, host: str, port: int) -> asyncio.AbstractServer:

@@ -2,7 +2,7 @@
 
 The nodes are joined exactly as the workers of one host are
 (:class:`~fenghuo.server.cluster.Cluster`: forwarded publishes and
-requests, replicas fed by interest, gates, shared groups and presence), over
+requests, replicas fed by interest, held replies, shared groups and presence), over
 NATS instead of shared memory (:class:`~fenghuo.server.nodes.NatsMesh`).
 What differs is who owns a channel and where its messages are kept:
 
@@ -45,8 +45,8 @@ from fenghuo.server.frames import decode_frame_message, message_time
 from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
-from fenghuo.server.relay import STORE_PAGE
 from fenghuo.server.stalls import Histogram
+from fenghuo.server.subscriptions import STORE_PAGE
 
 if TYPE_CHECKING:
     from fenghuo.server.mesh import WorkerSpec
@@ -595,11 +595,11 @@ class NodeCluster(Cluster):
         held = self.relay.groups.groups.get(record["id"])
         if current is not None and held is not None:
             held.version, held.change = 0, ""
-            self.relay.apply_group(current, current.get("seq", 0))
+            self.relay.group_ops.apply(current, current.get("seq", 0))
 
     def _group_learned(self, record: dict[str, Any]) -> None:
         """A group record from the bucket (its watch) or from the node that wrote it."""
-        self.relay.apply_group(record, record.get("seq", 0))
+        self.relay.group_ops.apply(record, record.get("seq", 0))
 
     def _cursor_learned(self, kind: str, channel: str, user: str, seq: int) -> None:
         relay = self.relay

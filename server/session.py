@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
 
-from fenghuo.channels import InvalidChannel, group_channel, parse_channel
+from fenghuo.channels import InvalidChannel, group_channel
 from fenghuo.core import (
     FRAME_HEADER_SIZE,
     Channel,
@@ -34,10 +34,11 @@ from fenghuo.core import (
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server import scheduling, schemas
+from fenghuo.server.history import read as read_history
 from fenghuo.server.clicks import LINK_MAX
 from fenghuo.server.devices import SERVICE_DEVICE, new_device_id
 from fenghuo.server.groups import Actor
-from fenghuo.server.relay import Relay, refuse
+from fenghuo.server.access import refuse
 from fenghuo.server.schemas import (
     CursorReaders,
     CursorSync,
@@ -56,7 +57,8 @@ from fenghuo.server.schemas import (
 from fenghuo.tokens import Grants, TokenError, verify_token
 
 if TYPE_CHECKING:
-    from fenghuo.server.cluster import _Gate
+    from fenghuo.server.subscriptions import Hold
+    from fenghuo.server.relay import Relay
 
 log = logging.getLogger("fenghuo.session")
 SERVER_NAME = "fenghuo/0.1"
@@ -81,7 +83,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.relay = relay
         self.explicit: set[str] | None = None          # org channels subscribed by name
         self.positions: dict[str, int] | None = None
-        # Subscribed channels not yet delivered (several workers: Relay.subscribe),
+        # Subscribed channels not yet delivered (several workers: Subscriptions.subscribe),
         # with the seq the subscription took effect after (None: not yet).
         self.pending_live: dict[Channel, int | None] | None = None
         self.watching: set[str] | None = None          # users whose presence we follow
@@ -113,7 +115,7 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def on_hello(self, request_id: int, body: bytes) -> None:
         relay = self.relay
-        if relay.shutting_down:
+        if relay.node.shutting_down:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
         # Before the body is parsed and the token verified: in a storm,
         # refusing must cost far less than admitting.
@@ -144,7 +146,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay.tokens.watch(self)
         relay.admission.handshake_ended()
         self.positions = positions
-        held = relay.hold(self)
+        held = relay.subs.hold(self)
         relay.attach(self)
         channels = tuple(self.subscriptions)
         if positions is None and shared is not None:
@@ -153,10 +155,10 @@ class Session(Connection, asyncio.BufferedProtocol):
             self.track(asyncio.get_running_loop().create_task(
                 self._resume_synced(request_id, channels, held)))
             return
-        relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed))
+        relay.subs.live_when_ready(self, channels, lambda: self._welcome(request_id, channels, resumed))
 
     async def _resume_synced(self, request_id: int, channels: tuple[Channel, ...],
-                             held: _Gate | None) -> None:
+                             held: Hold | None) -> None:
         relay = self.relay
         assert relay.shared_state is not None
         try:
@@ -167,8 +169,8 @@ class Session(Connection, asyncio.BufferedProtocol):
                                                              "error": str(exc)})
             resumed = None
         self.positions = resumed
-        relay.when_live(self, channels, lambda: self._welcome(request_id, channels, resumed),
-                        held)
+        relay.subs.live_when_ready(
+            self, channels, lambda: self._welcome(request_id, channels, resumed), held)
 
     def _verify(self, token: Any, what: str) -> Grants:
         """The grants of a HELLO's or REFRESH's token; fatal errors (REFRESH makes them not)."""
@@ -209,11 +211,11 @@ class Session(Connection, asyncio.BufferedProtocol):
             "channels": {ch.name: ch.seq for ch in channels},
             **({"resumed": resumed} if resumed else {}),
         }, request_id))
-        relay.go_live(self, channels, self.positions)
+        relay.subs.go_live(self, channels, self.positions)
         log.debug("connected", extra={"user": self.user, "device": self.device})
 
     def resolve_publish(self, channel: bytes) -> Channel:
-        return self.relay.publish_channel(self, channel)
+        return self.relay.access.publish_channel(self, channel)
 
     def on_control(self, ftype: int, request_id: int, body: bytes) -> None:
         # Decoded and validated here, once: handlers (and the workers a
@@ -230,20 +232,15 @@ class Session(Connection, asyncio.BufferedProtocol):
         name, positions = body.channel, body.positions
         if positions is None:
             positions = self.positions
-        try:
-            cn = parse_channel(name)
-        except InvalidChannel as exc:
-            raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
+        cn = self.relay.access.subscribable(self, name)
         if cn.kind == ChannelKind.ORG_UNIT:
-            if not self.grants.can_subscribe(name):
-                raise refuse(ErrorCode.FORBIDDEN, f"not allowed to subscribe to {name!r}")
-            self.relay.hold(self)
-            chain = self.relay.subscribe_org(self, name)
+            self.relay.subs.hold(self)
+            chain = self.relay.subs.subscribe_org(self, name)
         else:
-            chain = [self.relay.readable(self, name)]
-            self.relay.hold(self)
-        self.relay.when_live(self, tuple(chain),
-                             lambda: self._subscribed(request_id, name, chain, positions))
+            chain = [self.relay.access.readable(self, name)]
+            self.relay.subs.hold(self)
+        self.relay.subs.live_when_ready(
+            self, tuple(chain), lambda: self._subscribed(request_id, name, chain, positions))
 
     def _subscribed(self, request_id: int, name: str, chain: list[Channel],
                     positions: dict[str, int] | None) -> None:
@@ -251,10 +248,10 @@ class Session(Connection, asyncio.BufferedProtocol):
         # from the start of its ring (what was said there while we were away).
         self.release_reply(encode_json(FrameType.RESULT, {
             "channel": name, "channels": {ch.name: ch.seq for ch in chain}}, request_id))
-        self.relay.go_live(self, chain, positions)
+        self.relay.subs.go_live(self, chain, positions)
 
     def _unsubscribe(self, request_id: int, body: Unsubscribe) -> None:
-        self.relay.unsubscribe_org(self, body.channel)
+        self.relay.subs.unsubscribe_org(self, body.channel)
         self.reply(request_id, {"channel": body.channel})
 
     # ------------------------------------------------------------ receipts
@@ -264,7 +261,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         if receipt.kind not in (ReceiptKind.DELIVERED, ReceiptKind.READ, ReceiptKind.CLICKED):
             raise refuse(ErrorCode.MALFORMED_BODY,
                          "receipt kind must be 1 (delivered), 2 (read) or 3 (clicked)")
-        ch = self.relay.readable(self, receipt.channel)
+        ch = self.relay.access.readable(self, receipt.channel)
         if receipt.kind == ReceiptKind.CLICKED:
             self._click(request_id, ch, receipt)
             return
@@ -277,7 +274,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             cluster.forward_request(cluster.owner_of(ch.name), self, request_id, "receipt",
                                     channel=ch.name, seq=receipt.seq, kind=receipt.kind)
             return
-        result = self.relay.receipt(self.user, ch, receipt.seq, receipt.kind, bool(request_id))
+        result = self.relay.receipts.receipt(self.user, ch, receipt.seq, receipt.kind, bool(request_id))
         if request_id:
             self.reply(request_id, result)
 
@@ -286,7 +283,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         # messages) and shares it: no forwarding to the channel's owner.
         if not 1 <= len(receipt.link.encode()) <= LINK_MAX:
             raise refuse(ErrorCode.MALFORMED_BODY, f"a click's link id is 1 to {LINK_MAX} bytes")
-        result = self.relay.click(self.user, ch, receipt.seq, receipt.link)
+        result = self.relay.receipts.click(self.user, ch, receipt.seq, receipt.link)
         if request_id:
             self.reply(request_id, result)
 
@@ -300,7 +297,7 @@ class Session(Connection, asyncio.BufferedProtocol):
                 kept = {name: min(seq, ch.seq) for name, seq in (positions or {}).items()
                         if (ch := relay.hub.find(name)) is not None and ch in self.subscriptions}
                 # What a device says it received is delivered (per-message status).
-                relay.mark_delivered(self.user, kept)
+                relay.receipts.mark_delivered(self.user, kept)
                 if relay.store is not None and kept:
                     relay.store.save_device_cursors(self.user, self.device, kept)
                     if request_id:
@@ -311,19 +308,19 @@ class Session(Connection, asyncio.BufferedProtocol):
                     return
                 result = {"saved": len(kept)}
             case CursorUnread():
-                result = {"unread": {ch.name: relay.unread(self.user, ch)
+                result = {"unread": {ch.name: relay.receipts.unread(self.user, ch)
                                      for ch in self.subscriptions}}
             case CursorReaders(channel=name, seq=seq):
-                ch = relay.readable(self, name)
+                ch = relay.access.readable(self, name)
                 result = {"channel": name, "seq": seq, "read": relay.reads.readers(name, seq),
-                          "members": relay.members_of(ch)}
+                          "members": relay.receipts.members_of(ch)}
         if request_id:
             self.reply(request_id, result)
 
     # ------------------------------------------------------------ history
 
     def _history(self, request_id: int, body: History) -> None:
-        ch = self.relay.history_channel(self, body.channel)
+        ch = self.relay.access.history_channel(self, body.channel)
         # The page comes after a store read: its place in the reply order is kept.
         slot = self.reserve_reply()
         self.track(asyncio.get_running_loop().create_task(
@@ -332,7 +329,7 @@ class Session(Connection, asyncio.BufferedProtocol):
     async def _send_history(self, slot: Reply, request_id: int, ch: Channel,
                             body: History) -> None:
         try:
-            frames = await self.relay.history(ch, body)
+            frames = await read_history(self.relay, ch, body)
         except Exception:
             log.exception("history read failed", extra={"channel": ch.name})
             self.hub.metrics.record_error(ErrorCode.INTERNAL)
@@ -362,7 +359,7 @@ class Session(Connection, asyncio.BufferedProtocol):
                 and body.group is not None:
             group_id = body.group
             # Changes are made where the group's channel is sequenced; an
-            # invalid id has none, and group_op below refuses it here.
+            # invalid id has none, and GroupOps.run refuses it here.
             try:
                 owner = cluster.owner_of(group_channel(group_id))
             except InvalidChannel:
@@ -374,11 +371,11 @@ class Session(Connection, asyncio.BufferedProtocol):
                 return
             # Answered as a forwarded change is: once stored (in a cluster's
             # bucket, which every node reads), and only if the bucket took it.
-            answer = self.relay.group_request(actor, body)
+            answer = self.relay.group_ops.request(actor, body)
             slot = self.reserve_reply()
             self.relay.hub.after_store(lambda: self.fill_reply(slot, answer(request_id)))
             return
-        self.reply(request_id, self.relay.group_op(actor, body))
+        self.reply(request_id, self.relay.group_ops.run(actor, body))
 
     # ------------------------------------------------------------ presence
 
@@ -386,17 +383,10 @@ class Session(Connection, asyncio.BufferedProtocol):
         users = body.users
         relay = self.relay
         if isinstance(body, PresenceSubscribe):
-            if self.watching is None:
-                self.watching = set()
-            for user in users:
-                relay.watchers.setdefault(user, set()).add(self)
-                self.watching.add(user)
+            relay.presence.watch(self, users)
         elif isinstance(body, PresenceUnsubscribe):
-            for user in users:
-                relay.watchers.get(user, set()).discard(self)
-                if self.watching is not None:
-                    self.watching.discard(user)
-        self.reply(request_id, {"users": {u: relay.visible_presence(self.grants, u) for u in users}})
+            relay.presence.unwatch(self, users)
+        self.reply(request_id, {"users": {u: relay.presence.visible(self.grants, u) for u in users}})
 
     # ------------------------------------------------------------ scheduled messages
 
@@ -407,7 +397,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             if body.content_type == ContentType.EVENT:
                 raise refuse(ErrorCode.FORBIDDEN, "SCHEDULE: content type EVENT (5) is "
                              "written by the server")
-            relay.publish_channel(self, body.channel.encode())
+            relay.access.publish_channel(self, body.channel.encode())
         api = relay.api
         if api is None:
             # The timers are worker 0's: it answers in this connection's reply order.

@@ -15,7 +15,7 @@ reader thread with its own connection; WAL lets it read while the writer
 writes.  Reads that are small and needed synchronously (a channel's head and
 recent frames when it is first touched) use the loop's own connection.
 
-``Store`` is the seam a cluster engine replaces later.
+It implements :class:`fenghuo.server.engines.Store`, the interface the relay uses.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -138,29 +138,6 @@ CREATE TABLE IF NOT EXISTS clicks (
     PRIMARY KEY (channel, seq, link, user)
 ) WITHOUT ROWID;
 """ + OUTBOX_SCHEMA
-
-
-class Store(Protocol):
-    """What the relay needs from storage (SQLite now; a cluster engine later)."""
-
-    durable_acks: bool
-
-    def start(self, loop: asyncio.AbstractEventLoop,
-              on_batch: Callable[[list[Record] | None], None]) -> None: ...
-    def append(self, record: Record) -> None: ...
-    def recent(self, channel: str) -> list[tuple[int, bytes]]: ...
-    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]: ...
-    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None: ...
-    async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]: ...
-    async def read_by_time(self, channel: str, since_us: int, until_us: int,
-                           limit: int) -> list[bytes]: ...
-    # In a cluster: whether the group's bucket took the change (server/cluster_store.py).
-    def save_group(self, group_id: str, record: dict[str, Any]) -> asyncio.Future[bool] | None: ...
-    def device_cursors(self, user: str, device: str) -> dict[str, int]: ...
-    def read_cursors(self) -> list[tuple[str, str, int]]: ...
-    def load_groups(self) -> list[dict[str, Any]]: ...
-    def direct_channels(self) -> list[str]: ...
-    def close(self) -> None: ...
 
 
 def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:

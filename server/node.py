@@ -1,0 +1,217 @@
+"""The node: one relay process's lifecycle.
+
+Start: the mesh or the cluster (several workers or nodes), the store's writer
+and retention, the client port and the WebSocket gateway, the background
+sweeps.  Stop (SIGTERM/SIGINT, or a store failure): GOAWAY to every client,
+what is owed answered, then the store closed.  What runs in between is the
+relay's (server/relay.py) and its concerns'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from fenghuo.core import FrameType
+from fenghuo.protocol import encode_json
+from fenghuo.server import retention
+from fenghuo.server.stalls import Collector, LoopLag
+
+if TYPE_CHECKING:
+    from fenghuo.server.mesh import WorkerSpec
+    from fenghuo.server.relay import Relay
+    from fenghuo.server.session import Session
+
+log = logging.getLogger("fenghuo.relay")
+
+
+class Node:
+    """Starts and stops one :class:`Relay`: its listeners, tasks, mesh and store."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.started_at = time.time()
+        self.shutting_down = False
+        #: set by SIGTERM/SIGINT (see main.serve) or by a store failure
+        self.stop_requested = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._ws_server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._revoker: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
+        #: what holds the loop up, for /metrics: its lag and the collector's pauses
+        self.loop_lag = LoopLag()
+        self.collector = Collector()
+
+    def _on_batch(self, batch: list[Any] | None) -> None:
+        if batch is None:
+            log.critical("store failed: the relay can no longer persist messages; shutting down")
+            self.stop_requested.set()
+            return
+        self.relay.hub.release(batch)
+        assert self.relay.store is not None
+        self.relay.store.written(len(batch))
+
+    def _store_pressure(self, high: bool) -> None:
+        """Stop reading from every client while the store's writer is far behind."""
+        log.debug("store backlog %s: %s reading", self.relay.store.backlog if self.relay.store else 0,
+                  "pausing" if high else "resuming")
+        self.set_reading(not high)
+
+    def set_reading(self, on: bool) -> None:
+        """Resume or pause reading on every open client connection."""
+        for conn in self.relay.hub.connections:
+            if conn.transport is not None and not conn.closing:
+                (conn.transport.resume_reading if on else conn.transport.pause_reading)()
+
+    async def start(self, spec: WorkerSpec | None = None) -> None:
+        """Listen; as worker ``spec.index`` of several when ``spec`` is given."""
+        from fenghuo.server.cluster import Cluster
+        from fenghuo.server.session import Session
+
+        loop = asyncio.get_running_loop()
+        if self.relay.settings.cluster:
+            # Each worker of a node is a participant of the cluster (DESIGN, Cluster).
+            from fenghuo.server.node_cluster import NodeCluster
+            self.relay.cluster = node = await NodeCluster.join(self.relay, spec)
+            # One store id for the whole cluster: a client moving between
+            # nodes keeps its positions (PROTOCOL §6.6).
+            self.relay.epoch = f"{node.cluster_id}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
+        elif spec is not None:
+            self.relay.cluster = Cluster.of_worker(self.relay, spec)
+            self.relay.cluster.start()
+        if self.relay.store is not None:
+            self.relay.store.on_pressure = self._store_pressure
+            self.relay.store.start(loop, self._on_batch)
+            rules = retention.parse_rules(self.relay.settings.retention)
+            if any(rule.seconds is not None for rule in rules):
+                # One worker deletes from the shared store; each trims its own rings.
+                # A cluster node's store purges the stream when it is the one to
+                # (server/cluster_store.py), and always deletes its own clicks.
+                expires = self.relay.cluster is None or self.relay.cluster.index == 0 \
+                    or self.relay.shared_state is not None
+                self._retention = asyncio.create_task(retention.run_forever(
+                    self.relay.sqlite if expires else None, rules, self.relay.settings.retention_interval,
+                    lambda: list(self.relay.hub.channels.values()), self.relay.clicks), name="fenghuo-retention")
+        self._server = await loop.create_server(
+            self.relay.admission.protocol_factory(lambda: Session(self.relay.hub, self.relay)),
+            self.relay.settings.host, self.relay.settings.port,
+            backlog=self.relay.settings.backlog, reuse_address=True,
+            ssl=self.relay.tls.context if self.relay.tls is not None else None,
+            ssl_handshake_timeout=self.relay.settings.handshake_timeout if self.relay.tls is not None else None,
+            # Several workers accept on one port; the kernel spreads connections.
+            reuse_port=spec is not None,
+        )
+        if self.relay.settings.ws_port:
+            from fenghuo.server import gateway
+            self._ws_server = await gateway.start(
+                self.relay, lambda: Session(self.relay.hub, self.relay),
+                reuse_port=spec is not None)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
+        self.loop_lag.start()
+        self.collector.start()
+        if self.relay.tokens.revocations is not None:
+            self._revoker = asyncio.create_task(self._revoke_forever(), name="fenghuo-revocations")
+        log.info("listening", extra={"host": self.relay.settings.host, "port": self.port,
+                                     "ws_port": self.ws_port,
+                                     "epoch": self.relay.epoch, "backlog": self.backlog,
+                                     "max_connections": self.relay.admission.max_connections})
+
+    @property
+    def backlog(self) -> int:
+        """The effective listen backlog: the kernel caps the asked one at net.core.somaxconn."""
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                return min(self.relay.settings.backlog, int(f.read()))
+        except (OSError, ValueError):
+            return self.relay.settings.backlog
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def ws_port(self) -> int | None:
+        """The WebSocket port listened on, None when the gateway is off."""
+        if self._ws_server is None:
+            return None
+        port: int = self._ws_server.sockets[0].getsockname()[1]
+        return port
+
+    async def _answer_what_is_owed(self) -> None:
+        """Stop reading from clients and let acks waiting for the disk go out."""
+        self.set_reading(False)
+        if self.relay.store is None:
+            return
+        try:
+            await asyncio.wait_for(self.relay.released(), self.relay.settings.drain_timeout)
+        except TimeoutError:
+            log.warning("store did not drain within the drain timeout")
+
+    async def _sweep_forever(self) -> None:
+        s = self.relay.settings
+        interval = max(0.05, min(s.handshake_timeout, s.ping_interval, s.idle_timeout,
+                                 s.request_timeout) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.relay.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
+            self.relay.tokens.close_expired()
+            self.relay.admission.sweep()
+            if self.relay.cluster is not None:
+                now = time.monotonic()
+                self.relay.cluster.sweep(now)
+                self.relay.cluster.expire(now)
+
+    async def _revoke_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.relay.settings.revocation_interval)
+            try:
+                # The relay's hub holds nothing but the Sessions it made.
+                self.relay.tokens.close_revoked(cast("set[Session]", self.relay.hub.connections))
+            except Exception:   # a busy or broken store: revocations wait for the next round
+                log.exception("reading token revocations failed")
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        log.info("shutting down", extra={"connections": len(self.relay.hub.connections)})
+        for server in (self._server, self._ws_server):
+            if server is not None:
+                server.close()
+        self.relay.admission.abort_lingering()
+        await self._answer_what_is_owed()
+        goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})
+        for conn in list(self.relay.hub.connections):
+            conn.close(goaway)
+        deadline = time.monotonic() + self.relay.settings.drain_timeout
+        while self.relay.hub.connections and time.monotonic() < deadline:
+            for conn in list(self.relay.hub.connections):
+                transport = conn.transport
+                if (transport is not None and not transport.is_closing()
+                        and transport.get_write_buffer_size() == 0):
+                    # GOAWAY and the FIN after it are written: lingering for
+                    # the client's own close would only hold the shutdown up.
+                    transport.close()
+            await asyncio.sleep(0.05)
+        left_behind = list(self.relay.hub.connections)
+        for conn in left_behind:
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in (self._sweeper, self._retention, self._revoker):
+            if task is not None:
+                task.cancel()
+        self.loop_lag.stop()
+        self.collector.stop()
+        if self.relay.cluster is not None:
+            await self.relay.cluster.stop(self.relay.settings.drain_timeout)
+        if self.relay.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.relay.store.close)
+        log.info("stopped", extra={"left_behind": len(left_behind)})
