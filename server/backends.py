@@ -45,14 +45,12 @@ class InProcessClient(Client):
 
     async def _open(self, protocol: Callable[[], asyncio.Protocol]
                     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
-        from fenghuo.server.session import Session
-
         relay = self.relay
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         try:
             await loop.connect_accepted_socket(
-                relay.admission.protocol_factory(lambda: Session(relay.hub, relay)), theirs)
+                relay.admission.protocol_factory(relay.node.new_session), theirs)
         except BaseException:
             ours.close()
             theirs.close()

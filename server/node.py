@@ -71,7 +71,6 @@ class Node:
     async def start(self, spec: WorkerSpec | None = None) -> None:
         """Listen; as worker ``spec.index`` of several when ``spec`` is given."""
         from fenghuo.server.cluster import Cluster
-        from fenghuo.server.session import Session
 
         loop = asyncio.get_running_loop()
         if self.relay.settings.cluster:
@@ -98,7 +97,7 @@ class Node:
                     self.relay.sqlite if expires else None, rules, self.relay.settings.retention_interval,
                     lambda: list(self.relay.hub.channels.values()), self.relay.clicks), name="fenghuo-retention")
         self._server = await loop.create_server(
-            self.relay.admission.protocol_factory(lambda: Session(self.relay.hub, self.relay)),
+            self.relay.admission.protocol_factory(self.new_session),
             self.relay.settings.host, self.relay.settings.port,
             backlog=self.relay.settings.backlog, reuse_address=True,
             ssl=self.relay.tls.context if self.relay.tls is not None else None,
@@ -109,7 +108,7 @@ class Node:
         if self.relay.settings.ws_port:
             from fenghuo.server import gateway
             self._ws_server = await gateway.start(
-                self.relay, lambda: Session(self.relay.hub, self.relay),
+                self.relay, self.new_session,
                 reuse_port=spec is not None)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         self.loop_lag.start()
@@ -120,6 +119,13 @@ class Node:
                                      "ws_port": self.ws_port,
                                      "epoch": self.relay.epoch, "backlog": self.backlog,
                                      "max_connections": self.relay.admission.max_connections})
+
+    def new_session(self) -> Session:
+        """A client connection's Session (TCP, TLS, WebSocket, or the server API's
+        own socket pairs, server/backends.py), made here so that no module it
+        imports needs to import it back."""
+        from fenghuo.server.session import Session
+        return Session(self.relay.hub, self.relay)
 
     @property
     def backlog(self) -> int:
