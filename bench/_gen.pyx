@@ -131,6 +131,10 @@ cdef class Link:
     cdef uint64_t batch_reply, batches
     cdef bint windowed
     cdef uint64_t phase_ns      # a Pacer's offset of this link's schedule
+    # end-to-end window (gate_on): this publisher also waits for its partner's deliveries
+    cdef Link partner           # the subscriber whose deliveries gate this publisher
+    cdef Link gated             # the publisher this link's deliveries gate
+    cdef uint64_t partner_batch # bytes the partner receives per batch
 
     def __cinit__(self):
         self.carry = NULL
@@ -176,6 +180,23 @@ cdef class Link:
             self.batch_reply = window * reply_per_publish + trailer_reply
         return self
 
+    def gate_on(self, Link partner, Py_ssize_t delivery_size) -> None:
+        """Keep the window end to end: write the next batch only once ``partner``
+        (the subscriber of this publisher's messages) has received all but
+        the last batch too, each message in ``delivery_size`` bytes.
+
+        A publisher's own replies can come back faster than its messages
+        reach a subscriber on another process of the server (a worker of
+        the default deployment): windowed on its replies alone, it wrote
+        on while the deliveries queued up in the server, and publishes/s
+        counted writes, not messages the subscriber got.
+        """
+        if not self.window:
+            raise ValueError("gate_on() after publisher() with a window")
+        self.partner = partner
+        self.partner_batch = self.window * delivery_size
+        partner.gated = self
+
     def attach(self, stream) -> None:
         """Take over an asyncio StreamWriter's connection (handshake done elsewhere).
 
@@ -184,6 +205,13 @@ cdef class Link:
         self.stream = stream
         self.transport = stream.transport
         self.transport.set_protocol(self)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (a subscriber that does not keep up)."""
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
 
     def close(self) -> None:
         """Close the transport (idempotent)."""
@@ -201,8 +229,17 @@ cdef class Link:
         self.received += n
         if self.recorder is not None:
             self._walk(PyBytes_AS_STRING(data), n)
-        while self.windowed and self.received >= (self.batches - 1) * self.batch_reply:
+        self._refill()
+        if self.gated is not None:
+            self.gated._refill()
+
+    cdef int _refill(self) except -1:
+        """Write batches while the replies (and the partner's deliveries) allow."""
+        while (self.windowed and self.received >= (self.batches - 1) * self.batch_reply
+               and (self.partner is None
+                    or self.partner.received >= (self.batches - 1) * self.partner_batch)):
             self._write_batch()
+        return 0
 
     def eof_received(self):
         return False

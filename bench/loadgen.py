@@ -160,9 +160,11 @@ async def build_pairs(target: Target, pairs: int, payload: int, window: int,
             [lambda a=a, b=b: _link(target, b, (target.direct(a, b),), wire.delivery_size,
                                     wire.delivery_stamp, recorder) for a, b in names],
             progress, "subscribers")
-    for link, w in zip(publishers, wires):
+    for link, sub, w in zip(publishers, subscribers, wires):
         link.publisher(w.publish, w.publish_stamp, window, w.reply_per_publish,
                        w.batch_trailer, w.trailer_reply, w.publish_key, w.random_keys)
+        if not echo and window:
+            link.gate_on(sub, w.delivery_size)     # in flight end to end, not to the replies
     return _Setup(publishers, subscribers, len(wire.publish), wire.delivery_size)
 
 

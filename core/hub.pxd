@@ -37,8 +37,14 @@ cdef class MeshBus(Bus):
     # publish books before it leaves (its reply's place).
     cdef list _outlets
     cdef dict _interested
-    cdef object _expect
+    # The requests forwarded to other workers awaiting their answers (the
+    # cluster's own dicts, see awaiting): connection id -> Forwarded, and
+    # connection id -> the workers holding a RemoteOrigin for it.
+    cdef dict _forwarded
+    cdef dict _origins_at
+    cdef double _request_timeout
     cdef inline int owner(self, Channel ch) except -2
+    cpdef int expect(self, int owner, Connection origin, uint32_t request_id) except -1
 
 
 cdef class Hub:

@@ -115,13 +115,46 @@ cdef class MeshBus(Bus):
         self._broadcast = broadcast
         self._outlets = None
         self._interested = None
-        self._expect = None
+        self._forwarded = {}
+        self._origins_at = {}
+        self._request_timeout = 5.0
 
-    def use_outlets(self, list outlets, dict interested, expect):
+    def use_outlets(self, list outlets, dict interested):
         """Send through ``outlets[worker]`` (MeshOutlet) instead of ``forward``/``broadcast``."""
         self._outlets = outlets
         self._interested = interested
-        self._expect = expect
+
+    def awaiting(self, dict forwarded, dict origins_at, double request_timeout):
+        """Book forwarded requests in these dicts (the cluster's), each awaited
+        at most ``request_timeout`` seconds (see :meth:`expect`)."""
+        self._forwarded = forwarded
+        self._origins_at = origins_at
+        self._request_timeout = request_timeout
+
+    cpdef int expect(self, int owner, Connection origin, uint32_t request_id) except -1:
+        """Book the answer of ``request_id``, forwarded to worker ``owner``: its
+        place in ``origin``'s reply order, behind what ``origin`` awaits from
+        that worker already.  In C: a forwarded publish books one (this was
+        the one Python call per publish on the publisher's side).
+        """
+        cdef Forwarded pending
+        key = origin.id
+        at = self._origins_at.get(key)
+        if at is None:
+            at = self._origins_at[key] = set()
+        at.add(owner)
+        found = self._forwarded.get(key)
+        if found is None:
+            pending = Forwarded()
+            self._forwarded[key] = pending
+        else:
+            pending = <Forwarded>found
+        queue = pending.waiting.get(owner)
+        if queue is None:
+            queue = pending.waiting[owner] = deque()
+        queue.append(AwaitedAnswer(origin._reserve(), request_id,
+                                   monotonic() + self._request_timeout))
+        return 0
 
     cdef inline int owner(self, Channel ch) except -2:
         if ch.owner < 0:
@@ -141,7 +174,7 @@ cdef class MeshBus(Bus):
             self._forward(owner, ch, origin, request_id,
                           PyBytes_FromStringAndSize(v.body, v.body_len), t_recv)
             return 0
-        self._expect(owner, origin, request_id)
+        self.expect(owner, origin, request_id)
         (<MeshOutlet>self._outlets[owner]).send_publish(origin.id, request_id, t_recv,
                                                         origin.user_key, ch.key,
                                                         v.body, v.body_len)

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
 
 from fenghuo.core import (
-    AwaitedAnswer,
     Channel,
     ChannelKind,
     Connection,
@@ -90,6 +87,7 @@ class Cluster:
         self.forwarded: dict[int, Forwarded] = {}        # connection id -> pending
         # Connection id -> workers holding a RemoteOrigin for it (told when it closes).
         self.origins_at: dict[int, set[int]] = {}
+        self.bus.awaiting(self.forwarded, self.origins_at, relay.settings.request_timeout)
         self.remote: dict[tuple[int, int], RemoteOrigin] = {}
         # (user, worker) -> that worker's devices of the user, in C memory.
         self.remote_devices = PresenceTable()
@@ -128,8 +126,7 @@ class Cluster:
         cluster.receiver = receiver
         cluster.mesh = Mesh(spec, cluster._on_record, on_pressure=cluster._on_pressure,
                             receiver=receiver)
-        cluster.bus.use_outlets(cluster.mesh.outlets(), cluster.interested,
-                                cluster._expect_answer)
+        cluster.bus.use_outlets(cluster.mesh.outlets(), cluster.interested)
         return cluster
 
     # ------------------------------------------------------------ lifecycle
@@ -375,10 +372,7 @@ class Cluster:
         return pending
 
     def _expect_answer(self, owner: int, origin: Connection, request_id: int) -> None:
-        self.origins_at.setdefault(origin.id, set()).add(owner)
-        deadline = time.monotonic() + self.relay.settings.request_timeout
-        self._pending(origin).waiting.setdefault(owner, deque()).append(
-            AwaitedAnswer(origin.reserve_reply(), request_id, deadline))
+        self.bus.expect(owner, origin, request_id)
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:
