@@ -231,6 +231,23 @@ export function decodeError(b) {
  */
 
 /**
+ * @typedef {object} HandoffOptions
+ * @property {string[]} [remove]  users who leave the conversation once it is handed off
+ * @property {string[]} [silence]  users made readers (they see it and may not post)
+ * @property {string} [note]  said in the `handoff` event
+ * @typedef {{group: string, to: string, added: boolean, seq: number, removed: string[],
+ *   silenced: string[]}} Handoff  GROUP `handoff`'s RESULT (`seq`: the handoff event's)
+ * @typedef {{group: string, queued_at: number, by: string, already: boolean}} Queued
+ *   GROUP `queue`'s RESULT (`queued_at`: Unix seconds it started waiting)
+ * @typedef {Handoff & {queued_at: number, queued_by: string}} Taken  GROUP `take`'s RESULT
+ */
+
+/** The GROUP fields of a hand-off's options, absent ones as the Python client sends them. */
+function handoffFields(/** @type {HandoffOptions} */ o) {
+  return { remove: o.remove ?? [], silence: o.silence ?? [], note: o.note ?? "" };
+}
+
+/**
  * A connection to a fenghuo relay over WebSocket that reconnects by itself,
  * resumes every channel from its last seq, and re-sends unacknowledged
  * publishes under their idempotency keys.
@@ -544,6 +561,51 @@ export class Client {
     return this.request(FrameType.GROUP, { op: "create", group, members, title });
   }
   listGroups() { return this.request(FrameType.GROUP, { op: "list" }); }
+
+  /**
+   * Hand the conversation `group` over to the person `to` (GROUP `handoff`, PROTOCOL
+   * §3.16): `to` joins, `silence` (the bot) become readers, a `handoff` event is
+   * posted, `remove` leave. The owner's, an admin's, or a service user's (§5.6a) own
+   * hand-off, whose `remove` and `silence` name only itself.
+   * @param {string} group @param {string} to @param {HandoffOptions} [o]
+   * @returns {Promise<Handoff>}
+   */
+  handoff(group, to, o = {}) {
+    return this.request(FrameType.GROUP, { op: "handoff", group, to, ...handoffFields(o) });
+  }
+
+  /**
+   * Put the conversation `group` in the queue for an advisor (GROUP `queue`, §3.16a);
+   * the advisor who takes it gets it handed off with `remove`, `silence` and `note`.
+   * Queuing one already waiting changes nothing (`already: true`).
+   * @param {string} group @param {HandoffOptions} [o]
+   * @returns {Promise<Queued>}
+   */
+  queueForAdvisor(group, o = {}) {
+    return this.request(FrameType.GROUP, { op: "queue", group, ...handoffFields(o) });
+  }
+
+  /**
+   * Take a waiting conversation as an advisor (a token with the `advisor` or `admin`
+   * role; GROUP `take`, §3.16a): the longest waiting, or `group`; it is handed off to
+   * this user. Without `group` a CONFLICT (another advisor took the one offered) is
+   * tried again, up to `attempts` times, after a pause that grows (50 ms, 100 ms, ...),
+   * as the Python client does. NOT_FOUND: none waiting.
+   * @param {string} [group] @param {{attempts?: number}} [o]
+   * @returns {Promise<Taken>}
+   */
+  async takeConversation(group, o = {}) {
+    const attempts = o.attempts ?? 5;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.request(FrameType.GROUP, group === undefined ? { op: "take" } : { op: "take", group });
+      } catch (e) {
+        if (group !== undefined || !(e instanceof FenghuoError) || e.code !== ErrorCode.CONFLICT
+            || attempt >= attempts) throw e;
+      }
+      await new Promise((r) => setTimeout(r, 50 * attempt));
+    }
+  }
 
   /** Close for good (no reconnect). */
   close() {

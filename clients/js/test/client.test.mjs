@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
-import { Client, ErrorCode, FenghuoError, FrameReader, encodePublish } from "../fenghuo.js";
+import { Client, ContentType, ErrorCode, FenghuoError, FrameReader, encodePublish } from "../fenghuo.js";
 
 const URL = process.env.FENGHUO_WS_URL;
 const SECRET = process.env.FENGHUO_SECRET;
@@ -22,8 +22,8 @@ function token(user, ttl = 3600, claims = {}) {
 
 const uid = () => randomBytes(3).toString("hex");
 const clients = [];
-async function connect(user, options = {}) {
-  const c = new Client(URL, { token: () => token(user), device: `d-${user}`, ...options });
+async function connect(user, options = {}, claims = {}) {
+  const c = new Client(URL, { token: () => token(user, 3600, claims), device: `d-${user}`, ...options });
   clients.push(c);
   await c.connect();
   return c;
@@ -93,6 +93,54 @@ test("a scheduled message fires once at its time; listed and cancelled by its ow
   assert.deepEqual(await alice.scheduled(), []);
   await assert.rejects(alice.schedule(ch, "x", Date.now() / 1000 - 3600),
                        (e) => e.code === ErrorCode.MALFORMED_BODY);
+});
+
+test("a bot queues its conversation, an advisor takes it and reads it all; hand-off (GROUP)", async () => {
+  const [o, c, b, v, w, g] = [`o${uid()}`, `c${uid()}`, `b${uid()}`, `v${uid()}`, `w${uid()}`, `g${uid()}`];
+  const ch = `group:${g}`;
+  const owner = await connect(o), cust = await connect(c);
+  const bot = await connect(b, {}, { roles: ["service"] });
+  const advisor = await connect(v, {}, { roles: ["advisor"] });
+  await owner.createGroup(g, [c, b]);
+  await cust.publish(ch, "my card was swallowed");
+  await bot.publish(ch, "I can block it");
+  // Nothing waits yet; a user who is not an advisor may not take.
+  await assert.rejects(advisor.takeConversation(), (e) => e.code === ErrorCode.NOT_FOUND);
+  await assert.rejects(cust.takeConversation(), (e) => e.code === ErrorCode.FORBIDDEN);
+  // The bot (a service user) queues the conversation, naming only itself.
+  const queued = await bot.queueForAdvisor(g, { silence: [b], note: "card swallowed" });
+  assert.equal(queued.already, false);
+  assert.equal(queued.by, b);
+  const again = await bot.queueForAdvisor(g, { silence: [b] });
+  assert.deepEqual([again.already, again.queued_at], [true, queued.queued_at]);
+  await assert.rejects(bot.queueForAdvisor(g, { silence: [c] }), (e) => e.code === ErrorCode.FORBIDDEN);
+  // The advisor takes the longest waiting, this one: handed off as queued.
+  const handedTo = next(cust, "message", (m) => m.channel === ch && m.contentType === ContentType.EVENT
+    && JSON.parse(m.text).event === "handoff");
+  const taken = await advisor.takeConversation();
+  assert.equal(taken.group, g);
+  assert.equal(taken.to, v);
+  assert.equal(taken.added, true);
+  assert.deepEqual(taken.silenced, [b]);
+  assert.deepEqual([taken.queued_by, taken.queued_at], [b, queued.queued_at]);
+  assert.deepEqual(JSON.parse((await handedTo).text),
+                   { event: "handoff", by: v, to: v, from: [], silenced: [b], note: "card swallowed" });
+  // Taken already: by group it is a CONFLICT, and the queue is empty.
+  await assert.rejects(advisor.takeConversation(g), (e) => e.code === ErrorCode.CONFLICT);
+  await assert.rejects(advisor.takeConversation(), (e) => e.code === ErrorCode.NOT_FOUND);
+  // The advisor, just added, reads the whole conversation; the silenced bot may not post.
+  const page = await advisor.history(ch, { after: 0, limit: 100 });
+  assert.deepEqual(page.filter((m) => m.contentType === ContentType.TEXT).map((m) => m.text),
+                   ["my card was swallowed", "I can block it"]);
+  await assert.rejects(bot.publish(ch, "still here?"), (e) => e.code === ErrorCode.FORBIDDEN);
+  await advisor.publish(ch, "Hello, I am Li");
+  // The owner hands it on to a second advisor, removing the bot; the customer may not.
+  await assert.rejects(cust.handoff(g, w), (e) => e.code === ErrorCode.FORBIDDEN);
+  const handed = await owner.handoff(g, w, { remove: [b], note: "escalated" });
+  assert.deepEqual([handed.group, handed.to, handed.added, handed.removed, handed.silenced],
+                   [g, w, true, [b], []]);
+  assert.ok(handed.seq > taken.seq, `${handed.seq} after ${taken.seq}`);
+  await assert.rejects(owner.handoff(g, w, { remove: [w] }), (e) => e.code === ErrorCode.MALFORMED_BODY);
 });
 
 test("presence of a user sharing a channel", async () => {
