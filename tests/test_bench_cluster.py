@@ -20,6 +20,7 @@ def nats_server_installed():
     ensure_installed()
 
 
+@pytest.mark.timeout(420)    # the bench's own bound; the default 120 s was hit at load average 14 (136 s)
 def test_paths_run_every_scenario_on_one_node_the_cluster_and_nats(tmp_path):
     out = tmp_path / "cluster.json"
     run = bench("cluster", "--quick", "--parts", "paths",
