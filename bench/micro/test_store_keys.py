@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -44,11 +45,27 @@ def _records(ch: Channel, seqs: Iterator[int], make_key: Callable[[], bytes] | N
             for seq in itertools.islice(seqs, BATCH)]
 
 
+# The key index led by time instead, as was proposed to make a key's cost
+# independent of key order: (channel, minute, key).  Measured, not adopted
+# (bench/README.md "The order of keys in the store"): within a minute random
+# keys still land on random pages of the index.
+TIME_LED_INDEX = """
+DROP INDEX messages_by_key;
+CREATE INDEX messages_by_minute ON messages (channel, ts_us / 60000000, dedupe)
+    WHERE dedupe IS NOT NULL;
+"""
+
+
+@pytest.mark.parametrize("index", ["channel, key", "channel, minute, key"])
 @pytest.mark.parametrize("keys", list(KEYS))
-def test_store_batch(benchmark, tmp_path, keys: str) -> None:
-    benchmark.group = "store: one transaction of 64 messages, by key order"
+def test_store_batch(benchmark, tmp_path, keys: str, index: str) -> None:
+    benchmark.group = f"store: one transaction of 64 messages, by key order, index ({index})"
     benchmark.extra_info.update(messages=BATCH, filled=FILLED)
     store = SQLiteStore(tmp_path, fsync="off")
+    if index != "channel, key":
+        conn = sqlite3.connect(store.path)
+        conn.executescript(TIME_LED_INDEX)
+        conn.close()
     writer = SQLiteWriter(store.path, full_sync=False)
     ch = Channel(CHANNEL, ChannelKind.DIRECT_CHAT, 16)
     seqs = itertools.count(1)
