@@ -9,7 +9,8 @@
 #   make cluster 3 nats-servers with JetStream and 3 fenghuo nodes on loopback
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
-#   make lint    ruff over the tree; `make typecheck` mypy over server/ and
+#   make lint    ruff over the tree and no import cycle in server/
+#                (scripts/import_cycles.py); `make typecheck` mypy over server/ and
 #                fenghuo/ (scripts/typecheck.sh); both are part of `make test`
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
@@ -47,6 +48,7 @@ test: build lint typecheck peers chromium
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/import_cycles.py server
 
 typecheck: $(VENV)/.test-installed
 	bash scripts/typecheck.sh

@@ -18,7 +18,6 @@ relay holds what the control plane shares and wires the concerns together
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import secrets
 import time
@@ -69,12 +68,10 @@ if TYPE_CHECKING:
     from fenghuo.server.cluster_state import SharedState
     from fenghuo.server.session import Session
 
-log = logging.getLogger("fenghuo.relay")
-
-
-
 
 class Relay:
+    """One process's shared state, and the concerns wired to it (module docstring)."""
+
     def __init__(self, settings: Settings, secret: str) -> None:
         self.settings = settings
         self.secret = secret
@@ -104,7 +101,9 @@ class Relay:
         self.receipts = Receipts(self)
         #: GROUP requests and the group records of other workers (server/group_ops.py)
         self.group_ops = GroupOps(self, self.groups)
+        #: user id -> online sessions here, one per device id
         self.users = Devices()
+        #: user id -> direct and group channels the user belongs to, with the seq joined at
         self.memberships: dict[str, dict[Channel, int]] = {}
         #: messages, groups, cursors and clicks (server/engines.py); the same object as
         #: ``sqlite``, seen through the interface the delivery path may use
