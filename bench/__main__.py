@@ -322,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
     schedule.add_commands(sub)
     from bench import atrest
     atrest.add_commands(sub)
+    from bench import commits
+    commits.add_commands(sub)
     from bench import cluster
     cluster.add_command(sub)
     return cli

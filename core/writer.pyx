@@ -58,11 +58,16 @@ cdef class SQLiteWriter:
                                  else b"PRAGMA synchronous=NORMAL", NULL, NULL, NULL))
         # The pages a batch touches (each channel's last leaf in the table and
         # its indexes) stay cached between batches, and the WAL is copied back
-        # into the file once per 64 MiB instead of at nearly every commit: the
+        # into the file once per 256 MiB instead of at nearly every commit: the
         # writer's CPU per message 14.1 -> 8.2-8.6 us (1,000 channels, 64-byte
-        # payloads, 200,000 messages through Hub.publish_event, one core).
+        # payloads, 200,000 messages through Hub.publish_event, one core) at
+        # 64 MiB.  That copy (and the file's fsync) runs inside the commit that
+        # crosses the size, holding its batch's acks: 100 channels, 100
+        # messages a commit (357 WAL pages), one in 46 commits at 64 MiB, one
+        # in 180 at 256 MiB; commit p99 22.9-26.3 -> 13.4-20.3 ms
+        # (bench/README.md, "The durable store's commits").
         self._check(sqlite3_exec(self.db, b"PRAGMA cache_size=-65536", NULL, NULL, NULL))
-        self._check(sqlite3_exec(self.db, b"PRAGMA wal_autocheckpoint=16384", NULL, NULL, NULL))
+        self._check(sqlite3_exec(self.db, b"PRAGMA wal_autocheckpoint=65536", NULL, NULL, NULL))
         self._statements = {}
         self._insert_message = self._prepare(_INSERT_MESSAGE)
         # IMMEDIATE: the write lock is taken (waiting out busy_timeout while

@@ -412,3 +412,26 @@ async def test_others_are_served_while_the_writer_waits_for_the_file(relay_facto
     assert (await asyncio.wait_for(sending, 10)).seq == 1
     await alice.close()
     carol.close()
+
+
+def test_the_writer_leaves_the_wal_to_256_mib_before_its_commits_checkpoint(tmp_path):
+    # The checkpoint runs inside the commit that crosses the WAL's size and
+    # holds that batch's acks: the writer lets the WAL grow past 64 MiB (its
+    # size before) and checkpoints only past 256 MiB (bench/README.md, "The
+    # durable store's commits").
+    from fenghuo.core import Channel, ChannelKind, Sequenced
+    from fenghuo.server.store import _WRITES
+    store = SQLiteStore(tmp_path, fsync="off")
+    channels = [Channel(f"dm:user-{i:03d}:user-{i + 1:03d}", ChannelKind.DIRECT_CHAT, 16)
+                for i in range(100)]
+    wal = tmp_path / f"{DB_FILE}-wal"
+    sizes = []
+    try:
+        for seq in range(1, 140):      # each commit: 100 channels' last pages, about 1.4 MiB of WAL
+            store._writer.write([Sequenced(ch, seq, 1_700_000_000_000_000 + seq, "u", None, bytes(110))
+                                 for ch in channels], None, _WRITES, None)
+            sizes.append(wal.stat().st_size)
+    finally:
+        store.close()
+    # A checkpoint lets the next commit start the WAL over: it would not pass 64 MiB.
+    assert max(sizes) > 80 << 20
