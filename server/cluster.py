@@ -309,6 +309,12 @@ class Cluster:
             # else asked already: the owner's answer and live records agree by seq
         self.relay.ensure_channel(name)
 
+    def unsure_publish(self, session: Session, raw: bytes) -> Channel | None:
+        """A channel standing in for ``raw``, which ``session`` was just refused to
+        publish to, when another source may undo the refusal; None: refused.
+        Between workers nothing can: a group change reaches a worker before its answer."""
+        return None
+
     # ------------------------------------------------------------ holds
 
     def hold(self, session: Session) -> Hold:

@@ -108,6 +108,16 @@ class Bucket:
             self.on_change(key, value, revision)
         return True
 
+    async def fetch(self, key: str) -> None:
+        """Learn ``key``'s present value from the stream's leader, if it is newer."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return
+        if entry.value:
+            self.learn(key, entry.value, entry.revision or 0)
+
     async def get(self, key: str) -> bytes | None:
         """``key``'s present value, from the stream's leader (not this node's copy)."""
         assert self._kv is not None
@@ -269,6 +279,11 @@ class SharedState:
                         extra={"group": record["id"], "version": record["version"]})
             return None
         return self.groups.known[key].revision
+
+    async def fetch_group(self, group_id: str) -> None:
+        """Read the group from the bucket's leader and learn it if it is newer than
+        what this node has (its watch may be a NATS hop behind)."""
+        await self.groups.fetch(token(group_id))
 
     def group_record(self, group_id: str) -> dict[str, Any] | None:
         """The group's record as the bucket last held it here."""

@@ -35,8 +35,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fenghuo.channels import GROUP_PREFIX, group_channel
-from fenghuo.core import AwaitedAnswer, Channel, ChannelKind, Connection, ErrorCode, encode_error
+from fenghuo.channels import GROUP_PREFIX, InvalidChannel, group_channel, parse_channel
+from fenghuo.core import (AwaitedAnswer, Channel, ChannelKind, Connection, ErrorCode, ProtocolError,
+                          encode_error)
 from fenghuo.server import routing
 from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
@@ -51,6 +52,7 @@ from fenghuo.server.subscriptions import STORE_PAGE
 if TYPE_CHECKING:
     from fenghuo.server.mesh import WorkerSpec
     from fenghuo.server.relay import Relay
+    from fenghuo.server.session import Session
 
 log = logging.getLogger("fenghuo.node")
 
@@ -58,6 +60,9 @@ log = logging.getLogger("fenghuo.node")
 # until a claim says (MeshBus caches any non-negative owner in ``ch.owner``,
 # which is reset to -1 whenever a claim changes).
 UNKNOWN = 0xFFFF
+# Owner of a group channel's stand-in while the group is read from its bucket
+# (NodeCluster.unsure_publish): its publishes wait for the read.
+CHECKING = 0xFFFE
 # Node indexes (mesh records carry them as u16; UNKNOWN is above them).
 MAX_NODES = 4096
 # Seconds between two attempts to resolve a channel's owner after a failure
@@ -76,6 +81,14 @@ class _Parked:
     connection: int
     awaited: AwaitedAnswer | None     # its place in the session's reply order
     record: bytes                     # the mesh record to send the owner
+
+
+@dataclass
+class _Check:
+    """Publishes to a group this node may not know as it is, waiting for its bucket."""
+
+    channel: Channel                     # what the publishers' connections resolve to meanwhile
+    parked: list[_Parked] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +127,9 @@ class NodeCluster(Cluster):
         self.deferred_records: dict[str, list[tuple[int, bytes]]] = {}
         self.forwards_deferred = 0           # such records (the race to own a new channel)
         self.failovers = 0                   # channels taken over from a dead or deposed node
+        #: group channels whose publishes wait for the group read from its bucket
+        self.checks: dict[str, _Check] = {}
+        self.group_checks = 0                # such reads (a refusal the bucket may undo)
         #: replicas' holes being filled from the stream
         self.holes: dict[Channel, _Hole] = {}
         self.holes_filled = 0                # messages read from the stream into a hole
@@ -339,12 +355,18 @@ class NodeCluster(Cluster):
 
     def _park(self, name: str, origin: Connection, request_id: int, record: bytes,
               answered: bool) -> None:
+        self.parked.setdefault(name, []).append(self._parked(origin, request_id, record,
+                                                             answered))
+        self._resolve(name)
+
+    def _parked(self, origin: Connection, request_id: int, record: bytes,
+                answered: bool) -> _Parked:
+        """``record`` waiting here, its answer's place booked in ``origin``'s reply order."""
         awaited = None
         if answered:
             self._expect_answer(UNKNOWN, origin, request_id)
             awaited = self.forwarded[origin.id].waiting[UNKNOWN][-1]
-        self.parked.setdefault(name, []).append(_Parked(origin.id, awaited, record))
-        self._resolve(name)
+        return _Parked(origin.id, awaited, record)
 
     def _unpark(self, parked: _Parked, owner: int) -> None:
         if parked.awaited is not None:
@@ -365,6 +387,12 @@ class NodeCluster(Cluster):
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:
+        if owner == CHECKING or ch.name in self.checks:
+            # A group this node may not know as it is (read from its bucket
+            # first), or a publish behind one that waits for that read.
+            self.checks[ch.name].parked.append(self._parked(origin, request_id, routing.publish(
+                origin.id, request_id, t_recv, origin.user_key, ch.key, body), True))
+            return
         if owner == UNKNOWN or ch.name in self.parked:
             # Behind what is parked for the channel even when the owner is known:
             # the claims' watch may name it before this node's own lookup
@@ -465,6 +493,67 @@ class NodeCluster(Cluster):
         # participant online anywhere is subscribed.
         if ch.kind == ChannelKind.DIRECT_CHAT:
             self.share("direct", channel=ch.name)
+
+    # ------------------------------------------------------------ group changes
+
+    def unsure_publish(self, session: Session, raw: bytes) -> Channel | None:
+        """``session`` was refused publishing to group ``raw`` (no such group, or not a
+        member) by what this node knows; the change that made it a member may be
+        one NATS hop away.  A channel whose publishes wait until the group is
+        read from its bucket (:meth:`_check_group`), then go on or are refused."""
+        try:
+            cn = parse_channel(raw.decode("utf-8"))
+        except (UnicodeDecodeError, InvalidChannel):
+            return None
+        group = self.relay.groups.groups.get(cn.group) if cn.kind == ChannelKind.GROUP_CHAT else None
+        if cn.kind != ChannelKind.GROUP_CHAT or (group is not None
+                                                 and session.user in group.members):
+            return None                      # refused for what the bucket cannot change
+        check = self.checks.get(cn.name)
+        if check is None:
+            check = self.checks[cn.name] = _Check(Channel(cn.name, ChannelKind.GROUP_CHAT, 1))
+            check.channel.owner = CHECKING
+            self.group_checks += 1
+            asyncio.get_running_loop().create_task(self._check_group(cn.name, cn.group))
+        return check.channel
+
+    async def _check_group(self, name: str, group_id: str) -> None:
+        try:
+            await self.state.fetch_group(group_id)   # applied here if newer than ours
+        except Exception as exc:
+            log.warning("cannot read a group from its bucket", extra={"group": group_id,
+                                                                      "error": str(exc)})
+        check = self.checks.pop(name)
+        sessions = [self.sessions.get(p.connection) for p in check.parked]
+        for session in sessions:
+            if session is not None:
+                session.forget_publish_cache()   # it holds the check's channel
+        for parked, session in zip(check.parked, sessions, strict=True):
+            if session is None:
+                continue                         # left meanwhile
+            try:
+                self.relay.access.publish_channel(session, name.encode())
+            except ProtocolError as exc:
+                self._answer_parked(parked, session, encode_error(
+                    exc.code, exc.message, parked.awaited.request_id if parked.awaited else 0))
+                continue
+            owner = self.owner_of(name)
+            if owner == UNKNOWN or name in self.parked:
+                self.parked.setdefault(name, []).append(parked)
+                self._resolve(name)
+            else:
+                self._unpark(parked, owner)
+
+    def _answer_parked(self, parked: _Parked, session: Session, frame: bytes) -> None:
+        """Answer a parked request here, in its place in the session's reply order."""
+        pending = self.forwarded.get(parked.connection)
+        waiting = None if pending is None else pending.waiting.get(UNKNOWN)
+        if parked.awaited is None or waiting is None or parked.awaited not in waiting:
+            return                               # nothing awaited, or answered (timed out)
+        waiting.remove(parked.awaited)
+        session.fill_reply(parked.awaited.slot, frame)
+        assert pending is not None
+        self._forget_if_idle(session, pending)
 
     # ------------------------------------------------------------ holes
 

@@ -215,7 +215,16 @@ class Session(Connection, asyncio.BufferedProtocol):
         log.debug("connected", extra={"user": self.user, "device": self.device})
 
     def resolve_publish(self, channel: bytes) -> Channel:
-        return self.relay.access.publish_channel(self, channel)
+        try:
+            return self.relay.access.publish_channel(self, channel)
+        except ProtocolError:
+            # A cluster node may not have a group change yet that another node
+            # made: it reads the group before refusing (server/node_cluster.py).
+            cluster = self.relay.cluster
+            unsure = cluster.unsure_publish(self, channel) if cluster is not None else None
+            if unsure is None:
+                raise
+            return unsure
 
     def on_control(self, ftype: int, request_id: int, body: bytes) -> None:
         # Decoded and validated here, once: handlers (and the workers a

@@ -7,6 +7,7 @@ Real processes only: three nats-servers with JetStream on loopback
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -190,15 +192,9 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
     answer, and publishes sent then must not overtake the parked ones (PROTOCOL
     §6.3; `bench cluster --parts regions` saw seqs out of send order)."""
     nats = nats_cluster.servers[0]
-    port = free_port()
-    # Its own process: starting a node blocks this loop, which must not stall the link.
-    far = subprocess.Popen([sys.executable, "-m", "bench.netem", "--listen", f"127.0.0.1:{port}",
-                            "--upstream", f"{nats.host}:{nats.port}", "--delay", "150ms"],
-                           cwd=Path(__file__).parent.parent)
-    try:
-        wait_listening(far, "127.0.0.1", port)
+    with far_link(nats) as url:
         (n0,) = nodes("n0", servers=[nats])
-        (n1,) = nodes("n1", urls=[f"nats://127.0.0.1:{port}"])
+        (n1,) = nodes("n1", urls=[url])
         alice = await n0.connect("alice", channels=("org.far.>",))
         bob = await n1.connect("bob", channels=("org.far.>",))
         for k in range(3):
@@ -210,6 +206,20 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
                 await asyncio.sleep(0.04)
             seqs = [ack.seq for ack in await asyncio.gather(*sending)]
             assert seqs == list(range(2, 14)), (name, seqs)
+
+
+@contextlib.contextmanager
+def far_link(server: NatsServer, delay: str = "150ms") -> Iterator[str]:
+    """A NATS URL that reaches ``server`` through a delay proxy (``bench.netem``,
+    ``delay`` each way), as a node in another region does.  Its own process:
+    starting a node blocks the test's loop, which must not stall the link."""
+    port = free_port()
+    far = subprocess.Popen([sys.executable, "-m", "bench.netem", "--listen", f"127.0.0.1:{port}",
+                            "--upstream", f"{server.host}:{server.port}", "--delay", delay],
+                           cwd=Path(__file__).parent.parent)
+    try:
+        wait_listening(far, "127.0.0.1", port)
+        yield f"nats://127.0.0.1:{port}"
     finally:
         far.terminate()
         far.wait(10)

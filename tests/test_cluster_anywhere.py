@@ -6,9 +6,14 @@ Real nats-servers and real fenghuo nodes, as tests/test_cluster.py starts them.
 
 from __future__ import annotations
 
-import orjson
+import asyncio
 
-from test_cluster import messages_of, nodes  # noqa: F401  (nodes: the fixture)
+import orjson
+import pytest
+
+from fenghuo.client import FenghuoError
+from fenghuo.core import ErrorCode
+from test_cluster import far_link, nodes  # noqa: F401  (nodes: the fixture)
 from test_retention_export import run_cli
 
 
@@ -56,3 +61,46 @@ async def test_export_on_a_node_that_never_saw_the_channels_reads_the_stream(
                           "nats://127.0.0.1:1", "--channel", "group:ops")
     assert unreachable.returncode == 1
     assert "cannot read the cluster's stream" in unreachable.stderr
+
+
+async def test_a_member_added_on_another_node_may_publish_at_once(nodes, nats_cluster):  # noqa: F811
+    """Bob's node is 150 ms from NATS, so it learns a group change of alice's
+    node a NATS hop after alice has her answer.  Bob publishing on being told
+    (here: at once) is not refused NOT_FOUND (a new group) nor FORBIDDEN (just
+    added): his node reads the group from its bucket before refusing."""
+    server = nats_cluster.servers[0]
+    with far_link(server) as url:
+        (n0,) = nodes("n0", servers=[server])
+        (n1,) = nodes("n1", urls=[url])
+        alice = await n0.connect("alice")
+        bob = await n1.connect("bob")
+        created = await alice.create_group("fresh", ["bob"])
+        ack = await bob.publish("group:fresh", "at once")
+        assert ack.seq == created["seq"] + 1
+        await alice.create_group("later", [])
+        page: list = []
+        while not page:                     # n1 knows "later" (without bob) once its event is there
+            await asyncio.sleep(0.2)
+            page = await n1_history(n1, "group:later")
+        await alice.add_members("later", ["bob"])
+        ack = await bob.publish("group:later", "just added")
+        assert ack.seq == page[-1].seq + 2          # after the "added" event
+        # Still refused for whom the bucket does not make a member either.
+        carol = await n1.connect("carol")
+        with pytest.raises(FenghuoError) as refused:
+            await carol.publish("group:later", "not a member")
+        assert refused.value.code == ErrorCode.FORBIDDEN
+        with pytest.raises(FenghuoError) as refused:
+            await carol.publish("group:nowhere", "no such group")
+        assert refused.value.code == ErrorCode.NOT_FOUND
+
+
+async def n1_history(node, channel: str) -> list:
+    """``channel``'s history as a member of it on ``node`` reads it (empty while unknown)."""
+    ops = await node.connect("alice", reconnect=False)
+    try:
+        return await ops.history(channel, limit=5)
+    except FenghuoError:
+        return []
+    finally:
+        await ops.close()
