@@ -113,6 +113,11 @@ def group_members(pgid: int) -> list[int]:
     return pids
 
 
+class PortTaken(RuntimeError):
+    """The relay could not listen: a port :func:`free_port` found free was taken
+    before the relay bound it (another test process, a server just started)."""
+
+
 def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
                 env: dict[str, str] | None = None, timeout: float = 30.0,
                 data_dir: Path | None = None, secret: str | None = None,
@@ -124,8 +129,23 @@ def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
     ``/healthz`` says every one of them does.  The relay gets a process
     group of its own (:meth:`RelayProcess.kill` takes all its processes) and
     SIGTERM should this process die.  ``api`` turns on the server API with
-    one key (``relay.api_url``, ``relay.api_key``).
+    one key (``relay.api_url``, ``relay.api_key``).  A port taken between
+    choosing it and binding it is chosen again (twice at most): the ports this
+    function picks, not those in ``flags``.
     """
+    for attempt in range(3):
+        try:
+            return _start_relay(tmp_path, *flags, host=host, env=env, timeout=timeout,
+                                data_dir=data_dir, secret=secret, workers=workers, api=api)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | None,
+                 timeout: float, data_dir: Path | None, secret: str | None,
+                 workers: int | None, api: bool) -> RelayProcess:
     count = workers or os.cpu_count() or 1
     port = free_port(host)
     # Worker k serves its own /metrics on the supervisor's metrics port + 1 + k.
@@ -161,7 +181,10 @@ def start_relay(tmp_path: Path, *flags: str, host: str = "127.0.0.1",
         exited = proc.poll()
         relay.kill()
         why = "did not start" if exited is None else f"exited with {exited}"
-        raise RuntimeError(f"relay {why}:\n{log_path.read_text()}") from None
+        log_text = log_path.read_text()
+        if exited is not None and "address already in use" in log_text.lower():
+            raise PortTaken(f"relay {why}:\n{log_text}") from None
+        raise RuntimeError(f"relay {why}:\n{log_text}") from None
     return relay
 
 
