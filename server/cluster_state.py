@@ -11,6 +11,10 @@
   ``d.<channel>.<user>`` (delivered) -> seq, never moved backwards (a
   compare-and-set that finds a higher seq keeps it).  Watched by every node,
   so unread counts and "x of N read" are the same on any node.
+* ``fenghuo_clicks``: ``<channel>.<seq>.<link>.<user>`` -> ts_us of the
+  user's first click on that link of that message (the earliest stays).
+  Watched by every node, so a message's clicks are the same on any node,
+  including one started after them.
 * ``fenghuo_devices``: ``<user>.<device>`` -> ``{channel: seq}``, a device's
   synced positions (CURSOR sync).  Read when the device says HELLO without
   positions, on whichever node it reaches: not watched.
@@ -31,7 +35,8 @@ import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import CURSORS, DEVICES, GROUPS, Engine, channel_of, token
+from fenghuo.server.clicks import Click
+from fenghuo.server.jetstream import CLICKS, CURSORS, DEVICES, GROUPS, Engine, channel_of, token
 
 log = logging.getLogger("fenghuo.cluster_state")
 
@@ -108,16 +113,6 @@ class Bucket:
             self.on_change(key, value, revision)
         return True
 
-    async def fetch(self, key: str) -> None:
-        """Learn ``key``'s present value from the stream's leader, if it is newer."""
-        assert self._kv is not None
-        try:
-            entry = await self._kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return
-        if entry.value:
-            self.learn(key, entry.value, entry.revision or 0)
-
     async def get(self, key: str) -> bytes | None:
         """``key``'s present value, from the stream's leader (not this node's copy)."""
         assert self._kv is not None
@@ -168,7 +163,7 @@ class Bucket:
                 revision = await self._kv.update(key, value,
                                                  last=held.revision if held else 0)
             except nats.js.errors.KeyWrongLastSequenceError:
-                await self._refresh(key)     # another node wrote it: merge again
+                await self.refresh(key)     # another node wrote it: merge again
                 continue
             except Exception as exc:
                 log.warning("KV write failed", extra={"bucket": self.name, "error": str(exc)})
@@ -180,7 +175,8 @@ class Bucket:
             return results
         return [False] * len(writes)
 
-    async def _refresh(self, key: str) -> None:
+    async def refresh(self, key: str) -> None:
+        """Learn ``key``'s present value from the stream's leader, if it is newer."""
         assert self._kv is not None
         try:
             entry = await self._kv.get(key)
@@ -197,6 +193,17 @@ def cursor_key(kind: str, channel: str, user: str) -> str:
 
 def device_key(user: str, device: str) -> str:
     return f"{token(user)}.{token(device)}"
+
+
+def click_key(click: Click) -> str:
+    return f"{token(click.channel)}.{click.seq}.{token(click.link)}.{token(click.user)}"
+
+
+def _earliest(ts_us: int) -> Merge:
+    """A click's time: the first one's (another node's may be earlier)."""
+    def merge(present: bytes | None) -> bytes | None:
+        return str(ts_us).encode() if present is None or int(present) > ts_us else None
+    return merge
 
 
 def _advance_to(seq: int) -> Merge:
@@ -237,11 +244,13 @@ class SharedState:
     """
 
     def __init__(self, engine: Engine, on_group: Callable[[dict[str, Any]], None],
-                 on_cursor: Callable[[str, str, str, int], None]) -> None:
-        self._on_group, self._on_cursor = on_group, on_cursor
+                 on_cursor: Callable[[str, str, str, int], None],
+                 on_click: Callable[[Click], object]) -> None:
+        self._on_group, self._on_cursor, self._on_click = on_group, on_cursor, on_click
         self.groups = Bucket(engine, GROUPS, self._group_changed)
         self.cursors = Bucket(engine, CURSORS, self._cursor_changed)
         self.devices = Bucket(engine, DEVICES)
+        self.clicks = Bucket(engine, CLICKS, self._click_changed)
         self.conflicts = 0                   # group changes refused by compare-and-set
 
     async def open(self) -> None:
@@ -249,13 +258,20 @@ class SharedState:
         await self.groups.open(watch=True)
         await self.cursors.open(watch=True)
         await self.devices.open(watch=False)
+        await self.clicks.open(watch=True)
 
     def stop(self) -> None:
         self.groups.stop()
         self.cursors.stop()
+        self.clicks.stop()
 
     def _group_changed(self, key: str, value: bytes, revision: int) -> None:
         self._on_group({**orjson.loads(value), "revision": revision})
+
+    def _click_changed(self, key: str, value: bytes, revision: int) -> None:
+        channel, seq, link, user = key.split(".")
+        self._on_click(Click(channel_of(channel), int(seq), channel_of(link), channel_of(user),
+                             int(value)))
 
     def _cursor_changed(self, key: str, value: bytes, revision: int) -> None:
         kind, channel, user = key.split(".")
@@ -283,7 +299,7 @@ class SharedState:
     async def fetch_group(self, group_id: str) -> None:
         """Read the group from the bucket's leader and learn it if it is newer than
         what this node has (its watch may be a NATS hop behind)."""
-        await self.groups.fetch(token(group_id))
+        await self.groups.refresh(token(group_id))
 
     def group_record(self, group_id: str) -> dict[str, Any] | None:
         """The group's record as the bucket last held it here."""
@@ -298,6 +314,10 @@ class SharedState:
     def save_device(self, user: str, device: str,
                     positions: dict[str, int]) -> asyncio.Future[bool]:
         return self.devices.change(device_key(user, device), _positions(positions))
+
+    def save_click(self, click: Click) -> asyncio.Future[bool]:
+        """A user's first click on a link of a message, for every node: the earliest stays."""
+        return self.clicks.change(click_key(click), _earliest(click.ts_us))
 
     async def device_positions(self, user: str, device: str) -> dict[str, int]:
         """Where ``device`` of ``user`` last synced to, on any node."""

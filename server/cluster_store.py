@@ -5,7 +5,7 @@ The hub hands every record to :meth:`ClusterStore.append` as it does to
 kept (``durable_acks``: ring, delivery and ack wait for that).  A message
 record is kept when JetStream has acknowledged it on its replicas; a group
 record or a device's synced positions when their KV bucket has them
-(:mod:`fenghuo.server.cluster_state`); every other record (clicks, timers,
+(:mod:`fenghuo.server.cluster_state`); every other record (timers,
 actions waiting their turn) when SQLite has committed it.  Read and
 delivery cursors go to their bucket without holding the order: they only
 move forward, and the nodes alive learn them at once over the mesh.
@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from fenghuo.core import DeviceCursors, ErrorCode, GroupSave, HeldReply, Record, Sequenced, encode_error
+from fenghuo.server.clicks import Click
 from fenghuo.server.cluster_state import DELIVERED, READ, SharedState
 from fenghuo.server.frames import frame_request_id
 from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Fenced, Stored
@@ -194,6 +195,11 @@ class ClusterStore(SQLiteStore):
             if not await state.save_device(user, device, positions):
                 log.warning("device positions not saved", extra={"user": user})
         self._kept_after(DeviceCursors(user, device, positions), write())
+
+    def save_click(self, click: Click) -> None:
+        """To the clicks' bucket (every node reads it), not to this node's SQLite."""
+        assert self.state is not None
+        self.state.save_click(click)
 
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
         assert self.state is not None

@@ -58,6 +58,7 @@ META = "fenghuo_meta"
 GROUPS = "fenghuo_groups"
 CURSORS = "fenghuo_cursors"
 DEVICES = "fenghuo_devices"
+CLICKS = "fenghuo_clicks"
 # JetStream's error code for a refused Nats-Expected-Last-Subject-Sequence.
 WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
@@ -229,7 +230,7 @@ class Engine:
             except nats.js.errors.BadRequestError as exc:
                 if "already in use" not in str(exc):
                     raise
-        for bucket in (OWNERS, META, GROUPS, CURSORS, DEVICES):
+        for bucket in (OWNERS, META, GROUPS, CURSORS, DEVICES, CLICKS):
             if not await self._exists(f"KV_{bucket}"):
                 await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
                                                               replicas=replicas))

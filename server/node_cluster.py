@@ -144,7 +144,8 @@ class NodeCluster(Cluster):
         self.mesh = NatsMesh(engine.nc, index, self._on_record, self.liveness.live_peers)
         self.ownership = Ownership(engine, index, self.liveness.alive, self._on_claim)
         #: groups and cursors, in KV buckets every node reads (server/cluster_state.py)
-        self.state = SharedState(engine, self._group_learned, self._cursor_learned)
+        self.state = SharedState(engine, self._group_learned, self._cursor_learned,
+                                 relay.clicks.add)
         self.store.state = self.state
         self.store.on_group_saved = self._group_stored
         # Retention purges the stream from one node: the live one with the lowest index.

@@ -11,9 +11,12 @@ import asyncio
 import orjson
 import pytest
 
+from fenghuo.api import AsyncApi
 from fenghuo.client import FenghuoError
 from fenghuo.core import ErrorCode
-from test_cluster import far_link, nodes  # noqa: F401  (nodes: the fixture)
+from conftest import RelayProcess, start_relay
+from test_cluster import LEASE, SECRET, far_link, messages_of, nodes  # noqa: F401  (nodes: the fixture)
+from test_status import until
 from test_retention_export import run_cli
 
 
@@ -104,3 +107,40 @@ async def n1_history(node, channel: str) -> list:
         return []
     finally:
         await ops.close()
+
+
+async def test_a_message_s_clicks_are_the_same_on_every_node(tmp_path, nats_cluster):
+    """Clicks made through two nodes: the message's click aggregate (the API's
+    message_status) is the same on both and on a node started after them
+    (before, each node kept its own and shared it with the nodes alive then)."""
+    started: list[RelayProcess] = []
+
+    def node(name: str) -> RelayProcess:
+        started.append(start_relay(tmp_path, "--cluster", ",".join(nats_cluster.urls), "--node",
+                                   name, "--cluster-lease", LEASE, workers=1, secret=SECRET,
+                                   api=True))
+        return started[-1]
+    try:
+        n0, n1 = node("n0"), node("n1")
+        alice = await n0.connect("alice")
+        await alice.create_group("promo", ["bob", "carol"])
+        bob, carol = await n0.connect("bob"), await n1.connect("carol")
+        ack = await alice.publish("group:promo", "sale")
+        for c in (bob, carol):                           # the sale has reached their nodes
+            while (await messages_of(c, "group:promo", 1))[0].seq < ack.seq:
+                pass
+        assert (await bob.click("group:promo", ack.seq, "offer"))["first"] is True
+        assert (await carol.click("group:promo", ack.seq, "map"))["first"] is True
+        n2 = node("n2")
+        for n in (n0, n1, n2):
+            async with AsyncApi(n.api_url, n.api_key) as api:
+                async def clicked() -> dict | None:
+                    got = await api.message_status("group:promo", ack.seq)
+                    return got if got["links"] == {"map": 1, "offer": 1} else None
+                got = await until(clicked, f"the clicks on {n.port}")
+                assert got["counts"]["clicked"] == 2
+    finally:
+        await asyncio.gather(*(c.close() for n in started for c in n.clients),
+                             return_exceptions=True)
+        for n in started:
+            n.stop()
