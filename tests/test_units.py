@@ -202,7 +202,7 @@ def test_tampered_token():
 
 
 def test_hs256_key_is_hmac_sha256():
-    """core/token.pyx's HMAC, its key's pads hashed once, against hashlib's, over
+    """core/token.pyx's HMAC, keyed once and copied per message, against hashlib's, over
     keys and messages on each side of SHA-256's block boundaries."""
     for key_len in (0, 1, 31, 32, 63, 64, 65, 100, 200):
         key = bytes((7 * i + key_len) & 0xFF for i in range(key_len))
