@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import uvloop
@@ -305,12 +306,17 @@ class _Run:
         healthy = not self.stopping and all(
             w.running and (not checked or w.index in ready) for w in self.workers)
         status = "draining" if self.stopping else "ok" if healthy else "degraded"
+        answers = _health_bodies(ready)
+        clusters = {k: body["cluster"] for k, body in answers.items()
+                    if isinstance(body.get("cluster"), dict)}
         body = orjson.dumps({
-            "status": status, **_relay_health(ready.values()),
+            "status": status, **_relay_health(answers.values()),
+            **({"cluster": _node_cluster(clusters, len(self.workers))} if clusters else {}),
             "uptime": round(self.loop.time() - self.started_at, 3), "workers": [
                 {"index": w.index, "running": w.running, "generation": w.generation,
                  "pid": w.proc.pid if w.proc is not None else None, "restarts": w.restarts,
-                 **({"healthy": w.index in ready} if checked else {})}
+                 **({"healthy": w.index in ready} if checked else {}),
+                 **({"cluster": clusters[w.index]} if w.index in clusters else {})}
                 for w in self.workers]})
         return httpd.json_response(200 if healthy else 503, body)
 
@@ -354,22 +360,45 @@ class _Run:
                             self.config.ring_capacity)
 
 
-def _relay_health(answers: Iterable[str]) -> dict[str, object]:
+def _health_bodies(answers: Mapping[int, str]) -> dict[int, dict[str, Any]]:
+    """The workers' ``/healthz`` JSON objects by worker; an answer that is not one is left
+    out (not a worker's: someone else holds its port)."""
+    bodies = {}
+    for worker, answer in answers.items():
+        try:
+            body = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(body, dict):
+            bodies[worker] = body
+    return bodies
+
+
+def _relay_health(bodies: Iterable[dict[str, Any]]) -> dict[str, object]:
     """What one relay's ``/healthz`` says, for the workers' answers together.
 
     So a health check reads the same fields whatever the number of workers:
     the epoch (one for all of them) and the connections (their sum).
     """
-    bodies = []
-    for answer in answers:
-        try:
-            body = orjson.loads(answer)
-        except orjson.JSONDecodeError:
-            continue          # not a worker's answer: someone else holds its port
-        if isinstance(body, dict):
-            bodies.append(body)
+    bodies = list(bodies)
     return {"epoch": next((b["epoch"] for b in bodies if "epoch" in b), None),
             "connections": sum(b.get("connections", 0) for b in bodies)}
+
+
+# A node's cluster counters: each worker's, summed over them (docs/DESIGN.md).
+_NODE_SUMS = ("channels_owned", "appended", "appends", "refused", "failovers", "holes_filled",
+              "forwards_deferred", "forwarded_publishes")
+
+
+def _node_cluster(clusters: Mapping[int, dict[str, Any]], workers: int) -> dict[str, object]:
+    """The node's cluster state from its workers' (each a participant): the engine is
+    connected only while every worker says so, and the counters are summed; each
+    worker's own object is under its entry of ``workers``."""
+    states = list(clusters.values())
+    return {"engine_connected": len(states) == workers
+            and all(c.get("engine_connected") is True for c in states),
+            "participants": sorted(str(c.get("node")) for c in states),
+            **{key: sum(c.get(key, 0) for c in states) for key in _NODE_SUMS}}
 
 
 def die_with(parent_pid: int) -> Callable[[], None]:

@@ -181,3 +181,34 @@ async def test_schedule_on_a_node_s_second_worker_fires_once(nodes):
     while await alice.scheduled() != []:
         assert time.monotonic() < deadline, "the fired message stayed listed"
         await asyncio.sleep(0.05)
+
+
+async def test_the_supervisor_s_healthz_and_metrics_show_every_worker_s_cluster_state(nodes):
+    """The node's /healthz (the supervisor's, on the metrics port) has each worker's
+    ``cluster`` object and the node's (engine connected: every worker is), and its
+    /metrics every worker's ``fenghuo_cluster_*`` samples."""
+    (n0,) = nodes("n0")
+    alice = await n0.connect("alice")
+    await alice.publish("dm:alice:bob", "hello")        # some worker owns a channel now
+    base = f"http://127.0.0.1:{n0.metrics_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+        health = json.load(r)
+    assert health["status"] == "ok"
+    by_worker = {w["index"]: w["cluster"] for w in health["workers"]}
+    assert sorted(c["node"] for c in by_worker.values()) == ["n0/0", "n0/1"]
+    assert all(c["engine_connected"] for c in by_worker.values()), by_worker
+    assert {c["index"]: c["node"] for c in by_worker.values()} == participants(n0)
+    node = health["cluster"]
+    assert node["engine_connected"] is True
+    assert node["participants"] == ["n0/0", "n0/1"]
+    assert node["channels_owned"] == sum(c["channels_owned"] for c in by_worker.values()) >= 1
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for name in ("fenghuo_cluster_engine_connected", "fenghuo_cluster_channels_owned",
+                 "fenghuo_cluster_failovers_total", "fenghuo_cluster_forwarded_publishes_total",
+                 "fenghuo_cluster_replica_lag_seconds_count"):
+        for k in range(WORKERS):
+            assert any(line.startswith(f'{name}{{worker="{k}"') for line in text.splitlines()), \
+                (name, k)
+    for k in range(WORKERS):
+        assert f'fenghuo_cluster_engine_connected{{worker="{k}"}} 1.0' in text, k
