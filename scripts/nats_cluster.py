@@ -55,6 +55,8 @@ class NatsServer:
     http_port: int       # monitoring: /healthz, /jsz
     store_dir: Path
     log_path: Path
+    #: the largest message a client may publish (nats-server's default, 1 MiB, if None)
+    max_payload: int | None = None
     proc: subprocess.Popen | None = None
 
     @property
@@ -62,9 +64,10 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     def config(self, routes: list[str]) -> str:
+        limits = {} if self.max_payload is None else {"max_payload": self.max_payload}
         return json.dumps({
             "server_name": self.name, "host": self.host, "port": self.port,
-            "http_port": self.http_port,
+            "http_port": self.http_port, **limits,
             "jetstream": {"store_dir": str(self.store_dir),
                           "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
             "cluster": {"name": CLUSTER_NAME, "host": self.host, "port": self.route_port,
@@ -119,8 +122,10 @@ class NatsCluster:
 
     @classmethod
     def start(cls, base: Path | None = None, size: int = 3, host: str = "127.0.0.1",
-              timeout: float = READY_TIMEOUT, cpu: int | None = None) -> NatsCluster:
-        """Start ``size`` servers and wait for JetStream; ``cpu`` pins them (the benches)."""
+              timeout: float = READY_TIMEOUT, cpu: int | None = None,
+              max_payload: int | None = None) -> NatsCluster:
+        """Start ``size`` servers and wait for JetStream; ``cpu`` pins them (the benches);
+        ``max_payload`` caps a message's size (nats-server's default: 1 MiB)."""
         binary = peer_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
@@ -133,7 +138,7 @@ class NatsCluster:
             store.mkdir(exist_ok=True)
             cluster.servers.append(NatsServer(
                 f"n{i}", host, free_port(host), free_port(host), free_port(host), store,
-                cluster.base / f"n{i}.log"))
+                cluster.base / f"n{i}.log", max_payload))
         routes = [f"nats://{host}:{s.route_port}" for s in cluster.servers]
         try:
             for server in cluster.servers:

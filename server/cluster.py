@@ -474,6 +474,10 @@ class Cluster:
         """A group changed here (server/group_ops.py, GroupOps.save): the other workers apply it."""
         self.share("group", record=record, seq=record["seq"])
 
+    def group_record_limit(self) -> int | None:
+        """The largest group record this relay can keep: none between workers."""
+        return None
+
     def share(self, op: str, **fields: Any) -> None:
         """Tell every other worker about a change of shared state."""
         self.mesh.broadcast(routing.control(op, **fields))

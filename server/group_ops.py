@@ -53,6 +53,7 @@ class GroupOps:
     def __init__(self, relay: Relay, registry: GroupRegistry) -> None:
         self.relay = relay
         self.registry = registry
+        registry.admit = self.admit
         # The writes of the GROUP request being run (request), in a cluster.
         self._writes: list[asyncio.Future[bool]] | None = None
 
@@ -196,6 +197,31 @@ class GroupOps:
         for user in users:
             self.relay.subs.part(user, ch)
         self.save(group)
+
+    def admit(self, group: Group, joining: dict[str, str]) -> None:
+        """Refuse (``FRAME_TOO_LARGE``) members joining ``group`` if its record would
+        then not fit one engine message (PROTOCOL §3.16): in a cluster the bucket
+        could not take it, and nothing may change for a change that cannot be kept."""
+        limit = self.relay.cluster.group_record_limit() if self.relay.cluster else None
+        if limit is None or not joining:
+            return
+        size = len(orjson.dumps(self._record_with(group, joining)))
+        if size > limit:
+            raise refuse(ErrorCode.FRAME_TOO_LARGE, f"group {group.id!r} would be too large to "
+                         f"keep: its record would be {size} bytes, over this cluster's limit of "
+                         f"{limit} (its nats-server's max_payload less headroom); not changed")
+
+    def _record_with(self, group: Group, joining: dict[str, str]) -> dict[str, Any]:
+        """The record :meth:`save` would write once ``joining`` joined ``group``
+        (seqs at the channel's head, a fresh change id): nothing is changed."""
+        ch = self.relay.hub.find(group.channel)
+        head = ch.seq + 1 if ch is not None else 1
+        joined = {u: self.relay.memberships.get(u, {}).get(ch, 0) if ch is not None else 0
+                  for u in group.members}
+        record = {**group.record(), "version": group.version + 1, "change": "0" * 16}
+        record["members"] = {**record["members"], **joining}
+        return {**record, "joined": {**joined, **dict.fromkeys(joining, head)}, "seq": head,
+                "after": group.change}
 
     def request(self, actor: Actor, request: GroupRequest) -> Answer:
         """Run GROUP ``request`` of ``actor``: its RESULT, or, in a cluster, ERROR

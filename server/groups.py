@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fenghuo.channels import group_channel, InvalidChannel
@@ -108,10 +109,18 @@ class Group:
                 "owner": self.owner, "members": len(self.members)}
 
 
+#: a change about to be made: the group (not yet registered, on create) and the
+#: users joining it with their roles; raises to refuse the change
+Admit = Callable[[Group, dict[str, str]], None]
+
+
 class GroupRegistry:
     def __init__(self) -> None:
         self.groups: dict[str, Group] = {}
         self.by_user: dict[str, set[str]] = {}
+        #: asked before members join by create or add, nothing changed yet
+        #: (a cluster refuses a group too large for its engine: GroupOps.admit)
+        self.admit: Admit = lambda group, joining: None
 
     def _get(self, group_id: str) -> Group:
         group = self.groups.get(group_id)
@@ -152,11 +161,11 @@ class GroupRegistry:
         if group_id in self.groups:
             raise refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
         group = Group(group_id, actor, title[:200])
+        joining = {actor: OWNER, **{u: MEMBER for u in members if u != actor}}
+        self.admit(group, joining)
         self.groups[group_id] = group
-        self.join(group, actor, OWNER)
-        for user in dict.fromkeys(members):
-            if user != actor:
-                self.join(group, user, MEMBER)
+        for user, role in joining.items():
+            self.join(group, user, role)
         return group
 
     def add(self, actor: str, group_id: str, users: list[str], role: str = MEMBER) -> list[str]:
@@ -164,6 +173,7 @@ class GroupRegistry:
         if role == ADMIN and group.role_of(actor) != OWNER:
             raise refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
         added = [u for u in dict.fromkeys(users) if u not in group.members]
+        self.admit(group, dict.fromkeys(added, role))
         for user in added:
             self.join(group, user, role)
         return added

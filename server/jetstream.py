@@ -56,6 +56,10 @@ SUBJECT = "fh.msg."
 OWNERS = "fenghuo_owners"
 META = "fenghuo_meta"
 GROUPS = "fenghuo_groups"
+#: bytes kept under ``max_payload`` for what travels with a group's record: the
+#: KV write's headers (expected revision) and, shared with the other nodes,
+#: its envelope and revision (a few hundred bytes; 4 KiB leaves room)
+RECORD_HEADROOM = 4096
 CURSORS = "fenghuo_cursors"
 DEVICES = "fenghuo_devices"
 CLICKS = "fenghuo_clicks"
@@ -163,6 +167,11 @@ class Engine:
         self.replicas = replicas
         #: called once reconnected to NATS (core NATS records sent meanwhile may be lost)
         self.on_reconnect: Callable[[], None] = lambda: None
+
+    def record_limit(self) -> int:
+        """The largest value a KV write (a group's record) may have: the connected
+        server's ``max_payload`` less :data:`RECORD_HEADROOM`."""
+        return int(self.nc.max_payload) - RECORD_HEADROOM
 
     @classmethod
     async def connect(cls, urls: list[str], name: str) -> Engine:

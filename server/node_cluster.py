@@ -670,6 +670,11 @@ class NodeCluster(Cluster):
     def group_saved(self, record: dict[str, Any]) -> None:
         """Shared once its bucket has it (:meth:`_group_stored`), with its revision."""
 
+    def group_record_limit(self) -> int | None:
+        """A group's record must fit one NATS message (its KV write): larger, the
+        change is refused before it is made (PROTOCOL §3.16)."""
+        return self.engine.record_limit()
+
     def _group_stored(self, record: dict[str, Any], revision: int | None) -> None:
         """The store wrote a group change of this node (before its event is released)."""
         if revision is not None:

@@ -1011,3 +1011,47 @@ async def test_retention_purges_the_stream_and_seqs_go_on(nodes):
 
 async def _equals(read, expected) -> bool:
     return await read() == expected
+
+
+# A small max_payload keeps the group that passes it small (1 MiB, the
+# default, is about 24,000 members); it still holds a full append batch.
+SMALL_PAYLOAD = 128 << 10
+
+
+def node_state(node: RelayProcess) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/healthz", timeout=5) as r:
+        return json.load(r)["cluster"]
+
+
+async def test_a_group_too_large_for_the_engine_is_refused_and_nothing_changes(tmp_path):
+    """Members added in batches until the group's record would pass the NATS
+    max_payload: that add is refused FRAME_TOO_LARGE before anything changes
+    (PROTOCOL §3.16), the node keeps sequencing the group, and messages flow."""
+    cluster = NatsCluster.start(tmp_path / "nats", max_payload=SMALL_PAYLOAD)
+    node = None
+    try:
+        node = start_node(tmp_path, cluster.urls, "n0")
+        alice = await node.connect("alice")
+        await alice.create_group("big", ["bob"])
+        bob = await node.connect("bob")
+        owned = node_state(node)["channels_owned"]
+        with pytest.raises(FenghuoError) as refused:
+            for batch in range(20):                    # 20,000 members: far past 128 KiB
+                before = await alice.group_members("big")
+                await alice.add_members("big", [f"user-{batch}-{i:04d}" for i in range(1000)])
+        assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
+        assert "too large" in refused.value.message
+        assert 1000 < len(before) < 20_000
+        assert await alice.group_members("big") == before
+        state = node_state(node)
+        assert (state["channels_owned"], state["failovers"]) == (owned, 0)
+        ack = await alice.publish("group:big", "still here")
+        while (message := (await messages_of(bob, "group:big", 1))[0]).seq < ack.seq:
+            pass
+        assert (message.seq, message.payload) == (ack.seq, b"still here")
+        assert node.proc.poll() is None
+    finally:
+        if node is not None:
+            await asyncio.gather(*(c.close() for c in node.clients), return_exceptions=True)
+            node.stop()
+        cluster.stop()
