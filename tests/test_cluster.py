@@ -118,6 +118,21 @@ async def publish_surely(client: fenghuo.Client, channel: str, data: str, key: s
                 raise
             await asyncio.sleep(0.1)
 
+def publishing(channel: str, clients: tuple[fenghuo.Client, ...], acked: dict[str, int],
+               stop: asyncio.Event, patience: float) -> list[asyncio.Task[None]]:
+    """Each client publishes to ``channel`` until ``stop``, one at a time, each surely
+    (``patience`` seconds per publish), its key and payload ``<user>-<i>``; ``acked``
+    gets every key's acked seq."""
+    async def publisher(client: fenghuo.Client) -> None:
+        i = 0
+        while not stop.is_set():
+            key = f"{client.user}-{i}"
+            acked[key] = (await publish_surely(client, channel, key, key,
+                                               time.monotonic() + patience)).seq
+            i += 1
+    return [asyncio.create_task(publisher(c)) for c in clients]
+
+
 
 async def messages_of(client: fenghuo.Client, channel: str, count: int,
                       timeout: float = 15.0) -> list[fenghuo.Message]:
@@ -273,15 +288,7 @@ async def test_owner_killed_another_node_sequences_on(nodes):
     acked: dict[str, int] = {}
     stop = asyncio.Event()
 
-    async def publisher(client: fenghuo.Client) -> None:
-        i = 0
-        while not stop.is_set():
-            key = f"{client.user}-{i}"
-            ack = await publish_surely(client, group, key, key, time.monotonic() + 30)
-            acked[key] = ack.seq
-            i += 1
-
-    tasks = [asyncio.create_task(publisher(c)) for c in (bob, carol)]
+    tasks = publishing(group, (bob, carol), acked, stop, patience=30)
     await asyncio.sleep(1.0)
     before = len(acked)
     n0.kill()
@@ -724,15 +731,7 @@ async def test_the_stream_leader_s_nats_server_killed_under_load_every_node_gets
     acked: dict[str, int] = {}
     stop = asyncio.Event()
 
-    async def publisher(client: fenghuo.Client) -> None:
-        i = 0
-        while not stop.is_set():
-            key = f"{client.user}-{i}"
-            acked[key] = (await publish_surely(client, group, key, key,
-                                               time.monotonic() + 40)).seq
-            i += 1
-
-    tasks = [asyncio.create_task(publisher(c)) for c in (bob, carol)]
+    tasks = publishing(group, (bob, carol), acked, stop, patience=40)
     try:
         while len(acked) < 30:                             # under load
             await asyncio.sleep(0.05)
