@@ -99,6 +99,9 @@ class _Hole:
     until: int                                       # the first seq not missing
     held: dict[int, bytes] = field(default_factory=dict)   # seq -> frame, after the hole
     progress: float = 0.0                            # loop time of the last read that brought some
+    #: the owner's head in a "warm" that came meanwhile: the stream has every
+    #: seq up to it, so the fill goes on to it once the held frames are applied
+    through: int = 0
 
 
 class NodeCluster(Cluster):
@@ -467,6 +470,17 @@ class NodeCluster(Cluster):
             log.warning("warm from a former owner ignored", extra={"channel": name,
                                                                    "head": head})
             return
+        ch = self.relay.hub.find(name)
+        hole = None if ch is None else self.holes.get(ch)
+        if ch is not None and hole is not None:
+            # Asked again while a hole is filled (found dead and back, a new
+            # claim): what the owner sent waits behind the hole, so this
+            # replica's seq is still before it.  Moving it to ``head`` (the
+            # base class: what the owner's ring no longer held) would skip the
+            # hole for the live sessions; the stream has every seq up to
+            # ``head``, so the fill reads on to it instead.
+            hole.through = max(hole.through, head)
+            head = ch.seq                            # ready from here, as it stands
         super()._warm(name, head)
 
     def _interest(self, source: int, name: str, after: int) -> None:
@@ -567,18 +581,25 @@ class NodeCluster(Cluster):
         # Wall clocks of two hosts: the lag includes their skew (NTP: ~1 ms).
         self.replica_lag.observe(max(0.0, time.time() - message_time(frame) / 1e6))
         ch = self.relay.hub.find(name)
-        if ch is not None and ch in self.ready_here and not self.store.owns(name):
+        if ch is not None and self._filling(ch):
             hole = self.holes.get(ch)
             if hole is not None:
                 if seq > ch.seq:
                     hole.held[seq] = frame
                 return
-            if ch.seq and seq > ch.seq + 1:
+            if ch in self.ready_here and ch.seq and seq > ch.seq + 1:
                 self._fill(ch, _Hole(seq, {seq: frame}))
                 return
         elif ch is not None:
             self._abandon(ch)
         super()._apply_message(name, seq, frame)
+
+    def _filling(self, ch: Channel) -> bool:
+        """Whether a hole of ``ch`` is (or may be) filled from the stream here: a
+        replica fed by its owner, or asked for again (rewarmed), whose owner's
+        catch-up from this replica's seq waits behind the hole like live
+        messages do.  A replica let go of, or a channel owned here, is not."""
+        return (ch in self.ready_here or ch in self.warming) and not self.store.owns(ch.name)
 
     def _fill(self, ch: Channel, hole: _Hole) -> None:
         log.warning("replica gap: reading it from the stream",
@@ -591,8 +612,8 @@ class NodeCluster(Cluster):
         loop = asyncio.get_running_loop()
         hole.progress = loop.time()
         while self.holes.get(ch) is hole:
-            if ch not in self.ready_here or self.store.owns(ch.name):
-                break                                # let go of, rewarmed, or owned here
+            if not self._filling(ch):
+                break                                # let go of, or owned here
             if hole.until > ch.seq + 1:
                 # No read brought anything for as long as a stream leader's
                 # election may take (no JetStream quorum?): the live sessions
@@ -627,13 +648,16 @@ class NodeCluster(Cluster):
                     break
                 apply(ch.name, seq, hole.held.pop(seq))
             else:
+                if ch.seq < hole.through:
+                    hole.until = hole.through + 1    # a warm's head past what was held
+                    continue
                 del self.holes[ch]
                 return
         self._abandon(ch)
 
     def _abandon(self, ch: Channel) -> None:
-        """Stop filling ``ch``'s hole (the replica was let go of, rewarmed, or owned
-        here): what waited is applied as without it."""
+        """Stop filling ``ch``'s hole (the replica was let go of, or owned here, or
+        the stream brought nothing for too long): what waited is applied as without it."""
         hole = self.holes.pop(ch, None)
         if hole is not None:
             for seq in sorted(hole.held):

@@ -517,6 +517,36 @@ async def test_a_replica_node_found_dead_and_back_gets_its_channels_live_again(n
     assert [m.payload for m in got] == [b"after-0", b"after-1", b"after-2"]
 
 
+async def test_a_replica_back_with_a_hole_gets_every_message_live_when_its_owner_answers(nodes):
+    """A replica node found dead and back (SIGSTOP past the lease) asks its owner
+    again; the owner, with a ring of 2, sends only the last two of what was
+    published meanwhile, so the replica has a hole, read from the stream, and
+    the owner's "warm" (its head) arrives while that read is in flight.  The
+    warm must not move the replica's seq to the head over the hole: before,
+    the receiver on the replica's node missed every message of the pause live
+    (the hole and the two the owner sent)."""
+    n0, n1 = nodes("n0", "n1", flags=("--ring-size", "2"))
+    alice = await n0.connect("alice")
+    group = "group:hole"
+    receiver = LiveSeqs(await authed_raw(n1, "bob"), group)
+    await alice.create_group("hole", ["bob"])               # n0 sequences group:hole
+    await alice.publish(group, "before")
+    await receiver.until(2, 15)
+    assert receiver.seqs == [1, 2]
+    n1.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(float(LEASE) * 2.5)             # n0: "node lost"
+        # Not sent to n1 (n0 forgot its interest): past n0's ring of 2.
+        head = max([(await alice.publish(group, f"away-{i}")).seq for i in range(6)])
+    finally:
+        n1.signal(signal.SIGCONT)
+    await receiver.until(head, 15)                          # n0 has n1 ask again
+    after = (await alice.publish(group, "after")).seq
+    await receiver.until(after, 15)
+    assert receiver.seqs == list(range(1, after + 1)), (
+        f"missing live: {sorted(set(range(1, after + 1)) - set(receiver.seqs))}")
+
+
 async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
     """SIGSTOP of the owner past its lease: another node takes the channel
     over; resumed, the old owner steps down (its watch of the claims, or the
