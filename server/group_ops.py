@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
@@ -125,6 +126,7 @@ class GroupOps:
         request allowed (:meth:`GroupRegistry.hands_off`, or a waiting one taken): add them,
         make ``silence`` readers, say so in the stream, then remove ``remove``.  ``to`` is
         a member from here on and reads the conversation from seq 1 with HISTORY."""
+        self.admit(group, lambda: self._handed_over(group, to, silence))
         ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         note = self.masked_text(group.channel, note)
         added = to not in group.members
@@ -149,6 +151,16 @@ class GroupOps:
         return {"group": group.id, "to": to, "added": added, "seq": seq, "removed": removed,
                 "silenced": silenced}
 
+    @staticmethod
+    def _handed_over(group: Group, to: str, silence: list[str] | tuple[str, ...]) -> Group:
+        """``group`` as :meth:`_hand_over` saves it (before ``remove`` leave, which
+        only shortens it): ``to`` speaking, ``silence`` readers, out of the queue."""
+        members = {**group.members}
+        if members.get(to, READER) == READER:
+            members[to] = MEMBER
+        members.update({u: READER for u in silence if u in members})
+        return replace(group, members=members, queued=None)
+
     def _queue(self, actor: Actor, group_id: str, remove: list[str], silence: list[str],
                note: str) -> dict[str, Any]:
         """Put conversation ``group_id`` in the queue for an advisor (PROTOCOL §3.16a)."""
@@ -156,8 +168,10 @@ class GroupOps:
         note = self.masked_text(group.channel, note)
         already = group.queued is not None
         if not already:
-            group.queued = Waiting(time.time_ns() // 1000, actor.user, note, tuple(remove),
-                                   tuple(silence))
+            waiting = Waiting(time.time_ns() // 1000, actor.user, note, tuple(remove),
+                              tuple(silence))
+            self.admit(group, lambda: replace(group, queued=waiting))
+            group.queued = waiting
             self.save(group)
             self.event(group, {"event": "queued", "by": actor.user, "note": note})
         assert group.queued is not None
@@ -198,29 +212,35 @@ class GroupOps:
             self.relay.subs.part(user, ch)
         self.save(group)
 
-    def admit(self, group: Group, joining: dict[str, str]) -> None:
-        """Refuse (``FRAME_TOO_LARGE``) members joining ``group`` if its record would
-        then not fit one engine message (PROTOCOL §3.16): in a cluster the bucket
-        could not take it, and nothing may change for a change that cannot be kept."""
+    def admit(self, group: Group, after: Callable[[], Group]) -> None:
+        """Refuse (``FRAME_TOO_LARGE``) a change of ``group`` if its record would then
+        (``after()``: the group as the change leaves it) not fit one engine message
+        (PROTOCOL §3.16): in a cluster the bucket could not take it, and nothing
+        may change for a change that cannot be kept.  Asked before every change
+        that can lengthen the record (create, add, role; handoff, take, queue);
+        leave and remove only shorten it."""
         limit = self.relay.cluster.group_record_limit() if self.relay.cluster else None
-        if limit is None or not joining:
+        if limit is None:
             return
-        size = len(orjson.dumps(self._record_with(group, joining)))
+        size = len(orjson.dumps(self._record_of(group, after())))
         if size > limit:
             raise refuse(ErrorCode.FRAME_TOO_LARGE, f"group {group.id!r} would be too large to "
                          f"keep: its record would be {size} bytes, over this cluster's limit of "
                          f"{limit} (its nats-server's max_payload less headroom); not changed")
 
-    def _record_with(self, group: Group, joining: dict[str, str]) -> dict[str, Any]:
-        """The record :meth:`save` would write once ``joining`` joined ``group``
-        (seqs at the channel's head, a fresh change id): nothing is changed."""
+    def _record_of(self, group: Group, after: Group) -> dict[str, Any]:
+        """The record :meth:`save` would write of ``group`` changed into ``after``
+        (a joining member's seq and the record's at one past the channel's head,
+        a fresh change id: at least as long as the real one): nothing is changed."""
         ch = self.relay.hub.find(group.channel)
         head = ch.seq + 1 if ch is not None else 1
-        joined = {u: self.relay.memberships.get(u, {}).get(ch, 0) if ch is not None else 0
-                  for u in group.members}
-        record = {**group.record(), "version": group.version + 1, "change": "0" * 16}
-        record["members"] = {**record["members"], **joining}
-        return {**record, "joined": {**joined, **dict.fromkeys(joining, head)}, "seq": head,
+
+        def joined_at(user: str) -> int:
+            if user not in group.members:
+                return head
+            return self.relay.memberships.get(user, {}).get(ch, 0) if ch is not None else 0
+        record = {**after.record(), "version": group.version + 1, "change": "0" * 16}
+        return {**record, "joined": {u: joined_at(u) for u in after.members}, "seq": head,
                 "after": group.change}
 
     def request(self, actor: Actor, request: GroupRequest) -> Answer:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fenghuo.channels import group_channel, InvalidChannel
 from fenghuo.core import ErrorCode
@@ -109,18 +109,20 @@ class Group:
                 "owner": self.owner, "members": len(self.members)}
 
 
-#: a change about to be made: the group (not yet registered, on create) and the
-#: users joining it with their roles; raises to refuse the change
-Admit = Callable[[Group, dict[str, str]], None]
+#: a change about to be made: the group as it is (not yet registered, on create)
+#: and, made when asked, the group as the change would leave it; raises to
+#: refuse the change, before anything is changed
+Admit = Callable[[Group, Callable[[], Group]], None]
 
 
 class GroupRegistry:
     def __init__(self) -> None:
         self.groups: dict[str, Group] = {}
         self.by_user: dict[str, set[str]] = {}
-        #: asked before members join by create or add, nothing changed yet
-        #: (a cluster refuses a group too large for its engine: GroupOps.admit)
-        self.admit: Admit = lambda group, joining: None
+        #: asked before every change of a group's record (here: create, add,
+        #: role; server/group_ops.py: handoff, take, queue), nothing changed
+        #: yet (a cluster refuses a group too large for its engine: GroupOps.admit)
+        self.admit: Admit = lambda group, after: None
 
     def _get(self, group_id: str) -> Group:
         group = self.groups.get(group_id)
@@ -162,7 +164,7 @@ class GroupRegistry:
             raise refuse(ErrorCode.CONFLICT, f"group {group_id!r} exists")
         group = Group(group_id, actor, title[:200])
         joining = {actor: OWNER, **{u: MEMBER for u in members if u != actor}}
-        self.admit(group, joining)
+        self.admit(group, lambda: replace(group, members=joining))
         self.groups[group_id] = group
         for user, role in joining.items():
             self.join(group, user, role)
@@ -173,7 +175,8 @@ class GroupRegistry:
         if role == ADMIN and group.role_of(actor) != OWNER:
             raise refuse(ErrorCode.FORBIDDEN, "only the owner may appoint admins")
         added = [u for u in dict.fromkeys(users) if u not in group.members]
-        self.admit(group, dict.fromkeys(added, role))
+        self.admit(group, lambda: replace(group, members={**group.members,
+                                                          **dict.fromkeys(added, role)}))
         for user in added:
             self.join(group, user, role)
         return added
@@ -237,13 +240,15 @@ class GroupRegistry:
             raise refuse(ErrorCode.FORBIDDEN, "only the owner may change roles")
         if user not in group.members:
             raise refuse(ErrorCode.NOT_FOUND, f"{user!r} is not a member")
-        if role == OWNER:
-            group.members[actor] = ADMIN
-            group.owner = user
-        elif user == actor:
+        if role != OWNER and user == actor:
             raise refuse(ErrorCode.MALFORMED_BODY,
                           "the owner changes its own role only by handing ownership over")
-        group.members[user] = role
+        changes = {**({actor: ADMIN} if role == OWNER else {}), user: role}
+        owner = user if role == OWNER else group.owner
+        self.admit(group, lambda: replace(group, owner=owner,
+                                          members={**group.members, **changes}))
+        group.owner = owner
+        group.members.update(changes)
 
     def restore(self, record: dict[str, Any]) -> Group:
         """Re-create a group from :meth:`Group.record` (at start-up)."""

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
@@ -1052,14 +1052,39 @@ def node_state(node: RelayProcess) -> dict:
         return json.load(r)["cluster"]
 
 
-async def test_a_group_too_large_for_the_engine_is_refused_and_nothing_changes(tmp_path):
-    """Members added in batches until the group's record would pass the NATS
-    max_payload: that add is refused FRAME_TOO_LARGE before anything changes
-    (PROTOCOL §3.16), the node keeps sequencing the group, and messages flow."""
+@contextlib.asynccontextmanager
+async def small_payload_node(tmp_path: Path) -> AsyncIterator[RelayProcess]:
+    """One node on nats-servers whose max_payload is SMALL_PAYLOAD; all stopped after."""
     cluster = NatsCluster.start(tmp_path / "nats", max_payload=SMALL_PAYLOAD)
     node = None
     try:
         node = start_node(tmp_path, cluster.urls, "n0")
+        yield node
+    finally:
+        if node is not None:
+            await asyncio.gather(*(c.close() for c in node.clients), return_exceptions=True)
+            node.stop()
+        cluster.stop()
+
+
+async def still_sequencing(node: RelayProcess, owned: int, sender: fenghuo.Client,
+                           receiver: fenghuo.Client, channel: str) -> None:
+    """``node`` owns what it did (``owned`` channels), took nothing over, and a
+    message of ``channel`` from ``sender`` reaches ``receiver``."""
+    state = node_state(node)
+    assert (state["channels_owned"], state["failovers"]) == (owned, 0)
+    ack = await sender.publish(channel, "still here")
+    while (message := (await messages_of(receiver, channel, 1))[0]).seq < ack.seq:
+        pass
+    assert (message.seq, message.payload) == (ack.seq, b"still here")
+    assert node.proc.poll() is None
+
+
+async def test_a_group_too_large_for_the_engine_is_refused_and_nothing_changes(tmp_path):
+    """Members added in batches until the group's record would pass the NATS
+    max_payload: that add is refused FRAME_TOO_LARGE before anything changes
+    (PROTOCOL §3.16), the node keeps sequencing the group, and messages flow."""
+    async with small_payload_node(tmp_path) as node:
         alice = await node.connect("alice")
         await alice.create_group("big", ["bob"])
         bob = await node.connect("bob")
@@ -1072,15 +1097,63 @@ async def test_a_group_too_large_for_the_engine_is_refused_and_nothing_changes(t
         assert "too large" in refused.value.message
         assert 1000 < len(before) < 20_000
         assert await alice.group_members("big") == before
-        state = node_state(node)
-        assert (state["channels_owned"], state["failovers"]) == (owned, 0)
-        ack = await alice.publish("group:big", "still here")
-        while (message := (await messages_of(bob, "group:big", 1))[0]).seq < ack.seq:
-            pass
-        assert (message.seq, message.payload) == (ack.seq, b"still here")
-        assert node.proc.poll() is None
-    finally:
-        if node is not None:
-            await asyncio.gather(*(c.close() for c in node.clients), return_exceptions=True)
-            node.stop()
-        cluster.stop()
+        await still_sequencing(node, owned, alice, bob, "group:big")
+
+
+async def test_a_group_at_the_engine_s_limit_refuses_role_handoff_and_take_and_nothing_changes(
+        tmp_path):
+    """A group queued for an advisor, then filled with admins until one more would
+    pass its record's limit: role changes that lengthen the record (admin ->
+    member, a byte each) go on until one would pass it, and that one, a
+    handoff to a new member and an advisor's take (ids of 64 characters) are
+    each refused FRAME_TOO_LARGE before anything changes (PROTOCOL §3.16);
+    the node keeps sequencing the group and messages flow.  Before, only
+    create and add were checked: a group at the limit could fail its bucket
+    write (INTERNAL, the node stepping down with the change made in its memory)."""
+    async with small_payload_node(tmp_path) as node:
+        alice = await node.connect("alice")
+        await alice.create_group("full", ["bob"])
+        await alice.queue_for_advisor("full")
+        bob = await node.connect("bob")
+        owned = node_state(node)["channels_owned"]
+        admins: list[str] = []
+        for batch in (1000, 100, 10, 1):
+            while True:
+                users = [f"a{len(admins) + i:07d}" for i in range(batch)]
+                try:
+                    await alice.add_members("full", users, role="admin")
+                except FenghuoError as exc:
+                    assert exc.code == ErrorCode.FRAME_TOO_LARGE, exc
+                    break
+                admins += users
+        assert len(admins) > 1000
+
+        async def refused(call) -> FenghuoError:
+            before = await alice.group_members("full")
+            with pytest.raises(FenghuoError) as exc:
+                await call
+            assert await alice.group_members("full") == before, "changed though refused"
+            return exc.value
+
+        # Fewer bytes are left than one more admin takes (~35): within that many
+        # changes of a byte each, one is refused.
+        members = await alice.group_members("full")
+        error = None
+        for user in admins[:50]:
+            try:
+                await alice.set_role("full", user, "member")
+            except FenghuoError as exc:
+                error = exc
+                break
+            members[user] = "member"
+        assert error is not None, "no role change refused"
+        assert await alice.group_members("full") == members, "changed though refused"
+        assert (error.code, "too large" in error.message) == (ErrorCode.FRAME_TOO_LARGE, True)
+        # Out of the queue, the record loses its "queued" (~80 bytes) and gains
+        # the one taking it: a member of a 64-character id, ~150 bytes.
+        error = await refused(alice.handoff("full", "carol".ljust(64, "x")))
+        assert error.code == ErrorCode.FRAME_TOO_LARGE
+        li = await node.connect("li".ljust(64, "x"), roles=("advisor",))
+        error = await refused(li.take_conversation("full"))
+        assert error.code == ErrorCode.FRAME_TOO_LARGE
+        await still_sequencing(node, owned, alice, bob, "group:full")
