@@ -56,14 +56,14 @@ cdef class SQLiteWriter:
         # at checkpoints: committed data survives a process crash, not power loss.
         self._check(sqlite3_exec(self.db, b"PRAGMA synchronous=FULL" if full_sync
                                  else b"PRAGMA synchronous=NORMAL", NULL, NULL, NULL))
-        # The pages a batch touches (each channel's last leaf in the table and
-        # its indexes) stay cached between batches, and the WAL is copied back
+        # The pages a batch touches (the table's last pages, each channel's last
+        # leaf of messages_by_seq: server/store.py) stay cached between batches, and the WAL is copied back
         # into the file once per 256 MiB instead of at nearly every commit: the
         # writer's CPU per message 14.1 -> 8.2-8.6 us (1,000 channels, 64-byte
         # payloads, 200,000 messages through Hub.publish_event, one core) at
         # 64 MiB.  That copy (and the file's fsync) runs inside the commit that
         # crosses the size, holding its batch's acks: 100 channels, 100
-        # messages a commit (357 WAL pages), one in 46 commits at 64 MiB, one
+        # messages a commit (357 WAL pages, schema 1), one in 46 commits at 64 MiB, one
         # in 180 at 256 MiB; commit p99 22.9-26.3 -> 13.4-20.3 ms
         # (bench/README.md, "The durable store's commits").
         self._check(sqlite3_exec(self.db, b"PRAGMA cache_size=-65536", NULL, NULL, NULL))

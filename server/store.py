@@ -71,21 +71,37 @@ MAX_BATCH = 8192
 BACKLOG_HIGH = 50_000
 BACKLOG_LOW = 10_000
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
+# The messages table (schema 2, PRAGMA user_version).  Rows are appended in
+# insertion order (``id``, the rowid, counts up), so a commit's rows fill the
+# table's last pages whichever channels they belong to; a channel's messages
+# are found through ``messages_by_seq``, whose entries are small.  A commit
+# thus writes, per channel it touches, one leaf of one index, where schema 1
+# (the table clustered by (channel, seq), WITHOUT ROWID, and an index by
+# (channel, ts_us)) wrote that channel's leaf of the table and of the index:
+# bench/README.md "The durable store's commits".  ``messages_by_ts`` is
+# global, so it is appended to as well (one leaf a commit): retention deletes
+# by time through it.  History by time reads a channel by seq and filters
+# on ts_us (as schema 1's query plan did too).
+MESSAGES_DDL = (
+    """CREATE TABLE IF NOT EXISTS messages (
+    id      INTEGER PRIMARY KEY,    -- append order
     channel TEXT NOT NULL,
     seq     INTEGER NOT NULL,
     ts_us   INTEGER NOT NULL,
     sender  TEXT NOT NULL,
     dedupe  BLOB,
     frame   BLOB NOT NULL,
-    key_id  TEXT,               -- frame sealed with this key (server/atrest.py); NULL: plaintext
-    PRIMARY KEY (channel, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS messages_by_time ON messages (channel, ts_us);
--- A retried publish whose key a full dedupe window gave up is looked up here.
-CREATE INDEX IF NOT EXISTS messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL;
+    key_id  TEXT                    -- frame sealed with this key (server/atrest.py); NULL: plaintext
+)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_by_seq ON messages (channel, seq)",
+    "CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts_us)",
+    # A retried publish whose key a full dedupe window gave up is looked up here.
+    "CREATE INDEX IF NOT EXISTS messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL",
+)
+SCHEMA_VERSION = 2
+
+OTHER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     id      TEXT PRIMARY KEY,
     record  BLOB NOT NULL
@@ -139,6 +155,56 @@ CREATE TABLE IF NOT EXISTS clicks (
 ) WITHOUT ROWID;
 """ + OUTBOX_SCHEMA
 
+#: the whole schema, for a new file (a store's own file is set up by ``prepare_schema``)
+SCHEMA = OTHER_SCHEMA + "".join(f"{statement};\n" for statement in MESSAGES_DDL)
+
+
+def prepare_schema(conn: sqlite3.Connection, patience_ms: int = 600_000) -> None:
+    """Create the store's tables, or bring a file of schema 1 to schema 2.
+
+    Several workers open one file together: the first takes the write lock
+    and creates or migrates; the others wait for it (up to ``patience_ms``,
+    as a migration copies every message once) and find it done.
+    """
+    conn.executescript(OTHER_SCHEMA)
+    (busy,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout={patience_ms}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version < SCHEMA_VERSION:
+            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                               ).fetchone()
+            if row is not None and "WITHOUT ROWID" in row[0].upper():
+                _migrate_from_1(conn)
+            for statement in MESSAGES_DDL:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={busy}")
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Copy schema 1's messages (clustered by channel and seq) into schema 2's
+    table, in that order, inside the caller's transaction."""
+    started = time.monotonic()
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    key_id = "key_id" if "key_id" in columns else "NULL"
+    conn.execute("ALTER TABLE messages RENAME TO messages_v1")
+    conn.execute("DROP INDEX IF EXISTS messages_by_time")
+    conn.execute("DROP INDEX IF EXISTS messages_by_key")
+    conn.execute(MESSAGES_DDL[0])
+    copied = conn.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame, key_id)"
+                          f" SELECT channel, seq, ts_us, sender, dedupe, frame, {key_id} FROM messages_v1"
+                          " ORDER BY channel, seq").rowcount
+    conn.execute("DROP TABLE messages_v1")
+    log.warning("store schema 1 -> %d: %d messages copied in %.1f s", SCHEMA_VERSION, copied,
+                time.monotonic() - started)
+
 
 def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:
     """``PRAGMA journal_mode=WAL``, retried while another process holds the file's lock.
@@ -180,7 +246,7 @@ class SQLiteStore:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fenghuo-store-read")
         self._local = threading.local()
         self._conn = self._connect()
-        self._conn.executescript(SCHEMA)
+        prepare_schema(self._conn)
         #: the writing connection and its queue (records and webhook records, in order)
         self._writer = SQLiteWriter(self.path, full_sync=fsync != "off")
         #: seals frames as they are written, opens them as they are read (None: plaintext)
@@ -370,7 +436,7 @@ class SQLiteStore:
         """``channel``'s idempotency keys from ``since_us`` on, the newest ``limit`` of them:
         ``(key, seq, ts_us)``, oldest first (its dedupe window after a restart)."""
         rows = self._conn.execute(
-            "SELECT dedupe, seq, ts_us FROM messages WHERE channel = ? AND ts_us >= ?"
+            "SELECT dedupe, seq, ts_us FROM messages INDEXED BY messages_by_seq WHERE channel = ? AND ts_us >= ?"
             " AND dedupe IS NOT NULL ORDER BY seq DESC LIMIT ?", (channel, since_us, limit)).fetchall()
         return [(bytes(k), s, t) for k, s, t in reversed(rows)]
 
@@ -423,7 +489,10 @@ class SQLiteStore:
     def _read_by_time(self, channel: str, since_us: int, until_us: int,
                       limit: int) -> list[bytes]:
         rows = self._reader_conn().execute(
-            "SELECT seq, frame, key_id FROM messages WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
+            # By seq, ts_us filtered: the time range alone (messages_by_ts) would read
+            # every channel's messages of the range.
+            "SELECT seq, frame, key_id FROM messages INDEXED BY messages_by_seq"
+            " WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
             " ORDER BY seq LIMIT ?", (channel, since_us, until_us, limit)).fetchall()
         return [frame for _, frame in self._frames(channel, rows)]
 

@@ -389,6 +389,63 @@ async def test_a_store_file_written_with_plain_sqlite_is_served_and_continued(tm
     assert decode_frame_message(bytes(rows[1][4])).payload == b"after"
 
 
+# The messages table as schema 1 made it (main before schema 2), and before
+# encryption at rest added key_id.
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    ts_us   INTEGER NOT NULL,
+    sender  TEXT NOT NULL,
+    dedupe  BLOB,
+    frame   BLOB NOT NULL,
+    key_id  TEXT,
+    PRIMARY KEY (channel, seq)
+) WITHOUT ROWID;
+CREATE INDEX messages_by_time ON messages (channel, ts_us);
+CREATE INDEX messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL;
+"""
+
+
+@pytest.mark.parametrize("key_id", [True, False], ids=["schema-1", "schema-1-before-key-id"])
+async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
+    # A store file an earlier version wrote (its messages clustered by channel
+    # and seq) is brought to schema 2 when the relay opens it: history (by seq
+    # and by time), the seqs, and a retry of an acked key all carry on.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    now = time.time_ns() // 1000
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        db.executescript(SCHEMA_1 if key_id else SCHEMA_1.replace("    key_id  TEXT,\n", ""))
+        for seq in (1, 2, 3):
+            frame = encode_message("dm:alice:bob", seq, now - 10 + seq, "alice", b"old %d" % seq)
+            db.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                       " VALUES ('dm:alice:bob', ?, ?, 'alice', ?, ?)",
+                       (seq, now - 10 + seq, b"alice\x00order-%d" % seq, frame))
+    db.close()
+    relay = start_relay(tmp_path, data_dir=data_dir)
+    try:
+        alice = await relay.connect("alice")
+        assert [(m.seq, m.text) for m in await alice.history("dm:alice:bob", after=0)] == [
+            (1, "old 1"), (2, "old 2"), (3, "old 3")]
+        assert [m.seq for m in await alice.history("dm:alice:bob", since_us=now - 8, until_us=now)] == [2, 3]
+        retry = await alice.send("bob", "old 2", key="order-2")
+        assert (retry.seq, retry.duplicate) == (2, True)
+        assert (await alice.send("bob", "new", key="order-4")).seq == 4
+        await alice.close()
+    finally:
+        assert relay.stop() == 0
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                               " AND tbl_name = 'messages' AND sql IS NOT NULL")} == {
+            "messages_by_seq", "messages_by_ts", "messages_by_key"}
+        assert db.execute("SELECT id, seq, sender, key_id FROM messages ORDER BY id").fetchall() == [
+            (1, 1, "alice", None), (2, 2, "alice", None), (3, 3, "alice", None), (4, 4, "alice", None)]
+    db.close()
+
+
 async def test_others_are_served_while_the_writer_waits_for_the_file(relay_factory):
     # The store's writer waits on SQLite (here for a lock another process
     # holds on the file) without the interpreter's lock: the event loop goes
@@ -427,7 +484,7 @@ def test_the_writer_leaves_the_wal_to_256_mib_before_its_commits_checkpoint(tmp_
     wal = tmp_path / f"{DB_FILE}-wal"
     sizes = []
     try:
-        for seq in range(1, 140):      # each commit: 100 channels' last pages, about 1.4 MiB of WAL
+        for seq in range(1, 400):      # each commit: 100 channels' last index pages, about 0.5 MiB of WAL
             store._writer.write([Sequenced(ch, seq, 1_700_000_000_000_000 + seq, "u", None, bytes(110))
                                  for ch in channels], None, _WRITES, None)
             sizes.append(wal.stat().st_size)
