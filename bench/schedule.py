@@ -215,7 +215,8 @@ def cmd_schedule(a: argparse.Namespace) -> int:
         w = result["window"]
         print(f"during the fires, {pending} pending: relay waited {w['runqueue_wait_ms']:.1f} ms "
               f"for a CPU; loop lag worst bucket {w.get('lag_max_le_ms', 0):g} ms "
-              f"({w.get('lag_over_1ms', 0)} samples over 1 ms); GC pauses {w.get('gc_count', 0)}, "
+              f"({w.get('lag_over_2ms', 0)} samples over 2 ms, {w.get('own_over_2ms', 0)} of them "
+              f"not waiting for a CPU); GC pauses {w.get('gc_count', 0)}, "
               f"worst bucket {w.get('gc_max_le_ms', 0):g} ms; runs of fires later than "
               f"{LATE * 1000:g} ms: {result['late_spans'] or 'none'}")
     base, loaded = runs[0]["sequenced"], runs[a.pending]["sequenced"]

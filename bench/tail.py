@@ -17,7 +17,9 @@ import argparse
 import json
 import re
 import secrets
+import os
 import statistics
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -33,36 +35,52 @@ def _targets(names: list[str], secret: str) -> list[tuple[str, Target]]:
     from bench.__main__ import make_target
     out: list[tuple[str, Target]] = []
     for name in names:
-        if name == "fenghuo-1":
-            out.append((name, Fenghuo(secret, FENGHUO_VS_PEERS, workers=1)))
-        elif name == "fenghuo":
-            import os
-            out.append((name, Fenghuo(secret, FENGHUO_VS_PEERS, workers=os.cpu_count() or 1)))
+        if name.startswith("fenghuo"):
+            out.append((name, _fenghuo(name, secret)))
         else:
             out.append((name, make_target(name, secret)))
     return out
 
 
-STALL_FAMILIES = (("fenghuo_event_loop_lag_seconds", "lag"), ("fenghuo_gc_pause_seconds", "gc"))
+def _fenghuo(name: str, secret: str) -> Fenghuo:
+    """``fenghuo-1`` (``--workers 1``) or ``fenghuo`` (one worker per core), ``--store memory``;
+    with ``-durable`` the default store instead (SQLite, ``--fsync always``)."""
+    base, durable = name.removesuffix("-durable"), name.endswith("-durable")
+    if base not in ("fenghuo", "fenghuo-1"):
+        raise ValueError(f"unknown target {name!r}")
+    workers = 1 if base == "fenghuo-1" else os.cpu_count() or 1
+    return Fenghuo(secret, () if durable else FENGHUO_VS_PEERS, workers=workers)
+
+
+# (family, key, a label its series must carry): the full collections apart, as
+# those are the ones that can take milliseconds.
+STALL_FAMILIES = (("fenghuo_event_loop_lag_seconds", "lag", ""),
+                  ("fenghuo_event_loop_own_lag_seconds", "own", ""),
+                  ("fenghuo_gc_pause_seconds", "gc", ""),
+                  ("fenghuo_gc_pause_seconds", "gc2", 'generation="2"'))
 
 
 def stall_buckets(metrics_port: int) -> dict[str, dict[float, float]]:
-    """The relay's event-loop lag and GC pause histograms (cumulative per bound), summed
-    over workers: ``{"lag": {le: count}, "gc": {...}}``."""
+    """The relay's event-loop lag (all of it, and its own: less its waits for a CPU) and GC
+    pause histograms (all, and full collections), cumulative per bound, summed over
+    workers: ``{"lag": {le: count}, "own": {...}, "gc": {...}, "gc2": {...}}``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     out: dict[str, dict[float, float]] = {}
-    for family, key in STALL_FAMILIES:
+    for family, key, label in STALL_FAMILIES:
         buckets = out.setdefault(key, {})
-        for m in re.finditer(rf'^{family}_bucket\{{(?:[^}}]*,)?le="([^"]+)"[^}}]*\}} (\S+)$', text,
-                             re.MULTILINE):
-            le = float(m.group(1))
+        for m in re.finditer(rf'^{family}_bucket\{{([^}}]*)\}} (\S+)$', text, re.MULTILINE):
+            bound = re.search(r'(?:^|,)le="([^"]+)"', m.group(1))
+            if bound is None or label not in m.group(1):
+                continue
+            le = float(bound.group(1))
             buckets[le] = buckets.get(le, 0) + float(m.group(2))
     return out
 
 
 def relay_stalls(metrics_port: int, since: dict[str, dict[float, float]] | None = None
                  ) -> dict[str, Any]:
-    """The relay's event-loop lag (max bucket reached) and GC pauses, summed over workers;
+    """The relay's event-loop lag, its own share and GC pauses (count, max bucket reached,
+    how many over 2 ms), summed over workers;
     ``since``: only what came after that :func:`stall_buckets` snapshot."""
     out: dict[str, Any] = {}
     for key, now in stall_buckets(metrics_port).items():
@@ -74,10 +92,35 @@ def relay_stalls(metrics_port: int, since: dict[str, dict[float, float]] | None 
         total = ordered[-1][1]
         out[f"{key}_count"] = int(total)
         # The smallest bound every sample is under: the worst sample's bucket.
-        out[f"{key}_max_le_ms"] = next((1000 * le for le, n in ordered if n >= total), 0.0)
-        over = [n for le, n in ordered if le >= 0.001]
-        out[f"{key}_over_1ms"] = int(total - over[0]) if over else 0
+        out[f"{key}_max_le_ms"] = next((1000 * le for le, n in ordered if n >= total), 0.0) if total else 0.0
+        # uvloop's timers round to milliseconds: up to about 2 ms of lag is the timer's.
+        within = [n for le, n in ordered if le >= 0.002]
+        out[f"{key}_over_2ms"] = int(total - within[0]) if within else 0
     return out
+
+
+def _first_stalls(metrics_port: int) -> dict[str, dict[float, float]]:
+    """:func:`stall_buckets` once ``/metrics`` answers (a single worker may listen
+    for clients a moment before it does)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return stall_buckets(metrics_port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def cpu_wait_s(target: Target) -> float:
+    """Seconds every thread of the server's processes has waited, runnable, for a CPU."""
+    total = 0.0
+    for pid in target.server_pids():
+        try:
+            total += loadgen.runqueue_wait_s(pid)
+        except OSError:     # a worker restarting: its wait is lost
+            pass
+    return total
 
 
 def cmd_tail(a: argparse.Namespace) -> int:
@@ -96,17 +139,25 @@ def cmd_tail(a: argparse.Namespace) -> int:
 
                 async def scenario(t: Target, p: Progress, rate: float = rate,
                                    stalls: dict[str, Any] = stalls) -> loadgen.Result:
+                    before = _first_stalls(t.metrics_port) if isinstance(t, Fenghuo) else None
+                    waited, started = cpu_wait_s(t), time.perf_counter()
                     result = await loadgen.pairs_run(t, pairs=1, rate=rate, warmup=a.warmup,
                                                      duration=a.duration, progress=p)
+                    # The server's time runnable but without a CPU, per second of the
+                    # run (setup included): the machine's share of its tail.
+                    stalls["cpu_wait_ms_per_s"] = round(
+                        1000 * (cpu_wait_s(t) - waited) / (time.perf_counter() - started), 1)
                     if isinstance(t, Fenghuo):
-                        stalls.update(relay_stalls(t.metrics_port))
+                        stalls.update(relay_stalls(t.metrics_port, before))
                     return result
 
                 result = run_on(target, scenario, progress)
                 progress.finish(f"round {round_ + 1} {name}: " + result.line().split(": ", 1)[1]
-                                + "".join(f", {k}={v:g}" for k, v in stalls.items()))
+                                + "".join(f", {k}={v:g}" for k, v in stalls.items())
+                                + f", load {os.getloadavg()[0]:.1f}")
                 runs.append({"round": round_ + 1, "target": name, "rate": rate,
                              "latency_ms": result.latency_ms, "relay": stalls,
+                             "loadavg": os.getloadavg()[0],
                              "deliveries_per_s": result.deliveries_per_s})
     print()
     print(table(runs, names, rates))
@@ -142,7 +193,8 @@ def add_command(sub) -> None:
     p.add_argument("--rates", default="10000,50000", help="comma-separated messages/s offered")
     p.add_argument("--targets", default="fenghuo-1,fenghuo,nats",
                    help="comma-separated: fenghuo-1 (--workers 1), fenghuo (default "
-                        "deployment), nats, redis")
+                        "deployment), each --store memory, or with -durable (fenghuo-1-durable, "
+                        "fenghuo-durable) the default store (SQLite, --fsync always); nats, redis")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table is their median")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)

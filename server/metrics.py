@@ -230,6 +230,14 @@ class RelayCollector(Collector):
         yield histogram("fenghuo_event_loop_lag_seconds", "How late a timer set 10 ms ahead fired, "
                         "sampled every 10 ms: the loop's stalls.", BOUNDS,
                         [((), lag.counts, lag.sum)])
+        own = relay.node.loop_lag.own
+        yield histogram("fenghuo_event_loop_own_lag_seconds", "The same lateness less the time the "
+                        "loop's thread waited, runnable, for a CPU during that tick (kernel "
+                        "schedstat): the relay's own stalls, not a busy machine's.", BOUNDS,
+                        [((), own.counts, own.sum)])
+        yield counter("fenghuo_event_loop_cpu_wait_seconds", "Time the loop's thread spent runnable "
+                      "but waiting for a CPU (kernel schedstat; 0 where the kernel does not say).",
+                      relay.node.loop_lag.cpu_wait)
         yield histogram("fenghuo_gc_pause_seconds", "Garbage collections, by generation, and how "
                         "long each took.", BOUNDS,
                         [((str(g),), h.counts, h.sum) for g, h in enumerate(relay.node.collector.by_generation)],

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,26 +40,69 @@ class Histogram:
 
 
 class LoopLag:
-    """How late a timer set ``LAG_INTERVAL`` ahead fires, every ``LAG_INTERVAL``."""
+    """How late a timer set ``LAG_INTERVAL`` ahead fires, every ``LAG_INTERVAL``, and how
+    much of that lateness is the relay's own.
+
+    A late tick has two possible causes: the loop was busy (a callback, a
+    collection: the relay's own stall), or the loop's thread was runnable
+    but the kernel ran something else (a busy machine).  The kernel counts
+    the second per thread (``/proc/thread-self/schedstat``, its second field:
+    nanoseconds spent waiting on a run queue); each tick reads it, and what
+    is left of the lateness after the wait of the same tick is the relay's
+    own (``own``).  That can only err towards the machine: a wait early in
+    the tick, while there was still time, also hides a stall later in it.
+    """
 
     def __init__(self) -> None:
         self.histogram = Histogram()
+        #: lateness less the tick's wait for a CPU (the whole lateness where the
+        #: kernel does not say)
+        self.own = Histogram()
+        #: seconds the loop's thread waited, runnable, for a CPU since ``start``
+        self.cpu_wait = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
+        self._schedstat: int | None = None
+        self._waited = 0.0
 
     def start(self) -> None:
+        try:
+            # Opened once on the loop's thread; each tick re-reads it from offset 0.
+            self._schedstat = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat",
+                                      os.O_RDONLY)
+        except OSError:     # not Linux, or a kernel without schedstats
+            self._schedstat = None
+        self._waited = self._wait_s()
         self._tick()
+
+    def _wait_s(self) -> float:
+        """Seconds the loop's thread has waited for a CPU so far (0 where unknown)."""
+        if self._schedstat is None:
+            return 0.0
+        try:
+            return int(os.pread(self._schedstat, 64, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def _tick(self) -> None:
         now = time.perf_counter()
+        waited = self._wait_s()
         if self._handle is not None:
-            self.histogram.observe(max(0.0, now - self._due))
+            lag = max(0.0, now - self._due)
+            self.histogram.observe(lag)
+            wait = waited - self._waited
+            self.cpu_wait += wait
+            self.own.observe(max(0.0, lag - wait))
+        self._waited = waited
         self._due = now + LAG_INTERVAL
         self._handle = asyncio.get_running_loop().call_later(LAG_INTERVAL, self._tick)
 
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+            self._schedstat = None
 
 
 class Collector:

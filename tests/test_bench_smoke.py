@@ -243,17 +243,20 @@ def test_ws_runs_every_scenario_over_tcp_and_websocket_and_both_clients():
 
 def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
     out = tmp_path / "tail.json"
+    targets = ("fenghuo-1", "fenghuo", "fenghuo-1-durable", "nats")
     run = bench("tail", "--rates", "200,400", "--rounds", "1", "--warmup", "0.2", "--duration", "0.5",
-                "--json", str(out))
+                "--targets", ",".join(targets), "--json", str(out))
     runs = json.loads(out.read_text())["runs"]
     assert [(r["target"], r["rate"]) for r in runs] == [
-        (t, rate) for rate in (200, 400) for t in ("fenghuo-1", "fenghuo", "nats")]
+        (t, rate) for rate in (200, 400) for t in targets]
     for r in runs:
         assert r["deliveries_per_s"] > 0 and set(r["latency_ms"]) >= {"50", "99", "99.9"}
+        assert r["relay"]["cpu_wait_ms_per_s"] >= 0 and r["loadavg"] >= 0, r   # every server's
         if r["target"].startswith("fenghuo"):   # the relay's own lag samples, every worker's
-            assert r["relay"]["lag_count"] > 0 and "gc_count" in r["relay"], r
+            assert r["relay"]["lag_count"] > 0 and r["relay"]["own_count"] == r["relay"]["lag_count"], r
+            assert r["relay"]["own_over_2ms"] <= r["relay"]["lag_over_2ms"] and "gc_count" in r["relay"], r
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "target" not in line]
-    assert [row.split(" | ")[1] for row in rows] == ["fenghuo-1", "fenghuo", "nats"] * 2
+    assert [row.split(" | ")[1] for row in rows] == list(targets) * 2
     assert all(row.split(" | ")[5] == "1.00" for row in rows if " nats " in row)   # nats ÷ nats
 
 

@@ -326,6 +326,10 @@ async def test_every_worker_keeps_the_collector_off_its_startup_state(relay_fact
     samples = await metrics(relay)
     assert samples['fenghuo_event_loop_lag_seconds_bucket{le="+Inf"}'] >= workers * 3
     assert samples["fenghuo_event_loop_lag_seconds_count"] >= workers * 3
+    # Its own share, every sample less the loop thread's wait for a CPU (schedstat).
+    assert samples["fenghuo_event_loop_own_lag_seconds_count"] == samples["fenghuo_event_loop_lag_seconds_count"]
+    assert samples["fenghuo_event_loop_own_lag_seconds_sum"] <= samples["fenghuo_event_loop_lag_seconds_sum"]
+    assert samples["fenghuo_event_loop_cpu_wait_seconds_total"] >= 0
     for generation in range(3):
         assert f'fenghuo_gc_pause_seconds_count{{generation="{generation}"}}' in samples
 
