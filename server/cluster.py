@@ -220,6 +220,24 @@ class Cluster:
             # (0: nothing delivered yet, or a ring retention emptied.)
             ch.ring.clear()
             ch.seq = head
+        self._ready(ch)
+
+    def _receive_from(self, ch: Channel, head: int) -> None:
+        """Replica side: the owner sends ``ch``'s messages after ``head`` here
+        from now on, without being asked (a direct chat's announcement): the
+        replica is made exactly that, ready, with its messages to come.
+
+        Made from the store after the owner stored messages of it (this worker
+        read the announcement late), the replica would be ahead of ``head``,
+        its participants here subscribed at its seq, and the owner's records
+        up to it dropped as second copies: those messages never reached them.
+        """
+        if ch.seq != head:
+            ch.ring.clear()
+            ch.seq = head
+        self._ready(ch)
+
+    def _ready(self, ch: Channel) -> None:
         self.ready_here.add(ch)
         for action in self.warming.pop(ch, ()):
             action()
@@ -273,7 +291,7 @@ class Cluster:
             return
         head = self.announced.pop(ch.name, None)
         if head is not None:
-            self._warm(ch.name, head)
+            self._receive_from(ch, head)
         elif self.bus.owns(ch):
             self._announce_direct(ch)
 
@@ -305,7 +323,7 @@ class Cluster:
             if ch is None:
                 self.announced[name] = head       # ready in created(), before anyone joins
             elif not (ch in self.ready_here or ch in self.warming or ch in self.cooling):
-                self._warm(name, head)
+                self._receive_from(ch, head)
             # else asked already: the owner's answer and live records agree by seq
         self.relay.ensure_channel(name)
 

@@ -9,6 +9,7 @@ generator does; the subscriber side counts every MESSAGE and checks its seq.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import time
@@ -16,7 +17,7 @@ import urllib.request
 
 import pytest
 from conftest import RelayProcess, start_relay
-from rawwire import RawConnection, open_raw
+from rawwire import RawConnection, open_raw, worker_pid
 from fenghuo.core import FrameType, decode_message, encode_publish
 from fenghuo.server.routing import owner_of
 
@@ -62,11 +63,15 @@ async def seen_online(relay: RelayProcess, user: str, worker: int) -> None:
 
 
 async def messages(conn: RawConnection, count: int, timeout: float = 20.0) -> list[int]:
-    """The seqs of the next ``count`` MESSAGEs; any other frame fails the test."""
+    """The seqs of the next ``count`` MESSAGEs, those that came if ``timeout`` passes
+    first (the caller's comparison says what was missed); any other frame fails the test."""
     seqs: list[int] = []
     deadline = time.monotonic() + timeout
     while len(seqs) < count:
-        frame = await conn.frame(max(deadline - time.monotonic(), 0.01))
+        try:
+            frame = await conn.frame(max(deadline - time.monotonic(), 0.01))
+        except TimeoutError:
+            return seqs
         assert frame is not None, f"connection closed after {len(seqs)} of {count} messages"
         assert frame.type == FrameType.MESSAGE, (
             f"after {len(seqs)} messages: {FrameType(frame.type).name} {frame.body[:200]!r}")
@@ -79,18 +84,24 @@ def partner_owned_by(user: str, owner: int) -> str:
                 if owner_of(direct_channel(user, name), WORKERS) == owner)
 
 
+async def ann_and_partner_elsewhere(relay: RelayProcess) -> tuple[RawConnection, RawConnection, str]:
+    """ann on worker 0, which owns her chat with her partner, the partner online on
+    worker 1 (worker 0 knows it) before the chat exists: their connections, the chat."""
+    owner, other = 0, 1
+    bob = partner_owned_by("ann", owner)
+    bob_conn = await raw_on(relay, bob, other)
+    await seen_online(relay, bob, owner)
+    ann = await raw_on(relay, "ann", owner)
+    return ann, bob_conn, direct_channel("ann", bob)
+
+
 async def test_a_participant_online_on_another_worker_gets_a_new_chat_from_its_first_message(
         relay):
     # bob is connected before the chat exists, on the worker that does not
     # own it; ann, on the owner, floods the new chat with BURST publishes in
     # one write.  bob must receive every one of them, live, in order: a
     # single worker subscribes him at the first publish, and so must two.
-    owner, other = 0, 1
-    bob = partner_owned_by("ann", owner)
-    channel = direct_channel("ann", bob)
-    bob_conn = await raw_on(relay, bob, other)
-    await seen_online(relay, bob, owner)
-    ann = await raw_on(relay, "ann", owner)
+    ann, bob_conn, channel = await ann_and_partner_elsewhere(relay)
     ann.write(b"".join(encode_publish(channel, f"m{k}".encode(), request_id=k + 1)
                        for k in range(BURST)))
     assert await messages(bob_conn, BURST) == list(range(1, BURST + 1))
@@ -142,5 +153,41 @@ async def test_a_new_chat_with_no_participant_on_the_other_worker_is_not_sent_th
                        for k in range(50)))
     assert await messages(bob_conn, 50) == list(range(1, 51))
     assert replica_messages(relay, other) == 0
+    ann.close()
+    bob_conn.close()
+
+
+@pytest.fixture
+def stored_relay(tmp_path):
+    # The default store (SQLite, --fsync always), which every worker reads:
+    # a worker making a channel reads what its owner has stored of it.
+    relay = start_relay(tmp_path, workers=WORKERS)
+    yield relay
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(30) == 0, relay.log()[-3000:]
+
+
+async def test_a_partner_whose_worker_hears_of_a_new_chat_late_still_gets_its_first_messages(
+        stored_relay):
+    # bob is online on the worker that does not own his new chat with ann;
+    # that worker is descheduled (SIGSTOP: what a loaded machine does to it
+    # for a few milliseconds) while ann's first messages are sequenced,
+    # stored and acked on the owner.  Resumed, it reads the owner's
+    # announcement of the chat after the store already holds those messages:
+    # bob must still get every one, in order, and the next one live.
+    relay = stored_relay
+    ann, bob_conn, channel = await ann_and_partner_elsewhere(relay)
+    pid = worker_pid(relay, 1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ann.write(b"".join(encode_publish(channel, f"m{k}".encode(), request_id=k)
+                           for k in range(1, 4)))
+        acks = await ann.replies(3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert [f.type for f in acks] == [FrameType.ACK] * 3
+    ann.write(encode_publish(channel, b"m4", request_id=4))
+    assert await messages(bob_conn, 4, timeout=5) == [1, 2, 3, 4]
+    await bob_conn.expect_silence(0.2)
     ann.close()
     bob_conn.close()
