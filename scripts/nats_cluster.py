@@ -139,10 +139,9 @@ class NatsCluster:
             cluster.servers.append(NatsServer(
                 f"n{i}", host, free_port(host), free_port(host), free_port(host), store,
                 cluster.base / f"n{i}.log", max_payload))
-        routes = [f"nats://{host}:{s.route_port}" for s in cluster.servers]
         try:
             for server in cluster.servers:
-                server.start(binary, routes, cpu)
+                server.start(binary, cluster.routes, cpu)
             cluster.wait_ready(timeout)
         except BaseException:
             cluster.stop()
@@ -152,6 +151,21 @@ class NatsCluster:
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
+
+    @property
+    def routes(self) -> list[str]:
+        """Where the servers reach each other (each is given all of them)."""
+        return [f"nats://{self.host}:{s.route_port}" for s in self.servers]
+
+    def restart(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start again every server that is not running (killed or stopped), on its
+        ports and with its store, and wait for JetStream."""
+        binary = peer_binary("nats-server")
+        assert binary is not None
+        for server in self.servers:
+            if server.proc is None or server.proc.poll() is not None:
+                server.start(binary, self.routes)
+        self.wait_ready(timeout)
 
     @property
     def url_list(self) -> str:

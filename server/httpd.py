@@ -77,6 +77,14 @@ async def _handle(routes: Mapping[str, Route], reader: asyncio.StreamReader,
 async def scrape(host: str, port: int, path: str = "/metrics",
                  timeout: float = SCRAPE_TIMEOUT) -> str | None:
     """The body of ``GET path`` from ``host:port``; None unless it answers 200 in time."""
+    answer = await fetch(host, port, path, timeout)
+    return answer[1] if answer is not None and answer[0] == 200 else None
+
+
+async def fetch(host: str, port: int, path: str,
+                timeout: float = SCRAPE_TIMEOUT) -> tuple[int, str] | None:
+    """The status and body of ``GET path`` from ``host:port``; None without an
+    HTTP answer in time (a 503 /healthz still says why)."""
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
@@ -89,4 +97,7 @@ async def scrape(host: str, port: int, path: str = "/metrics",
     except (OSError, TimeoutError):
         return None
     head, _, body = response.partition(b"\r\n\r\n")
-    return body.decode() if head.startswith(b"HTTP/1.1 200") else None
+    status = head.split(b" ", 2)
+    if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+        return None
+    return int(status[1]), body.decode(errors="replace")

@@ -245,14 +245,21 @@ class RelayCollector(Collector):
 
 
 def health(relay: Relay) -> httpd.Response:
-    status = "draining" if relay.node.shutting_down else "ok"
+    """200 ``ok``; 503 ``draining`` once stopping, or ``degraded`` on a cluster node
+    whose engine (NATS) is not connected: it can take no publish of a channel,
+    claim, or group change then, so a load balancer should send new clients
+    to another node (docs/DESIGN.md, Cluster, Operations)."""
     # A cluster node tells its cluster state: engine, peers, channels owned.
     node = getattr(relay.cluster, "status", None)
+    cluster = node() if node is not None else None
+    status = ("draining" if relay.node.shutting_down
+              else "degraded" if cluster is not None and not cluster["engine_connected"]
+              else "ok")
     body = orjson.dumps({"status": status, "epoch": relay.epoch,
                          "connections": len(relay.hub.connections),
                          "uptime": round(time.time() - relay.node.started_at, 3),
-                         **({"cluster": node()} if node is not None else {})})
-    return httpd.json_response(503 if relay.node.shutting_down else 200, body)
+                         **({"cluster": cluster} if cluster is not None else {})})
+    return httpd.json_response(200 if status == "ok" else 503, body)
 
 
 async def start(relay: Relay, host: str, port: int) -> asyncio.AbstractServer:

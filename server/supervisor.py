@@ -299,14 +299,17 @@ class _Run:
         """200 only while every worker runs (and, with worker metrics, says it is healthy).
 
         A process that is alive may not listen yet (it is still starting) or
-        no longer (it drains); with worker metrics on, its own /healthz tells.
+        no longer (it drains), or, on a cluster node, have lost its engine; with
+        worker metrics on, its own /healthz tells (503, and why: its body is
+        kept, its ``cluster`` object included).
         """
-        ready = await self._scrape_workers("/healthz")
+        said = await self._ask_workers("/healthz")
+        ready = {k for k, (code, _) in said.items() if code == 200}
         checked = bool(self.config.metrics_port)
         healthy = not self.stopping and all(
             w.running and (not checked or w.index in ready) for w in self.workers)
         status = "draining" if self.stopping else "ok" if healthy else "degraded"
-        answers = _health_bodies(ready)
+        answers = _health_bodies({k: body for k, (_, body) in said.items()})
         clusters = {k: body["cluster"] for k, body in answers.items()
                     if isinstance(body.get("cluster"), dict)}
         body = orjson.dumps({
@@ -322,14 +325,20 @@ class _Run:
 
     async def _scrape_workers(self, path: str) -> dict[int, str]:
         """``GET path`` from every running worker's metrics port: the 200 answers by worker."""
+        return {k: body for k, (code, body) in (await self._ask_workers(path)).items()
+                if code == 200}
+
+    async def _ask_workers(self, path: str) -> dict[int, tuple[int, str]]:
+        """``GET path`` from every running worker's metrics port: status and body by
+        worker, for those that answered."""
         if not self.config.metrics_port:
             return {}
         running = [w for w in self.workers if w.running]
-        bodies = await asyncio.gather(*(
-            httpd.scrape(self.config.metrics_host, self.config.worker_metrics_port(w.index), path)
+        answers = await asyncio.gather(*(
+            httpd.fetch(self.config.metrics_host, self.config.worker_metrics_port(w.index), path)
             for w in running))
-        return {w.index: body for w, body in zip(running, bodies, strict=True)
-                if body is not None}
+        return {w.index: answer for w, answer in zip(running, answers, strict=True)
+                if answer is not None}
 
     async def _metrics(self) -> httpd.Response:
         scraped = await self._scrape_workers("/metrics")

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from collections.abc import AsyncIterator, Iterator
@@ -616,6 +617,43 @@ async def test_healthz_tells_the_node_s_cluster_state(nodes):
     assert (state["node"], state["region"], state["engine_connected"]) == ("n0", "default", True)
     assert state["channels_owned"] == 1 and state["appended"] == 1
     assert "n1" in state["peers"]
+
+
+def healthz(port: int) -> tuple[int, dict]:
+    """The status and JSON of ``/healthz`` on ``port``, a 503 included; (0, {}) while
+    nothing listens there (the metrics server starts just after the relay's port)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except urllib.error.URLError:
+        return 0, {}
+
+
+async def answers(port: int, code: int, timeout: float = 30.0) -> dict:
+    """``/healthz`` on ``port`` once it answers ``code``: its JSON."""
+    async def check() -> dict | None:
+        got, body = healthz(port)
+        return body if got == code else None
+    return await until(check, timeout)
+
+
+async def test_healthz_is_503_degraded_while_the_node_s_engine_is_away(nodes,
+                                                                      nats_cluster: NatsCluster):
+    """kill -9 of every nats-server: the node can take no publish of a channel, no
+    claim and no group change, so its /healthz answers 503 "degraded" (engine
+    not connected) for a load balancer to send new clients to another node;
+    200 "ok" again once it has reconnected.  Before, it answered 200 "ok"."""
+    (n0,) = nodes("n0")
+    assert (await answers(n0.metrics_port, 200))["status"] == "ok"
+    for server in nats_cluster.servers:
+        server.kill()
+    body = await answers(n0.metrics_port, 503)
+    assert (body["status"], body["cluster"]["engine_connected"]) == ("degraded", False)
+    nats_cluster.restart()
+    body = await answers(n0.metrics_port, 200)
+    assert (body["status"], body["cluster"]["engine_connected"]) == ("ok", True)
 
 
 async def test_presence_across_nodes_and_a_dead_node_s_users_go_offline(nodes):

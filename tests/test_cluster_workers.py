@@ -19,7 +19,8 @@ import pytest
 import fenghuo
 from scripts.nats_cluster import NatsCluster
 from conftest import RelayProcess, start_relay
-from test_cluster import LEASE, SECRET, messages_of, send_while_away
+from test_cluster import LEASE, SECRET, answers, healthz, messages_of, send_while_away
+from test_cluster import until as eventually
 
 WORKERS = 2
 
@@ -212,3 +213,27 @@ async def test_the_supervisor_s_healthz_and_metrics_show_every_worker_s_cluster_
                 (name, k)
     for k in range(WORKERS):
         assert f'fenghuo_cluster_engine_connected{{worker="{k}"}} 1.0' in text, k
+
+
+async def test_the_supervisor_s_healthz_is_503_degraded_while_its_workers_engine_is_away(
+        nodes, nats_cluster: NatsCluster):
+    """kill -9 of every nats-server: each worker's /healthz answers 503 "degraded",
+    so the node's (the supervisor's) does too, with each worker's ``cluster``
+    object kept (engine not connected) and the node's; 200 "ok" again once
+    every worker has reconnected."""
+    (n0,) = nodes("n0")
+    assert (await answers(n0.metrics_port, 200))["status"] == "ok"
+    for server in nats_cluster.servers:
+        server.kill()
+    async def every_worker_away() -> dict | None:
+        code, body = healthz(n0.metrics_port)      # the workers see it at their own moments
+        return body if code == 503 and all(
+            w.get("cluster", {}).get("engine_connected") is False for w in body["workers"]) \
+            else None
+    health = await eventually(every_worker_away, 30)
+    assert (health["status"], health["cluster"]["engine_connected"]) == ("degraded", False)
+    assert [(w["running"], w["healthy"], w["cluster"]["engine_connected"])
+            for w in health["workers"]] == [(True, False, False)] * WORKERS
+    nats_cluster.restart()
+    health = await answers(n0.metrics_port, 200)
+    assert (health["status"], health["cluster"]["engine_connected"]) == ("ok", True)
