@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from collections.abc import Callable
 
-from fenghuo.channels import ChannelName, InvalidChannel, parse_channel
+from fenghuo.channels import GROUP_PREFIX, ChannelName, InvalidChannel, parse_channel
 from fenghuo.core import Channel, ChannelKind, ErrorCode, Hub, ProtocolError
 if TYPE_CHECKING:
     from fenghuo.server.groups import GroupRegistry
@@ -103,8 +103,19 @@ class Access:
         return cn
 
     def readable(self, session: Session, name: str) -> Channel:
-        """The existing channel ``name`` if ``session`` may read it (it receives it)."""
+        """The existing channel ``name`` if ``session`` may read it (it receives it).
+
+        A group's also asks the group: a leaver's session receives the channel
+        until its leave event has gone out (Subscriptions.part), and must be
+        refused from the change on, as PUBLISH and HISTORY are.
+        """
         ch = self.hub.find(name)
-        if ch is None or ch not in session.subscriptions:
+        if ch is None or ch not in session.subscriptions or (
+                ch.kind == ChannelKind.GROUP_CHAT and not self.in_group(session.user, name)):
             raise refuse(ErrorCode.FORBIDDEN, f"not subscribed to {name!r}")
         return ch
+
+    def in_group(self, user: str, name: str) -> bool:
+        """Whether ``user`` is a member of the group whose channel is ``name``, here."""
+        group = self.groups.groups.get(name[len(GROUP_PREFIX):])
+        return group is not None and user in group.members

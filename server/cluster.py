@@ -562,7 +562,7 @@ class Cluster:
             # In place: the compiled receiver holds this list.
             self.pending_parts[:] = [p for p in self.pending_parts if p[0].seq < p[1]]
             for ch, _, user in due:
-                self.relay.subs.part(user, ch)
+                self.relay.subs.part(user, ch, delivered=True)   # its leave event went out
 
     def _peer_started(self, peer: int, generation: int) -> None:
         known = self.peer_generations.get(peer)

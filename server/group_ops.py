@@ -133,14 +133,15 @@ class GroupOps:
         if added:
             self.registry.join(group, to, MEMBER)
             self.relay.subs.join(to, ch)
-            self.event(group, {"event": "join", "by": me, "users": [to], "role": MEMBER})
         elif group.members[to] == READER:
             group.members[to] = MEMBER     # a silenced member handed the conversation speaks again
         silenced = self.registry.silence(group, silence)
         for user in silenced:
             self.relay.forget_publish(user)
         group.queued = None                # handed off: no longer waiting for an advisor
-        self.save(group)
+        self.save(group)                   # ahead of its events (save)
+        if added:
+            self.event(group, {"event": "join", "by": me, "users": [to], "role": MEMBER})
         self.event(group, {"event": "handoff", "by": me, "to": to, "from": list(remove),
                                  "silenced": silenced, "note": note})
         seq = ch.seq
@@ -205,12 +206,13 @@ class GroupOps:
     def _announce_parting(self, me: str, group: Group, users: list[str]) -> None:
         if not users:
             return
-        # Announce before parting, so the leavers receive their own leave event.
         ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
+        # Saved ahead of the event (save), the others parting them once past it;
+        # announced before parting here, so the leavers receive their own leave event.
+        self.save(group, parts_at=ch.seq + 1)
         self.event(group, {"event": "leave", "by": me, "users": users})
         for user in users:
             self.relay.subs.part(user, ch)
-        self.save(group)
 
     def admit(self, group: Group, after: Callable[[], Group]) -> None:
         """Refuse (``FRAME_TOO_LARGE``) a change of ``group`` if its record would then
@@ -266,16 +268,25 @@ class GroupOps:
         self.relay.hub.publish_event(ch, event.get("by", group.owner), orjson.dumps(event),
                                ContentType.EVENT)
 
-    def save(self, group: Group) -> None:
+    def save(self, group: Group, parts_at: int | None = None) -> None:
         """Persist ``group`` (members, roles and when each joined), ordered with its
-        messages, and give it to the other workers."""
+        messages, and give it to the other workers.
+
+        Called before the change's events are sequenced: every worker (node) has
+        the change before it can deliver an event announcing it, so a client that
+        has its event finds it made there (PROTOCOL §3.16, "Membership and its
+        events").  Between workers the record goes at once and the event once
+        stored; a cluster's store hands both back in this order.
+        """
         ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
         after = group.changed()
         joined = {u: self.relay.memberships.get(u, {}).get(ch, 0) for u in group.members}
-        # ``seq``: the channel's head at the change; leavers part elsewhere once
-        # their replica has passed it (apply).  ``after``: the change it
-        # was made over (a cluster's bucket takes it only over that one).
-        record = {**group.record(), "joined": joined, "seq": ch.seq, "after": after}
+        # ``seq``: where leavers part elsewhere, once their replica has passed it
+        # (apply): ``parts_at``, the seq their leave event will have, else the
+        # channel's head.  ``after``: the change it was made over (a cluster's
+        # bucket takes it only over that one).
+        seq = ch.seq if parts_at is None else parts_at
+        record = {**group.record(), "joined": joined, "seq": seq, "after": after}
         if self.relay.store is not None:
             written = self.relay.store.save_group(group.id, record)
             if written is not None and self._writes is not None:
@@ -286,8 +297,9 @@ class GroupOps:
     def apply(self, record: dict[str, Any], seq: int) -> None:
         """A group as its owning worker changed it, when its channel was at ``seq``.
 
-        New members join here at once; leavers part once this replica has
-        passed ``seq``, so they still receive their own leave event.
+        New members join here at once; leavers are refused here at once (the
+        registry, the cached publish permission) and stop receiving once this
+        replica has passed ``seq``, so they still receive their own leave event.
         """
         held = self.registry.groups.get(record["id"])
         if held is not None and held.newer_than(record):
@@ -298,12 +310,19 @@ class GroupOps:
         for user, role in group.members.items():
             if role == READER:
                 self.relay.forget_publish(user)     # silenced: a cached permission must not outlive it
+        cluster = self.relay.cluster
+        assert cluster is not None
+        if added and cluster.pending_parts:
+            # Re-added before this replica passed the leave event: stays (in place:
+            # the compiled receiver holds this list).
+            cluster.pending_parts[:] = [p for p in cluster.pending_parts
+                                        if p[0] is not ch or p[2] not in added]
         for user in added:
             self.relay.subs.join(user, ch)
             self.relay.memberships[user][ch] = record["joined"].get(user, 0)
-        assert self.relay.cluster is not None
         for user in removed:
-            if ch.seq >= seq or not self.relay.cluster.ready(ch):
-                self.relay.subs.part(user, ch)
+            if ch.seq >= seq or not cluster.ready(ch):
+                self.relay.subs.part(user, ch, delivered=True)
             else:
-                self.relay.cluster.pending_parts.append((ch, seq, user))
+                self.relay.forget_publish(user)
+                cluster.pending_parts.append((ch, seq, user))

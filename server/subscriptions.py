@@ -205,9 +205,11 @@ class Subscriptions:
         for session in self.relay.users.of(user):
             self.subscribe(session, ch)
 
-    def part(self, user: str, ch: Channel) -> None:
+    def part(self, user: str, ch: Channel, *, delivered: bool = False) -> None:
         """End ``user``'s membership here: no more publishing now; no more receiving
-        once what was sequenced before (their own leave event included) has gone out."""
+        once what was sequenced before (their own leave event included) has gone out:
+        at once if it has (``delivered``: a replica past the leave event), else
+        in the store's order, after it."""
         channels = self.relay.memberships.get(user)
         if channels is not None:
             channels.pop(ch, None)
@@ -221,7 +223,11 @@ class Subscriptions:
                 return          # re-added meanwhile
             for session in sessions:
                 self.unsubscribe(session, ch, entirely=True)
-        self.hub.after_store(unsubscribe)
+        if delivered:
+            # Not a store turn later: the replica's next message would reach the leaver.
+            unsubscribe()
+        else:
+            self.hub.after_store(unsubscribe)
 
     # ------------------------------------------------------------ catch-up
 

@@ -1,0 +1,145 @@
+"""A membership change is in effect on a worker (node) no later than the event
+announcing it is delivered there (PROTOCOL §3.16, "Membership and its events").
+
+The default deployment (one worker per core), a real relay over real TCP: the
+group's channel is sequenced by worker 0, the member whose membership changes
+is connected to worker 1 (a replica's) or to worker 0, and the changes come in
+many quick cycles while his worker's store is kept busy (a store turn is what
+a leaver's unsubscription waited for: on a replica it let him receive what
+followed his leave event, and have SUBSCRIBE and RECEIPT accepted).  Then the
+same between two nodes of a cluster on three nats-servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+import fenghuo
+from fenghuo import ErrorCode, FenghuoError
+from fenghuo.server.routing import owner_of
+import test_cluster
+
+CYCLES = 40
+
+#: the fixture starting nodes of a cluster on three nats-servers
+nodes = test_cluster.nodes
+
+
+def several(relay) -> None:
+    if relay.workers < 2:
+        pytest.skip("needs several workers (one per core): this machine has one core")
+
+
+async def on_worker(relay, user: str, worker: int) -> fenghuo.Client:
+    """A connected client of ``user`` on ``worker`` (reconnected until the kernel puts it there)."""
+    for _ in range(100):
+        client = await relay.connect(user)
+        if client.welcome["worker"] == worker:
+            return client
+        await client.close()
+    pytest.fail(f"{user}'s connections never reached worker {worker}")
+
+
+def owned_by(relay, worker: int, name) -> str:
+    """The first ``name(k)`` whose channel ``worker`` sequences."""
+    return next(n for n in (name(k) for k in range(1000)) if owner_of(n, relay.workers) == worker)
+
+
+async def refused(awaitable, code: int, what: str) -> None:
+    try:
+        await asyncio.wait_for(awaitable, 5)
+    except FenghuoError as exc:
+        assert exc.code == code, f"{what}: {exc}"
+        return
+    pytest.fail(f"{what}: accepted")
+
+
+async def next_event(client: fenghuo.Client, event: str) -> fenghuo.Message:
+    """The next EVENT message ``event`` of ``client``, passing over anything else."""
+    while True:
+        message = await client.next_message(timeout=5)
+        if (message.content_type == fenghuo.ContentType.EVENT
+                and f'"event":"{event}"'.encode() in message.payload):
+            return message
+
+
+@contextlib.asynccontextmanager
+async def busy_store(relay, worker: int):
+    """Keep ``worker``'s store writer busy: publishes to a channel it sequences."""
+    channel = owned_by(relay, worker, lambda k: f"org.busy{k}")
+    client = await relay.connect("loader", channels=(channel,))
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(client.publish(channel, "x" * 200) for _ in range(20)))
+
+    task = asyncio.create_task(publish())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def changes_of_membership(owner: fenghuo.Client, dave: fenghuo.Client,
+                                bob: fenghuo.Client, group: str, cycles: int) -> None:
+    """``owner`` adds and removes ``dave`` ``cycles`` times, ``bob`` a member throughout.
+
+    Added: once dave has his join event, he subscribes and publishes at once.
+    Removed: once he has his leave event, SUBSCRIBE, PUBLISH, HISTORY and RECEIPT
+    of the group are refused, and nothing published after it reaches him.
+    """
+    channel = f"group:{group}"
+    for cycle in range(cycles):
+        await owner.add_members(group, ["dave"])
+        await next_event(dave, "join")
+        assert (await dave.subscribe(channel))["channel"] == channel
+        await dave.publish(channel, f"dave {cycle}")
+
+        await owner.remove_members(group, ["dave"])
+        leave = await next_event(dave, "leave")
+        await refused(dave.subscribe(channel), ErrorCode.FORBIDDEN, f"SUBSCRIBE, cycle {cycle}")
+        await refused(dave.publish(channel, "still here?"), ErrorCode.FORBIDDEN,
+                      f"PUBLISH, cycle {cycle}")
+        await refused(dave.history(channel, after=0), ErrorCode.FORBIDDEN, f"HISTORY, cycle {cycle}")
+        await refused(dave.mark_read(channel, leave.seq, confirm=True), ErrorCode.FORBIDDEN,
+                      f"RECEIPT, cycle {cycle}")
+        said = await bob.publish(channel, f"after dave left {cycle}")
+        # bob's ack came after his message went out to dave's worker (node); dave's
+        # answer to a request made now comes after anything it sent dave then.
+        await dave.presence(["dave"])
+        with pytest.raises(asyncio.TimeoutError):
+            extra = await dave.next_message(timeout=0.05)
+            pytest.fail(f"cycle {cycle}: dave received {extra!r} (bob's was seq {said.seq}), "
+                        "published after he left")
+
+
+@pytest.mark.parametrize("dave_on", ["replica", "owner"])
+async def test_a_membership_change_is_in_effect_where_its_event_is_delivered(relay, dave_on):
+    """dave on a worker that does not sequence the group (a replica's), or on the one
+    that does: every worker has each change of his membership before his event."""
+    several(relay)
+    group = owned_by(relay, 0, lambda k: f"group:race{k}")[len("group:"):]
+    here = 1 if dave_on == "replica" else 0
+    alice = await on_worker(relay, "alice", 0)       # the owner's worker: she changes the group
+    dave = await on_worker(relay, "dave", here)      # he joins and leaves
+    bob = await on_worker(relay, "bob", here)        # a member beside dave, who speaks on
+    await alice.create_group(group, ["bob"])
+    async with busy_store(relay, here):
+        await changes_of_membership(alice, dave, bob, group, CYCLES)
+
+
+async def test_a_membership_change_is_in_effect_on_a_node_once_its_event_is_there(nodes):
+    """A cluster of two nodes: the group's channel sequenced by n0, dave and bob on
+    n1.  n1 has each change of dave's membership before his event."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice")
+    dave = await n1.connect("dave")
+    bob = await n1.connect("bob")
+    await alice.create_group("crossing", ["bob"])      # n0 sequences group:crossing
+    await next_event(bob, "created")                   # n1 knows the group
+    await changes_of_membership(alice, dave, bob, "crossing", CYCLES // 4)
