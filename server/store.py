@@ -166,32 +166,49 @@ def prepare_schema(conn: sqlite3.Connection, patience_ms: int = 600_000) -> None
     and creates or migrates; the others wait for it (up to ``patience_ms``,
     as a migration copies every message once) and find it done.
     """
-    conn.executescript(OTHER_SCHEMA)
     (busy,) = conn.execute("PRAGMA busy_timeout").fetchone()
     conn.execute(f"PRAGMA busy_timeout={patience_ms}")
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version < SCHEMA_VERSION:
-            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
-                               ).fetchone()
-            if row is not None and "WITHOUT ROWID" in row[0].upper():
-                _migrate_from_1(conn)
-            for statement in MESSAGES_DDL:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        conn.executescript(OTHER_SCHEMA)
+        _prepare_messages(conn)
     finally:
         conn.execute(f"PRAGMA busy_timeout={busy}")
 
 
-def _migrate_from_1(conn: sqlite3.Connection) -> None:
+def _prepare_messages(conn: sqlite3.Connection) -> None:
+    if _schema_version(conn) == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _schema_version(conn) < SCHEMA_VERSION:
+            row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                               ).fetchone()
+            started, copied = time.monotonic(), None
+            if row is not None and "WITHOUT ROWID" in row[0].upper():
+                copied = _migrate_from_1(conn)
+            for statement in MESSAGES_DDL:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if copied is not None:
+                log.warning("store schema 1 -> %d: %d messages copied and indexed in %.1f s",
+                            SCHEMA_VERSION, copied, time.monotonic() - started)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"the store is of schema {version}, newer than this relay's ({SCHEMA_VERSION}):"
+                         " start the version that wrote it")
+    return int(version)
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> int:
     """Copy schema 1's messages (clustered by channel and seq) into schema 2's
-    table, in that order, inside the caller's transaction."""
-    started = time.monotonic()
+    table, in that order, inside the caller's transaction; return how many."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     key_id = "key_id" if "key_id" in columns else "NULL"
     conn.execute("ALTER TABLE messages RENAME TO messages_v1")
@@ -202,8 +219,7 @@ def _migrate_from_1(conn: sqlite3.Connection) -> None:
                           f" SELECT channel, seq, ts_us, sender, dedupe, frame, {key_id} FROM messages_v1"
                           " ORDER BY channel, seq").rowcount
     conn.execute("DROP TABLE messages_v1")
-    log.warning("store schema 1 -> %d: %d messages copied in %.1f s", SCHEMA_VERSION, copied,
-                time.monotonic() - started)
+    return int(copied)
 
 
 def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:

@@ -446,6 +446,15 @@ async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
     db.close()
 
 
+def test_a_store_of_a_newer_schema_is_refused(tmp_path):
+    SQLiteStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        db.execute("PRAGMA user_version=3")
+    db.close()
+    with pytest.raises(ValueError, match="schema 3, newer than this relay's"):
+        SQLiteStore(tmp_path)
+
+
 async def test_others_are_served_while_the_writer_waits_for_the_file(relay_factory):
     # The store's writer waits on SQLite (here for a lock another process
     # holds on the file) without the interpreter's lock: the event loop goes
