@@ -108,7 +108,7 @@ class SessionListener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind == WSMsgType.BINARY or kind == WSMsgType.CONTINUATION:
-            self._feed(frame.get_payload_as_memoryview())
+            self.session.data_received(frame.get_payload_as_memoryview())
         elif kind == WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
                 transport.send_close(frame.get_close_code())
@@ -118,16 +118,6 @@ class SessionListener(WSListener):
             transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"binary messages only")
             transport.disconnect(graceful=True)
         # PING is answered by picows (auto pong); PONG needs nothing.
-
-    def _feed(self, payload: memoryview) -> None:
-        session = self.session
-        pos, end = 0, len(payload)
-        while pos < end and not session.closing:
-            buf = session.get_buffer(end - pos)
-            n = min(len(buf), end - pos)
-            buf[:n] = payload[pos:pos + n]
-            session.buffer_updated(n)
-            pos += n
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.session.connection_lost(None)
