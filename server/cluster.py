@@ -214,13 +214,28 @@ class Cluster:
     def _warm(self, name: str, head: int) -> None:
         """Replica side: the owner sent all it holds of ``name``; live messages follow."""
         ch = self.relay.ensure_channel(name)
-        if head and ch.seq != head:
+        if head and ch.seq != head and not (ch.seq > head and self._replicas_stored()):
             # What the owner's ring no longer held (the store has it), or a
             # replica left ahead by an owner that restarted without a store.
             # (0: nothing delivered yet, or a ring retention emptied.)
             ch.ring.clear()
             ch.seq = head
+        # Else ahead of ``head`` by what this worker read from the store when
+        # it made the channel, stored before the owner released it (the owner
+        # answered between the two): the same frames, and the owner's records
+        # up to ch.seq are second copies.  Cleared, the ring would be empty at
+        # seq ``head``, and a session waiting here would catch up from it with
+        # nothing: the messages up to ``head`` never reached it.
         self._ready(ch)
+
+    def _replicas_stored(self) -> bool:
+        """Whether every frame of a replica here is on disk in the store its owner
+        writes: this worker makes a channel from that store, and an owner sends a
+        message only once it is stored (``--fsync always``).  Not so for a cluster
+        node, whose channels load nothing (server/relay.py)."""
+        store = self.relay.store
+        return (store is not None and store.durable_acks
+                and self.relay.hub.channel_loader is not None)
 
     def _receive_from(self, ch: Channel, head: int) -> None:
         """Replica side: the owner sends ``ch``'s messages after ``head`` here

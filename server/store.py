@@ -63,6 +63,11 @@ log = logging.getLogger("fenghuo.store")
 
 FSYNC_MODES = ("always", "batch", "off")
 DB_FILE = "fenghuo.db"
+#: Test hook, unset in service (tests/test_worker_deliveries.py): seconds the writer
+#: waits after a batch is on disk before handing it back to the loop, as a loop too
+#: busy to take it makes it wait.  Meanwhile the batch's messages are in the file,
+#: where another worker reads them, and not yet in their owner's ring.
+HANDBACK_DELAY_ENV = "FENGHUO_TEST_HANDBACK_DELAY"
 # Records per transaction at most: bounds a batch's latency under a flood.
 MAX_BATCH = 8192
 # Records queued for the writer beyond which the relay stops reading from
@@ -271,6 +276,7 @@ class SQLiteStore:
         self.failure: BaseException | None = None
         #: records appended and not yet handed back (touched by the loop thread only)
         self.backlog = 0
+        self._handback_delay = float(os.environ.get(HANDBACK_DELAY_ENV) or 0)
         self.on_pressure: Callable[[bool], None] = lambda high: None
         self._pressed = False
 
@@ -380,6 +386,8 @@ class SQLiteStore:
                 loop.call_soon_threadsafe(on_batch, None)
                 return
             if records:
+                if self._handback_delay:
+                    time.sleep(self._handback_delay)        # HANDBACK_DELAY_ENV
                 loop.call_soon_threadsafe(on_batch, records)
 
     def _write_outbox(self, conn: SQLiteWriter, ordered: list[Any]) -> None:

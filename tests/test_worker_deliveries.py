@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import sqlite3
 import time
 import urllib.request
 
@@ -22,6 +23,7 @@ from fenghuo.core import FrameType, decode_message, encode_publish
 from fenghuo.server.routing import owner_of
 
 from fenghuo.channels import direct_channel
+from fenghuo.protocol import encode_json
 
 WORKERS = 2
 BURST = 4000          # well past a channel's ring (1,024): a late replica could not catch up
@@ -191,3 +193,55 @@ async def test_a_partner_whose_worker_hears_of_a_new_chat_late_still_gets_its_fi
     await bob_conn.expect_silence(0.2)
     ann.close()
     bob_conn.close()
+
+
+# The test hook of server/store.py (HANDBACK_DELAY_ENV): each stored batch
+# reaches its worker's loop this many seconds after it is on disk.
+HANDBACK_DELAY = 1.0
+
+
+@pytest.fixture
+def late_handback_relay(tmp_path):
+    relay = start_relay(tmp_path, workers=WORKERS,
+                        env={"FENGHUO_TEST_HANDBACK_DELAY": str(HANDBACK_DELAY)})
+    yield relay
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(30) == 0, relay.log()[-3000:]
+
+
+def stored_head(relay: RelayProcess, channel: str) -> int:
+    """The last seq of ``channel`` in the relay's SQLite file, read as another worker would."""
+    with sqlite3.connect(relay.data_dir / "fenghuo.db") as db:
+        row = db.execute("SELECT max(seq) FROM messages WHERE channel = ?", (channel,)).fetchone()
+    return int(row[0] or 0)
+
+
+async def test_a_replica_made_from_the_store_ahead_of_its_owner_s_ring_loses_nothing(
+        late_handback_relay):
+    # bob, on the worker that does not own an org channel, subscribes to it
+    # while its second message is on disk and not yet in its owner's ring
+    # (the store hands it back late).  His worker makes the channel from the
+    # store (seq 2) and asks the owner for it; the owner answers "warm" with
+    # its ring's last seq, 1.  bob must get both messages, then the next.
+    relay = late_handback_relay
+    owner, other = 0, 1
+    channel = next(name for name in (f"org.news.c{k}" for k in range(1000))
+                   if owner_of(name, WORKERS) == owner)
+    ann = await raw_on(relay, "ann", owner, channels=["org.news.>"])
+    bob = await raw_on(relay, "bob", other, read=["org.news.>"])
+    ann.write(encode_publish(channel, b"m1", request_id=1))
+    assert (await ann.reply()).type == FrameType.ACK
+    ann.write(encode_publish(channel, b"m2", request_id=2))
+    deadline = time.monotonic() + 5
+    while stored_head(relay, channel) < 2:
+        assert time.monotonic() < deadline, "the second message never reached the store"
+        await asyncio.sleep(0.005)
+    bob.write(encode_json(FrameType.SUBSCRIBE, {"channel": channel, "positions": {}}, 7))
+    assert (await bob.expect(FrameType.RESULT, request_id=7)) is not None
+    assert await messages(bob, 2, timeout=5) == [1, 2]
+    assert (await ann.reply()).type == FrameType.ACK
+    ann.write(encode_publish(channel, b"m3", request_id=3))
+    assert await messages(bob, 1, timeout=5) == [3]
+    await bob.expect_silence(0.2)
+    ann.close()
+    bob.close()
