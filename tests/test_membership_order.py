@@ -89,7 +89,9 @@ async def changes_of_membership(owner: fenghuo.Client, dave: fenghuo.Client,
                                 bob: fenghuo.Client, group: str, cycles: int) -> None:
     """``owner`` adds and removes ``dave`` ``cycles`` times, ``bob`` a member throughout.
 
-    Added: once dave has his join event, he subscribes and publishes at once.
+    Added: once dave has his join event, he subscribes and publishes at once; made
+    a reader, once he has the role event, his publish is refused; a member again,
+    accepted.
     Removed: once he has his leave event, SUBSCRIBE, PUBLISH, HISTORY and RECEIPT
     of the group are refused, and nothing published after it reaches him.
     """
@@ -99,6 +101,13 @@ async def changes_of_membership(owner: fenghuo.Client, dave: fenghuo.Client,
         await next_event(dave, "join")
         assert (await dave.subscribe(channel))["channel"] == channel
         await dave.publish(channel, f"dave {cycle}")
+        await owner.set_role(group, "dave", "reader")
+        await next_event(dave, "role")
+        await refused(dave.publish(channel, "silenced?"), ErrorCode.FORBIDDEN,
+                      f"PUBLISH of a reader, cycle {cycle}")
+        await owner.set_role(group, "dave", "member")
+        await next_event(dave, "role")
+        await dave.publish(channel, f"dave again {cycle}")
 
         await owner.remove_members(group, ["dave"])
         leave = await next_event(dave, "leave")
