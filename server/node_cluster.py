@@ -480,7 +480,8 @@ class NodeCluster(Cluster):
             # hole for the live sessions; the stream has every seq up to
             # ``head``, so the fill reads on to it instead.
             hole.through = max(hole.through, head)
-            head = ch.seq                            # ready from here, as it stands
+            self._ready(ch)                          # from its seq, as it stands
+            return
         super()._warm(name, head)
 
     def _interest(self, source: int, name: str, after: int) -> None:
