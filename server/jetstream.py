@@ -79,9 +79,9 @@ SETUP_PATIENCE = 120.0
 SETUP_RETRY_FIRST = 0.2
 SETUP_RETRY_LAST = 3.0
 # Seconds a write or read the stream must answer is retried while it cannot
-# (its leader's nats-server died): a follower of nats-server 2.9 waits 4-9 s
-# for a lost leader before it campaigns (raft.go, minElectionTimeoutDefault ..
-# maxElectionTimeoutDefault), so 20 s covers one full wait, a second round of
+# (its leader's nats-server died): a follower of nats-server 2.9 (and 2.15)
+# waits 4-9 s for a lost leader before it campaigns (raft.go,
+# minElectionTimeoutDefault .. maxElectionTimeoutDefault), so 20 s covers one full wait, a second round of
 # election and the answer (nats.go's publish retry chose 20 s for the same).
 ELECTION_PATIENCE = 20.0
 # What JetStream answers while it cannot serve a stream or bucket (no leader
