@@ -344,14 +344,22 @@ def runqueue_wait_s(pid: int, *, loop_thread_only: bool = False) -> float:
     """Seconds the threads of ``pid`` (or only its main thread, which runs the event
     loop) have spent runnable but waiting for a CPU, from the kernel's schedstat
     (second field, ns): time a pinned process lost to others."""
-    total = 0
+    return schedstat_s(pid, loop_thread_only=loop_thread_only)[1]
+
+
+def schedstat_s(pid: int, *, loop_thread_only: bool = False) -> tuple[float, float]:
+    """Seconds the threads of ``pid`` (or only its main thread) have run on a CPU and
+    waited, runnable, for one: the kernel's schedstat, first and second fields (ns)."""
+    ran = waited = 0
     for task in [str(pid)] if loop_thread_only else os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1])
+                fields = f.read().split()
         except (FileNotFoundError, ProcessLookupError):
             continue            # a thread that ended meanwhile
-    return total / 1e9
+        ran += int(fields[0])
+        waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def rss_bytes(pid: int) -> int:

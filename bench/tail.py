@@ -112,15 +112,17 @@ def _first_stalls(metrics_port: int) -> dict[str, dict[float, float]]:
             time.sleep(0.05)
 
 
-def cpu_wait_s(target: Target) -> float:
-    """Seconds every thread of the server's processes has waited, runnable, for a CPU."""
-    total = 0.0
+def cpu_s(target: Target) -> tuple[float, float]:
+    """Seconds every thread of the server's processes has run on a CPU, and waited,
+    runnable, for one."""
+    ran = waited = 0.0
     for pid in target.server_pids():
         try:
-            total += loadgen.runqueue_wait_s(pid)
-        except OSError:     # a worker restarting: its wait is lost
-            pass
-    return total
+            r, w = loadgen.schedstat_s(pid)
+        except OSError:     # a worker restarting: its times are lost
+            continue
+        ran, waited = ran + r, waited + w
+    return ran, waited
 
 
 def cmd_tail(a: argparse.Namespace) -> int:
@@ -140,13 +142,14 @@ def cmd_tail(a: argparse.Namespace) -> int:
                 async def scenario(t: Target, p: Progress, rate: float = rate,
                                    stalls: dict[str, Any] = stalls) -> loadgen.Result:
                     before = _first_stalls(t.metrics_port) if isinstance(t, Fenghuo) else None
-                    waited, started = cpu_wait_s(t), time.perf_counter()
+                    (ran, waited), started = cpu_s(t), time.perf_counter()
                     result = await loadgen.pairs_run(t, pairs=1, rate=rate, warmup=a.warmup,
                                                      duration=a.duration, progress=p)
-                    # The server's time runnable but without a CPU, per second of the
-                    # run (setup included): the machine's share of its tail.
-                    stalls["cpu_wait_ms_per_s"] = round(
-                        1000 * (cpu_wait_s(t) - waited) / (time.perf_counter() - started), 1)
+                    # Per second of the run (setup included): the server's time on a
+                    # CPU, and runnable but without one (the machine's share of its tail).
+                    (ran_after, waited_after), elapsed = cpu_s(t), time.perf_counter() - started
+                    stalls["cpu_ms_per_s"] = round(1000 * (ran_after - ran) / elapsed, 1)
+                    stalls["cpu_wait_ms_per_s"] = round(1000 * (waited_after - waited) / elapsed, 1)
                     if isinstance(t, Fenghuo):
                         stalls.update(relay_stalls(t.metrics_port, before))
                     return result
