@@ -44,12 +44,14 @@ def _targets(names: list[str], secret: str) -> list[tuple[str, Target]]:
 
 def _fenghuo(name: str, secret: str) -> Fenghuo:
     """``fenghuo-1`` (``--workers 1``) or ``fenghuo`` (one worker per core), ``--store memory``;
-    with ``-durable`` the default store instead (SQLite, ``--fsync always``)."""
+    with ``-durable`` the default store instead (SQLite, ``--fsync always``); relay flags
+    may follow a colon (``fenghuo-1:--loop-slice-us=0``)."""
+    name, _, flags = name.partition(":")
     base, durable = name.removesuffix("-durable"), name.endswith("-durable")
     if base not in ("fenghuo", "fenghuo-1"):
         raise ValueError(f"unknown target {name!r}")
     workers = 1 if base == "fenghuo-1" else os.cpu_count() or 1
-    return Fenghuo(secret, () if durable else FENGHUO_VS_PEERS, workers=workers)
+    return Fenghuo(secret, (*(() if durable else FENGHUO_VS_PEERS), *flags.split()), workers=workers)
 
 
 # (family, key, a label its series must carry): the full collections apart, as
@@ -197,7 +199,8 @@ def add_command(sub) -> None:
     p.add_argument("--targets", default="fenghuo-1,fenghuo,nats",
                    help="comma-separated: fenghuo-1 (--workers 1), fenghuo (default "
                         "deployment), each --store memory, or with -durable (fenghuo-1-durable, "
-                        "fenghuo-durable) the default store (SQLite, --fsync always); nats, redis")
+                        "fenghuo-durable) the default store (SQLite, --fsync always), and relay "
+                        "flags after a colon (fenghuo-1:--loop-slice-us=0); nats, redis")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table is their median")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)

@@ -111,6 +111,10 @@ class Settings:
     drain_timeout: float = _opt(5.0, "seconds graceful shutdown waits for clients to leave",
                                 zero="do not wait")
     backlog: int = _opt(4096, "listen backlog (the kernel caps it at net.core.somaxconn)")
+    loop_slice_us: int = _opt(100, "time slice in microseconds the event loop's thread asks of the "
+                                   "kernel (Linux 6.12 and later): on a busy CPU a woken loop with "
+                                   "a slice shorter than the running task's takes the CPU at once "
+                                   "(see The latency tail)", zero="the kernel's default")
     max_connections: int = _opt(0, "open client connections per worker; beyond it a new one is "
                                    "refused with TRY_AGAIN", zero="the open-file limit less 256")
     max_handshakes: int = _opt(2048, "connections per worker accepted and not yet past HELLO; beyond "

@@ -235,6 +235,8 @@ class RelayCollector(Collector):
                         "loop's thread waited, runnable, for a CPU during that tick (kernel "
                         "schedstat): the relay's own stalls, not a busy machine's.", BOUNDS,
                         [((), own.counts, own.sum)])
+        yield gauge("fenghuo_event_loop_slice_seconds", "The time slice the kernel gives the loop's "
+                    "thread (--loop-slice-us; 0 where the kernel does not say).", relay.node.loop_slice)
         yield counter("fenghuo_event_loop_cpu_wait_seconds", "Time the loop's thread spent runnable "
                       "but waiting for a CPU (kernel schedstat; 0 where the kernel does not say).",
                       relay.node.loop_lag.cpu_wait)

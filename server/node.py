@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 from fenghuo.core import FrameType
 from fenghuo.protocol import encode_json
 from fenghuo.server import retention
-from fenghuo.server.stalls import Collector, LoopLag
+from fenghuo.server.stalls import Collector, LoopLag, loop_slice
 
 if TYPE_CHECKING:
     from fenghuo.server.mesh import WorkerSpec
@@ -47,6 +47,8 @@ class Node:
         #: what holds the loop up, for /metrics: its lag and the collector's pauses
         self.loop_lag = LoopLag()
         self.collector = Collector()
+        #: the time slice the kernel gives the loop's thread, seconds (0: it does not say)
+        self.loop_slice = 0.0
 
     def _on_batch(self, batch: list[Any] | None) -> None:
         if batch is None:
@@ -112,6 +114,7 @@ class Node:
                 self.relay, self.new_session,
                 reuse_port=spec is not None)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
+        self.loop_slice = loop_slice(self.relay.settings.loop_slice_us)
         self.loop_lag.start()
         self.collector.start()
         if self.relay.tokens.revocations is not None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import gc
 import os
+import platform
+import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -103,6 +107,67 @@ class LoopLag:
         if self._schedstat is not None:
             os.close(self._schedstat)
             self._schedstat = None
+
+
+# sched_setattr(2) and sched_getattr(2) by machine: Python has no wrapper.
+_SCHED_ATTR_CALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
+_SCHED_OTHER, _SCHED_BATCH = 0, 3
+# struct sched_attr up to sched_period (SCHED_ATTR_SIZE_VER0): size, policy, flags,
+# nice, priority, runtime, deadline, period.
+_SCHED_ATTR = struct.Struct("IIQiIQQQ")
+
+
+def _sched_attr_calls() -> tuple[Any, int, int] | None:
+    """``(syscall, setattr number, getattr number)`` where this machine has them."""
+    numbers = _SCHED_ATTR_CALLS.get(platform.machine())
+    if numbers is None or not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).syscall, *numbers
+
+
+def _sched_attr(calls: tuple[Any, int, int], tid: int) -> tuple[int, ...] | None:
+    """``struct sched_attr`` of thread ``tid`` (0: the calling one), None if refused."""
+    syscall, _, get_number = calls
+    buffer = ctypes.create_string_buffer(_SCHED_ATTR.size)
+    if syscall(get_number, tid, buffer, _SCHED_ATTR.size, 0) != 0:
+        return None
+    return tuple(_SCHED_ATTR.unpack(buffer.raw))
+
+
+def thread_slice(tid: int = 0) -> float:
+    """The time slice, in seconds, the kernel gives thread ``tid`` (0: the calling
+    one; a process id names its main thread); 0 where it does not say."""
+    calls = _sched_attr_calls()
+    attr = None if calls is None else _sched_attr(calls, tid)
+    return 0.0 if attr is None else attr[5] / 1e9
+
+
+def loop_slice(slice_us: int) -> float:
+    """Ask the kernel for a ``slice_us`` time slice for the calling (the loop's) thread and
+    return the slice it then has, in seconds (0 where the kernel does not say).
+
+    Linux's scheduler (EEVDF, 6.6 and later) lets a woken task take the CPU
+    from the running one at once only if its slice is shorter (6.12's
+    PREEMPT_SHORT); else it waits for that task's slice (about 3 ms) to end.
+    The loop wakes for every message and runs for tens of microseconds, so
+    on a busy CPU every message it carries waited for someone's slice.  The
+    slice is the task's ``sched_runtime`` for the normal policy; its share of
+    the CPU (its weight, nice) is unchanged, and so is anything the operator
+    set (policy, nice): only the slice is written, and only under the normal
+    or batch policy.  0 asks nothing.  Measured with ``python -m bench tail``
+    (README, "The latency tail").
+    """
+    calls = _sched_attr_calls()
+    attr = None if calls is None else _sched_attr(calls, 0)
+    if calls is None or attr is None:
+        return 0.0
+    _, policy, _, nice, priority, _, deadline, period = attr
+    if slice_us and policy in (_SCHED_OTHER, _SCHED_BATCH):
+        wanted = _SCHED_ATTR.pack(_SCHED_ATTR.size, policy, 0, nice, priority, slice_us * 1000,
+                                  deadline, period)
+        # Refused (an older kernel, a sandbox): the slice stays the kernel's.
+        calls[0](calls[1], 0, ctypes.create_string_buffer(wanted, _SCHED_ATTR.size), 0)
+    return thread_slice()
 
 
 class Collector:

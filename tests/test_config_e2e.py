@@ -82,7 +82,7 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
     assert {o.name for o in zeros} == {
         "port", "metrics_port", "compress_threshold", "drain_timeout", "max_connections",
         "max_handshakes", "admit_rate", "workers", "replica_idle", "token_grace", "api_port",
-        "ws_port"}, "a new 0: test it here"
+        "ws_port", "loop_slice_us"}, "a new 0: test it here"
     secret = "s" * 40
     flags = [arg for o in zeros for arg in (o.flag, "0")]
     proc = subprocess.Popen([sys.executable, "-m", "fenghuo", "serve", *flags, f"--secret={secret}",
@@ -112,6 +112,9 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
             assert (received.seq, received.text) == (ack.seq, text)
         finally:
             await asyncio.gather(*(c.close() for c in clients))
+        # loop_slice_us 0: every process keeps the kernel's slice, as this one has.
+        from fenghuo.server.stalls import thread_slice
+        assert {thread_slice(pid) for pid in group_members(proc.pid)} == {thread_slice()}
         proc.terminate()
         assert proc.wait(STOP_TIMEOUT) == 0          # drain_timeout 0: no wait, still clean
     finally:

@@ -26,6 +26,7 @@ from rawwire import (
     metrics,
     open_raw,
     wait_for_metric,
+    worker_pid,
 )
 
 from fenghuo.protocol import encode_frame, encode_json, encode_publish
@@ -332,6 +333,25 @@ async def test_every_worker_keeps_the_collector_off_its_startup_state(relay_fact
     assert samples["fenghuo_event_loop_cpu_wait_seconds_total"] >= 0
     for generation in range(3):
         assert f'fenghuo_gc_pause_seconds_count{{generation="{generation}"}}' in samples
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_every_workers_loop_thread_asks_the_kernel_for_a_short_time_slice(relay_factory, workers):
+    """--loop-slice-us (default 100): the kernel gives each worker's loop thread that slice
+    (Linux 6.12+, server/stalls.py), /metrics says which; 0 leaves the kernel's own."""
+    from fenghuo.server.stalls import thread_slice
+    own = thread_slice()    # this test's thread: what the kernel gives when nobody asks
+    if own == 0.0:
+        pytest.skip("this kernel does not say a task's slice (sched_getattr)")
+    for flags, expected in (((), 100e-6), (("--loop-slice-us", "250"), 250e-6), (("--loop-slice-us", "0"), own)):
+        relay = relay_factory(*flags, workers=workers)
+        await relay.connect("alice")
+        pids = [relay.proc.pid] if workers == 1 else [worker_pid(relay, k) for k in range(workers)]
+        assert [thread_slice(pid) for pid in pids] == [pytest.approx(expected)] * workers, flags
+        slices = re.findall(r"^fenghuo_event_loop_slice_seconds(?:\{[^}]*\})? (\S+)$",
+                            (await http_get(relay.host, relay.metrics_port, "/metrics"))[2].decode(), re.M)
+        assert [float(v) for v in slices] == [pytest.approx(expected)] * workers, (flags, slices)
+        relay.stop()
 
 
 async def test_healthz_and_unknown_paths(relay):
