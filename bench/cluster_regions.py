@@ -26,6 +26,14 @@ with the owner read from the ``fenghuo_owners`` bucket and the leader and
 followers from the stream's info after the run.  The overhead (measured
 minus injected) therefore also holds the inter-region jitter's spread
 around its mean (up to half the jitter per hop either way).
+
+To tell where a message's time goes, a tap on every region's nats-server
+(a plain NATS subscriber, on the bench's clock) sees each append arrive
+(``fh.msg.>``, with its reply inbox) and JetStream's answer to it
+(``_INBOX.>``); a second table splits each pair's turnaround at the owner's
+server into: to the append, the append's round trip, and from the answer to
+the receiver's proxy, each beside the model's share.  The taps add a copy of
+each append and answer on every route (a few hundred bytes a message).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import nats
 import uvloop
 
 from bench import geo
-from bench.netem import LinkProfile, Proxy
+from bench.netem import LinkProfile, Proxy, clock
 from bench.targets import RELAY_CPU, Fenghuo, free_port, peer_binary
 from fenghuo.server.jetstream import OWNERS, token
 from scripts.nats_cluster import NatsCluster, NatsServer
@@ -83,19 +91,77 @@ class Placement:
 
 
 @dataclass
+class Hops:
+    """Where each message crossed the engine, seen by a tap on every region's
+    nats-server (same clock as the client proxies): the append arriving at a
+    server (``fh.msg.>``, with its reply inbox) and JetStream's answer to that
+    inbox arriving at a server (``_INBOX.>``)."""
+
+    appends: dict[tuple[str, str], float] = field(default_factory=dict)   # (server, id)
+    inbox_of: dict[tuple[str, str], str] = field(default_factory=dict)    # (server, id)
+    answers: dict[tuple[str, str], float] = field(default_factory=dict)   # (server, inbox)
+    taps: list[Any] = field(default_factory=list)
+
+    async def open(self, urls: dict[str, str]) -> None:
+        for region, url in urls.items():
+            nc = await nats.connect(url)
+            self.taps.append(nc)
+
+            async def on_append(msg: Any, region: str = region) -> None:
+                now = clock()
+                for message_id in _ids(msg.data):
+                    self.appends.setdefault((region, message_id), now)
+                    self.inbox_of.setdefault((region, message_id), msg.reply)
+
+            async def on_answer(msg: Any, region: str = region) -> None:
+                self.answers.setdefault((region, msg.subject), clock())
+            await nc.subscribe("fh.msg.>", cb=on_append)
+            await nc.subscribe("_INBOX.>", cb=on_answer)
+            await nc.flush()
+
+    async def close(self) -> None:
+        for nc in self.taps:
+            await nc.close()
+
+    def append_and_answer(self, owner: str, message_id: str) -> tuple[float, float] | None:
+        """When ``message_id``'s append reached the owner's server, and when the
+        stream's answer to it came back there."""
+        at = self.appends.get((owner, message_id))
+        inbox = self.inbox_of.get((owner, message_id))
+        answered = self.answers.get((owner, inbox or ""))
+        if at is None or answered is None:
+            return None
+        return at, answered
+
+
+def _ids(data: bytes) -> list[str]:
+    """The bench's message ids in a stream message (one frame or several)."""
+    out = []
+    start = 0
+    while (i := data.find(b'{"id":"', start)) >= 0:
+        end = data.find(b'"', i + 7)
+        out.append(data[i + 7:end].decode())
+        start = end
+    return out
+
+
+@dataclass
 class ClusterWorld(geo.World):
     """geo's world with a node per region: each region's clients reach their own node."""
 
     node_ports: dict[str, int] = field(default_factory=dict)
     node_metrics: dict[str, int] = field(default_factory=dict)
     nats_url: str = ""
+    server_urls: dict[str, str] = field(default_factory=dict)
     placement: Placement = field(default_factory=Placement)
+    hops: Hops = field(default_factory=Hops)
 
     def link(self, region: str) -> LinkProfile:
         base = geo.one_way(region, region).scaled(self.scale)
         return LinkProfile(base.delay_s + self.last_mile_s, base.jitter_s)
 
     async def open(self, seed: int) -> None:
+        await self.hops.open(self.server_urls)
         for index, region in enumerate(geo.REGIONS):
             self.proxies[region] = await Proxy(
                 (f"127.0.0.{index + 2}", 0), ("127.0.0.1", self.node_ports[region]),
@@ -104,6 +170,18 @@ class ClusterWorld(geo.World):
 
     async def before_results(self) -> None:
         self.placement = await read_placement(self)
+        await self.hops.close()
+
+    def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
+                  down_arrived: float) -> tuple[float, float, float] | None:
+        """A message's relay turnaround in three: sender's node to the append at the
+        owner's server, the append's round trip, the answer to the receiver's proxy."""
+        owner = self.placement.owners.get((src, dst))
+        seen = None if owner is None else self.hops.append_and_answer(owner, message_id)
+        if seen is None:
+            return None
+        at, answered = seen
+        return at - up_released, answered - at, down_arrived - answered
 
     def between_nodes_s(self, src: str, dst: str) -> float:
         p, d = self.placement, lambda a, b: mean_one_way_s(a, b, self.scale)
@@ -226,7 +304,8 @@ async def _measure(a: argparse.Namespace, base: Path) -> tuple[list[dict], dict,
             0, secret, "", a.regions_scale, 0.0,
             node_ports={r: n.port for r, n in cluster.nodes.items()},
             node_metrics={r: n.metrics_port for r, n in cluster.nodes.items()},
-            nats_url=cluster.servers[geo.REGIONS[0]].url)
+            nats_url=cluster.servers[geo.REGIONS[0]].url,
+            server_urls={r: s.url for r, s in cluster.servers.items()})
         args = argparse.Namespace(messages=a.regions_messages, rate=a.regions_rate,
                                   catchup=a.regions_catchup, seed=1)
         pairs, lag = await geo.measure_world(world, args)
@@ -251,6 +330,36 @@ def after_first_table(pairs: list[dict]) -> str:
                      f"{geo._fmt(over['p99'])} | {p.get('owner', '-')} | "
                      f"{_yes(p['delivered_in_seq_order'])} / {_yes(p['sequenced_in_send_order'])} |")
     return "\n".join(lines)
+
+
+def hops_table(pairs: list[dict], world_model: dict[tuple[str, str], tuple[float, float, float]]
+               ) -> str:
+    """Per pair, the turnaround after the first message split at the engine, p50
+    (p99) measured against the modelled mean of the inter-region hops in it."""
+    lines = ["| from → to (after the first message) | to the append: measured / model | "
+             "append round trip: measured / model | answer → receiver's proxy: measured / model |",
+             "|---|---:|---:|---:|"]
+    for p in pairs:
+        hops = p.get("hops_after_first_ms")
+        if not hops:
+            continue
+        model = world_model[(p["from"], p["to"])]
+        cells = [f"{geo._fmt(hops[n]['p50'])} ({geo._fmt(hops[n]['p99'])}) / {m * 1000:.1f}"
+                 for n, m in zip(("to_append", "append", "to_receiver"), model)]
+        lines.append(f"| {p['from']} → {p['to']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hop_model(placement: Placement, scale: float) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """The bench's model of each pair's path in the same three parts (mean one-way s)."""
+    def d(a: str, b: str) -> float:
+        return mean_one_way_s(a, b, scale)
+    out = {}
+    for (src, dst), owner in placement.owners.items():
+        quorum = min((2 * d(placement.leader, f) for f in placement.followers), default=0.0)
+        out[(src, dst)] = (d(src, owner), d(owner, placement.leader) + quorum
+                           + d(placement.leader, owner), d(owner, dst))
+    return out
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -279,6 +388,8 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print(geo.markdown_table(pairs))
     print()
     print(after_first_table(pairs))
+    print()
+    print(hops_table(pairs, hop_model(placement, a.regions_scale)))
     print(f"this process's event-loop lag: p99 {geo._fmt(lag['p99'])} ms, "
           f"max {geo._fmt(lag['max'])} ms")
     for line in geo.verdict_lines(verdicts, len(pairs)):

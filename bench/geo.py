@@ -233,6 +233,11 @@ class World:
         (one relay); a cluster across regions adds its inter-region hops."""
         return 0.0
 
+    def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
+                  down_arrived: float) -> tuple[float, float, float] | None:
+        """A message's relay turnaround split at the engine (a cluster's taps): none here."""
+        return None
+
     def client(self, region: str, user: str, device: str) -> fenghuo.Client:
         """A client placed in ``region``; it does not reconnect (a reconnect would resend)."""
         host, port = self.proxies[region].address
@@ -394,10 +399,14 @@ def _pair_result(world: World, pair: Pair) -> dict:
     expected = [f"{pair.name}#{i}" for i in range(pair.sent)]
     receiver_device = _device("r", pair.src, pair.dst)
     latencies, injected, turnarounds = [], [], []
+    hops: list[tuple[float, float, float]] = []
     between = world.between_nodes_s(pair.src, pair.dst)
-    for message_id, sent, received, _ in pair.received:
+    for index, (message_id, sent, received, _) in enumerate(pair.received):
         up = world.wire.record(world.wire.publishes[message_id])
         down = world.wire.record(world.wire.deliveries[(receiver_device, message_id)])
+        split = world.hop_split(pair.src, pair.dst, message_id, up.released_at, down.arrived_at)
+        if split is not None and index:
+            hops.append(split)
         latencies.append(received - sent)
         injected.append(up.delay_s + down.delay_s + between)
         # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
@@ -429,6 +438,12 @@ def _pair_result(world: World, pair: Pair) -> dict:
         "injected_ms": _summary(injected),
         "overhead_ms": _summary([lat - inj for lat, inj in zip(latencies, injected)]),
         "relay_turnaround_ms": _summary(turnarounds),
+        # A cluster's turnaround after the first message, split where the taps
+        # on its nats-servers saw it: to the append at the owner's server, the
+        # append's round trip there, and from its answer to the receiver's proxy.
+        "hops_after_first_ms": {name: _summary([h[i] for h in hops], ("p50", "p99"))
+                                for i, name in enumerate(("to_append", "append",
+                                                          "to_receiver"))} if hops else None,
         "catchup": {
             "trials": len(pair.catchups),
             "connect_to_first_delivery_ms": _summary([e for e, _ in pair.catchups], ("p50",)),

@@ -308,12 +308,15 @@ class Session(Connection, asyncio.BufferedProtocol):
                 # What a device says it received is delivered (per-message status).
                 relay.receipts.mark_delivered(self.user, kept)
                 if relay.store is not None and kept:
-                    relay.store.save_device_cursors(self.user, self.device, kept)
+                    written = relay.store.save_device_cursors(self.user, self.device, kept)
                     if request_id:
                         # "saved" means a HELLO of this device, on any worker, resumes from it.
                         slot = self.reserve_reply()
                         answer = encode_json(FrameType.RESULT, {"saved": len(kept)}, request_id)
-                        relay.hub.after_commit(lambda: self.fill_reply(slot, answer))
+                        if written is None:
+                            relay.hub.after_commit(lambda: self.fill_reply(slot, answer))
+                        else:
+                            written.add_done_callback(lambda _: self.fill_reply(slot, answer))
                     return
                 result = {"saved": len(kept)}
             case CursorUnread():

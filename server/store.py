@@ -350,8 +350,10 @@ class SQLiteStore:
         self.append(GroupSave(group_id, orjson.dumps(record)))
         return None
 
-    def save_device_cursors(self, user: str, device: str, positions: dict[str, int]) -> None:
+    def save_device_cursors(self, user: str, device: str,
+                            positions: dict[str, int]) -> asyncio.Future[bool] | None:
         self.append(DeviceCursors(user, device, positions))
+        return None
 
     def save_read_cursor(self, channel: str, user: str, seq: int) -> None:
         self.append(ReadCursor(channel, user, seq))

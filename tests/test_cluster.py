@@ -977,6 +977,51 @@ async def test_a_device_synced_on_one_node_resumes_on_another(nodes):
     assert [(m.seq, m.payload) for m in got] == [(4, b"m3"), (5, b"m4")]
 
 
+async def test_a_device_sync_the_bucket_has_not_answered_holds_no_message(
+        nodes, nats_cluster: NatsCluster):
+    """A device's cursor sync is written to its KV bucket outside the order of
+    the node's messages: while the bucket has not answered it, messages
+    sequenced after it on that node (another channel's, another user's) are
+    stored, acked and delivered, and the sync's own answer ("saved") still
+    waits for the bucket.  Before, each message sequenced after any sync
+    waited for its write (`bench cluster --parts regions`: up to 550 ms on
+    pairs far from the bucket's leader).  The bucket is made to hold the write
+    here: its stream is replaced by a subscriber that answers nothing."""
+    (n0,) = nodes("n0")
+    alice = await n0.connect("alice")
+    bob = await n0.connect("bob", device="phone")
+    carol = await n0.connect("carol")
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        await js.delete_stream("KV_fenghuo_devices")
+        held: list[nats.aio.msg.Msg] = []
+
+        async def hold(msg: nats.aio.msg.Msg) -> None:
+            held.append(msg)                      # never answered
+
+        async def holding() -> bool:
+            return bool(held)
+        await nc.subscribe("$KV.fenghuo_devices.>", cb=hold)
+        await nc.flush()
+        await alice.send("bob", "m0")
+        await messages_of(bob, "dm:alice:bob", 1)
+        sync = asyncio.ensure_future(bob.sync_cursors_now())
+        await until(holding)
+        ack = await asyncio.wait_for(carol.send("alice", "while the sync is held"), 4.0)
+        assert ack.seq == 1
+        got = await messages_of(alice, "dm:alice:carol", 1)
+        assert got[0].payload == b"while the sync is held"
+        assert not sync.done()                    # "saved" waits for the bucket
+        await nc.close()                          # the write is answered again ...
+        nc = await nats.connect(nats_cluster.urls)
+        await nc.jetstream().create_key_value(bucket="fenghuo_devices", history=1,
+                                              replicas=3)
+        assert await asyncio.wait_for(sync, 30.0) == 1     # ... once the node tries again
+    finally:
+        await nc.close()
+
+
 async def test_read_counts_are_the_same_on_every_node(nodes):
     """Read cursors live in a KV bucket every node watches: unread counts and
     "x of N read" agree on every node, including one started afterwards."""
