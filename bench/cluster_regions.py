@@ -337,8 +337,9 @@ def hops_table(pairs: list[dict], world_model: dict[tuple[str, str], tuple[float
     """Per pair, the turnaround after the first message split at the engine, p50
     (p99) measured against the modelled mean of the inter-region hops in it."""
     lines = ["| from → to (after the first message) | to the append: measured / model | "
-             "append round trip: measured / model | answer → receiver's proxy: measured / model |",
-             "|---|---:|---:|---:|"]
+             "append round trip: measured / model | answer → receiver's proxy: measured / model "
+             "| first message: to the append / append |",
+             "|---|---:|---:|---:|---:|"]
     for p in pairs:
         hops = p.get("hops_after_first_ms")
         if not hops:
@@ -346,6 +347,9 @@ def hops_table(pairs: list[dict], world_model: dict[tuple[str, str], tuple[float
         model = world_model[(p["from"], p["to"])]
         cells = [f"{geo._fmt(hops[n]['p50'])} ({geo._fmt(hops[n]['p99'])}) / {m * 1000:.1f}"
                  for n, m in zip(("to_append", "append", "to_receiver"), model)]
+        first = p.get("hops_first_ms")
+        cells.append("-" if not first else
+                     f"{geo._fmt(first['to_append'])} / {geo._fmt(first['append'])}")
         lines.append(f"| {p['from']} → {p['to']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

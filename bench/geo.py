@@ -400,6 +400,7 @@ def _pair_result(world: World, pair: Pair) -> dict:
     receiver_device = _device("r", pair.src, pair.dst)
     latencies, injected, turnarounds = [], [], []
     hops: list[tuple[float, float, float]] = []
+    first_hops: tuple[float, float, float] | None = None
     between = world.between_nodes_s(pair.src, pair.dst)
     for index, (message_id, sent, received, _) in enumerate(pair.received):
         up = world.wire.record(world.wire.publishes[message_id])
@@ -407,6 +408,8 @@ def _pair_result(world: World, pair: Pair) -> dict:
         split = world.hop_split(pair.src, pair.dst, message_id, up.released_at, down.arrived_at)
         if split is not None and index:
             hops.append(split)
+        elif split is not None:
+            first_hops = split
         latencies.append(received - sent)
         injected.append(up.delay_s + down.delay_s + between)
         # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
@@ -444,6 +447,11 @@ def _pair_result(world: World, pair: Pair) -> dict:
         "hops_after_first_ms": {name: _summary([h[i] for h in hops], ("p50", "p99"))
                                 for i, name in enumerate(("to_append", "append",
                                                           "to_receiver"))} if hops else None,
+        # The same split of the pair's first message: its wait before the append
+        # holds the channel's claim.
+        "hops_first_ms": None if first_hops is None else {
+            name: round(first_hops[i] * 1000, 3)
+            for i, name in enumerate(("to_append", "append", "to_receiver"))},
         "catchup": {
             "trials": len(pair.catchups),
             "connect_to_first_delivery_ms": _summary([e for e, _ in pair.catchups], ("p50",)),
