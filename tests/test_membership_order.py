@@ -60,7 +60,10 @@ async def refused(awaitable, code: int, what: str) -> None:
 async def next_event(client: fenghuo.Client, event: str) -> fenghuo.Message:
     """The next EVENT message ``event`` of ``client``, passing over anything else."""
     while True:
-        message = await client.next_message(timeout=5)
+        try:
+            message = await client.next_message(timeout=5)
+        except TimeoutError:
+            pytest.fail(f"{client.user} never received its {event!r} event")
         if (message.content_type == fenghuo.ContentType.EVENT
                 and f'"event":"{event}"'.encode() in message.payload):
             return message
@@ -152,3 +155,28 @@ async def test_a_membership_change_is_in_effect_on_a_node_once_its_event_is_ther
     await alice.create_group("crossing", ["bob"])      # n0 sequences group:crossing
     await next_event(bob, "created")                   # n1 knows the group
     await changes_of_membership(alice, dave, bob, "crossing", CYCLES // 4)
+
+
+@pytest.mark.parametrize("store", [("--fsync", "batch"), ("--store", "memory")],
+                         ids=["fsync-batch", "store-memory"])
+async def test_a_member_handed_a_conversation_on_another_worker_gets_its_join_and_speaks(
+        relay_factory, store):
+    """Where an event is not held for the disk (``--fsync batch``, ``--store memory``)
+    the owner sends it to the other workers as it is sequenced: the hand-off's record
+    must precede its join event there, or dave, on another worker, is not yet a member
+    when his join event arrives, and never receives it."""
+    relay = relay_factory(*store)
+    several(relay)
+    group = owned_by(relay, 0, lambda k: f"group:desk{k}")[len("group:"):]
+    channel = f"group:{group}"
+    alice = await on_worker(relay, "alice", 0)
+    dave = await on_worker(relay, "dave", 1)
+    await alice.create_group(group, [])
+    for cycle in range(CYCLES // 4):
+        await alice.handoff(group, "dave", note=f"cycle {cycle}")
+        await next_event(dave, "join")
+        await dave.publish(channel, f"dave {cycle}")
+        await alice.remove_members(group, ["dave"])
+        await next_event(dave, "leave")
+        await refused(dave.publish(channel, "still here?"), ErrorCode.FORBIDDEN,
+                      f"PUBLISH, cycle {cycle}")
