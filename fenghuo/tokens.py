@@ -31,7 +31,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import jwt
@@ -189,6 +189,7 @@ def _check_claim_types(claims: dict[str, Any]) -> None:
 # each time only makes the table start over.
 _HEADERS: dict[str, str | None] = {}
 _HEADERS_MAX = 256
+_UNSEEN: Any = object()
 
 
 def _segment_json(segment: str, what: str) -> object:
@@ -201,10 +202,9 @@ def _segment_json(segment: str, what: str) -> object:
 
 def _header_kid(segment: str) -> str | None:
     """The ``kid`` of a header that passes (PROTOCOL §5.6, "Header"); TokenError otherwise."""
-    try:
-        return _HEADERS[segment]
-    except KeyError:
-        pass
+    kid = _HEADERS.get(segment, _UNSEEN)
+    if kid is not _UNSEEN:
+        return kid
     header = _segment_json(segment, "header")
     if not isinstance(header, dict):
         raise TokenError("token is invalid: its header is not a JSON object")
@@ -285,7 +285,10 @@ def verify_token(secret: str, token: str, *, leeway: float = LEEWAY) -> Grants:
     user = claims["sub"]
     if not is_user_id(user):
         raise TokenError("token subject is not a valid user id")
-    roles, channels, read = _strings(claims, "roles"), _strings(claims, "chan"), _strings(claims, "read")
+    # Most tokens carry few of these: an absent or empty one costs no call.
+    roles = _strings(claims, "roles") if claims.get("roles") else ()
+    channels = _strings(claims, "chan") if claims.get("chan") else ()
+    read = _strings(claims, "read") if claims.get("read") else ()
     why = _service_conflict(roles, channels, read)
     if why:
         raise TokenError(f"token is invalid: {why}")
@@ -293,9 +296,33 @@ def verify_token(secret: str, token: str, *, leeway: float = LEEWAY) -> Grants:
     if not isinstance(jti, str) or not isinstance(presence, bool) or isinstance(issued, bool) \
             or not isinstance(issued, (int, float)):
         raise TokenError("token claims jti (string), iat (number), presence (boolean) have wrong types")
-    return Grants(user=user, channels=channels, read=read,
-                  roles=roles, expires=float(claims["exp"]), jti=jti,
-                  issued=float(issued), sees_all_presence=presence)
+    return _verified_grants(user, channels, read, roles, float(claims["exp"]), jti, float(issued),
+                            presence)
+
+
+# Grants of a verified token, made without the frozen dataclass's __init__, which
+# sets each of its eight fields through object.__setattr__: here the fields' slot
+# descriptors set them (about 2.5 times as fast, timeit; every HELLO makes one).
+# The instance is as frozen afterwards, and equal to one Grants(...) makes.
+_GRANTS_FIELDS = ("user", "channels", "read", "roles", "expires", "jti", "issued", "sees_all_presence")
+assert tuple(f.name for f in fields(Grants)) == _GRANTS_FIELDS, "update _verified_grants"
+_set_user, _set_channels, _set_read, _set_roles, _set_expires, _set_jti, _set_issued, _set_presence = (
+    getattr(Grants, name).__set__ for name in _GRANTS_FIELDS)
+
+
+def _verified_grants(user: str, channels: tuple[str, ...], read: tuple[str, ...],
+                     roles: tuple[str, ...], expires: float, jti: str, issued: float,
+                     presence: bool) -> Grants:
+    grants: Grants = object.__new__(Grants)
+    _set_user(grants, user)
+    _set_channels(grants, channels)
+    _set_read(grants, read)
+    _set_roles(grants, roles)
+    _set_expires(grants, expires)
+    _set_jti(grants, jti)
+    _set_issued(grants, issued)
+    _set_presence(grants, presence)
+    return grants
 
 
 DEV_SECRET_FILE = "dev-secret"

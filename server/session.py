@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from fenghuo.server.relay import Relay
 
 log = logging.getLogger("fenghuo.session")
-SERVER_NAME = "fenghuo/0.1"
 
 
 def _fatal(exc: ProtocolError) -> ProtocolError:
@@ -202,15 +201,14 @@ class Session(Connection, asyncio.BufferedProtocol):
                  resumed: dict[str, int] | None) -> None:
         """WELCOME, then what was missed, then live: once ``channels`` are ready here."""
         relay = self.relay
-        self.send(encode_json(FrameType.WELCOME, {
-            "user": self.user, "device": self.device, "epoch": relay.epoch,
-            "durable": relay.durable, "server": SERVER_NAME,
-            **({"worker": relay.cluster.index} if relay.cluster is not None else {}),
-            "heartbeat": relay.settings.ping_interval, "max_frame": relay.settings.max_frame,
-            "expires": int(self.grants.expires), "token_grace": relay.settings.token_grace,
-            "channels": {ch.name: ch.seq for ch in channels},
-            **({"resumed": resumed} if resumed else {}),
-        }, request_id))
+        welcome = relay.welcome_fields().copy()
+        welcome["user"] = self.user
+        welcome["device"] = self.device
+        welcome["expires"] = int(self.grants.expires)
+        welcome["channels"] = {ch.name: ch.seq for ch in channels}
+        if resumed:
+            welcome["resumed"] = resumed
+        self.send(encode_json(FrameType.WELCOME, welcome, request_id))
         relay.subs.go_live(self, channels, self.positions)
         log.debug("connected", extra={"user": self.user, "device": self.device})
 
