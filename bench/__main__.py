@@ -326,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     commits.add_commands(sub)
     from bench import cluster
     cluster.add_command(sub)
+    from bench import connect_cost
+    connect_cost.add_command(sub)
     return cli
 
 

@@ -635,15 +635,19 @@ cdef class Connection:
         return PyMemoryView_FromMemory(hub._arena_ptr + self._arena_base,
                                        hub._arena_size - self._arena_base, PyBUF_WRITE)
 
-    def data_received(self, data):
-        """``data`` as a plain protocol is given it, read through ``get_buffer`` and
-        ``buffer_updated`` (the WebSocket gateway hands its messages' payloads here).
+    # uvloop looks ``data_received`` up on every new transport's protocol and
+    # keeps what it finds, though it feeds a BufferedProtocol through
+    # get_buffer/buffer_updated only.  Without the attribute that lookup raised
+    # and caught an AttributeError per connection (callgrind: about 3,300 of
+    # the 180,000 instructions of a connect + HELLO); a method would cost each
+    # connection a bound method object kept by its transport (60 bytes, python
+    # -m bench run connections); None costs neither.  Bytes that come some
+    # other way go through ``feed``.
+    data_received = None
 
-        Defined also for uvloop: it looks ``data_received`` up on every new
-        transport's protocol, and on a BufferedProtocol without one that
-        lookup raised and caught an AttributeError per connection (callgrind:
-        about 3,300 instructions of a connect + HELLO's 180,000).
-        """
+    def feed(self, data):
+        """``data``, arrived outside a stream transport (the WebSocket gateway's
+        messages), read through ``get_buffer`` and ``buffer_updated`` as TCP's are."""
         cdef Py_buffer src, dst
         cdef Py_ssize_t pos = 0, n
         PyObject_GetBuffer(data, &src, PyBUF_SIMPLE)

@@ -189,7 +189,6 @@ def _check_claim_types(claims: dict[str, Any]) -> None:
 # each time only makes the table start over.
 _HEADERS: dict[str, str | None] = {}
 _HEADERS_MAX = 256
-_UNSEEN: Any = object()
 
 
 def _segment_json(segment: str, what: str) -> object:
@@ -202,9 +201,8 @@ def _segment_json(segment: str, what: str) -> object:
 
 def _header_kid(segment: str) -> str | None:
     """The ``kid`` of a header that passes (PROTOCOL §5.6, "Header"); TokenError otherwise."""
-    kid = _HEADERS.get(segment, _UNSEEN)
-    if kid is not _UNSEEN:
-        return kid
+    if segment in _HEADERS:
+        return _HEADERS[segment]
     header = _segment_json(segment, "header")
     if not isinstance(header, dict):
         raise TokenError("token is invalid: its header is not a JSON object")

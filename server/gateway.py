@@ -108,7 +108,7 @@ class SessionListener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind == WSMsgType.BINARY or kind == WSMsgType.CONTINUATION:
-            self.session.data_received(frame.get_payload_as_memoryview())
+            self.session.feed(frame.get_payload_as_memoryview())
         elif kind == WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
                 transport.send_close(frame.get_close_code())

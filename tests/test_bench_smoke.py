@@ -96,6 +96,15 @@ def test_connections_reports_memory_and_rate(tmp_path):
     assert "bytes_per_connection=" in run.stdout
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_connect_cost_counts_the_relays_instructions_per_connect():
+    run = bench("connect-cost", "--connections", "20", "--warmup", "5", timeout=300)
+    first, *objects = run.stdout.strip().splitlines()
+    per_connect = int(re.search(r"HELLO \(20 connects after 5\): ([\d,]+)$", first)[1].replace(",", ""))
+    assert per_connect > 10_000, run.stdout     # a connect + HELLO runs the interpreter
+    assert any("libpython" in line or "python" in line for line in objects), run.stdout
+
+
 def test_fenghuo_run_also_reports_the_relays_own_histogram(tmp_path):
     run = bench("run", "one-to-one", *TINY, "--relay", "--store memory")
     assert re.search(r"relay publish-to-deliver \(server histogram.*\): p50 <= [\d.]+ ms", run.stdout)
