@@ -17,6 +17,17 @@ are zeroed, ``--connections`` links connect and HELLO (tokens made
 beforehand, 200 at a time), each waits for its WELCOME, and the counters
 are dumped.  Printed: instructions per connect, and their split by shared
 object (the interpreter, the core, uvloop, OpenSSL, ...).
+
+With ``--cpu``, no valgrind: the same connects against the relay and, in
+the same round, against redis-server (a ``PING`` each, answered ``+PONG``:
+the connect of ``python -m bench run connections --target redis``), each
+server pinned to its core, ``--rounds`` times; printed, each server's CPU
+time per connect and fenghuo's connects per core relative to
+redis-server's; 1,000 connecting at a time, as in ``python -m bench run
+connections``.  Unlike ``python -m bench run connections``, whose
+generator issues each token with PyJWT as it connects (and sets the pace,
+the relay idle most of the time), the servers are kept busy here, as in
+a reconnect storm.
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from bench.targets import RELAY_CPU, free_port, pin
+import uvloop
+
+from bench.loadgen import CONNECT_CONCURRENCY, cpu_seconds
+from bench.targets import GENERATOR_CPU, RELAY_CPU, Fenghuo, Target, free_port, pin
 
 CONCURRENCY = 200
 
@@ -46,12 +60,15 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--connections", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--relay", default="", metavar="FLAGS", help="extra `fenghuo serve` flags")
+    p.add_argument("--cpu", action="store_true",
+                   help="no valgrind: the relay's and redis-server's CPU time per connect")
+    p.add_argument("--rounds", type=int, default=2, help="with --cpu: alternating rounds")
     p.set_defaults(func=cmd_connect_cost)
 
 
-async def _connect(port: int, hellos: list[bytes]) -> None:
-    """Every HELLO on its own connection, ``CONCURRENCY`` at a time; each waits for its WELCOME."""
-    gate = asyncio.Semaphore(CONCURRENCY)
+async def _connect(port: int, hellos: list[bytes], concurrency: int = CONCURRENCY) -> None:
+    """Every HELLO on its own connection, ``concurrency`` at a time; each waits for its WELCOME."""
+    gate = asyncio.Semaphore(concurrency)
     writers: list[asyncio.StreamWriter] = []
 
     async def one(hello: bytes) -> None:
@@ -59,7 +76,9 @@ async def _connect(port: int, hellos: list[bytes]) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writers.append(writer)
             writer.write(hello)
-            if not await asyncio.wait_for(reader.read(65536), 300):
+            # No wait_for (a task per read): the generator's own cost per connect
+            # sets how many connects a server finds at once, and so its CPU per connect.
+            if not await reader.read(65536):
                 raise ConnectionError("the relay closed a connection before its WELCOME")
 
     try:
@@ -118,7 +137,40 @@ def self_cost_by_object(profile: Path) -> collections.Counter[str]:
     return by_object
 
 
+def _cpu_per_connect(target: Target, warmup: list[bytes], requests: list[bytes]) -> float:
+    """``target``'s CPU time per connect (microseconds) over ``requests``, after ``warmup``."""
+    with TemporaryDirectory(prefix=f"bench-connect-cost-{target.name}-") as workdir:
+        target.start(Path(workdir))
+        try:
+            uvloop.run(_connect(target.port, warmup, CONNECT_CONCURRENCY))
+            before = cpu_seconds(target.pid)
+            uvloop.run(_connect(target.port, requests, CONNECT_CONCURRENCY))
+            return (cpu_seconds(target.pid) - before) / len(requests) * 1e6
+        finally:
+            target.stop()
+
+
+def cpu_rounds(a: argparse.Namespace) -> int:
+    from bench.peers.redis import Redis, resp
+    for round_no in range(1, a.rounds + 1):
+        secret = secrets.token_urlsafe(32)
+        relay = Fenghuo(secret, ("--store", "memory", *a.relay.split()), 1)
+        fenghuo_us = _cpu_per_connect(relay, _hellos(secret, "w", a.warmup),
+                                      _hellos(secret, "u", a.connections))
+        ping = resp(b"PING")
+        redis_us = _cpu_per_connect(Redis(), [ping] * a.warmup, [ping] * a.connections)
+        # CPU time comes in clock ticks (10 ms): a few connects may show none.
+        ratio = f"{redis_us / fenghuo_us:.2f}x" if fenghuo_us else "n/a"
+        print(f"round {round_no}: {a.connections:,} connects, CPU per connect fenghuo "
+              f"{fenghuo_us:.1f} us, redis-server {redis_us:.1f} us: fenghuo's connects per "
+              f"core {ratio} redis-server's (load average {os.getloadavg()[0]:.1f})", flush=True)
+    return 0
+
+
 def cmd_connect_cost(a: argparse.Namespace) -> int:
+    if a.cpu:
+        pin(GENERATOR_CPU)
+        return cpu_rounds(a)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("connect-cost needs valgrind (apt-get install valgrind)")
     pin(1 - RELAY_CPU if (os.cpu_count() or 1) > 1 else 0)
@@ -137,10 +189,10 @@ def cmd_connect_cost(a: argparse.Namespace) -> int:
                                     preexec_fn=lambda: pin(RELAY_CPU))  # noqa: PLW1509
         try:
             _wait_listening(proc, port)
-            asyncio.run(_connect(port, warmup))
+            uvloop.run(_connect(port, warmup))
             subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
                            capture_output=True)
-            asyncio.run(_connect(port, hellos))
+            uvloop.run(_connect(port, hellos))
             subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
                            capture_output=True)
         finally:

@@ -105,6 +105,15 @@ def test_connect_cost_counts_the_relays_instructions_per_connect():
     assert any("libpython" in line or "python" in line for line in objects), run.stdout
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_connect_cost_cpu_times_the_relay_and_redis_in_each_round():
+    run = bench("connect-cost", "--cpu", "--connections", "50", "--warmup", "5", "--rounds", "2")
+    rounds = run.stdout.strip().splitlines()
+    assert len(rounds) == 2, run.stdout
+    for line in rounds:
+        assert re.search(r"fenghuo [\d.]+ us, redis-server [\d.]+ us: .* ([\d.]+x|n/a) redis", line), line
+
+
 def test_fenghuo_run_also_reports_the_relays_own_histogram(tmp_path):
     run = bench("run", "one-to-one", *TINY, "--relay", "--store memory")
     assert re.search(r"relay publish-to-deliver \(server histogram.*\): p50 <= [\d.]+ ms", run.stdout)
