@@ -35,7 +35,6 @@ from aiohttp import web
 from msgspec import Meta
 
 from fenghuo.channels import ChannelName as ParsedChannel
-from fenghuo.channels import InvalidChannel, parse_channel
 from fenghuo.client import ConnectionLost, FenghuoError, encode_payload
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
 from fenghuo.server.schemas import (
@@ -56,6 +55,7 @@ from fenghuo.server.schemas import (
     decode_with,
 )
 from fenghuo.server import escalation, revocations, status
+from fenghuo.server.access import parse_or_refuse
 from fenghuo.server.backends import Backends
 from fenghuo.server.history import read as read_history
 from fenghuo.server.frames import message_json, message_sender, message_seq
@@ -426,16 +426,14 @@ class Api:
             if method is None:
                 raise ApiError(ErrorCode.NOT_FOUND, f"no API method {name!r}", 404)
             self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
-            try:
-                body = decode_with(method.schema, await self._body(request) or b"{}")
-            except ProtocolError as exc:
-                raise ApiError(exc.code, exc.message) from None
+            body = decode_with(method.schema, await self._body(request) or b"{}")
             result = await asyncio.wait_for(method.run(self, body),
                                             self.relay.settings.api_timeout)
             return _json(200, result)
         except ApiError as exc:
             return self._error(exc)
-        except FenghuoError as exc:
+        except (ProtocolError, FenghuoError) as exc:
+            # The relay's own refusals (server/access.py, a schema), here or over its session.
             if isinstance(exc, ConnectionLost):
                 return self._error(ApiError(ErrorCode.TRY_AGAIN, "the relay session was lost: retry"))
             return self._error(ApiError(exc.code, exc.message))
@@ -456,8 +454,7 @@ class Api:
 
     def _error(self, exc: ApiError) -> web.Response:
         self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
-        return _json(exc.status, {"error": {"code": exc.code, "name": _code_name(exc.code),
-                                            "message": exc.message}})
+        return _json(exc.status, _refusal(exc))
 
     async def start(self, host: str | None = None, port: int = 0) -> int | None:
         """Fire the timers; serve HTTP on ``host:port`` too unless ``port`` is 0 (no server
@@ -502,7 +499,7 @@ class Api:
             key = dedupe.split(b"\0", 1)[1].decode()
             try:
                 ack = await publish(self, msgspec.structs.replace(call, idempotency_key=key))
-            except (ApiError, FenghuoError) as exc:
+            except (ApiError, ProtocolError, FenghuoError) as exc:
                 if isinstance(exc, ConnectionLost) or exc.code in (ErrorCode.TRY_AGAIN,
                                                                     ErrorCode.SHUTTING_DOWN):
                     raise
@@ -543,8 +540,13 @@ class Api:
 def _fire_key(t: Timer, call: PublishCall) -> tuple[str, bytes]:
     """``(channel, dedupe)`` of a scheduled message as the store files it: sender NUL key."""
     key = call.idempotency_key or f"{SCHEDULE_KEY_PREFIX}{t.id}"
-    channel = parse_channel(call.channel).name
+    channel = parse_or_refuse(call.channel).name
     return channel, f"{call.sender or API_USER}\0{key}".encode()
+
+
+def _refusal(exc: ApiError | ProtocolError | FenghuoError) -> dict[str, Any]:
+    """The answer's ``error`` object (docs/API.md): the protocol's code, its name and the text."""
+    return {"error": {"code": exc.code, "name": _code_name(exc.code), "message": exc.message}}
 
 
 def _code_name(code: int) -> str:
@@ -582,23 +584,18 @@ async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
             raise ApiError(error["code"], error["message"])
         return answer
     data = _payload(body)
+    # Parsed as the relay parses a PUBLISH: a name its frame cannot carry is refused alike.
+    cn = parse_or_refuse(body.channel)
     if body.escalate:
-        _check_policy(body.escalate, _channel(body.channel))
+        _check_policy(body.escalate, cn)
     sender = body.sender or API_USER
     client = await api.backends.as_user(sender)
-    ack = await client.publish(body.channel, data, content_type=body.content_type,
+    ack = await client.publish(cn.name, data, content_type=body.content_type,
                                meta=body.meta, key=body.idempotency_key)
     if body.escalate:
         # Answered once armed: a publish retried after an error (same key) arms it then.
         await escalation.start(api.timers, ack.channel, ack.seq, ack.ts_us, sender, body.escalate)
     return {"channel": ack.channel, "seq": ack.seq, "ts_us": ack.ts_us, "duplicate": ack.duplicate}
-
-
-def _channel(name: str) -> ParsedChannel:
-    try:
-        return parse_channel(name)
-    except InvalidChannel as exc:
-        raise ApiError(ErrorCode.INVALID_CHANNEL, str(exc)) from None
 
 
 def _check_policy(steps: list[escalation.Step], cn: ParsedChannel) -> None:
@@ -638,9 +635,8 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
             if due < now - MAX_SCHEDULE_BEHIND_S * 1_000_000:
                 raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
                                f"{MAX_SCHEDULE_BEHIND_S} s in the past")
-        except ApiError as exc:
-            answers.append({"error": {"code": exc.code, "name": _code_name(exc.code),
-                                      "message": exc.message}})
+        except (ApiError, ProtocolError) as exc:
+            answers.append(_refusal(exc))
             continue
         sender = item.sender or API_USER
         unique = None if item.idempotency_key is None else \
@@ -686,17 +682,14 @@ def _schedulable(api: Api, item: PublishCall) -> str:
     if item.content_type is not None and item.content_type not in _SCHEDULABLE_TYPES:
         raise ApiError(ErrorCode.MALFORMED_BODY, f"publish: content type {item.content_type} "
                        "cannot be scheduled: 0-4, 6 and 128-255 can (PROTOCOL §3.15)")
-    cn = _channel(item.channel)
+    cn = parse_or_refuse(item.channel)
     if item.escalate:
         _check_policy(item.escalate, cn)
     sender = item.sender or API_USER
     if cn.kind == ChannelKind.DIRECT_CHAT and sender not in cn.participants:
         raise ApiError(ErrorCode.FORBIDDEN, f"{sender!r} is not in {cn.name!r}")
     if cn.kind == ChannelKind.GROUP_CHAT:
-        try:
-            api.relay.groups.member_group(sender, cn.group)
-        except ProtocolError as exc:
-            raise ApiError(exc.code, exc.message) from None
+        api.relay.groups.member_group(sender, cn.group)
     return cn.name
 
 
@@ -753,10 +746,8 @@ def _not_scheduled(timer_id: int) -> ApiError:
 async def _one(api: Api, item: PublishCall) -> dict[str, Any]:
     try:
         return await publish(api, item)
-    except ApiError as exc:
-        return {"error": {"code": exc.code, "name": _code_name(exc.code), "message": exc.message}}
-    except FenghuoError as exc:
-        return {"error": {"code": exc.code, "name": _code_name(exc.code), "message": exc.message}}
+    except (ApiError, ProtocolError, FenghuoError) as exc:
+        return _refusal(exc)
 
 
 async def group_create(api: Api, body: GroupCreateCall) -> dict[str, Any]:
@@ -810,13 +801,14 @@ async def unread(api: Api, body: UserCall) -> dict[str, Any]:
 
 
 async def mark_read(api: Api, body: ReadCall) -> dict[str, Any]:
+    cn = parse_or_refuse(body.channel)
     client = await api.backends.as_user(body.user)
-    result = await client.mark_read(body.channel, body.seq, confirm=True)
+    result = await client.mark_read(cn.name, body.seq, confirm=True)
     return {"user": body.user, **(result or {})}
 
 
 async def channel_info(api: Api, body: ChannelCall) -> dict[str, Any]:
-    cn = _channel(body.channel)
+    cn = parse_or_refuse(body.channel)
     info: dict[str, Any] = {"channel": cn.name, "kind": ChannelKind(cn.kind).name.lower()}
     reader = API_USER            # an admin: reads any org channel
     if cn.kind == ChannelKind.GROUP_CHAT:
@@ -854,15 +846,16 @@ async def presence(api: Api, body: PresenceCall) -> dict[str, Any]:
 
 
 async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
+    cn = parse_or_refuse(body.channel)
     client = await api.backends.as_user(body.user or API_USER)
-    messages = await client.history(body.channel, limit=body.limit or HISTORY_DEFAULT,
+    messages = await client.history(cn.name, limit=body.limit or HISTORY_DEFAULT,
                                     before=body.before, after=body.after)
     return {"channel": body.channel, "messages": [message_json(m) for m in messages]}
 
 
 async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
     relay = api.relay
-    cn = _channel(body.channel)
+    cn = parse_or_refuse(body.channel)
     if cn.kind == ChannelKind.GROUP_CHAT and cn.group not in relay.groups.groups:
         raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
     ch = relay.ensure_channel(cn.name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +19,10 @@ from fenghuo.api import Api, AsyncApi
 from fenghuo.channels import group_channel
 from fenghuo.server.api import METHODS
 from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.core import FrameType, decode_error, encode_frame
+from fenghuo.protocol import encode_json
 from clients import refused
+from rawwire import authed_raw
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NEWS = "org.acme.news"
@@ -246,3 +251,59 @@ async def test_the_api_listens_on_api_host_not_on_host(relay_factory, tmp_path):
     assert (await bob.next_message(timeout=10)).text == "from the api host"
     with pytest.raises(OSError):
         await asyncio.open_connection(relay.host, port)
+
+
+def _publish_frame(channel: bytes, rid: int) -> bytes:
+    """A PUBLISH of "x" to ``channel`` as any client's bytes (PROTOCOL §3.6), even a name
+    the client library would not send."""
+    return encode_frame(FrameType.PUBLISH, bytes([0, len(channel), 0]) + struct.pack(">H", 0)
+                        + channel + b"x", rid)
+
+
+# Names outside the grammar (PROTOCOL §5), and (for those a PUBLISH frame cannot carry)
+# the TCP frame that can: an empty name is a PUBLISH framing error (channel_len 0), one
+# over 255 bytes does not fit channel_len and is refused by SUBSCRIBE.
+INVALID_NAMES = [
+    ("", "publish"), ("nope", "publish"), ("org..x", "publish"), ("org." + "a" * 65, "publish"),
+    ("org.a.b.c.d.e.f.g.h", "publish"), ("dm:mallory", "publish"), ("dm:zed:mallory", "publish"),
+    ("dm:mallory:mallory", "publish"), ("group:a b", "publish"), ("Org.x", "publish"),
+    ("é" * 200, "subscribe"), ("x" * 256, "subscribe"),
+]
+
+
+async def test_a_channel_name_is_refused_over_http_as_over_tcp(api_relay):
+    """One way to parse a channel and refuse (server/access.py): every API method that
+    names a channel refuses an invalid name with the code a TCP client gets for it, and
+    the same text where the refusal is the grammar's (INVALID_CHANNEL)."""
+    conn = await authed_raw(api_relay, "mallory")
+    later = time.time() + 3600
+    for rid, (name, over) in enumerate(INVALID_NAMES, 1):
+        if over == "publish":
+            conn.write(_publish_frame(name.encode(), rid))
+        else:
+            conn.write(encode_json(FrameType.SUBSCRIBE, {"channel": name}, rid))
+        code, text = decode_error((await conn.expect(FrameType.ERROR, request_id=rid)).body)
+        bodies = {
+            "publish": {"channel": name, "data": "x", "sender": "mallory"},
+            "publish (send_at)": {"channel": name, "data": "x", "sender": "mallory",
+                                  "send_at": later},
+            "publish (escalate)": {"channel": name, "data": "x", "sender": "mallory",
+                                   "escalate": [{"if_not": "read", "after_s": 60}]},
+            "history": {"channel": name, "user": "mallory"},
+            "channel_info": {"channel": name},
+            "message_status": {"channel": name, "seq": 1},
+            "mark_read": {"user": "mallory", "channel": name, "seq": 1},
+        }
+        for what, body in bodies.items():
+            status, answer = post(api_relay, what.split()[0], orjson.dumps(body), api_relay.api_key)
+            error = answer.get("error", {})
+            assert (status, error.get("code")) == (400, code), (name[:20], what, answer, text)
+            if code == ErrorCode.INVALID_CHANNEL:
+                assert error["message"] == text, (name[:20], what)
+        status, answer = post(api_relay, "batch_publish", orjson.dumps(
+            {"items": [{"channel": name, "data": "x"}]}), api_relay.api_key)
+        if code == ErrorCode.INVALID_CHANNEL:
+            assert status == 200 and answer["results"][0]["error"] == {
+                "code": code, "name": "INVALID_CHANNEL", "message": text}, (name[:20], answer)
+        else:
+            assert (status, answer["error"]["code"]) == (400, code), (name[:20], answer)
