@@ -46,6 +46,7 @@ from fenghuo.server.schemas import (
     GroupId,
     History,
     Limit,
+    Positive,
     Schema,
     Seq,
     Text,
@@ -195,7 +196,7 @@ class GroupRoleCall(Call, frozen=True):
 class ReadCall(Call, frozen=True):
     user: Sender
     channel: ChannelName
-    seq: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+    seq: Positive
 
 
 class ChannelCall(Call, frozen=True):
@@ -221,7 +222,7 @@ class HistoryCall(Call, frozen=True):
 
 class StatusCall(Call, frozen=True):
     channel: ChannelName
-    seq: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+    seq: Positive
     filter: Annotated[Literal["all", "not_delivered", "not_read", "not_clicked"], Meta(description=(
         '"all" (default), "not_delivered", "not_read" or "not_clicked": which recipients to list'
     ))] | None = None

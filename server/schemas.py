@@ -44,6 +44,8 @@ HISTORY_DEFAULT = 100
 _USER_ID = rf"^(?:{USER_ID.pattern})\Z"
 
 Seq = Annotated[int, Meta(ge=0, le=INT64_MAX, description="an integer 0..2^63-1")]
+#: a message's seq (or an id) that is not 0
+Positive = Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
 Limit = Annotated[int, Meta(ge=1, le=HISTORY_MAX, description=f"an integer 1..{HISTORY_MAX}")]
 ChannelName = Annotated[str, Meta(min_length=1, max_length=MAX_CHANNEL_BYTES,
                                   description="a channel name (a string of 1-255 characters)")]
@@ -213,12 +215,12 @@ class SchedulePublish(Tagged, frozen=True, tag="publish"):
 
 
 class ScheduleList(Tagged, frozen=True, tag="list"):
-    after: Annotated[int, Meta(ge=0, le=INT64_MAX, description="an integer 0..2^63-1")] | None = None
+    after: Seq | None = None
     limit: Limit | None = None
 
 
 class ScheduleCancel(Tagged, frozen=True, tag="cancel"):
-    id: Annotated[int, Meta(ge=1, le=INT64_MAX, description="an integer 1..2^63-1")]
+    id: Positive
 
 
 CursorRequest = CursorSync | CursorUnread | CursorReaders
