@@ -579,11 +579,7 @@ def _payload(body: PublishCall) -> str | bytes | dict[str, Any] | list[Any]:
 
 async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
     if body.send_at is not None:
-        (answer,) = await schedule(api, [body])
-        if "error" in answer:
-            error = answer["error"]
-            raise ApiError(error["code"], error["message"])
-        return answer
+        return await schedule_one(api, body)
     data = _payload(body)
     # Parsed as the relay parses a PUBLISH: a name its frame cannot carry is refused alike.
     cn = parse_or_refuse(body.channel)
@@ -617,6 +613,14 @@ async def batch_publish(api: Api, body: BatchPublishCall) -> dict[str, Any]:
     now = iter(await asyncio.gather(*tasks))
     return {"results": [next(later) if item.send_at is not None else next(now)
                         for item in body.items]}
+
+
+async def schedule_one(api: Api, item: PublishCall) -> dict[str, Any]:
+    """Store ``item`` (with ``send_at``) as a timer: its answer, or its refusal raised."""
+    (answer,) = await schedule(api, [item])
+    if "error" in answer:
+        raise ApiError(answer["error"]["code"], answer["error"]["message"])
+    return answer
 
 
 async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:

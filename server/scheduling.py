@@ -1,7 +1,7 @@
 """SCHEDULE (docs/PROTOCOL.md §3.17a): the protocol's face of the scheduled messages.
 
 No second scheduler: a request runs through the server API's own path
-(server/api.py :func:`schedule`, :func:`pending_scheduled`,
+(server/api.py :func:`schedule_one`, :func:`pending_scheduled`,
 :func:`cancel_scheduled`) on the process that owns the timers (the relay, or
 worker 0 of several, to which the other workers forward it), with the
 connection's user as the sender.  What PUBLISH checks that needs the
@@ -20,7 +20,7 @@ from fenghuo.server.api import (
     PublishCall,
     cancel_scheduled,
     pending_scheduled,
-    schedule,
+    schedule_one,
 )
 from fenghuo.server.schemas import (
     HISTORY_DEFAULT,
@@ -40,10 +40,7 @@ async def serve(api: Api, user: str, request: ScheduleRequest) -> dict[str, Any]
                                    data_b64=request.data_b64, content_type=request.content_type,
                                    meta=request.meta, idempotency_key=request.key, sender=user,
                                    send_at=request.send_at)
-                (answer,) = await schedule(api, [call])
-                if "error" in answer:
-                    raise ApiError(answer["error"]["code"], answer["error"]["message"])
-                return answer
+                return await schedule_one(api, call)
             case ScheduleList(after=after, limit=limit):
                 found = await pending_scheduled(api, after or 0, limit or HISTORY_DEFAULT, user)
                 return {"scheduled": [_as_wire(s) for s in found]}
