@@ -258,20 +258,24 @@ def json_nesting(body, Py_ssize_t limit):
     checked before any parser recurses.  Brackets inside strings do not count;
     malformed text is the parser's to refuse."""
     cdef const unsigned char[::1] view = body
-    cdef Py_ssize_t i, n = view.shape[0], depth = 0, deepest = 0
-    cdef bint in_string = False, escaped = False
+    cdef Py_ssize_t i = 0, n = view.shape[0], depth = 0, deepest = 0
+    cdef const unsigned char* p
     cdef unsigned char c
-    for i in range(n):
-        c = view[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == 92:           # backslash
-                escaped = True
-            elif c == 34:           # closing quote
-                in_string = False
-        elif c == 34:
-            in_string = True
+    if n == 0:
+        return 0
+    p = &view[0]
+    while i < n:
+        c = p[i]
+        if c == 34:                 # a string: to its closing quote, escapes skipped
+            i += 1
+            while i < n:
+                c = p[i]
+                if c == 92:         # backslash: the next character is not a quote
+                    i += 2
+                    continue
+                if c == 34:
+                    break
+                i += 1
         elif c == 91 or c == 123:   # [ {
             depth += 1
             if depth > deepest:
@@ -280,6 +284,7 @@ def json_nesting(body, Py_ssize_t limit):
                     break
         elif c == 93 or c == 125:   # ] }
             depth -= 1
+        i += 1
     return deepest
 
 

@@ -37,24 +37,37 @@ def b64url_decode(str segment) -> bytes:
     cdef const unsigned char* s = <const unsigned char*>PyUnicode_AsUTF8AndSize(segment, &n)
     cdef bytes out
     cdef unsigned char* o
-    cdef unsigned int acc = 0, bits = 0
-    cdef signed char v
+    cdef int a, b, c, d
+    cdef unsigned int v
     if n % 4 == 1:
         raise ValueError("not base64url: a length of 1 more than a multiple of 4")
     out_len = n // 4 * 3 + (n % 4 - 1 if n % 4 else 0)
     out = PyBytes_FromStringAndSize(NULL, out_len)
     o = <unsigned char*>PyBytes_AS_STRING(out)
-    for i in range(n):
-        v = _B64URL[s[i]]
-        if v < 0:
+    # Four characters (24 bits) to three bytes at a time; an invalid
+    # character is -1 in the table, so any of four makes their OR negative.
+    for i in range(n // 4):
+        a, b, c, d = _B64URL[s[0]], _B64URL[s[1]], _B64URL[s[2]], _B64URL[s[3]]
+        if (a | b | c | d) < 0:
             raise ValueError("not base64url")
-        acc = (acc << 6) | <unsigned int>v
-        bits += 6
-        if bits >= 8:
-            bits -= 8
-            o[0] = <unsigned char>(acc >> bits)
-            o += 1
-            acc &= (1u << bits) - 1
+        v = (<unsigned int>a << 18) | (<unsigned int>b << 12) | (<unsigned int>c << 6) | <unsigned int>d
+        o[0] = <unsigned char>(v >> 16)
+        o[1] = <unsigned char>(v >> 8)
+        o[2] = <unsigned char>v
+        s += 4
+        o += 3
+    if n % 4 == 2:          # 12 bits: one byte
+        a, b = _B64URL[s[0]], _B64URL[s[1]]
+        if (a | b) < 0:
+            raise ValueError("not base64url")
+        o[0] = <unsigned char>(((<unsigned int>a << 6) | <unsigned int>b) >> 4)
+    elif n % 4 == 3:        # 18 bits: two bytes
+        a, b, c = _B64URL[s[0]], _B64URL[s[1]], _B64URL[s[2]]
+        if (a | b | c) < 0:
+            raise ValueError("not base64url")
+        v = (<unsigned int>a << 12) | (<unsigned int>b << 6) | <unsigned int>c
+        o[0] = <unsigned char>(v >> 10)
+        o[1] = <unsigned char>(v >> 2)
     return out
 
 
