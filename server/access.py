@@ -110,6 +110,8 @@ class Access:
         refused from the change on, as PUBLISH and HISTORY are.
         """
         ch = self.hub.find(name)
+        if ch is None:
+            parse_or_refuse(name)   # a name outside the grammar: INVALID_CHANNEL, as PUBLISH
         if ch is None or ch not in session.subscriptions or (
                 ch.kind == ChannelKind.GROUP_CHAT and not self.in_group(session.user, name)):
             raise refuse(ErrorCode.FORBIDDEN, f"not subscribed to {name!r}")

@@ -19,7 +19,7 @@ from fenghuo.api import Api, AsyncApi
 from fenghuo.channels import group_channel
 from fenghuo.server.api import METHODS
 from fenghuo.server.devices import SERVICE_DEVICE
-from fenghuo.core import FrameType, decode_error, encode_frame
+from fenghuo.core import FrameType, ReceiptKind, decode_error, encode_frame, encode_receipt
 from fenghuo.protocol import encode_json
 from clients import refused
 from rawwire import authed_raw
@@ -303,6 +303,16 @@ async def test_a_channel_name_is_refused_over_http_as_over_tcp(api_relay):
         status, answer = post(api_relay, "batch_publish", orjson.dumps(
             {"items": [{"channel": name, "data": "x"}]}), api_relay.api_key)
         if code == ErrorCode.INVALID_CHANNEL:
+            # RECEIPT and CURSOR readers (what mark_read rides on) parse and refuse alike.
+            rid = 1000 + rid
+            conn.write(encode_json(FrameType.CURSOR, {"op": "readers", "channel": name,
+                                                      "seq": 1}, rid))
+            assert decode_error((await conn.expect(FrameType.ERROR, request_id=rid)).body) \
+                == (code, text), name[:20]
+            if len(name.encode()) <= 255:
+                conn.write(encode_receipt(name, 1, ReceiptKind.READ, rid))
+                assert decode_error((await conn.expect(FrameType.ERROR, request_id=rid)).body) \
+                    == (code, text), name[:20]
             assert status == 200 and answer["results"][0]["error"] == {
                 "code": code, "name": "INVALID_CHANNEL", "message": text}, (name[:20], answer)
         else:
