@@ -31,17 +31,24 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.targets import free_port, peer_binary  # noqa: E402
+from bench.targets import free_ports, peer_binary  # noqa: E402
 from fenghuo.server.supervisor import die_with  # noqa: E402
 
 CLUSTER_NAME = "fenghuo"
 # Starting three servers and electing JetStream's meta leader takes about a
 # second on the 2-core development machine; 30 s leaves room for a busy one.
 READY_TIMEOUT = 30.0
+# Tries at starting the servers when one could not bind a port it was given
+# (taken between the pick and nats-server's bind).
+START_ATTEMPTS = 3
 STOP_GRACE = 5.0
 # The local cluster's token secret unless FENGHUO_SECRET says otherwise (32
 # bytes: HS256 wants no shorter); `fenghuo chat` needs the same one.
 DEV_SECRET = "local-cluster-dev-secret-32bytes"
+
+
+class PortTaken(RuntimeError):
+    """A nats-server exited because a port it was given was taken meanwhile."""
 
 
 @dataclass
@@ -133,20 +140,37 @@ class NatsCluster:
         cluster = cls(Path(tempfile.mkdtemp(prefix="fenghuo-nats-")) if base is None else base,
                       size, host, _own_base=own)
         cluster.base.mkdir(parents=True, exist_ok=True)
-        for i in range(size):
-            store = cluster.base / f"n{i}"
-            store.mkdir(exist_ok=True)
-            cluster.servers.append(NatsServer(
-                f"n{i}", host, free_port(host), free_port(host), free_port(host), store,
-                cluster.base / f"n{i}.log", max_payload))
-        try:
-            for server in cluster.servers:
-                server.start(binary, cluster.routes, cpu)
-            cluster.wait_ready(timeout)
-        except BaseException:
-            cluster.stop()
-            raise
-        return cluster
+        for attempt in range(1, START_ATTEMPTS + 1):
+            cluster.servers = []
+            # One block below the ephemeral range (free_ports): a port picked
+            # in it could be taken by any outgoing connection before
+            # nats-server binds it (CI, f676643: "Error listening on router
+            # port ... address already in use"), and the servers keep their
+            # ports across restart(), when that risk would last longer.
+            first = free_ports(3 * size, host)
+            for i in range(size):
+                store = cluster.base / f"n{i}"
+                store.mkdir(exist_ok=True)
+                client = first + 3 * i
+                cluster.servers.append(NatsServer(
+                    f"n{i}", host, client, client + 1, client + 2, store,
+                    cluster.base / f"n{i}.log", max_payload))
+            try:
+                for server in cluster.servers:
+                    server.start(binary, cluster.routes, cpu)
+                cluster.wait_ready(timeout)
+                return cluster
+            except PortTaken:
+                cluster.stop(keep_base=True)
+                for server in cluster.servers:        # a fresh JetStream on the next ports
+                    shutil.rmtree(server.store_dir, ignore_errors=True)
+                if attempt == START_ATTEMPTS:
+                    cluster.stop()
+                    raise
+            except BaseException:
+                cluster.stop()
+                raise
+        raise AssertionError("unreachable")
 
     @property
     def urls(self) -> list[str]:
@@ -178,16 +202,19 @@ class NatsCluster:
         while not all(s.healthy() for s in running):
             for s in running:
                 if s.proc is not None and s.proc.poll() is not None:
-                    raise RuntimeError(f"nats-server {s.name} exited:\n{s.log_path.read_text()}")
+                    log = s.log_path.read_text(errors="replace")
+                    error = PortTaken if "address already in use" in log else RuntimeError
+                    raise error(f"nats-server {s.name} exited:\n{log}")
             if time.monotonic() > deadline:
                 logs = "\n".join(s.log_path.read_text(errors="replace") for s in running)
                 raise RuntimeError(f"NATS cluster not ready within {timeout:g} s:\n{logs}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
+    def stop(self, keep_base: bool = False) -> None:
+        """Stop every server; remove the folder if it was made here (not with ``keep_base``)."""
         for server in self.servers:
             server.stop()
-        if self._own_base:
+        if self._own_base and not keep_base:
             shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from fenghuo.server.jetstream import STREAM, Engine, Fenced
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
 from rawwire import authed_raw, metrics, wait_for_metric
-from bench.targets import free_port, wait_listening
+from bench.targets import free_port, free_ports, wait_listening
 
 
 async def test_nats_cluster_keeps_an_r3_stream_through_a_server_kill(nats_cluster: NatsCluster):
@@ -70,6 +71,39 @@ def test_nats_cluster_stop_ends_every_server(tmp_path):
     cluster.stop()
     assert all(p is not None and p.poll() is not None for p in procs)
     assert not base.exists()
+
+
+def test_nats_cluster_ports_are_below_the_ephemeral_range_and_a_taken_one_is_picked_again(
+        tmp_path, monkeypatch):
+    # A port in the ephemeral range can be taken by any outgoing connection
+    # between the pick and nats-server's bind (CI: "Error listening on router
+    # port ... address already in use"): the servers' ports come from below
+    # it, and a server that could not bind one is started again on others.
+    import scripts.nats_cluster as nats_cluster
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked: list[int] = []
+    holder = socket.socket()
+
+    def first_pick_taken(count: int, host: str = "127.0.0.1") -> int:
+        first = free_ports(count, host)
+        if not picked:            # the first block: hold n1's route port as someone else
+            holder.bind((host, first + 4))
+            holder.listen()
+        picked.append(first)
+        return first
+    monkeypatch.setattr(nats_cluster, "free_ports", first_pick_taken)
+    try:
+        cluster = NatsCluster.start(tmp_path / "nats")
+        try:
+            assert len(picked) == 2
+            ports = [p for s in cluster.servers for p in (s.port, s.route_port, s.http_port)]
+            assert all(p < low for p in ports)
+            assert holder.getsockname()[1] not in ports
+            assert all(s.healthy() for s in cluster.servers)
+        finally:
+            cluster.stop()
+    finally:
+        holder.close()
 
 
 # ---------------------------------------------------------------- nodes
