@@ -523,8 +523,10 @@ class HeldReply(Record):
     reply: bytes | None
     slot: Reply | None
     t_recv: float
+    channel: str | None
+    original: int
     def __init__(self, origin: Connection | None, reply: bytes | None, slot: Reply | None,
-                 t_recv: float = 0.0) -> None: ...
+                 t_recv: float = 0.0, channel: str | None = None, original: int = 0) -> None: ...
 
 class Turn(Record):
     action: Callable[[], object]

@@ -323,7 +323,8 @@ cdef class Hub:
                             PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
             if self.durable_acks and seen_seq > ch.ring.last:
                 # The original is not on disk yet: neither is this answer.
-                self.store.append(held_reply(origin, ack, origin._await_disk(), 0.0))
+                self.store.append(held_reply(origin, ack, origin._await_disk(), 0.0,
+                                              ch.name, seen_seq))
             else:
                 origin.reply(ack)
             return 0

@@ -27,6 +27,11 @@ cdef class HeldReply(Record):
     cdef readonly bytes reply
     cdef readonly Reply slot
     cdef readonly double t_recv
+    # The ACK of a duplicate: the channel and seq of the original it answers
+    # for (None and 0 for any other reply).  A store that can fail to keep the
+    # original (a cluster's append) refuses this reply with it.
+    cdef readonly str channel
+    cdef readonly uint64_t original
 
 
 @cython.final
@@ -84,4 +89,5 @@ cdef class Expiry(Record):
 cdef Sequenced sequenced(Channel ch, uint64_t seq, uint64_t ts_us, str sender, bytes dedupe,
                          bytes frame, bint held, Connection origin, bytes ack, double t_recv,
                          Reply slot)
-cdef HeldReply held_reply(Connection origin, bytes reply, Reply slot, double t_recv)
+cdef HeldReply held_reply(Connection origin, bytes reply, Reply slot, double t_recv,
+                          str channel=*, uint64_t original=*)

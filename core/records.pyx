@@ -59,17 +59,27 @@ cdef Sequenced sequenced(Channel ch, uint64_t seq, uint64_t ts_us, str sender, b
 @cython.final
 cdef class HeldReply(Record):
     """A reply that waits for everything queued before it (an ACK of a duplicate
-    whose original is not on disk yet; an ERROR for a message not stored)."""
+    whose original is not stored yet; an ERROR for a message not stored).
 
-    def __init__(self, Connection origin, bytes reply, Reply slot, double t_recv=0.0):
+    The ACK of a duplicate names its original (``channel``, ``original``): it
+    is true only if the original is kept, and a store that fails to keep it
+    (a cluster's append refused or given up) answers the duplicate as it
+    answers the original, with an error, not with the original's seq.
+    """
+
+    def __init__(self, Connection origin, bytes reply, Reply slot, double t_recv=0.0,
+                 str channel=None, uint64_t original=0):
         self.origin = origin
         self.reply = reply
         self.slot = slot
         self.t_recv = t_recv
+        self.channel = channel
+        self.original = original
 
 
-cdef HeldReply held_reply(Connection origin, bytes reply, Reply slot, double t_recv):
-    return HeldReply(origin, reply, slot, t_recv)
+cdef HeldReply held_reply(Connection origin, bytes reply, Reply slot, double t_recv,
+                          str channel=None, uint64_t original=0):
+    return HeldReply(origin, reply, slot, t_recv, channel, original)
 
 
 @cython.final

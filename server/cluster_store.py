@@ -69,6 +69,14 @@ class _Entry:
     record: Record
     done: bool = False
     failed: bool = False
+    #: the held ACKs of this message's duplicates: kept or refused with it
+    duplicates: list[_Entry] = field(default_factory=list)
+
+    def settle(self, failed: bool = False) -> None:
+        """Kept (or refused, ``failed``), and so is every duplicate's ACK waiting on it."""
+        self.done, self.failed = True, failed
+        for duplicate in self.duplicates:
+            duplicate.done, duplicate.failed = True, failed
 
 
 @dataclass
@@ -157,13 +165,15 @@ class ClusterStore(SQLiteStore):
             if log_ is None or log_.fenced:
                 # Not sequenced by this node (any more): refused, in its turn,
                 # once the hub is done with the publish that made it.
-                entry.done = entry.failed = True
+                entry.settle(failed=True)
                 asyncio.get_running_loop().call_soon(self._release)
                 return
             log_.queue.append(entry)
             if not log_.running:
                 log_.running = True
                 asyncio.get_running_loop().create_task(self._append_all(log_))
+        elif isinstance(record, HeldReply) and record.channel is not None:
+            self._follow(entry, record.channel, record.original)
         elif isinstance(record, Turn):
             # An action waiting its turn keeps nothing: its place in the order
             # is all it needs (everything before it kept), not a SQLite commit.
@@ -172,6 +182,27 @@ class ClusterStore(SQLiteStore):
         else:
             self._local_entries.append(entry)
             self._writer.push(record)
+
+    def _follow(self, entry: _Entry, channel: str, original: int) -> None:
+        """``entry`` is a duplicate's ACK: it goes out as its original fares.
+
+        An append can fail after a client has re-sent its publish (an election
+        outlasting its patience, a fenced owner): the re-send's ACK, held
+        behind the original, would then name a seq the stream never gave it,
+        and the next owner gives that seq to another message.  Found by
+        test_cluster's stream-leader kill: a re-send acked with seq 52 that
+        held another publisher's message."""
+        log_ = self._logs.get(channel)
+        pending = None if log_ is None else next(
+            (e for e in log_.queue if isinstance(e.record, Sequenced)
+             and e.record.seq == original), None)
+        if pending is not None:
+            pending.duplicates.append(entry)
+            return
+        # Not waiting: the original is kept (one refused has left the hub's
+        # idempotency window with it: step_down), so the ACK is true.
+        entry.done = True
+        asyncio.get_running_loop().call_soon(self._release)
 
     # ------------------------------------------------------------ shared state
 
@@ -289,7 +320,7 @@ class ClusterStore(SQLiteStore):
                 if log_.fenced:
                     return          # disowned meanwhile: its entries were refused (_fail)
                 for _ in range(count):
-                    log_.queue.popleft().done = True
+                    log_.queue.popleft().settle()
                 self._release()
         finally:
             log_.running = False
@@ -327,8 +358,7 @@ class ClusterStore(SQLiteStore):
 
     def _fail(self, log_: _ChannelLog) -> None:
         while log_.queue:
-            entry = log_.queue.popleft()
-            entry.done = entry.failed = True
+            log_.queue.popleft().settle(failed=True)
         self._release()
 
     def _release(self) -> None:
@@ -343,7 +373,13 @@ class ClusterStore(SQLiteStore):
 
     @staticmethod
     def _refusal(record: Record) -> Record:
-        """The record of a message not stored: no ring, no delivery, ERROR to its publisher."""
+        """The record of a message not stored: no ring, no delivery, ERROR to its
+        publisher (and to each publisher of its duplicates)."""
+        if isinstance(record, HeldReply):
+            assert record.reply is not None
+            return HeldReply(record.origin, encode_error(
+                ErrorCode.INTERNAL, DEPOSED, frame_request_id(record.reply)),
+                record.slot, record.t_recv)
         assert isinstance(record, Sequenced)
         if not record.held:
             return HeldReply(None, None, None)       # nothing waited for it

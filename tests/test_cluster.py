@@ -26,13 +26,14 @@ import pytest
 
 import fenghuo
 from fenghuo.client import FenghuoError
-from fenghuo.core import ErrorCode, FrameType, decode_message, encode_message
+from fenghuo.core import (ErrorCode, FrameType, decode_ack, decode_error, decode_message,
+                          encode_message, encode_publish)
 from fenghuo.server.config import load
 from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.jetstream import STREAM, Engine, Fenced
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
-from rawwire import authed_raw, metrics, wait_for_metric
+from rawwire import authed_raw, describe, metrics, wait_for_metric
 from bench.targets import free_port, free_ports, wait_listening
 
 
@@ -865,6 +866,58 @@ async def test_the_stream_leader_s_nats_server_killed_under_load_every_node_gets
                                     limit=100):
         on_replica += [(m.seq, m.payload.decode()) for m in page]
     assert on_replica == stored, "HISTORY on a replica node differs from the stream"
+
+
+async def test_a_re_send_waiting_on_an_append_that_fails_is_refused_with_it_not_acked(
+        nodes, nats_cluster: NatsCluster):
+    """A publish re-sent (same key) while its original's append waits on
+    JetStream is answered as the original is: when the append fails, both get
+    ERROR INTERNAL "retry", and no ACK names a seq the stream gave another
+    message.  (The re-send's ACK DUPLICATE used to go out anyway: CI on
+    a46b6e6 acked ``bob-24`` with seq 52 after a stream leader's kill, and seq
+    52 held another publisher's message.)  Every nats-server is stopped so
+    that the append fails; the node's lease runs out meanwhile."""
+    (n0,) = nodes("n0")
+    alice = await authed_raw(n0, "alice")
+    chat = "dm:alice:bob"
+
+    def publish(key: bytes, request_id: int) -> bytes:
+        return encode_publish(chat, key, key=key, request_id=request_id)
+
+    async def publish_surely(key: bytes, request_id: int) -> int:
+        """Until acked (the node takes the channel again once NATS is back)."""
+        deadline = time.monotonic() + 60
+        while True:
+            alice.write(publish(key, request_id))
+            frame = await alice.reply(30)
+            assert frame is not None
+            if frame.type == FrameType.ACK:
+                return decode_ack(frame.body).seq
+            code, text = decode_error(frame.body)
+            assert code in RETRYABLE and time.monotonic() < deadline, text
+            await asyncio.sleep(0.2)
+
+    assert await publish_surely(b"k1", 2) == 1
+    for server in nats_cluster.servers:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+    try:
+        alice.write(publish(b"k2", 3) + publish(b"k2", 4))   # the original, its re-send
+        first, again = await alice.replies(2, timeout=60)
+    finally:
+        for server in nats_cluster.servers:
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGCONT)
+    assert (first.type, first.request_id) == (FrameType.ERROR, 3), describe(first)
+    assert decode_error(first.body)[0] == ErrorCode.INTERNAL
+    assert again.type == FrameType.ERROR, (
+        f"the re-send of a publish that was not stored was answered {describe(again)}")
+    assert (again.request_id, decode_error(again.body)[0]) == (4, ErrorCode.INTERNAL)
+    # Seq 2 was never given: the next publish takes it, the re-send comes after.
+    assert await publish_surely(b"k3", 5) == 2
+    assert await publish_surely(b"k2", 6) == 3
+    history = await (await n0.connect("alice")).history(chat, after=0, limit=10)
+    assert [(m.seq, m.key) for m in history] == [(1, b"k1"), (2, b"k3"), (3, b"k2")]
 
 
 def cluster_status(nats_cluster: NatsCluster, *flags: str,
