@@ -599,17 +599,14 @@ class Cluster:
         self._renew_interest(peer)
 
     def _renew_interest(self, peer: int) -> None:
-        """A restarted ``peer`` knows nothing of who asked it for what, nor (without
-        a store) of the direct chats it owned: ask again, tell again."""
+        """A restarted ``peer`` knows nothing of who asked it for what: ask again.
+        (Without a store no worker restarts alone: server/supervisor.py,
+        ``restart_together``.)"""
         for peers in self.interested.values():
             peers.discard(peer)
         self._ask_again(peer)
         for ch in [ch for ch in self.cooling if self.owner_of(ch.name) == peer]:
             self._cold(ch)                           # its "cold" will never come
-        if self.relay.store is None:
-            for ch in list(self.relay.hub.channels.values()):
-                if ch.kind == ChannelKind.DIRECT_CHAT and self.bus.owns(ch):
-                    self.mesh.send(peer, routing.control("direct", channel=ch.name))
 
     def _ask_again(self, peer: int) -> None:
         """Ask ``peer`` again for every channel it feeds here, from each replica's

@@ -186,8 +186,11 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
               flush=True)
         # Last on the command line, so they override any --port 0 before them.
         resolved = ["--port", str(port), *(("--ws-port", str(ws[0])) if ws else ())]
+        # Without a store the relay's state is its workers' memories together: one
+        # lost is a new epoch for all (PROTOCOL §6.6).
         return Supervisor(ring_capacity=capacity, drain_timeout=supervisor_drain_timeout(settings),
                           metrics_port=settings.metrics_port, metrics_host=settings.host,
+                          restart_together=settings.store == "memory",
                           ).run([*argv, *resolved], workers, env)
     finally:
         for holder in holders:

@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -109,6 +110,13 @@ class Supervisor:
     ``worker_args(k)`` adds per-worker arguments (a distinct port in tests,
     say); ``worker_cmd`` replaces ``fenghuo serve`` (tests run a small mesh
     program).  Workers' stdout and stderr are the supervisor's.
+
+    ``restart_together``: a worker's death restarts every worker, on new
+    rings and with a new boot id (``FENGHUO_BOOT``, the epoch's).  For
+    ``--store memory``, where the relay's state is the workers' memories
+    together: a successor that alone started again would number its
+    channels from 1 under the old epoch, and the others' replicas and
+    clients would take the new seqs for second copies (PROTOCOL §6.6).
     """
 
     ring_capacity: int = DEFAULT_RING_CAPACITY
@@ -118,6 +126,7 @@ class Supervisor:
     worker_cmd: Sequence[str] = DEFAULT_WORKER_CMD
     worker_args: Callable[[int], list[str]] = lambda index: []
     backoff: Backoff = field(default_factory=Backoff)
+    restart_together: bool = False
 
     def run(self, argv_for_workers: list[str], workers: int,
             env: Mapping[str, str] | None = None) -> int:
@@ -144,10 +153,11 @@ class _Run:
         self.argv = argv
         self.env = env
         self.workers = [_Worker(k, next_delay=config.backoff.initial) for k in range(count)]
-        self.rings = {(i, j): ShmRing.create(config.ring_capacity)
-                      for i in range(count) for j in range(count) if i != j}
+        self.rings = _mesh_rings(count, config.ring_capacity)
         self.stopping = False
         self.gave_up = False
+        # Stopping the living to start them all again (Supervisor.restart_together).
+        self.together: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop     # the running loop, from main()
         self.stop_requested: asyncio.Event       # made in main(), on that loop
         self.started_at = 0.0
@@ -219,8 +229,8 @@ class _Run:
         worker.pidfd = -1
         worker.returncode = worker.proc.wait()      # the pidfd is readable: it has exited
         worker.exited.set_result(worker.returncode)
-        if self.stopping:
-            return
+        if self.stopping or self.together is not None:
+            return          # stopped on purpose
         if worker.returncode == EXIT_STOP_RELAY:
             log.critical("worker cannot go on: stopping every worker",
                          extra={"worker": worker.index, "pid": worker.proc.pid})
@@ -264,7 +274,34 @@ class _Run:
         delay = worker.next_delay
         worker.next_delay = min(delay * 2, self.config.backoff.maximum)
         worker.restarts += 1
-        worker.restart = self.loop.call_later(delay, self._spawn, worker)
+        if self.config.restart_together:
+            self.together = self.loop.create_task(self._restart_all(worker, delay))
+        else:
+            worker.restart = self.loop.call_later(delay, self._spawn, worker)
+
+    async def _restart_all(self, dead: _Worker, delay: float) -> None:
+        """Stop the living workers (gracefully: their clients get GOAWAY), then start
+        every worker on new rings with a new boot id, ``delay`` after ``dead`` died.
+
+        New rings: what the old generations left in them (publishes, answers
+        for connections gone) means nothing to the new ones.
+        """
+        for worker in self.workers:
+            if worker is not dead and worker.running:
+                worker.restarts += 1
+        await self._stop_workers(self.config.drain_timeout)
+        await asyncio.sleep(delay)
+        self.together = None
+        if self.stopping:
+            return
+        for ring in self.rings.values():
+            ring.close()
+        self.rings = _mesh_rings(len(self.workers), self.config.ring_capacity)
+        self.env["FENGHUO_BOOT"] = secrets.token_hex(4)
+        log.warning("every worker started again: a new epoch", extra={"worker": dead.index})
+        for worker in self.workers:
+            if not worker.running:
+                self._spawn(worker)
 
     def _signal_running(self, sig: signal.Signals) -> None:
         for worker in self.workers:
@@ -279,9 +316,15 @@ class _Run:
             if worker.restart is not None:
                 worker.restart.cancel()
                 worker.restart = None
+        if self.together is not None:
+            self.together.cancel()
         log.info("stopping workers", extra={"drain_timeout": self.config.drain_timeout})
+        await self._stop_workers(self.config.drain_timeout)
+
+    async def _stop_workers(self, timeout: float) -> None:
+        """SIGTERM every running worker, SIGKILL what is left after ``timeout``."""
         self._signal_running(signal.SIGTERM)
-        if not await self._all_exited(self.config.drain_timeout):
+        if not await self._all_exited(timeout):
             log.warning("workers still running after the drain timeout: killing them",
                         extra={"workers": [w.index for w in self.workers if w.running]})
             self._signal_running(signal.SIGKILL)
@@ -367,6 +410,12 @@ class _Run:
         yield used
         yield metrics.gauge("fenghuo_mesh_ring_capacity_bytes", "Capacity of each mesh ring.",
                             self.config.ring_capacity)
+
+
+def _mesh_rings(count: int, capacity: int) -> dict[tuple[int, int], ShmRing]:
+    """One ring per ordered pair of ``count`` workers: (i, j) written by i, drained by j."""
+    return {(i, j): ShmRing.create(capacity)
+            for i in range(count) for j in range(count) if i != j}
 
 
 def _health_bodies(answers: Mapping[int, str]) -> dict[int, dict[str, Any]]:

@@ -1,0 +1,100 @@
+"""Epochs and what a client is owed when the relay lost what it asks for (PROTOCOL §6.5, §6.6).
+
+Real relay processes: a supervisor and its workers killed with ``kill -9``,
+rings emptied by retention, clients that reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+from clients import collect
+from conftest import RelayProcess, start_relay
+from rawwire import worker_pid
+from fenghuo.server.routing import owner_of
+
+import fenghuo
+
+WORKERS = 2
+
+
+async def received(client: fenghuo.Client, n: int, timeout: float) -> list[tuple[int, bytes]]:
+    """(seq, payload) of the next ``n`` messages of ``client``, or of those that came
+    within ``timeout`` seconds."""
+    got: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await client.next_message(timeout=left)
+        except TimeoutError:
+            break
+        got.append((message.seq, message.payload))
+    return got
+
+
+def health(relay: RelayProcess) -> tuple[int, dict]:
+    """The supervisor's /healthz: status and body (503 while a worker is missing)."""
+    url = f"http://127.0.0.1:{relay.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def connect_on(relay: RelayProcess, user: str, worker: int, **kwargs) -> fenghuo.Client:
+    """``user`` connected to worker ``worker`` (the kernel picks; retry until it does)."""
+    for _ in range(60):
+        client = await relay.client(user, **kwargs).connect()
+        if client.welcome["worker"] == worker:
+            return client
+        await client.close()
+    raise AssertionError(f"{user} never landed on worker {worker}")
+
+
+async def test_a_worker_killed_under_the_memory_store_is_a_new_epoch_for_every_client(tmp_path):
+    # With --store memory a worker's channels live in its memory only: killed,
+    # its successor numbers them from 1 again.  Every client, on any worker,
+    # must learn the new epoch (WELCOME) and forget its positions, else the
+    # new seqs 1, 2, 3 are taken for second copies: by the other worker's
+    # replica of the channel, and by the clients' own dedupe.
+    relay = start_relay(tmp_path, "--store", "memory", workers=WORKERS)
+    try:
+        victim = 1
+        news = next(n for n in (f"org.news{k}" for k in range(100)) if owner_of(n, WORKERS) == victim)
+        # ann on the survivor (a replica of the channel there), bob on the victim.
+        ann = await connect_on(relay, "ann", 1 - victim, channels=(news,))
+        bob = await connect_on(relay, "bob", victim, channels=(news,))
+        writer = await relay.connect("writer", channels=(news,))
+        for client in (ann, bob):
+            await client.subscribe(news)
+        for k in range(3):
+            await writer.publish(news, f"old {k}")
+        for client in (ann, bob):
+            assert [m.seq for m in await collect(client, 3)] == [1, 2, 3]
+        epoch = ann.epoch
+
+        os.kill(worker_pid(relay, victim), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, body = health(relay)
+            if status == 200 and body["workers"][victim]["restarts"] >= 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the relay did not come back: {relay.log()[-3000:]}")
+
+        for k in range(3):
+            await asyncio.wait_for(writer.publish(news, f"new {k}"), 20)
+        for client in (ann, bob):
+            assert await received(client, 3, 20) == [(k + 1, f"new {k}".encode()) for k in range(3)]
+            assert client.epoch != epoch
+    finally:
+        await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+        relay.stop()
