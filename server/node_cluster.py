@@ -35,10 +35,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fenghuo.channels import GROUP_PREFIX, InvalidChannel, group_channel, parse_channel
+from fenghuo.channels import GROUP_PREFIX, group_channel
 from fenghuo.core import (AwaitedAnswer, Channel, ChannelKind, Connection, ErrorCode, ProtocolError,
                           encode_error)
 from fenghuo.server import routing
+from fenghuo.server.access import parse_or_refuse
 from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
@@ -518,9 +519,9 @@ class NodeCluster(Cluster):
         one NATS hop away.  A channel whose publishes wait until the group is
         read from its bucket (:meth:`_check_group`), then go on or are refused."""
         try:
-            cn = parse_channel(raw.decode("utf-8"))
-        except (UnicodeDecodeError, InvalidChannel):
-            return None
+            cn = parse_or_refuse(raw)
+        except ProtocolError:
+            return None                      # INVALID_CHANNEL: no group change mends a name
         group = self.relay.groups.groups.get(cn.group) if cn.kind == ChannelKind.GROUP_CHAT else None
         if cn.kind != ChannelKind.GROUP_CHAT or (group is not None
                                                  and session.user in group.members):

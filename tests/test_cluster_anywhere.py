@@ -96,6 +96,11 @@ async def test_a_member_added_on_another_node_may_publish_at_once(nodes, nats_cl
         with pytest.raises(FenghuoError) as refused:
             await carol.publish("group:nowhere", "no such group")
         assert refused.value.code == ErrorCode.NOT_FOUND
+        # A name outside the grammar no bucket can mend: refused as it parsed.
+        with pytest.raises(FenghuoError) as refused:
+            await carol.publish("group:bad name", "outside the grammar")
+        assert (refused.value.code, refused.value.message) == (
+            ErrorCode.INVALID_CHANNEL, "invalid group id 'bad name'")
 
 
 async def n1_history(node, channel: str) -> list:
