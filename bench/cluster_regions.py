@@ -14,25 +14,36 @@ the global bench (2 ms + up to 1 ms), so the per-pair measurement is
 ``bench/geo.py``'s own (publish at a fixed rate, catch-up trials), run
 against a node per region.
 
-The injected delay of a message is what the client proxies really applied
-(recorded per chunk, as in the global bench) plus the inter-region hops on
-the cluster's path, counted at their mean (floor + half the jitter):
+The injected delay of a message is what the proxies really applied to it,
+recorded per chunk: the client proxies' (as in the global bench) and those
+of the inter-region hops on the cluster's path,
 
     sender's node -> channel owner (a forward, when they differ)
-    owner -> stream leader -> nearest follower -> leader -> owner (the R3 append)
+    owner -> stream leader -> followers -> leader -> owner (the R3 append)
     owner -> receiver's node (live delivery)
 
 with the owner read from the ``fenghuo_owners`` bucket and the leader and
-followers from the stream's info after the run.  The overhead (measured
-minus injected) therefore also holds the inter-region jitter's spread
-around its mean (up to half the jitter per hop either way).
+followers from the stream's info after the run.  Every route proxy's two
+directions are parsed as nats-server's route protocol (:class:`RouteTap`), so
+each hop is the chunk that carried the message: the append (``fh.msg.``) to
+the leader, the Raft entry holding it to each follower (``$NRG.AE.``) and the
+follower's next Raft answer back (``$NRG.R.``; the quorum is the follower
+answering first), JetStream's answer to the append's inbox, the mesh record
+(``fh.node.``) to the receiver's node.  A route proxy holds a chunk for its
+link's delay plus a jitter draw, but never lets it pass the chunk before
+(bytes are not reordered), and its timers fire late when this process is
+busy: counted at the mean (floor + half the jitter, as until 2026-12-05),
+the hops put that delay of the proxies' own into the relay's overhead.  The
+overhead at the mean is still printed beside it, and a message whose hops
+are not all found is counted at the mean (the "hops read" column).
 
 To tell where a message's time goes, a tap on every region's nats-server
 (a plain NATS subscriber, on the bench's clock) sees each append arrive
 (``fh.msg.>``, with its reply inbox) and JetStream's answer to it
 (``_INBOX.>``); a second table splits each pair's turnaround at the owner's
 server into: to the append, the append's round trip, and from the answer to
-the receiver's proxy, each beside the model's share.  The taps add a copy of
+the receiver's proxy, each without the delay the route proxies gave it (the
+relay's and JetStream's own time).  The taps add a copy of
 each append and answer on every route (a few hundred bytes a message).
 """
 
@@ -41,9 +52,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -52,8 +65,8 @@ from typing import Any
 import nats
 import uvloop
 
-from bench import geo
-from bench.netem import LinkProfile, Proxy, clock
+from bench import geo, loadgen
+from bench.netem import ChunkRecord, Direction, LinkProfile, ProxiedConnection, Proxy, clock
 from bench.targets import RELAY_CPU, Fenghuo, free_port, peer_binary
 from fenghuo.server.jetstream import OWNERS, token
 from scripts.nats_cluster import NatsCluster, NatsServer
@@ -145,6 +158,97 @@ def _ids(data: bytes) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class RouteMessage:
+    """One message that crossed a route proxy: its subject, the bench's message ids in
+    it, and where its last byte is in its direction's stream (what it waited for)."""
+
+    subject: str
+    ids: tuple[str, ...]
+    direction: Direction
+    end: int
+
+    @property
+    def record(self) -> ChunkRecord:
+        return self.direction.record_of_byte(self.end)
+
+
+# Route protocol lines that carry a message body: RMSG <account> <subject> [reply
+# or + reply queues] <size>, HMSG ... <header size> <total size>.
+_MESSAGE_OPS = (b"RMSG ", b"HMSG ")
+# Subjects whose bodies hold the bench's frames: an append (and the taps' copy of
+# it), a node's mesh record (a forward, a delivery to a replica), a Raft entry.
+_FRAME_SUBJECTS = ("fh.msg.", "fh.node.", "$NRG.AE.")
+
+
+class RouteTap:
+    """Parses one direction of a route connection (nats-server's route protocol)
+    into :class:`RouteMessage` records, as its chunks arrive at the proxy."""
+
+    def __init__(self, direction: Direction, out: list[RouteMessage]) -> None:
+        self.direction = direction
+        self.out = out
+        self._buf = bytearray()
+        self._base = 0            # stream offset of _buf[0]
+
+    def feed(self, chunk: bytes, offset: int) -> None:
+        if offset != self._base + len(self._buf):
+            return                # not from the start: cannot be parsed
+        self._buf += chunk
+        pos = 0
+        while (eol := self._buf.find(b"\r\n", pos)) >= 0:
+            line = bytes(self._buf[pos:eol])
+            if not line.startswith(_MESSAGE_OPS):
+                pos = eol + 2     # PING, PONG, RS+, INFO ...: one line each
+                continue
+            fields = line.split()
+            size = int(fields[-1])
+            end = eol + 2 + size + 2
+            if end > len(self._buf):
+                break             # its body is still on its way
+            subject = fields[2].decode()
+            body = bytes(self._buf[eol + 2:eol + 2 + size])
+            ids = tuple(_ids(body)) if subject.startswith(_FRAME_SUBJECTS) else ()
+            self.out.append(RouteMessage(subject, ids, self.direction,
+                                         self._base + eol + 2 + size - 1))
+            pos = end
+        del self._buf[:pos]
+        self._base += pos
+
+
+@dataclass
+class RouteWire:
+    """What crossed every route proxy, per direction (from server, to server), so a
+    message's inter-region hops are counted at the delay each really got."""
+
+    messages: dict[tuple[str, str], list[RouteMessage]] = field(default_factory=dict)
+
+    def watcher(self, a: str, b: str) -> Callable[[ProxiedConnection], None]:
+        """``Proxy(on_connection=...)`` of proxy (a, b): uplink a -> b, downlink b -> a."""
+        def watch(conn: ProxiedConnection) -> None:
+            conn.uplink.tap = RouteTap(conn.uplink, self.messages.setdefault((a, b), [])).feed
+            conn.downlink.tap = RouteTap(conn.downlink,
+                                         self.messages.setdefault((b, a), [])).feed
+        return watch
+
+    def first(self, a: str, b: str, after: float, *, message_id: str | None = None,
+              subject: str = "") -> ChunkRecord | None:
+        """The record of the first message from ``a`` to ``b`` arriving at the proxy at
+        or after ``after`` whose subject starts with ``subject`` (and holds
+        ``message_id``, if given)."""
+        for m in self.messages.get((a, b), ()):
+            if not m.subject.startswith(subject) or (message_id is not None
+                                                     and message_id not in m.ids):
+                continue
+            try:
+                record = m.record
+            except LookupError:
+                continue          # never released (the run ended)
+            if record.arrived_at >= after:
+                return record
+        return None
+
+
 @dataclass
 class ClusterWorld(geo.World):
     """geo's world with a node per region: each region's clients reach their own node."""
@@ -155,6 +259,7 @@ class ClusterWorld(geo.World):
     server_urls: dict[str, str] = field(default_factory=dict)
     placement: Placement = field(default_factory=Placement)
     hops: Hops = field(default_factory=Hops)
+    routes: RouteWire = field(default_factory=RouteWire)
 
     def link(self, region: str) -> LinkProfile:
         base = geo.one_way(region, region).scaled(self.scale)
@@ -174,14 +279,78 @@ class ClusterWorld(geo.World):
 
     def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
                   down_arrived: float) -> tuple[float, float, float] | None:
-        """A message's relay turnaround in three: sender's node to the append at the
+        """A message's relay turnaround in three, each without the delay its route
+        proxies gave it (:meth:`injected_parts`): sender's node to the append at the
         owner's server, the append's round trip, the answer to the receiver's proxy."""
         owner = self.placement.owners.get((src, dst))
         seen = None if owner is None else self.hops.append_and_answer(owner, message_id)
-        if seen is None:
+        parts = self.injected_parts(src, dst, message_id)
+        if seen is None or parts is None:
             return None
         at, answered = seen
-        return at - up_released, answered - at, down_arrived - answered
+        return (at - up_released - parts[0], answered - at - parts[1],
+                down_arrived - answered - parts[2])
+
+    def injected_between_s(self, src: str, dst: str, message_id: str) -> float | None:
+        parts = self.injected_parts(src, dst, message_id)
+        return None if parts is None else sum(parts)
+
+    def injected_parts(self, src: str, dst: str, message_id: str
+                       ) -> tuple[float, float, float] | None:
+        """The delay the route proxies really gave ``message_id`` on the cluster's path
+        (each hop's chunk, as the client proxies' chunks are counted), in the three
+        parts of :meth:`hop_split`; None where a hop was not found (the caller
+        then counts the hops at their mean).
+
+        sender's node -> owner: the forward (a mesh record holding the id);
+        owner -> leader: the append; leader -> follower: the Raft entry holding it,
+        and back: the follower's first Raft answer after it, of the follower whose
+        answer reached the leader first (the quorum); leader -> owner: JetStream's
+        answer to the append's inbox; owner -> receiver's node: the mesh record."""
+        p, routes = self.placement, self.routes
+        owner = p.owners.get((src, dst))
+        seen = None if owner is None else self.hops.append_and_answer(owner, message_id)
+        if owner is None or seen is None or not p.leader:
+            return None
+        at_owner, answered = seen
+        eps = 0.02      # a tap and a proxy see one message in either order
+        forward = append = answer = delivery = None
+        if src != owner:
+            forward = routes.first(src, owner, 0.0, message_id=message_id, subject="fh.node.")
+            if forward is None:
+                return None
+        at_leader = at_owner
+        if owner != p.leader:
+            append = routes.first(owner, p.leader, at_owner - eps, message_id=message_id,
+                                  subject="fh.msg.")
+            if append is None:
+                return None
+            at_leader = append.released_at
+        quorum: tuple[float, float] | None = None       # (acked at the leader, delay)
+        for follower in p.followers:
+            entry = routes.first(p.leader, follower, at_leader - eps, message_id=message_id,
+                                 subject="$NRG.AE.")
+            ack = None if entry is None else routes.first(follower, p.leader,
+                                                          entry.released_at, subject="$NRG.R.")
+            if entry is not None and ack is not None and (quorum is None
+                                                          or ack.released_at < quorum[0]):
+                quorum = (ack.released_at, entry.delay_s + ack.delay_s)
+        if quorum is None:
+            return None
+        if owner != p.leader:
+            inbox = self.hops.inbox_of.get((owner, message_id), "")
+            answer = routes.first(p.leader, owner, quorum[0] - eps, subject=inbox or "?")
+            if answer is None:
+                return None
+        if dst != owner:
+            delivery = routes.first(owner, dst, answered - eps, message_id=message_id,
+                                    subject="fh.node.")
+            if delivery is None:
+                return None
+
+        def delay(record: ChunkRecord | None) -> float:
+            return 0.0 if record is None else record.delay_s
+        return (delay(forward), delay(append) + quorum[1] + delay(answer), delay(delivery))
 
     def between_nodes_s(self, src: str, dst: str) -> float:
         p, d = self.placement, lambda a, b: mean_one_way_s(a, b, self.scale)
@@ -232,6 +401,7 @@ class Stretched:
     route_proxies: dict[tuple[str, str], Proxy] = field(default_factory=dict)
     nodes: dict[str, Fenghuo] = field(default_factory=dict)
     nats: NatsCluster | None = None
+    routes: RouteWire = field(default_factory=RouteWire)
 
     async def start(self) -> None:
         binary = peer_binary("nats-server")
@@ -247,7 +417,8 @@ class Stretched:
                 if a != b:
                     self.route_proxies[(a, b)] = await Proxy(
                         ("127.0.0.1", 0), ("127.0.0.1", self.servers[b].route_port),
-                        geo.one_way(a, b).scaled(self.scale), record=False).start()
+                        geo.one_way(a, b).scaled(self.scale),
+                        on_connection=self.routes.watcher(a, b)).start()
         self.nats = NatsCluster(self.base, len(self.servers), servers=list(self.servers.values()))
         for a, server in self.servers.items():
             routes = [f"nats-route://127.0.0.1:{self.route_proxies[(a, b)].address[1]}"
@@ -295,7 +466,25 @@ def _routez(http_port: int) -> list[dict[str, Any]]:
         return json.loads(answer.read()).get("routes") or []
 
 
-async def _measure(a: argparse.Namespace, base: Path) -> tuple[list[dict], dict, Placement]:
+def _cpu_s(pids: list[int]) -> tuple[float, float]:
+    """Seconds ``pids`` ran on a CPU and waited, runnable, for one (schedstat)."""
+    ran = waited = 0.0
+    for pid in pids:
+        try:
+            r, w = loadgen.schedstat_s(pid)
+        except OSError:
+            continue
+        ran, waited = ran + r, waited + w
+    return ran, waited
+
+
+def _server_pids(cluster: Stretched) -> dict[str, list[int]]:
+    return {"fenghuo nodes": [pid for n in cluster.nodes.values() for pid in n.server_pids()],
+            "nats-servers": [s.proc.pid for s in cluster.servers.values() if s.proc is not None]}
+
+
+async def _measure(a: argparse.Namespace, base: Path
+                   ) -> tuple[list[dict], dict, dict[str, Any], Placement]:
     secret = secrets.token_urlsafe(32)
     cluster = Stretched(base, secret, a.regions_scale)
     try:
@@ -305,11 +494,21 @@ async def _measure(a: argparse.Namespace, base: Path) -> tuple[list[dict], dict,
             node_ports={r: n.port for r, n in cluster.nodes.items()},
             node_metrics={r: n.metrics_port for r, n in cluster.nodes.items()},
             nats_url=cluster.servers[geo.REGIONS[0]].url,
-            server_urls={r: s.url for r, s in cluster.servers.items()})
+            server_urls={r: s.url for r, s in cluster.servers.items()}, routes=cluster.routes)
         args = argparse.Namespace(messages=a.regions_messages, rate=a.regions_rate,
                                   catchup=a.regions_catchup, seed=1)
+        pids = _server_pids(cluster)
+        before, started = {k: _cpu_s(v) for k, v in pids.items()}, clock()
+        load_before = os.getloadavg()[0]
         pairs, lag = await geo.measure_world(world, args)
-        return pairs, lag, world.placement
+        elapsed = clock() - started
+        after = {k: _cpu_s(v) for k, v in pids.items()}
+        machine: dict[str, Any] = {
+            "cpu": {k: {"ran_s_per_s": round((after[k][0] - before[k][0]) / elapsed, 4),
+                        "waited_s_per_s": round((after[k][1] - before[k][1]) / elapsed, 4)}
+                    for k in pids},
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        return pairs, lag, machine, world.placement
     finally:
         await cluster.stop()
 
@@ -321,49 +520,39 @@ def _yes(flag: bool) -> str:
 def after_first_table(pairs: list[dict]) -> str:
     """Per pair, without its first message (which also pays for the channel's claim)."""
     lines = ["| from → to (after the first message) | e2e p50 | e2e p99 | overhead p50 | "
-             "overhead p99 | owner | in seq order / sequenced in send order |",
-             "|---|---:|---:|---:|---:|---|---|"]
+             "overhead p99 | overhead p50 / p99, hops at their mean | hops read | owner | "
+             "in seq order / sequenced in send order |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for p in pairs:
         lat, over = p["latency_after_first_ms"], p["overhead_after_first_ms"]
+        mean = p["overhead_after_first_hops_at_mean_ms"]
         lines.append(f"| {p['from']} → {p['to']} | {geo._fmt(lat['p50'])} | "
                      f"{geo._fmt(lat['p99'])} | {geo._fmt(over['p50'])} | "
-                     f"{geo._fmt(over['p99'])} | {p.get('owner', '-')} | "
+                     f"{geo._fmt(over['p99'])} | {geo._fmt(mean['p50'])} / "
+                     f"{geo._fmt(mean['p99'])} | {p['between_nodes_exact']}/{p['delivered']} | "
+                     f"{p.get('owner', '-')} | "
                      f"{_yes(p['delivered_in_seq_order'])} / {_yes(p['sequenced_in_send_order'])} |")
     return "\n".join(lines)
 
 
-def hops_table(pairs: list[dict], world_model: dict[tuple[str, str], tuple[float, float, float]]
-               ) -> str:
-    """Per pair, the turnaround after the first message split at the engine, p50
-    (p99) measured against the modelled mean of the inter-region hops in it."""
-    lines = ["| from → to (after the first message) | to the append: measured / model | "
-             "append round trip: measured / model | answer → receiver's proxy: measured / model "
-             "| first message: to the append / append |",
+def hops_table(pairs: list[dict]) -> str:
+    """Per pair, the turnaround split at the engine, each part without the delay the
+    route proxies gave it: the relay's and JetStream's own time, p50 (p99)."""
+    lines = ["| from → to (after the first message) | sender's proxy → append at the owner's "
+             "server | the append's round trip | answer → receiver's proxy | first message: "
+             "the same three |",
              "|---|---:|---:|---:|---:|"]
     for p in pairs:
         hops = p.get("hops_after_first_ms")
         if not hops:
             continue
-        model = world_model[(p["from"], p["to"])]
-        cells = [f"{geo._fmt(hops[n]['p50'])} ({geo._fmt(hops[n]['p99'])}) / {m * 1000:.1f}"
-                 for n, m in zip(("to_append", "append", "to_receiver"), model)]
+        cells = [f"{geo._fmt(hops[n]['p50'])} ({geo._fmt(hops[n]['p99'])})"
+                 for n in ("to_append", "append", "to_receiver")]
         first = p.get("hops_first_ms")
-        cells.append("-" if not first else
-                     f"{geo._fmt(first['to_append'])} / {geo._fmt(first['append'])}")
+        cells.append("-" if not first else " / ".join(
+            geo._fmt(first[n]) for n in ("to_append", "append", "to_receiver")))
         lines.append(f"| {p['from']} → {p['to']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def hop_model(placement: Placement, scale: float) -> dict[tuple[str, str], tuple[float, float, float]]:
-    """The bench's model of each pair's path in the same three parts (mean one-way s)."""
-    def d(a: str, b: str) -> float:
-        return mean_one_way_s(a, b, scale)
-    out = {}
-    for (src, dst), owner in placement.owners.items():
-        quorum = min((2 * d(placement.leader, f) for f in placement.followers), default=0.0)
-        out[(src, dst)] = (d(src, owner), d(owner, placement.leader) + quorum
-                           + d(placement.leader, owner), d(owner, dst))
-    return out
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -379,7 +568,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print("regions: a stretched cluster over four regions ...", file=sys.stderr, flush=True)
     with TemporaryDirectory(prefix="bench-regions-") as workdir:
-        pairs, lag, placement = uvloop.run(_measure(a, Path(workdir)))
+        pairs, lag, machine, placement = uvloop.run(_measure(a, Path(workdir)))
     for pair in pairs:
         pair["owner"] = placement.owners.get((pair["from"], pair["to"]))
     verdicts = geo._verdicts(pairs, a.regions_catchup)
@@ -393,12 +582,17 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print()
     print(after_first_table(pairs))
     print()
-    print(hops_table(pairs, hop_model(placement, a.regions_scale)))
+    print(hops_table(pairs))
     print(f"this process's event-loop lag: p99 {geo._fmt(lag['p99'])} ms, "
           f"max {geo._fmt(lag['max'])} ms")
+    print(f"load average (1 min) at the start and end of the measurement: "
+          f"{machine['load_average_1m'][0]:g}, {machine['load_average_1m'][1]:g}")
+    for what, cpu in machine["cpu"].items():
+        print(f"{what} (all on one core): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
+              f"{cpu['waited_s_per_s']:.3f} s per second of the measurement")
     for line in geo.verdict_lines(verdicts, len(pairs)):
         print(line)
-    result = {"pairs": pairs, "loop_lag_ms": lag, "verdicts": verdicts,
+    result = {"pairs": pairs, "loop_lag_ms": lag, "verdicts": verdicts, "machine": machine,
               "stream_leader": placement.leader, "stream_followers": list(placement.followers),
               "owners": {f"{s} -> {d}": o for (s, d), o in placement.owners.items()},
               "messages": a.regions_messages, "rate": a.regions_rate,

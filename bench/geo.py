@@ -228,6 +228,11 @@ class World:
     async def before_results(self) -> None:
         """Learn what the figures need once the messages are through (a cluster: placement)."""
 
+    def injected_between_s(self, src: str, dst: str, message_id: str) -> float | None:
+        """What was really injected between relay nodes on ``message_id``'s way, if
+        known; None: :meth:`between_nodes_s` counts the hops at their mean."""
+        return None
+
     def between_nodes_s(self, src: str, dst: str) -> float:
         """Delay injected between relay nodes on the way from ``src`` to ``dst``: none here
         (one relay); a cluster across regions adds its inter-region hops."""
@@ -398,10 +403,11 @@ def _pair_result(world: World, pair: Pair) -> dict:
     ids = [message_id for message_id, *_ in pair.received]
     expected = [f"{pair.name}#{i}" for i in range(pair.sent)]
     receiver_device = _device("r", pair.src, pair.dst)
-    latencies, injected, turnarounds = [], [], []
+    latencies, injected, injected_at_mean, turnarounds = [], [], [], []
     hops: list[tuple[float, float, float]] = []
     first_hops: tuple[float, float, float] | None = None
     between = world.between_nodes_s(pair.src, pair.dst)
+    exact_hops = 0
     for index, (message_id, sent, received, _) in enumerate(pair.received):
         up = world.wire.record(world.wire.publishes[message_id])
         down = world.wire.record(world.wire.deliveries[(receiver_device, message_id)])
@@ -411,7 +417,10 @@ def _pair_result(world: World, pair: Pair) -> dict:
         elif split is not None:
             first_hops = split
         latencies.append(received - sent)
-        injected.append(up.delay_s + down.delay_s + between)
+        exact = world.injected_between_s(pair.src, pair.dst, message_id)
+        injected.append(up.delay_s + down.delay_s + (between if exact is None else exact))
+        injected_at_mean.append(up.delay_s + down.delay_s + between)
+        exact_hops += exact is not None
         # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
         # the relay and two loopback hops, without the clients' share.
         turnarounds.append(down.arrived_at - up.released_at)
@@ -440,6 +449,14 @@ def _pair_result(world: World, pair: Pair) -> dict:
                                              zip(latencies[1:], injected[1:])]),
         "injected_ms": _summary(injected),
         "overhead_ms": _summary([lat - inj for lat, inj in zip(latencies, injected)]),
+        # A cluster's inter-region hops: how many messages had each hop's delay
+        # read from the route proxies (the rest at the hops' mean), and the
+        # overhead with every hop at its mean, as counted before.
+        "between_nodes_exact": exact_hops,
+        "overhead_hops_at_mean_ms": _summary([lat - inj for lat, inj
+                                              in zip(latencies, injected_at_mean)]),
+        "overhead_after_first_hops_at_mean_ms": _summary(
+            [lat - inj for lat, inj in zip(latencies[1:], injected_at_mean[1:])]),
         "relay_turnaround_ms": _summary(turnarounds),
         # A cluster's turnaround after the first message, split where the taps
         # on its nats-servers saw it: to the append at the owner's server, the

@@ -84,8 +84,13 @@ def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
     for pair in regions["pairs"]:
         assert pair["sent"] == pair["delivered"] == 3 and pair["duplicates"] == 0
         assert pair["catchup"]["trials"] == 1
-        # The cluster's path between the nodes is counted in the injected delay.
+        # The cluster's path between the nodes is counted in the injected delay:
+        # each hop at the delay its route proxy gave that message's chunk.
         assert pair["nominal_one_way_ms"]["between_nodes"] > 0
+        assert pair["between_nodes_exact"] == 3
+        assert pair["overhead_hops_at_mean_ms"]["p50"] is not None
+    for cpu in regions["machine"]["cpu"].values():
+        assert cpu["ran_s_per_s"] > 0
     assert regions["stream_leader"] in ("shanghai", "frankfurt", "virginia", "sydney")
     assert len(regions["owners"]) == 16
     assert "verdict: end-to-end p99 < 600 ms in every pair" in run.stdout
