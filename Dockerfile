@@ -3,11 +3,12 @@
 #   docker run -d -p 7700:7700 -p 7701:7701 -v fenghuo-data:/var/lib/fenghuo \
 #     -e FENGHUO_SECRET=... fenghuo
 
-# Build stage: the Cython core needs a C compiler and SQLite's headers (the
-# store's writer calls its C API); the run stage has the library itself.
+# Build stage: the Cython core needs a C compiler, SQLite's headers (the
+# store's writer calls its C API) and OpenSSL's (the tokens' HMAC calls
+# libcrypto); the run stage has the libraries themselves.
 FROM python:3.11-slim AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev libsqlite3-dev \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libsqlite3-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./

@@ -48,7 +48,7 @@ DIRECTIVES = {
 def extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
-    macros = [("CORE_DEBUG", "1" if DEBUG else "0")]
+    macros = [("CORE_DEBUG", "1" if DEBUG else "0"), ("OPENSSL_SUPPRESS_DEPRECATED", None)]
     if DEBUG:
         macros.append(("CYTHON_TRACE_NOGIL", "1"))
     ext = Extension(
@@ -56,9 +56,12 @@ def extensions() -> list[Extension]:
         sources=["core/_core.pyx"],
         include_dirs=["core"],
         define_macros=macros,
-        # The store's writer (core/writer.pyx) calls SQLite's C API: the
-        # system library, libsqlite3-dev to build (scripts/install_build_deps.sh).
-        libraries=["sqlite3"],
+        # The store's writer (core/writer.pyx) calls SQLite's C API and the
+        # token's HMAC (core/token.pyx) OpenSSL's SHA-256: the system
+        # libraries, libsqlite3-dev and libssl-dev to build
+        # (scripts/install_build_deps.sh).  OpenSSL 3 deprecates the SHA-256
+        # functions used (core/token.pyx says why they are).
+        libraries=["sqlite3", "crypto"],
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
     modules = [ext]

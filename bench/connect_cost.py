@@ -12,22 +12,28 @@ rate.  (The kernel's share, accept, TCP, epoll, about a third of the time,
 is not counted.)
 
 One ``fenghuo serve --workers 1 --store memory`` under callgrind; ``--warmup``
-connects first (imports, caches, the first allocations), then the counters
-are zeroed, ``--connections`` links connect and HELLO (tokens made
-beforehand, 200 at a time), each waits for its WELCOME, and the counters
-are dumped.  Printed: instructions per connect, and their split by shared
-object (the interpreter, the core, uvloop, OpenSSL, ...).
+connects first (imports, caches, the first allocations) and are closed, then
+the counters are zeroed, ``--connections`` links connect and HELLO (tokens
+made beforehand, 200 at a time), each waits for its WELCOME, and the counters
+are dumped while all are open; then they close, and once the relay has
+closed them all (/proc/net/tcp) the counters are dumped again.  Printed:
+instructions per connect, their split by shared object (the interpreter, the
+core, uvloop, OpenSSL, ...), and apart, per close.  (Before 2026-12-05 the
+dump raced the closes, which callgrind's slowed relay handled partly before
+it and partly after: the same build gave 149,706 and 184,304.)
 
 With ``--cpu``, no valgrind: the same connects against the relay and, in
-the same round, against redis-server (a ``PING`` each, answered ``+PONG``:
-the connect of ``python -m bench run connections --target redis``), each
-server pinned to its core, ``--rounds`` times; printed, each server's CPU
-time per connect and fenghuo's connects per core relative to
+the same round, against redis-server (an ``AUTH`` each with its
+``requirepass`` password, answered ``+OK``: the connect of ``python -m bench
+run connections --target redis``, as a Redis client given a password makes
+it), each server pinned to its core, ``--rounds`` times; printed, each
+server's CPU time per connect and fenghuo's connects per core relative to
 redis-server's; 1,000 connecting at a time, as in ``python -m bench run
-connections``.  Unlike ``python -m bench run connections``, whose
-generator issues each token with PyJWT as it connects (and sets the pace,
-the relay idle most of the time), the servers are kept busy here, as in
-a reconnect storm.
+connections``.  The CPU time is read once every connection has its reply,
+before any closes (a close is not part of a connect; the warm-up's closes
+are done before the clock starts).  The generator here is lighter than that
+scenario's (raw bytes, no frame parsing, no timeout task per read), so the
+servers are kept busier, as in a reconnect storm.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -63,11 +70,19 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--cpu", action="store_true",
                    help="no valgrind: the relay's and redis-server's CPU time per connect")
     p.add_argument("--rounds", type=int, default=2, help="with --cpu: alternating rounds")
+    p.add_argument("--keep", metavar="FILE", default="",
+                   help="copy the connect phase's callgrind profile to FILE "
+                        "(read it with callgrind_annotate)")
     p.set_defaults(func=cmd_connect_cost)
 
 
-async def _connect(port: int, hellos: list[bytes], concurrency: int = CONCURRENCY) -> None:
-    """Every HELLO on its own connection, ``concurrency`` at a time; each waits for its WELCOME."""
+async def _connect(port: int, hellos: list[bytes], concurrency: int = CONCURRENCY,
+                   connected: Callable[[], object] = lambda: None) -> None:
+    """Every HELLO on its own connection, ``concurrency`` at a time; each waits for its WELCOME.
+
+    Once every connection has its WELCOME, ``connected()`` is called (the
+    connect phase's measurement) while all are still open; then they close.
+    """
     gate = asyncio.Semaphore(concurrency)
     writers: list[asyncio.StreamWriter] = []
 
@@ -83,9 +98,33 @@ async def _connect(port: int, hellos: list[bytes], concurrency: int = CONCURRENC
 
     try:
         await asyncio.gather(*(one(h) for h in hellos))
+        connected()
     finally:
         for writer in writers:
             writer.close()
+
+
+def _server_side_sockets(port: int) -> int:
+    """TCP sockets on this machine whose local port is ``port``, the listener not counted.
+
+    Read from /proc/net/tcp, not the relay's /metrics: a request to the relay
+    would be counted in its instructions.  The server's side of a connection
+    its client closed first stays (CLOSE_WAIT) until the server closes it.
+    """
+    local = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for line in f
+                   if line.split()[1].endswith(local) and line.split()[3] != "0A")   # 0A: LISTEN
+
+
+def _wait_closed(port: int, timeout: float = 300.0) -> None:
+    """Until the relay has closed every connection (under callgrind it lags its clients)."""
+    deadline = time.monotonic() + timeout
+    while _server_side_sockets(port):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the relay under callgrind kept connections open")
+        time.sleep(0.2)
 
 
 def _hellos(secret: str, prefix: str, count: int) -> list[bytes]:
@@ -143,22 +182,26 @@ def _cpu_per_connect(target: Target, warmup: list[bytes], requests: list[bytes])
         target.start(Path(workdir))
         try:
             uvloop.run(_connect(target.port, warmup, CONNECT_CONCURRENCY))
+            time.sleep(1.0)     # the warm-up's closes, done before the clock starts
             before = cpu_seconds(target.pid)
-            uvloop.run(_connect(target.port, requests, CONNECT_CONCURRENCY))
-            return (cpu_seconds(target.pid) - before) / len(requests) * 1e6
+            after: list[float] = []
+            # Read once every connection has its reply, before they close.
+            uvloop.run(_connect(target.port, requests, CONNECT_CONCURRENCY,
+                                lambda: after.append(cpu_seconds(target.pid))))
+            return (after[0] - before) / len(requests) * 1e6
         finally:
             target.stop()
 
 
 def cpu_rounds(a: argparse.Namespace) -> int:
-    from bench.peers.redis import Redis, resp
+    from bench.peers.redis import Redis
     for round_no in range(1, a.rounds + 1):
         secret = secrets.token_urlsafe(32)
         relay = Fenghuo(secret, ("--store", "memory", *a.relay.split()), 1)
         fenghuo_us = _cpu_per_connect(relay, _hellos(secret, "w", a.warmup),
                                       _hellos(secret, "u", a.connections))
-        ping = resp(b"PING")
-        redis_us = _cpu_per_connect(Redis(), [ping] * a.warmup, [ping] * a.connections)
+        redis = Redis()
+        redis_us = _cpu_per_connect(redis, [redis.auth] * a.warmup, [redis.auth] * a.connections)
         # CPU time comes in clock ticks (10 ms): a few connects may show none.
         ratio = f"{redis_us / fenghuo_us:.2f}x" if fenghuo_us else "n/a"
         print(f"round {round_no}: {a.connections:,} connects, CPU per connect fenghuo "
@@ -187,24 +230,34 @@ def cmd_connect_cost(a: argparse.Namespace) -> int:
         with open(Path(workdir) / "valgrind.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                     preexec_fn=lambda: pin(RELAY_CPU))  # noqa: PLW1509
+        def control(what: str) -> None:
+            subprocess.run(["callgrind_control", what, str(proc.pid)], check=True,
+                           capture_output=True)
+
         try:
             _wait_listening(proc, port)
             uvloop.run(_connect(port, warmup))
-            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
-                           capture_output=True)
-            uvloop.run(_connect(port, hellos))
-            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
-                           capture_output=True)
+            _wait_closed(port)
+            control("--zero")
+            # Dumped once every WELCOME is in, before any connection closes; then
+            # the closes, counted apart once the relay has closed them all.
+            uvloop.run(_connect(port, hellos, connected=lambda: control("--dump")))
+            _wait_closed(port)
+            control("--dump")
         finally:
             proc.terminate()
             proc.wait(120)
         dumps = sorted(Path(workdir).glob("callgrind.out.*[0-9]"))
-        if not dumps:
-            raise RuntimeError("callgrind wrote no dump of the connect phase")
+        if len(dumps) < 2:
+            raise RuntimeError("callgrind did not dump the connect and close phases")
         by_object = self_cost_by_object(dumps[0])
+        closing = sum(self_cost_by_object(dumps[1]).values())
+        if a.keep:
+            shutil.copyfile(dumps[0], a.keep)
     total = sum(by_object.values())
     print(f"relay instructions per connect + HELLO ({a.connections:,} connects after "
           f"{a.warmup:,}): {total / a.connections:,.0f}")
     for name, count in by_object.most_common(8):
         print(f"  {count / a.connections:9,.0f}  {100 * count / total:5.1f} %  {name}")
+    print(f"relay instructions per close, counted apart: {closing / a.connections:,.0f}")
     return 0

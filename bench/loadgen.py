@@ -379,7 +379,9 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
     rate.  A connect is timed as the peer's own client makes it
     (``Target.open``); waiting for what a server sends unasked later
     (nats-server's first keep-alive PING, ``Target.settle``) is not part of
-    it, and happens before the last memory sample.
+    it, and happens before the last memory sample; nor is making each
+    client's credentials (``Target.prepare``: fenghuo's tokens), done before
+    the clock starts as a client holds them before it connects.
     """
     base = rss_bytes(target.pid)
     curve: list[tuple[int, int]] = [(0, base)]
@@ -398,6 +400,7 @@ async def connections_run(target: Target, *, connections: int, checkpoints: int 
     # moves (unlike the rate): single-process servers only, as a supervisor's
     # pid does not account for its workers.
     single = getattr(target, "workers", 1) == 1
+    target.prepare([_user("i", i) for i in range(connections)])
     c0 = cpu_seconds(target.pid) if single else 0.0
     t0 = time.perf_counter()
     try:

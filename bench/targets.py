@@ -227,6 +227,16 @@ class Target(ABC):
         scenario times.
         """
 
+    def prepare(self, users: list[str]) -> None:
+        """Make beforehand what each of ``users`` brings to its handshake.
+
+        A client holds its credentials before it connects (a fenghuo token
+        from the application's backend, a Redis password from its
+        configuration): making them is not part of a connect, and a
+        generator that makes them as it connects paces the server with its
+        own cost (``connections_run`` calls this before its clock starts).
+        """
+
     async def settle(self, link: Opened) -> None:
         """Return once the server will send nothing unasked on ``link``.
 
@@ -305,6 +315,16 @@ class FenghuoWire(Target):
         #: a member's HELLO says it has that far, so the relay owes the new link
         #: no catch-up (which could arrive with the WELCOME, before the hand-over)
         self.heads: dict[str, int] = {}
+        #: user -> a token issued beforehand (``prepare``)
+        self.tokens: dict[str, str] = {}
+
+    def prepare(self, users: list[str]) -> None:
+        for user in users:
+            self.tokens[user] = issue_token(self.secret, user)
+
+    def token(self, user: str) -> str:
+        """``user``'s token: the one made by ``prepare``, else a new one."""
+        return self.tokens.get(user) or issue_token(self.secret, user)
 
     def direct(self, a: str, b: str) -> str:
         return f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
@@ -347,7 +367,7 @@ class FenghuoWire(Target):
                    source: str | None = None) -> Opened:
         reader, writer = await self._stream(source, user)
         try:
-            hello: dict = {"token": issue_token(self.secret, user)}
+            hello: dict = {"token": self.token(user)}
             known = {c: self.heads[c] for c in subscribe if c in self.heads}
             if known:
                 hello["positions"] = known

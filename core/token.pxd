@@ -1,5 +1,20 @@
+# OpenSSL's SHA-256 and constant-time comparison (libcrypto, linked by setup.py).
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX* c)
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n)
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c)
+
+cdef extern from "openssl/crypto.h" nogil:
+    int CRYPTO_memcmp(const void* a, const void* b, size_t n)
+
+
 cdef class HS256Key:
-    # An HMAC-SHA256 key (RFC 2104) keyed once (OpenSSL through hmac): each
-    # token then costs the hash of its own bytes only.
-    cdef object _keyed
+    # An HMAC-SHA256 key (RFC 2104): the SHA-256 states after its inner and
+    # outer padded blocks, hashed once (OpenSSL's libcrypto, called directly);
+    # each message copies them and costs the hash of its own bytes only.
+    cdef SHA256_CTX _inner
+    cdef SHA256_CTX _outer
+    cdef void _finish(self, SHA256_CTX* inner, unsigned char* mac) noexcept nogil
     cpdef bint verify(self, str header, str payload, bytes mac) except -1

@@ -2,18 +2,26 @@
 # strict base64url decoding and the HMAC of a key hashed once.  Every HELLO
 # verifies a token; in Python these were half of what verifying one cost
 # (profile of `python -m bench run connections`), OpenSSL's one-shot HMAC
-# setting up its context and hashing the key each time: here the key is
-# hashed once and each token copies that state.
+# setting up its context and hashing the key each time: here the key's two
+# padded blocks are hashed once and each token copies those SHA-256 states.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy, memset
 
-# OpenSSL's HMAC objects themselves (the C module under the standard library's
-# hmac): hmac.HMAC wraps each in a Python object whose copy() runs Python
-# code, about half of what verifying a signature cost.
-import _hashlib as _openssl
-from hmac import compare_digest as _compare_digest
+# OpenSSL's SHA-256 (libcrypto, linked by setup.py: the library Python's own
+# hashlib uses), called directly.  Its low-level interface is deprecated
+# since OpenSSL 3.0 in favour of EVP, whose context copy allocates (a
+# provider's dupctx); the struct here is copied by value.  Before, the HMAC
+# was _hashlib's (CPython's private module under hmac): a keyed HMAC object
+# copied, updated and digested per token, four Python calls, a Python object,
+# an OpenSSL HMAC_CTX allocated and freed, the signing input joined into a
+# bytes object, and hmac.compare_digest (callgrind over 2,000 connects +
+# HELLO: about 14,000 instructions in libcrypto and _hashlib per token).
+# (Declared in token.pxd.)
+cdef enum:
+    SHA256_BLOCK = 64
+    SHA256_SIZE = 32
 
 # base64url's alphabet (RFC 4648 §5) -> its 6 bits; -1: not in it.
 cdef signed char _B64URL[256]
@@ -76,31 +84,65 @@ cdef class HS256Key:
     """HMAC-SHA256 with the key ``material``; ``verify`` checks a JWS's signature."""
 
     def __cinit__(self, bytes material):
-        # OpenSSL's HMAC, keyed once: each token then copies the keyed state
-        # and hashes its own bytes only.  A hand-written SHA-256 in C saved
-        # about 0.6 us of the ~65 us a connect + HELLO costs (timeit, same
-        # run): not worth owning a hash in the authentication path.  Taken
-        # from _hashlib, not through hmac.HMAC: copy + update + digest 1.0 us
-        # against 1.8 us (timeit, a 230-byte token).
-        self._keyed = _openssl.hmac_new(material, digestmod="sha256")
+        # RFC 2104: a key longer than a block is hashed first; the key, padded
+        # with zeros to a block, XORed with ipad (0x36) starts the inner hash,
+        # with opad (0x5c) the outer one.  Both states are kept after their one
+        # block; each message copies them.  (A hand-written SHA-256 in C saved
+        # about 0.6 us of the ~65 us a connect + HELLO cost: OpenSSL's, with
+        # its SHA extensions, is kept.)
+        cdef unsigned char key[SHA256_BLOCK]
+        cdef unsigned char pad[SHA256_BLOCK]
+        cdef SHA256_CTX long_key
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(material), i
+        memset(key, 0, SHA256_BLOCK)
+        if n > SHA256_BLOCK:
+            SHA256_Init(&long_key)
+            SHA256_Update(&long_key, PyBytes_AS_STRING(material), n)
+            SHA256_Final(key, &long_key)
+        else:
+            memcpy(key, PyBytes_AS_STRING(material), n)
+        for i in range(SHA256_BLOCK):
+            pad[i] = key[i] ^ 0x36
+        SHA256_Init(&self._inner)
+        SHA256_Update(&self._inner, pad, SHA256_BLOCK)
+        for i in range(SHA256_BLOCK):
+            pad[i] = key[i] ^ 0x5c
+        SHA256_Init(&self._outer)
+        SHA256_Update(&self._outer, pad, SHA256_BLOCK)
+
+    cdef void _finish(self, SHA256_CTX* inner, unsigned char* mac) noexcept nogil:
+        """``mac``: the HMAC of what ``inner`` (a copy of the inner state) has hashed."""
+        cdef unsigned char inner_hash[SHA256_SIZE]
+        cdef SHA256_CTX outer
+        SHA256_Final(inner_hash, inner)
+        memcpy(&outer, &self._outer, sizeof(SHA256_CTX))
+        SHA256_Update(&outer, inner_hash, SHA256_SIZE)
+        SHA256_Final(mac, &outer)
 
     def digest(self, bytes message) -> bytes:
         """The HMAC of ``message`` (for tests and signing)."""
-        mac = self._keyed.copy()
-        mac.update(message)
-        return mac.digest()
+        cdef SHA256_CTX inner
+        cdef unsigned char mac[SHA256_SIZE]
+        memcpy(&inner, &self._inner, sizeof(SHA256_CTX))
+        SHA256_Update(&inner, PyBytes_AS_STRING(message), PyBytes_GET_SIZE(message))
+        self._finish(&inner, mac)
+        return PyBytes_FromStringAndSize(<char*>mac, SHA256_SIZE)
 
     cpdef bint verify(self, str header, str payload, bytes mac) except -1:
         """Whether ``mac`` is the HMAC of ``header.payload`` (compared in constant time)."""
         cdef Py_ssize_t hn, pn
         cdef const char* h = PyUnicode_AsUTF8AndSize(header, &hn)
         cdef const char* p = PyUnicode_AsUTF8AndSize(payload, &pn)
-        # The signing input, header + "." + payload, made in one allocation.
-        cdef bytes signed = PyBytes_FromStringAndSize(NULL, hn + 1 + pn)
-        cdef char* o = PyBytes_AS_STRING(signed)
-        memcpy(o, h, hn)
-        o[hn] = b'.'
-        memcpy(o + hn + 1, p, pn)
-        computed = self._keyed.copy()
-        computed.update(signed)
-        return _compare_digest(computed.digest(), mac)
+        cdef SHA256_CTX inner
+        cdef unsigned char computed[SHA256_SIZE]
+        # The signing input, header + "." + payload, hashed in three pieces:
+        # no copy of it is made.
+        memcpy(&inner, &self._inner, sizeof(SHA256_CTX))
+        SHA256_Update(&inner, h, hn)
+        SHA256_Update(&inner, b".", 1)
+        SHA256_Update(&inner, p, pn)
+        self._finish(&inner, computed)
+        # The length is no secret (a SHA-256 HMAC is 32 bytes); the bytes are
+        # compared in constant time.
+        return PyBytes_GET_SIZE(mac) == SHA256_SIZE and \
+            CRYPTO_memcmp(computed, PyBytes_AS_STRING(mac), SHA256_SIZE) == 0

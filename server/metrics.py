@@ -103,6 +103,9 @@ class RelayCollector(Collector):
         yield gauge("fenghuo_users_online", "Users with at least one authenticated connection.",
                     len(relay.users))
         yield gauge("fenghuo_channels", "Channels held in memory.", len(relay.hub.channels))
+        yield gauge("fenghuo_token_deadlines", "Token deadlines kept for the expiry sweep: one per "
+                    "authenticated connection, plus stale ones of closed or refreshed connections "
+                    "until they are half.", relay.tokens.deadlines)
         yield from self._cluster()
         yield from self._api()
         yield from self._webhooks()

@@ -259,3 +259,44 @@ def test_install_asks_apt_for_a_missing_peer_and_fails_when_it_stays_missing(
     calls = log.read_text().splitlines()
     assert calls[0].endswith("apt-get -y -qq install --no-install-recommends nats-server")
     assert "nats-server stop" in calls[-1] or "disable --now nats-server" in calls[-1]
+
+
+async def test_redis_links_authenticate_as_a_client_given_a_password_does(tmp_path: Path) -> None:
+    """The bench's redis-server needs a password (requirepass): a link that skips AUTH is
+    refused, and ``open`` (the connect ``run connections`` times) is AUTH answered +OK,
+    as fenghuo's connect is a HELLO whose token the relay verifies."""
+    redis = Redis()
+    if not installed(redis.binary):
+        pytest.skip("redis-server is absent and bench/peers/install.sh could not install it")
+    redis.start(tmp_path)
+    try:
+        reader, writer = await asyncio.open_connection(redis.host, redis.port)
+        writer.write(b"*1\r\n$4\r\nPING\r\n")
+        refused = await asyncio.wait_for(reader.readline(), 10)
+        assert refused.startswith(b"-NOAUTH"), refused
+        writer.close()
+        publisher = await redis.open("alice")
+        publisher.writer.write(b"*1\r\n$4\r\nPING\r\n")
+        assert await asyncio.wait_for(publisher.reader.readline(), 10) == b"+PONG\r\n"
+        publisher.writer.close()
+    finally:
+        redis.stop()
+
+
+async def test_fenghuo_links_say_hello_with_the_tokens_made_beforehand(tmp_path: Path) -> None:
+    """``prepare`` makes every user's token before ``run connections`` starts its clock, and
+    ``open`` sends that one: made with the relay's secret, it is accepted even once the
+    target's secret is no longer the relay's (a token made at connect would not be)."""
+    from bench.targets import Fenghuo
+    relay = Fenghuo("the-relay-s-secret-" + "x" * 32, ("--store", "memory"), 1)
+    relay.start(tmp_path)
+    try:
+        relay.prepare(["alice", "bob"])
+        relay.secret = "another-secret-" + "y" * 32
+        for user in ("alice", "bob"):
+            link = await relay.open(user)
+            link.writer.close()
+        with pytest.raises(RuntimeError, match="refused HELLO"):
+            await relay.open("carol")     # no token made beforehand: made now, with the wrong secret
+    finally:
+        relay.stop()

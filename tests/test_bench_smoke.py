@@ -97,12 +97,16 @@ def test_connections_reports_memory_and_rate(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+@pytest.mark.timeout(300)    # valgrind's start and the two dumps: 2 minutes at load average 8
 def test_connect_cost_counts_the_relays_instructions_per_connect():
     run = bench("connect-cost", "--connections", "20", "--warmup", "5", timeout=300)
-    first, *objects = run.stdout.strip().splitlines()
+    first, *objects, closes = run.stdout.strip().splitlines()
     per_connect = int(re.search(r"HELLO \(20 connects after 5\): ([\d,]+)$", first)[1].replace(",", ""))
     assert per_connect > 10_000, run.stdout     # a connect + HELLO runs the interpreter
     assert any("libpython" in line or "python" in line for line in objects), run.stdout
+    # The closes counted apart, once the relay has closed every connection.
+    per_close = int(re.search(r"per close, counted apart: ([\d,]+)$", closes)[1].replace(",", ""))
+    assert per_close > 1_000, run.stdout
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

@@ -22,7 +22,7 @@ from fenghuo.api import AsyncApi
 from fenghuo.tokens import issue_token, verify_token
 from tests.clients import refused, wait_logged
 from tests.conftest import group_members
-from tests.rawwire import authed_on_every_worker, open_raw
+from tests.rawwire import authed_on_every_worker, metrics, open_raw
 from tests.test_cli import fenghuo_cli
 
 FAST_SWEEP = ("--handshake-timeout", "2", "--token-grace", "1")
@@ -259,3 +259,30 @@ async def test_sighup_reloads_the_secret_file_in_every_worker(relay_factory, tmp
     await wait_logged(relay, "secret file reload failed", 2)
     await authed_on_every_worker(relay, "dave", issue_token(f"k2 {new}", "dave"))
     assert relay.proc.poll() is None and "worker exited" not in relay.log()
+
+
+async def test_a_closed_connection_s_token_deadline_is_not_kept_for_the_token_s_lifetime(
+        relay_factory):
+    """The expiry sweep's deadlines (server/tokenwatch.py) hold a Session each: a connection
+    closed long before its day-long token expires is dropped once stale deadlines are half
+    of them, or a reconnect storm would keep every closed Session for a day
+    (fenghuo_token_deadlines counts them)."""
+    relay = relay_factory(workers=1)
+    stayed = await open_raw(relay)
+    await stayed.hello(relay.token("stays"))
+    for round_no in range(3):
+        conns = [await open_raw(relay) for _ in range(100)]
+        for i, conn in enumerate(conns):
+            await conn.hello(relay.token(f"u{round_no}-{i}"))
+        for conn in conns:
+            conn.close()
+        for _ in range(100):
+            if (await metrics(relay))["fenghuo_connections"] == 1:
+                break
+            await asyncio.sleep(0.05)
+    samples = await metrics(relay)
+    assert samples["fenghuo_connections"] == 1
+    # 301 HELLOs, 300 closed: at most about as many stale deadlines as live ones
+    # past the first compaction (64), never one per connection ever made.
+    assert samples["fenghuo_token_deadlines"] < 150, samples["fenghuo_token_deadlines"]
+    await stayed.expect_silence(0.1)

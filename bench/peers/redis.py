@@ -2,7 +2,11 @@
 
 The server runs on a free loopback port as a pure pub/sub broker: no
 snapshots, no append-only file, and no output-buffer limit for pub/sub
-clients.  Links speak RESP2 directly.  A link is either a subscriber or a
+clients.  Links speak RESP2 directly, and authenticate as a Redis client
+configured with a password does: ``AUTH <password>``, answered ``+OK``
+(``requirepass``, the default user's password, which Redis checks against its
+SHA-256 on every AUTH), as fenghuo checks a token's HMAC-SHA256 on every
+HELLO.  A link is either a subscriber or a
 publisher, never both: in RESP2 a connection that has subscribed may send
 only (P)SUBSCRIBE, (P)UNSUBSCRIBE, PING, QUIT and RESET, so a publisher is a
 link connected with no subscriptions.
@@ -11,6 +15,7 @@ link connected with no subscriptions.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 
 from bench.peers.pubsub import SETUP_TIMEOUT, PubSubPeer, crlf_wire, payload_body
@@ -36,10 +41,18 @@ class Redis(PubSubPeer):
     name = "redis"
     binary = "redis-server"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.password = secrets.token_urlsafe(24)
+        #: what a link sends first, as redis-py, ioredis or node-redis (RESP2) do
+        #: when given a password: the connect of ``python -m bench run connections``
+        self.auth = resp(b"AUTH", self.password.encode())
+
     def start(self, workdir: Path) -> None:
         self.port = free_port()
         self._spawn([
             self.executable(), "--bind", self.host, "--port", str(self.port), "--protected-mode", "no",
+            "--requirepass", self.password,
             # A broker, not a store: nothing is written to disk during a run.
             "--save", "", "--appendonly", "no",
             "--maxclients", str(MAX_CLIENTS),
@@ -62,19 +75,18 @@ class Redis(PubSubPeer):
                    source: str | None = None) -> Opened:
         """A subscriber of ``subscribe``, or with none a publisher; quiet on return.
 
-        One round trip, the least a client needs to know it was admitted;
-        redis-server sends nothing unasked afterwards, so ``settle`` has
-        nothing to wait for.
+        One round trip, the least a client needs to know it was admitted:
+        ``AUTH``, answered ``+OK`` (a subscriber's SUBSCRIBE follows it in
+        the same write); redis-server sends nothing unasked afterwards, so
+        ``settle`` has nothing to wait for.  Redis refuses a client over
+        maxclients by writing an error and closing, which the reply tells.
         """
         reader, writer = await open_stream(self.host, self.port, source)
         channels = [c.encode() for c in dict.fromkeys(subscribe)]
+        request, expected = self.auth, b"+OK\r\n"
         if channels:
-            request = resp(b"SUBSCRIBE", *channels)
-            expected = b"".join(subscribed(c, n) for n, c in enumerate(channels, 1))
-        else:
-            # Redis refuses a client over maxclients by writing an error and
-            # closing; a PING round trip tells an accepted publisher apart.
-            request, expected = resp(b"PING"), b"+PONG\r\n"
+            request += resp(b"SUBSCRIBE", *channels)
+            expected += b"".join(subscribed(c, n) for n, c in enumerate(channels, 1))
         writer.write(request)
         try:
             reply = await asyncio.wait_for(reader.readexactly(len(expected)), SETUP_TIMEOUT)
