@@ -30,22 +30,26 @@ cdef struct DedupeSlot:
 
 
 cdef enum:
-    # Generations of the given-up filter at most: two at a steady rate (the
-    # current one and the one before, each a span long); more while the
-    # rate grows past what the current one was sized for.
+    # Generations of given-up keys at most: two at a steady rate (the
+    # current one and the one before, each a span long).
     DEDUPE_FILTER_GENERATIONS = 4
+    # Seqs a given-up key may be at, asked of the store per publish at most.
+    DEDUPE_MAX_CANDIDATES = 4
 
 
-cdef struct KeyFilter:
-    # One generation of a Bloom filter over the hashes of keys a full window
-    # gave up before their span was over: three bits in one 64-bit word per
-    # key (one memory access to add or test).
-    uint64_t* words
-    void* mapping                    # words' mmap (huge pages), NULL: PyMem_Calloc'd
+cdef struct GivenUp:
+    # One generation of the keys a full window gave up before their span was
+    # over: an open-addressing table of 8-byte slots, each a key's hash
+    # folded to 32 bits (its home slot and its comparison) and its seq (as
+    # 1 + seq - base_seq, 0 marks an empty slot).  A key found here is at
+    # that seq in the store, which confirms it with one read by (channel,
+    # seq): no index of keys is written (PROTOCOL §6.2).
+    uint64_t* slots
+    void* mapping                    # slots' mmap (huge pages), NULL: PyMem_Calloc'd
     size_t mapped                    # its length
-    uint64_t mask                    # words - 1 (a power of two)
-    Py_ssize_t count                 # keys added
-    Py_ssize_t capacity              # keys it was sized for (about 13-26 bits each)
+    uint64_t mask                    # slots - 1 (a power of two)
+    Py_ssize_t count                 # keys held
+    uint64_t base_seq                # the seq of the first key it took
     uint64_t start_us                # it took keys given up from start_us
     uint64_t end_us                  # until end_us (0: it still takes them)
 
@@ -71,20 +75,18 @@ cdef class DedupeWindow:
     # Newest message time of a key pushed out by ``max_keys`` before its
     # span was over (0: none): keys from then back may only be in the store.
     cdef readonly uint64_t evicted_early_us
-    # With a store (``keep_given_up``): the keys given up early, so that a
-    # miss asks the store only for a key that may be there, not for every
-    # new key of a busy channel.  Until ``unknown_until_us`` (a restart that
-    # reloaded a full window) every miss asks it.
+    # With a store (``keep_given_up``): the keys given up early with their
+    # seqs, so that a miss asks the store only for a key that is there (one
+    # row read by its seq), never for a new key.
     cdef public bint keep_given_up
-    cdef KeyFilter _gens[DEDUPE_FILTER_GENERATIONS]
+    cdef GivenUp _gens[DEDUPE_FILTER_GENERATIONS]
     cdef int _ngens
-    cdef uint64_t _unknown_until_us
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
                     Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
     cdef void prefetch(self, const char* sender, Py_ssize_t sender_len, const char* key,
                        Py_ssize_t key_len) noexcept
-    cdef bint given_up(self, uint64_t now_us) noexcept
+    cdef int given_up(self, uint64_t now_us, uint64_t* seqs) noexcept
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1
     cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
@@ -93,7 +95,9 @@ cdef class DedupeWindow:
     cdef void _drop_pending(self) noexcept
     cdef void _evict_oldest(self) noexcept
     cdef void _expire(self, uint64_t now_us) noexcept
-    cdef int _give_up(self, Py_hash_t h, uint64_t evicted_ts_us, uint64_t now_us) except -1
-    cdef int _new_generation(self, uint64_t evicted_ts_us, uint64_t now_us) except -1
+    cdef int _give_up(self, Py_hash_t h, uint64_t seq, uint64_t evicted_ts_us,
+                      uint64_t now_us) except -1
+    cdef int _new_generation(self, uint64_t seq, uint64_t evicted_ts_us, uint64_t now_us) except -1
+    cdef int _grow_generation(self, GivenUp* g) except -1
     cdef void _free_generation(self, int g) noexcept
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept

@@ -4,7 +4,9 @@
 #
 # The window holds the keys accepted in the last ``span_us`` microseconds of
 # message time (ts_us), and at most ``max_keys`` of them: the span is what a
-# client may count on (PROTOCOL §6.2), the count bounds memory.  Keys are
+# client may count on (PROTOCOL §6.2), the count bounds memory.  With a
+# store (``keep_given_up``) a key leaving before its span is over stays as
+# 8 bytes (its hash's tag and its seq), which the store confirms.  Keys are
 # hashed with CPython's own bytes hash (SipHash with the process's random
 # seed), so a sender cannot choose keys that collide.
 
@@ -23,27 +25,50 @@ cdef extern from *:
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
-    # A filter generation is sized for the keys its channel gives up in one
-    # span at the rate measured so far, times 3/2, within these bounds (the
-    # upper: 16 M keys, at most 16 MiB a generation).
-    FILTER_MIN_KEYS = 1024
-    FILTER_MAX_KEYS = 1 << 24
-    # A generation this large or larger is mapped on 2 MiB pages: its keys'
-    # words are random reads and writes over up to 16 MiB, and on 4 KiB
-    # pages each one missed the TLB as well as the cache (perf, default
-    # deployment, `bench keys` window 4096: the filter's test and add, all
-    # on their one load each, half of what a key cost the relay).
+    # A generation of given-up keys starts sized for the keys its channel
+    # gives up in one span at the rate measured so far (at least the first,
+    # at most the second bound), and doubles when three quarters full: a
+    # burst's estimate does not reserve a busy channel's table up front.
+    GIVEN_UP_MIN_KEYS = 1024
+    GIVEN_UP_MAX_INITIAL_KEYS = 1 << 20
+    # A generation this large or larger is mapped on 2 MiB pages: its slots
+    # are random reads and writes over many MiB, and on 4 KiB pages each
+    # one missed the TLB as well as the cache (perf, default deployment,
+    # `bench keys` window 4096: the Bloom filter this table replaced, its
+    # test and add on their one load each, half of what a key cost the relay).
     HUGE_PAGE = 2 << 20
 
 
-cdef inline uint64_t filter_bits(Py_hash_t h) noexcept:
-    # Three bits of a word from the hash's low 18 bits; the word from the bits above.
-    cdef uint64_t u = <uint64_t>h
-    return (1ULL << (u & 63)) | (1ULL << ((u >> 6) & 63)) | (1ULL << ((u >> 12) & 63))
+cdef inline uint64_t given_up_slot(uint32_t tag, uint64_t seq, uint64_t base_seq) noexcept:
+    return (<uint64_t>tag << 32) | (seq - base_seq + 1)
 
 
-cdef inline uint64_t filter_word(KeyFilter* f, Py_hash_t h) noexcept:
-    return ((<uint64_t>h) >> 18) & f.mask
+cdef uint64_t* alloc_slots(Py_ssize_t n, void** mapping, size_t* mapped) except NULL:
+    # ``n`` zeroed slots; from a huge-page mapping when large (aligned to a
+    # huge page inside a mapping one longer), else from the heap.
+    cdef void* m
+    mapping[0] = NULL
+    mapped[0] = 0
+    if n * sizeof(uint64_t) >= HUGE_PAGE:
+        mapped[0] = n * sizeof(uint64_t) + HUGE_PAGE
+        m = mmap(NULL, mapped[0], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if m == MAP_FAILED:
+            raise MemoryError()
+        mapping[0] = m
+        slots = <uint64_t*>((<uintptr_t>m + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1))
+        madvise(slots, n * sizeof(uint64_t), MADV_HUGEPAGE)    # advice: fine if refused
+        return slots
+    slots = <uint64_t*>PyMem_Calloc(n, sizeof(uint64_t))
+    if slots == NULL:
+        raise MemoryError()
+    return slots
+
+
+cdef void free_slots(uint64_t* slots, void* mapping, size_t mapped) noexcept:
+    if mapping != NULL:
+        munmap(mapping, mapped)
+    else:
+        PyMem_Free(slots)
 
 
 cdef inline const char* entry_key(DedupeEntry* e) noexcept:
@@ -83,22 +108,13 @@ cdef class DedupeWindow:
     def load(self, keys) -> None:
         """File ``(key, seq, ts_us)`` records from the store, oldest first (a restart).
 
-        ``max_keys`` of them fill the window: older keys of the span may be
-        on disk only, so keys from the oldest loaded one back count as
-        given up early (they are asked of the store).
+        The store gives every key of the span: the newest ``max_keys`` fill
+        the window and, with ``keep_given_up``, the older ones are given up
+        with their seqs as they would have been while they arrived.
         """
         cdef bytes key
-        cdef Py_ssize_t loaded = 0
-        cdef uint64_t oldest = 0
         for key, seq, ts_us in keys:
             self._insert(key, len(key), _Py_HashBytes(<const char*>key, len(key)), seq, ts_us)
-            if not loaded:
-                oldest = ts_us
-            loaded += 1
-        if loaded >= self.max_keys:
-            if oldest > self.evicted_early_us:
-                self.evicted_early_us = oldest
-            self._unknown_until_us = oldest + self.span_us
 
     def clear(self) -> None:
         """Forget every key: a cluster node that lost a channel's ownership reloads
@@ -106,6 +122,9 @@ cdef class DedupeWindow:
         while self._head != self._tail:
             self._evict_oldest()
         self.evicted_early_us = 0
+        for i in range(self._ngens):
+            self._free_generation(i)
+        self._ngens = 0
 
     def find(self, bytes key):
         """``(seq, ts_us)`` under ``key`` (sender NUL idempotency key), or None."""
@@ -163,21 +182,27 @@ cdef class DedupeWindow:
         memcpy(composed + sender_len + 1, key, key_len)
         __builtin_prefetch(&self._table[hash_tag(_Py_HashBytes(composed, n)) & self._table_mask])
 
-    cdef bint given_up(self, uint64_t now_us) noexcept:
-        """Whether the key ``lookup`` missed may have been given up early (then ask the store)."""
-        cdef int g
-        cdef KeyFilter* f
-        cdef uint64_t bits
-        if not self.keep_given_up:
-            return self.evicted_early_us + self.span_us >= now_us
-        if now_us <= self._unknown_until_us:
-            return True
-        bits = filter_bits(self._pending_hash)
+    cdef int given_up(self, uint64_t now_us, uint64_t* seqs) noexcept:
+        """The seqs (at most DEDUPE_MAX_CANDIDATES, into ``seqs``) at which the key
+        ``lookup`` missed may have been given up early: the store confirms one
+        by its row.  Two keys share a 32-bit hash tag about once in 4 billion,
+        so nearly always one seq, and none for a new key."""
+        cdef int g, n = 0
+        cdef GivenUp* f
+        cdef uint32_t tag = hash_tag(self._pending_hash)
+        cdef uint64_t i, slot
         for g in range(self._ngens):
             f = &self._gens[g]
-            if f.words[filter_word(f, self._pending_hash)] & bits == bits:
-                return True
-        return False
+            i = tag & f.mask
+            while True:
+                slot = f.slots[i]
+                if not slot:
+                    break
+                if <uint32_t>(slot >> 32) == tag and n < DEDUPE_MAX_CANDIDATES:
+                    seqs[n] = f.base_seq + (slot & 0xFFFFFFFFULL) - 1
+                    n += 1
+                i = (i + 1) & f.mask
+        return n
 
     cdef bytes pending_key(self):
         """The key ``lookup`` did not find, as bytes (for the store)."""
@@ -209,7 +234,7 @@ cdef class DedupeWindow:
                 if e.ts_us > self.evicted_early_us:
                     self.evicted_early_us = e.ts_us
                 if self.keep_given_up:
-                    self._give_up(e.hash, e.ts_us, ts_us)
+                    self._give_up(e.hash, e.seq, e.ts_us, ts_us)
             self._evict_oldest()
         if <Py_ssize_t>(self._tail - self._head) == self._ring_cap:
             self._grow()
@@ -316,72 +341,82 @@ cdef class DedupeWindow:
                 self._ring[self._head & (self._ring_cap - 1)].ts_us + self.span_us < now_us:
             self._evict_oldest()
 
-    cdef int _give_up(self, Py_hash_t h, uint64_t evicted_ts_us, uint64_t now_us) except -1:
-        # Files the hash of a key leaving before its span is over.
-        cdef KeyFilter* f = &self._gens[self._ngens - 1] if self._ngens else NULL
-        if f == NULL or now_us >= f.start_us + self.span_us or f.count >= f.capacity:
-            self._new_generation(evicted_ts_us, now_us)
+    cdef int _give_up(self, Py_hash_t h, uint64_t seq, uint64_t evicted_ts_us,
+                      uint64_t now_us) except -1:
+        # Files the hash and seq of a key leaving before its span is over.
+        cdef GivenUp* f = &self._gens[self._ngens - 1] if self._ngens else NULL
+        cdef uint32_t tag = hash_tag(h)
+        cdef uint64_t i
+        if f == NULL or f.end_us or now_us >= f.start_us + self.span_us \
+                or seq - f.base_seq + 1 > 0xFFFFFFFFULL:
+            self._new_generation(seq, evicted_ts_us, now_us)
             f = &self._gens[self._ngens - 1]
-        f.words[filter_word(f, h)] |= filter_bits(h)
+        if <uint64_t>(f.count + 1) * 4 > (f.mask + 1) * 3:
+            self._grow_generation(f)
+        i = tag & f.mask
+        while f.slots[i]:
+            i = (i + 1) & f.mask
+        f.slots[i] = given_up_slot(tag, seq, f.base_seq)
         f.count += 1
         return 0
 
     cdef void _free_generation(self, int g) noexcept:
-        if self._gens[g].mapping != NULL:
-            munmap(self._gens[g].mapping, self._gens[g].mapped)
-        else:
-            PyMem_Free(self._gens[g].words)
+        free_slots(self._gens[g].slots, self._gens[g].mapping, self._gens[g].mapped)
 
-    cdef int _new_generation(self, uint64_t evicted_ts_us, uint64_t now_us) except -1:
+    cdef int _grow_generation(self, GivenUp* f) except -1:
+        # Twice the slots; each moves to the home its tag gives in the larger table.
+        cdef uint64_t n = (f.mask + 1) * 2, i, j, slot
+        cdef void* mapping
+        cdef size_t mapped
+        cdef uint64_t* slots = alloc_slots(n, &mapping, &mapped)
+        for i in range(f.mask + 1):
+            slot = f.slots[i]
+            if slot:
+                j = (slot >> 32) & (n - 1)
+                while slots[j]:
+                    j = (j + 1) & (n - 1)
+                slots[j] = slot
+        free_slots(f.slots, f.mapping, f.mapped)
+        f.slots, f.mapping, f.mapped, f.mask = slots, mapping, mapped, n - 1
+        return 0
+
+    cdef int _new_generation(self, uint64_t seq, uint64_t evicted_ts_us, uint64_t now_us) except -1:
         # A generation that stopped taking keys at end_us holds keys of
         # message time before end_us: once end_us + span is past, none of
         # them is in its span any more, and it goes.
-        cdef KeyFilter* last
-        cdef Py_ssize_t keys, words = 1
-        cdef uint64_t* bits
+        cdef GivenUp* last
+        cdef Py_ssize_t keys, n = 1
         cdef void* mapping
         cdef size_t mapped
+        cdef uint64_t* slots
         while self._ngens and self._gens[0].end_us and self._gens[0].end_us + self.span_us < now_us:
             self._free_generation(0)
             self._ngens -= 1
-            memmove(&self._gens[0], &self._gens[1], self._ngens * sizeof(KeyFilter))
+            memmove(&self._gens[0], &self._gens[1], self._ngens * sizeof(GivenUp))
+        last = &self._gens[self._ngens - 1] if self._ngens else NULL
         if self._ngens == DEDUPE_FILTER_GENERATIONS:
-            # Every generation still holds keys of the span: the last one
-            # takes more than it was sized for (more stores asked, none missed).
-            self._gens[self._ngens - 1].capacity = PY_SSIZE_T_MAX
+            # Every generation still holds keys of the span (a span had over
+            # 4 billion messages): the last one grows on.
+            last.end_us = 0
             return 0
         # Keys given up per span at the rate so far: from the generation
         # before, else from the window (max_keys covered now - evicted_ts_us).
-        last = &self._gens[self._ngens - 1] if self._ngens else NULL
         if last != NULL and now_us > last.start_us:
             keys = <Py_ssize_t>(<double>last.count * self.span_us / (now_us - last.start_us))
         else:
             keys = <Py_ssize_t>(<double>self.max_keys * self.span_us / max(now_us - evicted_ts_us, <uint64_t>1))
-        keys = min(max(keys + keys // 2, FILTER_MIN_KEYS), FILTER_MAX_KEYS)
-        while words * 5 < keys:          # 64 bits a word: 13-26 bits a key
-            words *= 2
-        mapped = 0
-        mapping = NULL
-        if words * sizeof(uint64_t) >= HUGE_PAGE:
-            # Zeroed, and aligned to a huge page inside a mapping one longer.
-            mapped = words * sizeof(uint64_t) + HUGE_PAGE
-            mapping = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-            if mapping == MAP_FAILED:
-                raise MemoryError()
-            bits = <uint64_t*>((<uintptr_t>mapping + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1))
-            madvise(bits, words * sizeof(uint64_t), MADV_HUGEPAGE)   # advice: fine if refused
-        else:
-            bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
-            if bits == NULL:
-                raise MemoryError()
+        keys = min(max(keys, GIVEN_UP_MIN_KEYS), GIVEN_UP_MAX_INITIAL_KEYS)
+        while n * 3 < keys * 4:          # at most three quarters full
+            n *= 2
+        slots = alloc_slots(n, &mapping, &mapped)
         if last != NULL:
             last.end_us = now_us
-        self._gens[self._ngens].words = bits
+        self._gens[self._ngens].slots = slots
         self._gens[self._ngens].mapping = mapping
         self._gens[self._ngens].mapped = mapped
-        self._gens[self._ngens].mask = words - 1
+        self._gens[self._ngens].mask = n - 1
         self._gens[self._ngens].count = 0
-        self._gens[self._ngens].capacity = keys
+        self._gens[self._ngens].base_seq = seq
         self._gens[self._ngens].start_us = now_us
         self._gens[self._ngens].end_us = 0
         self._ngens += 1

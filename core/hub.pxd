@@ -76,9 +76,9 @@ cdef class Hub:
     cdef public object store
     cdef public bint durable_acks
     cdef public object channel_loader
-    # ``key_lookup(channel, key, since_us)``: (seq, ts_us) of a key the store
-    # holds from ``since_us`` on, or None; asked only for a key that may have
-    # left a full window before its span was over.
+    # ``key_lookup(channel, key, seqs, since_us)``: (seq, ts_us) of the row at
+    # one of ``seqs`` that holds ``key`` from ``since_us`` on, or None; asked
+    # only for a key the window gave up early at one of those seqs.
     cdef public object key_lookup
     # ``masker(name)``: the MaskRules of a channel made now, or None (asked once per channel).
     cdef public object masker

@@ -361,13 +361,19 @@ cdef class Hub:
         a full window gave up before its span was over is asked of the store.
         """
         cdef DedupeWindow window = ch.dedupe
+        cdef uint64_t candidates[DEDUPE_MAX_CANDIDATES]
+        cdef int n
         if window.lookup(PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender), v.key, v.key_len,
                          now_us, seq, ts):
             return 1
-        if self.key_lookup is None or not window.given_up(now_us):
+        if self.key_lookup is None:
+            return 0
+        n = window.given_up(now_us, candidates)
+        if not n:
             return 0
         self.metrics.key_lookups += 1
-        found = self.key_lookup(ch.name, window.pending_key(), now_us - window.span_us)
+        found = self.key_lookup(ch.name, window.pending_key(), [candidates[i] for i in range(n)],
+                                now_us - window.span_us)
         if found is None:
             return 0
         seq[0] = found[0]

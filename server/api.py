@@ -482,7 +482,9 @@ class Api:
         """Publish due scheduled messages; note those done with (sent, or refused for good)."""
         calls = [(t, msgspec.json.decode(t.body, type=PublishCall)) for t in timers]
         keys = {t.id: _fire_key(t, call) for t, call in calls}
-        already = await self.timers.table.stored(list(keys.values()))
+        # A fired message is sequenced after its due time, on this host's clock.
+        since_us = min(t.due_us for t in timers)
+        already = await self.timers.table.stored(list(keys.values()), since_us)
         sent: dict[int, tuple[PublishCall, int, int]] = {}     # id -> (call, seq, ts_us)
 
         async def fire(t: Timer, call: PublishCall) -> None:
@@ -511,7 +513,7 @@ class Api:
             sent[t.id] = (call, ack["seq"], ack["ts_us"])
 
         await asyncio.gather(*(fire(t, call) for t, call in calls))
-        stored = await self._confirm_stored({i: keys[i] for i in sent})
+        stored = await self._confirm_stored({i: keys[i] for i in sent}, since_us)
         for t, _ in calls:
             if t.id not in stored:
                 continue
@@ -522,7 +524,7 @@ class Api:
                 "sender": call.sender or API_USER, "send_at": t.due_us / 1e6,
                 "idempotency_key": keys[t.id][1].split(b"\0", 1)[1].decode()}))
 
-    async def _confirm_stored(self, keys: dict[int, tuple[str, bytes]]) -> set[int]:
+    async def _confirm_stored(self, keys: dict[int, tuple[str, bytes]], since_us: int) -> set[int]:
         """Which of the timers ``keys`` have their message in the store: all of them at
         once under --fsync always (the ACK follows the commit), otherwise those found
         within :data:`CONFIRM_PATIENCE` (the others' rows stay for the next start)."""
@@ -532,7 +534,7 @@ class Api:
         waiting = set(keys.values())
         deadline = time.monotonic() + CONFIRM_PATIENCE
         while waiting and time.monotonic() < deadline:
-            waiting -= (await self.timers.table.stored(list(waiting))).keys()
+            waiting -= (await self.timers.table.stored(list(waiting), since_us)).keys()
             if waiting:
                 await asyncio.sleep(0.02)
         return {i for i, k in keys.items() if k not in waiting}

@@ -393,10 +393,10 @@ class ClusterStore(SQLiteStore):
     def recent(self, channel: str) -> list[tuple[int, bytes]]:
         return []          # a channel's state comes from its owner or the stream, not here
 
-    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]:
+    def dedupe_keys(self, channel: str, since_us: int) -> list[tuple[bytes, int, int]]:
         return []
 
-    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None:
+    def find_key(self, channel: str, key: bytes, seqs: list[int], since_us: int) -> tuple[int, int] | None:
         return None
 
     def direct_channels(self) -> list[str]:

@@ -97,7 +97,8 @@ class Settings:
     dedupe_span: float = _opt(120.0, "seconds an idempotency key is remembered on its channel "
                                      "after its publish was accepted (see Delivery guarantees)")
     dedupe_window: int = _opt(65536, "idempotency keys held in memory per channel at most; with "
-                                     "--store sqlite older keys of the span are looked up on disk")
+                                     "--store sqlite older keys of the span are kept as a hash and "
+                                     "a seq and confirmed on disk")
     rate: float = _opt(20000.0, "frames per second a connection may send (token bucket refill)")
     burst: float = _opt(40000.0, "frames a connection may send at once (token bucket size)")
     handshake_timeout: float = _opt(10.0, "seconds a new connection has to send HELLO")

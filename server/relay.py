@@ -193,13 +193,13 @@ class Relay:
         """Rebuild memberships from the store; channels load their seqs on first touch."""
         store = self.store
         assert store is not None
-        keys, span_us = self.settings.dedupe_window, int(self.settings.dedupe_span * 1e6)
+        span_us = int(self.settings.dedupe_span * 1e6)
         self.hub.store = store
         self.hub.durable_acks = store.durable_acks
         # A channel's dedupe window comes back with it: what was acked before
         # a crash is still answered DUPLICATE when its sender retries.
         self.hub.channel_loader = lambda name: (
-            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us, keys))
+            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us))
         self.hub.key_lookup = store.find_key
         for record in store.load_groups():
             group = self.groups.restore(record)

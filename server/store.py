@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ MAX_BATCH = 8192
 BACKLOG_HIGH = 50_000
 BACKLOG_LOW = 10_000
 
-# The messages table (schema 2, PRAGMA user_version).  Rows are appended in
+# The messages table (schema 3, PRAGMA user_version).  Rows are appended in
 # insertion order (``id``, the rowid, counts up), so a commit's rows fill the
 # table's last pages whichever channels they belong to; a channel's messages
 # are found through ``messages_by_seq``, whose entries are small.  A commit
@@ -86,7 +86,12 @@ BACKLOG_LOW = 10_000
 # bench/README.md "The durable store's commits".  ``messages_by_ts`` is
 # global, so it is appended to as well (one leaf a commit): retention deletes
 # by time through it.  History by time reads a channel by seq and filters
-# on ts_us (as schema 1's query plan did too).
+# on ts_us (as schema 1's query plan did too).  Schema 3 is schema 2 without
+# ``messages_by_key (channel, dedupe)``: a random key wrote a random page of
+# it, one WAL page per keyed publish; a channel's window now holds every key
+# of its span with its seq (core/dedupe.pyx), so the store is asked for a
+# key by seq only (``find_key``), and a restart reloads the span's keys
+# (``dedupe_keys``).  The key stays in its row, unindexed.
 MESSAGES_DDL = (
     """CREATE TABLE IF NOT EXISTS messages (
     id      INTEGER PRIMARY KEY,    -- append order
@@ -100,10 +105,10 @@ MESSAGES_DDL = (
 )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_by_seq ON messages (channel, seq)",
     "CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts_us)",
-    # A retried publish whose key a full dedupe window gave up is looked up here.
-    "CREATE INDEX IF NOT EXISTS messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL",
+    # schema 2's key index (schema 3 is without it)
+    "DROP INDEX IF EXISTS messages_by_key",
 )
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 OTHER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -165,7 +170,7 @@ SCHEMA = OTHER_SCHEMA + "".join(f"{statement};\n" for statement in MESSAGES_DDL)
 
 
 def prepare_schema(conn: sqlite3.Connection, patience_ms: int = 600_000) -> None:
-    """Create the store's tables, or bring a file of schema 1 to schema 2.
+    """Create the store's tables, or bring a file of schema 1 or 2 to schema 3.
 
     Several workers open one file together: the first takes the write lock
     and creates or migrates; the others wait for it (up to ``patience_ms``,
@@ -225,6 +230,26 @@ def _migrate_from_1(conn: sqlite3.Connection) -> int:
                           " ORDER BY channel, seq").rowcount
     conn.execute("DROP TABLE messages_v1")
     return int(copied)
+
+
+def keys_since(conn: sqlite3.Connection, channel: str, since_us: int) -> Iterator[tuple[bytes, int, int]]:
+    """``(key, seq, ts_us)`` of ``channel``'s keyed messages from ``since_us`` on, newest first.
+
+    The channel's tail is read backwards by seq until a message is older than
+    ``since_us``, not every message it ever had: its times follow its seqs
+    (both given at sequencing; ts_us from the wall clock, on which the dedupe
+    span is measured too, unless that clock stepped back: docs/DESIGN.md).
+    """
+    rows = conn.execute("SELECT dedupe, seq, ts_us FROM messages INDEXED BY messages_by_seq"
+                        " WHERE channel = ? ORDER BY seq DESC", (channel,))
+    try:
+        for key, seq, ts_us in rows:
+            if ts_us < since_us:
+                return
+            if key is not None:
+                yield bytes(key), seq, ts_us
+    finally:
+        rows.close()
 
 
 def _switch_to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:
@@ -458,26 +483,24 @@ class SQLiteStore:
         cipher = self.cipher
         return [(seq, atrest.frame_of(cipher, channel, seq, frame, kid)) for seq, frame, kid in rows]
 
-    def dedupe_keys(self, channel: str, since_us: int, limit: int) -> list[tuple[bytes, int, int]]:
-        """``channel``'s idempotency keys from ``since_us`` on, the newest ``limit`` of them:
-        ``(key, seq, ts_us)``, oldest first (its dedupe window after a restart)."""
-        rows = self._conn.execute(
-            "SELECT dedupe, seq, ts_us FROM messages INDEXED BY messages_by_seq WHERE channel = ? AND ts_us >= ?"
-            " AND dedupe IS NOT NULL ORDER BY seq DESC LIMIT ?", (channel, since_us, limit)).fetchall()
-        return [(bytes(k), s, t) for k, s, t in reversed(rows)]
+    def dedupe_keys(self, channel: str, since_us: int) -> list[tuple[bytes, int, int]]:
+        """``channel``'s idempotency keys from ``since_us`` on, ``(key, seq, ts_us)``,
+        oldest first: its dedupe window after a restart."""
+        keys = list(keys_since(self._conn, channel, since_us))
+        keys.reverse()
+        return keys
 
-    def find_key(self, channel: str, key: bytes, since_us: int) -> tuple[int, int] | None:
-        """``(seq, ts_us)`` of the message stored under ``key`` on ``channel`` from
-        ``since_us`` on, or None: the window's answer for a key it had to give up."""
-        # INDEXED BY: left to itself SQLite's planner takes messages_by_time
-        # for the ts_us bound and reads every message of the span on the
-        # channel: 1.5 ms of relay CPU per keyed publish at 20,000 publishes/s
-        # (`python -m bench keys`, default deployment, window 4096).
-        row = self._conn.execute(
-            "SELECT seq, ts_us FROM messages INDEXED BY messages_by_key"
-            " WHERE channel = ? AND dedupe = ? AND ts_us >= ?",
-            (channel, key, since_us)).fetchone()
-        return (row[0], row[1]) if row else None
+    def find_key(self, channel: str, key: bytes, seqs: list[int], since_us: int) -> tuple[int, int] | None:
+        """``(seq, ts_us)`` of the message at one of ``seqs`` on ``channel`` stored under
+        ``key`` from ``since_us`` on, or None: the window's answer for a key it gave up
+        early, which it remembers with its seq (one row read each, by (channel, seq))."""
+        for seq in seqs:
+            row = self._conn.execute(
+                "SELECT ts_us FROM messages WHERE channel = ? AND seq = ? AND dedupe = ? AND ts_us >= ?",
+                (channel, seq, key, since_us)).fetchone()
+            if row is not None:
+                return seq, row[0]
+        return None
 
     async def read(self, channel: str, after: int, before: int, limit: int) -> list[bytes]:
         """Frames with ``after < seq < before``: the oldest ``limit`` of them."""

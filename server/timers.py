@@ -39,7 +39,7 @@ from typing import Any
 
 from fenghuo.server import atrest
 from fenghuo.server.outbox import WebhookEvent
-from fenghuo.server.store import SCHEMA, SQLiteStore
+from fenghuo.server.store import SCHEMA, SQLiteStore, keys_since
 
 log = logging.getLogger("fenghuo.timers")
 
@@ -159,19 +159,24 @@ class TimerTable:
         cipher = self.store.cipher if self.store is not None else None
         return Timer(timer_id, due_us, kind, atrest.blob_of(cipher, body, atrest.timer_aad(kind)))
 
-    def stored(self, keys: list[tuple[str, bytes]]
+    def stored(self, keys: list[tuple[str, bytes]], since_us: int
                ) -> Awaitable[dict[tuple[str, bytes], tuple[int, int]]]:
         """``(seq, ts_us)`` of those ``(channel, dedupe)`` in the store's messages
-        (dedupe: sender NUL key)."""
-        return self._run(self._stored, keys)
+        sequenced from ``since_us`` on (dedupe: sender NUL key)."""
+        return self._run(self._stored, keys, since_us)
 
-    def _stored(self, keys: list[tuple[str, bytes]]) -> dict[tuple[str, bytes], tuple[int, int]]:
+    def _stored(self, keys: list[tuple[str, bytes]],
+                since_us: int) -> dict[tuple[str, bytes], tuple[int, int]]:
+        # No index of keys (store schema 3): each channel's messages since
+        # the earliest due time, read backwards once.
+        wanted: dict[str, set[bytes]] = {}
+        for channel, dedupe in keys:
+            wanted.setdefault(channel, set()).add(dedupe)
         found = {}
-        for k in keys:
-            row = self._conn.execute("SELECT seq, ts_us FROM messages WHERE channel = ? AND dedupe = ?",
-                                     k).fetchone()
-            if row is not None:
-                found[k] = (row[0], row[1])
+        for channel, dedupes in wanted.items():
+            for key, seq, ts_us in keys_since(self._conn, channel, since_us):
+                if key in dedupes:
+                    found[channel, key] = (seq, ts_us)
         return found
 
     def escalated(self, channel: str, seq: int) -> Awaitable[dict[str, tuple[int, ...]]]:

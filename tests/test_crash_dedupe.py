@@ -109,3 +109,41 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
     by_seq = {seq: text for seq, _, text in rows}
     missing = [(text, seq) for text, seq in acked.items() if by_seq.get(seq) != text]
     assert not missing, f"{len(missing)} acked messages not at their seq, e.g. {missing[:3]}"
+
+
+WINDOW = 16
+GIVEN_UP_SENT = 200
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
+async def test_a_retry_of_a_key_the_window_gave_up_is_the_original_after_kill_9(tmp_path, workers):
+    # --dedupe-window 16: of 200 acked keyed publishes the window held the
+    # last 16 and gave the others up with their seqs; no index of keys is
+    # written (store schema 3).  After kill -9 of the relay the channel's owner
+    # rebuilds its window from every key of the span in the store: a retry of
+    # the first key, of one given up, and of one the window held is each
+    # answered DUPLICATE with the original's seq and time, and stored once.
+    flags = (*FLAGS, "--dedupe-window", str(WINDOW))
+    data_dir = tmp_path / "data"
+    relay = start_relay(tmp_path, *flags, data_dir=data_dir, workers=workers)
+    try:
+        alice = await relay.connect("alice")
+        acks = [await alice.send("bob", f"m{i}", key=f"k{i}") for i in range(GIVEN_UP_SENT)]
+        await alice.close()
+        relay.kill()
+        relay = start_relay(tmp_path, *flags, data_dir=data_dir, workers=workers, secret=relay.secret)
+        alice = fenghuo.Client(relay.server, token=relay.token("alice"))
+        await alice.connect()
+        for i in (0, GIVEN_UP_SENT // 2, GIVEN_UP_SENT - 1):
+            retry = await alice.send("bob", f"m{i}", key=f"k{i}")
+            assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[i].seq, acks[i].ts_us, True), i
+        assert (await alice.send("bob", "new", key="k-new")).seq == GIVEN_UP_SENT + 1
+        await alice.close()
+    finally:
+        assert relay.stop() == 0
+    with sqlite3.connect(data_dir / "fenghuo.db") as db:
+        rows = db.execute("SELECT seq, dedupe FROM messages WHERE channel = 'dm:alice:bob'"
+                          " ORDER BY seq").fetchall()
+    db.close()
+    assert [seq for seq, _ in rows] == list(range(1, GIVEN_UP_SENT + 2))
+    assert len({bytes(key) for _, key in rows}) == GIVEN_UP_SENT + 1

@@ -177,11 +177,11 @@ async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(rel
     assert (await alice.send("bob", "new", key="k-new")).seq == 41
 
 
-async def test_keys_a_full_window_gave_up_are_all_found_while_its_filter_turns_over(relay_factory):
+async def test_keys_a_full_window_gave_up_are_all_found_while_its_table_turns_over(relay_factory):
     # Window 16, span 1.5 s: thousands of keys over 3.5 s leave the window
-    # early; the filter that sends their retries to the store starts a new
-    # generation every span and drops the old.  A retry of any key of the
-    # last 0.7 s is still the original, and new keys seldom ask the store.
+    # early; the table that keeps their seqs for the store to confirm starts
+    # a new generation every span and drops the old.  A retry of any key of
+    # the last 0.7 s is still the original, and new keys seldom ask the store.
     relay = relay_factory("--dedupe-window", "16", "--dedupe-span", "1.5", workers=1)
     alice = await relay.connect("alice")
     loop = asyncio.get_running_loop()
@@ -198,11 +198,12 @@ async def test_keys_a_full_window_gave_up_are_all_found_while_its_filter_turns_o
     assert [(r.seq, r.duplicate) for r in retries] == [(a.seq, True) for _, a in recent]
 
 
-async def test_keys_given_up_in_a_burst_are_found_through_a_filter_sized_for_millions(relay_factory):
+async def test_keys_given_up_in_a_burst_are_found_through_a_table_sized_for_millions(relay_factory):
     # Window 16, the default 120 s span, 400 keys at once: the window gives
-    # keys up within milliseconds, and the filter's first generation is sized
-    # for a span's keys at that rate (the larger ones are mapped on huge
-    # pages, core/dedupe.pyx).  Every retry is still the original.
+    # keys up within milliseconds, and the first generation of given-up keys
+    # is sized for a span's keys at that rate (up to a million; the larger
+    # ones are mapped on huge pages, core/dedupe.pyx).  Every retry is still
+    # the original.
     relay = relay_factory("--dedupe-window", "16", workers=1)
     alice = await relay.connect("alice")
     keys = [f"burst-{i}" for i in range(400)]

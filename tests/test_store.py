@@ -332,14 +332,17 @@ def test_workers_opening_a_new_store_together_all_open_it(tmp_path):
     assert failures.empty(), failures.get()
 
 
-def _lookup_steps(tmp_path: Path, messages: int) -> int:
-    """SQLite VM steps of one ``find_key`` on a channel of ``messages`` keyed
-    messages, all within the span."""
-    store = SQLiteStore(tmp_path / str(messages))
+def _key_steps(tmp_path: Path, old: int) -> int:
+    """SQLite VM steps of ``find_key`` and ``dedupe_keys`` on a channel of ``old``
+    keyed messages older than the span, then 20 within it."""
+    store = SQLiteStore(tmp_path / str(old))
+    since = 10**9
     with sqlite3.connect(store.path) as db:
         db.executemany("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
                        " VALUES ('dm:a:b', ?, ?, 'a', ?, x'00')",
-                       ((n, 10**9 + n, b"a\x00k%d" % n) for n in range(1, messages + 1)))
+                       ((n, since - old - 1 + n if n <= old else since + n, b"a\x00k%d" % n)
+                        for n in range(1, old + 21)))
+    db.close()
     steps = 0
 
     def step() -> int:
@@ -348,17 +351,21 @@ def _lookup_steps(tmp_path: Path, messages: int) -> int:
         return 0
 
     store._conn.set_progress_handler(step, 1)
-    assert store.find_key("dm:a:b", b"a\x00k1", 10**9) == (1, 10**9 + 1)
-    assert store.find_key("dm:a:b", b"a\x00never", 10**9) is None
+    first = old + 1
+    assert store.find_key("dm:a:b", b"a\x00k%d" % first, [first], since) == (first, since + first)
+    assert store.find_key("dm:a:b", b"a\x00k%d" % first, [first + 1], since) is None
+    assert store.find_key("dm:a:b", b"a\x00k1", [1], since) is None      # older than the span
+    keys = store.dedupe_keys("dm:a:b", since)
+    assert [seq for _, seq, _ in keys] == list(range(first, first + 20))
     store.close()
     return steps
 
 
-def test_a_retried_key_is_looked_up_through_the_key_index(tmp_path):
-    # A key a full window gave up is looked up on every keyed publish of a
-    # busy channel: the lookup must go through messages_by_key, not read every
-    # message of the span (SQLite's planner chose messages_by_time on its own).
-    assert _lookup_steps(tmp_path, 20_000) < 2 * _lookup_steps(tmp_path, 20)
+def test_a_retried_key_is_read_by_its_seq_and_a_window_from_the_channel_s_tail(tmp_path):
+    # No index of keys (schema 3): a key the window gave up is read by
+    # (channel, seq), and a restart reloads the span's keys from the
+    # channel's newest messages back, neither reading the channel's past.
+    assert _key_steps(tmp_path, 20_000) < 2 * _key_steps(tmp_path, 20)
 
 
 async def test_a_store_file_written_with_plain_sqlite_is_served_and_continued(tmp_path):
@@ -411,7 +418,7 @@ CREATE INDEX messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT N
 @pytest.mark.parametrize("key_id", [True, False], ids=["schema-1", "schema-1-before-key-id"])
 async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
     # A store file an earlier version wrote (its messages clustered by channel
-    # and seq) is brought to schema 2 when the relay opens it: history (by seq
+    # and seq) is brought to schema 3 when the relay opens it: history (by seq
     # and by time), the seqs, and a retry of an acked key all carry on.
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -437,21 +444,83 @@ async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
     finally:
         assert relay.stop() == 0
     with sqlite3.connect(data_dir / DB_FILE) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
-        assert {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
-                                               " AND tbl_name = 'messages' AND sql IS NOT NULL")} == {
-            "messages_by_seq", "messages_by_ts", "messages_by_key"}
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
         assert db.execute("SELECT id, seq, sender, key_id FROM messages ORDER BY id").fetchall() == [
             (1, 1, "alice", None), (2, 2, "alice", None), (3, 3, "alice", None), (4, 4, "alice", None)]
+    db.close()
+
+
+def _indexes(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                           " AND tbl_name = 'messages' AND sql IS NOT NULL")}
+
+
+# The messages table as schema 2 made it (main before schema 3): with the key index.
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
+    id      INTEGER PRIMARY KEY,
+    channel TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    ts_us   INTEGER NOT NULL,
+    sender  TEXT NOT NULL,
+    dedupe  BLOB,
+    frame   BLOB NOT NULL,
+    key_id  TEXT
+);
+CREATE UNIQUE INDEX messages_by_seq ON messages (channel, seq);
+CREATE INDEX messages_by_ts ON messages (ts_us);
+CREATE INDEX messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL;
+PRAGMA user_version=2;
+"""
+
+
+async def test_a_store_of_schema_2_loses_its_key_index_and_keeps_its_keys(tmp_path):
+    # A store file schema 2 wrote (a key index per keyed message) opens as
+    # schema 3: the index is dropped, the rows stay, and after the relay is
+    # killed and started again on it the window is rebuilt from the keys in
+    # the rows, a retry of a key given up before answered with its original.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    now = time.time_ns() // 1000
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        db.executescript(SCHEMA_2)
+        for seq in range(1, 41):
+            frame = encode_message("dm:alice:bob", seq, now - 100 + seq, "alice", b"old %d" % seq)
+            db.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                       " VALUES ('dm:alice:bob', ?, ?, 'alice', ?, ?)",
+                       (seq, now - 100 + seq, b"alice\x00order-%d" % seq, frame))
+    db.close()
+    relay = start_relay(tmp_path, "--dedupe-window", "16", data_dir=data_dir)
+    try:
+        alice = await relay.connect("alice")
+        retry = await alice.send("bob", "old 2", key="order-2")
+        assert (retry.seq, retry.ts_us, retry.duplicate) == (2, now - 98, True)
+        assert (await alice.send("bob", "new", key="order-41")).seq == 41
+        await alice.close()
+        relay.kill()
+        relay = start_relay(tmp_path, "--dedupe-window", "16", data_dir=data_dir, secret=relay.secret)
+        alice = await relay.connect("alice")
+        for seq in (3, 41):
+            retry = await alice.send("bob", "again", key=f"order-{seq}")
+            assert (retry.seq, retry.duplicate) == (seq, True)
+        await alice.close()
+    finally:
+        assert relay.stop() == 0
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (41,)
     db.close()
 
 
 def test_a_store_of_a_newer_schema_is_refused(tmp_path):
     SQLiteStore(tmp_path).close()
     with sqlite3.connect(tmp_path / DB_FILE) as db:
-        db.execute("PRAGMA user_version=3")
+        db.execute("PRAGMA user_version=4")
     db.close()
-    with pytest.raises(ValueError, match="schema 3, newer than this relay's"):
+    with pytest.raises(ValueError, match="schema 4, newer than this relay's"):
         SQLiteStore(tmp_path)
 
 
