@@ -321,7 +321,7 @@ cdef class Hub:
             self.metrics.duplicates += 1
             ack = build_ack(request_id, seen_seq, seen_ts, AckStatus.DUPLICATE,
                             PyBytes_AS_STRING(ch.key), PyBytes_GET_SIZE(ch.key))
-            if self.durable_acks and seen_seq > ch.ring.last:
+            if self.durable_acks and seen_seq > ch.ring.head:
                 # The original is not on disk yet: neither is this answer.
                 self.store.append(held_reply(origin, ack, origin._await_disk(), 0.0,
                                               ch.name, seen_seq))

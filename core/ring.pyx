@@ -22,6 +22,7 @@ cdef class Ring:
         self._allocated = 0
         self.first = 0
         self.last = 0
+        self.head = 0
 
     def __dealloc__(self):
         self.clear()
@@ -71,6 +72,7 @@ cdef class Ring:
         Py_INCREF(frame)
         self._slots[i] = <PyObject*>frame
         self.last = seq
+        self.head = seq
         if CORE_DEBUG:
             assert self.last - self.first < <uint64_t>self._allocated
         return 0
@@ -94,7 +96,7 @@ cdef class Ring:
             s += 1
         return out
 
-    cpdef void clear(self):
+    cdef void _drop_all(self):
         cdef Py_ssize_t i
         for i in range(self._allocated):
             Py_XDECREF(self._slots[i])
@@ -102,13 +104,24 @@ cdef class Ring:
         self.first = 0
         self.last = 0
 
+    cpdef void clear(self):
+        """Empty, as new: any seq may come next."""
+        self._drop_all()
+        self.head = 0
+
+    cpdef void reset(self, uint64_t head):
+        """Empty, the seqs up to ``head`` said to be gone (a replica that steps to
+        its owner's head): a catch-up from before it is not "nothing missed"."""
+        self._drop_all()
+        self.head = head
+
     cpdef void trim(self, uint64_t keep_from):
         """Drop the frames with seq < ``keep_from`` (retention)."""
         cdef Py_ssize_t i
         if self.last == 0:
             return
         if keep_from > self.last:
-            self.clear()
+            self._drop_all()                # ``head`` stays: those seqs are gone
             return
         while self.first < keep_from:
             i = self.first % self._allocated
@@ -132,9 +145,10 @@ cdef class Ring:
         self.push(seq, frame)
 
     def resume_from(self, uint64_t seq):
-        """Frames after ``seq`` if the ring still covers ``seq + 1``, else None."""
-        if self.last == 0 or seq >= self.last:
+        """Frames after ``seq`` if the ring still covers ``seq + 1``, else None
+        (also when it holds nothing of what came after ``seq``: emptied)."""
+        if seq >= self.head:
             return []
-        if seq + 1 < self.first:
+        if self.last == 0 or seq + 1 < self.first:
             return None
         return self.since(seq)

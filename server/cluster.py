@@ -209,23 +209,24 @@ class Cluster:
         # the disk) reach ``source`` as live messages, now that it asked.
         for frame in ch.ring.since(after):
             self.mesh.send(source, routing.message(ch.key, message_seq(frame), frame))
-        self.mesh.send(source, routing.control("warm", channel=name, head=ch.ring.last))
+        self.mesh.send(source, routing.control("warm", channel=name, head=ch.ring.head))
 
     def _warm(self, name: str, head: int) -> None:
         """Replica side: the owner sent all it holds of ``name``; live messages follow."""
         ch = self.relay.ensure_channel(name)
         if head and ch.seq != head and not (ch.seq > head and self._replicas_stored()):
             # What the owner's ring no longer held (the store has it), or a
-            # replica left ahead by an owner that restarted without a store.
-            # (0: nothing delivered yet, or a ring retention emptied.)
-            ch.ring.clear()
+            # replica left ahead by an owner that restarted without --fsync
+            # always (acked messages it had not written get their seqs again).
+            # (0: nothing delivered yet.)  Emptied at ``head``: a catch-up
+            # from before it reads the store, or gets GAP.
+            ch.ring.reset(head)
             ch.seq = head
         # Else ahead of ``head`` by what this worker read from the store when
         # it made the channel, stored before the owner released it (the owner
         # answered between the two): the same frames, and the owner's records
-        # up to ch.seq are second copies.  Cleared, the ring would be empty at
-        # seq ``head``, and a session waiting here would catch up from it with
-        # nothing: the messages up to ``head`` never reached it.
+        # up to ch.seq are second copies.  Emptied instead, the ring would
+        # send a session waiting here to the store for what it holds.
         self._ready(ch)
 
     def _replicas_stored(self) -> bool:
@@ -248,7 +249,7 @@ class Cluster:
         up to it dropped as second copies: those messages never reached them.
         """
         if ch.seq != head:
-            ch.ring.clear()
+            ch.ring.reset(head)
             ch.seq = head
         self._ready(ch)
 
@@ -328,7 +329,7 @@ class Cluster:
                      and any(self.remote_devices.devices(u, w) for u in participants)]
         if receivers:
             self.interested.setdefault(ch, set()).update(receivers)
-        self.share("direct", channel=ch.name, receivers=receivers, head=ch.ring.last)
+        self.share("direct", channel=ch.name, receivers=receivers, head=ch.ring.head)
 
     def _direct(self, name: str, receivers: list[int], head: int) -> None:
         """Replica side: a direct chat announced by its owner (``receivers``:

@@ -23,7 +23,7 @@ async def read(relay: Relay, ch: Channel, request: History) -> list[bytes]:
     """
     await relay.subs.ready(ch)
     store = relay.store
-    if ch.ring.last < ch.seq:
+    if ch.ring.head < ch.seq:
         await relay.released()
     limit, before, after = request.limit or HISTORY_DEFAULT, request.before, request.after
     if request.since_us is not None or request.until_us is not None:
@@ -35,12 +35,12 @@ async def read(relay: Relay, ch: Channel, request: History) -> list[bytes]:
             return await store.read_by_time(ch.name, since, until, limit)
         return [f for f in ch.ring.since(0) if since <= message_time(f) < until][:limit]
     if after is not None:
-        low, high = after, ch.ring.last + 1
+        low, high = after, ch.ring.head + 1
         ring = ch.ring.resume_from(after)
         if ring is not None or store is None:
             return (ring or ch.ring.since(after))[:limit]
         return await store.read(ch.name, low, high, limit)
-    high = ch.ring.last + 1 if before is None else min(before, ch.ring.last + 1)
+    high = ch.ring.head + 1 if before is None else min(before, ch.ring.head + 1)
     low = max(0, high - 1 - limit)
     ring = ch.ring.resume_from(low)
     if ring is not None or store is None:

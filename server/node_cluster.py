@@ -315,7 +315,7 @@ class NodeCluster(Cluster):
             return
         # What was sequenced and not stored is forgotten: the ring holds
         # only what the stream acknowledged.
-        ch.seq = ch.ring.last
+        ch.seq = ch.ring.head
         ch.dedupe.clear()
         self.interested.pop(ch, None)
         log.warning("stepped down", extra={"channel": name, "seq": ch.seq})

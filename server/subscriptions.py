@@ -46,6 +46,13 @@ STORE_LAG_WAITS = 300
 CATCH_UP_BUFFER = 1 << 20
 
 
+def _first_held(ch: Channel) -> int:
+    """The oldest seq ``ch``'s ring holds; when it holds none, the one after the
+    last it took (retention or a replica's step to its owner's head emptied
+    it; later seqs, on their way to the disk, come live)."""
+    return ch.ring.first or ch.ring.head + 1
+
+
 def settle(done: asyncio.Future[None]) -> None:
     """Resolve ``done`` unless it already is (a waiter that gave up cancelled it)."""
     if not done.done():
@@ -252,7 +259,7 @@ class Subscriptions:
             return True
         if frames is None:
             session.send(encode_json(FrameType.GAP, {
-                "channel": ch.name, "after": after, "first": ch.ring.first, "head": ch.seq}))
+                "channel": ch.name, "after": after, "first": _first_held(ch), "head": ch.seq}))
             frames = ch.ring.since(after)
         self._send_missed(session, frames)
         return recovered
@@ -279,7 +286,7 @@ class Subscriptions:
         self.catching_up[ch] = self.catching_up.get(ch, 0) + 1
         try:
             while not session.closing:
-                first = ch.ring.first if ch.ring.first else ch.seq + 1
+                first = _first_held(ch)
                 if after + 1 >= first:
                     break
                 rows = await self.relay.store.read_with_seqs(ch.name, after, first, STORE_PAGE)

@@ -48,11 +48,18 @@ def health(relay: RelayProcess) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-async def connect_on(relay: RelayProcess, user: str, worker: int, **kwargs) -> fenghuo.Client:
-    """``user`` connected to worker ``worker`` (the kernel picks; retry until it does)."""
+async def connect_on(relay: RelayProcess, user: str, worker: int, gaps: list[dict] | None = None,
+                     **kwargs) -> fenghuo.Client:
+    """``user`` connected to worker ``worker`` (the kernel picks; retry until it does);
+    the GAPs it gets from its first frame on into ``gaps``."""
     for _ in range(60):
-        client = await relay.client(user, **kwargs).connect()
+        client = relay.client(user, **kwargs)
+        landed: list[dict] = []
+        client.on_gap(landed.append)
+        await client.connect()
         if client.welcome["worker"] == worker:
+            client.on_gap((gaps if gaps is not None else []).append)
+            (gaps if gaps is not None else []).extend(landed)
             return client
         await client.close()
     raise AssertionError(f"{user} never landed on worker {worker}")
@@ -95,6 +102,36 @@ async def test_a_worker_killed_under_the_memory_store_is_a_new_epoch_for_every_c
         for client in (ann, bob):
             assert await received(client, 3, 20) == [(k + 1, f"new {k}".encode()) for k in range(3)]
             assert client.epoch != epoch
+    finally:
+        await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+        relay.stop()
+
+
+async def test_a_catch_up_from_a_ring_retention_emptied_is_told_the_messages_are_gone(tmp_path):
+    # Retention empties a channel's rings (the owner's and a replica's) and
+    # its rows.  A catch-up from before the head then finds nothing in the
+    # ring, nor in the store: it must say so with GAP (PROTOCOL §6.5, §3.19),
+    # not send nothing, which tells the client it missed nothing.  (A replica
+    # stepped to its restarted owner's head, Cluster._warm, has its ring
+    # emptied the same way, its messages in the store.)
+    relay = start_relay(tmp_path, "--retention", "*=1s", "--retention-interval", "0.2",
+                        workers=WORKERS)
+    try:
+        owner = 1
+        news = next(n for n in (f"org.news{k}" for k in range(100)) if owner_of(n, WORKERS) == owner)
+        # ann keeps a replica of the channel on the other worker.
+        ann = await connect_on(relay, "ann", 1 - owner, channels=(news,))
+        writer = await relay.connect("writer", channels=(news,))
+        for k in range(3):
+            await writer.publish(news, f"old {k}")
+        assert [m.seq for m in await collect(ann, 3)] == [1, 2, 3]
+        await asyncio.sleep(2.5)                 # older than 1 s: gone from rings and rows
+        for worker in (owner, 1 - owner):
+            gaps: list[dict] = []
+            late = await connect_on(relay, f"late{worker}", worker, gaps, channels=(news,),
+                                    sync_from_start=True)
+            assert await received(late, 1, 1.0) == []
+            assert gaps == [{"channel": news, "after": 0, "first": 4, "head": 3}], worker
     finally:
         await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
         relay.stop()

@@ -402,3 +402,21 @@ def test_dedupe_window_keeps_the_newest_keys_and_finds_each_after_many_evictions
             assert all(window.find(k) == (s, t) for k, s, t in model)
     assert window.find(b"never") is None
     assert window.evicted_early_us > 0
+
+
+def test_an_emptied_ring_keeps_its_head_so_a_catch_up_from_before_it_is_not_nothing():
+    ring = Ring(8)
+    for s in (1, 2, 3):
+        ring.append(s, f"m{s}".encode())
+    ring.trim(4)                              # retention: all three gone
+    assert (len(ring), ring.first, ring.last, ring.head) == (0, 0, 0, 3)
+    assert ring.resume_from(0) is None        # missed 1..3, none held: store or GAP
+    assert ring.resume_from(3) == []          # up to date
+    ring.append(4, b"m4")                     # the next seq, as before
+    assert (ring.first, ring.last, ring.head, ring.resume_from(3)) == (4, 4, 4, [b"m4"])
+    ring.reset(9)                             # a replica stepped to its owner's head
+    assert (len(ring), ring.head, ring.resume_from(8), ring.resume_from(9)) == (0, 9, None, [])
+    ring.append(10, b"m10")
+    assert ring.since(0) == [b"m10"]
+    ring.clear()                              # as new: nothing missed anywhere
+    assert (ring.head, ring.resume_from(0)) == (0, [])
