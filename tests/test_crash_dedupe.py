@@ -14,12 +14,17 @@ against the default deployment (one worker per core).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import signal
 import sqlite3
+import urllib.request
 
 import pytest
 from conftest import RelayProcess, start_relay
 from fenghuo.core import FrameReader, decode_message
+from fenghuo.server.routing import owner_of
 
 import fenghuo
 
@@ -115,11 +120,36 @@ WINDOW = 16
 GIVEN_UP_SENT = 200
 
 
-@pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
-async def test_a_retry_of_a_key_the_window_gave_up_is_the_original_after_kill_9(tmp_path, workers):
+def _workers(relay: RelayProcess) -> list[dict]:
+    """The supervisor's /healthz ``workers`` (pid, generation, healthy each); [] while it cannot say."""
+    try:
+        with urllib.request.urlopen(f"http://{relay.host}:{relay.metrics_port}/healthz", timeout=5) as r:
+            return list(json.loads(r.read())["workers"])
+    except OSError:
+        return []
+
+
+async def _kill_owner_alone(relay: RelayProcess, channel: str) -> None:
+    """``kill -9`` of the worker that sequences ``channel``; back once the supervisor
+    has started it again and it is healthy."""
+    owner = owner_of(channel, relay.workers)
+    os.kill(_workers(relay)[owner]["pid"], signal.SIGKILL)
+    for _ in range(600):
+        workers = _workers(relay)
+        if workers and workers[owner]["generation"] == 1 and workers[owner]["healthy"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker {owner} was not started again")
+
+
+@pytest.mark.parametrize("workers,victim", [(1, "relay"), (None, "relay"), (None, "owner")],
+                         ids=["one-worker", "default-workers", "default-workers-owner-alone"])
+async def test_a_retry_of_a_key_the_window_gave_up_is_the_original_after_kill_9(
+        tmp_path, workers, victim):
     # --dedupe-window 16: of 200 acked keyed publishes the window held the
     # last 16 and gave the others up with their seqs; no index of keys is
-    # written (store schema 3).  After kill -9 of the relay the channel's owner
+    # written (store schema 3).  After kill -9 of the relay, or of the
+    # channel's owner alone (its supervisor starting it again), the owner
     # rebuilds its window from every key of the span in the store: a retry of
     # the first key, of one given up, and of one the window held is each
     # answered DUPLICATE with the original's seq and time, and stored once.
@@ -130,8 +160,12 @@ async def test_a_retry_of_a_key_the_window_gave_up_is_the_original_after_kill_9(
         alice = await relay.connect("alice")
         acks = [await alice.send("bob", f"m{i}", key=f"k{i}") for i in range(GIVEN_UP_SENT)]
         await alice.close()
-        relay.kill()
-        relay = start_relay(tmp_path, *flags, data_dir=data_dir, workers=workers, secret=relay.secret)
+        if victim == "relay":
+            relay.kill()
+            relay = start_relay(tmp_path, *flags, data_dir=data_dir, workers=workers,
+                                secret=relay.secret)
+        else:
+            await _kill_owner_alone(relay, "dm:alice:bob")
         alice = fenghuo.Client(relay.server, token=relay.token("alice"))
         await alice.connect()
         for i in (0, GIVEN_UP_SENT // 2, GIVEN_UP_SENT - 1):
