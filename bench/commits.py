@@ -6,7 +6,9 @@ transactions of ``--batch`` messages spread over ``--channels`` channels,
 once per WAL size in ``--wal-frames`` (the writer's ``wal_autocheckpoint``:
 the commit that crosses it copies the WAL into the file), alternating over
 ``--rounds``.  Per setting: the writer's CPU per message, WAL pages written
-per commit, and commit latency (a batch's acks wait that long).
+per commit, and commit latency (a batch's acks wait that long).  Each
+``--without`` adds a setting with those indexes of the messages table
+dropped first: what each costs the writer (the relay cannot run so).
 
 It also times the floor: ``pwrite`` of 4 KiB and ``fdatasync`` on one file
 in the store's directory, appended (the file grows, as a new WAL does) and
@@ -35,6 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--wal-frames", default="16384,65536",
                    help="wal_autocheckpoint values to compare (pages of 4 KiB)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--without", action="append", default=[], metavar="INDEX[,INDEX]",
+                   help="also measure with these indexes of the messages table dropped "
+                        "(e.g. messages_by_seq); repeatable")
     p.add_argument("--dir", default=None, help="where the store goes (default: a temporary "
                                                 "directory under /tmp)")
     p.set_defaults(func=cmd_commits)
@@ -44,11 +49,19 @@ def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * q))]
 
 
-def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int) -> dict[str, float]:
+def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
+            without: tuple[str, ...] = ()) -> dict[str, float]:
+    import sqlite3
+
     from fenghuo.core import Channel, ChannelKind, Sequenced
     from fenghuo.server.store import _WRITES, SQLiteStore
 
     store = SQLiteStore(directory, fsync="always")
+    if without:
+        with sqlite3.connect(store.path) as db:
+            for index in without:
+                db.execute(f"DROP INDEX {index}")
+        db.close()
     writer = store._writer
     writer.execute(f"PRAGMA wal_autocheckpoint={wal_frames}")
     chans = [Channel(f"dm:user-{i:06d}:user-{i + 1:06d}", ChannelKind.DIRECT_CHAT, 16)
@@ -114,13 +127,18 @@ def cmd_commits(a: argparse.Namespace) -> int:
     sizes = [int(v) for v in a.wal_frames.split(",")]
     print(f"load average {os.getloadavg()[0]:.2f}; {a.channels} channels, {a.batch} messages "
           f"a commit, {a.commits} commits, --fsync always")
+    variants = [()] + [tuple(v.split(",")) for v in a.without]
     for r in range(a.rounds):
         for frames in sizes:
-            with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
-                res = commits(tmp, a.channels, a.batch, a.commits, frames)
-            print(f"round {r + 1} wal_autocheckpoint={frames}: writer CPU {res['cpu_us_per_msg']:.2f} us/msg, "
-                  f"{res['wal_pages_per_commit_while_growing']:.0f} WAL pages a commit (while it grows), "
-                  f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms", flush=True)
+            for without in variants:
+                with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
+                    res = commits(tmp, a.channels, a.batch, a.commits, frames, without)
+                dropped = f" without {','.join(without)}" if without else ""
+                print(f"round {r + 1} wal_autocheckpoint={frames}{dropped}: writer CPU "
+                      f"{res['cpu_us_per_msg']:.2f} us/msg, "
+                      f"{res['wal_pages_per_commit_while_growing']:.0f} WAL pages a commit (while it grows), "
+                      f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms",
+                      flush=True)
     with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
         for mode, res in fdatasync_floor(tmp).items():
             print(f"fdatasync floor ({mode} 4 KiB): p50 {res['p50_ms']:.3f} p90 {res['p90_ms']:.3f} "

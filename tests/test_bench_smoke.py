@@ -291,3 +291,15 @@ def test_webhooks_bench_compares_publishing_with_and_without_and_drains_the_outb
     assert "outbox writes only/without: throughput x" in out
     drained = re.search(r"outbox drain: (\d+) events in [\d.]+ s = (\d+) events/s", out)
     assert drained and int(drained.group(1)) >= 50 and int(drained.group(2)) > 0, out
+
+
+def test_commits_measures_the_writer_with_and_without_each_index_given():
+    # Each --without is a setting of its own, after the one with every index;
+    # a commit without the per-channel index writes fewer WAL pages.
+    out = bench("commits", "--commits", "20", "--rounds", "1", "--wal-frames", "65536",
+                "--without", "messages_by_seq", "--without", "messages_by_ts,messages_by_seq").stdout
+    pages = {m[1] or "": int(m[2]) for m in re.finditer(
+        r"wal_autocheckpoint=65536(?: without (\S+))?: writer CPU [\d.]+ us/msg, (\d+) WAL pages", out)}
+    assert set(pages) == {"", "messages_by_seq", "messages_by_ts,messages_by_seq"}, out
+    assert pages["messages_by_ts,messages_by_seq"] <= pages["messages_by_seq"] < pages[""]
+    assert "fdatasync floor (append 4 KiB)" in out
