@@ -187,10 +187,12 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
         # Last on the command line, so they override any --port 0 before them.
         resolved = ["--port", str(port), *(("--ws-port", str(ws[0])) if ws else ())]
         # Without a store the relay's state is its workers' memories together: one
-        # lost is a new epoch for all (PROTOCOL §6.6).
+        # lost is a new epoch for all.  Under --fsync batch|off a worker killed
+        # loses what it acked and had not written, and numbers those seqs again:
+        # every client must learn the heads again (PROTOCOL §6.6).
         return Supervisor(ring_capacity=capacity, drain_timeout=supervisor_drain_timeout(settings),
                           metrics_port=settings.metrics_port, metrics_host=settings.host,
-                          restart_together=settings.store == "memory",
+                          restart_together=settings.store == "memory" or settings.fsync != "always",
                           ).run([*argv, *resolved], workers, env)
     finally:
         for holder in holders:

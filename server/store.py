@@ -68,6 +68,11 @@ DB_FILE = "fenghuo.db"
 #: busy to take it makes it wait.  Meanwhile the batch's messages are in the file,
 #: where another worker reads them, and not yet in their owner's ring.
 HANDBACK_DELAY_ENV = "FENGHUO_TEST_HANDBACK_DELAY"
+#: Test hook, unset in service (tests/test_epochs.py): seconds the writer waits
+#: before writing a batch it took, as a slow disk makes it wait.  Under
+#: --fsync batch|off the batch's messages are acked and delivered meanwhile,
+#: and a kill -9 loses them.
+WRITE_DELAY_ENV = "FENGHUO_TEST_WRITE_DELAY"
 # Records per transaction at most: bounds a batch's latency under a flood.
 MAX_BATCH = 8192
 # Records queued for the writer beyond which the relay stops reading from
@@ -302,6 +307,7 @@ class SQLiteStore:
         #: records appended and not yet handed back (touched by the loop thread only)
         self.backlog = 0
         self._handback_delay = float(os.environ.get(HANDBACK_DELAY_ENV) or 0)
+        self._write_delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
         self.on_pressure: Callable[[bool], None] = lambda high: None
         self._pressed = False
 
@@ -405,6 +411,8 @@ class SQLiteStore:
         writer = self._writer
         outbox = None if self.outbox is None else self._write_outbox
         while (batch := writer.take(MAX_BATCH)) is not None:
+            if self._write_delay:
+                time.sleep(self._write_delay)               # WRITE_DELAY_ENV
             try:
                 records = writer.write(batch, self.cipher, _WRITES, outbox)
             except BaseException as exc:   # a full disk, a broken file: stop accepting

@@ -114,9 +114,10 @@ class Supervisor:
     ``restart_together``: a worker's death restarts every worker, on new
     rings and with a new boot id (``FENGHUO_BOOT``, the epoch's).  For
     ``--store memory``, where the relay's state is the workers' memories
-    together: a successor that alone started again would number its
-    channels from 1 under the old epoch, and the others' replicas and
-    clients would take the new seqs for second copies (PROTOCOL §6.6).
+    together, and ``--fsync batch|off``, where a worker killed loses what
+    it acked and had not written: a successor that alone started again
+    would give those seqs to new messages, and the others' replicas and
+    clients would take them for second copies (PROTOCOL §6.6).
     """
 
     ring_capacity: int = DEFAULT_RING_CAPACITY

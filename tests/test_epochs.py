@@ -10,9 +10,11 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 
 from clients import collect
 from conftest import RelayProcess, start_relay
@@ -36,6 +38,13 @@ async def received(client: fenghuo.Client, n: int, timeout: float) -> list[tuple
             break
         got.append((message.seq, message.payload))
     return got
+
+
+def stored_head(relay: RelayProcess, channel: str) -> int:
+    """The last seq of ``channel`` in the relay's SQLite file (0: none)."""
+    with closing(sqlite3.connect(f"file:{relay.data_dir / 'fenghuo.db'}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE channel = ?",
+                          (channel,)).fetchone()[0]
 
 
 def health(relay: RelayProcess) -> tuple[int, dict]:
@@ -132,6 +141,45 @@ async def test_a_catch_up_from_a_ring_retention_emptied_is_told_the_messages_are
                                     sync_from_start=True)
             assert await received(late, 1, 1.0) == []
             assert gaps == [{"channel": news, "after": 0, "first": 4, "head": 3}], worker
+    finally:
+        await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+        relay.stop()
+
+
+async def test_a_worker_killed_under_fsync_batch_tells_every_client_the_heads_again(tmp_path):
+    # Under --fsync batch a message is acked and delivered before it is
+    # written (here the writer waits 3 s before each batch, as a slow disk
+    # would).  The owner killed meanwhile loses it, and its successor gives
+    # its seq to the next message.  A client elsewhere holding the lost seq
+    # as its position must learn the heads again (WELCOME, PROTOCOL §6.6),
+    # else it takes the new message for one it has.
+    relay = start_relay(tmp_path, "--fsync", "batch", workers=WORKERS,
+                        env={"FENGHUO_TEST_WRITE_DELAY": "3"})
+    try:
+        victim = 1
+        news = next(n for n in (f"org.news{k}" for k in range(100)) if owner_of(n, WORKERS) == victim)
+        ann = await connect_on(relay, "ann", 1 - victim, channels=(news,))
+        writer = await connect_on(relay, "writer", 1 - victim, channels=(news,))
+        for k in range(3):
+            await writer.publish(news, f"kept {k}")
+        assert [m.seq for m in await collect(ann, 3)] == [1, 2, 3]
+        deadline = time.monotonic() + 30
+        while stored_head(relay, news) < 3:     # written
+            assert time.monotonic() < deadline, "never written"
+            await asyncio.sleep(0.1)
+        for k in range(2):
+            await writer.publish(news, f"lost {k}")
+        assert [m.seq for m in await collect(ann, 2)] == [4, 5]
+        epoch = ann.epoch
+        os.kill(worker_pid(relay, victim), signal.SIGKILL)   # 4 and 5 not written yet
+
+        deadline = time.monotonic() + 20
+        while ann.epoch == epoch and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)           # (long enough for the victim to be back)
+        for k in range(3):
+            await asyncio.wait_for(writer.publish(news, f"new {k}"), 20)
+        assert await received(ann, 3, 10) == [(k + 4, f"new {k}".encode()) for k in range(3)]
+        assert ann.epoch != epoch and ann.welcome["channels"][news] == 3
     finally:
         await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
         relay.stop()
