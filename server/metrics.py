@@ -179,6 +179,9 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_forwards_deferred", "Publishes and requests other nodes "
                       "forwarded while this node was still claiming or taking over their "
                       "channel, served once it did.", node.forwards_deferred)
+        yield counter("fenghuo_cluster_chats_received_unasked", "New direct chats this node "
+                      "received from their owner's announcement, without asking for them.",
+                      node.chats_received_unasked)
         yield counter("fenghuo_cluster_replica_holes_filled", "Messages lost on the way from "
                       "their owner (core NATS) and read from the stream instead.",
                       node.holes_filled)

@@ -235,6 +235,32 @@ async def test_first_publishes_racing_from_two_nodes_are_each_acked_once(nodes):
         assert sorted(m.payload for m in page) == [b"alice", b"bob"]
 
 
+async def test_a_new_direct_chat_reaches_a_participant_s_node_without_its_asking(nodes):
+    """The node that claims a new direct chat tells the nodes where a participant
+    is online, ahead of the chat's first message, that it sends them the chat
+    from its head on: such a node is ready at once instead of after its own
+    claim of the chat has failed, the winner read and its interest answered
+    (``bench cluster --parts regions``: up to 830 ms more for the first
+    message).  Every message arrives once, in order, from seq 1."""
+    n0, n1 = nodes("n0", "n1")
+    alice = await n0.connect("alice", presence=True)
+    bob = await n1.connect("bob")
+    deadline = time.monotonic() + 10
+    while not (await alice.presence(["bob"]))["bob"]["online"]:
+        assert time.monotonic() < deadline, "bob on n1 never seen online from n0"
+        await asyncio.sleep(0.1)
+    for i in range(3):
+        await alice.send("bob", f"m{i}")
+    got = await messages_of(bob, "dm:alice:bob", 3)
+    assert [(m.seq, m.payload) for m in got] == [(1, b"m0"), (2, b"m1"), (3, b"m2")]
+    # Usually alice's node wins the claim (it has the publish in hand), but
+    # bob's node races it: whichever lost was told.
+    states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+    assert sorted(state["channels_owned"] for state in states) == [0, 1]
+    told = next(state for state in states if not state["channels_owned"])
+    assert told["chats_received_unasked"] == 1
+
+
 async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_owner(
         nodes, nats_cluster: NatsCluster):
     """A node far from NATS (150 ms each way, as between regions) gets publishes
