@@ -105,7 +105,7 @@ class RelayCollector(Collector):
         yield gauge("fenghuo_channels", "Channels held in memory.", len(relay.hub.channels))
         yield gauge("fenghuo_token_deadlines", "Token deadlines kept for the expiry sweep: one per "
                     "authenticated connection, plus stale ones of closed or refreshed connections "
-                    "until they are half.", relay.tokens.deadlines)
+                    "until a sweep finds them as many as the open ones (and 64).", relay.tokens.deadlines)
         yield from self._cluster()
         yield from self._api()
         yield from self._webhooks()

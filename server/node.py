@@ -178,7 +178,7 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             self.relay.hub.sweep(s.handshake_timeout, s.ping_interval, s.idle_timeout)
-            self.relay.tokens.close_expired()
+            self.relay.tokens.close_expired(len(self.relay.hub.connections))
             self.relay.admission.sweep()
             if self.relay.cluster is not None:
                 now = time.monotonic()

@@ -108,8 +108,6 @@ class Session(Connection, asyncio.BufferedProtocol):
     def on_close(self, exc: BaseException | None) -> None:
         if not self.authenticated:
             self.relay.admission.handshake_ended()
-        else:
-            self.relay.tokens.forget()
         self.relay.detach(self)
         if self.authenticated:
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
@@ -197,7 +195,6 @@ class Session(Connection, asyncio.BufferedProtocol):
                          f"REFRESH token is for {grants.user!r}, not {self.user!r}")
         self.grants = grants
         self.relay.tokens.watch(self)
-        self.relay.tokens.forget()      # the entry of the token replaced
         self.reply(request_id, {"user": self.user, "expires": int(grants.expires)})
 
     def _welcome(self, request_id: int, channels: tuple[Channel, ...],

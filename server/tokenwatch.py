@@ -5,10 +5,11 @@ token's ``exp`` plus ``token_grace`` has passed without a REFRESH, and with
 ``TOKEN_REVOKED`` once a revocation read from the store covers its token.
 Deadlines sit in a heap, so a sweep costs only the connections due; an entry
 left by a REFRESH or a close is recognised as stale and dropped when due, or
-before: once stale entries are half the heap, the heap is rebuilt without
-them (``forget``).  Else a connection closed within its token's lifetime (a
-day by default) would keep its Session alive until then: after a reconnect
-storm of a million clients, a million closed Sessions.
+before: a sweep that finds the heap over twice the open connections (and
+64) rebuilds it without them.  Else a connection closed within its token's
+lifetime (a day by default) would keep its Session alive until then: after
+a reconnect storm of a million clients, a million closed Sessions.  The
+sweep does it, not the close: nothing is added to a connection's close.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from fenghuo.server.session import Session
 
 
-#: a heap smaller than this is not compacted (its stale entries cost little)
+#: stale entries a sweep leaves, beyond one per open connection (few cost little)
 _COMPACT_FROM = 64
 
 
@@ -37,8 +38,6 @@ class TokenWatch:
         self.revocations = revocations
         self._due: list[tuple[float, int, Session]] = []
         self._order = itertools.count()      # ties never compare sessions
-        #: entries of ``_due`` known stale (their session closed or refreshed since)
-        self._stale = 0
 
     @property
     def deadlines(self) -> int:
@@ -53,37 +52,30 @@ class TokenWatch:
         """Track ``session``'s current token (after HELLO and after each REFRESH)."""
         heapq.heappush(self._due, (self.deadline(session), next(self._order), session))
 
-    def forget(self) -> None:
-        """A watched session closed or was refreshed: its entry is stale.
-
-        When stale entries are half the heap or more it is rebuilt with the
-        live ones only, a cost of O(n) once per n/2 stale entries.
-        """
-        self._stale += 1
-        due = self._due
-        if self._stale * 2 >= len(due) and len(due) >= _COMPACT_FROM:
-            # In place: close_expired may be popping from this very list.
-            due[:] = [entry for entry in due if self._live(entry)]
-            heapq.heapify(due)
-            self._stale = 0
-
     def _live(self, entry: tuple[float, int, Session]) -> bool:
+        """Whether ``entry`` is its session's current deadline, the session open."""
         when, _, session = entry
         return not session.closing and session.authenticated and self.deadline(session) == when
 
     def is_revoked(self, grants: Grants) -> bool:
         return self.revocations is not None and self.revocations.revoked(grants)
 
-    def close_expired(self) -> None:
-        """Close the connections whose token's deadline passed (the relay's timer sweep)."""
+    def close_expired(self, connections: int) -> None:
+        """Close the connections whose token's deadline passed (the relay's timer sweep);
+        drop the stale entries once they outnumber the ``connections`` open."""
         now = time.time()
         due = self._due
+        if len(due) >= 2 * connections + _COMPACT_FROM:
+            grace = self.grace
+            # The test of _live written out: it runs for every entry.  O(n) once
+            # the closed (or refreshed) are as many as the open, plus 64.
+            due[:] = [entry for entry in due if not (s := entry[2]).closing and s.authenticated
+                      and s.grants.expires + grace == entry[0]]
+            heapq.heapify(due)
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
             if not self._live(entry):
-                # Closed, or refreshed since (its new deadline has its own entry).
-                self._stale = max(0, self._stale - 1)
-                continue
+                continue   # closed, or refreshed since: its new deadline has its own entry
             session = entry[2]
             session.close_with_error(ErrorCode.TOKEN_EXPIRED,
                                      "token expired: REFRESH it, or reconnect with a new one")
