@@ -193,8 +193,12 @@ class Session(Connection, asyncio.BufferedProtocol):
         if grants.user != self.user:
             raise refuse(ErrorCode.TOKEN_INVALID,
                          f"REFRESH token is for {grants.user!r}, not {self.user!r}")
+        same_deadline = grants.expires == self.grants.expires
         self.grants = grants
-        self.relay.tokens.watch(self)
+        if not same_deadline:
+            # The entry of the same deadline stays current: a client repeating a
+            # REFRESH would otherwise add one entry to the heap each time.
+            self.relay.tokens.watch(self)
         self.reply(request_id, {"user": self.user, "expires": int(grants.expires)})
 
     def _welcome(self, request_id: int, channels: tuple[Channel, ...],

@@ -290,3 +290,22 @@ async def test_a_closed_connection_s_token_deadline_is_not_kept_for_the_token_s_
         await asyncio.sleep(0.1)
     assert deadlines == 1, deadlines
     await stayed.expect_silence(0.1)
+
+
+async def test_a_refresh_repeated_with_one_token_keeps_one_deadline(relay_factory):
+    """A REFRESH whose token expires when the current one does adds no deadline: 50 of them
+    leave the one entry, so a client cannot grow the relay's deadlines by repeating it;
+    a token expiring at another time still replaces the deadline."""
+    relay = relay_factory(workers=1)
+    conn = await open_raw(relay)
+    token = relay.token("alice", ttl=600)
+    await conn.hello(token)
+    for rid in range(2, 52):
+        conn.write(encode_json(FrameType.REFRESH, {"token": token}, rid))
+    for rid in range(2, 52):
+        await conn.expect(FrameType.RESULT, request_id=rid)
+    assert (await metrics(relay))["fenghuo_token_deadlines"] == 1
+    conn.write(encode_json(FrameType.REFRESH, {"token": relay.token("alice", ttl=1200)}, 60))
+    result = orjson.loads((await conn.expect(FrameType.RESULT, request_id=60)).body)
+    assert result["expires"] >= int(time.time()) + 1190
+    assert (await metrics(relay))["fenghuo_token_deadlines"] == 2    # the old one, stale until a sweep
