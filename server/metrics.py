@@ -41,7 +41,7 @@ _COUNTERS = (
     ("publishes", "fenghuo_messages_published", "Messages sequenced."),
     ("duplicates", "fenghuo_publish_duplicates", "Publishes answered from the idempotency window."),
     ("key_lookups", "fenghuo_publish_key_lookups",
-     "Idempotency keys asked of the store: ones a full window may have given up before their span was over."),
+     "Idempotency keys confirmed in the store by seq: ones a full window gave up before their span was over."),
     ("deliveries", "fenghuo_deliveries", "Message frames queued to subscribers, live or caught up."),
     ("slow_consumers", "fenghuo_slow_consumer_disconnects", "Connections cut for exceeding max_pending."),
     ("rate_limited", "fenghuo_rate_limited_disconnects", "Connections cut for exceeding the frame rate."),
