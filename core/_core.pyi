@@ -306,7 +306,7 @@ class Hub:
     burst: float
     store: Any
     durable_acks: bool
-    channel_loader: Callable[[str], tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]]]] | None
+    channel_loader: Callable[[str], tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]], int]] | None
     key_lookup: Callable[[str, bytes, list[int], int], tuple[int, int] | None] | None
     masker: Callable[[str], MaskRules | None] | None
     def __init__(self, *, max_frame: int = ..., ring_capacity: int = ...,

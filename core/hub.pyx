@@ -250,10 +250,15 @@ cdef class Hub:
             if self.channel_loader is not None:
                 # A channel with a past: continue its seqs, refill its ring and
                 # its idempotency window from the store.
-                recent, keys = self.channel_loader(name)
+                recent, keys, head = self.channel_loader(name)
                 for seq, frame in recent:
                     made.ring.push(seq, frame)
                     made.seq = seq
+                if head > made.seq:
+                    # Retention deleted its last rows: the seqs up to ``head``
+                    # are gone, not free to give again.
+                    made.ring.reset(head)
+                    made.seq = head
                 made.dedupe.load(keys)
             self.channels[key] = made
             return made

@@ -393,6 +393,9 @@ class ClusterStore(SQLiteStore):
     def recent(self, channel: str) -> list[tuple[int, bytes]]:
         return []          # a channel's state comes from its owner or the stream, not here
 
+    def expired_head(self, channel: str) -> int:
+        return 0
+
     def dedupe_keys(self, channel: str, since_us: int) -> list[tuple[bytes, int, int]]:
         return []
 

@@ -199,7 +199,8 @@ class Relay:
         # A channel's dedupe window comes back with it: what was acked before
         # a crash is still answered DUPLICATE when its sender retries.
         self.hub.channel_loader = lambda name: (
-            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us))
+            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us),
+            store.expired_head(name))
         self.hub.key_lookup = store.find_key
         for record in store.load_groups():
             group = self.groups.restore(record)

@@ -96,7 +96,12 @@ BACKLOG_LOW = 10_000
 # it, one WAL page per keyed publish; a channel's window now holds every key
 # of its span with its seq (core/dedupe.pyx), so the store is asked for a
 # key by seq only (``find_key``), and a restart reloads the span's keys
-# (``dedupe_keys``).  The key stays in its row, unindexed.
+# (``dedupe_keys``).  The key stays in its row, unindexed.  Schema 4 adds
+# ``channel_heads``: the last seq of a channel's rows that retention deleted,
+# written by the retention job in the transaction that deletes them (one row a
+# channel it touched, never a write per message or per commit); a channel's
+# head at load is the greater of its rows' last seq and that row, so a channel
+# retention emptied continues its seqs after a restart (PROTOCOL §6.6).
 MESSAGES_DDL = (
     """CREATE TABLE IF NOT EXISTS messages (
     id      INTEGER PRIMARY KEY,    -- append order
@@ -112,8 +117,12 @@ MESSAGES_DDL = (
     "CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts_us)",
     # schema 2's key index (schema 3 is without it)
     "DROP INDEX IF EXISTS messages_by_key",
+    """CREATE TABLE IF NOT EXISTS channel_heads (
+    channel TEXT PRIMARY KEY,
+    seq     INTEGER NOT NULL        -- the last seq retention deleted
+) WITHOUT ROWID""",
 )
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 OTHER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -175,7 +184,7 @@ SCHEMA = OTHER_SCHEMA + "".join(f"{statement};\n" for statement in MESSAGES_DDL)
 
 
 def prepare_schema(conn: sqlite3.Connection, patience_ms: int = 600_000) -> None:
-    """Create the store's tables, or bring a file of schema 1 or 2 to schema 3.
+    """Create the store's tables, or bring a file of schema 1, 2 or 3 to schema 4.
 
     Several workers open one file together: the first takes the write lock
     and creates or migrates; the others wait for it (up to ``patience_ms``,
@@ -485,6 +494,12 @@ class SQLiteStore:
             (channel, self.ring_size)).fetchall()
         return self._frames(channel, reversed(rows))
 
+    def expired_head(self, channel: str) -> int:
+        """The last seq of ``channel`` retention deleted (0: none): its head when
+        retention left no row of it."""
+        row = self._conn.execute("SELECT seq FROM channel_heads WHERE channel = ?", (channel,)).fetchone()
+        return 0 if row is None else int(row[0])
+
     def _frames(self, channel: str, rows: Iterable[tuple[int, bytes, str | None]]
                 ) -> list[tuple[int, bytes]]:
         """``(seq, frame)`` of ``(seq, stored frame, key_id)`` rows: sealed ones opened."""
@@ -630,6 +645,11 @@ def _write_expiry(w: SQLiteWriter, r: Expiry) -> None:
     for other in r.keep_prefixes:
         where += " AND substr(channel, 1, ?) != ?"
         params += [len(other), other]
+    # The channel's head outlives its rows: a restart continues after it.
+    w.execute(f"INSERT INTO channel_heads (channel, seq) SELECT channel, max(seq) FROM messages"
+              f" WHERE {where} AND ts_us < ? GROUP BY channel"
+              " ON CONFLICT (channel) DO UPDATE SET seq = max(seq, excluded.seq)",
+              [*params, r.cutoff_us])
     # A message's clicks go with it, as do those of a message already gone.
     w.execute(f"DELETE FROM clicks WHERE {where} AND NOT EXISTS (SELECT 1 FROM messages m"
               " WHERE m.channel = clicks.channel AND m.seq = clicks.seq AND m.ts_us >= ?)",

@@ -183,3 +183,45 @@ async def test_a_worker_killed_under_fsync_batch_tells_every_client_the_heads_ag
     finally:
         await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
         relay.stop()
+
+
+async def test_a_channel_retention_emptied_continues_its_seqs_after_a_restart(tmp_path):
+    # Retention deletes every row of a channel; the relay is stopped (SIGTERM,
+    # then kill -9) and started again over its file.  The channel's seqs go on
+    # after the head retention deleted (the store keeps it, channel_heads), and
+    # a client resuming from its position there gets the new messages, not
+    # drops them as seen.  (Before: the channel started again at 1.)
+    flags = ("--retention", "*=1s", "--retention-interval", "0.2")
+    relay = start_relay(tmp_path, *flags, workers=1)
+    news, clients = "org.news", [relay.clients]
+    try:
+        ann = await relay.connect("ann", channels=(news,))
+        writer = await relay.connect("writer", channels=(news,))
+        for k in range(3):
+            await writer.publish(news, f"old {k}")
+        assert [m.seq for m in await collect(ann, 3)] == [1, 2, 3]
+        deadline = time.monotonic() + 20
+        while stored_head(relay, news):          # every row of it deleted
+            assert time.monotonic() < deadline, "retention never emptied the channel"
+            await asyncio.sleep(0.1)
+        expected = 3
+        for stop in (relay.stop, relay.kill):
+            epoch, positions = ann.epoch, dict(ann.positions)
+            await ann.close()
+            stop()
+            relay = start_relay(tmp_path, *flags, workers=1, data_dir=relay.data_dir, secret=relay.secret)
+            clients.append(relay.clients)
+            # ann again, from where it was (as a client that lives on does).
+            ann = relay.client("ann", channels=(news,))
+            ann.epoch, ann.positions = epoch, positions
+            await ann.connect()
+            assert ann.welcome["channels"][news] == expected
+            writer = await relay.connect("writer", channels=(news,))
+            expected += 1
+            assert (await writer.publish(news, f"new {expected}")).seq == expected
+            assert await received(ann, 1, 10) == [(expected, f"new {expected}".encode())]
+            assert ann.positions[news] == expected
+    finally:
+        await asyncio.gather(*(c.close() for group in clients for c in group), return_exceptions=True)
+        relay.stop()
+

@@ -7,6 +7,7 @@ import multiprocessing
 import random
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import start_relay
 from rawwire import authed_raw
 from fenghuo.core import FrameType, encode_frame, encode_message
 from fenghuo.server.frames import decode_frame_message
-from fenghuo.server.store import DB_FILE, SCHEMA, SQLiteStore
+from fenghuo.server.store import DB_FILE, SCHEMA, SCHEMA_VERSION, SQLiteStore
 
 import fenghuo
 from fenghuo import ErrorCode, FenghuoError
@@ -444,7 +445,7 @@ async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
     finally:
         assert relay.stop() == 0
     with sqlite3.connect(data_dir / DB_FILE) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
         assert db.execute("SELECT id, seq, sender, key_id FROM messages ORDER BY id").fetchall() == [
             (1, 1, "alice", None), (2, 2, "alice", None), (3, 3, "alice", None), (4, 4, "alice", None)]
@@ -509,18 +510,60 @@ async def test_a_store_of_schema_2_loses_its_key_index_and_keeps_its_keys(tmp_pa
     finally:
         assert relay.stop() == 0
     with sqlite3.connect(data_dir / DB_FILE) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (41,)
     db.close()
 
 
+# The store as schema 3 made it (main before schema 4): no channel_heads.
+SCHEMA_3 = SCHEMA_2.replace(
+    "CREATE INDEX messages_by_key ON messages (channel, dedupe) WHERE dedupe IS NOT NULL;\n", ""
+).replace("PRAGMA user_version=2;", "PRAGMA user_version=3;")
+
+
+async def test_a_store_of_schema_3_keeps_the_head_of_a_channel_retention_emptied(tmp_path):
+    # A store file schema 3 wrote opens as schema 4 (channel_heads made).
+    # Retention deletes every row of a channel; started again on the file,
+    # the relay numbers the channel's next message after the deleted head.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    old = time.time_ns() // 1000 - 100_000_000
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        db.executescript(SCHEMA_3)
+        for seq in range(1, 6):
+            frame = encode_message("dm:alice:bob", seq, old + seq, "alice", b"old %d" % seq)
+            db.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                       " VALUES ('dm:alice:bob', ?, ?, 'alice', NULL, ?)", (seq, old + seq, frame))
+    db.close()
+    flags = ("--retention", "*=10s", "--retention-interval", "0.2")
+    relay = start_relay(tmp_path, *flags, data_dir=data_dir, workers=1)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
+                if db.execute("SELECT count(*) FROM messages").fetchone() == (0,):
+                    break
+            assert time.monotonic() < deadline, "retention never deleted the rows"
+            await asyncio.sleep(0.1)
+        relay.kill()
+        relay = start_relay(tmp_path, *flags, data_dir=data_dir, secret=relay.secret, workers=1)
+        alice = await relay.connect("alice")
+        assert (await alice.send("bob", "new")).seq == 6
+        await alice.close()
+    finally:
+        assert relay.stop() == 0
+    with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("SELECT channel, seq FROM channel_heads").fetchall() == [("dm:alice:bob", 5)]
+
+
 def test_a_store_of_a_newer_schema_is_refused(tmp_path):
     SQLiteStore(tmp_path).close()
     with sqlite3.connect(tmp_path / DB_FILE) as db:
-        db.execute("PRAGMA user_version=4")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(ValueError, match="schema 4, newer than this relay's"):
+    with pytest.raises(ValueError, match=f"schema {SCHEMA_VERSION + 1}, newer than this relay's"):
         SQLiteStore(tmp_path)
 
 
