@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import socket
 import ssl
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import uvloop
 from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
-from fenghuo.server.mesh import WorkerSpec
+from fenghuo.server.mesh import WorkerSpec, new_boot_id
 from fenghuo.server.outbox import reload_endpoints
 from fenghuo.server.relay import Relay
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
@@ -162,7 +161,7 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
 
     # Every worker gets the secret resolved here (no race on a dev secret) and
     # one boot id, so clients see one epoch whichever worker they reach.
-    env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": secrets.token_hex(4)}
+    env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": new_boot_id()}
     argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
     # A cluster's workers reach each other over NATS (DESIGN, "Several workers per
     # node"): their rings carry nothing, so they take one page, not 4 MiB each.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -48,6 +49,18 @@ DEFAULT_BURST = 256
 RecordHandler = Callable[[int, bytes], None]
 PressureHandler = Callable[[bool], None]
 Rings = Mapping[tuple[int, int], ShmRing]
+
+
+def new_boot_id() -> str:
+    """A boot id: 16 hex digits, new at every start.  The supervisor's is its
+    workers' (``FENGHUO_BOOT``), so a client sees one epoch on any of them."""
+    return secrets.token_hex(8)
+
+
+def boot_id(digits: int) -> str:
+    """This start's boot id, its first ``digits`` hex digits: the epoch is it
+    (16) without a store, ``<store id>.<8 of it>`` with one (PROTOCOL §3.3)."""
+    return (os.environ.get("FENGHUO_BOOT") or new_boot_id())[:digits]
 
 
 def worker_env(index: int, count: int, generation: int,

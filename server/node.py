@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import secrets
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from fenghuo.core import FrameType
 from fenghuo.protocol import encode_json
 from fenghuo.server import retention
+from fenghuo.server.mesh import boot_id
 from fenghuo.server.stalls import Collector, LoopLag, loop_slice
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class Node:
             self.relay.cluster = node = await NodeCluster.join(self.relay, spec)
             # One store id for the whole cluster: a client moving between
             # nodes keeps its positions (PROTOCOL §6.6).
-            self.relay.epoch = f"{node.cluster_id}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
+            self.relay.epoch = f"{node.cluster_id}.{boot_id(8)}"
         elif spec is not None:
             self.relay.cluster = Cluster.of_worker(self.relay, spec)
             self.relay.cluster.start()

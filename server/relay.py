@@ -18,8 +18,6 @@ relay holds what the control plane shares and wires the concerns together
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 import time
 from typing import Any, TYPE_CHECKING
 from collections.abc import Awaitable, Callable
@@ -48,6 +46,7 @@ from fenghuo.server.groups import Actor, GroupRegistry
 from fenghuo.server import keyfile
 from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.masking import Masking
+from fenghuo.server.mesh import boot_id
 from fenghuo.server.node import Node
 from fenghuo.server.schemas import (
     from_builtins,
@@ -139,12 +138,12 @@ class Relay:
                 if settings.store_key_file else None)
             # The epoch names this process's view of the data: with a store the
             # seqs continue across restarts and clients keep their positions.
-            self.epoch = f"{self.sqlite.identity()}.{os.environ.get('FENGHUO_BOOT') or secrets.token_hex(4)}"
+            self.epoch = f"{self.sqlite.identity()}.{boot_id(8)}"
             self._load()
         else:
             # Seqs restart with the process: a new epoch tells clients their
             # positions no longer apply.
-            self.epoch = os.environ.get("FENGHUO_BOOT") or secrets.token_hex(8)
+            self.epoch = boot_id(16)
         #: expiry and revocation of the tokens of live connections (revocations need the store)
         self.tokens = TokenWatch(settings.token_grace,
                                  Revocations(settings.data_dir) if self.store is not None else None)

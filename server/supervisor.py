@@ -25,7 +25,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fenghuo.core import ShmRing
 from fenghuo.server import httpd, metrics
-from fenghuo.server.mesh import worker_env
+from fenghuo.server.mesh import new_boot_id, worker_env
 
 log = logging.getLogger("fenghuo.supervisor")
 
@@ -298,7 +297,7 @@ class _Run:
         for ring in self.rings.values():
             ring.close()
         self.rings = _mesh_rings(len(self.workers), self.config.ring_capacity)
-        self.env["FENGHUO_BOOT"] = secrets.token_hex(4)
+        self.env["FENGHUO_BOOT"] = new_boot_id()
         log.warning("every worker started again: a new epoch", extra={"worker": dead.index})
         for worker in self.workers:
             if not worker.running:

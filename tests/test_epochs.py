@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -224,4 +225,28 @@ async def test_a_channel_retention_emptied_continues_its_seqs_after_a_restart(tm
     finally:
         await asyncio.gather(*(c.close() for group in clients for c in group), return_exceptions=True)
         relay.stop()
+
+
+async def test_welcome_epoch_is_as_the_protocol_says_under_the_supervisor_and_alone(tmp_path):
+    # PROTOCOL §3.3: `<store id>.<boot id>` (12 and 8 hex digits) with the
+    # durable store, 16 hex digits with --store memory; the supervisor's boot
+    # id (FENGHUO_BOOT) is every worker's.  (Before: 8 under the supervisor
+    # with --store memory.)
+    durable, memory = r"[0-9a-f]{12}\.[0-9a-f]{8}", r"[0-9a-f]{16}"
+    for flags, workers, form in (((), None, durable),                  # the default deployment
+                                 ((), 1, durable),
+                                 (("--store", "memory"), WORKERS, memory),
+                                 (("--store", "memory"), 1, memory)):
+        relay = start_relay(tmp_path, *flags, workers=workers)
+        try:
+            epochs = set()
+            for worker in range(workers or WORKERS):
+                client = await (connect_on(relay, f"u{worker}", worker) if workers != 1
+                                else relay.connect("u"))
+                epochs.add(client.welcome["epoch"])
+            [epoch] = epochs
+            assert re.fullmatch(form, epoch), (flags, workers, epoch)
+        finally:
+            await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+            relay.stop()
 
