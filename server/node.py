@@ -88,16 +88,17 @@ class Node:
         if self.relay.store is not None:
             self.relay.store.on_pressure = self._store_pressure
             self.relay.store.start(loop, self._on_batch)
-            rules = retention.parse_rules(self.relay.settings.retention)
-            if any(rule.seconds is not None for rule in rules):
-                # One worker deletes from the shared store; each trims its own rings.
-                # A cluster node's store purges the stream when it is the one to
-                # (server/cluster_store.py), and always deletes its own clicks.
-                expires = self.relay.cluster is None or self.relay.cluster.index == 0 \
-                    or self.relay.shared_state is not None
-                self._retention = asyncio.create_task(retention.run_forever(
-                    self.relay.sqlite if expires else None, rules, self.relay.settings.retention_interval,
-                    lambda: list(self.relay.hub.channels.values()), self.relay.clicks), name="fenghuo-retention")
+        rules = retention.parse_rules(self.relay.settings.retention)
+        if any(rule.seconds is not None for rule in rules):
+            # One worker deletes from the shared store; each trims its own rings
+            # (all there is under --store memory).  A cluster node's store purges
+            # the stream when it is the one to (server/cluster_store.py), and
+            # always deletes its own clicks.
+            expires = self.relay.cluster is None or self.relay.cluster.index == 0 \
+                or self.relay.shared_state is not None
+            self._retention = asyncio.create_task(retention.run_forever(
+                self.relay.sqlite if expires else None, rules, self.relay.settings.retention_interval,
+                lambda: list(self.relay.hub.channels.values()), self.relay.clicks), name="fenghuo-retention")
         self._server = await loop.create_server(
             self.relay.admission.protocol_factory(self.new_session),
             self.relay.settings.host, self.relay.settings.port,

@@ -250,3 +250,27 @@ async def test_welcome_epoch_is_as_the_protocol_says_under_the_supervisor_and_al
             await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
             relay.stop()
 
+
+async def test_retention_trims_the_rings_of_the_memory_store(tmp_path):
+    # --retention with --store memory applies to the rings (all there is):
+    # older messages are gone from catch-up, which says so with GAP.
+    # (Before: the retention job ran only with a store, the rings kept all.)
+    relay = start_relay(tmp_path, "--store", "memory", "--retention", "*=1s",
+                        "--retention-interval", "0.2", workers=1)
+    try:
+        news = "org.news"
+        writer = await relay.connect("writer", channels=(news,))
+        for k in range(3):
+            await writer.publish(news, f"old {k}")
+        await asyncio.sleep(2.5)                 # older than 1 s
+        gaps: list[dict] = []
+        late = relay.client("late", channels=(news,), sync_from_start=True)
+        late.on_gap(gaps.append)
+        await late.connect()
+        assert await received(late, 1, 1.0) == []
+        assert gaps == [{"channel": news, "after": 0, "first": 4, "head": 3}]
+        await writer.publish(news, "new")
+        assert await received(late, 1, 10) == [(4, b"new")]
+    finally:
+        await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+        relay.stop()
