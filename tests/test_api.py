@@ -226,7 +226,9 @@ def test_the_readme_curl_commands_work_as_written(api_relay):
 
 def test_the_cli_calls_the_api(api_relay):
     run = [sys.executable, "-m", "fenghuo", "api", "--url", api_relay.api_url]
-    ok = subprocess.run([*run, "--key", api_relay.api_key, "publish",
+    # --key=: a key may begin with "-" (token_urlsafe: 1 in 64), which argparse
+    # takes for an option when it is a separate argument.
+    ok = subprocess.run([*run, f"--key={api_relay.api_key}", "publish",
                          '{"channel": "org.cli", "data": "from the shell"}'],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and orjson.loads(ok.stdout)["seq"] == 1, ok.stderr
