@@ -75,6 +75,8 @@ from scripts.nats_cluster import NatsCluster, NatsServer
 # bypass the proxies: every server advertises this unroutable one instead.
 NO_ROUTE = "127.0.0.1:1"
 NODE_START_S = 90.0
+# Starts of the whole stretched cluster before giving up (_started).
+START_TRIES = 2
 
 
 @dataclass
@@ -482,12 +484,33 @@ def _server_pids(cluster: Stretched) -> dict[str, list[int]]:
             "nats-servers": [s.proc.pid for s in cluster.servers.values() if s.proc is not None]}
 
 
+async def _started(base: Path, secret: str, scale: float) -> tuple[Stretched, int]:
+    """A stretched cluster whose four nodes all listen, and how many times it
+    was started afresh for it (at most START_TRIES - 1).
+
+    A node has been seen not to listen within NODE_START_S, silent at its
+    default log level, in about one `--regions-scale 0.1` start in three
+    under pytest (CI on 0b55f8d; none in six runs outside it).  Its cause is
+    not found (bench/README, The cluster); a fresh cluster is the bench's way on,
+    counted in the results (``machine.cluster_restarts``), not hidden."""
+    for attempt in range(1, START_TRIES + 1):
+        cluster = Stretched(base / f"start-{attempt}", secret, scale)
+        try:
+            await cluster.start()
+            return cluster, attempt - 1
+        except RuntimeError as exc:
+            await cluster.stop()
+            if attempt == START_TRIES:
+                raise
+            print(f"regions: {exc}; starting a fresh cluster", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
 async def _measure(a: argparse.Namespace, base: Path
                    ) -> tuple[list[dict], dict, dict[str, Any], Placement]:
     secret = secrets.token_urlsafe(32)
-    cluster = Stretched(base, secret, a.regions_scale)
+    cluster, restarts = await _started(base, secret, a.regions_scale)
     try:
-        await cluster.start()
         world = ClusterWorld(
             0, secret, "", a.regions_scale, 0.0,
             node_ports={r: n.port for r, n in cluster.nodes.items()},
@@ -506,7 +529,8 @@ async def _measure(a: argparse.Namespace, base: Path
             "cpu": {k: {"ran_s_per_s": round((after[k][0] - before[k][0]) / elapsed, 4),
                         "waited_s_per_s": round((after[k][1] - before[k][1]) / elapsed, 4)}
                     for k in pids},
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cluster_restarts": restarts}
         return pairs, lag, machine, world.placement
     finally:
         await cluster.stop()
@@ -586,6 +610,9 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
           f"max {geo._fmt(lag['max'])} ms")
     print(f"load average (1 min) at the start and end of the measurement: "
           f"{machine['load_average_1m'][0]:g}, {machine['load_average_1m'][1]:g}")
+    if machine["cluster_restarts"]:
+        print(f"the cluster was started afresh {machine['cluster_restarts']} time(s): "
+              f"a node did not listen within {NODE_START_S:g} s")
     for what, cpu in machine["cpu"].items():
         print(f"{what} (all on one core): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
               f"{cpu['waited_s_per_s']:.3f} s per second of the measurement")

@@ -71,6 +71,7 @@ def test_failover_counts_every_acked_message_across_an_owner_s_kill(tmp_path):
     assert event["sequenced_again_after_s"] is not None
 
 
+@pytest.mark.timeout(360)    # a node not listening within 90 s: one fresh start (bench _started)
 def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
     """Four regions, a node and a nats-server each, routes through delay proxies:
     every pair's messages and catch-up trials arrive and are counted."""
@@ -91,6 +92,7 @@ def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
         assert pair["overhead_hops_at_mean_ms"]["p50"] is not None
     for cpu in regions["machine"]["cpu"].values():
         assert cpu["ran_s_per_s"] > 0
+    assert regions["machine"]["cluster_restarts"] in (0, 1)
     assert regions["stream_leader"] in ("shanghai", "frankfurt", "virginia", "sydney")
     assert len(regions["owners"]) == 16
     assert "verdict: end-to-end p99 < 600 ms in every pair" in run.stdout
