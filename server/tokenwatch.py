@@ -66,11 +66,8 @@ class TokenWatch:
         now = time.time()
         due = self._due
         if len(due) >= 2 * connections + _COMPACT_FROM:
-            grace = self.grace
-            # The test of _live written out: it runs for every entry.  O(n) once
-            # the closed (or refreshed) are as many as the open, plus 64.
-            due[:] = [entry for entry in due if not (s := entry[2]).closing and s.authenticated
-                      and s.grants.expires + grace == entry[0]]
+            # O(n) once the closed (or refreshed) are as many as the open, plus 64.
+            due[:] = [entry for entry in due if self._live(entry)]
             heapq.heapify(due)
         while due and due[0][0] <= now:
             entry = heapq.heappop(due)
