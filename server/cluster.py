@@ -23,7 +23,7 @@ import asyncio
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from fenghuo.core import (
     Channel,
@@ -324,12 +324,18 @@ class Cluster:
         ``head``.  Workers with no participant online are told too, and ask
         as before if one comes.
         """
+        receivers = self._direct_receivers(ch, range(self.count))
+        self.share("direct", channel=ch.name, receivers=receivers, head=ch.ring.head)
+
+    def _direct_receivers(self, ch: Channel, peers: Iterable[int]) -> list[int]:
+        """The ``peers`` (this one aside) where a participant of the direct chat
+        ``ch`` is online: sent ``ch`` from now on, without asking."""
         participants = ch.info.participants
-        receivers = [w for w in range(self.count) if w != self.index
-                     and any(self.remote_devices.devices(u, w) for u in participants)]
+        receivers = [peer for peer in peers if peer != self.index
+                     and any(self.remote_devices.devices(u, peer) for u in participants)]
         if receivers:
             self.interested.setdefault(ch, set()).update(receivers)
-        self.share("direct", channel=ch.name, receivers=receivers, head=ch.ring.head)
+        return receivers
 
     def _direct(self, name: str, receivers: list[int], head: int) -> None:
         """Replica side: a direct chat announced by its owner (``receivers``:

@@ -282,14 +282,11 @@ class NodeCluster(Cluster):
         inter-region round trips after it was stored (``bench cluster --parts
         regions``: up to 830 ms).  The announcement goes ahead of the first
         message on this node's queue to each of them."""
-        participants = ch.info.participants
-        receivers = [peer for peer in self.liveness.live_peers() if peer != self.index
-                     and any(self.remote_devices.devices(user, peer) for user in participants)]
+        receivers = self._direct_receivers(ch, self.liveness.live_peers())
         if not receivers:
             return
-        self.interested.setdefault(ch, set()).update(receivers)
         announcement = routing.control("direct", channel=ch.name, receivers=receivers,
-                                       head=ch.ring.last)
+                                       head=ch.ring.head)
         for peer in receivers:
             self.mesh.send(peer, announcement)
 
