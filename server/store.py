@@ -101,7 +101,8 @@ BACKLOG_LOW = 10_000
 # written by the retention job in the transaction that deletes them (one row a
 # channel it touched, never a write per message or per commit); a channel's
 # head at load is the greater of its rows' last seq and that row, so a channel
-# retention emptied continues its seqs after a restart (PROTOCOL §6.6).
+# retention emptied continues its seqs after a restart (PROTOCOL §6.6), and
+# a direct chat retention emptied is still one of its participants' channels.
 MESSAGES_DDL = (
     """CREATE TABLE IF NOT EXISTS messages (
     id      INTEGER PRIMARY KEY,    -- append order
@@ -590,8 +591,11 @@ class SQLiteStore:
         return [orjson.loads(r[0]) for r in self._conn.execute("SELECT record FROM groups")]
 
     def direct_channels(self) -> list[str]:
+        """Every direct chat the store knows: those with a stored message and those
+        retention emptied (``channel_heads``), which exist as much (PROTOCOL §5.1)."""
         return [r[0] for r in self._conn.execute(
-            "SELECT DISTINCT channel FROM messages WHERE channel LIKE 'dm:%'")]
+            "SELECT channel FROM messages WHERE channel LIKE 'dm:%'"
+            " UNION SELECT channel FROM channel_heads WHERE channel LIKE 'dm:%'")]
 
     def all_rows(self, channel: str) -> Iterable[tuple[int, int, str, bytes]]:
         """Every stored message of ``channel``: ``(seq, ts_us, sender, frame)`` (export, tests)."""

@@ -243,6 +243,40 @@ async def test_a_channel_retention_emptied_continues_its_seqs_after_a_restart(tm
         relay.stop()
 
 
+async def test_a_direct_chat_retention_emptied_is_listed_at_welcome_after_a_restart(tmp_path):
+    # PROTOCOL §3.3: WELCOME `channels` lists every channel the connection
+    # receives, and a direct chat is received by both participants from its
+    # first message on (§5.1), whether or not retention left a row of it.
+    # (Before: after a restart the store listed direct chats from their rows
+    # only, so an emptied one was missing until its next message.)
+    flags = ("--retention", "*=1s", "--retention-interval", "0.2")
+    relay = start_relay(tmp_path, *flags, workers=1)
+    chat, clients = "dm:alice:bob", [relay.clients]
+    try:
+        alice = await relay.connect("alice")
+        for k in range(2):
+            await alice.send("bob", f"old {k}")
+        deadline = time.monotonic() + 20
+        while stored_head(relay, chat):          # every row of it deleted
+            assert time.monotonic() < deadline, "retention never emptied the chat"
+            await asyncio.sleep(0.1)
+        bob = await relay.connect("bob")
+        assert bob.welcome["channels"][chat] == 2        # the same relay: in memory
+        await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+        relay.stop()
+        relay = start_relay(tmp_path, *flags, workers=1, data_dir=relay.data_dir, secret=relay.secret)
+        clients.append(relay.clients)
+        bob = await relay.connect("bob")
+        assert bob.welcome["channels"] == {chat: 2}
+        alice = await relay.connect("alice")
+        assert alice.welcome["channels"] == {chat: 2}
+        assert (await alice.send("bob", "new")).seq == 3
+        assert await received(bob, 1, 10) == [(3, b"new")]
+    finally:
+        await asyncio.gather(*(c.close() for group in clients for c in group), return_exceptions=True)
+        relay.stop()
+
+
 async def test_welcome_epoch_is_as_the_protocol_says_under_the_supervisor_and_alone(tmp_path):
     # PROTOCOL §3.3: `<store id>.<boot id>` (12 and 8 hex digits) with the
     # durable store, 16 hex digits with --store memory; the supervisor's boot
