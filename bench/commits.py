@@ -9,6 +9,8 @@ the commit that crosses it copies the WAL into the file), alternating over
 per commit, and commit latency (a batch's acks wait that long).  Each
 ``--without`` adds a setting with those indexes of the messages table
 dropped first: what each costs the writer (the relay cannot run so).
+``--layout`` compares other layouts of the messages table (``LAYOUTS``), and
+``--page-size`` other page sizes, before building one.
 
 It also times the floor: ``pwrite`` of 4 KiB and ``fdatasync`` on one file
 in the store's directory, appended (the file grows, as a new WAL does) and
@@ -21,11 +23,45 @@ import argparse
 import os
 import statistics
 import time
+from itertools import product
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 FRAME = bytes(110)
-WAL_FRAME = 24 + 4096
+WAL_HEADER = 24
+_HEADS = """CREATE TABLE channel_heads (channel TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX messages_by_ts ON messages (ts_us);
+PRAGMA user_version=4;"""
+_COLUMNS = "seq INTEGER NOT NULL, ts_us INTEGER NOT NULL, sender TEXT NOT NULL, dedupe BLOB, frame BLOB NOT NULL, key_id TEXT"
+_CHANNELS = "CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+# The row's key is the channel's number and the seq packed in one integer, so
+# the table (the rowid B-tree) is itself the index by (channel, seq).
+_PACKED_ID = "((SELECT id FROM channels WHERE name = ?1) << 40) | ?2"
+#: messages table layouts to compare: (DDL made before the store opens the file,
+#: the writer's insert binding (channel, seq, ts_us, sender, dedupe, frame, key_id),
+#: SQL that files the rows after ``?`` (an id) in the channel index, or None)
+LAYOUTS: dict[str, tuple[str, str | None, str | None]] = {
+    "schema4": ("", None, None),
+    # schema 1 without its (channel, ts_us) index: the table clustered by (channel, seq)
+    "clustered": (f"CREATE TABLE messages (channel TEXT NOT NULL, {_COLUMNS},"
+                  " PRIMARY KEY (channel, seq)) WITHOUT ROWID;" + _HEADS, None, None),
+    "packed": (_CHANNELS + f"CREATE TABLE messages (id INTEGER PRIMARY KEY, channel TEXT NOT NULL,"
+               f" {_COLUMNS});" + _HEADS,
+               "INSERT OR REPLACE INTO messages (id, channel, seq, ts_us, sender, dedupe, frame, key_id)"
+               f" VALUES ({_PACKED_ID}, ?1, ?2, ?3, ?4, ?5, ?6, ?7)", None),
+    # the same without the channel's name in the row (its number is in the key;
+    # the column stays, NULL, for the store's own statement to compile)
+    "packed-noname": (_CHANNELS + f"CREATE TABLE messages (id INTEGER PRIMARY KEY, channel TEXT,"
+                      f" {_COLUMNS});" + _HEADS,
+                      "INSERT OR REPLACE INTO messages (id, seq, ts_us, sender, dedupe, frame, key_id)"
+                      f" VALUES ({_PACKED_ID}, ?2, ?3, ?4, ?5, ?6, ?7)", None),
+    # schema 4's log without messages_by_seq; the index filed after the commits, in bulk
+    "deferred": (f"CREATE TABLE messages (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, {_COLUMNS});"
+                 "CREATE TABLE message_seqs (channel TEXT NOT NULL, seq INTEGER NOT NULL, id INTEGER"
+                 " NOT NULL, PRIMARY KEY (channel, seq)) WITHOUT ROWID;" + _HEADS, None,
+                 "INSERT INTO message_seqs (channel, seq, id) SELECT channel, seq, id FROM messages"
+                 " WHERE id > ? ORDER BY channel, seq"),
+}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +76,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--without", action="append", default=[], metavar="INDEX[,INDEX]",
                    help="also measure with these indexes of the messages table dropped "
                         "(e.g. messages_by_seq); repeatable")
+    p.add_argument("--layout", default="schema4",
+                   help=f"messages table layouts to compare, comma-separated: {', '.join(LAYOUTS)}")
+    p.add_argument("--page-size", default="4096", help="page sizes to compare, comma-separated")
+    p.add_argument("--file-every", type=int, default=8,
+                   help="deferred layout: commits between two filings of the channel index")
     p.add_argument("--dir", default=None, help="where the store goes (default: a temporary "
                                                 "directory under /tmp)")
     p.set_defaults(func=cmd_commits)
@@ -49,29 +90,56 @@ def _percentile(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * q))]
 
 
-def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
-            without: tuple[str, ...] = ()) -> dict[str, float]:
+def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str]) -> None:
     import sqlite3
 
-    from fenghuo.core import Channel, ChannelKind, Sequenced
+    ddl = LAYOUTS[layout][0]
+    if not ddl and page_size == 4096:
+        return
+    db = sqlite3.connect(Path(directory) / "fenghuo.db", isolation_level=None)
+    try:
+        db.execute(f"PRAGMA page_size={page_size}")
+        db.execute("PRAGMA journal_mode=WAL")
+        if ddl:
+            db.executescript(ddl)
+            if "channels" in ddl:
+                db.executemany("INSERT INTO channels (name) VALUES (?)", [(n,) for n in names])
+    finally:
+        db.close()
+
+
+def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
+            without: tuple[str, ...] = (), layout: str = "schema4", page_size: int = 4096,
+            file_every: int = 8) -> dict[str, float]:
+    import sqlite3
+
+    from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
     from fenghuo.server.store import _WRITES, SQLiteStore
 
+    names = [f"dm:user-{i:06d}:user-{i + 1:06d}" for i in range(channels)]
+    _prepare_layout(directory, layout, page_size, names)
+    _, insert_sql, filing = LAYOUTS[layout]
     store = SQLiteStore(directory, fsync="always")
+    if insert_sql is not None:
+        store._writer.close()
+        store._writer = SQLiteWriter(store.path, full_sync=True, insert_sql=insert_sql)
     if without:
         with sqlite3.connect(store.path) as db:
             for index in without:
                 db.execute(f"DROP INDEX {index}")
         db.close()
     writer = store._writer
-    writer.execute(f"PRAGMA wal_autocheckpoint={wal_frames}")
-    chans = [Channel(f"dm:user-{i:06d}:user-{i + 1:06d}", ChannelKind.DIRECT_CHAT, 16)
-             for i in range(channels)]
+    # --wal-frames counts 4 KiB pages: the same WAL size whatever the page size
+    writer.execute(f"PRAGMA wal_autocheckpoint={wal_frames * 4096 // page_size}")
+    chans = [Channel(name, ChannelKind.DIRECT_CHAT, 16) for name in names]
     seqs = [0] * channels
     wal = Path(directory) / "fenghuo.db-wal"
+    wal_frame = WAL_HEADER + page_size
     latencies: list[float] = []
-    cpu = 0.0
+    filings: list[float] = []
+    cpu = filing_cpu = 0.0
     frames = grown = 0
-    k = 0
+    k = filed = 0
     try:
         for _ in range(count):
             records = []
@@ -87,14 +155,24 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
             latencies.append(time.perf_counter() - t0)
             after = wal.stat().st_size
             if after > before:
-                frames += (after - before) // WAL_FRAME
+                frames += (after - before) // wal_frame
                 grown += 1
+            if filing is not None and len(latencies) % file_every == 0:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                writer.execute("BEGIN IMMEDIATE")
+                writer.execute(filing, (filed,))
+                writer.execute("COMMIT")
+                filing_cpu += time.thread_time() - c0
+                filings.append(time.perf_counter() - t0)
+                filed = k
     finally:
         store.close()
     return {"cpu_us_per_msg": cpu / (count * batch) * 1e6,
             "wal_pages_per_commit_while_growing": frames / max(1, grown),
             "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
-            "max_ms": max(latencies) * 1e3, "mean_ms": statistics.fmean(latencies) * 1e3}
+            "max_ms": max(latencies) * 1e3, "mean_ms": statistics.fmean(latencies) * 1e3,
+            "filing_cpu_us_per_msg": filing_cpu / (count * batch) * 1e6,
+            "filing_p50_ms": _percentile(filings, 0.5) * 1e3 if filings else 0.0}
 
 
 def fdatasync_floor(directory: str, count: int = 2000) -> dict[str, dict[str, float]]:
@@ -125,17 +203,23 @@ def fdatasync_floor(directory: str, count: int = 2000) -> dict[str, dict[str, fl
 
 def cmd_commits(a: argparse.Namespace) -> int:
     sizes = [int(v) for v in a.wal_frames.split(",")]
+    layouts = a.layout.split(",")
+    pages = [int(v) for v in a.page_size.split(",")]
     print(f"load average {os.getloadavg()[0]:.2f}; {a.channels} channels, {a.batch} messages "
           f"a commit, {a.commits} commits, --fsync always")
     variants = [()] + [tuple(v.split(",")) for v in a.without]
     for r in range(a.rounds):
         for frames in sizes:
-            for without in variants:
+            for layout, page_size, without in product(layouts, pages, variants):
                 with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
-                    res = commits(tmp, a.channels, a.batch, a.commits, frames, without)
+                    res = commits(tmp, a.channels, a.batch, a.commits, frames, without, layout,
+                                  page_size, a.file_every)
                 dropped = f" without {','.join(without)}" if without else ""
-                print(f"round {r + 1} wal_autocheckpoint={frames}{dropped}: writer CPU "
-                      f"{res['cpu_us_per_msg']:.2f} us/msg, "
+                filing = (f" + filing {res['filing_cpu_us_per_msg']:.2f} us/msg (p50 "
+                          f"{res['filing_p50_ms']:.1f} ms every {a.file_every} commits)"
+                          if LAYOUTS[layout][2] else "")
+                print(f"round {r + 1} {layout} page {page_size} wal_autocheckpoint={frames}{dropped}: "
+                      f"writer CPU {res['cpu_us_per_msg']:.2f} us/msg{filing}, "
                       f"{res['wal_pages_per_commit_while_growing']:.0f} WAL pages a commit (while it grows), "
                       f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms",
                       flush=True)

@@ -39,7 +39,7 @@ cdef class SQLiteWriter:
         self.db = NULL
         self._wake = NULL
 
-    def __init__(self, path, bint full_sync, int busy_timeout_ms=5000):
+    def __init__(self, path, bint full_sync, int busy_timeout_ms=5000, str insert_sql=None):
         self.path = str(path)
         cdef bytes name = self.path.encode()
         # NOMUTEX: one thread at a time uses this connection (the writer's;
@@ -69,7 +69,9 @@ cdef class SQLiteWriter:
         self._check(sqlite3_exec(self.db, b"PRAGMA cache_size=-65536", NULL, NULL, NULL))
         self._check(sqlite3_exec(self.db, b"PRAGMA wal_autocheckpoint=65536", NULL, NULL, NULL))
         self._statements = {}
-        self._insert_message = self._prepare(_INSERT_MESSAGE)
+        # insert_sql: another table's statement binding the same seven values in
+        # the same order (bench/commits.py's --layout); the store's is _INSERT_MESSAGE.
+        self._insert_message = self._prepare(_INSERT_MESSAGE if insert_sql is None else insert_sql)
         # IMMEDIATE: the write lock is taken (waiting out busy_timeout while
         # another worker writes) at BEGIN, never refused halfway through.
         self._begin = self._prepare("BEGIN IMMEDIATE")
