@@ -84,7 +84,8 @@ class Settings:
     fsync: str = _opt("always", "always: ack after the batch is on disk; batch: ack at once, sync "
                                 "per batch; off: ack at once, no sync (see Delivery guarantees)")
     retention: str = _opt("", "how long messages are kept, by channel prefix: e.g. "
-                              "'dm:=365d,org.=30d,*=forever' (default: forever)")
+                              "'dm:=365d,org.=30d,*=forever' (default: forever); applied to "
+                              "the store and the rings, to the rings alone with --store memory")
     retention_interval: float = _opt(3600.0, "seconds between two runs of the retention job")
     mask: str = _opt("", "masking rules, JSON: channel prefix -> detectors (card, cn_id, phone, "
                          "{name, regex}), e.g. '{\"dm:\": [\"card\", \"cn_id\", \"phone\"]}'; "

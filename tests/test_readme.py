@@ -135,3 +135,14 @@ async def test_a_named_device_catches_up_what_it_missed_between_two_runs(relay):
             0, f"sent dm:alice:dave #{n}\n")
     rc, out, _ = await fenghuo_cli("listen", *server, *dave, "--count", "2")
     assert (rc, out) == (0, "[dm:alice:dave #2] alice: two\n[dm:alice:dave #3] alice: three\n")
+
+
+def test_retention_help_says_what_it_does_under_the_memory_store():
+    """--retention trims the rings, all a --store memory relay has
+    (test_epochs.py::test_retention_trims_the_rings_of_the_memory_store);
+    its help and the README's table say so."""
+    serve = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    (action,) = [a for a in serve._actions if "--retention" in a.option_strings]
+    assert "to the rings alone with --store memory" in " ".join(action.help.split())
+    (row,) = [line for line in README.splitlines() if line.startswith("| `--retention` |")]
+    assert "to the rings alone with --store memory" in row
