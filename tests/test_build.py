@@ -234,3 +234,43 @@ def test_build_deps_ask_apt_for_libsqlite3_dev_on_a_machine_without_it(tmp_path:
     assert "apt-get installed libsqlite3-dev but sqlite3.h is still not found" in run.stderr
     calls = log.read_text().splitlines()
     assert calls[0].endswith("apt-get -y -qq install --no-install-recommends libsqlite3-dev")
+
+
+# --- make serve: what README "Quick start" says it does ----------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
+                          capture_output=True, text=True, timeout=60, check=True)
+
+
+def test_make_serve_installs_the_package_alone_builds_once_and_starts_the_relay(tmp_path: Path) -> None:
+    """From nothing (a fresh venv), ``make serve`` installs the package with its
+    runtime dependencies only (no test extras, so no test or benchmark package),
+    compiles the core once (the editable install) and runs ``fenghuo serve``
+    with ``ARGS``: the commands it would run (``make -n``), in order."""
+    venv = tmp_path / "venv"
+    lines = make("-n", "serve", f"VENV={venv}", "ARGS=--workers 1").stdout.splitlines()
+    installs = [line for line in lines if " pip install " in line and " -U pip" not in line]
+    assert installs == [f"{venv}/bin/python -m pip install -q -e ."], lines
+    assert not [line for line in lines if "build_ext" in line or "bench/_gen" in line
+                or "[test]" in line or "cythonize" in line], lines
+    assert lines[0] == "bash scripts/install_build_deps.sh"
+    assert lines[-1] == f"{venv}/bin/fenghuo serve --workers 1"
+
+
+def test_make_serve_with_the_venv_up_to_date_only_starts_the_relay(tmp_path: Path) -> None:
+    """Run again with nothing changed, ``make serve`` installs and compiles nothing:
+    it starts the relay (here a stand-in ``fenghuo`` that records its arguments)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    fake = venv / "bin" / "fenghuo"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    (venv / ".installed").touch()           # newer than pyproject.toml, setup.py and core/
+    ran = make("serve", f"VENV={venv}", "ARGS=--port 7799")
+    assert ran.stdout.splitlines() == [f"{venv}/bin/fenghuo serve --port 7799"], ran.stdout
+    assert calls.read_text() == "serve --port 7799\n"

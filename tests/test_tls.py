@@ -216,3 +216,23 @@ async def test_over_the_handshake_limit_a_tls_client_gets_try_again(relay_factor
     writer.close()
     first.close()
     assert "NotImplementedError" not in relay.log() and "Traceback" not in relay.log()
+
+
+async def test_a_connection_in_its_tls_handshake_is_not_counted_and_is_cut_after_the_timeout(
+        relay_factory, pki):
+    # DESIGN "Limits": TLS handshakes are not counted by max_handshakes (the
+    # session, which counts, exists once the TLS handshake is done); the TLS
+    # layer's ssl_handshake_timeout, the relay's handshake_timeout, bounds one.
+    from tests.rawwire import open_raw
+
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, "--max-handshakes", "1",
+                      "--handshake-timeout", "1", workers=1)
+    stalled = await open_raw(relay)       # connected, never starts its TLS handshake
+    await asyncio.sleep(0.2)
+    client = fenghuo.Client(tls_url(relay), token=relay.token("alice"), tls_ca=str(ca.cert),
+                            reconnect=False)
+    relay.clients.append(client)
+    await client.connect()                # the one handshake slot was free: admitted
+    # Cut by the relay's timeout of 1 s (asyncio's own would wait 60).
+    await stalled.expect_closed(timeout=20)
