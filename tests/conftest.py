@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -176,7 +177,7 @@ def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | N
         else:
             wait_listening(proc, host, port, timeout)
         if api_port:
-            wait_listening(proc, host, api_port, timeout)
+            wait_api(proc, log_path, api_port, timeout)
     except RuntimeError:
         exited = proc.poll()
         relay.kill()
@@ -186,6 +187,25 @@ def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | N
             raise PortTaken(f"relay {why}:\n{log_text}") from None
         raise RuntimeError(f"relay {why}:\n{log_text}") from None
     return relay
+
+
+def wait_api(proc: subprocess.Popen, log_path: Path, api_port: int, timeout: float) -> None:
+    """Block until the relay says its API listens on ``api_port`` (the line it prints
+    once every server of it is up), or fail with its fate.
+
+    Not a connect to the port: another process that took the port between
+    :func:`free_port` and the relay's bind answers that too (a relay's
+    metrics server did, with a plain-text 404 to every API call), while this
+    relay exits with "address already in use"."""
+    said = re.compile(rf"API on \S+:{api_port}$", re.MULTILINE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if said.search(log_path.read_text(errors="replace")):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before its API listened")
+        time.sleep(0.05)
+    raise RuntimeError(f"the API did not listen on {api_port} within {timeout:g} s")
 
 
 @pytest.fixture

@@ -128,6 +128,34 @@ async def test_sent_exactly_once_when_killed_as_it_fires(relay_factory, fsync):
     assert sorted(texts) == sorted(expected), "a scheduled message was lost or sent twice"
 
 
+async def test_a_relay_whose_api_port_was_taken_meanwhile_is_started_again_on_another(
+        tmp_path, monkeypatch):
+    # The harness's side of a flake of the test above (a plain-text 404 from
+    # "the API port" after a restart): the port chosen for the API was taken
+    # by another server before the relay bound it.  The relay exits
+    # ("address already in use"); a connect to the port still succeeds, so
+    # start_relay waits for the relay's own word that its API listens.
+    import socket
+
+    import conftest
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    chosen = iter([None, None, taken])          # client port, metrics port, API port
+    real = conftest.free_port
+    monkeypatch.setattr(conftest, "free_port", lambda host="127.0.0.1": next(chosen, None) or real(host))
+    relay = conftest.start_relay(tmp_path, api=True, workers=1)
+    try:
+        assert relay.api_port != taken
+        async with AsyncApi(relay.api_url, relay.api_key) as api:
+            assert (await api.scheduled_list())["scheduled"] == []
+    finally:
+        relay.stop()
+        squatter.close()
+
+
 async def test_the_memory_store_fires_them_while_it_lives(relay_factory):
     relay = relay_factory("--store", "memory", api=True, workers=1)
     async with AsyncApi(relay.api_url, relay.api_key) as api:

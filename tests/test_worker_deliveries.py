@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sqlite3
 import time
-import urllib.request
 
 import pytest
 from conftest import RelayProcess, start_relay
 from rawwire import RawConnection, open_raw, worker_pid
+from test_workers import worker_gauge
 from fenghuo.core import FrameType, decode_message, encode_publish
 from fenghuo.server.routing import owner_of
 
@@ -138,25 +137,40 @@ async def test_many_pairs_flooding_new_chats_across_workers_lose_no_delivery(rel
         conn.close()
 
 
-def replica_messages(relay: RelayProcess, worker: int) -> float:
-    url = f"http://127.0.0.1:{relay.metrics_port + 1 + worker}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return float(re.search(r"^fenghuo_replica_messages_total (\S+)$", text, re.MULTILINE).group(1))
+async def heard_all_of(relay: RelayProcess, worker: int, other: int) -> RawConnection:
+    """Return once ``worker`` has applied every record ``other`` sent before now:
+    ``other`` has closed every connection made to it so far (raw_on's tries that
+    landed there, each a participant's presence record and then its absence),
+    then a marker connects there and ``worker`` sees it online (the mesh keeps a
+    worker's records in order).  The marker's connection, to be closed."""
+    deadline = time.monotonic() + 10
+    while worker_gauge(relay, other, "fenghuo_connections"):
+        assert time.monotonic() < deadline, f"worker {other} kept a connection"
+        await asyncio.sleep(0.02)
+    marker = await raw_on(relay, "marker", other)
+    await seen_online(relay, "marker", worker)
+    return marker
 
 
 async def test_a_new_chat_with_no_participant_on_the_other_worker_is_not_sent_there(relay):
     # The chat is announced to the other worker, which holds no participant
-    # of it: it does not become one of the chat's receivers.
+    # of it: it does not become one of the chat's receivers.  (raw_on's tries
+    # that landed on the other worker were participants there for a moment:
+    # the owner must know they are gone before the chat exists, else it is
+    # right to send the chat there.  Under load the test once published
+    # before, and the other worker got all 50.)
     owner, other = 0, 1
     bob = partner_owned_by("ann", owner)
     ann = await raw_on(relay, "ann", owner)
     bob_conn = await raw_on(relay, bob, owner)
+    marker = await heard_all_of(relay, owner, other)
     ann.write(b"".join(encode_publish(direct_channel("ann", bob), b"hi", request_id=k + 1)
                        for k in range(50)))
     assert await messages(bob_conn, 50) == list(range(1, 51))
-    assert replica_messages(relay, other) == 0
+    assert worker_gauge(relay, other, "fenghuo_replica_messages_total") == 0
     ann.close()
     bob_conn.close()
+    marker.close()
 
 
 @pytest.fixture
