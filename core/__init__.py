@@ -8,6 +8,10 @@ extension was not built.
 """
 
 from fenghuo.core._core import (
+    ADMIN_ROLE,
+    ADVISOR_ROLE,
+    API_ROLE,
+    SERVICE_ROLE,
     Ack,
     AckStatus,
     AwaitedAnswer,
@@ -30,6 +34,7 @@ from fenghuo.core._core import (
     FrameReader,
     FrameType,
     GroupSave,
+    Grants,
     HS256Key,
     HeldReply,
     Hub,
@@ -56,6 +61,7 @@ from fenghuo.core._core import (
     Sequenced,
     ShmRing,
     TimersDone,
+    TokenError,
     Turn,
     b64url_decode,
     compress_body,
@@ -81,10 +87,16 @@ from fenghuo.core._core import (
     read_mesh_message,
     read_mesh_publish,
     read_mesh_to_connection,
+    service_conflict,
+    verify_hs256,
 )
 from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, WIRE_VERSION
 
 __all__ = [
+    "ADMIN_ROLE",
+    "ADVISOR_ROLE",
+    "API_ROLE",
+    "SERVICE_ROLE",
     "Ack",
     "AckStatus",
     "AwaitedAnswer",
@@ -109,6 +121,7 @@ __all__ = [
     "FrameReader",
     "FrameType",
     "GroupSave",
+    "Grants",
     "HS256Key",
     "HeldReply",
     "Hub",
@@ -135,6 +148,7 @@ __all__ = [
     "Sequenced",
     "ShmRing",
     "TimersDone",
+    "TokenError",
     "Turn",
     "WIRE_VERSION",
     "b64url_decode",
@@ -161,4 +175,6 @@ __all__ = [
     "read_mesh_message",
     "read_mesh_publish",
     "read_mesh_to_connection",
+    "service_conflict",
+    "verify_hs256",
 ]

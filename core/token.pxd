@@ -16,5 +16,23 @@ cdef class HS256Key:
     # each message copies them and costs the hash of its own bytes only.
     cdef SHA256_CTX _inner
     cdef SHA256_CTX _outer
+    # The key id that names it in a token's header (None: a bare secret).
+    cdef readonly object kid
     cdef void _finish(self, SHA256_CTX* inner, unsigned char* mac) noexcept nogil
     cpdef bint verify(self, str header, str payload, bytes mac) except -1
+
+
+@cython.final
+cdef class Grants:
+    # What a verified token allows (fenghuo/tokens.py documents the claims);
+    # immutable.  A cdef class: every HELLO makes one, in C, with no
+    # per-field Python call.
+    cdef readonly str user
+    cdef readonly tuple channels
+    cdef readonly tuple read
+    cdef readonly tuple roles
+    cdef readonly double expires
+    cdef readonly str jti
+    cdef readonly double issued
+    cdef readonly bint sees_all_presence
+    cdef tuple _fields(self)
