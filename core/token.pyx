@@ -1,9 +1,11 @@
-# HS256 tokens' hot part (fenghuo/tokens.py keeps the rules): a JWS segment's
-# strict base64url decoding and the HMAC of a key hashed once.  Every HELLO
-# verifies a token; in Python these were half of what verifying one cost
-# (profile of `python -m bench run connections`), OpenSSL's one-shot HMAC
-# setting up its context and hashing the key each time: here the key's two
-# padded blocks are hashed once and each token copies those SHA-256 states.
+# HS256 tokens, verified (fenghuo/tokens.py issues them and reads the secret's
+# key ring): a JWS segment's strict base64url decoding, the HMAC of a key
+# hashed once, the header's and the claims' checks, and the Grants they make.
+# Every HELLO verifies a token; in Python the base64 and the HMAC were half of
+# what verifying one cost (profile of `python -m bench run connections`),
+# OpenSSL's one-shot HMAC setting up its context and hashing the key each
+# time: here the key's two padded blocks are hashed once and each token copies
+# those SHA-256 states.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize

@@ -259,6 +259,28 @@ def test_claim_types_are_validated(claims):
         verify_token(SECRET, _signed(**claims))
 
 
+@pytest.mark.parametrize("user", ["a", "A.b_c@d+e-f", "9" * 64, "u" * 65, "a b", "é", "a:b", "a\u0000",
+                                  "ａ", "a/b"])
+def test_token_subject_is_a_user_id(user):
+    """The core's check of ``sub`` (core/token.pyx) is fenghuo.channels' user id grammar."""
+    token = _signed(sub=user)
+    if is_user_id(user):
+        assert verify_token(SECRET, token).user == user
+    else:
+        with pytest.raises(TokenError, match="not a valid user id"):
+            verify_token(SECRET, token)
+
+
+def test_grants_are_immutable_values():
+    g = verify_token(SECRET, issue_token(SECRET, "alice", channels=["org.x"], now=1_000_000),
+                     leeway=10**10)
+    with pytest.raises(AttributeError):
+        g.user = "mallory"
+    same = Grants("alice", channels=("org.x",), expires=g.expires, jti=g.jti, issued=1_000_000.0)
+    assert g == same and hash(g) == hash(same) and g != Grants("alice")
+    assert repr(same).startswith("Grants(user='alice', channels=('org.x',)")
+
+
 def test_missing_claims_refused():
     for claims in ({"sub": "alice"}, {"exp": int(time.time()) + 60}):
         token = jwt.encode(claims, SECRET, algorithm="HS256")
