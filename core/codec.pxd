@@ -22,6 +22,11 @@ cdef struct PublishView:
     Py_ssize_t payload_len
     const char* body                 # the whole PUBLISH body (forwarded between workers)
     Py_ssize_t body_len
+    # The idempotency window's hash of (sender NUL key) when the connection
+    # that received the frame computed it already, prefetching the frame's
+    # window slot (``key_hashed``; view_publish clears it).
+    Py_hash_t key_hash
+    bint key_hashed
 
 
 cdef Py_ssize_t frame_span(const char* p, Py_ssize_t avail,

@@ -97,6 +97,7 @@ cdef int view_publish(const char* body, Py_ssize_t n, PublishView* v) noexcept n
         return -1
     v.body = body
     v.body_len = n
+    v.key_hashed = 0
     v.content_type = <uint8_t>body[0]
     v.channel_len = <uint8_t>body[1]
     v.key_len = <uint8_t>body[2]

@@ -6,8 +6,14 @@ cdef enum:
     # no free, and eviction reads the ring in order.  The Python client's
     # keys are 24 bytes, so a sender name of up to 39 bytes fits.
     DEDUPE_INLINE_KEY = 64
-    # Ring positions fit a table slot's 32 bits (its table is twice the ring).
+    # Ring positions fit a table slot's 32 bits, and the table's slots (four
+    # per entry, DEDUPE_TABLE_PER_ENTRY) the 32 bits of a hash tag.
     DEDUPE_MAX_KEYS = 1 << 30
+    # Table slots per ring entry: at most a quarter of the slots are taken,
+    # so a new key's lookup nearly always ends at its home slot and an
+    # eviction's backward shift at the next (`bench keys` one worker: at
+    # half full, probing and shifting were most of a key's cost).
+    DEDUPE_TABLE_PER_ENTRY = 4
 
 
 cdef struct DedupeEntry:
@@ -20,10 +26,9 @@ cdef struct DedupeEntry:
 
 
 cdef struct DedupeSlot:
-    # 8 bytes, so that the table of the default window (65,536 keys, 131,072
-    # slots) is 1 MiB, not 2: a keyed publish makes two random accesses to it
-    # (its lookup, the oldest key's eviction), perf found them the window's
-    # cost at that size.
+    # 8 bytes: the table of the default window (65,536 keys, 262,144 slots)
+    # is 2 MiB, on a huge page; a keyed publish makes two random accesses to
+    # it (its lookup, the oldest key's eviction), both prefetched.
     uint32_t pos                     # 1 + the entry's index in the ring; 0: empty
     uint32_t tag                     # its key's hash folded to 32 bits: the home slot and a
                                      # first comparison, so probing stays in the table
@@ -54,12 +59,20 @@ cdef struct GivenUp:
     uint64_t end_us                  # until end_us (0: it still takes them)
 
 
+cdef bint dedupe_hash(const char* sender, Py_ssize_t sender_len, const char* key,
+                      Py_ssize_t key_len, Py_hash_t* h) noexcept
+
+
 cdef class DedupeWindow:
     # One channel's idempotency window: the keys accepted in the last
     # ``span_us`` microseconds of message time, at most ``max_keys`` of them.
     # Insertion order is a ring (the oldest leaves first, in O(1)); lookups go
     # through an open-addressing table of ring positions.
     cdef DedupeEntry* _ring
+    cdef void* _ring_mapping          # the ring's and the table's huge-page mappings
+    cdef size_t _ring_mapped          # (NULL: from the heap) and their lengths
+    cdef void* _table_mapping
+    cdef size_t _table_mapped
     cdef Py_ssize_t _ring_cap         # a power of two, grown by doubling
     cdef uint64_t _head               # number of the oldest entry held
     cdef uint64_t _tail               # number the next entry gets
@@ -83,9 +96,9 @@ cdef class DedupeWindow:
     cdef int _ngens
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                    Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1
-    cdef void prefetch(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                       Py_ssize_t key_len) noexcept
+                    Py_ssize_t key_len, bint hashed, Py_hash_t h, uint64_t now_us,
+                    uint64_t* seq, uint64_t* ts_us) except -1
+    cdef void prefetch(self, Py_hash_t h) noexcept
     cdef int given_up(self, uint64_t now_us, uint64_t* seqs) noexcept
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1

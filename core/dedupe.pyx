@@ -25,6 +25,8 @@ cdef extern from *:
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
+    # How many keys ahead of the next to leave _insert fetches the ring.
+    DEDUPE_RING_AHEAD = 4
     # A generation of given-up keys starts sized for the keys its channel
     # gives up in one span at the rate measured so far (at least the first,
     # at most the second bound), and doubles when three quarters full: a
@@ -43,32 +45,41 @@ cdef inline uint64_t given_up_slot(uint32_t tag, uint64_t seq, uint64_t base_seq
     return (<uint64_t>tag << 32) | (seq - base_seq + 1)
 
 
-cdef uint64_t* alloc_slots(Py_ssize_t n, void** mapping, size_t* mapped) except NULL:
-    # ``n`` zeroed slots; from a huge-page mapping when large (aligned to a
+cdef void* alloc_block(size_t size, void** mapping, size_t* mapped) except NULL:
+    # ``size`` zeroed bytes; from a huge-page mapping when large (aligned to a
     # huge page inside a mapping one longer), else from the heap.
     cdef void* m
+    cdef void* block
     mapping[0] = NULL
     mapped[0] = 0
-    if n * sizeof(uint64_t) >= HUGE_PAGE:
-        mapped[0] = n * sizeof(uint64_t) + HUGE_PAGE
+    if size >= HUGE_PAGE:
+        mapped[0] = size + HUGE_PAGE
         m = mmap(NULL, mapped[0], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         if m == MAP_FAILED:
             raise MemoryError()
         mapping[0] = m
-        slots = <uint64_t*>((<uintptr_t>m + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1))
-        madvise(slots, n * sizeof(uint64_t), MADV_HUGEPAGE)    # advice: fine if refused
-        return slots
-    slots = <uint64_t*>PyMem_Calloc(n, sizeof(uint64_t))
-    if slots == NULL:
+        block = <void*>((<uintptr_t>m + HUGE_PAGE - 1) & ~(<uintptr_t>HUGE_PAGE - 1))
+        madvise(block, size, MADV_HUGEPAGE)    # advice: fine if refused
+        return block
+    block = PyMem_Calloc(size, 1)
+    if block == NULL:
         raise MemoryError()
-    return slots
+    return block
 
 
-cdef void free_slots(uint64_t* slots, void* mapping, size_t mapped) noexcept:
+cdef void free_block(void* block, void* mapping, size_t mapped) noexcept:
     if mapping != NULL:
         munmap(mapping, mapped)
     else:
-        PyMem_Free(slots)
+        PyMem_Free(block)
+
+
+cdef inline uint64_t* alloc_slots(Py_ssize_t n, void** mapping, size_t* mapped) except NULL:
+    return <uint64_t*>alloc_block(n * sizeof(uint64_t), mapping, mapped)
+
+
+cdef inline void free_slots(uint64_t* slots, void* mapping, size_t mapped) noexcept:
+    free_block(slots, mapping, mapped)
 
 
 cdef inline const char* entry_key(DedupeEntry* e) noexcept:
@@ -77,6 +88,21 @@ cdef inline const char* entry_key(DedupeEntry* e) noexcept:
 
 cdef inline uint32_t hash_tag(Py_hash_t h) noexcept:
     return <uint32_t>((<uint64_t>h) ^ ((<uint64_t>h) >> 32))
+
+
+cdef bint dedupe_hash(const char* sender, Py_ssize_t sender_len, const char* key,
+                      Py_ssize_t key_len, Py_hash_t* h) noexcept:
+    """The window's hash of (sender NUL key) into ``h``, as ``lookup`` computes it:
+    1, or 0 for a key too long to live in its entry (``lookup`` hashes those)."""
+    cdef char composed[DEDUPE_INLINE_KEY]
+    cdef Py_ssize_t n = sender_len + 1 + key_len
+    if n > DEDUPE_INLINE_KEY:
+        return 0
+    memcpy(composed, sender, sender_len)
+    composed[sender_len] = 0
+    memcpy(composed + sender_len + 1, key, key_len)
+    h[0] = _Py_HashBytes(composed, n)
+    return 1
 
 
 @cython.final
@@ -96,8 +122,8 @@ cdef class DedupeWindow:
         while self._head != self._tail:
             PyMem_Free(self._ring[self._head & (self._ring_cap - 1)].heap_key)
             self._head += 1
-        PyMem_Free(self._ring)
-        PyMem_Free(self._table)
+        free_block(self._ring, self._ring_mapping, self._ring_mapped)
+        free_block(self._table, self._table_mapping, self._table_mapped)
         self._drop_pending()
         for i in range(self._ngens):
             self._free_generation(i)
@@ -136,8 +162,13 @@ cdef class DedupeWindow:
         return e.seq, e.ts_us
 
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                    Py_ssize_t key_len, uint64_t now_us, uint64_t* seq, uint64_t* ts_us) except -1:
-        """1 and the original's ``seq``/``ts_us`` if the key is held; else 0, and it is pending."""
+                    Py_ssize_t key_len, bint hashed, Py_hash_t h, uint64_t now_us,
+                    uint64_t* seq, uint64_t* ts_us) except -1:
+        """1 and the original's ``seq``/``ts_us`` if the key is held; else 0, and it is pending.
+
+        ``h`` is the key's ``dedupe_hash`` when ``hashed`` (the connection
+        computed it to prefetch the key's slot): a key is hashed once.
+        """
         cdef Py_ssize_t n = sender_len + 1 + key_len
         cdef Py_ssize_t slot
         cdef DedupeEntry* e
@@ -153,7 +184,7 @@ cdef class DedupeWindow:
         self._pending[sender_len] = 0
         memcpy(self._pending + sender_len + 1, key, key_len)
         self._pending_len = n
-        self._pending_hash = _Py_HashBytes(self._pending, n)
+        self._pending_hash = h if hashed else _Py_HashBytes(self._pending, n)
         slot = self._slot_of(self._pending, n, self._pending_hash)
         if slot < 0:
             return 0
@@ -162,25 +193,19 @@ cdef class DedupeWindow:
         ts_us[0] = e.ts_us
         return 1
 
-    cdef void prefetch(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                       Py_ssize_t key_len) noexcept:
-        """Start loading the table slot a ``lookup`` of this key will read first.
+    cdef void prefetch(self, Py_hash_t h) noexcept:
+        """Start loading the table slot a ``lookup`` of the key of ``dedupe_hash``
+        ``h`` will read first.
 
         The connection calls it for the next keyed PUBLISH in its read buffer
         while it handles the one before, so that the slot's cache miss
         overlaps a publish's work instead of stalling the lookup (perf, `bench
         keys` one worker, window 65,536: the lookup's first load of its slot
-        was 91 % of ``_slot_of``, 13.6 % of the relay's samples).  A hint
-        only: the key is hashed again by ``lookup``.
+        was 91 % of ``_slot_of``, 13.6 % of the relay's samples).  The
+        connection hands the hash on to ``lookup`` with the frame.
         """
-        cdef char composed[DEDUPE_INLINE_KEY]
-        cdef Py_ssize_t n = sender_len + 1 + key_len
-        if self._table == NULL or n > DEDUPE_INLINE_KEY:
-            return
-        memcpy(composed, sender, sender_len)
-        composed[sender_len] = 0
-        memcpy(composed + sender_len + 1, key, key_len)
-        __builtin_prefetch(&self._table[hash_tag(_Py_HashBytes(composed, n)) & self._table_mask])
+        if self._table != NULL:
+            __builtin_prefetch(&self._table[hash_tag(h) & self._table_mask])
 
     cdef int given_up(self, uint64_t now_us, uint64_t* seqs) noexcept:
         """The seqs (at most DEDUPE_MAX_CANDIDATES, into ``seqs``) at which the key
@@ -262,20 +287,31 @@ cdef class DedupeWindow:
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             __builtin_prefetch(&self._table[
                 hash_tag(self._ring[self._head & (self._ring_cap - 1)].hash) & self._table_mask])
+            # Reading that entry's hash stalled on it (perf, `bench keys` one
+            # worker, window 65,536: a ring of 6.5 MiB, read once per pass,
+            # 28 % of _insert): the entries leaving a few keys later are
+            # fetched now.
+            __builtin_prefetch(&self._ring[(self._head + DEDUPE_RING_AHEAD) & (self._ring_cap - 1)])
         return 0
 
     cdef int _grow(self) except -1:
         # Entries move to their place in the larger ring; the table is rebuilt.
         cdef Py_ssize_t cap = self._ring_cap * 2 if self._ring_cap else DEDUPE_INITIAL_ENTRIES
-        cdef DedupeEntry* ring = <DedupeEntry*>PyMem_Malloc(cap * sizeof(DedupeEntry))
-        cdef DedupeSlot* table = <DedupeSlot*>PyMem_Malloc(2 * cap * sizeof(DedupeSlot))
+        cdef void* ring_mapping
+        cdef void* table_mapping
+        cdef size_t ring_mapped, table_mapped
+        cdef DedupeEntry* ring = <DedupeEntry*>alloc_block(cap * sizeof(DedupeEntry),
+                                                           &ring_mapping, &ring_mapped)
+        cdef DedupeSlot* table
         cdef uint64_t n
-        cdef Py_ssize_t i, mask = 2 * cap - 1
-        if ring == NULL or table == NULL:
-            PyMem_Free(ring)
-            PyMem_Free(table)
-            raise MemoryError()
-        memset(table, 0, 2 * cap * sizeof(DedupeSlot))        # every slot empty
+        cdef Py_ssize_t i, mask = DEDUPE_TABLE_PER_ENTRY * cap - 1
+        try:
+            # Zeroed: every slot empty.
+            table = <DedupeSlot*>alloc_block(DEDUPE_TABLE_PER_ENTRY * cap * sizeof(DedupeSlot),
+                                             &table_mapping, &table_mapped)
+        except MemoryError:
+            free_block(ring, ring_mapping, ring_mapped)
+            raise
         n = self._head
         while n != self._tail:
             ring[n & (cap - 1)] = self._ring[n & (self._ring_cap - 1)]
@@ -285,11 +321,11 @@ cdef class DedupeWindow:
             table[i].pos = <uint32_t>(n & (cap - 1)) + 1
             table[i].tag = hash_tag(ring[n & (cap - 1)].hash)
             n += 1
-        PyMem_Free(self._ring)
-        PyMem_Free(self._table)
-        self._ring = ring
+        free_block(self._ring, self._ring_mapping, self._ring_mapped)
+        free_block(self._table, self._table_mapping, self._table_mapped)
+        self._ring, self._ring_mapping, self._ring_mapped = ring, ring_mapping, ring_mapped
         self._ring_cap = cap
-        self._table = table
+        self._table, self._table_mapping, self._table_mapped = table, table_mapping, table_mapped
         self._table_mask = mask
         return 0
 
@@ -332,8 +368,9 @@ cdef class DedupeWindow:
             self._table[i] = self._table[j]
             i = j
         self._table[i].pos = 0
-        PyMem_Free(e.heap_key)
-        e.heap_key = NULL
+        if e.heap_key != NULL:
+            PyMem_Free(e.heap_key)
+            e.heap_key = NULL
         self._head += 1
 
     cdef void _expire(self, uint64_t now_us) noexcept:

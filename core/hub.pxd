@@ -132,6 +132,10 @@ cdef class Connection:
     cdef list _outq
     cdef Py_ssize_t _out_bytes
     cdef Channel _last_channel
+    # The dedupe hash of the key of the frame being dispatched, computed when
+    # the frame before it was (_prefetch_key): _publish hands it to the window.
+    cdef Py_hash_t _key_hash
+    cdef bint _key_hashed
     cdef double _tokens
     cdef double _refilled_at
     cdef public double last_rx
@@ -149,7 +153,7 @@ cdef class Connection:
     cdef int _enqueue_released(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
-    cdef void _prefetch_key(self, const char* p, Py_ssize_t avail) noexcept
+    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, Py_hash_t* h) noexcept
     cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1
     cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1

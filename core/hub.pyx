@@ -369,7 +369,7 @@ cdef class Hub:
         cdef uint64_t candidates[DEDUPE_MAX_CANDIDATES]
         cdef int n
         if window.lookup(PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender), v.key, v.key_len,
-                         now_us, seq, ts):
+                         v.key_hashed, v.key_hash, now_us, seq, ts):
             return 1
         if self.key_lookup is None:
             return 0
@@ -705,6 +705,8 @@ cdef class Connection:
         """Dispatch every complete frame in ``data``; keep the partial tail."""
         cdef Py_ssize_t pos = 0, span
         cdef int err = 0
+        cdef bint hashed = False, next_hashed
+        cdef Py_hash_t h = 0, next_h = 0
         while not self.closing and not self._reading_stopped:
             span = frame_span(data + pos, avail - pos, self.hub.max_frame, &err)
             if span == 0:
@@ -719,9 +721,12 @@ cdef class Connection:
                 self.close_with_error(ErrorCode.RATE_LIMITED,
                                       "frame rate above the connection's limit")
                 return 0
-            if pos + span < avail:
-                self._prefetch_key(data + pos + span, avail - pos - span)
+            next_hashed = pos + span < avail and self._prefetch_key(data + pos + span,
+                                                                   avail - pos - span, &next_h)
+            # Set before every frame, read first thing by _publish: never stale.
+            self._key_hashed, self._key_hash = hashed, h
             self._dispatch(data + pos, span)
+            hashed, h = next_hashed, next_h
             pos += span
         if CORE_DEBUG:
             assert pos <= avail, "consumed past the data"
@@ -729,29 +734,34 @@ cdef class Connection:
             self._keep_partial(data + pos, avail - pos)
         return 0
 
-    cdef void _prefetch_key(self, const char* p, Py_ssize_t avail) noexcept:
+    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, Py_hash_t* h) noexcept:
         # The frame after the one about to be handled: if it is complete and a
         # keyed PUBLISH on the channel this connection published to last, its
-        # dedupe slot is fetched now (DedupeWindow.prefetch).
+        # key is hashed (into ``h``, returning 1: its lookup takes that hash)
+        # and its dedupe slot fetched now (DedupeWindow.prefetch).
         cdef Channel ch = self._last_channel
-        cdef FrameHeader h
+        cdef FrameHeader fh
         cdef PublishView v
         cdef Py_ssize_t span
         cdef int err = 0
         if ch is None or not self.authenticated:
-            return
+            return 0
         span = frame_span(p, avail, self.hub.max_frame, &err)
         if span <= 0:
-            return
-        read_header(p, &h)
-        if h.type != FrameType.PUBLISH or h.flags & FrameFlag.COMPRESSED:
-            return
+            return 0
+        read_header(p, &fh)
+        if fh.type != FrameType.PUBLISH or fh.flags & FrameFlag.COMPRESSED:
+            return 0
         if view_publish(p + HEADER_SIZE, span - HEADER_SIZE, &v) < 0 or v.key_len == 0:
-            return
-        if (PyBytes_GET_SIZE(ch.key) == v.channel_len
-                and memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) == 0):
-            ch.dedupe.prefetch(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
-                               v.key, v.key_len)
+            return 0
+        if (PyBytes_GET_SIZE(ch.key) != v.channel_len
+                or memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) != 0):
+            return 0
+        if not dedupe_hash(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
+                           v.key, v.key_len, h):
+            return 0
+        ch.dedupe.prefetch(h[0])
+        return 1
 
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1:
         cdef Py_ssize_t frame_size = 0, cap = n
@@ -825,6 +835,7 @@ cdef class Connection:
         cdef Channel ch
         if view_publish(body, n, &v) < 0:
             raise ProtocolError(ErrorCode.MALFORMED_BODY, "PUBLISH body is malformed", False)
+        v.key_hashed, v.key_hash = self._key_hashed, self._key_hash
         if ContentType.BINARY < v.content_type < CONTENT_TYPE_APP_MIN:
             raise ProtocolError(ErrorCode.MALFORMED_BODY,
                                 f"content type {v.content_type} is reserved", False)
