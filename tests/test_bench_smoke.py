@@ -309,12 +309,13 @@ def test_commits_compares_layouts_and_page_sizes():
     # The channel index filed after the commits: fewer pages a commit, and the
     # filing's own CPU printed beside; a page of 8 KiB: fewer, larger pages.
     out = bench("commits", "--commits", "16", "--rounds", "1", "--wal-frames", "65536",
-                "--layout", "schema4,deferred,packed", "--page-size", "4096,8192").stdout
+                "--layout", "schema4,deferred,deferred-attached,packed", "--page-size", "4096,8192").stdout
     pages = {(m[1], int(m[2])): int(m[3]) for m in re.finditer(
         r"round 1 (\S+) page (\d+) wal_autocheckpoint=65536: writer CPU [\d.]+ us/msg"
         r"(?: \+ filing [^,]+)?, (\d+) WAL pages", out)}
-    assert set(pages) == {(layout, size) for layout in ("schema4", "deferred", "packed")
+    assert set(pages) == {(layout, size) for layout in ("schema4", "deferred", "deferred-attached", "packed")
                           for size in (4096, 8192)}, out
     assert pages["deferred", 4096] < pages["schema4", 4096]
+    assert pages["deferred-attached", 4096] < pages["schema4", 4096]
     assert pages["schema4", 8192] < pages["schema4", 4096]
-    assert "+ filing" in out
+    assert out.count("+ filing") == 4
