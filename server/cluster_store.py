@@ -405,6 +405,9 @@ class ClusterStore(SQLiteStore):
     def direct_channels(self) -> list[str]:
         return []          # read from the stream once connected (NodeCluster.open)
 
+    def keyed_channels(self, since_us: int) -> list[str]:
+        return []          # windows come from the stream (dedupe_keys: none here)
+
     async def read_with_seqs(self, channel: str, after: int, before: int,
                              limit: int) -> list[tuple[int, bytes]]:
         assert self.engine is not None

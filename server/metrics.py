@@ -103,6 +103,9 @@ class RelayCollector(Collector):
         yield gauge("fenghuo_users_online", "Users with at least one authenticated connection.",
                     len(relay.users))
         yield gauge("fenghuo_channels", "Channels held in memory.", len(relay.hub.channels))
+        yield counter("fenghuo_dedupe_keys_loaded", "Idempotency keys read from the store into "
+                      "the dedupe windows of the channels sequenced here, before listening.",
+                      relay.keys_loaded)
         yield gauge("fenghuo_token_deadlines", "Token deadlines kept for the expiry sweep: one per "
                     "authenticated connection, plus stale ones of closed or refreshed connections "
                     "until a sweep finds them as many as the open ones (and 64).", relay.tokens.deadlines)

@@ -88,6 +88,8 @@ class Node:
         if self.relay.store is not None:
             self.relay.store.on_pressure = self._store_pressure
             self.relay.store.start(loop, self._on_batch)
+        # Once this worker knows what it owns, before it listens.
+        self.relay.warm_windows()
         rules = retention.parse_rules(self.relay.settings.retention)
         if any(rule.seconds is not None for rule in rules):
             # One worker deletes from the shared store; each trims its own rings

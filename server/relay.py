@@ -108,6 +108,13 @@ class Relay:
         self.users = Devices()
         #: user id -> direct and group channels the user belongs to, with the seq joined at
         self.memberships: dict[str, dict[Channel, int]] = {}
+        #: this worker's side of the mesh when the relay runs as several workers
+        #: (set by Node.start; _load, below, runs without it)
+        self.cluster: Bus | None = None
+        #: idempotency keys read from the store into dedupe windows (all before the
+        #: relay listens: ``warm_windows``), and whether that is done
+        self.keys_loaded = 0
+        self.windows_warm = False
         #: messages, groups, cursors and clicks (server/engines.py); the same object as
         #: ``sqlite``, seen through the interface the delivery path may use
         self.store: Store | None = None
@@ -150,8 +157,6 @@ class Relay:
         #: the client port's TLS (None: plaintext); its files are read here, so
         #: a bad certificate stops the start, not the first handshake
         self.tls = ServerTLS.from_settings(settings)
-        #: this worker's side of the mesh when the relay runs as several workers
-        self.cluster: Bus | None = None
         #: a cluster node's KV buckets of groups and cursors (server/cluster_state.py)
         self.shared_state: SharedState | None = None
         #: the server API, when this process serves it (server/main.py)
@@ -192,14 +197,9 @@ class Relay:
         """Rebuild memberships from the store; channels load their seqs on first touch."""
         store = self.store
         assert store is not None
-        span_us = int(self.settings.dedupe_span * 1e6)
         self.hub.store = store
         self.hub.durable_acks = store.durable_acks
-        # A channel's dedupe window comes back with it: what was acked before
-        # a crash is still answered DUPLICATE when its sender retries.
-        self.hub.channel_loader = lambda name: (
-            store.recent(name), store.dedupe_keys(name, time.time_ns() // 1000 - span_us),
-            store.expired_head(name))
+        self.hub.channel_loader = self._channel_past
         self.hub.key_lookup = store.find_key
         for record in store.load_groups():
             group = self.groups.restore(record)
@@ -219,6 +219,47 @@ class Relay:
             ch.info = cn
             for user in cn.participants:
                 self.memberships.setdefault(user, {})[ch] = 0
+
+    def _channel_past(self, name: str) -> tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]], int]:
+        """A channel's past at its first touch (Hub.channel): its last frames, the
+        keys of its dedupe span and its head.
+
+        A channel's dedupe window comes back with it: what was acked before a
+        crash is still answered DUPLICATE when its sender retries.  Only where
+        the channel is sequenced (Hub.sequence, its owner), and only until
+        ``warm_windows`` has made every such channel with a key in its span:
+        a first touch after that reads no keys.
+        """
+        store = self.store
+        assert store is not None
+        keys: list[tuple[bytes, int, int]] = []
+        if not self.windows_warm and (self.cluster is None or self.cluster.owns(name)):
+            keys = store.dedupe_keys(name, self._span_start_us())
+            self.keys_loaded += len(keys)
+        return store.recent(name), keys, store.expired_head(name)
+
+    def _span_start_us(self) -> int:
+        return time.time_ns() // 1000 - int(self.settings.dedupe_span * 1e6)
+
+    def warm_windows(self) -> None:
+        """Make, before the relay listens, every channel sequenced here that has a
+        keyed message in its dedupe span, its window loaded from the store.
+
+        Loading a window reads the span's messages of the channel (1,000,000
+        keys: 3.5-6.0 s, DESIGN "Sequencing and delivery"): at a first touch
+        while serving, that held every connection of the process.  After this,
+        no channel sequenced here has a key in the store its window lacks (its
+        keys are written by this process only), so first touches read none.
+        """
+        store = self.store
+        if store is None or self.hub.channel_loader is None:
+            return                 # no store, or a cluster node (windows from the stream)
+        for name in store.keyed_channels(self._span_start_us()):
+            # Direct chats and groups were made by _load (a group deleted since stays unmade).
+            if (parse_channel(name).kind == ChannelKind.ORG_UNIT and self.hub.find(name) is None
+                    and (self.cluster is None or self.cluster.owns(name))):
+                self.ensure_channel(name)
+        self.windows_warm = True
 
     def emit(self, event: WebhookEvent) -> None:
         """Tell the webhook endpoints whose filters accept it (server/outbox.py).

@@ -597,6 +597,14 @@ class SQLiteStore:
             "SELECT channel FROM messages WHERE channel LIKE 'dm:%'"
             " UNION SELECT channel FROM channel_heads WHERE channel LIKE 'dm:%'")]
 
+    def keyed_channels(self, since_us: int) -> list[str]:
+        """The channels with a keyed message from ``since_us`` on: those whose
+        dedupe window a restart loads (``dedupe_keys``), found in one pass over
+        the span's rows by time."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT DISTINCT channel FROM messages INDEXED BY messages_by_ts"
+            " WHERE ts_us >= ? AND dedupe IS NOT NULL", (since_us,))]
+
     def all_rows(self, channel: str) -> Iterable[tuple[int, int, str, bytes]]:
         """Every stored message of ``channel``: ``(seq, ts_us, sender, frame)`` (export, tests)."""
         return [(seq, ts, sender, atrest.frame_of(self.cipher, channel, seq, frame, kid))

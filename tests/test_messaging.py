@@ -19,6 +19,8 @@ from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, 
 from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
 from rawwire import authed_raw, metrics
+from fenghuo.server.routing import owner_of
+from test_workers import worker_gauge
 
 
 def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:
@@ -175,6 +177,44 @@ async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(rel
     retry = await alice.send("bob", "m0", key="k0")
     assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[0].seq, acks[0].ts_us, True)
     assert (await alice.send("bob", "new", key="k-new")).seq == 41
+
+
+async def test_a_window_is_read_by_its_owner_before_it_listens_and_by_no_first_touch(relay_factory):
+    # Reading a channel's window from the store at its first touch held the
+    # whole process while it read the span (seconds for a million keys,
+    # DESIGN "Sequencing and delivery"), and a worker that only holds a
+    # replica of the channel read it too, never to use it.  Now the owner
+    # reads it at start-up, before it listens, and nobody at a first touch;
+    # a retry after the restart is still the original.
+    news = "org.news"
+    owner = owner_of(news, 2)
+    relay = relay_factory(workers=2)
+    writer = await relay.connect("writer", channels=(news,))
+    acks = [await writer.publish(news, f"m{i}", key=f"k{i}") for i in range(30)]
+    await writer.close()
+    relay.stop()
+    relay = relay_factory(workers=2, data_dir=relay.data_dir, secret=relay.secret)
+    loaded = "fenghuo_dedupe_keys_loaded_total"
+    # Before any client: the owner has the channel and its 30 keys.
+    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 0]
+    assert worker_gauge(relay, owner, "fenghuo_channels") == 1
+    # A reader and the writer on the other worker (the kernel picks: retry until it does).
+    for _ in range(60):
+        reader = await relay.connect("reader", read=(news,), sync_from_start=True)
+        if reader.welcome["worker"] != owner:
+            break
+        await reader.close()
+    for _ in range(60):
+        writer = await relay.connect("writer", channels=(news,))
+        if writer.welcome["worker"] != owner:
+            break
+        await writer.close()
+    assert reader.welcome["worker"] == writer.welcome["worker"] == 1 - owner
+    retry = await writer.publish(news, "m0", key="k0")
+    assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[0].seq, acks[0].ts_us, True)
+    assert (await writer.publish(news, "new", key="k-new")).seq == 31
+    assert [m.seq for m in await collect(reader, 31)][-1] == 31    # the replica, made here
+    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 0]
 
 
 async def test_keys_a_full_window_gave_up_are_all_found_while_its_table_turns_over(relay_factory):
