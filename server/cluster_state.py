@@ -89,7 +89,8 @@ class Bucket:
         self._watch: asyncio.Task[None] | None = None
 
     async def open(self, watch: bool) -> None:
-        self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(self.name))
+        self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(self.name),
+                                               f"bucket {self.name}")
         if not watch:
             return
         self._watch = await self.engine.watch(self._kv, self._learn, f"fenghuo-{self.name}")

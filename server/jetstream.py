@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import random
 import secrets
@@ -63,6 +64,8 @@ RECORD_HEADROOM = 4096
 CURSORS = "fenghuo_cursors"
 DEVICES = "fenghuo_devices"
 CLICKS = "fenghuo_clicks"
+#: every bucket, in the order a node makes them at start
+BUCKETS = (OWNERS, META, GROUPS, CURSORS, DEVICES, CLICKS)
 # JetStream's error code for a refused Nats-Expected-Last-Subject-Sequence.
 WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
@@ -78,6 +81,12 @@ SETUP_PATIENCE = 120.0
 # do not ask the meta leader in step.
 SETUP_RETRY_FIRST = 0.2
 SETUP_RETRY_LAST = 3.0
+# Seconds between two "still waiting" lines of a start-up step not answered
+# yet: a node that does not come up says what it waits for (at info, and at
+# warning once it has waited WAIT_WARN_S: a node held that long is the
+# operator's to look at, and a deployment logging warnings only sees it).
+WAIT_REPORT_S = 5.0
+WAIT_WARN_S = 30.0
 # Seconds a write or read the stream must answer is retried while it cannot
 # (its leader's nats-server died): a follower of nats-server 2.9 (and 2.15)
 # waits 4-9 s for a lost leader before it campaigns (raft.go,
@@ -122,6 +131,24 @@ async def watch_bucket(kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
             if entry is not None:
                 learn(entry)
     return asyncio.create_task(follow(), name=name)
+
+
+async def _reported(step: Awaitable[T], what: str, since: float) -> T:
+    """``await step``, logged every WAIT_REPORT_S until it is answered."""
+    task = asyncio.ensure_future(step)
+    try:
+        while not (await asyncio.wait({task}, timeout=WAIT_REPORT_S))[0]:
+            _log_wait("still waiting for JetStream", what, since)
+        return task.result()
+    finally:
+        task.cancel()
+
+
+def _log_wait(message: str, what: str, since: float, **extra: object) -> None:
+    """A start-up step's wait: at info, at warning once WAIT_WARN_S have passed."""
+    waited = asyncio.get_running_loop().time() - since
+    log.log(logging.WARNING if waited >= WAIT_WARN_S else logging.INFO, message,
+            extra={"waiting_for": what, "waited_s": round(waited, 1), **extra})
 
 
 class Fenced(Exception):
@@ -191,16 +218,24 @@ class Engine:
 
     async def _setup(self) -> None:
         """Make the stream and the buckets (idempotent)."""
-        await self.patiently(lambda: self._make(self.replicas))
+        await self.patiently(self._make_stream, f"stream {STREAM}")
+        for bucket in BUCKETS:
+            await self.patiently(functools.partial(self._make_bucket, bucket), f"bucket {bucket}")
 
-    async def patiently(self, step: Callable[[], Awaitable[T]]) -> T:
+    async def patiently(self, step: Callable[[], Awaitable[T]], what: str) -> T:
         """``step()``, retried while JetStream is not ready yet: the meta leader
-        being elected, a bucket just made by another node not yet answering."""
-        deadline = asyncio.get_running_loop().time() + SETUP_PATIENCE
+        being elected, a bucket just made by another node not yet answering.
+
+        ``what`` names what the step waits for in the log: each failed try with
+        its error, and a try not answered yet every WAIT_REPORT_S (_log_wait)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         pause = SETUP_RETRY_FIRST
+        tries = 0
         while True:
+            tries += 1
             try:
-                return await step()
+                return await _reported(step(), what, started)
             except nats.js.errors.APIError as exc:
                 if "replicas" in str(exc).lower() and self.replicas > 1:
                     # A single nats-server (development): no replication to ask for.
@@ -208,12 +243,16 @@ class Engine:
                                 extra={"error": str(exc)})
                     self.replicas = 1
                     continue
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > started + SETUP_PATIENCE:
                     raise
-            except UNAVAILABLE:
-                if asyncio.get_running_loop().time() > deadline:
+                error: Exception = exc
+            except UNAVAILABLE as exc:
+                if loop.time() > started + SETUP_PATIENCE:
                     raise
-            log.info("JetStream not ready yet; trying again", extra={"pause": round(pause, 2)})
+                error = exc
+            _log_wait("JetStream not ready yet; trying again", what, started,
+                      error=f"{type(error).__name__}: {error}", tries=tries,
+                      pause=round(pause, 2))
             await asyncio.sleep(pause * (1 + random.random() / 2))
             pause = min(pause * 2, SETUP_RETRY_LAST)
 
@@ -223,13 +262,14 @@ class Engine:
         slow routes nats-py's consumer_info answered 404 "consumer not found" the
         moment after making it (and unsubscribed), and a node of
         `bench cluster --parts regions` exited at start."""
-        return await self.patiently(lambda: watch_bucket(kv, learn, name))
+        return await self.patiently(lambda: watch_bucket(kv, learn, name),
+                                    f"the watch {name}")
 
-    async def _make(self, replicas: int) -> None:
-        """Make what is not there yet: a node started after the first only looks
-        (nodes started at once all asking the meta leader to make six streams
-        across regions kept it from answering)."""
-        config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=replicas,
+    async def _make_stream(self) -> None:
+        """Make the stream if it is not there yet: a node started after the first
+        only looks (nodes started at once all asking the meta leader to make six
+        streams across regions kept it from answering)."""
+        config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=self.replicas,
                               storage=StorageType.FILE, allow_direct=True,
                               # Nats-Msg-Id dedupe: covers an append retried after a lost ack.
                               duplicate_window=120.0)
@@ -239,12 +279,14 @@ class Engine:
             except nats.js.errors.BadRequestError as exc:
                 if "already in use" not in str(exc):
                     raise
-        for bucket in (OWNERS, META, GROUPS, CURSORS, DEVICES, CLICKS):
-            if not await self._exists(f"KV_{bucket}"):
-                await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
-                                                              replicas=replicas))
-            # Made (by this node or another) and answering: its stream has a leader.
-            await self.js.key_value(bucket)
+
+    async def _make_bucket(self, bucket: str) -> None:
+        """Make ``bucket`` if it is not there yet, and return once it answers."""
+        if not await self._exists(f"KV_{bucket}"):
+            await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
+                                                          replicas=self.replicas))
+        # Made (by this node or another) and answering: its stream has a leader.
+        await self.js.key_value(bucket)
 
     async def _exists(self, stream: str) -> bool:
         try:

@@ -167,19 +167,23 @@ class NodeCluster(Cluster):
         per node")."""
         worker = None if spec is None else spec.index
         name = participant(relay.settings.node_name, worker)
+        log.info("joining the cluster", extra={"node": name, "nats": relay.settings.cluster_urls})
         engine = await Engine.connect(relay.settings.cluster_urls, f"fenghuo-{name}")
-        index = await engine.patiently(lambda: _index_of(engine, name))
-        self = cls(relay, index, engine, await engine.patiently(engine.cluster_id), name)
+        index = await engine.patiently(lambda: _index_of(engine, name), "this node's index")
+        self = cls(relay, index, engine,
+                   await engine.patiently(engine.cluster_id, "the cluster's id"), name)
         if worker:
             # Worker 0 of this node keeps its timers (server/main.py): SCHEDULE goes there.
             first = participant(relay.settings.node_name, 0)
-            self.scheduler = await engine.patiently(lambda: _index_of(engine, first))
+            self.scheduler = await engine.patiently(lambda: _index_of(engine, first),
+                                                    "worker 0's index")
         engine.on_reconnect = self._reconnected
         relay.hub.bus = self.bus
         await self.mesh.open()
         await self.liveness.start()
         await self.ownership.start()
-        for channel in await engine.patiently(lambda: engine.channels("dm:")):
+        for channel in await engine.patiently(lambda: engine.channels("dm:"),
+                                              "the direct chats' channels"):
             relay.ensure_channel(channel)
         # Every group and cursor the cluster has, before a client is served;
         # from here on the buckets' watches apply what other nodes change.

@@ -59,7 +59,8 @@ class Ownership:
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(OWNERS))
+        self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(OWNERS),
+                                               f"bucket {OWNERS}")
         self._watch = await self.engine.watch(self._kv, self._learn, "fenghuo-owners")
 
     def _learn(self, entry: KeyValue.Entry) -> None:
