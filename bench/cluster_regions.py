@@ -75,8 +75,9 @@ from scripts.nats_cluster import NatsCluster, NatsServer
 # bypass the proxies: every server advertises this unroutable one instead.
 NO_ROUTE = "127.0.0.1:1"
 NODE_START_S = 90.0
-# Starts of the whole stretched cluster before giving up (_started).
-START_TRIES = 2
+# Reads of the servers' meta leaders, 0.2 s apart, before they must agree
+# (an election after wait_ready may still be settling).
+META_TRIES = 50
 
 
 @dataclass
@@ -398,6 +399,10 @@ class Stretched:
     base: Path
     secret: str
     scale: float
+    log_level: str = "warning"
+    #: each node's log in ``base`` (else on this process's stderr, as the nats-servers'
+    #: are always in ``base``)
+    log_files: bool = False
     servers: dict[str, RegionServer] = field(default_factory=dict)
     route_proxies: dict[tuple[str, str], Proxy] = field(default_factory=dict)
     nodes: dict[str, Fenghuo] = field(default_factory=dict)
@@ -405,6 +410,32 @@ class Stretched:
     routes: RouteWire = field(default_factory=RouteWire)
 
     async def start(self) -> None:
+        binary = await self.prepare()
+        for region in geo.REGIONS:
+            self.start_server(region, binary)
+        # Blocking waits run in a thread: the route proxies run on this loop.
+        await asyncio.to_thread(self.nats.wait_ready, 60)
+        await self.check_routes()
+        await self.check_meta_leader()
+        for region, server in self.servers.items():
+            node = Fenghuo(self.secret, ("--cluster", server.url, "--node", region,
+                                         "--region", region), workers=1)
+            # Joining takes JetStream requests across the regions (over 15 s seen).
+            node.start_timeout = NODE_START_S
+            node.log_level = self.log_level
+            if self.log_files:
+                node.log_path = self.base / f"node-{region}.log"
+            (self.base / f"node-{region}").mkdir()
+            self.nodes[region] = node
+        # All at once, as an operator starts them: the first node makes the
+        # stream and buckets while the others wait for them to answer
+        # (Engine.patiently).
+        await asyncio.gather(*(asyncio.to_thread(node.start, self.base / f"node-{region}")
+                               for region, node in self.nodes.items()))
+
+    async def prepare(self) -> str:
+        """Every region's server made (not started) and its route proxies listening;
+        the nats-server binary."""
         binary = peer_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
@@ -421,25 +452,43 @@ class Stretched:
                         geo.one_way(a, b).scaled(self.scale),
                         on_connection=self.routes.watcher(a, b)).start()
         self.nats = NatsCluster(self.base, len(self.servers), servers=list(self.servers.values()))
-        for a, server in self.servers.items():
-            routes = [f"nats-route://127.0.0.1:{self.route_proxies[(a, b)].address[1]}"
-                      for b in geo.REGIONS if b != a]
-            server.start(binary, routes, RELAY_CPU)
-        # Blocking waits run in a thread: the route proxies run on this loop.
-        await asyncio.to_thread(self.nats.wait_ready, 60)
-        await self.check_routes()
-        for region, server in self.servers.items():
-            node = Fenghuo(self.secret, ("--cluster", server.url, "--node", region,
-                                         "--region", region), workers=1)
-            # Joining takes JetStream requests across the regions (over 15 s seen).
-            node.start_timeout = NODE_START_S
-            (self.base / f"node-{region}").mkdir()
-            self.nodes[region] = node
-        # All at once, as an operator starts them: the first node makes the
-        # stream and buckets while the others wait for them to answer
-        # (Engine.patiently).
-        await asyncio.gather(*(asyncio.to_thread(node.start, self.base / f"node-{region}")
-                               for region, node in self.nodes.items()))
+        return binary
+
+    def start_server(self, region: str, binary: str) -> None:
+        """Start ``region``'s nats-server, routed to the others through its proxies.
+
+        Its own route is listed too, which it ignores but counts: nats-server
+        bootstraps JetStream expecting as many meta peers as it has routes, and
+        with the other three only it expected 3 of the 4 (a quorum of 2): two
+        servers were elected meta leader at once and stayed so, and a node whose
+        requests reached the other half of the split never set up (its
+        JetStream requests answered 503 or not at all past the bench's 90 s)."""
+        routes = [f"nats-route://127.0.0.1:{self.servers[region].route_port}"] + [
+            f"nats-route://127.0.0.1:{self.route_proxies[(region, b)].address[1]}"
+            for b in geo.REGIONS if b != region]
+        self.servers[region].start(binary, routes, RELAY_CPU)
+
+    def log_tails(self, lines: int = 20) -> str:
+        """The last ``lines`` of each node's log (what a node not listening said)."""
+        out = []
+        for region, node in self.nodes.items():
+            if node.log_path is not None and node.log_path.exists():
+                tail = node.log_path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {region} node's log ({node.log_path}), its last lines:")
+                out += tail
+        return "\n".join(out)
+
+    async def check_meta_leader(self) -> None:
+        """Every server names one and the same JetStream meta leader: a server's
+        ``/healthz`` is ok once it knows *a* leader, also when two were elected."""
+        leaders: dict[str, str] = {}
+        for _ in range(META_TRIES):
+            leaders = {region: await asyncio.to_thread(server.meta_leader)
+                       for region, server in self.servers.items()}
+            if len(set(leaders.values())) == 1 and "" not in leaders.values():
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the nats-servers name different JetStream meta leaders: {leaders}")
 
     async def check_routes(self) -> None:
         """Every pair of servers routed, through one of its two proxies: none directly."""
@@ -484,32 +533,25 @@ def _server_pids(cluster: Stretched) -> dict[str, list[int]]:
             "nats-servers": [s.proc.pid for s in cluster.servers.values() if s.proc is not None]}
 
 
-async def _started(base: Path, secret: str, scale: float) -> tuple[Stretched, int]:
-    """A stretched cluster whose four nodes all listen, and how many times it
-    was started afresh for it (at most START_TRIES - 1).
-
-    A node has been seen not to listen within NODE_START_S, silent at its
-    default log level, in about one `--regions-scale 0.1` start in three
-    under pytest (CI on 0b55f8d; none in six runs outside it).  Its cause is
-    not found (bench/README, The cluster); a fresh cluster is the bench's way on,
-    counted in the results (``machine.cluster_restarts``), not hidden."""
-    for attempt in range(1, START_TRIES + 1):
-        cluster = Stretched(base / f"start-{attempt}", secret, scale)
-        try:
-            await cluster.start()
-            return cluster, attempt - 1
-        except RuntimeError as exc:
-            await cluster.stop()
-            if attempt == START_TRIES:
-                raise
-            print(f"regions: {exc}; starting a fresh cluster", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+async def _started(base: Path, secret: str, log_level: str, log_files: bool,
+                   scale: float) -> Stretched:
+    """A stretched cluster whose four nodes all listen; a node that does not says
+    why from its log (kept with ``--regions-logs``, else on this stderr)."""
+    cluster = Stretched(base, secret, scale, log_level, log_files)
+    try:
+        await cluster.start()
+    except RuntimeError:
+        await cluster.stop()
+        print(cluster.log_tails(), file=sys.stderr, flush=True)
+        raise
+    return cluster
 
 
 async def _measure(a: argparse.Namespace, base: Path
                    ) -> tuple[list[dict], dict, dict[str, Any], Placement]:
     secret = secrets.token_urlsafe(32)
-    cluster, restarts = await _started(base, secret, a.regions_scale)
+    cluster = await _started(base, secret, a.regions_log_level, a.regions_logs is not None,
+                             a.regions_scale)
     try:
         world = ClusterWorld(
             0, secret, "", a.regions_scale, 0.0,
@@ -529,8 +571,7 @@ async def _measure(a: argparse.Namespace, base: Path
             "cpu": {k: {"ran_s_per_s": round((after[k][0] - before[k][0]) / elapsed, 4),
                         "waited_s_per_s": round((after[k][1] - before[k][1]) / elapsed, 4)}
                     for k in pids},
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "cluster_restarts": restarts}
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
         return pairs, lag, machine, world.placement
     finally:
         await cluster.stop()
@@ -586,12 +627,22 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="regions: connect-to-first-delivery trials per pair")
     p.add_argument("--regions-scale", type=float, default=1.0,
                    help="regions: multiply every injected delay and jitter")
+    p.add_argument("--regions-log-level", default="warning",
+                   choices=("debug", "info", "warning", "error"),
+                   help="regions: the nodes' --log-level")
+    p.add_argument("--regions-logs", type=Path, default=None, metavar="DIR",
+                   help="regions: keep the nodes' and nats-servers' logs in DIR (a new "
+                        "directory); by default they go with the run's temporary one")
 
 
 def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print("regions: a stretched cluster over four regions ...", file=sys.stderr, flush=True)
-    with TemporaryDirectory(prefix="bench-regions-") as workdir:
-        pairs, lag, machine, placement = uvloop.run(_measure(a, Path(workdir)))
+    if a.regions_logs is not None:
+        a.regions_logs.mkdir(parents=True)
+        pairs, lag, machine, placement = uvloop.run(_measure(a, a.regions_logs))
+    else:
+        with TemporaryDirectory(prefix="bench-regions-") as workdir:
+            pairs, lag, machine, placement = uvloop.run(_measure(a, Path(workdir)))
     for pair in pairs:
         pair["owner"] = placement.owners.get((pair["from"], pair["to"]))
     verdicts = geo._verdicts(pairs, a.regions_catchup)
@@ -610,9 +661,6 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
           f"max {geo._fmt(lag['max'])} ms")
     print(f"load average (1 min) at the start and end of the measurement: "
           f"{machine['load_average_1m'][0]:g}, {machine['load_average_1m'][1]:g}")
-    if machine["cluster_restarts"]:
-        print(f"the cluster was started afresh {machine['cluster_restarts']} time(s): "
-              f"a node did not listen within {NODE_START_S:g} s")
     for what, cpu in machine["cpu"].items():
         print(f"{what} (all on one core): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
               f"{cpu['waited_s_per_s']:.3f} s per second of the measurement")

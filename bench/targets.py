@@ -100,8 +100,26 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float 
             return
         except OSError:
             time.sleep(0.05)
+    state = process_state(proc.pid)
     proc.kill()
-    raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout:g} s")
+    raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout:g} s "
+                       f"({state})")
+
+
+def process_state(pid: int) -> str:
+    """What process ``pid`` is running and doing, from /proc: its command (a child
+    still running this program's command never reached its exec), its state and
+    threads, and the kernel function it sleeps in."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:4]
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError as exc:
+        return f"no /proc state: {exc}"
+    return (f"running {b' '.join(command).decode(errors='replace')!r}, state "
+            f"{status.get('State', '?').strip()}, {status.get('Threads', '?').strip()} threads, "
+            f"waiting in {wchan or '-'}")
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
@@ -461,6 +479,11 @@ class Fenghuo(FenghuoWire):
         self.use_ws = ws
         self.gateway = gateway or ws
         self.name = "fenghuo" + ("-tls" if tls else "") + ("-ws" if ws else "")
+        #: ``--log-level`` of the relay
+        self.log_level = "warning"
+        #: where one worker's log goes (this process's stderr if None; several
+        #: workers' always to ``workdir/relay.log``)
+        self.log_path: Path | None = None
 
     async def _stream(self, source: str | None, user: str = ""):
         if not self.use_ws:
@@ -485,13 +508,17 @@ class Fenghuo(FenghuoWire):
         cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
                f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
-               "--log-level", "warning", "--workers", str(self.workers), *self.relay_flags,
+               "--log-level", self.log_level, "--workers", str(self.workers), *self.relay_flags,
                *(self._tls_flags(workdir) if self.use_tls else ())]
         if self.gateway:
             self.ws_port = free_port()
             cmd += ["--ws-port", str(self.ws_port)]
         if self.workers == 1:
-            self._spawn(cmd)
+            if self.log_path is None:
+                self._spawn(cmd)
+            else:
+                with open(self.log_path, "ab") as log:
+                    self._spawn(cmd, stderr=log)
             if self.gateway:
                 wait_listening(self.proc, self.host, self.ws_port)
             return

@@ -101,6 +101,20 @@ class NatsServer:
         except (OSError, ValueError):
             return False
 
+    def meta_cluster(self) -> dict:
+        """What this server knows of the JetStream meta group (``/jsz``'s
+        ``meta_cluster``: leader, cluster_size, ...); empty for no answer."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/jsz",
+                                        timeout=1) as r:
+                return json.load(r).get("meta_cluster") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def meta_leader(self) -> str:
+        """The JetStream meta leader this server names, "" for none or no answer."""
+        return str(self.meta_cluster().get("leader") or "")
+
     def kill(self) -> None:
         """``kill -9``: what a crash looks like to the others."""
         if self.proc is not None and self.proc.poll() is None:
