@@ -348,7 +348,15 @@ class Connection:
     subscriptions: dict[Channel, int]
     grants: Any
     id: int
-    def __init__(self, hub: Hub, *args: Any, **kwargs: Any) -> None: ...
+    # The server's state of the connection (server/session.py types them).
+    relay: Any
+    explicit: Any
+    positions: Any
+    pending_live: Any
+    watching: Any
+    background: Any
+    hello_at: float
+    def __init__(self, hub: Hub, relay: Any = None, *args: Any, **kwargs: Any) -> None: ...
     def reserve_reply(self) -> Reply: ...
     def fill_reply(self, slot: Reply, content: bytes | Callable[[], None]) -> None: ...
     @property

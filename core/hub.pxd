@@ -142,6 +142,17 @@ cdef class Connection:
     cdef public double connected_at
     cdef public dict subscriptions   # Channel -> reference count
     cdef public object grants
+    # The server's state of the connection (server/session.py says what each
+    # holds), here and not in the Session subclass's slots: set by __cinit__,
+    # in C, a connection is made without a Python __init__ (a frame and seven
+    # slot stores per connect).  None until first used, hello_at 0.
+    cdef public object relay
+    cdef public object explicit
+    cdef public object positions
+    cdef public object pending_live
+    cdef public object watching
+    cdef public object background
+    cdef public double hello_at
 
     cdef int enqueue(self, bytes frame) except -1
     cdef int reply(self, bytes frame) except -1

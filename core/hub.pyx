@@ -67,7 +67,7 @@ cdef class Bus:
     multi-worker or multi-node bus replaces it without touching the hub.
     """
 
-    def __cinit__(self, Hub hub, *args, **kwargs):
+    def __cinit__(self, Hub hub, relay=None, *args, **kwargs):
         self.hub = hub
 
     cdef int submit(self, Channel ch, Connection origin, uint32_t request_id,
@@ -546,7 +546,7 @@ cdef class Connection:
     ``on_open``, ``on_close``.  Everything per message stays here, in C.
     """
 
-    def __cinit__(self, Hub hub, *args, **kwargs):
+    def __cinit__(self, Hub hub, relay=None, *args, **kwargs):
         global _connection_ids
         _connection_ids += 1
         self.id = _connection_ids
@@ -577,6 +577,13 @@ cdef class Connection:
         self.connected_at = self._refilled_at
         self.subscriptions = {}
         self.grants = None
+        self.relay = relay
+        self.explicit = None
+        self.positions = None
+        self.pending_live = None
+        self.watching = None
+        self.background = None
+        self.hello_at = 0.0
 
     def __dealloc__(self):
         PyMem_Free(self._partial)

@@ -23,7 +23,6 @@ from fenghuo.core import (
     ContentType,
     ErrorCode,
     FrameType,
-    Hub,
     ProtocolError,
     Receipt,
     ReceiptKind,
@@ -68,27 +67,26 @@ def _fatal(exc: ProtocolError) -> ProtocolError:
 
 
 class Session(Connection, asyncio.BufferedProtocol):
-    # Slots, and containers created on first use: most connections never
-    # subscribe by name, watch presence or read the store, and an empty set
-    # costs 216 bytes (docs/DESIGN.md, "Memory per connection").
-    __slots__ = ("background", "explicit", "hello_at", "pending_live", "positions", "relay",
-                 "watching")
+    # Its state is in the compiled Connection, set in C when it is made
+    # (Session(hub, relay)), with no Python __init__; containers are created on
+    # first use: most connections never subscribe by name, watch presence or
+    # read the store, and an empty set costs 216 bytes (docs/DESIGN.md,
+    # "Memory per connection").
+    __slots__ = ()
+    relay: Relay
+    explicit: set[str] | None                 # org channels subscribed by name
+    positions: dict[str, int] | None
+    # Subscribed channels not yet delivered (several workers: Subscriptions.subscribe),
+    # with the seq the subscription took effect after (None: not yet).
+    pending_live: dict[Channel, int | None] | None
+    watching: set[str] | None                 # users whose presence we follow
+    background: set[asyncio.Task[None]] | None     # store reads in flight
+    #: time.monotonic() of the accepted HELLO: of two connections of one device, the later wins
+    hello_at: float
     # Set by HELLO (None before it, in core/hub.pyx); the core hands a session
     # nothing but its HELLO until then, so every handler here sees them set.
     user: str
     device: str
-
-    def __init__(self, hub: Hub, relay: Relay) -> None:
-        self.relay = relay
-        self.explicit: set[str] | None = None          # org channels subscribed by name
-        self.positions: dict[str, int] | None = None
-        # Subscribed channels not yet delivered (several workers: Subscriptions.subscribe),
-        # with the seq the subscription took effect after (None: not yet).
-        self.pending_live: dict[Channel, int | None] | None = None
-        self.watching: set[str] | None = None          # users whose presence we follow
-        self.background: set[asyncio.Task[None]] | None = None   # store reads in flight
-        #: time.monotonic() of the accepted HELLO: of two connections of one device, the later wins
-        self.hello_at = 0.0
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Hold a reference to ``task``, work done for this session, until it is done."""
@@ -214,7 +212,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             welcome["resumed"] = resumed
         self.send(encode_json(FrameType.WELCOME, welcome, request_id))
         relay.subs.go_live(self, channels, self.positions)
-        log.debug("connected", extra={"user": self.user, "device": self.device})
+        if log.isEnabledFor(logging.DEBUG):     # no dict of extras built per connect
+            log.debug("connected", extra={"user": self.user, "device": self.device})
 
     def resolve_publish(self, channel: bytes) -> Channel:
         try:
