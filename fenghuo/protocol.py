@@ -36,6 +36,7 @@ from fenghuo.core import (  # re-exported (__all__): the client's one import
     decode_receipt_event,
     encode_error,
     encode_frame,
+    encode_json,
     encode_publish,
     encode_receipt,
 )
@@ -47,12 +48,6 @@ TRY_AGAIN_DEFAULT_MS = 1000.0
 # jitter_ms of a TRY_AGAIN: retry_after_ms / DIVISOR, at least MIN (see try_again_message).
 TRY_AGAIN_JITTER_DIVISOR = 4
 TRY_AGAIN_MIN_JITTER_MS = 100
-
-
-def encode_json(ftype: int, obj: Any, request_id: int = 0, compress_threshold: int = 0) -> bytes:
-    """A frame whose body is ``obj`` as JSON, LZ4-compressed above the threshold."""
-    body, flags = compress_body(orjson.dumps(obj), compress_threshold)
-    return encode_frame(ftype, body, request_id, flags)
 
 
 def decode_json(body: bytes, what: str = "body") -> dict[str, Any]:

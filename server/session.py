@@ -62,6 +62,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("fenghuo.session")
 
 
+# HELLO's schema, looked up once (decode_body's lookup is a Python call per connect).
+_HELLO = schemas.SCHEMAS[FrameType.HELLO]
+
+
 def _fatal(exc: ProtocolError) -> ProtocolError:
     return ProtocolError(exc.code, exc.message, True)
 
@@ -120,7 +124,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         if retry_after_ms:
             raise relay.admission.hello_refusal(retry_after_ms)
         try:
-            hello = schemas.decode_body(FrameType.HELLO, body)
+            hello = schemas.decode_with(_HELLO, body)
         except ProtocolError as exc:
             raise _fatal(exc) from None
         grants = self._verify(hello.token, "HELLO")
