@@ -89,6 +89,12 @@ class _ChannelLog:
     queue: deque[_Entry] = field(default_factory=deque)
     running: bool = False
     fenced: bool = False
+    #: owned before the claim is answered (a first write, DESIGN "The first
+    #: message as one quorum write"): its first append goes out at once,
+    #: expecting no message; none after it until the claim is (confirm)
+    tentative: bool = False
+    first_done: bool = True                    # a watched log's first append was answered
+    sending: int = 0                           # entries at the queue's head in the append out
 
 
 def _batch(queue: deque[_Entry]) -> tuple[int, int, bytes]:
@@ -116,6 +122,12 @@ class ClusterStore(SQLiteStore):
         #: a group's record is in its bucket (revision) or was refused (None)
         self.on_group_saved: Callable[[dict[str, Any], int | None], None] = lambda record, revision: None
         self.on_fenced: Callable[[str], None] = lambda channel: None
+        #: the seqs of a channel's messages failed here that the stream surely
+        #: does not hold (refused, or never sent): told before their refusals go out
+        self.on_unstored: Callable[[str, list[int]], None] = lambda channel, seqs: None
+        #: a tentative log's first append was answered: its stream sequence and
+        #: what it held, or (0, None) when it was not stored
+        self.on_first: Callable[[str, int, bytes | None], None] = lambda c, at, data: None
         #: whether retention purges the stream from this node now
         self.expires: Callable[[], bool] = lambda: False
         self._order: deque[_Entry] = deque()
@@ -128,16 +140,46 @@ class ClusterStore(SQLiteStore):
 
     # ------------------------------------------------------------ owning
 
-    def own(self, channel: str, last: int, epoch: int) -> None:
+    def own(self, channel: str, last: int, epoch: int, tentative: bool = False,
+            watched: bool = False) -> None:
         """This node sequences ``channel`` from now on (claim ``epoch``); its last
-        stored message is at stream sequence ``last``."""
-        self._logs[channel] = _ChannelLog(channel, last, epoch)
+        stored message is at stream sequence ``last``.  ``tentative``: the claim
+        is not answered yet; one append goes out meanwhile (:meth:`confirm`).
+        Either, or ``watched``: ``on_first`` tells when the first append is answered."""
+        self._logs[channel] = _ChannelLog(channel, last, epoch, tentative=tentative,
+                                          first_done=not (tentative or watched))
+
+    def confirm(self, channel: str, epoch: int) -> None:
+        """A tentative log's claim is this node's (``epoch``): its appends go on."""
+        log_ = self._logs.get(channel)
+        if log_ is None or not log_.tentative:
+            return
+        log_.tentative, log_.epoch = False, epoch
+        if log_.queue and not log_.running:
+            log_.running = True
+            asyncio.get_running_loop().create_task(self._append_all(log_))
+
+    def take_first(self, channel: str, at: int) -> bool:
+        """Continue ``channel`` after another node's first message (stream sequence
+        ``at``), if this node has appended nothing of it and has nothing out."""
+        log_ = self._logs.get(channel)
+        if (log_ is None or log_.last or log_.running or log_.queue or log_.tentative
+                or log_.fenced):
+            return False
+        log_.last = at
+        return True
+
+    def appending(self, channel: str) -> bool:
+        """Whether an append of ``channel`` is out or queued here."""
+        log_ = self._logs.get(channel)
+        return log_ is not None and (log_.running or bool(log_.queue))
 
     def disown(self, channel: str) -> None:
         log_ = self._logs.pop(channel, None)
         if log_ is not None:
             log_.fenced = True
-            self._fail(log_)
+            # The append out, if any, may still be stored: only what is behind it is surely not.
+            self._fail(log_, log_.sending if log_.running else 0)
 
     def owns(self, channel: str) -> bool:
         return channel in self._logs
@@ -301,29 +343,45 @@ class ClusterStore(SQLiteStore):
         assert self.engine is not None
         channel = log_.name
         try:
-            while log_.queue and not log_.fenced:
+            while log_.queue and not log_.fenced and not (log_.tentative and log_.first_done):
                 first, count, data = _batch(log_.queue)
+                log_.sending = count
                 try:
                     log_.last = await self._append(channel, first, data, log_.last, log_.epoch)
                 except Fenced as exc:
                     self.refused += 1
                     log.warning("append refused: deposed", extra={"channel": channel,
                                                                   "error": str(exc)})
-                    self._fenced(log_)
+                    self._fenced(log_, 0)               # the stream holds none of it
+                    self._first_answered(log_, 0, None)
                     return
                 except Exception as exc:
                     log.error("append failed", extra={"channel": channel, "error": str(exc)})
-                    self._fenced(log_)
+                    self._fenced(log_, count)           # perhaps stored: not re-sent
+                    self._first_answered(log_, 0, None)
                     return
+                finally:
+                    log_.sending = 0
                 self.appended += count
                 self.appends += 1
                 if log_.fenced:
-                    return          # disowned meanwhile: its entries were refused (_fail)
+                    # Disowned meanwhile: its entries were refused (_fail), and
+                    # the stream holds them all the same.
+                    self._first_answered(log_, log_.last, data)
+                    return
                 for _ in range(count):
                     log_.queue.popleft().settle()
                 self._release()
+                self._first_answered(log_, log_.last, data)
         finally:
             log_.running = False
+
+    def _first_answered(self, log_: _ChannelLog, stored_at: int, data: bytes | None) -> None:
+        """Tell the node when a tentative log's first append is answered."""
+        if log_.first_done:
+            return
+        log_.first_done = True
+        self.on_first(log_.name, stored_at, data)
 
     async def _append(self, channel: str, seq: int, frame: bytes, expected: int,
                       epoch: int) -> int:
@@ -349,14 +407,20 @@ class ClusterStore(SQLiteStore):
                                                        "error": str(exc) or type(exc).__name__})
                 await asyncio.sleep(APPEND_RETRY)
 
-    def _fenced(self, log_: _ChannelLog) -> None:
+    def _fenced(self, log_: _ChannelLog, maybe_stored: int) -> None:
         log_.fenced = True
         if self._logs.get(log_.name) is log_:
             del self._logs[log_.name]
-        self._fail(log_)
+        self._fail(log_, maybe_stored)
         self.on_fenced(log_.name)
 
-    def _fail(self, log_: _ChannelLog) -> None:
+    def _fail(self, log_: _ChannelLog, maybe_stored: int) -> None:
+        """Refuse every message queued; all but the first ``maybe_stored`` (an
+        append out or failed unanswered) are surely not in the stream."""
+        unstored = [e.record.seq for e in itertools.islice(log_.queue, maybe_stored, None)
+                    if isinstance(e.record, Sequenced)]
+        if unstored:
+            self.on_unstored(log_.name, unstored)
         while log_.queue:
             log_.queue.popleft().settle(failed=True)
         self._release()

@@ -182,6 +182,14 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_forwards_deferred", "Publishes and requests other nodes "
                       "forwarded while this node was still claiming or taking over their "
                       "channel, served once it did.", node.forwards_deferred)
+        yield counter("fenghuo_cluster_first_writes", "New channels whose first append this "
+                      "node sent beside its claim, not after it.", node.first_writes)
+        yield counter("fenghuo_cluster_first_writes_refused", "Of them, first appends the stream "
+                      "refused (another node's first message was stored): their publishes "
+                      "were sent again to the channel's owner.", node.first_writes_refused)
+        yield counter("fenghuo_cluster_publishes_redriven", "Publishes this node sent itself as "
+                      "their channel's owner that came back unstored and were sent to the "
+                      "owner again (never acked here).", node.publishes_redriven)
         yield counter("fenghuo_cluster_chats_received_unasked", "New direct chats this node "
                       "received from their owner's announcement, without asking for them.",
                       node.chats_received_unasked)

@@ -28,6 +28,7 @@ What differs is who owns a channel and where its messages are kept:
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 import zlib
@@ -43,8 +44,8 @@ from fenghuo.server.access import parse_or_refuse
 from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
-from fenghuo.server.frames import decode_frame_message, message_time
-from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored
+from fenghuo.server.frames import decode_frame_message, frame_request_id, message_seq, message_time
+from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored, split_frames
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.stalls import Histogram
@@ -71,6 +72,10 @@ MAX_NODES = 4096
 RESOLVE_RETRY = 0.5
 NOT_OWNER = ("this node does not sequence the channel (its owner changed); "
              "retry (an idempotency key makes a publish safe to retry)")
+# Seconds a channel written first (its first append sent beside its claim)
+# waits for that append's answer before it is settled as it stands: the
+# store tries an append for ELECTION_PATIENCE, each try up to a second.
+FIRST_PATIENCE = ELECTION_PATIENCE + 5.0
 LOST_WITH_NODE = ("the node that sequences this channel died before answering; "
                   "retry (an idempotency key makes a publish safe to retry)")
 
@@ -82,6 +87,21 @@ class _Parked:
     connection: int
     awaited: AwaitedAnswer | None     # its place in the session's reply order
     record: bytes                     # the mesh record to send the owner
+
+
+@dataclass
+class _First:
+    """A new channel whose first append this node sent beside its claim, before
+    the claim was answered (DESIGN, "The first message as one quorum write")."""
+
+    settled: asyncio.Future[None]        # its first append answered, every record here
+    #: seq -> the P record this node sent itself for it: sent again to the
+    #: channel's owner if the stream refuses the append (never acked)
+    records: dict[int, bytes] = field(default_factory=dict)
+    outstanding: int = 0                 # P records sent to this node for it, not back yet
+    answered: bool = False               # its first append was answered
+    stored_at: int = 0                   # that append's stream sequence, if stored
+    data: bytes = b""                    # and the frames it held
 
 
 @dataclass
@@ -120,6 +140,8 @@ class NodeCluster(Cluster):
         self.store: ClusterStore = relay.store
         self.store.engine = engine
         self.store.on_fenced = self.step_down
+        self.store.on_unstored = self._unstored
+        self.store.on_first = self._first_answered
         #: channels whose owner is being found (claimed, or read)
         self.resolving: set[str] = set()
         #: requests waiting for their channel's owner to be found
@@ -130,6 +152,18 @@ class NodeCluster(Cluster):
         #: is claiming or taking over: served (or refused) once that is settled
         self.deferred_records: dict[str, list[tuple[int, bytes]]] = {}
         self.forwards_deferred = 0           # such records (the race to own a new channel)
+        #: new channels written first (first append beside the claim), until settled
+        self.firsts: dict[str, _First] = {}
+        #: publishes this node sent itself as a channel's owner that came back
+        #: unstored (the stream refused them, or the channel moved before they
+        #: were sequenced): sent to the owner ahead of what was parked since
+        self.redo: dict[str, list[_Parked]] = {}
+        #: (connection, request id) -> refusals of such publishes still on their
+        #: way back here from this node's store: dropped, not answered
+        self.dropped_answers: dict[tuple[int, int], int] = {}
+        self.first_writes = 0                # channels written first
+        self.first_writes_refused = 0        # of them, first appends the stream refused
+        self.publishes_redriven = 0          # publishes sent again to their channel's owner
         self.failovers = 0                   # channels taken over from a dead or deposed node
         #: group channels whose publishes wait for the group read from its bucket
         self.checks: dict[str, _Check] = {}
@@ -209,7 +243,8 @@ class NodeCluster(Cluster):
 
     def owner_of(self, channel: str) -> int:
         if self.store.owns(channel):
-            return self.index
+            # Written first and not settled: what comes meanwhile waits (parked).
+            return UNKNOWN if channel in self.firsts else self.index
         owner = self.ownership.owner(channel)
         return UNKNOWN if owner is None or owner == self.index else owner
 
@@ -227,19 +262,29 @@ class NodeCluster(Cluster):
 
     async def _resolve_async(self, name: str) -> None:
         try:
-            while True:
+            written = await self._write_first(name) if self._writes_first(name) else None
+            # Settled by the first write, unless its claim failed or the stream
+            # refused its append (this node's claim: taken again, tail read).
+            while written is None or (written.node == self.index and not self.store.owns(name)):
                 # A channel nobody has claimed: its tail is read beside the
                 # claim, not after it (one round trip less before its first
                 # message across regions).  Only a first claim (epoch 1) uses
-                # it: then nobody can have sequenced the channel, and the
-                # stream's fence refuses the first append if the read missed
-                # anything all the same.
+                # it.  Another node's first write may land after the read: the
+                # stream's fence refuses this node's first append then, and
+                # _first_append sends its publishes again (or the other node
+                # gives its stored frames here, _adopt_first).
                 tail = (asyncio.ensure_future(self.engine.last(name))
                         if name not in self.ownership.claims else None)
                 try:
                     claim = await self.ownership.claim(name)
                     if claim.node == self.index and not self.store.owns(name):
                         await self._take(name, claim, tail if claim.epoch == 1 else None)
+                        if claim.epoch == 1 and self.store.owns(name) and self._publishes(name):
+                            # The tail was read before the claim was answered:
+                            # another node's first write may have landed since.
+                            await self._first_append(name)
+                            if not self.store.owns(name):
+                                continue         # it had: claimed again, tail read
                     break
                 except Exception as exc:
                     log.warning("cannot resolve a channel's owner", extra={"channel": name,
@@ -254,6 +299,175 @@ class NodeCluster(Cluster):
             self.resolving.discard(name)
         self._resolved(name)
 
+    def _writes_first(self, name: str) -> bool:
+        """Whether ``name``'s first message goes out beside its claim: nobody has
+        claimed it (the claims' watch knows of none), this node holds nothing of
+        it, and what waits for it here are publishes."""
+        if name in self.ownership.claims or self.store.owns(name) or not self._publishes(name):
+            return False
+        ch = self.relay.hub.find(name)
+        return ch is None or ch.seq == 0
+
+    def _publishes(self, name: str) -> bool:
+        """Whether what waits here for ``name``'s owner is publishes, and only them."""
+        parked = self.parked.get(name)
+        return (bool(parked) and name not in self.redo
+                and all(p.record[0] == routing.PUBLISH for p in parked))
+
+    async def _write_first(self, name: str) -> Claim | None:
+        """Sequence ``name`` at once and append its first message expecting no
+        message before it, beside the claim (one quorum write's wait, not two in
+        sequence); the claim, or None if it failed.
+
+        The stream stores one first message per subject: whichever node's append
+        it takes holds a valid seq 1, and its publisher is acked (the stream has
+        it on its replicas).  A refused append stored nothing: its publishes are
+        sent again to the channel's owner (this node, claiming again and reading
+        the tail, if the claim is its own), never acked here.  Until the append
+        and the claim are both answered, what else comes for the channel waits
+        (parked, deferred), so the append is the only one at stake.  A node that
+        lost the claim but whose append was stored gives the frames to the
+        winner, which may have read the tail before they were there."""
+        loop = asyncio.get_running_loop()
+        first = self.firsts[name] = _First(loop.create_future())
+        self.first_writes += 1
+        ch = self.relay.ensure_channel(name)
+        ch.owner = -1
+        self.ready_here.discard(ch)
+        self.store.own(name, 0, 1, tentative=True)
+        for parked in self.parked.pop(name, ()):
+            first.outstanding += self._unpark(parked, self.index)
+        self._first_check(name, first)
+        claim = None
+        try:
+            try:
+                claim = await self.ownership.claim(name)
+            except Exception as exc:
+                log.warning("cannot claim a channel written first", extra={"channel": name,
+                                                                           "error": str(exc)})
+            won = claim is not None and claim.node == self.index
+            if won and self.store.owns(name):
+                assert claim is not None
+                self.store.confirm(name, claim.epoch)
+                if claim.epoch == 1 and ch.kind == ChannelKind.DIRECT_CHAT:
+                    self._announce_claimed(ch, 0)
+            try:
+                await asyncio.wait_for(asyncio.shield(first.settled), FIRST_PATIENCE)
+            except TimeoutError:
+                log.warning("first append not answered", extra={"channel": name})
+            if not won and self.store.owns(name):
+                # Stored, its ring entries released first (the order of every
+                # record of this node): stepping down keeps them.
+                released: asyncio.Future[None] = loop.create_future()
+                self.relay.hub.after_store(lambda: released.set_result(None))
+                await released
+                if claim is not None and first.stored_at:
+                    self.mesh.send(claim.node, routing.control(
+                        "first", channel=name, at=first.stored_at,
+                        frames=base64.b64encode(first.data).decode("ascii")))
+                self.step_down(name)
+        finally:
+            del self.firsts[name]
+        return claim
+
+    async def _first_append(self, name: str) -> None:
+        """Send what is parked for ``name`` (owned here from a tail read beside an
+        epoch-1 claim) to this node and hold the channel until its first append
+        is answered.  Another node's first write may have landed after the read:
+        this append is then refused, and its publishes (all this node's own,
+        what others forward waits) are sent again, not refused."""
+        first = self.firsts[name] = _First(asyncio.get_running_loop().create_future())
+        try:
+            for parked in self.parked.pop(name, ()):
+                first.outstanding += self._unpark(parked, self.index)
+            self._first_check(name, first)
+            try:
+                await asyncio.wait_for(asyncio.shield(first.settled), FIRST_PATIENCE)
+            except TimeoutError:
+                log.warning("first append not answered", extra={"channel": name})
+        finally:
+            del self.firsts[name]
+
+    def _first_check(self, name: str, first: _First) -> None:
+        """Settled once every record sent here for it is back and its first
+        append answered (or none was made: duplicates, a client gone)."""
+        if (first.outstanding <= 0 and (first.answered or not self.store.appending(name))
+                and not first.settled.done()):
+            first.settled.set_result(None)
+
+    def _first_answered(self, name: str, stored_at: int, data: bytes | None) -> None:
+        """The store: a channel written first had its first append answered."""
+        first = self.firsts.get(name)
+        if first is None:
+            return
+        first.answered = True
+        if data is None:
+            self.first_writes_refused += 1
+        else:
+            first.stored_at, first.data = stored_at, data
+        self._first_check(name, first)
+
+    def _unstored(self, name: str, seqs: list[int]) -> None:
+        """The store: these messages of ``name`` are refused and surely not stored.
+        Those this node wrote first for its own clients are sent again to the
+        channel's owner; their refusals, on their way here, are dropped."""
+        first = self.firsts.get(name)
+        if first is None:
+            return
+        for seq in seqs:
+            record = first.records.pop(seq, None)
+            if record is None:
+                continue
+            p = routing.read_publish(record)
+            if self._redo(name, record):
+                key = (p.connection, p.request_id)
+                self.dropped_answers[key] = self.dropped_answers.get(key, 0) + 1
+
+    def _redo(self, name: str, record: bytes) -> bool:
+        """Send ``record`` (a P record this node sent itself, not stored) to
+        ``name``'s owner once known, ahead of what was parked since; False if
+        nobody waits for its answer any more."""
+        p = routing.read_publish(record)
+        pending = self.forwarded.get(p.connection)
+        queue = None if pending is None else pending.waiting.get(self.index)
+        awaited = next((a for a in queue if a.request_id == p.request_id), None) if queue else None
+        if awaited is None:
+            return False
+        assert pending is not None and queue is not None
+        queue.remove(awaited)
+        pending.waiting.setdefault(UNKNOWN, deque()).append(awaited)
+        self.redo.setdefault(name, []).append(_Parked(p.connection, awaited, record))
+        self.publishes_redriven += 1
+        self._reset_owner(name)
+        self._resolve(name)
+        return True
+
+    def _answer(self, source: int, connection: int, frame: bytes) -> None:
+        if source == self.index and self.dropped_answers:
+            key = (connection, frame_request_id(frame))
+            left = self.dropped_answers.pop(key, 0)
+            if left:
+                if left > 1:
+                    self.dropped_answers[key] = left - 1
+                return                   # a refusal of a publish sent again (_unstored)
+        super()._answer(source, connection, frame)
+
+    def _adopt_first(self, name: str, at: int, data: bytes) -> None:
+        """Owner side: another node stored ``name``'s first message (``data``, at
+        stream sequence ``at``) while this node won the claim.  Taken as the tail
+        if this node sequenced nothing of the channel yet (its tail was read
+        before that append landed); else its own first append is refused and it
+        reads the tail (fencing)."""
+        ch = self.relay.hub.find(name)
+        if ch is None or ch.seq or name in self.firsts or not self.store.take_first(name, at):
+            return
+        frames = [Stored(decode_frame_message(f).seq, at, f) for f in split_frames(data)]
+        self._continue_from(ch, frames)
+        for peer in self.interested.get(ch, ()):
+            for stored in frames:
+                self.mesh.send(peer, routing.message(ch.key, stored.seq, stored.frame))
+        log.info("took another node's first message", extra={"channel": name, "seq": ch.seq})
+
     async def _take(self, name: str, claim: Claim,
                     tail_read: asyncio.Future[Stored | None] | None = None) -> None:
         """This node now sequences ``name``: continue from the stream's tail
@@ -267,15 +481,16 @@ class NodeCluster(Cluster):
             return                                   # taken from us meanwhile
         ch = self.relay.ensure_channel(name)
         self._continue_from(ch, tail)
-        self.store.own(name, 0 if last is None else last.stream_seq, claim.epoch)
+        self.store.own(name, 0 if last is None else last.stream_seq, claim.epoch,
+                       watched=tail_read is not None)
         self.ready_here.discard(ch)
         self.failovers += claim.epoch > 1
         log.info("sequencing a channel", extra={"channel": name, "epoch": claim.epoch,
                                                 "seq": ch.seq})
         if claim.epoch == 1 and ch.kind == ChannelKind.DIRECT_CHAT:
-            self._announce_claimed(ch)
+            self._announce_claimed(ch, ch.ring.head)
 
-    def _announce_claimed(self, ch: Channel) -> None:
+    def _announce_claimed(self, ch: Channel, head: int) -> None:
         """Owner side, a new direct chat just claimed, before its first message is
         sequenced: the nodes where a participant is online receive it from its
         head on without asking (as a worker's direct chat, Cluster._announce_direct).
@@ -285,14 +500,19 @@ class NodeCluster(Cluster):
         sent their interest: the first message reached them one to two
         inter-region round trips after it was stored (``bench cluster --parts
         regions``: up to 830 ms).  The announcement goes ahead of the first
-        message on this node's queue to each of them."""
+        message on this node's queue to each of them; messages after ``head``
+        stored before it (a first write's, stored before its claim was
+        answered) follow it there."""
         receivers = self._direct_receivers(ch, self.liveness.live_peers())
         if not receivers:
             return
         announcement = routing.control("direct", channel=ch.name, receivers=receivers,
-                                       head=ch.ring.head)
+                                       head=head)
+        stored = ch.ring.since(head)
         for peer in receivers:
             self.mesh.send(peer, announcement)
+            for frame in stored:
+                self.mesh.send(peer, routing.message(ch.key, message_seq(frame), frame))
 
     def _direct(self, name: str, receivers: list[int], head: int) -> None:
         if self.index not in receivers:
@@ -333,11 +553,11 @@ class NodeCluster(Cluster):
         ch = self._reset_owner(name)
         owner = self.owner_of(name)
         if owner == UNKNOWN:
-            if (self.parked.get(name) or self.deferred_records.get(name)
+            if (self.parked.get(name) or self.redo.get(name) or self.deferred_records.get(name)
                     or (ch is not None and ch in self.warming)):
                 asyncio.get_running_loop().call_later(RESOLVE_RETRY, self._resolve, name)
             return
-        for parked in self.parked.pop(name, ()):
+        for parked in self.redo.pop(name, []) + self.parked.pop(name, []):
             self._unpark(parked, owner)
         for source, record in self.deferred_records.pop(name, ()):
             self._on_record(source, record)      # served if this node won, else refused
@@ -393,8 +613,8 @@ class NodeCluster(Cluster):
         ch = self._reset_owner(name)
         if new.node == self.index:
             return
-        if self.store.owns(name):
-            self.step_down(name)
+        if self.store.owns(name) and name not in self.firsts:
+            self.step_down(name)              # (written first: settled by _write_first)
         elif ch is not None and (ch in self.ready_here or ch in self.warming) \
                 and (old is None or old.epoch != new.epoch) and name not in self.resolving:
             self._rewarm(ch)
@@ -416,14 +636,15 @@ class NodeCluster(Cluster):
             awaited = self.forwarded[origin.id].waiting[UNKNOWN][-1]
         return _Parked(origin.id, awaited, record)
 
-    def _unpark(self, parked: _Parked, owner: int) -> None:
+    def _unpark(self, parked: _Parked, owner: int) -> bool:
+        """Send ``parked`` to ``owner``; False if nobody waits for it any more."""
         if parked.awaited is not None:
             pending = self.forwarded.get(parked.connection)
             if pending is None:
-                return                                # the client left meanwhile
+                return False                          # the client left meanwhile
             waiting = pending.waiting.get(UNKNOWN)
             if waiting is None or parked.awaited not in waiting:
-                return                                # answered already (timed out)
+                return False                          # answered already (timed out)
             waiting.remove(parked.awaited)
             pending.waiting.setdefault(owner, deque()).append(parked.awaited)
         self.origins_at.setdefault(parked.connection, set()).add(owner)
@@ -432,6 +653,7 @@ class NodeCluster(Cluster):
         # To this node too (over NATS, once): the owner's answer comes back
         # the way every forwarded answer does.
         self.mesh.send(owner, parked.record)
+        return True
 
     def _forward_publish(self, owner: int, ch: Any, origin: Connection, request_id: int,
                          body: bytes, t_recv: float) -> None:
@@ -441,7 +663,7 @@ class NodeCluster(Cluster):
             self.checks[ch.name].parked.append(self._parked(origin, request_id, routing.publish(
                 origin.id, request_id, t_recv, origin.user_key, ch.key, body), True))
             return
-        if owner == UNKNOWN or ch.name in self.parked:
+        if owner == UNKNOWN or ch.name in self.parked or ch.name in self.redo:
             # Behind what is parked for the channel even when the owner is known:
             # the claims' watch may name it before this node's own lookup
             # answers, and a later publish must not overtake a parked one (§6.3).
@@ -476,20 +698,52 @@ class NodeCluster(Cluster):
         kind = record[0]
         if kind == routing.PUBLISH:
             p = routing.read_publish(record)
+            first = self.firsts.get(p.channel)
             if not self.store.owns(p.channel):
-                if not self._defer(p.channel, source, record):
+                if source == self.index:
+                    # Sent here by this node as the owner, which it is no more
+                    # (it stepped down, or its first write was refused): never
+                    # sequenced, so sent on to the owner, not refused.
+                    self._redo(p.channel, record)
+                    if first is not None:
+                        first.outstanding -= 1
+                        self._first_check(p.channel, first)
+                elif not self._defer(p.channel, source, record):
                     # Sequencing it here would move this replica's seq past its owner's.
                     self._refuse(source, p.connection, p.sender, p.request_id, True)
+                return
+            if first is not None:
+                self._first_publish(source, p.channel, first, record)
                 return
         elif kind == routing.CONTROL:
             body = routing.read_control(record)
             channel = self._request_channel(body) if body["op"] == "serve" else None
+            if body["op"] == "first" and self._defer(body["channel"], source, record):
+                return                   # served once this node's claim of it is settled
+            if channel is not None and channel in self.firsts:
+                self._defer(channel, source, record)
+                return
             if channel is not None and not self.store.owns(channel):
                 if not self._defer(channel, source, record):
                     self._refuse(source, body["connection"], body["user"], body["rid"],
                                  routing.answered(body["what"], body["rid"]))
                 return
         super()._on_record(source, record)
+
+    def _first_publish(self, source: int, name: str, first: _First, record: bytes) -> None:
+        """A publish of a channel written first here: this node's own (sent with the
+        first append) is sequenced, its record kept until the append is answered;
+        another node's waits until the claim and that append are settled."""
+        if source != self.index:
+            self._defer(name, source, record)
+            return
+        first.outstanding -= 1
+        ch = self.relay.ensure_channel(name)
+        before = ch.seq
+        super()._on_record(source, record)
+        if ch.seq == before + 1:
+            first.records[ch.seq] = record
+        self._first_check(name, first)
 
     def _defer(self, channel: str, source: int, record: bytes) -> bool:
         """Hold a record forwarded for ``channel`` while this node claims it or
@@ -531,7 +785,7 @@ class NodeCluster(Cluster):
     def _interest(self, source: int, name: str, after: int) -> None:
         log.debug("interest", extra={"channel": name, "source": source, "after": after,
                                      "owned": self.store.owns(name)})
-        if self.store.owns(name):
+        if self.store.owns(name) and name not in self.firsts:
             super()._interest(source, name, after)
         elif name in self.resolving:
             self.deferred_interest.setdefault(name, []).append((source, after))
@@ -779,6 +1033,9 @@ class NodeCluster(Cluster):
         if body["op"] == "group":
             self.state.learn_group({**body["record"], "revision": body["revision"]})
             return
+        if body["op"] == "first":
+            self._adopt_first(body["channel"], body["at"], base64.b64decode(body["frames"]))
+            return
         if body["op"] == "ask_again":
             # ``source`` found this node dead and forgot what it asked for: ask
             # again from each replica's seq (the owner's catch-up fills what
@@ -843,6 +1100,9 @@ class NodeCluster(Cluster):
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
+                "first_writes": self.first_writes,
+                "first_writes_refused": self.first_writes_refused,
+                "publishes_redriven": self.publishes_redriven,
                 "chats_received_unasked": self.chats_received_unasked}
 
 

@@ -235,6 +235,134 @@ async def test_first_publishes_racing_from_two_nodes_are_each_acked_once(nodes):
         assert sorted(m.payload for m in page) == [b"alice", b"bob"]
 
 
+async def hold_bucket(nc: nats.aio.client.Client, bucket: str) -> list[nats.aio.msg.Msg]:
+    """Make KV ``bucket`` hold every write: its stream is replaced by a subscriber
+    that answers nothing (the writes it got, returned, grow as they come)."""
+    await nc.jetstream().delete_stream(f"KV_{bucket}")
+    held: list[nats.aio.msg.Msg] = []
+
+    async def hold(msg: nats.aio.msg.Msg) -> None:
+        held.append(msg)                          # never answered
+    await nc.subscribe(f"$KV.{bucket}.>", cb=hold)
+    await nc.flush()
+    return held
+
+
+async def test_a_new_channel_s_first_message_is_acked_while_its_claim_is_unanswered(
+        nodes, nats_cluster: NatsCluster):
+    """A node that claims a channel nobody has claimed appends its first message
+    beside the claim (expecting no message before it), not after the claim is
+    answered: one quorum write's wait instead of two in sequence (`bench cluster
+    --parts regions`: the claim alone was 141-452 ms).  The claims' bucket is
+    made to hold the claim here (its stream replaced by a subscriber that
+    answers nothing): the publish is acked at seq 1 all the same, and once the
+    bucket answers again the node claims the channel and goes on from the
+    stream, seq 2, 3, each message stored once."""
+    (n0,) = nodes("n0")
+    alice = await n0.connect("alice", channels=("org.held.>",))
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        held = await hold_bucket(nc, "fenghuo_owners")
+        ack = await asyncio.wait_for(alice.publish("org.held.c", "first"), 4.0)
+        assert ack.seq == 1
+        assert held, "the claim was not even sent"
+        await nc.close()                          # the claims are answered again ...
+        nc = await nats.connect(nats_cluster.urls)
+        await nc.jetstream().create_key_value(bucket="fenghuo_owners", history=1, replicas=3)
+        acks = [await publish_surely(alice, "org.held.c", f"m{i}", f"m{i}",
+                                     time.monotonic() + 30) for i in (2, 3)]
+        assert [a.seq for a in acks] == [2, 3]
+        page = await alice.history("org.held.c", limit=10)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"first"), (2, b"m2"), (3, b"m3")]
+        state = healthz(n0.metrics_port)[1]["cluster"]
+        assert state["first_writes"] >= 1 and state["channels_owned"] == 1
+    finally:
+        await nc.close()
+
+
+async def test_a_first_write_the_stream_refuses_is_sent_again_never_acked_there(
+        nodes, nats_cluster: NatsCluster):
+    """The stream already holds a first message of the channel that nobody
+    claimed (another node's first write whose node died before its claim): this
+    node's first append, expecting none, is refused, stores nothing, and its
+    publish is sequenced again after the stored one once this node has claimed
+    the channel and read its tail: acked at seq 2, not refused, and the stream
+    holds each message once."""
+    (n0,) = nodes("n0")
+    alice = await n0.connect("alice", channels=("org.taken.>",))
+    name = "org.taken.c"
+    other = await Engine.connect(nats_cluster.urls, "other-node")
+    try:
+        await other.append(name, 1, encode_message(name, 1, 1, "ghost", b"ghost"), 0, epoch=1)
+    finally:
+        await other.close()
+    ack = await alice.publish(name, "mine")
+    assert ack.seq == 2
+    page = await alice.history(name, limit=10)
+    assert [(m.seq, m.payload) for m in page] == [(1, b"ghost"), (2, b"mine")]
+    state = healthz(n0.metrics_port)[1]["cluster"]
+    assert (state["first_writes_refused"], state["publishes_redriven"]) == (1, 1)
+
+
+async def test_the_far_node_s_refused_first_write_goes_to_the_winner_acked_once(
+        nodes, nats_cluster: NatsCluster):
+    """Both participants of new direct chats write their first messages at once,
+    from two nodes; one node is 150 ms from NATS (another region), so the near
+    node's append and claim land first.  The far node's first append, expecting
+    no message, is refused by the stream: its publishes are sent to the winner
+    and acked there once, with no error to retry; every chat holds each message
+    once, gap-free, each sender's in its order, and both participants get them
+    live in that order."""
+    with near_and_far(nodes, nats_cluster) as (n0, n1):
+        pairs = [(await n0.connect(f"a{k}"), await n1.connect(f"b{k}")) for k in range(4)]
+
+        async def burst(client: fenghuo.Client, to: str) -> list[fenghuo.Ack]:
+            sent = [asyncio.ensure_future(client.send(to, f"{client.user}-{i}")) for i in range(3)]
+            return list(await asyncio.gather(*sent))
+        runs = await asyncio.gather(*(burst(c, to.user) for a, b in pairs
+                                      for c, to in ((a, b), (b, a))))
+        for k, (a, b) in enumerate(pairs):
+            name = f"dm:{a.user}:{b.user}"
+            by_seq = {}
+            for client, acks in ((a, runs[2 * k]), (b, runs[2 * k + 1])):
+                assert [x.seq for x in acks] == sorted(x.seq for x in acks), (name, acks)
+                by_seq.update({x.seq: f"{client.user}-{i}".encode() for i, x in enumerate(acks)})
+            assert sorted(by_seq) == list(range(1, 7)), name
+            page = await a.history(name, limit=10)
+            assert [(m.seq, m.payload) for m in page] == sorted(by_seq.items())
+            for client in (a, b):
+                got = await messages_of(client, name, 6)
+                assert [(m.seq, m.payload) for m in got] == sorted(by_seq.items()), client.user
+        far = healthz(n1.metrics_port)[1]["cluster"]
+        assert far["first_writes_refused"] >= 1 and far["publishes_redriven"] >= 1, far
+
+
+async def test_a_claim_winner_that_read_the_tail_early_takes_the_far_first_write(
+        nodes, nats_cluster: NatsCluster):
+    """A node claims a channel (a subscriber needs it) and reads its empty tail;
+    a node 150 ms from NATS, whose watch has not shown that claim yet, writes
+    the channel's first message: its append, expecting none, is stored (acked,
+    seq 1) and its claim lost.  It gives the stored frames to the winner, which
+    continues after them: the subscriber there gets seq 1 live, and the next
+    publish, forwarded to the winner, is seq 2, not refused by the stream as
+    the winner's append of a seq 1 of its own would be."""
+    with near_and_far(nodes, nats_cluster) as (n0, n1):
+        bob = await n0.connect("bob", channels=("org.early.>",))
+        alice = await n1.connect("alice", channels=("org.early.>",))
+        for k in range(3):
+            name = f"org.early.c{k}"
+            await bob.subscribe(name)                    # n0 claims it, tail empty
+            first = await alice.publish(name, "first")   # n1 writes it first
+            second = await alice.publish(name, "second")
+            assert (first.seq, second.seq) == (1, 2), name
+            got = await messages_of(bob, name, 2)
+            assert [(m.seq, m.payload) for m in got] == [(1, b"first"), (2, b"second")]
+            page = await bob.history(name, limit=10)
+            assert [(m.seq, m.payload) for m in page] == [(1, b"first"), (2, b"second")]
+        states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+        assert states[1]["channels_owned"] == 0 and states[1]["first_writes"] == 3, states
+
+
 async def test_a_new_direct_chat_reaches_a_participant_s_node_without_its_asking(nodes):
     """The node that claims a new direct chat tells the nodes where a participant
     is online, ahead of the chat's first message, that it sends them the chat
@@ -268,10 +396,7 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
     the node asks who owns it; the claims' watch can name the owner before that
     answer, and publishes sent then must not overtake the parked ones (PROTOCOL
     §6.3; `bench cluster --parts regions` saw seqs out of send order)."""
-    nats = nats_cluster.servers[0]
-    with far_link(nats) as url:
-        (n0,) = nodes("n0", servers=[nats])
-        (n1,) = nodes("n1", urls=[url])
+    with near_and_far(nodes, nats_cluster) as (n0, n1):
         alice = await n0.connect("alice", channels=("org.far.>",))
         bob = await n1.connect("bob", channels=("org.far.>",))
         for k in range(3):
@@ -300,6 +425,16 @@ def far_link(server: NatsServer, delay: str = "150ms") -> Iterator[str]:
     finally:
         far.terminate()
         far.wait(10)
+
+
+@contextlib.contextmanager
+def near_and_far(nodes, nats_cluster: NatsCluster) -> Iterator[tuple[RelayProcess, RelayProcess]]:
+    """Nodes ``n0`` on the first nats-server and ``n1`` 150 ms from it (another region)."""
+    server = nats_cluster.servers[0]
+    with far_link(server) as url:
+        (n0,) = nodes("n0", servers=[server])
+        (n1,) = nodes("n1", urls=[url])
+        yield n0, n1
 
 
 async def send_while_away(alice: fenghuo.Client, bob: fenghuo.Client) -> None:
@@ -1106,17 +1241,10 @@ async def test_a_device_sync_the_bucket_has_not_answered_holds_no_message(
     carol = await n0.connect("carol")
     nc = await nats.connect(nats_cluster.urls)
     try:
-        js = nc.jetstream()
-        await js.delete_stream("KV_fenghuo_devices")
-        held: list[nats.aio.msg.Msg] = []
-
-        async def hold(msg: nats.aio.msg.Msg) -> None:
-            held.append(msg)                      # never answered
+        held = await hold_bucket(nc, "fenghuo_devices")
 
         async def holding() -> bool:
             return bool(held)
-        await nc.subscribe("$KV.fenghuo_devices.>", cb=hold)
-        await nc.flush()
         await alice.send("bob", "m0")
         await messages_of(bob, "dm:alice:bob", 1)
         sync = asyncio.ensure_future(bob.sync_cursors_now())
