@@ -311,8 +311,9 @@ class NodeCluster(Cluster):
     def _publishes(self, name: str) -> bool:
         """Whether what waits here for ``name``'s owner is publishes, and only them."""
         parked = self.parked.get(name)
-        return (bool(parked) and name not in self.redo
-                and all(p.record[0] == routing.PUBLISH for p in parked))
+        if not parked or name in self.redo:
+            return False
+        return all(p.record[0] == routing.PUBLISH for p in parked)
 
     async def _write_first(self, name: str) -> Claim | None:
         """Sequence ``name`` at once and append its first message expecting no
