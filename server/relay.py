@@ -109,12 +109,10 @@ class Relay:
         #: user id -> direct and group channels the user belongs to, with the seq joined at
         self.memberships: dict[str, dict[Channel, int]] = {}
         #: this worker's side of the mesh when the relay runs as several workers
-        #: (set by Node.start; _load, below, runs without it)
+        #: (set by Node.start)
         self.cluster: Bus | None = None
-        #: idempotency keys read from the store into dedupe windows (all before the
-        #: relay listens: ``warm_windows``), and whether that is done
+        #: idempotency keys read from the store into dedupe windows (``warm_windows``)
         self.keys_loaded = 0
-        self.windows_warm = False
         #: messages, groups, cursors and clicks (server/engines.py); the same object as
         #: ``sqlite``, seen through the interface the delivery path may use
         self.store: Store | None = None
@@ -221,45 +219,40 @@ class Relay:
                 self.memberships.setdefault(user, {})[ch] = 0
 
     def _channel_past(self, name: str) -> tuple[list[tuple[int, bytes]], list[tuple[bytes, int, int]], int]:
-        """A channel's past at its first touch (Hub.channel): its last frames, the
-        keys of its dedupe span and its head.
-
-        A channel's dedupe window comes back with it: what was acked before a
-        crash is still answered DUPLICATE when its sender retries.  Only where
-        the channel is sequenced (Hub.sequence, its owner), and only until
-        ``warm_windows`` has made every such channel with a key in its span:
-        a first touch after that reads no keys.
-        """
+        """A channel's past at its first touch (Hub.channel): its last frames, no
+        keys (``warm_windows`` reads them, once) and its head."""
         store = self.store
         assert store is not None
-        keys: list[tuple[bytes, int, int]] = []
-        if not self.windows_warm and (self.cluster is None or self.cluster.owns(name)):
-            keys = store.dedupe_keys(name, self._span_start_us())
-            self.keys_loaded += len(keys)
-        return store.recent(name), keys, store.expired_head(name)
-
-    def _span_start_us(self) -> int:
-        return time.time_ns() // 1000 - int(self.settings.dedupe_span * 1e6)
+        return store.recent(name), [], store.expired_head(name)
 
     def warm_windows(self) -> None:
-        """Make, before the relay listens, every channel sequenced here that has a
-        keyed message in its dedupe span, its window loaded from the store.
+        """Load, before the relay listens, the dedupe window of every channel
+        sequenced here that has a keyed message in its span: what was acked
+        before a crash is still answered DUPLICATE when its sender retries.
 
-        Loading a window reads the span's messages of the channel (1,000,000
-        keys: 3.5-6.0 s, DESIGN "Sequencing and delivery"): at a first touch
-        while serving, that held every connection of the process.  After this,
-        no channel sequenced here has a key in the store its window lacks (its
-        keys are written by this process only), so first touches read none.
+        Only the channel's owner looks keys up (Hub.sequence), and only its
+        owner writes them, so after this no channel has a key in the store
+        its window lacks, and no first touch reads keys.  (Read at the first
+        touch, a window held every connection of the process while the span
+        was read: 1,000,000 keys took 3.5-6.0 s, DESIGN "Sequencing and
+        delivery"; and every worker read those of every direct chat and group
+        made at start-up, owned or not.)
         """
         store = self.store
         if store is None or self.hub.channel_loader is None:
             return                 # no store, or a cluster node (windows from the stream)
-        for name in store.keyed_channels(self._span_start_us()):
-            # Direct chats and groups were made by _load (a group deleted since stays unmade).
-            if (parse_channel(name).kind == ChannelKind.ORG_UNIT and self.hub.find(name) is None
-                    and (self.cluster is None or self.cluster.owns(name))):
-                self.ensure_channel(name)
-        self.windows_warm = True
+        since_us = time.time_ns() // 1000 - int(self.settings.dedupe_span * 1e6)
+        for name in store.keyed_channels(since_us):
+            if self.cluster is not None and not self.cluster.owns(name):
+                continue
+            ch = self.hub.find(name)
+            if ch is None:
+                if parse_channel(name).kind != ChannelKind.ORG_UNIT:
+                    continue       # a group deleted since (_load made every direct chat and group)
+                ch = self.ensure_channel(name)
+            keys = store.dedupe_keys(name, since_us)
+            ch.dedupe.load(keys)
+            self.keys_loaded += len(keys)
 
     def emit(self, event: WebhookEvent) -> None:
         """Tell the webhook endpoints whose filters accept it (server/outbox.py).

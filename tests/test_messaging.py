@@ -20,6 +20,7 @@ from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
 from rawwire import authed_raw, metrics
 from fenghuo.server.routing import owner_of
+from fenghuo.channels import direct_channel
 from test_workers import worker_gauge
 
 
@@ -182,23 +183,29 @@ async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(rel
 async def test_a_window_is_read_by_its_owner_before_it_listens_and_by_no_first_touch(relay_factory):
     # Reading a channel's window from the store at its first touch held the
     # whole process while it read the span (seconds for a million keys,
-    # DESIGN "Sequencing and delivery"), and a worker that only holds a
-    # replica of the channel read it too, never to use it.  Now the owner
-    # reads it at start-up, before it listens, and nobody at a first touch;
-    # a retry after the restart is still the original.
+    # DESIGN "Sequencing and delivery"), and a worker that does not sequence
+    # the channel read it too, never to use it (every worker, for every
+    # direct chat).  Now its owner reads it at start-up, before it listens,
+    # and nobody at a first touch; a retry after the restart is still the
+    # original.  An org channel owned by one worker, a direct chat by the other.
     news = "org.news"
     owner = owner_of(news, 2)
+    partner = next(p for p in (f"p{k}" for k in range(100))
+                   if owner_of(direct_channel("writer", p), 2) != owner)
     relay = relay_factory(workers=2)
     writer = await relay.connect("writer", channels=(news,))
     acks = [await writer.publish(news, f"m{i}", key=f"k{i}") for i in range(30)]
+    chat_acks = [await writer.send(partner, f"d{i}", key=f"d{i}") for i in range(10)]
     await writer.close()
     relay.stop()
     relay = relay_factory(workers=2, data_dir=relay.data_dir, secret=relay.secret)
     loaded = "fenghuo_dedupe_keys_loaded_total"
-    # Before any client: the owner has the channel and its 30 keys.
-    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 0]
-    assert worker_gauge(relay, owner, "fenghuo_channels") == 1
-    # A reader and the writer on the other worker (the kernel picks: retry until it does).
+    # Before any client: the owner of org.news has it and its 30 keys, the
+    # other worker the chat's 10 (every worker makes every direct chat).
+    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 10]
+    assert [worker_gauge(relay, w, "fenghuo_channels") for w in (owner, 1 - owner)] == [2, 1]
+    # A reader and the writer on the worker that does not own org.news (the
+    # kernel picks: retry until it does).
     for _ in range(60):
         reader = await relay.connect("reader", read=(news,), sync_from_start=True)
         if reader.welcome["worker"] != owner:
@@ -213,8 +220,10 @@ async def test_a_window_is_read_by_its_owner_before_it_listens_and_by_no_first_t
     retry = await writer.publish(news, "m0", key="k0")
     assert (retry.seq, retry.ts_us, retry.duplicate) == (acks[0].seq, acks[0].ts_us, True)
     assert (await writer.publish(news, "new", key="k-new")).seq == 31
+    retry = await writer.send(partner, "d0", key="d0")
+    assert (retry.seq, retry.ts_us, retry.duplicate) == (chat_acks[0].seq, chat_acks[0].ts_us, True)
     assert [m.seq for m in await collect(reader, 31)][-1] == 31    # the replica, made here
-    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 0]
+    assert [worker_gauge(relay, w, loaded) for w in (owner, 1 - owner)] == [30, 10]
 
 
 async def test_keys_a_full_window_gave_up_are_all_found_while_its_table_turns_over(relay_factory):
