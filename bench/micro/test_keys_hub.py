@@ -99,8 +99,14 @@ def test_publish_through_the_hub(benchmark, keys, window):
 
     for _ in range(window // BATCH + 1):       # fill the window: every key from now evicts one
         publish(read())
+    reads = [0]
+
+    def timed(data: bytes) -> None:
+        publish(data)
+        reads[0] += 1
+
     before = hub.metrics.publishes
     benchmark.extra_info.update(publishes_per_round=BATCH, window=window)
-    benchmark.pedantic(publish, setup=lambda: ((read(),), {}), rounds=400, iterations=1)
-    assert hub.metrics.publishes - before == 400 * BATCH      # none refused, none a duplicate
+    benchmark.pedantic(timed, setup=lambda: ((read(),), {}), rounds=400, iterations=1)
+    assert reads[0] and hub.metrics.publishes - before == reads[0] * BATCH   # none a duplicate
     assert len(hub.channel(CHANNEL).dedupe) == (window if make_key else 0)
