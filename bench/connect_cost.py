@@ -33,7 +33,10 @@ connections``.  The CPU time is read once every connection has its reply,
 before any closes (a close is not part of a connect; the warm-up's closes
 are done before the clock starts).  The generator here is lighter than that
 scenario's (raw bytes, no frame parsing, no timeout task per read), so the
-servers are kept busier, as in a reconnect storm.
+servers are kept busier, as in a reconnect storm.  Each round splits each
+server's CPU time into user and system; with ``--syscalls``, ``perf stat``
+counts each server's system calls over the connect phase, printed per
+connect, in all and by name.
 """
 
 from __future__ import annotations
@@ -45,17 +48,19 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import uvloop
 
-from bench.loadgen import CONNECT_CONCURRENCY, cpu_seconds
+from bench.loadgen import CONNECT_CONCURRENCY, cpu_times
 from bench.targets import GENERATOR_CPU, RELAY_CPU, Fenghuo, Target, free_port, pin
 
 CONCURRENCY = 200
@@ -70,6 +75,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--cpu", action="store_true",
                    help="no valgrind: the relay's and redis-server's CPU time per connect")
     p.add_argument("--rounds", type=int, default=2, help="with --cpu: alternating rounds")
+    p.add_argument("--syscalls", action="store_true",
+                   help="with --cpu: each server's system calls per connect, by name (perf stat)")
     p.add_argument("--keep", metavar="FILE", default="",
                    help="copy the connect phase's callgrind profile to FILE "
                         "(read it with callgrind_annotate)")
@@ -176,37 +183,101 @@ def self_cost_by_object(profile: Path) -> collections.Counter[str]:
     return by_object
 
 
-def _cpu_per_connect(target: Target, warmup: list[bytes], requests: list[bytes]) -> float:
-    """``target``'s CPU time per connect (microseconds) over ``requests``, after ``warmup``."""
+#: System calls counted per connect with ``--syscalls`` (``perf stat``'s
+#: tracepoints); ``total`` is every system call, these and the rest.
+SYSCALLS = ("accept4", "setsockopt", "getsockname", "getpeername", "fcntl", "epoll_ctl",
+            "io_uring_enter", "epoll_wait", "epoll_pwait", "read", "write", "writev", "close")
+
+
+@dataclass(frozen=True)
+class ConnectCost:
+    """One server's cost per connect over one round's connect phase."""
+    user_us: float
+    system_us: float
+    #: system calls per connect by name (``total``: all of them); empty without --syscalls
+    syscalls: dict[str, float]
+
+    @property
+    def cpu_us(self) -> float:
+        return self.user_us + self.system_us
+
+    def syscall_line(self) -> str:
+        named = ", ".join(f"{name} {self.syscalls[name]:.2f}" for name in SYSCALLS
+                          if self.syscalls.get(name, 0.0) >= 0.005)
+        return f"{self.syscalls.get('total', 0.0):.2f} ({named})"
+
+
+class _SyscallCount:
+    """``perf stat`` counting a process's system calls, by name, until :meth:`stop`."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        events = ["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{name}" for name in SYSCALLS)]
+        self.out = out
+        self.proc = subprocess.Popen(["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events),
+                                      "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)     # attached (what the idle relay calls meanwhile: timers, ~0.01 a connect)
+
+    def stop(self, connects: int) -> dict[str, float]:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        counts: dict[str, float] = {}
+        for line in self.out.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) < 3 or not fields[0].isdigit():
+                continue
+            name = "total" if fields[2] == "raw_syscalls:sys_enter" else fields[2].rsplit("_enter_", 1)[-1]
+            counts[name] = int(fields[0]) / connects
+        return counts
+
+
+def _cost_per_connect(target: Target, warmup: list[bytes], requests: list[bytes],
+                      syscalls: bool = False) -> ConnectCost:
+    """``target``'s CPU time per connect over ``requests``, after ``warmup``."""
     with TemporaryDirectory(prefix=f"bench-connect-cost-{target.name}-") as workdir:
         target.start(Path(workdir))
         try:
             uvloop.run(_connect(target.port, warmup, CONNECT_CONCURRENCY))
             time.sleep(1.0)     # the warm-up's closes, done before the clock starts
-            before = cpu_seconds(target.pid)
-            after: list[float] = []
-            # Read once every connection has its reply, before they close.
-            uvloop.run(_connect(target.port, requests, CONNECT_CONCURRENCY,
-                                lambda: after.append(cpu_seconds(target.pid))))
-            return (after[0] - before) / len(requests) * 1e6
+            counter = _SyscallCount(target.pid, Path(workdir) / "perf.txt") if syscalls else None
+            before = cpu_times(target.pid)
+            after: list[tuple[float, float]] = []
+            counts: dict[str, float] = {}
+
+            def connected() -> None:
+                # Read once every connection has its reply, before they close.
+                after.append(cpu_times(target.pid))
+                if counter is not None:
+                    counts.update(counter.stop(len(requests)))
+
+            uvloop.run(_connect(target.port, requests, CONNECT_CONCURRENCY, connected))
+            return ConnectCost((after[0][0] - before[0]) / len(requests) * 1e6,
+                               (after[0][1] - before[1]) / len(requests) * 1e6, counts)
         finally:
             target.stop()
 
 
 def cpu_rounds(a: argparse.Namespace) -> int:
     from bench.peers.redis import Redis
+    if a.syscalls and shutil.which("perf") is None:
+        raise SystemExit("connect-cost --syscalls needs perf (linux-tools)")
     for round_no in range(1, a.rounds + 1):
         secret = secrets.token_urlsafe(32)
         relay = Fenghuo(secret, ("--store", "memory", *a.relay.split()), 1)
-        fenghuo_us = _cpu_per_connect(relay, _hellos(secret, "w", a.warmup),
-                                      _hellos(secret, "u", a.connections))
+        fenghuo = _cost_per_connect(relay, _hellos(secret, "w", a.warmup),
+                                    _hellos(secret, "u", a.connections), a.syscalls)
         redis = Redis()
-        redis_us = _cpu_per_connect(redis, [redis.auth] * a.warmup, [redis.auth] * a.connections)
+        theirs = _cost_per_connect(redis, [redis.auth] * a.warmup, [redis.auth] * a.connections,
+                                   a.syscalls)
         # CPU time comes in clock ticks (10 ms): a few connects may show none.
-        ratio = f"{redis_us / fenghuo_us:.2f}x" if fenghuo_us else "n/a"
+        ratio = f"{theirs.cpu_us / fenghuo.cpu_us:.2f}x" if fenghuo.cpu_us else "n/a"
         print(f"round {round_no}: {a.connections:,} connects, CPU per connect fenghuo "
-              f"{fenghuo_us:.1f} us, redis-server {redis_us:.1f} us: fenghuo's connects per "
-              f"core {ratio} redis-server's (load average {os.getloadavg()[0]:.1f})", flush=True)
+              f"{fenghuo.cpu_us:.1f} us, redis-server {theirs.cpu_us:.1f} us: fenghuo's connects per "
+              f"core {ratio} redis-server's (load average {os.getloadavg()[0]:.1f}); "
+              f"user/system fenghuo {fenghuo.user_us:.1f}/{fenghuo.system_us:.1f} us, "
+              f"redis-server {theirs.user_us:.1f}/{theirs.system_us:.1f} us", flush=True)
+        if a.syscalls:
+            print(f"  system calls per connect: fenghuo {fenghuo.syscall_line()}", flush=True)
+            print(f"  system calls per connect: redis-server {theirs.syscall_line()}", flush=True)
     return 0
 
 

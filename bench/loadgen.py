@@ -185,13 +185,16 @@ async def build_group(target: Target, members: int, payload: int, window: int,
     return _Setup([publisher], subscribers, len(wire.publish), wire.delivery_size)
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds the process ``pid`` has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick      # utime, stime (fields 14, 15)
+
+
 def cpu_seconds(*pids: int) -> float:
     """User + system CPU time the processes ``pids`` have used so far (/proc/PID/stat)."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])      # utime, stime (fields 14, 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(sum(cpu_times(pid)) for pid in pids)
 
 
 async def measure_throughput(setup: _Setup, warmup: float, duration: float,

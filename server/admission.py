@@ -94,8 +94,9 @@ class Admission:
         #: Sessions between connection_made and HELLO accepted (or closed)
         self.handshaking = 0
         # Sessions made by the factory whose connection_made has not run yet:
-        # uvloop accepts the whole backlog in one go and calls connection_made
-        # in the next loop iteration, so counters alone would lag a burst.
+        # uvloop calls connection_made in the next loop iteration (and libuv
+        # before 1.45 accepted the whole backlog in one go; since, one a
+        # listener per iteration), so counters alone would lag a burst.
         self._accepted_unmade = 0
         self._tokens = self.burst
         self._refilled_at = time.monotonic()

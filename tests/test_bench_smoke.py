@@ -116,6 +116,31 @@ def test_connect_cost_cpu_times_the_relay_and_redis_in_each_round():
     assert len(rounds) == 2, run.stdout
     for line in rounds:
         assert re.search(r"fenghuo [\d.]+ us, redis-server [\d.]+ us: .* ([\d.]+x|n/a) redis", line), line
+        assert re.search(r"user/system fenghuo [\d.]+/[\d.]+ us, redis-server [\d.]+/[\d.]+ us$", line), line
+
+
+def _perf_traces_syscalls() -> bool:
+    if shutil.which("perf") is None:
+        return False
+    probe = subprocess.run(["perf", "stat", "-x", ",", "-e", "syscalls:sys_enter_accept4", "true"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and "not supported" not in probe.stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or not _perf_traces_syscalls(),
+                    reason="needs redis-server and perf with syscall tracepoints")
+def test_connect_cost_counts_each_servers_system_calls_per_connect():
+    run = bench("connect-cost", "--cpu", "--syscalls", "--connections", "50", "--warmup", "5",
+                "--rounds", "1")
+    _, ours, theirs = run.stdout.strip().splitlines()
+    for line, server in ((ours, "fenghuo"), (theirs, "redis-server")):
+        found = re.search(rf"system calls per connect: {server} ([\d.]+) \((.*)\)$", line)
+        assert found, run.stdout
+        by_name = dict(pair.rsplit(" ", 1) for pair in found[2].split(", "))
+        # Each connect is accepted and answered (redis-server also opens and
+        # closes files of its own now and then).
+        assert float(by_name["accept4"]) >= 1.0 and float(by_name["write"]) >= 1.0, line
+        assert float(found[1]) >= 4.0, line
 
 
 def test_fenghuo_run_also_reports_the_relays_own_histogram(tmp_path):
