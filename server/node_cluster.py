@@ -98,7 +98,7 @@ class _First:
     #: seq -> the P record this node sent itself for it: sent again to the
     #: channel's owner if the stream refuses the append (never acked)
     records: dict[int, bytes] = field(default_factory=dict)
-    outstanding: int = 0                 # P records sent to this node for it, not back yet
+    outstanding: int = 0                 # P records handed to this node for it, not handled yet
     answered: bool = False               # its first append was answered
     stored_at: int = 0                   # that append's stream sequence, if stored
     data: bytes = b""                    # and the frames it held
@@ -336,9 +336,7 @@ class NodeCluster(Cluster):
         ch.owner = -1
         self.ready_here.discard(ch)
         self.store.own(name, 0, 1, tentative=True)
-        for parked in self.parked.pop(name, ()):
-            first.outstanding += self._unpark(parked, self.index)
-        self._first_check(name, first)
+        self._unpark_first(name, first)
         claim = None
         try:
             try:
@@ -379,15 +377,24 @@ class NodeCluster(Cluster):
         what others forward waits) are sent again, not refused."""
         first = self.firsts[name] = _First(asyncio.get_running_loop().create_future())
         try:
-            for parked in self.parked.pop(name, ()):
-                first.outstanding += self._unpark(parked, self.index)
-            self._first_check(name, first)
+            self._unpark_first(name, first)
             try:
                 await asyncio.wait_for(asyncio.shield(first.settled), FIRST_PATIENCE)
             except TimeoutError:
                 log.warning("first append not answered", extra={"channel": name})
         finally:
             del self.firsts[name]
+
+    def _unpark_first(self, name: str, first: _First) -> None:
+        """What is parked for ``name``, sequenced here now, in order (``_unpark``),
+        each counted outstanding until it is handled, so that ``first`` is not
+        settled before the last of them has made its append."""
+        parked = self.parked.pop(name, [])
+        first.outstanding += len(parked)
+        for p in parked:
+            if not self._unpark(p, self.index):
+                first.outstanding -= 1               # nobody waits for it: not sent
+        self._first_check(name, first)
 
     def _first_check(self, name: str, first: _First) -> None:
         """Settled once every record sent here for it is back and its first
@@ -638,7 +645,8 @@ class NodeCluster(Cluster):
         return _Parked(origin.id, awaited, record)
 
     def _unpark(self, parked: _Parked, owner: int) -> bool:
-        """Send ``parked`` to ``owner``; False if nobody waits for it any more."""
+        """Send ``parked`` to ``owner`` (served at once if that is this node); False
+        if nobody waits for it any more."""
         if parked.awaited is not None:
             pending = self.forwarded.get(parked.connection)
             if pending is None:
@@ -649,10 +657,16 @@ class NodeCluster(Cluster):
             waiting.remove(parked.awaited)
             pending.waiting.setdefault(owner, deque()).append(parked.awaited)
         self.origins_at.setdefault(parked.connection, set()).add(owner)
-        if owner != self.index and parked.record[0] == routing.PUBLISH:
+        if owner == self.index:
+            # Won here: served now, as a record from this node, its answer
+            # coming back the way every forwarded answer does.  Not sent to
+            # this node over NATS: the publishes its connection sends
+            # meanwhile find the channel owned here and are sequenced at once,
+            # ahead of it (PROTOCOL §6.3; DESIGN, Cluster).
+            self._on_record(self.index, parked.record)
+            return True
+        if parked.record[0] == routing.PUBLISH:
             self.forwarded_publishes += 1
-        # To this node too (over NATS, once): the owner's answer comes back
-        # the way every forwarded answer does.
         self.mesh.send(owner, parked.record)
         return True
 

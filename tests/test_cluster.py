@@ -410,6 +410,30 @@ async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_o
             assert seqs == list(range(2, 14)), (name, seqs)
 
 
+async def test_a_sender_s_publishes_keep_their_order_while_its_node_claims_the_channel(
+        nodes, nats_cluster: NatsCluster):
+    """A node far from NATS (150 ms each way) claims a new channel for its
+    sender's first publish, which waits (parked) meanwhile; the sender goes on
+    publishing without waiting for acks.  Once the claim is won, the parked
+    publish is sequenced here at once, not sent to this very node over NATS
+    (a round trip through the far link) while the publishes arriving meanwhile,
+    finding the channel owned here, went ahead of it (PROTOCOL §6.3; `bench
+    cluster --parts regions`: a sender's own node owning the chat, seqs out of
+    send order)."""
+    nats = nats_cluster.servers[0]
+    with far_link(nats) as url:
+        (n0,) = nodes("n0", urls=[url])
+        alice = await n0.connect("alice", channels=("org.own.>",))
+        for name, send in (("org.own.c0", lambda i: alice.publish("org.own.c0", str(i))),
+                           ("dm:alice:bob", lambda i: alice.send("bob", str(i)))):
+            sending = []
+            for i in range(30):                          # over the claim and a round trip
+                sending.append(asyncio.ensure_future(send(i)))
+                await asyncio.sleep(0.04)
+            seqs = [ack.seq for ack in await asyncio.gather(*sending)]
+            assert seqs == list(range(1, 31)), (name, seqs)
+
+
 @contextlib.contextmanager
 def far_link(server: NatsServer, delay: str = "150ms") -> Iterator[str]:
     """A NATS URL that reaches ``server`` through a delay proxy (``bench.netem``,
