@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import random
@@ -118,9 +119,17 @@ async def watch_bucket(kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
     """``learn`` every present entry of ``kv`` (back when they are all learned),
     then, in the task returned, every change for as long as it runs."""
     watcher = await kv.watchall()
-    # The watch first replays every present key, then an empty marker.
-    while (entry := await watcher.updates(timeout=30)) is not None:
-        learn(entry)
+    try:
+        # The watch first replays every present key, then an empty marker.
+        while (entry := await watcher.updates(timeout=30)) is not None:
+            learn(entry)
+    except BaseException:
+        # A replay not finished (its 30 s passed, the start given up): this
+        # watch stops, else it would go on beside the one Engine.watch's retry
+        # makes (its subscription and consumer kept, every change learned twice).
+        with contextlib.suppress(nats.errors.Error):
+            await watcher.stop()
+        raise
 
     async def follow() -> None:
         while True:

@@ -5,13 +5,18 @@ once JetStream answers.  Real nats-servers and a real node process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
+import nats.js.errors
 import pytest
 
-from conftest import start_relay
-from scripts.nats_cluster import NatsCluster
+from conftest import RelayProcess, start_relay
+from scripts.nats_cluster import NatsCluster, NatsServer
 
 
 def _waits(tmp_path: Path) -> list[dict]:
@@ -48,3 +53,156 @@ async def test_a_node_without_a_jetstream_meta_leader_says_what_it_waits_for_the
         assert '"joined the cluster"' in relay.log()
     finally:
         relay.stop()
+
+
+class HoldingProxy:
+    """A TCP proxy to a nats-server that keeps a bucket's first watch from
+    finishing its replay: it holds the watch's subscription back until the
+    server has answered its consumer's info (so the entries count as pending,
+    not yet delivered), and every message the server delivers on a subject
+    beginning ``held`` (the bucket's entries) until ``release``.  Everything
+    else passes, both ways.  It parses the NATS protocol: PUB, HPUB, MSG and
+    HMSG by their byte counts, one line for anything else."""
+
+    def __init__(self, target: tuple[str, int], bucket: str) -> None:
+        self.target = target
+        self.create = f"$JS.API.CONSUMER.CREATE.KV_{bucket}".encode()
+        self.held = f"$KV.{bucket}.".encode()
+        self.holding = True
+        self.kept: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self.count = 0          # entries held back
+        self.sub: bytes | None = None        # the first watch's SUB, held
+        self.state = "before"   # -> "armed" (its consumer asked for) -> "held" -> "sent"
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def release(self) -> None:
+        self.holding = False
+        for writer, frame in self.kept:
+            writer.write(frame)
+        self.kept.clear()
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        for pump in (self._up(reader, up_writer), self._down(up_reader, writer, up_writer)):
+            task = asyncio.ensure_future(pump)
+            self.tasks.add(task)
+
+    @staticmethod
+    async def _frames(reader: asyncio.StreamReader) -> AsyncIterator[tuple[list[bytes], bytes]]:
+        buf = b""
+        while data := await reader.read(65536):
+            buf += data
+            while (eol := buf.find(b"\r\n")) >= 0:
+                words = buf[:eol].split()
+                end = eol + 2
+                if words and words[0] in (b"PUB", b"HPUB", b"MSG", b"HMSG"):
+                    end += int(words[-1]) + 2
+                    if len(buf) < end:
+                        break
+                frame, buf = buf[:end], buf[end:]
+                yield words, frame
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            if words[:1] in ([b"PUB"], [b"HPUB"]) and words[1].startswith(self.create) \
+                    and self.state == "before":
+                self.state = "armed"
+            elif (words[:1] == [b"SUB"] and self.state == "armed" and words[1].startswith(b"_INBOX.")
+                    and b"*" not in words[1]):
+                self.sub, self.state = frame, "held"
+                continue
+            writer.write(frame)
+        writer.close()
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            delivery = words[:1] in ([b"MSG"], [b"HMSG"])
+            if self.holding and delivery and words[1].startswith(self.held):
+                self.kept.append((writer, frame))
+                self.count += 1
+                continue
+            writer.write(frame)
+            if self.state == "held" and delivery and b"consumer_info_response" in frame:
+                assert self.sub is not None
+                up.write(self.sub)       # the entries are counted pending: now deliver them
+                self.state = "sent"
+        writer.close()
+
+
+def _watch_subscriptions(server: NatsServer, name: str) -> list[str]:
+    """The subjects of the plain inboxes connection ``name`` subscribes on
+    ``server`` (nats-py's ordered consumers deliver there: one per watch)."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.http_port}/connz?subs=1",
+                                timeout=5) as answer:
+        conns = json.load(answer)["connections"]
+    [conn] = [c for c in conns if c.get("name") == name]
+    return [s for s in conn.get("subscriptions_list", [])
+            if s.startswith("_INBOX.") and "*" not in s and ">" not in s]
+
+
+async def test_a_watch_whose_replay_timed_out_is_stopped_before_the_retry(
+        tmp_path: Path, nats_cluster: NatsCluster):
+    """A node joins while the groups bucket's entries are held from it: its watch
+    of the bucket (Engine.watch) does not finish its replay within 30 s and is
+    tried again; released, the node joins.  The watch given up is stopped: the
+    node has as many watch subscriptions as a node that joined plainly (before,
+    one more: the first watch went on beside the second)."""
+    first = nats_cluster.servers[0]
+
+    def start_node(log: Path, url: str, name: str) -> RelayProcess:
+        log.mkdir(exist_ok=True)
+        return start_relay(log, "--cluster", url, "--node", name, workers=1, timeout=150)
+
+    plain = await asyncio.to_thread(start_node, tmp_path / "a", first.url, "n0")
+    proxy = HoldingProxy((first.host, first.port), "fenghuo_groups")
+    joining: asyncio.Future[RelayProcess] | None = None
+    try:
+        owner = await plain.connect("alice")
+        await owner.create_group("g1", members=["bob"])    # an entry for the replay
+        await owner.close()
+        nc = await nats.connect(first.url)
+        try:
+            groups = await nc.jetstream().key_value("fenghuo_groups")
+            for _ in range(100):      # in the bucket (written beside the RESULT, not before)
+                with contextlib.suppress(nats.js.errors.NoKeysError):
+                    if await groups.keys():
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the group never reached the bucket")
+        finally:
+            await nc.close()
+        url = await proxy.start()
+        joining = asyncio.ensure_future(asyncio.to_thread(start_node, tmp_path / "b", url, "n1"))
+        for _ in range(600):      # the replay's 30 s, and its retry logged
+            waits = _waits(tmp_path / "b")
+            if any(w.get("waiting_for") == "the watch fenghuo-fenghuo_groups"
+                   and "TimeoutError" in w.get("error", "") for w in waits):
+                break
+            assert not joining.done(), f"joined with the entries held: {proxy.count} held, {waits}"
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail(f"120 s and no retry of the groups' watch: {waits}")
+        assert proxy.state == "sent" and proxy.count >= 1
+        proxy.release()
+        node = await joining
+        assert '"joined the cluster"' in node.log()
+        assert (len(_watch_subscriptions(first, "fenghuo-n1"))
+                == len(_watch_subscriptions(first, "fenghuo-n0")))
+    finally:
+        proxy.release()
+        if joining is not None:
+            with contextlib.suppress(Exception):
+                (await joining).stop()
+        await proxy.close()
+        plain.stop()
