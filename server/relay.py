@@ -248,7 +248,7 @@ class Relay:
             ch = self.hub.find(name)
             if ch is None:
                 if parse_channel(name).kind != ChannelKind.ORG_UNIT:
-                    continue       # a group deleted since (_load made every direct chat and group)
+                    continue       # no such group (_load made every one; none is ever deleted)
                 ch = self.ensure_channel(name)
             keys = store.dedupe_keys(name, since_us)
             ch.dedupe.load(keys)

@@ -180,6 +180,27 @@ async def test_a_key_older_than_the_reloaded_window_is_found_after_a_restart(rel
     assert (await alice.send("bob", "new", key="k-new")).seq == 41
 
 
+async def test_a_group_is_never_deleted_so_its_keys_outlive_a_restart(relay_factory):
+    # No GROUP op deletes a group (PROTOCOL §3.16): after a restart its id is
+    # still taken, and a retry of a keyed publish made to it before is the
+    # original (§6.2), under the default deployment's workers.
+    relay = relay_factory()
+    alice = await relay.connect("alice")
+    await alice.create_group("crew", ["bob"])
+    acks = [await alice.publish("group:crew", f"m{i}", key=f"k{i}") for i in range(5)]
+    await alice.close()
+    relay.stop()
+    again = relay_factory(data_dir=relay.data_dir, secret=relay.secret)
+    alice = await again.connect("alice")
+    with pytest.raises(FenghuoError) as info:
+        await alice.create_group("crew", ["carol"])
+    assert info.value.code == ErrorCode.CONFLICT
+    for i, ack in enumerate(acks):
+        retry = await alice.publish("group:crew", "again", key=f"k{i}")
+        assert (retry.seq, retry.ts_us, retry.duplicate) == (ack.seq, ack.ts_us, True)
+    assert (await alice.publish("group:crew", "new", key="k-new")).seq == acks[-1].seq + 1
+
+
 async def test_a_window_is_read_by_its_owner_before_it_listens_and_by_no_first_touch(relay_factory):
     # Reading a channel's window from the store at its first touch held the
     # whole process while it read the span (seconds for a million keys,
