@@ -306,6 +306,15 @@ class ProxiedConnection:
             proxy.on_connection(self)
         self._connecting = asyncio.ensure_future(self._connect_upstream(proxy.upstream))
 
+    async def upstream_address(self) -> tuple[str, int]:
+        """This connection's own address on its socket to the upstream, once connected:
+        what the upstream sees as its peer."""
+        await asyncio.shield(self._connecting)
+        if self._upstream is None or self._upstream.transport is None:
+            raise ConnectionError("the upstream was never connected")
+        sockname: tuple[str, int] = self._upstream.transport.get_extra_info("sockname")[:2]
+        return sockname
+
     def directions_of(self, side: _Side) -> tuple[Direction, Direction]:
         """(what ``side`` feeds, what ``side`` is the sink of)."""
         if side is self._client:
