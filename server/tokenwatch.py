@@ -50,8 +50,7 @@ class TokenWatch:
 
     def watch(self, session: Session) -> None:
         """Track ``session``'s current token (after HELLO and after each REFRESH)."""
-        # deadline() written out: a Python call less per HELLO
-        heapq.heappush(self._due, (session.grants.expires + self.grace, next(self._order), session))
+        heapq.heappush(self._due, (self.deadline(session), next(self._order), session))
 
     def _live(self, entry: tuple[float, int, Session]) -> bool:
         """Whether ``entry`` is its session's current deadline, the session open."""
