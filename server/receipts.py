@@ -30,6 +30,11 @@ class Receipts:
 
     def receipt(self, user: str, ch: Channel, seq: int, kind: int, answer: bool) -> dict[str, Any]:
         """``user`` received or read ``seq`` of ``ch``: move the read cursor, tell the sender."""
+        if not 1 <= seq <= ch.seq:
+            # No such message (not yet sequenced, or 0): refused, so nothing moves (§3.11 step 4).
+            if answer:
+                raise refuse(ErrorCode.NOT_FOUND, f"no message {seq} in {ch.name!r}")
+            return {}
         if kind == ReceiptKind.READ:
             # Reading is per user, whatever the device: every device's unread count follows.
             self.mark_read(user, ch, seq)

@@ -281,7 +281,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             return
         cluster = self.relay.cluster
         if cluster is not None and not cluster.owns(ch.name):
-            if receipt.kind == ReceiptKind.READ:
+            if receipt.kind == ReceiptKind.READ and 1 <= receipt.seq <= ch.seq:
                 # The owner moves the read cursor and shares it; the replica
                 # here moves now, so this connection's next request sees it.
                 self.relay.reads.advance(ch.name, self.user, min(receipt.seq, ch.seq))
