@@ -5,8 +5,9 @@ the machine's load and with how busy the relay is: a relay woken for each
 connection pays a loop iteration and a context switch per connect, one kept
 busy shares them.  On a shared 2-core machine two runs of one build differ
 by 10 % and more.  Here the relay runs under valgrind's callgrind, whose
-count of instructions executed in its user space is the same from run to
-run within about 2 %, whatever else the machine does: a change to the
+count of instructions executed in its user space moves by up to about 5 %
+from run to run (the cyclic collector's passes and the loop's iterations
+fall differently), whatever else the machine does: a change to the
 accept or HELLO path shows as fewer instructions, before it can show in a
 rate.  (The kernel's share, accept, TCP, epoll, about a third of the time,
 is not counted.)
@@ -37,6 +38,12 @@ servers are kept busier, as in a reconnect storm.  Each round splits each
 server's CPU time into user and system; with ``--syscalls``, ``perf stat``
 counts each server's system calls over the connect phase, printed per
 connect, in all and by name.
+
+``--peers uvloop-floor`` adds, with ``--cpu`` in each round and under
+callgrind after the relay, the uvloop floor: a uvloop server whose protocol
+answers its one read with one fixed line (``bench/peers/echo.py --reply``),
+what any uvloop server pays per connection before doing anything of its own.
+Fenghuo's user time (or instructions) above it is the relay's own.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from tempfile import TemporaryDirectory
 import uvloop
 
 from bench.loadgen import CONNECT_CONCURRENCY, cpu_times
-from bench.targets import GENERATOR_CPU, RELAY_CPU, Fenghuo, Target, free_port, pin
+from bench.targets import GENERATOR_CPU, RELAY_CPU, Fenghuo, Target, UvloopFloor, free_port, pin
 
 CONCURRENCY = 200
 
@@ -75,6 +82,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--cpu", action="store_true",
                    help="no valgrind: the relay's and redis-server's CPU time per connect")
     p.add_argument("--rounds", type=int, default=2, help="with --cpu: alternating rounds")
+    p.add_argument("--peers", default="redis", metavar="NAMES",
+                   help="the servers measured after fenghuo, comma-separated: with --cpu, in "
+                        "each round, redis (AUTH -> +OK) and uvloop-floor (a uvloop server "
+                        "answering one read with one fixed line); under callgrind, "
+                        "uvloop-floor only (redis is skipped)")
     p.add_argument("--syscalls", action="store_true",
                    help="with --cpu: each server's system calls per connect, by name (perf stat)")
     p.add_argument("--keep", metavar="FILE", default="",
@@ -256,8 +268,34 @@ def _cost_per_connect(target: Target, warmup: list[bytes], requests: list[bytes]
             target.stop()
 
 
+#: ``--peers``: each name's server, and the request a connect sends it (the
+#: warm-up's and the measured connects' alike)
+PEERS = ("redis", "uvloop-floor")
+
+
+def _peer(name: str) -> tuple[Target, bytes]:
+    if name == "redis":
+        from bench.peers.redis import Redis
+        redis = Redis()
+        return redis, redis.auth
+    if name == "uvloop-floor":
+        return UvloopFloor(), b"HELLO\n"
+    raise SystemExit(f"connect-cost --peers: {name!r} is none of {', '.join(PEERS)}")
+
+
+def _floor_line(fenghuo: ConnectCost, floor: ConnectCost) -> str:
+    """The uvloop floor beside fenghuo: not a server to beat but the part of
+    fenghuo's user time that is uvloop's and CPython's for any connection."""
+    over = f"{fenghuo.user_us / floor.user_us:.2f}x" if floor.user_us else "n/a"
+    return (f"uvloop floor {floor.cpu_us:.1f} us, user/system {floor.user_us:.1f}/"
+            f"{floor.system_us:.1f} us: fenghuo's user time {over} the floor's, "
+            f"{fenghuo.user_us - floor.user_us:+.1f} us above it")
+
+
 def cpu_rounds(a: argparse.Namespace) -> int:
-    from bench.peers.redis import Redis
+    peers = [name for name in a.peers.split(",") if name]
+    for name in peers:
+        _peer(name)     # an unknown name fails before any round
     if a.syscalls and shutil.which("perf") is None:
         raise SystemExit("connect-cost --syscalls needs perf (linux-tools)")
     for round_no in range(1, a.rounds + 1):
@@ -265,42 +303,42 @@ def cpu_rounds(a: argparse.Namespace) -> int:
         relay = Fenghuo(secret, ("--store", "memory", *a.relay.split()), 1)
         fenghuo = _cost_per_connect(relay, _hellos(secret, "w", a.warmup),
                                     _hellos(secret, "u", a.connections), a.syscalls)
-        redis = Redis()
-        theirs = _cost_per_connect(redis, [redis.auth] * a.warmup, [redis.auth] * a.connections,
-                                   a.syscalls)
-        # CPU time comes in clock ticks (10 ms): a few connects may show none.
-        ratio = f"{theirs.cpu_us / fenghuo.cpu_us:.2f}x" if fenghuo.cpu_us else "n/a"
-        print(f"round {round_no}: {a.connections:,} connects, CPU per connect fenghuo "
-              f"{fenghuo.cpu_us:.1f} us, redis-server {theirs.cpu_us:.1f} us: fenghuo's connects per "
-              f"core {ratio} redis-server's (load average {os.getloadavg()[0]:.1f}); "
-              f"user/system fenghuo {fenghuo.user_us:.1f}/{fenghuo.system_us:.1f} us, "
-              f"redis-server {theirs.user_us:.1f}/{theirs.system_us:.1f} us", flush=True)
+        costs: dict[str, ConnectCost] = {}
+        for name in peers:
+            target, request = _peer(name)
+            costs[name] = _cost_per_connect(target, [request] * a.warmup,
+                                            [request] * a.connections, a.syscalls)
+        line = f"round {round_no}: {a.connections:,} connects, CPU per connect fenghuo {fenghuo.cpu_us:.1f} us"
+        split = f"user/system fenghuo {fenghuo.user_us:.1f}/{fenghuo.system_us:.1f} us"
+        theirs = costs.get("redis")
+        if theirs is not None:
+            # CPU time comes in clock ticks (10 ms): a few connects may show none.
+            ratio = f"{theirs.cpu_us / fenghuo.cpu_us:.2f}x" if fenghuo.cpu_us else "n/a"
+            line += (f", redis-server {theirs.cpu_us:.1f} us: fenghuo's connects per core "
+                     f"{ratio} redis-server's")
+            split += f", redis-server {theirs.user_us:.1f}/{theirs.system_us:.1f} us"
+        print(f"{line} (load average {os.getloadavg()[0]:.1f}); {split}", flush=True)
+        if "uvloop-floor" in costs:
+            print(f"  {_floor_line(fenghuo, costs['uvloop-floor'])}", flush=True)
         if a.syscalls:
             print(f"  system calls per connect: fenghuo {fenghuo.syscall_line()}", flush=True)
-            print(f"  system calls per connect: redis-server {theirs.syscall_line()}", flush=True)
+            for name, cost in costs.items():
+                label = "redis-server" if name == "redis" else name
+                print(f"  system calls per connect: {label} {cost.syscall_line()}", flush=True)
     return 0
 
 
-def cmd_connect_cost(a: argparse.Namespace) -> int:
-    if a.cpu:
-        pin(GENERATOR_CPU)
-        return cpu_rounds(a)
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise SystemExit("connect-cost needs valgrind (apt-get install valgrind)")
-    pin(1 - RELAY_CPU if (os.cpu_count() or 1) > 1 else 0)
-    secret = secrets.token_urlsafe(32)
-    port, metrics_port = free_port(), free_port()
-    warmup, hellos = _hellos(secret, "w", a.warmup), _hellos(secret, "u", a.connections)
+def _under_callgrind(server: list[str], port: int, warmup: list[bytes], requests: list[bytes],
+                     keep: str = "") -> tuple[collections.Counter[str], int]:
+    """``server`` (a command listening on ``port``) under callgrind: its instructions over
+    the connects of ``requests`` by shared object, and its instructions over their closes."""
     with TemporaryDirectory(prefix="bench-connect-cost-") as workdir:
         out = Path(workdir) / "callgrind.out"
-        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-               sys.executable, "-m", "fenghuo", "serve", "--port", str(port),
-               "--metrics-port", str(metrics_port), "--data-dir", workdir, f"--secret={secret}",
-               "--rate", "1e12", "--burst", "1e12", "--log-level", "warning", "--workers", "1",
-               "--store", "memory", *a.relay.split()]
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server]
         with open(Path(workdir) / "valgrind.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                     preexec_fn=lambda: pin(RELAY_CPU))  # noqa: PLW1509
+
         def control(what: str) -> None:
             subprocess.run(["callgrind_control", what, str(proc.pid)], check=True,
                            capture_output=True)
@@ -310,9 +348,9 @@ def cmd_connect_cost(a: argparse.Namespace) -> int:
             uvloop.run(_connect(port, warmup))
             _wait_closed(port)
             control("--zero")
-            # Dumped once every WELCOME is in, before any connection closes; then
-            # the closes, counted apart once the relay has closed them all.
-            uvloop.run(_connect(port, hellos, connected=lambda: control("--dump")))
+            # Dumped once every reply is in, before any connection closes; then
+            # the closes, counted apart once the server has closed them all.
+            uvloop.run(_connect(port, requests, connected=lambda: control("--dump")))
             _wait_closed(port)
             control("--dump")
         finally:
@@ -321,14 +359,48 @@ def cmd_connect_cost(a: argparse.Namespace) -> int:
         dumps = sorted(Path(workdir).glob("callgrind.out.*[0-9]"))
         if len(dumps) < 2:
             raise RuntimeError("callgrind did not dump the connect and close phases")
-        by_object = self_cost_by_object(dumps[0])
-        closing = sum(self_cost_by_object(dumps[1]).values())
-        if a.keep:
-            shutil.copyfile(dumps[0], a.keep)
+        if keep:
+            shutil.copyfile(dumps[0], keep)
+        return self_cost_by_object(dumps[0]), sum(self_cost_by_object(dumps[1]).values())
+
+
+def cmd_connect_cost(a: argparse.Namespace) -> int:
+    if a.cpu:
+        pin(GENERATOR_CPU)
+        return cpu_rounds(a)
+    peers = [name for name in a.peers.split(",") if name and name != "redis"]
+    if set(peers) - {"uvloop-floor"}:
+        raise SystemExit("connect-cost --peers without --cpu: uvloop-floor only")
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("connect-cost needs valgrind (apt-get install valgrind)")
+    pin(1 - RELAY_CPU if (os.cpu_count() or 1) > 1 else 0)
+    secret = secrets.token_urlsafe(32)
+    port, metrics_port = free_port(), free_port()
+    with TemporaryDirectory(prefix="bench-connect-cost-data-") as data_dir:
+        relay = [sys.executable, "-m", "fenghuo", "serve", "--port", str(port),
+                 "--metrics-port", str(metrics_port), "--data-dir", data_dir, f"--secret={secret}",
+                 "--rate", "1e12", "--burst", "1e12", "--log-level", "warning", "--workers", "1",
+                 "--store", "memory", *a.relay.split()]
+        by_object, closing = _under_callgrind(relay, port, _hellos(secret, "w", a.warmup),
+                                              _hellos(secret, "u", a.connections), a.keep)
     total = sum(by_object.values())
     print(f"relay instructions per connect + HELLO ({a.connections:,} connects after "
           f"{a.warmup:,}): {total / a.connections:,.0f}")
     for name, count in by_object.most_common(8):
         print(f"  {count / a.connections:9,.0f}  {100 * count / total:5.1f} %  {name}")
     print(f"relay instructions per close, counted apart: {closing / a.connections:,.0f}")
+    if peers:
+        port = free_port()
+        floor = [sys.executable, "-m", "bench.peers.echo", "--port", str(port),
+                 "--reply", UvloopFloor.line]
+        request = b"HELLO\n"
+        floor_objects, floor_closing = _under_callgrind(floor, port, [request] * a.warmup,
+                                                        [request] * a.connections)
+        floor_total = sum(floor_objects.values())
+        print(f"uvloop floor instructions per connect ({a.connections:,}): "
+              f"{floor_total / a.connections:,.0f}; the relay's {total / floor_total:.2f}x, "
+              f"{(total - floor_total) / a.connections:+,.0f} above it")
+        for name, count in floor_objects.most_common(5):
+            print(f"  {count / a.connections:9,.0f}  {100 * count / floor_total:5.1f} %  {name}")
+        print(f"uvloop floor instructions per close: {floor_closing / a.connections:,.0f}")
     return 0

@@ -601,6 +601,19 @@ class Echo(Target):
         return Wire(publish, stamp, len(publish), stamp, len(publish))
 
 
+class UvloopFloor(Echo):
+    """The uvloop floor of a connect: accept, one read, one fixed line written
+    (``bench/peers/echo.py --reply``), no protocol, no authentication."""
+
+    name = "uvloop-floor"
+    line = "+OK"
+
+    def start(self, workdir: Path) -> None:
+        self.port = free_port()
+        self._spawn([sys.executable, "-m", "bench.peers.echo", "--port", str(self.port),
+                     "--reply", self.line])
+
+
 def peer_binary(name: str) -> str | None:
     """Path of a peer server binary (``nats-server``, ``redis-server``) or None."""
     return shutil.which(name) or next(

@@ -110,13 +110,33 @@ def test_connect_cost_counts_the_relays_instructions_per_connect():
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-def test_connect_cost_cpu_times_the_relay_and_redis_in_each_round():
-    run = bench("connect-cost", "--cpu", "--connections", "50", "--warmup", "5", "--rounds", "2")
-    rounds = run.stdout.strip().splitlines()
-    assert len(rounds) == 2, run.stdout
+def test_connect_cost_cpu_times_the_relay_redis_and_the_uvloop_floor_in_each_round():
+    run = bench("connect-cost", "--cpu", "--connections", "50", "--warmup", "5", "--rounds", "2",
+                "--peers", "redis,uvloop-floor")
+    lines = run.stdout.strip().splitlines()
+    rounds = [line for line in lines if line.startswith("round ")]
+    floors = [line for line in lines if line.startswith("  uvloop floor ")]
+    assert len(rounds) == 2 and len(floors) == 2 and len(lines) == 4, run.stdout
     for line in rounds:
         assert re.search(r"fenghuo [\d.]+ us, redis-server [\d.]+ us: .* ([\d.]+x|n/a) redis", line), line
         assert re.search(r"user/system fenghuo [\d.]+/[\d.]+ us, redis-server [\d.]+/[\d.]+ us$", line), line
+    for line in floors:
+        assert re.search(r"user/system [\d.]+/[\d.]+ us: fenghuo's user time ([\d.]+x|n/a) the "
+                         r"floor's, [+-][\d.]+ us above it$", line), line
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+@pytest.mark.timeout(300)
+def test_connect_cost_counts_the_uvloop_floors_instructions_beside_the_relays():
+    run = bench("connect-cost", "--connections", "20", "--warmup", "5", "--peers", "uvloop-floor",
+                timeout=300)
+    relay = int(re.search(r"HELLO \(20 connects after 5\): ([\d,]+)$", run.stdout, re.M)[1].replace(",", ""))
+    floor = re.search(r"^uvloop floor instructions per connect \(20\): ([\d,]+); the relay's "
+                      r"([\d.]+)x, ([+-][\d,]+) above it$", run.stdout, re.M)
+    assert floor is not None, run.stdout
+    # A connect that reads once and writes one line runs the interpreter too
+    # (the protocol's methods), far less than a HELLO's.
+    assert 1_000 < int(floor[1].replace(",", "")) < relay, run.stdout
 
 
 def _perf_traces_syscalls() -> bool:
