@@ -362,3 +362,26 @@ async def test_subscribe_replays_channels_missing_from_the_positions_like_hello(
     got = [decode_message((await late.expect(FrameType.MESSAGE)).body) for _ in range(3)]
     assert [(m.channel, m.seq) for m in got] == [("org", 1), ("org", 2), ("org.east", 1)]
     await late.expect_silence()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+async def test_hello_positions_with_another_epoch_are_kept_only_by_a_durable_relay(
+        relay_factory, store):
+    """PROTOCOL §6.5's table: a durable relay resumes from the positions whatever
+    the epoch; a relay without a store replaces them by ``{}`` (catch-up from 0)."""
+    from fenghuo.core import decode_message
+    from rawwire import open_raw
+
+    relay = relay_factory(f"--store={store}", workers=1)
+    alice = await relay.connect("alice")
+    for i in range(4):
+        await alice.send("bob", f"m{i}")
+    bob = await open_raw(relay)
+    welcome = await bob.hello(relay.token("bob"), epoch="000000000000.00000000",
+                              positions={"dm:alice:bob": 2})
+    assert welcome["durable"] is (store == "sqlite")
+    first = 3 if store == "sqlite" else 1
+    got = [decode_message((await bob.expect(FrameType.MESSAGE)).body).seq
+           for _ in range(first, 5)]
+    assert got == list(range(first, 5))
+    await bob.expect_silence()
