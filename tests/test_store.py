@@ -119,6 +119,11 @@ async def test_history_pages_forward_backward_and_by_time(relay_factory):
     assert [m.seq for m in forward] == list(range(26, 101))
     window = await alice.history(channel, since_us=stamps[39], until_us=stamps[49])
     assert [m.seq for m in window] == list(range(40, 50))
+    # Bounds of two kinds at once: time wins over seqs, and `after` over `before`
+    # (PROTOCOL §3.15a).
+    both = await alice.history(channel, after=5, since_us=stamps[39], until_us=stamps[49])
+    assert [m.seq for m in both] == list(range(40, 50))
+    assert [m.seq for m in await alice.history(channel, after=5, before=8, limit=4)] == [6, 7, 8, 9]
     # History moves no position and does not enter the live stream.
     assert alice.positions.get(channel) == 100
 

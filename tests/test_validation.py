@@ -209,3 +209,16 @@ async def test_a_token_with_a_crit_header_or_alg_none_is_token_invalid(relay):
         conn.write(encode_json(FrameType.HELLO, {"token": token}, 1))
         await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
         await conn.expect_closed()
+
+
+@pytest.mark.parametrize(("channel", "code"), [("org..x", ErrorCode.INVALID_CHANNEL),
+                                               ("group:nowhere", ErrorCode.FORBIDDEN),
+                                               ("dm:carol:dave", ErrorCode.FORBIDDEN)])
+async def test_history_of_a_channel_one_may_not_read_is_refused_as_the_spec_says(
+        relay, channel, code):
+    """PROTOCOL §3.15a: a name outside the grammar is INVALID_CHANNEL; a group that
+    does not exist is FORBIDDEN, as one the user is not a member of."""
+    alice = await authed_raw(relay, "alice")
+    alice.write(encode_json(FrameType.HISTORY, {"channel": channel}, 4))
+    frame = await answer(alice, 4)
+    assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == code
