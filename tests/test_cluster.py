@@ -280,6 +280,50 @@ async def test_a_new_channel_s_first_message_is_acked_while_its_claim_is_unanswe
         await nc.close()
 
 
+async def test_a_receiver_on_the_writing_node_gets_the_first_message_before_the_claim_is_answered(
+        nodes, nats_cluster: NatsCluster):
+    """A new direct chat whose sender and receiver are on one node: its first
+    message, written beside the chat's claim, reaches the receiver there as soon
+    as the stream holds it, not once the claim is answered (DESIGN, "The first
+    message as one quorum write"; `bench cluster --parts regions`: 198 and 279
+    ms more in the two pairs on one node).  The claims' bucket holds the claim
+    (its stream replaced by a subscriber that answers nothing) until the
+    receiver has seq 1; once it answers again the node claims the chat and goes
+    on from the stream: seqs 2, 3, each delivered once, in order.  The node and
+    the holder are on one nats-server, so the holder's subscription is there
+    before the claim (across servers the claim could be refused at once, no
+    responders, before the holder's interest reached the node's server)."""
+    server = nats_cluster.servers[0]
+    (n0,) = nodes("n0", servers=[server])
+    alice, bob = await n0.connect("alice"), await n0.connect("bob")
+    name = "dm:alice:bob"
+    nc = await nats.connect(server.url)
+    try:
+        held = await hold_bucket(nc, "fenghuo_owners")
+        ack = await asyncio.wait_for(alice.send("bob", "m0", key="m0"), 4.0)
+        assert ack.seq == 1
+        got = await messages_of(bob, name, 1)          # the claim still unanswered
+        assert [(m.seq, m.payload) for m in got] == [(1, b"m0")]
+        deadline = time.monotonic() + 10
+        while not held:                           # the claim was sent, and is not answered
+            assert time.monotonic() < deadline, "the claim was not even sent"
+            await asyncio.sleep(0.05)
+        await nc.close()                          # the claims are answered again ...
+        nc = await nats.connect(nats_cluster.urls)
+        await nc.jetstream().create_key_value(bucket="fenghuo_owners", history=1, replicas=3)
+        acks = [await publish_surely(alice, name, f"m{i}", f"m{i}", time.monotonic() + 30)
+                for i in (1, 2)]
+        assert [a.seq for a in acks] == [2, 3]
+        # ... and a fourth, after everything: bob's next messages are exactly 2, 3, 4.
+        acks.append(await alice.send("bob", "m3"))
+        got = await messages_of(bob, name, 3)
+        assert [(m.seq, m.payload) for m in got] == [(2, b"m1"), (3, b"m2"), (4, b"m3")]
+        page = await bob.history(name, limit=10)
+        assert [m.seq for m in page] == [1, 2, 3, 4]
+    finally:
+        await nc.close()
+
+
 async def test_a_first_write_the_stream_refuses_is_sent_again_never_acked_there(
         nodes, nats_cluster: NatsCluster):
     """The stream already holds a first message of the channel that nobody
@@ -359,6 +403,38 @@ async def test_a_claim_winner_that_read_the_tail_early_takes_the_far_first_write
             assert [(m.seq, m.payload) for m in got] == [(1, b"first"), (2, b"second")]
             page = await bob.history(name, limit=10)
             assert [(m.seq, m.payload) for m in page] == [(1, b"first"), (2, b"second")]
+        states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+        assert states[1]["channels_owned"] == 0 and states[1]["first_writes"] == 3, states
+
+
+async def test_the_writing_node_s_own_receivers_get_each_message_once_when_its_claim_is_lost(
+        nodes, nats_cluster: NatsCluster):
+    """A new direct chat claimed first by a node near NATS (a participant there
+    reads its history: the tail is empty), then written first by the node 150
+    ms from NATS, whose watch has not shown that claim yet: its append is stored
+    (seq 1) and its claim lost.  The receiver on that writing node gets seq 1
+    from its own store, before the claim is settled, and then the winner's
+    messages as a replica: each message once, in order, on both nodes."""
+    with near_and_far(nodes, nats_cluster) as (n0, n1):
+        for k in range(3):
+            a, b = f"a{k}", f"b{k}"
+            name = f"dm:{a}:{b}"
+            b_near = await n0.connect(b)
+            alice, b_far = await n1.connect(a), await n1.connect(b)
+            assert await b_near.history(name, limit=10) == []   # n0 claims it, tail empty
+            first = await alice.send(b, "first")                # n1 writes it first
+            second = await alice.send(b, "second")              # forwarded to n0
+            third = await alice.send(b, "third")
+            assert (first.seq, second.seq, third.seq) == (1, 2, 3), name
+            expected = [(1, b"first"), (2, b"second"), (3, b"third")]
+            for client in (b_far, b_near):
+                got = await messages_of(client, name, 3)
+                assert [(m.seq, m.payload) for m in got] == expected, (name, client)
+            # Once each: the next message of the chat at either is a fourth.
+            assert (await alice.send(b, "fourth")).seq == 4
+            for client in (b_far, b_near):
+                got = await messages_of(client, name, 1)
+                assert [(m.seq, m.payload) for m in got] == [(4, b"fourth")], (name, client)
         states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
         assert states[1]["channels_owned"] == 0 and states[1]["first_writes"] == 3, states
 
