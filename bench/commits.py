@@ -3,9 +3,11 @@
 Drives the store's writer (core/writer.pyx through server/store.py) on this
 thread as the writer thread does under ``--fsync always``: ``--commits``
 transactions of ``--batch`` messages spread over ``--channels`` channels,
-once per WAL size in ``--wal-frames`` (the writer's ``wal_autocheckpoint``:
-the commit that crosses it copies the WAL into the file), alternating over
-``--rounds``.  Per setting: the writer's CPU per message, WAL pages written
+once per WAL size in ``--wal-frames`` and per ``--checkpoint`` place
+(``beside``: the store's checkpointer thread starts there and the writer
+finishes each round between two commits, server/checkpointer.py; ``inside``:
+SQLite's ``wal_autocheckpoint``, the commit that crosses it copies the WAL
+into the file), alternating over ``--rounds``.  Per setting: the writer's CPU per message, WAL pages written
 per commit, and commit latency (a batch's acks wait that long).  Each
 ``--without`` adds a setting with those indexes of the messages table
 dropped first: what each costs the writer (the relay cannot run so).
@@ -26,6 +28,10 @@ import time
 from itertools import product
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fenghuo.server.checkpointer import Checkpointer
 
 FRAME = bytes(110)
 WAL_HEADER = 24
@@ -118,6 +124,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--commits", type=int, default=2500)
     p.add_argument("--wal-frames", default="16384,65536",
                    help="wal_autocheckpoint values to compare (pages of 4 KiB)")
+    p.add_argument("--checkpoint", default="beside,inside",
+                   help="where the WAL is copied into the file, comma-separated: beside (the store's "
+                        "checkpointer thread from --wal-frames on, the writer finishing each round "
+                        "between commits: server/checkpointer.py) or inside (SQLite's "
+                        "wal_autocheckpoint, in the commit that crosses it)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--without", action="append", default=[], metavar="INDEX[,INDEX]",
                    help="also measure with these indexes of the messages table dropped "
@@ -156,7 +167,7 @@ def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str
 
 def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
             without: tuple[str, ...] = (), layout: str = "schema4", page_size: int = 4096,
-            file_every: int = 8) -> dict[str, float]:
+            file_every: int = 8, checkpoint: str = "beside") -> dict[str, float]:
     import sqlite3
 
     from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
@@ -176,7 +187,14 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
         db.close()
     writer = store._writer
     # --wal-frames counts 4 KiB pages: the same WAL size whatever the page size
-    writer.execute(f"PRAGMA wal_autocheckpoint={wal_frames * 4096 // page_size}")
+    checkpointer = None
+    checkpointer_cpu = 0.0
+    if checkpoint == "inside":
+        writer.execute(f"PRAGMA wal_autocheckpoint={wal_frames * 4096 // page_size}")
+    else:
+        checkpointer = store.checkpointer
+        checkpointer.pages = wal_frames * 4096 // page_size
+        checkpointer.start()
     chans = [Channel(name, ChannelKind.DIRECT_CHAT, 16) for name in names]
     seqs = [0] * channels
     wal = Path(directory) / "fenghuo.db-wal"
@@ -198,6 +216,9 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
             before = wal.stat().st_size if wal.exists() else 0
             t0, c0 = time.perf_counter(), time.thread_time()
             writer.write(records, None, _WRITES, None)
+            if checkpointer is not None:
+                # Between two commits in the store: counted in this one's time.
+                checkpointer.after_batch(writer)
             cpu += time.thread_time() - c0
             latencies.append(time.perf_counter() - t0)
             after = wal.stat().st_size
@@ -218,13 +239,25 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
         if filer is not None:
             filer.close()
             filing_cpu, filings = filer.cpu, filer.times
+        if checkpointer is not None:
+            checkpointer_cpu = _thread_cpu(checkpointer)
+            checkpointer.stop()
         store.close()
     return {"cpu_us_per_msg": cpu / (count * batch) * 1e6,
+            "checkpointer_cpu_us_per_msg": checkpointer_cpu / (count * batch) * 1e6,
             "wal_pages_per_commit_while_growing": frames / max(1, grown),
             "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
             "max_ms": max(latencies) * 1e3, "mean_ms": statistics.fmean(latencies) * 1e3,
             "filing_cpu_us_per_msg": filing_cpu / (count * batch) * 1e6,
             "filing_p50_ms": _percentile(filings, 0.5) * 1e3 if filings else 0.0}
+
+
+def _thread_cpu(checkpointer: Checkpointer) -> float:
+    """CPU seconds the checkpointer's thread has used (/proc/self/task/TID/schedstat)."""
+    thread = checkpointer._thread
+    if thread is None or thread.native_id is None:
+        return 0.0
+    return int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0]) / 1e9
 
 
 def fdatasync_floor(directory: str, count: int = 2000) -> dict[str, dict[str, float]]:
@@ -260,18 +293,22 @@ def cmd_commits(a: argparse.Namespace) -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; {a.channels} channels, {a.batch} messages "
           f"a commit, {a.commits} commits, --fsync always")
     variants = [()] + [tuple(v.split(",")) for v in a.without]
+    places = a.checkpoint.split(",")
     for r in range(a.rounds):
         for frames in sizes:
-            for layout, page_size, without in product(layouts, pages, variants):
+            for layout, page_size, without, place in product(layouts, pages, variants, places):
                 with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
                     res = commits(tmp, a.channels, a.batch, a.commits, frames, without, layout,
-                                  page_size, a.file_every)
+                                  page_size, a.file_every, place)
                 dropped = f" without {','.join(without)}" if without else ""
                 filing = (f" + filing {res['filing_cpu_us_per_msg']:.2f} us/msg (p50 "
                           f"{res['filing_p50_ms']:.1f} ms every {a.file_every} commits)"
                           if LAYOUTS[layout][2] or layout == "deferred-attached" else "")
-                print(f"round {r + 1} {layout} page {page_size} wal_autocheckpoint={frames}{dropped}: "
-                      f"writer CPU {res['cpu_us_per_msg']:.2f} us/msg{filing}, "
+                where = "wal_autocheckpoint" if place == "inside" else "checkpointer"
+                print(f"round {r + 1} {layout} page {page_size} {where}={frames}{dropped}: "
+                      f"writer CPU {res['cpu_us_per_msg']:.2f} us/msg{filing}"
+                      + (f" + checkpointer {res['checkpointer_cpu_us_per_msg']:.2f} us/msg"
+                         if place == "beside" else "") + ", "
                       f"{res['wal_pages_per_commit_while_growing']:.0f} WAL pages a commit (while it grows), "
                       f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms",
                       flush=True)

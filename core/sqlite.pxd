@@ -14,12 +14,14 @@ cdef extern from "sqlite3.h" nogil:
 
     enum:
         SQLITE_OK
+        SQLITE_BUSY
         SQLITE_ROW
         SQLITE_DONE
         SQLITE_OPEN_READWRITE
         SQLITE_OPEN_CREATE
         SQLITE_OPEN_NOMUTEX
         SQLITE_PREPARE_PERSISTENT
+        SQLITE_CHECKPOINT_PASSIVE
 
     int sqlite3_open_v2(const char* filename, sqlite3** db, int flags, const char* vfs)
     int sqlite3_close_v2(sqlite3* db)
@@ -42,3 +44,7 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_step(sqlite3_stmt* stmt)
     int sqlite3_reset(sqlite3_stmt* stmt)
     int sqlite3_finalize(sqlite3_stmt* stmt)
+
+    void* sqlite3_wal_hook(sqlite3* db, int (*callback)(void*, sqlite3*, const char*, int) noexcept nogil,
+                           void* arg)
+    int sqlite3_wal_checkpoint_v2(sqlite3* db, const char* name, int mode, int* log, int* checkpointed)

@@ -33,6 +33,9 @@ cdef class SQLiteWriter:
     cdef PyThread_type_lock _wake     # held while nobody waits to be woken
     cdef bint _waiting
     cdef bint _stopped
+    # Frames in the WAL after the last commit (its hook's count; the WAL
+    # restarts from 0 at a BEGIN once every frame is copied into the file).
+    cdef int _wal_frames
 
     cdef int _check(self, int rc) except -1
     cdef _Statement _prepare(self, str sql)

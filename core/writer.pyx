@@ -20,6 +20,15 @@ cdef object _error(sqlite3* db):
         f"{sqlite3_errmsg(db).decode('utf-8', 'replace')} (SQLite code {sqlite3_extended_errcode(db)})")
 
 
+cdef int _count_wal_frames(void* frames, sqlite3* db, const char* name, int n) noexcept nogil:
+    """SQLite's WAL hook, called in the writer's COMMIT (without the GIL): note
+    the frames now in the WAL.  Being set, it also turns SQLite's automatic
+    checkpoint off (that is a WAL hook too): the store's checkpointer copies
+    the WAL into the file on its own thread (server/checkpointer.py)."""
+    (<int*>frames)[0] = n
+    return SQLITE_OK
+
+
 cdef class _Statement:
     def __dealloc__(self):
         if self.stmt != NULL:
@@ -57,17 +66,17 @@ cdef class SQLiteWriter:
         self._check(sqlite3_exec(self.db, b"PRAGMA synchronous=FULL" if full_sync
                                  else b"PRAGMA synchronous=NORMAL", NULL, NULL, NULL))
         # The pages a batch touches (the table's last pages, each channel's last
-        # leaf of messages_by_seq: server/store.py) stay cached between batches, and the WAL is copied back
-        # into the file once per 256 MiB instead of at nearly every commit: the
-        # writer's CPU per message 14.1 -> 8.2-8.6 us (1,000 channels, 64-byte
-        # payloads, 200,000 messages through Hub.publish_event, one core) at
-        # 64 MiB.  That copy (and the file's fsync) runs inside the commit that
-        # crosses the size, holding its batch's acks: 100 channels, 100
-        # messages a commit (357 WAL pages, schema 1), one in 46 commits at 64 MiB, one
-        # in 180 at 256 MiB; commit p99 22.9-26.3 -> 13.4-20.3 ms
-        # (bench/README.md, "The durable store's commits").
+        # leaf of messages_by_seq: server/store.py) stay cached between batches.
         self._check(sqlite3_exec(self.db, b"PRAGMA cache_size=-65536", NULL, NULL, NULL))
-        self._check(sqlite3_exec(self.db, b"PRAGMA wal_autocheckpoint=65536", NULL, NULL, NULL))
+        # No checkpoint inside a commit: SQLite's own (wal_autocheckpoint) copies
+        # the whole WAL into the file in the commit that crosses its size,
+        # holding that batch's acks and every batch queued behind it (35-70 ms
+        # of CPU at 256 MiB, every 2 s at 50,000 msgs/s: bench/README.md, "The
+        # tail under --fsync always").  This hook replaces it and counts the
+        # frames; the store's checkpointer copies them on its own thread and
+        # the writer finishes the last few between batches (``checkpoint``).
+        self._wal_frames = 0
+        sqlite3_wal_hook(self.db, _count_wal_frames, &self._wal_frames)
         self._statements = {}
         # insert_sql: another table's statement binding the same seven values in
         # the same order (bench/commits.py's --layout); the store's is _INSERT_MESSAGE.
@@ -143,6 +152,26 @@ cdef class SQLiteWriter:
     @property
     def queued(self):
         return len(self._pending)
+
+    @property
+    def wal_frames(self):
+        """Frames in the WAL after the last commit (0 before the first)."""
+        return self._wal_frames
+
+    def checkpoint(self):
+        """Copy what the WAL holds into the file (PASSIVE: waiting for no reader
+        and no other writer), without the GIL; return ``(frames in the WAL,
+        frames copied)``.  Run between batches once the checkpointer has copied
+        all but the last few frames: with every frame copied, the next BEGIN
+        starts the WAL again from its beginning, so it stays bounded."""
+        cdef int log = 0, copied = 0, rc
+        if self.db == NULL:
+            raise _sqlite3.ProgrammingError("the store's writer is closed")
+        with nogil:
+            rc = sqlite3_wal_checkpoint_v2(self.db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &copied)
+        if rc != SQLITE_OK and rc != SQLITE_BUSY:
+            raise _error(self.db)
+        return log, copied
 
     # ------------------------------------------------------------ writing
 

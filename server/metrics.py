@@ -25,6 +25,7 @@ from fenghuo import __version__
 from fenghuo.server import httpd
 from fenghuo.server.cluster import Cluster
 from fenghuo.server.stalls import BOUNDS
+from fenghuo.server.store import SQLiteStore
 
 if TYPE_CHECKING:
     # Not at run time: it needs nats-py, which only a cluster node has.
@@ -126,6 +127,7 @@ class RelayCollector(Collector):
                       progress.clicks)
         yield from relay.masking.collect()
         yield from self._timers()
+        yield from self._store()
         for key, name, help_ in _COUNTERS:
             yield counter(name, help_, snap[key])
         yield labelled_counter("fenghuo_errors", "ERROR frames sent, by protocol error code.", "code",
@@ -238,6 +240,18 @@ class RelayCollector(Collector):
                                "good (logged), by kind.", "kind", sorted(timers.stats.failed.items()))
         yield counter("fenghuo_timers_recovered", "Scheduled messages found already sent when fired "
                       "again after a crash (not resent).", timers.stats.recovered)
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.relay.store
+        if not isinstance(store, SQLiteStore):
+            return
+        checkpoints = store.checkpointer
+        yield gauge("fenghuo_store_wal_frames", "Pages in the store's WAL after this worker's last "
+                    "commit (the checkpointer starts at 65,536).", checkpoints.frames)
+        yield counter("fenghuo_store_checkpoints", "Checkpoint passes (WAL pages copied into the "
+                      "store's file), by the checkpointer's thread and by the writer's.", checkpoints.passes)
+        yield counter("fenghuo_store_wal_restarts", "Times this worker's writer found the WAL copied "
+                      "and started it again from its beginning.", checkpoints.restarts)
 
     def _stalls(self) -> Iterator[Metric]:
         relay = self.relay

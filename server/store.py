@@ -47,6 +47,7 @@ from fenghuo.core import (
 )
 from fenghuo.server import atrest
 from fenghuo.server.atrest import FrameCipher
+from fenghuo.server.checkpointer import CHECKPOINT_PAGES, Checkpointer
 from fenghuo.server.clicks import Click
 from fenghuo.server.outbox import (
     OUTBOX_SCHEMA,
@@ -73,6 +74,10 @@ HANDBACK_DELAY_ENV = "FENGHUO_TEST_HANDBACK_DELAY"
 #: --fsync batch|off the batch's messages are acked and delivered meanwhile,
 #: and a kill -9 loses them.
 WRITE_DELAY_ENV = "FENGHUO_TEST_WRITE_DELAY"
+#: Test hook, unset in service (tests/test_store_wal.py): WAL frames at which the
+#: checkpointer starts (server/checkpointer.py), in place of 65,536 (256 MiB), so
+#: that a test's load goes through many checkpoints.
+CHECKPOINT_PAGES_ENV = "FENGHUO_TEST_CHECKPOINT_PAGES"
 # Records per transaction at most: bounds a batch's latency under a flood.
 MAX_BATCH = 8192
 # Records queued for the writer beyond which the relay stops reading from
@@ -310,6 +315,9 @@ class SQLiteStore:
         prepare_schema(self._conn)
         #: the writing connection and its queue (records and webhook records, in order)
         self._writer = SQLiteWriter(self.path, full_sync=fsync != "off")
+        #: copies the WAL into the file beside the writer, not inside its commits
+        self.checkpointer = Checkpointer(
+            self._connect, int(os.environ.get(CHECKPOINT_PAGES_ENV) or CHECKPOINT_PAGES))
         #: seals frames as they are written, opens them as they are read (None: plaintext)
         self.cipher = cipher
         atrest.prepare(self._conn, cipher)
@@ -328,6 +336,9 @@ class SQLiteStore:
         # at checkpoints: committed data survives a process crash, not power loss.
         conn.execute(f"PRAGMA synchronous={'NORMAL' if self.fsync == 'off' else 'FULL'}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints are the checkpointer's (server/checkpointer.py), never a
+        # reader's or another writer's commit.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
     def connect(self) -> sqlite3.Connection:
@@ -356,6 +367,7 @@ class SQLiteStore:
               on_batch: Callable[[list[Record] | None], None]) -> None:
         self._thread = threading.Thread(target=self._write_forever, args=(loop, on_batch),
                                         name="fenghuo-store-write", daemon=True)
+        self.checkpointer.start()
         self._thread.start()
 
     def append(self, record: Record) -> None:
@@ -434,6 +446,13 @@ class SQLiteStore:
                 if self._handback_delay:
                     time.sleep(self._handback_delay)        # HANDBACK_DELAY_ENV
                 loop.call_soon_threadsafe(on_batch, records)
+            # After the handback: what a round leaves to the writer delays the
+            # next batch, not this one's acks.
+            try:
+                self.checkpointer.after_batch(writer)
+            except sqlite3.Error:
+                # Committed all the same (in the WAL); the next round copies it.
+                log.exception("store checkpoint failed")
 
     def _write_outbox(self, conn: SQLiteWriter, ordered: list[Any]) -> None:
         """The outbox rows of this transaction, in queue order (so a stream's events keep
@@ -481,6 +500,7 @@ class SQLiteStore:
         if self._thread is not None and self._thread.is_alive():
             self._writer.stop()
             self._thread.join(30)
+        self.checkpointer.stop()
         if self._thread is None or not self._thread.is_alive():
             self._writer.close()
         self._reader.shutdown(wait=True)

@@ -347,13 +347,16 @@ def test_commits_measures_the_writer_with_and_without_each_index_given():
         r"wal_autocheckpoint=65536(?: without (\S+))?: writer CPU [\d.]+ us/msg, (\d+) WAL pages", out)}
     assert set(pages) == {"", "messages_by_seq", "messages_by_ts,messages_by_seq"}, out
     assert pages["messages_by_ts,messages_by_seq"] <= pages["messages_by_seq"] < pages[""]
+    # Each beside the store's checkpointer too (the default compares both places).
+    assert len(re.findall(r"checkpointer=65536(?: without \S+)?: writer CPU [\d.]+ us/msg"
+                          r" \+ checkpointer [\d.]+ us/msg, \d+ WAL pages", out)) == 3, out
     assert "fdatasync floor (append 4 KiB)" in out
 
 
 def test_commits_compares_layouts_and_page_sizes():
     # The channel index filed after the commits: fewer pages a commit, and the
     # filing's own CPU printed beside; a page of 8 KiB: fewer, larger pages.
-    out = bench("commits", "--commits", "16", "--rounds", "1", "--wal-frames", "65536",
+    out = bench("commits", "--commits", "16", "--rounds", "1", "--wal-frames", "65536", "--checkpoint", "inside",
                 "--layout", "schema4,deferred,deferred-attached,packed", "--page-size", "4096,8192").stdout
     pages = {(m[1], int(m[2])): int(m[3]) for m in re.finditer(
         r"round 1 (\S+) page (\d+) wal_autocheckpoint=65536: writer CPU [\d.]+ us/msg"

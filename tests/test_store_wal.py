@@ -1,0 +1,153 @@
+"""The store's WAL under sustained load (server/checkpointer.py).
+
+A relay under ``--fsync always`` with its checkpointer starting at a small WAL
+(the test hook FENGHUO_TEST_CHECKPOINT_PAGES) is kept busy publishing to many
+channels: its WAL file never grows far past that size though many times it is
+written, it is restarted again and again, and every acked message is in the
+file at the seq of its ack, after a clean stop and after kill -9 at random
+moments while checkpoints run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import sqlite3
+import urllib.request
+from pathlib import Path
+
+from conftest import RelayProcess, start_relay
+from fenghuo.core import FrameReader, decode_message
+
+import fenghuo
+
+SENDERS = 4
+CHANNELS = 50          # per sender: a commit writes a page or more per channel
+WINDOW = 128
+PAGES = 64             # the checkpointer starts at 256 KiB of WAL
+ENV = {"FENGHUO_TEST_CHECKPOINT_PAGES": str(PAGES)}
+FLAGS = ("--fsync", "always")
+
+
+def metric(relay: RelayProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{relay.host}:{relay.metrics_port}/metrics", timeout=10).read()
+    m = re.search(rf"^{name} (\S+)$", text.decode(), re.MULTILINE)
+    assert m, name
+    return float(m.group(1))
+
+
+def stored(db_path: Path) -> dict[str, dict[int, str]]:
+    """``channel -> {seq: text}`` straight from the file (each (channel, seq) once: the index is unique)."""
+    out: dict[str, dict[int, str]] = {}
+    with sqlite3.connect(db_path) as db:
+        for channel, seq, frame in db.execute("SELECT channel, seq, frame FROM messages"):
+            (f,) = FrameReader().feed(bytes(frame))
+            m = decode_message(f.body)
+            out.setdefault(channel, {})[seq] = m.text
+    return out
+
+
+class Load:
+    """SENDERS clients, each publishing round its CHANNELS direct chats with WINDOW in flight."""
+
+    def __init__(self, relay: RelayProcess) -> None:
+        self.relay = relay
+        self.acked: dict[str, list[tuple[int, str]]] = {}
+        self.running = True
+        self.clients: list[fenghuo.Client] = []
+
+    async def run(self) -> None:
+        for i in range(SENDERS):
+            self.clients.append(await fenghuo.Client(self.relay.server, token=self.relay.token(f"s{i}"),
+                                                     max_backoff=0.2).connect())
+        await asyncio.gather(*(self._send(c, i) for i, c in enumerate(self.clients)))
+
+    async def _send(self, client: fenghuo.Client, i: int) -> None:
+        n = 0
+        pending: set[asyncio.Future[None]] = set()
+        while self.running:
+            n += 1
+            channel, text = f"dm:r{n % CHANNELS:03d}:s{i}", f"s{i}-{n}"
+
+            async def publish(channel: str = channel, text: str = text) -> None:
+                ack = await client.publish(channel, text)
+                self.acked.setdefault(channel, []).append((ack.seq, text))
+            pending.add(asyncio.ensure_future(publish()))
+            if len(pending) >= WINDOW:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+        await asyncio.gather(*pending)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.acked.values())
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+def check(load: Load, db_path: Path) -> None:
+    """Every acked message in the file once, at its seq; every channel's seqs gap-free."""
+    rows = stored(db_path)
+    for channel, acks in load.acked.items():
+        assert sorted(rows[channel]) == list(range(1, len(rows[channel]) + 1)), channel
+        for seq, text in acks:
+            assert rows[channel].get(seq) == text, (channel, seq)
+        texts = list(rows[channel].values())
+        assert len(texts) == len(set(texts)), f"{channel}: a message stored twice"
+
+
+async def test_the_wal_stays_bounded_under_sustained_load(tmp_path):
+    relay = start_relay(tmp_path, *FLAGS, workers=1, env=ENV)
+    wal = relay.data_dir / "fenghuo.db-wal"
+    load = Load(relay)
+    task = asyncio.ensure_future(load.run())
+    largest = 0
+    # Until the WAL has been filled and started again 30 times (or 60 s).
+    for _ in range(600):
+        await asyncio.sleep(0.1)
+        if wal.exists():
+            largest = max(largest, wal.stat().st_size)
+        if metric(relay, "fenghuo_store_wal_restarts_total") >= 30:
+            break
+    load.running = False
+    await asyncio.wait_for(task, 30)
+    restarts = metric(relay, "fenghuo_store_wal_restarts_total")
+    passes = metric(relay, "fenghuo_store_checkpoints_total")
+    await load.close()
+    assert relay.stop() == 0
+    assert restarts >= 30 and passes >= restarts, (restarts, passes)
+    # SQLite would have let it grow to 256 MiB (its automatic checkpoint was
+    # 65,536 pages); every round starts at PAGES and ends within a few commits
+    # (each of a hundred pages or more here).
+    assert largest <= 2 << 20, largest
+    check(load, relay.data_dir / "fenghuo.db")
+
+
+async def test_acked_messages_survive_kill_9_while_checkpoints_run(tmp_path):
+    data_dir = tmp_path / "data"
+    relay = start_relay(tmp_path, *FLAGS, workers=1, env=ENV, data_dir=data_dir)
+    secret = relay.secret
+    relays = [relay]
+    load = Load(relay)
+    task = asyncio.ensure_future(load.run())
+    rng = random.Random(11)
+    passes = 0.0
+    for _ in range(8):
+        await asyncio.sleep(rng.uniform(0.3, 0.8))
+        passes += metric(relays[-1], "fenghuo_store_checkpoints_total")
+        relays[-1].kill()
+        relay = start_relay(tmp_path, *FLAGS, workers=1, env=ENV, data_dir=data_dir, secret=secret)
+        relays.append(relay)
+        for client in load.clients:
+            client.port = relay.port
+    await asyncio.sleep(0.5)
+    load.running = False
+    await asyncio.wait_for(task, 60)
+    await load.close()
+    assert relays[-1].stop() == 0
+    assert passes >= 40, passes          # the kills fell among checkpoints
+    assert load.count() > 5_000, load.count()
+    check(load, data_dir / "fenghuo.db")
