@@ -432,9 +432,14 @@ class NodeCluster(Cluster):
             ch = self.relay.hub.find(name)
             if ch is not None and self.store.owns(name):
                 self._announce_first(ch, first)
-                # Once its frames are in the ring (released in this node's
-                # order; they are the first append's, a step before this).
-                self.relay.hub.after_store(lambda: self._serve_first(ch, first))
+                # Once its frames are in the ring: usually now (released with
+                # the append's answer, a step before this), else when the
+                # records sequenced before them on this node are (the one
+                # release order).
+                if ch.ring.head >= message_seq(split_frames(data)[-1]):
+                    self._serve_first(ch, first)
+                else:
+                    self.relay.hub.after_store(lambda: self._serve_first(ch, first))
         self._first_check(name, first)
 
     def _serve_first(self, ch: Channel, first: _First) -> None:
