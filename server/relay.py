@@ -341,8 +341,10 @@ class Relay:
         """Another worker admitted ``user``'s ``device`` at ``hello_at``: an older session here is replaced."""
         session = self.users.find(user, device)
         if session is not None and session.hello_at < hello_at:
+            # No presence event here: the count is unchanged, and the admitting worker's
+            # count, shared right after this, tells the watchers (an event now would
+            # count neither connection: "offline" for a moment).
             self.replace(session)
-            self.presence.changed(user)
 
     # ------------------------------------------------------------ publishing
 

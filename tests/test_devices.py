@@ -84,3 +84,39 @@ async def test_many_devices_of_one_user_come_and_go(relay_factory, workers):
             break
         await asyncio.sleep(0.02)
     assert (await bob.presence(["alice"]))["alice"] == {"online": False, "devices": 0}
+
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
+async def test_a_replacement_never_shows_the_user_offline_to_watchers(relay_factory, workers):
+    """PROTOCOL §3.2: the device count does not change when a device replaces its
+    older connection. A watcher never sees the user offline for it (across workers,
+    the older's worker used to announce 0 devices before the newer was counted),
+    and the last event has the count unchanged; on the watcher's worker, exactly one."""
+    relay = relay_factory(workers=workers)
+    bob = await relay.connect("bob", presence=True)
+    events: list[dict] = []
+    bob.on_presence(events.append)
+    seen = set()
+    for k in range(TRIES):
+        user = f"alice{k}"
+        await bob.watch_presence([user])
+        older = await relay.connect(user, device="phone")
+        await until(lambda: events and events[-1]["user"] == user)
+        del events[:]
+        errors: list = []
+        older.on_error(errors.append)
+        newer = await relay.connect(user, device="phone")
+        await until(lambda: errors and not older.connected)
+        await asyncio.sleep(0.3)
+        assert all(e["online"] and e["devices"] >= 1 for e in events), events
+        assert not events or events[-1] == {"user": user, "online": True, "devices": 1}, events
+        place = (bob.welcome.get("worker"), older.welcome.get("worker"), newer.welcome.get("worker"))
+        if place[0] == place[1] == place[2] or place[0] == place[1] != place[2]:
+            assert events == [{"user": user, "online": True, "devices": 1}], (place, events)
+        seen.add(place[0] == place[1] != place[2])
+        await newer.close()
+        await older.close()
+        if relay.workers == 1 or True in seen:
+            break
+    assert relay.workers == 1 or True in seen
