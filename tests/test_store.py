@@ -200,6 +200,8 @@ async def test_unread_counts_are_the_same_on_every_device(relay):
         await alice.send("bob", f"m{i}")
     await collect(phone, 5)
     assert await phone.unread() == await laptop.unread() == {"dm:alice:bob": 5}
+    # Publishing moves no read cursor: the sender's own messages count (PROTOCOL §3.15b).
+    assert await alice.unread() == {"dm:alice:bob": 5}
     await phone.mark_read("dm:alice:bob", 3)
     # The device that read sees it at once, whichever worker moved the cursor.
     assert await phone.unread() == {"dm:alice:bob": 2}

@@ -222,3 +222,23 @@ async def test_history_of_a_channel_one_may_not_read_is_refused_as_the_spec_says
     alice.write(encode_json(FrameType.HISTORY, {"channel": channel}, 4))
     frame = await answer(alice, 4)
     assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == code
+
+
+async def test_cursor_sync_without_positions_saves_nothing(relay):
+    """PROTOCOL §3.15b: `positions` of a CURSOR sync is optional; absent or null, none are kept."""
+    alice = await authed_raw(relay, "alice")
+    for rid, body in ((5, {"op": "sync"}), (6, {"op": "sync", "positions": None})):
+        alice.write(encode_json(FrameType.CURSOR, body, rid))
+        frame = await answer(alice, rid)
+        assert frame.type == FrameType.RESULT and orjson.loads(frame.body) == {"saved": 0}
+
+
+async def test_the_owner_changing_its_own_role_is_malformed(relay):
+    """PROTOCOL §3.16 `role`: the owner's own role changes only by handing ownership over."""
+    alice = await authed_raw(relay, "alice")
+    alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": "g"}, 2))
+    assert (await answer(alice, 2)).type == FrameType.RESULT
+    alice.write(encode_json(FrameType.GROUP, {"op": "role", "group": "g", "user": "alice",
+                                              "role": "member"}, 3))
+    frame = await answer(alice, 3)
+    assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == ErrorCode.MALFORMED_BODY
