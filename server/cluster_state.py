@@ -36,7 +36,8 @@ import orjson
 from nats.js.kv import KeyValue
 
 from fenghuo.server.clicks import Click
-from fenghuo.server.jetstream import CLICKS, CURSORS, DEVICES, GROUPS, Engine, channel_of, token
+from fenghuo.server.jetstream import (CLICKS, CURSORS, DEVICES, GROUPS, Engine, channel_of, stop_task,
+                                      token)
 
 log = logging.getLogger("fenghuo.cluster_state")
 
@@ -95,9 +96,8 @@ class Bucket:
             return
         self._watch = await self.engine.watch(self._kv, self._learn, f"fenghuo-{self.name}")
 
-    def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+    async def stop(self) -> None:
+        await stop_task(self._watch)
 
     def _learn(self, entry: KeyValue.Entry) -> None:
         if not entry.value:
@@ -261,10 +261,9 @@ class SharedState:
         await self.devices.open(watch=False)
         await self.clicks.open(watch=True)
 
-    def stop(self) -> None:
-        self.groups.stop()
-        self.cursors.stop()
-        self.clicks.stop()
+    async def stop(self) -> None:
+        """Stop the buckets' watches (before the connection closes)."""
+        await asyncio.gather(self.groups.stop(), self.cursors.stop(), self.clicks.stop())
 
     def _group_changed(self, key: str, value: bytes, revision: int) -> None:
         self._on_group({**orjson.loads(value), "revision": revision})

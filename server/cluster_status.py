@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 import orjson
 
-from fenghuo.server.jetstream import META, OWNERS, channel_of
+from fenghuo.server.jetstream import META, OWNERS, channel_of, stop_watch
 from fenghuo.server.nodes import HEARTBEAT
 from fenghuo.server.ownership import parse_claim
 
@@ -145,4 +145,4 @@ async def _claims(js: Any, nodes: dict[int, NodeStatus]) -> None:
         if claim is not None:
             node = nodes.setdefault(claim.node, NodeStatus(f"#{claim.node}", claim.node))
             node.channels[channel_of(entry.key)] = claim.epoch
-    await watcher.stop()
+    await stop_watch(js, watcher)

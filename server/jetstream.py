@@ -21,11 +21,11 @@ flight as one append (a group commit, :mod:`fenghuo.server.cluster_store`).
 Appends are fenced: each carries ``Nats-Expected-Last-Subject-Sequence``,
 the stream sequence of the channel's previous message as its owner knows
 it, so an append by anyone who missed a write of another is refused
-(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<epoch>.<seq>`` (the seq of its
-first frame), so an append
-retried after a lost acknowledgement is not stored twice (the epoch in
-the id keeps an old owner's append from passing as a duplicate of the new
-owner's same seq).
+(:class:`Fenced`), and ``Nats-Msg-Id`` ``<token>.<epoch>.<node>.<seq>`` (the
+seq of its first frame), so an append retried after a lost acknowledgement is
+not stored twice (the epoch in the id keeps an old owner's append from passing
+as a duplicate of the new owner's same seq; the node's index, two nodes' first
+writes, both of epoch 1, from passing as each other's).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from fenghuo.server.frames import decode_frame_message, message_time
@@ -114,10 +115,25 @@ def subject(channel: str) -> str:
     return SUBJECT + token(channel)
 
 
-async def watch_bucket(kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
-                       name: str) -> asyncio.Task[None]:
+async def stop_watch(js: JetStreamContext, watcher: KeyValue.KeyWatcher) -> None:
+    """Stop a KV watch: its subscription, and its consumer on the server.
+
+    nats-py's ``stop`` only unsubscribes: the ordered consumer stays on the
+    bucket's stream for its inactive threshold (nats-py's default for a KV
+    watch, 5 minutes), so every node that closed left one per watched bucket
+    behind it."""
+    sub = watcher._sub
+    await watcher.stop()
+    if sub is not None and sub._consumer:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await js.delete_consumer(sub._stream, sub._consumer)
+
+
+async def watch_bucket(js: JetStreamContext, kv: KeyValue,
+                       learn: Callable[[KeyValue.Entry], None], name: str) -> asyncio.Task[None]:
     """``learn`` every present entry of ``kv`` (back when they are all learned),
-    then, in the task returned, every change for as long as it runs."""
+    then, in the task returned, every change until it is cancelled, which
+    stops the watch (:func:`stop_watch`; await the task for it to be done)."""
     watcher = await kv.watchall()
     try:
         # The watch first replays every present key, then an empty marker.
@@ -128,18 +144,32 @@ async def watch_bucket(kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
         # watch stops, else it would go on beside the one Engine.watch's retry
         # makes (its subscription and consumer kept, every change learned twice).
         with contextlib.suppress(nats.errors.Error):
-            await watcher.stop()
+            await stop_watch(js, watcher)
         raise
 
     async def follow() -> None:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=60)
-            except nats.errors.TimeoutError:
-                continue
-            if entry is not None:
-                learn(entry)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=60)
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is not None:
+                    learn(entry)
+        finally:
+            # Cancelled (the node closes): stopped before its connection is.
+            with contextlib.suppress(nats.errors.Error):
+                await stop_watch(js, watcher)
     return asyncio.create_task(follow(), name=name)
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait until it has finished (a watch's: stopped)."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _reported(step: Awaitable[T], what: str, since: float) -> T:
@@ -201,6 +231,10 @@ class Engine:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT)
         self.replicas = replicas
+        self.closing = False
+        #: the index of the cluster participant appending through this engine,
+        #: in each append's message id (set once the participant has one)
+        self.node = 0
         #: called once reconnected to NATS (core NATS records sent meanwhile may be lost)
         self.on_reconnect: Callable[[], None] = lambda: None
 
@@ -216,7 +250,8 @@ class Engine:
             engine.on_reconnect()
 
         async def disconnected() -> None:
-            log.warning("disconnected from NATS")
+            # Closing: the node asked for it (at info, not a warning of a normal stop).
+            log.log(logging.INFO if engine.closing else logging.WARNING, "disconnected from NATS")
 
         nc = await nats.connect(urls, name=name, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.5, reconnected_cb=reconnected,
@@ -271,7 +306,7 @@ class Engine:
         slow routes nats-py's consumer_info answered 404 "consumer not found" the
         moment after making it (and unsubscribed), and a node of
         `bench cluster --parts regions` exited at start."""
-        return await self.patiently(lambda: watch_bucket(kv, learn, name),
+        return await self.patiently(lambda: watch_bucket(self.js, kv, learn, name),
                                     f"the watch {name}")
 
     async def _make_stream(self) -> None:
@@ -328,6 +363,7 @@ class Engine:
         raise RuntimeError(f"no node index left for {name!r}")
 
     async def close(self) -> None:
+        self.closing = True
         try:
             await self.nc.drain()
         except (TimeoutError, nats.errors.Error):
@@ -343,12 +379,17 @@ class Engine:
         last stored message is still at stream sequence ``expected`` (0: none);
         its stream sequence.
 
-        The message id names the epoch: JetStream answers a known id as a
-        duplicate before it checks the expected sequence, so an id without
-        it would let a deposed owner's seq pass as the new owner's.
+        The message id names the epoch and this node: JetStream answers a known
+        id as a duplicate before it checks an expected sequence of 0 (one
+        above 0 the stream leader checks first), so an id without the epoch
+        would let a deposed owner's seq pass as the new owner's, and one
+        without the node two nodes' first writes (epoch 1, seq 1, expecting
+        no message: "The first message as one quorum write") would share it.
+        Within the stream's duplicate window (``duplicate_window``, 120 s) a
+        retry by this node, with the same id, is answered as a duplicate.
         """
-        headers = {"Nats-Expected-Last-Subject-Sequence": str(expected),
-                   "Nats-Msg-Id": f"{token(channel)}.{epoch}.{seq}"}
+        msg_id = f"{token(channel)}.{epoch}.{self.node}.{seq}"
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(expected), "Nats-Msg-Id": msg_id}
         try:
             ack = await self.js.publish(subject(channel), frame, headers=headers,
                                         timeout=timeout)
@@ -358,9 +399,12 @@ class Engine:
             # A retry whose first try was stored (its answer lost with a
             # nats-server) expects what is no longer the last: JetStream
             # checks that before the id.  Only that try can have stored this
-            # very frame as the channel's last message.
+            # very frame, under this very id, as the channel's last message
+            # (another node's first write may hold the same bytes: the same
+            # user, text and microsecond on two nodes).
             last = await self._last_raw(channel)
-            if last is not None and last.data == frame:
+            if (last is not None and last.data == frame
+                    and (last.headers or {}).get("Nats-Msg-Id") == msg_id):
                 assert last.seq is not None
                 return last.seq
             raise Fenced(f"{channel}: {exc.description}") from None

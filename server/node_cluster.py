@@ -140,6 +140,7 @@ class NodeCluster(Cluster):
         #: this participant's name: the node's, or ``<node>/<worker>`` under several workers
         self.name, self.region = name, s.region
         self.engine = engine
+        engine.node = index
         self.cluster_id = cluster_id
         assert isinstance(relay.store, ClusterStore)
         self.store: ClusterStore = relay.store
@@ -237,8 +238,9 @@ class NodeCluster(Cluster):
         """Started by :meth:`join`."""
 
     async def stop(self, timeout: float) -> None:
-        self.ownership.stop()
-        self.state.stop()
+        # The watches first, each to its end: cancelled with the connection
+        # closed under them, they left their consumers on the server.
+        await asyncio.gather(self.ownership.stop(), self.state.stop())
         await self.liveness.stop()
         await self.mesh.flush(timeout)
         self.mesh.close()

@@ -25,7 +25,7 @@ import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import OWNERS, Engine, channel_of, token
+from fenghuo.server.jetstream import OWNERS, Engine, channel_of, stop_task, token
 
 log = logging.getLogger("fenghuo.ownership")
 
@@ -74,9 +74,8 @@ class Ownership:
         self.claims[name] = claim
         self.on_change(name, old, claim)
 
-    def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+    async def stop(self) -> None:
+        await stop_task(self._watch)
 
     def owner(self, channel: str) -> int | None:
         """The node sequencing ``channel`` if it has a live claimant, else None."""

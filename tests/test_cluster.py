@@ -793,6 +793,36 @@ async def test_an_append_retried_after_its_answer_was_lost_is_acked_once(owner: 
     assert [m.seq for m in await owner.read(name, 0, 100, 10)] == [1, 2]
 
 
+async def test_two_nodes_first_writes_of_the_same_bytes_are_two_messages(
+        nats_cluster: NatsCluster):
+    """Two nodes write a new channel's first message at once, epoch 1, seq 1,
+    expecting none ("The first message as one quorum write"), and the frames
+    happen to be the same bytes (one user, one text, one microsecond, on two
+    nodes).  The message id names the node, so the second is not answered as
+    the first's duplicate: it is refused (and sent to the owner as a publish of
+    its own), not acked as stored.  A retry by the node that stored it, with
+    its own id, is still its duplicate, in either of JetStream's two answers:
+    the id known (expecting none), or the expected sequence no longer the last."""
+    one = await Engine.connect(nats_cluster.urls, "node-one")
+    two = await Engine.connect(nats_cluster.urls[1:], "node-two")
+    one.node, two.node = 1, 2
+    name = "dm:same:bytes"
+    first, second = (encode_message(name, seq, 7, "same", b"same") for seq in (1, 2))
+    try:
+        at = await one.append(name, 1, first, 0, epoch=1)
+        assert await one.append(name, 1, first, 0, epoch=1) == at
+        with pytest.raises(Fenced):
+            await two.append(name, 1, first, 0, epoch=1)
+        then = await one.append(name, 2, second, at, epoch=1)
+        assert await one.append(name, 2, second, at, epoch=1) == then
+        with pytest.raises(Fenced):
+            await two.append(name, 2, second, at, epoch=1)
+        assert [m.seq for m in await one.read(name, 0, 100, 10)] == [1, 2]
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_a_replica_node_found_dead_and_back_gets_its_channels_live_again(nodes):
     """The owner's node misses a replica node's heartbeats past the lease (here
     SIGSTOP; under a nats-server's death, their reconnects) and forgets what it

@@ -16,6 +16,7 @@ import nats.js.errors
 import pytest
 
 from conftest import RelayProcess, start_relay
+from fenghuo.server.jetstream import CLICKS, CURSORS, GROUPS, OWNERS
 from scripts.nats_cluster import NatsCluster, NatsServer
 
 
@@ -206,3 +207,37 @@ async def test_a_watch_whose_replay_timed_out_is_stopped_before_the_retry(
                 (await joining).stop()
         await proxy.close()
         plain.stop()
+
+
+async def test_a_node_closed_normally_stops_its_watches_and_warns_of_nothing(
+        tmp_path: Path, nats_cluster: NatsCluster):
+    """A node watches four buckets (claims, groups, cursors, clicks), each
+    through an ordered consumer on the bucket's stream.  Closed normally
+    (SIGTERM), it stops each watch before its NATS connection: no consumer of
+    it is left on the server, and its log has no warning or error.  Before,
+    the watches' tasks were cancelled and the connection closed under them:
+    their consumers stayed for nats-py's inactive threshold (5 minutes), and
+    the close logged "disconnected from NATS" as a warning."""
+    watched = [f"KV_{b}" for b in (OWNERS, GROUPS, CURSORS, CLICKS)]
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+
+        async def consumers() -> list[int]:
+            return [(await js.stream_info(s)).state.consumer_count for s in watched]
+        node = await asyncio.to_thread(start_relay, tmp_path, "--cluster",
+                                       ",".join(nats_cluster.urls), "--node", "n0", workers=1)
+        try:
+            assert await consumers() == [1, 1, 1, 1]
+            client = await node.connect("alice")
+            await client.create_group("g", members=["bob"])
+            await client.close()
+        finally:
+            assert node.stop() == 0
+        assert await consumers() == [0, 0, 0, 0]
+        lines = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+        stopping = next(i for i, line in enumerate(lines) if line["msg"] == "shutting down")
+        assert [line for line in lines[stopping:]
+                if line["level"] in ("warning", "error", "critical")] == []
+    finally:
+        await nc.close()
