@@ -30,10 +30,12 @@ from fenghuo.core import (ErrorCode, FrameType, decode_ack, decode_error, decode
                           encode_message, encode_publish)
 from fenghuo.server.config import load
 from fenghuo.server.frames import decode_frame_message
+from fenghuo.server.cluster_store import DEPOSED
 from fenghuo.server.jetstream import STREAM, Engine, Fenced
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
 from rawwire import authed_raw, describe, metrics, wait_for_metric
+from bench.netem import LinkProfile, ProxiedConnection, Proxy
 from bench.targets import free_port, free_ports, wait_listening
 
 
@@ -346,6 +348,46 @@ async def test_a_first_write_the_stream_refuses_is_sent_again_never_acked_there(
     assert [(m.seq, m.payload) for m in page] == [(1, b"ghost"), (2, b"mine")]
     state = healthz(n0.metrics_port)[1]["cluster"]
     assert (state["first_writes_refused"], state["publishes_redriven"]) == (1, 1)
+
+
+async def test_a_refused_first_write_s_publish_is_acked_when_nats_drops_its_refusal(
+        nodes, nats_cluster: NatsCluster):
+    """As above, the stream already holds a first message nobody claimed: the
+    node's first append is refused and its publish sent again, to this node
+    (its claim won, taken again, the tail read), and acked at seq 2.  The
+    refusal, on its way back to the client, is to be dropped; here the node's
+    link to NATS is reset just as a record with that refusal crosses it (a
+    proxy between node and nats-server, ``bench.netem``).  The client gets its
+    ACK.  Before, the node answered its own publishes through NATS: the
+    refusal was lost with the connection, its entry stayed, and swallowed the
+    ACK of the publish sent again, so the client got REQUEST_TIMEOUT."""
+    name = "org.lost.c"
+    other = await Engine.connect(nats_cluster.urls, "other-node")
+    try:
+        await other.append(name, 1, encode_message(name, 1, 1, "ghost", b"ghost"), 0, epoch=1)
+    finally:
+        await other.close()
+    server = nats_cluster.servers[0]
+    cut: list[bytes] = []
+
+    def on_connection(conn: ProxiedConnection) -> None:
+        def tap(data: bytes, offset: int) -> None:
+            if not cut and DEPOSED.encode() in data:
+                cut.append(data)
+                conn.abort()                        # lost with the connection
+        conn.uplink.tap = tap
+    async with Proxy(("127.0.0.1", 0), (server.host, server.port), LinkProfile(0.0),
+                     record=False, on_connection=on_connection) as proxy:
+        host, port = proxy.address
+        # In a thread: starting a node blocks this loop, which carries its link.
+        (n0,) = await asyncio.to_thread(nodes, "n0", urls=[f"nats://{host}:{port}"])
+        alice = await n0.connect("alice", channels=("org.lost.>",))
+        ack = await asyncio.wait_for(alice.publish(name, "mine"), 20.0)
+        assert ack.seq == 2
+        page = await alice.history(name, limit=10)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"ghost"), (2, b"mine")]
+        state = healthz(n0.metrics_port)[1]["cluster"]
+        assert (state["first_writes_refused"], state["publishes_redriven"]) == (1, 1)
 
 
 async def test_the_far_node_s_refused_first_write_goes_to_the_winner_acked_once(
