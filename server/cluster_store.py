@@ -181,6 +181,13 @@ class ClusterStore(SQLiteStore):
             # The append out, if any, may still be stored: only what is behind it is surely not.
             self._fail(log_, log_.sending if log_.running else 0)
 
+    def unreleased(self, channel: str) -> int:
+        """The highest seq of ``channel``'s messages the stream has stored that
+        wait in the order behind another record, not handed back yet; 0 if none."""
+        return max((e.record.seq for e in self._order
+                    if e.done and not e.failed and isinstance(e.record, Sequenced)
+                    and e.record.channel == channel), default=0)
+
     def owns(self, channel: str) -> bool:
         return channel in self._logs
 

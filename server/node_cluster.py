@@ -171,6 +171,10 @@ class NodeCluster(Cluster):
         self.first_writes_refused = 0        # of them, first appends the stream refused
         self.publishes_redriven = 0          # publishes sent again to their channel's owner
         self.failovers = 0                   # channels taken over from a dead or deposed node
+        #: channels stepped down from while messages of them the stream stored
+        #: still waited in this node's release order: settled once those are
+        #: released (step_down); until then the replica asks nobody
+        self.releasing: dict[str, asyncio.Future[None]] = {}
         #: group channels whose publishes wait for the group read from its bucket
         self.checks: dict[str, _Check] = {}
         self.group_checks = 0                # such reads (a refusal the bucket may undo)
@@ -566,6 +570,10 @@ class NodeCluster(Cluster):
                     tail_read: asyncio.Future[Stored | None] | None = None) -> None:
         """This node now sequences ``name``: continue from the stream's tail
         (``tail_read``: its last message, read beside a first claim)."""
+        if name in self.releasing:
+            # Stepped down from with stored messages still to be released
+            # here: the ring takes the tail after them.
+            await self.releasing[name]
         last = await (tail_read if tail_read is not None else self.engine.last(name))
         ring = self.relay.settings.ring_size
         tail = [] if last is None else await self.engine.read(
@@ -657,7 +665,7 @@ class NodeCluster(Cluster):
             self._on_record(source, record)      # served if this node won, else refused
         for source, after in self.deferred_interest.pop(name, ()):
             self._interest(source, name, after)
-        if ch is not None and ch in self.warming:
+        if ch is not None and ch in self.warming and name not in self.releasing:
             if owner == self.index:
                 for action in self.warming.pop(ch):
                     action()
@@ -667,23 +675,50 @@ class NodeCluster(Cluster):
     def step_down(self, name: str, ask: bool = True) -> None:
         """``name`` is sequenced by another node now: become its replica here
         (asking its owner for it at once, unless ``ask`` is False: the caller
-        asks once the owner is known)."""
+        asks once the owner is known).
+
+        What was sequenced and not stored is forgotten: the replica holds only
+        what the stream acknowledged.  That is the ring, and also any message
+        the stream stored that still waits in this node's release order (one
+        order over every channel, ClusterStore._release: behind another
+        channel's append or a group's KV write).  Such a message is acked and
+        reaches the ring and the subscribers here when released; the replica
+        goes on after it, asking the new owner only then.  Before, the seq was
+        set below it: the new owner sent it again, and its release pushed a seq
+        the ring had (ValueError in the hub's release: its publisher's ACK, and
+        every record released behind it, never went out)."""
         self.store.disown(name)
         ch = self._reset_owner(name)
         if ch is None:
             return
-        # What was sequenced and not stored is forgotten: the ring holds
-        # only what the stream acknowledged.
-        ch.seq = ch.ring.head
         ch.dedupe.clear()
         self.interested.pop(ch, None)
-        log.warning("stepped down", extra={"channel": name, "seq": ch.seq})
+        waiting = self.store.unreleased(name)
+        ch.seq = max(ch.ring.head, waiting)
+        log.warning("stepped down", extra={"channel": name, "seq": ch.seq,
+                                           "unreleased": max(0, waiting - ch.ring.head)})
+        if waiting > ch.ring.head:
+            if name not in self.releasing:
+                released = self.releasing[name] = asyncio.get_running_loop().create_future()
+                self.relay.hub.after_store(lambda: self._released(name, released))
+            return
         if ch.subscribers or ch in self.ready_here:
             if ask:
                 self._rewarm(ch)
             else:
                 self.ready_here.discard(ch)
                 self.warming.setdefault(ch, [])
+
+    def _released(self, name: str, released: asyncio.Future[None]) -> None:
+        """What ``name`` had stored was released here: the replica asks its owner."""
+        del self.releasing[name]
+        released.set_result(None)
+        ch = self.relay.hub.find(name)
+        if ch is None or self.store.owns(name):
+            return
+        ch.seq = ch.ring.head
+        if ch.subscribers or ch in self.ready_here or ch in self.warming:
+            self._rewarm(ch)
 
     def _rewarm(self, ch: Channel) -> None:
         """Ask ``ch``'s (new) owner for it again, from this replica's seq."""
@@ -692,6 +727,8 @@ class NodeCluster(Cluster):
         self._ask_owner(ch)
 
     def _ask_owner(self, ch: Channel) -> None:
+        if ch.name in self.releasing:
+            return                   # asked once its stored messages are released (step_down)
         owner = self.owner_of(ch.name)
         log.debug("asking for a channel", extra={"channel": ch.name, "owner": owner})
         if owner == UNKNOWN:
@@ -808,9 +845,18 @@ class NodeCluster(Cluster):
             first = self.firsts.get(p.channel)
             if not self.store.owns(p.channel):
                 if source == self.index:
-                    # Sent here by this node as the owner, which it is no more
-                    # (it stepped down, or its first write was refused): never
-                    # sequenced, so sent on to the owner, not refused.
+                    # Not reached since 5eead6a, kept as a safety net: a P
+                    # record of this node's is handed here only by _unpark to
+                    # this node, called right after a step that made the
+                    # channel owned here (_unpark_first after store.own,
+                    # _resolved and _check_group when owner_of names this
+                    # node), and nothing between can step down (sequencing
+                    # only queues the append); none comes over NATS (records
+                    # for this node are never sent there).  Were one to come
+                    # after a step-down, it was never sequenced: sent on to
+                    # the owner, not refused.
+                    log.warning("own publish found the channel not owned here",
+                                extra={"channel": p.channel})
                     self._redo(p.channel, record)
                     if first is not None:
                         first.outstanding -= 1
@@ -986,6 +1032,8 @@ class NodeCluster(Cluster):
         meanwhile waits behind them."""
         # Wall clocks of two hosts: the lag includes their skew (NTP: ~1 ms).
         self.replica_lag.observe(max(0.0, time.time() - message_time(frame) / 1e6))
+        if name in self.releasing:
+            return           # its owner is asked, from after what is released here, once it is
         ch = self.relay.hub.find(name)
         if ch is not None and self._filling(ch):
             hole = self.holes.get(ch)

@@ -952,6 +952,75 @@ async def test_a_paused_owner_steps_down_and_nothing_conflicts(nodes):
     assert '"stepped down"' in n0.log() or "stepped down" in n0.log()
 
 
+async def test_an_owner_deposed_while_stored_messages_wait_in_its_release_order_delivers_each_once(
+        nodes, nats_cluster: NatsCluster):
+    """A node hands its records back in one order over all its channels
+    (ClusterStore._release): a message JetStream has stored waits there behind
+    an earlier record, here another group's change whose KV write the groups'
+    bucket holds (its stream replaced by a subscriber that answers nothing).
+    The owner is then deposed (SIGSTOP past its lease; another node takes the
+    channel over from the stream, where that message is) and, resumed, steps
+    down with the message still waiting.  Released once the bucket answers,
+    the message is acked to its publisher at the seq the stream gave it, and
+    the receiver on the old owner's node gets every seq once, in order: it
+    becomes a replica from that message on.  Before, the step-down set the
+    channel's seq below it, the new owner sent it again, and its release
+    pushed a seq the ring already had (ValueError in the hub's release): the
+    publisher never got its ACK, nor anything released behind it."""
+    n0, n1 = nodes("n0", "n1")
+    alice, dave = await n0.connect("alice"), await n0.connect("dave")
+    bob = await n1.connect("bob")
+    group = "group:busy"
+    receiver = LiveSeqs(await authed_raw(n0, "carol"), group)
+    await alice.create_group("busy", ["bob", "carol"])      # n0 sequences group:busy
+    await messages_of(bob, group, 1)                        # n1 knows the group
+    await receiver.until(1, 15)
+    nc = await nats.connect(nats_cluster.urls)
+    reader = await Engine.connect(nats_cluster.urls, "reader")
+    try:
+        held = await hold_bucket(nc, "fenghuo_groups")
+
+        async def holding() -> bool:
+            return bool(held)
+        change = asyncio.ensure_future(dave.create_group("other", ["alice"]))
+        await until(holding)                                # in n0's order, unanswered
+        publish = asyncio.ensure_future(alice.publish(group, "stored"))
+
+        async def stored() -> bool:
+            last = await reader.last(group)
+            return last is not None and last.seq == 2
+        await until(stored)                                 # in the stream, held here
+        await asyncio.sleep(0.3)                            # JetStream's answer reaches n0
+        assert not publish.done()
+        n0.signal(signal.SIGSTOP)
+        try:
+            taken = await publish_surely(bob, group, "while-stopped", "b-1",
+                                         time.monotonic() + 30)
+        finally:
+            n0.signal(signal.SIGCONT)
+        assert taken.seq == 3                               # n1 read seq 2 from the stream
+
+        async def stepped_down() -> bool:
+            return '"stepped down"' in n0.log()
+        await until(stepped_down, 15)
+        await asyncio.sleep(1.0)                            # n1 answers n0's interest
+        await nc.close()                                    # the bucket answers again
+        nc = await nats.connect(nats_cluster.urls)
+        await nc.jetstream().create_key_value(bucket="fenghuo_groups", history=1, replicas=3)
+        ack = await asyncio.wait_for(publish, 40.0)
+        assert ack.seq == 2
+        with contextlib.suppress(FenghuoError):             # its write may have given up
+            await asyncio.wait_for(change, 40.0)
+        after = await publish_surely(bob, group, "after", "b-2", time.monotonic() + 30)
+        assert after.seq == 4
+        await receiver.until(4, 15)
+        assert receiver.seqs == [1, 2, 3, 4]
+        assert "ring expects seq" not in n0.log()
+    finally:
+        await nc.close()
+        await reader.close()
+
+
 def test_cluster_options_from_flag_env_and_toml(tmp_path):
     toml = tmp_path / "node.toml"
     toml.write_text('[server]\ncluster = "nats://10.0.0.1:4222,nats://10.0.0.2:4222"\n'
