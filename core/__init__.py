@@ -91,7 +91,7 @@ from fenghuo.core._core import (
     service_conflict,
     verify_hs256,
 )
-from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, WIRE_VERSION
+from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, MESSAGE_FIXED_SIZE, WIRE_VERSION
 
 __all__ = [
     "ADMIN_ROLE",
@@ -115,6 +115,7 @@ __all__ = [
     "ErrorCode",
     "Expiry",
     "FRAME_HEADER_SIZE",
+    "MESSAGE_FIXED_SIZE",
     "Forwarded",
     "ForwardedPublish",
     "Frame",

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Self, final
 
 FRAME_HEADER_SIZE: int
+#: fixed part of a MESSAGE body before its channel, sender, key, meta and payload
+MESSAGE_FIXED_SIZE: int
 #: built-in masking detectors by name: their bit in MaskRules.detectors
 DETECTORS: dict[str, int]
 WIRE_VERSION: int

@@ -15,6 +15,7 @@ import orjson as _orjson
 
 # Python names for the wire constants of consts.pxi.
 FRAME_HEADER_SIZE = HEADER_SIZE
+MESSAGE_FIXED_SIZE = MESSAGE_FIXED
 WIRE_VERSION = PROTOCOL_VERSION
 
 

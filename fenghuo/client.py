@@ -37,10 +37,12 @@ from fenghuo.channels import direct_channel
 from fenghuo.protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_PORT,
+    FRAME_HEADER_SIZE,
     Ack,
     ContentType,
     ErrorCode,
     Frame,
+    FrameFlag,
     FrameReader,
     FrameType,
     Message,
@@ -193,6 +195,14 @@ def new_key() -> bytes:
     """
     return ((time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF).to_bytes(6, "big")
             + secrets.token_bytes(6)).hex().encode()
+
+
+def _inflated_size(frame: bytes) -> int:
+    """The size of ``frame`` with its body inflated: a compressed body begins with
+    its uncompressed size (PROTOCOL §2.3)."""
+    if not int.from_bytes(frame[6:8], "big") & FrameFlag.COMPRESSED:
+        return len(frame)
+    return FRAME_HEADER_SIZE + int.from_bytes(frame[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + 4], "big")
 
 
 def encode_payload(data: str | bytes | dict[str, Any] | list[Any], content_type: int | None) -> tuple[bytes, int]:
@@ -774,10 +784,13 @@ class Client:
                                self.compress_threshold)
         # The server cuts a connection for an oversized frame without a request
         # id, so resending it on reconnect would loop forever: refuse it here.
+        # A compressed frame counts at its inflated size, as the server counts it
+        # (PROTOCOL §2.3).
+        size = _inflated_size(frame)
         limit = self.welcome.get("max_frame", self.max_frame)
-        if len(frame) > limit:
+        if size > limit:
             raise FenghuoError(ErrorCode.FRAME_TOO_LARGE,
-                               f"PUBLISH of {len(frame)} bytes exceeds the {limit}-byte frame limit")
+                               f"PUBLISH of {size} bytes exceeds the {limit}-byte frame limit")
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self._unacked[rid] = frame

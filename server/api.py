@@ -36,7 +36,14 @@ from msgspec import Meta
 
 from fenghuo.channels import ChannelName as ParsedChannel
 from fenghuo.client import ConnectionLost, FenghuoError, encode_payload
-from fenghuo.core import ChannelKind, ContentType, ErrorCode, ProtocolError
+from fenghuo.core import (
+    FRAME_HEADER_SIZE,
+    MESSAGE_FIXED_SIZE,
+    ChannelKind,
+    ContentType,
+    ErrorCode,
+    ProtocolError,
+)
 from fenghuo.server.schemas import (
     _USER_ID,
     HISTORY_DEFAULT,
@@ -588,6 +595,7 @@ async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
     if body.escalate:
         _check_policy(body.escalate, cn)
     sender = body.sender or API_USER
+    _check_size(api, body, cn.name, sender, data)
     client = await api.backends.as_user(sender)
     ack = await client.publish(cn.name, data, content_type=body.content_type,
                                meta=body.meta, key=body.idempotency_key)
@@ -595,6 +603,33 @@ async def publish(api: Api, body: PublishCall) -> dict[str, Any]:
         # Answered once armed: a publish retried after an error (same key) arms it then.
         await escalation.start(api.timers, ack.channel, ack.seq, ack.ts_us, sender, body.escalate)
     return {"channel": ack.channel, "seq": ack.seq, "ts_us": ack.ts_us, "duplicate": ack.duplicate}
+
+
+# The key a message gets when the call names none: the client's (24 characters)
+# or a scheduled message's ``fenghuo-sched-<id>``, an id of at most 19 digits.
+_GENERATED_KEY_MAX = len(SCHEDULE_KEY_PREFIX) + 19
+
+
+def _check_size(api: Api, body: PublishCall, channel: str, sender: str,
+                data: str | bytes | dict[str, Any] | list[Any]) -> None:
+    """Refuse now what the relay's frames cannot carry: a key over 255 bytes, a meta over
+    65,535 (PROTOCOL §3.5), a MESSAGE over ``--max-frame`` (413).  Sent on, such a call
+    would cost the acting user's session (an oversized PUBLISH is fatal) or, scheduled,
+    fail only when it fires."""
+    key = len(body.idempotency_key.encode()) if body.idempotency_key else _GENERATED_KEY_MAX
+    if key > 255:
+        raise ApiError(ErrorCode.MALFORMED_BODY,
+                       "publish: the idempotency key must be at most 255 bytes of UTF-8")
+    meta = len(orjson.dumps(body.meta)) if body.meta is not None else 0
+    if meta > 0xFFFF:
+        raise ApiError(ErrorCode.MALFORMED_BODY,
+                       "publish: `meta` must be at most 65535 bytes as compact JSON")
+    size = (FRAME_HEADER_SIZE + MESSAGE_FIXED_SIZE + len(channel.encode()) + len(sender.encode())
+            + key + meta + len(encode_payload(data, body.content_type)[0]))
+    limit = api.relay.settings.max_frame
+    if size > limit:
+        raise ApiError(ErrorCode.FRAME_TOO_LARGE, f"publish: the message would be a {size}-byte "
+                       f"frame, over the {limit}-byte limit (--max-frame)")
 
 
 def _check_policy(steps: list[escalation.Step], cn: ParsedChannel) -> None:
@@ -649,6 +684,11 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
         unique = None if item.idempotency_key is None else \
             f"{SEND}\0{sender}\0{channel}\0{item.idempotency_key}"
         body = _masked(api, msgspec.structs.replace(item, send_at=None, channel=channel))
+        try:
+            _check_size(api, body, channel, sender, _payload(body))
+        except ApiError as exc:
+            answers.append(_refusal(exc))
+            continue
         timers.append(NewTimer(due, SEND, msgspec.json.encode(body), unique))
         answers.append({"channel": channel, "send_at": due / 1e6})
     added = iter(await api.timers.add(timers))

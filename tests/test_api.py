@@ -319,3 +319,54 @@ async def test_a_channel_name_is_refused_over_http_as_over_tcp(api_relay):
                 "code": code, "name": "INVALID_CHANNEL", "message": text}, (name[:20], answer)
         else:
             assert (status, answer["error"]["code"]) == (400, code), (name[:20], answer)
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["workers-1", "workers-default"])
+async def test_a_message_its_frames_cannot_carry_is_refused_when_called(relay_factory, workers):
+    """An outsider found a 70 KB `meta` or a 300-byte key answered 500, a compressible
+    publish over --max-frame cutting the API's own session (calls behind it answered
+    503), and the same calls with `send_at` accepted, then failing at every fire."""
+    relay = relay_factory("--max-frame", "16384", api=True, workers=workers)
+    key = relay.api_key
+    bad = [({"meta": {"m": "y" * 70000}}, 400, ErrorCode.MALFORMED_BODY, "`meta`"),
+           ({"idempotency_key": "汉" * 100}, 400, ErrorCode.MALFORMED_BODY, "idempotency key"),
+           ({"data": "y" * 20000}, 413, ErrorCode.FRAME_TOO_LARGE, "--max-frame")]
+    for later in (None, time.time() + 1):
+        for extra, status, code, named in bad:
+            body = {"channel": NEWS, "data": "x", **extra,
+                    **({"send_at": later} if later else {})}
+            got = post(relay, "publish", orjson.dumps(body), key)
+            assert (got[0], got[1]["error"]["code"]) == (status, code), (extra.keys(), got)
+            assert named in got[1]["error"]["message"]
+            # The API's session for the acting user is intact: the next call is served.
+            assert post(relay, "history", orjson.dumps({"channel": NEWS}), key)[0] == 200
+        batch = post(relay, "batch_publish", orjson.dumps({"items": [
+            {"channel": NEWS, "data": "ok", **({"send_at": later} if later else {})},
+            *({"channel": NEWS, "data": "x", **extra, **({"send_at": later} if later else {})}
+              for extra, _, _, _ in bad)]}), key)
+        assert batch[0] == 200
+        assert [r.get("error", {}).get("code") for r in batch[1]["results"]] == \
+            [None, *(code for _, _, code, _ in bad)]
+    assert post(relay, "scheduled_list", b"{}", key)[1]["scheduled"][0]["data"] == "ok"
+    # The one scheduled message fires; nothing is left failing at every fire.
+    deadline = time.monotonic() + 10
+    while post(relay, "scheduled_list", b"{}", key)[1]["scheduled"]:
+        assert time.monotonic() < deadline, relay.log()
+        await asyncio.sleep(0.1)
+    page = post(relay, "history", orjson.dumps({"channel": NEWS}), key)[1]["messages"]
+    assert [m["data"] for m in page] == ["ok", "ok"]
+    assert "firing timers failed" not in relay.log()
+
+
+async def test_the_client_refuses_a_publish_that_inflates_over_max_frame(api_relay):
+    """A compressible payload over the frame limit: the client checked it by its
+    compressed size and sent it, and the relay cut the connection (fatal
+    FRAME_TOO_LARGE), failing whatever else was in flight on it."""
+    client = await api_relay.connect("alice", channels=("org.>",))
+    welcome = client.welcome
+    with pytest.raises(FenghuoError) as refused_:
+        await asyncio.wait_for(client.publish(NEWS, "y" * 1_100_000), 10)
+    assert refused_.value.code == ErrorCode.FRAME_TOO_LARGE
+    ack = await asyncio.wait_for(client.publish(NEWS, "still connected"), 10)
+    assert ack.seq == 1
+    assert client.welcome is welcome, "the relay cut the connection: the client reconnected"
