@@ -1,6 +1,6 @@
 """``python -m bench tail``: one-to-one latency at fixed rates, fenghuo beside nats-server.
 
-One publisher and one subscriber, ``--rates`` messages/s offered (the
+One publisher and one subscriber (``--pairs`` of them sharing the rate), ``--rates`` messages/s offered (the
 generator's due-time stamps, so a stall shows as latency), on fenghuo as one
 process (``--workers 1``), fenghuo's default deployment (a supervisor and one
 worker per core) and nats-server, all ``--store memory`` for fenghuo, in
@@ -145,7 +145,7 @@ def cmd_tail(a: argparse.Namespace) -> int:
                                    stalls: dict[str, Any] = stalls) -> loadgen.Result:
                     before = _first_stalls(t.metrics_port) if isinstance(t, Fenghuo) else None
                     (ran, waited), started = cpu_s(t), time.perf_counter()
-                    result = await loadgen.pairs_run(t, pairs=1, rate=rate, warmup=a.warmup,
+                    result = await loadgen.pairs_run(t, pairs=a.pairs, rate=rate, warmup=a.warmup,
                                                      duration=a.duration, progress=p)
                     # Per second of the run (setup included): the server's time on a
                     # CPU, and runnable but without one (the machine's share of its tail).
@@ -160,7 +160,7 @@ def cmd_tail(a: argparse.Namespace) -> int:
                 progress.finish(f"round {round_ + 1} {name}: " + result.line().split(": ", 1)[1]
                                 + "".join(f", {k}={v:g}" for k, v in stalls.items())
                                 + f", load {os.getloadavg()[0]:.1f}")
-                runs.append({"round": round_ + 1, "target": name, "rate": rate,
+                runs.append({"round": round_ + 1, "target": name, "rate": rate, "pairs": a.pairs,
                              "latency_ms": result.latency_ms, "relay": stalls,
                              "loadavg": os.getloadavg()[0],
                              "deliveries_per_s": result.deliveries_per_s})
@@ -202,6 +202,8 @@ def add_command(sub) -> None:
                         "fenghuo-durable) the default store (SQLite, --fsync always), and relay "
                         "flags after a colon (fenghuo-1:--loop-slice-us=0); nats, redis")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table is their median")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="publisher/subscriber pairs sharing the rate (100: `run latency`'s)")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--json", metavar="FILE", help="also write every run as JSON")

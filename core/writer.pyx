@@ -70,9 +70,9 @@ cdef class SQLiteWriter:
         self._check(sqlite3_exec(self.db, b"PRAGMA cache_size=-65536", NULL, NULL, NULL))
         # No checkpoint inside a commit: SQLite's own (wal_autocheckpoint) copies
         # the whole WAL into the file in the commit that crosses its size,
-        # holding that batch's acks and every batch queued behind it (35-70 ms
-        # of CPU at 256 MiB, every 2 s at 50,000 msgs/s: bench/README.md, "The
-        # tail under --fsync always").  This hook replaces it and counts the
+        # holding that batch's acks and every batch queued behind it (30-150
+        # ms of CPU at 256 MiB, every 2-10 s at 50,000 msgs/s: bench/README.md,
+        # "The tail under --fsync always").  This hook replaces it and counts the
         # frames; the store's checkpointer copies them on its own thread and
         # the writer finishes the last few between batches (``checkpoint``).
         self._wal_frames = 0

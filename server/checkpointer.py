@@ -5,8 +5,8 @@ into the database file, and the WAL starts again from its beginning at the
 next write once every frame is copied (and no reader still reads one).
 SQLite's own automatic checkpoint does that copy inside the commit that
 crosses ``wal_autocheckpoint``: the whole WAL at once, holding that batch's
-acks and every batch queued behind it (at 256 MiB, 35-70 ms of CPU every 2 s
-at 50,000 msgs/s; bench/README.md, "The tail under --fsync always").
+acks and every batch queued behind it (at 256 MiB, 30-150 ms of CPU every
+2-10 s at 50,000 msgs/s; bench/README.md, "The tail under --fsync always").
 
 Here the writer's connection does not checkpoint (core/writer.pyx: its WAL
 hook counts the frames instead).  Once the WAL holds ``pages`` frames, a

@@ -327,6 +327,14 @@ def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
     assert all(row.split(" | ")[5] == "1.00" for row in rows if " nats " in row)   # nats ÷ nats
 
 
+def test_tail_shares_the_rate_over_pairs(tmp_path):
+    out = tmp_path / "tail.json"
+    bench("tail", "--rates", "400", "--pairs", "4", "--rounds", "1", "--warmup", "0.2", "--duration", "0.5",
+          "--targets", "fenghuo-1-durable", "--json", str(out))
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["pairs"] == 4 and run["deliveries_per_s"] > 0 and run["latency_ms"]["99"] > 0, run
+
+
 def test_webhooks_bench_compares_publishing_with_and_without_and_drains_the_outbox():
     out = bench("webhooks", "--count", "50", "--channels", "4", "--concurrency", "4", "--repeat", "1").stdout
     rows = {line[:18].strip(): line[18:].split() for line in out.splitlines()[1:4]}
