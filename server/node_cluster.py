@@ -380,9 +380,9 @@ class NodeCluster(Cluster):
                 self.relay.hub.after_store(lambda: released.set_result(None))
                 await released
                 if claim is not None and first.stored_at:
-                    self.mesh.send(claim.node, routing.control(
-                        "first", channel=name, at=first.stored_at,
-                        frames=base64.b64encode(first.data).decode("ascii")))
+                    # Its receivers' nodes had it as soon as it was stored
+                    # (_announce_first); the winner may be none of them.
+                    self.mesh.send(claim.node, self._first_control(name, first))
                 # Its sessions here that receive it from the stored first
                 # message (_serve_first) go on from the owner, asked once it is
                 # known (_resolved, next): a replica from the stored seqs.
@@ -475,9 +475,31 @@ class NodeCluster(Cluster):
         its append's answer where that answer came first (`bench cluster
         --parts regions`).  A claim lost after it: the winner announces the
         chat to them too, and their watch of the claims has them ask it."""
-        if first.announce:
-            first.announce = False
-            self._announce_claimed(ch, 0)
+        if not first.announce:
+            return
+        first.announce = False
+        receivers = self._announce_claimed(ch, 0)
+        if first.stored_at:
+            # Announced from the stored message, the claim not known to be this
+            # node's: one of them may have won it, having read the chat's empty
+            # tail (told of the chat by its creator, it claims too).  Owning
+            # the chat, it drops what is announced here, and it got the first
+            # message only from the ``first`` control sent once this node's
+            # claim was answered, lost (``bench cluster --parts regions``:
+            # 918 ms after the append's answer, Frankfurt -> Sydney).  Sent
+            # now, behind the announcement on each one's queue: a node that
+            # does not own the chat, or has appended anything of it, ignores
+            # it (_adopt_first).
+            control = self._first_control(ch.name, first)
+            for peer in receivers:
+                self.mesh.send(peer, control)
+
+    @staticmethod
+    def _first_control(name: str, first: _First) -> bytes:
+        """The control giving ``name``'s stored first message to a node that may
+        have won its claim after reading the empty tail (_adopt_first)."""
+        return routing.control("first", channel=name, at=first.stored_at,
+                               frames=base64.b64encode(first.data).decode("ascii"))
 
     def _unstored(self, name: str, seqs: list[int]) -> None:
         """The store: these messages of ``name`` are refused and surely not stored.
@@ -553,7 +575,11 @@ class NodeCluster(Cluster):
         stream sequence ``at``) while this node won the claim.  Taken as the tail
         if this node sequenced nothing of the channel yet (its tail was read
         before that append landed); else its own first append is refused and it
-        reads the tail (fencing)."""
+        reads the tail (fencing).  Sent by the writer as soon as the append is
+        stored, to a new direct chat's receivers' nodes (_announce_first), and
+        to the claim's winner once its own claim is answered, lost: the second
+        finds the frames taken (the log's last set) and changes nothing; a node
+        that does not own the channel ignores both."""
         ch = self.relay.hub.find(name)
         frames = [Stored(decode_frame_message(f).seq, at, f) for f in split_frames(data)]
         # Its seq may be at those frames already: the other node announced them here.
@@ -592,7 +618,7 @@ class NodeCluster(Cluster):
         if claim.epoch == 1 and ch.kind == ChannelKind.DIRECT_CHAT:
             self._announce_claimed(ch, ch.ring.head)
 
-    def _announce_claimed(self, ch: Channel, head: int) -> None:
+    def _announce_claimed(self, ch: Channel, head: int) -> list[int]:
         """Owner side, a new direct chat just claimed, before its first message is
         sequenced: the nodes where a participant is online receive it from its
         head on without asking (as a worker's direct chat, Cluster._announce_direct).
@@ -604,10 +630,10 @@ class NodeCluster(Cluster):
         regions``: up to 830 ms).  The announcement goes ahead of the first
         message on this node's queue to each of them; messages after ``head``
         stored before it (a first write's, stored before its claim was
-        answered) follow it there."""
+        answered) follow it there.  Returns the nodes announced to."""
         receivers = self._direct_receivers(ch, self.liveness.live_peers())
         if not receivers:
-            return
+            return receivers
         announcement = routing.control("direct", channel=ch.name, receivers=receivers,
                                        head=head)
         stored = ch.ring.since(head)
@@ -615,6 +641,7 @@ class NodeCluster(Cluster):
             self.mesh.send(peer, announcement)
             for frame in stored:
                 self.mesh.send(peer, routing.message(ch.key, message_seq(frame), frame))
+        return receivers
 
     def _direct(self, name: str, receivers: list[int], head: int) -> None:
         if self.index not in receivers:

@@ -31,7 +31,7 @@ from fenghuo.core import (ErrorCode, FrameType, decode_ack, decode_error, decode
 from fenghuo.server.config import load
 from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.cluster_store import DEPOSED
-from fenghuo.server.jetstream import STREAM, Engine, Fenced
+from fenghuo.server.jetstream import OWNERS, STREAM, Engine, Fenced, token
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
 from rawwire import authed_raw, describe, metrics, wait_for_metric
@@ -481,6 +481,65 @@ async def test_the_writing_node_s_own_receivers_get_each_message_once_when_its_c
         assert states[1]["channels_owned"] == 0 and states[1]["first_writes"] == 3, states
 
 
+async def test_a_receiver_s_node_that_won_the_claim_gets_the_stored_first_message_at_once(
+        nodes, nats_cluster: NatsCluster):
+    """A new direct chat claimed by its receiver's node (bob reads its history
+    there: the tail is empty), then written first by the sender's node, 400 ms
+    from NATS, whose watch has not shown that claim yet: its append is stored
+    (seq 1) and its own claim is held (the claims' bucket replaced by a
+    subscriber that answers nothing).  The receiver's node, owning the chat,
+    drops the stored message announced to it; it gets it from the writer's
+    ``first`` control, sent as soon as the append is stored, not once the
+    writer's claim is answered (`bench cluster --parts regions`: 918 ms after
+    the append's answer, Frankfurt -> Sydney): bob gets seq 1 while that claim
+    is unanswered.  Once the bucket answers again (holding the winner's claim
+    as before), the winner continues after the stored message: seqs 2-4, each
+    delivered once, in order."""
+    name = "dm:alice:bob"
+    with near_and_far(nodes, nats_cluster, delay="400ms") as (n0, n1):
+        bob = await n0.connect("bob")
+        alice = await n1.connect("alice", presence=True)
+        await until(lambda: _online(alice, "bob"), timeout=20)   # n1 announces the chat to n0
+        assert await bob.history(name, limit=10) == []        # n0 claims it, tail empty
+        nc = await nats.connect(nats_cluster.servers[0].url)
+        try:
+            winner = await (await nc.jetstream().key_value(OWNERS)).get(token(name))
+            # n1 learns that claim 400 ms after it was made: the publish gets
+            # there first, and its claim reaches NATS 400 ms after that.
+            sending = asyncio.ensure_future(alice.send("bob", "m0", key="m0"))
+            held = await hold_bucket(nc, OWNERS)
+            assert (await asyncio.wait_for(sending, 10.0)).seq == 1
+            got = await messages_of(bob, name, 1)
+            assert [(m.seq, m.payload) for m in got] == [(1, b"m0")]
+            assert held, "the writer's claim was answered before the bucket was held"
+            state = healthz(n1.metrics_port)[1]["cluster"]
+            assert state["first_writes"] == 1, state
+            await nc.close()                      # the claims are answered again ...
+            nc = await nats.connect(nats_cluster.urls)
+            kv = await nc.jetstream().create_key_value(bucket=OWNERS, history=1, replicas=3)
+            await kv.create(winner.key, winner.value)   # ... the winner's claim still there
+            acks = [await publish_surely(alice, name, f"m{i}", f"m{i}", time.monotonic() + 30)
+                    for i in (1, 2, 3)]
+            assert [a.seq for a in acks] == [2, 3, 4]
+            got = await messages_of(bob, name, 3)
+            assert [(m.seq, m.payload) for m in got] == [(2, b"m1"), (3, b"m2"), (4, b"m3")]
+            # Once each: the next message bob gets is a fifth.
+            assert (await alice.send("bob", "m4")).seq == 5
+            got = await messages_of(bob, name, 1)
+            assert [(m.seq, m.payload) for m in got] == [(5, b"m4")]
+            page = await bob.history(name, limit=10)
+            assert [(m.seq, m.payload) for m in page] == [
+                (1, b"m0"), (2, b"m1"), (3, b"m2"), (4, b"m3"), (5, b"m4")]
+            states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+            assert [s["channels_owned"] for s in states] == [1, 0], states
+        finally:
+            await nc.close()
+
+
+async def _online(client: fenghuo.Client, user: str) -> bool:
+    return bool((await client.presence([user]))[user]["online"])
+
+
 async def test_a_new_direct_chat_reaches_a_participant_s_node_without_its_asking(nodes):
     """The node that claims a new direct chat tells the nodes where a participant
     is online, ahead of the chat's first message, that it sends them the chat
@@ -574,10 +633,11 @@ def far_link(server: NatsServer, delay: str = "150ms") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def near_and_far(nodes, nats_cluster: NatsCluster) -> Iterator[tuple[RelayProcess, RelayProcess]]:
-    """Nodes ``n0`` on the first nats-server and ``n1`` 150 ms from it (another region)."""
+def near_and_far(nodes, nats_cluster: NatsCluster,
+                 delay: str = "150ms") -> Iterator[tuple[RelayProcess, RelayProcess]]:
+    """Nodes ``n0`` on the first nats-server and ``n1`` ``delay`` from it (another region)."""
     server = nats_cluster.servers[0]
-    with far_link(server) as url:
+    with far_link(server, delay) as url:
         (n0,) = nodes("n0", servers=[server])
         (n1,) = nodes("n1", urls=[url])
         yield n0, n1
