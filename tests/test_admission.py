@@ -126,8 +126,12 @@ async def test_a_storm_is_refused_with_advice_everyone_gets_in_and_bystanders_ar
     for request_id, reason, retry_after_ms, jitter_ms in refusals:
         assert (request_id, reason) in {(0, REASON_HANDSHAKES), (STORM_HELLO_ID, REASON_RATE)}
         assert retry_after_ms >= MIN_RETRY_MS and jitter_ms == jitter_for(retry_after_ms)
-    # Refusals book successive admission slots: the advice spreads the comeback.
-    assert len({r[2] for r in refusals}) > 10
+    # Refusals book successive admission slots: the advice spreads the comeback
+    # (before the book, every refusal said 100 ms). How deep the book grows
+    # depends on how fast the storm's processes run: 8 distinct values
+    # (100-170 ms) at load 9-11 with other builds beside it, more than 10 at
+    # load 1-2, so the test asks for the spread, not its depth.
+    assert len({r[2] for r in refusals}) >= 3
     # The conversation went on during the storm, in order, nothing lost.
     assert published_during > 0
     await bystander.verify()
