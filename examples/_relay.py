@@ -10,7 +10,7 @@ import os
 import fenghuo
 from fenghuo.api import AsyncApi
 
-API = os.environ.get("FENGHUO_API", "http://127.0.0.1:7702")
+API = os.environ.get("FENGHUO_API", "http://127.0.0.1:7800")
 KEY = os.environ.get("FENGHUO_API_KEY", "dev-api-key")
 SERVER = os.environ.get("FENGHUO_SERVER", "tcp://127.0.0.1:7700")
 

@@ -1,6 +1,6 @@
 """Client of the relay's server API (docs/API.md): :class:`Api` (blocking) and :class:`AsyncApi`.
 
-    api = Api("http://127.0.0.1:7702", key="...")
+    api = Api("http://127.0.0.1:7800", key="...")
     api.publish("org.acme.news", "hello", idempotency_key="n-1")   # {"channel", "seq", ...}
 
 Every method posts to ``/api/<method>`` and returns the answer's JSON

@@ -335,7 +335,7 @@ def parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="call the server API (docs/API.md): METHOD 'JSON BODY'")
     api.add_argument("method")
     api.add_argument("body", nargs="?", default="{}")
-    api.add_argument("--url", default=os.environ.get("FENGHUO_API_URL", "http://127.0.0.1:7702"),
+    api.add_argument("--url", default=os.environ.get("FENGHUO_API_URL", "http://127.0.0.1:7800"),
                      help="the API's address [FENGHUO_API_URL]")
     api.add_argument("--key", default=os.environ.get("FENGHUO_API_KEY", ""),
                      help="an API key [FENGHUO_API_KEY]")

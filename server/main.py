@@ -162,6 +162,10 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
     # Every worker gets the secret resolved here (no race on a dev secret) and
     # one boot id, so clients see one epoch whichever worker they reach.
     env = {**os.environ, "FENGHUO_SECRET": secret, "FENGHUO_BOOT": new_boot_id()}
+    clash = port_clash(settings, workers)
+    if clash:
+        print(f"fenghuo: {clash}", file=sys.stderr, flush=True)
+        return 1
     argv = sys.argv[sys.argv.index("serve") + 1:] if "serve" in sys.argv else []
     # A cluster's workers reach each other over NATS (DESIGN, "Several workers per
     # node"): their rings carry nothing, so they take one page, not 4 MiB each.
@@ -196,6 +200,25 @@ def supervise(settings: Settings, secret: str, workers: int) -> int:
     finally:
         for holder in holders:
             holder.close()
+
+
+def port_clash(settings: Settings, workers: int) -> str | None:
+    """Why the ports of ``workers`` workers collide, or None.
+
+    Worker ``k`` serves its own /metrics on ``metrics_port + 1 + k``
+    (server/supervisor.py): a client, WebSocket or API port among them would
+    keep that worker from starting, and its supervisor restarting it forever.
+    """
+    if not settings.metrics_port:
+        return None
+    first, last = settings.metrics_port + 1, settings.metrics_port + workers
+    for flag, port in (("--port", settings.port), ("--ws-port", settings.ws_port),
+                       ("--api-port", settings.api_port)):
+        if port and first <= port <= last:
+            return (f"{flag} {port} is a worker's metrics port: under {workers} workers they "
+                    f"take --metrics-port {settings.metrics_port} + 1 to + {workers} "
+                    f"({first}-{last}); choose another {flag} or --metrics-port")
+    return None
 
 
 def supervisor_drain_timeout(settings: Settings) -> float:

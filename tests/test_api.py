@@ -209,9 +209,9 @@ def test_the_readme_curl_commands_work_as_written(api_relay):
     section = readme.split("### From a backend: the server API over HTTP", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
     lines = block.splitlines()
-    assert lines[1].startswith(".venv/bin/fenghuo serve --api-port 7702 --api-key-file api-keys")
+    assert lines[1].startswith(".venv/bin/fenghuo serve --api-port 7800 --api-key-file api-keys")
     # The relay is the test's: its port and key stand in for the README's.
-    script = "\n".join(lines[2:]).replace("7702", str(api_relay.api_port)) \
+    script = "\n".join(lines[2:]).replace("7800", str(api_relay.api_port)) \
         .replace("dev-api-key", api_relay.api_key)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
     answers = [orjson.loads(line) for line in out.replace("}{", "}\n{").splitlines()]

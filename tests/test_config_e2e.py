@@ -123,3 +123,32 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
             proc.wait()
     assert not group_members(proc.pid)
     assert OPTIONS  # the table walked above is the one the relay reads
+
+
+def test_a_port_that_is_a_workers_metrics_port_stops_the_start_in_one_line(tmp_path):
+    """An outsider ran the README's `--api-port 7702` under the default workers: worker 0
+    serves its metrics on 7702 (--metrics-port 7701 + 1), could not start, and was
+    restarted for ever while the API never answered."""
+    import subprocess
+    import sys
+
+    keys = tmp_path / "api-keys"
+    keys.write_text("k\n")
+    metrics = _free_port()
+    done = subprocess.run([sys.executable, "-m", "fenghuo", "serve", "--workers", "2", "--port", "0",
+                           "--metrics-port", str(metrics), "--api-port", str(metrics + 1),
+                           "--api-key-file", str(keys), "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.splitlines()[-1] == (f"fenghuo: --api-port {metrics + 1} is a worker's metrics port: under 2 "
+                           f"workers they take --metrics-port {metrics} + 1 to + 2 "
+                           f"({metrics + 1}-{metrics + 2}); choose another --api-port or "
+                           "--metrics-port")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

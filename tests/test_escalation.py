@@ -104,7 +104,7 @@ def test_the_readme_commands_work_as_written(api_relay):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### Scheduled messages and escalation", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
-    script = block.replace("7702", str(api_relay.api_port)).replace("dev-api-key", api_relay.api_key)
+    script = block.replace("7800", str(api_relay.api_port)).replace("dev-api-key", api_relay.api_key)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
     answers = [orjson.loads(line) for line in out.replace("}{", "}\n{").splitlines()]
     scheduled, listed, page, group, published, status = answers
