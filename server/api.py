@@ -873,9 +873,17 @@ async def channel_info(api: Api, body: ChannelCall) -> dict[str, Any]:
     # group's head read 0 just after the API created it, default deployment).
     client = await api.backends.as_user(reader)
     latest = await client.history(cn.name, limit=1)
-    info["head"] = latest[-1].seq if latest else 0
+    info["head"] = latest[-1].seq if latest else _emptied_head(api, cn.name)
     info["last_ts_us"] = latest[-1].ts_us if latest else None
     return info
+
+
+def _emptied_head(api: Api, channel: str) -> int:
+    """The head of a channel that holds no message: the last seq retention deleted
+    (0: none ever), from which its seqs go on (PROTOCOL §3.3's head), as the relay
+    numbers them after a restart (server/relay.py ``_channel_past``)."""
+    store = api.relay.store
+    return 0 if store is None else store.expired_head(channel)
 
 
 async def group_list(api: Api, body: UserCall) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import orjson
+import pytest
 
 from fenghuo.api import AsyncApi
 from fenghuo.channels import group_channel
@@ -196,3 +197,24 @@ async def _until_status(api, ch: str, seq: int, counts: dict, timeout: float = 1
 
 def _users(status: dict) -> list[tuple]:
     return [(u["user"], u["status"], u["escalated"], u["clicked"]) for u in status["users"]]
+
+
+@pytest.mark.parametrize("workers", [1, None], ids=["workers-1", "workers-default"])
+async def test_channel_info_of_a_channel_retention_emptied_gives_the_last_seq(relay_factory, workers):
+    """An outsider found the API's channel_info answering head 0 for a channel whose
+    messages retention had deleted, while SUBSCRIBE answered 2 and the next message
+    took 3: a head is the last seq assigned (PROTOCOL §3.3)."""
+    relay = relay_factory("--retention", "org.tmp.=1s", "--retention-interval", "0.2",
+                          api=True, workers=workers)
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        for i in range(2):
+            await api.publish("org.tmp.a", f"m{i}")
+        deadline = time.monotonic() + 15
+        while stored_seqs(relay, "org.tmp.a"):
+            assert time.monotonic() < deadline, relay.log()
+            await asyncio.sleep(0.1)
+        info = await api.call("channel_info", {"channel": "org.tmp.a"})
+        assert (info["head"], info["last_ts_us"]) == (2, None)
+        reader = await relay.connect("reader", read=("org.tmp.a",))
+        assert reader.welcome["channels"]["org.tmp.a"] == 2
+        assert (await api.publish("org.tmp.a", "next"))["seq"] == 3
