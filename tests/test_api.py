@@ -370,3 +370,23 @@ async def test_the_client_refuses_a_publish_that_inflates_over_max_frame(api_rel
     ack = await asyncio.wait_for(client.publish(NEWS, "still connected"), 10)
     assert ack.seq == 1
     assert client.welcome is welcome, "the relay cut the connection: the client reconnected"
+
+
+async def test_what_answers_outside_the_methods_and_an_empty_body(api_relay):
+    """An outsider found, beside the JSON the docs promised, a text 405 for a GET, a text
+    404 for another path, an empty body taken as {} and `after` winning over `before`
+    in history; docs/API.md now says so."""
+    key = api_relay.api_key
+    request = urllib.request.Request(f"{api_relay.api_url}/api/queue_list",
+                                     headers={"Authorization": f"Bearer {key}"})
+    for url, status in ((request, 405), (f"{api_relay.api_url}/other", 404)):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(url, timeout=10)
+        assert answer.value.code == status
+        assert answer.value.headers["Content-Type"].startswith("text/plain")
+    assert post(api_relay, "queue_list", b"", key) == (200, {"waiting": []})
+    for i in range(5):
+        post(api_relay, "publish", orjson.dumps({"channel": NEWS, "data": f"m{i}"}), key)
+    page = post(api_relay, "history", orjson.dumps(
+        {"channel": NEWS, "after": 1, "before": 3, "limit": 10}), key)[1]["messages"]
+    assert [m["seq"] for m in page] == [2, 3, 4, 5]
