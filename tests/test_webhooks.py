@@ -665,3 +665,15 @@ async def test_sighup_rotates_an_endpoint_s_secret_and_filters_without_a_restart
     assert [e["data"]["data"] for e in receiver.unique("message.created")] == [
         "one", "two", "three", "four"]
     assert relay.proc.poll() is None and "worker exited" not in relay.log()
+
+
+def test_the_docs_event_table_lists_every_event_type():
+    """An outsider writing a receiver from docs/API.md found `message.clicked` sent
+    (and accepted in an endpoint's `events`) but missing from the table of events."""
+    import re
+
+    from fenghuo.server.outbox import EVENT_TYPES
+
+    api_md = (Path(__file__).resolve().parent.parent / "docs" / "API.md").read_text()
+    table = api_md.split("| type | `data` | emitted when |", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"^\| `([a-z.]+)` \|", table, re.M)) == set(EVENT_TYPES)
