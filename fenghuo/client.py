@@ -571,6 +571,12 @@ class Client:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def stopped(self) -> bool:
+        """Closed, or stopped for good by a terminal error (TOKEN_REVOKED,
+        TOKEN_INVALID, DEVICE_REPLACED, ...): every request would raise."""
+        return self._closed or self._terminal is not None
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
 

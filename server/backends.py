@@ -69,8 +69,10 @@ class Backends:
     async def as_user(self, user: str) -> Client:
         entry = self.sessions.get(user)
         now = time.monotonic()
+        # A session stopped for good (its token revoked: a backend's `revoke` of the
+        # user) is replaced by one with a new token, as a client would log in again.
         if entry is not None and (now - entry[0] > SESSION_TOKEN_TTL / 2 or entry[1].done()
-                                  and (entry[1].exception() is not None or entry[1].result()._closed)):
+                                  and (entry[1].exception() is not None or entry[1].result().stopped)):
             self._drop(user)
             entry = None
         if entry is None:

@@ -390,3 +390,17 @@ async def test_what_answers_outside_the_methods_and_an_empty_body(api_relay):
     page = post(api_relay, "history", orjson.dumps(
         {"channel": NEWS, "after": 1, "before": 3, "limit": 10}), key)[1]["messages"]
     assert [m["seq"] for m in page] == [2, 3, 4, 5]
+
+
+async def test_the_api_acts_as_a_user_again_after_revoking_the_users_tokens(api_relay):
+    """An outsider revoked a user's tokens with `revoke {"user": ...}`: from then on every
+    call acting as that user was answered 400 TOKEN_REVOKED, for good, while a token
+    issued after the revocation let the user in.  The API kept its session for the
+    user, stopped by the revocation, instead of opening one with a new token."""
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        assert (await api.publish("dm:rv:x", "before", sender="rv"))["seq"] == 1
+        await api.call("revoke", {"user": "rv"})
+        await asyncio.sleep(1.1)    # a token issued now is past the revocation's second
+        assert (await api.publish("dm:rv:x", "after", sender="rv"))["seq"] == 2
+        page = await api.call("history", {"channel": "dm:rv:x", "user": "rv"})
+        assert [m["data"] for m in page["messages"]] == ["before", "after"]
