@@ -259,6 +259,9 @@ class DedupeWindow:
     def clear(self) -> None: ...
     def find(self, key: bytes) -> tuple[int, int] | None: ...
 
+def dedupe_hash_with(secret: bytes, sender: bytes, key: bytes) -> int:
+    """The window's hash of ``sender``'s ``key`` under the 16-byte SipHash key ``secret`` (tests)."""
+
 class Channel:
     name: str
     key: bytes

@@ -25,7 +25,7 @@ cdef struct PublishView:
     # The idempotency window's hash of (sender NUL key) when the connection
     # that received the frame computed it already, prefetching the frame's
     # window slot (``key_hashed``; view_publish clears it).
-    Py_hash_t key_hash
+    uint64_t key_hash
     bint key_hashed
 
 

@@ -2,10 +2,6 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef enum:
-    # Keys (sender NUL key) up to this long live in their entry: no malloc,
-    # no free, and eviction reads the ring in order.  The Python client's
-    # keys are 24 bytes, so a sender name of up to 39 bytes fits.
-    DEDUPE_INLINE_KEY = 64
     # Ring positions fit a table slot's 32 bits, and the table's slots (four
     # per entry, DEDUPE_TABLE_PER_ENTRY) the 32 bits of a hash tag.
     DEDUPE_MAX_KEYS = 1 << 30
@@ -14,15 +10,28 @@ cdef enum:
     # eviction's backward shift at the next (`bench keys` one worker: at
     # half full, probing and shifting were most of a key's cost).
     DEDUPE_TABLE_PER_ENTRY = 4
+    # Senders (user ids are 1-64 bytes) up to this long have their hash
+    # state kept by the window (DedupeWindow._sender).
+    DEDUPE_SENDER_MAX = 64
 
 
 cdef struct DedupeEntry:
-    Py_hash_t hash
+    # 32 bytes, two to a cache line: the ring of the default window (65,536
+    # keys) is 2 MiB.  The key itself (sender NUL key) is in the window's key
+    # arena, where a lookup composed it: filing a key copies nothing.
     uint64_t seq
     uint64_t ts_us
-    Py_ssize_t key_len
-    char* heap_key                   # PyMem_Malloc'd when key_len > DEDUPE_INLINE_KEY, else NULL
-    char inline_key[DEDUPE_INLINE_KEY]
+    uint64_t key_at                  # offset of its key in the arena
+    uint32_t tag                     # its hash folded to 32 bits (hash_tag): its home slot
+    uint32_t key_len
+
+
+cdef struct SipState:
+    # SipHash-1-3 after the blocks absorbed so far.
+    uint64_t v0
+    uint64_t v1
+    uint64_t v2
+    uint64_t v3
 
 
 cdef struct DedupeSlot:
@@ -59,30 +68,40 @@ cdef struct GivenUp:
     uint64_t end_us                  # until end_us (0: it still takes them)
 
 
-cdef bint dedupe_hash(const char* sender, Py_ssize_t sender_len, const char* key,
-                      Py_ssize_t key_len, Py_hash_t* h) noexcept
-
-
 cdef class DedupeWindow:
     # One channel's idempotency window: the keys accepted in the last
     # ``span_us`` microseconds of message time, at most ``max_keys`` of them.
     # Insertion order is a ring (the oldest leaves first, in O(1)); lookups go
     # through an open-addressing table of ring positions.
     cdef DedupeEntry* _ring
-    cdef void* _ring_mapping          # the ring's and the table's huge-page mappings
+    cdef void* _ring_mapping          # the ring's, table's and arena's huge-page mappings
     cdef size_t _ring_mapped          # (NULL: from the heap) and their lengths
     cdef void* _table_mapping
     cdef size_t _table_mapped
+    cdef void* _keys_mapping
+    cdef size_t _keys_mapped
     cdef Py_ssize_t _ring_cap         # a power of two, grown by doubling
     cdef uint64_t _head               # number of the oldest entry held
     cdef uint64_t _tail               # number the next entry gets
     cdef DedupeSlot* _table
     cdef Py_ssize_t _table_mask
-    # The key looked up last and not found: ``accept`` files it.
-    cdef char* _pending               # _pending_inline, or PyMem_Malloc'd if longer
-    cdef char _pending_inline[DEDUPE_INLINE_KEY]
+    # The keys (sender NUL key) of the entries, in ring order, each in one
+    # piece: a circular arena that grows by doubling.  A lookup composes its
+    # key at _keys_tail (the place it is filed at if accepted).
+    cdef char* _keys
+    cdef uint64_t _keys_cap
+    cdef uint64_t _keys_tail          # where the next key goes (its start may wrap to 0)
+    # The key looked up last and not found (composed in the arena at
+    # _pending_at): ``accept`` files it where it is.
+    cdef bint _pending
+    cdef uint64_t _pending_at
     cdef Py_ssize_t _pending_len
-    cdef Py_hash_t _pending_hash
+    cdef uint32_t _pending_tag
+    # The last sender hashed and the hash state after its blocks: a key is
+    # hashed over its own bytes only (``key_hash``).
+    cdef char _sender[DEDUPE_SENDER_MAX]
+    cdef Py_ssize_t _sender_len       # -1: none yet
+    cdef SipState _sender_state
     cdef readonly Py_ssize_t max_keys
     cdef readonly uint64_t span_us
     # Newest message time of a key pushed out by ``max_keys`` before its
@@ -95,22 +114,27 @@ cdef class DedupeWindow:
     cdef GivenUp _gens[DEDUPE_FILTER_GENERATIONS]
     cdef int _ngens
 
+    cdef uint64_t key_hash(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                           Py_ssize_t key_len) noexcept
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                    Py_ssize_t key_len, bint hashed, Py_hash_t h, uint64_t now_us,
+                    Py_ssize_t key_len, bint hashed, uint64_t h, uint64_t now_us,
                     uint64_t* seq, uint64_t* ts_us) except -1
-    cdef void prefetch(self, Py_hash_t h) noexcept
+    cdef void prefetch(self, uint64_t h) noexcept
     cdef int given_up(self, uint64_t now_us, uint64_t* seqs) noexcept
     cdef bytes pending_key(self)
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1
-    cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
-                     uint64_t seq, uint64_t ts_us) except -1
+    cdef uint64_t _composite_hash(self, const char* key, Py_ssize_t key_len) noexcept
+    cdef inline int _stage(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                           Py_ssize_t key_len, uint64_t h) except -1
+    cdef int _insert(self, uint64_t seq, uint64_t ts_us) except -1
+    cdef int _reserve(self, Py_ssize_t n, uint64_t* at) except -1
+    cdef int _grow_keys(self, Py_ssize_t n) except -1
     cdef int _grow(self) except -1
-    cdef void _drop_pending(self) noexcept
     cdef void _evict_oldest(self) noexcept
     cdef void _expire(self, uint64_t now_us) noexcept
-    cdef int _give_up(self, Py_hash_t h, uint64_t seq, uint64_t evicted_ts_us,
+    cdef int _give_up(self, uint32_t tag, uint64_t seq, uint64_t evicted_ts_us,
                       uint64_t now_us) except -1
     cdef int _new_generation(self, uint64_t seq, uint64_t evicted_ts_us, uint64_t now_us) except -1
     cdef int _grow_generation(self, GivenUp* g) except -1
     cdef void _free_generation(self, int g) noexcept
-    cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept
+    cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, uint32_t tag) noexcept

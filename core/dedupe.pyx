@@ -7,17 +7,18 @@
 # client may count on (PROTOCOL §6.2), the count bounds memory.  With a
 # store (``keep_given_up``) a key leaving before its span is over stays as
 # 8 bytes (its hash's tag and its seq), which the store confirms.  Keys are
-# hashed with CPython's own bytes hash (SipHash with the process's random
-# seed), so a sender cannot choose keys that collide.
+# hashed with SipHash-1-3 under a random key drawn when the process starts
+# (CPython's own bytes hash, which the window used before), so a sender
+# cannot choose keys that collide; the window keeps the hash state after the
+# last sender's bytes, so a key costs SipHash over its own bytes only.
 
 from cpython.mem cimport PyMem_Malloc, PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memcmp, memmove, memset
+from libc.string cimport memchr, memcpy, memcmp, memmove, memset
 from posix.mman cimport (MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ,
                          PROT_WRITE, madvise, mmap, munmap)
 
-cdef extern from "Python.h":
-    Py_hash_t _Py_HashBytes(const void* src, Py_ssize_t length)
+import os as _os
 
 cdef extern from *:
     # GCC and Clang: ask for a cache line now, use it later.
@@ -25,8 +26,10 @@ cdef extern from *:
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
-    # How many keys ahead of the next to leave _insert fetches the ring.
-    DEDUPE_RING_AHEAD = 4
+    DEDUPE_INITIAL_KEY_BYTES = 1024
+    # How many keys before it leaves _insert fetches a key's table slot
+    # (and twice as many its ring entry).
+    DEDUPE_RING_AHEAD = 8
     # A generation of given-up keys starts sized for the keys its channel
     # gives up in one span at the rate measured so far (at least the first,
     # at most the second bound), and doubles when three quarters full: a
@@ -82,27 +85,113 @@ cdef inline void free_slots(uint64_t* slots, void* mapping, size_t mapped) noexc
     free_block(slots, mapping, mapped)
 
 
-cdef inline const char* entry_key(DedupeEntry* e) noexcept:
-    return e.heap_key if e.heap_key != NULL else e.inline_key
+cdef inline uint32_t hash_tag(uint64_t h) noexcept:
+    return <uint32_t>(h ^ (h >> 32))
 
 
-cdef inline uint32_t hash_tag(Py_hash_t h) noexcept:
-    return <uint32_t>((<uint64_t>h) ^ ((<uint64_t>h) >> 32))
+# SipHash-1-3 (Aumasson and Bernstein; c = 1, d = 3, as CPython's bytes hash)
+# keyed by 128 random bits per process.  The input hashed for a key is the
+# sender's bytes, NULs up to the next whole 8-byte block (1 to 8 of them: a
+# user id has no NUL, so the first one ends it), then the key's bytes: the
+# state after the sender's blocks is the same for every key of that sender,
+# and the window keeps it (DedupeWindow.key_hash).  Words are read as the
+# host's order (little-endian on the hosts fenghuo runs on, as the reference).
+
+cdef SipState _sip_keyed               # v0..v3 after keying (_sip_seed)
 
 
-cdef bint dedupe_hash(const char* sender, Py_ssize_t sender_len, const char* key,
-                      Py_ssize_t key_len, Py_hash_t* h) noexcept:
-    """The window's hash of (sender NUL key) into ``h``, as ``lookup`` computes it:
-    1, or 0 for a key too long to live in its entry (``lookup`` hashes those)."""
-    cdef char composed[DEDUPE_INLINE_KEY]
-    cdef Py_ssize_t n = sender_len + 1 + key_len
-    if n > DEDUPE_INLINE_KEY:
-        return 0
-    memcpy(composed, sender, sender_len)
-    composed[sender_len] = 0
-    memcpy(composed + sender_len + 1, key, key_len)
-    h[0] = _Py_HashBytes(composed, n)
-    return 1
+cdef int _sip_seed(SipState* keyed, bytes secret) except -1:
+    cdef uint64_t k0, k1
+    if PyBytes_GET_SIZE(secret) != 16:
+        raise ValueError("a SipHash key is 16 bytes")
+    memcpy(&k0, PyBytes_AS_STRING(secret), 8)
+    memcpy(&k1, PyBytes_AS_STRING(secret) + 8, 8)
+    keyed.v0 = k0 ^ 0x736f6d6570736575ULL
+    keyed.v1 = k1 ^ 0x646f72616e646f6dULL
+    keyed.v2 = k0 ^ 0x6c7967656e657261ULL
+    keyed.v3 = k1 ^ 0x7465646279746573ULL
+    return 0
+
+
+_sip_seed(&_sip_keyed, _os.urandom(16))
+
+
+cdef inline uint64_t _rotl(uint64_t x, int b) noexcept:
+    return (x << b) | (x >> (64 - b))
+
+
+cdef inline void _sip_block(SipState* s, uint64_t m) noexcept:
+    # One message word, one compression round.
+    s.v3 ^= m
+    s.v0 += s.v1
+    s.v1 = _rotl(s.v1, 13)
+    s.v1 ^= s.v0
+    s.v0 = _rotl(s.v0, 32)
+    s.v2 += s.v3
+    s.v3 = _rotl(s.v3, 16)
+    s.v3 ^= s.v2
+    s.v0 += s.v3
+    s.v3 = _rotl(s.v3, 21)
+    s.v3 ^= s.v0
+    s.v2 += s.v1
+    s.v1 = _rotl(s.v1, 17)
+    s.v1 ^= s.v2
+    s.v2 = _rotl(s.v2, 32)
+    s.v0 ^= m
+
+
+cdef inline uint64_t _sip_word(const char* p, Py_ssize_t n) noexcept:
+    # The first n (0-7) bytes at p as the low bytes of a word, the rest zero.
+    cdef uint64_t m = 0
+    cdef Py_ssize_t j
+    for j in range(n):
+        m |= (<uint64_t>(<unsigned char>p[j])) << (8 * j)
+    return m
+
+
+cdef inline uint64_t _sip_load(const char* p) noexcept:
+    cdef uint64_t m
+    memcpy(&m, p, 8)
+    return m
+
+
+cdef inline void _sip_sender(SipState* s, const SipState* keyed, const char* sender,
+                             Py_ssize_t n) noexcept:
+    # The keyed state after the sender's bytes and their NUL padding.
+    cdef Py_ssize_t i = 0
+    s[0] = keyed[0]
+    while i + 8 <= n:
+        _sip_block(s, _sip_load(sender + i))
+        i += 8
+    _sip_block(s, _sip_word(sender + i, n - i))
+
+
+cdef inline uint64_t _sip_key(SipState s, Py_ssize_t sender_len, const char* key,
+                              Py_ssize_t n) noexcept:
+    # SipHash's last block and finalization after the state of a sender of
+    # sender_len bytes (taken by value: the caller's stays as it was).
+    cdef Py_ssize_t i = 0
+    cdef uint64_t total = <uint64_t>((sender_len // 8 + 1) * 8 + n)
+    cdef int r
+    while i + 8 <= n:
+        _sip_block(&s, _sip_load(key + i))
+        i += 8
+    _sip_block(&s, _sip_word(key + i, n - i) | (total << 56))
+    s.v2 ^= 0xff
+    for r in range(3):
+        _sip_block(&s, 0)
+    return s.v0 ^ s.v1 ^ s.v2 ^ s.v3
+
+
+def dedupe_hash_with(bytes secret not None, bytes sender not None, bytes key not None) -> int:
+    """The window's hash of ``sender``'s ``key`` (``DedupeWindow.key_hash``)
+    under the 16-byte SipHash key ``secret`` instead of the process's: so a
+    test can check it against SipHash-1-3 itself (CPython's bytes hash with
+    ``PYTHONHASHSEED=0``, whose key is zero, of the padded input)."""
+    cdef SipState keyed, s
+    _sip_seed(&keyed, secret)
+    _sip_sender(&s, &keyed, sender, len(sender))
+    return _sip_key(s, len(sender), key, len(key))
 
 
 @cython.final
@@ -116,15 +205,13 @@ cdef class DedupeWindow:
         self.span_us = span_us
         self._ring = NULL
         self._table = NULL
-        self._pending = NULL
+        self._keys = NULL
+        self._sender_len = -1
 
     def __dealloc__(self):
-        while self._head != self._tail:
-            PyMem_Free(self._ring[self._head & (self._ring_cap - 1)].heap_key)
-            self._head += 1
         free_block(self._ring, self._ring_mapping, self._ring_mapped)
         free_block(self._table, self._table_mapping, self._table_mapped)
-        self._drop_pending()
+        free_block(self._keys, self._keys_mapping, self._keys_mapped)
         for i in range(self._ngens):
             self._free_generation(i)
 
@@ -140,7 +227,8 @@ cdef class DedupeWindow:
         """
         cdef bytes key
         for key, seq, ts_us in keys:
-            self._insert(key, len(key), _Py_HashBytes(<const char*>key, len(key)), seq, ts_us)
+            self._stage(key, len(key), NULL, 0, self._composite_hash(key, len(key)))
+            self._insert(seq, ts_us)
 
     def clear(self) -> None:
         """Forget every key: a cluster node that lost a channel's ownership reloads
@@ -154,38 +242,50 @@ cdef class DedupeWindow:
 
     def find(self, bytes key):
         """``(seq, ts_us)`` under ``key`` (sender NUL idempotency key), or None."""
-        cdef Py_ssize_t slot = self._slot_of(key, len(key), _Py_HashBytes(<const char*>key, len(key)))
+        cdef Py_ssize_t slot = self._slot_of(key, len(key),
+                                             hash_tag(self._composite_hash(key, len(key))))
         cdef DedupeEntry* e
         if slot < 0:
             return None
         e = &self._ring[self._table[slot].pos - 1]
         return e.seq, e.ts_us
 
+    cdef uint64_t key_hash(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                           Py_ssize_t key_len) noexcept:
+        """The window's hash of the key (sender NUL key), read where the two are:
+        nothing is copied but the sender, once per sender in a row."""
+        cdef SipState s
+        if sender_len != self._sender_len or memcmp(sender, self._sender, sender_len) != 0:
+            if sender_len > DEDUPE_SENDER_MAX:
+                _sip_sender(&s, &_sip_keyed, sender, sender_len)
+                return _sip_key(s, sender_len, key, key_len)
+            _sip_sender(&self._sender_state, &_sip_keyed, sender, sender_len)
+            memcpy(self._sender, sender, sender_len)
+            self._sender_len = sender_len
+        return _sip_key(self._sender_state, sender_len, key, key_len)
+
+    cdef uint64_t _composite_hash(self, const char* key, Py_ssize_t key_len) noexcept:
+        # key_hash of a key given whole (sender NUL key), as the store keeps it.
+        cdef const char* nul = <const char*>memchr(key, 0, key_len)
+        if nul == NULL:
+            return self.key_hash(key, key_len, NULL, 0)
+        return self.key_hash(key, nul - key, nul + 1, key_len - (nul - key) - 1)
+
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
-                    Py_ssize_t key_len, bint hashed, Py_hash_t h, uint64_t now_us,
+                    Py_ssize_t key_len, bint hashed, uint64_t h, uint64_t now_us,
                     uint64_t* seq, uint64_t* ts_us) except -1:
         """1 and the original's ``seq``/``ts_us`` if the key is held; else 0, and it is pending.
 
-        ``h`` is the key's ``dedupe_hash`` when ``hashed`` (the connection
+        ``h`` is the key's ``key_hash`` when ``hashed`` (the connection
         computed it to prefetch the key's slot): a key is hashed once.
         """
-        cdef Py_ssize_t n = sender_len + 1 + key_len
         cdef Py_ssize_t slot
         cdef DedupeEntry* e
         self._expire(now_us)
-        self._drop_pending()
-        if n > DEDUPE_INLINE_KEY:
-            self._pending = <char*>PyMem_Malloc(n)
-            if self._pending == NULL:
-                raise MemoryError()
-        else:
-            self._pending = self._pending_inline
-        memcpy(self._pending, sender, sender_len)
-        self._pending[sender_len] = 0
-        memcpy(self._pending + sender_len + 1, key, key_len)
-        self._pending_len = n
-        self._pending_hash = h if hashed else _Py_HashBytes(self._pending, n)
-        slot = self._slot_of(self._pending, n, self._pending_hash)
+        if not hashed:
+            h = self.key_hash(sender, sender_len, key, key_len)
+        self._stage(sender, sender_len, key, key_len, h)
+        slot = self._slot_of(self._keys + self._pending_at, self._pending_len, self._pending_tag)
         if slot < 0:
             return 0
         e = &self._ring[self._table[slot].pos - 1]
@@ -193,8 +293,8 @@ cdef class DedupeWindow:
         ts_us[0] = e.ts_us
         return 1
 
-    cdef void prefetch(self, Py_hash_t h) noexcept:
-        """Start loading the table slot a ``lookup`` of the key of ``dedupe_hash``
+    cdef void prefetch(self, uint64_t h) noexcept:
+        """Start loading the table slot a ``lookup`` of the key of ``key_hash``
         ``h`` will read first.
 
         The connection calls it for the next keyed PUBLISH in its read buffer
@@ -214,7 +314,7 @@ cdef class DedupeWindow:
         so nearly always one seq, and none for a new key."""
         cdef int g, n = 0
         cdef GivenUp* f
-        cdef uint32_t tag = hash_tag(self._pending_hash)
+        cdef uint32_t tag = self._pending_tag
         cdef uint64_t i, slot
         for g in range(self._ngens):
             f = &self._gens[g]
@@ -231,67 +331,132 @@ cdef class DedupeWindow:
 
     cdef bytes pending_key(self):
         """The key ``lookup`` did not find, as bytes (for the store)."""
-        return PyBytes_FromStringAndSize(self._pending, self._pending_len)
+        return PyBytes_FromStringAndSize(self._keys + self._pending_at, self._pending_len)
 
     cdef int accept(self, uint64_t seq, uint64_t ts_us) except -1:
         """File the pending key under the seq and time its publish was given."""
-        if self._pending == NULL:
+        if not self._pending:
             raise RuntimeError("accept without a missed lookup")
-        try:
-            return self._insert(self._pending, self._pending_len, self._pending_hash, seq, ts_us)
-        finally:
-            self._drop_pending()
+        return self._insert(seq, ts_us)
 
-    cdef void _drop_pending(self) noexcept:
-        if self._pending != NULL and self._pending != self._pending_inline:
-            PyMem_Free(self._pending)
-        self._pending = NULL
+    cdef inline int _stage(self, const char* sender, Py_ssize_t sender_len, const char* key,
+                           Py_ssize_t key_len, uint64_t h) except -1:
+        # Composes ``sender NUL key`` (``sender`` alone, already whole, when
+        # ``key`` is NULL) in the arena where it is filed if accepted: the
+        # pending key.
+        cdef Py_ssize_t n = sender_len + 1 + key_len if key != NULL else sender_len
+        cdef uint64_t t = self._keys_tail
+        cdef char* p
+        self._pending = False
+        if (self._head != self._tail and t + n <= self._keys_cap
+                and t > self._ring[self._head & (self._ring_cap - 1)].key_at):
+            self._pending_at = t         # the usual case: room after the newest key
+        else:
+            self._reserve(n, &self._pending_at)
+        p = self._keys + self._pending_at
+        memcpy(p, sender, sender_len)
+        if key != NULL:
+            p[sender_len] = 0
+            memcpy(p + sender_len + 1, key, key_len)
+        self._pending_len = n
+        self._pending_tag = hash_tag(h)
+        self._pending = True
+        return 0
 
-    cdef int _insert(self, const char* key, Py_ssize_t key_len, Py_hash_t h,
-                     uint64_t seq, uint64_t ts_us) except -1:
-        # Files a copy of ``key``.
+    cdef int _reserve(self, Py_ssize_t n, uint64_t* at) except -1:
+        # Room for a key of n bytes, in one piece, after the newest key
+        # (or from the start, when the end has no room), never over a held
+        # key's bytes: the arena doubles when neither has room.
+        cdef uint64_t first, t = self._keys_tail
+        if self._head == self._tail:
+            if <uint64_t>n > self._keys_cap:
+                self._grow_keys(n)
+            at[0] = 0
+            return 0
+        first = self._ring[self._head & (self._ring_cap - 1)].key_at
+        if t > first:                    # held: [first, t)
+            if t + n <= self._keys_cap:
+                at[0] = t
+                return 0
+            if <uint64_t>n < first:     # (strictly: t == first only when empty)
+                at[0] = 0
+                return 0
+        elif t + n < first:              # held: [first, end) and [0, t)
+            at[0] = t
+            return 0
+        self._grow_keys(n)
+        at[0] = self._keys_tail
+        return 0
+
+    cdef int _grow_keys(self, Py_ssize_t n) except -1:
+        # A larger arena, the held keys moved to its start in ring order,
+        # with room after them for n bytes more.
+        cdef uint64_t held = 0, cap = self._keys_cap * 2 if self._keys_cap else DEDUPE_INITIAL_KEY_BYTES
+        cdef uint64_t k, at = 0
+        cdef void* mapping
+        cdef size_t mapped
+        cdef char* keys
         cdef DedupeEntry* e
-        cdef char* heap = NULL
+        k = self._head
+        while k != self._tail:
+            held += self._ring[k & (self._ring_cap - 1)].key_len
+            k += 1
+        while cap < held + n + 1:
+            cap *= 2
+        keys = <char*>alloc_block(cap, &mapping, &mapped)
+        k = self._head
+        while k != self._tail:
+            e = &self._ring[k & (self._ring_cap - 1)]
+            memcpy(keys + at, self._keys + e.key_at, e.key_len)
+            e.key_at = at
+            at += e.key_len
+            k += 1
+        free_block(self._keys, self._keys_mapping, self._keys_mapped)
+        self._keys, self._keys_mapping, self._keys_mapped, self._keys_cap = keys, mapping, mapped, cap
+        self._keys_tail = at
+        return 0
+
+    cdef int _insert(self, uint64_t seq, uint64_t ts_us) except -1:
+        # Files the pending key where _stage composed it.
+        cdef DedupeEntry* e
         cdef Py_ssize_t i
+        cdef uint32_t tag = self._pending_tag
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             e = &self._ring[self._head & (self._ring_cap - 1)]
             if e.ts_us + self.span_us > ts_us:
                 if e.ts_us > self.evicted_early_us:
                     self.evicted_early_us = e.ts_us
                 if self.keep_given_up:
-                    self._give_up(e.hash, e.seq, e.ts_us, ts_us)
+                    self._give_up(e.tag, e.seq, e.ts_us, ts_us)
             self._evict_oldest()
         if <Py_ssize_t>(self._tail - self._head) == self._ring_cap:
             self._grow()
-        if key_len > DEDUPE_INLINE_KEY:
-            heap = <char*>PyMem_Malloc(key_len)
-            if heap == NULL:
-                raise MemoryError()
-            memcpy(heap, key, key_len)
         e = &self._ring[self._tail & (self._ring_cap - 1)]
-        e.hash = h
         e.seq = seq
         e.ts_us = ts_us
-        e.key_len = key_len
-        e.heap_key = heap
-        if heap == NULL:
-            memcpy(e.inline_key, key, key_len)
-        i = hash_tag(h) & self._table_mask
+        e.key_at = self._pending_at
+        e.key_len = <uint32_t>self._pending_len
+        e.tag = tag
+        self._keys_tail = self._pending_at + self._pending_len
+        self._pending = False
+        i = tag & self._table_mask
         while self._table[i].pos:
             i = (i + 1) & self._table_mask
         self._table[i].pos = <uint32_t>(self._tail & (self._ring_cap - 1)) + 1
-        self._table[i].tag = hash_tag(h)
+        self._table[i].tag = tag
         self._tail += 1
-        # The next key to leave is known now: fetch its slot while the
-        # reply goes out, not when the next publish needs it.
+        # The keys to leave next are known: fetch their slots ahead, not when
+        # a publish needs them.
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
+            # The key DEDUPE_RING_AHEAD from the oldest leaves that many
+            # keys from now: its table slot is fetched now, from its entry
+            # fetched as many keys before (perf, `bench keys` one worker,
+            # window 65,536: reading the oldest entry's hash to fetch its slot
+            # stalled on the entry, when the ring was 6.5 MiB).
             __builtin_prefetch(&self._table[
-                hash_tag(self._ring[self._head & (self._ring_cap - 1)].hash) & self._table_mask])
-            # Reading that entry's hash stalled on it (perf, `bench keys` one
-            # worker, window 65,536: a ring of 6.5 MiB, read once per pass,
-            # 28 % of _insert): the entries leaving a few keys later are
-            # fetched now.
-            __builtin_prefetch(&self._ring[(self._head + DEDUPE_RING_AHEAD) & (self._ring_cap - 1)])
+                self._ring[(self._head + DEDUPE_RING_AHEAD) & (self._ring_cap - 1)].tag
+                & self._table_mask])
+            __builtin_prefetch(&self._ring[(self._head + 2 * DEDUPE_RING_AHEAD) & (self._ring_cap - 1)])
         return 0
 
     cdef int _grow(self) except -1:
@@ -315,11 +480,11 @@ cdef class DedupeWindow:
         n = self._head
         while n != self._tail:
             ring[n & (cap - 1)] = self._ring[n & (self._ring_cap - 1)]
-            i = hash_tag(ring[n & (cap - 1)].hash) & mask
+            i = ring[n & (cap - 1)].tag & mask
             while table[i].pos:
                 i = (i + 1) & mask
             table[i].pos = <uint32_t>(n & (cap - 1)) + 1
-            table[i].tag = hash_tag(ring[n & (cap - 1)].hash)
+            table[i].tag = ring[n & (cap - 1)].tag
             n += 1
         free_block(self._ring, self._ring_mapping, self._ring_mapped)
         free_block(self._table, self._table_mapping, self._table_mapped)
@@ -329,11 +494,10 @@ cdef class DedupeWindow:
         self._table_mask = mask
         return 0
 
-    cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, Py_hash_t h) noexcept:
+    cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, uint32_t tag) noexcept:
         cdef Py_ssize_t i
         cdef DedupeSlot* slot
         cdef DedupeEntry* e
-        cdef uint32_t tag = hash_tag(h)
         if self._table == NULL:
             return -1
         i = tag & self._table_mask
@@ -343,16 +507,16 @@ cdef class DedupeWindow:
                 return -1
             if slot.tag == tag:
                 e = &self._ring[slot.pos - 1]
-                if e.hash == h and e.key_len == key_len and memcmp(entry_key(e), key, key_len) == 0:
+                if e.key_len == key_len and memcmp(self._keys + e.key_at, key, key_len) == 0:
                     return i
             i = (i + 1) & self._table_mask
 
     cdef void _evict_oldest(self) noexcept:
         # Backward-shift deletion keeps linear probing free of tombstones.
+        # The key's bytes stay in the arena until newer keys overwrite them.
         cdef uint32_t pos = <uint32_t>(self._head & (self._ring_cap - 1)) + 1
-        cdef DedupeEntry* e = &self._ring[pos - 1]
         cdef Py_ssize_t mask = self._table_mask
-        cdef Py_ssize_t i = hash_tag(e.hash) & mask
+        cdef Py_ssize_t i = self._ring[pos - 1].tag & mask
         cdef Py_ssize_t j, home
         while self._table[i].pos != pos:
             i = (i + 1) & mask
@@ -368,9 +532,6 @@ cdef class DedupeWindow:
             self._table[i] = self._table[j]
             i = j
         self._table[i].pos = 0
-        if e.heap_key != NULL:
-            PyMem_Free(e.heap_key)
-            e.heap_key = NULL
         self._head += 1
 
     cdef void _expire(self, uint64_t now_us) noexcept:
@@ -378,11 +539,10 @@ cdef class DedupeWindow:
                 self._ring[self._head & (self._ring_cap - 1)].ts_us + self.span_us < now_us:
             self._evict_oldest()
 
-    cdef int _give_up(self, Py_hash_t h, uint64_t seq, uint64_t evicted_ts_us,
+    cdef int _give_up(self, uint32_t tag, uint64_t seq, uint64_t evicted_ts_us,
                       uint64_t now_us) except -1:
-        # Files the hash and seq of a key leaving before its span is over.
+        # Files the tag and seq of a key leaving before its span is over.
         cdef GivenUp* f = &self._gens[self._ngens - 1] if self._ngens else NULL
-        cdef uint32_t tag = hash_tag(h)
         cdef uint64_t i
         if f == NULL or f.end_us or now_us >= f.start_us + self.span_us \
                 or seq - f.base_seq + 1 > 0xFFFFFFFFULL:
@@ -458,3 +618,4 @@ cdef class DedupeWindow:
         self._gens[self._ngens].end_us = 0
         self._ngens += 1
         return 0
+

@@ -713,7 +713,7 @@ cdef class Connection:
         cdef Py_ssize_t pos = 0, span
         cdef int err = 0
         cdef bint hashed = False, next_hashed
-        cdef Py_hash_t h = 0, next_h = 0
+        cdef uint64_t h = 0, next_h = 0
         while not self.closing and not self._reading_stopped:
             span = frame_span(data + pos, avail - pos, self.hub.max_frame, &err)
             if span == 0:
@@ -741,11 +741,13 @@ cdef class Connection:
             self._keep_partial(data + pos, avail - pos)
         return 0
 
-    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, Py_hash_t* h) noexcept:
+    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, uint64_t* h) noexcept:
         # The frame after the one about to be handled: if it is complete and a
-        # keyed PUBLISH on the channel this connection published to last, its
-        # key is hashed (into ``h``, returning 1: its lookup takes that hash)
-        # and its dedupe slot fetched now (DedupeWindow.prefetch).
+        # keyed PUBLISH, its key is hashed (into ``h``, returning 1: its
+        # lookup takes that hash) and its slot in the window of the channel
+        # this connection published to last fetched now (DedupeWindow.prefetch).
+        # A key's hash is the same in every channel's window, so the frame's
+        # channel is not compared: the prefetch only helps when it is that one.
         cdef Channel ch = self._last_channel
         cdef FrameHeader fh
         cdef PublishView v
@@ -761,12 +763,8 @@ cdef class Connection:
             return 0
         if view_publish(p + HEADER_SIZE, span - HEADER_SIZE, &v) < 0 or v.key_len == 0:
             return 0
-        if (PyBytes_GET_SIZE(ch.key) != v.channel_len
-                or memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) != 0):
-            return 0
-        if not dedupe_hash(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
-                           v.key, v.key_len, h):
-            return 0
+        h[0] = ch.dedupe.key_hash(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
+                                  v.key, v.key_len)
         ch.dedupe.prefetch(h[0])
         return 1
 

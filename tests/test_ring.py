@@ -404,6 +404,52 @@ def test_dedupe_window_keeps_the_newest_keys_and_finds_each_after_many_evictions
     assert window.evicted_early_us > 0
 
 
+def test_dedupe_window_keys_of_every_length_survive_its_arena_wrapping_and_growing():
+    # Keys lie in one circular arena in ring order that doubles when full:
+    # senders of 1-64 bytes and keys of 1-255 (the wire's limits), mixed, so
+    # keys wrap to the arena's start at every length and the arena grows
+    # while keys are held on both sides of its end.
+    import random
+    rng = random.Random(11)
+    window = DedupeWindow(64, 10**12)
+    model: list[tuple[bytes, int, int]] = []
+    for seq in range(1, 6_001):
+        sender = b"u" * rng.choice((1, 7, 8, 9, 63, 64))
+        key = sender + b"\x00" + rng.randbytes(rng.choice((1, 8, 24, 100, 255)))
+        if any(k == key for k, _, _ in model):
+            continue
+        window.load([(key, seq, seq * 10)])
+        model = (model + [(key, seq, seq * 10)])[-64:]
+        assert window.find(key) == (seq, seq * 10)
+        if seq % 101 == 0:
+            assert all(window.find(k) == (s, t) for k, s, t in model)
+        if seq == 3_000:
+            window.clear()
+            model = []
+            assert window.find(key) is None
+    assert len(window) == 64
+
+
+def test_dedupe_hash_is_siphash_1_3_of_the_padded_key():
+    # The window hashes sender, NULs to a whole 8-byte block, then the key,
+    # keeping the state after the sender's blocks: that must be SipHash-1-3
+    # of those bytes. CPython's bytes hash is SipHash-1-3 too, and with
+    # PYTHONHASHSEED=0 its key is zero.
+    from fenghuo.core._core import dedupe_hash_with
+    if sys.hash_info.algorithm != "siphash13":
+        pytest.skip("this Python's bytes hash is not SipHash-1-3")
+    cases = [(b"u" * s, bytes(range(1, k + 1)) * 3) for s in (1, 7, 8, 9, 15, 16, 64)
+             for k in (1, 7, 8, 9, 16, 17, 85)]
+    padded = [s + b"\x00" * (8 - len(s) % 8) + k for s, k in cases]
+    out = subprocess.run([sys.executable, "-c", "import sys\nfor b in eval(sys.stdin.read()): print(hash(b))"],
+                         input=repr(padded), capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "0"}).stdout.split()
+    ours = [dedupe_hash_with(bytes(16), s, k) for s, k in cases]
+    assert [int(h) % 2**64 for h in out] == ours
+    # Another key gives other hashes: the process's random key is used.
+    assert dedupe_hash_with(b"\x01" * 16, b"alice", b"k") != dedupe_hash_with(bytes(16), b"alice", b"k")
+
+
 def test_an_emptied_ring_keeps_its_head_so_a_catch_up_from_before_it_is_not_nothing():
     ring = Ring(8)
     for s in (1, 2, 3):
