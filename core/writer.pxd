@@ -41,4 +41,5 @@ cdef class SQLiteWriter:
     cdef _Statement _prepare(self, str sql)
     cdef int _bind(self, _Statement st, object params) except -1
     cdef int _run(self, _Statement st) except -1
-    cdef int _insert_messages(self, list messages, list sealed, str key_id) except -1
+    cdef int _insert_messages(self, list messages, list sealed, str key_id, bint transaction) except -1
+    cdef void _abort(self)

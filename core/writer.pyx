@@ -201,20 +201,28 @@ cdef class SQLiteWriter:
             # Sealed before the transaction opens; the rows carry the key's id.
             key_id = cipher.current
             sealed = [cipher.seal(m.ch.name, m.seq, m.frame) for m in messages]
+        if messages and not others and outbox is None:
+            # Messages alone (the usual batch): BEGIN, the rows and COMMIT with
+            # one release of the GIL, so one wait to take it back from a busy loop.
+            self._insert_messages(messages, sealed, key_id, True)
+            return records
         self._run(self._begin)
         try:
             if outbox is not None:
                 outbox(self, ordered)
             if messages:
-                self._insert_messages(messages, sealed, key_id)
+                self._insert_messages(messages, sealed, key_id, False)
             for r in others:
                 writes[type(r)](self, r)
             self._run(self._commit)
         except BaseException:
-            if not sqlite3_get_autocommit(self.db):
-                sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
+            self._abort()
             raise
         return records
+
+    cdef void _abort(self):
+        if not sqlite3_get_autocommit(self.db):
+            sqlite3_exec(self.db, b"ROLLBACK", NULL, NULL, NULL)
 
     def execute(self, str sql, params=()):
         """Run one statement (prepared once per distinct ``sql``) with ``params``."""
@@ -279,19 +287,13 @@ cdef class SQLiteWriter:
     cdef int _run(self, _Statement st) except -1:
         cdef int rc
         with nogil:
-            rc = sqlite3_step(st.stmt)
-            while rc == SQLITE_ROW:
-                rc = sqlite3_step(st.stmt)
-            if rc != SQLITE_DONE:
-                rc = sqlite3_reset(st.stmt)      # its error code, and errmsg kept
-            else:
-                sqlite3_reset(st.stmt)
-                rc = SQLITE_OK
+            rc = _step(st.stmt)
         return self._check(rc)
 
-    cdef int _insert_messages(self, list messages, list sealed, str key_id) except -1:
+    cdef int _insert_messages(self, list messages, list sealed, str key_id, bint transaction) except -1:
         """Insert every message row: their fields are read with the GIL, the
-        rows inserted without it."""
+        rows inserted without it; ``transaction``: in a transaction of their
+        own, BEGIN and COMMIT in the same release of the GIL."""
         cdef Py_ssize_t n = len(messages), i, kid_len = 0
         cdef const char* kid = NULL
         cdef MessageRow* rows = <MessageRow*>PyMem_Malloc(n * sizeof(MessageRow))
@@ -299,7 +301,7 @@ cdef class SQLiteWriter:
         cdef Sequenced m
         cdef bytes frame
         cdef sqlite3_stmt* stmt = self._insert_message.stmt
-        cdef int rc = SQLITE_DONE
+        cdef int rc = SQLITE_OK
         if rows == NULL:
             raise MemoryError()
         try:
@@ -323,28 +325,57 @@ cdef class SQLiteWriter:
                 row.frame = PyBytes_AS_STRING(frame)
                 row.frame_len = PyBytes_GET_SIZE(frame)
             with nogil:
-                for i in range(n):
-                    row = &rows[i]
-                    sqlite3_bind_text(stmt, 1, row.channel, <int>row.channel_len, SQLITE_STATIC)
-                    sqlite3_bind_int64(stmt, 2, row.seq)
-                    sqlite3_bind_int64(stmt, 3, row.ts_us)
-                    sqlite3_bind_text(stmt, 4, row.sender, <int>row.sender_len, SQLITE_STATIC)
-                    if row.dedupe == NULL:
-                        sqlite3_bind_null(stmt, 5)
-                    else:
-                        sqlite3_bind_blob(stmt, 5, row.dedupe, <int>row.dedupe_len, SQLITE_STATIC)
-                    sqlite3_bind_blob(stmt, 6, row.frame, <int>row.frame_len, SQLITE_STATIC)
-                    if kid == NULL:
-                        sqlite3_bind_null(stmt, 7)
-                    else:
-                        sqlite3_bind_text(stmt, 7, kid, <int>kid_len, SQLITE_STATIC)
-                    rc = sqlite3_step(stmt)
-                    if rc != SQLITE_DONE:
-                        rc = sqlite3_reset(stmt)
-                        break
-                    sqlite3_reset(stmt)
+                if transaction:
+                    rc = _step(self._begin.stmt)
+                if rc == SQLITE_OK:
+                    rc = _insert_rows(stmt, rows, n, kid, kid_len)
+                if rc == SQLITE_OK and transaction:
+                    rc = _step(self._commit.stmt)
         finally:
             PyMem_Free(rows)
-        if rc != SQLITE_DONE:
-            raise _error(self.db)
+        if rc != SQLITE_OK:
+            error = _error(self.db)
+            if transaction:
+                self._abort()
+            raise error
         return 0
+
+
+cdef int _step(sqlite3_stmt* stmt) noexcept nogil:
+    """Run ``stmt`` to its end and reset it: SQLITE_OK, or its error code (the
+    connection's errmsg kept for the caller)."""
+    cdef int rc = sqlite3_step(stmt)
+    while rc == SQLITE_ROW:
+        rc = sqlite3_step(stmt)
+    if rc != SQLITE_DONE:
+        return sqlite3_reset(stmt)
+    sqlite3_reset(stmt)
+    return SQLITE_OK
+
+
+cdef int _insert_rows(sqlite3_stmt* stmt, MessageRow* rows, Py_ssize_t n,
+                      const char* kid, Py_ssize_t kid_len) noexcept nogil:
+    """Insert ``rows`` through the messages' statement: SQLITE_OK, or the failed
+    step's error code."""
+    cdef Py_ssize_t i
+    cdef MessageRow* row
+    cdef int rc
+    for i in range(n):
+        row = &rows[i]
+        sqlite3_bind_text(stmt, 1, row.channel, <int>row.channel_len, SQLITE_STATIC)
+        sqlite3_bind_int64(stmt, 2, row.seq)
+        sqlite3_bind_int64(stmt, 3, row.ts_us)
+        sqlite3_bind_text(stmt, 4, row.sender, <int>row.sender_len, SQLITE_STATIC)
+        if row.dedupe == NULL:
+            sqlite3_bind_null(stmt, 5)
+        else:
+            sqlite3_bind_blob(stmt, 5, row.dedupe, <int>row.dedupe_len, SQLITE_STATIC)
+        sqlite3_bind_blob(stmt, 6, row.frame, <int>row.frame_len, SQLITE_STATIC)
+        if kid == NULL:
+            sqlite3_bind_null(stmt, 7)
+        else:
+            sqlite3_bind_text(stmt, 7, kid, <int>kid_len, SQLITE_STATIC)
+        rc = _step(stmt)
+        if rc != SQLITE_OK:
+            return rc
+    return SQLITE_OK

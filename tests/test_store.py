@@ -620,3 +620,34 @@ def test_the_writer_leaves_the_wal_to_256_mib_before_its_commits_checkpoint(tmp_
         store.close()
     # A checkpoint lets the next commit start the WAL over: it would not pass 64 MiB.
     assert max(sizes) > 80 << 20
+
+
+def test_a_batch_of_messages_whose_insert_fails_leaves_none_of_it_and_the_writer_usable(tmp_path):
+    # A batch of messages alone is written with BEGIN, its rows and COMMIT in
+    # one release of the GIL (core/writer.pyx); a row refused halfway rolls the
+    # whole batch back and the next batch is written as usual.
+    from fenghuo.core import Channel, ChannelKind, Sequenced
+    from fenghuo.server.store import _WRITES
+    store = SQLiteStore(tmp_path, fsync="always")
+    ch = Channel("dm:user-a:user-b", ChannelKind.DIRECT_CHAT, 16)
+
+    def batch(seqs: range) -> list[Sequenced]:
+        return [Sequenced(ch, seq, 1_700_000_000_000_000 + seq, "user-a", None, bytes(110)) for seq in seqs]
+
+    path = tmp_path / DB_FILE
+    try:
+        with closing(sqlite3.connect(path)) as db:
+            db.execute("CREATE TRIGGER refuse_3 BEFORE INSERT ON messages WHEN NEW.seq = 3"
+                       " BEGIN SELECT RAISE(ABORT, 'seq 3 refused'); END")
+            db.commit()
+        with pytest.raises(sqlite3.OperationalError, match="seq 3 refused"):
+            store._writer.write(batch(range(1, 6)), None, _WRITES, None)
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+            db.execute("DROP TRIGGER refuse_3")
+            db.commit()
+        store._writer.write(batch(range(1, 6)), None, _WRITES, None)
+    finally:
+        store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert [s for (s,) in db.execute("SELECT seq FROM messages ORDER BY seq")] == [1, 2, 3, 4, 5]
