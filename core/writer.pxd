@@ -36,6 +36,8 @@ cdef class SQLiteWriter:
     # Frames in the WAL after the last commit (its hook's count; the WAL
     # restarts from 0 at a BEGIN once every frame is copied into the file).
     cdef int _wal_frames
+    # Busy-handler calls before the writer gives up waiting for the write lock.
+    cdef int _busy_tries
 
     cdef int _check(self, int rc) except -1
     cdef _Statement _prepare(self, str sql)

@@ -651,3 +651,33 @@ def test_a_batch_of_messages_whose_insert_fails_leaves_none_of_it_and_the_writer
         store.close()
     with closing(sqlite3.connect(path)) as db:
         assert [s for (s,) in db.execute("SELECT seq FROM messages ORDER BY seq")] == [1, 2, 3, 4, 5]
+
+
+def test_the_writer_waits_for_another_writer_s_lock_up_to_its_busy_timeout(tmp_path):
+    # Workers share one file: a writer finding the write lock taken tries again
+    # (core/writer.pyx, _wait_for_lock) until the lock is free or its busy
+    # timeout is spent.
+    import threading
+
+    from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
+    from fenghuo.server.store import _WRITES
+    SQLiteStore(tmp_path, fsync="always").close()
+    path = tmp_path / DB_FILE
+    ch = Channel("dm:user-a:user-b", ChannelKind.DIRECT_CHAT, 16)
+    patient = SQLiteWriter(path, True, busy_timeout_ms=5000)
+    hasty = SQLiteWriter(path, True, busy_timeout_ms=50)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            hasty.write([Sequenced(ch, 1, 1, "user-a", None, bytes(8))], None, _WRITES, None)
+        release = threading.Timer(0.3, other.execute, ("COMMIT",))
+        release.start()
+        patient.write([Sequenced(ch, 1, 1, "user-a", None, bytes(8))], None, _WRITES, None)
+        release.join()
+    finally:
+        patient.close()
+        hasty.close()
+        other.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT seq FROM messages").fetchall() == [(1,)]
