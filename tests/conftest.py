@@ -175,7 +175,10 @@ def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | N
         if count > 1:
             wait_healthy(proc, f"http://{host}:{metrics_port}/healthz", timeout)
         else:
+            # One process opens the client port before its metrics port
+            # (server/main.py serve): a test may connect and read /metrics at once.
             wait_listening(proc, host, port, timeout)
+            wait_listening(proc, host, metrics_port, timeout)
         if api_port:
             wait_api(proc, log_path, api_port, timeout)
     except RuntimeError:
