@@ -36,6 +36,7 @@ from fenghuo.core._core import (
     GroupSave,
     Grants,
     HS256Key,
+    Handshakes,
     HeldReply,
     Hub,
     LocalBus,
@@ -63,6 +64,7 @@ from fenghuo.core._core import (
     TimersDone,
     TokenError,
     Turn,
+    WelcomeTemplate,
     b64url_decode,
     compress_body,
     decode_ack,
@@ -91,7 +93,7 @@ from fenghuo.core._core import (
     service_conflict,
     verify_hs256,
 )
-from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, MESSAGE_FIXED_SIZE, WIRE_VERSION
+from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, MAX_RETRY_MS, MESSAGE_FIXED_SIZE, MIN_RETRY_MS, WIRE_VERSION
 
 __all__ = [
     "ADMIN_ROLE",
@@ -109,6 +111,8 @@ __all__ = [
     "ConnectionFrame",
     "ContentType",
     "DETECTORS",
+    "MAX_RETRY_MS",
+    "MIN_RETRY_MS",
     "DedupeWindow",
     "DeliveredCursor",
     "DeviceCursors",
@@ -125,6 +129,7 @@ __all__ = [
     "GroupSave",
     "Grants",
     "HS256Key",
+    "Handshakes",
     "HeldReply",
     "Hub",
     "LocalBus",
@@ -153,6 +158,7 @@ __all__ = [
     "TokenError",
     "Turn",
     "WIRE_VERSION",
+    "WelcomeTemplate",
     "b64url_decode",
     "compress_body",
     "decode_ack",

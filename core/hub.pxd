@@ -82,6 +82,9 @@ cdef class Hub:
     cdef public object key_lookup
     # ``masker(name)``: the MaskRules of a channel made now, or None (asked once per channel).
     cdef public object masker
+    # The relay's admission (None: none): its connections' handshakes are counted
+    # there as they are made, authenticated and lost (Handshakes.count_for).
+    cdef public Handshakes admission
 
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1

@@ -543,7 +543,9 @@ cdef class Connection:
 
     The server subclasses it (``fenghuo.server.session.Session``) to supply the
     control plane: ``on_hello``, ``on_control``, ``resolve_publish``,
-    ``on_open``, ``on_close``.  Everything per message stays here, in C.
+    ``on_close``.  Everything per message stays here, in C, and so does the
+    count of connections in handshake (``hub.admission``), from
+    ``connection_made`` until HELLO is accepted or the connection lost.
     """
 
     def __cinit__(self, Hub hub, relay=None, *args, **kwargs):
@@ -592,9 +594,6 @@ cdef class Connection:
     # ------------------------------------------------------------ control plane
     # Overridden by the server; the defaults refuse politely.
 
-    def on_open(self):
-        pass
-
     def on_close(self, exc):
         pass
 
@@ -612,9 +611,12 @@ cdef class Connection:
     def connection_made(self, transport):
         self.transport = transport
         self.hub.connections.add(self)
-        self.on_open()
+        if self.hub.admission is not None:
+            self.hub.admission.handshake_started()
 
     def connection_lost(self, exc):
+        if not self.authenticated and self.hub.admission is not None:
+            self.hub.admission.handshake_ended()
         self.closing = True
         self._drop_partial()
         self._replies = None
@@ -1022,6 +1024,17 @@ cdef class Connection:
         A slot already filled (a timeout answered it) ignores later answers.
         """
         self._fill(slot, content)
+
+    def in_turn(self, action):
+        """Run ``action`` (it sends a reply) in its turn in this connection's reply
+        order: now when no reply is awaited or waits for the disk, which is nearly
+        always (a HELLO's WELCOME: its connection has sent nothing before), else as
+        ``fill_reply(reserve_reply(), action)`` does, without the slot and queue
+        that makes."""
+        if self._replies is None and not self._unreleased:
+            action()
+        else:
+            self._fill(self._reserve(), action)
 
     @property
     def replies_awaited(self):

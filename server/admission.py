@@ -19,51 +19,45 @@ admit them, rather than all at once.  The rate is ``admit_rate`` when set;
 otherwise the rate at which handshakes actually leave the queue, measured
 over the time it has been non-empty, and the first slot comes after the
 handshakes already queued (docs/PROTOCOL.md, "How the wait is chosen").
+
+What every connection meets, the limits at accept, the handshake counts and
+the HELLO bucket, is in C (core/admission.pyx, :class:`Handshakes`, which
+:class:`Admission` extends): an admitted connect runs none of this module's
+Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import resource
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from fenghuo.core import ErrorCode, Hub, ProtocolError
+from fenghuo.core import MIN_RETRY_MS as MIN_RETRY_MS, ErrorCode, Handshakes, Hub, ProtocolError
 from fenghuo.server.config import Settings
 
 from fenghuo.protocol import encode_try_again, try_again_message
-
-if TYPE_CHECKING:
-    from fenghuo.server.session import Session
 
 log = logging.getLogger("fenghuo.admission")
 
 # Open files kept for the store, logs, the metrics server and refusals in
 # flight when max_connections is derived from the open-file limit.
 FD_RESERVE = 256
-# The shortest and longest waits a refusal asks for.
-MIN_RETRY_MS = 100
-MAX_RETRY_MS = 60_000
+# The constants of the counts and the waits are core/admission.pyx's: the
+# shortest and longest waits a refusal asks for (MIN_RETRY_MS, 100 ms; 60 s) and their step
+# (10 ms, so that refusals at accept time share one encoded frame); the
+# handshakes/s assumed before any was measured (2,000: `python -m bench run
+# connections` reports about 2,600 connects/s on the 2-core development
+# machine; a little less errs towards a later, not a wasted, retry), measured
+# over 400 handshakes leaving the queue while it was never empty (about a
+# fifth of a second) and blended in half and half, so that it follows a
+# changing load; never assumed under 500/s (a handshake queue held by clients
+# that connect and do not send HELLO would otherwise book the storm's clients
+# far into the future).
 # A full server does not know when connections will leave: a fixed wait.
-# Handshakes/s assumed before any was measured: `python -m bench run connections`
-# reports about 2,600 connects/s on the 2-core development machine; a little
-# less errs towards a later, not a wasted, retry.
-INITIAL_HANDSHAKE_RATE = 2000.0
-# The rate is measured over this many handshakes leaving the queue while it
-# was never empty (about a fifth of a second at the initial rate), and blended
-# into the estimate half and half, so that it follows a changing load.
-RATE_SAMPLE = 400
-# Never assumed lower: a handshake queue held by clients that connect and do
-# not send HELLO would otherwise book the storm's clients far into the future.
-MIN_HANDSHAKE_RATE = 500.0
 CONNECTIONS_FULL_RETRY_MS = 2000
-# retry_after_ms is rounded up to this step, so that refusals at accept time
-# share one encoded frame instead of encoding their own.
-RETRY_STEP_MS = 10
 # At most one log line per this many seconds about refusals.
 LOG_EVERY_S = 10.0
 
@@ -82,8 +76,14 @@ def connection_limit(configured: int) -> int:
     return max(1, soft - FD_RESERVE)
 
 
-class Admission:
-    """Counts connections in handshake and decides who is admitted now."""
+class Admission(Handshakes):
+    """Counts connections in handshake and decides who is admitted now.
+
+    The counts, the limits' checks, the protocol factory
+    (``protocol_factory(make_session)``), ``handshake_started`` / ``_ended``
+    (called by the core's Connection), ``admit_hello`` and
+    ``retry_after_ms`` are :class:`Handshakes`', in C.
+    """
 
     def __init__(self, settings: Settings, hub: Hub) -> None:
         self.hub = hub
@@ -91,51 +91,16 @@ class Admission:
         self.max_handshakes = settings.max_handshakes
         self.rate = settings.admit_rate
         self.burst = settings.admit_burst
-        #: Sessions between connection_made and HELLO accepted (or closed)
-        self.handshaking = 0
-        # Sessions made by the factory whose connection_made has not run yet:
-        # uvloop calls connection_made in the next loop iteration (and libuv
-        # before 1.45 accepted the whole backlog in one go; since, one a
-        # listener per iteration), so counters alone would lag a burst.
-        self._accepted_unmade = 0
-        self._tokens = self.burst
-        self._refilled_at = time.monotonic()
-        self._next_slot = 0.0
-        # Handshakes completed per second while the queue was non-empty.
-        self._handshake_rate = INITIAL_HANDSHAKE_RATE
-        self._window_start = time.monotonic()
-        self._window_done = 0
+        self.tokens = self.burst
         self._refused_since_log = 0
         self._logged_at = 0.0
         # Refused transports waiting for their client to close, in two
         # generations: a sweep aborts what is still open in the older one.
         self._lingering: deque[asyncio.Transport] = deque()
         self._lingering_old: deque[asyncio.Transport] = deque()
-        self._refusals = {
-            REASON_CONNECTIONS: _Refusal(self, REASON_CONNECTIONS),
-            REASON_HANDSHAKES: _Refusal(self, REASON_HANDSHAKES),
-        }
-
-    # ------------------------------------------------------------ at accept
-
-    def protocol_factory(self, make_session: Callable[[], Session]) -> Callable[[], asyncio.BaseProtocol]:
-        """The server's protocol factory: a Session, or a shared refusal."""
-        # The loop is looked up once: on Python 3.11 asyncio.get_running_loop()
-        # makes a getpid() system call, once per connection in a slow storm.
-        loop: asyncio.AbstractEventLoop | None = None
-
-        def new_protocol() -> asyncio.BaseProtocol:
-            nonlocal loop
-            reason = self._refusal_reason()
-            if reason is not None:
-                return self._refusals[reason]
-            if not self._accepted_unmade:
-                if loop is None:
-                    loop = asyncio.get_running_loop()
-                loop.call_soon(self._burst_made)
-            self._accepted_unmade += 1
-            return make_session()
-        return new_protocol
+        self.refuse_connections = _Refusal(self, REASON_CONNECTIONS)
+        self.refuse_handshakes = _Refusal(self, REASON_HANDSHAKES)
+        self.count_for(hub)
 
     def refusal_frame(self) -> bytes | None:
         """The TRY_AGAIN frame a new connection is refused with now, or None to admit it.
@@ -143,55 +108,12 @@ class Admission:
         For transports whose connections are made outside ``protocol_factory``
         (the WebSocket gateway): the same limits, the same frame.
         """
-        reason = self._refusal_reason()
-        if reason is None:
+        refusal = cast("_Refusal | None", self.refusal())
+        if refusal is None:
             return None
         self.hub.metrics.record_error(ErrorCode.TRY_AGAIN)
         self.log_refusal()
-        return self._refusals[reason]._current_frame()
-
-    def _refusal_reason(self) -> str | None:
-        if self.max_connections and len(self.hub.connections) + self._accepted_unmade >= self.max_connections:
-            return REASON_CONNECTIONS
-        if self.max_handshakes and self.handshaking + self._accepted_unmade >= self.max_handshakes:
-            return REASON_HANDSHAKES
-        return None
-
-    def _burst_made(self) -> None:
-        # Runs after every connection_made of the burst (scheduled before them
-        # or not, no accept happens while ready callbacks run).
-        self._accepted_unmade = 0
-
-    def handshake_started(self) -> None:
-        if not self.handshaking:
-            # The queue was empty: a new busy period, and a new measuring
-            # window (idle time says nothing of the rate).
-            self._window_start = time.monotonic()
-            self._window_done = 0
-        self.handshaking += 1
-
-    def handshake_ended(self) -> None:
-        self.handshaking -= 1
-        self._window_done += 1
-        if self._window_done >= RATE_SAMPLE:
-            now = time.monotonic()
-            measured = self._window_done / max(now - self._window_start, 1e-6)
-            self._handshake_rate = max(MIN_HANDSHAKE_RATE, (self._handshake_rate + measured) / 2)
-            self._window_start, self._window_done = now, 0
-
-    # ------------------------------------------------------------ at HELLO
-
-    def admit_hello(self) -> int:
-        """0 if a HELLO may proceed now, else the retry_after_ms to refuse it with."""
-        if not self.rate:
-            return 0
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._refilled_at) * self.rate)
-        self._refilled_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0
-        return self.retry_after_ms(now)
+        return refusal._current_frame()
 
     def hello_refusal(self, retry_after_ms: int) -> ProtocolError:
         """The fatal error that refuses a HELLO above the admission rate."""
@@ -200,20 +122,6 @@ class Admission:
 
     # ------------------------------------------------------------ advice
 
-    def retry_after_ms(self, now: float) -> int:
-        """Book the next free admission slot; milliseconds until it (rounded up)."""
-        if self.rate:
-            rate = self.rate
-            first = now + max(0.0, 1.0 - self._tokens) / rate      # the next token
-        else:
-            rate = self._handshake_rate
-            first = now + (self.handshaking + self._accepted_unmade) / rate   # after the queue
-        # The first free slot, or the slot after the last one promised.
-        slot = max(self._next_slot, first)
-        self._next_slot = slot + 1.0 / rate
-        wait_ms = math.ceil((slot - now) * 1000 / RETRY_STEP_MS) * RETRY_STEP_MS
-        return min(max(wait_ms, MIN_RETRY_MS), MAX_RETRY_MS)
-
     def log_refusal(self) -> None:
         """Count a refusal for the log, which tells of them at most every LOG_EVERY_S."""
         self._refused_since_log += 1
@@ -221,7 +129,7 @@ class Admission:
         if now - self._logged_at >= LOG_EVERY_S:
             log.warning("refusing connections (TRY_AGAIN)", extra={
                 "refused": self._refused_since_log, "connections": len(self.hub.connections),
-                "handshaking": self.handshaking, "handshakes_per_s": round(self._handshake_rate)})
+                "handshaking": self.handshaking, "handshakes_per_s": round(self.handshake_rate)})
             self._refused_since_log = 0
             self._logged_at = now
 

@@ -31,6 +31,7 @@ from fenghuo.core import (
     FrameType,
     Hub,
     RemoteOrigin,
+    WelcomeTemplate,
 )
 from fenghuo.protocol import encode_json
 from fenghuo.server.access import Access, refuse
@@ -163,7 +164,7 @@ class Relay:
         self.webhooks: WebhookSender | None = None
         #: listening, the background tasks, shutdown (server/node.py)
         self.node = Node(self)
-        self._welcome_fields: dict[str, Any] | None = None
+        self._welcome: WelcomeTemplate | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -171,25 +172,25 @@ class Relay:
     def durable(self) -> bool:
         return self.store is not None
 
-    def welcome_fields(self) -> dict[str, Any]:
-        """WELCOME's fields in their order (docs/PROTOCOL.md §3.2), those of this relay
-        filled in and the connection's own (user, device, expires, channels) left
-        for each WELCOME to set in its copy: one dict copied per HELLO, not built.
+    def welcome(self) -> WelcomeTemplate:
+        """WELCOME's template (core/welcome.pyx): the fields in their order (docs/PROTOCOL.md
+        §3.3), this relay's encoded once, the connection's own (user, device, expires,
+        channels) written into each WELCOME.
 
         Made at the first WELCOME, once the epoch (a cluster node's comes with
         the cluster's id, at start) and the worker index are known; made again
         if the epoch changes.
         """
-        fields = self._welcome_fields
-        if fields is None or fields["epoch"] is not self.epoch:
-            fields = self._welcome_fields = {
+        template = self._welcome
+        if template is None or template.epoch is not self.epoch:
+            template = self._welcome = WelcomeTemplate({
                 "user": None, "device": None, "epoch": self.epoch, "durable": self.durable,
                 "server": SERVER_NAME,
                 **({"worker": self.cluster.index} if self.cluster is not None else {}),
                 "heartbeat": self.settings.ping_interval, "max_frame": self.settings.max_frame,
                 "expires": None, "token_grace": self.settings.token_grace, "channels": None,
-            }
-        return fields
+            })
+        return template
 
     def _load(self) -> None:
         """Rebuild memberships from the store; channels load their seqs on first touch."""

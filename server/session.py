@@ -104,12 +104,10 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------ lifecycle
 
-    def on_open(self) -> None:
-        self.relay.admission.handshake_started()
+    # The handshake is counted in the core (Connection.connection_made and
+    # connection_lost; HELLO's handshake_ended below), in C.
 
     def on_close(self, exc: BaseException | None) -> None:
-        if not self.authenticated:
-            self.relay.admission.handshake_ended()
         self.relay.detach(self)
         if self.authenticated:
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
@@ -207,14 +205,8 @@ class Session(Connection, asyncio.BufferedProtocol):
                  resumed: dict[str, int] | None) -> None:
         """WELCOME, then what was missed, then live: once ``channels`` are ready here."""
         relay = self.relay
-        welcome = relay.welcome_fields().copy()
-        welcome["user"] = self.user
-        welcome["device"] = self.device
-        welcome["expires"] = int(self.grants.expires)
-        welcome["channels"] = {ch.name: ch.seq for ch in channels}
-        if resumed:
-            welcome["resumed"] = resumed
-        self.send(encode_json(FrameType.WELCOME, welcome, request_id))
+        self.send(relay.welcome().frame(self.user, self.device, self.grants.expires, channels,
+                                        resumed, request_id))
         relay.subs.go_live(self, channels, self.positions)
         if log.isEnabledFor(logging.DEBUG):     # no dict of extras built per connect
             log.debug("connected", extra={"user": self.user, "device": self.device})

@@ -143,7 +143,7 @@ class Subscriptions:
         have come since; default the last)."""
         if self.relay.cluster is None:
             # In its turn: behind a reply still awaited (a HISTORY page) it waits.
-            session.fill_reply(session.reserve_reply(), reply)
+            session.in_turn(reply)
         else:
             self.relay.cluster.live_when_ready(session, channels, reply, held)
 

@@ -33,6 +33,7 @@ from fenghuo.core import (
     Publish,
     Receipt,
     ReceiptKind,
+    WelcomeTemplate,
     compress_body,
     decode_ack,
     decode_error,
@@ -928,3 +929,40 @@ def test_property_message_round_trip(channel, seq, ts, sender, payload):
     assume(channel)
     m = decode_message(one_frame(encode_message(channel, seq, ts, sender, payload)).body)
     assert (m.channel, m.seq, m.ts_us, m.sender, m.payload) == (channel, seq, ts, sender, payload)
+
+
+def _welcome_fields(worker: bool) -> dict[str, object]:
+    return {"user": None, "device": None, "epoch": "0123456789ab.cdef0123", "durable": True,
+            "server": "fenghuo/0.1", **({"worker": 3} if worker else {}), "heartbeat": 25.0,
+            "max_frame": 1 << 20, "expires": None, "token_grace": 30.5, "channels": None}
+
+
+@pytest.mark.parametrize("worker", [False, True])
+@pytest.mark.parametrize("resumed", [None, {}, {"dm:a:b": 7, "org:é\"x": 1}])
+@pytest.mark.parametrize("subscribed", [(), ("dm:alice:bob",), ("g:x", "org:a", "org:a.é")])
+def test_welcome_template_writes_what_encode_json_writes(worker, resumed, subscribed):
+    """A WELCOME from the template (core/welcome.pyx) is byte for byte the frame that
+    encode_json made of the fields dict with the connection's own set (PROTOCOL §3.3)."""
+    hub = Hub()
+    channels = tuple(hub.channel(name) for name in subscribed)
+    for seq, ch in enumerate(channels, 5):
+        ch.seq = seq
+    fields = _welcome_fields(worker)
+    template = WelcomeTemplate(fields)
+    assert template.epoch is fields["epoch"]
+    user, device, expires = "alice", 'phone "é" \\ \u2028', 1_733_000_000.9
+    expected = dict(fields, user=user, device=device, expires=int(expires),
+                    channels={ch.name: ch.seq for ch in channels})
+    if resumed:
+        expected["resumed"] = resumed
+    assert template.frame(user, device, expires, channels, resumed, 77) == \
+        encode_json(FrameType.WELCOME, expected, 77)
+
+
+def test_welcome_template_needs_the_connections_fields_in_order_and_unset():
+    with pytest.raises(ValueError):
+        WelcomeTemplate({**_welcome_fields(False), "user": "alice"})
+    fields = _welcome_fields(False)
+    del fields["expires"]
+    with pytest.raises(ValueError):
+        WelcomeTemplate(fields)

@@ -1,0 +1,109 @@
+# WELCOME (PROTOCOL §3.3), written from a template: the relay's own fields
+# (epoch, durable, server, worker, heartbeat, max_frame, token_grace) are
+# JSON-encoded once; a HELLO writes in only the connection's user, device,
+# expires, channels (and resumed).  Every HELLO copied a dict of eleven
+# fields, set four and had orjson encode the whole (callgrind: about a fifth
+# of the HELLO's instructions went to the WELCOME).
+
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+# A connection's own fields, in WELCOME's order; the template has them null.
+cdef tuple _WELCOME_OWN = ("user", "device", "expires", "channels")
+
+
+@cython.final
+cdef class WelcomeTemplate:
+    """WELCOME frames of one relay: ``WelcomeTemplate(fields)`` with the fields in
+    their order (a connection's own, ``user``, ``device``, ``expires`` and
+    ``channels``, in that order and None); ``frame(...)`` is what
+    ``encode_json(FrameType.WELCOME, fields with the connection's own set)`` makes,
+    byte for byte (``resumed`` last when given)."""
+
+    def __cinit__(self, dict fields):
+        cdef list parts = []
+        cdef list own = []
+        current = b"{"
+        for key, value in fields.items():
+            if len(current) > 1 or parts:
+                current += b","
+            current += _orjson.dumps(key) + b":"
+            if key in _WELCOME_OWN:
+                if value is not None:
+                    raise ValueError(f"WELCOME's {key!r} is the connection's: None in the template")
+                parts.append(current)
+                own.append(key)
+                current = b""
+            else:
+                current += _orjson.dumps(value)
+        if tuple(own) != _WELCOME_OWN:
+            raise ValueError(f"WELCOME's template needs {_WELCOME_OWN} in that order, got {tuple(own)}")
+        self._head, self._device, self._expires, self._channels = parts
+        self._tail = current
+        self.epoch = fields.get("epoch")
+
+    def frame(self, str user, str device, double expires, tuple channels, resumed,
+              uint32_t request_id):
+        """The WELCOME of a connection: ``channels`` (Channels) with their head seqs,
+        ``resumed`` (a dict, or None/empty: not sent), answering ``request_id``."""
+        cdef Channel ch
+        cdef dict heads
+        cdef char digits[24]
+        cdef int ndigits = snprintf(digits, sizeof(digits), "%lld", <long long>expires)
+        cdef bytes user_json = _json_string(user)
+        cdef bytes device_json = _json_string(device)
+        cdef bytes channels_json = _EMPTY_OBJECT
+        cdef bytes resumed_json = b""
+        cdef char* p
+        if channels:
+            heads = {}
+            for ch in channels:
+                heads[ch.name] = ch.seq
+            channels_json = _orjson.dumps(heads)
+        if resumed:
+            resumed_json = _RESUMED + _orjson.dumps(resumed)
+        cdef tuple parts = (self._head, user_json, self._device, device_json, self._expires)
+        cdef tuple rest = (self._channels, channels_json, self._tail, resumed_json, _CLOSE)
+        cdef Py_ssize_t size = ndigits
+        for part in parts + rest:
+            size += PyBytes_GET_SIZE(part)
+        frame = new_frame(FrameType.WELCOME, 0, request_id, size, &p)
+        for part in parts:
+            p = _put(p, part)
+        memcpy(p, digits, ndigits)
+        p += ndigits
+        for part in rest:
+            p = _put(p, part)
+        return frame
+
+
+cdef bytes _EMPTY_OBJECT = b"{}"
+cdef bytes _RESUMED = b',"resumed":'
+cdef bytes _CLOSE = b"}"
+
+
+cdef inline char* _put(char* p, bytes part) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(part)
+    memcpy(p, PyBytes_AS_STRING(part), n)
+    return p + n
+
+
+cdef bytes _json_string(str s):
+    """``s`` as JSON, as orjson writes it: its UTF-8 between quotes when nothing in it
+    is escaped (no control character, quote or backslash: every user id, and the
+    device ids the relay makes), else orjson's own."""
+    cdef Py_ssize_t n, i
+    cdef const char* u = PyUnicode_AsUTF8AndSize(s, &n)
+    cdef unsigned char c
+    for i in range(n):
+        c = <unsigned char>u[i]
+        if c < 0x20 or c == 0x22 or c == 0x5c:
+            return _orjson.dumps(s)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 2)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p[0] = 0x22
+    memcpy(p + 1, u, n)
+    p[n + 1] = 0x22
+    return out
