@@ -301,6 +301,15 @@ MIN_RETRY_MS: int
 MAX_RETRY_MS: int
 
 
+class Deadlines:
+    """Token deadlines of live connections in a heap (core/token.pyx)."""
+
+    due: list[tuple[float, int, Connection]]
+    grace: float
+    def deadline(self, connection: Connection) -> float: ...
+    def watch(self, connection: Connection) -> None: ...
+
+
 class Handshakes:
     """Admission's per-connection counts and decisions, in C (core/admission.pyx)."""
 

@@ -36,3 +36,13 @@ cdef class Grants:
     cdef readonly double issued
     cdef readonly bint sees_all_presence
     cdef tuple _fields(self)
+
+
+cdef class Deadlines:
+    # The token deadlines of live connections: a heap of (deadline, order,
+    # connection), the order breaking ties (connections never compare).
+    cdef public list due
+    cdef public double grace
+    cdef Py_ssize_t _order
+    cpdef double deadline(self, object connection) except? -1
+    cpdef watch(self, object connection)

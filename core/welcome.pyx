@@ -5,7 +5,6 @@
 # fields, set four and had orjson encode the whole (callgrind: about a fifth
 # of the HELLO's instructions went to the WELCOME).
 
-from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -51,7 +50,7 @@ cdef class WelcomeTemplate:
         cdef Channel ch
         cdef dict heads
         cdef char digits[24]
-        cdef int ndigits = snprintf(digits, sizeof(digits), "%lld", <long long>expires)
+        cdef Py_ssize_t ndigits = _decimal(digits, <long long>expires)
         cdef bytes user_json = _json_string(user)
         cdef bytes device_json = _json_string(device)
         cdef bytes channels_json = _EMPTY_OBJECT
@@ -77,6 +76,28 @@ cdef class WelcomeTemplate:
         for part in rest:
             p = _put(p, part)
         return frame
+
+
+cdef inline Py_ssize_t _decimal(char* out, long long value) noexcept:
+    """``value`` in decimal at ``out`` (at most 20 characters); how many."""
+    cdef char reversed_digits[24]
+    cdef Py_ssize_t n = 0, i
+    cdef unsigned long long v = <unsigned long long>(-value) if value < 0 else <unsigned long long>value
+    while True:
+        reversed_digits[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    i = 0
+    if value < 0:
+        out[0] = 45     # -
+        i = 1
+    while n:
+        n -= 1
+        out[i] = reversed_digits[n]
+        i += 1
+    return i
 
 
 cdef bytes _EMPTY_OBJECT = b"{}"

@@ -15,12 +15,11 @@ sweep does it, not the close: nothing is added to a connection's close.
 from __future__ import annotations
 
 import heapq
-import itertools
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
-from fenghuo.core import Connection, ErrorCode
+from fenghuo.core import Connection, Deadlines, ErrorCode
 from fenghuo.server.revocations import Revocations
 from fenghuo.tokens import Grants
 
@@ -32,27 +31,20 @@ if TYPE_CHECKING:
 _COMPACT_FROM = 64
 
 
-class TokenWatch:
+class TokenWatch(Deadlines):
+    """The heap and ``watch(session)`` (every HELLO and REFRESH) are the core's
+    :class:`Deadlines`, in C; the sweeps are here."""
+
     def __init__(self, grace: float, revocations: Revocations | None) -> None:
         self.grace = grace
         self.revocations = revocations
-        self._due: list[tuple[float, int, Session]] = []
-        self._order = itertools.count()      # ties never compare sessions
 
     @property
     def deadlines(self) -> int:
         """Entries kept, the stale ones included (``fenghuo_token_deadlines``)."""
-        return len(self._due)
+        return len(self.due)
 
-    def deadline(self, session: Session) -> float:
-        expires: float = session.grants.expires
-        return expires + self.grace
-
-    def watch(self, session: Session) -> None:
-        """Track ``session``'s current token (after HELLO and after each REFRESH)."""
-        heapq.heappush(self._due, (self.deadline(session), next(self._order), session))
-
-    def _live(self, entry: tuple[float, int, Session]) -> bool:
+    def _live(self, entry: tuple[float, int, Connection]) -> bool:
         """Whether ``entry`` is its session's current deadline, the session open."""
         when, _, session = entry
         return not session.closing and session.authenticated and self.deadline(session) == when
@@ -64,7 +56,7 @@ class TokenWatch:
         """Close the connections whose token's deadline passed (the relay's timer sweep);
         drop the stale entries once they outnumber the ``connections`` open."""
         now = time.time()
-        due = self._due
+        due = self.due
         if len(due) >= 2 * connections + _COMPACT_FROM:
             # O(n) once the closed (or refreshed) are as many as the open, plus 64.
             due[:] = [entry for entry in due if self._live(entry)]

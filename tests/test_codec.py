@@ -50,6 +50,7 @@ from fenghuo.core import (
     encode_receipt,
     encode_receipt_event,
     frame_error,
+    json_nesting,
 )
 from fenghuo.protocol import decode_json, encode_json
 
@@ -966,3 +967,37 @@ def test_welcome_template_needs_the_connections_fields_in_order_and_unset():
     del fields["expires"]
     with pytest.raises(ValueError):
         WelcomeTemplate(fields)
+
+
+def _nesting_by_bytes(body: bytes, limit: int) -> int:
+    """json_nesting's rule, a byte at a time (the core skips strings with memchr)."""
+    i = depth = deepest = 0
+    while i < len(body):
+        c = body[i]
+        if c == 34:
+            i += 1
+            while i < len(body):
+                if body[i] == 92:
+                    i += 2
+                    continue
+                if body[i] == 34:
+                    break
+                i += 1
+        elif c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif c in b"]}":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def test_json_nesting_skips_strings_and_their_escapes_as_a_byte_scan_does():
+    rng = random.Random(15)
+    for _ in range(20_000):
+        body = bytes(rng.choice(b'[]{}"\\ a') for _ in range(rng.randint(0, 24)))
+        limit = rng.randint(0, 4)
+        assert json_nesting(body, limit) == _nesting_by_bytes(body, limit), body
+        assert json_nesting(memoryview(body), limit) == _nesting_by_bytes(body, limit), body
