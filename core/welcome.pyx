@@ -50,7 +50,17 @@ cdef class WelcomeTemplate:
         cdef Channel ch
         cdef dict heads
         cdef char digits[24]
-        cdef Py_ssize_t ndigits = _decimal(digits, <long long>expires)
+        cdef Py_ssize_t ndigits
+        cdef bytes wide
+        if -9.0e18 < expires < 9.0e18:
+            ndigits = _decimal(digits, <long long>expires)
+        else:
+            # Beyond a long long (or not a number): what encode_json wrote of
+            # int(expires), orjson's 64-bit integers (at most 20 digits), or
+            # its refusal.
+            wide = _orjson.dumps(int(expires))
+            ndigits = PyBytes_GET_SIZE(wide)
+            memcpy(digits, PyBytes_AS_STRING(wide), ndigits)
         cdef bytes user_json = _json_string(user)
         cdef bytes device_json = _json_string(device)
         cdef bytes channels_json = _EMPTY_OBJECT

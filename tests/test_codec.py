@@ -960,6 +960,16 @@ def test_welcome_template_writes_what_encode_json_writes(worker, resumed, subscr
         encode_json(FrameType.WELCOME, expected, 77)
 
 
+@pytest.mark.parametrize("expires", [0.0, -1.5, 9.2e18, 1.5e19])
+def test_welcome_template_writes_any_expires_as_encode_json(expires):
+    """A token's exp is any JSON number: beyond a C long long the template writes what
+    encode_json writes of int(exp) (orjson's 64-bit integers)."""
+    fields = _welcome_fields(False)
+    expected = dict(fields, user="u", device="d", expires=int(expires), channels={})
+    assert WelcomeTemplate(fields).frame("u", "d", expires, (), None, 1) == \
+        encode_json(FrameType.WELCOME, expected, 1)
+
+
 def test_welcome_template_needs_the_connections_fields_in_order_and_unset():
     with pytest.raises(ValueError):
         WelcomeTemplate({**_welcome_fields(False), "user": "alice"})
