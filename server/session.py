@@ -109,7 +109,7 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def on_close(self, exc: BaseException | None) -> None:
         self.relay.detach(self)
-        if self.authenticated:
+        if self.authenticated and log.isEnabledFor(logging.DEBUG):  # no dict of extras built per close
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
 
     def on_hello(self, request_id: int, body: bytes) -> None:
