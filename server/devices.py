@@ -37,7 +37,7 @@ def new_device_id() -> str:
     """A device id for a connection that named none."""
     # printf-style: an f-string's ``:08x`` looks up int.__format__ (callgrind:
     # about 4,000 instructions of a connect + HELLO went to it).
-    return "d-%08x" % _device_ids.getrandbits(32)
+    return "d-%08x" % _device_ids.getrandbits(32)  # noqa: UP031 (the reason above)
 
 
 class Devices:
