@@ -1356,7 +1356,7 @@ async def test_a_re_send_waiting_on_an_append_that_fails_is_refused_with_it_not_
         while True:
             alice.write(publish(key, request_id))
             frame = await alice.reply(30)
-            assert frame is not None
+            assert frame is not None and frame.request_id == request_id, describe(frame)
             if frame.type == FrameType.ACK:
                 return decode_ack(frame.body).seq
             code, text = decode_error(frame.body)
@@ -1374,16 +1374,28 @@ async def test_a_re_send_waiting_on_an_append_that_fails_is_refused_with_it_not_
         for server in nats_cluster.servers:
             assert server.proc is not None
             server.proc.send_signal(signal.SIGCONT)
+    # INTERNAL "retry" when the append fails; REQUEST_TIMEOUT when the node's
+    # request_timeout (5 s) runs out first (2 runs in 13 alone): both say
+    # "not known to be stored, retry" (PROTOCOL §4), neither is an ACK.
     assert (first.type, first.request_id) == (FrameType.ERROR, 3), describe(first)
-    assert decode_error(first.body)[0] == ErrorCode.INTERNAL
+    assert decode_error(first.body)[0] in RETRYABLE, describe(first)
     assert again.type == FrameType.ERROR, (
         f"the re-send of a publish that was not stored was answered {describe(again)}")
-    assert (again.request_id, decode_error(again.body)[0]) == (4, ErrorCode.INTERNAL)
-    # Seq 2 was never given: the next publish takes it, the re-send comes after.
-    assert await publish_surely(b"k3", 5) == 2
-    assert await publish_surely(b"k2", 6) == 3
+    assert again.request_id == 4 and decode_error(again.body)[0] in RETRYABLE, describe(again)
+    # The failed append may still reach the stream: its publish can sit in a
+    # stopped server's socket and be stored once the servers go on (CI on
+    # debe771, 1 run in 4 alone; the node says so, cluster_store.py: "the
+    # append out, if any, may still be stored"). Then k2 holds seq 2 and its
+    # re-send is acked with it; otherwise seq 2 was never given and the next
+    # publish takes it. Either way each key is stored once and every ACK
+    # names the seq its message is stored at.
+    k3 = await publish_surely(b"k3", 5)
+    k2 = await publish_surely(b"k2", 6)
     history = await (await n0.connect("alice")).history(chat, after=0, limit=10)
-    assert [(m.seq, m.key) for m in history] == [(1, b"k1"), (2, b"k3"), (3, b"k2")]
+    stored = [(m.seq, m.key) for m in history]
+    assert stored in ([(1, b"k1"), (2, b"k3"), (3, b"k2")],
+                      [(1, b"k1"), (2, b"k2"), (3, b"k3")]), stored
+    assert {key: seq for seq, key in stored} == {b"k1": 1, b"k2": k2, b"k3": k3}
 
 
 def cluster_status(nats_cluster: NatsCluster, *flags: str,
