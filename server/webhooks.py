@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from fenghuo import webhooks
-from fenghuo.server import atrest
+from fenghuo.server import atrest, retention
+from fenghuo.server.frames import message_time
 from fenghuo.server.outbox import (
     Delivered,
     Endpoint,
@@ -76,6 +77,10 @@ class Row:
     created_us: int
     attempts: int
     next_at: float      # wall-clock seconds
+    #: a message.created made from its message: the message's seq and time, which
+    #: retention may pass before the event is sent (0 for any other row)
+    seq: int = 0
+    message_us: int = 0
 
 
 @dataclass(slots=True)
@@ -139,6 +144,7 @@ class WebhookSender:
         self.settings = settings
         self.store = store
         self.queues = {e.name: EndpointQueue(e) for e in endpoints}
+        self.retention = retention.parse_rules(settings.retention)
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._requests: set[asyncio.Task[None]] = set()
@@ -201,8 +207,9 @@ class WebhookSender:
             f" {FROM_OUTBOX} WHERE o.endpoint = ? AND o.dead = 0 AND o.id > ? ORDER BY o.id LIMIT ?",
             (q.endpoint.name, q.cursor, PAGE), with_payload=True)
         q.filled_at, q.more = time.monotonic(), len(rows) == PAGE
-        for id_, stream, event_id, type_, created_us, attempts, next_us, payload in rows:
-            q.add(Row(id_, stream, event_id, type_, payload, created_us, attempts, next_us / 1e6))
+        for id_, stream, event_id, type_, created_us, attempts, next_us, payload, seq, message_us in rows:
+            q.add(Row(id_, stream, event_id, type_, payload, created_us, attempts, next_us / 1e6,
+                      seq, message_us))
 
     def _start_due(self, q: EndpointQueue) -> None:
         now = time.time()
@@ -216,7 +223,16 @@ class WebhookSender:
             self._requests.add(task)
             task.add_done_callback(self._requests.discard)
 
+    def retired(self, channel: str, message_us: int) -> bool:
+        """A message of ``channel`` at ``message_us`` is past its retention age: deleted, or
+        about to be at retention's next round; its event goes without its content."""
+        cutoff = retention.cutoff_us(self.retention, channel, time.time()) if self.retention else None
+        return cutoff is not None and message_us < cutoff
+
     async def _deliver(self, q: EndpointQueue, row: Row) -> None:
+        if row.message_us and self.retired(row.stream, row.message_us):
+            # Read with its content before retention's age passed; sent (again) after.
+            row.payload, row.message_us = message_created(row.stream, row.seq, None), 0
         try:
             outcome = await self._post(q.endpoint, row)
             self._settle(q, row, outcome)
@@ -297,21 +313,29 @@ class WebhookSender:
     async def _query(self, sql: str, params: tuple[Any, ...], with_payload: bool = False) -> list[tuple[Any, ...]]:
         """Rows of ``sql`` read on the store's reader thread; ``with_payload``: the last
         five columns (PAYLOAD; the second and third are the stream and the event id)
-        become the payload to send, made there too (sealed ones opened: --store-key-file)."""
+        become three: the payload to send, made there too (sealed ones opened:
+        --store-key-file), and for a message.created made from its message, the
+        message's seq and time (else 0, 0).  A message past its retention age
+        is not shown, as if retention had already deleted it."""
         store = self.store
 
         def payload(stream: str, event_id: str, endpoint: str, stored: bytes | None, seq: int,
-                    frame: bytes | None, key_id: str | None) -> bytes:
+                    frame: bytes | None, key_id: str | None) -> tuple[bytes, int, int]:
             if stored is not None:
-                return atrest.blob_of(store.cipher, stored, atrest.outbox_aad(endpoint, event_id))
-            return message_created(stream, seq, None if frame is None else
-                                   atrest.frame_of(store.cipher, stream, seq, frame, key_id))
+                return atrest.blob_of(store.cipher, stored, atrest.outbox_aad(endpoint, event_id)), 0, 0
+            if frame is not None:
+                frame = atrest.frame_of(store.cipher, stream, seq, frame, key_id)
+                # Decoded twice only where a retention rule may apply.
+                message_us = message_time(bytes(frame)) if self.retention else 0
+                if not (message_us and self.retired(stream, message_us)):
+                    return message_created(stream, seq, frame), seq, message_us
+            return message_created(stream, seq, None), 0, 0
 
         def read() -> list[tuple[Any, ...]]:
             rows = store._reader_conn().execute(sql, params).fetchall()
             if not with_payload:
                 return rows
-            return [(*r[:-5], payload(r[1], r[2], *r[-5:])) for r in rows]
+            return [(*r[:-5], *payload(r[1], r[2], *r[-5:])) for r in rows]
 
         return await asyncio.get_running_loop().run_in_executor(store._reader, read)
 
@@ -344,7 +368,7 @@ class WebhookSender:
         return [{"id": id_, "event_id": event_id, "type": type_, "channel": stream,
                  "attempts": attempts, "last_error": error, "created_us": created_us,
                  "payload": payload.decode()}
-                for id_, stream, event_id, type_, attempts, error, created_us, payload in rows]
+                for id_, stream, event_id, type_, attempts, error, created_us, payload, _, _ in rows]
 
     async def replay(self, name: str, ids: list[int] | None, limit: int) -> int:
         """Dead letters of ``name`` (``ids``, or the oldest ``limit``) sent again, after what is pending."""

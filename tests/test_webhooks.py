@@ -677,3 +677,36 @@ def test_the_docs_event_table_lists_every_event_type():
     api_md = (Path(__file__).resolve().parent.parent / "docs" / "API.md").read_text()
     table = api_md.split("| type | `data` | emitted when |", 1)[1].split("\n\n", 1)[0]
     assert set(re.findall(r"^\| `([a-z.]+)` \|", table, re.M)) == set(EVENT_TYPES)
+
+
+async def test_a_message_past_its_retention_is_never_sent_with_its_content(relay_factory, receivers, tmp_path):
+    """The sender read the message.created (with its content) while the receiver was failing;
+    retention then deleted the message: the retry that succeeds carries
+    {channel, seq, removed}, not the content retention was told to drop (API.md, Webhooks)."""
+    receiver = receivers()
+    receiver.answer = always(503)
+    await receiver.start()
+    relay = relay_factory("--webhooks", created_hooks(tmp_path, receiver), "--webhook-retry-max", "0.3",
+                          "--retention", "org.short=1s", "--retention-interval", "0.2")
+    alice = await relay.connect("alice", channels=("org.>",))
+    ack = await alice.publish("org.short", "card 4111 soon gone")
+    deadline = time.monotonic() + 20
+    while not receiver.requests:        # read from the outbox, with its content, and tried
+        assert time.monotonic() < deadline, "the event was never tried"
+        await asyncio.sleep(0.05)
+    assert b"soon gone" in receiver.requests[0][1]
+    conn = sqlite3.connect(relay.data_dir / DB_FILE)
+    try:
+        while conn.execute("SELECT COUNT(*) FROM messages WHERE channel = 'org.short'").fetchone() != (0,):
+            assert time.monotonic() < deadline, "retention did not delete the message"
+            await asyncio.sleep(0.1)
+    finally:
+        conn.close()
+    since = len(receiver.requests)
+    receiver.answer = None
+    while len(receiver.requests) == since:
+        assert time.monotonic() < deadline, "the event was not tried again"
+        await asyncio.sleep(0.05)
+    headers, body, _ = receiver.requests[-1]
+    assert verify(receiver.secret, headers, body)["data"] == {"channel": "org.short", "seq": ack.seq,
+                                                             "removed": True}
