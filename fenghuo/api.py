@@ -10,6 +10,7 @@ object, or raises :class:`ApiError` with the protocol's error code.
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,17 @@ class ApiError(Exception):
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
+
+
+def base_url(url: str) -> str:
+    """The API's address to which ``/api/METHOD`` is added: ``url`` without a trailing
+    ``/`` or ``/api`` (both mean the same API); ValueError for one that is not
+    ``http(s)://HOST[:PORT][/PREFIX]`` (a prefix is a reverse proxy's)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"the API's URL is http://HOST:PORT (as --api-host and --api-port say), not {url!r}")
+    path = parts.path.rstrip("/")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix("/api"), "", ""))
 
 
 def _answer(status: int, raw: bytes) -> dict[str, Any]:
@@ -178,7 +190,7 @@ class Api(_Methods[dict[str, Any]]):
     """Blocking client (urllib: nothing to install)."""
 
     def __init__(self, url: str, key: str, timeout: float = 15.0) -> None:
-        self.url, self.key, self.timeout = url.rstrip("/"), key, timeout
+        self.url, self.key, self.timeout = base_url(url), key, timeout
 
     def call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         request = urllib.request.Request(
@@ -195,7 +207,7 @@ class AsyncApi(_Methods[Awaitable[dict[str, Any]]]):
     """asyncio client (aiohttp); ``async with AsyncApi(url, key) as api:`` closes its session."""
 
     def __init__(self, url: str, key: str, timeout: float = 15.0) -> None:
-        self.url, self.key, self.timeout = url.rstrip("/"), key, timeout
+        self.url, self.key, self.timeout = base_url(url), key, timeout
         self._session: Any = None
 
     async def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -110,15 +110,25 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    import urllib.error
+
     from fenghuo.api import Api, ApiError
 
     try:
-        result = Api(args.url, args.key).call(args.method, orjson.loads(args.body))
+        api = Api(args.url, args.key)
+        result = api.call(args.method, orjson.loads(args.body))
     except orjson.JSONDecodeError:
         print("fenghuo: the body must be a JSON object", file=sys.stderr)
         return 2
+    except ValueError as exc:       # the URL
+        print(f"fenghuo: {exc}", file=sys.stderr)
+        return 2
     except ApiError as exc:
         print(f"fenghuo: {exc}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"fenghuo: the API at {api.url} cannot be reached: {reason}", file=sys.stderr)
         return 1
     print(orjson.dumps(result).decode())
     return 0
@@ -336,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
     api.add_argument("method")
     api.add_argument("body", nargs="?", default="{}")
     api.add_argument("--url", default=os.environ.get("FENGHUO_API_URL", "http://127.0.0.1:7800"),
-                     help="the API's address [FENGHUO_API_URL]")
+                     help="the API's address, http(s)://HOST:PORT (a trailing /api is taken off) [FENGHUO_API_URL]")
     api.add_argument("--key", default=os.environ.get("FENGHUO_API_KEY", ""),
                      help="an API key [FENGHUO_API_KEY]")
     api.set_defaults(func=cmd_api)

@@ -237,6 +237,26 @@ def test_the_cli_calls_the_api(api_relay):
     assert bad.returncode == 1 and "TOKEN_INVALID" in bad.stderr
 
 
+def test_the_cli_takes_the_api_url_with_or_without_api_and_refuses_one_it_cannot_use(api_relay):
+    """``--url`` is the address without ``/api`` (README); ``/api``, ``/api/`` or a trailing
+    ``/`` given as well reach the same API; an address that is not http(s)://HOST:PORT, or
+    one nothing listens at, is one line on stderr, not a traceback."""
+    def api(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fenghuo", "api", "--url", url,
+                               f"--key={api_relay.api_key}", "presence", '{"users": ["a"]}'],
+                              capture_output=True, text=True, timeout=60)
+
+    for url in (api_relay.api_url + "/", api_relay.api_url + "/api", api_relay.api_url + "/api/"):
+        done = api(url)
+        assert done.returncode == 0 and "users" in orjson.loads(done.stdout), (url, done.stderr)
+    bare = api_relay.api_url.removeprefix("http://")
+    for url, status in ((bare, 2), ("ftp://" + bare, 2), (api_relay.api_url + "/api?x=1", 2),
+                        ("http://127.0.0.1:1", 1)):
+        done = api(url)
+        assert done.returncode == status and done.stdout == "", (url, done)
+        assert done.stderr.startswith("fenghuo: ") and done.stderr.count("\n") == 1, (url, done.stderr)
+
+
 async def test_the_api_listens_on_api_host_not_on_host(relay_factory, tmp_path):
     """``--api-host`` is where the API listens, whatever ``--host`` the clients use."""
     from bench.targets import free_port, wait_listening
