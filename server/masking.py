@@ -34,6 +34,11 @@ class MaskRule:
     prefix: str                                # "" for every channel
     rules: MaskRules                           # the compiled rule and its counters
 
+    @property
+    def label(self) -> str:
+        """The rule as written, its ``prefix`` label on /metrics: ``*`` for every channel."""
+        return self.prefix or "*"
+
 
 def _detector(prefix: str, item: Any) -> tuple[int, tuple[str, re.Pattern[str]] | None]:
     """A built-in detector's bit, or a custom pattern ``(name, compiled)``."""
@@ -110,7 +115,7 @@ class Masking:
                                    "and detector.", labels=("prefix", "detector"))
         for rule in self.rules:
             for detector, count in rule.rules.counts().items():
-                hits.add_metric((rule.prefix, detector), count)
+                hits.add_metric((rule.label, detector), count)
         yield hits
         for name, attr, help_ in (
                 ("fenghuo_mask_masked_messages", "masked", "Messages changed by masking."),
@@ -119,5 +124,5 @@ class Masking:
                  "Messages on a masked channel passed through untouched: not text.")):
             family = CounterMetricFamily(name, f"{help_} By rule prefix.", labels=("prefix",))
             for r in self.rules:
-                family.add_metric((r.prefix,), getattr(r.rules, attr))
+                family.add_metric((r.label,), getattr(r.rules, attr))
             yield family

@@ -97,6 +97,19 @@ async def test_masked_before_delivery_history_and_the_store(relay_factory):
     assert 'fenghuo_mask_skipped_messages_total{prefix="dm:"} 1.0' in metrics
 
 
+async def test_the_rule_of_every_channel_is_labelled_star_on_metrics(relay_factory):
+    """``*`` is the rule's prefix as written (README, Masking): its counters say so, not ``""``."""
+    relay = relay_factory("--mask", orjson.dumps({"*": ["card"], "dm:": ["phone"]}).decode(), workers=1)
+    alice = await relay.connect("alice", channels=("org.>",))
+    await alice.publish("org.shop", f"card {CARD}")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}/metrics",
+                                     timeout=10).read().decode()
+    assert 'fenghuo_mask_hits_total{detector="card",prefix="*"} 1.0' in metrics
+    assert 'fenghuo_mask_masked_messages_total{prefix="*"} 1.0' in metrics
+    assert 'fenghuo_mask_scanned_messages_total{prefix="dm:"} 0.0' in metrics
+    assert 'prefix=""' not in metrics
+
+
 async def relay_released(client) -> None:
     """Everything sent before is on disk: under --fsync always a HISTORY answer waits for it."""
     await client.history("dm:alice:bob", limit=1)
@@ -176,3 +189,4 @@ async def test_a_hand_off_note_is_masked_in_its_event_and_the_store(relay_factor
     relay.stop()
     disk = b"".join(p.read_bytes() for p in relay.data_dir.glob("fenghuo.db*"))
     assert CARD.encode() not in disk
+
