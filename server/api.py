@@ -755,8 +755,9 @@ async def pending_scheduled(api: Api, after: int, limit: int,
         for t in timers:
             call = msgspec.json.decode(t.body, type=PublishCall)
             if sender is None or (call.sender or API_USER) == sender:
+                # to_builtins, not structs.asdict: a policy's steps are structs too.
                 out.append({"id": t.id, "send_at": t.due_us / 1e6,
-                            **{k: v for k, v in msgspec.structs.asdict(call).items()
+                            **{k: v for k, v in msgspec.to_builtins(call).items()
                                if v is not None}})
         if len(timers) < limit:
             break

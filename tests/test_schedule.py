@@ -55,6 +55,22 @@ async def test_fires_once_at_its_time_lists_and_cancels(api_relay):
     assert "fenghuo_timers_pending 0" in metrics
 
 
+async def test_a_scheduled_bill_with_a_delivery_policy_is_listed_with_it(api_relay):
+    """A scheduled message with ``escalate`` (API.md: publish with send_at and a delivery
+    policy) is listed with its steps, through the API and a client's SCHEDULE list."""
+    steps = [{"if_not": "delivered", "after_s": 60.0}, {"if_not": "read", "after_s": 86400.0}]
+    office = await api_relay.connect("office")
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        await api.group_create("flat-12", "office", members=["tenant1"])
+        bill = {"title": "March bill", "total": 120}
+        at = time.time() + 3600
+        sent = await api.publish("group:flat-12", bill, sender="office", send_at=at, escalate=steps)
+        listed = (await api.scheduled_list())["scheduled"]
+        assert [(s["id"], s["data"], s["escalate"]) for s in listed] == [(sent["scheduled"], bill, steps)]
+    own = await office.scheduled()
+    assert [(s["id"], s["escalate"]) for s in own] == [(sent["scheduled"], steps)]
+
+
 async def test_refused_when_scheduled_not_when_fired(api_relay):
     async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
         later = time.time() + 60
