@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import orjson
 
+from fenghuo.channels import group_channel
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, FrameType, encode_error
 from fenghuo.protocol import encode_json
 from fenghuo.server.access import refuse
@@ -67,7 +68,9 @@ class GroupOps:
                          "belongs to: GROUP ops leave, list, members, handoff and queue")
         match request:
             case GroupCreate(group=group_id, members=members, title=title):
-                group = groups.create(me, group_id, members or [], title or "")
+                # A title is user text too: masked as a note is, before anything keeps it.
+                group = groups.create(me, group_id, members or [],
+                                      self.masked_text(group_channel(group_id), title or ""))
                 ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
                 ch.info = group
                 for user in group.members:

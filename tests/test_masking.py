@@ -190,3 +190,24 @@ async def test_a_hand_off_note_is_masked_in_its_event_and_the_store(relay_factor
     disk = b"".join(p.read_bytes() for p in relay.data_dir.glob("fenghuo.db*"))
     assert CARD.encode() not in disk
 
+
+async def test_a_group_title_is_masked_wherever_it_is_shown_and_stored(relay_factory):
+    """A title is text a user writes (PROTOCOL §5.8): the GROUP result, the API's
+    channel_info and queue_list, and the store hold it masked."""
+    from fenghuo.api import AsyncApi
+
+    relay = relay_factory("--mask", orjson.dumps({"group:": ["card"]}).decode(), workers=1, api=True)
+    alice = await relay.connect("alice", reconnect=False)
+    created = await alice.create_group("desk", members=["bob"], title=f"card {CARD} lost")
+    masked = "card **** **** **** 1111 lost"
+    assert created["title"] == masked
+    async with AsyncApi(relay.api_url, relay.api_key) as api:
+        made = await api.group_create("desk2", "alice", title=f"card {CARD} lost")
+        assert made["title"] == masked
+        assert (await api.channel_info("group:desk"))["title"] == masked
+        await api.queue("desk2", by="alice")
+        assert [w["title"] for w in (await api.queue_list())["waiting"]] == [masked]
+    await alice.close()
+    relay.stop()
+    disk = b"".join(p.read_bytes() for p in relay.data_dir.glob("fenghuo.db*"))
+    assert CARD.encode() not in disk
