@@ -13,6 +13,7 @@ import asyncio
 import random
 import sqlite3
 
+from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
 from fenghuo.core import FrameReader, decode_message
 
@@ -67,28 +68,11 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
     # After the handlers: the group's "created" event may reach a member
     # before the creator's RESULT does.
     await senders[0].create_group("all", members=[c.user for c in senders + receivers])
-    running = True
+    loads = [WindowedPublisher(
+        client, lambda n, i=i: ("group:all" if n % 5 == 0 else f"dm:r{i}:s{i}", f"s{i}-{n}"),
+        WINDOW, acked) for i, client in enumerate(senders)]
 
-    async def send_forever(client: fenghuo.Client, i: int) -> int:
-        n = 0
-        pending: set[asyncio.Task] = set()
-        while running:
-            n += 1
-            channel = "group:all" if n % 5 == 0 else f"dm:r{i}:s{i}"
-            text = f"s{i}-{n}"
-
-            async def publish(channel: str = channel, text: str = text) -> None:
-                ack = await client.publish(channel, text)
-                acked[channel].append((ack.seq, text))
-            pending.add(asyncio.ensure_future(publish()))
-            if len(pending) >= WINDOW:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-        await asyncio.gather(*pending)
-        return n
-
-    tasks = [asyncio.ensure_future(send_forever(c, i)) for i, c in enumerate(senders)]
+    tasks = [asyncio.ensure_future(load.run()) for load in loads]
     rng = random.Random(7)
     for _ in range(KILLS):
         await asyncio.sleep(rng.uniform(0.15, 0.5))
@@ -99,7 +83,8 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
         relays.append(relay)
         for client in senders + receivers:
             client.port = relay.port
-    running = False
+    for load in loads:
+        load.stop()
     await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
     # Let receivers catch up, then stop cleanly and read the file.

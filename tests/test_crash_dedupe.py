@@ -22,6 +22,7 @@ import sqlite3
 import urllib.request
 
 import pytest
+from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
 from fenghuo.core import FrameReader, decode_message
 from fenghuo.server.routing import owner_of
@@ -61,27 +62,9 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
                   for i in range(PUBLISHERS)]
     for client in publishers:
         await client.connect()
-    acked: dict[str, int] = {}          # text -> seq its ack named
-    running = True
-
-    async def publish_forever(client: fenghuo.Client, i: int) -> None:
-        n = 0
-        pending: set[asyncio.Task] = set()
-
-        async def one(text: str) -> None:
-            ack = await client.publish(CHANNEL, text)
-            acked[text] = ack.seq
-
-        while running:
-            n += 1
-            pending.add(asyncio.ensure_future(one(f"p{i}-{n}")))
-            if len(pending) >= IN_FLIGHT:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-        await asyncio.gather(*pending)
-
-    tasks = [asyncio.ensure_future(publish_forever(c, i)) for i, c in enumerate(publishers)]
+    loads = [WindowedPublisher(client, lambda n, i=i: (CHANNEL, f"p{i}-{n}"), IN_FLIGHT)
+             for i, client in enumerate(publishers)]
+    tasks = [asyncio.ensure_future(load.run()) for load in loads]
     rng = random.Random(10)
     try:
         for _ in range(KILLS):
@@ -95,10 +78,12 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
                 secret=relay.secret))
             for client in publishers:
                 client.port = relays[-1].port
-        running = False
+        for load in loads:
+            load.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
     finally:
-        running = False
+        for load in loads:
+            load.stop()
         for client in publishers:
             await client.close()
         assert relays[-1].stop() == 0
@@ -112,7 +97,8 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
     assert twice == 0, f"{twice} idempotency keys stored twice in {len(rows)} messages"
     assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1))
     by_seq = {seq: text for seq, _, text in rows}
-    missing = [(text, seq) for text, seq in acked.items() if by_seq.get(seq) != text]
+    acked = [(text, seq) for load in loads for seq, text in load.acked.get(CHANNEL, [])]
+    missing = [(text, seq) for text, seq in acked if by_seq.get(seq) != text]
     assert not missing, f"{len(missing)} acked messages not at their seq, e.g. {missing[:3]}"
 
 

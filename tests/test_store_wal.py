@@ -17,6 +17,7 @@ import sqlite3
 import urllib.request
 from pathlib import Path
 
+from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
 from fenghuo.core import FrameReader, decode_message
 
@@ -54,31 +55,27 @@ class Load:
     def __init__(self, relay: RelayProcess) -> None:
         self.relay = relay
         self.acked: dict[str, list[tuple[int, str]]] = {}
-        self.running = True
-        self.clients: list[fenghuo.Client] = []
+        self.publishers: list[WindowedPublisher] = []
+        self.stopped = False
 
     async def run(self) -> None:
         for i in range(SENDERS):
-            self.clients.append(await fenghuo.Client(self.relay.server, token=self.relay.token(f"s{i}"),
-                                                     max_backoff=0.2).connect())
-        await asyncio.gather(*(self._send(c, i) for i, c in enumerate(self.clients)))
+            client = await fenghuo.Client(self.relay.server, token=self.relay.token(f"s{i}"),
+                                          max_backoff=0.2).connect()
+            self.publishers.append(WindowedPublisher(
+                client, lambda n, i=i: (f"dm:r{n % CHANNELS:03d}:s{i}", f"s{i}-{n}"), WINDOW, self.acked))
+            if self.stopped:        # stopped while this one connected
+                self.publishers[-1].stop()
+        await asyncio.gather(*(p.run() for p in self.publishers))
 
-    async def _send(self, client: fenghuo.Client, i: int) -> None:
-        n = 0
-        pending: set[asyncio.Future[None]] = set()
-        while self.running:
-            n += 1
-            channel, text = f"dm:r{n % CHANNELS:03d}:s{i}", f"s{i}-{n}"
+    @property
+    def clients(self) -> list[fenghuo.Client]:
+        return [p.client for p in self.publishers]
 
-            async def publish(channel: str = channel, text: str = text) -> None:
-                ack = await client.publish(channel, text)
-                self.acked.setdefault(channel, []).append((ack.seq, text))
-            pending.add(asyncio.ensure_future(publish()))
-            if len(pending) >= WINDOW:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-        await asyncio.gather(*pending)
+    def stop(self) -> None:
+        self.stopped = True
+        for p in self.publishers:
+            p.stop()
 
     def count(self) -> int:
         return sum(len(v) for v in self.acked.values())
@@ -112,7 +109,7 @@ async def test_the_wal_stays_bounded_under_sustained_load(tmp_path):
             largest = max(largest, wal.stat().st_size)
         if metric(relay, "fenghuo_store_wal_restarts_total") >= 30:
             break
-    load.running = False
+    load.stop()
     await asyncio.wait_for(task, 30)
     restarts = metric(relay, "fenghuo_store_wal_restarts_total")
     passes = metric(relay, "fenghuo_store_checkpoints_total")
@@ -144,7 +141,7 @@ async def test_acked_messages_survive_kill_9_while_checkpoints_run(tmp_path):
         for client in load.clients:
             client.port = relay.port
     await asyncio.sleep(0.5)
-    load.running = False
+    load.stop()
     await asyncio.wait_for(task, 60)
     await load.close()
     assert relays[-1].stop() == 0
