@@ -141,6 +141,20 @@ async def test_roles_read_state_and_channel_info(api_relay):
         assert (await api.channel_info(NEWS))["head"] == org["seq"]
 
 
+async def test_unread_and_mark_read_leave_org_channels_to_message_status(api_relay):
+    """API.md unread/mark_read: a store's org channels come from its token's grants, which
+    the API's session as the store does not hold; message_status with users reports them."""
+    store = await api_relay.connect("store-1", read=(NEWS,), reconnect=False)
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        sent = [await api.publish(NEWS, f"offer {i}") for i in range(2)]
+        assert (await store.next_message(timeout=10)).seq == sent[0]["seq"]
+        await store.mark_read(NEWS, sent[0]["seq"], confirm=True)
+        assert NEWS not in (await api.unread("store-1"))["unread"]
+        await refused(api.mark_read("store-1", NEWS, sent[1]["seq"]), 403, ErrorCode.FORBIDDEN)
+        status = await api.message_status(NEWS, sent[0]["seq"], users=["store-1"])
+        assert [(u["user"], u["status"]) for u in status["users"]] == [("store-1", "read")]
+
+
 async def test_disconnect_closes_every_connection_of_the_user(api_relay):
     phones = [await api_relay.connect("bob", device=f"phone{i}", reconnect=False) for i in range(3)]
     other = await api_relay.connect("carol", reconnect=False)
