@@ -470,7 +470,12 @@ class Api:
         await self.timers.start()
         if not port:
             return None
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # lingering_time=0: a body not read to its end (over --api-max-body, or a call
+        # refused before its body, 401/404) is not drained after the answer but the
+        # connection closed; aiohttp's default read and dropped it for 10 s, 6.2 GB from
+        # a fast loopback client (tests/test_api.py, oversized body).
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                    lingering_time=0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()

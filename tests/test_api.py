@@ -155,6 +155,47 @@ async def test_unread_and_mark_read_leave_org_channels_to_message_status(api_rel
         assert [(u["user"], u["status"]) for u in status["users"]] == [("store-1", "read")]
 
 
+def _send_endless_chunked_body(host: str, port: int, key: str, seconds: float = 6.0) -> tuple[bytes, int]:
+    """POST a chunked body that never ends, as fast as the relay takes it; (the answer's
+    first bytes, bytes sent) once the relay closes the connection or ``seconds`` passed."""
+    import socket
+
+    piece = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+    answer, sent = b"", 0
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(f"POST /api/publish HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(piece)
+            except TimeoutError:
+                pass
+            except OSError:         # reset: the relay stopped reading
+                break
+            if not answer:
+                try:
+                    answer = sock.recv(200)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    break
+    return answer, sent
+
+
+async def test_an_oversized_or_refused_body_is_not_read_past_the_limit(relay_factory):
+    """API.md Limits: a body over --api-max-body is answered 413 and the connection is
+    closed: the relay does not go on reading (and dropping) the rest, as aiohttp's
+    lingering close did for 10 s, gigabytes from a fast client; nor a refused call's body."""
+    relay = relay_factory("--api-max-body", "10000", api=True, workers=1)
+    for key, status in ((relay.api_key, b" 413 "), ("wrong", b" 401 ")):
+        answer, sent = await asyncio.to_thread(_send_endless_chunked_body, relay.host, relay.api_port, key)
+        assert status in answer.split(b"\r\n", 1)[0], answer
+        # What the kernel's buffers hold on both sides, not what 6 s of reading would take.
+        assert sent < 64 << 20, sent
+
+
 async def test_disconnect_closes_every_connection_of_the_user(api_relay):
     phones = [await api_relay.connect("bob", device=f"phone{i}", reconnect=False) for i in range(3)]
     other = await api_relay.connect("carol", reconnect=False)
