@@ -2,14 +2,14 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef enum:
-    # Ring positions fit a table slot's 32 bits, and the table's slots (four
-    # per entry, DEDUPE_TABLE_PER_ENTRY) the 32 bits of a hash tag.
+    # Ring positions and table places (bucket << 3 | slot) fit 32 bits.
     DEDUPE_MAX_KEYS = 1 << 30
-    # Table slots per ring entry: at most a quarter of the slots are taken,
-    # so a new key's lookup nearly always ends at its home slot and an
-    # eviction's backward shift at the next (`bench keys` one worker: at
-    # half full, probing and shifting were most of a key's cost).
-    DEDUPE_TABLE_PER_ENTRY = 4
+    # Ring entries per table bucket (a bucket has DEDUPE_BUCKET_SLOTS
+    # slots): a full window has two keys a bucket on average, so a key's
+    # bucket overflows about once in 900 (Poisson, mean 2, above 7), and a
+    # key is found, filed and evicted in the one cache line of its bucket.
+    DEDUPE_ENTRIES_PER_BUCKET = 2
+    DEDUPE_BUCKET_SLOTS = 7
     # Senders (user ids are 1-64 bytes) up to this long have their hash
     # state kept by the window (DedupeWindow._sender).
     DEDUPE_SENDER_MAX = 64
@@ -22,7 +22,7 @@ cdef struct DedupeEntry:
     uint64_t seq
     uint64_t ts_us
     uint64_t key_at                  # offset of its key in the arena
-    uint32_t tag                     # its hash folded to 32 bits (hash_tag): its home slot
+    uint32_t at                      # its table slot: bucket << 3 | slot in the bucket
     uint32_t key_len
 
 
@@ -35,12 +35,21 @@ cdef struct SipState:
 
 
 cdef struct DedupeSlot:
-    # 8 bytes: the table of the default window (65,536 keys, 262,144 slots)
-    # is 2 MiB, on a huge page; a keyed publish makes two random accesses to
-    # it (its lookup, the oldest key's eviction), both prefetched.
-    uint32_t pos                     # 1 + the entry's index in the ring; 0: empty
-    uint32_t tag                     # its key's hash folded to 32 bits: the home slot and a
-                                     # first comparison, so probing stays in the table
+    uint32_t pos                     # the entry's index in the ring
+    uint32_t tag                     # its key's hash folded to 32 bits (hash_tag): the home
+                                     # bucket and a first comparison
+
+
+cdef struct DedupeBucket:
+    # 64 bytes, one cache line: the table of the default window (65,536
+    # keys, 32,768 buckets) is 2 MiB, on a huge page.  A key stays in the
+    # slot it was filed in until it leaves (no backward shift: its ring
+    # entry names its slot), and a key's bucket is the only line a keyed
+    # publish touches in the table, besides the oldest key's (prefetched).
+    uint32_t used                    # bit k: slots[k] holds a key
+    uint32_t overflow                # keys filed past this bucket whose home is this one or
+                                     # one before it (a lookup goes on past it while nonzero)
+    DedupeSlot slots[7]              # DEDUPE_BUCKET_SLOTS
 
 
 cdef enum:
@@ -72,10 +81,12 @@ cdef class DedupeWindow:
     # One channel's idempotency window: the keys accepted in the last
     # ``span_us`` microseconds of message time, at most ``max_keys`` of them.
     # Insertion order is a ring (the oldest leaves first, in O(1)); lookups go
-    # through an open-addressing table of ring positions.
+    # through a bucketed hash table of ring positions (F14's overflow counts
+    # instead of tombstones or shifting).
     cdef DedupeEntry* _ring
     cdef void* _ring_mapping          # the ring's, table's and arena's huge-page mappings
     cdef size_t _ring_mapped          # (NULL: from the heap) and their lengths
+    cdef void* _table_block           # the table's allocation (aligned to a line inside it)
     cdef void* _table_mapping
     cdef size_t _table_mapped
     cdef void* _keys_mapping
@@ -83,8 +94,8 @@ cdef class DedupeWindow:
     cdef Py_ssize_t _ring_cap         # a power of two, grown by doubling
     cdef uint64_t _head               # number of the oldest entry held
     cdef uint64_t _tail               # number the next entry gets
-    cdef DedupeSlot* _table
-    cdef Py_ssize_t _table_mask
+    cdef DedupeBucket* _table
+    cdef Py_ssize_t _table_mask       # buckets - 1
     # The keys (sender NUL key) of the entries, in ring order, each in one
     # piece: a circular arena that grows by doubling.  A lookup composes its
     # key at _keys_tail (the place it is filed at if accepted).
@@ -99,9 +110,11 @@ cdef class DedupeWindow:
     cdef uint32_t _pending_tag
     # The last sender hashed and the hash state after its blocks: a key is
     # hashed over its own bytes only (``key_hash``).
+    cdef SipState _keyed              # SipHash's state after its key (the process's)
     cdef char _sender[DEDUPE_SENDER_MAX]
     cdef Py_ssize_t _sender_len       # -1: none yet
     cdef SipState _sender_state
+    cdef bytes _sender_obj            # the bytes object of that sender, if given as one
     cdef readonly Py_ssize_t max_keys
     cdef readonly uint64_t span_us
     # Newest message time of a key pushed out by ``max_keys`` before its
@@ -116,6 +129,7 @@ cdef class DedupeWindow:
 
     cdef uint64_t key_hash(self, const char* sender, Py_ssize_t sender_len, const char* key,
                            Py_ssize_t key_len) noexcept
+    cdef uint64_t sender_key_hash(self, bytes sender, const char* key, Py_ssize_t key_len) noexcept
     cdef int lookup(self, const char* sender, Py_ssize_t sender_len, const char* key,
                     Py_ssize_t key_len, bint hashed, uint64_t h, uint64_t now_us,
                     uint64_t* seq, uint64_t* ts_us) except -1
@@ -137,4 +151,6 @@ cdef class DedupeWindow:
     cdef int _new_generation(self, uint64_t seq, uint64_t evicted_ts_us, uint64_t now_us) except -1
     cdef int _grow_generation(self, GivenUp* g) except -1
     cdef void _free_generation(self, int g) noexcept
+    cdef uint32_t _place(self, DedupeBucket* table, Py_ssize_t mask, uint32_t tag,
+                         uint32_t pos) noexcept
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, uint32_t tag) noexcept

@@ -23,13 +23,17 @@ import os as _os
 cdef extern from *:
     # GCC and Clang: ask for a cache line now, use it later.
     void __builtin_prefetch(const void* p) noexcept nogil
+    int __builtin_ctz(unsigned int x) noexcept nogil
 
 cdef enum:
     DEDUPE_INITIAL_ENTRIES = 16
     DEDUPE_INITIAL_KEY_BYTES = 1024
-    # How many keys before it leaves _insert fetches a key's table slot
+    # How many keys before it leaves _insert fetches a key's table bucket
     # (and twice as many its ring entry).
     DEDUPE_RING_AHEAD = 8
+    # A table bucket's slots all taken (DEDUPE_BUCKET_SLOTS of them).
+    BUCKET_FULL = (1 << 7) - 1
+    CACHE_LINE = 64
     # A generation of given-up keys starts sized for the keys its channel
     # gives up in one span at the rate measured so far (at least the first,
     # at most the second bound), and doubles when three quarters full: a
@@ -198,9 +202,15 @@ def dedupe_hash_with(bytes secret not None, bytes sender not None, bytes key not
 cdef class DedupeWindow:
     """Keys of the last ``span_us`` µs of one channel, at most ``max_keys``: key -> (seq, ts_us)."""
 
-    def __cinit__(self, Py_ssize_t max_keys, uint64_t span_us):
+    def __cinit__(self, Py_ssize_t max_keys, uint64_t span_us, bytes secret=None):
+        # ``secret``: a 16-byte SipHash key instead of the process's, so that
+        # a test can choose keys by their hash (dedupe_hash_with).
         if not 1 <= max_keys <= DEDUPE_MAX_KEYS:
             raise ValueError(f"a dedupe window holds 1 to {DEDUPE_MAX_KEYS} keys")
+        if secret is None:
+            self._keyed = _sip_keyed
+        else:
+            _sip_seed(&self._keyed, secret)
         self.max_keys = max_keys
         self.span_us = span_us
         self._ring = NULL
@@ -210,7 +220,7 @@ cdef class DedupeWindow:
 
     def __dealloc__(self):
         free_block(self._ring, self._ring_mapping, self._ring_mapped)
-        free_block(self._table, self._table_mapping, self._table_mapped)
+        free_block(self._table_block, self._table_mapping, self._table_mapped)
         free_block(self._keys, self._keys_mapping, self._keys_mapped)
         for i in range(self._ngens):
             self._free_generation(i)
@@ -247,7 +257,7 @@ cdef class DedupeWindow:
         cdef DedupeEntry* e
         if slot < 0:
             return None
-        e = &self._ring[self._table[slot].pos - 1]
+        e = &self._ring[self._table[slot >> 3].slots[slot & 7].pos]
         return e.seq, e.ts_us
 
     cdef uint64_t key_hash(self, const char* sender, Py_ssize_t sender_len, const char* key,
@@ -257,12 +267,27 @@ cdef class DedupeWindow:
         cdef SipState s
         if sender_len != self._sender_len or memcmp(sender, self._sender, sender_len) != 0:
             if sender_len > DEDUPE_SENDER_MAX:
-                _sip_sender(&s, &_sip_keyed, sender, sender_len)
+                _sip_sender(&s, &self._keyed, sender, sender_len)
                 return _sip_key(s, sender_len, key, key_len)
-            _sip_sender(&self._sender_state, &_sip_keyed, sender, sender_len)
+            _sip_sender(&self._sender_state, &self._keyed, sender, sender_len)
             memcpy(self._sender, sender, sender_len)
             self._sender_len = sender_len
+            self._sender_obj = None
         return _sip_key(self._sender_state, sender_len, key, key_len)
+
+    cdef uint64_t sender_key_hash(self, bytes sender, const char* key, Py_ssize_t key_len) noexcept:
+        """``key_hash`` of a sender given as its bytes object (a connection's
+        ``user_key``): the object hashed last is the same sender (bytes do
+        not change, and the window holds it), so its bytes are not compared
+        again (perf, `bench keys` one worker: that memcmp was 4.6 ns of a
+        key's 53)."""
+        cdef uint64_t h
+        if sender is self._sender_obj and sender is not None:
+            return _sip_key(self._sender_state, self._sender_len, key, key_len)
+        h = self.key_hash(PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender), key, key_len)
+        if PyBytes_GET_SIZE(sender) <= DEDUPE_SENDER_MAX:
+            self._sender_obj = sender   # key_hash made the state this sender's
+        return h
 
     cdef uint64_t _composite_hash(self, const char* key, Py_ssize_t key_len) noexcept:
         # key_hash of a key given whole (sender NUL key), as the store keeps it.
@@ -288,13 +313,13 @@ cdef class DedupeWindow:
         slot = self._slot_of(self._keys + self._pending_at, self._pending_len, self._pending_tag)
         if slot < 0:
             return 0
-        e = &self._ring[self._table[slot].pos - 1]
+        e = &self._ring[self._table[slot >> 3].slots[slot & 7].pos]
         seq[0] = e.seq
         ts_us[0] = e.ts_us
         return 1
 
     cdef void prefetch(self, uint64_t h) noexcept:
-        """Start loading the table slot a ``lookup`` of the key of ``key_hash``
+        """Start loading the table bucket a ``lookup`` of the key of ``key_hash``
         ``h`` will read first.
 
         The connection calls it for the next keyed PUBLISH in its read buffer
@@ -419,7 +444,7 @@ cdef class DedupeWindow:
     cdef int _insert(self, uint64_t seq, uint64_t ts_us) except -1:
         # Files the pending key where _stage composed it.
         cdef DedupeEntry* e
-        cdef Py_ssize_t i
+        cdef DedupeSlot* oldest
         cdef uint32_t tag = self._pending_tag
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             e = &self._ring[self._head & (self._ring_cap - 1)]
@@ -427,7 +452,8 @@ cdef class DedupeWindow:
                 if e.ts_us > self.evicted_early_us:
                     self.evicted_early_us = e.ts_us
                 if self.keep_given_up:
-                    self._give_up(e.tag, e.seq, e.ts_us, ts_us)
+                    oldest = &self._table[e.at >> 3].slots[e.at & 7]
+                    self._give_up(oldest.tag, e.seq, e.ts_us, ts_us)
             self._evict_oldest()
         if <Py_ssize_t>(self._tail - self._head) == self._ring_cap:
             self._grow()
@@ -436,102 +462,121 @@ cdef class DedupeWindow:
         e.ts_us = ts_us
         e.key_at = self._pending_at
         e.key_len = <uint32_t>self._pending_len
-        e.tag = tag
+        e.at = self._place(self._table, self._table_mask, tag,
+                           <uint32_t>(self._tail & (self._ring_cap - 1)))
         self._keys_tail = self._pending_at + self._pending_len
         self._pending = False
-        i = tag & self._table_mask
-        while self._table[i].pos:
-            i = (i + 1) & self._table_mask
-        self._table[i].pos = <uint32_t>(self._tail & (self._ring_cap - 1)) + 1
-        self._table[i].tag = tag
         self._tail += 1
-        # The keys to leave next are known: fetch their slots ahead, not when
-        # a publish needs them.
+        # The keys to leave next are known: fetch their buckets ahead, not
+        # when a publish needs them.
         if <Py_ssize_t>(self._tail - self._head) >= self.max_keys:
             # The key DEDUPE_RING_AHEAD from the oldest leaves that many
-            # keys from now: its table slot is fetched now, from its entry
+            # keys from now: its bucket is fetched now, from its entry
             # fetched as many keys before (perf, `bench keys` one worker,
-            # window 65,536: reading the oldest entry's hash to fetch its slot
+            # window 65,536: reading the oldest entry to fetch its slot
             # stalled on the entry, when the ring was 6.5 MiB).
             __builtin_prefetch(&self._table[
-                self._ring[(self._head + DEDUPE_RING_AHEAD) & (self._ring_cap - 1)].tag
-                & self._table_mask])
+                self._ring[(self._head + DEDUPE_RING_AHEAD) & (self._ring_cap - 1)].at >> 3])
             __builtin_prefetch(&self._ring[(self._head + 2 * DEDUPE_RING_AHEAD) & (self._ring_cap - 1)])
         return 0
+
+    cdef uint32_t _place(self, DedupeBucket* table, Py_ssize_t mask, uint32_t tag,
+                         uint32_t pos) noexcept:
+        # Files ring index ``pos`` under ``tag`` in the first free slot from
+        # its home bucket on; each full bucket passed counts it as overflow.
+        # Returns its place (bucket << 3 | slot).
+        cdef Py_ssize_t b = tag & mask
+        cdef uint32_t free = ~table[b].used & BUCKET_FULL
+        cdef int k
+        while not free:
+            table[b].overflow += 1
+            b = (b + 1) & mask
+            free = ~table[b].used & BUCKET_FULL
+        k = __builtin_ctz(free)
+        table[b].used |= 1U << k
+        table[b].slots[k].pos = pos
+        table[b].slots[k].tag = tag
+        return <uint32_t>(b << 3) | <uint32_t>k
 
     cdef int _grow(self) except -1:
         # Entries move to their place in the larger ring; the table is rebuilt.
         cdef Py_ssize_t cap = self._ring_cap * 2 if self._ring_cap else DEDUPE_INITIAL_ENTRIES
         cdef void* ring_mapping
         cdef void* table_mapping
+        cdef void* table_block
         cdef size_t ring_mapped, table_mapped
         cdef DedupeEntry* ring = <DedupeEntry*>alloc_block(cap * sizeof(DedupeEntry),
                                                            &ring_mapping, &ring_mapped)
-        cdef DedupeSlot* table
+        cdef DedupeBucket* table
+        cdef DedupeEntry* e
         cdef uint64_t n
-        cdef Py_ssize_t i, mask = DEDUPE_TABLE_PER_ENTRY * cap - 1
+        cdef uint32_t tag
+        cdef Py_ssize_t mask = cap // DEDUPE_ENTRIES_PER_BUCKET - 1
         try:
-            # Zeroed: every slot empty.
-            table = <DedupeSlot*>alloc_block(DEDUPE_TABLE_PER_ENTRY * cap * sizeof(DedupeSlot),
-                                             &table_mapping, &table_mapped)
+            # Zeroed: every bucket empty; one line more, to start on a line.
+            table_block = alloc_block((mask + 1) * sizeof(DedupeBucket) + CACHE_LINE,
+                                      &table_mapping, &table_mapped)
         except MemoryError:
             free_block(ring, ring_mapping, ring_mapped)
             raise
+        table = <DedupeBucket*>((<uintptr_t>table_block + CACHE_LINE - 1)
+                                & ~(<uintptr_t>CACHE_LINE - 1))
         n = self._head
         while n != self._tail:
-            ring[n & (cap - 1)] = self._ring[n & (self._ring_cap - 1)]
-            i = ring[n & (cap - 1)].tag & mask
-            while table[i].pos:
-                i = (i + 1) & mask
-            table[i].pos = <uint32_t>(n & (cap - 1)) + 1
-            table[i].tag = ring[n & (cap - 1)].tag
+            e = &self._ring[n & (self._ring_cap - 1)]
+            tag = self._table[e.at >> 3].slots[e.at & 7].tag
+            ring[n & (cap - 1)] = e[0]
+            ring[n & (cap - 1)].at = self._place(table, mask, tag, <uint32_t>(n & (cap - 1)))
             n += 1
         free_block(self._ring, self._ring_mapping, self._ring_mapped)
-        free_block(self._table, self._table_mapping, self._table_mapped)
+        free_block(self._table_block, self._table_mapping, self._table_mapped)
         self._ring, self._ring_mapping, self._ring_mapped = ring, ring_mapping, ring_mapped
         self._ring_cap = cap
-        self._table, self._table_mapping, self._table_mapped = table, table_mapping, table_mapped
+        self._table_block, self._table_mapping, self._table_mapped = table_block, table_mapping, table_mapped
+        self._table = table
         self._table_mask = mask
         return 0
 
     cdef Py_ssize_t _slot_of(self, const char* key, Py_ssize_t key_len, uint32_t tag) noexcept:
-        cdef Py_ssize_t i
-        cdef DedupeSlot* slot
+        # The place (bucket << 3 | slot) of the key, -1 if not held.  The
+        # tags of a bucket are compared all at once (no branch per slot: a
+        # new key's usually matches none), then the keys of those that match.
+        cdef Py_ssize_t b
+        cdef DedupeBucket* bucket
         cdef DedupeEntry* e
+        cdef uint32_t match
+        cdef int k
         if self._table == NULL:
             return -1
-        i = tag & self._table_mask
+        b = tag & self._table_mask
         while True:
-            slot = &self._table[i]
-            if not slot.pos:
-                return -1
-            if slot.tag == tag:
-                e = &self._ring[slot.pos - 1]
+            bucket = &self._table[b]
+            match = 0
+            for k in range(DEDUPE_BUCKET_SLOTS):
+                match |= <uint32_t>(bucket.slots[k].tag == tag) << k
+            match &= bucket.used
+            while match:
+                k = __builtin_ctz(match)
+                e = &self._ring[bucket.slots[k].pos]
                 if e.key_len == key_len and memcmp(self._keys + e.key_at, key, key_len) == 0:
-                    return i
-            i = (i + 1) & self._table_mask
+                    return (b << 3) | k
+                match &= match - 1
+            if not bucket.overflow:
+                return -1
+            b = (b + 1) & self._table_mask
 
     cdef void _evict_oldest(self) noexcept:
-        # Backward-shift deletion keeps linear probing free of tombstones.
-        # The key's bytes stay in the arena until newer keys overwrite them.
-        cdef uint32_t pos = <uint32_t>(self._head & (self._ring_cap - 1)) + 1
-        cdef Py_ssize_t mask = self._table_mask
-        cdef Py_ssize_t i = self._ring[pos - 1].tag & mask
-        cdef Py_ssize_t j, home
-        while self._table[i].pos != pos:
-            i = (i + 1) & mask
-        j = i
-        while True:
-            j = (j + 1) & mask
-            if not self._table[j].pos:
-                break
-            home = self._table[j].tag & mask
-            # The entry at j may fill the hole at i unless its home lies in (i, j].
-            if (i <= j and i < home <= j) or (i > j and (home > i or home <= j)):
-                continue
-            self._table[i] = self._table[j]
-            i = j
-        self._table[i].pos = 0
+        # The oldest key's slot is freed where its entry says it is; the
+        # buckets its filing passed over (none, nearly always) count one
+        # overflow less.  The key's bytes stay in the arena until newer keys
+        # overwrite them.
+        cdef uint32_t at = self._ring[self._head & (self._ring_cap - 1)].at
+        cdef Py_ssize_t b = at >> 3
+        cdef Py_ssize_t home = self._table[b].slots[at & 7].tag & self._table_mask
+        self._table[b].used &= ~(1U << (at & 7))
+        while home != b:
+            self._table[home].overflow -= 1
+            home = (home + 1) & self._table_mask
         self._head += 1
 
     cdef void _expire(self, uint64_t now_us) noexcept:

@@ -135,10 +135,6 @@ cdef class Connection:
     cdef list _outq
     cdef Py_ssize_t _out_bytes
     cdef Channel _last_channel
-    # The dedupe hash of the key of the frame being dispatched, computed when
-    # the frame before it was (_prefetch_key): _publish hands it to the window.
-    cdef uint64_t _key_hash
-    cdef bint _key_hashed
     cdef double _tokens
     cdef double _refilled_at
     cdef public double last_rx
@@ -167,9 +163,10 @@ cdef class Connection:
     cdef int _enqueue_released(self, bytes frame) except -1
     cdef int flush(self) except -1
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
-    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, uint64_t* h) noexcept
-    cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1
-    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1
+    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, PublishView* v) noexcept
+    cdef int _dispatch(self, const char* frame, Py_ssize_t span, PublishView* view) except -1
+    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n,
+                      PublishView* view) except -1
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1
     cdef void _drop_partial(self) noexcept
     cdef int _slow_consumer(self) except -1

@@ -714,8 +714,10 @@ cdef class Connection:
         """Dispatch every complete frame in ``data``; keep the partial tail."""
         cdef Py_ssize_t pos = 0, span
         cdef int err = 0
-        cdef bint hashed = False, next_hashed
-        cdef uint64_t h = 0, next_h = 0
+        # The views of the frame being dispatched and of the next one, by turns.
+        cdef PublishView views[2]
+        cdef int cur = 0
+        cdef bint viewed = False, next_viewed
         while not self.closing and not self._reading_stopped:
             span = frame_span(data + pos, avail - pos, self.hub.max_frame, &err)
             if span == 0:
@@ -730,12 +732,12 @@ cdef class Connection:
                 self.close_with_error(ErrorCode.RATE_LIMITED,
                                       "frame rate above the connection's limit")
                 return 0
-            next_hashed = pos + span < avail and self._prefetch_key(data + pos + span,
-                                                                   avail - pos - span, &next_h)
-            # Set before every frame, read first thing by _publish: never stale.
-            self._key_hashed, self._key_hash = hashed, h
-            self._dispatch(data + pos, span)
-            hashed, h = next_hashed, next_h
+            next_viewed = pos + span < avail and self._prefetch_key(data + pos + span,
+                                                                    avail - pos - span,
+                                                                    &views[1 - cur])
+            self._dispatch(data + pos, span, &views[cur] if viewed else NULL)
+            viewed = next_viewed
+            cur = 1 - cur
             pos += span
         if CORE_DEBUG:
             assert pos <= avail, "consumed past the data"
@@ -743,16 +745,17 @@ cdef class Connection:
             self._keep_partial(data + pos, avail - pos)
         return 0
 
-    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, uint64_t* h) noexcept:
-        # The frame after the one about to be handled: if it is complete and a
-        # keyed PUBLISH, its key is hashed (into ``h``, returning 1: its
-        # lookup takes that hash) and its slot in the window of the channel
-        # this connection published to last fetched now (DedupeWindow.prefetch).
+    cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, PublishView* v) noexcept:
+        # The frame after the one about to be handled: if it is a complete,
+        # uncompressed PUBLISH, its body is parsed into ``v`` (returning 1:
+        # _publish takes that view instead of parsing the frame again) and,
+        # if it is keyed, its key hashed (``v.key_hash``: its lookup takes
+        # that hash) and its bucket in the window of the channel this
+        # connection published to last fetched now (DedupeWindow.prefetch).
         # A key's hash is the same in every channel's window, so the frame's
         # channel is not compared: the prefetch only helps when it is that one.
         cdef Channel ch = self._last_channel
         cdef FrameHeader fh
-        cdef PublishView v
         cdef Py_ssize_t span
         cdef int err = 0
         if ch is None or not self.authenticated:
@@ -763,11 +766,12 @@ cdef class Connection:
         read_header(p, &fh)
         if fh.type != FrameType.PUBLISH or fh.flags & FrameFlag.COMPRESSED:
             return 0
-        if view_publish(p + HEADER_SIZE, span - HEADER_SIZE, &v) < 0 or v.key_len == 0:
+        if view_publish(p + HEADER_SIZE, span - HEADER_SIZE, v) < 0:
             return 0
-        h[0] = ch.dedupe.key_hash(PyBytes_AS_STRING(self.user_key), PyBytes_GET_SIZE(self.user_key),
-                                  v.key, v.key_len)
-        ch.dedupe.prefetch(h[0])
+        if v.key_len:
+            v.key_hash = ch.dedupe.sender_key_hash(self.user_key, v.key, v.key_len)
+            v.key_hashed = True
+            ch.dedupe.prefetch(v.key_hash)
         return 1
 
     cdef int _keep_partial(self, const char* data, Py_ssize_t n) except -1:
@@ -795,7 +799,8 @@ cdef class Connection:
         self._partial_cap = 0
         self._large = False
 
-    cdef int _dispatch(self, const char* frame, Py_ssize_t span) except -1:
+    cdef int _dispatch(self, const char* frame, Py_ssize_t span, PublishView* view) except -1:
+        # ``view``: the frame's PUBLISH body parsed already (_prefetch_key), or NULL.
         cdef FrameHeader h
         cdef const char* body = frame + HEADER_SIZE
         cdef Py_ssize_t n = span - HEADER_SIZE
@@ -810,7 +815,7 @@ cdef class Connection:
                 body = PyBytes_AS_STRING(inflated)
                 n = PyBytes_GET_SIZE(inflated)
             if h.type == FrameType.PUBLISH and self.authenticated:
-                self._publish(h.request_id, body, n)
+                self._publish(h.request_id, body, n, view)
             elif h.type == FrameType.PING:
                 self.reply(encode_frame(FrameType.PONG,
                                           PyBytes_FromStringAndSize(body, min(n, <Py_ssize_t>PING_ECHO_LIMIT)),
@@ -837,12 +842,15 @@ cdef class Connection:
             self.send_error(ErrorCode.INTERNAL, "internal error", h.request_id)
         return 0
 
-    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n) except -1:
-        cdef PublishView v
+    cdef int _publish(self, uint32_t request_id, const char* body, Py_ssize_t n,
+                      PublishView* view) except -1:
+        cdef PublishView parsed
+        cdef PublishView* v = view
         cdef Channel ch
-        if view_publish(body, n, &v) < 0:
-            raise ProtocolError(ErrorCode.MALFORMED_BODY, "PUBLISH body is malformed", False)
-        v.key_hashed, v.key_hash = self._key_hashed, self._key_hash
+        if v == NULL:
+            v = &parsed
+            if view_publish(body, n, v) < 0:
+                raise ProtocolError(ErrorCode.MALFORMED_BODY, "PUBLISH body is malformed", False)
         if ContentType.BINARY < v.content_type < CONTENT_TYPE_APP_MIN:
             raise ProtocolError(ErrorCode.MALFORMED_BODY,
                                 f"content type {v.content_type} is reserved", False)
@@ -862,7 +870,7 @@ cdef class Connection:
                 or memcmp(PyBytes_AS_STRING(ch.key), v.channel, v.channel_len) != 0):
             ch = self.resolve_publish(PyBytes_FromStringAndSize(v.channel, v.channel_len))
             self._last_channel = ch
-        self.hub.bus.submit(ch, self, request_id, &v, self.last_rx)
+        self.hub.bus.submit(ch, self, request_id, v, self.last_rx)
         return 0
 
     def forget_publish_cache(self):

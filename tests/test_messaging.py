@@ -14,7 +14,7 @@ import pytest
 
 import fenghuo
 from fenghuo import ContentType, ErrorCode, FenghuoError, ReceiptKind
-from fenghuo.core import encode_publish
+from fenghuo.core import encode_frame, encode_publish
 from fenghuo.protocol import FrameFlag, FrameType, decode_json, decode_message, encode_json
 from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
@@ -291,6 +291,64 @@ async def test_without_a_store_the_window_holds_its_last_dedupe_window_keys(rela
     assert (kept.seq, kept.duplicate) == (185, True)
     gone = await alice.send("bob", "m0", key="k0")
     assert (gone.seq, gone.duplicate) == (201, False)
+
+
+async def test_at_every_turn_of_a_full_window_its_oldest_key_is_a_duplicate_and_the_one_before_new(
+        relay_factory):
+    # Without a store the window is the whole memory of keys: its newest
+    # --dedupe-window keys (README, Delivery guarantees).  Batches of 5 new
+    # keys against a window of 16 end at every place of its ring; after each,
+    # every key of the last 16 accepted, the oldest first, is answered
+    # DUPLICATE with its original seq, and the one accepted just before them
+    # is new again (and, accepted, pushes out the oldest).
+    relay = relay_factory("--store", "memory", "--dedupe-window", "16", workers=1)
+    alice = await relay.connect("alice")
+    accepted: list[tuple[str, int]] = []      # (key, seq), in acceptance order
+    n = 0
+    for _ in range(12):
+        for _ in range(5):
+            ack = await alice.send("bob", "m", key=f"k{n}")
+            assert not ack.duplicate
+            accepted.append((f"k{n}", ack.seq))
+            n += 1
+        if len(accepted) <= 16:
+            continue
+        for key, seq in accepted[-16:]:
+            again = await alice.send("bob", "again", key=key)
+            assert (again.seq, again.duplicate) == (seq, True), key
+        key, seq = accepted[-17]
+        again = await alice.send("bob", "again", key=key)
+        assert again.seq > accepted[-1][1] and not again.duplicate, key
+        accepted.append((key, again.seq))
+        assert (await alice.send("bob", "again", key=accepted[-16][0])).duplicate
+
+
+async def test_publishes_in_one_write_are_each_answered_as_alone_whatever_came_before(relay):
+    # The PUBLISH after the one being handled is parsed ahead (its key hashed,
+    # its bucket fetched) and handled from that parse (Connection._prefetch_key):
+    # unkeyed, keyed, malformed and compressed publishes and a PING, mixed in
+    # one write, are each answered as if they had come one at a time.
+    alice = await authed_raw(relay, "alice")
+    bad = encode_frame(FrameType.PUBLISH, b"\x01\x02", 3)
+    alice.write(b"".join([
+        encode_publish("dm:alice:bob", b"a", request_id=1),
+        encode_publish("dm:alice:bob", b"b", key=b"kb", request_id=2),
+        bad,
+        encode_publish("dm:alice:bob", b"c", request_id=4),
+        encode_frame(FrameType.PING, b"p", 5),
+        encode_publish("dm:alice:bob", b"b", key=b"kb", request_id=6),
+        encode_publish("dm:alice:bob", b"x" * 4096, key=b"kz", request_id=7, compress_threshold=64),
+        encode_publish("dm:alice:bob", b"d", key=b"kd", request_id=8),
+        encode_publish("dm:alice:bob", b"x" * 4096, key=b"kz", request_id=9, compress_threshold=64),
+    ]))
+    assert [(a.seq, a.duplicate) for a in [await alice.expect_ack(1), await alice.expect_ack(2)]] == [
+        (1, False), (2, False)]
+    await alice.expect_error(ErrorCode.MALFORMED_BODY, 3)
+    assert (await alice.expect_ack(4)).seq == 3
+    await alice.expect(FrameType.PONG, request_id=5)
+    assert [(a.seq, a.duplicate) for a in [await alice.expect_ack(r) for r in (6, 7, 8, 9)]] == [
+        (2, True), (4, False), (5, False), (4, True)]
+    alice.close()
 
 
 @pytest.mark.parametrize("store", ["sqlite", "memory"])

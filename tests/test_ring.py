@@ -430,6 +430,45 @@ def test_dedupe_window_keys_of_every_length_survive_its_arena_wrapping_and_growi
     assert len(window) == 64
 
 
+@pytest.mark.parametrize("max_keys", [16, 64])
+def test_dedupe_window_keys_past_a_full_bucket_are_found_until_each_leaves(max_keys):
+    # The table files a key in a free slot of its home bucket (7 slots) or,
+    # when that is full, of the next bucket with one, and counts it in the
+    # overflow of each bucket it passed; a lookup goes on past a bucket only
+    # while its overflow is counted, and a key leaving takes its count back.
+    # With the window's SipHash key chosen, nearly all keys here home in one
+    # bucket of 8 (and some in the last, wrapping to the first), so buckets
+    # overflow, empty and refill in every order; every held key is found,
+    # and none that left.
+    import random
+    from fenghuo.core._core import dedupe_hash_with
+    secret = bytes(range(16))
+
+    def home(key: bytes) -> int:
+        h = dedupe_hash_with(secret, b"alice", key)
+        return (h ^ (h >> 32)) & 7      # the bucket of 8 (hash_tag, buckets - 1)
+
+    keys: dict[int, list[bytes]] = {0: [], 1: [], 7: []}
+    i = 0
+    while min(len(v) for v in keys.values()) < 3000:
+        key = b"k%d" % i
+        keys.setdefault(home(key), []).append(key)
+        i += 1
+    rng = random.Random(5)
+    window = DedupeWindow(max_keys, 10**12, secret)
+    model: list[tuple[bytes, int]] = []
+    for seq in range(1, 3001):
+        bucket = rng.choices((0, 1, 7), (8, 1, 1))[0]
+        key = b"alice\x00" + keys[bucket].pop()
+        window.load([(key, seq, seq)])
+        gone, model = model[:-max_keys + 1], model[-max_keys + 1:] + [(key, seq)]
+        assert len(window) == len(model)
+        assert all(window.find(k) == (s, s) for k, s in model), seq
+        assert all(window.find(k) is None for k, _ in gone[-3:]), seq
+    window.clear()
+    assert len(window) == 0 and all(window.find(k) is None for k, _ in model)
+
+
 def test_dedupe_hash_is_siphash_1_3_of_the_padded_key():
     # The window hashes sender, NULs to a whole 8-byte block, then the key,
     # keeping the state after the sender's blocks: that must be SipHash-1-3
