@@ -2,7 +2,7 @@
 
     python -m bench run SCENARIO [--target T] [options]   one scenario, one target
     python -m bench suite [--quick] [--out DIR]           the whole matrix, tables and plots
-    python -m bench keys [--windows W,...] [--deployments one,default] [--keys counted,random] [--repeat N]
+    python -m bench keys [--windows W,...] [--deployments one,default] [--keys counted,random] [--repeat N] [--out DIR]
                                                           keyed vs unkeyed publishing, per window
     python -m bench plot DIR                              redraw a suite's plots and table
     python -m bench global [options]                      global delivery (bench/geo.py)
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import secrets
 import shlex
@@ -223,15 +224,29 @@ def cmd_keys(a: argparse.Namespace) -> int:
     results = []
     for item in plan:
         progress.step(item.label)
+        load_before = os.getloadavg()[0]
         result = run_on(make_target("fenghuo", secrets.token_urlsafe(32), item.relay_flags,
                                     item.workers), item.scenario, progress)
         result.scenario = item.name
         result.extra["group"] = item.group
         result.extra["deployment"] = item.deployment
+        result.extra["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         results.append(result)
         progress.finish(result.line())
+    table = report.keys_table([r.to_json() for r in results])
     print()
-    print(report.keys_table([r.to_json() for r in results]))
+    print(table)
+    if a.out:
+        # Each run has the load average it started and ended at
+        # (extra.load_average_1m): the figures move with the machine's other work.
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python -m bench " + shlex.join(sys.argv[1:])
+        (out / "results.json").write_text(json.dumps(
+            {"command": command, "machine": report.machine(),
+             "results": [r.to_json() for r in results]}, indent=1) + "\n")
+        (out / "results.md").write_text(f"`{command}`\n\n{table}\n")
+        print(f"\nresults in {out}/ (results.json, results.md)")
     return 0
 
 
@@ -285,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
                       help="runs of each, alternating; the best of each counts")
     keys.add_argument("--warmup", type=float, default=1.0)
     keys.add_argument("--duration", type=float, default=5.0)
+    keys.add_argument("--out", default="",
+                      help="a folder to write results.json (every run) and results.md (the table) to")
     keys.set_defaults(func=cmd_keys)
     suite_p = sub.add_parser("suite", help="every scenario on every target: JSON, table, plots")
     suite_p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")

@@ -222,13 +222,25 @@ def keys_table(results: list[dict]) -> str:
             rounds = sorted(k / p for p, k in zip(
                 [_cpu(r) for r in pairs if not r["params"].get("keyed")],
                 [_cpu(r) for r in pairs if r["params"].get("keyed")]) if p and k)
-            rows.append([deployment or "–", window, order, _cell(plain_v), _cell(keyed_v),
+            rows.append([deployment or "–", _store(flags), window, order, _cell(plain_v),
+                         _cell(keyed_v),
                          _over(keyed_v, plain_v), f"{plain_c:.2f}" if plain_c else "–",
                          f"{keyed_c:.2f}" if keyed_c else "–", _over(keyed_c, plain_c),
                          f"{rounds[0]:.2f}–{rounds[-1]:.2f}" if rounds else "–"])
-    return _table(["deployment", "--dedupe-window", "keys", "unkeyed publishes/s",
+    return _table(["deployment", "store", "--dedupe-window", "keys", "unkeyed publishes/s",
                    "keyed publishes/s", "keyed ÷ unkeyed", "relay µs CPU/publish, unkeyed",
                    "keyed", "keyed ÷ unkeyed (CPU)", "(CPU) each round"], rows)
+
+
+def _store(flags: str) -> str:
+    """The store a relay started with ``flags`` (as ``fenghuo serve`` reads them) keeps."""
+    words = flags.split()
+
+    def flag(name: str, default: str) -> str:
+        return words[words.index(name) + 1] if name in words[:-1] else default
+    if flag("--store", "sqlite") == "memory":
+        return "memory"
+    return f"sqlite, --fsync {flag('--fsync', 'always')}"
 
 
 def _key_order(r: dict) -> str:
