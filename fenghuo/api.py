@@ -141,9 +141,14 @@ class _Methods(Generic[R]):
         return self.call("presence", {"users": users})
 
     def history(self, channel: str, *, user: str | None = None, limit: int | None = None,
-                before: int | None = None, after: int | None = None) -> R:
+                before: int | None = None, after: int | None = None,
+                since_us: int | None = None, until_us: int | None = None) -> R:
+        """A page of ``channel``'s messages, oldest first, as ``user`` reads it: by seq
+        (``after``/``before``) or by server time (``since_us <= ts_us < until_us``,
+        either alone), at most ``limit``."""
         return self.call("history", _drop_none({"channel": channel, "user": user, "limit": limit,
-                                                "before": before, "after": after}))
+                                                "before": before, "after": after,
+                                                "since_us": since_us, "until_us": until_us}))
 
     def message_status(self, channel: str, seq: int, *, filter: str | None = None,
                        limit: int | None = None, users: list[str] | None = None) -> R:

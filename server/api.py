@@ -55,7 +55,6 @@ from fenghuo.server.schemas import (
     Limit,
     Positive,
     Schema,
-    Seq,
     Text,
     UserId,
     Users,
@@ -219,12 +218,11 @@ class PresenceCall(Call, frozen=True):
     users: SomeUsers
 
 
-class HistoryCall(Call, frozen=True):
-    channel: ChannelName
+# HISTORY's own schema: the API's history takes the protocol's bounds with
+# their types and ranges, and the relay reads the page as it answers HISTORY.
+class HistoryCall(History, Call, frozen=True):
+    """The fields of HISTORY (docs/PROTOCOL.md §3.15a) and `user`, who reads the channel."""
     user: Sender | None = None
-    limit: Limit | None = None
-    before: Seq | None = None
-    after: Seq | None = None
 
 
 class StatusCall(Call, frozen=True):
@@ -910,7 +908,8 @@ async def history(api: Api, body: HistoryCall) -> dict[str, Any]:
     cn = parse_or_refuse(body.channel)
     client = await api.backends.as_user(body.user or API_USER)
     messages = await client.history(cn.name, limit=body.limit or HISTORY_DEFAULT,
-                                    before=body.before, after=body.after)
+                                    before=body.before, after=body.after,
+                                    since_us=body.since_us, until_us=body.until_us)
     return {"channel": body.channel, "messages": [message_json(m) for m in messages]}
 
 
@@ -1033,7 +1032,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("presence", "Whether each user is online, and on how many devices (all workers).",
            PresenceCall, OBJECT, presence),
     Method("history", "A page of a channel's messages, oldest first, as read by `user` "
-                      "(default fenghuo-api, an admin: any org channel).",
+                      "(default fenghuo-api, an admin: any org channel): by seq (`after`, "
+                      "`before`) or by server time (`since_us` <= ts_us < `until_us`).",
            HistoryCall, {"type": "object", "properties": {
                "channel": {"type": "string"}, "messages": {"type": "array", "items": MESSAGE}}},
            history),

@@ -479,3 +479,54 @@ async def test_the_api_acts_as_a_user_again_after_revoking_the_users_tokens(api_
         assert (await api.publish("dm:rv:x", "after", sender="rv"))["seq"] == 2
         page = await api.call("history", {"channel": "dm:rv:x", "user": "rv"})
         assert [m["data"] for m in page["messages"]] == ["before", "after"]
+
+
+async def test_history_by_time_as_over_tcp(api_relay):
+    """An outsider's compliance backend read a conversation by time range over HTTP and
+    found no `since_us`/`until_us` in the API's history, which HISTORY over TCP has
+    (PROTOCOL §3.15a).  API.md history: the same bounds, with the same meaning
+    (`since_us <= ts_us < until_us`, either alone, `limit` applies, they win over
+    `after`/`before`) and the same refusals of a wrong type or range."""
+    channel = "dm:bank:client42"
+    key = api_relay.api_key
+    async with AsyncApi(api_relay.api_url, key) as api:
+        acks = []
+        for i in range(6):
+            acks.append(await api.publish(channel, f"m{i}", sender="bank" if i % 2 else "client42"))
+            await asyncio.sleep(0.005)      # distinct microseconds, whatever the clock's grain
+        ts = [a["ts_us"] for a in acks]
+        seqs = [a["seq"] for a in acks]
+        assert ts == sorted(set(ts)), ts
+        bank = await api_relay.connect("bank", reconnect=False)
+
+        async def by_time(**bounds) -> list[int]:
+            """The page's seqs over HTTP, checked against HISTORY over TCP with the same bounds."""
+            page = (await api.history(channel, user="bank", **bounds))["messages"]
+            over_tcp = await bank.history(channel, **{"limit": 100, **bounds})
+            assert [m["seq"] for m in page] == [m.seq for m in over_tcp], bounds
+            assert all(m["channel"] == channel for m in page)
+            return [m["seq"] for m in page]
+
+        assert await by_time(since_us=ts[2]) == seqs[2:]
+        assert await by_time(until_us=ts[2]) == seqs[:2]                  # until is exclusive
+        assert await by_time(since_us=ts[1], until_us=ts[4]) == seqs[1:4]
+        assert await by_time(since_us=ts[1], until_us=ts[4], limit=2) == seqs[1:3]
+        assert await by_time(since_us=ts[5] + 1) == []
+        # The time bounds win over after/before, as in HISTORY.
+        assert await by_time(since_us=ts[3], after=0, before=2) == seqs[3:]
+        assert (await api.history(channel, user="bank", since_us=ts[3], until_us=None))[
+            "messages"][0]["data"] == "m3"                                # null means absent
+        # A wrong type or range: 400 MALFORMED_BODY with the text HISTORY's ERROR has.
+        for field in ("since_us", "until_us"):
+            for wrong in ("5", 1.5, -1, 1 << 63, True, [1]):
+                error = await refused(api.call("history", {"channel": channel, "user": "bank",
+                                                          field: wrong}),
+                                      400, ErrorCode.MALFORMED_BODY)
+                with pytest.raises(FenghuoError) as over_tcp:
+                    await bank.history(channel, **{field: wrong})
+                assert over_tcp.value.code == ErrorCode.MALFORMED_BODY
+                reason = f"`{field}` must be an integer 0..2^63-1"
+                assert (error.message, over_tcp.value.message) == (
+                    f"history: {reason}", f"HISTORY: {reason}"), (field, wrong)
+        # Reading by time is still reading: someone outside the conversation is refused.
+        await refused(api.history(channel, user="mallory", since_us=0), 403, ErrorCode.FORBIDDEN)
