@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -85,6 +86,19 @@ MAX_BATCH = 8192
 # below which it reads again.
 BACKLOG_HIGH = 50_000
 BACKLOG_LOW = 10_000
+# The GIL switch interval (sys.setswitchinterval) of a process whose writer
+# acks (--fsync always) and may run on a CPU of its own.  The writer takes the
+# GIL back from the loop once or twice a batch (after the commit, and when
+# records wake it from an empty queue) and, with the loop busy, waits for it
+# the whole interval, Python's 5 ms, each time; under `always` the batch's
+# acks wait too.  At 0.5 ms the default deployment's one-to-one p99 at 50,000
+# msgs/s under `always` was 21-89 ms (median 29) against 19-540 ms (median
+# 41), lower in 8 of 10 alternating rounds at load average 5-8, its
+# many-to-many unchanged.  A relay pinned to one CPU did worse with it (p99
+# 54-57 against 33-35 ms: its loop and writer cannot run at once, so
+# switching sooner only chops the loop's work), so it keeps Python's
+# (bench/README.md, "The GIL's switch interval under `always`").
+WRITER_SWITCH_INTERVAL = 0.0005
 
 # The messages table (schema 3, PRAGMA user_version).  Rows are appended in
 # insertion order (``id``, the rowid, counts up), so a commit's rows fill the
@@ -365,6 +379,9 @@ class SQLiteStore:
 
     def start(self, loop: asyncio.AbstractEventLoop,
               on_batch: Callable[[list[Record] | None], None]) -> None:
+        if self.durable_acks and len(os.sched_getaffinity(0)) > 1:
+            # the writer's acks wait for the GIL no longer than this (WRITER_SWITCH_INTERVAL)
+            sys.setswitchinterval(WRITER_SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._write_forever, args=(loop, on_batch),
                                         name="fenghuo-store-write", daemon=True)
         self.checkpointer.start()

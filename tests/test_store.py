@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -681,3 +684,33 @@ def test_the_writer_waits_for_another_writer_s_lock_up_to_its_busy_timeout(tmp_p
         other.close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT seq FROM messages").fetchall() == [(1,)]
+
+
+_SWITCH_INTERVAL_AT_START = """
+import asyncio, os, sys
+from fenghuo.server.store import SQLiteStore
+os.sched_setaffinity(0, set(int(c) for c in sys.argv[3].split(",")))
+store = SQLiteStore(sys.argv[1], fsync=sys.argv[2])
+loop = asyncio.new_event_loop()
+store.start(loop, lambda records: None)
+print(sys.getswitchinterval())
+store.close()
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to run on")
+@pytest.mark.parametrize(("fsync", "cpus", "interval"), [
+    ("always", "all", 0.0005),      # the writer's acks wait for the GIL at most 0.5 ms
+    ("always", "one", 0.005),       # pinned: loop and writer take turns at one CPU anyway
+    ("batch", "all", 0.005),        # acks do not wait for the writer
+])
+def test_a_durable_writer_with_a_cpu_of_its_own_takes_the_gil_back_sooner(tmp_path, fsync, cpus, interval):
+    # A relay process under --fsync always sets its GIL switch interval when its
+    # writer starts (server/store.py, WRITER_SWITCH_INTERVAL): the writer takes
+    # the GIL back from the busy loop after each commit, and each batch's acks
+    # wait for it.
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed if cpus == "all" else allowed[:1]
+    out = subprocess.run([sys.executable, "-c", _SWITCH_INTERVAL_AT_START, str(tmp_path), fsync,
+                          ",".join(map(str, chosen))], check=True, capture_output=True, text=True)
+    assert float(out.stdout) == interval
