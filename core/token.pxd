@@ -20,6 +20,8 @@ cdef class HS256Key:
     cdef readonly object kid
     cdef void _finish(self, SHA256_CTX* inner, unsigned char* mac) noexcept nogil
     cpdef bint verify(self, str header, str payload, bytes mac) except -1
+    cdef bint _verify_raw(self, const char* signing, Py_ssize_t n,
+                          const unsigned char* mac) noexcept nogil
 
 
 @cython.final

@@ -25,7 +25,7 @@ from fenghuo.channels import (
     pattern_matches,
 )
 from fenghuo.core import (ChannelKind, ErrorCode, FrameType, HS256Key, Metrics, ProtocolError,
-                          b64url_decode)
+                          b64url_decode, verify_hs256)
 from fenghuo.server import config
 from fenghuo.server.config import OPTIONS, Settings, add_arguments, load, markdown_table
 from fenghuo.server.groups import ADMIN, MEMBER, OWNER, GroupRegistry
@@ -35,6 +35,7 @@ from fenghuo.tokens import (
     Grants,
     TokenError,
     issue_token,
+    keyring,
     resolve_secret,
     verify_token,
 )
@@ -219,6 +220,93 @@ def test_hs256_key_verifies_a_signing_input():
     assert not hs.verify("head", "bod", mac) and not hs.verify("hea", "dbody", mac)
     assert not hs.verify("head", "body", mac[:-1] + bytes([mac[-1] ^ 1]))
     assert not hs.verify("head", "body", mac[:31]) and not hs.verify("head", "body", mac + b"\0")
+
+
+def _raw_token(payload: bytes, secret: str = SECRET, header: bytes = b'{"alg":"HS256","typ":"JWT"}',
+               key: bytes | None = None) -> str:
+    """A token of exactly these payload bytes, signed (a hand-written JSON text, not json.dumps')."""
+    def seg(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    signing = f"{seg(header)}.{seg(payload)}"
+    mac = hmac.new(key if key is not None else secret.encode(), signing.encode(), hashlib.sha256)
+    return f"{signing}.{seg(mac.digest())}"
+
+
+def _outcome(token: object, keys: tuple[HS256Key, ...], scan: bool) -> tuple[object, ...]:
+    try:
+        return ("ok", verify_hs256(token, keys, 5.0, scan))
+    except TokenError as exc:
+        return ("refused", str(exc), exc.expired)
+
+
+def _claim_texts(now: int) -> list[str]:
+    """Payloads of every shape: what the core's scan reads itself and what it leaves to orjson."""
+    exp, past = now + 600, now - 600
+    base = f'"sub":"alice","exp":{exp}'
+    texts = [f'{{{base}}}', f' {{ "sub" : "alice" ,\n\t"exp" :\r{exp} }} ', '{}', '[]', '', ' ',
+             f'{{{base},}}', f'{{{base}}}x', f'{{{base}', f'{{"sub":"al\\u0069ce","exp":{exp}}}',
+             f'{{"sub":"bob",{base}}}', f'{{{base},"sub":"bob"}}', f'{{"sub":"alice","exp":{exp}.0}}',
+             f'{{"sub":"alice","exp":{exp}e0}}', f'{{"sub":"alice","exp":{exp}E0}}',
+             f'{{"sub":"alice","exp":1{exp}}}', '{"sub":"alice","exp":99999999999999999999}',
+             '{"sub":"alice","exp":999999999999999}', '{"sub":"alice","exp":9999999999999999}',
+             '{"sub":"alice","exp":-0}', '{"sub":"alice","exp":0}', f'{{"sub":"alice","exp":0{exp}}}',
+             f'{{"sub":"alice","exp":-{exp}}}', f'{{"sub":"alice","exp":{past}}}',
+             f'{{"sub":"alice","exp":{now - 3}}}', f'{{"sub":"alice","exp":{exp}abc}}',
+             '{"sub":"alice","exp":true}', '{"sub":"alice","exp":null}', f'{{"sub":"alice","exp":"{exp}"}}',
+             f'{{"sub":"alice","exp":[{exp}]}}', '{"sub":"alice"}', f'{{"exp":{exp}}}',
+             f'{{"sub":"bad user","exp":{exp}}}', f'{{"sub":"","exp":{exp}}}', f'{{"sub":42,"exp":{exp}}}',
+             f'{{"sub":"é","exp":{exp}}}', f'{{"sub":"\\u00e9","exp":{exp}}}',
+             f'{{"sub":"a\u0001","exp":{exp}}}', f'{{"sub":"a\x7f","exp":{exp}}}',
+             f'{{"sub":"{"u" * 64}","exp":{exp}}}', f'{{"sub":"{"u" * 65}","exp":{exp}}}',
+             f'{{"sub":"alice","exp":{exp},"x":{{"y":1}},"z":1.5}}',
+             f'{{"sub":"alice","exp":{exp},"x":"\\n","z":[1,2],"w":[["a"]],"v":"中"}}',
+             f'{{"sub":"alice","exp":{exp},"x":tru}}', f'{{"sub":"alice","exp":{exp},"x":nul}}',
+             f'{{"sub":"alice","exp":{exp},"x":falsey}}', f'{{"sub":"alice","exp":{exp},"x":[}}',
+             f'{{"sub":"alice","exp":{exp},"x":["a",]}}', f'{{"sub":"alice","exp":{exp},"x":["a" "b"]}}']
+    for name, values in (
+            ("nbf", [now - 10, now + 3, now + 600, "1", 1.5, None, True]),
+            ("iat", [now - 10, now + 3, now + 600, "1", 1.5, None, False, 0]),
+            ("aud", ["x", "", None, 0, 1, [], ["x"], False, True, {}]),
+            ("jti", ["t1", "", 1, None, ["t1"], "\\u0041"]),
+            ("presence", [True, False, None, 1, 0, "true", []]),
+            ("chan", ["", 0, 1, False, True, None, "org", [], ["org.>", "a b"], ["org", 1],
+                      [["org"]], [None], {}, {"org": 1}, [" org ", "org.*"], ["\\u006f"]]),
+            ("read", [[], ["group:g1"], "x", None, 0.0, ["é"]]),
+            ("roles", [[], ["ops"], ["admin"], ["service"], "admin", [None], ["advisor", "api"]])):
+        for value in values:
+            text = value if isinstance(value, str) and value.startswith("\\") else None
+            literal = f'"{text}"' if text else json.dumps(value, ensure_ascii=False)
+            texts.append(f'{{{base},"{name}":{literal}}}')
+            texts.append(f'{{ "{name}" : {literal} , {base} }}')
+    texts += [f'{{{base},"roles":["service"],"chan":["org"]}}', f'{{{base},"roles":["service"],"read":[]}}',
+              f'{{{base},"roles":["service","admin"]}}', f'{{{base},"chan":[ "a" , "b" ],"read":[ ]}}',
+              f'{{{base},"chan":["a"],"chan":["b"]}}']
+    return texts
+
+
+def test_scanned_claims_verify_as_parsed_claims():
+    """core/token.pyx reads a plain token's claims in place and leaves anything else to
+    orjson: on payloads of every shape, both paths accept the same tokens with the same
+    Grants and refuse the rest with the same message."""
+    now = int(time.time())
+    keys = tuple(k.hs256 for k in keyring(SECRET))
+    ring = "k1 " + OTHER_SECRET + "\nk2 " + SECRET
+    ring_keys = tuple(k.hs256 for k in keyring(ring))
+    accepted = 0
+    for text in _claim_texts(now):
+        payload = text.encode()
+        tokens = [_raw_token(payload), _raw_token(payload, OTHER_SECRET),
+                  _raw_token(payload, header=b'{"alg":"HS256","kid":"k2"}'),
+                  _raw_token(payload, header=b'{"alg":"HS256","kid":"k3"}')]
+        tokens += [tokens[0][:-1], tokens[0] + "A", tokens[0] + ".", tokens[0][:-1] + "*",
+                   tokens[0].replace(".", "..", 1), "é" + tokens[0]]
+        for token in tokens:
+            for ks in (keys, ring_keys):
+                parsed = _outcome(token, ks, scan=False)     # also judges the header once
+                assert _outcome(token, ks, scan=True) == parsed, (text, token, ks)
+                accepted += parsed[0] == "ok"
+    assert accepted > 100      # the shapes above are not all refusals
+    assert _outcome(42, keys, scan=True) == _outcome(42, keys, scan=False)
 
 
 def test_b64url_decode_is_strict():
