@@ -6,11 +6,13 @@ a user's many connections come and go with their device count right."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from fenghuo import ErrorCode
 from fenghuo.client import ConnectionLost
+from rawwire import open_raw
 
 DEVICES = 4
 TRIES = 40           # with several workers, until one pair has landed on two workers
@@ -123,3 +125,20 @@ async def test_a_replacement_never_shows_the_user_offline_to_watchers(relay_fact
         if relay.workers == 1 or True in seen:
             break
     assert relay.workers == 1 or True in seen
+
+
+async def test_a_hello_naming_no_device_gets_one(relay_factory):
+    """PROTOCOL §3.2: a HELLO whose ``device`` is missing, null or "" is given
+    ``d-`` and 8 hex digits (written in C, core/codec.pyx device_id), one per connection."""
+    relay = relay_factory(workers=1)
+    given = []
+    for extra in ({}, {"device": None}, {"device": ""}, {}, {}):
+        conn = await open_raw(relay)
+        welcome = await conn.hello(relay.token("alice"), **extra)
+        assert re.fullmatch(r"d-[0-9a-f]{8}", welcome["device"]), welcome
+        given.append(welcome["device"])
+        conn.close()
+    assert len(set(given)) == len(given)
+    named = await open_raw(relay)
+    assert (await named.hello(relay.token("alice"), device="phone"))["device"] == "phone"
+    named.close()
