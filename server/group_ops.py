@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import orjson
 
-from fenghuo.channels import group_channel
+from fenghuo.channels import GROUP_PREFIX
 from fenghuo.core import ChannelKind, ContentType, ErrorCode, FrameType, encode_error
 from fenghuo.protocol import encode_json
 from fenghuo.server.access import refuse
@@ -69,8 +69,11 @@ class GroupOps:
         match request:
             case GroupCreate(group=group_id, members=members, title=title):
                 # A title is user text too: masked as a note is, before anything keeps it.
+                # The rule is looked up by the channel's name alone; the id itself is
+                # checked by create (INVALID_CHANNEL), not here (group_channel would
+                # raise a bare InvalidChannel: 'internal error', test_adversity).
                 group = groups.create(me, group_id, members or [],
-                                      self.masked_text(group_channel(group_id), title or ""))
+                                      self.masked_text(GROUP_PREFIX + group_id, title or ""))
                 ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
                 ch.info = group
                 for user in group.members:
