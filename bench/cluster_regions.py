@@ -8,7 +8,11 @@ runs through a latency proxy (``bench/netem.py``) with the one-way delay
 and jitter between the two regions; the routes are listed explicitly and
 no server advertises an address others could route to directly, which the
 run checks (every pair of servers routed through its proxy, and only so).
-JetStream places the ``FENGHUO`` stream (R3) on three of the four.
+The ``FENGHUO`` stream and the buckets (R3) are placed by the nodes'
+``--stream-tags`` on the servers of Frankfurt, Virginia and Sydney (tagged so)
+and led from Virginia's (``--stream-leader``; the run waits until every one
+is; ``--regions-stream-leader ''`` and ``--regions-stream-regions ''`` leave
+both to JetStream, as before 2026-12-05 15:30).
 Clients reach their region's node through a proxy with the metro hop of
 the global bench (2 ms + up to 1 ms), so the per-pair measurement is
 ``bench/geo.py``'s own (publish at a fixed rate, catch-up trials), run
@@ -63,12 +67,13 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import nats
+import nats.errors
 import uvloop
 
 from bench import geo, loadgen
 from bench.netem import ChunkRecord, Direction, LinkProfile, ProxiedConnection, Proxy, clock
 from bench.targets import RELAY_CPU, Fenghuo, free_port, peer_binary
-from fenghuo.server.jetstream import OWNERS, token
+from fenghuo.server.jetstream import OWNERS, STREAMS, token
 from scripts.nats_cluster import NatsCluster, NatsServer
 
 # Implicit routes (a server connecting to an address another gossiped) would
@@ -78,6 +83,21 @@ NODE_START_S = 90.0
 # Reads of the servers' meta leaders, 0.2 s apart, before they must agree
 # (an election after wait_ready may still be settling).
 META_TRIES = 50
+# Looks at the streams' leaders, 0.5 s apart, before they must all be on the
+# --stream-leader server: a node looks every 5 s and a step-down lands on the
+# wanted server one time in two (three replicas), so 60 s is many rounds.
+LEADER_TRIES = 120
+# The server tag of the regions holding the stream's replicas (--stream-tags).
+STREAM_TAG = "fenghuo-stream"
+# Where the nodes keep the stream (--regions-stream-leader, --regions-stream-regions):
+# the leader in Virginia, its followers in Frankfurt (45 ms one way: the quorum
+# is Virginia-Frankfurt, 90 ms round trip) and Sydney (100 ms). Modelled at the
+# geo delays' floors, every pair's path (2 x sender-Virginia + 90 ms + sender-
+# receiver + the client hops) is at most 444 ms (Shanghai -> Frankfurt);
+# with the leader in Sydney, as JetStream once put it, it was 565 ms
+# (Frankfurt -> Sydney) and 641-672 ms as the proxies really gave it.
+STREAM_LEADER = "virginia"
+STREAM_REGIONS = ("frankfurt", "virginia", "sydney")
 
 
 @dataclass
@@ -403,6 +423,12 @@ class Stretched:
     #: each node's log in ``base`` (else on this process's stderr, as the nats-servers'
     #: are always in ``base``)
     log_files: bool = False
+    #: the region whose server the nodes keep the stream's and buckets' leaders on
+    #: (``--stream-leader``; empty: wherever JetStream elects them)
+    stream_leader: str = ""
+    #: the regions whose servers hold the stream's and buckets' replicas (tagged
+    #: ``STREAM_TAG``, the nodes' ``--stream-tags``; empty: any three)
+    stream_regions: tuple[str, ...] = ()
     servers: dict[str, RegionServer] = field(default_factory=dict)
     route_proxies: dict[tuple[str, str], Proxy] = field(default_factory=dict)
     nodes: dict[str, Fenghuo] = field(default_factory=dict)
@@ -419,7 +445,8 @@ class Stretched:
         await self.check_meta_leader()
         for region, server in self.servers.items():
             node = Fenghuo(self.secret, ("--cluster", server.url, "--node", region,
-                                         "--region", region), workers=1)
+                                         "--region", region, *self.placement_flags()),
+                           workers=1)
             # Joining takes JetStream requests across the regions (over 15 s seen).
             node.start_timeout = NODE_START_S
             node.log_level = self.log_level
@@ -432,6 +459,37 @@ class Stretched:
         # (Engine.patiently).
         await asyncio.gather(*(asyncio.to_thread(node.start, self.base / f"node-{region}")
                                for region, node in self.nodes.items()))
+        if self.stream_leader:
+            await self.wait_for_leaders()
+
+    def placement_flags(self) -> tuple[str, ...]:
+        flags: tuple[str, ...] = ()
+        if self.stream_regions:
+            flags += ("--stream-tags", STREAM_TAG)
+        if self.stream_leader:
+            flags += ("--stream-leader", self.stream_leader)
+        return flags
+
+    async def wait_for_leaders(self) -> None:
+        """Every stream (the messages' and each bucket's) led from ``stream_leader``'s
+        server: the nodes move the leaders there (server/stream_leader.py) after
+        JetStream elected them anywhere."""
+        nc = await nats.connect(self.servers[self.stream_leader].url)
+        try:
+            js = nc.jetstream(timeout=5)
+            leaders: dict[str, str] = {}
+            for _ in range(LEADER_TRIES):
+                for stream in STREAMS:
+                    try:
+                        leaders[stream] = (await js.stream_info(stream)).cluster.leader or ""
+                    except (nats.errors.Error, AttributeError):
+                        leaders[stream] = ""
+                if set(leaders.values()) == {self.stream_leader}:
+                    return
+                await asyncio.sleep(0.5)
+            raise RuntimeError(f"the streams' leaders are not all {self.stream_leader}: {leaders}")
+        finally:
+            await nc.close()
 
     async def prepare(self) -> str:
         """Every region's server made (not started) and its route proxies listening;
@@ -442,8 +500,11 @@ class Stretched:
         for region in geo.REGIONS:
             store = self.base / region
             store.mkdir(parents=True)
+            tags = (f"region:{region}",) + ((STREAM_TAG,) if region in self.stream_regions
+                                            else ())
             self.servers[region] = RegionServer(region, "127.0.0.1", free_port(), free_port(),
-                                                free_port(), store, self.base / f"{region}.log")
+                                                free_port(), store, self.base / f"{region}.log",
+                                                tags=tags)
         for a in geo.REGIONS:                 # a's route to b leaves through proxy (a, b)
             for b in geo.REGIONS:
                 if a != b:
@@ -534,10 +595,12 @@ def _server_pids(cluster: Stretched) -> dict[str, list[int]]:
 
 
 async def _started(base: Path, secret: str, log_level: str, log_files: bool,
-                   scale: float) -> Stretched:
-    """A stretched cluster whose four nodes all listen; a node that does not says
-    why from its log (kept with ``--regions-logs``, else on this stderr)."""
-    cluster = Stretched(base, secret, scale, log_level, log_files)
+                   scale: float, stream_leader: str = "",
+                   stream_regions: tuple[str, ...] = ()) -> Stretched:
+    """A stretched cluster whose four nodes all listen (and, with ``stream_leader``,
+    whose streams are all led from there); a node that does not says why from
+    its log (kept with ``--regions-logs``, else on this stderr)."""
+    cluster = Stretched(base, secret, scale, log_level, log_files, stream_leader, stream_regions)
     try:
         await cluster.start()
     except RuntimeError:
@@ -551,7 +614,8 @@ async def _measure(a: argparse.Namespace, base: Path
                    ) -> tuple[list[dict], dict, dict[str, Any], Placement]:
     secret = secrets.token_urlsafe(32)
     cluster = await _started(base, secret, a.regions_log_level, a.regions_logs is not None,
-                             a.regions_scale)
+                             a.regions_scale, a.regions_stream_leader,
+                             _region_list(a.regions_stream_regions))
     try:
         world = ClusterWorld(
             0, secret, "", a.regions_scale, 0.0,
@@ -619,6 +683,14 @@ def hops_table(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _region_list(text: str) -> tuple[str, ...]:
+    regions = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = set(regions) - set(geo.REGIONS)
+    if unknown:
+        raise SystemExit(f"--regions-stream-regions: unknown regions {sorted(unknown)}")
+    return regions
+
+
 def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions-messages", type=int, default=40, help="regions: messages per pair")
     p.add_argument("--regions-rate", type=float, default=0.5,
@@ -627,6 +699,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="regions: connect-to-first-delivery trials per pair")
     p.add_argument("--regions-scale", type=float, default=1.0,
                    help="regions: multiply every injected delay and jitter")
+    p.add_argument("--regions-stream-leader", default=STREAM_LEADER, metavar="REGION",
+                   help="regions: the region whose server the nodes keep the stream's and "
+                        "buckets' leaders on (--stream-leader; '' : wherever JetStream elects)")
+    p.add_argument("--regions-stream-regions", default=",".join(STREAM_REGIONS),
+                   metavar="R1,R2,R3",
+                   help="regions: the regions whose servers hold the stream's and buckets' "
+                        "replicas (tagged, the nodes' --stream-tags; '' : any three)")
     p.add_argument("--regions-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"),
                    help="regions: the nodes' --log-level")
@@ -669,6 +748,8 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     result = {"pairs": pairs, "loop_lag_ms": lag, "verdicts": verdicts, "machine": machine,
               "stream_leader": placement.leader, "stream_followers": list(placement.followers),
               "owners": {f"{s} -> {d}": o for (s, d), o in placement.owners.items()},
+              "stream_leader_option": a.regions_stream_leader,
+              "stream_regions_option": a.regions_stream_regions,
               "messages": a.regions_messages, "rate": a.regions_rate,
               "catchup_trials": a.regions_catchup, "scale": a.regions_scale}
     return result, verdicts["delivery"]["ok"]

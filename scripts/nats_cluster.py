@@ -5,6 +5,9 @@ Used by the tests' fixtures and by ``make cluster``::
     python scripts/nats_cluster.py                 # 3 nats-servers, Ctrl-C stops them
     python scripts/nats_cluster.py --nodes 3       # ... and 3 fenghuo nodes on them
                                                    # (clients: 7400-7402, metrics: 7410-7412)
+    python scripts/nats_cluster.py --nodes 3 --regions east,west,south --stream-leader n0
+                                                   # servers tagged region:<r>, node k in
+                                                   # region k, the stream led from n0
 
 Every server gets free loopback ports (client, cluster route, monitoring)
 and a JetStream store directory under one temporary folder, removed at
@@ -64,6 +67,8 @@ class NatsServer:
     log_path: Path
     #: the largest message a client may publish (nats-server's default, 1 MiB, if None)
     max_payload: int | None = None
+    #: ``server_tags``: what ``--stream-tags`` selects servers by (``region:<name>``, ...)
+    tags: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
 
     @property
@@ -72,9 +77,10 @@ class NatsServer:
 
     def config(self, routes: list[str]) -> str:
         limits = {} if self.max_payload is None else {"max_payload": self.max_payload}
+        tags = {"server_tags": list(self.tags)} if self.tags else {}
         return json.dumps({
             "server_name": self.name, "host": self.host, "port": self.port,
-            "http_port": self.http_port, **limits,
+            "http_port": self.http_port, **limits, **tags,
             "jetstream": {"store_dir": str(self.store_dir),
                           "max_memory_store": 64 << 20, "max_file_store": 1 << 30},
             "cluster": {"name": CLUSTER_NAME, "host": self.host, "port": self.route_port,
@@ -144,9 +150,11 @@ class NatsCluster:
     @classmethod
     def start(cls, base: Path | None = None, size: int = 3, host: str = "127.0.0.1",
               timeout: float = READY_TIMEOUT, cpu: int | None = None,
-              max_payload: int | None = None) -> NatsCluster:
+              max_payload: int | None = None,
+              tags: list[tuple[str, ...]] | None = None) -> NatsCluster:
         """Start ``size`` servers and wait for JetStream; ``cpu`` pins them (the benches);
-        ``max_payload`` caps a message's size (nats-server's default: 1 MiB)."""
+        ``max_payload`` caps a message's size (nats-server's default: 1 MiB);
+        ``tags``: each server's ``server_tags``, in order."""
         binary = peer_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
@@ -168,7 +176,8 @@ class NatsCluster:
                 client = first + 3 * i
                 cluster.servers.append(NatsServer(
                     f"n{i}", host, client, client + 1, client + 2, store,
-                    cluster.base / f"n{i}.log", max_payload))
+                    cluster.base / f"n{i}.log", max_payload,
+                    tags[i] if tags is not None else ()))
             try:
                 for server in cluster.servers:
                     server.start(binary, cluster.routes, cpu)
@@ -241,8 +250,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first fenghuo node's client port; node k listens on port + k")
     parser.add_argument("--secret", default=os.environ.get("FENGHUO_SECRET", DEV_SECRET),
                         help=f"the nodes' token secret (default: $FENGHUO_SECRET or {DEV_SECRET})")
+    parser.add_argument("--regions", default="",
+                        help="comma-separated, one per server: server k is tagged region:<its "
+                             "region> (server_tags) and node k runs with --region <it>")
+    parser.add_argument("--stream-leader", default="",
+                        help="the nodes' --stream-leader: the server (n0, n1, ...) that should "
+                             "lead the stream and buckets")
     args = parser.parse_args(argv)
-    cluster = NatsCluster.start(size=args.servers)
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if regions and len(regions) != args.servers:
+        parser.error(f"--regions names {len(regions)} regions for {args.servers} servers")
+    cluster = NatsCluster.start(size=args.servers,
+                                tags=[(f"region:{r}",) for r in regions] if regions else None)
     nodes: list[subprocess.Popen] = []
     try:
         print(f"NATS cluster: {cluster.url_list} (stores under {cluster.base})", flush=True)
@@ -252,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "fenghuo", "serve", "--workers", "1", "--port", str(port),
                  "--metrics-port", str(port + 10), "--data-dir", str(cluster.base / f"node{k}"),
                  "--cluster", cluster.url_list, "--node", f"node{k}",
-                 f"--secret={args.secret}"],
+                 f"--secret={args.secret}",
+                 *(["--region", regions[k % len(regions)]] if regions else []),
+                 *(["--stream-leader", args.stream_leader] if args.stream_leader else [])],
                 # SIGTERM to the node should this script die without stopping it.
                 preexec_fn=die_with(os.getpid())))  # noqa: PLW1509
             print(f"fenghuo node{k}: tcp://127.0.0.1:{port} (metrics, /healthz: :{port + 10})",

@@ -139,6 +139,13 @@ class Settings:
     node: str = _opt("", "this node's name in the cluster: letters, digits, '-' and '_', unique "
                          "per cluster (empty: the host name)")
     region: str = _opt("default", "this node's region: letters, digits, '-' and '_'")
+    stream_tags: str = _opt("", "comma-separated tags (nats-server server_tags) a server must "
+                                "carry, every one, to hold a replica of the cluster's stream and "
+                                "buckets; applied when they are made (docs/DESIGN.md, Placing the "
+                                "stream; empty: any servers)")
+    stream_leader: str = _opt("", "the nats-server (its server_name) that should lead the cluster's "
+                                  "stream and buckets: one node moves their leaders there while "
+                                  "it holds a current replica (empty: wherever JetStream elects)")
     cluster_lease: float = _opt(3.0, "seconds without a heartbeat after which a node is dead "
                                      "and its channels are taken over by others")
     api_port: int = _opt(0, "HTTP port of the server API for backends, docs/API.md (served by "
@@ -223,6 +230,10 @@ class Settings:
     @property
     def cluster_urls(self) -> list[str]:
         return [u.strip() for u in self.cluster.split(",") if u.strip()]
+
+    @property
+    def stream_tag_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.stream_tags.split(",") if t.strip())
 
     @property
     def node_name(self) -> str:

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import json
 import logging
 import random
 import secrets
@@ -45,7 +46,7 @@ import nats
 import nats.aio.client
 import nats.errors
 import nats.js.errors
-from nats.js.api import KeyValueConfig, RawStreamMsg, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, Placement, RawStreamMsg, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -68,6 +69,8 @@ DEVICES = "fenghuo_devices"
 CLICKS = "fenghuo_clicks"
 #: every bucket, in the order a node makes them at start
 BUCKETS = (OWNERS, META, GROUPS, CURSORS, DEVICES, CLICKS)
+#: the JetStream streams a cluster keeps: the messages' and each bucket's
+STREAMS = (STREAM, *(f"KV_{bucket}" for bucket in BUCKETS))
 # JetStream's error code for a refused Nats-Expected-Last-Subject-Sequence.
 WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
@@ -227,10 +230,14 @@ def _stored(raw: RawStreamMsg) -> list[Stored]:
 class Engine:
     """A node's connection to NATS and JetStream."""
 
-    def __init__(self, nc: nats.aio.client.Client, replicas: int) -> None:
+    def __init__(self, nc: nats.aio.client.Client, replicas: int,
+                 tags: tuple[str, ...] = ()) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT)
         self.replicas = replicas
+        #: placement tags the stream and the buckets are made with (``--stream-tags``):
+        #: only servers whose ``server_tags`` hold every one of them hold their replicas
+        self.placement = Placement(tags=list(tags)) if tags else None
         self.closing = False
         #: the index of the cluster participant appending through this engine,
         #: in each append's message id (set once the participant has one)
@@ -244,7 +251,7 @@ class Engine:
         return int(self.nc.max_payload) - RECORD_HEADROOM
 
     @classmethod
-    async def connect(cls, urls: list[str], name: str) -> Engine:
+    async def connect(cls, urls: list[str], name: str, tags: tuple[str, ...] = ()) -> Engine:
         async def reconnected() -> None:
             log.warning("reconnected to NATS", extra={"server": str(nc.connected_url)})
             engine.on_reconnect()
@@ -256,7 +263,7 @@ class Engine:
         nc = await nats.connect(urls, name=name, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.5, reconnected_cb=reconnected,
                                 disconnected_cb=disconnected)
-        engine = cls(nc, 3)
+        engine = cls(nc, 3, tags)
         await engine._setup()
         return engine
 
@@ -315,6 +322,7 @@ class Engine:
         streams across regions kept it from answering)."""
         config = StreamConfig(name=STREAM, subjects=[SUBJECT + ">"], num_replicas=self.replicas,
                               storage=StorageType.FILE, allow_direct=True,
+                              placement=self.placement,
                               # Nats-Msg-Id dedupe: covers an append retried after a lost ack.
                               duplicate_window=120.0)
         if not await self._exists(STREAM):
@@ -327,8 +335,14 @@ class Engine:
     async def _make_bucket(self, bucket: str) -> None:
         """Make ``bucket`` if it is not there yet, and return once it answers."""
         if not await self._exists(f"KV_{bucket}"):
-            await self.js.create_key_value(KeyValueConfig(bucket=bucket, history=1,
-                                                          replicas=self.replicas))
+            # The bucket's stream as nats-py's create_key_value makes it (history
+            # 1), made here because nats-py 2.16 leaves a KeyValueConfig's
+            # placement out of it (--stream-tags).
+            await self.js.add_stream(StreamConfig(
+                name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=True,
+                deny_delete=True, discard=DiscardPolicy.NEW, duplicate_window=120.0,
+                max_consumers=-1, max_msgs=-1, max_msgs_per_subject=1,
+                num_replicas=self.replicas, placement=self.placement))
         # Made (by this node or another) and answering: its stream has a leader.
         await self.js.key_value(bucket)
 
@@ -338,6 +352,28 @@ class Engine:
         except nats.js.errors.NotFoundError:
             return False
         return True
+
+    async def lead_from(self, server: str) -> tuple[list[str], list[str]]:
+        """Ask each of the cluster's streams (:data:`STREAMS`) led by another server
+        while ``server`` holds a current replica of it to step down (JetStream
+        hands its leadership to another current replica, not necessarily
+        ``server``: ask again at the next look); the streams asked, and those
+        ``server`` leads (:mod:`fenghuo.server.stream_leader`)."""
+        asked, led = [], []
+        for stream in STREAMS:
+            cluster = (await self.js.stream_info(stream)).cluster
+            if cluster is None or not cluster.leader:
+                continue                 # one server (R1, no cluster), or an election
+            if cluster.leader == server:
+                led.append(stream)
+            elif any(r.name == server and r.current for r in cluster.replicas or ()):
+                answer = await self.nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"",
+                                               timeout=API_TIMEOUT)
+                error = json.loads(answer.data).get("error")
+                if error:
+                    nats.js.errors.APIError.from_error(error)      # raises it
+                asked.append(stream)
+        return asked, led
 
     async def cluster_id(self) -> str:
         """12 hex digits made by the first node ever to ask: the cluster's store id."""

@@ -195,6 +195,9 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_chats_received_unasked", "New direct chats this node "
                       "received from their owner's announcement, without asking for them.",
                       node.chats_received_unasked)
+        yield counter("fenghuo_cluster_leader_stepdowns", "Streams this node asked to step "
+                      "down to move their leader to --stream-leader (server/stream_leader.py).",
+                      node.leaders.stepdowns if node.leaders is not None else 0)
         yield counter("fenghuo_cluster_replica_holes_filled", "Messages lost on the way from "
                       "their owner (core NATS) and read from the stream instead.",
                       node.holes_filled)

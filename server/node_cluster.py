@@ -49,6 +49,7 @@ from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored, split_fr
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.stalls import Histogram
+from fenghuo.server.stream_leader import LeaderKeeper
 from fenghuo.server.subscriptions import STORE_PAGE
 
 if TYPE_CHECKING:
@@ -199,8 +200,15 @@ class NodeCluster(Cluster):
         self.store.state = self.state
         self.store.on_group_saved = self._group_stored
         # Retention purges the stream from one node: the live one with the lowest index.
-        self.store.expires = lambda: self.index <= min(self.liveness.live_peers(),
-                                                       default=self.index)
+        self.store.expires = self._lowest_live
+        #: moves the stream's and buckets' leaders to --stream-leader (one node at a time)
+        self.leaders = (LeaderKeeper(engine, s.stream_leader, self._lowest_live)
+                        if s.stream_leader else None)
+
+    def _lowest_live(self) -> bool:
+        """Whether this is the live participant with the lowest index: the one that
+        does the cluster's chores (retention, keeping the streams' leaders)."""
+        return self.index <= min(self.liveness.live_peers(), default=self.index)
 
     @classmethod
     async def join(cls, relay: Relay, spec: WorkerSpec | None = None) -> NodeCluster:
@@ -212,7 +220,8 @@ class NodeCluster(Cluster):
         worker = None if spec is None else spec.index
         name = participant(relay.settings.node_name, worker)
         log.info("joining the cluster", extra={"node": name, "nats": relay.settings.cluster_urls})
-        engine = await Engine.connect(relay.settings.cluster_urls, f"fenghuo-{name}")
+        engine = await Engine.connect(relay.settings.cluster_urls, f"fenghuo-{name}",
+                                      relay.settings.stream_tag_list)
         index = await engine.patiently(lambda: _index_of(engine, name), "this node's index")
         self = cls(relay, index, engine,
                    await engine.patiently(engine.cluster_id, "the cluster's id"), name)
@@ -233,6 +242,8 @@ class NodeCluster(Cluster):
         # from here on the buckets' watches apply what other nodes change.
         relay.cluster, relay.shared_state = self, self.state
         await self.state.open()
+        if self.leaders is not None:
+            self.leaders.start()
         log.info("joined the cluster", extra={"node": name, "index": index,
                                              "region": self.region,
                                              "cluster_id": self.cluster_id})
@@ -244,6 +255,8 @@ class NodeCluster(Cluster):
     async def stop(self, timeout: float) -> None:
         # The watches first, each to its end: cancelled with the connection
         # closed under them, they left their consumers on the server.
+        if self.leaders is not None:
+            await self.leaders.stop()
         await asyncio.gather(self.ownership.stop(), self.state.stop())
         await self.liveness.stop()
         await self.mesh.flush(timeout)
@@ -1285,7 +1298,10 @@ class NodeCluster(Cluster):
                 "first_writes": self.first_writes,
                 "first_writes_refused": self.first_writes_refused,
                 "publishes_redriven": self.publishes_redriven,
-                "chats_received_unasked": self.chats_received_unasked}
+                "chats_received_unasked": self.chats_received_unasked,
+                "stream_leader": self.relay.settings.stream_leader,
+                "streams_led_there": [] if self.leaders is None else self.leaders.led,
+                "leader_stepdowns": 0 if self.leaders is None else self.leaders.stepdowns}
 
 
 def participant(node: str, worker: int | None) -> str:
