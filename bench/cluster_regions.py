@@ -70,6 +70,8 @@ import nats
 import nats.errors
 import uvloop
 
+import fenghuo
+
 from bench import geo, loadgen
 from bench.netem import ChunkRecord, Direction, LinkProfile, ProxiedConnection, Proxy, clock
 from bench.targets import RELAY_CPU, Fenghuo, free_port, peer_binary
@@ -124,6 +126,8 @@ class Placement:
     owners: dict[tuple[str, str], str] = field(default_factory=dict)     # (src, dst) -> region
     leader: str = ""
     followers: tuple[str, ...] = ()
+    #: each node's FIRST_COUNTERS after the run (region -> counter -> count)
+    first_writes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,6 +276,12 @@ class RouteWire:
         return None
 
 
+# A node's /healthz counters of new channels written first: whether a pair's
+# first message took the first write, and whether the stream refused it.
+FIRST_COUNTERS = ("first_writes", "first_writes_refused", "publishes_redriven",
+                  "chats_received_unasked")
+
+
 @dataclass
 class ClusterWorld(geo.World):
     """geo's world with a node per region: each region's clients reach their own node."""
@@ -283,6 +293,43 @@ class ClusterWorld(geo.World):
     placement: Placement = field(default_factory=Placement)
     hops: Hops = field(default_factory=Hops)
     routes: RouteWire = field(default_factory=RouteWire)
+    #: where the stream and buckets are (the run's --regions-stream-*)
+    stream_leader: str = ""
+    stream_regions: tuple[str, ...] = ()
+    #: --regions-claim-by receiver: each cross-region pair's receiver reads its
+    #: chat's history (its node claims the new chat) before the first message
+    claim_by_receiver: bool = False
+    #: the HISTORY requests of :meth:`before_first`, kept until they are answered
+    early_reads: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def first_lead_s(self, src: str, dst: str) -> float:
+        """How long before the sender's first message its receiver asks for the
+        chat's history (``--regions-claim-by receiver``): a HISTORY of a new direct
+        chat makes it there with its participants in it, and the receiver's node,
+        which must then find the chat's owner, claims it and reads its empty
+        tail.  The receiver's claim must reach the owners' bucket's leader before
+        the sender's node's (lead > d(receiver, leader) - d(sender, leader)) and
+        the sender's node must not have heard of it yet, through the bucket's
+        watch, when the first publish reaches it (lead < d(receiver, leader) +
+        the quorum's round trip + d(leader, sender)): the middle of that window,
+        d(receiver, leader) + half the quorum's round trip, at the mean delays.
+        The sender's node then writes the first message beside a claim that
+        loses, and the receiver's node, owning the chat, takes that message from
+        the writer's ``first`` control (58d9427)."""
+        if not self.claim_by_receiver or src == dst:
+            return 0.0
+        leader = self.stream_leader
+        quorum = 2 * min(mean_one_way_s(leader, f, self.scale)
+                         for f in self.stream_regions if f != leader)
+        return mean_one_way_s(dst, leader, self.scale) + quorum / 2
+
+    def before_first(self, pair: geo.Pair) -> None:
+        async def read() -> None:
+            try:
+                await pair.receiver.history(geo.chat_of(pair.src, pair.dst), limit=1)
+            except (fenghuo.FenghuoError, OSError, TimeoutError) as exc:
+                print(f"regions: {pair.name}'s early history failed: {exc!r}", file=sys.stderr)
+        self.early_reads.append(asyncio.ensure_future(read()))
 
     def link(self, region: str) -> LinkProfile:
         base = geo.one_way(region, region).scaled(self.scale)
@@ -297,7 +344,11 @@ class ClusterWorld(geo.World):
                 on_connection=self.wire.watch).start()
 
     async def before_results(self) -> None:
+        await asyncio.gather(*self.early_reads)
         self.placement = await read_placement(self)
+        self.placement.first_writes = {region: {k: health["cluster"][k] for k in FIRST_COUNTERS}
+                             for region, port in self.node_metrics.items()
+                             for health in [await asyncio.to_thread(_health, port)]}
         await self.hops.close()
 
     def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
@@ -402,9 +453,7 @@ async def read_placement(world: ClusterWorld) -> Placement:
                               followers=tuple(r.name for r in info.cluster.replicas or ()))
         for src in geo.REGIONS:
             for dst in geo.REGIONS:
-                a, b = geo._user("s", src, dst), geo._user("r", src, dst)
-                channel = f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
-                entry = await kv.get(token(channel))
+                entry = await kv.get(token(geo.chat_of(src, dst)))
                 placement.owners[(src, dst)] = regions_by_index[
                     json.loads(entry.value)["node"]]
         return placement
@@ -622,7 +671,12 @@ async def _measure(a: argparse.Namespace, base: Path
             node_ports={r: n.port for r, n in cluster.nodes.items()},
             node_metrics={r: n.metrics_port for r, n in cluster.nodes.items()},
             nats_url=cluster.servers[geo.REGIONS[0]].url,
-            server_urls={r: s.url for r, s in cluster.servers.items()}, routes=cluster.routes)
+            server_urls={r: s.url for r, s in cluster.servers.items()}, routes=cluster.routes,
+            stream_leader=cluster.stream_leader, stream_regions=cluster.stream_regions,
+            claim_by_receiver=a.regions_claim_by == "receiver")
+        if world.claim_by_receiver and not (cluster.stream_leader and cluster.stream_regions):
+            raise SystemExit("--regions-claim-by receiver needs --regions-stream-leader and "
+                             "--regions-stream-regions (its lead follows the buckets' leader)")
         args = argparse.Namespace(messages=a.regions_messages, rate=a.regions_rate,
                                   catchup=a.regions_catchup, seed=1)
         pids = _server_pids(cluster)
@@ -706,6 +760,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    metavar="R1,R2,R3",
                    help="regions: the regions whose servers hold the stream's and buckets' "
                         "replicas (tagged, the nodes' --stream-tags; '' : any three)")
+    p.add_argument("--regions-claim-by", default="sender", choices=("sender", "receiver"),
+                   help="regions: whose node claims each new chat: the sender's, as its first "
+                        "publish makes it; or the receiver's, which reads the chat's history "
+                        "just before that publish so that its node wins the claim while the "
+                        "sender's writes the first message (ClusterWorld.first_lead_s)")
     p.add_argument("--regions-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"),
                    help="regions: the nodes' --log-level")
@@ -730,6 +789,13 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
           f"{', '.join(placement.followers)}; {a.regions_messages} messages per pair at "
           f"{a.regions_rate:g}/s; delays x{a.regions_scale:g}; times in ms; one-way: client "
           f"up + between nodes (mean, on the cluster's path) + client down")
+    print(f"new chats claimed by: the {a.regions_claim_by}'s node asking first; owners "
+          f"(sender's / receiver's / other node): "
+          f"{sum(o == s for (s, _), o in placement.owners.items())} / "
+          f"{sum(o == d != s for (s, d), o in placement.owners.items())} / "
+          f"{sum(o not in (s, d) for (s, d), o in placement.owners.items())}; per node "
+          + "; ".join(f"{r}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                      for r, c in placement.first_writes.items()))
     print()
     print(geo.markdown_table(pairs))
     print()
@@ -748,6 +814,7 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     result = {"pairs": pairs, "loop_lag_ms": lag, "verdicts": verdicts, "machine": machine,
               "stream_leader": placement.leader, "stream_followers": list(placement.followers),
               "owners": {f"{s} -> {d}": o for (s, d), o in placement.owners.items()},
+              "first_writes": placement.first_writes, "claim_by": a.regions_claim_by,
               "stream_leader_option": a.regions_stream_leader,
               "stream_regions_option": a.regions_stream_regions,
               "messages": a.regions_messages, "rate": a.regions_rate,

@@ -243,6 +243,17 @@ class World:
         """A message's relay turnaround split at the engine (a cluster's taps): none here."""
         return None
 
+    def first_lead_s(self, src: str, dst: str) -> float:
+        """Seconds before a pair's first message at which :meth:`before_first` runs
+        (0: it does not)."""
+        return 0.0
+
+    def max_first_lead_s(self) -> float:
+        return max(self.first_lead_s(a, b) for a in REGIONS for b in REGIONS)
+
+    def before_first(self, pair: Pair) -> None:
+        """Done :meth:`first_lead_s` before ``pair``'s first message: nothing here."""
+
     def client(self, region: str, user: str, device: str) -> fenghuo.Client:
         """A client placed in ``region``; it does not reconnect (a reconnect would resend)."""
         host, port = self.proxies[region].address
@@ -254,15 +265,27 @@ async def _sleep_until(instant: float) -> None:
     await asyncio.sleep(max(0.0, instant - clock()))
 
 
-async def _publish_at_rate(pair: Pair, messages: int, rate: float, phase: float) -> None:
+def chat_of(src: str, dst: str) -> str:
+    """The direct chat of the pair ``src`` -> ``dst``."""
+    a, b = _user("s", src, dst), _user("r", src, dst)
+    return f"dm:{a}:{b}" if a < b else f"dm:{b}:{a}"
+
+
+async def _publish_at_rate(world: World, pair: Pair, messages: int, rate: float,
+                           phase: float) -> None:
     """Publish ``messages`` at a fixed rate (not waiting for acks), then await every ack.
 
     ``phase`` (0..1) shifts this pair's schedule within one period, so that
-    the pairs together offer an evenly spaced load instead of bursts.
+    the pairs together offer an evenly spaced load instead of bursts.  The
+    world's :meth:`World.before_first` runs its lead before the first message.
     """
     receiver_user = _user("r", pair.src, pair.dst)
     acks = []
-    started = clock() + phase / rate
+    lead = world.first_lead_s(pair.src, pair.dst)
+    started = clock() + world.max_first_lead_s() + phase / rate
+    if lead:
+        await _sleep_until(started - lead)
+        world.before_first(pair)
     for index in range(messages):
         await _sleep_until(started + index / rate)
         acks.append(asyncio.ensure_future(
@@ -309,7 +332,7 @@ async def _catch_up_once(world: World, pair: Pair, trial: int, timeout: float) -
 
 
 async def _run_pair(world: World, pair: Pair, args: argparse.Namespace, phase: float) -> None:
-    await _publish_at_rate(pair, args.messages, args.rate, phase)
+    await _publish_at_rate(world, pair, args.messages, args.rate, phase)
     await _await_deliveries(pair, clock() + _GRACE_S)
     # The receiver's device keeps its position on the relay, so that when it
     # comes back it is resumed from there: catch-up of what it missed.

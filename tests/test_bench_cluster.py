@@ -125,3 +125,23 @@ async def test_each_stretched_nats_server_expects_all_four_meta_peers_from_its_s
         await cluster.check_meta_leader()
     finally:
         await cluster.stop()
+
+
+def test_regions_with_the_receivers_nodes_claiming_new_chats_deliver_each_message_once(tmp_path):
+    """--regions-claim-by receiver: each cross-region pair's receiver reads its new
+    chat's history just before the first publish, so its node claims the chat
+    while the sender's node writes the first message beside a claim that loses
+    (the path of 58d9427, which the default runs never took): every message
+    still arrives once and in order, and receivers' nodes own chats."""
+    out = tmp_path / "regions.json"
+    bench("cluster", "--parts", "regions", "--regions-claim-by", "receiver",
+          "--regions-messages", "2", "--regions-rate", "2", "--regions-catchup", "1",
+          "--json", str(out), timeout=300)
+    regions = json.loads(out.read_text())["regions"]
+    assert regions["verdicts"]["delivery"]["ok"]
+    for pair in regions["pairs"]:
+        assert pair["sent"] == pair["delivered"] == 2 and pair["duplicates"] == 0
+    owned_by_receiver = [k for k, owner in regions["owners"].items()
+                         if owner == k.split(" -> ")[1] != k.split(" -> ")[0]]
+    assert owned_by_receiver
+    assert set(regions["first_writes"]) == {"shanghai", "frankfurt", "virginia", "sydney"}
