@@ -137,7 +137,7 @@ def markdown(doc: dict[str, Any]) -> str:
                        lower_is_better=True), "",
            _connect_rates(results), "",
            "## Durable store (fenghuo, SQLite, per `--fsync`)", "",
-           _store(results), "",
+           _store_table(results), "",
            "## Deployments (fenghuo as `--workers 1 --store memory` and as `fenghuo serve` "
            "with no flags: one worker per core, SQLite, `--fsync always`)", "",
            deployments_table(results), "",
@@ -171,7 +171,7 @@ def _connect_rates(results: list[dict]) -> str:
     return _table(["target", "scenario", "connects/s", "bytes/connection"], rows)
 
 
-def _store(results: list[dict]) -> str:
+def _store_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if r["extra"].get("group") != "store":
@@ -222,7 +222,7 @@ def keys_table(results: list[dict]) -> str:
             rounds = sorted(k / p for p, k in zip(
                 [_cpu(r) for r in pairs if not r["params"].get("keyed")],
                 [_cpu(r) for r in pairs if r["params"].get("keyed")]) if p and k)
-            rows.append([deployment or "–", _store(flags), window, order, _cell(plain_v),
+            rows.append([deployment or "–", _store_of_flags(flags), window, order, _cell(plain_v),
                          _cell(keyed_v),
                          _over(keyed_v, plain_v), f"{plain_c:.2f}" if plain_c else "–",
                          f"{keyed_c:.2f}" if keyed_c else "–", _over(keyed_c, plain_c),
@@ -232,7 +232,7 @@ def keys_table(results: list[dict]) -> str:
                    "keyed", "keyed ÷ unkeyed (CPU)", "(CPU) each round"], rows)
 
 
-def _store(flags: str) -> str:
+def _store_of_flags(flags: str) -> str:
     """The store a relay started with ``flags`` (as ``fenghuo serve`` reads them) keeps."""
     words = flags.split()
 

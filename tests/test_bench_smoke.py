@@ -55,11 +55,12 @@ def test_keys_compares_keyed_and_unkeyed_publishing_per_window():
     assert len(lines) == 6, run.stdout          # both deployments: unkeyed, two key orders
     for delivered, published in lines:
         assert 0 < int(delivered.replace(",", "")) <= 1.05 * int(published.replace(",", ""))
-    # Per deployment and key order: unkeyed, keyed, their ratio; the relay's CPU per publish follows.
-    for deployment in ("1 worker, memory", "default"):
+    # Per deployment (with the store it ran on) and key order: unkeyed, keyed, their
+    # ratio; the relay's CPU per publish follows.
+    for deployment, store in (("1 worker, memory", "memory"), ("default", "sqlite, --fsync always")):
         for order in ("counted", "random"):
-            row = re.search(rf"^\| {deployment} \| 16 \| {order} \| ([\d.]+ [kM]?) ?\| ([\d.]+ [kM]?) ?"
-                            rf"\| ([\d.]+) \|", run.stdout, re.M)
+            row = re.search(rf"^\| {deployment} \| {store} \| 16 \| {order} \| ([\d.]+ [kM]?) ?"
+                            rf"\| ([\d.]+ [kM]?) ?\| ([\d.]+) \|", run.stdout, re.M)
             assert row, run.stdout
 
 
