@@ -10,8 +10,9 @@
 #   make build   rebuild the extension (and the generator) in place after
 #                editing core/*.pyx; installs the test extras, which have Cython
 #   make lint    ruff over the tree and no import cycle in server/
-#                (scripts/import_cycles.py); `make typecheck` mypy over server/ and
-#                fenghuo/ (scripts/typecheck.sh); both are part of `make test`
+#                (scripts/import_cycles.py); `make typecheck` mypy over server/,
+#                fenghuo/, bench/, loadtest/ and scripts/ (scripts/typecheck.sh);
+#                both are part of `make test`
 #   make debug   rebuild with invariant checks (CORE_DEBUG) and cython -a annotations
 PYTHON ?= python3
 VENV ?= .venv

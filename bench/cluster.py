@@ -154,17 +154,17 @@ def make_target(name: str, secret: str) -> Target:
 
 def scenarios(sizes: Sizes) -> list[tuple[str, Callable]]:
     """(name, scenario(target, progress)) in the order they run."""
-    common = {"warmup": sizes.warmup, "duration": sizes.duration}
+    w, d = sizes.warmup, sizes.duration
     return [
-        ("one-to-one", lambda t, p: loadgen.pairs_run(t, pairs=1, progress=p, **common)),
+        ("one-to-one", lambda t, p: loadgen.pairs_run(t, pairs=1, progress=p, warmup=w, duration=d)),
         (f"one-to-one latency, {sizes.latency_pairs} pairs @ {sizes.rate:g}/s",
          lambda t, p: loadgen.pairs_run(t, pairs=sizes.latency_pairs, rate=sizes.rate,
-                                        progress=p, **common)),
+                                        progress=p, warmup=w, duration=d)),
         (f"fan-out {sizes.members}", lambda t, p: loadgen.fan_out_run(
-            t, members=sizes.members, progress=p, **common)),
+            t, members=sizes.members, progress=p, warmup=w, duration=d)),
         (f"fan-out {sizes.members} latency @ {sizes.fan_out_rate:g}/s",
          lambda t, p: loadgen.fan_out_run(t, members=sizes.members, rate=sizes.fan_out_rate,
-                                          progress=p, **common)),
+                                          progress=p, warmup=w, duration=d)),
     ]
 
 

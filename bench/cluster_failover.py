@@ -237,10 +237,13 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
         await asyncio.sleep(a.failover_before)
         if victim == "node":
             event.killed_at = clock()
-            cluster.nodes[0].proc.kill()           # SIGKILL, what a crash looks like
+            node = cluster.nodes[0].proc
+            assert node is not None
+            node.kill()                             # SIGKILL, what a crash looks like
             clients[1] = await _move(cluster, clients[1], receivers[0], 1)
         else:
             leader = await _stream_leader(cluster)
+            assert cluster.nats is not None
             server = next(s for s in cluster.nats.servers if s.name == leader)
             event.killed_at = clock()
             server.kill()
@@ -278,7 +281,7 @@ def summarize(event: Event) -> dict[str, Any]:
     acked = [p for p in event.published if p.seq is not None]
     seqs = [s for s, _ in event.stored]
     after_kill = [p for p in acked if p.first_sent >= event.killed_at]
-    sequenced_again = min((p.acked_at for p in after_kill), default=None)
+    sequenced_again = min((p.acked_at for p in after_kill if p.acked_at is not None), default=None)
     recovered_s = None if sequenced_again is None else sequenced_again - event.killed_at
     window_end = (sequenced_again or event.killed_at) + 1.0
     sent_at = {p.key: p.first_sent for p in event.published}

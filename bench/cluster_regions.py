@@ -459,11 +459,15 @@ async def read_placement(world: ClusterWorld) -> Placement:
                 break
             await asyncio.sleep(0.5)
         kv = await js.key_value(OWNERS)
+        if info.cluster is None:
+            raise RuntimeError("the FENGHUO stream has no cluster information: not clustered")
         placement = Placement(leader=info.cluster.leader or "",
-                              followers=tuple(r.name for r in info.cluster.replicas or ()))
+                              followers=tuple(str(r.name) for r in info.cluster.replicas or ()))
         for src in geo.REGIONS:
             for dst in geo.REGIONS:
                 entry = await kv.get(token(geo.chat_of(src, dst)))
+                if entry.value is None:
+                    raise RuntimeError(f"{geo.chat_of(src, dst)} has no owner record")
                 placement.owners[(src, dst)] = regions_by_index[
                     json.loads(entry.value)["node"]]
         return placement
@@ -499,6 +503,7 @@ class Stretched:
         for region in geo.REGIONS:
             self.start_server(region, binary)
         # Blocking waits run in a thread: the route proxies run on this loop.
+        assert self.nats is not None            # prepare() made it
         await asyncio.to_thread(self.nats.wait_ready, 60)
         await self.check_routes()
         await self.check_meta_leader()
@@ -540,8 +545,9 @@ class Stretched:
             for _ in range(LEADER_TRIES):
                 for stream in STREAMS:
                     try:
-                        leaders[stream] = (await js.stream_info(stream)).cluster.leader or ""
-                    except (nats.errors.Error, AttributeError):
+                        info = (await js.stream_info(stream)).cluster
+                        leaders[stream] = (info.leader if info is not None else None) or ""
+                    except nats.errors.Error:
                         leaders[stream] = ""
                 if set(leaders.values()) == {self.stream_leader}:
                     return

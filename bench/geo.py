@@ -448,14 +448,14 @@ def _pair_result(world: World, pair: Pair) -> dict:
         # the relay and two loopback hops, without the clients' share.
         turnarounds.append(down.arrived_at - up.released_at)
     seqs = [seq for *_, seq in pair.received]
-    up, down = world.link(pair.src), world.link(pair.dst)
+    uplink, downlink = world.link(pair.src), world.link(pair.dst)
     return {
         "from": pair.src, "to": pair.dst,
-        "nominal_one_way_ms": {"uplink": round(up.delay_s * 1000, 3),
-                               "downlink": round(down.delay_s * 1000, 3),
+        "nominal_one_way_ms": {"uplink": round(uplink.delay_s * 1000, 3),
+                               "downlink": round(downlink.delay_s * 1000, 3),
                                "between_nodes": round(between * 1000, 3),
-                               "uplink_jitter": round(up.jitter_s * 1000, 3),
-                               "downlink_jitter": round(down.jitter_s * 1000, 3)},
+                               "uplink_jitter": round(uplink.jitter_s * 1000, 3),
+                               "downlink_jitter": round(downlink.jitter_s * 1000, 3)},
         "sent": pair.sent,
         "delivered": len(set(ids)),
         "duplicates": len(ids) - len(set(ids)),

@@ -301,6 +301,7 @@ async def _measure(target: Target, setup: _Setup, name: str, params: dict[str, A
     try:
         if rate:
             params["rate"] = rate
+            assert recorder is not None         # made whenever there is a rate
             timing = await measure_latency(setup, recorder, rate, warmup, duration, progress)
         else:
             params["window"] = window

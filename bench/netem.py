@@ -399,7 +399,7 @@ class Proxy:
         self.on_connection = on_connection
         #: every connection made so far, open or closed, with its records
         self.connections: list[ProxiedConnection] = []
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> Self:
         loop = asyncio.get_running_loop()

@@ -30,7 +30,9 @@ def machine() -> dict[str, Any]:
     """What a reader needs to compare a run with their own."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+    assert mem is not None, "no MemTotal in /proc/meminfo"
+    mem_kib = int(mem.group(1))
     facts: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
                              "kernel": platform.release(), "python": platform.python_version()}
     for name, flag in (("nats-server", "--version"), ("redis-server", "--version")):

@@ -558,7 +558,10 @@ def private_bytes(pid: int) -> int:
 def kernel_tcp_bytes() -> int:
     """Memory the kernel holds for TCP sockets (``/proc/net/sockstat``, pages)."""
     text = Path("/proc/net/sockstat").read_text()
-    pages = int(re.search(r"^TCP:.* mem (\d+)", text, re.MULTILINE).group(1))
+    found = re.search(r"^TCP:.* mem (\d+)", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no TCP memory in /proc/net/sockstat: {text!r}")
+    pages = int(found.group(1))
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 

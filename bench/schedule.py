@@ -99,7 +99,9 @@ async def _lateness(target: Fenghuo, api_url: str, key: str, a: argparse.Namespa
             stalls_before = stall_buckets(target.metrics_port)
             waited_before = runqueue_wait_s(target.proc.pid)
             waits = asyncio.ensure_future(_sample_waits(target.proc.pid))
-            sequenced, arrived, dues = [], [], []
+            sequenced: list[float] = []
+            arrived: list[float] = []
+            dues: list[float] = []
             while len(sequenced) < a.fired:
                 m = await client.next_message(timeout=first + a.fired * a.spacing + 30 - time.time())
                 got = time.time()

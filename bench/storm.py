@@ -113,7 +113,7 @@ async def main() -> None:
     outcome = Outcome()
     first, count = int(a.first), int(a.count)
     storm = asyncio.gather(*(
-        admit(a.host, int(a.port), a.source, *((a.user, f"d{i}") if a.user else (f"s{i}", "d")),
+        admit(a.host, int(a.port), a.source, a.user or f"s{i}", f"d{i}" if a.user else "d",
               a.secret, outcome, a.timeout) for i in range(first, first + count)))
     try:
         await asyncio.wait_for(storm, a.deadline)

@@ -94,7 +94,7 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+            raise RuntimeError(f"{program(proc)} exited with {proc.returncode} before listening")
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             return
@@ -102,8 +102,14 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float 
             time.sleep(0.05)
     state = process_state(proc.pid)
     proc.kill()
-    raise RuntimeError(f"{proc.args[0]} did not listen on {host}:{port} within {timeout:g} s "
+    raise RuntimeError(f"{program(proc)} did not listen on {host}:{port} within {timeout:g} s "
                        f"({state})")
+
+
+def program(proc: subprocess.Popen) -> str:
+    """The program ``proc`` runs (its first argument), for messages."""
+    args = proc.args
+    return os.fsdecode(args[0]) if isinstance(args, list | tuple) else str(args)
 
 
 def process_state(pid: int) -> str:
@@ -127,7 +133,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> Non
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before healthy")
+            raise RuntimeError(f"{program(proc)} exited with {proc.returncode} before healthy")
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
@@ -316,8 +322,10 @@ def handed_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> a
     The writer itself is handed on, not just its transport: a StreamWriter
     closes its transport when it is garbage-collected.
     """
-    if reader._buffer:
-        raise RuntimeError(f"{len(reader._buffer)} unread bytes at hand-over")
+    # _buffer: asyncio's StreamReader has no public count of what it holds unread.
+    unread = len(reader._buffer)  # type: ignore[attr-defined]
+    if unread:
+        raise RuntimeError(f"{unread} unread bytes at hand-over")
     return writer
 
 
@@ -380,6 +388,7 @@ class FenghuoWire(Target):
                 if frames.buffered:
                     raise RuntimeError("bytes after the reply during setup")
                 return decode_json(frame.body)
+        raise AssertionError("unreachable: _frames ends only by raising")
 
     async def open(self, user: str, subscribe: tuple[str, ...] = (),
                    source: str | None = None) -> Opened:
@@ -520,6 +529,7 @@ class Fenghuo(FenghuoWire):
                 with open(self.log_path, "ab") as log:
                     self._spawn(cmd, stderr=log)
             if self.gateway:
+                assert self.proc is not None        # _spawn set it
                 wait_listening(self.proc, self.host, self.ws_port)
             return
         # The supervisor gets SIGTERM if this process dies (its workers get it from it).

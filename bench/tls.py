@@ -101,11 +101,11 @@ def compare(a: argparse.Namespace, label: str, make: Callable[[bool], Fenghuo]) 
           f"| p99 TCP ms | p99 {label} ms | p99 {label} / TCP | relay µs/publish TCP "
           f"| relay µs/publish {label} | µs {label} / TCP |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, metric, tcp, other in rows:
-        print(f"| {name} | {metric} | {tcp.value:,.0f} | {other.value:,.0f} | "
-              f"{other.value / tcp.value:.2f} | {_ms(tcp.p50)} | {_ms(other.p50)} | "
-              f"{_ms(tcp.p99)} | {_ms(other.p99)} | {_ratio(other.p99, tcp.p99)} | "
-              f"{_us(tcp.cpu_us)} | {_us(other.cpu_us)} | {_ratio(other.cpu_us, tcp.cpu_us)} |")
+    for name, metric, tcp, alt in rows:
+        print(f"| {name} | {metric} | {tcp.value:,.0f} | {alt.value:,.0f} | "
+              f"{alt.value / tcp.value:.2f} | {_ms(tcp.p50)} | {_ms(alt.p50)} | "
+              f"{_ms(tcp.p99)} | {_ms(alt.p99)} | {_ratio(alt.p99, tcp.p99)} | "
+              f"{_us(tcp.cpu_us)} | {_us(alt.cpu_us)} | {_ratio(alt.cpu_us, tcp.cpu_us)} |")
     return 0
 
 

@@ -195,7 +195,7 @@ def cmd_webhooks(a: argparse.Namespace) -> int:
                 "--api-key-file", str(root / "keys"))))
             assert started[1].proc is not None
             wait_listening(started[1].proc, "127.0.0.1", api_port)
-            runs, drain = uvloop.run(_rounds(*started, receiver, api_port, key, a))
+            runs, drain = uvloop.run(_rounds(started[0], started[1], receiver, api_port, key, a))
         finally:
             for target in started:
                 target.stop()

@@ -93,6 +93,7 @@ async def drive(port: int, messages: int, size: int, window: int) -> dict[str, f
                 done.set_result(None)
 
     transport, client = await ws_connect(Client, f"ws://127.0.0.1:{port}/")
+    assert isinstance(client, Client)
     start = time.perf_counter()
     for _ in range(min(window, messages)):
         client.send_one()

@@ -73,4 +73,5 @@ async def open_ws_stream(url: str, tls: ssl.SSLContext | None = None
     _, stream = await ws_connect(WsStream, url, ssl_context=tls)
     if stream is None:      # picows: closed before the upgrade
         raise ConnectionError(f"{url} closed before the WebSocket upgrade")
+    assert isinstance(stream, WsStream)     # the factory's
     return stream.reader, stream

@@ -254,6 +254,8 @@ class DedupeWindow:
     max_keys: int
     span_us: int
     evicted_early_us: int
+    #: with a store: keys leaving before their span are given up with their seqs (dedupe.pxd)
+    keep_given_up: bool
     def __init__(self, max_keys: int, span_us: int, secret: bytes | None = None) -> None:
         """``secret``: a 16-byte SipHash key instead of the process's (tests choose keys by hash)."""
     def __len__(self) -> int: ...

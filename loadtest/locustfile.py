@@ -42,7 +42,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from fenghuo.channels import direct_channel, group_channel
 from loadtest.report import readers_line
-from loadtest.user import CheckFailed, FenghuoUser, Roster
+from loadtest.user import CheckFailed, FenghuoUser, Grants, Roster
 
 log = logging.getLogger("loadtest")
 
@@ -58,7 +58,7 @@ ANSWER_TIMEOUT = 10.0
 READ_GRACE = 1.0      # seconds before the head office asks who has read an announcement
 REGIONS = ("north", "east", "south", "west")
 
-READERS = collections.Counter()
+READERS: collections.Counter[str] = collections.Counter()
 """``read`` and ``expected`` summed over CURSOR ``readers`` answers (retail)."""
 
 
@@ -320,7 +320,7 @@ class HeadOffice(FenghuoUser):
         self.rounds = itertools.count()
         self.unchecked: collections.deque[tuple[float, str, int, int]] = collections.deque()
 
-    def grants(self) -> dict[str, list[str]]:
+    def grants(self) -> Grants:
         # Concrete names are subscribed at HELLO, so CURSOR may ask about them.
         return {"channels": [self.chain, *(f"{self.chain}.{r}" for r in REGIONS),
                              f"{self.chain}.>"]}
@@ -375,7 +375,7 @@ class Store(FenghuoUser):
         self.region = REGIONS[self.serial % len(REGIONS)]
         self.subscribed: str | None = None
 
-    def grants(self) -> dict[str, list[str]]:
+    def grants(self) -> Grants:
         return {"read": ["org.retail.>"]}
 
     def on_connected(self) -> None:

@@ -35,7 +35,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import gevent
 import gevent.queue
@@ -61,6 +61,13 @@ NO_PARTNER_PAUSE = 0.2
 
 _STAMPS_KEPT = 10_000   # own messages remembered for READ latency, per user
 
+
+class Grants(TypedDict, total=False):
+    """A token's claims beyond the user id, as ``issue_token`` takes them."""
+
+    channels: list[str]
+    read: list[str]
+    roles: list[str]
 
 class CheckFailed(Exception):
     """A reply arrived but does not say what the scenario expects."""
@@ -109,7 +116,7 @@ class FenghuoUser(User):
 
     # ------------------------------------------------------------ hooks
 
-    def grants(self) -> dict[str, list[str]]:
+    def grants(self) -> Grants:
         """Token claims beyond the user id (``channels``, ``read``, ``roles``)."""
         return {}
 

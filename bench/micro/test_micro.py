@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import struct
+from typing import cast
 
 import orjson
 import pytest
@@ -134,7 +135,8 @@ def test_fan_out(benchmark, impl, members):
             ch = hub.channel("group:g")
             conns = [Connection(hub) for _ in range(members)]
             for conn in conns:
-                conn.transport = _NullTransport()
+                # A stand-in: the flush calls only what it defines.
+                conn.transport = cast(asyncio.Transport, _NullTransport())
             ch.subscribers.update(conns)
 
             def run() -> None:
