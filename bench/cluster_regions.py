@@ -58,6 +58,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -74,9 +75,9 @@ import fenghuo
 
 from bench import geo, loadgen
 from bench.netem import ChunkRecord, Direction, LinkProfile, ProxiedConnection, Proxy, clock
-from bench.targets import RELAY_CPU, Fenghuo, free_port, peer_binary
+from bench.targets import RELAY_CPU, Fenghuo, free_ports, peer_binary
 from fenghuo.server.jetstream import OWNERS, STREAMS, token
-from scripts.nats_cluster import NatsCluster, NatsServer
+from scripts.nats_cluster import START_ATTEMPTS, NatsCluster, NatsServer, PortTaken
 
 # Implicit routes (a server connecting to an address another gossiped) would
 # bypass the proxies: every server advertises this unroutable one instead.
@@ -499,12 +500,7 @@ class Stretched:
     routes: RouteWire = field(default_factory=RouteWire)
 
     async def start(self) -> None:
-        binary = await self.prepare()
-        for region in geo.REGIONS:
-            self.start_server(region, binary)
-        # Blocking waits run in a thread: the route proxies run on this loop.
-        assert self.nats is not None            # prepare() made it
-        await asyncio.to_thread(self.nats.wait_ready, 60)
+        await self.start_servers()
         await self.check_routes()
         await self.check_meta_leader()
         for region, server in self.servers.items():
@@ -525,6 +521,37 @@ class Stretched:
                                for region, node in self.nodes.items()))
         if self.stream_leader:
             await self.wait_for_leaders()
+
+    async def start_servers(self) -> None:
+        """Every region's server started, and JetStream up on each. A server that
+        could not bind a port it was given (taken between the pick and its bind:
+        PortTaken) has all four started again on a new block of ports, with new
+        proxies, as NatsCluster.start does."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            binary = await self.prepare()
+            for region in geo.REGIONS:
+                self.start_server(region, binary)
+            assert self.nats is not None            # prepare() made it
+            try:
+                # Blocking waits run in a thread: the route proxies run on this loop.
+                await asyncio.to_thread(self.nats.wait_ready, 60)
+                return
+            except PortTaken:
+                if attempt == START_ATTEMPTS:
+                    raise
+                await self.unprepare()
+
+    async def unprepare(self) -> None:
+        """Undo ``prepare`` (and the servers' start): servers stopped, their stores and
+        logs removed, proxies closed."""
+        if self.nats is not None:
+            await asyncio.to_thread(self.nats.stop)
+        await asyncio.gather(*(p.close() for p in self.route_proxies.values()))
+        for server in self.servers.values():
+            shutil.rmtree(server.store_dir, ignore_errors=True)
+            server.log_path.unlink(missing_ok=True)
+        self.servers, self.route_proxies, self.nats = {}, {}, None
+        self.routes = RouteWire()
 
     def placement_flags(self) -> tuple[str, ...]:
         flags: tuple[str, ...] = ()
@@ -562,13 +589,18 @@ class Stretched:
         binary = peer_binary("nats-server")
         if binary is None:
             raise RuntimeError("nats-server is not installed: run bash bench/peers/install.sh")
-        for region in geo.REGIONS:
+        # One block below the ephemeral range (free_ports), as NatsCluster's: a
+        # port the kernel picked (free_port) could be taken by any outgoing
+        # connection before nats-server bound it ("address already in use").
+        first = free_ports(3 * len(geo.REGIONS))
+        for i, region in enumerate(geo.REGIONS):
             store = self.base / region
             store.mkdir(parents=True)
             tags = (f"region:{region}",) + ((STREAM_TAG,) if region in self.stream_regions
                                             else ())
-            self.servers[region] = RegionServer(region, "127.0.0.1", free_port(), free_port(),
-                                                free_port(), store, self.base / f"{region}.log",
+            client = first + 3 * i
+            self.servers[region] = RegionServer(region, "127.0.0.1", client, client + 1,
+                                                client + 2, store, self.base / f"{region}.log",
                                                 tags=tags)
         for a in geo.REGIONS:                 # a's route to b leaves through proxy (a, b)
             for b in geo.REGIONS:

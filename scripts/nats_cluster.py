@@ -220,8 +220,12 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until every server started is healthy; PortTaken (RuntimeError for another
+        cause) when one exited. A server that exited before this call counts too:
+        one that could not bind its port exits within milliseconds, and left out it
+        was neither waited for nor reported (a cluster of fewer servers, no retry)."""
         deadline = time.monotonic() + timeout
-        running = [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+        running = [s for s in self.servers if s.proc is not None]
         while not all(s.healthy() for s in running):
             for s in running:
                 if s.proc is not None and s.proc.poll() is not None:

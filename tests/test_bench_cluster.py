@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -125,6 +127,43 @@ async def test_each_stretched_nats_server_expects_all_four_meta_peers_from_its_s
         await cluster.check_meta_leader()
     finally:
         await cluster.stop()
+
+
+async def test_a_stretched_nats_server_whose_port_was_taken_starts_again_on_others(
+        tmp_path, monkeypatch):
+    """The regions bench picked each server's ports with free_port, in the
+    ephemeral range, where any outgoing connection can take one before
+    nats-server binds it ("address already in use", and the bench failed).
+    Its ports now come from one block below that range, and a server that
+    could not bind one has the four started again on another block."""
+    from bench import cluster_regions, geo
+    from bench.cluster_regions import Stretched
+    from bench.targets import free_ports
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked: list[int] = []
+    holder = socket.socket()
+
+    def first_pick_taken(count: int, host: str = "127.0.0.1") -> int:
+        first = free_ports(count, host)
+        if not picked:        # the first block: the second server's route port is someone else's
+            holder.bind((host, first + 4))
+            holder.listen()
+        picked.append(first)
+        return first
+    monkeypatch.setattr(cluster_regions, "free_ports", first_pick_taken)
+    cluster = Stretched(tmp_path, "secret", 0.1)
+    try:
+        await cluster.start_servers()
+        assert len(picked) == 2
+        ports = [p for s in cluster.servers.values() for p in (s.port, s.route_port, s.http_port)]
+        assert len(ports) == 3 * len(geo.REGIONS) and all(p < low for p in ports)
+        assert holder.getsockname()[1] not in ports
+        assert all(s.healthy() for s in cluster.servers.values())
+        await cluster.check_routes()            # through the new proxies
+    finally:
+        await cluster.stop()
+        holder.close()
 
 
 def test_regions_with_the_receivers_nodes_claiming_new_chats_deliver_each_message_once(tmp_path):
