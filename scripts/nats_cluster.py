@@ -88,15 +88,29 @@ class NatsServer:
         }, indent=2)
 
     def start(self, binary: str, routes: list[str], cpu: int | None = None) -> None:
-        """Start it; with ``cpu``, pinned there (every thread: set before exec)."""
+        """Start it; with ``cpu``, pinned there (every thread: set before exec).
+
+        It gets SIGTERM when the thread that started it ends, the process
+        killed by SIGKILL included (``die_with``): a test run or bench killed
+        before its cleanup left its servers running, with their ports and
+        stores, for as long as the machine ran. It is in a session of its
+        own (no Ctrl-C of the caller's terminal reaches it: the caller stops
+        it, store flushed), so this is what ends it otherwise.
+        """
         conf = self.store_dir.parent / f"{self.name}.conf"
         conf.write_text(self.config(routes))
-        pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+        dies = die_with(os.getpid())
+
+        def preexec() -> None:
+            dies()
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
         with open(self.log_path, "ab") as log:
             # preexec_fn is safe: servers are started before the caller has threads.
             self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log,  # noqa: PLW1509
                                          stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=pin)
+                                         preexec_fn=preexec)
 
     def healthy(self) -> bool:
         """JetStream is up here and this server knows the meta leader (``/healthz``)."""
