@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 
 from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
-from fenghuo.core import FrameReader, decode_message
+from storefile import stored_messages
 
 import fenghuo
 
@@ -29,19 +28,6 @@ WINDOW = 64            # publishes in flight per sender
 # group messages a second flow while a client reconnects, which a loaded
 # machine has been seen to take 7 s: well inside the span, so the defaults.
 FLAGS = ("--fsync", "always")
-
-
-def stored_messages(db_path) -> dict[str, list[tuple[int, str, str]]]:
-    """``channel -> [(seq, sender, text)]`` straight from the SQLite file."""
-    out: dict[str, list[tuple[int, str, str]]] = {}
-    with sqlite3.connect(db_path) as db:
-        for channel, seq, frame in db.execute(
-                "SELECT channel, seq, frame FROM messages ORDER BY channel, seq"):
-            (f,) = FrameReader().feed(bytes(frame))
-            m = decode_message(f.body)
-            assert (m.channel, m.seq) == (channel, seq)
-            out.setdefault(channel, []).append((seq, m.sender, m.text))
-    return out
 
 
 async def test_acked_messages_survive_repeated_kill_9(tmp_path):
@@ -104,10 +90,10 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
     for channel in channels:
         rows = stored[channel]
         # Gap-free, no duplicate seq.
-        assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1)), channel
-        texts = [text for _, _, text in rows if not text.startswith("{")]   # skip group events
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), channel
+        texts = [r.text for r in rows if not r.text.startswith("{")]   # skip group events
         # Every acked message exactly once, at the seq its ack named.
-        by_seq = {seq: text for seq, _, text in rows}
+        by_seq = {r.seq: r.text for r in rows}
         for seq, text in acked[channel]:
             assert by_seq[seq] == text, (channel, seq)
         assert len(texts) == len(set(texts)), f"{channel}: a message was stored twice"
@@ -117,7 +103,7 @@ async def test_acked_messages_survive_repeated_kill_9(tmp_path):
             assert ns == sorted(ns), (channel, i)
     for r in receivers:
         for channel, got in seen[r.user].items():
-            rows = [(seq, text) for seq, _, text in stored[channel]]
+            rows = [(r.seq, r.text) for r in stored[channel]]
             # Exactly once, in order, nothing missing (group events included).
             assert got == rows, (r.user, channel)
         assert set(seen[r.user]) == {"group:all", f"dm:{r.user}:s{r.user[1:]}"}

@@ -18,14 +18,13 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import urllib.request
 
 import pytest
 from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
-from fenghuo.core import FrameReader, decode_message
 from fenghuo.server.routing import owner_of
+from storefile import stored_messages
 
 import fenghuo
 
@@ -39,17 +38,6 @@ KILLS = 10
 MAX_BACKOFF = 5.0
 FLAGS = ("--fsync", "always")
 OLD_WINDOW_KEYS = 4096
-
-
-def stored(db_path) -> list[tuple[int, bytes, str]]:
-    """``(seq, sender NUL key, text)`` of the channel, straight from the SQLite file."""
-    rows = []
-    with sqlite3.connect(db_path) as db:
-        for seq, dedupe, frame in db.execute(
-                "SELECT seq, dedupe, frame FROM messages WHERE channel = ? ORDER BY seq", (CHANNEL,)):
-            (f,) = FrameReader().feed(bytes(frame))
-            rows.append((seq, bytes(dedupe), decode_message(f.body).text))
-    return rows
 
 
 @pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
@@ -87,16 +75,17 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
         for client in publishers:
             await client.close()
         assert relays[-1].stop() == 0
-    rows = stored(data_dir / "fenghuo.db")
+    rows = stored_messages(data_dir / "fenghuo.db").get(CHANNEL, [])
 
     # The channel saw many times the old window between kills: the test is
     # at the rate where a count-bound window forgot keys a retry still needed.
     assert len(rows) > 4 * OLD_WINDOW_KEYS, len(rows)
-    keys = [key for _, key, _ in rows]
+    keys = [r.dedupe for r in rows]
+    assert None not in keys, "a publish stored without its idempotency key"
     twice = len(keys) - len(set(keys))
     assert twice == 0, f"{twice} idempotency keys stored twice in {len(rows)} messages"
-    assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1))
-    by_seq = {seq: text for seq, _, text in rows}
+    assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
+    by_seq = {r.seq: r.text for r in rows}
     acked = [(text, seq) for load in loads for seq, text in load.acked.get(CHANNEL, [])]
     missing = [(text, seq) for text, seq in acked if by_seq.get(seq) != text]
     assert not missing, f"{len(missing)} acked messages not at their seq, e.g. {missing[:3]}"
@@ -161,9 +150,7 @@ async def test_a_retry_of_a_key_the_window_gave_up_is_the_original_after_kill_9(
         await alice.close()
     finally:
         assert relay.stop() == 0
-    with sqlite3.connect(data_dir / "fenghuo.db") as db:
-        rows = db.execute("SELECT seq, dedupe FROM messages WHERE channel = 'dm:alice:bob'"
-                          " ORDER BY seq").fetchall()
-    db.close()
-    assert [seq for seq, _ in rows] == list(range(1, GIVEN_UP_SENT + 2))
-    assert len({bytes(key) for _, key in rows}) == GIVEN_UP_SENT + 1
+    stored = stored_messages(data_dir / "fenghuo.db")["dm:alice:bob"]
+    assert [r.seq for r in stored] == list(range(1, GIVEN_UP_SENT + 2))
+    assert None not in {r.dedupe for r in stored}
+    assert len({r.dedupe for r in stored}) == GIVEN_UP_SENT + 1

@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import sqlite3
 import urllib.request
 from pathlib import Path
 
 from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
-from fenghuo.core import FrameReader, decode_message
+from storefile import stored_messages
 
 import fenghuo
 
@@ -36,17 +35,6 @@ def metric(relay: RelayProcess, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", text.decode(), re.MULTILINE)
     assert m, name
     return float(m.group(1))
-
-
-def stored(db_path: Path) -> dict[str, dict[int, str]]:
-    """``channel -> {seq: text}`` straight from the file (each (channel, seq) once: the index is unique)."""
-    out: dict[str, dict[int, str]] = {}
-    with sqlite3.connect(db_path) as db:
-        for channel, seq, frame in db.execute("SELECT channel, seq, frame FROM messages"):
-            (f,) = FrameReader().feed(bytes(frame))
-            m = decode_message(f.body)
-            out.setdefault(channel, {})[seq] = m.text
-    return out
 
 
 class Load:
@@ -87,12 +75,14 @@ class Load:
 
 def check(load: Load, db_path: Path) -> None:
     """Every acked message in the file once, at its seq; every channel's seqs gap-free."""
-    rows = stored(db_path)
+    stored = stored_messages(db_path)
     for channel, acks in load.acked.items():
-        assert sorted(rows[channel]) == list(range(1, len(rows[channel]) + 1)), channel
+        rows = stored[channel]
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), channel
+        by_seq = {r.seq: r.text for r in rows}
         for seq, text in acks:
-            assert rows[channel].get(seq) == text, (channel, seq)
-        texts = list(rows[channel].values())
+            assert by_seq.get(seq) == text, (channel, seq)
+        texts = [r.text for r in rows]
         assert len(texts) == len(set(texts)), f"{channel}: a message stored twice"
 
 
