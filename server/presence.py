@@ -82,9 +82,15 @@ class Presence:
             if self.sees(session.grants, user):
                 session.send(frame)
 
-    def emit(self, session: Session) -> None:
-        """presence.changed, from the worker where the device came or went."""
+    def came_or_went(self, session: Session) -> None:
+        """``session``'s device came or went here: PRESENCE to the sessions here that
+        watch its user, and presence.changed to the webhooks (this worker's alone).
+
+        One call for both, each tested before any other call: with no watcher and
+        no webhook, what nearly every connect and close meets, it is one frame."""
+        user = session.user
+        if user in self.watchers:
+            self.changed(user)
         if session.device != SERVICE_DEVICE and self.relay.endpoints:
-            user = session.user
             self.relay.emit(WebhookEvent("presence.changed", "", {"user": user, **self.of(user)},
                                          stream=f"user:{user}"))

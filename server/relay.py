@@ -303,8 +303,7 @@ class Relay:
                 self.subs.subscribe_org(session, name)
         if self.cluster is not None:
             self.cluster.attached(session)
-        self.presence.changed(session.user)
-        self.presence.emit(session)
+        self.presence.came_or_went(session)
 
     def detach(self, session: Session) -> None:
         for ch in session.subscriptions:
@@ -317,8 +316,7 @@ class Relay:
         if self.cluster is not None:
             self.cluster.detached(session)
         if counted:
-            self.presence.changed(session.user)
-            self.presence.emit(session)
+            self.presence.came_or_went(session)
 
     def replace(self, older: Session) -> None:
         """Close ``older``, whose device has connected again (here or on another worker)."""

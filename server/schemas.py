@@ -60,8 +60,14 @@ Text = Annotated[str, Meta(description="a string")]
 GroupId = Annotated[str, Meta(description="a group id (a string)")]
 
 
-class Body(Struct, frozen=True):
-    """A validated request body."""
+class Body(Struct, frozen=True, gc=False):
+    """A validated request body.
+
+    Not tracked by the cyclic collector (``gc=False``): a body holds what JSON
+    decodes to (strings, numbers, lists, dicts, other bodies), which cannot
+    refer back to it, so it is freed by reference counting alone; tracked, each
+    request's body counted towards the next generation-0 collection.
+    """
 
 
 class Tagged(Body, frozen=True, tag_field="op"):

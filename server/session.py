@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
 
@@ -154,7 +155,8 @@ class Session(Connection, asyncio.BufferedProtocol):
             self.track(asyncio.get_running_loop().create_task(
                 self._resume_synced(request_id, channels, held)))
             return
-        relay.subs.live_when_ready(self, channels, lambda: self._welcome(request_id, channels, resumed))
+        # A partial, not a lambda: called in C, no Python frame of its own.
+        relay.subs.live_when_ready(self, channels, partial(self._welcome, request_id, channels, resumed))
 
     async def _resume_synced(self, request_id: int, channels: tuple[Channel, ...],
                              held: Hold | None) -> None:
@@ -207,7 +209,8 @@ class Session(Connection, asyncio.BufferedProtocol):
         relay = self.relay
         self.send(relay.welcome().frame(self.user, self.device, self.grants.expires, channels,
                                         resumed, request_id))
-        relay.subs.go_live(self, channels, self.positions)
+        if channels:    # none: nothing to deliver (go_live walks the channels alone)
+            relay.subs.go_live(self, channels, self.positions)
         if log.isEnabledFor(logging.DEBUG):     # no dict of extras built per connect
             log.debug("connected", extra={"user": self.user, "device": self.device})
 
