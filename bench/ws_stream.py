@@ -35,8 +35,14 @@ class WsStream(WSListener):  # type: ignore[misc]
         self.ws = transport
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            # Answered (RFC 6455 §5.5.1): the relay reads until the client's
+            # close, or 5 s (PROTOCOL §1.1a, "Closing").
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
         if frame.msg_type != WSMsgType.BINARY:
-            return      # CLOSE: the disconnect follows
+            return
         data = frame.get_payload_as_bytes()
         if self.protocol is not None:
             self.protocol.data_received(data)

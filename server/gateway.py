@@ -88,12 +88,19 @@ class WsTransport(asyncio.Transport):
         return self.tcp.get_extra_info(name, default)
 
     def can_write_eof(self) -> bool:
-        # No half-close in WebSocket: a session closing on an error sends its
-        # last frame and then the close handshake (close), as a TLS one does.
-        return False
+        # WebSocket's half-close is its close frame (RFC 6455 §5.5.1: the
+        # sender of a close sends nothing after it, but still reads until the
+        # peer's close).  Closing the socket at once, with what the client
+        # still sends unread, made the kernel reset it: a browser whose large
+        # message a fatal ERROR cut saw 1006 instead of 1000, and sometimes
+        # lost the ERROR too (tests/test_browser_client.py).
+        return True
 
     def write_eof(self) -> None:
-        self.close()
+        # The session reads and discards until the client's close frame
+        # arrives (SessionListener disconnects then) or its linger ends (close).
+        if not self.ws.is_close_frame_sent:
+            self.ws.send_close(WSCloseCode.OK)
 
 
 class SessionListener(WSListener):

@@ -38,7 +38,11 @@ class WsClient(WSListener):
             for f in self.decoder.feed(frame.get_payload_as_bytes()):
                 self.frames.put_nowait(f)
         elif frame.msg_type == WSMsgType.CLOSE:
+            # Answered, as RFC 6455 §5.5.1 asks and browsers do: the relay
+            # reads until the client's close (PROTOCOL §1.1a, "Closing").
             self.close_code = frame.get_close_code()
+            transport.send_close(self.close_code)
+            transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.frames.put_nowait(None)
