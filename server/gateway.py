@@ -49,12 +49,15 @@ DEMO_FILES = {
 class WsTransport(asyncio.Transport):
     """The asyncio-transport face a Session writes to, over one WebSocket."""
 
-    __slots__ = ("ws", "tcp")
+    __slots__ = ("ws", "tcp", "close_code", "close_reason")
 
     def __init__(self, ws: WSTransport) -> None:
         super().__init__()
         self.ws = ws
         self.tcp: asyncio.Transport = ws.underlying_transport
+        #: what the close frame says (1000, or 1003 after a text message)
+        self.close_code = WSCloseCode.OK
+        self.close_reason = b""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.ws.send(WSMsgType.BINARY, data)
@@ -65,8 +68,7 @@ class WsTransport(asyncio.Transport):
         self.ws.send(WSMsgType.BINARY, b"".join(frames))
 
     def close(self) -> None:
-        if not self.ws.is_close_frame_sent:
-            self.ws.send_close(WSCloseCode.OK)
+        self.write_eof()
         self.ws.disconnect(graceful=True)
 
     def abort(self) -> None:
@@ -100,7 +102,7 @@ class WsTransport(asyncio.Transport):
         # The session reads and discards until the client's close frame
         # arrives (SessionListener disconnects then) or its linger ends (close).
         if not self.ws.is_close_frame_sent:
-            self.ws.send_close(WSCloseCode.OK)
+            self.ws.send_close(self.close_code, self.close_reason)
 
 
 class SessionListener(WSListener):
@@ -108,9 +110,11 @@ class SessionListener(WSListener):
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.transport: WsTransport | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.session.connection_made(WsTransport(transport))
+        self.transport = WsTransport(transport)
+        self.session.connection_made(self.transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -120,10 +124,15 @@ class SessionListener(WSListener):
             if not transport.is_close_frame_sent:
                 transport.send_close(frame.get_close_code())
             transport.disconnect(graceful=True)
-        elif kind == WSMsgType.TEXT:
-            # Frames are binary; a text message is a client speaking another protocol.
-            transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"binary messages only")
-            transport.disconnect(graceful=True)
+        elif kind == WSMsgType.TEXT and self.transport is not None and not self.session.closing:
+            # Frames are binary; a text message is a client speaking another
+            # protocol.  The session closes as after a fatal error, with 1003:
+            # what is owed first, then the close frame, then the linger (a
+            # disconnect at once reset a browser still sending its message:
+            # 1006 instead of 1003, 5 times in 6).
+            self.transport.close_code = WSCloseCode.UNSUPPORTED_DATA
+            self.transport.close_reason = b"binary messages only"
+            self.session.close()
         # PING is answered by picows (auto pong); PONG needs nothing.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
