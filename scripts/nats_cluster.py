@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[subprocess.Popen] = []
     try:
         print(f"NATS cluster: {cluster.url_list} (stores under {cluster.base})", flush=True)
+        # The servers' ports are picked free each run, so the README's status
+        # command cannot name them: a user copies this line instead.
+        print(f"cluster status: {_fenghuo_command()} cluster status --cluster "
+              f"{cluster.url_list} --channels", flush=True)
         for k in range(args.nodes):
             port = args.port + k
             nodes.append(subprocess.Popen(
@@ -311,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
                 node.kill()
         cluster.stop()
     return 0
+
+
+def _fenghuo_command() -> str:
+    """The ``fenghuo`` command beside this interpreter, as a user would type it here."""
+    script = Path(sys.executable).parent / "fenghuo"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _interrupt(signum: int, frame: object) -> None:
