@@ -398,7 +398,8 @@ class Hub:
 class Reply:
     """One reply's place in its connection's request order."""
 
-    content: bytes | Callable[[], None] | None
+    @property
+    def content(self) -> bytes | Callable[[], None] | None: ...
     ready: bool
 
 

@@ -102,8 +102,9 @@ cdef class Hub:
 
 
 cdef class Reply:
-    cdef public object content        # a frame, or an action run in its turn; None while awaited
+    cdef readonly object content      # a frame, or an action run in its turn; None while awaited
     cdef public bint ready
+    cdef int set_content(self, object content) except -1
 
 
 cdef class Connection:

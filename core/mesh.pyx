@@ -213,8 +213,14 @@ cdef class ConnectionFrame:
 # ---------------------------------------------------------------- answers awaited
 
 @cython.final
+@cython.no_gc
 cdef class AwaitedAnswer:
-    """A request forwarded to worker or node ``owner``, awaiting its answer in ``slot``."""
+    """A request forwarded to worker or node ``owner``, awaiting its answer in ``slot``.
+
+    Not tracked by the cyclic collector: its slot is only ever filled with a
+    frame (the answer, or an ERROR in its place), so nothing it refers to
+    refers back to it, and one waits per forwarded publish (see Reply).
+    """
 
     def __init__(self, Reply slot, uint32_t request_id, double deadline):
         self.slot = slot

@@ -7,8 +7,10 @@ a ProtocolError and nothing else.
 
 from __future__ import annotations
 
+import gc
 import random
 import struct
+import weakref
 from datetime import timedelta
 
 import pytest
@@ -977,6 +979,30 @@ def test_welcome_template_needs_the_connections_fields_in_order_and_unset():
     del fields["expires"]
     with pytest.raises(ValueError):
         WelcomeTemplate(fields)
+
+
+def test_a_reply_slot_is_left_to_the_cyclic_collector_only_once_it_holds_an_action():
+    """A Reply holding nothing or a frame is not tracked (thousands wait for forwarded
+    ACKs); one holding an action is, so a cycle through it is still freed."""
+    conn = Connection(Hub())
+    first, second, third = conn.reserve_reply(), conn.reserve_reply(), conn.reserve_reply()
+    assert not any(gc.is_tracked(slot) for slot in (first, second, third))
+    conn.fill_reply(third, b"a frame")           # waits behind the first two
+    assert not gc.is_tracked(third) and third.content == b"a frame"
+
+    class Holder:
+        slot: object = None
+
+        def act(self) -> Holder:
+            return self
+    holder = Holder()
+    holder.slot = second                         # holder -> Reply -> holder.act -> holder
+    conn.fill_reply(second, holder.act)          # waits behind the first
+    assert gc.is_tracked(second) and second.content() is holder
+    gone = weakref.ref(holder)
+    del holder, first, second, third, conn
+    gc.collect()
+    assert gone() is None, "the cycle through a Reply holding an action was not freed"
 
 
 def _nesting_by_bytes(body: bytes, limit: int) -> int:
