@@ -12,7 +12,10 @@ per commit, and commit latency (a batch's acks wait that long).  Each
 ``--without`` adds a setting with those indexes of the messages table
 dropped first: what each costs the writer (the relay cannot run so).
 ``--layout`` compares other layouts of the messages table (``LAYOUTS``), and
-``--page-size`` other page sizes, before building one.
+``--page-size`` other page sizes, before building one.  ``--writers 2`` has two writers
+commit in turn, each with its own half of the channels (as the default
+deployment's workers own theirs): at one file (``--files shared``, as the
+workers share the store now) or a file each (``own``).
 
 It also times the floor: ``pwrite`` of 4 KiB and ``fdatasync`` on one file
 in the store's directory, appended (the file grows, as a new WAL does) and
@@ -138,6 +141,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--page-size", default="4096", help="page sizes to compare, comma-separated")
     p.add_argument("--file-every", type=int, default=8,
                    help="deferred layout: commits between two filings of the channel index")
+    p.add_argument("--writers", default="1",
+                   help="writers to compare, comma-separated: N writers (as N workers) taking "
+                        "turns commit by commit, each with its own share of the channels")
+    p.add_argument("--files", default="shared",
+                   help="with more than one writer, comma-separated: shared (one file, as the "
+                        "default deployment's workers share one) or own (a file per writer)")
     p.add_argument("--dir", default=None, help="where the store goes (default: a temporary "
                                                 "directory under /tmp)")
     p.set_defaults(func=cmd_commits)
@@ -167,7 +176,8 @@ def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str
 
 def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
             without: tuple[str, ...] = (), layout: str = "schema4", page_size: int = 4096,
-            file_every: int = 8, checkpoint: str = "beside") -> dict[str, float]:
+            file_every: int = 8, checkpoint: str = "beside", writers: int = 1,
+            files: str = "shared") -> dict[str, float]:
     import sqlite3
 
     from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
@@ -195,9 +205,33 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
         checkpointer = store.checkpointer
         checkpointer.pages = wal_frames * 4096 // page_size
         checkpointer.start()
+    # Writers beyond the first, as the default deployment's other workers: a
+    # connection of their own to the same file (``shared``), or a store of their
+    # own in a directory of its own (``own``).  One thread drives them all in
+    # turn, so this is their CPU, with no wait for the file's lock in it.
+    others: list[tuple[SQLiteWriter, Checkpointer | None]] = []
+    stores = []
+    for j in range(1, writers):
+        if files == "shared":
+            other, beside = SQLiteWriter(store.path, full_sync=True), checkpointer
+        else:
+            sub = Path(directory) / f"writer-{j}"
+            sub.mkdir()
+            stores.append(SQLiteStore(sub, fsync="always"))
+            other, beside = stores[-1]._writer, None
+            if checkpoint != "inside":
+                beside = stores[-1].checkpointer
+                beside.pages = wal_frames * 4096 // page_size
+                beside.start()
+        if checkpoint == "inside":
+            other.execute(f"PRAGMA wal_autocheckpoint={wal_frames * 4096 // page_size}")
+        others.append((other, beside))
+    turns = [(writer, checkpointer), *others]
     chans = [Channel(name, ChannelKind.DIRECT_CHAT, 16) for name in names]
     seqs = [0] * channels
-    wal = Path(directory) / "fenghuo.db-wal"
+    wals = [Path(directory) / "fenghuo.db-wal"] + [
+        Path(directory) / (f"writer-{j}/fenghuo.db-wal" if files == "own" else "fenghuo.db-wal")
+        for j in range(1, writers)]
     wal_frame = WAL_HEADER + page_size
     latencies: list[float] = []
     filings: list[float] = []
@@ -206,19 +240,23 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
     k = filed = 0
     filer = _Filer(directory) if layout == "deferred-attached" else None
     try:
-        for _ in range(count):
+        for i in range(count):
+            # writer j's channels are those c with c % writers == j (a worker owns its own)
+            turn = i % writers
             records = []
             for _ in range(batch):
-                c = k % channels
+                c = (k * writers + turn) % channels
                 k += 1
                 seqs[c] += 1
                 records.append(Sequenced(chans[c], seqs[c], 1_700_000_000_000_000 + k, "user-x", None, FRAME))
+            wal = wals[turn]
             before = wal.stat().st_size if wal.exists() else 0
             t0, c0 = time.perf_counter(), time.thread_time()
-            writer.write(records, None, _WRITES, None)
-            if checkpointer is not None:
+            w, beside = turns[turn]
+            w.write(records, None, _WRITES, None)
+            if beside is not None:
                 # Between two commits in the store: counted in this one's time.
-                checkpointer.after_batch(writer)
+                beside.after_batch(w)
             cpu += time.thread_time() - c0
             latencies.append(time.perf_counter() - t0)
             after = wal.stat().st_size
@@ -239,8 +277,16 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
         if filer is not None:
             filer.close()
             filing_cpu, filings = filer.cpu, filer.times
+        for w, beside in others:
+            if files == "shared":
+                w.close()
+            elif beside is not None:
+                checkpointer_cpu += _thread_cpu(beside)
+                beside.stop()
+        for extra in stores:
+            extra.close()
         if checkpointer is not None:
-            checkpointer_cpu = _thread_cpu(checkpointer)
+            checkpointer_cpu += _thread_cpu(checkpointer)
             checkpointer.stop()
         store.close()
     return {"cpu_us_per_msg": cpu / (count * batch) * 1e6,
@@ -294,18 +340,26 @@ def cmd_commits(a: argparse.Namespace) -> int:
           f"a commit, {a.commits} commits, --fsync always")
     variants = [()] + [tuple(v.split(",")) for v in a.without]
     places = a.checkpoint.split(",")
+    writers = [(int(n), f) for n in a.writers.split(",") for f in a.files.split(",")
+               if int(n) > 1 or f == a.files.split(",")[0]]
+    if any(n > 1 for n, _ in writers) and (layouts != ["schema4"] or a.without):
+        # the second writer's statement and store are schema 4's
+        print("--writers above 1 measures schema 4 only: no --layout or --without beside it")
+        return 2
     for r in range(a.rounds):
         for frames in sizes:
-            for layout, page_size, without, place in product(layouts, pages, variants, places):
+            for layout, page_size, without, place, (n, files) in product(layouts, pages, variants, places,
+                                                                         writers):
                 with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
                     res = commits(tmp, a.channels, a.batch, a.commits, frames, without, layout,
-                                  page_size, a.file_every, place)
+                                  page_size, a.file_every, place, n, files)
                 dropped = f" without {','.join(without)}" if without else ""
                 filing = (f" + filing {res['filing_cpu_us_per_msg']:.2f} us/msg (p50 "
                           f"{res['filing_p50_ms']:.1f} ms every {a.file_every} commits)"
                           if LAYOUTS[layout][2] or layout == "deferred-attached" else "")
                 where = "wal_autocheckpoint" if place == "inside" else "checkpointer"
-                print(f"round {r + 1} {layout} page {page_size} {where}={frames}{dropped}: "
+                turns = f" {n} writers ({'one file' if files == 'shared' else 'a file each'})" if n > 1 else ""
+                print(f"round {r + 1} {layout} page {page_size} {where}={frames}{dropped}{turns}: "
                       f"writer CPU {res['cpu_us_per_msg']:.2f} us/msg{filing}"
                       + (f" + checkpointer {res['checkpointer_cpu_us_per_msg']:.2f} us/msg"
                          if place == "beside" else "") + ", "

@@ -362,6 +362,19 @@ def test_commits_measures_the_writer_with_and_without_each_index_given():
     assert "fdatasync floor (append 4 KiB)" in out
 
 
+def test_commits_compares_writers_taking_turns_at_one_file_and_a_file_each(tmp_path: Path) -> None:
+    # Two writers (as the default deployment's two workers) commit in turn: at one
+    # file both write its WAL; with a file each, the second writer's WAL is its own.
+    out = bench("commits", "--commits", "16", "--rounds", "1", "--wal-frames", "65536", "--checkpoint",
+                "beside", "--writers", "1,2", "--files", "shared,own", "--dir", str(tmp_path)).stdout
+    assert not list(tmp_path.iterdir()), "every store is removed after its setting"
+    pages = {m[1] or "": int(m[2]) for m in re.finditer(
+        r"round 1 schema4 page 4096 checkpointer=65536(?: 2 writers \((one file|a file each)\))?: writer CPU"
+        r" [\d.]+ us/msg \+ checkpointer [\d.]+ us/msg, (\d+) WAL pages", out)}
+    assert set(pages) == {"", "one file", "a file each"}, out
+    assert all(n > 0 for n in pages.values()), out
+
+
 def test_commits_compares_layouts_and_page_sizes():
     # The channel index filed after the commits: fewer pages a commit, and the
     # filing's own CPU printed beside; a page of 8 KiB: fewer, larger pages.
