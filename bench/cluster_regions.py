@@ -278,9 +278,10 @@ class RouteWire:
 
 
 # A node's /healthz counters of new channels written first: whether a pair's
-# first message took the first write, and whether the stream refused it.
+# first message took the first write, and whether the stream refused it; and
+# of publishes parked for a new chat's owner sent on when the claims' watch named it.
 FIRST_COUNTERS = ("first_writes", "first_writes_refused", "publishes_redriven",
-                  "chats_received_unasked")
+                  "chats_received_unasked", "parked_sent_on_watch")
 
 
 @dataclass

@@ -184,6 +184,10 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_forwards_deferred", "Publishes and requests other nodes "
                       "forwarded while this node was still claiming or taking over their "
                       "channel, served once it did.", node.forwards_deferred)
+        yield counter("fenghuo_cluster_parked_sent_on_watch", "Publishes and requests waiting "
+                      "here for their channel's owner sent to it as soon as the claims' watch "
+                      "named it, before this node's own claim or lookup ended.",
+                      node.parked_sent_on_watch)
         yield counter("fenghuo_cluster_first_writes", "New channels whose first append this "
                       "node sent beside its claim, not after it.", node.first_writes)
         yield counter("fenghuo_cluster_first_writes_refused", "Of them, first appends the stream "

@@ -183,6 +183,9 @@ class NodeCluster(Cluster):
         self.holes: dict[Channel, _Hole] = {}
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
+        #: requests parked for a channel sent to its owner as soon as the claims'
+        #: watch named it, before this node's own claim or lookup of it ended
+        self.parked_sent_on_watch = 0
         #: new direct chats made ready here by their owner's announcement, not by asking
         self.chats_received_unasked = 0
         # node index -> its boot when it missed its lease here: seen again with
@@ -778,8 +781,9 @@ class NodeCluster(Cluster):
         else:
             self.mesh.send(owner, routing.control("interest", channel=ch.name, after=ch.seq))
 
-    def _on_claim(self, name: str, old: Claim | None, new: Claim) -> None:
-        """The claims' watch: ``name`` has a new claim.
+    def _on_claim(self, name: str, old: Claim | None, new: Claim, watched: bool) -> None:
+        """The claims' watch (``watched``), or a lookup of this node's: ``name`` has
+        a new claim.
 
         A new epoch of another node, even of the same node as before, is
         asked again: an owner that stepped down (an append failed, its watch
@@ -795,6 +799,41 @@ class NodeCluster(Cluster):
         elif ch is not None and (ch in self.ready_here or ch in self.warming) \
                 and (old is None or old.epoch != new.epoch) and name not in self.resolving:
             self._rewarm(ch)
+        if watched and name in self.resolving:
+            self._send_parked_on(name)
+
+    def _send_parked_on(self, name: str) -> None:
+        """The claims' watch names another live node as ``name``'s owner while this
+        node's own claim or lookup of it is still out: what is parked for it goes
+        to that owner now, in order, not once that lookup ends.
+
+        Such a lookup is a failed create and a read of the bucket's leader, two
+        round trips to it or more (and a try that times out is tried again
+        after RESOLVE_RETRY), while the watch brings the winning claim one hop
+        from that leader.  ``bench cluster --parts regions --regions-claim-by
+        receiver``: the sender's node, claiming a new chat because its sender
+        was subscribed to it (the creator's ``direct``), held the first publish
+        334-775 ms behind that lookup where the receiver's node had won.  The
+        lookup goes on and ends as before (its answer names the same owner;
+        the records other nodes forwarded here meanwhile are answered then).  A
+        channel this node writes first, or owns, keeps what is parked until
+        that is settled (_write_first): its stored first message goes to the
+        winner ahead of them."""
+        if name in self.firsts or self.store.owns(name):
+            return
+        owner = self.owner_of(name)
+        if owner == UNKNOWN:
+            return                                   # not live as far as this node knows
+        waiting = self.redo.pop(name, []) + self.parked.pop(name, [])
+        self.parked_sent_on_watch += len(waiting)
+        for parked in waiting:
+            self._unpark(parked, owner)
+        ch = self.relay.hub.find(name)
+        if ch is not None and ch in self.warming and name not in self.releasing:
+            # Its sessions here (a subscriber, a HISTORY) are fed from now on too;
+            # asked again when the lookup ends only if no "warm" came by then,
+            # and a second answer changes nothing (_warm: the same head).
+            self.mesh.send(owner, routing.control("interest", channel=name, after=ch.seq))
 
     # ------------------------------------------------------------ forwarding
 
@@ -1295,6 +1334,7 @@ class NodeCluster(Cluster):
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
+                "parked_sent_on_watch": self.parked_sent_on_watch,
                 "first_writes": self.first_writes,
                 "first_writes_refused": self.first_writes_refused,
                 "publishes_redriven": self.publishes_redriven,

@@ -48,7 +48,7 @@ class Ownership:
     """This node's view of every claim, and its own claims."""
 
     def __init__(self, engine: Engine, me: int, alive: Callable[[int], bool],
-                 on_change: Callable[[str, Claim | None, Claim], None]) -> None:
+                 on_change: Callable[[str, Claim | None, Claim, bool], None]) -> None:
         self.engine = engine
         self.me = me
         self.alive = alive
@@ -63,7 +63,9 @@ class Ownership:
                                                f"bucket {OWNERS}")
         self._watch = await self.engine.watch(self._kv, self._learn, "fenghuo-owners")
 
-    def _learn(self, entry: KeyValue.Entry) -> None:
+    def _learn(self, entry: KeyValue.Entry, watched: bool = True) -> None:
+        """A claim read from the bucket: by the watch, or (``watched`` False) by a
+        lookup of this node's (:meth:`claim`)."""
         claim = parse_claim(entry.value, entry.revision or 0)
         if claim is None:
             return
@@ -72,7 +74,7 @@ class Ownership:
         if old is not None and old.revision >= claim.revision:
             return
         self.claims[name] = claim
-        self.on_change(name, old, claim)
+        self.on_change(name, old, claim, watched)
 
     async def stop(self) -> None:
         await stop_task(self._watch)
@@ -106,7 +108,7 @@ class Ownership:
                 entry, present = None, None
             if present is not None and present.node != self.me and self.alive(present.node):
                 assert entry is not None                # present came from it
-                self._learn(entry)
+                self._learn(entry, watched=False)
                 return present
             epoch = 1 if present is None else present.epoch + 1
             value = orjson.dumps({"node": self.me, "epoch": epoch})

@@ -445,8 +445,9 @@ def _relay_health(bodies: Iterable[dict[str, Any]]) -> dict[str, object]:
 
 # A node's cluster counters: each worker's, summed over them (docs/DESIGN.md).
 _NODE_SUMS = ("channels_owned", "appended", "appends", "refused", "failovers", "holes_filled",
-              "forwards_deferred", "forwarded_publishes", "chats_received_unasked",
-              "first_writes", "first_writes_refused", "publishes_redriven", "leader_stepdowns")
+              "forwards_deferred", "forwarded_publishes", "parked_sent_on_watch",
+              "chats_received_unasked", "first_writes", "first_writes_refused",
+              "publishes_redriven", "leader_stepdowns")
 
 
 def _node_cluster(clusters: Mapping[int, dict[str, Any]], workers: int) -> dict[str, object]:

@@ -34,6 +34,7 @@ from fenghuo.server.cluster_store import DEPOSED
 from fenghuo.server.jetstream import OWNERS, STREAM, Engine, Fenced, token
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
+from test_cluster_setup import NatsProxy
 from rawwire import authed_raw, describe, metrics, wait_for_metric
 from bench.netem import LinkProfile, ProxiedConnection, Proxy
 from bench.targets import free_port, free_ports, wait_listening
@@ -540,6 +541,93 @@ async def test_a_receiver_s_node_that_won_the_claim_gets_the_stored_first_messag
             assert [s["channels_owned"] for s in states] == [1, 0], states
         finally:
             await nc.close()
+
+
+class WritesHeld(NatsProxy):
+    """A TCP proxy to a nats-server that holds what its client publishes on
+    subjects beginning ``prefix`` (a KV bucket's writes: ``$KV.<bucket>.``) while
+    ``holding``; everything else passes both ways, the bucket's watch too."""
+
+    def __init__(self, target: tuple[str, int], prefix: str) -> None:
+        super().__init__(target)
+        self.prefix = prefix.encode()
+        self.holding = False
+        self.held: list[bytes] = []
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            if (self.holding and words[:1] in ([b"PUB"], [b"HPUB"])
+                    and words[1].startswith(self.prefix)):
+                self.held.append(frame)                  # never sent
+                continue
+            writer.write(frame)
+        writer.close()
+
+
+async def test_a_first_publish_parked_behind_a_lookup_goes_to_the_owner_the_watch_names(
+        nodes, nats_cluster: NatsCluster):
+    """A node looking up who owns a new direct chat (alice reads its history
+    there: her node claims it) holds alice's first publish until it knows.
+    Here its claim is held on the way to NATS (a proxy keeps the claims'
+    bucket's writes), and bob's node claims the chat when bob comes online
+    and wins: the
+    claims' watch names bob's node to alice's, which sends the parked publish
+    (and its interest in the chat) there at once, not once its own lookup ends
+    (`bench cluster --parts regions --regions-claim-by receiver`: the first
+    message waited 334-775 ms behind that lookup, a failed create and a read
+    across regions).  n0 stores it, and alice gets her ack and her history,
+    while her node's claim is still held, before that claim's try times out (no
+    "cannot resolve" retry in n1's log: without the watch, that time-out and
+    the retry's read, 5.5 s on, were what sent the publish).  Once the claim
+    goes through (refused: bob's node holds the chat), the chat goes on: the
+    stream holds each message once, in order."""
+    server = nats_cluster.servers[0]
+    name = "dm:alice:bob"
+    proxy = WritesHeld((server.host, server.port), f"$KV.{OWNERS}.")
+    url = await proxy.start()
+    try:
+        (n0,) = nodes("n0", servers=[server])
+        (n1,) = await asyncio.to_thread(nodes, "n1", urls=[url])   # the loop runs the proxy
+        alice = await n1.connect("alice")
+        proxy.holding = True
+        reading = asyncio.ensure_future(alice.history(name, limit=10))   # n1 claims the chat
+
+        async def claim_held() -> bool:
+            return bool(proxy.held)
+        await until(claim_held)
+        sending = asyncio.ensure_future(alice.send("bob", "m0", key="m0"))
+        # Parked on n1; nobody else claims the chat while bob is offline.
+        await asyncio.sleep(1.0)
+        # On n0, which n1 told of the new chat: bob is subscribed to it, and n0
+        # claims it for him (answered: it wins) before WELCOME.
+        bob = await n0.connect("bob")
+
+        async def stored() -> list[fenghuo.Message]:
+            return await bob.history(name, limit=10)
+        # Read, not awaited live: bob's WELCOME on n0 comes in the step that
+        # sequences m0 there (the deferred forward), and in this set-up his
+        # live copy of m0 came late or not at all in some runs (seen here,
+        # not analysed yet: left to the next piece of issue 11).
+        page = await until(stored)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"m0")]
+        assert (await asyncio.wait_for(sending, 10.0)).seq == 1
+        # Served once n1's replica is fed: before or after m0 was stored.
+        assert [m.seq for m in await asyncio.wait_for(reading, 10.0)] in ([], [1])
+        assert "cannot resolve a channel's owner" not in n1.log(), \
+            "the publish waited for n1's lookup to time out"
+        assert proxy.holding and proxy.held, "n1's claim was answered"
+        state = healthz(n1.metrics_port)[1]["cluster"]
+        assert state["parked_sent_on_watch"] >= 1 and state["channels_owned"] == 0, state
+        proxy.holding = False                 # n1's next writes pass (the held one never)
+        acks = [await publish_surely(alice, name, f"m{i}", f"m{i}", time.monotonic() + 30)
+                for i in (1, 2)]
+        assert [a.seq for a in acks] == [2, 3]
+        page = await alice.history(name, limit=10)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"m0"), (2, b"m1"), (3, b"m2")]
+        states = [healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+        assert [s["channels_owned"] for s in states] == [1, 0], states
+    finally:
+        await proxy.close()
 
 
 async def _online(client: fenghuo.Client, user: str) -> bool:

@@ -56,35 +56,18 @@ async def test_a_node_without_a_jetstream_meta_leader_says_what_it_waits_for_the
         relay.stop()
 
 
-class HoldingProxy:
-    """A TCP proxy to a nats-server that keeps a bucket's first watch from
-    finishing its replay: it holds the watch's subscription back until the
-    server has answered its consumer's info (so the entries count as pending,
-    not yet delivered), and every message the server delivers on a subject
-    beginning ``held`` (the bucket's entries) until ``release``.  Everything
-    else passes, both ways.  It parses the NATS protocol: PUB, HPUB, MSG and
-    HMSG by their byte counts, one line for anything else."""
+class NatsProxy:
+    """A TCP proxy to a nats-server whose two pumps, :meth:`_up` (client to
+    server) and :meth:`_down`, see the NATS protocol frame by frame
+    (:meth:`_frames`); as they stand, they pass everything."""
 
-    def __init__(self, target: tuple[str, int], bucket: str) -> None:
+    def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.create = f"$JS.API.CONSUMER.CREATE.KV_{bucket}".encode()
-        self.held = f"$KV.{bucket}.".encode()
-        self.holding = True
-        self.kept: list[tuple[asyncio.StreamWriter, bytes]] = []
-        self.count = 0          # entries held back
-        self.sub: bytes | None = None        # the first watch's SUB, held
-        self.state = "before"   # -> "armed" (its consumer asked for) -> "held" -> "sent"
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    def release(self) -> None:
-        self.holding = False
-        for writer, frame in self.kept:
-            writer.write(frame)
-        self.kept.clear()
 
     async def close(self) -> None:
         self.server.close()
@@ -111,6 +94,43 @@ class HoldingProxy:
                         break
                 frame, buf = buf[:end], buf[end:]
                 yield words, frame
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+
+class HoldingProxy(NatsProxy):
+    """A TCP proxy to a nats-server that keeps a bucket's first watch from
+    finishing its replay: it holds the watch's subscription back until the
+    server has answered its consumer's info (so the entries count as pending,
+    not yet delivered), and every message the server delivers on a subject
+    beginning ``held`` (the bucket's entries) until ``release``.  Everything
+    else passes, both ways.  It parses the NATS protocol: PUB, HPUB, MSG and
+    HMSG by their byte counts, one line for anything else."""
+
+    def __init__(self, target: tuple[str, int], bucket: str) -> None:
+        super().__init__(target)
+        self.create = f"$JS.API.CONSUMER.CREATE.KV_{bucket}".encode()
+        self.held = f"$KV.{bucket}.".encode()
+        self.holding = True
+        self.kept: list[tuple[asyncio.StreamWriter, bytes]] = []
+        self.count = 0          # entries held back
+        self.sub: bytes | None = None        # the first watch's SUB, held
+        self.state = "before"   # -> "armed" (its consumer asked for) -> "held" -> "sent"
+
+    def release(self) -> None:
+        self.holding = False
+        for writer, frame in self.kept:
+            writer.write(frame)
+        self.kept.clear()
 
     async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async for words, frame in self._frames(reader):
