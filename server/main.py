@@ -44,6 +44,13 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         api = Api(relay, secret, load_key_hashes(settings.api_key_file) if settings.api_port
                   else ())
         relay.api = api
+    # Before the relay listens: a SIGTERM from then on is a drain (GOAWAY, acks owed
+    # go out), never the default action, which would drop clients it has accepted.
+    # One that comes while it starts stops it as soon as it has started.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.node.stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, relay, api)
     await relay.node.start(spec)
     metrics_server = None
     # A worker's metrics port is its supervisor's choice (metrics port + 1 + index).
@@ -57,10 +64,6 @@ async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None)
         from fenghuo.server.webhooks import WebhookSender
         relay.webhooks = WebhookSender(settings, relay.sqlite, relay.endpoints)
         await relay.webhooks.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, relay.node.stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, relay, api)
     who = f"worker {spec.index} of {spec.count} " if spec else ""
     print(f"fenghuo {who}listening on {settings.host}:{relay.node.port}"
           + (f", websocket on :{relay.node.ws_port}" if relay.node.ws_port else "")

@@ -91,6 +91,7 @@ class _Worker:
     pidfd: int = -1
     started_at: float = 0.0
     returncode: int | None = None
+    status: int = 0                 # what the supervisor's own exit reports for it
     restarts: int = 0
     failed_starts: int = 0          # exits within Backoff.startup, in a row
     next_delay: float = 0.0
@@ -189,7 +190,7 @@ class _Run:
                 ring.close()
         if self.gave_up:
             return EXIT_WORKERS_FAIL_TO_START
-        return 0 if all(w.returncode == 0 for w in self.workers) else 1
+        return 0 if all(w.status == 0 for w in self.workers) else 1
 
     def _on_signal(self, stop_requested: asyncio.Event) -> None:
         if self.stopping:                 # asked twice: do not wait for the drain
@@ -213,6 +214,7 @@ class _Run:
         except OSError as exc:
             log.error("worker failed to start", extra={"worker": worker.index, "error": str(exc)})
             worker.proc, worker.returncode = None, 127
+            worker.status = worker.returncode
             self._restart_or_give_up(worker, lived=0.0)
             return
         worker.proc, worker.pidfd, worker.returncode = proc, os.pidfd_open(proc.pid), None
@@ -229,6 +231,11 @@ class _Run:
         worker.pidfd = -1
         worker.returncode = worker.proc.wait()      # the pidfd is readable: it has exited
         worker.exited.set_result(worker.returncode)
+        if not (self.stopping and worker.returncode == -signal.SIGTERM):
+            # Else the stop's SIGTERM killed it by the default action, so it was still
+            # starting (a worker catches SIGTERM from before it listens, main.serve):
+            # it had nobody to drain, and its previous run's status stands.
+            worker.status = worker.returncode
         if self.stopping or self.together is not None:
             return          # stopped on purpose
         if worker.returncode == EXIT_STOP_RELAY:
@@ -242,6 +249,10 @@ class _Run:
         self._restart_or_give_up(worker, self.loop.time() - worker.started_at)
 
     def _restart_or_give_up(self, worker: _Worker, lived: float) -> None:
+        if self.stop_requested.is_set():
+            # Stopping already (a signal, or another worker gave up): two workers that
+            # died in the same loop turn must not both give up, nor one be restarted.
+            return
         backoff = self.config.backoff
         if lived >= backoff.reset_after:
             worker.next_delay = backoff.initial

@@ -91,6 +91,10 @@ async def work(args: list[str]) -> int:
                 return 99
             await asyncio.sleep(0.02)
         return int(flags["crash"])
+    if "slow-start" in flags:
+        # Still starting, without a SIGTERM handler yet (a real worker importing and
+        # opening its store): the supervisor's SIGTERM kills it by the default action.
+        await asyncio.sleep(float(flags["slow-start"]))
     stop = asyncio.Event()
     if flags.get("ignore-sigterm"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

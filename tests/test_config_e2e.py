@@ -116,7 +116,8 @@ async def test_every_0_that_is_allowed_does_what_the_table_says(tmp_path):
         from fenghuo.server.stalls import thread_slice
         assert {thread_slice(pid) for pid in group_members(proc.pid)} == {thread_slice()}
         proc.terminate()
-        assert proc.wait(STOP_TIMEOUT) == 0          # drain_timeout 0: no wait, still clean
+        status = proc.wait(STOP_TIMEOUT)
+        assert status == 0, proc.stdout.read()       # drain_timeout 0: no wait, still clean
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)

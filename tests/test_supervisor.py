@@ -72,6 +72,18 @@ def test_sigterm_stops_every_worker_and_the_supervisor_exits_0(tmp_path):
         assert "worker exited" not in mesh.log(), "a stopping worker is not restarted"
 
 
+def test_a_worker_stopped_while_it_still_starts_is_a_clean_stop(tmp_path):
+    # Seen in CI: `fenghuo serve` stopped while worker 0 was still starting exited 1.
+    # A worker dies of SIGTERM's default action only before it installs its handler,
+    # which it does before it listens (server/main.serve): nobody was dropped.
+    with Supervised(tmp_path, 2, per_worker_args=[["--slow-start=30"], ["--stall=1-0"]]) as mesh:
+        slow = mesh.file("started-0-0.json")["pid"]
+        mesh.file("started-1-0.json")
+        assert mesh.stop() == 0, mesh.log()
+        assert not alive(slow)
+        assert "worker exited" not in mesh.log(), "a stopping worker is not restarted"
+
+
 def test_a_worker_ignoring_sigterm_is_killed_after_the_drain_timeout(tmp_path):
     with Supervised(tmp_path, 2, drain_timeout=1.0,
                     worker_flags=["--records=10", "--ignore-sigterm=1"]) as mesh:
