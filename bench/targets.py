@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from fenghuo.core import (
 )
 
 from fenghuo.protocol import decode_json, encode_json, try_again_delay
+from fenghuo.server.supervisor import die_with
 from fenghuo.tokens import issue_token
 
 STAMP_SIZE = 8
@@ -59,9 +60,13 @@ def pin(cpu: int) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port for a server to listen on, below the ephemeral range (``free_ports``).
+
+    Not the kernel's pick (bind to port 0): that comes from the ephemeral
+    range, where any outgoing connection on the machine can take it between
+    the pick and the server's bind.
+    """
+    return free_ports(1, host)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> int:
@@ -224,8 +229,16 @@ class Target(ABC):
                 self.proc.kill()
                 self.proc.wait()
 
-    def _spawn(self, cmd: list[str], preexec: Callable[[], None] = lambda: pin(RELAY_CPU),
-               **kwargs) -> None:
+    def _spawn(self, cmd: list[str], cpu: int | None = RELAY_CPU, **kwargs) -> None:
+        """Start ``cmd`` pinned to ``cpu`` (None: not pinned), to get SIGTERM when
+        this process dies, SIGKILL included (``die_with``): a bench killed mid-run
+        leaves no server holding its port and CPU."""
+        dies = die_with(os.getpid())
+
+        def preexec() -> None:
+            dies()
+            if cpu is not None:
+                pin(cpu)
         # preexec_fn is safe here: the generator spawns servers before it has threads.
         self.proc = subprocess.Popen(cmd, preexec_fn=preexec,  # noqa: PLW1509
                                      stdout=subprocess.DEVNULL, **kwargs)
@@ -532,11 +545,10 @@ class Fenghuo(FenghuoWire):
                 assert self.proc is not None        # _spawn set it
                 wait_listening(self.proc, self.host, self.ws_port)
             return
-        # The supervisor gets SIGTERM if this process dies (its workers get it from it).
-        from fenghuo.server.supervisor import die_with
+        # Not pinned: the workers spread over the cores. The supervisor gets
+        # SIGTERM if this process dies (_spawn), its workers get it from it.
         with open(workdir / "relay.log", "ab") as log:
-            self._spawn(cmd, preexec=die_with(os.getpid()),
-                        stderr=log, start_new_session=True)
+            self._spawn(cmd, cpu=None, stderr=log, start_new_session=True)
         assert self.proc is not None
         wait_healthy(self.proc, f"http://{self.host}:{self.metrics_port}/healthz")
 

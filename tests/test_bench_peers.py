@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,6 +201,48 @@ def test_stop_leaves_no_process(peer: PubSubPeer) -> None:
     assert not Path(f"/proc/{pid}").exists()
     with pytest.raises(OSError):
         socket.create_connection((peer.host, port), timeout=1).close()
+
+
+def test_port_is_below_the_ephemeral_range(peer: PubSubPeer) -> None:
+    # A port from the ephemeral range (the kernel's pick of port 0) can be
+    # taken by any outgoing connection between the pick and the server's bind.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert peer.port < low
+
+
+@pytest.mark.parametrize("peer_class", [Nats, Redis], ids=["nats", "redis"])
+def test_the_server_dies_with_the_bench_that_started_it(peer_class: type[PubSubPeer],
+                                                        tmp_path: Path) -> None:
+    # A bench killed mid-run (SIGKILL: nothing of it runs to stop its
+    # targets) must not leave its server running, holding a port and a CPU.
+    if not installed(peer_class.binary):
+        pytest.skip(f"{peer_class.binary} is absent")
+    script = (f"import sys, time; from pathlib import Path; "
+              f"from {peer_class.__module__} import {peer_class.__name__} as P; "
+              f"t = P(); t.start(Path(sys.argv[1])); print(t.pid, flush=True); time.sleep(60)")
+    bench = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                             stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        assert bench.stdout is not None
+        server = int(bench.stdout.readline())
+        assert Path(f"/proc/{server}").exists()
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 10
+    while not gone(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not gone(server):
+        os.kill(server, signal.SIGKILL)           # leave nothing behind either way
+        pytest.fail(f"{peer_class.binary} {server} outlived the bench that started it")
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for init to reap it counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.mark.parametrize("payload, subscribers, sizes", [
