@@ -146,3 +146,51 @@ def test_retention_help_says_what_it_does_under_the_memory_store():
     assert "to the rings alone with --store memory" in " ".join(action.help.split())
     (row,) = [line for line in README.splitlines() if line.startswith("| `--retention` |")]
     assert "to the rings alone with --store memory" in row
+
+
+METRIC_ROW = re.compile(r"^\| `(fenghuo_[a-z0-9_]+)(?:\{[^}]*\})?` \|", re.M)
+
+
+def _metrics_table() -> set[str]:
+    """The family names of the README's metrics table (a counter's without ``_total``,
+    as prometheus-client names the family)."""
+    rows = METRIC_ROW.findall(README)
+    assert len(rows) == len(set(rows)), "a metric listed twice"
+    return {name.removesuffix("_total") for name in rows}
+
+
+def _metric_names_in_the_code() -> set[str]:
+    """Every ``fenghuo_...`` string of the relay's code that names a metric family.
+
+    The other such strings are the cluster's KV buckets (fenghuo.server.jetstream)."""
+    from fenghuo.server import jetstream
+    buckets = {v for v in vars(jetstream).values() if isinstance(v, str)}
+    names = set()
+    for folder in ("server", "fenghuo", "core"):
+        for path in (ROOT / folder).rglob("*.py*"):
+            if path.suffix in (".py", ".pyx"):
+                names |= set(re.findall(r"""["'](fenghuo_[a-z0-9_]+)["']""", path.read_text()))
+    return {name.removesuffix("_total") for name in names - buckets}
+
+
+def test_the_readme_lists_every_metric_the_code_exports_and_no_other():
+    in_code, listed = _metric_names_in_the_code(), _metrics_table()
+    assert in_code - listed == set(), "exported, not in the README's metrics table"
+    assert listed - in_code == set(), "in the README's metrics table, never exported"
+
+
+async def test_every_metric_family_a_relay_serves_is_one_the_readme_lists(relay_factory):
+    """The names the code scan finds are the names served: none is built at run time."""
+    from fenghuo.server.httpd import scrape
+
+    relay = relay_factory(workers=2, api=True)
+    alice = await relay.connect("alice")
+    await relay.connect("bob")
+    await alice.send("bob", "hello")      # a delivery: every family of the hub has samples
+    text = await scrape(relay.host, relay.metrics_port)
+    assert text is not None
+    # A counter's family is named with _total in the exposition.
+    served = {name.removesuffix("_total")
+              for name in re.findall(r"^# TYPE (fenghuo_[a-z0-9_]+) ", text, re.M)}
+    assert {"fenghuo_supervisor_workers", "fenghuo_api_requests", "fenghuo_writes"} <= served
+    assert served - _metrics_table() == set()
