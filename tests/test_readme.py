@@ -194,3 +194,16 @@ async def test_every_metric_family_a_relay_serves_is_one_the_readme_lists(relay_
               for name in re.findall(r"^# TYPE (fenghuo_[a-z0-9_]+) ", text, re.M)}
     assert {"fenghuo_supervisor_workers", "fenghuo_api_requests", "fenghuo_writes"} <= served
     assert served - _metrics_table() == set()
+
+
+def test_the_load_test_commands_run_the_projects_interpreter():
+    """A new user after ``make test`` has fenghuo and Locust only in ``.venv``: the
+    system's ``python -m loadtest`` or ``locust`` fails there (ModuleNotFoundError)."""
+    for doc in ("README.md", "loadtest/README.md"):
+        text = (ROOT / doc).read_text()
+        lines = [line for block in fenced(text, "", "sh") for line in block.splitlines()]
+        lines += re.findall(r"^#+ .*`([^`\n]+)`", text, re.M)         # commands as headings
+        commands = [line for line in lines if re.search(r"-m loadtest|\blocust\b", line)]
+        assert commands, doc
+        for line in commands:
+            assert re.search(r"(^|\s)\.venv/bin/(python -m loadtest|locust)\b", line), (doc, line)
