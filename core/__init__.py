@@ -95,7 +95,15 @@ from fenghuo.core._core import (
     service_conflict,
     verify_hs256,
 )
-from fenghuo.core._core import DETECTORS, FRAME_HEADER_SIZE, MAX_RETRY_MS, MESSAGE_FIXED_SIZE, MIN_RETRY_MS, WIRE_VERSION
+from fenghuo.core._core import (
+    DETECTORS,
+    FRAME_HEADER_SIZE,
+    LINGER_S,
+    MAX_RETRY_MS,
+    MESSAGE_FIXED_SIZE,
+    MIN_RETRY_MS,
+    WIRE_VERSION,
+)
 
 __all__ = [
     "ADMIN_ROLE",
@@ -113,6 +121,7 @@ __all__ = [
     "ConnectionFrame",
     "ContentType",
     "DETECTORS",
+    "LINGER_S",
     "MAX_RETRY_MS",
     "MIN_RETRY_MS",
     "Deadlines",

@@ -303,6 +303,8 @@ class MeshBus(Bus):
 
 MIN_RETRY_MS: int
 MAX_RETRY_MS: int
+LINGER_S: int
+"""Seconds a closed connection reads and discards until the client closes too."""
 
 
 class Deadlines:

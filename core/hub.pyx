@@ -37,7 +37,11 @@ cdef enum:
     # send RST, which throws away replies still on their way (PROTOCOL §4).
     # HELLO and 40,999 PINGs with a 4 KiB client receive buffer lost 39,677
     # of 39,999 PONGs that way; 5 s gives a slow reader time for max_pending.
-    LINGER_S = 5
+    HUB_LINGER_S = 5
+
+# The same bound for the TLS layer's close (close_notify, then read and
+# discard until the client's): the relay's ssl_shutdown_timeout.
+LINGER_S = HUB_LINGER_S
 
 
 cdef uint64_t _connection_ids = 0
@@ -1139,13 +1143,13 @@ cdef class Connection:
             self.transport.close()
             return
         # Half-close: FIN once everything is written, then read and discard
-        # until the client closes too (eof_received) or LINGER_S passes.
+        # until the client closes too (eof_received) or HUB_LINGER_S passes.
         self.transport.write_eof()
         try:
             self.transport.resume_reading()
         except RuntimeError:
             pass
-        (self.hub._loop or asyncio.get_running_loop()).call_later(LINGER_S, self._end_linger)
+        (self.hub._loop or asyncio.get_running_loop()).call_later(HUB_LINGER_S, self._end_linger)
 
     def _end_linger(self):
         if self.transport is not None:

@@ -30,7 +30,10 @@ from picows import (
     ws_create_server,
 )
 
+from fenghuo.core import LINGER_S
+
 if TYPE_CHECKING:
+    from fenghuo.server.admission import Admission
     from fenghuo.server.relay import Relay
     from fenghuo.server.session import Session
 
@@ -146,15 +149,27 @@ class SessionListener(WSListener):
 
 
 class RefusalListener(WSListener):
-    """Says TRY_AGAIN (the frame a refused TCP connection gets) and closes."""
+    """Says TRY_AGAIN (the frame a refused TCP connection gets) and closes, as TCP does:
+    the close frame is the half-close, then what the client sends is read and
+    dropped until its close frame, or the admission sweep aborts the connection.
 
-    def __init__(self, frame: bytes) -> None:
+    Closing the socket right after the close frame, with the client's HELLO
+    (sent at once after the upgrade) unread, made the kernel reset it, and a
+    reset can destroy the ERROR and the 1013 before the client reads them
+    (tests/test_websocket.py)."""
+
+    def __init__(self, frame: bytes, admission: Admission) -> None:
         self.frame = frame
+        self.admission = admission
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         transport.send(WSMsgType.BINARY, self.frame)
         transport.send_close(WSCloseCode.TRY_AGAIN_LATER)
-        transport.disconnect(graceful=True)
+        self.admission.linger(transport.underlying_transport)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.CLOSE:
+            transport.disconnect(graceful=True)
 
 
 def _origin_allowed(request: WSUpgradeRequest, origins: frozenset[str]) -> bool:
@@ -196,7 +211,7 @@ def listener_factory(relay: Relay, make_session: Callable[[], Session]
                 HTTPStatus.FORBIDDEN, b"origin not allowed\n"), None)
         refusal = relay.admission.refusal_frame()
         if refusal is not None:
-            return RefusalListener(refusal)
+            return RefusalListener(refusal, relay.admission)
         return SessionListener(make_session())
     return factory
 
@@ -229,6 +244,8 @@ async def start(relay: Relay, make_session: Callable[[], Session], *,
         backlog=settings.backlog, reuse_address=True, reuse_port=reuse_port,
         ssl=tls.context if tls is not None else None,
         ssl_handshake_timeout=settings.handshake_timeout if tls is not None else None,
+        # The TLS close lingers as long as the client port's (server/node.py).
+        ssl_shutdown_timeout=LINGER_S if tls is not None else None,
         # TLS is uvloop's, as on the client port: aiofastnet 1.2's (picows'
         # default when installed) reports a peer closing mid-handshake with an
         # exception class instead of an instance, which logs a broken error

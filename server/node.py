@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from fenghuo.core import FrameType
+from fenghuo.core import LINGER_S, FrameType
 from fenghuo.protocol import encode_json
 from fenghuo.server import retention
 from fenghuo.server.mesh import boot_id
@@ -109,6 +109,10 @@ class Node:
             backlog=self.relay.settings.backlog, reuse_address=True,
             ssl=self.relay.tls.context if self.relay.tls is not None else None,
             ssl_handshake_timeout=self.relay.settings.handshake_timeout if self.relay.tls is not None else None,
+            # A TLS close is TLS's half-close: close_notify after the last frame, then
+            # read and discard until the client's close_notify, as long as a TCP
+            # close lingers (LINGER_S; the loop's default waits 30 s).
+            ssl_shutdown_timeout=LINGER_S if self.relay.tls is not None else None,
             # Several workers accept on one port; the kernel spreads connections.
             reuse_port=spec is not None,
         )

@@ -236,3 +236,52 @@ async def test_a_connection_in_its_tls_handshake_is_not_counted_and_is_cut_after
     await client.connect()                # the one handshake slot was free: admitted
     # Cut by the relay's timeout of 1 s (asyncio's own would wait 60).
     await stalled.expect_closed(timeout=20)
+
+
+def _fatal_error_then_wait(port: int, ca: CA) -> tuple[int, float]:
+    """A client that sends a frame over max_frame with its body, reads the ERROR and
+    the server's close_notify, and then never closes: ``(error code, seconds from
+    the close_notify to the server's TCP close)``."""
+    import os
+    import select
+    import socket
+
+    from fenghuo.core import FrameReader, FrameType, decode_error
+    from tests.rawwire import header
+
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="localhost") as tls:
+        # Still sending (the body it announced) when the server has decided: the
+        # ERROR must not be lost to a reset of the unread bytes.
+        tls.sendall(header(2 << 20, FrameType.PUBLISH) + bytes(2 << 20))
+        frames, got = FrameReader(), []
+        while not got:
+            chunk = tls.recv(65536)
+            assert chunk, "closed before the ERROR"
+            got = frames.feed(chunk)
+        assert got[0].type == FrameType.ERROR
+        assert tls.recv(65536) == b""         # close_notify: TLS's half-close
+        closed_notify = time.monotonic()
+        with socket.socket(fileno=os.dup(tls.fileno())) as tcp:
+            readable, _, _ = select.select([tcp], [], [], 25)
+            assert readable, "the server kept the connection 25 s after its close_notify"
+            try:
+                assert tcp.recv(1) == b""
+            except ConnectionResetError:
+                pass                          # closed either way: the linger is over
+        return decode_error(got[0].body)[0], time.monotonic() - closed_notify
+
+
+async def test_a_fatal_error_over_tls_is_read_and_the_close_lingers_as_on_tcp(relay_factory, pki):
+    # PROTOCOL §4, "What fatal means": the ERROR, then the half-close (on TLS
+    # its close_notify), then the server reads and discards until the client
+    # closes or 5 s pass. The TLS layer's own default waited 30 s.
+    from fenghuo.core import LINGER_S, ErrorCode
+
+    ca, cert, key = pki
+    relay = tls_relay(relay_factory, cert, key, workers=1)
+    code, lingered = await asyncio.to_thread(_fatal_error_then_wait, relay.port, ca)
+    assert code == ErrorCode.FRAME_TOO_LARGE
+    assert LINGER_S - 1 < lingered < LINGER_S + 10
+    assert "Traceback" not in relay.log()

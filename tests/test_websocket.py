@@ -209,3 +209,81 @@ def test_ws_settings_from_flag_env_and_toml(tmp_path) -> None:
     toml.write_text('[server]\nws_port = 7782\nws_origins = "https://a.example"\nws_demo = true\n')
     s = config.load({}, env={}, config_file=str(toml))
     assert (s.ws_port, s.ws_origins, s.ws_demo) == (7782, "https://a.example", True)
+
+
+def _ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A client's WebSocket frame: FIN, masked (with a zero key: the payload as it is)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, 0x80 | size))
+    elif size < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+    return head + bytes(4) + payload
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """``(opcode, payload)`` of each whole unmasked frame in ``data``."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data):
+        opcode, size, at = data[pos] & 0x0F, data[pos + 1] & 0x7F, pos + 2
+        if size >= 126:
+            width = 2 if size == 126 else 8
+            size, at = int.from_bytes(data[at:at + width], "big"), at + width
+        if at + size > len(data):
+            break
+        frames.append((opcode, data[at:at + size]))
+        pos = at + size
+    return frames
+
+
+def _refused_while_sending(port: int, token: str) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Upgrade, HELLO and a large message in one write, before reading anything,
+    as a client that does not wait for the upgrade's answer; read only once the
+    server has had time to answer and close: ``(frames, the rest)``."""
+    import socket
+    import time
+
+    request = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request + _ws_frame(0x2, hello(token)) + _ws_frame(0x2, bytes(512 << 10)))
+        time.sleep(0.5)
+        data = b""
+        while b"\r\n\r\n" not in data or not any(op == 0x8 for op, _ in
+                                                 _server_frames(data.split(b"\r\n\r\n", 1)[1])):
+            chunk = sock.recv(65536)      # a reset raises: the refusal was destroyed
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101")
+        frames = _server_frames(body)
+        # Answer the close, as RFC 6455 asks: the server then closes its side.
+        sock.sendall(_ws_frame(0x8, frames[-1][1][:2]))
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        return frames, rest
+
+
+async def test_a_websocket_refused_while_still_sending_gets_try_again_and_1013(
+        relay_factory) -> None:
+    # As a refused TCP connection (PROTOCOL §1.1a, §6.12): the close frame is the
+    # half-close, and the server reads and drops what the client sends until its
+    # close frame. Closing at once, with the client's bytes unread, was a reset.
+    relay = start_ws_relay(relay_factory, "--max-handshakes", "1", workers=1)
+    first, _ = await ws_open(relay.ws_url)          # accepted, not yet past HELLO
+    await asyncio.sleep(0.2)
+    port = int(relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    for _ in range(3):
+        frames, rest = await asyncio.to_thread(_refused_while_sending, port,
+                                               relay.token("alice"))
+        (binary, close) = frames
+        assert binary[0] == 0x2 and close[0] == 0x8
+        (error,) = FrameReader().feed(binary[1])
+        assert decode_error(error.body)[0] == ErrorCode.TRY_AGAIN
+        assert int.from_bytes(close[1][:2], "big") == 1013
+        assert rest == b""
+    first.disconnect()
