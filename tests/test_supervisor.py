@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -22,7 +21,7 @@ from fenghuo.server.supervisor import (EXIT_STOP_RELAY, EXIT_WORKERS_FAIL_TO_STA
 from mesh_worker import Supervised, alive
 
 import fenghuo
-from bench.targets import free_port
+from bench.targets import free_port, free_ports
 from fenghuo.tokens import issue_token
 
 WAIT = 30.0
@@ -45,20 +44,6 @@ def until(condition, what: str, timeout: float = WAIT):
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.05)
     return value
-
-
-def free_port_block(count: int) -> int:
-    """A port P with P .. P + count - 1 all free (the supervisor's metrics convention)."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no block of {count} free ports")
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor_exits_0(tmp_path):
@@ -164,7 +149,7 @@ def health(port: int) -> tuple[int, dict]:
 async def test_real_fenghuo_serve_workers_behind_one_healthz_and_one_metrics(tmp_path):
     # fenghuo serve does not yet listen with SO_REUSEPORT, so each worker gets
     # its own client port here; the metrics ports follow the convention.
-    metrics_port = free_port_block(3)
+    metrics_port = free_ports(3)
     ports = [free_port(), free_port()]
     secret = "supervisor-test-secret-of-32-bytes-or-more"
     per_worker = [["--port", str(ports[k]), "--data-dir", str(tmp_path / f"data-{k}"),
