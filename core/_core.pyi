@@ -356,7 +356,8 @@ class WelcomeTemplate:
     epoch: object
     def __init__(self, fields: dict[str, Any]) -> None: ...
     def frame(self, user: str, device: str, expires: float, channels: tuple[Channel, ...],
-              resumed: dict[str, int] | None, request_id: int) -> bytes: ...
+              resumed: dict[str, int] | None, request_id: int,
+              starts: dict[Channel, int | None] | None = None) -> bytes: ...
 
 
 class Hub:

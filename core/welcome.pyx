@@ -44,9 +44,17 @@ cdef class WelcomeTemplate:
         self.epoch = fields.get("epoch")
 
     def frame(self, str user, str device, double expires, tuple channels, resumed,
-              uint32_t request_id):
+              uint32_t request_id, dict starts=None):
         """The WELCOME of a connection: ``channels`` (Channels) with their head seqs,
-        ``resumed`` (a dict, or None/empty: not sent), answering ``request_id``."""
+        ``resumed`` (a dict, or None/empty: not sent), answering ``request_id``.
+
+        A channel's head is where the connection's subscription starts: its
+        seq in ``starts`` (the session's ``pending_live``: where a subscription
+        that waited took effect) if there, else the last seq delivered here
+        (the ring's head).  Not the last seq assigned: the client takes what
+        is at or before the head as history, and a message assigned but not
+        yet delivered (on its way to the store) still reaches the connection
+        (server/subscriptions.py, ``Subscriptions.start``)."""
         cdef Channel ch
         cdef dict heads
         cdef char digits[24]
@@ -69,7 +77,8 @@ cdef class WelcomeTemplate:
         if channels:
             heads = {}
             for ch in channels:
-                heads[ch.name] = ch.seq
+                start = None if starts is None else starts.get(ch)
+                heads[ch.name] = ch.ring.head if start is None else start
             channels_json = _orjson.dumps(heads)
         if resumed:
             resumed_json = _RESUMED + _orjson.dumps(resumed)

@@ -208,7 +208,7 @@ class Session(Connection, asyncio.BufferedProtocol):
         """WELCOME, then what was missed, then live: once ``channels`` are ready here."""
         relay = self.relay
         self.send(relay.welcome().frame(self.user, self.device, self.grants.expires, channels,
-                                        resumed, request_id))
+                                        resumed, request_id, self.pending_live))
         if channels:    # none: nothing to deliver (go_live walks the channels alone)
             relay.subs.go_live(self, channels, self.positions)
         if log.isEnabledFor(logging.DEBUG):     # no dict of extras built per connect
@@ -255,8 +255,9 @@ class Session(Connection, asyncio.BufferedProtocol):
                     positions: dict[str, int] | None) -> None:
         # The HELLO rule: a channel missing from the positions is replayed
         # from the start of its ring (what was said there while we were away).
+        starts = self.relay.subs.start
         self.release_reply(encode_json(FrameType.RESULT, {
-            "channel": name, "channels": {ch.name: ch.seq for ch in chain}}, request_id))
+            "channel": name, "channels": {ch.name: starts(self, ch) for ch in chain}}, request_id))
         self.relay.subs.go_live(self, chain, positions)
 
     def _unsubscribe(self, request_id: int, body: Unsubscribe) -> None:

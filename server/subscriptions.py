@@ -53,6 +53,21 @@ def _first_held(ch: Channel) -> int:
     return ch.ring.first or ch.ring.head + 1
 
 
+def _delivered(ch: Channel) -> int:
+    """The last seq of ``ch`` delivered to its subscribers here (the ring's head):
+    where a subscription that takes effect now starts, the later seqs reaching
+    it live or by its catch-up.
+
+    Not ``ch.seq``: an owner that acks once a message is stored (``durable_acks``:
+    every cluster node, ``--fsync always``) counts a message in its seq when it
+    sequences it, and delivers it, to the subscribers of that moment, only
+    once the store releases it.  A subscription that took effect between the
+    two and went live after the release was past that message both ways: it
+    never reached the session (DESIGN, "A subscription that starts later";
+    tests/test_cluster.py, a receiver whose WELCOME waits)."""
+    return ch.ring.head
+
+
 def settle(done: asyncio.Future[None]) -> None:
     """Resolve ``done`` unless it already is (a waiter that gave up cancelled it)."""
     if not done.done():
@@ -105,7 +120,7 @@ class Subscriptions:
         # Where the subscription takes effect: now if the channel is complete
         # here, else when it becomes so.
         if ready:
-            session.pending_live[ch] = ch.seq
+            session.pending_live[ch] = _delivered(ch)
         else:
             session.pending_live[ch] = None
             cluster.when_ready(ch, lambda: self._live_later(session, ch))
@@ -114,7 +129,7 @@ class Subscriptions:
         assert self.relay.cluster is not None
         waiting = session.pending_live
         if waiting is not None and ch in waiting and waiting[ch] is None:
-            waiting[ch] = ch.seq
+            waiting[ch] = _delivered(ch)
         if not session.closing and not self.relay.cluster.holding(session):
             self.go_live_waiting(session)
 
@@ -147,6 +162,21 @@ class Subscriptions:
         else:
             self.relay.cluster.live_when_ready(session, channels, reply, held)
 
+    @staticmethod
+    def start(session: Session, ch: Channel) -> int:
+        """The head a reply (WELCOME, a SUBSCRIBE's RESULT) gives ``session`` for
+        ``ch``: the seq after which every message of ``ch`` reaches it, live or
+        in the catch-up right after the reply (:meth:`go_live`).  Where its
+        subscription took effect, if it waited; else what has been delivered
+        here.  The client takes what is at or before it as history (PROTOCOL
+        §3.3): the channel's last assigned seq would count messages this
+        session still gets (on their way to the store, or delivered here while
+        its reply waited), which the client then dropped as second copies.
+        (WELCOME writes the same in C, core/welcome.pyx.)"""
+        waiting = session.pending_live
+        since = None if waiting is None else waiting.get(ch)
+        return _delivered(ch) if since is None else since
+
     def go_live(self, session: Session, channels: Iterable[Channel],
                 positions: dict[str, int] | None) -> None:
         """Deliver ``channels`` to ``session``: what it missed after ``positions``
@@ -170,7 +200,7 @@ class Subscriptions:
                 ch.subscribers.add(session)
             if positions is not None:
                 self.catch_up(session, ch, positions.get(ch.name, 0))
-            elif since is not None and since < ch.seq:
+            elif since is not None and since < _delivered(ch):
                 self.catch_up(session, ch, since)
 
     def go_live_waiting(self, session: Session) -> None:

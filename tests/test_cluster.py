@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -31,7 +31,7 @@ from fenghuo.core import (ErrorCode, FrameType, decode_ack, decode_error, decode
 from fenghuo.server.config import load
 from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.cluster_store import DEPOSED
-from fenghuo.server.jetstream import OWNERS, STREAM, Engine, Fenced, token
+from fenghuo.server.jetstream import DEVICES, OWNERS, STREAM, Engine, Fenced, token
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
 from test_cluster_setup import NatsProxy
@@ -564,6 +564,24 @@ class WritesHeld(NatsProxy):
         writer.close()
 
 
+async def _first_publish_parked(alice: fenghuo.Client, claims: WritesHeld, name: str
+                                ) -> tuple[asyncio.Future[list[fenghuo.Message]],
+                                           asyncio.Future[fenghuo.Ack]]:
+    """alice, on the node behind ``claims``, reads the new direct chat ``name`` (her
+    node claims it, the claim held) and sends its first message, m0 to bob:
+    parked there, as nobody else claims the chat while bob is offline.  The
+    history read and the send, both still waiting."""
+    claims.holding = True
+    reading = asyncio.ensure_future(alice.history(name, limit=10))   # her node claims the chat
+
+    async def claim_held() -> bool:
+        return bool(claims.held)
+    await until(claim_held)
+    sending = asyncio.ensure_future(alice.send("bob", "m0", key="m0"))
+    await asyncio.sleep(1.0)                   # parked (no event to wait for outside n1)
+    return reading, sending
+
+
 async def test_a_first_publish_parked_behind_a_lookup_goes_to_the_owner_the_watch_names(
         nodes, nats_cluster: NatsCluster):
     """A node looking up who owns a new direct chat (alice reads its history
@@ -589,26 +607,17 @@ async def test_a_first_publish_parked_behind_a_lookup_goes_to_the_owner_the_watc
         (n0,) = nodes("n0", servers=[server])
         (n1,) = await asyncio.to_thread(nodes, "n1", urls=[url])   # the loop runs the proxy
         alice = await n1.connect("alice")
-        proxy.holding = True
-        reading = asyncio.ensure_future(alice.history(name, limit=10))   # n1 claims the chat
-
-        async def claim_held() -> bool:
-            return bool(proxy.held)
-        await until(claim_held)
-        sending = asyncio.ensure_future(alice.send("bob", "m0", key="m0"))
-        # Parked on n1; nobody else claims the chat while bob is offline.
-        await asyncio.sleep(1.0)
+        reading, sending = await _first_publish_parked(alice, proxy, name)
         # On n0, which n1 told of the new chat: bob is subscribed to it, and n0
         # claims it for him (answered: it wins) before WELCOME.
         bob = await n0.connect("bob")
 
-        async def stored() -> list[fenghuo.Message]:
-            return await bob.history(name, limit=10)
-        # Read, not awaited live: bob's WELCOME on n0 comes in the step that
-        # sequences m0 there (the deferred forward), and in this set-up his
-        # live copy of m0 came late or not at all in some runs (seen here,
-        # not analysed yet: left to the next piece of issue 11).
-        page = await until(stored)
+        # Online on n0 as m0 is sequenced there: he gets it live, whichever of
+        # his WELCOME and m0's release comes first (the test after this one
+        # makes the release come first).
+        got = await messages_of(bob, name, 1)
+        assert [(m.seq, m.payload) for m in got] == [(1, b"m0")]
+        page = await bob.history(name, limit=10)
         assert [(m.seq, m.payload) for m in page] == [(1, b"m0")]
         assert (await asyncio.wait_for(sending, 10.0)).seq == 1
         # Served once n1's replica is fed: before or after m0 was stored.
@@ -628,6 +637,95 @@ async def test_a_first_publish_parked_behind_a_lookup_goes_to_the_owner_the_watc
         assert [s["channels_owned"] for s in states] == [1, 0], states
     finally:
         await proxy.close()
+
+
+class RequestsHeld(NatsProxy):
+    """A TCP proxy to a nats-server that holds the requests its client publishes
+    on the subjects a rule picks (``rules``: a name -> a test of the subject)
+    while that rule is held (:meth:`hold`), until :meth:`release` sends them on;
+    everything else passes both ways."""
+
+    def __init__(self, target: tuple[str, int], **rules: Callable[[bytes], bool]) -> None:
+        super().__init__(target)
+        self.rules = rules
+        self.holding: set[str] = set()
+        self.held: dict[str, list[tuple[asyncio.StreamWriter, bytes]]] = {}
+
+    def hold(self, *rules: str) -> None:
+        self.holding.update(rules)
+
+    def release(self, rule: str) -> None:
+        self.holding.discard(rule)
+        for writer, frame in self.held.pop(rule, []):
+            writer.write(frame)
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            rule = next((r for r in self.holding
+                         if words[:1] in ([b"PUB"], [b"HPUB"]) and self.rules[r](words[1])),
+                        None)
+            if rule is not None:
+                self.held.setdefault(rule, []).append((writer, frame))
+                continue
+            writer.write(frame)
+        writer.close()
+
+
+async def test_a_receiver_whose_welcome_waits_gets_a_message_sequenced_meanwhile_live(
+        nodes, nats_cluster: NatsCluster):
+    """bob's subscription to a new direct chat takes effect on n0 in the step
+    that sequences the chat's first message there (a forward n0 deferred while
+    it took the chat), before that message is stored; his WELCOME goes out only
+    after it was stored and delivered to the chat's subscribers (his synced
+    positions, read from the devices' bucket, are held on the way to NATS
+    meanwhile).  He still gets it, once, right after WELCOME: his subscription
+    took effect after what had been delivered then (the ring's head), not
+    after the seq, which counted m0 on its way to the stream, and WELCOME's
+    head for the chat says so (DESIGN, "A subscription that starts later").
+    Before, his catch-up started after m0, whose fan-out had gone without
+    him, and WELCOME's head made the client take m0 as history: he never
+    received it."""
+    server = nats_cluster.servers[0]
+    name = "dm:alice:bob"
+    claims = WritesHeld((server.host, server.port), f"$KV.{OWNERS}.")
+    reads = RequestsHeld(
+        (server.host, server.port),
+        tail=lambda subject: subject == f"$JS.API.STREAM.MSG.GET.{STREAM}".encode(),
+        positions=lambda subject: subject.startswith(
+            (f"$JS.API.DIRECT.GET.KV_{DEVICES}".encode(),
+             f"$JS.API.STREAM.MSG.GET.KV_{DEVICES}".encode())))
+    claims_url, reads_url = await claims.start(), await reads.start()
+    try:
+        (n0,) = await asyncio.to_thread(nodes, "n0", urls=[reads_url])  # the loop runs the proxies
+        (n1,) = await asyncio.to_thread(nodes, "n1", urls=[claims_url])
+        alice = await n1.connect("alice")
+        reading, sending = await _first_publish_parked(alice, claims, name)
+        # n0 claims the chat for bob and wins; its read of the chat's tail is
+        # held, so m0, sent there by n1 once its watch names n0, is deferred.
+        reads.hold("tail", "positions")
+        connecting = asyncio.ensure_future(n0.connect("bob"))
+
+        async def deferred() -> bool:
+            state = (await asyncio.to_thread(healthz, n0.metrics_port))[1]
+            return state.get("cluster", {}).get("forwards_deferred", 0) >= 1
+        await until(deferred)
+        # n0 takes the chat: m0 is sequenced, bob's subscription takes effect,
+        # m0 is stored and delivered (alice's ack), while his WELCOME waits.
+        reads.release("tail")
+        assert (await asyncio.wait_for(sending, 10.0)).seq == 1
+        assert not connecting.done(), "bob's WELCOME did not wait for his positions"
+        reads.release("positions")
+        bob = await asyncio.wait_for(connecting, 10.0)
+        got = await messages_of(bob, name, 1)
+        assert [(m.seq, m.payload) for m in got] == [(1, b"m0")]
+        claims.holding = False
+        ack = await publish_surely(alice, name, "m1", "m1", time.monotonic() + 30)
+        got = await messages_of(bob, name, 1)    # m1 next: m0 came once
+        assert [(m.seq, m.payload) for m in got] == [(ack.seq, b"m1")] and ack.seq == 2
+        assert [m.seq for m in await asyncio.wait_for(reading, 10.0)] in ([], [1])
+    finally:
+        await claims.close()
+        await reads.close()
 
 
 async def _online(client: fenghuo.Client, user: str) -> bool:

@@ -949,16 +949,20 @@ def test_welcome_template_writes_what_encode_json_writes(worker, resumed, subscr
     hub = Hub()
     channels = tuple(hub.channel(name) for name in subscribed)
     for seq, ch in enumerate(channels, 5):
-        ch.seq = seq
+        ch.ring.append(seq, b"m")
+        ch.seq = seq + 1        # one more sequenced, not yet delivered (on its way to the store)
     fields = _welcome_fields(worker)
     template = WelcomeTemplate(fields)
     assert template.epoch is fields["epoch"]
     user, device, expires = "alice", 'phone "é" \\ \u2028', 1_733_000_000.9
+    # A channel's head is the last seq delivered, or where a subscription that
+    # waited took effect (``starts``): what comes after it reaches the client.
+    starts = {channels[0]: 2} if channels else None
     expected = dict(fields, user=user, device=device, expires=int(expires),
-                    channels={ch.name: ch.seq for ch in channels})
+                    channels={ch.name: (starts or {}).get(ch, ch.ring.head) for ch in channels})
     if resumed:
         expected["resumed"] = resumed
-    assert template.frame(user, device, expires, channels, resumed, 77) == \
+    assert template.frame(user, device, expires, channels, resumed, 77, starts) == \
         encode_json(FrameType.WELCOME, expected, 77)
 
 
