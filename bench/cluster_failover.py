@@ -28,7 +28,10 @@ until acked and the stream is read back through history.  Reported:
   ack of a publish first sent after it (only a live owner can give one);
   for the nats-server, also the time until the stream has a leader again
   (JetStream's own election, ``$JS.API.STREAM.INFO`` polled every 50 ms:
-  the part of the wait that is nats-server's, 4-9 s in 2.9);
+  the part of the wait that is nats-server's, 4-9 s in 2.9), the time of
+  JetStream's own advisory of the new leader (``LEADER_ELECTED``, sent by
+  the leader as it takes over: the election's end, not a poll's), and the
+  rest of the wait, fenghuo's: from that advisory to the first ack;
 * publish-to-deliver p50/p99 (first send to arrival, retries included)
   before the kill and during the event (messages first sent from the kill
   until one second after the channel was sequenced again).
@@ -48,6 +51,8 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import nats
+import nats.aio.client
+import nats.aio.msg
 import nats.errors
 import numpy as np
 import orjson
@@ -72,6 +77,9 @@ DRAIN_S = 15.0
 VICTIMS = ("node", "nats")
 # Issue 11: a channel whose owner died is sequenced again within 5 s.
 TARGET_RECOVERY_S = 5.0
+# JetStream's advisory that the stream has a new leader (nats-server's
+# JSAdvisoryStreamLeaderElectedPre), sent once the election is won.
+ELECTED_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.FENGHUO"
 
 
 @dataclass
@@ -106,6 +114,8 @@ class Event:
     killed_at: float = 0.0
     #: when the stream named a live leader again (the nats-server victim only)
     leader_at: float | None = None
+    #: when JetStream's advisory of the stream's new leader arrived (the nats-server victim only)
+    elected_at: float | None = None
     #: (seq, payload) as the stream holds the channel, and as HISTORY on node 1 serves it
     stored: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[tuple[int, bytes]] = field(default_factory=list)
@@ -172,6 +182,22 @@ async def _leader_elected(cluster: FenghuoCluster, event: Event, killed: str) ->
         await nc.close()
 
 
+async def _elected(cluster: FenghuoCluster, event: Event, killed: str) -> nats.aio.client.Client:
+    """Subscribe, through the servers that will live, to JetStream's advisory of the
+    stream's new leader, and note when the first one after the kill arrives; the
+    connection, to close once the event is over."""
+    assert cluster.nats is not None
+    nc = await nats.connect([s.url for s in cluster.nats.servers if s.name != killed])
+
+    async def on_advisory(_msg: nats.aio.msg.Msg) -> None:
+        if event.killed_at and event.elected_at is None:
+            event.elected_at = clock()
+
+    await nc.subscribe(ELECTED_ADVISORY, cb=on_advisory)
+    await nc.flush()
+    return nc
+
+
 def _client(cluster: FenghuoCluster, k: int, user: str, **kwargs: Any) -> fenghuo.Client:
     return fenghuo.Client(f"tcp://127.0.0.1:{cluster.nodes[k].port}", user=user,
                           secret=cluster.secret, device=f"{user}-dev", reconnect=False, **kwargs)
@@ -230,6 +256,7 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
     event.receivers = receivers
     pubs = [await _client(cluster, k, user).connect() for k, user in ((1, "pub1"), (2, "pub2"))]
     clients += pubs
+    advisories: nats.aio.client.Client | None = None
     try:
         start = clock()
         until = start + a.failover_before + a.failover_after
@@ -245,6 +272,7 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
             leader = await _stream_leader(cluster)
             assert cluster.nats is not None
             server = next(s for s in cluster.nats.servers if s.name == leader)
+            advisories = await _elected(cluster, event, leader)
             event.killed_at = clock()
             server.kill()
             event.victim = f"nats ({leader}, the stream leader)"
@@ -258,6 +286,8 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
         event.history = await _history(pubs[0])
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        if advisories is not None:
+            await advisories.close()
     return event
 
 
@@ -312,6 +342,11 @@ def summarize(event: Event) -> dict[str, Any]:
         "sequenced_again_after_s": None if recovered_s is None else round(recovered_s, 3),
         "stream_leader_again_after_s": (None if event.leader_at is None
                                         else round(event.leader_at - event.killed_at, 3)),
+        "stream_leader_elected_after_s": (None if event.elected_at is None
+                                          else round(event.elected_at - event.killed_at, 3)),
+        "sequenced_again_after_election_s": (
+            None if event.elected_at is None or sequenced_again is None
+            else round(sequenced_again - event.elected_at, 3)),
         "latency_before_ms": _ms(before),
         "latency_during_ms": _ms(during),
     }
@@ -327,7 +362,8 @@ def ok(s: dict[str, Any]) -> bool:
 def table(summaries: list[dict[str, Any]]) -> str:
     cols = ("killed", "acked / published", "lost (acked, not stored)", "not received (per receiver)",
             "duplicates at the app", "stored gap-free", "acked, not in history on node 1",
-            "sequenced again after", "stream led again after",
+            "sequenced again after", "stream led again after", "leader elected (advisory) after",
+            "sequenced again after the advisory",
             "p50 / p99 before", "p50 / p99 during")
     lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
     for s in summaries:
@@ -342,6 +378,8 @@ def table(summaries: list[dict[str, Any]]) -> str:
             str(s["acked_not_in_history_on_node_1"]),
             "-" if again is None else f"{again:.2f} s",
             "-" if (led := s["stream_leader_again_after_s"]) is None else f"{led:.2f} s",
+            "-" if (won := s["stream_leader_elected_after_s"]) is None else f"{won:.2f} s",
+            "-" if (rest := s["sequenced_again_after_election_s"]) is None else f"{rest:.3f} s",
             f"{b['p50']} / {b['p99']} ms", f"{d['p50']} / {d['p99']} ms"]) + " |")
     return "\n".join(lines)
 

@@ -74,6 +74,28 @@ def test_failover_counts_every_acked_message_across_an_owner_s_kill(tmp_path):
     assert event["sequenced_again_after_s"] is not None
 
 
+@pytest.mark.timeout(300)
+def test_failover_of_the_stream_leader_s_server_times_jetstream_s_election_apart_from_fenghuo_s_part(
+        tmp_path):
+    """kill -9 of the nats-server leading the stream: besides what was acked,
+    stored and received, the bench notes when JetStream's advisory of the new
+    leader came, and how long after it the channel was sequenced again (the
+    part of the wait that is fenghuo's, not the election's)."""
+    out = tmp_path / "failover.json"
+    bench("cluster", "--parts", "failover", "--failover-victims", "nats",
+          "--failover-rate", "40", "--failover-before", "1", "--failover-after", "2",
+          "--json", str(out), timeout=280)
+    (event,) = json.loads(out.read_text())["failover"]
+    assert event["victim"].startswith("nats (")
+    assert event["acked"] == event["published"] > 0
+    assert event["lost_acked_not_stored"] == event["stored_twice"] == 0
+    assert event["stored_seqs_gap_free"]
+    elected, again = event["stream_leader_elected_after_s"], event["sequenced_again_after_s"]
+    assert elected is not None and elected > 0
+    assert again is not None
+    assert event["sequenced_again_after_election_s"] == pytest.approx(again - elected, abs=0.002)
+
+
 def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
     """Four regions, a node and a nats-server each, routes through delay proxies:
     every pair's messages and catch-up trials arrive and are counted."""
