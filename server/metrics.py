@@ -25,7 +25,7 @@ from fenghuo import __version__
 from fenghuo.server import httpd
 from fenghuo.server.cluster import Cluster
 from fenghuo.server.stalls import BOUNDS
-from fenghuo.server.store import SQLiteStore
+from fenghuo.server.store import MAX_BATCH, SQLiteStore
 
 if TYPE_CHECKING:
     # Not at run time: it needs nats-py, which only a cluster node has.
@@ -259,6 +259,12 @@ class RelayCollector(Collector):
                       "store's file), by the checkpointer's thread and by the writer's.", checkpoints.passes)
         yield counter("fenghuo_store_wal_restarts", "Times this worker's writer found the WAL copied "
                       "and started it again from its beginning.", checkpoints.restarts)
+        yield counter("fenghuo_store_batches", "Batches this worker's writer took (one transaction "
+                      "and, under --fsync always|batch, one sync each).", store.batches)
+        yield counter("fenghuo_store_batch_records", "Records in those batches (÷ batches: the "
+                      "mean batch).", store.batch_records)
+        yield counter("fenghuo_store_batches_full", "Batches that reached the writer's limit "
+                      f"({MAX_BATCH:,} records): more may have been queued.", store.full_batches)
 
     def _stalls(self) -> Iterator[Metric]:
         relay = self.relay

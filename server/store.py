@@ -338,6 +338,9 @@ class SQLiteStore:
         self.failure: BaseException | None = None
         #: records appended and not yet handed back (touched by the loop thread only)
         self.backlog = 0
+        #: the writer's thread counts (read by /metrics): batches taken, the records
+        #: in them, and the batches that reached MAX_BATCH (more was queued)
+        self.batches = self.batch_records = self.full_batches = 0
         self._handback_delay = float(os.environ.get(HANDBACK_DELAY_ENV) or 0)
         self._write_delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
         self.on_pressure: Callable[[bool], None] = lambda high: None
@@ -450,6 +453,9 @@ class SQLiteStore:
         writer = self._writer
         outbox = None if self.outbox is None else self._write_outbox
         while (batch := writer.take(MAX_BATCH)) is not None:
+            self.batches += 1
+            self.batch_records += len(batch)
+            self.full_batches += len(batch) >= MAX_BATCH
             if self._write_delay:
                 time.sleep(self._write_delay)               # WRITE_DELAY_ENV
             try:

@@ -103,9 +103,13 @@ async def test_the_wal_stays_bounded_under_sustained_load(tmp_path):
     await asyncio.wait_for(task, 30)
     restarts = metric(relay, "fenghuo_store_wal_restarts_total")
     passes = metric(relay, "fenghuo_store_checkpoints_total")
+    batches = metric(relay, "fenghuo_store_batches_total")
+    records = metric(relay, "fenghuo_store_batch_records_total")
     await load.close()
     assert relay.stop() == 0
     assert restarts >= 30 and passes >= restarts, (restarts, passes)
+    # A message is one record of one batch (its ack waited for that batch).
+    assert records >= load.count() and batches >= restarts, (records, batches)
     # SQLite would have let it grow to 256 MiB (its automatic checkpoint was
     # 65,536 pages); every round starts at PAGES and ends within a few commits
     # (each of a hundred pages or more here).
@@ -138,3 +142,24 @@ async def test_acked_messages_survive_kill_9_while_checkpoints_run(tmp_path):
     assert passes >= 40, passes          # the kills fell among checkpoints
     assert load.count() > 5_000, load.count()
     check(load, data_dir / "fenghuo.db")
+
+
+async def test_batches_that_reach_the_writers_limit_are_counted(tmp_path):
+    # Under --fsync batch acks do not wait for the writer; a writer slowed down
+    # (the test hook: it sleeps before each batch) finds more queued than one
+    # transaction takes, and every acked message is still stored once.
+    env = {**ENV, "FENGHUO_TEST_WRITE_DELAY": "1.5"}
+    relay = start_relay(tmp_path, "--fsync", "batch", workers=1, env=env)
+    load = Load(relay)
+    task = asyncio.ensure_future(load.run())
+    for _ in range(300):
+        await asyncio.sleep(0.1)
+        if metric(relay, "fenghuo_store_batches_full_total") >= 1:
+            break
+    load.stop()
+    await asyncio.wait_for(task, 30)
+    full = metric(relay, "fenghuo_store_batches_full_total")
+    await load.close()
+    assert relay.stop() == 0
+    assert full >= 1, full
+    check(load, relay.data_dir / "fenghuo.db")
