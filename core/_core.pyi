@@ -360,6 +360,21 @@ class WelcomeTemplate:
               starts: dict[Channel, int | None] | None = None) -> bytes: ...
 
 
+@final
+class HelloPath:
+    """A relay's HELLO from the frame to WELCOME, in C (core/hello.pyx)."""
+
+    relay: Any
+    def __init__(self, relay: Any, decode: Callable[[bytes], Any],
+                 keys_of: Callable[[str], tuple[HS256Key, ...]],
+                 new_device: Callable[[], str], leeway: float) -> None: ...
+    def verify(self, token: object, what: str) -> Grants:
+        """The grants of a HELLO's or REFRESH's token; ProtocolError (fatal) otherwise."""
+    def welcome(self, c: Connection, request_id: int, channels: tuple[Channel, ...],
+                resumed: dict[str, int] | None) -> None:
+        """WELCOME, then what was missed, then live."""
+
+
 class Hub:
     channels: dict[bytes, Channel]
     connections: set[Connection]
@@ -379,6 +394,7 @@ class Hub:
     key_lookup: Callable[[str, bytes, list[int], int], tuple[int, int] | None] | None
     masker: Callable[[str], MaskRules | None] | None
     admission: Handshakes | None
+    hello: HelloPath | None
     def __init__(self, *, max_frame: int = ..., ring_capacity: int = ...,
                  max_pending_bytes: int = ..., compress_threshold: int = ...,
                  dedupe_window: int = ..., dedupe_span: float = ...,

@@ -85,6 +85,8 @@ cdef class Hub:
     # The relay's admission (None: none): its connections' handshakes are counted
     # there as they are made, authenticated and lost (Handshakes.count_for).
     cdef public Handshakes admission
+    # The relay's HELLO in C (a HelloPath, core/hello.pyx; None: Connection.on_hello).
+    cdef public object hello
 
     cpdef Channel channel(self, str name, int kind=*)
     cdef int _note_latency(self, double t_recv) except -1

@@ -571,8 +571,9 @@ cdef class Connection:
     """One client connection as an ``asyncio.BufferedProtocol``.
 
     The server subclasses it (``fenghuo.server.session.Session``) to supply the
-    control plane: ``on_hello``, ``on_control``, ``resolve_publish``,
-    ``on_close``.  Everything per message stays here, in C, and so does the
+    control plane: ``on_control``, ``resolve_publish``, ``on_close``; a HELLO
+    goes to the hub's ``hello`` (a HelloPath, core/hello.pyx), else to
+    ``on_hello``.  Everything per message stays here, in C, and so does the
     count of connections in handshake (``hub.admission``), from
     ``connection_made`` until HELLO is accepted or the connection lost.
     """
@@ -854,7 +855,11 @@ cdef class Connection:
             elif not self.authenticated:
                 if h.type != FrameType.HELLO:
                     raise ProtocolError(ErrorCode.HELLO_REQUIRED, "the first frame must be HELLO")
-                self.on_hello(h.request_id, PyBytes_FromStringAndSize(body, n))
+                if self.hub.hello is not None:
+                    (<HelloPath>self.hub.hello).run(self, h.request_id,
+                                                    PyBytes_FromStringAndSize(body, n))
+                else:
+                    self.on_hello(h.request_id, PyBytes_FromStringAndSize(body, n))
             elif h.type == FrameType.HELLO:
                 raise ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "HELLO was already accepted", False)
             elif h.type in (FrameType.SUBSCRIBE, FrameType.UNSUBSCRIBE, FrameType.RECEIPT,

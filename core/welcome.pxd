@@ -9,3 +9,5 @@ cdef class WelcomeTemplate:
     cdef bytes _expires
     cdef bytes _channels
     cdef bytes _tail
+    cdef bytes _frame(self, str user, str device, double expires, tuple channels, resumed,
+                      uint32_t request_id, dict starts)

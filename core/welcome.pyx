@@ -55,6 +55,10 @@ cdef class WelcomeTemplate:
         is at or before the head as history, and a message assigned but not
         yet delivered (on its way to the store) still reaches the connection
         (server/subscriptions.py, ``Subscriptions.start``)."""
+        return self._frame(user, device, expires, channels, resumed, request_id, starts)
+
+    cdef bytes _frame(self, str user, str device, double expires, tuple channels, resumed,
+                      uint32_t request_id, dict starts):
         cdef Channel ch
         cdef dict heads
         cdef char digits[24]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any, TYPE_CHECKING
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +30,7 @@ from fenghuo.core import (
     ChannelKind,
     ErrorCode,
     FrameType,
+    HelloPath,
     Hub,
     RemoteOrigin,
     WelcomeTemplate,
@@ -41,7 +43,7 @@ from fenghuo.server import scheduling
 from fenghuo.server.clicks import Clicks
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
-from fenghuo.server.devices import SERVICE_DEVICE, Devices
+from fenghuo.server.devices import SERVICE_DEVICE, Devices, new_device_id
 from fenghuo.server.group_ops import Answer, GroupOps
 from fenghuo.server.groups import Actor, GroupRegistry
 from fenghuo.server import keyfile
@@ -49,6 +51,7 @@ from fenghuo.server.atrest import FrameCipher
 from fenghuo.server.masking import Masking
 from fenghuo.server.mesh import boot_id
 from fenghuo.server.node import Node
+from fenghuo.server import schemas
 from fenghuo.server.schemas import (
     from_builtins,
 )
@@ -60,6 +63,7 @@ from fenghuo.server.subscriptions import Subscriptions, settle
 from fenghuo.server.revocations import Revocations
 from fenghuo.server.tls import ServerTLS
 from fenghuo.server.tokenwatch import TokenWatch
+from fenghuo.tokens import LEEWAY, _hs256_keys
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
@@ -165,6 +169,10 @@ class Relay:
         #: listening, the background tasks, shutdown (server/node.py)
         self.node = Node(self)
         self._welcome: WelcomeTemplate | None = None
+        #: HELLO, from the frame to WELCOME, in C (core/hello.pyx); the hub hands it every HELLO
+        self.hello = HelloPath(self, partial(schemas.decode_with, schemas.SCHEMAS[FrameType.HELLO]),
+                               _hs256_keys, new_device_id, LEEWAY)
+        self.hub.hello = self.hello
 
     # ------------------------------------------------------------ lifecycle
 

@@ -1,8 +1,9 @@
 """One client connection's control plane: HELLO and the JSON-bodied requests.
 
 The compiled :class:`fenghuo.core.Connection` decodes frames and handles
-PUBLISH, PING and PONG in C; everything else arrives here as
-``on_hello`` / ``on_control``.  Handlers raise :class:`ProtocolError` to answer
+PUBLISH, PING and PONG in C, and the relay's :class:`fenghuo.core.HelloPath`
+HELLO (a cluster node's ends here, in ``hello_clustered``); everything else
+arrives here as ``on_control``.  Handlers raise :class:`ProtocolError` to answer
 with ERROR; non-fatal ones leave the connection open.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
@@ -36,7 +36,6 @@ from fenghuo.protocol import encode_json
 from fenghuo.server import scheduling, schemas
 from fenghuo.server.history import read as read_history
 from fenghuo.server.clicks import LINK_MAX
-from fenghuo.server.devices import SERVICE_DEVICE, new_device_id
 from fenghuo.server.groups import Actor
 from fenghuo.server.access import refuse
 from fenghuo.server.schemas import (
@@ -54,21 +53,12 @@ from fenghuo.server.schemas import (
     Subscribe,
     Unsubscribe,
 )
-from fenghuo.tokens import Grants, TokenError, verify_token
 
 if TYPE_CHECKING:
     from fenghuo.server.subscriptions import Hold
     from fenghuo.server.relay import Relay
 
 log = logging.getLogger("fenghuo.session")
-
-
-# HELLO's schema, looked up once (decode_body's lookup is a Python call per connect).
-_HELLO = schemas.SCHEMAS[FrameType.HELLO]
-
-
-def _fatal(exc: ProtocolError) -> ProtocolError:
-    return ProtocolError(exc.code, exc.message, True)
 
 
 class Session(Connection, asyncio.BufferedProtocol):
@@ -113,50 +103,22 @@ class Session(Connection, asyncio.BufferedProtocol):
         if self.authenticated and log.isEnabledFor(logging.DEBUG):  # no dict of extras built per close
             log.debug("disconnected", extra={"user": self.user, "device": self.device})
 
-    def on_hello(self, request_id: int, body: bytes) -> None:
+    # HELLO is the core's (core/hello.pyx, HelloPath), in C; a cluster node's ends here.
+
+    def hello_clustered(self, request_id: int, channels: tuple[Channel, ...],
+                        resumed: dict[str, int] | None, held: Hold | None) -> None:
+        """The end of a cluster node's HELLO (its subscriptions made, ``held`` what
+        ``subs.hold`` returned): WELCOME once ``channels`` are ready here."""
         relay = self.relay
-        if relay.node.shutting_down:
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "server is shutting down")
-        # Before the body is parsed and the token verified: in a storm,
-        # refusing must cost far less than admitting.
-        retry_after_ms = relay.admission.admit_hello()
-        if retry_after_ms:
-            raise relay.admission.hello_refusal(retry_after_ms)
-        try:
-            hello = schemas.decode_with(_HELLO, body)
-        except ProtocolError as exc:
-            raise _fatal(exc) from None
-        grants = self._verify(hello.token, "HELLO")
-        positions = hello.positions
-        device = hello.device or new_device_id()
-        if device == SERVICE_DEVICE and not grants.is_api:
-            raise ProtocolError(ErrorCode.FORBIDDEN, f"device id {device!r} is reserved for the server API")
-        if positions is not None and not relay.durable and hello.epoch != relay.epoch:
-            positions = {}   # a memory-only server restarted: old positions mean nothing
-        resumed = None
-        shared = relay.shared_state
-        if positions is None and relay.store is not None and shared is None:
-            # A device that kept no state (an app restart): resume where it last synced.
-            resumed = relay.store.device_cursors(grants.user, device) or None
-            positions = resumed
-        self.user, self.user_key, self.device = grants.user, grants.user.encode(), device
-        self.grants = grants
-        self.authenticated = True
-        self.hello_at = time.monotonic()
-        relay.tokens.watch(self)
-        relay.admission.handshake_ended()
-        self.positions = positions
-        held = relay.subs.hold(self)
-        relay.attach(self)
-        channels = tuple(self.subscriptions)
-        if positions is None and shared is not None:
+        if self.positions is None and relay.shared_state is not None:
             # A cluster keeps the synced positions in a KV bucket, read from
             # its leader: synced on any node, resumed on this one.
             self.track(asyncio.get_running_loop().create_task(
                 self._resume_synced(request_id, channels, held)))
             return
         # A partial, not a lambda: called in C, no Python frame of its own.
-        relay.subs.live_when_ready(self, channels, partial(self._welcome, request_id, channels, resumed))
+        relay.subs.live_when_ready(self, channels, partial(relay.hello.welcome, self, request_id,
+                                                           channels, resumed))
 
     async def _resume_synced(self, request_id: int, channels: tuple[Channel, ...],
                              held: Hold | None) -> None:
@@ -171,25 +133,12 @@ class Session(Connection, asyncio.BufferedProtocol):
             resumed = None
         self.positions = resumed
         relay.subs.live_when_ready(
-            self, channels, lambda: self._welcome(request_id, channels, resumed), held)
-
-    def _verify(self, token: Any, what: str) -> Grants:
-        """The grants of a HELLO's or REFRESH's token; fatal errors (REFRESH makes them not)."""
-        if not isinstance(token, str):
-            raise ProtocolError(ErrorCode.TOKEN_INVALID, f"{what} carries no token")
-        try:
-            grants = verify_token(self.relay.secret, token)
-        except TokenError as exc:
-            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
-            raise ProtocolError(code, str(exc)) from None
-        if self.relay.tokens.is_revoked(grants):
-            raise ProtocolError(ErrorCode.TOKEN_REVOKED, "token revoked")
-        return grants
+            self, channels, lambda: relay.hello.welcome(self, request_id, channels, resumed), held)
 
     def _refresh(self, request_id: int, body: Refresh) -> None:
         """REFRESH: the same user's new token replaces the current one (PROTOCOL §3.15c)."""
         try:
-            grants = self._verify(body.token, "REFRESH")
+            grants = self.relay.hello.verify(body.token, "REFRESH")
         except ProtocolError as exc:
             raise refuse(exc.code, exc.message) from None
         if grants.user != self.user:
@@ -202,17 +151,6 @@ class Session(Connection, asyncio.BufferedProtocol):
             # REFRESH would otherwise add one entry to the heap each time.
             self.relay.tokens.watch(self)
         self.reply(request_id, {"user": self.user, "expires": int(grants.expires)})
-
-    def _welcome(self, request_id: int, channels: tuple[Channel, ...],
-                 resumed: dict[str, int] | None) -> None:
-        """WELCOME, then what was missed, then live: once ``channels`` are ready here."""
-        relay = self.relay
-        self.send(relay.welcome().frame(self.user, self.device, self.grants.expires, channels,
-                                        resumed, request_id, self.pending_live))
-        if channels:    # none: nothing to deliver (go_live walks the channels alone)
-            relay.subs.go_live(self, channels, self.positions)
-        if log.isEnabledFor(logging.DEBUG):     # no dict of extras built per connect
-            log.debug("connected", extra={"user": self.user, "device": self.device})
 
     def resolve_publish(self, channel: bytes) -> Channel:
         try:

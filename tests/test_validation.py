@@ -242,3 +242,20 @@ async def test_the_owner_changing_its_own_role_is_malformed(relay):
                                               "role": "member"}, 3))
     frame = await answer(alice, 3)
     assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == ErrorCode.MALFORMED_BODY
+
+
+@pytest.mark.parametrize("fields, code, text", [
+    ({"token": None}, ErrorCode.TOKEN_INVALID, "HELLO carries no token"),
+    ({"token": 7}, ErrorCode.TOKEN_INVALID, "HELLO carries no token"),
+    ({"token": "a.b"}, ErrorCode.TOKEN_INVALID, "token is invalid: a JWT has three dot-separated segments"),
+    ({"device": "fenghuo-api"}, ErrorCode.FORBIDDEN,
+     "device id 'fenghuo-api' is reserved for the server API"),
+], ids=["no-token", "token-not-a-string", "token-not-a-jwt", "reserved-device"])
+async def test_a_refused_hello_is_a_fatal_error_with_its_documented_code(relay, fields, code, text):
+    # §3.2: HELLO's refusals close the connection (the HELLO is the core's, core/hello.pyx).
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": relay.token("alice"), **fields}, 1))
+    assert await conn.expect_error(code, request_id=1) == text
+    await conn.expect_closed()
+    # The refused handshakes are no longer counted: the next HELLO is welcome.
+    assert (await authed_raw(relay, "alice")) is not None
