@@ -155,7 +155,7 @@ def loop_slice(slice_us: int) -> float:
     the CPU (its weight, nice) is unchanged, and so is anything the operator
     set (policy, nice): only the slice is written, and only under the normal
     or batch policy.  0 asks nothing.  Measured with ``python -m bench tail``
-    (README, "The latency tail").
+    (docs/PERFORMANCE.md, "The latency tail").
     """
     calls = _sched_attr_calls()
     attr = None if calls is None else _sched_attr(calls, 0)

@@ -98,7 +98,7 @@ async def test_masked_before_delivery_history_and_the_store(relay_factory):
 
 
 async def test_the_rule_of_every_channel_is_labelled_star_on_metrics(relay_factory):
-    """``*`` is the rule's prefix as written (README, Masking): its counters say so, not ``""``."""
+    """``*`` is the rule's prefix as written (README, "What it does": Masking): its counters say so, not ``""``."""
     relay = relay_factory("--mask", orjson.dumps({"*": ["card"], "dm:": ["phone"]}).decode(), workers=1)
     alice = await relay.connect("alice", channels=("org.>",))
     await alice.publish("org.shop", f"card {CARD}")

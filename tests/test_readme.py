@@ -43,7 +43,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 def _documented(prefix: str) -> list[str]:
     """Every ``python -m PREFIX ...`` command the READMEs show (code blocks and spans)."""
     found = []
-    for doc in ("README.md", "bench/README.md", "loadtest/README.md"):
+    for doc in ("README.md", "docs/PERFORMANCE.md", "bench/README.md", "loadtest/README.md"):
         text = (ROOT / doc).read_text()
         snippets = fenced(text, "", "sh") + re.findall(r"`([^`\n]+)`", text)
         for snippet in snippets:
@@ -199,7 +199,7 @@ async def test_every_metric_family_a_relay_serves_is_one_the_readme_lists(relay_
 def test_the_load_test_commands_run_the_projects_interpreter():
     """A new user after ``make test`` has fenghuo and Locust only in ``.venv``: the
     system's ``python -m loadtest`` or ``locust`` fails there (ModuleNotFoundError)."""
-    for doc in ("README.md", "loadtest/README.md"):
+    for doc in ("README.md", "docs/PERFORMANCE.md", "loadtest/README.md"):
         text = (ROOT / doc).read_text()
         lines = [line for block in fenced(text, "", "sh") for line in block.splitlines()]
         lines += re.findall(r"^#+ .*`([^`\n]+)`", text, re.M)         # commands as headings
