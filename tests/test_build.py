@@ -200,7 +200,7 @@ def test_the_relay_and_the_cli_need_only_the_runtime_dependencies():
     loaded = set(subprocess.run([sys.executable, "-P", "-c", code], capture_output=True,
                                 text=True, check=True).stdout.split())
     names = {"pyjwt": "jwt", "pytest-timeout": "pytest_timeout", "pytest-benchmark":
-             "pytest_benchmark", "pytest-asyncio": "pytest_asyncio"}
+             "pytest_benchmark", "pytest-asyncio": "pytest_asyncio", "pytest-xdist": "xdist"}
     assert not loaded & {names.get(n, n) for n in extras_only}, loaded & extras_only
 
 
