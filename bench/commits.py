@@ -71,6 +71,13 @@ LAYOUTS: dict[str, tuple[str, str | None, str | None]] = {
                  "INSERT INTO message_seqs (channel, seq, id) SELECT channel, seq, id FROM messages"
                  " WHERE id > ? ORDER BY channel, seq"),
 }
+# schema 4 inserted without OR REPLACE, and with OR IGNORE: what the conflict
+# clause costs (nothing measurable: bench/README.md, "The commit's rows in
+# channel order")
+LAYOUTS["insert"] = ("", "INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame, key_id)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", None)
+LAYOUTS["ignore"] = ("", "INSERT OR IGNORE INTO messages (channel, seq, ts_us, sender, dedupe, frame, key_id)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", None)
 # The same index in a file of its own, attached: filed by a thread of its own
 # while the writer commits, as its lock is that file's, not the store's.
 LAYOUTS["deferred-attached"] = (LAYOUTS["deferred"][0].replace("CREATE TABLE message_seqs", "CREATE TABLE"

@@ -12,6 +12,7 @@ cdef struct MessageRow:
     Py_ssize_t dedupe_len
     const char* frame
     Py_ssize_t frame_len
+    Py_ssize_t order                # its place in the batch: equal keys keep it
 
 
 cdef class _Statement:

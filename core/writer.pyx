@@ -7,6 +7,8 @@
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdlib cimport qsort
+from libc.string cimport memcmp
 from posix.unistd cimport usleep
 
 import sqlite3 as _sqlite3
@@ -346,7 +348,12 @@ cdef class SQLiteWriter:
                 frame = m.frame if sealed is None else <bytes>sealed[i]
                 row.frame = PyBytes_AS_STRING(frame)
                 row.frame_len = PyBytes_GET_SIZE(frame)
+                row.order = i
             with nogil:
+                # In (channel, seq) order: a channel's rows of the batch go into
+                # messages_by_seq one after another, into the leaf the previous
+                # one left hot (and sit together in the table, for history).
+                qsort(rows, n, sizeof(MessageRow), _row_order)
                 if transaction:
                     rc = _step(self._begin.stmt)
                 if rc == SQLITE_OK:
@@ -361,6 +368,26 @@ cdef class SQLiteWriter:
                 self._abort()
             raise error
         return 0
+
+
+cdef int _row_order(const void* a, const void* b) noexcept nogil:
+    """qsort's comparison of two MessageRows: by channel, seq, then place in the
+    batch (so a (channel, seq) given twice keeps its order: the later replaces)."""
+    cdef const MessageRow* x = <const MessageRow*>a
+    cdef const MessageRow* y = <const MessageRow*>b
+    cdef int c
+    cdef Py_ssize_t n
+    if x.channel != y.channel:
+        # A channel's rows share one name (its Channel's key): compared only across channels.
+        n = x.channel_len if x.channel_len < y.channel_len else y.channel_len
+        c = memcmp(x.channel, y.channel, n)
+        if c != 0:
+            return c
+        if x.channel_len != y.channel_len:
+            return -1 if x.channel_len < y.channel_len else 1
+    if x.seq != y.seq:
+        return -1 if x.seq < y.seq else 1
+    return -1 if x.order < y.order else (1 if x.order > y.order else 0)
 
 
 cdef int _step(sqlite3_stmt* stmt) noexcept nogil:

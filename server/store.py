@@ -100,9 +100,11 @@ BACKLOG_LOW = 10_000
 # (bench/README.md, "The GIL's switch interval under `always`").
 WRITER_SWITCH_INTERVAL = 0.0005
 
-# The messages table (schema 3, PRAGMA user_version).  Rows are appended in
-# insertion order (``id``, the rowid, counts up), so a commit's rows fill the
-# table's last pages whichever channels they belong to; a channel's messages
+# The messages table (schema 3, PRAGMA user_version).  Rows are appended
+# (``id``, the rowid, counts up), so a commit's rows fill the table's last
+# pages whichever channels they belong to, a commit's in (channel, seq) order
+# (core/writer.pyx sorts the batch: a channel's entries go into its leaf of
+# ``messages_by_seq`` one after another); a channel's messages
 # are found through ``messages_by_seq``, whose entries are small.  A commit
 # thus writes, per channel it touches, one leaf of one index, where schema 1
 # (the table clustered by (channel, seq), WITHOUT ROWID, and an index by

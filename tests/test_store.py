@@ -662,6 +662,31 @@ def test_a_batch_of_messages_whose_insert_fails_leaves_none_of_it_and_the_writer
         assert [s for (s,) in db.execute("SELECT seq FROM messages ORDER BY seq")] == [1, 2, 3, 4, 5]
 
 
+def test_a_commit_files_each_channel_s_rows_together_in_seq_order_and_a_repeat_replaces(tmp_path):
+    # The writer inserts a batch in (channel, seq) order, not queue order
+    # (core/writer.pyx: a channel's index entries go in one after another);
+    # a (channel, seq) queued twice in one batch still ends as the later one.
+    from fenghuo.core import Channel, ChannelKind, Sequenced
+    from fenghuo.server.store import _WRITES
+    store = SQLiteStore(tmp_path, fsync="always")
+    chans = [Channel(f"dm:user-{c}:user-z", ChannelKind.DIRECT_CHAT, 16) for c in "dbca"]
+    batch = [Sequenced(ch, seq, 1_700_000_000_000_000 + seq, "user-z", None, f"{ch.name}/{seq}".encode())
+             for seq in range(1, 6) for ch in chans]
+    batch.append(Sequenced(chans[0], 3, 1_700_000_000_000_009, "user-z", None, b"again"))
+    try:
+        store._writer.write(batch, None, _WRITES, None)
+        store._writer.write([Sequenced(chans[1], 6, 1_700_000_000_000_010, "user-z", None, b"next")],
+                            None, _WRITES, None)
+    finally:
+        store.close()
+    with closing(sqlite3.connect(tmp_path / DB_FILE)) as db:
+        rows = db.execute("SELECT channel, seq, frame FROM messages ORDER BY id").fetchall()
+    names = sorted(ch.name for ch in chans)
+    expected = [(name, seq, b"again" if (name, seq) == (chans[0].name, 3) else f"{name}/{seq}".encode())
+                for name in names for seq in range(1, 6)]
+    assert rows == expected + [(chans[1].name, 6, b"next")]
+
+
 def test_the_writer_waits_for_another_writer_s_lock_up_to_its_busy_timeout(tmp_path):
     # Workers share one file: a writer finding the write lock taken tries again
     # (core/writer.pyx, _wait_for_lock) until the lock is free or its busy
