@@ -30,7 +30,7 @@ from picows import (
     ws_create_server,
 )
 
-from fenghuo.core import LINGER_S
+from fenghuo.core import LINGER_S, ErrorCode
 
 if TYPE_CHECKING:
     from fenghuo.server.admission import Admission
@@ -58,7 +58,8 @@ class WsTransport(asyncio.Transport):
         super().__init__()
         self.ws = ws
         self.tcp: asyncio.Transport = ws.underlying_transport
-        #: what the close frame says (1000, or 1003 after a text message)
+        #: what the close frame says (1000; 1003 after a text message, 1013
+        #: after TRY_AGAIN: close_after_error)
         self.close_code = WSCloseCode.OK
         self.close_reason = b""
 
@@ -100,6 +101,14 @@ class WsTransport(asyncio.Transport):
         # message a fatal ERROR cut saw 1006 instead of 1000, and sometimes
         # lost the ERROR too (tests/test_browser_client.py).
         return True
+
+    def close_after_error(self, code: int) -> None:
+        """The close frame that follows the fatal ERROR ``code`` says what it says:
+        1013 (try again later) after TRY_AGAIN (a HELLO above the admission
+        rate), as a refusal at the upgrade closes (:class:`RefusalListener`);
+        1000 after the others (PROTOCOL §1.1a)."""
+        if code == ErrorCode.TRY_AGAIN:
+            self.close_code = WSCloseCode.TRY_AGAIN_LATER
 
     def write_eof(self) -> None:
         # The session reads and discards until the client's close frame

@@ -90,6 +90,16 @@ class Session(Connection, asyncio.BufferedProtocol):
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def close_with_error(self, code: int, message: str, request_id: int = 0) -> None:
+        """Connection's, and over WebSocket the close frame that follows says it
+        too: 1013 after TRY_AGAIN (``WsTransport.close_after_error``, PROTOCOL §1.1a)."""
+        if not self.closing:
+            # The gateway (and picows) is imported only with --ws-port: known by its method.
+            close_after_error = getattr(self.transport, "close_after_error", None)
+            if close_after_error is not None:
+                close_after_error(code)
+        super().close_with_error(code, message, request_id)
+
     def reply(self, request_id: int, result: dict[str, Any]) -> None:
         self.send_reply(encode_json(FrameType.RESULT, result, request_id))
 

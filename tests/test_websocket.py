@@ -192,6 +192,24 @@ async def test_over_the_handshake_limit_a_websocket_gets_try_again(relay_factory
     first.disconnect()
 
 
+async def test_a_hello_above_the_admission_rate_closes_with_1013(relay_factory) -> None:
+    # Refused at HELLO rather than at the upgrade, it is the same refusal: the
+    # TRY_AGAIN ERROR, then close 1013 (try again later), not 1000 (§1.1a).
+    # Admission limits are per worker process: one makes "the one token" exact.
+    relay = start_ws_relay(relay_factory, "--admit-rate", "1", "--admit-burst", "1", workers=1)
+    first, c1 = await ws_open(relay.ws_url)
+    first.send(WSMsgType.BINARY, hello(relay.token("alice")))     # takes the one token
+    assert (await c1.next()).type == FrameType.WELCOME
+    ws, c = await ws_open(relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(relay.token("bob"), 7))
+    error = await c.next()
+    assert error.type == FrameType.ERROR and error.request_id == 7
+    assert decode_error(error.body)[0] == ErrorCode.TRY_AGAIN
+    assert await c.next() is None
+    assert c.close_code == 1013
+    first.disconnect()
+
+
 def test_ws_settings_from_flag_env_and_toml(tmp_path) -> None:
     import argparse
 
