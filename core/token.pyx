@@ -757,8 +757,12 @@ def verify_hs256(token, tuple keys, double leeway, bint scan=True):
     jti = claims.get("jti", "")
     issued = claims.get("iat", 0)
     presence = claims.get("presence", False)
-    if type(jti) is not str or type(presence) is not bool:
-        raise TokenError("token claims jti (string), iat (number), presence (boolean) have wrong types")
+    # Name the claim that is wrong, as for exp, iat, nbf and the lists (iat is
+    # checked as an integer by _claims).
+    if type(jti) is not str:
+        raise TokenError("token claim 'jti' must be a string")
+    if type(presence) is not bool:
+        raise TokenError("token claim 'presence' must be a boolean")
     cdef Grants grants = Grants.__new__(Grants)
     grants.user = user
     grants.channels = channels

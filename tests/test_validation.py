@@ -171,13 +171,21 @@ async def test_bodies_that_are_not_a_json_object_are_malformed_body(relay, body)
     {"sub": "eve", "exp": int(time.time()) + 3600, "nbf": "0"},
     {"sub": "eve", "exp": int(time.time()) + 3600, "iat": [1]},
     {"sub": ["eve"], "exp": int(time.time()) + 3600},
-], ids=["exp-string", "exp-float", "exp-bool", "nbf-string", "iat-list", "sub-list"])
+    {"sub": "eve", "exp": int(time.time()) + 3600, "presence": "yes"},
+    {"sub": "eve", "exp": int(time.time()) + 3600, "jti": 7},
+], ids=["exp-string", "exp-float", "exp-bool", "nbf-string", "iat-list", "sub-list",
+        "presence-string", "jti-integer"])
 async def test_token_claims_of_the_wrong_type_are_token_invalid(relay, claims):
     token = jwt.encode(claims, relay.secret, algorithm="HS256")
     conn = await open_raw(relay)
     conn.write(encode_json(FrameType.HELLO, {"token": token}, 1))
     text = await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=1)
     assert "must be" in text
+    # The text names the claim at fault, and only it.
+    wrong = {"presence", "jti"} & claims.keys()
+    if wrong:
+        assert text == f"token claim {wrong.pop()!r} must be a " + (
+            "boolean" if "presence" in claims else "string"), text
     await conn.expect_closed()
 
 
