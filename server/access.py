@@ -32,7 +32,10 @@ def parse_or_refuse(name: str | bytes) -> ChannelName:
     """The channel named ``name`` (UTF-8 when bytes), or ERROR ``INVALID_CHANNEL``."""
     try:
         return parse_channel(name.decode("utf-8") if isinstance(name, bytes) else name)
-    except (UnicodeDecodeError, InvalidChannel) as exc:
+    except UnicodeDecodeError:
+        # Not the codec's text: it would quote the client's bytes.
+        raise refuse(ErrorCode.INVALID_CHANNEL, "channel name is not valid UTF-8") from None
+    except InvalidChannel as exc:
         raise refuse(ErrorCode.INVALID_CHANNEL, str(exc)) from None
 
 
@@ -71,8 +74,9 @@ class Access:
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
         return self.hub.channel(cn.name, ChannelKind.ORG_UNIT)
 
-    def history_channel(self, session: Session, name: str) -> Channel:
-        """The channel ``name`` if ``session`` may read its history.
+    def history_channel(self, session: Session, name: str) -> Channel | None:
+        """The channel ``name`` if ``session`` may read its history; None for a
+        direct chat that has had no message (its page is empty).
 
         Membership, not the time of joining, decides: an advisor added to a
         conversation reads it from the start.
@@ -89,9 +93,11 @@ class Access:
         if not allowed:
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to read {name!r}")
         if cn.kind == ChannelKind.DIRECT_CHAT:
-            # Made as a first publish makes it, participants joined: a bare
-            # channel left here would take that publish and deliver it to no one.
-            return self.ensure_channel(name)
+            # Only a first publish makes a direct chat (PROTOCOL §5.1): made here,
+            # a read would subscribe both participants and show each the other's
+            # presence (§3.17).  Every worker and node knows every direct chat
+            # that has had a message (loaded at start, announced when made).
+            return self.hub.find(name)
         return self.hub.channel(name, cn.kind)
 
     def subscribable(self, session: Session, name: str) -> ChannelName:

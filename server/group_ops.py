@@ -83,7 +83,9 @@ class GroupOps:
                                          "users": list(group.members)})
                 return {**group.describe(), "seq": ch.seq}
             case GroupAdd(group=group_id, users=users, role=role):
-                added = groups.add(me, group_id, users, role or MEMBER)
+                # Absent and null mean "member" (PROTOCOL §2.5): the event says so too.
+                given = role or MEMBER
+                added = groups.add(me, group_id, users, given)
                 group = groups.groups[group_id]
                 ch = self.relay.hub.channel(group.channel, ChannelKind.GROUP_CHAT)
                 for user in added:
@@ -91,7 +93,7 @@ class GroupOps:
                 self.save(group)
                 if added:
                     self.event(group, {"event": "join", "by": me, "users": added,
-                                             "role": role})
+                                             "role": given})
                 return {"group": group_id, "added": added}
             case GroupLeave(group=group_id):
                 group = groups.member_group(me, group_id)

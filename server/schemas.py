@@ -325,6 +325,14 @@ def decode_with(schema: Schema, body: bytes) -> Any:
     """``body`` decoded and validated by ``schema``; MALFORMED_BODY (non-fatal) if it fails."""
     if json_nesting(body, MAX_DEPTH) > MAX_DEPTH:
         raise ProtocolError(ErrorCode.MALFORMED_BODY, schema.texts[""], False)
+    # msgspec checks the UTF-8 of the strings it keeps, not of the keys and
+    # values it skips; §2.5 wants the whole body UTF-8.  ASCII (nearly every
+    # body) is told at once, without decoding.
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.MALFORMED_BODY, schema.texts[""], False) from None
     try:
         return schema.decoder.decode(body)
     except msgspec.ValidationError as exc:

@@ -282,6 +282,9 @@ class Session(Connection, asyncio.BufferedProtocol):
 
     def _history(self, request_id: int, body: History) -> None:
         ch = self.relay.access.history_channel(self, body.channel)
+        if ch is None:    # a direct chat without a message yet: nothing to read
+            self.send_reply(encode_frame(FrameType.HISTORY_PAGE, b"", request_id))
+            return
         # The page comes after a store read: its place in the reply order is kept.
         slot = self.reserve_reply()
         self.track(asyncio.get_running_loop().create_task(

@@ -1,0 +1,125 @@
+"""What a client written from docs/PROTOCOL.md alone met where the relay and the spec parted.
+
+Each test drives a real relay (the default deployment: one worker per core)
+over TCP with bare frames, as that client did.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import orjson
+from rawwire import authed_raw, open_raw
+
+from fenghuo.core import (
+    ErrorCode,
+    FrameReader,
+    FrameType,
+    decode_error,
+    decode_message,
+    encode_frame,
+    encode_publish,
+)
+from fenghuo.protocol import encode_json
+
+
+async def answer(conn, rid: int):
+    """The reply to request ``rid``, past the MESSAGEs (events) that may come first."""
+    frame = await conn.reply()
+    assert frame is not None and frame.request_id == rid, frame
+    return frame
+
+
+async def result(conn, ftype: int, body: dict, rid: int) -> dict:
+    conn.write(encode_json(ftype, body, rid))
+    frame = await answer(conn, rid)
+    assert frame.type == FrameType.RESULT, decode_error(frame.body)
+    return orjson.loads(frame.body)
+
+
+async def error(conn, ftype: int, body: bytes, rid: int) -> tuple[int, str]:
+    conn.write(encode_frame(ftype, body, rid))
+    frame = await answer(conn, rid)
+    assert frame.type == FrameType.ERROR, frame
+    return decode_error(frame.body)
+
+
+async def history(conn, channel: str, rid: int) -> list:
+    conn.write(encode_json(FrameType.HISTORY, {"channel": channel, "after": 0}, rid))
+    page = await answer(conn, rid)
+    assert page.type == FrameType.HISTORY_PAGE, decode_error(page.body)
+    return [decode_message(f.body) for f in FrameReader().feed(page.body)]
+
+
+async def test_a_join_event_names_the_default_role_member(relay):
+    """§3.16: `add`'s role defaults to "member", and the server sends no null (§2.5)."""
+    alice = await authed_raw(relay, "alice")
+    await result(alice, FrameType.GROUP, {"op": "create", "group": "flat"}, 1)
+    await result(alice, FrameType.GROUP, {"op": "add", "group": "flat", "users": ["bob"]}, 2)
+    await result(alice, FrameType.GROUP,
+                 {"op": "add", "group": "flat", "users": ["carol"], "role": None}, 3)
+    await result(alice, FrameType.GROUP,
+                 {"op": "add", "group": "flat", "users": ["dave"], "role": "admin"}, 4)
+    events = [orjson.loads(m.payload) for m in await history(alice, "group:flat", 5)]
+    assert [(e["event"], e.get("users"), e.get("role")) for e in events] == [
+        ("created", ["alice"], None),
+        ("join", ["bob"], "member"),
+        ("join", ["carol"], "member"),
+        ("join", ["dave"], "admin"),
+    ]
+
+
+async def test_a_json_body_that_is_not_utf8_is_malformed_wherever_the_bad_byte_is(relay):
+    """§2.5: the body must be valid UTF-8 JSON, also in fields the schema ignores."""
+    alice = await authed_raw(relay, "alice")
+    whole = "PRESENCE body must be a JSON object (UTF-8) nested at most 32 deep"
+    for rid, body in enumerate([
+        b'{"op":"query","users":[],"x":"\xff"}',       # the value of an unknown field
+        b'{"op":"query","users":[],"\xff":1}',          # an unknown field's name
+        b'{"op":"query","users":[],"x":["\xc3"]}',      # a truncated sequence, nested
+    ], 1):
+        assert await error(alice, FrameType.PRESENCE, body, rid) == (
+            ErrorCode.MALFORMED_BODY, whole)
+    # Non-ASCII UTF-8 is of course fine.
+    alice.write(encode_frame(FrameType.PRESENCE,
+                             '{"op":"query","users":[],"x":"烽火"}'.encode(), 9))
+    assert (await answer(alice, 9)).type == FrameType.RESULT
+    # In HELLO it is fatal, as every HELLO failure.
+    conn = await open_raw(relay)
+    conn.write(encode_frame(FrameType.HELLO, b'{"token":"x","client":"\xfe"}', 7))
+    assert await conn.expect_error(ErrorCode.MALFORMED_BODY, request_id=7) == (
+        "HELLO body must be a JSON object (UTF-8) nested at most 32 deep")
+    await conn.expect_closed()
+
+
+async def test_a_publish_to_a_channel_name_that_is_not_utf8_says_so(relay):
+    """§3.5: INVALID_CHANNEL, with a text of the relay's own (not the client's bytes)."""
+    alice = await authed_raw(relay, "alice")
+    name = b"dm:\xffalice:bob"
+    body = struct.pack(">BBBH", 0, len(name), 0, 0) + name + b"hi"
+    assert await error(alice, FrameType.PUBLISH, body, 1) == (
+        ErrorCode.INVALID_CHANNEL, "channel name is not valid UTF-8")
+
+
+async def test_reading_a_direct_chat_without_messages_does_not_open_it(relay):
+    """§5.1: only a first PUBLISH makes a direct chat.  A HISTORY of one that had
+    no message is an empty page and changes nothing: the other participant is
+    not subscribed, and its presence stays hidden (§3.17)."""
+    bob = await authed_raw(relay, "bob")
+    alice = await authed_raw(relay, "alice")
+    assert await history(alice, "dm:alice:bob", 1) == []
+    hidden = {"bob": {"online": False, "devices": 0, "hidden": True}}
+    assert await result(alice, FrameType.PRESENCE, {"op": "query", "users": ["bob"]}, 2) == {
+        "users": hidden}
+    alice.write(encode_json(FrameType.SUBSCRIBE, {"channel": "dm:alice:bob"}, 3))
+    assert decode_error((await answer(alice, 3)).body)[0] == ErrorCode.FORBIDDEN
+    later = await open_raw(relay)
+    assert (await later.hello(relay.token("bob")))["channels"] == {}
+    # The first publish still opens it, for both, after the read.
+    alice.write(encode_publish("dm:alice:bob", b"hello", request_id=4))
+    assert (await alice.expect_ack(4)).seq == 1
+    for conn in (bob, later):
+        message = decode_message((await conn.expect(FrameType.MESSAGE)).body)
+        assert (message.channel, message.seq, message.payload) == ("dm:alice:bob", 1, b"hello")
+    assert await result(alice, FrameType.PRESENCE, {"op": "query", "users": ["bob"]}, 5) == {
+        "users": {"bob": {"online": True, "devices": 2}}}
