@@ -116,6 +116,12 @@ class RawConnection(asyncio.Protocol):
             frame = await self.frame(timeout)
         return frame
 
+    async def answer(self, request_id: int, timeout: float = TIMEOUT):
+        """The reply to ``request_id``, past the MESSAGEs (events) that may come first."""
+        frame = await self.reply(timeout)
+        assert frame is not None and frame.request_id == request_id, describe(frame)
+        return frame
+
     async def replies(self, count: int, timeout: float = TIMEOUT) -> list:
         """The next ``count`` replies (MESSAGEs passed over); the connection must stay open."""
         out = []

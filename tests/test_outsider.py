@@ -23,30 +23,23 @@ from fenghuo.core import (
 from fenghuo.protocol import encode_json
 
 
-async def answer(conn, rid: int):
-    """The reply to request ``rid``, past the MESSAGEs (events) that may come first."""
-    frame = await conn.reply()
-    assert frame is not None and frame.request_id == rid, frame
-    return frame
-
-
 async def result(conn, ftype: int, body: dict, rid: int) -> dict:
     conn.write(encode_json(ftype, body, rid))
-    frame = await answer(conn, rid)
+    frame = await conn.answer(rid)
     assert frame.type == FrameType.RESULT, decode_error(frame.body)
     return orjson.loads(frame.body)
 
 
 async def error(conn, ftype: int, body: bytes, rid: int) -> tuple[int, str]:
     conn.write(encode_frame(ftype, body, rid))
-    frame = await answer(conn, rid)
+    frame = await conn.answer(rid)
     assert frame.type == FrameType.ERROR, frame
     return decode_error(frame.body)
 
 
 async def history(conn, channel: str, rid: int) -> list:
     conn.write(encode_json(FrameType.HISTORY, {"channel": channel, "after": 0}, rid))
-    page = await answer(conn, rid)
+    page = await conn.answer(rid)
     assert page.type == FrameType.HISTORY_PAGE, decode_error(page.body)
     return [decode_message(f.body) for f in FrameReader().feed(page.body)]
 
@@ -83,7 +76,7 @@ async def test_a_json_body_that_is_not_utf8_is_malformed_wherever_the_bad_byte_i
     # Non-ASCII UTF-8 is of course fine.
     alice.write(encode_frame(FrameType.PRESENCE,
                              '{"op":"query","users":[],"x":"烽火"}'.encode(), 9))
-    assert (await answer(alice, 9)).type == FrameType.RESULT
+    assert (await alice.answer(9)).type == FrameType.RESULT
     # In HELLO it is fatal, as every HELLO failure.
     conn = await open_raw(relay)
     conn.write(encode_frame(FrameType.HELLO, b'{"token":"x","client":"\xfe"}', 7))
@@ -112,7 +105,7 @@ async def test_reading_a_direct_chat_without_messages_does_not_open_it(relay):
     assert await result(alice, FrameType.PRESENCE, {"op": "query", "users": ["bob"]}, 2) == {
         "users": hidden}
     alice.write(encode_json(FrameType.SUBSCRIBE, {"channel": "dm:alice:bob"}, 3))
-    assert decode_error((await answer(alice, 3)).body)[0] == ErrorCode.FORBIDDEN
+    assert decode_error((await alice.answer(3)).body)[0] == ErrorCode.FORBIDDEN
     later = await open_raw(relay)
     assert (await later.hello(relay.token("bob")))["channels"] == {}
     # The first publish still opens it, for both, after the read.

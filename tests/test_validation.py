@@ -29,16 +29,9 @@ from fenghuo.protocol import encode_json
 from fenghuo.server.schemas import MAX_DEPTH
 
 
-async def answer(conn, rid: int):
-    """The reply to request ``rid``, past the MESSAGEs (events) that may come first."""
-    frame = await conn.reply()
-    assert frame is not None and frame.request_id == rid, frame
-    return frame
-
-
 async def refused(conn, ftype: int, body: bytes | dict, rid: int) -> str:
     conn.write(encode_frame(ftype, body if isinstance(body, bytes) else orjson.dumps(body), rid))
-    frame = await answer(conn, rid)
+    frame = await conn.answer(rid)
     assert frame.type == FrameType.ERROR, frame
     code, text = decode_error(frame.body)
     assert code == ErrorCode.MALFORMED_BODY, (code, text)
@@ -55,7 +48,7 @@ async def test_history_by_time_with_either_bound_alone(relay, bounds):
         alice.write(encode_publish("dm:alice:bob", b"m%d" % rid, request_id=rid))
         await alice.expect_ack(rid)
     alice.write(encode_json(FrameType.HISTORY, {"channel": "dm:alice:bob", **bounds}, 9))
-    page = await answer(alice, 9)
+    page = await alice.answer(9)
     assert page.type == FrameType.HISTORY_PAGE, decode_error(page.body)
     assert [decode_message(f.body).payload for f in FrameReader().feed(page.body)] == [b"m1", b"m2"]
     assert "Traceback" not in relay.log()
@@ -95,7 +88,7 @@ async def test_a_wrong_type_is_malformed_body_naming_the_field(relay, ftype, bod
     assert (await alice.expect(FrameType.PONG)).request_id == 8
     if ftype == FrameType.GROUP:
         alice.write(encode_json(FrameType.GROUP, {"op": "list"}, 9))
-        assert orjson.loads((await answer(alice, 9)).body) == {"groups": []}
+        assert orjson.loads((await alice.answer(9)).body) == {"groups": []}
 
 
 async def test_hello_positions_of_the_wrong_type_is_fatal_malformed_body(relay):
@@ -111,14 +104,14 @@ async def test_null_is_absent_for_every_optional_field(relay):
     alice = await authed_raw(relay, "alice")
     alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": "g", "members": None,
                                               "title": None}, 1))
-    assert orjson.loads((await answer(alice, 1)).body)["title"] == ""
+    assert orjson.loads((await alice.answer(1)).body)["title"] == ""
     alice.write(encode_json(FrameType.GROUP, {"op": "add", "group": "g", "users": ["bob"],
                                               "role": None}, 2))
-    assert orjson.loads((await answer(alice, 2)).body) == {"group": "g", "added": ["bob"]}
+    assert orjson.loads((await alice.answer(2)).body) == {"group": "g", "added": ["bob"]}
     alice.write(encode_json(FrameType.HISTORY, {"channel": "group:g", "limit": None, "after": None,
                                                 "before": None, "since_us": None,
                                                 "until_us": None}, 3))
-    page = await answer(alice, 3)
+    page = await alice.answer(3)
     assert page.type == FrameType.HISTORY_PAGE
     assert len(FrameReader().feed(page.body)) == 2          # created, join
     # A required field may not be null.
@@ -130,13 +123,13 @@ async def test_unknown_fields_are_ignored_up_to_the_nesting_limit(relay):
     # The body object is level 1: an unknown field may nest MAX_DEPTH - 1 more.
     deep = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
     alice.write(encode_frame(FrameType.GROUP, b'{"op":"create","group":"g","x":' + deep + b"}", 1))
-    assert (await answer(alice, 1)).type == FrameType.RESULT
+    assert (await alice.answer(1)).type == FrameType.RESULT
     too_deep = b'{"op":"create","group":"h","x":[' + deep + b"]}"
     assert "nested at most" in await refused(alice, FrameType.GROUP, too_deep, 2)
     # Brackets inside strings are text, not nesting.
     alice.write(encode_frame(FrameType.GROUP, orjson.dumps(
         {"op": "create", "group": "i", "title": "[" * 100}), 3))
-    assert orjson.loads((await answer(alice, 3)).body)["title"] == "[" * 100
+    assert orjson.loads((await alice.answer(3)).body)["title"] == "[" * 100
 
 
 async def test_a_valid_group_request_with_deep_unknown_fields_is_answered_on_every_worker(relay):
@@ -147,7 +140,7 @@ async def test_a_valid_group_request_with_deep_unknown_fields_is_answered_on_eve
     for rid, group in enumerate("abcdefgh", start=1):
         alice.write(encode_frame(FrameType.GROUP, b'{"op":"create","group":"%s","x":%s}'
                                  % (group.encode(), deep), rid))
-        assert (await answer(alice, rid)).type == FrameType.RESULT
+        assert (await alice.answer(rid)).type == FrameType.RESULT
     alice.write(encode_frame(FrameType.PING, b"", 99))
     # Group events may come after their RESULT (PROTOCOL §3.16): pass over them.
     pong = await alice.reply()
@@ -228,7 +221,7 @@ async def test_history_of_a_channel_one_may_not_read_is_refused_as_the_spec_says
     does not exist is FORBIDDEN, as one the user is not a member of."""
     alice = await authed_raw(relay, "alice")
     alice.write(encode_json(FrameType.HISTORY, {"channel": channel}, 4))
-    frame = await answer(alice, 4)
+    frame = await alice.answer(4)
     assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == code
 
 
@@ -237,7 +230,7 @@ async def test_cursor_sync_without_positions_saves_nothing(relay):
     alice = await authed_raw(relay, "alice")
     for rid, body in ((5, {"op": "sync"}), (6, {"op": "sync", "positions": None})):
         alice.write(encode_json(FrameType.CURSOR, body, rid))
-        frame = await answer(alice, rid)
+        frame = await alice.answer(rid)
         assert frame.type == FrameType.RESULT and orjson.loads(frame.body) == {"saved": 0}
 
 
@@ -245,10 +238,10 @@ async def test_the_owner_changing_its_own_role_is_malformed(relay):
     """PROTOCOL §3.16 `role`: the owner's own role changes only by handing ownership over."""
     alice = await authed_raw(relay, "alice")
     alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": "g"}, 2))
-    assert (await answer(alice, 2)).type == FrameType.RESULT
+    assert (await alice.answer(2)).type == FrameType.RESULT
     alice.write(encode_json(FrameType.GROUP, {"op": "role", "group": "g", "user": "alice",
                                               "role": "member"}, 3))
-    frame = await answer(alice, 3)
+    frame = await alice.answer(3)
     assert frame.type == FrameType.ERROR and decode_error(frame.body)[0] == ErrorCode.MALFORMED_BODY
 
 
