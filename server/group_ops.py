@@ -326,8 +326,7 @@ class GroupOps:
             cluster.pending_parts[:] = [p for p in cluster.pending_parts
                                         if p[0] is not ch or p[2] not in added]
         for user in added:
-            self.relay.subs.join(user, ch)
-            self.relay.memberships[user][ch] = record["joined"].get(user, 0)
+            self.relay.subs.join(user, ch, record["joined"].get(user, 0))
         for user in removed:
             if ch.seq >= seq or not cluster.ready(ch):
                 self.relay.subs.part(user, ch, delivered=True)

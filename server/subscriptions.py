@@ -68,6 +68,15 @@ def _delivered(ch: Channel) -> int:
     return ch.ring.head
 
 
+def _gap(ch: Channel, after: int, first: int) -> bytes:
+    """The GAP of a catch-up of ``ch`` after ``after`` whose next held seq is ``first``
+    (PROTOCOL §3.19).  Its ``head`` is the last seq delivered here, as WELCOME's:
+    the messages up to it follow the GAP; later ones, assigned but on their
+    way to the store, come live."""
+    return encode_json(FrameType.GAP, {"channel": ch.name, "after": after, "first": first,
+                                       "head": _delivered(ch)})
+
+
 def settle(done: asyncio.Future[None]) -> None:
     """Resolve ``done`` unless it already is (a waiter that gave up cancelled it)."""
     if not done.done():
@@ -236,11 +245,41 @@ class Subscriptions:
         for ch in self.org_chain(name):
             self.unsubscribe(session, ch)
 
-    def join(self, user: str, ch: Channel) -> None:
-        """Make ``user`` a member of a direct or group channel, on every device."""
-        self.relay.memberships.setdefault(user, {}).setdefault(ch, ch.seq)
+    def join(self, user: str, ch: Channel, since: int | None = None) -> None:
+        """Make ``user`` a member of a direct or group channel, on every device.
+
+        ``since`` is their join position, the seq after which they receive the
+        channel (PROTOCOL §3.16): by default the last seq delivered here
+        (:func:`_delivered`), where the devices subscribed now start.  Not
+        ``ch.seq``: a message sequenced before the join and released after it
+        (``durable_acks``) reached the devices live, while catch-up, from the
+        join position, left it out (DESIGN, "A subscription that starts
+        later").  Given (a replica applying its owner's record), it is the
+        owner's, and what this replica delivered after it while the record
+        was on its way (between nodes the record follows the messages stored
+        before it) reaches the devices too."""
+        joined = self.relay.memberships.setdefault(user, {})
+        replica = since is not None
+        if since is None:
+            since = joined.setdefault(ch, _delivered(ch))
+        else:
+            joined[ch] = since
         for session in self.relay.users.of(user):
+            new = ch not in session.subscriptions
             self.subscribe(session, ch)
+            if replica and new and since < _delivered(ch):
+                self._start_at(session, ch, since)
+
+    def _start_at(self, session: Session, ch: Channel, since: int) -> None:
+        """Move where ``session``'s new subscription to ``ch`` starts back to ``since``:
+        a catch-up now if it is live, else the seq it takes effect after (it waits)."""
+        if session in ch.subscribers:
+            self.catch_up(session, ch, since)
+            return
+        waiting = session.pending_live
+        took_effect = None if waiting is None else waiting.get(ch)
+        if waiting is not None and took_effect is not None:
+            waiting[ch] = min(since, took_effect)
 
     def part(self, user: str, ch: Channel, *, delivered: bool = False) -> None:
         """End ``user``'s membership here: no more publishing now; no more receiving
@@ -288,8 +327,7 @@ class Subscriptions:
             session.track(task)
             return True
         if frames is None:
-            session.send(encode_json(FrameType.GAP, {
-                "channel": ch.name, "after": after, "first": _first_held(ch), "head": ch.seq}))
+            session.send(_gap(ch, after, _first_held(ch)))
             frames = ch.ring.since(after)
         self._send_missed(session, frames)
         return recovered
@@ -323,9 +361,7 @@ class Subscriptions:
                 if rows:
                     if rows[0][0] > after + 1:
                         # Retention removed the start of what was missed: say so.
-                        session.send(encode_json(FrameType.GAP, {
-                            "channel": ch.name, "after": after, "first": rows[0][0],
-                            "head": ch.seq}))
+                        session.send(_gap(ch, after, rows[0][0]))
                     self._send_missed(session, [frame for _, frame in rows])
                     after = rows[-1][0]
                     waits = 0
@@ -336,8 +372,7 @@ class Subscriptions:
                 # so nothing there means retention removed it.
                 waits += 1
                 if waits > STORE_LAG_WAITS or self.relay.store.durable_acks:
-                    session.send(encode_json(FrameType.GAP, {
-                        "channel": ch.name, "after": after, "first": first, "head": ch.seq}))
+                    session.send(_gap(ch, after, first))
                     break
                 await asyncio.sleep(0.01)
         finally:

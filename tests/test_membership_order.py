@@ -19,7 +19,10 @@ import pytest
 
 import fenghuo
 from fenghuo import ErrorCode, FenghuoError
+from fenghuo.core import FrameType
+from fenghuo.protocol import encode_json, encode_publish
 from fenghuo.server.routing import owner_of
+from rawwire import open_raw
 import test_cluster
 
 CYCLES = 40
@@ -180,3 +183,69 @@ async def test_a_member_handed_a_conversation_on_another_worker_gets_its_join_an
         await next_event(dave, "leave")
         await refused(dave.publish(channel, "still here?"), ErrorCode.FORBIDDEN,
                       f"PUBLISH, cycle {cycle}")
+
+
+async def raw_on_worker(relay, user: str, worker: int):
+    """A bare connection of ``user``, past WELCOME, on ``worker``."""
+    for _ in range(100):
+        conn = await open_raw(relay)
+        if (await conn.hello(relay.token(user), device="raw")).get("worker", 0) == worker:
+            return conn
+        conn.close()
+    pytest.fail(f"{user}'s connections never reached worker {worker}")
+
+
+async def messages_until(client: fenghuo.Client, channel: str, event: str) -> list[tuple[int, bytes]]:
+    """(seq, payload) of what ``client`` receives of ``channel`` up to its ``event`` event."""
+    got = []
+    while True:
+        try:
+            message = await client.next_message(timeout=5)
+        except TimeoutError:
+            pytest.fail(f"{client.user} never received its {event!r} event; had {got}")
+        if message.channel != channel:
+            continue
+        got.append((message.seq, message.payload))
+        if (message.content_type == fenghuo.ContentType.EVENT
+                and f'"event":"{event}"'.encode() in message.payload):
+            return got
+
+
+@pytest.mark.parametrize("bob_on", ["one worker", "replica"])
+async def test_a_member_added_while_a_message_goes_to_the_disk_gets_it_live_and_by_catch_up(
+        relay_factory, bob_on):
+    """Under ``--fsync always`` a message is sequenced (its seq counted) at once and
+    delivered only once stored.  alice publishes to her group and adds bob in one
+    write, so the relay adds him between the two: m's seq is at or below the
+    channel's seq when he was added, and m goes out after his devices were
+    subscribed.  His join position must agree with that: his online device gets
+    m live, so a device of his that catches up from the start must get it too
+    (PROTOCOL §6.5: the join position is the last seq *delivered* when he was
+    added).  It was ``ch.seq``: m reached the online device and catch-up left
+    it out.  On a replica worker the group's record reaches bob's worker at
+    once, m only once stored: the same race there."""
+    relay = relay_factory("--fsync", "always", workers=1 if bob_on == "one worker" else None)
+    here = 0
+    if bob_on == "replica":
+        several(relay)
+        here = 1
+    group = owned_by(relay, 0, lambda k: f"group:disk{k}")[len("group:"):]
+    channel = f"group:{group}"
+    alice = await raw_on_worker(relay, "alice", 0)     # where the group is sequenced
+    alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": group, "members": []}, 2))
+    # Her RESULT and her "created" event (seq 1), in either order: delivered, so
+    # before bob's join position.
+    got = {(f.type, f.request_id) for f in [await alice.frame(), await alice.frame()]}
+    assert got == {(FrameType.RESULT, 2), (FrameType.MESSAGE, 0)}, got
+    bob = await (on_worker(relay, "bob", here) if bob_on == "replica" else relay.connect("bob"))
+    # One write, read at once: m is sequenced, and bob added, before m is stored.
+    alice.write(encode_publish(channel, b"m", request_id=3)
+                + encode_json(FrameType.GROUP, {"op": "add", "group": group, "users": ["bob"]}, 4))
+    live = await messages_until(bob, channel, "join")
+    assert live[-1][0] == 3 and live[:-1] in ([], [(2, b"m")]), live
+    # A device of bob's that wants everything since he joined: the same messages.
+    laptop = await relay.client("bob", device="laptop", sync_from_start=True).connect()
+    assert await messages_until(laptop, channel, "join") == live
+    # m was on its way to the disk as bob was added: after his join, he got it.
+    assert live[:-1] == [(2, b"m")], live
+    alice.close()

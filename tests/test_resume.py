@@ -8,6 +8,8 @@ reset, no goodbye).  Where a test needs the client to stay away for a while,
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 
 import orjson
 import pytest
@@ -385,3 +387,47 @@ async def test_hello_positions_with_another_epoch_are_kept_only_by_a_durable_rel
            for _ in range(first, 5)]
     assert got == list(range(first, 5))
     await bob.expect_silence()
+
+
+def messages_sequenced(relay) -> float:
+    text = urllib.request.urlopen(f"http://{relay.host}:{relay.metrics_port}/metrics", timeout=10).read()
+    found = re.search(r"^fenghuo_messages_published_total (\S+)$", text.decode(), re.MULTILINE)
+    assert found, "no fenghuo_messages_published_total in /metrics"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("how", ["SUBSCRIBE", "HELLO"])
+async def test_a_subscription_that_starts_while_a_message_goes_to_the_disk_gets_it_once(
+        relay_factory, how):
+    """Under ``--fsync always`` a message is sequenced (its seq counted) at once and
+    delivered once stored; here the writer waits 3 s before each batch, as a slow
+    disk makes it (FENGHUO_TEST_WRITE_DELAY).  bob's subscription to org.news starts
+    in between, by SUBSCRIBE or HELLO: the head his reply gives is the last seq
+    delivered, so m, released after, reaches him live, once, after that head
+    (PROTOCOL §3.3; DESIGN, "A subscription that starts later").  With the last
+    seq assigned as the head (before 06eec9e) the reply counted m, which a
+    client then takes for history and drops.  (This Python client kept it: the
+    relay's stored positions for the device, WELCOME's ``resumed``, gave it
+    org.news at 0 first.)"""
+    relay = relay_factory("--fsync", "always", workers=1, env={"FENGHUO_TEST_WRITE_DELAY": "3"})
+    news = "org.news"
+    alice = await relay.connect("alice", channels=(news,))
+    bob = relay.client("bob", channels=(news,)) if how == "HELLO" else relay.client("bob", read=(news,))
+    if how == "SUBSCRIBE":
+        await bob.connect()
+    before = messages_sequenced(relay)
+    sending = asyncio.ensure_future(alice.publish(news, "m"))
+    while messages_sequenced(relay) == before:          # m sequenced, on its way to the disk
+        await asyncio.sleep(0.05)
+    if how == "SUBSCRIBE":
+        head = (await bob.subscribe(news))["channels"][news]
+    else:
+        head = (await bob.connect()).welcome["channels"][news]
+    assert not sending.done(), "m was stored before bob's subscription started: no race"
+    ack = await asyncio.wait_for(sending, 20)
+    got = await asyncio.wait_for(bob.next_message(), 10)
+    assert (got.seq, got.payload) == (ack.seq, b"m")
+    assert head == ack.seq - 1
+    then = await alice.publish(news, "m2")                  # next: m came once
+    got = await asyncio.wait_for(bob.next_message(), 10)
+    assert (got.seq, got.payload) == (then.seq, b"m2")
