@@ -2,14 +2,16 @@
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Self, final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, Self, TypeVar, final
 
 FRAME_HEADER_SIZE: int
 #: fixed part of a MESSAGE body before its channel, sender, key, meta and payload
 MESSAGE_FIXED_SIZE: int
 #: built-in masking detectors by name: their bit in MaskRules.detectors
 DETECTORS: dict[str, int]
+#: the device id of the server API's sessions (core/devices.pyx)
+SERVICE_DEVICE: str
 WIRE_VERSION: int
 
 class FrameType(enum.IntEnum):
@@ -360,16 +362,42 @@ class WelcomeTemplate:
               starts: dict[Channel, int | None] | None = None) -> bytes: ...
 
 
+_C = TypeVar("_C", bound="Connection")
+
+
+@final
+class Devices(Generic[_C]):
+    """user id -> the user's sessions in this process, at most one per device id (core/devices.pyx)."""
+
+    def __init__(self) -> None: ...
+    def add(self, session: _C) -> _C | None:
+        """Register ``session``; the session of the same user and device it displaces, if any."""
+    def remove(self, session: _C) -> bool:
+        """Forget ``session``; False if it was not registered (never, or displaced)."""
+    def find(self, user: str, device: str) -> _C | None:
+        """``user``'s session of ``device`` here, if any."""
+    def of(self, user: str) -> tuple[_C, ...]:
+        """``user``'s sessions here, a snapshot."""
+    def count(self, user: str) -> int:
+        """``user``'s devices online here, the server API's session not counted."""
+    def __iter__(self) -> Iterator[str]: ...
+    def __len__(self) -> int: ...
+
+
+
 @final
 class HelloPath:
     """A relay's HELLO from the frame to WELCOME, in C (core/hello.pyx)."""
 
     relay: Any
-    def __init__(self, relay: Any, decode: Callable[[bytes], Any],
+    def __init__(self, relay: Any, schema: Any, decode: Callable[[bytes], Any],
                  keys_of: Callable[[str], tuple[HS256Key, ...]],
-                 new_device: Callable[[], str], leeway: float) -> None: ...
+                 new_device: Callable[[], str], leeway: float, max_depth: int) -> None: ...
     def verify(self, token: object, what: str) -> Grants:
         """The grants of a HELLO's or REFRESH's token; ProtocolError (fatal) otherwise."""
+    def attach(self, c: Connection) -> None:
+        """Register an authenticated connection and subscribe it to what it belongs to
+        (an older one of its device is replaced)."""
     def welcome(self, c: Connection, request_id: int, channels: tuple[Channel, ...],
                 resumed: dict[str, int] | None) -> None:
         """WELCOME, then what was missed, then live."""

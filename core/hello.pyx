@@ -1,9 +1,12 @@
 # HELLO (PROTOCOL §3.2) in C, from the frame to WELCOME.  Written in Python
 # (server/session.py) it was about a dozen Python calls per connect, some
 # 21,000 instructions of a connect + HELLO's 82,000 (python -m bench
-# connect-cost); the relay's own objects (users, memberships, presence) are
-# still reached through Relay.attach, once.
+# connect-cost).  The attach (device index, memberships, presence) is here
+# too, with the device index (core/devices.pyx): as Relay.attach and Devices
+# in Python they were about 3,700 instructions a connect
+# (bench/results/2026-12-06-connect).
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8String
 
 import logging as _logging
@@ -12,24 +15,26 @@ from functools import partial as _partial
 # The session log (server/session.py's), where "connected" is written.
 _session_log = _logging.getLogger("fenghuo.session")
 
-# The device id only the server API's sessions use (server/devices.py SERVICE_DEVICE).
-cdef str _SERVICE_DEVICE = "fenghuo-api"
-
 
 @cython.final
 cdef class HelloPath:
     """A relay's HELLO: ``HelloPath(relay, decode, keys_of, new_device, leeway)``, set
     as ``relay.hub.hello``; the core's Connection hands it every HELLO.
 
-    ``decode(body)`` is the HELLO schema's (raising MALFORMED_BODY), ``keys_of(secret)``
-    the secret's HS256 keys, ``new_device()`` a device id for a HELLO that names
-    none, ``leeway`` the seconds a token may be past its ``exp``.  A cluster node's
-    HELLO ends in Python, in the session's ``hello_clustered``.
+    ``schema`` is the HELLO's (server/schemas.py: its msgspec decoder; a body it
+    refuses goes to ``decode``, schemas.decode_with, for MALFORMED_BODY and its
+    text), ``keys_of(secret)`` the secret's HS256 keys, ``new_device()`` a device id
+    for a HELLO that names none, ``leeway`` the seconds a token may be past its
+    ``exp``, ``max_depth`` the control bodies' nesting limit (PROTOCOL §2.5).  A
+    cluster node's HELLO ends in Python, in the session's ``hello_clustered``.
     """
 
-    def __cinit__(self, relay, decode, keys_of, new_device, double leeway):
+    def __cinit__(self, relay, schema, decode, keys_of, new_device, double leeway,
+                  Py_ssize_t max_depth):
         self.relay = relay
+        self._decoder = schema.decoder.decode
         self._decode = decode
+        self._max_depth = max_depth
         self._keys_of = keys_of
         self._new_device = new_device
         self._leeway = leeway
@@ -40,6 +45,12 @@ cdef class HelloPath:
         self._keys = ()
         self._template = None
         self._debug = _session_log.isEnabledFor
+        # Made once in Relay.__init__, before this, and never replaced.
+        self._users = relay.users
+        self._memberships = relay.memberships
+        self._subscribe = relay.subs.subscribe
+        self._presence = relay.presence
+        self._watchers = relay.presence.watchers
 
     cpdef Grants verify(self, object token, str what):
         """The grants of a HELLO's or REFRESH's (``what``) token; fatal errors (REFRESH
@@ -70,10 +81,18 @@ cdef class HelloPath:
         cdef int retry_after_ms = self._admission.admit_hello()
         if retry_after_ms:
             raise self._admission.hello_refusal(retry_after_ms)
-        try:
-            hello = self._decode(body)
-        except ProtocolError as exc:
-            raise ProtocolError(exc.code, exc.message, True) from None
+        hello = None
+        if _nesting(<const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body),
+                    self._max_depth) <= self._max_depth:
+            try:
+                hello = self._decoder(body)
+            except Exception:
+                pass        # refused below, by decode_with: one place for its errors
+        if hello is None:
+            try:
+                hello = self._decode(body)
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, exc.message, True) from None
         cdef Grants grants = self.verify(hello.token, "HELLO")
         positions = hello.positions
         cdef str device = hello.device or self._new_device()
@@ -100,7 +119,7 @@ cdef class HelloPath:
         cluster = relay.cluster
         # Its next reply and new subscriptions held until they are ready here (subs.hold).
         held = cluster.hold(c) if cluster is not None else None
-        relay.attach(c)
+        self.attach(c)
         cdef tuple channels = tuple(c.subscriptions)
         if cluster is not None:
             c.hello_clustered(request_id, channels, resumed, held)
@@ -110,6 +129,35 @@ cdef class HelloPath:
         else:
             c._fill(c._reserve(), _partial(self.welcome, c, request_id, channels, resumed))
         return 0
+
+    cpdef attach(self, Connection c):
+        """Register an authenticated connection (``c.user``, ``c.device`` and ``c.grants``
+        set) and subscribe it to what it belongs to: its direct and group channels,
+        its token's organisation units (Relay.subscribe_org_units).
+
+        An older connection of the same user and device is closed with
+        DEVICE_REPLACED (docs/PROTOCOL.md §3.2): the newer one replaces it.
+        Presence (server/presence.py ``came_or_went``) is told only when someone
+        watches the user or webhooks are configured: what nearly every connect
+        meets is neither, and then nothing is called.
+        """
+        relay = self.relay
+        replaced = self._users.add(c)
+        if replaced is not None:
+            relay.replace(replaced)
+        cdef str user = c.user
+        joined = self._memberships.get(user)
+        if joined:
+            for ch in joined:
+                self._subscribe(c, ch)
+        cdef tuple autos = (<Grants>c.grants).auto_subscriptions()
+        if autos:
+            relay.subscribe_org_units(c, autos)
+        cluster = relay.cluster
+        if cluster is not None:
+            cluster.attached(c)
+        if user in self._watchers or relay.endpoints:
+            self._presence.came_or_went(c)
 
     cpdef welcome(self, Connection c, uint32_t request_id, tuple channels, object resumed):
         """WELCOME, then what was missed, then live: once ``channels`` are ready here."""

@@ -121,8 +121,11 @@ def issue_token(
 
 
 @functools.lru_cache(maxsize=8)
-def _hs256_keys(secret: str) -> tuple[HS256Key, ...]:
-    """``keyring(secret)``'s HMAC keys, each knowing its key id."""
+def hs256_keys(secret: str) -> tuple[HS256Key, ...]:
+    """``keyring(secret)``'s HMAC keys, each knowing its key id: what
+    ``verify_hs256`` takes.  Cached for the last few secrets, so a caller that
+    verifies many tokens (the relay's HELLO, core/hello.pyx) makes them once
+    per secret, and again when the secret changes (SIGHUP)."""
     return tuple(key.hs256 for key in keyring(secret))
 
 
@@ -141,7 +144,7 @@ def verify_token(secret: str, token: str, *, leeway: float = LEEWAY) -> Grants:
     ``read`` lists of strings (absent or false: none), no service conflict,
     ``jti`` a string and ``presence`` a boolean.
     """
-    return verify_hs256(token, _hs256_keys(secret), leeway)
+    return verify_hs256(token, hs256_keys(secret), leeway)
 
 
 DEV_SECRET_FILE = "dev-secret"

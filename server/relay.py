@@ -63,7 +63,7 @@ from fenghuo.server.subscriptions import Subscriptions, settle
 from fenghuo.server.revocations import Revocations
 from fenghuo.server.tls import ServerTLS
 from fenghuo.server.tokenwatch import TokenWatch
-from fenghuo.tokens import LEEWAY, _hs256_keys
+from fenghuo.tokens import LEEWAY, hs256_keys
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
@@ -110,7 +110,7 @@ class Relay:
         #: GROUP requests and the group records of other workers (server/group_ops.py)
         self.group_ops = GroupOps(self, self.groups)
         #: user id -> online sessions here, one per device id
-        self.users = Devices()
+        self.users: Devices[Session] = Devices()
         #: user id -> direct and group channels the user belongs to, with the seq joined at
         self.memberships: dict[str, dict[Channel, int]] = {}
         #: this worker's side of the mesh when the relay runs as several workers
@@ -170,8 +170,9 @@ class Relay:
         self.node = Node(self)
         self._welcome: WelcomeTemplate | None = None
         #: HELLO, from the frame to WELCOME, in C (core/hello.pyx); the hub hands it every HELLO
-        self.hello = HelloPath(self, partial(schemas.decode_with, schemas.SCHEMAS[FrameType.HELLO]),
-                               _hs256_keys, new_device_id, LEEWAY)
+        hello = schemas.SCHEMAS[FrameType.HELLO]
+        self.hello = HelloPath(self, hello, partial(schemas.decode_with, hello),
+                               hs256_keys, new_device_id, LEEWAY, schemas.MAX_DEPTH)
         self.hub.hello = self.hello
 
     # ------------------------------------------------------------ lifecycle
@@ -291,27 +292,17 @@ class Relay:
 
     # ------------------------------------------------------------ sessions
 
-    def attach(self, session: Session) -> None:
-        """Register an authenticated session and subscribe it to what it belongs to.
-
-        An older connection of the same user and device is closed with
-        DEVICE_REPLACED (docs/PROTOCOL.md §3.2): the newer one replaces it.
-        """
-        replaced = self.users.add(session)
-        if replaced is not None:
-            self.replace(replaced)
-        for ch in self.memberships.get(session.user, ()):
-            self.subs.subscribe(session, ch)
-        for name in session.grants.auto_subscriptions():
+    def subscribe_org_units(self, session: Session, names: tuple[str, ...]) -> None:
+        """Subscribe ``session`` to the organisation units among its token's concrete
+        channels (``Grants.auto_subscriptions``), at HELLO (core/hello.pyx
+        ``HelloPath.attach``, which registers a session: the one attach)."""
+        for name in names:
             try:
                 cn = parse_channel(name)
             except InvalidChannel:
                 continue
             if cn.kind == ChannelKind.ORG_UNIT:
                 self.subs.subscribe_org(session, name)
-        if self.cluster is not None:
-            self.cluster.attached(session)
-        self.presence.came_or_went(session)
 
     def detach(self, session: Session) -> None:
         for ch in session.subscriptions:

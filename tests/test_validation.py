@@ -100,6 +100,30 @@ async def test_hello_positions_of_the_wrong_type_is_fatal_malformed_body(relay):
     await conn.expect_closed()
 
 
+@pytest.mark.parametrize("body, text", [
+    (b"\xff\xfe", "HELLO body must be a JSON object"),
+    (b"[]", "HELLO body must be a JSON object"),
+    (b'{"token": "a.b.c", "device": 7}', "`device` must be"),
+    (b'{"token": "a.b.c", "x": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}", "nested at most"),
+], ids=["not-json", "not-an-object", "device-not-a-string", "nested-too-deep"])
+async def test_a_hello_body_its_schema_refuses_is_fatal_malformed_body(relay, body, text):
+    # §3.2: the HELLO body is decoded in C (core/hello.pyx); what its schema refuses
+    # is refused as every control body's is (§2.5), with the same text, and closes.
+    conn = await open_raw(relay)
+    conn.write(encode_frame(FrameType.HELLO, body, 1))
+    assert text in await conn.expect_error(ErrorCode.MALFORMED_BODY, request_id=1)
+    await conn.expect_closed()
+
+
+async def test_a_hello_with_unknown_fields_nested_to_the_limit_is_welcome(relay):
+    conn = await open_raw(relay)
+    deep = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
+    conn.write(encode_frame(FrameType.HELLO, b'{"token": "%s", "x": %s}'
+                            % (relay.token("alice").encode(), deep), 1))
+    welcome = await conn.expect(FrameType.WELCOME)
+    assert (welcome.request_id, orjson.loads(welcome.body)["user"]) == (1, "alice")
+
+
 async def test_null_is_absent_for_every_optional_field(relay):
     alice = await authed_raw(relay, "alice")
     alice.write(encode_json(FrameType.GROUP, {"op": "create", "group": "g", "members": None,
