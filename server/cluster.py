@@ -196,10 +196,13 @@ class Cluster:
         waiting.append(action)
 
     def _ask_owner(self, ch: Channel) -> None:
-        # The owner answers with the frames after our seq, then "warm"; its
-        # live messages follow on the same ring, so nothing falls between.
-        self.mesh.send(self.owner_of(ch.name),
-                       routing.control("interest", channel=ch.name, after=ch.seq))
+        self._send_interest(self.owner_of(ch.name), ch)
+
+    def _send_interest(self, owner: int, ch: Channel) -> None:
+        """Ask ``owner`` for ``ch``'s messages after this replica's seq.  The owner
+        answers with the frames after it, then "warm"; its live messages follow
+        on the same ring, so nothing falls between."""
+        self.mesh.send(owner, routing.control("interest", channel=ch.name, after=ch.seq))
 
     def _interest(self, source: int, name: str, after: int) -> None:
         """Owner side: from now on worker ``source`` gets ``name``'s messages."""

@@ -702,18 +702,37 @@ class NodeCluster(Cluster):
                     or (ch is not None and ch in self.warming)):
                 asyncio.get_running_loop().call_later(RESOLVE_RETRY, self._resolve, name)
             return
-        for parked in self.redo.pop(name, []) + self.parked.pop(name, []):
-            self._unpark(parked, owner)
+        self._hand_to(name, owner)
         for source, record in self.deferred_records.pop(name, ()):
             self._on_record(source, record)      # served if this node won, else refused
         for source, after in self.deferred_interest.pop(name, ()):
             self._interest(source, name, after)
-        if ch is not None and ch in self.warming and name not in self.releasing:
-            if owner == self.index:
-                for action in self.warming.pop(ch):
-                    action()
-            else:
-                self.mesh.send(owner, routing.control("interest", channel=name, after=ch.seq))
+        if (owner == self.index and ch is not None and ch in self.warming
+                and name not in self.releasing):
+            for action in self.warming.pop(ch):
+                action()
+
+    def _hand_to(self, name: str, owner: int) -> int:
+        """``name``'s owner is known to be ``owner``: what waits here for it goes
+        there now, in order (the publishes sent again, _redo, ahead of what was
+        parked since), and, if it is another node, this node's interest in the
+        channel for its sessions waiting for it (a subscriber, a HISTORY).
+        Returns how many parked records it handed on.
+
+        The one way both a finished lookup (_resolved) and the claims' watch
+        (_send_parked_on) hand a channel's waiting work to its owner.  Asked
+        twice (the watch, then the lookup naming the same owner, before a
+        "warm" came), the owner's second answer changes nothing (_warm: the
+        same head).  A deferred record is not handed on: this node answers it
+        (_resolved)."""
+        waiting = self.redo.pop(name, []) + self.parked.pop(name, [])
+        for parked in waiting:
+            self._unpark(parked, owner)
+        ch = self.relay.hub.find(name)
+        if (owner != self.index and ch is not None and ch in self.warming
+                and name not in self.releasing):
+            self._send_interest(owner, ch)
+        return len(waiting)
 
     def step_down(self, name: str, ask: bool = True) -> None:
         """``name`` is sequenced by another node now: become its replica here
@@ -779,7 +798,7 @@ class NodeCluster(Cluster):
         elif owner == self.index:
             self._resolved(ch.name)
         else:
-            self.mesh.send(owner, routing.control("interest", channel=ch.name, after=ch.seq))
+            self._send_interest(owner, ch)
 
     def _on_claim(self, name: str, old: Claim | None, new: Claim, watched: bool) -> None:
         """The claims' watch (``watched``), or a lookup of this node's: ``name`` has
@@ -824,16 +843,9 @@ class NodeCluster(Cluster):
         owner = self.owner_of(name)
         if owner == UNKNOWN:
             return                                   # not live as far as this node knows
-        waiting = self.redo.pop(name, []) + self.parked.pop(name, [])
-        self.parked_sent_on_watch += len(waiting)
-        for parked in waiting:
-            self._unpark(parked, owner)
-        ch = self.relay.hub.find(name)
-        if ch is not None and ch in self.warming and name not in self.releasing:
-            # Its sessions here (a subscriber, a HISTORY) are fed from now on too;
-            # asked again when the lookup ends only if no "warm" came by then,
-            # and a second answer changes nothing (_warm: the same head).
-            self.mesh.send(owner, routing.control("interest", channel=name, after=ch.seq))
+        # Its sessions here are fed from now on too; asked again when the
+        # lookup ends only if no "warm" came by then.
+        self.parked_sent_on_watch += self._hand_to(name, owner)
 
     # ------------------------------------------------------------ forwarding
 
