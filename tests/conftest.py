@@ -150,7 +150,12 @@ def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | N
     count = workers or os.cpu_count() or 1
     port = free_port(host)
     # Worker k serves its own /metrics on the supervisor's metrics port + 1 + k.
-    metrics_port = free_ports(count + 1, host) if count > 1 else free_port(host)
+    # Each pick only knows the ports bound at the time, so the block could hold
+    # the client port just picked (the relay then refuses: "--port N is a
+    # worker's metrics port"; seen in a CI run on 2026-12-06): pick again.
+    metrics_port = port
+    while metrics_port <= port < metrics_port + count + 1:
+        metrics_port = free_ports(count + 1, host) if count > 1 else free_port(host)
     secret = secret or secrets.token_urlsafe(32)
     data_dir = data_dir or tmp_path / f"data-{port}"
     log_path = tmp_path / f"relay-{port}.log"
@@ -160,7 +165,9 @@ def _start_relay(tmp_path: Path, *flags: str, host: str, env: dict[str, str] | N
            *(("--workers", str(workers)) if workers is not None else ()), *flags]
     api_port, api_key = 0, ""
     if api:
-        api_port, api_key = free_port(host), secrets.token_urlsafe(24)
+        api_port, api_key = port, secrets.token_urlsafe(24)
+        while api_port == port or metrics_port <= api_port < metrics_port + count + 1:
+            api_port = free_port(host)
         key_file = tmp_path / f"api-keys-{port}"
         key_file.write_text(f"# one key a line\n{api_key}\n")
         cmd += ["--api-port", str(api_port), "--api-key-file", str(key_file)]
