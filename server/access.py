@@ -55,6 +55,10 @@ class Access:
         self.groups = groups
         #: the channel by name, a direct one's participants made members (Subscriptions)
         self.ensure_channel = ensure_channel
+        #: a cluster node (server/node_cluster.py) is told of a new direct chat only
+        #: if one of its participants is connected there: a chat it does not know
+        #: may have messages in the stream, so a read makes it (and looks it up).
+        self.direct_chats_elsewhere = False
 
     def publish_channel(self, session: Session, raw: bytes) -> Channel:
         """The channel ``session`` may publish to under the name ``raw``, or a refusal."""
@@ -96,8 +100,13 @@ class Access:
             # Only a first publish makes a direct chat (PROTOCOL §5.1): made here,
             # a read would subscribe both participants and show each the other's
             # presence (§3.17).  Every worker and node knows every direct chat
-            # that has had a message (loaded at start, announced when made).
-            return self.hub.find(name)
+            # that has had a message (loaded at start, announced when made),
+            # except a cluster node, which learns of a new one only while one of
+            # its participants is connected there (PROTOCOL §3.15a).
+            ch = self.hub.find(name)
+            if ch is None and self.direct_chats_elsewhere:
+                return self.ensure_channel(name)
+            return ch
         return self.hub.channel(name, cn.kind)
 
     def subscribable(self, session: Session, name: str) -> ChannelName:

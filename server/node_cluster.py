@@ -244,6 +244,7 @@ class NodeCluster(Cluster):
         # Every group and cursor the cluster has, before a client is served;
         # from here on the buckets' watches apply what other nodes change.
         relay.cluster, relay.shared_state = self, self.state
+        relay.access.direct_chats_elsewhere = True
         await self.state.open()
         if self.leaders is not None:
             self.leaders.start()
