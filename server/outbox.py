@@ -251,10 +251,14 @@ class Outbox:
                 change = orjson.loads(m.payload)
                 kind = _MEMBER_EVENTS.get(change.get("event", ""))
                 if kind is not None:
-                    rows += self.rows(WebhookEvent(kind, channel, {
-                        "channel": channel, "group": channel.partition(":")[2], "seq": seq,
-                        "users": change.get("users", []), "by": change.get("by"),
-                        "role": change.get("role")}, m.ts_us))
+                    data = {"channel": channel, "group": channel.partition(":")[2], "seq": seq,
+                            "users": change.get("users", []), "by": change.get("by")}
+                    if kind == "member.joined":
+                        # The role the users were added with; a leave has none to
+                        # give (the leavers of one removal may hold different
+                        # roles): member.left has no "role" (docs/API.md).
+                        data["role"] = change.get("role")
+                    rows += self.rows(WebhookEvent(kind, channel, data, m.ts_us))
         return rows
 
     def _next_id(self) -> str:
