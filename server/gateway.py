@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from fenghuo.server.session import Session
 
 log = logging.getLogger("fenghuo.gateway")
+#: the ERROR text and close reason for a text message (PROTOCOL §1.1a)
+TEXT_REFUSED = "text message: frames travel in binary messages only"
 # The read buffer each WebSocket starts with (picows does not go below 2048).
 WS_READ_BUFFER = 2048
 DEMO_DIR = Path(__file__).resolve().parent.parent / "clients"
@@ -52,7 +54,7 @@ DEMO_FILES = {
 class WsTransport(asyncio.Transport):
     """The asyncio-transport face a Session writes to, over one WebSocket."""
 
-    __slots__ = ("ws", "tcp", "close_code", "close_reason")
+    __slots__ = ("ws", "tcp", "close_code", "close_reason", "failed")
 
     def __init__(self, ws: WSTransport) -> None:
         super().__init__()
@@ -62,6 +64,8 @@ class WsTransport(asyncio.Transport):
         #: after TRY_AGAIN: close_after_error)
         self.close_code = WSCloseCode.OK
         self.close_reason = b""
+        #: a fatal error has chosen the close frame: the first one says why
+        self.failed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.ws.send(WSMsgType.BINARY, data)
@@ -102,12 +106,21 @@ class WsTransport(asyncio.Transport):
         # lost the ERROR too (tests/test_browser_client.py).
         return True
 
-    def close_after_error(self, code: int) -> None:
+    def close_after_error(self, code: int, close_code: WSCloseCode | None = None,
+                          reason: bytes = b"") -> None:
         """The close frame that follows the fatal ERROR ``code`` says what it says:
+        ``close_code`` and ``reason`` when given (a text message: 1003), else
         1013 (try again later) after TRY_AGAIN (a HELLO above the admission
         rate), as a refusal at the upgrade closes (:class:`RefusalListener`);
-        1000 after the others (PROTOCOL §1.1a)."""
-        if code == ErrorCode.TRY_AGAIN:
+        1000 after the others (PROTOCOL §1.1a).  The first fatal error is the
+        one the client is told of (the core sends no second ERROR): later calls
+        change nothing."""
+        if self.failed:
+            return
+        self.failed = True
+        if close_code is not None:
+            self.close_code, self.close_reason = close_code, reason
+        elif code == ErrorCode.TRY_AGAIN:
             self.close_code = WSCloseCode.TRY_AGAIN_LATER
 
     def write_eof(self) -> None:
@@ -134,17 +147,24 @@ class SessionListener(WSListener):
             self.session.feed(frame.get_payload_as_memoryview())
         elif kind == WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
-                transport.send_close(frame.get_close_code())
+                # The client's code echoed; a close without one (a browser's
+                # close() with no argument) is answered 1000: picows reads its
+                # absent code as 0 and would send that, a code no client
+                # accepts (RFC 6455 §7.4).  PROTOCOL §1.1a, "Closing".
+                code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
+                transport.send_close(code)
             transport.disconnect(graceful=True)
         elif kind == WSMsgType.TEXT and self.transport is not None and not self.session.closing:
             # Frames are binary; a text message is a client speaking another
-            # protocol.  The session closes as after a fatal error, with 1003:
-            # what is owed first, then the close frame, then the linger (a
+            # protocol: a framing error (MALFORMED_FRAME, fatal), said in an
+            # ERROR the client can still read (a browser's onmessage), then
+            # close 1003 with the same text, as after any fatal error: what
+            # is owed first, then the close frame, then the linger (a
             # disconnect at once reset a browser still sending its message:
-            # 1006 instead of 1003, 5 times in 6).
-            self.transport.close_code = WSCloseCode.UNSUPPORTED_DATA
-            self.transport.close_reason = b"binary messages only"
-            self.session.close()
+            # 1006 instead of 1003, 5 times in 6).  PROTOCOL §1.1a.
+            self.transport.close_after_error(ErrorCode.MALFORMED_FRAME,
+                                             WSCloseCode.UNSUPPORTED_DATA, TEXT_REFUSED.encode())
+            self.session.close_with_error(ErrorCode.MALFORMED_FRAME, TEXT_REFUSED)
         # PING is answered by picows (auto pong); PONG needs nothing.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:

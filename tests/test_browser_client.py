@@ -171,7 +171,7 @@ async def test_framing_errors_and_close_codes_in_a_browser(browser_relay) -> Non
     page = await open_page()
     out = await page.evaluate(FRAMING_ERRORS, {"url": relay.ws_url, "ta": relay.token("alice")})
     assert out == {"short": [[101], 1000], "version": [[103], 1000], "flags": [[105], 1000],
-                   "helloFirst": [[110], 1000], "badToken": [[120], 1000], "text": [[], 1003]}
+                   "helloFirst": [[110], 1000], "badToken": [[120], 1000], "text": [[101], 1003]}
 
 
 async def test_a_page_of_another_origin_is_refused(browser_relay) -> None:
@@ -197,11 +197,12 @@ LARGE_TEXT = """async ({url, ta}) => {
 
 
 async def test_a_large_text_message_is_closed_1003(browser_relay) -> None:
-    # §1.1a: a text message is refused with close 1003.  The gateway sent the
+    # §1.1a: a text message is refused with ERROR MALFORMED_FRAME (above), then
+    # close 1003 with the same text as its reason.  The gateway once sent the
     # close and dropped the socket at once: with the rest of a large text
     # message unread, the reset made it 1006 in Chromium, 5 times in 6.
     relay, open_page = browser_relay
     page = await open_page()
     closes = [await page.evaluate(LARGE_TEXT, {"url": relay.ws_url, "ta": relay.token("alice")})
               for _ in range(4)]
-    assert closes == [[1003, "binary messages only"]] * 4
+    assert closes == [[1003, "text message: frames travel in binary messages only"]] * 4

@@ -31,6 +31,7 @@ class WsClient(WSListener):
         self.frames: asyncio.Queue[Any] = asyncio.Queue()
         self.messages = 0
         self.close_code: int | None = None
+        self.close_reason = ""
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.BINARY:
@@ -41,6 +42,7 @@ class WsClient(WSListener):
             # Answered, as RFC 6455 §5.5.1 asks and browsers do: the relay
             # reads until the client's close (PROTOCOL §1.1a, "Closing").
             self.close_code = frame.get_close_code()
+            self.close_reason = frame.get_close_reason()
             transport.send_close(self.close_code)
             transport.disconnect()
 
@@ -135,11 +137,50 @@ async def test_bad_token_is_refused_like_tcp(ws_relay) -> None:
     assert decode_error(error.body)[0] == ErrorCode.TOKEN_INVALID
 
 
-async def test_text_message_closes_with_1003(ws_relay) -> None:
+async def rest(c: WsClient) -> list[Any]:
+    """Every frame ``c`` gets until the close, in order."""
+    frames = []
+    while (frame := await c.next()) is not None:
+        frames.append(frame)
+    return frames
+
+
+async def test_a_text_message_is_an_error_then_close_1003(ws_relay) -> None:
+    # PROTOCOL §1.1a: MALFORMED_FRAME (request id 0) in a binary message, then
+    # close 1003 with the same text; nothing sent before it is lost, and the
+    # relay goes on serving every other connection.
+    text = "text message: frames travel in binary messages only"
     ws, c = await ws_open(ws_relay.ws_url)
     ws.send(WSMsgType.TEXT, b'{"type":"hello"}')
-    assert await c.next() is None
-    assert c.close_code == 1003
+    (error,) = await rest(c)
+    assert (error.type, error.request_id) == (FrameType.ERROR, 0)
+    assert decode_error(error.body) == (ErrorCode.MALFORMED_FRAME, text)
+    assert (c.close_code, c.close_reason) == (1003, text)
+
+    bob = await ws_relay.connect("bob")
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(ws_relay.token("alice"))
+            + encode_publish("dm:alice:bob", b"before", key=b"k1", request_id=2))
+    ws.send(WSMsgType.TEXT, b"hi")
+    ws.send(WSMsgType.BINARY, encode_publish("dm:alice:bob", b"after", key=b"k2", request_id=3))
+    frames = [f for f in await rest(c) if f.type != FrameType.MESSAGE]
+    assert [(f.type, f.request_id) for f in frames] == [
+        (FrameType.WELCOME, 1), (FrameType.ACK, 2), (FrameType.ERROR, 0)]
+    assert decode_error(frames[-1].body) == (ErrorCode.MALFORMED_FRAME, text)
+    assert (c.close_code, c.close_reason) == (1003, text)
+    got = await asyncio.wait_for(bob.next_message(), TIMEOUT)
+    assert (got.seq, got.payload) == (1, b"before")      # "after" was never read
+
+    other, o = await ws_open(ws_relay.ws_url)
+    other.send(WSMsgType.BINARY, hello(ws_relay.token("alice"))
+               + encode_publish("dm:alice:bob", b"still served", request_id=4))
+    assert (await o.next()).type == FrameType.WELCOME
+    assert decode_ack((await o.next_of(FrameType.ACK)).body).seq == 2
+    got = await asyncio.wait_for(bob.next_message(), TIMEOUT)
+    assert (got.seq, got.payload) == (2, b"still served")
+    other.disconnect()
+    log = ws_relay.log()
+    assert "Traceback" not in log, log[-3000:]
 
 
 async def test_origin_outside_the_list_is_refused(ws_relay) -> None:
@@ -305,3 +346,85 @@ async def test_a_websocket_refused_while_still_sending_gets_try_again_and_1013(
         assert int.from_bytes(close[1][:2], "big") == 1013
         assert rest == b""
     first.disconnect()
+
+
+UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def _exchange(port: int, first: bytes, then: bytes = b"", after: int = 0) -> list[tuple[int, bytes]]:
+    """Upgrade and send ``first``; once ``after`` protocol frames have come back,
+    send ``then``; read to the end: every WebSocket frame the server sent."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(UPGRADE + first)
+        data = b""
+        while then:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+            body = data.partition(b"\r\n\r\n")[2]
+            got = FrameReader().feed(b"".join(p for op, p in _server_frames(body) if op == 0x2))
+            if len(got) >= after:
+                sock.sendall(then)
+                then = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        return _server_frames(body)
+
+
+async def test_a_frame_over_max_frame_is_closed_1009_and_what_came_before_stands(
+        relay_factory) -> None:
+    # PROTOCOL §1.1a, "Size": refused at its header by the WebSocket layer, close
+    # 1009 with the sizes in its reason, no ERROR (nothing may follow a close
+    # frame, and the refusal comes before the payload reaches the protocol).
+    relay = start_ws_relay(relay_factory, "--max-frame", "65536", workers=1)
+    port = int(relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    bob = await relay.connect("bob")
+    first = _ws_frame(0x2, hello(relay.token("alice"))
+                      + encode_publish("dm:alice:bob", b"before", key=b"k1", request_id=2))
+    frames = await asyncio.to_thread(_exchange, port, first, _ws_frame(0x2, bytes(65537)), 2)
+    *binary, (op, close) = frames
+    assert op == 0x8 and all(op == 0x2 for op, _ in binary)
+    replies = [f for f in FrameReader().feed(b"".join(p for _, p in binary))
+               if f.type != FrameType.MESSAGE]
+    assert [(f.type, f.request_id) for f in replies] == [(FrameType.WELCOME, 1), (FrameType.ACK, 2)]
+    assert int.from_bytes(close[:2], "big") == 1009
+    assert close[2:] == b"Received frame with payload size exceeding max allowed size, 65537 > 65536"
+    got = await asyncio.wait_for(bob.next_message(), TIMEOUT)
+    assert (got.seq, got.payload) == (1, b"before")
+    # The relay goes on serving, large frames within the limit too.
+    ws, c = await ws_open(relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(relay.token("alice")))
+    assert (await c.next()).type == FrameType.WELCOME
+    ws.send(WSMsgType.BINARY, encode_publish("dm:alice:bob", bytes(60000), key=b"k2",
+                                             request_id=3))
+    ack = await c.next_of(FrameType.ACK)
+    assert (ack.request_id, decode_ack(ack.body).seq) == (3, 2)
+    ws.disconnect()
+
+
+async def test_a_client_s_close_is_answered_with_its_code_or_1000(ws_relay) -> None:
+    # PROTOCOL §1.1a, "Closing".  A close frame without a code (a browser's close()
+    # with no argument) was answered with code 0, which no client accepts.
+    port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    token = ws_relay.token("alice")
+    for close, answer in ((b"", (1000).to_bytes(2, "big")),
+                          ((1001).to_bytes(2, "big") + b"bye", (1001).to_bytes(2, "big"))):
+        frames = await asyncio.to_thread(_exchange, port, _ws_frame(0x2, hello(token)),
+                                         _ws_frame(0x8, close), 1)
+        *binary, last = frames
+        assert last == (0x8, answer)
+        (welcome,) = FrameReader().feed(b"".join(p for _, p in binary))
+        assert welcome.type == FrameType.WELCOME
+
+
+async def test_a_websocket_protocol_error_is_closed_1002(ws_relay) -> None:
+    # PROTOCOL §1.1a, "WebSocket protocol errors": an unmasked client frame.
+    port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    frames = await asyncio.to_thread(_exchange, port, bytes((0x82, 3)) + b"abc")
+    assert frames == [(0x8, (1002).to_bytes(2, "big")
+                       + b"Received un-masked frame from client, RFC 6455 section 5.1 forbids this")]
