@@ -306,10 +306,11 @@ class ClusterWorld(geo.World):
 
     def first_lead_s(self, src: str, dst: str) -> float:
         """How long before the sender's first message its receiver asks for the
-        chat's history (``--regions-claim-by receiver``): a HISTORY of a new direct
-        chat makes it there with its participants in it, and the receiver's node,
-        which must then find the chat's owner, claims it and reads its empty
-        tail.  The receiver's claim must reach the owners' bucket's leader before
+        chat's history (``--regions-claim-by receiver``): a HISTORY of a direct
+        chat its node does not know makes it there unopened (its participants
+        not members: nobody subscribed, no presence shown, docs/DESIGN.md), and
+        the receiver's node, which must then find the chat's owner to answer,
+        claims it and reads its empty tail.  The receiver's claim must reach the owners' bucket's leader before
         the sender's node's (lead > d(receiver, leader) - d(sender, leader)) and
         the sender's node must not have heard of it yet, through the bucket's
         watch, when the first publish reaches it (lead < d(receiver, leader) +

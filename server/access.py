@@ -50,15 +50,14 @@ class Access:
     """The one place a session's request on a channel is allowed or refused."""
 
     def __init__(self, hub: Hub, groups: GroupRegistry,
-                 ensure_channel: Callable[[str], Channel]) -> None:
+                 ensure_channel: Callable[[str], Channel],
+                 direct_to_read: Callable[[str], Channel | None]) -> None:
         self.hub = hub
         self.groups = groups
         #: the channel by name, a direct one's participants made members (Subscriptions)
         self.ensure_channel = ensure_channel
-        #: a cluster node (server/node_cluster.py) is told of a new direct chat only
-        #: if one of its participants is connected there: a chat it does not know
-        #: may have messages in the stream, so a read makes it (and looks it up).
-        self.direct_chats_elsewhere = False
+        #: a direct chat to read, None if it has had no message (Relay.direct_to_read)
+        self.direct_to_read = direct_to_read
 
     def publish_channel(self, session: Session, raw: bytes) -> Channel:
         """The channel ``session`` may publish to under the name ``raw``, or a refusal."""
@@ -97,16 +96,8 @@ class Access:
         if not allowed:
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to read {name!r}")
         if cn.kind == ChannelKind.DIRECT_CHAT:
-            # Only a first publish makes a direct chat (PROTOCOL §5.1): made here,
-            # a read would subscribe both participants and show each the other's
-            # presence (§3.17).  Every worker and node knows every direct chat
-            # that has had a message (loaded at start, announced when made),
-            # except a cluster node, which learns of a new one only while one of
-            # its participants is connected there (PROTOCOL §3.15a).
-            ch = self.hub.find(name)
-            if ch is None and self.direct_chats_elsewhere:
-                return self.ensure_channel(name)
-            return ch
+            # Not made here as a first publish makes it (PROTOCOL §5.1, §3.17).
+            return self.direct_to_read(name)
         return self.hub.channel(name, cn.kind)
 
     def subscribable(self, session: Session, name: str) -> ChannelName:

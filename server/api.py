@@ -918,9 +918,12 @@ async def message_status(api: Api, body: StatusCall) -> dict[str, Any]:
     cn = parse_or_refuse(body.channel)
     if cn.kind == ChannelKind.GROUP_CHAT and cn.group not in relay.groups.groups:
         raise ApiError(ErrorCode.NOT_FOUND, f"no group {cn.group!r}")
-    ch = relay.ensure_channel(cn.name)
-    frames = await read_history(relay, ch, History(channel=cn.name, after=body.seq - 1, limit=1))
-    if not frames or message_seq(frames[0]) != body.seq:
+    # Reading a direct chat does not make it (PROTOCOL §5.1): None, it has had no message.
+    ch = (relay.direct_to_read(cn.name) if cn.kind == ChannelKind.DIRECT_CHAT
+          else relay.ensure_channel(cn.name))
+    frames = [] if ch is None else await read_history(
+        relay, ch, History(channel=cn.name, after=body.seq - 1, limit=1))
+    if ch is None or not frames or message_seq(frames[0]) != body.seq:
         raise ApiError(ErrorCode.NOT_FOUND, f"no message {body.seq} in {cn.name!r}")
     escalated = await api.timers.table.escalated(ch.name, body.seq)
     return status.message_status(relay, ch, status.joined(relay, ch), body.seq,

@@ -206,7 +206,7 @@ class Cluster:
 
     def _interest(self, source: int, name: str, after: int) -> None:
         """Owner side: from now on worker ``source`` gets ``name``'s messages."""
-        ch = self.relay.ensure_channel(name)
+        ch = self.relay.known_channel(name)
         self.interested.setdefault(ch, set()).add(source)
         # The ring holds what has been delivered; seqs after it (waiting for
         # the disk) reach ``source`` as live messages, now that it asked.
@@ -215,8 +215,9 @@ class Cluster:
         self.mesh.send(source, routing.control("warm", channel=name, head=ch.ring.head))
 
     def _warm(self, name: str, head: int) -> None:
-        """Replica side: the owner sent all it holds of ``name``; live messages follow."""
-        ch = self.relay.ensure_channel(name)
+        """Replica side: the owner sent all it holds of ``name``; live messages follow.
+        A direct chat made here only to be read is opened if it has had a message."""
+        ch = self.relay.ensure_channel(name) if head else self.relay.known_channel(name)
         if head and ch.seq != head and not (ch.seq > head and self._replicas_stored()):
             # What the owner's ring no longer held (the store has it), or a
             # replica left ahead by an owner that restarted without --fsync
@@ -313,6 +314,10 @@ class Cluster:
             self._receive_from(ch, head)
         elif self.bus.owns(ch):
             self._announce_direct(ch)
+
+    async def before_read(self, ch: Channel) -> None:
+        """Called before a read of ``ch``, ready here: between workers its replica or
+        its owner here has every message acked (an owner acks what it sequenced)."""
 
     def _announce_direct(self, ch: Channel) -> None:
         """Owner side: the workers where a participant is online receive the new
@@ -663,7 +668,7 @@ class Cluster:
         elif op == "uninterest":
             self._uninterest(source, body["channel"])
         elif op == "cold":
-            self._cold(relay.ensure_channel(body["channel"]))
+            self._cold(relay.known_channel(body["channel"]))
         elif op == "direct":
             self._direct(body["channel"], body.get("receivers", []), body.get("head", 0))
         elif op == "serve":

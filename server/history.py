@@ -22,6 +22,8 @@ async def read(relay: Relay, ch: Channel, request: History) -> list[bytes]:
     sequenced; a PUBLISH only once it is released).
     """
     await relay.subs.ready(ch)
+    if relay.cluster is not None:
+        await relay.cluster.before_read(ch)
     store = relay.store
     if ch.ring.head < ch.seq:
         await relay.released()

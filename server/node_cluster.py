@@ -244,7 +244,7 @@ class NodeCluster(Cluster):
         # Every group and cursor the cluster has, before a client is served;
         # from here on the buckets' watches apply what other nodes change.
         relay.cluster, relay.shared_state = self, self.state
-        relay.access.direct_chats_elsewhere = True
+        relay.direct_chats_elsewhere = True
         await self.state.open()
         if self.leaders is not None:
             self.leaders.start()
@@ -603,11 +603,30 @@ class NodeCluster(Cluster):
         if (ch is None or ch.seq > frames[-1].seq or name in self.firsts
                 or not self.store.take_first(name, at)):
             return
+        self.relay.ensure_channel(name)        # opened, if it was made only to be read
         self._continue_from(ch, frames)
         for peer in self.interested.get(ch, ()):
             for stored in frames:
                 self.mesh.send(peer, routing.message(ch.key, stored.seq, stored.frame))
         log.info("took another node's first message", extra={"channel": name, "seq": ch.seq})
+
+    async def before_read(self, ch: Channel) -> None:
+        """A channel owned here with nothing sequenced may still have a first
+        message: another node's first write, stored (and acked to its sender)
+        after the tail this node read beside its claim, whose frames are on
+        their way here (the ``first`` control, :meth:`_adopt_first`).  Read
+        before they come, the sender's own read here missed its message
+        (read-your-writes, PROTOCOL §3.15a).  So such a read takes them from
+        the stream first, as that control would."""
+        name = ch.name
+        if ch.seq or not self.store.owns(name) or name in self.firsts:
+            return
+        last = await self.engine.last(name)
+        if last is None:
+            return
+        stored = await self.engine.read(name, 0, last.seq + 1, self.relay.settings.ring_size)
+        if stored and stored[-1].stream_seq == last.stream_seq:
+            self._adopt_first(name, last.stream_seq, b"".join(s.frame for s in stored))
 
     async def _take(self, name: str, claim: Claim,
                     tail_read: asyncio.Future[Stored | None] | None = None) -> None:
@@ -624,7 +643,10 @@ class NodeCluster(Cluster):
         current = self.ownership.claims.get(name)
         if current is not None and current.revision > claim.revision:
             return                                   # taken from us meanwhile
-        ch = self.relay.ensure_channel(name)
+        # A direct chat made here only to be read (Relay.direct_to_read) is
+        # opened if it has had a message; else it stays unopened, and is
+        # announced to nobody: its first publish opens it.
+        ch = self.relay.ensure_channel(name) if tail else self.relay.known_channel(name)
         self._continue_from(ch, tail)
         self.store.own(name, 0 if last is None else last.stream_seq, claim.epoch,
                        watched=tail_read is not None)
@@ -632,7 +654,8 @@ class NodeCluster(Cluster):
         self.failovers += claim.epoch > 1
         log.info("sequencing a channel", extra={"channel": name, "epoch": claim.epoch,
                                                 "seq": ch.seq})
-        if claim.epoch == 1 and ch.kind == ChannelKind.DIRECT_CHAT:
+        if (claim.epoch == 1 and ch.kind == ChannelKind.DIRECT_CHAT
+                and ch not in self.relay.unopened):
             self._announce_claimed(ch, ch.ring.head)
 
     def _announce_claimed(self, ch: Channel, head: int) -> list[int]:

@@ -100,7 +100,15 @@ class Relay:
             self.hub.masker = self.masking.for_channel
         self.groups = GroupRegistry()
         #: who may publish to, read and subscribe to what (server/access.py)
-        self.access = Access(self.hub, self.groups, self.ensure_channel)
+        self.access = Access(self.hub, self.groups, self.ensure_channel, self.direct_to_read)
+        #: a cluster node (server/node_cluster.py, set at join) learns of a new direct
+        #: chat from its creator's ``direct`` record, which core NATS may lose or
+        #: deliver after the first message's ACK: a direct chat it does not know
+        #: may have messages, and a read looks it up (:meth:`direct_to_read`)
+        self.direct_chats_elsewhere = False
+        #: direct chats made here only to be read (:meth:`direct_to_read`), not
+        #: opened: their participants are not members until a message is found
+        self.unopened: set[Channel] = set()
         #: who receives what, and from when (server/subscriptions.py)
         self.subs = Subscriptions(self)
         #: who is online, who may see it, who watches (server/presence.py)
@@ -348,20 +356,57 @@ class Relay:
 
     def ensure_channel(self, name: str) -> Channel:
         """The channel ``name`` (valid by construction), with a direct channel's
-        participants made members the first time it is seen."""
+        participants made members the first time it is seen, or when one made
+        only to be read (:meth:`direct_to_read`) is opened: call it where the
+        chat is known to have a message or to be getting its first."""
         ch = self.hub.find(name)
-        if ch is not None:
+        if ch is not None and not (self.unopened and ch in self.unopened):
             return ch
-        cn = parse_channel(name)
-        ch = self.hub.channel(cn.name, cn.kind)
-        if cn.kind == ChannelKind.DIRECT_CHAT:
-            ch.info = cn
+        if ch is None:
+            cn = parse_channel(name)
+            ch = self.hub.channel(cn.name, cn.kind)
+            if cn.kind == ChannelKind.DIRECT_CHAT:
+                ch.info = cn
+        else:
+            self.unopened.discard(ch)
+            cn = ch.info
         if self.cluster is not None:
             self.cluster.created(ch)        # before the joins: they may ask for the channel
         if cn.kind == ChannelKind.DIRECT_CHAT:
             for user in cn.participants:
                 self.memberships.setdefault(user, {})[ch] = 0   # a direct chat has no "before"
                 self.subs.join(user, ch)
+        return ch
+
+    def known_channel(self, name: str) -> Channel:
+        """The channel ``name`` as it stands here (a direct chat made only to be read
+        stays so), made by :meth:`ensure_channel` if this process has none: for the
+        steps that move a channel's messages about, which tell nothing of whether
+        a direct chat has had a message (an owner asked for it, a replica warmed)."""
+        ch = self.hub.find(name)
+        return self.ensure_channel(name) if ch is None else ch
+
+    def direct_to_read(self, name: str) -> Channel | None:
+        """The direct chat ``name`` (valid) to read; None where it surely has had
+        no message (its page is empty).
+
+        Only a first PUBLISH makes a direct chat (PROTOCOL §5.1): made for a
+        read, its participants would be subscribed and each would see the
+        other's presence (§3.17).  Every worker of one host knows every chat
+        that has had a message (loaded at start, announced when made).  A
+        cluster node may not (:attr:`direct_chats_elsewhere`): it makes the chat
+        *unopened*, a channel its participants are not members of, and the read
+        looks it up as any replica's is (its owner, claimed by this node if it
+        has none, which reads the chat's tail); found to have a message, the
+        chat is opened there and then (``ensure_channel``: ``Cluster._warm``,
+        ``_apply_message``; ``NodeCluster._take``, ``_adopt_first``), else the
+        page is empty and nobody is subscribed or shown."""
+        ch = self.hub.find(name)
+        if ch is None and self.direct_chats_elsewhere:
+            cn = parse_channel(name)
+            ch = self.hub.channel(cn.name, cn.kind)
+            ch.info = cn
+            self.unopened.add(ch)
         return ch
 
     def send_to_user(self, user: str, frame: bytes) -> int:

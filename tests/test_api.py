@@ -530,3 +530,18 @@ async def test_history_by_time_as_over_tcp(api_relay):
                     f"history: {reason}", f"HISTORY: {reason}"), (field, wrong)
         # Reading by time is still reading: someone outside the conversation is refused.
         await refused(api.history(channel, user="mallory", since_us=0), 403, ErrorCode.FORBIDDEN)
+
+
+async def test_the_status_of_a_message_of_a_never_messaged_direct_chat_makes_nothing(api_relay):
+    """API.md message_status: a direct chat that has had no message has no message 1
+    (NOT_FOUND), and asking does not make it (PROTOCOL §5.1): its participants are
+    not subscribed, nor shown each other's presence (§3.17); its first message is seq 1."""
+    alice = await api_relay.connect("alice", reconnect=False)
+    bob = await api_relay.connect("bob", reconnect=False)
+    async with AsyncApi(api_relay.api_url, api_relay.api_key) as api:
+        await refused(api.message_status("dm:alice:bob", 1), 404, ErrorCode.NOT_FOUND)
+    hidden = {"online": False, "devices": 0, "hidden": True}
+    assert (await alice.presence(["bob"]))["bob"] == hidden
+    assert (await bob.presence(["alice"]))["alice"] == hidden
+    assert (await alice.send("bob", "hello")).seq == 1
+    assert (await bob.next_message(timeout=10)).seq == 1

@@ -762,6 +762,100 @@ async def test_a_new_direct_chat_reaches_a_participant_s_node_without_its_asking
         assert states[0]["first_writes"] == 1 and states[0]["chats_received_unasked"] == 0
 
 
+HIDDEN = {"online": False, "devices": 0, "hidden": True}
+
+
+async def test_reading_a_never_messaged_direct_chat_makes_it_on_no_node(nodes):
+    """PROTOCOL §3.15a, §5.1: alice reads a direct chat that has had no message on
+    a node where neither participant had connected (it cannot know the chat
+    there): an empty page, and the chat is made on no node.  bob, online on
+    another node, is not shown her presence, nor she his (§3.17); nobody is
+    subscribed (bob's WELCOME on a third node lists no channel); the first
+    message, sent afterwards, is seq 1, and from it on each sees the other.
+    Before, the read made the chat on that node, which told every node of it."""
+    n0, n1, n2 = nodes("n0", "n1", "n2")
+    bob = await n0.connect("bob")
+    alice = await n2.connect("alice")
+    assert await alice.history("dm:alice:bob", limit=10) == []
+    for _ in range(10):       # what n2 sends the other nodes on a read reaches them by then
+        assert (await bob.presence(["alice"]))["alice"] == HIDDEN
+        assert (await alice.presence(["bob"]))["bob"] == HIDDEN
+        await asyncio.sleep(0.1)
+    later = await n1.connect("bob")
+    assert later.welcome["channels"] == {}
+    assert (await alice.history("dm:alice:bob", limit=10)) == []   # read again: still nothing
+    assert (await bob.send("alice", "hello")).seq == 1
+    for client in (alice, later):
+        got = await messages_of(client, "dm:alice:bob", 1)
+        assert [(m.seq, m.payload) for m in got] == [(1, b"hello")]
+    assert (await bob.presence(["alice"]))["alice"]["online"]
+    assert (await alice.presence(["bob"]))["bob"]["online"]
+
+
+class NodeRecordsDropped(NatsProxy):
+    """A TCP proxy to a nats-server that drops, while ``dropping``, the node records
+    (``fh.node.*``) it delivers to its client that name ``needle``: as core NATS
+    loses them over a reconnect.  Everything else passes, both ways."""
+
+    def __init__(self, target: tuple[str, int], needle: bytes) -> None:
+        super().__init__(target)
+        self.needle = needle
+        self.dropping = False
+        self.dropped = 0
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            if (self.dropping and words[:1] in ([b"MSG"], [b"HMSG"])
+                    and words[1].startswith(b"fh.node.") and self.needle in frame):
+                self.dropped += 1
+                continue
+            writer.write(frame)
+        writer.close()
+
+
+async def test_a_direct_chat_s_messages_are_read_on_nodes_that_did_not_know_it(
+        nodes, nats_cluster: NatsCluster):
+    """Read-your-writes across nodes (PROTOCOL §3.15a): alice's message to bob,
+    sent on n0, is in the history her other devices read right after its ACK on
+    n1 (told of the new chat by n0, or not yet) and on n2, which never heard of
+    the chat (every node record naming it was lost on the way there): n2 finds
+    it from the chat's owner and opens the chat, so bob, connecting there,
+    receives it and the next one."""
+    server = nats_cluster.servers[2]
+    name = "dm:alice:bob"
+    proxy = NodeRecordsDropped((server.host, server.port), name.encode())
+    url = await proxy.start()
+    try:
+        n0, n1 = nodes("n0", "n1")
+        (n2,) = await asyncio.to_thread(nodes, "n2", urls=[url])   # the loop runs the proxy
+        alice = await n0.connect("alice")
+        on_n1, on_n2 = await n1.connect("alice"), await n2.connect("alice")
+        proxy.dropping = True
+        assert (await alice.send("bob", "m0")).seq == 1
+        page = await on_n1.history(name, limit=10)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"m0")], [
+            healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+
+        async def settled() -> bool:           # claimed by n0 or n1 (alice is there too)
+            states = [(await asyncio.to_thread(healthz, n.metrics_port))[1]["cluster"]
+                      for n in (n0, n1)]
+            return sum(state["channels_owned"] for state in states) == 1
+        await until(settled)                   # its owner sends n2 nothing more unasked
+        await asyncio.sleep(0.5)
+        assert proxy.dropped >= 1, "n2 was not told of the chat: nothing to lose"
+        assert (await metrics(n2))["fenghuo_channels"] == 0, "n2 knows the chat"
+        proxy.dropping = False
+        page = await on_n2.history(name, limit=10)
+        assert [(m.seq, m.payload) for m in page] == [(1, b"m0")]
+        bob = await n2.connect("bob")           # a new device: m0 is history to it
+        assert bob.welcome["channels"] == {name: 1}, bob.welcome
+        assert (await alice.send("bob", "m1")).seq == 2
+        assert [(m.seq, m.payload) for m in await messages_of(bob, name, 1)] == [(2, b"m1")]
+    finally:
+        await proxy.close()
+
+
 async def test_a_sender_s_publishes_keep_their_order_while_its_node_learns_the_owner(
         nodes, nats_cluster: NatsCluster):
     """A node far from NATS (150 ms each way, as between regions) gets publishes
