@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 FRAME = bytes(110)
 WAL_HEADER = 24
+# a layout's other tables (and commit_spans, server/store.py's SPANS_DDL: _prepare_layout)
 _HEADS = """CREATE TABLE channel_heads (channel TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX messages_by_ts ON messages (ts_us);
-PRAGMA user_version=4;"""
+PRAGMA user_version=5;"""
 _COLUMNS = "seq INTEGER NOT NULL, ts_us INTEGER NOT NULL, sender TEXT NOT NULL, dedupe BLOB, frame BLOB NOT NULL, key_id TEXT"
 _CHANNELS = "CREATE TABLE channels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
 # The row's key is the channel's number and the seq packed in one integer, so
@@ -50,8 +50,9 @@ _PACKED_ID = "((SELECT id FROM channels WHERE name = ?1) << 40) | ?2"
 #: the writer's insert binding (channel, seq, ts_us, sender, dedupe, frame, key_id),
 #: SQL that files the rows after ``?`` (an id) in the channel index, or None)
 LAYOUTS: dict[str, tuple[str, str | None, str | None]] = {
-    "schema4": ("", None, None),
+    "schema5": ("", None, None),
     # schema 1 without its (channel, ts_us) index: the table clustered by (channel, seq)
+    # (its rows have no id: their spans are of nothing, a row each commit all the same)
     "clustered": (f"CREATE TABLE messages (channel TEXT NOT NULL, {_COLUMNS},"
                   " PRIMARY KEY (channel, seq)) WITHOUT ROWID;" + _HEADS, None, None),
     "packed": (_CHANNELS + f"CREATE TABLE messages (id INTEGER PRIMARY KEY, channel TEXT NOT NULL,"
@@ -64,14 +65,14 @@ LAYOUTS: dict[str, tuple[str, str | None, str | None]] = {
                       f" {_COLUMNS});" + _HEADS,
                       "INSERT OR REPLACE INTO messages (id, seq, ts_us, sender, dedupe, frame, key_id)"
                       f" VALUES ({_PACKED_ID}, ?2, ?3, ?4, ?5, ?6, ?7)", None),
-    # schema 4's log without messages_by_seq; the index filed after the commits, in bulk
+    # schema 5's log without messages_by_seq; the index filed after the commits, in bulk
     "deferred": (f"CREATE TABLE messages (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, {_COLUMNS});"
                  "CREATE TABLE message_seqs (channel TEXT NOT NULL, seq INTEGER NOT NULL, id INTEGER"
                  " NOT NULL, PRIMARY KEY (channel, seq)) WITHOUT ROWID;" + _HEADS, None,
                  "INSERT INTO message_seqs (channel, seq, id) SELECT channel, seq, id FROM messages"
                  " WHERE id > ? ORDER BY channel, seq"),
 }
-# schema 4 inserted without OR REPLACE, and with OR IGNORE: what the conflict
+# schema 5 inserted without OR REPLACE, and with OR IGNORE: what the conflict
 # clause costs (nothing measurable: bench/README.md, "The commit's rows in
 # channel order")
 LAYOUTS["insert"] = ("", "INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame, key_id)"
@@ -143,7 +144,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--without", action="append", default=[], metavar="INDEX[,INDEX]",
                    help="also measure with these indexes of the messages table dropped "
                         "(e.g. messages_by_seq); repeatable")
-    p.add_argument("--layout", default="schema4",
+    p.add_argument("--layout", default="schema5",
                    help=f"messages table layouts to compare, comma-separated: {', '.join(LAYOUTS)}")
     p.add_argument("--page-size", default="4096", help="page sizes to compare, comma-separated")
     p.add_argument("--file-every", type=int, default=8,
@@ -166,6 +167,8 @@ def _percentile(values: list[float], q: float) -> float:
 def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str]) -> None:
     import sqlite3
 
+    from fenghuo.server.store import SPANS_DDL
+
     ddl = LAYOUTS[layout][0]
     if not ddl and page_size == 4096:
         return
@@ -175,6 +178,8 @@ def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str
         db.execute("PRAGMA journal_mode=WAL")
         if ddl:
             db.executescript(ddl)
+            for statement in SPANS_DDL:
+                db.execute(statement)
             if "channels" in ddl:
                 db.executemany("INSERT INTO channels (name) VALUES (?)", [(n,) for n in names])
     finally:
@@ -182,7 +187,7 @@ def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str
 
 
 def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
-            without: tuple[str, ...] = (), layout: str = "schema4", page_size: int = 4096,
+            without: tuple[str, ...] = (), layout: str = "schema5", page_size: int = 4096,
             file_every: int = 8, checkpoint: str = "beside", writers: int = 1,
             files: str = "shared") -> dict[str, float]:
     import sqlite3
@@ -349,9 +354,9 @@ def cmd_commits(a: argparse.Namespace) -> int:
     places = a.checkpoint.split(",")
     writers = [(int(n), f) for n in a.writers.split(",") for f in a.files.split(",")
                if int(n) > 1 or f == a.files.split(",")[0]]
-    if any(n > 1 for n, _ in writers) and (layouts != ["schema4"] or a.without):
-        # the second writer's statement and store are schema 4's
-        print("--writers above 1 measures schema 4 only: no --layout or --without beside it")
+    if any(n > 1 for n, _ in writers) and (layouts != ["schema5"] or a.without):
+        # the second writer's statement and store are schema 5's
+        print("--writers above 1 measures schema 5 only: no --layout or --without beside it")
         return 2
     for r in range(a.rounds):
         for frames in sizes:

@@ -45,6 +45,7 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_step(sqlite3_stmt* stmt)
     int sqlite3_reset(sqlite3_stmt* stmt)
     int sqlite3_finalize(sqlite3_stmt* stmt)
+    sqlite3_int64 sqlite3_last_insert_rowid(sqlite3* db)
 
     void* sqlite3_wal_hook(sqlite3* db, int (*callback)(void*, sqlite3*, const char*, int) noexcept nogil,
                            void* arg)

@@ -15,6 +15,15 @@ cdef struct MessageRow:
     Py_ssize_t order                # its place in the batch: equal keys keep it
 
 
+# A commit's row of commit_spans (server/store.py, schema 5): the least and
+# greatest messages.id its rows were given, the least and greatest ts_us.
+cdef struct CommitSpan:
+    int64_t first_id
+    int64_t last_id
+    int64_t min_ts
+    int64_t max_ts
+
+
 cdef class _Statement:
     cdef sqlite3_stmt* stmt
     cdef int params
@@ -26,6 +35,7 @@ cdef class SQLiteWriter:
     cdef readonly str path
     cdef dict _statements             # SQL -> _Statement, prepared once
     cdef _Statement _insert_message
+    cdef _Statement _insert_span
     cdef _Statement _begin
     cdef _Statement _commit
     cdef _Statement _rollback

@@ -16,6 +16,12 @@ import sqlite3 as _sqlite3
 # One statement for every message row; key_id NULL is a plaintext frame.
 _INSERT_MESSAGE = ("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame,"
                    " key_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
+# A commit's one row of commit_spans (schema 5, server/store.py): what
+# retention and a restart find messages by time through, in place of a time
+# index entry per message.  OR IGNORE: an identical row (the whole row is its
+# key) already spans the same rows.
+_INSERT_SPAN = ("INSERT OR IGNORE INTO commit_spans (max_ts, first_id, last_id, min_ts)"
+                " VALUES (?, ?, ?, ?)")
 
 
 cdef object _error(sqlite3* db):
@@ -105,6 +111,7 @@ cdef class SQLiteWriter:
         # insert_sql: another table's statement binding the same seven values in
         # the same order (bench/commits.py's --layout); the store's is _INSERT_MESSAGE.
         self._insert_message = self._prepare(_INSERT_MESSAGE if insert_sql is None else insert_sql)
+        self._insert_span = self._prepare(_INSERT_SPAN)
         # IMMEDIATE: the write lock is taken (waiting out busy_timeout while
         # another worker writes) at BEGIN, never refused halfway through.
         self._begin = self._prepare("BEGIN IMMEDIATE")
@@ -126,7 +133,7 @@ cdef class SQLiteWriter:
     def close(self):
         """Close the connection (statements first); the writer is unusable after."""
         self._statements = None
-        self._insert_message = self._begin = self._commit = self._rollback = None
+        self._insert_message = self._insert_span = self._begin = self._commit = self._rollback = None
         if self.db != NULL:
             sqlite3_close_v2(self.db)
             self.db = NULL
@@ -315,9 +322,9 @@ cdef class SQLiteWriter:
         return self._check(rc)
 
     cdef int _insert_messages(self, list messages, list sealed, str key_id, bint transaction) except -1:
-        """Insert every message row: their fields are read with the GIL, the
-        rows inserted without it; ``transaction``: in a transaction of their
-        own, BEGIN and COMMIT in the same release of the GIL."""
+        """Insert every message row, then the commit's span: their fields are read
+        with the GIL, the rows inserted without it; ``transaction``: in a
+        transaction of their own, BEGIN and COMMIT in the same release of the GIL."""
         cdef Py_ssize_t n = len(messages), i, kid_len = 0
         cdef const char* kid = NULL
         cdef MessageRow* rows = <MessageRow*>PyMem_Malloc(n * sizeof(MessageRow))
@@ -325,6 +332,8 @@ cdef class SQLiteWriter:
         cdef Sequenced m
         cdef bytes frame
         cdef sqlite3_stmt* stmt = self._insert_message.stmt
+        cdef sqlite3_stmt* span_stmt = self._insert_span.stmt
+        cdef CommitSpan span = CommitSpan(0, 0, 0, 0)
         cdef int rc = SQLITE_OK
         if rows == NULL:
             raise MemoryError()
@@ -349,6 +358,10 @@ cdef class SQLiteWriter:
                 row.frame = PyBytes_AS_STRING(frame)
                 row.frame_len = PyBytes_GET_SIZE(frame)
                 row.order = i
+                if i == 0 or row.ts_us < span.min_ts:
+                    span.min_ts = row.ts_us
+                if i == 0 or row.ts_us > span.max_ts:
+                    span.max_ts = row.ts_us
             with nogil:
                 # In (channel, seq) order: a channel's rows of the batch go into
                 # messages_by_seq one after another, into the leaf the previous
@@ -357,7 +370,9 @@ cdef class SQLiteWriter:
                 if transaction:
                     rc = _step(self._begin.stmt)
                 if rc == SQLITE_OK:
-                    rc = _insert_rows(stmt, rows, n, kid, kid_len)
+                    rc = _insert_rows(self.db, stmt, rows, n, kid, kid_len, &span)
+                if rc == SQLITE_OK:
+                    rc = _insert_span(span_stmt, &span)
                 if rc == SQLITE_OK and transaction:
                     rc = _step(self._commit.stmt)
         finally:
@@ -402,13 +417,15 @@ cdef int _step(sqlite3_stmt* stmt) noexcept nogil:
     return SQLITE_OK
 
 
-cdef int _insert_rows(sqlite3_stmt* stmt, MessageRow* rows, Py_ssize_t n,
-                      const char* kid, Py_ssize_t kid_len) noexcept nogil:
-    """Insert ``rows`` through the messages' statement: SQLITE_OK, or the failed
-    step's error code."""
+cdef int _insert_rows(sqlite3* db, sqlite3_stmt* stmt, MessageRow* rows, Py_ssize_t n,
+                      const char* kid, Py_ssize_t kid_len, CommitSpan* span) noexcept nogil:
+    """Insert ``rows`` through the messages' statement, noting the least and
+    greatest id they were given in ``span``: SQLITE_OK, or the failed step's
+    error code."""
     cdef Py_ssize_t i
     cdef MessageRow* row
     cdef int rc
+    cdef sqlite3_int64 rowid
     for i in range(n):
         row = &rows[i]
         sqlite3_bind_text(stmt, 1, row.channel, <int>row.channel_len, SQLITE_STATIC)
@@ -427,4 +444,22 @@ cdef int _insert_rows(sqlite3_stmt* stmt, MessageRow* rows, Py_ssize_t n,
         rc = _step(stmt)
         if rc != SQLITE_OK:
             return rc
+        # SQLite gives a new row the table's greatest id plus one, so a
+        # commit's rows are numbered upwards; the least and greatest are kept
+        # all the same, which holds however SQLite numbers them (once the
+        # greatest id is at its limit, it picks unused ones at random).
+        rowid = sqlite3_last_insert_rowid(db)
+        if i == 0 or rowid < span.first_id:
+            span.first_id = rowid
+        if i == 0 or rowid > span.last_id:
+            span.last_id = rowid
     return SQLITE_OK
+
+
+cdef int _insert_span(sqlite3_stmt* stmt, const CommitSpan* span) noexcept nogil:
+    """Insert the commit's row of commit_spans: SQLITE_OK, or the step's error code."""
+    sqlite3_bind_int64(stmt, 1, span.max_ts)
+    sqlite3_bind_int64(stmt, 2, span.first_id)
+    sqlite3_bind_int64(stmt, 3, span.last_id)
+    sqlite3_bind_int64(stmt, 4, span.min_ts)
+    return _step(stmt)

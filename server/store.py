@@ -100,7 +100,7 @@ BACKLOG_LOW = 10_000
 # (bench/README.md, "The GIL's switch interval under `always`").
 WRITER_SWITCH_INTERVAL = 0.0005
 
-# The messages table (schema 3, PRAGMA user_version).  Rows are appended
+# The messages table (schema 5, PRAGMA user_version).  Rows are appended
 # (``id``, the rowid, counts up), so a commit's rows fill the table's last
 # pages whichever channels they belong to, a commit's in (channel, seq) order
 # (core/writer.pyx sorts the batch: a channel's entries go into its leaf of
@@ -109,10 +109,9 @@ WRITER_SWITCH_INTERVAL = 0.0005
 # thus writes, per channel it touches, one leaf of one index, where schema 1
 # (the table clustered by (channel, seq), WITHOUT ROWID, and an index by
 # (channel, ts_us)) wrote that channel's leaf of the table and of the index:
-# bench/README.md "The durable store's commits".  ``messages_by_ts`` is
-# global, so it is appended to as well (one leaf a commit): retention deletes
-# by time through it.  History by time reads a channel by seq and filters
-# on ts_us (as schema 1's query plan did too).  Schema 3 is schema 2 without
+# bench/README.md "The durable store's commits".  History by time reads a
+# channel by seq and filters on ts_us (as schema 1's query plan did too).
+# Schema 3 is schema 2 without
 # ``messages_by_key (channel, dedupe)``: a random key wrote a random page of
 # it, one WAL page per keyed publish; a channel's window now holds every key
 # of its span with its seq (core/dedupe.pyx), so the store is asked for a
@@ -124,7 +123,21 @@ WRITER_SWITCH_INTERVAL = 0.0005
 # head at load is the greater of its rows' last seq and that row, so a channel
 # retention emptied continues its seqs after a restart (PROTOCOL §6.6), and
 # a direct chat retention emptied is still one of its participants' channels.
-MESSAGES_DDL = (
+# Schema 5 drops ``messages_by_ts (ts_us)``, an entry per message that was a
+# fifth of the writer's CPU a message (bench/README.md "The commit's rows in
+# channel order"), for ``commit_spans``: one row a commit, its least and
+# greatest id and ts_us (core/writer.pyx writes it after the commit's rows).
+# Every row lies in the ids of a span whose times include its ts_us, so the
+# rows older than a time are among those of the spans with ``min_ts`` below
+# it (retention, ``_EXPIRED``) and the rows from a time on among those of the
+# spans with ``max_ts`` from it (a restart's ``keyed_channels``); each row is
+# then filtered on its own ts_us, so both are exact whatever the clock did,
+# and spans that overlap (ids SQLite gives again once retention deleted the
+# table's last rows) only cost a row read twice.  Retention deletes a span
+# once no row is left in its ids.  A row another program inserts has no span
+# (retention and a restart would not see it): rows are the writer's, or were
+# in the file when it was migrated (``_span_rows``).
+MESSAGES_DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS messages (
     id      INTEGER PRIMARY KEY,    -- append order
     channel TEXT NOT NULL,
@@ -136,15 +149,31 @@ MESSAGES_DDL = (
     key_id  TEXT                    -- frame sealed with this key (server/atrest.py); NULL: plaintext
 )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_by_seq ON messages (channel, seq)",
-    "CREATE INDEX IF NOT EXISTS messages_by_ts ON messages (ts_us)",
     # schema 2's key index (schema 3 is without it)
     "DROP INDEX IF EXISTS messages_by_key",
     """CREATE TABLE IF NOT EXISTS channel_heads (
     channel TEXT PRIMARY KEY,
     seq     INTEGER NOT NULL        -- the last seq retention deleted
 ) WITHOUT ROWID""",
+    # schema 4's time index (schema 5 is without it: commit_spans)
+    "DROP INDEX IF EXISTS messages_by_ts",
 )
-SCHEMA_VERSION = 4
+#: schema 5's spans (a tuple of its own: bench/commits.py's layouts make them too)
+SPANS_DDL = (
+    # Keyed by max_ts, as a restart reads the spans from a time on; the whole
+    # row is the key, so two commits never conflict (identical rows span the same).
+    """CREATE TABLE IF NOT EXISTS commit_spans (
+    max_ts   INTEGER NOT NULL,      -- the commit's greatest ts_us
+    first_id INTEGER NOT NULL,      -- its least messages.id
+    last_id  INTEGER NOT NULL,      -- its greatest
+    min_ts   INTEGER NOT NULL,      -- its least ts_us
+    PRIMARY KEY (max_ts, first_id, last_id, min_ts)
+) WITHOUT ROWID""",
+    # retention reads the spans with a row older than its cutoff
+    "CREATE INDEX IF NOT EXISTS commit_spans_by_min ON commit_spans (min_ts)",
+)
+MESSAGES_DDL += SPANS_DDL
+SCHEMA_VERSION = 5
 
 OTHER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -206,7 +235,7 @@ SCHEMA = OTHER_SCHEMA + "".join(f"{statement};\n" for statement in MESSAGES_DDL)
 
 
 def prepare_schema(conn: sqlite3.Connection, patience_ms: int = 600_000) -> None:
-    """Create the store's tables, or bring a file of schema 1, 2 or 3 to schema 4.
+    """Create the store's tables, or bring a file of schema 1 to 4 to schema 5.
 
     Several workers open one file together: the first takes the write lock
     and creates or migrates; the others wait for it (up to ``patience_ms``,
@@ -226,7 +255,7 @@ def _prepare_messages(conn: sqlite3.Connection) -> None:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if _schema_version(conn) < SCHEMA_VERSION:
+        if (version := _schema_version(conn)) < SCHEMA_VERSION:
             row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
                                ).fetchone()
             started, copied = time.monotonic(), None
@@ -234,10 +263,14 @@ def _prepare_messages(conn: sqlite3.Connection) -> None:
                 copied = _migrate_from_1(conn)
             for statement in MESSAGES_DDL:
                 conn.execute(statement)
+            spanned = _span_rows(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if copied is not None:
                 log.warning("store schema 1 -> %d: %d messages copied and indexed in %.1f s",
                             SCHEMA_VERSION, copied, time.monotonic() - started)
+            elif spanned:
+                log.warning("store schema %d -> %d: %d messages spanned in %.1f s",
+                            version, SCHEMA_VERSION, spanned, time.monotonic() - started)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -266,6 +299,25 @@ def _migrate_from_1(conn: sqlite3.Connection) -> int:
                           " ORDER BY channel, seq").rowcount
     conn.execute("DROP TABLE messages_v1")
     return int(copied)
+
+
+def _span_rows(conn: sqlite3.Connection) -> int:
+    """Give the rows of a store older than schema 5 their spans, inside the
+    caller's transaction: one span per ``MAX_BATCH`` rows in id order (as
+    many as a commit holds at most); return how many rows.  Each chunk is
+    read once, by rowid."""
+    spanned, start = 0, -(1 << 63)
+    while True:
+        last, first, max_ts, min_ts, count = conn.execute(
+            "SELECT max(id), min(id), max(ts_us), min(ts_us), count(*) FROM"
+            " (SELECT id, ts_us FROM messages WHERE id >= ? ORDER BY id LIMIT ?)",
+            (start, MAX_BATCH)).fetchone()
+        if not count:
+            return spanned
+        conn.execute("INSERT OR IGNORE INTO commit_spans (max_ts, first_id, last_id, min_ts)"
+                     " VALUES (?, ?, ?, ?)", (max_ts, first, last, min_ts))
+        spanned += count
+        start = last + 1
 
 
 def keys_since(conn: sqlite3.Connection, channel: str, since_us: int) -> Iterator[tuple[bytes, int, int]]:
@@ -607,8 +659,8 @@ class SQLiteStore:
     def _read_by_time(self, channel: str, since_us: int, until_us: int,
                       limit: int) -> list[bytes]:
         rows = self._reader_conn().execute(
-            # By seq, ts_us filtered: the time range alone (messages_by_ts) would read
-            # every channel's messages of the range.
+            # By seq, ts_us filtered: a time range alone (schema 4's messages_by_ts,
+            # or commit_spans now) reads every channel's messages of the range.
             "SELECT seq, frame, key_id FROM messages INDEXED BY messages_by_seq"
             " WHERE channel = ? AND ts_us >= ? AND ts_us < ?"
             " ORDER BY seq LIMIT ?", (channel, since_us, until_us, limit)).fetchall()
@@ -645,10 +697,11 @@ class SQLiteStore:
     def keyed_channels(self, since_us: int) -> list[str]:
         """The channels with a keyed message from ``since_us`` on: those whose
         dedupe window a restart loads (``dedupe_keys``), found in one pass over
-        the span's rows by time."""
+        the rows of the commits with a message that recent (``commit_spans``)."""
         return [r[0] for r in self._conn.execute(
-            "SELECT DISTINCT channel FROM messages INDEXED BY messages_by_ts"
-            " WHERE ts_us >= ? AND dedupe IS NOT NULL", (since_us,))]
+            "SELECT DISTINCT m.channel FROM commit_spans s CROSS JOIN messages m"
+            " ON m.id BETWEEN s.first_id AND s.last_id"
+            " WHERE s.max_ts >= ? AND m.ts_us >= ? AND m.dedupe IS NOT NULL", (since_us, since_us))]
 
     def all_rows(self, channel: str) -> Iterable[tuple[int, int, str, bytes]]:
         """Every stored message of ``channel``: ``(seq, ts_us, sender, frame)`` (export, tests)."""
@@ -695,23 +748,41 @@ def _write_click(w: SQLiteWriter, r: ClickSave) -> None:
               (c.channel, c.seq, c.link, c.user, c.ts_us))
 
 
-def _write_expiry(w: SQLiteWriter, r: Expiry) -> None:
-    # The most specific rule wins: longer prefixes with their own rule are kept out.
-    where = "substr(channel, 1, ?) = ?"
+# The rows older than a cutoff (bound twice): among those of the spans with
+# a row that old, each kept or not by its own ts_us (schema 5, MESSAGES_DDL).
+_EXPIRED = ("FROM commit_spans s INDEXED BY commit_spans_by_min CROSS JOIN messages m"
+            " ON m.id BETWEEN s.first_id AND s.last_id WHERE s.min_ts < ? AND m.ts_us < ?")
+
+
+def _prefix_where(r: Expiry, column: str) -> tuple[str, list[Any]]:
+    """The SQL condition on ``column`` (a channel) of the channels ``r`` expires,
+    and its parameters: the most specific rule wins, so longer prefixes with a
+    rule of their own are kept out."""
+    where = f"substr({column}, 1, ?) = ?"
     params: list[Any] = [len(r.prefix), r.prefix]
     for other in r.keep_prefixes:
-        where += " AND substr(channel, 1, ?) != ?"
+        where += f" AND substr({column}, 1, ?) != ?"
         params += [len(other), other]
+    return where, params
+
+
+def _write_expiry(w: SQLiteWriter, r: Expiry) -> None:
+    where, params = _prefix_where(r, "m.channel")
+    expired = [r.cutoff_us, r.cutoff_us, *params]
     # The channel's head outlives its rows: a restart continues after it.
-    w.execute(f"INSERT INTO channel_heads (channel, seq) SELECT channel, max(seq) FROM messages"
-              f" WHERE {where} AND ts_us < ? GROUP BY channel"
-              " ON CONFLICT (channel) DO UPDATE SET seq = max(seq, excluded.seq)",
-              [*params, r.cutoff_us])
+    w.execute(f"INSERT INTO channel_heads (channel, seq) SELECT m.channel, max(m.seq) {_EXPIRED}"
+              f" AND {where} GROUP BY m.channel"
+              " ON CONFLICT (channel) DO UPDATE SET seq = max(seq, excluded.seq)", expired)
     # A message's clicks go with it, as do those of a message already gone.
-    w.execute(f"DELETE FROM clicks WHERE {where} AND NOT EXISTS (SELECT 1 FROM messages m"
+    click_where, click_params = _prefix_where(r, "channel")
+    w.execute(f"DELETE FROM clicks WHERE {click_where} AND NOT EXISTS (SELECT 1 FROM messages m"
               " WHERE m.channel = clicks.channel AND m.seq = clicks.seq AND m.ts_us >= ?)",
-              [*params, r.cutoff_us])
-    w.execute(f"DELETE FROM messages WHERE {where} AND ts_us < ?", [*params, r.cutoff_us])
+              [*click_params, r.cutoff_us])
+    w.execute(f"DELETE FROM messages WHERE id IN (SELECT m.id {_EXPIRED} AND {where})", expired)
+    # A span none of whose rows is left goes (its ids may be given again).
+    w.execute("DELETE FROM commit_spans WHERE min_ts < ? AND NOT EXISTS (SELECT 1 FROM messages"
+              " WHERE messages.id BETWEEN commit_spans.first_id AND commit_spans.last_id)",
+              (r.cutoff_us,))
 
 
 #: how each record other than a message is written (messages: SQLiteWriter itself)

@@ -351,11 +351,11 @@ def test_commits_measures_the_writer_with_and_without_each_index_given():
     # Each --without is a setting of its own, after the one with every index;
     # a commit without the per-channel index writes fewer WAL pages.
     out = bench("commits", "--commits", "20", "--rounds", "1", "--wal-frames", "65536",
-                "--without", "messages_by_seq", "--without", "messages_by_ts,messages_by_seq").stdout
+                "--without", "messages_by_seq", "--without", "commit_spans_by_min,messages_by_seq").stdout
     pages = {m[1] or "": int(m[2]) for m in re.finditer(
         r"wal_autocheckpoint=65536(?: without (\S+))?: writer CPU [\d.]+ us/msg, (\d+) WAL pages", out)}
-    assert set(pages) == {"", "messages_by_seq", "messages_by_ts,messages_by_seq"}, out
-    assert pages["messages_by_ts,messages_by_seq"] <= pages["messages_by_seq"] < pages[""]
+    assert set(pages) == {"", "messages_by_seq", "commit_spans_by_min,messages_by_seq"}, out
+    assert pages["commit_spans_by_min,messages_by_seq"] <= pages["messages_by_seq"] < pages[""]
     # Each beside the store's checkpointer too (the default compares both places).
     assert len(re.findall(r"checkpointer=65536(?: without \S+)?: writer CPU [\d.]+ us/msg"
                           r" \+ checkpointer [\d.]+ us/msg, \d+ WAL pages", out)) == 3, out
@@ -369,7 +369,7 @@ def test_commits_compares_writers_taking_turns_at_one_file_and_a_file_each(tmp_p
                 "beside", "--writers", "1,2", "--files", "shared,own", "--dir", str(tmp_path)).stdout
     assert not list(tmp_path.iterdir()), "every store is removed after its setting"
     pages = {m[1] or "": int(m[2]) for m in re.finditer(
-        r"round 1 schema4 page 4096 checkpointer=65536(?: 2 writers \((one file|a file each)\))?: writer CPU"
+        r"round 1 schema5 page 4096 checkpointer=65536(?: 2 writers \((one file|a file each)\))?: writer CPU"
         r" [\d.]+ us/msg \+ checkpointer [\d.]+ us/msg, (\d+) WAL pages", out)}
     assert set(pages) == {"", "one file", "a file each"}, out
     assert all(n > 0 for n in pages.values()), out
@@ -379,13 +379,13 @@ def test_commits_compares_layouts_and_page_sizes():
     # The channel index filed after the commits: fewer pages a commit, and the
     # filing's own CPU printed beside; a page of 8 KiB: fewer, larger pages.
     out = bench("commits", "--commits", "16", "--rounds", "1", "--wal-frames", "65536", "--checkpoint", "inside",
-                "--layout", "schema4,deferred,deferred-attached,packed", "--page-size", "4096,8192").stdout
+                "--layout", "schema5,deferred,deferred-attached,packed", "--page-size", "4096,8192").stdout
     pages = {(m[1], int(m[2])): int(m[3]) for m in re.finditer(
         r"round 1 (\S+) page (\d+) wal_autocheckpoint=65536: writer CPU [\d.]+ us/msg"
         r"(?: \+ filing [^,]+)?, (\d+) WAL pages", out)}
-    assert set(pages) == {(layout, size) for layout in ("schema4", "deferred", "deferred-attached", "packed")
+    assert set(pages) == {(layout, size) for layout in ("schema5", "deferred", "deferred-attached", "packed")
                           for size in (4096, 8192)}, out
-    assert pages["deferred", 4096] < pages["schema4", 4096]
-    assert pages["deferred-attached", 4096] < pages["schema4", 4096]
-    assert pages["schema4", 8192] < pages["schema4", 4096]
+    assert pages["deferred", 4096] < pages["schema5", 4096]
+    assert pages["deferred-attached", 4096] < pages["schema5", 4096]
+    assert pages["schema5", 8192] < pages["schema5", 4096]
     assert out.count("+ filing") == 4

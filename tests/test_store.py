@@ -462,7 +462,8 @@ async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
         assert relay.stop() == 0
     with sqlite3.connect(data_dir / DB_FILE) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
+        assert _indexes(db) == {"messages_by_seq"}
+        assert _unspanned(db) == 0
         assert db.execute("SELECT id, seq, sender, key_id FROM messages ORDER BY id").fetchall() == [
             (1, 1, "alice", None), (2, 2, "alice", None), (3, 3, "alice", None), (4, 4, "alice", None)]
     db.close()
@@ -471,6 +472,14 @@ async def test_a_store_of_schema_1_is_migrated_on_open(tmp_path, key_id):
 def _indexes(db: sqlite3.Connection) -> set[str]:
     return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
                                            " AND tbl_name = 'messages' AND sql IS NOT NULL")}
+
+
+def _unspanned(db: sqlite3.Connection) -> int:
+    """Rows no commit span covers (its ids and its times): none in a store of schema 5."""
+    (count,) = db.execute("SELECT count(*) FROM messages m WHERE NOT EXISTS (SELECT 1 FROM commit_spans s"
+                          " WHERE m.id BETWEEN s.first_id AND s.last_id"
+                          " AND m.ts_us BETWEEN s.min_ts AND s.max_ts)").fetchone()
+    return int(count)
 
 
 # The messages table as schema 2 made it (main before schema 3): with the key index.
@@ -527,7 +536,8 @@ async def test_a_store_of_schema_2_loses_its_key_index_and_keeps_its_keys(tmp_pa
         assert relay.stop() == 0
     with sqlite3.connect(data_dir / DB_FILE) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert _indexes(db) == {"messages_by_seq", "messages_by_ts"}
+        assert _indexes(db) == {"messages_by_seq"}
+        assert _unspanned(db) == 0
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (41,)
     db.close()
 
@@ -572,6 +582,154 @@ async def test_a_store_of_schema_3_keeps_the_head_of_a_channel_retention_emptied
     with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert db.execute("SELECT channel, seq FROM channel_heads").fetchall() == [("dm:alice:bob", 5)]
+
+
+# The store as schema 4 made it (main before schema 5): a time index, no spans.
+SCHEMA_4 = SCHEMA_3.replace("PRAGMA user_version=3;", """CREATE TABLE channel_heads (
+    channel TEXT PRIMARY KEY,
+    seq     INTEGER NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version=4;""")
+
+
+async def test_a_store_of_schema_4_loses_its_time_index_and_keeps_retention_and_restarts_right(tmp_path):
+    # A store file schema 4 wrote opens as schema 5: messages_by_ts dropped,
+    # its rows given commit spans.  Retention then deletes the old rows (and
+    # keeps the head of the channel it emptied), and after a kill -9 the
+    # restart finds the keyed channel through the spans: a retry of a key in
+    # the dedupe span is answered as the duplicate it is.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    now = time.time_ns() // 1000
+    old = now - 300_000_000
+    with sqlite3.connect(data_dir / DB_FILE) as db:
+        db.executescript(SCHEMA_4)
+        rows = [("dm:alice:carol", seq, old + seq, None) for seq in (1, 2, 3)]
+        rows += [("dm:alice:bob", seq, old + seq, b"alice\x00old-%d" % seq) for seq in (1, 2, 3, 4, 5)]
+        rows += [("dm:alice:bob", seq, now - 20_000_000 + seq, b"alice\x00order-%d" % seq) for seq in (6, 7, 8)]
+        for channel, seq, ts_us, key in rows:
+            frame = encode_message(channel, seq, ts_us, "alice", b"m %d" % seq)
+            db.execute("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame)"
+                       " VALUES (?, ?, ?, 'alice', ?, ?)", (channel, seq, ts_us, key, frame))
+    db.close()
+    flags = ("--retention", "*=60s", "--retention-interval", "0.2")
+    relay = start_relay(tmp_path, *flags, data_dir=data_dir)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
+                left = db.execute("SELECT channel, seq FROM messages ORDER BY channel, seq").fetchall()
+            if left == [("dm:alice:bob", 6), ("dm:alice:bob", 7), ("dm:alice:bob", 8)]:
+                break
+            assert time.monotonic() < deadline, f"retention left {left}"
+            await asyncio.sleep(0.1)
+        relay.kill()
+        relay = start_relay(tmp_path, *flags, data_dir=data_dir, secret=relay.secret)
+        alice = await relay.connect("alice")
+        retry = await alice.send("bob", "m 7", key="order-7")
+        assert (retry.seq, retry.ts_us, retry.duplicate) == (7, now - 20_000_000 + 7, True)
+        assert (await alice.send("bob", "new", key="order-9")).seq == 9
+        assert (await alice.send("carol", "new")).seq == 4
+        await alice.close()
+    finally:
+        assert relay.stop() == 0
+    with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
+        assert _indexes(db) == {"messages_by_seq"}
+        assert _unspanned(db) == 0
+        assert db.execute("SELECT channel, seq FROM channel_heads ORDER BY channel").fetchall() == [
+            ("dm:alice:bob", 5), ("dm:alice:carol", 3)]
+
+
+def _write(store: SQLiteStore, *records: object) -> None:
+    """Write ``records`` in one commit through the store's writer, as its thread does."""
+    from fenghuo.server.store import _WRITES
+    store._writer.write(list(records), None, _WRITES, None)
+
+
+def _message(ch: object, seq: int, ts_us: int, key: bytes | None = None) -> object:
+    from fenghuo.core import Sequenced
+    return Sequenced(ch, seq, ts_us, "user-z", key, b"%d" % seq)
+
+
+def test_a_new_store_is_of_schema_5_and_each_commit_spans_its_rows(tmp_path):
+    # No time index: each commit adds one row of commit_spans, its least and
+    # greatest message id and ts_us (core/writer.pyx).
+    from fenghuo.core import Channel, ChannelKind
+    store = SQLiteStore(tmp_path, fsync="off")
+    a, b = (Channel(f"dm:user-{c}:user-z", ChannelKind.DIRECT_CHAT, 16) for c in "ab")
+    try:
+        _write(store, *(_message(ch, seq, 1_000 + 10 * seq + (ch is b)) for seq in (1, 2, 3) for ch in (b, a)))
+        _write(store, _message(a, 4, 900))           # the clock went back
+    finally:
+        store.close()
+    with closing(sqlite3.connect(tmp_path / DB_FILE)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert _indexes(db) == {"messages_by_seq"}
+        assert db.execute("SELECT first_id, last_id, min_ts, max_ts FROM commit_spans ORDER BY first_id"
+                          ).fetchall() == [(1, 6, 1_010, 1_031), (7, 7, 900, 900)]
+        assert _unspanned(db) == 0
+
+
+def test_retention_deletes_exactly_the_rows_older_than_its_cutoff_whatever_the_clock_did(tmp_path):
+    # Retention finds old rows through the commits' spans and keeps or deletes
+    # each by its own ts_us: a commit that straddles the cutoff loses only its
+    # older rows, a commit written later with an older clock loses all of its,
+    # a channel with a rule of its own keeps its rows, and a span goes with its
+    # last row.
+    from fenghuo.core import Channel, ChannelKind, Expiry
+    store = SQLiteStore(tmp_path, fsync="off")
+    a, b = (Channel(f"dm:user-{c}:user-z", ChannelKind.DIRECT_CHAT, 16) for c in "ab")
+    path = tmp_path / DB_FILE
+    try:
+        _write(store, *(_message(a, seq, 996 + seq) for seq in range(1, 7)),     # 997 ... 1002
+               *(_message(b, seq, 990 + seq) for seq in (1, 2, 3)))
+        _write(store, _message(a, 7, 500), _message(a, 8, 501))                   # the clock went back
+        _write(store, _message(a, 9, 2_000))
+        _write(store, Expiry("dm:", 1_000, ["dm:user-b"]))
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT channel, seq FROM messages ORDER BY channel, seq").fetchall() == [
+                (a.name, 4), (a.name, 5), (a.name, 6), (a.name, 9), (b.name, 1), (b.name, 2), (b.name, 3)]
+            assert db.execute("SELECT channel, seq FROM channel_heads").fetchall() == [(a.name, 8)]
+            assert db.execute("SELECT min_ts, max_ts FROM commit_spans ORDER BY first_id").fetchall() == [
+                (991, 1_002), (2_000, 2_000)]
+        _write(store, Expiry("", 3_000, []))
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM commit_spans").fetchone() == (0,)
+            assert db.execute("SELECT channel, seq FROM channel_heads ORDER BY channel").fetchall() == [
+                (a.name, 9), (b.name, 3)]
+    finally:
+        store.close()
+
+
+def test_a_commit_given_the_ids_of_rows_retention_deleted_keeps_its_rows(tmp_path):
+    # Retention deleted the table's last rows, so SQLite numbers the next
+    # commit's rows with their ids again, inside the span of an old commit
+    # that still has a row: those new rows are neither expired with the old
+    # span nor missed by a restart looking for keyed channels.
+    from fenghuo.core import Channel, ChannelKind, Expiry
+    store = SQLiteStore(tmp_path, fsync="off")
+    a, b = (Channel(f"dm:user-{c}:user-z", ChannelKind.DIRECT_CHAT, 16) for c in "ab")
+    path = tmp_path / DB_FILE
+    try:
+        _write(store, _message(a, 1, 100), *(_message(b, seq, 100 + seq) for seq in range(1, 6)))
+        _write(store, Expiry("dm:user-b", 1_000, []))
+        _write(store, *(_message(b, seq, 5_000 + seq, b"k%d" % seq) for seq in (6, 7, 8)))
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT id, seq FROM messages WHERE channel = ? ORDER BY id",
+                              (b.name,)).fetchall() == [(2, 6), (3, 7), (4, 8)]      # ids given again
+        assert store.keyed_channels(5_000) == [b.name]
+        _write(store, Expiry("dm:", 1_000, []))
+        with closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT channel, seq FROM messages ORDER BY id").fetchall() == [
+                (b.name, 6), (b.name, 7), (b.name, 8)]
+            assert _unspanned(db) == 0
+        assert store.keyed_channels(5_000) == [b.name]
+        assert store.keyed_channels(5_008) == [b.name]
+        assert store.keyed_channels(5_009) == []
+    finally:
+        store.close()
 
 
 def test_a_store_of_a_newer_schema_is_refused(tmp_path):
