@@ -816,12 +816,13 @@ class NodeRecordsDropped(NatsProxy):
 
 async def test_a_direct_chat_s_messages_are_read_on_nodes_that_did_not_know_it(
         nodes, nats_cluster: NatsCluster):
-    """Read-your-writes across nodes (PROTOCOL §3.15a): alice's message to bob,
-    sent on n0, is in the history her other devices read right after its ACK on
-    n1 (told of the new chat by n0, or not yet) and on n2, which never heard of
-    the chat (every node record naming it was lost on the way there): n2 finds
-    it from the chat's owner and opens the chat, so bob, connecting there,
-    receives it and the next one."""
+    """alice's message to bob, sent on n0, is in the history her other devices
+    read on n1 (told of the new chat by n0, or not yet) within live delivery's
+    time of its ACK, which is what PROTOCOL §3.15a promises a connection held
+    elsewhere (read-your-writes is the ACK's own connection's), and on n2, which
+    never heard of the chat (every node record naming it was lost on the way
+    there): n2 finds it from the chat's owner and opens the chat, so bob,
+    connecting there, receives it and the next one."""
     server = nats_cluster.servers[2]
     name = "dm:alice:bob"
     proxy = NodeRecordsDropped((server.host, server.port), name.encode())
@@ -833,9 +834,12 @@ async def test_a_direct_chat_s_messages_are_read_on_nodes_that_did_not_know_it(
         on_n1, on_n2 = await n1.connect("alice"), await n2.connect("alice")
         proxy.dropping = True
         assert (await alice.send("bob", "m0")).seq == 1
-        page = await on_n1.history(name, limit=10)
-        assert [(m.seq, m.payload) for m in page] == [(1, b"m0")], [
-            healthz(n.metrics_port)[1]["cluster"] for n in (n0, n1)]
+
+        async def read_on_n1() -> list[tuple[int, bytes]]:
+            # n1's copy may not have m0 yet at its ACK on n0 (a CI run at load
+            # 2-3 read [] there); it must have it within live delivery's time.
+            return [(m.seq, m.payload) for m in await on_n1.history(name, limit=10)]
+        assert await until(read_on_n1) == [(1, b"m0")]
 
         async def settled() -> bool:           # claimed by n0 or n1 (alice is there too)
             states = [(await asyncio.to_thread(healthz, n.metrics_port))[1]["cluster"]
