@@ -363,17 +363,13 @@ class Relay:
         if ch is not None and not (self.unopened and ch in self.unopened):
             return ch
         if ch is None:
-            cn = parse_channel(name)
-            ch = self.hub.channel(cn.name, cn.kind)
-            if cn.kind == ChannelKind.DIRECT_CHAT:
-                ch.info = cn
+            ch = self._new_channel(name)
         else:
             self.unopened.discard(ch)
-            cn = ch.info
         if self.cluster is not None:
             self.cluster.created(ch)        # before the joins: they may ask for the channel
-        if cn.kind == ChannelKind.DIRECT_CHAT:
-            for user in cn.participants:
+        if ch.kind == ChannelKind.DIRECT_CHAT:
+            for user in ch.info.participants:
                 self.memberships.setdefault(user, {})[ch] = 0   # a direct chat has no "before"
                 self.subs.join(user, ch)
         return ch
@@ -403,10 +399,17 @@ class Relay:
         page is empty and nobody is subscribed or shown."""
         ch = self.hub.find(name)
         if ch is None and self.direct_chats_elsewhere:
-            cn = parse_channel(name)
-            ch = self.hub.channel(cn.name, cn.kind)
-            ch.info = cn
+            ch = self._new_channel(name)
             self.unopened.add(ch)
+        return ch
+
+    def _new_channel(self, name: str) -> Channel:
+        """Make the channel ``name`` (valid) in the hub, a direct chat's parsed name
+        kept as its ``info`` (its participants); nobody joined yet."""
+        cn = parse_channel(name)
+        ch = self.hub.channel(cn.name, cn.kind)
+        if cn.kind == ChannelKind.DIRECT_CHAT:
+            ch.info = cn
         return ch
 
     def send_to_user(self, user: str, frame: bytes) -> int:
