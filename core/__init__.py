@@ -101,6 +101,7 @@ from fenghuo.core._core import (
 from fenghuo.core._core import (
     DETECTORS,
     FRAME_HEADER_SIZE,
+    INSERT_SPAN,
     LINGER_S,
     MAX_RETRY_MS,
     MESSAGE_FIXED_SIZE,
@@ -126,6 +127,7 @@ __all__ = [
     "ContentType",
     "DETECTORS",
     "LINGER_S",
+    "INSERT_SPAN",
     "MAX_RETRY_MS",
     "MIN_RETRY_MS",
     "Deadlines",

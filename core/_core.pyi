@@ -745,6 +745,9 @@ class Expiry(Record):
     keep_prefixes: list[str]
     def __init__(self, prefix: str, cutoff_us: int, keep_prefixes: list[str]) -> None: ...
 
+#: the writer's insert of a commit's row of commit_spans (server/store.py, schema 5)
+INSERT_SPAN: str
+
 class SQLiteWriter:
     """The store's writing connection (SQLite C API) and its queue (core/writer.pyx)."""
 

@@ -20,7 +20,7 @@ _INSERT_MESSAGE = ("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender
 # retention and a restart find messages by time through, in place of a time
 # index entry per message.  OR IGNORE: an identical row (the whole row is its
 # key) already spans the same rows.
-_INSERT_SPAN = ("INSERT OR IGNORE INTO commit_spans (max_ts, first_id, last_id, min_ts)"
+INSERT_SPAN = ("INSERT OR IGNORE INTO commit_spans (max_ts, first_id, last_id, min_ts)"
                 " VALUES (?, ?, ?, ?)")
 
 
@@ -111,7 +111,7 @@ cdef class SQLiteWriter:
         # insert_sql: another table's statement binding the same seven values in
         # the same order (bench/commits.py's --layout); the store's is _INSERT_MESSAGE.
         self._insert_message = self._prepare(_INSERT_MESSAGE if insert_sql is None else insert_sql)
-        self._insert_span = self._prepare(_INSERT_SPAN)
+        self._insert_span = self._prepare(INSERT_SPAN)
         # IMMEDIATE: the write lock is taken (waiting out busy_timeout while
         # another worker writes) at BEGIN, never refused halfway through.
         self._begin = self._prepare("BEGIN IMMEDIATE")

@@ -40,6 +40,7 @@ from fenghuo.core import (
     DeviceCursors,
     Expiry,
     GroupSave,
+    INSERT_SPAN,
     ReadCursor,
     Record,
     Sequenced,
@@ -314,8 +315,7 @@ def _span_rows(conn: sqlite3.Connection) -> int:
             (start, MAX_BATCH)).fetchone()
         if not count:
             return spanned
-        conn.execute("INSERT OR IGNORE INTO commit_spans (max_ts, first_id, last_id, min_ts)"
-                     " VALUES (?, ?, ?, ?)", (max_ts, first, last, min_ts))
+        conn.execute(INSERT_SPAN, (max_ts, first, last, min_ts))
         spanned += count
         start = last + 1
 
