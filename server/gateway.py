@@ -23,6 +23,7 @@ from picows import (
     WSFrame,
     WSListener,
     WSMsgType,
+    WSProtocolError,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
@@ -40,6 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("fenghuo.gateway")
 #: the ERROR text and close reason for a text message (PROTOCOL §1.1a)
 TEXT_REFUSED = "text message: frames travel in binary messages only"
+#: the close reason (code 1002) for a frame with an RSV bit set (PROTOCOL §1.1a)
+RSV_REFUSED = ("Received frame with a reserved bit (RSV1, RSV2 or RSV3) set, "
+               "no extension is negotiated, RFC 6455 section 5.2")
+# picows' lines for the close it sends after a peer's bad frame (1002, 1009;
+# RSV_REFUSED is raised as its WSProtocolError): a client's fault, logged by
+# SessionListener at INFO with the peer, not by picows at ERROR without it.
+_PEER_FAULTS = ("WS parser error:", "on_ws_frame raised WSProtocolError:")
 # The read buffer each WebSocket starts with (picows does not go below 2048).
 WS_READ_BUFFER = 2048
 DEMO_DIR = Path(__file__).resolve().parent.parent / "clients"
@@ -54,12 +62,15 @@ DEMO_FILES = {
 class WsTransport(asyncio.Transport):
     """The asyncio-transport face a Session writes to, over one WebSocket."""
 
-    __slots__ = ("ws", "tcp", "close_code", "close_reason", "failed")
+    __slots__ = ("ws", "tcp", "peer", "close_code", "close_reason", "failed")
 
     def __init__(self, ws: WSTransport) -> None:
         super().__init__()
         self.ws = ws
         self.tcp: asyncio.Transport = ws.underlying_transport
+        address = self.tcp.get_extra_info("peername")
+        #: ``host:port`` of the client, for the log
+        self.peer = f"{address[0]}:{address[1]}" if address else None
         #: what the close frame says (1000; 1003 after a text message, 1013
         #: after TRY_AGAIN: close_after_error)
         self.close_code = WSCloseCode.OK
@@ -143,16 +154,31 @@ class SessionListener(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if transport.is_close_frame_sent:
+            # After the server's close frame only the client's close matters:
+            # the rest of what picows read with a failed frame is dropped
+            # unprocessed, and no second close frame is sent (RFC 6455 §5.5.1).
+            if kind == WSMsgType.CLOSE:
+                transport.disconnect(graceful=True)
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # No extension gives them a meaning: RFC 6455 §5.2 fails the
+            # connection.  picows sends the close (1002, this reason) and
+            # disconnects 10 ms later, as after its own parser's errors.
+            raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, RSV_REFUSED)
         if kind == WSMsgType.BINARY or kind == WSMsgType.CONTINUATION:
             self.session.feed(frame.get_payload_as_memoryview())
+        elif kind == WSMsgType.PING:
+            # Answered here, not by picows' auto pong, which answers before the
+            # RSV check above.
+            transport.send_pong(frame.get_payload_as_bytes())
         elif kind == WSMsgType.CLOSE:
-            if not transport.is_close_frame_sent:
-                # The client's code echoed; a close without one (a browser's
-                # close() with no argument) is answered 1000: picows reads its
-                # absent code as 0 and would send that, a code no client
-                # accepts (RFC 6455 §7.4).  PROTOCOL §1.1a, "Closing".
-                code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
-                transport.send_close(code)
+            # The client's code echoed; a close without one (a browser's
+            # close() with no argument) is answered 1000: picows reads its
+            # absent code as 0 and would send that, a code no client
+            # accepts (RFC 6455 §7.4).  PROTOCOL §1.1a, "Closing".
+            code = frame.get_close_code() if frame.payload_size >= 2 else WSCloseCode.OK
+            transport.send_close(code)
             transport.disconnect(graceful=True)
         elif kind == WSMsgType.TEXT and self.transport is not None and not self.session.closing:
             # Frames are binary; a text message is a client speaking another
@@ -165,9 +191,18 @@ class SessionListener(WSListener):
             self.transport.close_after_error(ErrorCode.MALFORMED_FRAME,
                                              WSCloseCode.UNSUPPORTED_DATA, TEXT_REFUSED.encode())
             self.session.close_with_error(ErrorCode.MALFORMED_FRAME, TEXT_REFUSED)
-        # PING is answered by picows (auto pong); PONG needs nothing.
+        # PONG needs nothing.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        handshake = transport.close_handshake
+        sent = handshake.sent if handshake is not None else None
+        if sent is not None and sent.code in (WSCloseCode.PROTOCOL_ERROR,
+                                              WSCloseCode.MESSAGE_TOO_BIG):
+            # A client's bad frame, not a server fault (picows' own lines for it
+            # are demoted: PeerFaultLog).
+            peer = self.transport.peer if self.transport is not None else None
+            log.info("WebSocket frame refused", extra={
+                "peer": peer, "code": sent.code.value, "reason": sent.reason})
         self.session.connection_lost(None)
 
     def pause_writing(self) -> None:
@@ -175,6 +210,18 @@ class SessionListener(WSListener):
 
     def resume_writing(self) -> None:
         self.session.resume_writing()
+
+
+class PeerFaultLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' logger: its ERROR lines for the close it sends after a client's
+    bad frame (1002, 1009) come down to DEBUG; SessionListener logs each such
+    close at INFO with the peer, which picows' line lacks.  Its other lines
+    pass as they are."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and isinstance(msg, str) and msg.startswith(_PEER_FAULTS):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
 
 
 class RefusalListener(WSListener):
@@ -269,7 +316,9 @@ async def start(relay: Relay, make_session: Callable[[], Session], *,
         websocket_handshake_timeout=settings.handshake_timeout,
         # Liveness is the protocol's own PING and idle timeout, as on TCP.
         enable_auto_ping=False,
-        logger_name="fenghuo.gateway.ws",
+        # PING is answered by SessionListener, after its RSV check.
+        enable_auto_pong=False,
+        logger_name=PeerFaultLog(logging.getLogger("picows.fenghuo.gateway.ws")),
         backlog=settings.backlog, reuse_address=True, reuse_port=reuse_port,
         ssl=tls.context if tls is not None else None,
         ssl_handshake_timeout=settings.handshake_timeout if tls is not None else None,

@@ -9,6 +9,7 @@ messages and a message may carry several frames; origins outside
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
 from typing import Any
@@ -405,6 +406,7 @@ async def test_a_frame_over_max_frame_is_closed_1009_and_what_came_before_stands
     ack = await c.next_of(FrameType.ACK)
     assert (ack.request_id, decode_ack(ack.body).seq) == (3, 2)
     ws.disconnect()
+    assert _log_refusals(relay) == [(1009, close[2:].decode())]
 
 
 async def test_a_client_s_close_is_answered_with_its_code_or_1000(ws_relay) -> None:
@@ -426,5 +428,56 @@ async def test_a_websocket_protocol_error_is_closed_1002(ws_relay) -> None:
     # PROTOCOL §1.1a, "WebSocket protocol errors": an unmasked client frame.
     port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
     frames = await asyncio.to_thread(_exchange, port, bytes((0x82, 3)) + b"abc")
-    assert frames == [(0x8, (1002).to_bytes(2, "big")
-                       + b"Received un-masked frame from client, RFC 6455 section 5.1 forbids this")]
+    reason = b"Received un-masked frame from client, RFC 6455 section 5.1 forbids this"
+    assert frames == [(0x8, (1002).to_bytes(2, "big") + reason)]
+    # A client's fault, logged at INFO with the peer; picows' ERROR line is not.
+    await asyncio.sleep(0.2)
+    assert _log_refusals(ws_relay) == [(1002, reason.decode())]
+
+
+def _log_refusals(relay: Any) -> list[tuple[int, str]]:
+    """``(code, reason)`` of each "WebSocket frame refused" the relay logged, each
+    at INFO with a peer; asserted: no line at ERROR."""
+    lines = [json.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
+    assert not [e for e in lines if e["level"] == "error"]
+    refused = [e for e in lines if e["msg"] == "WebSocket frame refused"]
+    assert all(e["level"] == "info" and e["peer"].startswith("127.0.0.1:") for e in refused)
+    return [(e["code"], e["reason"]) for e in refused]
+
+
+async def test_a_frame_with_a_reserved_bit_set_is_closed_1002(ws_relay) -> None:
+    # PROTOCOL §1.1a, "WebSocket protocol errors": no extension is negotiated, so
+    # an RSV bit fails the connection (RFC 6455 §5.2); it was taken as it was.
+    # What came before the frame stands; what came after it in the same write
+    # is not processed; the relay logs the client's fault at INFO, not ERROR.
+    port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    bob = await ws_relay.connect("bob")
+    token = ws_relay.token("alice")
+    reason = (b"Received frame with a reserved bit (RSV1, RSV2 or RSV3) set, "
+              b"no extension is negotiated, RFC 6455 section 5.2")
+    for n, rsv in enumerate((0x40, 0x20, 0x10)):
+        before = encode_publish("dm:alice:bob", f"before {n}".encode(), request_id=2)
+        bad = bytearray(_ws_frame(0x2, encode_publish("dm:alice:bob", b"reserved", request_id=3)))
+        bad[0] |= rsv
+        after = _ws_frame(0x2, encode_publish("dm:alice:bob", b"after", request_id=4))
+        frames = await asyncio.to_thread(_exchange, port, _ws_frame(0x2, hello(token) + before),
+                                         bytes(bad) + after, 2)
+        *binary, last = frames
+        assert last == (0x8, (1002).to_bytes(2, "big") + reason)
+        replies = [f for f in FrameReader().feed(b"".join(p for _, p in binary))
+                   if f.type != FrameType.MESSAGE]
+        assert [(f.type, f.request_id) for f in replies] == [(FrameType.WELCOME, 1),
+                                                             (FrameType.ACK, 2)]
+        got = await asyncio.wait_for(bob.next_message(), TIMEOUT)
+        assert got.payload == f"before {n}".encode()
+    # A PING (answered by the gateway now, after the check) still gets its PONG,
+    # and the relay goes on serving.
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(token))
+    assert (await c.next()).type == FrameType.WELCOME
+    assert await asyncio.wait_for(ws.measure_roundtrip_time(1), TIMEOUT)
+    ws.send(WSMsgType.BINARY, encode_publish("dm:alice:bob", b"still", request_id=5))
+    assert decode_ack((await c.next_of(FrameType.ACK)).body).seq == 4
+    ws.disconnect()
+    assert (await asyncio.wait_for(bob.next_message(), TIMEOUT)).payload == b"still"
+    assert _log_refusals(ws_relay) == [(1002, reason.decode())] * 3
