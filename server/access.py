@@ -60,22 +60,32 @@ class Access:
         self.direct_to_read = direct_to_read
 
     def publish_channel(self, session: Session, raw: bytes) -> Channel:
-        """The channel ``session`` may publish to under the name ``raw``, or a refusal."""
+        """The channel ``session`` may publish to under the name ``raw``, or a refusal.
+
+        A direct chat is made (its participants joined) here: call it only for a
+        publish that nothing refuses after this check (PROTOCOL §5.1)."""
+        cn = self.may_publish(session, raw)
+        if cn.kind == ChannelKind.DIRECT_CHAT:
+            return self.ensure_channel(cn.name)
+        return self.hub.channel(cn.name, cn.kind)
+
+    def may_publish(self, session: Session, raw: bytes) -> ChannelName:
+        """The name ``raw`` parsed if ``session`` may publish there now, or a refusal;
+        makes nothing (a SCHEDULE's check: a refused or cancelled one leaves no
+        direct chat behind, §3.17a)."""
         cn = parse_or_refuse(raw)
         confine(session, cn.kind, cn.name)
         if cn.kind == ChannelKind.DIRECT_CHAT:
             if session.user not in cn.participants:
                 raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is not in {cn.name!r}")
-            return self.ensure_channel(cn.name)
-        if cn.kind == ChannelKind.GROUP_CHAT:
+        elif cn.kind == ChannelKind.GROUP_CHAT:
             group = self.groups.member_group(session.user, cn.group)
             if group.is_reader(session.user):
                 raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is a reader of {cn.name!r} "
                              "(silenced by a hand-off): it may not publish there")
-            return self.hub.channel(cn.name, ChannelKind.GROUP_CHAT)
-        if not session.grants.can_publish(cn.name):
+        elif not session.grants.can_publish(cn.name):
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
-        return self.hub.channel(cn.name, ChannelKind.ORG_UNIT)
+        return cn
 
     def history_channel(self, session: Session, name: str) -> Channel | None:
         """The channel ``name`` if ``session`` may read its history; None for a

@@ -361,7 +361,7 @@ class Session(Connection, asyncio.BufferedProtocol):
             if body.content_type == ContentType.EVENT:
                 raise refuse(ErrorCode.FORBIDDEN, "SCHEDULE: content type EVENT (5) is "
                              "written by the server")
-            relay.access.publish_channel(self, body.channel.encode())
+            relay.access.may_publish(self, body.channel.encode())
         api = relay.api
         if api is None:
             # The timers are worker 0's: it answers in this connection's reply order.

@@ -792,6 +792,28 @@ async def test_reading_a_never_messaged_direct_chat_makes_it_on_no_node(nodes):
     assert (await alice.presence(["bob"]))["bob"]["online"]
 
 
+async def test_a_refused_or_cancelled_schedule_makes_a_direct_chat_on_no_node(nodes):
+    """PROTOCOL §5.1, §3.17a: a SCHEDULE to a direct chat that has had no message,
+    refused after its access check (`send_at` too far ahead) or accepted then
+    cancelled, makes the chat on no node, as a read does (above): nobody is shown
+    the other's presence, bob's WELCOME on a third node lists no channel.  Before,
+    the check made the chat on alice's node, which told every node of it."""
+    n0, n1, n2 = nodes("n0", "n1", "n2")
+    bob = await n0.connect("bob")
+    alice = await n2.connect("alice")
+    with pytest.raises(FenghuoError) as refused:
+        await alice.schedule("dm:alice:bob", "x", time.time() + 400 * 86400)
+    assert refused.value.code == ErrorCode.MALFORMED_BODY
+    pending = await alice.schedule("dm:alice:bob", "x", time.time() + 60)
+    await alice.cancel_scheduled(pending.id)
+    for _ in range(10):       # what n2 would send the other nodes reaches them by then
+        assert (await bob.presence(["alice"]))["alice"] == HIDDEN
+        assert (await alice.presence(["bob"]))["bob"] == HIDDEN
+        await asyncio.sleep(0.1)
+    later = await n1.connect("bob")
+    assert later.welcome["channels"] == {}
+
+
 class NodeRecordsDropped(NatsProxy):
     """A TCP proxy to a nats-server that drops, while ``dropping``, the node records
     (``fh.node.*``) it delivers to its client that name ``needle``: as core NATS

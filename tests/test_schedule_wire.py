@@ -185,3 +185,35 @@ async def test_the_schedule_example_is_what_the_relay_says(relay_factory):
     again = await alice._request(fenghuo.core.FrameType.SCHEDULE,
                                  {**request, "send_at": got["send_at"]})
     assert again == {**got, "duplicate": True}
+
+
+@pytest.mark.parametrize("workers", WORKERS, ids=["workers-1", "workers-default"])
+async def test_a_refused_or_cancelled_schedule_makes_no_direct_chat(relay_factory, workers):
+    """PROTOCOL §5.1, §3.17a: only a first PUBLISH makes a direct chat.  A SCHEDULE to
+    one that has had no message, refused after its access check (a `send_at` too far
+    ahead, a key over 255 bytes of UTF-8, a `meta` too large) or accepted then
+    cancelled, leaves no trace: bob is not subscribed, his presence stays hidden from
+    ann (§3.17), a later WELCOME lists nothing.  Each made the chat at its access check."""
+    relay = relay_factory(workers=workers)
+    ann = await not_on_worker_0(relay, "ann")
+    bob = await relay.connect("bob", reconnect=False)
+    later = time.time() + 60
+    await wire_refused(ann.schedule(DM, "x", time.time() + 400 * 86400),
+                       ErrorCode.MALFORMED_BODY, "SCHEDULE: `send_at` is more than 366 days ahead")
+    await wire_refused(ann.schedule(DM, "x", later, key="键" * 100), ErrorCode.MALFORMED_BODY,
+                       "SCHEDULE: the idempotency key must be at most 255 bytes of UTF-8")
+    await wire_refused(ann.schedule(DM, "x", later, meta={"k": "x" * 70000}),
+                       ErrorCode.MALFORMED_BODY,
+                       "SCHEDULE: `meta` must be at most 65535 bytes as compact JSON")
+    await ann.cancel_scheduled((await ann.schedule(DM, "never", later)).id)
+    assert await ann.presence(["bob"]) == {
+        "bob": {"online": False, "devices": 0, "hidden": True}}
+    again = await relay.connect("bob", reconnect=False)
+    assert again.welcome["channels"] == {}
+    assert await ann.history(DM) == []
+    await assert_silent(bob)
+    # Sent, a scheduled message makes the chat as a PUBLISH does, for both.
+    await ann.schedule(DM, "now", time.time())
+    for client in (bob, again):
+        m = await client.next_message(timeout=10)
+        assert (m.channel, m.seq, m.text, m.sender) == (DM, 1, "now", "ann")
