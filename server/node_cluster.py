@@ -1233,8 +1233,19 @@ class NodeCluster(Cluster):
                 super()._apply_message(ch.name, seq, hole.held[seq])
 
     def _reconnected(self) -> None:
-        """Back on NATS: a replica's last messages may have been lost with no later
-        one to show the hole, so each live replica compares its seq with the stream."""
+        """Back on NATS: the last records this node sent or was sent may have been
+        lost (its nats-server died), with no later one to show the hole.
+
+        As an owner, it has every live node ask again (``ask_again``) for what
+        it holds of this node's channels, from its replica's seq: the answer
+        (the ring after that seq, then ``warm``) brings a replica whose last
+        messages were lost up to the head without waiting for a next message,
+        which may never come, and mends an ``interest`` or ``warm`` lost on the
+        way (test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_replica_live).
+        Past the ring, the answer's first seq shows the hole, filled from the
+        stream.  As a replica, it compares each live replica's seq with the stream."""
+        for peer in self.liveness.live_peers():
+            self.mesh.send(peer, routing.control("ask_again"))
         for ch in list(self.ready_here):
             if ch.subscribers and ch not in self.holes and not self.store.owns(ch.name):
                 asyncio.get_running_loop().create_task(self._check_tail(ch))

@@ -1577,6 +1577,48 @@ async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_ge
     assert not carol.conn.is_closed
 
 
+async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_replica_live(
+        nodes, nats_cluster: NatsCluster):
+    """The owner's only nats-server dies with the records of the channel's last
+    messages to a replica node lost on the way (held back here, never
+    forwarded), and nothing is published after them: the owner, reconnected
+    to another server, has that node ask again, so its receiver gets each of
+    them live, on the connection it had.  Before, it got them only with the
+    channel's next message, here never (HISTORY had them)."""
+    engine = await Engine.connect(nats_cluster.urls, "test-setup")    # makes the stream
+    try:
+        leader = (await engine.js.stream_info(STREAM)).cluster.leader
+    finally:
+        await engine.close()
+    # Not the stream's leader: the appends and the replica's reads go on at once.
+    victim = next(s for s in nats_cluster.servers if s.name != leader)
+    records = WritesHeld((victim.host, victim.port), "fh.node.")   # n0's records to other nodes
+    url = await records.start()
+    try:
+        (n0,) = await asyncio.to_thread(nodes, "n0", urls=[url])     # the loop runs the proxy
+        (n1,) = await asyncio.to_thread(
+            nodes, "n1", servers=[s for s in nats_cluster.servers if s is not victim])
+        alice = await n0.connect("alice")
+        group = "group:tail"
+        carol = LiveSeqs(await authed_raw(n1, "carol"), group)
+        await alice.create_group("tail", ["carol"])             # n0 sequences it
+        await carol.until(1, 15)                                # the group's created event
+        assert carol.seqs == [1]
+        records.holding = True
+        head = max([(await alice.publish(group, f"last-{i}")).seq for i in range(3)])
+        assert head == 4
+        assert records.held, "no record of n0's to lose"
+        victim.kill()                          # n0 reconnects to another server; no more publishes
+        # Not listening any more: n0 reconnects to a live server, not through
+        # here; its connection here ends as the dead server's side closes.
+        records.server.close()
+        await carol.until(head, 15)
+        assert carol.seqs == list(range(1, head + 1)), f"live: {carol.seqs}"
+        assert not carol.conn.is_closed
+    finally:
+        await records.close()
+
+
 async def stream_leader(urls: list[str]) -> str:
     """The nats-server leading the stream (every append goes through it)."""
     nc = await nats.connect(urls)
