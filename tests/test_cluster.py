@@ -1508,6 +1508,13 @@ class LiveSeqs:
                     self.seqs.append(message.seq)
 
 
+async def a_follower(nats_cluster: NatsCluster) -> NatsServer:
+    """A nats-server that does not lead the stream (made here if there is none yet)."""
+    await (await Engine.connect(nats_cluster.urls, "test-setup")).close()   # makes the stream
+    leader = await stream_leader(nats_cluster.urls)
+    return next(s for s in nats_cluster.servers if s.name != leader)
+
+
 async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_gets_each_live(
         nodes, nats_cluster: NatsCluster):
     """kill -9 of a nats-server while publishers on two nodes write one channel:
@@ -1521,12 +1528,7 @@ async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_ge
     reconnects: records the owner sends it meanwhile have nobody to go to and
     are dropped (a hole in the replica in 7 of 8 runs; without the fill, 3 of
     3 runs missed messages live)."""
-    engine = await Engine.connect(nats_cluster.urls, "test-setup")    # makes the stream
-    try:
-        leader = (await engine.js.stream_info(STREAM)).cluster.leader
-    finally:
-        await engine.close()
-    victim = next(s for s in nats_cluster.servers if s.name != leader)
+    victim = await a_follower(nats_cluster)
     others = [s for s in nats_cluster.servers if s is not victim]
     n0, n1 = nodes("n0", "n1", servers=others)
     (n2,) = nodes("n2", servers=[victim])
@@ -1585,13 +1587,8 @@ async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_repl
     to another server, has that node ask again, so its receiver gets each of
     them live, on the connection it had.  Before, it got them only with the
     channel's next message, here never (HISTORY had them)."""
-    engine = await Engine.connect(nats_cluster.urls, "test-setup")    # makes the stream
-    try:
-        leader = (await engine.js.stream_info(STREAM)).cluster.leader
-    finally:
-        await engine.close()
     # Not the stream's leader: the appends and the replica's reads go on at once.
-    victim = next(s for s in nats_cluster.servers if s.name != leader)
+    victim = await a_follower(nats_cluster)
     records = WritesHeld((victim.host, victim.port), "fh.node.")   # n0's records to other nodes
     url = await records.start()
     try:
