@@ -1,6 +1,7 @@
 # Type stub of the compiled core (core/_core.pyx), for editors and mypy.
 import asyncio
 import enum
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, Self, TypeVar, final
@@ -668,6 +669,10 @@ class Grants:
     def auto_subscriptions(self) -> tuple[str, ...]: ...
 
 def service_conflict(roles: Sequence[str], channels: Sequence[str], read: Sequence[str]) -> str: ...
+class TransportTable(weakref.WeakValueDictionary[Any, Any]):
+    """uvloop's table of transports with a C ``__setitem__`` (core/transports.pyx)."""
+
+def lighten_transport_table(loop: asyncio.AbstractEventLoop) -> bool: ...
 def verify_hs256(token: object, keys: tuple[HS256Key, ...], leeway: float, scan: bool = True) -> Grants: ...
 
 # The store's records (core/records.pyx): queued by the hub and server/store.py,

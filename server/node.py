@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from fenghuo.core import LINGER_S, FrameType
+from fenghuo.core import LINGER_S, FrameType, lighten_transport_table
 from fenghuo.protocol import encode_json
 from fenghuo.server import retention
 from fenghuo.server.mesh import boot_id
@@ -103,6 +103,8 @@ class Node:
             self._retention = asyncio.create_task(retention.run_forever(
                 self.relay.sqlite if expires else None, rules, self.relay.settings.retention_interval,
                 lambda: list(self.relay.hub.channels.values()), self.relay.clicks), name="fenghuo-retention")
+        # uvloop's table of the loop's transports, in C (core/transports.pyx).
+        lighten_transport_table(loop)
         self._server = await loop.create_server(
             self.relay.admission.protocol_factory(self.new_session),
             self.relay.settings.host, self.relay.settings.port,
