@@ -13,6 +13,10 @@ from posix.unistd cimport usleep
 
 import sqlite3 as _sqlite3
 
+cdef extern from "walbuf.h" nogil:
+    const char* FH_WALBUF_VFS
+    int fh_walbuf_register()
+
 # One statement for every message row; key_id NULL is a plaintext frame.
 _INSERT_MESSAGE = ("INSERT OR REPLACE INTO messages (channel, seq, ts_us, sender, dedupe, frame,"
                    " key_id) VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -80,10 +84,19 @@ cdef class SQLiteWriter:
     def __init__(self, path, bint full_sync, int busy_timeout_ms=5000, str insert_sql=None):
         self.path = str(path)
         cdef bytes name = self.path.encode()
+        cdef const char* vfs = NULL
+        cdef int rc
+        if full_sync:
+            # The WAL's frames gathered into one write a commit (core/walbuf.h:
+            # only where every commit syncs, as the sync writes them).
+            rc = fh_walbuf_register()
+            if rc != SQLITE_OK:
+                raise _sqlite3.OperationalError(f"cannot register the WAL's VFS (SQLite code {rc})")
+            vfs = FH_WALBUF_VFS
         # NOMUTEX: one thread at a time uses this connection (the writer's;
         # close() after it has stopped), so SQLite need not lock it per call.
-        cdef int rc = sqlite3_open_v2(name, &self.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
-                                      | SQLITE_OPEN_NOMUTEX, NULL)
+        rc = sqlite3_open_v2(name, &self.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
+                             | SQLITE_OPEN_NOMUTEX, vfs)
         if rc != SQLITE_OK:
             error = _error(self.db) if self.db != NULL else _sqlite3.OperationalError(f"cannot open {path}")
             sqlite3_close_v2(self.db)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import sqlite3
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 from clients import WindowedPublisher
@@ -163,3 +165,61 @@ async def test_batches_that_reach_the_writers_limit_are_counted(tmp_path):
     assert relay.stop() == 0
     assert full >= 1, full
     check(load, relay.data_dir / "fenghuo.db")
+
+
+def _store_file(tmp_path: Path) -> Path:
+    """A new store file of the current schema (made as a relay makes it)."""
+    from fenghuo.server.store import DB_FILE, SQLiteStore
+    SQLiteStore(tmp_path, fsync="always").close()
+    return tmp_path / DB_FILE
+
+
+def test_frames_of_a_rolled_back_transaction_never_land_on_a_later_commit(tmp_path):
+    # Under --fsync always the writer's WAL frames are written at the commit's
+    # sync (core/walbuf.h).  A transaction too big for the writer's cache
+    # spills frames to the WAL before it ends; rolled back, another connection
+    # commits into the same place of the WAL, and the writer's next commit
+    # follows it: the rolled-back frames are never written over that commit.
+    from fenghuo.core import SQLiteWriter
+    path = _store_file(tmp_path)
+    writer = SQLiteWriter(path, True)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA wal_autocheckpoint=0")       # its frames stay in the WAL to be read
+    kept = bytes(range(256)) * 8192                      # 2 MiB: more WAL than the rolled-back value
+    try:
+        writer.execute("PRAGMA cache_size=8")            # pages: the transaction spills
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO meta (key, value) VALUES ('gone', ?)", ("x" * 1_000_000,))
+        writer.execute("ROLLBACK")
+        other.execute("INSERT INTO meta (key, value) VALUES ('other', ?)", (kept,))
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO meta (key, value) VALUES ('writer', 'z')")
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+        other.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        values = dict(db.execute("SELECT key, value FROM meta"))
+    assert values["other"] == kept and values["writer"] == "z" and "gone" not in values
+
+
+def test_two_writers_committing_in_turn_keep_every_row(tmp_path):
+    # The default deployment's workers each have a writer on the one file,
+    # taking turns at its write lock; each writes its frames after the other's.
+    from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
+    from fenghuo.server.store import _WRITES
+    path = _store_file(tmp_path)
+    first, second = SQLiteWriter(path, True), SQLiteWriter(path, True)
+    chans = [Channel(f"dm:a:b{i}", ChannelKind.DIRECT_CHAT, 16) for i in range(20)]
+    try:
+        for seq in range(1, 31):
+            writer = first if seq % 2 else second
+            writer.write([Sequenced(ch, seq, seq, "a", None, bytes(200)) for ch in chans], None, _WRITES, None)
+    finally:
+        first.close()
+        second.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        rows = db.execute("SELECT channel, count(*), max(seq) FROM messages GROUP BY channel").fetchall()
+    assert sorted(rows) == sorted((ch.name, 30, 30) for ch in chans)
