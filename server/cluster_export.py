@@ -16,7 +16,7 @@ import nats.js.errors
 import orjson
 
 from fenghuo.channels import group_channel
-from fenghuo.server.jetstream import GROUPS, Engine
+from fenghuo.server.jetstream import GROUPS, Engine, present_entries
 
 #: seconds to reach a NATS server before the export gives up (a relay waits forever)
 CONNECT_TIMEOUT = 5.0
@@ -63,17 +63,12 @@ async def _user_channels(engine: Engine, user: str) -> list[str]:
         direct, orgs = [], []
     groups = []
     try:
-        kv = await engine.js.key_value(GROUPS)
-        keys = await kv.keys()
-    except (nats.js.errors.NotFoundError, nats.js.errors.NoKeysError):
-        keys = []
-    for key in keys:
-        try:
-            value = (await kv.get(key)).value
-        except nats.js.errors.KeyNotFoundError:
-            continue                         # deleted meanwhile
-        if value:
-            record = orjson.loads(value)
+        present = await present_entries(engine.js, GROUPS)
+    except nats.js.errors.NotFoundError:
+        present = {}
+    for entry in present.values():
+        if entry.value:
+            record = orjson.loads(entry.value)
             if user in record["members"]:
                 groups.append(group_channel(record["id"]))
     return sorted(set(direct) | set(groups) | set(orgs))

@@ -16,10 +16,9 @@ from typing import Any
 
 import nats
 import nats.errors
-import nats.js.errors
 import orjson
 
-from fenghuo.server.jetstream import META, OWNERS, channel_of, stop_watch
+from fenghuo.server.jetstream import META, OWNERS, channel_of, present_entries
 from fenghuo.server.nodes import HEARTBEAT
 from fenghuo.server.ownership import parse_claim
 
@@ -118,15 +117,10 @@ async def _read(urls: list[str], lease: float) -> ClusterStatus:
 
 async def _nodes(js: Any) -> tuple[str, dict[int, NodeStatus]]:
     """The cluster id and every node that ever took an index."""
-    meta = await js.key_value(META)
     nodes: dict[int, NodeStatus] = {}
     cluster_id = ""
-    try:
-        keys = await meta.keys()
-    except nats.js.errors.NoKeysError:
-        return cluster_id, nodes
-    for key in keys:
-        value = bytes((await meta.get(key)).value or b"").decode()
+    for key, entry in (await present_entries(js, META, CONNECT_TIMEOUT)).items():
+        value = bytes(entry.value or b"").decode()
         if key == "cluster-id":
             cluster_id = value
         elif key.startswith("index."):
@@ -137,12 +131,8 @@ async def _nodes(js: Any) -> tuple[str, dict[int, NodeStatus]]:
 
 async def _claims(js: Any, nodes: dict[int, NodeStatus]) -> None:
     """Each channel's claim, under the node holding it."""
-    owners = await js.key_value(OWNERS)
-    watcher = await owners.watchall()
-    # The watch first replays every present claim, then an empty marker.
-    while (entry := await watcher.updates(timeout=CONNECT_TIMEOUT)) is not None:
+    for key, entry in (await present_entries(js, OWNERS, CONNECT_TIMEOUT)).items():
         claim = parse_claim(entry.value, entry.revision or 0)
         if claim is not None:
             node = nodes.setdefault(claim.node, NodeStatus(f"#{claim.node}", claim.node))
-            node.channels[channel_of(entry.key)] = claim.epoch
-    await stop_watch(js, watcher)
+            node.channels[channel_of(key)] = claim.epoch

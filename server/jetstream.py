@@ -132,6 +132,43 @@ async def stop_watch(js: JetStreamContext, watcher: KeyValue.KeyWatcher) -> None
             await js.delete_consumer(sub._stream, sub._consumer)
 
 
+async def present_entries(js: JetStreamContext, bucket: str,
+                          timeout: float = 30.0) -> dict[str, KeyValue.Entry]:
+    """Every key ``bucket`` holds now, with its entry (deleted and purged keys left out).
+
+    Not nats-py's ``keys()``, nor a watch read up to its first ``None``: that
+    marker can come before the replay it is meant to close (nats.py issue
+    842, PR 995: a delivery still in flight when the watch reads its
+    consumer's state, or a stale ``num_pending`` under concurrent writes), so
+    a read ended there finds the bucket empty or short.  Measured on a
+    3-server cluster here: the marker first in 3 of 450 watches, ``keys()``
+    short in 1 of 150; ``fenghuo cluster status`` showed a node owning
+    nothing in two CI runs.  The end used instead is the bucket's stream's
+    last sequence, read before the watch: a replay of every key's latest
+    entry holds that message or a later one.  ``nats.errors.TimeoutError``
+    when an entry takes longer than ``timeout``."""
+    kv = await js.key_value(bucket)
+    state = (await js.stream_info(f"KV_{bucket}")).state
+    entries: dict[str, KeyValue.Entry] = {}
+    if not state.messages:
+        return entries
+    watcher = await kv.watchall()
+    try:
+        seen = 0
+        while seen < state.last_seq:
+            entry = await watcher.updates(timeout=timeout)
+            if entry is None:
+                continue                     # nats-py's end marker, maybe early
+            seen = max(seen, entry.revision or 0)
+            if entry.operation is None:
+                entries[entry.key] = entry
+            else:
+                entries.pop(entry.key, None)
+    finally:
+        await stop_watch(js, watcher)
+    return entries
+
+
 async def watch_bucket(js: JetStreamContext, kv: KeyValue,
                        learn: Callable[[KeyValue.Entry], None], name: str) -> asyncio.Task[None]:
     """``learn`` every present entry of ``kv`` (back when they are all learned),
