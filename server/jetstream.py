@@ -132,60 +132,80 @@ async def stop_watch(js: JetStreamContext, watcher: KeyValue.KeyWatcher) -> None
             await js.delete_consumer(sub._stream, sub._consumer)
 
 
-async def present_entries(js: JetStreamContext, bucket: str,
-                          timeout: float = 30.0) -> dict[str, KeyValue.Entry]:
-    """Every key ``bucket`` holds now, with its entry (deleted and purged keys left out).
+async def _replay(js: JetStreamContext, kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
+                  timeout: float) -> KeyValue.KeyWatcher:
+    """A watch of every key of ``kv``, returned once every present key's
+    latest entry (and each deleted key's marker) has been passed to ``learn``.
 
-    Not nats-py's ``keys()``, nor a watch read up to its first ``None``: that
-    marker can come before the replay it is meant to close (nats.py issue
-    842, PR 995: a delivery still in flight when the watch reads its
-    consumer's state, or a stale ``num_pending`` under concurrent writes), so
-    a read ended there finds the bucket empty or short.  Measured on a
-    3-server cluster here: the marker first in 3 of 450 watches, ``keys()``
-    short in 1 of 150; ``fenghuo cluster status`` showed a node owning
-    nothing in two CI runs.  The end used instead is the bucket's stream's
-    last sequence, read before the watch: a replay of every key's latest
-    entry holds that message or a later one.  ``nats.errors.TimeoutError``
-    when an entry takes longer than ``timeout``."""
-    kv = await js.key_value(bucket)
-    state = (await js.stream_info(f"KV_{bucket}")).state
-    entries: dict[str, KeyValue.Entry] = {}
-    if not state.messages:
-        return entries
-    watcher = await kv.watchall()
+    The replay ends at the bucket's stream's last sequence, read as the watch
+    starts: a replay of every key's latest entry, and the changes after it,
+    hold that message or a later one.  Not at nats-py's first ``None`` of the
+    watch: that marker can come before the replay it is meant to close
+    (nats.py issue 842, PR 995: a delivery still in flight when the watch reads its consumer's state, or a
+    stale ``num_pending`` under concurrent writes), so a read ended there
+    finds the bucket empty or short.  Measured on a 3-server cluster here: the
+    marker first in 3 of 450 watches, ``keys()`` short in 1 of 150; ``fenghuo
+    cluster status`` showed a node owning nothing in two CI runs.
+    ``nats.errors.TimeoutError`` when an entry takes longer than ``timeout``;
+    the watch is stopped on any error."""
+    # Side by side, not one after the other (a round trip less: a node 400 ms
+    # from NATS took 0.8 s more per bucket at start): any last sequence read
+    # once the watch has started is reached too, by the replay or live.
+    info, watcher = await asyncio.gather(js.stream_info(kv._stream), kv.watchall(),
+                                         return_exceptions=True)
+    if isinstance(watcher, BaseException):
+        raise watcher
     try:
+        if isinstance(info, BaseException):
+            raise info
+        state = info.state
         seen = 0
-        while seen < state.last_seq:
+        # An empty stream (a new bucket) has a last sequence 0, or one whose
+        # messages were all removed: nothing to replay.
+        while state.messages and seen < state.last_seq:
             entry = await watcher.updates(timeout=timeout)
             if entry is None:
                 continue                     # nats-py's end marker, maybe early
             seen = max(seen, entry.revision or 0)
-            if entry.operation is None:
-                entries[entry.key] = entry
-            else:
-                entries.pop(entry.key, None)
-    finally:
-        await stop_watch(js, watcher)
+            learn(entry)
+    except BaseException:
+        # A replay not finished (its time passed, the start given up): this
+        # watch stops, else it would go on beside the one a retry makes (its
+        # subscription and consumer kept, every change learned twice).
+        with contextlib.suppress(nats.errors.Error):
+            await stop_watch(js, watcher)
+        raise
+    return watcher
+
+
+class PresentEntries(dict[str, KeyValue.Entry]):
+    """A bucket's entries by key as a watch passes them on (:meth:`learn`):
+    a deleted or purged key is left out."""
+
+    def learn(self, entry: KeyValue.Entry) -> None:
+        if entry.operation is None:
+            self[entry.key] = entry
+        else:
+            self.pop(entry.key, None)
+
+
+async def present_entries(js: JetStreamContext, bucket: str,
+                          timeout: float = 30.0) -> dict[str, KeyValue.Entry]:
+    """Every key ``bucket`` holds now, with its entry (deleted and purged keys
+    left out), read whole (:func:`_replay`), not by nats-py's ``keys()``.
+    ``nats.errors.TimeoutError`` when an entry takes longer than ``timeout``."""
+    entries = PresentEntries()
+    await stop_watch(js, await _replay(js, await js.key_value(bucket), entries.learn, timeout))
     return entries
 
 
 async def watch_bucket(js: JetStreamContext, kv: KeyValue,
                        learn: Callable[[KeyValue.Entry], None], name: str) -> asyncio.Task[None]:
-    """``learn`` every present entry of ``kv`` (back when they are all learned),
-    then, in the task returned, every change until it is cancelled, which
-    stops the watch (:func:`stop_watch`; await the task for it to be done)."""
-    watcher = await kv.watchall()
-    try:
-        # The watch first replays every present key, then an empty marker.
-        while (entry := await watcher.updates(timeout=30)) is not None:
-            learn(entry)
-    except BaseException:
-        # A replay not finished (its 30 s passed, the start given up): this
-        # watch stops, else it would go on beside the one Engine.watch's retry
-        # makes (its subscription and consumer kept, every change learned twice).
-        with contextlib.suppress(nats.errors.Error):
-            await stop_watch(js, watcher)
-        raise
+    """``learn`` every present entry of ``kv`` (back when they are all learned,
+    :func:`_replay`), then, in the task returned, every change until it is
+    cancelled, which stops the watch (:func:`stop_watch`; await the task for it
+    to be done)."""
+    watcher = await _replay(js, kv, learn, 30.0)
 
     async def follow() -> None:
         try:

@@ -116,9 +116,10 @@ LEASE = "1.5"      # --cluster-lease: a killed node is found dead 1.5 s after it
 SECRET = "cluster-test-secret-" + "x" * 16
 
 
-def start_node(tmp_path: Path, urls: list[str], name: str, *flags: str) -> RelayProcess:
+def start_node(tmp_path: Path, urls: list[str], name: str, *flags: str,
+               timeout: float = 30.0) -> RelayProcess:
     return start_relay(tmp_path, "--cluster", ",".join(urls), "--node", name,
-                       "--cluster-lease", LEASE, *flags, workers=1, secret=SECRET)
+                       "--cluster-lease", LEASE, *flags, workers=1, secret=SECRET, timeout=timeout)
 
 
 @pytest.fixture
@@ -130,9 +131,9 @@ async def nodes(tmp_path: Path, nats_cluster: NatsCluster):
     started: list[RelayProcess] = []
 
     def start(*names: str, flags: tuple[str, ...] = (), servers: list[NatsServer] | None = None,
-              urls: list[str] | None = None) -> list[RelayProcess]:
+              urls: list[str] | None = None, timeout: float = 30.0) -> list[RelayProcess]:
         urls = urls or ([s.url for s in servers] if servers else nats_cluster.urls)
-        new = [start_node(tmp_path, urls, name, *flags) for name in names]
+        new = [start_node(tmp_path, urls, name, *flags, timeout=timeout) for name in names]
         started.extend(new)
         return new
 
@@ -951,7 +952,9 @@ def near_and_far(nodes, nats_cluster: NatsCluster,
     server = nats_cluster.servers[0]
     with far_link(server, delay) as url:
         (n0,) = nodes("n0", servers=[server])
-        (n1,) = nodes("n1", urls=[url])
+        # Its start makes a few dozen round trips to NATS, each 2 x delay: 30 s
+        # was passed at a load of 10 (a land on 2026-12-06, 400 ms).
+        (n1,) = nodes("n1", urls=[url], timeout=90.0)
         yield n0, n1
 
 

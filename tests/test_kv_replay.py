@@ -1,23 +1,40 @@
-"""A KV bucket's present entries, read whole (server/jetstream.py,
-``present_entries``), where a read ended at nats-py's first ``None`` of a watch
-(its ``keys()``) can come back empty or short (nats.py issue 842).  Real
-nats-servers: three with JetStream, the bucket replicated on all of them."""
+"""A KV bucket's present entries, read whole (server/jetstream.py, ``_replay``)
+by ``present_entries`` (cluster status, export) and by ``watch_bucket`` (a
+node's start: owners, groups, cursors), where a read ended at nats-py's first
+``None`` of a watch (its ``keys()``) can come back empty or short (nats.py
+issue 842).  Real nats-servers: three with JetStream, the bucket replicated
+on all of them."""
 
 from __future__ import annotations
 
-import nats
-from nats.js.api import KeyValueConfig
+from collections.abc import Awaitable, Callable
 
-from fenghuo.server.jetstream import present_entries
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from fenghuo.server.jetstream import PresentEntries, present_entries, stop_task, watch_bucket
 from scripts.nats_cluster import NatsCluster
 
-# Reads from each server.  Ended at nats-py's first None (as before this
-# helper), a read came back empty in each of 3 runs of this test, after 20-115
-# reads (2026-12-06).
+# Reads from each server.  Ended at nats-py's first None (as before _replay), a
+# read by present_entries came back empty in each of 3 runs of this test, after
+# 20-115 reads (2026-12-06).
 READS = 200
 
+Read = Callable[[JetStreamContext, str], Awaitable[dict[str, KeyValue.Entry]]]
 
-async def test_a_bucket_is_read_whole_from_every_server_every_time(nats_cluster: NatsCluster):
+
+async def read_by_watch(js: JetStreamContext, bucket: str) -> dict[str, KeyValue.Entry]:
+    """What a node's start learns of ``bucket`` before ``watch_bucket`` returns."""
+    entries = PresentEntries()
+    await stop_task(await watch_bucket(js, await js.key_value(bucket), entries.learn, "replay-test"))
+    return entries
+
+
+@pytest.mark.parametrize("read", [present_entries, read_by_watch], ids=["present_entries", "watch_bucket"])
+async def test_a_bucket_is_read_whole_from_every_server_every_time(nats_cluster: NatsCluster, read: Read):
     """Every read, from every server, has every key with its latest value, and
     no deleted key; an empty bucket and one whose keys are all deleted read empty."""
     nc = await nats.connect(nats_cluster.urls[0])
@@ -39,11 +56,11 @@ async def test_a_bucket_is_read_whole_from_every_server_every_time(nats_cluster:
             try:
                 rjs = reader.jetstream()
                 for attempt in range(READS):
-                    got = {key: e.value for key, e in (await present_entries(rjs, "replayed")).items()}
+                    got = {key: e.value for key, e in (await read(rjs, "replayed")).items()}
                     if got != expected:
                         short.append((url, attempt, got))
-                assert await present_entries(rjs, "empty") == {}
-                assert await present_entries(rjs, "gone") == {}
+                assert await read(rjs, "empty") == {}
+                assert await read(rjs, "gone") == {}
             finally:
                 await reader.close()
     finally:
