@@ -205,6 +205,9 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_replica_holes_filled", "Messages lost on the way from "
                       "their owner (core NATS) and read from the stream instead.",
                       node.holes_filled)
+        yield counter("fenghuo_cluster_replica_heads_behind", "Replicas here an owner's heads "
+                      "list found behind (the records of its last messages lost on the way), "
+                      "asked for again from their seq.", node.heads_behind)
         lag = node.replica_lag
         yield histogram("fenghuo_cluster_replica_lag_seconds", "From a message's sequencing on "
                         "the node that owns its channel (its ts) to its arrival at this node's "

@@ -79,6 +79,21 @@ NOT_OWNER = ("this node does not sequence the channel (its owner changed); "
 FIRST_PATIENCE = ELECTION_PATIENCE + 5.0
 LOST_WITH_NODE = ("the node that sequences this channel died before answering; "
                   "retry (an idempotency key makes a publish safe to retry)")
+# Seconds between two lists of heads an owner sends the nodes it feeds
+# (NodeCluster._send_heads): a replica whose channel's last messages core NATS
+# lost while both servers stayed up learns of it from the next list, not from
+# the channel's next message, which may never come.  nats-server redials a cut
+# route every second (DEFAULT_ROUTE_RECONNECT); Centrifugo checks a
+# subscriber's position against the stream's top every 40 s
+# (ClientChannelPositionCheckDelay), by a broker round trip per subscriber
+# whether the channel is busy or not: these lists cost nothing for an idle channel.
+HEADS_INTERVAL = 1.0
+# Lists a channel's head is in after its last message: its last list may be
+# lost too (a cut route heals in about a second), so it is sent three times.
+HEADS_REPEAT = 3
+# Channels in one heads record: a list for thousands stays far below NATS's
+# 1 MB max_payload.
+HEADS_PER_RECORD = 1000
 
 
 @dataclass
@@ -181,6 +196,11 @@ class NodeCluster(Cluster):
         self.group_checks = 0                # such reads (a refusal the bucket may undo)
         #: replicas' holes being filled from the stream
         self.holes: dict[Channel, _Hole] = {}
+        #: owner side: channels with messages sent to other nodes lately -> the
+        #: heads lists they are still to be in (_send_heads)
+        self.busy: dict[Channel, int] = {}
+        self.heads_behind = 0                # replicas a heads list found behind, asked again
+        self._heads_task: asyncio.Task[None] | None = None
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
         #: requests parked for a channel sent to its owner as soon as the claims'
@@ -248,6 +268,7 @@ class NodeCluster(Cluster):
         await self.state.open()
         if self.leaders is not None:
             self.leaders.start()
+        self._heads_task = asyncio.create_task(self._heads_forever(), name="fenghuo-heads")
         log.info("joined the cluster", extra={"node": name, "index": index,
                                              "region": self.region,
                                              "cluster_id": self.cluster_id})
@@ -261,6 +282,8 @@ class NodeCluster(Cluster):
         # closed under them, they left their consumers on the server.
         if self.leaders is not None:
             await self.leaders.stop()
+        if self._heads_task is not None:
+            self._heads_task.cancel()
         await asyncio.gather(self.ownership.stop(), self.state.stop())
         await self.liveness.stop()
         await self.mesh.flush(timeout)
@@ -1232,6 +1255,63 @@ class NodeCluster(Cluster):
             for seq in sorted(hole.held):
                 super()._apply_message(ch.name, seq, hole.held[seq])
 
+    def _broadcast_message(self, ch: Channel, frame: bytes) -> None:
+        super()._broadcast_message(ch, frame)
+        if ch in self.interested:
+            self.busy[ch] = HEADS_REPEAT
+
+    async def _heads_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEADS_INTERVAL)
+            self._send_heads()
+
+    def _send_heads(self) -> None:
+        """Owner side: tell each node fed here the heads (channel -> last seq sent)
+        of its channels that had messages in the last ``HEADS_REPEAT`` intervals.
+
+        A message record lost between two nats-servers that both stay up (a
+        route cut and healed; no client reconnects, so :meth:`_reconnected`
+        does not run) would otherwise show only with the channel's next
+        message.  The list goes through the mesh behind every message record
+        sent before it, to the same subject on the same connection, and NATS
+        keeps one publisher's order: a replica behind a head it lists lost
+        records, it is not waiting for them (:meth:`_heads`).  Cost: one
+        (name, seq) entry per busy channel, interested node and interval."""
+        lists: dict[int, dict[str, int]] = {}
+        for ch, left in list(self.busy.items()):
+            if left > 1:
+                self.busy[ch] = left - 1
+            else:
+                del self.busy[ch]
+            if not self.store.owns(ch.name):
+                continue                             # stepped down since
+            for peer in self.interested.get(ch, ()):
+                lists.setdefault(peer, {})[ch.name] = ch.ring.head
+        for peer, heads in lists.items():
+            names = list(heads)
+            for at in range(0, len(names), HEADS_PER_RECORD):
+                self.mesh.send(peer, routing.control("heads", channels={
+                    name: heads[name] for name in names[at:at + HEADS_PER_RECORD]}))
+
+    def _heads(self, source: int, heads: dict[str, int]) -> None:
+        """Replica side: owner ``source``'s heads.  Every message record it sent
+        before them has been applied (one ordered path), so a ready replica
+        behind a head lost its records on the way: it asks the owner again from
+        its seq, as after a reconnect (the ring after it, then ``warm``; past
+        the ring, the first seq shows the hole, read from the stream).  A
+        replica whose hole is being filled, or asked for and not warm yet, is
+        on its way there already."""
+        for name, head in heads.items():
+            ch = self.relay.hub.find(name)
+            if (ch is None or ch.seq >= head or ch not in self.ready_here or ch in self.holes
+                    or ch in self.warming or self.owner_of(name) != source
+                    or self.store.owns(name)):
+                continue
+            log.warning("replica behind its owner's head: asking again",
+                        extra={"channel": name, "have": ch.seq, "head": head})
+            self.heads_behind += 1
+            self._ask_owner(ch)
+
     def _reconnected(self) -> None:
         """Back on NATS: the last records this node sent or was sent may have been
         lost (its nats-server died), with no later one to show the hole.
@@ -1317,6 +1397,9 @@ class NodeCluster(Cluster):
         if body["op"] == "first":
             self._adopt_first(body["channel"], body["at"], base64.b64decode(body["frames"]))
             return
+        if body["op"] == "heads":
+            self._heads(source, body["channels"])
+            return
         if body["op"] == "ask_again":
             # ``source`` found this node dead and forgot what it asked for: ask
             # again from each replica's seq (the owner's catch-up fills what
@@ -1379,6 +1462,7 @@ class NodeCluster(Cluster):
                 "appended": self.store.appended, "appends": self.store.appends,
                 "refused": self.store.refused,
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
+                "heads_behind": self.heads_behind,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
                 "parked_sent_on_watch": self.parked_sent_on_watch,

@@ -1582,6 +1582,42 @@ async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_ge
     assert not carol.conn.is_closed
 
 
+@contextlib.asynccontextmanager
+async def last_messages_held(nodes, nats_cluster: NatsCluster, name: str
+                             ) -> AsyncIterator[tuple[NatsServer, WritesHeld, RelayProcess,
+                                                      LiveSeqs, int]]:
+    """n0, behind a proxy to a follower of the stream, sequences group ``name``;
+    carol on n1 (on the other servers) has its first seq live; n0's records of
+    its next three messages to other nodes are held back, never forwarded.
+    Yields the server behind the proxy, the proxy (still holding), n1, carol
+    and the head."""
+    # Not the stream's leader: the appends and the replica's reads go on at once.
+    server = await a_follower(nats_cluster)
+    records = WritesHeld((server.host, server.port), "fh.node.")   # n0's records to other nodes
+    url = await records.start()
+    try:
+        (n0,) = await asyncio.to_thread(nodes, "n0", urls=[url])     # the loop runs the proxy
+        (n1,) = await asyncio.to_thread(
+            nodes, "n1", servers=[s for s in nats_cluster.servers if s is not server])
+        alice = await n0.connect("alice")
+        group = f"group:{name}"
+        carol = LiveSeqs(await authed_raw(n1, "carol"), group)
+        await alice.create_group(name, ["carol"])               # n0 sequences it
+        await carol.until(1, 15)                                # the group's created event
+        assert carol.seqs == [1]
+        records.holding = True
+        head = max([(await alice.publish(group, f"last-{i}")).seq for i in range(3)])
+        assert head == 4
+
+        async def last_held() -> bool:
+            return any(b"last-2" in frame for frame in records.held)
+
+        await until(last_held)               # n0 sends the records after the acks
+        yield server, records, n1, carol, head
+    finally:
+        await records.close()
+
+
 async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_replica_live(
         nodes, nats_cluster: NatsCluster):
     """The owner's only nats-server dies with the records of the channel's last
@@ -1590,24 +1626,8 @@ async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_repl
     to another server, has that node ask again, so its receiver gets each of
     them live, on the connection it had.  Before, it got them only with the
     channel's next message, here never (HISTORY had them)."""
-    # Not the stream's leader: the appends and the replica's reads go on at once.
-    victim = await a_follower(nats_cluster)
-    records = WritesHeld((victim.host, victim.port), "fh.node.")   # n0's records to other nodes
-    url = await records.start()
-    try:
-        (n0,) = await asyncio.to_thread(nodes, "n0", urls=[url])     # the loop runs the proxy
-        (n1,) = await asyncio.to_thread(
-            nodes, "n1", servers=[s for s in nats_cluster.servers if s is not victim])
-        alice = await n0.connect("alice")
-        group = "group:tail"
-        carol = LiveSeqs(await authed_raw(n1, "carol"), group)
-        await alice.create_group("tail", ["carol"])             # n0 sequences it
-        await carol.until(1, 15)                                # the group's created event
-        assert carol.seqs == [1]
-        records.holding = True
-        head = max([(await alice.publish(group, f"last-{i}")).seq for i in range(3)])
-        assert head == 4
-        assert records.held, "no record of n0's to lose"
+    async with last_messages_held(nodes, nats_cluster, "tail") as (victim, records, _, carol,
+                                                                           head):
         victim.kill()                          # n0 reconnects to another server; no more publishes
         # Not listening any more: n0 reconnects to a live server, not through
         # here; its connection here ends as the dead server's side closes.
@@ -1615,8 +1635,25 @@ async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_repl
         await carol.until(head, 15)
         assert carol.seqs == list(range(1, head + 1)), f"live: {carol.seqs}"
         assert not carol.conn.is_closed
-    finally:
-        await records.close()
+
+
+async def test_an_owner_s_last_messages_lost_between_servers_that_stay_up_reach_the_replica_live(
+        nodes, nats_cluster: NatsCluster):
+    """The records of a channel's last messages from its owner node to a
+    replica node are lost (held back here and dropped, never forwarded) while
+    every nats-server stays up and no client reconnects (a route cut and
+    healed), and nothing is published after them: the owner's next heads list
+    shows the replica behind, which asks again, so its receiver gets each of
+    them live, once, in order, on the connection it had.  Before, it got them
+    only with the channel's next message, here never (HISTORY had them)."""
+    async with last_messages_held(nodes, nats_cluster, "dropped") as (_, records, n1, carol,
+                                                                      head):
+        records.holding = False                 # what it held is dropped; every server stays up
+        await carol.until(head, 15)
+        assert carol.seqs == list(range(1, head + 1)), f"live: {carol.seqs}"
+        assert not carol.conn.is_closed
+        state = healthz(n1.metrics_port)[1]["cluster"]
+        assert state["heads_behind"] >= 1, state
 
 
 async def stream_leader(urls: list[str]) -> str:
