@@ -139,8 +139,10 @@ async def nodes(tmp_path: Path, nats_cluster: NatsCluster):
 
     yield start
     await asyncio.gather(*(c.close() for n in started for c in n.clients), return_exceptions=True)
-    for node in started:
-        node.stop()
+    # In threads, together: a node may reach NATS through a proxy this loop
+    # runs, which must go on carrying its link while it stops (blocked here,
+    # the node waited out its NATS timeouts until it was killed).
+    await asyncio.gather(*(asyncio.to_thread(node.stop) for node in started))
 
 
 RETRYABLE = (ErrorCode.INTERNAL, ErrorCode.REQUEST_TIMEOUT)

@@ -64,18 +64,28 @@ class NatsProxy:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []     # both ends of every connection
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def close(self) -> None:
+        """Stop listening and end every connection carried, both ways: its client
+        sees its server gone (and reconnects to another), as when a nats-server
+        dies.  Cancelling the pumps alone left the client's socket open and
+        silent: a node whose only link was that socket noticed nothing, and
+        its stop at the test's end waited out every NATS request's timeout
+        until it was killed (20-40 s of teardown per test)."""
         self.server.close()
         for task in self.tasks:
             task.cancel()
+        for writer in self.writers:
+            writer.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += (writer, up_writer)
         for pump in (self._up(reader, up_writer), self._down(up_reader, writer, up_writer)):
             task = asyncio.ensure_future(pump)
             self.tasks.add(task)
@@ -224,7 +234,9 @@ async def test_a_watch_whose_replay_timed_out_is_stopped_before_the_retry(
         proxy.release()
         if joining is not None:
             with contextlib.suppress(Exception):
-                (await joining).stop()
+                # In a thread: n1 reaches NATS only through the proxy, which
+                # this loop runs; stopped here, its stop waited out its timeouts.
+                await asyncio.to_thread((await joining).stop)
         await proxy.close()
         plain.stop()
 
