@@ -471,8 +471,7 @@ async def read_placement(world: ClusterWorld) -> Placement:
         kv = await js.key_value(OWNERS)
         if info.cluster is None:
             raise RuntimeError("the FENGHUO stream has no cluster information: not clustered")
-        placement = Placement(leader=info.cluster.leader or "",
-                              followers=tuple(str(r.name) for r in info.cluster.replicas or ()))
+        placement = Placement(leader=info.cluster.leader or "", followers=tuple(followers))
         for src in geo.REGIONS:
             for dst in geo.REGIONS:
                 entry = await kv.get(token(geo.chat_of(src, dst)))

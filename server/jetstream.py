@@ -141,9 +141,9 @@ async def _replay(js: JetStreamContext, kv: KeyValue, learn: Callable[[KeyValue.
     starts: a replay of every key's latest entry, and the changes after it,
     hold that message or a later one.  Not at nats-py's first ``None`` of the
     watch: that marker can come before the replay it is meant to close
-    (nats.py issue 842, PR 995: a delivery still in flight when the watch reads its consumer's state, or a
-    stale ``num_pending`` under concurrent writes), so a read ended there
-    finds the bucket empty or short.  Measured on a 3-server cluster here: the
+    (nats.py issue 842, PR 995: a delivery still in flight when the watch
+    reads its consumer's state, or a stale ``num_pending`` under concurrent
+    writes), so a read ended there finds the bucket empty or short.  Measured on a 3-server cluster here: the
     marker first in 3 of 450 watches, ``keys()`` short in 1 of 150; ``fenghuo
     cluster status`` showed a node owning nothing in two CI runs.
     ``nats.errors.TimeoutError`` when an entry takes longer than ``timeout``;

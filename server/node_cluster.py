@@ -45,7 +45,7 @@ from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, frame_request_id, message_seq, message_time
-from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored, split_frames
+from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored, split_frames, stop_task
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.stalls import Histogram
@@ -282,8 +282,7 @@ class NodeCluster(Cluster):
         # closed under them, they left their consumers on the server.
         if self.leaders is not None:
             await self.leaders.stop()
-        if self._heads_task is not None:
-            self._heads_task.cancel()
+        await stop_task(self._heads_task)
         await asyncio.gather(self.ownership.stop(), self.state.stop())
         await self.liveness.stop()
         await self.mesh.flush(timeout)

@@ -1,6 +1,6 @@
 """A KV bucket's present entries, read whole (server/jetstream.py, ``_replay``)
 by ``present_entries`` (cluster status, export) and by ``watch_bucket`` (a
-node's start: owners, groups, cursors), where a read ended at nats-py's first
+node's start: owners, groups, cursors, clicks), where a read ended at nats-py's first
 ``None`` of a watch (its ``keys()``) can come back empty or short (nats.py
 issue 842).  Real nats-servers: three with JetStream, the bucket replicated
 on all of them."""
