@@ -208,6 +208,10 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_replica_heads_behind", "Replicas here an owner's heads "
                       "list found behind (the records of its last messages lost on the way), "
                       "asked for again from their seq.", node.heads_behind)
+        yield counter("fenghuo_cluster_heads_missed", "Heads lists from an owner found "
+                      "skipped by their number (records lost on the way for longer than a "
+                      "channel stays listed): every replica it feeds here asked for again.",
+                      node.heads_missed)
         lag = node.replica_lag
         yield histogram("fenghuo_cluster_replica_lag_seconds", "From a message's sequencing on "
                         "the node that owns its channel (its ts) to its arrival at this node's "

@@ -200,6 +200,12 @@ class NodeCluster(Cluster):
         #: heads lists they are still to be in (_send_heads)
         self.busy: dict[Channel, int] = {}
         self.heads_behind = 0                # replicas a heads list found behind, asked again
+        # Numbers of the heads records sent to each node and last seen from
+        # each owner: a replica that sees a number skipped lost records of
+        # that owner for longer than a channel stays in its lists.
+        self.heads_sent: dict[int, int] = {}
+        self.heads_seen: dict[int, int] = {}
+        self.heads_missed = 0                # heads records found skipped, owner asked again
         self._heads_task: asyncio.Task[None] | None = None
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
@@ -1267,6 +1273,8 @@ class NodeCluster(Cluster):
     def _send_heads(self) -> None:
         """Owner side: tell each node fed here the heads (channel -> last seq sent)
         of its channels that had messages in the last ``HEADS_REPEAT`` intervals.
+        Every live node gets a record each interval, with no channels when none
+        of its were busy, each numbered one more than the last it was sent.
 
         A message record lost between two nats-servers that both stay up (a
         route cut and healed; no client reconnects, so :meth:`_reconnected`
@@ -1275,8 +1283,15 @@ class NodeCluster(Cluster):
         sent before it, to the same subject on the same connection, and NATS
         keeps one publisher's order: a replica behind a head it lists lost
         records, it is not waiting for them (:meth:`_heads`).  Cost: one
-        (name, seq) entry per busy channel, interested node and interval."""
-        lists: dict[int, dict[str, int]] = {}
+        (name, seq) entry per busy channel, interested node and interval, and
+        one record per live node and interval.
+
+        A loss longer than the channel stays listed (``HEADS_REPEAT``
+        intervals: every record of it lost too) would otherwise still show
+        only with the channel's next message: the first record after it has
+        a number skipped, and the replica asks again for everything this
+        node feeds it (:meth:`_heads`)."""
+        lists: dict[int, dict[str, int]] = {peer: {} for peer in self.liveness.live_peers()}
         for ch, left in list(self.busy.items()):
             if left > 1:
                 self.busy[ch] = left - 1
@@ -1288,18 +1303,34 @@ class NodeCluster(Cluster):
                 lists.setdefault(peer, {})[ch.name] = ch.ring.head
         for peer, heads in lists.items():
             names = list(heads)
-            for at in range(0, len(names), HEADS_PER_RECORD):
-                self.mesh.send(peer, routing.control("heads", channels={
+            for at in range(0, max(len(names), 1), HEADS_PER_RECORD):
+                number = self.heads_sent[peer] = self.heads_sent.get(peer, 0) + 1
+                self.mesh.send(peer, routing.control("heads", number=number, channels={
                     name: heads[name] for name in names[at:at + HEADS_PER_RECORD]}))
 
-    def _heads(self, source: int, heads: dict[str, int]) -> None:
+    def _heads(self, source: int, heads: dict[str, int], number: int | None) -> None:
         """Replica side: owner ``source``'s heads.  Every message record it sent
         before them has been applied (one ordered path), so a ready replica
         behind a head lost its records on the way: it asks the owner again from
         its seq, as after a reconnect (the ring after it, then ``warm``; past
         the ring, the first seq shows the hole, read from the stream).  A
         replica whose hole is being filled, or asked for and not warm yet, is
-        on its way there already."""
+        on its way there already.
+
+        A ``number`` not one more than the last from ``source`` (the first
+        numbered 1) means heads records were lost, and perhaps the only list
+        of a channel whose last messages were lost with it: every replica
+        ``source`` feeds here is asked again.  (A restarted owner numbers
+        from 1 again, and a restarted replica first sees a later number: one
+        harmless ask.  A node of an older version sends no number.)"""
+        if number is not None:
+            last = self.heads_seen.get(source, 0)
+            self.heads_seen[source] = number
+            if number != last + 1:
+                log.warning("heads records from an owner missed: asking again",
+                            extra={"node": source, "last": last, "number": number})
+                self.heads_missed += 1
+                self._ask_again(source)
         for name, head in heads.items():
             ch = self.relay.hub.find(name)
             if (ch is None or ch.seq >= head or ch not in self.ready_here or ch in self.holes
@@ -1397,7 +1428,7 @@ class NodeCluster(Cluster):
             self._adopt_first(body["channel"], body["at"], base64.b64decode(body["frames"]))
             return
         if body["op"] == "heads":
-            self._heads(source, body["channels"])
+            self._heads(source, body["channels"], body.get("number"))
             return
         if body["op"] == "ask_again":
             # ``source`` found this node dead and forgot what it asked for: ask
@@ -1462,6 +1493,7 @@ class NodeCluster(Cluster):
                 "refused": self.store.refused,
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "heads_behind": self.heads_behind,
+                "heads_missed": self.heads_missed,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
                 "parked_sent_on_watch": self.parked_sent_on_watch,

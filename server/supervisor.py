@@ -458,7 +458,8 @@ def _relay_health(bodies: Iterable[dict[str, Any]]) -> dict[str, object]:
 _NODE_SUMS = ("channels_owned", "appended", "appends", "refused", "failovers", "holes_filled",
               "forwards_deferred", "forwarded_publishes", "parked_sent_on_watch",
               "chats_received_unasked", "first_writes", "first_writes_refused",
-              "publishes_redriven", "leader_stepdowns", "heads_behind")
+              "publishes_redriven", "leader_stepdowns", "heads_behind",
+              "heads_missed")
 
 
 def _node_cluster(clusters: Mapping[int, dict[str, Any]], workers: int) -> dict[str, object]:

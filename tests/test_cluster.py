@@ -31,6 +31,7 @@ from fenghuo.core import (ErrorCode, FrameType, decode_ack, decode_error, decode
 from fenghuo.server.config import load
 from fenghuo.server.frames import decode_frame_message
 from fenghuo.server.cluster_store import DEPOSED
+from fenghuo.server.node_cluster import HEADS_INTERVAL, HEADS_REPEAT
 from fenghuo.server.jetstream import DEVICES, OWNERS, STREAM, Engine, Fenced, token
 from scripts.nats_cluster import NatsCluster, NatsServer
 from conftest import RelayProcess, start_relay
@@ -1656,6 +1657,31 @@ async def test_an_owner_s_last_messages_lost_between_servers_that_stay_up_reach_
         assert not carol.conn.is_closed
         state = healthz(n1.metrics_port)[1]["cluster"]
         assert state["heads_behind"] >= 1, state
+
+
+async def test_an_owner_s_last_messages_lost_for_longer_than_their_lists_reach_the_replica_live(
+        nodes, nats_cluster: NatsCluster):
+    """As above, but every record n0 sends other nodes is lost for longer than
+    a channel stays in its heads lists (its four next lists held back and
+    dropped with the messages): the first list after the loss is numbered
+    past the last n1 saw, so n1 asks again for the replicas n0 feeds it, and
+    its receiver gets each message live, once, in order, on the connection it
+    had.  Before the lists were numbered, n0 listed the group no more once it
+    had been idle for three lists, and the receiver never got them live."""
+    async with last_messages_held(nodes, nats_cluster, "long") as (_, records, n1, carol, head):
+        heads, group = b'"op":"heads"', b'"group:long"'
+
+        async def its_lists_held() -> bool:
+            return sum(heads in frame and group in frame for frame in records.held) >= HEADS_REPEAT
+        await until(its_lists_held, 20)
+        # and a list more, which no longer names the group: the loss outlasts them
+        await asyncio.sleep(1.5 * HEADS_INTERVAL)
+        records.holding = False                 # all of it dropped; every server stays up
+        await carol.until(head, 15)
+        assert carol.seqs == list(range(1, head + 1)), f"live: {carol.seqs}"
+        assert not carol.conn.is_closed
+        state = healthz(n1.metrics_port)[1]["cluster"]
+        assert state["heads_missed"] >= 1, state
 
 
 async def stream_leader(urls: list[str]) -> str:
