@@ -38,9 +38,10 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.aio.client
@@ -76,6 +77,9 @@ WRONG_LAST_SEQUENCE = 10071
 # Seconds one JetStream API call may take; a stream leader election after a
 # server's death takes a few (nats-server's default election timeout).
 API_TIMEOUT = 5.0
+# What a connection's outright close may take (Engine.close): a local step,
+# unless the socket's buffer cannot be written to a server that stopped reading.
+CLOSE_S = 0.5
 # Seconds the engine's stream and buckets may take to be made and answer at
 # start: the meta leader is elected when the servers have met, then each new
 # stream's own leader; nodes started at once across regions (250-600 ms
@@ -221,6 +225,27 @@ async def watch_bucket(js: JetStreamContext, kv: KeyValue,
             with contextlib.suppress(nats.errors.Error):
                 await stop_watch(js, watcher)
     return asyncio.create_task(follow(), name=name)
+
+
+async def within(step: Awaitable[Any], timeout: float) -> bool:
+    """Whether ``step`` ended (done or failed) within ``timeout`` seconds.  One
+    that has not is cancelled and not waited for: a nats-py step may go on
+    after its cancel (``drain`` swallows it, then flushes for 10 s), and the
+    loop's end ends what is left.  For a stop that must end on time whether
+    or not NATS answers (NodeCluster.stop)."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
+    if done:
+        return not task.cancelled() and task.exception() is None
+    task.cancel()
+    task.add_done_callback(_retrieved)
+    return False
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a given-up step's end, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:
@@ -455,12 +480,27 @@ class Engine:
                     return index
         raise RuntimeError(f"no node index left for {name!r}")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = API_TIMEOUT) -> bool:
+        """Drain the connection (its subscriptions' deliveries handled, what it
+        buffers sent) within ``timeout`` seconds, else close it outright.
+        Whether it drained.
+
+        A server that does not answer would have the drain wait out nats-py's
+        own timeouts (30 s, then a 10 s flush), and a drain cancelled leaves
+        nats-py's gather of its subscriptions unretrieved (an asyncio error in
+        the log): a flush answered first says the server is there to drain to."""
         self.closing = True
+        deadline = time.monotonic() + timeout
         try:
-            await self.nc.drain()
+            # nats-py annotates an int; it hands the timeout to asyncio.wait_for.
+            await self.nc.flush(timeout)  # type: ignore[arg-type]
+            if await within(self.nc.drain(), deadline - time.monotonic()):
+                return True
         except (TimeoutError, nats.errors.Error):
-            await self.nc.close()
+            pass
+        # Closed by the drain's end, or not: either way nothing to wait for.
+        await within(self.nc.close(), CLOSE_S)
+        return False
 
     # ------------------------------------------------------------ writing
 

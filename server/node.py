@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fenghuo.relay")
 
+# The least a cluster node is given to leave the cluster (NodeCluster.stop) when
+# the rest of the shutdown took its whole drain timeout: a few NATS round trips,
+# so that a node whose NATS answers still leaves no consumer behind.
+LEAVE_S = 1.0
+
 
 class Node:
     """Starts and stops one :class:`Relay`: its listeners, tasks, mesh and store."""
@@ -168,13 +173,14 @@ class Node:
         port: int = self._ws_server.sockets[0].getsockname()[1]
         return port
 
-    async def _answer_what_is_owed(self) -> None:
-        """Stop reading from clients and let acks waiting for the disk go out."""
+    async def _answer_what_is_owed(self, deadline: float) -> None:
+        """Stop reading from clients and let acks waiting for the disk (a cluster
+        node's: for the stream) go out until ``deadline`` (monotonic)."""
         self.set_reading(False)
         if self.relay.store is None:
             return
         try:
-            await asyncio.wait_for(self.relay.released(), self.relay.settings.drain_timeout)
+            await asyncio.wait_for(self.relay.released(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             log.warning("store did not drain within the drain timeout")
 
@@ -202,20 +208,24 @@ class Node:
                 log.exception("reading token revocations failed")
 
     async def shutdown(self) -> None:
-        """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest."""
+        """Stop accepting, tell every client GOAWAY, wait for them to leave, close the rest.
+
+        All of it within the drain timeout, a cluster node's leaving the cluster
+        included (at least :data:`LEAVE_S`, whether or not NATS answers): a
+        service manager's stop timeout bounds it (PROTOCOL §3.20)."""
         if self.shutting_down:
             return
         self.shutting_down = True
+        deadline = time.monotonic() + self.relay.settings.drain_timeout
         log.info("shutting down", extra={"connections": len(self.relay.hub.connections)})
         for server in (self._server, self._ws_server):
             if server is not None:
                 server.close()
         self.relay.admission.abort_lingering()
-        await self._answer_what_is_owed()
+        await self._answer_what_is_owed(deadline)
         goaway = encode_json(FrameType.GOAWAY, {"reason": "shutdown", "reconnect_after_ms": 1000})
         for conn in list(self.relay.hub.connections):
             conn.close(goaway)
-        deadline = time.monotonic() + self.relay.settings.drain_timeout
         while self.relay.hub.connections and time.monotonic() < deadline:
             for conn in list(self.relay.hub.connections):
                 transport = conn.transport
@@ -235,7 +245,7 @@ class Node:
         self.loop_lag.stop()
         self.collector.stop()
         if self.relay.cluster is not None:
-            await self.relay.cluster.stop(self.relay.settings.drain_timeout)
+            await self.relay.cluster.stop(max(LEAVE_S, deadline - time.monotonic()))
         if self.relay.store is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.relay.store.close)
         log.info("stopped", extra={"left_behind": len(left_behind)})

@@ -45,7 +45,8 @@ from fenghuo.server.cluster import Cluster
 from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, frame_request_id, message_seq, message_time
-from fenghuo.server.jetstream import ELECTION_PATIENCE, Engine, Stored, split_frames, stop_task
+from fenghuo.server.jetstream import (ELECTION_PATIENCE, Engine, Stored, split_frames, stop_task,
+                                      within)
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.stalls import Histogram
@@ -284,16 +285,39 @@ class NodeCluster(Cluster):
         """Started by :meth:`join`."""
 
     async def stop(self, timeout: float) -> None:
+        """Leave the cluster within ``timeout`` seconds, whether or not NATS answers
+        (DESIGN, Failure modes: a node cut off from NATS, then told to stop).
+
+        Each step has what is left of ``timeout``; one NATS has not answered by
+        then is given up, and what it would have done is left to the cluster,
+        logged once: peers find this node dead after ``--cluster-lease`` (its
+        users offline, its channels claimed anew by the nodes that need them),
+        and nats-server removes a watch's consumer after its inactive threshold
+        (5 minutes).  Nothing acked is lost: a message is acked once the
+        stream holds it."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return deadline - time.monotonic()
+        undone: list[str] = []
         # The watches first, each to its end: cancelled with the connection
         # closed under them, they left their consumers on the server.
         if self.leaders is not None:
             await self.leaders.stop()
         await stop_task(self._heads_task)
-        await asyncio.gather(self.ownership.stop(), self.state.stop())
-        await self.liveness.stop()
-        await self.mesh.flush(timeout)
-        self.mesh.close()
-        await self.engine.close()
+        if not await within(asyncio.gather(self.ownership.stop(), self.state.stop()), left()):
+            undone.append("the watches' consumers deleted")
+        if not await within(self.liveness.stop(), left()):
+            undone.append("peers told it leaves")
+        flushed = left() > 0 and await self.mesh.flush(left())
+        if self.mesh.close() or not flushed:
+            undone.append("node records sent")
+        if not await self.engine.close(left()):
+            undone.append("the connection drained")
+        if undone:
+            log.warning("NATS did not answer the node's stop in time: left to the lease",
+                        extra={"timeout": timeout, "undone": undone,
+                               "lease": self.relay.settings.cluster_lease})
 
     # ------------------------------------------------------------ owners
 

@@ -215,10 +215,14 @@ class NatsMesh:
             self._idle.set()
 
     async def flush(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+        """Whether every record sent so far reached the server within ``timeout`` seconds."""
+        async def sent() -> None:
+            await self._idle.wait()
             # nats-py annotates an int; it hands the timeout to asyncio.wait_for.
             await self.nc.flush(timeout)  # type: ignore[arg-type]
+        try:
+            # One bound for both waits, not one each.
+            await asyncio.wait_for(sent(), timeout)
         except (TimeoutError, nats.errors.Error):
             return False
         return True

@@ -1491,6 +1491,63 @@ async def test_presence_across_nodes_and_a_dead_node_s_users_go_offline(nodes):
         await asyncio.sleep(0.1)
 
 
+async def test_a_node_cut_off_from_nats_stops_within_its_drain_timeout_and_loses_nothing(
+        nodes, nats_cluster: NatsCluster):
+    """SIGTERM to a node whose only link to NATS has gone silent (a proxy that
+    passes nothing and keeps the connection open, so its NATS client notices
+    nothing): the node still shuts down gracefully within its drain timeout (1 s
+    here) and exits 0.  Its clients get GOAWAY and the close (PROTOCOL §3.20).
+    What it could not do on NATS (stop its watches, say it leaves) is left to
+    the lease: its users go offline on the other node and its channel is
+    sequenced again there, every message it acked still stored.  Before, its
+    stop waited out each NATS step's own timeout (a consumer's deletion, the
+    connection's drain and flush: 30 s and more)."""
+    first = nats_cluster.servers[0]
+    proxy = NatsProxy((first.host, first.port))
+    try:
+        (n0,) = nodes("n0")
+        url = await proxy.start()
+        (n1,) = await asyncio.to_thread(nodes, "n1", urls=[url],      # the loop runs the proxy
+                                        flags=("--drain-timeout", "1"))
+        ops = await n0.connect("ops", presence=True)
+        bob = await n0.connect("bob")
+        alice = await n1.connect("alice", reconnect=False)
+        await alice.create_group("crew", ["bob"])           # n1 sequences group:crew
+        group = "group:crew"
+        acked = [(await alice.publish(group, f"before-{i}")).seq for i in range(3)]
+        await until(lambda: _online(ops, "alice"))
+        watcher = await authed_raw(n1, "carol")
+        proxy.cut()
+        n1.signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        # Far above the drain timeout and below the NATS timeouts it waited out.
+        code = await asyncio.to_thread(n1.proc.wait, 60)
+        took = time.monotonic() - stopped
+        assert (code, took < 12) == (0, True), f"exit {code} {took:.1f} s after SIGTERM"
+        goaway = await watcher.expect_json(FrameType.GOAWAY)
+        assert goaway == {"reason": "shutdown", "reconnect_after_ms": 1000}
+        await watcher.expect_closed()
+        # Left to the lease (1.5 s): alice offline, and n0 sequences the group after n1.
+        await until(lambda: _offline(ops, "alice"), timeout=15)
+        after = await publish_surely(bob, group, "after", "after", time.monotonic() + 20)
+        stored = await stored_messages(bob, group)
+        assert [s for s, _ in stored] == list(range(1, after.seq + 1))
+        payloads = dict(stored)
+        assert [payloads[s] for s in acked] == ["before-0", "before-1", "before-2"]
+        lines = [json.loads(line) for line in n1.log().splitlines() if line.startswith("{")]
+        stopping = next(i for i, line in enumerate(lines) if line["msg"] == "shutting down")
+        # What it gave up, said once; nothing else went wrong.
+        assert [line["msg"] for line in lines[stopping:]
+                if line["level"] in ("warning", "error", "critical")] == [
+            "NATS did not answer the node's stop in time: left to the lease"]
+    finally:
+        await proxy.close()
+
+
+async def _offline(client: fenghuo.Client, user: str) -> bool:
+    return not await _online(client, user)
+
+
 class LiveSeqs:
     """The seqs of ``channel`` a bare connection receives, as they arrive (no
     client library between: nothing resumed, reordered or deduplicated)."""

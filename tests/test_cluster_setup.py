@@ -65,6 +65,14 @@ class NatsProxy:
         self.target = target
         self.tasks: set[asyncio.Task[None]] = set()
         self.writers: list[asyncio.StreamWriter] = []     # both ends of every connection
+        self.severed = False
+
+    def cut(self) -> None:
+        """From now on pass nothing, either way, and keep every connection open:
+        a link whose packets are lost, which its client does not notice (nats-py
+        finds a silent server dead only after two missed pings, minutes), unlike
+        :meth:`close`.  Only the plain pumps (:meth:`_up`, :meth:`_down`) obey it."""
+        self.severed = True
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -107,13 +115,15 @@ class NatsProxy:
 
     async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
-            writer.write(data)
+            if not self.severed:
+                writer.write(data)
         writer.close()
 
     async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     up: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
-            writer.write(data)
+            if not self.severed:
+                writer.write(data)
         writer.close()
 
 
