@@ -165,8 +165,13 @@ cdef class HelloPath:
         cdef WelcomeTemplate template = self._template
         if template is None or template.epoch is not relay.epoch:
             template = self._template = relay.welcome()
-        c.enqueue(template._frame(c.user, c.device, (<Grants>c.grants).expires, channels,
-                                  resumed, request_id, c.pending_live))
+        frame = template._frame(c.user, c.device, (<Grants>c.grants).expires, channels,
+                                resumed, request_id, c.pending_live)
+        if channels and (c.positions is not None or c.pending_live is not None):
+            # What it missed may follow (go_live): one write for both, from the queue.
+            c.enqueue(frame)
+        else:
+            c.write_now(frame)
         if channels:    # none: nothing to deliver (go_live walks the channels alone)
             relay.subs.go_live(c, channels, c.positions)
         if self._debug(_logging.DEBUG):     # no dict of extras built per connect

@@ -157,6 +157,7 @@ cdef class Connection:
     cdef public double hello_at
 
     cdef int enqueue(self, bytes frame) except -1
+    cdef int write_now(self, bytes frame) except -1
     cdef int reply(self, bytes frame) except -1
     cdef Reply _reserve(self)
     cdef Reply _await_disk(self)

@@ -38,7 +38,8 @@ _COUNTERS = (
     ("bytes_in", "fenghuo_received_bytes", "Bytes received from clients."),
     ("frames_out", "fenghuo_frames_sent", "Frames written to clients."),
     ("bytes_out", "fenghuo_sent_bytes", "Bytes written to clients."),
-    ("writes", "fenghuo_writes", "Coalesced writes (at most one per connection per loop iteration)."),
+    ("writes", "fenghuo_writes", "Coalesced writes (at most one per connection per loop iteration, "
+                                  "besides a WELCOME written at once)."),
     ("publishes", "fenghuo_messages_published", "Messages sequenced."),
     ("duplicates", "fenghuo_publish_duplicates", "Publishes answered from the idempotency window."),
     ("key_lookups", "fenghuo_publish_key_lookups",

@@ -277,6 +277,20 @@ async def test_metrics_count_what_happened(relay):
     assert after["fenghuo_received_bytes_total"] == samples["fenghuo_received_bytes_total"] + 5 * 12
 
 
+async def test_a_welcome_is_counted_as_one_frame_its_bytes_and_one_write(relay):
+    # A WELCOME written at once (Connection.write_now, nothing queued before it)
+    # is counted as the queue's flush counts what it writes.
+    before = await metrics(relay)
+    conn = await open_raw(relay)
+    conn.write(encode_json(FrameType.HELLO, {"token": relay.token("alice")}, 1))
+    welcome = await conn.expect(FrameType.WELCOME)
+    after = await metrics(relay)
+    assert after["fenghuo_frames_sent_total"] - before["fenghuo_frames_sent_total"] == 1
+    assert after["fenghuo_sent_bytes_total"] - before["fenghuo_sent_bytes_total"] \
+        == len(header(len(welcome.body), FrameType.WELCOME)) + len(welcome.body)
+    assert after["fenghuo_writes_total"] - before["fenghuo_writes_total"] == 1
+
+
 async def test_metrics_exposition_format(relay):
     await relay.connect("alice")
     status, headers, body = await http_get(relay.host, relay.metrics_port, "/metrics")
