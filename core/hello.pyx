@@ -64,7 +64,7 @@ cdef class HelloPath:
         if not isinstance(token, str):
             raise ProtocolError(ErrorCode.TOKEN_INVALID, f"{what} carries no token")
         try:
-            grants = verify_hs256(token, self._keys, self._leeway)
+            grants = verify_grants(token, self._keys, self._leeway)
         except TokenError as exc:
             code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.TOKEN_INVALID
             raise ProtocolError(code, str(exc)) from None
