@@ -756,6 +756,8 @@ async def pending_scheduled(api: Api, after: int, limit: int,
     while len(out) < limit:
         timers = await api.timers.table.listed(SEND, after, limit)
         for t in timers:
+            if not api.timers.waiting(t.id):
+                continue                # firing or fired: its row's delete is on its way
             call = msgspec.json.decode(t.body, type=PublishCall)
             if sender is None or (call.sender or API_USER) == sender:
                 # to_builtins, not structs.asdict: a policy's steps are structs too.

@@ -277,13 +277,29 @@ class Timers:
             self._wake.set()
         heapq.heappush(self._heap, (due_us, timer_id))
 
+    def waiting(self, timer_id: int) -> bool:
+        """Whether timer ``timer_id`` is still to fire: not fired, not firing, not cancelled.
+        Its row outlives its fire until the message is stored and the row's delete
+        committed (the store's writer): the row alone does not tell."""
+        return timer_id in self.pending and timer_id not in self.firing
+
     async def cancel(self, timer_id: int, kind: str) -> bool | None:
         """True if cancelled, False if no such pending timer, None if it is firing."""
         if timer_id in self.firing:
             return None
-        if not await self.table.delete([timer_id], kind):
+        due_us = self.pending.pop(timer_id, None)
+        if due_us is None:
+            # Fired (its row's delete maybe not yet committed), cancelled, or never made.
             return False
-        self.pending.pop(timer_id, None)
+        # Out of pending before the delete is awaited: it cannot start firing meanwhile.
+        try:
+            deleted = await self.table.delete([timer_id], kind)
+        except BaseException:
+            self._push(timer_id, due_us)            # not cancelled: still to fire
+            raise
+        if not deleted:
+            self._push(timer_id, due_us)            # of another kind: left as it was
+            return False
         if len(self._heap) > 2 * len(self.pending) + COMPACT_SLACK:
             # Cancelled entries leave the heap only when due: rebuilt, it holds the pending ones.
             self._heap = [(due, i) for i, due in self.pending.items()]
@@ -324,11 +340,12 @@ class Timers:
             await self.table.finish(outcome)
         except Exception:
             # Tried again in a second; a timer whose message was sent is then only deleted.
+            # Still firing meanwhile (some may have been sent): not listed, not cancelled.
             log.exception("firing timers failed", extra={"timers": len(ids)})
             for timer_id in ids:
                 self._push(timer_id, now_us() + RETRY_US)
-        finally:
-            self.firing.difference_update(ids)
+            return
+        self.firing.difference_update(ids)
 
 
 def escalated(conn: sqlite3.Connection, channel: str,

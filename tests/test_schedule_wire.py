@@ -125,6 +125,29 @@ async def test_refused_as_a_publish_is_and_bad_input_with_the_documented_texts(r
     assert soon.id >= 1 and await ann.scheduled() == []
 
 
+async def test_a_fired_message_leaves_the_list_as_it_fires_not_when_its_row_goes(relay_factory):
+    """PROTOCOL §3.17a: a message leaves `list` when it starts firing, and `cancel` from
+    then on is CONFLICT or NOT_FOUND, never a cancel of what was sent.  Its row is
+    deleted only after the message is stored, through the store's writer, which here
+    waits 3 s before each batch as a slow disk makes it (FENGHUO_TEST_WRITE_DELAY):
+    the MESSAGE is delivered once stored, the row's delete comes a batch later.
+    Before, that window listed the fired message (a flaky CI failure of the test
+    above) and a `cancel` in it deleted the row and answered `cancelled`."""
+    relay = relay_factory("--fsync", "always", workers=1, env={"FENGHUO_TEST_WRITE_DELAY": "3"})
+    ann = await relay.connect("ann", channels=("org.acme.*",), reconnect=False)
+    sub = await relay.connect("cy", read=(NEWS,), reconnect=False)
+    fired = await ann.schedule(NEWS, "due", time.time() - 1)
+    m = await sub.next_message(timeout=30)
+    assert (m.text, m.sender) == ("due", "ann")
+    assert await ann.scheduled() == []
+    # Being sent (its ACK not yet back to the API's session) or sent: either way not cancelled.
+    with pytest.raises(fenghuo.FenghuoError) as info:
+        await ann.cancel_scheduled(fired.id)
+    assert info.value.code in (ErrorCode.NOT_FOUND, ErrorCode.CONFLICT), info.value
+    # Sent once (stored before it was delivered, --fsync always), not undone by the cancel.
+    assert [h.text for h in await ann.history(NEWS)] == ["due"]
+
+
 @pytest.mark.parametrize("workers", WORKERS, ids=["workers-1", "workers-default"])
 async def test_a_scheduled_message_survives_a_restart(relay_factory, workers):
     relay = relay_factory(workers=workers)
