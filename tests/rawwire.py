@@ -110,9 +110,14 @@ class RawConnection(asyncio.Protocol):
 
     async def reply(self, timeout: float = TIMEOUT):
         """The next frame that is not a MESSAGE (fan-out and group events may come
-        before a reply), or None once the server has closed the connection."""
+        before a reply) nor the server's keep-alive PING (PROTOCOL §1.2: after
+        ``ping_interval`` without a byte received, which a loaded machine or a server
+        that stopped reading a flood reaches), or None once the server has closed the
+        connection.  The PING is not answered: the idle timeout is three intervals
+        away, and a PONG written to a server about to close could earn a reset that
+        throws away the replies still to be read."""
         frame = await self.frame(timeout)
-        while frame is not None and frame.type == FrameType.MESSAGE:
+        while frame is not None and frame.type in (FrameType.MESSAGE, FrameType.PING):
             frame = await self.frame(timeout)
         return frame
 

@@ -18,6 +18,7 @@ import pytest
 from fenghuo.core import ErrorCode, FrameType, ReceiptKind, decode_error
 from fenghuo.server.routing import owner_of
 from rawwire import authed_raw, open_raw, worker_pid
+from test_devices import until
 
 from fenghuo.protocol import encode_frame, encode_json, encode_publish, encode_receipt
 
@@ -111,7 +112,8 @@ async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_fa
     assert (await conn.expect(FrameType.WELCOME)).request_id == 50_000
     expected = 1
     while True:
-        frame = await conn.frame(timeout=20)
+        # reply(): past the server's keep-alive PING, which a slow read lets come.
+        frame = await conn.reply(timeout=20)
         assert frame is not None, f"closed after PONG {expected - 1} without an ERROR"
         if frame.type == FrameType.ERROR:
             break
@@ -122,6 +124,20 @@ async def test_a_fatal_error_comes_after_every_reply_admitted_before_it(relay_fa
     # 39,999 PINGs were admitted, and every one of them was answered.
     assert 39_999 <= answered < 40_999
     await conn.expect_closed()
+
+
+async def test_a_server_keep_alive_ping_is_passed_over_by_the_reply_readers(relay_factory):
+    """PROTOCOL §1.2: the server sends PING (request id 0) after ``ping_interval``
+    without a byte received; it is not a reply.  A loaded CI machine let one reach
+    the fatal-error test above at the default 25 s, which took it for its reply:
+    here it comes after 0.2 s, is waited for, and the reply to the next request written
+    after it is still read as the reply."""
+    relay = relay_factory("--ping-interval", "0.2", workers=1)
+    conn = await authed_raw(relay, "bob")
+    await until(lambda: not conn.frames.empty(), timeout=20)    # the server's PING came
+    conn.write(encode_frame(FrameType.PING, b"mine", 7))
+    pong = await conn.answer(7)
+    assert (pong.type, pong.body) == (FrameType.PONG, b"mine")
 
 
 async def test_a_request_that_cannot_be_forwarded_is_refused_at_once(relay):
