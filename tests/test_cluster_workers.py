@@ -21,6 +21,7 @@ from scripts.nats_cluster import NatsCluster
 from conftest import RelayProcess, start_relay
 from test_cluster import LEASE, SECRET, answers, healthz, messages_of, send_while_away
 from test_cluster import until as eventually
+from test_readme import healthz_fields
 
 WORKERS = 2
 
@@ -203,6 +204,13 @@ async def test_the_supervisor_s_healthz_and_metrics_show_every_worker_s_cluster_
     assert node["engine_connected"] is True
     assert node["participants"] == ["n0/0", "n0/1"]
     assert node["channels_owned"] == sum(c["channels_owned"] for c in by_worker.values()) >= 1
+    # Every field the README's /healthz table lists, and no other.
+    documented = healthz_fields()
+    assert set(health) == documented["supervisor"], health
+    assert all(set(w) == documented["worker"] for w in health["workers"]), health["workers"]
+    assert set(node) == documented["node"], node
+    assert all(set(c) == documented["cluster"] for c in by_worker.values()), by_worker
+    assert set(healthz(n0.metrics_port + 1)[1]) == documented["relay"]     # worker 0's own
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
         text = r.read().decode()
     for name in ("fenghuo_cluster_engine_connected", "fenghuo_cluster_channels_owned",

@@ -196,6 +196,41 @@ async def test_every_metric_family_a_relay_serves_is_one_the_readme_lists(relay_
     assert served - _metrics_table() == set()
 
 
+HEALTHZ_ROW = re.compile(r"^\| `([a-z_]+)` \| ([a-z, ]+) \|", re.M)
+
+
+def healthz_fields() -> dict[str, set[str]]:
+    """The README's table of ``/healthz`` fields: for each object that answer holds
+    (relay, supervisor, worker, cluster, node), the fields it lists for it."""
+    block = README.split("Every field of <code>/healthz</code>", 1)[1].split("</details>", 1)[0]
+    rows = HEALTHZ_ROW.findall(block)
+    assert rows and len(rows) == len({field for field, _ in rows}), "a field listed twice"
+    out: dict[str, set[str]] = {}
+    for field, where in rows:
+        for place in where.split(", "):
+            out.setdefault(place, set()).add(field)
+    return out
+
+
+async def test_the_readme_lists_every_healthz_field_a_relay_and_a_supervisor_answer(relay_factory):
+    """A relay of one process and a supervisor of two workers (no cluster: the cluster
+    objects' fields are checked in tests/test_cluster_workers.py)."""
+    from test_cluster import healthz
+
+    documented = healthz_fields()
+    assert set(documented) == {"relay", "supervisor", "worker", "cluster", "node"}
+    single = relay_factory(workers=1)
+    code, body = healthz(single.metrics_port)
+    assert code == 200 and set(body) == documented["relay"] - {"cluster"}, body
+    several = relay_factory(workers=2)
+    code, body = healthz(several.metrics_port)
+    assert code == 200 and set(body) == documented["supervisor"] - {"cluster"}, body
+    assert [set(w) for w in body["workers"]] == [documented["worker"] - {"cluster"}] * 2, body
+    # Each worker answers its own port as a relay of one process does.
+    code, body = healthz(several.metrics_port + 1)
+    assert code == 200 and set(body) == documented["relay"] - {"cluster"}, body
+
+
 def test_the_load_test_commands_run_the_projects_interpreter():
     """A new user after ``make test`` has fenghuo and Locust only in ``.venv``: the
     system's ``python -m loadtest`` or ``locust`` fails there (ModuleNotFoundError)."""
