@@ -25,6 +25,7 @@ from clients import WindowedPublisher
 from conftest import RelayProcess, start_relay
 from fenghuo.server.routing import owner_of
 from storefile import stored_messages
+from test_status import until
 
 import fenghuo
 
@@ -38,6 +39,9 @@ KILLS = 10
 MAX_BACKOFF = 5.0
 FLAGS = ("--fsync", "always")
 OLD_WINDOW_KEYS = 4096
+# Publishes acked between two kills, at least: over the KILLS, more than 4 times
+# the old window (waited for, not assumed of the machine's rate).
+ACKED_PER_KILL = 4 * OLD_WINDOW_KEYS // KILLS + 1
 
 
 @pytest.mark.parametrize("workers", [1, None], ids=["one-worker", "default-workers"])
@@ -54,9 +58,18 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
              for i, client in enumerate(publishers)]
     tasks = [asyncio.ensure_future(load.run()) for load in loads]
     rng = random.Random(10)
+
+    async def acked_since_start(count: int) -> bool:
+        return sum(len(load.acked.get(CHANNEL, ())) for load in loads) >= count
+
     try:
-        for _ in range(KILLS):
+        for kill in range(1, KILLS + 1):
             await asyncio.sleep(rng.uniform(0.3, 2.0))
+            # A loaded machine publishes slower: the kill waits for the acks, so the
+            # channel still sees many times the old window in all (asserted below).
+            await until(lambda kill=kill: acked_since_start(kill * ACKED_PER_KILL),
+                        f"{kill * ACKED_PER_KILL} publishes acked before kill {kill}",
+                        timeout=180)
             # Every process of the relay at once (see RelayProcess.kill).
             relays[-1].kill()
             # Started off the event loop: the clients' backoff timers keep
@@ -77,8 +90,9 @@ async def test_retries_on_a_busy_channel_are_stored_once_across_kill_9(tmp_path,
         assert relays[-1].stop() == 0
     rows = stored_messages(data_dir / "fenghuo.db").get(CHANNEL, [])
 
-    # The channel saw many times the old window between kills: the test is
-    # at the rate where a count-bound window forgot keys a retry still needed.
+    # The channel saw many times the old window between kills (every acked
+    # message is stored, checked below): the test is at the load where a
+    # count-bound window forgot keys a retry still needed.
     assert len(rows) > 4 * OLD_WINDOW_KEYS, len(rows)
     keys = [r.dedupe for r in rows]
     assert None not in keys, "a publish stored without its idempotency key"
