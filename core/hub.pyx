@@ -44,7 +44,8 @@ cdef enum:
     # of 39,999 PONGs that way; 5 s gives a slow reader time for max_pending.
     HUB_LINGER_S = 5
     # Outbound frames up to this size are copied into the connection's one
-    # buffer, so that a tick's frames leave as one bytes object: one write()
+    # buffer (not while its transport is paused), so that a tick's frames
+    # leave as one bytes object: one write()
     # instead of a list and uvloop's writev of one iovec per frame.  A larger
     # frame is queued by reference (a fan-out shares it, uncopied).
     OUT_COALESCE_MAX = 4096
@@ -946,7 +947,11 @@ cdef class Connection:
             return self._slow_consumer()
         if self._outq is None and self._outbuf == NULL:
             self._outq = frame          # alone it is written as it is: no copy
-        elif n <= OUT_COALESCE_MAX:
+        elif n <= OUT_COALESCE_MAX and not self._paused:
+            # Not while paused: what waits for a reader that stopped is held by
+            # reference, so a fan-out's frames are shared by its stalled
+            # receivers, not copied for each up to max_pending
+            # (test_readers_that_stopped_share_the_frames_queued_for_them).
             self._append_out(frame)
         else:
             self._seal_out()

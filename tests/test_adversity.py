@@ -16,6 +16,7 @@ import os
 import random
 import struct
 import time
+from pathlib import Path
 
 import lz4.block
 import orjson
@@ -582,6 +583,43 @@ async def test_slow_consumer_is_cut_and_nobody_else_loses_anything(relay_factory
         seq += 1
         assert decode_message(frame.body).seq == seq
     assert seq < count + 1, "carol was never cut"
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far, in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_readers_that_stopped_share_the_frames_queued_for_them(relay_factory):
+    """A message fanned out to receivers that do not read is queued for each
+    by reference, not copied per receiver: 100 of them, each backing up to
+    ``max_pending`` (1 MB) before being cut, cost the relay about one copy of
+    the messages, not 100 (before, each paused receiver's small frames were
+    copied into a buffer of its own: ~100-200 MB here)."""
+    relay = relay_factory("--max-pending", "1000000", workers=1)
+    alice = await relay.connect("alice")
+    readers = [await authed_raw(relay, f"r{i}", rcvbuf=32 * 1024) for i in range(100)]
+    await alice.create_group("stalled", [f"r{i}" for i in range(100)])
+    for r in readers:
+        assert await r.expect(FrameType.MESSAGE)
+        r.transport.pause_reading()
+    before = peak_rss(relay.proc.pid)
+    payload = os.urandom(2000)                  # one frame below the 4 KiB coalescing limit
+    sent = 0
+    while (await metrics(relay))["fenghuo_slow_consumer_disconnects_total"] < 100:
+        assert sent < 5000, "the readers were never cut"
+        for _ in range(50):
+            await alice.publish("group:stalled", payload)
+        sent += 50
+    grown = peak_rss(relay.proc.pid) - before
+    # ~1.1 MB of messages queued once and a pointer per frame and reader;
+    # the bound leaves room for the allocator and the rest of the process.
+    assert grown < 40_000_000, f"peak memory grew {grown / 1e6:.0f} MB for {sent} messages"
+    for r in readers:
+        r.close()
 
 
 # A connection is judged slow only while its transport is paused (the peer is
