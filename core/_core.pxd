@@ -3,7 +3,6 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from cpython.pythread cimport PyThread_type_lock
-from cpython.object cimport PyObject
 
 from debug cimport CORE_DEBUG
 from hton cimport *

@@ -134,15 +134,9 @@ cdef class Connection:
     cdef Py_ssize_t _partial_cap
     cdef bint _large
     cdef Py_ssize_t _arena_base
-    # send state, None/NULL when idle: what is queued this tick is the
-    # segments in _outq (None, one bytes, or a list of them, in order), then
-    # the small frames copied into _outbuf (a bytes of our own, _outbuf_len
-    # bytes used, written as one)
-    cdef object _outq
-    cdef PyObject* _outbuf
-    cdef Py_ssize_t _outbuf_len
+    # send state: frames queued this tick (None when idle)
+    cdef list _outq
     cdef Py_ssize_t _out_bytes
-    cdef Py_ssize_t _out_frames
     cdef Channel _last_channel
     cdef double _tokens
     cdef double _refilled_at
@@ -172,9 +166,6 @@ cdef class Connection:
     cdef int _reply_in_order(self, bytes frame) except -1
     cdef int _enqueue_released(self, bytes frame) except -1
     cdef int flush(self) except -1
-    cdef int _append_out(self, bytes frame) except -1
-    cdef int _seal_out(self) except -1
-    cdef void _drop_out(self) noexcept
     cdef int _consume(self, const char* data, Py_ssize_t avail) except -1
     cdef bint _prefetch_key(self, const char* p, Py_ssize_t avail, PublishView* v) noexcept
     cdef int _dispatch(self, const char* frame, Py_ssize_t span, PublishView* view) except -1

@@ -17,11 +17,6 @@ cdef extern from "Python.h":
     void PyObject_GC_Track(object)
     void PyObject_GC_UnTrack(object)
     bint PyObject_GC_IsTracked(object)
-    # A connection's outbound buffer is a bytes object of its own, grown in
-    # place while it is the only reference, then written as it is.
-    PyObject* _new_bytes "PyBytes_FromStringAndSize"(const char* v, Py_ssize_t n)
-    int _PyBytes_Resize(PyObject** b, Py_ssize_t n) except -1
-    void Py_XDECREF(PyObject* o)
 
 import asyncio
 import logging
@@ -43,14 +38,6 @@ cdef enum:
     # HELLO and 40,999 PINGs with a 4 KiB client receive buffer lost 39,677
     # of 39,999 PONGs that way; 5 s gives a slow reader time for max_pending.
     HUB_LINGER_S = 5
-    # Outbound frames up to this size are copied into the connection's one
-    # buffer (not while its transport is paused), so that a tick's frames
-    # leave as one bytes object: one write()
-    # instead of a list and uvloop's writev of one iovec per frame.  A larger
-    # frame is queued by reference (a fan-out shares it, uncopied).
-    OUT_COALESCE_MAX = 4096
-    # The buffer's first size (it doubles as needed).
-    OUTBUF_MIN = 1024
 
 # The same bound for the TLS layer's close (close_notify, then read and
 # discard until the client's): the relay's ssl_shutdown_timeout.
@@ -614,10 +601,7 @@ cdef class Connection:
         self._large = False
         self._arena_base = 0
         self._outq = None
-        self._outbuf = NULL
-        self._outbuf_len = 0
         self._out_bytes = 0
-        self._out_frames = 0
         self._last_channel = None
         self._tokens = hub.burst
         self._refilled_at = monotonic()
@@ -636,7 +620,6 @@ cdef class Connection:
     def __dealloc__(self):
         PyMem_Free(self._partial)
         self._partial = NULL
-        self._drop_out()
 
     # ------------------------------------------------------------ control plane
     # Overridden by the server; the defaults refuse politely.
@@ -667,7 +650,8 @@ cdef class Connection:
         self.closing = True
         self._drop_partial()
         self._replies = None
-        self._drop_out()
+        self._outq = None
+        self._out_bytes = 0
         self._last_channel = None
         self.hub.connections.discard(self)
         self.on_close(exc)
@@ -681,7 +665,7 @@ cdef class Connection:
 
     def resume_writing(self):
         self._paused = False
-        if (self._outq is not None or self._outbuf != NULL) and not self._dirty:
+        if self._outq is not None and not self._dirty:
             self._dirty = True
             self.hub.mark_dirty(self)
 
@@ -936,36 +920,21 @@ cdef class Connection:
     # ------------------------------------------------------------ outbound
 
     cdef int enqueue(self, bytes frame) except -1:
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
         if self.closing:
             return 0
         # Only bytes queued while the transport is paused (the kernel and uvloop
         # buffers are full past the high-water mark) count against the limit:
         # what one loop iteration queues for a reader that keeps up is written
         # out at the end of that iteration.
-        if self._paused and self._out_bytes + n > self.hub.max_pending_bytes:
+        if self._paused and self._out_bytes + PyBytes_GET_SIZE(frame) > self.hub.max_pending_bytes:
             return self._slow_consumer()
-        if self._outq is None and self._outbuf == NULL:
-            self._outq = frame          # alone it is written as it is: no copy
-        elif n <= OUT_COALESCE_MAX and not self._paused:
-            # Not while paused: what waits for a reader that stopped is held by
-            # reference, so a fan-out's frames are shared by its stalled
-            # receivers, not copied for each up to max_pending
-            # (test_readers_that_stopped_share_the_frames_queued_for_them).
-            self._append_out(frame)
+        if self._outq is None:
+            self._outq = [frame]
         else:
-            self._seal_out()
-            if type(self._outq) is list:
-                (<list>self._outq).append(frame)
-            else:
-                self._outq = [self._outq, frame]
-        self._out_bytes += n
-        self._out_frames += 1
+            self._outq.append(frame)
+        self._out_bytes += PyBytes_GET_SIZE(frame)
         if CORE_DEBUG:
-            assert self._out_bytes == self._outbuf_len + (
-                0 if self._outq is None else PyBytes_GET_SIZE(self._outq)
-                if type(self._outq) is bytes else sum(len(f) for f in self._outq)), \
-                "queue size drifted"
+            assert self._out_bytes == sum(len(f) for f in self._outq), "queue size drifted"
         if not self._dirty and not self._paused:
             self._dirty = True
             self.hub.mark_dirty(self)
@@ -980,8 +949,7 @@ cdef class Connection:
         58,474, issue 15) for the same one write.  What the connection is sent
         later in the iteration (a pipelined request's reply) queues behind it
         as usual and goes out in a second write."""
-        if (self._outq is not None or self._outbuf != NULL or self.closing or self._paused
-                or self.transport is None):
+        if self._outq is not None or self.closing or self._paused or self.transport is None:
             return self.enqueue(frame)
         self.hub.metrics.frames_out += 1
         self.hub.metrics.bytes_out += PyBytes_GET_SIZE(frame)
@@ -989,75 +957,20 @@ cdef class Connection:
         self.transport.write(frame)
         return 0
 
-    cdef int _append_out(self, bytes frame) except -1:
-        # Copy a small frame to the end of the outbound buffer, after _outq.
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame), cap
-        cdef object head = None
-        if self._outbuf == NULL:
-            if type(self._outq) is bytes and PyBytes_GET_SIZE(self._outq) <= OUT_COALESCE_MAX:
-                head = self._outq       # the one frame so far: it starts the buffer
-                self._outq = None
-            cap = max(<Py_ssize_t>OUTBUF_MIN,
-                      2 * (n + (0 if head is None else PyBytes_GET_SIZE(head))))
-            self._outbuf = _new_bytes(NULL, cap)
-            if self._outbuf == NULL:
-                raise MemoryError()
-            self._outbuf_len = 0
-            if head is not None:
-                memcpy(PyBytes_AS_STRING(<object>self._outbuf), PyBytes_AS_STRING(head),
-                       PyBytes_GET_SIZE(head))
-                self._outbuf_len = PyBytes_GET_SIZE(head)
-        elif self._outbuf_len + n > PyBytes_GET_SIZE(<object>self._outbuf):
-            # Ours alone (refcount 1): resized in place or moved by realloc.
-            _PyBytes_Resize(&self._outbuf, 2 * (self._outbuf_len + n))
-        memcpy(PyBytes_AS_STRING(<object>self._outbuf) + self._outbuf_len,
-               PyBytes_AS_STRING(frame), n)
-        self._outbuf_len += n
-        return 0
-
-    cdef int _seal_out(self) except -1:
-        # The outbound buffer, cut to what it holds, becomes _outq's last segment.
-        cdef object sealed
-        if self._outbuf == NULL:
-            return 0
-        _PyBytes_Resize(&self._outbuf, self._outbuf_len)
-        sealed = <object>self._outbuf
-        Py_XDECREF(self._outbuf)        # the reference is ``sealed``'s now
-        self._outbuf = NULL
-        self._outbuf_len = 0
-        if self._outq is None:
-            self._outq = sealed
-        elif type(self._outq) is list:
-            (<list>self._outq).append(sealed)
-        else:
-            self._outq = [self._outq, sealed]
-        return 0
-
-    cdef void _drop_out(self) noexcept:
-        Py_XDECREF(self._outbuf)
-        self._outbuf = NULL
-        self._outbuf_len = 0
-        self._outq = None
-        self._out_bytes = 0
-        self._out_frames = 0
-
     cdef int flush(self) except -1:
-        cdef object q
+        cdef list q = self._outq
         self._dirty = False
-        if (self._outq is None and self._outbuf == NULL) or self.closing or self._paused:
+        if q is None or self.closing or self._paused:
             return 0
-        self._seal_out()
-        q = self._outq
         self._outq = None
-        self.hub.metrics.frames_out += self._out_frames
+        self.hub.metrics.frames_out += PyList_GET_SIZE(q)
         self.hub.metrics.bytes_out += self._out_bytes
         self.hub.metrics.writes += 1
         self._out_bytes = 0
-        self._out_frames = 0
-        if type(q) is list:
-            self.transport.writelines(q)
+        if PyList_GET_SIZE(q) == 1:
+            self.transport.write(<object>PyList_GET_ITEM(q, 0))
         else:
-            self.transport.write(q)
+            self.transport.writelines(q)
         return 0
 
     cdef int _slow_consumer(self) except -1:
@@ -1065,7 +978,8 @@ cdef class Connection:
         # unsent frames exceed max_pending_bytes is told SLOW_CONSUMER and
         # closed; it reconnects and catches up by seq, so nothing is lost.
         self.hub.metrics.slow_consumers += 1
-        self._drop_out()
+        self._outq = None
+        self._out_bytes = 0
         if self.transport is None:
             return 0
         self.hub.metrics.count_error(ErrorCode.SLOW_CONSUMER)
