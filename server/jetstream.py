@@ -122,18 +122,30 @@ def subject(channel: str) -> str:
     return SUBJECT + token(channel)
 
 
-async def stop_watch(js: JetStreamContext, watcher: KeyValue.KeyWatcher) -> None:
+class ConsumerLeft(RuntimeError):
+    """A watch stopped whose consumer NATS did not delete (no answer in time,
+    or the connection gone): nats-server removes it after its inactive
+    threshold."""
+
+
+async def stop_watch(js: JetStreamContext, watcher: KeyValue.KeyWatcher) -> bool:
     """Stop a KV watch: its subscription, and its consumer on the server.
+    Whether its consumer is gone (False: NATS did not answer, or refused).
 
     nats-py's ``stop`` only unsubscribes: the ordered consumer stays on the
     bucket's stream for its inactive threshold (nats-py's default for a KV
     watch, 5 minutes), so every node that closed left one per watched bucket
     behind it."""
     sub = watcher._sub
-    await watcher.stop()
-    if sub is not None and sub._consumer:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
+    try:
+        await watcher.stop()
+        if sub is not None and sub._consumer:
             await js.delete_consumer(sub._stream, sub._consumer)
+    except nats.js.errors.NotFoundError:
+        return True                          # gone already
+    except (nats.errors.Error, TimeoutError):
+        return False
+    return True
 
 
 async def _replay(js: JetStreamContext, kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
@@ -176,8 +188,7 @@ async def _replay(js: JetStreamContext, kv: KeyValue, learn: Callable[[KeyValue.
         # A replay not finished (its time passed, the start given up): this
         # watch stops, else it would go on beside the one a retry makes (its
         # subscription and consumer kept, every change learned twice).
-        with contextlib.suppress(nats.errors.Error):
-            await stop_watch(js, watcher)
+        await stop_watch(js, watcher)
         raise
     return watcher
 
@@ -222,8 +233,10 @@ async def watch_bucket(js: JetStreamContext, kv: KeyValue,
                     learn(entry)
         finally:
             # Cancelled (the node closes): stopped before its connection is.
-            with contextlib.suppress(nats.errors.Error):
-                await stop_watch(js, watcher)
+            # A consumer left on the server fails the task, so that the
+            # node's stop lists it as not done (NodeCluster.stop).
+            if not await stop_watch(js, watcher):
+                raise ConsumerLeft(name)
     return asyncio.create_task(follow(), name=name)
 
 
@@ -249,7 +262,8 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and wait until it has finished (a watch's: stopped)."""
+    """Cancel ``task`` and wait until it has finished (a watch's: stopped;
+    :class:`ConsumerLeft` raised if its consumer was not deleted)."""
     if task is None:
         return
     task.cancel()

@@ -307,9 +307,12 @@ class NodeCluster(Cluster):
         await stop_task(self._heads_task)
         if not await within(asyncio.gather(self.ownership.stop(), self.state.stop()), left()):
             undone.append("the watches' consumers deleted")
-        if not await within(self.liveness.stop(), left()):
-            undone.append("peers told it leaves")
+        told = await within(self.liveness.stop(), left())
+        # One flush for both: the "leaving" heartbeat and the records are
+        # only buffered by nats-py until the server has answered a flush.
         flushed = left() > 0 and await self.mesh.flush(left())
+        if not (told and flushed):
+            undone.append("peers told it leaves")
         if self.mesh.close() or not flushed:
             undone.append("node records sent")
         if not await self.engine.close(left()):
