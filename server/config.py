@@ -117,6 +117,10 @@ class Settings:
                                    "kernel (Linux 6.12 and later): on a busy CPU a woken loop with "
                                    "a slice shorter than the running task's takes the CPU at once "
                                    "(see The latency tail)", zero="the kernel's default")
+    gc_young_threshold: int = _opt(700, "allocations (less deallocations) of tracked objects "
+                                        "between two collections of the cyclic collector's young "
+                                        "generation (gc.set_threshold's first; CPython's 700; see "
+                                        "The cyclic collector)")
     max_connections: int = _opt(0, "open client connections per worker; beyond it a new one is "
                                    "refused with TRY_AGAIN", zero="the open-file limit less 256")
     max_handshakes: int = _opt(2048, "connections per worker accepted and not yet past HELLO; beyond "

@@ -279,6 +279,9 @@ class RelayCollector(Collector):
         lag = relay.node.loop_lag.histogram
         yield gauge("fenghuo_gc_frozen_objects", "Objects the cyclic collector no longer examines "
                     "(gc.freeze: startup and survivors of full collections).", relay.node.collector.frozen())
+        yield gauge("fenghuo_gc_young_threshold_objects", "Allocations of tracked objects between "
+                    "two young-generation collections (--gc-young-threshold).",
+                    relay.node.collector.young_threshold())
         yield histogram("fenghuo_event_loop_lag_seconds", "How late a timer set 10 ms ahead fired, "
                         "sampled every 10 ms: the loop's stalls.", BOUNDS,
                         [((), lag.counts, lag.sum)])

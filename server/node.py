@@ -131,7 +131,7 @@ class Node:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="fenghuo-sweeper")
         self.loop_slice = loop_slice(self.relay.settings.loop_slice_us)
         self.loop_lag.start()
-        self.collector.start()
+        self.collector.start(self.relay.settings.gc_young_threshold)
         if self.relay.tokens.revocations is not None:
             self._revoker = asyncio.create_task(self._revoke_forever(), name="fenghuo-revocations")
         log.info("listening", extra={"host": self.relay.settings.host, "port": self.port,

@@ -204,8 +204,16 @@ class Collector:
     def frozen() -> int:
         return gc.get_freeze_count()
 
-    def start(self) -> None:
-        """Freeze what startup made (after collecting its garbage) and time every collection."""
+    @staticmethod
+    def young_threshold() -> int:
+        return gc.get_threshold()[0]
+
+    def start(self, young_threshold: int) -> None:
+        """Freeze what startup made (after collecting its garbage), collect the young
+        generation every ``young_threshold`` net allocations of tracked objects (the older
+        generations' thresholds, counted in young collections, stay CPython's), and time
+        every collection."""
+        gc.set_threshold(young_threshold, *gc.get_threshold()[1:])
         gc.collect()
         gc.freeze()
         gc.callbacks.append(self._callback)

@@ -368,6 +368,18 @@ async def test_every_workers_loop_thread_asks_the_kernel_for_a_short_time_slice(
         relay.stop()
 
 
+async def test_every_workers_collector_takes_the_young_threshold_it_is_given(relay_factory):
+    """--gc-young-threshold (default 700, CPython's): each worker's cyclic collector runs
+    its young generation at that threshold, /metrics says so."""
+    for flags, expected in (((), 700), (("--gc-young-threshold", "7000"), 7000)):
+        relay = relay_factory(*flags, workers=2)
+        await relay.connect("alice")
+        body = (await http_get(relay.host, relay.metrics_port, "/metrics"))[2].decode()
+        thresholds = re.findall(r"^fenghuo_gc_young_threshold_objects(?:\{[^}]*\})? (\S+)$", body, re.M)
+        assert [float(v) for v in thresholds] == [expected] * 2, (flags, thresholds)
+        relay.stop()
+
+
 async def test_healthz_and_unknown_paths(relay):
     alice = await relay.connect("alice")
     for path in ("/healthz", "/health", "/healthz?verbose=1"):
