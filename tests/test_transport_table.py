@@ -40,7 +40,11 @@ async def _lightened_loop_keeps_uvloops_check() -> None:
     # The table holds its transports weakly: closed and unreferenced, the transport is gone ...
     assert transport() is None
     # ... and its descriptor's number, reused by a plain socket, may be watched.
-    reused = [socket.socket() for _ in range(4)]
+    # The kernel gives the lowest free number: numbers freed below ``fd`` (the
+    # collection above may close sockets earlier tests left) are taken first.
+    reused = [socket.socket()]
+    while reused[-1].fileno() < fd and len(reused) < 10_000:
+        reused.append(socket.socket())
     try:
         (same,) = [s for s in reused if s.fileno() == fd]
         loop.add_reader(same.fileno(), lambda: None)
