@@ -213,6 +213,9 @@ class RelayCollector(Collector):
                       "skipped by their number (records lost on the way for longer than a "
                       "channel stays listed): every replica it feeds here asked for again.",
                       node.heads_missed)
+        yield counter("fenghuo_cluster_asks_repeated", "Asks of an owner for a replica "
+                      "(or their answers) lost on the way: unanswered five heads lists "
+                      "later, asked again.", node.asks_repeated)
         lag = node.replica_lag
         yield histogram("fenghuo_cluster_replica_lag_seconds", "From a message's sequencing on "
                         "the node that owns its channel (its ts) to its arrival at this node's "

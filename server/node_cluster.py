@@ -95,6 +95,19 @@ HEADS_REPEAT = 3
 # Channels in one heads record: a list for thousands stays far below NATS's
 # 1 MB max_payload.
 HEADS_PER_RECORD = 1000
+# Heads records a replica's ask ("interest") waits for its owner's answer
+# ("warm") before it is asked again, once (NodeCluster._asks_unanswered):
+# core NATS may lose either, and an owner no longer lists a replica idle
+# since, so nothing else would ever ask.  The round trip takes milliseconds,
+# but an owner answering 10,000 asks at once took 1.6 and 2.7 s to get
+# through them at load 9-10 (python -m bench cluster --parts asks,
+# bench/results/2026-12-06-asks): five records (4-5 s) do not ask again
+# what is only slow.  Only once: an
+# owner answers no ask for a channel it does not own (a restarted owner
+# until it claims it again), and asking it every 3 s would cost a record per
+# channel for as long; a loss long enough to take the repeat too takes a
+# heads record with it, and the skipped number asks again anyway.
+ASK_PATIENCE = 5
 
 
 @dataclass
@@ -207,6 +220,11 @@ class NodeCluster(Cluster):
         self.heads_sent: dict[int, int] = {}
         self.heads_seen: dict[int, int] = {}
         self.heads_missed = 0                # heads records found skipped, owner asked again
+        #: replica side: channels asked for (interest) and not answered (warm)
+        #: yet -> the owner asked, the number of its last heads record then,
+        #: and whether the ask is a repeat already
+        self.asked: dict[Channel, tuple[int, int, bool]] = {}
+        self.asks_repeated = 0               # such asks unanswered too long, asked again
         self._heads_task: asyncio.Task[None] | None = None
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
@@ -1358,6 +1376,7 @@ class NodeCluster(Cluster):
                             extra={"node": source, "last": last, "number": number})
                 self.heads_missed += 1
                 self._ask_again(source)
+            self._asks_unanswered(source, number)
         for name, head in heads.items():
             ch = self.relay.hub.find(name)
             if (ch is None or ch.seq >= head or ch not in self.ready_here or ch in self.holes
@@ -1368,6 +1387,49 @@ class NodeCluster(Cluster):
                         extra={"channel": name, "have": ch.seq, "head": head})
             self.heads_behind += 1
             self._ask_owner(ch)
+
+    def _send_interest(self, owner: int, ch: Channel) -> None:
+        super()._send_interest(owner, ch)
+        self.asked[ch] = (owner, self.heads_seen.get(owner, 0), False)
+
+    def _ready(self, ch: Channel) -> None:
+        self.asked.pop(ch, None)                     # answered
+        super()._ready(ch)
+
+    def _asks_unanswered(self, source: int, number: int) -> None:
+        """Replica side: owner ``source``'s heads record ``number`` came; an ask of
+        it still unanswered ``ASK_PATIENCE`` records after it was sent was
+        lost, or its answer was (core NATS delivers at most once): asked
+        again, once (a repeat unanswered too is forgotten: ``ASK_PATIENCE``).
+
+        An ask again after lost records (:meth:`_ask_again`) is for replicas
+        ready here, which their owner no longer lists once idle: lost, it was
+        never asked again, and the replica stayed behind for good
+        (test_an_ask_again_lost_on_its_way_to_the_owner_is_asked_again).  A
+        replica let go of since, or now owned elsewhere or here, is settled
+        another way and forgotten."""
+        again = []
+        for ch, (owner, at, repeat) in list(self.asked.items()):
+            if owner != source:
+                continue
+            if (self.owner_of(ch.name) != source or self.store.owns(ch.name)
+                    or (ch not in self.ready_here and ch not in self.warming)):
+                del self.asked[ch]
+            elif number - at >= ASK_PATIENCE:
+                del self.asked[ch]
+                if not repeat:
+                    again.append(ch)
+        if not again:
+            return
+        # One line, not one a channel: after an owner's restart it is thousands.
+        log.warning("asks of an owner unanswered: asking again",
+                    extra={"owner": source, "channels": len(again), "first": again[0].name})
+        self.asks_repeated += len(again)
+        for ch in again:
+            self._ask_owner(ch)
+            sent = self.asked.get(ch)
+            if sent is not None:                     # (not if asked of nobody yet)
+                self.asked[ch] = (sent[0], sent[1], True)
 
     def _reconnected(self) -> None:
         """Back on NATS: the last records this node sent or was sent may have been
@@ -1498,6 +1560,8 @@ class NodeCluster(Cluster):
                 self._forget_if_idle(session, pending)
         for peers in self.interested.values():
             peers.discard(peer.index)
+        for ch in [ch for ch, (owner, _, _) in self.asked.items() if owner == peer.index]:
+            del self.asked[ch]                       # its heads lists will never come
         for ch in [ch for ch in self.cooling if self.owner_of(ch.name) in (peer.index, UNKNOWN)]:
             self._cold(ch)                           # its "cold" will never come
         for name, claim in list(self.ownership.claims.items()):
@@ -1521,6 +1585,7 @@ class NodeCluster(Cluster):
                 "failovers": self.failovers, "holes_filled": self.holes_filled,
                 "heads_behind": self.heads_behind,
                 "heads_missed": self.heads_missed,
+                "asks_repeated": self.asks_repeated,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
                 "parked_sent_on_watch": self.parked_sent_on_watch,

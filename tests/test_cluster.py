@@ -1653,22 +1653,28 @@ async def test_a_nats_server_killed_under_load_loses_nothing_and_the_receiver_ge
 
 
 @contextlib.asynccontextmanager
-async def last_messages_held(nodes, nats_cluster: NatsCluster, name: str
+async def last_messages_held(nodes, nats_cluster: NatsCluster, name: str,
+                             replica: NatsProxy | None = None
                              ) -> AsyncIterator[tuple[NatsServer, WritesHeld, RelayProcess,
                                                       LiveSeqs, int]]:
     """n0, behind a proxy to a follower of the stream, sequences group ``name``;
-    carol on n1 (on the other servers) has its first seq live; n0's records of
-    its next three messages to other nodes are held back, never forwarded.
-    Yields the server behind the proxy, the proxy (still holding), n1, carol
-    and the head."""
+    carol on n1 (on the other servers; through ``replica``, a proxy pointed here
+    at one of them, if given) has its first seq live; n0's
+    records of its next three messages to other nodes are held back, never
+    forwarded.  Yields the server behind the proxy, the proxy (still holding),
+    n1, carol and the head."""
     # Not the stream's leader: the appends and the replica's reads go on at once.
     server = await a_follower(nats_cluster)
     records = WritesHeld((server.host, server.port), "fh.node.")   # n0's records to other nodes
     url = await records.start()
+    others = [s for s in nats_cluster.servers if s is not server]
     try:
         (n0,) = await asyncio.to_thread(nodes, "n0", urls=[url])     # the loop runs the proxy
-        (n1,) = await asyncio.to_thread(
-            nodes, "n1", servers=[s for s in nats_cluster.servers if s is not server])
+        if replica is None:
+            (n1,) = await asyncio.to_thread(nodes, "n1", servers=others)
+        else:
+            replica.target = (others[0].host, others[0].port)
+            (n1,) = await asyncio.to_thread(nodes, "n1", urls=[await replica.start()])
         alice = await n0.connect("alice")
         group = f"group:{name}"
         carol = LiveSeqs(await authed_raw(n1, "carol"), group)
@@ -1686,6 +1692,8 @@ async def last_messages_held(nodes, nats_cluster: NatsCluster, name: str
         yield server, records, n1, carol, head
     finally:
         await records.close()
+        if replica is not None:
+            await replica.close()
 
 
 async def test_an_owner_s_last_messages_lost_with_its_nats_server_reach_the_replica_live(
@@ -1749,6 +1757,58 @@ async def test_an_owner_s_last_messages_lost_for_longer_than_their_lists_reach_t
         assert not carol.conn.is_closed
         state = healthz(n1.metrics_port)[1]["cluster"]
         assert state["heads_missed"] >= 1, state
+
+
+class AskDropped(NatsProxy):
+    """A TCP proxy to a nats-server that drops the next ``dropping`` records its
+    client (a replica node) publishes asking an owner for ``channel`` (an
+    ``interest``); everything else passes both ways."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.channel = b""
+        self.dropping = 0
+        self.dropped = 0
+
+    async def _up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for words, frame in self._frames(reader):
+            if (self.dropping and words[:1] in ([b"PUB"], [b"HPUB"])
+                    and b'"op":"interest"' in frame and self.channel in frame):
+                self.dropping -= 1
+                self.dropped += 1
+                continue                                 # lost by core NATS
+            writer.write(frame)
+        writer.close()
+
+
+async def test_an_ask_again_lost_on_its_way_to_the_owner_is_asked_again(
+        nodes, nats_cluster: NatsCluster):
+    """As above (n0's records lost for longer than the group stays in its
+    heads lists), and n1's ask again for the group is lost too, while every
+    server stays up: n1 asks again once n0's next heads records show its ask
+    unanswered, so carol gets each message live, once, in order.  Before, an
+    ask that core NATS lost was never asked again: n0 no longer lists the
+    idle group, its numbers run on unbroken, and carol never got them live."""
+    asks = AskDropped(("", 0))                  # pointed at a server of n1's
+    async with last_messages_held(nodes, nats_cluster, "lost", asks) as (
+            _, records, n1, carol, head):
+        heads, group = b'"op":"heads"', b'"group:lost"'
+
+        async def its_lists_held() -> bool:
+            return sum(heads in frame and group in frame for frame in records.held) >= HEADS_REPEAT
+        await until(its_lists_held, 20)
+        await asyncio.sleep(1.5 * HEADS_INTERVAL)
+        asks.channel, asks.dropping = group, 1
+        records.holding = False                 # all of it dropped; every server stays up
+
+        async def ask_dropped() -> bool:
+            return asks.dropped == 1
+        await until(ask_dropped, 15)
+        await carol.until(head, 20)
+        assert carol.seqs == list(range(1, head + 1)), f"live: {carol.seqs}"
+        assert not carol.conn.is_closed
+        state = healthz(n1.metrics_port)[1]["cluster"]
+        assert state["asks_repeated"] >= 1, state
 
 
 async def stream_leader(urls: list[str]) -> str:
