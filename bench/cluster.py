@@ -24,7 +24,9 @@ pairs, fan-out throughput and fan-out latency at a fixed rate.
 
 ``--parts failover`` kills a node and a nats-server under load
 (``bench/cluster_failover.py``); ``--parts regions`` stretches a cluster
-over the global bench's four regions (``bench/cluster_regions.py``).
+over the global bench's four regions (``bench/cluster_regions.py``);
+``--parts asks`` measures the burst of asks a replica node sends an owner
+again (``bench/cluster_asks.py``).
 """
 
 from __future__ import annotations
@@ -68,32 +70,49 @@ class FenghuoCluster(FenghuoWire):
     """A 3-server NATS cluster and ``nodes`` fenghuo nodes on it; users placed by ``placement``."""
 
     def __init__(self, secret: str, placement: Placement = same_node, nodes: int = NODES,
-                 name: str = "cluster", node_flags: tuple[str, ...] = ()) -> None:
+                 name: str = "cluster", node_flags: tuple[str, ...] = (),
+                 lease: float = LEASE_S) -> None:
         super().__init__(secret)
         self.name = name
         self.placement = placement
         self.node_count = nodes
         self.node_flags = node_flags
+        self.lease = lease
         self.nats: NatsCluster | None = None
         self.nodes: list[Fenghuo] = []
 
-    def node_args(self, k: int) -> tuple[str, ...]:
+    def urls_of(self, k: int) -> str:
+        """The nats-servers node ``k`` is given: all of them."""
         assert self.nats is not None
-        return ("--cluster", self.nats.url_list, "--node", f"n{k}",
-                "--cluster-lease", str(LEASE_S), *self.node_flags)
+        return self.nats.url_list
+
+    def node_args(self, k: int) -> tuple[str, ...]:
+        return ("--cluster", self.urls_of(k), "--node", f"n{k}",
+                "--cluster-lease", str(self.lease), *self.node_flags)
 
     def start(self, workdir: Path) -> None:
         self.nats = NatsCluster.start(workdir / "nats", cpu=RELAY_CPU)
         try:
             for k in range(self.node_count):
-                node = Fenghuo(self.secret, self.node_args(k), workers=1)
-                (workdir / f"n{k}").mkdir()
-                self.nodes.append(node)
-                node.start(workdir / f"n{k}")
+                self.nodes.append(self.start_node(k, workdir / f"n{k}"))
         except BaseException:
             self.stop()
             raise
         self.proc, self.port = self.nodes[0].proc, self.nodes[0].port
+
+    def start_node(self, k: int, workdir: Path, start_timeout: float | None = None) -> Fenghuo:
+        """Node ``k``, started in the new directory ``workdir`` (not yet in :attr:`nodes`),
+        given ``start_timeout`` seconds to listen (default: the target's)."""
+        node = Fenghuo(self.secret, self.node_args(k), workers=1)
+        if start_timeout is not None:
+            node.start_timeout = start_timeout
+        workdir.mkdir()
+        try:
+            node.start(workdir)
+        except BaseException:
+            node.stop()
+            raise
+        return node
 
     def address_of(self, user: str) -> tuple[str, int]:
         return self.host, self.nodes[self.placement(user, self.node_count)].port
@@ -224,7 +243,7 @@ def paths_table(rows: list[Row]) -> str:
 
 # ====================================================================== command
 
-PARTS = ("paths", "failover", "regions")
+PARTS = ("paths", "failover", "regions", "asks")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -237,9 +256,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--duration", type=float, help="paths: seconds measured per run")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
-    from bench import cluster_failover, cluster_regions
+    from bench import cluster_asks, cluster_failover, cluster_regions
     cluster_failover.add_options(p)
     cluster_regions.add_options(p)
+    cluster_asks.add_options(p)
     p.set_defaults(func=cmd_cluster)
 
 
@@ -273,6 +293,10 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     if "regions" in parts:
         from bench import cluster_regions
         out["regions"], ok = cluster_regions.run(a)
+        failed |= not ok
+    if "asks" in parts:
+        from bench import cluster_asks
+        out["asks"], ok = cluster_asks.run(a)
         failed |= not ok
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
