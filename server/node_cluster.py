@@ -110,6 +110,15 @@ HEADS_PER_RECORD = 1000
 ASK_PATIENCE = 5
 
 
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """A replica's ask of its owner not answered yet (NodeCluster._asks_unanswered)."""
+
+    owner: int
+    at: int                           # the number of the owner's last heads record then
+    repeat: bool = False              # asked again already: not asked a third time
+
+
 @dataclass
 class _Parked:
     """A request for a channel whose owner is being found."""
@@ -220,10 +229,8 @@ class NodeCluster(Cluster):
         self.heads_sent: dict[int, int] = {}
         self.heads_seen: dict[int, int] = {}
         self.heads_missed = 0                # heads records found skipped, owner asked again
-        #: replica side: channels asked for (interest) and not answered (warm)
-        #: yet -> the owner asked, the number of its last heads record then,
-        #: and whether the ask is a repeat already
-        self.asked: dict[Channel, tuple[int, int, bool]] = {}
+        #: replica side: channels asked for (interest) and not answered (warm) yet
+        self.asked: dict[Channel, _Ask] = {}
         self.asks_repeated = 0               # such asks unanswered too long, asked again
         self._heads_task: asyncio.Task[None] | None = None
         self.holes_filled = 0                # messages read from the stream into a hole
@@ -1390,7 +1397,7 @@ class NodeCluster(Cluster):
 
     def _send_interest(self, owner: int, ch: Channel) -> None:
         super()._send_interest(owner, ch)
-        self.asked[ch] = (owner, self.heads_seen.get(owner, 0), False)
+        self.asked[ch] = _Ask(owner, self.heads_seen.get(owner, 0))
 
     def _ready(self, ch: Channel) -> None:
         self.asked.pop(ch, None)                     # answered
@@ -1409,15 +1416,15 @@ class NodeCluster(Cluster):
         replica let go of since, or now owned elsewhere or here, is settled
         another way and forgotten."""
         again = []
-        for ch, (owner, at, repeat) in list(self.asked.items()):
-            if owner != source:
+        for ch, ask in list(self.asked.items()):
+            if ask.owner != source:
                 continue
             if (self.owner_of(ch.name) != source or self.store.owns(ch.name)
                     or (ch not in self.ready_here and ch not in self.warming)):
                 del self.asked[ch]
-            elif number - at >= ASK_PATIENCE:
+            elif number - ask.at >= ASK_PATIENCE:
                 del self.asked[ch]
-                if not repeat:
+                if not ask.repeat:
                     again.append(ch)
         if not again:
             return
@@ -1429,7 +1436,7 @@ class NodeCluster(Cluster):
             self._ask_owner(ch)
             sent = self.asked.get(ch)
             if sent is not None:                     # (not if asked of nobody yet)
-                self.asked[ch] = (sent[0], sent[1], True)
+                self.asked[ch] = _Ask(sent.owner, sent.at, repeat=True)
 
     def _reconnected(self) -> None:
         """Back on NATS: the last records this node sent or was sent may have been
@@ -1560,7 +1567,7 @@ class NodeCluster(Cluster):
                 self._forget_if_idle(session, pending)
         for peers in self.interested.values():
             peers.discard(peer.index)
-        for ch in [ch for ch, (owner, _, _) in self.asked.items() if owner == peer.index]:
+        for ch in [ch for ch, ask in self.asked.items() if ask.owner == peer.index]:
             del self.asked[ch]                       # its heads lists will never come
         for ch in [ch for ch in self.cooling if self.owner_of(ch.name) in (peer.index, UNKNOWN)]:
             self._cold(ch)                           # its "cold" will never come
