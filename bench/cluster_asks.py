@@ -25,14 +25,18 @@ current again), asks repeated (``asks_repeated``: an ask unanswered five
 heads records later), the CPU seconds ``n0`` and ``n1`` spent meanwhile, and
 the publish-to-deliver latency of a probe (a group ``n1`` sequences, its
 publisher and receiver on ``n1``, ``--asks-probe-rate`` publishes/s) before
-the trigger and during the burst.  Every process of the cluster is pinned to
-CPU 0 as in every cluster bench; this process (clients and proxy) to CPU 1.
+the trigger and during the burst, and what became of each of its publishes
+(``Probe.account``: delivered, late, acked and never delivered, refused by
+code, unanswered), in four windows that cover them all.  Every process of
+the cluster is pinned to CPU 0 as in every cluster bench; this process
+(clients and proxy) to CPU 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import secrets
@@ -198,15 +202,36 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# After the probe stops, how long its publishes still unanswered may take
+# before they are counted as never answered.
+PROBE_WAIT_S = 10.0
+# A publish sent this much after its turn was held up in this process (its
+# loop blocked, or starved of CPU), not in the cluster.
+PROBE_BEHIND_S = 0.1
+OUTCOMES = ("delivered", "late", "acked_not_delivered", "refused", "unanswered")
+
+
 @dataclass
 class Probe:
-    """Publishes to a group ``n1`` sequences and times each arrival on ``n1``."""
+    """Publishes to a group ``n1`` sequences and times each one's ack (or error)
+    and its arrival on ``n1``, so that every publish is accounted for."""
     sent: dict[int, float] = field(default_factory=dict)
+    behind: set[int] = field(default_factory=set)               # sent past its turn
+    acked: dict[int, float] = field(default_factory=dict)
+    refused: dict[int, int] = field(default_factory=dict)       # publish -> error code
     arrived: dict[int, float] = field(default_factory=dict)
 
     def on_message(self, message: fenghuo.Message) -> None:
         if message.channel == "group:probe" and message.payload.startswith(b"p"):
             self.arrived.setdefault(int(message.payload[1:]), clock())
+
+    async def _publish(self, client: fenghuo.Client, i: int) -> None:
+        try:
+            await client.publish("group:probe", f"p{i}")
+        except fenghuo.FenghuoError as e:               # ConnectionLost is code 0
+            self.refused[i] = e.code
+        else:
+            self.acked[i] = clock()
 
     async def run(self, client: fenghuo.Client, rate: float, stop: asyncio.Event) -> None:
         start = clock()
@@ -216,12 +241,70 @@ class Probe:
             if stop.is_set():
                 break
             self.sent[i] = clock()
-            publishes.append(asyncio.ensure_future(client.publish("group:probe", f"p{i}")))
-        await asyncio.gather(*publishes, return_exceptions=True)
+            if self.sent[i] - (start + i / rate) > PROBE_BEHIND_S:
+                self.behind.add(i)
+            publishes.append(asyncio.ensure_future(self._publish(client, i)))
+        # The client waits for an answer for ever (it resends on reconnect):
+        # what is still unanswered after PROBE_WAIT_S is counted so.
+        _, pending = await asyncio.wait(publishes, timeout=PROBE_WAIT_S) if publishes \
+            else (set(), set())
+        for task in pending:
+            task.cancel()
 
     def latencies(self, start: float, end: float) -> list[float]:
         return [self.arrived[i] - t for i, t in self.sent.items()
                 if start <= t < end and i in self.arrived]
+
+    def account(self, start: float, end: float) -> dict[str, Any]:
+        """Every publish sent in [start, end), in exactly one of OUTCOMES:
+        acked and arrived by ``end`` (``delivered``, with its publish-to-deliver
+        and publish-to-ack latency), acked and arrived after ``end`` (``late``),
+        acked and never arrived while the receiver was connected, refused (an
+        ERROR; ``refused_codes`` by code, 0 for a connection lost), or neither
+        acked nor refused within PROBE_WAIT_S of the probe's stop
+        (``unanswered``; ``unanswered_arrived`` of them arrived all the same).
+        ``sent_behind`` counts those sent over PROBE_BEHIND_S after their turn
+        (this process held up: fewer sent in the window than its rate says)."""
+        counts = dict.fromkeys(OUTCOMES, 0)
+        codes: dict[str, int] = {}
+        delivered: list[float] = []
+        acks: list[float] = []
+        late: list[float] = []
+        unanswered_arrived = 0
+        for i, t in self.sent.items():
+            if not start <= t < end:
+                continue
+            arrived = self.arrived.get(i)
+            if i in self.refused:
+                outcome = "refused"
+                code = str(self.refused[i])
+                codes[code] = codes.get(code, 0) + 1
+            elif i not in self.acked:
+                outcome = "unanswered"
+                unanswered_arrived += arrived is not None
+            elif arrived is None:
+                outcome = "acked_not_delivered"
+            elif arrived < end:
+                outcome = "delivered"
+                delivered.append(arrived - t)
+            else:
+                outcome = "late"
+                late.append(arrived - t)
+            if i in self.acked:
+                acks.append(self.acked[i] - t)
+            counts[outcome] += 1
+        return {"sent": sum(counts.values()), **counts, "refused_codes": codes,
+                "sent_behind": sum(start <= self.sent[i] < end for i in self.behind),
+                "unanswered_arrived": unanswered_arrived,
+                "delivered_ms": _ms(delivered), "late_ms": _ms(late), "ack_ms": _ms(acks)}
+
+    def timeline(self, zero: float) -> list[list[float | int | None]]:
+        """Per publish: [sent, acked, arrived] seconds after ``zero`` (None if
+        not) and the error code (None if none)."""
+        def at(t: float | None) -> float | None:
+            return None if t is None else round(t - zero, 3)
+        return [[at(t), at(self.acked.get(i)), at(self.arrived.get(i)), self.refused.get(i)]
+                for i, t in sorted(self.sent.items())]
 
 
 def _ms(values: list[float]) -> dict[str, float | None]:
@@ -274,6 +357,7 @@ async def _event(cluster: AsksCluster, trigger: str, channels: int, a: argparse.
         cpu0 = [_cpu_s(p) for p in pids]
         triggered = clock()
         listening = None
+        quiet_from = triggered
         if trigger == "heads":
             link.drop_until = triggered + a.asks_loss
             await asyncio.sleep(a.asks_loss)
@@ -285,17 +369,24 @@ async def _event(cluster: AsksCluster, trigger: str, channels: int, a: argparse.
             restarted = clock()
             cluster.nodes[0] = await asyncio.to_thread(cluster.start_node, 0, workdir / "n0-again",
                                                        RESTART_S)
-            listening = clock() - restarted
+            quiet_from = clock()
+            listening = quiet_from - restarted
             pids[0], cpu0[0] = cluster.nodes[0].pid, 0.0   # its start-up counted too
         deadline = clock() + SETTLE_S
         while clock() < deadline and not (
                 len(link.answered) >= channels if trigger == "heads"
-                # a restarted owner answers none (it owns none yet): until they stop
-                else link.last_ask is not None and clock() - link.last_ask > QUIET_S):
+                # A restarted owner answers none (it owns none yet): until they
+                # stop.  Quiet from the restarted owner's listening, not only
+                # from the last ask: its first heads records (numbered from 1:
+                # the second round) come only once it runs, which took 18 s at
+                # load 10, more than QUIET_S after the first round.
+                else link.last_ask is not None
+                and clock() - max(link.last_ask, quiet_from) > QUIET_S):
             await asyncio.sleep(0.02)
         current = clock() if len(link.answered) >= channels else None
         cpu1 = [_cpu_s(p) for p in pids]
         burst_end = link.current_at or link.last_ask or clock()
+        asks_in_window = link.asks
         await asyncio.sleep(AFTER_S)                   # asks repeated, answers still coming
         after = _node_health(cluster, 1)
         cpu2 = [_cpu_s(p) for p in pids]
@@ -308,6 +399,10 @@ async def _event(cluster: AsksCluster, trigger: str, channels: int, a: argparse.
         "trigger": trigger, "channels": channels,
         "restarted_listening_after_s": None if listening is None else round(listening, 3),
         "asks": link.asks, "ask_bytes": link.ask_bytes,
+        # Asks counted after the burst's window (the probe's "during") closed:
+        # not 0, the window missed part of the burst.
+        "asks_after_window": link.asks - asks_in_window,
+        "burst_end_after_s": round(burst_end - triggered, 3),
         "records_to_replica": link.records, "record_bytes": link.record_bytes,
         "answers": link.answers, "channels_answered": len(link.answered),
         "dropped": link.dropped,
@@ -326,6 +421,14 @@ async def _event(cluster: AsksCluster, trigger: str, channels: int, a: argparse.
         "cpu_replica_with_after_s": round(cpu2[1] - cpu0[1], 3),
         "probe_before_ms": _ms(probe.latencies(start + 0.5, triggered)),
         "probe_during_ms": _ms(probe.latencies(first or triggered, burst_end)),
+        # Every probe publish accounted for, in one of four windows: before
+        # the trigger, from it to the first ask, during the burst (the window
+        # of probe_during_ms) and after it until the probe stopped.
+        "probe_before": probe.account(0.0, triggered),
+        "probe_to_first_ask": probe.account(triggered, first or triggered),
+        "probe_during": probe.account(first or triggered, burst_end),
+        "probe_after": probe.account(burst_end, math.inf),
+        "probe_timeline": probe.timeline(triggered),
     }
 
 
@@ -333,7 +436,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     cols = ("trigger", "channels", "asks (records)", "ask bytes", "records to replica",
             "their bytes", "warm (channels)", "first / last ask after",
             "all current after first ask", "asks repeated",
-            "owner CPU", "replica CPU", "probe p50 / p99 before", "probe p50 / p99 during (n)")
+            "owner CPU", "replica CPU", "probe p50 / p99 before", "probe p50 / p99 during (n)",
+            "probe during: sent / delivered / late / acked not delivered / refused (codes) / "
+            "unanswered")
     lines = ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
     for r in rows:
         b, d = r["probe_before_ms"], r["probe_during_ms"]
@@ -342,12 +447,20 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['records_to_replica']:,}", f"{r['record_bytes']:,}",
             f"{r['answers']:,} ({r['channels_answered']:,})",
             "-" if r["first_ask_after_s"] is None
-            else f"{r['first_ask_after_s']:.2f} / {r['last_ask_after_s']:.2f} s",
+            else f"{r['first_ask_after_s']:.2f} / {r['last_ask_after_s']:.2f} s"
+            + (f" ({r['asks_after_window']:,} after the window)" if r["asks_after_window"] else ""),
             "NOT" if r["current_after_first_ask_s"] is None
             else f"{r['current_after_first_ask_s']:.3f} s",
             str(r["asks_repeated"]), f"{r['cpu_owner_s']:.2f} s", f"{r['cpu_replica_s']:.2f} s",
-            f"{b['p50']} / {b['p99']} ms", f"{d['p50']} / {d['p99']} ms ({d['n']})"]) + " |")
+            f"{b['p50']} / {b['p99']} ms", f"{d['p50']} / {d['p99']} ms ({d['n']})",
+            _outcomes(r["probe_during"])]) + " |")
     return "\n".join(lines)
+
+
+def _outcomes(a: dict[str, Any]) -> str:
+    codes = ", ".join(f"{c}: {n}" for c, n in sorted(a["refused_codes"].items()))
+    return (f"{a['sent']} / {a['delivered']} / {a['late']} / {a['acked_not_delivered']} / "
+            f"{a['refused']}" + (f" ({codes})" if codes else "") + f" / {a['unanswered']}")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -384,7 +497,10 @@ def run(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
           "last channel's warm; CPU: user+system seconds from the trigger until then (after a "
           "restart: until the asks stopped, the owner's start-up included); probe: "
           f"publish-to-deliver on n1 at {a.asks_probe_rate:g}/s, during: from the first ask "
-          "to the end of the burst")
+          "to the end of the burst; probe during: each publish of that window once, "
+          "delivered (acked, arrived in the window), late (acked, arrived after it), acked "
+          "not delivered (never arrived), refused (ERROR, by code; 0: connection lost), "
+          f"unanswered (no ack nor ERROR {PROBE_WAIT_S:g} s after the probe stopped)")
     ok = all(r["current_after_first_ask_s"] is not None if r["trigger"] == "heads"
              else r["asks"] >= r["channels"] for r in rows)
     print("verdict: every replica asked for again after every trigger, and current again "

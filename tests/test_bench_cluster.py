@@ -100,7 +100,9 @@ def test_failover_of_the_stream_leader_s_server_times_jetstream_s_election_apart
 def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_restart(tmp_path):
     """Five channels n0 feeds n1: a heads record dropped, then n0 restarted; each
     time n1 asks n0 again for every one (an ``interest`` each, counted on its
-    link), after the lost record each is answered, and the probe on n1 ran."""
+    link), after the lost record each is answered, and the probe on n1 ran,
+    each of its publishes counted once: delivered, late, acked and never
+    delivered, refused or unanswered."""
     out = tmp_path / "asks.json"
     run = bench("cluster", "--parts", "asks", "--asks-channels", "5", "--asks-probe-rate", "20",
                 "--json", str(out), timeout=280)
@@ -110,11 +112,25 @@ def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_r
         assert r["channels"] == 5 and r["asks"] >= 5 and r["ask_bytes"] > 0, r
         assert r["record_bytes"] > 0 and r["cpu_owner_s"] > 0, r
         assert r["probe_before_ms"]["n"] > 0, r
+        # Every probe publish of each window in exactly one outcome.
+        windows = ("probe_before", "probe_to_first_ask", "probe_during", "probe_after")
+        for window in windows:
+            a = r[window]
+            assert a["sent"] == sum(a[k] for k in (
+                "delivered", "late", "acked_not_delivered", "refused", "unanswered")), (window, a)
+            assert a["refused"] == sum(a["refused_codes"].values()), (window, a)
+            assert a["delivered"] == a["delivered_ms"]["n"] and a["late"] == a["late_ms"]["n"]
+        assert r["probe_before"]["sent"] > 0 and r["probe_before"]["delivered"] > 0, r
+        timeline = r["probe_timeline"]
+        assert len(timeline) == sum(r[w]["sent"] for w in windows) > 0
+        assert all(sent is not None for sent, _, _, _ in timeline)
+        assert r["asks_after_window"] >= 0 and r["burst_end_after_s"] >= 0, r
     heads, restart = rows
     assert heads["dropped"] > 0 and heads["heads_missed"] >= 1, heads
     assert heads["channels_answered"] == 5 and heads["current_after_first_ask_s"] is not None
     assert restart["heads_missed"] >= 1, restart         # its numbers from 1 again
     assert "| heads | 5 |" in run.stdout and "| restart | 5 |" in run.stdout
+    assert "acked not delivered" in run.stdout
 
 
 def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
