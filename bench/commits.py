@@ -8,10 +8,17 @@ once per WAL size in ``--wal-frames`` and per ``--checkpoint`` place
 finishes each round between two commits, server/checkpointer.py; ``inside``:
 SQLite's ``wal_autocheckpoint``, the commit that crosses it copies the WAL
 into the file), alternating over ``--rounds``.  Per setting: the writer's CPU per message, WAL pages written
-per commit, and commit latency (a batch's acks wait that long).  Each
+per commit, and commit latency (a batch's acks wait that long); then each
+setting's writer CPU all told (commits, and filings or index builds), the
+bytes its thread wrote (the WAL's frames) per message, and the p99 of a
+batch's wait for its acks (its commit, plus a filing or build run just
+before it on the writer's thread); ``deferred-attached``'s total adds its
+filer thread's CPU, its WAL bytes leave out that thread's writes.  Each
 ``--without`` adds a setting with those indexes of the messages table
 dropped first: what each costs the writer (the relay cannot run so).
-``--layout`` compares other layouts of the messages table (``LAYOUTS``), and
+``--layout`` compares other layouts of the messages table (``LAYOUTS``; the
+``log`` ones build the channel index in a transaction of their own every
+``--index-every`` messages, between two commits), and
 ``--page-size`` other page sizes, before building one.  ``--writers 2`` has two writers
 commit in turn, each with its own half of the channels (as the default
 deployment's workers own theirs): at one file (``--files shared``, as the
@@ -83,6 +90,29 @@ LAYOUTS["ignore"] = ("", "INSERT OR IGNORE INTO messages (channel, seq, ts_us, s
 # while the writer commits, as its lock is that file's, not the store's.
 LAYOUTS["deferred-attached"] = (LAYOUTS["deferred"][0].replace("CREATE TABLE message_seqs", "CREATE TABLE"
                                                                " unused_seqs"), None, None)
+# The channel index off the ack path (issue 15): each acked commit appends rows
+# in rowid order and nothing else; every ``--index-every`` messages one
+# transaction of its own on the writer's connection, between two commits,
+# builds the index for the rows appended since, sorted by (channel, seq) so a
+# channel's leaf is written once a build.  ``log``: into an index table
+# (channel, seq) -> id, WITHOUT ROWID, the rows staying where they were
+# appended; ``log-move``: the rows moved from an unindexed ``message_log`` into
+# schema 5's messages table (with messages_by_seq), the log emptied.
+LAYOUTS["log"] = (LAYOUTS["deferred"][0], None, None)
+LAYOUTS["log-move"] = (f"CREATE TABLE message_log (id INTEGER PRIMARY KEY, channel TEXT NOT NULL, {_COLUMNS});",
+                       "INSERT INTO message_log (channel, seq, ts_us, sender, dedupe, frame, key_id)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", None)
+#: a ``log`` layout's build: statements binding (the last id built, the last id
+#: appended) if they have parameters
+BUILDS: dict[str, tuple[str, ...]] = {
+    "log": ("INSERT INTO message_seqs (channel, seq, id) SELECT channel, seq, id FROM messages"
+            " WHERE id > ?1 AND id <= ?2 ORDER BY channel, seq",),
+    # the build takes the whole log (nothing commits during it), so the delete
+    # is SQLite's clear of the table, not a row at a time
+    "log-move": ("INSERT INTO messages (channel, seq, ts_us, sender, dedupe, frame, key_id) SELECT channel, seq,"
+                 " ts_us, sender, dedupe, frame, key_id FROM message_log ORDER BY channel, seq",
+                 "DELETE FROM message_log"),
+}
 INDEX_FILE = "fenghuo-index.db"
 _FILE_ATTACHED = ("INSERT INTO idx.message_seqs (channel, seq, id) SELECT channel, seq, id FROM main.messages"
                   " WHERE id > ? AND id <= ? ORDER BY channel, seq")
@@ -149,6 +179,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--page-size", default="4096", help="page sizes to compare, comma-separated")
     p.add_argument("--file-every", type=int, default=8,
                    help="deferred layout: commits between two filings of the channel index")
+    p.add_argument("--index-every", default="65536,262144",
+                   help="log layouts: messages between two builds of the channel index, "
+                        "comma-separated values to compare")
     p.add_argument("--writers", default="1",
                    help="writers to compare, comma-separated: N writers (as N workers) taking "
                         "turns commit by commit, each with its own share of the channels")
@@ -189,7 +222,7 @@ def _prepare_layout(directory: str, layout: str, page_size: int, names: list[str
 def commits(directory: str, channels: int, batch: int, count: int, wal_frames: int,
             without: tuple[str, ...] = (), layout: str = "schema5", page_size: int = 4096,
             file_every: int = 8, checkpoint: str = "beside", writers: int = 1,
-            files: str = "shared") -> dict[str, float]:
+            files: str = "shared", index_every: int = 65536) -> dict[str, float]:
     import sqlite3
 
     from fenghuo.core import Channel, ChannelKind, Sequenced, SQLiteWriter
@@ -247,9 +280,19 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
     wal_frame = WAL_HEADER + page_size
     latencies: list[float] = []
     filings: list[float] = []
+    # a commit's latency plus the filing or build run before it on the writer's
+    # thread: how long the batch that came in meanwhile waits for its acks
+    acks: list[float] = []
+    held = 0.0
     cpu = filing_cpu = 0.0
     frames = grown = 0
     k = filed = 0
+    # bytes the writer's thread hands the kernel inside its commits and filings
+    # (the WAL's frames; the checkpointer's copy is its own thread's)
+    written = 0
+    # run every --file-every commits (a deferred filing) or --index-every messages (a log's build)
+    builds = BUILDS.get(layout)
+    statements = builds or ((filing,) if filing is not None else ())
     filer = _Filer(directory) if layout == "deferred-attached" else None
     try:
         for i in range(count):
@@ -263,25 +306,33 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
                 records.append(Sequenced(chans[c], seqs[c], 1_700_000_000_000_000 + k, "user-x", None, FRAME))
             wal = wals[turn]
             before = wal.stat().st_size if wal.exists() else 0
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0, b0 = time.perf_counter(), time.thread_time(), _written()
             w, beside = turns[turn]
             w.write(records, None, _WRITES, None)
+            written += _written() - b0
             if beside is not None:
                 # Between two commits in the store: counted in this one's time.
                 beside.after_batch(w)
             cpu += time.thread_time() - c0
             latencies.append(time.perf_counter() - t0)
+            acks.append(latencies[-1] + held)
+            held = 0.0
             after = wal.stat().st_size
             if after > before:
                 frames += (after - before) // wal_frame
                 grown += 1
-            if filing is not None and len(latencies) % file_every == 0:
-                t0, c0 = time.perf_counter(), time.thread_time()
+            last = i == count - 1
+            if (filing is not None and len(latencies) % file_every == 0
+                    or builds is not None and (k - filed >= index_every or last and k > filed)):
+                # the last build counted too: every message's index is paid for
+                t0, c0, b0 = time.perf_counter(), time.thread_time(), _written()
                 writer.execute("BEGIN IMMEDIATE")
-                writer.execute(filing, (filed,))
+                for statement in statements:
+                    writer.execute(statement, (filed, k)[:statement.count("?")])
                 writer.execute("COMMIT")
+                written += _written() - b0
                 filing_cpu += time.thread_time() - c0
-                filings.append(time.perf_counter() - t0)
+                filings.append(held := time.perf_counter() - t0)
                 filed = k
             if filer is not None and len(latencies) % file_every == 0:
                 filer.todo.put(k)
@@ -301,13 +352,26 @@ def commits(directory: str, channels: int, batch: int, count: int, wal_frames: i
             checkpointer_cpu += _thread_cpu(checkpointer)
             checkpointer.stop()
         store.close()
-    return {"cpu_us_per_msg": cpu / (count * batch) * 1e6,
+    messages = count * batch
+    return {"cpu_us_per_msg": cpu / messages * 1e6,
+            "writer_cpu_us_per_msg": (cpu + filing_cpu) / messages * 1e6,
+            "wal_bytes_per_msg": written / messages,
+            "wal_pages_per_msg": written / messages / wal_frame,
+            "ack_p99_ms": _percentile(acks, 0.99) * 1e3,
+            "builds": len(filings),
+            "filing_max_ms": max(filings) * 1e3 if filings else 0.0,
             "checkpointer_cpu_us_per_msg": checkpointer_cpu / (count * batch) * 1e6,
             "wal_pages_per_commit_while_growing": frames / max(1, grown),
             "p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3,
             "max_ms": max(latencies) * 1e3, "mean_ms": statistics.fmean(latencies) * 1e3,
             "filing_cpu_us_per_msg": filing_cpu / (count * batch) * 1e6,
             "filing_p50_ms": _percentile(filings, 0.5) * 1e3 if filings else 0.0}
+
+
+def _written() -> int:
+    """Bytes this thread has passed to write(2) and its kind so far (``wchar``)."""
+    with open("/proc/thread-self/io") as f:
+        return int(f.read().split("wchar:")[1].split()[0])
 
 
 def _thread_cpu(checkpointer: Checkpointer) -> float:
@@ -346,7 +410,9 @@ def fdatasync_floor(directory: str, count: int = 2000) -> dict[str, dict[str, fl
 
 def cmd_commits(a: argparse.Namespace) -> int:
     sizes = [int(v) for v in a.wal_frames.split(",")]
-    layouts = a.layout.split(",")
+    # a log layout once per --index-every
+    layouts = [(layout, every) for layout in a.layout.split(",")
+               for every in ([int(v) for v in a.index_every.split(",")] if layout in BUILDS else [0])]
     pages = [int(v) for v in a.page_size.split(",")]
     print(f"load average {os.getloadavg()[0]:.2f}; {a.channels} channels, {a.batch} messages "
           f"a commit, {a.commits} commits, --fsync always")
@@ -354,21 +420,25 @@ def cmd_commits(a: argparse.Namespace) -> int:
     places = a.checkpoint.split(",")
     writers = [(int(n), f) for n in a.writers.split(",") for f in a.files.split(",")
                if int(n) > 1 or f == a.files.split(",")[0]]
-    if any(n > 1 for n, _ in writers) and (layouts != ["schema5"] or a.without):
+    if any(n > 1 for n, _ in writers) and (a.layout != "schema5" or a.without):
         # the second writer's statement and store are schema 5's
         print("--writers above 1 measures schema 5 only: no --layout or --without beside it")
         return 2
     for r in range(a.rounds):
         for frames in sizes:
-            for layout, page_size, without, place, (n, files) in product(layouts, pages, variants, places,
-                                                                         writers):
+            for (layout, every), page_size, without, place, (n, files) in product(layouts, pages, variants,
+                                                                                  places, writers):
                 with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
                     res = commits(tmp, a.channels, a.batch, a.commits, frames, without, layout,
-                                  page_size, a.file_every, place, n, files)
+                                  page_size, a.file_every, place, n, files, every)
                 dropped = f" without {','.join(without)}" if without else ""
                 filing = (f" + filing {res['filing_cpu_us_per_msg']:.2f} us/msg (p50 "
                           f"{res['filing_p50_ms']:.1f} ms every {a.file_every} commits)"
                           if LAYOUTS[layout][2] or layout == "deferred-attached" else "")
+                if every:
+                    filing = (f" + index build {res['filing_cpu_us_per_msg']:.2f} us/msg ({res['builds']}"
+                              f" builds, p50 {res['filing_p50_ms']:.1f} max {res['filing_max_ms']:.1f} ms)")
+                    layout = f"{layout}/{every}"
                 where = "wal_autocheckpoint" if place == "inside" else "checkpointer"
                 turns = f" {n} writers ({'one file' if files == 'shared' else 'a file each'})" if n > 1 else ""
                 print(f"round {r + 1} {layout} page {page_size} {where}={frames}{dropped}{turns}: "
@@ -376,8 +446,10 @@ def cmd_commits(a: argparse.Namespace) -> int:
                       + (f" + checkpointer {res['checkpointer_cpu_us_per_msg']:.2f} us/msg"
                          if place == "beside" else "") + ", "
                       f"{res['wal_pages_per_commit_while_growing']:.0f} WAL pages a commit (while it grows), "
-                      f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms",
-                      flush=True)
+                      f"commit p50 {res['p50_ms']:.2f} p99 {res['p99_ms']:.2f} max {res['max_ms']:.2f} ms; "
+                      f"writer total {res['writer_cpu_us_per_msg']:.2f} us/msg, WAL "
+                      f"{res['wal_bytes_per_msg']:.0f} B/msg ({res['wal_pages_per_msg']:.3f} pages), "
+                      f"ack p99 {res['ack_p99_ms']:.2f} ms", flush=True)
     with TemporaryDirectory(prefix="bench-commits-", dir=a.dir) as tmp:
         for mode, res in fdatasync_floor(tmp).items():
             print(f"fdatasync floor ({mode} 4 KiB): p50 {res['p50_ms']:.3f} p90 {res['p90_ms']:.3f} "

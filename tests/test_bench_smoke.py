@@ -389,3 +389,29 @@ def test_commits_compares_layouts_and_page_sizes():
     assert pages["deferred-attached", 4096] < pages["schema5", 4096]
     assert pages["schema5", 8192] < pages["schema5", 4096]
     assert out.count("+ filing") == 4
+
+
+def test_commits_measures_the_channel_index_built_off_the_ack_path():
+    # The log layouts append rows at each commit and build the channel index every
+    # --index-every messages: fewer WAL pages a commit than schema 5, each build
+    # counted in the writer's total, and every setting prints its total, its WAL
+    # bytes a message and its acks' p99.
+    out = bench("commits", "--channels", "50", "--batch", "200", "--commits", "12", "--rounds", "1",
+                "--wal-frames", "65536", "--checkpoint", "beside", "--layout", "schema5,log,log-move",
+                "--index-every", "800,2400").stdout
+    rows = {m[1]: m for m in re.finditer(
+        r"round 1 (\S+) page 4096 checkpointer=65536: writer CPU ([\d.]+) us/msg"
+        r"(?: \+ index build ([\d.]+) us/msg \((\d+) builds, p50 [\d.]+ max [\d.]+ ms\))?"
+        r" \+ checkpointer [\d.]+ us/msg, (\d+) WAL pages a commit \(while it grows\), commit p50 [\d.]+"
+        r" p99 [\d.]+ max [\d.]+ ms; writer total ([\d.]+) us/msg, WAL (\d+) B/msg \(([\d.]+) pages\),"
+        r" ack p99 ([\d.]+) ms", out)}
+    assert set(rows) == {"schema5", "log/800", "log/2400", "log-move/800", "log-move/2400"}, out
+    # 2,400 messages: a build every 800 (3) or one at 2,400
+    assert [int(rows[f"{layout}/{every}"][4]) for layout in ("log", "log-move") for every in (800, 2400)] \
+        == [3, 1, 3, 1], out
+    assert rows["schema5"][3] is None
+    for label, m in rows.items():
+        built = float(m[3] or 0)
+        assert float(m[6]) == pytest.approx(float(m[2]) + built, abs=0.02), (label, out)
+        assert int(m[7]) > 0 and float(m[9]) > 0, (label, out)
+    assert int(rows["log/800"][5]) < int(rows["schema5"][5]), out
