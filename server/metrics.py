@@ -216,6 +216,9 @@ class RelayCollector(Collector):
         yield counter("fenghuo_cluster_asks_repeated", "Asks of an owner for a replica "
                       "(or their answers) lost on the way: unanswered five heads lists "
                       "later, asked again.", node.asks_repeated)
+        yield counter("fenghuo_cluster_ask_records_received", "Records of asks for replicas "
+                      "(interest) other nodes sent this node as their channels' owner; each "
+                      "lists up to 1,000 channels.", node.ask_records_received)
         lag = node.replica_lag
         yield histogram("fenghuo_cluster_replica_lag_seconds", "From a message's sequencing on "
                         "the node that owns its channel (its ts) to its arrival at this node's "

@@ -92,9 +92,6 @@ HEADS_INTERVAL = 1.0
 # Lists a channel's head is in after its last message: its last list may be
 # lost too (a cut route heals in about a second), so it is sent three times.
 HEADS_REPEAT = 3
-# Channels in one heads record: a list for thousands stays far below NATS's
-# 1 MB max_payload.
-HEADS_PER_RECORD = 1000
 # Heads records a replica's ask ("interest") waits for its owner's answer
 # ("warm") before it is asked again, once (NodeCluster._asks_unanswered):
 # core NATS may lose either, and an owner no longer lists a replica idle
@@ -232,6 +229,7 @@ class NodeCluster(Cluster):
         #: replica side: channels asked for (interest) and not answered (warm) yet
         self.asked: dict[Channel, _Ask] = {}
         self.asks_repeated = 0               # such asks unanswered too long, asked again
+        self.ask_records_received = 0        # owner side: interest records (each up to 1,000 asks)
         self._heads_task: asyncio.Task[None] | None = None
         self.holes_filled = 0                # messages read from the stream into a hole
         self.forwarded_publishes = 0         # publishes sent to the node sequencing their channel
@@ -810,7 +808,7 @@ class NodeCluster(Cluster):
         for source, record in self.deferred_records.pop(name, ()):
             self._on_record(source, record)      # served if this node won, else refused
         for source, after in self.deferred_interest.pop(name, ()):
-            self._interest(source, name, after)
+            self._interests(source, {name: after})
         if (owner == self.index and ch is not None and ch in self.warming
                 and name not in self.releasing):
             for action in self.warming.pop(ch):
@@ -1130,15 +1128,16 @@ class NodeCluster(Cluster):
             return
         super()._warm(name, head)
 
-    def _interest(self, source: int, name: str, after: int) -> None:
+    def _interest(self, source: int, name: str, after: int) -> int | None:
         log.debug("interest", extra={"channel": name, "source": source, "after": after,
                                      "owned": self.store.owns(name)})
         if self.store.owns(name) and name not in self.firsts:
-            super()._interest(source, name, after)
-        elif name in self.resolving:
+            return super()._interest(source, name, after)
+        if name in self.resolving:
             self.deferred_interest.setdefault(name, []).append((source, after))
         # else: asked of a node that no longer owns it; the asker's watch of
         # the claims sends it to the owner.
+        return None
 
     def _let_go(self, ch: Channel) -> None:
         if self.owner_of(ch.name) != UNKNOWN:
@@ -1354,13 +1353,13 @@ class NodeCluster(Cluster):
             for peer in self.interested.get(ch, ()):
                 lists.setdefault(peer, {})[ch.name] = ch.ring.head
         for peer, heads in lists.items():
-            names = list(heads)
-            for at in range(0, max(len(names), 1), HEADS_PER_RECORD):
+            for listed in list(routing.channel_lists(heads)) or [{}]:
                 number = self.heads_sent[peer] = self.heads_sent.get(peer, 0) + 1
-                self.mesh.send(peer, routing.control("heads", number=number, channels={
-                    name: heads[name] for name in names[at:at + HEADS_PER_RECORD]}))
+                self.mesh.send(peer, routing.control("heads", number=number,
+                                                     boot=self.generation, channels=listed))
 
-    def _heads(self, source: int, heads: dict[str, int], number: int | None) -> None:
+    def _heads(self, source: int, heads: dict[str, int], number: int | None,
+               boot: int | None) -> None:
         """Replica side: owner ``source``'s heads.  Every message record it sent
         before them has been applied (one ordered path), so a ready replica
         behind a head lost its records on the way: it asks the owner again from
@@ -1372,28 +1371,46 @@ class NodeCluster(Cluster):
         A ``number`` not one more than the last from ``source`` (the first
         numbered 1) means heads records were lost, and perhaps the only list
         of a channel whose last messages were lost with it: every replica
-        ``source`` feeds here is asked again.  (A restarted owner numbers
-        from 1 again, and a restarted replica first sees a later number: one
-        harmless ask.  A node of an older version sends no number.)"""
-        if number is not None:
-            last = self.heads_seen.get(source, 0)
-            self.heads_seen[source] = number
-            if number != last + 1:
-                log.warning("heads records from an owner missed: asking again",
-                            extra={"node": source, "last": last, "number": number})
-                self.heads_missed += 1
-                self._ask_again(source)
-            self._asks_unanswered(source, number)
-        for name, head in heads.items():
-            ch = self.relay.hub.find(name)
-            if (ch is None or ch.seq >= head or ch not in self.ready_here or ch in self.holes
-                    or ch in self.warming or self.owner_of(name) != source
-                    or self.store.owns(name)):
-                continue
-            log.warning("replica behind its owner's head: asking again",
-                        extra={"channel": name, "have": ch.seq, "head": head})
-            self.heads_behind += 1
-            self._ask_owner(ch)
+        ``source`` feeds here is asked again.  (A restarted replica first
+        sees a later number: one harmless ask.  A node of an older version
+        sends no number.)
+
+        A record from a new process of ``source`` (``boot``: its generation)
+        is its restart seen, if the lease has not shown it yet
+        (:meth:`_peer_started`, which asks again once): its numbers from 1
+        are no gap.  Before, the restart asked again for every channel twice,
+        once at the lease and once at the number from 1
+        (bench/results/2026-12-06-asks).  The asks a record brings go out
+        together (:meth:`asks_together`)."""
+        with self.asks_together():
+            if boot is not None and self.peer_generations.get(source) not in (None, boot):
+                self._peer_started(source, boot)
+            if number is not None:
+                self._heads_numbered(source, number)
+            for name, head in heads.items():
+                self._head(source, name, head)
+
+    def _heads_numbered(self, source: int, number: int) -> None:
+        last = self.heads_seen.get(source, 0)
+        self.heads_seen[source] = number
+        if number != last + 1:
+            log.warning("heads records from an owner missed: asking again",
+                        extra={"node": source, "last": last, "number": number})
+            self.heads_missed += 1
+            self._ask_again(source)
+        self._asks_unanswered(source, number)
+
+    def _head(self, source: int, name: str, head: int) -> None:
+        """Replica side: ``name``'s head at owner ``source``; a replica behind it asks."""
+        ch = self.relay.hub.find(name)
+        if (ch is None or ch.seq >= head or ch not in self.ready_here or ch in self.holes
+                or ch in self.warming or self.owner_of(name) != source
+                or self.store.owns(name)):
+            return
+        log.warning("replica behind its owner's head: asking again",
+                    extra={"channel": name, "have": ch.seq, "head": head})
+        self.heads_behind += 1
+        self._ask_owner(ch)
 
     def _send_interest(self, owner: int, ch: Channel) -> None:
         super()._send_interest(owner, ch)
@@ -1432,11 +1449,12 @@ class NodeCluster(Cluster):
         log.warning("asks of an owner unanswered: asking again",
                     extra={"owner": source, "channels": len(again), "first": again[0].name})
         self.asks_repeated += len(again)
-        for ch in again:
-            self._ask_owner(ch)
-            sent = self.asked.get(ch)
-            if sent is not None:                     # (not if asked of nobody yet)
-                self.asked[ch] = _Ask(sent.owner, sent.at, repeat=True)
+        with self.asks_together():
+            for ch in again:
+                self._ask_owner(ch)
+                sent = self.asked.get(ch)
+                if sent is not None:                 # (not if asked of nobody yet)
+                    self.asked[ch] = _Ask(sent.owner, sent.at, repeat=True)
 
     def _reconnected(self) -> None:
         """Back on NATS: the last records this node sent or was sent may have been
@@ -1524,8 +1542,10 @@ class NodeCluster(Cluster):
             self._adopt_first(body["channel"], body["at"], base64.b64decode(body["frames"]))
             return
         if body["op"] == "heads":
-            self._heads(source, body["channels"], body.get("number"))
+            self._heads(source, body["channels"], body.get("number"), body.get("boot"))
             return
+        if body["op"] == "interest":
+            self.ask_records_received += 1       # (served by the base class, below)
         if body["op"] == "ask_again":
             # ``source`` found this node dead and forgot what it asked for: ask
             # again from each replica's seq (the owner's catch-up fills what
@@ -1549,6 +1569,15 @@ class NodeCluster(Cluster):
                 self.mesh.send(peer.index, routing.control("ask_again"))
             self.peer_generations[peer.index] = peer.boot
 
+    def _peer_started(self, peer: int, generation: int) -> None:
+        """A new process of node ``peer``, seen by its lease or by its first heads
+        record (:meth:`_heads`), whichever comes first: it numbers its heads
+        records from 1, and the channels it fed here are asked of it again,
+        once, from these numbers."""
+        if self.peer_generations.get(peer) not in (None, generation):
+            self.heads_seen[peer] = 0
+        super()._peer_started(peer, generation)
+
     def _peer_lost(self, peer: Peer) -> None:
         """``peer`` missed its lease: what it owed is answered, what it owned is claimed."""
         log.warning("node lost", extra={"node": peer.name, "index": peer.index})
@@ -1571,13 +1600,14 @@ class NodeCluster(Cluster):
             del self.asked[ch]                       # its heads lists will never come
         for ch in [ch for ch in self.cooling if self.owner_of(ch.name) in (peer.index, UNKNOWN)]:
             self._cold(ch)                           # its "cold" will never come
-        for name, claim in list(self.ownership.claims.items()):
-            if claim.node != peer.index:
-                continue
-            held = self._reset_owner(name)
-            if held is not None and (held in self.ready_here or held in self.warming
-                                     or held.subscribers):
-                self._rewarm(held)
+        with self.asks_together():
+            for name, claim in list(self.ownership.claims.items()):
+                if claim.node != peer.index:
+                    continue
+                held = self._reset_owner(name)
+                if held is not None and (held in self.ready_here or held in self.warming
+                                         or held.subscribers):
+                    self._rewarm(held)
 
     def status(self) -> dict[str, Any]:
         """The node's cluster state, for /healthz."""
@@ -1593,6 +1623,7 @@ class NodeCluster(Cluster):
                 "heads_behind": self.heads_behind,
                 "heads_missed": self.heads_missed,
                 "asks_repeated": self.asks_repeated,
+                "ask_records_received": self.ask_records_received,
                 "forwards_deferred": self.forwards_deferred,
                 "forwarded_publishes": self.forwarded_publishes,
                 "parked_sent_on_watch": self.parked_sent_on_watch,

@@ -6,7 +6,9 @@ store, so a channel's order is one process's order whatever worker its
 publishers are on.  A worker whose sessions need a channel it does not own
 asks the owner for it once (control ``interest``, with the last seq it
 holds); the owner answers with the frames after that seq and ``warm``, and
-from then on sends it every message of the channel.  That worker's replica
+from then on sends it every message of the channel.  Both list channels
+(name -> seq), up to :data:`CHANNELS_PER_RECORD` a record: asks made
+together (a restarted owner asked again for all it fed) travel together.  That worker's replica
 (ring and seq) serves its own subscribers and catch-up; a worker none of
 whose sessions ever needed a channel receives none of its messages.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -96,6 +99,22 @@ EncodeError = orjson.JSONEncodeError
 
 def control(op: str, **fields: Any) -> bytes:
     return _CONTROL_HEAD + orjson.dumps({"op": op, **fields})
+
+
+# Channels in one control record that lists channels (name -> seq: a node's
+# ``heads``, ``interest``, ``warm``): a list of thousands stays far below
+# NATS's 1 MB max_payload (a name is at most a few hundred bytes), and a
+# replica asking again for 10,000 channels sends 10 records, not 10,000
+# (bench/results/2026-12-07-askbatch).
+CHANNELS_PER_RECORD = 1000
+
+
+def channel_lists(channels: dict[str, int]) -> Iterator[dict[str, int]]:
+    """``channels`` cut into the lists of successive records, in order, each of at
+    most :data:`CHANNELS_PER_RECORD`; nothing for no channels."""
+    names = list(channels)
+    for at in range(0, len(names), CHANNELS_PER_RECORD):
+        yield {name: channels[name] for name in names[at:at + CHANNELS_PER_RECORD]}
 
 
 def read_control(record: bytes) -> dict[str, Any]:

@@ -459,7 +459,7 @@ _NODE_SUMS = ("channels_owned", "appended", "appends", "refused", "failovers", "
               "forwards_deferred", "forwarded_publishes", "parked_sent_on_watch",
               "chats_received_unasked", "first_writes", "first_writes_refused",
               "publishes_redriven", "leader_stepdowns", "heads_behind",
-              "heads_missed", "asks_repeated")
+              "heads_missed", "asks_repeated", "ask_records_received")
 
 
 def _node_cluster(clusters: Mapping[int, dict[str, Any]], workers: int) -> dict[str, object]:

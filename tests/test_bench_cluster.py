@@ -99,8 +99,8 @@ def test_failover_of_the_stream_leader_s_server_times_jetstream_s_election_apart
 @pytest.mark.timeout(300)
 def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_restart(tmp_path):
     """Five channels n0 feeds n1: a heads record dropped, then n0 restarted; each
-    time n1 asks n0 again for every one (an ``interest`` each, counted on its
-    link), after the lost record each is answered, and the probe on n1 ran,
+    time n1 asks n0 again for every one (in one ``interest`` record, counted on
+    its link), after the lost record each is answered, and the probe on n1 ran,
     each of its publishes counted once: delivered, late, acked and never
     delivered, refused or unanswered."""
     out = tmp_path / "asks.json"
@@ -109,7 +109,8 @@ def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_r
     rows = json.loads(out.read_text())["asks"]
     assert [r["trigger"] for r in rows] == ["heads", "restart"]
     for r in rows:
-        assert r["channels"] == 5 and r["asks"] >= 5 and r["ask_bytes"] > 0, r
+        assert r["channels"] == 5 and r["asks"] >= 1 and r["ask_bytes"] > 0, r
+        assert r["channels_asked"] == 5, r
         assert r["record_bytes"] > 0 and r["cpu_owner_s"] > 0, r
         assert r["probe_before_ms"]["n"] > 0, r
         # Every probe publish of each window in exactly one outcome.
@@ -128,7 +129,7 @@ def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_r
     heads, restart = rows
     assert heads["dropped"] > 0 and heads["heads_missed"] >= 1, heads
     assert heads["channels_answered"] == 5 and heads["current_after_first_ask_s"] is not None
-    assert restart["heads_missed"] >= 1, restart         # its numbers from 1 again
+    assert restart["heads_missed"] == 0, restart    # its numbers from 1: the restart, no gap
     assert "| heads | 5 |" in run.stdout and "| restart | 5 |" in run.stdout
     assert "acked not delivered" in run.stdout
 

@@ -1559,17 +1559,25 @@ async def _offline(client: fenghuo.Client, user: str) -> bool:
 
 
 class LiveSeqs:
-    """The seqs of ``channel`` a bare connection receives, as they arrive (no
-    client library between: nothing resumed, reordered or deduplicated)."""
+    """The seqs a bare connection receives, per channel (:attr:`by_channel`), as
+    they arrive (no client library between: nothing resumed, reordered or
+    deduplicated); :attr:`seqs` are ``channel``'s."""
 
-    def __init__(self, conn, channel: str) -> None:
+    def __init__(self, conn, channel: str = "") -> None:
         self.conn, self.channel = conn, channel
-        self.seqs: list[int] = []
+        self.by_channel: dict[str, list[int]] = {}
+        self.seqs: list[int] = self.by_channel.setdefault(channel, [])
 
     async def until(self, head: int, timeout: float) -> None:
-        """Read until seq ``head`` arrives, or ``timeout`` (the caller checks what came)."""
+        """Read until seq ``head`` of ``channel`` arrives, or ``timeout`` (the caller
+        checks what came)."""
+        await self.until_all([self.channel], head, timeout)
+
+    async def until_all(self, channels: list[str], head: int, timeout: float) -> None:
+        """Read until seq ``head`` of each of ``channels`` arrives, or ``timeout``."""
         deadline = time.monotonic() + timeout
-        while (not self.seqs or self.seqs[-1] < head) and time.monotonic() < deadline:
+        while (any(self.by_channel.get(c, [0])[-1:] < [head] for c in channels)
+               and time.monotonic() < deadline):
             try:
                 frame = await self.conn.frame(max(0.1, deadline - time.monotonic()))
             except TimeoutError:
@@ -1577,8 +1585,7 @@ class LiveSeqs:
             assert frame is not None, "the receiver's connection was closed"
             if frame.type == FrameType.MESSAGE:
                 message = decode_message(frame.body)
-                if message.channel == self.channel:
-                    self.seqs.append(message.seq)
+                self.by_channel.setdefault(message.channel, []).append(message.seq)
 
 
 async def a_follower(nats_cluster: NatsCluster) -> NatsServer:
