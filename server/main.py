@@ -21,7 +21,6 @@ from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec, new_boot_id
 from fenghuo.server.outbox import reload_endpoints
-from fenghuo.server.relay import Relay
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
 from fenghuo.server.tls import ServerTLS
 
@@ -29,11 +28,15 @@ from fenghuo.tokens import TokenError, keyring, resolve_secret
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
+    # Imported by serve(): a supervisor runs no relay, and the import would
+    # delay the start of its workers by as long as one of theirs.
+    from fenghuo.server.relay import Relay
 
 log = logging.getLogger("fenghuo.serve")
 
 
 async def serve(settings: Settings, secret: str, spec: WorkerSpec | None = None) -> int:
+    from fenghuo.server.relay import Relay
     relay = Relay(settings, secret)
     api = None
     # One process serves the API and fires the scheduled messages (of the API and of
