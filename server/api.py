@@ -64,6 +64,7 @@ from fenghuo.server import escalation, revocations, status
 from fenghuo.server.access import parse_or_refuse
 from fenghuo.server.backends import Backends
 from fenghuo.server.history import read as read_history
+from fenghuo.server.httpd import Response, json_response
 from fenghuo.server.frames import message_json, message_sender, message_seq
 from fenghuo.server.outbox import WebhookEvent
 from fenghuo.server.revocations import Revocation
@@ -82,11 +83,7 @@ from fenghuo.server.timers import (
 from fenghuo.tokens import API_ROLE, DEFAULT_TTL, TokenError, issue_token
 
 if TYPE_CHECKING:
-    # aiohttp is imported where the HTTP server is made or answers, not here: every
-    # worker imports this module (SCHEDULE's timers), and aiohttp's import is about
-    # a third of a worker's start (0.7 s of 2.2 s on a loaded 2-core machine)
-    # while most relays run without --api-port.
-    from aiohttp import web
+    from fenghuo.server.api_http import ApiHttpServer, BodyReader
     from fenghuo.server.relay import Relay
     from fenghuo.server.webhooks import WebhookSender
 
@@ -406,7 +403,8 @@ class Api:
         self.stats = ApiStats()
         # Made before the relay listens (a SCHEDULE may come at once).
         self.backends = Backends(relay, secret)
-        self.runner: web.AppRunner | None = None
+        #: the HTTP server (server/api_http.py), with --api-port only
+        self.http: ApiHttpServer | None = None
         #: scheduled messages, fired by this process (server/timers.py)
         self.timers: Timers = Timers(TimerTable(relay.sqlite), {
             SEND: self._fire_scheduled,
@@ -416,21 +414,15 @@ class Api:
         """Sign with ``secret``'s first key from now on (the secret file reloaded on SIGHUP)."""
         self.secret = self.backends.secret = secret
 
-    def app(self) -> web.Application:
-        from aiohttp import web
-        app = web.Application(client_max_size=self.relay.settings.api_max_body)
-        app.router.add_get("/api/openapi.json", self.openapi)
-        app.router.add_post("/api/{method}", self.handle)
-        return app
+    def openapi_response(self) -> Response:
+        """``GET /api/openapi.json``."""
+        return json_response(200, orjson.dumps(openapi()))
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        from aiohttp import web
-        return web.json_response(openapi(), dumps=lambda v: orjson.dumps(v).decode())
-
-    async def handle(self, request: web.Request) -> web.Response:
-        name = request.match_info["method"]
+    async def call(self, name: str, authorization: str | None, read_body: BodyReader) -> Response:
+        """Answer ``POST /api/{name}``: the key checked, then the method found, then its body
+        read and decoded (a wrong key or method is refused before a body is read)."""
         try:
-            if not key_allowed(request.headers.get("Authorization"), self.key_hashes):
+            if not key_allowed(authorization, self.key_hashes):
                 self.stats.unauthorized += 1
                 raise ApiError(ErrorCode.TOKEN_INVALID, "a valid API key is required: "
                                "Authorization: Bearer <key>", 401)
@@ -438,7 +430,11 @@ class Api:
             if method is None:
                 raise ApiError(ErrorCode.NOT_FOUND, f"no API method {name!r}", 404)
             self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
-            body = decode_with(method.schema, await self._body(request) or b"{}")
+            raw = await read_body()
+            if raw is None:
+                raise ApiError(ErrorCode.FRAME_TOO_LARGE, "the body exceeds "
+                               f"{self.relay.settings.api_max_body} bytes (--api-max-body)")
+            body = decode_with(method.schema, raw or b"{}")
             result = await asyncio.wait_for(method.run(self, body),
                                             self.relay.settings.api_timeout)
             return _json(200, result)
@@ -457,15 +453,7 @@ class Api:
             log.exception("api call failed", extra={"method": name})
             return self._error(ApiError(ErrorCode.INTERNAL, "internal error"))
 
-    async def _body(self, request: web.Request) -> bytes:
-        from aiohttp import web
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ApiError(ErrorCode.FRAME_TOO_LARGE, "the body exceeds "
-                           f"{self.relay.settings.api_max_body} bytes (--api-max-body)") from None
-
-    def _error(self, exc: ApiError) -> web.Response:
+    def _error(self, exc: ApiError) -> Response:
         self.stats.errors[exc.code] = self.stats.errors.get(exc.code, 0) + 1
         return _json(exc.status, _refusal(exc))
 
@@ -475,25 +463,18 @@ class Api:
         await self.timers.start()
         if not port:
             return None
-        from aiohttp import web
-        # lingering_time=0: a body not read to its end (over --api-max-body, or a call
-        # refused before its body, 401/404) is not drained after the answer but the
-        # connection closed; aiohttp's default read and dropped it for 10 s, 6.2 GB from
-        # a fast loopback client (tests/test_api.py, oversized body).
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                    lingering_time=0)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        bound: int = self.runner.addresses[0][1]
+        # Imported here: aiohttp only in a relay that serves the API (server/api_http.py).
+        from fenghuo.server.api_http import ApiHttpServer
+        self.http = ApiHttpServer(self.call, self.openapi_response, self.relay.settings.api_max_body)
+        bound = await self.http.start(host, port)
         log.info("api listening", extra={"host": host, "port": bound, "keys": len(self.key_hashes)})
         return bound
 
     async def stop(self) -> None:
         await self.timers.stop()
         await self.backends.close()
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.stop()
 
 
     async def _fire_scheduled(self, timers: list[Timer], outcome: Outcome) -> None:
@@ -577,9 +558,8 @@ def _code_name(code: int) -> str:
         return "UNKNOWN"
 
 
-def _json(status: int, body: dict[str, Any]) -> web.Response:
-    from aiohttp import web
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return json_response(status, orjson.dumps(body))
 
 
 # ---------------------------------------------------------------- methods

@@ -227,7 +227,7 @@ class RelayCollector(Collector):
 
     def _api(self) -> Iterator[Metric]:
         api = self.relay.api
-        if api is None or api.runner is None:       # timers only, no HTTP (no --api-port)
+        if api is None or api.http is None:       # timers only, no HTTP (no --api-port)
             return
         stats = api.stats
         yield labelled_counter("fenghuo_api_requests", "Server API calls with a valid key, by method.",
