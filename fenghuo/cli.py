@@ -264,21 +264,27 @@ def _run_client(coro_fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     return run
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def _user_errors(signing: bool) -> tuple[type[BaseException], ...]:
     """What a user's input or environment can cause: reported in one line, never a traceback.
 
     ValueError covers bad ids, ports and tokens (TokenError); the key-length
     warning of a too-short secret is raised as an error by :func:`main`.
+    ``signing``: the command may sign or decode tokens with PyJWT, whose errors
+    are added; ``serve`` does not (a relay verifies tokens in the core) and so
+    never imports it, 0.3-0.5 s of a supervisor's and a worker's start.
     """
     import sqlite3
 
+    from fenghuo.client import FenghuoError
+
+    errors: tuple[type[BaseException], ...] = (
+        FenghuoError, OSError, TimeoutError, ValueError, sqlite3.Error)
+    if not signing:
+        return errors
     from jwt.exceptions import PyJWTError
     from jwt.warnings import InsecureKeyLengthWarning
 
-    from fenghuo.client import FenghuoError
-
-    return (FenghuoError, OSError, TimeoutError, ValueError, PyJWTError, sqlite3.Error,
-            InsecureKeyLengthWarning)
+    return (*errors, PyJWTError, InsecureKeyLengthWarning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -416,8 +422,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import warnings
 
-    from jwt.warnings import InsecureKeyLengthWarning
-
     args = parser().parse_args(argv)
     # A server error that ends the command is reported below, in one line;
     # the client's own warning of it would be a second.
@@ -425,10 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.__dict__.pop("func")
     args.__dict__.pop("command")
     args.__dict__.pop("cluster_command", None)
-    errors = _user_errors()
+    signing = func is not cmd_serve
+    errors = _user_errors(signing)
     try:
         with warnings.catch_warnings():
-            if func is not cmd_serve:
+            if signing:
+                from jwt.warnings import InsecureKeyLengthWarning
+
                 # Not in the relay: there it would turn every HELLO signed with
                 # a short secret (accepted, §5.6) into INTERNAL.
                 warnings.simplefilter("error", InsecureKeyLengthWarning)

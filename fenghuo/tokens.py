@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 from dataclasses import dataclass, field
 
-import jwt
-
 from fenghuo.channels import is_user_id
 from fenghuo.core import (
     ADMIN_ROLE,
@@ -115,6 +113,11 @@ def issue_token(
               "jti": jti or secrets.token_hex(8)}
     if presence:
         claims["presence"] = True
+    # PyJWT (and the cryptography it loads) only where a token is signed: a
+    # relay verifies tokens in the core and never imports it (0.3-0.5 s of a
+    # supervisor's or worker's start on the loaded 2-core machine).
+    import jwt
+
     key = keyring(secret)[0]
     headers = {"kid": key.kid} if key.kid else None
     return jwt.encode(claims, key.secret, algorithm=ALGORITHM, headers=headers)
