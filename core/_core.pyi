@@ -393,7 +393,7 @@ class HelloPath:
     relay: Any
     def __init__(self, relay: Any, schema: Any, decode: Callable[[bytes], Any],
                  keys_of: Callable[[str], tuple[HS256Key, ...]],
-                 new_device: Callable[[], str], leeway: float, max_depth: int) -> None: ...
+                 device_bits: Callable[[int], int], leeway: float, max_depth: int) -> None: ...
     def verify(self, token: object, what: str) -> Grants:
         """The grants of a HELLO's or REFRESH's token; ProtocolError (fatal) otherwise."""
     def attach(self, c: Connection) -> None:

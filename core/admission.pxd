@@ -23,7 +23,7 @@ cdef class Handshakes:
     # The shared protocols of connections refused at accept, by reason.
     cdef public object refuse_connections
     cdef public object refuse_handshakes
-    cdef object _loop
+    cdef object _call_soon            # the running loop's call_soon, looked up once
     cdef object _burst_made
 
     cpdef object refusal(self)

@@ -216,6 +216,10 @@ def device_id(uint32_t bits):
     a HELLO names none (PROTOCOL §3.2; server/devices.py draws the bits).  In C: the
     printf-style "d-%08x" % bits was ~1,800 instructions of a connect + HELLO
     (callgrind, python -m bench connect-cost), PyUnicode_Format's."""
+    return _device_id(bits)
+
+
+cdef str _device_id(uint32_t bits):
     cdef char out[10]
     cdef int i
     out[0] = c'd'

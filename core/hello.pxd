@@ -9,7 +9,7 @@ cdef class HelloPath:
     cdef object _decode            # schemas.decode_with: a body _decoder refused -> MALFORMED_BODY
     cdef Py_ssize_t _max_depth     # the control bodies' nesting limit (PROTOCOL §2.5)
     cdef object _keys_of           # secret -> its HS256Keys
-    cdef object _new_device        # () -> a device id
+    cdef object _device_bits       # (k) -> k random bits: a device id's (random.Random.getrandbits)
     cdef object _cluster_hello     # Session method: the rest of a cluster node's HELLO
     cdef double _leeway
     cdef Handshakes _admission

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import random
 
-from fenghuo.core import SERVICE_DEVICE, Devices, device_id
+from fenghuo.core import SERVICE_DEVICE, Devices
 
-__all__ = ["SERVICE_DEVICE", "Devices", "new_device_id"]
+__all__ = ["SERVICE_DEVICE", "Devices", "new_device_bits"]
 
 # Device ids for a HELLO that names none (PROTOCOL §3.2: "d-" + 8 hex digits).
 # They need to differ, not to be secret: a generator seeded once from the
@@ -27,8 +27,10 @@ _device_ids = random.Random()
 os.register_at_fork(after_in_child=_device_ids.seed)     # a forked child draws its own
 
 
-def new_device_id() -> str:
-    """A device id for a connection that named none."""
-    # Formatted in C: an f-string's ``:08x`` looked up int.__format__ (callgrind:
-    # about 4,000 instructions of a connect + HELLO), printf-style ~1,800.
-    return device_id(_device_ids.getrandbits(32))
+#: ``new_device_bits(32)``: the bits of a device id for a HELLO that names none,
+#: formatted as ``device_id(bits)`` in C by the HELLO (core/hello.pyx).  The
+#: generator's own method, so that the HELLO calls no Python function for it: a
+#: ``new_device_id()`` around the same two calls was ~1,200 instructions of a
+#: connect + HELLO (callgrind, python -m bench connect-cost); an f-string's
+#: ``:08x`` had been ~4,000, printf-style ~1,800.
+new_device_bits = _device_ids.getrandbits

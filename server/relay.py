@@ -43,7 +43,7 @@ from fenghuo.server import scheduling
 from fenghuo.server.clicks import Clicks
 from fenghuo.server.cursors import ReadCursors
 from fenghuo.server.status import Progress
-from fenghuo.server.devices import SERVICE_DEVICE, Devices, new_device_id
+from fenghuo.server.devices import SERVICE_DEVICE, Devices, new_device_bits
 from fenghuo.server.group_ops import Answer, GroupOps
 from fenghuo.server.groups import Actor, GroupRegistry
 from fenghuo.server import keyfile
@@ -180,7 +180,7 @@ class Relay:
         #: HELLO, from the frame to WELCOME, in C (core/hello.pyx); the hub hands it every HELLO
         hello = schemas.SCHEMAS[FrameType.HELLO]
         self.hello = HelloPath(self, hello, partial(schemas.decode_with, hello),
-                               hs256_keys, new_device_id, LEEWAY, schemas.MAX_DEPTH)
+                               hs256_keys, new_device_bits, LEEWAY, schemas.MAX_DEPTH)
         self.hub.hello = self.hello
 
     # ------------------------------------------------------------ lifecycle
