@@ -59,7 +59,12 @@ def _fenghuo(name: str, secret: str) -> Fenghuo:
 STALL_FAMILIES = (("fenghuo_event_loop_lag_seconds", "lag", ""),
                   ("fenghuo_event_loop_own_lag_seconds", "own", ""),
                   ("fenghuo_gc_pause_seconds", "gc", ""),
-                  ("fenghuo_gc_pause_seconds", "gc2", 'generation="2"'))
+                  ("fenghuo_gc_pause_seconds", "gc2", 'generation="2"'),
+                  # the durable store's part of a held publish's way to its ack, per batch
+                  ("fenghuo_store_batch_wait_seconds", "store_wait", ""),
+                  ("fenghuo_store_write_seconds", "store_write", ""),
+                  ("fenghuo_store_handback_seconds", "store_handback", ""))
+STORE_KEYS = ("store_wait", "store_write", "store_handback")
 
 
 def stall_buckets(metrics_port: int) -> dict[str, dict[float, float]]:
@@ -70,6 +75,9 @@ def stall_buckets(metrics_port: int) -> dict[str, dict[float, float]]:
     out: dict[str, dict[float, float]] = {}
     for family, key, label in STALL_FAMILIES:
         buckets = out.setdefault(key, {})
+        if key in STORE_KEYS:   # their sums (seconds, as the bound -1), for a mean
+            for m in re.finditer(rf'^{family}_sum(?:{{[^}}]*}})? (\S+)$', text, re.MULTILINE):
+                buckets[-1.0] = buckets.get(-1.0, 0) + float(m.group(1))
         for m in re.finditer(rf'^{family}_bucket\{{([^}}]*)\}} (\S+)$', text, re.MULTILINE):
             bound = re.search(r'(?:^|,)le="([^"]+)"', m.group(1))
             if bound is None or label not in m.group(1):
@@ -88,11 +96,19 @@ def relay_stalls(metrics_port: int, since: dict[str, dict[float, float]] | None 
     for key, now in stall_buckets(metrics_port).items():
         before = (since or {}).get(key, {})
         buckets = {le: n - before.get(le, 0) for le, n in now.items()}
+        seconds = buckets.pop(-1.0, 0.0)
         if not buckets:
             continue
         ordered = sorted(buckets.items())
         total = ordered[-1][1]
         out[f"{key}_count"] = int(total)
+        if key in STORE_KEYS:
+            # mean, and the bounds under which half and 99 % of the batches fell
+            out[f"{key}_mean_ms"] = round(1000 * seconds / total, 3) if total else 0.0
+            for q in (0.5, 0.99):
+                out[f"{key}_p{round(q * 100)}_le_ms"] = (
+                    next((1000 * le for le, n in ordered if n >= q * total), 0.0) if total else 0.0)
+            continue
         # The smallest bound every sample is under: the worst sample's bucket.
         out[f"{key}_max_le_ms"] = next((1000 * le for le, n in ordered if n >= total), 0.0) if total else 0.0
         # uvloop's timers round to milliseconds: up to about 2 ms of lag is the timer's.
@@ -112,6 +128,17 @@ def _first_stalls(metrics_port: int) -> dict[str, dict[float, float]]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def writer_s(metrics_port: int) -> tuple[float, float]:
+    """Seconds the durable store's writer threads have run on a CPU, and waited,
+    runnable, for one, summed over workers ((0, 0) with no such store)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    ran, waited = (sum(float(m.group(1)) for m in re.finditer(rf'^{name}(?:{{[^}}]*}})? (\S+)$', text,
+                                                            re.MULTILINE))
+                   for name in ("fenghuo_store_writer_cpu_seconds_total",
+                                "fenghuo_store_writer_cpu_wait_seconds_total"))
+    return ran, waited
 
 
 def cpu_s(target: Target) -> tuple[float, float]:
@@ -145,6 +172,7 @@ def cmd_tail(a: argparse.Namespace) -> int:
                                    stalls: dict[str, Any] = stalls) -> loadgen.Result:
                     before = _first_stalls(t.metrics_port) if isinstance(t, Fenghuo) else None
                     (ran, waited), started = cpu_s(t), time.perf_counter()
+                    writer = writer_s(t.metrics_port) if isinstance(t, Fenghuo) else (0.0, 0.0)
                     result = await loadgen.pairs_run(t, pairs=a.pairs, rate=rate, warmup=a.warmup,
                                                      duration=a.duration, progress=p)
                     # Per second of the run (setup included): the server's time on a
@@ -154,6 +182,11 @@ def cmd_tail(a: argparse.Namespace) -> int:
                     stalls["cpu_wait_ms_per_s"] = round(1000 * (waited_after - waited) / elapsed, 1)
                     if isinstance(t, Fenghuo):
                         stalls.update(relay_stalls(t.metrics_port, before))
+                        w_ran, w_waited = writer_s(t.metrics_port)
+                        if w_ran:
+                            stalls["writer_cpu_ms_per_s"] = round(1000 * (w_ran - writer[0]) / elapsed, 1)
+                            stalls["writer_cpu_wait_ms_per_s"] = round(
+                                1000 * (w_waited - writer[1]) / elapsed, 1)
                     return result
 
                 result = run_on(target, scenario, progress)

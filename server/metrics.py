@@ -279,6 +279,19 @@ class RelayCollector(Collector):
                       "mean batch).", store.batch_records)
         yield counter("fenghuo_store_batches_full", "Batches that reached the writer's limit "
                       f"({MAX_BATCH:,} records): more may have been queued.", store.full_batches)
+        for name, help_, h in (
+                ("fenghuo_store_batch_wait_seconds", "From the arrival of a batch's oldest publish "
+                 "(or held reply) to the writer taking the batch.", store.batch_wait),
+                ("fenghuo_store_write_seconds", "A batch's write: its transaction, and under "
+                 "--fsync always|batch the sync it ends with.", store.write_time),
+                ("fenghuo_store_handback_seconds", "From a batch's commit to the loop having "
+                 "released it (under --fsync always its acks and deliveries queued).", store.handback)):
+            yield histogram(name, help_, BOUNDS, [((), h.counts, h.sum)])
+        on_cpu, cpu_wait = store.writer_schedstat()
+        yield counter("fenghuo_store_writer_cpu_seconds", "Time the writer's thread ran on a CPU "
+                      "(kernel schedstat).", on_cpu)
+        yield counter("fenghuo_store_writer_cpu_wait_seconds", "Time the writer's thread was "
+                      "runnable and waited for a CPU (kernel schedstat).", cpu_wait)
 
     def _stalls(self) -> Iterator[Metric]:
         relay = self.relay

@@ -109,6 +109,17 @@ class LoopLag:
             self._schedstat = None
 
 
+def thread_schedstat(tid: int) -> tuple[float, float]:
+    """Seconds thread ``tid`` of this process has spent on a CPU and runnable
+    waiting for one (``/proc/.../schedstat``); (0, 0) where the kernel does not say."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            fields = f.read().split()
+        return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
+
+
 # sched_setattr(2) and sched_getattr(2) by machine: Python has no wrapper.
 _SCHED_ATTR_CALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 _SCHED_OTHER, _SCHED_BATCH = 0, 3

@@ -27,6 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,7 @@ from fenghuo.server.outbox import (
     Replay,
     WebhookEvent,
 )
+from fenghuo.server.stalls import Histogram, thread_schedstat
 
 log = logging.getLogger("fenghuo.store")
 
@@ -395,6 +397,15 @@ class SQLiteStore:
         #: the writer's thread counts (read by /metrics): batches taken, the records
         #: in them, and the batches that reached MAX_BATCH (more was queued)
         self.batches = self.batch_records = self.full_batches = 0
+        #: Where a held publish's way from its arrival to its ack goes, a batch at a
+        #: time (/metrics; docs/PERFORMANCE.md): the oldest record's wait until the
+        #: writer takes its batch, the batch's write (the transaction and its sync),
+        #: and from the commit to the loop having released the batch (acks queued).
+        self.batch_wait = Histogram()
+        self.write_time = Histogram()
+        self.handback = Histogram()
+        #: when each batch handed back and not yet released was committed (monotonic)
+        self._committed: deque[float] = deque()
         self._handback_delay = float(os.environ.get(HANDBACK_DELAY_ENV) or 0)
         self._write_delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
         self.on_pressure: Callable[[bool], None] = lambda high: None
@@ -469,6 +480,8 @@ class SQLiteStore:
     def written(self, count: int) -> None:
         """The writer handed back ``count`` records (called on the loop thread)."""
         self.backlog -= count
+        if self._committed:
+            self.handback.observe(time.monotonic() - self._committed.popleft())
         if self._pressed and self.backlog < BACKLOG_LOW:
             self._pressed = False
             self.on_pressure(False)
@@ -507,6 +520,8 @@ class SQLiteStore:
         writer = self._writer
         outbox = None if self.outbox is None else self._write_outbox
         while (batch := writer.take(MAX_BATCH)) is not None:
+            taken = time.monotonic()
+            self.batch_wait.observe(taken - _oldest_arrival(batch, taken))
             self.batches += 1
             self.batch_records += len(batch)
             self.full_batches += len(batch) >= MAX_BATCH
@@ -519,7 +534,10 @@ class SQLiteStore:
                 log.critical("store write failed; the relay stops sequencing", exc_info=exc)
                 loop.call_soon_threadsafe(on_batch, None)
                 return
+            committed = time.monotonic()
+            self.write_time.observe(committed - taken)
             if records:
+                self._committed.append(committed)
                 if self._handback_delay:
                     time.sleep(self._handback_delay)        # HANDBACK_DELAY_ENV
                 loop.call_soon_threadsafe(on_batch, records)
@@ -530,6 +548,14 @@ class SQLiteStore:
             except sqlite3.Error:
                 # Committed all the same (in the WAL); the next round copies it.
                 log.exception("store checkpoint failed")
+
+    def writer_schedstat(self) -> tuple[float, float]:
+        """The writer thread's seconds on a CPU and runnable without one so far
+        ((0, 0) before it starts or where the kernel does not say)."""
+        thread = self._thread
+        if thread is None or thread.native_id is None:
+            return 0.0, 0.0
+        return thread_schedstat(thread.native_id)
 
     def _write_outbox(self, conn: SQLiteWriter, ordered: list[Any]) -> None:
         """The outbox rows of this transaction, in queue order (so a stream's events keep
@@ -712,6 +738,16 @@ class SQLiteStore:
 
 
 # ---------------------------------------------------------------- the writes
+
+def _oldest_arrival(batch: list[Any], default: float) -> float:
+    """When the first record of ``batch`` that came from a client arrived (the
+    loop's monotonic clock), ``default`` if none did."""
+    for r in batch:
+        t_recv = getattr(r, "t_recv", 0.0)
+        if t_recv:
+            return float(t_recv)
+    return default
+
 
 def _write_group(w: SQLiteWriter, r: GroupSave) -> None:
     w.execute("INSERT OR REPLACE INTO groups (id, record) VALUES (?, ?)", (r.group_id, r.record))

@@ -223,3 +223,25 @@ def test_two_writers_committing_in_turn_keep_every_row(tmp_path):
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         rows = db.execute("SELECT channel, count(*), max(seq) FROM messages GROUP BY channel").fetchall()
     assert sorted(rows) == sorted((ch.name, 30, 30) for ch in chans)
+
+
+async def test_metrics_split_a_held_publish_into_wait_write_and_handback(tmp_path):
+    """/metrics times each batch's part of a held publish's way to its ack: its
+    wait for the writer, the write (its sync included), the handback to the loop;
+    and the writer thread's time on a CPU."""
+    relay = start_relay(tmp_path, *FLAGS, workers=1)
+    try:
+        alice = await fenghuo.Client(relay.server, token=relay.token("alice")).connect()
+        for i in range(20):     # each waits for its ack: a batch (at least) each
+            await alice.send("bob", f"m{i}")
+        await alice.close()
+        batches = metric(relay, "fenghuo_store_batches_total")
+        waits = metric(relay, "fenghuo_store_batch_wait_seconds_count")
+        writes = metric(relay, "fenghuo_store_write_seconds_count")
+        handbacks = metric(relay, "fenghuo_store_handback_seconds_count")
+        assert waits == writes == batches >= 20, (waits, writes, batches)
+        assert 20 <= handbacks <= batches, (handbacks, batches)
+        assert metric(relay, "fenghuo_store_write_seconds_sum") > 0
+        assert metric(relay, "fenghuo_store_writer_cpu_seconds_total") > 0
+    finally:
+        assert relay.stop() == 0
