@@ -26,7 +26,8 @@ pairs, fan-out throughput and fan-out latency at a fixed rate.
 (``bench/cluster_failover.py``); ``--parts regions`` stretches a cluster
 over the global bench's four regions (``bench/cluster_regions.py``);
 ``--parts asks`` measures the burst of asks a replica node sends an owner
-again (``bench/cluster_asks.py``).
+again (``bench/cluster_asks.py``); ``--parts restart`` how long a restarted
+node takes to listen (``bench/cluster_restart.py``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class FenghuoCluster(FenghuoWire):
     def start_node(self, k: int, workdir: Path, start_timeout: float | None = None) -> Fenghuo:
         """Node ``k``, started in the new directory ``workdir`` (not yet in :attr:`nodes`),
         given ``start_timeout`` seconds to listen (default: the target's)."""
-        node = Fenghuo(self.secret, self.node_args(k), workers=1)
+        node = self.make_node(k)
         if start_timeout is not None:
             node.start_timeout = start_timeout
         workdir.mkdir()
@@ -113,6 +114,10 @@ class FenghuoCluster(FenghuoWire):
             node.stop()
             raise
         return node
+
+    def make_node(self, k: int) -> Fenghuo:
+        """Node ``k``, not started."""
+        return Fenghuo(self.secret, self.node_args(k), workers=1)
 
     def address_of(self, user: str) -> tuple[str, int]:
         return self.host, self.nodes[self.placement(user, self.node_count)].port
@@ -243,7 +248,7 @@ def paths_table(rows: list[Row]) -> str:
 
 # ====================================================================== command
 
-PARTS = ("paths", "failover", "regions", "asks")
+PARTS = ("paths", "failover", "regions", "asks", "restart")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -256,10 +261,11 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--duration", type=float, help="paths: seconds measured per run")
     p.add_argument("--json", metavar="FILE", help="also write every result as JSON")
-    from bench import cluster_asks, cluster_failover, cluster_regions
+    from bench import cluster_asks, cluster_failover, cluster_regions, cluster_restart
     cluster_failover.add_options(p)
     cluster_regions.add_options(p)
     cluster_asks.add_options(p)
+    cluster_restart.add_options(p)
     p.set_defaults(func=cmd_cluster)
 
 
@@ -297,6 +303,10 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     if "asks" in parts:
         from bench import cluster_asks
         out["asks"], ok = cluster_asks.run(a)
+        failed |= not ok
+    if "restart" in parts:
+        from bench import cluster_restart
+        out["restart"], ok = cluster_restart.run(a)
         failed |= not ok
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -506,6 +506,11 @@ class Fenghuo(FenghuoWire):
         #: where one worker's log goes (this process's stderr if None; several
         #: workers' always to ``workdir/relay.log``)
         self.log_path: Path | None = None
+        #: the interpreter that runs it and the directory it runs in: another
+        #: checkout's (``<checkout>/.venv/bin/python`` in ``<checkout>``) runs that
+        #: checkout's build (``bench cluster --parts restart --restart-builds``)
+        self.python = sys.executable
+        self.cwd: Path | None = None
 
     async def _stream(self, source: str | None, user: str = ""):
         if not self.use_ws:
@@ -527,7 +532,7 @@ class Fenghuo(FenghuoWire):
     def start(self, workdir: Path) -> None:
         self.port = free_port()
         self.metrics_port = free_ports(self.workers + 1) if self.workers > 1 else free_port()
-        cmd = [sys.executable, "-m", "fenghuo", "serve", "--port", str(self.port),
+        cmd = [self.python, "-m", "fenghuo", "serve", "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--data-dir", str(workdir),
                f"--secret={self.secret}", "--rate", "1e12", "--burst", "1e12",
                "--log-level", self.log_level, "--workers", str(self.workers), *self.relay_flags,
@@ -537,10 +542,10 @@ class Fenghuo(FenghuoWire):
             cmd += ["--ws-port", str(self.ws_port)]
         if self.workers == 1:
             if self.log_path is None:
-                self._spawn(cmd)
+                self._spawn(cmd, cwd=self.cwd)
             else:
                 with open(self.log_path, "ab") as log:
-                    self._spawn(cmd, stderr=log)
+                    self._spawn(cmd, stderr=log, cwd=self.cwd)
             if self.gateway:
                 assert self.proc is not None        # _spawn set it
                 wait_listening(self.proc, self.host, self.ws_port)

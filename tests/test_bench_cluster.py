@@ -134,6 +134,23 @@ def test_asks_count_the_burst_of_asks_after_a_lost_heads_record_and_an_owner_s_r
     assert "acked not delivered" in run.stdout
 
 
+@pytest.mark.timeout(300)
+def test_restart_times_each_build_s_restarts_in_turn_over_the_groups_made(tmp_path):
+    """Five groups; n0 restarted twice by each of two builds (this checkout
+    named twice), in turn: each restart timed to listening, with its CPU and
+    load, and the buckets' entries counted."""
+    out = tmp_path / "restart.json"
+    here = str(Path(__file__).resolve().parent.parent)
+    run = bench("cluster", "--parts", "restart", "--restart-groups", "5", "--restart-rounds", "2",
+                "--restart-builds", f"{here},{here}/.", "--json", str(out), timeout=240)
+    rows = json.loads(out.read_text())["restart"]
+    assert [(r["round"], r["build"]) for r in rows] == [(0, here), (0, here), (1, here), (1, here)]
+    for r in rows:
+        assert r["groups"] == 5 and 0 < r["listening_s"] < 120 and r["cpu_s"] > 0, r
+        assert r["entries"]["fenghuo_groups"] == 5 and r["entries"]["fenghuo_owners"] >= 5, r
+    assert "| 5 |" in run.stdout and "PASS" in run.stdout
+
+
 def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
     """Four regions, a node and a nats-server each, routes through delay proxies:
     every pair's messages and catch-up trials arrive and are counted."""
