@@ -36,8 +36,8 @@ import orjson
 from nats.js.kv import KeyValue
 
 from fenghuo.server.clicks import Click
-from fenghuo.server.jetstream import (CLICKS, CURSORS, DEVICES, GROUPS, Engine, channel_of, stop_task,
-                                      token)
+from fenghuo.server.jetstream import (CLICKS, CURSORS, DEVICES, GROUPS, Engine, Held, channel_of,
+                                      stop_task, together, token)
 
 log = logging.getLogger("fenghuo.cluster_state")
 
@@ -88,13 +88,23 @@ class Bucket:
         self._kv: KeyValue | None = None
         self._queued: dict[str, list[_Write]] = {}
         self._watch: asyncio.Task[None] | None = None
+        #: what is learned (the watch's entries, records other nodes share)
+        #: waits until :meth:`release`
+        self._learning = Held(self._take)
 
     async def open(self, watch: bool) -> None:
+        """Open the bucket and, if ``watch``, watch it: back once its present
+        entries are read (learned at :meth:`release`)."""
         self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(self.name),
                                                f"bucket {self.name}")
         if not watch:
             return
         self._watch = await self.engine.watch(self._kv, self._learn, f"fenghuo-{self.name}")
+
+    def release(self) -> None:
+        """Learn what came so far (the watch's replay, records shared meanwhile), in
+        the order it came, then each as it comes."""
+        self._learning.release()
 
     async def stop(self) -> None:
         await stop_task(self._watch)
@@ -104,15 +114,18 @@ class Bucket:
             return                           # a deletion
         self.learn(entry.key, entry.value, entry.revision or 0)
 
-    def learn(self, key: str, value: bytes, revision: int) -> bool:
-        """Take ``value`` at ``revision`` for ``key`` unless a later one is known."""
+    def learn(self, key: str, value: bytes, revision: int) -> None:
+        """Take ``value`` at ``revision`` for ``key`` unless a later one is known
+        (before :meth:`release`, once released)."""
+        self._learning(key, value, revision)
+
+    def _take(self, key: str, value: bytes, revision: int) -> None:
         held = self.known.get(key)
         if held is not None and held.revision >= revision:
-            return False
+            return
         self.known[key] = Known(value, revision)
         if self.on_change is not None:
             self.on_change(key, value, revision)
-        return True
 
     async def get(self, key: str) -> bytes | None:
         """``key``'s present value, from the stream's leader (not this node's copy)."""
@@ -255,11 +268,19 @@ class SharedState:
         self.conflicts = 0                   # group changes refused by compare-and-set
 
     async def open(self) -> None:
-        """Learn every group, then every cursor (a cursor's group decides whether it counts)."""
-        await self.groups.open(watch=True)
-        await self.cursors.open(watch=True)
-        await self.devices.open(watch=False)
-        await self.clicks.open(watch=True)
+        """Read every group, cursor and click, the buckets side by side (one after
+        another, each waited for its round trips: NodeCluster.join); what they
+        hold is learned at :meth:`release`."""
+        await together(self.groups.open(watch=True), self.cursors.open(watch=True),
+                       self.devices.open(watch=False), self.clicks.open(watch=True))
+
+    def release(self) -> None:
+        """Learn every group, then every cursor (a cursor's group decides whether
+        it counts), then every click; then each change as it comes."""
+        self.groups.release()
+        self.cursors.release()
+        self.devices.release()
+        self.clicks.release()
 
     async def stop(self) -> None:
         """Stop the buckets' watches (before the connection closes)."""
@@ -279,10 +300,11 @@ class SharedState:
 
     # ------------------------------------------------------------ groups
 
-    def learn_group(self, record: dict[str, Any]) -> bool:
+    def learn_group(self, record: dict[str, Any]) -> None:
         """A group record another node shared after writing it (revision inside):
-        False if this node has it, or a later one, already."""
-        return self.groups.learn(token(record["id"]), orjson.dumps(
+        kept unless this node has it, or a later one, already.  Before
+        :meth:`release` (the node still starting), it waits with the watch's."""
+        self.groups.learn(token(record["id"]), orjson.dumps(
             {k: v for k, v in record.items() if k != "revision"}), record["revision"])
 
     async def save_group(self, record: dict[str, Any]) -> int | None:

@@ -214,6 +214,42 @@ async def present_entries(js: JetStreamContext, bucket: str,
     return entries
 
 
+class Held:
+    """A call (a watch's ``learn``) whose calls wait, in the order they came,
+    until :meth:`release`: a node's start replays its buckets side by side
+    (NodeCluster.join) and applies what they hold in one fixed order (claims,
+    groups, then cursors: a cursor's group decides whether it counts)."""
+
+    def __init__(self, call: Callable[..., object]) -> None:
+        self._call = call
+        self._held: list[tuple[Any, ...]] | None = []
+
+    def __call__(self, *args: Any) -> None:
+        if self._held is None:
+            self._call(*args)
+        else:
+            self._held.append(args)
+
+    def release(self) -> None:
+        """Make the calls held, then each as it comes."""
+        held, self._held = self._held or [], None
+        for args in held:
+            self._call(*args)
+
+
+async def together(*steps: Awaitable[Any]) -> list[Any]:
+    """Each step's result, the steps awaited side by side; the first to fail
+    cancels the others (and waits for them) and its error is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def watch_bucket(js: JetStreamContext, kv: KeyValue,
                        learn: Callable[[KeyValue.Entry], None], name: str) -> asyncio.Task[None]:
     """``learn`` every present entry of ``kv`` (back when they are all learned,

@@ -46,7 +46,7 @@ from fenghuo.server.cluster_state import READ, SharedState
 from fenghuo.server.cluster_store import ClusterStore
 from fenghuo.server.frames import decode_frame_message, frame_request_id, message_seq, message_time
 from fenghuo.server.jetstream import (ELECTION_PATIENCE, Engine, Stored, split_frames, stop_task,
-                                      within)
+                                      together, within)
 from fenghuo.server.nodes import Liveness, NatsMesh, Peer, boot_id
 from fenghuo.server.ownership import Claim, Ownership
 from fenghuo.server.stalls import Histogram
@@ -287,15 +287,22 @@ class NodeCluster(Cluster):
         relay.hub.bus = self.bus
         await self.mesh.open()
         await self.liveness.start()
-        await self.ownership.start()
-        for channel in await engine.patiently(lambda: engine.channels("dm:"),
-                                              "the direct chats' channels"):
+        # Every claim, group and cursor the cluster has, before a client is
+        # served, the buckets read side by side (one after another, each
+        # waiting on its own round trips).  What they read, and the group
+        # records shared over the mesh meanwhile, is learned below in the
+        # order the reads used to run; from then on the buckets' watches
+        # apply what other nodes change (DESIGN, "A node's start reads its
+        # buckets side by side").
+        _, _, direct = await together(
+            self.ownership.start(), self.state.open(),
+            engine.patiently(lambda: engine.channels("dm:"), "the direct chats' channels"))
+        self.ownership.release()
+        for channel in direct:
             relay.ensure_channel(channel)
-        # Every group and cursor the cluster has, before a client is served;
-        # from here on the buckets' watches apply what other nodes change.
         relay.cluster, relay.shared_state = self, self.state
         relay.direct_chats_elsewhere = True
-        await self.state.open()
+        self.state.release()
         if self.leaders is not None:
             self.leaders.start()
         self._heads_task = asyncio.create_task(self._heads_forever(), name="fenghuo-heads")

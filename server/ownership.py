@@ -25,7 +25,7 @@ import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import OWNERS, Engine, channel_of, stop_task, token
+from fenghuo.server.jetstream import OWNERS, Engine, Held, channel_of, stop_task, token
 
 log = logging.getLogger("fenghuo.ownership")
 
@@ -57,11 +57,18 @@ class Ownership:
         self.taken = 0                    # channels this node took over from a dead node
         self._kv: KeyValue | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._watched = Held(self._learn)
 
     async def start(self) -> None:
+        """Watch every claim: back once the bucket's present claims are read, each
+        claim (those and every later one) held until :meth:`release`."""
         self._kv = await self.engine.patiently(lambda: self.engine.js.key_value(OWNERS),
                                                f"bucket {OWNERS}")
-        self._watch = await self.engine.watch(self._kv, self._learn, "fenghuo-owners")
+        self._watch = await self.engine.watch(self._kv, self._watched, "fenghuo-owners")
+
+    def release(self) -> None:
+        """Learn the claims the watch has read, then each as it comes."""
+        self._watched.release()
 
     def _learn(self, entry: KeyValue.Entry, watched: bool = True) -> None:
         """A claim read from the bucket: by the watch, or (``watched`` False) by a
