@@ -2177,6 +2177,43 @@ async def test_read_counts_are_the_same_on_every_node(nodes):
     assert at_head["read"] == (await alice.readers("group:news", head))["read"]
 
 
+async def test_a_node_restarted_while_groups_and_reads_are_written_knows_each_one(nodes):
+    """A node's start reads the claims', groups' and cursors' buckets side by side
+    and learns them in order (NodeCluster.join: a cursor after its group, else it
+    is not counted).  n0 is killed and started again while n1 goes on making
+    groups and marking their messages read: once the writes stop, carol's
+    groups and unread counts on the new n0 are those on n1, the groups and
+    cursors made before the restart and those made during it."""
+    n0, n1 = nodes("n0", "n1")
+    alice, carol = await n1.connect("alice"), await n1.connect("carol")
+
+    async def make(name: str) -> None:
+        await alice.create_group(name, ["bob", "carol"])
+        first = await alice.publish(f"group:{name}", "one")
+        await alice.publish(f"group:{name}", "two")
+        await carol.mark_read(f"group:{name}", first.seq, confirm=True)
+    for i in range(40):
+        await make(f"before{i}")
+    n0.kill()
+    restarted = asyncio.ensure_future(asyncio.to_thread(nodes, "n0"))
+    during = 0
+    while not restarted.done() or during < 5:
+        await make(f"during{during}")
+        during += 1
+    (again,) = await restarted
+    late_carol = await again.connect("carol")
+
+    async def state(client: fenghuo.Client) -> tuple[list[str], dict[str, int]]:
+        groups = sorted(g["group"] for g in await client.list_groups())
+        return groups, {c: n for c, n in (await client.unread()).items() if c.startswith("group:")}
+    expected = await state(carol)
+    assert len(expected[0]) == 40 + during and set(expected[1].values()) == {1}
+
+    async def agrees() -> bool:
+        return await state(late_carol) == expected
+    await until(agrees, timeout=15)
+
+
 async def test_group_changes_through_two_owners_lose_none(nodes):
     """The group's owner node is stopped past its lease with a change waiting in
     its socket; another node takes the group over and makes a change of its
