@@ -287,11 +287,11 @@ class RelayCollector(Collector):
                 ("fenghuo_store_handback_seconds", "From a batch's commit to the loop having "
                  "released it (under --fsync always its acks and deliveries queued).", store.handback)):
             yield histogram(name, help_, BOUNDS, [((), h.counts, h.sum)])
-        on_cpu, cpu_wait = store.writer_schedstat()
+        writer = store.writer_schedstat()
         yield counter("fenghuo_store_writer_cpu_seconds", "Time the writer's thread ran on a CPU "
-                      "(kernel schedstat).", on_cpu)
+                      "(kernel schedstat).", writer.on_cpu)
         yield counter("fenghuo_store_writer_cpu_wait_seconds", "Time the writer's thread was "
-                      "runnable and waited for a CPU (kernel schedstat).", cpu_wait)
+                      "runnable and waited for a CPU (kernel schedstat).", writer.cpu_wait)
 
     def _stalls(self) -> Iterator[Metric]:
         relay = self.relay

@@ -84,7 +84,7 @@ class LoopLag:
         if self._schedstat is None:
             return 0.0
         try:
-            return int(os.pread(self._schedstat, 64, 0).split()[1]) / 1e9
+            return _schedstat(os.pread(self._schedstat, 64, 0)).cpu_wait
         except (OSError, IndexError, ValueError):
             return 0.0
 
@@ -109,15 +109,27 @@ class LoopLag:
             self._schedstat = None
 
 
-def thread_schedstat(tid: int) -> tuple[float, float]:
-    """Seconds thread ``tid`` of this process has spent on a CPU and runnable
-    waiting for one (``/proc/.../schedstat``); (0, 0) where the kernel does not say."""
+@dataclass(frozen=True, slots=True)
+class SchedStat:
+    """A thread's seconds so far on a CPU and runnable waiting for one (the
+    kernel's ``/proc/.../schedstat``; both 0 where the kernel does not say)."""
+    on_cpu: float = 0.0
+    cpu_wait: float = 0.0
+
+
+def _schedstat(raw: bytes) -> SchedStat:
+    """A schedstat file's first two fields (nanoseconds), as seconds."""
+    fields = raw.split()
+    return SchedStat(int(fields[0]) / 1e9, int(fields[1]) / 1e9)
+
+
+def thread_schedstat(tid: int) -> SchedStat:
+    """Thread ``tid`` of this process's :class:`SchedStat`."""
     try:
         with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-            fields = f.read().split()
-        return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+            return _schedstat(f.read())
     except (OSError, IndexError, ValueError):
-        return 0.0, 0.0
+        return SchedStat()
 
 
 # sched_setattr(2) and sched_getattr(2) by machine: Python has no wrapper.

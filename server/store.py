@@ -62,7 +62,7 @@ from fenghuo.server.outbox import (
     Replay,
     WebhookEvent,
 )
-from fenghuo.server.stalls import Histogram, thread_schedstat
+from fenghuo.server.stalls import Histogram, SchedStat, thread_schedstat
 
 log = logging.getLogger("fenghuo.store")
 
@@ -549,12 +549,12 @@ class SQLiteStore:
                 # Committed all the same (in the WAL); the next round copies it.
                 log.exception("store checkpoint failed")
 
-    def writer_schedstat(self) -> tuple[float, float]:
-        """The writer thread's seconds on a CPU and runnable without one so far
-        ((0, 0) before it starts or where the kernel does not say)."""
+    def writer_schedstat(self) -> SchedStat:
+        """The writer thread's :class:`SchedStat` (zeros before it starts or where
+        the kernel does not say)."""
         thread = self._thread
         if thread is None or thread.native_id is None:
-            return 0.0, 0.0
+            return SchedStat()
         return thread_schedstat(thread.native_id)
 
     def _write_outbox(self, conn: SQLiteWriter, ordered: list[Any]) -> None:
