@@ -36,7 +36,7 @@ from bench.cluster import FenghuoCluster
 from bench.cluster_asks import CREATING, _cpu_s
 from bench.cluster_failover import _client
 from bench.targets import Fenghuo
-from fenghuo.server.jetstream import CURSORS, GROUPS, OWNERS
+from fenghuo.server.jetstream import CLICKS, CURSORS, GROUPS, OWNERS
 
 LEASE_S = 10.0
 # How long a restarted node may take to listen (over 15 s, the target's
@@ -87,17 +87,48 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+async def _streams(cluster: RestartCluster) -> dict[str, dict[str, int]]:
+    """Each bucket's stream now: its messages, its bytes and the consumers it has
+    (a watch's ordered consumer stays 5 minutes after its node is killed)."""
+    assert cluster.nats is not None
+    nc = await nats.connect(cluster.nats.url_list.split(","))
+    try:
+        js = nc.jetstream()
+        out = {}
+        for b in (*BUCKETS, CLICKS):
+            state = (await js.stream_info(f"KV_{b}")).state
+            out[b] = {"messages": state.messages, "bytes": state.bytes,
+                      "consumers": state.consumer_count}
+        return out
+    finally:
+        await nc.close()
+
+
+def _others_cpu_s(cluster: RestartCluster) -> dict[str, float]:
+    """CPU seconds so far of the processes sharing CPU 0 with the restarted node."""
+    assert cluster.nats is not None
+    return {"n1": _cpu_s(cluster.nodes[1].pid),
+            "nats": sum(_cpu_s(s.proc.pid) for s in cluster.nats.servers if s.proc)}
+
+
 def _restart(cluster: RestartCluster, build: Path | None, workdir: Path) -> dict[str, Any]:
     node = cluster.nodes[0]
     assert node.proc is not None
+    streams = uvloop.run(_streams(cluster))
     node.proc.kill()
     node.proc.wait()
+    before = _others_cpu_s(cluster)
     started = time.monotonic()
     cluster.build = build
     cluster.nodes[0] = cluster.start_node(0, workdir, RESTART_S)
     listening = time.monotonic() - started
-    return {"build": str(build or "."), "listening_s": round(listening, 3),
-            "cpu_s": round(_cpu_s(cluster.nodes[0].pid), 3), "load": round(_load(), 2)}
+    cpu = round(_cpu_s(cluster.nodes[0].pid), 3)
+    after = _others_cpu_s(cluster)
+    return {"build": str(build or "."), "listening_s": round(listening, 3), "cpu_s": cpu,
+            "load": round(_load(), 2),
+            # meanwhile: n1's and the three nats-servers' CPU, and the buckets before the kill
+            "n1_cpu_s": round(after["n1"] - before["n1"], 3),
+            "nats_cpu_s": round(after["nats"] - before["nats"], 3), "streams": streams}
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -154,4 +185,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             + f"{statistics.median(r['listening_s'] for r in mine):.2f} s | "
             + ", ".join(f"{r['cpu_s']:.2f}" for r in mine) + " s | "
             + ", ".join(f"{r['load']:.1f}" for r in mine) + " |")
+    lines += ["", "| round | build | n1's CPU meanwhile | nats-servers' CPU meanwhile | "
+              "consumers on the buckets before (claims / groups / cursors / clicks) | "
+              "messages and bytes before (claims / groups / cursors) |",
+              "|---:|---|---:|---:|---|---|"]
+    for r in rows:
+        st = r["streams"]
+        lines.append(f"| {r['round']} | {r['build']} | {r['n1_cpu_s']:.2f} s | "
+                     f"{r['nats_cpu_s']:.2f} s | "
+                     + " / ".join(str(st[b]["consumers"]) for b in (*BUCKETS, CLICKS)) + " | "
+                     + " / ".join(f"{st[b]['messages']:,} ({st[b]['bytes'] // 1024:,} KiB)"
+                                  for b in BUCKETS) + " |")
     return "\n".join(lines)
