@@ -167,9 +167,9 @@ def _stream_seq(reply: str) -> int:
 
 class _Watch:
     """A bucket's entries as its watch's ordered consumer delivers them, each
-    passed to ``learn`` from nats-py's delivery of the message (no queue and
-    no ``wait_for`` per entry between them, as nats-py's ``KeyWatcher`` has:
-    with them a 10,000-entry replay took 3-4 times the time and CPU).
+    passed to ``learn`` as the connection's parser reads it (:class:`_Client`:
+    no queue and no ``wait_for`` per entry, as nats-py's ``KeyWatcher`` has,
+    and no header dict, ``Msg`` or callback task either).
 
     :attr:`replayed` is done once an entry of revision :attr:`until` or
     later has been learned (:func:`_replay`), or failed with what ``learn``
@@ -184,6 +184,8 @@ class _Watch:
         self.replayed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def on_msg(self, msg: Msg) -> None:
+        """The subscription's callback: an entry as nats-py passes it on (on a
+        connection not a :class:`_Client`, as ``fenghuo cluster status``'s)."""
         headers = msg.headers
         operation = None
         if headers:
@@ -192,23 +194,98 @@ class _Watch:
                 operation = _MARKER_OPERATIONS.get(reason)
                 if operation is None:
                     return                   # a marker of a kind unknown here
-        revision = _stream_seq(msg.reply)
-        entry = KeyValue.Entry(bucket=self.bucket, key=msg.subject[self.prefix:], value=msg.data,
-                               revision=revision, delta=None, created=None, operation=operation)
+        error = self._learn(msg.subject[self.prefix:], msg.data, _stream_seq(msg.reply), operation)
+        if error is not None:
+            raise error                      # live: nats-py's error callback logs it
+
+    async def take(self, nc: _Client, sub: Any, subject: bytes, reply: bytes, data: bytes,
+                   headers: bytes | None) -> bool:
+        """Learn the delivered message if it is the ordered consumer's next entry,
+        doing for it what nats-py's ``_process_msg`` would (its counts, the
+        ordered consumer's sequences, the flow control's count); False leaves
+        the message to nats-py: a status (heartbeat, flow control), or a
+        delivery out of order (nats-py recreates the consumer from the last
+        stream sequence taken)."""
+        jsi = sub._jsi
+        if jsi is None or not reply or (headers and headers[_STATUS_AT] == _SPACE):
+            return False
+        acked = reply.decode()
+        tokens = acked.split(".")
+        # nats-py's check of an ordered consumer's delivery (_process_msg):
+        # the stream and consumer sequences at tokens 5 and 6.
+        if len(tokens) < 7 or int(tokens[6]) != jsi._dseq:
+            return False
+        nc.stats["in_msgs"] += 1
+        nc.stats["in_bytes"] += len(data)
+        sub._received += 1
+        jsi._active = True
+        jsi._dseq += 1
+        jsi._sseq = int(tokens[5])
+        jsi.track_sequences(acked)
+        operation = None
+        # A key's deletion or purge: the only headers read (a value written by
+        # compare-and-set carries its expected revision's header too).
+        if headers and (_KV_OP_HEADER in headers or _MARKER_HEADER in headers):
+            parsed = await nc._process_headers(headers) or {}
+            operation = parsed.get(KV_OP)
+            if operation is None and (reason := parsed.get(KV_MARKER_REASON)):
+                operation = _MARKER_OPERATIONS.get(reason)
+                if operation is None:
+                    return True              # a marker of a kind unknown here
+        revision = int(tokens[5]) if len(tokens) == 9 else _stream_seq(acked)
+        error = self._learn(subject.decode()[self.prefix:], data, revision, operation)
+        if error is not None:
+            await nc._error_cb(error)        # live: logged, as nats-py does a callback's
+        return True
+
+    def _learn(self, key: str, value: bytes, revision: int,
+               operation: str | None) -> Exception | None:
+        """Pass an entry to ``learn``; what it raised once :attr:`replayed` is done
+        (before, :attr:`replayed` fails with it)."""
+        entry = KeyValue.Entry(bucket=self.bucket, key=key, value=value, revision=revision,
+                               delta=None, created=None, operation=operation)
         try:
             self.learn(entry)
         except Exception as exc:
             if self.replayed.done():
-                raise                        # live: nats-py's error callback logs it
+                return exc
             self.replayed.set_exception(exc)
-            return
+            return None
         self.count += 1
         self.seen = max(self.seen, revision)
         self.check()
+        return None
 
     def check(self) -> None:
         if self.until is not None and self.seen >= self.until and not self.replayed.done():
             self.replayed.set_result(None)
+
+
+# A delivered message's headers: ``NATS/1.0`` then a space and a status
+# (nats-server's heartbeats, flow control) or a line end (a stored message's).
+_STATUS_AT = len(b"NATS/1.0")
+_SPACE = ord(" ")
+_KV_OP_HEADER = KV_OP.encode()
+_MARKER_HEADER = KV_MARKER_REASON.encode()
+
+
+class _Client(nats.aio.client.Client):
+    """nats-py's client, whose KV watches' entries (:class:`_Watch`) are learned
+    as its parser reads them, not through its ``_process_msg``: that parses
+    every message's headers into a dict, builds a ``Msg`` and queues it for
+    the subscription's task, which calls the callback.  ``python -m bench
+    cluster --parts restart`` (bench/results/2026-12-07-restart2): a fifth of
+    a node's start's CPU over 40,000 entries.  Written against nats-py 2.16's
+    ``_process_msg`` and ordered consumer (its ``_jsi``), whose private names
+    it uses."""
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:    # (None when there are none)
+        sub = self._subs.get(sid)
+        watch = getattr(sub and sub._cb, "__self__", None)     # (its on_msg)
+        if not isinstance(watch, _Watch) or not await watch.take(self, sub, subject, reply, data,
+                                                                headers):
+            await super()._process_msg(sid, subject, reply, data, headers)
 
 
 async def _replay(js: JetStreamContext, kv: KeyValue, learn: Callable[[KeyValue.Entry], None],
@@ -458,9 +535,11 @@ class Engine:
             # Closing: the node asked for it (at info, not a warning of a normal stop).
             log.log(logging.INFO if engine.closing else logging.WARNING, "disconnected from NATS")
 
-        nc = await nats.connect(urls, name=name, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.5, reconnected_cb=reconnected,
-                                disconnected_cb=disconnected)
+        nc = _Client()
+        # (nats-py annotates reconnect_time_wait int; it sleeps a float as well)
+        await nc.connect(urls, name=name, max_reconnect_attempts=-1,
+                         reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                         reconnected_cb=reconnected, disconnected_cb=disconnected)
         engine = cls(nc, 3, tags)
         await engine._setup()
         return engine
