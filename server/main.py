@@ -21,6 +21,7 @@ from fenghuo.server import logs, metrics
 from fenghuo.server.config import Settings
 from fenghuo.server.mesh import WorkerSpec, new_boot_id
 from fenghuo.server.outbox import reload_endpoints
+from fenghuo.server.stalls import hold_collections
 from fenghuo.server.supervisor import EXIT_STOP_RELAY
 from fenghuo.server.tls import ServerTLS
 
@@ -158,6 +159,7 @@ def run(settings: Settings) -> int:
     workers = settings.workers or os.cpu_count() or 1
     if spec is None and workers > 1:
         return supervise(settings, secret, workers)
+    hold_collections()
     return uvloop.run(serve(settings, secret, spec))
 
 
