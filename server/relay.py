@@ -18,6 +18,7 @@ relay holds what the control plane shares and wires the concerns together
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from functools import partial
 from typing import Any, TYPE_CHECKING
@@ -67,6 +68,7 @@ from fenghuo.tokens import LEEWAY, hs256_keys
 
 if TYPE_CHECKING:
     from fenghuo.server.api import Api
+    from fenghuo.server.cluster_store import ClusterStore
     from fenghuo.server.webhooks import WebhookSender
     from fenghuo.server.engines import Bus, Store
     from fenghuo.server.cluster_state import SharedState
@@ -75,6 +77,25 @@ if TYPE_CHECKING:
 
 #: WELCOME's "server"
 SERVER_NAME = "fenghuo/0.1"
+
+
+def _cluster_store() -> type[ClusterStore]:
+    """The cluster's store, imported (with nats-py) without aiohttp: nats-py
+    imports it for a websocket transport, which a node never uses (--cluster
+    takes nats:// and tls:// URLs), and aiohttp's import was an eighth of a
+    restarted node's CPU until listening (``python -m bench cluster --parts
+    restart``, bench/results/2026-12-07-restart2).  ``None`` in
+    ``sys.modules`` makes that import fail as if aiohttp were not installed;
+    removed after, so the API's HTTP server (--api-port) still imports it."""
+    held = "aiohttp" not in sys.modules
+    if held:
+        sys.modules["aiohttp"] = None  # type: ignore[assignment]
+    try:
+        from fenghuo.server.cluster_store import ClusterStore
+    finally:
+        if held:
+            del sys.modules["aiohttp"]
+    return ClusterStore
 
 
 class Relay:
@@ -140,9 +161,9 @@ class Relay:
         #: the webhook endpoints (empty without --webhooks)
         self.endpoints = load_endpoints(settings.webhooks) if settings.webhooks else ()
         if settings.cluster:
-            from fenghuo.server.cluster_store import ClusterStore
+            cluster_store = _cluster_store()
             # Messages live in JetStream; the epoch comes with the cluster's id (start).
-            self.store = self.sqlite = ClusterStore(settings.data_dir, settings.ring_size)
+            self.store = self.sqlite = cluster_store(settings.data_dir, settings.ring_size)
             self.epoch = ""
             self._load()
             # A channel's past comes from its owner or the stream, asynchronously.
