@@ -10,7 +10,9 @@ cdef class Handshakes:
     cdef public double burst
     # Sessions between connection_made and HELLO accepted (or closed).
     cdef public Py_ssize_t handshaking
-    # Sessions made at accept whose connection_made has not run yet.
+    # Sessions made at accept whose connection_made has not run yet: each
+    # connection_made takes its own back; a burst's leftovers (a session
+    # never made) are reset after it (burst_made).
     cdef public Py_ssize_t accepted_unmade
     cdef public double tokens
     cdef public double refilled_at
@@ -25,9 +27,10 @@ cdef class Handshakes:
     cdef public object refuse_handshakes
     cdef object _call_soon            # the running loop's call_soon, looked up once
     cdef object _burst_made
+    cdef bint _burst_reset_due        # burst_made is scheduled
 
     cpdef object refusal(self)
-    cpdef handshake_started(self)
+    cpdef handshake_started(self, bint made_at_accept=*)
     cpdef handshake_ended(self)
     cpdef int admit_hello(self) except -1
     cpdef int retry_after_ms(self, double now) except -1
@@ -37,3 +40,4 @@ cdef class Handshakes:
 cdef class ProtocolFactory:
     cdef Handshakes _admission
     cdef object _make
+    cdef bint _made_after_handshake   # TLS: connection_made comes after the TLS handshake

@@ -61,14 +61,27 @@ cdef class Handshakes:
 
     def burst_made(self):
         # Runs after every connection_made of the burst (scheduled before them
-        # or not, no accept happens while ready callbacks run).
+        # or not, no accept happens while ready callbacks run): a count left
+        # by a session whose connection_made never came is dropped here.
         self.accepted_unmade = 0
+        self._burst_reset_due = False
 
-    def protocol_factory(self, make_session):
-        """The server's protocol factory: ``make_session()``, or a shared refusal."""
-        return ProtocolFactory(self, make_session)
+    def protocol_factory(self, make_session, bint made_after_handshake=False):
+        """The server's protocol factory: ``make_session()``, or a shared refusal.
 
-    cpdef handshake_started(self):
+        ``made_after_handshake``: the listener's transport calls
+        ``connection_made`` only once a handshake of its own is done (TLS), so
+        its sessions are counted at accept only until the end of the accept's
+        loop iteration, as a TLS handshake is counted by no limit
+        (docs/DESIGN.md, "Limits").
+        """
+        return ProtocolFactory(self, make_session, made_after_handshake)
+
+    cpdef handshake_started(self, bint made_at_accept=False):
+        """A connection is made; ``made_at_accept``: by a listener's
+        ProtocolFactory, which counted it in ``accepted_unmade``."""
+        if made_at_accept and self.accepted_unmade:
+            self.accepted_unmade -= 1
         if not self.handshaking:
             # The queue was empty: a new busy period, and a new measuring
             # window (idle time says nothing of the rate).
@@ -124,21 +137,36 @@ cdef class Handshakes:
 cdef class ProtocolFactory:
     """A listener's protocol factory (``Handshakes.protocol_factory``), called in C."""
 
-    def __cinit__(self, Handshakes admission, make_session):
+    def __cinit__(self, Handshakes admission, make_session, bint made_after_handshake=False):
         self._admission = admission
         self._make = make_session
+        self._made_after_handshake = made_after_handshake
 
     def __call__(self):
         cdef Handshakes admission = self._admission
+        cdef Connection session
         refused = admission.refusal()
         if refused is not None:
             return refused
-        if not admission.accepted_unmade:
+        if ((admission.accepted_unmade or self._made_after_handshake)
+                and not admission._burst_reset_due):
+            # A second accept before the first one's connection_made: a burst
+            # (libuv 1.52 accepts one connection per listener per loop
+            # iteration, so it takes two listeners, or a session whose
+            # connection_made never came: its uv_accept failed); or a TLS
+            # accept, whose connection_made waits for the TLS handshake.  Reset
+            # the count once the iteration's connection_made calls have run.  A
+            # lone plaintext accept, the usual case, schedules nothing: its
+            # connection_made takes its count back (callgrind: the call_soon
+            # and its Handle were ~1,000 instructions a connect).
             if admission._call_soon is None:
                 # Looked up once: on Python 3.11 get_running_loop() makes a
                 # getpid() system call, and each lookup of a method makes a
-                # bound method (callgrind: ~200 instructions a connect).
+                # bound method.
                 admission._call_soon = _get_running_loop().call_soon
             admission._call_soon(admission._burst_made)
+            admission._burst_reset_due = True
         admission.accepted_unmade += 1
-        return self._make()
+        session = <Connection?>self._make()
+        session.made_at_accept = not self._made_after_handshake
+        return session

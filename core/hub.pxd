@@ -155,6 +155,9 @@ cdef class Connection:
     cdef public object watching
     cdef public object background
     cdef public double hello_at
+    # Made by a listener's ProtocolFactory, and so counted in
+    # admission.accepted_unmade until connection_made.
+    cdef bint made_at_accept
 
     cdef int enqueue(self, bytes frame) except -1
     cdef int write_now(self, bytes frame) except -1

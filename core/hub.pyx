@@ -642,7 +642,8 @@ cdef class Connection:
         self.transport = transport
         self.hub.connections.add(self)
         if self.hub.admission is not None:
-            self.hub.admission.handshake_started()
+            self.hub.admission.handshake_started(self.made_at_accept)
+            self.made_at_accept = False
 
     def connection_lost(self, exc):
         if not self.authenticated and self.hub.admission is not None:

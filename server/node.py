@@ -111,7 +111,8 @@ class Node:
         # uvloop's table of the loop's transports, in C (core/transports.pyx).
         lighten_transport_table(loop)
         self._server = await loop.create_server(
-            self.relay.admission.protocol_factory(self.new_session),
+            self.relay.admission.protocol_factory(
+                self.new_session, made_after_handshake=self.relay.tls is not None),
             self.relay.settings.host, self.relay.settings.port,
             backlog=self.relay.settings.backlog, reuse_address=True,
             ssl=self.relay.tls.context if self.relay.tls is not None else None,

@@ -6,13 +6,16 @@ take now are refused with TRY_AGAIN and a retry_after_ms, nobody meets any
 other error, everyone who retries as told gets in, and a conversation going
 on before the storm goes on through it, in order, losing nothing.  The Python
 client follows the advice; --max-connections refuses past the limit and
-admits again once connections leave.
+admits again once connections leave; a storm past the open-file limit leaves
+those connected served and the counts exact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import resource
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from fenghuo.server.admission import (
 )
 from rawwire import (
     Bystander,
+    RawConnection,
     authed_raw,
     error_count,
     metrics,
@@ -231,6 +235,63 @@ async def test_max_connections_refuses_past_the_limit_and_admits_again(relay_fac
     assert (await late.send("ann", "in")).seq == 1
     samples = await metrics(relay)
     assert samples["fenghuo_connections"] == 3
+
+
+async def hello_outcome(relay, user: str, links: list[RawConnection]) -> str:
+    """Connect and HELLO as ``user`` (the link kept in ``links``): "welcome", or
+    "closed" when the relay dropped it (past the open-file limit libuv accepts
+    and closes what waits)."""
+    try:
+        conn = await open_raw(relay)
+    except OSError:
+        return "closed"
+    links.append(conn)
+    conn.write(encode_frame(FrameType.HELLO, orjson.dumps({"token": relay.token(user)}), 1))
+    try:
+        frame = await conn.frame(timeout=30)
+    except ConnectionError:
+        return "closed"
+    if frame is None:
+        return "closed"
+    assert frame.type == FrameType.WELCOME, f"got frame type {frame.type:#x}"
+    return "welcome"
+
+
+async def test_a_storm_past_the_open_file_limit_still_serves_the_others(relay_factory):
+    # The connection limit is far above what the process may open, so accept()
+    # itself fails (EMFILE) and libuv drops the waiting connections: the relay
+    # goes on serving those it holds, and counts its connections exactly once
+    # they leave (the protocol factory counts each session until its
+    # connection_made: core/admission.pyx).
+    relay = relay_factory("--store", "memory", "--max-connections", "5000", workers=1)
+    bystander = await Bystander(relay).start()
+    pid, room, links = relay.proc.pid, 40, []
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE,
+                     (len(os.listdir(f"/proc/{pid}/fd")) + room, limits[1]))
+    try:
+        storm = asyncio.ensure_future(asyncio.gather(
+            *(hello_outcome(relay, f"storm{i}", links) for i in range(300))))
+        while not storm.done():
+            await bystander.send("storm", 1)     # alice and bob, connected before, go on
+        outcomes = storm.result()
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    assert 0 < outcomes.count("welcome") <= room, outcomes
+    assert outcomes.count("closed") == len(outcomes) - outcomes.count("welcome")
+    for conn in links:
+        conn.close()
+    await wait_for_metric(relay, "fenghuo_connections", lambda v: v == 2, timeout=30)
+    assert (await metrics(relay))["fenghuo_handshakes"] == 0
+    # A storm within the limit is served whole, as before the first.
+    links = []
+    outcomes = await asyncio.gather(*(hello_outcome(relay, f"again{i}", links)
+                                      for i in range(room)))
+    assert outcomes == ["welcome"] * room
+    await bystander.send("after", 2)
+    await bystander.verify()
+    for conn in links:
+        conn.close()
 
 
 async def refusals_behind(relay, queued: int, refused: int) -> list[int]:
