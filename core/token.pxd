@@ -40,11 +40,22 @@ cdef class Grants:
     cdef tuple _fields(self)
 
 
+cdef struct TokenDeadline:
+    double when                 # the token's exp plus the grace
+    Py_ssize_t order            # breaks ties: the earlier watched first
+    PyObject* connection        # a reference the heap owns
+
+
 cdef class Deadlines:
-    # The token deadlines of live connections: a heap of (deadline, order,
-    # connection), the order breaking ties (connections never compare).
-    cdef public list due
+    # The token deadlines of live connections: a binary heap of C structs,
+    # earliest first (no tuple per connect for the collector to track).
+    cdef TokenDeadline* _heap
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
     cdef public double grace
     cdef Py_ssize_t _order
     cpdef double deadline(self, object connection) except? -1
     cpdef watch(self, object connection)
+    cdef bint _current(self, TokenDeadline* entry)
+    cdef void _sift_up(self, Py_ssize_t i) noexcept
+    cdef void _sift_down(self, Py_ssize_t i) noexcept

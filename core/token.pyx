@@ -8,7 +8,8 @@
 # those SHA-256 states.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.ref cimport Py_INCREF
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII
 from libc.string cimport memchr, memcmp, memcpy, memset
@@ -804,16 +805,38 @@ cdef Grants verify_grants(object token, tuple keys, double leeway, bint scan=Tru
     return grants
 
 
-from heapq import heappush as _heappush
+cdef inline bint _earlier(TokenDeadline* a, TokenDeadline* b) noexcept:
+    return a.when < b.when or (a.when == b.when and a.order < b.order)
 
 
 cdef class Deadlines:
-    """The token deadlines of live connections, in a heap of ``(deadline, order,
-    connection)`` (server/tokenwatch.py, TokenWatch, extends it).  ``watch``
-    runs on every HELLO: here it is one C call, where it was two Python ones."""
+    """The token deadlines of live connections, in a heap, earliest first
+    (server/tokenwatch.py, TokenWatch, extends it with the sweeps).  ``watch``
+    runs on every HELLO: one C call that pushes a C struct, where it was a
+    tuple (tracked by the cyclic collector) and ``heapq.heappush``.
+
+    An entry is stale once its connection closed or was given a new token
+    (REFRESH): :meth:`pop_expired` skips those, :meth:`compact` drops them.
+    The heap owns a reference to each entry's connection; the collector does
+    not see them, as it did not see a closed connection kept in the list
+    before (a connection is reachable from the relay while it is open).
+    """
 
     def __cinit__(self, *args, **kwargs):
-        self.due = []
+        self._heap = NULL
+        self._len = 0
+        self._cap = 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self._len):
+            Py_DECREF(<object>self._heap[i].connection)
+        PyMem_Free(self._heap)
+        self._heap = NULL
+        self._len = 0
+
+    def __len__(self):
+        return self._len
 
     cpdef double deadline(self, object connection) except? -1:
         """When ``connection``'s current token closes it: its ``exp`` plus the grace."""
@@ -821,5 +844,89 @@ cdef class Deadlines:
 
     cpdef watch(self, object connection):
         """Track ``connection``'s current token (after HELLO and after each REFRESH)."""
+        cdef double when = (<Grants?>(<Connection?>connection).grants).expires + self.grace
+        cdef TokenDeadline* grown
+        cdef Py_ssize_t cap
+        if self._len == self._cap:
+            cap = max(64, self._cap * 2)
+            grown = <TokenDeadline*>PyMem_Realloc(self._heap, cap * sizeof(TokenDeadline))
+            if grown is NULL:
+                raise MemoryError()
+            self._heap = grown
+            self._cap = cap
         self._order += 1
-        _heappush(self.due, (self.deadline(connection), self._order, connection))
+        Py_INCREF(connection)
+        self._heap[self._len].when = when
+        self._heap[self._len].order = self._order
+        self._heap[self._len].connection = <PyObject*>connection
+        self._len += 1
+        self._sift_up(self._len - 1)
+
+    cdef bint _current(self, TokenDeadline* entry):
+        """Whether ``entry`` is its connection's current deadline, the connection open."""
+        cdef Connection connection = <Connection>entry.connection
+        return (not connection.closing and connection.authenticated
+                and connection.grants is not None
+                and (<Grants>connection.grants).expires + self.grace == entry.when)
+
+    cdef void _sift_up(self, Py_ssize_t i) noexcept:
+        cdef TokenDeadline item = self._heap[i]
+        cdef Py_ssize_t parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _earlier(&item, &self._heap[parent]):
+                break
+            self._heap[i] = self._heap[parent]
+            i = parent
+        self._heap[i] = item
+
+    cdef void _sift_down(self, Py_ssize_t i) noexcept:
+        cdef TokenDeadline item = self._heap[i]
+        cdef Py_ssize_t child
+        while True:
+            child = 2 * i + 1
+            if child >= self._len:
+                break
+            if child + 1 < self._len and _earlier(&self._heap[child + 1], &self._heap[child]):
+                child += 1
+            if not _earlier(&self._heap[child], &item):
+                break
+            self._heap[i] = self._heap[child]
+            i = child
+        self._heap[i] = item
+
+    def pop_expired(self, double now):
+        """The next connection whose current token's deadline is ``now`` or
+        earlier, taken out of the heap; None when there is none.  Stale
+        entries due before it are dropped on the way."""
+        cdef TokenDeadline top
+        cdef bint current
+        while self._len and self._heap[0].when <= now:
+            top = self._heap[0]
+            self._len -= 1
+            if self._len:
+                self._heap[0] = self._heap[self._len]
+                self._sift_down(0)
+            current = self._current(&top)
+            connection = <object>top.connection     # a reference of its own
+            Py_DECREF(connection)                   # the heap's
+            if current:
+                return connection
+        return None
+
+    def compact(self):
+        """Drop the stale entries (closed connections, replaced tokens); how many."""
+        cdef Py_ssize_t i, kept = 0
+        dropped = []    # released once the heap is whole again
+        for i in range(self._len):
+            if self._current(&self._heap[i]):
+                self._heap[kept] = self._heap[i]
+                kept += 1
+            else:
+                connection = <object>self._heap[i].connection
+                dropped.append(connection)
+                Py_DECREF(connection)
+        self._len = kept
+        for i in reversed(range(kept // 2)):
+            self._sift_down(i)
+        return len(dropped)

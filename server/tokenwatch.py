@@ -14,7 +14,6 @@ sweep does it, not the close: nothing is added to a connection's close.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
@@ -32,8 +31,9 @@ _COMPACT_FROM = 64
 
 
 class TokenWatch(Deadlines):
-    """The heap and ``watch(session)`` (every HELLO and REFRESH) are the core's
-    :class:`Deadlines`, in C; the sweeps are here."""
+    """The heap, ``watch(session)`` (every HELLO and REFRESH), taking the due
+    out and dropping the stale are the core's :class:`Deadlines`, in C; the
+    sweeps are here."""
 
     def __init__(self, grace: float, revocations: Revocations | None) -> None:
         self.grace = grace
@@ -42,12 +42,7 @@ class TokenWatch(Deadlines):
     @property
     def deadlines(self) -> int:
         """Entries kept, the stale ones included (``fenghuo_token_deadlines``)."""
-        return len(self.due)
-
-    def _live(self, entry: tuple[float, int, Connection]) -> bool:
-        """Whether ``entry`` is its session's current deadline, the session open."""
-        when, _, session = entry
-        return not session.closing and session.authenticated and self.deadline(session) == when
+        return len(self)
 
     def is_revoked(self, grants: Grants) -> bool:
         return self.revocations is not None and self.revocations.revoked(grants)
@@ -55,17 +50,10 @@ class TokenWatch(Deadlines):
     def close_expired(self, connections: int) -> None:
         """Close the connections whose token's deadline passed (the relay's timer sweep);
         drop the stale entries once they outnumber the ``connections`` open."""
+        if len(self) >= 2 * connections + _COMPACT_FROM:
+            self.compact()    # O(n) once the closed (or refreshed) are as many as the open, plus 64
         now = time.time()
-        due = self.due
-        if len(due) >= 2 * connections + _COMPACT_FROM:
-            # O(n) once the closed (or refreshed) are as many as the open, plus 64.
-            due[:] = [entry for entry in due if self._live(entry)]
-            heapq.heapify(due)
-        while due and due[0][0] <= now:
-            entry = heapq.heappop(due)
-            if not self._live(entry):
-                continue   # closed, or refreshed since: its new deadline has its own entry
-            session = entry[2]
+        while (session := self.pop_expired(now)) is not None:
             session.close_with_error(ErrorCode.TOKEN_EXPIRED,
                                      "token expired: REFRESH it, or reconnect with a new one")
 

@@ -42,6 +42,40 @@ async def test_welcome_reports_expiry_and_an_expired_connection_is_closed(relay_
     await conn.expect_closed()
 
 
+async def test_connections_expire_in_the_order_of_their_tokens_not_of_their_hellos(
+        relay_factory):
+    """The deadlines' heap (core/token.pyx, Deadlines) with many entries: tokens
+    expiring 2, 3 and 4 s from now, said HELLO in a shuffled order, and one for a
+    day: each connection is closed once its own deadline has passed, none before,
+    and the day-long one stays."""
+    relay = relay_factory(*FAST_SWEEP, workers=1)
+    now = int(time.time())
+    offsets = [2, 4, 3] * 10
+    conns = []
+    for i, offset in enumerate(offsets):
+        conn = await open_raw(relay)
+        await conn.hello(relay.token(f"u{i}", now=now + offset - 3600, ttl=3600))
+        conns.append(conn)
+    stays = await open_raw(relay)
+    await stays.hello(relay.token("stays"))
+
+    async def closed_at(conn) -> float:
+        frame = await conn.expect(FrameType.ERROR, timeout=15, request_id=0)
+        assert frame.body[:2] == int(ErrorCode.TOKEN_EXPIRED).to_bytes(2, "big")
+        return time.time()
+
+    times = await asyncio.gather(*(closed_at(conn) for conn in conns))
+    for offset, at in zip(offsets, times):
+        assert at >= now + offset + 1       # exp + grace
+    # Each earlier deadline's connections were closed before any later one's (one
+    # sweep may close both, in heap order, read here a few µs apart: 0.1 s of
+    # slack, where a deadline left behind would wait for a later sweep, 0.5 s).
+    for early, late in ((2, 3), (3, 4)):
+        assert max(t for o, t in zip(offsets, times) if o == early) <= \
+            min(t for o, t in zip(offsets, times) if o == late) + 0.1
+    await stays.expect_silence(0.1)
+
+
 async def test_refresh_keeps_the_connection_and_replaces_the_deadline(relay_factory):
     relay = relay_factory(*FAST_SWEEP)
     now = int(time.time())
