@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import nats
+import nats.aio.client
 import pytest
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from fenghuo.server.jetstream import PresentEntries, present_entries, stop_task, watch_bucket
+from fenghuo.server.jetstream import (PresentEntries, _Client, present_entries, stop_task,
+                                      watch_bucket)
 from scripts.nats_cluster import NatsCluster
 
 # Reads from each server.  Ended at nats-py's first None (as before _replay), a
@@ -33,10 +35,27 @@ async def read_by_watch(js: JetStreamContext, bucket: str) -> dict[str, KeyValue
     return entries
 
 
+async def connect_plain(url: str) -> nats.aio.client.Client:
+    """nats-py's own client (``fenghuo cluster status``'s): the watch's entries
+    come through its callback."""
+    return await nats.connect(url)
+
+
+async def connect_engine(url: str) -> nats.aio.client.Client:
+    """The engine's client (a node's): the watch's entries are taken from its parser."""
+    nc = _Client()
+    await nc.connect(url)
+    return nc
+
+
+@pytest.mark.parametrize("connect", [connect_plain, connect_engine], ids=["nats-py", "engine"])
 @pytest.mark.parametrize("read", [present_entries, read_by_watch], ids=["present_entries", "watch_bucket"])
-async def test_a_bucket_is_read_whole_from_every_server_every_time(nats_cluster: NatsCluster, read: Read):
-    """Every read, from every server, has every key with its latest value, and
-    no deleted key; an empty bucket and one whose keys are all deleted read empty."""
+async def test_a_bucket_is_read_whole_from_every_server_every_time(
+        nats_cluster: NatsCluster, read: Read,
+        connect: Callable[[str], Awaitable[nats.aio.client.Client]]):
+    """Every read, from every server, over either connection, has every key with
+    its latest value, and no deleted key; an empty bucket and one whose keys are
+    all deleted read empty."""
     nc = await nats.connect(nats_cluster.urls[0])
     js = nc.jetstream()
     kv = await js.create_key_value(KeyValueConfig(bucket="replayed", replicas=3))
@@ -52,7 +71,7 @@ async def test_a_bucket_is_read_whole_from_every_server_every_time(nats_cluster:
     short = []
     try:
         for url in nats_cluster.urls:
-            reader = await nats.connect(url)
+            reader = await connect(url)
             try:
                 rjs = reader.jetstream()
                 for attempt in range(READS):
