@@ -51,8 +51,17 @@ $(VENV)/.test-installed: pyproject.toml setup.py $(CORE_SOURCES)
 serve: $(VENV)/.installed
 	$(BIN)/fenghuo serve $(ARGS)
 
+# The bytecode of every module a relay or a benchmark process imports, written
+# once: with PYTHONDONTWRITEBYTECODE set (as on the CI machine) no process
+# writes it, and each of the ~850 relays the suite starts (a supervisor and
+# two workers by default) compiled the whole server again: 0.07-0.1 s of CPU per
+# process, a quarter to a third of a relay's start (bench/results/2026-12-07-cispeed).
+# Python reads it whether or not it may write it; a module edited since is
+# compiled again here, or in memory by a process that finds it stale.
+BYTECODE_DIRS = fenghuo server core bench loadtest scripts
 build: $(VENV)/.test-installed
 	$(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python -m compileall -q $(BYTECODE_DIRS) > /dev/null
 
 test: build lint typecheck peers chromium
 	$(BIN)/python -m pytest $(ARGS)
