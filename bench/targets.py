@@ -94,6 +94,14 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no {count} consecutive free ports on {host}")
 
 
+# How often a starting server is asked whether it is ready.  A refused connect
+# or a 503 costs both sides about a millisecond, and every wait is on the
+# critical path of a test or a benchmark run: the tests start about 850
+# relays, each ready half a poll on average before it is seen to be (at 0.05 s
+# and 0.1 s: 25-50 ms a start, bench/results/2026-12-07-cispeed).
+READY_POLL_S = 0.02
+
+
 def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float = 15.0) -> None:
     """Block until ``host:port`` accepts, or fail with the process's fate."""
     deadline = time.monotonic() + timeout
@@ -104,7 +112,7 @@ def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float 
             socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(READY_POLL_S)
     state = process_state(proc.pid)
     proc.kill()
     raise RuntimeError(f"{program(proc)} did not listen on {host}:{port} within {timeout:g} s "
@@ -145,7 +153,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> Non
                     return
         except OSError:          # URLError and HTTPError (503 while starting) included
             pass
-        time.sleep(0.1)
+        time.sleep(READY_POLL_S)
     raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s")
 
 

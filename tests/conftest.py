@@ -23,7 +23,7 @@ import pytest
 from fenghuo.server.supervisor import die_with
 
 import fenghuo
-from bench.targets import free_port, free_ports, wait_healthy, wait_listening
+from bench.targets import READY_POLL_S, free_port, free_ports, wait_healthy, wait_listening
 from scripts.nats_cluster import NatsCluster
 from fenghuo.tokens import issue_token
 
@@ -214,7 +214,7 @@ def wait_api(proc: subprocess.Popen, log_path: Path, api_port: int, timeout: flo
             return
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before its API listened")
-        time.sleep(0.05)
+        time.sleep(READY_POLL_S)
     raise RuntimeError(f"the API did not listen on {api_port} within {timeout:g} s")
 
 
