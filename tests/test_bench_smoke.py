@@ -324,7 +324,10 @@ def test_tail_runs_every_target_at_every_rate_with_the_relays_stalls(tmp_path):
             assert r["relay"]["lag_count"] > 0 and r["relay"]["own_count"] == r["relay"]["lag_count"], r
             assert r["relay"]["own_over_2ms"] <= r["relay"]["lag_over_2ms"] and "gc_count" in r["relay"], r
         if r["target"] == "fenghuo-1-durable":     # the store's timings of its batches
-            assert r["relay"]["store_write_count"] == r["relay"]["store_wait_count"] > 0, r
+            # One count per batch each; a batch taken before a scrape and written
+            # after it (at the run's start or end) is in one delta, not the other.
+            waits, writes = r["relay"]["store_wait_count"], r["relay"]["store_write_count"]
+            assert waits > 0 and abs(waits - writes) <= 1, r
             assert r["relay"]["store_handback_count"] > 0 and r["relay"]["writer_cpu_ms_per_s"] > 0, r
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "target" not in line]
     assert [row.split(" | ")[1] for row in rows] == list(targets) * 2
