@@ -277,6 +277,30 @@ class RouteWire:
         return None
 
 
+@dataclass
+class RoutePath:
+    """The route proxies' records of one message's inter-region hops (None: a hop
+    its path does not take): the forward to the owner, the append to the leader,
+    the quorum's Raft entry and answer, JetStream's answer, the delivery."""
+
+    forward: ChunkRecord | None = None
+    append: ChunkRecord | None = None
+    entry: ChunkRecord | None = None
+    ack: ChunkRecord | None = None
+    answer: ChunkRecord | None = None
+    delivery: ChunkRecord | None = None
+
+    def named(self) -> list[tuple[str, ChunkRecord]]:
+        """The hops taken, in path order, each with its name."""
+        hops = (("forward", self.forward), ("append", self.append), ("raft entry", self.entry),
+                ("raft answer", self.ack), ("append's answer", self.answer),
+                ("delivery", self.delivery))
+        return [(name, record) for name, record in hops if record is not None]
+
+    def records(self) -> list[ChunkRecord]:
+        return [record for _, record in self.named()]
+
+
 # A node's /healthz counters of new channels written first: whether a pair's
 # first message took the first write, and whether the stream refused it; and
 # of publishes parked for a new chat's owner sent on when the claims' watch named it.
@@ -377,7 +401,42 @@ class ClusterWorld(geo.World):
         """The delay the route proxies really gave ``message_id`` on the cluster's path
         (each hop's chunk, as the client proxies' chunks are counted), in the three
         parts of :meth:`hop_split`; None where a hop was not found (the caller
-        then counts the hops at their mean).
+        then counts the hops at their mean)."""
+        path = self.path_of(src, dst, message_id)
+        if path is None:
+            return None
+
+        def delay(record: ChunkRecord | None) -> float:
+            return 0.0 if record is None else record.delay_s
+        quorum = delay(path.entry) + delay(path.ack)
+        return (delay(path.forward), delay(path.append) + quorum + delay(path.answer),
+                delay(path.delivery))
+
+    def relay_segments(self, src: str, dst: str, message_id: str, up_released: float,
+                       down_arrived: float) -> list[tuple[str, float]] | None:
+        """The relay's own time from the sender's proxy to the receiver's, cut at every
+        route proxy on the path (a hop's kernel arrival ends a segment, its release
+        starts the next): which processes a message's time went to, with the
+        injected delays left out.  The segments between the append reaching the
+        leader and its answer leaving it are nats-servers' alone; the others hold a
+        fenghuo node and its region's nats-server."""
+        path = self.path_of(src, dst, message_id)
+        if path is None:
+            return None
+        out, at, name = [], up_released, "sender's proxy"
+        for hop, record in path.named():
+            out.append((f"{name} → {hop}", record.arrived_at - at))
+            at, name = record.released_at, hop
+        out.append((f"{name} → receiver's proxy", down_arrived - at))
+        return out
+
+    def read_late_between_s(self, src: str, dst: str, message_id: str) -> float:
+        path = self.path_of(src, dst, message_id)
+        return 0.0 if path is None else sum(r.read_late_s for r in path.records())
+
+    def path_of(self, src: str, dst: str, message_id: str) -> RoutePath | None:
+        """The route proxies' records of ``message_id``'s inter-region hops; None where
+        a hop was not found.
 
         sender's node -> owner: the forward (a mesh record holding the id);
         owner -> leader: the append; leader -> follower: the Raft entry holding it,
@@ -392,41 +451,38 @@ class ClusterWorld(geo.World):
         # Each hop is found by what it carries (the id under its subject, the
         # append's own inbox), not by the taps' times: a tap's callback may
         # run tens of ms after the proxy saw the same message on a busy loop.
-        forward = append = answer = delivery = None
+        path = RoutePath()
         if src != owner:
-            forward = routes.first(src, owner, 0.0, message_id=message_id, subject="fh.node.")
-            if forward is None:
+            path.forward = routes.first(src, owner, 0.0, message_id=message_id,
+                                        subject="fh.node.")
+            if path.forward is None:
                 return None
         if owner != p.leader:
-            append = routes.first(owner, p.leader, 0.0, message_id=message_id,
-                                  subject="fh.msg.")
-            if append is None:
+            path.append = routes.first(owner, p.leader, 0.0, message_id=message_id,
+                                       subject="fh.msg.")
+            if path.append is None:
                 return None
-        quorum: tuple[float, float] | None = None       # (acked at the leader, delay)
         for follower in p.followers:
             entry = routes.first(p.leader, follower, 0.0, message_id=message_id,
                                  subject="$NRG.AE.")
             ack = None if entry is None else routes.first(follower, p.leader,
                                                           entry.released_at, subject="$NRG.R.")
-            if entry is not None and ack is not None and (quorum is None
-                                                          or ack.released_at < quorum[0]):
-                quorum = (ack.released_at, entry.delay_s + ack.delay_s)
-        if quorum is None:
+            if entry is not None and ack is not None and (
+                    path.ack is None or ack.released_at < path.ack.released_at):
+                path.entry, path.ack = entry, ack
+        if path.ack is None:
             return None
         if owner != p.leader:
             inbox = self.hops.inbox_of.get((owner, message_id), "")
-            answer = routes.first(p.leader, owner, 0.0, subject=inbox or "?")
-            if answer is None:
+            path.answer = routes.first(p.leader, owner, 0.0, subject=inbox or "?")
+            if path.answer is None:
                 return None
         if dst != owner:
-            delivery = routes.first(owner, dst, 0.0, message_id=message_id,
-                                    subject="fh.node.")
-            if delivery is None:
+            path.delivery = routes.first(owner, dst, 0.0, message_id=message_id,
+                                         subject="fh.node.")
+            if path.delivery is None:
                 return None
-
-        def delay(record: ChunkRecord | None) -> float:
-            return 0.0 if record is None else record.delay_s
-        return (delay(forward), delay(append) + quorum[1] + delay(answer), delay(delivery))
+        return path
 
     def between_nodes_s(self, src: str, dst: str) -> float:
         p, d = self.placement, lambda a, b: mean_one_way_s(a, b, self.scale)
@@ -793,6 +849,40 @@ def hops_table(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Segments of the relay's own time spent in nats-servers alone (between the
+# append reaching the stream's leader and its answer leaving it).
+NATS_ONLY_SEGMENTS = ("append → raft entry", "raft entry → raft answer",
+                      "raft answer → append's answer")
+
+
+def segments_table(pairs: list[dict]) -> str:
+    """Over every pair, after its first message: the relay's own time per segment
+    between route proxies (p50, p99, max, how many messages), and how often each
+    was the largest part of a message whose relay's own time was over 10 ms."""
+    by_name: dict[str, list[float]] = {}
+    worst_of_slow: dict[str, int] = {}
+    slow = 0
+    for p in pairs:
+        for message in p.get("relay_segments_after_first_ms") or ():
+            for name, ms in message:
+                by_name.setdefault(name, []).append(ms)
+            if sum(ms for _, ms in message) >= geo.TARGET_OVERHEAD_P99_S * 1000:
+                slow += 1
+                largest = max(message, key=lambda part: part[1])[0]
+                worst_of_slow[largest] = worst_of_slow.get(largest, 0) + 1
+    lines = [f"| segment of the relay's own time (all pairs, after the first message) | who | "
+             f"messages | p50 | p99 | max | the largest part of the {slow} messages over "
+             f"{geo.TARGET_OVERHEAD_P99_S * 1000:g} ms |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, values in sorted(by_name.items(), key=lambda item: -len(item[1])):
+        summary = geo._summary([v / 1000 for v in values], ("p50", "p99"))
+        who = "nats-servers" if name in NATS_ONLY_SEGMENTS else "node + nats-server"
+        lines.append(f"| {name} | {who} | {len(values)} | {geo._fmt(summary['p50'])} | "
+                     f"{geo._fmt(summary['p99'])} | {geo._fmt(summary['max'])} | "
+                     f"{worst_of_slow.get(name, 0)} |")
+    return "\n".join(lines)
+
+
 def _region_list(text: str) -> tuple[str, ...]:
     regions = tuple(r.strip() for r in text.split(",") if r.strip())
     unknown = set(regions) - set(geo.REGIONS)
@@ -855,9 +945,13 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print()
     print(geo.markdown_table(pairs))
     print()
+    print(geo.overhead_table(pairs))
+    print()
     print(after_first_table(pairs))
     print()
     print(hops_table(pairs))
+    print()
+    print(segments_table(pairs))
     print(f"this process's event-loop lag: p99 {geo._fmt(lag['p99'])} ms, "
           f"max {geo._fmt(lag['max'])} ms")
     print(f"load average (1 min) at the start and end of the measurement: "

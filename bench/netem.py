@@ -19,6 +19,14 @@ Every released chunk is recorded as ``(end offset in the stream, applied
 delay, release time)``, so a measurement can subtract the delay that a given byte *really*
 got rather than the nominal one (:meth:`Direction.delay_of_byte`).
 
+A chunk's delay runs from the kernel's receive time of its bytes
+(``SO_TIMESTAMPNS``, read with ``recvmsg``), not from when this process's
+event loop got round to reading them: a proxy shares its loop with whatever
+else the measuring process runs, and the time bytes wait in a socket for
+that loop is the simulated network's, not the measured server's.  Until
+2026-12-07 it began at the read, and that wait was counted as the server's
+time (see :attr:`ChunkRecord.read_late_s`).
+
 As a library::
 
     profile = LinkProfile(delay_s=0.110, jitter_s=0.005)
@@ -40,6 +48,8 @@ import bisect
 import random
 import re
 import signal
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +66,15 @@ DEFAULT_MAX_HELD = 1 << 20
 # Resume reading at a quarter of the high-water mark, as uvloop's transports do.
 _RESUME_FRACTION = 4
 _MIN_TIMER_S = 0.001
+# Bytes read at once, and room for the one SO_TIMESTAMPNS control message.
+_READ_SIZE = 256 << 10
+_ANCILLARY_SIZE = socket.CMSG_SPACE(16)
+# Linux's SO_TIMESTAMPNS (a struct timespec per read), which Python does not name.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+# A socket's own send buffer in user space before the protocol is told to
+# pause (and when to resume): uvloop's transport defaults.
+_WRITE_HIGH = 64 << 10
+_WRITE_LOW = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -79,11 +98,14 @@ class LinkProfile:
 
 
 class ChunkRecord(NamedTuple):
-    """One released chunk: where it ends in its stream, how long it was held, when it left."""
+    """One released chunk: where it ends in its stream, how long it was held (from the
+    kernel's receipt of its last bytes), when it left, and how long of that hold its
+    bytes waited in the socket for this process's loop to read them."""
 
     end: int
     delay_s: float
     released_at: float
+    read_late_s: float = 0.0
 
     @property
     def arrived_at(self) -> float:
@@ -98,6 +120,7 @@ class _Pending(NamedTuple):
     release: float
     arrival: float
     data: bytes | None     # None: the FIN
+    read_late: float = 0.0
 
 
 class Direction:
@@ -153,13 +176,15 @@ class Direction:
         self._sink = transport
         self._schedule()
 
-    def feed(self, data: bytes) -> None:
-        """Take in a chunk from the source."""
-        arrival = clock()
+    def feed(self, data: bytes, arrival: float | None = None) -> None:
+        """Take in a chunk from the source, which the kernel received at ``arrival``
+        (default: now)."""
+        now = clock()
+        arrival = now if arrival is None else min(arrival, now)
         if self.tap is not None:
             self.tap(data, self.received)
         self.received += len(data)
-        self._enqueue(arrival, data)
+        self._enqueue(arrival, data, now - arrival)
         self.peak_held = max(self.peak_held, self.held)
         if self.held > self._max_held and self._source is not None and not self._source_paused:
             self._source_paused = True
@@ -186,11 +211,11 @@ class Direction:
             self.eof_sent = True
             self._on_eof_sent()
 
-    def _enqueue(self, arrival: float, data: bytes | None) -> None:
+    def _enqueue(self, arrival: float, data: bytes | None, read_late: float = 0.0) -> None:
         leaves = max(arrival, self._not_before)
         release = max(self._last_release, leaves + self.profile.sample(self._rng))
         self._last_release = release
-        self._queue.append(_Pending(release, arrival, data))
+        self._queue.append(_Pending(release, arrival, data, read_late))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -217,7 +242,8 @@ class Direction:
             self.sent += len(chunk.data)
             if self._record:
                 # The delay it really got: the timer may fire late, and that is injected too.
-                self.records.append(ChunkRecord(self.sent, now - chunk.arrival, now))
+                self.records.append(ChunkRecord(self.sent, now - chunk.arrival, now,
+                                                chunk.read_late))
         self._write(batch)
         if self._source_paused and self.held <= self._max_held // _RESUME_FRACTION:
             self._source_paused = False
@@ -236,6 +262,167 @@ class Direction:
         self._on_eof_sent()
 
 
+def _kernel_arrival(ancillary: list[tuple[int, int, bytes]], now: float) -> float:
+    """When the kernel received the newest bytes of a read, on :data:`clock`, from its
+    ``SO_TIMESTAMPNS`` control message (wall-clock time, converted at once); ``now``
+    when there is none."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return min(now, now - (time.time() - (seconds + nanoseconds / 1e9)))
+    return now
+
+
+class _Socket(asyncio.Transport):
+    """A non-blocking TCP socket as a transport whose reads carry the kernel's receive
+    time: ``protocol.data_received(data, arrival)``.  uvloop's transports read with
+    ``recv`` and keep the socket to themselves, so the proxy drives its sockets
+    with ``add_reader``/``add_writer``.  Writes go out at once when the socket takes
+    them, else from a buffer (``pause_writing`` above ``_WRITE_HIGH``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: _Side) -> None:
+        super().__init__()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._extra = {"peername": sock.getpeername(), "sockname": sock.getsockname(),
+                       "socket": sock}
+        self._buffer = bytearray()
+        self._reading = False
+        self._writing_paused = False
+        self._eof_wanted = self._eof_written = False
+        self._closing = self._finished = False
+        protocol.connection_made(self)
+        self.resume_reading()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._extra.get(name, default)
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if not data:
+            self.pause_reading()
+            self._protocol.eof_received()     # half-close: the other way stays open
+            return
+        self._protocol.data_received(data, _kernel_arrival(ancillary, clock()))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._loop.add_writer(self._fd, self._on_writable)
+        self._buffer += data
+        if len(self._buffer) > _WRITE_HIGH and not self._writing_paused:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        del self._buffer[:sent]
+        if self._writing_paused and len(self._buffer) <= _WRITE_LOW:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+            if self._eof_wanted:
+                self._shut_write()
+            if self._closing:
+                self._finish(None)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_wanted:
+            return
+        self._eof_wanted = True
+        if not self._buffer:
+            self._shut_write()
+
+    def _shut_write(self) -> None:
+        if not self._eof_written:
+            self._eof_written = True
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close once what is buffered is written."""
+        if self._closing:
+            return
+        self._closing = True
+        self.pause_reading()
+        if not self._buffer:
+            self._finish(None)
+
+    def abort(self) -> None:
+        """Reset now (SO_LINGER 0), dropping what is buffered."""
+        if self._finished:
+            return
+        self._closing = True
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._finished:
+            return
+        self._finished = self._closing = True
+        self._reading = False
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        self._sock.close()
+        # As asyncio's transports do: the protocol hears of it on the next turn.
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
 class _Side(asyncio.Protocol):
     """One socket of a proxied connection: feeds ``inbound``, is the sink of ``outbound``."""
 
@@ -250,8 +437,8 @@ class _Side(asyncio.Protocol):
         assert self.conn is not None
         return self.conn.directions_of(self)
 
-    def data_received(self, data: bytes) -> None:
-        self._directions()[0].feed(data)
+    def data_received(self, data: bytes, arrival: float | None = None) -> None:
+        self._directions()[0].feed(data, arrival)
 
     def eof_received(self) -> bool:
         self._directions()[0].feed_eof()
@@ -323,17 +510,25 @@ class ProxiedConnection:
 
     async def _connect_upstream(self, upstream: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            transport, side = await loop.create_connection(lambda: _Side(self), *upstream)
+            await loop.sock_connect(sock, upstream)
         except OSError:
+            sock.close()
             self.abort()
             return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
         if self._finished:
-            transport.abort()
+            sock.close()
             return
+        side = _Side(self)
+        transport = _Socket(loop, sock, side)
         self._upstream = side
-        self.downlink.attach_source(transport)  # type: ignore[arg-type]
-        self.uplink.attach_sink(transport)  # type: ignore[arg-type]
+        self.downlink.attach_source(transport)
+        self.uplink.attach_sink(transport)
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         """A socket closed: a reset goes through at once, anything else like a FIN."""
@@ -399,25 +594,46 @@ class Proxy:
         self.on_connection = on_connection
         #: every connection made so far, open or closed, with its records
         self.connections: list[ProxiedConnection] = []
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
 
     async def start(self) -> Self:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ClientSide(self), *self.listen,
-                                                backlog=1024)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(self.listen)
+        listener.listen(1024)
+        listener.setblocking(False)
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
+        self._listener = listener
         return self
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return              # e.g. the client reset before we took it
+            try:
+                _Socket(loop, sock, _ClientSide(self))
+            except OSError:
+                sock.close()        # reset already: getpeername fails
 
     @property
     def address(self) -> tuple[str, int]:
         """Where clients connect (the real port when ``listen`` asked for port 0)."""
-        assert self._server is not None, "start() first"
-        return self._server.sockets[0].getsockname()[:2]
+        assert self._listener is not None, "start() first"
+        address: tuple[str, int] = self._listener.getsockname()[:2]
+        return address
 
     async def close(self) -> None:
         """Stop listening and reset every open connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for conn in self.connections:
             if not conn.closed.done():
                 conn.abort()

@@ -64,14 +64,15 @@ def test_no_message_beats_its_injected_delay(quick_run):
 def test_overhead_figures_and_verdicts_are_reported(quick_run):
     run, result = quick_run
     for pair in result["pairs"]:
-        for figure in ("latency_ms", "overhead_ms", "relay_turnaround_ms"):
+        for figure in ("latency_ms", "overhead_ms", "relay_turnaround_ms", "relay_overhead_ms"):
             assert set(pair[figure]) >= {"p50", "p99", "p99.9"}, figure
             assert all(isinstance(v, float) for v in pair[figure].values()), pair[figure]
         assert set(pair["catchup"]["connect_to_first_delivery_ms"]) >= {"p50", "max"}
     # What tells relay stalls from the measuring process's own.
     assert set(result["relay_histogram_ms"]) == {"50", "99", "99.9"}
     assert result["loop_lag_ms"]["max"] is not None
-    assert set(result["verdicts"]) == {"delivery", "e2e_p99", "overhead_p99"}
+    assert set(result["verdicts"]) == {"delivery", "e2e_p99", "overhead_p99",
+                                       "relay_overhead_p99"}
     assert result["verdicts"]["delivery"]["ok"]
     assert "| shanghai → sydney |" in run.stdout
-    assert run.stdout.count("verdict: ") == 3
+    assert run.stdout.count("verdict: ") == 4
