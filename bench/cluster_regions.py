@@ -557,6 +557,9 @@ class Stretched:
     #: the regions whose servers hold the stream's and buckets' replicas (tagged
     #: ``STREAM_TAG``, the nodes' ``--stream-tags``; empty: any three)
     stream_regions: tuple[str, ...] = ()
+    #: the CPU every nats-server and node is pinned to (None: not pinned; they
+    #: share both cores with this process, whose proxies' waits count as injected)
+    server_cpu: int | None = RELAY_CPU
     servers: dict[str, RegionServer] = field(default_factory=dict)
     route_proxies: dict[tuple[str, str], Proxy] = field(default_factory=dict)
     nodes: dict[str, Fenghuo] = field(default_factory=dict)
@@ -573,6 +576,7 @@ class Stretched:
                            workers=1)
             # Joining takes JetStream requests across the regions (over 15 s seen).
             node.start_timeout = NODE_START_S
+            node.cpu = self.server_cpu
             node.log_level = self.log_level
             if self.log_files:
                 node.log_path = self.base / f"node-{region}.log"
@@ -688,7 +692,7 @@ class Stretched:
         routes = [f"nats-route://127.0.0.1:{self.servers[region].route_port}"] + [
             f"nats-route://127.0.0.1:{self.route_proxies[(region, b)].address[1]}"
             for b in geo.REGIONS if b != region]
-        self.servers[region].start(binary, routes, RELAY_CPU)
+        self.servers[region].start(binary, routes, self.server_cpu)
 
     def log_tails(self, lines: int = 20) -> str:
         """The last ``lines`` of each node's log (what a node not listening said)."""
@@ -757,11 +761,13 @@ def _server_pids(cluster: Stretched) -> dict[str, list[int]]:
 
 async def _started(base: Path, secret: str, log_level: str, log_files: bool,
                    scale: float, stream_leader: str = "",
-                   stream_regions: tuple[str, ...] = ()) -> Stretched:
+                   stream_regions: tuple[str, ...] = (),
+                   server_cpu: int | None = RELAY_CPU) -> Stretched:
     """A stretched cluster whose four nodes all listen (and, with ``stream_leader``,
     whose streams are all led from there); a node that does not says why from
     its log (kept with ``--regions-logs``, else on this stderr)."""
-    cluster = Stretched(base, secret, scale, log_level, log_files, stream_leader, stream_regions)
+    cluster = Stretched(base, secret, scale, log_level, log_files, stream_leader, stream_regions,
+                        server_cpu)
     try:
         await cluster.start()
     except RuntimeError:
@@ -776,7 +782,8 @@ async def _measure(a: argparse.Namespace, base: Path
     secret = secrets.token_urlsafe(32)
     cluster = await _started(base, secret, a.regions_log_level, a.regions_logs is not None,
                              a.regions_scale, a.regions_stream_leader,
-                             _region_list(a.regions_stream_regions))
+                             _region_list(a.regions_stream_regions),
+                             None if a.regions_servers_unpinned else RELAY_CPU)
     try:
         world = ClusterWorld(
             0, secret, "", a.regions_scale, 0.0,
@@ -911,6 +918,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         "publish makes it; or the receiver's, which reads the chat's history "
                         "just before that publish so that its node wins the claim while the "
                         "sender's writes the first message (ClusterWorld.first_lead_s)")
+    p.add_argument("--regions-servers-unpinned", action="store_true",
+                   help="regions: leave the nats-servers and nodes free to run on every core "
+                        "(by default all eight share the relay's one, as every peer is pinned)")
     p.add_argument("--regions-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"),
                    help="regions: the nodes' --log-level")
@@ -956,8 +966,9 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
           f"max {geo._fmt(lag['max'])} ms")
     print(f"load average (1 min) at the start and end of the measurement: "
           f"{machine['load_average_1m'][0]:g}, {machine['load_average_1m'][1]:g}")
+    where = "on every core" if a.regions_servers_unpinned else "all on one core"
     for what, cpu in machine["cpu"].items():
-        print(f"{what} (all on one core): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
+        print(f"{what} ({where}): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
               f"{cpu['waited_s_per_s']:.3f} s per second of the measurement")
     for line in geo.verdict_lines(verdicts, len(pairs)):
         print(line)
@@ -968,5 +979,6 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
               "stream_leader_option": a.regions_stream_leader,
               "stream_regions_option": a.regions_stream_regions,
               "messages": a.regions_messages, "rate": a.regions_rate,
-              "catchup_trials": a.regions_catchup, "scale": a.regions_scale}
+              "catchup_trials": a.regions_catchup, "scale": a.regions_scale,
+              "servers_unpinned": a.regions_servers_unpinned}
     return result, verdicts["delivery"]["ok"]

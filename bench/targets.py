@@ -511,6 +511,8 @@ class Fenghuo(FenghuoWire):
         self.name = "fenghuo" + ("-tls" if tls else "") + ("-ws" if ws else "")
         #: ``--log-level`` of the relay
         self.log_level = "warning"
+        #: the CPU one worker is pinned to (None: not pinned)
+        self.cpu: int | None = RELAY_CPU
         #: where one worker's log goes (this process's stderr if None; several
         #: workers' always to ``workdir/relay.log``)
         self.log_path: Path | None = None
@@ -550,10 +552,10 @@ class Fenghuo(FenghuoWire):
             cmd += ["--ws-port", str(self.ws_port)]
         if self.workers == 1:
             if self.log_path is None:
-                self._spawn(cmd, cwd=self.cwd)
+                self._spawn(cmd, cpu=self.cpu, cwd=self.cwd)
             else:
                 with open(self.log_path, "ab") as log:
-                    self._spawn(cmd, stderr=log, cwd=self.cwd)
+                    self._spawn(cmd, cpu=self.cpu, stderr=log, cwd=self.cwd)
             if self.gateway:
                 assert self.proc is not None        # _spawn set it
                 wait_listening(self.proc, self.host, self.ws_port)
