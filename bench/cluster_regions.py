@@ -74,6 +74,7 @@ import uvloop
 import fenghuo
 
 from bench import geo, loadgen
+from bench.tail import relay_stalls, stall_buckets
 from bench.netem import ChunkRecord, Direction, LinkProfile, ProxiedConnection, Proxy, clock
 from bench.targets import RELAY_CPU, Fenghuo, free_ports, peer_binary
 from fenghuo.server.jetstream import OWNERS, STREAMS, token
@@ -799,6 +800,8 @@ async def _measure(a: argparse.Namespace, base: Path
         args = argparse.Namespace(messages=a.regions_messages, rate=a.regions_rate,
                                   catchup=a.regions_catchup, seed=1)
         pids = _server_pids(cluster)
+        stalls = {r: await asyncio.to_thread(stall_buckets, n.metrics_port)
+                  for r, n in cluster.nodes.items()}
         before, started = {k: _cpu_s(v) for k, v in pids.items()}, clock()
         load_before = os.getloadavg()[0]
         pairs, lag = await geo.measure_world(world, args)
@@ -808,7 +811,11 @@ async def _measure(a: argparse.Namespace, base: Path
             "cpu": {k: {"ran_s_per_s": round((after[k][0] - before[k][0]) / elapsed, 4),
                         "waited_s_per_s": round((after[k][1] - before[k][1]) / elapsed, 4)}
                     for k in pids},
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            # Each node's event loop over the measurement: how late its 10 ms
+            # ticks fired, and the same less its waits for a CPU (its own stalls).
+            "node_loops": {r: await asyncio.to_thread(relay_stalls, n.metrics_port, stalls[r])
+                           for r, n in cluster.nodes.items()}}
         return pairs, lag, machine, world.placement
     finally:
         await cluster.stop()
@@ -970,6 +977,12 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     for what, cpu in machine["cpu"].items():
         print(f"{what} ({where}): ran {cpu['ran_s_per_s']:.3f} s and waited for a CPU "
               f"{cpu['waited_s_per_s']:.3f} s per second of the measurement")
+    for region, loop in machine["node_loops"].items():
+        print(f"{region}'s node, its event loop: {loop.get('lag_count', 0)} ticks, "
+              f"{loop.get('lag_over_2ms', 0)} over 2 ms late (worst <= "
+              f"{loop.get('lag_max_le_ms', 0):g} ms); less its waits for a CPU "
+              f"{loop.get('own_over_2ms', 0)} (worst <= {loop.get('own_max_le_ms', 0):g} ms); "
+              f"GC pauses: worst <= {loop.get('gc_max_le_ms', 0):g} ms")
     for line in geo.verdict_lines(verdicts, len(pairs)):
         print(line)
     result = {"pairs": pairs, "loop_lag_ms": lag, "verdicts": verdicts, "machine": machine,
