@@ -169,14 +169,24 @@ def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
         assert pair["nominal_one_way_ms"]["between_nodes"] > 0
         assert pair["between_nodes_exact"] == 3
         assert pair["overhead_hops_at_mean_ms"]["p50"] is not None
+        # The relay's own time (proxy to proxy, less what was injected between),
+        # split at every route proxy on each message's path after the first.
+        assert pair["relay_overhead_ms"]["p50"] is not None
+        assert len(pair["relay_segments_after_first_ms"]) == 2
+        assert all(message for message in pair["relay_segments_after_first_ms"])
     for cpu in regions["machine"]["cpu"].values():
         assert cpu["ran_s_per_s"] > 0
+    # Each node's event loop over the measurement, its own stalls apart.
+    assert set(regions["machine"]["node_loops"]) == {"shanghai", "frankfurt", "virginia",
+                                                      "sydney"}
+    assert all(loop["lag_count"] > 0 for loop in regions["machine"]["node_loops"].values())
     # Placed by the nodes' --stream-tags and led from --stream-leader's server
     # (the bench's defaults), not wherever JetStream elected it.
     assert regions["stream_leader"] == "virginia"
     assert sorted(regions["stream_followers"]) == ["frankfurt", "sydney"]
     assert len(regions["owners"]) == 16
     assert "verdict: end-to-end p99 < 600 ms in every pair" in run.stdout
+    assert "verdict: relay overhead p99 < 10 ms in every pair (the relay's own" in run.stdout
 
 
 async def test_each_stretched_nats_server_expects_all_four_meta_peers_from_its_start(tmp_path):

@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -177,6 +178,32 @@ async def test_recorded_delays_are_those_the_bytes_got():
     assert max(applied) - min(applied) > 0.002, "jitter should spread the delays"
     with pytest.raises(LookupError):
         conn.uplink.delay_of_byte(len(timings) * line)
+
+
+async def test_a_chunk_is_held_from_the_kernel_s_receipt_not_from_when_the_loop_read_it():
+    """The proxy's loop was busy when the bytes arrived (its process shares a loop
+    with a measurement's clients): their delay runs from the kernel's receive time,
+    so the wait for the loop is part of the link's delay, recorded as
+    ``read_late_s``, not added on top of it (before 2026-12-07 it was, and a
+    measurement counted it as the server's time)."""
+    link = LinkProfile(0.050)
+    stall_s = 0.200
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def upstream(reader, writer):
+        got.set_result(await reader.readexactly(4))
+
+    async with proxied(upstream, link) as (proxy, reader, writer):
+        await asyncio.sleep(0.05)             # the proxy has the connection
+        writer.write(b"ping")                 # into the socket now: nothing else is buffered
+        time.sleep(stall_s)  # noqa: ASYNC251 -- the point: the loop, the proxy's too, is busy
+        assert await asyncio.wait_for(got, TIMEOUT) == b"ping"
+    (conn,) = proxy.connections
+    record = conn.uplink.record_of_byte(3)
+    assert record.read_late_s >= stall_s * 0.9
+    # Due when it was read (the stall outlasted the delay): not delay + stall.
+    assert record.delay_s >= link.delay_s
+    assert record.delay_s < record.read_late_s + link.delay_s
 
 
 async def test_handshake_holds_the_first_bytes_one_round_trip_more():
