@@ -805,6 +805,12 @@ cdef Grants verify_grants(object token, tuple keys, double leeway, bint scan=Tru
     return grants
 
 
+cdef inline double _deadline_of(Connection connection, double grace) except? -1:
+    """When ``connection``'s current token closes it: its ``exp`` plus ``grace``
+    (one formula for the entry pushed and the entry checked: they must agree)."""
+    return (<Grants?>connection.grants).expires + grace
+
+
 cdef inline bint _earlier(TokenDeadline* a, TokenDeadline* b) noexcept:
     return a.when < b.when or (a.when == b.when and a.order < b.order)
 
@@ -840,11 +846,11 @@ cdef class Deadlines:
 
     cpdef double deadline(self, object connection) except? -1:
         """When ``connection``'s current token closes it: its ``exp`` plus the grace."""
-        return (<Grants?>(<Connection?>connection).grants).expires + self.grace
+        return _deadline_of(<Connection?>connection, self.grace)
 
     cpdef watch(self, object connection):
         """Track ``connection``'s current token (after HELLO and after each REFRESH)."""
-        cdef double when = (<Grants?>(<Connection?>connection).grants).expires + self.grace
+        cdef double when = _deadline_of(<Connection?>connection, self.grace)
         cdef TokenDeadline* grown
         cdef Py_ssize_t cap
         if self._len == self._cap:
@@ -867,7 +873,7 @@ cdef class Deadlines:
         cdef Connection connection = <Connection>entry.connection
         return (not connection.closing and connection.authenticated
                 and connection.grants is not None
-                and (<Grants>connection.grants).expires + self.grace == entry.when)
+                and _deadline_of(connection, self.grace) == entry.when)
 
     cdef void _sift_up(self, Py_ssize_t i) noexcept:
         cdef TokenDeadline item = self._heap[i]
