@@ -202,15 +202,7 @@ class _Watch:
     async def on_msg(self, msg: Msg) -> None:
         """The subscription's callback: an entry as nats-py passes it on (on a
         connection not a :class:`_Client`, as ``fenghuo cluster status``'s)."""
-        headers = msg.headers
-        operation = None
-        if headers:
-            operation = headers.get(KV_OP)
-            if operation is None and (reason := headers.get(KV_MARKER_REASON)):
-                operation = _MARKER_OPERATIONS.get(reason)
-                if operation is None:
-                    return                   # a marker of a kind unknown here
-        error = self._learn(msg.subject[self.prefix:], msg.data, _stream_seq(msg.reply), operation)
+        error = self._learn(msg.subject[self.prefix:], msg.data, _stream_seq(msg.reply), msg.headers)
         if error is not None:
             raise error                      # live: nats-py's error callback logs it
 
@@ -238,26 +230,28 @@ class _Watch:
         jsi._dseq += 1
         jsi._sseq = int(tokens[5])
         jsi.track_sequences(acked)
-        operation = None
-        # A key's deletion or purge: the only headers read (a value written by
+        # A key's deletion or purge: the only headers parsed (a value written by
         # compare-and-set carries its expected revision's header too).
-        if headers and (_KV_OP_HEADER in headers or _MARKER_HEADER in headers):
-            parsed = await nc._process_headers(headers) or {}
-            operation = parsed.get(KV_OP)
-            if operation is None and (reason := parsed.get(KV_MARKER_REASON)):
-                operation = _MARKER_OPERATIONS.get(reason)
-                if operation is None:
-                    return True              # a marker of a kind unknown here
+        parsed = (await nc._process_headers(headers)
+                  if headers and (_KV_OP_HEADER in headers or _MARKER_HEADER in headers) else None)
         revision = int(tokens[5]) if len(tokens) == 9 else _stream_seq(acked)
-        error = self._learn(subject.decode()[self.prefix:], data, revision, operation)
+        error = self._learn(subject.decode()[self.prefix:], data, revision, parsed)
         if error is not None:
             await nc._error_cb(error)        # live: logged, as nats-py does a callback's
         return True
 
     def _learn(self, key: str, value: bytes, revision: int,
-               operation: str | None) -> Exception | None:
-        """Pass an entry to ``learn``; what it raised once :attr:`replayed` is done
-        (before, :attr:`replayed` fails with it)."""
+               headers: dict[str, str] | None) -> Exception | None:
+        """Pass an entry to ``learn``, its operation read from its ``headers``; what
+        it raised once :attr:`replayed` is done (before, :attr:`replayed` fails
+        with it)."""
+        operation = None
+        if headers:
+            operation = headers.get(KV_OP)
+            if operation is None and (reason := headers.get(KV_MARKER_REASON)):
+                operation = _MARKER_OPERATIONS.get(reason)
+                if operation is None:
+                    return None              # a marker of a kind unknown here
         entry = KeyValue.Entry(bucket=self.bucket, key=key, value=value, revision=revision,
                                delta=None, created=None, operation=operation)
         try:
