@@ -7,6 +7,8 @@ user would start it (``python -m fenghuo serve ...``), over real TCP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import os
 import re
 import secrets
@@ -43,6 +45,7 @@ class RelayProcess:
     log_path: Path
     workers: int                # 1: ``proc`` is the relay; more: ``proc`` is their supervisor
     clients: list = field(default_factory=list)
+    raw: list = field(default_factory=list)     # rawwire.open_raw's connections to it
     api_port: int = 0           # the server API's port (``start_relay(api=True)``)
     api_key: str = ""
 
@@ -70,8 +73,9 @@ class RelayProcess:
     async def connect(self, user: str, **kwargs: Any) -> fenghuo.Client:
         return await self.client(user, **kwargs).connect()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """What the relay wrote to its log, from byte ``since`` on."""
+        return self.log_path.read_bytes()[since:].decode(errors="replace")
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -248,6 +252,61 @@ async def relay(relay_factory: Callable[..., RelayProcess]) -> AsyncIterator[Rel
     assert r.proc.poll() is None, f"relay died during the test:\n{r.log()}"
     # A supervisor restarts a dead worker, which would hide the death.
     assert "worker exited" not in r.log(), f"a worker died during the test:\n{r.log()}"
+
+
+def serve_for_module(tmp_path_factory: pytest.TempPathFactory, **kwargs: Any
+                     ) -> Iterator[RelayProcess]:
+    """The body of a module-scoped relay fixture (``module_relay``): one relay,
+    started with ``start_relay(**kwargs)``, for all the tests of a module that
+    use :func:`shared_relay`, stopped after the last of them."""
+    relay = start_relay(tmp_path_factory.mktemp("module-relay"), **kwargs)
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture(scope="module")
+def module_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    """A default relay shared by a module's tests (through :func:`shared_relay`);
+    a module overrides it to share another deployment (``serve_for_module``)."""
+    yield from serve_for_module(tmp_path_factory)
+
+
+@pytest.fixture
+async def shared_relay(module_relay: RelayProcess) -> AsyncIterator[RelayProcess]:
+    """The module's relay, for a test that needs no pristine server.
+
+    Starting a relay is most of what a short test costs (about 0.5-1 s of the
+    default deployment's start, bench/results/2026-12-07-cispeed), so the
+    tests that only send their own users' requests share one.  Such a test
+    must not depend on what earlier tests did to the relay: it names every
+    user, group and channel it uses with :func:`unique` (``names``), and it
+    neither counts a relay-wide metric, nor stops, kills or reconfigures the
+    relay; a test that does any of that keeps ``relay`` (a fresh one).
+
+    The clients and raw connections the test made are closed at its end, and
+    the relay must still be alive with no worker dead since the test began.
+    """
+    relay = dataclasses.replace(module_relay, clients=[], raw=[])
+    log_start = relay.log_path.stat().st_size
+    yield relay
+    await asyncio.gather(*(c.close() for c in relay.clients), return_exceptions=True)
+    for conn in relay.raw:
+        conn.close()
+    assert relay.proc.poll() is None, f"the shared relay died during the test:\n{relay.log()}"
+    since = relay.log(since=log_start)
+    assert "worker exited" not in since, f"a worker died during the test:\n{since}"
+
+
+_test_serial = itertools.count(1)
+
+
+@pytest.fixture
+def names() -> Callable[[str], str]:
+    """``names("alice")``: a user, group or channel segment of this test's own
+    (``alice-t17``), so that tests sharing a relay (``shared_relay``) never meet
+    in one user's connections, one channel's history or one group."""
+    suffix = f"t{next(_test_serial)}"
+    return lambda name: f"{name}-{suffix}"
 
 
 @pytest.fixture(params=[1, None], ids=["workers-1", "workers-default"])

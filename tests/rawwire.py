@@ -203,6 +203,8 @@ async def open_raw(relay: Any, *, rcvbuf: int | None = None) -> RawConnection:
         sock.close()
         raise
     _, proto = await loop.create_connection(RawConnection, sock=sock)
+    # A relay shared by several tests closes each test's connections at its end.
+    getattr(relay, "raw", []).append(proto)
     return proto
 
 
