@@ -22,6 +22,7 @@ import orjson
 import pytest
 from fenghuo.core import FrameReader, FrameType, ProtocolError, decode_ack, decode_error
 
+from fenghuo.channels import direct_channel
 from fenghuo.protocol import encode_json
 
 TIMEOUT = 5.0
@@ -297,19 +298,21 @@ class Bystander:
     Messages go out before, during and after the attack; :meth:`verify` checks
     that bob got every one, exactly once, in order, with the seqs alice's acks
     promised, and that neither of them lost its connection on the way (the
-    client would otherwise hide a reconnect behind its resume).
+    client would otherwise hide a reconnect behind its resume).  On a relay
+    shared by several tests, alice and bob are the test's own (``names``):
+    their chat must start empty.
     """
 
-    CHANNEL = "dm:alice:bob"
-
-    def __init__(self, relay: Any) -> None:
+    def __init__(self, relay: Any, alice: str = "alice", bob: str = "bob") -> None:
         self.relay = relay
+        self.sender, self.receiver = alice, bob
+        self.channel = direct_channel(alice, bob)
         self.sent: list[str] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, before: int = 3) -> Bystander:
-        self.alice = await self.relay.connect("alice")
-        self.bob = await self.relay.connect("bob")
+        self.alice = await self.relay.connect(self.sender)
+        self.bob = await self.relay.connect(self.receiver)
         self._links = (self.alice._proto, self.bob._proto)
         await self.send("before", before)
         return self
@@ -317,9 +320,9 @@ class Bystander:
     async def send(self, label: str, n: int, pause: float = 0.0) -> None:
         for i in range(n):
             text = f"{label}-{i}"
-            ack = await asyncio.wait_for(self.alice.send("bob", text), TIMEOUT)
+            ack = await asyncio.wait_for(self.alice.send(self.receiver, text), TIMEOUT)
             self.sent.append(text)
-            assert (ack.channel, ack.seq) == (self.CHANNEL, len(self.sent))
+            assert (ack.channel, ack.seq) == (self.channel, len(self.sent))
             if pause:
                 await asyncio.sleep(pause)
 
@@ -334,7 +337,7 @@ class Bystander:
         await self.send("after", after)
         got = [await self.bob.next_message(timeout=TIMEOUT) for _ in self.sent]
         assert [(m.channel, m.seq, m.sender, m.text) for m in got] == [
-            (self.CHANNEL, seq, "alice", text) for seq, text in enumerate(self.sent, 1)]
+            (self.channel, seq, self.sender, text) for seq, text in enumerate(self.sent, 1)]
         assert (self.alice._proto, self.bob._proto) == self._links, "a bystander was disconnected"
         with pytest.raises(asyncio.TimeoutError):
             extra = await self.bob.next_message(timeout=0.05)

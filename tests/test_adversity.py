@@ -5,6 +5,12 @@ real TCP and checks two things: the offender gets the documented ERROR (and is
 closed for a fatal one, or keeps a working connection for a non-fatal one), and
 a bystander connected before the attack (bob, receiving alice's direct
 messages before, during and after it) keeps being served and loses nothing.
+
+The attacks that need no relay of their own flags share one relay per
+deployment (``shared_relay``): their bystanders are the test's own users
+(``names``), and the attacker, mallory, is refused or answered request by
+request; no test looks at what an earlier one left of her (only her own
+chat with zed's history grows, and ``publish_works`` checks no seq).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from rawwire import (
     open_raw,
     wait_for_metric,
 )
+from conftest import serve_for_module
 
 from fenghuo.channels import direct_channel
 from fenghuo.client import FenghuoError
@@ -57,6 +64,15 @@ def relay_factory(relay_factory, request):
         kwargs.setdefault("workers", request.param)
         return relay_factory(*flags, **kwargs)
     return factory
+
+
+@pytest.fixture(scope="module", params=[1, None], ids=["one-process", "default-workers"])
+def module_relay(request, tmp_path_factory):
+    """The relay the attacks share (``shared_relay``), under the same two
+    deployments as ``relay_factory``'s."""
+    yield from serve_for_module(tmp_path_factory, workers=request.param)
+
+
 FRAMING_CODES = {ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE,
                  ErrorCode.UNSUPPORTED_VERSION, ErrorCode.BAD_FLAGS}
 
@@ -153,8 +169,9 @@ HANDSHAKE_ATTACKS = [
 
 
 @pytest.mark.parametrize("build, code", HANDSHAKE_ATTACKS)
-async def test_hostile_handshake_is_refused_and_closed(relay, build, code):
-    bystander = await Bystander(relay).start()
+async def test_hostile_handshake_is_refused_and_closed(shared_relay, names, build, code):
+    relay = shared_relay
+    bystander = await Bystander(relay, names("alice"), names("bob")).start()
     conn = await open_raw(relay)
     bystander.during()
     conn.write(build(relay))
@@ -223,8 +240,9 @@ FRAMING_ATTACKS = [
 
 @pytest.mark.parametrize("when", ["before-hello", "after-hello"])
 @pytest.mark.parametrize("data, code", FRAMING_ATTACKS)
-async def test_broken_framing_is_fatal_for_the_offender_only(relay, data, code, when):
-    bystander = await Bystander(relay).start()
+async def test_broken_framing_is_fatal_for_the_offender_only(shared_relay, names, data, code, when):
+    relay = shared_relay
+    bystander = await Bystander(relay, names("alice"), names("bob")).start()
     if when == "after-hello":
         conn = await authed_raw(relay, "mallory")
     else:
@@ -244,7 +262,8 @@ async def test_broken_framing_is_fatal_for_the_offender_only(relay, data, code, 
     pytest.param(header(8, FrameType.PING, flags=0x0100), ErrorCode.BAD_FLAGS, id="flags"),
     pytest.param(header(MAX_FRAME, FrameType.PING), ErrorCode.FRAME_TOO_LARGE, id="length"),
 ])
-async def test_broken_header_is_refused_as_soon_as_its_bytes_arrive(relay, data, code):
+async def test_broken_header_is_refused_as_soon_as_its_bytes_arrive(shared_relay, data, code):
+    relay = shared_relay
     # One byte per write: the server must decide on a partial header, without
     # waiting for a body that will never come.
     conn = await authed_raw(relay, "mallory")
@@ -297,8 +316,9 @@ async def test_truncated_frame_then_hangup_is_cleaned_up(relay, size, ending):
 
 
 @pytest.mark.parametrize("seed", range(4))
-async def test_random_garbage_is_refused(relay, seed):
-    bystander = await Bystander(relay).start()
+async def test_random_garbage_is_refused(shared_relay, names, seed):
+    relay = shared_relay
+    bystander = await Bystander(relay, names("alice"), names("bob")).start()
     garbage = random.Random(seed).randbytes(4096)
     conn = await authed_raw(relay, "mallory") if seed % 2 else await open_raw(relay)
     bystander.during()
@@ -414,8 +434,10 @@ NON_FATAL_ATTACKS = [
 
 
 @pytest.mark.parametrize("build, code", NON_FATAL_ATTACKS)
-async def test_bad_request_after_hello_is_refused_and_connection_stays_usable(relay, build, code):
-    bystander = await Bystander(relay).start()
+async def test_bad_request_after_hello_is_refused_and_connection_stays_usable(
+        shared_relay, names, build, code):
+    relay = shared_relay
+    bystander = await Bystander(relay, names("alice"), names("bob")).start()
     conn = await authed_raw(relay, "mallory", channels=("org.mallory",))
     bystander.during()
     conn.write(build(77))
@@ -468,8 +490,9 @@ COMPRESSION_ATTACKS = [
 
 
 @pytest.mark.parametrize("body, code", COMPRESSION_ATTACKS)
-async def test_compression_attacks_are_refused(relay, body, code):
-    bystander = await Bystander(relay).start()
+async def test_compression_attacks_are_refused(shared_relay, names, body, code):
+    relay = shared_relay
+    bystander = await Bystander(relay, names("alice"), names("bob")).start()
     conn = await authed_raw(relay, "mallory")
     bystander.during()
     conn.write(encode_frame(FrameType.PUBLISH, body, 66, FrameFlag.COMPRESSED))
