@@ -196,8 +196,9 @@ class GroupRoleCall(Call, frozen=True):
     group: GroupId
     by: Sender
     user: Sender
-    role: Annotated[Literal["member", "admin", "owner"], Meta(
-        description='"member", "admin" or "owner" (hands ownership over)')]
+    # The GROUP op `role`'s roles (PROTOCOL §3.16): "reader" silences a member.
+    role: Annotated[Literal["member", "admin", "owner", "reader"], Meta(
+        description='"member", "admin", "owner" (hands ownership over) or "reader" (silences)')]
 
 
 class ReadCall(Call, frozen=True):
