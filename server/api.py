@@ -719,6 +719,10 @@ def _schedulable(api: Api, item: PublishCall) -> str:
     """The channel ``item`` goes to, if its sender may publish it there now (checked
     again when it fires, as any publish is)."""
     _payload(item)
+    if item.content_type == ContentType.EVENT:
+        # As a publish now (and SCHEDULE over the wire, server/session.py): the server's.
+        raise ApiError(ErrorCode.FORBIDDEN, "publish: content type EVENT (5) is written by the "
+                       "server")
     if item.content_type is not None and item.content_type not in _SCHEDULABLE_TYPES:
         raise ApiError(ErrorCode.MALFORMED_BODY, f"publish: content type {item.content_type} "
                        "cannot be scheduled: 0-4, 6 and 128-255 can (PROTOCOL §3.15)")

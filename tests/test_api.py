@@ -261,6 +261,9 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
     assert served == orjson.loads((DOCS / "openapi.json").read_bytes()), \
         "docs/openapi.json is stale: python -m fenghuo.server.api > docs/openapi.json"
     assert {p.removeprefix("/api/") for p in served["paths"]} == set(METHODS)
+    # A scheduled message is checked as a publish is: EVENT is the server's (403).
+    soon = orjson.dumps({"channel": "org.a", "data": "x", "content_type": 5, "send_at": time.time() + 60})
+    assert post(api_relay, "publish", soon, key)[1]["error"]["code"] == ErrorCode.FORBIDDEN
 
 
 def test_the_readme_curl_commands_work_as_written(api_relay):
