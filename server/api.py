@@ -372,9 +372,11 @@ def load_key_hashes(path: str) -> tuple[bytes, ...]:
 
 
 def key_allowed(header: str | None, hashes: tuple[bytes, ...]) -> bool:
-    if not header or not header.startswith("Bearer "):
+    # The scheme is case-insensitive (RFC 9110 §11.1): "bearer <key>" is "Bearer <key>".
+    scheme, _, key = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
         return False
-    digest = hashlib.sha256(header[7:].strip().encode()).digest()
+    digest = hashlib.sha256(key.strip().encode()).digest()
     # Every hash is compared, so the time taken says nothing about which matched.
     return sum(hmac.compare_digest(digest, h) for h in hashes) > 0
 

@@ -28,10 +28,11 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 NEWS = "org.acme.news"
 
 
-def post(relay, method: str, raw: bytes, key: str | None) -> tuple[int, dict]:
+def post(relay, method: str, raw: bytes, key: str | None,
+         scheme: str = "Bearer") -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
     if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
+        headers["Authorization"] = f"{scheme} {key}"
     request = urllib.request.Request(f"{relay.api_url}/api/{method}", data=raw, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -261,6 +262,8 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
     assert served == orjson.loads((DOCS / "openapi.json").read_bytes()), \
         "docs/openapi.json is stale: python -m fenghuo.server.api > docs/openapi.json"
     assert {p.removeprefix("/api/") for p in served["paths"]} == set(METHODS)
+    # The scheme of the Authorization header is case-insensitive (RFC 9110 §11.1).
+    assert post(api_relay, "presence", b'{"users":["a"]}', key, scheme="bearer")[0] == 200
     # A scheduled message is checked as a publish is: EVENT is the server's (403).
     soon = orjson.dumps({"channel": "org.a", "data": "x", "content_type": 5, "send_at": time.time() + 60})
     assert post(api_relay, "publish", soon, key)[1]["error"]["code"] == ErrorCode.FORBIDDEN
