@@ -295,38 +295,87 @@ class TokenCall(Call, frozen=True):
     ttl: Annotated[int, Meta(ge=1, le=366 * 86400, description="seconds, 1..366 days")] | None = None
     channels: Patterns | None = None
     read: Patterns | None = None
-    roles: Patterns | None = None
+    roles: Annotated[list[Annotated[str, Meta(max_length=255)]], Meta(
+        max_length=256, description='a list of at most 256 roles: "admin", "advisor", "service" '
+                                    '(docs/PROTOCOL.md §5.6, §5.6a)')] | None = None
 
 
-OBJECT: dict[str, Any] = {"type": "object"}
-PUBLISHED = {"type": "object", "properties": {
-    "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
-    "duplicate": {"type": "boolean"}}}
-SCHEDULED = {"type": "object", "properties": {
-    "channel": {"type": "string"}, "scheduled": {"type": "integer", "description": "its id"},
-    "send_at": {"type": "number"}, "duplicate": {"type": "boolean"}}}
-STATUS = {"type": "object", "properties": {
-    "channel": {"type": "string"}, "seq": {"type": "integer"}, "sender": {"type": "string"},
-    "recipients": {"type": ["integer", "null"], "description": "null for an org channel"},
-    "counts": {"type": "object", "properties": {
-        k: {"type": "integer"} for k in ("sent", "delivered", "read", "escalated", "clicked")}},
-    "links": {"type": "object", "additionalProperties": {"type": "integer"},
-              "description": "link id -> recipients who followed it"},
-    "users": {"type": "array", "items": {"type": "object", "properties": {
-        "user": {"type": "string"},
-        "status": {"type": "string", "enum": ["sent", "delivered", "read"]},
-        "escalated": {"type": "array", "items": {"type": "integer"}},
-        "clicked": {"type": "array", "items": {"type": "string"}}}}},
-    "truncated": {"type": "boolean"}}}
-ERROR_BODY = {"type": "object", "properties": {
-    "code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
-    "name": {"type": "string"}, "message": {"type": "string"}}}
-MESSAGE = {"type": "object", "properties": {
-    "channel": {"type": "string"}, "seq": {"type": "integer"}, "ts_us": {"type": "integer"},
-    "sender": {"type": "string"}, "content_type": {"type": "integer"}, "key": {"type": "string"},
-    "data": {"description": "TEXT as a string, CARD and EVENT as JSON"},
-    "data_b64": {"type": "string", "description": "any other payload, base64"},
-    "meta": {"type": "object"}}}
+# The answers' schemas (openapi.json).  Each names its fields in ``required``:
+# a 200 body is checked against them (tests/test_api.py), and a publish's two
+# answers (and a batch item's three) are told apart only by what they require.
+# No ``additionalProperties: false``: fields may be added within v1 (PROTOCOL §1.3).
+JSON = dict[str, Any]
+STRING: JSON = {"type": "string"}
+INTEGER: JSON = {"type": "integer"}
+NUMBER: JSON = {"type": "number"}
+BOOLEAN: JSON = {"type": "boolean"}
+STRINGS: JSON = {"type": "array", "items": STRING}
+
+
+def answer(required: JSON, optional: JSON | None = None, description: str = "") -> JSON:
+    """An object schema: the fields ``required`` always present, ``optional`` sometimes."""
+    schema: JSON = {"type": "object", "required": sorted(required),
+                    "properties": {**required, **(optional or {})}}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def mapping(values: JSON, description: str) -> JSON:
+    return {"type": "object", "additionalProperties": values, "description": description}
+
+
+def nullable(schema: JSON) -> JSON:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+PUBLISHED = answer({"channel": STRING, "seq": INTEGER, "ts_us": INTEGER, "duplicate": BOOLEAN})
+SCHEDULED = answer({"channel": STRING, "scheduled": {"type": "integer", "description": "its id"},
+                    "send_at": NUMBER, "duplicate": BOOLEAN})
+ERROR_BODY = answer({"code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
+                     "name": STRING, "message": STRING})
+REFUSED = answer({"error": ERROR_BODY})
+STATUS = answer({
+    "channel": STRING, "seq": INTEGER, "sender": STRING,
+    "recipients": {"type": ["integer", "null"], "description": "null for an org channel "
+                                                                "asked about without `users`"},
+    "counts": answer({k: INTEGER for k in ("delivered", "read", "escalated", "clicked")},
+                     {"sent": INTEGER}, "`sent` only when `recipients` is not null"),
+    "links": mapping(INTEGER, "link id -> recipients who followed it"),
+    "users": {"type": "array", "items": answer({
+        "user": STRING, "status": {"type": "string", "enum": ["sent", "delivered", "read"]},
+        "escalated": {"type": "array", "items": INTEGER}, "clicked": STRINGS})},
+    "truncated": BOOLEAN})
+MESSAGE = answer(
+    {"channel": STRING, "seq": INTEGER, "ts_us": INTEGER, "sender": STRING,
+     "content_type": INTEGER, "key": STRING},
+    {"data": {"description": "TEXT as a string, CARD and EVENT as JSON"},
+     "data_b64": {"type": "string", "description": "any other payload (or TEXT that is not "
+                                                   "UTF-8, CARD that is not JSON), base64"},
+     "meta": {"type": "object"},
+     "meta_b64": {"type": "string", "description": "a meta that is not a JSON object (sent over "
+                                                   "the protocol), base64, instead of meta"}},
+    "one of data and data_b64")
+GROUP = {"group": STRING, "channel": STRING, "title": STRING, "owner": STRING,
+         "members": {"type": "integer", "description": "how many"}}
+HANDED_OFF = {"group": STRING, "to": STRING, "added": BOOLEAN,
+              "seq": {"type": "integer", "description": "the handoff event's"},
+              "removed": STRINGS, "silenced": STRINGS}
+QUEUED = {"queued_at": NUMBER, "by": STRING, "note": STRING}
+SCHEDULED_ITEM = answer(
+    {"id": INTEGER, "send_at": NUMBER, "channel": STRING},
+    {"data": {"description": "as published"}, "data_b64": STRING, "content_type": INTEGER,
+     "meta": {"type": "object"}, "idempotency_key": STRING, "sender": STRING,
+     "escalate": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}}},
+    "the fields of the publish call that were given")
+ENDPOINT = answer({"name": STRING, "url": STRING, "events": STRINGS, "channels": STRINGS,
+                   "disabled": BOOLEAN, "disabled_reason": nullable(STRING),
+                   "pending": INTEGER, "dead": INTEGER, "in_flight": INTEGER,
+                   "delivered": INTEGER, "failed_attempts": INTEGER})
+DEAD_LETTER = answer({"id": INTEGER, "event_id": STRING, "type": STRING, "channel": STRING,
+                      "attempts": INTEGER, "last_error": nullable(STRING), "created_us": INTEGER,
+                      "payload": {"type": "string", "description": "the request body, JSON"}})
+ROLE: JSON = {"type": "string", "enum": ["owner", "admin", "member", "reader"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1003,76 +1052,87 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                       "with `send_at`, store it and publish it then.",
            PublishCall, {"oneOf": [PUBLISHED, SCHEDULED]}, publish),
     Method("batch_publish", "Publish up to 1000 messages; one result (or error) per item, in order.",
-           BatchPublishCall, {"type": "object", "properties": {"results": {
-               "type": "array", "items": {"oneOf": [PUBLISHED, {"type": "object", "properties": {
-                   "error": ERROR_BODY}}]}}}}, batch_publish),
+           BatchPublishCall, answer({"results": {"type": "array", "items": {
+               "oneOf": [PUBLISHED, SCHEDULED, REFUSED]}}}), batch_publish),
     Method("group_create", "Create a group owned by `owner` with `members`.",
-           GroupCreateCall, OBJECT, group_create),
+           GroupCreateCall, answer({**GROUP, "seq": INTEGER}), group_create),
     Method("group_add", "Add `users` to a group, as `by` (its owner or an admin).",
-           GroupAddCall, OBJECT, group_add),
+           GroupAddCall, answer({"group": STRING, "added": STRINGS}), group_add),
     Method("handoff", "Hand a conversation (a group) over to `to`, as `by` (its owner or an "
                       "admin): `to` joins, `silence` (the bot) become readers, a handoff event "
                       "is posted, `remove` leave.",
-           HandoffCall, OBJECT, handoff),
+           HandoffCall, answer(HANDED_OFF), handoff),
     Method("queue", "Put a conversation (a group) in the queue for an advisor, as `by` (its "
                     "owner or an admin); taking it hands it off with `remove` and `silence`.",
-           QueueCall, OBJECT, queue),
+           QueueCall, answer({"group": STRING, "queued_at": NUMBER, "by": STRING,
+                                     "already": BOOLEAN}), queue),
     Method("queue_list", "The conversations waiting for an advisor, longest waiting first.",
-           NoFields, OBJECT, queue_list),
+           NoFields, answer({"waiting": {"type": "array", "items": answer({**GROUP, **QUEUED})}}),
+           queue_list),
     Method("queue_take", "Take a waiting conversation (the longest waiting without `group`) "
-                         "for `advisor`: it is handed off to them.", TakeCall, OBJECT, queue_take),
+                         "for `advisor`: it is handed off to them.", TakeCall,
+           answer({**HANDED_OFF, "queued_at": NUMBER, "queued_by": STRING}), queue_take),
     Method("group_remove", "Remove `users` from a group, as `by`.",
-           GroupRemoveCall, OBJECT, group_remove),
+           GroupRemoveCall, answer({"group": STRING, "removed": STRINGS}), group_remove),
     Method("group_role", "Change a member's role, as `by` (the owner); `owner` hands "
-                         "ownership over (the old owner becomes admin).", GroupRoleCall, OBJECT,
-           group_role),
-    Method("group_list", "The groups `user` belongs to, with their role.", UserCall, OBJECT,
+                         "ownership over (the old owner becomes admin).", GroupRoleCall,
+           answer({"group": STRING, "user": STRING, "role": ROLE}), group_role),
+    Method("group_list", "The groups `user` belongs to, with their role.", UserCall,
+           answer({"user": STRING, "groups": {"type": "array", "items": answer({**GROUP, "role": ROLE})}}),
            group_list),
     Method("group_members", "A group's members and their roles, as seen by member `user`.",
-           GroupMembersCall, OBJECT, group_members),
+           GroupMembersCall,
+           answer({"group": STRING, "members": mapping(ROLE, "user -> role")}), group_members),
     Method("presence", "Whether each user is online, and on how many devices (all workers).",
-           PresenceCall, OBJECT, presence),
+           PresenceCall, answer({"users": mapping(answer({"online": BOOLEAN, "devices": INTEGER}),
+                                                  "user -> presence")}), presence),
     Method("history", "A page of a channel's messages, oldest first, as read by `user` "
                       "(default fenghuo-api, an admin: any org channel): by seq (`after`, "
                       "`before`) or by server time (`since_us` <= ts_us < `until_us`).",
-           HistoryCall, {"type": "object", "properties": {
-               "channel": {"type": "string"}, "messages": {"type": "array", "items": MESSAGE}}},
+           HistoryCall, answer({"channel": STRING, "messages": {"type": "array", "items": MESSAGE}}),
            history),
     Method("scheduled_list", "Scheduled messages not yet sent, by id.",
-           ScheduledListCall, {"type": "object", "properties": {"scheduled": {
-               "type": "array", "items": {"type": "object"}}}}, scheduled_list),
+           ScheduledListCall, answer({"scheduled": {"type": "array", "items": SCHEDULED_ITEM}}),
+           scheduled_list),
     Method("scheduled_cancel", "Cancel a scheduled message before it is sent.",
-           ScheduledCancelCall, {"type": "object", "properties": {
-               "id": {"type": "integer"}, "cancelled": {"type": "boolean"}}}, scheduled_cancel),
+           ScheduledCancelCall, answer({"id": INTEGER, "cancelled": BOOLEAN}), scheduled_cancel),
     Method("unread", "Unread messages per channel for `user` (the same on all its devices), "
-                     "from its server-kept read cursors.", UserCall, OBJECT, unread),
+                     "from its server-kept read cursors.", UserCall,
+           answer({"user": STRING, "unread": mapping(INTEGER, "channel -> unread messages")}), unread),
     Method("mark_read", "Mark message `seq` of `channel` (and all before it) read for `user`, "
                         "as a confirmed READ receipt: the sender's devices are told.",
-           ReadCall, OBJECT, mark_read),
+           ReadCall, answer({"user": STRING, "channel": STRING, "seq": INTEGER, "forwarded": INTEGER}),
+           mark_read),
     Method("channel_info", "A channel's kind, its head seq and last message time; for a group "
-                           "also its title, owner and member count.", ChannelCall, OBJECT,
+                           "also its title, owner and member count.", ChannelCall,
+           answer({"channel": STRING, "kind": {"type": "string", "enum": [
+               "direct_chat", "group_chat", "org_unit"]}, "head": INTEGER,
+                   "last_ts_us": nullable(INTEGER)},
+                  {k: v for k, v in GROUP.items() if k != "channel"}, "a group adds its fields"),
            channel_info),
     Method("message_status", "Per-recipient status of one message (sent, delivered, read, "
                              "clicked) and its counts, from the recipients' cursors and clicks.",
            StatusCall, STATUS, message_status),
     Method("webhook_endpoints", "The webhook endpoints, whether each is disabled (410), and "
-                                "its pending and dead-letter counts.", NoFields, OBJECT,
-           webhook_endpoints),
+                                "its pending and dead-letter counts.", NoFields,
+           answer({"endpoints": {"type": "array", "items": ENDPOINT}}), webhook_endpoints),
     Method("webhook_enable", "Send to an endpoint a 410 disabled again (what is pending follows).",
-           EndpointCall, OBJECT, webhook_enable),
+           EndpointCall, answer({"endpoint": STRING, "enabled": BOOLEAN}), webhook_enable),
     Method("webhook_dead_letters", "An endpoint's dead letters, oldest first: events given up "
-                                   "after --webhook-max-age.", DeadLettersCall, OBJECT,
+                                   "after --webhook-max-age.", DeadLettersCall,
+           answer({"endpoint": STRING, "dead_letters": {"type": "array", "items": DEAD_LETTER}}),
            webhook_dead_letters),
     Method("webhook_replay", "Send dead letters again (same webhook-id), after what is pending.",
-           ReplayCall, OBJECT, webhook_replay),
+           ReplayCall, answer({"endpoint": STRING, "replayed": INTEGER}), webhook_replay),
     Method("disconnect", "Close every connection of `user` on every worker (ERROR 130, fatal).",
-           UserCall, OBJECT, disconnect),
-    Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall, OBJECT,
-           token),
+           UserCall, answer({"user": STRING, "closed_here": INTEGER}), disconnect),
+    Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall,
+           answer({"user": STRING, "token": STRING, "expires": INTEGER}), token),
     Method("revoke", "Revoke a token (`jti` with `exp`, or the `token` itself) or every token "
                      "of `user` issued before `before`, as `fenghuo revoke` does: its "
                      "connections get ERROR 122 TOKEN_REVOKED (docs/PROTOCOL.md §5.7).",
-           RevokeCall, OBJECT, revoke),
+           RevokeCall, answer({"revoked": STRING, "jti": nullable(STRING), "user": nullable(STRING),
+                               "closed_here": INTEGER}), revoke),
 )}
 
 
@@ -1099,8 +1159,7 @@ def openapi() -> dict[str, Any]:
         "security": [{"apiKey": []}],
         "paths": paths,
         "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
-                       "schemas": {**components, "Error": {"type": "object", "required": ["error"],
-                                                           "properties": {"error": ERROR_BODY}}}},
+                       "schemas": {**components, "Error": REFUSED}},
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import struct
 import subprocess
@@ -226,7 +227,7 @@ async def test_reserved_device_id_is_refused_to_client_tokens(api_relay):
     assert info.value.code == ErrorCode.FORBIDDEN
 
 
-async def test_keys_bodies_and_the_openapi_document(api_relay):
+async def test_keys_bodies_and_the_openapi_document(api_relay, relay_factory, tmp_path):
     assert post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', None)[0] == 401
     status, body = post(api_relay, "publish", b'{"channel":"org.a","data":"x"}', "wrong")
     assert (status, body["error"]["code"], body["error"]["name"]) == (401, 120, "TOKEN_INVALID")
@@ -267,6 +268,113 @@ async def test_keys_bodies_and_the_openapi_document(api_relay):
     # A scheduled message is checked as a publish is: EVENT is the server's (403).
     soon = orjson.dumps({"channel": "org.a", "data": "x", "content_type": 5, "send_at": time.time() + 60})
     assert post(api_relay, "publish", soon, key)[1]["error"]["code"] == ErrorCode.FORBIDDEN
+    # Every method's answers are what the document says they are.
+    answers = AnswersChecked(api_relay, served)
+    await answers.of_every_method()
+    if api_relay.workers == 1:      # the webhook methods, on a relay with --webhooks
+        hooks = tmp_path / "hooks.toml"
+        hooks.write_text('[[endpoint]]\nname = "down"\nurl = "http://127.0.0.1:9/nothing"\n'
+                         f'secrets = ["whsec_{base64.b64encode(bytes(24)).decode()}"]\n')
+        webhooks = relay_factory("--webhooks", str(hooks), "--webhook-max-age", "0.5",
+                                 "--webhook-retry-max", "0.2", api=True, workers=1)
+        await AnswersChecked(webhooks, served).of_the_webhook_methods()
+        answers.seen |= {"webhook_endpoints", "webhook_enable", "webhook_dead_letters",
+                         "webhook_replay"}
+        assert answers.seen == set(METHODS), set(METHODS) - answers.seen
+
+
+def schema_errors(schema: dict, value, document: dict, at: str = "$") -> list[str]:
+    """Where ``value`` does not match ``schema`` (the JSON Schema that docs/openapi.json uses
+    for answers: $ref, type, required, properties, items, additionalProperties, oneOf, enum)."""
+    while "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(s, value, document, at)]
+        if len(matching) != 1:
+            return [f"{at}: matches {len(matching)} of oneOf {schema['oneOf']}"]
+    kinds = {"string": str, "object": dict, "array": list, "boolean": bool, "null": type(None),
+             "number": (int, float), "integer": int}
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if types and not any(isinstance(value, kinds[t]) and not (isinstance(value, bool) and t in (
+            "integer", "number")) for t in types):
+        return [f"{at}: {value!r} is not {types}"]
+    errors = [f"{at}: {value!r} not in {schema['enum']}"] if value not in schema.get("enum", [value]) \
+        else []
+    if isinstance(value, dict):
+        errors += [f"{at}: no {name}" for name in schema.get("required", []) if name not in value]
+        extra = schema.get("additionalProperties")
+        for name, item in value.items():
+            sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                errors += schema_errors(sub, item, document, f"{at}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += schema_errors(schema["items"], item, document, f"{at}[{i}]")
+    return errors
+
+
+class AnswersChecked:
+    """Calls of the API whose every answer is checked against its schema in ``document``."""
+
+    def __init__(self, relay, document: dict) -> None:
+        self.relay, self.document, self.seen = relay, document, set()
+
+    def __call__(self, method: str, body: dict, status: int = 200) -> dict:
+        got, answer = post(self.relay, method, orjson.dumps(body), self.relay.api_key)
+        assert got == status, (method, body, answer)
+        responses = self.document["paths"][f"/api/{method}"]["post"]["responses"]
+        schema = responses[str(got)]["content"]["application/json"]["schema"]
+        assert schema_errors(schema, answer, self.document) == [], (method, answer)
+        self.seen.add(method)
+        return answer
+
+    async def of_every_method(self) -> None:
+        call = self
+        call("group_create", {"group": "ok", "owner": "alice", "members": ["bob"], "title": "t"})
+        channel = group_channel("ok")
+        sent = call("publish", {"channel": channel, "data": "hi", "sender": "alice",
+                                "meta": {"m": 1}})
+        call("publish", {"channel": channel, "data_b64": "AAE=", "sender": "bob"})
+        later = call("publish", {"channel": NEWS, "data": "later", "send_at": time.time() + 600,
+                                 "idempotency_key": "later"})
+        call("batch_publish", {"items": [{"channel": NEWS, "data": "now"},
+                                         {"channel": NEWS, "data": "then", "send_at": time.time() + 600},
+                                         {"channel": "dm:a:b", "data": "refused"}]})
+        call("scheduled_list", {})
+        call("scheduled_cancel", {"id": later["scheduled"]})
+        call("group_add", {"group": "ok", "by": "alice", "users": ["carol"]})
+        call("group_role", {"group": "ok", "by": "alice", "user": "carol", "role": "reader"})
+        call("group_remove", {"group": "ok", "by": "alice", "users": ["carol"]})
+        call("group_list", {"user": "bob"})
+        call("group_members", {"group": "ok", "user": "bob"})
+        call("handoff", {"group": "ok", "by": "alice", "to": "dave", "note": "n"})
+        call("queue", {"group": "ok", "by": "alice", "note": "n"})
+        call("queue_list", {})
+        call("queue_take", {"advisor": "eve"})
+        call("presence", {"users": ["alice", "nobody"]})
+        call("history", {"channel": channel, "user": "bob"})
+        call("unread", {"user": "bob"})
+        call("mark_read", {"user": "bob", "channel": channel, "seq": sent["seq"]})
+        for info in (channel, NEWS, "dm:a:b"):
+            call("channel_info", {"channel": info})
+        call("message_status", {"channel": channel, "seq": sent["seq"]})
+        call("message_status", {"channel": NEWS, "seq": 1})
+        call("disconnect", {"user": "bob"})
+        issued = call("token", {"user": "bob", "ttl": 60})
+        call("revoke", {"token": issued["token"]})
+        call("revoke", {"user": "bob"})
+        call("publish", {"channel": "org.acme..", "data": "x"}, 400)
+
+    async def of_the_webhook_methods(self) -> None:
+        self("publish", {"channel": NEWS, "data": "to nowhere"})
+        deadline = time.monotonic() + 30
+        while not (letters := self("webhook_dead_letters", {"endpoint": "down"})["dead_letters"]):
+            assert time.monotonic() < deadline, "no dead letter"
+            await asyncio.sleep(0.2)
+        self("webhook_endpoints", {})
+        self("webhook_enable", {"endpoint": "down"})
+        self("webhook_replay", {"endpoint": "down", "ids": [letters[0]["id"]]})
 
 
 def test_the_readme_curl_commands_work_as_written(api_relay):
