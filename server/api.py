@@ -352,8 +352,8 @@ MESSAGE = answer(
     {"data": {"description": "TEXT as a string, CARD and EVENT as JSON"},
      "data_b64": {"type": "string", "description": "any other payload (or TEXT that is not "
                                                    "UTF-8, CARD that is not JSON), base64"},
-     "meta": {"type": "object"},
-     "meta_b64": {"type": "string", "description": "a meta that is not a JSON object (sent over "
+     "meta": {"description": "the meta's JSON (an object when published through the API)"},
+     "meta_b64": {"type": "string", "description": "a meta that is not JSON (opaque bytes over "
                                                    "the protocol), base64, instead of meta"}},
     "one of data and data_b64")
 GROUP = {"group": STRING, "channel": STRING, "title": STRING, "owner": STRING,
