@@ -909,7 +909,7 @@ cdef class Connection:
         return 0
 
     def forget_publish_cache(self):
-        """Drop the cached publish permission (after a membership change)."""
+        """Drop the cached publish permission (after a membership change or a REFRESH)."""
         self._last_channel = None
 
     def _protocol_error(self, exc, uint32_t request_id):

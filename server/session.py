@@ -156,6 +156,9 @@ class Session(Connection, asyncio.BufferedProtocol):
                          f"REFRESH token is for {grants.user!r}, not {self.user!r}")
         same_deadline = grants.expires == self.grants.expires
         self.grants = grants
+        # The permission cached for the channel last published to came from the
+        # old token's claims (chan, roles): later requests are checked against the new.
+        self.forget_publish_cache()
         if not same_deadline:
             # The entry of the same deadline stays current: a client repeating a
             # REFRESH would otherwise add one entry to the heap each time.

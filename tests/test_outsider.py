@@ -116,3 +116,19 @@ async def test_reading_a_direct_chat_without_messages_does_not_open_it(relay):
         assert (message.channel, message.seq, message.payload) == ("dm:alice:bob", 1, b"hello")
     assert await result(alice, FrameType.PRESENCE, {"op": "query", "users": ["bob"]}, 5) == {
         "users": {"bob": {"online": True, "devices": 2}}}
+
+
+
+async def test_a_refresh_that_narrows_the_token_refuses_the_channel_last_published_to(relay):
+    """§3.15c: after REFRESH the new token's claims are the ones checked by later
+    requests, also for the channel the connection last published to (whose
+    permission the connection caches, §3.5 step 2) and for an `admin` role gone."""
+    for user, claims in (("alice", {"channels": ["org.east.>"]}), ("root", {"roles": ["admin"]})):
+        conn = await authed_raw(relay, user, **claims)
+        conn.write(encode_publish("org.east.a", b"allowed", request_id=1))
+        await conn.expect_ack(1)
+        refreshed = await result(conn, FrameType.REFRESH, {"token": relay.token(user)}, 2)
+        assert refreshed["user"] == user
+        body = struct.pack(">BBBH", 0, len(b"org.east.a"), 0, 0) + b"org.east.a" + b"refused"
+        assert await error(conn, FrameType.PUBLISH, body, 3) == (
+            ErrorCode.FORBIDDEN, "not allowed to publish to 'org.east.a'")
