@@ -894,8 +894,9 @@ cdef class Connection:
             raise ProtocolError(ErrorCode.FORBIDDEN, "content type EVENT is reserved for the server",
                                 False)
         if (HEADER_SIZE + MESSAGE_FIXED + v.channel_len + PyBytes_GET_SIZE(self.user_key)
-                + v.key_len + v.meta_len + v.payload_len > self.hub.max_frame):
-            # The MESSAGE carries the sender too; past max_frame no client could take it.
+                + v.key_len + v.meta_len + v.payload_len > self.hub.max_frame - HEADER_SIZE):
+            # The MESSAGE carries the sender too; past max_frame no client could take
+            # it, and a HISTORY_PAGE carries it whole behind its own header (§3.15a).
             raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
                                 "the message would exceed the maximum frame size", False)
         ch = self._last_channel

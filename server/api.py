@@ -670,10 +670,11 @@ def _check_size(api: Api, body: PublishCall, channel: str, sender: str,
                        "publish: `meta` must be at most 65535 bytes as compact JSON")
     size = (FRAME_HEADER_SIZE + MESSAGE_FIXED_SIZE + len(channel.encode()) + len(sender.encode())
             + key + meta + len(encode_payload(data, body.content_type)[0]))
-    limit = api.relay.settings.max_frame
+    # A HISTORY_PAGE carries the MESSAGE whole behind its own header (PROTOCOL §3.15a).
+    limit = api.relay.settings.max_frame - FRAME_HEADER_SIZE
     if size > limit:
         raise ApiError(ErrorCode.FRAME_TOO_LARGE, f"publish: the message would be a {size}-byte "
-                       f"frame, over the {limit}-byte limit (--max-frame)")
+                       f"frame, over the {limit}-byte limit (--max-frame less a page header)")
 
 
 def _check_policy(steps: list[escalation.Step], cn: ParsedChannel) -> None:

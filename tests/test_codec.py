@@ -754,13 +754,17 @@ def test_what_the_hub_sends_for_the_largest_publish_fits_max_frame():
         assert decode_message(frames[0].body).payload == payload
 
 
-def test_largest_message_the_hub_builds_is_exactly_max_frame():
+def test_largest_message_the_hub_builds_is_max_frame_less_a_page_header():
+    # A HISTORY_PAGE carries it whole behind its own 12-byte header (PROTOCOL §3.15a).
     max_frame = SMALL_FRAME
     overhead = FRAME_HEADER_SIZE + 22 + len("org") + len("alice")      # MESSAGE_FIXED = 22
-    payload = random.Random(2).randbytes(max_frame - overhead)
+    payload = random.Random(2).randbytes(max_frame - FRAME_HEADER_SIZE - overhead)
+    frames, transport = _publish_through_hub(max_frame, payload + b"x")
+    assert [f.type for f in frames] == [FrameType.ERROR]
+    assert decode_error(frames[0].body)[0] == ErrorCode.FRAME_TOO_LARGE
     frames, transport = _publish_through_hub(max_frame, payload)
     assert [f.type for f in frames] == [FrameType.MESSAGE, FrameType.ACK]
-    assert len(frames[0].body) + FRAME_HEADER_SIZE == max_frame
+    assert len(frames[0].body) + FRAME_HEADER_SIZE == max_frame - FRAME_HEADER_SIZE
     m = decode_message(frames[0].body)
     assert (m.channel, m.sender, m.seq, m.payload) == ("org", "alice", 1, payload)
     assert decode_ack(frames[1].body).seq == 1 and frames[1].request_id == 5

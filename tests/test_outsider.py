@@ -6,12 +6,15 @@ over TCP with bare frames, as that client did.
 
 from __future__ import annotations
 
+import random
 import struct
 
 import orjson
 from rawwire import authed_raw, open_raw
 
 from fenghuo.core import (
+    FRAME_HEADER_SIZE,
+    MESSAGE_FIXED_SIZE,
     ErrorCode,
     FrameReader,
     FrameType,
@@ -132,3 +135,24 @@ async def test_a_refresh_that_narrows_the_token_refuses_the_channel_last_publish
         body = struct.pack(">BBBH", 0, len(b"org.east.a"), 0, 0) + b"org.east.a" + b"refused"
         assert await error(conn, FrameType.PUBLISH, body, 3) == (
             ErrorCode.FORBIDDEN, "not allowed to publish to 'org.east.a'")
+
+
+async def test_the_largest_message_a_relay_accepts_fits_in_a_history_page(relay_factory):
+    """§3.15a: every message acked is in HISTORY, and a HISTORY_PAGE (12 header
+    bytes, then whole MESSAGE frames) is never over max_frame.  So the largest
+    MESSAGE is max_frame less a page header: a larger one (§3.5) is refused
+    FRAME_TOO_LARGE, non-fatally.  One of max_frame bytes was acked, then
+    every page that should start with it came back empty, as at the end."""
+    max_frame = 16384
+    relay = relay_factory("--max-frame", str(max_frame))
+    alice = await authed_raw(relay, "alice", roles=["admin"])
+    room = max_frame - 2 * FRAME_HEADER_SIZE - MESSAGE_FIXED_SIZE - len("org.x") - len("alice")
+    noise = random.Random(3).randbytes(room + 1)          # incompressible: stored as is
+    alice.write(encode_publish("org.x", noise, request_id=1))
+    assert (await alice.expect_error(ErrorCode.FRAME_TOO_LARGE, request_id=1)) == (
+        "the message would exceed the maximum frame size")
+    alice.write(encode_publish("org.x", noise[:room], request_id=2))
+    assert (await alice.expect_ack(2)).seq == 1
+    [message] = await history(alice, "org.x", 3)
+    assert message.payload == noise[:room]
+
