@@ -38,6 +38,7 @@ from fenghuo.core import (
     PresenceTable,
     ProtocolError,
     RemoteOrigin,
+    Reply,
     encode_error,
 )
 from fenghuo.server import routing
@@ -724,10 +725,8 @@ class Cluster:
         else:
             log.error("unknown mesh control", extra={"op": op, "source": source})
 
-    def _serve_later(self, origin: RemoteOrigin, rid: int, result: Awaitable[dict[str, Any]],
-                     what: str) -> None:
-        slot = origin.reserve_reply()
-
+    def _serve_later(self, origin: RemoteOrigin, slot: Reply, rid: int,
+                     result: Awaitable[dict[str, Any]], what: str) -> None:
         async def answer() -> None:
             try:
                 frame = encode_json(FrameType.RESULT, await result, rid)
@@ -746,18 +745,23 @@ class Cluster:
         try:
             answer = self.relay.serve_forwarded(origin, body)
             if not callable(answer):
-                # Answered later (SCHEDULE waits for the timers' table): its slot is
-                # taken in the turn a direct answer would be sent in, so it keeps its
-                # place among this origin's answers.
+                # Answered later (SCHEDULE waits for the timers' table).
+                slot = origin.reserve_reply()
                 later, what = answer, body["what"]
-                self.relay.hub.after_store(lambda: self._serve_later(origin, rid, later, what))
+                self.relay.hub.after_store(
+                    lambda: self._serve_later(origin, slot, rid, later, what))
                 return
         except Exception as exc:
             error = _refusal(exc, rid, body["what"])
             answer = lambda _rid: error  # noqa: E731
         if routing.answered(body["what"], rid):
-            # Once what the request sequenced (a GROUP change's event) is
-            # released, i.e. sent to the replicas ahead of this answer, so a
-            # HISTORY read through the origin sees it.  Every answer waits its
-            # turn, so answers to one origin keep their order.
-            self.relay.hub.after_store(lambda: origin.send_reply(answer(rid)))
+            # Its place among this origin's answers is taken now, in request
+            # order: a forwarded PUBLISH served after it takes a place for its
+            # ACK at once, and an answer queued only in the next store turn came
+            # after that ACK, which the origin's worker took for this one lost
+            # (INTERNAL "lost on the way").  It is filled once what the request
+            # sequenced (a GROUP change's event) is released, i.e. sent to the
+            # replicas ahead of this answer, so a HISTORY read through the
+            # origin sees it.
+            slot = origin.reserve_reply()
+            self.relay.hub.after_store(lambda: origin.fill_reply(slot, answer(rid)))

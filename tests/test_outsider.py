@@ -156,3 +156,31 @@ async def test_the_largest_message_a_relay_accepts_fits_in_a_history_page(relay_
     [message] = await history(alice, "org.x", 3)
     assert message.payload == noise[:room]
 
+
+async def test_forwarded_requests_are_answered_in_request_order_under_several_workers(
+        relay_factory):
+    """§1.1: replies come back in request order, also when the channel's owner is
+    another worker (§6.3).  A RECEIPT or GROUP change pipelined between PUBLISHes
+    forwarded to the same owner was answered after the next PUBLISH's ACK, and
+    the connection's worker took it as lost: INTERNAL "lost on the way"."""
+    relay = relay_factory(workers=2)
+    alice = await authed_raw(relay, "alice")
+    chats = [f"dm:alice:u{i}" for i in range(12)]
+    for rid, chat in enumerate(chats, 1):
+        alice.write(encode_publish(chat, b"first", request_id=rid))
+        await alice.expect_ack(rid)
+    pipelined, rid = [], 100
+    for i, chat in enumerate(chats):
+        receipt = struct.pack(">QBB", 1, 2, len(chat)) + chat.encode()
+        for frame in (encode_publish(chat, b"again", request_id=rid + 1),
+                      encode_frame(FrameType.RECEIPT, receipt, rid + 2),
+                      encode_json(FrameType.GROUP, {"op": "create", "group": f"g{i}"}, rid + 3)):
+            pipelined.append(frame)
+        rid += 3
+    alice.write(b"".join(pipelined))
+    replies = await alice.replies(len(pipelined))
+    assert [(f.request_id, f.type) for f in replies] == [
+        (r, t) for r in range(101, rid + 1)
+        for t in [(FrameType.ACK, FrameType.RESULT, FrameType.RESULT)[(r - 101) % 3]]], [
+        (f.request_id, decode_error(f.body) if f.type == FrameType.ERROR else f.type)
+        for f in replies if f.type != FrameType.ACK]
