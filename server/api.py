@@ -376,6 +376,29 @@ DEAD_LETTER = answer({"id": INTEGER, "event_id": STRING, "type": STRING, "channe
                       "attempts": INTEGER, "last_error": nullable(STRING), "created_us": INTEGER,
                       "payload": {"type": "string", "description": "the request body, JSON"}})
 ROLE: JSON = {"type": "string", "enum": ["owner", "admin", "member", "reader"]}
+RECEIPT = {"channel": STRING, "seq": INTEGER, "user": STRING}
+MEMBERS = {"channel": STRING, "group": STRING, "seq": {"type": "integer", "description": (
+    "of the group event")}, "users": STRINGS, "by": STRING}
+#: the ``data`` of each webhook event type (docs/API.md, Webhooks; outbox.EVENT_TYPES)
+WEBHOOK_DATA: dict[str, JSON] = {
+    "message.created": {"oneOf": [MESSAGE, answer(
+        {"channel": STRING, "seq": INTEGER, "removed": {"type": "boolean", "enum": [True]}},
+        description="a message past its retention age")]},
+    "member.joined": answer({**MEMBERS, "role": {"type": ["string", "null"], "description": (
+        "of the users added; null for a group's creation")}}),
+    "member.left": answer(MEMBERS),
+    "message.delivered": answer(RECEIPT),
+    "message.read": answer(RECEIPT),
+    "message.clicked": answer({**RECEIPT, "link": STRING}),
+    "presence.changed": answer({"user": STRING, "online": BOOLEAN, "devices": INTEGER}),
+    "escalation": answer({
+        "recipient": STRING, "channel": STRING, "seq": INTEGER, "sender": STRING,
+        "step": {"type": "integer", "description": "0-based"},
+        "if_not": {"type": "string", "enum": ["delivered", "read"]}, "after_s": NUMBER,
+        "status": {"type": "string", "enum": ["sent", "delivered"]}}),
+    "scheduled.sent": answer({"id": INTEGER, "channel": STRING, "seq": INTEGER, "ts_us": INTEGER,
+                              "sender": STRING, "send_at": NUMBER, "idempotency_key": STRING}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1152,6 +1175,19 @@ def openapi() -> dict[str, Any]:
                                   "content": {"application/json": {"schema": m.response}}},
                           **{str(s): error for s in (400, 401, 403, 404, 409, 413, 500, 503, 504)}},
         }}
+    signed = [{"name": name, "in": "header", "required": True, "schema": STRING,
+               "description": description} for name, description in (
+        ("webhook-id", "the event's id (msg_...), the same on every attempt"),
+        ("webhook-timestamp", "Unix seconds of this attempt"),
+        ("webhook-signature", "v1,<base64 HMAC-SHA256> per secret, space separated"))]
+    webhooks = {kind: {"post": {
+        "summary": f"The event {kind} (docs/API.md, Webhooks), signed as Standard Webhooks says.",
+        "parameters": signed,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": answer({
+            "type": {"type": "string", "enum": [kind]},
+            "timestamp": {"type": "string", "format": "date-time"}, "data": data})}}},
+        "responses": {"2XX": {"description": "received (anything else is retried)"}},
+    }} for kind, data in WEBHOOK_DATA.items()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "fenghuo server API", "version": "1",
@@ -1159,6 +1195,7 @@ def openapi() -> dict[str, Any]:
                                 "body and Authorization: Bearer <API key>."},
         "security": [{"apiKey": []}],
         "paths": paths,
+        "webhooks": webhooks,
         "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
                        "schemas": {**components, "Error": REFUSED}},
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import struct
 import subprocess
@@ -20,10 +19,13 @@ from fenghuo.api import Api, AsyncApi
 from fenghuo.channels import group_channel
 from fenghuo.server.api import METHODS
 from fenghuo.server.devices import SERVICE_DEVICE
+from fenghuo.server.outbox import EVENT_TYPES
+from fenghuo.webhooks import new_secret
 from fenghuo.core import FrameType, ReceiptKind, decode_error, encode_frame, encode_receipt
 from fenghuo.protocol import encode_json
 from clients import refused
 from rawwire import authed_raw
+from test_webhooks import Receiver, write_endpoints
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NEWS = "org.acme.news"
@@ -271,13 +273,18 @@ async def test_keys_bodies_and_the_openapi_document(api_relay, relay_factory, tm
     # Every method's answers are what the document says they are.
     answers = AnswersChecked(api_relay, served)
     await answers.of_every_method()
-    if api_relay.workers == 1:      # the webhook methods, on a relay with --webhooks
-        hooks = tmp_path / "hooks.toml"
-        hooks.write_text('[[endpoint]]\nname = "down"\nurl = "http://127.0.0.1:9/nothing"\n'
-                         f'secrets = ["whsec_{base64.b64encode(bytes(24)).decode()}"]\n')
-        webhooks = relay_factory("--webhooks", str(hooks), "--webhook-max-age", "0.5",
+    if api_relay.workers == 1:      # the webhook methods and events, on a relay with --webhooks
+        receiver = await Receiver().start()
+        hooks = write_endpoints(tmp_path / "hooks.toml", receiver.endpoint("app"), {
+            "name": "down", "url": "http://127.0.0.1:9/nothing", "secrets": [new_secret()],
+            "events": ["message.created"]})
+        webhooks = relay_factory("--webhooks", hooks, "--webhook-max-age", "0.5",
                                  "--webhook-retry-max", "0.2", api=True, workers=1)
-        await AnswersChecked(webhooks, served).of_the_webhook_methods()
+        try:
+            await AnswersChecked(webhooks, served).of_the_webhook_methods()
+            await AnswersChecked(webhooks, served).of_every_event_type(receiver)
+        finally:
+            await receiver.stop()
         answers.seen |= {"webhook_endpoints", "webhook_enable", "webhook_dead_letters",
                          "webhook_replay"}
         assert answers.seen == set(METHODS), set(METHODS) - answers.seen
@@ -375,6 +382,29 @@ class AnswersChecked:
         self("webhook_endpoints", {})
         self("webhook_enable", {"endpoint": "down"})
         self("webhook_replay", {"endpoint": "down", "ids": [letters[0]["id"]]})
+
+    async def of_every_event_type(self, receiver) -> None:
+        """Each type of webhook event arrives as the document's ``webhooks`` describe it."""
+        self("group_create", {"group": "hooks", "owner": "alice", "members": ["bob"]})
+        self("group_add", {"group": "hooks", "by": "alice", "users": ["carol"]})
+        self("group_remove", {"group": "hooks", "by": "alice", "users": ["carol"]})
+        channel = group_channel("hooks")
+        card = self("publish", {"channel": channel, "sender": "alice", "data": {
+            "text": "pay", "links": {"pay": "https://pay.example"}}})
+        self("publish", {"channel": channel, "sender": "alice", "data": "unread",
+                         "escalate": [{"if_not": "read", "after_s": 0}]})
+        self("publish", {"channel": channel, "sender": "alice", "data": "now",
+                         "send_at": time.time()})
+        bob = await self.relay.connect("bob", reconnect=False)
+        await bob.mark_delivered(channel, card["seq"], confirm=True)
+        await bob.mark_read(channel, card["seq"], confirm=True)
+        await bob.click(channel, card["seq"], "pay")
+        await bob.close()
+        assert set(self.document["webhooks"]) == EVENT_TYPES
+        for kind, described in self.document["webhooks"].items():
+            schema = described["post"]["requestBody"]["content"]["application/json"]["schema"]
+            for event in await receiver.wait_for(1, kind):
+                assert schema_errors(schema, event, self.document) == [], event
 
 
 def test_the_readme_curl_commands_work_as_written(api_relay):
