@@ -1,7 +1,9 @@
 """Direct messages, ordering, idempotency, receipts, content, and the client API.
 
 Every test runs against a real ``fenghuo serve`` subprocess over TCP, through
-the Python client (``relay`` fixture in conftest.py).
+the Python client.  The tests that need no relay of their own flags (nor a
+restart) share one (``shared_relay`` in conftest.py), each with users, groups
+and channels of its own (``names``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from conftest import raw_connection, read_frame
 from clients import QUIET, assert_silent, collect
 from rawwire import authed_raw, metrics
 from fenghuo.server.routing import owner_of
-from fenghuo.channels import direct_channel
+from fenghuo.channels import direct_channel, group_channel
 from test_workers import worker_gauge
 
 
@@ -31,23 +33,25 @@ def summary(messages: list[fenghuo.Message]) -> list[tuple[str, int, str, str]]:
 # ---------------------------------------------------------------- direct messages
 
 
-async def test_direct_messages_both_ways_reach_every_device_with_gap_free_seqs(relay):
-    alice_phone = await relay.connect("alice")
-    alice_laptop = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    dm = "dm:alice:bob"
+async def test_direct_messages_both_ways_reach_every_device_with_gap_free_seqs(
+        shared_relay, names):
+    relay = shared_relay
+    alice_phone = await relay.connect(names("alice"))
+    alice_laptop = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    dm = direct_channel(names("alice"), names("bob"))
 
-    acks = [await alice_phone.send("bob", "hi bob"),
-            await bob.send("alice", "hi alice"),
-            await alice_laptop.send("bob", "from the laptop"),
-            await bob.send("alice", "both of you?"),
-            await alice_phone.send("bob", "yes")]
+    acks = [await alice_phone.send(names("bob"), "hi bob"),
+            await bob.send(names("alice"), "hi alice"),
+            await alice_laptop.send(names("bob"), "from the laptop"),
+            await bob.send(names("alice"), "both of you?"),
+            await alice_phone.send(names("bob"), "yes")]
     assert [(a.channel, a.seq, a.duplicate) for a in acks] == [(dm, s, False) for s in range(1, 6)]
     assert all(a.ts_us > 0 for a in acks)
 
-    expected = [(dm, 1, "alice", "hi bob"), (dm, 2, "bob", "hi alice"),
-                (dm, 3, "alice", "from the laptop"), (dm, 4, "bob", "both of you?"),
-                (dm, 5, "alice", "yes")]
+    expected = [(dm, 1, names("alice"), "hi bob"), (dm, 2, names("bob"), "hi alice"),
+                (dm, 3, names("alice"), "from the laptop"), (dm, 4, names("bob"), "both of you?"),
+                (dm, 5, names("alice"), "yes")]
     # Every device of both participants, the sending device included, sees the
     # whole conversation once, in seq order.
     for device in (alice_phone, alice_laptop, bob):
@@ -55,53 +59,64 @@ async def test_direct_messages_both_ways_reach_every_device_with_gap_free_seqs(r
         await assert_silent(device, 0.1)
 
 
-async def test_direct_channel_name_is_the_same_from_either_side(relay):
-    alice = await relay.connect("alice")
-    zed = await relay.connect("zed")
-    assert (await zed.send("alice", "z first")).channel == "dm:alice:zed"
-    assert (await alice.send("zed", "a second")).channel == "dm:alice:zed"
+async def test_direct_channel_name_is_the_same_from_either_side(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    zed = await relay.connect(names("zed"))
+    chat = f"dm:{names('alice')}:{names('zed')}"
+    assert (await zed.send(names("alice"), "z first")).channel == chat
+    assert (await alice.send(names("zed"), "a second")).channel == chat
     assert fenghuo.direct_channel("zed", "alice") == "dm:alice:zed"
     assert [m.seq for m in await collect(alice, 2)] == [1, 2]
 
 
-async def test_a_third_user_cannot_publish_to_someone_elses_direct_channel(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    mallory = await relay.connect("mallory")
-    await alice.send("bob", "private")
+async def test_a_third_user_cannot_publish_to_someone_elses_direct_channel(shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    mallory = await relay.connect(names("mallory"))
+    await alice.send(names("bob"), "private")
     with pytest.raises(FenghuoError) as info:
-        await mallory.publish("dm:alice:bob", "let me in")
+        await mallory.publish(chat, "let me in")
     assert info.value.code == ErrorCode.FORBIDDEN
     with pytest.raises(FenghuoError) as info:
-        await mallory.subscribe("dm:alice:bob")
+        await mallory.subscribe(chat)
     assert info.value.code == ErrorCode.FORBIDDEN
-    assert summary(await collect(bob, 1)) == [("dm:alice:bob", 1, "alice", "private")]
+    assert summary(await collect(bob, 1)) == [(chat, 1, names("alice"), "private")]
     await assert_silent(bob)
     await assert_silent(mallory, 0.05)
 
 
-async def test_a_user_offline_at_the_first_message_receives_later_ones_after_connecting(relay):
-    alice = await relay.connect("alice")
-    await alice.send("bob", "before bob ever connected")
-    bob = await relay.connect("bob")
-    assert bob.welcome["channels"] == {"dm:alice:bob": 1}
-    await alice.send("bob", "now")
-    assert summary(await collect(bob, 1)) == [("dm:alice:bob", 2, "alice", "now")]
+async def test_a_user_offline_at_the_first_message_receives_later_ones_after_connecting(
+        shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
+    alice = await relay.connect(names("alice"))
+    await alice.send(names("bob"), "before bob ever connected")
+    bob = await relay.connect(names("bob"))
+    assert bob.welcome["channels"] == {chat: 1}
+    await alice.send(names("bob"), "now")
+    assert summary(await collect(bob, 1)) == [(chat, 2, names("alice"), "now")]
 
 
 # ---------------------------------------------------------------- ordering
 
 
-async def test_concurrent_senders_to_one_group_are_seen_in_one_order_by_everyone(relay):
-    senders = [await relay.connect(f"s{k}") for k in range(4)]
-    watchers = [await relay.connect("w0"), await relay.connect("w1")]
-    created = await senders[0].create_group("busy", ["s1", "s2", "s3", "w0", "w1"])
+async def test_concurrent_senders_to_one_group_are_seen_in_one_order_by_everyone(
+        shared_relay, names):
+    relay = shared_relay
+    busy_channel = group_channel(names("busy"))
+    senders = [await relay.connect(names(f"s{k}")) for k in range(4)]
+    watchers = [await relay.connect(names("w0")), await relay.connect(names("w1"))]
+    created = await senders[0].create_group(
+        names("busy"), [names(user) for user in ("s1", "s2", "s3", "w0", "w1")])
     assert created["seq"] == 1   # the "created" event is the group's first message
     per_sender = 500
 
     async def send_all(k: int, client: fenghuo.Client) -> list[int]:
         # Pipelined: all 500 are written before the first ack comes back.
-        acks = await asyncio.gather(*(client.publish("group:busy", f"s{k}:{i}")
+        acks = await asyncio.gather(*(client.publish(busy_channel, f"s{k}:{i}")
                                       for i in range(per_sender)))
         return [a.seq for a in acks]
 
@@ -120,7 +135,7 @@ async def test_concurrent_senders_to_one_group_are_seen_in_one_order_by_everyone
         views.append([(m.seq, m.sender, m.text) for m in messages])
         for k in range(4):
             mine = [m.text for m in messages
-                    if m.sender == f"s{k}" and m.content_type == ContentType.TEXT]
+                    if m.sender == names(f"s{k}") and m.content_type == ContentType.TEXT]
             assert mine == [f"s{k}:{i}" for i in range(per_sender)]
     # Everyone saw the same interleaving, and it agrees with the acks.
     assert all(v == views[0] for v in views)
@@ -132,16 +147,17 @@ async def test_concurrent_senders_to_one_group_are_seen_in_one_order_by_everyone
 # ---------------------------------------------------------------- idempotency
 
 
-async def test_a_retried_publish_with_the_same_key_is_sequenced_once(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    first = await alice.send("bob", "pay 10 EUR", key="transfer-42")
-    again = await alice.send("bob", "pay 10 EUR", key="transfer-42")
+async def test_a_retried_publish_with_the_same_key_is_sequenced_once(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    first = await alice.send(names("bob"), "pay 10 EUR", key="transfer-42")
+    again = await alice.send(names("bob"), "pay 10 EUR", key="transfer-42")
     assert (first.seq, first.duplicate) == (1, False)
     assert (again.channel, again.seq, again.ts_us, again.duplicate) == (
         first.channel, 1, first.ts_us, True)
     # A different key is a different message; the key travels with the message.
-    other = await alice.send("bob", "pay 10 EUR", key=b"transfer-43")
+    other = await alice.send(names("bob"), "pay 10 EUR", key=b"transfer-43")
     assert (other.seq, other.duplicate) == (2, False)
     got = await collect(bob, 2)
     assert [(m.seq, m.text, m.key) for m in got] == [
@@ -323,23 +339,26 @@ async def test_at_every_turn_of_a_full_window_its_oldest_key_is_a_duplicate_and_
         assert (await alice.send("bob", "again", key=accepted[-16][0])).duplicate
 
 
-async def test_publishes_in_one_write_are_each_answered_as_alone_whatever_came_before(relay):
+async def test_publishes_in_one_write_are_each_answered_as_alone_whatever_came_before(
+        shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
     # The PUBLISH after the one being handled is parsed ahead (its key hashed,
     # its bucket fetched) and handled from that parse (Connection._prefetch_key):
     # unkeyed, keyed, malformed and compressed publishes and a PING, mixed in
     # one write, are each answered as if they had come one at a time.
-    alice = await authed_raw(relay, "alice")
+    alice = await authed_raw(relay, names("alice"))
     bad = encode_frame(FrameType.PUBLISH, b"\x01\x02", 3)
     alice.write(b"".join([
-        encode_publish("dm:alice:bob", b"a", request_id=1),
-        encode_publish("dm:alice:bob", b"b", key=b"kb", request_id=2),
+        encode_publish(chat, b"a", request_id=1),
+        encode_publish(chat, b"b", key=b"kb", request_id=2),
         bad,
-        encode_publish("dm:alice:bob", b"c", request_id=4),
+        encode_publish(chat, b"c", request_id=4),
         encode_frame(FrameType.PING, b"p", 5),
-        encode_publish("dm:alice:bob", b"b", key=b"kb", request_id=6),
-        encode_publish("dm:alice:bob", b"x" * 4096, key=b"kz", request_id=7, compress_threshold=64),
-        encode_publish("dm:alice:bob", b"d", key=b"kd", request_id=8),
-        encode_publish("dm:alice:bob", b"x" * 4096, key=b"kz", request_id=9, compress_threshold=64),
+        encode_publish(chat, b"b", key=b"kb", request_id=6),
+        encode_publish(chat, b"x" * 4096, key=b"kz", request_id=7, compress_threshold=64),
+        encode_publish(chat, b"d", key=b"kd", request_id=8),
+        encode_publish(chat, b"x" * 4096, key=b"kz", request_id=9, compress_threshold=64),
     ]))
     assert [(a.seq, a.duplicate) for a in [await alice.expect_ack(1), await alice.expect_ack(2)]] == [
         (1, False), (2, False)]
@@ -395,22 +414,25 @@ async def test_keyed_publishes_in_one_write_are_each_checked_against_the_one_bef
     alice.close()
 
 
-async def test_idempotency_keys_are_per_sender(relay):
-    alice = await relay.connect("alice", channels=("org.news",))
-    bob = await relay.connect("bob", channels=("org.news",))
-    a = await alice.publish("org.news", "from alice", key="k")
-    b = await bob.publish("org.news", "from bob", key="k")
+async def test_idempotency_keys_are_per_sender(shared_relay, names):
+    relay = shared_relay
+    news = "org." + names("news")
+    alice = await relay.connect(names("alice"), channels=(news,))
+    bob = await relay.connect(names("bob"), channels=(news,))
+    a = await alice.publish(news, "from alice", key="k")
+    b = await bob.publish(news, "from bob", key="k")
     assert [(a.seq, a.duplicate), (b.seq, b.duplicate)] == [(1, False), (2, False)]
 
 
-async def test_the_clients_own_keys_are_unique_and_sort_in_publish_order(relay):
+async def test_the_clients_own_keys_are_unique_and_sort_in_publish_order(shared_relay, names):
+    relay = shared_relay
     # Keys the client makes itself (PROTOCOL §6.2): 24 hex characters, the
     # time then random bits, so a sender's keys reach the store's key index
     # in order (bench/micro/test_store_keys.py) and never repeat.
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     for i in range(40):
-        await alice.send("bob", f"m{i}")
+        await alice.send(names("bob"), f"m{i}")
         if i % 10 == 9:
             await asyncio.sleep(0.002)          # later milliseconds too
     keys = [m.key for m in await collect(bob, 40)]
@@ -423,10 +445,12 @@ async def test_the_clients_own_keys_are_unique_and_sort_in_publish_order(relay):
 # ---------------------------------------------------------------- receipts
 
 
-async def test_delivered_and_read_receipts_reach_every_device_of_the_sender(relay):
-    alice = await relay.connect("alice")
-    alice_tablet = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_delivered_and_read_receipts_reach_every_device_of_the_sender(shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
+    alice = await relay.connect(names("alice"))
+    alice_tablet = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
     tablet_receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
     alice.on_receipt(receipts.put_nowait)
@@ -437,71 +461,77 @@ async def test_delivered_and_read_receipts_reach_every_device_of_the_sender(rela
     bob_receipts: list[fenghuo.Receipt] = []
     bob.on_receipt(bob_receipts.append)
 
-    await alice.send("bob", "did you get this?")
+    await alice.send(names("bob"), "did you get this?")
     message = await bob.next_message(timeout=5)
     await bob.mark_delivered(message.channel, message.seq)
     await bob.mark_read(message.channel, message.seq)
 
     def fields(r: fenghuo.Receipt) -> tuple:
         return (r.channel, r.seq, r.kind, r.user)
-    want = [("dm:alice:bob", 1, ReceiptKind.DELIVERED, "bob"),
-            ("dm:alice:bob", 1, ReceiptKind.READ, "bob")]
+    want = [(chat, 1, ReceiptKind.DELIVERED, names("bob")),
+            (chat, 1, ReceiptKind.READ, names("bob"))]
     for queue in (receipts, tablet_receipts):
         got = [await asyncio.wait_for(queue.get(), 5) for _ in range(2)]
         assert [fields(r) for r in got] == want
     # Marking one's own message tells nobody.
-    await alice.mark_read("dm:alice:bob", 1)
+    await alice.mark_read(chat, 1)
     await asyncio.sleep(QUIET)
     assert receipts.empty() and tablet_receipts.empty() and bob_receipts == []
 
 
-async def test_receipts_in_a_group_go_to_the_sender_only(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    carol = await relay.connect("carol")
-    seen: dict[str, list] = {"alice": [], "bob": [], "carol": []}
+async def test_receipts_in_a_group_go_to_the_sender_only(shared_relay, names):
+    relay = shared_relay
+    trio_channel = group_channel(names("trio"))
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    carol = await relay.connect(names("carol"))
+    seen: dict[str, list] = {names("alice"): [], names("bob"): [], names("carol"): []}
     got_one = asyncio.Event()
-    for name, client in (("alice", alice), ("bob", bob), ("carol", carol)):
+    for name, client in ((names("alice"), alice), (names("bob"), bob), (names("carol"), carol)):
         client.on_receipt(lambda r, name=name: (seen[name].append(
             (r.channel, r.seq, r.kind, r.user)), got_one.set()))
-    await alice.create_group("trio", ["bob", "carol"])
-    ack = await bob.publish("group:trio", "lunch?")
+    await alice.create_group(names("trio"), [names("bob"), names("carol")])
+    ack = await bob.publish(trio_channel, "lunch?")
     assert ack.seq == 2
-    await carol.mark_read("group:trio", 2)
+    await carol.mark_read(trio_channel, 2)
     await asyncio.wait_for(got_one.wait(), 5)
     await asyncio.sleep(QUIET)
-    assert seen == {"alice": [], "bob": [("group:trio", 2, ReceiptKind.READ, "carol")],
-                    "carol": []}
+    assert seen == {names("alice"): [],
+                    names("bob"): [(trio_channel, 2, ReceiptKind.READ, names("carol"))],
+                    names("carol"): []}
 
 
-async def test_a_receipt_on_a_large_compressed_message_names_its_sender(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_a_receipt_on_a_large_compressed_message_names_its_sender(shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     receipts: asyncio.Queue[fenghuo.Receipt] = asyncio.Queue()
     alice.on_receipt(receipts.put_nowait)
-    await alice.send("bob", "long " * 5000)   # kept compressed in the server's ring
+    await alice.send(names("bob"), "long " * 5000)   # kept compressed in the server's ring
     message = await bob.next_message(timeout=5)
     await bob.mark_read(message.channel, message.seq)
     r = await asyncio.wait_for(receipts.get(), 5)
-    assert (r.channel, r.seq, r.kind, r.user) == ("dm:alice:bob", 1, ReceiptKind.READ, "bob")
+    assert (r.channel, r.seq, r.kind, r.user) == (chat, 1, ReceiptKind.READ, names("bob"))
 
 
 # ---------------------------------------------------------------- content and metadata
 
 
-async def test_content_types_and_metadata_arrive_as_sent(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_content_types_and_metadata_arrive_as_sent(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     card = {"title": "Order #7", "items": [{"sku": "A1", "qty": 2}], "total": 12.5, "ok": True}
     image_meta = {"mime": "image/png", "width": 640, "height": 480, "sha256": "ab" * 32}
     raw_meta = bytes(range(256)) + b"\x00\xff\x00"
 
-    await alice.send("bob", "plain text, 中文, émoji 🔥")
-    await alice.send("bob", card)
-    await alice.send("bob", "https://cdn.example/img/7.png", content_type=ContentType.IMAGE,
+    await alice.send(names("bob"), "plain text, 中文, émoji 🔥")
+    await alice.send(names("bob"), card)
+    await alice.send(names("bob"), "https://cdn.example/img/7.png", content_type=ContentType.IMAGE,
                      meta=image_meta)
-    await alice.send("bob", b"\x00\x01binary\xff", meta=raw_meta)
-    await alice.send("bob", b"app-defined", content_type=200)
+    await alice.send(names("bob"), b"\x00\x01binary\xff", meta=raw_meta)
+    await alice.send(names("bob"), b"app-defined", content_type=200)
     text, card_msg, image, binary, custom = await collect(bob, 5)
 
     assert (text.content_type, text.text, text.meta) == (
@@ -515,25 +545,28 @@ async def test_content_types_and_metadata_arrive_as_sent(relay):
     assert (custom.content_type, custom.payload) == (200, b"app-defined")
 
 
-async def test_a_reserved_content_type_is_refused_and_the_connection_stays(relay):
-    alice = await relay.connect("alice")
+async def test_a_reserved_content_type_is_refused_and_the_connection_stays(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
     with pytest.raises(FenghuoError) as info:
-        await alice.send("bob", b"x", content_type=7)
+        await alice.send(names("bob"), b"x", content_type=7)
     assert info.value.code == ErrorCode.MALFORMED_BODY
-    assert (await alice.send("bob", "still here")).seq == 1
+    assert (await alice.send(names("bob"), "still here")).seq == 1
 
 
-async def test_a_payload_above_the_compress_threshold_is_compressed_on_the_wire(relay):
-    alice = await relay.connect("alice")
+async def test_a_payload_above_the_compress_threshold_is_compressed_on_the_wire(
+        shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
     reader, writer = await raw_connection(relay)
     try:
-        hello = {"token": relay.token("bob"), "device": "raw"}
+        hello = {"token": relay.token(names("bob")), "device": "raw"}
         writer.write(encode_json(FrameType.HELLO, hello, 1))
         welcome = await read_frame(reader)
-        assert (welcome.type, decode_json(welcome.body)["user"]) == (FrameType.WELCOME, "bob")
+        assert (welcome.type, decode_json(welcome.body)["user"]) == (FrameType.WELCOME, names("bob"))
         small, large = "tiny", "repeat after me. " * 600   # 10 200 bytes, compressible
-        await alice.send("bob", small)
-        await alice.send("bob", large)
+        await alice.send(names("bob"), small)
+        await alice.send(names("bob"), large)
         frames = [await read_frame(reader), await read_frame(reader)]
     finally:
         writer.close()
@@ -544,26 +577,29 @@ async def test_a_payload_above_the_compress_threshold_is_compressed_on_the_wire(
 
 
 @pytest.mark.parametrize("size", [4096, 600_000])
-async def test_large_payloads_arrive_intact(relay, size):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_large_payloads_arrive_intact(shared_relay, names, size):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     noise = os.urandom(size)                          # incompressible: sent as is
     prose = (b"The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
-    await alice.send("bob", noise)
-    await bob.send("alice", prose, meta={"name": "fox.txt"})
+    await alice.send(names("bob"), noise)
+    await bob.send(names("alice"), prose, meta={"name": "fox.txt"})
     got = await collect(bob, 2, timeout=10)
     assert [(m.seq, len(m.payload)) for m in got] == [(1, size), (2, size)]
     assert got[0].payload == noise and got[1].payload == prose
     assert orjson.loads(got[1].meta) == {"name": "fox.txt"}
 
 
-async def test_frames_larger_than_the_receive_arena_mixed_with_small_ones_in_one_stream(relay):
+async def test_frames_larger_than_the_receive_arena_mixed_with_small_ones_in_one_stream(
+        shared_relay, names):
+    relay = shared_relay
     # Pipelined, so big frames (> the server's 256 KiB receive arena) arrive
     # split across reads and glued to the small frames around them.
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     payloads = [b"a", os.urandom(600_000), b"b", os.urandom(300_000), os.urandom(700_000), b"c"]
-    acks = await asyncio.gather(*(alice.send("bob", p) for p in payloads))
+    acks = await asyncio.gather(*(alice.send(names("bob"), p) for p in payloads))
     assert [a.seq for a in acks] == [1, 2, 3, 4, 5, 6]
     got = await collect(bob, 6, timeout=10)
     assert [m.seq for m in got] == [1, 2, 3, 4, 5, 6]
@@ -573,38 +609,41 @@ async def test_frames_larger_than_the_receive_arena_mixed_with_small_ones_in_one
 # ---------------------------------------------------------------- client API
 
 
-async def test_connect_as_an_async_context_manager(relay):
-    token = relay.token("alice")
+async def test_connect_as_an_async_context_manager(shared_relay, names):
+    relay = shared_relay
+    token = relay.token(names("alice"))
     async with fenghuo.connect(relay.server, token=token) as alice:
-        assert alice.connected and alice.user == "alice"
-        assert alice.welcome["user"] == "alice" and alice.welcome["epoch"] == alice.epoch
-        ack = await alice.send("bob", "from a context manager")
+        assert alice.connected and alice.user == names("alice")
+        assert alice.welcome["user"] == names("alice") and alice.welcome["epoch"] == alice.epoch
+        ack = await alice.send(names("bob"), "from a context manager")
         assert ack.seq == 1
         echo = await alice.next_message(timeout=5)   # her own message, as every device sees it
-        assert (echo.seq, echo.sender, echo.text) == (1, "alice", "from a context manager")
+        assert (echo.seq, echo.sender, echo.text) == (1, names("alice"), "from a context manager")
     assert not alice.connected
     # Closed for good: reads end and requests fail at once instead of waiting forever.
     for _ in range(2):
         with pytest.raises(fenghuo.ConnectionLost):
             await alice.next_message(timeout=1)
     with pytest.raises(fenghuo.ConnectionLost):
-        await asyncio.wait_for(alice.send("bob", "too late"), 1)
+        await asyncio.wait_for(alice.send(names("bob"), "too late"), 1)
     with pytest.raises(fenghuo.ConnectionLost):
-        await asyncio.wait_for(alice.presence(["bob"]), 1)
+        await asyncio.wait_for(alice.presence([names("bob")]), 1)
     assert [m async for m in alice.messages()] == []
 
 
-async def test_connect_by_user_and_secret_and_by_await(relay):
-    alice = await fenghuo.connect(relay.server, user="alice", secret=relay.secret)
+async def test_connect_by_user_and_secret_and_by_await(shared_relay, names):
+    relay = shared_relay
+    alice = await fenghuo.connect(relay.server, user=names("alice"), secret=relay.secret)
     relay.clients.append(alice)
-    assert alice.user == "alice"
+    assert alice.user == names("alice")
 
 
-async def test_async_for_over_messages_ends_on_close(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_async_for_over_messages_ends_on_close(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     for i in range(3):
-        await alice.send("bob", f"m{i}")
+        await alice.send(names("bob"), f"m{i}")
     seen: list[str] = []
 
     async def consume() -> None:
@@ -616,9 +655,10 @@ async def test_async_for_over_messages_ends_on_close(relay):
     assert seen == ["m0", "m1", "m2"]
 
 
-async def test_on_message_callbacks_sync_and_async(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_on_message_callbacks_sync_and_async(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     sync_seen: list[tuple[int, str]] = []
     async_seen: list[tuple[int, str]] = []
     done = asyncio.Event()
@@ -634,7 +674,7 @@ async def test_on_message_callbacks_sync_and_async(relay):
     bob.on_message(on_sync)
     bob.on_message(on_async)
     for i in range(3):
-        await alice.send("bob", f"m{i}")
+        await alice.send(names("bob"), f"m{i}")
     await asyncio.wait_for(done.wait(), 5)
     want = [(1, "m0"), (2, "m1"), (3, "m2")]
     assert sync_seen == want and sorted(async_seen) == want
@@ -642,7 +682,8 @@ async def test_on_message_callbacks_sync_and_async(relay):
     assert [(m.seq, m.text) for m in await collect(bob, 3)] == want
 
 
-async def test_an_invalid_token_is_refused_at_connect(relay):
+async def test_an_invalid_token_is_refused_at_connect(shared_relay):
+    relay = shared_relay
     forged = fenghuo.issue_token("not-the-relay-secret-" * 2, "eve")
     client = fenghuo.Client(relay.server, token=forged, reconnect=False)
     relay.clients.append(client)
@@ -651,9 +692,11 @@ async def test_an_invalid_token_is_refused_at_connect(relay):
     assert info.value.code == ErrorCode.TOKEN_INVALID
 
 
-async def test_a_failing_callback_is_logged_and_does_not_break_the_connection(relay, caplog):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
+async def test_a_failing_callback_is_logged_and_does_not_break_the_connection(
+        shared_relay, names, caplog):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
     connection = bob._proto
 
     def explode(message: fenghuo.Message) -> None:
@@ -666,10 +709,10 @@ async def test_a_failing_callback_is_logged_and_does_not_break_the_connection(re
     bob.on_message(explode)
     bob.on_message(explode_later)
     # Pipelined, so "after" shares a read with "boom" and a pending request waits behind it.
-    acks = await asyncio.gather(alice.send("bob", "boom"), alice.send("bob", "after"))
+    acks = await asyncio.gather(alice.send(names("bob"), "boom"), alice.send(names("bob"), "after"))
     assert [a.seq for a in acks] == [1, 2]
     assert [(m.seq, m.text) for m in await collect(bob, 2)] == [(1, "boom"), (2, "after")]
-    assert await bob.presence(["alice"]) == {"alice": {"online": True, "devices": 1}}
+    assert await bob.presence([names("alice")]) == {names("alice"): {"online": True, "devices": 1}}
     assert bob._proto is connection   # the same connection: no reconnect was needed
     await asyncio.sleep(0.05)
     logged = sorted(str(r.exc_info[1]) for r in caplog.records
@@ -692,18 +735,21 @@ async def _received_by_callback(client: fenghuo.Client, sender: fenghuo.Client, 
     raise AssertionError(f"callback saw {len(seen)} of {want}")
 
 
-async def test_a_full_inbox_drops_new_messages_tells_once_per_episode_and_callbacks_see_all(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob", pending_messages=5)
+async def test_a_full_inbox_drops_new_messages_tells_once_per_episode_and_callbacks_see_all(
+        shared_relay, names):
+    relay = shared_relay
+    chat = direct_channel(names("alice"), names("bob"))
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"), pending_messages=5)
     seen: list[fenghuo.Message] = []
     errors: list[FenghuoError] = []
     bob.on_message(seen.append)
     bob.on_error(errors.append)
     await _received_by_callback(bob, alice, [f"m{i}" for i in range(1, 13)], seen)
     assert [m.seq for m in seen] == list(range(1, 13))
-    assert bob.dropped == 7 and bob.positions["dm:alice:bob"] == 12
+    assert bob.dropped == 7 and bob.positions[chat] == 12
     assert len(errors) == 1 and isinstance(errors[0], fenghuo.SlowConsumer)
-    assert (errors[0].channel, errors[0].seq) == ("dm:alice:bob", 6)
+    assert (errors[0].channel, errors[0].seq) == (chat, 6)
     assert [(await bob.next_message(1)).seq for _ in range(5)] == [1, 2, 3, 4, 5]
     # Read empty, the inbox takes messages again; overflowing again is a new episode.
     await _received_by_callback(bob, alice, [f"n{i}" for i in range(6)], seen)
@@ -713,9 +759,10 @@ async def test_a_full_inbox_drops_new_messages_tells_once_per_episode_and_callba
         await bob.next_message(0.2)
 
 
-async def test_the_inbox_is_bounded_in_bytes_too(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob", pending_bytes=100)
+async def test_the_inbox_is_bounded_in_bytes_too(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"), pending_bytes=100)
     seen: list[fenghuo.Message] = []
     bob.on_message(seen.append)
     await _received_by_callback(bob, alice, ["a" * 40, "b" * 40, "c" * 40, "d" * 10], seen)
@@ -724,10 +771,11 @@ async def test_the_inbox_is_bounded_in_bytes_too(relay):
     assert bob.dropped == 1
 
 
-async def test_a_callbacks_only_client_keeps_no_inbox(relay):
+async def test_a_callbacks_only_client_keeps_no_inbox(shared_relay, names):
     """What ``fenghuo chat`` runs: nothing piles up behind its callback."""
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob", pending_messages=0)
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"), pending_messages=0)
     seen: list[fenghuo.Message] = []
     bob.on_message(seen.append)
     await _received_by_callback(bob, alice, [f"m{i}" for i in range(50)], seen)
