@@ -1,4 +1,9 @@
-"""Groups (members, roles, events) and organisation channels (prefix broadcast)."""
+"""Groups (members, roles, events) and organisation channels (prefix broadcast).
+
+The group tests share one relay (``shared_relay``), each with users and groups
+of its own (``names``); the organisation channels' tests each start their own,
+as the organisation's tree (``org`` and below) is one for the whole relay.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import pytest
 
 import fenghuo
 from fenghuo import ContentType, ErrorCode, FenghuoError
+from fenghuo.channels import group_channel
 from clients import assert_silent, collect
 
 
@@ -28,128 +34,145 @@ def event(message: fenghuo.Message) -> tuple[int, str, dict]:
 # ---------------------------------------------------------------- groups
 
 
-async def test_group_lifecycle_events_and_permissions(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    carol = await relay.connect("carol")
-    dave = await relay.connect("dave")
-    mallory = await relay.connect("mallory")
+async def test_group_lifecycle_events_and_permissions(shared_relay, names):
+    relay = shared_relay
+    team_channel = group_channel(names("team"))
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    carol = await relay.connect(names("carol"))
+    dave = await relay.connect(names("dave"))
+    mallory = await relay.connect(names("mallory"))
     everyone = (alice, bob, carol, dave)
 
-    created = await alice.create_group("team", ["bob", "carol"], title="The Team")
-    assert created == {"group": "team", "channel": "group:team", "title": "The Team",
-                       "owner": "alice", "members": 3, "seq": 1}
+    created = await alice.create_group(names("team"), [names("bob"), names("carol")], title="The Team")
+    assert created == {"group": names("team"), "channel": team_channel, "title": "The Team",
+                       "owner": names("alice"), "members": 3, "seq": 1}
     for member in (alice, bob, carol):
         assert event(await member.next_message(timeout=5)) == (
-            1, "alice", {"event": "created", "by": "alice", "users": ["alice", "bob", "carol"]})
+            1, names("alice"), {"event": "created", "by": names("alice"),
+                                "users": [names("alice"), names("bob"), names("carol")]})
 
     # Only the owner or an admin adds; only the owner appoints admins or changes roles.
-    await refused(bob.add_members("team", ["dave"]), ErrorCode.FORBIDDEN)
-    await refused(bob.set_role("team", "carol", "admin"), ErrorCode.FORBIDDEN)
-    assert await alice.add_members("team", ["dave", "bob"]) == {"group": "team", "added": ["dave"]}
-    join = (2, "alice", {"event": "join", "by": "alice", "users": ["dave"], "role": "member"})
+    await refused(bob.add_members(names("team"), [names("dave")]), ErrorCode.FORBIDDEN)
+    await refused(bob.set_role(names("team"), names("carol"), "admin"), ErrorCode.FORBIDDEN)
+    assert await alice.add_members(names("team"), [names("dave"), names("bob")]) == {
+        "group": names("team"), "added": [names("dave")]}
+    join = (2, names("alice"), {"event": "join", "by": names("alice"), "users": [names("dave")],
+                                "role": "member"})
     for member in everyone:   # dave too: he is subscribed before the event is published
         [m] = await collect(member, 1)
         assert event(m) == join
 
-    assert await alice.set_role("team", "bob", "admin") == {
-        "group": "team", "user": "bob", "role": "admin"}
-    role = (3, "alice", {"event": "role", "by": "alice", "user": "bob", "role": "admin"})
+    assert await alice.set_role(names("team"), names("bob"), "admin") == {
+        "group": names("team"), "user": names("bob"), "role": "admin"}
+    role = (3, names("alice"), {"event": "role", "by": names("alice"), "user": names("bob"),
+                                "role": "admin"})
     for member in everyone:
         assert event(await member.next_message(timeout=5)) == role
-    await refused(bob.add_members("team", ["erin"], role="admin"), ErrorCode.FORBIDDEN)
-    assert await bob.add_members("team", ["erin"]) == {"group": "team", "added": ["erin"]}
+    await refused(bob.add_members(names("team"), [names("erin")], role="admin"), ErrorCode.FORBIDDEN)
+    assert await bob.add_members(names("team"), [names("erin")]) == {
+        "group": names("team"), "added": [names("erin")]}
     for member in everyone:
         assert event(await member.next_message(timeout=5)) == (
-            4, "bob", {"event": "join", "by": "bob", "users": ["erin"], "role": "member"})
+            4, names("bob"), {"event": "join", "by": names("bob"), "users": [names("erin")],
+                              "role": "member"})
 
-    assert await carol.group_members("team") == {
-        "alice": "owner", "bob": "admin", "carol": "member", "dave": "member", "erin": "member"}
-    assert await bob.list_groups() == [{"group": "team", "channel": "group:team",
-                                        "title": "The Team", "owner": "alice", "members": 5,
+    assert await carol.group_members(names("team")) == {
+        names("alice"): "owner", names("bob"): "admin", names("carol"): "member",
+        names("dave"): "member", names("erin"): "member"}
+    assert await bob.list_groups() == [{"group": names("team"), "channel": team_channel,
+                                        "title": "The Team", "owner": names("alice"), "members": 5,
                                         "role": "admin"}]
     assert await mallory.list_groups() == []
 
     # Outsiders may neither write, read, nor look at the member list.
-    await refused(mallory.publish("group:team", "hi all"), ErrorCode.FORBIDDEN)
-    await refused(mallory.subscribe("group:team"), ErrorCode.FORBIDDEN)
-    await refused(mallory.group_members("team"), ErrorCode.FORBIDDEN)
-    await refused(mallory.add_members("team", ["mallory"]), ErrorCode.FORBIDDEN)
+    await refused(mallory.publish(team_channel, "hi all"), ErrorCode.FORBIDDEN)
+    await refused(mallory.subscribe(team_channel), ErrorCode.FORBIDDEN)
+    await refused(mallory.group_members(names("team")), ErrorCode.FORBIDDEN)
+    await refused(mallory.add_members(names("team"), [names("mallory")]), ErrorCode.FORBIDDEN)
 
     # A member leaves: everyone, the leaver included, sees the event; then silence for her.
-    assert await carol.leave_group("team") == {"group": "team", "removed": ["carol"]}
-    leave = (5, "carol", {"event": "leave", "by": "carol", "users": ["carol"]})
+    assert await carol.leave_group(names("team")) == {
+        "group": names("team"), "removed": [names("carol")]}
+    leave = (5, names("carol"), {"event": "leave", "by": names("carol"), "users": [names("carol")]})
     for member in everyone:
         assert event(await member.next_message(timeout=5)) == leave
     assert await carol.list_groups() == []
 
     # Dave has published (so his connection caches the channel), then is removed.
-    assert (await dave.publish("group:team", "dave was here")).seq == 6
+    assert (await dave.publish(team_channel, "dave was here")).seq == 6
     for member in (alice, bob, dave):
         assert (await member.next_message(timeout=5)).text == "dave was here"
-    assert await alice.remove_members("team", ["dave"]) == {"group": "team", "removed": ["dave"]}
-    removal = (7, "alice", {"event": "leave", "by": "alice", "users": ["dave"]})
+    assert await alice.remove_members(names("team"), [names("dave")]) == {
+        "group": names("team"), "removed": [names("dave")]}
+    removal = (7, names("alice"), {"event": "leave", "by": names("alice"), "users": [names("dave")]})
     for member in (alice, bob, dave):
         assert event(await member.next_message(timeout=5)) == removal
-    await refused(dave.publish("group:team", "still here?"), ErrorCode.FORBIDDEN)
-    await refused(dave.subscribe("group:team"), ErrorCode.FORBIDDEN)
-    assert (await bob.publish("group:team", "members only now")).seq == 8
+    await refused(dave.publish(team_channel, "still here?"), ErrorCode.FORBIDDEN)
+    await refused(dave.subscribe(team_channel), ErrorCode.FORBIDDEN)
+    assert (await bob.publish(team_channel, "members only now")).seq == 8
     for member in (alice, bob):
         m = await member.next_message(timeout=5)
         assert (m.seq, m.sender, m.text, m.content_type) == (
-            8, "bob", "members only now", ContentType.TEXT)
+            8, names("bob"), "members only now", ContentType.TEXT)
     for gone in (carol, dave, mallory):
         await assert_silent(gone, 0.1)
     await assert_silent(alice, 0.05)
 
-    assert await alice.group_members("team") == {
-        "alice": "owner", "bob": "admin", "erin": "member"}
+    assert await alice.group_members(names("team")) == {
+        names("alice"): "owner", names("bob"): "admin", names("erin"): "member"}
 
 
-async def test_owner_cannot_leave_until_ownership_is_handed_over(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    await alice.create_group("club", ["bob"])
-    await refused(alice.leave_group("club"), ErrorCode.CONFLICT)
-    await refused(bob.remove_members("club", ["alice"]), ErrorCode.FORBIDDEN)
-    await refused(alice.remove_members("club", ["alice"]), ErrorCode.FORBIDDEN)
-    await refused(alice.create_group("club"), ErrorCode.CONFLICT)
-    await refused(alice.add_members("nope", ["bob"]), ErrorCode.NOT_FOUND)
+async def test_owner_cannot_leave_until_ownership_is_handed_over(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    await alice.create_group(names("club"), [names("bob")])
+    await refused(alice.leave_group(names("club")), ErrorCode.CONFLICT)
+    await refused(bob.remove_members(names("club"), [names("alice")]), ErrorCode.FORBIDDEN)
+    await refused(alice.remove_members(names("club"), [names("alice")]), ErrorCode.FORBIDDEN)
+    await refused(alice.create_group(names("club")), ErrorCode.CONFLICT)
+    await refused(alice.add_members(names("nope"), [names("bob")]), ErrorCode.NOT_FOUND)
 
-    await alice.set_role("club", "bob", "owner")
-    assert await bob.group_members("club") == {"alice": "admin", "bob": "owner"}
-    assert await alice.leave_group("club") == {"group": "club", "removed": ["alice"]}
-    assert await bob.group_members("club") == {"bob": "owner"}
+    await alice.set_role(names("club"), names("bob"), "owner")
+    assert await bob.group_members(names("club")) == {names("alice"): "admin", names("bob"): "owner"}
+    assert await alice.leave_group(names("club")) == {
+        "group": names("club"), "removed": [names("alice")]}
+    assert await bob.group_members(names("club")) == {names("bob"): "owner"}
     events = [event(m)[2]["event"] for m in await collect(bob, 3)]
     assert events == ["created", "role", "leave"]
 
 
-async def test_an_admin_cannot_remove_another_admin(relay):
-    alice = await relay.connect("alice")
-    bob = await relay.connect("bob")
-    await alice.create_group("ops", ["bob", "carol"])
-    await alice.set_role("ops", "bob", "admin")
-    await alice.set_role("ops", "carol", "admin")
-    await refused(bob.remove_members("ops", ["carol"]), ErrorCode.FORBIDDEN)
-    assert await alice.remove_members("ops", ["carol"]) == {"group": "ops", "removed": ["carol"]}
+async def test_an_admin_cannot_remove_another_admin(shared_relay, names):
+    relay = shared_relay
+    alice = await relay.connect(names("alice"))
+    bob = await relay.connect(names("bob"))
+    await alice.create_group(names("ops"), [names("bob"), names("carol")])
+    await alice.set_role(names("ops"), names("bob"), "admin")
+    await alice.set_role(names("ops"), names("carol"), "admin")
+    await refused(bob.remove_members(names("ops"), [names("carol")]), ErrorCode.FORBIDDEN)
+    assert await alice.remove_members(names("ops"), [names("carol")]) == {
+        "group": names("ops"), "removed": [names("carol")]}
 
 
-async def test_members_offline_at_creation_are_subscribed_when_they_connect(relay):
-    alice = await relay.connect("alice")
-    await alice.create_group("later", ["bob"])
-    await alice.publish("group:later", "before bob connected")
-    bob = await relay.connect("bob")
-    assert bob.welcome["channels"] == {"group:later": 2}
-    bob_tablet = await relay.connect("bob")
-    await alice.publish("group:later", "hello bob")
+async def test_members_offline_at_creation_are_subscribed_when_they_connect(shared_relay, names):
+    relay = shared_relay
+    later_channel = group_channel(names("later"))
+    alice = await relay.connect(names("alice"))
+    await alice.create_group(names("later"), [names("bob")])
+    await alice.publish(later_channel, "before bob connected")
+    bob = await relay.connect(names("bob"))
+    assert bob.welcome["channels"] == {later_channel: 2}
+    bob_tablet = await relay.connect(names("bob"))
+    await alice.publish(later_channel, "hello bob")
     for device in (bob, bob_tablet):
         m = await device.next_message(timeout=5)
-        assert (m.channel, m.seq, m.sender, m.text) == ("group:later", 3, "alice", "hello bob")
+        assert (m.channel, m.seq, m.sender, m.text) == (later_channel, 3, names("alice"), "hello bob")
     # Removing bob unsubscribes every one of his devices.
-    await alice.remove_members("later", ["bob"])
+    await alice.remove_members(names("later"), [names("bob")])
     for device in (bob, bob_tablet):
-        assert event(await device.next_message(timeout=5))[2]["users"] == ["bob"]
-    await alice.publish("group:later", "bye")
+        assert event(await device.next_message(timeout=5))[2]["users"] == [names("bob")]
+    await alice.publish(later_channel, "bye")
     await assert_silent(bob)
     await assert_silent(bob_tablet, 0.05)
 
