@@ -328,6 +328,8 @@ class ClusterWorld(geo.World):
     claim_by_receiver: bool = False
     #: the HISTORY requests of :meth:`before_first`, kept until they are answered
     early_reads: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: this process's loop stalls over the run, and what it was doing
+    loop_stalls: geo.LoopStalls = field(default_factory=geo.LoopStalls)
 
     def first_lead_s(self, src: str, dst: str) -> float:
         """How long before the sender's first message its receiver asks for the
@@ -378,6 +380,7 @@ class ClusterWorld(geo.World):
                              for region, port in self.node_metrics.items()
                              for health in [await asyncio.to_thread(_health, port)]}
         await self.hops.close()
+        self.loop_stalls.mark("the figures are worked out (the cluster still up)")
 
     def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
                   down_arrived: float) -> tuple[float, float, float] | None:
@@ -785,6 +788,8 @@ async def _measure(a: argparse.Namespace, base: Path
                              a.regions_scale, a.regions_stream_leader,
                              _region_list(a.regions_stream_regions),
                              None if a.regions_servers_unpinned else RELAY_CPU)
+    loop_stalls = geo.LoopStalls()
+    watching = asyncio.ensure_future(geo.watch_loop_lag([], loop_stalls))
     try:
         world = ClusterWorld(
             0, secret, "", a.regions_scale, 0.0,
@@ -793,7 +798,7 @@ async def _measure(a: argparse.Namespace, base: Path
             nats_url=cluster.servers[geo.REGIONS[0]].url,
             server_urls={r: s.url for r, s in cluster.servers.items()}, routes=cluster.routes,
             stream_leader=cluster.stream_leader, stream_regions=cluster.stream_regions,
-            claim_by_receiver=a.regions_claim_by == "receiver")
+            claim_by_receiver=a.regions_claim_by == "receiver", loop_stalls=loop_stalls)
         if world.claim_by_receiver and not (cluster.stream_leader and cluster.stream_regions):
             raise SystemExit("--regions-claim-by receiver needs --regions-stream-leader and "
                              "--regions-stream-regions (its lead follows the buckets' leader)")
@@ -804,7 +809,9 @@ async def _measure(a: argparse.Namespace, base: Path
                   for r, n in cluster.nodes.items()}
         before, started = {k: _cpu_s(v) for k, v in pids.items()}, clock()
         load_before = os.getloadavg()[0]
+        loop_stalls.mark("the messages start")
         pairs, lag = await geo.measure_world(world, args)
+        loop_stalls.mark("the figures are out")
         elapsed = clock() - started
         after = {k: _cpu_s(v) for k, v in pids.items()}
         machine: dict[str, Any] = {
@@ -818,7 +825,10 @@ async def _measure(a: argparse.Namespace, base: Path
                            for r, n in cluster.nodes.items()}}
         return pairs, lag, machine, world.placement
     finally:
+        loop_stalls.mark("the nodes and nats-servers stop")
         await cluster.stop()
+        loop_stalls.mark("stopped")
+        watching.cancel()
 
 
 def _yes(flag: bool) -> str:

@@ -39,7 +39,9 @@ import platform
 import secrets
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -375,12 +377,50 @@ async def _progress(pairs: list[Pair], expected: int, catchups: int) -> None:
 _LAG_PROBE_S = 0.010
 
 
-async def watch_loop_lag(lags: list[float]) -> None:
-    """How late a 10 ms sleep wakes, again and again: this process's own stalls."""
+async def watch_loop_lag(lags: list[float], stalls: LoopStalls | None = None) -> None:
+    """How late a 10 ms sleep wakes, again and again: this process's own stalls
+    (each over :data:`STALL_S` also in ``stalls``, with when it began)."""
     while True:
         asleep = clock()
         await asyncio.sleep(_LAG_PROBE_S)
         lags.append(clock() - asleep - _LAG_PROBE_S)
+        if stalls is not None and lags[-1] > STALL_S:
+            stalls.stalled(time.time() - lags[-1], lags[-1])
+
+
+# A stall of the bench's loop worth a line: the cluster's route proxies run on
+# it, and a node counts a peer unheard of for its lease (3 s) as lost.
+STALL_S = 0.1
+
+
+@dataclass
+class LoopStalls:
+    """When this process's loop stalled over :data:`STALL_S` (wall clock, to set
+    beside the servers' logs) and the moments a run marks (what it was doing)."""
+
+    #: (wall-clock start, seconds), in order
+    stalls: list[tuple[float, float]] = field(default_factory=list)
+    #: (what began, wall clock), in order
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def stalled(self, began: float, seconds: float) -> None:
+        self.stalls.append((began, seconds))
+        print(f"bench: this process's loop stalled {seconds * 1000:.0f} ms from "
+              f"{utc(began)}", file=sys.stderr, flush=True)
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.time()))
+        print(f"bench: {utc(self.marks[-1][1])} {what}", file=sys.stderr, flush=True)
+
+    def report(self) -> dict[str, list[dict[str, str | float]]]:
+        return {"stalls": [{"from": utc(t), "ms": round(s * 1000, 1)} for t, s in self.stalls],
+                "marks": [{"at": utc(t), "what": w} for w, t in self.marks]}
+
+
+def utc(wall: float) -> str:
+    """A wall-clock time as the nodes' logs write theirs (ISO, UTC, ms)."""
+    return (datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"))
 
 
 async def measure(relay_port: int, secret: str, args: argparse.Namespace
