@@ -380,7 +380,6 @@ class ClusterWorld(geo.World):
                              for region, port in self.node_metrics.items()
                              for health in [await asyncio.to_thread(_health, port)]}
         await self.hops.close()
-        self.loop_stalls.mark("the figures are worked out (the cluster still up)")
 
     def hop_split(self, src: str, dst: str, message_id: str, up_released: float,
                   down_arrived: float) -> tuple[float, float, float] | None:
@@ -810,8 +809,7 @@ async def _measure(a: argparse.Namespace, base: Path
         before, started = {k: _cpu_s(v) for k, v in pids.items()}, clock()
         load_before = os.getloadavg()[0]
         loop_stalls.mark("the messages start")
-        pairs, lag = await geo.measure_world(world, args)
-        loop_stalls.mark("the figures are out")
+        run, lag = await geo.run_world(world, args)
         elapsed = clock() - started
         after = {k: _cpu_s(v) for k, v in pids.items()}
         machine: dict[str, Any] = {
@@ -823,11 +821,26 @@ async def _measure(a: argparse.Namespace, base: Path
             # ticks fired, and the same less its waits for a CPU (its own stalls).
             "node_loops": {r: await asyncio.to_thread(relay_stalls, n.metrics_port, stalls[r])
                            for r, n in cluster.nodes.items()}}
+        # The figures hold this loop for seconds (24.6 s for 20 messages a pair),
+        # and every route proxy runs on it: worked out with the cluster up, every
+        # node lost its peers (no heartbeat crossed) and JetStream its quorum
+        # (bench/results/2026-12-07-regions-stall).  Stopped first, nothing is
+        # left to starve; the proxies' records stay.
+        loop_stalls.mark("the nodes and nats-servers stop")
+        stalls_while_up = [seconds for _, seconds in loop_stalls.stalls]
+        await cluster.stop()
+        loop_stalls.mark("the figures are worked out (the cluster stopped)")
+        figures_from = clock()
+        pairs = geo.figures(world, run)
+        loop_stalls.mark("the figures are out")
+        machine["bench_loop"] = {
+            **loop_stalls.report(), "figures_s": round(clock() - figures_from, 1),
+            # this loop's stalls over geo.STALL_S while the cluster ran on its proxies
+            "stalls_while_up": len(stalls_while_up),
+            "worst_stall_while_up_ms": round(max(stalls_while_up, default=0.0) * 1000, 1)}
         return pairs, lag, machine, world.placement
     finally:
-        loop_stalls.mark("the nodes and nats-servers stop")
-        await cluster.stop()
-        loop_stalls.mark("stopped")
+        await cluster.stop()          # after a failure; once stopped, it does nothing
         watching.cancel()
 
 
@@ -981,6 +994,11 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print(segments_table(pairs))
     print(f"this process's event-loop lag: p99 {geo._fmt(lag['p99'])} ms, "
           f"max {geo._fmt(lag['max'])} ms")
+    loop = machine["bench_loop"]
+    print(f"this process's loop (every route and client proxy's) stalled over "
+          f"{geo.STALL_S * 1000:g} ms {loop['stalls_while_up']} times with the cluster up "
+          f"(worst {loop['worst_stall_while_up_ms']:g} ms); the figures then took "
+          f"{loop['figures_s']:g} s, the cluster stopped")
     print(f"load average (1 min) at the start and end of the measurement: "
           f"{machine['load_average_1m'][0]:g}, {machine['load_average_1m'][1]:g}")
     where = "on every core" if a.regions_servers_unpinned else "all on one core"

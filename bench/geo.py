@@ -41,7 +41,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -419,7 +419,7 @@ class LoopStalls:
 
 def utc(wall: float) -> str:
     """A wall-clock time as the nodes' logs write theirs (ISO, UTC, ms)."""
-    return (datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")
+    return (datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"))
 
 
@@ -437,6 +437,18 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace
 async def measure_world(world: World, args: argparse.Namespace
                         ) -> tuple[list[dict], dict[str, float | None]]:
     """:func:`measure` in a ``world`` of proxies to one relay or to a node per region."""
+    pairs, lag = await run_world(world, args)
+    return figures(world, pairs), lag
+
+
+async def run_world(world: World, args: argparse.Namespace
+                    ) -> tuple[list[Pair], dict[str, float | None]]:
+    """Every pair's messages and catch-up trials through ``world``, and what its
+    figures need learnt (:meth:`World.before_results`); then its clients and
+    proxies closed, their records kept.  The figures (:func:`figures`) hold this
+    loop for seconds, so they are worked out after this: a cluster whose routes
+    run through proxies on this loop is stopped first (2026-12-07-regions-stall:
+    every node lost its peers while they were worked out with the cluster up)."""
     await world.open(args.seed)
     pairs: list[Pair] = []
     try:
@@ -459,10 +471,15 @@ async def measure_world(world: World, args: argparse.Namespace
             if sys.stderr.isatty():
                 print(file=sys.stderr)
         await world.before_results()
-        return [_pair_result(world, pair) for pair in pairs], _summary(lags)
+        return pairs, _summary(lags)
     finally:
         await asyncio.gather(*(c.close() for p in pairs for c in (p.sender, p.receiver)))
         await world.close()
+
+
+def figures(world: World, pairs: list[Pair]) -> list[dict]:
+    """One result dict per pair, from the records of a finished :func:`run_world`."""
+    return [_pair_result(world, pair) for pair in pairs]
 
 
 # ====================================================================== figures
