@@ -60,6 +60,7 @@ import uvloop
 
 import fenghuo
 from bench.cluster import FenghuoCluster
+from bench.geo import watch_loop_lag
 from fenghuo.client import FenghuoError
 from fenghuo.core import ErrorCode
 from fenghuo.server.frames import decode_frame_message
@@ -119,6 +120,9 @@ class Event:
     #: (seq, payload) as the stream holds the channel, and as HISTORY on node 1 serves it
     stored: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[tuple[int, bytes]] = field(default_factory=list)
+    #: how late this process's loop woke, 10 ms sleeps, from the load's start:
+    #: every time above is read by it, so a stall of its own would land in them
+    loop_lags: list[float] = field(default_factory=list)
 
 
 async def _publish(client: fenghuo.Client, p: Published) -> None:
@@ -257,6 +261,7 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
     pubs = [await _client(cluster, k, user).connect() for k, user in ((1, "pub1"), (2, "pub2"))]
     clients += pubs
     advisories: nats.aio.client.Client | None = None
+    watching = asyncio.ensure_future(watch_loop_lag(event.loop_lags))
     try:
         start = clock()
         until = start + a.failover_before + a.failover_after
@@ -285,6 +290,7 @@ async def _event(cluster: FenghuoCluster, victim: str, a: argparse.Namespace) ->
         event.stored = await _stored(cluster)
         event.history = await _history(pubs[0])
     finally:
+        watching.cancel()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         if advisories is not None:
             await advisories.close()
@@ -349,6 +355,7 @@ def summarize(event: Event) -> dict[str, Any]:
             else round(sequenced_again - event.elected_at, 3)),
         "latency_before_ms": _ms(before),
         "latency_during_ms": _ms(during),
+        "bench_loop_lag_ms": _ms(event.loop_lags),
     }
 
 
@@ -420,4 +427,7 @@ def run(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
               f"received once in order by every receiver: {'PASS' if ok(s) else 'FAIL'}; "
               f"sequenced again within {TARGET_RECOVERY_S:g} s: "
               f"{'PASS' if again is not None and again < TARGET_RECOVERY_S else 'FAIL'}")
+        lag = s["bench_loop_lag_ms"]
+        print(f"this process's event-loop lag over the {s['victim']} event (in every time "
+              f"above): p99 {lag['p99']} ms, max {lag['max']} ms")
     return summaries, all(ok(s) for s in summaries)
