@@ -72,6 +72,8 @@ def test_failover_counts_every_acked_message_across_an_owner_s_kill(tmp_path):
     for receiver in event["receivers"].values():
         assert receiver == {"acked_not_received": 0, "duplicates": 0, "in_seq_order": True}
     assert event["sequenced_again_after_s"] is not None
+    # This process's own stalls, which every time above would include.
+    assert event["bench_loop_lag_ms"]["max"] is not None
 
 
 @pytest.mark.timeout(300)
@@ -185,6 +187,13 @@ def test_regions_measure_every_pair_through_the_stretched_cluster(tmp_path):
     assert regions["stream_leader"] == "virginia"
     assert sorted(regions["stream_followers"]) == ["frankfurt", "sydney"]
     assert len(regions["owners"]) == 16
+    # The figures are worked out once the nodes and nats-servers are stopped:
+    # they hold this process's loop, which runs every route proxy.
+    loop = regions["machine"]["bench_loop"]
+    assert [m["what"] for m in loop["marks"]] == [
+        "the messages start", "the nodes and nats-servers stop",
+        "the figures are worked out (the cluster stopped)", "the figures are out"]
+    assert loop["figures_s"] >= 0 and loop["stalls_while_up"] >= 0
     assert "verdict: end-to-end p99 < 600 ms in every pair" in run.stdout
     assert "verdict: relay overhead p99 < 10 ms in every pair (the relay's own" in run.stdout
 
