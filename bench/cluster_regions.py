@@ -809,7 +809,7 @@ async def _measure(a: argparse.Namespace, base: Path
         before, started = {k: _cpu_s(v) for k, v in pids.items()}, clock()
         load_before = os.getloadavg()[0]
         loop_stalls.mark("the messages start")
-        run, lag = await geo.run_world(world, args)
+        run = await geo.run_world(world, args)
         elapsed = clock() - started
         after = {k: _cpu_s(v) for k, v in pids.items()}
         machine: dict[str, Any] = {
@@ -838,7 +838,7 @@ async def _measure(a: argparse.Namespace, base: Path
             # this loop's stalls over geo.STALL_S while the cluster ran on its proxies
             "stalls_while_up": len(stalls_while_up),
             "worst_stall_while_up_ms": round(max(stalls_while_up, default=0.0) * 1000, 1)}
-        return pairs, lag, machine, world.placement
+        return pairs, run.lag, machine, world.placement
     finally:
         await cluster.stop()          # after a failure; once stopped, it does nothing
         watching.cancel()
@@ -994,6 +994,7 @@ def run(a: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     print(segments_table(pairs))
     print(f"this process's event-loop lag: p99 {geo._fmt(lag['p99'])} ms, "
           f"max {geo._fmt(lag['max'])} ms")
+    print(geo.bench_stall_line(pairs))
     loop = machine["bench_loop"]
     print(f"this process's loop (every route and client proxy's) stalled over "
           f"{geo.STALL_S * 1000:g} ms {loop['stalls_while_up']} times with the cluster up "

@@ -377,13 +377,18 @@ async def _progress(pairs: list[Pair], expected: int, catchups: int) -> None:
 _LAG_PROBE_S = 0.010
 
 
-async def watch_loop_lag(lags: list[float], stalls: LoopStalls | None = None) -> None:
+async def watch_loop_lag(lags: list[float], stalls: LoopStalls | None = None,
+                         late: list[tuple[float, float]] | None = None) -> None:
     """How late a 10 ms sleep wakes, again and again: this process's own stalls
-    (each over :data:`STALL_S` also in ``stalls``, with when it began)."""
+    (each over :data:`STALL_S` also in ``stalls``, with when it began; each of
+    :data:`LATE_S` or more in ``late``, from and to on :func:`clock`)."""
     while True:
         asleep = clock()
         await asyncio.sleep(_LAG_PROBE_S)
-        lags.append(clock() - asleep - _LAG_PROBE_S)
+        woke = clock()
+        lags.append(woke - asleep - _LAG_PROBE_S)
+        if late is not None and lags[-1] >= LATE_S:
+            late.append((woke - lags[-1], woke))
         if stalls is not None and lags[-1] > STALL_S:
             stalls.stalled(time.time() - lags[-1], lags[-1])
 
@@ -391,6 +396,13 @@ async def watch_loop_lag(lags: list[float], stalls: LoopStalls | None = None) ->
 # A stall of the bench's loop worth a line: the cluster's route proxies run on
 # it, and a node counts a peer unheard of for its lease (3 s) as lost.
 STALL_S = 0.1
+# A stall of the bench's loop that can alone put a message's relay overhead
+# over its target: a proxy reading after one gets the bytes of several TCP
+# segments in one read, stamped with the last one's kernel time, so the earlier
+# bytes' wait in the socket is counted as the relay's, not as injected delay
+# (2026-12-07-regions-stall: 300 ms stalls on purpose gave two messages of 160
+# a relay's own of 136 and 307 ms).
+LATE_S = TARGET_OVERHEAD_P99_S
 
 
 @dataclass
@@ -437,12 +449,22 @@ async def measure(relay_port: int, secret: str, args: argparse.Namespace
 async def measure_world(world: World, args: argparse.Namespace
                         ) -> tuple[list[dict], dict[str, float | None]]:
     """:func:`measure` in a ``world`` of proxies to one relay or to a node per region."""
-    pairs, lag = await run_world(world, args)
-    return figures(world, pairs), lag
+    run = await run_world(world, args)
+    return figures(world, run), run.lag
 
 
-async def run_world(world: World, args: argparse.Namespace
-                    ) -> tuple[list[Pair], dict[str, float | None]]:
+@dataclass
+class Run:
+    """What :func:`run_world` measured, for :func:`figures`."""
+
+    pairs: list[Pair]
+    #: how late this process's loop woke over the messages (ms: min, quantiles, max)
+    lag: dict[str, float | None]
+    #: when it stalled :data:`LATE_S` or more (from, to), on :func:`clock`
+    late: list[tuple[float, float]]
+
+
+async def run_world(world: World, args: argparse.Namespace) -> Run:
     """Every pair's messages and catch-up trials through ``world``, and what its
     figures need learnt (:meth:`World.before_results`); then its clients and
     proxies closed, their records kept.  The figures (:func:`figures`) hold this
@@ -459,9 +481,10 @@ async def run_world(world: World, args: argparse.Namespace
             receiver.on_message(pairs[-1].on_message)
         await asyncio.gather(*(c.connect() for p in pairs for c in (p.sender, p.receiver)))
         lags: list[float] = []
+        late: list[tuple[float, float]] = []
         watchers = [asyncio.ensure_future(_progress(
             pairs, len(pairs) * args.messages, len(pairs) * args.catchup)),
-            asyncio.ensure_future(watch_loop_lag(lags))]
+            asyncio.ensure_future(watch_loop_lag(lags, late=late))]
         try:
             await asyncio.gather(*(_run_pair(world, pair, args, index / len(pairs))
                                    for index, pair in enumerate(pairs)))
@@ -471,15 +494,15 @@ async def run_world(world: World, args: argparse.Namespace
             if sys.stderr.isatty():
                 print(file=sys.stderr)
         await world.before_results()
-        return pairs, _summary(lags)
+        return Run(pairs, _summary(lags), late)
     finally:
         await asyncio.gather(*(c.close() for p in pairs for c in (p.sender, p.receiver)))
         await world.close()
 
 
-def figures(world: World, pairs: list[Pair]) -> list[dict]:
+def figures(world: World, run: Run) -> list[dict]:
     """One result dict per pair, from the records of a finished :func:`run_world`."""
-    return [_pair_result(world, pair) for pair in pairs]
+    return [_pair_result(world, pair, run.late) for pair in run.pairs]
 
 
 # ====================================================================== figures
@@ -497,12 +520,13 @@ def _summary(values_s: list[float], quantiles: tuple[str, ...] = ("p50", "p99", 
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def _pair_result(world: World, pair: Pair) -> dict:
+def _pair_result(world: World, pair: Pair, late: list[tuple[float, float]]) -> dict:
     ids = [message_id for message_id, *_ in pair.received]
     expected = [f"{pair.name}#{i}" for i in range(pair.sent)]
     receiver_device = _device("r", pair.src, pair.dst)
     latencies, injected, injected_at_mean, turnarounds = [], [], [], []
     relay_own, clients_share, read_late = [], [], []
+    clear_of_late: list[bool] = []
     segments: list[list[tuple[str, float]]] = []
     hops: list[tuple[float, float, float]] = []
     first_hops: tuple[float, float, float] | None = None
@@ -528,6 +552,8 @@ def _pair_result(world: World, pair: Pair) -> dict:
         # From the PUBLISH leaving one proxy to the MESSAGE reaching the other:
         # the relay and two loopback hops, without the clients' share.
         turnarounds.append(down.arrived_at - up.released_at)
+        clear_of_late.append(not any(start < down.arrived_at and end > up.released_at
+                                     for start, end in late))
         relay_own.append(turnarounds[-1] - (between if exact is None else exact))
         # The bench's clients: stamp to the PUBLISH reaching its proxy, the
         # MESSAGE leaving the other proxy to the receiver's callback.
@@ -573,6 +599,11 @@ def _pair_result(world: World, pair: Pair) -> dict:
         # The relay's own: the turnaround without what was injected between nodes.
         "relay_overhead_ms": _summary(relay_own),
         "relay_overhead_after_first_ms": _summary(relay_own[1:]),
+        # Without the messages between the proxies while this process's loop
+        # stalled LATE_S or more (part of such a stall can be counted as the relay's).
+        "between_proxies_in_a_bench_stall": clear_of_late.count(False),
+        "relay_overhead_clear_of_bench_stalls_ms": _summary(
+            [own for own, clear in zip(relay_own, clear_of_late) if clear]),
         # After the first message: each message's relay's own time split between
         # the proxies it crossed ([(from hop -> to hop, ms), ...] in path order).
         "relay_segments_after_first_ms": segments,
@@ -650,6 +681,21 @@ def markdown_table(pairs: list[dict]) -> str:
                  f"{_fmt(catchup['p50'])} / {_fmt(catchup['max'])}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bench_stall_line(pairs: list[dict]) -> str:
+    """How many messages were between the proxies while this process's loop
+    stalled :data:`LATE_S` or more, and the relay's own p99 without them."""
+    def worst(key: str) -> dict:
+        return max(pairs, key=lambda p: p[key]["p99"] if p[key]["p99"] is not None else -1.0)
+    with_, without = worst("relay_overhead_ms"), worst("relay_overhead_clear_of_bench_stalls_ms")
+    return (f"messages between the proxies while this process's loop stalled "
+            f"{LATE_S * 1000:g} ms or more: "
+            f"{sum(p['between_proxies_in_a_bench_stall'] for p in pairs)} of "
+            f"{sum(p['delivered'] for p in pairs)}; the relay's own p99 without them, worst "
+            f"pair: {_fmt(without['relay_overhead_clear_of_bench_stalls_ms']['p99'])} ms "
+            f"({without['from']} -> {without['to']}; with them: "
+            f"{_fmt(with_['relay_overhead_ms']['p99'])} ms, {with_['from']} -> {with_['to']})")
 
 
 def verdict_lines(verdicts: dict[str, dict], pair_count: int) -> list[str]:
@@ -752,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
               "bounds): " + ", ".join(f"p{q} <= {ms:g} ms" for q, ms in relay_histogram.items()))
     print(f"this process's event-loop lag: p99 {_fmt(loop_lag['p99'])} ms, "
           f"max {_fmt(loop_lag['max'])} ms")
+    print(bench_stall_line(pairs))
     for line in verdict_lines(verdicts, len(pairs)):
         print(line)
     if args.json:

@@ -68,6 +68,10 @@ def test_overhead_figures_and_verdicts_are_reported(quick_run):
             assert set(pair[figure]) >= {"p50", "p99", "p99.9"}, figure
             assert all(isinstance(v, float) for v in pair[figure].values()), pair[figure]
         assert set(pair["catchup"]["connect_to_first_delivery_ms"]) >= {"p50", "max"}
+        # The messages between the proxies while this process's loop stalled,
+        # whose relay's own time may hold part of that stall, and the figure without them.
+        assert 0 <= pair["between_proxies_in_a_bench_stall"] <= pair["delivered"]
+        assert set(pair["relay_overhead_clear_of_bench_stalls_ms"]) >= {"p50", "p99", "max"}
     # What tells relay stalls from the measuring process's own.
     assert set(result["relay_histogram_ms"]) == {"50", "99", "99.9"}
     assert result["loop_lag_ms"]["max"] is not None
@@ -76,3 +80,4 @@ def test_overhead_figures_and_verdicts_are_reported(quick_run):
     assert result["verdicts"]["delivery"]["ok"]
     assert "| shanghai → sydney |" in run.stdout
     assert run.stdout.count("verdict: ") == 4
+    assert "messages between the proxies while this process's loop stalled 10 ms" in run.stdout
