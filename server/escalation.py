@@ -44,8 +44,11 @@ class Step(Body, frozen=True, forbid_unknown_fields=True):
         "seconds after the message was sequenced (0 to 366 days)"))]
 
 
+# The refusal of any part of a policy is this text (the schema names the top field only):
+# it says what a step is, so a wrong `if_not` or `after_s` is told.
 Steps = Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS, description=(
-    f"1-{MAX_STEPS} steps, `after_s` not decreasing"))]
+    f'1-{MAX_STEPS} steps, each {{"if_not": "delivered" or "read", "after_s": seconds 0 to 366 '
+    'days}, `after_s` not decreasing'))]
 
 
 class Pending(msgspec.Struct, frozen=True):

@@ -258,6 +258,10 @@ async def test_keys_bodies_and_the_openapi_document(api_relay, relay_factory, tm
         assert (got[0], got[1].get("error", {}).get("code")) == (status, code), (method, raw[:60], got)
     unknown = post(api_relay, "publish", b'{"channel":"org.a","data":"x","idempotency_kee":"k"}', key)
     assert unknown[1]["error"]["message"] == "publish: `idempotency_kee` is not a known field"
+    # A wrong part of a delivery policy is refused with a text that says what a step is.
+    policy = post(api_relay, "publish", orjson.dumps({"channel": "dm:a:b", "data": "x", "sender": "a",
+                                                      "escalate": [{"if_not": "seen", "after_s": 1}]}), key)
+    assert '"if_not": "delivered" or "read"' in policy[1]["error"]["message"], policy
     # A bad request costs no one else: the relay still publishes.
     assert Api(api_relay.api_url, key).publish("org.a", "still here")["seq"] >= 1
     with urllib.request.urlopen(f"{api_relay.api_url}/api/openapi.json", timeout=10) as response:
