@@ -393,6 +393,11 @@ cdef tuple _strings(dict claims, str key):
     return tuple(<list>value)
 
 
+# Up to 2^53 every integer is a double (and a JavaScript number) exactly.  As
+# seconds since 1970, some 285 million years.
+cdef object _EXACT_TIME_MAX = 2 ** 53
+
+
 cdef dict _claims(object token, tuple keys, double now, double leeway):
     """The verified claims, with the key the header's ``kid`` names, or any key without one."""
     cdef HS256Key key
@@ -406,10 +411,19 @@ cdef dict _claims(object token, tuple keys, double now, double leeway):
     claims = _segment_json(payload, "payload")
     if type(claims) is not dict:
         raise TokenError("token is invalid: its payload is not a JSON object")
-    # Claims that are times are integers (bool, an int subclass, is not).
+    # Claims that are times are integers (bool, an int subclass, is not), and
+    # ones a double holds exactly: Grants keeps them as doubles, and WELCOME's
+    # `expires` must be the token's `exp` (one of 2^64-1 made a WELCOME that
+    # could not be written: the HELLO went unanswered).  The scan in C never
+    # gets here with more than 15 digits.
     for name in ("exp", "nbf", "iat"):
-        if name in <dict>claims and type((<dict>claims)[name]) is not int:
-            raise TokenError(f"token claim {name!r} must be an integer")
+        if name in <dict>claims:
+            value = (<dict>claims)[name]
+            if type(value) is not int:
+                raise TokenError(f"token claim {name!r} must be an integer")
+            if not -_EXACT_TIME_MAX <= value <= _EXACT_TIME_MAX:
+                raise TokenError(f"token claim {name!r} must be an integer of at most 2^53 "
+                                 "in magnitude")
     if type((<dict>claims).get("sub")) is not str:
         raise TokenError("token claim 'sub' must be a string")
     if kid is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import struct
 
+import jwt
 import orjson
 from rawwire import authed_raw, open_raw
 
@@ -184,3 +185,22 @@ async def test_forwarded_requests_are_answered_in_request_order_under_several_wo
         for t in [(FrameType.ACK, FrameType.RESULT, FrameType.RESULT)[(r - 101) % 3]]], [
         (f.request_id, decode_error(f.body) if f.type == FrameType.ERROR else f.type)
         for f in replies if f.type != FrameType.ACK]
+
+
+async def test_a_token_time_beyond_what_a_double_holds_exactly_is_token_invalid(relay):
+    """§5.6: `exp`, `iat`, `nbf` are integers the relay carries exactly (WELCOME
+    `expires`): up to 2^53 in magnitude.  A HELLO with `exp` 2^64-1 went
+    unanswered (no WELCOME, no ERROR: the WELCOME could not be written), and
+    `exp` 2^53+1 came back as `expires` 2^53."""
+    for exp in (2**64 - 1, 2**53 + 1):
+        conn = await open_raw(relay)
+        token = jwt.encode({"sub": "alice", "exp": exp}, relay.secret, algorithm="HS256")
+        conn.write(encode_json(FrameType.HELLO, {"token": token}, 3))
+        assert await conn.expect_error(ErrorCode.TOKEN_INVALID, request_id=3) == (
+            "token claim 'exp' must be an integer of at most 2^53 in magnitude")
+        await conn.expect_closed()
+    conn = await open_raw(relay)
+    token = jwt.encode({"sub": "alice", "exp": 2**53, "iat": -(2**53)}, relay.secret,
+                       algorithm="HS256")
+    assert (await conn.hello(token))["expires"] == 2**53
+
