@@ -738,10 +738,13 @@ async def schedule(api: Api, items: list[PublishCall]) -> list[dict[str, Any]]:
         try:
             channel = _schedulable(api, item)
             assert item.send_at is not None
-            due = int(item.send_at * 1e6)
-            if due > horizon:
+            # Compared before it is made an integer: far enough ahead (1e308), its
+            # microseconds are an infinity, which no integer holds.
+            due_us = item.send_at * 1e6
+            if due_us > horizon:
                 raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
                                f"{MAX_SCHEDULE_AHEAD_S // 86400} days ahead")
+            due = int(due_us)
             if due < now - MAX_SCHEDULE_BEHIND_S * 1_000_000:
                 raise ApiError(ErrorCode.MALFORMED_BODY, "publish: `send_at` is more than "
                                f"{MAX_SCHEDULE_BEHIND_S} s in the past")

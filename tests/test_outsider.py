@@ -204,3 +204,13 @@ async def test_a_token_time_beyond_what_a_double_holds_exactly_is_token_invalid(
                        algorithm="HS256")
     assert (await conn.hello(token))["expires"] == 2**53
 
+
+async def test_a_schedule_too_far_ahead_to_be_a_time_is_refused_as_too_far_ahead(relay):
+    """§3.17a: a `send_at` more than 366 days ahead is MALFORMED_BODY with its text,
+    however far: 1e308 (a number, as the schema asks) was answered INTERNAL, its
+    microseconds an infinity no integer holds."""
+    alice = await authed_raw(relay, "alice")
+    for rid, send_at in enumerate([b"1e308", b"1.7976931348623157e308"], 1):
+        body = b'{"op":"publish","channel":"dm:alice:bob","data":"x","send_at":' + send_at + b"}"
+        assert await error(alice, FrameType.SCHEDULE, body, rid) == (
+            ErrorCode.MALFORMED_BODY, "SCHEDULE: `send_at` is more than 366 days ahead")
