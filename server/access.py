@@ -82,7 +82,8 @@ class Access:
             group = self.groups.member_group(session.user, cn.group)
             if group.is_reader(session.user):
                 raise refuse(ErrorCode.FORBIDDEN, f"{session.user!r} is a reader of {cn.name!r} "
-                             "(silenced by a hand-off): it may not publish there")
+                             "(silenced by a hand-off or by the owner's role): it may not "
+                             "publish there")
         elif not session.grants.can_publish(cn.name):
             raise refuse(ErrorCode.FORBIDDEN, f"not allowed to publish to {cn.name!r}")
         return cn

@@ -146,7 +146,8 @@ async def test_roles_read_state_and_channel_info(api_relay):
         # "reader" silences a member, as the GROUP op role does (PROTOCOL §3.16).
         assert await api.group_role("g2", "alice", "carol", "reader") == {
             "group": "g2", "user": "carol", "role": "reader"}
-        await refused(api.publish(channel, "quiet", sender="carol"), 403, ErrorCode.FORBIDDEN)
+        quiet = await refused(api.publish(channel, "quiet", sender="carol"), 403, ErrorCode.FORBIDDEN)
+        assert "by the owner's role" in quiet.message, quiet.message
 
 
 async def test_unread_and_mark_read_leave_org_channels_to_message_status(api_relay):
