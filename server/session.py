@@ -60,6 +60,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fenghuo.session")
 
+# Room a GROUP request leaves in a frame for its events (PROTOCOL §3.16): an event
+# repeats the request's lists and note (never longer once re-encoded, and masking
+# never lengthens them), and adds the HISTORY_PAGE and MESSAGE headers (12 + 12 +
+# 22), the group's channel and the acting user (70 + 64 bytes at most) and its own
+# keys and ids ("by", "to", a take's advisor: some 300 bytes).  A handoff note of
+# nearly --max-frame bytes made a MESSAGE over it (an outsider client's finding).
+GROUP_EVENT_ROOM = 1024
+
 
 class Session(Connection, asyncio.BufferedProtocol):
     # Its state is in the compiled Connection, set in C when it is made
@@ -181,6 +189,13 @@ class Session(Connection, asyncio.BufferedProtocol):
         # Decoded and validated here, once: handlers (and the workers a
         # request is forwarded to) only see bodies that fit their schema.
         handler = _HANDLERS[ftype]
+        if ftype == FrameType.GROUP:
+            limit = self.relay.settings.max_frame - GROUP_EVENT_ROOM
+            if len(body) > limit:
+                raise refuse(ErrorCode.FRAME_TOO_LARGE,
+                             f"GROUP: a {len(body)}-byte body is over the {limit}-byte limit "
+                             f"(--max-frame less {GROUP_EVENT_ROOM}): its events could not "
+                             "be carried")
         if ftype == FrameType.RECEIPT:
             handler(self, request_id, body)
         else:

@@ -214,3 +214,29 @@ async def test_a_schedule_too_far_ahead_to_be_a_time_is_refused_as_too_far_ahead
         body = b'{"op":"publish","channel":"dm:alice:bob","data":"x","send_at":' + send_at + b"}"
         assert await error(alice, FrameType.SCHEDULE, body, rid) == (
             ErrorCode.MALFORMED_BODY, "SCHEDULE: `send_at` is more than 366 days ahead")
+
+
+async def test_a_group_request_whose_events_could_not_be_carried_is_refused(relay_factory):
+    """§3.16: a GROUP event repeats the request's note and lists, and every MESSAGE
+    fits in a HISTORY_PAGE (§3.5).  A handoff note of nearly --max-frame bytes made
+    a `handoff` event over --max-frame, sent to every member (a frame larger than
+    WELCOME's max_frame, fatal to a client's reader and replayed on each resume)."""
+    max_frame = 16384
+    relay = relay_factory("--max-frame", str(max_frame))
+    alice = await authed_raw(relay, "alice")
+    await result(alice, FrameType.GROUP, {"op": "create", "group": "desk"}, 1)
+    skeleton = {"op": "handoff", "group": "desk", "to": "bob", "note": ""}
+    note = "n" * (max_frame - FRAME_HEADER_SIZE - len(orjson.dumps(skeleton)))
+    body = orjson.dumps({**skeleton, "note": note})
+    assert len(body) == max_frame - FRAME_HEADER_SIZE
+    assert await error(alice, FrameType.GROUP, body, 2) == (
+        ErrorCode.FRAME_TOO_LARGE, f"GROUP: a {len(body)}-byte body is over the "
+        f"{max_frame - 1024}-byte limit (--max-frame less 1024): its events could not be carried")
+    assert [orjson.loads(m.payload)["event"] for m in await history(alice, "group:desk", 3)] == [
+        "created"]
+    # The largest accepted one makes events a page carries.
+    body = orjson.dumps({**skeleton, "note": note[:len(note) - FRAME_HEADER_SIZE - 1024]})
+    alice.write(encode_frame(FrameType.GROUP, body, 4))
+    assert (await alice.answer(4)).type == FrameType.RESULT
+    events = [orjson.loads(m.payload)["event"] for m in await history(alice, "group:desk", 5)]
+    assert events == ["created", "join", "handoff"]
