@@ -248,6 +248,10 @@ class RefusalListener(WSListener):
             transport.disconnect(graceful=True)
 
 
+# The only WebSocket version (RFC 6455 §4.1, Sec-WebSocket-Version) the gateway speaks.
+WS_VERSION = "13"
+
+
 def _origin_allowed(request: WSUpgradeRequest, origins: frozenset[str]) -> bool:
     # No list: any origin.  A request without Origin is not from a browser
     # page (browsers always send it on a WebSocket upgrade): no page to refuse.
@@ -282,6 +286,13 @@ def listener_factory(relay: Relay, make_session: Callable[[], Session]
             if page is None:
                 page = WSUpgradeResponse.create_error_response(HTTPStatus.NOT_FOUND, b"not found\n")
             return WSUpgradeResponseWithListener(page, None)
+        if request.headers.get("Sec-WebSocket-Version") != WS_VERSION:
+            # RFC 6455 §4.2.2: another version (or none) is answered 426 naming
+            # the one understood; picows would upgrade the drafts' 7 and 8 and
+            # answer any other 400 without saying which version to use.
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+                HTTPStatus.UPGRADE_REQUIRED, b"WebSocket version 13 only\n",
+                extra_headers={"Sec-WebSocket-Version": WS_VERSION}), None)
         if not _origin_allowed(request, origins):
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                 HTTPStatus.FORBIDDEN, b"origin not allowed\n"), None)

@@ -484,3 +484,31 @@ async def test_a_frame_with_a_reserved_bit_set_is_closed_1002(ws_relay) -> None:
     ws.disconnect()
     assert (await asyncio.wait_for(bob.next_message(), TIMEOUT)).payload == b"still"
     assert _log_refusals(ws_relay) == [(1002, reason.decode())] * 3
+
+
+def _upgrade_answer(port: int, request: bytes) -> bytes:
+    """The HTTP head the gateway answers ``request`` with, read to the close."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data.partition(b"\r\n\r\n")[0]
+
+
+async def test_an_upgrade_of_another_websocket_version_is_answered_426(ws_relay) -> None:
+    # PROTOCOL §1.1a, "Upgrade"; RFC 6455 §4.2.2: a version other than 13 gets
+    # 426 naming 13.  The drafts' 8 was upgraded, any other answered 400 alone.
+    port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    for version in (b"8", b"99"):
+        request = UPGRADE.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: " + version)
+        head = await asyncio.to_thread(_upgrade_answer, port, request)
+        assert head.startswith(b"HTTP/1.1 426 "), head
+        assert b"\r\nSec-WebSocket-Version: 13" in head, head
+    # Other connections are served.
+    ws, c = await ws_open(ws_relay.ws_url)
+    ws.send(WSMsgType.BINARY, hello(ws_relay.token("alice")))
+    assert (await c.next()).type == FrameType.WELCOME
+    ws.disconnect()
