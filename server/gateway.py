@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("fenghuo.gateway")
 #: the ERROR text and close reason for a text message (PROTOCOL §1.1a)
 TEXT_REFUSED = "text message: frames travel in binary messages only"
+#: the close reasons (code 1002) for a fragment out of sequence (PROTOCOL §1.1a),
+#: by whether a fragmented message was unfinished
+FRAGMENT_REFUSED = {
+    False: "Received a continuation frame with no message to continue, RFC 6455 section 5.4",
+    True: "Received a new data frame inside an unfinished fragmented message, "
+          "RFC 6455 section 5.4",
+}
 #: the close reason (code 1002) for a frame with an RSV bit set (PROTOCOL §1.1a)
 RSV_REFUSED = ("Received frame with a reserved bit (RSV1, RSV2 or RSV3) set, "
                "no extension is negotiated, RFC 6455 section 5.2")
@@ -147,6 +154,8 @@ class SessionListener(WSListener):
     def __init__(self, session: Session) -> None:
         self.session = session
         self.transport: WsTransport | None = None
+        # Inside a fragmented message: its first frame came, its last not yet.
+        self.fragmented = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = WsTransport(transport)
@@ -166,6 +175,12 @@ class SessionListener(WSListener):
             # connection.  picows sends the close (1002, this reason) and
             # disconnects 10 ms later, as after its own parser's errors.
             raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, RSV_REFUSED)
+        if kind == WSMsgType.CONTINUATION or kind == WSMsgType.BINARY or kind == WSMsgType.TEXT:
+            # picows passes fragments as they come without checking their
+            # order: RFC 6455 §5.4 fails the connection as for the RSV bits.
+            if (kind == WSMsgType.CONTINUATION) != self.fragmented:
+                raise WSProtocolError(WSCloseCode.PROTOCOL_ERROR, FRAGMENT_REFUSED[self.fragmented])
+            self.fragmented = not frame.fin
         if kind == WSMsgType.BINARY or kind == WSMsgType.CONTINUATION:
             self.session.feed(frame.get_payload_as_memoryview())
         elif kind == WSMsgType.PING:

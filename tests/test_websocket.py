@@ -512,3 +512,30 @@ async def test_an_upgrade_of_another_websocket_version_is_answered_426(ws_relay)
     ws.send(WSMsgType.BINARY, hello(ws_relay.token("alice")))
     assert (await c.next()).type == FrameType.WELCOME
     ws.disconnect()
+
+
+async def test_a_fragment_out_of_sequence_is_closed_1002(ws_relay) -> None:
+    # PROTOCOL §1.1a, "WebSocket protocol errors"; RFC 6455 §5.4: a continuation
+    # frame with no message to continue, or a new data frame inside an
+    # unfinished fragmented one, fails the connection.  Both were taken as
+    # more of the byte stream: the PING inside them was answered.
+    port = int(ws_relay.ws_url.rsplit(":", 1)[1].strip("/"))
+    ping = encode_json(FrameType.PING, {}, 9)
+    unfinished = bytearray(_ws_frame(0x2, ping))
+    unfinished[0] &= 0x7F  # FIN clear: a message to be continued
+    for bad, reason in (
+            (_ws_frame(0x0, ping), "Received a continuation frame with no message to continue, "
+                                   "RFC 6455 section 5.4"),
+            (bytes(unfinished) + _ws_frame(0x2, ping),
+             "Received a new data frame inside an unfinished fragmented message, "
+             "RFC 6455 section 5.4")):
+        frames = await asyncio.to_thread(_exchange, port, bad)
+        assert frames[-1] == (0x8, (1002).to_bytes(2, "big") + reason.encode()), frames
+    # A fragmented message with a ping between its fragments is fine.
+    whole = bytes(unfinished) + _ws_frame(0x9, b"hey") + _ws_frame(0x0, ping)
+    frames = await asyncio.to_thread(_exchange, port, whole, _ws_frame(0x8, (1000).to_bytes(2, "big")), 2)
+    assert frames[0] == (0xA, b"hey") and frames[-1] == (0x8, (1000).to_bytes(2, "big")), frames
+    pongs = FrameReader().feed(b"".join(p for op, p in frames if op == 0x2))
+    assert [f.type for f in pongs] == [FrameType.PONG, FrameType.PONG]
+    await asyncio.sleep(0.2)
+    assert [code for code, _ in _log_refusals(ws_relay)] == [1002, 1002]
