@@ -733,10 +733,27 @@ class Client:
         self._check_usable()
         await self._connected.wait()
         rid = self._request_id()
+        frame = encode(rid)
+        self._check_fits(frame)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._write(encode(rid))
+        self._write(frame)
         return await fut
+
+    def _check_fits(self, frame: bytes) -> None:
+        """Refuse ``frame`` here if it is over the relay's ``max_frame``.
+
+        The relay cuts a connection for an oversized frame without a request id
+        (PROTOCOL §2.1), so sending it would lose the session (and a PUBLISH
+        resent on reconnect would loop forever).  A compressed frame counts at
+        its inflated size, as the relay counts it (PROTOCOL §2.3).
+        """
+        size = _inflated_size(frame)
+        limit = self.welcome.get("max_frame", self.max_frame)
+        if size > limit:
+            raise FenghuoError(ErrorCode.FRAME_TOO_LARGE,
+                               f"{FrameType(frame[5]).name} of {size} bytes exceeds the "
+                               f"{limit}-byte frame limit")
 
     # ------------------------------------------------------------ public API
 
@@ -788,15 +805,7 @@ class Client:
         rid = self._request_id()
         frame = encode_publish(channel, payload, ctype, meta_bytes, key_bytes, rid,
                                self.compress_threshold)
-        # The server cuts a connection for an oversized frame without a request
-        # id, so resending it on reconnect would loop forever: refuse it here.
-        # A compressed frame counts at its inflated size, as the server counts it
-        # (PROTOCOL §2.3).
-        size = _inflated_size(frame)
-        limit = self.welcome.get("max_frame", self.max_frame)
-        if size > limit:
-            raise FenghuoError(ErrorCode.FRAME_TOO_LARGE,
-                               f"PUBLISH of {size} bytes exceeds the {limit}-byte frame limit")
+        self._check_fits(frame)
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self._unacked[rid] = frame

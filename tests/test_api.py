@@ -600,6 +600,33 @@ async def test_the_client_refuses_a_publish_that_inflates_over_max_frame(api_rel
     assert client.welcome is welcome, "the relay cut the connection: the client reconnected"
 
 
+@pytest.mark.parametrize("workers", [1, None], ids=["workers-1", "workers-default"])
+async def test_a_request_over_max_frame_is_refused_before_it_is_sent(relay_factory, workers):
+    """A queue note over --max-frame through the API: its session sent a GROUP frame over
+    --max-frame, the relay cut the session (fatal FRAME_TOO_LARGE) and the call was
+    answered 503 TRY_AGAIN, which no retry mends.  The client refuses every request
+    over the limit before sending it, as it did a PUBLISH: the API answers 413."""
+    api_relay = relay_factory("--max-frame", "16384", api=True, workers=workers)
+    key = api_relay.api_key
+    created = post(api_relay, "group_create", orjson.dumps(
+        {"group": "big", "owner": "alice", "members": ["bob"]}), key)
+    assert created[0] == 200, created
+    got = post(api_relay, "queue", orjson.dumps(
+        {"group": "big", "by": "alice", "note": "y" * 20_000}), key)
+    assert (got[0], got[1]["error"]["code"]) == (413, ErrorCode.FRAME_TOO_LARGE), got
+    assert got[1]["error"]["message"].startswith("GROUP of "), got
+    client = await api_relay.connect("alice")
+    welcome = client.welcome
+    with pytest.raises(FenghuoError) as refused:
+        await asyncio.wait_for(client.queue_for_advisor("big", note="z" * 20_000), 10)
+    assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert (await asyncio.wait_for(client.create_group("big2", [], ""), 10))["group"] == "big2"
+    assert client.welcome is welcome, "the relay cut the connection: the client reconnected"
+    # The API's session for alice is intact: her next call is served.
+    small = post(api_relay, "queue", orjson.dumps({"group": "big", "by": "alice", "note": "n"}), key)
+    assert small[0] == 200, small
+
+
 async def test_what_answers_outside_the_methods_and_an_empty_body(api_relay):
     """An outsider found, beside the JSON the docs promised, a text 405 for a GET, a text
     404 for another path, an empty body taken as {} and `after` winning over `before`
