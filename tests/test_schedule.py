@@ -79,8 +79,8 @@ async def test_refused_when_scheduled_not_when_fired(api_relay):
         await refused(api.publish(group_channel("none"), "x", sender="eve", send_at=later), 404,
                       ErrorCode.NOT_FOUND)
         await refused(api.publish("bad name", "x", send_at=later), 400, ErrorCode.INVALID_CHANNEL)
-        await refused(api.publish(NEWS, "x", send_at=later, content_type=5), 400,
-                      ErrorCode.MALFORMED_BODY)
+        await refused(api.publish(NEWS, "x", send_at=later, content_type=5), 403,
+                      ErrorCode.FORBIDDEN)
         await refused(api.publish(NEWS, "x", send_at=later + 400 * 86400), 400,
                       ErrorCode.MALFORMED_BODY)
         await refused(api.publish(NEWS, "x", send_at=-1), 400, ErrorCode.MALFORMED_BODY)
