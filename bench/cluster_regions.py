@@ -246,11 +246,25 @@ class RouteTap:
 
 
 @dataclass
+class _RouteView:
+    """One direction's messages under one subject prefix, each with its record
+    worked out once (None: never released), in the order they crossed."""
+
+    covers: int                   # how many of the direction's messages it read
+    records: list[ChunkRecord | None]
+    by_id: dict[str, list[ChunkRecord | None]]
+
+
+@dataclass
 class RouteWire:
     """What crossed every route proxy, per direction (from server, to server), so a
     message's inter-region hops are counted at the delay each really got."""
 
     messages: dict[tuple[str, str], list[RouteMessage]] = field(default_factory=dict)
+    #: (from, to, subject prefix) -> its view: with each search reading every
+    #: message of a route again, a default run's figures took 71 s, 7 s with
+    #: views, the same figures (bench/results/2026-12-07-regions-stall)
+    _views: dict[tuple[str, str, str], _RouteView] = field(default_factory=dict)
 
     def watcher(self, a: str, b: str) -> Callable[[ProxiedConnection], None]:
         """``Proxy(on_connection=...)`` of proxy (a, b): uplink a -> b, downlink b -> a."""
@@ -265,17 +279,29 @@ class RouteWire:
         """The record of the first message from ``a`` to ``b`` arriving at the proxy at
         or after ``after`` whose subject starts with ``subject`` (and holds
         ``message_id``, if given)."""
-        for m in self.messages.get((a, b), ()):
-            if not m.subject.startswith(subject) or (message_id is not None
-                                                     and message_id not in m.ids):
-                continue
-            try:
-                record = m.record
-            except LookupError:
-                continue          # never released (the run ended)
-            if record.arrived_at >= after:
+        view = self._view(a, b, subject)
+        for record in view.records if message_id is None else view.by_id.get(message_id, ()):
+            if record is not None and record.arrived_at >= after:
                 return record
         return None
+
+    def _view(self, a: str, b: str, subject: str) -> _RouteView:
+        messages = self.messages.get((a, b), [])
+        view = self._views.get((a, b, subject))
+        if view is not None and view.covers == len(messages):
+            return view
+        view = self._views[(a, b, subject)] = _RouteView(len(messages), [], {})
+        for m in messages:
+            if not m.subject.startswith(subject):
+                continue
+            try:
+                record: ChunkRecord | None = m.record
+            except LookupError:
+                record = None     # never released (the run ended)
+            view.records.append(record)
+            for message_id in dict.fromkeys(m.ids):
+                view.by_id.setdefault(message_id, []).append(record)
+        return view
 
 
 @dataclass
@@ -821,9 +847,10 @@ async def _measure(a: argparse.Namespace, base: Path
             # ticks fired, and the same less its waits for a CPU (its own stalls).
             "node_loops": {r: await asyncio.to_thread(relay_stalls, n.metrics_port, stalls[r])
                            for r, n in cluster.nodes.items()}}
-        # The figures hold this loop for seconds (24.6 s for 20 messages a pair),
-        # and every route proxy runs on it: worked out with the cluster up, every
-        # node lost its peers (no heartbeat crossed) and JetStream its quorum
+        # The figures hold this loop for seconds (24.6 s for 20 messages a pair
+        # before RouteWire's views, 7 s for the default 40 with them), and every
+        # route proxy runs on it: worked out with the cluster up, every node lost
+        # its peers (no heartbeat crossed) and JetStream its quorum
         # (bench/results/2026-12-07-regions-stall).  Stopped first, nothing is
         # left to starve; the proxies' records stay.
         loop_stalls.mark("the nodes and nats-servers stop")
