@@ -23,9 +23,9 @@ new_first = cluster_regions.RouteWire.first
 orig = geo.figures
 def both(world, run):
     t = time.perf_counter(); new = orig(world, run); t_new = time.perf_counter() - t
-    cluster_regions.RouteWire.first = old_first
+    cluster_regions.RouteWire.first = old_first  # type: ignore[method-assign]
     t = time.perf_counter(); old = orig(world, run); t_old = time.perf_counter() - t
-    cluster_regions.RouteWire.first = new_first
+    cluster_regions.RouteWire.first = new_first  # type: ignore[method-assign]
     same = json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True)
     print(f"COMPARE: indexed {t_new:.2f} s, as before {t_old:.2f} s, identical: {same}", file=sys.stderr, flush=True)
     return new
