@@ -312,7 +312,7 @@ BOOLEAN: JSON = {"type": "boolean"}
 STRINGS: JSON = {"type": "array", "items": STRING}
 
 
-def answer(required: JSON, optional: JSON | None = None, description: str = "") -> JSON:
+def object_of(required: JSON, optional: JSON | None = None, description: str = "") -> JSON:
     """An object schema: the fields ``required`` always present, ``optional`` sometimes."""
     schema: JSON = {"type": "object", "required": sorted(required),
                     "properties": {**required, **(optional or {})}}
@@ -329,24 +329,24 @@ def nullable(schema: JSON) -> JSON:
     return {**schema, "type": [schema["type"], "null"]}
 
 
-PUBLISHED = answer({"channel": STRING, "seq": INTEGER, "ts_us": INTEGER, "duplicate": BOOLEAN})
-SCHEDULED = answer({"channel": STRING, "scheduled": {"type": "integer", "description": "its id"},
+PUBLISHED = object_of({"channel": STRING, "seq": INTEGER, "ts_us": INTEGER, "duplicate": BOOLEAN})
+SCHEDULED = object_of({"channel": STRING, "scheduled": {"type": "integer", "description": "its id"},
                     "send_at": NUMBER, "duplicate": BOOLEAN})
-ERROR_BODY = answer({"code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
+ERROR_BODY = object_of({"code": {"type": "integer", "description": "docs/PROTOCOL.md §4"},
                      "name": STRING, "message": STRING})
-REFUSED = answer({"error": ERROR_BODY})
-STATUS = answer({
+REFUSED = object_of({"error": ERROR_BODY})
+STATUS = object_of({
     "channel": STRING, "seq": INTEGER, "sender": STRING,
     "recipients": {"type": ["integer", "null"], "description": "null for an org channel "
                                                                 "asked about without `users`"},
-    "counts": answer({k: INTEGER for k in ("delivered", "read", "escalated", "clicked")},
+    "counts": object_of({k: INTEGER for k in ("delivered", "read", "escalated", "clicked")},
                      {"sent": INTEGER}, "`sent` only when `recipients` is not null"),
     "links": mapping(INTEGER, "link id -> recipients who followed it"),
-    "users": {"type": "array", "items": answer({
+    "users": {"type": "array", "items": object_of({
         "user": STRING, "status": {"type": "string", "enum": ["sent", "delivered", "read"]},
         "escalated": {"type": "array", "items": INTEGER}, "clicked": STRINGS})},
     "truncated": BOOLEAN})
-MESSAGE = answer(
+MESSAGE = object_of(
     {"channel": STRING, "seq": INTEGER, "ts_us": INTEGER, "sender": STRING,
      "content_type": INTEGER, "key": STRING},
     {"data": {"description": "TEXT as a string, CARD and EVENT as JSON"},
@@ -362,17 +362,17 @@ HANDED_OFF = {"group": STRING, "to": STRING, "added": BOOLEAN,
               "seq": {"type": "integer", "description": "the handoff event's"},
               "removed": STRINGS, "silenced": STRINGS}
 QUEUED = {"queued_at": NUMBER, "by": STRING, "note": STRING}
-SCHEDULED_ITEM = answer(
+SCHEDULED_ITEM = object_of(
     {"id": INTEGER, "send_at": NUMBER, "channel": STRING},
     {"data": {"description": "as published"}, "data_b64": STRING, "content_type": INTEGER,
      "meta": {"type": "object"}, "idempotency_key": STRING, "sender": STRING,
      "escalate": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}}},
     "the fields of the publish call that were given")
-ENDPOINT = answer({"name": STRING, "url": STRING, "events": STRINGS, "channels": STRINGS,
+ENDPOINT = object_of({"name": STRING, "url": STRING, "events": STRINGS, "channels": STRINGS,
                    "disabled": BOOLEAN, "disabled_reason": nullable(STRING),
                    "pending": INTEGER, "dead": INTEGER, "in_flight": INTEGER,
                    "delivered": INTEGER, "failed_attempts": INTEGER})
-DEAD_LETTER = answer({"id": INTEGER, "event_id": STRING, "type": STRING, "channel": STRING,
+DEAD_LETTER = object_of({"id": INTEGER, "event_id": STRING, "type": STRING, "channel": STRING,
                       "attempts": INTEGER, "last_error": nullable(STRING), "created_us": INTEGER,
                       "payload": {"type": "string", "description": "the request body, JSON"}})
 ROLE: JSON = {"type": "string", "enum": ["owner", "admin", "member", "reader"]}
@@ -381,22 +381,22 @@ MEMBERS = {"channel": STRING, "group": STRING, "seq": {"type": "integer", "descr
     "of the group event")}, "users": STRINGS, "by": STRING}
 #: the ``data`` of each webhook event type (docs/API.md, Webhooks; outbox.EVENT_TYPES)
 WEBHOOK_DATA: dict[str, JSON] = {
-    "message.created": {"oneOf": [MESSAGE, answer(
+    "message.created": {"oneOf": [MESSAGE, object_of(
         {"channel": STRING, "seq": INTEGER, "removed": {"type": "boolean", "enum": [True]}},
         description="a message past its retention age")]},
-    "member.joined": answer({**MEMBERS, "role": {"type": ["string", "null"], "description": (
+    "member.joined": object_of({**MEMBERS, "role": {"type": ["string", "null"], "description": (
         "of the users added; null for a group's creation")}}),
-    "member.left": answer(MEMBERS),
-    "message.delivered": answer(RECEIPT),
-    "message.read": answer(RECEIPT),
-    "message.clicked": answer({**RECEIPT, "link": STRING}),
-    "presence.changed": answer({"user": STRING, "online": BOOLEAN, "devices": INTEGER}),
-    "escalation": answer({
+    "member.left": object_of(MEMBERS),
+    "message.delivered": object_of(RECEIPT),
+    "message.read": object_of(RECEIPT),
+    "message.clicked": object_of({**RECEIPT, "link": STRING}),
+    "presence.changed": object_of({"user": STRING, "online": BOOLEAN, "devices": INTEGER}),
+    "escalation": object_of({
         "recipient": STRING, "channel": STRING, "seq": INTEGER, "sender": STRING,
         "step": {"type": "integer", "description": "0-based"},
         "if_not": {"type": "string", "enum": ["delivered", "read"]}, "after_s": NUMBER,
         "status": {"type": "string", "enum": ["sent", "delivered"]}}),
-    "scheduled.sent": answer({"id": INTEGER, "channel": STRING, "seq": INTEGER, "ts_us": INTEGER,
+    "scheduled.sent": object_of({"id": INTEGER, "channel": STRING, "seq": INTEGER, "ts_us": INTEGER,
                               "sender": STRING, "send_at": NUMBER, "idempotency_key": STRING}),
 }
 
@@ -1079,60 +1079,60 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                       "with `send_at`, store it and publish it then.",
            PublishCall, {"oneOf": [PUBLISHED, SCHEDULED]}, publish),
     Method("batch_publish", "Publish up to 1000 messages; one result (or error) per item, in order.",
-           BatchPublishCall, answer({"results": {"type": "array", "items": {
+           BatchPublishCall, object_of({"results": {"type": "array", "items": {
                "oneOf": [PUBLISHED, SCHEDULED, REFUSED]}}}), batch_publish),
     Method("group_create", "Create a group owned by `owner` with `members`.",
-           GroupCreateCall, answer({**GROUP, "seq": INTEGER}), group_create),
+           GroupCreateCall, object_of({**GROUP, "seq": INTEGER}), group_create),
     Method("group_add", "Add `users` to a group, as `by` (its owner or an admin).",
-           GroupAddCall, answer({"group": STRING, "added": STRINGS}), group_add),
+           GroupAddCall, object_of({"group": STRING, "added": STRINGS}), group_add),
     Method("handoff", "Hand a conversation (a group) over to `to`, as `by` (its owner or an "
                       "admin): `to` joins, `silence` (the bot) become readers, a handoff event "
                       "is posted, `remove` leave.",
-           HandoffCall, answer(HANDED_OFF), handoff),
+           HandoffCall, object_of(HANDED_OFF), handoff),
     Method("queue", "Put a conversation (a group) in the queue for an advisor, as `by` (its "
                     "owner or an admin); taking it hands it off with `remove` and `silence`.",
-           QueueCall, answer({"group": STRING, "queued_at": NUMBER, "by": STRING,
+           QueueCall, object_of({"group": STRING, "queued_at": NUMBER, "by": STRING,
                                      "already": BOOLEAN}), queue),
     Method("queue_list", "The conversations waiting for an advisor, longest waiting first.",
-           NoFields, answer({"waiting": {"type": "array", "items": answer({**GROUP, **QUEUED})}}),
+           NoFields, object_of({"waiting": {"type": "array", "items": object_of({**GROUP, **QUEUED})}}),
            queue_list),
     Method("queue_take", "Take a waiting conversation (the longest waiting without `group`) "
                          "for `advisor`: it is handed off to them.", TakeCall,
-           answer({**HANDED_OFF, "queued_at": NUMBER, "queued_by": STRING}), queue_take),
+           object_of({**HANDED_OFF, "queued_at": NUMBER, "queued_by": STRING}), queue_take),
     Method("group_remove", "Remove `users` from a group, as `by`.",
-           GroupRemoveCall, answer({"group": STRING, "removed": STRINGS}), group_remove),
+           GroupRemoveCall, object_of({"group": STRING, "removed": STRINGS}), group_remove),
     Method("group_role", "Change a member's role, as `by` (the owner); `owner` hands "
                          "ownership over (the old owner becomes admin).", GroupRoleCall,
-           answer({"group": STRING, "user": STRING, "role": ROLE}), group_role),
+           object_of({"group": STRING, "user": STRING, "role": ROLE}), group_role),
     Method("group_list", "The groups `user` belongs to, with their role.", UserCall,
-           answer({"user": STRING, "groups": {"type": "array", "items": answer({**GROUP, "role": ROLE})}}),
+           object_of({"user": STRING, "groups": {"type": "array", "items": object_of({**GROUP, "role": ROLE})}}),
            group_list),
     Method("group_members", "A group's members and their roles, as seen by member `user`.",
            GroupMembersCall,
-           answer({"group": STRING, "members": mapping(ROLE, "user -> role")}), group_members),
+           object_of({"group": STRING, "members": mapping(ROLE, "user -> role")}), group_members),
     Method("presence", "Whether each user is online, and on how many devices (all workers).",
-           PresenceCall, answer({"users": mapping(answer({"online": BOOLEAN, "devices": INTEGER}),
+           PresenceCall, object_of({"users": mapping(object_of({"online": BOOLEAN, "devices": INTEGER}),
                                                   "user -> presence")}), presence),
     Method("history", "A page of a channel's messages, oldest first, as read by `user` "
                       "(default fenghuo-api, an admin: any org channel): by seq (`after`, "
                       "`before`) or by server time (`since_us` <= ts_us < `until_us`).",
-           HistoryCall, answer({"channel": STRING, "messages": {"type": "array", "items": MESSAGE}}),
+           HistoryCall, object_of({"channel": STRING, "messages": {"type": "array", "items": MESSAGE}}),
            history),
     Method("scheduled_list", "Scheduled messages not yet sent, by id.",
-           ScheduledListCall, answer({"scheduled": {"type": "array", "items": SCHEDULED_ITEM}}),
+           ScheduledListCall, object_of({"scheduled": {"type": "array", "items": SCHEDULED_ITEM}}),
            scheduled_list),
     Method("scheduled_cancel", "Cancel a scheduled message before it is sent.",
-           ScheduledCancelCall, answer({"id": INTEGER, "cancelled": BOOLEAN}), scheduled_cancel),
+           ScheduledCancelCall, object_of({"id": INTEGER, "cancelled": BOOLEAN}), scheduled_cancel),
     Method("unread", "Unread messages per channel for `user` (the same on all its devices), "
                      "from its server-kept read cursors.", UserCall,
-           answer({"user": STRING, "unread": mapping(INTEGER, "channel -> unread messages")}), unread),
+           object_of({"user": STRING, "unread": mapping(INTEGER, "channel -> unread messages")}), unread),
     Method("mark_read", "Mark message `seq` of `channel` (and all before it) read for `user`, "
                         "as a confirmed READ receipt: the sender's devices are told.",
-           ReadCall, answer({"user": STRING, "channel": STRING, "seq": INTEGER, "forwarded": INTEGER}),
+           ReadCall, object_of({"user": STRING, "channel": STRING, "seq": INTEGER, "forwarded": INTEGER}),
            mark_read),
     Method("channel_info", "A channel's kind, its head seq and last message time; for a group "
                            "also its title, owner and member count.", ChannelCall,
-           answer({"channel": STRING, "kind": {"type": "string", "enum": [
+           object_of({"channel": STRING, "kind": {"type": "string", "enum": [
                "direct_chat", "group_chat", "org_unit"]}, "head": INTEGER,
                    "last_ts_us": nullable(INTEGER)},
                   {k: v for k, v in GROUP.items() if k != "channel"}, "a group adds its fields"),
@@ -1142,23 +1142,23 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            StatusCall, STATUS, message_status),
     Method("webhook_endpoints", "The webhook endpoints, whether each is disabled (410), and "
                                 "its pending and dead-letter counts.", NoFields,
-           answer({"endpoints": {"type": "array", "items": ENDPOINT}}), webhook_endpoints),
+           object_of({"endpoints": {"type": "array", "items": ENDPOINT}}), webhook_endpoints),
     Method("webhook_enable", "Send to an endpoint a 410 disabled again (what is pending follows).",
-           EndpointCall, answer({"endpoint": STRING, "enabled": BOOLEAN}), webhook_enable),
+           EndpointCall, object_of({"endpoint": STRING, "enabled": BOOLEAN}), webhook_enable),
     Method("webhook_dead_letters", "An endpoint's dead letters, oldest first: events given up "
                                    "after --webhook-max-age.", DeadLettersCall,
-           answer({"endpoint": STRING, "dead_letters": {"type": "array", "items": DEAD_LETTER}}),
+           object_of({"endpoint": STRING, "dead_letters": {"type": "array", "items": DEAD_LETTER}}),
            webhook_dead_letters),
     Method("webhook_replay", "Send dead letters again (same webhook-id), after what is pending.",
-           ReplayCall, answer({"endpoint": STRING, "replayed": INTEGER}), webhook_replay),
+           ReplayCall, object_of({"endpoint": STRING, "replayed": INTEGER}), webhook_replay),
     Method("disconnect", "Close every connection of `user` on every worker (ERROR 130, fatal).",
-           UserCall, answer({"user": STRING, "closed_here": INTEGER}), disconnect),
+           UserCall, object_of({"user": STRING, "closed_here": INTEGER}), disconnect),
     Method("token", "Issue a client token for `user` (docs/PROTOCOL.md §5.6).", TokenCall,
-           answer({"user": STRING, "token": STRING, "expires": INTEGER}), token),
+           object_of({"user": STRING, "token": STRING, "expires": INTEGER}), token),
     Method("revoke", "Revoke a token (`jti` with `exp`, or the `token` itself) or every token "
                      "of `user` issued before `before`, as `fenghuo revoke` does: its "
                      "connections get ERROR 122 TOKEN_REVOKED (docs/PROTOCOL.md §5.7).",
-           RevokeCall, answer({"revoked": STRING, "jti": nullable(STRING), "user": nullable(STRING),
+           RevokeCall, object_of({"revoked": STRING, "jti": nullable(STRING), "user": nullable(STRING),
                                "closed_here": INTEGER}), revoke),
 )}
 
@@ -1186,7 +1186,7 @@ def openapi() -> dict[str, Any]:
     webhooks = {kind: {"post": {
         "summary": f"The event {kind} (docs/API.md, Webhooks), signed as Standard Webhooks says.",
         "parameters": signed,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": answer({
+        "requestBody": {"required": True, "content": {"application/json": {"schema": object_of({
             "type": {"type": "string", "enum": [kind]},
             "timestamp": {"type": "string", "format": "date-time"}, "data": data})}}},
         "responses": {"2XX": {"description": "received (anything else is retried)"}},
