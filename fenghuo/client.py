@@ -239,7 +239,12 @@ class _Protocol(asyncio.Protocol):
 
 
 class Client:
-    """One logical session: survives reconnects until :meth:`close`."""
+    """One logical session: survives reconnects until :meth:`close`.
+
+    A request whose frame (inflated) is over the relay's ``max_frame`` (WELCOME's)
+    is not sent: it raises :class:`FenghuoError` ``FRAME_TOO_LARGE`` and the
+    connection stays up, where the relay would cut it (PROTOCOL §2.1).
+    """
 
     def __init__(self, server: str = f"tcp://127.0.0.1:{DEFAULT_PORT}", *,
                  token: str | None = None, user: str | None = None, secret: str | None = None,
